@@ -1,0 +1,243 @@
+"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI.
+
+/start answers from the watch-fed Store only; the API server is asked nothing per request, except
+a cached TokenReview/SubjectAccessReview for callers that present a Kubernetes token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from workerqueue_operator.api import errors, metrics, openapi
+from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models import settings as settings_
+from workerqueue_operator.models import wire
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+START_ROUTE = "/api/v1/worker-queues/{queue_id}/start"
+
+STORE = web.AppKey("store", Store)
+REVIEWER = web.AppKey("reviewer", reviews.Reviewer)
+SETTINGS = web.AppKey("settings", settings_.Settings)
+METRICS = web.AppKey("metrics", metrics.Metrics)
+VERSION = web.AppKey("version", str)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+OPENAPI = web.AppKey("openapi", bytes)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def _read_request(request: web.Request) -> wire.WorkerStartRequest | web.Response:
+    """The body as WorkerStartRequest, or the 413/422 answer FastAPI would give."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return errors.detail(413, "Request body too large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return errors.detail(413, "Request body too large")
+    if not raw.strip():
+        return wire.WorkerStartRequest()  # an empty body means the documented default, {}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return errors.unprocessable(errors.json_invalid(exc))
+    except UnicodeDecodeError:
+        return errors.unprocessable([{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
+                                      "input": {}, "ctx": {"error": "body is not UTF-8"}}])
+    if parsed is None:
+        return wire.WorkerStartRequest()
+    try:
+        return wire.WorkerStartRequest.model_validate(parsed)
+    except ValidationError as exc:
+        return errors.unprocessable(errors.validation_errors(exc))
+
+
+def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, settings: settings_.Settings) -> str:
+    if body.control_plane_url:
+        return body.control_plane_url.rstrip("/")
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def build_response(
+    config: queues.QueueConfig, *, worker_id: str, control_plane_url: str,
+) -> dict[str, Any]:
+    """The 200 body: the queue's resolved fields plus what is made per request."""
+    fields = config.fields
+    websocket_url = config.websocket_url
+    if config.websocket_enabled and not websocket_url:
+        websocket_url = queues.websocket_url_for(control_plane_url, worker_id)
+    return {
+        "worker_id": worker_id,
+        "task_queue_name": fields["task_queue_name"],
+        "temporal_namespace": fields["temporal_namespace"],
+        "temporal_host": fields["temporal_host"],
+        "temporal_api_key": fields["temporal_api_key"],
+        "organization_id": fields["organization_id"],
+        "control_plane_url": control_plane_url,
+        "heartbeat_interval": fields["heartbeat_interval"],
+        "litellm_api_url": fields["litellm_api_url"],
+        "litellm_api_key": fields["litellm_api_key"],
+        "queue_name": fields["queue_name"],
+        "environment_name": fields["environment_name"],
+        "queue_id": fields["queue_id"],
+        "queue_ephemeral": fields["queue_ephemeral"],
+        "queue_single_execution": fields["queue_single_execution"],
+        "redis_url": fields["redis_url"],
+        "redis_password": fields["redis_password"],
+        "redis_enabled": fields["redis_enabled"],
+        "websocket_enabled": config.websocket_enabled,
+        "websocket_url": websocket_url if config.websocket_enabled else None,
+        "websocket_features": fields["websocket_features"],
+        "nats_config": fields["nats_config"],
+        "control_plane_sdk_version": fields["control_plane_sdk_version"],
+    }
+
+
+async def start_worker(request: web.Request) -> web.Response:
+    queue_id = request.match_info["queue_id"]
+    store, reviewer = request.app[STORE], request.app[REVIEWER]
+
+    token = _bearer(request)
+    if token is None:
+        return errors.unauthorized("Not authenticated")
+    token_digest = queues.digest(token)
+    identity: reviews.Identity | None = None
+    if not store.is_queue_token(token_digest):
+        try:
+            identity = await reviewer.authenticate(token, token_digest)
+        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("TokenReview failed: %s", exc)
+            return errors.detail(503, "Authentication is temporarily unavailable, try again")
+        if identity is None:
+            return errors.unauthorized("Invalid authentication credentials")
+
+    body = await _read_request(request)
+    if isinstance(body, web.Response):
+        return body
+
+    resolution = store.serving(queue_id)
+    if resolution is None:
+        return errors.detail(404, "Worker queue not found")
+    queue = resolution.queue
+
+    if identity is None:
+        if not store.opens(resolution, token_digest):
+            return errors.detail(403, "This token may not start workers on this worker queue")
+    else:
+        try:
+            allowed = await reviewer.may_start(identity, token_digest, queue.namespace, queue.name)
+        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("SubjectAccessReview failed: %s", exc)
+            return errors.detail(503, "Authorization is temporarily unavailable, try again")
+        if not allowed:
+            return errors.detail(
+                403, f"{identity.username} may not create workerqueues/start on this worker queue")
+
+    if queue.spec.suspend:
+        return errors.detail(400, "Worker queue is not active (status: suspended)")
+    if resolution.config is None or resolution.problem is not None:
+        reason = resolution.problem.message if resolution.problem else "not resolved"
+        return errors.detail(503, f"Worker queue is not ready: {reason}")
+
+    worker_id = str(uuid.uuid4())
+    response = build_response(
+        resolution.config,
+        worker_id=worker_id,
+        control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]),
+    )
+    logger.info("worker started", extra={"queue_id": queue_id, "worker_id": worker_id,
+                                         "queue": f"{queue.namespace}/{queue.name}",
+                                         "sdk_version": body.worker_sdk_version})
+    return web.json_response(response)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[READY]():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Metrics for every request, and FastAPI-shaped JSON for every error, never a traceback."""
+    started = time.perf_counter()
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(status, exc.reason)
+        return errors.detail(status, reason)
+    except Exception:
+        logger.exception("unhandled error in %s", route_name)
+        return errors.detail(500, "Internal Server Error")
+    finally:
+        request.app[METRICS].observe(route_name, request.method, status, time.perf_counter() - started)
+
+
+def make_app(
+    *,
+    store: Store,
+    reviewer: reviews.Reviewer,
+    settings: settings_.Settings,
+    version: str,
+    ready: Callable[[], bool],
+) -> web.Application:
+    # One byte over the limit so that the handler, not aiohttp, words the 413.
+    app = web.Application(middlewares=[observe], client_max_size=MAX_BODY + 1)
+    app[STORE] = store
+    app[REVIEWER] = reviewer
+    app[SETTINGS] = settings
+    app[VERSION] = version
+    app[READY] = ready
+    app[OPENAPI] = json.dumps(openapi.document(version)).encode()
+    app[METRICS] = metrics.Metrics()
+    app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
+    app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready.",
+                       lambda: store.not_ready_count)
+    app[METRICS].gauge("workerqueue_secrets_cached", "Secrets held because a queue uses them.",
+                       lambda: store.secret_count)
+    app.router.add_post(START_ROUTE, start_worker)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_json)
+    return app

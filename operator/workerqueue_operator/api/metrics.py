@@ -1,0 +1,55 @@
+"""Prometheus text exposition of the few metrics the HTTP API keeps (no client library needed)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable
+
+# Seconds; /start answers from memory, so the interesting range is sub-millisecond to tens of ms.
+_LATENCY = "workerqueue_http_request_duration_seconds"
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self._latency_counts: dict[str, list[int]] = {}
+        self._latency_sums: dict[str, float] = defaultdict(float)
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A gauge read at scrape time, so it is never stale."""
+        self._gauges[name] = (help_text, read)
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._requests[(route, method, status)] += 1
+        counts = self._latency_counts.get(route)
+        if counts is None:
+            counts = self._latency_counts[route] = [0] * (len(BUCKETS) + 1)
+        counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._latency_sums[route] += seconds
+
+    def render(self) -> str:
+        lines = [
+            "# HELP workerqueue_http_requests_total HTTP requests by route, method and status code.",
+            "# TYPE workerqueue_http_requests_total counter",
+        ]
+        for (route, method, status), count in sorted(self._requests.items()):
+            labels = f'route="{route}",method="{method}",code="{status}"'
+            lines.append(f"workerqueue_http_requests_total{{{labels}}} {count}")
+        lines += [
+            "# HELP workerqueue_http_request_duration_seconds HTTP request latency by route.",
+            "# TYPE workerqueue_http_request_duration_seconds histogram",
+        ]
+        for route, counts in sorted(self._latency_counts.items()):
+            cumulative = 0
+            for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{_LATENCY}_bucket{{route="{route}",le="{le}"}} {cumulative}')
+            lines.append(f'{_LATENCY}_sum{{route="{route}"}} {self._latency_sums[route]}')
+            lines.append(f'{_LATENCY}_count{{route="{route}"}} {cumulative}')
+        for name, (help_text, read) in sorted(self._gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""`workerqueue-operator run | dev | crds`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import kopf
+
+
+def _configure_logging(verbose: bool) -> None:
+    # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workerqueue_operator import runner
+    from workerqueue_operator.models.settings import Settings
+
+    _configure_logging(args.verbose)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
+    overrides = {"http_port": args.port} if args.port is not None else {}
+    settings = Settings.load(**overrides)
+    asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, standalone=not args.peering))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from workerqueue_operator.devcluster import dev
+
+    return dev.main(state_dir=Path(args.state_dir) if args.state_dir else None, port=args.port,
+                    verbose=args.verbose)
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from workerqueue_operator.models import crd
+
+    text = crd.render_chart_template() if args.chart else crd.render_crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workerqueue-operator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config)")
+    run.add_argument("--port", type=int, help="HTTP API port (default: WQ_HTTP_PORT or 8080)")
+    run.add_argument("--peering", action="store_true",
+                     help="coordinate with other replicas through kopf peering (needs the peering CRDs)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    dev = sub.add_parser("dev", help="a local control plane with the operator on it, until Ctrl-C")
+    dev.add_argument("--state-dir", help="where the control plane keeps its state and kubeconfig (default: temp)")
+    dev.add_argument("--port", type=int, default=8080, help="HTTP API port on 127.0.0.1 (default 8080)")
+    dev.add_argument("-v", "--verbose", action="store_true")
+    dev.set_defaults(func=cmd_dev)
+
+    crds = sub.add_parser("crds", help="print (or write) the CRD generated from the models")
+    crds.add_argument("-o", "--output", help="file to write instead of stdout")
+    crds.add_argument("--chart", action="store_true", help="as the Helm chart's template")
+    crds.set_defaults(func=cmd_crds)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.captureWarnings(True)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

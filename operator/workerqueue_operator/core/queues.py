@@ -1,0 +1,275 @@
+"""What a WorkerQueue resolves to: the worker configuration it serves, or why it cannot serve.
+
+Pure functions over a queue object and the Secrets it refers to, so unit tests call them directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from workerqueue_operator.models import settings as settings_
+from workerqueue_operator.models import spec as spec_
+
+QueueKey = tuple[str, str]
+"""(namespace, name) of a WorkerQueue."""
+SecretName = tuple[str, str]
+"""(namespace, name) of a Secret."""
+SecretData = Mapping[str, str] | None
+"""Decoded data of a Secret that exists, or None for one known to be absent."""
+
+TOKEN_KEY = "token"
+
+
+def token_secret_name(queue_name: str) -> str:
+    """The queue-token Secret the operator generates when a queue names none."""
+    return f"{queue_name}-worker-token"
+
+
+def digest(token: str) -> bytes:
+    """Tokens are compared and indexed by digest only, so the raw value is never kept around."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def decode_secret_data(body: Mapping[str, Any]) -> dict[str, str]:
+    """A Secret's `data`, base64-decoded. Values that are not UTF-8 text are left out."""
+    decoded: dict[str, str] = {}
+    for key, value in (body.get("data") or {}).items():
+        try:
+            decoded[key] = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            continue
+    return decoded
+
+
+@dataclass(frozen=True)
+class QueueObject:
+    """The parts of a WorkerQueue body the operator acts on."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    spec: spec_.WorkerQueueSpec
+    status: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> QueueObject:
+        meta = body.get("metadata", {})
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 0),
+            created=meta.get("creationTimestamp") or "",
+            spec=spec_.parse_spec(body.get("spec")),
+            status=body.get("status") or {},
+        )
+
+    @property
+    def key(self) -> QueueKey:
+        return (self.namespace, self.name)
+
+    @property
+    def queue_id(self) -> str:
+        return self.spec.queue_id or self.uid
+
+    def token_refs(self) -> tuple[spec_.SecretKeyRef, ...]:
+        refs = self.spec.auth.token_secret_refs
+        if refs:
+            return tuple(refs)
+        return (spec_.SecretKeyRef(name=token_secret_name(self.name), key=TOKEN_KEY),)
+
+    def secret_names(self, settings: settings_.Settings) -> frozenset[SecretName]:
+        """Every Secret this queue's configuration depends on (including operator-wide defaults)."""
+        names = {(self.namespace, ref.name) for ref in self.token_refs()}
+        s = self.spec
+        for ref in (s.temporal.api_key_secret_ref, s.litellm.api_key_secret_ref):
+            if ref is not None:
+                names.add((self.namespace, ref.name))
+        if s.redis is not None:
+            for ref in (s.redis.url_secret_ref, s.redis.password_secret_ref):
+                if ref is not None:
+                    names.add((self.namespace, ref.name))
+        if s.nats is not None:
+            names.add((self.namespace, s.nats.config_secret_ref.name))
+        for default, own in ((settings.temporal_api_key_secret, s.temporal.api_key_secret_ref),
+                             (settings.litellm_api_key_secret, s.litellm.api_key_secret_ref)):
+            if default is not None and own is None:
+                names.add((default.namespace, default.name))
+        return frozenset(names)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a queue is not Ready: a CamelCase reason and a sentence that never holds a secret value."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Everything /start serves for a queue, except what is made per request."""
+
+    fields: Mapping[str, Any]
+    """Response fields known ahead of the request."""
+    websocket_enabled: bool
+    websocket_url: str | None
+    suspended: bool
+
+
+@dataclass(frozen=True)
+class Resolution:
+    queue: QueueObject
+    config: QueueConfig | None
+    problem: Problem | None
+    token_digests: tuple[bytes, ...] = ()
+    """Digests of the queue tokens; known even when something else keeps the queue from being Ready."""
+
+    @property
+    def ready(self) -> bool:
+        return self.problem is None
+
+
+class _Unresolved(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+class _Lookup:
+    """Reads Secret keys for one resolution; the first failure becomes the queue's Problem."""
+
+    def __init__(self, secrets: Mapping[SecretName, SecretData]) -> None:
+        self._secrets = secrets
+
+    def value(self, namespace: str, name: str, key: str) -> str:
+        data = self.whole(namespace, name)
+        if key not in data:
+            raise _Unresolved(Problem("SecretKeyNotFound", f"secret {name} has no key {key}"))
+        # A single value is a credential or a URL, where surrounding whitespace (the newline
+        # `kubectl create secret --from-file` keeps) is never meant.
+        return data[key].strip()
+
+    def whole(self, namespace: str, name: str) -> Mapping[str, str]:
+        if (namespace, name) not in self._secrets:
+            raise _Unresolved(Problem("SecretPending", f"secret {name} has not been read yet"))
+        data = self._secrets[(namespace, name)]
+        if data is None:
+            raise _Unresolved(Problem("SecretNotFound", f"secret {name} not found in namespace {namespace}"))
+        return data
+
+
+def redis_password_from_url(url: str) -> str | None:
+    """The password in a redis:// URL's userinfo (`redis://:pw@host` or `redis://user:pw@host`)."""
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def resolve(
+    queue: QueueObject,
+    *,
+    secrets: Mapping[SecretName, SecretData],
+    settings: settings_.Settings,
+    version: str,
+) -> Resolution:
+    """The configuration a queue serves, or the first reason it cannot."""
+    lookup = _Lookup(secrets)
+    tokens: tuple[bytes, ...] = ()
+    try:
+        tokens = tuple(digest(lookup.value(queue.namespace, ref.name, ref.key)) for ref in queue.token_refs())
+        config = _config(queue, lookup, settings=settings, version=version)
+    except _Unresolved as exc:
+        return Resolution(queue=queue, config=None, problem=exc.problem, token_digests=tokens)
+    problem = Problem("Suspended", "the queue is suspended") if config.suspended else None
+    return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens)
+
+
+def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings, version: str) -> QueueConfig:
+    s, ns = queue.spec, queue.namespace
+
+    temporal_host = s.temporal.host or settings.temporal_host
+    temporal_namespace = s.temporal.namespace or settings.temporal_namespace
+    if not temporal_host or not temporal_namespace:
+        raise _Unresolved(Problem(
+            "TemporalNotConfigured",
+            "no Temporal host and namespace: set spec.temporal or the operator's defaults"))
+    temporal_api_key = _secret_or_default(lookup, ns, s.temporal.api_key_secret_ref, settings.temporal_api_key_secret)
+    litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, settings.litellm_api_key_secret)
+
+    redis_url: str | None = None
+    redis_password: str | None = None
+    if s.redis is not None:
+        if s.redis.url_secret_ref is not None:
+            redis_url = lookup.value(ns, s.redis.url_secret_ref.name, s.redis.url_secret_ref.key)
+        else:
+            redis_url = s.redis.url
+        if s.redis.password_secret_ref is not None:
+            redis_password = lookup.value(ns, s.redis.password_secret_ref.name, s.redis.password_secret_ref.key)
+        elif redis_url:
+            redis_password = redis_password_from_url(redis_url)
+
+    nats_config = dict(lookup.whole(ns, s.nats.config_secret_ref.name)) if s.nats is not None else None
+    queue_id = queue.queue_id
+    websocket_enabled = s.websocket.enabled if s.websocket.enabled is not None else bool(s.websocket.url)
+
+    fields: dict[str, Any] = {
+        "task_queue_name": s.task_queue_name or queue_id,
+        "temporal_namespace": temporal_namespace,
+        "temporal_host": temporal_host,
+        "temporal_api_key": temporal_api_key,
+        "organization_id": s.organization_id or settings.organization_id,
+        "heartbeat_interval": s.heartbeat_interval_seconds,
+        "litellm_api_url": s.litellm.url or settings.litellm_url,
+        "litellm_api_key": litellm_api_key,
+        "queue_name": queue.name,
+        "environment_name": s.environment_name or queue.namespace,
+        "queue_id": queue_id,
+        "queue_ephemeral": s.ephemeral,
+        "queue_single_execution": s.single_execution,
+        "redis_url": redis_url,
+        "redis_password": redis_password,
+        "redis_enabled": bool(redis_url),
+        "websocket_features": list(s.websocket.features),
+        "nats_config": nats_config,
+        "control_plane_sdk_version": version,
+    }
+    return QueueConfig(
+        fields=fields,
+        websocket_enabled=websocket_enabled,
+        websocket_url=s.websocket.url,
+        suspended=s.suspend,
+    )
+
+
+def _secret_or_default(
+    lookup: _Lookup,
+    namespace: str,
+    own: spec_.SecretKeyRef | None,
+    default: settings_.NamespacedSecretKeyRef | None,
+) -> str:
+    if own is not None:
+        return lookup.value(namespace, own.name, own.key)
+    if default is not None:
+        return lookup.value(default.namespace, default.name, default.key)
+    return ""
+
+
+def websocket_url_for(control_plane_url: str, worker_id: str) -> str:
+    """The control plane's own websocket route for a worker, when a queue enables one without a URL."""
+    if control_plane_url.startswith("https://"):
+        base = "wss://" + control_plane_url[len("https://"):]
+    elif control_plane_url.startswith("http://"):
+        base = "ws://" + control_plane_url[len("http://"):]
+    else:
+        base = control_plane_url
+    return f"{base}/api/v1/ws/workers/{worker_id}"

@@ -1,0 +1,195 @@
+"""Keeps every WorkerQueue's status, Events and generated token Secret in step with the Store.
+
+The Store says which queues changed; this writes what changed, in the background, with bounded
+concurrency, and only when the status would actually differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from workerqueue_operator.core import queues
+from workerqueue_operator.core import status as status_
+from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
+
+logger = logging.getLogger(__name__)
+
+LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
+
+
+def queue_ref_body(queue: QueueObject) -> dict[str, Any]:
+    """Enough of a queue's body to own objects and to be named in Events."""
+    return {
+        "apiVersion": resources.API_VERSION,
+        "kind": "WorkerQueue",
+        "metadata": {"name": queue.name, "namespace": queue.namespace, "uid": queue.uid},
+    }
+
+
+def token_secret_body(queue: QueueObject, token: str) -> dict[str, Any]:
+    """The queue-token Secret the operator generates: owned by the queue, so it goes with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": queues.token_secret_name(queue.name),
+            "namespace": queue.namespace,
+            "labels": {**LABELS, "app.kubernetes.io/component": "worker-token", "agentcontrol.dev/queue": queue.name},
+            "ownerReferences": [resources.owner_reference(queue_ref_body(queue))],
+        },
+        "data": {queues.TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: client_.KubeClient,
+        resync_seconds: float,
+        concurrency: int = 8,
+        now: Callable[[], str] = resources.now_rfc3339,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._resync_seconds = resync_seconds
+        self._now = now
+        self._dirty: dict[QueueKey, None] = {}  # insertion-ordered set
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._written: dict[QueueKey, dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[QueueKey] = set()  # one reconcile per queue at a time, so writes never race
+        self._again: set[QueueKey] = set()
+        self._fetching: set[SecretName] = set()
+        store.subscribe(self.schedule)
+
+    def schedule(self, key: QueueKey) -> None:
+        self._dirty[key] = None
+        self._wakeup.set()
+
+    def fetch_secrets(self, names: set[SecretName]) -> None:
+        """Reads Secrets a queue just started to use (the watch only keeps used ones)."""
+        for name in names - self._fetching:
+            self._fetching.add(name)
+            self._spawn(self._fetch(name))
+
+    async def run(self) -> None:
+        resync = asyncio.create_task(self._resync())
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                batch, self._dirty = list(self._dirty), {}
+                for key in batch:
+                    if key in self._running:
+                        self._again.add(key)
+                        continue
+                    await self._slots.acquire()
+                    self._running.add(key)
+                    self._spawn(self._reconcile_released(key))
+        finally:
+            resync.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(resync, *self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self._resync_seconds)
+            for key in self._store.queue_keys():
+                self.schedule(key)
+
+    async def _fetch(self, name: SecretName) -> None:
+        try:
+            body = await resources.read_secret(self._client, *name)
+            self._store.fill_secret(name, None if body is None else queues.decode_secret_data(body))
+        except (client_.ApiError, OSError, TimeoutError) as exc:
+            logger.warning("reading secret %s/%s failed: %s", name[0], name[1], exc)
+            await asyncio.sleep(1)
+            self._fetching.discard(name)
+            self.fetch_secrets({name})
+            return
+        self._fetching.discard(name)
+
+    async def _reconcile_released(self, key: QueueKey) -> None:
+        try:
+            await self.reconcile(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("reconciling %s/%s failed, will retry: %s", key[0], key[1], exc)
+            await asyncio.sleep(2)
+            self.schedule(key)
+        finally:
+            self._running.discard(key)
+            self._slots.release()
+            if key in self._again:
+                self._again.discard(key)
+                self.schedule(key)
+
+    async def reconcile(self, key: QueueKey) -> None:
+        resolution = self._store.resolution(key)
+        if resolution is None:
+            self._written.pop(key, None)
+            return
+        queue = resolution.queue
+        await self._ensure_token_secret(resolution)
+        if resolution.problem is not None and resolution.problem.reason == "SecretPending":
+            return  # a read is under way and will bring the queue back here
+
+        current = self._written.get(key) or dict(queue.status)
+        desired = status_.desired_status(resolution, current, now=self._now())
+        if not status_.differs(desired, current):
+            return
+        if not await resources.patch_queue_status(self._client, queue.namespace, queue.name, desired):
+            self._written.pop(key, None)
+            return
+        self._written[key] = {**current, **desired}
+        await self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
+
+    async def _ensure_token_secret(self, resolution: queues.Resolution) -> None:
+        """Generates the queue token when the queue names none and the watch knows there is none."""
+        queue = resolution.queue
+        if queue.spec.auth.token_secret_refs:
+            return
+        name = queues.token_secret_name(queue.name)
+        known, data = self._store.secret_state((queue.namespace, name))
+        if not known or data is not None:
+            return
+        body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
+        if await resources.create_if_absent(self._client, resources.secrets_path(queue.namespace), body):
+            await resources.post_event(self._client, involved=queue_ref_body(queue), reason="TokenSecretCreated",
+                                       message=f"created Secret {name} holding the queue token")
+
+    async def _announce(
+        self, queue: QueueObject, before: Any, after: Any,
+    ) -> None:
+        if after is None or (before is not None and before.get("status") == after["status"]
+                             and before.get("reason") == after["reason"]):
+            return
+        if before is None and after["status"] == "True":
+            return  # a queue that is Ready from the start needs no Event saying so
+        ready = after["status"] == "True"
+        await resources.post_event(
+            self._client,
+            involved=queue_ref_body(queue),
+            reason=after["reason"] if not ready else "Ready",
+            message=after["message"],
+            warning=not ready,
+        )

@@ -1,0 +1,76 @@
+"""The status a WorkerQueue should show for a resolution: pure, so unit tests call it directly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from workerqueue_operator.core.queues import Resolution
+
+READY = "Ready"
+SECRETS_RESOLVED = "SecretsResolved"
+_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretPending"}
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    *,
+    type: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Conditions with one set; lastTransitionTime moves only when the status itself changes."""
+    result = [dict(c) for c in conditions if c.get("type") != type]
+    previous = next((c for c in conditions if c.get("type") == type), None)
+    transition = previous.get("lastTransitionTime") if previous and previous.get("status") == status else None
+    result.append({
+        "type": type,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition or now,
+        "observedGeneration": generation,
+    })
+    return sorted(result, key=lambda c: str(c["type"]))
+
+
+def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: str) -> dict[str, Any]:
+    """The status fields this operator owns, given what the queue resolved to."""
+    queue = resolution.queue
+    problem = resolution.problem
+    conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
+    generation = queue.generation
+
+    if problem is not None and problem.reason in _SECRET_REASONS:
+        status = "Unknown" if problem.reason == "SecretPending" else "False"
+        conditions = set_condition(conditions, type=SECRETS_RESOLVED, status=status, reason=problem.reason,
+                                   message=problem.message, generation=generation, now=now)
+    else:
+        conditions = set_condition(conditions, type=SECRETS_RESOLVED, status="True", reason="Resolved",
+                                   message="every referenced Secret key was found", generation=generation, now=now)
+
+    if problem is None:
+        conditions = set_condition(conditions, type=READY, status="True", reason="Ready",
+                                   message="workers can start", generation=generation, now=now)
+    else:
+        status = "Unknown" if problem.reason == "SecretPending" else "False"
+        conditions = set_condition(conditions, type=READY, status=status, reason=problem.reason,
+                                   message=problem.message, generation=generation, now=now)
+
+    return {
+        "queueId": queue.queue_id,
+        "observedGeneration": generation,
+        "conditions": conditions,
+    }
+
+
+def differs(desired: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether patching would change anything (so an unchanged queue costs no API call)."""
+    return any(current.get(key) != value for key, value in desired.items())
+
+
+def ready_condition(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == READY), None)

@@ -1,0 +1,198 @@
+"""Watch-fed, in-memory state that /start serves from: queues, the Secrets they use, resolutions.
+
+Everything here is synchronous and fast: it runs on the event loop, fed by the informers, and a
+/start request only reads dictionaries. Only Secrets that some queue refers to are kept, so a
+cluster's other Secrets (Helm release Secrets are large) cost nothing but a pass through the watch.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from workerqueue_operator.core import queues
+from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, SecretData, SecretName
+from workerqueue_operator.models import settings as settings_
+
+Listener = Callable[[QueueKey], None]
+
+
+class Store:
+    def __init__(self, *, settings: settings_.Settings, version: str) -> None:
+        self._settings = settings
+        self._version = version
+        self._queues: dict[QueueKey, QueueObject] = {}
+        self._uses: dict[QueueKey, frozenset[SecretName]] = {}
+        self._users: dict[SecretName, set[QueueKey]] = {}
+        self._secrets: dict[SecretName, SecretData] = {}
+        self._claimants: dict[str, set[QueueKey]] = {}
+        self._resolutions: dict[QueueKey, Resolution] = {}
+        self._token_owners: dict[bytes, set[QueueKey]] = {}
+        self._token_digests: dict[QueueKey, tuple[bytes, ...]] = {}
+        self._listeners: list[Listener] = []
+
+    # --- feeding -----------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(key)` whenever a queue's resolution may have changed (or it was removed)."""
+        self._listeners.append(listener)
+
+    def upsert_queue(self, queue: QueueObject) -> set[SecretName]:
+        """Add or replace a queue. Returns the Secrets it uses whose content is not known yet."""
+        key = queue.key
+        previous = self._queues.get(key)
+        self._queues[key] = queue
+        uses = queue.secret_names(self._settings)
+        self._set_uses(key, uses)
+        affected = {key}
+        if previous is not None and previous.queue_id != queue.queue_id:
+            affected |= self._unclaim(previous.queue_id, key)
+        claimants = self._claimants.setdefault(queue.queue_id, set())
+        claimants.add(key)
+        affected |= claimants
+        self._recompute(affected)
+        return {name for name in uses if name not in self._secrets}
+
+    def remove_queue(self, key: QueueKey) -> None:
+        queue = self._queues.pop(key, None)
+        if queue is None:
+            return
+        self._set_uses(key, frozenset())
+        affected = self._unclaim(queue.queue_id, key)
+        self._resolutions.pop(key, None)
+        self._set_token_digests(key, ())
+        self._recompute(affected)
+        self._notify([key])
+
+    def is_used(self, name: SecretName) -> bool:
+        return name in self._users
+
+    def upsert_secret(self, name: SecretName, data: SecretData) -> None:
+        """A Secret was seen (data) or deleted (None) by the watch. Ignored unless some queue uses it."""
+        users = self._users.get(name)
+        if users is None:
+            return
+        self._secrets[name] = data
+        self._recompute(users)
+
+    def secret_state(self, name: SecretName) -> tuple[bool, SecretData]:
+        """(known, data): whether the Secret's state is known, and its data (None: absent)."""
+        if name in self._secrets:
+            return True, self._secrets[name]
+        return False, None
+
+    def unknown_secrets(self) -> set[SecretName]:
+        """Secrets some queue uses whose state the watch has not told (yet)."""
+        return {name for name in self._users if name not in self._secrets}
+
+    def fill_secret(self, name: SecretName, data: SecretData) -> None:
+        """A Secret read on demand: kept only if still used and the watch has not been faster."""
+        if name in self._users and name not in self._secrets:
+            self.upsert_secret(name, data)
+
+    # --- reading (the /start hot path) -------------------------------------------------------------
+
+    def serving(self, queue_id: str) -> Resolution | None:
+        """The resolution of the queue that owns `queue_id`, if any queue claims it."""
+        claimants = self._claimants.get(queue_id)
+        if not claimants:
+            return None
+        return self._resolutions.get(self._winner(claimants))
+
+    def resolution(self, key: QueueKey) -> Resolution | None:
+        return self._resolutions.get(key)
+
+    def queue(self, key: QueueKey) -> QueueObject | None:
+        return self._queues.get(key)
+
+    def opens(self, resolution: Resolution, token_digest: bytes) -> bool:
+        """Whether a queue token opens this queue, compared in constant time."""
+        matched = False
+        for candidate in self._token_digests.get(resolution.queue.key, ()):
+            matched |= hmac.compare_digest(candidate, token_digest)
+        return matched
+
+    def is_queue_token(self, token_digest: bytes) -> bool:
+        """Whether the token is a queue token of any queue (then it is never sent to a TokenReview)."""
+        return bool(self._token_owners.get(token_digest))
+
+    def queue_keys(self) -> list[QueueKey]:
+        return list(self._queues)
+
+    @property
+    def queue_count(self) -> int:
+        return len(self._queues)
+
+    @property
+    def not_ready_count(self) -> int:
+        return sum(1 for r in self._resolutions.values() if not r.ready)
+
+    @property
+    def secret_count(self) -> int:
+        return len(self._secrets)
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _set_uses(self, key: QueueKey, uses: frozenset[SecretName]) -> None:
+        old = self._uses.get(key, frozenset())
+        for name in old - uses:
+            users = self._users.get(name)
+            if users is not None:
+                users.discard(key)
+                if not users:
+                    del self._users[name]
+                    self._secrets.pop(name, None)  # nobody uses it: forget its content
+        for name in uses - old:
+            self._users.setdefault(name, set()).add(key)
+        if uses:
+            self._uses[key] = uses
+        else:
+            self._uses.pop(key, None)
+
+    def _unclaim(self, queue_id: str, key: QueueKey) -> set[QueueKey]:
+        claimants = self._claimants.get(queue_id)
+        if claimants is None:
+            return set()
+        claimants.discard(key)
+        if not claimants:
+            del self._claimants[queue_id]
+        return set(claimants)
+
+    def _winner(self, claimants: Iterable[QueueKey]) -> QueueKey:
+        # The earliest claim keeps the id, so a newcomer can never take over a serving queue.
+        return min(claimants, key=lambda k: (self._queues[k].created, k))
+
+    def _recompute(self, keys: Iterable[QueueKey]) -> None:
+        changed = []
+        for key in keys:
+            queue = self._queues.get(key)
+            if queue is None:
+                continue
+            resolution = queues.resolve(queue, secrets=self._secrets, settings=self._settings, version=self._version)
+            winner = self._winner(self._claimants[queue.queue_id])
+            if winner != key:
+                owner = f"{winner[0]}/{winner[1]}"
+                problem = queues.Problem("QueueIdConflict", f"queue id {queue.queue_id} is already used by {owner}")
+                resolution = replace(resolution, config=None, problem=problem)
+            self._resolutions[key] = resolution
+            self._set_token_digests(key, resolution.token_digests if winner == key else ())
+            changed.append(key)
+        self._notify(changed)
+
+    def _set_token_digests(self, key: QueueKey, digests: tuple[bytes, ...]) -> None:
+        for old in self._token_digests.pop(key, ()):
+            owners = self._token_owners.get(old)
+            if owners is not None:
+                owners.discard(key)
+                if not owners:
+                    del self._token_owners[old]
+        if digests:
+            self._token_digests[key] = digests
+            for new in digests:
+                self._token_owners.setdefault(new, set()).add(key)
+
+    def _notify(self, keys: Iterable[QueueKey]) -> None:
+        for key in keys:
+            for listener in self._listeners:
+                listener(key)

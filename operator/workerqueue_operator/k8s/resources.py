@@ -1,0 +1,118 @@
+"""API paths and the few object-level calls the operator makes, each treating 404/409 explicitly."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any
+
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models import spec
+
+COMPONENT = "workerqueue-operator"
+API_VERSION = f"{spec.GROUP}/{spec.VERSION}"
+
+
+def queues_path(namespace: str | None = None) -> str:
+    if namespace:
+        return f"/apis/{spec.GROUP}/{spec.VERSION}/namespaces/{namespace}/{spec.PLURAL}"
+    return f"/apis/{spec.GROUP}/{spec.VERSION}/{spec.PLURAL}"
+
+
+def queue_path(namespace: str, name: str) -> str:
+    return f"{queues_path(namespace)}/{name}"
+
+
+def secrets_path(namespace: str | None = None) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets" if namespace else "/api/v1/secrets"
+
+
+def pods_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/pods"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owner_reference(body: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": spec.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+async def read_secret(client: client_.KubeClient, namespace: str, name: str) -> dict[str, Any] | None:
+    """The Secret, or None if it does not exist."""
+    try:
+        return await client.get(f"{secrets_path(namespace)}/{name}")
+    except client_.ApiError as exc:
+        if exc.not_found:
+            return None
+        raise
+
+
+async def create_if_absent(client: client_.KubeClient, path: str, body: dict[str, Any]) -> bool:
+    """Creates the object; False if it already existed (a retried or concurrent create)."""
+    try:
+        await client.create(path, body)
+    except client_.ApiError as exc:
+        if exc.already_exists:
+            return False
+        raise
+    return True
+
+
+async def patch_queue_status(client: client_.KubeClient, namespace: str, name: str, status: dict[str, Any]) -> bool:
+    """Merge-patches the status subresource; False if the queue is gone."""
+    try:
+        await client.patch(f"{queue_path(namespace, name)}/status", {"status": status})
+    except client_.ApiError as exc:
+        if exc.not_found:
+            return False
+        raise
+    return True
+
+
+async def post_event(
+    client: client_.KubeClient,
+    *,
+    involved: dict[str, Any],
+    reason: str,
+    message: str,
+    warning: bool = False,
+) -> None:
+    """A core/v1 Event about an object. Messages are built by the caller and never hold secrets."""
+    meta = involved["metadata"]
+    now = now_rfc3339()
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion", API_VERSION),
+            "kind": involved.get("kind", spec.KIND),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": COMPONENT,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        await client.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
+    except client_.ApiError as exc:
+        if not exc.not_found:  # a namespace being deleted refuses events: nothing to tell anyone
+            raise

@@ -1,0 +1,117 @@
+"""The operator's own configuration: one settings object, fed by a YAML file and/or env vars.
+
+Precedence: built-in defaults < the file named by WQ_CONFIG_FILE < `WQ_<FIELD>` env vars.
+A queue's own spec fields always win over the defaults given here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "WQ_"
+
+
+class NamespacedSecretKeyRef(BaseModel):
+    """A key of a Secret in a given namespace (operator-wide defaults live in the operator's namespace)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    namespace: str
+    name: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> NamespacedSecretKeyRef:
+        """`namespace/name:key`, the env-var spelling."""
+        ref, sep, key = text.partition(":")
+        namespace, slash, name = ref.partition("/")
+        if not (sep and slash and namespace and name and key):
+            raise ValueError(f"expected namespace/name:key, got {text!r}")
+        return cls(namespace=namespace, name=name, key=key)
+
+
+class Settings(BaseModel):
+    """Operator-wide settings. Every duration is in seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Queue defaults, used when a WorkerQueue leaves the field unset.
+    organization_id: str = "default"
+    """Organization id handed to workers of queues that set none."""
+    temporal_host: str = ""
+    """Default Temporal frontend host:port."""
+    temporal_namespace: str = ""
+    """Default Temporal namespace."""
+    temporal_api_key_secret: NamespacedSecretKeyRef | None = None
+    """Default Temporal API key, as `namespace/name:key` in env."""
+    litellm_url: str = ""
+    """Default LiteLLM proxy URL."""
+    litellm_api_key_secret: NamespacedSecretKeyRef | None = None
+    """Default LiteLLM API key, as `namespace/name:key` in env."""
+    public_url: str | None = None
+    """Control-plane URL handed to workers when their request names none; unset: derived per request."""
+
+    # The HTTP server.
+    http_host: str = "0.0.0.0"  # noqa: S104 - in a pod the Service must reach it
+    """Address the HTTP API listens on."""
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """Port the HTTP API listens on (0: any free port, for tests)."""
+
+    # Authentication of /start callers that are Kubernetes identities.
+    token_review_audiences: tuple[str, ...] = ()
+    """Audiences a ServiceAccount token must carry; empty: the API server's defaults."""
+    auth_cache_seconds: float = Field(default=10.0, ge=0)
+    """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
+    RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
+
+    # Scope.
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty: the whole cluster."""
+    status_resync_seconds: float = Field(default=300.0, gt=0)
+    """How often every queue's status is re-checked even without events (a safety net)."""
+
+    @field_validator("temporal_api_key_secret", "litellm_api_key_secret", mode="before")
+    @classmethod
+    def _secret_ref(cls, value: Any) -> Any:
+        return NamespacedSecretKeyRef.parse(value) if isinstance(value, str) and value else value or None
+
+    @field_validator("namespaces", "token_review_audiences", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the WQ_CONFIG_FILE file, then WQ_* env vars, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        config_file = env.get(f"{ENV_PREFIX}CONFIG_FILE")
+        if config_file:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{config_file}: expected a mapping of settings")
+            values.update(loaded)
+        for name, field in cls.model_fields.items():
+            raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+            if raw is None:
+                continue
+            # Numbers and booleans arrive as strings; JSON gives them their type, pydantic checks it.
+            values[name] = raw if field.annotation in (str, str | None) else _maybe_json(raw)
+        values.update(overrides)
+        return cls.model_validate(values)
+
+
+def _maybe_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw

@@ -1,0 +1,102 @@
+"""Request and response bodies of `POST /api/v1/worker-queues/{queue_id}/start`.
+
+Names and fields follow the Agent Control Plane API contract (shared/spec), which the real worker
+client reads by key: every required response field must always be present.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WorkerSystemInfo(BaseModel):
+    """Worker system information"""
+
+    model_config = ConfigDict(title="WorkerSystemInfo")
+
+    hostname: str | None = None
+    platform: str | None = None
+    os_name: str | None = None
+    os_version: str | None = None
+    python_version: str | None = None
+    cli_version: str | None = None
+    sdk_version: str | None = None
+    pid: int | None = None
+    cwd: str | None = None
+    supported_runtimes: list[str] | None = None
+    llm_gateway_url: str | None = None
+    docker_available: bool | None = None
+    docker_version: str | None = None
+    cpu_count: int | None = None
+    cpu_percent: float | None = None
+    memory_total: int | None = None
+    memory_used: int | None = None
+    memory_percent: float | None = None
+    disk_total: int | None = None
+    disk_used: int | None = None
+    disk_percent: float | None = None
+    uptime_seconds: float | None = None
+
+
+class WorkerStartRequest(BaseModel):
+    """Worker start request with SDK version and system info"""
+
+    # Unknown fields are ignored, as FastAPI's default pydantic models do.
+    model_config = ConfigDict(title="WorkerStartRequest", extra="ignore")
+
+    worker_sdk_version: str | None = None
+    system_info: WorkerSystemInfo | None = None
+    control_plane_url: str | None = None
+
+
+class WorkerStartResponse(BaseModel):
+    """Worker start configuration"""
+
+    model_config = ConfigDict(title="WorkerStartResponse")
+
+    worker_id: str
+    task_queue_name: str
+    temporal_namespace: str
+    temporal_host: str
+    temporal_api_key: str
+    organization_id: str
+    control_plane_url: str
+    heartbeat_interval: int
+    litellm_api_url: str
+    litellm_api_key: str
+    queue_name: str
+    environment_name: str
+    queue_id: str
+    queue_ephemeral: bool = False
+    queue_single_execution: bool = False
+    redis_url: str | None = None
+    redis_password: str | None = None
+    redis_enabled: bool = False
+    websocket_enabled: bool = True
+    websocket_url: str | None = None
+    websocket_features: list[str] = []
+    nats_config: dict[str, str] | None = None
+    control_plane_sdk_version: str
+
+
+class ValidationError(BaseModel):
+    """One entry of a 422 answer's `detail` (FastAPI's shape)."""
+
+    model_config = ConfigDict(title="ValidationError")
+
+    loc: list[str | int] = Field(title="Location")
+    msg: str = Field(title="Message")
+    type: str = Field(title="Error Type")
+
+
+class HTTPValidationError(BaseModel):
+    """The 422 answer's body."""
+
+    model_config = ConfigDict(title="HTTPValidationError")
+
+    detail: list[ValidationError] = []
+
+
+# The reference API publishes the request model under its module-qualified name; so do we.
+REQUEST_SCHEMA_NAME = "control_plane_api__app__routers__worker_queues__WorkerStartRequest"
+START_OPERATION_ID = "start_worker_for_queue_api_v1_worker_queues__queue_id__start_post"

@@ -1,0 +1,159 @@
+"""Runs the operator: kopf, the informers feeding the Store, the status reconciler, the HTTP API.
+
+kopf owns the process's signals: on SIGINT/SIGTERM it returns, and everything else started here
+is stopped in `finally`, so no task outlives the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from aiohttp import web
+from pydantic import ValidationError
+
+import workerqueue_operator
+from workerqueue_operator import handlers
+from workerqueue_operator.api import app as app_
+from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.core.reconciler import Reconciler
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import informer, resources
+from workerqueue_operator.models import settings as settings_
+
+logger = logging.getLogger(__name__)
+
+
+class Feed:
+    """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets)."""
+
+    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+        self._store = store
+        self._reconciler = reconciler
+        # Until the Secrets have been listed once, a Secret a queue uses will come through the list;
+        # after that, one that is still unknown passed by before it was used, and is read on its own.
+        self.secrets_listed = False
+
+    def secrets_synced(self) -> None:
+        self.secrets_listed = True
+        self._reconciler.fetch_secrets(self._store.unknown_secrets())
+
+    def queue_upserted(self, body: dict[str, Any]) -> None:
+        try:
+            queue = queues.QueueObject.from_body(body)
+        except (ValidationError, KeyError) as exc:
+            # The API server's schema makes this rare (e.g. a CRD older than the operator).
+            meta = body.get("metadata", {})
+            logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"),
+                           str(exc).splitlines()[0])
+            return
+        missing = self._store.upsert_queue(queue)
+        if missing and self.secrets_listed:
+            self._reconciler.fetch_secrets(missing)
+
+    def queue_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
+        self._store.remove_queue(key)
+
+    def secret_upserted(self, body: dict[str, Any]) -> None:
+        name = informer.object_key(body)
+        if self._store.is_used(name):
+            self._store.upsert_secret(name, queues.decode_secret_data(body))
+
+    def secret_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
+        self._store.upsert_secret(key, None)
+
+
+class Watches:
+    """The informers of every watched scope, started in the order that keeps start-up cheap."""
+
+    def __init__(self, client: client_.KubeClient, feed: Feed, namespaces: tuple[str, ...]) -> None:
+        scopes: tuple[str | None, ...] = namespaces or (None,)
+        self.queues = [
+            informer.Informer(client, resources.queues_path(ns), on_upsert=feed.queue_upserted,
+                              on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}")
+            for ns in scopes]
+        self.secrets = [
+            informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,
+                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}")
+            for ns in scopes]
+        self._feed = feed
+
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in (*self.queues, *self.secrets))
+
+    async def run(self, reconciler: Reconciler) -> None:
+        # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
+        # one); statuses only once both are known, so that no queue flaps through "not found".
+        tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.queues]
+        try:
+            await asyncio.gather(*(i.synced.wait() for i in self.queues))
+            tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
+            await asyncio.gather(*(i.synced.wait() for i in self.secrets))
+            self._feed.secrets_synced()
+            tasks.append(asyncio.create_task(reconciler.run(), name="status reconciler"))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def serve_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, int(bound)
+
+
+async def run(
+    settings: settings_.Settings,
+    *,
+    kubeconfig: str | None = None,
+    stop_flag: asyncio.Event | None = None,
+    standalone: bool = True,
+    on_listening: Callable[[int], None] | None = None,
+) -> None:
+    """The whole operator, until SIGINT/SIGTERM (main thread) or `stop_flag`."""
+    version = workerqueue_operator.__version__
+    client = client_.KubeClient(client_.load_configuration(kubeconfig))
+    store = Store(settings=settings, version=version)
+    reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds)
+    feed = Feed(store, reconciler)
+    watches = Watches(client, feed, settings.namespaces)
+    reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
+    kopf_ready = asyncio.Event()
+
+    def ready() -> bool:
+        return kopf_ready.is_set() and watches.synced()
+
+    app = app_.make_app(store=store, reviewer=reviewer, settings=settings, version=version, ready=ready)
+    http, port = await serve_http(app, settings.http_host, settings.http_port)
+    logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
+    if on_listening is not None:
+        on_listening(port)
+
+    background = asyncio.create_task(watches.run(reconciler), name="watches")
+    registry = handlers.registry(settings=settings, client=client, store=store)
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not settings.namespaces,
+            namespaces=list(settings.namespaces),
+            standalone=standalone,
+            ready_flag=kopf_ready,
+            stop_flag=stop_flag,
+            memo=kopf.Memo(store=store, client=client, settings=settings),
+        )
+    finally:
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
+        await http.cleanup()
+        await client.close()

@@ -1,0 +1,217 @@
+"""Integration fixtures: the CRD installed on the real control plane and the operator as a process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
+GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30, interval: float = 0.2, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class Http:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, *, body: bytes | None = None, token: str | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10) -> Http:
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None and not request.has_header("Content-type"):
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
+            return Http(response.status, dict(response.headers), response.read())
+    except urllib.error.HTTPError as exc:
+        return Http(exc.code, dict(exc.headers), exc.read())
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
+
+
+class OperatorProcess:
+    """`workerqueue-operator run` as its own process group, its logs in a file the tests can read."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._kubeconfig = kubeconfig
+        self._env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(self.port),
+               "WQ_ORGANIZATION_ID": "org-test", "WQ_AUTH_CACHE_SECONDS": "1", **self._env}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for(self.ready, timeout=60, what=f"operator readiness (log: {self.log_path})")
+        return self
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"operator exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            return http("GET", f"{self.url}/readyz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start_worker(self, queue_id: str, token: str | None, body: dict[str, Any] | None = None) -> Http:
+        payload = json.dumps(body).encode() if body is not None else None
+        return http("POST", f"{self.url}/api/v1/worker-queues/{queue_id}/start", body=payload, token=token)
+
+
+@pytest.fixture(scope="session")
+def operator(crd_installed: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+class Kube:
+    """Thin sync helpers over the official client for test set-up and assertions."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self.core = k8s.CoreV1Api(api_client)
+        self.custom = k8s.CustomObjectsApi(api_client)
+        self.rbac = k8s.RbacAuthorizationV1Api(api_client)
+
+    def create_queue(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerQueue",
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        result: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        return result
+
+    def get_queue(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return result
+
+    def patch_queue(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+    def delete_queue(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def put_secret(self, namespace: str, name: str, **data: str) -> None:
+        body = k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name), string_data=data)
+        try:
+            self.core.create_namespaced_secret(namespace, body)
+        except k8s.ApiException as exc:
+            if exc.status != 409:
+                raise
+            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+            self.core.patch_namespaced_secret(name, namespace, {"data": encoded})
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        secret = self.core.read_namespaced_secret(name, namespace)
+        return base64.b64decode(secret.data[key]).decode()
+
+    def condition(self, namespace: str, name: str, type_: str = "Ready") -> dict[str, Any] | None:
+        status = self.get_queue(namespace, name).get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
+
+    def wait_condition(self, namespace: str, name: str, status: str, reason: str | None = None,
+                       timeout: float = 30) -> dict[str, Any]:
+        def matches() -> dict[str, Any] | None:
+            c = self.condition(namespace, name)
+            if c and c["status"] == status and (reason is None or c["reason"] == reason):
+                return c
+            return None
+        result: dict[str, Any] = wait_for(matches, timeout=timeout, what=f"{name} Ready={status} {reason or ''}")
+        return result
+
+    def queue_token(self, namespace: str, queue: str) -> str:
+        wait_for(lambda: self._has_secret(namespace, f"{queue}-worker-token"), what="generated token Secret")
+        return self.secret_value(namespace, f"{queue}-worker-token", "token")
+
+    def _has_secret(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_secret(name, namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def events(self, namespace: str, name: str | None = None) -> list[k8s.CoreV1Event]:
+        items = self.core.list_namespaced_event(namespace).items
+        return [e for e in items if name is None or e.involved_object.name == name]
+
+
+@pytest.fixture
+def kube(api_client: k8s.ApiClient) -> Kube:
+    return Kube(api_client)
+
+
+@pytest.fixture(scope="session")
+def contract() -> dict[str, Any]:
+    """The API contract from ../shared/spec (CI lays shared/ beside the clone)."""
+    candidates = [ROOT.parent / "shared" / "spec", ROOT / ".." / ".." / "shared" / "spec", Path("/work/shared/spec")]
+    for folder in candidates:
+        path = folder / "start-worker-for-queue.openapi.yaml"
+        if path.exists():
+            loaded: dict[str, Any] = yaml.safe_load(path.read_text())
+            return loaded
+    pytest.fail("the API contract shared/spec/start-worker-for-queue.openapi.yaml was not found beside the repo")

@@ -1,0 +1,295 @@
+"""`POST /api/v1/worker-queues/{queue_id}/start` against the real API server and the operator process."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import jsonschema
+import pytest
+from kubernetes import client as k8s
+
+from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+SECRET_VALUES = {
+    "temporal-api-key": "tk-" + uuid.uuid4().hex,
+    "litellm-api-key": "lk-" + uuid.uuid4().hex,
+    "redis-url": f"redis://:rp-{uuid.uuid4().hex}@redis.internal:6379/0",
+}
+NATS = {"url": "nats://nats.internal:4222", "subject_prefix": "agents"}
+
+
+def schema_of(contract: dict[str, Any], name: str) -> dict[str, Any]:
+    """A contract schema with its #/components refs resolvable by a standalone validator."""
+    return {**contract["components"]["schemas"][name], "components": contract["components"]}
+
+
+def full_queue(kube: Kube, namespace: str, name: str = "full") -> str:
+    kube.put_secret(namespace, "creds", **SECRET_VALUES)
+    kube.put_secret(namespace, "nats", **NATS)
+    queue_id = f"q-{uuid.uuid4().hex[:8]}"
+    kube.create_queue(
+        namespace, name, queueId=queue_id, heartbeatIntervalSeconds=45, ephemeral=True, singleExecution=True,
+        environmentName="prod", organizationId="org-7", taskQueueName="tq-7",
+        temporal={"host": "temporal.internal:7233", "namespace": "agents",
+                  "apiKeySecretRef": {"name": "creds", "key": "temporal-api-key"}},
+        litellm={"url": "http://litellm.internal", "apiKeySecretRef": {"name": "creds", "key": "litellm-api-key"}},
+        redis={"urlSecretRef": {"name": "creds", "key": "redis-url"}},
+        websocket={"enabled": True, "features": ["events", "control"]},
+        nats={"configSecretRef": {"name": "nats"}},
+    )
+    kube.wait_condition(namespace, name, "True")
+    return queue_id
+
+
+def test_every_response_field(operator: OperatorProcess, kube: Kube, namespace: str, contract: dict[str, Any]):
+    queue_id = full_queue(kube, namespace)
+    token = kube.queue_token(namespace, "full")
+    r = operator.start_worker(queue_id, token, {"worker_sdk_version": "0.9.1", "system_info": {"hostname": "w1"},
+                                                "control_plane_url": "https://cp.example.com/"})
+    assert r.status == 200, r.body
+    body = r.json()
+    jsonschema.validate(body, schema_of(contract, "WorkerStartResponse"))
+    worker_id = body.pop("worker_id")
+    assert uuid.UUID(worker_id).version == 4
+    assert body.pop("control_plane_sdk_version")
+    assert body == {
+        "task_queue_name": "tq-7",
+        "temporal_namespace": "agents",
+        "temporal_host": "temporal.internal:7233",
+        "temporal_api_key": SECRET_VALUES["temporal-api-key"],
+        "organization_id": "org-7",
+        "control_plane_url": "https://cp.example.com",
+        "heartbeat_interval": 45,
+        "litellm_api_url": "http://litellm.internal",
+        "litellm_api_key": SECRET_VALUES["litellm-api-key"],
+        "queue_name": "full",
+        "environment_name": "prod",
+        "queue_id": queue_id,
+        "queue_ephemeral": True,
+        "queue_single_execution": True,
+        "redis_url": SECRET_VALUES["redis-url"],
+        "redis_password": SECRET_VALUES["redis-url"].split(":")[2].split("@")[0],
+        "redis_enabled": True,
+        "websocket_enabled": True,
+        "websocket_url": f"wss://cp.example.com/api/v1/ws/workers/{worker_id}",
+        "websocket_features": ["events", "control"],
+        "nats_config": NATS,
+    }
+    # The required fields of the contract are all there, even for a queue with nothing optional.
+    assert set(contract["components"]["schemas"]["WorkerStartResponse"]["required"]) <= set(r.json())
+
+
+def test_defaults_of_a_minimal_queue(operator: OperatorProcess, kube: Kube, namespace: str, contract: dict[str, Any]):
+    created = kube.create_queue(namespace, "mini", temporal={"host": "t:7233", "namespace": "n"})
+    kube.wait_condition(namespace, "mini", "True")
+    uid = created["metadata"]["uid"]
+    assert kube.get_queue(namespace, "mini")["status"]["queueId"] == uid
+    r = operator.start_worker(uid, kube.queue_token(namespace, "mini"))  # no body at all: {}
+    assert r.status == 200, r.body
+    body = r.json()
+    jsonschema.validate(body, schema_of(contract, "WorkerStartResponse"))
+    assert (body["queue_id"], body["task_queue_name"], body["environment_name"]) == (uid, uid, namespace)
+    assert body["organization_id"] == "org-test"  # the operator's configured default
+    assert body["control_plane_url"] == operator.url  # derived from the request
+    assert (body["temporal_api_key"], body["litellm_api_key"], body["litellm_api_url"]) == ("", "", "")
+    assert (body["redis_enabled"], body["redis_url"], body["redis_password"]) == (False, None, None)
+    assert (body["websocket_enabled"], body["websocket_url"], body["nats_config"]) == (False, None, None)
+    assert body["heartbeat_interval"] == 60
+
+
+def test_generated_token_secret_is_owned_by_the_queue(kube: Kube, namespace: str):
+    created = kube.create_queue(namespace, "owned", temporal={"host": "t:7233", "namespace": "n"})
+    kube.queue_token(namespace, "owned")
+    secret = kube.core.read_namespaced_secret("owned-worker-token", namespace)
+    (owner,) = secret.metadata.owner_references
+    assert (owner.kind, owner.uid, owner.controller) == ("WorkerQueue", created["metadata"]["uid"], True)
+    assert len(kube.secret_value(namespace, "owned-worker-token", "token")) >= 43  # 256 bits, base64url
+
+
+def test_error_answers(operator: OperatorProcess, kube: Kube, namespace: str, contract: dict[str, Any]):
+    kube.create_queue(namespace, "a", queueId=f"a-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.create_queue(namespace, "b", queueId=f"b-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.create_queue(namespace, "paused", queueId=f"p-{namespace}", suspend=True,
+                      temporal={"host": "t:1", "namespace": "n"})
+    kube.create_queue(namespace, "broken", queueId=f"x-{namespace}",
+                      temporal={"host": "t:1", "namespace": "n",
+                                "apiKeySecretRef": {"name": "temporal-creds", "key": "api-key"}})
+    for name in ("a", "b"):
+        kube.wait_condition(namespace, name, "True")
+    token_a, token_b = kube.queue_token(namespace, "a"), kube.queue_token(namespace, "b")
+
+    r = operator.start_worker(f"a-{namespace}", None)
+    assert (r.status, r.json(), r.headers.get("WWW-Authenticate")) == (401, {"detail": "Not authenticated"}, "Bearer")
+    r = operator.start_worker(f"a-{namespace}", "not-a-token-anyone-issued")
+    assert r.status == 401 and r.headers.get("WWW-Authenticate") == "Bearer"
+    assert operator.start_worker(f"a-{namespace}", token_b).status == 403
+    assert operator.start_worker("no-such-queue", token_a).json() == {"detail": "Worker queue not found"}
+
+    kube.wait_condition(namespace, "paused", "False", "Suspended")
+    r = operator.start_worker(f"p-{namespace}", kube.queue_token(namespace, "paused"))
+    assert (r.status, r.json()) == (400, {"detail": "Worker queue is not active (status: suspended)"})
+
+    kube.wait_condition(namespace, "broken", "False", "SecretNotFound")
+    r = operator.start_worker(f"x-{namespace}", kube.queue_token(namespace, "broken"))
+    assert r.status == 503 and "temporal-creds" in r.json()["detail"]
+    kube.put_secret(namespace, "temporal-creds", other="x")
+    kube.wait_condition(namespace, "broken", "False", "SecretKeyNotFound")
+    r = operator.start_worker(f"x-{namespace}", kube.queue_token(namespace, "broken"))
+    assert (r.status, r.json()["detail"]) == (
+        503, "Worker queue is not ready: secret temporal-creds has no key api-key")
+
+    url = f"{operator.url}/api/v1/worker-queues/a-{namespace}/start"
+    for payload, kind in ((b"{not json", "json_invalid"), (b'{"system_info": {"pid": "many"}}', "int_parsing"),
+                          (b"[1]", "model_type")):
+        r = http("POST", url, body=payload, token=token_a)
+        assert r.status == 422, payload
+        jsonschema.validate(r.json(), schema_of(contract, "HTTPValidationError"))
+        assert r.json()["detail"][0]["type"] == kind and r.json()["detail"][0]["loc"][0] == "body"
+    r = http("POST", url, body=json.dumps({"worker_sdk_version": "x" * (1024 * 1024 + 10)}).encode(), token=token_a)
+    assert r.status == 413 and "detail" in r.json()
+
+
+def test_queue_created_before_its_secret(operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.create_queue(namespace, "early", queueId=f"e-{namespace}",
+                      temporal={"host": "t:1", "namespace": "n",
+                                "apiKeySecretRef": {"name": "late", "key": "api-key"}})
+    ready = kube.wait_condition(namespace, "early", "False", "SecretNotFound")
+    assert ready["message"] == f"secret late not found in namespace {namespace}"
+    assert ready["observedGeneration"] == 1
+    wait_for(lambda: any(e.reason == "SecretNotFound" and e.type == "Warning" for e in kube.events(namespace, "early")),
+             what="SecretNotFound Event")
+    kube.put_secret(namespace, "late", **{"api-key": "late-value"})
+    kube.wait_condition(namespace, "early", "True", timeout=15)
+    r = operator.start_worker(f"e-{namespace}", kube.queue_token(namespace, "early"))
+    assert r.status == 200 and r.json()["temporal_api_key"] == "late-value"
+
+
+def test_rotation_is_served_within_seconds(operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.put_secret(namespace, "rot", **{"api-key": "before"})
+    kube.create_queue(namespace, "rot", queueId=f"r-{namespace}",
+                      temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": {"name": "rot", "key": "api-key"}})
+    kube.wait_condition(namespace, "rot", "True")
+    token = kube.queue_token(namespace, "rot")
+    assert operator.start_worker(f"r-{namespace}", token).json()["temporal_api_key"] == "before"
+    kube.put_secret(namespace, "rot", **{"api-key": "after"})
+    wait_for(lambda: operator.start_worker(f"r-{namespace}", token).json()["temporal_api_key"] == "after",
+             timeout=10, what="rotated key served")
+    # Rotating the queue token itself: the old token stops working, the new one works.
+    kube.put_secret(namespace, "rot-worker-token", token="fresh-token-value-for-rotation-test")
+    wait_for(lambda: operator.start_worker(f"r-{namespace}", "fresh-token-value-for-rotation-test").status == 200,
+             timeout=10, what="rotated queue token accepted")
+    assert operator.start_worker(f"r-{namespace}", token).status == 401
+
+
+def test_own_token_secrets_allow_rotation_without_downtime(operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.put_secret(namespace, "tokens", current="token-one", next="token-two")
+    kube.create_queue(namespace, "own", queueId=f"o-{namespace}", temporal={"host": "t:1", "namespace": "n"},
+                      auth={"tokenSecretRefs": [{"name": "tokens", "key": "current"}, {"name": "tokens", "key": "next"}]})
+    kube.wait_condition(namespace, "own", "True")
+    assert operator.start_worker(f"o-{namespace}", "token-one").status == 200
+    assert operator.start_worker(f"o-{namespace}", "token-two").status == 200
+    with pytest.raises(k8s.ApiException) as info:
+        kube.core.read_namespaced_secret("own-worker-token", namespace)
+    assert info.value.status == 404  # nothing generated when the queue brings its own tokens
+
+
+def service_account_token(kube: Kube, namespace: str, name: str) -> str:
+    kube.core.create_namespaced_service_account(namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name=name)))
+    request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+    return str(kube.core.create_namespaced_service_account_token(name, namespace, request).status.token)
+
+
+def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.create_queue(namespace, "rbac", queueId=f"k-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "rbac", "True")
+    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
+        metadata=k8s.V1ObjectMeta(name="start-workers"),
+        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
+                                verbs=["create"], resource_names=["rbac"])]))
+    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+        metadata=k8s.V1ObjectMeta(name="start-workers"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="allowed", namespace=namespace)]))
+    allowed = service_account_token(kube, namespace, "allowed")
+    denied = service_account_token(kube, namespace, "denied")
+
+    r = operator.start_worker(f"k-{namespace}", allowed)
+    assert r.status == 200, r.body
+    r = operator.start_worker(f"k-{namespace}", denied)
+    assert r.status == 403
+    assert f"system:serviceaccount:{namespace}:denied" in r.json()["detail"]
+
+
+def test_queue_id_conflict_keeps_the_first(operator: OperatorProcess, kube: Kube, namespace: str):
+    qid = f"dup-{namespace}"
+    kube.create_queue(namespace, "first", queueId=qid, temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "first", "True")
+    kube.create_queue(namespace, "second", queueId=qid, temporal={"host": "t:1", "namespace": "n"})
+    c = kube.wait_condition(namespace, "second", "False", "QueueIdConflict")
+    assert f"{namespace}/first" in c["message"]
+    assert kube.condition(namespace, "first")["status"] == "True"
+    r = operator.start_worker(qid, kube.queue_token(namespace, "first"))
+    assert r.status == 200 and r.json()["queue_name"] == "first"
+
+
+def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.create_queue(namespace, "gone", queueId=f"g-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "gone", "True")
+    token = kube.queue_token(namespace, "gone")
+    assert operator.start_worker(f"g-{namespace}", token).status == 200
+    kube.delete_queue(namespace, "gone")
+    wait_for(lambda: operator.start_worker(f"g-{namespace}", token).status in (401, 404), timeout=10,
+             what="deleted queue no longer served")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"heartbeatIntervalSeconds": 5}, "should be greater than or equal to 10"),
+    ({"redis": {"url": "redis://r:6379", "urlSecretRef": {"name": "s", "key": "k"}}},
+     "set either redis.url or redis.urlSecretRef, not both"),
+    ({"websocket": {"url": "http://not-a-websocket"}}, "websocket.url must start with ws:// or wss://"),
+    ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
+])
+def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
+    manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
+                           "metadata": {"name": "bad", "namespace": namespace}, "spec": spec})
+    result = kubectl("apply", "-f", "-", input=manifest, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_queue_id_is_immutable(kubectl, kube: Kube, namespace: str):
+    kube.create_queue(namespace, "imm", queueId="first-id", temporal={"host": "t:1", "namespace": "n"})
+    with pytest.raises(k8s.ApiException) as info:
+        kube.patch_queue(namespace, "imm", {"queueId": "second-id"})
+    assert info.value.status == 422 and "queueId is immutable" in info.value.body
+
+
+def test_printer_columns(kubectl, kube: Kube, namespace: str):
+    kube.create_queue(namespace, "cols", queueId="cols-id", ephemeral=True, temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "cols", "True")
+    out = kubectl("get", "wq", "-n", namespace, "-o", "wide").stdout
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "REASON", "TASK-QUEUE",
+                              "SUSPENDED", "AGE"]
+    assert row.split()[:6] == ["cols", "cols-id", "true", "false", "True", "Ready"]
+    assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
+    assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
+
+
+def test_no_secret_value_in_logs_events_or_status(operator: OperatorProcess, kube: Kube, namespace: str):
+    queue_id = full_queue(kube, namespace, "leak")
+    token = kube.queue_token(namespace, "leak")
+    assert operator.start_worker(queue_id, token).status == 200
+    kube.put_secret(namespace, "creds", **{"temporal-api-key": "tk-rotated-" + uuid.uuid4().hex})
+    operator.start_worker(queue_id, "wrong-" + token)
+    values = [*SECRET_VALUES.values(), token, SECRET_VALUES["redis-url"].split(":")[2].split("@")[0]]
+    logs = operator.logs()
+    assert "worker started" in logs  # the logs are there, they just hold no secrets
+    events = json.dumps([e.to_dict() for e in kube.events(namespace)], default=str)
+    status = json.dumps(kube.get_queue(namespace, "leak").get("status"))
+    for value in values:
+        assert value not in logs and value not in events and value not in status

@@ -1,0 +1,58 @@
+"""The CRD is generated from the models; the committed copies must not drift from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from workerqueue_operator.models import crd
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_crds_match_the_models():
+    path = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
+    assert path.read_text() == crd.render_crd_yaml(), f"{path} drifted: run `make crds`"
+
+
+def test_chart_crds_match_the_models():
+    path = ROOT / "charts" / "workerqueue-operator" / "templates" / "crds" / "workerqueues.yaml"
+    assert path.read_text() == crd.render_chart_template(), f"{path} drifted: run `make crds`"
+
+
+def walk(node, path=""):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+def test_schema_is_structural():
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(schema):
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
+        assert node.get("additionalProperties") is not False, path
+        if "properties" in node and not path.endswith("/properties"):
+            assert node.get("type") == "object", path
+
+
+def test_descriptions_reach_kubectl_explain():
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "metadata.uid" in spec["properties"]["queueId"]["description"]
+    assert spec["properties"]["heartbeatIntervalSeconds"] == {
+        "default": 60, "description": "How often workers send a heartbeat, in seconds.", "maximum": 300,
+        "minimum": 10, "type": "integer"}
+
+
+def test_printer_columns_and_names():
+    doc = yaml.safe_load(crd.render_crd_yaml())
+    version = doc["spec"]["versions"][0]
+    names = [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c]
+    assert names == ["Queue-ID", "Ephemeral", "Single-Execution", "Ready", "Age"]
+    assert doc["spec"]["names"]["shortNames"] == ["wq"]
+    assert doc["spec"]["names"]["categories"] == ["agentcontrol"]
+    assert version["subresources"] == {"status": {}}

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.factories import queue, secret_body
+from workerqueue_operator.core import queues
+from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
+
+SETTINGS = Settings()
+TOKEN = {("team-a", "q1-worker-token"): {"token": "t0k"}}
+
+
+def resolve(q: queues.QueueObject, secrets: dict | None = None, settings: Settings = SETTINGS) -> queues.Resolution:
+    return queues.resolve(q, secrets={**TOKEN, **(secrets or {})}, settings=settings, version="1.2.3")
+
+
+def test_defaults_follow_the_reference():
+    r = resolve(queue())
+    assert r.ready and r.config is not None
+    f = r.config.fields
+    assert f["queue_id"] == "5d0a0f8e-2b1c-4c8e-9a51-3a2f4b6c7d8e"  # metadata.uid
+    assert f["task_queue_name"] == f["queue_id"]
+    assert f["environment_name"] == "team-a"
+    assert f["organization_id"] == "default"
+    assert f["heartbeat_interval"] == 60
+    assert f["temporal_api_key"] == "" and f["litellm_api_key"] == ""
+    assert f["redis_enabled"] is False and f["redis_url"] is None
+    assert f["nats_config"] is None
+    assert f["websocket_features"] == ["events", "control", "heartbeat", "config_update"]
+    assert r.config.websocket_enabled is False
+    assert f["control_plane_sdk_version"] == "1.2.3"
+    assert r.token_digests == (queues.digest("t0k"),)
+
+
+def test_spec_fields_win_over_operator_defaults():
+    settings = Settings(organization_id="org-default", temporal_host="default:7233", temporal_namespace="dflt",
+                        litellm_url="http://llm-default")
+    r = resolve(queue(queueId="q-123", taskQueueName="tq", environmentName="prod", organizationId="org-1",
+                      heartbeatIntervalSeconds=30, litellm={"url": "http://llm"}), settings=settings)
+    f = r.config.fields
+    assert (f["queue_id"], f["task_queue_name"], f["environment_name"], f["organization_id"]) == (
+        "q-123", "tq", "prod", "org-1")
+    assert f["temporal_host"] == "temporal.example:7233" and f["temporal_namespace"] == "agents"
+    assert f["litellm_api_url"] == "http://llm" and f["heartbeat_interval"] == 30
+
+
+def test_operator_default_secret_is_used_when_the_queue_names_none():
+    settings = Settings(temporal_api_key_secret=NamespacedSecretKeyRef.parse("ops/temporal:key"))
+    q = queue()
+    assert ("ops", "temporal") in q.secret_names(settings)
+    r = resolve(q, {("ops", "temporal"): {"key": "tk\n"}}, settings=settings)
+    assert r.config.fields["temporal_api_key"] == "tk"  # the trailing newline of --from-file is dropped
+
+
+@pytest.mark.parametrize(("secrets", "reason", "message"), [
+    ({}, "SecretPending", "secret creds has not been read yet"),
+    ({("team-a", "creds"): None}, "SecretNotFound", "secret creds not found in namespace team-a"),
+    ({("team-a", "creds"): {"other": "x"}}, "SecretKeyNotFound", "secret creds has no key api-key"),
+])
+def test_missing_secret_is_a_problem_naming_secret_and_key_only(secrets, reason, message):
+    q = queue(temporal={"host": "h:1", "namespace": "n", "apiKeySecretRef": {"name": "creds", "key": "api-key"}})
+    r = resolve(q, secrets)
+    assert not r.ready and r.config is None
+    assert (r.problem.reason, r.problem.message) == (reason, message)
+    assert r.token_digests  # the queue token still resolves, so its holder gets 503, not 401
+
+
+def test_temporal_must_be_configured_somewhere():
+    r = resolve(queue(temporal={}))
+    assert r.problem.reason == "TemporalNotConfigured"
+
+
+def test_redis_password_comes_from_url_userinfo_unless_a_secret_is_named():
+    r = resolve(queue(redis={"url": "redis://:s3cret@redis:6379/0"}))
+    assert r.config.fields["redis_enabled"] is True
+    assert r.config.fields["redis_password"] == "s3cret"
+    r = resolve(queue(redis={"urlSecretRef": {"name": "r", "key": "url"}, "passwordSecretRef": {"name": "r", "key": "pw"}}),
+                {("team-a", "r"): {"url": "rediss://redis:6380", "pw": "other"}})
+    assert r.config.fields["redis_url"] == "rediss://redis:6380"
+    assert r.config.fields["redis_password"] == "other"
+
+
+def test_nats_config_is_every_key_of_the_secret():
+    r = resolve(queue(nats={"configSecretRef": {"name": "nats"}}),
+                {("team-a", "nats"): {"url": "nats://n:4222", "creds": "x"}})
+    assert r.config.fields["nats_config"] == {"url": "nats://n:4222", "creds": "x"}
+
+
+def test_websocket_enabled_by_url_or_explicitly():
+    assert resolve(queue(websocket={"url": "wss://ws.example/x"})).config.websocket_enabled is True
+    explicit = resolve(queue(websocket={"enabled": True})).config
+    assert explicit.websocket_enabled is True and explicit.websocket_url is None
+    assert queues.websocket_url_for("https://cp.example", "w1") == "wss://cp.example/api/v1/ws/workers/w1"
+    assert queues.websocket_url_for("http://cp:80", "w1") == "ws://cp:80/api/v1/ws/workers/w1"
+
+
+def test_suspended_queue_keeps_its_config_but_is_not_ready():
+    r = resolve(queue(suspend=True))
+    assert r.config is not None and r.config.suspended
+    assert r.problem.reason == "Suspended"
+
+
+def test_own_token_secrets_replace_the_generated_one():
+    q = queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "a"}, {"name": "tok", "key": "b"}]})
+    assert ("team-a", "q1-worker-token") not in q.secret_names(SETTINGS)
+    r = resolve(q, {("team-a", "tok"): {"a": "one", "b": "two"}})
+    assert set(r.token_digests) == {queues.digest("one"), queues.digest("two")}
+
+
+def test_decode_secret_data_skips_binary_values():
+    body = secret_body("s", text="hello")
+    body["data"]["bin"] = "//79"  # 0xff 0xfe 0xfd: not UTF-8
+    assert queues.decode_secret_data(body) == {"text": "hello"}

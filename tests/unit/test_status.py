@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import queues, status
+
+NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
+
+
+def resolution(problem: queues.Problem | None) -> queues.Resolution:
+    return queues.Resolution(queue=queue(generation=3, queueId="abc"), config=None, problem=problem)
+
+
+def conditions(st: dict) -> dict:
+    return {c["type"]: c for c in st["conditions"]}
+
+
+def test_ready_status_reports_generation_and_queue_id():
+    st = status.desired_status(resolution(None), {}, now=NOW)
+    assert st["queueId"] == "abc" and st["observedGeneration"] == 3
+    ready = conditions(st)["Ready"]
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "Ready", 3)
+    assert conditions(st)["SecretsResolved"]["status"] == "True"
+
+
+def test_missing_secret_shows_in_both_conditions():
+    st = status.desired_status(resolution(queues.Problem("SecretNotFound", "secret x not found")), {}, now=NOW)
+    c = conditions(st)
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "SecretNotFound")
+    assert (c["SecretsResolved"]["status"], c["SecretsResolved"]["message"]) == ("False", "secret x not found")
+
+
+def test_transition_time_moves_only_when_status_changes():
+    first = status.desired_status(resolution(queues.Problem("SecretNotFound", "a")), {}, now=NOW)
+    same = status.desired_status(resolution(queues.Problem("SecretKeyNotFound", "b")), first, now=LATER)
+    assert conditions(same)["Ready"]["lastTransitionTime"] == NOW
+    assert conditions(same)["Ready"]["reason"] == "SecretKeyNotFound"
+    healed = status.desired_status(resolution(None), same, now=LATER)
+    assert conditions(healed)["Ready"]["lastTransitionTime"] == LATER
+    assert not status.differs(healed, {**healed, "other": 1})
+    assert status.differs(healed, same)

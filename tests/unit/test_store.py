@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import queues
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.models.settings import Settings
+
+
+def store() -> tuple[Store, list]:
+    s = Store(settings=Settings(), version="0")
+    changed: list = []
+    s.subscribe(changed.append)
+    return s, changed
+
+
+def test_queue_is_served_once_its_secrets_are_known():
+    s, changed = store()
+    missing = s.upsert_queue(queue(queueId="abc"))
+    assert missing == {("team-a", "q1-worker-token")}
+    assert s.serving("abc").problem.reason == "SecretPending"
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    assert s.serving("abc").ready
+    assert s.opens(s.serving("abc"), queues.digest("t"))
+    assert not s.opens(s.serving("abc"), queues.digest("u"))
+    assert s.is_queue_token(queues.digest("t"))
+    assert ("team-a", "q1") in changed
+
+
+def test_unused_secrets_are_never_kept():
+    s, _ = store()
+    s.upsert_secret(("team-a", "helm-release"), {"release": "x" * 1000})
+    assert s.secret_count == 0
+    s.upsert_queue(queue())
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    assert s.secret_count == 1
+    s.remove_queue(("team-a", "q1"))
+    assert s.secret_count == 0 and not s.is_used(("team-a", "q1-worker-token"))
+    assert not s.is_queue_token(queues.digest("t"))
+
+
+def test_fill_secret_never_overwrites_what_the_watch_saw():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "new"})
+    s.fill_secret(("team-a", "q1-worker-token"), {"token": "old"})
+    assert s.opens(s.serving("abc"), queues.digest("new"))
+
+
+def test_rotation_replaces_the_token():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "one"})
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "two"})
+    assert not s.is_queue_token(queues.digest("one"))
+    assert s.opens(s.serving("abc"), queues.digest("two"))
+
+
+def test_the_earlier_queue_keeps_a_conflicting_id():
+    s, _ = store()
+    s.upsert_queue(queue("old", queueId="same", created="2026-01-01T00:00:00Z"))
+    s.upsert_queue(queue("new", queueId="same", created="2026-02-01T00:00:00Z"))
+    for name in ("old", "new"):
+        s.upsert_secret(("team-a", f"{name}-worker-token"), {"token": name})
+    assert s.serving("same").queue.name == "old" and s.serving("same").ready
+    loser = s.resolution(("team-a", "new"))
+    assert loser.problem.reason == "QueueIdConflict" and "team-a/old" in loser.problem.message
+    assert not s.is_queue_token(queues.digest("new"))  # a loser's token opens nothing
+    s.remove_queue(("team-a", "old"))
+    assert s.serving("same").queue.name == "new" and s.serving("same").ready
+
+
+def test_changing_the_id_moves_the_queue():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="a"))
+    s.upsert_queue(queue(queueId="b"))
+    assert s.serving("a") is None and s.serving("b") is not None
+
+
+def test_deleted_secret_makes_the_queue_not_ready():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    s.upsert_secret(("team-a", "q1-worker-token"), None)
+    assert s.serving("abc").problem.reason == "SecretNotFound"
+    assert s.secret_state(("team-a", "q1-worker-token")) == (True, None)
+    assert s.not_ready_count == 1
