@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     overrides = {"http_port": args.port} if args.port is not None else {}
     settings = Settings.load(**overrides)
-    asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, standalone=not args.peering))
+    # Replicas need distinct priorities for kopf peering to pick one: a random one unless given.
+    priority = args.priority if args.priority is not None else secrets.randbelow(1_000_000)
+    asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))
     return 0
 
 
@@ -55,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the operator against the current kubeconfig or in-cluster config")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config)")
     run.add_argument("--port", type=int, help="HTTP API port (default: WQ_HTTP_PORT or 8080)")
-    run.add_argument("--peering", action="store_true",
-                     help="coordinate with other replicas through kopf peering (needs the peering CRDs)")
+    run.add_argument("--peering", metavar="NAME",
+                     help="coordinate replicas through this kopf peering object (needs the peering CRDs)")
+    run.add_argument("--priority", type=int, help="kopf peering priority (default: random)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 

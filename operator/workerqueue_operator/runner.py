@@ -22,6 +22,7 @@ from workerqueue_operator.api import app as app_
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.reconciler import Reconciler
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import informer, resources
 from workerqueue_operator.models import settings as settings_
@@ -117,10 +118,15 @@ async def run(
     *,
     kubeconfig: str | None = None,
     stop_flag: asyncio.Event | None = None,
-    standalone: bool = True,
+    peering: str | None = None,
+    priority: int = 0,
     on_listening: Callable[[int], None] | None = None,
 ) -> None:
-    """The whole operator, until SIGINT/SIGTERM (main thread) or `stop_flag`."""
+    """The whole operator, until SIGINT/SIGTERM (main thread) or `stop_flag`.
+
+    With `peering`, replicas coordinate through that kopf peering object: the one with the highest
+    `priority` runs the handlers (worker pods); every replica serves the HTTP API and keeps statuses.
+    """
     version = workerqueue_operator.__version__
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
     store = Store(settings=settings, version=version)
@@ -140,20 +146,26 @@ async def run(
         on_listening(port)
 
     background = asyncio.create_task(watches.run(reconciler), name="watches")
-    registry = handlers.registry(settings=settings, client=client, store=store)
+    supervisor = Supervisor(store=store, client=client, settings=settings)
+    background_supervisor = asyncio.create_task(supervisor.run(), name="worker supervisor")
+    registry = handlers.registry(settings=settings, supervisor=supervisor)
     try:
         await kopf.operator(
             registry=registry,
             clusterwide=not settings.namespaces,
             namespaces=list(settings.namespaces),
-            standalone=standalone,
+            # Standalone unless replicas share a peering object: then one reconciles, all serve HTTP.
+            standalone=peering is None,
+            peering_name=peering,
+            priority=priority,
             ready_flag=kopf_ready,
             stop_flag=stop_flag,
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
     finally:
         background.cancel()
+        background_supervisor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await background
+            await asyncio.gather(background, background_supervisor, return_exceptions=True)
         await http.cleanup()
         await client.close()

@@ -17,6 +17,7 @@ from workerqueue_operator.core import queues
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.workqueue import WorkQueue
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
@@ -64,50 +65,32 @@ class Reconciler:
         self._client = client
         self._resync_seconds = resync_seconds
         self._now = now
-        self._dirty: dict[QueueKey, None] = {}  # insertion-ordered set
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(concurrency)
+        self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
         self._written: dict[QueueKey, dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._running: set[QueueKey] = set()  # one reconcile per queue at a time, so writes never race
-        self._again: set[QueueKey] = set()
         self._fetching: set[SecretName] = set()
+        self._fetches: set[asyncio.Task[None]] = set()
         store.subscribe(self.schedule)
 
     def schedule(self, key: QueueKey) -> None:
-        self._dirty[key] = None
-        self._wakeup.set()
+        self._queue.add(key)
 
     def fetch_secrets(self, names: set[SecretName]) -> None:
         """Reads Secrets a queue just started to use (the watch only keeps used ones)."""
         for name in names - self._fetching:
             self._fetching.add(name)
-            self._spawn(self._fetch(name))
+            task = asyncio.create_task(self._fetch(name))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
 
     async def run(self) -> None:
         resync = asyncio.create_task(self._resync())
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                batch, self._dirty = list(self._dirty), {}
-                for key in batch:
-                    if key in self._running:
-                        self._again.add(key)
-                        continue
-                    await self._slots.acquire()
-                    self._running.add(key)
-                    self._spawn(self._reconcile_released(key))
+            await self._queue.run()
         finally:
             resync.cancel()
-            for task in list(self._tasks):
+            for task in self._fetches:
                 task.cancel()
-            await asyncio.gather(resync, *self._tasks, return_exceptions=True)
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            await asyncio.gather(resync, *self._fetches, return_exceptions=True)
 
     async def _resync(self) -> None:
         while True:
@@ -118,7 +101,6 @@ class Reconciler:
     async def _fetch(self, name: SecretName) -> None:
         try:
             body = await resources.read_secret(self._client, *name)
-            self._store.fill_secret(name, None if body is None else queues.decode_secret_data(body))
         except (client_.ApiError, OSError, TimeoutError) as exc:
             logger.warning("reading secret %s/%s failed: %s", name[0], name[1], exc)
             await asyncio.sleep(1)
@@ -126,22 +108,7 @@ class Reconciler:
             self.fetch_secrets({name})
             return
         self._fetching.discard(name)
-
-    async def _reconcile_released(self, key: QueueKey) -> None:
-        try:
-            await self.reconcile(key)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.warning("reconciling %s/%s failed, will retry: %s", key[0], key[1], exc)
-            await asyncio.sleep(2)
-            self.schedule(key)
-        finally:
-            self._running.discard(key)
-            self._slots.release()
-            if key in self._again:
-                self._again.discard(key)
-                self.schedule(key)
+        self._store.fill_secret(name, None if body is None else queues.decode_secret_data(body))
 
     async def reconcile(self, key: QueueKey) -> None:
         resolution = self._store.resolution(key)
@@ -153,14 +120,15 @@ class Reconciler:
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             return  # a read is under way and will bring the queue back here
 
-        current = self._written.get(key) or dict(queue.status)
+        # What we wrote last is newer than what the watch may have delivered so far.
+        current = {**queue.status, **self._written.get(key, {})}
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):
             return
         if not await resources.patch_queue_status(self._client, queue.namespace, queue.name, desired):
             self._written.pop(key, None)
             return
-        self._written[key] = {**current, **desired}
+        self._written[key] = desired
         await self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> None:
@@ -177,14 +145,14 @@ class Reconciler:
             await resources.post_event(self._client, involved=queue_ref_body(queue), reason="TokenSecretCreated",
                                        message=f"created Secret {name} holding the queue token")
 
-    async def _announce(
-        self, queue: QueueObject, before: Any, after: Any,
-    ) -> None:
+    async def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]
                              and before.get("reason") == after["reason"]):
             return
         if before is None and after["status"] == "True":
             return  # a queue that is Ready from the start needs no Event saying so
+        if after["reason"] == "CrashLooping":
+            return  # the worker supervisor has said so, with the details
         ready = after["status"] == "True"
         await resources.post_event(
             self._client,

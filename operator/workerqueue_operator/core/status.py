@@ -8,6 +8,7 @@ from typing import Any
 from workerqueue_operator.core.queues import Resolution
 
 READY = "Ready"
+PROGRESSING = "Progressing"
 SECRETS_RESOLVED = "SecretsResolved"
 _SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretPending"}
 
@@ -52,7 +53,21 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
         conditions = set_condition(conditions, type=SECRETS_RESOLVED, status="True", reason="Resolved",
                                    message="every referenced Secret key was found", generation=generation, now=now)
 
-    if problem is None:
+    workers = current.get("workers") or {}
+    manages = queue.spec.ephemeral or queue.spec.single_execution
+    crash_looping = manages and workers.get("crashLoopGeneration") is not None
+    if manages:
+        progressing = _progressing(queue.spec.suspend, crash_looping, workers)
+        conditions = set_condition(conditions, type=PROGRESSING, status=progressing[0], reason=progressing[1],
+                                   message=progressing[2], generation=generation, now=now)
+    else:
+        conditions = [c for c in conditions if c.get("type") != PROGRESSING]
+
+    if problem is None and crash_looping:
+        conditions = set_condition(conditions, type=READY, status="False", reason="CrashLooping",
+                                   message=f"{workers.get('consecutiveFailures', 0)} workers failed in a row; "
+                                   "change the spec to start workers again", generation=generation, now=now)
+    elif problem is None:
         conditions = set_condition(conditions, type=READY, status="True", reason="Ready",
                                    message="workers can start", generation=generation, now=now)
     else:
@@ -65,6 +80,20 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
         "observedGeneration": generation,
         "conditions": conditions,
     }
+
+
+def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any]) -> tuple[str, str, str]:
+    alive = int(workers.get("pending", 0)) + int(workers.get("running", 0))
+    desired = int(workers.get("desired", 0))
+    if crash_looping:
+        return "False", "CrashLooping", "no new workers until the spec changes"
+    if suspended:
+        return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
+    if workers.get("lastError"):
+        return "False", "PodCreationFailed", str(workers["lastError"])
+    if alive < desired:
+        return "True", "ScalingUp", f"{alive} of {desired} workers alive"
+    return "True", "WorkersAvailable", f"{alive} of {desired} workers alive"
 
 
 def differs(desired: Mapping[str, Any], current: Mapping[str, Any]) -> bool:

@@ -8,8 +8,9 @@ cluster's other Secrets (Helm release Secrets are large) cost nothing but a pass
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, SecretData, SecretName
@@ -119,6 +120,11 @@ class Store:
 
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)
+
+    @property
+    def secrets(self) -> Mapping[SecretName, SecretData]:
+        """The Secrets in use, read-only."""
+        return MappingProxyType(self._secrets)
 
     @property
     def queue_count(self) -> int:

@@ -79,7 +79,7 @@ class ControlPlane:
         start_timeout: float = 120.0,
     ) -> None:
         self.state_dir = state_dir.resolve()
-        self.assets = assets
+        self.assets = assets.resolve()  # Popen runs in state_dir: a relative path would break
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.pids_file = self.state_dir / "pids"
         self.admin_token = secrets.token_urlsafe(32)
@@ -124,10 +124,11 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Stop whatever runs, newest first (SIGTERM, then SIGKILL after a grace period). Idempotent."""
-        procs, self._procs = self._procs, []
         self._server_url = None
-        for proc in reversed(procs):
-            _terminate(proc.popen)
+        while self._procs:
+            # Popped only once gone, so that a stop() cut short (e.g. by a signal) can be redone.
+            _terminate(self._procs[-1].popen)
+            self._procs.pop()
         self.pids_file.unlink(missing_ok=True)
 
     def __enter__(self) -> ControlPlane:

@@ -7,14 +7,16 @@ from typing import Any
 
 import kopf
 
-from workerqueue_operator.core.store import Store
-from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.core import workers
+from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.models import settings as settings_
+from workerqueue_operator.models import spec
 
 PREFIX = "agentcontrol.dev"
+QUEUES = (spec.GROUP, spec.VERSION, spec.PLURAL)
 
 
-def registry(*, settings: settings_.Settings, client: client_.KubeClient, store: Store) -> kopf.OperatorRegistry:
+def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
     reg = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=reg)
@@ -31,5 +33,18 @@ def registry(*, settings: settings_.Settings, client: client_.KubeClient, store:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
+
+    @kopf.on.event(*QUEUES, registry=reg)
+    def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        supervisor.queue_event(event.get("type"), body)
+
+    @kopf.timer(*QUEUES, interval=settings.worker_resync_seconds, registry=reg)
+    def queue_resync(body: kopf.Body, **_: Any) -> None:
+        # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
+        supervisor.queue_event("RESYNC", body)
+
+    @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg)
+    def pod_changed(body: kopf.Body, **_: Any) -> None:
+        supervisor.pod_event(body)
 
     return reg

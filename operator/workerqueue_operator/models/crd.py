@@ -51,6 +51,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = _structural(value, defs)
         elif key == "default" and value is None:
             continue  # null defaults are the absence of a value
+        elif key == "additionalProperties" and value is True:
+            continue  # free-form objects say so with x-kubernetes-preserve-unknown-fields
         else:
             out[key] = value  # not a schema (CEL rules, defaults, enums): kept as written
     return out
@@ -71,7 +73,10 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Ephemeral", "type": "boolean", "jsonPath": ".spec.ephemeral"},
         {"name": "Single-Execution", "type": "boolean", "jsonPath": ".spec.singleExecution"},
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
+        {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
+        {"name": "Desired", "type": "integer", "jsonPath": ".status.workers.desired", "priority": 1},
+        {"name": "Pending", "type": "integer", "jsonPath": ".status.workers.pending", "priority": 1},
         {"name": "Task-Queue", "type": "string", "jsonPath": ".spec.taskQueueName", "priority": 1},
         {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

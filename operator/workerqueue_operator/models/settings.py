@@ -58,6 +58,20 @@ class Settings(BaseModel):
     public_url: str | None = None
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
 
+    # Worker pods (ephemeral and single-execution queues).
+    worker_image: str = "ghcr.io/kubiyabot/agent-worker:latest"
+    """Image of worker pods whose queue has no pod template."""
+    worker_command: tuple[str, ...] = ("kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)")
+    """Command of worker pods whose queue has no pod template ($(VAR) is expanded by the kubelet)."""
+    worker_control_plane_url: str | None = None
+    """CONTROL_PLANE_URL given to worker pods: this operator's in-cluster URL. Unset: public_url."""
+    worker_backoff_seconds: float = Field(default=10.0, gt=0)
+    """First delay before replacing a failed worker; doubles with each consecutive failure."""
+    worker_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    """Longest delay before replacing a failed worker."""
+    worker_resync_seconds: float = Field(default=30.0, gt=0)
+    """How often every queue's pods are listed even without events (a safety net)."""
+
     # The HTTP server.
     http_host: str = "0.0.0.0"  # noqa: S104 - in a pod the Service must reach it
     """Address the HTTP API listens on."""
@@ -82,7 +96,7 @@ class Settings(BaseModel):
     def _secret_ref(cls, value: Any) -> Any:
         return NamespacedSecretKeyRef.parse(value) if isinstance(value, str) and value else value or None
 
-    @field_validator("namespaces", "token_review_audiences", mode="before")
+    @field_validator("namespaces", "token_review_audiences", "worker_command", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -131,6 +131,18 @@ class AuthSpec(_Model):
     downtime. Empty: the operator creates `<queue-name>-worker-token` with a random token under `token`."""
 
 
+class WorkerPodSpec(_Model):
+    """How the operator runs worker pods (ephemeral and single-execution queues only)."""
+
+    template: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+    """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
+    Default: one container running the operator's configured worker image and command."""
+    backoff_limit: int = Field(default=6, ge=0, le=100)
+    """Consecutive failed workers after which the queue is CrashLooping and no more are started
+    until the spec changes."""
+
+
 class WorkerQueueSpec(_Model):
     """Desired configuration of a worker queue."""
 
@@ -176,6 +188,14 @@ class WorkerQueueSpec(_Model):
     """NATS; absent means `nats_config` is null."""
     auth: AuthSpec = Field(default_factory=AuthSpec)
     """Queue tokens accepted by /start."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Worker pods to keep running (ephemeral or single-execution queues; capped by maxWorkers)."""
+    worker: WorkerPodSpec = Field(default_factory=WorkerPodSpec)
+    """The worker pods."""
+    ttl_seconds_after_finished: int = Field(default=0, ge=0)
+    """Ephemeral queues: seconds between the last worker finishing and the queue's deletion."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Ephemeral queues: the longest the queue may live, counted from its creation."""
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -198,6 +218,35 @@ class Condition(_Model):
     """The metadata.generation this condition was computed from."""
 
 
+class WorkersStatus(_Model):
+    """Worker pods as last observed, and the little memory that pods cannot hold themselves."""
+
+    desired: int = 0
+    """Workers that should be alive now."""
+    pending: int = 0
+    """Workers created and not running yet."""
+    running: int = 0
+    """Workers running."""
+    succeeded: int = 0
+    """Workers that exited successfully, in all (their pods are deleted)."""
+    failed: int = 0
+    """Workers that failed, in all (their pods are deleted)."""
+    consecutive_failures: int = 0
+    """Failures since the last success or spec change; drives the back-off."""
+    last_failure_time: str | None = None
+    """When the last failure was seen (RFC 3339)."""
+    next_index: int = 0
+    """Index of the next worker pod's name; names are never reused, so a create is never doubled."""
+    counted: list[str] = Field(default_factory=list)
+    """Finished pods already counted whose deletion has not been seen yet."""
+    crash_loop_generation: int | None = None
+    """The generation that went CrashLooping; a newer one starts again."""
+    finished_time: str | None = None
+    """Ephemeral queues: when the last required worker finished."""
+    last_error: str | None = None
+    """Why the last pod creation was refused, if it was."""
+
+
 class WorkerQueueStatus(_Model):
     """Observed state, written by the operator only."""
 
@@ -205,10 +254,10 @@ class WorkerQueueStatus(_Model):
     """The queue id in effect (spec.queueId or metadata.uid)."""
     observed_generation: int | None = None
     """The metadata.generation last acted upon."""
-    token_secret_name: str | None = None
-    """The Secret holding the queue token the operator generated, if any."""
     conditions: list[Condition] = Field(default_factory=list)
     """Ready summarizes the others."""
+    workers: WorkersStatus | None = None
+    """Worker pods, for queues whose workers the operator runs."""
 
 
 def parse_spec(raw: Any) -> WorkerQueueSpec:

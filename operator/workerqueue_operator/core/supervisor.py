@@ -1,0 +1,181 @@
+"""Carries out worker plans: lists a queue's pods, then creates, deletes, records and reports.
+
+Fed by kopf (queue and pod events, a periodic timer), so only the active replica acts. One
+reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
+fails with AlreadyExists instead of making a second pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from workerqueue_operator.core import workers
+from workerqueue_operator.core.queues import QueueKey, QueueObject
+from workerqueue_operator.core.reconciler import queue_ref_body
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.workqueue import WorkQueue
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import settings as settings_
+from workerqueue_operator.models import spec as spec_
+
+logger = logging.getLogger(__name__)
+
+
+def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:
+    """The queue that controls a pod, from its ownerReference."""
+    meta = pod.get("metadata", {})
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == spec_.KIND and ref.get("apiVersion") == resources.API_VERSION:
+            return (meta.get("namespace", ""), ref["name"])
+    return None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: client_.KubeClient,
+        settings: settings_.Settings,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 16,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
+        self._bodies: dict[QueueKey, dict[str, Any]] = {}
+        # status.workers as last written: newer than what the watch may have delivered so far.
+        self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
+        # A queue that becomes Ready (e.g. its Secret appears) may now get its workers.
+        store.subscribe(self._store_changed)
+
+    # --- fed by kopf handlers -------------------------------------------------------------------
+
+    def queue_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if event_type == "DELETED":
+            self._bodies.pop(key, None)
+            self._written.pop((*key, meta.get("uid", "")), None)
+            return
+        self._bodies[key] = dict(body)
+        self._queue.add(key)
+
+    def pod_event(self, body: Mapping[str, Any]) -> None:
+        key = owner_key(body)
+        if key is not None and key in self._bodies:
+            self._queue.add(key)
+
+    def _store_changed(self, key: QueueKey) -> None:
+        if key in self._bodies:
+            self._queue.add(key)
+
+    async def run(self) -> None:
+        await self._queue.run()
+
+    # --- the reconcile --------------------------------------------------------------------------
+
+    async def reconcile(self, key: QueueKey) -> None:
+        body = self._bodies.get(key)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return  # deleting a queue deletes its pods: the garbage collector owns that
+        queue = QueueObject.from_body(body)
+        written_key = (queue.namespace, queue.name, queue.uid)
+        pods = await self._list_pods(queue)
+        previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
+            queue.status.get("workers") or {})
+        now = self._clock()
+        created = workers.from_rfc3339(queue.created) if queue.created else now
+        plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
+                            created=created, settings=self._settings)
+
+        resolution = self._store.resolution(key)
+        create = plan.create
+        status = plan.workers
+        if create and (resolution is None or resolution.config is None):
+            # Workers of a queue that cannot serve /start would only fail: wait until it can.
+            create, status = (), status.model_copy(update={"next_index": previous.next_index})
+        if status != previous:
+            await self._write_status(queue, status)
+        involved = queue_ref_body(queue)
+
+        for event in plan.events:
+            await resources.post_event(self._client, involved=involved, reason=event.reason,
+                                       message=event.message, warning=event.warning)
+        await asyncio.gather(*(self._delete_pod(queue.namespace, name) for name in plan.delete))
+        if create:
+            refused = await self._create_pods(queue, create)
+            if refused != status.last_error:
+                await self._write_status(queue, status.model_copy(update={"last_error": refused}))
+        if plan.delete_queue is not None:
+            await resources.post_event(self._client, involved=involved, reason=plan.delete_queue.reason,
+                                       message=plan.delete_queue.message, warning=plan.delete_queue.warning)
+            await self._delete_queue(queue)
+        elif plan.requeue_after is not None:
+            self._queue.add_after(key, plan.requeue_after)
+
+    async def _list_pods(self, queue: QueueObject) -> list[dict[str, Any]]:
+        selector = f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}"
+        listing = await self._client.get(resources.pods_path(queue.namespace), {"labelSelector": selector})
+        # Only pods this very queue controls: a deleted and re-created namesake owns none of them.
+        return [p for p in listing.get("items", [])
+                if any(ref.get("uid") == queue.uid and ref.get("controller")
+                       for ref in p.get("metadata", {}).get("ownerReferences") or [])]
+
+    async def _write_status(self, queue: QueueObject, status: spec_.WorkersStatus) -> None:
+        payload = status.model_dump(by_alias=True, mode="json")
+        if await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": payload}):
+            self._written[(queue.namespace, queue.name, queue.uid)] = status
+
+    async def _create_pods(self, queue: QueueObject, indices: tuple[int, ...]) -> str | None:
+        """Creates the pods; returns the API server's reason when it refuses the pod itself."""
+        inputs = workers.PodInputs(
+            control_plane_url=self._control_plane_url(),
+            secrets_digest=workers.secrets_digest(queue, self._store.secrets, self._settings),
+            owner=resources.owner_reference(queue_ref_body(queue)),
+        )
+        bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
+        results = await asyncio.gather(
+            *(resources.create_if_absent(self._client, resources.pods_path(queue.namespace), b) for b in bodies),
+            return_exceptions=True)
+        refused: str | None = None
+        involved = queue_ref_body(queue)
+        for body, result in zip(bodies, results, strict=True):
+            name = body["metadata"]["name"]
+            if result is True:
+                await resources.post_event(self._client, involved=involved, reason="WorkerCreated",
+                                           message=f"created worker pod {name}")
+            elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
+                refused = f"pod {name} was refused: {result.message}"
+                await resources.post_event(self._client, involved=involved, reason="PodCreationFailed",
+                                           message=refused, warning=True)
+            elif isinstance(result, BaseException):
+                raise result
+        return refused
+
+    async def _delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            await self._client.delete(f"{resources.pods_path(namespace)}/{name}")
+        except client_.ApiError as exc:
+            if not exc.not_found:
+                raise
+
+    async def _delete_queue(self, queue: QueueObject) -> None:
+        try:
+            await self._client.delete(resources.queue_path(queue.namespace, queue.name),
+                                      {"kind": "DeleteOptions", "apiVersion": "v1",
+                                       "preconditions": {"uid": queue.uid}, "propagationPolicy": "Background"})
+        except client_.ApiError as exc:
+            if not (exc.not_found or exc.conflict):
+                raise
+
+    def _control_plane_url(self) -> str:
+        s = self._settings
+        return (s.worker_control_plane_url or s.public_url or f"http://127.0.0.1:{s.http_port}").rstrip("/")

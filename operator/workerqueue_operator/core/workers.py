@@ -1,0 +1,299 @@
+"""Worker pods of ephemeral and single-execution queues: what to create, delete and record.
+
+`plan()` is pure: given a queue, the pods that exist and the time, it says what to do. The
+supervisor carries the plan out. Pods are the source of truth; the queue's `status.workers` keeps
+only what pods cannot tell once deleted (counts, the back-off, the next pod index).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from workerqueue_operator.core import queues
+from workerqueue_operator.core.queues import QueueObject
+from workerqueue_operator.models import settings as settings_
+from workerqueue_operator.models import spec as spec_
+
+QUEUE_LABEL = "agentcontrol.dev/queue"
+DIGEST_ANNOTATION = "agentcontrol.dev/secrets-digest"
+GENERATION_ANNOTATION = "agentcontrol.dev/queue-generation"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
+ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
+# Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
+DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError")
+
+
+def label_value(text: str) -> str:
+    """A label value (at most 63 characters) that stays unique for longer names."""
+    if len(text) <= 63:
+        return text
+    return f"{text[:52]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def pod_name(queue_name: str, index: int) -> str:
+    return f"{queue_name}-w{index}"
+
+
+_INDEX = re.compile(r"-w(\d+)$")
+
+
+def to_rfc3339(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def from_rfc3339(text: str) -> float:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class Pod:
+    """What the plan needs to know of a worker pod."""
+
+    name: str
+    phase: str
+    deleting: bool
+    index: int | None
+    reason: str = ""
+    exit_code: int | None = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Pod:
+        meta, status = body.get("metadata", {}), body.get("status") or {}
+        match = _INDEX.search(meta.get("name", ""))
+        reason, exit_code = status.get("reason") or "", None
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated and (exit_code is None or terminated.get("exitCode")):
+                exit_code = terminated.get("exitCode")
+                reason = reason or terminated.get("reason") or ""
+        return cls(
+            name=meta["name"],
+            phase=status.get("phase") or "",
+            deleting=bool(meta.get("deletionTimestamp")),
+            index=int(match.group(1)) if match else None,
+            reason=reason,
+            exit_code=exit_code,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return not self.deleting and self.phase in ALIVE_PHASES
+
+
+@dataclass(frozen=True)
+class Event:
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    workers: spec_.WorkersStatus
+    create: tuple[int, ...] = ()
+    delete: tuple[str, ...] = ()
+    events: tuple[Event, ...] = ()
+    delete_queue: Event | None = None
+    requeue_after: float | None = None
+
+
+def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:
+    return queue_spec.ephemeral or queue_spec.single_execution
+
+
+def backoff(consecutive_failures: int, settings: settings_.Settings) -> float:
+    """10 s after the first failure, doubling, at most 5 min (with the default settings)."""
+    exponent = max(consecutive_failures - 1, 0)
+    return float(min(settings.worker_backoff_seconds * 2 ** min(exponent, 32), settings.worker_backoff_max_seconds))
+
+
+def plan(
+    queue: QueueObject,
+    pods: Sequence[Pod],
+    *,
+    previous: spec_.WorkersStatus,
+    now: float,
+    created: float,
+    settings: settings_.Settings,
+) -> Plan:
+    """What to do about a queue's worker pods now. `created` is the queue's creation time."""
+    s = queue.spec
+    w = previous.model_copy(deep=True)
+    events: list[Event] = []
+    delete: list[str] = []
+    requeue: list[float] = []
+    names = {p.name for p in pods}
+    counted = [name for name in w.counted if name in names]  # deletions seen are forgotten
+
+    if w.crash_loop_generation is not None and w.crash_loop_generation != queue.generation:
+        w.consecutive_failures, w.crash_loop_generation = 0, None
+        events.append(Event("BackOffReset", "the spec changed: starting workers again"))
+
+    for pod in pods:
+        if pod.deleting or pod.phase not in ("Succeeded", "Failed"):
+            continue
+        delete.append(pod.name)  # finished pods never linger: what mattered is in the Event
+        if pod.name in counted:
+            continue
+        counted.append(pod.name)
+        if pod.phase == "Succeeded":
+            w.succeeded += 1
+            w.consecutive_failures = 0
+            events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
+        elif pod.reason in DISPLACED_REASONS:
+            events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
+                                f"(reason {pod.reason}); it is replaced", warning=True))
+        else:
+            w.failed += 1
+            w.consecutive_failures += 1
+            w.last_failure_time = to_rfc3339(now)
+            events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
+                                f"reason {pod.reason or 'unknown'}", warning=True))
+    w.counted = counted
+
+    alive = [p for p in pods if p.alive]
+    w.pending = sum(1 for p in alive if p.phase != "Running")
+    w.running = sum(1 for p in alive if p.phase == "Running")
+    cap = s.max_workers if s.max_workers is not None else s.replicas
+    if not manages_pods(s):
+        w.desired = 0
+    elif s.ephemeral:
+        completions = 1 if s.single_execution else s.replicas
+        w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
+    else:
+        w.desired = min(s.replicas, cap)
+
+    delete_queue: Event | None = None
+    if s.ephemeral:
+        if s.active_deadline_seconds is not None:
+            deadline = created + s.active_deadline_seconds
+            if now >= deadline:
+                message = f"the queue outlived activeDeadlineSeconds={s.active_deadline_seconds}; deleting it"
+                delete_queue = Event("DeadlineExceeded", message, warning=True)
+            else:
+                requeue.append(deadline - now)
+        if w.desired == 0 and not alive and delete_queue is None:
+            if w.finished_time is None:
+                w.finished_time = to_rfc3339(now)
+                events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
+            expires = from_rfc3339(w.finished_time) + s.ttl_seconds_after_finished
+            if now >= expires:
+                delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
+            else:
+                requeue.append(expires - now)
+
+    create: tuple[int, ...] = ()
+    missing = w.desired - len(alive)
+    crash_looping = w.consecutive_failures > 0 and w.consecutive_failures >= s.worker.backoff_limit
+    if crash_looping and manages_pods(s):
+        if w.crash_loop_generation is None:
+            w.crash_loop_generation = queue.generation
+            events.append(Event("CrashLooping", f"{w.consecutive_failures} workers failed in a row "
+                                f"(backoffLimit {s.worker.backoff_limit}); no more start until the spec changes",
+                                warning=True))
+    elif missing > 0 and not s.suspend and delete_queue is None:
+        wait = 0.0
+        if w.consecutive_failures > 0 and w.last_failure_time is not None:
+            wait = from_rfc3339(w.last_failure_time) + backoff(w.consecutive_failures, settings) - now
+        if wait > 0:
+            requeue.append(wait)
+            if any(e.reason == "WorkerFailed" for e in events):
+                events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
+        else:
+            first = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
+            create = tuple(range(first, first + missing))
+            w.next_index = first + missing
+
+    return Plan(
+        workers=w,
+        create=create,
+        delete=tuple(delete),
+        events=tuple(events),
+        delete_queue=delete_queue,
+        requeue_after=min(requeue) if requeue else None,
+    )
+
+
+@dataclass(frozen=True)
+class PodInputs:
+    """What a worker pod is made of besides the queue itself."""
+
+    control_plane_url: str
+    secrets_digest: str
+    owner: Mapping[str, Any]
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: settings_.Settings) -> dict[str, Any]:
+    """A worker pod for a queue: the queue's template (or the default worker), plus what the operator owns."""
+    s = queue.spec
+    template = copy.deepcopy(s.worker.template) if s.worker.template else {}
+    meta = template.get("metadata") or {}
+    pod_spec = template.get("spec") or {
+        "containers": [{"name": "worker", "image": settings.worker_image, "command": list(settings.worker_command)}],
+    }
+    token = queue.token_refs()[0]
+    containers: list[dict[str, Any]] = pod_spec.get("containers") or []
+    env: list[dict[str, Any]] = [
+        {"name": "QUEUE_ID", "value": queue.queue_id},
+        {"name": "CONTROL_PLANE_URL", "value": inputs.control_plane_url},
+        {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}},
+        {"name": "HEARTBEAT_INTERVAL", "value": str(s.heartbeat_interval_seconds)},
+    ]
+    if s.single_execution:
+        env.append({"name": "SINGLE_EXECUTION", "value": "true"})
+    ours = {e["name"] for e in env}
+    for container in containers:
+        # The operator's values win over same-named ones of the template: they are the contract.
+        container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + env
+    pod_spec["restartPolicy"] = "Never"
+
+    labels = {
+        **(meta.get("labels") or {}),
+        QUEUE_LABEL: queues_label(queue),
+        "app.kubernetes.io/name": "agent-worker",
+        "app.kubernetes.io/instance": queues_label(queue),
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/part-of": "agentcontrol",
+        **MANAGED_BY,
+        **inputs.extra_labels,
+    }
+    annotations = {
+        **(meta.get("annotations") or {}),
+        DIGEST_ANNOTATION: inputs.secrets_digest,
+        GENERATION_ANNOTATION: str(queue.generation),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(queue.name, index),
+            "namespace": queue.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [dict(inputs.owner)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def queues_label(queue: QueueObject) -> str:
+    return label_value(queue.name)
+
+
+def secrets_digest(queue: QueueObject, secrets: Mapping[queues.SecretName, queues.SecretData],
+                   settings: settings_.Settings) -> str:
+    """A digest of every Secret the queue depends on, so a rotation shows on the pods started after it."""
+    h = hashlib.sha256()
+    for name in sorted(queue.secret_names(settings)):
+        data = secrets.get(name)
+        h.update(f"{name[0]}/{name[1]}\0".encode())
+        for key, value in sorted((data or {}).items()):
+            h.update(f"{key}\0{value}\0".encode())
+    return "sha256:" + h.hexdigest()[:32]
