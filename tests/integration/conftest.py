@@ -86,7 +86,12 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(self.port),
-               "WQ_ORGANIZATION_ID": "org-test", "WQ_AUTH_CACHE_SECONDS": "1", **self._env}
+               "WQ_ORGANIZATION_ID": "org-test", "WQ_AUTH_CACHE_SECONDS": "1",
+               # Short back-offs and resyncs keep the pod tests quick; the planner's unit tests
+               # check the real 10 s .. 5 min schedule with explicit times.
+               "WQ_WORKER_BACKOFF_SECONDS": "1", "WQ_WORKER_BACKOFF_MAX_SECONDS": "4",
+               "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
+               **self._env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig)],
@@ -189,6 +194,44 @@ class Kube:
     def _has_secret(self, namespace: str, name: str) -> bool:
         try:
             self.core.read_namespaced_secret(name, namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def pods(self, namespace: str, queue: str | None = None, *, alive: bool = False) -> list[k8s.V1Pod]:
+        selector = f"agentcontrol.dev/queue={queue}" if queue else "app.kubernetes.io/managed-by=workerqueue-operator"
+        items = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        if alive:
+            items = [p for p in items if p.status.phase in (None, "Pending", "Running")
+                     and p.metadata.deletion_timestamp is None]
+        return sorted(items, key=lambda p: p.metadata.name)
+
+    def pod_names(self, namespace: str, queue: str | None = None, *, alive: bool = True) -> list[str]:
+        return [p.metadata.name for p in self.pods(namespace, queue, alive=alive)]
+
+    def set_phase(self, namespace: str, pod: str, phase: str, *, exit_code: int | None = None,
+                  reason: str | None = None) -> None:
+        """What a kubelet would report: there is none, so the test writes pod status itself."""
+        status: dict[str, Any] = {"phase": phase}
+        if exit_code is not None:
+            body = self.core.read_namespaced_pod(pod, namespace)
+            status["containerStatuses"] = [{
+                "name": c.name, "image": c.image, "imageID": "", "ready": False, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason or "Error"}},
+            } for c in body.spec.containers]
+        elif reason is not None:
+            status["reason"] = reason
+        self.core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+
+    def workers(self, namespace: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = (self.get_queue(namespace, name).get("status") or {}).get("workers") or {}
+        return result
+
+    def queue_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.get_queue(namespace, name)
         except k8s.ApiException as exc:
             if exc.status == 404:
                 return False

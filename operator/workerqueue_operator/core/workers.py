@@ -157,6 +157,8 @@ def plan(
                                 f"reason {pod.reason or 'unknown'}", warning=True))
     w.counted = counted
 
+    # Names are never reused, not even those of pods already deleted.
+    w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
     alive = [p for p in pods if p.alive]
     w.pending = sum(1 for p in alive if p.phase != "Running")
     w.running = sum(1 for p in alive if p.phase == "Running")
@@ -206,9 +208,8 @@ def plan(
             if any(e.reason == "WorkerFailed" for e in events):
                 events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
         else:
-            first = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
-            create = tuple(range(first, first + missing))
-            w.next_index = first + missing
+            create = tuple(range(w.next_index, w.next_index + missing))
+            w.next_index += missing
 
     return Plan(
         workers=w,

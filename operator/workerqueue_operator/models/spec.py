@@ -221,6 +221,8 @@ class Condition(_Model):
 class WorkersStatus(_Model):
     """Worker pods as last observed, and the little memory that pods cannot hold themselves."""
 
+    model_config = ConfigDict(frozen=False)  # the planner works on a copy field by field
+
     desired: int = 0
     """Workers that should be alive now."""
     pending: int = 0

@@ -1,0 +1,225 @@
+"""Worker pods on the real control plane. No kubelet runs: the tests write pod status themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
+
+
+def reasons(kube: Kube, namespace: str, queue: str) -> list[str]:
+    return [e.reason for e in kube.events(namespace, queue)]
+
+
+def wait_pods(kube: Kube, namespace: str, queue: str, names: list[str], timeout: float = 20) -> None:
+    wait_for(lambda: kube.pod_names(namespace, queue) == names, timeout=timeout,
+             what=f"alive pods {names} (have {kube.pod_names(namespace, queue)})")
+
+
+def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, replicas=2,
+                      heartbeatIntervalSeconds=20, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "se", ["se-w0", "se-w1"])
+    pod = kube.core.read_namespaced_pod("se-w0", namespace)
+    (owner,) = pod.metadata.owner_references
+    assert (owner.kind, owner.name, owner.controller, owner.block_owner_deletion) == ("WorkerQueue", "se", True, True)
+    assert pod.spec.restart_policy == "Never"
+    assert pod.metadata.labels["app.kubernetes.io/managed-by"] == "workerqueue-operator"
+    assert pod.metadata.annotations["agentcontrol.dev/secrets-digest"].startswith("sha256:")
+    env = {e.name: e for e in pod.spec.containers[0].env}
+    assert env["QUEUE_ID"].value == f"se-{namespace}"
+    assert env["CONTROL_PLANE_URL"].value == "http://workerqueue-operator.test:8080"
+    assert env["HEARTBEAT_INTERVAL"].value == "20" and env["SINGLE_EXECUTION"].value == "true"
+    assert env["KUBIYA_API_KEY"].value is None  # never inlined: a reference to the token Secret
+    assert env["KUBIYA_API_KEY"].value_from.secret_key_ref.name == "se-worker-token"
+
+    kube.set_phase(namespace, "se-w0", "Running")
+    wait_for(lambda: kube.workers(namespace, "se").get("running") == 1, what="running count")
+    assert kube.workers(namespace, "se")["pending"] == 1
+    kube.set_phase(namespace, "se-w0", "Succeeded", exit_code=0, reason="Completed")
+    wait_pods(kube, namespace, "se", ["se-w1", "se-w2"])
+    wait_for(lambda: "se-w0" not in kube.pod_names(namespace, "se", alive=False), what="finished pod deleted")
+    assert kube.workers(namespace, "se")["succeeded"] == 1
+    assert {"WorkerCreated", "WorkerSucceeded"} <= set(reasons(kube, namespace, "se"))
+    c = kube.condition(namespace, "se", "Progressing")
+    assert c is not None and c["status"] == "True"
+
+
+def test_plain_queue_runs_no_pods(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "plain", queueId=f"pl-{namespace}", replicas=3, temporal=TEMPORAL)
+    kube.wait_condition(namespace, "plain", "True")
+    time.sleep(1)  # a negative: give a wrong implementation the time to create something
+    assert kube.pods(namespace) == []
+
+
+def test_failures_back_off_then_crash_loop_until_the_spec_changes(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "cl", queueId=f"cl-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      worker={"backoffLimit": 2})
+    wait_pods(kube, namespace, "cl", ["cl-w0"])
+    kube.set_phase(namespace, "cl-w0", "Failed", exit_code=3, reason="Error")
+    wait_pods(kube, namespace, "cl", ["cl-w1"])  # after a back-off of 1 s (test settings)
+    failed = [e for e in kube.events(namespace, "cl") if e.reason == "WorkerFailed"]
+    assert failed and "exit code 3" in failed[0].message and "reason Error" in failed[0].message
+    assert "BackOff" in reasons(kube, namespace, "cl")
+    assert "cl-w0" not in kube.pod_names(namespace, "cl", alive=False)
+
+    kube.set_phase(namespace, "cl-w1", "Failed", exit_code=1, reason="Error")
+    c = kube.wait_condition(namespace, "cl", "False", "CrashLooping")
+    assert "2 workers failed in a row" in c["message"]
+    assert kube.condition(namespace, "cl", "Progressing")["reason"] == "CrashLooping"
+    assert "CrashLooping" in reasons(kube, namespace, "cl")
+    time.sleep(3)  # longer than the back-off: still nothing may start
+    assert kube.pod_names(namespace, "cl") == []
+
+    kube.patch_queue(namespace, "cl", {"heartbeatIntervalSeconds": 90})
+    wait_pods(kube, namespace, "cl", ["cl-w2"])
+    kube.wait_condition(namespace, "cl", "True")
+
+
+def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "eph", queueId=f"eph-{namespace}", ephemeral=True, replicas=2,
+                      ttlSecondsAfterFinished=1, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "eph", ["eph-w0", "eph-w1"])
+    kube.set_phase(namespace, "eph-w0", "Succeeded", exit_code=0)
+    time.sleep(1)
+    assert kube.queue_exists(namespace, "eph") and kube.pod_names(namespace, "eph") == ["eph-w1"]  # not replaced
+    kube.set_phase(namespace, "eph-w1", "Succeeded", exit_code=0)
+    wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="ephemeral queue deleted")
+    assert "QueueFinished" in reasons(kube, namespace, "eph")
+
+
+def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "one", queueId=f"one-{namespace}", ephemeral=True, singleExecution=True,
+                      replicas=3, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "one", ["one-w0"])
+    time.sleep(1)
+    assert kube.pod_names(namespace, "one") == ["one-w0"]
+    kube.set_phase(namespace, "one-w0", "Succeeded", exit_code=0)
+    wait_for(lambda: not kube.queue_exists(namespace, "one"), timeout=20, what="queue gone after its one task")
+
+
+def test_active_deadline_bounds_an_ephemeral_queue(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "dl", queueId=f"dl-{namespace}", ephemeral=True, activeDeadlineSeconds=3,
+                      temporal=TEMPORAL)
+    wait_pods(kube, namespace, "dl", ["dl-w0"])
+    kube.set_phase(namespace, "dl-w0", "Running")
+    wait_for(lambda: not kube.queue_exists(namespace, "dl"), timeout=20, what="deadline deletion")
+    assert "DeadlineExceeded" in reasons(kube, namespace, "dl")
+
+
+def test_a_worker_deleting_its_queue_takes_its_pods_along(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "gc", queueId=f"gc-{namespace}", ephemeral=True, replicas=2, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "gc", ["gc-w0", "gc-w1"])
+    kube.delete_queue(namespace, "gc")  # the garbage collector of kube-controller-manager does the rest
+    wait_for(lambda: kube.pods(namespace, "gc") == [], timeout=60, what="pods garbage-collected")
+
+
+def test_suspend_lets_running_workers_finish_and_starts_none(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "sus", queueId=f"sus-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "sus", ["sus-w0"])
+    kube.set_phase(namespace, "sus-w0", "Running")
+    kube.patch_queue(namespace, "sus", {"suspend": True})
+    wait_for(lambda: (kube.condition(namespace, "sus", "Progressing") or {}).get("reason") == "Suspended",
+             what="Progressing=Suspended")
+    assert kube.pod_names(namespace, "sus") == ["sus-w0"]  # not killed
+    kube.set_phase(namespace, "sus-w0", "Succeeded", exit_code=0)
+    wait_for(lambda: kube.pod_names(namespace, "sus", alive=False) == [], what="finished pod deleted")
+    time.sleep(1)
+    assert kube.pod_names(namespace, "sus") == []  # and not replaced while suspended
+    kube.patch_queue(namespace, "sus", {"suspend": False})
+    wait_pods(kube, namespace, "sus", ["sus-w1"])
+
+
+def test_spec_change_applies_to_new_pods_only(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "chg", queueId=f"chg-{namespace}", singleExecution=True, heartbeatIntervalSeconds=30,
+                      temporal=TEMPORAL)
+    wait_pods(kube, namespace, "chg", ["chg-w0"])
+    kube.set_phase(namespace, "chg-w0", "Running")
+    kube.patch_queue(namespace, "chg", {"heartbeatIntervalSeconds": 120})
+    time.sleep(2)
+    old = kube.core.read_namespaced_pod("chg-w0", namespace)
+    assert old.metadata.deletion_timestamp is None  # a running worker is never killed for a spec change
+    assert {e.name: e.value for e in old.spec.containers[0].env}["HEARTBEAT_INTERVAL"] == "30"
+    kube.set_phase(namespace, "chg-w0", "Succeeded", exit_code=0)
+    wait_pods(kube, namespace, "chg", ["chg-w1"])
+    new = kube.core.read_namespaced_pod("chg-w1", namespace)
+    assert {e.name: e.value for e in new.spec.containers[0].env}["HEARTBEAT_INTERVAL"] == "120"
+    assert new.metadata.annotations["agentcontrol.dev/queue-generation"] == "2"
+
+
+def test_a_pod_deleted_or_evicted_by_someone_else_is_replaced(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "ext", queueId=f"ext-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "ext", ["ext-w0"])
+    kube.core.delete_namespaced_pod("ext-w0", namespace)
+    wait_pods(kube, namespace, "ext", ["ext-w1"])
+    kube.set_phase(namespace, "ext-w1", "Failed", reason="Evicted")
+    wait_pods(kube, namespace, "ext", ["ext-w2"])
+    assert kube.workers(namespace, "ext").get("consecutiveFailures", 0) == 0
+    assert "WorkerDisplaced" in reasons(kube, namespace, "ext")
+
+
+def test_queue_that_cannot_serve_gets_no_workers_until_it_can(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "nr", queueId=f"nr-{namespace}", singleExecution=True,
+                      temporal={**TEMPORAL, "apiKeySecretRef": {"name": "later", "key": "k"}})
+    kube.wait_condition(namespace, "nr", "False", "SecretNotFound")
+    time.sleep(1)
+    assert kube.pods(namespace, "nr") == []
+    kube.put_secret(namespace, "later", k="v")
+    wait_pods(kube, namespace, "nr", ["nr-w0"])
+
+
+def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "bad", queueId=f"bad-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      worker={"template": {"spec": {"containers": [{"name": "no-image"}]}}})
+    wait_for(lambda: (kube.condition(namespace, "bad", "Progressing") or {}).get("reason") == "PodCreationFailed",
+             what="Progressing=PodCreationFailed")
+    assert "PodCreationFailed" in reasons(kube, namespace, "bad")
+    assert kube.pods(namespace, "bad") == []
+
+
+def test_kill_9_while_creating_pods_for_50_queues(
+    kube: Kube, namespace: str, operator: OperatorProcess, kubeconfig: Path, tmp_path: Path,
+):
+    operator.stop()  # this test runs its own operator, the one it kills
+    victim = OperatorProcess(kubeconfig, tmp_path / "victim.log")
+    survivor = OperatorProcess(kubeconfig, tmp_path / "survivor.log")
+    try:
+        victim.start()
+
+        def create(i: int) -> Any:
+            return kube.create_queue(namespace, f"k{i}", queueId=f"k{i}-{namespace}", singleExecution=True,
+                                     replicas=2, temporal=TEMPORAL)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(create, range(50)))
+        wait_for(lambda: len(kube.pods(namespace)) >= 10, timeout=60, what="the first pods")
+        assert victim.process is not None
+        os.killpg(victim.process.pid, signal.SIGKILL)  # in the middle of creating
+        victim.process.wait()
+        created_before = len(kube.pods(namespace))
+        survivor.start()
+        wait_for(lambda: len(kube.pods(namespace)) == 100, timeout=120,
+                 what=f"100 pods (had {created_before} at the kill)")
+        time.sleep(3)  # let a duplicating implementation show itself
+        pods = kube.pods(namespace)
+        per_queue = Counter(p.metadata.labels["agentcontrol.dev/queue"] for p in pods)
+        assert len(pods) == 100 and set(per_queue.values()) == {2}, per_queue
+        queues = {q["metadata"]["uid"] for q in kube.custom.list_namespaced_custom_object(
+            "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"]}
+        assert all(p.metadata.owner_references[0].uid in queues for p in pods)  # no orphans
+    finally:
+        victim.stop(signal.SIGKILL)
+        survivor.stop()
+        operator.start()

@@ -1,0 +1,171 @@
+"""The worker-pod planner, with explicit times: back-off, CrashLooping, TTL and deadlines, no sleeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import workers
+from workerqueue_operator.core.workers import Pod
+from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.models.spec import WorkersStatus
+
+T0 = 1_800_000_000.0
+SETTINGS = Settings()
+
+
+def pod(index: int, phase: str = "Running", **kwargs: Any) -> Pod:
+    return Pod(name=f"q1-w{index}", phase=phase, deleting=False, index=index, **kwargs)
+
+
+def plan(pods: list[Pod], previous: WorkersStatus | None = None, now: float = T0, generation: int = 1,
+         **spec: Any) -> workers.Plan:
+    return workers.plan(queue(generation=generation, **spec), pods, previous=previous or WorkersStatus(), now=now,
+                        created=T0 - 100, settings=SETTINGS)
+
+
+def test_plain_queue_runs_no_pods():
+    p = plan([])
+    assert p.create == () and p.workers.desired == 0
+
+
+def test_single_execution_keeps_replicas_alive():
+    p = plan([pod(0)], singleExecution=True, replicas=3)
+    assert p.create == (1, 2)
+    assert (p.workers.desired, p.workers.running, p.workers.next_index) == (3, 1, 3)
+
+
+def test_pending_counts_as_in_flight_and_max_workers_caps():
+    p = plan([pod(0, "Pending"), pod(1)], singleExecution=True, replicas=5, maxWorkers=2)
+    assert p.create == () and (p.workers.pending, p.workers.running, p.workers.desired) == (1, 1, 2)
+
+
+def test_names_are_never_reused():
+    p = plan([pod(7)], WorkersStatus(next_index=3), singleExecution=True, replicas=2)
+    assert p.create == (8,)
+
+
+def test_succeeded_worker_is_deleted_counted_once_and_replaced():
+    first = plan([pod(0, "Succeeded")], singleExecution=True)
+    assert first.delete == ("q1-w0",) and first.create == (1,)
+    assert first.workers.succeeded == 1 and first.workers.counted == ["q1-w0"]
+    again = plan([pod(0, "Succeeded"), pod(1)], first.workers, singleExecution=True)
+    assert again.workers.succeeded == 1 and again.delete == ("q1-w0",) and again.create == ()
+    gone = plan([pod(1)], again.workers, singleExecution=True)
+    assert gone.workers.counted == []
+
+
+def test_failed_worker_waits_for_exponential_backoff():
+    p = plan([pod(0, "Failed", exit_code=3, reason="Error")], singleExecution=True)
+    assert p.create == () and p.requeue_after == pytest.approx(10)
+    assert p.workers.consecutive_failures == 1
+    failed = next(e for e in p.events if e.reason == "WorkerFailed")
+    assert "exit code 3" in failed.message and "reason Error" in failed.message and failed.warning
+    assert plan([], p.workers, now=T0 + 9.9, singleExecution=True).create == ()
+    assert plan([], p.workers, now=T0 + 10, singleExecution=True).create == (1,)
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(1, 10), (2, 20), (3, 40), (5, 160), (6, 300), (30, 300)])
+def test_backoff_doubles_up_to_five_minutes(failures: int, delay: float):
+    assert workers.backoff(failures, SETTINGS) == delay
+
+
+def test_success_resets_the_backoff():
+    failing = WorkersStatus(consecutive_failures=3, last_failure_time=workers.to_rfc3339(T0))
+    p = plan([pod(4, "Succeeded")], failing, singleExecution=True, replicas=2)
+    assert p.workers.consecutive_failures == 0 and len(p.create) == 2
+
+
+def test_crash_looping_after_backoff_limit_until_the_spec_changes():
+    status = WorkersStatus(consecutive_failures=2, last_failure_time=workers.to_rfc3339(T0 - 1000))
+    p = plan([pod(2, "Failed", exit_code=1)], status, singleExecution=True, worker={"backoffLimit": 3})
+    assert p.create == () and p.workers.crash_loop_generation == 1
+    assert [e.reason for e in p.events] == ["WorkerFailed", "CrashLooping"]
+    still = plan([], p.workers, now=T0 + 10_000, singleExecution=True, worker={"backoffLimit": 3})
+    assert still.create == () and not still.events
+    changed = plan([], p.workers, now=T0 + 10_000, generation=2, singleExecution=True, worker={"backoffLimit": 3})
+    assert changed.create == (3,) and changed.workers.crash_loop_generation is None
+
+
+def test_evicted_pod_is_replaced_at_once_without_counting_a_failure():
+    p = plan([pod(0, "Failed", reason="Evicted")], singleExecution=True)
+    assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0
+
+
+def test_suspend_stops_creating_but_lets_pods_run():
+    p = plan([pod(0)], singleExecution=True, replicas=3, suspend=True)
+    assert p.create == () and p.delete == ()
+
+
+def test_ephemeral_runs_replicas_once_then_deletes_after_ttl():
+    p = plan([], ephemeral=True, replicas=2)
+    assert p.create == (0, 1)
+    done = plan([pod(0, "Succeeded"), pod(1, "Succeeded")], p.workers, ephemeral=True, replicas=2,
+                ttlSecondsAfterFinished=30)
+    assert done.create == () and done.delete_queue is None and done.requeue_after == pytest.approx(30)
+    assert "WorkersFinished" in [e.reason for e in done.events]
+    later = plan([], done.workers, now=T0 + 30, ephemeral=True, replicas=2, ttlSecondsAfterFinished=30)
+    assert later.delete_queue is not None and later.delete_queue.reason == "QueueFinished"
+
+
+def test_ephemeral_single_execution_is_one_worker_one_task():
+    p = plan([], ephemeral=True, singleExecution=True, replicas=5)
+    assert p.create == (0,)
+    done = plan([pod(0, "Succeeded")], p.workers, ephemeral=True, singleExecution=True, replicas=5)
+    assert done.delete_queue is not None and done.create == ()
+
+
+def test_active_deadline_deletes_an_ephemeral_queue():
+    p = plan([pod(0)], ephemeral=True, activeDeadlineSeconds=150)
+    assert p.delete_queue is None and p.requeue_after == pytest.approx(50)
+    late = plan([pod(0)], now=T0 + 50, ephemeral=True, activeDeadlineSeconds=150)
+    assert late.delete_queue is not None and late.delete_queue.reason == "DeadlineExceeded"
+
+
+def test_pods_being_deleted_do_not_count():
+    p = plan([Pod(name="q1-w0", phase="Running", deleting=True, index=0)], singleExecution=True)
+    assert p.create == (1,)
+
+
+def test_build_pod_has_what_the_worker_needs():
+    q = queue(queueId="q-1", singleExecution=True, heartbeatIntervalSeconds=30,
+              worker={"template": {"metadata": {"labels": {"team": "a"}}, "spec": {"containers": [
+                  {"name": "w", "image": "img:1", "env": [{"name": "QUEUE_ID", "value": "spoofed"},
+                                                          {"name": "KEEP", "value": "1"}]}]}}})
+    owner = {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue", "name": "q1", "uid": "u",
+             "controller": True, "blockOwnerDeletion": True}
+    body = workers.build_pod(q, 4, inputs=workers.PodInputs("http://cp:8080", "sha256:x", owner), settings=SETTINGS)
+    assert body["metadata"]["name"] == "q1-w4"
+    assert body["metadata"]["ownerReferences"] == [owner]
+    assert body["metadata"]["labels"]["agentcontrol.dev/queue"] == "q1"
+    assert body["metadata"]["labels"]["team"] == "a"
+    assert body["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "workerqueue-operator"
+    assert body["metadata"]["annotations"]["agentcontrol.dev/secrets-digest"] == "sha256:x"
+    assert body["spec"]["restartPolicy"] == "Never"
+    env = {e["name"]: e for e in body["spec"]["containers"][0]["env"]}
+    assert env["QUEUE_ID"]["value"] == "q-1" and env["KEEP"]["value"] == "1"
+    assert env["CONTROL_PLANE_URL"]["value"] == "http://cp:8080"
+    assert env["KUBIYA_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "q1-worker-token", "key": "token"}}
+    assert env["HEARTBEAT_INTERVAL"]["value"] == "30" and env["SINGLE_EXECUTION"]["value"] == "true"
+
+
+def test_default_pod_uses_the_configured_image_and_command():
+    body = workers.build_pod(queue(ephemeral=True), 0, inputs=workers.PodInputs("u", "d", {}), settings=SETTINGS)
+    (container,) = body["spec"]["containers"]
+    assert container["image"] == SETTINGS.worker_image
+    assert container["command"] == list(SETTINGS.worker_command)
+    assert "SINGLE_EXECUTION" not in {e["name"] for e in container["env"]}
+
+
+def test_long_queue_names_still_make_valid_labels():
+    value = workers.label_value("q" * 200)
+    assert len(value) <= 63 and value != workers.label_value("q" * 199 + "x")
+
+
+def test_pod_from_body_reads_exit_code_and_reason():
+    body = {"metadata": {"name": "q1-w3"}, "status": {"phase": "Failed", "containerStatuses": [
+        {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
+    p = Pod.from_body(body)
+    assert (p.index, p.exit_code, p.reason, p.alive) == (3, 137, "OOMKilled", False)
