@@ -10,19 +10,12 @@ import secrets
 import sys
 from pathlib import Path
 
-import kopf
-
-
-def _configure_logging(verbose: bool) -> None:
-    # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workerqueue_operator import runner
     from workerqueue_operator.models.settings import Settings
 
-    _configure_logging(args.verbose)
+    runner.configure_logging(args.verbose)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     overrides = {"http_port": args.port} if args.port is not None else {}

@@ -30,6 +30,11 @@ from workerqueue_operator.models import settings as settings_
 logger = logging.getLogger(__name__)
 
 
+def configure_logging(verbose: bool) -> None:
+    # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+
+
 class Feed:
     """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets)."""
 

@@ -61,7 +61,7 @@ def http(method: str, url: str, *, body: bytes | None = None, token: str | None 
     if body is not None and not request.has_header("Content-type"):
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return Http(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         return Http(exc.code, dict(exc.headers), exc.read())
@@ -102,7 +102,8 @@ class OperatorProcess:
     def ready(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"operator exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            tail = self.log_path.read_text()[-3000:]
+            raise AssertionError(f"operator exited with {self.process.returncode}:\n{tail}")
         try:
             return http("GET", f"{self.url}/readyz", timeout=2).status == 200
         except OSError:
@@ -127,7 +128,9 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def operator(crd_installed: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    crd_installed: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     try:
         yield proc.start()

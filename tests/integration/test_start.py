@@ -188,7 +188,8 @@ def test_rotation_is_served_within_seconds(operator: OperatorProcess, kube: Kube
 def test_own_token_secrets_allow_rotation_without_downtime(operator: OperatorProcess, kube: Kube, namespace: str):
     kube.put_secret(namespace, "tokens", current="token-one", next="token-two")
     kube.create_queue(namespace, "own", queueId=f"o-{namespace}", temporal={"host": "t:1", "namespace": "n"},
-                      auth={"tokenSecretRefs": [{"name": "tokens", "key": "current"}, {"name": "tokens", "key": "next"}]})
+                      auth={"tokenSecretRefs": [{"name": "tokens", "key": "current"},
+                                                {"name": "tokens", "key": "next"}]})
     kube.wait_condition(namespace, "own", "True")
     assert operator.start_worker(f"o-{namespace}", "token-one").status == 200
     assert operator.start_worker(f"o-{namespace}", "token-two").status == 200

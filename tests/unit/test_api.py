@@ -135,7 +135,8 @@ async def test_unknown_route_is_json_404(client: TestClient):
 async def test_metrics_count_requests_by_route_and_code(client: TestClient):
     await client.post(START.format("nope"), headers=AUTH)
     text = await (await client.get("/metrics")).text()
-    assert 'workerqueue_http_requests_total{route="/api/v1/worker-queues/{queue_id}/start",method="POST",code="404"} 1' in text
+    labels = 'route="/api/v1/worker-queues/{queue_id}/start",method="POST",code="404"'
+    assert f"workerqueue_http_requests_total{{{labels}}} 1" in text
     assert "workerqueue_queues 4" in text
     assert "workerqueue_queues_not_ready 2" in text
 

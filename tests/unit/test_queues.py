@@ -74,7 +74,8 @@ def test_redis_password_comes_from_url_userinfo_unless_a_secret_is_named():
     r = resolve(queue(redis={"url": "redis://:s3cret@redis:6379/0"}))
     assert r.config.fields["redis_enabled"] is True
     assert r.config.fields["redis_password"] == "s3cret"
-    r = resolve(queue(redis={"urlSecretRef": {"name": "r", "key": "url"}, "passwordSecretRef": {"name": "r", "key": "pw"}}),
+    redis = {"urlSecretRef": {"name": "r", "key": "url"}, "passwordSecretRef": {"name": "r", "key": "pw"}}
+    r = resolve(queue(redis=redis),
                 {("team-a", "r"): {"url": "rediss://redis:6380", "pw": "other"}})
     assert r.config.fields["redis_url"] == "rediss://redis:6380"
     assert r.config.fields["redis_password"] == "other"

@@ -71,9 +71,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     from workerqueue_operator import runner
-    from workerqueue_operator.cli import _configure_logging
 
-    _configure_logging(verbose)
+    runner.configure_logging(verbose)
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()

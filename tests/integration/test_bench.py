@@ -1,0 +1,47 @@
+"""`python -m bench --quick` runs end to end and measures something; how fast is not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import start
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path):
+    out = tmp_path / "out.json"
+    env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:  # the test was interrupted: let the benchmark stop what it started
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+
+    figures = json.loads(out.read_text())
+    rows = figures["rows"]
+    assert [(r["queues"], r["concurrency"]) for r in rows] == [
+        (q, c) for q in start.QUICK_QUEUES for c in start.QUICK_CONCURRENCY]
+    for row in rows:
+        for server in ("baseline", "operator"):
+            result = row[server]
+            assert result["requests"] > 0 and result["rps"] > 0, (server, result)
+            assert result["non_200"] == 0 and set(result["statuses"]) == {"200"}, (server, result)
+            assert 0 < result["p50_ms"] <= result["p99_ms"], (server, result)
+            assert result["response_bytes"] > 0
+        assert row["errors"] == 0
+        assert isinstance(row["throughput_met"], bool) and isinstance(row["p50_met"], bool)
+    (footprint,) = figures["operator"]
+    assert footprint["queues"] == start.QUICK_QUEUES[0]
+    assert footprint["rss_ready_kib"] > 0 and footprint["rss_after_load_kib"] > 0
+    assert "throughput" in text and "p50 ratio" in text  # the table was printed

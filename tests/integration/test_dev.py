@@ -1,0 +1,73 @@
+"""`workerqueue-operator dev` end to end: its own control plane, the examples, /start, a clean SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import free_port, http, wait_for
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path: Path):
+    state, port = tmp_path / "dev", free_port()
+    log = (tmp_path / "dev.log").open("w+b")
+    env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
+    dev = subprocess.Popen([sys.executable, "-m", "workerqueue_operator.cli", "dev", "--state-dir", str(state),
+                            "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                           start_new_session=True)
+    pids: list[int] = []
+    try:
+        def ready() -> bool:
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
+            try:
+                return http("GET", f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=120, what="dev readiness")
+        pids = [int(line) for line in (state / "pids").read_text().split()]
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+
+        def kubectl(*args: str) -> str:
+            return subprocess.run([str(k8s_assets / "kubectl"), "--kubeconfig", str(state / "kubeconfig"), *args],
+                                  capture_output=True, text=True, check=True).stdout
+
+        assert json.loads(kubectl("get", "--raw", "/version"))["minor"] == "35"
+
+        def queues_ready() -> bool:
+            items = json.loads(kubectl("get", "workerqueues", "-n", "default", "-o", "json"))["items"]
+            ready = {q["metadata"]["name"]: [c["status"] for c in q.get("status", {}).get("conditions", [])
+                                             if c["type"] == "Ready"] for q in items}
+            return ready == {"minimal": ["True"], "with-secrets": ["True"]}
+
+        wait_for(queues_ready, timeout=30, what="example queues Ready")
+        token = kubectl("get", "secret", "minimal-worker-token", "-n", "default", "-o", "jsonpath={.data.token}")
+        r = http("POST", f"http://127.0.0.1:{port}/api/v1/worker-queues/minimal-queue/start",
+                 body=b'{"worker_sdk_version": "dev"}', token=base64.b64decode(token).decode())
+        assert r.status == 200 and r.json()["queue_name"] == "minimal"
+        printed = (tmp_path / "dev.log").read_text()
+        assert f"http://127.0.0.1:{port}/api/v1/worker-queues/minimal-queue/start" in printed
+        assert f"export KUBECONFIG={state / 'kubeconfig'}" in printed
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        try:
+            code = dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, signal.SIGKILL)
+            raise
+        log.close()
+    assert code == 0
+    assert pids and not any(alive(pid) for pid in pids)
