@@ -276,7 +276,7 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "REASON",
                               "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED", "AGE"]
-    assert row.split()[:6] == ["cols", "cols-id", "true", "false", "True", "Ready"]
+    assert row.split()[:7] == ["cols", "cols-id", "true", "false", "True", "0", "Ready"]
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
 

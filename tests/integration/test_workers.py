@@ -38,6 +38,8 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert pod.spec.restart_policy == "Never"
     assert pod.metadata.labels["app.kubernetes.io/managed-by"] == "workerqueue-operator"
     assert pod.metadata.annotations["agentcontrol.dev/secrets-digest"].startswith("sha256:")
+    # Deleting a queue (or its namespace) must never wait for the operator to be up.
+    assert not kube.get_queue(namespace, "se")["metadata"].get("finalizers")
     env = {e.name: e for e in pod.spec.containers[0].env}
     assert env["QUEUE_ID"].value == f"se-{namespace}"
     assert env["CONTROL_PLANE_URL"].value == "http://workerqueue-operator.test:8080"

@@ -78,7 +78,19 @@ class Supervisor:
             self._queue.add(key)
 
     async def run(self) -> None:
-        await self._queue.run()
+        resync = asyncio.create_task(self._resync())
+        try:
+            await self._queue.run()
+        finally:
+            resync.cancel()
+            await asyncio.gather(resync, return_exceptions=True)
+
+    async def _resync(self) -> None:
+        # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
+        while True:
+            await asyncio.sleep(self._settings.worker_resync_seconds)
+            for key in list(self._bodies):
+                self._queue.add(key)
 
     # --- the reconcile --------------------------------------------------------------------------
 
@@ -88,6 +100,9 @@ class Supervisor:
             return  # deleting a queue deletes its pods: the garbage collector owns that
         queue = QueueObject.from_body(body)
         written_key = (queue.namespace, queue.name, queue.uid)
+        if not workers.manages_pods(queue.spec) and written_key not in self._written \
+                and not queue.status.get("workers"):
+            return  # a queue whose workers run elsewhere, and always did: nothing to look at
         pods = await self._list_pods(queue)
         previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})

@@ -154,7 +154,7 @@ def plan(
             w.consecutive_failures += 1
             w.last_failure_time = to_rfc3339(now)
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
-                                f"reason {pod.reason or 'unknown'}", warning=True))
+                                f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
 
     # Names are never reused, not even those of pods already deleted.

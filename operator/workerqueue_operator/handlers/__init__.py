@@ -29,6 +29,8 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         # Our status has a schema; kopf's bookkeeping goes to annotations under our own prefix.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
+        # No handler needs a finalizer (kopf timers would add one to every queue, so that deleting a
+        # queue, or its namespace, would wait for the operator): the supervisor resyncs on its own.
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
@@ -37,11 +39,6 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
     @kopf.on.event(*QUEUES, registry=reg)
     def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         supervisor.queue_event(event.get("type"), body)
-
-    @kopf.timer(*QUEUES, interval=settings.worker_resync_seconds, registry=reg)
-    def queue_resync(body: kopf.Body, **_: Any) -> None:
-        # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
-        supervisor.queue_event("RESYNC", body)
 
     @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg)
     def pod_changed(body: kopf.Body, **_: Any) -> None:
