@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -109,12 +110,16 @@ class Watches:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def serve_http(app: web.Application, settings: settings_.Settings) -> tuple[web.AppRunner, int]:
+    context = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=context)
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
+    bound = runner.addresses[0][1] if runner.addresses else settings.http_port
     return runner, int(bound)
 
 
@@ -145,7 +150,7 @@ async def run(
         return kopf_ready.is_set() and watches.synced()
 
     app = app_.make_app(store=store, reviewer=reviewer, settings=settings, version=version, ready=ready)
-    http, port = await serve_http(app, settings.http_host, settings.http_port)
+    http, port = await serve_http(app, settings)
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     if on_listening is not None:
         on_listening(port)

@@ -76,12 +76,14 @@ def crd_installed(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> N
 class OperatorProcess:
     """`workerqueue-operator run` as its own process group, its logs in a file the tests can read."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._kubeconfig = kubeconfig
         self._env = env or {}
+        self._args = args or []
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -94,7 +96,8 @@ class OperatorProcess:
                **self._env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig)],
+                [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig),
+                 *self._args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for(self.ready, timeout=60, what=f"operator readiness (log: {self.log_path})")
         return self

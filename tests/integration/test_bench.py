@@ -14,11 +14,12 @@ from bench import start
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path):
+def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) -> None:
     out = tmp_path / "out.json"
     env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--work-dir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = proc.communicate()
     finally:

@@ -17,10 +17,14 @@ class Metrics:
         self._latency_counts: dict[str, list[int]] = {}
         self._latency_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._started: dict[tuple[str, str], int] = defaultdict(int)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time, so it is never stale."""
         self._gauges[name] = (help_text, read)
+
+    def worker_started(self, namespace: str, queue: str) -> None:
+        self._started[(namespace, queue)] += 1
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self._requests[(route, method, status)] += 1
@@ -50,6 +54,12 @@ class Metrics:
                 lines.append(f'{_LATENCY}_bucket{{route="{route}",le="{le}"}} {cumulative}')
             lines.append(f'{_LATENCY}_sum{{route="{route}"}} {self._latency_sums[route]}')
             lines.append(f'{_LATENCY}_count{{route="{route}"}} {cumulative}')
+        lines += [
+            "# HELP workerqueue_workers_started_total Successful /start calls by queue.",
+            "# TYPE workerqueue_workers_started_total counter",
+        ]
+        for (namespace, queue), count in sorted(self._started.items()):
+            lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
         return "\n".join(lines) + "\n"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +125,20 @@ class QueueConfig:
     websocket_enabled: bool
     websocket_url: str | None
     suspended: bool
+
+    @functools.cached_property
+    def fields_json(self) -> bytes:
+        """`fields` serialized once per resolution, so /start only splices in the per-request parts."""
+        return json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":")).encode()
+
+    def response_body(self, *, worker_id: str, control_plane_url: str) -> bytes:
+        """The 200 body: a JSON object with every field of the contract's WorkerStartResponse."""
+        websocket_url = None
+        if self.websocket_enabled:
+            websocket_url = self.websocket_url or websocket_url_for(control_plane_url, worker_id)
+        head = json.dumps({"worker_id": worker_id, "control_plane_url": control_plane_url,
+                           "websocket_url": websocket_url}, separators=(",", ":")).encode()
+        return head[:-1] + b"," + self.fields_json[1:]
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ class Supervisor:
         self._bodies: dict[QueueKey, dict[str, Any]] = {}
         # status.workers as last written: newer than what the watch may have delivered so far.
         self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
-        # A queue that becomes Ready (e.g. its Secret appears) may now get its workers.
+        # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
+        self._serving: dict[QueueKey, bool] = {}
         store.subscribe(self._store_changed)
 
     # --- fed by kopf handlers -------------------------------------------------------------------
@@ -63,6 +64,7 @@ class Supervisor:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self._bodies.pop(key, None)
+            self._serving.pop(key, None)
             self._written.pop((*key, meta.get("uid", "")), None)
             return
         self._bodies[key] = dict(body)
@@ -74,8 +76,12 @@ class Supervisor:
             self._queue.add(key)
 
     def _store_changed(self, key: QueueKey) -> None:
-        if key in self._bodies:
-            self._queue.add(key)
+        resolution = self._store.resolution(key)
+        serving = resolution is not None and resolution.config is not None
+        if self._serving.get(key) != serving:
+            self._serving[key] = serving
+            if key in self._bodies:
+                self._queue.add(key)
 
     async def run(self) -> None:
         resync = asyncio.create_task(self._resync())

@@ -18,6 +18,7 @@ QUEUES = (spec.GROUP, spec.VERSION, spec.PLURAL)
 
 def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
     reg = kopf.OperatorRegistry()
+    operator_settings = settings
 
     @kopf.on.login(registry=reg)
     def login(**kwargs: Any) -> Any:
@@ -35,6 +36,8 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
+        # Watching given namespaces needs no namespace listing (nor the RBAC for it).
+        settings.scanning.disabled = bool(operator_settings.namespaces)
 
     @kopf.on.event(*QUEUES, registry=reg)
     def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:

@@ -138,4 +138,7 @@ def render_crd_yaml() -> str:
 
 def render_chart_template() -> str:
     """The CRD as a Helm template, so that `helm upgrade` upgrades it too (Helm never upgrades crds/)."""
-    return "{{- if .Values.crds.install }}\n" + render_crd_yaml() + "{{- end }}\n"
+    keep = ("  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n")
+    anchor = "  name: workerqueues.agentcontrol.dev\n"
+    crd_yaml = render_crd_yaml().replace(anchor, anchor + keep, 1)
+    return "{{- if .Values.crds.install }}\n" + crd_yaml + "{{- end }}\n"

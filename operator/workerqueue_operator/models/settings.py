@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "WQ_"
 
@@ -78,6 +78,11 @@ class Settings(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
+    tls_cert_file: str | None = None
+    """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file."""
+
     # Authentication of /start callers that are Kubernetes identities.
     token_review_audiences: tuple[str, ...] = ()
     """Audiences a ServiceAccount token must carry; empty: the API server's defaults."""
@@ -90,6 +95,12 @@ class Settings(BaseModel):
     """Namespaces to watch; empty: the whole cluster."""
     status_resync_seconds: float = Field(default=300.0, gt=0)
     """How often every queue's status is re-checked even without events (a safety net)."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
     @field_validator("temporal_api_key_secret", "litellm_api_key_secret", mode="before")
     @classmethod

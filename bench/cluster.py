@@ -1,0 +1,120 @@
+"""The benchmark's objects on the control plane, through the assets' kubectl.
+
+N WorkerQueues in one namespace, each with its own queueId and Temporal host/namespace, all opened
+by the token in one shared Secret, so that set-up costs one Secret instead of N generated ones.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import Target
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
+CRD_NAME = "workerqueues.agentcontrol.dev"
+TOKEN_SECRET = "bench-worker-token"
+TOKEN_KEY = "token"
+
+Say = Callable[[str], None]
+
+
+class ClusterError(RuntimeError):
+    """kubectl failed, or the queues did not become Ready."""
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    binary: Path
+    kubeconfig: Path
+
+    def __call__(self, *args: str, stdin: str | None = None, timeout: float = 300) -> str:
+        cache_dir = self.kubeconfig.parent / "kubectl-cache"  # keeps ~/.kube out of it
+        done = subprocess.run(
+            [str(self.binary), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={cache_dir}", *args],
+            input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} exited with {done.returncode}: {done.stderr.strip()}")
+        return done.stdout
+
+
+def install_crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+
+
+def queue_manifests(namespace: str, count: int, token: str) -> tuple[dict[str, Any], list[Target]]:
+    """One `List` with the namespace, the token Secret and `count` WorkerQueues; and the load targets."""
+    items: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+         "metadata": {"name": TOKEN_SECRET, "namespace": namespace}, "stringData": {TOKEN_KEY: token}},
+    ]
+    targets: list[Target] = []
+    for i in range(count):
+        queue_id = str(uuid.uuid4())  # what the control plane's own queue ids look like
+        items.append({
+            "apiVersion": "agentcontrol.dev/v1alpha1",
+            "kind": "WorkerQueue",
+            "metadata": {"name": f"queue-{i:04d}", "namespace": namespace},
+            "spec": {
+                "queueId": queue_id,
+                "temporal": {"host": f"tenant-{i:04d}.tmprl.bench.internal:7233", "namespace": f"tenant-{i:04d}"},
+                "auth": {"tokenSecretRefs": [{"name": TOKEN_SECRET, "key": TOKEN_KEY}]},
+            },
+        })
+        targets.append(Target(queue_id=queue_id, token=token))
+    return {"apiVersion": "v1", "kind": "List", "items": items}, targets
+
+
+def create_queues(kubectl: Kubectl, namespace: str, count: int) -> list[Target]:
+    """Creates the namespace, the Secret and the queues in one kubectl call; returns the load targets."""
+    manifest, targets = queue_manifests(namespace, count, secrets.token_urlsafe(32))
+    kubectl("create", "-f", "-", "-o", "name", stdin=json.dumps(manifest))
+    return targets
+
+
+def ready_count(kubectl: Kubectl, namespace: str) -> tuple[int, int]:
+    """(Ready, total) WorkerQueues of the namespace, by their status condition."""
+    listed = json.loads(kubectl("get", "workerqueues", "-n", namespace, "-o", "json"))
+    ready = 0
+    for item in listed["items"]:
+        conditions = (item.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            ready += 1
+    return ready, len(listed["items"])
+
+
+def wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say, alive: Callable[[], None],
+               timeout: float) -> None:
+    """Waits until `count` queues report Ready=True.
+
+    `alive()` raises when the operator has died, so that a crash is not waited out; `timeout` only
+    guards against a hang and says nothing about speed.
+    """
+    began = time.monotonic()
+    last = -1
+    while True:
+        alive()
+        ready, total = ready_count(kubectl, namespace)
+        if ready >= count:
+            return
+        if ready != last:
+            say(f"  {ready}/{total} queues Ready")
+            last = ready
+        if time.monotonic() - began > timeout:
+            raise ClusterError(f"only {ready} of {count} queues in {namespace} became Ready within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def delete_queues(kubectl: Kubectl, namespace: str) -> None:
+    """Deletes the namespace's queues and waits until they are gone (they carry no finalizer)."""
+    kubectl("delete", "workerqueues", "--all", "-n", namespace, "--wait=true", "--timeout=300s")

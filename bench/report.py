@@ -1,0 +1,122 @@
+"""The figures of a run: one row per (queues, concurrency), the targets of issue 3, the table."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from bench.loadgen import LoadResult
+
+# Issue 3: the operator's /start within reach of a bare aiohttp server on the same machine.
+MIN_THROUGHPUT_RATIO = 0.8
+"""operator req/s over baseline req/s must be at least this."""
+MAX_P50_RATIO = 1.3
+"""operator p50 over baseline p50 must be at most this."""
+
+
+class Row(TypedDict):
+    queues: int
+    concurrency: int
+    baseline: LoadResult
+    operator: LoadResult
+    baseline_cpu_ms_per_req: float | None
+    """Server CPU time per request sent, warm-up included (from /proc/<pid>/stat)."""
+    operator_cpu_ms_per_req: float | None
+    throughput_ratio: float
+    p50_ratio: float
+    throughput_met: bool
+    p50_met: bool
+    errors: int
+    """Non-200 answers and failed requests, baseline and operator together: must be 0."""
+
+
+class Footprint(TypedDict):
+    """The operator process with N queues."""
+
+    queues: int
+    ready_seconds: float
+    """From the operator's start until every queue reported Ready=True."""
+    rss_ready_kib: int | None
+    """VmRSS once every queue is Ready, before any load."""
+    rss_after_load_kib: int | None
+    peak_rss_kib: int | None
+    """VmHWM at the end of the load."""
+    idle_cpu: float
+    """CPU it used with no /start traffic, in cores, over one run's time right after every queue was Ready."""
+
+
+def make_row(queues: int, concurrency: int, baseline: LoadResult, operator: LoadResult,
+             baseline_cpu: float | None, operator_cpu: float | None) -> Row:
+    throughput_ratio = operator["rps"] / baseline["rps"] if baseline["rps"] else 0.0
+    p50_ratio = operator["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else float("inf")
+    return Row(
+        queues=queues, concurrency=concurrency, baseline=baseline, operator=operator,
+        baseline_cpu_ms_per_req=_per_request(baseline_cpu, baseline),
+        operator_cpu_ms_per_req=_per_request(operator_cpu, operator),
+        throughput_ratio=throughput_ratio, p50_ratio=p50_ratio,
+        throughput_met=throughput_ratio >= MIN_THROUGHPUT_RATIO, p50_met=p50_ratio <= MAX_P50_RATIO,
+        errors=baseline["non_200"] + operator["non_200"],
+    )
+
+
+def _per_request(cpu_seconds: float | None, result: LoadResult) -> float | None:
+    if cpu_seconds is None or not result["total_requests"]:
+        return None
+    return cpu_seconds / result["total_requests"] * 1000
+
+
+def _mark(met: bool) -> str:
+    return "met" if met else "NOT MET"
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(rows: list[Row]) -> str:
+    header = ("queues", "conc", "base req/s", "op req/s", "ratio", "base p50", "base p99", "op p50", "op p99",
+              "p50 ratio", "errors", "base cpu", "op cpu", "client cpu b/o", "throughput", "p50")
+    lines = [[str(r["queues"]), str(r["concurrency"]),
+              f"{r['baseline']['rps']:.0f}", f"{r['operator']['rps']:.0f}", f"{r['throughput_ratio']:.2f}",
+              f"{r['baseline']['p50_ms']:.2f}", f"{r['baseline']['p99_ms']:.2f}",
+              f"{r['operator']['p50_ms']:.2f}", f"{r['operator']['p99_ms']:.2f}", f"{r['p50_ratio']:.2f}",
+              str(r["errors"]), _cpu(r["baseline_cpu_ms_per_req"]), _cpu(r["operator_cpu_ms_per_req"]),
+              f"{r['baseline']['client_cpu']:.2f}/{r['operator']['client_cpu']:.2f}",
+              _mark(r["throughput_met"]), _mark(r["p50_met"])]
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def legend() -> str:
+    return (f"Targets (issue 3): operator req/s >= {MIN_THROUGHPUT_RATIO:.1f} x baseline, operator p50 <= "
+            f"{MAX_P50_RATIO:.1f} x baseline. Latencies in ms, measured by the client; 'cpu' is the server's "
+            "CPU ms per request;\n'client cpu' is the load generator's CPU share (near 1.00: the generator, "
+            "not the server, bounds req/s).")
+
+
+def footprint_lines(footprints: list[Footprint]) -> str:
+    def mib(kib: int | None) -> str:
+        return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+
+    return "\n".join(
+        f"operator with {f['queues']} queues: Ready after {f['ready_seconds']:.1f}s; VmRSS {mib(f['rss_ready_kib'])} "
+        f"when Ready, {mib(f['rss_after_load_kib'])} after the load (peak {mib(f['peak_rss_kib'])}); "
+        f"CPU with no /start traffic {f['idle_cpu']:.0%} of a core"
+        for f in footprints)
+
+
+def verdict(rows: list[Row]) -> str:
+    missed = [r for r in rows if not (r["throughput_met"] and r["p50_met"])]
+    errors = sum(r["errors"] for r in rows)
+    lines = []
+    if errors:
+        lines.append(f"ERRORS: {errors} requests were not answered 200 (see the JSON for statuses)")
+    if missed:
+        which = ", ".join(f"{r['queues']}q/c{r['concurrency']}" for r in missed)
+        lines.append(f"TARGETS NOT MET in {len(missed)} of {len(rows)} rows: {which}")
+    else:
+        lines.append(f"all targets met in {len(rows)} rows")
+    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""The /start benchmark of issue 3: the operator against a bare aiohttp baseline, same machine, same load.
+
+For each queue count N: a namespace with N WorkerQueues on a local control plane, a fresh operator
+process serving them (its VmRSS read once all are Ready, and after the load), a baseline process
+serving a real /start answer from memory, and for each concurrency C one load-generator process per
+server, baseline and operator alternating so that both meet the same outside noise. The operator is
+paused (SIGSTOP) while the baseline is measured, so that its background work costs the baseline
+nothing. Everything listens on 127.0.0.1 only, on ports picked at random; every process started is
+stopped by PID in `finally`, Ctrl-C included.
+
+On a small machine the load generator needs a core of its own: when its CPU share ("client cpu")
+nears 1.0 it, not the server, bounds req/s, and the servers' CPU time per request compares better.
+
+Exit code: 0 when the run completed, whatever the figures (a missed target is printed, not
+failed); 1 when it could not run or a request was not answered 200; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import cluster, loadgen, procs, report
+from bench.loadgen import LoadResult, Target
+from workerqueue_operator.devcluster import assets as assets_
+from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUEUES = (10, 1000)
+CONCURRENCY = (1, 16, 128)
+QUICK_QUEUES = (3,)
+QUICK_CONCURRENCY = (1, 4)
+START_TIMEOUT = 120.0
+"""Guards against a hang while a server starts; not a speed requirement."""
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run (a process died, a server never answered, ...)."""
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    values = tuple(int(part) for part in text.split(",") if part.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queues", type=_ints, default=QUEUES, help="queue counts, e.g. 10,1000 (default)")
+    p.add_argument("--concurrency", type=_ints, default=CONCURRENCY, help="e.g. 1,16,128 (default)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load run (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before them (default 1)")
+    p.add_argument("--max-requests", type=int, default=5_000_000, help="cap per load run (default 5000000)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: {QUICK_QUEUES} queues, concurrency {QUICK_CONCURRENCY}, 1s (+0.5s warm-up)")
+    p.add_argument("--json", type=Path, help="write every figure to this file")
+    p.add_argument("--work-dir", type=Path,
+                   help="folder for logs and the control plane's state (default: a new temporary folder)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work folder afterwards (it is always kept, without etcd's data, after a failure)")
+    return p
+
+
+# --- HTTP helpers (loopback only) ----------------------------------------------------------------
+
+def _request(method: str, url: str, *, body: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
+    """(status, body); status 0 when nothing answers."""
+    request = urllib.request.Request(url, data=body, method=method)  # loopback URLs only
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+    except OSError:
+        return 0, b""
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+
+
+@dataclass
+class Server:
+    """A server process under test: the operator or the baseline."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited with code {code}; tail of {self.log_path}:\n{_tail(self.log_path)}")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while _request("GET", f"{self.url}/readyz")[0] != 200:
+            self.alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} /readyz did not answer 200 within {START_TIMEOUT:.0f}s")
+            time.sleep(0.2)
+
+    def cpu_seconds(self) -> float | None:
+        return procs.cpu_seconds(self.popen.pid)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, *, kubectl: cluster.Kubectl, kubeconfig: Path,
+                 children: procs.Children, work_dir: Path) -> None:
+        self.args = args
+        self.kubectl = kubectl
+        self.kubeconfig = kubeconfig
+        self.children = children
+        self.work_dir = work_dir
+        self.rows: list[report.Row] = []
+        self.footprints: list[report.Footprint] = []
+
+    def run(self, queue_counts: Sequence[int], concurrencies: Sequence[int]) -> None:
+        for index, count in enumerate(queue_counts):
+            namespace = f"bench-{count}"
+            say(f"creating {count} WorkerQueues in namespace {namespace}")
+            began = time.monotonic()
+            targets = cluster.create_queues(self.kubectl, namespace, count)
+            say(f"  created in {time.monotonic() - began:.1f}s")
+            targets_file = self.work_dir / f"targets-{count}.json"
+            targets_file.write_text(json.dumps(targets))
+            # The next operator must not see these queues; deleted while this one runs, should it
+            # hold a finalizer on them.
+            last = index == len(queue_counts) - 1
+            self._measure(count, namespace, targets, targets_file, concurrencies, delete_after=not last)
+
+    def _measure(self, count: int, namespace: str, targets: list[Target], targets_file: Path,
+                 concurrencies: Sequence[int], *, delete_after: bool) -> None:
+        operator = self._start_operator(count)
+        say(f"operator pid {operator.popen.pid} on {operator.url}; waiting for {count} queues to be Ready")
+        began = time.monotonic()
+        operator.wait_ready()
+        cluster.wait_ready(self.kubectl, namespace, count, say=say, alive=operator.alive,
+                           timeout=START_TIMEOUT + count)
+        ready_seconds = time.monotonic() - began
+        rss_ready = procs.rss_kib(operator.popen.pid)
+        say(f"  all Ready after {ready_seconds:.1f}s; operator VmRSS {rss_ready} KiB")
+        idle_cpu = self._idle_cpu(operator)
+        say(f"  operator CPU with no /start traffic: {idle_cpu:.0%} of one core")
+
+        template = self._template(operator, targets[0])
+        body_file = self.work_dir / f"start-response-{count}.json"
+        body_file.write_bytes(template)
+        baseline = self._start_baseline(body_file, count)
+        baseline.wait_ready()
+        say(f"baseline pid {baseline.popen.pid} on {baseline.url}, serving {len(template)} bytes")
+
+        # The idle baseline costs the operator nothing; the paused operator costs the baseline nothing.
+        for concurrency in concurrencies:
+            with procs.paused(operator.popen):
+                base, base_cpu = self._load(baseline, targets_file, concurrency, count)
+            oper, oper_cpu = self._load(operator, targets_file, concurrency, count)
+            self.rows.append(report.make_row(count, concurrency, base, oper, base_cpu, oper_cpu))
+
+        self.footprints.append(report.Footprint(
+            queues=count, ready_seconds=ready_seconds, rss_ready_kib=rss_ready,
+            rss_after_load_kib=procs.rss_kib(operator.popen.pid),
+            peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle_cpu))
+        self.children.stop(baseline.popen)
+        if delete_after:
+            cluster.delete_queues(self.kubectl, namespace)
+        self.children.stop(operator.popen)
+
+    def _idle_cpu(self, server: Server) -> float:
+        """The server's CPU share, in cores, over one load run's time with no load."""
+        window = self.args.warmup + self.args.seconds
+        before = server.cpu_seconds()
+        time.sleep(window)
+        after = server.cpu_seconds()
+        server.alive()
+        return (after - before) / window if before is not None and after is not None else 0.0
+
+    def _start_operator(self, count: int) -> Server:
+        port = procs.free_port()
+        env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(port),
+               "WQ_ORGANIZATION_ID": "org-bench", "KUBECONFIG": str(self.kubeconfig)}
+        log_path = self.work_dir / f"operator-{count}.log"
+        popen = self.children.spawn(
+            [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self.kubeconfig)],
+            log_path=log_path, env=env)
+        return Server("operator", popen, f"http://127.0.0.1:{port}", log_path)
+
+    def _start_baseline(self, body_file: Path, count: int) -> Server:
+        port = procs.free_port()
+        log_path = self.work_dir / f"baseline-{count}.log"
+        popen = self.children.spawn(
+            [sys.executable, "-m", "bench.baseline", "--port", str(port), "--body", str(body_file)],
+            log_path=log_path, cwd=ROOT)
+        return Server("baseline", popen, f"http://127.0.0.1:{port}", log_path)
+
+    def _template(self, operator: Server, target: Target) -> bytes:
+        """A real /start answer of the operator: the baseline serves its bytes."""
+        body = json.dumps(loadgen.worker_body(0, "http://agent-control-plane.bench.internal:8000")).encode()
+        url = f"{operator.url}{loadgen.START_PATH.format(queue_id=target['queue_id'])}"
+        status, answer = _request("POST", url, body=body, token=target["token"])
+        if status != 200:
+            raise BenchError(f"/start for queue {target['queue_id']} answered {status}: {answer[:500]!r}")
+        return answer
+
+    def _load(self, server: Server, targets_file: Path, concurrency: int,
+              count: int) -> tuple[LoadResult, float | None]:
+        """One load run against `server`; its result and the server's CPU seconds meanwhile."""
+        out = self.work_dir / f"load-{server.name}-{count}-c{concurrency}.json"
+        log_path = out.with_suffix(".log")
+        cpu_before = server.cpu_seconds()
+        popen = self.children.spawn(
+            [sys.executable, "-m", "bench.loadgen", "--base-url", server.url, "--targets", str(targets_file),
+             "--concurrency", str(concurrency), "--warmup", str(self.args.warmup),
+             "--seconds", str(self.args.seconds), "--max-requests", str(self.args.max_requests), "--out", str(out)],
+            log_path=log_path, cwd=ROOT)
+        try:
+            # The generator stops by itself; this bound only guards against a hang.
+            code = popen.wait(self.args.warmup + self.args.seconds + START_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"the load generator against {server.name} did not stop; see {log_path}") from exc
+        finally:
+            self.children.stop(popen)
+        cpu_after = server.cpu_seconds()
+        server.alive()
+        if code != 0:
+            raise BenchError(f"the load generator exited with {code}:\n{_tail(log_path)}")
+        result: LoadResult = json.loads(out.read_text())
+        say(f"  {server.name}, {count} queues, concurrency {concurrency}: {result['rps']:.0f} req/s, "
+            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, non-200 {result['non_200']}")
+        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+        return result, cpu
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.queues, args.concurrency, args.seconds, args.warmup = QUICK_QUEUES, QUICK_CONCURRENCY, 1.0, 0.5
+    began = time.monotonic()
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="wq-bench-", dir=args.work_dir))
+    children = procs.Children()
+    control_plane: ControlPlane | None = None
+    bench: Bench | None = None
+    failed = True
+    with procs.interruptible():
+        try:
+            bin_dir = assets_.find_assets()
+            control_plane = ControlPlane(work_dir / "control-plane", bin_dir, log=lambda m: say(f"  {m}"))
+            say(f"starting a control plane in {control_plane.state_dir}")
+            control_plane.start()
+            kubectl = cluster.Kubectl(bin_dir / "kubectl", control_plane.kubeconfig)
+            cluster.install_crd(kubectl)
+            bench = Bench(args, kubectl=kubectl, kubeconfig=control_plane.kubeconfig, children=children,
+                          work_dir=work_dir)
+            bench.run(args.queues, args.concurrency)
+            failed = False
+        except procs.Interrupted:
+            say(f"interrupted: stopping everything; logs: {work_dir}")
+            return 130
+        except (BenchError, cluster.ClusterError, ControlPlaneError, assets_.AssetsError) as exc:
+            say(f"benchmark failed: {exc}\nlogs: {work_dir}")
+            return 1
+        finally:
+            procs.ignore_interrupts()  # the clean-up must not be cut short; restored on leaving the block
+            children.stop_all()
+            if control_plane is not None:
+                control_plane.stop()
+            if not failed and not args.keep:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            elif failed and control_plane is not None:  # the logs tell what happened, etcd's data does not
+                shutil.rmtree(control_plane.state_dir / "etcd", ignore_errors=True)
+    assert bench is not None
+    wall = time.monotonic() - began
+    _print(bench, wall, args, work_dir)
+    errors = sum(r["errors"] for r in bench.rows)
+    return 1 if errors else 0
+
+
+def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) -> None:
+    print()
+    print(report.table(bench.rows))
+    print()
+    print(report.legend())
+    print(report.footprint_lines(bench.footprints))
+    print(report.verdict(bench.rows))
+    print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.warmup:g}s warm-up + "
+          f"{args.seconds:g}s measured per run; benchmark wall time {wall:.1f}s")
+    if args.keep:
+        print(f"work folder kept: {work_dir}")
+    if args.json is not None:
+        figures = {"machine": _machine(), "wall_seconds": wall,
+                   "parameters": {"queues": list(args.queues), "concurrency": list(args.concurrency),
+                                  "seconds": args.seconds, "warmup": args.warmup},
+                   "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
+                               "max_p50_ratio": report.MAX_P50_RATIO},
+                   "rows": bench.rows, "operator": bench.footprints}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+

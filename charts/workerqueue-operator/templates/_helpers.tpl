@@ -1,0 +1,187 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+
+{{- define "workerqueue-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-<chart>, or <release> when it already contains the chart name; 63 chars max. */}}
+{{- define "workerqueue-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "workerqueue-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "workerqueue-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "workerqueue-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels ------------------------------------------------------------------------------ */}}
+
+{{- define "workerqueue-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "workerqueue-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "workerqueue-operator.labels" -}}
+helm.sh/chart: {{ include "workerqueue-operator.chart" . }}
+{{ include "workerqueue-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: agentcontrol
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Behaviour --------------------------------------------------------------------------- */}}
+
+{{/* "true" when kopf peering is on: asked for, or implied by several replicas. */}}
+{{- define "workerqueue-operator.peering" -}}
+{{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{- define "workerqueue-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "workerqueue-operator.scheme" -}}
+{{- if .Values.tls.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/* The operator's in-cluster URL, handed to worker pods. */}}
+{{- define "workerqueue-operator.workerControlPlaneUrl" -}}
+{{- if .Values.worker.controlPlaneUrl }}
+{{- .Values.worker.controlPlaneUrl }}
+{{- else }}
+{{- printf "%s://%s.%s.svc:%d" (include "workerqueue-operator.scheme" .) (include "workerqueue-operator.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{- define "workerqueue-operator.configDir" -}}/etc/workerqueue-operator/config{{- end }}
+{{- define "workerqueue-operator.tlsDir" -}}/etc/workerqueue-operator/tls{{- end }}
+
+{{/* A {namespace, name, key} Secret reference for the config file, or nothing when unnamed. */}}
+{{- define "workerqueue-operator.secretRef" -}}
+{{- $ref := index . 0 }}{{- $root := index . 1 }}
+{{- if $ref.name }}
+namespace: {{ default $root.Release.Namespace $ref.namespace | quote }}
+name: {{ $ref.name | quote }}
+key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key | quote }}
+{{- end }}
+{{- end }}
+
+{{/* RBAC rules -------------------------------------------------------------------------- */}}
+
+{{/* What the operator does in each namespace it serves: cluster-wide or per watched namespace. */}}
+{{- define "workerqueue-operator.namespacedRules" -}}
+- apiGroups: ["agentcontrol.dev"]
+  resources: ["workerqueues"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+- apiGroups: ["agentcontrol.dev"]
+  resources: ["workerqueues/status"]
+  verbs: ["get", "patch", "update"]
+# Pods and token Secrets carry blockOwnerDeletion: clusters with OwnerReferencesPermissionEnforcement
+# (OpenShift, for one) require this to create them.
+- apiGroups: ["agentcontrol.dev"]
+  resources: ["workerqueues/finalizers"]
+  verbs: ["update"]
+# Reads the Secrets queues name; creates their generated token Secrets. Those are owned by their
+# queue and garbage-collected with it: no update or delete.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if and (include "workerqueue-operator.peering" .) .Values.watchNamespaces }}
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+
+{{/* What is cluster-scoped by nature, in every mode. */}}
+{{- define "workerqueue-operator.clusterRules" -}}
+# Authenticating and authorizing /start callers that present a Kubernetes token.
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+- apiGroups: ["authorization.k8s.io"]
+  resources: ["subjectaccessreviews"]
+  verbs: ["create"]
+# kopf's resource discovery.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- if and (include "workerqueue-operator.peering" .) (not .Values.watchNamespaces) }}
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+
+{{/* The operator's config file ----------------------------------------------------------- */}}
+
+{{/* Settings fields (snake_case) from the values; `extraConfig` overrides them. */}}
+{{- define "workerqueue-operator.config" -}}
+{{- $v := .Values }}
+{{- $config := dict
+  "organization_id" $v.organizationId
+  "temporal_host" $v.temporal.host
+  "temporal_namespace" $v.temporal.namespace
+  "litellm_url" $v.litellm.url
+  "worker_control_plane_url" (include "workerqueue-operator.workerControlPlaneUrl" .)
+  "http_host" "0.0.0.0"
+  "http_port" (int $v.containerPort)
+  "token_review_audiences" $v.tokenReviewAudiences
+  "auth_cache_seconds" $v.authCacheSeconds
+  "namespaces" ($v.watchNamespaces | uniq)
+  "status_resync_seconds" $v.statusResyncSeconds
+}}
+{{- with include "workerqueue-operator.secretRef" (list $v.temporal.apiKeySecret .) }}
+{{- $_ := set $config "temporal_api_key_secret" (fromYaml .) }}
+{{- end }}
+{{- with include "workerqueue-operator.secretRef" (list $v.litellm.apiKeySecret .) }}
+{{- $_ := set $config "litellm_api_key_secret" (fromYaml .) }}
+{{- end }}
+{{- with $v.publicUrl }}
+{{- $_ := set $config "public_url" . }}
+{{- end }}
+{{- with $v.worker.image }}
+{{- $_ := set $config "worker_image" . }}
+{{- end }}
+{{- with $v.worker.command }}
+{{- $_ := set $config "worker_command" . }}
+{{- end }}
+{{- if $v.tls.enabled }}
+{{- $_ := set $config "tls_cert_file" (printf "%s/tls.crt" (include "workerqueue-operator.tlsDir" .)) }}
+{{- $_ := set $config "tls_key_file" (printf "%s/tls.key" (include "workerqueue-operator.tlsDir" .)) }}
+{{- end }}
+{{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}
+{{- end }}
