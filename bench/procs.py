@@ -7,18 +7,17 @@ Every child gets SIGKILL from the kernel if the benchmark itself dies (PR_SET_PD
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from workerqueue_operator.devcluster import controlplane
+
 STOP_GRACE_SECONDS = 20.0
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -26,19 +25,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-    def preexec() -> None:
-        if libc is None:
-            return
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> None:
@@ -81,7 +67,7 @@ class Children:
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None, cwd=cwd,
                 start_new_session=True,  # own process group: Ctrl-C reaches only us, we stop it
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=controlplane.die_with_parent(os.getpid()),
             )
         self._running.append(popen)
         return popen

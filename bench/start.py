@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, loadgen, procs, report
+from bench import cluster, loadgen, procs, report, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=5_000_000, help="cap per load run (default 5000000)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: {QUICK_QUEUES} queues, concurrency {QUICK_CONCURRENCY}, 1s (+0.5s warm-up)")
+    p.add_argument("--spawn-samples", type=int, default=20,
+                   help="queues created one at a time for the spawn latency (default 20; 0: skip it)")
+    p.add_argument("--spawn-burst", type=int, default=100,
+                   help="queues created at once for the spawn latency (default 100)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--work-dir", type=Path,
                    help="folder for logs and the control plane's state (default: a new temporary folder)")
@@ -141,6 +145,18 @@ class Bench:
         self.work_dir = work_dir
         self.rows: list[report.Row] = []
         self.footprints: list[report.Footprint] = []
+        self.spawn: list[spawn.SpawnResult] = []
+
+    def measure_spawn(self) -> None:
+        """Worker-pod spawn latency against a fresh operator (issue 4)."""
+        if self.args.spawn_samples <= 0:
+            return
+        operator = self._start_operator(0)
+        operator.wait_ready()
+        say("measuring worker-pod spawn latency")
+        self.spawn = spawn.measure(self.kubeconfig, one_by_one=self.args.spawn_samples,
+                                   at_once=self.args.spawn_burst, say=say)
+        self.children.stop(operator.popen)
 
     def run(self, queue_counts: Sequence[int], concurrencies: Sequence[int]) -> None:
         for index, count in enumerate(queue_counts):
@@ -266,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
         args.queues, args.concurrency, args.seconds, args.warmup = QUICK_QUEUES, QUICK_CONCURRENCY, 1.0, 0.5
+        args.spawn_samples, args.spawn_burst = 3, 10
     began = time.monotonic()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(args, kubectl=kubectl, kubeconfig=control_plane.kubeconfig, children=children,
                           work_dir=work_dir)
             bench.run(args.queues, args.concurrency)
+            bench.measure_spawn()
             failed = False
         except procs.Interrupted:
             say(f"interrupted: stopping everything; logs: {work_dir}")
@@ -315,6 +333,9 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
     print(report.legend())
     print(report.footprint_lines(bench.footprints))
     print(report.verdict(bench.rows))
+    if bench.spawn:
+        print()
+        print(spawn.lines(bench.spawn))
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.warmup:g}s warm-up + "
           f"{args.seconds:g}s measured per run; benchmark wall time {wall:.1f}s")
     if args.keep:
@@ -325,7 +346,7 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                                   "seconds": args.seconds, "warmup": args.warmup},
                    "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
                                "max_p50_ratio": report.MAX_P50_RATIO},
-                   "rows": bench.rows, "operator": bench.footprints}
+                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {args.json}")
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -54,14 +55,14 @@ class Http:
 
 
 def http(method: str, url: str, *, body: bytes | None = None, token: str | None = None,
-         headers: dict[str, str] | None = None, timeout: float = 10) -> Http:
+         headers: dict[str, str] | None = None, timeout: float = 10, context: ssl.SSLContext | None = None) -> Http:
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     if body is not None and not request.has_header("Content-type"):
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return Http(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         return Http(exc.code, dict(exc.headers), exc.read())
@@ -77,9 +78,10 @@ class OperatorProcess:
     """`workerqueue-operator run` as its own process group, its logs in a file the tests can read."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, context: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.context = context  # set: the operator serves HTTPS, trusted through this context
+        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._kubeconfig = kubeconfig
         self._env = env or {}
@@ -108,7 +110,7 @@ class OperatorProcess:
             tail = self.log_path.read_text()[-3000:]
             raise AssertionError(f"operator exited with {self.process.returncode}:\n{tail}")
         try:
-            return http("GET", f"{self.url}/readyz", timeout=2).status == 200
+            return http("GET", f"{self.url}/readyz", timeout=2, context=self.context).status == 200
         except OSError:
             return False
 
@@ -127,7 +129,8 @@ class OperatorProcess:
 
     def start_worker(self, queue_id: str, token: str | None, body: dict[str, Any] | None = None) -> Http:
         payload = json.dumps(body).encode() if body is not None else None
-        return http("POST", f"{self.url}/api/v1/worker-queues/{queue_id}/start", body=payload, token=token)
+        return http("POST", f"{self.url}/api/v1/worker-queues/{queue_id}/start", body=payload, token=token,
+                    context=self.context)
 
 
 @pytest.fixture(scope="session")

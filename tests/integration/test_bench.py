@@ -46,3 +46,7 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     assert footprint["queues"] == start.QUICK_QUEUES[0]
     assert footprint["rss_ready_kib"] > 0 and footprint["rss_after_load_kib"] > 0
     assert "throughput" in text and "p50 ratio" in text  # the table was printed
+    spawned = {r["scenario"]: r for r in figures["spawn"]}
+    assert set(spawned) == {"one queue at a time", "10 queues created at once"}
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in spawned.values())
+    assert "spawn latency" in text

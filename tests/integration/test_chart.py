@@ -36,11 +36,6 @@ DOCS = ROOT / "docs" / "helm.md"
 CRD_TEMPLATE = Path("templates") / "crds" / "workerqueues.yaml"
 CRD_NAME = "workerqueues.agentcontrol.dev"
 
-# Settings fields the chart writes that the operator is still being taught (see docs/helm.md);
-# once Settings has them, the config file is validated with them like every other field.
-PENDING_SETTINGS = {"tls_cert_file", "tls_key_file"}
-
-
 # -- helm ----------------------------------------------------------------------------------------
 
 
@@ -371,9 +366,9 @@ def test_peering(helm: Helm, option: str):
 def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp_path: Path):
     config = config_of(helm.template(option_values(option, OFFLINE)))
     unknown = set(config) - set(Settings.model_fields)
-    assert unknown <= PENDING_SETTINGS, f"the chart writes settings the operator does not know: {unknown}"
+    assert not unknown, f"the chart writes settings the operator does not know: {unknown}"
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in unknown}))
+    path.write_text(yaml.safe_dump(config))
     settings = Settings.load(environ={"WQ_CONFIG_FILE": str(path)})
     if option == "config":
         assert settings.organization_id == "org-42"
@@ -398,8 +393,6 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert settings.auth_cache_seconds == defaults.auth_cache_seconds
         assert settings.status_resync_seconds == defaults.status_resync_seconds
         assert settings.http_port == defaults.http_port
-    if unknown:
-        pytest.xfail(f"Settings has no {sorted(unknown)} yet (TLS for the HTTP server)")
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -254,7 +254,7 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir,
                 start_new_session=True,  # own process group: stop() signals the whole group
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=die_with_parent(os.getpid()),
             )
         proc = _Proc(name, popen, log_path)
         self._procs.append(proc)
@@ -352,7 +352,7 @@ def _free_ports(count: int) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+def die_with_parent(parent_pid: int) -> Callable[[], None]:
     """A preexec_fn making the child receive SIGKILL when its parent dies, even by SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
