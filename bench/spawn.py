@@ -9,6 +9,7 @@ the time before the create call and the time the watch delivers the pod.
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ class PodWatch:
         self._watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
+        self._stopping = False
 
     def __enter__(self) -> PodWatch:
         self._thread.start()
@@ -54,10 +56,20 @@ class PodWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping = True
         self._watch.stop()  # type: ignore[no-untyped-call]
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        try:
+            self._stream()
+        except Exception as exc:  # the stream ends when the namespace goes; a waiter times out otherwise
+            if not self._stopping:
+                print(f"pod watch ended: {exc}", file=sys.stderr)
+        finally:
+            self._ready.set()
+
+    def _stream(self) -> None:
         listing = self._core.list_namespaced_pod(self._namespace, label_selector=QUEUE_LABEL)
         self._ready.set()
         version = listing.metadata.resource_version if listing.metadata else None

@@ -21,6 +21,7 @@ import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.supervisor import Supervisor
@@ -140,7 +141,8 @@ async def run(
     version = workerqueue_operator.__version__
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
     store = Store(settings=settings, version=version)
-    reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds)
+    events = EventPoster(client)
+    reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events)
     feed = Feed(store, reconciler)
     watches = Watches(client, feed, settings.namespaces)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
@@ -156,8 +158,9 @@ async def run(
         on_listening(port)
 
     background = asyncio.create_task(watches.run(reconciler), name="watches")
-    supervisor = Supervisor(store=store, client=client, settings=settings)
+    supervisor = Supervisor(store=store, client=client, settings=settings, events=events)
     background_supervisor = asyncio.create_task(supervisor.run(), name="worker supervisor")
+    background_events = asyncio.create_task(events.run(), name="event poster")
     registry = handlers.registry(settings=settings, supervisor=supervisor)
     try:
         await kopf.operator(
@@ -173,9 +176,10 @@ async def run(
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
     finally:
-        background.cancel()
-        background_supervisor.cancel()
+        tasks = (background, background_supervisor, background_events)
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(background, background_supervisor, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         await http.cleanup()
         await client.close()

@@ -65,6 +65,16 @@ def test_missing_secret_is_a_problem_naming_secret_and_key_only(secrets, reason,
     assert r.token_digests  # the queue token still resolves, so its holder gets 503, not 401
 
 
+def test_a_missing_generated_token_is_told_apart_from_other_problems():
+    q = queue()
+    pending = queues.resolve(q, secrets={}, settings=SETTINGS, version="1")
+    assert pending.problem.reason == "SecretPending" and pending.awaiting_generated_token
+    broken = queues.resolve(queue(temporal={}), secrets={}, settings=SETTINGS, version="1")
+    assert not broken.awaiting_generated_token
+    own = queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "a"}]})
+    assert not queues.resolve(own, secrets={}, settings=SETTINGS, version="1").awaiting_generated_token
+
+
 def test_temporal_must_be_configured_somewhere():
     r = resolve(queue(temporal={}))
     assert r.problem.reason == "TemporalNotConfigured"

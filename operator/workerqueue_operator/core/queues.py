@@ -148,6 +148,8 @@ class Resolution:
     problem: Problem | None
     token_digests: tuple[bytes, ...] = ()
     """Digests of the queue tokens; known even when something else keeps the queue from being Ready."""
+    awaiting_generated_token: bool = False
+    """All that is missing is the token Secret the operator itself is creating."""
 
     @property
     def ready(self) -> bool:
@@ -200,12 +202,20 @@ def resolve(
 ) -> Resolution:
     """The configuration a queue serves, or the first reason it cannot."""
     lookup = _Lookup(secrets)
-    tokens: tuple[bytes, ...] = ()
     try:
         tokens = tuple(digest(lookup.value(queue.namespace, ref.name, ref.key)) for ref in queue.token_refs())
+    except _Unresolved as exc:
+        token_problem: Problem | None = exc.problem
+        tokens = ()
+    else:
+        token_problem = None
+    try:
         config = _config(queue, lookup, settings=settings, version=version)
     except _Unresolved as exc:
-        return Resolution(queue=queue, config=None, problem=exc.problem, token_digests=tokens)
+        return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens)
+    if token_problem is not None:
+        generated = not queue.spec.auth.token_secret_refs
+        return Resolution(queue=queue, config=None, problem=token_problem, awaiting_generated_token=generated)
     problem = Problem("Suspended", "the queue is suspended") if config.suspended else None
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core import status as status_
+from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
@@ -58,11 +59,13 @@ class Reconciler:
         store: Store,
         client: client_.KubeClient,
         resync_seconds: float,
-        concurrency: int = 8,
+        events: EventPoster,
+        concurrency: int = 32,
         now: Callable[[], str] = resources.now_rfc3339,
     ) -> None:
         self._store = store
         self._client = client
+        self._events = events
         self._resync_seconds = resync_seconds
         self._now = now
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
@@ -142,8 +145,8 @@ class Reconciler:
             return
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
         if await resources.create_if_absent(self._client, resources.secrets_path(queue.namespace), body):
-            await resources.post_event(self._client, involved=queue_ref_body(queue), reason="TokenSecretCreated",
-                                       message=f"created Secret {name} holding the queue token")
+            self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
+                              message=f"created Secret {name} holding the queue token")
 
     async def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]
@@ -154,10 +157,5 @@ class Reconciler:
         if after["reason"] == "CrashLooping":
             return  # the worker supervisor has said so, with the details
         ready = after["status"] == "True"
-        await resources.post_event(
-            self._client,
-            involved=queue_ref_body(queue),
-            reason=after["reason"] if not ready else "Ready",
-            message=after["message"],
-            warning=not ready,
-        )
+        self._events.post(involved=queue_ref_body(queue), reason=after["reason"] if not ready else "Ready",
+                          message=after["message"], warning=not ready)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.core import workers
+from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import queue_ref_body
 from workerqueue_operator.core.store import Store
@@ -42,11 +43,13 @@ class Supervisor:
         store: Store,
         client: client_.KubeClient,
         settings: settings_.Settings,
+        events: EventPoster,
         clock: Callable[[], float] = time.time,
-        concurrency: int = 16,
+        concurrency: int = 32,
     ) -> None:
         self._store = store
         self._client = client
+        self._events = events
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -77,7 +80,7 @@ class Supervisor:
 
     def _store_changed(self, key: QueueKey) -> None:
         resolution = self._store.resolution(key)
-        serving = resolution is not None and resolution.config is not None
+        serving = resolution is not None and (resolution.config is not None or resolution.awaiting_generated_token)
         if self._serving.get(key) != serving:
             self._serving[key] = serving
             if key in self._bodies:
@@ -120,24 +123,25 @@ class Supervisor:
         resolution = self._store.resolution(key)
         create = plan.create
         status = plan.workers
-        if create and (resolution is None or resolution.config is None):
-            # Workers of a queue that cannot serve /start would only fail: wait until it can.
+        if create and (resolution is None or (resolution.config is None and not resolution.awaiting_generated_token)):
+            # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
+            # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
         if status != previous:
             await self._write_status(queue, status)
         involved = queue_ref_body(queue)
 
         for event in plan.events:
-            await resources.post_event(self._client, involved=involved, reason=event.reason,
-                                       message=event.message, warning=event.warning)
+            self._events.post(involved=involved, reason=event.reason,
+                              message=event.message, warning=event.warning)
         await asyncio.gather(*(self._delete_pod(queue.namespace, name) for name in plan.delete))
         if create:
             refused = await self._create_pods(queue, create)
             if refused != status.last_error:
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}))
         if plan.delete_queue is not None:
-            await resources.post_event(self._client, involved=involved, reason=plan.delete_queue.reason,
-                                       message=plan.delete_queue.message, warning=plan.delete_queue.warning)
+            self._events.post(involved=involved, reason=plan.delete_queue.reason,
+                              message=plan.delete_queue.message, warning=plan.delete_queue.warning)
             await self._delete_queue(queue)
         elif plan.requeue_after is not None:
             self._queue.add_after(key, plan.requeue_after)
@@ -171,12 +175,12 @@ class Supervisor:
         for body, result in zip(bodies, results, strict=True):
             name = body["metadata"]["name"]
             if result is True:
-                await resources.post_event(self._client, involved=involved, reason="WorkerCreated",
-                                           message=f"created worker pod {name}")
+                self._events.post(involved=involved, reason="WorkerCreated",
+                                  message=f"created worker pod {name}")
             elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
                 refused = f"pod {name} was refused: {result.message}"
-                await resources.post_event(self._client, involved=involved, reason="PodCreationFailed",
-                                           message=refused, warning=True)
+                self._events.post(involved=involved, reason="PodCreationFailed",
+                                  message=refused, warning=True)
             elif isinstance(result, BaseException):
                 raise result
         return refused
