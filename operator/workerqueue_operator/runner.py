@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import ssl
 from collections.abc import Callable
@@ -103,6 +104,9 @@ class Watches:
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
             await asyncio.gather(*(i.synced.wait() for i in self.secrets))
             self._feed.secrets_synced()
+            # What exists now (kopf, the clients, every queue) lives as long as the process: out of the
+            # collector's sight, a full collection no longer walks it while /start is busy.
+            gc.freeze()
             tasks.append(asyncio.create_task(reconciler.run(), name="status reconciler"))
             await asyncio.gather(*tasks)
         finally:
