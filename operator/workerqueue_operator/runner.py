@@ -146,7 +146,8 @@ async def run(
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
     store = Store(settings=settings, version=version)
     events = EventPoster(client)
-    reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events)
+    reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
+                            watched_namespaces=settings.namespaces)
     feed = Feed(store, reconciler)
     watches = Watches(client, feed, settings.namespaces)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -123,6 +124,18 @@ class OperatorProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stopped meanwhile: for a test running an operator of its own that this one would race."""
+        running = self.process is not None and self.process.poll() is None
+        if running:
+            self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -49,25 +49,6 @@ class Deployed:
         return f"system:serviceaccount:{self.namespace}:{self.service_account}"
 
 
-@contextlib.contextmanager
-def shared_operator_paused(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The session's operator (admin credentials, cluster-wide), if it runs, would do the work for
-    ours and hide a missing permission: it is stopped meanwhile and started again afterwards."""
-    shared = None
-    with contextlib.suppress(Exception):  # pytest internals: at worst, nothing is paused
-        definitions = request._fixturemanager.getfixturedefs("operator", request.node) or ()
-        cached = [d.cached_result for d in definitions if d.cached_result is not None]
-        shared = cached[-1][0] if cached else None
-    running = isinstance(shared, OperatorProcess) and shared.process is not None and shared.process.poll() is None
-    if running:
-        shared.stop()
-    try:
-        yield
-    finally:
-        if running:
-            shared.start()
-
-
 @pytest.fixture(scope="module")
 def helm(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(k8s_assets / "helm", tmp_path_factory.mktemp("helm-home"))
@@ -120,7 +101,7 @@ def deployed(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., 
     operator = OperatorProcess(config, folder / "operator.log", env={"WQ_CONFIG_FILE": str(config_file)},
                              args=args[1:])
     try:
-        with shared_operator_paused(request):
+        with request.getfixturevalue("operator").paused():
             yield Deployed(mode, namespace, service_account, operator.start())
     finally:
         operator.stop()

@@ -60,6 +60,7 @@ class Reconciler:
         client: client_.KubeClient,
         resync_seconds: float,
         events: EventPoster,
+        watched_namespaces: tuple[str, ...] = (),
         concurrency: int = 32,
         now: Callable[[], str] = resources.now_rfc3339,
     ) -> None:
@@ -72,16 +73,18 @@ class Reconciler:
         self._written: dict[QueueKey, dict[str, Any]] = {}
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
+        self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
         store.subscribe(self.schedule)
 
     def schedule(self, key: QueueKey) -> None:
         self._queue.add(key)
 
-    def fetch_secrets(self, names: set[SecretName]) -> None:
-        """Reads Secrets a queue just started to use (the watch only keeps used ones)."""
+    def fetch_secrets(self, names: set[SecretName], *, refresh: bool = False) -> None:
+        """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with
+        `refresh`, Secrets no watch covers, so that their rotation is seen too."""
         for name in names - self._fetching:
             self._fetching.add(name)
-            task = asyncio.create_task(self._fetch(name))
+            task = asyncio.create_task(self._fetch(name, refresh=refresh))
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
 
@@ -100,18 +103,26 @@ class Reconciler:
             await asyncio.sleep(self._resync_seconds)
             for key in self._store.queue_keys():
                 self.schedule(key)
+            if self._watched:
+                # Operator-wide default Secrets may live outside the watched namespaces.
+                self.fetch_secrets({n for n in self._store.used_secrets() if n[0] not in self._watched},
+                                   refresh=True)
 
-    async def _fetch(self, name: SecretName) -> None:
+    async def _fetch(self, name: SecretName, *, refresh: bool = False) -> None:
         try:
             body = await resources.read_secret(self._client, *name)
         except (client_.ApiError, OSError, TimeoutError) as exc:
             logger.warning("reading secret %s/%s failed: %s", name[0], name[1], exc)
             await asyncio.sleep(1)
             self._fetching.discard(name)
-            self.fetch_secrets({name})
+            self.fetch_secrets({name}, refresh=refresh)
             return
         self._fetching.discard(name)
-        self._store.fill_secret(name, None if body is None else queues.decode_secret_data(body))
+        data = None if body is None else queues.decode_secret_data(body)
+        if refresh:
+            self._store.upsert_secret(name, data)
+        else:
+            self._store.fill_secret(name, data)
 
     async def reconcile(self, key: QueueKey) -> None:
         resolution = self._store.resolution(key)

@@ -83,6 +83,9 @@ class Store:
             return True, self._secrets[name]
         return False, None
 
+    def used_secrets(self) -> set[SecretName]:
+        return set(self._users)
+
     def unknown_secrets(self) -> set[SecretName]:
         """Secrets some queue uses whose state the watch has not told (yet)."""
         return {name for name in self._users if name not in self._secrets}
