@@ -32,7 +32,6 @@ STORE = web.AppKey("store", Store)
 REVIEWER = web.AppKey("reviewer", reviews.Reviewer)
 SETTINGS = web.AppKey("settings", settings_.Settings)
 METRICS = web.AppKey("metrics", metrics.Metrics)
-VERSION = web.AppKey("version", str)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 OPENAPI = web.AppKey("openapi", bytes)
 
@@ -195,7 +194,6 @@ def make_app(
     app[STORE] = store
     app[REVIEWER] = reviewer
     app[SETTINGS] = settings
-    app[VERSION] = version
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics.Metrics()

@@ -143,7 +143,7 @@ class Reconciler:
             self._written.pop(key, None)
             return
         self._written[key] = desired
-        await self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
+        self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> None:
         """Generates the queue token when the queue names none and the watch knows there is none."""
@@ -159,7 +159,7 @@ class Reconciler:
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
 
-    async def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
+    def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]
                              and before.get("reason") == after["reason"]):
             return

@@ -12,7 +12,7 @@ import datetime
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from workerqueue_operator.core import queues
@@ -228,7 +228,6 @@ class PodInputs:
     control_plane_url: str
     secrets_digest: str
     owner: Mapping[str, Any]
-    extra_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: settings_.Settings) -> dict[str, Any]:
@@ -263,7 +262,6 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/part-of": "agentcontrol",
         **MANAGED_BY,
-        **inputs.extra_labels,
     }
     annotations = {
         **(meta.get("annotations") or {}),

@@ -309,12 +309,13 @@ class _Interrupted(BaseException):
 
 def run_until_signal(
     control_plane: ControlPlane,
-    on_ready: Callable[[ControlPlane], None] | None = None,
+    main: Callable[[ControlPlane], None] | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-) -> int:
-    """Start `control_plane`, call `on_ready`, wait for one of `signals`, stop it; return the signal.
+) -> int | None:
+    """Start `control_plane`, run `main` on it (default: wait for one of `signals`), then stop it.
 
-    A signal during start-up aborts it (and stops what was started). Main thread only.
+    A signal at any point, start-up included, unwinds to the stop; it is returned. Main thread only.
+    `main` may install handlers of its own for these signals (as kopf does) and simply return.
     """
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -325,8 +326,9 @@ def run_until_signal(
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         control_plane.start()
-        if on_ready is not None:
-            on_ready(control_plane)
+        if main is not None:
+            main(control_plane)
+            return None
         while True:
             signal.pause()
     except _Interrupted as e:
@@ -334,7 +336,7 @@ def run_until_signal(
         return received
     finally:
         for s in signals:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         control_plane.stop()
         for s, h in previous.items():
             signal.signal(s, h)

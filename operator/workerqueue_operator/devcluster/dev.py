@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import FrameType
 
 from workerqueue_operator.devcluster import assets as assets_
-from workerqueue_operator.devcluster.controlplane import ControlPlane
+from workerqueue_operator.devcluster.controlplane import ControlPlane, run_until_signal
 from workerqueue_operator.models import crd
 from workerqueue_operator.models.settings import Settings
 
@@ -61,14 +59,6 @@ Ctrl-C stops everything.
 """
 
 
-class _Stop(BaseException):
-    """Unwinds start-up when SIGTERM arrives before the operator has its own signal handling."""
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signum)
-
-
 def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     from workerqueue_operator import runner
 
@@ -76,24 +66,17 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()
-    control_plane = ControlPlane(state, bin_dir, log=_say)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _raise_stop)
-    try:
-        control_plane.start()
+
+    def serve(control_plane: ControlPlane) -> None:
         install_crds(bin_dir, control_plane.kubeconfig)
         if EXAMPLES.is_dir():
             _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
         os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
         settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=f"http://127.0.0.1:{port}")
         _say(usage(state, port))
-        # From here kopf handles SIGINT/SIGTERM itself and returns; the control plane stops below.
+        # kopf handles SIGINT/SIGTERM from here on and returns; the control plane is stopped after.
         asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
-    except (_Stop, KeyboardInterrupt):
-        pass
-    finally:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        control_plane.stop()
-        _say("stopped")
+
+    run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
+    _say("stopped")
     return 0
