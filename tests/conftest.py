@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from workerqueue_operator.devcluster.assets import find_assets
 from workerqueue_operator.devcluster.controlplane import ControlPlane
+from workerqueue_operator.devcluster.temporal import TemporalServer
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -51,6 +52,16 @@ def control_plane(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) ->
     state_dir = tmp_path_factory.mktemp("control-plane")
     with ControlPlane(state_dir, k8s_assets, log=lambda m: print(m, file=sys.stderr)) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalServer]:
+    """A real Temporal dev server on loopback (`temporal server start-dev`), once per session.
+
+    A test that stops it must start it again (on the same port and database) before it ends.
+    """
+    with TemporalServer(tmp_path_factory.mktemp("temporal"), log=lambda m: print(m, file=sys.stderr)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
