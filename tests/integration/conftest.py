@@ -140,6 +140,11 @@ class OperatorProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def call(self, method: str, path: str, token: str | None, body: dict[str, Any] | None = None,
+             timeout: float = 10) -> Http:
+        payload = json.dumps(body).encode() if body is not None else None
+        return http(method, f"{self.url}{path}", body=payload, token=token, context=self.context, timeout=timeout)
+
     def start_worker(self, queue_id: str, token: str | None, body: dict[str, Any] | None = None) -> Http:
         payload = json.dumps(body).encode() if body is not None else None
         return http("POST", f"{self.url}/api/v1/worker-queues/{queue_id}/start", body=payload, token=token,
@@ -164,6 +169,7 @@ class Kube:
         self.core = k8s.CoreV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
         self.rbac = k8s.RbacAuthorizationV1Api(api_client)
+        self.coordination = k8s.CoordinationV1Api(api_client)
 
     def create_queue(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerQueue",
@@ -259,6 +265,12 @@ class Kube:
                 return False
             raise
         return True
+
+    def registrations(self, namespace: str) -> dict[str, k8s.V1Lease]:
+        """The worker registrations (Leases) of a namespace, by worker id."""
+        items = self.coordination.list_namespaced_lease(
+            namespace, label_selector="app.kubernetes.io/component=worker-registration").items
+        return {lease.spec.holder_identity: lease for lease in items}
 
     def events(self, namespace: str, name: str | None = None) -> list[k8s.CoreV1Event]:
         items = self.core.list_namespaced_event(namespace).items

@@ -16,12 +16,16 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self._latency_counts: dict[str, list[int]] = {}
         self._latency_sums: dict[str, float] = defaultdict(float)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._gauges: dict[str, tuple[str, str, Callable[[], float]]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time, so it is never stale."""
-        self._gauges[name] = (help_text, read)
+        self._gauges[name] = ("gauge", help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept by its owner, read at scrape time."""
+        self._gauges[name] = ("counter", help_text, read)
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -60,6 +64,6 @@ class Metrics:
         ]
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
-        for name, (help_text, read) in sorted(self._gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        for name, (kind, help_text, read) in sorted(self._gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]
         return "\n".join(lines) + "\n"

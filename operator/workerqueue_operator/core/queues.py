@@ -108,6 +108,14 @@ class QueueObject:
         return frozenset(names)
 
 
+def temporal_tls(queue: QueueObject, settings: settings_.Settings) -> bool:
+    """Whether the queue's Temporal is reached over TLS: as set, else exactly when an API key is set."""
+    own = queue.spec.temporal
+    if own.tls is not None:
+        return own.tls
+    return own.api_key_secret_ref is not None or settings.temporal_api_key_secret is not None
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why a queue is not Ready: a CamelCase reason and a sentence that never holds a secret value."""
@@ -125,6 +133,7 @@ class QueueConfig:
     websocket_enabled: bool
     websocket_url: str | None
     suspended: bool
+    temporal_tls: bool = False
 
     @functools.cached_property
     def fields_json(self) -> bytes:
@@ -278,6 +287,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         websocket_enabled=websocket_enabled,
         websocket_url=s.websocket.url,
         suspended=s.suspend,
+        temporal_tls=temporal_tls(queue, settings),
     )
 
 

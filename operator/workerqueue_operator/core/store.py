@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from workerqueue_operator.core import queues
@@ -17,6 +17,14 @@ from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, 
 from workerqueue_operator.models import settings as settings_
 
 Listener = Callable[[QueueKey], None]
+
+
+@dataclass(frozen=True)
+class WorkerCredential:
+    """A per-worker token: the operator-run pod it was made for, and that pod's queue."""
+
+    queue: QueueKey
+    pod: str
 
 
 class Store:
@@ -32,6 +40,8 @@ class Store:
         self._token_owners: dict[bytes, set[QueueKey]] = {}
         self._token_digests: dict[QueueKey, tuple[bytes, ...]] = {}
         self._listeners: list[Listener] = []
+        self._worker_tokens: dict[bytes, WorkerCredential] = {}
+        self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
 
     # --- feeding -----------------------------------------------------------------------------------
 
@@ -95,6 +105,23 @@ class Store:
         if name in self._users and name not in self._secrets:
             self.upsert_secret(name, data)
 
+    def upsert_worker_credential(self, secret: SecretName, credential: WorkerCredential, token: str | None) -> None:
+        """A per-worker token Secret was seen (an empty one opens nothing)."""
+        self.remove_worker_credential(secret)
+        if token:
+            token_digest = queues.digest(token)
+            self._worker_tokens[token_digest] = credential
+            self._worker_token_secrets[secret] = (token_digest, credential)
+
+    def remove_worker_credential(self, secret: SecretName) -> None:
+        previous = self._worker_token_secrets.pop(secret, None)
+        if previous is not None and self._worker_tokens.get(previous[0]) == previous[1]:
+            del self._worker_tokens[previous[0]]
+
+    def worker_credential_secrets(self, queue: QueueKey) -> dict[str, SecretName]:
+        """pod name -> the Secret holding its token, for a queue's per-worker tokens."""
+        return {c.pod: name for name, (_, c) in self._worker_token_secrets.items() if c.queue == queue}
+
     # --- reading (the /start hot path) -------------------------------------------------------------
 
     def serving(self, queue_id: str) -> Resolution | None:
@@ -116,6 +143,10 @@ class Store:
         for candidate in self._token_digests.get(resolution.queue.key, ()):
             matched |= hmac.compare_digest(candidate, token_digest)
         return matched
+
+    def worker_credential(self, token_digest: bytes) -> WorkerCredential | None:
+        """The pod and queue of a per-worker token, if it is one."""
+        return self._worker_tokens.get(token_digest)
 
     def is_queue_token(self, token_digest: bytes) -> bool:
         """Whether the token is a queue token of any queue (then it is never sent to a TokenReview)."""

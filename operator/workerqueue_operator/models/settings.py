@@ -90,6 +90,11 @@ class Settings(BaseModel):
     """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
     RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
 
+    # Temporal, as the operator reaches it for /executions.
+    temporal_timeout_seconds: float = Field(default=4.0, gt=0, le=60)
+    """Longest a Temporal call may take before /executions answers 503: a worker polls every 2 s
+    and must get an answer (any answer) well before its next poll piles up."""
+
     # Scope.
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty: the whole cluster."""

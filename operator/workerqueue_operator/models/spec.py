@@ -64,6 +64,9 @@ class TemporalSpec(_Model):
     """Temporal namespace the workers poll."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Temporal API key; absent means no key (e.g. a self-hosted server)."""
+    tls: bool | None = None
+    """Connect to Temporal over TLS (the API key sent as a bearer token). Default: on exactly when an
+    API key is set. Off: worker pods are told to use plaintext, as a self-hosted server needs."""
 
 
 class LiteLLMSpec(_Model):
@@ -168,8 +171,9 @@ class WorkerQueueSpec(_Model):
     """Human-readable name, for people only."""
     heartbeat_interval_seconds: int = Field(default=60, ge=10, le=300)
     """How often workers send a heartbeat, in seconds."""
-    max_workers: int | None = Field(default=None, ge=1)
-    """Upper bound on workers the operator runs for this queue at once."""
+    max_workers: int | None = Field(default=None, ge=1, le=1000)
+    """Upper bound on live workers: /start answers 409 once this many are registered, and the
+    operator runs at most this many worker pods at once."""
     suspend: bool = False
     """A suspended queue answers /start with 400 and gets no new worker pods."""
     ephemeral: bool = False
@@ -247,6 +251,8 @@ class WorkersStatus(_Model):
     """Ephemeral queues: when the last required worker finished."""
     last_error: str | None = None
     """Why the last pod creation was refused, if it was."""
+    live: int = 0
+    """Workers registered and heartbeating, wherever they run (one Lease each)."""
 
 
 class WorkerQueueStatus(_Model):
