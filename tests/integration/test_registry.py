@@ -53,7 +53,7 @@ def test_a_worker_registers_heartbeats_and_disconnects(operator: OperatorProcess
     assert "secret-looking" not in str(kube.registrations(namespace)[worker_id])
 
     # Errors: unknown worker, another queue's token, a malformed body.
-    other_id, other_token = ready_queue(kube, namespace, "other")
+    _, other_token = ready_queue(kube, namespace, "other")
     assert heartbeat(operator, "00000000-0000-4000-8000-000000000000", token) == 404
     assert heartbeat(operator, worker_id, other_token) == 403
     malformed = operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", token, {"tasks_processed": "many"})
