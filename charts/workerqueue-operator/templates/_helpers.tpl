@@ -105,11 +105,16 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues/finalizers"]
   verbs: ["update"]
-# Reads the Secrets queues name; creates their generated token Secrets. Those are owned by their
-# queue and garbage-collected with it: no update or delete.
+# Reads the Secrets queues name; creates their generated token Secrets and each worker pod's own
+# token Secret. Deletes the latter with their pod (a queue's are garbage-collected with it); never
+# updates or patches a Secret.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The live-worker registry: one Lease per worker, owned by its queue.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
