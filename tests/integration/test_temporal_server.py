@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import wait_for
-from workerqueue_operator.devcluster.temporal import TemporalServer
+from workerqueue_operator.devcluster.temporal import TemporalError, TemporalServer
 
 
 def alive(pid: int) -> bool:
@@ -57,3 +59,24 @@ def test_the_server_dies_with_its_parent(tmp_path: Path):
         parent.wait()
         parent.stdout.close()  # type: ignore[union-attr]
     wait_for(lambda: not alive(pid), timeout=10, what="temporal gone with its parent")
+
+
+def fake_cli(tmp_path: Path, body: str) -> Path:
+    cli = tmp_path / "temporal"
+    cli.write_text(f"#!/bin/sh\n{body}\n")
+    cli.chmod(0o755)
+    return cli
+
+
+def test_a_server_that_exits_is_reported_with_its_log(tmp_path: Path):
+    server = TemporalServer(tmp_path / "s", cli=fake_cli(tmp_path, "echo 'unable to open the database'; exit 3"))
+    with pytest.raises(TemporalError, match=r"(?s)exited with code 3.*unable to open the database"):
+        server.start()
+    assert server.pid is None
+
+
+def test_a_server_that_never_serves_times_out_and_is_stopped(tmp_path: Path):
+    server = TemporalServer(tmp_path / "s", start_timeout=1.0, cli=fake_cli(tmp_path, "echo starting; exec sleep 60"))
+    with pytest.raises(TemporalError, match=r"(?s)timed out after 1s.*starting"):
+        server.start()
+    assert server.pid is None and not (tmp_path / "s" / "pid").exists()
