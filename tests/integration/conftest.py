@@ -23,6 +23,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
@@ -153,9 +155,11 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def operator(
-    crd_installed: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory,
+    crd_installed: None, kubeconfig: Path, temporal: TemporalServer, tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    # The session's Temporal is the default of queues that name none (as in `dev` and the examples).
+    env = {"WQ_TEMPORAL_HOST": temporal.address, "WQ_TEMPORAL_NAMESPACE": temporal.namespace}
+    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env=env)
     try:
         yield proc.start()
     finally:

@@ -225,6 +225,10 @@ class Temporal:
             # The SDK reports a failed connection as a RuntimeError naming the address and the cause.
             self._drop(endpoint, client_task)
             raise TemporalUnavailable(f"Temporal at {endpoint} is unreachable: {_first_line(e)}") from None
+        except Exception as e:  # e.g. a malformed host: still an answer for the caller, not a crash
+            self._drop(endpoint, client_task)
+            logger.debug("Temporal call to %s failed", endpoint, exc_info=True)
+            raise TemporalUnavailable(f"Temporal at {endpoint} failed: {_first_line(e)}") from None
 
     def _client(self, endpoint: Endpoint) -> asyncio.Task[Client]:
         task = self._clients.get(endpoint.key)
@@ -266,9 +270,22 @@ class Temporal:
 
         async def holder(wf: Any) -> _Holder:
             async with gate:
-                return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
+                try:
+                    return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
+                except RPCError as e:
+                    if e.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    return _Holder(None, None)  # gone since it was listed (retention)
 
-        holders = await asyncio.gather(*(holder(wf) for wf in runs))
+        # Reading many new histories at once (a first listing) may take long: what is not read within
+        # half the timeout shows without a holder this time and is read on a later listing.
+        reads = [asyncio.ensure_future(holder(wf)) for wf in runs]
+        if reads:
+            _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
+            for read in pending:
+                read.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        holders = [r.result() if not r.cancelled() else _Holder(None, None) for r in reads]
         return [
             Execution(
                 id=wf.id,
