@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, loadgen, procs, report, spawn
+from bench import cluster, heartbeats, loadgen, procs, report, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
@@ -76,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
                    help="queues created one at a time for the spawn latency (default 20; 0: skip it)")
     p.add_argument("--spawn-burst", type=int, default=100,
                    help="queues created at once for the spawn latency (default 100)")
+    p.add_argument("--heartbeat-workers", type=int, default=1000,
+                   help="simulated workers heartbeating against one queue (default 1000; 0: skip it)")
+    p.add_argument("--heartbeat-interval", type=int, default=10,
+                   help="their heartbeat interval in seconds (default 10)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--work-dir", type=Path,
                    help="folder for logs and the control plane's state (default: a new temporary folder)")
@@ -146,6 +150,7 @@ class Bench:
         self.rows: list[report.Row] = []
         self.footprints: list[report.Footprint] = []
         self.spawn: list[spawn.SpawnResult] = []
+        self.heartbeats: heartbeats.HeartbeatResult | None = None
 
     def measure_spawn(self) -> None:
         """Worker-pod spawn latency against a fresh operator (issue 4)."""
@@ -156,6 +161,19 @@ class Bench:
         say("measuring worker-pod spawn latency")
         self.spawn = spawn.measure(self.kubeconfig, one_by_one=self.args.spawn_samples,
                                    at_once=self.args.spawn_burst, say=say)
+        self.children.stop(operator.popen)
+
+    def measure_heartbeats(self) -> None:
+        """Lease writes and operator CPU under a fleet of heartbeating workers (issue 8)."""
+        if self.args.heartbeat_workers <= 0:
+            return
+        queue_id, token = heartbeats.create_queue(self.kubectl, "bench-heartbeats", self.args.heartbeat_interval)
+        operator = self._start_operator(-1)
+        operator.wait_ready()
+        say(f"measuring {self.args.heartbeat_workers} heartbeating workers")
+        self.heartbeats = heartbeats.measure(
+            operator.url, operator.popen.pid, queue_id, token, workers=self.args.heartbeat_workers,
+            interval=self.args.heartbeat_interval, measure=3 * self.args.heartbeat_interval, say=say)
         self.children.stop(operator.popen)
 
     def run(self, queue_counts: Sequence[int], concurrencies: Sequence[int]) -> None:
@@ -283,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.queues, args.concurrency, args.seconds, args.warmup = QUICK_QUEUES, QUICK_CONCURRENCY, 1.0, 0.5
         args.spawn_samples, args.spawn_burst = 3, 10
+        args.heartbeat_workers = 20
     began = time.monotonic()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                           work_dir=work_dir)
             bench.run(args.queues, args.concurrency)
             bench.measure_spawn()
+            bench.measure_heartbeats()
             failed = False
         except procs.Interrupted:
             say(f"interrupted: stopping everything; logs: {work_dir}")
@@ -336,6 +356,9 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
     if bench.spawn:
         print()
         print(spawn.lines(bench.spawn))
+    if bench.heartbeats is not None:
+        print()
+        print(heartbeats.lines(bench.heartbeats))
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.warmup:g}s warm-up + "
           f"{args.seconds:g}s measured per run; benchmark wall time {wall:.1f}s")
     if args.keep:
@@ -346,7 +369,8 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                                   "seconds": args.seconds, "warmup": args.warmup},
                    "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
                                "max_p50_ratio": report.MAX_P50_RATIO},
-                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn}
+                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn,
+                   "heartbeats": bench.heartbeats}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {args.json}")
 

@@ -26,13 +26,11 @@ def queue_spec(temporal: TemporalServer, queue_id: str, **spec: object) -> dict[
             "temporal": {"host": temporal.address, "namespace": temporal.namespace}, **spec}
 
 
-def run_workflow(temporal: TemporalServer, task_queue: str, workflow_id: str, seconds: float = 1.0) -> None:
-    async def go() -> None:
-        client = await Client.connect(temporal.address, namespace=temporal.namespace)
-        await client.execute_workflow("AgentExecutionWorkflow", {"execution_id": workflow_id,
-                                                                 "duration_seconds": seconds},
-                                      id=workflow_id, task_queue=task_queue)
-    asyncio.run(asyncio.wait_for(go(), 60))
+async def run_workflow(temporal: TemporalServer, task_queue: str, workflow_id: str, seconds: float = 1.0) -> None:
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    await asyncio.wait_for(client.execute_workflow(
+        "AgentExecutionWorkflow", {"execution_id": workflow_id, "duration_seconds": seconds},
+        id=workflow_id, task_queue=task_queue), 60)
 
 
 def registered_pods(kube: Kube, namespace: str) -> set[str]:
@@ -44,7 +42,7 @@ def start_kubelet(kubelet: Callable[..., LocalKubelet], operator: OperatorProces
     return kubelet(namespaces=[namespace], overrides={"CONTROL_PLANE_URL": operator.url})
 
 
-def test_a_single_execution_worker_lives_its_whole_life(
+async def test_a_single_execution_worker_lives_its_whole_life(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
         kubelet: Callable[..., LocalKubelet]):
     queue_id = f"life-{namespace}"
@@ -52,7 +50,7 @@ def test_a_single_execution_worker_lives_its_whole_life(
     start_kubelet(kubelet, operator, namespace)
     wait_for(lambda: registered_pods(kube, namespace) == {"life-w0"}, timeout=60, what="life-w0 registered")
 
-    run_workflow(temporal, queue_id, f"exec-{secrets.token_hex(4)}")
+    await run_workflow(temporal, queue_id, f"exec-{secrets.token_hex(4)}")
     closed = time.monotonic()
     # It reads its execution completed twice, waits 2 s, disconnects and exits 0: its pod Succeeded
     # and is deleted, its registration ended, and a fresh worker takes its place.
@@ -66,7 +64,7 @@ def test_a_single_execution_worker_lives_its_whole_life(
     wait_for(lambda: registered_pods(kube, namespace) == {"life-w1"}, timeout=60, what="the next worker")
 
 
-def test_a_pool_turns_over_one_worker_per_workflow(
+async def test_a_pool_turns_over_one_worker_per_workflow(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
         kubelet: Callable[..., LocalKubelet]):
     queue_id = f"pool-{namespace}"
@@ -76,11 +74,11 @@ def test_a_pool_turns_over_one_worker_per_workflow(
 
     for done in (1, 2, 3):
         before = set(kube.pod_names(namespace, "pool"))
-        run_workflow(temporal, queue_id, f"exec-{done}-{secrets.token_hex(4)}")
+        await run_workflow(temporal, queue_id, f"exec-{done}-{secrets.token_hex(4)}")
         wait_for(lambda d=done: kube.workers(namespace, "pool").get("succeeded") == d, timeout=15,
                  what=f"{done} worker(s) finished")
         # Exactly one worker left per workflow; the others (which saw that execution finish) stay.
-        time.sleep(6)  # three more polls: a wrongly latched worker would have exited by now
+        await asyncio.sleep(6)  # three more polls: a wrongly latched worker would have exited by now
         assert kube.workers(namespace, "pool")["succeeded"] == done
         assert len(before - set(kube.pod_names(namespace, "pool"))) == 1
         wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="the pool back to 3")
@@ -99,7 +97,7 @@ def test_a_deleted_pods_worker_is_gone_at_once(
     wait_for(lambda: not kube._has_secret(namespace, "gone-w0-token"), timeout=10, what="gone-w0-token deleted")
 
 
-def test_executions_are_per_worker_and_temporal_outages_are_503(
+async def test_executions_are_per_worker_and_temporal_outages_are_503(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
     queue_id = f"exq-{namespace}"
     kube.create_queue(namespace, "exq", **queue_spec(temporal, queue_id, replicas=2))
@@ -121,7 +119,7 @@ def test_executions_are_per_worker_and_temporal_outages_are_503(
             await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=workflow_id,
                                           task_queue=queue_id)
             return workflow_id
-    workflow_id = asyncio.run(asyncio.wait_for(work(), 60))
+    workflow_id = await asyncio.wait_for(work(), 60)
 
     def listed(token: str) -> object:
         answer = operator.call("GET", path, token)
