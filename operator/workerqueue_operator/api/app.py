@@ -1,4 +1,5 @@
-"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI.
+"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI,
+and the pass-through of every other /api/v1/ call to the caller's upstream (api/passthrough.py).
 
 /start answers from the watch-fed Store only; the API server is asked nothing per request, except
 a cached TokenReview/SubjectAccessReview for callers that present a Kubernetes token.
@@ -16,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from workerqueue_operator.api import errors, metrics, openapi
+from workerqueue_operator.api import errors, metrics, openapi, passthrough
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
@@ -207,4 +208,9 @@ def make_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_json)
+    # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
+    # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
+    app.cleanup_ctx.append(forwarder.session_context)
+    app.router.add_route("*", passthrough.ROUTE, forwarder.handle)
     return app
