@@ -7,7 +7,8 @@ sha256, the body read as it streams in, never held whole), except:
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
   echoes every message back (text as text, binary as binary); `close` closes it with code 4000.
 
-`StandIn` runs it in a thread of its own, for tests that drive HTTP synchronously.
+`StandIn` runs it in a thread of its own, for tests that drive HTTP synchronously; `received`
+lists what came in.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+RECEIVED: web.AppKey[list[tuple[str, str, str | None]]] = web.AppKey("received")
+
 
 async def echo(request: web.Request) -> web.StreamResponse:
+    request.app[RECEIVED].append((request.method, request.raw_path, request.headers.get("Authorization")))
     tail = request.match_info["tail"]
     if tail.endswith("/hang") or tail == "hang":
         await asyncio.sleep(3600)
@@ -69,8 +73,10 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def make_app() -> web.Application:
+def make_app(received: list[tuple[str, str, str | None]] | None = None) -> web.Application:
+    """`received` collects (method, path and query, Authorization) of every request."""
     app = web.Application()
+    app[RECEIVED] = received if received is not None else []
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
@@ -84,6 +90,7 @@ class StandIn:
 
     def __init__(self) -> None:
         self.port = 0
+        self.received: list[tuple[str, str, str | None]] = []
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="stand-in upstream", daemon=True)
@@ -104,7 +111,7 @@ class StandIn:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(make_app(), handle_signals=False, access_log=None, shutdown_timeout=1)
+        self._runner = web.AppRunner(make_app(self.received), handle_signals=False, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -113,3 +120,8 @@ class StandIn:
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        # A `hang` handler outlives its client (aiohttp does not cancel handlers on a disconnect).
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
