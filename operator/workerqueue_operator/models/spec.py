@@ -96,7 +96,8 @@ class RedisSpec(_Model):
 
 
 class WebsocketSpec(_Model):
-    """The control websocket the workers connect to. This operator serves none itself."""
+    """The control websocket the workers connect to. The operator passes its own URL's
+    /api/v1/ws/workers/<worker_id> through to the queue's upstream; it serves no websocket itself."""
 
     model_config = ConfigDict(
         json_schema_extra={
