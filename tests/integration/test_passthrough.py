@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http import client as http_client
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -210,3 +211,35 @@ async def test_websocket_is_proxied_with_the_organizations_key(operator: Operato
     assert hello["path_qs"] == "/api/v1/ws/workers/w-1"
     assert standin.header_values(hello, "Authorization") == [f"Bearer {key}"]
     assert echoes == ["event 1", b"\x01\x02"] and code == 4000
+
+
+def test_operator_wide_default_upstream(operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+                                        upstream: standin.StandIn, tmp_path: Path):
+    """Queues without spec.upstream use the operator's; a queue's own upstream never gets the default key."""
+    default_key, own_key = org_key(), org_key()
+    kube.put_secret(namespace, "org-default", key=default_key)
+    own = OperatorProcess(kubeconfig, tmp_path / "default-upstream.log", env={
+        "WQ_UPSTREAM_URL": f"{upstream.url}/default", "WQ_UPSTREAM_API_KEY_SECRET": f"{namespace}/org-default:key"})
+    with operator.paused():  # the session's operator has no default upstream: it would fight over the status
+        try:
+            own.start()
+            kube.create_queue(namespace, "plain", queueId=f"plain-{namespace}",
+                              temporal={"host": "t:1", "namespace": "n"})
+            kube.wait_condition(namespace, "plain", "True")
+            token_own = queue_with_upstream(kube, namespace, "own", upstream.url, own_key)
+            got = echoed(call(own, "GET", "/api/v1/skills/s1", kube.queue_token(namespace, "plain"), scheme="UserKey"))
+            assert got["path_qs"] == "/default/api/v1/skills/s1"
+            assert standin.header_values(got, "Authorization") == [f"UserKey {default_key}"]
+            got = echoed(call(own, "GET", "/api/v1/skills/s1", token_own))
+            assert got["path_qs"] == "/api/v1/skills/s1"
+            assert standin.header_values(got, "Authorization") == [f"Bearer {own_key}"]
+
+            kube.core.delete_namespaced_secret("org-default", namespace)
+            kube.wait_condition(namespace, "plain", "False", "SecretNotFound")
+            r = call(own, "GET", "/api/v1/skills/s1", kube.queue_token(namespace, "plain"))
+            assert r.status == 503 and r.json() == {
+                "detail": f"The worker queue's upstream is not ready: secret org-default not found in namespace "
+                          f"{namespace}"}
+            assert default_key not in own.logs() and own_key not in own.logs()
+        finally:
+            own.stop()
