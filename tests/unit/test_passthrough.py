@@ -58,9 +58,20 @@ def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
 def test_response_headers_drop_hop_by_hop_only():
     incoming = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked"), ("Connection", "close"),
                 ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip")]
-    assert list(passthrough.response_headers(incoming).items()) == [
+    assert list(passthrough.response_headers(incoming, upstream_url="https://cp.example").items()) == [
         ("Content-Type", "text/event-stream"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
         ("Content-Encoding", "gzip")]
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("https://cp.example/base/api/v1/executions/e2?x=1", "/api/v1/executions/e2?x=1"),
+    ("https://cp.example/elsewhere", "https://cp.example/elsewhere"),
+    ("https://other.example/base/api/v1/x", "https://other.example/base/api/v1/x"),
+    ("/api/v1/x", "/api/v1/x"),
+])
+def test_redirects_into_the_upstream_stay_with_the_operator(location: str, expected: str):
+    out = passthrough.response_headers([("Location", location)], upstream_url="https://cp.example/base")
+    assert out["Location"] == expected
 
 
 @pytest.mark.parametrize(("base", "raw", "expected"), [
@@ -265,3 +276,10 @@ async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
         await client.ws_connect("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer nobody"})
     assert caught.value.status == 401
+
+
+async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[Store, TestClient]):
+    _, client = hub
+    r = await client.get("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a", "Upgrade": "websocket",
+                                                            "Connection": "Upgrade"})
+    assert r.status == 400 and await r.json() == {"detail": "Not a valid websocket handshake"}

@@ -80,11 +80,17 @@ def request_headers(
     return out
 
 
-def response_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The upstream's answer headers as the worker gets them: the hop-by-hop ones left out."""
+def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) -> CIMultiDict[str]:
+    """The upstream's answer headers as the worker gets them: the hop-by-hop ones left out, and a
+    redirect into the upstream made relative, so that the worker follows it through the operator
+    (straight to the upstream it would carry its own token there, and lack the organization's key)."""
     pairs = list(incoming)
     dropped = _NOT_RETURNED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
-    return CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
+    location = out.get("Location")
+    if location is not None and location.startswith(upstream_url + "/"):
+        out["Location"] = location[len(upstream_url):]
+    return out
 
 
 def target_url(base: str, raw_path: str) -> URL:
@@ -205,7 +211,7 @@ class Passthrough:
                                 "The upstream control plane cannot be reached")
         stats.answered(answer.status, time.perf_counter() - started)
         response = web.StreamResponse(status=answer.status, reason=answer.reason,
-                                      headers=response_headers(answer.headers.items()))
+                                      headers=response_headers(answer.headers.items(), upstream_url=upstream.url))
         try:
             await response.prepare(request)
             async for chunk in answer.content.iter_any():
@@ -235,6 +241,9 @@ class Passthrough:
 
     async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
         assert self._session is not None, "the session lives as long as the app"
+        ours = web.WebSocketResponse(autoping=True)
+        if not ours.can_prepare(request).ok:
+            return errors.detail(400, "Not a valid websocket handshake")
         upstream = route.upstream
         stats = self._metrics.upstream(upstream.origin)
         headers = request_headers(
