@@ -149,6 +149,8 @@ class Passthrough:
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
             raise_for_status=False,
+            # trust_env stays off: it would read ~/.netrc for every request and refuse our Authorization
+            # where an entry matches; HTTPS_PROXY is therefore not used either.
         )
         try:
             yield
