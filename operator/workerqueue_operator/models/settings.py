@@ -110,7 +110,7 @@ class Settings(BaseModel):
     """How often every queue's status is re-checked even without events (a safety net)."""
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
+    def _pairs(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.upstream_url and self.upstream_api_key_secret is None:
