@@ -4,7 +4,7 @@ Every path echoes the request as JSON (method, path and query as sent, headers, 
 sha256, the body read as it streams in, never held whole), except:
 - `.../stream?events=N&gap=S`: N server-sent events, S seconds apart;
 - `.../hang`: never answers (until the client goes away);
-- `.../stall`: answers headers (Content-Length: 100) and 10 bytes, then nothing more;
+- `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
   echoes every message back (text as text, binary as binary); `close` closes it with code 4000.
 
@@ -31,7 +31,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
     if tail.endswith("/hang") or tail == "hang":
         await asyncio.sleep(3600)
     if tail.endswith("stall"):
-        response = web.StreamResponse(headers={"Content-Length": "100"})
+        response = web.StreamResponse(headers={"Content-Length": request.query.get("length", "100")})
         await response.prepare(request)
         await response.write(b"0123456789")
         await asyncio.sleep(3600)

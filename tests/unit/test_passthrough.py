@@ -230,15 +230,23 @@ async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
     assert loop.time() - began < 5
 
 
-async def test_an_answer_that_stalls_is_cut_not_completed(hub: tuple[Store, TestClient], upstream: TestServer):
+async def test_a_streamed_answer_that_stalls_is_cut_not_completed(hub: tuple[Store, TestClient],
+                                                                   upstream: TestServer):
     _, client = hub
-    r = await client.get("/api/v1/stall", headers={"Authorization": "Bearer tok-a"})
-    assert r.status == 200 and r.headers["Content-Length"] == "100"
+    length = passthrough.SMALL_ANSWER + 1
+    r = await client.get(f"/api/v1/stall?length={length}", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 200 and r.headers["Content-Length"] == str(length)
     with pytest.raises(aiohttp.ClientPayloadError):
         await r.read()  # 10 bytes, then the connection breaks: never a short "complete" answer
     text = await (await client.get("/metrics")).text()
     origin = f"http://{upstream.host}:{upstream.port}"
     assert f'workerqueue_upstream_failures_total{{upstream="{origin}",kind="cut"}} 1' in text
+
+
+async def test_a_small_answer_that_stalls_is_504(hub: tuple[Store, TestClient]):
+    _, client = hub
+    r = await client.get("/api/v1/stall?length=100", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 504 and "did not answer" in (await r.json())["detail"]
 
 
 async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):

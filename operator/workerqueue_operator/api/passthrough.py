@@ -47,6 +47,10 @@ _WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Accept", "Content-Length",
 ))
+SMALL_ANSWER = 64 * 1024
+"""Answers of a known length up to this are read before they are sent on: headers and body then
+leave in one write instead of two, which is most of the hop's cost for the JSON answers workers get.
+Anything longer, or of unknown length (server-sent events), is streamed."""
 _REPORT_EVERY = 60.0
 """Seconds between two warnings about the same upstream failing; the failures meanwhile are counted."""
 
@@ -211,9 +215,13 @@ class Passthrough:
         except (aiohttp.ClientError, OSError) as exc:
             return self._failed(stats, upstream, "unreachable", exc, 502,
                                 "The upstream control plane cannot be reached")
-        stats.answered(answer.status, time.perf_counter() - started)
-        response = web.StreamResponse(status=answer.status, reason=answer.reason,
-                                      headers=response_headers(answer.headers.items(), upstream_url=upstream.url))
+        latency = time.perf_counter() - started
+        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
+        length = answer.content_length
+        if length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
+            return await self._small(answer, answer_headers, upstream, stats, latency)
+        stats.answered(answer.status, latency)
+        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=answer_headers)
         try:
             await response.prepare(request)
             async for chunk in answer.content.iter_any():
@@ -234,6 +242,25 @@ class Passthrough:
         finally:
             answer.release()
         return response
+
+    async def _small(self, answer: aiohttp.ClientResponse, headers: CIMultiDict[str], upstream: queues.Upstream,
+                     stats: metrics.UpstreamStats, latency: float) -> web.StreamResponse:
+        try:
+            payload = await answer.read()
+        except TimeoutError as exc:
+            answer.close()
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
+                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        except aiohttp.ClientError as exc:
+            answer.close()
+            return self._failed(stats, upstream, "unreachable", exc, 502,
+                                "The upstream control plane broke off its answer")
+        finally:
+            answer.release()
+        stats.answered(answer.status, latency)
+        stats.bytes_received += len(payload)
+        headers.popall("Content-Length", None)  # the Response sets it from the payload
+        return web.Response(status=answer.status, reason=answer.reason, body=payload, headers=headers)
 
     def _failed(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, kind: str, exc: BaseException,
                 status: int, message: str) -> web.Response:
