@@ -253,8 +253,7 @@ class Passthrough:
                                 f"within {self._settings.upstream_idle_timeout_seconds:g}s")
         except aiohttp.ClientError as exc:
             answer.close()
-            return self._failed(stats, upstream, "unreachable", exc, 502,
-                                "The upstream control plane broke off its answer")
+            return self._failed(stats, upstream, "cut", exc, 502, "The upstream control plane broke off its answer")
         finally:
             answer.release()
         stats.answered(answer.status, latency)
