@@ -302,3 +302,22 @@ async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[
     r = await client.get("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a", "Upgrade": "websocket",
                                                             "Connection": "Upgrade"})
     assert r.status == 400 and await r.json() == {"detail": "Not a valid websocket handshake"}
+
+
+async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
+    settings = Settings()
+    store = Store(settings=settings, version="1")
+    url = str(upstream.make_url("/")).rstrip("/")
+    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    app = app_.make_app(store=store, reviewer=NoReviews(), settings=settings, version="1", ready=lambda: True)
+    server = TestServer(app)
+    await server.start_server()
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
+        await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
+        closing = asyncio.create_task(server.close())
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(closing, 5)

@@ -212,5 +212,6 @@ def make_app(
     # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
     forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
     app.cleanup_ctx.append(forwarder.session_context)
+    app.on_shutdown.append(forwarder.close_websockets)
     app.router.add_route("*", passthrough.ROUTE, forwarder.handle)
     return app

@@ -138,6 +138,13 @@ class Passthrough:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._reporter = _Reporter()
+        self._websockets: set[web.WebSocketResponse] = set()
+
+    async def close_websockets(self, app: web.Application) -> None:
+        """aiohttp on_shutdown: proxied websockets end with 1001 Going Away, so that their workers
+        reconnect (to another replica) at once instead of waiting out the shutdown timeout."""
+        for ws in list(self._websockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"operator shutting down")
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
@@ -296,10 +303,12 @@ class Passthrough:
                                 "The upstream control plane cannot be reached")
         stats.answered(101, time.perf_counter() - started)
         ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True)
+        self._websockets.add(ours)
         try:
             await ours.prepare(request)
             await _pump_both_ways(ours, theirs, stats)
         finally:
+            self._websockets.discard(ours)
             await theirs.close()
         return ours
 
