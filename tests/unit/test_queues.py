@@ -161,7 +161,10 @@ def test_the_upstream_is_resolved_even_when_something_else_is_missing():
     q = queue(upstream=UPSTREAM, temporal={"host": "t:1", "namespace": "n",
                                            "apiKeySecretRef": {"name": "temporal", "key": "k"}})
     r = resolve(q, {("team-a", "org"): {"api-key": "k-1"}, ("team-a", "temporal"): None})
-    assert r.problem.reason == "SecretNotFound" and r.upstream is not None
+    assert r.problem.reason == "SecretNotFound" and r.upstream is not None and r.upstream_problem is None
+    r = resolve(q, {("team-a", "org"): None, ("team-a", "temporal"): None})
+    assert r.problem.message == "secret temporal not found in namespace team-a"
+    assert r.upstream_problem.message == "secret org not found in namespace team-a"  # told apart for the 503
 
 
 def test_default_upstream_needs_its_key():

@@ -2,7 +2,8 @@
 queue's upstream control plane, with the organization's API key in place of the worker's token.
 
 Streamed both ways, never buffered whole: the worker's body is sent upstream as it arrives, the
-answer is written back chunk by chunk as the upstream sends it (server-sent events keep flowing).
+answer is written back chunk by chunk as the upstream sends it (server-sent events keep flowing);
+only an answer of a known length up to SMALL_ANSWER is read before it is sent on.
 Websocket upgrades are proxied message by message. The key comes from the watch-fed Store, so a
 rotated Secret is used from the next request on and no request reads the API server.
 """
@@ -196,10 +197,9 @@ class Passthrough:
         resolution = store.resolution(key)
         if resolution is not None and resolution.upstream is not None:
             return _Route(resolution.upstream, scheme)
-        queue = store.queue(key)
-        configured = queue is not None and (queue.spec.upstream is not None or bool(self._settings.upstream_url))
-        if configured and resolution is not None and resolution.problem is not None:
-            return errors.detail(503, f"The worker queue's upstream is not ready: {resolution.problem.message}")
+        problem = resolution.upstream_problem if resolution is not None else None
+        if problem is not None:
+            return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
         return errors.detail(404, "Not Found")  # the queue has no upstream: the operator serves nothing here
 
     async def _forward(self, request: web.Request, route: _Route) -> web.StreamResponse:

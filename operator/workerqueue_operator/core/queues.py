@@ -172,6 +172,8 @@ class Resolution:
     upstream: Upstream | None = None
     """Where workers' other calls go; resolved on its own, so that running workers keep reaching it
     while something else (a Temporal key, a suspension) keeps the queue from starting new ones."""
+    upstream_problem: Problem | None = None
+    """Why a configured upstream cannot be used (its key), whatever else the queue lacks."""
     awaiting_generated_token: bool = False
     """All that is missing is the token Secret the operator itself is creating."""
 
@@ -247,13 +249,14 @@ def resolve(
         config = _config(queue, lookup, settings=settings, version=version)
     except _Unresolved as exc:
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
-                          upstream=upstream)
+                          upstream=upstream, upstream_problem=upstream_problem)
     if token_problem is not None:
         generated = not queue.spec.auth.token_secret_refs
         return Resolution(queue=queue, config=None, problem=token_problem, awaiting_generated_token=generated)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
-    return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream)
+    return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
+                      upstream_problem=upstream_problem)
 
 
 def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings) -> Upstream | None:
