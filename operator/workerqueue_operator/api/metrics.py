@@ -38,9 +38,10 @@ class UpstreamStats:
         self.latency_counts[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def failed(self, kind: str, status: int) -> None:
+    def failed(self, kind: str, status: int | None = None) -> None:
+        """A failure; `status`: the operator's own answer (502, 504), None once the upstream's has begun."""
         self.failures[kind] += 1
-        if status:
+        if status is not None:
             self.requests[status_class(status)] += 1
 
 

@@ -241,7 +241,7 @@ class Passthrough:
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Its headers are sent: the worker must see the answer break off, not a short complete one.
             answer.close()
-            stats.failures["cut"] += 1
+            stats.failed("cut")
             self._reporter.failure(upstream.origin, "cut", exc)
             if request.transport is not None:
                 request.transport.abort()
