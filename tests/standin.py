@@ -2,7 +2,8 @@
 
 Every path echoes the request as JSON (method, path and query as sent, headers, body length and
 sha256, the body read as it streams in, never held whole), except:
-- `.../stream?events=N&gap=S`: N server-sent events, S seconds apart;
+- `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
+  meanwhile is noted in `received` as method `GONE`);
 - `.../hang`: never answers (until the client goes away);
 - `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
@@ -56,10 +57,18 @@ async def _events(request: web.Request) -> web.StreamResponse:
     count, gap = int(request.query.get("events", "3")), float(request.query.get("gap", "0.2"))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    for index in range(count):
-        if index:
-            await asyncio.sleep(gap)
-        await response.write(f"data: event {index}\n\n".encode())
+    sent = 0
+    try:
+        for index in range(count):
+            if index:
+                await asyncio.sleep(gap)
+            await response.write(f"data: event {index}\n\n".encode())
+            sent += 1
+    except ConnectionResetError:
+        return response
+    finally:  # a reset, or the handler cancelled (test servers cancel handlers of lost connections)
+        if sent < count:
+            request.app[RECEIVED].append(("GONE", request.raw_path, None))
     await response.write_eof()
     return response
 

@@ -221,6 +221,21 @@ async def test_streamed_answer_arrives_in_pieces(hub: tuple[Store, TestClient]):
     assert len(arrivals) >= 3 and arrivals[-1][0] - arrivals[0][0] >= 0.5
 
 
+async def test_a_worker_that_goes_away_mid_stream_releases_the_upstream(hub: tuple[Store, TestClient],
+                                                                         upstream: TestServer):
+    _, client = hub
+    path = "/api/v1/executions/e-1/stream?events=50&gap=0.1"
+    r = await client.get(path, headers={"Authorization": "Bearer tok-a"})
+    assert await r.content.readline() == b"data: event 0\n"
+    r.close()  # the worker hangs up with 49 events to go
+    received = upstream.app[standin.RECEIVED]
+    for _ in range(60):  # the operator closes its side at the next event, 0.1 s away
+        if ("GONE", path, None) in received:
+            break
+        await asyncio.sleep(0.05)
+    assert ("GONE", path, None) in received
+
+
 async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
     _, client = hub
     loop = asyncio.get_running_loop()

@@ -229,40 +229,40 @@ class Passthrough:
             return await self._small(answer, answer_headers, upstream, stats, latency)
         stats.answered(answer.status, latency)
         response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=answer_headers)
+        read_whole = False
         try:
             await response.prepare(request)
             async for chunk in answer.content.iter_any():
                 stats.bytes_received += len(chunk)
                 await response.write(chunk)
+            read_whole = True
             await response.write_eof()
         except ConnectionResetError:
-            answer.close()  # the worker went away: the upstream connection is not reusable mid-answer
-            return response
+            return response  # the worker went away
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Its headers are sent: the worker must see the answer break off, not a short complete one.
-            answer.close()
             stats.failed("cut")
             self._reporter.failure(upstream.origin, "cut", exc)
             if request.transport is not None:
                 request.transport.abort()
             return response
         finally:
-            answer.release()
+            _done_with(answer, read_whole)
         return response
 
     async def _small(self, answer: aiohttp.ClientResponse, headers: CIMultiDict[str], upstream: queues.Upstream,
                      stats: metrics.UpstreamStats, latency: float) -> web.StreamResponse:
+        read_whole = False
         try:
             payload = await answer.read()
+            read_whole = True
         except TimeoutError as exc:
-            answer.close()
             return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
                                 f"within {self._settings.upstream_idle_timeout_seconds:g}s")
         except aiohttp.ClientError as exc:
-            answer.close()
             return self._failed(stats, upstream, "cut", exc, 502, "The upstream control plane broke off its answer")
         finally:
-            answer.release()
+            _done_with(answer, read_whole)
         stats.answered(answer.status, latency)
         stats.bytes_received += len(payload)
         headers.popall("Content-Length", None)  # the Response sets it from the payload
@@ -311,6 +311,16 @@ class Passthrough:
             self._websockets.discard(ours)
             await theirs.close()
         return ours
+
+
+def _done_with(answer: aiohttp.ClientResponse, read_whole: bool) -> None:
+    """An answer read to its end leaves its connection to the pool; any other (the worker went away,
+    the handler was cancelled, the upstream stalled) closes it, so that what the upstream still
+    sends can never be read as the next request's answer."""
+    if read_whole:
+        answer.release()
+    else:
+        answer.close()
 
 
 async def _counted(content: aiohttp.StreamReader, stats: metrics.UpstreamStats) -> AsyncIterator[bytes]:
