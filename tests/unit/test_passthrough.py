@@ -243,6 +243,8 @@ async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
     r = await client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-a"})
     assert r.status == 504 and "did not answer" in (await r.json())["detail"]
     assert loop.time() - began < 5
+    text = await (await client.get("/metrics")).text()
+    assert 'kind="timeout"} 1' in text and 'code="5xx"} 1' in text
 
 
 async def test_a_streamed_answer_that_stalls_is_cut_not_completed(hub: tuple[Store, TestClient],
@@ -273,6 +275,8 @@ async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):
                                                                 "apiKeySecretRef": {"name": "org", "key": "k"}}))
         r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
     assert r.status == 502 and await r.json() == {"detail": "The upstream control plane cannot be reached"}
+    text = await (await client.get("/metrics")).text()
+    assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="unreachable"}} 1' in text
 
 
 async def test_upstream_status_and_metrics(hub: tuple[Store, TestClient], upstream: TestServer):
