@@ -34,6 +34,8 @@ from workerqueue_operator.models import settings as settings_
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_SECONDS = 5.0
+
 
 def configure_logging(verbose: bool) -> None:
     # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
@@ -134,7 +136,10 @@ async def serve_http(app: web.Application, settings: settings_.Settings) -> tupl
     if settings.tls_cert_file and settings.tls_key_file:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds, and a
+    # stream passed through to an upstream is then cut, so that its worker retries elsewhere well
+    # within the pod's termination grace period (the chart's 30 s) instead of holding it up.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=context)
     await site.start()

@@ -98,6 +98,8 @@ class OperatorProcess:
                # check the real 10 s .. 5 min schedule with explicit times.
                "WQ_WORKER_BACKOFF_SECONDS": "1", "WQ_WORKER_BACKOFF_MAX_SECONDS": "4",
                "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
+               # Short upstream timeouts keep the 502/504 tests quick; their defaults are in settings.py.
+               "WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2", "WQ_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3",
                **self._env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

@@ -60,7 +60,8 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
             items = json.loads(kubectl("get", "workerqueues", "-n", "default", "-o", "json"))["items"]
             ready = {q["metadata"]["name"]: [c["status"] for c in q.get("status", {}).get("conditions", [])
                                              if c["type"] == "Ready"] for q in items}
-            return ready == {"minimal": ["True"], "with-secrets": ["True"], "single-execution": ["True"]}
+            return ready == {"minimal": ["True"], "with-secrets": ["True"], "single-execution": ["True"],
+                             "with-upstream": ["True"]}
 
         wait_for(queues_ready, timeout=30, what="example queues Ready")
         token = kubectl("get", "secret", "minimal-worker-token", "-n", "default", "-o", "jsonpath={.data.token}")

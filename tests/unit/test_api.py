@@ -6,31 +6,16 @@ import io
 import json
 from collections.abc import AsyncIterator
 
-import kubernetes
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.unit import apps
 from tests.unit.factories import queue
-from workerqueue_operator.api import app as app_
-from workerqueue_operator.core import reviews, temporal
-from workerqueue_operator.core.events import EventPoster
-from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models.settings import Settings
 
 START = "/api/v1/worker-queues/{}/start"
 AUTH = {"Authorization": "Bearer good-token"}
-
-
-class NoReviews(reviews.Reviewer):
-    """Kubernetes identities are tested against the real API server; here every other token is unknown."""
-
-    def __init__(self) -> None:
-        pass
-
-    async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
-        return None
 
 
 @pytest.fixture
@@ -45,10 +30,7 @@ async def client() -> AsyncIterator[TestClient]:
     store.upsert_queue(queue("broken", queueId="q-broken", litellm={"apiKeySecretRef": {"name": "llm", "key": "k"}}))
     store.upsert_secret(("team-a", "broken-worker-token"), {"token": "broken-token"})
     store.upsert_secret(("team-a", "llm"), None)
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing here writes at once
-    registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
-    app = app_.make_app(store=store, reviewer=NoReviews(), registry=registry, temporal_=temporal.Temporal(),
-                        kube=kube, settings=Settings(), version="9.9.9", ready=lambda: True)
+    app = apps.make_app(store)
     async with TestClient(TestServer(app)) as c:
         yield c
 

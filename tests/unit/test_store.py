@@ -84,3 +84,25 @@ def test_deleted_secret_makes_the_queue_not_ready():
     assert s.serving("abc").problem.reason == "SecretNotFound"
     assert s.secret_state(("team-a", "q1-worker-token")) == (True, None)
     assert s.not_ready_count == 1
+
+
+def test_queue_of_token_only_for_exactly_one_queue():
+    s, _ = store()
+    s.upsert_queue(queue("a", queueId="a"))
+    s.upsert_secret(("team-a", "a-worker-token"), {"token": "ta"})
+    s.upsert_queue(queue("b", queueId="b"))
+    s.upsert_secret(("team-a", "b-worker-token"), {"token": "tb"})
+    assert s.queue_of_token(queues.digest("ta")) == ("team-a", "a")
+    assert s.queue_of_token(queues.digest("nobody")) is None
+    s.upsert_secret(("team-a", "b-worker-token"), {"token": "ta"})  # both queues now accept one token
+    assert s.queue_of_token(queues.digest("ta")) is None and s.is_queue_token(queues.digest("ta"))
+
+
+def test_passes_through_once_some_queue_has_an_upstream():
+    s, _ = store()
+    s.upsert_queue(queue("a", queueId="a"))
+    assert not s.passes_through
+    s.upsert_queue(queue("a", queueId="a", upstream={"url": "http://u", "apiKeySecretRef": {"name": "o", "key": "k"}}))
+    assert s.passes_through
+    s.remove_queue(("team-a", "a"))
+    assert not s.passes_through

@@ -168,12 +168,22 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "auth_cache_seconds" $v.authCacheSeconds
   "namespaces" ($v.watchNamespaces | uniq)
   "status_resync_seconds" $v.statusResyncSeconds
+  "upstream_connect_timeout_seconds" $v.upstream.connectTimeoutSeconds
+  "upstream_idle_timeout_seconds" $v.upstream.idleTimeoutSeconds
+  "upstream_max_connections" (int $v.upstream.maxConnections)
 }}
 {{- with include "workerqueue-operator.secretRef" (list $v.temporal.apiKeySecret .) }}
 {{- $_ := set $config "temporal_api_key_secret" (fromYaml .) }}
 {{- end }}
 {{- with include "workerqueue-operator.secretRef" (list $v.litellm.apiKeySecret .) }}
 {{- $_ := set $config "litellm_api_key_secret" (fromYaml .) }}
+{{- end }}
+{{- with $v.upstream.url }}
+{{- $_ := set $config "upstream_url" . }}
+{{- if not $v.upstream.apiKeySecret.name }}
+{{- fail "upstream.apiKeySecret.name is required with upstream.url: the operator holds the organization's key" }}
+{{- end }}
+{{- $_ := set $config "upstream_api_key_secret" (fromYaml (include "workerqueue-operator.secretRef" (list $v.upstream.apiKeySecret $))) }}
 {{- end }}
 {{- with $v.publicUrl }}
 {{- $_ := set $config "public_url" . }}

@@ -1,4 +1,5 @@
-"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI.
+"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI,
+and the pass-through of every other /api/v1/ call to the caller's upstream (api/passthrough.py).
 
 /start answers from the watch-fed Store only; the API server is asked nothing per request, except
 a cached TokenReview/SubjectAccessReview for callers that present a Kubernetes token.
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from workerqueue_operator.api import bodies, callers, errors, metrics, openapi, workers
+from workerqueue_operator.api import bodies, callers, errors, metrics, openapi, passthrough, workers
 from workerqueue_operator.api.keys import (
     KUBE,
     METRICS,
@@ -184,4 +185,10 @@ def make_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_json)
+    # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
+    # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
+    app.cleanup_ctx.append(forwarder.session_context)
+    app.on_shutdown.append(forwarder.close_websockets)
+    app.router.add_route("*", passthrough.ROUTE, forwarder.handle)
     return app

@@ -60,7 +60,11 @@ def document(version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "Agent Control Plane API (workerqueue-operator)",
-            "description": "The worker-facing part of the Agent Control Plane API, served in-cluster.",
+            "description": "The worker-facing part of the Agent Control Plane API, served in-cluster. Every other "
+            "/api/v1/ call (any method, websockets included) from a worker whose queue token leads to an upstream "
+            "control plane is passed through to it, with the organization's API key in place of the token "
+            "(`Bearer` or `UserKey`, as the worker sent it); 401 without a queue token, 404 when the queue has "
+            "no upstream, 502 when the upstream cannot be reached, 504 when it does not answer in time.",
             "version": version,
         },
         "security": [{"BearerAuth": []}],

@@ -42,6 +42,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._worker_tokens: dict[bytes, WorkerCredential] = {}
         self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
+        self._with_upstream: set[QueueKey] = set()
 
     # --- feeding -----------------------------------------------------------------------------------
 
@@ -54,6 +55,10 @@ class Store:
         key = queue.key
         previous = self._queues.get(key)
         self._queues[key] = queue
+        if queue.spec.upstream is not None:
+            self._with_upstream.add(key)
+        else:
+            self._with_upstream.discard(key)
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
         affected = {key}
@@ -69,6 +74,7 @@ class Store:
         queue = self._queues.pop(key, None)
         if queue is None:
             return
+        self._with_upstream.discard(key)
         self._set_uses(key, frozenset())
         affected = self._unclaim(queue.queue_id, key)
         self._resolutions.pop(key, None)
@@ -151,6 +157,25 @@ class Store:
     def is_queue_token(self, token_digest: bytes) -> bool:
         """Whether the token is a queue token of any queue (then it is never sent to a TokenReview)."""
         return bool(self._token_owners.get(token_digest))
+
+    def queue_of_token(self, token_digest: bytes) -> QueueKey | None:
+        """The one queue a worker's token belongs to; None for a token of no queue, or of several
+        (queues sharing a token Secret), where the caller's queue cannot be told.
+
+        The only place that maps a credential to a queue, so other kinds of worker tokens join here.
+        """
+        credential = self._worker_tokens.get(token_digest)
+        if credential is not None:
+            return credential.queue
+        owners = self._token_owners.get(token_digest)
+        if owners is None or len(owners) != 1:
+            return None
+        return next(iter(owners))
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether any queue has an upstream (else unknown paths are plain 404s, as without one)."""
+        return bool(self._settings.upstream_url or self._with_upstream)
 
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)

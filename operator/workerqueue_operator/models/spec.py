@@ -99,7 +99,8 @@ class RedisSpec(_Model):
 
 
 class WebsocketSpec(_Model):
-    """The control websocket the workers connect to. This operator serves none itself."""
+    """The control websocket the workers connect to. The operator passes its own URL's
+    /api/v1/ws/workers/<worker_id> through to the queue's upstream; it serves no websocket itself."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -124,6 +125,17 @@ class NatsSpec(_Model):
 
     config_secret_ref: SecretRef
     """Secret whose keys and values are passed to the workers as `nats_config`."""
+
+
+class UpstreamSpec(_Model):
+    """The control plane that requests the operator does not serve itself are passed through to."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")
+    """Base URL (http:// or https://, no credentials, query or fragment); a worker's
+    `/api/v1/...` path is appended to it."""
+    api_key_secret_ref: SecretKeyRef
+    """Secret key holding the organization's API key, sent upstream in place of the worker's token.
+    Required with a url, so that a queue's own upstream never receives the operator-wide key."""
 
 
 class AuthSpec(_Model):
@@ -192,6 +204,9 @@ class WorkerQueueSpec(_Model):
     """NATS; absent means `nats_config` is null."""
     auth: AuthSpec = Field(default_factory=AuthSpec)
     """Queue tokens accepted by /start."""
+    upstream: UpstreamSpec | None = None
+    """Where workers' other control-plane calls are passed through to, with the organization's key.
+    Absent: the operator's default upstream, if one is configured; else those calls get 404."""
     replicas: int = Field(default=1, ge=0, le=1000)
     """Worker pods to keep running (ephemeral or single-execution queues; capped by maxWorkers)."""
     worker: WorkerPodSpec = Field(default_factory=WorkerPodSpec)
