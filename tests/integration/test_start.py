@@ -276,8 +276,7 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "LIVE", "REASON",
                               "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED", "AGE"]
-    # LIVE shows once a worker has registered (the count is written when it changes).
-    assert row.split()[:8] == ["cols", "cols-id", "true", "false", "True", "0", "<none>", "Ready"]
+    assert row.split()[:8] == ["cols", "cols-id", "true", "false", "True", "0", "0", "Ready"]
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
 
