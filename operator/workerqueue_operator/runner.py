@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
+import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
@@ -22,6 +25,7 @@ import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
 from workerqueue_operator.core.store import Store
@@ -78,27 +82,55 @@ class Feed:
 
 
 class Watches:
-    """The informers of every watched scope, started in the order that keeps start-up cheap."""
+    """The informers of every watched scope, started in the order that keeps start-up cheap.
 
-    def __init__(self, client: client_.KubeClient, feed: Feed, namespaces: tuple[str, ...]) -> None:
-        scopes: tuple[str | None, ...] = namespaces or (None,)
+    Watched twice on purpose: kopf watches queues and pods to trigger the worker supervisor, and
+    peering pauses those watches on a standby replica; these informers feed the Store that /start
+    serves from, which every replica keeps current and no pause may stop.
+    """
+
+    def __init__(self, client: client_.KubeClient, feed: Feed, settings: settings_.Settings,
+                 activity: Activity, peering: str | None = None) -> None:
+        scopes: tuple[str | None, ...] = settings.namespaces or (None,)
+        # The API server leaves out Secret types no queue uses (Helm releases): never sent, never parsed.
+        secret_params = ({"fieldSelector": ",".join(f"type!={t}" for t in settings.ignored_secret_types)}
+                         if settings.ignored_secret_types else {})
         self.queues = [
             informer.Informer(client, resources.queues_path(ns), on_upsert=feed.queue_upserted,
                               on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}")
             for ns in scopes]
         self.secrets = [
             informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,
-                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}")
+                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}", params=secret_params)
             for ns in scopes]
+        # The peering objects tell who is the active replica; kopf keeps its own view to itself.
+        self.peerings = [
+            informer.Informer(client, resources.peerings_path(ns),
+                              on_upsert=lambda body: activity.observed(informer.object_key(body), body),
+                              on_delete=lambda key, _: activity.observed(key, None),
+                              name=f"peering/{ns or '*'}", params={"fieldSelector": f"metadata.name={peering}"})
+            for ns in scopes if peering is not None]
         self._feed = feed
 
+    @property
+    def all(self) -> list[informer.Informer]:
+        """The informers /start depends on (not the peering one: a standby serves all the same)."""
+        return [*self.queues, *self.secrets]
+
     def synced(self) -> bool:
-        return all(i.synced.is_set() for i in (*self.queues, *self.secrets))
+        return all(i.synced.is_set() for i in self.all)
+
+    def down_for(self) -> float:
+        """Seconds the longest-failing watch has been failing; 0 when all are well."""
+        return max((i.down_for() for i in self.all), default=0.0)
+
+    def failures(self) -> dict[str, float]:
+        return {i.name: i.failures for i in (*self.all, *self.peerings)}
 
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
         # one); statuses only once both are known, so that no queue flaps through "not found".
-        tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.queues]
+        tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in (*self.peerings, *self.queues)]
         try:
             await asyncio.gather(*(i.synced.wait() for i in self.queues))
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
@@ -146,26 +178,57 @@ async def run(
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
     store = Store(settings=settings, version=version)
     events = EventPoster(client)
+    # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    peerings = [(ns, peering) for ns in (settings.namespaces or ("",))] if peering is not None else []
+    activity = Activity(identity=identity, priority=priority, peerings=peerings)
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
-                            watched_namespaces=settings.namespaces)
+                            activity=activity, watched_namespaces=settings.namespaces,
+                            ignored_secret_types=settings.ignored_secret_types)
     feed = Feed(store, reconciler)
-    watches = Watches(client, feed, settings.namespaces)
+    watches = Watches(client, feed, settings, activity, peering)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
     kopf_ready = asyncio.Event()
 
     def ready() -> bool:
-        return kopf_ready.is_set() and watches.synced()
+        # A watch failing for long means stale memory: better no traffic than wrong answers.
+        return kopf_ready.is_set() and watches.synced() and watches.down_for() < settings.watch_unready_seconds
 
     app = app_.make_app(store=store, reviewer=reviewer, settings=settings, version=version, ready=ready)
+    app[app_.METRICS].family("workerqueue_watch_failures_total",
+                             "Failed lists and watches of the operator's own informers, by resource.",
+                             kind="counter", label="resource", read=watches.failures)
+    app[app_.METRICS].gauge("workerqueue_active_replica",
+                            "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
+                            lambda: int(activity.is_active()))
     http, port = await serve_http(app, settings)
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     if on_listening is not None:
         on_listening(port)
 
-    background = asyncio.create_task(watches.run(reconciler), name="watches")
-    supervisor = Supervisor(store=store, client=client, settings=settings, events=events)
-    background_supervisor = asyncio.create_task(supervisor.run(), name="worker supervisor")
-    background_events = asyncio.create_task(events.run(), name="event poster")
+    # Our loops run forever: one that ends has a bug. The operator then stops (its pod restarts),
+    # saying why, rather than serving from memory nothing keeps current any more.
+    stopping = asyncio.Event()
+    died: list[str] = []
+
+    def loud(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        logger.error("%s stopped: %s; stopping the operator", task.get_name(),
+                     f"{type(exc).__name__}: {exc}" if exc else "returned", exc_info=exc)
+        died.append(task.get_name())
+        stopping.set()
+
+    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity)
+    tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
+             asyncio.create_task(activity.run(), name="activity"),
+             asyncio.create_task(supervisor.run(), name="worker supervisor"),
+             asyncio.create_task(events.run(), name="event poster")]
+    if stop_flag is not None:
+        tasks.append(asyncio.create_task(_relay(stop_flag, stopping), name="stop flag"))
+    for task in tasks:
+        task.add_done_callback(loud)
     registry = handlers.registry(settings=settings, supervisor=supervisor)
     try:
         await kopf.operator(
@@ -176,15 +239,24 @@ async def run(
             standalone=peering is None,
             peering_name=peering,
             priority=priority,
+            identity=cast(Any, identity),  # kopf's Identity is a NewType of str
             ready_flag=kopf_ready,
-            stop_flag=stop_flag,
+            stop_flag=stopping,
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
     finally:
-        tasks = (background, background_supervisor, background_events)
         for task in tasks:
+            task.remove_done_callback(loud)
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         await http.cleanup()
         await client.close()
+    if died:
+        raise RuntimeError(f"stopped because {', '.join(died)} stopped")
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+    await asyncio.Event().wait()  # the relay's own end must not count as a loop that died

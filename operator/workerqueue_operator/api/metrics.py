@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # Seconds; /start answers from memory, so the interesting range is sub-millisecond to tens of ms.
 _LATENCY = "workerqueue_http_request_duration_seconds"
@@ -18,10 +18,16 @@ class Metrics:
         self._latency_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
+        self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time, so it is never stale."""
         self._gauges[name] = (help_text, read)
+
+    def family(self, name: str, help_text: str, *, kind: str, label: str,
+               read: Callable[[], Mapping[str, float]]) -> None:
+        """A counter or gauge with one label, its values read at scrape time (label value -> value)."""
+        self._families[name] = (help_text, kind, label, read)
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -62,4 +68,7 @@ class Metrics:
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        for name, (help_text, kind, label, read_family) in sorted(self._families.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{{label}="{value}"}} {count}' for value, count in sorted(read_family().items())]
         return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """Keeps every WorkerQueue's status, Events and generated token Secret in step with the Store.
 
 The Store says which queues changed; this writes what changed, in the background, with bounded
-concurrency, and only when the status would actually differ.
+concurrency, and only when the status would actually differ. Every replica keeps its Store, but
+only the active one writes (statuses, token Secrets, Events); on becoming active it checks every
+queue again against what the watch says, since the other replica wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core import status as status_
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.store import Store
@@ -60,13 +63,16 @@ class Reconciler:
         client: client_.KubeClient,
         resync_seconds: float,
         events: EventPoster,
+        activity: Activity,
         watched_namespaces: tuple[str, ...] = (),
+        ignored_secret_types: tuple[str, ...] = (),
         concurrency: int = 32,
         now: Callable[[], str] = resources.now_rfc3339,
     ) -> None:
         self._store = store
         self._client = client
         self._events = events
+        self._activity = activity
         self._resync_seconds = resync_seconds
         self._now = now
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
@@ -74,10 +80,19 @@ class Reconciler:
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
+        self._ignored_types = frozenset(ignored_secret_types)
+        self._unwatched: set[SecretName] = set()  # used Secrets of a type the watch leaves out
         store.subscribe(self.schedule)
+        activity.subscribe(self._activity_changed)
 
     def schedule(self, key: QueueKey) -> None:
         self._queue.add(key)
+
+    def _activity_changed(self, active: bool) -> None:
+        self._written.clear()  # the other replica may have written since
+        if active:
+            for key in self._store.queue_keys():
+                self.schedule(key)
 
     def fetch_secrets(self, names: set[SecretName], *, refresh: bool = False) -> None:
         """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with
@@ -103,10 +118,12 @@ class Reconciler:
             await asyncio.sleep(self._resync_seconds)
             for key in self._store.queue_keys():
                 self.schedule(key)
-            if self._watched:
-                # Operator-wide default Secrets may live outside the watched namespaces.
-                self.fetch_secrets({n for n in self._store.used_secrets() if n[0] not in self._watched},
-                                   refresh=True)
+            # Operator-wide default Secrets may live outside the watched namespaces, and a queue may
+            # refer to a Secret of a type the watch leaves out: no watch tells their changes.
+            used = self._store.used_secrets()
+            self._unwatched &= used
+            self.fetch_secrets({n for n in used if (self._watched and n[0] not in self._watched)
+                                or n in self._unwatched}, refresh=True)
 
     async def _fetch(self, name: SecretName, *, refresh: bool = False) -> None:
         try:
@@ -118,6 +135,8 @@ class Reconciler:
             self.fetch_secrets({name}, refresh=refresh)
             return
         self._fetching.discard(name)
+        if body is not None and body.get("type") in self._ignored_types:
+            self._unwatched.add(name)
         data = None if body is None else queues.decode_secret_data(body)
         if refresh:
             self._store.upsert_secret(name, data)
@@ -125,6 +144,8 @@ class Reconciler:
             self._store.fill_secret(name, data)
 
     async def reconcile(self, key: QueueKey) -> None:
+        if not self._activity.is_active():
+            return  # a standby only serves; it is told when it becomes active
         resolution = self._store.resolution(key)
         if resolution is None:
             self._written.pop(key, None)

@@ -1,8 +1,10 @@
 """Carries out worker plans: lists a queue's pods, then creates, deletes, records and reports.
 
-Fed by kopf (queue and pod events, a periodic timer), so only the active replica acts. One
+Fed by kopf's queue and pod events, which peering pauses on a standby replica, and by a resync of
+its own, which kopf does not pause: so every reconcile first asks `Activity` whether this replica
+is the active one, and a standby forgets what kopf told it (kopf re-lists on resumption). One
 reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
-fails with AlreadyExists instead of making a second pod.
+fails with AlreadyExists instead of making a second pod (also in the moment two replicas overlap).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.core import workers
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import queue_ref_body
@@ -44,10 +47,12 @@ class Supervisor:
         client: client_.KubeClient,
         settings: settings_.Settings,
         events: EventPoster,
+        activity: Activity,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
     ) -> None:
         self._store = store
+        self._activity = activity
         self._client = client
         self._events = events
         self._settings = settings
@@ -59,6 +64,7 @@ class Supervisor:
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         store.subscribe(self._store_changed)
+        activity.subscribe(self._activity_changed)
 
     # --- fed by kopf handlers -------------------------------------------------------------------
 
@@ -86,6 +92,16 @@ class Supervisor:
             if key in self._bodies:
                 self._queue.add(key)
 
+    def _activity_changed(self, active: bool) -> None:
+        if active:
+            for key in self._bodies:
+                self._queue.add(key)
+            return
+        # A standby hears nothing from kopf: what it holds would grow stale. kopf re-lists on resumption.
+        self._bodies.clear()
+        self._written.clear()
+        self._serving.clear()
+
     async def run(self) -> None:
         resync = asyncio.create_task(self._resync())
         try:
@@ -98,12 +114,15 @@ class Supervisor:
         # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
         while True:
             await asyncio.sleep(self._settings.worker_resync_seconds)
-            for key in list(self._bodies):
-                self._queue.add(key)
+            if self._activity.is_active():
+                for key in list(self._bodies):
+                    self._queue.add(key)
 
     # --- the reconcile --------------------------------------------------------------------------
 
     async def reconcile(self, key: QueueKey) -> None:
+        if not self._activity.is_active():
+            return  # only the active replica changes pods
         body = self._bodies.get(key)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return  # deleting a queue deletes its pods: the garbage collector owns that
@@ -113,6 +132,8 @@ class Supervisor:
                 and not queue.status.get("workers"):
             return  # a queue whose workers run elsewhere, and always did: nothing to look at
         pods = await self._list_pods(queue)
+        if not self._activity.is_active():
+            return  # paused while listing
         previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})
         now = self._clock()

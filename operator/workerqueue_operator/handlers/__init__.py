@@ -35,6 +35,7 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
+        settings.peering.lifetime = operator_settings.peering_lifetime_seconds
         settings.networking.request_timeout = 60
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)

@@ -17,6 +17,13 @@ import kubernetes
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
+MAX_WATCH_LINE = 16 * 1024 * 1024
+"""Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
+escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
+
+
+class LineTooLong(ValueError):
+    """A watch event longer than the reader's cap."""
 
 
 class ApiError(Exception):
@@ -135,7 +142,8 @@ class KubeClient:
     async def delete(self, path: str, body: JSON | None = None) -> JSON:
         return await self.request("DELETE", path, body=body)
 
-    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float) -> AsyncIterator[JSON]:
+    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float,
+                    max_line: int = MAX_WATCH_LINE) -> AsyncIterator[JSON]:
         """The events of one watch request, until the server ends it."""
         session = self._session_or_new()
         async with session.get(
@@ -146,19 +154,33 @@ class KubeClient:
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read())
-            # Lines can be longer than aiohttp's default line limit (large objects), hence readuntil.
-            while True:
-                try:
-                    line = await response.content.readuntil(b"\n")
-                except aiohttp.EofStream:
-                    return
-                except ValueError:  # a partial last line at EOF
-                    return
-                if not line.strip():
-                    if response.content.at_eof():
-                        return
-                    continue
+            async for line in watch_lines(response.content, max_line=max_line):
                 yield json.loads(line)
+
+
+async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATCH_LINE) -> AsyncIterator[bytes]:
+    """The non-empty lines of a watch stream, each one event.
+
+    Not `readline()`/`readuntil()`: their limit (about 128 KiB) is far below one event's size, which
+    can reach 1.5 MiB of JSON for a full 1 MiB Secret. A partial last line at the end is dropped: the
+    server cut the stream mid-event, and the informer resumes from the last complete one.
+    """
+    pending = bytearray()
+    async for chunk in content.iter_any():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if pending:
+                pending += chunk[start:end]
+                line = bytes(pending)
+                pending.clear()
+            else:
+                line = chunk[start:end]
+            start = end + 1
+            if line.strip():
+                yield line
+        pending += chunk[start:]
+        if len(pending) > max_line:
+            raise LineTooLong(f"a watch event exceeds {max_line} bytes")
 
 
 def _api_error(status: int, payload: bytes) -> ApiError:

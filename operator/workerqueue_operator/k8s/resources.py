@@ -27,6 +27,13 @@ def secrets_path(namespace: str | None = None) -> str:
     return f"/api/v1/namespaces/{namespace}/secrets" if namespace else "/api/v1/secrets"
 
 
+def peerings_path(namespace: str | None = None) -> str:
+    """kopf's peering objects: namespaced ones for an operator of given namespaces, else cluster-wide."""
+    if namespace:
+        return f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
+    return "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+
 def pods_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{namespace}/pods"
 
