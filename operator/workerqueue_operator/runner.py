@@ -37,9 +37,27 @@ from workerqueue_operator.models import settings as settings_
 logger = logging.getLogger(__name__)
 
 
-def configure_logging(verbose: bool) -> None:
-    # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+def configure_logging(verbose: bool, *, plain: bool = False) -> None:
+    """JSON lines (kopf's format, `extra` fields included) for log pipelines; `plain`: text for a person."""
+    if plain:
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.FULL, log_prefix=True)
+    else:
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+    routine = RoutineKopfMessages()
+    for handler in logging.getLogger().handlers:  # on the handler: it sees every logger's records
+        if not any(isinstance(f, RoutineKopfMessages) for f in handler.filters):
+            handler.addFilter(routine)
+
+
+class RoutineKopfMessages(logging.Filter):
+    """kopf says "Handler 'queue-event' succeeded." at INFO for every event of every object: routine,
+    so DEBUG here (shown with -v only). Failures keep their level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 class Feed:
@@ -198,6 +216,14 @@ async def run(
     app[app_.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
                              kind="counter", label="resource", read=watches.failures)
+    app[app_.METRICS].gauge("workerqueue_events_dropped_total",
+                            "Events not posted because too many were waiting (see the log).",
+                            lambda: events.dropped, kind="counter")
+    app[app_.METRICS].gauge("workerqueue_events_coalesced_total",
+                            "Events folded into an identical one still waiting to be posted.",
+                            lambda: events.coalesced, kind="counter")
+    app[app_.METRICS].gauge("workerqueue_events_waiting", "Distinct Events waiting to be posted.",
+                            lambda: events.waiting)
     app[app_.METRICS].gauge("workerqueue_active_replica",
                             "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
                             lambda: int(activity.is_active()))

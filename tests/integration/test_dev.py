@@ -61,6 +61,10 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
         printed = (tmp_path / "dev.log").read_text()
         assert f"http://127.0.0.1:{port}/api/v1/worker-queues/minimal-queue/start" in printed
         assert f"export KUBECONFIG={state / 'kubeconfig'}" in printed
+        # Logs for a person: text lines with a level, not JSON objects; no routine handler chatter.
+        listening = next(line for line in printed.splitlines() if "HTTP API listening" in line)
+        assert "[INFO" in listening and not listening.lstrip().startswith("{")
+        assert "succeeded." not in printed and "registry.<locals>" not in printed
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
         try:

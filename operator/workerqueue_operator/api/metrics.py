@@ -16,13 +16,13 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self._latency_counts: dict[str, list[int]] = {}
         self._latency_sums: dict[str, float] = defaultdict(float)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
         self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """A gauge read at scrape time, so it is never stale."""
-        self._gauges[name] = (help_text, read)
+    def gauge(self, name: str, help_text: str, read: Callable[[], float], *, kind: str = "gauge") -> None:
+        """A gauge (or a counter kept elsewhere: `kind="counter"`) read at scrape time, so it is never stale."""
+        self._gauges[name] = (help_text, read, kind)
 
     def family(self, name: str, help_text: str, *, kind: str, label: str,
                read: Callable[[], Mapping[str, float]]) -> None:
@@ -66,8 +66,8 @@ class Metrics:
         ]
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
-        for name, (help_text, read) in sorted(self._gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        for name, (help_text, read, kind) in sorted(self._gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]
         for name, (help_text, kind, label, read_family) in sorted(self._families.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             lines += [f'{name}{{{label}="{value}"}} {count}' for value, count in sorted(read_family().items())]

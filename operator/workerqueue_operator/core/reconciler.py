@@ -151,7 +151,10 @@ class Reconciler:
             self._written.pop(key, None)
             return
         queue = resolution.queue
-        await self._ensure_token_secret(resolution)
+        if await self._ensure_token_secret(resolution):
+            # Not "SecretNotFound" about the Secret being created right now: its arrival through the
+            # watch brings the queue back here, with whatever is then true.
+            return
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             return  # a read is under way and will bring the queue back here
 
@@ -166,19 +169,21 @@ class Reconciler:
         self._written[key] = desired
         self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
-    async def _ensure_token_secret(self, resolution: queues.Resolution) -> None:
-        """Generates the queue token when the queue names none and the watch knows there is none."""
+    async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:
+        """Generates the queue token when the queue names none and the watch knows there is none.
+        True: the token Secret is on its way (created now, or the watch has yet to deliver it)."""
         queue = resolution.queue
         if queue.spec.auth.token_secret_refs:
-            return
+            return False
         name = queues.token_secret_name(queue.name)
         known, data = self._store.secret_state((queue.namespace, name))
         if not known or data is not None:
-            return
+            return False
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
         if await resources.create_if_absent(self._client, resources.secrets_path(queue.namespace), body):
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
+        return True
 
     def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]

@@ -20,12 +20,14 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
     reg = kopf.OperatorRegistry()
     operator_settings = settings
 
-    @kopf.on.login(registry=reg)
+    # Real ids: kopf names handlers after their function, which inside here reads
+    # `registry.<locals>.queue_changed` in every log line and Event.
+    @kopf.on.login(registry=reg, id="login")
     def login(**kwargs: Any) -> Any:
         # kopf's own loaders read $KUBECONFIG when called (the `kubernetes` package reads it at import).
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
-    @kopf.on.startup(registry=reg)
+    @kopf.on.startup(registry=reg, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Our status has a schema; kopf's bookkeeping goes to annotations under our own prefix.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -40,11 +42,11 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)
 
-    @kopf.on.event(*QUEUES, registry=reg)
+    @kopf.on.event(*QUEUES, registry=reg, id="queue-event")
     def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         supervisor.queue_event(event.get("type"), body)
 
-    @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg)
+    @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg, id="pod-event")
     def pod_changed(body: kopf.Body, **_: Any) -> None:
         supervisor.pod_event(body)
 

@@ -93,6 +93,7 @@ async def post_event(
     reason: str,
     message: str,
     warning: bool = False,
+    count: int = 1,
 ) -> None:
     """A core/v1 Event about an object. Messages are built by the caller and never hold secrets."""
     meta = involved["metadata"]
@@ -116,7 +117,7 @@ async def post_event(
         "reportingInstance": COMPONENT,
         "firstTimestamp": now,
         "lastTimestamp": now,
-        "count": 1,
+        "count": count,
     }
     try:
         await client.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
