@@ -50,7 +50,7 @@ def configure_logging(verbose: bool, *, plain: bool = False) -> None:
 
 
 class RoutineKopfMessages(logging.Filter):
-    """kopf says "Handler 'queue-event' succeeded." at INFO for every event of every object: routine,
+    """kopf says "Handler 'pod-event' succeeded." at INFO for every event of every object: routine,
     so DEBUG here (shown with -v only). Failures keep their level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -61,20 +61,38 @@ class RoutineKopfMessages(logging.Filter):
 
 
 class Feed:
-    """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets)."""
+    """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets), and
+    tells the worker supervisor of queues (on every replica: it acts only while active)."""
 
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, supervisor: Supervisor) -> None:
         self._store = store
         self._reconciler = reconciler
+        self._supervisor = supervisor
         # Until the Secrets have been listed once, a Secret a queue uses will come through the list;
         # after that, one that is still unknown passed by before it was used, and is read on its own.
         self.secrets_listed = False
 
     def secrets_synced(self) -> None:
         self.secrets_listed = True
-        self._reconciler.fetch_secrets(self._store.unknown_secrets())
+        unknown = self._store.unknown_secrets()
+        # The queues were listed before the Secrets, so a used Secret the list did not bring does not
+        # exist, as far as the watch can tell: a token Secret the operator generates (an Opaque one in
+        # a watched namespace) is known absent without a GET each (10,000 new queues: 10,000 GETs).
+        # Any other may be of an ignored type, or outside the watched namespaces: read once.
+        generated = unknown & self._store.generated_token_secrets()  # in the queue's (watched) namespace
+        for name in generated:
+            self._store.fill_secret(name, None)
+        self._reconciler.fetch_secrets(unknown - generated)
 
     def queue_upserted(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        previous = self._store.queue((meta.get("namespace", ""), meta.get("name", "")))
+        if previous is not None and previous.same_spec(body):
+            # Most events are status writes (ours): no parsing, validating or resolving again.
+            queue = previous.with_body(body)
+            self._store.refresh_queue(queue)
+            self._supervisor.queue_changed(queue)
+            return
         try:
             queue = queues.QueueObject.from_body(body)
         except (ValidationError, KeyError) as exc:
@@ -86,9 +104,11 @@ class Feed:
         missing = self._store.upsert_queue(queue)
         if missing and self.secrets_listed:
             self._reconciler.fetch_secrets(missing)
+        self._supervisor.queue_changed(queue)
 
     def queue_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
         self._store.remove_queue(key)
+        self._supervisor.queue_deleted(key)
 
     def secret_upserted(self, body: dict[str, Any]) -> None:
         name = informer.object_key(body)
@@ -203,7 +223,8 @@ async def run(
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
                             activity=activity, watched_namespaces=settings.namespaces,
                             ignored_secret_types=settings.ignored_secret_types)
-    feed = Feed(store, reconciler)
+    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity)
+    feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, peering)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
     kopf_ready = asyncio.Event()
@@ -246,7 +267,6 @@ async def run(
         died.append(task.get_name())
         stopping.set()
 
-    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity)
     tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
              asyncio.create_task(activity.run(), name="activity"),
              asyncio.create_task(supervisor.run(), name="worker supervisor"),

@@ -50,3 +50,10 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     assert set(spawned) == {"one queue at a time", "10 queues created at once"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in spawned.values())
     assert "spawn latency" in text
+    shared, generated = figures["scale"]["runs"]
+    assert shared["queues"] == generated["queues"] == 200
+    assert shared["ready_seconds"] > 0 and generated["ready_seconds"] > 0 and shared["rss_ready_kib"] > 0
+    assert figures["scale"]["start_p50_ms_c16"] > 0 and figures["scale"]["restart"][0] > 0
+    (handover,) = figures["handover"]
+    assert handover["lifetime_seconds"] is None and len(handover["samples"]) == 1 and handover["p50_s"] > 0
+    assert "queues existing at start" in text and "handover after SIGKILL" in text

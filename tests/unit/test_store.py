@@ -84,3 +84,25 @@ def test_deleted_secret_makes_the_queue_not_ready():
     assert s.serving("abc").problem.reason == "SecretNotFound"
     assert s.secret_state(("team-a", "q1-worker-token")) == (True, None)
     assert s.not_ready_count == 1
+
+
+def test_a_status_only_update_keeps_the_resolution_and_is_told():
+    from tests.unit.factories import queue_body
+
+    s, changed = store()
+    first = queue(queueId="abc")
+    s.upsert_queue(first)
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    before = s.serving("abc")
+    body = {**queue_body(queueId="abc"), "status": {"observedGeneration": 1}}
+    assert first.same_spec(body)
+    assert not first.same_spec({**body, "metadata": {**body["metadata"], "generation": 2}})
+    assert not first.same_spec({**body, "metadata": {**body["metadata"], "uid": "other"}})
+    changed.clear()
+    s.refresh_queue(first.with_body(body))
+    after = s.serving("abc")
+    assert changed == [("team-a", "q1")]
+    assert after.config is before.config and after.queue.status == {"observedGeneration": 1}
+    assert s.queue(("team-a", "q1")).status == {"observedGeneration": 1}
+    deleting = {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-01-01T00:00:01Z"}}
+    assert first.with_body(deleting).deleting

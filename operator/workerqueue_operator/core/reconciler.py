@@ -158,8 +158,13 @@ class Reconciler:
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             return  # a read is under way and will bring the queue back here
 
-        # What we wrote last is newer than what the watch may have delivered so far.
-        current = {**queue.status, **self._written.get(key, {})}
+        # What we wrote last is newer than what the watch may have delivered so far; once the watch
+        # has caught up, it is forgotten (10,000 copies of every status add up).
+        written = self._written.get(key)
+        if written is not None and not status_.differs(written, queue.status):
+            del self._written[key]
+            written = None
+        current = {**queue.status, **(written or {})}
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):
             return

@@ -1,4 +1,8 @@
-"""kopf handlers: thin guards that delegate to `core`. Each registry is fresh, never the global one."""
+"""kopf handlers: thin guards that delegate to `core`. Each registry is fresh, never the global one.
+
+kopf watches worker pods only (and its peering object): WorkerQueues reach the worker supervisor
+through the operator's own informer, which every replica keeps (see core/supervisor.py).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,8 @@ import kopf
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.models import settings as settings_
-from workerqueue_operator.models import spec
 
 PREFIX = "agentcontrol.dev"
-QUEUES = (spec.GROUP, spec.VERSION, spec.PLURAL)
 
 
 def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
@@ -21,7 +23,7 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
     operator_settings = settings
 
     # Real ids: kopf names handlers after their function, which inside here reads
-    # `registry.<locals>.queue_changed` in every log line and Event.
+    # `registry.<locals>.pod_changed` in every log line and Event.
     @kopf.on.login(registry=reg, id="login")
     def login(**kwargs: Any) -> Any:
         # kopf's own loaders read $KUBECONFIG when called (the `kubernetes` package reads it at import).
@@ -41,10 +43,6 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.networking.request_timeout = 60
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)
-
-    @kopf.on.event(*QUEUES, registry=reg, id="queue-event")
-    def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        supervisor.queue_event(event.get("type"), body)
 
     @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg, id="pod-event")
     def pod_changed(body: kopf.Body, **_: Any) -> None:

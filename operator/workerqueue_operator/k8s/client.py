@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,6 +21,11 @@ MERGE_PATCH = "application/merge-patch+json"
 MAX_WATCH_LINE = 16 * 1024 * 1024
 """Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
 escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
+
+
+AUTH_REFRESH_SECONDS = 10.0
+"""How long credentials read from the kubeconfig/in-cluster loader are reused (kubelet-rotated
+ServiceAccount tokens stay valid for far longer)."""
 
 
 class LineTooLong(ValueError):
@@ -71,6 +77,8 @@ class KubeClient:
         self._ssl = self._ssl_context(configuration)
         self._session: aiohttp.ClientSession | None = None
         self._pool_size = pool_size
+        self._auth: dict[str, str] = {}
+        self._auth_until = 0.0
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext | bool:
@@ -91,14 +99,21 @@ class KubeClient:
         return self._session
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
-        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used.
-        for auth in self._configuration.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"].title()] = auth["value"]
+        headers = {"Accept": "application/json", **self._auth_headers()}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _auth_headers(self) -> dict[str, str]:
+        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used;
+        # it reads files and the environment, so at most every AUTH_REFRESH_SECONDS, not per request.
+        now = time.monotonic()
+        if now >= self._auth_until:
+            self._auth = {auth["key"].title(): auth["value"]
+                          for auth in self._configuration.auth_settings().values()
+                          if auth.get("in") == "header" and auth.get("value")}
+            self._auth_until = now + AUTH_REFRESH_SECONDS
+        return self._auth
 
     async def close(self) -> None:
         if self._session is not None:
