@@ -168,6 +168,10 @@ class Bench:
         self.spawn: list[spawn.SpawnResult] = []
         self.heartbeats: heartbeats.HeartbeatResult | None = None
         self.passthrough: list[report.PassthroughRow] = []
+        self.scale: list[report.Footprint] = []
+        self.scale_p50: float | None = None
+        self.scale_restart: tuple[float, int | None] | None = None
+        self.handover: list[handover.HandoverResult] = []
 
     def measure_passthrough(self, concurrencies: Sequence[int]) -> None:
         """Latency the pass-through adds (issue 10): a stand-in upstream (the baseline server,
@@ -194,10 +198,6 @@ class Bench:
             self.passthrough.append(report.passthrough_row(concurrency, direct, via))
         self.children.stop(operator.popen)
         self.children.stop(upstream.popen)
-        self.scale: list[report.Footprint] = []
-        self.scale_p50: float | None = None
-        self.scale_restart: tuple[float, int | None] | None = None
-        self.handover: list[handover.HandoverResult] = []
 
     def measure_scale(self, count: int) -> None:
         """`count` queues made before the operator starts: its Ready time and memory (issue 11)."""
