@@ -130,7 +130,8 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
     with operator.paused():  # the session's operator would make the queue Ready whatever ours does
         try:
             own.start()
-            assert failures(own) == {f"workerqueues/{namespace}": 0, f"secrets/{namespace}": 0}
+            assert failures(own) == {f"workerqueues/{namespace}": 0, f"secrets/{namespace}": 0,
+                                     f"leases/{namespace}": 0}
             proxy.cut()
             wait_for(lambda: f"watch workerqueues/{namespace} failed" in own.logs(), timeout=30,
                      what="the failure in the log")
