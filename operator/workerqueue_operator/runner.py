@@ -185,7 +185,8 @@ async def run(
         on_listening(port)
 
     background = asyncio.create_task(watches.run(reconciler), name="watches")
-    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, registry=registry)
+    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, registry=registry,
+                            temporal=temporal_)
     background_supervisor = asyncio.create_task(supervisor.run(), name="worker supervisor")
     background_events = asyncio.create_task(events.run(), name="event poster")
     background_registry = asyncio.create_task(registry.run(), name="worker registry")
