@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 TEMPORAL_REACHABLE = "TemporalReachable"
 _TICK = 0.1
+_PROBES = 16  # concurrent Temporal probes: a thousand queues must not dial a thousand connections at once
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Supervisor:
         self._probes: dict[QueueKey, _Probe] = {}
         self._demand: dict[QueueKey, workers.Demand] = {}
         self._alive: dict[QueueKey, int] = {}
+        self._probe_gate = asyncio.Semaphore(_PROBES)
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -327,13 +329,21 @@ class Supervisor:
         scaling = body is not None and bool((body.get("spec") or {}).get("scaling"))
         demand: workers.Demand
         try:
-            info = await self._temporal.describe_task_queue(endpoint, task_queue)
-            busy: frozenset[str] = frozenset()
-            if scaling and self._alive.get(key):
-                found = await self._temporal.executions(endpoint, task_queue, limit=1000)
-                busy = frozenset(e.holder.split("@", 1)[1] for e in found
-                                 if e.status == "running" and e.holder and "@" in e.holder)
-            demand = workers.Demand(backlog=info.backlog or 0, busy=busy)
+            async with self._probe_gate:
+                info = await self._temporal.describe_task_queue(endpoint, task_queue)
+                busy: frozenset[str] = frozenset()
+                waiting = 0
+                if scaling:
+                    # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
+                    # wait ~5 s for it); the running workflows that no worker has taken yet are known
+                    # at once, and so is who holds the others.
+                    found = await self._temporal.executions(endpoint, task_queue, limit=1000, running=True)
+                    busy = frozenset(e.holder.split("@", 1)[1] for e in found
+                                     if e.status == "running" and e.holder and "@" in e.holder)
+                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
+            # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
+            # server's statistic, as `temporal task-queue describe` would.
+            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy)
             probe.reachable, probe.reason = True, "Reachable"
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
