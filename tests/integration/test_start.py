@@ -253,6 +253,8 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
      "set either redis.url or redis.urlSecretRef, not both"),
     ({"websocket": {"url": "http://not-a-websocket"}}, "websocket.url must start with ws:// or wss://"),
     ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
+    ({"scaling": {"minIdle": 3, "max": 2}}, "scaling.minIdle must not exceed scaling.max"),
+    ({"scaling": {"minIdle": 1}}, "max: Required value"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
