@@ -115,7 +115,11 @@ class Supervisor:
             self._demand.pop(key, None)
             self._alive.pop(key, None)
             return
+        previous = self._bodies.get(key)
         self._bodies[key] = dict(body)
+        if previous is not None and key in self._probes and \
+                previous.get("metadata", {}).get("generation") != meta.get("generation"):
+            self._probes[key].due = 0.0  # the spec changed (maybe its Temporal): check again now
         self._queue.add(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -226,14 +230,15 @@ class Supervisor:
             owner=resources.owner_reference(queue_ref_body(queue)),
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
-        # Each pod's own token first, so that its worker can call /start as soon as it runs.
-        await asyncio.gather(*(resources.create_if_absent(
-            self._client, resources.secrets_path(queue.namespace),
-            workers.credential_secret_body(queue, b["metadata"]["name"], secrets.token_urlsafe(32)))
-            for b in bodies))
-        results = await asyncio.gather(
-            *(resources.create_if_absent(self._client, resources.pods_path(queue.namespace), b) for b in bodies),
-            return_exceptions=True)
+        async def create(body: dict[str, Any]) -> bool:
+            # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
+            # pod, so that the first pods of a burst need not wait for the last tokens.
+            await resources.create_if_absent(
+                self._client, resources.secrets_path(queue.namespace),
+                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32)))
+            return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
+
+        results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
         refused: str | None = None
         involved = queue_ref_body(queue)
         for body, result in zip(bodies, results, strict=True):
@@ -291,18 +296,21 @@ class Supervisor:
                 loop_now = time.monotonic()
                 for key in list(self._bodies):
                     probe = self._probes.setdefault(key, _Probe())
-                    target = self._target(key)
-                    if target is None:
+                    if probe.running:
                         continue
-                    if target[0] != probe.target:
-                        probe.target, probe.due, probe.interval = target[0], 0.0, 0.0
-                    if not probe.running and loop_now >= probe.due:
+                    if loop_now >= probe.due:
+                        target = self._target(key)
+                        if target is None:
+                            probe.due = loop_now + 1.0  # not resolved yet (e.g. a Secret missing)
+                            continue
+                        if target[0] != probe.target:
+                            probe.target, probe.interval = target[0], 0.0
                         probe.running = True
                         task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     elif probe.wanted != probe.shown and loop_now - probe.shown_at >= \
-                            self._settings.temporal_status_seconds and not probe.running:
+                            self._settings.temporal_status_seconds:
                         probe.running = True
                         task = asyncio.create_task(self._show(key, probe))
                         tasks.add(task)
