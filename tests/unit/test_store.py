@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from tests.unit.factories import queue
 from workerqueue_operator.core import queues
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
 
@@ -106,3 +106,22 @@ def test_passes_through_once_some_queue_has_an_upstream():
     assert s.passes_through
     s.remove_queue(("team-a", "a"))
     assert not s.passes_through
+
+
+def test_per_worker_tokens_name_their_pod_and_queue_and_go_with_their_secret():
+    s, _ = store()
+    w0 = WorkerCredential(queue=("team-a", "q1"), pod="q1-w0")
+    s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0")
+    s.upsert_worker_credential(("team-a", "q2-w0-token"), WorkerCredential(queue=("team-a", "q2"), pod="q2-w0"),
+                               "tok-q2")
+    assert s.worker_credential(queues.digest("tok-0")) == w0
+    assert s.queue_of_token(queues.digest("tok-0")) == ("team-a", "q1")
+    assert s.worker_credential_secrets(("team-a", "q1")) == {"q1-w0": ("team-a", "q1-w0-token")}
+    # Rotated in place: the old token opens nothing any more.
+    s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0b")
+    assert s.worker_credential(queues.digest("tok-0")) is None
+    assert s.worker_credential(queues.digest("tok-0b")) == w0
+    s.remove_worker_credential(("team-a", "q1-w0-token"))
+    assert s.worker_credential(queues.digest("tok-0b")) is None
+    assert s.worker_credential_secrets(("team-a", "q1")) == {}
+    assert s.worker_credential_secrets(("team-a", "q2")) == {"q2-w0": ("team-a", "q2-w0-token")}

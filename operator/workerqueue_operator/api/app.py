@@ -89,7 +89,7 @@ async def start_worker(request: web.Request) -> web.Response:
                                           hostname=hostname, system_info=system_info)
         except registry_.ErrorTypes as exc:
             logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
-                           exc or type(exc).__name__)
+                           str(exc) or type(exc).__name__)
             return errors.detail(503, "The worker registry is temporarily unavailable, try again")
         if worker is None:
             return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")

@@ -52,7 +52,7 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest)
     except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("TokenReview failed: %s", exc or type(exc).__name__)
+        logger.warning("TokenReview failed: %s", str(exc) or type(exc).__name__)
         return errors.detail(503, "Authentication is temporarily unavailable, try again")
     if identity is None:
         return errors.unauthorized("Invalid authentication credentials")
@@ -75,7 +75,7 @@ async def allowed(request: web.Request, caller: Caller, resolution: Resolution, 
         return await request.app[REVIEWER].may(caller.identity, caller.token_digest, queue.namespace, queue.name,
                                                verb=verb, subresource=subresource)
     except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("SubjectAccessReview failed: %s", exc or type(exc).__name__)
+        logger.warning("SubjectAccessReview failed: %s", str(exc) or type(exc).__name__)
         return errors.detail(503, "Authorization is temporarily unavailable, try again")
 
 

@@ -42,6 +42,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._worker_tokens: dict[bytes, WorkerCredential] = {}
         self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
+        self._worker_secrets_of: dict[QueueKey, dict[str, SecretName]] = {}
         self._with_upstream: set[QueueKey] = set()
 
     # --- feeding -----------------------------------------------------------------------------------
@@ -118,15 +119,24 @@ class Store:
             token_digest = queues.digest(token)
             self._worker_tokens[token_digest] = credential
             self._worker_token_secrets[secret] = (token_digest, credential)
+            self._worker_secrets_of.setdefault(credential.queue, {})[credential.pod] = secret
 
     def remove_worker_credential(self, secret: SecretName) -> None:
         previous = self._worker_token_secrets.pop(secret, None)
-        if previous is not None and self._worker_tokens.get(previous[0]) == previous[1]:
-            del self._worker_tokens[previous[0]]
+        if previous is None:
+            return
+        token_digest, credential = previous
+        if self._worker_tokens.get(token_digest) == credential:
+            del self._worker_tokens[token_digest]
+        pods = self._worker_secrets_of.get(credential.queue, {})
+        if pods.get(credential.pod) == secret:
+            del pods[credential.pod]
+            if not pods:
+                del self._worker_secrets_of[credential.queue]
 
     def worker_credential_secrets(self, queue: QueueKey) -> dict[str, SecretName]:
         """pod name -> the Secret holding its token, for a queue's per-worker tokens."""
-        return {c.pod: name for name, (_, c) in self._worker_token_secrets.items() if c.queue == queue}
+        return dict(self._worker_secrets_of.get(queue, {}))
 
     # --- reading (the /start hot path) -------------------------------------------------------------
 
