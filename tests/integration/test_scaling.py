@@ -114,3 +114,29 @@ async def test_min_idle_keeps_idle_workers_and_temporal_outages_change_nothing(
         temporal.start()
     kube.wait_condition(namespace, "idle", "True", "Reachable", type_="TemporalReachable", timeout=60)
     assert kube.pod_names(namespace, "idle") == pods
+
+
+async def test_an_ephemeral_queue_scales_to_its_max_and_goes_once_its_work_is_done(
+        kube: Kube, namespace: str, temporal: TemporalServer):
+    # No kubelet: the test moves the pods through their phases; Temporal is real.
+    queue_id = f"eph-{namespace}"
+    kube.create_queue(namespace, "eph", **scaling_queue(temporal, queue_id, min_idle=0, max_=2),
+                      ephemeral=True, ttlSecondsAfterFinished=1)
+    wait_for(lambda: kube.condition(namespace, "eph", "TemporalReachable"), timeout=30, what="TemporalReachable")
+    assert kube.pod_names(namespace, "eph", alive=False) == []  # nothing waits: no pod, and the queue stays
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    handles = [await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 1},
+                                           id=f"eph-{i}-{secrets.token_hex(3)}", task_queue=queue_id)
+               for i in range(3)]
+    wait_for(lambda: kube.pod_names(namespace, "eph") == ["eph-w0", "eph-w1"], timeout=10, what="2 pods (max 2)")
+    await asyncio.sleep(2)
+    assert kube.pod_names(namespace, "eph") == ["eph-w0", "eph-w1"]  # the third waits: max is 2
+
+    kube.set_phase(namespace, "eph-w0", "Succeeded", exit_code=0, reason="Completed")
+    wait_for(lambda: "eph-w2" in kube.pod_names(namespace, "eph"), timeout=10, what="eph-w0 replaced")
+    for handle in handles:  # the work is gone (as if workers had run it)
+        await handle.terminate("done")
+    for pod in ("eph-w1", "eph-w2"):
+        kube.set_phase(namespace, pod, "Succeeded", exit_code=0, reason="Completed")
+    wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="the finished queue deleted")
