@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -148,3 +149,54 @@ async def test_openapi_names_the_contract_operation(client: TestClient):
     schemas = doc["components"]["schemas"]
     assert {"WorkerStartResponse", "HTTPValidationError", "ValidationError", "WorkerSystemInfo",
             "control_plane_api__app__routers__worker_queues__WorkerStartRequest"} <= set(schemas)
+
+
+async def raw_exchange(client: TestClient, request: bytes) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one request written byte for byte, as a hostile client would."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()  # every request below asks the server to close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 1000 + b"]" * 1000,
+    b'{"system_info": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"system_info": {"pid": ' + b"7" * 5000 + b"}}",
+    b'{"unknown": ' + b"7" * 4400 + b"}",
+    b'{"worker_sdk_version": ' + b"[" * 990 + b"]" * 990 + b"}",
+], ids=["nested-1000", "nested-5000", "int-5000-digits", "unknown-int-4400-digits", "nested-990"])
+async def test_hostile_json_is_422_not_500(client: TestClient, body: bytes, caplog: pytest.LogCaptureFixture):
+    r = await client.post(START.format("q-1"), data=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status == 422
+    errors = (await r.json())["detail"]
+    assert errors and all(e["loc"][0] == "body" for e in errors)
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"1e999"])
+async def test_error_inputs_json_cannot_carry_are_left_out(client: TestClient, value: bytes):
+    r = await client.post(START.format("q-1"), data=b'{"system_info": {"pid": ' + value + b"}}", headers=AUTH)
+    assert r.status == 422
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    (error,) = json.loads(await r.read(), parse_constant=strict)["detail"]
+    assert error["loc"] == ["body", "system_info", "pid"] and error["input"] is None
+
+
+@pytest.mark.parametrize("authorization", [b"Bearer \xe9", b"Bearer caf\xc3\xa9", b"Bearer a\tb", b"Bearer \xff\xfe"])
+async def test_non_ascii_authorization_is_401(client: TestClient, authorization: bytes,
+                                              caplog: pytest.LogCaptureFixture):
+    status, head, body = await raw_exchange(client, (
+        b"POST /api/v1/worker-queues/q-1/start HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: " + authorization + b"\r\nContent-Length: 0\r\n\r\n"))
+    assert status == 401
+    assert b"WWW-Authenticate: Bearer" in head
+    assert isinstance(json.loads(body)["detail"], str)
+    assert "Traceback" not in caplog.text

@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
 
-from workerqueue_operator.api import errors, metrics, openapi
+from workerqueue_operator.api import errors, inputs, metrics, openapi
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
@@ -25,7 +24,6 @@ from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 1024 * 1024
 START_ROUTE = "/api/v1/worker-queues/{queue_id}/start"
 
 STORE = web.AppKey("store", Store)
@@ -36,42 +34,6 @@ READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 OPENAPI = web.AppKey("openapi", bytes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-async def _read_request(request: web.Request) -> wire.WorkerStartRequest | web.Response:
-    """The body as WorkerStartRequest, or the 413/422 answer FastAPI would give."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return errors.detail(413, "Request body too large")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return errors.detail(413, "Request body too large")
-    if not raw.strip():
-        return wire.WorkerStartRequest()  # an empty body means the documented default, {}
-    try:
-        # The common case in one pass; anything unusual takes the slow path below for its exact errors.
-        return wire.WorkerStartRequest.model_validate_json(raw)
-    except ValidationError:
-        pass
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return errors.unprocessable(errors.json_invalid(exc))
-    except UnicodeDecodeError:
-        return errors.unprocessable([{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": "body is not UTF-8"}}])
-    if parsed is None:
-        return wire.WorkerStartRequest()  # JSON null: the default, as FastAPI treats it
-    try:
-        return wire.WorkerStartRequest.model_validate(parsed)
-    except ValidationError as exc:
-        return errors.unprocessable(errors.validation_errors(exc))
 
 
 def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, settings: settings_.Settings) -> str:
@@ -86,7 +48,7 @@ async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
     store, reviewer = request.app[STORE], request.app[REVIEWER]
 
-    token = _bearer(request)
+    token = inputs.bearer_token(request)
     if token is None:
         return errors.unauthorized("Not authenticated")
     token_digest = queues.digest(token)
@@ -100,7 +62,8 @@ async def start_worker(request: web.Request) -> web.Response:
         if identity is None:
             return errors.unauthorized("Invalid authentication credentials")
 
-    body = await _read_request(request)
+    body = await inputs.read_body(request, wire.WorkerStartRequest,
+                                  timeout=request.app[SETTINGS].http_body_timeout_seconds)
     if isinstance(body, web.Response):
         return body
 
@@ -190,7 +153,7 @@ def make_app(
     ready: Callable[[], bool],
 ) -> web.Application:
     # One byte over the limit so that the handler, not aiohttp, words the 413.
-    app = web.Application(middlewares=[observe], client_max_size=MAX_BODY + 1)
+    app = web.Application(middlewares=[observe], client_max_size=inputs.MAX_BODY + 1)
     app[STORE] = store
     app[REVIEWER] = reviewer
     app[SETTINGS] = settings

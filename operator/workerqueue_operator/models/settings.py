@@ -78,6 +78,10 @@ class Settings(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a request body may take to arrive; then 408 and the connection is closed. A /start
+    body is at most 1 MiB, so only a client that trickles it on purpose or is stuck needs longer."""
+
     tls_cert_file: str | None = None
     """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
     tls_key_file: str | None = None
