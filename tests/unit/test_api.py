@@ -200,3 +200,37 @@ async def test_non_ascii_authorization_is_401(client: TestClient, authorization:
     assert b"WWW-Authenticate: Bearer" in head
     assert isinstance(json.loads(body)["detail"], str)
     assert "Traceback" not in caplog.text
+
+
+async def test_openapi_lists_every_answer_of_start(client: TestClient):
+    doc = await (await client.get("/openapi.json")).json()
+    responses = doc["paths"]["/api/v1/worker-queues/{queue_id}/start"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "404", "409", "413", "422", "503"} <= set(responses)
+    for status in ("400", "401", "403", "404", "409", "413", "503"):
+        content = responses[status]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/HTTPError"}
+        assert isinstance(content["example"]["detail"], str)
+    assert doc["components"]["schemas"]["HTTPError"]["required"] == ["detail"]
+    assert "WWW-Authenticate" in responses["401"]["headers"]
+
+
+async def test_wrong_method_is_405_with_allow(client: TestClient):
+    r = await client.put(START.format("q-1"), headers=AUTH)
+    assert (r.status, await r.json()) == (405, {"detail": "Method Not Allowed"})
+    assert r.headers["Allow"] == "POST"
+    r = await client.post("/healthz")
+    assert r.status == 405 and set(r.headers["Allow"].split(",")) >= {"GET"}
+
+
+async def _chunks(size: int) -> AsyncIterator[bytes]:
+    body = b'{"worker_sdk_version": "' + b"x" * (size - 26) + b'"}'
+    assert len(body) == size
+    for offset in range(0, size, 64 * 1024):
+        yield body[offset:offset + 64 * 1024]
+
+
+@pytest.mark.parametrize(("size", "status"), [(1024 * 1024, 200), (1024 * 1024 + 1, 413)])
+async def test_chunked_body_limit_is_exactly_one_mebibyte(client: TestClient, size: int, status: int):
+    r = await client.post(START.format("q-1"), data=_chunks(size), headers=AUTH)
+    assert r.status == status
+    assert "chunked" in r.request_info.headers.get("Transfer-Encoding", "")

@@ -33,6 +33,8 @@ METRICS = web.AppKey("metrics", metrics.Metrics)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 OPENAPI = web.AppKey("openapi", bytes)
 
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -136,7 +138,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         status = exc.status
         reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(status, exc.reason)
-        return errors.detail(status, reason)
+        # Headers the status needs travel along: `Allow` of a 405, for one.
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return errors.detail(status, reason, headers=kept or None)
     except Exception:
         logger.exception("unhandled error in %s", route_name)
         return errors.detail(500, "Internal Server Error")
@@ -152,8 +156,8 @@ def make_app(
     version: str,
     ready: Callable[[], bool],
 ) -> web.Application:
-    # One byte over the limit so that the handler, not aiohttp, words the 413.
-    app = web.Application(middlewares=[observe], client_max_size=inputs.MAX_BODY + 1)
+    # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
+    app = web.Application(middlewares=[observe], client_max_size=inputs.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
     app[SETTINGS] = settings
