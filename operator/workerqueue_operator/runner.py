@@ -150,7 +150,10 @@ async def run(
                             watched_namespaces=settings.namespaces)
     feed = Feed(store, reconciler)
     watches = Watches(client, feed, settings.namespaces)
-    reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
+    reviewer = reviews.Reviewer(
+        client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds,
+        negative_ttl=settings.auth_negative_cache_seconds, timeout=settings.auth_review_timeout_seconds,
+        max_concurrent=settings.auth_max_concurrent_reviews)
     kopf_ready = asyncio.Event()
 
     def ready() -> bool:

@@ -23,10 +23,14 @@ AUTH = {"Authorization": "Bearer good-token"}
 class NoReviews(reviews.Reviewer):
     """Kubernetes identities are tested against the real API server; here every other token is unknown."""
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, unavailable: reviews.Unavailable | None = None) -> None:
+        self.outcomes = {}
+        self._in_flight = 0
+        self.unavailable = unavailable
 
     async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
+        if self.unavailable is not None:
+            raise self.unavailable
         return None
 
 
@@ -234,3 +238,25 @@ async def test_chunked_body_limit_is_exactly_one_mebibyte(client: TestClient, si
     r = await client.post(START.format("q-1"), data=_chunks(size), headers=AUTH)
     assert r.status == status
     assert "chunked" in r.request_info.headers.get("Transfer-Encoding", "")
+
+
+@pytest.mark.parametrize(("unavailable", "retry_after"), [
+    (reviews.Unavailable("TokenReview", "TimeoutError: no answer within 4s"), None),
+    (reviews.Unavailable("TokenReview", "16 reviews already in flight", busy=True), "1"),
+])
+async def test_review_unavailable_is_503_with_its_reason_in_the_log(
+        unavailable: reviews.Unavailable, retry_after: str | None, caplog: pytest.LogCaptureFixture):
+    store = Store(settings=Settings(), version="9.9.9")
+    app = app_.make_app(store=store, reviewer=NoReviews(unavailable), settings=Settings(), version="9.9.9",
+                        ready=lambda: True)
+    async with TestClient(TestServer(app)) as c:
+        for _ in range(5):
+            r = await c.post(START.format("q-1"), headers={"Authorization": "Bearer some-service-account-token"})
+            assert r.status == 503
+            assert r.headers.get("Retry-After") == retry_after
+        metrics_text = await (await c.get("/metrics")).text()
+    lines = [r.getMessage() for r in caplog.records if "TokenReview" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line, the next four only counted
+    assert unavailable.reason in lines[0]
+    kind = "reviews_busy" if unavailable.busy else "reviews_unavailable"
+    assert f'workerqueue_http_problems_total{{kind="{kind}"}} 5' in metrics_text

@@ -12,13 +12,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
-from workerqueue_operator.api import errors, inputs, metrics, openapi
+from workerqueue_operator.api import errors, inputs, logs, metrics, openapi
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import wire
 
@@ -32,6 +30,7 @@ SETTINGS = web.AppKey("settings", settings_.Settings)
 METRICS = web.AppKey("metrics", metrics.Metrics)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 OPENAPI = web.AppKey("openapi", bytes)
+LOG = web.AppKey("log", logs.Throttled)
 
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
@@ -46,6 +45,14 @@ def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, sett
     return f"{request.scheme}://{request.host}"
 
 
+def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: str) -> web.Response:
+    if exc.busy:
+        request.app[LOG].warning("reviews_busy", "%s refused at once: %s", exc.review, exc.reason)
+        return errors.detail(503, f"{what} is busy, try again", headers={"Retry-After": "1"})
+    request.app[LOG].warning("reviews_unavailable", "%s failed: %s", exc.review, exc.reason)
+    return errors.detail(503, f"{what} is temporarily unavailable, try again")
+
+
 async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
     store, reviewer = request.app[STORE], request.app[REVIEWER]
@@ -58,9 +65,8 @@ async def start_worker(request: web.Request) -> web.Response:
     if not store.is_queue_token(token_digest):
         try:
             identity = await reviewer.authenticate(token, token_digest)
-        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("TokenReview failed: %s", exc)
-            return errors.detail(503, "Authentication is temporarily unavailable, try again")
+        except reviews.Unavailable as exc:
+            return _review_unavailable(request, exc, "Authentication")
         if identity is None:
             return errors.unauthorized("Invalid authentication credentials")
 
@@ -80,9 +86,8 @@ async def start_worker(request: web.Request) -> web.Response:
     else:
         try:
             allowed = await reviewer.may_start(identity, token_digest, queue.namespace, queue.name)
-        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("SubjectAccessReview failed: %s", exc)
-            return errors.detail(503, "Authorization is temporarily unavailable, try again")
+        except reviews.Unavailable as exc:
+            return _review_unavailable(request, exc, "Authorization")
         if not allowed:
             return errors.detail(
                 403, f"{identity.username} may not create workerqueues/start on this worker queue")
@@ -164,6 +169,12 @@ def make_app(
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics.Metrics()
+    app[LOG] = logs.Throttled(logger, app[METRICS])
+    app[METRICS].counters("workerqueue_token_reviews_total",
+                          "Kubernetes tokens presented to /start by outcome (rejected_cached: no TokenReview made; "
+                          "busy: refused at once, too many reviews in flight).", "outcome", lambda: reviewer.outcomes)
+    app[METRICS].gauge("workerqueue_reviews_in_flight",
+                       "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
     app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready.",
                        lambda: store.not_ready_count)

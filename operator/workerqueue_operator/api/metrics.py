@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # Seconds; /start answers from memory, so the interesting range is sub-millisecond to tens of ms.
 _LATENCY = "workerqueue_http_request_duration_seconds"
@@ -18,10 +18,26 @@ class Metrics:
         self._latency_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
+        self._help: dict[str, str] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._families: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time, so it is never stale."""
         self._gauges[name] = (help_text, read)
+
+    def describe(self, name: str, help_text: str) -> None:
+        """A counter with one label, `kind`, incremented by count()."""
+        self._help[name] = help_text
+        self._counts.setdefault(name, {})
+
+    def count(self, name: str, kind: str) -> None:
+        counts = self._counts[name]
+        counts[kind] = counts.get(kind, 0) + 1
+
+    def counters(self, name: str, help_text: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        """Counters kept elsewhere, by one label, read at scrape time."""
+        self._families[name] = (help_text, label, read)
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -60,6 +76,12 @@ class Metrics:
         ]
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
+        for name, kinds in sorted(self._counts.items()):
+            lines += [f"# HELP {name} {self._help[name]}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{kind="{kind}"}} {count}' for kind, count in sorted(kinds.items())]
+        for name, (help_text, label, read_all) in sorted(self._families.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{{label}="{key}"}} {value}' for key, value in sorted(read_all().items())]
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
         return "\n".join(lines) + "\n"

@@ -93,6 +93,15 @@ class Settings(BaseModel):
     auth_cache_seconds: float = Field(default=10.0, ge=0)
     """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
     RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
+    auth_negative_cache_seconds: float = Field(default=60.0, ge=0)
+    """How long a token the API server rejected is rejected again without asking it. Longer than
+    auth_cache_seconds: a token nobody issued does not become valid, and each retry would cost a review."""
+    auth_review_timeout_seconds: float = Field(default=4.0, gt=0)
+    """How long a TokenReview/SubjectAccessReview may take; then /start answers 503 at once. A healthy
+    API server answers in milliseconds: this only bounds how long a caller waits while it is down."""
+    auth_max_concurrent_reviews: int = Field(default=16, ge=1)
+    """Reviews in flight at once; a /start needing one more is answered 503 (Retry-After: 1) at once,
+    so that made-up tokens cannot turn into an unbounded stream of reviews at the API server."""
 
     # Scope.
     namespaces: tuple[str, ...] = ()
