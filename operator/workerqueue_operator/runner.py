@@ -21,6 +21,7 @@ from pydantic import ValidationError
 import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
+from workerqueue_operator.api import serving
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
@@ -120,12 +121,22 @@ async def serve_http(app: web.Application, settings: settings_.Settings) -> tupl
     if settings.tls_cert_file and settings.tls_key_file:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    log = app[app_.LOG]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, logger=serving.server_logger(log),
+                           keepalive_timeout=settings.http_idle_timeout_seconds,
+                           lingering_time=serving.LINGERING_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=context)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else settings.http_port
-    return runner, int(bound)
+    assert runner.server is not None
+    limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds)
+    if limit < settings.http_max_connections:
+        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds", limit)
+    listener = serving.Listener(runner.server, limit=limit, busy=app[app_.BUSY], log=log, ssl_context=context,
+                                handshake_timeout=settings.http_idle_timeout_seconds)
+    app[app_.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
+    app[app_.METRICS].gauge("workerqueue_http_connections_limit", "The most HTTP connections open at once.",
+                            lambda: listener.limit)
+    port = await serving.serve(runner, settings.http_host, settings.http_port, listener=listener)
+    return runner, port
 
 
 async def run(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -134,3 +136,45 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
                  what="a review after the thaw")
     finally:
         operator.stop()
+
+
+def test_a_flood_of_idle_connections_leaves_the_operator_working(
+        operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path):
+    # 3,000 sockets against an operator allowed 1,024 fds: without a connection limit they exhaust
+    # them, and it can neither answer /healthz nor reach the API server.
+    flood = 3000
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < flood + 200:
+        pytest.skip("this test process may not open enough sockets")
+    own = OperatorProcess(kubeconfig, tmp_path / "operator.log", env={"WQ_HTTP_IDLE_TIMEOUT_SECONDS": "60"},
+                          fd_limit=1024)
+    sockets: list[socket.socket] = []
+    with operator.paused():  # the session's operator would create the token Secret in our stead
+        own.start()
+        try:
+            began = time.monotonic()
+            for _ in range(flood):
+                with contextlib.suppress(OSError):
+                    sockets.append(socket.create_connection(("127.0.0.1", own.port), timeout=5))
+            assert len(sockets) > 2000, "the test could not open its flood of connections"
+            flooded = time.monotonic() - began
+
+            # Answers still come, while every one of those sockets is held open.
+            answer = http("GET", f"{own.url}/healthz", timeout=5)
+            assert answer.status == 200
+            kube.create_queue(namespace, "after-flood", queueId=f"flood-{namespace}",
+                              temporal={"host": "t:1", "namespace": "n"})
+            token = kube.queue_token(namespace, "after-flood")
+            kube.wait_condition(namespace, "after-flood", "True")
+            assert own.start_worker(f"flood-{namespace}", token).status == 200
+            assert time.monotonic() - began < flooded + 60  # not waiting for the idle timeout
+
+            assert metric(own, "workerqueue_http_connections_limit") == 1024 - 256
+            assert metric(own, "workerqueue_http_connections ") <= 1024 - 256
+            assert metric(own, 'workerqueue_http_problems_total{kind="connections_evicted"}') >= flood - 768
+            logs = own.logs()
+            assert "Traceback" not in logs
+            assert logs.count("the longest-idle one was closed") < 10  # throttled: one line per 10 s
+        finally:
+            for s in sockets:
+                s.close()
+            own.stop()

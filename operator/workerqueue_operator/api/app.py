@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from workerqueue_operator.api import errors, inputs, logs, metrics, openapi
 from workerqueue_operator.core import queues, reviews
@@ -31,6 +31,8 @@ METRICS = web.AppKey("metrics", metrics.Metrics)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 OPENAPI = web.AppKey("openapi", bytes)
 LOG = web.AppKey("log", logs.Throttled)
+BUSY: web.AppKey[set[object]] = web.AppKey("busy")
+"""The connections whose request is being handled."""
 
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
@@ -131,11 +133,14 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Metrics for every request, and FastAPI-shaped JSON for every error, never a traceback."""
+    """Metrics for every request, and FastAPI-shaped JSON for every error, never a traceback per request."""
     started = time.perf_counter()
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
     status = 500
+    busy = request.app[BUSY]
+    connection = request.protocol
+    busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
     try:
         response = await handler(request)
         status = response.status
@@ -146,10 +151,25 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Headers the status needs travel along: `Allow` of a 405, for one.
         kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
         return errors.detail(status, reason, headers=kept or None)
+    except ConnectionResetError:
+        # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
+        status = 499
+        request.app[LOG].log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
+                             request.method, route_name)
+        return errors.detail(400, "Client disconnected")
+    except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
+        # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
+        status = 400
+        request.app[LOG].log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", route_name,
+                             type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        answer = errors.detail(400, "There was an error parsing the body")
+        answer.force_close()
+        return answer
     except Exception:
-        logger.exception("unhandled error in %s", route_name)
+        request.app[LOG].log(logging.ERROR, "unhandled_error", "unhandled error in %s", route_name, exc_info=True)
         return errors.detail(500, "Internal Server Error")
     finally:
+        busy.discard(connection)
         request.app[METRICS].observe(route_name, request.method, status, time.perf_counter() - started)
 
 
@@ -170,6 +190,7 @@ def make_app(
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics.Metrics()
     app[LOG] = logs.Throttled(logger, app[METRICS])
+    app[BUSY] = set()
     app[METRICS].counters("workerqueue_token_reviews_total",
                           "Kubernetes tokens presented to /start by outcome (rejected_cached: no TokenReview made; "
                           "busy: refused at once, too many reviews in flight).", "outcome", lambda: reviewer.outcomes)

@@ -51,7 +51,9 @@ async def read_body(request: web.Request, model: type[M], *, timeout: float) -> 
         return errors.detail(413, "Request body too large")
     except TimeoutError:
         # A client that trickles its body holds a connection and a task: it gets no more time.
-        return errors.detail(408, "Request body not received in time", headers={"Connection": "close"})
+        answer = errors.detail(408, "Request body not received in time")
+        answer.force_close()
+        return answer
     if not raw.strip():
         return model()
     try:

@@ -78,6 +78,17 @@ class Settings(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
+    http_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    """How long a connection may go without delivering a complete request head: from its opening, or
+    from its previous answer (keep-alive). Covers clients that send nothing or trickle headers. Workers
+    call at most every few seconds, so keeping idle connections longer saves them little."""
+    http_max_connections: int = Field(default=4096, ge=1)
+    """The most client connections open at once; at the limit a new one closes the longest-idle one.
+    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds (the soft limit is raised first,
+    up to the hard one). Each idle connection costs some 10 KiB."""
+    http_reserved_fds: int = Field(default=256, ge=16)
+    """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
+    up to 64 pooled requests, kopf's own), log files, TLS, Python itself."""
     http_body_timeout_seconds: float = Field(default=30.0, gt=0)
     """How long a request body may take to arrive; then 408 and the connection is closed. A /start
     body is at most 1 MiB, so only a client that trickles it on purpose or is stuck needs longer."""
