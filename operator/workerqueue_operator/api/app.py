@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Middleware
 
 from workerqueue_operator.api import errors, inputs, logs, metrics, openapi
 from workerqueue_operator.core import queues, reviews
@@ -57,7 +57,8 @@ def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: st
 
 async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
-    store, reviewer = request.app[STORE], request.app[REVIEWER]
+    app = request.app
+    store, reviewer, settings = app[STORE], app[REVIEWER], app[SETTINGS]
 
     token = inputs.bearer_token(request)
     if token is None:
@@ -72,8 +73,7 @@ async def start_worker(request: web.Request) -> web.Response:
         if identity is None:
             return errors.unauthorized("Invalid authentication credentials")
 
-    body = await inputs.read_body(request, wire.WorkerStartRequest,
-                                  timeout=request.app[SETTINGS].http_body_timeout_seconds)
+    body = await inputs.read_body(request, wire.WorkerStartRequest, timeout=settings.http_body_timeout_seconds)
     if isinstance(body, web.Response):
         return body
 
@@ -100,10 +100,10 @@ async def start_worker(request: web.Request) -> web.Response:
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
-    worker_id = str(uuid.uuid4())
+    worker_id = queues.new_worker_id()
     payload = resolution.config.response_body(
-        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))
-    request.app[METRICS].worker_started(queue.namespace, queue.name)
+        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, settings))
+    app[METRICS].worker_started(queue.namespace, queue.name)
     # DEBUG: at thousands of starts a second an INFO line each is most of the cost; the metric counts them.
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("worker started", extra={"queue_id": queue_id, "worker_id": worker_id,
@@ -131,46 +131,56 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Metrics for every request, and FastAPI-shaped JSON for every error, never a traceback per request."""
-    started = time.perf_counter()
-    route = request.match_info.route.resource
-    route_name = route.canonical if route is not None else "unmatched"
-    status = 500
-    busy = request.app[BUSY]
-    connection = request.protocol
-    busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(status, exc.reason)
-        # Headers the status needs travel along: `Allow` of a 405, for one.
-        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
-        return errors.detail(status, reason, headers=kept or None)
-    except ConnectionResetError:
-        # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
-        status = 499
-        request.app[LOG].log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
-                             request.method, route_name)
-        return errors.detail(400, "Client disconnected")
-    except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
-        # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
-        status = 400
-        request.app[LOG].log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", route_name,
-                             type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
-        answer = errors.detail(400, "There was an error parsing the body")
-        answer.force_close()
-        return answer
-    except Exception:
-        request.app[LOG].log(logging.ERROR, "unhandled_error", "unhandled error in %s", route_name, exc_info=True)
-        return errors.detail(500, "Internal Server Error")
-    finally:
-        busy.discard(connection)
-        request.app[METRICS].observe(route_name, request.method, status, time.perf_counter() - started)
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled) -> Middleware:
+    """The middleware every request passes: metrics, and FastAPI-shaped JSON for every error, never
+    a traceback per request. Its collaborators are bound here, not looked up per request: it is on
+    the path of every /start."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        connection = request.protocol
+        busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
+                status, exc.reason)
+            # Headers the status needs travel along: `Allow` of a 405, for one.
+            kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+            return errors.detail(status, reason, headers=kept or None)
+        except ConnectionResetError:
+            # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
+            status = 499
+            log.log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
+                    request.method, _route_name(request))
+            return errors.detail(400, "Client disconnected")
+        except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
+            # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
+            status = 400
+            text = str(exc).strip()
+            log.log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
+                    type(exc).__name__, text.splitlines()[0][:200] if text else "")
+            answer = errors.detail(400, "There was an error parsing the body")
+            answer.force_close()
+            return answer
+        except Exception:
+            log.log(logging.ERROR, "unhandled_error", "unhandled error in %s", _route_name(request), exc_info=True)
+            return errors.detail(500, "Internal Server Error")
+        finally:
+            busy.discard(connection)
+            metrics_.observe(_route_name(request), request.method, status, time.perf_counter() - started)
+
+    return observe
 
 
 def make_app(
@@ -181,16 +191,20 @@ def make_app(
     version: str,
     ready: Callable[[], bool],
 ) -> web.Application:
+    metrics_ = metrics.Metrics()
+    log = logs.Throttled(logger, metrics_)
+    busy: set[object] = set()
     # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
-    app = web.Application(middlewares=[observe], client_max_size=inputs.MAX_BODY)
+    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log)],
+                          client_max_size=inputs.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
     app[SETTINGS] = settings
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
-    app[METRICS] = metrics.Metrics()
-    app[LOG] = logs.Throttled(logger, app[METRICS])
-    app[BUSY] = set()
+    app[METRICS] = metrics_
+    app[LOG] = log
+    app[BUSY] = busy
     app[METRICS].counters("workerqueue_token_reviews_total",
                           "Kubernetes tokens presented to /start by outcome (rejected_cached: no TokenReview made; "
                           "busy: refused at once, too many reviews in flight).", "outcome", lambda: reviewer.outcomes)
