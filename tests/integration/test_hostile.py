@@ -118,18 +118,17 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
             answer, seconds = timed_start(operator, "frozen-agents", fresh[0])
             assert answer.status == 503, answer.body
             assert seconds < 5
-            # Beyond the bound on reviews in flight (2 here): 503 with Retry-After at once.
+            # Beyond the bound on reviews in flight (2 here), a caller waits for a slot, within the
+            # same 4 s: 503 with Retry-After, as prompt as the others.
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
                 futures = [pool.submit(timed_start, operator, "frozen-agents", token) for token in fresh]
                 results = [f.result() for f in futures]
             assert all(a.status == 503 for a, _ in results), [a.body for a, _ in results]
-            shed = [s for a, s in results if a.headers.get("Retry-After") == "1"]
-            waited = [s for a, s in results if a.headers.get("Retry-After") is None]
-            assert len(shed) == 1 and shed[0] < 1.5, results
-            assert len(waited) == 2 and all(s < 5 for s in waited), results
+            assert all(s < 5 for _, s in results), results
+            assert [a.headers.get("Retry-After") for a, _ in results].count("1") == 1, results
         logs = operator.logs()
         assert "TokenReview failed: TimeoutError: no answer within 4s" in logs
-        assert "TokenReview refused at once: 2 reviews already in flight" in logs
+        assert "TokenReview not made: no review slot free in time (2 in flight)" in logs
         assert "Traceback" not in logs
         # Thawed: the same token is reviewed again and admitted.
         wait_for(lambda: operator.start_worker("frozen-agents", fresh[0]).status == 200, timeout=30,

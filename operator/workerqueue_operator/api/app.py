@@ -49,7 +49,7 @@ def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, sett
 
 def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: str) -> web.Response:
     if exc.busy:
-        request.app[LOG].warning("reviews_busy", "%s refused at once: %s", exc.review, exc.reason)
+        request.app[LOG].warning("reviews_busy", "%s not made: %s", exc.review, exc.reason)
         return errors.detail(503, f"{what} is busy, try again", headers={"Retry-After": "1"})
     request.app[LOG].warning("reviews_unavailable", "%s failed: %s", exc.review, exc.reason)
     return errors.detail(503, f"{what} is temporarily unavailable, try again")

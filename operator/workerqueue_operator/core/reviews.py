@@ -5,10 +5,13 @@ into one API-server round trip per call, while a revoked RoleBinding stops worki
 
 Any caller can send a made-up token, and each would cost the API server a TokenReview. So:
 rejected digests are remembered apart (`negative_ttl`, longer, in their own LRU so that a flood of
-them cannot evict the identities of real callers); at most `max_concurrent` reviews are in flight,
-and a review beyond that is refused at once (`Unavailable`, busy: the HTTP answer is 503 with
-Retry-After, not 401, because the token may well be valid); and a review that gets no answer within
-`timeout` seconds is `Unavailable` too, so a frozen API server costs a caller seconds, not a hang.
+them cannot evict the identities of real callers); at most `max_concurrent` reviews are in flight;
+a caller beyond waits for a free one, but waiting and the review together get `timeout` seconds,
+then it is `Unavailable` (busy: the HTTP answer is 503 with Retry-After, not 401, because the token
+may well be valid). Waiting rather than refusing at once, because the real worker exits on any
+answer but 200: a fleet starting together must not be turned away by its own burst. So a frozen
+API server costs a caller seconds, not a hang, and made-up tokens cost at most `max_concurrent`
+reviews at a time.
 Queue tokens never come here: they are checked against watch-fed state first.
 """
 
@@ -105,7 +108,10 @@ class Reviewer:
         self._audiences = list(audiences)
         self._timeout = timeout
         self._max_concurrent = max_concurrent
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._in_flight = 0
+        self._waiting = 0
+        self._max_waiting = 64 * max_concurrent  # beyond: 503 at once, no task piles up behind a freeze
         self._identities: TTLCache[Identity | None] = TTLCache(ttl=ttl, keep=lambda identity: identity is not None)
         self._rejected: TTLCache[bool] = TTLCache(ttl=negative_ttl, size=50_000)
         self._decisions: TTLCache[bool] = TTLCache(ttl=ttl)
@@ -144,20 +150,38 @@ class Reviewer:
             (token_digest, namespace, name), lambda: self._access_review(identity, namespace, name))
 
     async def _review(self, kind: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One review at the API server, bounded in number and in time."""
-        if self._in_flight >= self._max_concurrent:
-            raise Unavailable(kind, f"{self._in_flight} reviews already in flight", busy=True)
-        self._in_flight += 1
+        """One review at the API server, bounded in number and in time: waiting for a free slot and
+        the API server's answer together take at most `timeout` seconds."""
+        if self._waiting >= self._max_waiting:
+            raise Unavailable(kind, f"{self._waiting} callers already wait for a review", busy=True)
+        busy = Unavailable(kind, f"no review slot free in time ({self._max_concurrent} in flight)", busy=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        self._waiting += 1
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._client.request("POST", path, body=body, timeout=self._timeout)
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise busy from exc
+        finally:
+            self._waiting -= 1
+        try:
+            remaining = deadline - loop.time()
+            if remaining < self._timeout / 4:  # too little time left for a review to be worth starting
+                raise busy
+            self._in_flight += 1
+            try:
+                async with asyncio.timeout(remaining):
+                    return await self._client.request("POST", path, body=body, timeout=remaining)
+            finally:
+                self._in_flight -= 1
         except TimeoutError as exc:
             # str(TimeoutError()) is empty: say what happened instead.
             raise Unavailable(kind, f"TimeoutError: no answer within {self._timeout:g}s") from exc
         except (client_.ApiError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(kind, f"{type(exc).__name__}: {exc}") from exc
         finally:
-            self._in_flight -= 1
+            self._slots.release()
 
     async def _token_review(self, token: str) -> Identity | None:
         review_spec: dict[str, Any] = {"token": token}

@@ -108,11 +108,13 @@ class Settings(BaseModel):
     """How long a token the API server rejected is rejected again without asking it. Longer than
     auth_cache_seconds: a token nobody issued does not become valid, and each retry would cost a review."""
     auth_review_timeout_seconds: float = Field(default=4.0, gt=0)
-    """How long a TokenReview/SubjectAccessReview may take; then /start answers 503 at once. A healthy
-    API server answers in milliseconds: this only bounds how long a caller waits while it is down."""
+    """How long a TokenReview/SubjectAccessReview may take, waiting for a free slot included; then
+    /start answers 503. A healthy API server answers in milliseconds: this only bounds how long a
+    caller waits while it is down or overloaded."""
     auth_max_concurrent_reviews: int = Field(default=16, ge=1)
-    """Reviews in flight at once; a /start needing one more is answered 503 (Retry-After: 1) at once,
-    so that made-up tokens cannot turn into an unbounded stream of reviews at the API server."""
+    """Reviews in flight at once, so that made-up tokens cannot turn into an unbounded stream of
+    reviews at the API server. A /start needing one more waits for a free slot within
+    auth_review_timeout_seconds, else 503 with Retry-After: 1."""
 
     # Scope.
     namespaces: tuple[str, ...] = ()
