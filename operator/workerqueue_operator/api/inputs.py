@@ -22,7 +22,6 @@ MAX_BODY = 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
-
 def bearer_token(request: web.Request) -> str | None:
     """The bearer token of the Authorization header; None without one or when it cannot be a token.
 

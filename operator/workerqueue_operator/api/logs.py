@@ -37,8 +37,8 @@ class Throttled:
             return
         self._last[kind] = now
         left_out = self._left_out.pop(kind, 0)
-        if left_out:
-            message += f" (and {left_out} more like it in the last {now - last:.0f}s)" if last else ""
+        if left_out and last is not None:
+            message += f" (and {left_out} more like it in the last {now - last:.0f}s)"
         self._logger.log(level, message, *args, exc_info=exc_info, extra={"kind": kind})
 
     def warning(self, kind: str, message: str, *args: Any) -> None:
