@@ -102,7 +102,7 @@ class Listener:
         self._log = log
         self._ssl = ssl_context
         self._handshake_timeout = handshake_timeout
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._pending: set[asyncio.Task[None]] = set()  # accepted, transport not made yet (TLS handshakes)
         self._resume: asyncio.TimerHandle | None = None
 
@@ -111,37 +111,52 @@ class Listener:
         return len(self._server.connections) + len(self._pending)
 
     def listen(self, host: str, port: int) -> int:
-        """Starts listening; the bound port."""
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        self._sock = socket.create_server((host, port), family=family, backlog=1024)
-        self._sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
-        return int(self._sock.getsockname()[1])
+        """Starts listening on every address `host` resolves to, as asyncio's create_server does;
+        the bound port."""
+        loop = asyncio.get_running_loop()
+        bound: set[tuple[int, str]] = set()
+        for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE):
+            ip = str(address[0])
+            if (family, ip) in bound:
+                continue
+            bound.add((family, ip))
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            port = int(sock.getsockname()[1])  # with port 0, every address gets the first one's port
+            sock.listen(1024)
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        return port
 
     async def close(self) -> None:
         if self._resume is not None:
             self._resume.cancel()
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks = []
         for task in self._pending:
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def _accept(self) -> None:
-        assert self._sock is not None
+    def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(self._BATCH):
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: the limit should prevent it; back off, never spin
                 self._log.log(logging.ERROR, "accept_failed", "accepting HTTP connections failed: %s: %s",
                               type(exc).__name__, exc)
-                loop.remove_reader(self._sock.fileno())
-                self._resume = loop.call_later(0.5, self._resume_accepting)
+                loop.remove_reader(sock.fileno())
+                self._resume = loop.call_later(0.5, self._resume_accepting, sock)
                 return
             if self.open >= self.limit and not self._make_room():
                 self._refuse(conn)
@@ -151,10 +166,10 @@ class Listener:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    def _resume_accepting(self) -> None:
+    def _resume_accepting(self, sock: socket.socket) -> None:
         self._resume = None
-        if self._sock is not None:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        if sock in self._socks:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
 
     def _make_room(self) -> bool:
         """Closes the longest-idle connection (the server keeps them oldest first); False if all are busy."""
