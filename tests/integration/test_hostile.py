@@ -152,14 +152,16 @@ def test_a_flood_of_idle_connections_leaves_the_operator_working(
         try:
             began = time.monotonic()
             for _ in range(flood):
+                if time.monotonic() - began > 60:  # an operator that stops accepting fails below, not by hanging here
+                    break
                 with contextlib.suppress(OSError):
-                    sockets.append(socket.create_connection(("127.0.0.1", own.port), timeout=5))
-            assert len(sockets) > 2000, "the test could not open its flood of connections"
+                    sockets.append(socket.create_connection(("127.0.0.1", own.port), timeout=2))
             flooded = time.monotonic() - began
 
             # Answers still come, while every one of those sockets is held open.
             answer = http("GET", f"{own.url}/healthz", timeout=5)
             assert answer.status == 200
+            assert len(sockets) > 2000, f"only {len(sockets)} connections were accepted in {flooded:.0f}s"
             kube.create_queue(namespace, "after-flood", queueId=f"flood-{namespace}",
                               temporal={"host": "t:1", "namespace": "n"})
             token = kube.queue_token(namespace, "after-flood")
