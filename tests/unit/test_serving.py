@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from tests.unit import apps
 from tests.unit.factories import queue
-from tests.unit.test_api import NoReviews
 from workerqueue_operator import runner as runner_
-from workerqueue_operator.api import app as app_
 from workerqueue_operator.api import serving
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.models.settings import Settings
@@ -48,7 +47,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     store = Store(settings=settings, version="9.9.9")
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
-    app = app_.make_app(store=store, reviewer=NoReviews(), settings=settings, version="9.9.9", ready=lambda: True)
+    app = apps.make_app(store, settings=settings)
     http, port = await runner_.serve_http(app, settings)
     s = Server(app, port)
     try:

@@ -1,4 +1,5 @@
-"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI.
+"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI,
+and the pass-through of every other /api/v1/ call to the caller's upstream (api/passthrough.py).
 
 /start answers from the watch-fed Store only; the API server is asked nothing per request, except
 a cached TokenReview/SubjectAccessReview for callers that present a Kubernetes token.
@@ -14,9 +15,25 @@ from collections.abc import Awaitable, Callable
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
 
-from workerqueue_operator.api import errors, inputs, logs, metrics, openapi
-from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.api import bodies, callers, errors, logs, metrics, openapi, passthrough, workers
+from workerqueue_operator.api.keys import (
+    BUSY,
+    KUBE,
+    LOG,
+    METRICS,
+    OPENAPI,
+    READY,
+    REGISTRY,
+    REVIEWER,
+    SETTINGS,
+    STORE,
+    TEMPORAL,
+)
+from workerqueue_operator.core import queues, reviews, temporal
+from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import wire
 
@@ -24,19 +41,9 @@ logger = logging.getLogger(__name__)
 
 START_ROUTE = "/api/v1/worker-queues/{queue_id}/start"
 
-STORE = web.AppKey("store", Store)
-REVIEWER = web.AppKey("reviewer", reviews.Reviewer)
-SETTINGS = web.AppKey("settings", settings_.Settings)
-METRICS = web.AppKey("metrics", metrics.Metrics)
-READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
-OPENAPI = web.AppKey("openapi", bytes)
-LOG = web.AppKey("log", logs.Throttled)
-BUSY: web.AppKey[set[object]] = web.AppKey("busy")
-"""The connections whose request is being handled."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, settings: settings_.Settings) -> str:
@@ -47,33 +54,14 @@ def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, sett
     return f"{request.scheme}://{request.host}"
 
 
-def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: str) -> web.Response:
-    if exc.busy:
-        request.app[LOG].warning("reviews_busy", "%s not made: %s", exc.review, exc.reason)
-        return errors.detail(503, f"{what} is busy, try again", headers={"Retry-After": "1"})
-    request.app[LOG].warning("reviews_unavailable", "%s failed: %s", exc.review, exc.reason)
-    return errors.detail(503, f"{what} is temporarily unavailable, try again")
-
-
 async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
-    app = request.app
-    store, reviewer, settings = app[STORE], app[REVIEWER], app[SETTINGS]
+    store = request.app[STORE]
 
-    token = inputs.bearer_token(request)
-    if token is None:
-        return errors.unauthorized("Not authenticated")
-    token_digest = queues.digest(token)
-    identity: reviews.Identity | None = None
-    if not store.is_queue_token(token_digest):
-        try:
-            identity = await reviewer.authenticate(token, token_digest)
-        except reviews.Unavailable as exc:
-            return _review_unavailable(request, exc, "Authentication")
-        if identity is None:
-            return errors.unauthorized("Invalid authentication credentials")
-
-    body = await inputs.read_body(request, wire.WorkerStartRequest, timeout=settings.http_body_timeout_seconds)
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    body = await bodies.read(request, wire.WorkerStartRequest)
     if isinstance(body, web.Response):
         return body
 
@@ -81,18 +69,10 @@ async def start_worker(request: web.Request) -> web.Response:
     if resolution is None:
         return errors.detail(404, "Worker queue not found")
     queue = resolution.queue
-
-    if identity is None:
-        if not store.opens(resolution, token_digest):
-            return errors.detail(403, "This token may not start workers on this worker queue")
-    else:
-        try:
-            allowed = await reviewer.may_start(identity, token_digest, queue.namespace, queue.name)
-        except reviews.Unavailable as exc:
-            return _review_unavailable(request, exc, "Authorization")
-        if not allowed:
-            return errors.detail(
-                403, f"{identity.username} may not create workerqueues/start on this worker queue")
+    denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
+                                     token_message="This token may not start workers on this worker queue")
+    if denied is not None:
+        return denied
 
     if queue.spec.suspend:
         return errors.detail(400, "Worker queue is not active (status: suspended)")
@@ -101,9 +81,26 @@ async def start_worker(request: web.Request) -> web.Response:
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
     worker_id = queues.new_worker_id()
+    registry = request.app[REGISTRY]
+    pod = caller.worker.pod if caller.worker is not None else None
+    system_info = body.system_info.model_dump(exclude_none=True) if body.system_info else None
+    hostname = body.system_info.hostname if body.system_info else None
+    if queue.spec.max_workers is None:
+        registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
+    else:
+        try:
+            worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
+                                          hostname=hostname, system_info=system_info)
+        except registry_.ErrorTypes as exc:
+            logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
+                           str(exc) or type(exc).__name__)
+            return errors.detail(503, "The worker registry is temporarily unavailable, try again")
+        if worker is None:
+            return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")
+
     payload = resolution.config.response_body(
-        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, settings))
-    app[METRICS].worker_started(queue.namespace, queue.name)
+        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))
+    request.app[METRICS].worker_started(queue.namespace, queue.name)
     # DEBUG: at thousands of starts a second an INFO line each is most of the cost; the metric counts them.
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("worker started", extra={"queue_id": queue_id, "worker_id": worker_id,
@@ -187,6 +184,9 @@ def make_app(
     *,
     store: Store,
     reviewer: reviews.Reviewer,
+    registry: Registry,
+    temporal_: temporal.Temporal,
+    kube: client_.KubeClient,
     settings: settings_.Settings,
     version: str,
     ready: Callable[[], bool],
@@ -196,9 +196,12 @@ def make_app(
     busy: set[object] = set()
     # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
     app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log)],
-                          client_max_size=inputs.MAX_BODY)
+                          client_max_size=bodies.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
+    app[REGISTRY] = registry
+    app[TEMPORAL] = temporal_
+    app[KUBE] = kube
     app[SETTINGS] = settings
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
@@ -207,7 +210,7 @@ def make_app(
     app[BUSY] = busy
     app[METRICS].counters("workerqueue_token_reviews_total",
                           "Kubernetes tokens presented to /start by outcome (rejected_cached: no TokenReview made; "
-                          "busy: refused at once, too many reviews in flight).", "outcome", lambda: reviewer.outcomes)
+                          "busy: no review slot free in time).", "outcome", lambda: reviewer.outcomes)
     app[METRICS].gauge("workerqueue_reviews_in_flight",
                        "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
@@ -215,9 +218,22 @@ def make_app(
                        lambda: store.not_ready_count)
     app[METRICS].gauge("workerqueue_secrets_cached", "Secrets held because a queue uses them.",
                        lambda: store.secret_count)
+    app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",
+                       lambda: registry.total)
+    app[METRICS].counter("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
+                         lambda: registry.heartbeats)
+    app[METRICS].counter("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
+                         lambda: registry.writes)
     app.router.add_post(START_ROUTE, start_worker)
+    workers.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_json)
+    # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
+    # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
+    app.cleanup_ctx.append(forwarder.session_context)
+    app.on_shutdown.append(forwarder.close_websockets)
+    app.router.add_route("*", passthrough.ROUTE, forwarder.handle)
     return app

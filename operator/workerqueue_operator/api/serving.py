@@ -3,7 +3,7 @@
 aiohttp closes a connection that has not delivered a complete request head within its
 `keepalive_timeout` of opening, or of its previous answer: that one timeout covers connections
 that send nothing, request heads that trickle in, and idle keep-alive (the body has its own, see
-inputs.read_body). What aiohttp does not bound is how many connections are open: every one holds
+bodies.read). What aiohttp does not bound is how many connections are open: every one holds
 an fd, and at the fd limit the operator can no longer reach the API server. So the listener here
 accepts at most `limit` at once (kept below RLIMIT_NOFILE with room for the API-server client);
 at the limit a new connection makes room by closing the longest-idle one (no request being

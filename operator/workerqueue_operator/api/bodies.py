@@ -1,8 +1,8 @@
-"""What a request carries: its bearer token and its JSON body, read the one way every route shares.
+"""Request bodies read and validated the way the reference API (FastAPI) does, for every route.
 
-Hostile input ends here as the documented 4xx answer, never as an exception further in: bytes
-that are not a token, JSON nested past the parser's depth, integers past Python's 4,300 digits,
-bodies over the limit or that do not arrive in time.
+Hostile input ends here as the documented 4xx answer, never as an exception further in: JSON
+nested past the parser's depth, integers past Python's 4,300 digits, bodies over the limit or that
+do not arrive in time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from workerqueue_operator.api import errors
+from workerqueue_operator.api.keys import SETTINGS
 
 MAX_BODY = 1024 * 1024
 """Bytes; a larger body is answered 413 (exactly this many are accepted)."""
@@ -22,29 +23,11 @@ MAX_BODY = 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
-def bearer_token(request: web.Request) -> str | None:
-    """The bearer token of the Authorization header; None without one or when it cannot be a token.
-
-    RFC 6750's b64token, loosened to any visible ASCII: a token Secret may hold any such string,
-    while anything else (a non-ASCII byte, a control character) cannot be a token and must not
-    reach a hash or a TokenReview.
-    """
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or not _visible_ascii(token):
-        return None
-    return token
-
-
-def _visible_ascii(text: str) -> bool:
-    # str methods, not a regex: this runs on every request.
-    return text.isascii() and text.isprintable() and " " not in text
-
-
-async def read_body(request: web.Request, model: type[M], *, timeout: float) -> M | web.Response:
+async def read(request: web.Request, model: type[M]) -> M | web.Response:
     """The body validated as `model`, or the 408/413/422 answer FastAPI-shaped.
 
     An empty body or JSON null means the model's defaults ({}), as FastAPI treats an optional body.
+    The body must arrive within the `http_body_timeout_seconds` setting.
     """
     if request.content_length is not None and request.content_length > MAX_BODY:
         return errors.detail(413, "Request body too large")
@@ -52,7 +35,7 @@ async def read_body(request: web.Request, model: type[M], *, timeout: float) -> 
         if request.content.is_eof():  # all there already, as a small body usually is: no timer to arm
             raw = await request.read()
         else:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(request.app[SETTINGS].http_body_timeout_seconds):
                 raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return errors.detail(413, "Request body too large")
