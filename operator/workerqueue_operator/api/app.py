@@ -208,9 +208,10 @@ def make_app(
     app[METRICS] = metrics_
     app[LOG] = log
     app[BUSY] = busy
-    app[METRICS].counters("workerqueue_token_reviews_total",
-                          "Kubernetes tokens presented to /start by outcome (rejected_cached: no TokenReview made; "
-                          "busy: no review slot free in time).", "outcome", lambda: reviewer.outcomes)
+    app[METRICS].family("workerqueue_token_reviews_total",
+                        "Kubernetes tokens presented by outcome (rejected_cached: no TokenReview made; "
+                        "busy: no review slot free in time).", kind="counter", label="outcome",
+                        read=lambda: reviewer.outcomes)
     app[METRICS].gauge("workerqueue_reviews_in_flight",
                        "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
@@ -220,10 +221,10 @@ def make_app(
                        lambda: store.secret_count)
     app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",
                        lambda: registry.total)
-    app[METRICS].counter("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
-                         lambda: registry.heartbeats)
-    app[METRICS].counter("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
-                         lambda: registry.writes)
+    app[METRICS].gauge("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
+                       lambda: registry.heartbeats, kind="counter")
+    app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
+                       lambda: registry.writes, kind="counter")
     app.router.add_post(START_ROUTE, start_worker)
     workers.add_routes(app)
     app.router.add_get("/healthz", healthz)
