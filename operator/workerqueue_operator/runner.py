@@ -24,7 +24,7 @@ from pydantic import ValidationError
 import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
-from workerqueue_operator.api import keys
+from workerqueue_operator.api import keys, serving
 from workerqueue_operator.core import queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.activity import Activity
@@ -210,12 +210,22 @@ async def serve_http(app: web.Application, settings: settings_.Settings) -> tupl
     # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds, and a
     # stream passed through to an upstream is then cut, so that its worker retries elsewhere well
     # within the pod's termination grace period (the chart's 30 s) instead of holding it up.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
+    log = app[keys.LOG]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS,
+                           logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,
+                           lingering_time=serving.LINGERING_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=context)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else settings.http_port
-    return runner, int(bound)
+    assert runner.server is not None
+    limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds)
+    if limit < settings.http_max_connections:
+        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds", limit)
+    listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, ssl_context=context,
+                                handshake_timeout=settings.http_idle_timeout_seconds)
+    app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
+    app[keys.METRICS].gauge("workerqueue_http_connections_limit", "The most HTTP connections open at once.",
+                            lambda: listener.limit)
+    port = await serving.serve(runner, settings.http_host, settings.http_port, listener=listener)
+    return runner, port
 
 
 async def run(
@@ -249,7 +259,10 @@ async def run(
                             registry=registry, temporal=temporal_)
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
-    reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
+    reviewer = reviews.Reviewer(
+        client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds,
+        negative_ttl=settings.auth_negative_cache_seconds, timeout=settings.auth_review_timeout_seconds,
+        max_concurrent=settings.auth_max_concurrent_reviews)
     kopf_ready = asyncio.Event()
 
     def ready() -> bool:

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -81,7 +82,8 @@ class OperatorProcess:
     """`workerqueue-operator run` as its own process group, its logs in a file the tests can read."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, context: ssl.SSLContext | None = None) -> None:
+                 args: list[str] | None = None, context: ssl.SSLContext | None = None,
+                 fd_limit: int | None = None) -> None:
         self.port = free_port()
         self.context = context  # set: the operator serves HTTPS, trusted through this context
         self.url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
@@ -89,6 +91,7 @@ class OperatorProcess:
         self._kubeconfig = kubeconfig
         self._env = env or {}
         self._args = args or []
+        self._fd_limit = fd_limit  # set: the operator's RLIMIT_NOFILE, soft and hard
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -105,9 +108,14 @@ class OperatorProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig),
                  *self._args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=self._limit_fds if self._fd_limit else None)
         wait_for(self.ready, timeout=60, what=f"operator readiness (log: {self.log_path})")
         return self
+
+    def _limit_fds(self) -> None:
+        assert self._fd_limit is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self._fd_limit, self._fd_limit))
 
     def ready(self) -> bool:
         assert self.process is not None

@@ -145,6 +145,8 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
         "publicUrl": "https://cp.example.com",
         "tokenReviewAudiences": ["workerqueue"],
         "authCacheSeconds": 5,
+        "authReviewTimeoutSeconds": 3,
+        "http": {"idleTimeoutSeconds": 20, "bodyTimeoutSeconds": 10, "maxConnections": 1000, "reservedFds": 128},
         "statusResyncSeconds": 120,
         "worker": {"image": "registry.example.com/agent-worker:1.2.3", "command": ["agent", "start"]},
         "extraConfig": {"worker_backoff_seconds": 20},
@@ -388,6 +390,9 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert settings.public_url == "https://cp.example.com"
         assert settings.token_review_audiences == ("workerqueue",)
         assert (settings.auth_cache_seconds, settings.status_resync_seconds) == (5, 120)
+        assert settings.auth_review_timeout_seconds == 3
+        assert (settings.http_idle_timeout_seconds, settings.http_body_timeout_seconds) == (20, 10)
+        assert (settings.http_max_connections, settings.http_reserved_fds) == (1000, 128)
         dumped = settings.model_dump()
         assert dumped["worker_image"] == "registry.example.com/agent-worker:1.2.3"
         assert list(dumped["worker_command"]) == ["agent", "start"]
@@ -402,6 +407,9 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         defaults = Settings()
         assert settings.organization_id == defaults.organization_id
         assert settings.auth_cache_seconds == defaults.auth_cache_seconds
+        assert settings.http_max_connections == defaults.http_max_connections
+        assert settings.http_idle_timeout_seconds == defaults.http_idle_timeout_seconds
+        assert settings.auth_negative_cache_seconds == defaults.auth_negative_cache_seconds
         assert settings.status_resync_seconds == defaults.status_resync_seconds
         assert settings.http_port == defaults.http_port
         assert settings.upstream_url is None

@@ -17,15 +17,21 @@ from workerqueue_operator.models.settings import Settings
 class NoReviews(reviews.Reviewer):
     """Kubernetes identities are tested against the real API server; here every other token is unknown."""
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, unavailable: reviews.Unavailable | None = None) -> None:
+        self.outcomes = {}
+        self._in_flight = 0
+        self.unavailable = unavailable  # set: every review fails so
 
     async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
+        if self.unavailable is not None:
+            raise self.unavailable
         return None
 
 
-def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9") -> web.Application:
+def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
+             reviewer: reviews.Reviewer | None = None) -> web.Application:
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing here writes at once
     registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
-    return app_.make_app(store=store, reviewer=NoReviews(), registry=registry, temporal_=temporal.Temporal(),
-                         kube=kube, settings=settings or Settings(), version=version, ready=lambda: True)
+    return app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
+                         temporal_=temporal.Temporal(), kube=kube, settings=settings or Settings(), version=version,
+                         ready=lambda: True)

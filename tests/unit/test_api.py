@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import queue
+from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.models.settings import Settings
 
@@ -137,3 +139,109 @@ async def test_openapi_names_the_contract_operation(client: TestClient):
     schemas = doc["components"]["schemas"]
     assert {"WorkerStartResponse", "HTTPValidationError", "ValidationError", "WorkerSystemInfo",
             "control_plane_api__app__routers__worker_queues__WorkerStartRequest"} <= set(schemas)
+
+
+async def raw_exchange(client: TestClient, request: bytes) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one request written byte for byte, as a hostile client would."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()  # every request below asks the server to close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 1000 + b"]" * 1000,
+    b'{"system_info": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"system_info": {"pid": ' + b"7" * 5000 + b"}}",
+    b'{"unknown": ' + b"7" * 4400 + b"}",
+    b'{"worker_sdk_version": ' + b"[" * 990 + b"]" * 990 + b"}",
+], ids=["nested-1000", "nested-5000", "int-5000-digits", "unknown-int-4400-digits", "nested-990"])
+async def test_hostile_json_is_422_not_500(client: TestClient, body: bytes, caplog: pytest.LogCaptureFixture):
+    r = await client.post(START.format("q-1"), data=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status == 422
+    errors = (await r.json())["detail"]
+    assert errors and all(e["loc"][0] == "body" for e in errors)
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"1e999"])
+async def test_error_inputs_json_cannot_carry_are_left_out(client: TestClient, value: bytes):
+    r = await client.post(START.format("q-1"), data=b'{"system_info": {"pid": ' + value + b"}}", headers=AUTH)
+    assert r.status == 422
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    (error,) = json.loads(await r.read(), parse_constant=strict)["detail"]
+    assert error["loc"] == ["body", "system_info", "pid"] and error["input"] is None
+
+
+@pytest.mark.parametrize("authorization", [b"Bearer \xe9", b"Bearer caf\xc3\xa9", b"Bearer a\tb", b"Bearer \xff\xfe"])
+async def test_non_ascii_authorization_is_401(client: TestClient, authorization: bytes,
+                                              caplog: pytest.LogCaptureFixture):
+    status, head, body = await raw_exchange(client, (
+        b"POST /api/v1/worker-queues/q-1/start HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: " + authorization + b"\r\nContent-Length: 0\r\n\r\n"))
+    assert status == 401
+    assert b"WWW-Authenticate: Bearer" in head
+    assert isinstance(json.loads(body)["detail"], str)
+    assert "Traceback" not in caplog.text
+
+
+async def test_openapi_lists_every_answer_of_start(client: TestClient):
+    doc = await (await client.get("/openapi.json")).json()
+    responses = doc["paths"]["/api/v1/worker-queues/{queue_id}/start"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "404", "409", "413", "422", "503"} <= set(responses)
+    for status in ("400", "401", "403", "404", "409", "413", "503"):
+        content = responses[status]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/HTTPError"}
+        assert isinstance(content["example"]["detail"], str)
+    assert doc["components"]["schemas"]["HTTPError"]["required"] == ["detail"]
+    assert "WWW-Authenticate" in responses["401"]["headers"]
+
+
+async def test_wrong_method_is_405_with_allow(client: TestClient):
+    # (Another method on an /api/v1/ path is passed through to the queue's upstream instead.)
+    for path in ("/healthz", "/openapi.json"):
+        r = await client.post(path)
+        assert (r.status, await r.json()) == (405, {"detail": "Method Not Allowed"})
+        assert set(r.headers["Allow"].split(",")) >= {"GET"}
+
+
+async def _chunks(size: int) -> AsyncIterator[bytes]:
+    body = b'{"worker_sdk_version": "' + b"x" * (size - 26) + b'"}'
+    assert len(body) == size
+    for offset in range(0, size, 64 * 1024):
+        yield body[offset:offset + 64 * 1024]
+
+
+@pytest.mark.parametrize(("size", "status"), [(1024 * 1024, 200), (1024 * 1024 + 1, 413)])
+async def test_chunked_body_limit_is_exactly_one_mebibyte(client: TestClient, size: int, status: int):
+    r = await client.post(START.format("q-1"), data=_chunks(size), headers=AUTH)
+    assert r.status == status
+    assert "chunked" in r.request_info.headers.get("Transfer-Encoding", "")
+
+
+@pytest.mark.parametrize(("unavailable", "retry_after"), [
+    (reviews.Unavailable("TokenReview", "TimeoutError: no answer within 4s"), None),
+    (reviews.Unavailable("TokenReview", "no review slot free in time (16 in flight)", busy=True), "1"),
+])
+async def test_review_unavailable_is_503_with_its_reason_in_the_log(
+        unavailable: reviews.Unavailable, retry_after: str | None, caplog: pytest.LogCaptureFixture):
+    store = Store(settings=Settings(), version="9.9.9")
+    app = apps.make_app(store, reviewer=apps.NoReviews(unavailable))
+    async with TestClient(TestServer(app)) as c:
+        for _ in range(5):
+            r = await c.post(START.format("q-1"), headers={"Authorization": "Bearer some-service-account-token"})
+            assert r.status == 503
+            assert r.headers.get("Retry-After") == retry_after
+        metrics_text = await (await c.get("/metrics")).text()
+    lines = [r.getMessage() for r in caplog.records if "TokenReview" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line, the next four only counted
+    assert unavailable.reason in lines[0]
+    kind = "reviews_busy" if unavailable.busy else "reviews_unavailable"
+    assert f'workerqueue_http_problems_total{{kind="{kind}"}} 5' in metrics_text

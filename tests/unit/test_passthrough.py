@@ -34,6 +34,8 @@ ORG_KEY = "org-key-A"
     ("Basic dXNlcjpwdw==", None),
     ("Bearer", None),
     ("", None),
+    ("Bearer \udce9", None),  # a non-ASCII byte, as aiohttp decodes it: never hashed (it would raise)
+    ("UserKey caf\u00e9", None),
 ])
 def test_worker_credential(header: str, expected: tuple[str, str] | None):
     assert passthrough.worker_credential(header) == expected

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from tests.unit.factories import queue
 from workerqueue_operator.core import executions, registry
 from workerqueue_operator.core.temporal import Execution
@@ -120,3 +124,11 @@ def test_the_queue_view_filters_and_limits():
 def test_a_queue_lease_duration_is_two_and_a_half_heartbeat_intervals():
     q = queue(heartbeatIntervalSeconds=10)
     assert registry.EXPIRY_INTERVALS * q.spec.heartbeat_interval_seconds == 25
+
+
+@pytest.mark.parametrize("key", ["k", "h\u00e9", 'a"b'])
+@pytest.mark.parametrize("value", ["", "abc", "\u00e9\u2028", 'q"\\\n\t', "x" * 600, "\udce9", True, False, 0, -5,
+                                   10 ** 300, 1.5, 1e-7, 123456.789, float("nan"), float("inf"), [1, "a"], {"a": 1}])
+def test_entry_length_is_the_length_of_its_json(key: str, value: object):
+    # bounded_system_info sizes entries without the encoder; the sizes must be the encoder's.
+    assert registry._entry_length(key, value) == len(json.dumps({key: value}, separators=(",", ":"), default=str))

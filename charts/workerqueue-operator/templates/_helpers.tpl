@@ -166,6 +166,13 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "http_port" (int $v.containerPort)
   "token_review_audiences" $v.tokenReviewAudiences
   "auth_cache_seconds" $v.authCacheSeconds
+  "auth_negative_cache_seconds" $v.authNegativeCacheSeconds
+  "auth_review_timeout_seconds" $v.authReviewTimeoutSeconds
+  "auth_max_concurrent_reviews" (int $v.authMaxConcurrentReviews)
+  "http_idle_timeout_seconds" $v.http.idleTimeoutSeconds
+  "http_body_timeout_seconds" $v.http.bodyTimeoutSeconds
+  "http_max_connections" (int $v.http.maxConnections)
+  "http_reserved_fds" (int $v.http.reservedFds)
   "namespaces" ($v.watchNamespaces | uniq)
   "status_resync_seconds" $v.statusResyncSeconds
   "upstream_connect_timeout_seconds" $v.upstream.connectTimeoutSeconds

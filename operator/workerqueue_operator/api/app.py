@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Middleware
 
-from workerqueue_operator.api import bodies, callers, errors, metrics, openapi, passthrough, workers
+from workerqueue_operator.api import bodies, callers, errors, logs, metrics, openapi, passthrough, workers
 from workerqueue_operator.api.keys import (
+    BUSY,
     KUBE,
+    LOG,
     METRICS,
     OPENAPI,
     READY,
@@ -27,8 +29,8 @@ from workerqueue_operator.api.keys import (
     STORE,
     TEMPORAL,
 )
+from workerqueue_operator.core import queues, reviews, temporal
 from workerqueue_operator.core import registry as registry_
-from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 START_ROUTE = "/api/v1/worker-queues/{queue_id}/start"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
 
 def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, settings: settings_.Settings) -> str:
@@ -76,7 +80,7 @@ async def start_worker(request: web.Request) -> web.Response:
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
-    worker_id = str(uuid.uuid4())
+    worker_id = queues.new_worker_id()
     registry = request.app[REGISTRY]
     pod = caller.worker.pod if caller.worker is not None else None
     system_info = body.system_info.model_dump(exclude_none=True) if body.system_info else None
@@ -124,26 +128,56 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Metrics for every request, and FastAPI-shaped JSON for every error, never a traceback."""
-    started = time.perf_counter()
-    route = request.match_info.route.resource
-    route_name = route.canonical if route is not None else "unmatched"
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(status, exc.reason)
-        return errors.detail(status, reason)
-    except Exception:
-        logger.exception("unhandled error in %s", route_name)
-        return errors.detail(500, "Internal Server Error")
-    finally:
-        request.app[METRICS].observe(route_name, request.method, status, time.perf_counter() - started)
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled) -> Middleware:
+    """The middleware every request passes: metrics, and FastAPI-shaped JSON for every error, never
+    a traceback per request. Its collaborators are bound here, not looked up per request: it is on
+    the path of every /start."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        connection = request.protocol
+        busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
+                status, exc.reason)
+            # Headers the status needs travel along: `Allow` of a 405, for one.
+            kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+            return errors.detail(status, reason, headers=kept or None)
+        except ConnectionResetError:
+            # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
+            status = 499
+            log.log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
+                    request.method, _route_name(request))
+            return errors.detail(400, "Client disconnected")
+        except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
+            # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
+            status = 400
+            text = str(exc).strip()
+            log.log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
+                    type(exc).__name__, text.splitlines()[0][:200] if text else "")
+            answer = errors.detail(400, "There was an error parsing the body")
+            answer.force_close()
+            return answer
+        except Exception:
+            log.log(logging.ERROR, "unhandled_error", "unhandled error in %s", _route_name(request), exc_info=True)
+            return errors.detail(500, "Internal Server Error")
+        finally:
+            busy.discard(connection)
+            metrics_.observe(_route_name(request), request.method, status, time.perf_counter() - started)
+
+    return observe
 
 
 def make_app(
@@ -157,8 +191,12 @@ def make_app(
     version: str,
     ready: Callable[[], bool],
 ) -> web.Application:
-    # One byte over the limit so that the handler, not aiohttp, words the 413.
-    app = web.Application(middlewares=[observe], client_max_size=bodies.MAX_BODY + 1)
+    metrics_ = metrics.Metrics()
+    log = logs.Throttled(logger, metrics_)
+    busy: set[object] = set()
+    # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
+    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log)],
+                          client_max_size=bodies.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
     app[REGISTRY] = registry
@@ -167,7 +205,15 @@ def make_app(
     app[SETTINGS] = settings
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
-    app[METRICS] = metrics.Metrics()
+    app[METRICS] = metrics_
+    app[LOG] = log
+    app[BUSY] = busy
+    app[METRICS].family("workerqueue_token_reviews_total",
+                        "Kubernetes tokens presented by outcome (rejected_cached: no TokenReview made; "
+                        "busy: no review slot free in time).", kind="counter", label="outcome",
+                        read=lambda: reviewer.outcomes)
+    app[METRICS].gauge("workerqueue_reviews_in_flight",
+                       "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
     app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready.",
                        lambda: store.not_ready_count)

@@ -1,7 +1,13 @@
-"""Request bodies read and validated the way the reference API (FastAPI) does, for every route."""
+"""Request bodies read and validated the way the reference API (FastAPI) does, for every route.
+
+Hostile input ends here as the documented 4xx answer, never as an exception further in: JSON
+nested past the parser's depth, integers past Python's 4,300 digits, bodies over the limit or that
+do not arrive in time.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TypeVar
 
@@ -9,22 +15,37 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from workerqueue_operator.api import errors
+from workerqueue_operator.api.keys import SETTINGS
 
 MAX_BODY = 1024 * 1024
+"""Bytes; a larger body is answered 413 (exactly this many are accepted)."""
 
 M = TypeVar("M", bound=BaseModel)
 
 
 async def read(request: web.Request, model: type[M]) -> M | web.Response:
-    """The body as `model`, or the 413/422 answer FastAPI would give. An empty body means `{}`."""
+    """The body validated as `model`, or the 408/413/422 answer FastAPI-shaped.
+
+    An empty body or JSON null means the model's defaults ({}), as FastAPI treats an optional body.
+    The body must arrive within the `http_body_timeout_seconds` setting.
+    """
     if request.content_length is not None and request.content_length > MAX_BODY:
         return errors.detail(413, "Request body too large")
     try:
-        raw = await request.read()
+        if request.content.is_eof():  # all there already, as a small body usually is: no timer to arm
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(request.app[SETTINGS].http_body_timeout_seconds):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return errors.detail(413, "Request body too large")
-    if not raw.strip():
-        return model()  # an empty body means the documented default, {}
+    except TimeoutError:
+        # A client that trickles its body holds a connection and a task: it gets no more time.
+        answer = errors.detail(408, "Request body not received in time")
+        answer.force_close()
+        return answer
+    if not raw or raw.isspace():
+        return model()
     try:
         # The common case in one pass; anything unusual takes the slow path below for its exact errors.
         return model.model_validate_json(raw)
@@ -35,11 +56,16 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
     except json.JSONDecodeError as exc:
         return errors.unprocessable(errors.json_invalid(exc))
     except UnicodeDecodeError:
-        return errors.unprocessable([{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": "body is not UTF-8"}}])
+        return errors.unprocessable(errors.json_invalid_at(0, "body is not UTF-8"))
+    except RecursionError:
+        return errors.unprocessable(errors.json_invalid_at(0, "nested too deeply"))
+    except ValueError:  # an integer of more than 4,300 digits (sys.get_int_max_str_digits)
+        return errors.unprocessable(errors.json_invalid_at(0, "number too large"))
     if parsed is None:
-        return model()  # JSON null: the default, as FastAPI treats it
+        return model()
     try:
         return model.model_validate(parsed)
     except ValidationError as exc:
         return errors.unprocessable(errors.validation_errors(exc))
+    except RecursionError:  # JSON that the parser took, but nested too deeply to validate
+        return errors.unprocessable(errors.json_invalid_at(0, "nested too deeply"))

@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from workerqueue_operator.api import errors
-from workerqueue_operator.api.keys import REVIEWER, STORE
+from workerqueue_operator.api.keys import LOG, REVIEWER, STORE
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.queues import Resolution
 from workerqueue_operator.core.store import WorkerCredential
-from workerqueue_operator.k8s import client as client_
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +31,32 @@ class Caller:
 
 
 def bearer(request: web.Request) -> str | None:
+    """The bearer token of the Authorization header; None without one or when it cannot be a token.
+
+    RFC 6750's b64token, loosened to any visible ASCII: a token Secret may hold any such string,
+    while anything else (a non-ASCII byte, a control character) cannot be a token and must not
+    reach a hash or a TokenReview.
+    """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    if scheme.lower() != "bearer" or not token or not visible_ascii(token):
+        return None
+    return token
+
+
+def visible_ascii(text: str) -> bool:
+    """Whether `text` can be a token at all (every route's token extraction asks this)."""
+    # str methods, not a regex: this runs on every request.
+    return text.isascii() and text.isprintable() and " " not in text
+
+
+def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: str) -> web.Response:
+    log = request.app[LOG]
+    if exc.busy:
+        log.warning("reviews_busy", "%s not made: %s", exc.review, exc.reason)
+        return errors.detail(503, f"{what} is busy, try again", headers={"Retry-After": "1"})
+    log.warning("reviews_unavailable", "%s failed: %s", exc.review, exc.reason)
+    return errors.detail(503, f"{what} is temporarily unavailable, try again")
 
 
 async def authenticate(request: web.Request) -> Caller | web.Response:
@@ -51,9 +72,8 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
         return Caller(token_digest, worker=credential)
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest)
-    except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("TokenReview failed: %s", str(exc) or type(exc).__name__)
-        return errors.detail(503, "Authentication is temporarily unavailable, try again")
+    except reviews.Unavailable as exc:
+        return _review_unavailable(request, exc, "Authentication")
     if identity is None:
         return errors.unauthorized("Invalid authentication credentials")
     return Caller(token_digest, identity=identity)
@@ -74,9 +94,8 @@ async def allowed(request: web.Request, caller: Caller, resolution: Resolution, 
     try:
         return await request.app[REVIEWER].may(caller.identity, caller.token_digest, queue.namespace, queue.name,
                                                verb=verb, subresource=subresource)
-    except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("SubjectAccessReview failed: %s", str(exc) or type(exc).__name__)
-        return errors.detail(503, "Authorization is temporarily unavailable, try again")
+    except reviews.Unavailable as exc:
+        return _review_unavailable(request, exc, "Authorization")
 
 
 async def authorize(request: web.Request, caller: Caller, resolution: Resolution, *, verb: str,

@@ -35,14 +35,24 @@ def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 def json_invalid(exc: json.JSONDecodeError) -> list[dict[str, Any]]:
     """FastAPI's answer to a body that is not JSON: type json_invalid, loc ["body", <offset>]."""
+    return json_invalid_at(exc.pos, exc.msg)
+
+
+def json_invalid_at(position: int, error: str) -> list[dict[str, Any]]:
     return [{
         "type": "json_invalid",
-        "loc": ["body", exc.pos],
+        "loc": ["body", position],
         "msg": "JSON decode error",
         "input": {},
-        "ctx": {"error": exc.msg},
+        "ctx": {"error": error},
     }]
 
 
 def unprocessable(errors: list[dict[str, Any]]) -> web.Response:
-    return web.json_response({"detail": errors}, status=422)
+    try:
+        text = json.dumps({"detail": errors}, allow_nan=False)
+    except (RecursionError, ValueError):
+        # An input echoed back that JSON cannot carry (nested too deeply, NaN, Infinity): the errors
+        # without their inputs, rather than invalid JSON or a 500.
+        text = json.dumps({"detail": [{**error, "input": None} for error in errors]}, allow_nan=False)
+    return web.Response(text=text, status=422, content_type="application/json")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from workerqueue_operator.api import metrics
+from workerqueue_operator.api import logs, metrics
 from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
@@ -22,3 +22,7 @@ OPENAPI = web.AppKey("openapi", bytes)
 REGISTRY = web.AppKey("registry", Registry)
 TEMPORAL = web.AppKey("temporal", temporal.Temporal)
 KUBE = web.AppKey("kube", client_.KubeClient)
+LOG = web.AppKey("log", logs.Throttled)
+"""Throttled lines about clients and upstream problems (api/logs.py)."""
+BUSY: web.AppKey[set[object]] = web.AppKey("busy")
+"""The connections whose request is being handled: never closed to make room (api/serving.py)."""

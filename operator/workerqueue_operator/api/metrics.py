@@ -52,6 +52,8 @@ class Metrics:
         self._latency_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
+        self._help: dict[str, str] = {}
+        self._counts: dict[str, dict[str, int]] = {}
         self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
         self._upstreams: dict[str, UpstreamStats] = {}
 
@@ -69,6 +71,15 @@ class Metrics:
                read: Callable[[], Mapping[str, float]]) -> None:
         """A counter or gauge with one label, its values read at scrape time (label value -> value)."""
         self._families[name] = (help_text, kind, label, read)
+
+    def describe(self, name: str, help_text: str) -> None:
+        """A counter with one label, `kind`, incremented by count()."""
+        self._help[name] = help_text
+        self._counts.setdefault(name, {})
+
+    def count(self, name: str, kind: str) -> None:
+        counts = self._counts[name]
+        counts[kind] = counts.get(kind, 0) + 1
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -107,6 +118,9 @@ class Metrics:
         ]
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
+        for name, kinds in sorted(self._counts.items()):
+            lines += [f"# HELP {name} {self._help[name]}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{kind="{kind}"}} {count}' for kind, count in sorted(kinds.items())]
         lines += self._render_upstreams()
         for name, (help_text, read, kind) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]

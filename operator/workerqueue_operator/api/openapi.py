@@ -11,6 +11,25 @@ from workerqueue_operator.models import wire
 _REF = "#/components/schemas/{model}"
 
 
+HTTP_ERROR = "HTTPError"
+
+# Every answer of /start besides 200 and 422, as `{"detail": "<sentence>"}`.
+START_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("The worker queue is suspended", "Worker queue is not active (status: suspended)"),
+    401: ("No bearer token, or one that neither is a queue token nor passes a TokenReview",
+          "Invalid authentication credentials"),
+    403: ("The token may not start workers on this worker queue (another queue's token, or RBAC)",
+          "This token may not start workers on this worker queue"),
+    404: ("No worker queue has this queue id", "Worker queue not found"),
+    408: ("The request body did not arrive within http_body_timeout_seconds", "Request body not received in time"),
+    409: ("The worker queue already runs its maxWorkers workers", "Worker queue 'agents' is full (maxWorkers=10)"),
+    413: ("The request body is over 1 MiB", "Request body too large"),
+    503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
+          "review a Kubernetes token in time (with Retry-After when every review slot was busy)",
+          "Worker queue is not ready: secret llm not found in namespace team-a"),
+}
+
+
 def _schema(model: type[BaseModel], components: dict[str, Any]) -> None:
     schema = model.model_json_schema(ref_template=_REF)
     components.update(schema.pop("$defs", {}))
@@ -22,12 +41,23 @@ def document(version: str) -> dict[str, Any]:
     for model in (wire.WorkerStartRequest, wire.WorkerStartResponse, wire.HTTPValidationError,
                   wire.WorkerHeartbeatRequest, wire.WorkerDisconnectRequest, wire.WorkerInfo, wire.ExecutionInfo):
         _schema(model, components)
-    components["HTTPError"] = {"title": "HTTPError", "type": "object", "required": ["detail"],
-                               "properties": {"detail": {"type": "string", "title": "Detail"}}}
     components[wire.REQUEST_SCHEMA_NAME] = components.pop("WorkerStartRequest")
+    # FastAPI's HTTPException body, which the reference API answers with but does not list.
+    components[HTTP_ERROR] = {"title": HTTP_ERROR, "type": "object", "required": ["detail"],
+                              "properties": {"detail": {"type": "string", "title": "Detail"}}}
 
     def ref(name: str) -> dict[str, str]:
         return {"$ref": _REF.format(model=name)}
+
+    def error(description: str, example: str, status: int) -> dict[str, Any]:
+        response: dict[str, Any] = {"description": description, "content": {"application/json": {
+            "schema": ref(HTTP_ERROR), "example": {"detail": example}}}}
+        if status == 401:
+            response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}}
+        if status == 503:
+            response["headers"] = {"Retry-After": {"description": "Seconds; sent when the operator sheds load",
+                                                   "schema": {"type": "integer"}}}
+        return response
 
     def json_of(schema: dict[str, Any], description: str = "Successful Response") -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": schema}}}
@@ -36,7 +66,7 @@ def document(version: str) -> dict[str, Any]:
         said = {400: "Bad request", 401: "Not authenticated", 403: "Not allowed",
                 404: "Not found", 409: "Conflict", 413: "Request body too large",
                 503: "A dependency (the API server, Temporal) is unavailable: try again"}
-        answers = {str(c): json_of(ref("HTTPError"), said[c]) for c in codes}
+        answers = {str(c): json_of(ref(HTTP_ERROR), said[c]) for c in codes}
         answers["422"] = json_of(ref("HTTPValidationError"), "Validation Error")
         return answers
 
@@ -82,6 +112,8 @@ def document(version: str) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "Successful Response",
                                 "content": {"application/json": {"schema": ref("WorkerStartResponse")}}},
+                        **{str(status): error(description, example, status)
+                           for status, (description, example) in START_ERRORS.items()},
                         "422": {"description": "Validation Error",
                                 "content": {"application/json": {"schema": ref("HTTPValidationError")}}},
                     },

@@ -2,6 +2,17 @@
 
 Both answers are cached briefly by token digest, so a worker fleet calling /start does not turn
 into one API-server round trip per call, while a revoked RoleBinding stops working within seconds.
+
+Any caller can send a made-up token, and each would cost the API server a TokenReview. So:
+rejected digests are remembered apart (`negative_ttl`, longer, in their own LRU so that a flood of
+them cannot evict the identities of real callers); at most `max_concurrent` reviews are in flight;
+a caller beyond waits for a free one, but waiting and the review together get `timeout` seconds,
+then it is `Unavailable` (busy: the HTTP answer is 503 with Retry-After, not 401, because the token
+may well be valid). Waiting rather than refusing at once, because the real worker exits on any
+answer but 200: a fleet starting together must not be turned away by its own burst. So a frozen
+API server costs a caller seconds, not a hang, and made-up tokens cost at most `max_concurrent`
+reviews at a time.
+Queue tokens never come here: they are checked against watch-fed state first.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+import aiohttp
 
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import spec
@@ -27,13 +40,28 @@ class Identity:
     extra: tuple[tuple[str, tuple[str, ...]], ...]
 
 
-class TTLCache(Generic[T]):
-    """A bounded LRU with expiry; concurrent misses for one key share a single lookup."""
+class Unavailable(Exception):
+    """No answer from the API server: `reason` says why in a few words (never a token)."""
 
-    def __init__(self, *, ttl: float, size: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, review: str, reason: str, *, busy: bool = False) -> None:
+        super().__init__(f"{review}: {reason}")
+        self.review = review
+        self.reason = reason
+        self.busy = busy
+
+
+class TTLCache(Generic[T]):
+    """A bounded LRU with expiry; concurrent misses for one key share a single lookup.
+
+    `keep` says which loaded values are cached (all by default).
+    """
+
+    def __init__(self, *, ttl: float, size: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 keep: Callable[[T], bool] = lambda value: True) -> None:
         self._ttl = ttl
         self._size = size
         self._clock = clock
+        self._keep = keep
         self._items: OrderedDict[Any, tuple[float, T]] = OrderedDict()
         self._pending: dict[Any, asyncio.Future[T]] = {}
 
@@ -56,24 +84,65 @@ class TTLCache(Generic[T]):
         finally:
             self._pending.pop(key, None)
         future.set_result(value)
+        if self._keep(value):
+            self.put(key, value)
+        return value
+
+    def put(self, key: Any, value: T) -> None:
         if self._ttl > 0:
             self._items[key] = (self._clock() + self._ttl, value)
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
-        return value
+
+    def peek(self, key: Any) -> T | None:
+        """The cached value, without loading; None when absent or expired."""
+        hit = self._items.get(key)
+        return hit[1] if hit is not None and hit[0] > self._clock() else None
 
 
 class Reviewer:
-    def __init__(self, client: client_.KubeClient, *, audiences: Sequence[str], ttl: float) -> None:
+    def __init__(self, client: client_.KubeClient, *, audiences: Sequence[str], ttl: float,
+                 negative_ttl: float = 60.0, timeout: float = 4.0, max_concurrent: int = 16) -> None:
         self._client = client
         self._audiences = list(audiences)
-        self._identities: TTLCache[Identity | None] = TTLCache(ttl=ttl)
+        self._timeout = timeout
+        self._max_concurrent = max_concurrent
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._in_flight = 0
+        self._waiting = 0
+        self._max_waiting = 64 * max_concurrent  # beyond: 503 at once, no task piles up behind a freeze
+        self._identities: TTLCache[Identity | None] = TTLCache(ttl=ttl, keep=lambda identity: identity is not None)
+        self._rejected: TTLCache[bool] = TTLCache(ttl=negative_ttl, size=50_000)
         self._decisions: TTLCache[bool] = TTLCache(ttl=ttl)
+        self.outcomes: dict[str, int] = {"authenticated": 0, "rejected": 0, "rejected_cached": 0,
+                                         "unavailable": 0, "busy": 0}
+        """TokenReview outcomes since start, for /metrics."""
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     async def authenticate(self, token: str, token_digest: bytes) -> Identity | None:
-        """Who the token belongs to, or None when the API server does not vouch for it."""
-        return await self._identities.get(token_digest, lambda: self._token_review(token))
+        """Who the token belongs to, or None when the API server does not vouch for it.
+
+        Raises Unavailable when the API server cannot say within the timeout, or too many reviews
+        are in flight.
+        """
+        if self._rejected.peek(token_digest):
+            self.outcomes["rejected_cached"] += 1
+            return None
+        try:
+            identity = await self._identities.get(token_digest, lambda: self._token_review(token))
+        except Unavailable as exc:
+            self.outcomes["busy" if exc.busy else "unavailable"] += 1
+            raise
+        if identity is None:
+            self._rejected.put(token_digest, True)
+            self.outcomes["rejected"] += 1
+        else:
+            self.outcomes["authenticated"] += 1
+        return identity
 
     async def may(self, identity: Identity, token_digest: bytes, namespace: str, name: str, *,
                   verb: str = "create", subresource: str = "start") -> bool:
@@ -83,12 +152,46 @@ class Reviewer:
             (token_digest, namespace, name, verb, subresource),
             lambda: self._access_review(identity, namespace, name, verb, subresource))
 
+    async def _review(self, kind: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One review at the API server, bounded in number and in time: waiting for a free slot and
+        the API server's answer together take at most `timeout` seconds."""
+        if self._waiting >= self._max_waiting:
+            raise Unavailable(kind, f"{self._waiting} callers already wait for a review", busy=True)
+        busy = Unavailable(kind, f"no review slot free in time ({self._max_concurrent} in flight)", busy=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        self._waiting += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise busy from exc
+        finally:
+            self._waiting -= 1
+        try:
+            remaining = deadline - loop.time()
+            if remaining < self._timeout / 4:  # too little time left for a review to be worth starting
+                raise busy
+            self._in_flight += 1
+            try:
+                async with asyncio.timeout(remaining):
+                    return await self._client.request("POST", path, body=body, timeout=remaining)
+            finally:
+                self._in_flight -= 1
+        except TimeoutError as exc:
+            # str(TimeoutError()) is empty: say what happened instead.
+            raise Unavailable(kind, f"TimeoutError: no answer within {self._timeout:g}s") from exc
+        except (client_.ApiError, aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(kind, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._slots.release()
+
     async def _token_review(self, token: str) -> Identity | None:
         review_spec: dict[str, Any] = {"token": token}
         if self._audiences:
             review_spec["audiences"] = self._audiences
-        answer = await self._client.create(
-            "/apis/authentication.k8s.io/v1/tokenreviews",
+        answer = await self._review(
+            "TokenReview", "/apis/authentication.k8s.io/v1/tokenreviews",
             {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review_spec},
         )
         status = answer.get("status", {})
@@ -104,8 +207,8 @@ class Reviewer:
 
     async def _access_review(self, identity: Identity, namespace: str, name: str, verb: str,
                              subresource: str) -> bool:
-        answer = await self._client.create(
-            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+        answer = await self._review(
+            "SubjectAccessReview", "/apis/authorization.k8s.io/v1/subjectaccessreviews",
             {
                 "apiVersion": "authorization.k8s.io/v1",
                 "kind": "SubjectAccessReview",

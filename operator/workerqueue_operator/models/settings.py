@@ -106,6 +106,21 @@ class Settings(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
+    http_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    """How long a connection may go without delivering a complete request head: from its opening, or
+    from its previous answer (keep-alive). Covers clients that send nothing or trickle headers. Workers
+    call at most every few seconds, so keeping idle connections longer saves them little."""
+    http_max_connections: int = Field(default=4096, ge=1)
+    """The most client connections open at once; at the limit a new one closes the longest-idle one.
+    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds (the soft limit is raised first,
+    up to the hard one). Each idle connection costs some 5 KiB of memory (4.4 KiB measured)."""
+    http_reserved_fds: int = Field(default=256, ge=16)
+    """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
+    up to 64 pooled requests, kopf's own), log files, TLS, Python itself."""
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a request body may take to arrive; then 408 and the connection is closed. A /start
+    body is at most 1 MiB, so only a client that trickles it on purpose or is stuck needs longer."""
+
     tls_cert_file: str | None = None
     """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
     tls_key_file: str | None = None
@@ -117,6 +132,17 @@ class Settings(BaseModel):
     auth_cache_seconds: float = Field(default=10.0, ge=0)
     """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
     RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
+    auth_negative_cache_seconds: float = Field(default=60.0, ge=0)
+    """How long a token the API server rejected is rejected again without asking it. Longer than
+    auth_cache_seconds: a token nobody issued does not become valid, and each retry would cost a review."""
+    auth_review_timeout_seconds: float = Field(default=4.0, gt=0)
+    """How long a TokenReview/SubjectAccessReview may take, waiting for a free slot included; then
+    /start answers 503. A healthy API server answers in milliseconds: this only bounds how long a
+    caller waits while it is down or overloaded."""
+    auth_max_concurrent_reviews: int = Field(default=16, ge=1)
+    """Reviews in flight at once, so that made-up tokens cannot turn into an unbounded stream of
+    reviews at the API server. A /start needing one more waits for a free slot within
+    auth_review_timeout_seconds, else 503 with Retry-After: 1."""
 
     # Temporal, as the operator reaches it for /executions.
     temporal_timeout_seconds: float = Field(default=4.0, gt=0, le=60)

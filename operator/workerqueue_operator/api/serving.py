@@ -1,0 +1,231 @@
+"""Serving the app: connections bounded in number and in time, so that no client can use up the fds.
+
+aiohttp closes a connection that has not delivered a complete request head within its
+`keepalive_timeout` of opening, or of its previous answer: that one timeout covers connections
+that send nothing, request heads that trickle in, and idle keep-alive (the body has its own, see
+bodies.read). What aiohttp does not bound is how many connections are open: every one holds
+an fd, and at the fd limit the operator can no longer reach the API server. So the listener here
+accepts at most `limit` at once (kept below RLIMIT_NOFILE with room for the API-server client);
+at the limit a new connection makes room by closing the longest-idle one (no request being
+handled), so that a flood of idle sockets cannot lock out /healthz or a worker; only when every
+connection is busy is the newcomer answered 503 and closed. A TLS handshake must end within the
+idle timeout too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import socket
+import ssl
+
+from aiohttp import web
+
+from workerqueue_operator.api import logs
+
+logger = logging.getLogger(__name__)
+
+LINGERING_SECONDS = 2.0
+"""After an answer given before the whole body arrived (413, 408), how long the rest is read and
+dropped so that the client sees the answer rather than a reset; aiohttp's 10 s default would let
+a trickling client hold the connection five times longer."""
+
+_REFUSED_BODY = b'{"detail": "Too many connections, try again"}'
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY)
+
+
+def connection_limit(wanted: int, reserved_fds: int) -> int:
+    """`wanted`, or fewer when the fd limit leaves less after `reserved_fds`; raises the soft fd limit
+    towards the hard one first if that makes room (as Go's runtime and nginx do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + reserved_fds
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - reserved_fds))
+
+
+class _OneLine(logging.Filter):
+    """aiohttp's own error lines (a malformed request, mostly: ~1 KiB of traceback each) as one
+    throttled line naming the exception, instead of an ERROR with a traceback per request."""
+
+    def __init__(self, log: logs.Throttled) -> None:
+        super().__init__()
+        self._log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            self._log.log(min(record.levelno, logging.INFO), "http_server", "%s", record.getMessage())
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            # A client's fault, not ours: INFO (aiohttp logs plain-text port scans at DEBUG; kept so).
+            self._log.log(min(record.levelno, logging.INFO), "bad_request", "%s: %s%s", record.getMessage(),
+                          type(exc).__name__, f": {first[:200]}" if first else "")
+        return False
+
+
+def server_logger(log: logs.Throttled) -> logging.Logger:
+    """The logger to give aiohttp's server (AppRunner(logger=...))."""
+    # Not from getLogger: one per app, each with its own throttle; it emits nothing itself.
+    server = logging.Logger(f"{__name__}.aiohttp")
+    server.addFilter(_OneLine(log))
+    return server
+
+
+class Listener:
+    """Accepts connections itself, so that it decides how many are open (asyncio's own accept loop
+    would take up to `backlog` sockets per turn whatever the limit, and hit EMFILE under a flood).
+
+    `busy` holds the connections (aiohttp protocols) whose request is being handled; the app's
+    middleware keeps it, since only it knows when a request starts and ends.
+    """
+
+    _BATCH = 16
+    """Sockets accepted per turn of the loop: the most the fd count can overshoot `limit`, since a
+    connection closed to make room gives its fd back on the next turn."""
+
+    def __init__(self, server: web.Server, *, limit: int, busy: set[object], log: logs.Throttled,
+                 ssl_context: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        self._server = server
+        self.limit = limit
+        self._busy = busy
+        self._log = log
+        self._ssl = ssl_context
+        self._handshake_timeout = handshake_timeout
+        self._socks: list[socket.socket] = []
+        self._pending: set[asyncio.Task[None]] = set()  # accepted, transport not made yet (TLS handshakes)
+        self._resume: asyncio.TimerHandle | None = None
+
+    @property
+    def open(self) -> int:
+        return len(self._server.connections) + len(self._pending)
+
+    def listen(self, host: str, port: int) -> int:
+        """Starts listening on every address `host` resolves to, as asyncio's create_server does;
+        the bound port."""
+        loop = asyncio.get_running_loop()
+        bound: set[tuple[int, str]] = set()
+        for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE):
+            ip = str(address[0])
+            if (family, ip) in bound:
+                continue
+            bound.add((family, ip))
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            port = int(sock.getsockname()[1])  # with port 0, every address gets the first one's port
+            sock.listen(1024)
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        return port
+
+    async def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks = []
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self._BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the limit should prevent it; back off, never spin
+                self._log.log(logging.ERROR, "accept_failed", "accepting HTTP connections failed: %s: %s",
+                              type(exc).__name__, exc)
+                loop.remove_reader(sock.fileno())
+                self._resume = loop.call_later(0.5, self._resume_accepting, sock)
+                return
+            if self.open >= self.limit and not self._make_room():
+                self._refuse(conn)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._connect(conn))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        self._resume = None
+        if sock in self._socks:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _make_room(self) -> bool:
+        """Closes the longest-idle connection (the server keeps them oldest first); False if all are busy."""
+        connections = self._server.connections
+        # Skipping those closed already this turn: they leave the list on the next one.
+        idle = next((c for c in connections if c.transport is not None and c not in self._busy), None)
+        if idle is None:
+            return False
+        self._log.log(logging.WARNING, "connections_evicted",
+                      "%d HTTP connections (the limit): the longest-idle one was closed for a new one", self.open)
+        idle.force_close()
+        return True
+
+    def _refuse(self, conn: socket.socket) -> None:
+        self._log.log(logging.WARNING, "connections_refused",
+                      "%d HTTP connections, all busy: a new one was refused", self.open)
+        with contextlib.suppress(OSError):
+            if self._ssl is None:  # a plain-text answer means nothing inside TLS
+                conn.setblocking(False)
+                conn.send(_REFUSED)
+        conn.close()
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                self._server, conn, ssl=self._ssl,
+                ssl_handshake_timeout=self._handshake_timeout if self._ssl else None)
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.CancelledError):
+            conn.close()  # a failed handshake, or a client already gone
+
+
+class _Site(web.BaseSite):
+    """The Listener as an aiohttp site, so that the runner's cleanup stops it."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, listener: Listener) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._listener = listener
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self.port = self._listener.listen(self._host, self._port)
+
+    async def stop(self) -> None:
+        await self._listener.close()
+        await super().stop()
+
+
+async def serve(runner: web.AppRunner, host: str, port: int, *, listener: Listener) -> int:
+    """Listens on host:port for `runner` (set up) through `listener`; the bound port."""
+    site = _Site(runner, host, port, listener)
+    await site.start()
+    return site.port

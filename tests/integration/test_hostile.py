@@ -1,0 +1,181 @@
+"""The HTTP API under faults and hostile clients, against real operator processes.
+
+A frozen API server (its kube-apiserver SIGSTOPped, on a control plane this module owns, so that
+no other test sees the freeze) must cost a Kubernetes-token caller a prompt 503, not a hang; made-up
+tokens must not each cost a TokenReview.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from tests.integration.conftest import CRD_FILE, Http, Kube, OperatorProcess, http, wait_for
+from tests.integration.test_start import service_account_token
+from workerqueue_operator.devcluster.controlplane import ControlPlane
+
+
+def metric(operator: OperatorProcess, line_start: str) -> float:
+    text = http("GET", f"{operator.url}/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+@pytest.fixture(scope="module")
+def own_control_plane(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    with ControlPlane(tmp_path_factory.mktemp("frozen-cp"), k8s_assets, log=lambda m: print(m, file=sys.stderr)) as cp:
+        yield cp
+
+
+@pytest.fixture(scope="module")
+def own_kube(own_control_plane: ControlPlane, k8s_assets: Path) -> Iterator[Kube]:
+    api = k8s_config.new_client_from_config(config_file=str(own_control_plane.kubeconfig))
+    try:
+        from kubernetes import utils
+        utils.create_from_yaml(api, str(CRD_FILE))
+        ext = k8s.ApiextensionsV1Api(api)
+        wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
+                             (ext.read_custom_resource_definition("workerqueues.agentcontrol.dev").status.conditions
+                              or [])), what="CRD Established")
+        yield Kube(api)
+    finally:
+        api.close()
+
+
+def apiserver_pid(control_plane: ControlPlane) -> int:
+    for pid in control_plane.pids():
+        if b"kube-apiserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError("no kube-apiserver among the control plane's processes")
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def timed_start(operator: OperatorProcess, queue_id: str, token: str) -> tuple[Http, float]:
+    began = time.monotonic()
+    answer = http("POST", f"{operator.url}/api/v1/worker-queues/{queue_id}/start", token=token, timeout=60)
+    return answer, time.monotonic() - began
+
+
+def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
+        own_control_plane: ControlPlane, own_kube: Kube, tmp_path: Path):
+    kube = own_kube
+    namespace = "frozen"
+    kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+    wait_for(lambda: kube.core.list_namespaced_service_account(namespace).items, what="default ServiceAccount")
+    operator = OperatorProcess(own_control_plane.kubeconfig, tmp_path / "operator.log",
+                               env={"WQ_AUTH_CACHE_SECONDS": "60", "WQ_AUTH_MAX_CONCURRENT_REVIEWS": "2"})
+    operator.start()
+    try:
+        kube.create_queue(namespace, "agents", queueId="frozen-agents", temporal={"host": "t:1", "namespace": "n"})
+        kube.wait_condition(namespace, "agents", "True")
+        queue_token = kube.queue_token(namespace, "agents")
+        kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
+            metadata=k8s.V1ObjectMeta(name="start-workers"),
+            rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
+                                    verbs=["create"], resource_names=["agents"])]))
+        kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+            metadata=k8s.V1ObjectMeta(name="start-workers"),
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="robot", namespace=namespace)]))
+        cached = service_account_token(kube, namespace, "robot")
+        request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+        fresh = [str(kube.core.create_namespaced_service_account_token("robot", namespace, request).status.token)
+                 for _ in range(3)]
+        wait_for(lambda: operator.start_worker("frozen-agents", cached).status == 200, timeout=15,
+                 what="the RBAC binding to be seen")
+
+        # A made-up token costs one TokenReview, then is rejected from memory.
+        assert operator.start_worker("frozen-agents", "made-up").status == 401
+        assert operator.start_worker("frozen-agents", "made-up").status == 401
+        assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected"}') == 1
+        assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected_cached"}') == 1
+
+        with frozen(apiserver_pid(own_control_plane)):
+            # From memory: queue tokens and cached reviews.
+            assert operator.start_worker("frozen-agents", queue_token).status == 200
+            assert operator.start_worker("frozen-agents", cached).status == 200
+            assert operator.start_worker("frozen-agents", "made-up").status == 401
+            # A token needing a review: 503 within the review timeout (4 s), not ~30 s.
+            answer, seconds = timed_start(operator, "frozen-agents", fresh[0])
+            assert answer.status == 503, answer.body
+            assert seconds < 5
+            # Beyond the bound on reviews in flight (2 here), a caller waits for a slot, within the
+            # same 4 s: 503 with Retry-After, as prompt as the others.
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(timed_start, operator, "frozen-agents", token) for token in fresh]
+                results = [f.result() for f in futures]
+            assert all(a.status == 503 for a, _ in results), [a.body for a, _ in results]
+            assert all(s < 5 for _, s in results), results
+            assert [a.headers.get("Retry-After") for a, _ in results].count("1") == 1, results
+        logs = operator.logs()
+        assert "TokenReview failed: TimeoutError: no answer within 4s" in logs
+        assert "TokenReview not made: no review slot free in time (2 in flight)" in logs
+        assert "Traceback" not in logs
+        # Thawed: the same token is reviewed again and admitted.
+        wait_for(lambda: operator.start_worker("frozen-agents", fresh[0]).status == 200, timeout=30,
+                 what="a review after the thaw")
+    finally:
+        operator.stop()
+
+
+def test_a_flood_of_idle_connections_leaves_the_operator_working(
+        operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path):
+    # 3,000 sockets against an operator allowed 1,024 fds: without a connection limit they exhaust
+    # them, and it can neither answer /healthz nor reach the API server.
+    flood = 3000
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < flood + 200:
+        pytest.skip("this test process may not open enough sockets")
+    own = OperatorProcess(kubeconfig, tmp_path / "operator.log", env={"WQ_HTTP_IDLE_TIMEOUT_SECONDS": "60"},
+                          fd_limit=1024)
+    sockets: list[socket.socket] = []
+    with operator.paused():  # the session's operator would create the token Secret in our stead
+        own.start()
+        try:
+            began = time.monotonic()
+            for _ in range(flood):
+                if time.monotonic() - began > 60:  # an operator that stops accepting fails below, not by hanging here
+                    break
+                with contextlib.suppress(OSError):
+                    sockets.append(socket.create_connection(("127.0.0.1", own.port), timeout=2))
+            flooded = time.monotonic() - began
+
+            # Answers still come, while every one of those sockets is held open.
+            answer = http("GET", f"{own.url}/healthz", timeout=5)
+            assert answer.status == 200
+            assert len(sockets) > 2000, f"only {len(sockets)} connections were accepted in {flooded:.0f}s"
+            kube.create_queue(namespace, "after-flood", queueId=f"flood-{namespace}",
+                              temporal={"host": "t:1", "namespace": "n"})
+            token = kube.queue_token(namespace, "after-flood")
+            kube.wait_condition(namespace, "after-flood", "True")
+            assert own.start_worker(f"flood-{namespace}", token).status == 200
+            assert time.monotonic() - began < flooded + 60  # not waiting for the idle timeout
+
+            assert metric(own, "workerqueue_http_connections_limit") == 1024 - 256
+            assert metric(own, "workerqueue_http_connections ") <= 1024 - 256
+            assert metric(own, 'workerqueue_http_problems_total{kind="connections_evicted"}') >= flood - 768
+            logs = own.logs()
+            assert "Traceback" not in logs
+            assert logs.count("the longest-idle one was closed") < 10  # throttled: one line per 10 s
+        finally:
+            for s in sockets:
+                s.close()
+            own.stop()

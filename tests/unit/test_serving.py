@@ -1,0 +1,177 @@
+"""The HTTP server as the operator runs it (runner.serve_http): timeouts, the connection cap, quiet logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from tests.unit import apps
+from tests.unit.factories import queue
+from workerqueue_operator import runner as runner_
+from workerqueue_operator.api import serving
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.models.settings import Settings
+
+START = b"POST /api/v1/worker-queues/q-1/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good-token\r\n"
+
+
+
+class Server:
+    def __init__(self, app: web.Application, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers.append(writer)
+        return reader, writer
+
+    async def metrics(self) -> str:
+        reader, writer = await self.connect()
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return (await reader.read()).decode()
+
+
+@pytest.fixture
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    values = {"http_host": "127.0.0.1", "http_port": 0, "http_idle_timeout_seconds": 0.5,
+              "http_body_timeout_seconds": 0.5, **getattr(request, "param", {})}
+    settings = Settings.model_validate(values)
+    store = Store(settings=settings, version="9.9.9")
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
+    app = apps.make_app(store, settings=settings)
+    http, port = await runner_.serve_http(app, settings)
+    s = Server(app, port)
+    try:
+        yield s
+    finally:
+        for writer in s.writers:
+            writer.close()
+        await http.cleanup()
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before closing the connection, which it must do within `seconds`."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+async def test_a_connection_that_sends_nothing_is_closed(server: Server):
+    reader, _ = await server.connect()
+    began = time.monotonic()
+    assert await closed_within(reader, 3) == b""
+    assert time.monotonic() - began >= 0.4
+
+
+async def test_a_request_head_that_trickles_is_closed(server: Server):
+    reader, writer = await server.connect()
+    began = time.monotonic()
+    for byte in START[:40]:
+        writer.write(bytes([byte]))
+        await asyncio.sleep(0.05)
+        if reader.at_eof() or time.monotonic() - began > 1.5:
+            break
+    assert await closed_within(reader, 3) == b""
+    assert time.monotonic() - began < 2
+
+
+async def test_an_idle_keep_alive_connection_is_closed(server: Server):
+    reader, writer = await server.connect()
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+    assert await closed_within(reader, 3) == b""
+
+
+async def test_a_body_that_trickles_is_408(server: Server):
+    reader, writer = await server.connect()
+    writer.write(START + b"Content-Length: 100\r\n\r\n{")
+    answer = await closed_within(reader, 4)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"Request body not received in time"' in answer
+
+
+@pytest.mark.parametrize("server", [{"http_max_connections": 5, "http_idle_timeout_seconds": 30}], indirect=True)
+async def test_at_the_limit_the_longest_idle_connection_makes_room(server: Server):
+    idle = [await server.connect() for _ in range(5)]
+    await asyncio.sleep(0.1)
+    reader, writer = await server.connect()
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await closed_within(reader, 3)).startswith(b"HTTP/1.1 200")
+    # The oldest went, for the newcomer, and the one after it for the /healthz above.
+    assert await closed_within(idle[0][0], 1) == b""
+    assert not idle[-1][0].at_eof()
+    assert "workerqueue_http_problems_total{kind=\"connections_evicted\"}" in await server.metrics()
+
+
+@pytest.mark.parametrize("server", [{"http_max_connections": 3, "http_body_timeout_seconds": 30}], indirect=True)
+async def test_when_every_connection_is_busy_a_new_one_is_503(server: Server):
+    for _ in range(3):  # requests in progress: their bodies have not all arrived
+        _, writer = await server.connect()
+        writer.write(START + b"Content-Length: 10\r\n\r\n{")
+    await asyncio.sleep(0.2)
+    reader, writer = await server.connect()
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await closed_within(reader, 3)
+    assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+    assert b'"Too many connections, try again"' in answer
+
+
+async def test_malformed_requests_are_one_line_each_at_most_and_counted(
+        server: Server, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.DEBUG)
+    for _ in range(20):
+        reader, writer = await server.connect()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        assert (await closed_within(reader, 3)).startswith(b"HTTP/1.")
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    lines = [r.getMessage() for r in caplog.records if "BadHttpMessage" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert 'workerqueue_http_problems_total{kind="bad_request"} 20' in await server.metrics()
+
+
+async def test_a_client_leaving_mid_body_is_499_not_500(server: Server, caplog: pytest.LogCaptureFixture):
+    for _ in range(3):
+        _, writer = await server.connect()
+        writer.write(START + b"Content-Length: 100\r\n\r\n{")
+        await asyncio.sleep(0.1)
+        writer.close()
+    await asyncio.sleep(0.2)
+    text = await server.metrics()
+    assert 'method="POST",code="499"} 3' in text
+    assert 'code="500"' not in text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("body", [
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"Content-Encoding: gzip\r\nContent-Length: 8\r\n\r\nnot gzip",
+], ids=["bad-chunk-size", "bad-gzip"])
+async def test_a_body_that_cannot_be_decoded_is_400(server: Server, body: bytes, caplog: pytest.LogCaptureFixture):
+    reader, writer = await server.connect()
+    writer.write(START + body)
+    answer = await closed_within(reader, 3)
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_the_connection_limit_stays_below_the_fd_limit(monkeypatch: pytest.MonkeyPatch):
+    def refuse(*args: object) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert serving.connection_limit(4096, 256) == 768
+    raised: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1 << 20))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: raised.append(limits))
+    assert serving.connection_limit(4096, 256) == 4096
+    assert raised == [(4352, 1 << 20)]
