@@ -132,3 +132,23 @@ def test_a_queue_lease_duration_is_two_and_a_half_heartbeat_intervals():
 def test_entry_length_is_the_length_of_its_json(key: str, value: object):
     # bounded_system_info sizes entries without the encoder; the sizes must be the encoder's.
     assert registry._entry_length(key, value) == len(json.dumps({key: value}, separators=(",", ":"), default=str))
+
+
+def test_the_writer_sees_only_pending_work_heartbeats_first_and_its_rate_follows_the_fleet():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is flushed here
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, base_write_rate=20.0)
+    q = queue(heartbeatIntervalSeconds=10)
+    first, second = reg.register(q, "w1"), reg.register(q, "w2")
+    assert list(reg._creates) == ["w1", "w2"] and not reg._urgent
+    assert reg.write_rate() == 20.0  # registrations alone never raise the budget
+    reg.heartbeat(second, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert list(reg._urgent) == ["w2"] and list(reg._creates) == ["w1"]  # proven alive: written first
+    assert abs(reg.write_rate() - (20.0 + 1.25 / 10)) < 1e-9
+    reg._forget("w2")
+    assert not reg._urgent and reg.write_rate() == 20.0
+    assert first.dirty and reg.get("w1") is first

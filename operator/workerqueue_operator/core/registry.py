@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,6 +287,16 @@ class Registry:
         self._by_lease: dict[tuple[str, str], str] = {}
         self._claiming: set[tuple[str, str]] = set()
         self._bucket = _Bucket()
+        # What the writer has to do, so that a tick looks at that only, never at every worker:
+        self._urgent: dict[str, Worker] = {}
+        """Not written yet, or its first heartbeat not yet: a heartbeat proved these alive."""
+        self._creates: dict[str, Worker] = {}
+        """Registrations not written yet, oldest first."""
+        self._renewals: dict[str, Worker] = {}
+        """Written, with a newer heartbeat to write (at most once an interval)."""
+        self._renewal_rate = 0.0
+        """Sum of 1/interval over the workers that heartbeat to this replica."""
+        self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
         self.writes = 0
@@ -408,9 +419,11 @@ class Registry:
         worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
         if system_info:
             worker.system_info = bounded_system_info(system_info)
-        worker.dirty = True
+        if not worker.heartbeats_here:
+            self._renewal_rate += 1.0 / worker.interval
         worker.heartbeats_here += 1
         self.heartbeats += 1
+        self._mark(worker)
 
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
@@ -441,8 +454,9 @@ class Registry:
         try:
             while True:
                 await asyncio.sleep(self._tick)
-                if self._active():  # ending registrations is the active replica's; renewing is everyone's
-                    self._sweep()
+                if self._monotonic() - self._last_sweep >= 1.0:
+                    self._last_sweep = self._monotonic()
+                    self._sweep(ending=self._active())
                 self._flush()
         finally:
             for task in list(self._writes):
@@ -451,31 +465,54 @@ class Registry:
 
     def write_rate(self) -> float:
         """Writes a second this replica may make: enough to renew what it keeps alive, plus a base."""
-        renewals = sum(1.0 / w.interval for w in self._workers.values() if w.heartbeats_here)
-        return self._base_rate + 1.25 * renewals
+        return self._base_rate + 1.25 * max(self._renewal_rate, 0.0)
 
-    def _sweep(self) -> None:
+    def _sweep(self, *, ending: bool) -> None:
+        """Expired workers: a registration never written is just forgotten (no write for a worker that
+        never heartbeat); a written one's Lease is deleted by the active replica."""
         now = self._clock()
         for worker in list(self._workers.values()):
             if worker.expired(now):
-                self._end(worker, "no heartbeat within its lease")
+                if not worker.stored:
+                    self._forget(worker.worker_id)
+                elif ending:
+                    self._end(worker, "no heartbeat within its lease")
 
     def _flush(self) -> None:
         now = self._monotonic()
-        due = [w for w in self._workers.values()
-               if w.dirty and (not w.stored or (w.heartbeats_here and not w.confirmed)
-                               or now - w.written_at >= 0.8 * w.interval)]
-        if not due:
-            return
-        # Registrations first (a heartbeat proves one alive), then the renewals closest to expiry.
-        due.sort(key=lambda w: (w.stored, not w.heartbeats_here, w.renewed_at))
         rate = self.write_rate()
-        for worker in due:
+        # Workers a heartbeat proved alive first, then renewals that are due, then registrations
+        # that have not heartbeat yet, oldest first.
+        renewals = sorted((w for w in self._renewals.values() if now - w.written_at >= 0.8 * w.interval),
+                          key=lambda w: w.renewed_at)
+        for worker in itertools.chain(list(self._urgent.values()), renewals, self._oldest_creates()):
             if not self._bucket.take(rate, now):
-                break
-            worker.dirty = False
+                return
+            self._unmark(worker)
             worker.written_at = now
             self._spawn(self._write(worker))
+
+    def _oldest_creates(self) -> Iterator[Worker]:
+        while self._creates:  # each one yielded leaves the dict before the next is asked for
+            yield next(iter(self._creates.values()))
+
+    def _mark(self, worker: Worker) -> None:
+        """Something newer than the Lease is known here: queue it for the writer."""
+        worker.dirty = True
+        key = worker.worker_id
+        if worker.heartbeats_here and (not worker.stored or not worker.confirmed):
+            self._creates.pop(key, None)
+            self._renewals.pop(key, None)
+            self._urgent[key] = worker
+        elif not worker.stored:
+            self._creates[key] = worker
+        elif key not in self._urgent:
+            self._renewals[key] = worker
+
+    def _unmark(self, worker: Worker) -> None:
+        worker.dirty = False
+        for pending in (self._urgent, self._creates, self._renewals):
+            pending.pop(worker.worker_id, None)
 
     def _end(self, worker: Worker, why: str) -> None:
         self._forget(worker.worker_id)
@@ -506,8 +543,9 @@ class Registry:
         except ErrorTypes as exc:
             logger.warning("writing the registration of worker %s failed, retrying: %s",
                            worker.worker_id, type(exc).__name__ if not str(exc) else exc)
-            worker.dirty = True
             worker.written_at = self._monotonic() - 0.8 * worker.interval + 2.0  # again in ~2 s
+            if worker.worker_id in self._workers:
+                self._mark(worker)
 
     async def _delete_quietly(self, worker: Worker, why: str) -> None:
         try:
@@ -589,12 +627,17 @@ class Registry:
         self._workers[worker.worker_id] = worker
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
         self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+        if worker.dirty:
+            self._mark(worker)
         self._notify(worker.queue)
 
     def _forget(self, worker_id: str) -> None:
         worker = self._workers.pop(worker_id, None)
         if worker is None:
             return
+        self._unmark(worker)
+        if worker.heartbeats_here:
+            self._renewal_rate -= 1.0 / worker.interval
         members = self._by_queue.get(worker.queue)
         if members is not None:
             members.pop(worker_id, None)
