@@ -16,10 +16,12 @@ import base64
 import contextlib
 import json
 import os
+import re
 import resource
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +56,9 @@ def podman_cannot_run() -> str | None:
 
 CANNOT_RUN = podman_cannot_run()
 pytestmark = [pytest.mark.usefixtures("crd_installed"),
-              pytest.mark.skipif(CANNOT_RUN is not None, reason=str(CANNOT_RUN))]
+              pytest.mark.skipif(CANNOT_RUN is not None, reason=str(CANNOT_RUN)),
+              # A stale image is rebuilt in the fixture: minutes when the root filesystems are not cached.
+              pytest.mark.timeout(900)]
 
 
 @dataclass
@@ -107,7 +111,7 @@ def built_image() -> dict[str, Any]:
         built: dict[str, Any] = json.loads(summary.read_text())
         if built.get("inputs") == inputs and Path(built["dockerArchive"]).exists():
             return built
-    subprocess.run(["python3", str(image_build.ROOT / "image" / "build.py")], check=True, timeout=900)
+    subprocess.run([sys.executable, str(image_build.ROOT / "image" / "build.py")], check=True, timeout=900)
     built = json.loads(summary.read_text())
     assert built["inputs"] == inputs
     return built
@@ -120,6 +124,7 @@ class Running:
     url: str
     namespace: str
     service_url: str  # the chart's Service, which its config file hands to workers
+    image_id: str
     seconds_to_ready: float
     log_dir: Path
 
@@ -235,7 +240,8 @@ def running(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., A
         service = find(docs, "Service")
         service_url = (f"http://{service['metadata']['name']}.{namespace}.svc:"
                        f"{service['spec']['ports'][0]['port']}")
-        running = Running(podman, name, f"http://127.0.0.1:{port}", namespace, service_url, 0.0, folder)
+        running = Running(podman, name, f"http://127.0.0.1:{port}", namespace, service_url, image["imageId"], 0.0,
+                          folder)
 
         def ready() -> bool:
             state = podman("inspect", "--format={{.State.Running}}", name).stdout.strip()
@@ -267,6 +273,30 @@ def test_runs_as_the_chart_says(running: Running):
     probe = running.podman("exec", running.name, "python3", "-c",
                            "import os; print(os.access('/opt/venv', os.W_OK), os.access('/tmp', os.W_OK))")
     assert probe.stdout.split() == ["False", "True"], probe.stdout + probe.stderr
+
+
+def test_image_is_what_the_dockerfile_and_the_locks_say(running: Running):
+    spec = image_build.image_spec()
+    (inspected,) = json.loads(running.podman("image", "inspect", running.image_id).stdout)
+    config = inspected["Config"]
+    assert (config["User"], config["Entrypoint"], config["Cmd"]) == (spec.user, spec.entrypoint, spec.cmd)
+    assert dict(e.split("=", 1) for e in config["Env"]) == spec.env
+    assert sorted(config["ExposedPorts"]) == spec.exposed_ports
+    assert {k: v for k, v in config["Labels"].items() if k in spec.labels} == spec.labels
+    # Python packages: exactly the lock's versions (plus the operator and the venv's own pip).
+    listed = running.podman("exec", running.name, "python3", "-m", "pip", "list", "--format=json",
+                             "--disable-pip-version-check").stdout
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listed)}
+    lock = image_build.REQUIREMENTS_LOCK.read_text()
+    locked = {name.lower(): version for name, version in re.findall(r"^([\w.-]+)==(\S+) ", lock, re.MULTILINE)}
+    assert installed.pop("workerqueue-operator") == image_build.image_reference()[1]
+    installed.pop("pip")
+    assert installed == locked
+    # Debian: the builder's packages stayed in the builder.
+    statuses = running.podman("exec", running.name, "dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n").stdout
+    installed_debs = {line.split()[0] for line in statuses.splitlines() if line.endswith(" installed")}
+    assert set(image_build.package_list(image_build.PACKAGES)) <= installed_debs
+    assert not set(image_build.package_list(image_build.BUILD_PACKAGES)) & installed_debs
 
 
 def test_serves_start_and_creates_a_worker_pod(running: Running, api_client: k8s.ApiClient):
