@@ -73,7 +73,10 @@ class Podman:
                    "--cgroup-manager=cgroupfs", "--events-backend=file",
                    # crun cannot start containers on this kernel's hybrid cgroups; runc can.
                    "--runtime=runc", f"--runtime-flag=root={self.state}/runc", *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        scratch = self.state / "scratch"  # image copies go through TMPDIR (else /var/tmp)
+        scratch.mkdir(exist_ok=True)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, "TMPDIR": str(scratch)})
         if check and done.returncode != 0:
             raise AssertionError(f"podman {' '.join(args[:3])} exited with {done.returncode}:\n{done.stderr}")
         return done
