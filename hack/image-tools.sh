@@ -13,6 +13,8 @@ missing=()
 for tool in "${!PACKAGE_OF[@]}"; do
   command -v "$tool" >/dev/null || missing+=("${PACKAGE_OF[$tool]}")
 done
+# mmdebstrap checks the mirror's signatures with Debian's keys.
+[[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
 if [[ $(id -u) -ne 0 ]]; then

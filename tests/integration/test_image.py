@@ -47,7 +47,7 @@ PODMAN_LEAVES = [Path("/dev/shm/libpod_lock"), Path("/var/lib/containers"), Path
 
 def podman_cannot_run() -> str | None:
     if os.geteuid() != 0:
-        return "podman runs as root here (rootless podman needs subordinate UID ranges this machine lacks)"
+        return "not root: the test runs podman rootful (rootless needs subordinate UID ranges it does not set up)"
     for tool in ("podman", "runc"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (`bash hack/image-tools.sh` installs it; .ci/run does)"
