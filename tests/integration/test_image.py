@@ -128,6 +128,7 @@ class Running:
     namespace: str
     service_url: str  # the chart's Service, which its config file hands to workers
     image_id: str
+    memory_limit: str  # the chart's, as Kubernetes writes it (512Mi)
     seconds_to_ready: float
     log_dir: Path
 
@@ -173,6 +174,8 @@ def podman_run_args(docs: list[dict[str, Any]], *, files: dict[str, Path], env: 
             field = item["valueFrom"]["fieldRef"]["fieldPath"]
             options.append(f"--env={item['name']}={env[field]}")
     options += [f"--env={k}={v}" for k, v in env.items() if not k.startswith("metadata.")]
+    if "command" in container:  # Kubernetes' command replaces the image's ENTRYPOINT, args its CMD
+        options.append(f"--entrypoint={json.dumps(container['command'])}")
     return options
 
 
@@ -243,8 +246,8 @@ def running(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., A
         service = find(docs, "Service")
         service_url = (f"http://{service['metadata']['name']}.{namespace}.svc:"
                        f"{service['spec']['ports'][0]['port']}")
-        running = Running(podman, name, f"http://127.0.0.1:{port}", namespace, service_url, image["imageId"], 0.0,
-                          folder)
+        running = Running(podman, name, f"http://127.0.0.1:{port}", namespace, service_url, image["imageId"],
+                          container_of(docs)["resources"]["limits"]["memory"], 0.0, folder)
 
         def ready() -> bool:
             state = podman("inspect", "--format={{.State.Running}}", name).stdout.strip()
@@ -272,6 +275,9 @@ def test_runs_as_the_chart_says(running: Running):
     assert status["NoNewPrivs"].strip() == "1"
     command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"/opt/venv/bin/workerqueue-operator" in command and b"run" in command, command
+    memory = running.podman("inspect", "--format={{.HostConfig.Memory}}", running.name).stdout.strip()
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    assert int(memory) == int(running.memory_limit[:-2]) * units[running.memory_limit[-2:]], memory
     # Read-only root filesystem: not even /opt/venv is writable, only the chart's /tmp.
     probe = running.podman("exec", running.name, "python3", "-c",
                            "import os; print(os.access('/opt/venv', os.W_OK), os.access('/tmp', os.W_OK))")
