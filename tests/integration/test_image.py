@@ -37,6 +37,7 @@ from kubernetes import client as k8s
 from image import build as image_build
 from tests.integration.conftest import Kube, free_port, http, wait_for
 from tests.integration.test_chart import Helm, container_of, find
+from tests.integration.test_rbac import DENIAL
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Written by podman (or runc) outside --root/--runroot/--tmpdir whatever the flags: removed after the
@@ -324,6 +325,12 @@ def test_serves_start_and_creates_a_worker_pod(running: Running, api_client: k8s
     env = {e.name: e.value for e in pods[0].spec.containers[0].env}
     # The URL the chart's config file gives workers: the container read the chart's ConfigMap.
     assert env["CONTROL_PLANE_URL"] == running.service_url
+
+
+def test_the_operator_was_never_denied(running: Running):
+    """After the scenario: logged in as the chart's ServiceAccount, the chart's RBAC allowed all of it."""
+    denied = [line for line in running.logs().splitlines() if DENIAL.search(line)]
+    assert not denied, "\n".join(denied[:20])
 
 
 def test_stops_on_sigterm_within_the_grace_period(running: Running):
