@@ -28,14 +28,16 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first (their layer survives source changes), every file checked against its hash.
 COPY image/requirements.lock image/
-RUN pip install --require-hashes --no-deps -r image/requirements.lock
+RUN pip install --require-hashes --no-deps --no-compile -r image/requirements.lock
 # pyproject.toml names README.md as the package's readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 # Non-editable: the venv holds the package itself, not a link to /src. Its build backend
-# (setuptools) comes from the lock, hence no build isolation. pip compiles the bytecode, which
-# matters because the final root filesystem is read-only.
-RUN pip install --no-deps --no-build-isolation . \
+# (setuptools) comes from the lock, hence no build isolation. The bytecode is compiled once for
+# the whole venv, which matters because the final root filesystem is read-only: hash-based and
+# unchecked (nothing there ever changes), so that it does not depend on when it was built.
+RUN pip install --no-deps --no-build-isolation --no-compile . \
+    && python3 -m compileall -q -f --invalidation-mode unchecked-hash /opt/venv/lib \
     && workerqueue-operator --help >/dev/null
 
 # -- final: the venv on a clean base, as a non-root user ----------------------------------------

@@ -327,9 +327,10 @@ def build_venv(spec: ImageSpec, builder: Path, cache: Path) -> None:
         # Download (kept on the host between builds: pip's HTTP cache does not keep these), then install
         # from there, each file checked against the lock's hashes both times.
         "pip download --quiet --require-hashes --no-deps -r image/requirements.lock -d /tmp/wheels",
-        "pip install --quiet --require-hashes --no-deps --no-index --find-links /tmp/wheels"
+        "pip install --quiet --require-hashes --no-deps --no-compile --no-index --find-links /tmp/wheels"
         " -r image/requirements.lock",
-        "pip install --quiet --no-deps --no-build-isolation .",
+        "pip install --quiet --no-deps --no-build-isolation --no-compile .",
+        f"python3 -m compileall -q -f --invalidation-mode unchecked-hash {spec.venv}/lib",
         f"{shlex.quote(spec.entrypoint[0])} --help >/dev/null",
     ]
     # A private mount namespace: /dev, /proc and the wheels are unmounted when it ends, whatever
@@ -359,15 +360,40 @@ class Built:
     uncompressed_bytes: int
 
 
-def make_image(spec: ImageSpec, rootfs: Path, layout: Path, tag: str) -> None:
+def source_date_epoch() -> int:
+    """The time the image says it was made: $SOURCE_DATE_EPOCH, else the commit's, else now."""
+    if "SOURCE_DATE_EPOCH" in os.environ:
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct"], capture_output=True, text=True,
+                          check=False)
+    return int(done.stdout) if done.returncode == 0 and done.stdout.strip() else int(time.time())
+
+
+def settle_times(rootfs: Path, venv: str, epoch: int) -> None:
+    """The venv's file times (and its parent's) set to `epoch`: the only part of the root filesystem
+    made in this build; the rest keeps the times of the cached root filesystem it was unpacked from."""
+    top = rootfs / venv.lstrip("/")
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.utime(Path(folder) / name, (epoch, epoch), follow_symlinks=False)
+    for path in [top, *top.parents]:
+        os.utime(path, (epoch, epoch), follow_symlinks=False)
+        if path == rootfs:
+            break
+
+
+def make_image(spec: ImageSpec, rootfs: Path, layout: Path, tag: str, epoch: int) -> None:
     layer = layout.parent / "layer.tar"
-    # Sorted, numeric owners: the layer does not depend on the order readdir returns or on the host's
-    # user names.
-    run("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", rootfs, "-cf", layer,
-        *sorted(os.listdir(rootfs)))
+    # Sorted, numeric owners, no access/change times, fixed extended-header names: the layer depends
+    # on the files alone, not on readdir's order, the host's user names, the clock or tar's PID.
+    run("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "--format=posix",
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+        "-C", rootfs, "-cf", layer, *sorted(os.listdir(rootfs)))
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
     run("umoci", "init", "--layout", layout)
     run("umoci", "new", "--image", f"{layout}:{tag}")
-    run("umoci", "raw", "add-layer", "--image", f"{layout}:{tag}", layer)
+    run("umoci", "raw", "add-layer", "--image", f"{layout}:{tag}", "--history.created", created,
+        "--history.created_by", "image/build.py: the root filesystem", layer)
     layer.unlink()
     config = ["--config.user", spec.user, "--config.workingdir", spec.workdir]
     for key, value in spec.env.items():
@@ -380,8 +406,8 @@ def make_image(spec: ImageSpec, rootfs: Path, layout: Path, tag: str) -> None:
         config += ["--config.cmd", word]
     for key, value in spec.labels.items():
         config += ["--config.label", f"{key}={value}"]
-    run("umoci", "config", "--image", f"{layout}:{tag}", *config,
-        "--history.created_by", "image/build.py (the Dockerfile's final stage)")
+    run("umoci", "config", "--image", f"{layout}:{tag}", *config, "--created", created,
+        "--history.created", created, "--history.created_by", "image/build.py: the Dockerfile's final stage")
     run("umoci", "gc", "--layout", layout)
 
 
@@ -464,9 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         log("installing the operator into the venv (chroot)")
         build_venv(spec, builder, args.cache)
         shutil.copytree(builder / spec.venv.lstrip("/"), rootfs / spec.venv.lstrip("/"), symlinks=True)
+        epoch = source_date_epoch()
+        settle_times(rootfs, spec.venv, epoch)
         layout = work / "layout"
         log("making the OCI image (umoci)")
-        make_image(spec, rootfs, layout, tag)
+        make_image(spec, rootfs, layout, tag, epoch)
         manifest_digest, image_id, compressed, uncompressed = describe(layout, tag)
         stem = f"{name}-{tag}"
         oci_archive, docker_archive = args.output / f"{stem}.oci.tar", args.output / f"{stem}.docker.tar"

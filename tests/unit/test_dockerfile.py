@@ -52,7 +52,7 @@ def test_multi_stage_build_copies_only_the_venv(build: list[Stage], final: Stage
     assert builder.name, "the builder stage is named, so that COPY --from names it"
     copies = [i.args for i in final.instructions if i.keyword == "COPY"]
     assert copies == [f"--from={builder.name} /opt/venv /opt/venv"]
-    assert any(i.keyword == "RUN" and "pip install --no-deps --no-build-isolation ." in i.args
+    assert any(i.keyword == "RUN" and "pip install --no-deps --no-build-isolation --no-compile ." in i.args
                for i in builder.instructions)
     assert not any(i.keyword == "RUN" and "pip install" in i.args for i in final.instructions)
     path = next(i.args for i in final.instructions if i.keyword == "ENV" and "PATH=" in i.args)
@@ -107,8 +107,9 @@ def test_both_builds_install_the_same_debian_packages(build: list[Stage]):
 def test_python_packages_come_from_the_lock_with_hashes(build: list[Stage]):
     builder = build[0]
     installs = [i.args for i in builder.all("RUN") if "pip install" in i.args]
-    assert installs[0] == "pip install --require-hashes --no-deps -r image/requirements.lock"
-    assert installs[1].startswith("pip install --no-deps --no-build-isolation . ")
+    assert installs[0] == "pip install --require-hashes --no-deps --no-compile -r image/requirements.lock"
+    assert installs[1].startswith("pip install --no-deps --no-build-isolation --no-compile . ")
+    assert "compileall -q -f --invalidation-mode unchecked-hash /opt/venv/lib" in installs[1]
     lock = image_build.REQUIREMENTS_LOCK.read_text()
     pinned = dict(re.findall(r"^([a-z0-9._-]+)==(\S+) \\$", lock, flags=re.MULTILINE))
     blocks = re.split(r"^(?=[a-z0-9._-]+==)", lock, flags=re.MULTILINE)[1:]
@@ -120,8 +121,9 @@ def test_python_packages_come_from_the_lock_with_hashes(build: list[Stage]):
         assert name and name.group(0).lower().replace("_", "-") in pinned, f"{requirement} is not locked"
     # The same two steps, in the same order, in make image's chroot.
     source = Path(image_build.__file__).read_text()
-    assert "--require-hashes --no-deps --no-index --find-links /tmp/wheels" in source
-    assert "pip install --quiet --no-deps --no-build-isolation ." in source
+    assert "--require-hashes --no-deps --no-compile --no-index --find-links /tmp/wheels" in source
+    assert "pip install --quiet --no-deps --no-build-isolation --no-compile ." in source
+    assert "compileall -q -f --invalidation-mode unchecked-hash {spec.venv}/lib" in source
 
 
 def test_make_image_reads_the_final_stage(build: list[Stage]):
