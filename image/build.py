@@ -64,6 +64,8 @@ VARIANT = "minbase"  # Priority: required plus apt, what Debian's images are bui
 # Merged /usr by mmdebstrap's hook, as in Debian's images: the usrmerge package would do it at the
 # price of perl and its modules (~45 MB) in the image.
 HOOKS = ("/usr/share/mmdebstrap/hooks/merged-usr",)
+# Part of the root filesystems' cache key: bumped when the way they are made changes.
+CACHE_FORMAT = 2
 
 # -- the Dockerfile ------------------------------------------------------------------------------
 
@@ -256,14 +258,18 @@ def debootstrap(spec: ImageSpec, packages: list[str], lock: dict[str, str], cach
     # after the build reports.
     preferences = "".join(f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n\n"
                           for name, version in sorted(lock.items()))
-    key = hashlib.sha256(json.dumps([VARIANT, HOOKS, sources, sorted(packages), SLIM_DPKG_OPTIONS, preferences])
-                         .encode()).hexdigest()[:16]
+    inputs = [CACHE_FORMAT, VARIANT, HOOKS, sources, sorted(packages), SLIM_DPKG_OPTIONS, preferences]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     tarball = cache / f"rootfs-{spec.suite}-{key}.tar"
     if tarball.exists():
         log(f"root filesystem from the cache: {tarball.name} ({', '.join(packages)})")
         return tarball
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
+    # Only the .debs: apt's lock and partial/ (synced out too) would carry an earlier build's times.
+    for leftover in debs.iterdir():
+        if leftover.suffix != ".deb":
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     started = time.monotonic()
     log(f"mmdebstrap {spec.suite} {VARIANT} + {', '.join(packages)} (log: {cache / 'mmdebstrap.log'})")
     with tempfile.TemporaryDirectory(dir=cache) as work:
@@ -369,17 +375,19 @@ def source_date_epoch() -> int:
     return int(done.stdout) if done.returncode == 0 and done.stdout.strip() else int(time.time())
 
 
-def settle_times(rootfs: Path, venv: str, epoch: int) -> None:
-    """The venv's file times (and its parent's) set to `epoch`: the only part of the root filesystem
-    made in this build; the rest keeps the times of the cached root filesystem it was unpacked from."""
-    top = rootfs / venv.lstrip("/")
-    for folder, dirs, files in os.walk(top):
-        for name in dirs + files:
-            os.utime(Path(folder) / name, (epoch, epoch), follow_symlinks=False)
-    for path in [top, *top.parents]:
-        os.utime(path, (epoch, epoch), follow_symlinks=False)
-        if path == rootfs:
-            break
+def newest_time(rootfs: Path) -> float:
+    return max(os.lstat(Path(folder) / name).st_mtime
+               for folder, dirs, files in os.walk(rootfs) for name in [*dirs, *files])
+
+
+def settle_times(rootfs: Path, made_since: float, epoch: int) -> None:
+    """Every file made by a build (times from `made_since` on: mmdebstrap's run, which it clamps
+    to its start, and the venv) dated `epoch`. What comes out of the .debs keeps their times."""
+    for folder, dirs, files in os.walk(rootfs):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if os.lstat(path).st_mtime >= made_since:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
 
 
 def make_image(spec: ImageSpec, rootfs: Path, layout: Path, tag: str, epoch: int) -> None:
@@ -489,12 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             check_debian_lock(installed, lock, args.strict)
         log("installing the operator into the venv (chroot)")
         build_venv(spec, builder, args.cache)
+        debootstrapped = newest_time(rootfs)
         shutil.copytree(builder / spec.venv.lstrip("/"), rootfs / spec.venv.lstrip("/"), symlinks=True)
-        epoch = source_date_epoch()
-        settle_times(rootfs, spec.venv, epoch)
+        settle_times(rootfs, debootstrapped, source_date_epoch())
         layout = work / "layout"
         log("making the OCI image (umoci)")
-        make_image(spec, rootfs, layout, tag, epoch)
+        make_image(spec, rootfs, layout, tag, source_date_epoch())
         manifest_digest, image_id, compressed, uncompressed = describe(layout, tag)
         stem = f"{name}-{tag}"
         oci_archive, docker_archive = args.output / f"{stem}.oci.tar", args.output / f"{stem}.docker.tar"
