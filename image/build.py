@@ -198,10 +198,14 @@ def image_reference() -> tuple[str, str]:
     return str(project["name"]), str(project["version"])
 
 
+# What the image is built from (files and folders of the repository).
+SOURCES = ("Dockerfile", "pyproject.toml", "README.md", "image", "operator")
+
+
 def inputs_digest() -> str:
     """Of every file the image is built from: the container test rebuilds when it differs."""
-    files = [DOCKERFILE, ROOT / "pyproject.toml", ROOT / "README.md", *sorted(HERE.iterdir()),
-             *sorted((ROOT / "operator").rglob("*"))]
+    files = [path for source in SOURCES for path in
+             ([ROOT / source] if (ROOT / source).is_file() else sorted((ROOT / source).rglob("*")))]
     digest = hashlib.sha256()
     for path in files:
         generated = "__pycache__" in path.parts or ".egg-info" in str(path) or path.suffix == ".pyc"
@@ -367,11 +371,12 @@ class Built:
 
 
 def source_date_epoch() -> int:
-    """The time the image says it was made: $SOURCE_DATE_EPOCH, else the commit's, else now."""
+    """The time the image says it was made: $SOURCE_DATE_EPOCH, else that of the last commit that
+    changed what it is built from (another commit leaves the digest as it was), else now."""
     if "SOURCE_DATE_EPOCH" in os.environ:
         return int(os.environ["SOURCE_DATE_EPOCH"])
-    done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct", "--", *SOURCES],
+                          capture_output=True, text=True, check=False)
     return int(done.stdout) if done.returncode == 0 and done.stdout.strip() else int(time.time())
 
 
