@@ -2,7 +2,9 @@
 
 It answers `POST /api/v1/worker-queues/{queue_id}/start` with the bytes of FILE (a real /start
 answer of the operator, so the same size), precomputed in memory: what aiohttp costs with no work
-at all. Same event loop policy, no access log, as the operator's HTTP server. Stops on SIGTERM/SIGINT.
+at all. Every other /api/v1/ request gets the same bytes too, so that it also stands in for an
+upstream control plane in the pass-through benchmark. Same event loop policy, no access log, as the
+operator's HTTP server. Stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def make_app(body: bytes) -> web.Application:
     app[BODY] = body
     app.router.add_post(START_ROUTE, start_worker)
     app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/api/v1/{tail:.*}", start_worker)
     return app
 
 

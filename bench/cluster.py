@@ -75,6 +75,24 @@ def queue_manifests(namespace: str, count: int, token: str) -> tuple[dict[str, A
     return {"apiVersion": "v1", "kind": "List", "items": items}, targets
 
 
+def create_upstream_queue(kubectl: Kubectl, namespace: str, upstream_url: str) -> list[Target]:
+    """A namespace with one WorkerQueue whose upstream is `upstream_url`; its load target."""
+    token, queue_id = secrets.token_urlsafe(32), str(uuid.uuid4())
+    items: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+         "metadata": {"name": TOKEN_SECRET, "namespace": namespace},
+         "stringData": {TOKEN_KEY: token, "org-key": secrets.token_urlsafe(32)}},
+        {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
+         "metadata": {"name": "upstream", "namespace": namespace},
+         "spec": {"queueId": queue_id, "temporal": {"host": "temporal.bench.internal:7233", "namespace": "bench"},
+                  "auth": {"tokenSecretRefs": [{"name": TOKEN_SECRET, "key": TOKEN_KEY}]},
+                  "upstream": {"url": upstream_url, "apiKeySecretRef": {"name": TOKEN_SECRET, "key": "org-key"}}}},
+    ]
+    kubectl("create", "-f", "-", "-o", "name", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return [Target(queue_id=queue_id, token=token)]
+
+
 def create_queues(kubectl: Kubectl, namespace: str, count: int) -> list[Target]:
     """Creates the namespace, the Secret and the queues in one kubectl call; returns the load targets."""
     manifest, targets = queue_manifests(namespace, count, secrets.token_urlsafe(32))

@@ -3,8 +3,9 @@
 Its own process, so that it never shares an event loop (nor a GIL) with the server it measures.
 C coroutines share one keep-alive aiohttp session of at most C connections; each posts /start as the
 real worker does, for the next queue of the target list in turn, until the time is up or
-`--max-requests` were sent. Requests that start after the warm-up and end before the deadline are
-measured. The figures are written as JSON to `--out`.
+`--max-requests` were sent. With `--method GET --path P`, each sends a bodiless GET of P (formatted
+with the target's queue_id) instead, as a worker's activity reads its execution. Requests that
+start after the warm-up and end before the deadline are measured. The figures are written as JSON to `--out`.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ class _Run:
     def __init__(self, args: argparse.Namespace, targets: list[Target]) -> None:
         base = args.base_url.rstrip("/")
         # Parsed once: the client's per-request work should be the request, not URL parsing.
+        self.method: str = args.method
+        content = {"Content-Type": "application/json"} if self.method == "POST" else {}
         self.requests = [
-            (yarl.URL(base + START_PATH.format(queue_id=t["queue_id"]), encoded=True),
-             {"Authorization": f"Bearer {t['token']}", "Content-Type": "application/json"})
+            (yarl.URL(base + args.path.format(queue_id=t["queue_id"]), encoded=True),
+             {"Authorization": f"Bearer {t['token']}", **content})
             for t in targets]
         self.bodies = [json.dumps(worker_body(i, args.control_plane_url)).encode() for i in range(args.concurrency)]
         self.concurrency: int = args.concurrency
@@ -145,7 +148,7 @@ class _Run:
         )
 
     async def _worker(self, session: aiohttp.ClientSession, worker: int) -> None:
-        body = self.bodies[worker]
+        body = self.bodies[worker] if self.method != "GET" else None
         while self.sent < self.max_requests:
             started = time.perf_counter()
             if started >= self.deadline:
@@ -154,7 +157,7 @@ class _Run:
             self.next = (self.next + 1) % len(self.requests)
             self.sent += 1
             try:
-                async with session.post(url, data=body, headers=headers) as response:
+                async with session.request(self.method, url, data=body, headers=headers) as response:
                     payload = await response.read()
                     status = str(response.status)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -174,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080")
     p.add_argument("--targets", type=Path, required=True, help="JSON list of {queue_id, token}")
     p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--method", default="POST", choices=("POST", "GET"), help="POST (with a /start body) or GET")
+    p.add_argument("--path", default=START_PATH, help="request path; {queue_id} is the target's (default: /start)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds sent but not measured")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds measured after the warm-up")
     p.add_argument("--max-requests", type=int, default=5_000_000, help="stop after this many in any case")

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from workerqueue_operator.devcluster import controlplane
+from workerqueue_operator.devcluster import procs as devcluster_procs
 
 STOP_GRACE_SECONDS = 20.0
 
@@ -67,7 +67,7 @@ class Children:
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None, cwd=cwd,
                 start_new_session=True,  # own process group: Ctrl-C reaches only us, we stop it
-                preexec_fn=controlplane.die_with_parent(os.getpid()),
+                preexec_fn=devcluster_procs.die_with_parent(os.getpid()),
             )
         self._running.append(popen)
         return popen

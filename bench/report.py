@@ -44,6 +44,37 @@ class Footprint(TypedDict):
     """CPU it used with no /start traffic, in cores, over one run's time right after every queue was Ready."""
 
 
+class PassthroughRow(TypedDict):
+    """One concurrency of the pass-through benchmark: the stand-in upstream called directly, and via the operator."""
+
+    concurrency: int
+    direct: LoadResult
+    via_operator: LoadResult
+    overhead_p50_ms: float
+    overhead_p99_ms: float
+    errors: int
+
+
+def passthrough_row(concurrency: int, direct: LoadResult, via: LoadResult) -> PassthroughRow:
+    return PassthroughRow(concurrency=concurrency, direct=direct, via_operator=via,
+                          overhead_p50_ms=via["p50_ms"] - direct["p50_ms"],
+                          overhead_p99_ms=via["p99_ms"] - direct["p99_ms"],
+                          errors=direct["non_200"] + via["non_200"])
+
+
+def passthrough_lines(rows: list[PassthroughRow], path: str) -> str:
+    lines = [f"pass-through latency overhead: GET {path}, operator -> stand-in upstream vs the stand-in directly",
+             f"{'concurrency':>11} | {'direct p50/p99 ms':>18} | {'via operator p50/p99 ms':>24} | "
+             f"{'overhead p50/p99 ms':>20} | {'req/s direct/via':>17} | errors"]
+    for r in rows:
+        d, v = r["direct"], r["via_operator"]
+        lines.append(f"{r['concurrency']:>11} | {d['p50_ms']:>8.2f} / {d['p99_ms']:<7.2f} | "
+                     f"{v['p50_ms']:>11.2f} / {v['p99_ms']:<10.2f} | "
+                     f"{r['overhead_p50_ms']:>+8.2f} / {r['overhead_p99_ms']:<+9.2f} | "
+                     f"{d['rps']:>7.0f} / {v['rps']:<7.0f} | {r['errors']}")
+    return "\n".join(lines)
+
+
 def make_row(queues: int, concurrency: int, baseline: LoadResult, operator: LoadResult,
              baseline_cpu: float | None, operator_cpu: float | None) -> Row:
     throughput_ratio = operator["rps"] / baseline["rps"] if baseline["rps"] else 0.0

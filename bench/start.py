@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, loadgen, procs, report, spawn
+from bench import cluster, heartbeats, loadgen, procs, report, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
@@ -43,6 +43,11 @@ QUEUES = (10, 1000)
 CONCURRENCY = (1, 16, 128)
 QUICK_QUEUES = (3,)
 QUICK_CONCURRENCY = (1, 4)
+PASSTHROUGH_CONCURRENCY = (1, 16)
+PASSTHROUGH_PATH = "/api/v1/executions/{queue_id}"
+"""What a worker's activity reads most: its execution (the stand-in answers any path alike)."""
+EXECUTION = {"id": "exec-bench", "status": "running", "agent_id": "agent-bench", "organization_id": "org-bench",
+             "prompt": "hi", "execution_type": "AGENT", "created_at": "2026-01-01T00:00:00Z"}
 START_TIMEOUT = 120.0
 """Guards against a hang while a server starts; not a speed requirement."""
 
@@ -76,6 +81,13 @@ def parser() -> argparse.ArgumentParser:
                    help="queues created one at a time for the spawn latency (default 20; 0: skip it)")
     p.add_argument("--spawn-burst", type=int, default=100,
                    help="queues created at once for the spawn latency (default 100)")
+    p.add_argument("--heartbeat-workers", type=int, default=1000,
+                   help="simulated workers heartbeating against one queue (default 1000; 0: skip it)")
+    p.add_argument("--heartbeat-interval", type=int, default=10,
+                   help="their heartbeat interval in seconds (default 10)")
+    p.add_argument("--passthrough", type=_ints, default=PASSTHROUGH_CONCURRENCY,
+                   help="concurrencies of the pass-through latency benchmark (default 1,16)")
+    p.add_argument("--no-passthrough", action="store_true", help="skip the pass-through latency benchmark")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--work-dir", type=Path,
                    help="folder for logs and the control plane's state (default: a new temporary folder)")
@@ -146,6 +158,34 @@ class Bench:
         self.rows: list[report.Row] = []
         self.footprints: list[report.Footprint] = []
         self.spawn: list[spawn.SpawnResult] = []
+        self.heartbeats: heartbeats.HeartbeatResult | None = None
+        self.passthrough: list[report.PassthroughRow] = []
+
+    def measure_passthrough(self, concurrencies: Sequence[int]) -> None:
+        """Latency the pass-through adds (issue 10): a stand-in upstream (the baseline server,
+        answering any /api/v1/ path from memory) called directly, and through a fresh operator whose
+        one queue has it as its upstream. The operator is paused while the direct runs are measured."""
+        body_file = self.work_dir / "execution.json"
+        body_file.write_bytes(json.dumps(EXECUTION).encode())
+        upstream = self._start_baseline(body_file, "upstream")
+        upstream.name = "upstream"
+        upstream.wait_ready()
+        namespace = "bench-passthrough"
+        targets = cluster.create_upstream_queue(self.kubectl, namespace, upstream.url)
+        targets_file = self.work_dir / "targets-passthrough.json"
+        targets_file.write_text(json.dumps(targets))
+        operator = self._start_operator("passthrough")
+        operator.wait_ready()
+        cluster.wait_ready(self.kubectl, namespace, 1, say=say, alive=operator.alive, timeout=START_TIMEOUT)
+        say(f"measuring pass-through latency: operator pid {operator.popen.pid} -> stand-in pid {upstream.popen.pid}")
+        request = ("--method", "GET", "--path", PASSTHROUGH_PATH)
+        for concurrency in concurrencies:
+            with procs.paused(operator.popen):
+                direct, _ = self._load(upstream, targets_file, concurrency, "passthrough", request)
+            via, _ = self._load(operator, targets_file, concurrency, "passthrough", request)
+            self.passthrough.append(report.passthrough_row(concurrency, direct, via))
+        self.children.stop(operator.popen)
+        self.children.stop(upstream.popen)
 
     def measure_spawn(self) -> None:
         """Worker-pod spawn latency against a fresh operator (issue 4)."""
@@ -156,6 +196,19 @@ class Bench:
         say("measuring worker-pod spawn latency")
         self.spawn = spawn.measure(self.kubeconfig, one_by_one=self.args.spawn_samples,
                                    at_once=self.args.spawn_burst, say=say)
+        self.children.stop(operator.popen)
+
+    def measure_heartbeats(self) -> None:
+        """Lease writes and operator CPU under a fleet of heartbeating workers (issue 8)."""
+        if self.args.heartbeat_workers <= 0:
+            return
+        queue_id, token = heartbeats.create_queue(self.kubectl, "bench-heartbeats", self.args.heartbeat_interval)
+        operator = self._start_operator("heartbeats")
+        operator.wait_ready()
+        say(f"measuring {self.args.heartbeat_workers} heartbeating workers")
+        self.heartbeats = heartbeats.measure(
+            operator.url, operator.popen.pid, queue_id, token, workers=self.args.heartbeat_workers,
+            interval=self.args.heartbeat_interval, measure=3 * self.args.heartbeat_interval, say=say)
         self.children.stop(operator.popen)
 
     def run(self, queue_counts: Sequence[int], concurrencies: Sequence[int]) -> None:
@@ -218,7 +271,7 @@ class Bench:
         server.alive()
         return (after - before) / window if before is not None and after is not None else 0.0
 
-    def _start_operator(self, count: int) -> Server:
+    def _start_operator(self, count: int | str) -> Server:
         port = procs.free_port()
         env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(port),
                "WQ_ORGANIZATION_ID": "org-bench", "KUBECONFIG": str(self.kubeconfig)}
@@ -228,7 +281,7 @@ class Bench:
             log_path=log_path, env=env)
         return Server("operator", popen, f"http://127.0.0.1:{port}", log_path)
 
-    def _start_baseline(self, body_file: Path, count: int) -> Server:
+    def _start_baseline(self, body_file: Path, count: int | str) -> Server:
         port = procs.free_port()
         log_path = self.work_dir / f"baseline-{count}.log"
         popen = self.children.spawn(
@@ -246,7 +299,7 @@ class Bench:
         return answer
 
     def _load(self, server: Server, targets_file: Path, concurrency: int,
-              count: int) -> tuple[LoadResult, float | None]:
+              count: int | str, request: Sequence[str] = ()) -> tuple[LoadResult, float | None]:
         """One load run against `server`; its result and the server's CPU seconds meanwhile."""
         out = self.work_dir / f"load-{server.name}-{count}-c{concurrency}.json"
         log_path = out.with_suffix(".log")
@@ -254,7 +307,8 @@ class Bench:
         popen = self.children.spawn(
             [sys.executable, "-m", "bench.loadgen", "--base-url", server.url, "--targets", str(targets_file),
              "--concurrency", str(concurrency), "--warmup", str(self.args.warmup),
-             "--seconds", str(self.args.seconds), "--max-requests", str(self.args.max_requests), "--out", str(out)],
+             "--seconds", str(self.args.seconds), "--max-requests", str(self.args.max_requests), "--out", str(out),
+             *request],
             log_path=log_path, cwd=ROOT)
         try:
             # The generator stops by itself; this bound only guards against a hang.
@@ -268,7 +322,7 @@ class Bench:
         if code != 0:
             raise BenchError(f"the load generator exited with {code}:\n{_tail(log_path)}")
         result: LoadResult = json.loads(out.read_text())
-        say(f"  {server.name}, {count} queues, concurrency {concurrency}: {result['rps']:.0f} req/s, "
+        say(f"  {server.name}, {count}, concurrency {concurrency}: {result['rps']:.0f} req/s, "
             f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, non-200 {result['non_200']}")
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
         return result, cpu
@@ -283,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.queues, args.concurrency, args.seconds, args.warmup = QUICK_QUEUES, QUICK_CONCURRENCY, 1.0, 0.5
         args.spawn_samples, args.spawn_burst = 3, 10
+        args.heartbeat_workers = 20
+        args.passthrough = (1, 4)
     began = time.monotonic()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                           work_dir=work_dir)
             bench.run(args.queues, args.concurrency)
             bench.measure_spawn()
+            bench.measure_heartbeats()
+            if not args.no_passthrough:
+                bench.measure_passthrough(args.passthrough)
             failed = False
         except procs.Interrupted:
             say(f"interrupted: stopping everything; logs: {work_dir}")
@@ -322,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     assert bench is not None
     wall = time.monotonic() - began
     _print(bench, wall, args, work_dir)
-    errors = sum(r["errors"] for r in bench.rows)
+    errors = sum(r["errors"] for r in bench.rows) + sum(r["errors"] for r in bench.passthrough)
     return 1 if errors else 0
 
 
@@ -336,6 +395,12 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
     if bench.spawn:
         print()
         print(spawn.lines(bench.spawn))
+    if bench.heartbeats is not None:
+        print()
+        print(heartbeats.lines(bench.heartbeats))
+    if bench.passthrough:
+        print()
+        print(report.passthrough_lines(bench.passthrough, PASSTHROUGH_PATH.format(queue_id="{id}")))
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.warmup:g}s warm-up + "
           f"{args.seconds:g}s measured per run; benchmark wall time {wall:.1f}s")
     if args.keep:
@@ -346,7 +411,8 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                                   "seconds": args.seconds, "warmup": args.warmup},
                    "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
                                "max_p50_ratio": report.MAX_P50_RATIO},
-                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn}
+                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn,
+                   "heartbeats": bench.heartbeats, "passthrough": bench.passthrough}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {args.json}")
 

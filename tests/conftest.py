@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 from kubernetes import client
@@ -22,6 +22,8 @@ from kubernetes.client.rest import ApiException
 
 from workerqueue_operator.devcluster.assets import find_assets
 from workerqueue_operator.devcluster.controlplane import ControlPlane
+from workerqueue_operator.devcluster.kubelet import LocalKubelet
+from workerqueue_operator.devcluster.temporal import TemporalServer
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -51,6 +53,36 @@ def control_plane(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) ->
     state_dir = tmp_path_factory.mktemp("control-plane")
     with ControlPlane(state_dir, k8s_assets, log=lambda m: print(m, file=sys.stderr)) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalServer]:
+    """A real Temporal dev server on loopback (`temporal server start-dev`), once per session.
+
+    A test that stops it must start it again (on the same port and database) before it ends.
+    """
+    with TemporalServer(tmp_path_factory.mktemp("temporal"), log=lambda m: print(m, file=sys.stderr)) as server:
+        yield server
+
+
+@pytest.fixture
+def kubelet(kubeconfig: Path, tmp_path: Path) -> Iterator[Callable[..., LocalKubelet]]:
+    """Starts local kubelets (LocalKubelet's keyword arguments) that run the operator's pods as processes.
+
+    Every one started is stopped at the end of the test, its children with it.
+    """
+    started: list[LocalKubelet] = []
+
+    def start(**kwargs: Any) -> LocalKubelet:
+        kwargs.setdefault("log", lambda m: print(m, file=sys.stderr))
+        kubelet = LocalKubelet(kubeconfig, tmp_path / f"kubelet-{len(started)}", **kwargs)
+        kubelet.start()
+        started.append(kubelet)
+        return kubelet
+
+    yield start
+    for kubelet in reversed(started):
+        kubelet.stop()
 
 
 @pytest.fixture(scope="session")

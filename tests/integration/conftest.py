@@ -23,6 +23,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
@@ -96,6 +98,8 @@ class OperatorProcess:
                # check the real 10 s .. 5 min schedule with explicit times.
                "WQ_WORKER_BACKOFF_SECONDS": "1", "WQ_WORKER_BACKOFF_MAX_SECONDS": "4",
                "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
+               # Short upstream timeouts keep the 502/504 tests quick; their defaults are in settings.py.
+               "WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2", "WQ_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3",
                **self._env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -140,6 +144,11 @@ class OperatorProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def call(self, method: str, path: str, token: str | None, body: dict[str, Any] | None = None,
+             timeout: float = 10) -> Http:
+        payload = json.dumps(body).encode() if body is not None else None
+        return http(method, f"{self.url}{path}", body=payload, token=token, context=self.context, timeout=timeout)
+
     def start_worker(self, queue_id: str, token: str | None, body: dict[str, Any] | None = None) -> Http:
         payload = json.dumps(body).encode() if body is not None else None
         return http("POST", f"{self.url}/api/v1/worker-queues/{queue_id}/start", body=payload, token=token,
@@ -148,9 +157,11 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def operator(
-    crd_installed: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory,
+    crd_installed: None, kubeconfig: Path, temporal: TemporalServer, tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    # The session's Temporal is the default of queues that name none (as in `dev` and the examples).
+    env = {"WQ_TEMPORAL_HOST": temporal.address, "WQ_TEMPORAL_NAMESPACE": temporal.namespace}
+    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env=env)
     try:
         yield proc.start()
     finally:
@@ -164,6 +175,7 @@ class Kube:
         self.core = k8s.CoreV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
         self.rbac = k8s.RbacAuthorizationV1Api(api_client)
+        self.coordination = k8s.CoordinationV1Api(api_client)
 
     def create_queue(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerQueue",
@@ -259,6 +271,12 @@ class Kube:
                 return False
             raise
         return True
+
+    def registrations(self, namespace: str) -> dict[str, k8s.V1Lease]:
+        """The worker registrations (Leases) of a namespace, by worker id."""
+        items = self.coordination.list_namespaced_lease(
+            namespace, label_selector="app.kubernetes.io/component=worker-registration").items
+        return {lease.spec.holder_identity: lease for lease in items}
 
     def events(self, namespace: str, name: str | None = None) -> list[k8s.CoreV1Event]:
         items = self.core.list_namespaced_event(namespace).items

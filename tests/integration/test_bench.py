@@ -50,3 +50,11 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     assert set(spawned) == {"one queue at a time", "10 queues created at once"}
     assert all(0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in spawned.values())
     assert "spawn latency" in text
+    passthrough = figures["passthrough"]
+    assert [r["concurrency"] for r in passthrough] == [1, 4]
+    for row in passthrough:
+        for side in ("direct", "via_operator"):
+            assert row[side]["requests"] > 0 and set(row[side]["statuses"]) == {"200"}, (side, row[side])
+        assert row["errors"] == 0
+        assert row["overhead_p50_ms"] == row["via_operator"]["p50_ms"] - row["direct"]["p50_ms"]
+    assert "pass-through latency overhead" in text

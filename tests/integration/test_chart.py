@@ -140,6 +140,8 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
         "temporal": {"host": "temporal.internal:7233", "namespace": "agents",
                      "apiKeySecret": {"namespace": scope.watched[0], "name": "temporal", "key": "api-key"}},
         "litellm": {"url": "http://litellm.internal:4000", "apiKeySecret": {"name": "litellm", "key": "key"}},
+        "upstream": {"url": "https://api.example.com", "apiKeySecret": {"name": "org-key", "key": "api-key"},
+                     "idleTimeoutSeconds": 30},
         "publicUrl": "https://cp.example.com",
         "tokenReviewAudiences": ["workerqueue"],
         "authCacheSeconds": 5,
@@ -194,6 +196,9 @@ def test_lint(helm: Helm, option: str):
     ({"serviceMonitr": {"enabled": True}}, "serviceMonitr"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"publicUrl": "cp.example.com"}, "publicUrl"),
+    ({"upstream": {"url": "https://user:pw@api.example.com"}}, "upstream"),
+    ({"upstream": {"url": "https://api.example.com"}}, "apiKeySecret"),
+    ({"upstream": {"idleTimeoutSeconds": 0}}, "idleTimeoutSeconds"),
 ])
 def test_schema_rejects_wrong_values(helm: Helm, values: dict[str, Any], message: str):
     done = helm("lint", str(CHART), f"--values={helm.values_file(values)}", check=False)
@@ -254,7 +259,8 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
         ("agentcontrol.dev", "workerqueues"): {"get", "list", "watch", "patch", "delete"},
         ("agentcontrol.dev", "workerqueues/status"): {"get", "patch", "update"},
         ("agentcontrol.dev", "workerqueues/finalizers"): {"update"},
-        ("", "secrets"): {"get", "list", "watch", "create"},
+        ("", "secrets"): {"get", "list", "watch", "create", "delete"},
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch", "delete"},
         ("", "pods"): {"get", "list", "watch", "create", "delete"},
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
@@ -387,12 +393,20 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert list(dumped["worker_command"]) == ["agent", "start"]
         assert dumped["worker_control_plane_url"] == "http://wq-workerqueue-operator.wq-system.svc:8080"
         assert dumped["worker_backoff_seconds"] == 20
+        assert settings.upstream_url == "https://api.example.com"
+        assert settings.upstream_api_key_secret is not None
+        assert settings.upstream_api_key_secret.model_dump() == {"namespace": OFFLINE.namespace, "name": "org-key",
+                                                                 "key": "api-key"}
+        assert (settings.upstream_idle_timeout_seconds, settings.upstream_connect_timeout_seconds) == (30, 5)
     if option == "defaults":
         defaults = Settings()
         assert settings.organization_id == defaults.organization_id
         assert settings.auth_cache_seconds == defaults.auth_cache_seconds
         assert settings.status_resync_seconds == defaults.status_resync_seconds
         assert settings.http_port == defaults.http_port
+        assert settings.upstream_url is None
+        assert settings.upstream_idle_timeout_seconds == defaults.upstream_idle_timeout_seconds
+        assert settings.upstream_max_connections == defaults.upstream_max_connections
 
 
 @pytest.mark.parametrize("option", OPTIONS)

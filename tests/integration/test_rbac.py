@@ -165,15 +165,17 @@ def can_i(kubectl: Callable[..., Any], deployed: Deployed, verb: str, resource: 
 
 ALLOWED = [
     ("create", "pods"), ("delete", "pods"), ("watch", "pods"),
-    ("list", "secrets"), ("watch", "secrets"), ("get", "secrets"), ("create", "secrets"),
+    ("list", "secrets"), ("watch", "secrets"), ("get", "secrets"), ("create", "secrets"), ("delete", "secrets"),
+    ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io"),
+    ("delete", "leases.coordination.k8s.io"), ("watch", "leases.coordination.k8s.io"),
     ("patch", "workerqueues.agentcontrol.dev/status"), ("update", "workerqueues.agentcontrol.dev/status"),
     ("watch", "workerqueues.agentcontrol.dev"), ("patch", "workerqueues.agentcontrol.dev"),
     ("delete", "workerqueues.agentcontrol.dev"),
     ("create", "events"), ("create", "events.events.k8s.io"),
 ]
 DENIED = [
-    # Secrets: only read, and create the generated token Secrets (garbage-collected with their queue).
-    ("delete", "secrets"), ("update", "secrets"), ("patch", "secrets"), ("deletecollection", "secrets"),
+    # Secrets: read, create token Secrets, delete a worker pod's own; never changed in place.
+    ("update", "secrets"), ("patch", "secrets"), ("deletecollection", "secrets"),
     # Kinds it does not use at all.
     ("list", "configmaps"), ("get", "configmaps"), ("create", "deployments.apps"), ("list", "deployments.apps"),
     ("get", "serviceaccounts"), ("create", "serviceaccounts/token"), ("create", "pods/exec"),

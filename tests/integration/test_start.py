@@ -274,9 +274,9 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
     kube.wait_condition(namespace, "cols", "True")
     out = kubectl("get", "wq", "-n", namespace, "-o", "wide").stdout
     header, row = out.splitlines()[:2]
-    assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "REASON",
+    assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "LIVE", "REASON",
                               "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED", "AGE"]
-    assert row.split()[:7] == ["cols", "cols-id", "true", "false", "True", "0", "Ready"]
+    assert row.split()[:8] == ["cols", "cols-id", "true", "false", "True", "0", "0", "Ready"]
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
 

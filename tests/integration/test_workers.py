@@ -45,7 +45,9 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert env["CONTROL_PLANE_URL"].value == "http://workerqueue-operator.test:8080"
     assert env["HEARTBEAT_INTERVAL"].value == "20" and env["SINGLE_EXECUTION"].value == "true"
     assert env["KUBIYA_API_KEY"].value is None  # never inlined: a reference to the token Secret
-    assert env["KUBIYA_API_KEY"].value_from.secret_key_ref.name == "se-worker-token"
+    # Each pod its own token, so that the operator knows which worker asks.
+    assert env["KUBIYA_API_KEY"].value_from.secret_key_ref.name == "se-w0-token"
+    assert kube.secret_value(namespace, "se-w0-token", "token")
 
     kube.set_phase(namespace, "se-w0", "Running")
     wait_for(lambda: kube.workers(namespace, "se").get("running") == 1, what="running count")

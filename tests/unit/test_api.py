@@ -9,24 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.unit import apps
 from tests.unit.factories import queue
-from workerqueue_operator.api import app as app_
-from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.models.settings import Settings
 
 START = "/api/v1/worker-queues/{}/start"
 AUTH = {"Authorization": "Bearer good-token"}
-
-
-class NoReviews(reviews.Reviewer):
-    """Kubernetes identities are tested against the real API server; here every other token is unknown."""
-
-    def __init__(self) -> None:
-        pass
-
-    async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
-        return None
 
 
 @pytest.fixture
@@ -41,7 +30,7 @@ async def client() -> AsyncIterator[TestClient]:
     store.upsert_queue(queue("broken", queueId="q-broken", litellm={"apiKeySecretRef": {"name": "llm", "key": "k"}}))
     store.upsert_secret(("team-a", "broken-worker-token"), {"token": "broken-token"})
     store.upsert_secret(("team-a", "llm"), None)
-    app = app_.make_app(store=store, reviewer=NoReviews(), settings=Settings(), version="9.9.9", ready=lambda: True)
+    app = apps.make_app(store)
     async with TestClient(TestServer(app)) as c:
         yield c
 

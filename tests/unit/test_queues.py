@@ -122,3 +122,54 @@ def test_decode_secret_data_skips_binary_values():
     body = secret_body("s", text="hello")
     body["data"]["bin"] = "//79"  # 0xff 0xfe 0xfd: not UTF-8
     assert queues.decode_secret_data(body) == {"text": "hello"}
+
+
+UPSTREAM = {"url": "https://cp.example/base/", "apiKeySecretRef": {"name": "org", "key": "api-key"}}
+
+
+def test_own_upstream_with_its_key_and_no_default():
+    settings = Settings(upstream_url="https://default.example",
+                        upstream_api_key_secret=NamespacedSecretKeyRef.parse("ops/org:key"))
+    q = queue(upstream=UPSTREAM)
+    assert ("team-a", "org") in q.secret_names(settings) and ("ops", "org") not in q.secret_names(settings)
+    r = resolve(q, {("team-a", "org"): {"api-key": "k-1\n"}}, settings=settings)
+    assert r.ready and r.upstream == queues.Upstream(url="https://cp.example/base", api_key="k-1")
+    assert "k-1" not in repr(r.upstream)
+    assert r.upstream.origin == "https://cp.example"
+
+
+def test_default_upstream_for_queues_that_name_none():
+    settings = Settings(upstream_url="http://default.example:8000",
+                        upstream_api_key_secret=NamespacedSecretKeyRef.parse("ops/org:key"))
+    q = queue()
+    assert ("ops", "org") in q.secret_names(settings)
+    r = resolve(q, {("ops", "org"): {"key": "dk"}}, settings=settings)
+    assert r.upstream == queues.Upstream(url="http://default.example:8000", api_key="dk")
+    assert resolve(queue()).upstream is None  # no default, no own upstream
+
+
+@pytest.mark.parametrize(("data", "reason"), [(None, "SecretNotFound"), ({"api-key": "a\nb"}, "SecretKeyInvalid"),
+                                              ({"api-key": " "}, "SecretKeyInvalid")])
+def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):
+    r = resolve(queue(upstream=UPSTREAM), {("team-a", "org"): data})
+    assert not r.ready and r.problem.reason == reason and r.upstream is None
+    assert "a\nb" not in r.problem.message
+
+
+def test_the_upstream_is_resolved_even_when_something_else_is_missing():
+    """Running workers keep reaching their upstream while, e.g., a Temporal key is missing."""
+    q = queue(upstream=UPSTREAM, temporal={"host": "t:1", "namespace": "n",
+                                           "apiKeySecretRef": {"name": "temporal", "key": "k"}})
+    r = resolve(q, {("team-a", "org"): {"api-key": "k-1"}, ("team-a", "temporal"): None})
+    assert r.problem.reason == "SecretNotFound" and r.upstream is not None and r.upstream_problem is None
+    r = resolve(q, {("team-a", "org"): None, ("team-a", "temporal"): None})
+    assert r.problem.message == "secret temporal not found in namespace team-a"
+    assert r.upstream_problem.message == "secret org not found in namespace team-a"  # told apart for the 503
+
+
+def test_default_upstream_needs_its_key():
+    with pytest.raises(ValueError, match="upstream_api_key_secret"):
+        Settings(upstream_url="https://cp.example")
+    with pytest.raises(ValueError, match="pattern"):
+        Settings(upstream_url="ftp://cp.example", upstream_api_key_secret="ops/org:key")
+    assert Settings.load({"WQ_UPSTREAM_URL": ""}).upstream_url is None

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from tests.unit.factories import queue
 from workerqueue_operator.core import queues
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
 
@@ -84,3 +84,44 @@ def test_deleted_secret_makes_the_queue_not_ready():
     assert s.serving("abc").problem.reason == "SecretNotFound"
     assert s.secret_state(("team-a", "q1-worker-token")) == (True, None)
     assert s.not_ready_count == 1
+
+
+def test_queue_of_token_only_for_exactly_one_queue():
+    s, _ = store()
+    s.upsert_queue(queue("a", queueId="a"))
+    s.upsert_secret(("team-a", "a-worker-token"), {"token": "ta"})
+    s.upsert_queue(queue("b", queueId="b"))
+    s.upsert_secret(("team-a", "b-worker-token"), {"token": "tb"})
+    assert s.queue_of_token(queues.digest("ta")) == ("team-a", "a")
+    assert s.queue_of_token(queues.digest("nobody")) is None
+    s.upsert_secret(("team-a", "b-worker-token"), {"token": "ta"})  # both queues now accept one token
+    assert s.queue_of_token(queues.digest("ta")) is None and s.is_queue_token(queues.digest("ta"))
+
+
+def test_passes_through_once_some_queue_has_an_upstream():
+    s, _ = store()
+    s.upsert_queue(queue("a", queueId="a"))
+    assert not s.passes_through
+    s.upsert_queue(queue("a", queueId="a", upstream={"url": "http://u", "apiKeySecretRef": {"name": "o", "key": "k"}}))
+    assert s.passes_through
+    s.remove_queue(("team-a", "a"))
+    assert not s.passes_through
+
+
+def test_per_worker_tokens_name_their_pod_and_queue_and_go_with_their_secret():
+    s, _ = store()
+    w0 = WorkerCredential(queue=("team-a", "q1"), pod="q1-w0")
+    s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0")
+    s.upsert_worker_credential(("team-a", "q2-w0-token"), WorkerCredential(queue=("team-a", "q2"), pod="q2-w0"),
+                               "tok-q2")
+    assert s.worker_credential(queues.digest("tok-0")) == w0
+    assert s.queue_of_token(queues.digest("tok-0")) == ("team-a", "q1")
+    assert s.worker_credential_secrets(("team-a", "q1")) == {"q1-w0": ("team-a", "q1-w0-token")}
+    # Rotated in place: the old token opens nothing any more.
+    s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0b")
+    assert s.worker_credential(queues.digest("tok-0")) is None
+    assert s.worker_credential(queues.digest("tok-0b")) == w0
+    s.remove_worker_credential(("team-a", "q1-w0-token"))
+    assert s.worker_credential(queues.digest("tok-0b")) is None
+    assert s.worker_credential_secrets(("team-a", "q1")) == {}
+    assert s.worker_credential_secrets(("team-a", "q2")) == {"q2-w0": ("team-a", "q2-w0-token")}

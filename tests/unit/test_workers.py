@@ -147,8 +147,28 @@ def test_build_pod_has_what_the_worker_needs():
     env = {e["name"]: e for e in body["spec"]["containers"][0]["env"]}
     assert env["QUEUE_ID"]["value"] == "q-1" and env["KEEP"]["value"] == "1"
     assert env["CONTROL_PLANE_URL"]["value"] == "http://cp:8080"
-    assert env["KUBIYA_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "q1-worker-token", "key": "token"}}
+    # Its own token, not the queue's: the operator knows which worker asks.
+    assert env["KUBIYA_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "q1-w4-token", "key": "token"}}
     assert env["HEARTBEAT_INTERVAL"]["value"] == "30" and env["SINGLE_EXECUTION"]["value"] == "true"
+    # No API key and no tls setting: plaintext, which the worker picks from a `temporal:` prefix.
+    assert env["TEMPORAL_HOST"]["value"].startswith("temporal:")
+
+
+def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
+    keyed = queue(temporal={"host": "ns.tmprl.cloud:7233", "apiKeySecretRef": {"name": "t", "key": "k"}})
+    assert workers.worker_temporal_host(keyed, SETTINGS) == "ns.tmprl.cloud:7233"
+    forced_off = queue(temporal={"host": "t:7233", "tls": False, "apiKeySecretRef": {"name": "t", "key": "k"}})
+    assert workers.worker_temporal_host(forced_off, SETTINGS) == "temporal:t:7233"
+    forced_on = queue(temporal={"host": "t:7233", "tls": True})
+    assert workers.worker_temporal_host(forced_on, SETTINGS) == "t:7233"
+
+
+def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
+    q = queue(queueId="q-1")
+    body = workers.credential_secret_body(q, "q1-w7", "tok")
+    assert body["metadata"]["name"] == "q1-w7-token"
+    assert workers.credential_from_secret(body) == ((q.namespace, q.name), "q1-w7", "tok")
+    assert workers.credential_from_secret({"metadata": {"name": "q1-worker-token", "labels": {}}}) is None
 
 
 def test_default_pod_uses_the_configured_image_and_command():

@@ -105,11 +105,16 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues/finalizers"]
   verbs: ["update"]
-# Reads the Secrets queues name; creates their generated token Secrets. Those are owned by their
-# queue and garbage-collected with it: no update or delete.
+# Reads the Secrets queues name; creates their generated token Secrets and each worker pod's own
+# token Secret. Deletes the latter with their pod (a queue's are garbage-collected with it); never
+# updates or patches a Secret.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The live-worker registry: one Lease per worker, owned by its queue.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
@@ -163,12 +168,22 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "auth_cache_seconds" $v.authCacheSeconds
   "namespaces" ($v.watchNamespaces | uniq)
   "status_resync_seconds" $v.statusResyncSeconds
+  "upstream_connect_timeout_seconds" $v.upstream.connectTimeoutSeconds
+  "upstream_idle_timeout_seconds" $v.upstream.idleTimeoutSeconds
+  "upstream_max_connections" (int $v.upstream.maxConnections)
 }}
 {{- with include "workerqueue-operator.secretRef" (list $v.temporal.apiKeySecret .) }}
 {{- $_ := set $config "temporal_api_key_secret" (fromYaml .) }}
 {{- end }}
 {{- with include "workerqueue-operator.secretRef" (list $v.litellm.apiKeySecret .) }}
 {{- $_ := set $config "litellm_api_key_secret" (fromYaml .) }}
+{{- end }}
+{{- with $v.upstream.url }}
+{{- $_ := set $config "upstream_url" . }}
+{{- if not $v.upstream.apiKeySecret.name }}
+{{- fail "upstream.apiKeySecret.name is required with upstream.url: the operator holds the organization's key" }}
+{{- end }}
+{{- $_ := set $config "upstream_api_key_secret" (fromYaml (include "workerqueue-operator.secretRef" (list $v.upstream.apiKeySecret $))) }}
 {{- end }}
 {{- with $v.publicUrl }}
 {{- $_ := set $config "public_url" . }}

@@ -1,4 +1,5 @@
-"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI.
+"""The HTTP API: `POST /api/v1/worker-queues/{queue_id}/start`, health, readiness, metrics, OpenAPI,
+and the pass-through of every other /api/v1/ call to the caller's upstream (api/passthrough.py).
 
 /start answers from the watch-fed Store only; the API server is asked nothing per request, except
 a cached TokenReview/SubjectAccessReview for callers that present a Kubernetes token.
@@ -12,12 +13,23 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
 
-from workerqueue_operator.api import errors, metrics, openapi
-from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.api import bodies, callers, errors, metrics, openapi, passthrough, workers
+from workerqueue_operator.api.keys import (
+    KUBE,
+    METRICS,
+    OPENAPI,
+    READY,
+    REGISTRY,
+    REVIEWER,
+    SETTINGS,
+    STORE,
+    TEMPORAL,
+)
+from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core import reviews, temporal
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import settings as settings_
@@ -25,53 +37,9 @@ from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 1024 * 1024
 START_ROUTE = "/api/v1/worker-queues/{queue_id}/start"
 
-STORE = web.AppKey("store", Store)
-REVIEWER = web.AppKey("reviewer", reviews.Reviewer)
-SETTINGS = web.AppKey("settings", settings_.Settings)
-METRICS = web.AppKey("metrics", metrics.Metrics)
-READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
-OPENAPI = web.AppKey("openapi", bytes)
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-async def _read_request(request: web.Request) -> wire.WorkerStartRequest | web.Response:
-    """The body as WorkerStartRequest, or the 413/422 answer FastAPI would give."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return errors.detail(413, "Request body too large")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return errors.detail(413, "Request body too large")
-    if not raw.strip():
-        return wire.WorkerStartRequest()  # an empty body means the documented default, {}
-    try:
-        # The common case in one pass; anything unusual takes the slow path below for its exact errors.
-        return wire.WorkerStartRequest.model_validate_json(raw)
-    except ValidationError:
-        pass
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return errors.unprocessable(errors.json_invalid(exc))
-    except UnicodeDecodeError:
-        return errors.unprocessable([{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": "body is not UTF-8"}}])
-    if parsed is None:
-        return wire.WorkerStartRequest()  # JSON null: the default, as FastAPI treats it
-    try:
-        return wire.WorkerStartRequest.model_validate(parsed)
-    except ValidationError as exc:
-        return errors.unprocessable(errors.validation_errors(exc))
 
 
 def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, settings: settings_.Settings) -> str:
@@ -84,23 +52,12 @@ def _control_plane_url(request: web.Request, body: wire.WorkerStartRequest, sett
 
 async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
-    store, reviewer = request.app[STORE], request.app[REVIEWER]
+    store = request.app[STORE]
 
-    token = _bearer(request)
-    if token is None:
-        return errors.unauthorized("Not authenticated")
-    token_digest = queues.digest(token)
-    identity: reviews.Identity | None = None
-    if not store.is_queue_token(token_digest):
-        try:
-            identity = await reviewer.authenticate(token, token_digest)
-        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("TokenReview failed: %s", exc)
-            return errors.detail(503, "Authentication is temporarily unavailable, try again")
-        if identity is None:
-            return errors.unauthorized("Invalid authentication credentials")
-
-    body = await _read_request(request)
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    body = await bodies.read(request, wire.WorkerStartRequest)
     if isinstance(body, web.Response):
         return body
 
@@ -108,19 +65,10 @@ async def start_worker(request: web.Request) -> web.Response:
     if resolution is None:
         return errors.detail(404, "Worker queue not found")
     queue = resolution.queue
-
-    if identity is None:
-        if not store.opens(resolution, token_digest):
-            return errors.detail(403, "This token may not start workers on this worker queue")
-    else:
-        try:
-            allowed = await reviewer.may_start(identity, token_digest, queue.namespace, queue.name)
-        except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("SubjectAccessReview failed: %s", exc)
-            return errors.detail(503, "Authorization is temporarily unavailable, try again")
-        if not allowed:
-            return errors.detail(
-                403, f"{identity.username} may not create workerqueues/start on this worker queue")
+    denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
+                                     token_message="This token may not start workers on this worker queue")
+    if denied is not None:
+        return denied
 
     if queue.spec.suspend:
         return errors.detail(400, "Worker queue is not active (status: suspended)")
@@ -129,6 +77,23 @@ async def start_worker(request: web.Request) -> web.Response:
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
     worker_id = str(uuid.uuid4())
+    registry = request.app[REGISTRY]
+    pod = caller.worker.pod if caller.worker is not None else None
+    system_info = body.system_info.model_dump(exclude_none=True) if body.system_info else None
+    hostname = body.system_info.hostname if body.system_info else None
+    if queue.spec.max_workers is None:
+        registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
+    else:
+        try:
+            worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
+                                          hostname=hostname, system_info=system_info)
+        except registry_.ErrorTypes as exc:
+            logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
+                           str(exc) or type(exc).__name__)
+            return errors.detail(503, "The worker registry is temporarily unavailable, try again")
+        if worker is None:
+            return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")
+
     payload = resolution.config.response_body(
         worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))
     request.app[METRICS].worker_started(queue.namespace, queue.name)
@@ -185,14 +150,20 @@ def make_app(
     *,
     store: Store,
     reviewer: reviews.Reviewer,
+    registry: Registry,
+    temporal_: temporal.Temporal,
+    kube: client_.KubeClient,
     settings: settings_.Settings,
     version: str,
     ready: Callable[[], bool],
 ) -> web.Application:
     # One byte over the limit so that the handler, not aiohttp, words the 413.
-    app = web.Application(middlewares=[observe], client_max_size=MAX_BODY + 1)
+    app = web.Application(middlewares=[observe], client_max_size=bodies.MAX_BODY + 1)
     app[STORE] = store
     app[REVIEWER] = reviewer
+    app[REGISTRY] = registry
+    app[TEMPORAL] = temporal_
+    app[KUBE] = kube
     app[SETTINGS] = settings
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
@@ -202,9 +173,22 @@ def make_app(
                        lambda: store.not_ready_count)
     app[METRICS].gauge("workerqueue_secrets_cached", "Secrets held because a queue uses them.",
                        lambda: store.secret_count)
+    app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",
+                       lambda: registry.total)
+    app[METRICS].counter("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
+                         lambda: registry.heartbeats)
+    app[METRICS].counter("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
+                         lambda: registry.writes)
     app.router.add_post(START_ROUTE, start_worker)
+    workers.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_json)
+    # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
+    # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
+    app.cleanup_ctx.append(forwarder.session_context)
+    app.on_shutdown.append(forwarder.close_websockets)
+    app.router.add_route("*", passthrough.ROUTE, forwarder.handle)
     return app

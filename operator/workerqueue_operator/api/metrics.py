@@ -11,17 +11,62 @@ _LATENCY = "workerqueue_http_request_duration_seconds"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+_UPSTREAM_LATENCY = "workerqueue_upstream_response_seconds"
+# Seconds to an upstream's response headers: a network round trip plus the upstream's own work.
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class UpstreamStats:
+    """What went through to one upstream (labelled by its origin, which never holds a credential)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = defaultdict(int)
+        """By the status class the worker got (the upstream's, or 5xx for the operator's 502/504)."""
+        self.failures: dict[str, int] = defaultdict(int)
+        """By kind: unreachable, timeout, cut (the answer broke off after it had begun)."""
+        self.latency_counts = [0] * (len(UPSTREAM_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def answered(self, status: int, seconds: float) -> None:
+        self.requests[status_class(status)] += 1
+        self.latency_counts[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def failed(self, kind: str, status: int | None = None) -> None:
+        """A failure; `status`: the operator's own answer (502, 504), None once the upstream's has begun."""
+        self.failures[kind] += 1
+        if status is not None:
+            self.requests[status_class(status)] += 1
+
+
 class Metrics:
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self._latency_counts: dict[str, list[int]] = {}
         self._latency_sums: dict[str, float] = defaultdict(float)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._gauges: dict[str, tuple[str, str, Callable[[], float]]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
+        self._upstreams: dict[str, UpstreamStats] = {}
+
+    def upstream(self, origin: str) -> UpstreamStats:
+        stats = self._upstreams.get(origin)
+        if stats is None:
+            stats = self._upstreams[origin] = UpstreamStats()
+        return stats
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time, so it is never stale."""
-        self._gauges[name] = (help_text, read)
+        self._gauges[name] = ("gauge", help_text, read)
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept by its owner, read at scrape time."""
+        self._gauges[name] = ("counter", help_text, read)
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -60,6 +105,46 @@ class Metrics:
         ]
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
-        for name, (help_text, read) in sorted(self._gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        lines += self._render_upstreams()
+        for name, (kind, help_text, read) in sorted(self._gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]
         return "\n".join(lines) + "\n"
+
+    def _render_upstreams(self) -> list[str]:
+        ups = sorted(self._upstreams.items())
+        lines = [
+            "# HELP workerqueue_upstream_requests_total Requests passed through, by upstream and status class.",
+            "# TYPE workerqueue_upstream_requests_total counter",
+        ]
+        for origin, stats in ups:
+            for klass, count in sorted(stats.requests.items()):
+                lines.append(f'workerqueue_upstream_requests_total{{upstream="{origin}",code="{klass}"}} {count}')
+        lines += [
+            "# HELP workerqueue_upstream_failures_total Pass-through failures by upstream and kind "
+            "(unreachable: 502, timeout: 504, cut: the answer broke off).",
+            "# TYPE workerqueue_upstream_failures_total counter",
+        ]
+        for origin, stats in ups:
+            for kind, count in sorted(stats.failures.items()):
+                lines.append(f'workerqueue_upstream_failures_total{{upstream="{origin}",kind="{kind}"}} {count}')
+        lines += [
+            f"# HELP {_UPSTREAM_LATENCY} Time to the upstream's response headers.",
+            f"# TYPE {_UPSTREAM_LATENCY} histogram",
+        ]
+        for origin, stats in ups:
+            cumulative = 0
+            for bound, count in zip((*UPSTREAM_BUCKETS, float("inf")), stats.latency_counts, strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{_UPSTREAM_LATENCY}_bucket{{upstream="{origin}",le="{le}"}} {cumulative}')
+            lines.append(f'{_UPSTREAM_LATENCY}_sum{{upstream="{origin}"}} {stats.latency_sum}')
+            lines.append(f'{_UPSTREAM_LATENCY}_count{{upstream="{origin}"}} {cumulative}')
+        lines += [
+            "# HELP workerqueue_upstream_bytes_total Body bytes passed through (sent: to the upstream).",
+            "# TYPE workerqueue_upstream_bytes_total counter",
+        ]
+        for origin, stats in ups:
+            lines.append(f'workerqueue_upstream_bytes_total{{upstream="{origin}",direction="sent"}} {stats.bytes_sent}')
+            lines.append(
+                f'workerqueue_upstream_bytes_total{{upstream="{origin}",direction="received"}} {stats.bytes_received}')
+        return lines

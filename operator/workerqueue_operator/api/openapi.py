@@ -19,12 +19,38 @@ def _schema(model: type[BaseModel], components: dict[str, Any]) -> None:
 
 def document(version: str) -> dict[str, Any]:
     components: dict[str, Any] = {}
-    for model in (wire.WorkerStartRequest, wire.WorkerStartResponse, wire.HTTPValidationError):
+    for model in (wire.WorkerStartRequest, wire.WorkerStartResponse, wire.HTTPValidationError,
+                  wire.WorkerHeartbeatRequest, wire.WorkerDisconnectRequest, wire.WorkerInfo, wire.ExecutionInfo):
         _schema(model, components)
+    components["HTTPError"] = {"title": "HTTPError", "type": "object", "required": ["detail"],
+                               "properties": {"detail": {"type": "string", "title": "Detail"}}}
     components[wire.REQUEST_SCHEMA_NAME] = components.pop("WorkerStartRequest")
 
     def ref(name: str) -> dict[str, str]:
         return {"$ref": _REF.format(model=name)}
+
+    def json_of(schema: dict[str, Any], description: str = "Successful Response") -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    def failures(*codes: int) -> dict[str, Any]:
+        said = {400: "Bad request", 401: "Not authenticated", 403: "Not allowed",
+                404: "Not found", 409: "Conflict", 413: "Request body too large",
+                503: "A dependency (the API server, Temporal) is unavailable: try again"}
+        answers = {str(c): json_of(ref("HTTPError"), said[c]) for c in codes}
+        answers["422"] = json_of(ref("HTTPValidationError"), "Validation Error")
+        return answers
+
+    def path_param(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True,
+                "schema": {"type": "string", "title": name.replace("_", " ").title()}}
+
+    def operation(summary: str, description: str, param: str, responses: dict[str, Any],
+                  body: str | None = None, query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        op: dict[str, Any] = {"summary": summary, "description": description,
+                              "parameters": [path_param(param), *(query or [])], "responses": responses}
+        if body is not None:
+            op["requestBody"] = {"content": {"application/json": {"schema": {**ref(body), "default": {}}}}}
+        return op
 
     def plain(summary: str) -> dict[str, Any]:
         return {"get": {"summary": summary, "security": [],
@@ -34,7 +60,11 @@ def document(version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "Agent Control Plane API (workerqueue-operator)",
-            "description": "The worker-facing part of the Agent Control Plane API, served in-cluster.",
+            "description": "The worker-facing part of the Agent Control Plane API, served in-cluster. Every other "
+            "/api/v1/ call (any method, websockets included) from a worker whose queue token leads to an upstream "
+            "control plane is passed through to it, with the organization's API key in place of the token "
+            "(`Bearer` or `UserKey`, as the worker sent it); 401 without a queue token, 404 when the queue has "
+            "no upstream, 502 when the upstream cannot be reached, 504 when it does not answer in time.",
             "version": version,
         },
         "security": [{"BearerAuth": []}],
@@ -57,6 +87,35 @@ def document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/workers/{worker_id}/heartbeat": {"post": operation(
+                "Worker Heartbeat", "Renews the worker's registration and records its state. `logs` are "
+                "accepted and dropped; `system_info` is kept size-bounded.", "worker_id",
+                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 413, 503)},
+                body="WorkerHeartbeatRequest")},
+            "/api/v1/workers/{worker_id}/disconnect": {"post": operation(
+                "Worker Disconnect", "Ends the worker's registration at once (its slot is free); the reason "
+                "and exit code become an Event on the queue.", "worker_id",
+                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 413, 503)},
+                body="WorkerDisconnectRequest")},
+            "/api/v1/worker-queues/{queue_id}/workers": {"get": operation(
+                "List Live Workers", "The queue's registered workers whose heartbeats are current.", "queue_id",
+                {"200": json_of({"type": "array", "items": ref("WorkerInfo")}), **failures(401, 403, 404, 503)})},
+            "/api/v1/worker-queues/{queue_id}/executions": {"get": operation(
+                "List Executions", "The workflows of the queue's Temporal task queue, newest first. A worker "
+                "with its own (per-worker) token sees only the executions it holds, folded into one entry that "
+                "reads `running` while any of them runs; a shared queue token sees none; a Kubernetes identity "
+                "allowed to `get` the WorkerQueue sees all.", "queue_id",
+                {"200": json_of({"type": "array", "items": ref("ExecutionInfo")}), **failures(401, 403, 404, 503)},
+                query=[{"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}},
+                       {"name": "status", "in": "query", "required": False,
+                        "schema": {"type": "string", "default": "all",
+                                   "enum": ["all", "running", "completed", "failed", "cancelled",
+                                            "waiting_for_input"]}}])},
+            "/api/v1/worker-queues/{queue_id}": {"delete": operation(
+                "Delete Worker Queue", "Deletes the WorkerQueue (its pods and registrations go with it): with a "
+                "token of the queue when it is ephemeral, or as a Kubernetes identity allowed to `delete` it.",
+                "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 503)})},
             "/healthz": plain("Liveness"),
             "/readyz": plain("Readiness: 200 once the watches have listed everything"),
             "/metrics": plain("Prometheus metrics"),

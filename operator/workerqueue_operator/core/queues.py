@@ -105,7 +105,19 @@ class QueueObject:
                              (settings.litellm_api_key_secret, s.litellm.api_key_secret_ref)):
             if default is not None and own is None:
                 names.add((default.namespace, default.name))
+        if s.upstream is not None:
+            names.add((self.namespace, s.upstream.api_key_secret_ref.name))
+        elif settings.upstream_url and settings.upstream_api_key_secret is not None:
+            names.add((settings.upstream_api_key_secret.namespace, settings.upstream_api_key_secret.name))
         return frozenset(names)
+
+
+def temporal_tls(queue: QueueObject, settings: settings_.Settings) -> bool:
+    """Whether the queue's Temporal is reached over TLS: as set, else exactly when an API key is set."""
+    own = queue.spec.temporal
+    if own.tls is not None:
+        return own.tls
+    return own.api_key_secret_ref is not None or settings.temporal_api_key_secret is not None
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class QueueConfig:
     websocket_enabled: bool
     websocket_url: str | None
     suspended: bool
+    temporal_tls: bool = False
 
     @functools.cached_property
     def fields_json(self) -> bytes:
@@ -143,12 +156,33 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """The control plane a queue's workers' other calls are passed through to, and the key it takes."""
+
+    url: str
+    """Base URL, without a trailing slash."""
+    api_key: str = field(repr=False)
+    """The organization's API key: never in a repr, a log line or an exception."""
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port]: what connections are pooled by and metrics are labelled with."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True)
 class Resolution:
     queue: QueueObject
     config: QueueConfig | None
     problem: Problem | None
     token_digests: tuple[bytes, ...] = ()
     """Digests of the queue tokens; known even when something else keeps the queue from being Ready."""
+    upstream: Upstream | None = None
+    """Where workers' other calls go; resolved on its own, so that running workers keep reaching it
+    while something else (a Temporal key, a suspension) keeps the queue from starting new ones."""
+    upstream_problem: Problem | None = None
+    """Why a configured upstream cannot be used (its key), whatever else the queue lacks."""
     awaiting_generated_token: bool = False
     """All that is missing is the token Secret the operator itself is creating."""
 
@@ -214,14 +248,42 @@ def resolve(
     else:
         token_problem = None
     try:
+        upstream = _upstream(queue, lookup, settings)
+    except _Unresolved as exc:
+        upstream_problem: Problem | None = exc.problem
+        upstream = None
+    else:
+        upstream_problem = None
+    try:
         config = _config(queue, lookup, settings=settings, version=version)
     except _Unresolved as exc:
-        return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens)
+        return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
+                          upstream=upstream, upstream_problem=upstream_problem)
     if token_problem is not None:
         generated = not queue.spec.auth.token_secret_refs
         return Resolution(queue=queue, config=None, problem=token_problem, awaiting_generated_token=generated)
-    problem = Problem("Suspended", "the queue is suspended") if config.suspended else None
-    return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens)
+    # Workers started without their upstream's key would fail every execution: not Ready either.
+    problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
+    return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
+                      upstream_problem=upstream_problem)
+
+
+def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings) -> Upstream | None:
+    own = queue.spec.upstream
+    if own is not None:
+        url, ref = own.url, own.api_key_secret_ref
+        key = lookup.value(queue.namespace, ref.name, ref.key)
+        where = ref.name, ref.key
+    elif settings.upstream_url and settings.upstream_api_key_secret is not None:
+        url, default = settings.upstream_url, settings.upstream_api_key_secret
+        key = lookup.value(default.namespace, default.name, default.key)
+        where = default.name, default.key
+    else:
+        return None
+    if not key or not key.isprintable():
+        # It goes into a header: an empty key or a line break would be refused (or worse) on the wire.
+        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[0]} key {where[1]} is not a usable API key"))
+    return Upstream(url=url.rstrip("/"), api_key=key)
 
 
 def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings, version: str) -> QueueConfig:
@@ -278,6 +340,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         websocket_enabled=websocket_enabled,
         websocket_url=s.websocket.url,
         suspended=s.suspend,
+        temporal_tls=temporal_tls(queue, settings),
     )
 
 

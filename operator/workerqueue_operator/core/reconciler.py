@@ -17,6 +17,7 @@ from workerqueue_operator.core import queues
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
 from workerqueue_operator.k8s import client as client_
@@ -170,3 +171,39 @@ class Reconciler:
         ready = after["status"] == "True"
         self._events.post(involved=queue_ref_body(queue), reason=after["reason"] if not ready else "Ready",
                           message=after["message"], warning=not ready)
+
+
+class LiveStatus:
+    """Keeps `status.workers.live` of each queue equal to its live registrations, coalesced: a queue
+    is written at most once a second however many workers come and go."""
+
+    def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, period: float = 1.0) -> None:
+        self._store = store
+        self._registry = registry
+        self._client = client
+        self._period = period
+        self._dirty: set[QueueKey] = set()
+        registry.subscribe(self._changed)
+
+    def _changed(self, key: QueueKey) -> None:
+        self._dirty.add(key)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._period)
+            dirty, self._dirty = self._dirty, set()
+            for key in dirty:
+                try:
+                    await self._write(key)
+                except (client_.ApiError, OSError, TimeoutError) as exc:
+                    logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
+                    self._dirty.add(key)
+
+    async def _write(self, key: QueueKey) -> None:
+        queue = self._store.queue(key)
+        if queue is None:
+            return
+        live = self._registry.live_count(key)
+        shown = (queue.status.get("workers") or {}).get("live", 0)
+        if live != shown:
+            await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": {"live": live}})

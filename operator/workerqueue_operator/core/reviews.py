@@ -75,10 +75,13 @@ class Reviewer:
         """Who the token belongs to, or None when the API server does not vouch for it."""
         return await self._identities.get(token_digest, lambda: self._token_review(token))
 
-    async def may_start(self, identity: Identity, token_digest: bytes, namespace: str, name: str) -> bool:
-        """RBAC's answer to: may this identity `create` `workerqueues/start` on this queue?"""
+    async def may(self, identity: Identity, token_digest: bytes, namespace: str, name: str, *,
+                  verb: str = "create", subresource: str = "start") -> bool:
+        """RBAC's answer to: may this identity `verb` `workerqueues[/subresource]` on this queue?
+        (/start and the worker's own calls: `create workerqueues/start`.)"""
         return await self._decisions.get(
-            (token_digest, namespace, name), lambda: self._access_review(identity, namespace, name))
+            (token_digest, namespace, name, verb, subresource),
+            lambda: self._access_review(identity, namespace, name, verb, subresource))
 
     async def _token_review(self, token: str) -> Identity | None:
         review_spec: dict[str, Any] = {"token": token}
@@ -99,7 +102,8 @@ class Reviewer:
             extra=tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items())),
         )
 
-    async def _access_review(self, identity: Identity, namespace: str, name: str) -> bool:
+    async def _access_review(self, identity: Identity, namespace: str, name: str, verb: str,
+                             subresource: str) -> bool:
         answer = await self._client.create(
             "/apis/authorization.k8s.io/v1/subjectaccessreviews",
             {
@@ -112,10 +116,10 @@ class Reviewer:
                     "extra": {k: list(v) for k, v in identity.extra},
                     "resourceAttributes": {
                         "namespace": namespace,
-                        "verb": "create",
+                        "verb": verb,
                         "group": spec.GROUP,
                         "resource": spec.PLURAL,
-                        "subresource": "start",
+                        "subresource": subresource,
                         "name": name,
                     },
                 },

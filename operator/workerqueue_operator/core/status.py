@@ -10,7 +10,7 @@ from workerqueue_operator.core.queues import Resolution
 READY = "Ready"
 PROGRESSING = "Progressing"
 SECRETS_RESOLVED = "SecretsResolved"
-_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretPending"}
+_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending"}
 
 
 def set_condition(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from workerqueue_operator.core import queues
@@ -17,6 +17,14 @@ from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, 
 from workerqueue_operator.models import settings as settings_
 
 Listener = Callable[[QueueKey], None]
+
+
+@dataclass(frozen=True)
+class WorkerCredential:
+    """A per-worker token: the operator-run pod it was made for, and that pod's queue."""
+
+    queue: QueueKey
+    pod: str
 
 
 class Store:
@@ -32,6 +40,10 @@ class Store:
         self._token_owners: dict[bytes, set[QueueKey]] = {}
         self._token_digests: dict[QueueKey, tuple[bytes, ...]] = {}
         self._listeners: list[Listener] = []
+        self._worker_tokens: dict[bytes, WorkerCredential] = {}
+        self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
+        self._worker_secrets_of: dict[QueueKey, dict[str, SecretName]] = {}
+        self._with_upstream: set[QueueKey] = set()
 
     # --- feeding -----------------------------------------------------------------------------------
 
@@ -44,6 +56,10 @@ class Store:
         key = queue.key
         previous = self._queues.get(key)
         self._queues[key] = queue
+        if queue.spec.upstream is not None:
+            self._with_upstream.add(key)
+        else:
+            self._with_upstream.discard(key)
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
         affected = {key}
@@ -59,6 +75,7 @@ class Store:
         queue = self._queues.pop(key, None)
         if queue is None:
             return
+        self._with_upstream.discard(key)
         self._set_uses(key, frozenset())
         affected = self._unclaim(queue.queue_id, key)
         self._resolutions.pop(key, None)
@@ -95,6 +112,32 @@ class Store:
         if name in self._users and name not in self._secrets:
             self.upsert_secret(name, data)
 
+    def upsert_worker_credential(self, secret: SecretName, credential: WorkerCredential, token: str | None) -> None:
+        """A per-worker token Secret was seen (an empty one opens nothing)."""
+        self.remove_worker_credential(secret)
+        if token:
+            token_digest = queues.digest(token)
+            self._worker_tokens[token_digest] = credential
+            self._worker_token_secrets[secret] = (token_digest, credential)
+            self._worker_secrets_of.setdefault(credential.queue, {})[credential.pod] = secret
+
+    def remove_worker_credential(self, secret: SecretName) -> None:
+        previous = self._worker_token_secrets.pop(secret, None)
+        if previous is None:
+            return
+        token_digest, credential = previous
+        if self._worker_tokens.get(token_digest) == credential:
+            del self._worker_tokens[token_digest]
+        pods = self._worker_secrets_of.get(credential.queue, {})
+        if pods.get(credential.pod) == secret:
+            del pods[credential.pod]
+            if not pods:
+                del self._worker_secrets_of[credential.queue]
+
+    def worker_credential_secrets(self, queue: QueueKey) -> dict[str, SecretName]:
+        """pod name -> the Secret holding its token, for a queue's per-worker tokens."""
+        return dict(self._worker_secrets_of.get(queue, {}))
+
     # --- reading (the /start hot path) -------------------------------------------------------------
 
     def serving(self, queue_id: str) -> Resolution | None:
@@ -117,9 +160,32 @@ class Store:
             matched |= hmac.compare_digest(candidate, token_digest)
         return matched
 
+    def worker_credential(self, token_digest: bytes) -> WorkerCredential | None:
+        """The pod and queue of a per-worker token, if it is one."""
+        return self._worker_tokens.get(token_digest)
+
     def is_queue_token(self, token_digest: bytes) -> bool:
         """Whether the token is a queue token of any queue (then it is never sent to a TokenReview)."""
         return bool(self._token_owners.get(token_digest))
+
+    def queue_of_token(self, token_digest: bytes) -> QueueKey | None:
+        """The one queue a worker's token belongs to; None for a token of no queue, or of several
+        (queues sharing a token Secret), where the caller's queue cannot be told.
+
+        The only place that maps a credential to a queue, so other kinds of worker tokens join here.
+        """
+        credential = self._worker_tokens.get(token_digest)
+        if credential is not None:
+            return credential.queue
+        owners = self._token_owners.get(token_digest)
+        if owners is None or len(owners) != 1:
+            return None
+        return next(iter(owners))
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether any queue has an upstream (else unknown paths are plain 404s, as without one)."""
+        return bool(self._settings.upstream_url or self._with_upstream)
 
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)

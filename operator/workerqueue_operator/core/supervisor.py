@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from workerqueue_operator.core import workers
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import queue_ref_body
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
 from workerqueue_operator.k8s import client as client_
@@ -44,12 +46,14 @@ class Supervisor:
         client: client_.KubeClient,
         settings: settings_.Settings,
         events: EventPoster,
+        registry: Registry | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
     ) -> None:
         self._store = store
         self._client = client
         self._events = events
+        self._registry = registry
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -110,9 +114,16 @@ class Supervisor:
         queue = QueueObject.from_body(body)
         written_key = (queue.namespace, queue.name, queue.uid)
         if not workers.manages_pods(queue.spec) and written_key not in self._written \
-                and not queue.status.get("workers"):
+                and not set(queue.status.get("workers") or {}) - {"live"}:
             return  # a queue whose workers run elsewhere, and always did: nothing to look at
         pods = await self._list_pods(queue)
+        alive = [p["metadata"]["name"] for p in pods if workers.Pod.from_body(p).alive]
+        if self._registry is not None:
+            # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
+            self._registry.pods_ended(key, alive)
+        previous_index = (self._written.get(written_key) or spec_.WorkersStatus.model_validate(
+            queue.status.get("workers") or {})).next_index
+        await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous_index)
         previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})
         now = self._clock()
@@ -155,7 +166,8 @@ class Supervisor:
                        for ref in p.get("metadata", {}).get("ownerReferences") or [])]
 
     async def _write_status(self, queue: QueueObject, status: spec_.WorkersStatus) -> None:
-        payload = status.model_dump(by_alias=True, mode="json")
+        # `live` is the registry's to write: a copy here would be stale.
+        payload = status.model_dump(by_alias=True, mode="json", exclude={"live"})
         if await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": payload}):
             self._written[(queue.namespace, queue.name, queue.uid)] = status
 
@@ -167,6 +179,11 @@ class Supervisor:
             owner=resources.owner_reference(queue_ref_body(queue)),
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
+        # Each pod's own token first, so that its worker can call /start as soon as it runs.
+        await asyncio.gather(*(resources.create_if_absent(
+            self._client, resources.secrets_path(queue.namespace),
+            workers.credential_secret_body(queue, b["metadata"]["name"], secrets.token_urlsafe(32)))
+            for b in bodies))
         results = await asyncio.gather(
             *(resources.create_if_absent(self._client, resources.pods_path(queue.namespace), b) for b in bodies),
             return_exceptions=True)
@@ -186,11 +203,24 @@ class Supervisor:
         return refused
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
-        try:
-            await self._client.delete(f"{resources.pods_path(namespace)}/{name}")
-        except client_.ApiError as exc:
-            if not exc.not_found:
-                raise
+        for path in (f"{resources.pods_path(namespace)}/{name}",
+                     f"{resources.secrets_path(namespace)}/{workers.credential_secret_name(name)}"):
+            try:
+                await self._client.delete(path)
+            except client_.ApiError as exc:
+                if not exc.not_found:
+                    raise
+
+    async def _delete_orphan_credentials(self, key: QueueKey, pods: set[str], next_index: int) -> None:
+        """Per-worker tokens whose pod is gone (deleted from outside, or never created)."""
+        for pod, secret in self._store.worker_credential_secrets(key).items():
+            index = workers.pod_index(pod)
+            if pod not in pods and index is not None and index < next_index:
+                try:
+                    await self._client.delete(f"{resources.secrets_path(secret[0])}/{secret[1]}")
+                except client_.ApiError as exc:
+                    if not exc.not_found:
+                        raise
 
     async def _delete_queue(self, queue: QueueObject) -> None:
         try:

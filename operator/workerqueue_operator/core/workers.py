@@ -7,6 +7,7 @@ only what pods cannot tell once deleted (counts, the back-off, the next pod inde
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime
 import hashlib
@@ -21,8 +22,12 @@ from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
 
 QUEUE_LABEL = "agentcontrol.dev/queue"
+POD_LABEL = "agentcontrol.dev/pod"
+CREDENTIAL_COMPONENT = "worker-credential"
+"""`app.kubernetes.io/component` of the per-worker token Secrets."""
 DIGEST_ANNOTATION = "agentcontrol.dev/secrets-digest"
 GENERATION_ANNOTATION = "agentcontrol.dev/queue-generation"
+POD_ANNOTATION = "agentcontrol.dev/pod"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
@@ -40,7 +45,53 @@ def pod_name(queue_name: str, index: int) -> str:
     return f"{queue_name}-w{index}"
 
 
+def credential_secret_name(pod: str) -> str:
+    """The Secret holding the per-worker token of an operator-run pod."""
+    return f"{pod}-token"
+
+
+def credential_secret_body(queue: QueueObject, pod: str, token: str) -> dict[str, Any]:
+    """A per-worker token: the pod's worker presents it, so the operator knows which worker asks.
+
+    Owned by the queue (the pod does not exist yet); the supervisor deletes it with its pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": credential_secret_name(pod),
+            "namespace": queue.namespace,
+            "labels": {**MANAGED_BY, "app.kubernetes.io/component": CREDENTIAL_COMPONENT,
+                       "app.kubernetes.io/part-of": "agentcontrol", QUEUE_LABEL: queues_label(queue),
+                       POD_LABEL: label_value(pod)},
+            "annotations": {POD_ANNOTATION: pod},
+            "ownerReferences": [{"apiVersion": f"{spec_.GROUP}/{spec_.VERSION}", "kind": spec_.KIND,
+                                 "name": queue.name, "uid": queue.uid, "controller": True,
+                                 "blockOwnerDeletion": True}],
+        },
+        "data": {queues.TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, str, str | None] | None:
+    """(queue, pod, token) of a per-worker token Secret; None for any other Secret."""
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get("app.kubernetes.io/component") != CREDENTIAL_COMPONENT:
+        return None
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == spec_.KIND), None)
+    pod = (meta.get("annotations") or {}).get(POD_ANNOTATION)
+    if owner is None or not pod:
+        return None
+    token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
+    return (meta.get("namespace", ""), owner["name"]), pod, token
+
+
 _INDEX = re.compile(r"-w(\d+)$")
+
+
+def pod_index(name: str) -> int | None:
+    match = _INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 def to_rfc3339(moment: float) -> str:
@@ -238,13 +289,15 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
     pod_spec = template.get("spec") or {
         "containers": [{"name": "worker", "image": settings.worker_image, "command": list(settings.worker_command)}],
     }
-    token = queue.token_refs()[0]
+    name = pod_name(queue.name, index)
     containers: list[dict[str, Any]] = pod_spec.get("containers") or []
+    credential = {"name": credential_secret_name(name), "key": queues.TOKEN_KEY}
     env: list[dict[str, Any]] = [
         {"name": "QUEUE_ID", "value": queue.queue_id},
         {"name": "CONTROL_PLANE_URL", "value": inputs.control_plane_url},
-        {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}},
+        {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": credential}},
         {"name": "HEARTBEAT_INTERVAL", "value": str(s.heartbeat_interval_seconds)},
+        {"name": "TEMPORAL_HOST", "value": worker_temporal_host(queue, settings)},
     ]
     if s.single_execution:
         env.append({"name": "SINGLE_EXECUTION", "value": "true"})
@@ -272,7 +325,7 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(queue.name, index),
+            "name": name,
             "namespace": queue.namespace,
             "labels": labels,
             "annotations": annotations,
@@ -280,6 +333,15 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         },
         "spec": pod_spec,
     }
+
+
+def worker_temporal_host(queue: QueueObject, settings: settings_.Settings) -> str:
+    """The worker's TEMPORAL_HOST. It only picks the mode (the address comes from /start): plaintext
+    exactly when it starts with `temporal:`, TLS with the API key otherwise."""
+    host = queue.spec.temporal.host or settings.temporal_host
+    if queues.temporal_tls(queue, settings):
+        return host
+    return host if host.startswith("temporal:") else f"temporal:{host}"
 
 
 def queues_label(queue: QueueObject) -> str:

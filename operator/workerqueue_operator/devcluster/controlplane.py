@@ -8,18 +8,14 @@ controllers that matter to an operator (garbage collection, namespace deletion, 
 from __future__ import annotations
 
 import base64
-import contextlib
-import ctypes
 import http.client
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+
+from workerqueue_operator.devcluster import procs
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
@@ -40,9 +38,7 @@ CONTROLLERS = (  # the 1.27+ names; the short pre-1.27 names are only aliases
     # Publishes kube-root-ca.crt in every namespace, which ServiceAccount token volumes refer to.
     "root-ca-certificate-publisher-controller",
 )
-STOP_GRACE_SECONDS = 10.0
 _BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
-_PR_SET_PDEATHSIG = 1
 
 LogFn = Callable[[str], None]
 
@@ -127,7 +123,7 @@ class ControlPlane:
         self._server_url = None
         while self._procs:
             # Popped only once gone, so that a stop() cut short (e.g. by a signal) can be redone.
-            _terminate(self._procs[-1].popen)
+            procs.terminate(self._procs[-1].popen)
             self._procs.pop()
         self.pids_file.unlink(missing_ok=True)
 
@@ -149,7 +145,7 @@ class ControlPlane:
             raise ControlPlaneError(f"{self.assets} lacks {', '.join(missing)}")
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._certs_dir.mkdir(exist_ok=True)
-        etcd_port, peer_port, api_port = _free_ports(3)
+        etcd_port, peer_port, api_port = procs.free_ports(3)
         sa_key, sa_pub = self._service_account_keys()
         tokens = self.state_dir / "tokens.csv"
         tokens.write_text(
@@ -254,7 +250,7 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir,
                 start_new_session=True,  # own process group: stop() signals the whole group
-                preexec_fn=die_with_parent(os.getpid()),
+                preexec_fn=procs.die_with_parent(os.getpid()),
             )
         proc = _Proc(name, popen, log_path)
         self._procs.append(proc)
@@ -265,13 +261,13 @@ class ControlPlane:
             for p in self._procs:
                 code = p.popen.poll()
                 if code is not None:
-                    tail = _tail(p.log_path)
+                    tail = procs.tail(p.log_path)
                     error = _PortInUse if "address already in use" in tail else ControlPlaneError
                     raise error(f"{p.name} exited with code {code} while waiting for {what}:\n{tail}")
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     f"timed out after {self.start_timeout:.0f}s waiting for {what}; "
-                    f"tail of {proc.log_path}:\n{_tail(proc.log_path)}"
+                    f"tail of {proc.log_path}:\n{procs.tail(proc.log_path)}"
                 )
             time.sleep(0.1)
 
@@ -345,45 +341,6 @@ def run_until_signal(
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel deems free right now; all sockets are held open together so they differ."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-
-
-def die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn making the child receive SIGKILL when its parent dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-    def preexec() -> None:
-        if libc is None:
-            return
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-def _terminate(popen: subprocess.Popen[bytes]) -> None:
-    # Only signal an unreaped child: its pid (= its process group id) cannot have been reused.
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-        try:
-            popen.wait(STOP_GRACE_SECONDS)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-
-
 def _http_status(url: str, *, token: str | None = None, context: ssl.SSLContext | None = None) -> int | None:
     """The HTTP status of a GET, or None when nothing answers (yet)."""
     request = urllib.request.Request(url)  # noqa: S310 - our own loopback URLs
@@ -396,11 +353,3 @@ def _http_status(url: str, *, token: str | None = None, context: ssl.SSLContext 
         return int(e.code)
     except (OSError, http.client.HTTPException):
         return None
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:])

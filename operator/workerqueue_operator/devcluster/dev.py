@@ -1,7 +1,10 @@
-"""`workerqueue-operator dev`: a local control plane, the CRD, the examples and the operator on it.
+"""`workerqueue-operator dev`: a local control plane, a local Temporal, the CRD, the examples and the operator.
 
-Everything runs until Ctrl-C or SIGTERM; then the operator stops and the control plane's processes
-are stopped by PID (they also die with this process if it is SIGKILLed).
+The operator's default Temporal host and namespace are the local Temporal's, so the examples that
+set none use it; a local kubelet runs the operator's worker pods as test-worker processes.
+Everything runs until Ctrl-C or SIGTERM; then the operator stops, and the kubelet's children, the
+Temporal server and the control plane's processes are stopped by PID (they also die with this
+process if it is SIGKILLed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, run_until_signal
+from workerqueue_operator.devcluster.kubelet import LocalKubelet
+from workerqueue_operator.devcluster.temporal import TemporalServer, find_cli
 from workerqueue_operator.models import crd
 from workerqueue_operator.models.settings import Settings
 
@@ -39,21 +44,39 @@ def install_crds(bin_dir: Path, kubeconfig: Path) -> None:
              "crd/workerqueues.agentcontrol.dev")
 
 
-def usage(state_dir: Path, port: int) -> str:
+def usage(state_dir: Path, port: int, temporal: TemporalServer) -> str:
     kubeconfig = state_dir / "kubeconfig"
+    url = f"http://127.0.0.1:{port}"
+    cli = find_cli()
     return f"""
 workerqueue-operator dev is running. State and logs: {state_dir}
 
   export KUBECONFIG={kubeconfig}
   kubectl get --raw /version
   kubectl get workerqueues -o wide
-  curl -f http://127.0.0.1:{port}/readyz
+  curl -f {url}/readyz
 
 Start a worker for the example queue, as the real worker client does:
 
   TOKEN=$(kubectl get secret minimal-worker-token -o jsonpath='{{.data.token}}' | base64 -d)
   curl -s -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
-       -d '{{"worker_sdk_version": "dev"}}' http://127.0.0.1:{port}/api/v1/worker-queues/minimal-queue/start
+       -d '{{"worker_sdk_version": "dev"}}' {url}/api/v1/worker-queues/minimal-queue/start
+
+or run the test worker (it behaves as the real one) and give it a workflow on the local Temporal ({temporal.address}):
+
+  KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \\
+      {sys.executable} -m workerqueue_operator.devcluster.worker
+  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+      --task-queue minimal-queue --type AgentExecutionWorkflow --workflow-id demo-1 \\
+      --input '{{"execution_id": "demo-1", "duration_seconds": 5}}'
+
+The operator runs the pods of the single-execution example as local processes (logs: {state_dir / "kubelet"});
+a workflow on its queue is taken by one of them, which then exits and is replaced:
+
+  kubectl get pods -l app.kubernetes.io/managed-by=workerqueue-operator -w
+  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+      --task-queue single-execution-queue --type AgentExecutionWorkflow --workflow-id demo-2 \\
+      --input '{{"execution_id": "demo-2", "duration_seconds": 5}}'
 
 Ctrl-C stops everything.
 """
@@ -66,16 +89,26 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()
+    temporal = TemporalServer(state / "temporal", log=_say)
+    temporal.db_file.unlink(missing_ok=True)  # a fresh Temporal, like the fresh cluster
 
     def serve(control_plane: ControlPlane) -> None:
         install_crds(bin_dir, control_plane.kubeconfig)
-        if EXAMPLES.is_dir():
-            _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
-        os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
-        settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=f"http://127.0.0.1:{port}")
-        _say(usage(state, port))
-        # kopf handles SIGINT/SIGTERM from here on and returns; the control plane is stopped after.
-        asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
+        url = f"http://127.0.0.1:{port}"
+        # Started in this (main) thread: its process dies with it, like the control plane's.
+        with temporal:
+            settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=url,
+                                     temporal_host=temporal.address, temporal_namespace=temporal.namespace)
+            # The only Temporal here speaks plaintext: workers are told so unless their pod says otherwise.
+            kubelet = LocalKubelet(control_plane.kubeconfig, state / "kubelet", env={"TEMPORAL_HOST": "temporal:local"},
+                                   log=_say)
+            with kubelet:
+                if EXAMPLES.is_dir():
+                    _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
+                os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
+                _say(usage(state, port, temporal))
+                # kopf handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
+                asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
     run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
     _say("stopped")

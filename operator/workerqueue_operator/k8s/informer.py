@@ -39,6 +39,7 @@ class Informer:
         on_synced: Callable[[], None] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
+        label_selector: str | None = None,
     ) -> None:
         self._client = client
         self._path = path
@@ -50,6 +51,7 @@ class Informer:
         self.synced = asyncio.Event()
         self._on_synced = on_synced
         self._known: set[ObjectKey] = set()
+        self._selector = {"labelSelector": label_selector} if label_selector else {}
 
     async def run(self) -> None:
         backoff = 0.5
@@ -72,7 +74,7 @@ class Informer:
 
     async def _relist(self) -> str:
         seen: set[ObjectKey] = set()
-        params = {"limit": str(self._page_size)}
+        params = {"limit": str(self._page_size), **self._selector}
         while True:
             page = await self._client.get(self._path, params)
             for item in page.get("items", []):
@@ -82,7 +84,7 @@ class Informer:
             token = page.get("metadata", {}).get("continue")
             if not token:
                 break
-            params = {"limit": str(self._page_size), "continue": str(token)}
+            params = {"limit": str(self._page_size), "continue": str(token), **self._selector}
         for gone in self._known - seen:
             self._on_delete(gone, None)
         self._known = seen
@@ -94,6 +96,7 @@ class Informer:
             "resourceVersion": version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self._watch_seconds),
+            **self._selector,
         }
         try:
             async for event in self._client.watch(self._path, params, timeout=self._watch_seconds):

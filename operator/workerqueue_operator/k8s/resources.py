@@ -27,6 +27,11 @@ def secrets_path(namespace: str | None = None) -> str:
     return f"/api/v1/namespaces/{namespace}/secrets" if namespace else "/api/v1/secrets"
 
 
+def leases_path(namespace: str | None = None) -> str:
+    base = "/apis/coordination.k8s.io/v1"
+    return f"{base}/namespaces/{namespace}/leases" if namespace else f"{base}/leases"
+
+
 def pods_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{namespace}/pods"
 

@@ -74,6 +74,7 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Single-Execution", "type": "boolean", "jsonPath": ".spec.singleExecution"},
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
         {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
+        {"name": "Live", "type": "integer", "jsonPath": ".status.workers.live"},
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
         {"name": "Desired", "type": "integer", "jsonPath": ".status.workers.desired", "priority": 1},
         {"name": "Pending", "type": "integer", "jsonPath": ".status.workers.pending", "priority": 1},

@@ -58,6 +58,19 @@ class Settings(BaseModel):
     public_url: str | None = None
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
 
+    # The upstream control plane, for queues that name none (see the README's pass-through section).
+    upstream_url: str | None = Field(default=None, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")
+    """Default upstream base URL that workers' other /api/v1/ calls are passed through to; unset: none."""
+    upstream_api_key_secret: NamespacedSecretKeyRef | None = None
+    """The organization's API key for upstream_url, as `namespace/name:key` in env; required with it."""
+    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Longest wait for a TCP (and TLS) connection to an upstream; then 504."""
+    upstream_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Longest silence while waiting for an upstream's answer or its next bytes; then 504 (or, once
+    the answer has begun, the stream is cut). Server-sent events with keep-alives stay open."""
+    upstream_max_connections: int = Field(default=100, ge=1)
+    """Pooled connections per upstream host; requests beyond wait for a free one."""
+
     # Worker pods (ephemeral and single-execution queues).
     worker_image: str = "ghcr.io/kubiyabot/agent-worker:latest"
     """Image of worker pods whose queue has no pod template."""
@@ -90,6 +103,11 @@ class Settings(BaseModel):
     """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
     RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
 
+    # Temporal, as the operator reaches it for /executions.
+    temporal_timeout_seconds: float = Field(default=4.0, gt=0, le=60)
+    """Longest a Temporal call may take before /executions answers 503: a worker polls every 2 s
+    and must get an answer (any answer) well before its next poll piles up."""
+
     # Scope.
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty: the whole cluster."""
@@ -97,15 +115,22 @@ class Settings(BaseModel):
     """How often every queue's status is re-checked even without events (a safety net)."""
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Settings:
+    def _pairs(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.upstream_url and self.upstream_api_key_secret is None:
+            raise ValueError("upstream_url needs upstream_api_key_secret (the organization's key)")
         return self
 
-    @field_validator("temporal_api_key_secret", "litellm_api_key_secret", mode="before")
+    @field_validator("temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret", mode="before")
     @classmethod
     def _secret_ref(cls, value: Any) -> Any:
         return NamespacedSecretKeyRef.parse(value) if isinstance(value, str) and value else value or None
+
+    @field_validator("upstream_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value or None
 
     @field_validator("namespaces", "token_review_audiences", "worker_command", mode="before")
     @classmethod

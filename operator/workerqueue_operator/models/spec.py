@@ -64,6 +64,9 @@ class TemporalSpec(_Model):
     """Temporal namespace the workers poll."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Temporal API key; absent means no key (e.g. a self-hosted server)."""
+    tls: bool | None = None
+    """Connect to Temporal over TLS (the API key sent as a bearer token). Default: on exactly when an
+    API key is set. Off: worker pods are told to use plaintext, as a self-hosted server needs."""
 
 
 class LiteLLMSpec(_Model):
@@ -96,7 +99,8 @@ class RedisSpec(_Model):
 
 
 class WebsocketSpec(_Model):
-    """The control websocket the workers connect to. This operator serves none itself."""
+    """The control websocket the workers connect to. The operator passes its own URL's
+    /api/v1/ws/workers/<worker_id> through to the queue's upstream; it serves no websocket itself."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -121,6 +125,17 @@ class NatsSpec(_Model):
 
     config_secret_ref: SecretRef
     """Secret whose keys and values are passed to the workers as `nats_config`."""
+
+
+class UpstreamSpec(_Model):
+    """The control plane that requests the operator does not serve itself are passed through to."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")
+    """Base URL (http:// or https://, no credentials, query or fragment); a worker's
+    `/api/v1/...` path is appended to it."""
+    api_key_secret_ref: SecretKeyRef
+    """Secret key holding the organization's API key, sent upstream in place of the worker's token.
+    Required with a url, so that a queue's own upstream never receives the operator-wide key."""
 
 
 class AuthSpec(_Model):
@@ -168,8 +183,9 @@ class WorkerQueueSpec(_Model):
     """Human-readable name, for people only."""
     heartbeat_interval_seconds: int = Field(default=60, ge=10, le=300)
     """How often workers send a heartbeat, in seconds."""
-    max_workers: int | None = Field(default=None, ge=1)
-    """Upper bound on workers the operator runs for this queue at once."""
+    max_workers: int | None = Field(default=None, ge=1, le=1000)
+    """Upper bound on live workers: /start answers 409 once this many are registered, and the
+    operator runs at most this many worker pods at once."""
     suspend: bool = False
     """A suspended queue answers /start with 400 and gets no new worker pods."""
     ephemeral: bool = False
@@ -188,6 +204,9 @@ class WorkerQueueSpec(_Model):
     """NATS; absent means `nats_config` is null."""
     auth: AuthSpec = Field(default_factory=AuthSpec)
     """Queue tokens accepted by /start."""
+    upstream: UpstreamSpec | None = None
+    """Where workers' other control-plane calls are passed through to, with the organization's key.
+    Absent: the operator's default upstream, if one is configured; else those calls get 404."""
     replicas: int = Field(default=1, ge=0, le=1000)
     """Worker pods to keep running (ephemeral or single-execution queues; capped by maxWorkers)."""
     worker: WorkerPodSpec = Field(default_factory=WorkerPodSpec)
@@ -247,6 +266,8 @@ class WorkersStatus(_Model):
     """Ephemeral queues: when the last required worker finished."""
     last_error: str | None = None
     """Why the last pod creation was refused, if it was."""
+    live: int = 0
+    """Workers registered and heartbeating, wherever they run (one Lease each)."""
 
 
 class WorkerQueueStatus(_Model):

@@ -6,6 +6,8 @@ client reads by key: every required response field must always be present.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -77,6 +79,59 @@ class WorkerStartResponse(BaseModel):
     websocket_features: list[str] = []
     nats_config: dict[str, str] | None = None
     control_plane_sdk_version: str
+
+
+class WorkerHeartbeatRequest(BaseModel):
+    """What a worker sends every HEARTBEAT_INTERVAL seconds (worker-protocol.md)."""
+
+    model_config = ConfigDict(title="WorkerHeartbeatRequest", extra="ignore")
+
+    status: str = Field(default="active", max_length=64)
+    tasks_processed: int = Field(default=0, ge=0, le=2**53)
+    current_task_id: str | None = Field(default=None, max_length=256)
+    worker_metadata: dict[str, Any] = Field(default_factory=dict)
+    system_info: WorkerSystemInfo | None = None
+    logs: list[Any] | None = None
+    """Accepted and dropped: logs are never stored in the API server."""
+
+
+class WorkerDisconnectRequest(BaseModel):
+    """Sent once by a worker that ends on its own (never on SIGTERM)."""
+
+    model_config = ConfigDict(title="WorkerDisconnectRequest", extra="ignore")
+
+    reason: str = Field(default="shutdown", max_length=256)
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31)
+    error_message: str | None = None
+
+
+class WorkerInfo(BaseModel):
+    """One live worker of a queue, as `GET /api/v1/worker-queues/{queue_id}/workers` lists it."""
+
+    model_config = ConfigDict(title="WorkerInfo")
+
+    id: str
+    status: str
+    tasks_processed: int
+    current_task_id: str | None = None
+    last_heartbeat: str | None = None
+    registered_at: str
+    hostname: str | None = None
+    pod: str | None = None
+
+
+class ExecutionInfo(BaseModel):
+    """One execution of a queue (a Temporal workflow of its task queue), in the worker's terms."""
+
+    model_config = ConfigDict(title="ExecutionInfo", extra="allow")
+
+    id: str
+    status: str
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    temporal_workflow_id: str
+    temporal_run_id: str | None = None
 
 
 class ValidationError(BaseModel):

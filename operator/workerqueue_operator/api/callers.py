@@ -1,0 +1,93 @@
+"""Who is calling, and may they: the one place every worker-facing route authenticates and authorizes.
+
+Three kinds of credentials, checked in this order so that the common ones never reach the API server:
+a queue token (opens its queue), a per-worker token (opens its queue, and says which operator-run pod
+is asking), or a Kubernetes token (TokenReview says who, SubjectAccessReview whether).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from workerqueue_operator.api import errors
+from workerqueue_operator.api.keys import REVIEWER, STORE
+from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.core.queues import Resolution
+from workerqueue_operator.core.store import WorkerCredential
+from workerqueue_operator.k8s import client as client_
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    token_digest: bytes
+    identity: reviews.Identity | None = None
+    """Set for a Kubernetes identity."""
+    worker: WorkerCredential | None = None
+    """Set for a per-worker token: the pod (and its queue) it was made for."""
+
+
+def bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def authenticate(request: web.Request) -> Caller | web.Response:
+    token = bearer(request)
+    if token is None:
+        return errors.unauthorized("Not authenticated")
+    token_digest = queues.digest(token)
+    store = request.app[STORE]
+    if store.is_queue_token(token_digest):
+        return Caller(token_digest)
+    credential = store.worker_credential(token_digest)
+    if credential is not None:
+        return Caller(token_digest, worker=credential)
+    try:
+        identity = await request.app[REVIEWER].authenticate(token, token_digest)
+    except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("TokenReview failed: %s", str(exc) or type(exc).__name__)
+        return errors.detail(503, "Authentication is temporarily unavailable, try again")
+    if identity is None:
+        return errors.unauthorized("Invalid authentication credentials")
+    return Caller(token_digest, identity=identity)
+
+
+def opens(request: web.Request, caller: Caller, resolution: Resolution) -> bool:
+    """Whether a queue or per-worker token belongs to this queue."""
+    if caller.worker is not None:
+        return caller.worker.queue == resolution.queue.key
+    return request.app[STORE].opens(resolution, caller.token_digest)
+
+
+async def allowed(request: web.Request, caller: Caller, resolution: Resolution, *, verb: str,
+                  subresource: str = "") -> bool | web.Response:
+    """For a Kubernetes identity, RBAC's answer on this queue (503 when it cannot be asked)."""
+    assert caller.identity is not None
+    queue = resolution.queue
+    try:
+        return await request.app[REVIEWER].may(caller.identity, caller.token_digest, queue.namespace, queue.name,
+                                               verb=verb, subresource=subresource)
+    except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("SubjectAccessReview failed: %s", str(exc) or type(exc).__name__)
+        return errors.detail(503, "Authorization is temporarily unavailable, try again")
+
+
+async def authorize(request: web.Request, caller: Caller, resolution: Resolution, *, verb: str,
+                    subresource: str = "", token_message: str) -> web.Response | None:
+    """None when the caller may act on the queue; else the 403 (or 503) answer."""
+    if caller.identity is None:
+        return None if opens(request, caller, resolution) else errors.detail(403, token_message)
+    decision = await allowed(request, caller, resolution, verb=verb, subresource=subresource)
+    if isinstance(decision, web.Response):
+        return decision
+    if not decision:
+        what = f"workerqueues/{subresource}" if subresource else "workerqueues"
+        return errors.detail(403, f"{caller.identity.username} may not {verb} {what} on this worker queue")
+    return None

@@ -1,0 +1,24 @@
+"""Typed application state of the HTTP API (aiohttp AppKeys), shared by the route modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from workerqueue_operator.api import metrics
+from workerqueue_operator.core import reviews, temporal
+from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models import settings as settings_
+
+STORE = web.AppKey("store", Store)
+REVIEWER = web.AppKey("reviewer", reviews.Reviewer)
+SETTINGS = web.AppKey("settings", settings_.Settings)
+METRICS = web.AppKey("metrics", metrics.Metrics)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+OPENAPI = web.AppKey("openapi", bytes)
+REGISTRY = web.AppKey("registry", Registry)
+TEMPORAL = web.AppKey("temporal", temporal.Temporal)
+KUBE = web.AppKey("kube", client_.KubeClient)

@@ -1,0 +1,369 @@
+"""Pass-through: whatever a worker calls under /api/v1/ that the operator does not serve goes to its
+queue's upstream control plane, with the organization's API key in place of the worker's token.
+
+Streamed both ways, never buffered whole: the worker's body is sent upstream as it arrives, the
+answer is written back chunk by chunk as the upstream sends it (server-sent events keep flowing);
+only an answer of a known length up to SMALL_ANSWER is read before it is sent on.
+Websocket upgrades are proxied message by message. The key comes from the watch-fed Store, so a
+rotated Secret is used from the next request on and no request reads the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from workerqueue_operator.api import errors, metrics
+from workerqueue_operator.core import queues
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.models import settings as settings_
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/api/v1/{tail:.*}"
+WORKER_SCHEMES = ("bearer", "userkey")
+"""How workers present their token: `Bearer` on most calls, `UserKey` on some activity calls."""
+
+# RFC 9110 §7.6.1 connection-specific headers, plus what the proxy sets itself (Host, Authorization)
+# or negotiates on its own with the upstream (Expect); Proxy-* are for a proxy, never passed on.
+_NOT_FORWARDED = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Expect",
+))
+_NOT_RETURNED = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding",
+    "Upgrade",
+))
+# The websocket handshake's own headers are the client library's business on each side.
+_WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept", "Content-Length",
+))
+SMALL_ANSWER = 64 * 1024
+"""Answers of a known length up to this are read before they are sent on: headers and body then
+leave in one write instead of two, which is most of the hop's cost for the JSON answers workers get.
+Anything longer, or of unknown length (server-sent events), is streamed."""
+_REPORT_EVERY = 60.0
+"""Seconds between two warnings about the same upstream failing; the failures meanwhile are counted."""
+
+
+def worker_credential(authorization: str) -> tuple[str, str] | None:
+    """(scheme as the worker wrote it, token) of an `Authorization: Bearer|UserKey <token>` header."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() not in WORKER_SCHEMES or not token:
+        return None
+    return scheme, token
+
+
+def _headers_listed_in_connection(values: Iterable[str]) -> set[str]:
+    return {part.strip().lower() for value in values for part in value.split(",") if part.strip()}
+
+
+def request_headers(
+    incoming: Iterable[tuple[str, str]], *, authorization: str, remote: str | None, proto: str,
+) -> CIMultiDict[str]:
+    """The headers sent upstream: the worker's, less the hop-by-hop ones and its credential, plus
+    the organization's credential and where the request came from."""
+    pairs = list(incoming)
+    dropped = _NOT_FORWARDED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
+    out["Authorization"] = authorization
+    if remote:
+        previous = out.getall("X-Forwarded-For", [])
+        out["X-Forwarded-For"] = ", ".join([*previous, remote])
+    out.setdefault("X-Forwarded-Proto", proto)
+    return out
+
+
+def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) -> CIMultiDict[str]:
+    """The upstream's answer headers as the worker gets them: the hop-by-hop ones left out, and a
+    redirect into the upstream made relative, so that the worker follows it through the operator
+    (straight to the upstream it would carry its own token there, and lack the organization's key)."""
+    pairs = list(incoming)
+    dropped = _NOT_RETURNED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
+    location = out.get("Location")
+    if location is not None and location.startswith(upstream_url + "/"):
+        out["Location"] = location[len(upstream_url):]
+    return out
+
+
+def target_url(base: str, raw_path: str) -> URL:
+    """The upstream URL of a request: the base URL's path, then the worker's path and query as sent
+    (percent-encoding kept byte for byte)."""
+    return URL(base.rstrip("/") + raw_path, encoded=True)
+
+
+@dataclass(frozen=True)
+class _Route:
+    upstream: queues.Upstream
+    scheme: str
+
+
+class _Reporter:
+    """One warning per upstream and kind a minute at most: a dead upstream must not flood the log."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def failure(self, origin: str, kind: str, cause: BaseException) -> None:
+        key = (origin, kind)
+        now = time.monotonic()
+        if now - self._last.get(key, -_REPORT_EVERY) < _REPORT_EVERY:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        more = self._suppressed.pop(key, 0)
+        # The cause names the host and the error, never a header: the key cannot be in it.
+        logger.warning("upstream %s %s: %s%s", origin, kind, type(cause).__name__ + (f" {cause}" if str(cause) else ""),
+                       f" (and {more} more since the last report)" if more else "")
+
+
+class Passthrough:
+    """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
+
+    def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics) -> None:
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._reporter = _Reporter()
+        self._websockets: set[web.WebSocketResponse] = set()
+
+    async def close_websockets(self, app: web.Application) -> None:
+        """aiohttp on_shutdown: proxied websockets end with 1001 Going Away, so that their workers
+        reconnect (to another replica) at once instead of waiting out the shutdown timeout."""
+        for ws in list(self._websockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"operator shutting down")
+
+    async def session_context(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
+        s = self._settings
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=s.upstream_max_connections)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # connect bounds the wait for a pooled connection plus the connection itself; sock_read
+            # bounds every silence of the upstream (before its headers and between chunks).
+            timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout_seconds,
+                                          sock_connect=s.upstream_connect_timeout_seconds,
+                                          sock_read=s.upstream_idle_timeout_seconds),
+            auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
+            cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
+            raise_for_status=False,
+            # trust_env stays off: it would read ~/.netrc for every request and refuse our Authorization
+            # where an entry matches; HTTPS_PROXY is therefore not used either.
+        )
+        try:
+            yield
+        finally:
+            await self._session.close()
+            self._session = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = self._route(request)
+        if isinstance(route, web.Response):
+            return route
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, route)
+        return await self._forward(request, route)
+
+    def _route(self, request: web.Request) -> _Route | web.Response:
+        """The upstream this caller's token leads to, or the answer saying why there is none."""
+        store = self._store
+        if not store.passes_through:
+            return errors.detail(404, "Not Found")  # no upstream anywhere: exactly as without the feature
+        credential = worker_credential(request.headers.get("Authorization", ""))
+        if credential is None:
+            return errors.unauthorized("Not authenticated")
+        scheme, token = credential
+        token_digest = queues.digest(token)
+        key = store.queue_of_token(token_digest)
+        if key is None:
+            if store.is_queue_token(token_digest):
+                return errors.detail(403, "This token belongs to several worker queues; give each queue its own "
+                                          "token to reach its upstream")
+            return errors.unauthorized("Invalid authentication credentials")
+        resolution = store.resolution(key)
+        if resolution is not None and resolution.upstream is not None:
+            return _Route(resolution.upstream, scheme)
+        problem = resolution.upstream_problem if resolution is not None else None
+        if problem is not None:
+            return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
+        return errors.detail(404, "Not Found")  # the queue has no upstream: the operator serves nothing here
+
+    async def _forward(self, request: web.Request, route: _Route) -> web.StreamResponse:
+        assert self._session is not None, "the session lives as long as the app"
+        upstream = route.upstream
+        stats = self._metrics.upstream(upstream.origin)
+        headers = request_headers(request.headers.items(), authorization=f"{route.scheme} {upstream.api_key}",
+                                  remote=request.remote, proto=request.scheme)
+        body = _counted(request.content, stats) if request.body_exists else None
+        started = time.perf_counter()
+        try:
+            answer = await self._session.request(
+                request.method, target_url(upstream.url, request.raw_path), headers=headers, data=body,
+                allow_redirects=False,
+                # What the worker did not send, the upstream must not get either (aiohttp adds these).
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+        except TimeoutError as exc:
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
+                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._failed(stats, upstream, "unreachable", exc, 502,
+                                "The upstream control plane cannot be reached")
+        latency = time.perf_counter() - started
+        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
+        length = answer.content_length
+        if length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
+            return await self._small(answer, answer_headers, upstream, stats, latency)
+        stats.answered(answer.status, latency)
+        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=answer_headers)
+        read_whole = False
+        try:
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                stats.bytes_received += len(chunk)
+                await response.write(chunk)
+            read_whole = True
+            await response.write_eof()
+        except ConnectionResetError:
+            return response  # the worker went away
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Its headers are sent: the worker must see the answer break off, not a short complete one.
+            stats.failed("cut")
+            self._reporter.failure(upstream.origin, "cut", exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            _done_with(answer, read_whole)
+        return response
+
+    async def _small(self, answer: aiohttp.ClientResponse, headers: CIMultiDict[str], upstream: queues.Upstream,
+                     stats: metrics.UpstreamStats, latency: float) -> web.StreamResponse:
+        read_whole = False
+        try:
+            payload = await answer.read()
+            read_whole = True
+        except TimeoutError as exc:
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
+                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        except aiohttp.ClientError as exc:
+            return self._failed(stats, upstream, "cut", exc, 502, "The upstream control plane broke off its answer")
+        finally:
+            _done_with(answer, read_whole)
+        stats.answered(answer.status, latency)
+        stats.bytes_received += len(payload)
+        headers.popall("Content-Length", None)  # the Response sets it from the payload
+        return web.Response(status=answer.status, reason=answer.reason, body=payload, headers=headers)
+
+    def _failed(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, kind: str, exc: BaseException,
+                status: int, message: str) -> web.Response:
+        stats.failed(kind, status)
+        self._reporter.failure(upstream.origin, kind, exc)
+        return errors.detail(status, message)
+
+    async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
+        assert self._session is not None, "the session lives as long as the app"
+        ours = web.WebSocketResponse(autoping=True)
+        if not ours.can_prepare(request).ok:
+            return errors.detail(400, "Not a valid websocket handshake")
+        upstream = route.upstream
+        stats = self._metrics.upstream(upstream.origin)
+        headers = request_headers(
+            [(k, v) for k, v in request.headers.items() if k.lower() not in _WEBSOCKET_HANDSHAKE],
+            authorization=f"{route.scheme} {upstream.api_key}", remote=request.remote, proto=request.scheme)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        started = time.perf_counter()
+        try:
+            theirs = await self._session.ws_connect(
+                target_url(upstream.url, request.raw_path), headers=headers, protocols=protocols,
+                autoping=True, heartbeat=None)
+        except aiohttp.WSServerHandshakeError as exc:
+            # The upstream answered, only not with an upgrade (e.g. 401, 404): pass its status on.
+            status = exc.status if 400 <= exc.status < 600 else 502
+            stats.answered(status, time.perf_counter() - started)
+            return errors.detail(status, f"The upstream control plane refused the websocket ({exc.status})")
+        except TimeoutError as exc:
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
+                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._failed(stats, upstream, "unreachable", exc, 502,
+                                "The upstream control plane cannot be reached")
+        stats.answered(101, time.perf_counter() - started)
+        ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True)
+        self._websockets.add(ours)
+        try:
+            await ours.prepare(request)
+            await _pump_both_ways(ours, theirs, stats)
+        finally:
+            self._websockets.discard(ours)
+            await theirs.close()
+        return ours
+
+
+def _done_with(answer: aiohttp.ClientResponse, read_whole: bool) -> None:
+    """An answer read to its end leaves its connection to the pool; any other (the worker went away,
+    the handler was cancelled, the upstream stalled) closes it, so that what the upstream still
+    sends can never be read as the next request's answer."""
+    if read_whole:
+        answer.release()
+    else:
+        answer.close()
+
+
+async def _counted(content: aiohttp.StreamReader, stats: metrics.UpstreamStats) -> AsyncIterator[bytes]:
+    """The worker's body as it arrives, counted; read only as fast as the upstream takes it."""
+    async for chunk in content.iter_any():
+        stats.bytes_sent += len(chunk)
+        yield chunk
+
+
+async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
+                          stats: metrics.UpstreamStats) -> None:
+    """Messages both ways until either side closes; the other is then closed with the same code."""
+
+    async def worker_to_upstream() -> None:
+        async for message in ours:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                stats.bytes_sent += len(message.data)
+                await theirs.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                stats.bytes_sent += len(message.data)
+                await theirs.send_bytes(message.data)
+        await theirs.close(code=ours.close_code or aiohttp.WSCloseCode.OK)
+
+    async def upstream_to_worker() -> None:
+        async for message in theirs:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                stats.bytes_received += len(message.data)
+                await ours.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                stats.bytes_received += len(message.data)
+                await ours.send_bytes(message.data)
+        await ours.close(code=theirs.close_code or aiohttp.WSCloseCode.OK)
+
+    tasks = [asyncio.create_task(worker_to_upstream()), asyncio.create_task(upstream_to_worker())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, ConnectionError):
+                await task
+    if not ours.closed:
+        await ours.close(code=theirs.close_code or aiohttp.WSCloseCode.GOING_AWAY)
+    if not theirs.closed:
+        await theirs.close(code=ours.close_code or aiohttp.WSCloseCode.GOING_AWAY)

@@ -1,0 +1,197 @@
+"""What a worker calls after /start (heartbeat, disconnect, its executions), the live-worker list,
+and DELETE of a queue. Each route: authenticate, read the body, find the object, authorize, act."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from workerqueue_operator.api import bodies, callers, errors
+from workerqueue_operator.api.keys import KUBE, REGISTRY, STORE, TEMPORAL
+from workerqueue_operator.core import executions, temporal
+from workerqueue_operator.core.queues import Resolution
+from workerqueue_operator.core.registry import Worker
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import wire
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_ROUTE = "/api/v1/workers/{worker_id}/heartbeat"
+DISCONNECT_ROUTE = "/api/v1/workers/{worker_id}/disconnect"
+WORKERS_ROUTE = "/api/v1/worker-queues/{queue_id}/workers"
+EXECUTIONS_ROUTE = "/api/v1/worker-queues/{queue_id}/executions"
+QUEUE_ROUTE = "/api/v1/worker-queues/{queue_id}"
+
+NOT_FOUND = "Worker not found"
+MAX_LIMIT = 100
+
+
+async def _worker(request: web.Request, caller: callers.Caller) -> tuple[Worker, Resolution] | web.Response:
+    """The registered worker of the path, if this caller may act for it."""
+    worker = request.app[REGISTRY].get(request.match_info["worker_id"])
+    resolution = request.app[STORE].resolution(worker.queue) if worker is not None else None
+    if worker is None or resolution is None or resolution.queue.uid != worker.queue_uid:
+        return errors.detail(404, NOT_FOUND)
+    if caller.worker is not None and worker.pod is not None and caller.worker.pod != worker.pod:
+        return errors.detail(403, "This token belongs to another worker")
+    denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
+                                     token_message="This token may not act for workers of this worker queue")
+    return denied or (worker, resolution)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    body = await bodies.read(request, wire.WorkerHeartbeatRequest)
+    if isinstance(body, web.Response):
+        return body
+    found = await _worker(request, caller)
+    if isinstance(found, web.Response):
+        return found
+    worker, resolution = found
+    # `logs` are dropped on purpose: they never go to the API server.
+    request.app[REGISTRY].heartbeat(
+        worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
+        system_info=body.system_info.model_dump(exclude_none=True) if body.system_info else None)
+    return web.json_response({"status": "ok", "worker_id": worker.worker_id,
+                              "heartbeat_interval": resolution.queue.spec.heartbeat_interval_seconds})
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    body = await bodies.read(request, wire.WorkerDisconnectRequest)
+    if isinstance(body, web.Response):
+        return body
+    found = await _worker(request, caller)
+    if isinstance(found, web.Response):
+        return found
+    worker, _ = found
+    await request.app[REGISTRY].disconnect(worker, reason=body.reason, exit_code=body.exit_code)
+    return web.json_response({"status": "disconnected", "worker_id": worker.worker_id})
+
+
+async def _queue(request: web.Request, caller: callers.Caller, *, verb: str, message: str
+                 ) -> Resolution | web.Response:
+    resolution = request.app[STORE].serving(request.match_info["queue_id"])
+    if resolution is None:
+        return errors.detail(404, "Worker queue not found")
+    denied = await callers.authorize(request, caller, resolution, verb=verb, token_message=message)
+    return denied or resolution
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    resolution = await _queue(request, caller, verb="get", message="This token may not read this worker queue")
+    if isinstance(resolution, web.Response):
+        return resolution
+    live = request.app[REGISTRY].live(resolution.queue.key)
+    return web.json_response([w.info() for w in live])
+
+
+def _query(request: web.Request) -> tuple[int, str] | web.Response:
+    """`limit` and `status`, checked as FastAPI checks query parameters."""
+    problems: list[dict[str, Any]] = []
+    raw_limit = request.query.get("limit", "50")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+        problems.append({"type": "int_parsing", "loc": ["query", "limit"], "input": raw_limit,
+                         "msg": "Input should be a valid integer, unable to parse string as an integer"})
+    else:
+        if not 1 <= limit <= MAX_LIMIT:
+            problems.append({"type": "less_than_equal" if limit > MAX_LIMIT else "greater_than_equal",
+                             "loc": ["query", "limit"], "input": raw_limit,
+                             "msg": f"Input should be {'less' if limit > MAX_LIMIT else 'greater'} than or equal "
+                             f"to {MAX_LIMIT if limit > MAX_LIMIT else 1}",
+                             "ctx": {"le": MAX_LIMIT} if limit > MAX_LIMIT else {"ge": 1}})
+    status = request.query.get("status", "all")
+    if status != "all" and status not in executions.STATUSES:
+        problems.append({"type": "enum", "loc": ["query", "status"], "input": status,
+                         "msg": "Input should be 'all', " + ", ".join(f"'{s}'" for s in executions.STATUSES)})
+    if problems:
+        return errors.unprocessable(problems)
+    return limit, status
+
+
+async def list_executions(request: web.Request) -> web.Response:
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    query = _query(request)
+    if isinstance(query, web.Response):
+        return query
+    limit, status = query
+    resolution = await _queue(request, caller, verb="get", message="This token may not read this worker queue")
+    if isinstance(resolution, web.Response):
+        return resolution
+    config = resolution.config
+    if config is None:
+        reason = resolution.problem.message if resolution.problem else "not resolved"
+        return errors.detail(503, f"Worker queue is not ready: {reason}")
+    if caller.identity is None and caller.worker is None:
+        # A queue token is shared: nothing tells which worker asks, and any execution listed could
+        # make it exit (see core/executions.py). It sees none, so it never exits on another's work.
+        return web.json_response([])
+    endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
+                                 api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
+    try:
+        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT)
+    except temporal.TemporalUnavailable as exc:
+        return errors.detail(503, f"Temporal is unavailable: {exc}")
+    if caller.worker is not None:
+        view = executions.worker_view(found, hostname=caller.worker.pod)
+        view = [e for e in view if status == "all" or e["status"] == status]
+    else:
+        view = executions.queue_view(found, status=status, limit=limit)
+    return web.json_response(view)
+
+
+async def delete_queue(request: web.Request) -> web.Response:
+    caller = await callers.authenticate(request)
+    if isinstance(caller, web.Response):
+        return caller
+    resolution = request.app[STORE].serving(request.match_info["queue_id"])
+    if resolution is None:
+        return errors.detail(404, "Worker queue not found")
+    queue = resolution.queue
+    if caller.identity is None:
+        if not callers.opens(request, caller, resolution):
+            return errors.detail(403, "This token may not delete this worker queue")
+        if not queue.spec.ephemeral:
+            return errors.detail(403, "Only ephemeral worker queues may be deleted with a queue token")
+    else:
+        denied = await callers.authorize(request, caller, resolution, verb="delete", token_message="")
+        if denied is not None:
+            return denied
+    options = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": queue.uid},
+               "propagationPolicy": "Background"}
+    try:
+        await request.app[KUBE].request("DELETE", resources.queue_path(queue.namespace, queue.name), body=options,
+                                        timeout=5.0)
+    except client_.ApiError as exc:
+        if not (exc.not_found or exc.conflict):  # gone already: what was asked is done
+            logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, exc)
+            return errors.detail(503, "The worker queue could not be deleted now, try again")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, type(exc).__name__)
+        return errors.detail(503, "The worker queue could not be deleted now, try again")
+    logger.info("WorkerQueue deleted through the API", extra={"queue": f"{queue.namespace}/{queue.name}"})
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(HEARTBEAT_ROUTE, heartbeat)
+    app.router.add_post(DISCONNECT_ROUTE, disconnect)
+    app.router.add_get(WORKERS_ROUTE, list_workers)
+    app.router.add_get(EXECUTIONS_ROUTE, list_executions)
+    app.router.add_delete(QUEUE_ROUTE, delete_queue)

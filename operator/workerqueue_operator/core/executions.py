@@ -1,0 +1,47 @@
+"""What `GET /api/v1/worker-queues/{queue_id}/executions` shows each caller: pure, for unit tests.
+
+The real worker latches onto the FIRST listed execution whose status is running, completed, failed or
+waiting_for_input, and exits once that one reads completed, failed or cancelled on two polls in a row
+(worker-protocol.md). So a queue-wide list would drain a pool: every worker would latch onto the
+first execution anyone ran. A worker therefore sees only the executions it holds (those whose first
+workflow task its Temporal identity, `<pid>@<pod name>`, took), folded into one entry:
+
+- nothing held yet: an empty list, so it keeps waiting for work;
+- otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
+  Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
+  led to exit then), and is that execution's own final status once all are closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from workerqueue_operator.core.temporal import Execution
+
+STATUSES = ("running", "completed", "failed", "cancelled", "waiting_for_input")
+
+
+def held_by(execution: Execution, hostname: str) -> bool:
+    """Whether the execution's first workflow task was taken by a worker on this host (pod)."""
+    return execution.holder is not None and execution.holder.rpartition("@")[2] == hostname
+
+
+def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> list[dict[str, Any]]:
+    """Every execution of the queue, newest first, for people and tools (not for workers)."""
+    chosen = [e for e in executions if status == "all" or e.status == status]
+    return [e.to_json() for e in chosen[:limit]]
+
+
+def worker_view(executions: Sequence[Execution], *, hostname: str) -> list[dict[str, Any]]:
+    """The one entry a worker on `hostname` may latch onto (see the module's docstring)."""
+    held = [e for e in executions if held_by(e, hostname)]
+    if not held:
+        return []
+    first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))
+    entry = first.to_json()
+    if any(e.status == "running" for e in held):
+        entry["status"] = "running"
+        entry["completed_at"] = None
+    entry["held_executions"] = len(held)
+    return [entry]

@@ -1,0 +1,600 @@
+"""The live-worker registry: one `coordination.k8s.io/v1` Lease per worker, in its queue's namespace.
+
+A Lease is what the API server offers for exactly this: a holder (the worker id), a renew time and a
+duration. Kept there, the registry survives operator restarts and every replica sees it through its
+watch. `/start` registers, heartbeats renew, disconnect ends a registration; a worker whose
+heartbeats stop for its lease duration (2.5 heartbeat intervals) is gone, and so is a worker whose
+operator-run pod has ended.
+
+Writes are paced, never one per request: a heartbeat updates memory and marks the worker dirty; a
+writer renews each dirty Lease at most once per heartbeat interval, within a token bucket sized by
+the workers it keeps alive. So N workers cost about N / interval writes a second, and a burst of
+heartbeats (or of /start calls) never becomes a burst of writes. The exception is `maxWorkers`:
+there the API server must arbitrate, so /start claims a slot Lease (`<queue>-slot-<k>`) at once and
+a second claimant of the same slot gets AlreadyExists (or a Conflict when taking over an expired one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from workerqueue_operator.core import workers as workers_
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.queues import QueueKey, QueueObject
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "worker-registration"
+LABELS = {**workers_.MANAGED_BY, "app.kubernetes.io/component": COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
+SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
+POD_LABEL = "agentcontrol.dev/pod"
+STATE_ANNOTATION = "agentcontrol.dev/worker"
+EXPIRY_INTERVALS = 2.5
+"""A worker is gone once this many heartbeat intervals pass without one."""
+SYSTEM_INFO_MAX_BYTES = 4096
+"""system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
+API_TIMEOUT = 5.0
+"""Every API-server call of the registry is bounded by this many seconds."""
+
+ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
+
+
+def lease_name(queue_name: str, worker_id: str) -> str:
+    return f"{queue_name[:200]}-{worker_id}"
+
+
+def slot_lease_name(queue_name: str, slot: int) -> str:
+    return f"{queue_name[:200]}-slot-{slot}"
+
+
+def micro_time(moment: float) -> str:
+    """A Lease's MicroTime (RFC 3339 with microseconds)."""
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def iso(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat()
+
+
+def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """system_info without long values, at most SYSTEM_INFO_MAX_BYTES of JSON."""
+    if not info:
+        return None
+    kept: dict[str, Any] = {}
+    size = 2
+    for key, value in info.items():
+        if value is None:
+            continue
+        encoded = json.dumps({key: value}, separators=(",", ":"), default=str)
+        if len(encoded) > 512 or size + len(encoded) > SYSTEM_INFO_MAX_BYTES:
+            continue
+        kept[key] = value
+        size += len(encoded)
+    return kept or None
+
+
+@dataclass
+class Worker:
+    """A registered worker, as this replica knows it."""
+
+    worker_id: str
+    queue: QueueKey
+    queue_uid: str
+    queue_id: str
+    lease: str
+    duration: float
+    """Seconds a heartbeat keeps it registered."""
+    registered_at: float
+    renewed_at: float
+    """Wall-clock time of the last heartbeat known (or of the registration)."""
+    seen_at: float
+    """When this replica first knew of it: time the operator was away does not count towards expiry."""
+    slot: int | None = None
+    status: str = "starting"
+    tasks_processed: int = 0
+    current_task_id: str | None = None
+    hostname: str | None = None
+    pod: str | None = None
+    system_info: dict[str, Any] | None = None
+    stored: bool = False
+    """The Lease exists in the API server (written by us or seen by the watch)."""
+    dirty: bool = True
+    """Something newer than the Lease is known here."""
+    written_at: float = 0.0
+    """Monotonic time of this replica's last write of the Lease."""
+    heartbeats_here: int = 0
+    confirmed: bool = False
+    """A heartbeat has reached the Lease: the first one is written at once, later ones paced."""
+
+    @property
+    def namespace(self) -> str:
+        return self.queue[0]
+
+    @property
+    def interval(self) -> float:
+        return self.duration / EXPIRY_INTERVALS
+
+    def expires_at(self) -> float:
+        return max(self.renewed_at, self.seen_at) + self.duration
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at()
+
+    def info(self) -> dict[str, Any]:
+        """The wire shape of `GET .../workers`."""
+        return {
+            "id": self.worker_id,
+            "status": self.status,
+            "tasks_processed": self.tasks_processed,
+            "current_task_id": self.current_task_id,
+            "last_heartbeat": iso(self.renewed_at) if self.heartbeats_here or self.renewed_at > self.registered_at
+            else None,
+            "registered_at": iso(self.registered_at),
+            "hostname": self.hostname,
+            "pod": self.pod,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """What the Lease's annotation holds besides its spec."""
+        return {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
+                "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
+                "slot": self.slot, "systemInfo": self.system_info}
+
+
+def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
+    labels = {**LABELS, workers_.QUEUE_LABEL: workers_.label_value(queue_name)}
+    if worker.pod:
+        labels[POD_LABEL] = workers_.label_value(worker.pod)
+    owner = {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue", "name": queue_name,
+             "uid": worker.queue_uid, "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": worker.lease,
+            "namespace": worker.namespace,
+            "labels": labels,
+            "annotations": {STATE_ANNOTATION: json.dumps(worker.state(), separators=(",", ":"))},
+            "ownerReferences": [owner],
+        },
+        "spec": {
+            "holderIdentity": worker.worker_id,
+            "leaseDurationSeconds": math.ceil(worker.duration),
+            "acquireTime": micro_time(worker.registered_at),
+            "renewTime": micro_time(worker.renewed_at),
+        },
+    }
+
+
+def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | None:
+    """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    worker_id = spec.get("holderIdentity")
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "WorkerQueue"), None)
+    if not worker_id or owner is None:
+        return None
+    try:
+        state = json.loads((meta.get("annotations") or {}).get(STATE_ANNOTATION) or "{}")
+    except ValueError:
+        state = {}
+    if not isinstance(state, dict):
+        state = {}
+    registered = parse_time(spec.get("acquireTime")) or parse_time(meta.get("creationTimestamp")) or seen_at
+    renewed = parse_time(spec.get("renewTime")) or registered
+    return Worker(
+        worker_id=str(worker_id),
+        queue=(meta.get("namespace", ""), owner["name"]),
+        queue_uid=owner.get("uid", ""),
+        queue_id=str(state.get("queueId") or ""),
+        lease=meta["name"],
+        duration=float(spec.get("leaseDurationSeconds") or 150),
+        registered_at=registered,
+        renewed_at=renewed,
+        seen_at=seen_at,
+        slot=state.get("slot") if isinstance(state.get("slot"), int) else None,
+        status=str(state.get("status") or "unknown"),
+        tasks_processed=int(state.get("tasksProcessed") or 0),
+        current_task_id=state.get("currentTaskId"),
+        hostname=state.get("hostname"),
+        pod=state.get("pod"),
+        system_info=state.get("systemInfo") if isinstance(state.get("systemInfo"), dict) else None,
+        stored=True,
+        dirty=False,
+        confirmed=renewed > registered,
+    )
+
+
+@dataclass
+class _Bucket:
+    """A token bucket: `rate` writes a second, at most one second's worth saved up."""
+
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def take(self, rate: float, now: float) -> bool:
+        self.tokens = min(max(rate, 1.0), self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Registry:
+    def __init__(
+        self,
+        *,
+        client: client_.KubeClient,
+        events: EventPoster,
+        queue_of: Callable[[QueueKey], QueueObject | None],
+        base_write_rate: float = 20.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        tick: float = 0.2,
+    ) -> None:
+        self._client = client
+        self._events = events
+        self._queue_of = queue_of
+        self._base_rate = base_write_rate
+        self._clock = clock
+        self._monotonic = monotonic
+        self._tick = tick
+        self._workers: dict[str, Worker] = {}
+        self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
+        self._by_lease: dict[tuple[str, str], str] = {}
+        self._claiming: set[tuple[str, str]] = set()
+        self._bucket = _Bucket()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._listeners: list[Callable[[QueueKey], None]] = []
+        self.writes = 0
+        """Lease writes made (creates, renewals, deletions), for the metrics."""
+        self.heartbeats = 0
+
+    # --- fed by the Lease informer ----------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[QueueKey], None]) -> None:
+        """Call `listener(queue)` when a queue's live workers may have changed."""
+        self._listeners.append(listener)
+
+    def lease_upserted(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        known_id = self._by_lease.get(key)
+        now = self._clock()
+        incoming = worker_from_lease(body, seen_at=now)
+        if incoming is None:
+            if known_id is not None:
+                self._forget(known_id)
+            return
+        if known_id is not None and known_id != incoming.worker_id:
+            self._forget(known_id)  # a slot taken over by another worker
+        mine = self._workers.get(incoming.worker_id)
+        if mine is None:
+            self._add(incoming)
+            return
+        # Ours is at least as new as what was written, except for what other replicas heard.
+        mine.stored = True
+        mine.seen_at = min(mine.seen_at, incoming.seen_at)
+        if incoming.renewed_at > mine.renewed_at:
+            mine.renewed_at = incoming.renewed_at
+            if not mine.dirty:
+                mine.status, mine.tasks_processed = incoming.status, incoming.tasks_processed
+                mine.current_task_id = incoming.current_task_id
+                mine.system_info = incoming.system_info or mine.system_info
+
+    def lease_deleted(self, key: tuple[str, str], body: dict[str, Any] | None) -> None:
+        worker_id = self._by_lease.get(key)
+        if worker_id is not None:
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.stored:
+                self._forget(worker_id)
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def get(self, worker_id: str) -> Worker | None:
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.expired(self._clock()):
+            return None
+        return worker
+
+    def live(self, queue: QueueKey) -> list[Worker]:
+        now = self._clock()
+        return sorted((w for w in self._by_queue.get(queue, {}).values() if not w.expired(now)),
+                      key=lambda w: w.registered_at)
+
+    def live_count(self, queue: QueueKey) -> int:
+        now = self._clock()
+        return sum(1 for w in self._by_queue.get(queue, {}).values() if not w.expired(now))
+
+    @property
+    def total(self) -> int:
+        return len(self._workers)
+
+    # --- registering ------------------------------------------------------------------------------
+
+    def _new_worker(self, queue: QueueObject, worker_id: str, *, lease: str, slot: int | None, pod: str | None,
+                    hostname: str | None, system_info: Mapping[str, Any] | None) -> Worker:
+        now = self._clock()
+        return Worker(
+            worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
+            duration=EXPIRY_INTERVALS * queue.spec.heartbeat_interval_seconds, registered_at=now,
+            renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=hostname,
+            system_info=bounded_system_info(system_info))
+
+    def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
+                 system_info: Mapping[str, Any] | None = None) -> Worker:
+        """Registers a worker of a queue without maxWorkers; its Lease is written in the background."""
+        self._replace_pod_worker(queue.key, pod)
+        worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
+                                  hostname=hostname, system_info=system_info)
+        self._add(worker)
+        return worker
+
+    async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
+                    hostname: str | None = None, system_info: Mapping[str, Any] | None = None) -> Worker | None:
+        """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
+
+        Raises the API error (or a timeout) when the API server cannot be asked."""
+        now = self._clock()
+        for slot in range(limit):
+            key = (queue.namespace, slot_lease_name(queue.name, slot))
+            holder = self._workers.get(self._by_lease.get(key, ""))
+            replaceable = holder is None or holder.expired(now) or (pod is not None and holder.pod == pod)
+            if not replaceable or key in self._claiming:
+                continue
+            worker = self._new_worker(queue, worker_id, lease=key[1], slot=slot, pod=pod, hostname=hostname,
+                                      system_info=system_info)
+            body = lease_body(worker, queue_name=queue.name)
+            self._claiming.add(key)
+            try:
+                stored = await (self._create(body) if holder is None else self._replace(body, holder))
+            finally:
+                self._claiming.discard(key)
+            if stored is None:
+                continue  # somebody else was faster: try the next slot
+            worker.stored, worker.dirty, worker.written_at = True, False, self._monotonic()
+            if holder is not None:
+                self._forget(holder.worker_id)
+            self._add(worker)
+            self._replace_pod_worker(queue.key, pod, keep=worker_id)
+            return worker
+        return None
+
+    def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
+                  system_info: Mapping[str, Any] | None) -> None:
+        worker.renewed_at = max(self._clock(), worker.renewed_at)
+        worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
+        if system_info:
+            worker.system_info = bounded_system_info(system_info)
+        worker.dirty = True
+        worker.heartbeats_here += 1
+        self.heartbeats += 1
+
+    async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
+        """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
+        self._forget(worker.worker_id)
+        queue = self._queue_of(worker.queue)
+        if worker.stored:
+            try:
+                await self._delete(worker)
+            except ErrorTypes as exc:
+                logger.warning("deleting the registration of worker %s failed (it expires instead): %s",
+                               worker.worker_id, type(exc).__name__)
+        if queue is not None:
+            code = "none" if exit_code is None else str(exit_code)
+            self._events.post(involved=_involved(worker, queue.name), reason="WorkerDisconnected",
+                              message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
+                              f"exit code {code}", warning=exit_code not in (None, 0))
+
+    def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
+        """Ends the registrations of a queue's workers whose pod is no longer alive."""
+        alive = set(alive_pods)
+        for worker in list(self._by_queue.get(queue, {}).values()):
+            if worker.pod is not None and worker.pod not in alive:
+                self._end(worker, "its pod has ended")
+
+    # --- background -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._tick)
+                self._sweep()
+                self._flush()
+        finally:
+            for task in list(self._writes):
+                task.cancel()
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def write_rate(self) -> float:
+        """Writes a second this replica may make: enough to renew what it keeps alive, plus a base."""
+        renewals = sum(1.0 / w.interval for w in self._workers.values() if w.heartbeats_here)
+        return self._base_rate + 1.25 * renewals
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for worker in list(self._workers.values()):
+            if worker.expired(now):
+                self._end(worker, "no heartbeat within its lease")
+
+    def _flush(self) -> None:
+        now = self._monotonic()
+        due = [w for w in self._workers.values()
+               if w.dirty and (not w.stored or (w.heartbeats_here and not w.confirmed)
+                               or now - w.written_at >= 0.8 * w.interval)]
+        if not due:
+            return
+        # Registrations first (a heartbeat proves one alive), then the renewals closest to expiry.
+        due.sort(key=lambda w: (w.stored, not w.heartbeats_here, w.renewed_at))
+        rate = self.write_rate()
+        for worker in due:
+            if not self._bucket.take(rate, now):
+                break
+            worker.dirty = False
+            worker.written_at = now
+            self._spawn(self._write(worker))
+
+    def _end(self, worker: Worker, why: str) -> None:
+        self._forget(worker.worker_id)
+        if worker.stored:
+            self._spawn(self._delete_quietly(worker, why))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, worker: Worker) -> None:
+        queue = self._queue_of(worker.queue)
+        if queue is None or queue.uid != worker.queue_uid:
+            self._forget(worker.worker_id)
+            return
+        body = lease_body(worker, queue_name=queue.name)
+        heartbeat_written = worker.heartbeats_here > 0
+        try:
+            if not worker.stored:
+                if await self._create(body) is None:
+                    await self._patch(worker, body)
+                worker.stored = True
+            elif not await self._patch(worker, body):
+                self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere
+                return
+            worker.confirmed = worker.confirmed or heartbeat_written
+        except ErrorTypes as exc:
+            logger.warning("writing the registration of worker %s failed, retrying: %s",
+                           worker.worker_id, type(exc).__name__ if not str(exc) else exc)
+            worker.dirty = True
+            worker.written_at = self._monotonic() - 0.8 * worker.interval + 2.0  # again in ~2 s
+
+    async def _delete_quietly(self, worker: Worker, why: str) -> None:
+        try:
+            deleted = await self._delete(worker)
+        except ErrorTypes as exc:
+            logger.warning("deleting the registration of worker %s failed: %s", worker.worker_id, exc)
+            return
+        if deleted and why.startswith("no heartbeat"):
+            queue = self._queue_of(worker.queue)
+            if queue is not None:
+                self._events.post(involved=_involved(worker, queue.name), reason="WorkerExpired",
+                                  message=f"worker {worker.worker_id} sent no heartbeat for "
+                                  f"{worker.duration:.0f}s; its registration ended", warning=True)
+
+    # --- API-server calls -------------------------------------------------------------------------
+
+    async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Lease, or None if one of that name exists."""
+        self.writes += 1
+        try:
+            return await self._client.request("POST", resources.leases_path(body["metadata"]["namespace"]),
+                                              body=body, timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.already_exists:
+                return None
+            raise
+
+    async def _replace(self, body: dict[str, Any], holder: Worker) -> dict[str, Any] | None:
+        """Takes over an expired slot; None if it changed meanwhile (another claimant won)."""
+        meta = body["metadata"]
+        current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                             timeout=API_TIMEOUT)
+        if (current.get("spec") or {}).get("holderIdentity") != holder.worker_id:
+            return None
+        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        self.writes += 1
+        try:
+            return await self._client.request("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                              body=body, timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.conflict or exc.not_found:
+                return None
+            raise
+
+    async def _patch(self, worker: Worker, body: dict[str, Any]) -> bool:
+        self.writes += 1
+        patch = {"metadata": {"annotations": body["metadata"]["annotations"]},
+                 "spec": {"renewTime": body["spec"]["renewTime"], "holderIdentity": worker.worker_id}}
+        try:
+            await self._client.request("PATCH", f"{resources.leases_path(worker.namespace)}/{worker.lease}",
+                                       body=patch, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+        return True
+
+    async def _delete(self, worker: Worker) -> bool:
+        """Deletes the worker's Lease if it still holds it; False if it was gone already."""
+        self.writes += 1
+        path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
+        try:
+            current = await self._client.request("GET", path, timeout=API_TIMEOUT)
+            if (current.get("spec") or {}).get("holderIdentity") != worker.worker_id:
+                return False  # a slot another worker holds now
+            await self._client.request(
+                "DELETE", path, timeout=API_TIMEOUT,
+                body={"kind": "DeleteOptions", "apiVersion": "v1",
+                      "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
+        except client_.ApiError as exc:
+            if exc.not_found or exc.conflict:
+                return False
+            raise
+        return True
+
+    # --- memory -----------------------------------------------------------------------------------
+
+    def _add(self, worker: Worker) -> None:
+        self._workers[worker.worker_id] = worker
+        self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
+        self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+        self._notify(worker.queue)
+
+    def _forget(self, worker_id: str) -> None:
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return
+        members = self._by_queue.get(worker.queue)
+        if members is not None:
+            members.pop(worker_id, None)
+            if not members:
+                del self._by_queue[worker.queue]
+        if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
+            del self._by_lease[(worker.namespace, worker.lease)]
+        self._notify(worker.queue)
+
+    def _replace_pod_worker(self, queue: QueueKey, pod: str | None, keep: str | None = None) -> None:
+        """A pod runs one worker: a second /start from it ends the first registration."""
+        if pod is None:
+            return
+        for worker in list(self._by_queue.get(queue, {}).values()):
+            if worker.pod == pod and worker.worker_id != keep:
+                self._end(worker, "replaced by a new registration from its pod")
+
+    def _notify(self, queue: QueueKey) -> None:
+        for listener in self._listeners:
+            listener(queue)
+
+
+def _involved(worker: Worker, queue_name: str) -> dict[str, Any]:
+    return {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
+            "metadata": {"name": queue_name, "namespace": worker.namespace, "uid": worker.queue_uid}}

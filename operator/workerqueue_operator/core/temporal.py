@@ -1,0 +1,375 @@
+"""The operator's access to Temporal: the executions of a task queue, in the worker's terms.
+
+A queue's executions are the workflows of its task queue (the workflow id is the execution id). A
+pool of single-execution workers polls `/executions` every 2 s each, so listings of the same task
+queue are coalesced (one visibility query per second at most, however many workers ask) and the
+worker that took each workflow (its Temporal identity, from the first WorkflowTaskStarted event of
+its history) is read once per run and cached: it never changes.
+
+Every call is bounded by `timeout` and fails with `TemporalUnavailable`, whose message is safe to
+show to a caller: it names the endpoint and the cause, never the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from temporalio.api.common.v1 import WorkflowExecution as ProtoExecution
+from temporalio.api.enums.v1 import EventType, TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetWorkflowExecutionHistoryRequest
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COALESCE_SECONDS = 1.0
+"""A listing younger than this is shared: a pool of workers polls every 2 s each."""
+SCAN_LIMIT = 1000
+"""Most workflows read per listing. SQL visibility has no ORDER BY, so the newest by start time are
+picked client-side from what the server lists first: running ones, then closed ones by close time."""
+HOLDER_CACHE_SIZE = 10_000
+"""Workflow runs whose holder is remembered (LRU); a run's first worker never changes."""
+_HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
+_HISTORY_READS = 8  # concurrent history reads per listing
+
+# Continued-as-new: the execution (= workflow id) goes on in a new run, so it is not over. The
+# listing keeps only the newest run of each workflow id; a continued-as-new run shows only until
+# its successor is visible.
+_STATUS = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
+    WorkflowExecutionStatus.COMPLETED: "completed",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+    WorkflowExecutionStatus.TERMINATED: "cancelled",
+}
+
+
+def status_of(status: WorkflowExecutionStatus | None) -> str:
+    """Temporal's execution status in the worker's lowercase terms (unknown: running, it is not over)."""
+    return _STATUS.get(status, "running") if status is not None else "running"
+
+
+def rfc3339(moment: datetime.datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One Temporal endpoint and its credential. The API key shows in no repr, str or log."""
+
+    host: str
+    namespace: str
+    api_key: str = field(default="", repr=False)
+    tls: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, bool, str]:
+        """Identifies the client for this endpoint; the API key only as a digest."""
+        return (self.host, self.namespace, self.tls, hashlib.sha256(self.api_key.encode()).hexdigest())
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.namespace}"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One workflow of a task queue, as the worker sees an execution."""
+
+    id: str  # workflow id (= the execution id)
+    run_id: str
+    status: str  # running | completed | failed | cancelled
+    workflow_type: str
+    created_at: str | None  # RFC 3339: the workflow was started (queued for a worker)
+    started_at: str | None  # a worker took its first workflow task
+    completed_at: str | None
+    holder: str | None  # Temporal identity ("<pid>@<hostname>") of that worker; None until one took it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "completed_at": self.completed_at,
+            "temporal_workflow_id": self.id,
+            "temporal_run_id": self.run_id,
+            "workflow_type": self.workflow_type,
+            "worker_identity": self.holder,
+        }
+
+
+@dataclass(frozen=True)
+class Poller:
+    identity: str
+    last_access_time: str | None
+
+
+@dataclass(frozen=True)
+class TaskQueueInfo:
+    """Who polls a task queue for workflow tasks, and how many wait (None: the server does not say)."""
+
+    pollers: tuple[Poller, ...]
+    backlog: int | None
+
+
+class TemporalUnavailable(Exception):
+    """Temporal could not answer in time, or refused. The message is safe to show (no key)."""
+
+
+@dataclass(frozen=True)
+class _Holder:
+    identity: str | None
+    started_at: str | None
+
+
+_ListingKey = tuple[tuple[str, str, bool, str], str, int]
+
+
+class Temporal:
+    """Temporal clients (one per endpoint and credential, connected lazily) and coalesced listings."""
+
+    def __init__(self, *, timeout: float = 4.0, coalesce: float = COALESCE_SECONDS, scan_limit: int = SCAN_LIMIT,
+                 holder_cache_size: int = HOLDER_CACHE_SIZE) -> None:
+        self._timeout = timeout
+        self._coalesce = coalesce
+        self._scan_limit = scan_limit
+        self._clients: dict[tuple[str, str, bool, str], asyncio.Task[Client]] = {}
+        self._listings: dict[_ListingKey, tuple[asyncio.Task[list[Execution]], list[float]]] = {}
+        self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
+        self._holder_cache_size = holder_cache_size
+
+    async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100) -> list[Execution]:
+        """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved."""
+        key = (endpoint.key, task_queue, limit)
+        loop = asyncio.get_running_loop()
+        entry = self._listings.get(key)
+        if entry is not None:
+            task, finished = entry
+            if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):
+                return await asyncio.shield(task)
+        finished_at: list[float] = []
+        task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit)))
+        task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
+        self._listings[key] = (task, finished_at)
+        self._forget_old_listings(loop.time())
+        # Shielded: a caller that gives up must not cancel the listing that others wait for.
+        return await asyncio.shield(task)
+
+    async def describe_task_queue(self, endpoint: Endpoint, task_queue: str) -> TaskQueueInfo:
+        """The identities polling `task_queue` for workflow tasks and its approximate backlog."""
+
+        async def describe(client: Client) -> TaskQueueInfo:
+            request = DescribeTaskQueueRequest(
+                namespace=endpoint.namespace,
+                task_queue=TaskQueue(name=task_queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                report_stats=True,
+            )
+            response = await client.workflow_service.describe_task_queue(
+                request, timeout=datetime.timedelta(seconds=self._timeout))
+            pollers = tuple(
+                Poller(p.identity, rfc3339(p.last_access_time.ToDatetime(datetime.UTC))
+                       if p.HasField("last_access_time") else None)
+                for p in response.pollers
+            )
+            backlog = int(response.stats.approximate_backlog_count) if response.HasField("stats") else None
+            return TaskQueueInfo(pollers, backlog)
+
+        return await self._bounded(endpoint, describe)
+
+    async def close(self) -> None:
+        """Cancel what runs and drop every client (the SDK frees a client's connection with it)."""
+        tasks: list[asyncio.Task[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
+        self._listings.clear()
+        self._clients.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _bounded(self, endpoint: Endpoint, call: Callable[[Client], Awaitable[T]]) -> T:
+        """`call` with the endpoint's client, within `timeout`; every failure as TemporalUnavailable."""
+        client_task: asyncio.Task[Client] | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                client_task = self._client(endpoint)
+                client = await asyncio.shield(client_task)
+                return await call(client)
+        except TimeoutError:
+            self._drop(endpoint, client_task)
+            raise TemporalUnavailable(f"Temporal at {endpoint} did not answer within {self._timeout:g}s") from None
+        except RPCError as e:
+            self._drop(endpoint, client_task)
+            raise TemporalUnavailable(_rpc_reason(endpoint, e)) from None
+        except (RuntimeError, OSError) as e:
+            # The SDK reports a failed connection as a RuntimeError naming the address and the cause.
+            self._drop(endpoint, client_task)
+            raise TemporalUnavailable(f"Temporal at {endpoint} is unreachable: {_first_line(e)}") from None
+        except Exception as e:  # e.g. a malformed host: still an answer for the caller, not a crash
+            self._drop(endpoint, client_task)
+            logger.debug("Temporal call to %s failed", endpoint, exc_info=True)
+            raise TemporalUnavailable(f"Temporal at {endpoint} failed: {_first_line(e)}") from None
+
+    def _client(self, endpoint: Endpoint) -> asyncio.Task[Client]:
+        task = self._clients.get(endpoint.key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.get_running_loop().create_task(Client.connect(
+                endpoint.host,
+                namespace=endpoint.namespace,
+                api_key=endpoint.api_key or None,
+                tls=endpoint.tls,
+                identity="workerqueue-operator",
+            ))
+            task.add_done_callback(_retrieve)
+            self._clients[endpoint.key] = task
+        return task
+
+    def _drop(self, endpoint: Endpoint, task: asyncio.Task[Client] | None) -> None:
+        """Forget a client that failed: the next call connects anew."""
+        if task is not None and self._clients.get(endpoint.key) is task:
+            del self._clients[endpoint.key]
+            if not task.done():
+                task.cancel()
+            logger.debug("dropped the Temporal client of %s", endpoint)
+
+    def _forget_old_listings(self, now: float) -> None:
+        stale = [k for k, (t, done) in self._listings.items() if t.done() and done and now - done[0] > 60]
+        for k in stale:
+            del self._listings[k]
+
+    async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int) -> list[Execution]:
+        query = f'TaskQueue="{_quote(task_queue)}"'
+        newest: dict[str, Any] = {}  # workflow id -> its newest run
+        async for wf in client.list_workflows(query, limit=self._scan_limit, page_size=min(self._scan_limit, 1000),
+                                              rpc_timeout=datetime.timedelta(seconds=self._timeout)):
+            seen = newest.get(wf.id)
+            if seen is None or _start_key(wf) > _start_key(seen):
+                newest[wf.id] = wf
+        runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
+        gate = asyncio.Semaphore(_HISTORY_READS)
+
+        async def holder(wf: Any) -> _Holder:
+            async with gate:
+                try:
+                    return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
+                except RPCError as e:
+                    if e.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    return _Holder(None, None)  # gone since it was listed (retention)
+
+        # Reading many new histories at once (a first listing) may take long: what is not read within
+        # half the timeout shows without a holder this time and is read on a later listing.
+        reads = [asyncio.ensure_future(holder(wf)) for wf in runs]
+        if reads:
+            _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
+            for read in pending:
+                read.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        holders = [r.result() if not r.cancelled() else _Holder(None, None) for r in reads]
+        return [
+            Execution(
+                id=wf.id,
+                run_id=wf.run_id,
+                status=status_of(wf.status),
+                workflow_type=wf.workflow_type,
+                created_at=rfc3339(wf.start_time),
+                started_at=h.started_at,
+                completed_at=rfc3339(wf.close_time) if wf.status != WorkflowExecutionStatus.CONTINUED_AS_NEW
+                else None,
+                holder=h.identity,
+            )
+            for wf, h in zip(runs, holders, strict=True)
+        ]
+
+    async def _holder(self, client: Client, endpoint: Endpoint, workflow_id: str, run_id: str, *,
+                      closed: bool) -> _Holder:
+        """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
+        key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
+        cached = self._holders.get(key)
+        if cached is not None:
+            self._holders.move_to_end(key)
+            return cached
+        found = _Holder(None, None)
+        token = b""
+        while True:
+            page = await client.workflow_service.get_workflow_execution_history(
+                GetWorkflowExecutionHistoryRequest(
+                    namespace=endpoint.namespace,
+                    execution=ProtoExecution(workflow_id=workflow_id, run_id=run_id),
+                    maximum_page_size=_HISTORY_PAGE,
+                    next_page_token=token,
+                ),
+                timeout=datetime.timedelta(seconds=self._timeout),
+            )
+            event = next((e for e in page.history.events
+                          if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
+            if event is not None:
+                found = _Holder(event.workflow_task_started_event_attributes.identity or None,
+                                rfc3339(event.event_time.ToDatetime(datetime.UTC)))
+                break
+            token = page.next_page_token
+            if not token:
+                break
+        # A run nobody took yet may still be taken; a closed one, or one with a holder, is settled.
+        if found.identity is not None or closed:
+            self._holders[key] = found
+            while len(self._holders) > self._holder_cache_size:
+                self._holders.popitem(last=False)
+        return found
+
+
+def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
+    start = wf.start_time or datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    return (start, wf.run_id)
+
+
+def _quote(value: str) -> str:
+    """A string literal of Temporal's visibility query language."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _rpc_reason(endpoint: Endpoint, e: RPCError) -> str:
+    if e.status in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
+        return f"Temporal at {endpoint} refused the credentials: {_first_line(e)}"
+    if e.status == RPCStatusCode.NOT_FOUND:
+        return f"Temporal at {endpoint}: {_first_line(e)}"
+    return f"Temporal at {endpoint} failed ({e.status.name if e.status else 'unknown'}): {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _finished(task: asyncio.Task[Any], finished: list[float], now: float) -> None:
+    finished.append(now)
+    _retrieve(task)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Marks a shared task's exception as seen: its waiters may all have gone."""
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["Endpoint", "Execution", "Poller", "TaskQueueInfo", "Temporal", "TemporalUnavailable", "status_of"]

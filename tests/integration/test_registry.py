@@ -1,0 +1,159 @@
+"""The live-worker registry on the real API server: heartbeats, disconnect, expiry, restarts,
+maxWorkers across two replicas, DELETE of a queue."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.test_start import service_account_token
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+TEMPORAL = {"host": "temporal.example:7233", "namespace": "agents"}
+
+
+def ready_queue(kube: Kube, namespace: str, name: str, **spec: object) -> tuple[str, str]:
+    """(queue id, queue token) of a new Ready queue."""
+    queue_id = f"{name}-{namespace}"
+    kube.create_queue(namespace, name, queueId=queue_id, temporal=TEMPORAL, **spec)
+    kube.wait_condition(namespace, name, "True")
+    return queue_id, kube.queue_token(namespace, name)
+
+
+def heartbeat(operator: OperatorProcess, worker_id: str, token: str, **body: object) -> int:
+    payload = {"status": "active", "tasks_processed": 0, "current_task_id": None, "worker_metadata": {}, **body}
+    return operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", token, payload).status
+
+
+def test_a_worker_registers_heartbeats_and_disconnects(operator: OperatorProcess, kube: Kube, namespace: str):
+    queue_id, token = ready_queue(kube, namespace, "life")
+    started = operator.start_worker(queue_id, token, {"system_info": {"hostname": "box-1", "cpu_count": 2}})
+    assert started.status == 200
+    worker_id = started.json()["worker_id"]
+    lease = wait_for(lambda: kube.registrations(namespace).get(worker_id), what="the worker's Lease")
+    assert lease.metadata.owner_references[0].name == "life"
+    assert lease.spec.lease_duration_seconds == 150  # 2.5 x the default 60-s interval
+
+    assert heartbeat(operator, worker_id, token, status="busy", tasks_processed=2, current_task_id="e-1",
+                     system_info={"hostname": "box-1"}, logs=["secret-looking log line"]) == 200
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [(w["id"], w["status"], w["tasks_processed"], w["current_task_id"], w["hostname"]) for w in listed] == [
+        (worker_id, "busy", 2, "e-1", "box-1")]
+    assert listed[0]["last_heartbeat"] is not None
+    wait_for(lambda: kube.workers(namespace, "life").get("live") == 1, what="status.workers.live = 1")
+
+    # Logs are never stored in the API server.
+    wait_for(lambda: '"busy"' in kube.registrations(namespace)[worker_id].metadata.annotations[
+        "agentcontrol.dev/worker"], what="the heartbeat written to the Lease")
+    assert "secret-looking" not in str(kube.registrations(namespace)[worker_id])
+
+    # Errors: unknown worker, another queue's token, a malformed body.
+    _, other_token = ready_queue(kube, namespace, "other")
+    assert heartbeat(operator, "00000000-0000-4000-8000-000000000000", token) == 404
+    assert heartbeat(operator, worker_id, other_token) == 403
+    malformed = operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", token, {"tasks_processed": "many"})
+    assert malformed.status == 422 and malformed.json()["detail"][0]["loc"] == ["body", "tasks_processed"]
+    assert operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", other_token).status == 403
+    assert operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", None).status == 401
+
+    bye = operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
+                        {"reason": "shutdown", "exit_code": 0, "error_message": None})
+    assert bye.status == 200
+    assert worker_id not in kube.registrations(namespace)
+    assert heartbeat(operator, worker_id, token) == 404
+    assert operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json() == []
+    wait_for(lambda: any(e.reason == "WorkerDisconnected" and "exit code 0" in e.message
+                         for e in kube.events(namespace, "life")), what="a WorkerDisconnected Event")
+    wait_for(lambda: kube.workers(namespace, "life").get("live") == 0, what="status.workers.live = 0")
+
+
+def test_the_registry_survives_an_operator_restart(operator: OperatorProcess, kube: Kube, namespace: str):
+    queue_id, token = ready_queue(kube, namespace, "restart")
+    worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, worker_id, token, status="busy", tasks_processed=5) == 200
+    wait_for(lambda: '"tasksProcessed":5' in (kube.registrations(namespace).get(worker_id) or k8s.V1Lease(
+        metadata=k8s.V1ObjectMeta(annotations={"agentcontrol.dev/worker": ""}))).metadata.annotations[
+        "agentcontrol.dev/worker"], what="the heartbeat written")
+    operator.stop()
+    operator.start()
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [(w["id"], w["tasks_processed"]) for w in listed] == [(worker_id, 5)]
+    assert heartbeat(operator, worker_id, token) == 200
+
+
+def test_a_worker_whose_heartbeats_stop_expires(operator: OperatorProcess, kube: Kube, namespace: str):
+    queue_id, token = ready_queue(kube, namespace, "quiet", heartbeatIntervalSeconds=10)
+    worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, worker_id, token) == 200
+    wait_for(lambda: worker_id in kube.registrations(namespace), what="the Lease")
+    # 2.5 intervals of 10 s without a heartbeat: gone, with a Warning saying so.
+    wait_for(lambda: worker_id not in kube.registrations(namespace), timeout=40, interval=1,
+             what="the Lease deleted after expiry")
+    assert heartbeat(operator, worker_id, token) == 404
+    assert operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json() == []
+    wait_for(lambda: any(e.reason == "WorkerExpired" for e in kube.events(namespace, "quiet")),
+             what="a WorkerExpired Event")
+
+
+def test_max_workers_holds_under_concurrent_starts_on_two_replicas(
+        operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path):
+    queue_id, token = ready_queue(kube, namespace, "capped", maxWorkers=5)
+    second = OperatorProcess(kubeconfig, tmp_path / "second.log").start()
+    try:
+        replicas = [operator, second]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+            answers = list(pool.map(lambda i: replicas[i % 2].start_worker(queue_id, token), range(50)))
+        statuses = sorted(a.status for a in answers)
+        assert statuses == [200] * 5 + [409] * 45, statuses
+        refused = next(a for a in answers if a.status == 409)
+        assert refused.json() == {"detail": "Worker queue 'capped' is full (maxWorkers=5)"}
+        winners = [a.json()["worker_id"] for a in answers if a.status == 200]
+        assert sorted(kube.registrations(namespace)) == sorted(winners)
+
+        # A worker that disconnects frees its slot, for either replica.
+        bye = second.call("POST", f"/api/v1/workers/{winners[0]}/disconnect", token, {"reason": "shutdown"})
+        assert bye.status == 200
+        wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="a freed slot taken")
+        assert operator.start_worker(queue_id, token).status == 409
+    finally:
+        second.stop()
+
+
+def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, namespace: str):
+    fixed_id, fixed_token = ready_queue(kube, namespace, "fixed")
+    eph_id, eph_token = ready_queue(kube, namespace, "eph", ephemeral=True)
+    worker_id = operator.start_worker(eph_id, eph_token).json()["worker_id"]
+
+    # A queue token deletes its own ephemeral queue only.
+    refused = operator.call("DELETE", f"/api/v1/worker-queues/{fixed_id}", fixed_token)
+    assert refused.status == 403 and "ephemeral" in refused.json()["detail"]
+    assert operator.call("DELETE", f"/api/v1/worker-queues/{eph_id}", fixed_token).status == 403
+    assert operator.call("DELETE", f"/api/v1/worker-queues/{eph_id}", None).status == 401
+    assert operator.call("DELETE", f"/api/v1/worker-queues/nope-{namespace}", eph_token).status == 404
+    # ...while its worker is still registered.
+    assert heartbeat(operator, worker_id, eph_token) == 200
+    assert operator.call("DELETE", f"/api/v1/worker-queues/{eph_id}", eph_token).status == 204
+    wait_for(lambda: not kube.queue_exists(namespace, "eph"), what="the ephemeral queue deleted")
+    wait_for(lambda: worker_id not in kube.registrations(namespace), what="its registration collected")
+
+    # A Kubernetes identity needs RBAC `delete` on that queue.
+    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
+        metadata=k8s.V1ObjectMeta(name="delete-fixed"),
+        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues"],
+                                verbs=["delete"], resource_names=["fixed"])]))
+    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+        metadata=k8s.V1ObjectMeta(name="delete-fixed"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="delete-fixed"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="admin", namespace=namespace)]))
+    denied = operator.call("DELETE", f"/api/v1/worker-queues/{fixed_id}",
+                           service_account_token(kube, namespace, "nobody"))
+    assert denied.status == 403 and "may not delete" in denied.json()["detail"]
+    allowed = operator.call("DELETE", f"/api/v1/worker-queues/{fixed_id}",
+                            service_account_token(kube, namespace, "admin"))
+    assert allowed.status == 204, allowed.body
+    wait_for(lambda: not kube.queue_exists(namespace, "fixed"), what="the queue deleted")

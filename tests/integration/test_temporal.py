@@ -1,0 +1,157 @@
+"""core.temporal against a real Temporal dev server: listings, holders, order, limit, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.worker import Worker
+
+from workerqueue_operator.core.temporal import Endpoint, Execution, Temporal, TemporalUnavailable
+from workerqueue_operator.devcluster import workflows
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
+
+@pytest.fixture
+async def client(temporal: TemporalServer) -> Client:
+    return await Client.connect(temporal.address, namespace=temporal.namespace)
+
+
+@pytest.fixture
+async def access() -> AsyncIterator[Temporal]:
+    t = Temporal(timeout=2.0, coalesce=0.0)
+    yield t
+    await t.close()
+
+
+def endpoint(temporal: TemporalServer) -> Endpoint:
+    return Endpoint(host=temporal.address, namespace=temporal.namespace)
+
+
+def worker(client: Client, task_queue: str, identity: str) -> Worker:
+    activities = workflows.Activities(control_plane_url="http://127.0.0.1:1", api_key="unused",
+                                      progress=workflows.Progress(), log=lambda _: None)
+    return Worker(client, task_queue=task_queue, workflows=list(workflows.WORKFLOWS),
+                  activities=[activities.run_execution], identity=identity)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+async def test_executions_newest_first_with_holders_and_limit(temporal: TemporalServer, client: Client,
+                                                               access: Temporal):
+    tq = f"tq-{secrets.token_hex(4)}"
+    ids = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("done", "failed", "waiting", "terminated")}
+    async with worker(client, tq, "4242@pod-a"):
+        await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=ids["done"],
+                                      task_queue=tq)
+        with pytest.raises(WorkflowFailureError):
+            await client.execute_workflow("TeamExecutionWorkflow", {"duration_seconds": 0.1, "fail": True},
+                                          id=ids["failed"], task_queue=tq)
+    # No worker polls any more: these two are never taken.
+    await client.start_workflow("AgentExecutionWorkflow", {}, id=ids["waiting"], task_queue=tq)
+    terminated = await client.start_workflow("AgentExecutionWorkflow", {}, id=ids["terminated"], task_queue=tq)
+    await terminated.terminate("test")
+    # Another task queue's workflow never shows.
+    await client.start_workflow("AgentExecutionWorkflow", {}, id=f"other-{uuid.uuid4().hex[:8]}", task_queue=tq + "x")
+
+    async def listed() -> list[Execution] | None:
+        found = await access.executions(endpoint(temporal), tq)
+        return found if [e.status for e in found] == ["cancelled", "running", "failed", "completed"] else None
+
+    found = await eventually(listed)
+    by_name = {name: next(e for e in found if e.id == wid) for name, wid in ids.items()}
+    assert [e.id for e in found] == [ids["terminated"], ids["waiting"], ids["failed"], ids["done"]]
+    assert by_name["done"].holder == by_name["failed"].holder == "4242@pod-a"
+    assert by_name["waiting"].holder is None and by_name["terminated"].holder is None
+    assert by_name["failed"].workflow_type == "TeamExecutionWorkflow"
+    done = by_name["done"]
+    assert done.created_at and done.started_at and done.completed_at
+    assert done.created_at <= done.started_at <= done.completed_at and done.completed_at.endswith("Z")
+    assert by_name["waiting"].started_at is None and by_name["waiting"].completed_at is None
+    assert done.to_json() == {
+        "id": ids["done"], "status": "completed", "created_at": done.created_at, "started_at": done.started_at,
+        "completed_at": done.completed_at, "temporal_workflow_id": ids["done"], "temporal_run_id": done.run_id,
+        "workflow_type": "AgentExecutionWorkflow", "worker_identity": "4242@pod-a",
+    }
+    limited = await access.executions(endpoint(temporal), tq, limit=2)
+    assert [e.id for e in limited] == [ids["terminated"], ids["waiting"]]
+
+    # The waiting one is taken by a worker: its holder shows up (it was not cached as None).
+    async with worker(client, tq, "7@pod-b"):
+        await client.get_workflow_handle(ids["waiting"]).result()
+
+    async def taken() -> Execution | None:
+        e = next(e for e in await access.executions(endpoint(temporal), tq) if e.id == ids["waiting"])
+        return e if e.status == "completed" else None
+
+    assert (await eventually(taken)).holder == "7@pod-b"
+
+
+async def test_concurrent_listings_are_coalesced(temporal: TemporalServer, monkeypatch: pytest.MonkeyPatch):
+    access = Temporal(timeout=2.0)  # the default 1 s coalescing window
+    calls = 0
+    original = Client.list_workflows
+
+    def counting(self: Client, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "list_workflows", counting)
+    try:
+        results = await asyncio.gather(*(access.executions(endpoint(temporal), "coalesced") for _ in range(20)))
+        assert calls == 1 and all(r == results[0] for r in results)
+        await access.executions(endpoint(temporal), "coalesced")  # within the window: the same listing
+        assert calls == 1
+        await asyncio.sleep(1.1)
+        await access.executions(endpoint(temporal), "coalesced")
+        assert calls == 2
+    finally:
+        await access.close()
+
+
+async def test_temporal_down_is_unavailable_within_the_timeout_then_back(temporal: TemporalServer,
+                                                                          access: Temporal):
+    tq = f"tq-{secrets.token_hex(4)}"
+    assert await access.executions(endpoint(temporal), tq) == []
+    temporal.stop()
+    try:
+        for _ in range(2):  # the broken client is dropped; the next call fails as fast
+            began = time.monotonic()
+            with pytest.raises(TemporalUnavailable) as caught:
+                await access.executions(endpoint(temporal), tq)
+            assert time.monotonic() - began < 2.0 + 1.0
+            assert temporal.address in str(caught.value)
+    finally:
+        temporal.start()
+    assert await access.executions(endpoint(temporal), tq) == []
+
+
+async def test_unknown_namespace_is_unavailable_with_a_clear_reason(temporal: TemporalServer, access: Temporal):
+    with pytest.raises(TemporalUnavailable, match="no-such-namespace"):
+        await access.executions(Endpoint(host=temporal.address, namespace="no-such-namespace", api_key="k"), "tq")
+
+
+async def test_describe_task_queue_names_the_pollers(temporal: TemporalServer, client: Client, access: Temporal):
+    tq = f"tq-{secrets.token_hex(4)}"
+    async with worker(client, tq, "99@pod-c"):
+        async def polled() -> Any:
+            info = await access.describe_task_queue(endpoint(temporal), tq)
+            return info if [p.identity for p in info.pollers] == ["99@pod-c"] else None
+
+        info = await eventually(polled)
+    assert info.backlog in (0, None)

@@ -1,0 +1,141 @@
+"""A worker's whole life against the operator: operator-run pods (run by the local kubelet as the
+protocol-faithful test worker), the real Temporal dev server, the registry and /executions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Callable
+
+import pytest
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.devcluster import workflows
+from workerqueue_operator.devcluster.kubelet import LocalKubelet
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+def queue_spec(temporal: TemporalServer, queue_id: str, **spec: object) -> dict[str, object]:
+    return {"queueId": queue_id, "singleExecution": True, "heartbeatIntervalSeconds": 10,
+            "temporal": {"host": temporal.address, "namespace": temporal.namespace}, **spec}
+
+
+async def run_workflow(temporal: TemporalServer, task_queue: str, workflow_id: str, seconds: float = 1.0) -> None:
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    await asyncio.wait_for(client.execute_workflow(
+        "AgentExecutionWorkflow", {"execution_id": workflow_id, "duration_seconds": seconds},
+        id=workflow_id, task_queue=task_queue), 60)
+
+
+def registered_pods(kube: Kube, namespace: str) -> set[str]:
+    return {lease.metadata.labels.get("agentcontrol.dev/pod") for lease in kube.registrations(namespace).values()}
+
+
+def start_kubelet(kubelet: Callable[..., LocalKubelet], operator: OperatorProcess, namespace: str) -> LocalKubelet:
+    # The pods' CONTROL_PLANE_URL is the operator's in-cluster Service; here it listens on loopback.
+    return kubelet(namespaces=[namespace], overrides={"CONTROL_PLANE_URL": operator.url})
+
+
+async def test_a_single_execution_worker_lives_its_whole_life(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    queue_id = f"life-{namespace}"
+    kube.create_queue(namespace, "life", **queue_spec(temporal, queue_id))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: registered_pods(kube, namespace) == {"life-w0"}, timeout=60, what="life-w0 registered")
+
+    await run_workflow(temporal, queue_id, f"exec-{secrets.token_hex(4)}")
+    closed = time.monotonic()
+    # It reads its execution completed twice, waits 2 s, disconnects and exits 0: its pod Succeeded
+    # and is deleted, its registration ended, and a fresh worker takes its place.
+    wait_for(lambda: "life-w0" not in kube.pod_names(namespace, "life", alive=False), timeout=10,
+             what="life-w0 gone")
+    assert time.monotonic() - closed < 10
+    assert "life-w0" not in registered_pods(kube, namespace)
+    disconnects = [e for e in kube.events(namespace, "life") if e.reason == "WorkerDisconnected"]
+    assert disconnects and "exit code 0" in disconnects[0].message
+    assert kube.workers(namespace, "life")["succeeded"] == 1
+    wait_for(lambda: registered_pods(kube, namespace) == {"life-w1"}, timeout=60, what="the next worker")
+
+
+async def test_a_pool_turns_over_one_worker_per_workflow(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    queue_id = f"pool-{namespace}"
+    kube.create_queue(namespace, "pool", **queue_spec(temporal, queue_id, replicas=3))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="3 workers registered")
+
+    for done in (1, 2, 3):
+        before = set(kube.pod_names(namespace, "pool"))
+        await run_workflow(temporal, queue_id, f"exec-{done}-{secrets.token_hex(4)}")
+        wait_for(lambda d=done: kube.workers(namespace, "pool").get("succeeded") == d, timeout=15,
+                 what=f"{done} worker(s) finished")
+        # Exactly one worker left per workflow; the others (which saw that execution finish) stay.
+        await asyncio.sleep(6)  # three more polls: a wrongly latched worker would have exited by now
+        assert kube.workers(namespace, "pool")["succeeded"] == done
+        assert len(before - set(kube.pod_names(namespace, "pool"))) == 1
+        wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="the pool back to 3")
+
+
+def test_a_deleted_pods_worker_is_gone_at_once(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    kube.create_queue(namespace, "gone", **queue_spec(temporal, f"gone-{namespace}"))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: registered_pods(kube, namespace) == {"gone-w0"}, timeout=60, what="gone-w0 registered")
+    kube.core.delete_namespaced_pod("gone-w0", namespace)  # SIGTERM: the worker says no goodbye
+    wait_for(lambda: "gone-w0" not in registered_pods(kube, namespace), timeout=10,
+             what="the registration of the deleted pod's worker ended")
+    # Its own token went with it.
+    wait_for(lambda: not kube._has_secret(namespace, "gone-w0-token"), timeout=10, what="gone-w0-token deleted")
+
+
+async def test_executions_are_per_worker_and_temporal_outages_are_503(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    queue_id = f"exq-{namespace}"
+    kube.create_queue(namespace, "exq", **queue_spec(temporal, queue_id, replicas=2))
+    wait_for(lambda: len(kube.pod_names(namespace, "exq")) == 2, what="two pods")
+    mine = wait_for(lambda: kube._has_secret(namespace, "exq-w0-token") and kube.secret_value(
+        namespace, "exq-w0-token", "token"), what="exq-w0's token")
+    theirs = kube.secret_value(namespace, "exq-w1-token", "token")
+    queue_token = kube.queue_token(namespace, "exq")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    assert operator.call("GET", path, mine).json() == []
+
+    async def work() -> str:
+        client = await Client.connect(temporal.address, namespace=temporal.namespace)
+        activities = workflows.Activities(control_plane_url=operator.url, api_key=mine,
+                                          progress=workflows.Progress(), log=lambda _: None)
+        async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                          activities=[activities.run_execution], identity=f"{os.getpid()}@exq-w0"):
+            workflow_id = f"exec-{secrets.token_hex(4)}"
+            await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=workflow_id,
+                                          task_queue=queue_id)
+            return workflow_id
+    workflow_id = await asyncio.wait_for(work(), 60)
+
+    def listed(token: str) -> object:
+        answer = operator.call("GET", path, token)
+        assert answer.status == 200, answer.body
+        return answer.json()
+    entries = wait_for(lambda: listed(mine), what="exq-w0's execution")
+    assert [(e["id"], e["status"]) for e in entries] == [(workflow_id, "completed")]
+    assert listed(theirs) == []  # another worker never sees it, so it never exits on it
+    assert listed(queue_token) == []  # a shared queue token cannot say which worker asks
+
+    temporal.stop()
+    try:
+        began = time.monotonic()
+        down = operator.call("GET", path, mine, timeout=15)
+        assert down.status == 503 and "Temporal is unavailable" in down.json()["detail"]
+        assert time.monotonic() - began < 5
+    finally:
+        temporal.start()
+    wait_for(lambda: operator.call("GET", path, mine).status == 200, timeout=30, what="Temporal back")

@@ -1,0 +1,142 @@
+"""A stand-in upstream control plane: an aiohttp app that tells what it received.
+
+Every path echoes the request as JSON (method, path and query as sent, headers, body length and
+sha256, the body read as it streams in, never held whole), except:
+- `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
+  meanwhile is noted in `received` as method `GONE`);
+- `.../hang`: never answers (until the client goes away);
+- `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
+- `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
+  echoes every message back (text as text, binary as binary); `close` closes it with code 4000.
+
+`StandIn` runs it in a thread of its own, for tests that drive HTTP synchronously; `received`
+lists what came in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+RECEIVED: web.AppKey[list[tuple[str, str, str | None]]] = web.AppKey("received")
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    request.app[RECEIVED].append((request.method, request.raw_path, request.headers.get("Authorization")))
+    tail = request.match_info["tail"]
+    if tail.endswith("/hang") or tail == "hang":
+        await asyncio.sleep(3600)
+    if tail.endswith("stall"):
+        response = web.StreamResponse(headers={"Content-Length": request.query.get("length", "100")})
+        await response.prepare(request)
+        await response.write(b"0123456789")
+        await asyncio.sleep(3600)
+    if tail.endswith("stream") and request.method == "GET":
+        return await _events(request)
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _websocket(request)
+    digest, length = hashlib.sha256(), 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        length += len(chunk)
+    return web.json_response({
+        "method": request.method,
+        "path_qs": request.raw_path,
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body_length": length,
+        "body_sha256": digest.hexdigest(),
+    }, status=int(request.headers.get("X-Answer-Status", "200")), headers={"X-Stand-In": "yes"})
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    count, gap = int(request.query.get("events", "3")), float(request.query.get("gap", "0.2"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    sent = 0
+    try:
+        for index in range(count):
+            if index:
+                await asyncio.sleep(gap)
+            await response.write(f"data: event {index}\n\n".encode())
+            sent += 1
+    except ConnectionResetError:
+        return response
+    finally:  # a reset, or the handler cancelled (test servers cancel handlers of lost connections)
+        if sent < count:
+            request.app[RECEIVED].append(("GONE", request.raw_path, None))
+    await response.write_eof()
+    return response
+
+
+async def _websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(protocols=("agent.v1",))
+    await ws.prepare(request)
+    hello = {"path_qs": request.raw_path, "headers": [[k, v] for k, v in request.headers.items()]}
+    await ws.send_str(json.dumps(hello))
+    async for message in ws:
+        if message.type is WSMsgType.TEXT and message.data == "close":
+            await ws.close(code=4000, message=b"bye")
+        elif message.type is WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    return ws
+
+
+def make_app(received: list[tuple[str, str, str | None]] | None = None) -> web.Application:
+    """`received` collects (method, path and query, Authorization) of every request."""
+    app = web.Application()
+    app[RECEIVED] = received if received is not None else []
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def header_values(echoed: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in echoed["headers"] if k.lower() == name.lower()]
+
+
+class StandIn:
+    """The stand-in on 127.0.0.1 at a free port, served from a thread of its own."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.received: list[tuple[str, str, str | None]] = []
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stand-in upstream", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> StandIn:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(make_app(self.received), handle_signals=False, access_log=None, shutdown_timeout=1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        # A `hang` handler outlives its client (aiohttp does not cancel handlers on a disconnect).
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)

@@ -1,0 +1,31 @@
+"""The HTTP app over a Store fed directly, for unit tests (no cluster, no Temporal is reached)."""
+
+from __future__ import annotations
+
+import kubernetes
+from aiohttp import web
+
+from workerqueue_operator.api import app as app_
+from workerqueue_operator.core import reviews, temporal
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models.settings import Settings
+
+
+class NoReviews(reviews.Reviewer):
+    """Kubernetes identities are tested against the real API server; here every other token is unknown."""
+
+    def __init__(self) -> None:
+        pass
+
+    async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
+        return None
+
+
+def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9") -> web.Application:
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing here writes at once
+    registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    return app_.make_app(store=store, reviewer=NoReviews(), registry=registry, temporal_=temporal.Temporal(),
+                         kube=kube, settings=settings or Settings(), version=version, ready=lambda: True)

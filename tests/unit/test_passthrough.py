@@ -1,0 +1,344 @@
+"""The pass-through over a Store fed directly, against the stand-in upstream in the same loop (no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from tests import standin
+from tests.unit import apps
+from tests.unit.factories import queue
+from workerqueue_operator.api import passthrough
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.models.settings import Settings
+
+ORG_KEY = "org-key-A"
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("Bearer tok", ("Bearer", "tok")),
+    ("bearer  tok ", ("bearer", "tok")),
+    ("UserKey tok", ("UserKey", "tok")),
+    ("userkey tok", ("userkey", "tok")),
+    ("Basic dXNlcjpwdw==", None),
+    ("Bearer", None),
+    ("", None),
+])
+def test_worker_credential(header: str, expected: tuple[str, str] | None):
+    assert passthrough.worker_credential(header) == expected
+
+
+def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
+    incoming = [("Host", "operator:8080"), ("Authorization", "Bearer worker-token"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "1"), ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("TE", "trailers"),
+                ("Proxy-Authorization", "Basic x"), ("Upgrade", "h2c"), ("Expect", "100-continue"),
+                ("Content-Type", "application/json"), ("Content-Length", "12"), ("Accept", "text/event-stream"),
+                ("X-Custom", "a"), ("X-Custom", "b"), ("X-Forwarded-For", "10.0.0.1")]
+    out = passthrough.request_headers(incoming, authorization="UserKey org", remote="10.0.0.2", proto="https")
+    assert out.getall("Authorization") == ["UserKey org"]
+    assert list(out.items()) == [
+        ("Content-Type", "application/json"), ("Content-Length", "12"), ("Accept", "text/event-stream"),
+        ("X-Custom", "a"), ("X-Custom", "b"), ("X-Forwarded-For", "10.0.0.1, 10.0.0.2"),
+        ("Authorization", "UserKey org"), ("X-Forwarded-Proto", "https")]
+
+
+def test_response_headers_drop_hop_by_hop_only():
+    incoming = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked"), ("Connection", "close"),
+                ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip")]
+    assert list(passthrough.response_headers(incoming, upstream_url="https://cp.example").items()) == [
+        ("Content-Type", "text/event-stream"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+        ("Content-Encoding", "gzip")]
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("https://cp.example/base/api/v1/executions/e2?x=1", "/api/v1/executions/e2?x=1"),
+    ("https://cp.example/elsewhere", "https://cp.example/elsewhere"),
+    ("https://other.example/base/api/v1/x", "https://other.example/base/api/v1/x"),
+    ("/api/v1/x", "/api/v1/x"),
+])
+def test_redirects_into_the_upstream_stay_with_the_operator(location: str, expected: str):
+    out = passthrough.response_headers([("Location", location)], upstream_url="https://cp.example/base")
+    assert out["Location"] == expected
+
+
+@pytest.mark.parametrize(("base", "raw", "expected"), [
+    ("https://cp.example", "/api/v1/executions/e1?x=1&x=2", "https://cp.example/api/v1/executions/e1?x=1&x=2"),
+    ("https://cp.example/prefix/", "/api/v1/a%2Fb?q=%20", "https://cp.example/prefix/api/v1/a%2Fb?q=%20"),
+])
+def test_target_url_keeps_the_path_and_query_as_sent(base: str, raw: str, expected: str):
+    assert str(passthrough.target_url(base, raw)) == expected
+
+
+# --- against the stand-in upstream ---------------------------------------------------------------
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    async with TestServer(standin.make_app()) as server:
+        yield server
+
+
+@pytest.fixture
+async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
+    """Queue `a` (token tok-a) has an upstream, `b` (tok-b) another, `plain` (tok-p) none."""
+    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=1)
+    store = Store(settings=settings, version="9.9.9")
+    url = str(upstream.make_url("/")).rstrip("/")
+    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    store.upsert_queue(queue("b", "team-b", queueId="q-b",
+                             upstream={"url": url + "/b-prefix", "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-b", "b-worker-token"), {"token": "tok-b"})
+    store.upsert_secret(("team-b", "org"), {"k": "org-key-B"})
+    store.upsert_queue(queue("plain", queueId="q-p"))
+    store.upsert_secret(("team-a", "plain-worker-token"), {"token": "tok-p"})
+    app = apps.make_app(store, settings=settings)
+    async with TestClient(TestServer(app)) as client:
+        yield store, client
+
+
+async def echoed(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    assert response.status == 200, await response.text()
+    assert response.headers["X-Stand-In"] == "yes"
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "UserKey"])
+async def test_forwards_exactly_with_the_organizations_key(hub: tuple[Store, TestClient], scheme: str):
+    _, client = hub
+    raw = URL(f"http://{client.host}:{client.port}/api/v1/executions/e-1?a=1&a=2&b=%2F", encoded=True)
+    r = await client.session.patch(raw, data=b'{"status": "running"}',
+                                   headers={"Authorization": f"{scheme} tok-a", "Content-Type": "application/json"})
+    got = await echoed(r)
+    assert got["method"] == "PATCH" and got["path_qs"] == "/api/v1/executions/e-1?a=1&a=2&b=%2F"
+    assert got["body_length"] == 21
+    assert standin.header_values(got, "Authorization") == [f"{scheme} {ORG_KEY}"]
+    assert "tok-a" not in json.dumps(got)
+    assert standin.header_values(got, "Content-Type") == ["application/json"]
+
+
+async def test_each_token_reaches_its_own_queues_upstream(hub: tuple[Store, TestClient]):
+    _, client = hub
+    got = await echoed(await client.get("/api/v1/skills/x", headers={"Authorization": "Bearer tok-b"}))
+    assert got["path_qs"] == "/b-prefix/api/v1/skills/x"
+    assert standin.header_values(got, "Authorization") == ["Bearer org-key-B"]
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({}, 401),
+    ({"Authorization": "Bearer nobody"}, 401),
+    ({"Authorization": "Basic tok-a"}, 401),
+    ({"Authorization": "Bearer tok-p"}, 404),  # a queue without an upstream: nothing is served there
+])
+async def test_no_forwarding_without_a_token_of_a_queue_with_an_upstream(
+        hub: tuple[Store, TestClient], headers: dict[str, str], status: int):
+    _, client = hub
+    r = await client.get("/api/v1/executions/e-1", headers=headers)
+    assert r.status == status
+    assert "X-Stand-In" not in r.headers
+    assert "detail" in await r.json()
+
+
+async def test_operator_routes_win_over_the_pass_through(hub: tuple[Store, TestClient]):
+    _, client = hub
+    r = await client.post("/api/v1/worker-queues/q-a/start", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 200 and "X-Stand-In" not in r.headers
+    assert (await r.json())["queue_id"] == "q-a"
+
+
+async def test_routes_added_later_still_win(upstream: TestServer):
+    store = Store(settings=Settings(), version="1")
+    app = apps.make_app(store, version="1")
+
+    async def later(request: web.Request) -> web.Response:
+        return web.json_response({"served": "here"})
+
+    app.router.add_post("/api/v1/workers/{worker_id}/later", later)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post("/api/v1/workers/w1/later", headers={"Authorization": "Bearer x"})
+        assert await r.json() == {"served": "here"}
+        # The operator's own worker routes are served, never passed through (unknown worker: its 404).
+        r = await client.post("/api/v1/workers/w1/heartbeat", headers={"Authorization": "Bearer x"})
+        assert r.status == 401 and await r.json() == {"detail": "Invalid authentication credentials"}
+
+
+async def test_without_any_upstream_unknown_paths_stay_404():
+    store = Store(settings=Settings(), version="1")
+    store.upsert_queue(queue("plain", queueId="q-p"))
+    store.upsert_secret(("team-a", "plain-worker-token"), {"token": "tok-p"})
+    app = apps.make_app(store, version="1")
+    async with TestClient(TestServer(app)) as client:
+        for headers in ({}, {"Authorization": "Bearer tok-p"}, {"Authorization": "Bearer nobody"}):
+            r = await client.get("/api/v1/executions/e-1", headers=headers)
+            assert r.status == 404 and await r.json() == {"detail": "Not Found"}
+
+
+async def test_a_token_shared_by_two_queues_reaches_neither(hub: tuple[Store, TestClient]):
+    store, client = hub
+    store.upsert_secret(("team-b", "b-worker-token"), {"token": "tok-a"})
+    r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 403 and "X-Stand-In" not in r.headers
+
+
+async def test_rotated_key_is_used_from_the_next_request(hub: tuple[Store, TestClient]):
+    store, client = hub
+    store.upsert_secret(("team-a", "org"), {"k": "rotated"})
+    got = await echoed(await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"}))
+    assert standin.header_values(got, "Authorization") == ["Bearer rotated"]
+
+
+async def test_missing_key_is_503_naming_the_secret_not_its_value(hub: tuple[Store, TestClient]):
+    store, client = hub
+    store.upsert_secret(("team-a", "org"), None)
+    r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 503
+    assert await r.json() == {"detail": "The worker queue's upstream is not ready: secret org not found in namespace "
+                                        "team-a"}
+    resolution = store.resolution(("team-a", "a"))
+    assert resolution is not None and resolution.problem is not None and resolution.problem.reason == "SecretNotFound"
+
+
+async def test_streamed_answer_arrives_in_pieces(hub: tuple[Store, TestClient]):
+    _, client = hub
+    loop = asyncio.get_running_loop()
+    r = await client.get("/api/v1/executions/e-1/stream?events=3&gap=0.3", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+    arrivals = []
+    async for chunk in r.content.iter_any():
+        arrivals.append((loop.time(), chunk))
+    assert b"".join(c for _, c in arrivals) == b"data: event 0\n\ndata: event 1\n\ndata: event 2\n\n"
+    assert len(arrivals) >= 3 and arrivals[-1][0] - arrivals[0][0] >= 0.5
+
+
+async def test_a_worker_that_goes_away_mid_stream_releases_the_upstream(hub: tuple[Store, TestClient],
+                                                                         upstream: TestServer):
+    _, client = hub
+    path = "/api/v1/executions/e-1/stream?events=50&gap=0.1"
+    r = await client.get(path, headers={"Authorization": "Bearer tok-a"})
+    assert await r.content.readline() == b"data: event 0\n"
+    r.close()  # the worker hangs up with 49 events to go
+    received = upstream.app[standin.RECEIVED]
+    for _ in range(60):  # the operator closes its side at the next event, 0.1 s away
+        if ("GONE", path, None) in received:
+            break
+        await asyncio.sleep(0.05)
+    assert ("GONE", path, None) in received
+
+
+async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
+    _, client = hub
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    r = await client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 504 and "did not answer" in (await r.json())["detail"]
+    assert loop.time() - began < 5
+    text = await (await client.get("/metrics")).text()
+    assert 'kind="timeout"} 1' in text and 'code="5xx"} 1' in text
+
+
+async def test_a_streamed_answer_that_stalls_is_cut_not_completed(hub: tuple[Store, TestClient],
+                                                                   upstream: TestServer):
+    _, client = hub
+    length = passthrough.SMALL_ANSWER + 1
+    r = await client.get(f"/api/v1/stall?length={length}", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 200 and r.headers["Content-Length"] == str(length)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await r.read()  # 10 bytes, then the connection breaks: never a short "complete" answer
+    text = await (await client.get("/metrics")).text()
+    origin = f"http://{upstream.host}:{upstream.port}"
+    assert f'workerqueue_upstream_failures_total{{upstream="{origin}",kind="cut"}} 1' in text
+
+
+async def test_a_small_answer_that_stalls_is_504(hub: tuple[Store, TestClient]):
+    _, client = hub
+    r = await client.get("/api/v1/stall?length=100", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 504 and "did not answer" in (await r.json())["detail"]
+
+
+async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):
+    store, client = hub
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        store.upsert_queue(queue("a", queueId="q-a", upstream={"url": f"http://127.0.0.1:{port}",
+                                                                "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 502 and await r.json() == {"detail": "The upstream control plane cannot be reached"}
+    text = await (await client.get("/metrics")).text()
+    assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="unreachable"}} 1' in text
+
+
+async def test_upstream_status_and_metrics(hub: tuple[Store, TestClient], upstream: TestServer):
+    _, client = hub
+    r = await client.post("/api/v1/x", data=b"12345",
+                          headers={"Authorization": "Bearer tok-a", "X-Answer-Status": "404"})
+    assert r.status == 404
+    text = await (await client.get("/metrics")).text()
+    origin = f"http://{upstream.host}:{upstream.port}"
+    assert f'workerqueue_upstream_requests_total{{upstream="{origin}",code="4xx"}} 1' in text
+    assert f'workerqueue_upstream_bytes_total{{upstream="{origin}",direction="sent"}} 5' in text
+    assert f'workerqueue_upstream_response_seconds_count{{upstream="{origin}"}} 1' in text
+    assert ORG_KEY not in text
+
+
+async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store, TestClient]):
+    _, client = hub
+    async with client.ws_connect("/api/v1/ws/workers/w-1?x=1", headers={"Authorization": "Bearer tok-a"},
+                                 protocols=("agent.v1",)) as ws:
+        assert ws.protocol == "agent.v1"
+        hello = json.loads(await ws.receive_str(timeout=5))
+        assert hello["path_qs"] == "/api/v1/ws/workers/w-1?x=1"
+        assert standin.header_values(hello, "Authorization") == [f"Bearer {ORG_KEY}"]
+        await ws.send_str("ping?")
+        assert await ws.receive_str(timeout=5) == "ping?"
+        await ws.send_bytes(b"\x00\x01")
+        assert await ws.receive_bytes(timeout=5) == b"\x00\x01"
+        await ws.send_str("close")
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 4000
+
+
+async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):
+    _, client = hub
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer nobody"})
+    assert caught.value.status == 401
+
+
+async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[Store, TestClient]):
+    _, client = hub
+    r = await client.get("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a", "Upgrade": "websocket",
+                                                            "Connection": "Upgrade"})
+    assert r.status == 400 and await r.json() == {"detail": "Not a valid websocket handshake"}
+
+
+async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
+    settings = Settings()
+    store = Store(settings=settings, version="1")
+    url = str(upstream.make_url("/")).rstrip("/")
+    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    app = apps.make_app(store, settings=settings, version="1")
+    server = TestServer(app)
+    await server.start_server()
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
+        await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
+        closing = asyncio.create_task(server.close())
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(closing, 5)

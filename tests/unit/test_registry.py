@@ -1,0 +1,122 @@
+"""The worker registry's pure parts: Lease bodies, expiry, bounds, write pacing, the executions views."""
+
+from __future__ import annotations
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import executions, registry
+from workerqueue_operator.core.temporal import Execution
+
+
+def make_worker(**overrides: object) -> registry.Worker:
+    values: dict[str, object] = dict(
+        worker_id="0b9c6f1e-0000-4000-8000-000000000001", queue=("team-a", "q1"), queue_uid="uid-1",
+        queue_id="q-1", lease="q1-slot-0", duration=25.0, registered_at=1000.0, renewed_at=1010.0,
+        seen_at=1000.0, slot=0, status="busy", tasks_processed=3, current_task_id="exec-9", hostname="h",
+        pod="q1-w3", system_info={"hostname": "h", "cpu_count": 2})
+    values.update(overrides)
+    return registry.Worker(**values)  # type: ignore[arg-type]
+
+
+def test_a_lease_round_trips_everything_the_registry_keeps():
+    worker = make_worker()
+    body = registry.lease_body(worker, queue_name="q1")
+    assert body["spec"]["holderIdentity"] == worker.worker_id
+    assert body["spec"]["leaseDurationSeconds"] == 25
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert body["metadata"]["labels"]["app.kubernetes.io/component"] == registry.COMPONENT
+    back = registry.worker_from_lease({**body, "metadata": {**body["metadata"], "resourceVersion": "7"}},
+                                      seen_at=2000.0)
+    assert back is not None
+    assert (back.worker_id, back.queue, back.lease, back.slot, back.pod) == (
+        worker.worker_id, ("team-a", "q1"), "q1-slot-0", 0, "q1-w3")
+    assert (back.status, back.tasks_processed, back.current_task_id) == ("busy", 3, "exec-9")
+    assert abs(back.renewed_at - 1010.0) < 1e-3 and abs(back.registered_at - 1000.0) < 1e-3
+    assert back.stored and not back.dirty
+
+
+def test_leases_that_are_not_registrations_are_ignored():
+    assert registry.worker_from_lease({"metadata": {"name": "x", "namespace": "n"}, "spec": {}}, seen_at=0) is None
+    no_owner = {"metadata": {"name": "x", "namespace": "n"}, "spec": {"holderIdentity": "w"}}
+    assert registry.worker_from_lease(no_owner, seen_at=0) is None
+
+
+def test_expiry_counts_from_the_last_heartbeat_but_not_the_time_nobody_watched():
+    worker = make_worker(renewed_at=1000.0, seen_at=1000.0, duration=25.0)
+    assert not worker.expired(1024.9)
+    assert worker.expired(1025.0)
+    # A replica that starts long after the last renewal gives the worker a full duration first.
+    late = make_worker(renewed_at=1000.0, seen_at=5000.0, duration=25.0)
+    assert not late.expired(5024.0) and late.expired(5025.0)
+
+
+def test_system_info_is_bounded_and_drops_long_values():
+    info = {"hostname": "h", "blob": "x" * 5000, **{f"k{i}": "v" * 100 for i in range(100)}}
+    kept = registry.bounded_system_info(info)
+    assert kept is not None and "blob" not in kept and kept["hostname"] == "h"
+    assert len(str(kept)) <= registry.SYSTEM_INFO_MAX_BYTES + 200
+    assert registry.bounded_system_info({}) is None
+
+
+def test_the_bucket_paces_writes_and_saves_up_at_most_a_second():
+    bucket = registry._Bucket(tokens=0.0, updated=0.0)
+    taken = sum(bucket.take(10.0, now=t / 100) for t in range(1, 1001))  # 10 s at 10 writes a second
+    assert 95 <= taken <= 101
+    idle = registry._Bucket(tokens=0.0, updated=0.0)
+    burst = sum(idle.take(10.0, now=100.0) for _ in range(1000))  # after a long pause: one second's worth
+    assert burst == 10
+
+
+def test_slot_and_worker_lease_names_fit_a_dns_subdomain():
+    long_name = "q" * 253
+    assert len(registry.slot_lease_name(long_name, 999)) <= 253
+    assert len(registry.lease_name(long_name, "0b9c6f1e-0000-4000-8000-000000000001")) <= 253
+
+
+def execution(id_: str, status: str, holder: str | None, started: str) -> Execution:
+    return Execution(id=id_, run_id=f"run-{id_}", status=status, workflow_type="AgentExecutionWorkflow",
+                     created_at=started, started_at=started, completed_at=None if status == "running" else started,
+                     holder=holder)
+
+
+LISTING = [
+    execution("e4", "running", None, "2026-01-01T00:04:00Z"),  # nobody took it yet
+    execution("e3", "running", "12@q1-w2", "2026-01-01T00:03:00Z"),
+    execution("e2", "completed", "7@q1-w1", "2026-01-01T00:02:00Z"),
+    execution("e1", "completed", "99@q1-w0", "2026-01-01T00:01:00Z"),
+]
+
+
+def test_a_worker_sees_nothing_before_it_holds_an_execution():
+    assert executions.worker_view(LISTING, hostname="q1-w9") == []
+
+
+def test_a_worker_sees_only_its_own_execution_never_another_workers():
+    (entry,) = executions.worker_view(LISTING, hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("e2", "completed")
+    (entry,) = executions.worker_view(LISTING, hostname="q1-w2")
+    assert (entry["id"], entry["status"]) == ("e3", "running")
+
+
+def test_a_worker_holding_two_stays_running_until_both_are_closed():
+    listing = [execution("b", "running", "5@q1-w1", "2026-01-01T00:05:00Z"),
+               execution("a", "completed", "5@q1-w1", "2026-01-01T00:01:00Z")]
+    (entry,) = executions.worker_view(listing, hostname="q1-w1")
+    assert (entry["id"], entry["status"], entry["completed_at"]) == ("a", "running", None)
+    done = [execution("b", "failed", "5@q1-w1", "2026-01-01T00:05:00Z"), listing[1]]
+    (entry,) = executions.worker_view(done, hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("a", "completed")
+
+
+def test_a_hostname_matches_the_whole_host_part_only():
+    assert not executions.held_by(execution("x", "running", "1@q1-w10", "t"), "q1-w1")
+    assert executions.held_by(execution("x", "running", "1@q1-w1", "t"), "q1-w1")
+
+
+def test_the_queue_view_filters_and_limits():
+    assert [e["id"] for e in executions.queue_view(LISTING, status="all", limit=3)] == ["e4", "e3", "e2"]
+    assert [e["id"] for e in executions.queue_view(LISTING, status="completed", limit=10)] == ["e2", "e1"]
+
+
+def test_a_queue_lease_duration_is_two_and_a_half_heartbeat_intervals():
+    q = queue(heartbeatIntervalSeconds=10)
+    assert registry.EXPIRY_INTERVALS * q.spec.heartbeat_interval_seconds == 25
