@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from image import build as image_build
 from image.build import Instruction, Stage, exec_form
@@ -116,9 +118,13 @@ def test_python_packages_come_from_the_lock_with_hashes(build: list[Stage]):
     assert all("--hash=sha256:" in block for block in blocks) and len(blocks) == len(pinned)
     assert "make image-lock" in lock, "the lock says how to regenerate it"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    for requirement in project["project"]["dependencies"] + project["build-system"]["requires"]:
-        name = re.match(r"[A-Za-z0-9._-]+", requirement)
-        assert name and name.group(0).lower().replace("_", "-") in pinned, f"{requirement} is not locked"
+    for line in project["project"]["dependencies"] + project["build-system"]["requires"]:
+        requirement = Requirement(line)
+        locked = pinned.get(canonicalize_name(requirement.name))
+        assert locked is not None, f"{line} is not in image/requirements.lock: run `make image-lock`"
+        assert requirement.specifier.contains(locked, prereleases=True), (
+            f"image/requirements.lock has {requirement.name}=={locked}, pyproject.toml wants {line}: "
+            "run `make image-lock`")
     # The same two steps, in the same order, in make image's chroot.
     source = Path(image_build.__file__).read_text()
     assert "--require-hashes --no-deps --no-compile --no-index --find-links /tmp/wheels" in source
