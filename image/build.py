@@ -12,7 +12,9 @@ hashes; image/debian.lock the Debian package versions of the last `make image-lo
 
 Standard library only: it runs on the host's python3, before any venv exists. Root filesystems are
 cached in ~/.cache/workerqueue-operator/image (keyed by everything that goes into them), with the
-.deb and pip caches, so that a rebuild only reinstalls the operator.
+.debs and the wheels, so that a rebuild only reinstalls the operator. The build is reproducible:
+what it makes is dated at the last commit of its sources and the bytecode is hash-based, so the
+same sources and locked packages give the same digest, from a warm cache or a cold one.
 """
 
 from __future__ import annotations
