@@ -51,27 +51,26 @@ def install_crd(kubectl: Kubectl) -> None:
     kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
 
 
-def queue_manifests(namespace: str, count: int, token: str) -> tuple[dict[str, Any], list[Target]]:
-    """One `List` with the namespace, the token Secret and `count` WorkerQueues; and the load targets."""
-    items: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-         "metadata": {"name": TOKEN_SECRET, "namespace": namespace}, "stringData": {TOKEN_KEY: token}},
-    ]
+def queue_manifests(namespace: str, count: int, token: str,
+                    *, generated: bool = False) -> tuple[dict[str, Any], list[Target]]:
+    """One `List` with the namespace, the token Secret and `count` WorkerQueues; and the load targets.
+    `generated`: no shared Secret, the operator generates each queue's token Secret (no targets then)."""
+    items: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
+    if not generated:
+        items.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                      "metadata": {"name": TOKEN_SECRET, "namespace": namespace}, "stringData": {TOKEN_KEY: token}})
     targets: list[Target] = []
     for i in range(count):
         queue_id = str(uuid.uuid4())  # what the control plane's own queue ids look like
-        items.append({
-            "apiVersion": "agentcontrol.dev/v1alpha1",
-            "kind": "WorkerQueue",
-            "metadata": {"name": f"queue-{i:04d}", "namespace": namespace},
-            "spec": {
-                "queueId": queue_id,
-                "temporal": {"host": f"tenant-{i:04d}.tmprl.bench.internal:7233", "namespace": f"tenant-{i:04d}"},
-                "auth": {"tokenSecretRefs": [{"name": TOKEN_SECRET, "key": TOKEN_KEY}]},
-            },
-        })
-        targets.append(Target(queue_id=queue_id, token=token))
+        spec: dict[str, Any] = {
+            "queueId": queue_id,
+            "temporal": {"host": f"tenant-{i:04d}.tmprl.bench.internal:7233", "namespace": f"tenant-{i:04d}"},
+        }
+        if not generated:
+            spec["auth"] = {"tokenSecretRefs": [{"name": TOKEN_SECRET, "key": TOKEN_KEY}]}
+            targets.append(Target(queue_id=queue_id, token=token))
+        items.append({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
+                      "metadata": {"name": f"queue-{i:04d}", "namespace": namespace}, "spec": spec})
     return {"apiVersion": "v1", "kind": "List", "items": items}, targets
 
 
@@ -93,10 +92,10 @@ def create_upstream_queue(kubectl: Kubectl, namespace: str, upstream_url: str) -
     return [Target(queue_id=queue_id, token=token)]
 
 
-def create_queues(kubectl: Kubectl, namespace: str, count: int) -> list[Target]:
+def create_queues(kubectl: Kubectl, namespace: str, count: int, *, generated: bool = False) -> list[Target]:
     """Creates the namespace, the Secret and the queues in one kubectl call; returns the load targets."""
-    manifest, targets = queue_manifests(namespace, count, secrets.token_urlsafe(32))
-    kubectl("create", "-f", "-", "-o", "name", stdin=json.dumps(manifest))
+    manifest, targets = queue_manifests(namespace, count, secrets.token_urlsafe(32), generated=generated)
+    kubectl("create", "-f", "-", "-o", "name", stdin=json.dumps(manifest), timeout=1800)
     return targets
 
 
@@ -120,6 +119,7 @@ def wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say, alive:
     """
     began = time.monotonic()
     last = -1
+    poll = max(0.5, count / 4000)  # listing 10,000 queues costs the API server (and the operator) CPU
     while True:
         alive()
         ready, total = ready_count(kubectl, namespace)
@@ -130,9 +130,9 @@ def wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say, alive:
             last = ready
         if time.monotonic() - began > timeout:
             raise ClusterError(f"only {ready} of {count} queues in {namespace} became Ready within {timeout:.0f}s")
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def delete_queues(kubectl: Kubectl, namespace: str) -> None:
     """Deletes the namespace's queues and waits until they are gone (they carry no finalizer)."""
-    kubectl("delete", "workerqueues", "--all", "-n", namespace, "--wait=true", "--timeout=300s")
+    kubectl("delete", "workerqueues", "--all", "-n", namespace, "--wait=true", "--timeout=1200s", timeout=1800)

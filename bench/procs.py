@@ -72,6 +72,9 @@ class Children:
         self._running.append(popen)
         return popen
 
+    def running(self) -> list[subprocess.Popen[bytes]]:
+        return list(self._running)
+
     def stop(self, popen: subprocess.Popen[bytes]) -> None:
         terminate(popen)
         if popen in self._running:

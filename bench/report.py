@@ -151,3 +151,25 @@ def verdict(rows: list[Row]) -> str:
     else:
         lines.append(f"all targets met in {len(rows)} rows")
     return "\n".join(lines)
+
+
+def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
+                restart: tuple[float, int | None] | None = None) -> str:
+    """The 10,000-queue runs (issue 11): goals Ready <= 30 s after start, RSS <= 300 MiB, /start p50 flat."""
+    def mib(kib: int | None) -> str:
+        return "-" if kib is None else f"{kib / 1024:.0f} MiB"
+
+    kinds = ("one shared token Secret", "a token Secret generated per queue")
+    out = [f"{f['queues']} queues existing at start, {kind}: Ready after {f['ready_seconds']:.1f}s; "
+           f"VmRSS {mib(f['rss_ready_kib'])} when Ready (peak {mib(f['peak_rss_kib'])})"
+           for f, kind in zip(runs, kinds, strict=False)]
+    if restart is not None and runs:
+        out.append(f"{runs[0]['queues']} queues Ready already (an operator restart): ready after {restart[0]:.1f}s; "
+                   f"VmRSS {mib(restart[1])}")
+    if p50_ms is not None:
+        same = [r for r in rows if r["concurrency"] == 16]
+        others = ", ".join(f"{r['queues']} queues {r['operator']['p50_ms']:.2f} ms" for r in same)
+        out.append(f"/start p50 at concurrency 16 with {runs[0]['queues']} queues: {p50_ms:.2f} ms"
+                   + (f" (table above: {others})" if others else ""))
+    out.append("Goals (issue 11): Ready <= 30 s after start, VmRSS <= 300 MiB, /start p50 flat.")
+    return "\n".join(out)

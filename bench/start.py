@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, heartbeats, loadgen, procs, report, spawn
+from bench import cluster, handover, heartbeats, loadgen, procs, report, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
@@ -88,6 +89,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--passthrough", type=_ints, default=PASSTHROUGH_CONCURRENCY,
                    help="concurrencies of the pass-through latency benchmark (default 1,16)")
     p.add_argument("--no-passthrough", action="store_true", help="skip the pass-through latency benchmark")
+    p.add_argument("--scale", type=int, default=10_000,
+                   help="queues that exist before the operator starts, for Ready time and RSS, once with a "
+                        "shared token Secret and once with one generated per queue (default 10000; 0: skip)")
+    p.add_argument("--handover-samples", type=int, default=3,
+                   help="SIGKILLs of the active replica of two under peering (default 3; 0: skip)")
+    p.add_argument("--no-handover-baseline", action="store_true",
+                   help="skip the one handover sample with kopf's default peering lifetime (60 s)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--work-dir", type=Path,
                    help="folder for logs and the control plane's state (default: a new temporary folder)")
@@ -160,6 +168,10 @@ class Bench:
         self.spawn: list[spawn.SpawnResult] = []
         self.heartbeats: heartbeats.HeartbeatResult | None = None
         self.passthrough: list[report.PassthroughRow] = []
+        self.scale: list[report.Footprint] = []
+        self.scale_p50: float | None = None
+        self.scale_restart: tuple[float, int | None] | None = None
+        self.handover: list[handover.HandoverResult] = []
 
     def measure_passthrough(self, concurrencies: Sequence[int]) -> None:
         """Latency the pass-through adds (issue 10): a stand-in upstream (the baseline server,
@@ -186,6 +198,74 @@ class Bench:
             self.passthrough.append(report.passthrough_row(concurrency, direct, via))
         self.children.stop(operator.popen)
         self.children.stop(upstream.popen)
+
+    def measure_scale(self, count: int) -> None:
+        """`count` queues made before the operator starts: its Ready time and memory (issue 11)."""
+        if count <= 0:
+            return
+        for generated in (False, True):
+            namespace = f"bench-scale-{'generated' if generated else 'shared'}"
+            say(f"creating {count} WorkerQueues in {namespace} "
+                f"({'a token Secret generated per queue' if generated else 'one shared token Secret'})")
+            began = time.monotonic()
+            targets = cluster.create_queues(self.kubectl, namespace, count, generated=generated)
+            say(f"  created in {time.monotonic() - began:.1f}s")
+            operator = self._start_operator(count)
+            began = time.monotonic()
+            operator.wait_ready()
+            cluster.wait_ready(self.kubectl, namespace, count, say=say, alive=operator.alive,
+                               timeout=START_TIMEOUT + count)
+            ready_seconds = time.monotonic() - began
+            rss = procs.rss_kib(operator.popen.pid)
+            say(f"  all Ready after {ready_seconds:.1f}s; operator VmRSS {rss} KiB")
+            idle = self._idle_cpu(operator)
+            if targets:
+                targets_file = self.work_dir / f"targets-scale-{count}.json"
+                targets_file.write_text(json.dumps(targets))
+                result, _ = self._load(operator, targets_file, 16, count)
+                self.scale_p50 = result["p50_ms"]
+            self.scale.append(report.Footprint(
+                queues=count, ready_seconds=ready_seconds, rss_ready_kib=rss,
+                rss_after_load_kib=procs.rss_kib(operator.popen.pid),
+                peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle))
+            self.children.stop(operator.popen)
+            if not generated:
+                # The common start: a restart (upgrade, rescheduling) over queues that are Ready already.
+                operator = self._start_operator(count, name=f"{count}-restart")
+                began = time.monotonic()
+                operator.wait_ready()
+                cluster.wait_ready(self.kubectl, namespace, count, say=say, alive=operator.alive,
+                                   timeout=START_TIMEOUT + count)
+                self.scale_restart = (time.monotonic() - began, procs.rss_kib(operator.popen.pid))
+                say(f"  restarted over {count} Ready queues: ready after {self.scale_restart[0]:.1f}s")
+                self.children.stop(operator.popen)
+            say(f"  deleting the {count} queues")
+            self.kubectl("delete", "namespace", namespace, "--wait=false")
+
+    def measure_handover(self) -> None:
+        """Two replicas under peering; the active one SIGKILLed (issue 11)."""
+        if self.args.handover_samples <= 0:
+            return
+        handover.prepare(self.kubectl, str(ROOT))
+        runs: list[int | None] = [None] if self.args.no_handover_baseline else [None, handover.KOPF_DEFAULT_LIFETIME]
+        for lifetime in runs:
+            samples = self.args.handover_samples if lifetime is None else 1
+            say(f"measuring handover ({samples} samples, peering lifetime {lifetime or 'default'})")
+            self.handover.append(handover.measure(self.kubectl, start=self._start_replica, kill=self._kill,
+                                                  samples=samples, lifetime=lifetime, say=say))
+
+    def _start_replica(self, name: str, priority: int, env: dict[str, str]) -> handover.Replica:
+        server = self._start_operator(0, name=name, args=["--peering", handover.PEERING, "--priority", str(priority)],
+                                      env=env)
+        server.wait_ready()
+        return handover.Replica(url=server.url, pid=server.popen.pid, alive=server.alive)
+
+    def _kill(self, replica: handover.Replica) -> None:
+        for popen in self.children.running():
+            if popen.pid == replica.pid:
+                if popen.poll() is None:
+                    os.killpg(popen.pid, signal.SIGKILL)  # no goodbye to the peering object
+                self.children.stop(popen)
 
     def measure_spawn(self) -> None:
         """Worker-pod spawn latency against a fresh operator (issue 4)."""
@@ -271,13 +351,14 @@ class Bench:
         server.alive()
         return (after - before) / window if before is not None and after is not None else 0.0
 
-    def _start_operator(self, count: int | str) -> Server:
+    def _start_operator(self, count: int | str, *, name: str = "", args: Sequence[str] = (),
+                        env: dict[str, str] | None = None) -> Server:
         port = procs.free_port()
         env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(port),
-               "WQ_ORGANIZATION_ID": "org-bench", "KUBECONFIG": str(self.kubeconfig)}
-        log_path = self.work_dir / f"operator-{count}.log"
+               "WQ_ORGANIZATION_ID": "org-bench", "KUBECONFIG": str(self.kubeconfig), **(env or {})}
+        log_path = self.work_dir / f"operator-{name or count}.log"
         popen = self.children.spawn(
-            [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self.kubeconfig)],
+            [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self.kubeconfig), *args],
             log_path=log_path, env=env)
         return Server("operator", popen, f"http://127.0.0.1:{port}", log_path)
 
@@ -339,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         args.spawn_samples, args.spawn_burst = 3, 10
         args.heartbeat_workers = 20
         args.passthrough = (1, 4)
+        args.scale, args.handover_samples, args.no_handover_baseline = 200, 1, True
     began = time.monotonic()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -362,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.measure_heartbeats()
             if not args.no_passthrough:
                 bench.measure_passthrough(args.passthrough)
+            bench.measure_scale(args.scale)
+            bench.measure_handover()
             failed = False
         except procs.Interrupted:
             say(f"interrupted: stopping everything; logs: {work_dir}")
@@ -401,6 +485,12 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
     if bench.passthrough:
         print()
         print(report.passthrough_lines(bench.passthrough, PASSTHROUGH_PATH.format(queue_id="{id}")))
+    if bench.scale:
+        print()
+        print(report.scale_lines(bench.scale, bench.scale_p50, bench.rows, bench.scale_restart))
+    if bench.handover:
+        print()
+        print(handover.lines(bench.handover))
     print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; {args.warmup:g}s warm-up + "
           f"{args.seconds:g}s measured per run; benchmark wall time {wall:.1f}s")
     if args.keep:
@@ -412,7 +502,10 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                    "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
                                "max_p50_ratio": report.MAX_P50_RATIO},
                    "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn,
-                   "heartbeats": bench.heartbeats, "passthrough": bench.passthrough}
+                   "heartbeats": bench.heartbeats, "passthrough": bench.passthrough,
+                   "scale": {"runs": bench.scale, "start_p50_ms_c16": bench.scale_p50,
+                             "restart": bench.scale_restart},
+                   "handover": bench.handover}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {args.json}")
 

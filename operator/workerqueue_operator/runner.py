@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
+import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
@@ -21,8 +24,10 @@ from pydantic import ValidationError
 import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
+from workerqueue_operator.api import keys
 from workerqueue_operator.core import queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import LiveStatus, Reconciler
 from workerqueue_operator.core.registry import Registry
@@ -37,26 +42,62 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 5.0
 
 
-def configure_logging(verbose: bool) -> None:
-    # kopf's JSON format: one object per line, `extra` fields included; structured for log pipelines.
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+def configure_logging(verbose: bool, *, plain: bool = False) -> None:
+    """JSON lines (kopf's format, `extra` fields included) for log pipelines; `plain`: text for a person."""
+    if plain:
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.FULL, log_prefix=True)
+    else:
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+    routine = RoutineKopfMessages()
+    for handler in logging.getLogger().handlers:  # on the handler: it sees every logger's records
+        if not any(isinstance(f, RoutineKopfMessages) for f in handler.filters):
+            handler.addFilter(routine)
+
+
+class RoutineKopfMessages(logging.Filter):
+    """kopf says "Handler 'pod-event' succeeded." at INFO for every event of every object: routine,
+    so DEBUG here (shown with -v only). Failures keep their level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 class Feed:
-    """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets)."""
+    """Turns informer callbacks into Store updates (and Secret reads for newly used Secrets), and
+    tells the worker supervisor of queues (on every replica: it acts only while active)."""
 
-    def __init__(self, store: Store, reconciler: Reconciler) -> None:
+    def __init__(self, store: Store, reconciler: Reconciler, supervisor: Supervisor) -> None:
         self._store = store
         self._reconciler = reconciler
+        self._supervisor = supervisor
         # Until the Secrets have been listed once, a Secret a queue uses will come through the list;
         # after that, one that is still unknown passed by before it was used, and is read on its own.
         self.secrets_listed = False
 
     def secrets_synced(self) -> None:
         self.secrets_listed = True
-        self._reconciler.fetch_secrets(self._store.unknown_secrets())
+        unknown = self._store.unknown_secrets()
+        # The queues were listed before the Secrets, so a used Secret the list did not bring does not
+        # exist, as far as the watch can tell: a token Secret the operator generates (an Opaque one in
+        # a watched namespace) is known absent without a GET each (10,000 new queues: 10,000 GETs).
+        # Any other may be of an ignored type, or outside the watched namespaces: read once.
+        generated = unknown & self._store.generated_token_secrets()  # in the queue's (watched) namespace
+        for name in generated:
+            self._store.fill_secret(name, None)
+        self._reconciler.fetch_secrets(unknown - generated)
 
     def queue_upserted(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        previous = self._store.queue((meta.get("namespace", ""), meta.get("name", "")))
+        if previous is not None and previous.same_spec(body):
+            # Most events are status writes (ours): no parsing, validating or resolving again.
+            queue = previous.with_body(body)
+            self._store.refresh_queue(queue)
+            self._supervisor.queue_changed(queue)
+            return
         try:
             queue = queues.QueueObject.from_body(body)
         except (ValidationError, KeyError) as exc:
@@ -68,9 +109,11 @@ class Feed:
         missing = self._store.upsert_queue(queue)
         if missing and self.secrets_listed:
             self._reconciler.fetch_secrets(missing)
+        self._supervisor.queue_changed(queue)
 
     def queue_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
         self._store.remove_queue(key)
+        self._supervisor.queue_deleted(key)
 
     def secret_upserted(self, body: dict[str, Any]) -> None:
         name = informer.object_key(body)
@@ -87,34 +130,62 @@ class Feed:
 
 
 class Watches:
-    """The informers of every watched scope, started in the order that keeps start-up cheap."""
+    """The informers of every watched scope, started in the order that keeps start-up cheap.
 
-    def __init__(self, client: client_.KubeClient, feed: Feed, namespaces: tuple[str, ...],
-                 registry: Registry) -> None:
-        scopes: tuple[str | None, ...] = namespaces or (None,)
+    Watched twice on purpose: kopf watches queues and pods to trigger the worker supervisor, and
+    peering pauses those watches on a standby replica; these informers feed the Store that /start
+    serves from, which every replica keeps current and no pause may stop.
+    """
+
+    def __init__(self, client: client_.KubeClient, feed: Feed, settings: settings_.Settings,
+                 activity: Activity, registry: Registry, peering: str | None = None) -> None:
+        scopes: tuple[str | None, ...] = settings.namespaces or (None,)
+        # The API server leaves out Secret types no queue uses (Helm releases): never sent, never parsed.
+        secret_params = ({"fieldSelector": ",".join(f"type!={t}" for t in settings.ignored_secret_types)}
+                         if settings.ignored_secret_types else {})
         self.queues = [
             informer.Informer(client, resources.queues_path(ns), on_upsert=feed.queue_upserted,
                               on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}")
             for ns in scopes]
         self.secrets = [
             informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,
-                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}")
+                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}", params=secret_params)
             for ns in scopes]
         # Worker registrations: only the Leases this operator labels, not every Lease of the cluster.
         self.leases = [
             informer.Informer(client, resources.leases_path(ns), on_upsert=registry.lease_upserted,
                               on_delete=registry.lease_deleted, name=f"leases/{ns or '*'}",
-                              label_selector=registry_.SELECTOR)
+                              params={"labelSelector": registry_.SELECTOR})
             for ns in scopes]
+        # The peering objects tell who is the active replica; kopf keeps its own view to itself.
+        self.peerings = [
+            informer.Informer(client, resources.peerings_path(ns),
+                              on_upsert=lambda body: activity.observed(informer.object_key(body), body),
+                              on_delete=lambda key, _: activity.observed(key, None),
+                              name=f"peering/{ns or '*'}", params={"fieldSelector": f"metadata.name={peering}"})
+            for ns in scopes if peering is not None]
         self._feed = feed
 
+    @property
+    def all(self) -> list[informer.Informer]:
+        """The informers /start depends on (not the peering one: a standby serves all the same)."""
+        return [*self.queues, *self.secrets, *self.leases]
+
     def synced(self) -> bool:
-        return all(i.synced.is_set() for i in (*self.queues, *self.secrets, *self.leases))
+        return all(i.synced.is_set() for i in self.all)
+
+    def down_for(self) -> float:
+        """Seconds the longest-failing watch has been failing; 0 when all are well."""
+        return max((i.down_for() for i in self.all), default=0.0)
+
+    def failures(self) -> dict[str, float]:
+        return {i.name: i.failures for i in (*self.all, *self.peerings)}
 
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
         # one); statuses only once both are known, so that no queue flaps through "not found".
-        tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in (*self.queues, *self.leases)]
+        tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}")
+                 for i in (*self.peerings, *self.queues, *self.leases)]
         try:
             await asyncio.gather(*(i.synced.wait() for i in self.queues))
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
@@ -165,32 +236,73 @@ async def run(
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
     store = Store(settings=settings, version=version)
     events = EventPoster(client)
+    # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    peerings = [(ns, peering) for ns in (settings.namespaces or ("",))] if peering is not None else []
+    activity = Activity(identity=identity, priority=priority, peerings=peerings)
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
-                            watched_namespaces=settings.namespaces)
-    feed = Feed(store, reconciler)
-    registry = Registry(client=client, events=events, queue_of=store.queue)
-    watches = Watches(client, feed, settings.namespaces, registry)
+                            activity=activity, watched_namespaces=settings.namespaces,
+                            ignored_secret_types=settings.ignored_secret_types)
+    registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active)
+    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
+                            registry=registry)
+    feed = Feed(store, reconciler, supervisor)
+    watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     kopf_ready = asyncio.Event()
 
     def ready() -> bool:
-        return kopf_ready.is_set() and watches.synced()
+        # A watch failing for long means stale memory: better no traffic than wrong answers.
+        return kopf_ready.is_set() and watches.synced() and watches.down_for() < settings.watch_unready_seconds
 
     app = app_.make_app(store=store, reviewer=reviewer, registry=registry, temporal_=temporal_, kube=client,
                         settings=settings, version=version, ready=ready)
+    app[keys.METRICS].family("workerqueue_watch_failures_total",
+                             "Failed lists and watches of the operator's own informers, by resource.",
+                             kind="counter", label="resource", read=watches.failures)
+    app[keys.METRICS].gauge("workerqueue_events_dropped_total",
+                            "Events not posted because too many were waiting (see the log).",
+                            lambda: events.dropped, kind="counter")
+    app[keys.METRICS].gauge("workerqueue_events_coalesced_total",
+                            "Events folded into an identical one still waiting to be posted.",
+                            lambda: events.coalesced, kind="counter")
+    app[keys.METRICS].gauge("workerqueue_events_waiting", "Distinct Events waiting to be posted.",
+                            lambda: events.waiting)
+    app[keys.METRICS].gauge("workerqueue_active_replica",
+                            "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
+                            lambda: int(activity.is_active()))
     http, port = await serve_http(app, settings)
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     if on_listening is not None:
         on_listening(port)
 
-    background = asyncio.create_task(watches.run(reconciler), name="watches")
-    supervisor = Supervisor(store=store, client=client, settings=settings, events=events, registry=registry)
-    background_supervisor = asyncio.create_task(supervisor.run(), name="worker supervisor")
-    background_events = asyncio.create_task(events.run(), name="event poster")
-    background_registry = asyncio.create_task(registry.run(), name="worker registry")
-    live_status = LiveStatus(store=store, registry=registry, client=client)
-    background_live = asyncio.create_task(live_status.run(), name="live worker counts")
+    # Our loops run forever: one that ends has a bug. The operator then stops (its pod restarts),
+    # saying why, rather than serving from memory nothing keeps current any more.
+    stopping = asyncio.Event()
+    died: list[str] = []
+
+    def loud(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        logger.error("%s stopped: %s; stopping the operator", task.get_name(),
+                     f"{type(exc).__name__}: {exc}" if exc else "returned", exc_info=exc)
+        died.append(task.get_name())
+        stopping.set()
+
+    tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
+             asyncio.create_task(activity.run(), name="activity"),
+             asyncio.create_task(supervisor.run(), name="worker supervisor"),
+             asyncio.create_task(events.run(), name="event poster"),
+             asyncio.create_task(registry.run(), name="worker registry"),
+             asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
+                                                            activity=activity).run(),
+                                 name="live worker counts")]
+    if stop_flag is not None:
+        tasks.append(asyncio.create_task(_relay(stop_flag, stopping), name="stop flag"))
+    for task in tasks:
+        task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor)
     try:
         await kopf.operator(
@@ -201,16 +313,25 @@ async def run(
             standalone=peering is None,
             peering_name=peering,
             priority=priority,
+            identity=cast(Any, identity),  # kopf's Identity is a NewType of str
             ready_flag=kopf_ready,
-            stop_flag=stop_flag,
+            stop_flag=stopping,
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
     finally:
-        tasks = (background, background_supervisor, background_events, background_registry, background_live)
         for task in tasks:
+            task.remove_done_callback(loud)
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         await http.cleanup()
         await temporal_.close()
         await client.close()
+    if died:
+        raise RuntimeError(f"stopped because {', '.join(died)} stopped")
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+    await asyncio.Event().wait()  # the relay's own end must not count as a loop that died

@@ -58,3 +58,10 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
         assert row["errors"] == 0
         assert row["overhead_p50_ms"] == row["via_operator"]["p50_ms"] - row["direct"]["p50_ms"]
     assert "pass-through latency overhead" in text
+    shared, generated = figures["scale"]["runs"]
+    assert shared["queues"] == generated["queues"] == 200
+    assert shared["ready_seconds"] > 0 and generated["ready_seconds"] > 0 and shared["rss_ready_kib"] > 0
+    assert figures["scale"]["start_p50_ms_c16"] > 0 and figures["scale"]["restart"][0] > 0
+    (handover,) = figures["handover"]
+    assert handover["lifetime_seconds"] is None and len(handover["samples"]) == 1 and handover["p50_s"] > 0
+    assert "queues existing at start" in text and "handover after SIGKILL" in text

@@ -96,6 +96,10 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
         assert identities == {f"{pid}@{pod}" for pod, pid in started.items()}
         worker_pids = [int(pid) for pid in started.values()]
         assert all(alive(pid) for pid in worker_pids)
+        # Logs for a person: text lines with a level, not JSON objects; no routine handler chatter.
+        listening = next(line for line in printed.splitlines() if "HTTP API listening" in line)
+        assert "[INFO" in listening and not listening.lstrip().startswith("{")
+        assert "succeeded." not in printed and "registry.<locals>" not in printed
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
         try:

@@ -125,3 +125,23 @@ def test_per_worker_tokens_name_their_pod_and_queue_and_go_with_their_secret():
     assert s.worker_credential(queues.digest("tok-0b")) is None
     assert s.worker_credential_secrets(("team-a", "q1")) == {}
     assert s.worker_credential_secrets(("team-a", "q2")) == {"q2-w0": ("team-a", "q2-w0-token")}
+def test_a_status_only_update_keeps_the_resolution_and_is_told():
+    from tests.unit.factories import queue_body
+
+    s, changed = store()
+    first = queue(queueId="abc")
+    s.upsert_queue(first)
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    before = s.serving("abc")
+    body = {**queue_body(queueId="abc"), "status": {"observedGeneration": 1}}
+    assert first.same_spec(body)
+    assert not first.same_spec({**body, "metadata": {**body["metadata"], "generation": 2}})
+    assert not first.same_spec({**body, "metadata": {**body["metadata"], "uid": "other"}})
+    changed.clear()
+    s.refresh_queue(first.with_body(body))
+    after = s.serving("abc")
+    assert changed == [("team-a", "q1")]
+    assert after.config is before.config and after.queue.status == {"observedGeneration": 1}
+    assert s.queue(("team-a", "q1")).status == {"observedGeneration": 1}
+    deleting = {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-01-01T00:00:01Z"}}
+    assert first.with_body(deleting).deleting

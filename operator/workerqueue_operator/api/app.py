@@ -175,10 +175,10 @@ def make_app(
                        lambda: store.secret_count)
     app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",
                        lambda: registry.total)
-    app[METRICS].counter("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
-                         lambda: registry.heartbeats)
-    app[METRICS].counter("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
-                         lambda: registry.writes)
+    app[METRICS].gauge("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
+                       lambda: registry.heartbeats, kind="counter")
+    app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
+                       lambda: registry.writes, kind="counter")
     app.router.add_post(START_ROUTE, start_worker)
     workers.add_routes(app)
     app.router.add_get("/healthz", healthz)

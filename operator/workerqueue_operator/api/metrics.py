@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # Seconds; /start answers from memory, so the interesting range is sub-millisecond to tens of ms.
 _LATENCY = "workerqueue_http_request_duration_seconds"
@@ -50,8 +50,9 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self._latency_counts: dict[str, list[int]] = {}
         self._latency_sums: dict[str, float] = defaultdict(float)
-        self._gauges: dict[str, tuple[str, str, Callable[[], float]]] = {}
+        self._gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
         self._started: dict[tuple[str, str], int] = defaultdict(int)
+        self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
         self._upstreams: dict[str, UpstreamStats] = {}
 
     def upstream(self, origin: str) -> UpstreamStats:
@@ -60,13 +61,14 @@ class Metrics:
             stats = self._upstreams[origin] = UpstreamStats()
         return stats
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """A gauge read at scrape time, so it is never stale."""
-        self._gauges[name] = ("gauge", help_text, read)
+    def gauge(self, name: str, help_text: str, read: Callable[[], float], *, kind: str = "gauge") -> None:
+        """A gauge (or a counter kept elsewhere: `kind="counter"`) read at scrape time, so it is never stale."""
+        self._gauges[name] = (help_text, read, kind)
 
-    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """A counter kept by its owner, read at scrape time."""
-        self._gauges[name] = ("counter", help_text, read)
+    def family(self, name: str, help_text: str, *, kind: str, label: str,
+               read: Callable[[], Mapping[str, float]]) -> None:
+        """A counter or gauge with one label, its values read at scrape time (label value -> value)."""
+        self._families[name] = (help_text, kind, label, read)
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
@@ -106,8 +108,11 @@ class Metrics:
         for (namespace, queue), count in sorted(self._started.items()):
             lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
         lines += self._render_upstreams()
-        for name, (kind, help_text, read) in sorted(self._gauges.items()):
+        for name, (help_text, read, kind) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]
+        for name, (help_text, kind, label, read_family) in sorted(self._families.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f'{name}{{{label}="{value}"}} {count}' for value, count in sorted(read_family().items())]
         return "\n".join(lines) + "\n"
 
     def _render_upstreams(self) -> list[str]:

@@ -1,9 +1,19 @@
-"""Kubernetes Events, posted in the background so that reporting never delays the work it reports."""
+"""Kubernetes Events, posted in the background so that reporting never delays the work it reports.
+
+Bounded: Events waiting to be posted are keyed by (object, type, reason, message), so the same
+Event repeated before it could be posted becomes one Event with a count, as the kubelet's own
+aggregation does. When `backlog` distinct Events are waiting, a new one makes room by dropping the
+oldest routine (Normal) one, or is dropped itself if only Warnings wait: Warnings say what someone
+must fix. Drops are counted (`dropped`, a metric) and logged at most once a minute.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -13,27 +23,86 @@ from workerqueue_operator.k8s import resources
 
 logger = logging.getLogger(__name__)
 
+EventKey = tuple[str, str, str, bool, str, str]
+"""(namespace, name, uid, warning, reason, message)."""
+
+
+@dataclass
+class _Pending:
+    involved: dict[str, Any]
+    reason: str
+    message: str
+    warning: bool
+    count: int = 1
+
 
 class EventPoster:
-    def __init__(self, client: client_.KubeClient, *, workers: int = 4, backlog: int = 10_000) -> None:
+    def __init__(self, client: client_.KubeClient, *, workers: int = 4, backlog: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._workers = workers
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=backlog)
+        self._backlog = backlog
+        # Insertion-ordered, oldest first; Warnings apart, so that they are posted first and never
+        # make way for routine Events.
+        self._warnings: dict[EventKey, _Pending] = {}
+        self._normals: dict[EventKey, _Pending] = {}
+        self._wakeup = asyncio.Event()
+        self._clock = clock
+        self.dropped = 0
+        """Events dropped because the backlog was full (a metric)."""
+        self.coalesced = 0
+        """Events folded into an identical one still waiting (a metric)."""
+        self._dropped_logged = 0
+        self._logged_at: float | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._warnings) + len(self._normals)
 
     def post(self, *, involved: dict[str, Any], reason: str, message: str, warning: bool = False) -> None:
         """Queues an Event; messages never hold secret values (callers build them from names only)."""
-        try:
-            self._queue.put_nowait({"involved": involved, "reason": reason, "message": message, "warning": warning})
-        except asyncio.QueueFull:
-            logger.warning("dropping Event %s: %d Events are waiting to be posted", reason, self._queue.qsize())
+        meta = involved["metadata"]
+        key = (meta["namespace"], meta["name"], meta.get("uid", ""), warning, reason, message)
+        waiting = self._warnings if warning else self._normals
+        pending = waiting.get(key)
+        if pending is not None:
+            pending.count += 1
+            self.coalesced += 1
+            return
+        if self.waiting >= self._backlog:
+            if not (warning and self._normals):
+                self._drop(reason)
+                return
+            self._drop(self._normals.pop(next(iter(self._normals))).reason)  # the oldest routine one
+        waiting[key] = _Pending(involved, reason, message, warning)
+        self._wakeup.set()
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= 60:
+            logger.warning("dropped %d Events (the latest: %s): %d distinct Events are waiting to be posted",
+                           self.dropped - self._dropped_logged, reason, self.waiting)
+            self._logged_at, self._dropped_logged = now, self.dropped
 
     async def run(self) -> None:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
+    def _next(self) -> _Pending | None:
+        for waiting in (self._warnings, self._normals):
+            if waiting:
+                return waiting.pop(next(iter(waiting)))
+        return None
+
     async def _work(self) -> None:
         while True:
-            event = await self._queue.get()
+            event = self._next()
+            if event is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             try:
-                await resources.post_event(self._client, **event)
+                await resources.post_event(self._client, involved=event.involved, reason=event.reason,
+                                           message=event.message, warning=event.warning, count=event.count)
             except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                logger.warning("posting Event %s failed: %s", event["reason"], exc)
+                logger.warning("posting Event %s failed: %s", event.reason, exc)

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,6 +60,8 @@ class QueueObject:
     created: str
     spec: spec_.WorkerQueueSpec
     status: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    deleting: bool = False
+    """metadata.deletionTimestamp is set."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> QueueObject:
@@ -72,7 +74,20 @@ class QueueObject:
             created=meta.get("creationTimestamp") or "",
             spec=spec_.parse_spec(body.get("spec")),
             status=body.get("status") or {},
+            deleting=bool(meta.get("deletionTimestamp")),
         )
+
+    def same_spec(self, body: Mapping[str, Any]) -> bool:
+        """Whether `body` is this very queue with the same spec (its generation moves with every spec
+        change), so that a status-only update needs no parsing, validating or resolving again."""
+        meta = body.get("metadata", {})
+        return (meta.get("uid", "") == self.uid and meta.get("name") == self.name
+                and meta.get("namespace") == self.namespace and int(meta.get("generation") or 0) == self.generation)
+
+    def with_body(self, body: Mapping[str, Any]) -> QueueObject:
+        """This queue with the status and deletion of a newer body of the same spec."""
+        return replace(self, status=body.get("status") or {},
+                       deleting=bool(body.get("metadata", {}).get("deletionTimestamp")))
 
     @property
     def key(self) -> QueueKey:

@@ -1,7 +1,9 @@
 """Keeps every WorkerQueue's status, Events and generated token Secret in step with the Store.
 
 The Store says which queues changed; this writes what changed, in the background, with bounded
-concurrency, and only when the status would actually differ.
+concurrency, and only when the status would actually differ. Every replica keeps its Store, but
+only the active one writes (statuses, token Secrets, Events); on becoming active it checks every
+queue again against what the watch says, since the other replica wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core import status as status_
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.registry import Registry
@@ -61,13 +64,16 @@ class Reconciler:
         client: client_.KubeClient,
         resync_seconds: float,
         events: EventPoster,
+        activity: Activity,
         watched_namespaces: tuple[str, ...] = (),
+        ignored_secret_types: tuple[str, ...] = (),
         concurrency: int = 32,
         now: Callable[[], str] = resources.now_rfc3339,
     ) -> None:
         self._store = store
         self._client = client
         self._events = events
+        self._activity = activity
         self._resync_seconds = resync_seconds
         self._now = now
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
@@ -75,10 +81,19 @@ class Reconciler:
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
+        self._ignored_types = frozenset(ignored_secret_types)
+        self._unwatched: set[SecretName] = set()  # used Secrets of a type the watch leaves out
         store.subscribe(self.schedule)
+        activity.subscribe(self._activity_changed)
 
     def schedule(self, key: QueueKey) -> None:
         self._queue.add(key)
+
+    def _activity_changed(self, active: bool) -> None:
+        self._written.clear()  # the other replica may have written since
+        if active:
+            for key in self._store.queue_keys():
+                self.schedule(key)
 
     def fetch_secrets(self, names: set[SecretName], *, refresh: bool = False) -> None:
         """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with
@@ -104,10 +119,12 @@ class Reconciler:
             await asyncio.sleep(self._resync_seconds)
             for key in self._store.queue_keys():
                 self.schedule(key)
-            if self._watched:
-                # Operator-wide default Secrets may live outside the watched namespaces.
-                self.fetch_secrets({n for n in self._store.used_secrets() if n[0] not in self._watched},
-                                   refresh=True)
+            # Operator-wide default Secrets may live outside the watched namespaces, and a queue may
+            # refer to a Secret of a type the watch leaves out: no watch tells their changes.
+            used = self._store.used_secrets()
+            self._unwatched &= used
+            self.fetch_secrets({n for n in used if (self._watched and n[0] not in self._watched)
+                                or n in self._unwatched}, refresh=True)
 
     async def _fetch(self, name: SecretName, *, refresh: bool = False) -> None:
         try:
@@ -119,6 +136,8 @@ class Reconciler:
             self.fetch_secrets({name}, refresh=refresh)
             return
         self._fetching.discard(name)
+        if body is not None and body.get("type") in self._ignored_types:
+            self._unwatched.add(name)
         data = None if body is None else queues.decode_secret_data(body)
         if refresh:
             self._store.upsert_secret(name, data)
@@ -126,17 +145,27 @@ class Reconciler:
             self._store.fill_secret(name, data)
 
     async def reconcile(self, key: QueueKey) -> None:
+        if not self._activity.is_active():
+            return  # a standby only serves; it is told when it becomes active
         resolution = self._store.resolution(key)
         if resolution is None:
             self._written.pop(key, None)
             return
         queue = resolution.queue
-        await self._ensure_token_secret(resolution)
+        if await self._ensure_token_secret(resolution):
+            # Not "SecretNotFound" about the Secret being created right now: its arrival through the
+            # watch brings the queue back here, with whatever is then true.
+            return
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             return  # a read is under way and will bring the queue back here
 
-        # What we wrote last is newer than what the watch may have delivered so far.
-        current = {**queue.status, **self._written.get(key, {})}
+        # What we wrote last is newer than what the watch may have delivered so far; once the watch
+        # has caught up, it is forgotten (10,000 copies of every status add up).
+        written = self._written.get(key)
+        if written is not None and not status_.differs(written, queue.status):
+            del self._written[key]
+            written = None
+        current = {**queue.status, **(written or {})}
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):
             return
@@ -146,19 +175,21 @@ class Reconciler:
         self._written[key] = desired
         self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
-    async def _ensure_token_secret(self, resolution: queues.Resolution) -> None:
-        """Generates the queue token when the queue names none and the watch knows there is none."""
+    async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:
+        """Generates the queue token when the queue names none and the watch knows there is none.
+        True: the token Secret is on its way (created now, or the watch has yet to deliver it)."""
         queue = resolution.queue
         if queue.spec.auth.token_secret_refs:
-            return
+            return False
         name = queues.token_secret_name(queue.name)
         known, data = self._store.secret_state((queue.namespace, name))
         if not known or data is not None:
-            return
+            return False
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
         if await resources.create_if_absent(self._client, resources.secrets_path(queue.namespace), body):
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
+        return True
 
     def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]
@@ -177,8 +208,10 @@ class LiveStatus:
     """Keeps `status.workers.live` of each queue equal to its live registrations, coalesced: a queue
     is written at most once a second however many workers come and go."""
 
-    def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, period: float = 1.0) -> None:
+    def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, activity: Activity,
+                 period: float = 1.0) -> None:
         self._store = store
+        self._activity = activity
         self._registry = registry
         self._client = client
         self._period = period
@@ -191,6 +224,8 @@ class LiveStatus:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._period)
+            if not self._activity.is_active():
+                continue  # kept dirty: written once this replica is the active one
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
                 try:

@@ -248,6 +248,7 @@ class Registry:
         client: client_.KubeClient,
         events: EventPoster,
         queue_of: Callable[[QueueKey], QueueObject | None],
+        active: Callable[[], bool] = lambda: True,
         base_write_rate: float = 20.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -256,6 +257,7 @@ class Registry:
         self._client = client
         self._events = events
         self._queue_of = queue_of
+        self._active = active
         self._base_rate = base_write_rate
         self._clock = clock
         self._monotonic = monotonic
@@ -420,7 +422,8 @@ class Registry:
         try:
             while True:
                 await asyncio.sleep(self._tick)
-                self._sweep()
+                if self._active():  # ending registrations is the active replica's; renewing is everyone's
+                    self._sweep()
                 self._flush()
         finally:
             for task in list(self._writes):

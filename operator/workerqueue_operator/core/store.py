@@ -71,6 +71,19 @@ class Store:
         self._recompute(affected)
         return {name for name in uses if name not in self._secrets}
 
+    def refresh_queue(self, queue: QueueObject) -> None:
+        """A queue whose spec is unchanged (see `QueueObject.same_spec`): its status or deletion moved.
+        The resolution stands; listeners still hear of it (a status may call for a status)."""
+        key = queue.key
+        if key not in self._queues:
+            self.upsert_queue(queue)
+            return
+        self._queues[key] = queue
+        resolution = self._resolutions.get(key)
+        if resolution is not None:
+            self._resolutions[key] = replace(resolution, queue=queue)
+        self._notify([key])
+
     def remove_queue(self, key: QueueKey) -> None:
         queue = self._queues.pop(key, None)
         if queue is None:
@@ -106,6 +119,11 @@ class Store:
     def unknown_secrets(self) -> set[SecretName]:
         """Secrets some queue uses whose state the watch has not told (yet)."""
         return {name for name in self._users if name not in self._secrets}
+
+    def generated_token_secrets(self) -> set[SecretName]:
+        """The token Secrets the operator generates (for queues that name none of their own)."""
+        return {(q.namespace, queues.token_secret_name(q.name)) for q in self._queues.values()
+                if not q.spec.auth.token_secret_refs}
 
     def fill_secret(self, name: SecretName, data: SecretData) -> None:
         """A Secret read on demand: kept only if still used and the watch has not been faster."""

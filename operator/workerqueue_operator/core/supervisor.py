@@ -1,8 +1,12 @@
 """Carries out worker plans: lists a queue's pods, then creates, deletes, records and reports.
 
-Fed by kopf (queue and pod events, a periodic timer), so only the active replica acts. One
+Fed by the queue informer (through the Store, on every replica), by kopf's pod events (which
+peering pauses on a standby) and by a resync of its own: so every reconcile first asks `Activity`
+whether this replica is the active one. A standby keeps track of the queues all the same, so that
+it acts at once when it takes over. kopf does not watch queues: a second watch of 10,000 queues
+cost as much memory and CPU as the operator's own. One
 reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
-fails with AlreadyExists instead of making a second pod.
+fails with AlreadyExists instead of making a second pod (also in the moment two replicas overlap).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.core import workers
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import queue_ref_body
@@ -46,48 +51,65 @@ class Supervisor:
         client: client_.KubeClient,
         settings: settings_.Settings,
         events: EventPoster,
+        activity: Activity,
         registry: Registry | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
     ) -> None:
         self._store = store
+        self._activity = activity
         self._client = client
         self._events = events
         self._registry = registry
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
-        self._bodies: dict[QueueKey, dict[str, Any]] = {}
+        # Queues that have or may have workers; the others (workers run elsewhere) cost nothing here.
+        self._tracked: set[QueueKey] = set()
         # status.workers as last written: newer than what the watch may have delivered so far.
         self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         store.subscribe(self._store_changed)
+        activity.subscribe(self._activity_changed)
 
-    # --- fed by kopf handlers -------------------------------------------------------------------
+    # --- fed by the queue informer (every replica) and kopf's pod events (the active one) --------
 
-    def queue_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata", {})
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        if event_type == "DELETED":
-            self._bodies.pop(key, None)
-            self._serving.pop(key, None)
-            self._written.pop((*key, meta.get("uid", "")), None)
-            return
-        self._bodies[key] = dict(body)
+    def queue_changed(self, queue: QueueObject) -> None:
+        key = queue.key
+        if key not in self._tracked:
+            # status.workers.live alone (the registry's count) says nothing about pods.
+            if not (workers.manages_pods(queue.spec) or set(queue.status.get("workers") or {}) - {"live"}
+                    or (queue.namespace, queue.name, queue.uid) in self._written):
+                return  # a queue whose workers run elsewhere, and always did: nothing to look at
+            self._tracked.add(key)
         self._queue.add(key)
+
+    def queue_deleted(self, key: QueueKey) -> None:
+        self._tracked.discard(key)
+        self._serving.pop(key, None)
+        for written in [w for w in self._written if w[:2] == key]:
+            del self._written[written]
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
         key = owner_key(body)
-        if key is not None and key in self._bodies:
+        if key is not None and key in self._tracked:
             self._queue.add(key)
 
     def _store_changed(self, key: QueueKey) -> None:
+        if key not in self._tracked:
+            return
         resolution = self._store.resolution(key)
         serving = resolution is not None and (resolution.config is not None or resolution.awaiting_generated_token)
         if self._serving.get(key) != serving:
             self._serving[key] = serving
-            if key in self._bodies:
+            self._queue.add(key)
+
+    def _activity_changed(self, active: bool) -> None:
+        # What we wrote may have been overwritten by the other replica meanwhile: the watch says.
+        self._written.clear()
+        if active:
+            for key in self._tracked:
                 self._queue.add(key)
 
     async def run(self) -> None:
@@ -102,21 +124,22 @@ class Supervisor:
         # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
         while True:
             await asyncio.sleep(self._settings.worker_resync_seconds)
-            for key in list(self._bodies):
-                self._queue.add(key)
+            if self._activity.is_active():
+                for key in list(self._tracked):
+                    self._queue.add(key)
 
     # --- the reconcile --------------------------------------------------------------------------
 
     async def reconcile(self, key: QueueKey) -> None:
-        body = self._bodies.get(key)
-        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+        if not self._activity.is_active():
+            return  # only the active replica changes pods
+        queue = self._store.queue(key)
+        if queue is None or queue.deleting:
             return  # deleting a queue deletes its pods: the garbage collector owns that
-        queue = QueueObject.from_body(body)
         written_key = (queue.namespace, queue.name, queue.uid)
-        if not workers.manages_pods(queue.spec) and written_key not in self._written \
-                and not set(queue.status.get("workers") or {}) - {"live"}:
-            return  # a queue whose workers run elsewhere, and always did: nothing to look at
         pods = await self._list_pods(queue)
+        if not self._activity.is_active():
+            return  # paused while listing
         alive = [p["metadata"]["name"] for p in pods if workers.Pod.from_body(p).alive]
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.

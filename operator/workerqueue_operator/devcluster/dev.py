@@ -85,7 +85,7 @@ Ctrl-C stops everything.
 def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     from workerqueue_operator import runner
 
-    runner.configure_logging(verbose)
+    runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()

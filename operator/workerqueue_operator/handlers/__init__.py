@@ -1,4 +1,8 @@
-"""kopf handlers: thin guards that delegate to `core`. Each registry is fresh, never the global one."""
+"""kopf handlers: thin guards that delegate to `core`. Each registry is fresh, never the global one.
+
+kopf watches worker pods only (and its peering object): WorkerQueues reach the worker supervisor
+through the operator's own informer, which every replica keeps (see core/supervisor.py).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,17 @@ from workerqueue_operator.core import workers
 from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.k8s import client
 from workerqueue_operator.models import settings as settings_
-from workerqueue_operator.models import spec
 
 PREFIX = "agentcontrol.dev"
-QUEUES = (spec.GROUP, spec.VERSION, spec.PLURAL)
 
 
 def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
     reg = kopf.OperatorRegistry()
     operator_settings = settings
 
-    @kopf.on.login(registry=reg)
+    # Real ids: kopf names handlers after their function, which inside here reads
+    # `registry.<locals>.pod_changed` in every log line and Event.
+    @kopf.on.login(registry=reg, id="login")
     def login(**kwargs: Any) -> Any:
         # kopf's own loaders read $KUBECONFIG when called (the `kubernetes` package reads it at import).
         info = kopf.login_with_service_account(**kwargs)
@@ -34,7 +38,7 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
             info = dataclasses.replace(info, server=server)
         return info or kopf.login_with_kubeconfig(**kwargs)
 
-    @kopf.on.startup(registry=reg)
+    @kopf.on.startup(registry=reg, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Our status has a schema; kopf's bookkeeping goes to annotations under our own prefix.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -44,15 +48,12 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
+        settings.peering.lifetime = operator_settings.peering_lifetime_seconds
         settings.networking.request_timeout = 60
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)
 
-    @kopf.on.event(*QUEUES, registry=reg)
-    def queue_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        supervisor.queue_event(event.get("type"), body)
-
-    @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg)
+    @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg, id="pod-event")
     def pod_changed(body: kopf.Body, **_: Any) -> None:
         supervisor.pod_event(body)
 

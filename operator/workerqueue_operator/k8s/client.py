@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -17,6 +18,18 @@ import kubernetes
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
+MAX_WATCH_LINE = 16 * 1024 * 1024
+"""Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
+escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
+
+
+AUTH_REFRESH_SECONDS = 10.0
+"""How long credentials read from the kubeconfig/in-cluster loader are reused (kubelet-rotated
+ServiceAccount tokens stay valid for far longer)."""
+
+
+class LineTooLong(ValueError):
+    """A watch event longer than the reader's cap."""
 
 
 class ApiError(Exception):
@@ -72,6 +85,8 @@ class KubeClient:
         self._ssl = self._ssl_context(configuration)
         self._session: aiohttp.ClientSession | None = None
         self._pool_size = pool_size
+        self._auth: dict[str, str] = {}
+        self._auth_until = 0.0
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext | bool:
@@ -92,14 +107,21 @@ class KubeClient:
         return self._session
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
-        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used.
-        for auth in self._configuration.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"].title()] = auth["value"]
+        headers = {"Accept": "application/json", **self._auth_headers()}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _auth_headers(self) -> dict[str, str]:
+        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used;
+        # it reads files and the environment, so at most every AUTH_REFRESH_SECONDS, not per request.
+        now = time.monotonic()
+        if now >= self._auth_until:
+            self._auth = {auth["key"].title(): auth["value"]
+                          for auth in self._configuration.auth_settings().values()
+                          if auth.get("in") == "header" and auth.get("value")}
+            self._auth_until = now + AUTH_REFRESH_SECONDS
+        return self._auth
 
     async def close(self) -> None:
         if self._session is not None:
@@ -143,7 +165,8 @@ class KubeClient:
     async def delete(self, path: str, body: JSON | None = None) -> JSON:
         return await self.request("DELETE", path, body=body)
 
-    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float) -> AsyncIterator[JSON]:
+    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float,
+                    max_line: int = MAX_WATCH_LINE) -> AsyncIterator[JSON]:
         """The events of one watch request, until the server ends it."""
         session = self._session_or_new()
         async with session.get(
@@ -154,19 +177,33 @@ class KubeClient:
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read())
-            # Lines can be longer than aiohttp's default line limit (large objects), hence readuntil.
-            while True:
-                try:
-                    line = await response.content.readuntil(b"\n")
-                except aiohttp.EofStream:
-                    return
-                except ValueError:  # a partial last line at EOF
-                    return
-                if not line.strip():
-                    if response.content.at_eof():
-                        return
-                    continue
+            async for line in watch_lines(response.content, max_line=max_line):
                 yield json.loads(line)
+
+
+async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATCH_LINE) -> AsyncIterator[bytes]:
+    """The non-empty lines of a watch stream, each one event.
+
+    Not `readline()`/`readuntil()`: their limit (about 128 KiB) is far below one event's size, which
+    can reach 1.5 MiB of JSON for a full 1 MiB Secret. A partial last line at the end is dropped: the
+    server cut the stream mid-event, and the informer resumes from the last complete one.
+    """
+    pending = bytearray()
+    async for chunk in content.iter_any():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if pending:
+                pending += chunk[start:end]
+                line = bytes(pending)
+                pending.clear()
+            else:
+                line = chunk[start:end]
+            start = end + 1
+            if line.strip():
+                yield line
+        pending += chunk[start:]
+        if len(pending) > max_line:
+            raise LineTooLong(f"a watch event exceeds {max_line} bytes")
 
 
 def _api_error(status: int, payload: bytes) -> ApiError:

@@ -2,16 +2,19 @@
 
 After every (re)list the consumer gets the full set, so objects deleted while the watch was down
 are reported as deleted too. `synced` is set after the first complete list.
+
+A watch never dies quietly: whatever breaks it (the API server, the network, an event too large, a
+bug in a callback) is logged in one line with its cause, counted in `failures`, and the informer
+relists after a back-off; `down_since` says since when it has been failing, for readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
-
-import aiohttp
 
 from workerqueue_operator.k8s import client as client_
 
@@ -37,12 +40,14 @@ class Informer:
         on_delete: OnDelete,
         name: str,
         on_synced: Callable[[], None] | None = None,
+        params: Mapping[str, str] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
-        label_selector: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._path = path
+        self._params = dict(params or {})  # selectors, for the list and the watch alike
         self._on_upsert = on_upsert
         self._on_delete = on_delete
         self._page_size = page_size
@@ -51,13 +56,24 @@ class Informer:
         self.synced = asyncio.Event()
         self._on_synced = on_synced
         self._known: set[ObjectKey] = set()
-        self._selector = {"labelSelector": label_selector} if label_selector else {}
+        self._clock = clock
+        self.failures = 0
+        """Times the list or watch failed since start (a watch the server ends in time is no failure)."""
+        self.down_since: float | None = None
+        """`clock()` of the first failure since the last successful list; None while healthy."""
+
+    def down_for(self) -> float:
+        """Seconds the informer has been failing without a successful list since; 0 when healthy."""
+        return 0.0 if self.down_since is None else self._clock() - self.down_since
 
     async def run(self) -> None:
         backoff = 0.5
         while True:
             try:
                 version: str | None = await self._relist()
+                if self.down_since is not None:
+                    logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
+                    self.down_since = None
                 if not self.synced.is_set():
                     self.synced.set()
                     if self._on_synced is not None:
@@ -67,14 +83,18 @@ class Informer:
                     version = await self._watch(version)
             except asyncio.CancelledError:
                 raise
-            except (client_.ApiError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                logger.warning("informer %s: %s; relisting in %.1fs", self.name, exc, backoff)
+            except Exception as exc:  # whatever it is, the Store must not silently stop being fed
+                self.failures += 1
+                if self.down_since is None:
+                    self.down_since = self._clock()
+                logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
+                               str(exc)[:300] or "no message", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
     async def _relist(self) -> str:
         seen: set[ObjectKey] = set()
-        params = {"limit": str(self._page_size), **self._selector}
+        params = {**self._params, "limit": str(self._page_size)}
         while True:
             page = await self._client.get(self._path, params)
             for item in page.get("items", []):
@@ -84,7 +104,7 @@ class Informer:
             token = page.get("metadata", {}).get("continue")
             if not token:
                 break
-            params = {"limit": str(self._page_size), "continue": str(token), **self._selector}
+            params = {**self._params, "limit": str(self._page_size), "continue": str(token)}
         for gone in self._known - seen:
             self._on_delete(gone, None)
         self._known = seen
@@ -93,17 +113,17 @@ class Informer:
     async def _watch(self, version: str) -> str | None:
         """Watches from `version`; returns the version to continue from, or None to relist."""
         params = {
+            **self._params,
             "resourceVersion": version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self._watch_seconds),
-            **self._selector,
         }
         try:
             async for event in self._client.watch(self._path, params, timeout=self._watch_seconds):
                 kind, obj = event.get("type"), event.get("object", {})
                 if kind == "ERROR":
                     # 410 Gone: the version is too old; anything else: start over as well.
-                    logger.info("informer %s: watch error %s; relisting", self.name, obj.get("message"))
+                    logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
                     return None
                 version = obj.get("metadata", {}).get("resourceVersion", version)
                 if kind == "BOOKMARK":

@@ -30,6 +30,11 @@ def secrets_path(namespace: str | None = None) -> str:
 def leases_path(namespace: str | None = None) -> str:
     base = "/apis/coordination.k8s.io/v1"
     return f"{base}/namespaces/{namespace}/leases" if namespace else f"{base}/leases"
+def peerings_path(namespace: str | None = None) -> str:
+    """kopf's peering objects: namespaced ones for an operator of given namespaces, else cluster-wide."""
+    if namespace:
+        return f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
+    return "/apis/kopf.dev/v1/clusterkopfpeerings"
 
 
 def pods_path(namespace: str) -> str:
@@ -91,6 +96,7 @@ async def post_event(
     reason: str,
     message: str,
     warning: bool = False,
+    count: int = 1,
 ) -> None:
     """A core/v1 Event about an object. Messages are built by the caller and never hold secrets."""
     meta = involved["metadata"]
@@ -114,7 +120,7 @@ async def post_event(
         "reportingInstance": COMPONENT,
         "firstTimestamp": now,
         "lastTimestamp": now,
-        "count": 1,
+        "count": count,
     }
     try:
         await client.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)

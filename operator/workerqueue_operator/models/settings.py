@@ -85,6 +85,11 @@ class Settings(BaseModel):
     worker_resync_seconds: float = Field(default=30.0, gt=0)
     """How often every queue's pods are listed even without events (a safety net)."""
 
+    peering_lifetime_seconds: int = Field(default=10, ge=2, le=3600)
+    """With several replicas (kopf peering): how long a replica's keep-alive counts. A standby takes
+    over at most this long after the active replica died without a word (SIGKILL, a lost node); kopf
+    sends keep-alives every 1..lifetime-5 s. kopf's own default, 60, meant a minute without workers."""
+
     # The HTTP server.
     http_host: str = "0.0.0.0"  # noqa: S104 - in a pod the Service must reach it
     """Address the HTTP API listens on."""
@@ -113,6 +118,14 @@ class Settings(BaseModel):
     """Namespaces to watch; empty: the whole cluster."""
     status_resync_seconds: float = Field(default=300.0, gt=0)
     """How often every queue's status is re-checked even without events (a safety net)."""
+    ignored_secret_types: tuple[str, ...] = ("helm.sh/release.v1",)
+    """Secret types the Secret watch leaves out (a field selector), so that the API server never sends
+    them: Helm keeps every release's manifest in one, up to 1 MiB each, and no queue's credential is
+    one. A queue that refers to such a Secret all the same gets it read by GET, again every status
+    resync. Empty: every Secret of the watched namespaces passes through the watch."""
+    watch_unready_seconds: float = Field(default=60.0, gt=0)
+    """/readyz answers 503 once a watch has been failing for this long: the replica's memory may
+    then be stale, e.g. a rotated token not yet served. Shorter failures are retried quietly."""
 
     @model_validator(mode="after")
     def _pairs(self) -> Settings:
@@ -132,7 +145,8 @@ class Settings(BaseModel):
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
 
-    @field_validator("namespaces", "token_review_audiences", "worker_command", mode="before")
+    @field_validator("namespaces", "token_review_audiences", "worker_command", "ignored_secret_types",
+                     mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         if isinstance(value, str):

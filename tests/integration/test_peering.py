@@ -1,0 +1,113 @@
+"""Two replicas under kopf peering: only the active one changes pods, and a standby takes over."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import ROOT, Kube, OperatorProcess, http, wait_for
+
+TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
+PEERING = "wq-peering"
+LIFETIME = 20
+"""Seconds a keep-alive counts here: longer than the freeze checked below, so that the standby may not act."""
+
+
+@pytest.fixture(scope="module")
+def peering_crds(kubectl: Callable[..., Any]) -> None:
+    kubectl("apply", "--server-side", "-f", str(ROOT / "charts" / "workerqueue-operator" / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev")
+
+
+@pytest.fixture
+def replicas(peering_crds: None, crd_installed: None, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path,
+             operator: OperatorProcess) -> Iterator[Callable[[str, int], OperatorProcess]]:
+    kube.custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}})
+    started: list[OperatorProcess] = []
+
+    def replica(name: str, priority: int) -> OperatorProcess:
+        proc = OperatorProcess(kubeconfig, tmp_path / f"{name}.log",
+                               env={"WQ_NAMESPACES": namespace, "WQ_PEERING_LIFETIME_SECONDS": str(LIFETIME),
+                                    "WQ_WORKER_RESYNC_SECONDS": "2"},
+                               args=["--peering", PEERING, "--priority", str(priority)])
+        started.append(proc)
+        return proc.start()
+
+    with operator.paused():  # the session's operator is standalone: it would act beside them
+        try:
+            yield replica
+        finally:
+            for proc in started:
+                if proc.process is not None and proc.process.poll() is None:
+                    os.killpg(proc.process.pid, signal.SIGCONT)
+                proc.stop()
+
+
+def active(op: OperatorProcess) -> bool:
+    text = http("GET", f"{op.url}/metrics").body.decode()
+    match = re.search(r"^workerqueue_active_replica (\S+)$", text, re.MULTILINE)
+    return match is not None and float(match[1]) == 1
+
+
+def alive(kube: Kube, namespace: str) -> list[str]:
+    return kube.pod_names(namespace, "se")
+
+
+def lifetime_left(kube: Kube, namespace: str, op: OperatorProcess) -> float:
+    """Seconds until the replica's last keep-alive expires, by the peering object."""
+    assert op.process is not None
+    status = kube.custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings",
+                                                      PEERING).get("status") or {}
+    (mine,) = [v for k, v in status.items() if f"/{op.process.pid}/" in k]
+    seen = datetime.datetime.fromisoformat(mine["lastseen"])
+    return (seen + datetime.timedelta(seconds=LIFETIME) - datetime.datetime.now(datetime.UTC)).total_seconds()
+
+
+def test_a_standby_changes_no_pod_and_takes_over_when_the_active_one_dies(
+    replicas: Callable[[str, int], OperatorProcess], kube: Kube, namespace: str,
+):
+    standby = replicas("standby", 100)  # alone at first: it runs the queue's workers
+    wait_for(lambda: active(standby), what="the only replica active")
+    kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_for(lambda: alive(kube, namespace) == ["se-w0"], what="the first worker")
+
+    leader = replicas("leader", 200)
+    wait_for(lambda: active(leader) and not active(standby), timeout=LIFETIME + 10, what="the leader taking over")
+    assert leader.process is not None
+
+    # Frozen, the leader still counts as alive until its last keep-alive is LIFETIME seconds old:
+    # whatever happens meanwhile is for it to do, not for the standby (whose own resync runs every 2 s).
+    while True:
+        os.killpg(leader.process.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        left = lifetime_left(kube, namespace, leader)
+        if left > 8:
+            break
+        os.killpg(leader.process.pid, signal.SIGCONT)  # too close to a keep-alive: freeze after it
+        seen = lifetime_left(kube, namespace, leader)
+        wait_for(lambda s=seen: lifetime_left(kube, namespace, leader) > s + 1, timeout=LIFETIME, what="a keep-alive")
+    kube.core.delete_namespaced_pod("se-w0", namespace)
+    wait_for(lambda: alive(kube, namespace) == [], what="the pod gone")
+    time.sleep(max(0.0, frozen + left - 2 - time.monotonic()))
+    assert alive(kube, namespace) == [], "the standby created a pod while the active replica was alive"
+    assert not active(standby)
+
+    os.killpg(leader.process.pid, signal.SIGCONT)
+    wait_for(lambda: alive(kube, namespace) == ["se-w1"], what="the leader replacing the pod once thawed")
+    wait_for(lambda: active(leader) and not active(standby), timeout=LIFETIME + 10, what="the leader leading")
+
+    # Handover: the leader dies without a word; the standby takes over once its keep-alive expires.
+    # How fast is measured by `make bench`; the bound here is only generous.
+    leader.stop(signal.SIGKILL)
+    kube.core.delete_namespaced_pod("se-w1", namespace)
+    wait_for(lambda: alive(kube, namespace) == ["se-w2"], timeout=LIFETIME + 40, what="the standby replacing it")
+    assert active(standby)

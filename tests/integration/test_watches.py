@@ -1,0 +1,151 @@
+"""The operator's own watches (the Store's informers): big objects, failures that are loud and heal."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+
+TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
+
+
+def test_a_one_mebibyte_secret_leaves_the_watches_working(operator: OperatorProcess, kube: Kube, namespace: str):
+    # A full-size Secret (the API server's limit is 1 MiB of data): 1.4 MB of JSON in one watch event.
+    big = base64.b64encode(os.urandom(1024 * 1024 - 4096)).decode()
+    kube.core.create_namespaced_secret(namespace, k8s.V1Secret(
+        metadata=k8s.V1ObjectMeta(name="big"), data={"blob": big}))
+    kube.put_secret(namespace, "after-big", **{"api-key": "v"})  # a change the watch sees after the big one
+    kube.create_queue(namespace, "after", queueId=f"after-{namespace}",
+                      temporal={**TEMPORAL, "apiKeySecretRef": {"name": "after-big", "key": "api-key"}})
+    kube.wait_condition(namespace, "after", "True")
+    token = kube.queue_token(namespace, "after")
+    r = operator.start_worker(f"after-{namespace}", token)
+    assert r.status == 200 and r.json()["temporal_api_key"] == "v"
+    kube.put_secret(namespace, "after-big", **{"api-key": "rotated"})
+    wait_for(lambda: operator.start_worker(f"after-{namespace}", token).json()["temporal_api_key"] == "rotated",
+             timeout=15, what="a rotation seen through the Secret watch")
+    assert "watch secrets" not in operator.logs()
+
+
+class Proxy:
+    """A TCP proxy to the API server that can cut every connection and refuse new ones: a network fault."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._broken = threading.Event()
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._broken.is_set():
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self._upstream)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._sockets |= {conn, upstream}
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        self._close(source, target)
+
+    def _close(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            for s in sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+                self._sockets.discard(s)
+
+    def cut(self) -> None:
+        self._broken.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        self._close(*sockets)
+
+    def heal(self) -> None:
+        self._broken.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+
+@pytest.fixture
+def proxied_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[Path, Proxy]]:
+    config = yaml.safe_load(kubeconfig.read_text())
+    server = config["clusters"][0]["cluster"]["server"]
+    host, port = re.match(r"https?://([^:/]+):(\d+)", server).groups()  # type: ignore[union-attr]
+    proxy = Proxy((host, int(port)))
+    config["clusters"][0]["cluster"]["server"] = server.replace(f":{port}", f":{proxy.port}")
+    path = tmp_path / "proxied.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        yield path, proxy
+    finally:
+        proxy.close()
+
+
+def failures(op: OperatorProcess) -> dict[str, float]:
+    text = http("GET", f"{op.url}/metrics").body.decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r'workerqueue_watch_failures_total\{resource="([^"]+)"\} (\S+)',
+                                                   text)}
+
+
+def test_a_failing_watch_is_logged_counted_unready_and_recovers(
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
+    operator: OperatorProcess,
+):
+    config, proxy = proxied_kubeconfig
+    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace,
+                                                             "WQ_WATCH_UNREADY_SECONDS": "3"})
+    with operator.paused():  # the session's operator would make the queue Ready whatever ours does
+        try:
+            own.start()
+            assert failures(own) == {f"workerqueues/{namespace}": 0, f"secrets/{namespace}": 0,
+                                     f"leases/{namespace}": 0}
+            proxy.cut()
+            wait_for(lambda: f"watch workerqueues/{namespace} failed" in own.logs(), timeout=30,
+                     what="the failure in the log")
+            wait_for(lambda: http("GET", f"{own.url}/readyz").status == 503, timeout=30,
+                     what="/readyz 503 while a watch is down")
+            assert failures(own)[f"workerqueues/{namespace}"] >= 1
+            line = next(x for x in own.logs().splitlines() if f"watch workerqueues/{namespace} failed" in x)
+            assert "relisting in" in line and "Error" in line  # the cause, in one line
+
+            proxy.heal()
+            wait_for(own.ready, timeout=60, what="/readyz 200 once the watches have listed again")
+            kube.create_queue(namespace, "later", queueId=f"later-{namespace}", temporal=TEMPORAL)
+            kube.wait_condition(namespace, "later", "True")
+            assert own.start_worker(f"later-{namespace}", kube.queue_token(namespace, "later")).status == 200
+            assert f"watch workerqueues/{namespace} recovered" in own.logs()
+        finally:
+            own.stop()

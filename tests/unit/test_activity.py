@@ -1,0 +1,59 @@
+"""Which replica is active under kopf peering: kopf's rule, applied to the peering object's status."""
+
+from __future__ import annotations
+
+import datetime
+
+from workerqueue_operator.core.activity import Activity, blocking_peers
+
+NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+def peer(priority: int, seconds_ago: float, lifetime: int = 10) -> dict[str, object]:
+    seen = NOW - datetime.timedelta(seconds=seconds_ago)
+    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+
+def test_only_live_peers_with_a_priority_as_high_block():
+    status = {"me": peer(5, 0), "higher-live": peer(9, 3), "higher-dead": peer(9, 11),
+              "lower": peer(1, 0), "same": peer(5, 9.5), "junk": "x"}
+    assert blocking_peers(status, identity="me", priority=5, now=NOW) == ["higher-live", "same"]
+    assert blocking_peers({"other": {"priority": 9}}, identity="me", priority=5, now=NOW) == ["other"]
+
+
+def test_standalone_is_always_active():
+    activity = Activity(identity="me", priority=0)
+    assert activity.standalone and activity.is_active()
+
+
+def test_a_standby_takes_over_when_the_active_peer_expires_and_is_told_so():
+    clock = [NOW]
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: clock[0])
+    heard: list[bool] = []
+    activity.subscribe(heard.append)
+    assert not activity.is_active()  # nothing seen yet: paused, as kopf is
+    activity.observed(("", "other-peering"), {"status": {}})  # not ours
+    assert not activity.is_active()
+
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, 1)}})
+    assert not activity.is_active() and heard == []
+    clock[0] = NOW + datetime.timedelta(seconds=8.9)
+    activity._refresh()
+    assert not activity.is_active()
+    clock[0] = NOW + datetime.timedelta(seconds=9.1)  # the boss's keep-alive is 10 s old: it is gone
+    assert activity.is_active()
+    activity._refresh()
+    assert heard == [True]
+
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, -9)}})  # it is back
+    assert not activity.is_active() and heard == [True, False]
+    activity.observed(("", "wq"), None)
+    assert not activity.is_active()
+
+
+def test_every_namespace_peering_must_let_us_act():
+    activity = Activity(identity="me", priority=3, peerings=[("a", "wq"), ("b", "wq")], now=lambda: NOW)
+    activity.observed(("a", "wq"), {"status": {"me": peer(3, 0)}})
+    assert not activity.is_active()
+    activity.observed(("b", "wq"), {"status": {"x": peer(1, 0)}})
+    assert activity.is_active()
