@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, handover, heartbeats, loadgen, procs, report, spawn
+from bench import cluster, handover, heartbeats, loadgen, procs, report, scaling, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
+from workerqueue_operator.devcluster.temporal import TemporalError, TemporalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUES = (10, 1000)
@@ -82,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
                    help="queues created one at a time for the spawn latency (default 20; 0: skip it)")
     p.add_argument("--spawn-burst", type=int, default=100,
                    help="queues created at once for the spawn latency (default 100)")
+    p.add_argument("--scaling-samples", type=int, default=20,
+                   help="workflows started one at a time on a scaling queue (default 20; 0: skip scaling)")
+    p.add_argument("--scaling-burst", type=int, default=100,
+                   help="workflows started at once on a scaling queue (default 100)")
     p.add_argument("--heartbeat-workers", type=int, default=1000,
                    help="simulated workers heartbeating against one queue (default 1000; 0: skip it)")
     p.add_argument("--heartbeat-interval", type=int, default=10,
@@ -166,6 +171,7 @@ class Bench:
         self.rows: list[report.Row] = []
         self.footprints: list[report.Footprint] = []
         self.spawn: list[spawn.SpawnResult] = []
+        self.scaling: list[scaling.ScalingResult] = []
         self.heartbeats: heartbeats.HeartbeatResult | None = None
         self.passthrough: list[report.PassthroughRow] = []
         self.scale: list[report.Footprint] = []
@@ -277,6 +283,25 @@ class Bench:
         self.spawn = spawn.measure(self.kubeconfig, one_by_one=self.args.spawn_samples,
                                    at_once=self.args.spawn_burst, say=say)
         self.children.stop(operator.popen)
+
+    def measure_scaling(self) -> None:
+        """From a workflow's start to its worker pod, on the real Temporal dev server (issue 9)."""
+        if self.args.scaling_samples <= 0:
+            return
+        temporal = TemporalServer(self.work_dir / "temporal", log=lambda m: say(f"  {m}"))
+        try:
+            temporal.start()
+            task_queue = "bench-scaling"
+            operator = self._start_operator("scaling")
+            operator.wait_ready()
+            scaling.create_queue(self.kubectl, temporal, task_queue)
+            say("measuring scale-up latency")
+            self.scaling = scaling.measure(self.kubeconfig, temporal, task_queue,
+                                           one_by_one=self.args.scaling_samples, at_once=self.args.scaling_burst,
+                                           say=say)
+            self.children.stop(operator.popen)
+        finally:
+            temporal.stop()
 
     def measure_heartbeats(self) -> None:
         """Lease writes and operator CPU under a fleet of heartbeating workers (issue 8)."""
@@ -418,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.queues, args.concurrency, args.seconds, args.warmup = QUICK_QUEUES, QUICK_CONCURRENCY, 1.0, 0.5
         args.spawn_samples, args.spawn_burst = 3, 10
+        args.scaling_samples, args.scaling_burst = 3, 10
         args.heartbeat_workers = 20
         args.passthrough = (1, 4)
         args.scale, args.handover_samples, args.no_handover_baseline = 200, 1, True
@@ -441,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                           work_dir=work_dir)
             bench.run(args.queues, args.concurrency)
             bench.measure_spawn()
+            bench.measure_scaling()
             bench.measure_heartbeats()
             if not args.no_passthrough:
                 bench.measure_passthrough(args.passthrough)
@@ -450,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         except procs.Interrupted:
             say(f"interrupted: stopping everything; logs: {work_dir}")
             return 130
-        except (BenchError, cluster.ClusterError, ControlPlaneError, assets_.AssetsError) as exc:
+        except (BenchError, cluster.ClusterError, ControlPlaneError, assets_.AssetsError, TemporalError,
+                RuntimeError) as exc:
             say(f"benchmark failed: {exc}\nlogs: {work_dir}")
             return 1
         finally:
@@ -479,6 +507,9 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
     if bench.spawn:
         print()
         print(spawn.lines(bench.spawn))
+    if bench.scaling:
+        print()
+        print(scaling.lines(bench.scaling))
     if bench.heartbeats is not None:
         print()
         print(heartbeats.lines(bench.heartbeats))
@@ -501,7 +532,7 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                                   "seconds": args.seconds, "warmup": args.warmup},
                    "targets": {"min_throughput_ratio": report.MIN_THROUGHPUT_RATIO,
                                "max_p50_ratio": report.MAX_P50_RATIO},
-                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn,
+                   "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn, "scaling": bench.scaling,
                    "heartbeats": bench.heartbeats, "passthrough": bench.passthrough,
                    "scale": {"runs": bench.scale, "start_p50_ms_c16": bench.scale_p50,
                              "restart": bench.scale_restart},

@@ -244,12 +244,12 @@ async def run(
                             activity=activity, watched_namespaces=settings.namespaces,
                             ignored_secret_types=settings.ignored_secret_types)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active)
+    temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
-                            registry=registry)
+                            registry=registry, temporal=temporal_)
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds)
-    temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     kopf_ready = asyncio.Event()
 
     def ready() -> bool:

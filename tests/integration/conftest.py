@@ -160,7 +160,9 @@ def operator(
     crd_installed: None, kubeconfig: Path, temporal: TemporalServer, tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     # The session's Temporal is the default of queues that name none (as in `dev` and the examples).
-    env = {"WQ_TEMPORAL_HOST": temporal.address, "WQ_TEMPORAL_NAMESPACE": temporal.namespace}
+    # Scaling queues let idle workers go after 3 s here (60 s by default): the tests wait for it.
+    env = {"WQ_TEMPORAL_HOST": temporal.address, "WQ_TEMPORAL_NAMESPACE": temporal.namespace,
+           "WQ_SCALE_DOWN_GRACE_SECONDS": "3"}
     proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env=env)
     try:
         yield proc.start()
@@ -212,13 +214,13 @@ class Kube:
         return next((c for c in status.get("conditions", []) if c["type"] == type_), None)
 
     def wait_condition(self, namespace: str, name: str, status: str, reason: str | None = None,
-                       timeout: float = 30) -> dict[str, Any]:
+                       timeout: float = 30, type_: str = "Ready") -> dict[str, Any]:
         def matches() -> dict[str, Any] | None:
-            c = self.condition(namespace, name)
+            c = self.condition(namespace, name, type_)
             if c and c["status"] == status and (reason is None or c["reason"] == reason):
                 return c
             return None
-        result: dict[str, Any] = wait_for(matches, timeout=timeout, what=f"{name} Ready={status} {reason or ''}")
+        result: dict[str, Any] = wait_for(matches, timeout=timeout, what=f"{name} {type_}={status} {reason or ''}")
         return result
 
     def queue_token(self, namespace: str, queue: str) -> str:

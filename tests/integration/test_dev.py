@@ -61,7 +61,7 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
             ready = {q["metadata"]["name"]: [c["status"] for c in q.get("status", {}).get("conditions", [])
                                              if c["type"] == "Ready"] for q in items}
             return ready == {"minimal": ["True"], "with-secrets": ["True"], "single-execution": ["True"],
-                             "with-upstream": ["True"]}
+                             "with-upstream": ["True"], "scaling": ["True"]}
 
         wait_for(queues_ready, timeout=30, what="example queues Ready")
         token = kubectl("get", "secret", "minimal-worker-token", "-n", "default", "-o", "jsonpath={.data.token}")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.devcluster.temporal import TemporalServer
 
 
-def test_a_new_queue_gets_no_spurious_warning(operator: OperatorProcess, kube: Kube, namespace: str):
+def test_a_new_queue_gets_no_spurious_warning(operator: OperatorProcess, kube: Kube, namespace: str,
+                                              temporal: TemporalServer):
+    # A reachable Temporal: an unreachable one is a Warning worth having (TemporalUnavailable).
     for i in range(5):
         kube.create_queue(namespace, f"q{i}", queueId=f"q{i}-{namespace}",
-                          temporal={"host": "temporal:7233", "namespace": "agents"})
+                          temporal={"host": temporal.address, "namespace": temporal.namespace})
     for i in range(5):
         kube.wait_condition(namespace, f"q{i}", "True")
     wait_for(lambda: sum(e.reason == "TokenSecretCreated" for e in kube.events(namespace)) == 5,

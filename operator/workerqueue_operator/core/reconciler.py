@@ -28,6 +28,8 @@ from workerqueue_operator.k8s import resources
 
 logger = logging.getLogger(__name__)
 
+FOREIGN_CONDITIONS = ("TemporalReachable",)
+"""Conditions another component writes (core/supervisor.py)."""
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
@@ -166,6 +168,11 @@ class Reconciler:
             del self._written[key]
             written = None
         current = {**queue.status, **(written or {})}
+        # TemporalReachable is the worker supervisor's: always as the watch shows it, never an old copy.
+        theirs = [c for c in queue.status.get("conditions") or [] if c.get("type") in FOREIGN_CONDITIONS]
+        current["conditions"] = sorted([c for c in current.get("conditions") or []
+                                        if c.get("type") not in FOREIGN_CONDITIONS] + theirs,
+                                       key=lambda c: str(c.get("type")))
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):
             return

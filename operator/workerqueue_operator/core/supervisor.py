@@ -4,8 +4,16 @@ Fed by the queue informer (through the Store, on every replica), by kopf's pod e
 peering pauses on a standby) and by a resync of its own: so every reconcile first asks `Activity`
 whether this replica is the active one. A standby keeps track of the queues all the same, so that
 it acts at once when it takes over. kopf does not watch queues: a second watch of 10,000 queues
-cost as much memory and CPU as the operator's own. One
-reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
+cost as much memory and CPU as the operator's own.
+
+It also watches each queue's Temporal task queue (`_poll`, on the active replica): TemporalReachable
+and `status.temporal` for every queue, and the demand (backlog, busy pods) that sizes the pods of
+scaling queues. The backlog of a scaling queue is read every `backlog_poll_seconds` while it has
+work or workers, the interval doubling up to `backlog_idle_poll_seconds` while it has neither; a
+changed demand reconciles the queue at once. Status is written only on change and at most every
+`temporal_status_seconds` per queue (a reachability change at once).
+
+One reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
 fails with AlreadyExists instead of making a second pod (also in the moment two replicas overlap).
 """
 
@@ -16,8 +24,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from workerqueue_operator.core import status as status_
+from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -32,6 +43,28 @@ from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
 
 logger = logging.getLogger(__name__)
+
+TEMPORAL_REACHABLE = "TemporalReachable"
+_TICK = 0.1
+_PROBES = 16  # concurrent Temporal probes: a thousand queues must not dial a thousand connections at once
+
+
+@dataclass
+class _Probe:
+    """What this replica knows of one queue's Temporal task queue."""
+
+    target: tuple[object, ...] = ()
+    """Endpoint and task queue last probed: a change probes again at once."""
+    generation: int = 0
+    due: float = 0.0
+    interval: float = 0.0
+    running: bool = False
+    reachable: bool | None = None
+    reason: str = ""
+    message: str = ""
+    shown: spec_.TemporalStatus | None = None
+    wanted: spec_.TemporalStatus | None = None
+    shown_at: float = float("-inf")
 
 
 def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:
@@ -53,6 +86,7 @@ class Supervisor:
         events: EventPoster,
         activity: Activity,
         registry: Registry | None = None,
+        temporal: temporal_.Temporal | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
     ) -> None:
@@ -61,6 +95,11 @@ class Supervisor:
         self._client = client
         self._events = events
         self._registry = registry
+        self._temporal = temporal
+        self._probes: dict[QueueKey, _Probe] = {}
+        self._demand: dict[QueueKey, workers.Demand] = {}
+        self._alive: dict[QueueKey, int] = {}
+        self._probe_gate = asyncio.Semaphore(_PROBES)
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -77,6 +116,9 @@ class Supervisor:
 
     def queue_changed(self, queue: QueueObject) -> None:
         key = queue.key
+        probe = self._probes.get(key)
+        if probe is not None and probe.generation != queue.generation:
+            probe.generation, probe.due = queue.generation, 0.0  # the spec changed (maybe its Temporal)
         if key not in self._tracked:
             # status.workers.live alone (the registry's count) says nothing about pods.
             if not (workers.manages_pods(queue.spec) or set(queue.status.get("workers") or {}) - {"live"}
@@ -88,6 +130,9 @@ class Supervisor:
     def queue_deleted(self, key: QueueKey) -> None:
         self._tracked.discard(key)
         self._serving.pop(key, None)
+        self._probes.pop(key, None)
+        self._demand.pop(key, None)
+        self._alive.pop(key, None)
         for written in [w for w in self._written if w[:2] == key]:
             del self._written[written]
 
@@ -114,11 +159,13 @@ class Supervisor:
 
     async def run(self) -> None:
         resync = asyncio.create_task(self._resync())
+        poll = asyncio.create_task(self._poll())
         try:
             await self._queue.run()
         finally:
             resync.cancel()
-            await asyncio.gather(resync, return_exceptions=True)
+            poll.cancel()
+            await asyncio.gather(resync, poll, return_exceptions=True)
 
     async def _resync(self) -> None:
         # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
@@ -152,7 +199,11 @@ class Supervisor:
         now = self._clock()
         created = workers.from_rfc3339(queue.created) if queue.created else now
         plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
-                            created=created, settings=self._settings)
+                            created=created, settings=self._settings, demand=self._demand.get(key))
+        alive_before = self._alive.get(key, 0)
+        self._alive[key] = len(alive) + len(plan.create)
+        if self._alive[key] and not alive_before and key in self._probes:
+            self._probes[key].due = 0.0  # workers now: back to reading the backlog often
 
         resolution = self._store.resolution(key)
         create = plan.create
@@ -202,14 +253,15 @@ class Supervisor:
             owner=resources.owner_reference(queue_ref_body(queue)),
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
-        # Each pod's own token first, so that its worker can call /start as soon as it runs.
-        await asyncio.gather(*(resources.create_if_absent(
-            self._client, resources.secrets_path(queue.namespace),
-            workers.credential_secret_body(queue, b["metadata"]["name"], secrets.token_urlsafe(32)))
-            for b in bodies))
-        results = await asyncio.gather(
-            *(resources.create_if_absent(self._client, resources.pods_path(queue.namespace), b) for b in bodies),
-            return_exceptions=True)
+        async def create(body: dict[str, Any]) -> bool:
+            # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
+            # pod, so that the first pods of a burst need not wait for the last tokens.
+            await resources.create_if_absent(
+                self._client, resources.secrets_path(queue.namespace),
+                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32)))
+            return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
+
+        results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
         refused: str | None = None
         involved = queue_ref_body(queue)
         for body, result in zip(bodies, results, strict=True):
@@ -257,3 +309,149 @@ class Supervisor:
     def _control_plane_url(self) -> str:
         s = self._settings
         return (s.worker_control_plane_url or s.public_url or f"http://127.0.0.1:{s.http_port}").rstrip("/")
+
+    # --- Temporal: reachability, status.temporal and the demand of scaling queues ----------------
+
+    async def _poll(self) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await asyncio.sleep(_TICK)
+                if not self._activity.is_active():
+                    continue  # status and scaling are the active replica's
+                loop_now = time.monotonic()
+                for key in self._store.queue_keys():
+                    probe = self._probes.setdefault(key, _Probe())
+                    if probe.running:
+                        continue
+                    if loop_now >= probe.due:
+                        target = self._target(key)
+                        if target is None:
+                            probe.due = loop_now + 1.0  # not resolved yet (e.g. a Secret missing)
+                            continue
+                        if target[0] != probe.target:
+                            probe.target, probe.interval = target[0], 0.0
+                        probe.running = True
+                        task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif probe.wanted != probe.shown and loop_now - probe.shown_at >= \
+                            self._settings.temporal_status_seconds:
+                        probe.running = True
+                        task = asyncio.create_task(self._show(key, probe))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
+        resolution = self._store.resolution(key)
+        if self._temporal is None or resolution is None or resolution.config is None:
+            return None
+        fields = resolution.config.fields
+        endpoint = temporal_.Endpoint(host=fields["temporal_host"], namespace=fields["temporal_namespace"],
+                                      api_key=fields["temporal_api_key"] or "", tls=resolution.config.temporal_tls)
+        task_queue = str(fields["task_queue_name"])
+        return (endpoint.key, task_queue), endpoint, task_queue
+
+    async def _probe(self, key: QueueKey, probe: _Probe, endpoint: temporal_.Endpoint, task_queue: str) -> None:
+        assert self._temporal is not None
+        queue = self._store.queue(key)
+        scaling = queue is not None and queue.spec.scaling is not None
+        demand: workers.Demand
+        try:
+            async with self._probe_gate:
+                info = await self._temporal.describe_task_queue(endpoint, task_queue)
+                busy: frozenset[str] = frozenset()
+                waiting = 0
+                if scaling:
+                    # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
+                    # wait ~5 s for it); the running workflows that no worker has taken yet are known
+                    # at once, and so is who holds the others.
+                    found = await self._temporal.executions(endpoint, task_queue, limit=1000, running=True)
+                    busy = frozenset(e.holder.split("@", 1)[1] for e in found
+                                     if e.status == "running" and e.holder and "@" in e.holder)
+                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
+            # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
+            # server's statistic, as `temporal task-queue describe` would.
+            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy)
+            probe.reachable, probe.reason = True, "Reachable"
+            probe.message = f"the task queue {task_queue} was described at {endpoint}"
+            probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
+                                                busy=len(busy) if scaling else None)
+        except temporal_.TemporalUnavailable as exc:
+            demand = workers.Demand(backlog=None)
+            probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
+        except Exception:
+            logger.exception("probing the Temporal of %s/%s failed", *key)
+            demand = workers.Demand(backlog=None)
+        s = self._settings
+        if not scaling:
+            probe.interval = s.temporal_check_seconds
+        elif (demand.backlog or 0) > 0 or self._alive.get(key):
+            probe.interval = s.backlog_poll_seconds
+        else:
+            probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
+        probe.due = time.monotonic() + probe.interval
+        if scaling and self._demand.get(key) != demand:
+            self._demand[key] = demand
+            self._queue.add(key)
+        try:
+            await self._show(key, probe, running=True)
+        finally:
+            probe.running = False
+
+    async def _show(self, key: QueueKey, probe: _Probe, *, running: bool = False) -> None:
+        """Writes the condition when it differs from what the queue shows, and status.temporal when
+        it changed and the last write is old enough."""
+        try:
+            queue = self._store.queue(key)
+            if queue is None or probe.reachable is None:
+                return
+            shown = queue.status
+            conditions: list[dict[str, Any]] = list(shown.get("conditions") or [])
+            status = "True" if probe.reachable else "False"
+            index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
+            current = conditions[index] if index is not None else None
+            generation = queue.generation
+            ops: list[dict[str, Any]] = []
+            if conditions and (current is None or current.get("status") != status or current.get("reason")
+                               != probe.reason or current.get("observedGeneration") != generation):
+                condition = status_.set_condition(
+                    [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
+                    message=probe.message, generation=generation, now=resources.now_rfc3339())[0]
+                if index is None:
+                    ops.append({"op": "add", "path": "/status/conditions/-", "value": condition})
+                else:
+                    # Conditions are written by others too: replace ours only if it is still where it was.
+                    ops += [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
+                            {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+            loop_now = time.monotonic()
+            wanted = probe.wanted if probe.reachable else probe.shown
+            show_numbers = wanted is not None and wanted != probe.shown and (
+                loop_now - probe.shown_at >= self._settings.temporal_status_seconds)
+            if show_numbers and wanted is not None:
+                ops.append({"op": "add", "path": "/status/temporal",
+                            "value": wanted.model_dump(by_alias=True, mode="json", exclude_none=True)})
+            if not ops:
+                return
+            try:
+                await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
+                                         content_type=client_.JSON_PATCH)
+            except client_.ApiError as exc:
+                if not (exc.not_found or exc.status == 422):
+                    raise
+                return  # gone, or the conditions moved: the next probe tries again
+            if show_numbers:
+                probe.shown, probe.shown_at = wanted, loop_now
+            if (current is None and not probe.reachable) or (current and current.get("status") != status):
+                self._events.post(involved=queue_ref_body(queue), reason=probe.reason,
+                                  message=probe.message if not probe.reachable else "Temporal is reachable",
+                                  warning=not probe.reachable)
+        except (client_.ApiError, OSError, TimeoutError) as exc:
+            logger.warning("writing the Temporal status of %s/%s failed: %s", *key, exc)
+        finally:
+            if not running:
+                probe.running = False

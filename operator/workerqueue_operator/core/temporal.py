@@ -139,7 +139,7 @@ class _Holder:
     started_at: str | None
 
 
-_ListingKey = tuple[tuple[str, str, bool, str], str, int]
+_ListingKey = tuple[tuple[str, str, bool, str], str, int, bool]
 
 
 class Temporal:
@@ -155,9 +155,11 @@ class Temporal:
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
 
-    async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100) -> list[Execution]:
-        """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved."""
-        key = (endpoint.key, task_queue, limit)
+    async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
+                         running: bool = False) -> list[Execution]:
+        """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
+        with `running`, only those still running (what waits for a worker and what workers hold)."""
+        key = (endpoint.key, task_queue, limit, running)
         loop = asyncio.get_running_loop()
         entry = self._listings.get(key)
         if entry is not None:
@@ -165,7 +167,7 @@ class Temporal:
             if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):
                 return await asyncio.shield(task)
         finished_at: list[float] = []
-        task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit)))
+        task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
         self._listings[key] = (task, finished_at)
         self._forget_old_listings(loop.time())
@@ -257,8 +259,11 @@ class Temporal:
         for k in stale:
             del self._listings[k]
 
-    async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int) -> list[Execution]:
+    async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
+                    running: bool) -> list[Execution]:
         query = f'TaskQueue="{_quote(task_queue)}"'
+        if running:
+            query += ' AND ExecutionStatus="Running"'
         newest: dict[str, Any] = {}  # workflow id -> its newest run
         async for wf in client.list_workflows(query, limit=self._scan_limit, page_size=min(self._scan_limit, 1000),
                                               rpc_timeout=datetime.timedelta(seconds=self._timeout)):

@@ -145,6 +145,17 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Demand:
+    """The work of a scaling queue, as Temporal last told it."""
+
+    backlog: int | None
+    """Workflow tasks waiting on the task queue; None: unknown (Temporal unreachable), so the desired
+    count stays as it was."""
+    busy: frozenset[str] = frozenset()
+    """Pods whose worker holds a running execution (its Temporal identity is `<pid>@<pod name>`)."""
+
+
+@dataclass(frozen=True)
 class Plan:
     workers: spec_.WorkersStatus
     create: tuple[int, ...] = ()
@@ -172,8 +183,10 @@ def plan(
     now: float,
     created: float,
     settings: settings_.Settings,
+    demand: Demand | None = None,
 ) -> Plan:
-    """What to do about a queue's worker pods now. `created` is the queue's creation time."""
+    """What to do about a queue's worker pods now. `created` is the queue's creation time; `demand`
+    the work of a queue with `spec.scaling` (None: nothing known yet)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
     events: list[Event] = []
@@ -214,8 +227,11 @@ def plan(
     w.pending = sum(1 for p in alive if p.phase != "Running")
     w.running = sum(1 for p in alive if p.phase == "Running")
     cap = s.max_workers if s.max_workers is not None else s.replicas
+    scale_down: list[str] = []
     if not manages_pods(s):
         w.desired = 0
+    elif s.scaling is not None:
+        scale_down = _scale(s, alive, previous, w, demand or Demand(None), now, settings, events, requeue)
     elif s.ephemeral:
         completions = 1 if s.single_execution else s.replicas
         w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
@@ -231,7 +247,9 @@ def plan(
                 delete_queue = Event("DeadlineExceeded", message, warning=True)
             else:
                 requeue.append(deadline - now)
-        if w.desired == 0 and not alive and delete_queue is None:
+        # A scaling queue has finished once it did some work and none is left.
+        done = w.succeeded > 0 if s.scaling is not None else True
+        if w.desired == 0 and not alive and done and delete_queue is None:
             if w.finished_time is None:
                 w.finished_time = to_rfc3339(now)
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
@@ -265,11 +283,50 @@ def plan(
     return Plan(
         workers=w,
         create=create,
-        delete=tuple(delete),
+        delete=tuple(delete + scale_down),
         events=tuple(events),
         delete_queue=delete_queue,
         requeue_after=min(requeue) if requeue else None,
     )
+
+
+def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.WorkersStatus, w: spec_.WorkersStatus,
+           demand: Demand, now: float, settings: settings_.Settings, events: list[Event],
+           requeue: list[float]) -> list[str]:
+    """Sets `w.desired` of a scaling queue; returns the idle pods to delete now (never a busy one)."""
+    assert s.scaling is not None
+    top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
+    busy = [p for p in alive if p.name in demand.busy]
+    if demand.backlog is None:
+        # Temporal cannot say what waits: no scaling change either way until it can.
+        w.desired = min(previous.desired, top)
+        w.surplus_since = None
+        return []
+    w.desired = min(top, len(busy) + s.scaling.min_idle + demand.backlog)
+    if w.desired != previous.desired:
+        # Workers that are still starting (Pending) count as capacity that is coming.
+        events.append(Event(
+            "ScaledUp" if w.desired > previous.desired else "ScaledDown",
+            f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, busy {len(busy)}, "
+            f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
+    surplus = len(alive) - w.desired
+    idle = [p for p in alive if p.name not in demand.busy]
+    if surplus <= 0 or not idle:
+        w.surplus_since = None
+        return []
+    if w.surplus_since is None:
+        w.surplus_since = to_rfc3339(now)
+    due = from_rfc3339(w.surplus_since) + settings.scale_down_grace_seconds
+    if now < due:
+        requeue.append(due - now)
+        return []
+    # Workers not running yet first, then the newest: the oldest idle ones have warmed up.
+    idle.sort(key=lambda p: (p.phase == "Running", -(p.index or 0)))
+    gone = [p.name for p in idle[:surplus]]
+    w.surplus_since = None
+    events.append(Event("ScaledDown", f"deleting {len(gone)} idle worker(s) above minIdle {s.scaling.min_idle} "
+                        f"after {settings.scale_down_grace_seconds:g}s: {', '.join(gone)}"))
+    return gone
 
 
 @dataclass(frozen=True)

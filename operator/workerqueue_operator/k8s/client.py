@@ -30,6 +30,7 @@ ServiceAccount tokens stay valid for far longer)."""
 
 class LineTooLong(ValueError):
     """A watch event longer than the reader's cap."""
+JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):

@@ -75,6 +75,8 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
         {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
         {"name": "Live", "type": "integer", "jsonPath": ".status.workers.live"},
+        {"name": "Backlog", "type": "integer", "jsonPath": ".status.temporal.backlog"},
+        {"name": "Pollers", "type": "integer", "jsonPath": ".status.temporal.pollers"},
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
         {"name": "Desired", "type": "integer", "jsonPath": ".status.workers.desired", "priority": 1},
         {"name": "Pending", "type": "integer", "jsonPath": ".status.workers.pending", "priority": 1},

@@ -84,6 +84,16 @@ class Settings(BaseModel):
     """Longest delay before replacing a failed worker."""
     worker_resync_seconds: float = Field(default=30.0, gt=0)
     """How often every queue's pods are listed even without events (a safety net)."""
+    scale_down_grace_seconds: float = Field(default=60.0, ge=0)
+    """Scaling queues: how long idle workers above minIdle stay before their pods are deleted."""
+    backlog_poll_seconds: float = Field(default=1.0, gt=0)
+    """Scaling queues: how often the task queue's backlog is read while there is work or workers."""
+    backlog_idle_poll_seconds: float = Field(default=2.0, gt=0)
+    """Scaling queues: the slowest backlog read once idle (the interval doubles up to it)."""
+    temporal_check_seconds: float = Field(default=30.0, gt=0)
+    """How often the Temporal of a queue that does not scale is checked (TemporalReachable)."""
+    temporal_status_seconds: float = Field(default=5.0, ge=0)
+    """Least time between two writes of a queue's status.temporal (the condition is written at once)."""
 
     peering_lifetime_seconds: int = Field(default=10, ge=2, le=3600)
     """With several replicas (kopf peering): how long a replica's keep-alive counts. A standby takes

@@ -158,6 +158,21 @@ class WorkerPodSpec(_Model):
     until the spec changes."""
 
 
+class ScalingSpec(_Model):
+    """Workers sized by the work: the Temporal task queue's backlog and the workers running an execution."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [cel("self.minIdle <= self.max", "scaling.minIdle must not exceed scaling.max")]
+        }
+    )
+
+    min_idle: int = Field(default=0, ge=0, le=1000)
+    """Idle workers kept waiting for work, besides those running an execution."""
+    max: int = Field(ge=0, le=1000)
+    """Most worker pods at once (also capped by maxWorkers)."""
+
+
 class WorkerQueueSpec(_Model):
     """Desired configuration of a worker queue."""
 
@@ -208,7 +223,11 @@ class WorkerQueueSpec(_Model):
     """Where workers' other control-plane calls are passed through to, with the organization's key.
     Absent: the operator's default upstream, if one is configured; else those calls get 404."""
     replicas: int = Field(default=1, ge=0, le=1000)
-    """Worker pods to keep running (ephemeral or single-execution queues; capped by maxWorkers)."""
+    """Worker pods to keep running (ephemeral or single-execution queues; capped by maxWorkers).
+    Ignored when `scaling` is set."""
+    scaling: ScalingSpec | None = None
+    """Size the worker pods by the work instead of `replicas`: min(max, busy + minIdle + backlog), where
+    busy is the workers running an execution and backlog the workflows waiting on the task queue."""
     worker: WorkerPodSpec = Field(default_factory=WorkerPodSpec)
     """The worker pods."""
     ttl_seconds_after_finished: int = Field(default=0, ge=0)
@@ -266,8 +285,21 @@ class WorkersStatus(_Model):
     """Ephemeral queues: when the last required worker finished."""
     last_error: str | None = None
     """Why the last pod creation was refused, if it was."""
+    surplus_since: str | None = None
+    """Scaling queues: since when more idle workers are alive than wanted (they go after a grace period)."""
     live: int = 0
     """Workers registered and heartbeating, wherever they run (one Lease each)."""
+
+
+class TemporalStatus(_Model):
+    """The queue's Temporal task queue as last observed (written at a bounded rate, not on every poll)."""
+
+    pollers: int | None = None
+    """Workers polling the task queue for workflow tasks."""
+    backlog: int | None = None
+    """Approximate workflow tasks waiting for a worker."""
+    busy: int | None = None
+    """Worker pods running an execution."""
 
 
 class WorkerQueueStatus(_Model):
@@ -281,6 +313,8 @@ class WorkerQueueStatus(_Model):
     """Ready summarizes the others."""
     workers: WorkersStatus | None = None
     """Worker pods, for queues whose workers the operator runs."""
+    temporal: TemporalStatus | None = None
+    """The Temporal task queue: pollers and backlog."""
 
 
 def parse_spec(raw: Any) -> WorkerQueueSpec:

@@ -1,0 +1,142 @@
+"""Workers sized by the work: backlog-driven scaling of operator-run pods (run by the local kubelet as
+the protocol-faithful test worker) against the real Temporal dev server; TemporalReachable."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from temporalio.client import Client
+
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.devcluster.kubelet import LocalKubelet
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+def scaling_queue(temporal: TemporalServer, queue_id: str, *, min_idle: int, max_: int) -> dict[str, object]:
+    return {"queueId": queue_id, "singleExecution": True, "heartbeatIntervalSeconds": 10,
+            "temporal": {"host": temporal.address, "namespace": temporal.namespace},
+            "scaling": {"minIdle": min_idle, "max": max_}}
+
+
+def start_kubelet(kubelet: Callable[..., LocalKubelet], operator: OperatorProcess, namespace: str) -> LocalKubelet:
+    return kubelet(namespaces=[namespace], overrides={"CONTROL_PLANE_URL": operator.url})
+
+
+@contextmanager
+def sampled(kube: Kube, namespace: str, queue: str) -> Iterator[list[int]]:
+    """The number of alive pods, sampled continuously while the block runs."""
+    counts: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            counts.append(len(kube.pod_names(namespace, queue)))
+            stop.wait(0.05)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join()
+
+
+async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    queue_id = f"scale-{namespace}"
+    kube.create_queue(namespace, "scale", **scaling_queue(temporal, queue_id, min_idle=0, max_=5))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: kube.condition(namespace, "scale", "TemporalReachable"), timeout=30, what="TemporalReachable")
+    assert kube.condition(namespace, "scale", "TemporalReachable")["status"] == "True"
+    await asyncio.sleep(3)
+    assert kube.pod_names(namespace, "scale", alive=False) == []  # idle, minIdle 0: no pod at all
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    with sampled(kube, namespace, "scale") as counts:
+        began = time.monotonic()
+        handles = await asyncio.gather(*(client.start_workflow(
+            "AgentExecutionWorkflow", {"execution_id": f"e{i}", "duration_seconds": 2.0},
+            id=f"scale-{i}-{secrets.token_hex(3)}", task_queue=queue_id) for i in range(10)))
+        wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=5, interval=0.05,
+                 what="5 pods within 5 s of the workflows' start")
+        five_after = time.monotonic() - began
+        # The pods turn over until every workflow is done.
+        await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 180)
+        wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=60,
+                 what="back to 0 pods after the grace period")
+    assert max(counts) == 5, f"at most 5 pods at once, sampled {max(counts)}"
+    assert five_after < 5
+    # A worker's Temporal worker may take a second workflow before its first ends (as the real one
+    # does): the backlog may be gone before any worker exits. Every pod that went was replaced or
+    # was no longer needed, and no pod ever failed.
+    workers = kube.workers(namespace, "scale")
+    assert workers["desired"] == 0 and workers["nextIndex"] >= 5 and workers["failed"] == 0
+    reasons = [e.reason for e in kube.events(namespace, "scale")]
+    assert "ScaledUp" in reasons and "ScaledDown" in reasons
+    scaled = next(e for e in kube.events(namespace, "scale") if e.reason == "ScaledUp")
+    assert "backlog" in scaled.message and "busy" in scaled.message and "minIdle 0" in scaled.message
+    # status.temporal is written at a bounded rate (every 5 s at most), so it shows the end soon after.
+    wait_for(lambda: kube.get_queue(namespace, "scale")["status"]["temporal"]["backlog"] == 0, timeout=15,
+             what="status.temporal.backlog 0")
+
+
+async def test_min_idle_keeps_idle_workers_and_temporal_outages_change_nothing(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    queue_id = f"idle-{namespace}"
+    kube.create_queue(namespace, "idle", **scaling_queue(temporal, queue_id, min_idle=2, max_=4))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: len(kube.pod_names(namespace, "idle")) == 2, timeout=15, what="2 idle workers")
+    wait_for(lambda: (kube.get_queue(namespace, "idle")["status"].get("temporal") or {}).get("pollers") == 2,
+             timeout=60, what="2 pollers in status.temporal")
+    await asyncio.sleep(5)  # longer than the grace period: idle workers up to minIdle stay
+    assert len(kube.pod_names(namespace, "idle")) == 2
+    pods = kube.pod_names(namespace, "idle")
+
+    temporal.stop()
+    try:
+        down = kube.wait_condition(namespace, "idle", "False", "TemporalUnavailable", type_="TemporalReachable",
+                                   timeout=30)
+        assert "Temporal at" in down["message"] and down["reason"] == "TemporalUnavailable"
+        await asyncio.sleep(5)
+        assert kube.pod_names(namespace, "idle") == pods  # no scaling change while Temporal cannot tell
+        assert kube.workers(namespace, "idle")["desired"] == 2
+    finally:
+        temporal.start()
+    kube.wait_condition(namespace, "idle", "True", "Reachable", type_="TemporalReachable", timeout=60)
+    assert kube.pod_names(namespace, "idle") == pods
+
+
+async def test_an_ephemeral_queue_scales_to_its_max_and_goes_once_its_work_is_done(
+        kube: Kube, namespace: str, temporal: TemporalServer):
+    # No kubelet: the test moves the pods through their phases; Temporal is real.
+    queue_id = f"eph-{namespace}"
+    kube.create_queue(namespace, "eph", **scaling_queue(temporal, queue_id, min_idle=0, max_=2),
+                      ephemeral=True, ttlSecondsAfterFinished=1)
+    wait_for(lambda: kube.condition(namespace, "eph", "TemporalReachable"), timeout=30, what="TemporalReachable")
+    assert kube.pod_names(namespace, "eph", alive=False) == []  # nothing waits: no pod, and the queue stays
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    handles = [await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 1},
+                                           id=f"eph-{i}-{secrets.token_hex(3)}", task_queue=queue_id)
+               for i in range(3)]
+    wait_for(lambda: kube.pod_names(namespace, "eph") == ["eph-w0", "eph-w1"], timeout=10, what="2 pods (max 2)")
+    await asyncio.sleep(2)
+    assert kube.pod_names(namespace, "eph") == ["eph-w0", "eph-w1"]  # the third waits: max is 2
+
+    kube.set_phase(namespace, "eph-w0", "Succeeded", exit_code=0, reason="Completed")
+    wait_for(lambda: "eph-w2" in kube.pod_names(namespace, "eph"), timeout=10, what="eph-w0 replaced")
+    for handle in handles:  # the work is gone (as if workers had run it)
+        await handle.terminate("done")
+    for pod in ("eph-w1", "eph-w2"):
+        kube.set_phase(namespace, pod, "Succeeded", exit_code=0, reason="Completed")
+    wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="the finished queue deleted")

@@ -1,0 +1,144 @@
+"""Backlog-driven scaling (spec.scaling) in the pure planner: explicit times and demand, no sleeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import workers
+from workerqueue_operator.core.workers import Demand, Pod
+from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.models.spec import WorkersStatus
+
+T0 = 1_800_000_000.0
+SETTINGS = Settings(scale_down_grace_seconds=30)
+
+
+def pod(index: int, phase: str = "Running", **kwargs: Any) -> Pod:
+    return Pod(name=f"q1-w{index}", phase=phase, deleting=False, index=index, **kwargs)
+
+
+def plan(pods: list[Pod], demand: Demand | None, previous: WorkersStatus | None = None, now: float = T0,
+         min_idle: int = 0, max_: int = 5, **spec: Any) -> workers.Plan:
+    spec = {"singleExecution": True, "scaling": {"minIdle": min_idle, "max": max_}, **spec}
+    return workers.plan(queue(**spec), pods, previous=previous or WorkersStatus(), now=now, created=T0 - 100,
+                        settings=SETTINGS, demand=demand)
+
+
+def busy(*indices: int) -> frozenset[str]:
+    return frozenset(f"q1-w{i}" for i in indices)
+
+
+def test_an_idle_queue_with_min_idle_0_runs_nothing():
+    p = plan([], Demand(backlog=0))
+    assert (p.workers.desired, p.create, p.delete, p.events) == (0, (), (), ())
+
+
+def test_backlog_scales_up_capped_by_max_with_an_event_giving_the_numbers():
+    p = plan([], Demand(backlog=10))
+    assert p.workers.desired == 5 and p.create == (0, 1, 2, 3, 4)
+    (event,) = [e for e in p.events if e.reason == "ScaledUp"]
+    assert event.message.startswith("desired workers 0 -> 5: backlog 10, busy 0, minIdle 0 (max 5")
+
+
+def test_max_workers_caps_scaling_too():
+    assert plan([], Demand(backlog=10), maxWorkers=3).workers.desired == 3
+
+
+def test_desired_is_busy_plus_min_idle_plus_backlog():
+    p = plan([pod(0), pod(1), pod(2)], Demand(backlog=1, busy=busy(0, 1)), min_idle=1, max_=10)
+    assert p.workers.desired == 4 and p.create == (3,)
+
+
+def test_pending_pods_are_capacity_that_is_coming_no_double_creation():
+    previous = WorkersStatus(desired=3, next_index=3)
+    p = plan([pod(0, "Pending"), pod(1, "Pending"), pod(2, "")], Demand(backlog=3), previous)
+    assert p.create == () and p.workers.desired == 3 and p.workers.pending == 3
+    assert not p.events  # the same decision again is no news
+
+
+def test_failed_pods_are_never_capacity_no_stuck_scale_up():
+    previous = WorkersStatus(desired=2, next_index=2)
+    p = plan([pod(0, "Failed", exit_code=1), pod(1)], Demand(backlog=2), previous)
+    assert "q1-w0" in p.delete  # the failed pod goes, and is not counted as a worker
+    assert p.workers.desired == 2
+    # Its replacement waits for the back-off, like any failed worker's; then it comes.
+    later = plan([pod(1)], Demand(backlog=2), p.workers, now=T0 + 11)
+    assert later.create == (2,)
+
+
+def test_busy_workers_are_never_deleted_even_after_the_grace_period():
+    previous = WorkersStatus(desired=3, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    p = plan([pod(0), pod(1), pod(2)], Demand(backlog=0, busy=busy(0, 1, 2)), previous)
+    assert p.delete == () and p.workers.desired == 3
+
+
+def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
+    pods = [pod(0), pod(1), pod(2), pod(3)]
+    demand = Demand(backlog=0, busy=busy(0))
+    first = plan(pods, demand, WorkersStatus(desired=4, next_index=4), min_idle=1)
+    assert first.workers.desired == 2 and first.delete == ()
+    assert first.workers.surplus_since == workers.to_rfc3339(T0)
+    assert first.requeue_after == 30
+    assert [e.reason for e in first.events] == ["ScaledDown"]
+    assert "busy 1, minIdle 1" in first.events[0].message
+
+    still = plan(pods, demand, first.workers, now=T0 + 29, min_idle=1)
+    assert still.delete == () and still.requeue_after == 1
+
+    due = plan(pods, demand, first.workers, now=T0 + 30, min_idle=1)
+    assert set(due.delete) == {"q1-w3", "q1-w2"}  # two idle ones; the busy q1-w0 and one idle stay
+    assert due.workers.surplus_since is None
+
+
+def test_the_grace_period_starts_again_when_work_comes_back():
+    pods = [pod(0), pod(1)]
+    first = plan(pods, Demand(backlog=0), WorkersStatus(desired=2, next_index=2))
+    assert first.workers.surplus_since is not None
+    busy_again = plan(pods, Demand(backlog=0, busy=busy(0, 1)), first.workers, now=T0 + 10)
+    assert busy_again.workers.surplus_since is None and busy_again.delete == ()
+    idle_again = plan(pods, Demand(backlog=0), busy_again.workers, now=T0 + 35)
+    assert idle_again.delete == () and idle_again.workers.surplus_since == workers.to_rfc3339(T0 + 35)
+
+
+def test_pending_idle_pods_go_before_running_ones():
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=workers.to_rfc3339(T0 - 30))
+    p = plan([pod(0), pod(1), pod(2, "Pending")], Demand(backlog=0), previous, min_idle=2)
+    assert p.delete == ("q1-w2",)
+
+
+def test_min_idle_keeps_idle_workers():
+    p = plan([pod(0), pod(1)], Demand(backlog=0), WorkersStatus(desired=2, next_index=2),
+             now=T0 + 3600, min_idle=2)
+    assert p.workers.desired == 2 and p.delete == () and p.create == ()
+
+
+def test_unknown_backlog_changes_nothing():
+    previous = WorkersStatus(desired=3, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    p = plan([pod(0)], Demand(backlog=None), previous)
+    assert p.workers.desired == 3 and p.delete == () and not [e for e in p.events if e.reason.startswith("Scaled")]
+    assert p.create == (3, 4)  # workers that ended are still replaced up to the last known count
+    assert p.workers.surplus_since is None
+    assert plan([], None).workers.desired == 0  # nothing known yet: nothing started
+
+
+def test_scaling_takes_precedence_over_replicas():
+    assert plan([], Demand(backlog=0), replicas=4).workers.desired == 0
+
+
+def test_an_ephemeral_scaling_queue_lives_until_it_has_worked_then_keeps_its_ttl():
+    idle = plan([], Demand(backlog=0), ephemeral=True, ttlSecondsAfterFinished=10)
+    assert idle.delete_queue is None and idle.workers.finished_time is None
+    worked = WorkersStatus(succeeded=3, next_index=3)
+    done = plan([], Demand(backlog=0), worked, ephemeral=True, ttlSecondsAfterFinished=10)
+    assert done.workers.finished_time == workers.to_rfc3339(T0) and done.requeue_after == 10
+    gone = plan([], Demand(backlog=0), done.workers, now=T0 + 10, ephemeral=True, ttlSecondsAfterFinished=10)
+    assert gone.delete_queue is not None and gone.delete_queue.reason == "QueueFinished"
+
+
+def test_an_ephemeral_scaling_queue_scales_up_to_its_max_and_keeps_its_deadline():
+    p = plan([], Demand(backlog=8), ephemeral=True, max_=3)
+    assert p.create == (0, 1, 2)
+    late = plan([pod(0)], Demand(backlog=8), p.workers, now=T0 + 1000, ephemeral=True, max_=3,
+                activeDeadlineSeconds=100)
+    assert late.delete_queue is not None and late.delete_queue.reason == "DeadlineExceeded" and late.create == ()
