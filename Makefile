@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test unit lint bench crds assets clean
+.PHONY: dev test unit lint bench crds assets image image-lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ dev: $(STAMP) assets
 	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/workerqueue-operator dev $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff check operator tests bench image
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -38,5 +38,23 @@ crds: $(STAMP)
 	$(BIN)/workerqueue-operator crds -o crds/agentcontrol.dev_workerqueues.yaml
 	$(BIN)/workerqueue-operator crds --chart -o charts/workerqueue-operator/templates/crds/workerqueues.yaml
 
+# The operator's image, built without Docker (image/build.py): OCI and docker archives in build/image.
+image:
+	@bash hack/image-tools.sh
+	$(PYTHON) image/build.py $(ARGS)
+
+# Re-resolves the image's locks: Python packages (with hashes, for every platform's wheels) and the
+# Debian package versions the mirror has today. pip-compile runs in a throwaway venv; the lock's
+# environment markers are evaluated for the running Python, which must be the image's (3.11).
+image-lock:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "image-lock needs Python 3.11, the image'"'"'s")'
+	rm -rf build/pip-tools && $(PYTHON) -m venv build/pip-tools
+	build/pip-tools/bin/pip install --quiet pip-tools
+	CUSTOM_COMPILE_COMMAND="make image-lock" build/pip-tools/bin/pip-compile --quiet --upgrade --generate-hashes \
+		--allow-unsafe --all-build-deps --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file=image/requirements.lock pyproject.toml
+	@bash hack/image-tools.sh
+	$(PYTHON) image/build.py --update-debian-lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

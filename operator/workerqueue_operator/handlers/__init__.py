@@ -6,13 +6,16 @@ through the operator's own informer, which every replica keeps (see core/supervi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.supervisor import Supervisor
+from workerqueue_operator.k8s import client
 from workerqueue_operator.models import settings as settings_
 
 PREFIX = "agentcontrol.dev"
@@ -27,7 +30,13 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
     @kopf.on.login(registry=reg, id="login")
     def login(**kwargs: Any) -> Any:
         # kopf's own loaders read $KUBECONFIG when called (the `kubernetes` package reads it at import).
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        info = kopf.login_with_service_account(**kwargs)
+        # In a pod, kopf assumes https://kubernetes.default.svc:443; the API server is where the kubelet
+        # says (KUBERNETES_SERVICE_HOST/PORT), the one our own client (k8s.client) talks to.
+        server = client.in_cluster_server(os.environ)
+        if info is not None and server is not None:
+            info = dataclasses.replace(info, server=server)
+        return info or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=reg, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -55,6 +55,14 @@ class ApiError(Exception):
         return self.status == 409 and self.reason == "AlreadyExists"
 
 
+def in_cluster_server(environ: Mapping[str, str]) -> str | None:
+    """The API server a pod is told about (KUBERNETES_SERVICE_HOST/PORT, as client-go reads them)."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def load_configuration(kubeconfig: str | None = None) -> Any:
     """The `kubernetes` client configuration: in-cluster if there, else the kubeconfig."""
     configuration = kubernetes.client.Configuration()

@@ -1,0 +1,1 @@
+"""The image `make image` builds (see build.py)."""
