@@ -152,3 +152,34 @@ def test_the_writer_sees_only_pending_work_heartbeats_first_and_its_rate_follows
     reg._forget("w2")
     assert not reg._urgent and reg.write_rate() == 20.0
     assert first.dirty and reg.get("w1") is first
+
+
+def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_few_seconds():
+    import kubernetes
+
+    from workerqueue_operator.core.activity import Activity
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.reconciler import LiveStatus
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [100.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None)
+    live = LiveStatus(store=Store(settings=Settings(), version="0"), registry=reg, client=kube,
+                      activity=Activity(identity="me", priority=0), period=1.0, per_queue=5.0, rate=3.0,
+                      clock=lambda: now[0])
+    for i in range(10):
+        reg.register(queue(f"q{i}"), f"w{i}")
+    assert live.due() == [("team-a", "q0"), ("team-a", "q1"), ("team-a", "q2")]  # 3 a second at most
+    for key in live.due():
+        live._dirty.pop(key)
+        live._written_at[key] = now[0]
+    reg.register(queue("q0"), "w-again")  # q0 changed again at once: it waits its 5 s
+    assert ("team-a", "q0") not in live.due() and live.due()[0] == ("team-a", "q3")
+    for i in range(3, 10):  # the others written meanwhile
+        live._dirty.pop(("team-a", f"q{i}"))
+    assert live.due() == []  # only q0 is left, and its 5 s have not passed
+    now[0] += 5.0
+    assert live.due() == [("team-a", "q0")]

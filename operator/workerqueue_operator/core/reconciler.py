@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -213,37 +214,57 @@ class Reconciler:
 
 class LiveStatus:
     """Keeps `status.workers.live` of each queue equal to its live registrations, coalesced: a queue
-    is written at most once a second however many workers come and go."""
+    is written at most every `per_queue` seconds and the replica makes at most `rate` such writes a
+    second, however many workers come and go (a burst of /start calls on 1,000 queues must not
+    become 1,000 status writes a second)."""
 
     def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, activity: Activity,
-                 period: float = 1.0) -> None:
+                 period: float = 1.0, per_queue: float = 5.0, rate: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._activity = activity
         self._registry = registry
         self._client = client
         self._period = period
-        self._dirty: set[QueueKey] = set()
+        self._per_queue = per_queue
+        self._rate = rate
+        self._clock = clock
+        self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
+        self._written_at: dict[QueueKey, float] = {}
         registry.subscribe(self._changed)
 
     def _changed(self, key: QueueKey) -> None:
-        self._dirty.add(key)
+        self._dirty[key] = None
+
+    def due(self) -> list[QueueKey]:
+        """The queues to write now: dirty, not written within `per_queue`, at most a period's budget."""
+        now, budget = self._clock(), max(1, int(self._rate * self._period))
+        chosen = []
+        for key in self._dirty:
+            if now - self._written_at.get(key, float("-inf")) >= self._per_queue:
+                chosen.append(key)
+                if len(chosen) >= budget:
+                    break
+        return chosen
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._period)
             if not self._activity.is_active():
                 continue  # kept dirty: written once this replica is the active one
-            dirty, self._dirty = self._dirty, set()
-            for key in dirty:
+            for key in self.due():
+                self._dirty.pop(key, None)
+                self._written_at[key] = self._clock()
                 try:
                     await self._write(key)
                 except (client_.ApiError, OSError, TimeoutError) as exc:
                     logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
-                    self._dirty.add(key)
+                    self._dirty[key] = None
 
     async def _write(self, key: QueueKey) -> None:
         queue = self._store.queue(key)
         if queue is None:
+            self._written_at.pop(key, None)
             return
         live = self._registry.live_count(key)
         shown = (queue.status.get("workers") or {}).get("live", 0)

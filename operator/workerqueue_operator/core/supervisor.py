@@ -99,7 +99,10 @@ class Supervisor:
         self._probes: dict[QueueKey, _Probe] = {}
         self._demand: dict[QueueKey, workers.Demand] = {}
         self._alive: dict[QueueKey, int] = {}
+        # Two gates: the reachability checks of many queues (an unreachable Temporal takes the whole
+        # timeout) must never hold up the backlog reads that size a scaling queue's pods.
         self._probe_gate = asyncio.Semaphore(_PROBES)
+        self._scaling_gate = asyncio.Semaphore(_PROBES)
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -362,7 +365,7 @@ class Supervisor:
         scaling = queue is not None and queue.spec.scaling is not None
         demand: workers.Demand
         try:
-            async with self._probe_gate:
+            async with self._scaling_gate if scaling else self._probe_gate:
                 info = await self._temporal.describe_task_queue(endpoint, task_queue)
                 busy: frozenset[str] = frozenset()
                 waiting = 0
