@@ -16,7 +16,7 @@ def make_worker(**overrides: object) -> registry.Worker:
         worker_id="0b9c6f1e-0000-4000-8000-000000000001", queue=("team-a", "q1"), queue_uid="uid-1",
         queue_id="q-1", lease="q1-slot-0", duration=25.0, registered_at=1000.0, renewed_at=1010.0,
         seen_at=1000.0, slot=0, status="busy", tasks_processed=3, current_task_id="exec-9", hostname="h",
-        pod="q1-w3", system_info={"hostname": "h", "cpu_count": 2})
+        pod="q1-w3", system_info='{"hostname":"h","cpu_count":2}')
     values.update(overrides)
     return registry.Worker(**values)  # type: ignore[arg-type]
 
@@ -183,3 +183,53 @@ def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_
     assert live.due() == []  # only q0 is left, and its 5 s have not passed
     now[0] += 5.0
     assert live.due() == [("team-a", "q0")]
+
+
+@pytest.mark.parametrize("info", [
+    {"hostname": "h", "platform": "Linux-6.1-x86_64-with-glibc2.36", "pid": 7, "cpu_percent": 1.5,
+     "docker_available": False, "supported_runtimes": ["default", "claude_code"], "uptime_seconds": 3600.0},
+    {"hostname": "h", "cwd": "/" + "d" * 600},  # one long value: left out
+    {"hostname": "h\u00e9", "cwd": "\u00e9" * 300},  # escaped, it is over the bound
+    {"hostname": "h", "os_name": "\x01" * 81},
+    {"hostname": "h", "os_name": "\x01" * 80},
+    {"hostname": "h", "pid": 10 ** 600},
+    {"hostname": "h", "supported_runtimes": ["r" * 30] * 40},
+    {**{name: "v" * 480 for name in ("platform", "os_name", "os_version", "python_version", "cli_version",
+                                     "sdk_version", "cwd", "llm_gateway_url", "docker_version")}, "pid": 1},
+    {},
+    {"hostname": None},
+])
+def test_system_info_is_kept_as_bounded_json_whatever_path_it_takes(info: dict[str, object]):
+    from workerqueue_operator.models import wire
+
+    model = wire.WorkerSystemInfo.model_validate(info)
+    kept = registry.system_info_json(model)
+    expected = registry.bounded_system_info(model.model_dump(exclude_none=True))
+    assert (json.loads(kept) if kept is not None else None) == expected
+    assert kept is None or len(kept) <= registry.SYSTEM_INFO_MAX_BYTES
+
+
+def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, clock=lambda: now[0])
+    q = queue(heartbeatIntervalSeconds=10)  # registrations last 25 s
+    reg.register(q, "quiet")
+    alive = reg.register(q, "alive")
+    now[0] = 1020.0
+    reg.heartbeat(alive, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    now[0] = 1025.5
+    reg._sweep(ending=True)
+    assert reg.get("quiet") is None and reg.get("alive") is alive and reg.total == 1
+    assert reg.live(q.key) == [alive]
+    now[0] = 1044.0
+    reg._sweep(ending=True)
+    assert reg.total == 1  # renewed at 1020: 25 s from then
+    now[0] = 1045.5
+    reg._sweep(ending=True)
+    assert reg.total == 0 and not reg._urgent and reg.write_rate() == 20.0

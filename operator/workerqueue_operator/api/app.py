@@ -83,8 +83,8 @@ async def start_worker(request: web.Request) -> web.Response:
     worker_id = queues.new_worker_id()
     registry = request.app[REGISTRY]
     pod = caller.worker.pod if caller.worker is not None else None
-    system_info = body.system_info.model_dump(exclude_none=True) if body.system_info else None
-    hostname = body.system_info.hostname if body.system_info else None
+    system_info = body.system_info
+    hostname = system_info.hostname if system_info is not None else None
     if queue.spec.max_workers is None:
         registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
     else:

@@ -57,7 +57,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     # `logs` are dropped on purpose: they never go to the API server.
     request.app[REGISTRY].heartbeat(
         worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
-        system_info=body.system_info.model_dump(exclude_none=True) if body.system_info else None)
+        system_info=body.system_info)
     return web.json_response({"status": "ok", "worker_id": worker.worker_id,
                               "heartbeat_interval": resolution.queue.spec.heartbeat_interval_seconds})
 

@@ -99,8 +99,9 @@ class QueueObject:
         return replace(self, status=body.get("status") or {},
                        deleting=bool(body.get("metadata", {}).get("deletionTimestamp")))
 
-    @property
+    @functools.cached_property
     def key(self) -> QueueKey:
+        """One tuple per queue object: every registration of its workers holds it."""
         return (self.namespace, self.name)
 
     @property

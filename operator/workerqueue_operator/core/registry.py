@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import heapq
 import itertools
 import json
 import logging
@@ -34,6 +35,7 @@ from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,37 @@ def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None
     return kept or None
 
 
+def system_info_json(info: wire.WorkerSystemInfo | None) -> str | None:
+    """system_info as the compact JSON a worker keeps (for its Lease), bounded as bounded_system_info
+    bounds it. Kept as text, not a dict: it is only ever written out, and at one registration per
+    /start the dict cost more memory and time than everything else of a worker."""
+    if info is None:
+        return None
+    text = info.model_dump_json(exclude_none=True)
+    # Clearly within both bounds (each entry short, all of them well under the total): kept whole,
+    # as bounded_system_info would keep it, without sizing every entry.
+    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii() and all(map(_short, info.__dict__.values())):
+        return text if text != "{}" else None
+    kept = bounded_system_info(info.model_dump(exclude_none=True))
+    return json.dumps(kept, separators=(",", ":")) if kept else None
+
+
+_BIG = 10 ** 100
+
+
+def _short(value: Any) -> bool:
+    """Whether a system_info value's JSON entry is certainly under 512 characters (escaping a
+    character takes at most 6, a field name at most 25 with its quotes and braces)."""
+    kind = type(value)
+    if kind is str:
+        return len(value) <= 80
+    if kind is int:
+        return bool(-_BIG < value < _BIG)
+    if kind is list:
+        return all(type(item) is str for item in value) and sum(map(len, value)) + len(value) <= 64
+    return kind is float or kind is bool or value is None
+
+
 _json_string = json.encoder.encode_basestring_ascii
 
 
@@ -114,9 +147,9 @@ def _entry_length(key: str, value: Any) -> int:
     return len(json.dumps({key: value}, separators=(",", ":"), default=str))
 
 
-@dataclass
+@dataclass(slots=True)
 class Worker:
-    """A registered worker, as this replica knows it."""
+    """A registered worker, as this replica knows it (slots: a /start flood holds many of them)."""
 
     worker_id: str
     queue: QueueKey
@@ -136,7 +169,8 @@ class Worker:
     current_task_id: str | None = None
     hostname: str | None = None
     pod: str | None = None
-    system_info: dict[str, Any] | None = None
+    system_info: str | None = None
+    """Compact JSON of the bounded system_info (see system_info_json)."""
     stored: bool = False
     """The Lease exists in the API server (written by us or seen by the watch)."""
     dirty: bool = True
@@ -179,7 +213,7 @@ class Worker:
         """What the Lease's annotation holds besides its spec."""
         return {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
                 "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
-                "slot": self.slot, "systemInfo": self.system_info}
+                "slot": self.slot, "systemInfo": json.loads(self.system_info) if self.system_info else None}
 
 
 def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
@@ -220,6 +254,7 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         state = {}
     if not isinstance(state, dict):
         state = {}
+    info = state.get("systemInfo")
     registered = parse_time(spec.get("acquireTime")) or parse_time(meta.get("creationTimestamp")) or seen_at
     renewed = parse_time(spec.get("renewTime")) or registered
     return Worker(
@@ -238,7 +273,7 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         current_task_id=state.get("currentTaskId"),
         hostname=state.get("hostname"),
         pod=state.get("pod"),
-        system_info=state.get("systemInfo") if isinstance(state.get("systemInfo"), dict) else None,
+        system_info=json.dumps(info, separators=(",", ":")) if isinstance(info, dict) and info else None,
         stored=True,
         dirty=False,
         confirmed=renewed > registered,
@@ -285,6 +320,13 @@ class Registry:
         self._workers: dict[str, Worker] = {}
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
         self._by_lease: dict[tuple[str, str], str] = {}
+        """(namespace, Lease name) -> worker id, of the workers whose Lease exists: a watch event
+        names a Lease; a registration not written yet has no Lease to be named by."""
+        self._expiries: dict[int, list[Worker]] = {}
+        """Workers by the second their registration expires (or expired, as last looked at), so that
+        the sweep looks at the workers that may have expired, never at every worker."""
+        self._expiry_seconds: list[int] = []
+        """The keys of `_expiries`, a heap."""
         self._claiming: set[tuple[str, str]] = set()
         self._bucket = _Bucket()
         # What the writer has to do, so that a tick looks at that only, never at every worker:
@@ -326,7 +368,7 @@ class Registry:
             self._add(incoming)
             return
         # Ours is at least as new as what was written, except for what other replicas heard.
-        mine.stored = True
+        self._stored(mine)
         mine.seen_at = min(mine.seen_at, incoming.seen_at)
         if incoming.renewed_at > mine.renewed_at:
             mine.renewed_at = incoming.renewed_at
@@ -366,16 +408,16 @@ class Registry:
     # --- registering ------------------------------------------------------------------------------
 
     def _new_worker(self, queue: QueueObject, worker_id: str, *, lease: str, slot: int | None, pod: str | None,
-                    hostname: str | None, system_info: Mapping[str, Any] | None) -> Worker:
+                    hostname: str | None, system_info: wire.WorkerSystemInfo | None) -> Worker:
         now = self._clock()
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
             duration=EXPIRY_INTERVALS * queue.spec.heartbeat_interval_seconds, registered_at=now,
             renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=hostname,
-            system_info=bounded_system_info(system_info))
+            system_info=system_info_json(system_info))
 
     def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
-                 system_info: Mapping[str, Any] | None = None) -> Worker:
+                 system_info: wire.WorkerSystemInfo | None = None) -> Worker:
         """Registers a worker of a queue without maxWorkers; its Lease is written in the background."""
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
@@ -384,7 +426,7 @@ class Registry:
         return worker
 
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
-                    hostname: str | None = None, system_info: Mapping[str, Any] | None = None) -> Worker | None:
+                    hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None) -> Worker | None:
         """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
 
         Raises the API error (or a timeout) when the API server cannot be asked."""
@@ -414,11 +456,11 @@ class Registry:
         return None
 
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
-                  system_info: Mapping[str, Any] | None) -> None:
+                  system_info: wire.WorkerSystemInfo | None) -> None:
         worker.renewed_at = max(self._clock(), worker.renewed_at)
         worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
-        if system_info:
-            worker.system_info = bounded_system_info(system_info)
+        if system_info is not None:
+            worker.system_info = system_info_json(system_info) or worker.system_info
         if not worker.heartbeats_here:
             self._renewal_rate += 1.0 / worker.interval
         worker.heartbeats_here += 1
@@ -469,14 +511,22 @@ class Registry:
 
     def _sweep(self, *, ending: bool) -> None:
         """Expired workers: a registration never written is just forgotten (no write for a worker that
-        never heartbeat); a written one's Lease is deleted by the active replica."""
+        never heartbeat); a written one's Lease is deleted by the active replica. Only the workers
+        due by the time they were filed under are looked at; one renewed since is filed again."""
         now = self._clock()
-        for worker in list(self._workers.values()):
-            if worker.expired(now):
-                if not worker.stored:
+        seconds = self._expiry_seconds
+        while seconds and seconds[0] <= now:
+            for worker in self._expiries.pop(heapq.heappop(seconds)):
+                if self._workers.get(worker.worker_id) is not worker:
+                    continue  # forgotten meanwhile
+                if not worker.expired(now):
+                    self._file_expiry(worker, worker.expires_at())
+                elif not worker.stored:
                     self._forget(worker.worker_id)
                 elif ending:
                     self._end(worker, "no heartbeat within its lease")
+                else:
+                    self._file_expiry(worker, now + 1.0)  # the active replica ends it; looked at again
 
     def _flush(self) -> None:
         now = self._monotonic()
@@ -535,7 +585,7 @@ class Registry:
             if not worker.stored:
                 if await self._create(body) is None:
                     await self._patch(worker, body)
-                worker.stored = True
+                self._stored(worker)
             elif not await self._patch(worker, body):
                 self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere
                 return
@@ -626,10 +676,26 @@ class Registry:
     def _add(self, worker: Worker) -> None:
         self._workers[worker.worker_id] = worker
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
-        self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+        if worker.stored:
+            self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+        self._file_expiry(worker, worker.expires_at())
         if worker.dirty:
             self._mark(worker)
         self._notify(worker.queue)
+
+    def _stored(self, worker: Worker) -> None:
+        """The worker's Lease exists (written by us, or seen by the watch)."""
+        worker.stored = True
+        if self._workers.get(worker.worker_id) is worker:
+            self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+
+    def _file_expiry(self, worker: Worker, moment: float) -> None:
+        second = math.ceil(moment)
+        bucket = self._expiries.get(second)
+        if bucket is None:
+            bucket = self._expiries[second] = []
+            heapq.heappush(self._expiry_seconds, second)
+        bucket.append(worker)
 
     def _forget(self, worker_id: str) -> None:
         worker = self._workers.pop(worker_id, None)
