@@ -189,3 +189,13 @@ def test_pod_from_body_reads_exit_code_and_reason():
         {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
     p = Pod.from_body(body)
     assert (p.index, p.exit_code, p.reason, p.alive) == (3, 137, "OOMKilled", False)
+
+
+def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():
+    # The API server fills in the CRD's defaults once status.workers.live is written: zeros, no pods.
+    filled_in = {"live": 3, "desired": 0, "pending": 0, "running": 0, "succeeded": 0, "failed": 0,
+                 "consecutiveFailures": 0, "nextIndex": 0, "counted": []}
+    assert not workers.has_pod_history(filled_in)
+    assert not workers.has_pod_history(None) and not workers.has_pod_history({"live": 2})
+    assert workers.has_pod_history({**filled_in, "nextIndex": 1})
+    assert workers.has_pod_history({"live": 0, "lastFailureTime": "2026-01-01T00:00:00Z"})

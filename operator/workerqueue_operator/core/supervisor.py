@@ -123,8 +123,7 @@ class Supervisor:
         if probe is not None and probe.generation != queue.generation:
             probe.generation, probe.due = queue.generation, 0.0  # the spec changed (maybe its Temporal)
         if key not in self._tracked:
-            # status.workers.live alone (the registry's count) says nothing about pods.
-            if not (workers.manages_pods(queue.spec) or set(queue.status.get("workers") or {}) - {"live"}
+            if not (workers.manages_pods(queue.spec) or workers.has_pod_history(queue.status.get("workers"))
                     or (queue.namespace, queue.name, queue.uid) in self._written):
                 return  # a queue whose workers run elsewhere, and always did: nothing to look at
             self._tracked.add(key)

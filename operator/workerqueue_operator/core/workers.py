@@ -169,6 +169,16 @@ def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:
     return queue_spec.ephemeral or queue_spec.single_execution
 
 
+_UNSET: tuple[object, ...] = (0, None, [])
+
+
+def has_pod_history(workers_status: Mapping[str, Any] | None) -> bool:
+    """Whether a queue's status.workers says it has had worker pods. `live` (the registry's count) says
+    nothing about pods, and neither do the zeros the API server fills in from the CRD's defaults
+    as soon as any of status.workers is written."""
+    return any(key != "live" and value not in _UNSET for key, value in (workers_status or {}).items())
+
+
 def backoff(consecutive_failures: int, settings: settings_.Settings) -> float:
     """10 s after the first failure, doubling, at most 5 min (with the default settings)."""
     exponent = max(consecutive_failures - 1, 0)
