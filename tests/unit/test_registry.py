@@ -16,7 +16,7 @@ def make_worker(**overrides: object) -> registry.Worker:
         worker_id="0b9c6f1e-0000-4000-8000-000000000001", queue=("team-a", "q1"), queue_uid="uid-1",
         queue_id="q-1", lease="q1-slot-0", duration=25.0, registered_at=1000.0, renewed_at=1010.0,
         seen_at=1000.0, slot=0, status="busy", tasks_processed=3, current_task_id="exec-9", hostname="h",
-        pod="q1-w3", system_info='{"hostname":"h","cpu_count":2}')
+        pod="q1-w3", system_info=b'{"hostname":"h","cpu_count":2}')
     values.update(overrides)
     return registry.Worker(**values)  # type: ignore[arg-type]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -47,8 +47,9 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
     if not raw or raw.isspace():
         return model()
     try:
-        # The common case in one pass; anything unusual takes the slow path below for its exact errors.
-        return model.model_validate_json(raw)
+        # The common case in one pass (the validator itself: model_validate_json's wrapper costs a
+        # quarter as much again); anything unusual takes the slow path below for its exact errors.
+        return cast(M, model.__pydantic_validator__.validate_json(raw))
     except ValidationError:
         pass
     try:

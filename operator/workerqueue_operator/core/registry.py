@@ -97,19 +97,31 @@ def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None
     return kept or None
 
 
-def system_info_json(info: wire.WorkerSystemInfo | None) -> str | None:
+def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
     """system_info as the compact JSON a worker keeps (for its Lease), bounded as bounded_system_info
     bounds it. Kept as text, not a dict: it is only ever written out, and at one registration per
     /start the dict cost more memory and time than everything else of a worker."""
     if info is None:
         return None
-    text = info.model_dump_json(exclude_none=True)
+    text: bytes = _SYSTEM_INFO_SERIALIZER.to_json(info, exclude_none=True)
     # Clearly within both bounds (each entry short, all of them well under the total): kept whole,
     # as bounded_system_info would keep it, without sizing every entry.
-    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii() and all(map(_short, info.__dict__.values())):
-        return text if text != "{}" else None
+    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii():
+        for value in info.__dict__.values():
+            kind = type(value)
+            if kind is str:
+                if len(value) > 80:
+                    break
+            elif value is not None and kind is not float and kind is not bool and not _short(value):
+                break
+        else:
+            return text if text != b"{}" else None
     kept = bounded_system_info(info.model_dump(exclude_none=True))
-    return json.dumps(kept, separators=(",", ":")) if kept else None
+    return json.dumps(kept, separators=(",", ":")).encode() if kept else None
+
+
+_SYSTEM_INFO_SERIALIZER = wire.WorkerSystemInfo.__pydantic_serializer__
+"""model_dump_json's serializer called directly: bytes, without its wrapper's work."""
 
 
 _BIG = 10 ** 100
@@ -169,7 +181,7 @@ class Worker:
     current_task_id: str | None = None
     hostname: str | None = None
     pod: str | None = None
-    system_info: str | None = None
+    system_info: bytes | None = None
     """Compact JSON of the bounded system_info (see system_info_json)."""
     stored: bool = False
     """The Lease exists in the API server (written by us or seen by the watch)."""
@@ -273,7 +285,7 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         current_task_id=state.get("currentTaskId"),
         hostname=state.get("hostname"),
         pod=state.get("pod"),
-        system_info=json.dumps(info, separators=(",", ":")) if isinstance(info, dict) and info else None,
+        system_info=json.dumps(info, separators=(",", ":")).encode() if isinstance(info, dict) and info else None,
         stored=True,
         dirty=False,
         confirmed=renewed > registered,
