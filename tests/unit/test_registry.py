@@ -233,3 +233,15 @@ def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():
     now[0] = 1045.5
     reg._sweep(ending=True)
     assert reg.total == 0 and not reg._urgent and reg.write_rate() == 20.0
+
+
+def test_system_info_reaches_the_lease_as_an_object_and_comes_back():
+    from workerqueue_operator.models import wire
+
+    info = registry.system_info_json(wire.WorkerSystemInfo(hostname="h", cpu_count=2, supported_runtimes=["default"]))
+    body = registry.lease_body(make_worker(system_info=info), queue_name="q1")
+    state = json.loads(body["metadata"]["annotations"][registry.STATE_ANNOTATION])
+    assert state["systemInfo"] == {"hostname": "h", "cpu_count": 2, "supported_runtimes": ["default"]}
+    back = registry.worker_from_lease(body, seen_at=2000.0)
+    assert back is not None and back.system_info is not None
+    assert json.loads(back.system_info) == state["systemInfo"]
