@@ -112,6 +112,9 @@ def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
             if kind is str:
                 if len(value) > 80:
                     break
+            elif kind is int:
+                if not -_BIG < value < _BIG:
+                    break
             elif value is not None and kind is not float and kind is not bool and not _short(value):
                 break
         else:
