@@ -185,6 +185,9 @@ class LocalKubelet:
                         timeout_seconds=60, allow_watch_bookmarks=True):
                     if self._stopping.is_set():
                         break
+                    if event["type"] == "ERROR":  # a Status, e.g. 410 Expired: list again
+                        resource_version = None
+                        break
                     pod = event["object"]
                     resource_version = pod.metadata.resource_version
                     if event["type"] != "BOOKMARK":
