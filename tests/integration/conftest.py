@@ -58,6 +58,15 @@ class Http:
         return json.loads(self.body)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def http(method: str, url: str, *, body: bytes | None = None, token: str | None = None,
          headers: dict[str, str] | None = None, timeout: float = 10, context: ssl.SSLContext | None = None) -> Http:
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
