@@ -279,6 +279,21 @@ class ControlPlane(procs.Service):
             self._log(message)
 
 
+def wait_established(kubectl: Callable[..., str], *crds: str, timeout: float = 60.0) -> None:
+    """Waits until each CRD (`name.group`) serves, given `kubectl(*args) -> stdout` (raising on failure).
+
+    Reads the Established condition rather than `kubectl wait --for=condition=Established`, which
+    fails instead of waiting while a CRD just created has no conditions yet.
+    """
+    deadline = time.monotonic() + timeout
+    for name in crds:
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        while kubectl("get", f"crd/{name}", "-o", f"jsonpath={jsonpath}").strip() != "True":
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"CRD {name} not Established within {timeout:.0f}s")
+            time.sleep(0.1)
+
+
 class _Interrupted(BaseException):
     """Raised by the signal handler of run_until_signal to unwind whatever is running."""
 
