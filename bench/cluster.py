@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import Target
+from workerqueue_operator.devcluster import controlplane
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
@@ -48,7 +49,7 @@ class Kubectl:
 
 def install_crd(kubectl: Kubectl) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    controlplane.wait_established(kubectl, CRD_NAME)
 
 
 def queue_manifests(namespace: str, count: int, token: str,
