@@ -99,8 +99,8 @@ def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None
 
 def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
     """system_info as the compact JSON a worker keeps (for its Lease), bounded as bounded_system_info
-    bounds it. Kept as text, not a dict: it is only ever written out, and at one registration per
-    /start the dict cost more memory and time than everything else of a worker."""
+    bounds it. JSON bytes, not a dict: it is only ever written out, and at one registration per
+    /start the dict cost more memory and time than the rest of a worker."""
     if info is None:
         return None
     text: bytes = _SYSTEM_INFO_SERIALIZER.to_json(info, exclude_none=True)
@@ -339,7 +339,8 @@ class Registry:
         names a Lease; a registration not written yet has no Lease to be named by."""
         self._expiries: dict[int, list[Worker]] = {}
         """Workers by the second their registration expires (or expired, as last looked at), so that
-        the sweep looks at the workers that may have expired, never at every worker."""
+        the sweep looks at the workers that may have expired, never at every worker (one forgotten
+        meanwhile stays filed until that second)."""
         self._expiry_seconds: list[int] = []
         """The keys of `_expiries`, a heap."""
         self._claiming: set[tuple[str, str]] = set()
