@@ -323,8 +323,11 @@ class Supervisor:
                 if not self._activity.is_active():
                     continue  # status and scaling are the active replica's
                 loop_now = time.monotonic()
-                for key in self._store.queue_keys():
-                    probe = self._probes.setdefault(key, _Probe())
+                probes = self._probes
+                for key in self._store.queue_keys():  # 10,000 queues, ten times a second: no allocation
+                    probe = probes.get(key)
+                    if probe is None:
+                        probe = probes[key] = _Probe()
                     if probe.running:
                         continue
                     if loop_now >= probe.due:
