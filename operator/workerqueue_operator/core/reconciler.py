@@ -92,6 +92,10 @@ class Reconciler:
     def schedule(self, key: QueueKey) -> None:
         self._queue.add(key)
 
+    def behind(self) -> bool:
+        """Whether queues wait for their status (e.g. 10,000 at start-up)."""
+        return self._queue.behind
+
     def _activity_changed(self, active: bool) -> None:
         self._written.clear()  # the other replica may have written since
         if active:
