@@ -258,7 +258,7 @@ async def run(
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
-                            registry=registry, temporal=temporal_)
+                            registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(

@@ -164,3 +164,14 @@ def test_a_secret_this_replica_created_serves_at_once_unless_the_watch_told_firs
     s.creating_secret(name)
     s.created_secret(name, None)  # someone else made it: the watch will tell
     assert s.secret_state(name) == (True, None)
+
+
+def test_a_secret_seen_again_with_the_same_data_resolves_nothing_again():
+    s, changed = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    changed.clear()
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})  # e.g. the echo of our own create
+    assert changed == []
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "u"})
+    assert changed == [("team-a", "q1")]

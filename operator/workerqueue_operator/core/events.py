@@ -64,11 +64,13 @@ class EventPoster:
     def defer_routine(self, behind: Callable[[], bool], *, at_most: float = 60.0) -> None:
         """Routine Events wait while `behind()` says the work they report on is behind (10,000 new
         queues: their 10,000 TokenSecretCreated Events would compete with their statuses at the API
-        server), for at most `at_most` seconds at a time. Warnings never wait."""
+        server), for at most `at_most` seconds at a time and while the backlog is less than half
+        full. Warnings never wait."""
         self._behind, self._defer_at_most = behind, at_most
 
     def _deferring(self) -> bool:
-        if self._behind is None or not self._behind():
+        # Never so long that the backlog fills and Events are dropped.
+        if self._behind is None or self.waiting * 2 >= self._backlog or not self._behind():
             self._deferred_since = None
             return False
         now = self._clock()

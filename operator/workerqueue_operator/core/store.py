@@ -108,6 +108,8 @@ class Store:
         users = self._users.get(name)
         if users is None:
             return
+        if name in self._secrets and self._secrets[name] == data:
+            return  # the echo of our own create, or a change beside the data: nothing resolves otherwise
         self._secrets[name] = data
         self._recompute(users)
 

@@ -89,8 +89,10 @@ class Supervisor:
         temporal: temporal_.Temporal | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
+        statuses_behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
+        self._statuses_behind = statuses_behind
         self._activity = activity
         self._client = client
         self._events = events
@@ -324,6 +326,9 @@ class Supervisor:
                     continue  # status and scaling are the active replica's
                 loop_now = time.monotonic()
                 probes = self._probes
+                # While queues wait for their Ready status (10,000 at start-up), reachability and its
+                # writes wait too: only scaling queues, whose pods depend on their backlog, go on.
+                hold = self._statuses_behind()
                 for key in self._store.queue_keys():  # 10,000 queues, ten times a second: no allocation
                     probe = probes.get(key)
                     if probe is None:
@@ -331,6 +336,8 @@ class Supervisor:
                     if probe.running:
                         continue
                     if loop_now >= probe.due:
+                        if hold and not self._scaling(key):
+                            continue
                         target = self._target(key)
                         if target is None:
                             probe.due = loop_now + 1.0  # not resolved yet (e.g. a Secret missing)
@@ -342,7 +349,7 @@ class Supervisor:
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     elif probe.wanted != probe.shown and loop_now - probe.shown_at >= \
-                            self._settings.temporal_status_seconds:
+                            self._settings.temporal_status_seconds and not (hold and not self._scaling(key)):
                         probe.running = True
                         task = asyncio.create_task(self._show(key, probe))
                         tasks.add(task)
@@ -351,6 +358,10 @@ class Supervisor:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _scaling(self, key: QueueKey) -> bool:
+        queue = self._store.queue(key)
+        return queue is not None and queue.spec.scaling is not None
 
     def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
