@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import Target
+from workerqueue_operator.devcluster import controlplane
 from workerqueue_operator.k8s import client, resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ class Kubectl:
 
 def install_crd(kubectl: Kubectl) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    controlplane.wait_established(kubectl, CRD_NAME)
 
 
 def queue_manifests(namespace: str, count: int, token: str,

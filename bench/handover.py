@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from bench.cluster import Kubectl
+from workerqueue_operator.devcluster import controlplane
 
 CHART_CRDS = "charts/workerqueue-operator/crds"
 PEERING = "bench-peering"
@@ -77,7 +78,7 @@ def _pods(kubectl: Kubectl) -> list[str]:
 
 def prepare(kubectl: Kubectl, root: str) -> None:
     kubectl("apply", "--server-side", "-f", f"{root}/{CHART_CRDS}")
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev")
+    controlplane.wait_established(kubectl, "kopfpeerings.kopf.dev")
     kubectl("create", "namespace", NAMESPACE)
     kubectl("apply", "-f", "-", stdin=f"""
 apiVersion: kopf.dev/v1

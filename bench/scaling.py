@@ -15,20 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import statistics
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
-from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
 from temporalio.client import Client
 
 from bench import cluster
+from bench import pods as pods_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
@@ -44,67 +40,8 @@ class ScalingResult(TypedDict):
     max_ms: float
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
 def _result(scenario: str, latencies: list[float]) -> ScalingResult:
-    return ScalingResult(scenario=scenario, workflows=len(latencies), p50_ms=statistics.median(latencies),
-                         p99_ms=_percentile(latencies, 0.99), max_ms=max(latencies))
-
-
-class PodTimes:
-    """When each pod of the namespace was first seen, in order of appearance."""
-
-    def __init__(self, api: k8s.ApiClient) -> None:
-        self._core = k8s.CoreV1Api(api)
-        self.seen: list[float] = []
-        self._names: set[str] = set()
-        self._lock = threading.Condition()
-        self._watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        self._ready = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PodTimes:
-        self._thread.start()
-        self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopping = True
-        self._watch.stop()  # type: ignore[no-untyped-call]
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        try:
-            listing = self._core.list_namespaced_pod(NAMESPACE)
-            self._ready.set()
-            for event in self._watch.stream(  # type: ignore[no-untyped-call]
-                    self._core.list_namespaced_pod, NAMESPACE, timeout_seconds=600,
-                    resource_version=listing.metadata.resource_version if listing.metadata else None):
-                name = event["object"].metadata.name
-                with self._lock:
-                    if name not in self._names:
-                        self._names.add(name)
-                        self.seen.append(time.monotonic())
-                        self._lock.notify_all()
-        except Exception as exc:
-            if not self._stopping:
-                print(f"pod watch ended: {exc}", file=sys.stderr)
-        finally:
-            self._ready.set()
-
-    def wait(self, count: int, timeout: float) -> list[float]:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while len(self.seen) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"{len(self.seen)} pods of {count} within {timeout:.0f}s")
-                self._lock.wait(left)
-            return list(self.seen[:count])
+    return ScalingResult(scenario=scenario, workflows=len(latencies), **pods_.latency(latencies))
 
 
 def create_queue(kubectl: cluster.Kubectl, temporal: TemporalServer, task_queue: str) -> None:
@@ -146,11 +83,11 @@ async def _drive(kubeconfig: Path, temporal: TemporalServer, task_queue: str, *,
         await probe.close()
         results.append(_result("baseline: one DescribeTaskQueue round trip", rounds))
 
-        with PodTimes(api) as pods:
+        with pods_.PodWatch(api, NAMESPACE) as pods:
             latencies = []
             for i in range(one_by_one):
                 began = await start()
-                seen = await asyncio.to_thread(pods.wait, i + 1, 60)
+                seen = await asyncio.to_thread(pods.first, i + 1, 60)
                 latencies.append((seen[i] - began) * 1000)
             results.append(_result("one workflow at a time", latencies))
             say(f"  workflow -> pod, one at a time ({one_by_one}): p50 {results[-1]['p50_ms']:.0f} ms, "
@@ -158,7 +95,7 @@ async def _drive(kubeconfig: Path, temporal: TemporalServer, task_queue: str, *,
             burst_began = time.monotonic()
             started = sorted(await asyncio.gather(*(start() for _ in range(at_once))))
             say(f"  the {at_once} start calls took {(time.monotonic() - burst_began) * 1000:.0f} ms in all")
-            seen = (await asyncio.to_thread(pods.wait, one_by_one + at_once, 120 + at_once))[one_by_one:]
+            seen = (await asyncio.to_thread(pods.first, one_by_one + at_once, 120 + at_once))[one_by_one:]
             results.append(_result(f"{at_once} workflows started at once",
                                    [(s - b) * 1000 for s, b in zip(seen, started, strict=True)]))
             say(f"  workflow -> pod, {at_once} at once: p50 {results[-1]['p50_ms']:.0f} ms, "

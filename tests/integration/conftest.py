@@ -24,6 +24,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from workerqueue_operator.devcluster import controlplane
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,20 @@ class Http:
         return json.loads(self.body)
 
 
+def established(kubectl: Callable[..., subprocess.CompletedProcess[str]], *crds: str) -> None:
+    """Waits until the CRDs serve (see controlplane.wait_established)."""
+    controlplane.wait_established(lambda *args: kubectl(*args).stdout, *crds)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie counts until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def http(method: str, url: str, *, body: bytes | None = None, token: str | None = None,
          headers: dict[str, str] | None = None, timeout: float = 10, context: ssl.SSLContext | None = None) -> Http:
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
@@ -75,7 +90,7 @@ def http(method: str, url: str, *, body: bytes | None = None, token: str | None 
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}")
+    established(kubectl, f"{PLURAL}.{GROUP}")
 
 
 class OperatorProcess:

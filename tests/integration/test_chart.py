@@ -24,7 +24,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import established, wait_for
 from workerqueue_operator import cli
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.models import crd
@@ -502,8 +502,8 @@ def cluster_crds(kubectl: Kubectl) -> Iterator[None]:
     existing = kubectl("get", "crd", SERVICE_MONITOR_CRD["metadata"]["name"], check=False).returncode == 0
     if not existing:
         kubectl("apply", "-f", "-", input=json.dumps(SERVICE_MONITOR_CRD))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev",
-            "crd/kopfpeerings.kopf.dev", "crd/servicemonitors.monitoring.coreos.com")
+    established(kubectl, "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev",
+                "servicemonitors.monitoring.coreos.com")
     yield
     if not existing:
         kubectl("delete", "crd", SERVICE_MONITOR_CRD["metadata"]["name"], "--wait=false", check=False)

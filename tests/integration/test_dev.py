@@ -13,16 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import free_port, http, wait_for
+from tests.integration.conftest import alive, free_port, http, wait_for
 from workerqueue_operator.core.temporal import Endpoint, Temporal
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path: Path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Any
 
 from kubernetes import client
 
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import alive, free_port, wait_for
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 
 LABELS = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
@@ -26,14 +25,6 @@ while not stop.exists():
     time.sleep(0.05)
 sys.exit(int(stop.read_text()))
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def make_pod(core: client.CoreV1Api, namespace: str, name: str, env: list[dict[str, Any]],

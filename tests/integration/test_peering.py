@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import ROOT, Kube, OperatorProcess, http, wait_for
+from tests.integration.conftest import ROOT, Kube, OperatorProcess, established, http, wait_for
 
 TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
 PEERING = "wq-peering"
@@ -24,7 +24,7 @@ LIFETIME = 20
 @pytest.fixture(scope="module")
 def peering_crds(kubectl: Callable[..., Any]) -> None:
     kubectl("apply", "--server-side", "-f", str(ROOT / "charts" / "workerqueue-operator" / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev")
+    established(kubectl, "kopfpeerings.kopf.dev")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from kubernetes import client as k8s
 
 from tests.integration import test_start as start_scenarios
 from tests.integration import test_workers as worker_scenarios
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, established, wait_for
 from tests.integration.test_chart import CHART, Helm, container_of, find
 
 pytestmark = pytest.mark.usefixtures("crd_installed")
@@ -85,7 +85,7 @@ def deployed(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., 
                                                  "RoleBinding", "ClusterKopfPeering", "KopfPeering")]
     if mode == "peering":
         kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
-        kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
+        established(kubectl, "clusterkopfpeerings.kopf.dev")
     manifest = yaml.safe_dump_all(applied)
     kubectl("apply", "-f", "-", input=manifest)
     service_account = find(docs, "ServiceAccount")["metadata"]["name"]

@@ -14,6 +14,7 @@ import pytest
 from temporalio.client import Client
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.core.temporal import Endpoint, Temporal
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
@@ -49,12 +50,16 @@ def sampled(kube: Kube, namespace: str, queue: str) -> Iterator[list[int]]:
         thread.join()
 
 
+@pytest.mark.parametrize("per_worker", [1, None], ids=["one-workflow-each", "several-workflows-each"])
 async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
-        kubelet: Callable[..., LocalKubelet]):
+        kubelet: Callable[..., LocalKubelet], per_worker: int | None):
     queue_id = f"scale-{namespace}"
     kube.create_queue(namespace, "scale", **scaling_queue(temporal, queue_id, min_idle=0, max_=5))
-    start_kubelet(kubelet, operator, namespace)
+    overrides = {"CONTROL_PLANE_URL": operator.url}
+    if per_worker is not None:
+        overrides["WORKFLOWS_PER_WORKER"] = str(per_worker)
+    kubelet(namespaces=[namespace], overrides=overrides)
     wait_for(lambda: kube.condition(namespace, "scale", "TemporalReachable"), timeout=30, what="TemporalReachable")
     assert kube.condition(namespace, "scale", "TemporalReachable")["status"] == "True"
     await asyncio.sleep(3)
@@ -64,7 +69,7 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
     with sampled(kube, namespace, "scale") as counts:
         began = time.monotonic()
         handles = await asyncio.gather(*(client.start_workflow(
-            "AgentExecutionWorkflow", {"execution_id": f"e{i}", "duration_seconds": 2.0},
+            "AgentExecutionWorkflow", {"execution_id": f"e{i}", "duration_seconds": 2.0, "local_activity": True},
             id=f"scale-{i}-{secrets.token_hex(3)}", task_queue=queue_id) for i in range(10)))
         wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=5, interval=0.05,
                  what="5 pods within 5 s of the workflows' start")
@@ -75,11 +80,23 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
                  what="back to 0 pods after the grace period")
     assert max(counts) == 5, f"at most 5 pods at once, sampled {max(counts)}"
     assert five_after < 5
-    # A worker's Temporal worker may take a second workflow before its first ends (as the real one
-    # does): the backlog may be gone before any worker exits. Every pod that went was replaced or
-    # was no longer needed, and no pod ever failed.
     workers = kube.workers(namespace, "scale")
-    assert workers["desired"] == 0 and workers["nextIndex"] >= 5 and workers["failed"] == 0
+    assert workers["desired"] == 0 and workers["failed"] == 0
+    access = Temporal(timeout=5.0, coalesce=0.0)
+    try:
+        ran = await access.executions(Endpoint(temporal.address, temporal.namespace), queue_id, limit=20)
+    finally:
+        await access.close()
+    pods = {str(e.holder).partition("@")[2] for e in ran}
+    assert len(ran) == 10 and all(e.status == "completed" for e in ran)
+    if per_worker == 1:
+        # Each pod ran one workflow and went; with 5 at most at once, the other 5 workflows waited
+        # in the backlog until replacements took them.
+        assert len(pods) == 10 and workers["nextIndex"] >= 10
+    else:
+        # A worker's Temporal worker may take several workflows at once (as the real one may): the
+        # backlog can be gone before any worker exits, so fewer pods may have run them all.
+        assert 1 <= len(pods) <= 10 and workers["nextIndex"] >= 5
     reasons = [e.reason for e in kube.events(namespace, "scale")]
     assert "ScaledUp" in reasons and "ScaledDown" in reasons
     scaled = next(e for e in kube.events(namespace, "scale") if e.reason == "ScaledUp")

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import alive, wait_for
 from workerqueue_operator.devcluster.temporal import TemporalError, TemporalServer
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def listening(pid: int) -> list[str]:

@@ -215,3 +215,26 @@ async def test_failing_polls_give_up(recorder: Recorder, tmp_path: Path):
     assert len(recorder.of("GET", "/executions")) >= 2
     assert [c.body for c in recorder.of("POST", "/disconnect")] == [
         {"reason": "shutdown", "exit_code": 0, "error_message": None}]
+
+
+async def test_workflows_per_worker_caps_what_its_temporal_worker_takes(recorder: Recorder, tmp_path: Path):
+    client = await Client.connect(recorder.temporal.address)
+    endpoint = Endpoint(recorder.temporal.address, "default")
+    with worker_process(recorder, tmp_path, WORKFLOWS_PER_WORKER="1") as capped:
+        await until(lambda: recorder.of("POST", "/heartbeat"))
+        handles = [await client.start_workflow(
+            "AgentExecutionWorkflow", {"duration_seconds": 1.0, "local_activity": True},
+            id=f"cap-{i}-{uuid.uuid4().hex[:6]}", task_queue=recorder.task_queue) for i in range(3)]
+        done, pending = await asyncio.wait([asyncio.ensure_future(h.result()) for h in handles], timeout=15,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        await asyncio.sleep(3)  # long enough for an uncapped worker to have taken the other two
+        listed = await recorder.access.executions(endpoint, recorder.task_queue, limit=10)
+        assert sorted(str(e.holder) for e in listed) == sorted([f"{capped.pid}@pod-abc", "None", "None"])
+        capped.send_signal(signal.SIGINT)
+        assert await exited(capped, timeout=10) == 0
+    # A worker without the cap takes the rest.
+    with worker_process(recorder, tmp_path) as uncapped:
+        await asyncio.wait_for(asyncio.gather(*pending), 30)
+        uncapped.send_signal(signal.SIGINT)
+        assert await exited(uncapped, timeout=10) == 0

@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 
 from workerqueue_operator.devcluster import procs
 
@@ -47,7 +47,7 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be started."""
 
 
-class _PortInUse(ControlPlaneError):
+class _PortInUse(ControlPlaneError, procs.PortCollision):
     """A randomly picked port was taken in the meantime; worth one more try."""
 
 
@@ -58,7 +58,7 @@ class _Proc:
     log_path: Path
 
 
-class ControlPlane:
+class ControlPlane(procs.Service):
     """etcd + kube-apiserver + kube-controller-manager as child processes, state and logs in `state_dir`.
 
     `start()` must be called from a thread that outlives the control plane (normally the main
@@ -104,18 +104,7 @@ class ControlPlane:
         if self._procs:
             raise ControlPlaneError("the control plane is already started")
         began = time.monotonic()
-        for attempt in (1, 2):
-            try:
-                self._start_once()
-                break
-            except _PortInUse as e:
-                self.stop()
-                if attempt == 2:
-                    raise
-                self._say(f"retrying after a port collision: {e}")
-            except BaseException:
-                self.stop()
-                raise
+        procs.start_once_more_on_collision(self._start_once, self.stop, self._say)
         self._say(f"control plane ready at {self.server_url} in {time.monotonic() - began:.1f}s")
 
     def stop(self) -> None:
@@ -126,15 +115,6 @@ class ControlPlane:
             procs.terminate(self._procs[-1].popen)
             self._procs.pop()
         self.pids_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> ControlPlane:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -297,6 +277,21 @@ class ControlPlane:
     def _say(self, message: str) -> None:
         if self._log is not None:
             self._log(message)
+
+
+def wait_established(kubectl: Callable[..., str], *crds: str, timeout: float = 60.0) -> None:
+    """Waits until each CRD (`name.group`) serves, given `kubectl(*args) -> stdout` (raising on failure).
+
+    Reads the Established condition rather than `kubectl wait --for=condition=Established`, which
+    fails instead of waiting while a CRD just created has no conditions yet.
+    """
+    deadline = time.monotonic() + timeout
+    for name in crds:
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        while kubectl("get", f"crd/{name}", "-o", f"jsonpath={jsonpath}").strip() != "True":
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"CRD {name} not Established within {timeout:.0f}s")
+            time.sleep(0.1)
 
 
 class _Interrupted(BaseException):

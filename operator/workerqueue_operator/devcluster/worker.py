@@ -4,8 +4,12 @@
 
 Same environment as the real one (`KUBIYA_API_KEY`, `CONTROL_PLANE_URL`, `QUEUE_ID` required;
 `HEARTBEAT_INTERVAL`, `SINGLE_EXECUTION`, `TEMPORAL_HOST`, `HOSTNAME`), same calls, cadence, exit
-rule and Temporal identity; its workflows (devcluster/workflows.py) need no LLM. One addition for
-tests: `EXECUTIONS_GIVE_UP_SECONDS` (default 1800) shortens how long failing executions polls go on.
+rule and Temporal identity; its workflows (devcluster/workflows.py) need no LLM. Two additions for
+tests: `EXECUTIONS_GIVE_UP_SECONDS` (default 1800) shortens how long failing executions polls go on;
+`WORKFLOWS_PER_WORKER=N` makes its Temporal worker take at most N workflow tasks in its life, one
+at a time (default: no cap, like the real worker, which may take several workflows at once): with
+workflows that run in one task (input `local_activity: true`), N workflows, for scenarios where
+each pod must turn over after one workflow.
 
 Where the real worker's behaviour is not pinned down by the protocol, this one:
 - sends its first heartbeat as soon as its Temporal worker runs, then every HEARTBEAT_INTERVAL s;
@@ -63,6 +67,7 @@ class Config:
     temporal_plaintext: bool
     hostname: str
     give_up_seconds: float
+    workflows_per_worker: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -79,7 +84,17 @@ class Config:
             temporal_plaintext=temporal_host.startswith(("temporal:", "host.docker.internal")),
             hostname=env.get("HOSTNAME") or socket.gethostname(),
             give_up_seconds=float(env.get("EXECUTIONS_GIVE_UP_SECONDS") or 1800),
+            workflows_per_worker=_positive(env, "WORKFLOWS_PER_WORKER"),
         )
+
+
+def _positive(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
 
 
 class Latch:
@@ -163,7 +178,9 @@ class WorkerProcess:
                                           api_key=self.config.api_key, progress=self.progress, log=logger.info)
         temporal_worker = Worker(client, task_queue=self.answer["task_queue_name"],
                                  workflows=list(workflows.WORKFLOWS), activities=[activities.run_execution],
-                                 identity=self.identity)
+                                 identity=self.identity, tuner=workflows.tuner(self.config.workflows_per_worker),
+                                 # capped: no sticky queue, so each workflow task is one take
+                                 max_cached_workflows=1000 if self.config.workflows_per_worker is None else 0)
         logger.info("Temporal worker %s polls %s in %s (%s)", self.identity, self.answer["task_queue_name"],
                     self.answer["temporal_namespace"], "plaintext" if plaintext else "TLS")
         running = asyncio.create_task(temporal_worker.run())

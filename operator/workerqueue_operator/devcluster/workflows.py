@@ -3,7 +3,9 @@
 Input (a JSON object, every key optional): `execution_id` (default: the workflow id),
 `duration_seconds` (how long the activity runs, default 0.5), `fail: true` (the workflow fails),
 `patch_execution: true` (the activity first calls `PATCH /api/v1/executions/{id}` on the control
-plane, as the real worker's first activity does; a 404 there fails the workflow at once).
+plane, as the real worker's first activity does; a 404 there fails the workflow at once),
+`local_activity: true` (the activity runs as a local activity, inside the workflow's one workflow
+task on the worker that took it: what `WORKFLOWS_PER_WORKER` counts).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -20,6 +23,15 @@ from typing import Any
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
+from temporalio.worker import (
+    CustomSlotSupplier,
+    FixedSizeSlotSupplier,
+    SlotMarkUsedContext,
+    SlotPermit,
+    SlotReleaseContext,
+    SlotReserveContext,
+    WorkerTuner,
+)
 
 WORKFLOW_NAMES = (
     "AgentExecutionWorkflow", "TeamExecutionWorkflow", "ScheduledJobWrapperWorkflow", "DynamicAgentExecutionWorkflow",
@@ -86,7 +98,8 @@ async def _run(params: dict[str, Any] | None) -> str:
     params = dict(params or {})
     params.setdefault("execution_id", workflow.info().workflow_id)
     duration = float(params.get("duration_seconds", DEFAULT_DURATION_SECONDS))
-    result: str = await workflow.execute_activity(
+    run = workflow.execute_local_activity if params.get("local_activity") else workflow.execute_activity
+    result: str = await run(
         "run_execution", params,
         start_to_close_timeout=datetime.timedelta(seconds=duration + 60),
         retry_policy=RetryPolicy(maximum_attempts=3),
@@ -120,6 +133,63 @@ class DynamicAgentExecutionWorkflow:
     @workflow.run
     async def run(self, params: dict[str, Any] | None = None) -> str:
         return await _run(params)
+
+
+class WorkflowsTaken(CustomSlotSupplier):
+    """Workflow-task slots for a worker that starts at most `limit` workflows in its life.
+
+    One slot at a time, and none once `limit` tasks were handed out: with no sticky cache every
+    workflow task comes from the task queue itself, so a workflow that runs in one task (its work in
+    a local activity) is one task here. The SDK reserves on the event loop but marks and releases
+    from its own threads: the counters are guarded by a lock and the waiter woken through the loop.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._held = False
+        self._lock = threading.Lock()
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _try(self) -> bool:
+        with self._lock:
+            if self._held or self.taken >= self.limit:
+                return False
+            self._held = True
+            return True
+
+    async def reserve_slot(self, ctx: SlotReserveContext) -> SlotPermit:
+        if self._changed is None:
+            self._loop, self._changed = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            self._changed.clear()  # before the check: a release after it sets the event again
+            if self._try():
+                return SlotPermit()
+            await self._changed.wait()
+
+    def try_reserve_slot(self, ctx: SlotReserveContext) -> SlotPermit | None:
+        return None  # eager tasks would be workflows taken without a poll
+
+    def mark_slot_used(self, ctx: SlotMarkUsedContext) -> None:
+        with self._lock:
+            self.taken += 1
+
+    def release_slot(self, ctx: SlotReleaseContext) -> None:
+        with self._lock:
+            self._held = False
+        if self._loop is not None and self._changed is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+
+def tuner(workflows_per_worker: int | None) -> WorkerTuner | None:
+    """A tuner that caps the workflows a worker takes; None (the SDK's defaults) without a cap."""
+    if workflows_per_worker is None:
+        return None
+    return WorkerTuner.create_composite(
+        workflow_supplier=WorkflowsTaken(workflows_per_worker),
+        activity_supplier=FixedSizeSlotSupplier(100), local_activity_supplier=FixedSizeSlotSupplier(100),
+        nexus_supplier=FixedSizeSlotSupplier(100))
 
 
 WORKFLOWS = (AgentExecutionWorkflow, TeamExecutionWorkflow, ScheduledJobWrapperWorkflow, DynamicAgentExecutionWorkflow)
