@@ -253,10 +253,12 @@ async def run(
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
                             activity=activity, watched_namespaces=settings.namespaces,
                             ignored_secret_types=settings.ignored_secret_types)
+    # Routine Events (a token Secret created, ...) wait while queues wait for their status.
+    events.defer_routine(reconciler.behind)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
-                            registry=registry, temporal=temporal_)
+                            registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(

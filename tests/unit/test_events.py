@@ -37,3 +37,36 @@ def test_a_full_backlog_drops_routine_events_first_and_counts():
     poster.post(involved=involved("f"), reason="SecretNotFound", message="m", warning=True)  # dropped
     assert poster.dropped == 4
     assert drain(poster) == [("c", "SecretNotFound", 1), ("e", "SecretNotFound", 1)]
+
+
+def test_routine_events_wait_while_the_work_is_behind_but_not_for_ever_and_warnings_never():
+    now = [0.0]
+    behind = [True]
+    poster = EventPoster(client=None, backlog=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    poster.defer_routine(lambda: behind[0], at_most=60)
+    poster.post(involved=involved("a"), reason="TokenSecretCreated", message="m")
+    poster.post(involved=involved("b"), reason="SecretNotFound", message="m", warning=True)
+    assert drain(poster) == [("b", "SecretNotFound", 1)]  # the routine one waits
+    now[0] = 59.0
+    assert poster._next() is None
+    now[0] = 60.0  # waited long enough, though still behind
+    assert drain(poster) == [("a", "TokenSecretCreated", 1)]
+
+    behind[0] = False
+    poster.post(involved=involved("c"), reason="TokenSecretCreated", message="m")
+    assert drain(poster) == [("c", "TokenSecretCreated", 1)]
+    behind[0] = True  # behind again: the wait starts anew
+    poster.post(involved=involved("d"), reason="TokenSecretCreated", message="m")
+    assert drain(poster) == []
+    behind[0] = False
+    assert drain(poster) == [("d", "TokenSecretCreated", 1)]
+
+
+def test_routine_events_wait_no_longer_once_the_backlog_is_half_full():
+    poster = EventPoster(client=None, backlog=4, clock=lambda: 0.0)  # type: ignore[arg-type]
+    poster.defer_routine(lambda: True, at_most=60)
+    poster.post(involved=involved("a"), reason="TokenSecretCreated", message="m")
+    assert poster._next() is None
+    poster.post(involved=involved("b"), reason="TokenSecretCreated", message="m")
+    assert drain(poster) == [("a", "TokenSecretCreated", 1)]  # then one waits again
+    assert poster.dropped == 0

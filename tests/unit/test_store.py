@@ -145,3 +145,33 @@ def test_a_status_only_update_keeps_the_resolution_and_is_told():
     assert s.queue(("team-a", "q1")).status == {"observedGeneration": 1}
     deleting = {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-01-01T00:00:01Z"}}
     assert first.with_body(deleting).deleting
+
+
+def test_a_secret_this_replica_created_serves_at_once_unless_the_watch_told_first():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    name = ("team-a", "q1-worker-token")
+    s.fill_secret(name, None)  # listed: absent
+    s.creating_secret(name)
+    s.created_secret(name, {"token": "made"})
+    assert s.opens(s.serving("abc"), queues.digest("made"))
+
+    s.creating_secret(name)
+    s.upsert_secret(name, None)  # the watch: deleted meanwhile
+    s.created_secret(name, {"token": "again"})
+    assert s.secret_state(name) == (True, None)
+
+    s.creating_secret(name)
+    s.created_secret(name, None)  # someone else made it: the watch will tell
+    assert s.secret_state(name) == (True, None)
+
+
+def test_a_secret_seen_again_with_the_same_data_resolves_nothing_again():
+    s, changed = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    changed.clear()
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})  # e.g. the echo of our own create
+    assert changed == []
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "u"})
+    assert changed == [("team-a", "q1")]

@@ -10,6 +10,7 @@ must fix. Drops are counted (`dropped`, a metric) and logged at most once a minu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
 logger = logging.getLogger(__name__)
+
+_DEFERRED_LOOK_SECONDS = 0.25
 
 EventKey = tuple[str, str, str, bool, str, str]
 """(namespace, name, uid, warning, reason, message)."""
@@ -54,6 +57,26 @@ class EventPoster:
         """Events folded into an identical one still waiting (a metric)."""
         self._dropped_logged = 0
         self._logged_at: float | None = None
+        self._behind: Callable[[], bool] | None = None
+        self._defer_at_most = 0.0
+        self._deferred_since: float | None = None
+
+    def defer_routine(self, behind: Callable[[], bool], *, at_most: float = 60.0) -> None:
+        """Routine Events wait while `behind()` says the work they report on is behind (10,000 new
+        queues: their 10,000 TokenSecretCreated Events would compete with their statuses at the API
+        server), for at most `at_most` seconds at a time and while the backlog is less than half
+        full. Warnings never wait."""
+        self._behind, self._defer_at_most = behind, at_most
+
+    def _deferring(self) -> bool:
+        # Never so long that the backlog fills and Events are dropped.
+        if self._behind is None or self.waiting * 2 >= self._backlog or not self._behind():
+            self._deferred_since = None
+            return False
+        now = self._clock()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < self._defer_at_most
 
     @property
     def waiting(self) -> int:
@@ -89,9 +112,10 @@ class EventPoster:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
     def _next(self) -> _Pending | None:
-        for waiting in (self._warnings, self._normals):
-            if waiting:
-                return waiting.pop(next(iter(waiting)))
+        if self._warnings:
+            return self._warnings.pop(next(iter(self._warnings)))
+        if self._normals and not self._deferring():
+            return self._normals.pop(next(iter(self._normals)))
         return None
 
     async def _work(self) -> None:
@@ -99,7 +123,11 @@ class EventPoster:
             event = self._next()
             if event is None:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if self._normals:  # deferred: look again soon
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), _DEFERRED_LOOK_SECONDS)
+                else:
+                    await self._wakeup.wait()
                 continue
             try:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,

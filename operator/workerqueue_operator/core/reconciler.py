@@ -92,6 +92,10 @@ class Reconciler:
     def schedule(self, key: QueueKey) -> None:
         self._queue.add(key)
 
+    def behind(self) -> bool:
+        """Whether queues wait for their status (e.g. 10,000 at start-up)."""
+        return self._queue.behind
+
     def _activity_changed(self, active: bool) -> None:
         self._written.clear()  # the other replica may have written since
         if active:
@@ -154,11 +158,14 @@ class Reconciler:
         if resolution is None:
             self._written.pop(key, None)
             return
-        queue = resolution.queue
         if await self._ensure_token_secret(resolution):
             # Not "SecretNotFound" about the Secret being created right now: its arrival through the
             # watch brings the queue back here, with whatever is then true.
             return
+        resolution = self._store.resolution(key)  # the token Secret just made is known now
+        if resolution is None:
+            return
+        queue = resolution.queue
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             return  # a read is under way and will bring the queue back here
 
@@ -185,19 +192,28 @@ class Reconciler:
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:
         """Generates the queue token when the queue names none and the watch knows there is none.
-        True: the token Secret is on its way (created now, or the watch has yet to deliver it)."""
+        True: the queue waits for its token Secret to come through the watch."""
         queue = resolution.queue
         if queue.spec.auth.token_secret_refs:
             return False
         name = queues.token_secret_name(queue.name)
-        known, data = self._store.secret_state((queue.namespace, name))
+        secret = (queue.namespace, name)
+        known, data = self._store.secret_state(secret)
         if not known or data is not None:
             return False
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
-        if await resources.create_if_absent(self._client, resources.secrets_path(queue.namespace), body):
+        # What we created is known at once, so that the status is written in this same pass rather
+        # than after the watch's echo; a Secret someone else made first comes through the watch.
+        created: dict[str, Any] | None = None
+        self._store.creating_secret(secret)
+        try:
+            created = await resources.create(self._client, resources.secrets_path(queue.namespace), body)
+        finally:
+            self._store.created_secret(secret, None if created is None else queues.decode_secret_data(created))
+        if created is not None:
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
-        return True
+        return self._store.secret_state(secret)[1] is None
 
     def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None or (before is not None and before.get("status") == after["status"]

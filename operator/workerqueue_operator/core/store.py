@@ -44,6 +44,8 @@ class Store:
         self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
         self._worker_secrets_of: dict[QueueKey, dict[str, SecretName]] = {}
         self._with_upstream: set[QueueKey] = set()
+        # Secrets this replica is creating -> whether the watch has told of them since.
+        self._creating: dict[SecretName, bool] = {}
 
     # --- feeding -----------------------------------------------------------------------------------
 
@@ -101,9 +103,13 @@ class Store:
 
     def upsert_secret(self, name: SecretName, data: SecretData) -> None:
         """A Secret was seen (data) or deleted (None) by the watch. Ignored unless some queue uses it."""
+        if name in self._creating:
+            self._creating[name] = True
         users = self._users.get(name)
         if users is None:
             return
+        if name in self._secrets and self._secrets[name] == data:
+            return  # the echo of our own create, or a change beside the data: nothing resolves otherwise
         self._secrets[name] = data
         self._recompute(users)
 
@@ -128,6 +134,18 @@ class Store:
     def fill_secret(self, name: SecretName, data: SecretData) -> None:
         """A Secret read on demand: kept only if still used and the watch has not been faster."""
         if name in self._users and name not in self._secrets:
+            self.upsert_secret(name, data)
+
+    def creating_secret(self, name: SecretName) -> None:
+        """This replica is about to create the Secret: see `created_secret`."""
+        self._creating[name] = False
+
+    def created_secret(self, name: SecretName, data: SecretData) -> None:
+        """The create of `creating_secret` ended: `data` if it made the Secret (None if it did not).
+        Kept, as if the watch had told, unless the watch has told of the Secret meanwhile (its word
+        is newer): the queue need not wait for the echo of our own create to be served."""
+        told = self._creating.pop(name, True)
+        if data is not None and not told:
             self.upsert_secret(name, data)
 
     def upsert_worker_credential(self, secret: SecretName, credential: WorkerCredential, token: str | None) -> None:

@@ -20,6 +20,7 @@ fails with AlreadyExists instead of making a second pod (also in the moment two 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import secrets
 import time
@@ -89,14 +90,18 @@ class Supervisor:
         temporal: temporal_.Temporal | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
+        statuses_behind: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
+        self._statuses_behind = statuses_behind
         self._activity = activity
         self._client = client
         self._events = events
         self._registry = registry
         self._temporal = temporal
         self._probes: dict[QueueKey, _Probe] = {}
+        self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
+        self._seq = 0
         self._demand: dict[QueueKey, workers.Demand] = {}
         self._alive: dict[QueueKey, int] = {}
         # Two gates: the reachability checks of many queues (an unreachable Temporal takes the whole
@@ -121,7 +126,10 @@ class Supervisor:
         key = queue.key
         probe = self._probes.get(key)
         if probe is not None and probe.generation != queue.generation:
-            probe.generation, probe.due = queue.generation, 0.0  # the spec changed (maybe its Temporal)
+            probe.generation = queue.generation
+            self._at(key, probe, 0.0)  # the spec changed (maybe its Temporal)
+        elif probe is None:
+            self._at(key, self._probes.setdefault(key, _Probe(generation=queue.generation)), 0.0)
         if key not in self._tracked:
             if not (workers.manages_pods(queue.spec) or workers.has_pod_history(queue.status.get("workers"))
                     or (queue.namespace, queue.name, queue.uid) in self._written):
@@ -205,7 +213,7 @@ class Supervisor:
         alive_before = self._alive.get(key, 0)
         self._alive[key] = len(alive) + len(plan.create)
         if self._alive[key] and not alive_before and key in self._probes:
-            self._probes[key].due = 0.0  # workers now: back to reading the backlog often
+            self._at(key, self._probes[key], 0.0)  # workers now: back to reading the backlog often
 
         resolution = self._store.resolution(key)
         create = plan.create
@@ -314,39 +322,67 @@ class Supervisor:
 
     # --- Temporal: reachability, status.temporal and the demand of scaling queues ----------------
 
+    def _at(self, key: QueueKey, probe: _Probe, when: float, *, show: bool = False) -> None:
+        """Probe the queue's Temporal (or, with `show`, write what the last probe found) at `when`
+        (time.monotonic()). Earlier requests stay in the heap and are dropped when they come up."""
+        if not show:
+            probe.due = when
+        self._seq += 1
+        heapq.heappush(self._timeline, (when, self._seq, key, show))
+
     async def _poll(self) -> None:
+        # A heap of what is due when, not a scan of every queue each tick: 10,000 queues cost nothing
+        # between their probes.
         tasks: set[asyncio.Task[None]] = set()
+        held: list[tuple[float, int, QueueKey, bool]] = []
         try:
             while True:
                 await asyncio.sleep(_TICK)
                 if not self._activity.is_active():
                     continue  # status and scaling are the active replica's
+                # While queues wait for their Ready status (10,000 at start-up), reachability and its
+                # writes wait too: only scaling queues, whose pods depend on their backlog, go on.
+                hold = self._statuses_behind()
+                if not hold:
+                    for entry in held:
+                        heapq.heappush(self._timeline, entry)
+                    held.clear()
                 loop_now = time.monotonic()
-                for key in self._store.queue_keys():
-                    probe = self._probes.setdefault(key, _Probe())
-                    if probe.running:
+                timeline = self._timeline
+                while timeline and timeline[0][0] <= loop_now:
+                    entry = heapq.heappop(timeline)
+                    _, _, key, show = entry
+                    probe = self._probes.get(key)
+                    if probe is None or probe.running or (not show and entry[0] != probe.due):
+                        continue  # gone, under way (it sets its next time itself), or moved
+                    if hold and not self._scaling(key):
+                        held.append(entry)
                         continue
-                    if loop_now >= probe.due:
-                        target = self._target(key)
-                        if target is None:
-                            probe.due = loop_now + 1.0  # not resolved yet (e.g. a Secret missing)
-                            continue
-                        if target[0] != probe.target:
-                            probe.target, probe.interval = target[0], 0.0
-                        probe.running = True
-                        task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    elif probe.wanted != probe.shown and loop_now - probe.shown_at >= \
-                            self._settings.temporal_status_seconds:
-                        probe.running = True
-                        task = asyncio.create_task(self._show(key, probe))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
+                    if show:
+                        if probe.wanted != probe.shown:
+                            probe.running = True
+                            task = asyncio.create_task(self._show(key, probe))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
+                        continue
+                    target = self._target(key)
+                    if target is None:
+                        self._at(key, probe, loop_now + 1.0)  # not resolved yet (e.g. a Secret missing)
+                        continue
+                    if target[0] != probe.target:
+                        probe.target, probe.interval = target[0], 0.0
+                    probe.running = True
+                    task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _scaling(self, key: QueueKey) -> bool:
+        queue = self._store.queue(key)
+        return queue is not None and queue.spec.scaling is not None
 
     def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
@@ -396,7 +432,7 @@ class Supervisor:
             probe.interval = s.backlog_poll_seconds
         else:
             probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
-        probe.due = time.monotonic() + probe.interval
+        self._at(key, probe, time.monotonic() + probe.interval)
         if scaling and self._demand.get(key) != demand:
             self._demand[key] = demand
             self._queue.add(key)
@@ -434,6 +470,8 @@ class Supervisor:
             wanted = probe.wanted if probe.reachable else probe.shown
             show_numbers = wanted is not None and wanted != probe.shown and (
                 loop_now - probe.shown_at >= self._settings.temporal_status_seconds)
+            if wanted is not None and wanted != probe.shown and not show_numbers:
+                self._at(key, probe, probe.shown_at + self._settings.temporal_status_seconds, show=True)
             if show_numbers and wanted is not None:
                 ops.append({"op": "add", "path": "/status/temporal",
                             "value": wanted.model_dump(by_alias=True, mode="json", exclude_none=True)})

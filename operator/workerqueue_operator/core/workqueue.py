@@ -32,6 +32,13 @@ class WorkQueue(Generic[K]):
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
+        self._concurrency = concurrency
+        self._waiting = 0  # taken from `_dirty` by `run`, not started yet
+
+    @property
+    def behind(self) -> bool:
+        """Whether keys wait for a free slot (more work than `concurrency` at once)."""
+        return len(self._dirty) + self._waiting + len(self._running) > self._concurrency
 
     def add(self, key: K) -> None:
         self._dirty[key] = None
@@ -58,11 +65,14 @@ class WorkQueue(Generic[K]):
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 batch, self._dirty = list(self._dirty), {}
+                self._waiting = len(batch)
                 for key in batch:
                     if key in self._running:
+                        self._waiting -= 1
                         self._again.add(key)
                         continue
                     await self._slots.acquire()
+                    self._waiting -= 1
                     self._running.add(key)
                     task = asyncio.create_task(self._one(key), name=f"{self._name} {key}")
                     self._tasks.add(task)

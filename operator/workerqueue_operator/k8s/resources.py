@@ -69,13 +69,17 @@ async def read_secret(client: client_.KubeClient, namespace: str, name: str) -> 
 
 async def create_if_absent(client: client_.KubeClient, path: str, body: dict[str, Any]) -> bool:
     """Creates the object; False if it already existed (a retried or concurrent create)."""
+    return await create(client, path, body) is not None
+
+
+async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Creates the object and returns it as the API server stored it; None if it already existed."""
     try:
-        await client.create(path, body)
+        return await client.create(path, body)
     except client_.ApiError as exc:
         if exc.already_exists:
-            return False
+            return None
         raise
-    return True
 
 
 async def patch_queue_status(client: client_.KubeClient, namespace: str, name: str, status: dict[str, Any]) -> bool:
