@@ -43,17 +43,26 @@ async def _worker(request: web.Request, caller: callers.Caller) -> tuple[Worker,
     return denied or (worker, resolution)
 
 
-async def heartbeat(request: web.Request) -> web.Response:
+async def _worker_call(request: web.Request, model: type[bodies.M]
+                       ) -> tuple[bodies.M, Worker, Resolution] | web.Response:
+    """A worker's own call: who calls, its body, and the worker it may act for (or the error answer)."""
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
         return caller
-    body = await bodies.read(request, wire.WorkerHeartbeatRequest)
+    body = await bodies.read(request, model)
     if isinstance(body, web.Response):
         return body
     found = await _worker(request, caller)
     if isinstance(found, web.Response):
         return found
-    worker, resolution = found
+    return body, *found
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    call = await _worker_call(request, wire.WorkerHeartbeatRequest)
+    if isinstance(call, web.Response):
+        return call
+    body, worker, resolution = call
     # `logs` are dropped on purpose: they never go to the API server.
     request.app[REGISTRY].heartbeat(
         worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
@@ -63,16 +72,10 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def disconnect(request: web.Request) -> web.Response:
-    caller = await callers.authenticate(request)
-    if isinstance(caller, web.Response):
-        return caller
-    body = await bodies.read(request, wire.WorkerDisconnectRequest)
-    if isinstance(body, web.Response):
-        return body
-    found = await _worker(request, caller)
-    if isinstance(found, web.Response):
-        return found
-    worker, _ = found
+    call = await _worker_call(request, wire.WorkerDisconnectRequest)
+    if isinstance(call, web.Response):
+        return call
+    body, worker, _ = call
     await request.app[REGISTRY].disconnect(worker, reason=body.reason, exit_code=body.exit_code)
     return web.json_response({"status": "disconnected", "worker_id": worker.worker_id})
 
