@@ -320,5 +320,15 @@ def main() -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Leaves without interpreter finalization: the Temporal core's threads may still call into
+    Python while it finalizes, which aborts the process (a fatal PyGILState_Release, seen in tests)
+    and would turn a clean exit into SIGABRT. Everything worth keeping is flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
