@@ -106,19 +106,8 @@ def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
     text: bytes = _SYSTEM_INFO_SERIALIZER.to_json(info, exclude_none=True)
     # Clearly within both bounds (each entry short, all of them well under the total): kept whole,
     # as bounded_system_info would keep it, without sizing every entry.
-    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii():
-        for value in info.__dict__.values():
-            kind = type(value)
-            if kind is str:
-                if len(value) > 80:
-                    break
-            elif kind is int:
-                if not -_BIG < value < _BIG:
-                    break
-            elif value is not None and kind is not float and kind is not bool and not _short(value):
-                break
-        else:
-            return text if text != b"{}" else None
+    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii() and all(map(_short, info.__dict__.values())):
+        return text if text != b"{}" else None
     kept = bounded_system_info(info.model_dump(exclude_none=True))
     return json.dumps(kept, separators=(",", ":")).encode() if kept else None
 
