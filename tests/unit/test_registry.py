@@ -199,14 +199,15 @@ def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_
     {},
     {"hostname": None},
 ])
-def test_system_info_is_kept_as_bounded_json_whatever_path_it_takes(info: dict[str, object]):
+def test_system_info_is_held_bounded_and_reaches_the_lease_bounded_per_entry(info: dict[str, object]):
     from workerqueue_operator.models import wire
 
     model = wire.WorkerSystemInfo.model_validate(info)
-    kept = registry.system_info_json(model)
-    expected = registry.bounded_system_info(model.model_dump(exclude_none=True))
-    assert (json.loads(kept) if kept is not None else None) == expected
-    assert kept is None or len(kept) <= registry.SYSTEM_INFO_MAX_BYTES
+    held = registry.system_info_json(model)
+    assert held is None or len(held) <= registry.SYSTEM_INFO_MAX_BYTES  # what a registration holds in memory
+    body = registry.lease_body(make_worker(system_info=held), queue_name="q1")
+    state = json.loads(body["metadata"]["annotations"][registry.STATE_ANNOTATION])
+    assert state["systemInfo"] == registry.bounded_system_info(model.model_dump(exclude_none=True))
 
 
 def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():

@@ -98,38 +98,30 @@ def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None
 
 
 def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
-    """system_info as the compact JSON a worker keeps (for its Lease), bounded as bounded_system_info
-    bounds it. JSON bytes, not a dict: it is only ever written out, and at one registration per
-    /start the dict cost more memory and time than the rest of a worker."""
+    """system_info as the compact JSON a worker holds until its Lease is written: at most
+    SYSTEM_INFO_MAX_BYTES, so that a registration's memory stays bounded. Usually the whole of it:
+    the per-entry bound of bounded_system_info is applied when the Lease is written (lease_state),
+    which is paced, rather than here on every /start. JSON bytes, not a dict: it is only ever
+    written out, and the dict cost more memory and time than the rest of a worker."""
     if info is None:
         return None
     text: bytes = _SYSTEM_INFO_SERIALIZER.to_json(info, exclude_none=True)
-    # Clearly within both bounds (each entry short, all of them well under the total): kept whole,
-    # as bounded_system_info would keep it, without sizing every entry.
-    if len(text) <= SYSTEM_INFO_MAX_BYTES - 256 and text.isascii() and all(map(_short, info.__dict__.values())):
+    if len(text) <= SYSTEM_INFO_MAX_BYTES:
         return text if text != b"{}" else None
     kept = bounded_system_info(info.model_dump(exclude_none=True))
     return json.dumps(kept, separators=(",", ":")).encode() if kept else None
 
 
+def stored_system_info(held: bytes | None) -> dict[str, Any] | None:
+    """What a Lease keeps of the system_info a worker holds: bounded_system_info of it."""
+    if not held:
+        return None
+    info = json.loads(held)
+    return bounded_system_info(info) if isinstance(info, dict) else None
+
+
 _SYSTEM_INFO_SERIALIZER = wire.WorkerSystemInfo.__pydantic_serializer__
 """model_dump_json's serializer called directly: bytes, without its wrapper's work."""
-
-
-_BIG = 10 ** 100
-
-
-def _short(value: Any) -> bool:
-    """Whether a system_info value's JSON entry is certainly under 512 characters (escaping a
-    character takes at most 6, a field name at most 25 with its quotes and braces)."""
-    kind = type(value)
-    if kind is str:
-        return len(value) <= 80
-    if kind is int:
-        return bool(-_BIG < value < _BIG)
-    if kind is list:
-        return all(type(item) is str for item in value) and sum(map(len, value)) + len(value) <= 64
-    return kind is float or kind is bool or value is None
 
 
 _json_string = json.encoder.encode_basestring_ascii
@@ -174,7 +166,7 @@ class Worker:
     hostname: str | None = None
     pod: str | None = None
     system_info: bytes | None = None
-    """Compact JSON of the bounded system_info (see system_info_json)."""
+    """Compact JSON of system_info, at most SYSTEM_INFO_MAX_BYTES (see system_info_json)."""
     stored: bool = False
     """The Lease exists in the API server (written by us or seen by the watch)."""
     dirty: bool = True
@@ -217,7 +209,7 @@ class Worker:
         """What the Lease's annotation holds besides its spec."""
         return {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
                 "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
-                "slot": self.slot, "systemInfo": json.loads(self.system_info) if self.system_info else None}
+                "slot": self.slot, "systemInfo": stored_system_info(self.system_info)}
 
 
 def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
