@@ -179,3 +179,37 @@ def test_a_flood_of_idle_connections_leaves_the_operator_working(
             for s in sockets:
                 s.close()
             own.stop()
+
+
+def test_a_start_loop_holds_a_bounded_number_of_registrations(
+        operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path):
+    # Each /start holds a registration in memory until the worker's first heartbeat or its expiry
+    # (150 s here): a token holder calling it in a loop must meet a bound, not the pod's memory limit.
+    tokens = {}
+    for name in ("loop-a", "loop-b"):
+        kube.create_queue(namespace, name, queueId=f"{name}-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+        kube.wait_condition(namespace, name, "True")
+        tokens[name] = kube.queue_token(namespace, name)
+    own = OperatorProcess(kubeconfig, tmp_path / "operator.log", env={
+        "WQ_NAMESPACES": namespace, "WQ_REGISTRY_MAX_PENDING_PER_QUEUE": "20", "WQ_REGISTRY_MAX_PENDING": "30"})
+    with operator.paused():  # two operators would both write the registrations' Leases
+        own.start()
+        try:
+            looped = [own.start_worker(f"loop-a-{namespace}", tokens["loop-a"]) for _ in range(25)]
+            assert [r.status for r in looped] == [200] * 20 + [503] * 5
+            assert looped[-1].headers.get("Retry-After") == "5"
+            assert looped[-1].json() == {"detail": "Too many workers are starting at once, try again"}
+            # The other queue is not refused for the first one's loop, until all hold the global bound.
+            assert [own.start_worker(f"loop-b-{namespace}", tokens["loop-b"]).status for _ in range(11)] == \
+                [200] * 10 + [503]
+            # A worker's first heartbeat makes room.
+            worker_id = looped[0].json()["worker_id"]
+            assert own.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", tokens["loop-a"],
+                            {"status": "active"}).status == 200
+            assert own.start_worker(f"loop-b-{namespace}", tokens["loop-b"]).status == 200
+            assert metric(own, "workerqueue_workers_pending ") == 30
+            assert metric(own, "workerqueue_registrations_refused_total") == 6
+            assert metric(own, 'workerqueue_http_problems_total{kind="registrations_refused"}') == 6
+            assert "Traceback" not in own.logs()
+        finally:
+            own.stop()

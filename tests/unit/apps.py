@@ -31,7 +31,10 @@ class NoReviews(reviews.Reviewer):
 def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
              reviewer: reviews.Reviewer | None = None) -> web.Application:
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing here writes at once
-    registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    settings = settings or Settings()
+    registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue,
+                        max_pending=settings.registry_max_pending,
+                        max_pending_per_queue=settings.registry_max_pending_per_queue)
     return app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
-                         temporal_=temporal.Temporal(), kube=kube, settings=settings or Settings(), version=version,
+                         temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
                          ready=lambda: True)

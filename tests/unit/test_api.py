@@ -245,3 +245,29 @@ async def test_review_unavailable_is_503_with_its_reason_in_the_log(
     assert unavailable.reason in lines[0]
     kind = "reviews_busy" if unavailable.busy else "reviews_unavailable"
     assert f'workerqueue_http_problems_total{{kind="{kind}"}} 5' in metrics_text
+
+
+async def test_registrations_waiting_for_a_first_heartbeat_are_bounded_per_queue_and_in_all():
+    # A client calling /start in a loop would hold a registration each until it expires: bounded.
+    store = Store(settings=Settings(), version="9.9.9")
+    for name, token in (("q1", "good-token"), ("q2", "other-token")):
+        store.upsert_queue(queue(name, queueId=f"q-{name[1]}"))
+        store.upsert_secret(("team-a", f"{name}-worker-token"), {"token": token})
+    other = {"Authorization": "Bearer other-token"}
+    settings = Settings(registry_max_pending_per_queue=3, registry_max_pending=5)
+    async with TestClient(TestServer(apps.make_app(store, settings=settings))) as c:
+        started = [await c.post(START.format("q-1"), headers=AUTH) for _ in range(4)]
+        assert [r.status for r in started] == [200, 200, 200, 503]
+        assert started[3].headers["Retry-After"] == "5"
+        assert await started[3].json() == {"detail": "Too many workers are starting at once, try again"}
+        # Another queue is not refused for the first one's load, until all of them hold the global bound.
+        assert [(await c.post(START.format("q-2"), headers=other)).status for _ in range(3)] == [200, 200, 503]
+        # A first heartbeat ends the wait: room for one more.
+        first = (await started[0].json())["worker_id"]
+        beat = await c.post(f"/api/v1/workers/{first}/heartbeat", json={"status": "active"}, headers=AUTH)
+        assert beat.status == 200
+        assert (await c.post(START.format("q-1"), headers=AUTH)).status == 200
+        assert (await c.post(START.format("q-1"), headers=AUTH)).status == 503
+        text = await (await c.get("/metrics")).text()
+    assert "workerqueue_workers_pending 5" in text and "workerqueue_registrations_refused_total 3" in text
+    assert "workerqueue_workers_live 6" in text

@@ -246,3 +246,37 @@ def test_system_info_reaches_the_lease_as_an_object_and_comes_back():
     back = registry.worker_from_lease(body, seen_at=2000.0)
     assert back is not None and back.system_info is not None
     assert json.loads(back.system_info) == state["systemInfo"]
+
+
+def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
+                            max_pending=10, max_pending_per_queue=2)
+    quiet, elsewhere = reg.register(q, "quiet"), reg.register(q, "elsewhere")
+    with pytest.raises(registry.Full, match="in this queue"):
+        reg.register(q, "third")
+    assert (reg.pending, reg.refused, reg.total) == (2, 1, 2)
+    # Its own Lease, as written, coming back through the watch: still pending (microseconds rounded up
+    # or not), but a heartbeat that reached another replica comes back so too: no longer pending.
+    body = registry.lease_body(elsewhere, queue_name=q.name)
+    body["spec"]["acquireTime"] = body["spec"]["renewTime"] = registry.micro_time(1000.0000006)
+    reg.lease_upserted(body)
+    assert reg.pending == 2
+    body["spec"]["renewTime"] = registry.micro_time(1005.0)
+    now[0] = 1005.0
+    reg.lease_upserted(body)
+    assert reg.pending == 1 and not elsewhere.pending and quiet.pending
+    reg.register(q, "third")
+    # One that expires without a word leaves the count too.
+    now[0] = 1026.0
+    reg._sweep(ending=True)
+    assert reg.get("quiet") is None and reg.pending == 1
+    reg.register(q, "fourth")
+    assert reg.pending == 2

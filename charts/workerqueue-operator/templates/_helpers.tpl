@@ -169,6 +169,8 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "auth_negative_cache_seconds" $v.authNegativeCacheSeconds
   "auth_review_timeout_seconds" $v.authReviewTimeoutSeconds
   "auth_max_concurrent_reviews" (int $v.authMaxConcurrentReviews)
+  "registry_max_pending" (int $v.registry.maxPending)
+  "registry_max_pending_per_queue" (int $v.registry.maxPendingPerQueue)
   "http_idle_timeout_seconds" $v.http.idleTimeoutSeconds
   "http_body_timeout_seconds" $v.http.bodyTimeoutSeconds
   "http_max_connections" (int $v.http.maxConnections)

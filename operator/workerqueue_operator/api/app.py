@@ -86,7 +86,13 @@ async def start_worker(request: web.Request) -> web.Response:
     system_info = body.system_info
     hostname = system_info.hostname if system_info is not None else None
     if queue.spec.max_workers is None:
-        registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
+        try:
+            registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
+        except registry_.Full as exc:
+            request.app[LOG].warning("registrations_refused", "a worker of %s/%s was refused: %s",
+                                     queue.namespace, queue.name, exc)
+            return errors.detail(503, "Too many workers are starting at once, try again",
+                                 headers={"Retry-After": "5"})
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
@@ -221,6 +227,11 @@ def make_app(
                        lambda: store.secret_count)
     app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",
                        lambda: registry.total)
+    app[METRICS].gauge("workerqueue_workers_pending", "Registrations waiting for their worker's first heartbeat.",
+                       lambda: registry.pending)
+    app[METRICS].gauge("workerqueue_registrations_refused_total",
+                       "/start calls answered 503 because too many registrations waited for a first heartbeat.",
+                       lambda: registry.refused, kind="counter")
     app[METRICS].gauge("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
                        lambda: registry.heartbeats, kind="counter")
     app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry.",

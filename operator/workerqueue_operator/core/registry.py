@@ -54,6 +54,14 @@ API_TIMEOUT = 5.0
 ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
 
 
+class Full(Exception):
+    """Too many registrations are waiting for their first heartbeat: this one is refused."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"too many workers waiting for their first heartbeat ({scope})")
+        self.scope = scope
+
+
 def lease_name(queue_name: str, worker_id: str) -> str:
     return f"{queue_name[:200]}-{worker_id}"
 
@@ -176,6 +184,8 @@ class Worker:
     heartbeats_here: int = 0
     confirmed: bool = False
     """A heartbeat has reached the Lease: the first one is written at once, later ones paced."""
+    pending: bool = False
+    """Registered by /start here and not heard of since: counted against the pending bounds."""
 
     @property
     def namespace(self) -> str:
@@ -304,6 +314,8 @@ class Registry:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         tick: float = 0.2,
+        max_pending: int = 50_000,
+        max_pending_per_queue: int = 5_000,
     ) -> None:
         self._client = client
         self._events = events
@@ -313,6 +325,14 @@ class Registry:
         self._clock = clock
         self._monotonic = monotonic
         self._tick = tick
+        self._max_pending = max_pending
+        self._max_pending_per_queue = max_pending_per_queue
+        self._pending: dict[QueueKey, int] = {}
+        """Registrations per queue that wait for their first heartbeat: each costs memory until it
+        expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
+        self.pending = 0
+        self.refused = 0
+        """Registrations refused by the pending bounds, for the metrics."""
         self._workers: dict[str, Worker] = {}
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
         self._by_lease: dict[tuple[str, str], str] = {}
@@ -367,6 +387,8 @@ class Registry:
         # Ours is at least as new as what was written, except for what other replicas heard.
         self._stored(mine)
         mine.seen_at = min(mine.seen_at, incoming.seen_at)
+        if incoming.confirmed:
+            self._heard_of(mine)  # a heartbeat reached the Lease, through another replica
         if incoming.renewed_at > mine.renewed_at:
             mine.renewed_at = incoming.renewed_at
             if not mine.dirty:
@@ -415,10 +437,19 @@ class Registry:
 
     def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
                  system_info: wire.WorkerSystemInfo | None = None) -> Worker:
-        """Registers a worker of a queue without maxWorkers; its Lease is written in the background."""
+        """Registers a worker of a queue without maxWorkers; its Lease is written in the background.
+
+        Raises Full when too many registrations wait for their first heartbeat, in this queue or in all."""
+        waiting = self._pending.get(queue.key, 0)
+        if waiting >= self._max_pending_per_queue or self.pending >= self._max_pending:
+            self.refused += 1
+            raise Full("in this queue" if waiting >= self._max_pending_per_queue else "in all queues")
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=system_info)
+        worker.pending = True
+        self._pending[queue.key] = waiting + 1
+        self.pending += 1
         self._add(worker)
         return worker
 
@@ -460,6 +491,7 @@ class Registry:
             worker.system_info = system_info_json(system_info) or worker.system_info
         if not worker.heartbeats_here:
             self._renewal_rate += 1.0 / worker.interval
+            self._heard_of(worker)
         worker.heartbeats_here += 1
         self.heartbeats += 1
         self._mark(worker)
@@ -701,6 +733,7 @@ class Registry:
         self._unmark(worker)
         if worker.heartbeats_here:
             self._renewal_rate -= 1.0 / worker.interval
+        self._heard_of(worker)
         members = self._by_queue.get(worker.queue)
         if members is not None:
             members.pop(worker_id, None)
@@ -709,6 +742,18 @@ class Registry:
         if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
+
+    def _heard_of(self, worker: Worker) -> None:
+        """The worker no longer waits for its first heartbeat (it sent one, or it is gone)."""
+        if not worker.pending:
+            return
+        worker.pending = False
+        self.pending -= 1
+        left = self._pending[worker.queue] - 1
+        if left:
+            self._pending[worker.queue] = left
+        else:
+            del self._pending[worker.queue]
 
     def _replace_pod_worker(self, queue: QueueKey, pod: str | None, keep: str | None = None) -> None:
         """A pod runs one worker: a second /start from it ends the first registration."""

@@ -126,6 +126,17 @@ class Settings(BaseModel):
     tls_key_file: str | None = None
     """PEM private key of tls_cert_file."""
 
+    # The worker registry.
+    registry_max_pending: int = Field(default=50_000, ge=1)
+    """Registrations made by /start that may wait for their worker's first heartbeat at once, over
+    all queues; past it /start answers 503 with Retry-After. Each is held in memory until its first
+    heartbeat or its expiry (2.5 heartbeat intervals), some 1.5 KiB (up to 5.5 KiB with the largest
+    system_info kept): the bound keeps a client that calls /start in a loop from growing the operator
+    past its memory limit. A real worker heartbeats seconds after /start, so only a fleet that many
+    strong starting within those seconds would meet it."""
+    registry_max_pending_per_queue: int = Field(default=5_000, ge=1)
+    """The same bound per queue, so that one queue's token holder cannot refuse other queues' workers."""
+
     # Authentication of /start callers that are Kubernetes identities.
     token_review_audiences: tuple[str, ...] = ()
     """Audiences a ServiceAccount token must carry; empty: the API server's defaults."""
