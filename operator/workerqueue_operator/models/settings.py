@@ -130,7 +130,7 @@ class Settings(BaseModel):
     registry_max_pending: int = Field(default=50_000, ge=1)
     """Registrations made by /start that may wait for their worker's first heartbeat at once, over
     all queues; past it /start answers 503 with Retry-After. Each is held in memory until its first
-    heartbeat or its expiry (2.5 heartbeat intervals), some 1.5 KiB (up to 5.5 KiB with the largest
+    heartbeat or its expiry (2.5 heartbeat intervals), some 1.2 KiB (up to 5 KiB with the largest
     system_info kept): the bound keeps a client that calls /start in a loop from growing the operator
     past its memory limit. A real worker heartbeats seconds after /start, so only a fleet that many
     strong starting within those seconds would meet it."""
