@@ -281,6 +281,9 @@ async def run(
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")
+    app[keys.METRICS].gauge("workerqueue_events_limited_total",
+                            "Events not posted because their object got more than its pace allows (see the log).",
+                            lambda: events.limited, kind="counter")
     app[keys.METRICS].gauge("workerqueue_events_coalesced_total",
                             "Events folded into an identical one still waiting to be posted.",
                             lambda: events.coalesced, kind="counter")

@@ -1,10 +1,11 @@
-"""Events a new queue gets: no Warning about the token Secret the operator is creating."""
+"""Events a queue gets: no Warning about the token Secret the operator is creating; no more than
+its pace allows, however fast its workers come and go."""
 
 from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 
@@ -33,3 +34,30 @@ def test_routine_kopf_messages_stay_out_of_the_log(operator: OperatorProcess, ku
     logs = operator.logs()
     assert "registry.<locals>" not in logs
     assert "succeeded." not in logs
+
+
+def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    # Each disconnect is an Event: a loop of them must not become a stream of API-server writes.
+    kube.create_queue(namespace, "churn", queueId=f"churn-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "churn", "True")
+    token = kube.queue_token(namespace, "churn")
+    began = time.monotonic()
+    for _ in range(160):
+        worker_id = operator.start_worker(f"churn-{namespace}", token).json()["worker_id"]
+        assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
+                             {"reason": "shutdown", "exit_code": 0}).status == 200
+    looped = time.monotonic() - began
+
+    def events() -> int:  # the queue's own Events (its token Secret's, Temporal's) share its pace
+        return len(kube.events(namespace, "churn"))
+
+    wait_for(lambda: events() >= 100, what="the queue's first 100 Events")
+    time.sleep(1)  # a negative: give late Events the time to arrive
+    allowed = 100 + looped + 2  # its burst, then one a second
+    assert events() <= allowed < 160, (events(), looped)
+    assert sum(e.reason == "WorkerDisconnected" for e in kube.events(namespace, "churn")) >= 90
+    metrics = http("GET", f"{operator.url}/metrics").body.decode()
+    limited = next(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("workerqueue_events_limited_total"))
+    assert limited >= 160 - allowed

@@ -70,3 +70,18 @@ def test_routine_events_wait_no_longer_once_the_backlog_is_half_full():
     poster.post(involved=involved("b"), reason="TokenSecretCreated", message="m")
     assert drain(poster) == [("a", "TokenSecretCreated", 1)]  # then one waits again
     assert poster.dropped == 0
+
+
+def test_each_object_gets_a_burst_of_events_then_its_pace():
+    now = [0.0]
+    poster = EventPoster(client=None, backlog=100, burst=3, rate=0.5, clock=lambda: now[0])  # type: ignore[arg-type]
+    for i in range(5):
+        poster.post(involved=involved("busy"), reason="WorkerDisconnected", message=f"worker w{i}")
+    poster.post(involved=involved("busy"), reason="WorkerDisconnected", message="worker w0")  # coalesced: free
+    poster.post(involved=involved("calm"), reason="WorkerDisconnected", message="worker v0")  # its own pace
+    assert poster.limited == 2 and poster.dropped == 0 and poster.coalesced == 1
+    now[0] = 2.0  # one more a 2 s
+    poster.post(involved=involved("busy"), reason="WorkerExpired", message="x", warning=True)
+    poster.post(involved=involved("busy"), reason="WorkerExpired", message="y", warning=True)
+    assert poster.limited == 3
+    assert [name for name, *_ in drain(poster)] == ["busy"] + ["busy"] * 3 + ["calm"]

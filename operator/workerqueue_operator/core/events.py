@@ -5,6 +5,11 @@ Event repeated before it could be posted becomes one Event with a count, as the 
 aggregation does. When `backlog` distinct Events are waiting, a new one makes room by dropping the
 oldest routine (Normal) one, or is dropped itself if only Warnings wait: Warnings say what someone
 must fix. Drops are counted (`dropped`, a metric) and logged at most once a minute.
+
+Paced per object, as client-go's spam filter paces a source: a queue may get `burst` distinct Events
+at once, then `rate` a second. Its Events report what its workers do (one per disconnect), so
+without it a client calling /start and disconnect in a loop would make the operator write an Event
+to the API server per call. Those over the pace are counted (`limited`) and logged as drops are.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ class _Pending:
 
 class EventPoster:
     def __init__(self, client: client_.KubeClient, *, workers: int = 4, backlog: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 burst: int = 100, rate: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._workers = workers
         self._backlog = backlog
+        self._burst = burst
+        self._rate = rate
+        self._allowances: dict[tuple[str, str, str], tuple[float, float]] = {}
+        """Per involved object: (Events it may still get, when that was reckoned)."""
+        self.limited = 0
+        """Events left out because their object got more than its pace allows (a metric)."""
         # Insertion-ordered, oldest first; Warnings apart, so that they are posted first and never
         # make way for routine Events.
         self._warnings: dict[EventKey, _Pending] = {}
@@ -56,6 +67,7 @@ class EventPoster:
         self.coalesced = 0
         """Events folded into an identical one still waiting (a metric)."""
         self._dropped_logged = 0
+        self._limited_logged = 0
         self._logged_at: float | None = None
         self._behind: Callable[[], bool] | None = None
         self._defer_at_most = 0.0
@@ -92,6 +104,10 @@ class EventPoster:
             pending.count += 1
             self.coalesced += 1
             return
+        if not self._allowed(key[:3]):
+            self.limited += 1
+            self._drop(reason, counted=False)
+            return
         if self.waiting >= self._backlog:
             if not (warning and self._normals):
                 self._drop(reason)
@@ -100,13 +116,30 @@ class EventPoster:
         waiting[key] = _Pending(involved, reason, message, warning)
         self._wakeup.set()
 
-    def _drop(self, reason: str) -> None:
-        self.dropped += 1
+    def _allowed(self, obj: tuple[str, str, str]) -> bool:
+        """Takes one of the object's allowance of Events, if it has one left."""
+        now = self._clock()
+        left, since = self._allowances.get(obj, (float(self._burst), now))
+        left = min(float(self._burst), left + (now - since) * self._rate)
+        if left < 1.0:
+            self._allowances[obj] = (left, now)
+            return False
+        if len(self._allowances) >= 4 * self._backlog:  # objects long quiet have their whole burst: forget them
+            self._allowances = {k: v for k, v in self._allowances.items()
+                                if v[0] + (now - v[1]) * self._rate < self._burst}
+        self._allowances[obj] = (left - 1.0, now)
+        return True
+
+    def _drop(self, reason: str, *, counted: bool = True) -> None:
+        if counted:
+            self.dropped += 1
         now = self._clock()
         if self._logged_at is None or now - self._logged_at >= 60:
-            logger.warning("dropped %d Events (the latest: %s): %d distinct Events are waiting to be posted",
-                           self.dropped - self._dropped_logged, reason, self.waiting)
-            self._logged_at, self._dropped_logged = now, self.dropped
+            logger.warning("dropped %d Events (the latest: %s) for a full backlog and %d over their object's pace; "
+                           "%d distinct Events are waiting to be posted",
+                           self.dropped - self._dropped_logged, reason, self.limited - self._limited_logged,
+                           self.waiting)
+            self._logged_at, self._dropped_logged, self._limited_logged = now, self.dropped, self.limited
 
     async def run(self) -> None:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
