@@ -256,8 +256,7 @@ async def run(
     # Routine Events (a token Secret created, ...) wait while queues wait for their status.
     events.defer_routine(reconciler.behind)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active,
-                        max_pending=settings.registry_max_pending,
-                        max_pending_per_queue=settings.registry_max_pending_per_queue)
+                        bounds=registry_.Bounds.of(settings))
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
                             registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)

@@ -191,7 +191,8 @@ def test_a_start_loop_holds_a_bounded_number_of_registrations(
         kube.wait_condition(namespace, name, "True")
         tokens[name] = kube.queue_token(namespace, name)
     own = OperatorProcess(kubeconfig, tmp_path / "operator.log", env={
-        "WQ_NAMESPACES": namespace, "WQ_REGISTRY_MAX_PENDING_PER_QUEUE": "20", "WQ_REGISTRY_MAX_PENDING": "30"})
+        "WQ_NAMESPACES": namespace, "WQ_REGISTRY_MAX_PENDING_PER_QUEUE": "20", "WQ_REGISTRY_MAX_PENDING": "30",
+        "WQ_REGISTRY_MAX_WORKERS": "31"})
     with operator.paused():  # two operators would both write the registrations' Leases
         own.start()
         try:
@@ -208,8 +209,15 @@ def test_a_start_loop_holds_a_bounded_number_of_registrations(
                             {"status": "active"}).status == 200
             assert own.start_worker(f"loop-b-{namespace}", tokens["loop-b"]).status == 200
             assert metric(own, "workerqueue_workers_pending ") == 30
-            assert metric(own, "workerqueue_registrations_refused_total") == 6
-            assert metric(own, 'workerqueue_http_problems_total{kind="registrations_refused"}') == 6
+            # Heartbeating once per worker passes no bound either: registrations in all are bounded too.
+            assert own.call("POST", f"/api/v1/workers/{looped[1].json()['worker_id']}/heartbeat", tokens["loop-a"],
+                            {"status": "active"}).status == 200
+            refused = own.start_worker(f"loop-b-{namespace}", tokens["loop-b"])
+            assert refused.status == 503 and refused.headers.get("Retry-After") == "30"
+            assert refused.json() == {"detail": "Too many workers are registered, try again later"}
+            assert metric(own, "workerqueue_workers_live") == 31
+            assert metric(own, "workerqueue_registrations_refused_total") == 7
+            assert metric(own, 'workerqueue_http_problems_total{kind="registrations_refused"}') == 7
             assert "Traceback" not in own.logs()
         finally:
             own.stop()

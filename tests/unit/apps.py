@@ -8,7 +8,7 @@ from aiohttp import web
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.events import EventPoster
-from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.core.registry import Bounds, Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models.settings import Settings
@@ -33,8 +33,7 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing here writes at once
     settings = settings or Settings()
     registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue,
-                        max_pending=settings.registry_max_pending,
-                        max_pending_per_queue=settings.registry_max_pending_per_queue)
+                        bounds=Bounds.of(settings))
     return app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
                          temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
                          ready=lambda: True)

@@ -271,3 +271,18 @@ async def test_registrations_waiting_for_a_first_heartbeat_are_bounded_per_queue
         text = await (await c.get("/metrics")).text()
     assert "workerqueue_workers_pending 5" in text and "workerqueue_registrations_refused_total 3" in text
     assert "workerqueue_workers_live 6" in text
+
+
+async def test_registrations_in_all_are_bounded_with_their_own_answer():
+    store = Store(settings=Settings(), version="9.9.9")
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
+    settings = Settings(registry_max_workers_per_queue=2)
+    async with TestClient(TestServer(apps.make_app(store, settings=settings))) as c:
+        for _ in range(2):  # a loop that heartbeats once per worker never has one waiting
+            started = await (await c.post(START.format("q-1"), headers=AUTH)).json()
+            beat = await c.post(f"/api/v1/workers/{started['worker_id']}/heartbeat", json={}, headers=AUTH)
+            assert beat.status == 200
+        refused = await c.post(START.format("q-1"), headers=AUTH)
+        assert refused.status == 503 and refused.headers["Retry-After"] == "30"
+        assert await refused.json() == {"detail": "Too many workers are registered, try again later"}

@@ -258,9 +258,9 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     now = [1000.0]
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
-                            max_pending=10, max_pending_per_queue=2)
+                            bounds=registry.Bounds(pending=10, pending_per_queue=2))
     quiet, elsewhere = reg.register(q, "quiet"), reg.register(q, "elsewhere")
-    with pytest.raises(registry.Full, match="in this queue"):
+    with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in this queue\)"):
         reg.register(q, "third")
     assert (reg.pending, reg.refused, reg.total) == (2, 1, 2)
     # Its own Lease, as written, coming back through the watch: still pending (microseconds rounded up
@@ -280,3 +280,26 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     assert reg.get("quiet") is None and reg.pending == 1
     reg.register(q, "fourth")
     assert reg.pending == 2
+
+
+def test_registrations_in_all_are_bounded_too_so_that_one_heartbeat_each_does_not_pass_the_bound():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    q, other = queue("q1", uid="uid-1"), queue("q2", uid="uid-2")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None,
+                            bounds=registry.Bounds(pending=2, pending_per_queue=3, workers=5, workers_per_queue=3))
+    for i in range(3):  # each heartbeats once: never more than one waits
+        worker = reg.register(q, f"w{i}")
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    with pytest.raises(registry.Full, match=r"registered \(in this queue\)") as refused:
+        reg.register(q, "w3")
+    assert not refused.value.pending
+    reg.register(other, "v0")
+    reg.register(other, "v1")  # two waiting: the pending bound
+    with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in all queues\)"):
+        reg.register(other, "v2")
+    assert (reg.total, reg.pending, reg.refused) == (5, 2, 2)

@@ -171,6 +171,8 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "auth_max_concurrent_reviews" (int $v.authMaxConcurrentReviews)
   "registry_max_pending" (int $v.registry.maxPending)
   "registry_max_pending_per_queue" (int $v.registry.maxPendingPerQueue)
+  "registry_max_workers" (int $v.registry.maxWorkers)
+  "registry_max_workers_per_queue" (int $v.registry.maxWorkersPerQueue)
   "http_idle_timeout_seconds" $v.http.idleTimeoutSeconds
   "http_body_timeout_seconds" $v.http.bodyTimeoutSeconds
   "http_max_connections" (int $v.http.maxConnections)

@@ -91,8 +91,10 @@ async def start_worker(request: web.Request) -> web.Response:
         except registry_.Full as exc:
             request.app[LOG].warning("registrations_refused", "a worker of %s/%s was refused: %s",
                                      queue.namespace, queue.name, exc)
-            return errors.detail(503, "Too many workers are starting at once, try again",
-                                 headers={"Retry-After": "5"})
+            if exc.pending:  # gone as soon as starting workers heartbeat
+                return errors.detail(503, "Too many workers are starting at once, try again",
+                                     headers={"Retry-After": "5"})
+            return errors.detail(503, "Too many workers are registered, try again later", headers={"Retry-After": "30"})
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,

@@ -35,6 +35,7 @@ from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,32 @@ API_TIMEOUT = 5.0
 ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
 
 
-class Full(Exception):
-    """Too many registrations are waiting for their first heartbeat: this one is refused."""
+@dataclass(frozen=True)
+class Bounds:
+    """How many registrations /start may make, so that a client calling it in a loop meets a bound
+    rather than the operator's memory limit: registrations that wait for their worker's first
+    heartbeat (a real worker sends it seconds after /start), and registrations in all (a loop that
+    heartbeats once per worker). Each per queue too, so that one queue's token holder cannot turn
+    away other queues' workers."""
 
-    def __init__(self, scope: str) -> None:
-        super().__init__(f"too many workers waiting for their first heartbeat ({scope})")
-        self.scope = scope
+    pending: int = 50_000
+    pending_per_queue: int = 5_000
+    workers: int = 100_000
+    workers_per_queue: int = 10_000
+
+    @classmethod
+    def of(cls, settings: settings_.Settings) -> Bounds:
+        return cls(pending=settings.registry_max_pending, pending_per_queue=settings.registry_max_pending_per_queue,
+                   workers=settings.registry_max_workers, workers_per_queue=settings.registry_max_workers_per_queue)
+
+
+class Full(Exception):
+    """A registration /start would make is over one of the Bounds: it is refused."""
+
+    def __init__(self, *, pending: bool, per_queue: bool) -> None:
+        what = "waiting for their first heartbeat" if pending else "registered"
+        super().__init__(f"too many workers {what} ({'in this queue' if per_queue else 'in all queues'})")
+        self.pending = pending
 
 
 def lease_name(queue_name: str, worker_id: str) -> str:
@@ -314,8 +335,7 @@ class Registry:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         tick: float = 0.2,
-        max_pending: int = 50_000,
-        max_pending_per_queue: int = 5_000,
+        bounds: Bounds = Bounds(),
     ) -> None:
         self._client = client
         self._events = events
@@ -325,8 +345,7 @@ class Registry:
         self._clock = clock
         self._monotonic = monotonic
         self._tick = tick
-        self._max_pending = max_pending
-        self._max_pending_per_queue = max_pending_per_queue
+        self._bounds = bounds
         self._pending: dict[QueueKey, int] = {}
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
@@ -439,11 +458,15 @@ class Registry:
                  system_info: wire.WorkerSystemInfo | None = None) -> Worker:
         """Registers a worker of a queue without maxWorkers; its Lease is written in the background.
 
-        Raises Full when too many registrations wait for their first heartbeat, in this queue or in all."""
-        waiting = self._pending.get(queue.key, 0)
-        if waiting >= self._max_pending_per_queue or self.pending >= self._max_pending:
+        Raises Full when that would pass one of the Bounds."""
+        bounds, waiting = self._bounds, self._pending.get(queue.key, 0)
+        if waiting >= bounds.pending_per_queue or self.pending >= bounds.pending:
             self.refused += 1
-            raise Full("in this queue" if waiting >= self._max_pending_per_queue else "in all queues")
+            raise Full(pending=True, per_queue=waiting >= bounds.pending_per_queue)
+        registered = len(self._by_queue.get(queue.key, ()))
+        if registered >= bounds.workers_per_queue or len(self._workers) >= bounds.workers:
+            self.refused += 1
+            raise Full(pending=False, per_queue=registered >= bounds.workers_per_queue)
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=system_info)

@@ -136,6 +136,12 @@ class Settings(BaseModel):
     strong starting within those seconds would meet it."""
     registry_max_pending_per_queue: int = Field(default=5_000, ge=1)
     """The same bound per queue, so that one queue's token holder cannot refuse other queues' workers."""
+    registry_max_workers: int = Field(default=100_000, ge=1)
+    """Registrations this replica holds in all, live or waiting (a loop that heartbeats once per
+    /start would pass the pending bound); past it /start answers 503 with Retry-After. Size the
+    operator's memory limit to it: some 1.2 KiB each."""
+    registry_max_workers_per_queue: int = Field(default=10_000, ge=1)
+    """The same bound per queue."""
 
     # Authentication of /start callers that are Kubernetes identities.
     token_review_audiences: tuple[str, ...] = ()
