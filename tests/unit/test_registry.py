@@ -258,7 +258,7 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     now = [1000.0]
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
-                            bounds=registry.Bounds(pending=10, pending_per_queue=2))
+                            bounds=registry.Bounds(pending=10, pending_per_queue=2, workers=10, workers_per_queue=10))
     quiet, elsewhere = reg.register(q, "quiet"), reg.register(q, "elsewhere")
     with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in this queue\)"):
         reg.register(q, "third")

@@ -63,13 +63,14 @@ class Bounds:
     heartbeats once per worker). Each per queue too, so that one queue's token holder cannot turn
     away other queues' workers."""
 
-    pending: int = 50_000
-    pending_per_queue: int = 5_000
-    workers: int = 100_000
-    workers_per_queue: int = 10_000
+    pending: int
+    pending_per_queue: int
+    workers: int
+    workers_per_queue: int
 
     @classmethod
     def of(cls, settings: settings_.Settings) -> Bounds:
+        """The bounds the settings give (their defaults are the only ones)."""
         return cls(pending=settings.registry_max_pending, pending_per_queue=settings.registry_max_pending_per_queue,
                    workers=settings.registry_max_workers, workers_per_queue=settings.registry_max_workers_per_queue)
 
@@ -335,7 +336,7 @@ class Registry:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         tick: float = 0.2,
-        bounds: Bounds = Bounds(),
+        bounds: Bounds | None = None,
     ) -> None:
         self._client = client
         self._events = events
@@ -345,7 +346,7 @@ class Registry:
         self._clock = clock
         self._monotonic = monotonic
         self._tick = tick
-        self._bounds = bounds
+        self._bounds = bounds or Bounds.of(settings_.Settings())
         self._pending: dict[QueueKey, int] = {}
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""

@@ -127,7 +127,7 @@ class Settings(BaseModel):
     """PEM private key of tls_cert_file."""
 
     # The worker registry.
-    registry_max_pending: int = Field(default=50_000, ge=1)
+    registry_max_pending: int = Field(default=25_000, ge=1)
     """Registrations made by /start that may wait for their worker's first heartbeat at once, over
     all queues; past it /start answers 503 with Retry-After. Each is held in memory until its first
     heartbeat or its expiry (2.5 heartbeat intervals), some 1.2 KiB (up to 5 KiB with the largest
@@ -136,7 +136,7 @@ class Settings(BaseModel):
     strong starting within those seconds would meet it."""
     registry_max_pending_per_queue: int = Field(default=5_000, ge=1)
     """The same bound per queue, so that one queue's token holder cannot refuse other queues' workers."""
-    registry_max_workers: int = Field(default=100_000, ge=1)
+    registry_max_workers: int = Field(default=50_000, ge=1)
     """Registrations this replica holds in all, live or waiting (a loop that heartbeats once per
     /start would pass the pending bound); past it /start answers 503 with Retry-After. Size the
     operator's memory limit to it: some 1.2 KiB each."""
