@@ -71,15 +71,17 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         handles = await asyncio.gather(*(client.start_workflow(
             "AgentExecutionWorkflow", {"execution_id": f"e{i}", "duration_seconds": 2.0, "local_activity": True},
             id=f"scale-{i}-{secrets.token_hex(3)}", task_queue=queue_id) for i in range(10)))
-        wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=5, interval=0.05,
-                 what="5 pods within 5 s of the workflows' start")
-        five_after = time.monotonic() - began
+        if per_worker == 1:
+            wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=5, interval=0.05,
+                     what="5 pods within 5 s of the workflows' start")
+            assert time.monotonic() - began < 5
+        # else a worker may take the whole backlog before the operator has seen it: then fewer pods
+        # are right, and only the bounds below hold.
         # The pods turn over until every workflow is done.
         await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 180)
         wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=60,
                  what="back to 0 pods after the grace period")
-    assert max(counts) == 5, f"at most 5 pods at once, sampled {max(counts)}"
-    assert five_after < 5
+    assert max(counts) == 5 if per_worker == 1 else 1 <= max(counts) <= 5, f"sampled {max(counts)} pods at most"
     workers = kube.workers(namespace, "scale")
     assert workers["desired"] == 0 and workers["failed"] == 0
     access = Temporal(timeout=5.0, coalesce=0.0)
@@ -96,7 +98,7 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
     else:
         # A worker's Temporal worker may take several workflows at once (as the real one may): the
         # backlog can be gone before any worker exits, so fewer pods may have run them all.
-        assert 1 <= len(pods) <= 10 and workers["nextIndex"] >= 5
+        assert 1 <= len(pods) <= 10 and workers["nextIndex"] >= 1
     reasons = [e.reason for e in kube.events(namespace, "scale")]
     assert "ScaledUp" in reasons and "ScaledDown" in reasons
     scaled = next(e for e in kube.events(namespace, "scale") if e.reason == "ScaledUp")
