@@ -232,7 +232,7 @@ def make_app(
     app[METRICS].gauge("workerqueue_workers_pending", "Registrations waiting for their worker's first heartbeat.",
                        lambda: registry.pending)
     app[METRICS].gauge("workerqueue_registrations_refused_total",
-                       "/start calls answered 503 because too many registrations waited for a first heartbeat.",
+                       "/start calls answered 503 because of the registry's bounds (registry_max_*).",
                        lambda: registry.refused, kind="counter")
     app[METRICS].gauge("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
                        lambda: registry.heartbeats, kind="counter")

@@ -26,7 +26,7 @@ START_ERRORS: dict[int, tuple[str, str]] = {
     413: ("The request body is over 1 MiB", "Request body too large"),
     503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "
-          "workers wait for their first heartbeat (registry_max_pending*, with Retry-After)",
+          "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After)",
           "Worker queue is not ready: secret llm not found in namespace team-a"),
 }
 

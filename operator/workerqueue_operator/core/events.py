@@ -106,7 +106,7 @@ class EventPoster:
             return
         if not self._allowed(key[:3]):
             self.limited += 1
-            self._drop(reason, counted=False)
+            self._left_out(reason)
             return
         if self.waiting >= self._backlog:
             if not (warning and self._normals):
@@ -130,9 +130,12 @@ class EventPoster:
         self._allowances[obj] = (left - 1.0, now)
         return True
 
-    def _drop(self, reason: str, *, counted: bool = True) -> None:
-        if counted:
-            self.dropped += 1
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        self._left_out(reason)
+
+    def _left_out(self, reason: str) -> None:
+        """Logs Events dropped or over their pace, at most once a minute."""
         now = self._clock()
         if self._logged_at is None or now - self._logged_at >= 60:
             logger.warning("dropped %d Events (the latest: %s) for a full backlog and %d over their object's pace; "

@@ -130,7 +130,7 @@ def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None
 def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
     """system_info as the compact JSON a worker holds until its Lease is written: at most
     SYSTEM_INFO_MAX_BYTES, so that a registration's memory stays bounded. Usually the whole of it:
-    the per-entry bound of bounded_system_info is applied when the Lease is written (lease_state),
+    the per-entry bound of bounded_system_info is applied when the Lease is written (Worker.state),
     which is paced, rather than here on every /start. JSON bytes, not a dict: it is only ever
     written out, and the dict cost more memory and time than the rest of a worker."""
     if info is None:
@@ -352,7 +352,7 @@ class Registry:
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self.pending = 0
         self.refused = 0
-        """Registrations refused by the pending bounds, for the metrics."""
+        """Registrations refused by the Bounds, for the metrics."""
         self._workers: dict[str, Worker] = {}
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
         self._by_lease: dict[tuple[str, str], str] = {}
