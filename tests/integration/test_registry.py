@@ -11,6 +11,7 @@ from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
+from workerqueue_operator.core import queues
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -86,7 +87,8 @@ def test_the_registry_survives_an_operator_restart(operator: OperatorProcess, ku
     assert heartbeat(operator, worker_id, token) == 200
 
 
-def test_a_worker_whose_heartbeats_stop_expires(operator: OperatorProcess, kube: Kube, namespace: str):
+def test_a_worker_whose_heartbeats_stop_expires_and_joins_again_when_they_resume(
+        operator: OperatorProcess, kube: Kube, namespace: str):
     queue_id, token = ready_queue(kube, namespace, "quiet", heartbeatIntervalSeconds=10)
     worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
     assert heartbeat(operator, worker_id, token) == 200
@@ -94,10 +96,29 @@ def test_a_worker_whose_heartbeats_stop_expires(operator: OperatorProcess, kube:
     # 2.5 intervals of 10 s without a heartbeat: gone, with a Warning saying so.
     wait_for(lambda: worker_id not in kube.registrations(namespace), timeout=40, interval=1,
              what="the Lease deleted after expiry")
-    assert heartbeat(operator, worker_id, token) == 404
     assert operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json() == []
     wait_for(lambda: any(e.reason == "WorkerExpired" for e in kube.events(namespace, "quiet")),
              what="a WorkerExpired Event")
+
+    # It was only cut off: its next heartbeat registers it again, Lease and all.
+    assert heartbeat(operator, worker_id, token, status="busy", system_info={"hostname": "box-2"}) == 200
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [(w["id"], w["status"], w["hostname"]) for w in listed] == [(worker_id, "busy", "box-2")]
+    lease = wait_for(lambda: kube.registrations(namespace).get(worker_id), what="the Lease written again")
+    assert lease.spec.holder_identity == worker_id and lease.metadata.owner_references[0].name == "quiet"
+    wait_for(lambda: any(e.reason == "WorkerRejoined" and worker_id in e.message
+                         for e in kube.events(namespace, "quiet")), what="a WorkerRejoined Event")
+    assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token, {"reason": "shutdown"}).status == 200
+    wait_for(lambda: worker_id not in kube.registrations(namespace), what="the Lease deleted at disconnect")
+    assert heartbeat(operator, worker_id, token) == 404  # a goodbye is final
+
+    # One that a replica registered and stopped before writing its Lease: its id shows the queue
+    # issued it, so its first heartbeat here registers it.
+    never_written = queues.new_worker_id(queues.digest(token))
+    assert heartbeat(operator, never_written, token) == 200
+    wait_for(lambda: never_written in kube.registrations(namespace), what="its Lease written")
+    # An id the queue did not issue stays unknown.
+    assert heartbeat(operator, queues.new_worker_id(queues.digest("another-token")), token) == 404
 
 
 def test_max_workers_holds_under_concurrent_starts_on_two_replicas(

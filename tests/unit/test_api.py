@@ -286,3 +286,53 @@ async def test_registrations_in_all_are_bounded_with_their_own_answer():
         refused = await c.post(START.format("q-1"), headers=AUTH)
         assert refused.status == 503 and refused.headers["Retry-After"] == "30"
         assert await refused.json() == {"detail": "Too many workers are registered, try again later"}
+
+
+async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_unknown_here():
+    # As after an expiry while it could not reach the operator, or a first heartbeat that reaches
+    # another replica before that replica has seen the worker's Lease.
+    from workerqueue_operator.core import queues
+
+    store = Store(settings=Settings(), version="9.9.9")
+    shared = {"auth": {"tokenSecretRefs": [{"name": "shared", "key": "token"}]}}
+    for name, extra in (("q1", {}), ("q2", {}), ("paused", {"suspend": True}), ("capped", {"maxWorkers": 3}),
+                        ("s1", shared), ("s2", shared)):
+        store.upsert_queue(queue(name, queueId=f"q-{name}", **extra))
+        store.upsert_secret(("team-a", f"{name}-worker-token"), {"token": f"{name}-token"})
+    store.upsert_secret(("team-a", "shared"), {"token": "shared-token"})
+
+    def lost(name: str) -> str:
+        """An id the queue issued whose registration this replica does not know."""
+        return queues.new_worker_id(queues.digest(f"{name}-token" if name[0] != "s" else "shared-token"))
+
+    def beat(worker_id: str, token: str, **body: object):
+        return c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy", **body},
+                      headers={"Authorization": f"Bearer {token}"})
+
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = await (await c.post(START.format("q-q1"), headers={"Authorization": "Bearer q1-token"})).json()
+        assert queues.issued_worker_id(started["worker_id"], [queues.digest("q1-token")])
+        worker_id = lost("q1")
+        answer = await beat(worker_id, "q1-token", system_info={"hostname": "box-7"})
+        assert answer.status == 200
+        assert await answer.json() == {"status": "ok", "worker_id": worker_id, "heartbeat_interval": 60}
+        one = {"Authorization": "Bearer q1-token"}
+        listed = await (await c.get("/api/v1/worker-queues/q-q1/workers", headers=one)).json()
+        assert {(w["id"], w["status"], w["hostname"]) for w in listed} == {
+            (started["worker_id"], "starting", None), (worker_id, "busy", "box-7")}
+        assert (await beat(worker_id, "q1-token")).status == 200  # known now
+
+        # Not for an id the caller's queue did not issue, a queue that would not register it at
+        # /start or whose token does not say which queue, nor for a worker that said goodbye.
+        assert (await beat(lost("q1"), "q2-token")).status == 404
+        assert (await beat(queues.new_worker_id(), "q1-token")).status == 404
+        assert (await beat(lost("paused"), "paused-token")).status == 404
+        assert (await beat(lost("capped"), "capped-token")).status == 404
+        assert (await beat(lost("s1"), "shared-token")).status == 404
+        bye = await c.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown"},
+                           headers={"Authorization": "Bearer q1-token"})
+        assert bye.status == 200
+        assert (await beat(worker_id, "q1-token")).status == 404
+        assert (await beat(lost("q1"), "no-such-token")).status == 401
+        text = await (await c.get("/metrics")).text()
+    assert "workerqueue_workers_rejoined_total 1" in text

@@ -173,3 +173,25 @@ def test_default_upstream_needs_its_key():
     with pytest.raises(ValueError, match="pattern"):
         Settings(upstream_url="ftp://cp.example", upstream_api_key_secret="ops/org:key")
     assert Settings.load({"WQ_UPSTREAM_URL": ""}).upstream_url is None
+
+
+def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them():
+    import uuid
+
+    key, other = queues.digest("queue-token"), queues.digest("another-token")
+    issued = queues.new_worker_id(key)
+    plain = queues.new_worker_id()
+    for worker_id in (issued, plain):
+        parsed = uuid.UUID(worker_id)
+        assert str(parsed) == worker_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert queues.issued_worker_id(issued, [key])
+    assert queues.issued_worker_id(issued, [other, key])  # a token being rotated: either key
+    assert not queues.issued_worker_id(issued, [other])
+    assert not queues.issued_worker_id(issued, [])
+    assert not queues.issued_worker_id(plain, [key])
+    flipped = issued[:-1] + ("0" if issued[-1] != "0" else "1")
+    assert not queues.issued_worker_id(flipped, [key])
+    # Only the canonical text of an id it gave: not another spelling of the same bytes.
+    for spelling in (issued.upper(), issued.replace("-", ""), "{" + issued + "}", f" {issued}", "", "not-an-id"):
+        assert not queues.issued_worker_id(spelling, [key]), spelling
+    assert len({queues.new_worker_id(key) for _ in range(1000)}) == 1000

@@ -303,3 +303,65 @@ def test_registrations_in_all_are_bounded_too_so_that_one_heartbeat_each_does_no
     with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in all queues\)"):
         reg.register(other, "v2")
     assert (reg.total, reg.pending, reg.refused) == (5, 2, 2)
+
+
+async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unless_it_ended_on_purpose(
+        monkeypatch: pytest.MonkeyPatch):
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
+    events = EventPoster(kube)
+    reg = registry.Registry(client=kube, events=events, queue_of=lambda key: q, clock=lambda: now[0],
+                            bounds=registry.Bounds(pending=10, pending_per_queue=10, workers=10, workers_per_queue=3))
+    back = reg.rejoin(q, "lost", hostname="box-1")
+    assert back is not None and reg.get("lost") is back and reg.live(q.key) == [back]
+    assert (back.hostname, back.queue_uid, back.lease, back.pending) == ("box-1", "uid-1", "q1-lost", False)
+    assert reg.pending == 0 and reg.rejoined == 1 and "lost" in reg._creates
+    assert [key[4] for key in events._normals] == ["WorkerRejoined"]
+    assert reg.rejoin(q, "lost") is None  # known already: a plain heartbeat
+
+    # An expired registration is found for a heartbeat (which renews it) until it is ended.
+    now[0] = 1026.0
+    assert reg.get("lost") is None and reg.get("lost", expired=True) is back
+    reg.heartbeat(back, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert reg.get("lost") is back
+    # Ended for want of heartbeats: it may join again.
+    now[0] = 1052.0
+    reg._sweep(ending=True)
+    assert reg.get("lost", expired=True) is None
+    assert reg.rejoin(q, "lost") is not None
+
+    # Ended on purpose: a late heartbeat is no reason to register it again.
+    await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
+    assert reg.rejoin(q, "said-goodbye") is None
+    reg.register(q, "in-pod", pod="q1-w1")
+    reg.pods_ended(q.key, alive_pods=[])
+    assert reg.rejoin(q, "in-pod", pod="q1-w1") is None
+    # A pod runs one worker: another id from a pod with a registered worker is not one.
+    reg.register(q, "current", pod="q1-w2")
+    assert reg.rejoin(q, "stale", pod="q1-w2") is None
+    # A Lease deleted elsewhere while its worker was alive (a disconnect there) ends it on purpose
+    # too; one deleted after it expired does not.
+    quiet = make_worker(worker_id="quiet", lease="q1-quiet", slot=None, renewed_at=now[0])
+    reg.lease_upserted(registry.lease_body(quiet, queue_name=q.name))
+    now[0] += 26.0
+    alive = make_worker(worker_id="alive", lease="q1-alive", slot=None, renewed_at=now[0])
+    reg.lease_upserted(registry.lease_body(alive, queue_name=q.name))
+    assert reg.get("alive") is not None and reg.get("quiet") is None
+    for worker in (alive, quiet):
+        reg.lease_deleted((worker.namespace, worker.lease), None)
+    assert reg.rejoin(q, "alive") is None
+    # Over the bound on registrations: refused, as /start would be.
+    assert reg.total == 2
+    assert reg.rejoin(q, "quiet") is not None
+    with pytest.raises(registry.Full, match=r"registered \(in this queue\)"):
+        reg.rejoin(q, "one-more")
+    # The ids ended on purpose are remembered up to a bound, oldest forgotten first.
+    monkeypatch.setattr(registry, "ENDED_KEPT", 2)
+    reg._bury("newer")
+    assert "said-goodbye" not in reg._ended and list(reg._ended) == ["alive", "newer"]

@@ -80,7 +80,8 @@ async def start_worker(request: web.Request) -> web.Response:
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
-    worker_id = queues.new_worker_id()
+    # Its second half a MAC by the queue's token, so that a heartbeat can re-register it (workers.py).
+    worker_id = queues.new_worker_id(resolution.token_digests[0] if resolution.token_digests else None)
     registry = request.app[REGISTRY]
     pod = caller.worker.pod if caller.worker is not None else None
     system_info = body.system_info
@@ -89,12 +90,7 @@ async def start_worker(request: web.Request) -> web.Response:
         try:
             registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
         except registry_.Full as exc:
-            request.app[LOG].warning("registrations_refused", "a worker of %s/%s was refused: %s",
-                                     queue.namespace, queue.name, exc)
-            if exc.pending:  # gone as soon as starting workers heartbeat
-                return errors.detail(503, "Too many workers are starting at once, try again",
-                                     headers={"Retry-After": "5"})
-            return errors.detail(503, "Too many workers are registered, try again later", headers={"Retry-After": "30"})
+            return workers.refused(request, queue, exc)
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
@@ -236,6 +232,9 @@ def make_app(
                        lambda: registry.refused, kind="counter")
     app[METRICS].gauge("workerqueue_worker_heartbeats_total", "Heartbeats received by this replica.",
                        lambda: registry.heartbeats, kind="counter")
+    app[METRICS].gauge("workerqueue_workers_rejoined_total",
+                       "Workers registered again from a heartbeat, their registration not known here.",
+                       lambda: registry.rejoined, kind="counter")
     app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
                        lambda: registry.writes, kind="counter")
     app.router.add_post(START_ROUTE, start_worker)

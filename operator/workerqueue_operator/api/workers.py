@@ -10,9 +10,10 @@ import aiohttp
 from aiohttp import web
 
 from workerqueue_operator.api import bodies, callers, errors
-from workerqueue_operator.api.keys import KUBE, REGISTRY, STORE, TEMPORAL
-from workerqueue_operator.core import executions, temporal
-from workerqueue_operator.core.queues import Resolution
+from workerqueue_operator.api.keys import KUBE, LOG, REGISTRY, STORE, TEMPORAL
+from workerqueue_operator.core import executions, queues, temporal
+from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core.queues import QueueObject, Resolution
 from workerqueue_operator.core.registry import Worker
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
@@ -30,9 +31,11 @@ NOT_FOUND = "Worker not found"
 MAX_LIMIT = 100
 
 
-async def _worker(request: web.Request, caller: callers.Caller) -> tuple[Worker, Resolution] | web.Response:
-    """The registered worker of the path, if this caller may act for it."""
-    worker = request.app[REGISTRY].get(request.match_info["worker_id"])
+async def _worker(request: web.Request, caller: callers.Caller, *, expired: bool = False
+                  ) -> tuple[Worker, Resolution] | web.Response:
+    """The registered worker of the path, if this caller may act for it (with `expired`, also one
+    past its lease that is not ended yet)."""
+    worker = request.app[REGISTRY].get(request.match_info["worker_id"], expired=expired)
     resolution = request.app[STORE].resolution(worker.queue) if worker is not None else None
     if worker is None or resolution is None or resolution.queue.uid != worker.queue_uid:
         return errors.detail(404, NOT_FOUND)
@@ -43,26 +46,62 @@ async def _worker(request: web.Request, caller: callers.Caller) -> tuple[Worker,
     return denied or (worker, resolution)
 
 
-async def _worker_call(request: web.Request, model: type[bodies.M]
-                       ) -> tuple[bodies.M, Worker, Resolution] | web.Response:
-    """A worker's own call: who calls, its body, and the worker it may act for (or the error answer)."""
+async def _caller_and_body(request: web.Request, model: type[bodies.M]
+                           ) -> tuple[callers.Caller, bodies.M] | web.Response:
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
         return caller
     body = await bodies.read(request, model)
     if isinstance(body, web.Response):
         return body
-    found = await _worker(request, caller)
-    if isinstance(found, web.Response):
-        return found
-    return body, *found
+    return caller, body
+
+
+def refused(request: web.Request, queue: QueueObject, exc: registry_.Full) -> web.Response:
+    """The answer when a registration would pass the registry's Bounds."""
+    request.app[LOG].warning("registrations_refused", "a worker of %s/%s was refused: %s",
+                             queue.namespace, queue.name, exc)
+    if exc.pending:  # gone as soon as starting workers heartbeat
+        return errors.detail(503, "Too many workers are starting at once, try again", headers={"Retry-After": "5"})
+    return errors.detail(503, "Too many workers are registered, try again later", headers={"Retry-After": "30"})
+
+
+def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | None
+            ) -> tuple[Worker, Resolution] | web.Response:
+    """A heartbeat of a worker with no registration here (see Registry.rejoin): registered again
+    when its id shows that the caller's queue issued it and that queue would register it at /start.
+    Anything else is the 404 of an unknown worker, as before."""
+    worker_id = request.match_info["worker_id"]
+    store = request.app[STORE]
+    key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
+    resolution = store.resolution(key) if key is not None else None
+    if (resolution is None or resolution.queue.spec.suspend or resolution.queue.spec.max_workers is not None
+            or not queues.issued_worker_id(worker_id, resolution.token_digests)):
+        return errors.detail(404, NOT_FOUND)
+    queue = resolution.queue
+    pod = caller.worker.pod if caller.worker is not None else None
+    try:
+        worker = request.app[REGISTRY].rejoin(queue, worker_id, pod=pod, hostname=hostname or pod)
+    except registry_.Full as exc:
+        return refused(request, queue, exc)
+    if worker is None:
+        return errors.detail(404, NOT_FOUND)
+    request.app[LOG].log(logging.INFO, "workers_rejoined", "worker %s of %s/%s had no registration here: "
+                         "registered again from its heartbeat", worker_id, queue.namespace, queue.name)
+    return worker, resolution
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    call = await _worker_call(request, wire.WorkerHeartbeatRequest)
+    call = await _caller_and_body(request, wire.WorkerHeartbeatRequest)
     if isinstance(call, web.Response):
         return call
-    body, worker, resolution = call
+    caller, body = call
+    found = await _worker(request, caller, expired=True)  # a heartbeat proves it alive again
+    if isinstance(found, web.Response) and found.status == 404:
+        found = _rejoin(request, caller, body.system_info.hostname if body.system_info is not None else None)
+    if isinstance(found, web.Response):
+        return found
+    worker, resolution = found
     # `logs` are dropped on purpose: they never go to the API server.
     request.app[REGISTRY].heartbeat(
         worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
@@ -72,10 +111,14 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def disconnect(request: web.Request) -> web.Response:
-    call = await _worker_call(request, wire.WorkerDisconnectRequest)
+    call = await _caller_and_body(request, wire.WorkerDisconnectRequest)
     if isinstance(call, web.Response):
         return call
-    body, worker, _ = call
+    caller, body = call
+    found = await _worker(request, caller)
+    if isinstance(found, web.Response):
+        return found
+    worker, _ = found
     await request.app[REGISTRY].disconnect(worker, reason=body.reason, exit_code=body.exit_code)
     return web.json_response({"status": "disconnected", "worker_id": worker.worker_id})
 

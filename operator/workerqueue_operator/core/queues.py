@@ -9,9 +9,10 @@ import base64
 import binascii
 import functools
 import hashlib
+import hmac
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,11 +35,42 @@ def token_secret_name(queue_name: str) -> str:
     return f"{queue_name}-worker-token"
 
 
-def new_worker_id() -> str:
-    """A random (version 4) UUID as text: what str(uuid.uuid4()) gives, at a third of its cost."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
+_WORKER_ID_CONTEXT = b"agentcontrol.dev/worker-id\x00"
+
+
+def new_worker_id(key: bytes | None = None) -> str:
+    """A version-4 UUID as text, as str(uuid.uuid4()) gives. With `key` (a digest of the queue's
+    token) its second half is a MAC of its first: a worker whose registration was lost can then show,
+    by its id alone, that its queue issued it (issued_worker_id). Without, it is all random."""
+    head = bytearray(os.urandom(8))
+    head[6] = (head[6] & 0x0F) | 0x40  # version 4
+    return _uuid_text(head + (_worker_id_tag(key, head) if key is not None else _variant(os.urandom(8))))
+
+
+def issued_worker_id(worker_id: str, keys: Iterable[bytes]) -> bool:
+    """Whether new_worker_id gave `worker_id` with one of `keys` (compared in constant time)."""
+    try:
+        raw = bytes.fromhex(worker_id.replace("-", ""))
+    except ValueError:
+        return False
+    if len(raw) != 16 or _uuid_text(raw) != worker_id:  # the canonical text form only
+        return False
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(_worker_id_tag(key, raw[:8]), raw[8:])
+    return matched
+
+
+def _worker_id_tag(key: bytes, head: bytes | bytearray) -> bytes:
+    return _variant(hmac.digest(key, _WORKER_ID_CONTEXT + head, "sha256")[:8])
+
+
+def _variant(tail: bytes) -> bytes:
+    """The second half of a UUID with its RFC 4122 variant bits set."""
+    return bytes(((tail[0] & 0x3F) | 0x80,)) + tail[1:]
+
+
+def _uuid_text(raw: bytes | bytearray) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 

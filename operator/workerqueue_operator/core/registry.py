@@ -51,6 +51,9 @@ SYSTEM_INFO_MAX_BYTES = 4096
 """system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
+ENDED_KEPT = 10_000
+"""Ids of registrations ended on purpose that are remembered, so that a late heartbeat does not
+register them again (see Registry.rejoin)."""
 
 ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
 
@@ -381,6 +384,11 @@ class Registry:
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.heartbeats = 0
+        self.rejoined = 0
+        """Workers registered again from a heartbeat (see rejoin), for the metrics."""
+        self._ended: dict[str, None] = {}
+        """Ids of registrations that ended on purpose (disconnect, pod gone), oldest first: a late
+        heartbeat of one of them is no reason to register it again."""
 
     # --- fed by the Lease informer ----------------------------------------------------------------
 
@@ -422,12 +430,15 @@ class Registry:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
                 self._forget(worker_id)
+                if not worker.expired(self._clock()):
+                    self._bury(worker_id)  # ended elsewhere while alive: a disconnect, its pod gone
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def get(self, worker_id: str) -> Worker | None:
+    def get(self, worker_id: str, *, expired: bool = False) -> Worker | None:
+        """A live registration; with `expired`, also one past its lease that is not ended yet."""
         worker = self._workers.get(worker_id)
-        if worker is None or worker.expired(self._clock()):
+        if worker is None or (not expired and worker.expired(self._clock())):
             return None
         return worker
 
@@ -477,6 +488,34 @@ class Registry:
         self._add(worker)
         return worker
 
+    def rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
+               hostname: str | None = None) -> Worker | None:
+        """Registers again a worker that heartbeats while no registration of it is known here: it
+        expired while the worker could not reach the operator, or another replica registered it and
+        its Lease is not seen here yet (or never written: that replica stopped first). The worker is
+        alive, so it is registered, as /start would, for a queue without maxWorkers. The caller has
+        checked that the queue issued the id.
+
+        None, and nothing done, for a registration ended on purpose here (disconnect, pod gone: a
+        late heartbeat) or a pod that has another worker registered. Raises Full over the Bounds on
+        registrations in all (it heartbeats, so it never waits for a first heartbeat)."""
+        if worker_id in self._ended or worker_id in self._workers:
+            return None
+        members = self._by_queue.get(queue.key, {})
+        if pod is not None and any(w.pod == pod for w in members.values()):
+            return None
+        if len(members) >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
+            self.refused += 1
+            raise Full(pending=False, per_queue=len(members) >= self._bounds.workers_per_queue)
+        worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
+                                  hostname=hostname, system_info=None)
+        self._add(worker)
+        self.rejoined += 1
+        self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
+                          message=f"worker {worker_id} sent a heartbeat without a registration known here "
+                          "(it had expired, or was not seen yet); registered again", warning=False)
+        return worker
+
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
                     hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None) -> Worker | None:
         """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
@@ -523,6 +562,7 @@ class Registry:
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
         self._forget(worker.worker_id)
+        self._bury(worker.worker_id)
         queue = self._queue_of(worker.queue)
         if worker.stored:
             try:
@@ -577,7 +617,7 @@ class Registry:
                 elif not worker.stored:
                     self._forget(worker.worker_id)
                 elif ending:
-                    self._end(worker, "no heartbeat within its lease")
+                    self._end(worker, "no heartbeat within its lease", on_purpose=False)
                 else:
                     self._file_expiry(worker, now + 1.0)  # the active replica ends it; looked at again
 
@@ -617,8 +657,10 @@ class Registry:
         for pending in (self._urgent, self._creates, self._renewals):
             pending.pop(worker.worker_id, None)
 
-    def _end(self, worker: Worker, why: str) -> None:
+    def _end(self, worker: Worker, why: str, *, on_purpose: bool = True) -> None:
         self._forget(worker.worker_id)
+        if on_purpose:
+            self._bury(worker.worker_id)
         if worker.stored:
             self._spawn(self._delete_quietly(worker, why))
 
@@ -641,6 +683,8 @@ class Registry:
                 self._stored(worker)
             elif not await self._patch(worker, body):
                 self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere
+                if not worker.expired(self._clock()):
+                    self._bury(worker.worker_id)  # while alive: on purpose (see lease_deleted)
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except ErrorTypes as exc:
@@ -766,6 +810,12 @@ class Registry:
         if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
+
+    def _bury(self, worker_id: str) -> None:
+        """Remembers a registration that ended on purpose (the last ENDED_KEPT of them)."""
+        self._ended[worker_id] = None
+        while len(self._ended) > ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
 
     def _heard_of(self, worker: Worker) -> None:
         """The worker no longer waits for its first heartbeat (it sent one, or it is gone)."""
