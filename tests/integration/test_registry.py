@@ -145,6 +145,31 @@ def test_max_workers_holds_under_concurrent_starts_on_two_replicas(
         second.stop()
 
 
+def test_workers_started_on_one_replica_may_heartbeat_on_the_other_at_once(
+        operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path):
+    queue_id, token = ready_queue(kube, namespace, "spread")
+    second = OperatorProcess(kubeconfig, tmp_path / "second.log").start()
+    try:
+        ids = [operator.start_worker(queue_id, token).json()["worker_id"] for _ in range(30)]
+        # Each first heartbeat reaches the other replica at once, most before their Leases are
+        # written (the first replica writes them paced): none is lost.
+        assert [heartbeat(second, w, token, status="busy", tasks_processed=1) for w in ids] == [200] * 30
+        wait_for(lambda: sorted(kube.registrations(namespace)) == sorted(ids), what="one Lease per worker")
+
+        def listed(replica: OperatorProcess) -> list[tuple[str, str, int]]:
+            answer = replica.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+            return sorted((w["id"], w["status"], w["tasks_processed"]) for w in answer)
+
+        expected = sorted((w, "busy", 1) for w in ids)
+        wait_for(lambda: listed(second) == expected == listed(operator), what="every worker listed as it heartbeat")
+        # ...and the Leases hold the heartbeats: the first replica never wrote its older state over them.
+        wait_for(lambda: all('"status":"busy"' in lease.metadata.annotations["agentcontrol.dev/worker"]
+                             for lease in kube.registrations(namespace).values()), what="the heartbeats written")
+        assert listed(operator) == expected
+    finally:
+        second.stop()
+
+
 def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, namespace: str):
     fixed_id, fixed_token = ready_queue(kube, namespace, "fixed")
     eph_id, eph_token = ready_queue(kube, namespace, "eph", ephemeral=True)

@@ -322,7 +322,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert back is not None and reg.get("lost") is back and reg.live(q.key) == [back]
     assert (back.hostname, back.queue_uid, back.lease, back.pending) == ("box-1", "uid-1", "q1-lost", False)
     assert reg.pending == 0 and reg.rejoined == 1 and "lost" in reg._creates
-    assert [key[4] for key in events._normals] == ["WorkerRejoined"]
+    assert not events._normals  # never known here: a new worker's first heartbeat, maybe
     assert reg.rejoin(q, "lost") is None  # known already: a plain heartbeat
 
     # An expired registration is found for a heartbeat (which renews it) until it is ended.
@@ -330,11 +330,12 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert reg.get("lost") is None and reg.get("lost", expired=True) is back
     reg.heartbeat(back, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     assert reg.get("lost") is back
-    # Ended for want of heartbeats: it may join again.
+    # Ended for want of heartbeats: it may join again, and that is told after its WorkerExpired.
     now[0] = 1052.0
     reg._sweep(ending=True)
     assert reg.get("lost", expired=True) is None
     assert reg.rejoin(q, "lost") is not None
+    assert [key[4] for key in events._normals] == ["WorkerRejoined"]
 
     # Ended on purpose: a late heartbeat is no reason to register it again.
     await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
@@ -363,5 +364,31 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
         reg.rejoin(q, "one-more")
     # The ids ended on purpose are remembered up to a bound, oldest forgotten first.
     monkeypatch.setattr(registry, "ENDED_KEPT", 2)
-    reg._bury("newer")
-    assert "said-goodbye" not in reg._ended and list(reg._ended) == ["alive", "newer"]
+    reg._bury("newer", on_purpose=True)
+    assert list(reg._ended) == ["quiet", "newer"]
+
+
+def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    here = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q)
+    # The other's clock stands still: a heartbeat right after the registration must still show.
+    there = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: 2e9)
+    started = here.register(q, "w1", hostname="box-1")
+    assert "w1" in here._creates
+    # Its first heartbeat reaches the other replica first, which registers it again and writes it.
+    rejoined = there.rejoin(q, "w1")
+    assert rejoined is not None
+    there.heartbeat(rejoined, status="busy", tasks_processed=1, current_task_id="e-1", system_info=None)
+    written = registry.lease_body(rejoined, queue_name=q.name)
+    incoming = registry.worker_from_lease(written, seen_at=0.0)
+    assert incoming is not None and incoming.confirmed  # a heartbeat, at the Lease's microseconds too
+    here.lease_upserted(written)
+    # Here: heard of, nothing left to write over it, and what it says is what this replica serves.
+    assert not started.pending and not started.dirty and started.stored and "w1" not in here._creates
+    assert (started.status, started.tasks_processed, started.current_task_id) == ("busy", 1, "e-1")

@@ -52,8 +52,8 @@ SYSTEM_INFO_MAX_BYTES = 4096
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
 ENDED_KEPT = 10_000
-"""Ids of registrations ended on purpose that are remembered, so that a late heartbeat does not
-register them again (see Registry.rejoin)."""
+"""How many ended registrations are remembered, so that a late heartbeat does not register one
+ended on purpose again (see Registry.rejoin)."""
 
 ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
 
@@ -386,9 +386,10 @@ class Registry:
         self.heartbeats = 0
         self.rejoined = 0
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
-        self._ended: dict[str, None] = {}
-        """Ids of registrations that ended on purpose (disconnect, pod gone), oldest first: a late
-        heartbeat of one of them is no reason to register it again."""
+        self._ended: dict[str, bool] = {}
+        """Worker id -> whether its registration ended on purpose (disconnect, pod gone) rather than
+        expired, oldest first: a late heartbeat of one ended on purpose is no reason to register it
+        again."""
 
     # --- fed by the Lease informer ----------------------------------------------------------------
 
@@ -412,6 +413,10 @@ class Registry:
         if mine is None:
             self._add(incoming)
             return
+        if not mine.stored and not mine.heartbeats_here:
+            # Registered here, and its Lease written first by a replica its heartbeat reached: that
+            # is newer than anything here, which must not be written over it.
+            self._unmark(mine)
         # Ours is at least as new as what was written, except for what other replicas heard.
         self._stored(mine)
         mine.seen_at = min(mine.seen_at, incoming.seen_at)
@@ -430,8 +435,8 @@ class Registry:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
                 self._forget(worker_id)
-                if not worker.expired(self._clock()):
-                    self._bury(worker_id)  # ended elsewhere while alive: a disconnect, its pod gone
+                # Ended elsewhere; while alive, on purpose there (a disconnect, its pod gone).
+                self._bury(worker_id, on_purpose=not worker.expired(self._clock()))
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -499,7 +504,8 @@ class Registry:
         None, and nothing done, for a registration ended on purpose here (disconnect, pod gone: a
         late heartbeat) or a pod that has another worker registered. Raises Full over the Bounds on
         registrations in all (it heartbeats, so it never waits for a first heartbeat)."""
-        if worker_id in self._ended or worker_id in self._workers:
+        expired = self._ended.get(worker_id) is False
+        if self._ended.get(worker_id) or worker_id in self._workers:
             return None
         members = self._by_queue.get(queue.key, {})
         if pod is not None and any(w.pod == pod for w in members.values()):
@@ -511,9 +517,10 @@ class Registry:
                                   hostname=hostname, system_info=None)
         self._add(worker)
         self.rejoined += 1
-        self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
-                          message=f"worker {worker_id} sent a heartbeat without a registration known here "
-                          "(it had expired, or was not seen yet); registered again", warning=False)
+        if expired:  # told, after its WorkerExpired; not a new worker's first heartbeat on another replica
+            self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
+                              message=f"worker {worker_id} sent a heartbeat after its registration expired; "
+                              "registered again", warning=False)
         return worker
 
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
@@ -548,7 +555,9 @@ class Registry:
 
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
                   system_info: wire.WorkerSystemInfo | None) -> None:
-        worker.renewed_at = max(self._clock(), worker.renewed_at)
+        # Always past the registration, even at the Lease's microseconds (a rejoin's comes at once):
+        # other replicas tell a heartbeat by a renew time later than the acquire time.
+        worker.renewed_at = max(self._clock(), worker.renewed_at + 1e-5)
         worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
         if system_info is not None:
             worker.system_info = system_info_json(system_info) or worker.system_info
@@ -562,7 +571,7 @@ class Registry:
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
         self._forget(worker.worker_id)
-        self._bury(worker.worker_id)
+        self._bury(worker.worker_id, on_purpose=True)
         queue = self._queue_of(worker.queue)
         if worker.stored:
             try:
@@ -616,6 +625,7 @@ class Registry:
                     self._file_expiry(worker, worker.expires_at())
                 elif not worker.stored:
                     self._forget(worker.worker_id)
+                    self._bury(worker.worker_id, on_purpose=False)
                 elif ending:
                     self._end(worker, "no heartbeat within its lease", on_purpose=False)
                 else:
@@ -659,8 +669,7 @@ class Registry:
 
     def _end(self, worker: Worker, why: str, *, on_purpose: bool = True) -> None:
         self._forget(worker.worker_id)
-        if on_purpose:
-            self._bury(worker.worker_id)
+        self._bury(worker.worker_id, on_purpose=on_purpose)
         if worker.stored:
             self._spawn(self._delete_quietly(worker, why))
 
@@ -678,13 +687,13 @@ class Registry:
         heartbeat_written = worker.heartbeats_here > 0
         try:
             if not worker.stored:
-                if await self._create(body) is None:
+                # Written already by a replica its heartbeat reached: newer, unless one reached us too.
+                if await self._create(body) is None and heartbeat_written:
                     await self._patch(worker, body)
                 self._stored(worker)
             elif not await self._patch(worker, body):
-                self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere
-                if not worker.expired(self._clock()):
-                    self._bury(worker.worker_id)  # while alive: on purpose (see lease_deleted)
+                self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere (see lease_deleted)
+                self._bury(worker.worker_id, on_purpose=not worker.expired(self._clock()))
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except ErrorTypes as exc:
@@ -811,9 +820,10 @@ class Registry:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
 
-    def _bury(self, worker_id: str) -> None:
-        """Remembers a registration that ended on purpose (the last ENDED_KEPT of them)."""
-        self._ended[worker_id] = None
+    def _bury(self, worker_id: str, *, on_purpose: bool) -> None:
+        """Remembers how a registration ended (the last ENDED_KEPT of them)."""
+        self._ended.pop(worker_id, None)
+        self._ended[worker_id] = on_purpose
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
