@@ -122,7 +122,9 @@ def document(version: str) -> dict[str, Any]:
             },
             "/api/v1/workers/{worker_id}/heartbeat": {"post": operation(
                 "Worker Heartbeat", "Renews the worker's registration and records its state. `logs` are "
-                "accepted and dropped; `system_info` is kept size-bounded.", "worker_id",
+                "accepted and dropped; `system_info` is kept size-bounded. A worker whose registration is "
+                "not known (it expired, or is not seen yet) is registered again when its id is one its "
+                "queue issued; 404 otherwise.", "worker_id",
                 {"200": json_of({"type": "object"}), **failures(401, 403, 404, 413, 503)},
                 body="WorkerHeartbeatRequest")},
             "/api/v1/workers/{worker_id}/disconnect": {"post": operation(
