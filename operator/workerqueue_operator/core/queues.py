@@ -35,9 +35,6 @@ def token_secret_name(queue_name: str) -> str:
     return f"{queue_name}-worker-token"
 
 
-_WORKER_ID_CONTEXT = b"agentcontrol.dev/worker-id\x00"
-
-
 def new_worker_id(key: bytes | None = None) -> str:
     """A version-4 UUID as text, as str(uuid.uuid4()) gives. With `key` (a digest of the queue's
     token) its second half is a MAC of its first: a worker whose registration was lost can then show,
@@ -62,7 +59,8 @@ def issued_worker_id(worker_id: str, keys: Iterable[bytes]) -> bool:
 
 
 def _worker_id_tag(key: bytes, head: bytes | bytearray) -> bytes:
-    return _variant(hmac.digest(key, _WORKER_ID_CONTEXT + head, "sha256")[:8])
+    # BLAKE2's keyed mode is a MAC, and at less than half the cost of HMAC-SHA256 on every /start.
+    return _variant(hashlib.blake2b(head, digest_size=8, key=key, person=b"worker-id").digest())
 
 
 def _variant(tail: bytes) -> bytes:
