@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.unit import apps
 from tests.unit.factories import queue
 from workerqueue_operator.core import reviews
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
 START = "/api/v1/worker-queues/{}/start"
@@ -334,5 +334,18 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
         assert bye.status == 200
         assert (await beat(worker_id, "q1-token")).status == 404
         assert (await beat(lost("q1"), "no-such-token")).status == 401
+
+        # A pod's own token: only an id issued to that pod, and only while the pod has no other worker.
+        for pod in ("q1-w1", "q1-w2"):
+            store.upsert_worker_credential(("team-a", f"{pod}-token"), WorkerCredential(("team-a", "q1"), pod),
+                                           f"{pod}-token")
+        key = queues.digest("q1-token")
+        of_w1 = queues.new_worker_id(key, pod="q1-w1")
+        assert (await beat(of_w1, "q1-w2-token")).status == 404  # a sibling's id
+        assert (await beat(queues.new_worker_id(key), "q1-w1-token")).status == 404  # not issued to a pod
+        assert (await beat(of_w1, "q1-w1-token")).status == 200
+        workers = await (await c.get("/api/v1/worker-queues/q-q1/workers", headers=one)).json()
+        assert {(w["pod"], w["hostname"]) for w in workers if w["id"] == of_w1} == {("q1-w1", "q1-w1")}
+        assert (await beat(queues.new_worker_id(key, pod="q1-w1"), "q1-w1-token")).status == 404
         text = await (await c.get("/metrics")).text()
-    assert "workerqueue_workers_rejoined_total 1" in text
+    assert "workerqueue_workers_rejoined_total 2" in text

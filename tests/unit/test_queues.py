@@ -195,3 +195,9 @@ def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them(
     for spelling in (issued.upper(), issued.replace("-", ""), "{" + issued + "}", f" {issued}", "", "not-an-id"):
         assert not queues.issued_worker_id(spelling, [key]), spelling
     assert len({queues.new_worker_id(key) for _ in range(1000)}) == 1000
+    # One issued to a pod shows that pod, and no other (nor none).
+    mine = queues.new_worker_id(key, pod="q1-w1")
+    assert queues.issued_worker_id(mine, [key], pod="q1-w1")
+    assert not queues.issued_worker_id(mine, [key], pod="q1-w2")
+    assert not queues.issued_worker_id(mine, [key])
+    assert not queues.issued_worker_id(issued, [key], pod="q1-w1")

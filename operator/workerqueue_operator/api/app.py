@@ -80,10 +80,10 @@ async def start_worker(request: web.Request) -> web.Response:
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
-    # Its second half a MAC by the queue's token, so that a heartbeat can re-register it (workers.py).
-    worker_id = queues.new_worker_id(resolution.token_digests[0] if resolution.token_digests else None)
-    registry = request.app[REGISTRY]
     pod = caller.worker.pod if caller.worker is not None else None
+    # Its second half a MAC by the queue's token, so that a heartbeat can re-register it (workers.py).
+    worker_id = queues.new_worker_id(resolution.token_digests[0] if resolution.token_digests else None, pod=pod)
+    registry = request.app[REGISTRY]
     system_info = body.system_info
     hostname = system_info.hostname if system_info is not None else None
     if queue.spec.max_workers is None:

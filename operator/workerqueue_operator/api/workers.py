@@ -75,11 +75,11 @@ def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | None
     store = request.app[STORE]
     key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
     resolution = store.resolution(key) if key is not None else None
+    pod = caller.worker.pod if caller.worker is not None else None
     if (resolution is None or resolution.queue.spec.suspend or resolution.queue.spec.max_workers is not None
-            or not queues.issued_worker_id(worker_id, resolution.token_digests)):
+            or not queues.issued_worker_id(worker_id, resolution.token_digests, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     queue = resolution.queue
-    pod = caller.worker.pod if caller.worker is not None else None
     try:
         worker = request.app[REGISTRY].rejoin(queue, worker_id, pod=pod, hostname=hostname or pod)
     except registry_.Full as exc:

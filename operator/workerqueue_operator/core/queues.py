@@ -35,17 +35,18 @@ def token_secret_name(queue_name: str) -> str:
     return f"{queue_name}-worker-token"
 
 
-def new_worker_id(key: bytes | None = None) -> str:
+def new_worker_id(key: bytes | None = None, *, pod: str | None = None) -> str:
     """A version-4 UUID as text, as str(uuid.uuid4()) gives. With `key` (a digest of the queue's
-    token) its second half is a MAC of its first: a worker whose registration was lost can then show,
-    by its id alone, that its queue issued it (issued_worker_id). Without, it is all random."""
+    token) its second half is a MAC of its first (and of the pod it was issued to, if any): a worker
+    whose registration was lost can then show, by its id alone, that its queue issued it to it
+    (issued_worker_id). Without, it is all random."""
     head = bytearray(os.urandom(8))
     head[6] = (head[6] & 0x0F) | 0x40  # version 4
-    return _uuid_text(head + (_worker_id_tag(key, head) if key is not None else _variant(os.urandom(8))))
+    return _uuid_text(head + (_worker_id_tag(key, head, pod) if key is not None else _variant(os.urandom(8))))
 
 
-def issued_worker_id(worker_id: str, keys: Iterable[bytes]) -> bool:
-    """Whether new_worker_id gave `worker_id` with one of `keys` (compared in constant time)."""
+def issued_worker_id(worker_id: str, keys: Iterable[bytes], *, pod: str | None = None) -> bool:
+    """Whether new_worker_id gave `worker_id` with one of `keys` (to `pod`), compared in constant time."""
     try:
         raw = bytes.fromhex(worker_id.replace("-", ""))
     except ValueError:
@@ -54,13 +55,16 @@ def issued_worker_id(worker_id: str, keys: Iterable[bytes]) -> bool:
         return False
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(_worker_id_tag(key, raw[:8]), raw[8:])
+        matched |= hmac.compare_digest(_worker_id_tag(key, raw[:8], pod), raw[8:])
     return matched
 
 
-def _worker_id_tag(key: bytes, head: bytes | bytearray) -> bytes:
+def _worker_id_tag(key: bytes, head: bytes | bytearray, pod: str | None) -> bytes:
     # BLAKE2's keyed mode is a MAC, and at less than half the cost of HMAC-SHA256 on every /start.
-    return _variant(hashlib.blake2b(head, digest_size=8, key=key, person=b"worker-id").digest())
+    mac = hashlib.blake2b(head, digest_size=8, key=key, person=b"worker-id")
+    if pod is not None:  # so that a pod cannot pass for a sibling whose id it has seen
+        mac.update(b"\0" + pod.encode())
+    return _variant(mac.digest())
 
 
 def _variant(tail: bytes) -> bytes:
