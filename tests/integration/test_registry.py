@@ -170,6 +170,30 @@ def test_workers_started_on_one_replica_may_heartbeat_on_the_other_at_once(
         second.stop()
 
 
+def test_a_worker_of_a_capped_queue_that_expired_takes_a_free_slot_again_or_is_told_it_is_full(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    queue_id, token = ready_queue(kube, namespace, "one-slot", maxWorkers=1, heartbeatIntervalSeconds=10)
+    first = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, first, token) == 200
+    wait_for(lambda: not kube.registrations(namespace), timeout=40, interval=1, what="the slot freed by expiry")
+    second = operator.start_worker(queue_id, token)
+    assert second.status == 200  # the slot is free: /start gives it away
+    # The first one is back: nothing free, and it is told so (the worker logs it and goes on).
+    back = operator.call("POST", f"/api/v1/workers/{first}/heartbeat", token, {"status": "active"})
+    assert back.status == 409 and back.json() == {"detail": "Worker queue 'one-slot' is full (maxWorkers=1)"}
+    bye = operator.call("POST", f"/api/v1/workers/{second.json()['worker_id']}/disconnect", token, {"reason": "x"})
+    assert bye.status == 200
+    # A slot free again: its next heartbeat claims it, Lease and all.
+    assert heartbeat(operator, first, token, status="busy") == 200
+    lease = kube.registrations(namespace).get(first)
+    assert lease is not None and lease.metadata.name == "one-slot-slot-0"
+    assert operator.start_worker(queue_id, token).status == 409
+    assert [w["id"] for w in operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()] == [
+        first]
+    # One the queue issued but this replica never saw may hold a slot not seen yet: not taken back.
+    assert heartbeat(operator, queues.new_worker_id(queues.digest(token)), token) == 404
+
+
 def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, namespace: str):
     fixed_id, fixed_token = ready_queue(kube, namespace, "fixed")
     eph_id, eph_token = ready_queue(kube, namespace, "eph", ephemeral=True)

@@ -362,10 +362,16 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert reg.rejoin(q, "quiet") is not None
     with pytest.raises(registry.Full, match=r"registered \(in this queue\)"):
         reg.rejoin(q, "one-more")
-    # The ids ended on purpose are remembered up to a bound, oldest forgotten first.
+    # With maxWorkers, only a worker seen to expire here: one never seen may hold a slot whose Lease
+    # is not seen here yet. Its slot is claimed through the API server (rejoin_slot), never here.
+    capped = queue("capped", uid="uid-2", maxWorkers=2)
+    assert not reg.may_rejoin(capped, "never-seen")
+    reg._bury("seen-to-expire", on_purpose=False)
+    assert reg.may_rejoin(capped, "seen-to-expire") and reg.rejoin(capped, "seen-to-expire") is None
+    # The ids ended are remembered up to a bound, oldest forgotten first.
     monkeypatch.setattr(registry, "ENDED_KEPT", 2)
     reg._bury("newer", on_purpose=True)
-    assert list(reg._ended) == ["quiet", "newer"]
+    assert list(reg._ended) == ["seen-to-expire", "newer"]
 
 
 def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():

@@ -96,11 +96,9 @@ async def start_worker(request: web.Request) -> web.Response:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
                                           hostname=hostname, system_info=system_info)
         except registry_.ErrorTypes as exc:
-            logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
-                           str(exc) or type(exc).__name__)
-            return errors.detail(503, "The worker registry is temporarily unavailable, try again")
+            return workers.registry_unavailable(queue, exc)
         if worker is None:
-            return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")
+            return workers.full(queue)
 
     payload = resolution.config.response_body(
         worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))

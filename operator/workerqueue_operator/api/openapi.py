@@ -124,8 +124,8 @@ def document(version: str) -> dict[str, Any]:
                 "Worker Heartbeat", "Renews the worker's registration and records its state. `logs` are "
                 "accepted and dropped; `system_info` is kept size-bounded. A worker whose registration is "
                 "not known (it expired, or is not seen yet) is registered again when its id is one its "
-                "queue issued; 404 otherwise.", "worker_id",
-                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 413, 503)},
+                "queue issued; 404 otherwise, 409 when the queue's maxWorkers slots are all taken.", "worker_id",
+                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 409, 413, 503)},
                 body="WorkerHeartbeatRequest")},
             "/api/v1/workers/{worker_id}/disconnect": {"post": operation(
                 "Worker Disconnect", "Ends the worker's registration at once (its slot is free); the reason "

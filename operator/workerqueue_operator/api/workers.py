@@ -66,29 +66,50 @@ def refused(request: web.Request, queue: QueueObject, exc: registry_.Full) -> we
     return errors.detail(503, "Too many workers are registered, try again later", headers={"Retry-After": "30"})
 
 
-def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | None
-            ) -> tuple[Worker, Resolution] | web.Response:
-    """A heartbeat of a worker with no registration here (see Registry.rejoin): registered again
-    when its id shows that the caller's queue issued it and that queue would register it at /start.
-    Anything else is the 404 of an unknown worker, as before."""
+async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | None
+                  ) -> tuple[Worker, Resolution] | web.Response:
+    """A heartbeat of a worker with no registration here (see Registry.may_rejoin): registered again
+    when its id shows that the caller's queue issued it (to the calling pod, for a pod's token) and
+    that queue would register it at /start. Anything else is the 404 of an unknown worker, as before."""
     worker_id = request.match_info["worker_id"]
-    store = request.app[STORE]
+    store, registry = request.app[STORE], request.app[REGISTRY]
     key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
     resolution = store.resolution(key) if key is not None else None
     pod = caller.worker.pod if caller.worker is not None else None
-    if (resolution is None or resolution.queue.spec.suspend or resolution.queue.spec.max_workers is not None
-            or not queues.issued_worker_id(worker_id, resolution.token_digests, pod=pod)):
+    if (resolution is None or resolution.queue.spec.suspend
+            or not queues.issued_worker_id(worker_id, resolution.token_digests, pod=pod)
+            or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     queue = resolution.queue
-    try:
-        worker = request.app[REGISTRY].rejoin(queue, worker_id, pod=pod, hostname=hostname or pod)
-    except registry_.Full as exc:
-        return refused(request, queue, exc)
+    if queue.spec.max_workers is None:
+        try:
+            worker = registry.rejoin(queue, worker_id, pod=pod, hostname=hostname or pod)
+        except registry_.Full as exc:
+            return refused(request, queue, exc)
+    else:
+        try:
+            worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod)
+        except registry_.ErrorTypes as exc:
+            return registry_unavailable(queue, exc)
+        if worker is None:
+            return full(queue)
     if worker is None:
         return errors.detail(404, NOT_FOUND)
     request.app[LOG].log(logging.INFO, "workers_rejoined", "worker %s of %s/%s had no registration here: "
                          "registered again from its heartbeat", worker_id, queue.namespace, queue.name)
     return worker, resolution
+
+
+def full(queue: QueueObject) -> web.Response:
+    """The answer when every slot of a queue with maxWorkers is taken."""
+    return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")
+
+
+def registry_unavailable(queue: QueueObject, exc: Exception) -> web.Response:
+    """The answer when a slot cannot be claimed for want of the API server."""
+    logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
+                   str(exc) or type(exc).__name__)
+    return errors.detail(503, "The worker registry is temporarily unavailable, try again")
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -98,7 +119,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     caller, body = call
     found = await _worker(request, caller, expired=True)  # a heartbeat proves it alive again
     if isinstance(found, web.Response) and found.status == 404:
-        found = _rejoin(request, caller, body.system_info.hostname if body.system_info is not None else None)
+        found = await _rejoin(request, caller,
+                              body.system_info.hostname if body.system_info is not None else None)
     if isinstance(found, web.Response):
         return found
     worker, resolution = found

@@ -386,6 +386,8 @@ class Registry:
         self.heartbeats = 0
         self.rejoined = 0
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
+        self._rejoining: set[str] = set()
+        """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._ended: dict[str, bool] = {}
         """Worker id -> whether its registration ended on purpose (disconnect, pod gone) rather than
         expired, oldest first: a late heartbeat of one ended on purpose is no reason to register it
@@ -493,35 +495,64 @@ class Registry:
         self._add(worker)
         return worker
 
+    def may_rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None) -> bool:
+        """Whether a worker that heartbeats while no registration of it is known here is to be
+        registered again (rejoin, rejoin_slot): it expired while it could not reach the operator, or
+        another replica registered it and its Lease is not seen here yet (or never written: that
+        replica stopped first). The worker is alive. The caller has checked that the queue issued the id.
+
+        Not one whose registration ended on purpose (disconnect, pod gone: a late heartbeat), nor one
+        from a pod that has another worker registered. With maxWorkers, only one seen to expire here:
+        one never seen may hold a slot whose Lease is not seen here yet, and a second slot would
+        shrink the queue."""
+        ended = self._ended.get(worker_id)
+        if ended or worker_id in self._workers or worker_id in self._rejoining:
+            return False
+        if queue.spec.max_workers is not None and ended is None:
+            return False
+        return pod is None or not any(w.pod == pod for w in self._by_queue.get(queue.key, {}).values())
+
     def rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
                hostname: str | None = None) -> Worker | None:
-        """Registers again a worker that heartbeats while no registration of it is known here: it
-        expired while the worker could not reach the operator, or another replica registered it and
-        its Lease is not seen here yet (or never written: that replica stopped first). The worker is
-        alive, so it is registered, as /start would, for a queue without maxWorkers. The caller has
-        checked that the queue issued the id.
-
-        None, and nothing done, for a registration ended on purpose here (disconnect, pod gone: a
-        late heartbeat) or a pod that has another worker registered. Raises Full over the Bounds on
-        registrations in all (it heartbeats, so it never waits for a first heartbeat)."""
-        expired = self._ended.get(worker_id) is False
-        if self._ended.get(worker_id) or worker_id in self._workers:
+        """Registers again, as /start would, a worker of a queue without maxWorkers that may_rejoin;
+        None (nothing done) for one that may not. Raises Full over the Bounds on registrations in all
+        (it heartbeats, so it never waits for a first heartbeat)."""
+        if queue.spec.max_workers is not None or not self.may_rejoin(queue, worker_id, pod=pod):
             return None
         members = self._by_queue.get(queue.key, {})
-        if pod is not None and any(w.pod == pod for w in members.values()):
-            return None
         if len(members) >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
             self.refused += 1
             raise Full(pending=False, per_queue=len(members) >= self._bounds.workers_per_queue)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=None)
         self._add(worker)
-        self.rejoined += 1
-        if expired:  # told, after its WorkerExpired; not a new worker's first heartbeat on another replica
-            self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
-                              message=f"worker {worker_id} sent a heartbeat after its registration expired; "
-                              "registered again", warning=False)
+        self._rejoined(worker, queue)
         return worker
+
+    async def rejoin_slot(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
+                          hostname: str | None = None) -> Worker | None:
+        """Registers again a worker of a queue with maxWorkers that may_rejoin, in a free slot as
+        /start would; None when it may not or every slot is taken (the caller tells which, having
+        asked may_rejoin). Raises the API error (or a timeout) when the API server cannot be asked."""
+        limit = queue.spec.max_workers
+        if limit is None or not self.may_rejoin(queue, worker_id, pod=pod):
+            return None
+        self._rejoining.add(worker_id)  # a second heartbeat meanwhile must not claim a second slot
+        try:
+            worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname)
+        finally:
+            self._rejoining.discard(worker_id)
+        if worker is not None:
+            self._rejoined(worker, queue)
+        return worker
+
+    def _rejoined(self, worker: Worker, queue: QueueObject) -> None:
+        self.rejoined += 1
+        if self._ended.get(worker.worker_id) is False:
+            # Told after its WorkerExpired; a new worker's first heartbeat on another replica is not news.
+            self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
+                              message=f"worker {worker.worker_id} sent a heartbeat after its registration "
+                              "expired; registered again", warning=False)
 
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
                     hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None) -> Worker | None:
