@@ -436,9 +436,7 @@ class Registry:
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
-                self._forget(worker_id)
-                # Ended elsewhere; while alive, on purpose there (a disconnect, its pod gone).
-                self._bury(worker_id, on_purpose=not worker.expired(self._clock()))
+                self._ended_elsewhere(worker)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -482,10 +480,7 @@ class Registry:
         if waiting >= bounds.pending_per_queue or self.pending >= bounds.pending:
             self.refused += 1
             raise Full(pending=True, per_queue=waiting >= bounds.pending_per_queue)
-        registered = len(self._by_queue.get(queue.key, ()))
-        if registered >= bounds.workers_per_queue or len(self._workers) >= bounds.workers:
-            self.refused += 1
-            raise Full(pending=False, per_queue=registered >= bounds.workers_per_queue)
+        self._check_room(queue)
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=system_info)
@@ -519,10 +514,7 @@ class Registry:
         (it heartbeats, so it never waits for a first heartbeat)."""
         if queue.spec.max_workers is not None or not self.may_rejoin(queue, worker_id, pod=pod):
             return None
-        members = self._by_queue.get(queue.key, {})
-        if len(members) >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
-            self.refused += 1
-            raise Full(pending=False, per_queue=len(members) >= self._bounds.workers_per_queue)
+        self._check_room(queue)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=None)
         self._add(worker)
@@ -545,6 +537,13 @@ class Registry:
         if worker is not None:
             self._rejoined(worker, queue)
         return worker
+
+    def _check_room(self, queue: QueueObject) -> None:
+        """Raises Full when one more registration would pass the Bounds on registrations in all."""
+        registered = len(self._by_queue.get(queue.key, ()))
+        if registered >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
+            self.refused += 1
+            raise Full(pending=False, per_queue=registered >= self._bounds.workers_per_queue)
 
     def _rejoined(self, worker: Worker, queue: QueueObject) -> None:
         self.rejoined += 1
@@ -723,8 +722,7 @@ class Registry:
                     await self._patch(worker, body)
                 self._stored(worker)
             elif not await self._patch(worker, body):
-                self._forget(worker.worker_id)  # deleted meanwhile: ended elsewhere (see lease_deleted)
-                self._bury(worker.worker_id, on_purpose=not worker.expired(self._clock()))
+                self._ended_elsewhere(worker)  # its Lease deleted meanwhile
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except ErrorTypes as exc:
@@ -850,6 +848,11 @@ class Registry:
         if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
+
+    def _ended_elsewhere(self, worker: Worker) -> None:
+        """Its Lease was deleted by another replica: while alive, on purpose (a disconnect, its pod gone)."""
+        self._forget(worker.worker_id)
+        self._bury(worker.worker_id, on_purpose=not worker.expired(self._clock()))
 
     def _bury(self, worker_id: str, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
