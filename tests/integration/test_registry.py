@@ -4,6 +4,7 @@ maxWorkers across two replicas, DELETE of a queue."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,11 @@ def test_a_worker_whose_heartbeats_stop_expires_and_joins_again_when_they_resume
         operator: OperatorProcess, kube: Kube, namespace: str):
     queue_id, token = ready_queue(kube, namespace, "quiet", heartbeatIntervalSeconds=10)
     worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    # Two heartbeats show it keeps the queue's 10 s (a worker that did not say is given 60, see below).
     assert heartbeat(operator, worker_id, token) == 200
-    wait_for(lambda: worker_id in kube.registrations(namespace), what="the Lease")
+    assert heartbeat(operator, worker_id, token) == 200
+    wait_for(lambda: (kube.registrations(namespace).get(worker_id) or k8s.V1Lease(spec=k8s.V1LeaseSpec()))
+             .spec.lease_duration_seconds == 25, what="the Lease, 2.5 intervals of 10 s")
     # 2.5 intervals of 10 s without a heartbeat: gone, with a Warning saying so.
     wait_for(lambda: worker_id not in kube.registrations(namespace), timeout=40, interval=1,
              what="the Lease deleted after expiry")
@@ -119,6 +123,29 @@ def test_a_worker_whose_heartbeats_stop_expires_and_joins_again_when_they_resume
     wait_for(lambda: never_written in kube.registrations(namespace), what="its Lease written")
     # An id the queue did not issue stays unknown.
     assert heartbeat(operator, queues.new_worker_id(queues.digest("another-token")), token) == 404
+
+
+def test_a_worker_that_heartbeats_slower_than_its_queue_says_is_never_expired_between_its_heartbeats(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    # The real worker ignores the interval /start answers: it beats every HEARTBEAT_INTERVAL s of its
+    # own environment, 60 when unset. Here every 30 s against a queue that says 10 (2.5 x 10 = 25 s).
+    queue_id, token = ready_queue(kube, namespace, "slow", heartbeatIntervalSeconds=10, maxWorkers=1)
+    answer = operator.start_worker(queue_id, token).json()
+    assert answer["heartbeat_interval"] == 10
+    worker_id = answer["worker_id"]
+    assert heartbeat(operator, worker_id, token) == 200
+    lease = wait_for(lambda: kube.registrations(namespace).get(worker_id), what="its Lease")
+    assert lease.spec.lease_duration_seconds == 150  # 2.5 x the real worker's default 60 s, until it shows its own
+
+    time.sleep(30)
+    assert operator.start_worker(queue_id, token).status == 409  # its slot was never free meanwhile
+    assert heartbeat(operator, worker_id, token) == 200
+    # 2.5 x its pace: 30 s and the time the calls took, in whole seconds up.
+    wait_for(lambda: 75 <= kube.registrations(namespace)[worker_id].spec.lease_duration_seconds <= 80,
+             what="the Lease's duration at the pace it keeps")
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [w["id"] for w in listed] == [worker_id]
+    assert not [e for e in kube.events(namespace, "slow") if e.reason in ("WorkerExpired", "WorkerRejoined")]
 
 
 def test_max_workers_holds_under_concurrent_starts_on_two_replicas(
@@ -175,6 +202,7 @@ def test_a_worker_of_a_capped_queue_that_expired_takes_a_free_slot_again_or_is_t
     queue_id, token = ready_queue(kube, namespace, "one-slot", maxWorkers=1, heartbeatIntervalSeconds=10)
     first = operator.start_worker(queue_id, token).json()["worker_id"]
     assert heartbeat(operator, first, token) == 200
+    assert heartbeat(operator, first, token) == 200  # at the queue's pace: expires 25 s after
     wait_for(lambda: not kube.registrations(namespace), timeout=40, interval=1, what="the slot freed by expiry")
     second = operator.start_worker(queue_id, token)
     assert second.status == 200  # the slot is free: /start gives it away

@@ -143,7 +143,7 @@ def test_the_writer_sees_only_pending_work_heartbeats_first_and_its_rate_follows
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is flushed here
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, base_write_rate=20.0)
     q = queue(heartbeatIntervalSeconds=10)
-    first, second = reg.register(q, "w1"), reg.register(q, "w2")
+    first, second = reg.register(q, "w1", pod="q1-w1"), reg.register(q, "w2", pod="q1-w2")  # told 10 s
     assert list(reg._creates) == ["w1", "w2"] and not reg._urgent
     assert reg.write_rate() == 20.0  # registrations alone never raise the budget
     reg.heartbeat(second, status="active", tasks_processed=0, current_task_id=None, system_info=None)
@@ -219,9 +219,9 @@ def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     now = [1000.0]
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, clock=lambda: now[0])
-    q = queue(heartbeatIntervalSeconds=10)  # registrations last 25 s
-    reg.register(q, "quiet")
-    alive = reg.register(q, "alive")
+    q = queue(heartbeatIntervalSeconds=10)  # registrations of its pods last 25 s
+    reg.register(q, "quiet", pod="q1-w1")
+    alive = reg.register(q, "alive", pod="q1-w2")
     now[0] = 1020.0
     reg.heartbeat(alive, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     now[0] = 1025.5
@@ -259,7 +259,7 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
                             bounds=registry.Bounds(pending=10, pending_per_queue=2, workers=10, workers_per_queue=10))
-    quiet, elsewhere = reg.register(q, "quiet"), reg.register(q, "elsewhere")
+    quiet, elsewhere = reg.register(q, "quiet", pod="q1-w1"), reg.register(q, "elsewhere", pod="q1-w2")
     with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in this queue\)"):
         reg.register(q, "third")
     assert (reg.pending, reg.refused, reg.total) == (2, 1, 2)
@@ -273,7 +273,7 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     now[0] = 1005.0
     reg.lease_upserted(body)
     assert reg.pending == 1 and not elsewhere.pending and quiet.pending
-    reg.register(q, "third")
+    reg.register(q, "third", pod="q1-w3")
     # One that expires without a word leaves the count too.
     now[0] = 1026.0
     reg._sweep(ending=True)
@@ -314,7 +314,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
 
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     now = [1000.0]
-    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # registrations last 25 s
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")  # 60 s expected of workers it did not start: 150 s
     events = EventPoster(kube)
     reg = registry.Registry(client=kube, events=events, queue_of=lambda key: q, clock=lambda: now[0],
                             bounds=registry.Bounds(pending=10, pending_per_queue=10, workers=10, workers_per_queue=3))
@@ -326,16 +326,19 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert reg.rejoin(q, "lost") is None  # known already: a plain heartbeat
 
     # An expired registration is found for a heartbeat (which renews it) until it is ended.
-    now[0] = 1026.0
+    now[0] = 1151.0
     assert reg.get("lost") is None and reg.get("lost", expired=True) is back
     reg.heartbeat(back, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     assert reg.get("lost") is back
     # Ended for want of heartbeats: it may join again, and that is told after its WorkerExpired.
-    now[0] = 1052.0
+    now[0] = 1302.0
     reg._sweep(ending=True)
     assert reg.get("lost", expired=True) is None
-    assert reg.rejoin(q, "lost") is not None
+    again = reg.rejoin(q, "lost")
+    assert again is not None
     assert [key[4] for key in events._normals] == ["WorkerRejoined"]
+    # It comes back at the pace it keeps, 151 s since its last heartbeat: not to expire again before its next.
+    assert again.duration == registry.EXPIRY_INTERVALS * 151
 
     # Ended on purpose: a late heartbeat is no reason to register it again.
     await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
@@ -348,7 +351,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert reg.rejoin(q, "stale", pod="q1-w2") is None
     # A Lease deleted elsewhere while its worker was alive (a disconnect there) ends it on purpose
     # too; one deleted after it expired does not.
-    quiet = make_worker(worker_id="quiet", lease="q1-quiet", slot=None, renewed_at=now[0])
+    quiet = make_worker(worker_id="quiet", lease="q1-quiet", slot=None, renewed_at=now[0], duration=25.0)
     reg.lease_upserted(registry.lease_body(quiet, queue_name=q.name))
     now[0] += 26.0
     alive = make_worker(worker_id="alive", lease="q1-alive", slot=None, renewed_at=now[0])
@@ -366,11 +369,11 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     # is not seen here yet. Its slot is claimed through the API server (rejoin_slot), never here.
     capped = queue("capped", uid="uid-2", maxWorkers=2)
     assert not reg.may_rejoin(capped, "never-seen")
-    reg._bury("seen-to-expire", on_purpose=False)
+    reg._bury(make_worker(worker_id="seen-to-expire"), on_purpose=False)
     assert reg.may_rejoin(capped, "seen-to-expire") and reg.rejoin(capped, "seen-to-expire") is None
     # The ids ended are remembered up to a bound, oldest forgotten first.
     monkeypatch.setattr(registry, "ENDED_KEPT", 2)
-    reg._bury("newer", on_purpose=True)
+    reg._bury(make_worker(worker_id="newer"), on_purpose=True)
     assert list(reg._ended) == ["seen-to-expire", "newer"]
 
 
@@ -398,3 +401,67 @@ def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_no
     # Here: heard of, nothing left to write over it, and what it says is what this replica serves.
     assert not started.pending and not started.dirty and started.stored and "w1" not in here._creates
     assert (started.status, started.tasks_processed, started.current_task_id) == ("busy", 1, "e-1")
+
+
+@pytest.mark.parametrize(("current", "gap", "expected"), [
+    (60.0, 30.2, 31.0),  # clearly shorter: taken, whole seconds up
+    (60.0, 50.0, 60.0),  # about the same: kept, so that jitter never rewrites the Lease
+    (60.0, 4.0, 10.0),  # never below the queue's interval
+    (30.0, 61.0, 61.0),  # longer: taken at once, a late heartbeat must not be an expiry
+    (60.0, 4000.0, registry.MAX_INTERVAL),  # cut off for an hour: not registered for hours once dead
+])
+def test_a_pace_is_learned_from_the_gap_between_heartbeats(current: float, gap: float, expected: float):
+    assert registry.paced_interval(current, 10, gap) == expected
+
+
+def test_a_worker_the_operator_did_not_start_is_expected_at_the_real_workers_default_pace_first():
+    assert registry.first_interval(10, pod="q1-w1") == 10.0  # its pod's environment says 10
+    assert registry.first_interval(10, pod=None) == registry.WORKER_DEFAULT_INTERVAL
+    assert registry.first_interval(120, pod=None) == 120.0
+
+
+def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a_faster_one_expires_sooner():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+
+    def beat(worker: registry.Worker, at: float) -> None:
+        now[0] = at
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+
+    # The real worker ignores the 10 s /start answers: without HEARTBEAT_INTERVAL it beats every 60 s.
+    slow, fast = reg.register(q, "slow"), reg.register(q, "fast")
+    assert slow.duration == fast.duration == registry.EXPIRY_INTERVALS * registry.WORKER_DEFAULT_INTERVAL
+    beat(slow, 1002.0)
+    beat(fast, 1002.0)
+    beat(fast, 1012.0)  # it keeps the queue's 10 s: expected at that pace from now on
+    assert fast.duration == 25.0 and abs(reg.write_rate() - (20.0 + 1.25 / 60 + 1.25 / 10)) < 1e-9
+    assert registry.lease_body(fast, queue_name=q.name)["spec"]["leaseDurationSeconds"] == 25
+    beat(slow, 1062.5)
+    assert slow.interval == 61.0  # 60.5 s, in whole seconds up
+    now[0] = 1038.0
+    reg._sweep(ending=True)  # the faster one is looked at when it expires, not when it would have first
+    assert reg.get("fast", expired=True) is None and reg.get("slow") is slow
+    now[0] = 1120.0
+    reg._sweep(ending=True)
+    assert reg.get("slow") is slow  # 25 s after a heartbeat is no expiry for a worker that beats every 60
+    assert [w.worker_id for w in reg.live(q.key)] == ["slow"]
+
+    # A pace that keeps changing (heartbeats lost now and then) files the worker once at its earliest.
+    flaky = reg.register(q, "flaky")
+    for at in range(1200, 1600, 40):
+        beat(flaky, at)
+        beat(flaky, at + 10)
+    assert sum(w is flaky for filed in reg._expiries.values() for w in filed) <= 2
+
+    # A newer heartbeat heard by another replica brings the pace that replica learned.
+    body = registry.lease_body(make_worker(worker_id="slow", lease="q1-slow", slot=None, pod=None,
+                                           renewed_at=1125.0, duration=75.0), queue_name=q.name)
+    reg.lease_upserted(body)
+    assert slow.duration == 75.0

@@ -3,8 +3,9 @@
 A Lease is what the API server offers for exactly this: a holder (the worker id), a renew time and a
 duration. Kept there, the registry survives operator restarts and every replica sees it through its
 watch. `/start` registers, heartbeats renew, disconnect ends a registration; a worker whose
-heartbeats stop for its lease duration (2.5 heartbeat intervals) is gone, and so is a worker whose
-operator-run pod has ended.
+heartbeats stop for its lease duration (2.5 of its heartbeat intervals) is gone, and so is a worker
+whose operator-run pod has ended. A worker's interval is the one it keeps, as its heartbeats show:
+the real worker heartbeats at the pace of its own environment and ignores the one /start answers.
 
 Writes are paced, never one per request: a heartbeat updates memory and marks the worker dirty; a
 writer renews each dirty Lease at most once per heartbeat interval, within a token bucket sized by
@@ -26,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -46,7 +47,16 @@ SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
 POD_LABEL = "agentcontrol.dev/pod"
 STATE_ANNOTATION = "agentcontrol.dev/worker"
 EXPIRY_INTERVALS = 2.5
-"""A worker is gone once this many heartbeat intervals pass without one."""
+"""A worker is gone once this many of its heartbeat intervals pass without one."""
+WORKER_DEFAULT_INTERVAL = 60.0
+"""The real worker's HEARTBEAT_INTERVAL when its environment sets none (it ignores the interval
+/start answers): the pace expected of a worker the operator did not start until it shows its own."""
+MAX_INTERVAL = 300.0
+"""The longest interval a worker's heartbeats may teach (the longest a queue may set): the gap
+after a worker was cut off for an hour must not keep a dead one registered for hours."""
+SHRINK_BELOW = 0.8
+"""A shorter interval is taken only below this share of the current one, so that the jitter of
+a steady pace does not rewrite the Lease's duration at every heartbeat."""
 SYSTEM_INFO_MAX_BYTES = 4096
 """system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 API_TIMEOUT = 5.0
@@ -211,6 +221,8 @@ class Worker:
     """A heartbeat has reached the Lease: the first one is written at once, later ones paced."""
     pending: bool = False
     """Registered by /start here and not heard of since: counted against the pending bounds."""
+    filed: int | None = None
+    """The second it is filed under in the registry's expiries (its earliest), None while it is not."""
 
     @property
     def namespace(self) -> str:
@@ -272,6 +284,20 @@ def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
     }
 
 
+def first_interval(queue_interval: float, *, pod: str | None) -> float:
+    """The heartbeat interval to expect of a worker before its heartbeats show its own: the queue's
+    for an operator-run pod (its environment says so), else at least the real worker's default."""
+    return float(queue_interval) if pod is not None else max(float(queue_interval), WORKER_DEFAULT_INTERVAL)
+
+
+def paced_interval(current: float, queue_interval: float, gap: float) -> float:
+    """The interval to expect of a worker whose last two heartbeats came `gap` seconds apart: that
+    gap (whole seconds up), never below the queue's interval nor above MAX_INTERVAL. A longer one is
+    taken at once (a late heartbeat must not be an expiry), a shorter one only if clearly shorter."""
+    shown = max(float(queue_interval), min(float(math.ceil(gap)), MAX_INTERVAL))
+    return shown if shown > current or shown < SHRINK_BELOW * current else current
+
+
 def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | None:
     """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration."""
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
@@ -309,6 +335,14 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         dirty=False,
         confirmed=renewed > registered,
     )
+
+
+class _Ended(NamedTuple):
+    """How a registration ended: on purpose (a disconnect, its pod gone) or not (it expired), and
+    when its worker was last heard of (None if never), to learn its pace should it come back."""
+
+    on_purpose: bool
+    heard_at: float | None
 
 
 @dataclass
@@ -388,10 +422,9 @@ class Registry:
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
         self._rejoining: set[str] = set()
         """Workers claiming a slot to be registered again (see rejoin_slot)."""
-        self._ended: dict[str, bool] = {}
-        """Worker id -> whether its registration ended on purpose (disconnect, pod gone) rather than
-        expired, oldest first: a late heartbeat of one ended on purpose is no reason to register it
-        again."""
+        self._ended: dict[str, _Ended] = {}
+        """Worker id -> how its registration ended, oldest first: a late heartbeat of one ended on
+        purpose is no reason to register it again."""
 
     # --- fed by the Lease informer ----------------------------------------------------------------
 
@@ -426,6 +459,7 @@ class Registry:
             self._heard_of(mine)  # a heartbeat reached the Lease, through another replica
         if incoming.renewed_at > mine.renewed_at:
             mine.renewed_at = incoming.renewed_at
+            self._set_duration(mine, incoming.duration)  # the replica that heard it knows its pace
             if not mine.dirty:
                 mine.status, mine.tasks_processed = incoming.status, incoming.tasks_processed
                 mine.current_task_id = incoming.current_task_id
@@ -463,11 +497,13 @@ class Registry:
     # --- registering ------------------------------------------------------------------------------
 
     def _new_worker(self, queue: QueueObject, worker_id: str, *, lease: str, slot: int | None, pod: str | None,
-                    hostname: str | None, system_info: wire.WorkerSystemInfo | None) -> Worker:
+                    hostname: str | None, system_info: wire.WorkerSystemInfo | None,
+                    interval: float | None = None) -> Worker:
         now = self._clock()
+        interval = interval or first_interval(queue.spec.heartbeat_interval_seconds, pod=pod)
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
-            duration=EXPIRY_INTERVALS * queue.spec.heartbeat_interval_seconds, registered_at=now,
+            duration=EXPIRY_INTERVALS * interval, registered_at=now,
             renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=hostname,
             system_info=system_info_json(system_info))
 
@@ -501,7 +537,7 @@ class Registry:
         one never seen may hold a slot whose Lease is not seen here yet, and a second slot would
         shrink the queue."""
         ended = self._ended.get(worker_id)
-        if ended or worker_id in self._workers or worker_id in self._rejoining:
+        if (ended is not None and ended.on_purpose) or worker_id in self._workers or worker_id in self._rejoining:
             return False
         if queue.spec.max_workers is not None and ended is None:
             return False
@@ -515,8 +551,9 @@ class Registry:
         if queue.spec.max_workers is not None or not self.may_rejoin(queue, worker_id, pod=pod):
             return None
         self._check_room(queue)
+        interval = self._pace_since_ended(queue, worker_id, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
-                                  hostname=hostname, system_info=None)
+                                  hostname=hostname, system_info=None, interval=interval)
         self._add(worker)
         self._rejoined(worker, queue)
         return worker
@@ -531,7 +568,8 @@ class Registry:
             return None
         self._rejoining.add(worker_id)  # a second heartbeat meanwhile must not claim a second slot
         try:
-            worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname)
+            worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
+                                      interval=self._pace_since_ended(queue, worker_id, pod))
         finally:
             self._rejoining.discard(worker_id)
         if worker is not None:
@@ -545,16 +583,27 @@ class Registry:
             self.refused += 1
             raise Full(pending=False, per_queue=registered >= self._bounds.workers_per_queue)
 
+    def _pace_since_ended(self, queue: QueueObject, worker_id: str, pod: str | None) -> float | None:
+        """The interval a worker coming back shows by its heartbeat since the last one heard before
+        its registration ended (a pace slower than 2.5 expected intervals is what ended it)."""
+        ended = self._ended.get(worker_id)
+        if ended is None or ended.heard_at is None:
+            return None
+        q = queue.spec.heartbeat_interval_seconds
+        return paced_interval(first_interval(q, pod=pod), q, self._clock() - ended.heard_at)
+
     def _rejoined(self, worker: Worker, queue: QueueObject) -> None:
         self.rejoined += 1
-        if self._ended.get(worker.worker_id) is False:
+        ended = self._ended.get(worker.worker_id)
+        if ended is not None and not ended.on_purpose:
             # Told after its WorkerExpired; a new worker's first heartbeat on another replica is not news.
             self._events.post(involved=_involved(worker, queue.name), reason="WorkerRejoined",
                               message=f"worker {worker.worker_id} sent a heartbeat after its registration "
                               "expired; registered again", warning=False)
 
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
-                    hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None) -> Worker | None:
+                    hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None,
+                    interval: float | None = None) -> Worker | None:
         """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
 
         Raises the API error (or a timeout) when the API server cannot be asked."""
@@ -566,7 +615,7 @@ class Registry:
             if not replaceable or key in self._claiming:
                 continue
             worker = self._new_worker(queue, worker_id, lease=key[1], slot=slot, pod=pod, hostname=hostname,
-                                      system_info=system_info)
+                                      system_info=system_info, interval=interval)
             body = lease_body(worker, queue_name=queue.name)
             self._claiming.add(key)
             try:
@@ -585,9 +634,16 @@ class Registry:
 
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
                   system_info: wire.WorkerSystemInfo | None) -> None:
+        now = self._clock()
+        if worker.renewed_at > worker.registered_at:  # heard of before: the gap shows its pace
+            queue = self._queue_of(worker.queue)
+            if queue is not None:
+                gap = now - worker.renewed_at
+                interval = paced_interval(worker.interval, queue.spec.heartbeat_interval_seconds, gap)
+                self._set_duration(worker, EXPIRY_INTERVALS * interval)
         # Always past the registration, even at the Lease's microseconds (a rejoin's comes at once):
         # other replicas tell a heartbeat by a renew time later than the acquire time.
-        worker.renewed_at = max(self._clock(), worker.renewed_at + 1e-5)
+        worker.renewed_at = max(now, worker.renewed_at + 1e-5)
         worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
         if system_info is not None:
             worker.system_info = system_info_json(system_info) or worker.system_info
@@ -601,7 +657,7 @@ class Registry:
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
         self._forget(worker.worker_id)
-        self._bury(worker.worker_id, on_purpose=True)
+        self._bury(worker, on_purpose=True)
         queue = self._queue_of(worker.queue)
         if worker.stored:
             try:
@@ -648,14 +704,16 @@ class Registry:
         now = self._clock()
         seconds = self._expiry_seconds
         while seconds and seconds[0] <= now:
-            for worker in self._expiries.pop(heapq.heappop(seconds)):
-                if self._workers.get(worker.worker_id) is not worker:
-                    continue  # forgotten meanwhile
+            second = heapq.heappop(seconds)
+            for worker in self._expiries.pop(second):
+                if self._workers.get(worker.worker_id) is not worker or worker.filed != second:
+                    continue  # forgotten meanwhile, or filed under an earlier second since (looked at then)
+                worker.filed = None
                 if not worker.expired(now):
                     self._file_expiry(worker, worker.expires_at())
                 elif not worker.stored:
                     self._forget(worker.worker_id)
-                    self._bury(worker.worker_id, on_purpose=False)
+                    self._bury(worker, on_purpose=False)
                 elif ending:
                     self._end(worker, "no heartbeat within its lease", on_purpose=False)
                 else:
@@ -699,7 +757,7 @@ class Registry:
 
     def _end(self, worker: Worker, why: str, *, on_purpose: bool = True) -> None:
         self._forget(worker.worker_id)
-        self._bury(worker.worker_id, on_purpose=on_purpose)
+        self._bury(worker, on_purpose=on_purpose)
         if worker.stored:
             self._spawn(self._delete_quietly(worker, why))
 
@@ -777,8 +835,10 @@ class Registry:
 
     async def _patch(self, worker: Worker, body: dict[str, Any]) -> bool:
         self.writes += 1
+        spec = body["spec"]
         patch = {"metadata": {"annotations": body["metadata"]["annotations"]},
-                 "spec": {"renewTime": body["spec"]["renewTime"], "holderIdentity": worker.worker_id}}
+                 "spec": {"renewTime": spec["renewTime"], "holderIdentity": worker.worker_id,
+                          "leaseDurationSeconds": spec["leaseDurationSeconds"]}}
         try:
             await self._client.request("PATCH", f"{resources.leases_path(worker.namespace)}/{worker.lease}",
                                        body=patch, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT)
@@ -826,6 +886,9 @@ class Registry:
 
     def _file_expiry(self, worker: Worker, moment: float) -> None:
         second = math.ceil(moment)
+        if worker.filed is not None and worker.filed <= second:
+            return  # looked at by then, and filed again if it has not expired
+        worker.filed = second
         bucket = self._expiries.get(second)
         if bucket is None:
             bucket = self._expiries[second] = []
@@ -852,12 +915,25 @@ class Registry:
     def _ended_elsewhere(self, worker: Worker) -> None:
         """Its Lease was deleted by another replica: while alive, on purpose (a disconnect, its pod gone)."""
         self._forget(worker.worker_id)
-        self._bury(worker.worker_id, on_purpose=not worker.expired(self._clock()))
+        self._bury(worker, on_purpose=not worker.expired(self._clock()))
 
-    def _bury(self, worker_id: str, *, on_purpose: bool) -> None:
+    def _set_duration(self, worker: Worker, duration: float) -> None:
+        """A worker's lease duration changes with the pace its heartbeats show."""
+        if duration == worker.duration:
+            return
+        if worker.heartbeats_here and self._workers.get(worker.worker_id) is worker:
+            self._renewal_rate += EXPIRY_INTERVALS / duration - 1.0 / worker.interval
+        shorter = duration < worker.duration
+        worker.duration = duration
+        if shorter and self._workers.get(worker.worker_id) is worker:
+            self._file_expiry(worker, worker.expires_at())  # due earlier than it is filed under
+
+    def _bury(self, worker: Worker, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
+        worker_id = worker.worker_id
         self._ended.pop(worker_id, None)
-        self._ended[worker_id] = on_purpose
+        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.renewed_at > worker.registered_at
+                                        else None)
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 

@@ -197,7 +197,9 @@ class WorkerQueueSpec(_Model):
     display_name: str | None = Field(default=None, max_length=256)
     """Human-readable name, for people only."""
     heartbeat_interval_seconds: int = Field(default=60, ge=10, le=300)
-    """How often workers send a heartbeat, in seconds."""
+    """How often workers are to send a heartbeat, in seconds: /start answers it and the operator's
+    pods get it as HEARTBEAT_INTERVAL. A worker is expected at the pace its heartbeats show, never
+    faster than this (the real worker ignores the answer: 60 s unless its environment says)."""
     max_workers: int | None = Field(default=None, ge=1, le=1000)
     """Upper bound on live workers: /start answers 409 once this many are registered, and the
     operator runs at most this many worker pods at once."""
