@@ -61,6 +61,31 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert c is not None and c["status"] == "True"
 
 
+def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube: Kube, namespace: str):
+    kube.create_queue(namespace, "pull", queueId=f"pull-{namespace}", singleExecution=True, replicas=2,
+                      temporal=TEMPORAL)
+    wait_pods(kube, namespace, "pull", ["pull-w0", "pull-w1"])
+    kube.set_phase(namespace, "pull-w1", "Running")
+    # What the kubelet reports of an image it cannot pull.
+    kube.core.patch_namespaced_pod_status("pull-w0", namespace, {"status": {"phase": "Pending", "containerStatuses": [
+        {"name": "worker", "image": "registry.example/worker:nope", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "ErrImagePull",
+                               "message": 'pull access denied for "registry.example/worker:nope"'}}}]}})
+    progressing = wait_for(lambda: (c := kube.condition(namespace, "pull", "Progressing")) and c["status"] == "False"
+                           and c, what="Progressing=False")
+    assert progressing["reason"] == "WorkersNotStarting"
+    assert progressing["message"] == "1 of 2 workers cannot start: pull-w0: ImagePullBackOff"
+    told = wait_for(lambda: [e for e in kube.events(namespace, "pull") if e.reason == "WorkerNotStarting"],
+                    what="a WorkerNotStarting Event")
+    assert told[0].type == "Warning" and 'denied for "registry.example/worker:nope"' in told[0].message
+    assert kube.pod_names(namespace, "pull") == ["pull-w0", "pull-w1"]  # a new pod would wait the same
+
+    kube.set_phase(namespace, "pull-w0", "Running")  # the image fixed in the registry: it starts
+    wait_for(lambda: (c := kube.condition(namespace, "pull", "Progressing")) and c["status"] == "True",
+             what="Progressing=True again")
+    assert kube.workers(namespace, "pull").get("stuck") in (None, [])
+
+
 def test_plain_queue_runs_no_pods(kube: Kube, namespace: str):
     kube.create_queue(namespace, "plain", queueId=f"pl-{namespace}", replicas=3, temporal=TEMPORAL)
     kube.wait_condition(namespace, "plain", "True")

@@ -38,3 +38,16 @@ def test_transition_time_moves_only_when_status_changes():
     assert conditions(healed)["Ready"]["lastTransitionTime"] == LATER
     assert not status.differs(healed, {**healed, "other": 1})
     assert status.differs(healed, same)
+
+
+def test_workers_that_cannot_start_make_the_queue_stop_progressing():
+    q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True, replicas=5), config=None,
+                          problem=None)
+    workers = {"desired": 5, "pending": 4, "running": 1,
+               "stuck": [f"q1-w{i}: ImagePullBackOff" for i in range(4)]}
+    progressing = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "WorkersNotStarting")
+    assert progressing["message"] == ("4 of 5 workers cannot start: q1-w0: ImagePullBackOff; q1-w1: ImagePullBackOff; "
+                                      "q1-w2: ImagePullBackOff and 1 more")
+    started = conditions(status.desired_status(q, {"workers": {**workers, "stuck": []}}, now=NOW))["Progressing"]
+    assert (started["status"], started["reason"]) == ("True", "WorkersAvailable")

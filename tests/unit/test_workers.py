@@ -199,3 +199,45 @@ def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():
     assert not workers.has_pod_history(None) and not workers.has_pod_history({"live": 2})
     assert workers.has_pod_history({**filled_in, "nextIndex": 1})
     assert workers.has_pod_history({"live": 0, "lastFailureTime": "2026-01-01T00:00:00Z"})
+
+
+def pending_body(name: str, *, waiting: str | None = None, unschedulable: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Pending"}
+    if waiting is not None:
+        status["containerStatuses"] = [{"name": "worker", "state": {"waiting": {
+            "reason": waiting, "message": f'{waiting} for "registry.example/worker:nope"'}}}]
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": "0/3 nodes are available: 3 Insufficient memory."}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+def test_a_pending_pod_that_will_not_start_by_itself_says_why():
+    assert Pod.from_body(pending_body("q1-w1", waiting="ImagePullBackOff")).stuck == "ImagePullBackOff"
+    assert Pod.from_body(pending_body("q1-w1", waiting="ErrImagePull")).stuck == "ImagePullBackOff"  # the same
+    assert Pod.from_body(pending_body("q1-w1", waiting="CreateContainerConfigError")).stuck == (
+        "CreateContainerConfigError")
+    unschedulable = Pod.from_body(pending_body("q1-w1", unschedulable=True))
+    assert (unschedulable.stuck, unschedulable.stuck_message) == (
+        "Unschedulable", "0/3 nodes are available: 3 Insufficient memory.")
+    # Starting normally: nothing to say.
+    assert Pod.from_body(pending_body("q1-w1", waiting="ContainerCreating")).stuck == ""
+    assert Pod.from_body(pending_body("q1-w1")).stuck == ""
+    running = pending_body("q1-w1", waiting="ImagePullBackOff")
+    running["status"]["phase"] = "Running"
+    assert Pod.from_body(running).stuck == ""
+
+
+def test_workers_that_cannot_start_are_listed_and_told_once_each_never_replaced():
+    stuck = Pod.from_body(pending_body("q1-w0", waiting="ImagePullBackOff"))
+    first = plan([stuck, pod(1)], singleExecution=True, replicas=2)
+    assert first.workers.stuck == ["q1-w0: ImagePullBackOff"] and first.create == () and first.delete == ()
+    assert [(e.reason, e.warning) for e in first.events] == [("WorkerNotStarting", True)]
+    assert 'q1-w0 cannot start: ImagePullBackOff: ImagePullBackOff for "registry.example/worker:nope"' in (
+        first.events[0].message)
+    # The kubelet's next try says ErrImagePull: the same trouble, told once.
+    again = plan([Pod.from_body(pending_body("q1-w0", waiting="ErrImagePull")), pod(1)], first.workers,
+                 singleExecution=True, replicas=2)
+    assert again.workers.stuck == first.workers.stuck and not again.events
+    fixed = plan([pod(0), pod(1)], again.workers, singleExecution=True, replicas=2)
+    assert fixed.workers.stuck == [] and not fixed.events

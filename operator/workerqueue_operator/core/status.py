@@ -91,6 +91,10 @@ def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any
         return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
     if workers.get("lastError"):
         return "False", "PodCreationFailed", str(workers["lastError"])
+    stuck = [str(entry) for entry in workers.get("stuck") or []]
+    if stuck:
+        named = "; ".join(stuck[:3]) + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else "")
+        return "False", "WorkersNotStarting", f"{len(stuck)} of {alive} workers cannot start: {named}"
     if alive < desired:
         return "True", "ScalingUp", f"{alive} of {desired} workers alive"
     return "True", "WorkersAvailable", f"{alive} of {desired} workers alive"

@@ -32,6 +32,16 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
 DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError")
+# Why a Pending pod does not start, for the reasons that last until someone changes something (the
+# image, a Secret, the cluster): a new pod would wait the same, so it is reported, not replaced. The
+# kubelet alternates the two image-pull reasons; they are one.
+STUCK_REASONS = {
+    "ErrImagePull": "ImagePullBackOff", "ImagePullBackOff": "ImagePullBackOff", "InvalidImageName": "InvalidImageName",
+    "ErrImageNeverPull": "ErrImageNeverPull", "CreateContainerConfigError": "CreateContainerConfigError",
+    "CreateContainerError": "CreateContainerError", "RunContainerError": "RunContainerError",
+    "Unschedulable": "Unschedulable",
+}
+STUCK_MESSAGE_MAX = 300
 
 
 def label_value(text: str) -> str:
@@ -112,6 +122,9 @@ class Pod:
     index: int | None
     reason: str = ""
     exit_code: int | None = None
+    stuck: str = ""
+    """Why it is Pending and will stay so (one of STUCK_REASONS' values), "" if it is not."""
+    stuck_message: str = ""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -123,18 +136,35 @@ class Pod:
             if terminated and (exit_code is None or terminated.get("exitCode")):
                 exit_code = terminated.get("exitCode")
                 reason = reason or terminated.get("reason") or ""
+        phase = status.get("phase") or ""
+        stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
         return cls(
             name=meta["name"],
-            phase=status.get("phase") or "",
+            phase=phase,
             deleting=bool(meta.get("deletionTimestamp")),
             index=int(match.group(1)) if match else None,
             reason=reason,
             exit_code=exit_code,
+            stuck=stuck,
+            stuck_message=stuck_message,
         )
 
     @property
     def alive(self) -> bool:
         return not self.deleting and self.phase in ALIVE_PHASES
+
+
+def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
+    """(reason, message) of a Pending pod that will not start by itself, ("", "") otherwise."""
+    waiting = [(container.get("state") or {}).get("waiting") or {}
+               for key in ("initContainerStatuses", "containerStatuses") for container in status.get(key) or []]
+    scheduling = [c for c in status.get("conditions") or []
+                  if c.get("type") == "PodScheduled" and c.get("status") == "False"]
+    for cause in (*waiting, *scheduling):
+        reason = STUCK_REASONS.get(cause.get("reason") or "")
+        if reason:
+            return reason, str(cause.get("message") or "")[:STUCK_MESSAGE_MAX]
+    return "", ""
 
 
 @dataclass(frozen=True)
@@ -236,6 +266,10 @@ def plan(
     alive = [p for p in pods if p.alive]
     w.pending = sum(1 for p in alive if p.phase != "Running")
     w.running = sum(1 for p in alive if p.phase == "Running")
+    was_stuck = {entry.split(":", 1)[0] for entry in previous.stuck}
+    w.stuck = [f"{p.name}: {p.stuck}" for p in alive if p.stuck]
+    events.extend(Event("WorkerNotStarting", f"worker {p.name} cannot start: {p.stuck}: {p.stuck_message}",
+                        warning=True) for p in alive if p.stuck and p.name not in was_stuck)
     cap = s.max_workers if s.max_workers is not None else s.replicas
     scale_down: list[str] = []
     if not manages_pods(s):

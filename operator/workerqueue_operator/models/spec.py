@@ -289,6 +289,9 @@ class WorkersStatus(_Model):
     """Why the last pod creation was refused, if it was."""
     surplus_since: str | None = None
     """Scaling queues: since when more idle workers are alive than wanted (they go after a grace period)."""
+    stuck: list[str] = Field(default_factory=list)
+    """Pending workers that cannot start until something changes (`<pod>: <reason>`, e.g.
+    ImagePullBackOff, Unschedulable); their Events say more."""
     live: int = 0
     """Workers registered and heartbeating, wherever they run (one Lease each)."""
 
