@@ -873,6 +873,7 @@ class Registry:
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
         if worker.stored:
             self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
+        worker.filed = None  # whatever it was filed under before it was added is not looked at
         self._file_expiry(worker, worker.expires_at())
         if worker.dirty:
             self._mark(worker)
