@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test unit lint bench crds assets image image-lock clean
+.PHONY: dev test unit lint bench crds assets real-worker image image-lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 # Control-plane binaries, built once per machine and cached outside the repo.
 assets:
 	@bash hack/k8s-assets.sh >/dev/null
+
+# The real worker from PyPI, installed once per machine outside the repo (tests/integration/test_real_worker.py).
+real-worker:
+	@bash hack/real-worker.sh >/dev/null
 
 dev: $(STAMP) assets
 	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/workerqueue-operator dev $(ARGS)
@@ -28,8 +32,8 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration" -q
 
-test: $(STAMP) assets lint
-	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/pytest -q $(PYTEST_ARGS)
+test: $(STAMP) assets real-worker lint
+	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" WQ_REAL_WORKER="$$(bash hack/real-worker.sh)" $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) assets
 	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/python -m bench $(ARGS)

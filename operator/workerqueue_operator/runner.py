@@ -244,7 +244,7 @@ async def run(
     """
     version = workerqueue_operator.__version__
     client = client_.KubeClient(client_.load_configuration(kubeconfig))
-    store = Store(settings=settings, version=version)
+    store = Store(settings=settings)
     events = EventPoster(client)
     # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.
     identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"

@@ -314,6 +314,20 @@ def kube(api_client: k8s.ApiClient) -> Kube:
 
 
 @pytest.fixture(scope="session")
+def real_worker() -> Path:
+    """The real worker's console script, `kubiya-control-plane-worker` (hack/real-worker.sh installs it
+    once per machine; `make test` passes it as WQ_REAL_WORKER)."""
+    given = os.environ.get("WQ_REAL_WORKER")
+    if given and os.access(given, os.X_OK):
+        return Path(given)
+    done = subprocess.run(["bash", str(ROOT / "hack" / "real-worker.sh")], capture_output=True, text=True,
+                          timeout=900, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"hack/real-worker.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return Path(done.stdout.strip())
+
+
+@pytest.fixture(scope="session")
 def contract() -> dict[str, Any]:
     """The API contract from ../shared/spec (CI lays shared/ beside the clone)."""
     candidates = [ROOT.parent / "shared" / "spec", ROOT / ".." / ".." / "shared" / "spec", Path("/work/shared/spec")]

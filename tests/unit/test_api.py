@@ -22,7 +22,7 @@ AUTH = {"Authorization": "Bearer good-token"}
 
 @pytest.fixture
 async def client() -> AsyncIterator[TestClient]:
-    store = Store(settings=Settings(), version="9.9.9")
+    store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
     store.upsert_queue(queue("q2", queueId="q-2"))
@@ -44,7 +44,7 @@ async def test_start_answers_the_contract_fields(client: TestClient):
     body = await r.json()
     assert body["control_plane_url"] == "https://cp.example"
     assert body["queue_id"] == "q-1" and body["queue_name"] == "q1"
-    assert body["control_plane_sdk_version"] == "9.9.9"
+    assert body["control_plane_sdk_version"] == "0.6.0"
     assert len(body["worker_id"]) == 36
 
 
@@ -232,7 +232,7 @@ async def test_chunked_body_limit_is_exactly_one_mebibyte(client: TestClient, si
 ])
 async def test_review_unavailable_is_503_with_its_reason_in_the_log(
         unavailable: reviews.Unavailable, retry_after: str | None, caplog: pytest.LogCaptureFixture):
-    store = Store(settings=Settings(), version="9.9.9")
+    store = Store(settings=Settings())
     app = apps.make_app(store, reviewer=apps.NoReviews(unavailable))
     async with TestClient(TestServer(app)) as c:
         for _ in range(5):
@@ -249,7 +249,7 @@ async def test_review_unavailable_is_503_with_its_reason_in_the_log(
 
 async def test_registrations_waiting_for_a_first_heartbeat_are_bounded_per_queue_and_in_all():
     # A client calling /start in a loop would hold a registration each until it expires: bounded.
-    store = Store(settings=Settings(), version="9.9.9")
+    store = Store(settings=Settings())
     for name, token in (("q1", "good-token"), ("q2", "other-token")):
         store.upsert_queue(queue(name, queueId=f"q-{name[1]}"))
         store.upsert_secret(("team-a", f"{name}-worker-token"), {"token": token})
@@ -274,7 +274,7 @@ async def test_registrations_waiting_for_a_first_heartbeat_are_bounded_per_queue
 
 
 async def test_registrations_in_all_are_bounded_with_their_own_answer():
-    store = Store(settings=Settings(), version="9.9.9")
+    store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
     settings = Settings(registry_max_workers_per_queue=2)
@@ -293,7 +293,7 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
     # another replica before that replica has seen the worker's Lease.
     from workerqueue_operator.core import queues
 
-    store = Store(settings=Settings(), version="9.9.9")
+    store = Store(settings=Settings())
     shared = {"auth": {"tokenSecretRefs": [{"name": "shared", "key": "token"}]}}
     for name, extra in (("q1", {}), ("q2", {}), ("paused", {"suspend": True}), ("capped", {"maxWorkers": 3}),
                         ("s1", shared), ("s2", shared)):

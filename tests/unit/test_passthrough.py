@@ -95,7 +95,7 @@ async def upstream() -> AsyncIterator[TestServer]:
 async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
     """Queue `a` (token tok-a) has an upstream, `b` (tok-b) another, `plain` (tok-p) none."""
     settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=1)
-    store = Store(settings=settings, version="9.9.9")
+    store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
     store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
     store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
@@ -162,7 +162,7 @@ async def test_operator_routes_win_over_the_pass_through(hub: tuple[Store, TestC
 
 
 async def test_routes_added_later_still_win(upstream: TestServer):
-    store = Store(settings=Settings(), version="1")
+    store = Store(settings=Settings())
     app = apps.make_app(store, version="1")
 
     async def later(request: web.Request) -> web.Response:
@@ -178,7 +178,7 @@ async def test_routes_added_later_still_win(upstream: TestServer):
 
 
 async def test_without_any_upstream_unknown_paths_stay_404():
-    store = Store(settings=Settings(), version="1")
+    store = Store(settings=Settings())
     store.upsert_queue(queue("plain", queueId="q-p"))
     store.upsert_secret(("team-a", "plain-worker-token"), {"token": "tok-p"})
     app = apps.make_app(store, version="1")
@@ -329,7 +329,7 @@ async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[
 
 async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
     settings = Settings()
-    store = Store(settings=settings, version="1")
+    store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
     store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
     store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})

@@ -11,7 +11,7 @@ TOKEN = {("team-a", "q1-worker-token"): {"token": "t0k"}}
 
 
 def resolve(q: queues.QueueObject, secrets: dict | None = None, settings: Settings = SETTINGS) -> queues.Resolution:
-    return queues.resolve(q, secrets={**TOKEN, **(secrets or {})}, settings=settings, version="1.2.3")
+    return queues.resolve(q, secrets={**TOKEN, **(secrets or {})}, settings=settings)
 
 
 def test_defaults_follow_the_reference():
@@ -28,7 +28,7 @@ def test_defaults_follow_the_reference():
     assert f["nats_config"] is None
     assert f["websocket_features"] == ["events", "control", "heartbeat", "config_update"]
     assert r.config.websocket_enabled is False
-    assert f["control_plane_sdk_version"] == "1.2.3"
+    assert f["control_plane_sdk_version"] == "0.6.0"  # the real worker's SDK: no mismatch warning
     assert r.token_digests == (queues.digest("t0k"),)
 
 
@@ -67,12 +67,12 @@ def test_missing_secret_is_a_problem_naming_secret_and_key_only(secrets, reason,
 
 def test_a_missing_generated_token_is_told_apart_from_other_problems():
     q = queue()
-    pending = queues.resolve(q, secrets={}, settings=SETTINGS, version="1")
+    pending = queues.resolve(q, secrets={}, settings=SETTINGS)
     assert pending.problem.reason == "SecretPending" and pending.awaiting_generated_token
-    broken = queues.resolve(queue(temporal={}), secrets={}, settings=SETTINGS, version="1")
+    broken = queues.resolve(queue(temporal={}), secrets={}, settings=SETTINGS)
     assert not broken.awaiting_generated_token
     own = queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "a"}]})
-    assert not queues.resolve(own, secrets={}, settings=SETTINGS, version="1").awaiting_generated_token
+    assert not queues.resolve(own, secrets={}, settings=SETTINGS).awaiting_generated_token
 
 
 def test_temporal_must_be_configured_somewhere():

@@ -113,6 +113,18 @@ def test_a_worker_holding_two_stays_running_until_both_are_closed():
 
 def test_a_hostname_matches_the_whole_host_part_only():
     assert not executions.held_by(execution("x", "running", "1@q1-w10", "t"), "q1-w1")
+
+
+def test_a_pod_with_a_name_longer_than_a_hostname_still_sees_its_execution():
+    # Kubernetes cuts the hostname to 63 characters and drops a trailing '-' or '.': the worker's
+    # Temporal identity carries that, not the pod's name.
+    pod = f"{'q' * 62}-w0"  # a queue named with 62 characters
+    assert executions.pod_hostname(pod) == "q" * 62
+    assert executions.pod_hostname(f"{'a' * 60}.b-w1") == "a" * 60 + ".b"
+    assert executions.pod_hostname("q1-w1") == "q1-w1"
+    listing = [execution("e", "completed", f"8@{'q' * 62}", "2026-01-01T00:01:00Z")]
+    (entry,) = executions.worker_view(listing, hostname=executions.pod_hostname(pod))
+    assert entry["id"] == "e"
     assert executions.held_by(execution("x", "running", "1@q1-w1", "t"), "q1-w1")
 
 
@@ -167,7 +179,7 @@ def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     now = [100.0]
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None)
-    live = LiveStatus(store=Store(settings=Settings(), version="0"), registry=reg, client=kube,
+    live = LiveStatus(store=Store(settings=Settings()), registry=reg, client=kube,
                       activity=Activity(identity="me", priority=0), period=1.0, per_queue=5.0, rate=3.0,
                       clock=lambda: now[0])
     for i in range(10):

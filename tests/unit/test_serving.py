@@ -44,7 +44,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     values = {"http_host": "127.0.0.1", "http_port": 0, "http_idle_timeout_seconds": 0.5,
               "http_body_timeout_seconds": 0.5, **getattr(request, "param", {})}
     settings = Settings.model_validate(values)
-    store = Store(settings=settings, version="9.9.9")
+    store = Store(settings=settings)
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
     app = apps.make_app(store, settings=settings)

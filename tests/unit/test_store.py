@@ -7,7 +7,7 @@ from workerqueue_operator.models.settings import Settings
 
 
 def store() -> tuple[Store, list]:
-    s = Store(settings=Settings(), version="0")
+    s = Store(settings=Settings())
     changed: list = []
     s.subscribe(changed.append)
     return s, changed

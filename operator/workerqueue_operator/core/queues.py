@@ -296,7 +296,6 @@ def resolve(
     *,
     secrets: Mapping[SecretName, SecretData],
     settings: settings_.Settings,
-    version: str,
 ) -> Resolution:
     """The configuration a queue serves, or the first reason it cannot."""
     lookup = _Lookup(secrets)
@@ -315,7 +314,7 @@ def resolve(
     else:
         upstream_problem = None
     try:
-        config = _config(queue, lookup, settings=settings, version=version)
+        config = _config(queue, lookup, settings=settings)
     except _Unresolved as exc:
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem)
@@ -346,7 +345,7 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
     return Upstream(url=url.rstrip("/"), api_key=key)
 
 
-def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings, version: str) -> QueueConfig:
+def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings) -> QueueConfig:
     s, ns = queue.spec, queue.namespace
 
     temporal_host = s.temporal.host or settings.temporal_host
@@ -393,7 +392,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         "redis_enabled": bool(redis_url),
         "websocket_features": list(s.websocket.features),
         "nats_config": nats_config,
-        "control_plane_sdk_version": version,
+        "control_plane_sdk_version": settings.control_plane_sdk_version,
     }
     return QueueConfig(
         fields=fields,

@@ -28,9 +28,8 @@ class WorkerCredential:
 
 
 class Store:
-    def __init__(self, *, settings: settings_.Settings, version: str) -> None:
+    def __init__(self, *, settings: settings_.Settings) -> None:
         self._settings = settings
-        self._version = version
         self._queues: dict[QueueKey, QueueObject] = {}
         self._uses: dict[QueueKey, frozenset[SecretName]] = {}
         self._users: dict[SecretName, set[QueueKey]] = {}
@@ -283,7 +282,7 @@ class Store:
             queue = self._queues.get(key)
             if queue is None:
                 continue
-            resolution = queues.resolve(queue, secrets=self._secrets, settings=self._settings, version=self._version)
+            resolution = queues.resolve(queue, secrets=self._secrets, settings=self._settings)
             winner = self._winner(self._claimants[queue.queue_id])
             if winner != key:
                 owner = f"{winner[0]}/{winner[1]}"

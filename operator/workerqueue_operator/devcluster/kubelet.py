@@ -4,7 +4,9 @@ The dev cluster has no kubelet, scheduler or container runtime. `LocalKubelet` w
 labelled `app.kubernetes.io/managed-by=workerqueue-operator` and, for each new one, starts the test
 worker (`python -m workerqueue_operator.devcluster.worker`, whatever the pod's image and command)
 with the environment of the pod's first container (`value`, and `valueFrom` a Secret, a ConfigMap
-or the pod's name/namespace), `HOSTNAME` set to the pod's name as in a container. It reports what a
+or the pod's name/namespace), `HOSTNAME` set to the pod's name as in a container, and where it may
+(CAP_SYS_ADMIN, as root) the process's own hostname too, in a UTS namespace of its own: software that
+reads gethostname(), as the real worker does for its Temporal identity, sees the pod's name. It reports what a
 kubelet would: Running (with a running container status and podIP 127.0.0.1) once started, then
 Succeeded or Failed with the exit code when the process ends (every pod is treated as
 `restartPolicy: Never`, which is what the operator sets). A deleted pod's process gets SIGTERM,
@@ -42,6 +44,7 @@ LogFn = Callable[[str], None]
 LABEL_SELECTOR = "app.kubernetes.io/managed-by=workerqueue-operator"
 WORKER_COMMAND = (sys.executable, "-m", "workerqueue_operator.devcluster.worker")
 DELETE_GRACE_SECONDS = 5.0
+HOSTNAME_MAX = 63
 RETRY_SECONDS = 2.0
 """How often a pod whose Secret or ConfigMap was missing is tried again."""
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
@@ -113,12 +116,15 @@ class LocalKubelet(procs.Service):
         self._listed = threading.Event()
         self._watch: k8s_watch.Watch | None = None
         self._threads: list[threading.Thread] = []
+        self.sets_hostname = False
+        """Whether each process gets the pod's name as its own hostname (known once started)."""
 
     # -- public API ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
         """Start watching; returns once the pods that exist already were seen."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.sets_hostname = procs.can_own_hostname()
         for target, name in ((self._run_loop, "kubelet-run"), (self._watch_loop, "kubelet-watch"),
                              (self._reap_loop, "kubelet-reap")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -254,14 +260,17 @@ class LocalKubelet(procs.Service):
                                                                                   state=waiting)]})
             self._say(f"pod {meta.namespace}/{meta.name}: {e}")
             return
-        env = {**self.base_env, **pod_env, **self.overrides, "HOSTNAME": meta.name}
+        # A container's hostname is its pod's name cut to 63 characters, less a trailing '-' or '.'.
+        hostname = meta.name if len(meta.name) <= HOSTNAME_MAX else meta.name[:HOSTNAME_MAX].rstrip("-.")
+        env = {**self.base_env, **pod_env, **self.overrides, "HOSTNAME": hostname}
         log_path = self.state_dir / f"{meta.namespace}_{meta.name}.log"
         with log_path.open("ab") as log_file:
             popen = subprocess.Popen(
                 list(self.command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                 cwd=self.state_dir,
                 start_new_session=True,  # own process group: SIGTERM reaches the whole "container"
-                preexec_fn=procs.die_with_parent(os.getpid()),
+                preexec_fn=procs.chain(procs.die_with_parent(os.getpid()),
+                                       *([procs.own_hostname(hostname)] if self.sets_hostname else [])),
             )
         proc = PodProcess(meta.namespace, meta.name, meta.uid, popen, log_path, env, container.name,
                           container.image or "", now_rfc3339())

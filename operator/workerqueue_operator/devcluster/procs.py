@@ -16,6 +16,7 @@ from typing import Self
 
 STOP_GRACE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWUTS = 0x04000000
 
 
 class PortCollision(Exception):
@@ -99,6 +100,38 @@ def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
+
+
+def own_hostname(name: str) -> Callable[[], None]:
+    """A preexec_fn giving the child a UTS namespace of its own named `name`, as a container gets its
+    pod's name: what it reads from gethostname() (the real worker's Temporal identity is
+    `<pid>@<hostname>`). Needs CAP_SYS_ADMIN; without it the child is not started (OSError)."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded here, not after fork
+    raw = name.encode()
+
+    def preexec() -> None:
+        if libc is None or libc.unshare(_CLONE_NEWUTS) != 0 or libc.sethostname(raw, len(raw)) != 0:
+            errno = ctypes.get_errno() if libc is not None else 0
+            raise OSError(errno, f"cannot set the hostname: {os.strerror(errno)}")
+
+    return preexec
+
+
+def can_own_hostname() -> bool:
+    """Whether children may be given a hostname of their own here (see own_hostname)."""
+    try:
+        subprocess.run(["true"], preexec_fn=own_hostname("probe"), check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def chain(*preexecs: Callable[[], None]) -> Callable[[], None]:
+    """One preexec_fn running several in order."""
+    def preexec() -> None:
+        for each in preexecs:
+            each()
+    return preexec
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -57,6 +57,10 @@ class Settings(BaseModel):
     """Default LiteLLM API key, as `namespace/name:key` in env."""
     public_url: str | None = None
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
+    control_plane_sdk_version: str = Field(default="0.6.0", min_length=1, max_length=64)
+    """/start's `control_plane_sdk_version`: the worker SDK whose protocol this operator speaks (that of
+    kubiya-control-plane-api 1.0.2). The worker compares it with its own version and warns at start
+    when they differ; set it to a newer worker's version once that worker is known to work here."""
 
     # The upstream control plane, for queues that name none (see the README's pass-through section).
     upstream_url: str | None = Field(default=None, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")

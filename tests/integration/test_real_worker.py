@@ -1,0 +1,185 @@
+"""The real worker against the operator, unchanged: `kubiya-control-plane-worker` of
+kubiya-control-plane-api 1.0.2 from PyPI (installed by hack/real-worker.sh), the real Temporal dev
+server, and a stand-in upstream control plane (tests/standin.py) for its activities' calls, which
+the operator passes through. What worker-protocol.md describes is here done by the worker itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from tests import standin
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.core.workers import label_value
+from workerqueue_operator.devcluster import procs
+from workerqueue_operator.devcluster.kubelet import LocalKubelet
+from workerqueue_operator.devcluster.temporal import TemporalServer
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+# The worker's own words for a call the control plane did not answer as it expects.
+COMPLAINTS = ("heartbeat_failed", "heartbeat_error", "sdk_version_mismatch", "disconnect_notification_failed",
+              "control_plane_connection_failed", "worker_failed")
+# No internet here: LiteLLM reads its model prices from the copy it ships instead of GitHub.
+OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+STARTUP_TIMEOUT = 120  # its imports take ~10 s of CPU; more on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[standin.StandIn]:
+    with standin.StandIn() as server:
+        yield server
+
+
+def create_queue(kube: Kube, namespace: str, name: str, temporal: TemporalServer, upstream: standin.StandIn,
+                 **spec: object) -> tuple[str, str]:
+    """A Ready queue on the session's Temporal whose upstream is the stand-in; (queue id, org key)."""
+    org_key = f"org-{secrets.token_hex(8)}"
+    kube.put_secret(namespace, "org", key=org_key)
+    queue_id = f"{name}-{namespace}"
+    kube.create_queue(namespace, name, queueId=queue_id, heartbeatIntervalSeconds=10,
+                      temporal={"host": temporal.address, "namespace": temporal.namespace},
+                      upstream={"url": upstream.url, "apiKeySecretRef": {"name": "org", "key": "key"}}, **spec)
+    kube.wait_condition(namespace, name, "True")
+    return queue_id, org_key
+
+
+async def run_agent_workflow(temporal: TemporalServer, task_queue: str) -> str:
+    """An AgentExecutionWorkflow with the input worker-protocol.md gives; returns its id once it completed."""
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    await asyncio.wait_for(client.execute_workflow(
+        "AgentExecutionWorkflow",
+        {"agent_id": "agent-1", "organization_id": "org-test", "prompt": "hi", "execution_id": workflow_id},
+        id=workflow_id, task_queue=task_queue), 120)
+    return workflow_id
+
+
+async def poller_identities(temporal: TemporalServer, task_queue: str) -> set[str]:
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    described = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=temporal.namespace, task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW))
+    return {poller.identity for poller in described.pollers}
+
+
+def heartbeats(kube: Kube, namespace: str, worker_id: str) -> bool:
+    """Whether the worker's registration was renewed by a heartbeat since /start."""
+    lease = kube.registrations(namespace).get(worker_id)
+    return lease is not None and lease.spec.renew_time > lease.spec.acquire_time
+
+
+def complaints(log: str) -> list[str]:
+    return [line for line in log.splitlines() if any(word in line for word in COMPLAINTS)]
+
+
+def forwarded(upstream: standin.StandIn, method: str, path: str) -> list[str | None]:
+    """The Authorization headers the stand-in received for `method path`."""
+    return [auth for m, p, auth in upstream.received if m == method and p == path]
+
+
+@contextlib.contextmanager
+def worker_process(command: Path, log_path: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """The real worker run as `kubiya worker start` runs it, in a process group of its own."""
+    base = {k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ}
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen([str(command)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**base, "HOME": str(log_path.parent), **OFFLINE, **env},
+                                 cwd=log_path.parent, start_new_session=True,
+                                 preexec_fn=procs.die_with_parent(os.getpid()))
+    try:
+        yield popen
+    finally:
+        procs.terminate(popen)
+
+
+async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_the_operator(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, tmp_path: Path):
+    queue_id, org_key = create_queue(kube, namespace, "real", temporal, upstream)
+    token = kube.queue_token(namespace, "real")
+    log_path = tmp_path / "worker.log"
+    # As a user runs it outside the cluster, against a plaintext Temporal ("temporal:" picks the mode;
+    # the address is the answer's temporal_host).
+    with worker_process(real_worker, log_path, KUBIYA_API_KEY=token, CONTROL_PLANE_URL=operator.url,
+                        QUEUE_ID=queue_id, HEARTBEAT_INTERVAL="5", TEMPORAL_HOST="temporal:local") as worker:
+        def log() -> str:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{procs.tail(log_path)}"
+            return log_path.read_text(errors="replace")
+
+        wait_for(lambda: "worker_ready" in log(), timeout=STARTUP_TIMEOUT, interval=1, what="the worker ready")
+        [worker_id] = wait_for(lambda: list(kube.registrations(namespace)), what="its registration")
+        assert re.search(rf"worker_registered .*worker_id=\S*{worker_id[:8]}", re.sub(r"\x1b\[[0-9;]*m", "", log()))
+        wait_for(lambda: heartbeats(kube, namespace, worker_id), timeout=30, what="a heartbeat renewing it")
+        assert f"{worker.pid}@{socket.gethostname()}" in await poller_identities(temporal, queue_id)
+
+        # Its activities' calls reach the upstream through the operator, with the organization's
+        # key in place of the worker's token; the workflow completes (reporting the execution failed
+        # for lack of an LLM, as worker-protocol.md says).
+        workflow_id = await run_agent_workflow(temporal, queue_id)
+        auth = forwarded(upstream, "PATCH", f"/api/v1/executions/{workflow_id}")
+        assert auth and set(auth) == {f"Bearer {org_key}"}
+        assert token not in str(upstream.received)
+
+        # Still registered and heartbeating a few intervals on, and it never complained.
+        renewed = kube.registrations(namespace)[worker_id].spec.renew_time
+        wait_for(lambda: kube.registrations(namespace)[worker_id].spec.renew_time > renewed, timeout=30,
+                 what="another heartbeat")
+        assert complaints(log()) == []
+        assert [e for e in kube.events(namespace, "real") if e.reason in ("WorkerExpired", "WorkerRejoined")] == []
+
+
+# The second: a queue whose pods' names are longer than a hostname (63), which Kubernetes cuts.
+@pytest.mark.parametrize("name", ["solo", "long-" + "q" * 57])
+async def test_a_real_single_execution_worker_pod_runs_one_workflow_then_disconnects_and_is_replaced(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, kubelet: Callable[..., LocalKubelet], name: str):
+    queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True)
+    # The operator's pod, run by the local kubelet as the real worker with the pod's own environment
+    # (its per-worker token, SINGLE_EXECUTION, HEARTBEAT_INTERVAL, TEMPORAL_HOST); only the URL of the
+    # operator's Service is replaced by its loopback address.
+    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
+                     overrides={"CONTROL_PLANE_URL": operator.url})
+    if not runner.sets_hostname:
+        pytest.skip("the local kubelet cannot give a process its pod's name as hostname here (needs CAP_SYS_ADMIN, "
+                    "as root): the real worker's Temporal identity would carry this machine's name")
+    w0, w1 = f"{name}-w0", f"{name}-w1"
+
+    def registered_pods() -> set[str]:
+        return {lease.metadata.labels.get("agentcontrol.dev/pod") for lease in kube.registrations(namespace).values()}
+
+    wait_for(lambda: registered_pods() == {label_value(w0)}, timeout=STARTUP_TIMEOUT, interval=1,
+             what=f"{w0} registered")
+    first = runner.process(namespace, w0)
+    assert first is not None
+    wait_for(lambda: "worker_ready" in first.log_path.read_text(errors="replace"), timeout=STARTUP_TIMEOUT,
+             interval=1, what=f"{w0}'s worker ready")
+
+    workflow_id = await run_agent_workflow(temporal, queue_id)
+    assert forwarded(upstream, "PATCH", f"/api/v1/executions/{workflow_id}")
+    # It reads its execution finished on two polls (2 s apart), waits 2 s, disconnects and exits 0:
+    # the pod Succeeded and is gone, its registration ended, and a fresh worker takes its place.
+    assert first.popen.wait(30) == 0, procs.tail(first.log_path)
+    wait_for(lambda: w0 not in kube.pod_names(namespace, name, alive=False), timeout=15, what=f"{w0} gone")
+    assert label_value(w0) not in registered_pods()
+    disconnects = [e for e in kube.events(namespace, name) if e.reason == "WorkerDisconnected"]
+    assert len(disconnects) == 1 and "exit code 0" in disconnects[0].message, disconnects
+    assert kube.workers(namespace, name)["succeeded"] == 1
+    log = first.log_path.read_text(errors="replace")
+    assert complaints(log) == [] and "worker_disconnected" in log
+    wait_for(lambda: registered_pods() == {label_value(w1)}, timeout=STARTUP_TIMEOUT, interval=1,
+             what="the next worker")
