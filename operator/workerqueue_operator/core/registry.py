@@ -922,11 +922,12 @@ class Registry:
         """A worker's lease duration changes with the pace its heartbeats show."""
         if duration == worker.duration:
             return
-        if worker.heartbeats_here and self._workers.get(worker.worker_id) is worker:
+        held = self._workers.get(worker.worker_id) is worker  # not one already forgotten
+        if held and worker.heartbeats_here:
             self._renewal_rate += EXPIRY_INTERVALS / duration - 1.0 / worker.interval
         shorter = duration < worker.duration
         worker.duration = duration
-        if shorter and self._workers.get(worker.worker_id) is worker:
+        if held and shorter:
             self._file_expiry(worker, worker.expires_at())  # due earlier than it is filed under
 
     def _bury(self, worker: Worker, *, on_purpose: bool) -> None:

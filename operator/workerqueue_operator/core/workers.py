@@ -33,14 +33,11 @@ ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
 DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError")
 # Why a Pending pod does not start, for the reasons that last until someone changes something (the
-# image, a Secret, the cluster): a new pod would wait the same, so it is reported, not replaced. The
-# kubelet alternates the two image-pull reasons; they are one.
-STUCK_REASONS = {
-    "ErrImagePull": "ImagePullBackOff", "ImagePullBackOff": "ImagePullBackOff", "InvalidImageName": "InvalidImageName",
-    "ErrImageNeverPull": "ErrImageNeverPull", "CreateContainerConfigError": "CreateContainerConfigError",
-    "CreateContainerError": "CreateContainerError", "RunContainerError": "RunContainerError",
-    "Unschedulable": "Unschedulable",
-}
+# image, a Secret, the cluster): a new pod would wait the same, so it is reported, not replaced.
+STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
+                           "CreateContainerError", "RunContainerError", "Unschedulable"})
+# The kubelet alternates the two image-pull reasons: they are one.
+_SAME_REASON = {"ErrImagePull": "ImagePullBackOff"}
 STUCK_MESSAGE_MAX = 300
 
 
@@ -123,7 +120,7 @@ class Pod:
     reason: str = ""
     exit_code: int | None = None
     stuck: str = ""
-    """Why it is Pending and will stay so (one of STUCK_REASONS' values), "" if it is not."""
+    """Why it is Pending and will stay so (one of STUCK_REASONS), "" if it is not."""
     stuck_message: str = ""
 
     @classmethod
@@ -161,8 +158,9 @@ def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
     scheduling = [c for c in status.get("conditions") or []
                   if c.get("type") == "PodScheduled" and c.get("status") == "False"]
     for cause in (*waiting, *scheduling):
-        reason = STUCK_REASONS.get(cause.get("reason") or "")
-        if reason:
+        reason = cause.get("reason") or ""
+        reason = _SAME_REASON.get(reason, reason)
+        if reason in STUCK_REASONS:
             return reason, str(cause.get("message") or "")[:STUCK_MESSAGE_MAX]
     return "", ""
 
@@ -266,7 +264,8 @@ def plan(
     alive = [p for p in pods if p.alive]
     w.pending = sum(1 for p in alive if p.phase != "Running")
     w.running = sum(1 for p in alive if p.phase == "Running")
-    was_stuck = {entry.split(":", 1)[0] for entry in previous.stuck}
+    # Read back from the status, so that a restart posts no Event again: "<pod>: <reason>" (no ':' in a pod's name).
+    was_stuck = {entry.partition(":")[0] for entry in previous.stuck}
     w.stuck = [f"{p.name}: {p.stuck}" for p in alive if p.stuck]
     events.extend(Event("WorkerNotStarting", f"worker {p.name} cannot start: {p.stuck}: {p.stuck_message}",
                         warning=True) for p in alive if p.stuck and p.name not in was_stuck)
