@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("operator")
 
 # The worker's own words for a call the control plane did not answer as it expects.
 COMPLAINTS = ("heartbeat_failed", "heartbeat_error", "sdk_version_mismatch", "disconnect_notification_failed",
-              "control_plane_connection_failed", "worker_failed")
+              "control_plane_connection_failed", "worker_failed", "websocket_connect_failed")
 # No internet here: LiteLLM reads its model prices from the copy it ships instead of GitHub.
 OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 STARTUP_TIMEOUT = 120  # its imports take ~10 s of CPU; more on a loaded 2-core machine
@@ -110,7 +110,7 @@ def worker_process(command: Path, log_path: Path, **env: str) -> Iterator[subpro
 async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_the_operator(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
         real_worker: Path, tmp_path: Path):
-    queue_id, org_key = create_queue(kube, namespace, "real", temporal, upstream)
+    queue_id, org_key = create_queue(kube, namespace, "real", temporal, upstream, websocket={"enabled": True})
     token = kube.queue_token(namespace, "real")
     log_path = tmp_path / "worker.log"
     # As a user runs it outside the cluster, against a plaintext Temporal ("temporal:" picks the mode;
@@ -125,6 +125,10 @@ async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_
         [worker_id] = wait_for(lambda: list(kube.registrations(namespace)), what="its registration")
         assert re.search(rf"worker_registered .*worker_id=\S*{worker_id[:8]}", re.sub(r"\x1b\[[0-9;]*m", "", log()))
         wait_for(lambda: heartbeats(kube, namespace, worker_id), timeout=30, what="a heartbeat renewing it")
+        # Its websocket, opened at the operator, reaches the upstream with the organization's key.
+        wait_for(lambda: forwarded(upstream, "GET", f"/api/v1/ws/workers/{worker_id}"), what="its websocket upstream")
+        assert set(forwarded(upstream, "GET", f"/api/v1/ws/workers/{worker_id}")) == {f"Bearer {org_key}"}
+        assert "websocket_connected" in log()
         assert f"{worker.pid}@{socket.gethostname()}" in await poller_identities(temporal, queue_id)
 
         # Its activities' calls reach the upstream through the operator, with the organization's
@@ -143,43 +147,54 @@ async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_
         assert [e for e in kube.events(namespace, "real") if e.reason in ("WorkerExpired", "WorkerRejoined")] == []
 
 
-# The second: a queue whose pods' names are longer than a hostname (63), which Kubernetes cuts.
-@pytest.mark.parametrize("name", ["solo", "long-" + "q" * 57])
-async def test_a_real_single_execution_worker_pod_runs_one_workflow_then_disconnects_and_is_replaced(
+# A pool of two; and one whose pods' names are longer than a hostname (63 characters), which
+# Kubernetes would cut to one and the same for both pods.
+@pytest.mark.parametrize("name", ["pool", "long-" + "q" * 57])
+async def test_a_pool_of_real_single_execution_worker_pods_turns_over_one_worker_per_workflow(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
         real_worker: Path, kubelet: Callable[..., LocalKubelet], name: str):
-    queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True)
-    # The operator's pod, run by the local kubelet as the real worker with the pod's own environment
-    # (its per-worker token, SINGLE_EXECUTION, HEARTBEAT_INTERVAL, TEMPORAL_HOST); only the URL of the
-    # operator's Service is replaced by its loopback address.
+    queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True, replicas=2)
+    # The operator's pods, run by the local kubelet as the real worker with the pod's own environment
+    # (its per-worker token, SINGLE_EXECUTION, HEARTBEAT_INTERVAL, TEMPORAL_HOST) and hostname; only
+    # the URL of the operator's Service is replaced by its loopback address.
     runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
                      overrides={"CONTROL_PLANE_URL": operator.url})
     if not runner.sets_hostname:
-        pytest.skip("the local kubelet cannot give a process its pod's name as hostname here (needs CAP_SYS_ADMIN, "
-                    "as root): the real worker's Temporal identity would carry this machine's name")
-    w0, w1 = f"{name}-w0", f"{name}-w1"
+        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
+                    "root): the real worker's Temporal identity would carry this machine's name")
+    pods = [f"{name}-w0", f"{name}-w1"]
 
     def registered_pods() -> set[str]:
         return {lease.metadata.labels.get("agentcontrol.dev/pod") for lease in kube.registrations(namespace).values()}
 
-    wait_for(lambda: registered_pods() == {label_value(w0)}, timeout=STARTUP_TIMEOUT, interval=1,
-             what=f"{w0} registered")
-    first = runner.process(namespace, w0)
-    assert first is not None
-    wait_for(lambda: "worker_ready" in first.log_path.read_text(errors="replace"), timeout=STARTUP_TIMEOUT,
-             interval=1, what=f"{w0}'s worker ready")
+    def ready(pod: str) -> bool:
+        proc = runner.process(namespace, pod)
+        return proc is not None and "worker_ready" in proc.log_path.read_text(errors="replace")
+
+    wait_for(lambda: registered_pods() == {label_value(p) for p in pods} and all(ready(p) for p in pods),
+             timeout=STARTUP_TIMEOUT, interval=1, what="two workers registered and ready")
+    procs_ = {pod: runner.process(namespace, pod) for pod in pods}
 
     workflow_id = await run_agent_workflow(temporal, queue_id)
     assert forwarded(upstream, "PATCH", f"/api/v1/executions/{workflow_id}")
-    # It reads its execution finished on two polls (2 s apart), waits 2 s, disconnects and exits 0:
-    # the pod Succeeded and is gone, its registration ended, and a fresh worker takes its place.
-    assert first.popen.wait(30) == 0, procs.tail(first.log_path)
-    wait_for(lambda: w0 not in kube.pod_names(namespace, name, alive=False), timeout=15, what=f"{w0} gone")
-    assert label_value(w0) not in registered_pods()
+    # The worker that ran it reads it finished on two polls (2 s apart), waits 2 s, disconnects and
+    # exits 0: its pod Succeeded and is gone, its registration ended, a fresh worker takes its place.
+    # The other one never sees that execution, so it stays.
+    def exited() -> list[str]:
+        return [pod for pod, proc in procs_.items() if proc is not None and proc.popen.poll() is not None]
+
+    wait_for(exited, timeout=30, interval=0.5, what="the worker that ran it exits")
+    await asyncio.sleep(6)  # three more polls: a worker shown another's execution would exit by now
+    [finished] = exited()
+    [staying] = [pod for pod in pods if pod != finished]
+    first = procs_[finished]
+    assert first is not None and first.popen.returncode == 0, procs.tail(first.log_path)
+    assert procs_[staying] is not None and procs_[staying].popen.poll() is None
+    wait_for(lambda: finished not in kube.pod_names(namespace, name, alive=False), timeout=15, what=f"{finished} gone")
     disconnects = [e for e in kube.events(namespace, name) if e.reason == "WorkerDisconnected"]
     assert len(disconnects) == 1 and "exit code 0" in disconnects[0].message, disconnects
     assert kube.workers(namespace, name)["succeeded"] == 1
     log = first.log_path.read_text(errors="replace")
     assert complaints(log) == [] and "worker_disconnected" in log
-    wait_for(lambda: registered_pods() == {label_value(w1)}, timeout=STARTUP_TIMEOUT, interval=1,
-             what="the next worker")
+    wait_for(lambda: registered_pods() == {label_value(staying), label_value(f"{name}-w2")}, timeout=STARTUP_TIMEOUT,
+             interval=1, what="the next worker")

@@ -73,6 +73,16 @@ def test_busy_workers_are_never_deleted_even_after_the_grace_period():
     assert p.delete == () and p.workers.desired == 3
 
 
+def test_a_busy_worker_is_known_by_its_pods_hostname_also_when_that_is_not_the_pods_name():
+    name = "long-" + "q" * 57
+    pods = [Pod(name=workers.pod_name(name, i), phase="Running", deleting=False, index=i) for i in (0, 1)]
+    previous = WorkersStatus(desired=2, next_index=2, surplus_since=workers.to_rfc3339(T0 - 60))
+    demand = Demand(backlog=0, busy=frozenset({workers.pod_hostname(pods[0].name)}))
+    p = workers.plan(queue(name=name, singleExecution=True, scaling={"minIdle": 0, "max": 5}), pods,
+                     previous=previous, now=T0, created=T0 - 100, settings=SETTINGS, demand=demand)
+    assert p.delete == (pods[1].name,) and p.workers.desired == 1
+
+
 def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
     pods = [pod(0), pod(1), pod(2), pod(3)]
     demand = Demand(backlog=0, busy=busy(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -152,6 +153,23 @@ def test_build_pod_has_what_the_worker_needs():
     assert env["HEARTBEAT_INTERVAL"]["value"] == "30" and env["SINGLE_EXECUTION"]["value"] == "true"
     # No API key and no tls setting: plaintext, which the worker picks from a `temporal:` prefix.
     assert env["TEMPORAL_HOST"]["value"].startswith("temporal:")
+    assert body["spec"]["hostname"] == "q1-w4"  # its worker's Temporal identity is <pid>@q1-w4
+
+
+def test_every_pod_of_a_queue_has_a_hostname_of_its_own_whatever_the_queue_name():
+    # Kubernetes would cut these names to the same 63 characters: each worker would take the
+    # others' executions for its own. The operator sets spec.hostname, a DNS label per pod.
+    long_name = "long-" + "q" * 57
+    names = [workers.pod_name(long_name, i) for i in (0, 1, 10)] + ["a.b-w0", "a-b-w0", "q1-w1"]
+    hostnames = [workers.pod_hostname(name) for name in names]
+    assert len(set(hostnames)) == len(names)
+    assert hostnames[-1] == "q1-w1" and hostnames[-2] == "a-b-w0"
+    for hostname in hostnames:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", hostname), hostname
+    template = {"spec": {"hostname": "shared", "setHostnameAsFQDN": True, "containers": [{"name": "w", "image": "i"}]}}
+    body = workers.build_pod(queue(name=long_name, worker={"template": template}), 1,
+                             inputs=workers.PodInputs("u", "d", {}), settings=SETTINGS)
+    assert body["spec"]["hostname"] == hostnames[1] and "setHostnameAsFQDN" not in body["spec"]
 
 
 def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():

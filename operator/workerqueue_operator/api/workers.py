@@ -13,6 +13,7 @@ from workerqueue_operator.api import bodies, callers, errors
 from workerqueue_operator.api.keys import KUBE, LOG, REGISTRY, STORE, TEMPORAL
 from workerqueue_operator.core import executions, queues, temporal
 from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core import workers as workers_
 from workerqueue_operator.core.queues import QueueObject, Resolution
 from workerqueue_operator.core.registry import Worker
 from workerqueue_operator.k8s import client as client_
@@ -217,7 +218,7 @@ async def list_executions(request: web.Request) -> web.Response:
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if caller.worker is not None:
-        view = executions.worker_view(found, hostname=executions.pod_hostname(caller.worker.pod))
+        view = executions.worker_view(found, hostname=workers_.pod_hostname(caller.worker.pod))
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

@@ -4,7 +4,7 @@ The real worker latches onto the FIRST listed execution whose status is running,
 waiting_for_input, and exits once that one reads completed, failed or cancelled on two polls in a row
 (worker-protocol.md). So a queue-wide list would drain a pool: every worker would latch onto the
 first execution anyone ran. A worker therefore sees only the executions it holds (those whose first
-workflow task its Temporal identity, `<pid>@<pod's hostname>`, took), folded into one entry:
+workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded into one entry:
 
 - nothing held yet: an empty list, so it keeps waiting for work;
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
@@ -20,14 +20,6 @@ from typing import Any
 from workerqueue_operator.core.temporal import Execution
 
 STATUSES = ("running", "completed", "failed", "cancelled", "waiting_for_input")
-HOSTNAME_MAX = 63
-
-
-def pod_hostname(pod: str) -> str:
-    """The hostname Kubernetes gives a pod's containers, so the host part of its worker's Temporal
-    identity: the pod's name, cut to 63 characters less any trailing '-' or '.' (the kubelet's rule).
-    A pod name may be longer (up to 253): a queue named with 60 characters or more has such pods."""
-    return pod if len(pod) <= HOSTNAME_MAX else pod[:HOSTNAME_MAX].rstrip("-.")
 
 
 def held_by(execution: Execution, hostname: str) -> bool:

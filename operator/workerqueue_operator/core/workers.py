@@ -39,6 +39,7 @@ STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeve
 # The kubelet alternates the two image-pull reasons: they are one.
 _SAME_REASON = {"ErrImagePull": "ImagePullBackOff"}
 STUCK_MESSAGE_MAX = 300
+HOSTNAME_MAX = 63
 
 
 def label_value(text: str) -> str:
@@ -50,6 +51,18 @@ def label_value(text: str) -> str:
 
 def pod_name(queue_name: str, index: int) -> str:
     return f"{queue_name}-w{index}"
+
+
+def pod_hostname(pod: str) -> str:
+    """The hostname the operator gives a worker pod (`spec.hostname`), so the host part of its worker's
+    Temporal identity `<pid>@<hostname>`, by which its executions are known: the pod's name when that
+    is a DNS label, else a label unique to it. Kubernetes would cut a longer name to 63 characters,
+    giving every pod of a queue named with 60 or more the same hostname: each worker would see the
+    others' executions and exit on them."""
+    if len(pod) <= HOSTNAME_MAX and "." not in pod:
+        return pod
+    head = pod[:HOSTNAME_MAX - 11].replace(".", "-").rstrip("-")
+    return f"{head}-{hashlib.sha256(pod.encode()).hexdigest()[:10]}"
 
 
 def credential_secret_name(pod: str) -> str:
@@ -180,7 +193,7 @@ class Demand:
     """Workflow tasks waiting on the task queue; None: unknown (Temporal unreachable), so the desired
     count stays as it was."""
     busy: frozenset[str] = frozenset()
-    """Pods whose worker holds a running execution (its Temporal identity is `<pid>@<pod name>`)."""
+    """Hostnames (see pod_hostname) of the pods whose worker holds a running execution."""
 
 
 @dataclass(frozen=True)
@@ -339,7 +352,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     """Sets `w.desired` of a scaling queue; returns the idle pods to delete now (never a busy one)."""
     assert s.scaling is not None
     top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
-    busy = [p for p in alive if p.name in demand.busy]
+    busy = [p for p in alive if pod_hostname(p.name) in demand.busy]
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
@@ -353,7 +366,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
             f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, busy {len(busy)}, "
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
-    idle = [p for p in alive if p.name not in demand.busy]
+    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy]
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []
@@ -406,6 +419,9 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         # The operator's values win over same-named ones of the template: they are the contract.
         container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + env
     pod_spec["restartPolicy"] = "Never"
+    # The operator owns the hostname: it tells whose executions are whose (see pod_hostname).
+    pod_spec["hostname"] = pod_hostname(name)
+    pod_spec.pop("setHostnameAsFQDN", None)
 
     labels = {
         **(meta.get("labels") or {}),

@@ -4,10 +4,10 @@ The dev cluster has no kubelet, scheduler or container runtime. `LocalKubelet` w
 labelled `app.kubernetes.io/managed-by=workerqueue-operator` and, for each new one, starts the test
 worker (`python -m workerqueue_operator.devcluster.worker`, whatever the pod's image and command)
 with the environment of the pod's first container (`value`, and `valueFrom` a Secret, a ConfigMap
-or the pod's name/namespace), `HOSTNAME` set to the pod's name as in a container, and where it may
-(CAP_SYS_ADMIN, as root) the process's own hostname too, in a UTS namespace of its own: software that
-reads gethostname(), as the real worker does for its Temporal identity, sees the pod's name. It reports what a
-kubelet would: Running (with a running container status and podIP 127.0.0.1) once started, then
+or the pod's name/namespace), `HOSTNAME` set to the pod's hostname (`spec.hostname`, else its name,
+cut to 63 characters) as in a container, and where it may (CAP_SYS_ADMIN, as root) the process's own
+hostname too, in a UTS namespace of its own: software that reads gethostname(), as the real worker
+does for its Temporal identity, sees the pod's. It reports what a kubelet would: Running (with a running container status and podIP 127.0.0.1) once started, then
 Succeeded or Failed with the exit code when the process ends (every pod is treated as
 `restartPolicy: Never`, which is what the operator sets). A deleted pod's process gets SIGTERM,
 then SIGKILL after a grace period, as a container would.
@@ -260,8 +260,10 @@ class LocalKubelet(procs.Service):
                                                                                   state=waiting)]})
             self._say(f"pod {meta.namespace}/{meta.name}: {e}")
             return
-        # A container's hostname is its pod's name cut to 63 characters, less a trailing '-' or '.'.
-        hostname = meta.name if len(meta.name) <= HOSTNAME_MAX else meta.name[:HOSTNAME_MAX].rstrip("-.")
+        # A container's hostname, as the kubelet makes it: spec.hostname, else the pod's name; cut to 63
+        # characters less a trailing '-' or '.'.
+        hostname = pod.spec.hostname or meta.name
+        hostname = hostname if len(hostname) <= HOSTNAME_MAX else hostname[:HOSTNAME_MAX].rstrip("-.")
         env = {**self.base_env, **pod_env, **self.overrides, "HOSTNAME": hostname}
         log_path = self.state_dir / f"{meta.namespace}_{meta.name}.log"
         with log_path.open("ab") as log_file:
