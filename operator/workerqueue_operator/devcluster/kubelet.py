@@ -7,9 +7,10 @@ with the environment of the pod's first container (`value`, and `valueFrom` a Se
 or the pod's name/namespace), `HOSTNAME` set to the pod's hostname (`spec.hostname`, else its name,
 cut to 63 characters) as in a container, and where it may (CAP_SYS_ADMIN, as root) the process's own
 hostname too, in a UTS namespace of its own: software that reads gethostname(), as the real worker
-does for its Temporal identity, sees the pod's. It reports what a kubelet would: Running (with a running container status and podIP 127.0.0.1) once started, then
-Succeeded or Failed with the exit code when the process ends (every pod is treated as
-`restartPolicy: Never`, which is what the operator sets). A deleted pod's process gets SIGTERM,
+does for its Temporal identity, sees the pod's. It reports what a kubelet would: Running (with a
+running container status and podIP 127.0.0.1) once started, then Succeeded or Failed with the exit
+code when the process ends (every pod is treated as `restartPolicy: Never`, which is what the
+operator sets). A deleted pod's process gets SIGTERM,
 then SIGKILL after a grace period, as a container would.
 
 Children run in their own process groups, die with this process (PR_SET_PDEATHSIG, tied to the
