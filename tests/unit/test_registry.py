@@ -464,3 +464,27 @@ def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a
                                            renewed_at=1125.0, duration=75.0), queue_name=q.name)
     reg.lease_upserted(body)
     assert slow.duration == 75.0
+
+
+def test_its_own_lease_read_back_is_no_heartbeat_though_a_microtime_rounds_up():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    start = 1_800_000_000.0000007  # written as .000001: the Lease reads later than the registration
+    assert registry.parse_time(registry.micro_time(start)) > start
+    now = [start]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    worker = reg.register(q, "w")
+    reg.lease_upserted(registry.lease_body(worker, queue_name=q.name))  # the watch brings its own write back
+    assert worker.info()["last_heartbeat"] is None  # nor listed as heard of
+    now[0] = start + 1.5
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    # Its first heartbeat: no pace to learn yet. Taken for its second, 1.5 s after a first one, the
+    # worker (beating every 60 s, whatever the queue says) would be expected at 10 s and expire in 25.
+    assert worker.duration == registry.EXPIRY_INTERVALS * registry.WORKER_DEFAULT_INTERVAL
+    assert worker.heard() and registry.worker_from_lease(registry.lease_body(worker, queue_name=q.name),
+                                                         seen_at=now[0]).confirmed

@@ -105,6 +105,16 @@ def slot_lease_name(queue_name: str, slot: int) -> str:
     return f"{queue_name[:200]}-slot-{slot}"
 
 
+TIME_RESOLUTION = 1e-6
+"""A Lease's MicroTime keeps whole microseconds, rounded to the nearest: a time read back from a Lease
+may be later than the one in memory it was written from."""
+
+
+def later(moment: float, than: float) -> bool:
+    """Whether `moment` is later than `than` by more than a Lease's MicroTime can tell apart."""
+    return moment - than > TIME_RESOLUTION
+
+
 def micro_time(moment: float) -> str:
     """A Lease's MicroTime (RFC 3339 with microseconds)."""
     return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -238,6 +248,10 @@ class Worker:
     def expired(self, now: float) -> bool:
         return now >= self.expires_at()
 
+    def heard(self) -> bool:
+        """Whether a heartbeat renewed it since its registration, here or (its Lease tells) elsewhere."""
+        return later(self.renewed_at, self.registered_at)
+
     def info(self) -> dict[str, Any]:
         """The wire shape of `GET .../workers`."""
         return {
@@ -245,8 +259,7 @@ class Worker:
             "status": self.status,
             "tasks_processed": self.tasks_processed,
             "current_task_id": self.current_task_id,
-            "last_heartbeat": iso(self.renewed_at) if self.heartbeats_here or self.renewed_at > self.registered_at
-            else None,
+            "last_heartbeat": iso(self.renewed_at) if self.heartbeats_here or self.heard() else None,
             "registered_at": iso(self.registered_at),
             "hostname": self.hostname,
             "pod": self.pod,
@@ -333,7 +346,7 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         system_info=json.dumps(info, separators=(",", ":")).encode() if isinstance(info, dict) and info else None,
         stored=True,
         dirty=False,
-        confirmed=renewed > registered,
+        confirmed=later(renewed, registered),
     )
 
 
@@ -457,7 +470,7 @@ class Registry:
         mine.seen_at = min(mine.seen_at, incoming.seen_at)
         if incoming.confirmed:
             self._heard_of(mine)  # a heartbeat reached the Lease, through another replica
-        if incoming.renewed_at > mine.renewed_at:
+        if later(incoming.renewed_at, mine.renewed_at):  # not just its own write, read back rounded
             mine.renewed_at = incoming.renewed_at
             self._set_duration(mine, incoming.duration)  # the replica that heard it knows its pace
             if not mine.dirty:
@@ -635,7 +648,7 @@ class Registry:
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
                   system_info: wire.WorkerSystemInfo | None) -> None:
         now = self._clock()
-        if worker.renewed_at > worker.registered_at:  # heard of before: the gap shows its pace
+        if worker.heard():  # heard of before: the gap shows its pace
             queue = self._queue_of(worker.queue)
             if queue is not None:
                 gap = now - worker.renewed_at
@@ -934,8 +947,7 @@ class Registry:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         worker_id = worker.worker_id
         self._ended.pop(worker_id, None)
-        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.renewed_at > worker.registered_at
-                                        else None)
+        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None)
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
