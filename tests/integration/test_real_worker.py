@@ -146,6 +146,22 @@ async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_
         assert complaints(log()) == []
         assert [e for e in kube.events(namespace, "real") if e.reason in ("WorkerExpired", "WorkerRejoined")] == []
 
+        # An upgrade restarts the operator: the worker lives on. The heartbeats it sends meanwhile fail
+        # (it logs them and goes on); the next one renews the same registration, its websocket is
+        # opened again, and work still reaches it.
+        operator.stop()
+        operator.start()
+        renewed = kube.registrations(namespace)[worker_id].spec.renew_time
+        wait_for(lambda: kube.registrations(namespace)[worker_id].spec.renew_time > renewed, timeout=30,
+                 what="a heartbeat after the restart")
+        listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+        assert [w["id"] for w in listed] == [worker_id]
+        second = await run_agent_workflow(temporal, queue_id)
+        assert forwarded(upstream, "PATCH", f"/api/v1/executions/{second}")
+        wait_for(lambda: len(forwarded(upstream, "GET", f"/api/v1/ws/workers/{worker_id}")) >= 2, timeout=60,
+                 what="its websocket opened again")
+        assert [e for e in kube.events(namespace, "real") if e.reason in ("WorkerExpired", "WorkerRejoined")] == []
+
 
 # A pool of two; and one whose pods' names are longer than a hostname (63 characters), which
 # Kubernetes would cut to one and the same for both pods.
