@@ -214,3 +214,44 @@ async def test_a_pool_of_real_single_execution_worker_pods_turns_over_one_worker
     assert complaints(log) == [] and "worker_disconnected" in log
     wait_for(lambda: registered_pods() == {label_value(staying), label_value(f"{name}-w2")}, timeout=STARTUP_TIMEOUT,
              interval=1, what="the next worker")
+
+
+async def test_a_real_worker_of_an_ephemeral_single_execution_queue_runs_once_and_the_queue_goes(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, kubelet: Callable[..., LocalKubelet]):
+    queue_id, _ = create_queue(kube, namespace, "once", temporal, upstream, ephemeral=True, singleExecution=True)
+    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
+                     overrides={"CONTROL_PLANE_URL": operator.url})
+    if not runner.sets_hostname:
+        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
+                    "root): the real worker's Temporal identity would carry this machine's name")
+
+    def ready() -> bool:
+        proc = runner.process(namespace, "once-w0")
+        return proc is not None and "worker_ready" in proc.log_path.read_text(errors="replace")
+
+    wait_for(ready, timeout=STARTUP_TIMEOUT, interval=1, what="once-w0's worker ready")
+    proc = runner.process(namespace, "once-w0")
+    assert proc is not None
+    await run_agent_workflow(temporal, queue_id)
+    assert proc.popen.wait(30) == 0, procs.tail(proc.log_path)
+    # Its one worker succeeded: the queue is deleted, and with it (garbage collection) its token Secrets.
+    wait_for(lambda: not kube.queue_exists(namespace, "once"), timeout=30, what="the ephemeral queue deleted")
+    wait_for(lambda: not kube._has_secret(namespace, "once-worker-token"), timeout=30, what="its token Secret gone")
+    assert runner.process(namespace, "once-w1") is None  # one worker, once
+    assert complaints(proc.log_path.read_text(errors="replace")) == []
+
+
+def test_a_real_worker_told_its_queue_is_full_says_why_and_exits_1(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, tmp_path: Path):
+    queue_id, _ = create_queue(kube, namespace, "full", temporal, upstream, maxWorkers=1)
+    token = kube.queue_token(namespace, "full")
+    assert operator.start_worker(queue_id, token).status == 200  # the one slot, taken
+    log_path = tmp_path / "worker.log"
+    with worker_process(real_worker, log_path, KUBIYA_API_KEY=token, CONTROL_PLANE_URL=operator.url,
+                        QUEUE_ID=queue_id, TEMPORAL_HOST="temporal:local") as worker:
+        assert worker.wait(STARTUP_TIMEOUT) == 1  # worker-protocol.md: anything but 200 is exit 1, no retry
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(errors="replace"))
+    assert "Worker queue 'full' is full (maxWorkers=1)" in log  # the contract's `detail`, as it prints it
+    assert "status_code=409" in log
