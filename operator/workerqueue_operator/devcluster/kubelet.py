@@ -118,7 +118,7 @@ class LocalKubelet(procs.Service):
         self._watch: k8s_watch.Watch | None = None
         self._threads: list[threading.Thread] = []
         self.sets_hostname = False
-        """Whether each process gets the pod's name as its own hostname (known once started)."""
+        """Whether each process gets its pod's hostname as its own (known once started)."""
 
     # -- public API ---------------------------------------------------------------------------
 
