@@ -4,7 +4,8 @@ Every path echoes the request as JSON (method, path and query as sent, headers, 
 sha256, the body read as it streams in, never held whole), except:
 - `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
   meanwhile is noted in `received` as method `GONE`);
-- `.../hang`: never answers (until the client goes away);
+- `.../hang`, and every path under a leading `/hang/` (an LLM proxy that never answers): never
+  answers (until the client goes away);
 - `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
   echoes every message back (text as text, binary as binary); `close` closes it with code 4000.
@@ -29,7 +30,7 @@ RECEIVED: web.AppKey[list[tuple[str, str, str | None]]] = web.AppKey("received")
 async def echo(request: web.Request) -> web.StreamResponse:
     request.app[RECEIVED].append((request.method, request.raw_path, request.headers.get("Authorization")))
     tail = request.match_info["tail"]
-    if tail.endswith("/hang") or tail == "hang":
+    if tail.endswith("/hang") or tail == "hang" or tail.startswith("hang/"):
         await asyncio.sleep(3600)
     if tail.endswith("stall"):
         response = web.StreamResponse(headers={"Content-Length": request.query.get("length", "100")})

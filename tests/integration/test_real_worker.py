@@ -255,3 +255,42 @@ def test_a_real_worker_told_its_queue_is_full_says_why_and_exits_1(
     log = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(errors="replace"))
     assert "Worker queue 'full' is full (maxWorkers=1)" in log  # the contract's `detail`, as it prints it
     assert "status_code=409" in log
+
+
+async def test_a_busy_real_worker_of_a_scaling_queue_is_never_scaled_down_whatever_the_queue_name(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, kubelet: Callable[..., LocalKubelet]):
+    # Its pods' names are longer than a hostname: the operator knows a busy worker by its pod's
+    # hostname in its Temporal identity, not by the pod's name.
+    name = "busy-" + "q" * 57
+    kube.put_secret(namespace, "llm", key="llm-key")
+    # An LLM proxy that never answers keeps the workflow running; the operator lets idle workers go
+    # after 3 s here (WQ_SCALE_DOWN_GRACE_SECONDS).
+    llm = {"url": f"{upstream.url}/hang", "apiKeySecretRef": {"name": "llm", "key": "key"}}
+    queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True,
+                               scaling={"minIdle": 0, "max": 2}, litellm=llm)
+    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
+                     overrides={"CONTROL_PLANE_URL": operator.url})
+    if not runner.sets_hostname:
+        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
+                    "root): the real worker's Temporal identity would carry this machine's name")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    handle = await client.start_workflow(
+        "AgentExecutionWorkflow",
+        {"agent_id": "agent-1", "organization_id": "org-test", "prompt": "hi", "execution_id": workflow_id},
+        id=workflow_id, task_queue=queue_id)
+    try:
+        pod = f"{name}-w0"
+        wait_for(lambda: any(p.endswith("/hang/chat/completions") for _, p, _ in upstream.received),
+                 timeout=STARTUP_TIMEOUT, interval=1, what="the workflow running, its LLM call waiting")
+        assert kube.pod_names(namespace, name) == [pod]
+        wait_for(lambda: (kube.get_queue(namespace, name).get("status") or {}).get("temporal", {}).get("busy") == 1,
+                 timeout=30, what="the operator seeing it busy")
+        await asyncio.sleep(10)  # three times the grace and a few probes: an idle worker would be gone
+        assert kube.pod_names(namespace, name) == [pod]
+        assert not [e for e in kube.events(namespace, name) if e.reason == "ScaledDown"]
+        proc = runner.process(namespace, pod)
+        assert proc is not None and proc.popen.poll() is None
+    finally:
+        await handle.terminate("the test is over")
