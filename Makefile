@@ -33,7 +33,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -m "not integration" -q
 
 test: $(STAMP) assets real-worker lint
-	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" WQ_REAL_WORKER="$$(bash hack/real-worker.sh)" $(BIN)/pytest -q $(PYTEST_ARGS)
+	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) assets
 	KUBEBUILDER_ASSETS="$$(bash hack/k8s-assets.sh)" $(BIN)/python -m bench $(ARGS)

@@ -14,12 +14,14 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from tests import standin
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from workerqueue_operator.core.temporal import Endpoint, Temporal
 from workerqueue_operator.core.workers import label_value
 from workerqueue_operator.devcluster import procs
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
@@ -54,27 +56,53 @@ def create_queue(kube: Kube, namespace: str, name: str, temporal: TemporalServer
     return queue_id, org_key
 
 
-async def run_agent_workflow(temporal: TemporalServer, task_queue: str) -> str:
-    """An AgentExecutionWorkflow with the input worker-protocol.md gives; returns its id once it completed."""
+async def start_agent_workflow(temporal: TemporalServer, task_queue: str) -> WorkflowHandle[Any, Any]:
+    """An AgentExecutionWorkflow with the input worker-protocol.md gives; its id is its execution's."""
     workflow_id = f"exec-{secrets.token_hex(4)}"
     client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    await asyncio.wait_for(client.execute_workflow(
+    return await client.start_workflow(
         "AgentExecutionWorkflow",
         {"agent_id": "agent-1", "organization_id": "org-test", "prompt": "hi", "execution_id": workflow_id},
-        id=workflow_id, task_queue=task_queue), 120)
-    return workflow_id
+        id=workflow_id, task_queue=task_queue)
+
+
+async def run_agent_workflow(temporal: TemporalServer, task_queue: str) -> str:
+    """The same, once it completed; returns its id."""
+    handle = await start_agent_workflow(temporal, task_queue)
+    await asyncio.wait_for(handle.result(), 120)
+    return handle.id
 
 
 async def poller_identities(temporal: TemporalServer, task_queue: str) -> set[str]:
-    from temporalio.api.enums.v1 import TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+    access = Temporal(timeout=5.0)
+    try:
+        info = await access.describe_task_queue(Endpoint(temporal.address, temporal.namespace), task_queue)
+    finally:
+        await access.close()
+    return {poller.identity for poller in info.pollers}
 
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    described = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-        namespace=temporal.namespace, task_queue=TaskQueue(name=task_queue),
-        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW))
-    return {poller.identity for poller in described.pollers}
+
+def real_worker_pods(kubelet: Callable[..., LocalKubelet], operator: OperatorProcess, namespace: str,
+                     real_worker: Path) -> LocalKubelet:
+    """The local kubelet running the operator's pods as the real worker, with the pod's own environment
+    (its per-worker token, SINGLE_EXECUTION, HEARTBEAT_INTERVAL, TEMPORAL_HOST) and hostname; only the
+    URL of the operator's Service is replaced by its loopback address. Skips where hostnames cannot be set."""
+    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
+                     overrides={"CONTROL_PLANE_URL": operator.url})
+    if not runner.sets_hostname:
+        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
+                    "root): the real worker's Temporal identity would carry this machine's name")
+    return runner
+
+
+def worker_ready(runner: LocalKubelet, namespace: str, pod: str) -> bool:
+    proc = runner.process(namespace, pod)
+    return proc is not None and "worker_ready" in proc.log_path.read_text(errors="replace")
+
+
+def plain(text: str) -> str:
+    """The worker's log without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def heartbeats(kube: Kube, namespace: str, worker_id: str) -> bool:
@@ -123,7 +151,7 @@ async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_
 
         wait_for(lambda: "worker_ready" in log(), timeout=STARTUP_TIMEOUT, interval=1, what="the worker ready")
         [worker_id] = wait_for(lambda: list(kube.registrations(namespace)), what="its registration")
-        assert re.search(rf"worker_registered .*worker_id=\S*{worker_id[:8]}", re.sub(r"\x1b\[[0-9;]*m", "", log()))
+        assert re.search(rf"worker_registered .*worker_id=\S*{worker_id[:8]}", plain(log()))
         wait_for(lambda: heartbeats(kube, namespace, worker_id), timeout=30, what="a heartbeat renewing it")
         # Its websocket, opened at the operator, reaches the upstream with the organization's key.
         wait_for(lambda: forwarded(upstream, "GET", f"/api/v1/ws/workers/{worker_id}"), what="its websocket upstream")
@@ -170,24 +198,14 @@ async def test_a_pool_of_real_single_execution_worker_pods_turns_over_one_worker
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
         real_worker: Path, kubelet: Callable[..., LocalKubelet], name: str):
     queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True, replicas=2)
-    # The operator's pods, run by the local kubelet as the real worker with the pod's own environment
-    # (its per-worker token, SINGLE_EXECUTION, HEARTBEAT_INTERVAL, TEMPORAL_HOST) and hostname; only
-    # the URL of the operator's Service is replaced by its loopback address.
-    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
-                     overrides={"CONTROL_PLANE_URL": operator.url})
-    if not runner.sets_hostname:
-        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
-                    "root): the real worker's Temporal identity would carry this machine's name")
+    runner = real_worker_pods(kubelet, operator, namespace, real_worker)
     pods = [f"{name}-w0", f"{name}-w1"]
 
     def registered_pods() -> set[str]:
         return {lease.metadata.labels.get("agentcontrol.dev/pod") for lease in kube.registrations(namespace).values()}
 
-    def ready(pod: str) -> bool:
-        proc = runner.process(namespace, pod)
-        return proc is not None and "worker_ready" in proc.log_path.read_text(errors="replace")
-
-    wait_for(lambda: registered_pods() == {label_value(p) for p in pods} and all(ready(p) for p in pods),
+    wait_for(lambda: registered_pods() == {label_value(p) for p in pods}
+             and all(worker_ready(runner, namespace, p) for p in pods),
              timeout=STARTUP_TIMEOUT, interval=1, what="two workers registered and ready")
     procs_ = {pod: runner.process(namespace, pod) for pod in pods}
 
@@ -220,17 +238,9 @@ async def test_a_real_worker_of_an_ephemeral_single_execution_queue_runs_once_an
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
         real_worker: Path, kubelet: Callable[..., LocalKubelet]):
     queue_id, _ = create_queue(kube, namespace, "once", temporal, upstream, ephemeral=True, singleExecution=True)
-    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
-                     overrides={"CONTROL_PLANE_URL": operator.url})
-    if not runner.sets_hostname:
-        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
-                    "root): the real worker's Temporal identity would carry this machine's name")
-
-    def ready() -> bool:
-        proc = runner.process(namespace, "once-w0")
-        return proc is not None and "worker_ready" in proc.log_path.read_text(errors="replace")
-
-    wait_for(ready, timeout=STARTUP_TIMEOUT, interval=1, what="once-w0's worker ready")
+    runner = real_worker_pods(kubelet, operator, namespace, real_worker)
+    wait_for(lambda: worker_ready(runner, namespace, "once-w0"), timeout=STARTUP_TIMEOUT, interval=1,
+             what="once-w0's worker ready")
     proc = runner.process(namespace, "once-w0")
     assert proc is not None
     await run_agent_workflow(temporal, queue_id)
@@ -252,7 +262,7 @@ def test_a_real_worker_told_its_queue_is_full_says_why_and_exits_1(
     with worker_process(real_worker, log_path, KUBIYA_API_KEY=token, CONTROL_PLANE_URL=operator.url,
                         QUEUE_ID=queue_id, TEMPORAL_HOST="temporal:local") as worker:
         assert worker.wait(STARTUP_TIMEOUT) == 1  # worker-protocol.md: anything but 200 is exit 1, no retry
-    log = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(errors="replace"))
+    log = plain(log_path.read_text(errors="replace"))
     assert "Worker queue 'full' is full (maxWorkers=1)" in log  # the contract's `detail`, as it prints it
     assert "status_code=409" in log
 
@@ -269,17 +279,8 @@ async def test_a_busy_real_worker_of_a_scaling_queue_is_never_scaled_down_whatev
     llm = {"url": f"{upstream.url}/hang", "apiKeySecretRef": {"name": "llm", "key": "key"}}
     queue_id, _ = create_queue(kube, namespace, name, temporal, upstream, singleExecution=True,
                                scaling={"minIdle": 0, "max": 2}, litellm=llm)
-    runner = kubelet(namespaces=[namespace], command=[str(real_worker)], env=OFFLINE,
-                     overrides={"CONTROL_PLANE_URL": operator.url})
-    if not runner.sets_hostname:
-        pytest.skip("the local kubelet cannot give a process its pod's hostname here (needs CAP_SYS_ADMIN, as "
-                    "root): the real worker's Temporal identity would carry this machine's name")
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    workflow_id = f"exec-{secrets.token_hex(4)}"
-    handle = await client.start_workflow(
-        "AgentExecutionWorkflow",
-        {"agent_id": "agent-1", "organization_id": "org-test", "prompt": "hi", "execution_id": workflow_id},
-        id=workflow_id, task_queue=queue_id)
+    runner = real_worker_pods(kubelet, operator, namespace, real_worker)
+    handle = await start_agent_workflow(temporal, queue_id)
     try:
         pod = f"{name}-w0"
         wait_for(lambda: any(p.endswith("/hang/chat/completions") for _, p, _ in upstream.received),
