@@ -48,6 +48,17 @@ def test_descriptions_reach_kubectl_explain():
     assert interval == {"default": 60, "maximum": 300, "minimum": 10, "type": "integer"}
 
 
+def test_descriptions_keep_no_line_break_of_the_source():
+    # kubectl explain wraps a description itself: a docstring's own line breaks would show as ragged lines.
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    described = [(path, node["description"]) for path, node in walk(schema) if isinstance(node.get("description"), str)]
+    assert len(described) > 20
+    for path, text in described:
+        assert "\n" not in text.replace("\n\n", ""), path
+    assert crd.unwrapped("One line\n    and its rest.\n\nA second   paragraph.") == (
+        "One line and its rest.\n\nA second paragraph.")
+
+
 def test_printer_columns_and_names():
     doc = yaml.safe_load(crd.render_crd_yaml())
     version = doc["spec"]["versions"][0]

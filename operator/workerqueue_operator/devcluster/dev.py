@@ -71,11 +71,15 @@ or run the test worker (it behaves as the real one) and give it a workflow on th
       --task-queue minimal-queue --type AgentExecutionWorkflow --workflow-id demo-1 \\
       --input '{{"execution_id": "demo-1", "duration_seconds": 5}}'
 
-or the real worker, `kubiya-control-plane-worker` from PyPI (installed once by hack/real-worker.sh; this
-queue has no upstream, so its workflows fail at their first call, a 404, as they would on a real control plane):
+or the real worker, `kubiya-control-plane-worker` from PyPI (installed once by hack/real-worker.sh), run from
+this repository, with a workflow of the input it expects; this queue has no upstream, so the workflow fails
+at its first call ("Execution demo-3 not found"), as it would on a real control plane that never created it:
 
-  KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \
+  KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \\
       LITELLM_LOCAL_MODEL_COST_MAP=True "$(bash hack/real-worker.sh)"
+  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+      --task-queue minimal-queue --type AgentExecutionWorkflow --workflow-id demo-3 \\
+      --input '{{"execution_id": "demo-3", "agent_id": "agent-1", "organization_id": "default", "prompt": "hi"}}'
 
 The operator runs the pods of the single-execution example as local processes (logs: {state_dir / "kubelet"});
 a workflow on its queue is taken by one of them, which then exits and is replaced:

@@ -23,6 +23,12 @@ _KEPT = {
 }
 
 
+def unwrapped(text: str) -> str:
+    """A docstring's paragraphs each on one line: `kubectl explain` wraps descriptions itself, and
+    the line breaks of the source would show there as ragged lines."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+
+
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if isinstance(node, list):
         return [_structural(item, defs) for item in node]
@@ -53,6 +59,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             continue  # null defaults are the absence of a value
         elif key == "additionalProperties" and value is True:
             continue  # free-form objects say so with x-kubernetes-preserve-unknown-fields
+        elif key == "description":
+            out[key] = unwrapped(value)
         else:
             out[key] = value  # not a schema (CEL rules, defaults, enums): kept as written
     return out
