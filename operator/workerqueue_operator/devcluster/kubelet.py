@@ -83,6 +83,15 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def watched(event: dict[str, Any]) -> tuple[str, Any | None]:
+    """The resource version a watch event moves to, and its Pod (None for a BOOKMARK: the client
+    leaves that one a dict, as it is only a resource version)."""
+    if event["type"] == "BOOKMARK":
+        return str(event["raw_object"]["metadata"]["resourceVersion"]), None
+    pod = event["object"]
+    return str(pod.metadata.resource_version), pod
+
+
 class LocalKubelet(procs.Service):
     """Runs the operator's worker pods as local processes. Sync API; the work happens in two threads."""
 
@@ -185,9 +194,8 @@ class LocalKubelet(procs.Service):
                     if event["type"] == "ERROR":  # a Status, e.g. 410 Expired: list again
                         resource_version = None
                         break
-                    pod = event["object"]
-                    resource_version = pod.metadata.resource_version
-                    if event["type"] != "BOOKMARK":
+                    resource_version, pod = watched(event)
+                    if pod is not None:
                         self._on_pod(event["type"], pod)
             except ApiException as e:
                 if e.status == 410:  # the resource version is too old: list again
