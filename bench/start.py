@@ -245,8 +245,12 @@ class Bench:
                 self.scale_restart = (time.monotonic() - began, procs.rss_kib(operator.popen.pid))
                 say(f"  restarted over {count} Ready queues: ready after {self.scale_restart[0]:.1f}s")
                 self.children.stop(operator.popen)
+            # Waited for: the namespace controller's deletions would otherwise load the API server
+            # during the next measurement.
             say(f"  deleting the {count} queues")
-            self.kubectl("delete", "namespace", namespace, "--wait=false")
+            began = time.monotonic()
+            self.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=900s", timeout=960)
+            say(f"  deleted in {time.monotonic() - began:.1f}s")
 
     def measure_handover(self) -> None:
         """Two replicas under peering; the active one SIGKILLed (issue 11)."""
