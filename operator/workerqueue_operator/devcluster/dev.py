@@ -45,7 +45,8 @@ def install_crds(bin_dir: Path, kubeconfig: Path) -> None:
     controlplane.wait_established(functools.partial(_kubectl, bin_dir, kubeconfig), "workerqueues.agentcontrol.dev")
 
 
-def usage(state_dir: Path, port: int, temporal: TemporalServer) -> str:
+def usage(state_dir: Path, port: int, *, temporal_address: str, temporal_namespace: str) -> str:
+    """What `dev` prints once everything runs: the commands to try, each ready to paste into a shell."""
     kubeconfig = state_dir / "kubeconfig"
     url = f"http://127.0.0.1:{port}"
     cli = find_cli()
@@ -63,11 +64,11 @@ Start a worker for the example queue, as the real worker client does:
   curl -s -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
        -d '{{"worker_sdk_version": "dev"}}' {url}/api/v1/worker-queues/minimal-queue/start
 
-or run the test worker (it behaves as the real one) and give it a workflow on the local Temporal ({temporal.address}):
+or run the test worker (it behaves as the real one) and give it a workflow on the local Temporal ({temporal_address}):
 
   KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \\
       {sys.executable} -m workerqueue_operator.devcluster.worker
-  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+  {cli} workflow start --address {temporal_address} --namespace {temporal_namespace} \\
       --task-queue minimal-queue --type AgentExecutionWorkflow --workflow-id demo-1 \\
       --input '{{"execution_id": "demo-1", "duration_seconds": 5}}'
 
@@ -77,7 +78,7 @@ at its first call ("Execution demo-3 not found"), as it would on a real control 
 
   KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \\
       LITELLM_LOCAL_MODEL_COST_MAP=True "$(bash hack/real-worker.sh)"
-  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+  {cli} workflow start --address {temporal_address} --namespace {temporal_namespace} \\
       --task-queue minimal-queue --type AgentExecutionWorkflow --workflow-id demo-3 \\
       --input '{{"execution_id": "demo-3", "agent_id": "agent-1", "organization_id": "default", "prompt": "hi"}}'
 
@@ -85,7 +86,7 @@ The operator runs the pods of the single-execution example as local processes (l
 a workflow on its queue is taken by one of them, which then exits and is replaced:
 
   kubectl get pods -l app.kubernetes.io/managed-by=workerqueue-operator -w
-  {cli} workflow start --address {temporal.address} --namespace {temporal.namespace} \\
+  {cli} workflow start --address {temporal_address} --namespace {temporal_namespace} \\
       --task-queue single-execution-queue --type AgentExecutionWorkflow --workflow-id demo-2 \\
       --input '{{"execution_id": "demo-2", "duration_seconds": 5}}'
 
@@ -117,7 +118,8 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
                 if EXAMPLES.is_dir():
                     _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
                 os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
-                _say(usage(state, port, temporal))
+                _say(usage(state, port, temporal_address=temporal.address,
+                           temporal_namespace=temporal.namespace))
                 # kopf handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 

@@ -1,0 +1,39 @@
+"""What `dev` prints: commands a newcomer pastes into a shell as they are."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from workerqueue_operator.devcluster.dev import usage
+
+TEXT = usage(Path("/tmp/dev-state"), 8080, temporal_address="127.0.0.1:7233", temporal_namespace="default")
+
+
+def command_lines() -> list[str]:
+    return [line for line in TEXT.splitlines() if line.startswith("  ") and line.strip()]
+
+
+def test_each_command_continues_where_it_says_so_and_parses_in_bash():
+    lines = command_lines()
+    for before, line in itertools.pairwise(lines):
+        continued = before.endswith(" \\")
+        assert continued == line.startswith("      "), (before, line)
+    for line in lines:
+        # A line continuation lost in the source joins two lines with the next one's indentation.
+        assert not re.search(r"\S {3,}\S", line.strip()), line
+    script = "\n".join(line.strip() for line in lines)
+    checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_workflows_are_started_with_the_input_their_worker_expects():
+    inputs = {match[0]: json.loads(match[1]) for match in re.findall(
+        r"--workflow-id (\S+) \\\n\s+--input '([^']+)'", TEXT)}
+    assert set(inputs) == {"demo-1", "demo-2", "demo-3"}
+    # demo-3 is for the real worker: the protocol's AgentExecutionWorkflow input.
+    assert {"execution_id", "agent_id", "organization_id", "prompt"} <= set(inputs["demo-3"])
+    assert all(spec["execution_id"] == workflow_id for workflow_id, spec in inputs.items())
