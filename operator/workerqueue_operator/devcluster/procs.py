@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -117,8 +118,10 @@ def own_hostname(name: str) -> Callable[[], None]:
     return preexec
 
 
+@functools.cache
 def can_own_hostname() -> bool:
-    """Whether children may be given a hostname of their own here (see own_hostname)."""
+    """Whether children may be given a hostname of their own here (see own_hostname); probed once a
+    process, not at every kubelet's start (each test starts one)."""
     try:
         subprocess.run(["true"], preexec_fn=own_hostname("probe"), check=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
