@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,31 @@ def test_stop_stops_every_child(kubelet: Callable[..., LocalKubelet], api_client
     pids = local.pids()
     local.stop()
     assert not any(alive(pid) for pid in pids)
+
+
+class StartsAsItStops(LocalKubelet):
+    """Starts its first pod's process only once stop() began: the race of a stop amid a start."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.starting = threading.Event()
+
+    def _run(self, pod: Any) -> None:
+        self.starting.set()
+        self._stopping.wait(30)
+        super()._run(pod)
+
+
+def test_a_child_started_while_the_kubelet_stops_is_reaped(kubeconfig: Path, api_client: client.ApiClient,
+                                                            namespace: str, tmp_path: Path):
+    core = client.CoreV1Api(api_client)
+    local = StartsAsItStops(kubeconfig, tmp_path / "kubelet", namespaces=[namespace],
+                            command=[sys.executable, "-c", SCRIPT], grace=2.0, log=lambda m: None)
+    local.start()
+    try:
+        make_pod(core, namespace, "late", [{"name": "OUT", "value": str(tmp_path / "late.json")}])
+        assert local.starting.wait(30), "the kubelet never began to start the pod"
+    finally:
+        local.stop()
+    (proc,) = local.processes()
+    assert proc.popen.returncode is not None and not alive(proc.popen.pid)

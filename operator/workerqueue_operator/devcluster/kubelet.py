@@ -157,6 +157,10 @@ class LocalKubelet(procs.Service):
             # The watch thread may sit in a read until the next event: it is a daemon, not waited for.
             thread.join(timeout=1.0 if thread.name == "kubelet-watch" else self.grace + 15)
         self._threads.clear()
+        # A child the run thread was starting while the loop above ran was not in it: the end of that
+        # thread killed it (PR_SET_PDEATHSIG); reaped here, so that no process is left unwaited for.
+        for proc in self.processes():
+            procs.terminate(proc.popen, self.grace)
         self._api.close()
 
     def processes(self) -> list[PodProcess]:
