@@ -18,7 +18,10 @@ def listening(pid: int) -> list[str]:
     """The local addresses (hex, as /proc shows them) of the TCP sockets `pid` listens on."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing: the server's own connections come and go
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
