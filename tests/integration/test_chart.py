@@ -7,6 +7,7 @@ every WorkerQueue), which must not happen to the cluster the other tests share.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -291,7 +292,7 @@ def test_watch_namespaces_gives_roles_there_and_little_cluster_wide(helm: Helm):
         binding = find(docs, "RoleBinding", "wq-workerqueue-operator", namespace)
         assert binding["subjects"][0]["namespace"] == "wq-system"
     # The operator-wide default Temporal key lives in the release namespace: readable by name only.
-    secrets_role = find(docs, "Role", "wq-workerqueue-operator-default-secrets", "wq-system")
+    secrets_role = find(docs, "Role", "wq-workerqueue-operator-wq-system-default-secrets", "wq-system")
     assert secrets_role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
                                       "resourceNames": ["temporal-default"], "verbs": ["get", "list", "watch"]}]
     assert config_of(docs)["namespaces"] == list(OFFLINE.watched)
@@ -571,6 +572,7 @@ def test_install_upgrade_uninstall(helm: Helm, own_cluster: ControlPlane, own_ap
     ext, custom = k8s.ApiextensionsV1Api(api), k8s.CustomObjectsApi(api)
     release, namespace = f"wq-{secrets.token_hex(3)}", f"lifecycle-{secrets.token_hex(3)}"
     fullname = f"{release}-workerqueue-operator"
+    cluster_name = f"{fullname}-{namespace}"  # cluster-scoped: named after the release namespace too
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
 
     # Install: CRDs (the template and crds/), the peering object of kind from crds/ in the same go.
@@ -583,8 +585,8 @@ def test_install_upgrade_uninstall(helm: Helm, own_cluster: ControlPlane, own_ap
     core.read_namespaced_service(fullname, namespace)
     core.read_namespaced_service_account(fullname, namespace)
     config = core.read_namespaced_config_map(fullname, namespace)
-    rbac.read_cluster_role(fullname)
-    rbac.read_cluster_role_binding(fullname)
+    rbac.read_cluster_role(cluster_name)
+    rbac.read_cluster_role_binding(cluster_name)
     custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", fullname)
     status = json.loads(helm("status", release, f"--namespace={namespace}", "--output=json",
                              kubeconfig=kubeconfig).stdout)
@@ -618,8 +620,8 @@ def test_install_upgrade_uninstall(helm: Helm, own_cluster: ControlPlane, own_ap
                  lambda: core.read_namespaced_service(fullname, namespace),
                  lambda: core.read_namespaced_config_map(fullname, namespace),
                  lambda: core.read_namespaced_service_account(fullname, namespace),
-                 lambda: rbac.read_cluster_role(fullname),
-                 lambda: rbac.read_cluster_role_binding(fullname),
+                 lambda: rbac.read_cluster_role(cluster_name),
+                 lambda: rbac.read_cluster_role_binding(cluster_name),
                  lambda: custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", fullname)):
         with pytest.raises(k8s.ApiException) as info:
             read()
@@ -639,3 +641,46 @@ def test_install_upgrade_uninstall(helm: Helm, own_cluster: ControlPlane, own_ap
     else:
         wait_for(crd_gone, timeout=30, what="the CRD deleted with the release")
     ext.read_custom_resource_definition("clusterkopfpeerings.kopf.dev")  # crds/ are never deleted by Helm
+
+
+def test_two_releases_of_one_name_in_two_namespaces(helm: Helm, own_cluster: ControlPlane, own_api: k8s.ApiClient):
+    """One release per team, each named as docs/helm.md installs it: their cluster-scoped objects
+    (ClusterRole, ClusterRoleBinding) must not collide, nor one's uninstall take the other's."""
+    kubeconfig, core, rbac = own_cluster.kubeconfig, k8s.CoreV1Api(own_api), k8s.RbacAuthorizationV1Api(own_api)
+    suffix = secrets.token_hex(3)
+    teams = {f"ops-a-{suffix}": f"team-a-{suffix}", f"ops-b-{suffix}": f"team-b-{suffix}"}
+    for name in (*teams, *teams.values()):
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    release = "workerqueue-operator"
+
+    def bindings() -> dict[str, set[tuple[str, str]]]:
+        """The ClusterRoles bound to each release's ServiceAccount, by release namespace."""
+        found: dict[str, set[tuple[str, str]]] = {ns: set() for ns in teams}
+        for binding in rbac.list_cluster_role_binding().items:
+            for subject in binding.subjects or []:
+                if subject.name == release and subject.namespace in teams:
+                    found[subject.namespace].add((binding.metadata.name, binding.role_ref.name))
+        return found
+
+    try:
+        for namespace, watched in teams.items():
+            helm("install", release, str(CHART), f"--namespace={namespace}", f"--set=watchNamespaces={{{watched}}}",
+                 "--set=crds.install=false", kubeconfig=kubeconfig)
+        bound = bindings()
+        assert all(bound.values()) and not set.intersection(*bound.values()), bound
+        for namespace in teams:
+            for _, role in bound[namespace]:
+                rules = rbac.read_cluster_role(role).rules
+                assert any("tokenreviews" in rule.resources for rule in rules)
+
+        first, second = teams
+        helm("uninstall", release, f"--namespace={second}", "--wait", "--timeout=60s", kubeconfig=kubeconfig)
+        assert bindings()[first] == bound[first], "uninstalling one release left the other's RBAC alone"
+        for _, role in bound[first]:
+            rbac.read_cluster_role(role)
+    finally:
+        for namespace in teams:
+            helm("uninstall", release, f"--namespace={namespace}", kubeconfig=kubeconfig, check=False)
+        for name in (*teams, *teams.values()):
+            with contextlib.suppress(k8s.ApiException):
+                core.delete_namespace(name)

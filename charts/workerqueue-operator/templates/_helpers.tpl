@@ -18,6 +18,13 @@
 {{- end }}
 {{- end }}
 
+{{/* Objects that releases in other namespaces could also put where they go (cluster-scoped ones, and
+Roles beside shared default Secrets): named after the release's namespace too, so that one release
+per team, each under the name the docs use, neither collides nor takes the other's with it. */}}
+{{- define "workerqueue-operator.uniqueName" -}}
+{{- printf "%s-%s" (include "workerqueue-operator.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{- define "workerqueue-operator.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
