@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -684,3 +685,54 @@ def test_two_releases_of_one_name_in_two_namespaces(helm: Helm, own_cluster: Con
         for name in (*teams, *teams.values()):
             with contextlib.suppress(k8s.ApiException):
                 core.delete_namespace(name)
+
+
+def without_value(chart: Path, value: str) -> None:
+    """The chart as it was before a top-level value was added: what a previous release was installed from."""
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    del values[value]
+    (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    schema = json.loads((chart / "values.schema.json").read_text())
+    del schema["properties"][value]
+    (chart / "values.schema.json").write_text(json.dumps(schema))
+    helpers = chart / "templates" / "_helpers.tpl"
+    lines = helpers.read_text().splitlines()
+    kept = [line for line in lines if f".{value}." not in line]
+    assert len(kept) < len(lines), f"no template uses {value}"
+    helpers.write_text("\n".join(kept) + "\n")
+
+
+def documented_upgrade(namespace: str) -> list[str]:
+    """The `helm upgrade` command of docs/helm.md's Upgrade section, for this namespace and chart."""
+    section = DOCS.read_text().split("## Upgrade", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith("helm upgrade ")]
+    args = shlex.split(line)[1:]
+    args[args.index("-n") + 1] = namespace
+    return [str(CHART) if arg == "charts/workerqueue-operator" else arg for arg in args]
+
+
+def test_documented_upgrade_works_when_the_new_chart_adds_a_value(helm: Helm, own_cluster: ControlPlane,
+                                                                   own_api: k8s.ApiClient, tmp_path: Path):
+    """`helm upgrade --reuse-values` takes the previous chart's values in place of the new chart's
+    defaults, so every value a newer chart adds is missing (a nil pointer in the templates): the
+    upgrade docs/helm.md tells people to run must work across chart versions."""
+    core, apps = k8s.CoreV1Api(own_api), k8s.AppsV1Api(own_api)
+    namespace = f"upgrade-{secrets.token_hex(3)}"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+    previous = tmp_path / "workerqueue-operator"
+    shutil.copytree(CHART, previous)
+    without_value(previous, "registry")
+    try:
+        # Installed as the docs install it, with a setting of its own (the CRD is another release's here).
+        helm("install", "workerqueue-operator", str(previous), f"--namespace={namespace}",
+             "--set=crds.install=false", "--set=organizationId=kept", kubeconfig=own_cluster.kubeconfig)
+        helm(*documented_upgrade(namespace), kubeconfig=own_cluster.kubeconfig)
+        config = yaml.safe_load(core.read_namespaced_config_map("workerqueue-operator", namespace).data["config.yaml"])
+        assert config["organization_id"] == "kept", "the release's own values are reused"
+        assert config["registry_max_pending"] == Settings().registry_max_pending, "the new value has its default"
+        apps.read_namespaced_deployment("workerqueue-operator", namespace)
+    finally:
+        helm("uninstall", "workerqueue-operator", f"--namespace={namespace}", kubeconfig=own_cluster.kubeconfig,
+             check=False)
+        with contextlib.suppress(k8s.ApiException):
+            core.delete_namespace(namespace)
