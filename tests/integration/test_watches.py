@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -16,6 +18,8 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import informer
 
 TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
 
@@ -149,3 +153,27 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             assert f"watch workerqueues/{namespace} recovered" in own.logs()
         finally:
             own.stop()
+
+
+async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,
+                                                                            caplog: pytest.LogCaptureFixture):
+    """An operator started before its CRD (`crds.install=false`, the CRD not applied yet) stays
+    unready; its log must say what is missing, not `404 : `."""
+    caplog.set_level(logging.WARNING, logger=informer.__name__)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    path = "/apis/notinstalled.agentcontrol.dev/v1alpha1/workerqueues"
+    watch = informer.Informer(client, path, on_upsert=lambda _: None, on_delete=lambda *_: None,
+                              name="workerqueues/*")
+    task = asyncio.create_task(watch.run())
+    try:
+        for _ in range(100):
+            if watch.failures:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+    assert not watch.synced.is_set()
+    line = next(r.getMessage() for r in caplog.records if "watch workerqueues/* failed" in r.getMessage())
+    assert path in line and "CustomResourceDefinition" in line, line

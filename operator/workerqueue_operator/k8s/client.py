@@ -150,7 +150,7 @@ class KubeClient:
         ) as response:
             payload = await response.read()
             if response.status >= 400:
-                raise _api_error(response.status, payload)
+                raise _api_error(response.status, payload, path)
             result: JSON = json.loads(payload) if payload else {}
             return result
 
@@ -177,7 +177,7 @@ class KubeClient:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout + 30),
         ) as response:
             if response.status >= 400:
-                raise _api_error(response.status, await response.read())
+                raise _api_error(response.status, await response.read(), path)
             async for line in watch_lines(response.content, max_line=max_line):
                 yield json.loads(line)
 
@@ -207,11 +207,16 @@ async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATC
             raise LineTooLong(f"a watch event exceeds {max_line} bytes")
 
 
-def _api_error(status: int, payload: bytes) -> ApiError:
+def _api_error(status: int, payload: bytes, path: str) -> ApiError:
     try:
         parsed = json.loads(payload)
     except ValueError:
         parsed = {}
     if not isinstance(parsed, dict):
         parsed = {}
+    if status == 404 and not parsed:
+        # No Status: the path itself is unknown ("404 page not found"), most often a CRD not installed,
+        # which would otherwise read `404 : ` in the log of an operator that never gets ready.
+        return ApiError(status, "NotFound", f"the API server does not serve {path} "
+                        "(for a custom resource: is its CustomResourceDefinition installed?)")
     return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500])
