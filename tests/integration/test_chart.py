@@ -260,14 +260,13 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
     docs = helm.template({})
     role = find(docs, "ClusterRole")
     assert rules_of(role) == {
-        ("agentcontrol.dev", "workerqueues"): {"get", "list", "watch", "patch", "delete"},
+        ("agentcontrol.dev", "workerqueues"): {"get", "list", "watch", "delete"},
         ("agentcontrol.dev", "workerqueues/status"): {"get", "patch", "update"},
         ("agentcontrol.dev", "workerqueues/finalizers"): {"update"},
         ("", "secrets"): {"get", "list", "watch", "create", "delete"},
         ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch", "delete"},
         ("", "pods"): {"get", "list", "watch", "create", "delete"},
-        ("", "events"): {"create", "patch"},
-        ("events.k8s.io", "events"): {"create", "patch"},
+        ("", "events"): {"create"},  # core/v1 Events, ours and kopf's: posted, never patched
         ("authentication.k8s.io", "tokenreviews"): {"create"},
         ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},

@@ -101,9 +101,10 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 
 {{/* What the operator does in each namespace it serves: cluster-wide or per watched namespace. */}}
 {{- define "workerqueue-operator.namespacedRules" -}}
+# Watched; finished ephemeral queues are deleted. Never changed: the spec is the users'.
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues/status"]
   verbs: ["get", "patch", "update"]
@@ -125,12 +126,10 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# core/v1 Events, the operator's and kopf's: posted, never patched.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if and (include "workerqueue-operator.peering" .) .Values.watchNamespaces }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
