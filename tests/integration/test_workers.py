@@ -209,6 +209,20 @@ def test_queue_that_cannot_serve_gets_no_workers_until_it_can(kube: Kube, namesp
     wait_pods(kube, namespace, "nr", ["nr-w0"])
 
 
+def test_queue_whose_upstream_key_is_missing_gets_no_workers_until_it_is_there(kube: Kube, namespace: str):
+    # /start answers such a queue 503: each worker started would exit 1, and the queue go CrashLooping.
+    kube.create_queue(namespace, "nu", queueId=f"nu-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      upstream={"url": "https://cp.example.com", "apiKeySecretRef": {"name": "org", "key": "api-key"}})
+    kube.wait_condition(namespace, "nu", "False", "SecretNotFound")
+    progressing = kube.wait_condition(namespace, "nu", "False", "SecretNotFound", type_="Progressing")
+    assert "secret org not found" in progressing["message"]
+    time.sleep(1)
+    assert kube.pods(namespace, "nu") == []
+    kube.put_secret(namespace, "org", **{"api-key": "k"})
+    wait_pods(kube, namespace, "nu", ["nu-w0"])
+    kube.wait_condition(namespace, "nu", "True")
+
+
 def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
     kube.create_queue(namespace, "bad", queueId=f"bad-{namespace}", singleExecution=True, temporal=TEMPORAL,
                       worker={"template": {"spec": {"containers": [{"name": "no-image"}]}}})

@@ -156,6 +156,13 @@ def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):
     assert "a\nb" not in r.problem.message
 
 
+def test_no_worker_starts_while_the_upstream_key_is_missing():
+    """/start answers such a queue 503, on which a worker exits: it must not be started."""
+    r = resolve(queue(upstream=UPSTREAM, singleExecution=True), {("team-a", "org"): None})
+    assert r.config is not None and not r.starts_workers
+    assert resolve(queue(upstream=UPSTREAM, singleExecution=True), {("team-a", "org"): {"api-key": "k"}}).starts_workers
+
+
 def test_the_upstream_is_resolved_even_when_something_else_is_missing():
     """Running workers keep reaching their upstream while, e.g., a Temporal key is missing."""
     q = queue(upstream=UPSTREAM, temporal={"host": "t:1", "namespace": "n",

@@ -51,3 +51,17 @@ def test_workers_that_cannot_start_make_the_queue_stop_progressing():
                                       "q1-w2: ImagePullBackOff and 1 more")
     started = conditions(status.desired_status(q, {"workers": {**workers, "stuck": []}}, now=NOW))["Progressing"]
     assert (started["status"], started["reason"]) == ("True", "WorkersAvailable")
+
+
+def test_a_queue_whose_workers_wait_for_it_to_serve_is_not_progressing():
+    missing = queues.Problem("SecretNotFound", "secret org not found in namespace team-a")
+    held = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True), config=None,
+                             problem=missing)
+    workers = {"desired": 1, "pending": 0, "running": 0}
+    progressing = conditions(status.desired_status(held, {"workers": workers}, now=NOW))["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "SecretNotFound")
+    assert progressing["message"] == ("0 of 1 workers alive; none are started until the queue is Ready "
+                                      "(secret org not found in namespace team-a)")
+    # Workers already running go on: nothing is missing from what they were asked to do.
+    running = conditions(status.desired_status(held, {"workers": {**workers, "running": 1}}, now=NOW))["Progressing"]
+    assert (running["status"], running["reason"]) == ("True", "WorkersAvailable")

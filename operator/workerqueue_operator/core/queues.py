@@ -250,6 +250,13 @@ class Resolution:
     def ready(self) -> bool:
         return self.problem is None
 
+    @property
+    def starts_workers(self) -> bool:
+        """Whether new workers may start: /start answers a queue that is not Ready with 503, on which a
+        worker exits. The token Secret the operator is creating right now is no reason to wait (pods
+        refer to it by name)."""
+        return self.problem is None or self.awaiting_generated_token
+
 
 class _Unresolved(Exception):
     def __init__(self, problem: Problem) -> None:

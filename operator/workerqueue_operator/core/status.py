@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from workerqueue_operator.core.queues import Resolution
+from workerqueue_operator.core.queues import Problem, Resolution
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -57,7 +57,8 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     manages = queue.spec.ephemeral or queue.spec.single_execution
     crash_looping = manages and workers.get("crashLoopGeneration") is not None
     if manages:
-        progressing = _progressing(queue.spec.suspend, crash_looping, workers)
+        progressing = _progressing(queue.spec.suspend, crash_looping, workers,
+                                   held=None if resolution.starts_workers else problem)
         conditions = set_condition(conditions, type=PROGRESSING, status=progressing[0], reason=progressing[1],
                                    message=progressing[2], generation=generation, now=now)
     else:
@@ -82,13 +83,18 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     }
 
 
-def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any]) -> tuple[str, str, str]:
+def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
+                 held: Problem | None = None) -> tuple[str, str, str]:
+    """`held`: why no worker is started now (the supervisor waits for the queue to be able to serve)."""
     alive = int(workers.get("pending", 0)) + int(workers.get("running", 0))
     desired = int(workers.get("desired", 0))
     if crash_looping:
         return "False", "CrashLooping", "no new workers until the spec changes"
     if suspended:
         return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
+    if held is not None and alive < desired:
+        return "False", held.reason, (f"{alive} of {desired} workers alive; none are started until the queue is Ready "
+                                       f"({held.message})")
     if workers.get("lastError"):
         return "False", "PodCreationFailed", str(workers["lastError"])
     stuck = [str(entry) for entry in workers.get("stuck") or []]
