@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
 
+import pytest
+
+from workerqueue_operator.core import workqueue
 from workerqueue_operator.core.workqueue import WorkQueue
 
 
@@ -31,6 +36,44 @@ async def test_behind_while_keys_wait_for_a_slot_and_not_once_they_are_done():
         await asyncio.wait_for(all_done.wait(), 5)
         await asyncio.sleep(0)  # the last key's slot is given back after it returns
         assert not queue.behind and sorted(done) == [1, 2, 3]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+@pytest.mark.looptime
+async def test_an_api_server_outage_backs_off_each_key_and_logs_a_line_now_and_then(caplog: pytest.LogCaptureFixture):
+    """1,000 queues failing for a minute (the API server is away): each key is retried ever less often,
+    not every 2 s, and the log gets a counted line every 10 s, not one per failure."""
+    caplog.set_level(logging.WARNING, logger=workqueue.__name__)
+    calls: Counter[int] = Counter()
+    healthy = asyncio.Event()
+
+    async def process(key: int) -> None:
+        calls[key] += 1
+        if not healthy.is_set():
+            raise ConnectionError("Cannot connect to host kubernetes.default.svc:443")
+
+    queue: WorkQueue[int] = WorkQueue(process, name="workers", concurrency=8)
+    runner = asyncio.create_task(queue.run())
+    try:
+        for key in range(1000):
+            queue.add(key)
+        await asyncio.sleep(60)
+        assert max(calls.values()) <= 6, "retried at 2, 6, 14, 30 and 62 s at most (back-off doubling)"
+        lines = [r.getMessage() for r in caplog.records]
+        assert 1 <= len(lines) <= 7, lines[:10]
+        assert "more failures" in lines[-1]
+        healthy.set()
+        before = dict(calls)
+        queue.add(0)
+        await asyncio.sleep(1)
+        assert calls[0] == before[0] + 1
+        # A success forgets the key's failures: its next failure is retried after 2 s again.
+        healthy.clear()
+        queue.add(0)
+        await asyncio.sleep(2.5)
+        assert calls[0] == before[0] + 3
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

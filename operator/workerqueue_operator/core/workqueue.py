@@ -1,5 +1,9 @@
 """A keyed work queue, as controllers use: a key scheduled many times is processed once, never twice
-at the same time, with bounded concurrency across keys, retries after failures and delayed requeues."""
+at the same time, with bounded concurrency across keys, retries after failures and delayed requeues.
+
+A key that keeps failing is retried ever less often (2 s doubling to a minute, as client-go's rate
+limiter does), and failures are logged in one line at most every 10 s with a count: while the API
+server is away, 10,000 queues must not become 5,000 requests and log lines a second."""
 
 from __future__ import annotations
 
@@ -21,10 +25,17 @@ class WorkQueue(Generic[K]):
         name: str,
         concurrency: int = 8,
         retry_seconds: float = 2.0,
+        max_retry_seconds: float = 60.0,
+        log_every_seconds: float = 10.0,
     ) -> None:
         self._process = process
         self._name = name
         self._retry_seconds = retry_seconds
+        self._max_retry_seconds = max_retry_seconds
+        self._failures: dict[K, int] = {}  # consecutive failures of each failing key
+        self._log_every = log_every_seconds
+        self._logged_at: float | None = None
+        self._unlogged = 0  # failures since the last line
         self._dirty: dict[K, None] = {}  # an insertion-ordered set
         self._running: set[K] = set()
         self._again: set[K] = set()
@@ -90,11 +101,26 @@ class WorkQueue(Generic[K]):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one key's failure must not stop the others
-            logger.warning("%s: processing %s failed, retrying in %.0fs: %s", self._name, key, self._retry_seconds, exc)
-            self.add_after(key, self._retry_seconds)
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(self._retry_seconds * 2 ** min(failures - 1, 32), self._max_retry_seconds)
+            self._log_failure(key, delay, exc)
+            self.add_after(key, delay)
+        else:
+            self._failures.pop(key, None)
         finally:
             self._running.discard(key)
             self._slots.release()
             if key in self._again:
                 self._again.discard(key)
                 self.add(key)
+
+    def _log_failure(self, key: K, delay: float, exc: Exception) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._logged_at is not None and now - self._logged_at < self._log_every:
+            self._unlogged += 1
+            return
+        more = ""
+        if self._logged_at is not None and self._unlogged:
+            more = f" (and {self._unlogged} more failures in the last {now - self._logged_at:.0f}s)"
+        logger.warning("%s: processing %s failed, retrying in %.0fs: %s%s", self._name, key, delay, exc, more)
+        self._logged_at, self._unlogged = now, 0
