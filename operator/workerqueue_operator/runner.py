@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -202,11 +201,8 @@ class Watches:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve_http(app: web.Application, settings: settings_.Settings) -> tuple[web.AppRunner, int]:
-    context = None
-    if settings.tls_cert_file and settings.tls_key_file:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+async def serve_http(app: web.Application, settings: settings_.Settings,
+                     certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
     # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds, and a
     # stream passed through to an upstream is then cut, so that its worker retries elsewhere well
     # within the pod's termination grace period (the chart's 30 s) instead of holding it up.
@@ -219,7 +215,7 @@ async def serve_http(app: web.Application, settings: settings_.Settings) -> tupl
     limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds)
     if limit < settings.http_max_connections:
         logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds", limit)
-    listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, ssl_context=context,
+    listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, certificate=certificate,
                                 handshake_timeout=settings.http_idle_timeout_seconds)
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
     app[keys.METRICS].gauge("workerqueue_http_connections_limit", "The most HTTP connections open at once.",
@@ -291,7 +287,9 @@ async def run(
     app[keys.METRICS].gauge("workerqueue_active_replica",
                             "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
                             lambda: int(activity.is_active()))
-    http, port = await serve_http(app, settings)
+    certificate = (serving.Certificate(settings.tls_cert_file, settings.tls_key_file)
+                   if settings.tls_cert_file and settings.tls_key_file else None)
+    http, port = await serve_http(app, settings, certificate)
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     if on_listening is not None:
         on_listening(port)
@@ -318,6 +316,8 @@ async def run(
              asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
                                                             activity=activity).run(),
                                  name="live worker counts")]
+    if certificate is not None:
+        tasks.append(asyncio.create_task(certificate.watch(settings.tls_reload_seconds), name="TLS certificate"))
     if stop_flag is not None:
         tasks.append(asyncio.create_task(_relay(stop_flag, stopping), name="stop flag"))
     for task in tasks:

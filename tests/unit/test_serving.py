@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -175,3 +179,26 @@ def test_the_connection_limit_stays_below_the_fd_limit(monkeypatch: pytest.Monke
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: raised.append(limits))
     assert serving.connection_limit(4096, 256) == 4096
     assert raised == [(4352, 1 << 20)]
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_a_certificate_is_reloaded_when_its_files_change_and_kept_when_they_do_not_load(tmp_path: Path):
+    old, new = self_signed(tmp_path, "old"), self_signed(tmp_path, "new")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(old[0], cert)
+    shutil.copy(old[1], key)
+    certificate = serving.Certificate(str(cert), str(key))
+    first = certificate.context
+    assert not certificate.reload() and certificate.context is first  # unchanged files: nothing read again
+    shutil.copy(new[0], cert)  # half-way through a rotation: the new certificate, the old key
+    with pytest.raises(ssl.SSLError):
+        certificate.reload()
+    assert certificate.context is first  # still serving the old pair
+    shutil.copy(new[1], key)
+    assert certificate.reload() and certificate.context is not first

@@ -10,6 +10,9 @@ at the limit a new connection makes room by closing the longest-idle one (no req
 handled), so that a flood of idle sockets cannot lock out /healthz or a worker; only when every
 connection is busy is the newcomer answered 503 and closed. A TLS handshake must end within the
 idle timeout too.
+
+Over TLS, each connection gets the `Certificate`'s current context, which follows the certificate
+files: a renewed certificate is served without a restart.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import resource
 import socket
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 
@@ -95,12 +99,12 @@ class Listener:
     connection closed to make room gives its fd back on the next turn."""
 
     def __init__(self, server: web.Server, *, limit: int, busy: set[object], log: logs.Throttled,
-                 ssl_context: ssl.SSLContext | None, handshake_timeout: float) -> None:
+                 certificate: Certificate | None, handshake_timeout: float) -> None:
         self._server = server
         self.limit = limit
         self._busy = busy
         self._log = log
-        self._ssl = ssl_context
+        self._tls = certificate
         self._handshake_timeout = handshake_timeout
         self._socks: list[socket.socket] = []
         self._pending: set[asyncio.Task[None]] = set()  # accepted, transport not made yet (TLS handshakes)
@@ -187,7 +191,7 @@ class Listener:
         self._log.log(logging.WARNING, "connections_refused",
                       "%d HTTP connections, all busy: a new one was refused", self.open)
         with contextlib.suppress(OSError):
-            if self._ssl is None:  # a plain-text answer means nothing inside TLS
+            if self._tls is None:  # a plain-text answer means nothing inside TLS
                 conn.setblocking(False)
                 conn.send(_REFUSED)
         conn.close()
@@ -195,10 +199,52 @@ class Listener:
     async def _connect(self, conn: socket.socket) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                self._server, conn, ssl=self._ssl,
-                ssl_handshake_timeout=self._handshake_timeout if self._ssl else None)
+                self._server, conn, ssl=self._tls.context if self._tls else None,
+                ssl_handshake_timeout=self._handshake_timeout if self._tls else None)
         except (OSError, TimeoutError, ssl.SSLError, asyncio.CancelledError):
             conn.close()  # a failed handshake, or a client already gone
+
+
+class Certificate:
+    """The HTTP API's certificate and key, read again when their files change. cert-manager renews a
+    certificate well before it expires and the kubelet updates the files of the mounted Secret; a
+    context loaded once at start-up would go on serving the old one until every worker's TLS fails."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self._files = (Path(cert_file), Path(key_file))
+        self._loaded = self._read()
+        self.context = self._load()
+
+    def _read(self) -> tuple[bytes, bytes]:
+        return self._files[0].read_bytes(), self._files[1].read_bytes()
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*self._files)
+        return context
+
+    def reload(self) -> bool:
+        """A new context when the files changed (True); a pair that does not load keeps the old one."""
+        files = self._read()
+        if files == self._loaded:
+            return False
+        self.context = self._load()
+        self._loaded = files
+        return True
+
+    async def watch(self, every: float) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if self.reload():
+                    logger.info("TLS certificate reloaded from %s", self._files[0])
+                failing = False
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                if not failing:  # retried at every check, said once
+                    logger.warning("TLS certificate %s not reloaded, the previous one is served: %s",
+                                   self._files[0], exc)
+                failing = True
 
 
 class _Site(web.BaseSite):

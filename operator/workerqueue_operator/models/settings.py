@@ -129,6 +129,10 @@ class Settings(BaseModel):
     """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
     tls_key_file: str | None = None
     """PEM private key of tls_cert_file."""
+    tls_reload_seconds: float = Field(default=10.0, gt=0)
+    """How often the two files are checked for a renewed certificate (cert-manager renews the
+    Secret, the kubelet updates the mounted files within a minute or so), which new connections
+    get from then on, without a restart."""
 
     # The worker registry.
     registry_max_pending: int = Field(default=25_000, ge=1)
