@@ -299,13 +299,16 @@ def resolve(
 ) -> Resolution:
     """The configuration a queue serves, or the first reason it cannot."""
     lookup = _Lookup(secrets)
-    try:
-        tokens = tuple(digest(lookup.value(queue.namespace, ref.name, ref.key)) for ref in queue.token_refs())
-    except _Unresolved as exc:
-        token_problem: Problem | None = exc.problem
-        tokens = ()
-    else:
-        token_problem = None
+    # Each token on its own: one Secret missing mid-rotation (listed before it is made, deleted before
+    # it is unlisted) starts no worker, but must not lock out the workers holding a token that resolves.
+    digests: list[bytes] = []
+    token_problem: Problem | None = None
+    for ref in queue.token_refs():
+        try:
+            digests.append(digest(lookup.value(queue.namespace, ref.name, ref.key)))
+        except _Unresolved as exc:
+            token_problem = token_problem or exc.problem
+    tokens = tuple(digests)
     try:
         upstream = _upstream(queue, lookup, settings)
     except _Unresolved as exc:
@@ -320,7 +323,8 @@ def resolve(
                           upstream=upstream, upstream_problem=upstream_problem)
     if token_problem is not None:
         generated = not queue.spec.auth.token_secret_refs
-        return Resolution(queue=queue, config=None, problem=token_problem, awaiting_generated_token=generated)
+        return Resolution(queue=queue, config=None, problem=token_problem, token_digests=tokens, upstream=upstream,
+                          upstream_problem=upstream_problem, awaiting_generated_token=generated)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
