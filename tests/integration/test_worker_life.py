@@ -139,3 +139,49 @@ async def test_executions_are_per_worker_and_temporal_outages_are_503(
     finally:
         temporal.start()
     wait_for(lambda: operator.call("GET", path, mine).status == 200, timeout=30, what="Temporal back")
+
+
+async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_the_old_executions(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # Pod names (so hostnames, so Temporal identities) start again at -w0 when a queue is deleted and
+    # made again, while its task queue (named by its queueId) keeps the executions the old pods ran.
+    # A new -w0 shown the old -w0's completed execution would exit at once without doing any work:
+    # the pool turns over for nothing, and an ephemeral queue is deleted with its workflow never run.
+    queue_id = f"again-{namespace}"
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+
+    def pod_token() -> str:
+        return wait_for(lambda: kube._has_secret(namespace, "again-w0-token") and kube.secret_value(
+            namespace, "again-w0-token", "token"), what="again-w0's token")
+
+    kube.create_queue(namespace, "again", **queue_spec(temporal, queue_id))
+    old = pod_token()
+
+    async def work() -> str:
+        client = await Client.connect(temporal.address, namespace=temporal.namespace)
+        async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                          activities=[workflows.Activities(control_plane_url=operator.url, api_key=old,
+                                                           progress=workflows.Progress(),
+                                                           log=lambda _: None).run_execution],
+                          identity=f"{os.getpid()}@again-w0"):
+            workflow_id = f"exec-{secrets.token_hex(4)}"
+            await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=workflow_id,
+                                          task_queue=queue_id)
+            return workflow_id
+    workflow_id = await asyncio.wait_for(work(), 60)
+    shown = wait_for(lambda: operator.call("GET", path, old).json(), what="the old again-w0's execution")
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "completed")]
+
+    kube.delete_queue(namespace, "again")
+    wait_for(lambda: not kube.queue_exists(namespace, "again"), what="the queue gone")
+    wait_for(lambda: not kube._has_secret(namespace, "again-w0-token"), timeout=90,
+             what="its token garbage-collected")
+    wait_for(lambda: not kube.pod_names(namespace, "again", alive=False), timeout=90,
+             what="its pod garbage-collected")
+    kube.create_queue(namespace, "again", **queue_spec(temporal, queue_id))
+    new = pod_token()
+    assert new != old
+    answer = wait_for(lambda: (r := operator.call("GET", path, new)).status == 200 and r,
+                      what="the new again-w0 served")
+    made = kube.core.read_namespaced_secret("again-w0-token", namespace).metadata.creation_timestamp
+    assert answer.json() == [], (made, operator.logs()[-3000:])  # nothing of its own yet: it waits for work

@@ -268,7 +268,8 @@ class Supervisor:
             # pod, so that the first pods of a burst need not wait for the last tokens.
             await resources.create_if_absent(
                 self._client, resources.secrets_path(queue.namespace),
-                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32)))
+                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32),
+                                               now=self._clock()))
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
