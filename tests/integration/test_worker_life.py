@@ -185,3 +185,35 @@ async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_
                       what="the new again-w0 served")
     made = kube.core.read_namespaced_secret("again-w0-token", namespace).metadata.creation_timestamp
     assert answer.json() == [], (made, operator.logs()[-3000:])  # nothing of its own yet: it waits for work
+
+
+async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # A burst of more workflows than one listing shows (100), the oldest taken first: a worker whose
+    # execution is not among the newest would never see it end, never exit, and take one workflow
+    # after another for the rest of its life instead of one.
+    queue_id = f"burst-{namespace}"
+    kube.create_queue(namespace, "burst", **queue_spec(temporal, queue_id))
+    mine = wait_for(lambda: kube._has_secret(namespace, "burst-w0-token") and kube.secret_value(
+        namespace, "burst-w0-token", "token"), what="burst-w0's token")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=operator.url, api_key=mine, progress=workflows.Progress(),
+                                      log=lambda _: None)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                      activities=[activities.run_execution], identity=f"{os.getpid()}@burst-w0"):
+        await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 600}, id=workflow_id,
+                                    task_queue=queue_id)
+        shown = wait_for(lambda: operator.call("GET", path, mine).json(), what="burst-w0's execution")
+        assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "running")]
+    # Its worker is away (the execution runs on, waiting for it); 120 newer ones wait for workers.
+    await asyncio.gather(*(client.start_workflow("AgentExecutionWorkflow", {}, id=f"later-{i}-{workflow_id}",
+                                                 task_queue=queue_id) for i in range(120)))
+    await asyncio.sleep(1.5)  # past the listing shared by polls within a second
+    shown = operator.call("GET", path, mine).json()
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "running")]
+    await client.get_workflow_handle(workflow_id).terminate()
+    shown = wait_for(lambda: [e for e in operator.call("GET", path, mine).json() if e["status"] != "running"],
+                     what="burst-w0's execution over")
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "cancelled")]

@@ -214,7 +214,8 @@ async def list_executions(request: web.Request) -> web.Response:
     endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
                                  api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
     try:
-        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT)
+        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT,
+                                                       taken_first=caller.worker is not None)
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if caller.worker is not None:
