@@ -77,8 +77,10 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
     key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
     resolution = store.resolution(key) if key is not None else None
     pod = caller.worker.pod if caller.worker is not None else None
+    # A pod's id is keyed by its own token (by the queue's when an earlier version issued it).
+    keys = resolution.token_digests if resolution is not None else ()
     if (resolution is None or resolution.queue.spec.suspend
-            or not queues.issued_worker_id(worker_id, resolution.token_digests, pod=pod)
+            or not queues.issued_worker_id(worker_id, (caller.token_digest, *keys) if pod else keys, pod=pod)
             or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     queue = resolution.queue
