@@ -252,3 +252,15 @@ def test_kill_9_while_creating_pods_for_50_queues(
         victim.stop(signal.SIGKILL)
         survivor.stop()
         operator.start()
+
+
+def test_queue_whose_upstream_key_is_missing_gets_no_workers_until_it_has_it(kube: Kube, namespace: str):
+    # Its /start answers 503 until then: a worker started meanwhile exits 1, and after backoffLimit of
+    # them the queue was CrashLooping, for good once the Secret came (until someone changed its spec).
+    kube.create_queue(namespace, "nu", queueId=f"nu-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      upstream={"url": "http://127.0.0.1:9", "apiKeySecretRef": {"name": "org-later", "key": "k"}})
+    kube.wait_condition(namespace, "nu", "False", "SecretNotFound")
+    time.sleep(1)
+    assert kube.pods(namespace, "nu") == []
+    kube.put_secret(namespace, "org-later", k="v")
+    wait_pods(kube, namespace, "nu", ["nu-w0"])

@@ -186,6 +186,15 @@ def test_the_upstream_is_resolved_even_when_something_else_is_missing():
     assert r.upstream_problem.message == "secret org not found in namespace team-a"  # told apart for the 503
 
 
+def test_workers_start_only_where_they_would_get_through_start():
+    assert resolve(queue()).starts_workers
+    assert queues.resolve(queue(), secrets={}, settings=SETTINGS).starts_workers  # the token being made
+    for broken in (resolve(queue(upstream=UPSTREAM), {("team-a", "org"): None}),  # /start answers 503
+                   queues.resolve(queue(upstream=UPSTREAM), secrets={("team-a", "org"): None}, settings=SETTINGS),
+                   resolve(queue(temporal={})), resolve(queue(suspend=True))):
+        assert not broken.starts_workers, broken.problem
+
+
 def test_default_upstream_needs_its_key():
     with pytest.raises(ValueError, match="upstream_api_key_secret"):
         Settings(upstream_url="https://cp.example")

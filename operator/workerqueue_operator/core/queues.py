@@ -250,6 +250,13 @@ class Resolution:
     def ready(self) -> bool:
         return self.problem is None
 
+    @property
+    def starts_workers(self) -> bool:
+        """Whether a worker started now would get through /start: the queue is Ready, or all it waits
+        for is the token Secret the operator is making (its pods refer to it by name). Not while its
+        upstream key is missing, though the queue resolves otherwise: /start answers 503 then."""
+        return self.ready or (self.awaiting_generated_token and self.upstream_problem is None)
+
 
 class _Unresolved(Exception):
     def __init__(self, problem: Problem) -> None:

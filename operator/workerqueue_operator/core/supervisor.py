@@ -155,7 +155,7 @@ class Supervisor:
         if key not in self._tracked:
             return
         resolution = self._store.resolution(key)
-        serving = resolution is not None and (resolution.config is not None or resolution.awaiting_generated_token)
+        serving = resolution is not None and resolution.starts_workers
         if self._serving.get(key) != serving:
             self._serving[key] = serving
             self._queue.add(key)
@@ -218,7 +218,7 @@ class Supervisor:
         resolution = self._store.resolution(key)
         create = plan.create
         status = plan.workers
-        if create and (resolution is None or (resolution.config is None and not resolution.awaiting_generated_token)):
+        if create and (resolution is None or not resolution.starts_workers):
             # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
             # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
