@@ -217,3 +217,27 @@ async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
     shown = wait_for(lambda: [e for e in operator.call("GET", path, mine).json() if e["status"] != "running"],
                      what="burst-w0's execution over")
     assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "cancelled")]
+
+
+def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # The old token Secret deleted before it is unlisted (or the new one listed before it is made):
+    # the queue starts no worker, but those running keep heartbeating and polling their executions
+    # (503s there for 30 minutes make the worker give up and stop, its execution with it).
+    queue_id = f"rot-{namespace}"
+    kube.put_secret(namespace, "tok-old", token="old-token")
+    kube.put_secret(namespace, "tok-new", token="new-token")
+    refs = [{"name": "tok-old", "key": "token"}, {"name": "tok-new", "key": "token"}]
+    kube.create_queue(namespace, "rot", **queue_spec(temporal, queue_id, auth={"tokenSecretRefs": refs}))
+    mine = wait_for(lambda: kube._has_secret(namespace, "rot-w0-token") and kube.secret_value(
+        namespace, "rot-w0-token", "token"), what="rot-w0's token")
+    started = wait_for(lambda: (r := operator.start_worker(queue_id, mine)).status == 200 and r.json(),
+                       what="rot-w0 started")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    kube.core.delete_namespaced_secret("tok-old", namespace)
+    kube.wait_condition(namespace, "rot", "False", "SecretNotFound")
+    assert operator.call("GET", path, mine).status == 200
+    beat = operator.call("POST", f"/api/v1/workers/{started['worker_id']}/heartbeat", "new-token",
+                         {"status": "running", "tasks_processed": 0, "current_task_id": None, "worker_metadata": {}})
+    assert beat.status == 200
+    assert operator.start_worker(queue_id, "new-token").status == 503  # no new worker meanwhile

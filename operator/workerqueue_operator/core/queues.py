@@ -329,8 +329,10 @@ def resolve(
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem)
     if token_problem is not None:
+        # Not Ready (no /start, no new pods), but what running workers use stays: their executions
+        # are listed from the config, their other calls go upstream.
         generated = not queue.spec.auth.token_secret_refs
-        return Resolution(queue=queue, config=None, problem=token_problem, token_digests=tokens, upstream=upstream,
+        return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
                           upstream_problem=upstream_problem, awaiting_generated_token=generated)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
