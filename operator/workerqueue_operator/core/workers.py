@@ -370,20 +370,26 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     assert s.scaling is not None
     top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
     busy = [p for p in alive if pod_hostname(p.name) in demand.busy]
+    # Running executions whose first worker is no pod alive (it was killed mid-run, or runs elsewhere):
+    # Temporal hands them on to another worker, which shows as idle since it did not take them first.
+    # Each needs a worker, and while one runs no running pod can be told idle for sure.
+    orphaned = len(demand.busy - {pod_hostname(p.name) for p in alive})
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
         w.surplus_since = None
         return []
-    w.desired = min(top, len(busy) + s.scaling.min_idle + demand.backlog)
+    w.desired = min(top, len(busy) + orphaned + s.scaling.min_idle + demand.backlog)
     if w.desired != previous.desired:
         # Workers that are still starting (Pending) count as capacity that is coming.
         events.append(Event(
             "ScaledUp" if w.desired > previous.desired else "ScaledDown",
-            f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, busy {len(busy)}, "
+            f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, "
+            f"busy {len(busy) + orphaned}, "
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
-    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy]
+    idle = [p for p in alive
+            if pod_hostname(p.name) not in demand.busy and not (orphaned and p.phase == "Running")]
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []
