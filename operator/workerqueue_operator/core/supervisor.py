@@ -389,6 +389,8 @@ class Supervisor:
         resolution = self._store.resolution(key)
         if self._temporal is None or resolution is None or resolution.config is None:
             return None
+        if resolution.awaiting_generated_token:
+            return None  # a new queue gets its status (this one's too) once its token is there
         fields = resolution.config.fields
         endpoint = temporal_.Endpoint(host=fields["temporal_host"], namespace=fields["temporal_namespace"],
                                       api_key=fields["temporal_api_key"] or "", tls=resolution.config.temporal_tls)
