@@ -119,7 +119,8 @@ class Feed:
         credential = workers.credential_from_secret(body)
         if credential is not None:
             queue, pod, token = credential
-            self._store.upsert_worker_credential(name, WorkerCredential(queue=queue, pod=pod), token)
+            self._store.upsert_worker_credential(
+                name, WorkerCredential(queue=queue, pod=pod, since=workers.made_at(body)), token)
         if self._store.is_used(name):
             self._store.upsert_secret(name, queues.decode_secret_data(body))
 

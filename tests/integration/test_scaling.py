@@ -104,7 +104,7 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
     scaled = next(e for e in kube.events(namespace, "scale") if e.reason == "ScaledUp")
     assert "backlog" in scaled.message and "busy" in scaled.message and "minIdle 0" in scaled.message
     # status.temporal is written at a bounded rate (every 5 s at most), so it shows the end soon after.
-    wait_for(lambda: kube.get_queue(namespace, "scale")["status"]["temporal"]["backlog"] == 0, timeout=15,
+    wait_for(lambda: kube.get_queue(namespace, "scale")["status"]["temporal"]["backlog"] == 0, timeout=45,
              what="status.temporal.backlog 0")
 
 

@@ -139,3 +139,105 @@ async def test_executions_are_per_worker_and_temporal_outages_are_503(
     finally:
         temporal.start()
     wait_for(lambda: operator.call("GET", path, mine).status == 200, timeout=30, what="Temporal back")
+
+
+async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_the_old_executions(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # Pod names (so hostnames, so Temporal identities) start again at -w0 when a queue is deleted and
+    # made again, while its task queue (named by its queueId) keeps the executions the old pods ran.
+    # A new -w0 shown the old -w0's completed execution would exit at once without doing any work:
+    # the pool turns over for nothing, and an ephemeral queue is deleted with its workflow never run.
+    queue_id = f"again-{namespace}"
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+
+    def pod_token() -> str:
+        return wait_for(lambda: kube._has_secret(namespace, "again-w0-token") and kube.secret_value(
+            namespace, "again-w0-token", "token"), what="again-w0's token")
+
+    kube.create_queue(namespace, "again", **queue_spec(temporal, queue_id))
+    old = pod_token()
+
+    async def work() -> str:
+        client = await Client.connect(temporal.address, namespace=temporal.namespace)
+        async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                          activities=[workflows.Activities(control_plane_url=operator.url, api_key=old,
+                                                           progress=workflows.Progress(),
+                                                           log=lambda _: None).run_execution],
+                          identity=f"{os.getpid()}@again-w0"):
+            workflow_id = f"exec-{secrets.token_hex(4)}"
+            await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=workflow_id,
+                                          task_queue=queue_id)
+            return workflow_id
+    workflow_id = await asyncio.wait_for(work(), 60)
+    shown = wait_for(lambda: operator.call("GET", path, old).json(), what="the old again-w0's execution")
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "completed")]
+
+    kube.delete_queue(namespace, "again")
+    wait_for(lambda: not kube.queue_exists(namespace, "again"), what="the queue gone")
+    wait_for(lambda: not kube._has_secret(namespace, "again-w0-token"), timeout=90,
+             what="its token garbage-collected")
+    wait_for(lambda: not kube.pod_names(namespace, "again", alive=False), timeout=90,
+             what="its pod garbage-collected")
+    kube.create_queue(namespace, "again", **queue_spec(temporal, queue_id))
+    new = pod_token()
+    assert new != old
+    answer = wait_for(lambda: (r := operator.call("GET", path, new)).status == 200 and r,
+                      what="the new again-w0 served")
+    made = kube.core.read_namespaced_secret("again-w0-token", namespace).metadata.creation_timestamp
+    assert answer.json() == [], (made, operator.logs()[-3000:])  # nothing of its own yet: it waits for work
+
+
+async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # A burst of more workflows than one listing shows (100), the oldest taken first: a worker whose
+    # execution is not among the newest would never see it end, never exit, and take one workflow
+    # after another for the rest of its life instead of one.
+    queue_id = f"burst-{namespace}"
+    kube.create_queue(namespace, "burst", **queue_spec(temporal, queue_id))
+    mine = wait_for(lambda: kube._has_secret(namespace, "burst-w0-token") and kube.secret_value(
+        namespace, "burst-w0-token", "token"), what="burst-w0's token")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=operator.url, api_key=mine, progress=workflows.Progress(),
+                                      log=lambda _: None)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                      activities=[activities.run_execution], identity=f"{os.getpid()}@burst-w0"):
+        await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 600}, id=workflow_id,
+                                    task_queue=queue_id)
+        shown = wait_for(lambda: operator.call("GET", path, mine).json(), what="burst-w0's execution")
+        assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "running")]
+    # Its worker is away (the execution runs on, waiting for it); 120 newer ones wait for workers.
+    await asyncio.gather(*(client.start_workflow("AgentExecutionWorkflow", {}, id=f"later-{i}-{workflow_id}",
+                                                 task_queue=queue_id) for i in range(120)))
+    await asyncio.sleep(1.5)  # past the listing shared by polls within a second
+    shown = operator.call("GET", path, mine).json()
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "running")]
+    await client.get_workflow_handle(workflow_id).terminate()
+    shown = wait_for(lambda: [e for e in operator.call("GET", path, mine).json() if e["status"] != "running"],
+                     what="burst-w0's execution over")
+    assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "cancelled")]
+
+
+def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # The old token Secret deleted before it is unlisted (or the new one listed before it is made):
+    # the queue starts no worker, but those running keep heartbeating and polling their executions
+    # (503s there for 30 minutes make the worker give up and stop, its execution with it).
+    queue_id = f"rot-{namespace}"
+    kube.put_secret(namespace, "tok-old", token="old-token")
+    kube.put_secret(namespace, "tok-new", token="new-token")
+    refs = [{"name": "tok-old", "key": "token"}, {"name": "tok-new", "key": "token"}]
+    kube.create_queue(namespace, "rot", **queue_spec(temporal, queue_id, auth={"tokenSecretRefs": refs}))
+    mine = wait_for(lambda: kube._has_secret(namespace, "rot-w0-token") and kube.secret_value(
+        namespace, "rot-w0-token", "token"), what="rot-w0's token")
+    started = wait_for(lambda: (r := operator.start_worker(queue_id, mine)).status == 200 and r.json(),
+                       what="rot-w0 started")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    kube.core.delete_namespaced_secret("tok-old", namespace)
+    kube.wait_condition(namespace, "rot", "False", "SecretNotFound")
+    assert operator.call("GET", path, mine).status == 200
+    beat = operator.call("POST", f"/api/v1/workers/{started['worker_id']}/heartbeat", "new-token",
+                         {"status": "running", "tasks_processed": 0, "current_task_id": None, "worker_metadata": {}})
+    assert beat.status == 200
+    assert operator.start_worker(queue_id, "new-token").status == 503  # no new worker meanwhile

@@ -145,7 +145,8 @@ def test_active_deadline_bounds_an_ephemeral_queue(kube: Kube, namespace: str):
     wait_pods(kube, namespace, "dl", ["dl-w0"])
     kube.set_phase(namespace, "dl-w0", "Running")
     wait_for(lambda: not kube.queue_exists(namespace, "dl"), timeout=20, what="deadline deletion")
-    assert "DeadlineExceeded" in reasons(kube, namespace, "dl")
+    # Events are posted in the background: the deletion may be seen before its Event.
+    wait_for(lambda: "DeadlineExceeded" in reasons(kube, namespace, "dl"), timeout=10, what="DeadlineExceeded Event")
 
 
 def test_a_worker_deleting_its_queue_takes_its_pods_along(kube: Kube, namespace: str):

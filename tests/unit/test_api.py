@@ -288,6 +288,61 @@ async def test_registrations_in_all_are_bounded_with_their_own_answer():
         assert await refused.json() == {"detail": "Too many workers are registered, try again later"}
 
 
+async def test_live_workers_keep_working_while_a_token_rotation_lists_a_secret_not_made_yet():
+    # Rotation as the README has it (several token Secrets allowed): listing the new Secret before
+    # creating it, or deleting the old one before unlisting it, must not lock out the workers that hold
+    # the token that still resolves: their heartbeats and goodbyes go on, only new starts wait.
+    store = Store(settings=Settings())
+    old_ref, new_ref = {"name": "old", "key": "token"}, {"name": "new", "key": "token"}
+    store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": [old_ref]}))
+    store.upsert_secret(("team-a", "old"), {"token": "old-token"})
+    old = {"Authorization": "Bearer old-token"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        worker_id = (await (await c.post(START.format("q-1"), headers=old)).json())["worker_id"]
+        store.upsert_queue(queue("q1", queueId="q-1", generation=2, auth={"tokenSecretRefs": [old_ref, new_ref]}))
+        beat = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=old)
+        assert beat.status == 200, await beat.text()
+        refused = await c.post(START.format("q-1"), headers=old)
+        assert refused.status == 503 and await refused.json() == {
+            "detail": "Worker queue is not ready: secret new has not been read yet"}
+        store.upsert_secret(("team-a", "new"), {"token": "new-token"})
+        for token in ("old-token", "new-token"):
+            assert (await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {token}"})).status == 200
+        store.upsert_secret(("team-a", "old"), None)  # the old Secret deleted before it is unlisted
+        assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer new-token"})).status == 503
+        beat = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"},
+                            headers={"Authorization": "Bearer new-token"})
+        assert beat.status == 200, await beat.text()
+        # The deleted Secret's token is revoked, as it was before.
+        assert (await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"},
+                             headers=old)).status == 401
+        bye = await c.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown"},
+                           headers={"Authorization": "Bearer new-token"})
+        assert bye.status == 200, await bye.text()
+
+
+async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated():
+    # A pod's worker holds its own token, which no rotation of the queue token touches: its id must
+    # stay its own too, or a heartbeat reaching a replica that does not know its registration (or
+    # coming back after it expired) is a 404 for the rest of its life once the queue token changed.
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
+    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0"), "pod-tok")
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as first:
+        worker_id = (await (await first.post(START.format("q-1"), headers=pod)).json())["worker_id"]
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "rotated"})  # e.g. deleted and made anew
+    async with TestClient(TestServer(apps.make_app(store))) as other:  # a replica that never saw it
+        beat = await other.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=pod)
+        assert beat.status == 200, await beat.text()
+        sibling = {"Authorization": "Bearer sib-tok"}
+        store.upsert_worker_credential(("team-a", "q1-w1-token"), WorkerCredential(("team-a", "q1"), "q1-w1"),
+                                       "sib-tok")
+        stolen = await other.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=sibling)
+        assert stolen.status == 403  # still another pod's worker
+
+
 async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_unknown_here():
     # As after an expiry while it could not reach the operator, or a first heartbeat that reaches
     # another replica before that replica has seen the worker's Lease.

@@ -18,7 +18,7 @@ from tests import standin
 from tests.unit import apps
 from tests.unit.factories import queue
 from workerqueue_operator.api import passthrough
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
 ORG_KEY = "org-key-A"
@@ -211,6 +211,23 @@ async def test_missing_key_is_503_naming_the_secret_not_its_value(hub: tuple[Sto
                                         "team-a"}
     resolution = store.resolution(("team-a", "a"))
     assert resolution is not None and resolution.problem is not None and resolution.problem.reason == "SecretNotFound"
+
+
+async def test_live_workers_keep_their_upstream_while_a_token_secret_is_missing(hub: tuple[Store, TestClient]):
+    """The generated token Secret deleted (and being made anew), or a rotation listing a token Secret
+    not made yet: a 404 here would fail the running executions of the queue's workers at once."""
+    store, client = hub
+    store.upsert_worker_credential(("team-a", "a-w0-token"), WorkerCredential(("team-a", "a"), "a-w0"), "pod-tok")
+    store.upsert_secret(("team-a", "a-worker-token"), None)
+    got = await echoed(await client.patch("/api/v1/executions/e-1", data=b"{}",
+                                          headers={"Authorization": "UserKey pod-tok"}))
+    assert standin.header_values(got, "Authorization") == [f"UserKey {ORG_KEY}"]
+    refs = [{"name": "a-worker-token", "key": "token"}, {"name": "next", "key": "token"}]
+    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
+    store.upsert_queue(queue("a", queueId="q-a", generation=2, auth={"tokenSecretRefs": refs},
+                             upstream=store.queue(("team-a", "a")).spec.upstream.model_dump(by_alias=True)))
+    got = await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"}))
+    assert standin.header_values(got, "Authorization") == [f"Bearer {ORG_KEY}"]
 
 
 async def test_streamed_answer_arrives_in_pieces(hub: tuple[Store, TestClient]):

@@ -75,6 +75,26 @@ def test_a_missing_generated_token_is_told_apart_from_other_problems():
     assert not queues.resolve(own, secrets={}, settings=SETTINGS).awaiting_generated_token
 
 
+def test_a_missing_token_secret_leaves_the_other_tokens_and_the_upstream_to_live_workers():
+    """Mid-rotation (a second token Secret listed before it exists, or the old one deleted before it
+    is unlisted), or while the generated token Secret is recreated: the queue starts no worker, but
+    the tokens that still resolve keep opening it and its upstream stays reachable, so that running
+    workers keep heartbeating and their executions' calls keep reaching the control plane."""
+    org = {("team-a", "org"): {"api-key": "k-1"}}
+    refs = [{"name": "old", "key": "token"}, {"name": "new", "key": "token"}]
+    for present in ({("team-a", "old"): {"token": "old-token"}}, {("team-a", "old"): {"token": "old-token"},
+                                                                   ("team-a", "new"): None}):
+        r = queues.resolve(queue(upstream=UPSTREAM, auth={"tokenSecretRefs": refs}), secrets={**present, **org},
+                           settings=SETTINGS)
+        assert not r.ready and r.problem.reason in ("SecretPending", "SecretNotFound")
+        assert r.config is not None  # running workers' executions are still listed from it
+        assert r.token_digests == (queues.digest("old-token"),)
+        assert r.upstream == queues.Upstream(url="https://cp.example/base", api_key="k-1")
+    generated = queues.resolve(queue(upstream=UPSTREAM), secrets=org, settings=SETTINGS)
+    assert generated.awaiting_generated_token and generated.token_digests == ()
+    assert generated.upstream is not None  # per-worker tokens of its pods still reach it
+
+
 def test_temporal_must_be_configured_somewhere():
     r = resolve(queue(temporal={}))
     assert r.problem.reason == "TemporalNotConfigured"
@@ -172,6 +192,15 @@ def test_the_upstream_is_resolved_even_when_something_else_is_missing():
     r = resolve(q, {("team-a", "org"): None, ("team-a", "temporal"): None})
     assert r.problem.message == "secret temporal not found in namespace team-a"
     assert r.upstream_problem.message == "secret org not found in namespace team-a"  # told apart for the 503
+
+
+def test_workers_start_only_where_they_would_get_through_start():
+    assert resolve(queue()).starts_workers
+    assert queues.resolve(queue(), secrets={}, settings=SETTINGS).starts_workers  # the token being made
+    for broken in (resolve(queue(upstream=UPSTREAM), {("team-a", "org"): None}),  # /start answers 503
+                   queues.resolve(queue(upstream=UPSTREAM), secrets={("team-a", "org"): None}, settings=SETTINGS),
+                   resolve(queue(temporal={})), resolve(queue(suspend=True))):
+        assert not broken.starts_workers, broken.problem
 
 
 def test_default_upstream_needs_its_key():

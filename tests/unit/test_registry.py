@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -488,3 +489,15 @@ def test_its_own_lease_read_back_is_no_heartbeat_though_a_microtime_rounds_up():
     assert worker.duration == registry.EXPIRY_INTERVALS * registry.WORKER_DEFAULT_INTERVAL
     assert worker.heard() and registry.worker_from_lease(registry.lease_body(worker, queue_name=q.name),
                                                          seen_at=now[0]).confirmed
+
+
+def test_a_worker_never_sees_what_a_pod_of_its_name_took_before_it_was_made():
+    # A queue deleted and made again under its queueId names its pods from -w0 again, on a task queue
+    # that still lists the old pods' executions: the old q1-w0's e1 would make the new one exit at once.
+    made = datetime.datetime(2026, 1, 1, 0, 1, 30, tzinfo=datetime.UTC).timestamp()
+    assert executions.worker_view(LISTING, hostname="q1-w0", since=made) == []
+    listing = [execution("new", "running", "1@q1-w0", "2026-01-01T00:01:30.250Z"), *LISTING]
+    (entry,) = executions.worker_view(listing, hostname="q1-w0", since=made)
+    assert (entry["id"], entry["status"], entry["held_executions"]) == ("new", "running", 1)
+    (entry,) = executions.worker_view(LISTING, hostname="q1-w0")  # when the pod's making is not known
+    assert entry["id"] == "e1"

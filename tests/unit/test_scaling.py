@@ -83,6 +83,22 @@ def test_a_busy_worker_is_known_by_its_pods_hostname_also_when_that_is_not_the_p
     assert p.delete == (pods[1].name,) and p.workers.desired == 1
 
 
+def test_an_execution_whose_worker_pod_is_gone_keeps_a_worker_and_no_running_pod_is_taken_for_idle():
+    # q1-w0 took it and is gone (OOM-killed, evicted, deleted) while it ran: Temporal hands it on to
+    # another worker, which shows as idle (it did not take it first). Counted neither busy nor
+    # backlog, it got no replacement worker at all, and the pod that took it on was deleted as idle.
+    orphan = Demand(backlog=0, busy=busy(0))
+    alone = plan([], orphan, WorkersStatus(desired=1, next_index=1))
+    assert alone.workers.desired == 1 and alone.create == (1,)
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    p = plan([pod(1), pod(2)], orphan, previous)
+    assert p.workers.desired == 1 and p.delete == ()
+    starting = plan([pod(1), pod(2, "Pending")], orphan, previous)
+    assert starting.delete == ("q1-w2",)  # one not started yet cannot have taken it on
+    gone = plan([pod(1), pod(2)], Demand(backlog=0), p.workers, now=T0 + 60)  # it ended: idle from now on
+    assert gone.workers.desired == 0 and gone.delete == () and gone.workers.surplus_since is not None
+
+
 def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
     pods = [pod(0), pod(1), pod(2), pod(3)]
     demand = Demand(backlog=0, busy=busy(0))

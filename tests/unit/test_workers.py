@@ -183,10 +183,15 @@ def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
 
 def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
     q = queue(queueId="q-1")
-    body = workers.credential_secret_body(q, "q1-w7", "tok")
+    body = workers.credential_secret_body(q, "q1-w7", "tok", now=1767225690.25)
     assert body["metadata"]["name"] == "q1-w7-token"
     assert workers.credential_from_secret(body) == ((q.namespace, q.name), "q1-w7", "tok")
     assert workers.credential_from_secret({"metadata": {"name": "q1-worker-token", "labels": {}}}) is None
+    assert workers.made_at(body) == 1767225690.25  # to the microsecond
+    del body["metadata"]["annotations"][workers.MADE_ANNOTATION]
+    assert workers.made_at(body) is None
+    body["metadata"]["creationTimestamp"] = "2026-01-01T00:01:30Z"  # made by an earlier version
+    assert workers.made_at(body) == 1767225690.0
 
 
 def test_default_pod_uses_the_configured_image_and_command():

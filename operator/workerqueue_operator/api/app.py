@@ -81,8 +81,10 @@ async def start_worker(request: web.Request) -> web.Response:
         return errors.detail(503, f"Worker queue is not ready: {reason}")
 
     pod = caller.worker.pod if caller.worker is not None else None
-    # Its second half a MAC by the queue's token, so that a heartbeat can re-register it (workers.py).
-    worker_id = queues.new_worker_id(resolution.token_digests[0] if resolution.token_digests else None, pod=pod)
+    # Its second half a MAC by the caller's token, so that a heartbeat can re-register it (workers.py):
+    # a pod's own token (which no rotation of the queue token touches), else the queue's.
+    key = caller.token_digest if pod is not None else resolution.token_digests[0] if resolution.token_digests else None
+    worker_id = queues.new_worker_id(key, pod=pod)
     registry = request.app[REGISTRY]
     system_info = body.system_info
     hostname = system_info.hostname if system_info is not None else None

@@ -77,8 +77,10 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
     key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
     resolution = store.resolution(key) if key is not None else None
     pod = caller.worker.pod if caller.worker is not None else None
+    # A pod's id is keyed by its own token (by the queue's when an earlier version issued it).
+    keys = resolution.token_digests if resolution is not None else ()
     if (resolution is None or resolution.queue.spec.suspend
-            or not queues.issued_worker_id(worker_id, resolution.token_digests, pod=pod)
+            or not queues.issued_worker_id(worker_id, (caller.token_digest, *keys) if pod else keys, pod=pod)
             or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     queue = resolution.queue
@@ -214,11 +216,13 @@ async def list_executions(request: web.Request) -> web.Response:
     endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
                                  api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
     try:
-        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT)
+        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT,
+                                                       taken_first=caller.worker is not None)
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if caller.worker is not None:
-        view = executions.worker_view(found, hostname=workers_.pod_hostname(caller.worker.pod))
+        view = executions.worker_view(found, hostname=workers_.pod_hostname(caller.worker.pod),
+                                      since=caller.worker.since)
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

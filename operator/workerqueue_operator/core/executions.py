@@ -10,10 +10,14 @@ workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
   Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
   led to exit then), and is that execution's own final status once all are closed.
+
+Only executions taken since its pod was made count: a queue deleted and made again under the same
+queueId names its pods from -w0 again, on a task queue that still lists what the old pods ran.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,15 +31,28 @@ def held_by(execution: Execution, hostname: str) -> bool:
     return execution.holder is not None and execution.holder.rpartition("@")[2] == hostname
 
 
+def taken_before(execution: Execution, moment: float) -> bool:
+    """Whether a worker took the execution before `moment` (epoch seconds): then no pod made since did."""
+    if execution.started_at is None:
+        return False
+    try:
+        taken = datetime.datetime.fromisoformat(execution.started_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return taken.timestamp() < moment
+
+
 def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> list[dict[str, Any]]:
     """Every execution of the queue, newest first, for people and tools (not for workers)."""
     chosen = [e for e in executions if status == "all" or e.status == status]
     return [e.to_json() for e in chosen[:limit]]
 
 
-def worker_view(executions: Sequence[Execution], *, hostname: str) -> list[dict[str, Any]]:
-    """The one entry a worker on `hostname` may latch onto (see the module's docstring)."""
-    held = [e for e in executions if held_by(e, hostname)]
+def worker_view(executions: Sequence[Execution], *, hostname: str, since: float | None = None
+                ) -> list[dict[str, Any]]:
+    """The one entry a worker on `hostname` may latch onto (see the module's docstring); `since`: when
+    its pod was made (epoch seconds), if known."""
+    held = [e for e in executions if held_by(e, hostname) and (since is None or not taken_before(e, since))]
     if not held:
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))

@@ -252,10 +252,10 @@ class Resolution:
 
     @property
     def starts_workers(self) -> bool:
-        """Whether new workers may start: /start answers a queue that is not Ready with 503, on which a
-        worker exits. The token Secret the operator is creating right now is no reason to wait (pods
-        refer to it by name)."""
-        return self.problem is None or self.awaiting_generated_token
+        """Whether a worker started now would get through /start: the queue is Ready, or all it waits
+        for is the token Secret the operator is making (its pods refer to it by name). Not while its
+        upstream key is missing, though the queue resolves otherwise: /start answers 503 then."""
+        return self.ready or (self.awaiting_generated_token and self.upstream_problem is None)
 
 
 class _Unresolved(Exception):
@@ -306,13 +306,16 @@ def resolve(
 ) -> Resolution:
     """The configuration a queue serves, or the first reason it cannot."""
     lookup = _Lookup(secrets)
-    try:
-        tokens = tuple(digest(lookup.value(queue.namespace, ref.name, ref.key)) for ref in queue.token_refs())
-    except _Unresolved as exc:
-        token_problem: Problem | None = exc.problem
-        tokens = ()
-    else:
-        token_problem = None
+    # Each token on its own: one Secret missing mid-rotation (listed before it is made, deleted before
+    # it is unlisted) starts no worker, but must not lock out the workers holding a token that resolves.
+    digests: list[bytes] = []
+    token_problem: Problem | None = None
+    for ref in queue.token_refs():
+        try:
+            digests.append(digest(lookup.value(queue.namespace, ref.name, ref.key)))
+        except _Unresolved as exc:
+            token_problem = token_problem or exc.problem
+    tokens = tuple(digests)
     try:
         upstream = _upstream(queue, lookup, settings)
     except _Unresolved as exc:
@@ -326,8 +329,11 @@ def resolve(
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem)
     if token_problem is not None:
+        # Not Ready (no /start, no new pods), but what running workers use stays: their executions
+        # are listed from the config, their other calls go upstream.
         generated = not queue.spec.auth.token_secret_refs
-        return Resolution(queue=queue, config=None, problem=token_problem, awaiting_generated_token=generated)
+        return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
+                          upstream_problem=upstream_problem, awaiting_generated_token=generated)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,

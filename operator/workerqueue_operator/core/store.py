@@ -25,6 +25,8 @@ class WorkerCredential:
 
     queue: QueueKey
     pod: str
+    since: float | None = None
+    """When the token was made, just before its pod (epoch seconds; see workers.made_at)."""
 
 
 class Store:

@@ -219,8 +219,8 @@ class Supervisor:
         create = plan.create
         status = plan.workers
         if create and (resolution is None or not resolution.starts_workers):
-            # Workers of a queue that cannot serve /start would only fail: wait until it can (its Secret,
-            # its upstream's key). Its status says so (core/status.py).
+            # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
+            # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
         if status != previous:
             await self._write_status(queue, status)
@@ -268,7 +268,8 @@ class Supervisor:
             # pod, so that the first pods of a burst need not wait for the last tokens.
             await resources.create_if_absent(
                 self._client, resources.secrets_path(queue.namespace),
-                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32)))
+                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32),
+                                               now=self._clock()))
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
@@ -388,6 +389,8 @@ class Supervisor:
         resolution = self._store.resolution(key)
         if self._temporal is None or resolution is None or resolution.config is None:
             return None
+        if resolution.awaiting_generated_token:
+            return None  # a new queue gets its status (this one's too) once its token is there
         fields = resolution.config.fields
         endpoint = temporal_.Endpoint(host=fields["temporal_host"], namespace=fields["temporal_namespace"],
                                       api_key=fields["temporal_api_key"] or "", tls=resolution.config.temporal_tls)

@@ -139,7 +139,7 @@ class _Holder:
     started_at: str | None
 
 
-_ListingKey = tuple[tuple[str, str, bool, str], str, int, bool]
+_ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool]
 
 
 class Temporal:
@@ -156,10 +156,15 @@ class Temporal:
         self._holder_cache_size = holder_cache_size
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
-                         running: bool = False) -> list[Execution]:
+                         running: bool = False, taken_first: bool = False) -> list[Execution]:
         """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
-        with `running`, only those still running (what waits for a worker and what workers hold)."""
-        key = (endpoint.key, task_queue, limit, running)
+        with `running`, only those still running (what waits for a worker and what workers hold).
+
+        With `taken_first` (what workers are shown): the `limit` oldest running ones, then the `limit`
+        closed last. A task queue hands out its oldest workflows first, so these are the ones workers
+        hold, and a worker's own execution is listed however many newer ones wait behind it (cut to
+        the newest, a burst of more than `limit` hid it: its worker never saw it end, nor exited)."""
+        key = (endpoint.key, task_queue, limit, running, taken_first)
         loop = asyncio.get_running_loop()
         entry = self._listings.get(key)
         if entry is not None:
@@ -167,7 +172,8 @@ class Temporal:
             if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):
                 return await asyncio.shield(task)
         finished_at: list[float] = []
-        task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running)))
+        task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running,
+                                                                             taken_first)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
         self._listings[key] = (task, finished_at)
         self._forget_old_listings(loop.time())
@@ -260,7 +266,7 @@ class Temporal:
             del self._listings[k]
 
     async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
-                    running: bool) -> list[Execution]:
+                    running: bool, taken_first: bool = False) -> list[Execution]:
         query = f'TaskQueue="{_quote(task_queue)}"'
         if running:
             query += ' AND ExecutionStatus="Running"'
@@ -270,7 +276,13 @@ class Temporal:
             seen = newest.get(wf.id)
             if seen is None or _start_key(wf) > _start_key(seen):
                 newest[wf.id] = wf
-        runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
+        if taken_first:
+            going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
+            over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
+            runs = (sorted(going, key=_start_key)[: max(limit, 0)]
+                    + sorted(over, key=_close_key, reverse=True)[: max(limit, 0)])
+        else:
+            runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
         gate = asyncio.Semaphore(_HISTORY_READS)
 
         async def holder(wf: Any) -> _Holder:
@@ -346,6 +358,11 @@ class Temporal:
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
     start = wf.start_time or datetime.datetime.min.replace(tzinfo=datetime.UTC)
     return (start, wf.run_id)
+
+
+def _close_key(wf: Any) -> tuple[datetime.datetime, str]:
+    close = wf.close_time or datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    return (close, wf.run_id)
 
 
 def _quote(value: str) -> str:

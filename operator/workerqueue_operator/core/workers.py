@@ -28,6 +28,8 @@ CREDENTIAL_COMPONENT = "worker-credential"
 DIGEST_ANNOTATION = "agentcontrol.dev/secrets-digest"
 GENERATION_ANNOTATION = "agentcontrol.dev/queue-generation"
 POD_ANNOTATION = "agentcontrol.dev/pod"
+MADE_ANNOTATION = "agentcontrol.dev/made-at"
+"""On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
@@ -70,10 +72,11 @@ def credential_secret_name(pod: str) -> str:
     return f"{pod}-token"
 
 
-def credential_secret_body(queue: QueueObject, pod: str, token: str) -> dict[str, Any]:
+def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: float) -> dict[str, Any]:
     """A per-worker token: the pod's worker presents it, so the operator knows which worker asks.
 
-    Owned by the queue (the pod does not exist yet); the supervisor deletes it with its pod."""
+    Owned by the queue (the pod does not exist yet); the supervisor deletes it with its pod. Made at
+    `now`, just before its pod: what its hostname took in Temporal before then was another pod's."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -84,7 +87,8 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str) -> dict[str
             "labels": {**MANAGED_BY, "app.kubernetes.io/component": CREDENTIAL_COMPONENT,
                        "app.kubernetes.io/part-of": "agentcontrol", QUEUE_LABEL: queues_label(queue),
                        POD_LABEL: label_value(pod)},
-            "annotations": {POD_ANNOTATION: pod},
+            "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: datetime.datetime.fromtimestamp(
+                now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
             "ownerReferences": [{"apiVersion": f"{spec_.GROUP}/{spec_.VERSION}", "kind": spec_.KIND,
                                  "name": queue.name, "uid": queue.uid, "controller": True,
                                  "blockOwnerDeletion": True}],
@@ -104,6 +108,19 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
         return None
     token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
     return (meta.get("namespace", ""), owner["name"]), pod, token
+
+
+def made_at(body: Mapping[str, Any]) -> float | None:
+    """When a per-worker token was made (epoch seconds): its annotation, else its creationTimestamp;
+    None without a readable one."""
+    meta = body.get("metadata") or {}
+    try:
+        made = (meta.get("annotations") or {}).get(MADE_ANNOTATION)
+        if made:
+            return datetime.datetime.fromisoformat(made.replace("Z", "+00:00")).timestamp()
+        return from_rfc3339(meta["creationTimestamp"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 _INDEX = re.compile(r"-w(\d+)$")
@@ -353,20 +370,26 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     assert s.scaling is not None
     top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
     busy = [p for p in alive if pod_hostname(p.name) in demand.busy]
+    # Running executions whose first worker is no pod alive (it was killed mid-run, or runs elsewhere):
+    # Temporal hands them on to another worker, which shows as idle since it did not take them first.
+    # Each needs a worker, and while one runs no running pod can be told idle for sure.
+    orphaned = len(demand.busy - {pod_hostname(p.name) for p in alive})
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
         w.surplus_since = None
         return []
-    w.desired = min(top, len(busy) + s.scaling.min_idle + demand.backlog)
+    w.desired = min(top, len(busy) + orphaned + s.scaling.min_idle + demand.backlog)
     if w.desired != previous.desired:
         # Workers that are still starting (Pending) count as capacity that is coming.
         events.append(Event(
             "ScaledUp" if w.desired > previous.desired else "ScaledDown",
-            f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, busy {len(busy)}, "
+            f"desired workers {previous.desired} -> {w.desired}: backlog {demand.backlog}, "
+            f"busy {len(busy) + orphaned}, "
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
-    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy]
+    idle = [p for p in alive
+            if pod_hostname(p.name) not in demand.busy and not (orphaned and p.phase == "Running")]
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []
