@@ -20,6 +20,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     overrides = {"http_port": args.port} if args.port is not None else {}
     settings = Settings.load(**overrides)
+    unknown = Settings.unknown_env()
+    if unknown:  # names only: a value may be a secret
+        logging.getLogger(__name__).warning("environment variables ignored, no such setting: %s", ", ".join(unknown))
     # Replicas need distinct priorities for kopf peering to pick one: a random one unless given.
     priority = args.priority if args.priority is not None else secrets.randbelow(1_000_000)
     asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))

@@ -211,6 +211,13 @@ def test_default_upstream_needs_its_key():
     assert Settings.load({"WQ_UPSTREAM_URL": ""}).upstream_url is None
 
 
+def test_a_mistyped_setting_in_the_environment_is_named():
+    env = {"WQ_HTTP_PROT": "9090", "WQ_HTTP_PORT": "8080", "WQ_CONFIG_FILE": "", "WQ_SERVICE_HOST": "10.0.0.1",
+           "HOME": "/root"}
+    assert Settings.unknown_env(env) == ["WQ_HTTP_PROT", "WQ_SERVICE_HOST"]
+    assert Settings.load(env).http_port == 8080
+
+
 def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them():
     import uuid
 

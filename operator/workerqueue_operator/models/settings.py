@@ -234,6 +234,13 @@ class Settings(BaseModel):
         values.update(overrides)
         return cls.model_validate(values)
 
+    @classmethod
+    def unknown_env(cls, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Names of WQ_* env vars that are no setting (a typo would otherwise be ignored in silence)."""
+        env = os.environ if environ is None else environ
+        known = {f"{ENV_PREFIX}CONFIG_FILE", *(f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields)}
+        return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+
 
 def _maybe_json(raw: str) -> Any:
     try:
