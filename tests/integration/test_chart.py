@@ -225,6 +225,7 @@ def test_defaults(helm: Helm):
     pod = deployment["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 1
     assert pod["serviceAccountName"] == "wq-workerqueue-operator"
+    assert pod["enableServiceLinks"] is False  # no WQ_* variables from Services named wq-*
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     container = container_of(docs)
