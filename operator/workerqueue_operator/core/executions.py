@@ -31,11 +31,6 @@ def held_by(execution: Execution, hostname: str) -> bool:
     return execution.holder is not None and execution.holder.rpartition("@")[2] == hostname
 
 
-CLOCK_SKEW_SECONDS = 1.0
-"""Leeway for Temporal's clock running behind the operator's: a pod's worker takes its first task
-seconds after the pod is made, and the earlier pod of its name took its last before it was gone."""
-
-
 def taken_before(execution: Execution, moment: float) -> bool:
     """Whether a worker took the execution before `moment` (epoch seconds): then no pod made since did."""
     if execution.started_at is None:
@@ -44,7 +39,7 @@ def taken_before(execution: Execution, moment: float) -> bool:
         taken = datetime.datetime.fromisoformat(execution.started_at.replace("Z", "+00:00"))
     except ValueError:
         return False
-    return taken.timestamp() < moment - CLOCK_SKEW_SECONDS
+    return taken.timestamp() < moment
 
 
 def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> list[dict[str, Any]]:
