@@ -10,6 +10,7 @@ import pytest
 from tests.unit.factories import queue
 from workerqueue_operator.core import executions, registry
 from workerqueue_operator.core.temporal import Execution
+from workerqueue_operator.models import times
 
 
 def make_worker(**overrides: object) -> registry.Worker:
@@ -266,10 +267,10 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     # Its own Lease, as written, coming back through the watch: still pending (microseconds rounded up
     # or not), but a heartbeat that reached another replica comes back so too: no longer pending.
     body = registry.lease_body(elsewhere, queue_name=q.name)
-    body["spec"]["acquireTime"] = body["spec"]["renewTime"] = registry.micro_time(1000.0000006)
+    body["spec"]["acquireTime"] = body["spec"]["renewTime"] = times.micro_rfc3339(1000.0000006)
     reg.lease_upserted(body)
     assert reg.pending == 2
-    body["spec"]["renewTime"] = registry.micro_time(1005.0)
+    body["spec"]["renewTime"] = times.micro_rfc3339(1005.0)
     now[0] = 1005.0
     reg.lease_upserted(body)
     assert reg.pending == 1 and not elsewhere.pending and quiet.pending
@@ -475,7 +476,7 @@ def test_its_own_lease_read_back_is_no_heartbeat_though_a_microtime_rounds_up():
 
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     start = 1_800_000_000.0000007  # written as .000001: the Lease reads later than the registration
-    assert registry.parse_time(registry.micro_time(start)) > start
+    assert times.parse_or_none(times.micro_rfc3339(start)) > start
     now = [start]
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])

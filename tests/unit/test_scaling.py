@@ -7,6 +7,7 @@ from typing import Any
 from tests.unit.factories import queue
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.workers import Demand, Pod
+from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
 from workerqueue_operator.models.spec import WorkersStatus
 
@@ -68,7 +69,7 @@ def test_failed_pods_are_never_capacity_no_stuck_scale_up():
 
 
 def test_busy_workers_are_never_deleted_even_after_the_grace_period():
-    previous = WorkersStatus(desired=3, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    previous = WorkersStatus(desired=3, next_index=3, surplus_since=times.rfc3339(T0 - 60))
     p = plan([pod(0), pod(1), pod(2)], Demand(backlog=0, busy=busy(0, 1, 2)), previous)
     assert p.delete == () and p.workers.desired == 3
 
@@ -76,7 +77,7 @@ def test_busy_workers_are_never_deleted_even_after_the_grace_period():
 def test_a_busy_worker_is_known_by_its_pods_hostname_also_when_that_is_not_the_pods_name():
     name = "long-" + "q" * 57
     pods = [Pod(name=workers.pod_name(name, i), phase="Running", deleting=False, index=i) for i in (0, 1)]
-    previous = WorkersStatus(desired=2, next_index=2, surplus_since=workers.to_rfc3339(T0 - 60))
+    previous = WorkersStatus(desired=2, next_index=2, surplus_since=times.rfc3339(T0 - 60))
     demand = Demand(backlog=0, busy=frozenset({workers.pod_hostname(pods[0].name)}))
     p = workers.plan(queue(name=name, singleExecution=True, scaling={"minIdle": 0, "max": 5}), pods,
                      previous=previous, now=T0, created=T0 - 100, settings=SETTINGS, demand=demand)
@@ -90,7 +91,7 @@ def test_an_execution_whose_worker_pod_is_gone_keeps_a_worker_and_no_running_pod
     orphan = Demand(backlog=0, busy=busy(0))
     alone = plan([], orphan, WorkersStatus(desired=1, next_index=1))
     assert alone.workers.desired == 1 and alone.create == (1,)
-    previous = WorkersStatus(desired=2, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 60))
     p = plan([pod(1), pod(2)], orphan, previous)
     assert p.workers.desired == 1 and p.delete == ()
     starting = plan([pod(1), pod(2, "Pending")], orphan, previous)
@@ -104,7 +105,7 @@ def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
     demand = Demand(backlog=0, busy=busy(0))
     first = plan(pods, demand, WorkersStatus(desired=4, next_index=4), min_idle=1)
     assert first.workers.desired == 2 and first.delete == ()
-    assert first.workers.surplus_since == workers.to_rfc3339(T0)
+    assert first.workers.surplus_since == times.rfc3339(T0)
     assert first.requeue_after == 30
     assert [e.reason for e in first.events] == ["ScaledDown"]
     assert "busy 1, minIdle 1" in first.events[0].message
@@ -124,11 +125,11 @@ def test_the_grace_period_starts_again_when_work_comes_back():
     busy_again = plan(pods, Demand(backlog=0, busy=busy(0, 1)), first.workers, now=T0 + 10)
     assert busy_again.workers.surplus_since is None and busy_again.delete == ()
     idle_again = plan(pods, Demand(backlog=0), busy_again.workers, now=T0 + 35)
-    assert idle_again.delete == () and idle_again.workers.surplus_since == workers.to_rfc3339(T0 + 35)
+    assert idle_again.delete == () and idle_again.workers.surplus_since == times.rfc3339(T0 + 35)
 
 
 def test_pending_idle_pods_go_before_running_ones():
-    previous = WorkersStatus(desired=2, next_index=3, surplus_since=workers.to_rfc3339(T0 - 30))
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 30))
     p = plan([pod(0), pod(1), pod(2, "Pending")], Demand(backlog=0), previous, min_idle=2)
     assert p.delete == ("q1-w2",)
 
@@ -140,7 +141,7 @@ def test_min_idle_keeps_idle_workers():
 
 
 def test_unknown_backlog_changes_nothing():
-    previous = WorkersStatus(desired=3, next_index=3, surplus_since=workers.to_rfc3339(T0 - 60))
+    previous = WorkersStatus(desired=3, next_index=3, surplus_since=times.rfc3339(T0 - 60))
     p = plan([pod(0)], Demand(backlog=None), previous)
     assert p.workers.desired == 3 and p.delete == () and not [e for e in p.events if e.reason.startswith("Scaled")]
     assert p.create == (3, 4)  # workers that ended are still replaced up to the last known count
@@ -157,7 +158,7 @@ def test_an_ephemeral_scaling_queue_lives_until_it_has_worked_then_keeps_its_ttl
     assert idle.delete_queue is None and idle.workers.finished_time is None
     worked = WorkersStatus(succeeded=3, next_index=3)
     done = plan([], Demand(backlog=0), worked, ephemeral=True, ttlSecondsAfterFinished=10)
-    assert done.workers.finished_time == workers.to_rfc3339(T0) and done.requeue_after == 10
+    assert done.workers.finished_time == times.rfc3339(T0) and done.requeue_after == 10
     gone = plan([], Demand(backlog=0), done.workers, now=T0 + 10, ephemeral=True, ttlSecondsAfterFinished=10)
     assert gone.delete_queue is not None and gone.delete_queue.reason == "QueueFinished"
 

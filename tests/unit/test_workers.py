@@ -10,6 +10,7 @@ import pytest
 from tests.unit.factories import queue
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.workers import Pod
+from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
 from workerqueue_operator.models.spec import WorkersStatus
 
@@ -74,13 +75,13 @@ def test_backoff_doubles_up_to_five_minutes(failures: int, delay: float):
 
 
 def test_success_resets_the_backoff():
-    failing = WorkersStatus(consecutive_failures=3, last_failure_time=workers.to_rfc3339(T0))
+    failing = WorkersStatus(consecutive_failures=3, last_failure_time=times.rfc3339(T0))
     p = plan([pod(4, "Succeeded")], failing, singleExecution=True, replicas=2)
     assert p.workers.consecutive_failures == 0 and len(p.create) == 2
 
 
 def test_crash_looping_after_backoff_limit_until_the_spec_changes():
-    status = WorkersStatus(consecutive_failures=2, last_failure_time=workers.to_rfc3339(T0 - 1000))
+    status = WorkersStatus(consecutive_failures=2, last_failure_time=times.rfc3339(T0 - 1000))
     p = plan([pod(2, "Failed", exit_code=1)], status, singleExecution=True, worker={"backoffLimit": 3})
     assert p.create == () and p.workers.crash_loop_generation == 1
     assert [e.reason for e in p.events] == ["WorkerFailed", "CrashLooping"]

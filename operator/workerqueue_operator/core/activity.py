@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from workerqueue_operator.models import times
+
 logger = logging.getLogger(__name__)
 
 PeeringKey = tuple[str, str]
@@ -33,14 +35,6 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _parse(text: Any) -> datetime.datetime | None:
-    try:
-        parsed = datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
-
-
 def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
                    now: datetime.datetime) -> list[str]:
     """The live peers (other than us) with a priority at least ours: any of them pauses us, as in kopf."""
@@ -53,7 +47,8 @@ def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
             lifetime = int(info.get("lifetime", DEFAULT_LIFETIME))
         except (TypeError, ValueError):
             continue
-        lastseen = _parse(info.get("lastseen")) or now
+        seen = times.parse_or_none(info.get("lastseen"))
+        lastseen = datetime.datetime.fromtimestamp(seen, datetime.UTC) if seen is not None else now
         if lastseen + datetime.timedelta(seconds=lifetime) > now and their_priority >= priority:
             blocking.append(peer)
     return blocking

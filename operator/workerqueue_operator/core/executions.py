@@ -17,11 +17,11 @@ queueId names its pods from -w0 again, on a task queue that still lists what the
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from typing import Any
 
 from workerqueue_operator.core.temporal import Execution
+from workerqueue_operator.models import times
 
 STATUSES = ("running", "completed", "failed", "cancelled", "waiting_for_input")
 
@@ -35,11 +35,8 @@ def taken_before(execution: Execution, moment: float) -> bool:
     """Whether a worker took the execution before `moment` (epoch seconds): then no pod made since did."""
     if execution.started_at is None:
         return False
-    try:
-        taken = datetime.datetime.fromisoformat(execution.started_at.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return taken.timestamp() < moment
+    taken = times.parse_or_none(execution.started_at)
+    return taken is not None and taken < moment
 
 
 def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> list[dict[str, Any]]:

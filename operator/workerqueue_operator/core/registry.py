@@ -37,7 +37,7 @@ from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import settings as settings_
-from workerqueue_operator.models import wire
+from workerqueue_operator.models import times, wire
 
 logger = logging.getLogger(__name__)
 
@@ -113,20 +113,6 @@ may be later than the one in memory it was written from."""
 def later(moment: float, than: float) -> bool:
     """Whether `moment` is later than `than` by more than a Lease's MicroTime can tell apart."""
     return moment - than > TIME_RESOLUTION
-
-
-def micro_time(moment: float) -> str:
-    """A Lease's MicroTime (RFC 3339 with microseconds)."""
-    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def iso(moment: float) -> str:
@@ -291,8 +277,8 @@ def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
         "spec": {
             "holderIdentity": worker.worker_id,
             "leaseDurationSeconds": math.ceil(worker.duration),
-            "acquireTime": micro_time(worker.registered_at),
-            "renewTime": micro_time(worker.renewed_at),
+            "acquireTime": times.micro_rfc3339(worker.registered_at),
+            "renewTime": times.micro_rfc3339(worker.renewed_at),
         },
     }
 
@@ -325,8 +311,9 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
     if not isinstance(state, dict):
         state = {}
     info = state.get("systemInfo")
-    registered = parse_time(spec.get("acquireTime")) or parse_time(meta.get("creationTimestamp")) or seen_at
-    renewed = parse_time(spec.get("renewTime")) or registered
+    registered = (times.parse_or_none(spec.get("acquireTime")) or times.parse_or_none(meta.get("creationTimestamp"))
+                  or seen_at)
+    renewed = times.parse_or_none(spec.get("renewTime")) or registered
     return Worker(
         worker_id=str(worker_id),
         queue=(meta.get("namespace", ""), owner["name"]),

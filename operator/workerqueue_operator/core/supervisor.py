@@ -42,6 +42,7 @@ from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
+from workerqueue_operator.models import times
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class Supervisor:
         previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})
         now = self._clock()
-        created = workers.from_rfc3339(queue.created) if queue.created else now
+        created = times.parse(queue.created) if queue.created else now
         plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
                             created=created, settings=self._settings, demand=self._demand.get(key))
         alive_before = self._alive.get(key, 0)

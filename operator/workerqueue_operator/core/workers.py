@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from workerqueue_operator.core import queues
 from workerqueue_operator.core.queues import QueueObject
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
+from workerqueue_operator.models import times
 
 QUEUE_LABEL = "agentcontrol.dev/queue"
 POD_LABEL = "agentcontrol.dev/pod"
@@ -87,8 +87,7 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: flo
             "labels": {**MANAGED_BY, "app.kubernetes.io/component": CREDENTIAL_COMPONENT,
                        "app.kubernetes.io/part-of": "agentcontrol", QUEUE_LABEL: queues_label(queue),
                        POD_LABEL: label_value(pod)},
-            "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: datetime.datetime.fromtimestamp(
-                now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
+            "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: times.micro_rfc3339(now)},
             "ownerReferences": [{"apiVersion": f"{spec_.GROUP}/{spec_.VERSION}", "kind": spec_.KIND,
                                  "name": queue.name, "uid": queue.uid, "controller": True,
                                  "blockOwnerDeletion": True}],
@@ -114,13 +113,8 @@ def made_at(body: Mapping[str, Any]) -> float | None:
     """When a per-worker token was made (epoch seconds): its annotation, else its creationTimestamp;
     None without a readable one."""
     meta = body.get("metadata") or {}
-    try:
-        made = (meta.get("annotations") or {}).get(MADE_ANNOTATION)
-        if made:
-            return datetime.datetime.fromisoformat(made.replace("Z", "+00:00")).timestamp()
-        return from_rfc3339(meta["creationTimestamp"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
+    made = (meta.get("annotations") or {}).get(MADE_ANNOTATION)
+    return times.parse_or_none(made or meta.get("creationTimestamp"))
 
 
 _INDEX = re.compile(r"-w(\d+)$")
@@ -129,14 +123,6 @@ _INDEX = re.compile(r"-w(\d+)$")
 def pod_index(name: str) -> int | None:
     match = _INDEX.search(name)
     return int(match.group(1)) if match else None
-
-
-def to_rfc3339(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def from_rfc3339(text: str) -> float:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -284,7 +270,7 @@ def plan(
         else:
             w.failed += 1
             w.consecutive_failures += 1
-            w.last_failure_time = to_rfc3339(now)
+            w.last_failure_time = times.rfc3339(now)
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
@@ -324,9 +310,9 @@ def plan(
         done = w.succeeded > 0 if s.scaling is not None else True
         if w.desired == 0 and not alive and done and delete_queue is None:
             if w.finished_time is None:
-                w.finished_time = to_rfc3339(now)
+                w.finished_time = times.rfc3339(now)
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
-            expires = from_rfc3339(w.finished_time) + s.ttl_seconds_after_finished
+            expires = times.parse(w.finished_time) + s.ttl_seconds_after_finished
             if now >= expires:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
             else:
@@ -344,7 +330,7 @@ def plan(
     elif missing > 0 and not s.suspend and delete_queue is None:
         wait = 0.0
         if w.consecutive_failures > 0 and w.last_failure_time is not None:
-            wait = from_rfc3339(w.last_failure_time) + backoff(w.consecutive_failures, settings) - now
+            wait = times.parse(w.last_failure_time) + backoff(w.consecutive_failures, settings) - now
         if wait > 0:
             requeue.append(wait)
             if any(e.reason == "WorkerFailed" for e in events):
@@ -394,8 +380,8 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
         w.surplus_since = None
         return []
     if w.surplus_since is None:
-        w.surplus_since = to_rfc3339(now)
-    due = from_rfc3339(w.surplus_since) + settings.scale_down_grace_seconds
+        w.surplus_since = times.rfc3339(now)
+    due = times.parse(w.surplus_since) + settings.scale_down_grace_seconds
     if now < due:
         requeue.append(due - now)
         return []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import os
 import queue
 import subprocess
@@ -40,6 +39,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 from workerqueue_operator.devcluster import procs
+from workerqueue_operator.models import times
 
 LogFn = Callable[[str], None]
 LABEL_SELECTOR = "app.kubernetes.io/managed-by=workerqueue-operator"
@@ -77,10 +77,6 @@ class _Waiting:
     pod: Any
     reason: str
     since: float = field(default_factory=time.monotonic)
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def watched(event: dict[str, Any]) -> tuple[str, Any | None]:
@@ -288,7 +284,7 @@ class LocalKubelet(procs.Service):
                                        *([procs.own_hostname(hostname)] if self.sets_hostname else [])),
             )
         proc = PodProcess(meta.namespace, meta.name, meta.uid, popen, log_path, env, container.name,
-                          container.image or "", now_rfc3339())
+                          container.image or "", times.rfc3339(time.time()))
         with self._lock:
             self._procs[meta.uid] = proc
         self._say(f"pod {meta.namespace}/{meta.name}: started pid {popen.pid}")
@@ -367,7 +363,7 @@ class LocalKubelet(procs.Service):
                 self._report_exit(proc, exit_code)
 
     def _report_exit(self, proc: PodProcess, exit_code: int) -> None:
-        finished = now_rfc3339()
+        finished = times.rfc3339(time.time())
         terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
                       "startedAt": proc.started_at, "finishedAt": finished}
         status = {

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
+import time
 import uuid
 from typing import Any
 
 from workerqueue_operator.k8s import client as client_
-from workerqueue_operator.models import spec
+from workerqueue_operator.models import spec, times
 
 COMPONENT = "workerqueue-operator"
 API_VERSION = f"{spec.GROUP}/{spec.VERSION}"
@@ -42,7 +42,7 @@ def pods_path(namespace: str) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return times.rfc3339(time.time())
 
 
 def owner_reference(body: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
