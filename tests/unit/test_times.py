@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from workerqueue_operator.models import times
@@ -5,7 +7,16 @@ from workerqueue_operator.models import times
 T0 = 1_800_000_000.25
 
 
-def test_kubernetes_and_temporal_forms_read_as_the_same_moment():
+@pytest.fixture
+def far_from_utc(monkeypatch):
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_kubernetes_and_temporal_forms_read_as_the_same_moment(far_from_utc):
     assert times.parse("2027-01-15T08:00:00Z") == 1_800_000_000.0
     assert times.parse("2027-01-15T08:00:00.250000Z") == T0  # a MicroTime
     assert times.parse("2027-01-15T08:00:00.250Z") == T0  # Temporal's milliseconds
