@@ -88,10 +88,12 @@ def test_a_missing_token_secret_leaves_the_other_tokens_and_the_upstream_to_live
                            settings=SETTINGS)
         assert not r.ready and r.problem.reason in ("SecretPending", "SecretNotFound")
         assert r.config is not None  # running workers' executions are still listed from it
+        assert r.probe_config is r.config  # ...and its conditions keep telling of its task queue
         assert r.token_digests == (queues.digest("old-token"),)
         assert r.upstream == queues.Upstream(url="https://cp.example/base", api_key="k-1")
     generated = queues.resolve(queue(upstream=UPSTREAM), secrets=org, settings=SETTINGS)
     assert generated.awaiting_generated_token and generated.token_digests == ()
+    assert generated.probe_config is None  # a new queue's first status waits for its token
     assert generated.upstream is not None  # per-worker tokens of its pods still reach it
 
 

@@ -257,6 +257,12 @@ class Resolution:
         upstream key is missing, though the queue resolves otherwise: /start answers 503 then."""
         return self.ready or (self.awaiting_generated_token and self.upstream_problem is None)
 
+    @property
+    def probe_config(self) -> QueueConfig | None:
+        """The config to ask Temporal about the queue's task queue with: none while all the queue waits
+        for is the token Secret the operator is making (a new queue gets its status once that is there)."""
+        return None if self.awaiting_generated_token else self.config
+
 
 class _Unresolved(Exception):
     def __init__(self, problem: Problem) -> None:

@@ -388,13 +388,12 @@ class Supervisor:
 
     def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
-        if self._temporal is None or resolution is None or resolution.config is None:
+        config = resolution.probe_config if resolution is not None else None
+        if self._temporal is None or config is None:
             return None
-        if resolution.awaiting_generated_token:
-            return None  # a new queue gets its status (this one's too) once its token is there
-        fields = resolution.config.fields
+        fields = config.fields
         endpoint = temporal_.Endpoint(host=fields["temporal_host"], namespace=fields["temporal_namespace"],
-                                      api_key=fields["temporal_api_key"] or "", tls=resolution.config.temporal_tls)
+                                      api_key=fields["temporal_api_key"] or "", tls=config.temporal_tls)
         task_queue = str(fields["task_queue_name"])
         return (endpoint.key, task_queue), endpoint, task_queue
 
