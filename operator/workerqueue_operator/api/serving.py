@@ -228,6 +228,7 @@ class Certificate:
         files = self._read()
         if files == self._loaded:
             return False
+        # load_cert_chain reads the files again; if they changed since, the next check loads them once more
         self.context = self._load()
         self._loaded = files
         return True
