@@ -150,7 +150,10 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
         "authReviewTimeoutSeconds": 3,
         "http": {"idleTimeoutSeconds": 20, "bodyTimeoutSeconds": 10, "maxConnections": 1000, "reservedFds": 128},
         "statusResyncSeconds": 120,
-        "worker": {"image": "registry.example.com/agent-worker:1.2.3", "command": ["agent", "start"]},
+        "worker": {"image": "registry.example.com/agent-worker:1.2.3", "command": ["agent", "start"],
+                   "podTemplate": {"spec": {"nodeSelector": {"pool": "agents"},
+                                            "containers": [{"name": "worker", "resources": {
+                                                "requests": {"cpu": "250m", "memory": "512Mi"}}}]}}},
         "extraConfig": {"worker_backoff_seconds": 20},
     }
     options: dict[str, dict[str, Any]] = {
@@ -255,6 +258,7 @@ def test_defaults(helm: Helm):
     assert config["worker_control_plane_url"] == "http://wq-workerqueue-operator.wq-system.svc:8080"
     assert config["namespaces"] == [] and config["http_port"] == 8080
     assert "public_url" not in config and "worker_image" not in config  # the operator's defaults apply
+    assert "worker_pod_template" not in config
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
@@ -398,6 +402,8 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         dumped = settings.model_dump()
         assert dumped["worker_image"] == "registry.example.com/agent-worker:1.2.3"
         assert list(dumped["worker_command"]) == ["agent", "start"]
+        assert settings.worker_pod_template["spec"]["nodeSelector"] == {"pool": "agents"}
+        assert settings.worker_pod_template["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "250m"
         assert dumped["worker_control_plane_url"] == "http://wq-workerqueue-operator.wq-system.svc:8080"
         assert dumped["worker_backoff_seconds"] == 20
         assert settings.upstream_url == "https://api.example.com"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 
@@ -231,6 +233,49 @@ def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
              what="Progressing=PodCreationFailed")
     assert "PodCreationFailed" in reasons(kube, namespace, "bad")
     assert kube.pods(namespace, "bad") == []
+
+
+def documented_restricted_template() -> dict[str, Any]:
+    """The `worker.podTemplate` of docs/helm.md's restricted Pod Security example, as written there."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "helm.md").read_text()
+    section = text.split("### Worker pods under the restricted Pod Security Standard", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    template: dict[str, Any] = yaml.safe_load(example)["worker"]["podTemplate"]
+    return template
+
+
+def test_the_documented_operator_wide_template_passes_the_restricted_pod_security_standard(
+    kube: Kube, namespace: str, operator: OperatorProcess, kubeconfig: Path, tmp_path: Path,
+):
+    kube.core.patch_namespace(namespace, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}})
+    kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    refused = wait_for(lambda: (c := kube.condition(namespace, "se", "Progressing")) and
+                       c["reason"] == "PodCreationFailed" and c, what="the default pod refused")
+    assert 'violates PodSecurity "restricted:latest"' in refused["message"]
+    # Tried again after a back-off (1 s doubling to 4 s here), each try burning a pod name: not at once
+    # (a status write per try would start the next: ~2 tries a second, a pod name and an Event each).
+    time.sleep(5)
+    assert kube.workers(namespace, "se")["nextIndex"] <= 4, kube.workers(namespace, "se")
+
+    operator.stop()
+    hardened = OperatorProcess(kubeconfig, tmp_path / "hardened.log", env={
+        "WQ_WORKER_POD_TEMPLATE": json.dumps(documented_restricted_template())})
+    try:
+        hardened.start()
+        (name,) = wait_for(lambda: kube.pod_names(namespace, "se"), what="the worker pod admitted")
+        pod = kube.core.read_namespaced_pod(name, namespace)
+        assert pod.spec.security_context.run_as_non_root is True
+        assert pod.spec.automount_service_account_token is False
+        (container,) = pod.spec.containers
+        assert container.security_context.capabilities.drop == ["ALL"]
+        assert container.resources.requests == {"cpu": "250m", "memory": "512Mi"}
+        assert container.command == ["kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)"]
+        assert "KUBIYA_API_KEY" in {e.name for e in container.env}
+        kube.wait_condition(namespace, "se", "True", type_="Progressing")
+    finally:
+        hardened.stop()
+        operator.start()
 
 
 def test_kill_9_while_creating_pods_for_50_queues(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -201,6 +202,73 @@ def test_default_pod_uses_the_configured_image_and_command():
     assert container["image"] == SETTINGS.worker_image
     assert container["command"] == list(SETTINGS.worker_command)
     assert "SINGLE_EXECUTION" not in {e["name"] for e in container["env"]}
+
+
+RESTRICTED = {
+    "metadata": {"labels": {"cost-center": "ml"}},
+    "spec": {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "nodeSelector": {"pool": "agents"},
+        "containers": [{"name": "worker", "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+    },
+}
+
+
+def build_default(settings: Settings, **spec: Any) -> dict[str, Any]:
+    return workers.build_pod(queue(ephemeral=True, **spec), 0, inputs=workers.PodInputs("u", "d", {}),
+                             settings=settings)
+
+
+def test_the_operator_wide_pod_template_shapes_every_default_pod():
+    settings = Settings(worker_pod_template=RESTRICTED)
+    body = build_default(settings)
+    assert body["metadata"]["labels"]["cost-center"] == "ml"
+    assert body["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "workerqueue-operator"
+    assert body["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert body["spec"]["nodeSelector"] == {"pool": "agents"}
+    (container,) = body["spec"]["containers"]
+    # The platform team's settings, with the configured worker and what the operator owns.
+    assert container["resources"]["requests"] == {"cpu": "250m", "memory": "512Mi"}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert (container["image"], container["command"]) == (settings.worker_image, list(settings.worker_command))
+    assert {"QUEUE_ID", "KUBIYA_API_KEY"} <= {e["name"] for e in container["env"]}
+    assert body["spec"]["restartPolicy"] == "Never" and body["spec"]["hostname"] == "q1-w0"
+    assert "image" not in settings.worker_pod_template["spec"]["containers"][0]  # each pod its own copy
+
+
+def test_the_operator_wide_template_adds_the_worker_to_sidecars_and_keeps_an_image_it_names():
+    sidecar = {"name": "proxy", "image": "proxy:1"}
+    body = build_default(Settings(worker_pod_template={"spec": {"containers": [sidecar]}}))
+    assert [(c["name"], c["image"]) for c in body["spec"]["containers"]] == [
+        ("worker", Settings().worker_image), ("proxy", "proxy:1")]
+    own = {"spec": {"containers": [{"name": "worker", "image": "mirror.example/agent-worker:1.4"}]}}
+    (container,) = build_default(Settings(worker_pod_template=own))["spec"]["containers"]
+    assert container["image"] == "mirror.example/agent-worker:1.4"
+    assert container["command"] == list(Settings().worker_command)
+
+
+def test_a_queue_template_replaces_the_operator_wide_one():
+    template = {"spec": {"containers": [{"name": "w", "image": "img:1"}]}}
+    body = build_default(Settings(worker_pod_template=RESTRICTED), worker={"template": template})
+    assert "nodeSelector" not in body["spec"] and "securityContext" not in body["spec"]
+    assert [c["name"] for c in body["spec"]["containers"]] == ["w"]
+
+
+@pytest.mark.parametrize(("template", "words"), [
+    ({"spec": {}, "kind": "Pod"}, "metadata and spec only, not kind"),
+    ({"spec": ["containers"]}, "spec must be a mapping"),
+    ({"spec": {"containers": [{"image": "x"}]}}, "each with a name"),
+    ({"spec": {"containers": {"name": "worker"}}}, "must be a list"),
+])
+def test_a_malformed_operator_wide_template_is_refused_at_start_up(template, words):
+    with pytest.raises(ValueError, match=words):
+        Settings(worker_pod_template=template)
+
+
+def test_the_operator_wide_template_reads_from_json_in_the_environment():
+    settings = Settings.load({"WQ_WORKER_POD_TEMPLATE": json.dumps(RESTRICTED)})
+    assert settings.worker_pod_template == RESTRICTED
 
 
 def test_long_queue_names_still_make_valid_labels():

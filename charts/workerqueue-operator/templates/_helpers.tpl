@@ -211,6 +211,9 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 {{- with $v.worker.command }}
 {{- $_ := set $config "worker_command" . }}
 {{- end }}
+{{- with $v.worker.podTemplate }}
+{{- $_ := set $config "worker_pod_template" . }}
+{{- end }}
 {{- if $v.tls.enabled }}
 {{- $_ := set $config "tls_cert_file" (printf "%s/tls.crt" (include "workerqueue-operator.tlsDir" .)) }}
 {{- $_ := set $config "tls_key_file" (printf "%s/tls.key" (include "workerqueue-operator.tlsDir" .)) }}

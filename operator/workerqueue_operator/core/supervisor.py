@@ -51,6 +51,17 @@ _TICK = 0.1
 _PROBES = 16  # concurrent Temporal probes: a thousand queues must not dial a thousand connections at once
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
+    next try waits, doubling as the failures of workers do, until the spec changes or a pod is made.
+    Each try writes the status and posts an Event, and the status write alone would start the next."""
+
+    generation: int
+    count: int
+    retry_at: float
+
+
 @dataclass
 class _Probe:
     """What this replica knows of one queue's Temporal task queue."""
@@ -118,6 +129,7 @@ class Supervisor:
         self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
+        self._refused: dict[QueueKey, _Refusal] = {}
         store.subscribe(self._store_changed)
         activity.subscribe(self._activity_changed)
 
@@ -141,6 +153,7 @@ class Supervisor:
     def queue_deleted(self, key: QueueKey) -> None:
         self._tracked.discard(key)
         self._serving.pop(key, None)
+        self._refused.pop(key, None)
         self._probes.pop(key, None)
         self._demand.pop(key, None)
         self._alive.pop(key, None)
@@ -223,6 +236,13 @@ class Supervisor:
             # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
             # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
+        refusal = self._refused.get(key)
+        if refusal is not None and refusal.generation != queue.generation:
+            del self._refused[key]  # a changed spec is tried at once
+            refusal = None
+        if create and refusal is not None and now < refusal.retry_at:
+            create, status = (), status.model_copy(update={"next_index": previous.next_index})
+            self._queue.add_after(key, refusal.retry_at - now)
         if status != previous:
             await self._write_status(queue, status)
         involved = queue_ref_body(queue)
@@ -233,6 +253,13 @@ class Supervisor:
         await asyncio.gather(*(self._delete_pod(queue.namespace, name) for name in plan.delete))
         if create:
             refused = await self._create_pods(queue, create)
+            if refused is None:
+                self._refused.pop(key, None)
+            else:
+                count = refusal.count + 1 if refusal is not None else 1
+                delay = workers.backoff(count, self._settings)
+                self._refused[key] = _Refusal(generation=queue.generation, count=count, retry_at=now + delay)
+                self._queue.add_after(key, delay)
             if refused != status.last_error:
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}))
         if plan.delete_queue is not None:

@@ -31,6 +31,8 @@ POD_ANNOTATION = "agentcontrol.dev/pod"
 MADE_ANNOTATION = "agentcontrol.dev/made-at"
 """On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
+WORKER_CONTAINER = "worker"
+"""The container of a default worker pod (one without its queue's own template) that runs the worker."""
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
 DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError")
@@ -406,11 +408,11 @@ class PodInputs:
 def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: settings_.Settings) -> dict[str, Any]:
     """A worker pod for a queue: the queue's template (or the default worker), plus what the operator owns."""
     s = queue.spec
-    template = copy.deepcopy(s.worker.template) if s.worker.template else {}
+    template = copy.deepcopy(s.worker.template or settings.worker_pod_template)
     meta = template.get("metadata") or {}
-    pod_spec = template.get("spec") or {
-        "containers": [{"name": "worker", "image": settings.worker_image, "command": list(settings.worker_command)}],
-    }
+    pod_spec = template.get("spec") or {}
+    if not s.worker.template:
+        _default_worker(pod_spec, settings)
     name = pod_name(queue.name, index)
     containers: list[dict[str, Any]] = pod_spec.get("containers") or []
     credential = {"name": credential_secret_name(name), "key": queues.TOKEN_KEY}
@@ -458,6 +460,18 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         },
         "spec": pod_spec,
     }
+
+
+def _default_worker(pod_spec: dict[str, Any], settings: settings_.Settings) -> None:
+    """The operator-wide template's container `worker` (first, when it has none) runs the configured
+    worker unless it names its own image or command."""
+    containers: list[dict[str, Any]] = pod_spec.setdefault("containers", [])
+    worker = next((c for c in containers if c.get("name") == WORKER_CONTAINER), None)
+    if worker is None:
+        worker = {"name": WORKER_CONTAINER}
+        containers.insert(0, worker)
+    worker.setdefault("image", settings.worker_image)
+    worker.setdefault("command", list(settings.worker_command))
 
 
 def worker_temporal_host(queue: QueueObject, settings: settings_.Settings) -> str:

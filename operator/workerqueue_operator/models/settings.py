@@ -80,6 +80,12 @@ class Settings(BaseModel):
     """Image of worker pods whose queue has no pod template."""
     worker_command: tuple[str, ...] = ("kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)")
     """Command of worker pods whose queue has no pod template ($(VAR) is expanded by the kubelet)."""
+    worker_pod_template: dict[str, Any] = Field(default_factory=dict)
+    """A PodTemplateSpec (metadata, spec) for worker pods whose queue has no pod template, so that
+    security contexts, resources, node selectors, tolerations or image pull secrets are set once for
+    every queue. Its container named `worker` (added first when there is none) runs the worker:
+    worker_image and worker_command unless it names its own. The API server validates the rest when
+    a pod is created; a pod it refuses shows on its queue (Progressing=False, PodCreationFailed)."""
     worker_control_plane_url: str | None = None
     """CONTROL_PLANE_URL given to worker pods: this operator's in-cluster URL. Unset: public_url."""
     worker_backoff_seconds: float = Field(default=10.0, gt=0)
@@ -200,6 +206,19 @@ class Settings(BaseModel):
     @classmethod
     def _secret_ref(cls, value: Any) -> Any:
         return NamespacedSecretKeyRef.parse(value) if isinstance(value, str) and value else value or None
+
+    @field_validator("worker_pod_template")
+    @classmethod
+    def _pod_template(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if unknown := sorted(set(value) - {"metadata", "spec"}):
+            raise ValueError(f"a pod template has metadata and spec only, not {', '.join(unknown)}")
+        for part in ("metadata", "spec"):
+            if not isinstance(value.get(part) or {}, dict):
+                raise ValueError(f"the pod template's {part} must be a mapping")
+        containers = (value.get("spec") or {}).get("containers") or []
+        if not isinstance(containers, list) or not all(isinstance(c, dict) and c.get("name") for c in containers):
+            raise ValueError("the pod template's spec.containers must be a list of containers, each with a name")
+        return value
 
     @field_validator("upstream_url", mode="before")
     @classmethod
