@@ -93,6 +93,16 @@ def crd_installed(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> N
     established(kubectl, f"{PLURAL}.{GROUP}")
 
 
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block, continued on any exit."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 class OperatorProcess:
     """`workerqueue-operator run` as its own process group, its logs in a file the tests can read."""
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import resource
-import signal
 import socket
 import sys
 import time
@@ -22,7 +20,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from tests.integration.conftest import CRD_FILE, Http, Kube, OperatorProcess, http, wait_for
+from tests.integration.conftest import CRD_FILE, Http, Kube, OperatorProcess, frozen, http, wait_for
 from tests.integration.test_start import service_account_token
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 
@@ -51,22 +49,6 @@ def own_kube(own_control_plane: ControlPlane, k8s_assets: Path) -> Iterator[Kube
         yield Kube(api)
     finally:
         api.close()
-
-
-def apiserver_pid(control_plane: ControlPlane) -> int:
-    for pid in control_plane.pids():
-        if b"kube-apiserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return pid
-    raise AssertionError("no kube-apiserver among the control plane's processes")
-
-
-@contextlib.contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def timed_start(operator: OperatorProcess, queue_id: str, token: str) -> tuple[Http, float]:
@@ -109,7 +91,7 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected"}') == 1
         assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected_cached"}') == 1
 
-        with frozen(apiserver_pid(own_control_plane)):
+        with frozen(own_control_plane.pid("kube-apiserver")):
             # From memory: queue tokens and cached reviews.
             assert operator.start_worker("frozen-agents", queue_token).status == 200
             assert operator.start_worker("frozen-agents", cached).status == 200

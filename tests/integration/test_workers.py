@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
+from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -276,6 +277,29 @@ def test_the_documented_operator_wide_template_passes_the_restricted_pod_securit
     finally:
         hardened.stop()
         operator.start()
+
+
+def test_a_queue_made_again_before_the_garbage_collector_ran_gives_its_pods_tokens_of_their_own(
+    kube: Kube, namespace: str, control_plane: ControlPlane,
+):
+    """`kubectl replace --force`: the old queue's pods and token Secrets wait for the garbage collector
+    (held off here by freezing kube-controller-manager), and the new queue names its first pod as the
+    old one. Reusing the old pod's token Secret would lose it to the collector under the new worker."""
+    spec = {"queueId": f"again-{namespace}", "singleExecution": True, "temporal": TEMPORAL}
+    kube.create_queue(namespace, "again", **spec)
+    wait_pods(kube, namespace, "again", ["again-w0"])
+    old_token = kube.secret_value(namespace, "again-w0-token", "token")
+    with frozen(control_plane.pid("kube-controller-manager")):
+        kube.delete_queue(namespace, "again")
+        kube.core.delete_namespaced_pod("again-w0", namespace, grace_period_seconds=0)  # collected first
+        wait_for(lambda: not kube.pod_names(namespace, "again", alive=False), what="the old pod gone")
+        uid = kube.create_queue(namespace, "again", **spec)["metadata"]["uid"]
+        wait_pods(kube, namespace, "again", ["again-w0"])
+        secret = wait_for(lambda: (s := kube.core.read_namespaced_secret("again-w0-token", namespace))
+                          .metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")
+        assert kube.secret_value(namespace, "again-w0-token", "token") != old_token
+    time.sleep(2)  # the collector at work again: it must find nothing of the new queue's to delete
+    assert kube.core.read_namespaced_secret("again-w0-token", namespace).metadata.uid == secret.metadata.uid
 
 
 def test_kill_9_while_creating_pods_for_50_queues(

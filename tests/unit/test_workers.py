@@ -196,6 +196,15 @@ def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
     assert workers.made_at(body) == 1767225690.0
 
 
+def test_a_token_secret_of_a_deleted_namesake_is_told_apart_from_this_queues_and_others():
+    old, new = queue(uid="uid-old"), queue(uid="uid-new")
+    left_behind = workers.credential_secret_body(old, "q1-w0", "tok", now=T0)
+    assert workers.namesakes_credential(left_behind, new)
+    assert not workers.namesakes_credential(workers.credential_secret_body(new, "q1-w0", "tok", now=T0), new)
+    assert not workers.namesakes_credential(left_behind, queue(name="q2", uid="uid-other"))
+    assert not workers.namesakes_credential({"metadata": {"name": "q1-w0-token", "labels": {}}}, new)
+
+
 def test_default_pod_uses_the_configured_image_and_command():
     body = workers.build_pod(queue(ephemeral=True), 0, inputs=workers.PodInputs("u", "d", {}), settings=SETTINGS)
     (container,) = body["spec"]["containers"]

@@ -294,10 +294,8 @@ class Supervisor:
         async def create(body: dict[str, Any]) -> bool:
             # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
             # pod, so that the first pods of a burst need not wait for the last tokens.
-            await resources.create_if_absent(
-                self._client, resources.secrets_path(queue.namespace),
-                workers.credential_secret_body(queue, body["metadata"]["name"], secrets.token_urlsafe(32),
-                                               now=self._clock()))
+            await self._create_credential(queue, workers.credential_secret_body(
+                queue, body["metadata"]["name"], secrets.token_urlsafe(32), now=self._clock()))
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
@@ -315,6 +313,27 @@ class Supervisor:
             elif isinstance(result, BaseException):
                 raise result
         return refused
+
+    async def _create_credential(self, queue: QueueObject, body: dict[str, Any]) -> None:
+        """Creates a pod's token Secret. One of its name may be left by a deleted namesake of the queue
+        (`kubectl replace --force`), waiting for the garbage collector: reused, its token would vanish
+        under the new worker, and its made-at would show that worker the old pod's executions. It is
+        made anew. One that is not a worker token of this queue's name is left as it is."""
+        path = resources.secrets_path(queue.namespace)
+        if await resources.create_if_absent(self._client, path, body):
+            return
+        existing = await self._client.get(f"{path}/{body['metadata']['name']}")
+        if not workers.namesakes_credential(existing, queue):
+            return  # ours (a retried create), or not a worker token at all
+        try:
+            await self._client.delete(f"{path}/{body['metadata']['name']}", {
+                "kind": "DeleteOptions", "apiVersion": "v1",
+                "preconditions": {"uid": existing["metadata"]["uid"]}})
+        except client_.ApiError as exc:
+            if not (exc.not_found or exc.conflict):
+                raise
+        if not await resources.create_if_absent(self._client, path, body):
+            raise client_.ApiError(409, "Conflict", f"secret {body['metadata']['name']} is still being deleted")
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
         for path in (f"{resources.pods_path(namespace)}/{name}",

@@ -111,6 +111,15 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
     return (meta.get("namespace", ""), owner["name"]), pod, token
 
 
+def namesakes_credential(body: Mapping[str, Any], queue: QueueObject) -> bool:
+    """Whether a Secret is a worker token of a deleted queue of this queue's name (not this queue's)."""
+    credential = credential_from_secret(body)
+    if credential is None or credential[0] != queue.key:
+        return False
+    owners = (body.get("metadata") or {}).get("ownerReferences") or []
+    return not any(r.get("uid") == queue.uid for r in owners)
+
+
 def made_at(body: Mapping[str, Any]) -> float | None:
     """When a per-worker token was made (epoch seconds): its annotation, else its creationTimestamp;
     None without a readable one."""

@@ -99,6 +99,13 @@ class ControlPlane(procs.Service):
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self._procs]
 
+    def pid(self, name: str) -> int:
+        """The pid of one of the processes, by binary name (e.g. to freeze it in a test)."""
+        for p in self._procs:
+            if p.name == name:
+                return p.popen.pid
+        raise ControlPlaneError(f"no {name} among the control plane's processes")
+
     def start(self) -> None:
         """Start all three processes and return once the API answers and controllers run."""
         if self._procs:
