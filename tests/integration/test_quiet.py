@@ -1,0 +1,72 @@
+"""A queue at rest is not written: whatever state it settles in, the operator's writes stop.
+
+A status field that changes on every pass (a time, a pod's name) would make each status write's watch
+event start the next pass: a hot loop against the API server, unseen while every answer looks right.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Kube, wait_for
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+UNREACHABLE = {"host": "127.0.0.1:9", "namespace": "agents"}  # nothing listens on the discard port
+SETTLE = 3.0
+"""Seconds a queue is left after it shows its state, before its writes are counted."""
+WINDOW = 12.0
+"""Longer than the tests' pod resync (5 s) and back-off (at most 4 s), twice."""
+
+
+def set_image_pull_backoff(kube: Kube, namespace: str, pod: str) -> None:
+    kube.core.patch_namespaced_pod_status(pod, namespace, {"status": {"phase": "Pending", "containerStatuses": [
+        {"name": "worker", "image": "registry.example/worker:nope", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "ErrImagePull", "message": "pull access denied"}}}]}})
+
+
+STATES: dict[str, tuple[dict[str, Any], str, str]] = {
+    # queue name: (spec, condition type, the reason it settles with)
+    "ready": ({}, "Ready", "Ready"),
+    "missing-secret": ({"temporal": {**UNREACHABLE, "apiKeySecretRef": {"name": "nope", "key": "k"}}},
+                       "Ready", "SecretNotFound"),
+    "suspended": ({"suspend": True}, "Ready", "Suspended"),
+    "temporal-unreachable": ({"temporal": UNREACHABLE}, "TemporalReachable", "TemporalUnavailable"),
+    "pods-pending": ({"singleExecution": True, "replicas": 2}, "Progressing", "WorkersAvailable"),
+    "pod-stuck": ({"singleExecution": True}, "Progressing", "WorkersNotStarting"),
+    "crash-looping": ({"singleExecution": True, "worker": {"backoffLimit": 1}}, "Progressing", "CrashLooping"),
+}
+
+
+def settled(kube: Kube, namespace: str, name: str) -> bool:
+    _, condition, reason = STATES[name]
+    c = kube.condition(namespace, name, condition)
+    return c is not None and c["reason"] == reason
+
+
+def test_a_queue_at_rest_is_not_written_whatever_its_state(kube: Kube, namespace: str):
+    for name, (spec, _, _) in STATES.items():
+        kube.create_queue(namespace, name, queueId=f"{name}-{namespace}", **spec)
+    wait_for(lambda: {"pod-stuck-w0", "crash-looping-w0"} <= set(kube.pod_names(namespace)), what="worker pods")
+    set_image_pull_backoff(kube, namespace, "pod-stuck-w0")
+    kube.set_phase(namespace, "crash-looping-w0", "Failed", exit_code=1, reason="Error")
+    try:
+        wait_for(lambda: all(settled(kube, namespace, name) for name in STATES), timeout=60, what="every state")
+    except AssertionError:
+        unsettled = {name: (kube.get_queue(namespace, name).get("status") or {}).get("conditions")
+                     for name in STATES if not settled(kube, namespace, name)}
+        raise AssertionError(f"not settled: {unsettled}") from None
+    time.sleep(SETTLE)
+
+    def snapshot() -> dict[str, tuple[str, set[tuple[str, int]]]]:
+        return {name: (kube.get_queue(namespace, name)["metadata"]["resourceVersion"],
+                       {(e.reason, e.count) for e in kube.events(namespace, name)}) for name in STATES}
+
+    before = snapshot()
+    time.sleep(WINDOW)
+    after = snapshot()
+    assert not [name for name in STATES if after[name] != before[name]], {
+        name: (before[name], after[name]) for name in STATES if after[name] != before[name]}
