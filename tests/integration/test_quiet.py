@@ -38,6 +38,10 @@ STATES: dict[str, tuple[dict[str, Any], str, str]] = {
     "pods-pending": ({"singleExecution": True, "replicas": 2}, "Progressing", "WorkersAvailable"),
     "pod-stuck": ({"singleExecution": True}, "Progressing", "WorkersNotStarting"),
     "crash-looping": ({"singleExecution": True, "worker": {"backoffLimit": 1}}, "Progressing", "CrashLooping"),
+    "scaling-idle": ({"singleExecution": True, "scaling": {"minIdle": 0, "max": 2}}, "Progressing",
+                     "WorkersAvailable"),
+    "scaling-min-idle": ({"singleExecution": True, "scaling": {"minIdle": 1, "max": 2}}, "Progressing",
+                         "WorkersAvailable"),
 }
 
 
