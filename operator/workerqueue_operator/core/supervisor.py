@@ -52,7 +52,7 @@ _PROBES = 16  # concurrent Temporal probes: a thousand queues must not dial a th
 
 
 @dataclass(frozen=True)
-class _Refusal:
+class Refusal:
     """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
     next try waits, doubling as the failures of workers do, until the spec changes or a pod is made.
     Each try writes the status and posts an Event, and the status write alone would start the next."""
@@ -60,6 +60,15 @@ class _Refusal:
     generation: int
     count: int
     retry_at: float
+
+    @staticmethod
+    def after(previous: Refusal | None, *, generation: int, now: float, settings: settings_.Settings) -> Refusal:
+        count = previous.count + 1 if previous is not None and previous.generation == generation else 1
+        return Refusal(generation=generation, count=count, retry_at=now + workers.backoff(count, settings))
+
+    def holds(self, generation: int, now: float) -> bool:
+        """Whether pods of the queue at this generation wait still (a changed spec is tried at once)."""
+        return generation == self.generation and now < self.retry_at
 
 
 @dataclass
@@ -129,7 +138,7 @@ class Supervisor:
         self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
-        self._refused: dict[QueueKey, _Refusal] = {}
+        self._refused: dict[QueueKey, Refusal] = {}
         store.subscribe(self._store_changed)
         activity.subscribe(self._activity_changed)
 
@@ -237,10 +246,7 @@ class Supervisor:
             # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
         refusal = self._refused.get(key)
-        if refusal is not None and refusal.generation != queue.generation:
-            del self._refused[key]  # a changed spec is tried at once
-            refusal = None
-        if create and refusal is not None and now < refusal.retry_at:
+        if create and refusal is not None and refusal.holds(queue.generation, now):
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
             self._queue.add_after(key, refusal.retry_at - now)
         if status != previous:
@@ -256,10 +262,9 @@ class Supervisor:
             if refused is None:
                 self._refused.pop(key, None)
             else:
-                count = refusal.count + 1 if refusal is not None else 1
-                delay = workers.backoff(count, self._settings)
-                self._refused[key] = _Refusal(generation=queue.generation, count=count, retry_at=now + delay)
-                self._queue.add_after(key, delay)
+                refusal = self._refused[key] = Refusal.after(refusal, generation=queue.generation, now=now,
+                                                             settings=self._settings)
+                self._queue.add_after(key, refusal.retry_at - now)
             if refused != status.last_error:
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}))
         if plan.delete_queue is not None:
