@@ -246,11 +246,9 @@ async def delete_queue(request: web.Request) -> web.Response:
         denied = await callers.authorize(request, caller, resolution, verb="delete", token_message="")
         if denied is not None:
             return denied
-    options = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": queue.uid},
-               "propagationPolicy": "Background"}
     try:
-        await request.app[KUBE].request("DELETE", resources.queue_path(queue.namespace, queue.name), body=options,
-                                        timeout=5.0)
+        await request.app[KUBE].request("DELETE", resources.queue_path(queue.namespace, queue.name),
+                                        body=resources.delete_options(queue.uid), timeout=5.0)
     except client_.ApiError as exc:
         if not (exc.not_found or exc.conflict):  # gone already: what was asked is done
             logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, exc)

@@ -327,18 +327,13 @@ class Supervisor:
         path = resources.secrets_path(queue.namespace)
         if await resources.create_if_absent(self._client, path, body):
             return
-        existing = await self._client.get(f"{path}/{body['metadata']['name']}")
+        name = body["metadata"]["name"]
+        existing = await self._client.get(f"{path}/{name}")
         if not workers.namesakes_credential(existing, queue):
             return  # ours (a retried create), or not a worker token at all
-        try:
-            await self._client.delete(f"{path}/{body['metadata']['name']}", {
-                "kind": "DeleteOptions", "apiVersion": "v1",
-                "preconditions": {"uid": existing["metadata"]["uid"]}})
-        except client_.ApiError as exc:
-            if not (exc.not_found or exc.conflict):
-                raise
+        await resources.delete_exact(self._client, f"{path}/{name}", existing["metadata"]["uid"])
         if not await resources.create_if_absent(self._client, path, body):
-            raise client_.ApiError(409, "Conflict", f"secret {body['metadata']['name']} is still being deleted")
+            raise client_.ApiError(409, "Conflict", f"secret {name} is still being deleted")
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
         for path in (f"{resources.pods_path(namespace)}/{name}",
@@ -361,13 +356,7 @@ class Supervisor:
                         raise
 
     async def _delete_queue(self, queue: QueueObject) -> None:
-        try:
-            await self._client.delete(resources.queue_path(queue.namespace, queue.name),
-                                      {"kind": "DeleteOptions", "apiVersion": "v1",
-                                       "preconditions": {"uid": queue.uid}, "propagationPolicy": "Background"})
-        except client_.ApiError as exc:
-            if not (exc.not_found or exc.conflict):
-                raise
+        await resources.delete_exact(self._client, resources.queue_path(queue.namespace, queue.name), queue.uid)
 
     def _control_plane_url(self) -> str:
         s = self._settings

@@ -82,6 +82,21 @@ async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) ->
         raise
 
 
+def delete_options(uid: str) -> dict[str, Any]:
+    """Deletes only the object with this uid, not a namesake made since; its dependents in the background."""
+    return {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid},
+            "propagationPolicy": "Background"}
+
+
+async def delete_exact(client: client_.KubeClient, path: str, uid: str) -> None:
+    """Deletes the object if it is still the one with this uid; gone, or made again since, is fine."""
+    try:
+        await client.delete(path, delete_options(uid))
+    except client_.ApiError as exc:
+        if not (exc.not_found or exc.conflict):
+            raise
+
+
 async def patch_queue_status(client: client_.KubeClient, namespace: str, name: str, status: dict[str, Any]) -> bool:
     """Merge-patches the status subresource; False if the queue is gone."""
     try:
