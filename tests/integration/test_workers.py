@@ -280,7 +280,7 @@ def test_the_documented_operator_wide_template_passes_the_restricted_pod_securit
 
 
 def test_a_queue_made_again_before_the_garbage_collector_ran_gives_its_pods_tokens_of_their_own(
-    kube: Kube, namespace: str, control_plane: ControlPlane,
+    kube: Kube, namespace: str, control_plane: ControlPlane, operator: OperatorProcess,
 ):
     """`kubectl replace --force`: the old queue's pods and token Secrets wait for the garbage collector
     (held off here by freezing kube-controller-manager), and the new queue names its first pod as the
@@ -297,7 +297,12 @@ def test_a_queue_made_again_before_the_garbage_collector_ran_gives_its_pods_toke
         wait_pods(kube, namespace, "again", ["again-w0"])
         secret = wait_for(lambda: (s := kube.core.read_namespaced_secret("again-w0-token", namespace))
                           .metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")
-        assert kube.secret_value(namespace, "again-w0-token", "token") != old_token
+        new_token = kube.secret_value(namespace, "again-w0-token", "token")
+        assert new_token != old_token
+        # The new pod's worker gets through /start with its token; the old pod's token opens nothing.
+        wait_for(lambda: operator.start_worker(spec["queueId"], new_token).status == 200,
+                 what="/start with the new pod's token")
+        assert operator.start_worker(spec["queueId"], old_token).status == 401
     time.sleep(2)  # the collector at work again: it must find nothing of the new queue's to delete
     assert kube.core.read_namespaced_secret("again-w0-token", namespace).metadata.uid == secret.metadata.uid
 
