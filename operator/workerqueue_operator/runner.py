@@ -122,10 +122,12 @@ class Feed:
             self._store.upsert_worker_credential(
                 name, WorkerCredential(queue=queue, pod=pod, since=workers.made_at(body)), token)
         if self._store.is_used(name):
-            self._store.upsert_secret(name, queues.decode_secret_data(body))
+            self._store.upsert_secret(name, self._store.secret_data(body))
 
     def secret_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
         self._store.remove_worker_credential(key)
+        if body is not None and self._store.namesakes_token(body):
+            return  # never served; its successor may be known already
         self._store.upsert_secret(key, None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -10,7 +11,8 @@ import jsonschema
 import pytest
 from kubernetes import client as k8s
 
-from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
+from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -235,6 +237,42 @@ def test_queue_id_conflict_keeps_the_first(operator: OperatorProcess, kube: Kube
     assert kube.condition(namespace, "first")["status"] == "True"
     r = operator.start_worker(qid, kube.queue_token(namespace, "first"))
     assert r.status == 200 and r.json()["queue_name"] == "first"
+
+
+def test_a_queue_name_longer_than_a_label_value_gets_its_token_secret(operator: OperatorProcess, kube: Kube,
+                                                                      namespace: str):
+    name = "long-" + "q" * 75  # a valid object name, too long for a label value (63)
+    kube.create_queue(namespace, name, queueId=f"long-{namespace}", temporal={"host": "t:7233", "namespace": "n"})
+    token = kube.queue_token(namespace, name)
+    kube.wait_condition(namespace, name, "True")
+    assert operator.start_worker(f"long-{namespace}", token).status == 200
+
+
+def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its_own(
+    operator: OperatorProcess, kube: Kube, namespace: str, control_plane: ControlPlane,
+):
+    """`kubectl replace --force` of a queue with a generated token: the old queue's token Secret waits
+    for the garbage collector (held off here by freezing kube-controller-manager). Served for the new
+    queue, the old token would go on opening it, and vanish under its workers once collected."""
+    spec = {"queueId": f"again-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"}}
+    kube.create_queue(namespace, "again", **spec)
+    old_token = kube.queue_token(namespace, "again")
+    wait_for(lambda: operator.start_worker(spec["queueId"], old_token).status == 200, what="/start, old token")
+    with frozen(control_plane.pid("kube-controller-manager")):
+        kube.delete_queue(namespace, "again")
+        wait_for(lambda: not kube.custom.list_namespaced_custom_object(
+            "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
+        uid = kube.create_queue(namespace, "again", **spec)["metadata"]["uid"]
+        secret = wait_for(lambda: (s := kube.core.read_namespaced_secret("again-worker-token", namespace))
+                          .metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")
+        new_token = kube.secret_value(namespace, "again-worker-token", "token")
+        assert new_token != old_token
+        kube.wait_condition(namespace, "again", "True")
+        wait_for(lambda: operator.start_worker(spec["queueId"], new_token).status == 200, what="/start, new token")
+        assert operator.start_worker(spec["queueId"], old_token).status == 401
+    time.sleep(2)  # the collector at work again: it must find nothing of the new queue's to delete
+    assert kube.core.read_namespaced_secret("again-worker-token", namespace).metadata.uid == secret.metadata.uid
+    assert operator.start_worker(spec["queueId"], new_token).status == 200
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from tests.unit.factories import queue
-from workerqueue_operator.core import queues
+from tests.unit.factories import queue, secret_body
+from workerqueue_operator.core import queues, reconciler
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
@@ -175,3 +175,28 @@ def test_a_secret_seen_again_with_the_same_data_resolves_nothing_again():
     assert changed == []
     s.upsert_secret(("team-a", "q1-worker-token"), {"token": "u"})
     assert changed == [("team-a", "q1")]
+
+
+def test_a_generated_token_of_a_deleted_namesake_is_not_served_to_the_queue_made_again():
+    """`kubectl replace --force`: until the garbage collector runs, the old queue's token Secret is
+    still there under the name the new queue uses."""
+    s, _ = store()
+    old = queue(uid="old-uid", queueId="abc")
+    s.upsert_queue(old)
+    leftover = reconciler.token_secret_body(old, "old-token")
+    s.upsert_secret(("team-a", "q1-worker-token"), s.secret_data(leftover))
+    assert s.opens(s.serving("abc"), queues.digest("old-token"))
+
+    # Seen as a change of uid (a watch that listed again missed the deletion): the Secret is read again.
+    assert s.upsert_queue(queue(uid="new-uid", queueId="abc")) == {("team-a", "q1-worker-token")}
+    assert s.namesakes_token(leftover) and s.secret_data(leftover) is None
+    s.fill_secret(("team-a", "q1-worker-token"), s.secret_data(leftover))
+    assert s.secret_state(("team-a", "q1-worker-token")) == (True, None)  # to be generated anew
+    assert not s.is_queue_token(queues.digest("old-token"))
+
+    fresh = reconciler.token_secret_body(s.queue(("team-a", "q1")), "new-token")
+    assert not s.namesakes_token(fresh)
+    s.upsert_secret(("team-a", "q1-worker-token"), s.secret_data(fresh))
+    assert s.opens(s.serving("abc"), queues.digest("new-token"))
+    # A Secret of that name that is no generated token is served as it is.
+    assert s.secret_data(secret_body("q1-worker-token", token="own")) == {"token": "own"}

@@ -28,11 +28,35 @@ SecretData = Mapping[str, str] | None
 """Decoded data of a Secret that exists, or None for one known to be absent."""
 
 TOKEN_KEY = "token"
+TOKEN_COMPONENT = "worker-token"
+"""`app.kubernetes.io/component` of the queue-token Secrets the operator generates."""
 
 
 def token_secret_name(queue_name: str) -> str:
     """The queue-token Secret the operator generates when a queue names none."""
     return f"{queue_name}-worker-token"
+
+
+def queue_owner(body: Mapping[str, Any]) -> tuple[QueueKey, str] | None:
+    """(queue, uid) of the WorkerQueue that owns an object; None for an object no queue owns."""
+    meta = body.get("metadata") or {}
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == spec_.KIND), None)
+    if owner is None:
+        return None
+    return (meta.get("namespace", ""), owner.get("name", "")), owner.get("uid", "")
+
+
+def owned_by_namesake(body: Mapping[str, Any], queue: QueueObject) -> bool:
+    """Whether an object was made for a deleted queue of this queue's name (not this one): after
+    `kubectl replace --force` it waits for the garbage collector, maybe for long."""
+    owner = queue_owner(body)
+    return owner is not None and owner[0] == queue.key and owner[1] != queue.uid
+
+
+def namesakes_token(body: Mapping[str, Any], queue: QueueObject) -> bool:
+    """Whether a Secret is the generated queue token of a deleted queue of this queue's name."""
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return labels.get("app.kubernetes.io/component") == TOKEN_COMPONENT and owned_by_namesake(body, queue)
 
 
 def new_worker_id(key: bytes | None = None, *, pod: str | None = None) -> str:

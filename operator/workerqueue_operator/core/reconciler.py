@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -52,7 +52,8 @@ def token_secret_body(queue: QueueObject, token: str) -> dict[str, Any]:
         "metadata": {
             "name": queues.token_secret_name(queue.name),
             "namespace": queue.namespace,
-            "labels": {**LABELS, "app.kubernetes.io/component": "worker-token", "agentcontrol.dev/queue": queue.name},
+            "labels": {**LABELS, "app.kubernetes.io/component": queues.TOKEN_COMPONENT,
+                       workers.QUEUE_LABEL: workers.queues_label(queue)},
             "ownerReferences": [resources.owner_reference(queue_ref_body(queue))],
         },
         "data": {queues.TOKEN_KEY: base64.b64encode(token.encode()).decode()},
@@ -145,7 +146,7 @@ class Reconciler:
         self._fetching.discard(name)
         if body is not None and body.get("type") in self._ignored_types:
             self._unwatched.add(name)
-        data = None if body is None else queues.decode_secret_data(body)
+        data = None if body is None else self._store.secret_data(body)
         if refresh:
             self._store.upsert_secret(name, data)
         else:
@@ -207,7 +208,11 @@ class Reconciler:
         created: dict[str, Any] | None = None
         self._store.creating_secret(secret)
         try:
-            created = await resources.create(self._client, resources.secrets_path(queue.namespace), body)
+            # One left by a deleted queue of this name (`kubectl replace --force`) goes: its token is
+            # the old queue's, and the collector would take it from under this one's workers.
+            created = await resources.create_replacing(
+                self._client, resources.secrets_path(queue.namespace), body,
+                leftover=lambda existing: queues.namesakes_token(existing, queue))
         finally:
             self._store.created_secret(secret, None if created is None else queues.decode_secret_data(created))
         if created is not None:

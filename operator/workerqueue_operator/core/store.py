@@ -11,6 +11,7 @@ import hmac
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import Any
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, SecretData, SecretName
@@ -63,6 +64,10 @@ class Store:
             self._with_upstream.add(key)
         else:
             self._with_upstream.discard(key)
+        if previous is not None and previous.uid != queue.uid:
+            # Made again under the same name: the token Secret known so far may be the old queue's,
+            # waiting for the garbage collector. Read again, it is judged against this queue.
+            self._secrets.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
         affected = {key}
@@ -113,6 +118,17 @@ class Store:
             return  # the echo of our own create, or a change beside the data: nothing resolves otherwise
         self._secrets[name] = data
         self._recompute(users)
+
+    def secret_data(self, body: Mapping[str, Any]) -> SecretData:
+        """What a Secret brings to the queues that use it: its data, or nothing (as if absent) when
+        it is the generated token of a deleted queue of the name a queue has now."""
+        return None if self.namesakes_token(body) else queues.decode_secret_data(body)
+
+    def namesakes_token(self, body: Mapping[str, Any]) -> bool:
+        """Whether a Secret is the generated token of a deleted queue of the name a queue has now."""
+        owner = queues.queue_owner(body)
+        queue = self._queues.get(owner[0]) if owner is not None else None
+        return queue is not None and queues.namesakes_token(body, queue)
 
     def secret_state(self, name: SecretName) -> tuple[bool, SecretData]:
         """(known, data): whether the Secret's state is known, and its data (None: absent)."""

@@ -323,17 +323,10 @@ class Supervisor:
         """Creates a pod's token Secret. One of its name may be left by a deleted namesake of the queue
         (`kubectl replace --force`), waiting for the garbage collector: reused, its token would vanish
         under the new worker, and its made-at would show that worker the old pod's executions. It is
-        made anew. One that is not a worker token of this queue's name is left as it is."""
-        path = resources.secrets_path(queue.namespace)
-        if await resources.create_if_absent(self._client, path, body):
-            return
-        name = body["metadata"]["name"]
-        existing = await self._client.get(f"{path}/{name}")
-        if not workers.namesakes_credential(existing, queue):
-            return  # ours (a retried create), or not a worker token at all
-        await resources.delete_exact(self._client, f"{path}/{name}", existing["metadata"]["uid"])
-        if not await resources.create_if_absent(self._client, path, body):
-            raise client_.ApiError(409, "Conflict", f"secret {name} is still being deleted")
+        made anew. One that is not a worker token of this queue's name is left as it is (or ours,
+        from a retried create)."""
+        await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
+                                         leftover=lambda existing: workers.namesakes_credential(existing, queue))
 
     async def _delete_pod(self, namespace: str, name: str) -> None:
         for path in (f"{resources.pods_path(namespace)}/{name}",

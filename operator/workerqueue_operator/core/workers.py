@@ -113,11 +113,7 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
 
 def namesakes_credential(body: Mapping[str, Any], queue: QueueObject) -> bool:
     """Whether a Secret is a worker token of a deleted queue of this queue's name (not this queue's)."""
-    credential = credential_from_secret(body)
-    if credential is None or credential[0] != queue.key:
-        return False
-    owners = (body.get("metadata") or {}).get("ownerReferences") or []
-    return not any(r.get("uid") == queue.uid for r in owners)
+    return credential_from_secret(body) is not None and queues.owned_by_namesake(body, queue)
 
 
 def made_at(body: Mapping[str, Any]) -> float | None:

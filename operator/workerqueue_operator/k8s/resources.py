@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.k8s import client as client_
@@ -80,6 +81,25 @@ async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) ->
         if exc.already_exists:
             return None
         raise
+
+
+async def create_replacing(client: client_.KubeClient, path: str, body: dict[str, Any],
+                           *, leftover: Callable[[Mapping[str, Any]], bool]) -> dict[str, Any] | None:
+    """Creates the object as `create` does, except that one of its name that `leftover` says was left
+    by a deleted owner (waiting for the garbage collector) is deleted, that very one, and the object
+    made anew. None when one that is no leftover is there already."""
+    created = await create(client, path, body)
+    if created is not None:
+        return created
+    item = f"{path}/{body['metadata']['name']}"
+    existing = await client.get(item)
+    if not leftover(existing):
+        return None
+    await delete_exact(client, item, existing["metadata"]["uid"])
+    created = await create(client, path, body)
+    if created is None:
+        raise client_.ApiError(409, "Conflict", f"{item} is still being deleted")
+    return created
 
 
 def delete_options(uid: str) -> dict[str, Any]:
