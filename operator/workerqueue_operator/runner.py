@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import kopf
 from aiohttp import web
-from pydantic import ValidationError
 
 import workerqueue_operator
 from workerqueue_operator import handlers
@@ -99,7 +98,7 @@ class Feed:
             return
         try:
             queue = queues.QueueObject.from_body(body)
-        except (ValidationError, KeyError) as exc:
+        except (ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
             # The API server's schema makes this rare (e.g. a CRD older than the operator).
             meta = body.get("metadata", {})
             logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"),
@@ -182,6 +181,9 @@ class Watches:
 
     def failures(self) -> dict[str, float]:
         return {i.name: i.failures for i in (*self.all, *self.peerings)}
+
+    def callback_failures(self) -> dict[str, float]:
+        return {i.name: i.callback_failures for i in (*self.all, *self.peerings)}
 
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
@@ -276,6 +278,10 @@ async def run(
     app[keys.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
                              kind="counter", label="resource", read=watches.failures)
+    app[keys.METRICS].family("workerqueue_watch_object_failures_total",
+                             "Objects the operator failed to take in from its watches, by resource (a bug: "
+                             "see the log); each is skipped until it changes.",
+                             kind="counter", label="resource", read=watches.callback_failures)
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

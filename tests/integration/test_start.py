@@ -248,6 +248,22 @@ def test_a_queue_name_longer_than_a_label_value_gets_its_token_secret(operator: 
     assert operator.start_worker(f"long-{namespace}", token).status == 200
 
 
+def test_a_queue_name_past_the_limit_is_refused_and_the_longest_allowed_one_works(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """Kubernetes allows 253 characters, the objects named after a queue need some of them."""
+    with pytest.raises(k8s.ApiException) as refused:
+        kube.create_queue(namespace, "q" * 231, temporal={"host": "t:7233", "namespace": "n"})
+    assert refused.value.status == 422 and "metadata.name must be at most 230 characters" in refused.value.body
+    name = "q" * 230
+    kube.create_queue(namespace, name, queueId=f"longest-{namespace}", singleExecution=True,
+                      temporal={"host": "t:7233", "namespace": "n"})
+    token = kube.queue_token(namespace, name)
+    assert wait_for(lambda: kube.pod_names(namespace), what="its first pod") == [f"{name}-w0"]
+    kube.core.read_namespaced_secret(f"{name}-w0-token", namespace)  # the pod's own token
+    assert operator.start_worker(f"longest-{namespace}", token).status == 200
+
+
 def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its_own(
     operator: OperatorProcess, kube: Kube, namespace: str, control_plane: ControlPlane,
 ):

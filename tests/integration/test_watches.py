@@ -177,3 +177,40 @@ async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kube
     assert not watch.synced.is_set()
     line = next(r.getMessage() for r in caplog.records if "watch workerqueues/* failed" in r.getMessage())
     assert path in line and "CustomResourceDefinition" in line, line
+
+
+async def test_a_callback_failing_on_one_object_leaves_the_others_delivered(
+    kubeconfig: Path, kube: Kube, namespace: str, caplog: pytest.LogCaptureFixture,
+):
+    """A bug that trips on one object must cost that object only: relisting would meet it again, and
+    every object after it in every namespace would go unseen (found with a queue named past the
+    limits of the objects named after it)."""
+    caplog.set_level(logging.ERROR, logger=informer.__name__)
+    for name in ("a", "b", "c"):
+        kube.put_secret(namespace, name, token=name)
+    seen: list[str] = []
+
+    def upsert(body: dict) -> None:
+        name = body["metadata"]["name"]
+        if name == "a":
+            raise ValueError("a bug that trips on this one object")
+        seen.append(name)
+
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", on_upsert=upsert,
+                              on_delete=lambda *_: None, name="secrets", page_size=1)
+    task = asyncio.create_task(watch.run())
+    try:
+        await asyncio.wait_for(watch.synced.wait(), 10)
+        kube.put_secret(namespace, "d", token="d")
+        for _ in range(100):
+            if "d" in seen:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+    assert {"b", "c", "d"} <= set(seen) and "a" not in seen
+    assert (watch.callback_failures, watch.failures) == (1, 0)
+    assert any(f"handling {namespace}/a failed" in r.getMessage() and r.exc_info for r in caplog.records)

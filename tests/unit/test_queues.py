@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.factories import queue, secret_body
+from tests.unit.factories import queue, queue_body, secret_body
 from workerqueue_operator.core import queues
 from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
 
@@ -246,3 +246,11 @@ def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them(
     assert not queues.issued_worker_id(mine, [key], pod="q1-w2")
     assert not queues.issued_worker_id(mine, [key])
     assert not queues.issued_worker_id(issued, [key], pod="q1-w1")
+
+
+def test_a_name_past_the_limit_is_no_queue():
+    """The CRD refuses it; one made under an older CRD must not reach the Store (its token Secret's
+    name would fail validation halfway through taking it in)."""
+    assert queues.QueueObject.from_body(queue_body("q" * 230)).name == "q" * 230
+    with pytest.raises(ValueError, match="longer than 230"):
+        queues.QueueObject.from_body(queue_body("q" * 231))

@@ -134,6 +134,9 @@ class QueueObject:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> QueueObject:
         meta = body.get("metadata", {})
+        if len(meta["name"]) > spec_.MAX_NAME_LENGTH:  # the CRD refuses it; one made before could be there
+            raise ValueError(f"name longer than {spec_.MAX_NAME_LENGTH} characters: objects named after it "
+                             "would pass Kubernetes' limit")
         return cls(
             namespace=meta["namespace"],
             name=meta["name"],

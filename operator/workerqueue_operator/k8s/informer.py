@@ -3,9 +3,11 @@
 After every (re)list the consumer gets the full set, so objects deleted while the watch was down
 are reported as deleted too. `synced` is set after the first complete list.
 
-A watch never dies quietly: whatever breaks it (the API server, the network, an event too large, a
-bug in a callback) is logged in one line with its cause, counted in `failures`, and the informer
-relists after a back-off; `down_since` says since when it has been failing, for readiness.
+A watch never dies quietly: whatever breaks it (the API server, the network, an event too large) is
+logged in one line with its cause, counted in `failures`, and the informer relists after a back-off;
+`down_since` says since when it has been failing, for readiness. A callback that fails on one object
+fails for that object only (logged with its traceback, counted in `callback_failures`): relisting
+would meet the same object again, and every object after it would go unseen, in every namespace.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Informer:
         self._known: set[ObjectKey] = set()
         self._clock = clock
         self.failures = 0
+        self.callback_failures = 0
+        """Objects a callback failed on (a bug of ours: see the log)."""
         """Times the list or watch failed since start (a watch the server ends in time is no failure)."""
         self.down_since: float | None = None
         """`clock()` of the first failure since the last successful list; None while healthy."""
@@ -92,6 +96,14 @@ class Informer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
+    def _deliver(self, key: ObjectKey, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            self.callback_failures += 1
+            logger.exception("watch %s: handling %s/%s failed; it is skipped until it changes",
+                             self.name, key[0], key[1])
+
     async def _relist(self) -> str:
         seen: set[ObjectKey] = set()
         params = {**self._params, "limit": str(self._page_size)}
@@ -100,13 +112,13 @@ class Informer:
             for item in page.get("items", []):
                 key = object_key(item)
                 seen.add(key)
-                self._on_upsert(item)
+                self._deliver(key, self._on_upsert, item)
             token = page.get("metadata", {}).get("continue")
             if not token:
                 break
             params = {**self._params, "limit": str(self._page_size), "continue": str(token)}
         for gone in self._known - seen:
-            self._on_delete(gone, None)
+            self._deliver(gone, self._on_delete, gone, None)
         self._known = seen
         return str(page["metadata"]["resourceVersion"])
 
@@ -131,10 +143,10 @@ class Informer:
                 key = object_key(obj)
                 if kind == "DELETED":
                     self._known.discard(key)
-                    self._on_delete(key, obj)
+                    self._deliver(key, self._on_delete, key, obj)
                 else:
                     self._known.add(key)
-                    self._on_upsert(obj)
+                    self._deliver(key, self._on_upsert, obj)
         except client_.ApiError as exc:
             if exc.status == 410:
                 return None

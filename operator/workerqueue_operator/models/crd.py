@@ -133,6 +133,10 @@ def build_crd() -> dict[str, Any]:
                                 "spec": openapi_schema(spec.WorkerQueueSpec),
                                 "status": openapi_schema(spec.WorkerQueueStatus),
                             },
+                            "x-kubernetes-validations": [spec.cel(
+                                f"self.metadata.name.size() <= {spec.MAX_NAME_LENGTH}",
+                                f"metadata.name must be at most {spec.MAX_NAME_LENGTH} characters: the "
+                                "operator names the queue's pods and Secrets after it")],
                         }
                     },
                 }

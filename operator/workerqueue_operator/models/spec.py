@@ -18,6 +18,9 @@ PLURAL = "workerqueues"
 SINGULAR = "workerqueue"
 SHORT_NAMES = ("wq",)
 CATEGORIES = ("agentcontrol",)
+MAX_NAME_LENGTH = 230
+"""Longest WorkerQueue name: objects named after it must stay within Kubernetes' 253 characters
+(`<name>-worker-token`, `<name>-w<index>-token` with an index of up to 15 digits)."""
 
 DEFAULT_WEBSOCKET_FEATURES = ("events", "control", "heartbeat", "config_update")
 
