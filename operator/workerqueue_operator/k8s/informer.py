@@ -60,9 +60,9 @@ class Informer:
         self._known: set[ObjectKey] = set()
         self._clock = clock
         self.failures = 0
+        """Times the list or watch failed since start (a watch the server ends in time is no failure)."""
         self.callback_failures = 0
         """Objects a callback failed on (a bug of ours: see the log)."""
-        """Times the list or watch failed since start (a watch the server ends in time is no failure)."""
         self.down_since: float | None = None
         """`clock()` of the first failure since the last successful list; None while healthy."""
 
