@@ -50,6 +50,19 @@ def sampled(kube: Kube, namespace: str, queue: str) -> Iterator[list[int]]:
         thread.join()
 
 
+@contextmanager
+def telling(kube: Kube, namespace: str, name: str) -> Iterator[None]:
+    """A failed wait inside says what the queue showed then: its scaling Events and status."""
+    try:
+        yield
+    except AssertionError as exc:
+        events = [f"{e.last_timestamp:%H:%M:%S} {e.reason}: {e.message}" for e in kube.events(namespace, name)]
+        status = kube.get_queue(namespace, name).get("status") or {}
+        raise AssertionError(f"{exc}\nevents:\n  " + "\n  ".join(events)
+                             + f"\nstatus.workers: {status.get('workers')}\nstatus.temporal: {status.get('temporal')}"
+                             + f"\nconditions: {status.get('conditions')}") from exc
+
+
 @pytest.mark.parametrize("per_worker", [1, None], ids=["one-workflow-each", "several-workflows-each"])
 async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
@@ -79,8 +92,9 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         # are right, and only the bounds below hold.
         # The pods turn over until every workflow is done.
         await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 180)
-        wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=60,
-                 what="back to 0 pods after the grace period")
+        with telling(kube, namespace, "scale"):
+            wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=60,
+                     what="back to 0 pods after the grace period")
     assert max(counts) == 5 if per_worker == 1 else 1 <= max(counts) <= 5, f"sampled {max(counts)} pods at most"
     workers = kube.workers(namespace, "scale")
     assert workers["desired"] == 0 and workers["failed"] == 0

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -155,6 +155,26 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             own.stop()
 
 
+@contextlib.asynccontextmanager
+async def running(watch: informer.Informer, client: client_.KubeClient) -> AsyncIterator[None]:
+    """The informer running for the block; stopped, and its client closed, on any exit."""
+    task = asyncio.create_task(watch.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Waits, without blocking the loop the informer runs on, until `predicate` holds (or the time is up)."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,
                                                                             caplog: pytest.LogCaptureFixture):
     """An operator started before its CRD (`crds.install=false`, the CRD not applied yet) stays
@@ -164,16 +184,8 @@ async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kube
     path = "/apis/notinstalled.agentcontrol.dev/v1alpha1/workerqueues"
     watch = informer.Informer(client, path, on_upsert=lambda _: None, on_delete=lambda *_: None,
                               name="workerqueues/*")
-    task = asyncio.create_task(watch.run())
-    try:
-        for _ in range(100):
-            if watch.failures:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await client.close()
+    async with running(watch, client):
+        await until(lambda: watch.failures > 0)
     assert not watch.synced.is_set()
     line = next(r.getMessage() for r in caplog.records if "watch workerqueues/* failed" in r.getMessage())
     assert path in line and "CustomResourceDefinition" in line, line
@@ -199,18 +211,10 @@ async def test_a_callback_failing_on_one_object_leaves_the_others_delivered(
     client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
     watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", on_upsert=upsert,
                               on_delete=lambda *_: None, name="secrets", page_size=1)
-    task = asyncio.create_task(watch.run())
-    try:
+    async with running(watch, client):
         await asyncio.wait_for(watch.synced.wait(), 10)
         kube.put_secret(namespace, "d", token="d")
-        for _ in range(100):
-            if "d" in seen:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await client.close()
+        await until(lambda: "d" in seen)
     assert {"b", "c", "d"} <= set(seen) and "a" not in seen
     assert (watch.callback_failures, watch.failures) == (1, 0)
     assert any(f"handling {namespace}/a failed" in r.getMessage() and r.exc_info for r in caplog.records)
