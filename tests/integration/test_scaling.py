@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import pytest
 from temporalio.client import Client
 
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
 from workerqueue_operator.core.temporal import Endpoint, Temporal
+from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
@@ -148,6 +149,34 @@ async def test_min_idle_keeps_idle_workers_and_temporal_outages_change_nothing(
         temporal.start()
     kube.wait_condition(namespace, "idle", "True", "Reachable", type_="TemporalReachable", timeout=60)
     assert kube.pod_names(namespace, "idle") == pods
+
+
+async def test_the_backlog_is_read_on_after_a_status_write_slower_than_its_interval(
+        kube: Kube, namespace: str, temporal: TemporalServer, control_plane: ControlPlane):
+    """A scaling queue with workers reads its backlog every second and writes what it found to
+    status.temporal. A write slower than that (the API server frozen here for 8 s) used to lose the
+    next reading for good: the queue's backlog was never read again, and new work got no worker."""
+    # No kubelet: the pods stay Pending, and every workflow waits in the backlog.
+    queue_id = f"slow-{namespace}"
+    kube.create_queue(namespace, "slow", **scaling_queue(temporal, queue_id, min_idle=0, max_=3))
+    wait_for(lambda: kube.condition(namespace, "slow", "TemporalReachable"), timeout=30, what="TemporalReachable")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+
+    async def start(name: str) -> None:
+        await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 1},
+                                    id=f"slow-{name}-{secrets.token_hex(3)}", task_queue=queue_id)
+
+    await start("a")
+    wait_for(lambda: kube.pod_names(namespace, "slow") == ["slow-w0"], timeout=15, what="a worker for the first")
+    await start("b")  # its reading changes status.temporal: a write within 5 s, while the API server is frozen
+    with frozen(control_plane.pid("kube-apiserver")):
+        await asyncio.sleep(8)
+    wait_for(lambda: kube.pod_names(namespace, "slow") == ["slow-w0", "slow-w1"], timeout=30,
+             what="a worker for the second")
+    await start("c")
+    with telling(kube, namespace, "slow"):
+        wait_for(lambda: kube.pod_names(namespace, "slow") == ["slow-w0", "slow-w1", "slow-w2"], timeout=15,
+                 what="a worker for the third: the backlog still read")
 
 
 async def test_an_ephemeral_queue_scales_to_its_max_and_goes_once_its_work_is_done(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.unit.factories import queue
-from workerqueue_operator.core import workers
+from workerqueue_operator.core import supervisor, workers
 from workerqueue_operator.core.workers import Demand, Pod
 from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
@@ -169,3 +169,15 @@ def test_an_ephemeral_scaling_queue_scales_up_to_its_max_and_keeps_its_deadline(
     late = plan([pod(0)], Demand(backlog=8), p.workers, now=T0 + 1000, ephemeral=True, max_=3,
                 activeDeadlineSeconds=100)
     assert late.delete_queue is not None and late.delete_queue.reason == "DeadlineExceeded" and late.create == ()
+
+
+def test_a_probe_that_comes_due_while_it_is_under_way_is_tried_again_never_lost():
+    """A status write slower than the probe's interval (a loaded API server) used to drop the probe's
+    only timeline entry: that queue's backlog was never read again."""
+    probe = supervisor._Probe(due=10.0)
+    assert supervisor.timeline_step(probe, 10.0, show=False) == "run"
+    probe.running = True
+    assert supervisor.timeline_step(probe, 10.0, show=False) == "later"
+    assert supervisor.timeline_step(probe, 10.0, show=True) == "drop"  # the probe shows what it finds
+    assert supervisor.timeline_step(probe, 9.0, show=False) == "drop"  # moved to another time since
+    assert supervisor.timeline_step(None, 10.0, show=False) == "drop"  # its queue is gone

@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
@@ -87,6 +87,20 @@ class _Probe:
     shown: spec_.TemporalStatus | None = None
     wanted: spec_.TemporalStatus | None = None
     shown_at: float = float("-inf")
+
+
+def timeline_step(probe: _Probe | None, when: float, *, show: bool) -> Literal["run", "later", "drop"]:
+    """What becomes of an entry of the probe timeline that came up at `when`: "drop" when its queue
+    is gone or its probe was moved to another time; "later" (the next tick) when it is the probe's
+    and the probe, or a write of what it found, is under way: dropped, no probe would come due again
+    and the queue's backlog would never be read again (under API-server load a status write takes
+    longer than a scaling queue's 1-s interval); a show entry meeting a probe under way is dropped,
+    the probe shows what it finds. Else "run"."""
+    if probe is None or (not show and when != probe.due):
+        return "drop"
+    if probe.running:
+        return "drop" if show else "later"
+    return "run"
 
 
 def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:
@@ -388,8 +402,12 @@ class Supervisor:
                     entry = heapq.heappop(timeline)
                     _, _, key, show = entry
                     probe = self._probes.get(key)
-                    if probe is None or probe.running or (not show and entry[0] != probe.due):
-                        continue  # gone, under way (it sets its next time itself), or moved
+                    step = timeline_step(probe, entry[0], show=show)
+                    if probe is None or step == "drop":
+                        continue
+                    if step == "later":
+                        self._at(key, probe, loop_now + _TICK)  # after this tick's loop: not spun on now
+                        continue
                     if hold and not self._scaling(key):
                         held.append(entry)
                         continue
