@@ -93,9 +93,8 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         # are right, and only the bounds below hold.
         # The pods turn over until every workflow is done.
         await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 180)
-        # Patient: on a loaded machine a CI run once still had five idle pods after 60 s.
         with telling(kube, namespace, "scale"):
-            wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=120,
+            wait_for(lambda: kube.pod_names(namespace, "scale", alive=False) == [], timeout=60,
                      what="back to 0 pods after the grace period")
     assert max(counts) == 5 if per_worker == 1 else 1 <= max(counts) <= 5, f"sampled {max(counts)} pods at most"
     workers = kube.workers(namespace, "scale")
