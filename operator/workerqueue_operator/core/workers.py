@@ -103,12 +103,12 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get("app.kubernetes.io/component") != CREDENTIAL_COMPONENT:
         return None
-    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == spec_.KIND), None)
+    owner = queues.queue_owner(body)
     pod = (meta.get("annotations") or {}).get(POD_ANNOTATION)
     if owner is None or not pod:
         return None
     token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
-    return (meta.get("namespace", ""), owner["name"]), pod, token
+    return owner[0], pod, token
 
 
 def namesakes_credential(body: Mapping[str, Any], queue: QueueObject) -> bool:
