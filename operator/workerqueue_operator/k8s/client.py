@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -167,7 +167,7 @@ class KubeClient:
         return await self.request("DELETE", path, body=body)
 
     async def watch(self, path: str, params: Mapping[str, str], *, timeout: float,
-                    max_line: int = MAX_WATCH_LINE) -> AsyncIterator[JSON]:
+                    max_line: int = MAX_WATCH_LINE) -> AsyncGenerator[JSON, None]:
         """The events of one watch request, until the server ends it."""
         session = self._session_or_new()
         async with session.get(

@@ -13,6 +13,7 @@ would meet the same object again, and every object after it would go unseen, in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -131,22 +132,26 @@ class Informer:
             "timeoutSeconds": str(self._watch_seconds),
         }
         try:
-            async for event in self._client.watch(self._path, params, timeout=self._watch_seconds):
-                kind, obj = event.get("type"), event.get("object", {})
-                if kind == "ERROR":
-                    # 410 Gone: the version is too old; anything else: start over as well.
-                    logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
-                    return None
-                version = obj.get("metadata", {}).get("resourceVersion", version)
-                if kind == "BOOKMARK":
-                    continue
-                key = object_key(obj)
-                if kind == "DELETED":
-                    self._known.discard(key)
-                    self._deliver(key, self._on_delete, key, obj)
-                else:
-                    self._known.add(key)
-                    self._deliver(key, self._on_upsert, obj)
+            # Closed on the spot however the loop ends (a return, an error, a cancel): left to the
+            # collector, the watch's connection would stay open until it ran.
+            stream = self._client.watch(self._path, params, timeout=self._watch_seconds)
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    kind, obj = event.get("type"), event.get("object", {})
+                    if kind == "ERROR":
+                        # 410 Gone: the version is too old; anything else: start over as well.
+                        logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
+                        return None
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    if kind == "BOOKMARK":
+                        continue
+                    key = object_key(obj)
+                    if kind == "DELETED":
+                        self._known.discard(key)
+                        self._deliver(key, self._on_delete, key, obj)
+                    else:
+                        self._known.add(key)
+                        self._deliver(key, self._on_upsert, obj)
         except client_.ApiError as exc:
             if exc.status == 410:
                 return None
