@@ -23,7 +23,7 @@ import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.api import keys, serving
-from workerqueue_operator.core import queues, reviews, temporal, workers
+from workerqueue_operator.core import leases, queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -156,7 +156,7 @@ class Watches:
         self.leases = [
             informer.Informer(client, resources.leases_path(ns), on_upsert=registry.lease_upserted,
                               on_delete=registry.lease_deleted, name=f"leases/{ns or '*'}",
-                              params={"labelSelector": registry_.SELECTOR})
+                              params={"labelSelector": leases.SELECTOR})
             for ns in scopes]
         # The peering objects tell who is the active replica; kopf keeps its own view to itself.
         self.peerings = [

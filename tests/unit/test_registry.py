@@ -8,29 +8,29 @@ import json
 import pytest
 
 from tests.unit.factories import queue
-from workerqueue_operator.core import executions, registry
+from workerqueue_operator.core import executions, leases, registry
 from workerqueue_operator.core.temporal import Execution
 from workerqueue_operator.models import times
 
 
-def make_worker(**overrides: object) -> registry.Worker:
+def make_worker(**overrides: object) -> leases.Worker:
     values: dict[str, object] = dict(
         worker_id="0b9c6f1e-0000-4000-8000-000000000001", queue=("team-a", "q1"), queue_uid="uid-1",
         queue_id="q-1", lease="q1-slot-0", duration=25.0, registered_at=1000.0, renewed_at=1010.0,
         seen_at=1000.0, slot=0, status="busy", tasks_processed=3, current_task_id="exec-9", hostname="h",
         pod="q1-w3", system_info=b'{"hostname":"h","cpu_count":2}')
     values.update(overrides)
-    return registry.Worker(**values)  # type: ignore[arg-type]
+    return leases.Worker(**values)  # type: ignore[arg-type]
 
 
 def test_a_lease_round_trips_everything_the_registry_keeps():
     worker = make_worker()
-    body = registry.lease_body(worker, queue_name="q1")
+    body = leases.lease_body(worker, queue_name="q1")
     assert body["spec"]["holderIdentity"] == worker.worker_id
     assert body["spec"]["leaseDurationSeconds"] == 25
     assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert body["metadata"]["labels"]["app.kubernetes.io/component"] == registry.COMPONENT
-    back = registry.worker_from_lease({**body, "metadata": {**body["metadata"], "resourceVersion": "7"}},
+    assert body["metadata"]["labels"]["app.kubernetes.io/component"] == leases.COMPONENT
+    back = leases.worker_from_lease({**body, "metadata": {**body["metadata"], "resourceVersion": "7"}},
                                       seen_at=2000.0)
     assert back is not None
     assert (back.worker_id, back.queue, back.lease, back.slot, back.pod) == (
@@ -41,9 +41,9 @@ def test_a_lease_round_trips_everything_the_registry_keeps():
 
 
 def test_leases_that_are_not_registrations_are_ignored():
-    assert registry.worker_from_lease({"metadata": {"name": "x", "namespace": "n"}, "spec": {}}, seen_at=0) is None
+    assert leases.worker_from_lease({"metadata": {"name": "x", "namespace": "n"}, "spec": {}}, seen_at=0) is None
     no_owner = {"metadata": {"name": "x", "namespace": "n"}, "spec": {"holderIdentity": "w"}}
-    assert registry.worker_from_lease(no_owner, seen_at=0) is None
+    assert leases.worker_from_lease(no_owner, seen_at=0) is None
 
 
 def test_expiry_counts_from_the_last_heartbeat_but_not_the_time_nobody_watched():
@@ -57,10 +57,10 @@ def test_expiry_counts_from_the_last_heartbeat_but_not_the_time_nobody_watched()
 
 def test_system_info_is_bounded_and_drops_long_values():
     info = {"hostname": "h", "blob": "x" * 5000, **{f"k{i}": "v" * 100 for i in range(100)}}
-    kept = registry.bounded_system_info(info)
+    kept = leases.bounded_system_info(info)
     assert kept is not None and "blob" not in kept and kept["hostname"] == "h"
-    assert len(str(kept)) <= registry.SYSTEM_INFO_MAX_BYTES + 200
-    assert registry.bounded_system_info({}) is None
+    assert len(str(kept)) <= leases.SYSTEM_INFO_MAX_BYTES + 200
+    assert leases.bounded_system_info({}) is None
 
 
 def test_the_bucket_paces_writes_and_saves_up_at_most_a_second():
@@ -74,8 +74,8 @@ def test_the_bucket_paces_writes_and_saves_up_at_most_a_second():
 
 def test_slot_and_worker_lease_names_fit_a_dns_subdomain():
     long_name = "q" * 253
-    assert len(registry.slot_lease_name(long_name, 999)) <= 253
-    assert len(registry.lease_name(long_name, "0b9c6f1e-0000-4000-8000-000000000001")) <= 253
+    assert len(leases.slot_lease_name(long_name, 999)) <= 253
+    assert len(leases.lease_name(long_name, "0b9c6f1e-0000-4000-8000-000000000001")) <= 253
 
 
 def execution(id_: str, status: str, holder: str | None, started: str) -> Execution:
@@ -124,7 +124,7 @@ def test_the_queue_view_filters_and_limits():
 
 def test_a_queue_lease_duration_is_two_and_a_half_heartbeat_intervals():
     q = queue(heartbeatIntervalSeconds=10)
-    assert registry.EXPIRY_INTERVALS * q.spec.heartbeat_interval_seconds == 25
+    assert leases.EXPIRY_INTERVALS * q.spec.heartbeat_interval_seconds == 25
 
 
 @pytest.mark.parametrize("key", ["k", "h\u00e9", 'a"b'])
@@ -132,7 +132,7 @@ def test_a_queue_lease_duration_is_two_and_a_half_heartbeat_intervals():
                                    10 ** 300, 1.5, 1e-7, 123456.789, float("nan"), float("inf"), [1, "a"], {"a": 1}])
 def test_entry_length_is_the_length_of_its_json(key: str, value: object):
     # bounded_system_info sizes entries without the encoder; the sizes must be the encoder's.
-    assert registry._entry_length(key, value) == len(json.dumps({key: value}, separators=(",", ":"), default=str))
+    assert leases._entry_length(key, value) == len(json.dumps({key: value}, separators=(",", ":"), default=str))
 
 
 def test_the_writer_sees_only_pending_work_heartbeats_first_and_its_rate_follows_the_fleet():
@@ -204,11 +204,11 @@ def test_system_info_is_held_bounded_and_reaches_the_lease_bounded_per_entry(inf
     from workerqueue_operator.models import wire
 
     model = wire.WorkerSystemInfo.model_validate(info)
-    held = registry.system_info_json(model)
-    assert held is None or len(held) <= registry.SYSTEM_INFO_MAX_BYTES  # what a registration holds in memory
-    body = registry.lease_body(make_worker(system_info=held), queue_name="q1")
-    state = json.loads(body["metadata"]["annotations"][registry.STATE_ANNOTATION])
-    assert state["systemInfo"] == registry.bounded_system_info(model.model_dump(exclude_none=True))
+    held = leases.system_info_json(model)
+    assert held is None or len(held) <= leases.SYSTEM_INFO_MAX_BYTES  # what a registration holds in memory
+    body = leases.lease_body(make_worker(system_info=held), queue_name="q1")
+    state = json.loads(body["metadata"]["annotations"][leases.STATE_ANNOTATION])
+    assert state["systemInfo"] == leases.bounded_system_info(model.model_dump(exclude_none=True))
 
 
 def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():
@@ -240,11 +240,11 @@ def test_the_sweep_forgets_registrations_never_written_and_keeps_renewed_ones():
 def test_system_info_reaches_the_lease_as_an_object_and_comes_back():
     from workerqueue_operator.models import wire
 
-    info = registry.system_info_json(wire.WorkerSystemInfo(hostname="h", cpu_count=2, supported_runtimes=["default"]))
-    body = registry.lease_body(make_worker(system_info=info), queue_name="q1")
-    state = json.loads(body["metadata"]["annotations"][registry.STATE_ANNOTATION])
+    info = leases.system_info_json(wire.WorkerSystemInfo(hostname="h", cpu_count=2, supported_runtimes=["default"]))
+    body = leases.lease_body(make_worker(system_info=info), queue_name="q1")
+    state = json.loads(body["metadata"]["annotations"][leases.STATE_ANNOTATION])
     assert state["systemInfo"] == {"hostname": "h", "cpu_count": 2, "supported_runtimes": ["default"]}
-    back = registry.worker_from_lease(body, seen_at=2000.0)
+    back = leases.worker_from_lease(body, seen_at=2000.0)
     assert back is not None and back.system_info is not None
     assert json.loads(back.system_info) == state["systemInfo"]
 
@@ -266,7 +266,7 @@ def test_a_registration_stops_counting_as_pending_once_heard_of_or_gone():
     assert (reg.pending, reg.refused, reg.total) == (2, 1, 2)
     # Its own Lease, as written, coming back through the watch: still pending (microseconds rounded up
     # or not), but a heartbeat that reached another replica comes back so too: no longer pending.
-    body = registry.lease_body(elsewhere, queue_name=q.name)
+    body = leases.lease_body(elsewhere, queue_name=q.name)
     body["spec"]["acquireTime"] = body["spec"]["renewTime"] = times.micro_rfc3339(1000.0000006)
     reg.lease_upserted(body)
     assert reg.pending == 2
@@ -339,7 +339,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert again is not None
     assert [key[4] for key in events._normals] == ["WorkerRejoined"]
     # It comes back at the pace it keeps, 151 s since its last heartbeat: not to expire again before its next.
-    assert again.duration == registry.EXPIRY_INTERVALS * 151
+    assert again.duration == leases.EXPIRY_INTERVALS * 151
 
     # Ended on purpose: a late heartbeat is no reason to register it again.
     await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
@@ -353,10 +353,10 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     # A Lease deleted elsewhere while its worker was alive (a disconnect there) ends it on purpose
     # too; one deleted after it expired does not.
     quiet = make_worker(worker_id="quiet", lease="q1-quiet", slot=None, renewed_at=now[0], duration=25.0)
-    reg.lease_upserted(registry.lease_body(quiet, queue_name=q.name))
+    reg.lease_upserted(leases.lease_body(quiet, queue_name=q.name))
     now[0] += 26.0
     alive = make_worker(worker_id="alive", lease="q1-alive", slot=None, renewed_at=now[0])
-    reg.lease_upserted(registry.lease_body(alive, queue_name=q.name))
+    reg.lease_upserted(leases.lease_body(alive, queue_name=q.name))
     assert reg.get("alive") is not None and reg.get("quiet") is None
     for worker in (alive, quiet):
         reg.lease_deleted((worker.namespace, worker.lease), None)
@@ -395,8 +395,8 @@ def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_no
     rejoined = there.rejoin(q, "w1")
     assert rejoined is not None
     there.heartbeat(rejoined, status="busy", tasks_processed=1, current_task_id="e-1", system_info=None)
-    written = registry.lease_body(rejoined, queue_name=q.name)
-    incoming = registry.worker_from_lease(written, seen_at=0.0)
+    written = leases.lease_body(rejoined, queue_name=q.name)
+    incoming = leases.worker_from_lease(written, seen_at=0.0)
     assert incoming is not None and incoming.confirmed  # a heartbeat, at the Lease's microseconds too
     here.lease_upserted(written)
     # Here: heard of, nothing left to write over it, and what it says is what this replica serves.
@@ -409,16 +409,16 @@ def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_no
     (60.0, 50.0, 60.0),  # about the same: kept, so that jitter never rewrites the Lease
     (60.0, 4.0, 10.0),  # never below the queue's interval
     (30.0, 61.0, 61.0),  # longer: taken at once, a late heartbeat must not be an expiry
-    (60.0, 4000.0, registry.MAX_INTERVAL),  # cut off for an hour: not registered for hours once dead
+    (60.0, 4000.0, leases.MAX_INTERVAL),  # cut off for an hour: not registered for hours once dead
 ])
 def test_a_pace_is_learned_from_the_gap_between_heartbeats(current: float, gap: float, expected: float):
-    assert registry.paced_interval(current, 10, gap) == expected
+    assert leases.paced_interval(current, 10, gap) == expected
 
 
 def test_a_worker_the_operator_did_not_start_is_expected_at_the_real_workers_default_pace_first():
-    assert registry.first_interval(10, pod="q1-w1") == 10.0  # its pod's environment says 10
-    assert registry.first_interval(10, pod=None) == registry.WORKER_DEFAULT_INTERVAL
-    assert registry.first_interval(120, pod=None) == 120.0
+    assert leases.first_interval(10, pod="q1-w1") == 10.0  # its pod's environment says 10
+    assert leases.first_interval(10, pod=None) == leases.WORKER_DEFAULT_INTERVAL
+    assert leases.first_interval(120, pod=None) == 120.0
 
 
 def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a_faster_one_expires_sooner():
@@ -432,18 +432,18 @@ def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
 
-    def beat(worker: registry.Worker, at: float) -> None:
+    def beat(worker: leases.Worker, at: float) -> None:
         now[0] = at
         reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
 
     # The real worker ignores the 10 s /start answers: without HEARTBEAT_INTERVAL it beats every 60 s.
     slow, fast = reg.register(q, "slow"), reg.register(q, "fast")
-    assert slow.duration == fast.duration == registry.EXPIRY_INTERVALS * registry.WORKER_DEFAULT_INTERVAL
+    assert slow.duration == fast.duration == leases.EXPIRY_INTERVALS * leases.WORKER_DEFAULT_INTERVAL
     beat(slow, 1002.0)
     beat(fast, 1002.0)
     beat(fast, 1012.0)  # it keeps the queue's 10 s: expected at that pace from now on
     assert fast.duration == 25.0 and abs(reg.write_rate() - (20.0 + 1.25 / 60 + 1.25 / 10)) < 1e-9
-    assert registry.lease_body(fast, queue_name=q.name)["spec"]["leaseDurationSeconds"] == 25
+    assert leases.lease_body(fast, queue_name=q.name)["spec"]["leaseDurationSeconds"] == 25
     beat(slow, 1062.5)
     assert slow.interval == 61.0  # 60.5 s, in whole seconds up
     now[0] = 1038.0
@@ -462,7 +462,7 @@ def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a
     assert sum(w is flaky for filed in reg._expiries.values() for w in filed) <= 2
 
     # A newer heartbeat heard by another replica brings the pace that replica learned.
-    body = registry.lease_body(make_worker(worker_id="slow", lease="q1-slow", slot=None, pod=None,
+    body = leases.lease_body(make_worker(worker_id="slow", lease="q1-slow", slot=None, pod=None,
                                            renewed_at=1125.0, duration=75.0), queue_name=q.name)
     reg.lease_upserted(body)
     assert slow.duration == 75.0
@@ -481,14 +481,14 @@ def test_its_own_lease_read_back_is_no_heartbeat_though_a_microtime_rounds_up():
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
     worker = reg.register(q, "w")
-    reg.lease_upserted(registry.lease_body(worker, queue_name=q.name))  # the watch brings its own write back
+    reg.lease_upserted(leases.lease_body(worker, queue_name=q.name))  # the watch brings its own write back
     assert worker.info()["last_heartbeat"] is None  # nor listed as heard of
     now[0] = start + 1.5
     reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     # Its first heartbeat: no pace to learn yet. Taken for its second, 1.5 s after a first one, the
     # worker (beating every 60 s, whatever the queue says) would be expected at 10 s and expire in 25.
-    assert worker.duration == registry.EXPIRY_INTERVALS * registry.WORKER_DEFAULT_INTERVAL
-    assert worker.heard() and registry.worker_from_lease(registry.lease_body(worker, queue_name=q.name),
+    assert worker.duration == leases.EXPIRY_INTERVALS * leases.WORKER_DEFAULT_INTERVAL
+    assert worker.heard() and leases.worker_from_lease(leases.lease_body(worker, queue_name=q.name),
                                                          seen_at=now[0]).confirmed
 
 

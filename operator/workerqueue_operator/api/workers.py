@@ -14,8 +14,8 @@ from workerqueue_operator.api.keys import KUBE, LOG, REGISTRY, STORE, TEMPORAL
 from workerqueue_operator.core import executions, queues, temporal
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import workers as workers_
+from workerqueue_operator.core.leases import Worker
 from workerqueue_operator.core.queues import QueueObject, Resolution
-from workerqueue_operator.core.registry import Worker
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import wire

@@ -13,52 +13,45 @@ the workers it keeps alive. So N workers cost about N / interval writes a second
 heartbeats (or of /start calls) never becomes a burst of writes. The exception is `maxWorkers`:
 there the API server must arbitrate, so /start claims a slot Lease (`<queue>-slot-<k>`) at once and
 a second claimant of the same slot gets AlreadyExists (or a Conflict when taking over an expired one).
+
+What a worker's record and its Lease hold is in leases.py; this module decides when they are written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import heapq
 import itertools
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import aiohttp
 
-from workerqueue_operator.core import workers as workers_
 from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.leases import (
+    EXPIRY_INTERVALS,
+    Worker,
+    first_interval,
+    later,
+    lease_body,
+    lease_name,
+    paced_interval,
+    slot_lease_name,
+    system_info_json,
+    worker_from_lease,
+)
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import settings as settings_
-from workerqueue_operator.models import times, wire
+from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
 
-COMPONENT = "worker-registration"
-LABELS = {**workers_.MANAGED_BY, "app.kubernetes.io/component": COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
-SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
-POD_LABEL = "agentcontrol.dev/pod"
-STATE_ANNOTATION = "agentcontrol.dev/worker"
-EXPIRY_INTERVALS = 2.5
-"""A worker is gone once this many of its heartbeat intervals pass without one."""
-WORKER_DEFAULT_INTERVAL = 60.0
-"""The real worker's HEARTBEAT_INTERVAL when its environment sets none (it ignores the interval
-/start answers): the pace expected of a worker the operator did not start until it shows its own."""
-MAX_INTERVAL = 300.0
-"""The longest interval a worker's heartbeats may teach (the longest a queue may set): the gap
-after a worker was cut off for an hour must not keep a dead one registered for hours."""
-SHRINK_BELOW = 0.8
-"""A shorter interval is taken only below this share of the current one, so that the jitter of
-a steady pace does not rewrite the Lease's duration at every heartbeat."""
-SYSTEM_INFO_MAX_BYTES = 4096
-"""system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
 ENDED_KEPT = 10_000
@@ -95,246 +88,6 @@ class Full(Exception):
         what = "waiting for their first heartbeat" if pending else "registered"
         super().__init__(f"too many workers {what} ({'in this queue' if per_queue else 'in all queues'})")
         self.pending = pending
-
-
-def lease_name(queue_name: str, worker_id: str) -> str:
-    return f"{queue_name[:200]}-{worker_id}"
-
-
-def slot_lease_name(queue_name: str, slot: int) -> str:
-    return f"{queue_name[:200]}-slot-{slot}"
-
-
-TIME_RESOLUTION = 1e-6
-"""A Lease's MicroTime keeps whole microseconds, rounded to the nearest: a time read back from a Lease
-may be later than the one in memory it was written from."""
-
-
-def later(moment: float, than: float) -> bool:
-    """Whether `moment` is later than `than` by more than a Lease's MicroTime can tell apart."""
-    return moment - than > TIME_RESOLUTION
-
-
-def iso(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat()
-
-
-def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """system_info without long values, at most SYSTEM_INFO_MAX_BYTES of JSON."""
-    if not info:
-        return None
-    kept: dict[str, Any] = {}
-    size = 2
-    for key, value in info.items():
-        if value is None:
-            continue
-        length = _entry_length(key, value)
-        if length > 512 or size + length > SYSTEM_INFO_MAX_BYTES:
-            continue
-        kept[key] = value
-        size += length
-    return kept or None
-
-
-def system_info_json(info: wire.WorkerSystemInfo | None) -> bytes | None:
-    """system_info as the compact JSON a worker holds until its Lease is written: at most
-    SYSTEM_INFO_MAX_BYTES, so that a registration's memory stays bounded. Usually the whole of it:
-    the per-entry bound of bounded_system_info is applied when the Lease is written (Worker.state),
-    which is paced, rather than here on every /start. JSON bytes, not a dict: it is only ever
-    written out, and the dict cost more memory and time than the rest of a worker."""
-    if info is None:
-        return None
-    text: bytes = _SYSTEM_INFO_SERIALIZER.to_json(info, exclude_none=True)
-    if len(text) <= SYSTEM_INFO_MAX_BYTES:
-        return text if text != b"{}" else None
-    kept = bounded_system_info(info.model_dump(exclude_none=True))
-    return json.dumps(kept, separators=(",", ":")).encode() if kept else None
-
-
-def stored_system_info(held: bytes | None) -> dict[str, Any] | None:
-    """What a Lease keeps of the system_info a worker holds: bounded_system_info of it."""
-    if not held:
-        return None
-    info = json.loads(held)
-    return bounded_system_info(info) if isinstance(info, dict) else None
-
-
-_SYSTEM_INFO_SERIALIZER = wire.WorkerSystemInfo.__pydantic_serializer__
-"""model_dump_json's serializer called directly: bytes, without its wrapper's work."""
-
-
-_json_string = json.encoder.encode_basestring_ascii
-
-
-def _entry_length(key: str, value: Any) -> int:
-    """len(json.dumps({key: value}, separators=(",", ":"), default=str)), without the encoder for the
-    common scalars: this runs for every field of every /start."""
-    if isinstance(key, str):
-        head = len(_json_string(key)) + 3  # {"key":...}
-        if isinstance(value, str):
-            return head + len(_json_string(value))
-        if isinstance(value, bool):
-            return head + (4 if value else 5)
-        if type(value) is int:
-            return head + len(str(value))
-        if type(value) is float and math.isfinite(value):
-            return head + len(repr(value))
-    return len(json.dumps({key: value}, separators=(",", ":"), default=str))
-
-
-@dataclass(slots=True)
-class Worker:
-    """A registered worker, as this replica knows it (slots: a /start flood holds many of them)."""
-
-    worker_id: str
-    queue: QueueKey
-    queue_uid: str
-    queue_id: str
-    lease: str
-    duration: float
-    """Seconds a heartbeat keeps it registered."""
-    registered_at: float
-    renewed_at: float
-    """Wall-clock time of the last heartbeat known (or of the registration)."""
-    seen_at: float
-    """When this replica first knew of it: time the operator was away does not count towards expiry."""
-    slot: int | None = None
-    status: str = "starting"
-    tasks_processed: int = 0
-    current_task_id: str | None = None
-    hostname: str | None = None
-    pod: str | None = None
-    system_info: bytes | None = None
-    """Compact JSON of system_info, at most SYSTEM_INFO_MAX_BYTES (see system_info_json)."""
-    stored: bool = False
-    """The Lease exists in the API server (written by us or seen by the watch)."""
-    dirty: bool = True
-    """Something newer than the Lease is known here."""
-    written_at: float = 0.0
-    """Monotonic time of this replica's last write of the Lease."""
-    heartbeats_here: int = 0
-    confirmed: bool = False
-    """A heartbeat has reached the Lease: the first one is written at once, later ones paced."""
-    pending: bool = False
-    """Registered by /start here and not heard of since: counted against the pending bounds."""
-    filed: int | None = None
-    """The second it is filed under in the registry's expiries (its earliest), None while it is not."""
-
-    @property
-    def namespace(self) -> str:
-        return self.queue[0]
-
-    @property
-    def interval(self) -> float:
-        return self.duration / EXPIRY_INTERVALS
-
-    def expires_at(self) -> float:
-        return max(self.renewed_at, self.seen_at) + self.duration
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_at()
-
-    def heard(self) -> bool:
-        """Whether a heartbeat renewed it since its registration, here or (its Lease tells) elsewhere."""
-        return later(self.renewed_at, self.registered_at)
-
-    def info(self) -> dict[str, Any]:
-        """The wire shape of `GET .../workers`."""
-        return {
-            "id": self.worker_id,
-            "status": self.status,
-            "tasks_processed": self.tasks_processed,
-            "current_task_id": self.current_task_id,
-            "last_heartbeat": iso(self.renewed_at) if self.heartbeats_here or self.heard() else None,
-            "registered_at": iso(self.registered_at),
-            "hostname": self.hostname,
-            "pod": self.pod,
-        }
-
-    def state(self) -> dict[str, Any]:
-        """What the Lease's annotation holds besides its spec."""
-        return {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
-                "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
-                "slot": self.slot, "systemInfo": stored_system_info(self.system_info)}
-
-
-def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
-    labels = {**LABELS, workers_.QUEUE_LABEL: workers_.label_value(queue_name)}
-    if worker.pod:
-        labels[POD_LABEL] = workers_.label_value(worker.pod)
-    owner = {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue", "name": queue_name,
-             "uid": worker.queue_uid, "controller": True, "blockOwnerDeletion": True}
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {
-            "name": worker.lease,
-            "namespace": worker.namespace,
-            "labels": labels,
-            "annotations": {STATE_ANNOTATION: json.dumps(worker.state(), separators=(",", ":"))},
-            "ownerReferences": [owner],
-        },
-        "spec": {
-            "holderIdentity": worker.worker_id,
-            "leaseDurationSeconds": math.ceil(worker.duration),
-            "acquireTime": times.micro_rfc3339(worker.registered_at),
-            "renewTime": times.micro_rfc3339(worker.renewed_at),
-        },
-    }
-
-
-def first_interval(queue_interval: float, *, pod: str | None) -> float:
-    """The heartbeat interval to expect of a worker before its heartbeats show its own: the queue's
-    for an operator-run pod (its environment says so), else at least the real worker's default."""
-    return float(queue_interval) if pod is not None else max(float(queue_interval), WORKER_DEFAULT_INTERVAL)
-
-
-def paced_interval(current: float, queue_interval: float, gap: float) -> float:
-    """The interval to expect of a worker whose last two heartbeats came `gap` seconds apart: that
-    gap (whole seconds up), never below the queue's interval nor above MAX_INTERVAL. A longer one is
-    taken at once (a late heartbeat must not be an expiry), a shorter one only if clearly shorter."""
-    shown = max(float(queue_interval), min(float(math.ceil(gap)), MAX_INTERVAL))
-    return shown if shown > current or shown < SHRINK_BELOW * current else current
-
-
-def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | None:
-    """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration."""
-    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
-    worker_id = spec.get("holderIdentity")
-    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == "WorkerQueue"), None)
-    if not worker_id or owner is None:
-        return None
-    try:
-        state = json.loads((meta.get("annotations") or {}).get(STATE_ANNOTATION) or "{}")
-    except ValueError:
-        state = {}
-    if not isinstance(state, dict):
-        state = {}
-    info = state.get("systemInfo")
-    registered = (times.parse_or_none(spec.get("acquireTime")) or times.parse_or_none(meta.get("creationTimestamp"))
-                  or seen_at)
-    renewed = times.parse_or_none(spec.get("renewTime")) or registered
-    return Worker(
-        worker_id=str(worker_id),
-        queue=(meta.get("namespace", ""), owner["name"]),
-        queue_uid=owner.get("uid", ""),
-        queue_id=str(state.get("queueId") or ""),
-        lease=meta["name"],
-        duration=float(spec.get("leaseDurationSeconds") or 150),
-        registered_at=registered,
-        renewed_at=renewed,
-        seen_at=seen_at,
-        slot=state.get("slot") if isinstance(state.get("slot"), int) else None,
-        status=str(state.get("status") or "unknown"),
-        tasks_processed=int(state.get("tasksProcessed") or 0),
-        current_task_id=state.get("currentTaskId"),
-        hostname=state.get("hostname"),
-        pod=state.get("pod"),
-        system_info=json.dumps(info, separators=(",", ":")).encode() if isinstance(info, dict) and info else None,
-        stored=True,
-        dirty=False,
-        confirmed=later(renewed, registered),
-    )
 
 
 class _Ended(NamedTuple):
