@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from workerqueue_operator.api.metrics import Metrics
 from workerqueue_operator.k8s import client
 
 
@@ -48,12 +47,3 @@ async def test_a_line_over_the_cap_fails_loudly():
     with pytest.raises(client.LineTooLong):
         await lines(chunked(b"x" * 5000, 1000), max_line=4096)
 
-
-def test_metric_families_render_one_line_per_label_value():
-    m = Metrics()
-    m.family("workerqueue_watch_failures_total", "Failed watches.", kind="counter", label="resource",
-             read=lambda: {"secrets/*": 2, "workerqueues/*": 0})
-    text = m.render()
-    assert "# TYPE workerqueue_watch_failures_total counter" in text
-    assert 'workerqueue_watch_failures_total{resource="secrets/*"} 2' in text
-    assert 'workerqueue_watch_failures_total{resource="workerqueues/*"} 0' in text

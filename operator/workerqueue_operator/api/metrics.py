@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 # Seconds; /start answers from memory, so the interesting range is sub-millisecond to tens of ms.
 _LATENCY = "workerqueue_http_request_duration_seconds"
@@ -105,13 +105,7 @@ class Metrics:
             "# TYPE workerqueue_http_request_duration_seconds histogram",
         ]
         for route, counts in sorted(self._latency_counts.items()):
-            cumulative = 0
-            for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'{_LATENCY}_bucket{{route="{route}",le="{le}"}} {cumulative}')
-            lines.append(f'{_LATENCY}_sum{{route="{route}"}} {self._latency_sums[route]}')
-            lines.append(f'{_LATENCY}_count{{route="{route}"}} {cumulative}')
+            lines += _histogram(_LATENCY, f'route="{route}"', BUCKETS, counts, self._latency_sums[route])
         lines += [
             "# HELP workerqueue_workers_started_total Successful /start calls by queue.",
             "# TYPE workerqueue_workers_started_total counter",
@@ -151,13 +145,8 @@ class Metrics:
             f"# TYPE {_UPSTREAM_LATENCY} histogram",
         ]
         for origin, stats in ups:
-            cumulative = 0
-            for bound, count in zip((*UPSTREAM_BUCKETS, float("inf")), stats.latency_counts, strict=True):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'{_UPSTREAM_LATENCY}_bucket{{upstream="{origin}",le="{le}"}} {cumulative}')
-            lines.append(f'{_UPSTREAM_LATENCY}_sum{{upstream="{origin}"}} {stats.latency_sum}')
-            lines.append(f'{_UPSTREAM_LATENCY}_count{{upstream="{origin}"}} {cumulative}')
+            lines += _histogram(_UPSTREAM_LATENCY, f'upstream="{origin}"', UPSTREAM_BUCKETS, stats.latency_counts,
+                                stats.latency_sum)
         lines += [
             "# HELP workerqueue_upstream_bytes_total Body bytes passed through (sent: to the upstream).",
             "# TYPE workerqueue_upstream_bytes_total counter",
@@ -167,3 +156,14 @@ class Metrics:
             lines.append(
                 f'workerqueue_upstream_bytes_total{{upstream="{origin}",direction="received"}} {stats.bytes_received}')
         return lines
+
+
+def _histogram(name: str, labels: str, bounds: Sequence[float], counts: Sequence[int], total: float) -> list[str]:
+    """The sample lines of one labelled histogram: cumulative buckets (the last +Inf), sum, count."""
+    lines, cumulative = [], 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}')
+    lines += [f"{name}_sum{{{labels}}} {total}", f"{name}_count{{{labels}}} {cumulative}"]
+    return lines

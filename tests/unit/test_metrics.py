@@ -1,0 +1,57 @@
+"""The /metrics exposition: what Prometheus parses."""
+
+from __future__ import annotations
+
+import pytest
+
+from workerqueue_operator.api.metrics import BUCKETS, UPSTREAM_BUCKETS, Metrics
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """Label text -> value of the samples of one metric name."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) + 1:].rpartition("} ")
+            found[labels] = float(value)
+    return found
+
+
+def test_metric_families_render_one_line_per_label_value():
+    m = Metrics()
+    m.family("workerqueue_watch_failures_total", "Failed watches.", kind="counter", label="resource",
+             read=lambda: {"secrets/*": 2, "workerqueues/*": 0})
+    text = m.render()
+    assert "# TYPE workerqueue_watch_failures_total counter" in text
+    assert 'workerqueue_watch_failures_total{resource="secrets/*"} 2' in text
+    assert 'workerqueue_watch_failures_total{resource="workerqueues/*"} 0' in text
+
+
+
+def test_latency_histograms_are_cumulative_and_end_in_their_count_and_sum():
+    m = Metrics()
+    for seconds in (0.0001, 0.003, 0.003, 7.0):
+        m.observe("/start", "POST", 200, seconds)
+    m.observe("/healthz", "GET", 200, 0.02)
+    upstream = m.upstream("http://up.example")
+    for seconds in (0.002, 0.2, 100.0):
+        upstream.answered(200, seconds)
+    text = m.render()
+
+    start = samples(text, "workerqueue_http_request_duration_seconds_bucket")
+    buckets = [start[f'route="/start",le="{b!r}"'] for b in BUCKETS] + [start['route="/start",le="+Inf"']]
+    assert buckets[0] == 1  # 0.1 ms
+    assert buckets[BUCKETS.index(0.005)] == 3
+    assert buckets[-2:] == [3, 4]  # 7 s only in +Inf
+    assert buckets == sorted(buckets)
+    assert samples(text, "workerqueue_http_request_duration_seconds_count") == {'route="/healthz"': 1,
+                                                                               'route="/start"': 4}
+    assert samples(text, "workerqueue_http_request_duration_seconds_sum")['route="/start"'] == pytest.approx(7.0061)
+
+    up = samples(text, "workerqueue_upstream_response_seconds_bucket")
+    ups = [up[f'upstream="http://up.example",le="{b!r}"'] for b in UPSTREAM_BUCKETS]
+    assert ups[0] == 1 and ups[-1] == 2
+    assert up['upstream="http://up.example",le="+Inf"'] == 3
+    assert samples(text, "workerqueue_upstream_response_seconds_count") == {'upstream="http://up.example"': 3}
+    total = samples(text, "workerqueue_upstream_response_seconds_sum")
+    assert total == {'upstream="http://up.example"': pytest.approx(100.202)}
