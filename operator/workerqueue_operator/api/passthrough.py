@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,6 +28,8 @@ from workerqueue_operator.core.store import Store
 from workerqueue_operator.models import settings as settings_
 
 logger = logging.getLogger(__name__)
+
+_WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 ROUTE = "/api/v1/{tail:.*}"
 WORKER_SCHEMES = ("bearer", "userkey")
@@ -330,31 +332,30 @@ async def _counted(content: aiohttp.StreamReader, stats: metrics.UpstreamStats) 
         yield chunk
 
 
+async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], None]) -> None:
+    """Text and binary messages from `source` to `sink` until `source` closes; `sink` is then closed
+    with the same code."""
+    async for message in source:
+        if message.type is aiohttp.WSMsgType.TEXT:
+            counted(len(message.data))
+            await sink.send_str(message.data)
+        elif message.type is aiohttp.WSMsgType.BINARY:
+            counted(len(message.data))
+            await sink.send_bytes(message.data)
+    await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+
 async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
                           stats: metrics.UpstreamStats) -> None:
     """Messages both ways until either side closes; the other is then closed with the same code."""
 
-    async def worker_to_upstream() -> None:
-        async for message in ours:
-            if message.type is aiohttp.WSMsgType.TEXT:
-                stats.bytes_sent += len(message.data)
-                await theirs.send_str(message.data)
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                stats.bytes_sent += len(message.data)
-                await theirs.send_bytes(message.data)
-        await theirs.close(code=ours.close_code or aiohttp.WSCloseCode.OK)
+    def sent(size: int) -> None:
+        stats.bytes_sent += size
 
-    async def upstream_to_worker() -> None:
-        async for message in theirs:
-            if message.type is aiohttp.WSMsgType.TEXT:
-                stats.bytes_received += len(message.data)
-                await ours.send_str(message.data)
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                stats.bytes_received += len(message.data)
-                await ours.send_bytes(message.data)
-        await ours.close(code=theirs.close_code or aiohttp.WSCloseCode.OK)
+    def received(size: int) -> None:
+        stats.bytes_received += size
 
-    tasks = [asyncio.create_task(worker_to_upstream()), asyncio.create_task(upstream_to_worker())]
+    tasks = [asyncio.create_task(_relay(ours, theirs, sent)), asyncio.create_task(_relay(theirs, ours, received))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
