@@ -318,7 +318,8 @@ async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store,
     async with client.ws_connect("/api/v1/ws/workers/w-1?x=1", headers={"Authorization": "Bearer tok-a"},
                                  protocols=("agent.v1",)) as ws:
         assert ws.protocol == "agent.v1"
-        hello = json.loads(await ws.receive_str(timeout=5))
+        first = await ws.receive_str(timeout=5)
+        hello = json.loads(first)
         assert hello["path_qs"] == "/api/v1/ws/workers/w-1?x=1"
         assert standin.header_values(hello, "Authorization") == [f"Bearer {ORG_KEY}"]
         await ws.send_str("ping?")
@@ -328,6 +329,11 @@ async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store,
         await ws.send_str("close")
         message = await ws.receive(timeout=5)
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 4000
+    # Each way counted: "ping?", 2 bytes, "close" to the upstream; the hello and both echoes back.
+    text = await (await client.get("/metrics")).text()
+    counted = [line for line in text.splitlines() if line.startswith("workerqueue_upstream_bytes_total")]
+    assert any(line.endswith('direction="sent"} 12') for line in counted), counted
+    assert any(line.endswith(f'direction="received"}} {len(first) + 7}') for line in counted), counted
 
 
 async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):
