@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from bench.loadgen import LoadResult
 
@@ -48,6 +48,9 @@ class Footprint(TypedDict):
     """VmHWM at the end of the load."""
     idle_cpu: float
     """CPU it used with no /start traffic, in cores, over one run's time right after every queue was Ready."""
+    cpu_until_ready: NotRequired[dict[str, float]]
+    """CPU seconds each process used from the operator's start until every queue was Ready (the scale
+    runs): the operator, kube-apiserver, etcd. Which of them bounds the Ready time."""
 
 
 class PassthroughRow(TypedDict):
@@ -172,8 +175,14 @@ def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
         return "-" if kib is None else f"{kib / 1024:.0f} MiB"
 
     kinds = ("one shared token Secret", "a token Secret generated per queue")
+    def cpu(f: Footprint) -> str:
+        spent = f.get("cpu_until_ready")
+        if not spent:
+            return ""
+        return "; CPU until then: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items())
+
     out = [f"{f['queues']} queues existing at start, {kind}: Ready after {f['ready_seconds']:.1f}s; "
-           f"VmRSS {mib(f['rss_ready_kib'])} when Ready (peak {mib(f['peak_rss_kib'])})"
+           f"VmRSS {mib(f['rss_ready_kib'])} when Ready (peak {mib(f['peak_rss_kib'])}){cpu(f)}"
            for f, kind in zip(runs, kinds, strict=False)]
     if restart is not None and runs:
         out.append(f"{runs[0]['queues']} queues Ready already (an operator restart): ready after {restart[0]:.1f}s; "

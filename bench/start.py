@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,22 @@ class Server:
         return procs.cpu_seconds(self.popen.pid)
 
 
+def _cpu_since(pids: Mapping[str, int], before: Mapping[str, float | None]) -> dict[str, float]:
+    """CPU seconds each process used since `before` (since its start when it has no entry there)."""
+    spent: dict[str, float] = {}
+    for name, pid in pids.items():
+        now = procs.cpu_seconds(pid)
+        if now is not None:
+            spent[name] = now - (before.get(name) or 0.0)
+    return spent
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, *, kubectl: cluster.Kubectl, kubeconfig: Path,
-                 children: procs.Children, work_dir: Path) -> None:
+                 children: procs.Children, work_dir: Path, servers: Mapping[str, int] | None = None) -> None:
         self.args = args
+        self.servers = dict(servers or {})
+        """pid by name of the control plane's processes whose CPU the scale runs report."""
         self.kubectl = kubectl
         self.kubeconfig = kubeconfig
         self.children = children
@@ -216,14 +228,17 @@ class Bench:
             began = time.monotonic()
             targets = cluster.create_queues(self.kubectl, namespace, count, generated=generated)
             say(f"  created in {time.monotonic() - began:.1f}s")
+            spent_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
             operator = self._start_operator(count)
             began = time.monotonic()
             operator.wait_ready()
             cluster.wait_ready(self.kubectl, namespace, count, say=say, alive=operator.alive,
                                timeout=START_TIMEOUT + count)
             ready_seconds = time.monotonic() - began
+            spent = _cpu_since({"operator": operator.popen.pid, **self.servers}, spent_before)
             rss = procs.rss_kib(operator.popen.pid)
-            say(f"  all Ready after {ready_seconds:.1f}s; operator VmRSS {rss} KiB")
+            say(f"  all Ready after {ready_seconds:.1f}s; operator VmRSS {rss} KiB; CPU meanwhile "
+                + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items()))
             idle = self._idle_cpu(operator)
             if targets:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
@@ -233,7 +248,7 @@ class Bench:
             self.scale.append(report.Footprint(
                 queues=count, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),
-                peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle))
+                peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle, cpu_until_ready=spent))
             self.children.stop(operator.popen)
             if not generated:
                 # The common start: a restart (upgrade, rescheduling) over queues that are Ready already.
@@ -472,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             kubectl = cluster.Kubectl(bin_dir / "kubectl", control_plane.kubeconfig)
             cluster.install_crd(kubectl)
             bench = Bench(args, kubectl=kubectl, kubeconfig=control_plane.kubeconfig, children=children,
-                          work_dir=work_dir)
+                          work_dir=work_dir,
+                          servers={name: control_plane.pid(name) for name in ("kube-apiserver", "etcd")})
             bench.run(args.queues, args.concurrency)
             bench.measure_spawn()
             bench.measure_scaling()

@@ -61,6 +61,9 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     shared, generated = figures["scale"]["runs"]
     assert shared["queues"] == generated["queues"] == 200
     assert shared["ready_seconds"] > 0 and generated["ready_seconds"] > 0 and shared["rss_ready_kib"] > 0
+    for run in (shared, generated):  # what bounds the Ready time: whose CPU it took
+        assert set(run["cpu_until_ready"]) == {"operator", "kube-apiserver", "etcd"}, run
+        assert all(seconds > 0 for seconds in run["cpu_until_ready"].values()), run
     assert figures["scale"]["start_p50_ms_c16"] > 0 and figures["scale"]["restart"][0] > 0
     (handover,) = figures["handover"]
     assert handover["lifetime_seconds"] is None and len(handover["samples"]) == 1 and handover["p50_s"] > 0
