@@ -40,6 +40,7 @@ a steady pace does not rewrite the Lease's duration at every heartbeat."""
 SYSTEM_INFO_MAX_BYTES = 4096
 """system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 
+
 def lease_name(queue_name: str, worker_id: str) -> str:
     return f"{queue_name[:200]}-{worker_id}"
 
