@@ -479,6 +479,9 @@ class Supervisor:
         except Exception:
             logger.exception("probing the Temporal of %s/%s failed", *key)
             demand = workers.Demand(backlog=None)
+        except BaseException:
+            probe.running = False  # under way for good, its queue would never be probed again
+            raise
         s = self._settings
         if not scaling:
             probe.interval = s.temporal_check_seconds

@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 COALESCE_SECONDS = 1.0
 """A listing younger than this is shared: a pool of workers polls every 2 s each."""
+DOWN_SECONDS = 2.0
+"""After a connection to an endpoint could not be made, calls to it fail at once for this long."""
 SCAN_LIMIT = 1000
 """Most workflows read per listing. SQL visibility has no ORDER BY, so the newest by start time are
 picked client-side from what the server lists first: running ones, then closed ones by close time."""
@@ -146,8 +148,11 @@ class Temporal:
     """Temporal clients (one per endpoint and credential, connected lazily) and coalesced listings."""
 
     def __init__(self, *, timeout: float = 4.0, coalesce: float = COALESCE_SECONDS, scan_limit: int = SCAN_LIMIT,
-                 holder_cache_size: int = HOLDER_CACHE_SIZE) -> None:
+                 holder_cache_size: int = HOLDER_CACHE_SIZE, down_seconds: float = DOWN_SECONDS) -> None:
         self._timeout = timeout
+        self._down_seconds = down_seconds
+        self._down: dict[tuple[str, str, bool, str], tuple[float, str]] = {}
+        """Endpoints no connection could be made to: until when calls fail at once, and why."""
         self._coalesce = coalesce
         self._scan_limit = scan_limit
         self._clients: dict[tuple[str, str, bool, str], asyncio.Task[Client]] = {}
@@ -207,6 +212,7 @@ class Temporal:
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
         self._listings.clear()
         self._clients.clear()
+        self._down.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -217,6 +223,11 @@ class Temporal:
 
     async def _bounded(self, endpoint: Endpoint, call: Callable[[Client], Awaitable[T]]) -> T:
         """`call` with the endpoint's client, within `timeout`; every failure as TemporalUnavailable."""
+        down = self._down.get(endpoint.key)
+        if down is not None:
+            if asyncio.get_running_loop().time() < down[0]:
+                raise TemporalUnavailable(down[1])
+            del self._down[endpoint.key]
         client_task: asyncio.Task[Client] | None = None
         try:
             async with asyncio.timeout(self._timeout):
@@ -224,19 +235,32 @@ class Temporal:
                 client = await asyncio.shield(client_task)
                 return await call(client)
         except TimeoutError:
-            self._drop(endpoint, client_task)
-            raise TemporalUnavailable(f"Temporal at {endpoint} did not answer within {self._timeout:g}s") from None
+            reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this call itself is cancelled
+            # The connection it waited for was given up by another call that shared it, at that
+            # call's timeout. Let through, it ended the caller instead of failing it: a probe that
+            # ended so was never run again, and its queue's Temporal never looked at again.
+            reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
         except RPCError as e:
-            self._drop(endpoint, client_task)
-            raise TemporalUnavailable(_rpc_reason(endpoint, e)) from None
+            reason = _rpc_reason(endpoint, e)
         except (RuntimeError, OSError) as e:
             # The SDK reports a failed connection as a RuntimeError naming the address and the cause.
-            self._drop(endpoint, client_task)
-            raise TemporalUnavailable(f"Temporal at {endpoint} is unreachable: {_first_line(e)}") from None
+            reason = f"Temporal at {endpoint} is unreachable: {_first_line(e)}"
         except Exception as e:  # e.g. a malformed host: still an answer for the caller, not a crash
-            self._drop(endpoint, client_task)
             logger.debug("Temporal call to %s failed", endpoint, exc_info=True)
-            raise TemporalUnavailable(f"Temporal at {endpoint} failed: {_first_line(e)}") from None
+            reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
+        connected = (client_task is not None and client_task.done() and not client_task.cancelled()
+                     and client_task.exception() is None)
+        self._drop(endpoint, client_task)
+        if not connected and self._down_seconds > 0:
+            # Calls right behind this one would each wait for a connection of their own: a thousand
+            # queues on one unreachable Temporal, probed 16 at a time, took minutes to show it, and
+            # held up the probes of every other endpoint meanwhile.
+            self._down[endpoint.key] = (asyncio.get_running_loop().time() + self._down_seconds, reason)
+        raise TemporalUnavailable(reason)
 
     def _client(self, endpoint: Endpoint) -> asyncio.Task[Client]:
         task = self._clients.get(endpoint.key)
