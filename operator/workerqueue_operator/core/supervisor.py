@@ -480,7 +480,7 @@ class Supervisor:
             logger.exception("probing the Temporal of %s/%s failed", *key)
             demand = workers.Demand(backlog=None)
         except BaseException:
-            probe.running = False  # under way for good, its queue would never be probed again
+            probe.running = False  # left "under way", its queue would never be probed again
             raise
         s = self._settings
         if not scaling:

@@ -240,9 +240,9 @@ class Temporal:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # this call itself is cancelled
-            # The connection it waited for was given up by another call that shared it, at that
-            # call's timeout. Let through, it ended the caller instead of failing it: a probe that
-            # ended so was never run again, and its queue's Temporal never looked at again.
+            # The connection it waited for was given up by another call sharing it, at that call's
+            # timeout: a failure like the timeout. Let through, it ended the caller as if cancelled
+            # (a probe so ended was never run again: its queue's Temporal was not looked at again).
             reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
         except RPCError as e:
             reason = _rpc_reason(endpoint, e)
