@@ -88,74 +88,66 @@ async def test_plaintext_sends_the_key_if_set(monkeypatch: pytest.MonkeyPatch):
     assert [(s["tls"], s["api_key"]) for s in seen] == [(False, "k"), (False, None)]
 
 
+Hung = tuple[Temporal, Endpoint, list[asyncio.StreamWriter]]
+
+
 @contextlib.asynccontextmanager
-async def black_hole() -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
-    """A loopback address that takes connections and never answers, as a hung Temporal does; and
-    the connections it took."""
+async def hung(*, timeout: float, down_seconds: float) -> AsyncIterator[Hung]:
+    """A Temporal at a loopback address that takes connections and never answers, as a hung one does;
+    its access; and the connections it took."""
     taken: list[asyncio.StreamWriter] = []
 
     async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         taken.append(writer)
 
     server = await asyncio.start_server(take, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    temporal = Temporal(timeout=timeout, coalesce=0.0, down_seconds=down_seconds)
     try:
-        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", taken
+        yield temporal, Endpoint(host=address, namespace="n"), taken
     finally:
+        await temporal.close()
+        server.close()  # first: no connection is taken after the ones closed below
         for writer in taken:
             writer.close()
-        server.close()
         await server.wait_closed()
+        await asyncio.sleep(0)  # their sockets close on the next loop turn
 
 
 async def test_calls_right_behind_one_that_could_not_connect_fail_at_once_without_dialling():
-    async with black_hole() as (address, taken):
-        temporal = Temporal(timeout=0.5, coalesce=0.0, down_seconds=60.0)
-        endpoint = Endpoint(host=address, namespace="n")
-        try:
-            with pytest.raises(TemporalUnavailable, match=r"did not answer within 0\.5s") as first:
-                await temporal.describe_task_queue(endpoint, "tq-1")
-            dialled = len(taken)
-            assert dialled >= 1
-            for task_queue in ("tq-2", "tq-3"):  # other queues of the same Temporal
-                with pytest.raises(TemporalUnavailable) as again:
-                    await temporal.executions(endpoint, task_queue)
-                assert str(again.value) == str(first.value)
-            assert len(taken) == dialled
-            with pytest.raises(TemporalUnavailable):  # another endpoint is tried on its own
-                await temporal.describe_task_queue(Endpoint(host=address, namespace="other"), "tq-1")
-            assert len(taken) > dialled
-        finally:
-            await temporal.close()
+    async with hung(timeout=0.5, down_seconds=60.0) as (temporal, endpoint, taken):
+        with pytest.raises(TemporalUnavailable, match=r"did not answer within 0\.5s") as first:
+            await temporal.describe_task_queue(endpoint, "tq-1")
+        dialled = len(taken)
+        assert dialled >= 1
+        for task_queue in ("tq-2", "tq-3"):  # other queues of the same Temporal
+            with pytest.raises(TemporalUnavailable) as again:
+                await temporal.executions(endpoint, task_queue)
+            assert str(again.value) == str(first.value)
+        assert len(taken) == dialled
+        with pytest.raises(TemporalUnavailable):  # another endpoint is tried on its own
+            await temporal.describe_task_queue(Endpoint(host=endpoint.host, namespace="other"), "tq-1")
+        assert len(taken) > dialled
 
 
 async def test_an_endpoint_that_could_not_connect_is_dialled_again_once_the_window_is_over():
-    async with black_hole() as (address, taken):
-        temporal = Temporal(timeout=0.3, coalesce=0.0, down_seconds=0.2)
-        endpoint = Endpoint(host=address, namespace="n")
-        try:
-            with pytest.raises(TemporalUnavailable):
-                await temporal.describe_task_queue(endpoint, "tq")
-            dialled = len(taken)
-            await asyncio.sleep(0.3)
-            with pytest.raises(TemporalUnavailable):
-                await temporal.describe_task_queue(endpoint, "tq")
-            assert len(taken) > dialled
-        finally:
-            await temporal.close()
+    async with hung(timeout=0.3, down_seconds=0.2) as (temporal, endpoint, taken):
+        with pytest.raises(TemporalUnavailable):
+            await temporal.describe_task_queue(endpoint, "tq")
+        dialled = len(taken)
+        await asyncio.sleep(0.3)
+        with pytest.raises(TemporalUnavailable):
+            await temporal.describe_task_queue(endpoint, "tq")
+        assert len(taken) > dialled
 
 
 async def test_calls_sharing_a_connection_that_is_given_up_each_fail_as_unavailable():
     # The first call's timeout gives up the connection the second waits for too: the second must fail
     # as unavailable, not end cancelled (a probe ended so was never run again).
-    async with black_hole() as (address, _):
-        temporal = Temporal(timeout=0.5, coalesce=0.0, down_seconds=0.0)
-        endpoint = Endpoint(host=address, namespace="n")
-        try:
-            first = asyncio.create_task(temporal.describe_task_queue(endpoint, "tq-1"))
-            await asyncio.sleep(0.2)
-            second = asyncio.create_task(temporal.describe_task_queue(endpoint, "tq-2"))
-            done = await asyncio.gather(first, second, return_exceptions=True)
-            assert [type(outcome) for outcome in done] == [TemporalUnavailable, TemporalUnavailable], done
-            assert all("did not answer within 0.5s" in str(outcome) for outcome in done)
-        finally:
-            await temporal.close()
+    async with hung(timeout=0.5, down_seconds=0.0) as (temporal, endpoint, _):
+        first = asyncio.create_task(temporal.describe_task_queue(endpoint, "tq-1"))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(temporal.describe_task_queue(endpoint, "tq-2"))
+        done = await asyncio.gather(first, second, return_exceptions=True)
+        assert [type(outcome) for outcome in done] == [TemporalUnavailable, TemporalUnavailable], done
+        assert all("did not answer within 0.5s" in str(outcome) for outcome in done)
