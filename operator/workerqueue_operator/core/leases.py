@@ -206,8 +206,7 @@ def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
     labels = {**LABELS, workers_.QUEUE_LABEL: workers_.label_value(queue_name)}
     if worker.pod:
         labels[POD_LABEL] = workers_.label_value(worker.pod)
-    owner = {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue", "name": queue_name,
-             "uid": worker.queue_uid, "controller": True, "blockOwnerDeletion": True}
+    owner = resources.owner_reference({"metadata": {"name": queue_name, "uid": worker.queue_uid}})
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
