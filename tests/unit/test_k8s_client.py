@@ -1,9 +1,21 @@
-"""Where the operator finds the API server in a pod."""
+"""Where the operator finds the API server in a pod; what its client leaves behind."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import socket
+import ssl
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes
 import pytest
 
+from tests.certs import self_signed
 from workerqueue_operator.k8s import client
 
 
@@ -15,3 +27,59 @@ from workerqueue_operator.k8s import client
 ])
 def test_in_cluster_server_is_where_the_kubelet_says(environ: dict[str, str], server: str | None):
     assert client.in_cluster_server(environ) == server
+
+
+@contextlib.contextmanager
+def silent_tls_server(tmp_path: Path) -> Iterator[int]:
+    """A TLS server on loopback (its port) that answers one watch with one event, then neither
+    writes nor reads: a client's TLS shutdown is never answered, as by a busy or frozen API server."""
+    cert, key = self_signed(tmp_path, "127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    done = threading.Event()
+    line = b'{"type": "ADDED", "object": {}}\n'
+
+    def serve(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"%x\r\n%s\r\n" % (len(line), line))
+            done.wait(30)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            done.set()
+            thread.join(30)
+
+
+def test_a_closed_client_leaves_no_socket_open_though_the_server_never_answers_its_tls_shutdown(tmp_path: Path):
+    # Found as a socket the garbage collector met long after the test that opened it: a watch ended
+    # while the API server was busy, then its client closed and its event loop with it.
+    with silent_tls_server(tmp_path) as port:
+        configuration = kubernetes.client.Configuration(host=f"https://127.0.0.1:{port}")
+        configuration.verify_ssl = False
+
+        async def watch_then_close() -> None:
+            kube = client.KubeClient(configuration)
+            events = kube.watch("/api/v1/secrets", {}, timeout=30)
+            assert await anext(events) == {"type": "ADDED", "object": {}}
+            await events.aclose()  # the response closed mid-stream, as when the informer stops
+            await kube.close()
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            loop = asyncio.new_event_loop()  # its own loop, ended in the test as pytest-asyncio ends one
+            try:
+                loop.run_until_complete(watch_then_close())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+            gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

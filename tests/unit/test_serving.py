@@ -7,7 +7,6 @@ import logging
 import resource
 import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.certs import self_signed
 from tests.unit import apps
 from tests.unit.factories import queue
 from workerqueue_operator import runner as runner_
@@ -179,13 +179,6 @@ def test_the_connection_limit_stays_below_the_fd_limit(monkeypatch: pytest.Monke
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: raised.append(limits))
     assert serving.connection_limit(4096, 256) == 4096
     assert raised == [(4352, 1 << 20)]
-
-
-def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 def test_a_certificate_is_reloaded_when_its_files_change_and_kept_when_they_do_not_load(tmp_path: Path):

@@ -25,6 +25,7 @@ from yarl import URL
 from workerqueue_operator.api import callers, errors, metrics
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s.client import tcp_connector
 from workerqueue_operator.models import settings as settings_
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Passthrough:
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
         s = self._settings
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=s.upstream_max_connections)
+        connector = tcp_connector(limit=0, limit_per_host=s.upstream_max_connections)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # connect bounds the wait for a pooled connection plus the connection itself; sock_read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -26,6 +27,17 @@ escaped once more) stays well below this; the cap only bounds memory against a b
 AUTH_REFRESH_SECONDS = 10.0
 """How long credentials read from the kubeconfig/in-cluster loader are reused (kubelet-rotated
 ServiceAccount tokens stay valid for far longer)."""
+
+
+ABORT_CLOSED_TLS = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
+"""Before these versions a closed TLS connection keeps its socket until the peer answers the TLS
+shutdown (python/cpython#118960): a busy or frozen API server leaves it open, and a client closed
+meanwhile leaks it. aiohttp aborts such sockets when asked; later versions warn if asked."""
+
+
+def tcp_connector(**options: Any) -> aiohttp.TCPConnector:
+    """An aiohttp connector that closes every socket it opened, TLS ones included, on every Python."""
+    return aiohttp.TCPConnector(enable_cleanup_closed=ABORT_CLOSED_TLS, **options)
 
 
 class LineTooLong(ValueError):
@@ -103,7 +115,7 @@ class KubeClient:
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=self._ssl)
+            connector = tcp_connector(limit=self._pool_size, ssl=self._ssl)
             self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
         return self._session
 
