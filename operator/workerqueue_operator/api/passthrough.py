@@ -219,12 +219,8 @@ class Passthrough:
                 allow_redirects=False,
                 # What the worker did not send, the upstream must not get either (aiohttp adds these).
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
-        except TimeoutError as exc:
-            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
-                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._failed(stats, upstream, "unreachable", exc, 502,
-                                "The upstream control plane cannot be reached")
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            return self._unanswered(stats, upstream, exc)
         latency = time.perf_counter() - started
         answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
         length = answer.content_length
@@ -260,8 +256,7 @@ class Passthrough:
             payload = await answer.read()
             read_whole = True
         except TimeoutError as exc:
-            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
-                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+            return self._unanswered(stats, upstream, exc)
         except aiohttp.ClientError as exc:
             return self._failed(stats, upstream, "cut", exc, 502, "The upstream control plane broke off its answer")
         finally:
@@ -276,6 +271,14 @@ class Passthrough:
         stats.failed(kind, status)
         self._reporter.failure(upstream.origin, kind, exc)
         return errors.detail(status, message)
+
+    def _unanswered(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, exc: OSError | aiohttp.ClientError
+                    ) -> web.Response:
+        """The 504 of an upstream that did not answer in time, or the 502 of one that cannot be reached."""
+        if isinstance(exc, TimeoutError):
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
+                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        return self._failed(stats, upstream, "unreachable", exc, 502, "The upstream control plane cannot be reached")
 
     async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
         assert self._session is not None, "the session lives as long as the app"
@@ -298,12 +301,8 @@ class Passthrough:
             status = exc.status if 400 <= exc.status < 600 else 502
             stats.answered(status, time.perf_counter() - started)
             return errors.detail(status, f"The upstream control plane refused the websocket ({exc.status})")
-        except TimeoutError as exc:
-            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
-                                f"within {self._settings.upstream_idle_timeout_seconds:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._failed(stats, upstream, "unreachable", exc, 502,
-                                "The upstream control plane cannot be reached")
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            return self._unanswered(stats, upstream, exc)
         stats.answered(101, time.perf_counter() - started)
         ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True)
         self._websockets.add(ours)
