@@ -43,7 +43,8 @@ def test_a_one_mebibyte_secret_leaves_the_watches_working(operator: OperatorProc
 
 
 class Proxy:
-    """A TCP proxy to the API server that can cut every connection and refuse new ones: a network fault."""
+    """A TCP proxy to the API server that can cut every connection and refuse new ones, or leave its
+    connections open but carry nothing more on them: network faults."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self._upstream = upstream
@@ -51,6 +52,7 @@ class Proxy:
         self.port = self._listener.getsockname()[1]
         self._broken = threading.Event()
         self._sockets: set[socket.socket] = set()
+        self._frozen: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -77,7 +79,8 @@ class Proxy:
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                target.sendall(data)
+                if source not in self._frozen:
+                    target.sendall(data)
         self._close(source, target)
 
     def _close(self, *sockets: socket.socket) -> None:
@@ -93,6 +96,12 @@ class Proxy:
         with self._lock:
             sockets = list(self._sockets)
         self._close(*sockets)
+
+    def freeze(self) -> None:
+        """What comes on the connections open now is dropped, and they stay open: a load balancer
+        that forgot them without a word. New connections are carried as before."""
+        with self._lock:
+            self._frozen |= self._sockets
 
     def heal(self) -> None:
         self._broken.clear()
@@ -173,6 +182,26 @@ async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
         if predicate():
             return
         await asyncio.sleep(0.05)
+
+
+async def test_a_watch_whose_connection_goes_silent_is_watched_again(
+    proxied_kubeconfig: tuple[Path, Proxy], kube: Kube, namespace: str,
+):
+    """A connection dropped without a word (no FIN, no RST) leaves a watch waiting for events that
+    never come; the API server's bookmark a minute tells a live watch from such a one."""
+    config, proxy = proxied_kubeconfig
+    client = client_.KubeClient(client_.load_configuration(str(config)))
+    seen: set[str] = set()
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/configmaps",
+                              on_upsert=lambda obj: seen.add(obj["metadata"]["name"]), on_delete=lambda *_: None,
+                              name="configmaps", idle_seconds=3)
+    async with running(watch, client):
+        await until(watch.synced.is_set)
+        assert watch.synced.is_set()
+        proxy.freeze()
+        kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="after")))
+        await until(lambda: "after" in seen, seconds=20)
+    assert "after" in seen
 
 
 async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,

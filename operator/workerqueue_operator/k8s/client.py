@@ -7,6 +7,7 @@ included), but every request is made on the event loop: nothing here blocks it.
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import sys
 import time
@@ -16,9 +17,12 @@ from typing import Any
 import aiohttp
 import kubernetes
 
+logger = logging.getLogger(__name__)
+
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
+
 MAX_WATCH_LINE = 16 * 1024 * 1024
 """Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
 escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
@@ -178,20 +182,32 @@ class KubeClient:
     async def delete(self, path: str, body: JSON | None = None) -> JSON:
         return await self.request("DELETE", path, body=body)
 
-    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float,
+    async def watch(self, path: str, params: Mapping[str, str], *, timeout: float, idle: float | None = None,
                     max_line: int = MAX_WATCH_LINE) -> AsyncGenerator[JSON, None]:
-        """The events of one watch request, until the server ends it."""
+        """The events of one watch request, until the server ends it.
+
+        With `idle`, also once nothing at all has come for that many seconds after the server
+        answered: the stream ends as if the server had ended it, for the caller to watch again. A
+        connection dropped without a word (a load balancer's or NAT's idle cut) would otherwise go
+        unnoticed for the whole `timeout`; the API server sends a bookmark a minute to a watch that
+        allows them, so a live one is never quiet that long.
+        """
         session = self._session_or_new()
         async with session.get(
             self.base_url + path,
             params={**params, "watch": "true"},
             headers=self._headers(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout + 30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=idle or timeout + 30),
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read(), path)
-            async for line in watch_lines(response.content, max_line=max_line):
-                yield json.loads(line)
+            try:
+                async for line in watch_lines(response.content, max_line=max_line):
+                    yield json.loads(line)
+            except TimeoutError:
+                if idle is None:
+                    raise
+                logger.debug("watch %s: nothing received for %gs; ended, to be watched again", path, idle)
 
 
 async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATCH_LINE) -> AsyncIterator[bytes]:

@@ -8,6 +8,8 @@ logged in one line with its cause, counted in `failures`, and the informer relis
 `down_since` says since when it has been failing, for readiness. A callback that fails on one object
 fails for that object only (logged with its traceback, counted in `callback_failures`): relisting
 would meet the same object again, and every object after it would go unseen, in every namespace.
+A watch that has received nothing, not even the API server's bookmark a minute, for `idle_seconds`
+is watched again from where it was (no relist, no failure): its connection may have died unheard.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Informer:
         params: Mapping[str, str] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
+        idle_seconds: float = 70.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
@@ -55,6 +58,8 @@ class Informer:
         self._on_delete = on_delete
         self._page_size = page_size
         self._watch_seconds = watch_seconds
+        # Past the API server's bookmark a minute: a watch silent that long has lost its connection.
+        self._idle_seconds = idle_seconds
         self.name = name
         self.synced = asyncio.Event()
         self._on_synced = on_synced
@@ -134,7 +139,7 @@ class Informer:
         try:
             # Closed on the spot however the loop ends (a return, an error, a cancel): left to the
             # collector, the watch's connection would stay open until it ran.
-            stream = self._client.watch(self._path, params, timeout=self._watch_seconds)
+            stream = self._client.watch(self._path, params, timeout=self._watch_seconds, idle=self._idle_seconds)
             async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     kind, obj = event.get("type"), event.get("object", {})
