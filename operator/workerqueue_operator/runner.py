@@ -185,6 +185,9 @@ class Watches:
     def callback_failures(self) -> dict[str, float]:
         return {i.name: i.callback_failures for i in (*self.all, *self.peerings)}
 
+    def idle_restarts(self) -> dict[str, float]:
+        return {i.name: i.idle_restarts for i in (*self.all, *self.peerings)}
+
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
         # one); statuses only once both are known, so that no queue flaps through "not found".
@@ -282,6 +285,10 @@ async def run(
                              "Objects the operator failed to take in from its watches, by resource (a bug: "
                              "see the log); each is skipped until it changes.",
                              kind="counter", label="resource", read=watches.callback_failures)
+    app[keys.METRICS].family("workerqueue_watch_idle_restarts_total",
+                             "Watches that received nothing, not even the API server's bookmark a minute, "
+                             "for 70 s and were watched again, by resource (their connection may have died "
+                             "unheard).", kind="counter", label="resource", read=watches.idle_restarts)
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

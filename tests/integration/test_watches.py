@@ -145,6 +145,8 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             own.start()
             assert failures(own) == {f"workerqueues/{namespace}": 0, f"secrets/{namespace}": 0,
                                      f"leases/{namespace}": 0}
+            assert f'workerqueue_watch_idle_restarts_total{{resource="secrets/{namespace}"}} 0' in http(
+                "GET", f"{own.url}/metrics").body.decode()
             proxy.cut()
             wait_for(lambda: f"watch workerqueues/{namespace} failed" in own.logs(), timeout=30,
                      what="the failure in the log")
@@ -202,6 +204,7 @@ async def test_a_watch_whose_connection_goes_silent_is_watched_again(
         kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="after")))
         await until(lambda: "after" in seen, seconds=20)
     assert "after" in seen
+    assert watch.idle_restarts >= 1
 
 
 async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,

@@ -85,14 +85,17 @@ def test_a_closed_client_leaves_no_socket_open_though_the_server_never_answers_i
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
-async def test_a_watch_that_goes_quiet_ends_after_its_idle_time_as_if_the_server_had_ended_it(tmp_path: Path):
+async def test_a_watch_that_goes_quiet_ends_after_its_idle_time(tmp_path: Path):
     with silent_tls_server(tmp_path) as port:
         configuration = kubernetes.client.Configuration(host=f"https://127.0.0.1:{port}")
         configuration.verify_ssl = False
         kube = client.KubeClient(configuration)
+        events = []
         try:
             async with asyncio.timeout(20):
-                events = [e async for e in kube.watch("/api/v1/secrets", {}, timeout=30, idle=0.5)]
+                with pytest.raises(client.WatchIdle, match=r"nothing received for 0\.5s"):
+                    async for event in kube.watch("/api/v1/secrets", {}, timeout=30, idle=0.5):
+                        events.append(event)
         finally:
             await kube.close()
     assert events == [{"type": "ADDED", "object": {}}]

@@ -7,7 +7,6 @@ included), but every request is made on the event loop: nothing here blocks it.
 from __future__ import annotations
 
 import json
-import logging
 import ssl
 import sys
 import time
@@ -17,12 +16,9 @@ from typing import Any
 import aiohttp
 import kubernetes
 
-logger = logging.getLogger(__name__)
-
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
-
 MAX_WATCH_LINE = 16 * 1024 * 1024
 """Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
 escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
@@ -46,6 +42,11 @@ def tcp_connector(**options: Any) -> aiohttp.TCPConnector:
 
 class LineTooLong(ValueError):
     """A watch event longer than the reader's cap."""
+
+
+class WatchIdle(Exception):
+    """Nothing came on a watch for its `idle` seconds after the server answered (see KubeClient.watch)."""
+
 JSON_PATCH = "application/json-patch+json"
 
 
@@ -186,11 +187,11 @@ class KubeClient:
                     max_line: int = MAX_WATCH_LINE) -> AsyncGenerator[JSON, None]:
         """The events of one watch request, until the server ends it.
 
-        With `idle`, also once nothing at all has come for that many seconds after the server
-        answered: the stream ends as if the server had ended it, for the caller to watch again. A
-        connection dropped without a word (a load balancer's or NAT's idle cut) would otherwise go
-        unnoticed for the whole `timeout`; the API server sends a bookmark a minute to a watch that
-        allows them, so a live one is never quiet that long.
+        With `idle`, WatchIdle once nothing at all has come for that many seconds after the server
+        answered, for the caller to watch again: a connection dropped without a word (a load
+        balancer's or NAT's idle cut) would otherwise go unnoticed for the whole `timeout`. The API
+        server sends a bookmark a minute to a watch that allows them, so a live one is never quiet
+        that long.
         """
         session = self._session_or_new()
         async with session.get(
@@ -204,10 +205,10 @@ class KubeClient:
             try:
                 async for line in watch_lines(response.content, max_line=max_line):
                     yield json.loads(line)
-            except TimeoutError:
+            except TimeoutError as exc:
                 if idle is None:
                     raise
-                logger.debug("watch %s: nothing received for %gs; ended, to be watched again", path, idle)
+                raise WatchIdle(f"nothing received for {idle:g}s") from exc
 
 
 async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATCH_LINE) -> AsyncIterator[bytes]:

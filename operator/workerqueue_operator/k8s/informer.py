@@ -69,6 +69,8 @@ class Informer:
         """Times the list or watch failed since start (a watch the server ends in time is no failure)."""
         self.callback_failures = 0
         """Objects a callback failed on (a bug of ours: see the log)."""
+        self.idle_restarts = 0
+        """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
         self.down_since: float | None = None
         """`clock()` of the first failure since the last successful list; None while healthy."""
 
@@ -161,4 +163,7 @@ class Informer:
             if exc.status == 410:
                 return None
             raise
+        except client_.WatchIdle as exc:
+            self.idle_restarts += 1
+            logger.info("watch %s: %s; watching again", self.name, exc)
         return version
