@@ -179,14 +179,9 @@ class Watches:
         """Seconds the longest-failing watch has been failing; 0 when all are well."""
         return max((i.down_for() for i in self.all), default=0.0)
 
-    def failures(self) -> dict[str, float]:
-        return {i.name: i.failures for i in (*self.all, *self.peerings)}
-
-    def callback_failures(self) -> dict[str, float]:
-        return {i.name: i.callback_failures for i in (*self.all, *self.peerings)}
-
-    def idle_restarts(self) -> dict[str, float]:
-        return {i.name: i.idle_restarts for i in (*self.all, *self.peerings)}
+    def counts(self, read: Callable[[informer.Informer], int]) -> dict[str, float]:
+        """One of the informers' counters, by resource, for the metrics."""
+        return {i.name: read(i) for i in (*self.all, *self.peerings)}
 
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
@@ -280,15 +275,17 @@ async def run(
                         settings=settings, version=version, ready=ready)
     app[keys.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
-                             kind="counter", label="resource", read=watches.failures)
+                             kind="counter", label="resource", read=lambda: watches.counts(lambda i: i.failures))
     app[keys.METRICS].family("workerqueue_watch_object_failures_total",
                              "Objects the operator failed to take in from its watches, by resource (a bug: "
                              "see the log); each is skipped until it changes.",
-                             kind="counter", label="resource", read=watches.callback_failures)
+                             kind="counter", label="resource",
+                             read=lambda: watches.counts(lambda i: i.callback_failures))
     app[keys.METRICS].family("workerqueue_watch_idle_restarts_total",
                              "Watches that received nothing, not even the API server's bookmark a minute, "
-                             "for 70 s and were watched again, by resource (their connection may have died "
-                             "unheard).", kind="counter", label="resource", read=watches.idle_restarts)
+                             f"for {informer.IDLE_SECONDS:g} s and were watched again, by resource (their "
+                             "connection may have died unheard).", kind="counter", label="resource",
+                             read=lambda: watches.counts(lambda i: i.idle_restarts))
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

@@ -90,6 +90,7 @@ class Proxy:
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
                 self._sockets.discard(s)
+                self._frozen.discard(s)
 
     def cut(self) -> None:
         self._broken.set()

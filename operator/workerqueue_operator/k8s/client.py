@@ -19,6 +19,8 @@ import kubernetes
 JSON = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
 MAX_WATCH_LINE = 16 * 1024 * 1024
 """Bytes one watch event may take. etcd stores objects up to ~1.5 MiB, whose JSON (base64 data
 escaped once more) stays well below this; the cap only bounds memory against a broken stream."""
@@ -46,8 +48,6 @@ class LineTooLong(ValueError):
 
 class WatchIdle(Exception):
     """Nothing came on a watch for its `idle` seconds after the server answered (see KubeClient.watch)."""
-
-JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
@@ -194,11 +194,12 @@ class KubeClient:
         that long.
         """
         session = self._session_or_new()
+        silence = idle if idle is not None else timeout + 30
         async with session.get(
             self.base_url + path,
             params={**params, "watch": "true"},
             headers=self._headers(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=idle or timeout + 30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=silence),
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read(), path)

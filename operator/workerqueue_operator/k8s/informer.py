@@ -25,6 +25,9 @@ from workerqueue_operator.k8s import client as client_
 
 logger = logging.getLogger(__name__)
 
+IDLE_SECONDS = 70.0
+"""Past the API server's bookmark a minute: a watch silent that long has lost its connection."""
+
 ObjectKey = tuple[str, str]
 OnUpsert = Callable[[dict[str, Any]], None]
 OnDelete = Callable[[ObjectKey, dict[str, Any] | None], None]
@@ -48,7 +51,7 @@ class Informer:
         params: Mapping[str, str] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
-        idle_seconds: float = 70.0,
+        idle_seconds: float = IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
@@ -58,7 +61,6 @@ class Informer:
         self._on_delete = on_delete
         self._page_size = page_size
         self._watch_seconds = watch_seconds
-        # Past the API server's bookmark a minute: a watch silent that long has lost its connection.
         self._idle_seconds = idle_seconds
         self.name = name
         self.synced = asyncio.Event()
