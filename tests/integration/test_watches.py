@@ -199,8 +199,12 @@ async def test_a_watch_whose_connection_goes_silent_is_watched_again(
                               on_upsert=lambda obj: seen.add(obj["metadata"]["name"]), on_delete=lambda *_: None,
                               name="configmaps", idle_seconds=3)
     async with running(watch, client):
+        # An object seen through the watch: its request is answered and streaming when frozen, not
+        # on its way (which would make it a failed request, relisted, rather than a silent watch).
         await until(watch.synced.is_set)
-        assert watch.synced.is_set()
+        kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="before")))
+        await until(lambda: "before" in seen)
+        assert "before" in seen
         proxy.freeze()
         kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="after")))
         await until(lambda: "after" in seen, seconds=20)
