@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import time
@@ -168,6 +169,33 @@ async def _wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say,
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await api.close()
+
+
+WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def request_totals(metrics: str) -> dict[str, int]:
+    """kube-apiserver's `apiserver_request_total`, summed by "VERB resource[/subresource]"."""
+    totals: dict[str, int] = {}
+    for line in metrics.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(_LABEL.findall(line))
+            resource = "/".join(filter(None, (labels.get("resource"), labels.get("subresource"))))
+            key = f"{labels.get('verb')} {resource}"
+            totals[key] = totals.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return totals
+
+
+def api_requests(kubectl: Kubectl) -> dict[str, int]:
+    return request_totals(kubectl("get", "--raw", "/metrics"))
+
+
+def writes_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The write requests made from `before` to `after`, most first: what the operator cost the API
+    server beyond its watches (lists and watches are a handful)."""
+    made = {key: n - before.get(key, 0) for key, n in after.items() if key.split(" ", 1)[0] in WRITE_VERBS}
+    return dict(sorted(((k, n) for k, n in made.items() if n > 0), key=lambda item: -item[1]))
 
 
 def delete_queues(kubectl: Kubectl, namespace: str) -> None:

@@ -51,6 +51,9 @@ class Footprint(TypedDict):
     cpu_until_ready: NotRequired[dict[str, float]]
     """CPU seconds each process used from the operator's start until every queue was Ready (the scale
     runs): the operator, kube-apiserver, etcd. Which of them bounds the Ready time."""
+    writes_until_ready: NotRequired[dict[str, int]]
+    """Write requests the API server served meanwhile, by "VERB resource[/subresource]" (the scale runs):
+    what the API server's CPU went to."""
 
 
 class PassthroughRow(TypedDict):
@@ -168,6 +171,12 @@ def verdict(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def writes_text(writes: dict[str, int], queues: int, most: int = 4) -> str:
+    """`PATCH workerqueues/status 10000 (1.00 a queue), ...`: the heaviest first."""
+    shown = [f"{key} {n} ({n / queues:.2f} a queue)" for key, n in list(writes.items())[:most]]
+    return ", ".join(shown) or "none"
+
+
 def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
                 restart: tuple[float, int | None] | None = None) -> str:
     """The 10,000-queue runs (issue 11): goals Ready <= 30 s after start, RSS <= 300 MiB, /start p50 flat."""
@@ -179,7 +188,9 @@ def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
         spent = f.get("cpu_until_ready")
         if not spent:
             return ""
-        return "; CPU until then: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items())
+        text = "; CPU until then: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items())
+        writes = f.get("writes_until_ready")
+        return text + (f"; API-server writes: {writes_text(writes, f['queues'])}" if writes is not None else "")
 
     out = [f"{f['queues']} queues existing at start, {kind}: Ready after {f['ready_seconds']:.1f}s; "
            f"VmRSS {mib(f['rss_ready_kib'])} when Ready (peak {mib(f['peak_rss_kib'])}){cpu(f)}"

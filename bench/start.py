@@ -229,6 +229,7 @@ class Bench:
             targets = cluster.create_queues(self.kubectl, namespace, count, generated=generated)
             say(f"  created in {time.monotonic() - began:.1f}s")
             spent_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
+            requests_before = cluster.api_requests(self.kubectl)
             operator = self._start_operator(count)
             began = time.monotonic()
             operator.wait_ready()
@@ -237,8 +238,10 @@ class Bench:
             ready_seconds = time.monotonic() - began
             spent = _cpu_since({"operator": operator.popen.pid, **self.servers}, spent_before)
             rss = procs.rss_kib(operator.popen.pid)
+            writes = cluster.writes_between(requests_before, cluster.api_requests(self.kubectl))
             say(f"  all Ready after {ready_seconds:.1f}s; operator VmRSS {rss} KiB; CPU meanwhile "
-                + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items()))
+                + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in spent.items())
+                + "; API-server writes meanwhile " + report.writes_text(writes, count))
             idle = self._idle_cpu(operator)
             if targets:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
@@ -248,7 +251,8 @@ class Bench:
             self.scale.append(report.Footprint(
                 queues=count, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),
-                peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle, cpu_until_ready=spent))
+                peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle, cpu_until_ready=spent,
+                writes_until_ready=writes))
             self.children.stop(operator.popen)
             if not generated:
                 # The common start: a restart (upgrade, rescheduling) over queues that are Ready already.

@@ -64,6 +64,10 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     for run in (shared, generated):  # what bounds the Ready time: whose CPU it took
         assert set(run["cpu_until_ready"]) == {"operator", "kube-apiserver", "etcd"}, run
         assert all(seconds > 0 for seconds in run["cpu_until_ready"].values()), run
+    # Each queue's Ready took one status write; each generated token Secret one create.
+    assert shared["writes_until_ready"]["PATCH workerqueues/status"] >= 200, shared
+    assert generated["writes_until_ready"]["POST secrets"] == 200, generated
+    assert "API-server writes: PATCH workerqueues/status" in text
     assert figures["scale"]["start_p50_ms_c16"] > 0 and figures["scale"]["restart"][0] > 0
     (handover,) = figures["handover"]
     assert handover["lifetime_seconds"] is None and len(handover["samples"]) == 1 and handover["p50_s"] > 0

@@ -1,0 +1,35 @@
+"""The benchmark's reading of kube-apiserver's request counter (the scale runs' "API-server writes")."""
+
+from __future__ import annotations
+
+from bench import cluster, report
+
+METRICS = """\
+# HELP apiserver_request_total [STABLE] Counter of apiserver requests
+# TYPE apiserver_request_total counter
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="agentcontrol.dev",\
+resource="workerqueues",scope="resource",subresource="status",verb="PATCH",version="v1alpha1"} 3
+apiserver_request_total{code="409",component="apiserver",dry_run="",group="agentcontrol.dev",\
+resource="workerqueues",scope="resource",subresource="status",verb="PATCH",version="v1alpha1"} 1
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="secrets",\
+scope="resource",subresource="",verb="POST",version="v1"} 2
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="agentcontrol.dev",\
+resource="workerqueues",scope="namespace",subresource="",verb="LIST",version="v1alpha1"} 7
+apiserver_request_total_not_this{verb="POST"} 99
+"""
+
+
+def test_request_totals_are_summed_over_codes_by_verb_and_resource() -> None:
+    assert cluster.request_totals(METRICS) == {
+        "PATCH workerqueues/status": 4, "POST secrets": 2, "LIST workerqueues": 7}
+
+
+def test_writes_between_keeps_the_writes_made_meanwhile_most_first() -> None:
+    before = {"PATCH workerqueues/status": 4, "POST secrets": 2, "LIST workerqueues": 7, "PUT leases": 5}
+    after = {"PATCH workerqueues/status": 10, "POST secrets": 20, "LIST workerqueues": 9, "PUT leases": 5,
+             "POST events": 1}
+    writes = cluster.writes_between(before, after)
+    assert list(writes.items()) == [("POST secrets", 18), ("PATCH workerqueues/status", 6), ("POST events", 1)]
+    assert report.writes_text(writes, 6) == (
+        "POST secrets 18 (3.00 a queue), PATCH workerqueues/status 6 (1.00 a queue), POST events 1 (0.17 a queue)")
+    assert report.writes_text({}, 6) == "none"
