@@ -31,6 +31,7 @@ from workerqueue_operator.core.reconciler import LiveStatus, Reconciler
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.core.supervisor import Supervisor
+from workerqueue_operator.handlers import embedded
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import informer, resources
 from workerqueue_operator.models import settings as settings_
@@ -321,9 +322,10 @@ async def run(
         died.append(task.get_name())
         stopping.set()
 
+    supervising = asyncio.create_task(supervisor.run(), name="worker supervisor")
     tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
              asyncio.create_task(activity.run(), name="activity"),
-             asyncio.create_task(supervisor.run(), name="worker supervisor"),
+             supervising,
              asyncio.create_task(events.run(), name="event poster"),
              asyncio.create_task(registry.run(), name="worker registry"),
              asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
@@ -337,7 +339,7 @@ async def run(
         task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor)
     try:
-        await kopf.operator(
+        await embedded.operator(
             registry=kopf_registry,
             clusterwide=not settings.namespaces,
             namespaces=list(settings.namespaces),
@@ -350,6 +352,11 @@ async def run(
             stop_flag=stopping,
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
+        if not died:
+            # Pods are the next replica's now (or, alone, nobody's until the next one starts).
+            supervising.remove_done_callback(loud)
+            supervising.cancel()
+            await _drain(app[keys.DRAIN], settings.http_drain_seconds)
     finally:
         for task in tasks:
             task.remove_done_callback(loud)
@@ -361,6 +368,19 @@ async def run(
         await client.close()
     if died:
         raise RuntimeError(f"stopped because {', '.join(died)} stopped")
+
+
+async def _drain(drain: serving.Drain, seconds: float) -> None:
+    """The HTTP API's last `seconds`, once kopf has stopped (a standby, if any, takes over the pods):
+    all but the listener's closing goes on (watches, the registry, heartbeats). A second SIGTERM or
+    SIGINT ends it at once."""
+    if seconds <= 0:
+        return
+    drain.begin()
+    logger.info("stopping: serving %gs more while this replica leaves the Service's endpoints", seconds)
+    cut = asyncio.Event()
+    with embedded.stop_signals(lambda _: cut.set()), contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cut.wait(), seconds)
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -128,6 +128,8 @@ class OperatorProcess:
                "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
                # Short upstream timeouts keep the 502/504 tests quick; their defaults are in settings.py.
                "WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2", "WQ_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3",
+               # No Service in front: a stop need not wait for one (test_drain.py sets it).
+               "WQ_HTTP_DRAIN_SECONDS": "0",
                **self._env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

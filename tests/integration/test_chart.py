@@ -206,9 +206,12 @@ def test_lint(helm: Helm, option: str):
     ({"upstream": {"url": "https://user:pw@api.example.com"}}, "upstream"),
     ({"upstream": {"url": "https://api.example.com"}}, "apiKeySecret"),
     ({"upstream": {"idleTimeoutSeconds": 0}}, "idleTimeoutSeconds"),
+    ({"http": {"drainSeconds": 25}}, "terminationGracePeriodSeconds must be at least http.drainSeconds + 10"),
+    ({"http": {"drainSeconds": -1}}, "drainSeconds"),
 ])
-def test_schema_rejects_wrong_values(helm: Helm, values: dict[str, Any], message: str):
-    done = helm("lint", str(CHART), f"--values={helm.values_file(values)}", check=False)
+def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
+    """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
+    done = helm("template", "wq", str(CHART), f"--values={helm.values_file(values)}", check=False)
     assert done.returncode != 0 and message in done.stdout + done.stderr
 
 
@@ -257,6 +260,8 @@ def test_defaults(helm: Helm):
     config = config_of(docs)
     assert config["worker_control_plane_url"] == "http://wq-workerqueue-operator.wq-system.svc:8080"
     assert config["namespaces"] == [] and config["http_port"] == 8080
+    # A stop drains the HTTP API for 5 s, within the pod's 30 s.
+    assert config["http_drain_seconds"] == 5 and pod["terminationGracePeriodSeconds"] == 30
     assert "public_url" not in config and "worker_image" not in config  # the operator's defaults apply
     assert "worker_pod_template" not in config
 

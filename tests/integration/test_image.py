@@ -339,3 +339,5 @@ def test_stops_on_sigterm_within_the_grace_period(running: Running):
     assert time.monotonic() - started < 30
     code = running.podman("inspect", "--format={{.State.ExitCode}}", running.name).stdout.strip()
     assert code == "0", running.logs()[-4000:]
+    # The chart's http.drainSeconds reached it: it served on, unready, before closing (test_drain.py).
+    assert "serving 5s more while this replica leaves the Service's endpoints" in running.logs()

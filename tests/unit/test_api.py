@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import queue
+from workerqueue_operator.api.keys import DRAIN
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -404,3 +405,16 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
         assert (await beat(queues.new_worker_id(key, pod="q1-w1"), "q1-w1-token")).status == 404
         text = await (await c.get("/metrics")).text()
     assert "workerqueue_workers_rejoined_total 2" in text
+
+
+async def test_a_draining_replica_is_unready_and_closes_each_connection_after_its_answer(client: TestClient):
+    before = await client.get("/readyz")
+    assert before.status == 200 and before.headers.get("Connection", "").lower() != "close"
+    client.app[DRAIN].begin()
+    ready = await client.get("/readyz")
+    assert (ready.status, await ready.json()) == (503, {"status": "draining"})
+    # Still served (a client the Service sent here before the endpoints changed), its connection then closed.
+    started = await client.post(START.format("q-1"), headers=AUTH)
+    assert started.status == 200 and started.headers["Connection"] == "close"
+    missing = await client.get("/nope")
+    assert missing.status == 404 and missing.headers["Connection"] == "close"

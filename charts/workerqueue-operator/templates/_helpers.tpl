@@ -183,6 +183,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "http_body_timeout_seconds" $v.http.bodyTimeoutSeconds
   "http_max_connections" (int $v.http.maxConnections)
   "http_reserved_fds" (int $v.http.reservedFds)
+  "http_drain_seconds" $v.http.drainSeconds
   "namespaces" ($v.watchNamespaces | uniq)
   "status_resync_seconds" $v.statusResyncSeconds
   "upstream_connect_timeout_seconds" $v.upstream.connectTimeoutSeconds

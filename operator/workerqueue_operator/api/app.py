@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
 
-from workerqueue_operator.api import bodies, callers, errors, logs, metrics, openapi, passthrough, workers
+from workerqueue_operator.api import bodies, callers, errors, logs, metrics, openapi, passthrough, serving, workers
 from workerqueue_operator.api.keys import (
     BUSY,
+    DRAIN,
     KUBE,
     LOG,
     METRICS,
@@ -118,6 +119,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAIN].active:
+        return web.json_response({"status": "draining"}, status=503)
     if request.app[READY]():
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready"}, status=503)
@@ -137,10 +140,10 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled) -> Middleware:
+def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled, drain: serving.Drain) -> Middleware:
     """The middleware every request passes: metrics, and FastAPI-shaped JSON for every error, never
-    a traceback per request. Its collaborators are bound here, not looked up per request: it is on
-    the path of every /start."""
+    a traceback per request; while the replica drains, every answer closes its connection. Its
+    collaborators are bound here, not looked up per request: it is on the path of every /start."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -149,39 +152,44 @@ def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttle
         connection = request.protocol
         busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
         try:
-            response = await handler(request)
-            status = response.status
+            try:
+                response = await handler(request)
+                status = response.status
+            except Exception as exc:
+                response, status = _failure(request, exc, log)
+            if drain.active:
+                response.force_close()
             return response
-        except web.HTTPException as exc:
-            status = exc.status
-            reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
-                status, exc.reason)
-            # Headers the status needs travel along: `Allow` of a 405, for one.
-            kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
-            return errors.detail(status, reason, headers=kept or None)
-        except ConnectionResetError:
-            # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
-            status = 499
-            log.log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
-                    request.method, _route_name(request))
-            return errors.detail(400, "Client disconnected")
-        except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
-            # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
-            status = 400
-            text = str(exc).strip()
-            log.log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
-                    type(exc).__name__, text.splitlines()[0][:200] if text else "")
-            answer = errors.detail(400, "There was an error parsing the body")
-            answer.force_close()
-            return answer
-        except Exception:
-            log.log(logging.ERROR, "unhandled_error", "unhandled error in %s", _route_name(request), exc_info=True)
-            return errors.detail(500, "Internal Server Error")
         finally:
             busy.discard(connection)
             metrics_.observe(_route_name(request), request.method, status, time.perf_counter() - started)
 
     return observe
+
+
+def _failure(request: web.Request, exc: Exception, log: logs.Throttled) -> tuple[web.Response, int]:
+    """The contract's answer for what a handler raised, and the status to count."""
+    if isinstance(exc, web.HTTPException):
+        reason = {404: "Not Found", 405: "Method Not Allowed", 413: "Request body too large"}.get(
+            exc.status, exc.reason)
+        # Headers the status needs travel along: `Allow` of a 405, for one.
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return errors.detail(exc.status, reason, headers=kept or None), exc.status
+    if isinstance(exc, ConnectionResetError):
+        # The client left mid-request: nobody to answer, and not our failure. Counted as 499, as nginx does.
+        log.log(logging.DEBUG, "client_disconnected", "client disconnected during %s %s",
+                request.method, _route_name(request))
+        return errors.detail(400, "Client disconnected"), 499
+    if isinstance(exc, (http_exceptions.HttpProcessingError, web.RequestPayloadError)):
+        # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
+        text = str(exc).strip()
+        log.log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
+                type(exc).__name__, text.splitlines()[0][:200] if text else "")
+        answer = errors.detail(400, "There was an error parsing the body")
+        answer.force_close()
+        return answer, 400
+    log.log(logging.ERROR, "unhandled_error", "unhandled error in %s", _route_name(request), exc_info=exc)
+    return errors.detail(500, "Internal Server Error"), 500
 
 
 def make_app(
@@ -198,8 +206,9 @@ def make_app(
     metrics_ = metrics.Metrics()
     log = logs.Throttled(logger, metrics_)
     busy: set[object] = set()
+    drain = serving.Drain()
     # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
-    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log)],
+    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log, drain=drain)],
                           client_max_size=bodies.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
@@ -212,6 +221,7 @@ def make_app(
     app[METRICS] = metrics_
     app[LOG] = log
     app[BUSY] = busy
+    app[DRAIN] = drain
     app[METRICS].family("workerqueue_token_reviews_total",
                         "Kubernetes tokens presented by outcome (rejected_cached: no TokenReview made; "
                         "busy: no review slot free in time).", kind="counter", label="outcome",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from workerqueue_operator.api import logs, metrics
+from workerqueue_operator.api import logs, metrics, serving
 from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
@@ -26,3 +26,5 @@ LOG = web.AppKey("log", logs.Throttled)
 """Throttled lines about clients and upstream problems (api/logs.py)."""
 BUSY: web.AppKey[set[object]] = web.AppKey("busy")
 """The connections whose request is being handled: never closed to make room (api/serving.py)."""
+DRAIN = web.AppKey("drain", serving.Drain)
+"""Set when the replica stops: its last seconds of serving (api/serving.py)."""

@@ -41,6 +41,23 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json
             b"Connection: close\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY)
 
 
+class Drain:
+    """A stopping replica's last seconds of serving (settings.http_drain_seconds).
+
+    A pod's endpoints are removed from its Service some time after it is told to stop; a connection
+    opened meanwhile that meets a closed listener is refused, and a worker whose /start is refused
+    exits for good (worker-protocol.md). So the listener stays open for a while, /readyz answers 503,
+    and every answer closes its connection, so that keep-alive clients open their next one through
+    the Service, to a replica that stays.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def begin(self) -> None:
+        self.active = True
+
+
 def connection_limit(wanted: int, reserved_fds: int) -> int:
     """`wanted`, or fewer when the fd limit leaves less after `reserved_fds`; raises the soft fd limit
     towards the hard one first if that makes room (as Go's runtime and nginx do)."""

@@ -109,7 +109,8 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
         url = f"http://127.0.0.1:{port}"
         # Started in this (main) thread: its process dies with it, like the control plane's.
         with temporal:
-            settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=url,
+            # No Service sends traffic here: Ctrl-C closes the HTTP API at once (http_drain_seconds).
+            settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=url, http_drain_seconds=0,
                                      temporal_host=temporal.address, temporal_namespace=temporal.namespace)
             # The only Temporal here speaks plaintext: workers are told so unless their pod says otherwise.
             kubelet = LocalKubelet(control_plane.kubeconfig, state / "kubelet", env={"TEMPORAL_HOST": "temporal:local"},
@@ -120,7 +121,7 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
                 os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
                 _say(usage(state, port, temporal_address=temporal.address,
                            temporal_namespace=temporal.namespace))
-                # kopf handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
+                # The operator handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
     run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)

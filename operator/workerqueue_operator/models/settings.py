@@ -131,6 +131,13 @@ class Settings(BaseModel):
     """How long a request body may take to arrive; then 408 and the connection is closed. A /start
     body is at most 1 MiB, so only a client that trickles it on purpose or is stuck needs longer."""
 
+    http_drain_seconds: float = Field(default=5.0, ge=0, le=300)
+    """On SIGTERM, how long the HTTP API goes on serving once kopf has stopped: /readyz answers 503 and
+    every answer closes its connection, while the Service's endpoints drop this pod; then the
+    listener closes. A worker whose /start is refused exits for good (worker-protocol.md), so a
+    listener closed at once fails the workers that start during a rollout. A second SIGTERM or
+    SIGINT ends it early. Keep it, plus some 10 s, within the pod's termination grace period."""
+
     tls_cert_file: str | None = None
     """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
     tls_key_file: str | None = None
