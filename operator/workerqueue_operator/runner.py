@@ -322,10 +322,9 @@ async def run(
         died.append(task.get_name())
         stopping.set()
 
-    supervising = asyncio.create_task(supervisor.run(), name="worker supervisor")
     tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
              asyncio.create_task(activity.run(), name="activity"),
-             supervising,
+             asyncio.create_task(supervisor.run(), name="worker supervisor"),
              asyncio.create_task(events.run(), name="event poster"),
              asyncio.create_task(registry.run(), name="worker registry"),
              asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
@@ -353,9 +352,8 @@ async def run(
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
         if not died:
-            # Pods are the next replica's now (or, alone, nobody's until the next one starts).
-            supervising.remove_done_callback(loud)
-            supervising.cancel()
+            # The cluster is the next replica's now (alone: nobody's until the next one starts).
+            activity.stand_down()
             await _drain(app[keys.DRAIN], settings.http_drain_seconds)
     finally:
         for task in tasks:

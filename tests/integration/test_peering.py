@@ -29,15 +29,15 @@ def peering_crds(kubectl: Callable[..., Any]) -> None:
 
 @pytest.fixture
 def replicas(peering_crds: None, crd_installed: None, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path,
-             operator: OperatorProcess) -> Iterator[Callable[[str, int], OperatorProcess]]:
+             operator: OperatorProcess) -> Iterator[Callable[..., OperatorProcess]]:
     kube.custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", {
         "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}})
     started: list[OperatorProcess] = []
 
-    def replica(name: str, priority: int) -> OperatorProcess:
+    def replica(name: str, priority: int, **env: str) -> OperatorProcess:
         proc = OperatorProcess(kubeconfig, tmp_path / f"{name}.log",
                                env={"WQ_NAMESPACES": namespace, "WQ_PEERING_LIFETIME_SECONDS": str(LIFETIME),
-                                    "WQ_WORKER_RESYNC_SECONDS": "2"},
+                                    "WQ_WORKER_RESYNC_SECONDS": "2", **env},
                                args=["--peering", PEERING, "--priority", str(priority)])
         started.append(proc)
         return proc.start()
@@ -73,7 +73,7 @@ def lifetime_left(kube: Kube, namespace: str, op: OperatorProcess) -> float:
 
 
 def test_a_standby_changes_no_pod_and_takes_over_when_the_active_one_dies(
-    replicas: Callable[[str, int], OperatorProcess], kube: Kube, namespace: str,
+    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
 ):
     standby = replicas("standby", 100)  # alone at first: it runs the queue's workers
     wait_for(lambda: active(standby), what="the only replica active")
@@ -111,3 +111,30 @@ def test_a_standby_changes_no_pod_and_takes_over_when_the_active_one_dies(
     kube.core.delete_namespaced_pod("se-w1", namespace)
     wait_for(lambda: alive(kube, namespace) == ["se-w2"], timeout=LIFETIME + 40, what="the standby replacing it")
     assert active(standby)
+
+
+def test_a_stopping_active_replica_hands_over_at_once_and_serves_on_while_it_drains(
+    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
+):
+    """A rollout: the active replica gets SIGTERM. It leaves the peering object as it stops, so the
+    standby takes over the pods at once, not a keep-alive lifetime later, while the old replica's
+    HTTP API still serves (unready) for its drain. Lifetime and drain are both long here, so that a
+    takeover only by the keep-alive's expiry would come after the old replica had exited."""
+    long = {"WQ_PEERING_LIFETIME_SECONDS": "300", "WQ_HTTP_DRAIN_SECONDS": "120"}
+    standby = replicas("standby", 100, **long)
+    wait_for(lambda: active(standby), what="the only replica active")
+    kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_for(lambda: alive(kube, namespace) == ["se-w0"], what="the first worker")
+    leader = replicas("leader", 200, **long)
+    wait_for(lambda: active(leader) and not active(standby), timeout=30, what="the leader taking over")
+    assert leader.process is not None
+
+    os.killpg(leader.process.pid, signal.SIGTERM)
+    wait_for(lambda: http("GET", f"{leader.url}/readyz").status == 503, what="the leader draining")
+    kube.core.delete_namespaced_pod("se-w0", namespace)
+    wait_for(lambda: alive(kube, namespace) == ["se-w1"], timeout=90, what="the standby replacing the pod")
+    assert active(standby) and not active(leader)
+    assert leader.process.poll() is None and http("GET", f"{leader.url}/healthz").status == 200
+
+    os.killpg(leader.process.pid, signal.SIGTERM)  # a second signal: no more draining
+    assert leader.process.wait(timeout=30) == 0

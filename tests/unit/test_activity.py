@@ -57,3 +57,16 @@ def test_every_namespace_peering_must_let_us_act():
     assert not activity.is_active()
     activity.observed(("b", "wq"), {"status": {"x": peer(1, 0)}})
     assert activity.is_active()
+
+
+def test_a_stopping_replica_stands_down_whatever_the_peering_says():
+    for activity in (Activity(identity="me", priority=0),  # standalone
+                     Activity(identity="me", priority=9, peerings=[("", "wq")], now=lambda: NOW)):
+        activity.observed(("", "wq"), {"status": {"other": peer(1, 0)}})  # nobody above us
+        assert activity.is_active()
+        heard: list[bool] = []
+        activity.subscribe(heard.append)
+        activity.stand_down()
+        assert not activity.is_active() and heard == [False]
+        activity.observed(("", "wq"), {"status": {}})  # kopf has left the peering object: still nothing to do
+        assert not activity.is_active() and heard == [False]

@@ -66,6 +66,7 @@ class Activity:
         self._now = now
         self._listeners: list[Listener] = []
         self._active = not self._expected
+        self._stood_down = False
 
     @property
     def standalone(self) -> bool:
@@ -74,7 +75,14 @@ class Activity:
     def is_active(self) -> bool:
         """Computed at each call: a peer that stopped sending keep-alives expires with time alone.
         Listeners hear of a change at the next tick of `run()` (or the next peering event)."""
-        return self.standalone or self._decide(self._now())[0]
+        return not self._stood_down and (self.standalone or self._decide(self._now())[0])
+
+    def stand_down(self) -> None:
+        """The replica is stopping: it acts no more, whatever the peering says. A stopping kopf takes
+        itself out of the peering object, and a replica of the highest priority would otherwise go on
+        seeing nobody above it while the next one takes over (alone: while the next one starts)."""
+        self._stood_down = True
+        self._refresh()
 
     def subscribe(self, listener: Listener) -> None:
         """`listener(active)` on every change."""
@@ -105,14 +113,16 @@ class Activity:
         return self._expected <= self._status.keys() and not blocking, blocking
 
     def _refresh(self) -> None:
-        if self.standalone:
+        if self.standalone and not self._stood_down:
             return
-        active, blocking = self._decide(self._now())
+        active, blocking = (False, []) if self._stood_down else self._decide(self._now())
         if active == self._active:
             return
         self._active = active
         if active:
             logger.info("this replica is now the active one (priority %d)", self.priority)
+        elif self._stood_down:
+            logger.info("this replica stands down: it is stopping")
         else:
             logger.info("this replica stands by: %s", ", ".join(sorted(blocking)) or "peering not seen yet")
         for listener in self._listeners:
