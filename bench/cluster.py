@@ -159,7 +159,7 @@ async def _wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say,
             done = sum(ready.values())
             if done >= count:
                 return
-            if done // 2500 != last // 2500:
+            if ready and done // 2500 != last // 2500:  # not before the first list: "0/0"
                 say(f"  {done}/{len(ready)} queues Ready")
                 last = done
             if time.monotonic() - began > timeout:
