@@ -8,8 +8,6 @@ import contextlib
 import logging
 import os
 import re
-import socket
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from tests.proxy import Proxy
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import informer
 
@@ -40,77 +39,6 @@ def test_a_one_mebibyte_secret_leaves_the_watches_working(operator: OperatorProc
     wait_for(lambda: operator.start_worker(f"after-{namespace}", token).json()["temporal_api_key"] == "rotated",
              timeout=15, what="a rotation seen through the Secret watch")
     assert "watch secrets" not in operator.logs()
-
-
-class Proxy:
-    """A TCP proxy to the API server that can cut every connection and refuse new ones, or leave its
-    connections open but carry nothing more on them: network faults."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self._upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._broken = threading.Event()
-        self._sockets: set[socket.socket] = set()
-        self._frozen: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            if self._broken.is_set():
-                conn.close()
-                continue
-            try:
-                upstream = socket.create_connection(self._upstream)
-            except OSError:
-                conn.close()
-                continue
-            with self._lock:
-                self._sockets |= {conn, upstream}
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if source not in self._frozen:
-                    target.sendall(data)
-        self._close(source, target)
-
-    def _close(self, *sockets: socket.socket) -> None:
-        with self._lock:
-            for s in sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-                self._sockets.discard(s)
-                self._frozen.discard(s)
-
-    def cut(self) -> None:
-        self._broken.set()
-        with self._lock:
-            sockets = list(self._sockets)
-        self._close(*sockets)
-
-    def freeze(self) -> None:
-        """What comes on the connections open now is dropped, and they stay open: a load balancer
-        that forgot them without a word. New connections are carried as before."""
-        with self._lock:
-            self._frozen |= self._sockets
-
-    def heal(self) -> None:
-        self._broken.clear()
-
-    def close(self) -> None:
-        self._closed = True
-        self.cut()
-        self._listener.close()
 
 
 @pytest.fixture
