@@ -41,12 +41,6 @@ def draining(kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, 
             own.stop()
 
 
-@pytest.fixture
-def stack() -> Iterator[contextlib.ExitStack]:
-    with contextlib.ExitStack() as stack:
-        yield stack
-
-
 def start_on(connection: HTTPConnection, queue_id: str, token: str) -> HTTPResponse:
     connection.request("POST", START.format(queue_id), body=b"{}",
                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -56,21 +50,21 @@ def start_on(connection: HTTPConnection, queue_id: str, token: str) -> HTTPRespo
 
 
 def test_on_sigterm_it_serves_unready_closing_connections_then_exits(
-    draining: tuple[OperatorProcess, str, str], stack: contextlib.ExitStack,
+    draining: tuple[OperatorProcess, str, str],
 ):
     own, queue_id, token = draining
     assert own.process is not None
-    kept = HTTPConnection("127.0.0.1", own.port, timeout=10)  # a worker's keep-alive connection
-    stack.callback(kept.close)
-    before = start_on(kept, queue_id, token)
-    assert before.status == 200 and before.getheader("Connection", "").lower() != "close"
+    # A worker's keep-alive connection.
+    with contextlib.closing(HTTPConnection("127.0.0.1", own.port, timeout=10)) as kept:
+        before = start_on(kept, queue_id, token)
+        assert before.status == 200 and before.getheader("Connection", "").lower() != "close"
 
-    os.killpg(own.process.pid, signal.SIGTERM)
-    wait_for(lambda: http("GET", f"{own.url}/readyz", timeout=2).json() == {"status": "draining"},
-             timeout=10, interval=0.1, what="/readyz saying draining")
-    # The kept connection is served once more, then closed: its client's next call goes through the Service.
-    during = start_on(kept, queue_id, token)
-    assert during.status == 200 and during.getheader("Connection") == "close"
+        os.killpg(own.process.pid, signal.SIGTERM)
+        wait_for(lambda: http("GET", f"{own.url}/readyz", timeout=2).json() == {"status": "draining"},
+                 timeout=10, interval=0.1, what="/readyz saying draining")
+        # The kept connection is served once more, then closed: its client's next call goes through the Service.
+        during = start_on(kept, queue_id, token)
+        assert during.status == 200 and during.getheader("Connection") == "close"
     assert json.loads(own.start_worker(queue_id, token).body)["queue_id"] == queue_id  # new connections too
     assert own.process.poll() is None
 

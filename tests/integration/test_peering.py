@@ -72,17 +72,23 @@ def lifetime_left(kube: Kube, namespace: str, op: OperatorProcess) -> float:
     return (seen + datetime.timedelta(seconds=LIFETIME) - datetime.datetime.now(datetime.UTC)).total_seconds()
 
 
-def test_a_standby_changes_no_pod_and_takes_over_when_the_active_one_dies(
-    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
-):
-    standby = replicas("standby", 100)  # alone at first: it runs the queue's workers
+def standby_and_leader(replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
+                       **env: str) -> tuple[OperatorProcess, OperatorProcess]:
+    """A replica that ran a queue's first worker alone, then a replica of a higher priority that took over."""
+    standby = replicas("standby", 100, **env)
     wait_for(lambda: active(standby), what="the only replica active")
     kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, temporal=TEMPORAL)
     wait_for(lambda: alive(kube, namespace) == ["se-w0"], what="the first worker")
-
-    leader = replicas("leader", 200)
+    leader = replicas("leader", 200, **env)
     wait_for(lambda: active(leader) and not active(standby), timeout=LIFETIME + 10, what="the leader taking over")
     assert leader.process is not None
+    return standby, leader
+
+
+def test_a_standby_changes_no_pod_and_takes_over_when_the_active_one_dies(
+    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
+):
+    standby, leader = standby_and_leader(replicas, kube, namespace)
 
     # Frozen, the leader still counts as alive until its last keep-alive is LIFETIME seconds old:
     # whatever happens meanwhile is for it to do, not for the standby (whose own resync runs every 2 s).
@@ -121,13 +127,7 @@ def test_a_stopping_active_replica_hands_over_at_once_and_serves_on_while_it_dra
     HTTP API still serves (unready) for its drain. Lifetime and drain are both long here, so that a
     takeover only by the keep-alive's expiry would come after the old replica had exited."""
     long = {"WQ_PEERING_LIFETIME_SECONDS": "300", "WQ_HTTP_DRAIN_SECONDS": "120"}
-    standby = replicas("standby", 100, **long)
-    wait_for(lambda: active(standby), what="the only replica active")
-    kube.create_queue(namespace, "se", queueId=f"se-{namespace}", singleExecution=True, temporal=TEMPORAL)
-    wait_for(lambda: alive(kube, namespace) == ["se-w0"], what="the first worker")
-    leader = replicas("leader", 200, **long)
-    wait_for(lambda: active(leader) and not active(standby), timeout=30, what="the leader taking over")
-    assert leader.process is not None
+    standby, leader = standby_and_leader(replicas, kube, namespace, **long)
 
     os.killpg(leader.process.pid, signal.SIGTERM)
     wait_for(lambda: http("GET", f"{leader.url}/readyz").status == 503, what="the leader draining")
