@@ -37,16 +37,18 @@ def served(op: OperatorProcess) -> dict[tuple[str, str], int]:
     return counts
 
 
-def last_served(op: OperatorProcess) -> dict[tuple[str, str], int]:
-    """What `served` reads last before the operator stops listening (the Service sends it nothing
-    new by then: just its kept connections' last requests)."""
+def last_served(op: OperatorProcess, within: float) -> dict[tuple[str, str], int]:
+    """What `served` reads last before the operator stops listening, which it must within `within`
+    seconds (the Service sends it nothing new by then: just its kept connections' last requests)."""
     last: dict[tuple[str, str], int] = {}
-    while True:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         try:
             last = served(op)
         except OSError:
             return last
         time.sleep(0.1)
+    raise AssertionError(f"still listening {within:.0f}s later")
 
 
 def answered(op: OperatorProcess, route: str) -> int:
@@ -110,7 +112,7 @@ async def test_workers_live_on_through_a_rollout_of_the_operator(
             # through the Service to the new one, long before the old one stops listening.
             wait_for(lambda: answered(new, EXECUTIONS) >= 2, timeout=6, what="polls reaching the new replica")
             assert old.process.poll() is None
-            last = await asyncio.to_thread(last_served, old)  # what it answered, until its listener closed
+            last = await asyncio.to_thread(last_served, old, DRAIN_SECONDS)  # what it answered, until it closed
             assert await asyncio.to_thread(old.process.wait, 20) == 0
             assert failures(last) == {}
             # Both workers carry on with the new replica: their heartbeats are taken, no registration
