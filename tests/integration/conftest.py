@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -30,6 +31,8 @@ from workerqueue_operator.devcluster.temporal import TemporalServer
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def free_port() -> int:
@@ -178,6 +181,18 @@ class OperatorProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Metric `name`'s samples on /metrics, (labels, value) each."""
+        text = http("GET", f"{self.url}/metrics", context=self.context).body.decode()
+        matches = (_SAMPLE.match(line) for line in text.splitlines())
+        return [(dict(_LABEL.findall(m[2] or "")), float(m[3])) for m in matches if m and m[1] == name]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of metric `name`'s samples that carry `labels`; fails when there is none."""
+        values = [value for found, value in self.samples(name) if labels.items() <= found.items()]
+        assert values, f"no sample of {name} {labels} on /metrics"
+        return sum(values)
 
     def call(self, method: str, path: str, token: str | None, body: dict[str, Any] | None = None,
              timeout: float = 10) -> Http:

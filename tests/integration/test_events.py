@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 
@@ -57,7 +57,4 @@ def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
     allowed = 100 + looped + 2  # its burst, then one a second
     assert events() <= allowed < 160, (events(), looped)
     assert sum(e.reason == "WorkerDisconnected" for e in kube.events(namespace, "churn")) >= 90
-    metrics = http("GET", f"{operator.url}/metrics").body.decode()
-    limited = next(float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith("workerqueue_events_limited_total"))
-    assert limited >= 160 - allowed
+    assert operator.metric("workerqueue_events_limited_total") >= 160 - allowed

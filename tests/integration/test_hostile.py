@@ -25,11 +25,6 @@ from tests.integration.test_start import service_account_token
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 
-def metric(operator: OperatorProcess, line_start: str) -> float:
-    text = http("GET", f"{operator.url}/metrics").body.decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
-
-
 @pytest.fixture(scope="module")
 def own_control_plane(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     with ControlPlane(tmp_path_factory.mktemp("frozen-cp"), k8s_assets, log=lambda m: print(m, file=sys.stderr)) as cp:
@@ -88,8 +83,8 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         # A made-up token costs one TokenReview, then is rejected from memory.
         assert operator.start_worker("frozen-agents", "made-up").status == 401
         assert operator.start_worker("frozen-agents", "made-up").status == 401
-        assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected"}') == 1
-        assert metric(operator, 'workerqueue_token_reviews_total{outcome="rejected_cached"}') == 1
+        assert operator.metric("workerqueue_token_reviews_total", outcome="rejected") == 1
+        assert operator.metric("workerqueue_token_reviews_total", outcome="rejected_cached") == 1
 
         with frozen(own_control_plane.pid("kube-apiserver")):
             # From memory: queue tokens and cached reviews.
@@ -151,9 +146,9 @@ def test_a_flood_of_idle_connections_leaves_the_operator_working(
             assert own.start_worker(f"flood-{namespace}", token).status == 200
             assert time.monotonic() - began < flooded + 60  # not waiting for the idle timeout
 
-            assert metric(own, "workerqueue_http_connections_limit") == 1024 - 256
-            assert metric(own, "workerqueue_http_connections ") <= 1024 - 256
-            assert metric(own, 'workerqueue_http_problems_total{kind="connections_evicted"}') >= flood - 768
+            assert own.metric("workerqueue_http_connections_limit") == 1024 - 256
+            assert own.metric("workerqueue_http_connections") <= 1024 - 256
+            assert own.metric("workerqueue_http_problems_total", kind="connections_evicted") >= flood - 768
             logs = own.logs()
             assert "Traceback" not in logs
             assert logs.count("the longest-idle one was closed") < 10  # throttled: one line per 10 s
@@ -190,16 +185,16 @@ def test_a_start_loop_holds_a_bounded_number_of_registrations(
             assert own.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", tokens["loop-a"],
                             {"status": "active"}).status == 200
             assert own.start_worker(f"loop-b-{namespace}", tokens["loop-b"]).status == 200
-            assert metric(own, "workerqueue_workers_pending ") == 30
+            assert own.metric("workerqueue_workers_pending") == 30
             # Heartbeating once per worker passes no bound either: registrations in all are bounded too.
             assert own.call("POST", f"/api/v1/workers/{looped[1].json()['worker_id']}/heartbeat", tokens["loop-a"],
                             {"status": "active"}).status == 200
             refused = own.start_worker(f"loop-b-{namespace}", tokens["loop-b"])
             assert refused.status == 503 and refused.headers.get("Retry-After") == "30"
             assert refused.json() == {"detail": "Too many workers are registered, try again later"}
-            assert metric(own, "workerqueue_workers_live") == 31
-            assert metric(own, "workerqueue_registrations_refused_total") == 7
-            assert metric(own, 'workerqueue_http_problems_total{kind="registrations_refused"}') == 7
+            assert own.metric("workerqueue_workers_live") == 31
+            assert own.metric("workerqueue_registrations_refused_total") == 7
+            assert own.metric("workerqueue_http_problems_total", kind="registrations_refused") == 7
             assert "Traceback" not in own.logs()
         finally:
             own.stop()

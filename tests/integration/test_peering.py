@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -53,9 +52,7 @@ def replicas(peering_crds: None, crd_installed: None, kube: Kube, namespace: str
 
 
 def active(op: OperatorProcess) -> bool:
-    text = http("GET", f"{op.url}/metrics").body.decode()
-    match = re.search(r"^workerqueue_active_replica (\S+)$", text, re.MULTILINE)
-    return match is not None and float(match[1]) == 1
+    return op.metric("workerqueue_active_replica") == 1
 
 
 def alive(kube: Kube, namespace: str) -> list[str]:

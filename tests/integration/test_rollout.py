@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 import signal
 import time
@@ -29,11 +28,10 @@ DRAIN_SECONDS = 25
 
 def served(op: OperatorProcess) -> dict[tuple[str, str], int]:
     """(route, status code) -> requests this operator answered."""
-    text = http("GET", f"{op.url}/metrics").body.decode()
-    pattern = r'workerqueue_http_requests_total\{route="([^"]+)",method="[A-Z]+",code="(\d+)"\} (\d+)'
     counts: dict[tuple[str, str], int] = {}
-    for route, code, count in re.findall(pattern, text):
-        counts[(route, code)] = counts.get((route, code), 0) + int(count)
+    for labels, count in op.samples("workerqueue_http_requests_total"):
+        key = (labels["route"], labels["code"])
+        counts[key] = counts.get(key, 0) + int(count)
     return counts
 
 

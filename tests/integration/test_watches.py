@@ -57,9 +57,7 @@ def proxied_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[Path,
 
 
 def failures(op: OperatorProcess) -> dict[str, float]:
-    text = http("GET", f"{op.url}/metrics").body.decode()
-    return {m[1]: float(m[2]) for m in re.finditer(r'workerqueue_watch_failures_total\{resource="([^"]+)"\} (\S+)',
-                                                   text)}
+    return {labels["resource"]: value for labels, value in op.samples("workerqueue_watch_failures_total")}
 
 
 def test_a_failing_watch_is_logged_counted_unready_and_recovers(
@@ -74,8 +72,7 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             own.start()
             assert failures(own) == {f"workerqueues/{namespace}": 0, f"secrets/{namespace}": 0,
                                      f"leases/{namespace}": 0}
-            assert f'workerqueue_watch_idle_restarts_total{{resource="secrets/{namespace}"}} 0' in http(
-                "GET", f"{own.url}/metrics").body.decode()
+            assert own.metric("workerqueue_watch_idle_restarts_total", resource=f"secrets/{namespace}") == 0
             proxy.cut()
             wait_for(lambda: f"watch workerqueues/{namespace} failed" in own.logs(), timeout=30,
                      what="the failure in the log")
