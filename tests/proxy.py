@@ -9,8 +9,9 @@ import threading
 
 class Proxy:
     """A TCP proxy on loopback for network faults: it can cut every connection and refuse new ones,
-    leave its connections open but carry nothing more on them, or send new connections elsewhere
-    while the open ones stay where they are (a Service whose endpoints changed)."""
+    leave its connections open but carry nothing more on them, close them at their next request,
+    or send new connections elsewhere while the open ones stay where they are (a Service whose
+    endpoints changed)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -19,6 +20,8 @@ class Proxy:
         self._broken = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._frozen: set[socket.socket] = set()
+        self._clients: set[socket.socket] = set()
+        self._hanging_up: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -39,12 +42,15 @@ class Proxy:
                 continue
             with self._lock:
                 self._sockets |= {conn, upstream}
+                self._clients.add(conn)
             for a, b in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if source in self._hanging_up:
+                    break
                 if source not in self._frozen:
                     target.sendall(data)
         self._close(source, target)
@@ -57,6 +63,8 @@ class Proxy:
                 s.close()
                 self._sockets.discard(s)
                 self._frozen.discard(s)
+                self._clients.discard(s)
+                self._hanging_up.discard(s)
 
     def cut(self) -> None:
         self._broken.set()
@@ -69,6 +77,13 @@ class Proxy:
         that forgot them without a word. New connections are carried as before."""
         with self._lock:
             self._frozen |= self._sockets
+
+    def hang_up(self) -> None:
+        """The connections open now are closed unanswered when their client sends anything more (its
+        next request), as by a server restarting under kept connections; those that only receive
+        (watches) go on, and new connections are carried as before."""
+        with self._lock:
+            self._hanging_up |= self._clients
 
     def retarget(self, upstream: tuple[str, int]) -> None:
         """New connections go to `upstream`; those open stay with the old one, as kube-proxy's do."""

@@ -92,6 +92,36 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             own.stop()
 
 
+def test_an_api_server_hanging_up_on_a_write_stops_no_loop(
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
+    operator: OperatorProcess,
+):
+    """A write cut short by the API server (aiohttp's ServerDisconnectedError, which is no OSError)
+    fails that write, to be made again: it stops no loop of the operator."""
+    config, proxy = proxied_kubeconfig
+    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace})
+    with operator.paused():  # the session's operator would write what ours must
+        try:
+            own.start()
+            # Queues written at once: the operator's client keeps as many connections, every one of
+            # which then hangs up on its next request.
+            for i in range(8):
+                kube.create_queue(namespace, f"q{i}", queueId=f"q{i}-{namespace}", temporal=TEMPORAL)
+            for i in range(8):
+                kube.wait_condition(namespace, f"q{i}", "True")
+            token = kube.queue_token(namespace, "q0")
+            proxy.hang_up()
+            assert own.start_worker(f"q0-{namespace}", token).status == 200  # its live count is to be written
+            failed = f"writing the live worker count of {namespace}/q0 failed: Server disconnected"
+            wait_for(lambda: failed in own.logs(), timeout=15, what=failed)
+            wait_for(lambda: (kube.get_queue(namespace, "q0")["status"].get("workers") or {}).get("live") == 1,
+                     timeout=30, what="the live worker count written again")
+            assert own.process is not None and own.process.poll() is None
+            assert own.start_worker(f"q0-{namespace}", token).status == 200
+        finally:
+            own.stop()
+
+
 @contextlib.asynccontextmanager
 async def running(watch: informer.Informer, client: client_.KubeClient) -> AsyncIterator[None]:
     """The informer running for the block; stopped, and its client closed, on any exit."""

@@ -502,3 +502,30 @@ def test_a_worker_never_sees_what_a_pod_of_its_name_took_before_it_was_made():
     assert (entry["id"], entry["status"], entry["held_executions"]) == ("new", "running", 1)
     (entry,) = executions.worker_view(LISTING, hostname="q1-w0")  # when the pod's making is not known
     assert entry["id"] == "e1"
+
+
+async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_at_every_tick():
+    import asyncio
+    import socket
+
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    with socket.socket() as unused:  # bound, never listening: every connection is refused
+        unused.bind(("127.0.0.1", 0))
+        kube = client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
+        q = queue("q")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, tick=0.05)
+        reg.register(q, "w1")
+        task = asyncio.create_task(reg.run())
+        try:
+            await asyncio.sleep(1.5)
+            assert reg.writes == 1  # at 20 ticks a second
+            await asyncio.sleep(1.5)
+            assert reg.writes == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()

@@ -98,7 +98,7 @@ async def start_worker(request: web.Request) -> web.Response:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
                                           hostname=hostname, system_info=system_info)
-        except registry_.ErrorTypes as exc:
+        except client_.ERRORS as exc:
             return workers.registry_unavailable(queue, exc)
         if worker is None:
             return workers.full(queue)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from workerqueue_operator.api import bodies, callers, errors
@@ -92,7 +91,7 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
     else:
         try:
             worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod)
-        except registry_.ErrorTypes as exc:
+        except client_.ERRORS as exc:
             return registry_unavailable(queue, exc)
         if worker is None:
             return full(queue)
@@ -253,7 +252,7 @@ async def delete_queue(request: web.Request) -> web.Response:
         if not (exc.not_found or exc.conflict):  # gone already: what was asked is done
             logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, exc)
             return errors.detail(503, "The worker queue could not be deleted now, try again")
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except client_.ERRORS as exc:  # ApiError taken above
         logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, type(exc).__name__)
         return errors.detail(503, "The worker queue could not be deleted now, try again")
     logger.info("WorkerQueue deleted through the API", extra={"queue": f"{queue.namespace}/{queue.name}"})

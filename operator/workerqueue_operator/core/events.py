@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
@@ -168,5 +166,5 @@ class EventPoster:
             try:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,
                                            message=event.message, warning=event.warning, count=event.count)
-            except (client_.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            except client_.ERRORS as exc:
                 logger.warning("posting Event %s failed: %s", event.reason, exc)

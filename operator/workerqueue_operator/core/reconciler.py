@@ -137,7 +137,7 @@ class Reconciler:
     async def _fetch(self, name: SecretName, *, refresh: bool = False) -> None:
         try:
             body = await resources.read_secret(self._client, *name)
-        except (client_.ApiError, OSError, TimeoutError) as exc:
+        except client_.ERRORS as exc:
             logger.warning("reading secret %s/%s failed: %s", name[0], name[1], exc)
             await asyncio.sleep(1)
             self._fetching.discard(name)
@@ -278,7 +278,7 @@ class LiveStatus:
                 self._written_at[key] = self._clock()
                 try:
                     await self._write(key)
-                except (client_.ApiError, OSError, TimeoutError) as exc:
+                except client_.ERRORS as exc:
                     logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
                     self._dirty[key] = None
 

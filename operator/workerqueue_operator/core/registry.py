@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import aiohttp
-
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
     EXPIRY_INTERVALS,
@@ -54,12 +52,11 @@ logger = logging.getLogger(__name__)
 
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
+RETRY_SECONDS = 2.0
+"""A registration whose write failed is written again this much later."""
 ENDED_KEPT = 10_000
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
-
-ErrorTypes = (client_.ApiError, aiohttp.ClientError, TimeoutError)
-
 
 @dataclass(frozen=True)
 class Bounds:
@@ -415,7 +412,7 @@ class Registry:
         if worker.stored:
             try:
                 await self._delete(worker)
-            except ErrorTypes as exc:
+            except client_.ERRORS as exc:
                 logger.warning("deleting the registration of worker %s failed (it expires instead): %s",
                                worker.worker_id, type(exc).__name__)
         if queue is not None:
@@ -536,17 +533,21 @@ class Registry:
                 self._ended_elsewhere(worker)  # its Lease deleted meanwhile
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
-        except ErrorTypes as exc:
+        except client_.ERRORS as exc:
             logger.warning("writing the registration of worker %s failed, retrying: %s",
                            worker.worker_id, type(exc).__name__ if not str(exc) else exc)
-            worker.written_at = self._monotonic() - 0.8 * worker.interval + 2.0  # again in ~2 s
-            if worker.worker_id in self._workers:
-                self._mark(worker)
+            # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.
+            worker.written_at = self._monotonic() - 0.8 * worker.interval + RETRY_SECONDS
+            asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry, worker)
+
+    def _retry(self, worker: Worker) -> None:
+        if self._workers.get(worker.worker_id) is worker:
+            self._mark(worker)
 
     async def _delete_quietly(self, worker: Worker, why: str) -> None:
         try:
             deleted = await self._delete(worker)
-        except ErrorTypes as exc:
+        except client_.ERRORS as exc:
             logger.warning("deleting the registration of worker %s failed: %s", worker.worker_id, exc)
             return
         if deleted and why.startswith("no heartbeat"):

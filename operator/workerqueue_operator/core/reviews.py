@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import aiohttp
-
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import spec
 
@@ -181,7 +179,7 @@ class Reviewer:
         except TimeoutError as exc:
             # str(TimeoutError()) is empty: say what happened instead.
             raise Unavailable(kind, f"TimeoutError: no answer within {self._timeout:g}s") from exc
-        except (client_.ApiError, aiohttp.ClientError, OSError) as exc:
+        except client_.ERRORS as exc:
             raise Unavailable(kind, f"{type(exc).__name__}: {exc}") from exc
         finally:
             self._slots.release()

@@ -547,7 +547,7 @@ class Supervisor:
                 self._events.post(involved=queue_ref_body(queue), reason=probe.reason,
                                   message=probe.message if not probe.reachable else "Temporal is reachable",
                                   warning=not probe.reachable)
-        except (client_.ApiError, OSError, TimeoutError) as exc:
+        except client_.ERRORS as exc:
             logger.warning("writing the Temporal status of %s/%s failed: %s", *key, exc)
         finally:
             if not running:

@@ -72,6 +72,12 @@ class ApiError(Exception):
         return self.status == 409 and self.reason == "AlreadyExists"
 
 
+ERRORS: tuple[type[Exception], ...] = (ApiError, aiohttp.ClientError, OSError)
+"""What a call of KubeClient raises when the API server refuses it, cannot be reached, or drops the
+connection mid-answer. A loop that must go on catches all of them: aiohttp's ServerDisconnectedError
+and ClientPayloadError (an API server restarting under a request) are not OSErrors; TimeoutError is."""
+
+
 def in_cluster_server(environ: Mapping[str, str]) -> str | None:
     """The API server a pod is told about (KUBERNETES_SERVICE_HOST/PORT, as client-go reads them)."""
     host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
@@ -95,13 +101,17 @@ def load_configuration(kubeconfig: str | None = None) -> Any:
 
 
 class KubeClient:
-    """JSON in, JSON out. One aiohttp session, a connection pool sized for parallel pod creation."""
+    """JSON in, JSON out. Requests share a connection pool sized for parallel pod creation; watches
+    have a pool of their own, without a bound: each holds its connection for as long as it runs, so
+    past `pool_size` watches (3 a watched namespace) a shared pool would have no connection left for
+    a status write or a TokenReview, and the next watch would wait for one without end."""
 
     def __init__(self, configuration: Any, *, pool_size: int = 64) -> None:
         self._configuration = configuration
         self.base_url = str(configuration.host).rstrip("/")
         self._ssl = self._ssl_context(configuration)
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._pool_size = pool_size
         self._auth: dict[str, str] = {}
         self._auth_until = 0.0
@@ -120,9 +130,16 @@ class KubeClient:
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = tcp_connector(limit=self._pool_size, ssl=self._ssl)
-            self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+            self._session = self._new_session(limit=self._pool_size)
         return self._session
+
+    def _watch_session_or_new(self) -> aiohttp.ClientSession:
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = self._new_session(limit=0)  # 0: no bound
+        return self._watch_session
+
+    def _new_session(self, *, limit: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=tcp_connector(limit=limit, ssl=self._ssl), raise_for_status=False)
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json", **self._auth_headers()}
@@ -142,8 +159,9 @@ class KubeClient:
         return self._auth
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
 
     async def request(
         self,
@@ -193,7 +211,7 @@ class KubeClient:
         server sends a bookmark a minute to a watch that allows them, so a live one is never quiet
         that long.
         """
-        session = self._session_or_new()
+        session = self._watch_session_or_new()
         silence = idle if idle is not None else timeout + 30
         async with session.get(
             self.base_url + path,
