@@ -344,6 +344,23 @@ async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated()
         assert stolen.status == 403  # still another pod's worker
 
 
+async def test_a_worker_started_with_the_new_token_of_a_rotation_registers_again_after_the_old_is_unlisted():
+    # Its id is keyed by the token it holds: keyed by the old one (listed first), a heartbeat reaching
+    # a replica that does not know it would be a 404 for the rest of its life once the old one goes.
+    store = Store(settings=Settings())
+    old_ref, new_ref = {"name": "old", "key": "token"}, {"name": "new", "key": "token"}
+    store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": [old_ref, new_ref]}))
+    store.upsert_secret(("team-a", "old"), {"token": "old-token"})
+    store.upsert_secret(("team-a", "new"), {"token": "new-token"})
+    new = {"Authorization": "Bearer new-token"}
+    async with TestClient(TestServer(apps.make_app(store))) as first:
+        worker_id = (await (await first.post(START.format("q-1"), headers=new)).json())["worker_id"]
+    store.upsert_queue(queue("q1", queueId="q-1", generation=2, auth={"tokenSecretRefs": [new_ref]}))
+    async with TestClient(TestServer(apps.make_app(store))) as other:  # a replica that never saw it
+        beat = await other.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=new)
+        assert beat.status == 200, await beat.text()
+
+
 async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_unknown_here():
     # As after an expiry while it could not reach the operator, or a first heartbeat that reaches
     # another replica before that replica has seen the worker's Lease.

@@ -182,6 +182,11 @@ def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
     assert workers.worker_temporal_host(forced_off, SETTINGS) == "temporal:t:7233"
     forced_on = queue(temporal={"host": "t:7233", "tls": True})
     assert workers.worker_temporal_host(forced_on, SETTINGS) == "t:7233"
+    # A host whose name the worker reads as local still gets TLS and the key.
+    for host in ("temporal:7233", "host.docker.internal:7233"):
+        assert workers.worker_temporal_host(queue(temporal={"host": host, "tls": True}), SETTINGS) == f"tls:{host}"
+    assert workers.worker_temporal_host(queue(temporal={"host": "host.docker.internal:7233", "tls": False}),
+                                        SETTINGS) == "host.docker.internal:7233"
 
 
 def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():

@@ -83,8 +83,12 @@ async def start_worker(request: web.Request) -> web.Response:
 
     pod = caller.worker.pod if caller.worker is not None else None
     # Its second half a MAC by the caller's token, so that a heartbeat can re-register it (workers.py):
-    # a pod's own token (which no rotation of the queue token touches), else the queue's.
-    key = caller.token_digest if pod is not None else resolution.token_digests[0] if resolution.token_digests else None
+    # a pod's own token, or the queue token the worker holds (not another one a rotation unlists
+    # first); for a Kubernetes identity, which never re-registers so, the queue's first.
+    if caller.identity is None:
+        key: bytes | None = caller.token_digest
+    else:
+        key = resolution.token_digests[0] if resolution.token_digests else None
     worker_id = queues.new_worker_id(key, pod=pod)
     registry = request.app[REGISTRY]
     system_info = body.system_info

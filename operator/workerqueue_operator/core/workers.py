@@ -479,13 +479,17 @@ def _default_worker(pod_spec: dict[str, Any], settings: settings_.Settings) -> N
     worker.setdefault("command", list(settings.worker_command))
 
 
+_PLAINTEXT_HOSTS = ("temporal:", "host.docker.internal")
+"""The worker connects to Temporal in plaintext, without a key, when TEMPORAL_HOST starts so."""
+
+
 def worker_temporal_host(queue: QueueObject, settings: settings_.Settings) -> str:
     """The worker's TEMPORAL_HOST. It only picks the mode (the address comes from /start): plaintext
-    exactly when it starts with `temporal:`, TLS with the API key otherwise."""
+    when it starts with one of _PLAINTEXT_HOSTS, TLS with the API key otherwise."""
     host = queue.spec.temporal.host or settings.temporal_host
     if queues.temporal_tls(queue, settings):
-        return host
-    return host if host.startswith("temporal:") else f"temporal:{host}"
+        return f"tls:{host}" if host.startswith(_PLAINTEXT_HOSTS) else host
+    return host if host.startswith(_PLAINTEXT_HOSTS) else f"temporal:{host}"
 
 
 def queues_label(queue: QueueObject) -> str:
