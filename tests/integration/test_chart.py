@@ -208,6 +208,8 @@ def test_lint(helm: Helm, option: str):
     ({"upstream": {"idleTimeoutSeconds": 0}}, "idleTimeoutSeconds"),
     ({"http": {"drainSeconds": 25}}, "terminationGracePeriodSeconds must be at least http.drainSeconds + 10"),
     ({"http": {"drainSeconds": -1}}, "drainSeconds"),
+    ({"temporal": {"apiKeySecret": {"namespace": "Not_Valid.ns", "name": "t", "key": "k"}}}, "namespace"),
+    ({"livenessProbe": {"successThreshold": 3}}, "successThreshold"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
@@ -270,8 +272,8 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
     docs = helm.template({})
     role = find(docs, "ClusterRole")
     assert rules_of(role) == {
-        ("agentcontrol.dev", "workerqueues"): {"get", "list", "watch", "delete"},
-        ("agentcontrol.dev", "workerqueues/status"): {"get", "patch", "update"},
+        ("agentcontrol.dev", "workerqueues"): {"list", "watch", "delete"},
+        ("agentcontrol.dev", "workerqueues/status"): {"patch"},
         ("agentcontrol.dev", "workerqueues/finalizers"): {"update"},
         ("", "secrets"): {"get", "list", "watch", "create", "delete"},
         ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch", "delete"},
@@ -304,7 +306,7 @@ def test_watch_namespaces_gives_roles_there_and_little_cluster_wide(helm: Helm):
     # The operator-wide default Temporal key lives in the release namespace: readable by name only.
     secrets_role = find(docs, "Role", "wq-workerqueue-operator-wq-system-default-secrets", "wq-system")
     assert secrets_role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
-                                      "resourceNames": ["temporal-default"], "verbs": ["get", "list", "watch"]}]
+                                      "resourceNames": ["temporal-default"], "verbs": ["get"]}]
     assert config_of(docs)["namespaces"] == list(OFFLINE.watched)
 
 

@@ -168,7 +168,7 @@ ALLOWED = [
     ("list", "secrets"), ("watch", "secrets"), ("get", "secrets"), ("create", "secrets"), ("delete", "secrets"),
     ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io"),
     ("delete", "leases.coordination.k8s.io"), ("watch", "leases.coordination.k8s.io"),
-    ("patch", "workerqueues.agentcontrol.dev/status"), ("update", "workerqueues.agentcontrol.dev/status"),
+    ("patch", "workerqueues.agentcontrol.dev/status"),
     ("watch", "workerqueues.agentcontrol.dev"), ("delete", "workerqueues.agentcontrol.dev"),
     ("create", "events"),
 ]
@@ -181,7 +181,7 @@ DENIED = [
     ("get", "pods/log"), ("create", "rolebindings.rbac.authorization.k8s.io"), ("update", "pods"),
     # WorkerQueues are the users' to create and change; the operator writes status, deletes finished ones.
     ("create", "workerqueues.agentcontrol.dev"), ("update", "workerqueues.agentcontrol.dev"),
-    ("patch", "workerqueues.agentcontrol.dev"),
+    ("patch", "workerqueues.agentcontrol.dev"), ("update", "workerqueues.agentcontrol.dev/status"),
     # Events are posted (core/v1, as kopf does too), never changed afterwards.
     ("patch", "events"), ("create", "events.events.k8s.io"),
 ]

@@ -111,6 +111,7 @@ def test_redis_password_comes_from_url_userinfo_unless_a_secret_is_named():
                 {("team-a", "r"): {"url": "rediss://redis:6380", "pw": "other"}})
     assert r.config.fields["redis_url"] == "rediss://redis:6380"
     assert r.config.fields["redis_password"] == "other"
+    assert "other" not in repr(r)  # a resolution that reaches a log line or an exception carries no secret
 
 
 def test_nats_config_is_every_key_of_the_secret():

@@ -104,10 +104,10 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 # Watched; finished ephemeral queues are deleted. Never changed: the spec is the users'.
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues"]
-  verbs: ["get", "list", "watch", "delete"]
+  verbs: ["list", "watch", "delete"]
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # Pods and token Secrets carry blockOwnerDeletion: clusters with OwnerReferencesPermissionEnforcement
 # (OpenShift, for one) require this to create them.
 - apiGroups: ["agentcontrol.dev"]

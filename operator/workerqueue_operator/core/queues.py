@@ -219,8 +219,8 @@ class Problem:
 class QueueConfig:
     """Everything /start serves for a queue, except what is made per request."""
 
-    fields: Mapping[str, Any]
-    """Response fields known ahead of the request."""
+    fields: Mapping[str, Any] = field(repr=False)
+    """Response fields known ahead of the request: keys and passwords among them, so never in a repr."""
     websocket_enabled: bool
     websocket_url: str | None
     suspended: bool
