@@ -3,6 +3,7 @@ stand-in upstream (tests/standin.py) on loopback in this test process."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from tests import standin
 from tests.integration.conftest import Http, Kube, OperatorProcess, http, wait_for
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -211,6 +213,23 @@ async def test_websocket_is_proxied_with_the_organizations_key(operator: Operato
     assert hello["path_qs"] == "/api/v1/ws/workers/w-1"
     assert standin.header_values(hello, "Authorization") == [f"Bearer {key}"]
     assert echoes == ["event 1", b"\x01\x02"] and code == 4000
+
+
+async def test_a_websocket_whose_upstream_vanishes_without_a_word_is_closed(
+        operator: OperatorProcess, kube: Kube, namespace: str, upstream: standin.StandIn):
+    # The upstream behind a proxy that, once frozen, carries nothing more and closes nothing: a lost
+    # node, a NAT's cut. The operator's ping after the idle timeout (3 s here) goes unanswered.
+    proxy = Proxy(("127.0.0.1", upstream.port))
+    try:
+        token = queue_with_upstream(kube, namespace, "ws-gone", f"http://127.0.0.1:{proxy.port}", org_key())
+        async with asyncio.timeout(30), aiohttp.ClientSession() as client, client.ws_connect(
+                f"{operator.url}/api/v1/ws/workers/w-1", headers={"Authorization": f"Bearer {token}"}) as ws:
+            json.loads(await ws.receive_str(timeout=10))  # the upstream's hello: relayed both ways
+            proxy.freeze()
+            message = await ws.receive(timeout=15)
+            assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == aiohttp.WSCloseCode.BAD_GATEWAY
+    finally:
+        proxy.close()
 
 
 def test_operator_wide_default_upstream(operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,

@@ -293,9 +293,11 @@ class Passthrough:
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         started = time.perf_counter()
         try:
+            # Pinged after its idle timeout of silence: an upstream gone without a word (a lost node,
+            # a NAT's cut) would otherwise hold the worker's websocket open on a dead relay for ever.
             theirs = await self._session.ws_connect(
                 target_url(upstream.url, request.raw_path), headers=headers, protocols=protocols,
-                autoping=True, heartbeat=None)
+                autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream answered, only not with an upgrade (e.g. 401, 404): pass its status on.
             status = exc.status if 400 <= exc.status < 600 else 502
@@ -304,7 +306,8 @@ class Passthrough:
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             return self._unanswered(stats, upstream, exc)
         stats.answered(101, time.perf_counter() - started)
-        ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True)
+        ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True,
+                                     heartbeat=self._settings.upstream_idle_timeout_seconds)  # the worker, alike
         self._websockets.add(ours)
         try:
             await ours.prepare(request)
@@ -342,7 +345,18 @@ async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], 
         elif message.type is aiohttp.WSMsgType.BINARY:
             counted(len(message.data))
             await sink.send_bytes(message.data)
-    await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+    await sink.close(code=_passed_on(source.close_code, aiohttp.WSCloseCode.OK))
+
+
+def _passed_on(code: int | None, default: int) -> int:
+    """The close code to give the other side of one side's close. Those that only say how a
+    connection ended here must not be sent: none given (`default` then), or the connection lost or
+    a pong missed (1006, 1015: 1014, a gateway's)."""
+    if code is None or code == 1005:
+        return default
+    if code in (1006, 1015):
+        return aiohttp.WSCloseCode.BAD_GATEWAY
+    return code
 
 
 async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
@@ -365,6 +379,6 @@ async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWeb
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, ConnectionError):
                 await task
     if not ours.closed:
-        await ours.close(code=theirs.close_code or aiohttp.WSCloseCode.GOING_AWAY)
+        await ours.close(code=_passed_on(theirs.close_code, aiohttp.WSCloseCode.GOING_AWAY))
     if not theirs.closed:
-        await theirs.close(code=ours.close_code or aiohttp.WSCloseCode.GOING_AWAY)
+        await theirs.close(code=_passed_on(ours.close_code, aiohttp.WSCloseCode.GOING_AWAY))

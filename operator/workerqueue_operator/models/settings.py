@@ -71,7 +71,8 @@ class Settings(BaseModel):
     """Longest wait for a TCP (and TLS) connection to an upstream; then 504."""
     upstream_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     """Longest silence while waiting for an upstream's answer or its next bytes; then 504 (or, once
-    the answer has begun, the stream is cut). Server-sent events with keep-alives stay open."""
+    the answer has begun, the stream is cut). Server-sent events with keep-alives stay open. Each side
+    of a proxied websocket is pinged after this much silence, and given up when it misses the pong."""
     upstream_max_connections: int = Field(default=100, ge=1)
     """Pooled connections per upstream host; requests beyond wait for a free one."""
 
