@@ -58,6 +58,7 @@ ENDED_KEPT = 10_000
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
 
+
 @dataclass(frozen=True)
 class Bounds:
     """How many registrations /start may make, so that a client calling it in a loop meets a bound
