@@ -181,3 +181,33 @@ def test_a_probe_that_comes_due_while_it_is_under_way_is_tried_again_never_lost(
     assert supervisor.timeline_step(probe, 10.0, show=True) == "drop"  # the probe shows what it finds
     assert supervisor.timeline_step(probe, 9.0, show=False) == "drop"  # moved to another time since
     assert supervisor.timeline_step(None, 10.0, show=False) == "drop"  # its queue is gone
+
+
+def test_a_stale_reading_scales_neither_way():
+    # Read 31 s ago (Temporal not read since: a Secret gone, a standby, scaling off): a worker that
+    # took a workflow meanwhile would look idle, and be deleted.
+    previous = WorkersStatus(desired=1, next_index=2, surplus_since=times.rfc3339(T0 - 60))
+    stale = Demand(backlog=1, read_at=T0 - workers.DEMAND_STALE_SECONDS - 1)
+    p = plan([pod(0), pod(1)], stale, previous)
+    assert p.delete == () and p.workers.desired == 1 and p.workers.surplus_since is None
+    fresh = Demand(backlog=1, read_at=T0 - 1)
+    assert plan([pod(0), pod(1)], fresh, previous).delete == ("q1-w1",)
+    assert stale == fresh  # the same reading: when it was made is no change
+
+
+def test_a_grace_begun_before_scaling_was_turned_off_does_not_count_when_it_is_back():
+    previous = WorkersStatus(desired=1, next_index=2, surplus_since=times.rfc3339(T0 - 600))
+    off = workers.plan(queue(singleExecution=True, replicas=2), [pod(0), pod(1)], previous=previous, now=T0,
+                       created=T0 - 1000, settings=SETTINGS)
+    assert off.workers.surplus_since is None
+    back = plan([pod(0), pod(1)], Demand(backlog=0), off.workers, now=T0 + 1)
+    assert back.delete == () and back.workers.surplus_since is not None
+
+
+def test_an_ephemeral_scaling_queue_that_works_again_counts_its_ttl_from_its_next_finish():
+    finished = WorkersStatus(succeeded=1, next_index=1, finished_time=times.rfc3339(T0 - 500))
+    again = plan([], Demand(backlog=1), finished, ephemeral=True, ttlSecondsAfterFinished=600)
+    assert again.create == (1,) and again.workers.finished_time is None
+    done = plan([pod(1, "Succeeded")], Demand(backlog=0), again.workers, now=T0 + 200, ephemeral=True,
+                ttlSecondsAfterFinished=600)
+    assert done.delete_queue is None and done.workers.finished_time == times.rfc3339(T0 + 200)

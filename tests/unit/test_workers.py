@@ -93,6 +93,38 @@ def test_crash_looping_after_backoff_limit_until_the_spec_changes():
     assert changed.create == (3,) and changed.workers.crash_loop_generation is None
 
 
+def test_a_success_ends_a_crash_loop_in_status_too():
+    looping = WorkersStatus(consecutive_failures=3, crash_loop_generation=1, next_index=3,
+                            last_failure_time=times.rfc3339(T0 - 1000))
+    p = plan([pod(2, "Succeeded")], looping, singleExecution=True, worker={"backoffLimit": 3})
+    assert p.workers.crash_loop_generation is None and p.create == (3,)
+
+
+def test_pods_of_an_older_spec_failing_do_not_crash_loop_the_new_one():
+    # The spec fixed (generation 2) while three pods of the broken one still run: their failures
+    # are counted and reported, but neither back off nor stop the new spec's workers.
+    status = WorkersStatus(consecutive_failures=2, next_index=3, last_failure_time=times.rfc3339(T0 - 1000))
+    old = [pod(i, "Failed", exit_code=1, generation=1) for i in range(3)]
+    p = plan(old, status, generation=2, singleExecution=True, replicas=3, worker={"backoffLimit": 3})
+    assert p.workers.failed == 3 and p.workers.consecutive_failures == 2
+    assert p.workers.crash_loop_generation is None and p.create == (3, 4, 5)
+    now = plan([pod(3, "Failed", exit_code=1, generation=2)], p.workers, generation=2, singleExecution=True,
+               replicas=3, worker={"backoffLimit": 3})
+    assert now.workers.consecutive_failures == 3 and now.workers.crash_loop_generation == 2  # its own count
+
+
+def test_pod_generation_is_read_from_its_annotation():
+    body = {"metadata": {"name": "q1-w0", "annotations": {workers.GENERATION_ANNOTATION: "4"}}, "status": {}}
+    assert Pod.from_body(body).generation == 4
+    assert Pod.from_body({"metadata": {"name": "q1-w0"}}).generation is None
+
+
+def test_a_refusal_is_no_longer_shown_once_no_pod_is_wanted():
+    refused = WorkersStatus(desired=3, next_index=3, last_error="pods is forbidden: exceeded quota")
+    assert plan([pod(0), pod(1)], refused, singleExecution=True, replicas=3).workers.last_error is not None
+    assert plan([pod(0), pod(1)], refused, singleExecution=True, replicas=2).workers.last_error is None
+
+
 def test_evicted_pod_is_replaced_at_once_without_counting_a_failure():
     p = plan([pod(0, "Failed", reason="Evicted")], singleExecution=True)
     assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0

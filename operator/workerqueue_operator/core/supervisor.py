@@ -468,7 +468,7 @@ class Supervisor:
                     waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
             # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
             # server's statistic, as `temporal task-queue describe` would.
-            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy)
+            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, read_at=self._clock())
             probe.reachable, probe.reason = True, "Reachable"
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
@@ -490,9 +490,11 @@ class Supervisor:
         else:
             probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
         self._at(key, probe, time.monotonic() + probe.interval)
-        if scaling and self._demand.get(key) != demand:
-            self._demand[key] = demand
-            self._queue.add(key)
+        if scaling:
+            before = self._demand.get(key)
+            self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
+            if before is None or before != demand or not before.fresh(self._clock()):
+                self._queue.add(key)
         try:
             await self._show(key, probe, running=True)
         finally:

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from workerqueue_operator.core import queues
@@ -145,6 +145,8 @@ class Pod:
     stuck: str = ""
     """Why it is Pending and will stay so (one of STUCK_REASONS), "" if it is not."""
     stuck_message: str = ""
+    generation: int | None = None
+    """The queue's generation it was made for (None: unknown)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -158,6 +160,7 @@ class Pod:
                 reason = reason or terminated.get("reason") or ""
         phase = status.get("phase") or ""
         stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
+        generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
         return cls(
             name=meta["name"],
             phase=phase,
@@ -167,6 +170,7 @@ class Pod:
             exit_code=exit_code,
             stuck=stuck,
             stuck_message=stuck_message,
+            generation=int(generation) if generation.isdigit() else None,
         )
 
     @property
@@ -195,6 +199,10 @@ class Event:
     warning: bool = False
 
 
+DEMAND_STALE_SECONDS = 30.0
+"""Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
+
+
 @dataclass(frozen=True)
 class Demand:
     """The work of a scaling queue, as Temporal last told it."""
@@ -204,6 +212,14 @@ class Demand:
     count stays as it was."""
     busy: frozenset[str] = frozenset()
     """Hostnames (see pod_hostname) of the pods whose worker holds a running execution."""
+    read_at: float | None = field(default=None, compare=False)
+    """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
+
+    def fresh(self, now: float) -> bool:
+        """Whether the reading may still be acted on: one older than DEMAND_STALE_SECONDS (Temporal not
+        read since: a Secret of the queue went missing, the replica was a standby, scaling was off)
+        could make a worker that has taken a workflow since look idle, and delete it."""
+        return self.read_at is None or now - self.read_at <= DEMAND_STALE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -269,15 +285,17 @@ def plan(
         counted.append(pod.name)
         if pod.phase == "Succeeded":
             w.succeeded += 1
-            w.consecutive_failures = 0
+            w.consecutive_failures, w.crash_loop_generation = 0, None  # a worker that works ends a crash loop
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         elif pod.reason in DISPLACED_REASONS:
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
             w.failed += 1
-            w.consecutive_failures += 1
-            w.last_failure_time = times.rfc3339(now)
+            if pod.generation is None or pod.generation >= queue.generation:
+                # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
+                w.consecutive_failures += 1
+                w.last_failure_time = times.rfc3339(now)
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
@@ -294,10 +312,13 @@ def plan(
                         warning=True) for p in alive if p.stuck and p.name not in was_stuck)
     cap = s.max_workers if s.max_workers is not None else s.replicas
     scale_down: list[str] = []
+    if s.scaling is None:
+        w.surplus_since = None  # a grace begun before scaling was turned off is no grace when it is back
     if not manages_pods(s):
         w.desired = 0
     elif s.scaling is not None:
-        scale_down = _scale(s, alive, previous, w, demand or Demand(None), now, settings, events, requeue)
+        known = demand if demand is not None and demand.fresh(now) else Demand(None)
+        scale_down = _scale(s, alive, previous, w, known, now, settings, events, requeue)
     elif s.ephemeral:
         completions = 1 if s.single_execution else s.replicas
         w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
@@ -315,7 +336,9 @@ def plan(
                 requeue.append(deadline - now)
         # A scaling queue has finished once it did some work and none is left.
         done = w.succeeded > 0 if s.scaling is not None else True
-        if w.desired == 0 and not alive and done and delete_queue is None:
+        if w.desired > 0 or alive:
+            w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
+        elif done and delete_queue is None:
             if w.finished_time is None:
                 w.finished_time = times.rfc3339(now)
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
@@ -327,6 +350,8 @@ def plan(
 
     create: tuple[int, ...] = ()
     missing = w.desired - len(alive)
+    if missing <= 0:
+        w.last_error = None  # nothing to create: a pod refused earlier is no longer wanted
     crash_looping = w.consecutive_failures > 0 and w.consecutive_failures >= s.worker.backoff_limit
     if crash_looping and manages_pods(s):
         if w.crash_loop_generation is None:
