@@ -125,8 +125,9 @@ def test_a_refusal_is_no_longer_shown_once_no_pod_is_wanted():
     assert plan([pod(0), pod(1)], refused, singleExecution=True, replicas=2).workers.last_error is None
 
 
-def test_evicted_pod_is_replaced_at_once_without_counting_a_failure():
-    p = plan([pod(0, "Failed", reason="Evicted")], singleExecution=True)
+@pytest.mark.parametrize("reason", ["Evicted", "OutOfcpu", "OutOfpods", "NodeAffinity"])
+def test_evicted_or_unadmitted_pod_is_replaced_at_once_without_counting_a_failure(reason: str):
+    p = plan([pod(0, "Failed", reason=reason)], singleExecution=True)
     assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0
 
 

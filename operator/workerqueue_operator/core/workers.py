@@ -34,8 +34,15 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
 """The container of a default worker pod (one without its queue's own template) that runs the worker."""
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
-# Pods that someone else took away (not the worker's fault): replaced at once, never a failure.
-DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError")
+# Pods that someone else took away (not the worker's fault): replaced at once, never a failure. So
+# are pods the kubelet refused to admit (the scheduler's view of the node was behind): "OutOfcpu",
+# "OutOfmemory", "OutOfpods" and the like, "NodeAffinity".
+DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "NodeLost", "UnexpectedAdmissionError",
+                     "NodeAffinity")
+
+
+def displaced(reason: str) -> bool:
+    return reason in DISPLACED_REASONS or reason.startswith("OutOf")
 # Why a Pending pod does not start, for the reasons that last until someone changes something (the
 # image, a Secret, the cluster): a new pod would wait the same, so it is reported, not replaced.
 STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
@@ -287,7 +294,7 @@ def plan(
             w.succeeded += 1
             w.consecutive_failures, w.crash_loop_generation = 0, None  # a worker that works ends a crash loop
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
-        elif pod.reason in DISPLACED_REASONS:
+        elif displaced(pod.reason):
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
