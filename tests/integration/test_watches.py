@@ -11,11 +11,13 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import kubernetes
 import pytest
 import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from tests.integration.test_start import service_account_token
 from tests.proxy import Proxy
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import informer
@@ -165,6 +167,33 @@ async def test_a_watch_whose_connection_goes_silent_is_watched_again(
         await until(lambda: "after" in seen, seconds=20)
     assert "after" in seen
     assert watch.idle_restarts >= 1
+
+
+async def test_a_watch_refused_after_every_good_list_backs_off_and_stays_down(kubeconfig: Path, kube: Kube,
+                                                                               namespace: str):
+    """RBAC that lets list but not watch (or a 429 on every watch): each list succeeds, each watch
+    fails at once. That is no recovery: the back-off grows and the informer stays down (unready)."""
+    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
+        metadata=k8s.V1ObjectMeta(name="list-only"),
+        rules=[k8s.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list"])]))
+    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+        metadata=k8s.V1ObjectMeta(name="list-only"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="list-only"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="lister", namespace=namespace)]))
+    admin = client_.load_configuration(str(kubeconfig))
+    configuration = kubernetes.client.Configuration(
+        host=admin.host, api_key={"authorization": service_account_token(kube, namespace, "lister")},
+        api_key_prefix={"authorization": "Bearer"})
+    configuration.ssl_ca_cert = admin.ssl_ca_cert
+    client = client_.KubeClient(configuration)
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/configmaps", on_upsert=lambda _: None,
+                              on_delete=lambda *_: None, name="configmaps")
+    async with running(watch, client):
+        await until(lambda: watch.failures >= 3, seconds=10)  # refused after 0 s, 0.5 s, 1.5 s
+        await asyncio.sleep(1)
+        assert watch.synced.is_set()  # its lists succeed
+        assert watch.failures <= 4  # the next one waits 4 s (at 0.5 s a time: 7 by now)
+        assert watch.down_for() >= 2.5  # since the first failure: no list reset it
 
 
 async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,

@@ -3,11 +3,15 @@
 After every (re)list the consumer gets the full set, so objects deleted while the watch was down
 are reported as deleted too. `synced` is set after the first complete list.
 
-A watch never dies quietly: whatever breaks it (the API server, the network, an event too large) is
-logged in one line with its cause, counted in `failures`, and the informer relists after a back-off;
-`down_since` says since when it has been failing, for readiness. A callback that fails on one object
-fails for that object only (logged with its traceback, counted in `callback_failures`): relisting
-would meet the same object again, and every object after it would go unseen, in every namespace.
+A watch never dies quietly: whatever breaks it (the API server, the network, an event too large, an
+ERROR event other than 410) is logged in one line with its cause, counted in `failures`, and the
+informer relists after a back-off; `down_since` says since when it has been failing, for readiness.
+A successful list alone is no recovery: only a watch that has run for STABLE_SECONDS resets the
+back-off and `down_since`, so a watch refused after every good list (429, RBAC without `watch`)
+backs off and turns the replica unready rather than relisting twice a second for ever.
+A callback that fails on one object fails for that object only (logged with its traceback, counted
+in `callback_failures`): relisting would meet the same object again, and every object after it
+would go unseen, in every namespace.
 A watch that has received nothing, not even the API server's bookmark a minute, for `idle_seconds`
 is watched again from where it was (no relist, no failure): its connection may have died unheard.
 """
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_SECONDS = 70.0
 """Past the API server's bookmark a minute: a watch silent that long has lost its connection."""
+STABLE_SECONDS = 2.0
+"""A watch open this long without failing works: the informer is healthy again."""
 
 ObjectKey = tuple[str, str]
 OnUpsert = Callable[[dict[str, Any]], None]
@@ -74,25 +80,21 @@ class Informer:
         self.idle_restarts = 0
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
         self.down_since: float | None = None
-        """`clock()` of the first failure since the last successful list; None while healthy."""
+        """`clock()` of the first failure since a watch last worked (STABLE_SECONDS); None while healthy."""
+        self._backoff = 0.5
 
     def down_for(self) -> float:
         """Seconds the informer has been failing without a successful list since; 0 when healthy."""
         return 0.0 if self.down_since is None else self._clock() - self.down_since
 
     async def run(self) -> None:
-        backoff = 0.5
         while True:
             try:
                 version: str | None = await self._relist()
-                if self.down_since is not None:
-                    logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
-                    self.down_since = None
                 if not self.synced.is_set():
                     self.synced.set()
                     if self._on_synced is not None:
                         self._on_synced()
-                backoff = 0.5
                 while version is not None:
                     version = await self._watch(version)
             except asyncio.CancelledError:
@@ -102,9 +104,15 @@ class Informer:
                 if self.down_since is None:
                     self.down_since = self._clock()
                 logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
-                               str(exc)[:300] or "no message", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                               str(exc)[:300] or "no message", self._backoff)
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 30.0)
+
+    def _working(self) -> None:
+        self._backoff = 0.5
+        if self.down_since is not None:
+            logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
+            self.down_since = None
 
     def _deliver(self, key: ObjectKey, callback: Callable[..., None], *args: Any) -> None:
         try:
@@ -140,6 +148,7 @@ class Informer:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self._watch_seconds),
         }
+        working = asyncio.get_running_loop().call_later(STABLE_SECONDS, self._working)
         try:
             # Closed on the spot however the loop ends (a return, an error, a cancel): left to the
             # collector, the watch's connection would stay open until it ran.
@@ -148,9 +157,11 @@ class Informer:
                 async for event in events:
                     kind, obj = event.get("type"), event.get("object", {})
                     if kind == "ERROR":
-                        # 410 Gone: the version is too old; anything else: start over as well.
-                        logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
-                        return None
+                        if obj.get("code") == 410:  # Gone: the version is too old, list again
+                            logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
+                            return None
+                        raise client_.ApiError(int(obj.get("code") or 500), str(obj.get("reason", "")),
+                                               str(obj.get("message", ""))[:500])
                     version = obj.get("metadata", {}).get("resourceVersion", version)
                     if kind == "BOOKMARK":
                         continue
@@ -168,4 +179,6 @@ class Informer:
         except client_.WatchIdle as exc:
             self.idle_restarts += 1
             logger.info("watch %s: %s; watching again", self.name, exc)
+        finally:
+            working.cancel()
         return version
