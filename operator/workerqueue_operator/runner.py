@@ -105,6 +105,10 @@ class Feed:
             logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"),
                            str(exc).splitlines()[0])
             return
+        if previous is not None and previous.uid != queue.uid:
+            # Made again under the same name, its deletion unseen (a relist): nothing the supervisor
+            # knew of the old one (a refused create's back-off, a Temporal reading) is this one's.
+            self._supervisor.queue_deleted(queue.key)
         missing = self._store.upsert_queue(queue)
         if missing and self.secrets_listed:
             self._reconciler.fetch_secrets(missing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -12,7 +13,14 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
+from workerqueue_operator.core import queues
+from workerqueue_operator.core.activity import Activity
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.reconciler import Reconciler
+from workerqueue_operator.core.store import Store
 from workerqueue_operator.devcluster.controlplane import ControlPlane
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -289,6 +297,39 @@ def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its
     time.sleep(2)  # the collector at work again: it must find nothing of the new queue's to delete
     assert kube.core.read_namespaced_secret("again-worker-token", namespace).metadata.uid == secret.metadata.uid
     assert operator.start_worker(spec["queueId"], new_token).status == 200
+
+
+async def test_a_queue_made_again_before_the_status_writer_saw_it_go_gets_a_status_of_its_own(
+    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Deleted and made again under the same name and spec (`kubectl replace --force`), both events
+    in before the status writer's next pass (a backlog, a relist): what it wrote to the old queue is
+    not the new one's status. The writer runs here in-process on the real API server, so that the
+    order is exactly that one."""
+    kube.put_secret(namespace, "twice-token", token="t")
+    spec = {"queueId": f"twice-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
+            "auth": {"tokenSecretRefs": [{"name": "twice-token", "key": "token"}]}}
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    store = Store(settings=Settings())
+    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client),
+                        activity=Activity(identity="test", priority=0))
+    key = (namespace, "twice")
+    try:
+        with operator.paused():  # the session's operator would write the status itself
+            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twice", **spec)))
+            store.fill_secret((namespace, "twice-token"), {"token": "t"})
+            await writer.reconcile(key)
+            assert (kube.condition(namespace, "twice", "Ready") or {}).get("status") == "True"
+            kube.delete_queue(namespace, "twice")
+            store.remove_queue(key)
+            wait_for(lambda: not kube.custom.list_namespaced_custom_object(
+                "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
+            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twice", **spec)))
+            store.fill_secret((namespace, "twice-token"), {"token": "t"})  # read again, as for any new user of it
+            await writer.reconcile(key)
+            assert (kube.condition(namespace, "twice", "Ready") or {}).get("status") == "True"
+    finally:
+        await client.close()
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):

@@ -13,7 +13,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.core import queues, workers
@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 FOREIGN_CONDITIONS = ("TemporalReachable",)
 """Conditions another component writes (core/supervisor.py)."""
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
+
+
+def _own(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A status without the conditions another component writes (they move on their own)."""
+    conditions = [c for c in status.get("conditions") or [] if c.get("type") not in FOREIGN_CONDITIONS]
+    return {**status, "conditions": conditions}
 
 
 def queue_ref_body(queue: QueueObject) -> dict[str, Any]:
@@ -81,7 +87,8 @@ class Reconciler:
         self._resync_seconds = resync_seconds
         self._now = now
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
-        self._written: dict[QueueKey, dict[str, Any]] = {}
+        self._written: dict[QueueKey, tuple[str, dict[str, Any]]] = {}
+        """The status last written per queue, with the uid of the queue it was written to."""
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
@@ -172,8 +179,10 @@ class Reconciler:
 
         # What we wrote last is newer than what the watch may have delivered so far; once the watch
         # has caught up, it is forgotten (10,000 copies of every status add up).
-        written = self._written.get(key)
-        if written is not None and not status_.differs(written, queue.status):
+        # Kept by name, it is this queue's only if the uid matches: a queue deleted and made again
+        # under the same name (both events in before a pass here, or across a relist) has no status.
+        uid, written = self._written.get(key, ("", None))
+        if written is not None and (uid != queue.uid or not status_.differs(_own(written), _own(queue.status))):
             del self._written[key]
             written = None
         current = {**queue.status, **(written or {})}
@@ -188,7 +197,7 @@ class Reconciler:
         if not await resources.patch_queue_status(self._client, queue.namespace, queue.name, desired):
             self._written.pop(key, None)
             return
-        self._written[key] = desired
+        self._written[key] = (queue.uid, desired)
         self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:
