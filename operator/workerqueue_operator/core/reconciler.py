@@ -29,6 +29,8 @@ from workerqueue_operator.k8s import resources
 
 logger = logging.getLogger(__name__)
 
+FETCH_BACKOFF_MAX_SECONDS = 30.0
+"""A Secret that cannot be read is read again after 1 s, doubling up to this."""
 FOREIGN_CONDITIONS = ("TemporalReachable",)
 """Conditions another component writes (core/supervisor.py)."""
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
@@ -114,10 +116,13 @@ class Reconciler:
         """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with
         `refresh`, Secrets no watch covers, so that their rotation is seen too."""
         for name in names - self._fetching:
-            self._fetching.add(name)
-            task = asyncio.create_task(self._fetch(name, refresh=refresh))
-            self._fetches.add(task)
-            task.add_done_callback(self._fetches.discard)
+            self._spawn_fetch(name, refresh=refresh, wait=1.0)
+
+    def _spawn_fetch(self, name: SecretName, *, refresh: bool, wait: float) -> None:
+        self._fetching.add(name)
+        task = asyncio.create_task(self._fetch(name, refresh=refresh, wait=wait))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
 
     async def run(self) -> None:
         resync = asyncio.create_task(self._resync())
@@ -141,14 +146,16 @@ class Reconciler:
             self.fetch_secrets({n for n in used if (self._watched and n[0] not in self._watched)
                                 or n in self._unwatched}, refresh=True)
 
-    async def _fetch(self, name: SecretName, *, refresh: bool = False) -> None:
+    async def _fetch(self, name: SecretName, *, refresh: bool, wait: float) -> None:
         try:
             body = await resources.read_secret(self._client, *name)
         except client_.ERRORS as exc:
-            logger.warning("reading secret %s/%s failed: %s", name[0], name[1], exc)
-            await asyncio.sleep(1)
+            # Again after a back-off (a 403 may last: a Role short of a Secret), while a queue uses it.
+            logger.warning("reading secret %s/%s failed, again in %gs: %s", name[0], name[1], wait, exc)
+            await asyncio.sleep(wait)
             self._fetching.discard(name)
-            self.fetch_secrets({name}, refresh=refresh)
+            if self._store.is_used(name):
+                self._spawn_fetch(name, refresh=refresh, wait=min(wait * 2, FETCH_BACKOFF_MAX_SECONDS))
             return
         self._fetching.discard(name)
         if body is not None and body.get("type") in self._ignored_types:

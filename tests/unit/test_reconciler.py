@@ -1,0 +1,65 @@
+"""The status writer's reads of Secrets no watch brings, against an API server that cannot be reached
+(a port nobody listens on): how often it tries again, and for how long."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import kubernetes
+import pytest
+
+from tests.unit.factories import queue
+from workerqueue_operator.core import reconciler
+from workerqueue_operator.core.activity import Activity
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models.settings import Settings
+
+KEY = {"name": "tk", "key": "k"}
+
+
+@contextlib.contextmanager
+def unreachable() -> Iterator[client_.KubeClient]:
+    with socket.socket() as unused:  # bound, never listening: every connection is refused
+        unused.bind(("127.0.0.1", 0))
+        yield client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
+
+
+def tries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The waits announced by each failed read of team-a/tk."""
+    return [r.getMessage().partition("again in ")[2].split(":")[0] for r in caplog.records
+            if r.getMessage().startswith("reading secret team-a/tk failed")]
+
+
+async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger=reconciler.__name__)
+    with unreachable() as kube:
+        store = Store(settings=Settings())
+        store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
+        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
+                                       activity=Activity(identity="test", priority=0))
+        writer.fetch_secrets({("team-a", "tk")})
+        await asyncio.sleep(3.5)  # read at 0, 1 and 3 s (every second: 4 reads)
+        assert tries(caplog) == ["1s", "2s", "4s"]
+        await kube.close()
+
+
+async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger=reconciler.__name__)
+    with unreachable() as kube:
+        store = Store(settings=Settings())
+        q = queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY})
+        store.upsert_queue(q)
+        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
+                                       activity=Activity(identity="test", priority=0))
+        writer.fetch_secrets({("team-a", "tk")})
+        await asyncio.sleep(0.5)
+        store.remove_queue(q.key)
+        await asyncio.sleep(2)
+        assert tries(caplog) == ["1s"]
+        await kube.close()
