@@ -148,8 +148,9 @@ class Supervisor:
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
         # Queues that have or may have workers; the others (workers run elsewhere) cost nothing here.
         self._tracked: set[QueueKey] = set()
-        # status.workers as last written: newer than what the watch may have delivered so far.
-        self._written: dict[tuple[str, str, str], spec_.WorkersStatus] = {}
+        # status.workers as last written, with the uid of the queue it was written to: newer than what
+        # the watch may have delivered so far. Kept by name, so that forgetting a queue is one lookup.
+        self._written: dict[QueueKey, tuple[str, spec_.WorkersStatus]] = {}
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         self._refused: dict[QueueKey, Refusal] = {}
@@ -168,7 +169,7 @@ class Supervisor:
             self._at(key, self._probes.setdefault(key, _Probe(generation=queue.generation)), 0.0)
         if key not in self._tracked:
             if not (workers.manages_pods(queue.spec) or workers.has_pod_history(queue.status.get("workers"))
-                    or (queue.namespace, queue.name, queue.uid) in self._written):
+                    or self._written_status(queue) is not None):
                 return  # a queue whose workers run elsewhere, and always did: nothing to look at
             self._tracked.add(key)
         self._queue.add(key)
@@ -180,8 +181,7 @@ class Supervisor:
         self._probes.pop(key, None)
         self._demand.pop(key, None)
         self._alive.pop(key, None)
-        for written in [w for w in self._written if w[:2] == key]:
-            del self._written[written]
+        self._written.pop(key, None)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
         key = owner_key(body)
@@ -230,7 +230,6 @@ class Supervisor:
         queue = self._store.queue(key)
         if queue is None or queue.deleting:
             return  # deleting a queue deletes its pods: the garbage collector owns that
-        written_key = (queue.namespace, queue.name, queue.uid)
         pods = await self._list_pods(queue)
         if not self._activity.is_active():
             return  # paused while listing
@@ -238,10 +237,10 @@ class Supervisor:
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
-        previous_index = (self._written.get(written_key) or spec_.WorkersStatus.model_validate(
+        previous_index = (self._written_status(queue) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})).next_index
         await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous_index)
-        previous = self._written.get(written_key) or spec_.WorkersStatus.model_validate(
+        previous = self._written_status(queue) or spec_.WorkersStatus.model_validate(
             queue.status.get("workers") or {})
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
@@ -300,7 +299,11 @@ class Supervisor:
         # `live` is the registry's to write: a copy here would be stale.
         payload = status.model_dump(by_alias=True, mode="json", exclude={"live"})
         if await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": payload}):
-            self._written[(queue.namespace, queue.name, queue.uid)] = status
+            self._written[queue.key] = (queue.uid, status)
+
+    def _written_status(self, queue: QueueObject) -> spec_.WorkersStatus | None:
+        written = self._written.get(queue.key)
+        return written[1] if written is not None and written[0] == queue.uid else None
 
     async def _create_pods(self, queue: QueueObject, indices: tuple[int, ...]) -> str | None:
         """Creates the pods; returns the API server's reason when it refuses the pod itself."""
