@@ -83,6 +83,21 @@ def test_target_url_keeps_the_path_and_query_as_sent(base: str, raw: str, expect
     assert str(passthrough.target_url(base, raw)) == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("/api/v1/executions/e1?x=1", True),
+    ("/api/v1/a%2Fb?next=../..", True),  # a query is no path
+    ("/api/v1/x..y/z.", True),
+    ("evil://x/api/v1/executions/e1", False),  # absolute-form: appended whole, it would change the host
+    ("http://cp.example/api/v1/x", False),
+    ("//other.example/api/v1/x", False),
+    ("/api/v1/../../admin", False),
+    ("/api/v1/%2e%2e/%2E%2E/admin", False),
+    ("/api/v1/./x", False),
+])
+def test_only_a_path_without_dot_segments_is_passed_through(raw: str, expected: bool):
+    assert passthrough.stays_under(raw) is expected
+
+
 # --- against the stand-in upstream ---------------------------------------------------------------
 
 @pytest.fixture
@@ -298,6 +313,17 @@ async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):
     assert r.status == 502 and await r.json() == {"detail": "The upstream control plane cannot be reached"}
     text = await (await client.get("/metrics")).text()
     assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="unreachable"}} 1' in text
+
+
+async def test_an_absolute_form_target_is_400_and_goes_nowhere(hub: tuple[Store, TestClient]):
+    _, client = hub
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET evil://x/api/v1/executions/e1 HTTP/1.1\r\nHost: operator\r\n"
+                 b"Authorization: Bearer tok-a\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"must be a path under /api/v1/" in answer
+    assert ORG_KEY.encode() not in answer
 
 
 async def test_upstream_status_and_metrics(hub: tuple[Store, TestClient], upstream: TestServer):

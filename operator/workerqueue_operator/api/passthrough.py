@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -101,6 +102,19 @@ def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) 
     return out
 
 
+def stays_under(raw_path: str) -> bool:
+    """Whether a request target can only name a path under the upstream's base URL and /api/v1/.
+
+    Its path is appended to the base as sent, so it must be a path: an absolute-form target
+    (`GET http://x/api/v1/... HTTP/1.1`, routed by aiohttp on its path) would be appended whole
+    and change the host the organization's key goes to. Nor may it hold dot-segments, plain or
+    percent-encoded: an upstream or ingress that resolves them would serve what lies outside."""
+    path = raw_path.partition("?")[0]
+    if not path.startswith("/") or path.startswith("//"):
+        return False
+    return not any(unquote(segment) in (".", "..") for segment in path.split("/"))
+
+
 def target_url(base: str, raw_path: str) -> URL:
     """The upstream URL of a request: the base URL's path, then the worker's path and query as sent
     (percent-encoding kept byte for byte)."""
@@ -174,6 +188,8 @@ class Passthrough:
             self._session = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not stays_under(request.raw_path):
+            return errors.detail(400, "The request target must be a path under /api/v1/")
         route = self._route(request)
         if isinstance(route, web.Response):
             return route
