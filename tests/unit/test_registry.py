@@ -468,6 +468,46 @@ def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a
     assert slow.duration == 75.0
 
 
+def test_time_the_operator_was_away_is_no_pace_of_the_workers():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [5000.0]  # the operator restarted at 5000; the worker's last heartbeat was at 3000, every 60 s
+    q = queue(uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    body = leases.lease_body(make_worker(worker_id="w", lease="q1-w", slot=None, pod=None, registered_at=2000.0,
+                                         renewed_at=3000.0, duration=150.0), queue_name=q.name)
+    reg.lease_upserted(body)
+    worker = reg.get("w")
+    assert worker is not None and worker.duration == 150.0
+    now[0] = 5010.0
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150.0  # not 2.5 x the 2,010 s since its last heartbeat
+    now[0] = 5070.0
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150.0  # its own 60 s again
+
+
+def test_a_worker_whose_slot_was_taken_over_may_come_back_for_a_slot():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    q = queue(maxWorkers=1, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: 1100.0)
+    reg.lease_upserted(leases.lease_body(make_worker(worker_id="w1", pod=None), queue_name=q.name))
+    assert reg.get("w1", expired=True) is not None
+    # Another replica gave the slot of w1, expired there, to w2: w1 was cut off, not gone for good.
+    reg.lease_upserted(leases.lease_body(make_worker(worker_id="w2", pod=None, renewed_at=1090.0), queue_name=q.name))
+    assert reg.get("w1", expired=True) is None
+    assert reg.may_rejoin(q, "w1")  # then answered 409 while the one slot is w2's, and a slot when one is free
+
+
 def test_its_own_lease_read_back_is_no_heartbeat_though_a_microtime_rounds_up():
     import kubernetes
 

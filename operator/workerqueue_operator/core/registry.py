@@ -193,8 +193,9 @@ class Registry:
             if known_id is not None:
                 self._forget(known_id)
             return
-        if known_id is not None and known_id != incoming.worker_id:
-            self._forget(known_id)  # a slot taken over by another worker
+        holder = self._workers.get(known_id) if known_id is not None and known_id != incoming.worker_id else None
+        if holder is not None:
+            self._taken_over(holder)  # a slot taken over by another worker
         mine = self._workers.get(incoming.worker_id)
         if mine is None:
             self._add(incoming)
@@ -377,7 +378,7 @@ class Registry:
                 continue  # somebody else was faster: try the next slot
             worker.stored, worker.dirty, worker.written_at = True, False, self._monotonic()
             if holder is not None:
-                self._forget(holder.worker_id)
+                self._taken_over(holder)
             self._add(worker)
             self._replace_pod_worker(queue.key, pod, keep=worker_id)
             return worker
@@ -386,7 +387,9 @@ class Registry:
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
                   system_info: wire.WorkerSystemInfo | None) -> None:
         now = self._clock()
-        if worker.heard():  # heard of before: the gap shows its pace
+        # Heard of before, and since this replica knew of it: the gap shows its pace. One that began
+        # before (this replica was away, or not started yet) holds that time too, no pace of the worker's.
+        if worker.heard() and worker.renewed_at >= worker.seen_at:
             queue = self._queue_of(worker.queue)
             if queue is not None:
                 gap = now - worker.renewed_at
@@ -406,16 +409,12 @@ class Registry:
         self._mark(worker)
 
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
-        """Ends a registration at once; the Event says why. A failed delete is left to expiry."""
+        """Ends a registration at once; the Event says why. A failed delete is made again later."""
         self._forget(worker.worker_id)
         self._bury(worker, on_purpose=True)
         queue = self._queue_of(worker.queue)
         if worker.stored:
-            try:
-                await self._delete(worker)
-            except client_.ERRORS as exc:
-                logger.warning("deleting the registration of worker %s failed (it expires instead): %s",
-                               worker.worker_id, type(exc).__name__)
+            await self._delete_quietly(worker, "disconnected")
         if queue is not None:
             code = "none" if exit_code is None else str(exit_code)
             self._events.post(involved=_involved(worker, queue.name), reason="WorkerDisconnected",
@@ -545,11 +544,15 @@ class Registry:
         if self._workers.get(worker.worker_id) is worker:
             self._mark(worker)
 
-    async def _delete_quietly(self, worker: Worker, why: str) -> None:
+    async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS) -> None:
         try:
             deleted = await self._delete(worker)
         except client_.ERRORS as exc:
-            logger.warning("deleting the registration of worker %s failed: %s", worker.worker_id, exc)
+            # Made again until it is done: forgotten here, a Lease left behind would expire nowhere,
+            # and a slot it holds (maxWorkers) would stay taken until a relist.
+            logger.warning("deleting the registration of worker %s failed, again in %gs: %s", worker.worker_id,
+                           wait, type(exc).__name__ if not str(exc) else exc)
+            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, min(wait * 2, 60.0))
             return
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
@@ -557,6 +560,10 @@ class Registry:
                 self._events.post(involved=_involved(worker, queue.name), reason="WorkerExpired",
                                   message=f"worker {worker.worker_id} sent no heartbeat for "
                                   f"{worker.duration:.0f}s; its registration ended", warning=True)
+
+    def _delete_again(self, worker: Worker, why: str, wait: float) -> None:
+        if worker.worker_id not in self._workers:  # not registered again meanwhile (a rejoin)
+            self._spawn(self._delete_quietly(worker, why, wait))
 
     # --- API-server calls -------------------------------------------------------------------------
 
@@ -684,6 +691,12 @@ class Registry:
         worker.duration = duration
         if held and shorter:
             self._file_expiry(worker, worker.expires_at())  # due earlier than it is filed under
+
+    def _taken_over(self, holder: Worker) -> None:
+        """Its slot went to another worker, it having expired (or its pod having a new one): ended
+        not on purpose, so that it may come back (to a 409 while every slot is taken, as README says)."""
+        self._forget(holder.worker_id)
+        self._bury(holder, on_purpose=False)
 
     def _bury(self, worker: Worker, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
