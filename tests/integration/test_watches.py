@@ -124,6 +124,39 @@ def test_an_api_server_hanging_up_on_a_write_stops_no_loop(
             own.stop()
 
 
+def test_a_slot_whose_lease_delete_failed_is_freed_once_the_api_server_answers(
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
+    operator: OperatorProcess,
+):
+    """A worker of a maxWorkers queue says goodbye while the API server cannot be reached: its slot's
+    Lease is deleted once it can, and the slot is another worker's (it stayed taken until a relist
+    and 150 s of expiry: the record was forgotten, the Lease left behind)."""
+    config, proxy = proxied_kubeconfig
+    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace})
+    queue_id = f"capped-{namespace}"
+    with operator.paused():  # the session's operator would write what ours must
+        try:
+            own.start()
+            kube.create_queue(namespace, "capped", queueId=queue_id, temporal=TEMPORAL, maxWorkers=1)
+            kube.wait_condition(namespace, "capped", "True")
+            token = kube.queue_token(namespace, "capped")
+            first = own.start_worker(queue_id, token)
+            assert first.status == 200
+            worker_id = first.json()["worker_id"]
+            assert own.start_worker(queue_id, token).status == 409  # its one slot is taken
+            proxy.cut()
+            bye = own.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
+                           {"reason": "shutdown", "exit_code": 0})
+            assert bye.status == 200
+            failed = f"deleting the registration of worker {worker_id} failed, again in 2s"
+            wait_for(lambda: failed in own.logs(), timeout=15, what=failed)
+            proxy.heal()
+            wait_for(lambda: own.start_worker(queue_id, token).status == 200, timeout=20,
+                     what="the slot free again")
+        finally:
+            own.stop()
+
+
 @contextlib.asynccontextmanager
 async def running(watch: informer.Informer, client: client_.KubeClient) -> AsyncIterator[None]:
     """The informer running for the block; stopped, and its client closed, on any exit."""

@@ -198,6 +198,9 @@ class Registry:
             self._taken_over(holder)  # a slot taken over by another worker
         mine = self._workers.get(incoming.worker_id)
         if mine is None:
+            ended = self._ended.get(incoming.worker_id)
+            if ended is not None and ended.on_purpose:
+                return  # its Lease outlived a delete that failed (a relist brings it): made again, never revived
             self._add(incoming)
             return
         if not mine.stored and not mine.heartbeats_here:
