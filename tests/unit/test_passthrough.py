@@ -283,6 +283,36 @@ async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
     assert 'kind="timeout"} 1' in text and 'code="5xx"} 1' in text
 
 
+async def test_a_worker_that_stalls_mid_body_gets_408_and_holds_nothing(hub: tuple[Store, TestClient]):
+    _, client = hub
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /api/v1/executions/e-1/events HTTP/1.1\r\nHost: operator\r\n"
+                 b"Authorization: Bearer tok-a\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # the idle timeout is 1 s here
+        body = await asyncio.wait_for(reader.read(100), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Request body not received in time" in body
+
+
+async def test_a_worker_that_stops_reading_releases_the_upstream(hub: tuple[Store, TestClient],
+                                                                 upstream: TestServer):
+    _, client = hub
+    path = "/api/v1/executions/e-1/stream?events=400000&gap=0"
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: operator\r\nAuthorization: Bearer tok-a\r\n\r\n".encode())
+    received = upstream.app[standin.RECEIVED]
+    try:
+        for _ in range(200):  # never read: the operator gives up writing after its idle timeout (1 s)
+            if ("GONE", path, None) in received:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+    assert ("GONE", path, None) in received
+
+
 async def test_a_streamed_answer_that_stalls_is_cut_not_completed(hub: tuple[Store, TestClient],
                                                                    upstream: TestServer):
     _, client = hub

@@ -227,15 +227,25 @@ class Passthrough:
         stats = self._metrics.upstream(upstream.origin)
         headers = request_headers(request.headers.items(), authorization=f"{route.scheme} {upstream.api_key}",
                                   remote=request.remote, proto=request.scheme)
-        body = _counted(request.content, stats) if request.body_exists else None
+        idle = self._settings.upstream_idle_timeout_seconds
+        upload = _Upload(request.content, stats, idle) if request.body_exists else None
         started = time.perf_counter()
         try:
-            answer = await self._session.request(
-                request.method, target_url(upstream.url, request.raw_path), headers=headers, data=body,
-                allow_redirects=False,
-                # What the worker did not send, the upstream must not get either (aiohttp adds these).
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+            async with upload.deadline if upload is not None else contextlib.nullcontext():
+                try:
+                    answer = await self._session.request(
+                        request.method, target_url(upstream.url, request.raw_path), headers=headers,
+                        data=upload.chunks() if upload is not None else None, allow_redirects=False,
+                        # What the worker did not send, the upstream must not get either (aiohttp adds these).
+                        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+                finally:
+                    if upload is not None:
+                        upload.held = False  # an answer may come before the whole body is sent
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            if upload is not None and upload.worker_stalled and isinstance(exc, TimeoutError):
+                answer_408 = errors.detail(408, "Request body not received in time")
+                answer_408.force_close()
+                return answer_408
             return self._unanswered(stats, upstream, exc)
         latency = time.perf_counter() - started
         answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
@@ -249,7 +259,9 @@ class Passthrough:
             await response.prepare(request)
             async for chunk in answer.content.iter_any():
                 stats.bytes_received += len(chunk)
-                await response.write(chunk)
+                # A worker that stops reading must not hold the upstream's connection for ever.
+                async with asyncio.timeout(idle):
+                    await response.write(chunk)
             read_whole = True
             await response.write_eof()
         except ConnectionResetError:
@@ -344,11 +356,39 @@ def _done_with(answer: aiohttp.ClientResponse, read_whole: bool) -> None:
         answer.close()
 
 
-async def _counted(content: aiohttp.StreamReader, stats: metrics.UpstreamStats) -> AsyncIterator[bytes]:
-    """The worker's body as it arrives, counted; read only as fast as the upstream takes it."""
-    async for chunk in content.iter_any():
-        stats.bytes_sent += len(chunk)
-        yield chunk
+class _Upload:
+    """The worker's body as it arrives, counted; read only as fast as the upstream takes it. Neither
+    side may stall for longer than `idle`: `deadline` (held around the request) moves on with every
+    chunk read and every chunk sent, and is lifted once the body is all sent (the answer's own
+    timeouts apply then). Else a worker sending 10 of 1,000 bytes, or an upstream taking none, held a
+    pooled connection of that upstream's host for ever, and the other queues' requests waited."""
+
+    def __init__(self, content: aiohttp.StreamReader, stats: metrics.UpstreamStats, idle: float) -> None:
+        self._content = content
+        self._stats = stats
+        self._idle = idle
+        self.deadline = asyncio.timeout(idle)
+        self.held = True
+        """Whether `deadline` still guards the request (only then may it move)."""
+        self.worker_stalled = False
+
+    def _move(self, when: float | None) -> None:
+        if self.held:
+            self.deadline.reschedule(when)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.worker_stalled = True
+            self._move(loop.time() + self._idle)
+            chunk = await self._content.readany()
+            self.worker_stalled = False
+            if not chunk:
+                break
+            self._stats.bytes_sent += len(chunk)
+            self._move(loop.time() + self._idle)
+            yield chunk
+        self._move(None)
 
 
 async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], None]) -> None:
