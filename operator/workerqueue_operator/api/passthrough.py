@@ -243,9 +243,9 @@ class Passthrough:
                         upload.held = False  # an answer may come before the whole body is sent
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             if upload is not None and upload.worker_stalled and isinstance(exc, TimeoutError):
-                answer_408 = errors.detail(408, "Request body not received in time")
-                answer_408.force_close()
-                return answer_408
+                late = errors.detail(408, "Request body not received in time")
+                late.force_close()
+                return late
             return self._unanswered(stats, upstream, exc)
         latency = time.perf_counter() - started
         answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
