@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
+
 import kubernetes
 from aiohttp import web
 
@@ -12,6 +16,14 @@ from workerqueue_operator.core.registry import Bounds, Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models.settings import Settings
+
+
+@contextlib.contextmanager
+def unreachable() -> Iterator[client_.KubeClient]:
+    """A client of an API server nobody answers for: a port bound, never listening (connections refused)."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        yield client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
 
 
 class NoReviews(reviews.Reviewer):

@@ -4,30 +4,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import Iterator
 
-import kubernetes
 import pytest
 
+from tests.unit import apps
 from tests.unit.factories import queue
 from workerqueue_operator.core import reconciler
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models.settings import Settings
 
 KEY = {"name": "tk", "key": "k"}
-
-
-@contextlib.contextmanager
-def unreachable() -> Iterator[client_.KubeClient]:
-    with socket.socket() as unused:  # bound, never listening: every connection is refused
-        unused.bind(("127.0.0.1", 0))
-        yield client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
 
 
 def tries(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -38,7 +27,7 @@ def tries(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
-    with unreachable() as kube:
+    with apps.unreachable() as kube:
         store = Store(settings=Settings())
         store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
         writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
@@ -51,7 +40,7 @@ async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(c
 
 async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
-    with unreachable() as kube:
+    with apps.unreachable() as kube:
         store = Store(settings=Settings())
         q = queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY})
         store.upsert_queue(q)

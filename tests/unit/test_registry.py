@@ -546,16 +546,11 @@ def test_a_worker_never_sees_what_a_pod_of_its_name_took_before_it_was_made():
 
 async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_at_every_tick():
     import asyncio
-    import socket
 
-    import kubernetes
-
+    from tests.unit import apps
     from workerqueue_operator.core.events import EventPoster
-    from workerqueue_operator.k8s import client as client_
 
-    with socket.socket() as unused:  # bound, never listening: every connection is refused
-        unused.bind(("127.0.0.1", 0))
-        kube = client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
+    with apps.unreachable() as kube:
         q = queue("q")
         reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, tick=0.05)
         reg.register(q, "w1")

@@ -195,8 +195,7 @@ class Reconciler:
         current = {**queue.status, **(written or {})}
         # TemporalReachable is the worker supervisor's: always as the watch shows it, never an old copy.
         theirs = [c for c in queue.status.get("conditions") or [] if c.get("type") in FOREIGN_CONDITIONS]
-        current["conditions"] = sorted([c for c in current.get("conditions") or []
-                                        if c.get("type") not in FOREIGN_CONDITIONS] + theirs,
+        current["conditions"] = sorted(_own(current)["conditions"] + theirs,
                                        key=lambda c: str(c.get("type")))
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):

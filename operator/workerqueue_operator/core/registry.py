@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
 RETRY_SECONDS = 2.0
-"""A registration whose write failed is written again this much later."""
+"""A registration whose write failed is written again this much later (a delete: doubling up to
+DELETE_RETRY_MAX_SECONDS)."""
+DELETE_RETRY_MAX_SECONDS = 60.0
 ENDED_KEPT = 10_000
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
@@ -555,7 +557,8 @@ class Registry:
             # and a slot it holds (maxWorkers) would stay taken until a relist.
             logger.warning("deleting the registration of worker %s failed, again in %gs: %s", worker.worker_id,
                            wait, type(exc).__name__ if not str(exc) else exc)
-            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, min(wait * 2, 60.0))
+            later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
+            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, later)
             return
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
