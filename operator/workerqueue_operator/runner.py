@@ -338,6 +338,7 @@ async def run(
         tasks.append(asyncio.create_task(certificate.watch(settings.tls_reload_seconds), name="TLS certificate"))
     if stop_flag is not None:
         tasks.append(asyncio.create_task(_relay(stop_flag, stopping), name="stop flag"))
+    tasks.append(asyncio.create_task(_stand_down(stopping, activity), name="stand-down"))
     for task in tasks:
         task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor)
@@ -356,8 +357,6 @@ async def run(
             memo=kopf.Memo(store=store, client=client, settings=settings),
         )
         if not died:
-            # The cluster is the next replica's now (alone: nobody's until the next one starts).
-            activity.stand_down()
             await _drain(app[keys.DRAIN], settings.http_drain_seconds)
     finally:
         for task in tasks:
@@ -383,6 +382,14 @@ async def _drain(drain: serving.Drain, seconds: float) -> None:
     cut = asyncio.Event()
     with embedded.stop_signals(lambda _: cut.set()), contextlib.suppress(TimeoutError):
         await asyncio.wait_for(cut.wait(), seconds)
+
+
+async def _stand_down(stopping: asyncio.Event, activity: Activity) -> None:
+    """The replica acts no more from the moment it is told to stop: kopf leaves the peering object
+    before it returns, and the next replica acts from then (alone: nobody until the next one starts)."""
+    await stopping.wait()
+    activity.stand_down()
+    await asyncio.Event().wait()  # its own end must not count as a loop that died
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import ROOT, Kube, OperatorProcess, established, http, wait_for
+from tests.integration.conftest import ROOT, Kube, OperatorProcess, established, frozen, http, wait_for
+from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
 PEERING = "wq-peering"
@@ -135,3 +136,17 @@ def test_a_stopping_active_replica_hands_over_at_once_and_serves_on_while_it_dra
 
     os.killpg(leader.process.pid, signal.SIGTERM)  # a second signal: no more draining
     assert leader.process.wait(timeout=30) == 0
+
+
+def test_a_stopping_active_replica_acts_no_more_from_its_signal_on(
+    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str, control_plane: ControlPlane,
+):
+    """kopf leaves the peering object while it stops, before it returns, and the standby acts from
+    then: the stopping replica must act no more from the signal on, or both would for a while. Here
+    kopf's stop is held up by a frozen API server, its last writes waiting on it."""
+    long = {"WQ_PEERING_LIFETIME_SECONDS": "300", "WQ_HTTP_DRAIN_SECONDS": "120"}
+    _, leader = standby_and_leader(replicas, kube, namespace, **long)
+    with frozen(control_plane.pid("kube-apiserver")):
+        os.killpg(leader.process.pid, signal.SIGTERM)
+        wait_for(lambda: not active(leader), timeout=3, what="the stopping replica no longer active")
+        assert http("GET", f"{leader.url}/readyz").status == 200, "kopf is still stopping: no drain yet"

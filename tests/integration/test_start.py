@@ -14,12 +14,15 @@ from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
 from workerqueue_operator.core import queues
+from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
 from workerqueue_operator.models.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -328,6 +331,75 @@ async def test_a_queue_made_again_before_the_status_writer_saw_it_go_gets_a_stat
             store.fill_secret((namespace, "twice-token"), {"token": "t"})  # read again, as for any new user of it
             await writer.reconcile(key)
             assert (kube.condition(namespace, "twice", "Ready") or {}).get("status") == "True"
+    finally:
+        await client.close()
+
+
+async def test_a_status_written_from_an_older_copy_of_the_queue_keeps_what_the_supervisor_wrote_since(
+    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """The conditions are one list in a merge patch: the status writer, working from the copy its
+    watch last brought, must not undo the TemporalReachable the supervisor wrote after that copy.
+    The writer runs in-process on the real API server, its Store fed by hand, so that the watch is
+    behind exactly then."""
+    kube.put_secret(namespace, "late-token", token="t")
+    spec = {"queueId": f"late-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
+            "auth": {"tokenSecretRefs": [{"name": "late-token", "key": "token"}]}}
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    store = Store(settings=Settings())
+    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client),
+                        activity=Activity(identity="test", priority=0))
+    key = (namespace, "late")
+    reachable = {"type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable",
+                 "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}
+    try:
+        with operator.paused():  # the session's operator would write the status itself
+            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "late", **spec)))
+            store.fill_secret((namespace, "late-token"), {"token": "t"})
+            await writer.reconcile(key)
+            assert (kube.condition(namespace, "late") or {}).get("status") == "True"
+            # The supervisor's write, as it makes it (supervisor.py), not seen by the Store.
+            await client.patch(f"{resources.queue_path(namespace, 'late')}/status",
+                               [{"op": "add", "path": "/status/conditions/-", "value": reachable}],
+                               content_type=client_.JSON_PATCH)
+            store.upsert_secret((namespace, "late-token"), None)  # the token Secret deleted: Ready=False
+            await writer.reconcile(key)
+            assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+            # The watch catches up: the status is written over the newer queue.
+            store.refresh_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "late")))
+            await writer.reconcile(key)
+            assert (kube.condition(namespace, "late") or {}).get("reason") == "SecretNotFound"
+            assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+    finally:
+        await client.close()
+
+
+async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_behind(
+    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """A scaling queue is probed every second: a second probe before the watch brought the first
+    one's condition must not add it again (the conditions list is no map to the API server, which
+    would keep both). The supervisor runs in-process on the real API server, its Store fed by hand."""
+    kube.put_secret(namespace, "twin-token", token="t")
+    spec = {"queueId": f"twin-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
+            "auth": {"tokenSecretRefs": [{"name": "twin-token", "key": "token"}]}}
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    store = Store(settings=Settings())
+    activity = Activity(identity="test", priority=0)
+    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client), activity=activity)
+    watcher = Supervisor(store=store, client=client, settings=Settings(), events=EventPoster(client), activity=activity)
+    key = (namespace, "twin")
+    try:
+        with operator.paused():  # the session's operator would write the status itself
+            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twin", **spec)))
+            store.fill_secret((namespace, "twin-token"), {"token": "t"})
+            await writer.reconcile(key)
+            store.refresh_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "twin")))  # Ready, as watched
+            probe = supervisor_._Probe(reachable=False, reason="TemporalUnavailable", message="no answer")
+            await watcher._show(key, probe)
+            await watcher._show(key, probe)  # the watch has not brought the first one
+            conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
+            assert [c["type"] for c in conditions].count("TemporalReachable") == 1
     finally:
         await client.close()
 

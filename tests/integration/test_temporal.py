@@ -101,6 +101,32 @@ async def test_executions_newest_first_with_holders_and_limit(temporal: Temporal
     assert (await eventually(taken)).holder == "7@pod-b"
 
 
+async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
+    temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
+):
+    """A history not read within half the timeout (many new runs at once) leaves the holder unknown:
+    told apart from a run nobody took, so that the pod holding it is not taken for idle."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    await client.start_workflow("AgentExecutionWorkflow", {}, id=f"slow-{uuid.uuid4().hex[:8]}", task_queue=tq)
+    await eventually(lambda: access.executions(endpoint(temporal), tq))  # listed by the visibility store
+    read = Temporal._holder
+
+    async def slow(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.5)  # past half the timeout (2 s)
+        return await read(self, *args, **kwargs)
+
+    fresh = Temporal(timeout=2.0, coalesce=0.0)  # nothing read before, nothing cached
+    try:
+        monkeypatch.setattr(Temporal, "_holder", slow)
+        (late,) = await fresh.executions(endpoint(temporal), tq)
+        assert late.status == "running" and late.holder is None and late.holder_unread
+        monkeypatch.undo()
+        (read_now,) = await fresh.executions(endpoint(temporal), tq)
+        assert read_now.holder is None and not read_now.holder_unread  # nobody took it
+    finally:
+        await fresh.close()
+
+
 async def test_concurrent_listings_are_coalesced(temporal: TemporalServer, monkeypatch: pytest.MonkeyPatch):
     access = Temporal(timeout=2.0)  # the default 1 s coalescing window
     calls = 0

@@ -100,6 +100,16 @@ def test_an_execution_whose_worker_pod_is_gone_keeps_a_worker_and_no_running_pod
     assert gone.workers.desired == 0 and gone.delete == () and gone.workers.surplus_since is not None
 
 
+def test_while_a_running_executions_holder_is_unknown_no_running_pod_is_taken_for_idle():
+    """Temporal did not tell in time who holds a running execution: any running pod may, so none
+    goes, however long the surplus has lasted; a pod not started yet may."""
+    unread = Demand(backlog=0, unread=1)
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
+    assert plan([pod(1), pod(2)], unread, previous, min_idle=1).delete == ()
+    assert plan([pod(1), pod(2, "Pending")], unread, previous, min_idle=1).delete == ("q1-w2",)
+    assert plan([pod(1), pod(2)], Demand(backlog=0), previous, min_idle=1).delete == ("q1-w2",)  # all read: idle
+
+
 def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
     pods = [pod(0), pod(1), pod(2), pod(3)]
     demand = Demand(backlog=0, busy=busy(0))

@@ -130,6 +130,8 @@ class QueueObject:
     status: Mapping[str, Any] = field(default_factory=dict, compare=False)
     deleting: bool = False
     """metadata.deletionTimestamp is set."""
+    resource_version: str = field(default="", compare=False)
+    """metadata.resourceVersion of the body this was made from: the status writer's precondition."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> QueueObject:
@@ -146,6 +148,7 @@ class QueueObject:
             spec=spec_.parse_spec(body.get("spec")),
             status=body.get("status") or {},
             deleting=bool(meta.get("deletionTimestamp")),
+            resource_version=meta.get("resourceVersion") or "",
         )
 
     def same_spec(self, body: Mapping[str, Any]) -> bool:
@@ -157,8 +160,9 @@ class QueueObject:
 
     def with_body(self, body: Mapping[str, Any]) -> QueueObject:
         """This queue with the status and deletion of a newer body of the same spec."""
-        return replace(self, status=body.get("status") or {},
-                       deleting=bool(body.get("metadata", {}).get("deletionTimestamp")))
+        meta = body.get("metadata", {})
+        return replace(self, status=body.get("status") or {}, deleting=bool(meta.get("deletionTimestamp")),
+                       resource_version=meta.get("resourceVersion") or "")
 
     @functools.cached_property
     def key(self) -> QueueKey:

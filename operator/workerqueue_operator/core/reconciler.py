@@ -33,6 +33,9 @@ FETCH_BACKOFF_MAX_SECONDS = 30.0
 """A Secret that cannot be read is read again after 1 s, doubling up to this."""
 FOREIGN_CONDITIONS = ("TemporalReachable",)
 """Conditions another component writes (core/supervisor.py)."""
+CONFLICT_RETRY_SECONDS = 1.0
+"""A status write refused for a newer queue is tried again this much later, if the watch has not
+brought that queue back sooner."""
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
@@ -89,8 +92,9 @@ class Reconciler:
         self._resync_seconds = resync_seconds
         self._now = now
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="status", concurrency=concurrency)
-        self._written: dict[QueueKey, tuple[str, dict[str, Any]]] = {}
-        """The status last written per queue, with the uid of the queue it was written to."""
+        self._written: dict[QueueKey, tuple[str, dict[str, Any], str]] = {}
+        """The status last written per queue, with the uid of the queue it was written to and the
+        resourceVersion the write made."""
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
@@ -188,7 +192,7 @@ class Reconciler:
         # has caught up, it is forgotten (10,000 copies of every status add up).
         # Kept by name, it is this queue's only if the uid matches: a queue deleted and made again
         # under the same name (both events in before a pass here, or across a relist) has no status.
-        uid, written = self._written.get(key, ("", None))
+        uid, written, written_version = self._written.get(key, ("", None, ""))
         if written is not None and (uid != queue.uid or not status_.differs(_own(written), _own(queue.status))):
             del self._written[key]
             written = None
@@ -200,10 +204,24 @@ class Reconciler:
         desired = status_.desired_status(resolution, current, now=self._now())
         if not status_.differs(desired, current):
             return
-        if not await resources.patch_queue_status(self._client, queue.namespace, queue.name, desired):
+        # The conditions are one list: a merge patch of it made from an older copy would undo what
+        # the supervisor wrote since (TemporalReachable). Written only over the version it was made from.
+        try:
+            version = await resources.patch_queue_status(
+                self._client, queue.namespace, queue.name, desired,
+                resource_version=written_version if written is not None else queue.resource_version)
+        except client_.ApiError as exc:
+            if not exc.conflict:
+                raise
+            # Changed since: the watch brings the newer queue, and it back here (a retry, should it not).
+            logger.debug("the status of %s/%s changed meanwhile; written again from the newer one", *key)
+            self._written.pop(key, None)
+            self._queue.add_after(key, CONFLICT_RETRY_SECONDS)
+            return
+        if version is None:
             self._written.pop(key, None)
             return
-        self._written[key] = (queue.uid, desired)
+        self._written[key] = (queue.uid, desired, version)
         self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:

@@ -460,7 +460,7 @@ class Supervisor:
             async with self._scaling_gate if scaling else self._probe_gate:
                 info = await self._temporal.describe_task_queue(endpoint, task_queue)
                 busy: frozenset[str] = frozenset()
-                waiting = 0
+                waiting = unread = 0
                 if scaling:
                     # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
                     # wait ~5 s for it); the running workflows that no worker has taken yet are known
@@ -468,10 +468,13 @@ class Supervisor:
                     found = await self._temporal.executions(endpoint, task_queue, limit=1000, running=True)
                     busy = frozenset(e.holder.split("@", 1)[1] for e in found
                                      if e.status == "running" and e.holder and "@" in e.holder)
-                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
+                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None
+                                  and not e.holder_unread)
+                    unread = sum(1 for e in found if e.status == "running" and e.holder_unread)
             # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
             # server's statistic, as `temporal task-queue describe` would.
-            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, read_at=self._clock())
+            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, unread=unread,
+                                    read_at=self._clock())
             probe.reachable, probe.reason = True, "Reachable"
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
@@ -523,7 +526,10 @@ class Supervisor:
                     [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
                     message=probe.message, generation=generation, now=resources.now_rfc3339())[0]
                 if index is None:
-                    ops.append({"op": "add", "path": "/status/conditions/-", "value": condition})
+                    # Only onto the list as seen here: a second probe before the watch brings the first
+                    # add would otherwise add it twice (the list is not a map to the API server).
+                    ops += [{"op": "test", "path": "/status/conditions", "value": conditions},
+                            {"op": "add", "path": "/status/conditions/-", "value": condition}]
                 else:
                     # Conditions are written by others too: replace ours only if it is still where it was.
                     ops += [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},

@@ -102,6 +102,8 @@ class Execution:
     started_at: str | None  # a worker took its first workflow task
     completed_at: str | None
     holder: str | None  # Temporal identity ("<pid>@<hostname>") of that worker; None until one took it
+    holder_unread: bool = False
+    """Its history was not read in time this listing: `holder` None says nothing (see Temporal._list)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -326,7 +328,7 @@ class Temporal:
             for read in pending:
                 read.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        holders = [r.result() if not r.cancelled() else _Holder(None, None) for r in reads]
+        holders = [r.result() if not r.cancelled() else None for r in reads]
         return [
             Execution(
                 id=wf.id,
@@ -334,10 +336,11 @@ class Temporal:
                 status=status_of(wf.status),
                 workflow_type=wf.workflow_type,
                 created_at=rfc3339(wf.start_time),
-                started_at=h.started_at,
+                started_at=h.started_at if h is not None else None,
                 completed_at=rfc3339(wf.close_time) if wf.status != WorkflowExecutionStatus.CONTINUED_AS_NEW
                 else None,
-                holder=h.identity,
+                holder=h.identity if h is not None else None,
+                holder_unread=h is None,
             )
             for wf, h in zip(runs, holders, strict=True)
         ]

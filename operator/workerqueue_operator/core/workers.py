@@ -219,6 +219,8 @@ class Demand:
     count stays as it was."""
     busy: frozenset[str] = frozenset()
     """Hostnames (see pod_hostname) of the pods whose worker holds a running execution."""
+    unread: int = 0
+    """Running executions whose holder Temporal did not tell in time: any running pod may hold one."""
     read_at: float | None = field(default=None, compare=False)
     """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
 
@@ -413,8 +415,10 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
             f"busy {len(busy) + orphaned}, "
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
-    idle = [p for p in alive
-            if pod_hostname(p.name) not in demand.busy and not (orphaned and p.phase == "Running")]
+    # While some running execution's holder is unknown (orphaned, or not read in time), no running
+    # pod is idle for sure: only pods that have not started yet may go.
+    unsure = bool(orphaned or demand.unread)
+    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy and not (unsure and p.phase == "Running")]
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []

@@ -54,7 +54,7 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.scanning.disabled = bool(operator_settings.namespaces)
 
     @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg, id="pod-event")
-    def pod_changed(body: kopf.Body, **_: Any) -> None:
+    async def pod_changed(body: kopf.Body, **_: Any) -> None:  # async: kopf runs a plain def in a thread
         supervisor.pod_event(body)
 
     return reg

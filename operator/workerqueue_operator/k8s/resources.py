@@ -117,15 +117,22 @@ async def delete_exact(client: client_.KubeClient, path: str, uid: str) -> None:
             raise
 
 
-async def patch_queue_status(client: client_.KubeClient, namespace: str, name: str, status: dict[str, Any]) -> bool:
-    """Merge-patches the status subresource; False if the queue is gone."""
+async def patch_queue_status(client: client_.KubeClient, namespace: str, name: str, status: dict[str, Any], *,
+                             resource_version: str | None = None) -> str | None:
+    """Merge-patches the status subresource; the resourceVersion written, or None if the queue is gone.
+
+    With `resource_version`, only that version of the queue is patched: any other raises the API's
+    Conflict, so that a status computed from an older copy never undoes a newer write of another's."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
     try:
-        await client.patch(f"{queue_path(namespace, name)}/status", {"status": status})
+        written = await client.patch(f"{queue_path(namespace, name)}/status", body)
     except client_.ApiError as exc:
         if exc.not_found:
-            return False
+            return None
         raise
-    return True
+    return str((written.get("metadata") or {}).get("resourceVersion") or "")
 
 
 async def post_event(
