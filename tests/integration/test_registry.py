@@ -3,6 +3,7 @@ maxWorkers across two replicas, DELETE of a queue."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from pathlib import Path
@@ -13,6 +14,11 @@ from kubernetes import client as k8s
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
 from workerqueue_operator.core import queues
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import times
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -255,3 +261,37 @@ def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, n
                             service_account_token(kube, namespace, "admin"))
     assert allowed.status == 204, allowed.body
     wait_for(lambda: not kube.queue_exists(namespace, "fixed"), what="the queue deleted")
+
+
+async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lease(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """The active replica's sweep finds a worker expired while a heartbeat of it reached the other
+    replica, which wrote it to the Lease (the watch has not brought it here yet): the Lease stays,
+    and the worker is registered again from it. Deleting it would end a live worker, and the other
+    replica, seeing its fresh Lease deleted, would take that for a disconnect and refuse it for good.
+    The registry runs in-process on the real API server, its clock and its watch by hand."""
+    body = kube.create_queue(namespace, "kept", queueId=f"kept-{namespace}", temporal=TEMPORAL)
+    queue = queues.QueueObject.from_body(body)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    now = [time.time()]
+    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None,
+                   clock=lambda: now[0])
+    try:
+        worker = reg.rejoin(queue, "w-kept")  # as a heartbeat registers one: written at once
+        assert worker is not None
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        await asyncio.sleep(0.2)  # the writer's bucket fills
+        reg._flush()
+        await asyncio.gather(*reg._writes)
+        renewed = times.micro_rfc3339(now[0] + 20)  # the other replica's write of a later heartbeat
+        kube.coordination.patch_namespaced_lease(worker.lease, namespace, {"spec": {"renewTime": renewed}})
+        now[0] += worker.duration + 1
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes)
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
+        assert lease["spec"]["renewTime"] == renewed
+        reg.lease_upserted(lease)  # the watch brings it
+        assert reg.get("w-kept") is not None
+    finally:
+        await client.close()

@@ -378,6 +378,37 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert list(reg._ended) == ["seen-to-expire", "newer"]
 
 
+def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
+    """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
+    expired by its renew time: the worker may come back at its next heartbeat. A Lease deleted while
+    fresh was ended on purpose (a disconnect there): a late heartbeat does not bring it back."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
+                            active=lambda: False)
+    for name in ("cut-off", "said-goodbye"):
+        held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=now[0], duration=25.0)
+        reg.lease_upserted(leases.lease_body(held, queue_name=q.name))
+    now[0] += 25.3
+    cut_off = reg.get("cut-off", expired=True)
+    assert cut_off is not None
+    reg.heartbeat(cut_off, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    expired_lease = leases.lease_body(make_worker(worker_id="cut-off", lease="q1-cut-off", slot=None, pod=None,
+                                                  renewed_at=1000.0, duration=25.0), queue_name=q.name)
+    reg.lease_deleted(("team-a", "q1-cut-off"), expired_lease)
+    assert reg.get("cut-off") is None and reg.may_rejoin(q, "cut-off")
+    fresh_lease = leases.lease_body(make_worker(worker_id="said-goodbye", lease="q1-said-goodbye", slot=None,
+                                                pod=None, renewed_at=now[0] - 1, duration=25.0), queue_name=q.name)
+    reg.lease_deleted(("team-a", "q1-said-goodbye"), fresh_lease)
+    assert not reg.may_rejoin(q, "said-goodbye")
+
+
 def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():
     import kubernetes
 

@@ -227,7 +227,13 @@ class Registry:
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
-                self._ended_elsewhere(worker)
+                # How it ended, by the Lease as it was deleted: past its renew time and duration, the
+                # active replica ended it for want of heartbeats, though one may have reached this
+                # replica since (not written yet); fresh, it was ended on purpose (a disconnect, its pod
+                # gone). Without the body (a relist), by what is known here.
+                gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
+                lapsed = (self._clock() >= gone.renewed_at + gone.duration) if gone is not None else None
+                self._ended_elsewhere(worker, expired=lapsed)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -531,11 +537,15 @@ class Registry:
         try:
             if not worker.stored:
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
-                if await self._create(body) is None and heartbeat_written:
-                    await self._patch(worker, body)
+                if await self._create(body) is None and heartbeat_written and not await self._patch(worker, body):
+                    # The Lease in the way was deleted meanwhile (its expired registration's): made anew.
+                    if self._workers.get(worker.worker_id) is worker:
+                        self._mark(worker)
+                    return
                 self._stored(worker)
             elif not await self._patch(worker, body):
-                self._ended_elsewhere(worker)  # its Lease deleted meanwhile
+                if self._workers.get(worker.worker_id) is worker:  # the watch has not told already
+                    self._ended_elsewhere(worker)  # its Lease deleted meanwhile
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
@@ -551,7 +561,7 @@ class Registry:
 
     async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS) -> None:
         try:
-            deleted = await self._delete(worker)
+            deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"))
         except client_.ERRORS as exc:
             # Made again until it is done: forgotten here, a Lease left behind would expire nowhere,
             # and a slot it holds (maxWorkers) would stay taken until a relist.
@@ -616,14 +626,19 @@ class Registry:
             raise
         return True
 
-    async def _delete(self, worker: Worker) -> bool:
-        """Deletes the worker's Lease if it still holds it; False if it was gone already."""
+    async def _delete(self, worker: Worker, *, unless_renewed: bool = False) -> bool:
+        """Deletes the worker's Lease if it still holds it; False if it was gone already. With
+        `unless_renewed` (it expired here), not if a heartbeat renewed it elsewhere since: the watch
+        brings that renewal, and the worker is registered again from it."""
         self.writes += 1
         path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
         try:
             current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-            if (current.get("spec") or {}).get("holderIdentity") != worker.worker_id:
+            stored = worker_from_lease(current, seen_at=0.0)
+            if stored is None or stored.worker_id != worker.worker_id:
                 return False  # a slot another worker holds now
+            if unless_renewed and later(stored.renewed_at, worker.renewed_at):
+                return False
             await self._client.request(
                 "DELETE", path, timeout=API_TIMEOUT,
                 body={"kind": "DeleteOptions", "apiVersion": "v1",
@@ -681,10 +696,12 @@ class Registry:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
 
-    def _ended_elsewhere(self, worker: Worker) -> None:
-        """Its Lease was deleted by another replica: while alive, on purpose (a disconnect, its pod gone)."""
+    def _ended_elsewhere(self, worker: Worker, *, expired: bool | None = None) -> None:
+        """Its Lease was deleted by another replica: on purpose (a disconnect, its pod gone) unless it
+        had expired (by the deleted Lease when known, else by what is known here)."""
         self._forget(worker.worker_id)
-        self._bury(worker, on_purpose=not worker.expired(self._clock()))
+        lapsed = worker.expired(self._clock()) if expired is None else expired
+        self._bury(worker, on_purpose=not lapsed)
 
     def _set_duration(self, worker: Worker, duration: float) -> None:
         """A worker's lease duration changes with the pace its heartbeats show."""
