@@ -422,6 +422,11 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
     ({"scaling": {"minIdle": 3, "max": 2}}, "scaling.minIdle must not exceed scaling.max"),
     ({"scaling": {"minIdle": 1}}, "max: Required value"),
+    ({"worker": {"template": {"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}}},
+     "spec.worker.template.spec.containers[0].env"),
+    ({"worker": {"template": {"metadata": {"labels": ["a"]}}}}, "spec.worker.template.metadata.labels: Invalid value"),
+    ({"worker": {"template": {"spec": {"containers": [{"image": "x"}]}}}},
+     "spec.worker.template.spec.containers[0].name: Required value"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",

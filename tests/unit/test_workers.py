@@ -308,6 +308,9 @@ def test_a_queue_template_replaces_the_operator_wide_one():
     ({"spec": ["containers"]}, "spec must be a mapping"),
     ({"spec": {"containers": [{"image": "x"}]}}, "each with a name"),
     ({"spec": {"containers": {"name": "worker"}}}, "must be a list"),
+    ({"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}, r"spec.containers.0.env\n.*valid list"),
+    ({"metadata": {"labels": ["a"]}}, r"metadata.labels\n.*valid dictionary"),
+    ({"metadata": {"annotations": {"a": 1}}}, r"metadata.annotations.a\n.*valid string"),
 ])
 def test_a_malformed_operator_wide_template_is_refused_at_start_up(template, words):
     with pytest.raises(ValueError, match=words):

@@ -449,7 +449,7 @@ class PodInputs:
 def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: settings_.Settings) -> dict[str, Any]:
     """A worker pod for a queue: the queue's template (or the default worker), plus what the operator owns."""
     s = queue.spec
-    template = copy.deepcopy(s.worker.template or settings.worker_pod_template)
+    template = s.worker.template.body() if s.worker.template else copy.deepcopy(settings.worker_pod_template)
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
     if not s.worker.template:

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workerqueue_operator.models import spec as spec_
+
 ENV_PREFIX = "WQ_"
 
 
@@ -226,6 +228,7 @@ class Settings(BaseModel):
         containers = (value.get("spec") or {}).get("containers") or []
         if not isinstance(containers, list) or not all(isinstance(c, dict) and c.get("name") for c in containers):
             raise ValueError("the pod template's spec.containers must be a list of containers, each with a name")
+        spec_.PodTemplate.model_validate(value)  # the shape a queue's own template must have too
         return value
 
     @field_validator("upstream_url", mode="before")

@@ -149,11 +149,57 @@ class AuthSpec(_Model):
     downtime. Empty: the operator creates `<queue-name>-worker-token` with a random token under `token`."""
 
 
+class _Open(BaseModel):
+    """Part of a Kubernetes object the operator reads or writes into: the fields it touches are
+    typed, so that a malformed one is refused at `kubectl apply`; the rest is the API server's to
+    check when the pod is created, kept as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True,
+                              json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+class TemplateEnvVar(_Open):
+    """An environment variable (the operator's own replace same-named ones)."""
+
+    name: str = Field(min_length=1)
+
+
+class TemplateContainer(_Open):
+    """A container of the worker pod."""
+
+    name: str = Field(min_length=1)
+    env: list[TemplateEnvVar] | None = None
+
+
+class TemplatePodSpec(_Open):
+    """A PodSpec."""
+
+    containers: list[TemplateContainer] | None = None
+
+
+class TemplateMetadata(_Open):
+    """Labels and annotations for every worker pod (the operator's own are added)."""
+
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class PodTemplate(_Open):
+    """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
+    Default: one container running the operator's configured worker image and command."""
+
+    metadata: TemplateMetadata | None = None
+    spec: TemplatePodSpec | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The template as it was written."""
+        return self.model_dump(exclude_unset=True)
+
+
 class WorkerPodSpec(_Model):
     """How the operator runs worker pods (ephemeral and single-execution queues only)."""
 
-    template: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+    template: PodTemplate | None = None
     """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
     Default: one container running the operator's configured worker image and command."""
     backoff_limit: int = Field(default=6, ge=0, le=100)
