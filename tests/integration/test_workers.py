@@ -64,6 +64,20 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert c is not None and c["status"] == "True"
 
 
+def test_a_users_secret_named_as_a_worker_token_outlives_the_pod(kube: Kube, namespace: str):
+    """A Secret of the user's that has a worker token's name is left as it is when the pod is made,
+    and when the pod goes: only the tokens the operator made for the queue are deleted with their pods."""
+    kube.put_secret(namespace, "mine-w0-token", token="the user's")
+    kube.create_queue(namespace, "mine", queueId=f"mine-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "mine", ["mine-w0"])
+    kube.set_phase(namespace, "mine-w0", "Succeeded", exit_code=0, reason="Completed")
+    wait_pods(kube, namespace, "mine", ["mine-w1"])
+    wait_for(lambda: "mine-w0" not in kube.pod_names(namespace, "mine", alive=False), what="finished pod deleted")
+    kube.set_phase(namespace, "mine-w1", "Succeeded", exit_code=0, reason="Completed")
+    wait_for(lambda: not kube._has_secret(namespace, "mine-w1-token"), what="the operator's token deleted with its pod")
+    assert kube.secret_value(namespace, "mine-w0-token", "token") == "the user's"
+
+
 def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube: Kube, namespace: str):
     kube.create_queue(namespace, "pull", queueId=f"pull-{namespace}", singleExecution=True, replicas=2,
                       temporal=TEMPORAL)

@@ -269,7 +269,7 @@ class Supervisor:
         for event in plan.events:
             self._events.post(involved=involved, reason=event.reason,
                               message=event.message, warning=event.warning)
-        await asyncio.gather(*(self._delete_pod(queue.namespace, name) for name in plan.delete))
+        await asyncio.gather(*(self._delete_pod(queue, name) for name in plan.delete))
         if create:
             refused = await self._create_pods(queue, create)
             if refused is None:
@@ -345,14 +345,23 @@ class Supervisor:
         await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
                                          leftover=lambda existing: workers.namesakes_credential(existing, queue))
 
-    async def _delete_pod(self, namespace: str, name: str) -> None:
-        for path in (f"{resources.pods_path(namespace)}/{name}",
-                     f"{resources.secrets_path(namespace)}/{workers.credential_secret_name(name)}"):
-            try:
-                await self._client.delete(path)
-            except client_.ApiError as exc:
-                if not exc.not_found:
-                    raise
+    async def _delete_pod(self, queue: QueueObject, name: str) -> None:
+        """Deletes a worker pod and its token Secret; a Secret of that name the operator did not make
+        for this queue (a user's, left as it was when the pod was made) stays."""
+        try:
+            await self._client.delete(f"{resources.pods_path(queue.namespace)}/{name}")
+        except client_.ApiError as exc:
+            if not exc.not_found:
+                raise
+        path = f"{resources.secrets_path(queue.namespace)}/{workers.credential_secret_name(name)}"
+        try:
+            secret = await self._client.get(path)
+        except client_.ApiError as exc:
+            if not exc.not_found:
+                raise
+            return
+        if workers.credential_of(secret, queue):
+            await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
 
     async def _delete_orphan_credentials(self, key: QueueKey, pods: set[str], next_index: int) -> None:
         """Per-worker tokens whose pod is gone (deleted from outside, or never created)."""

@@ -118,6 +118,12 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
     return owner[0], pod, token
 
 
+def credential_of(body: Mapping[str, Any], queue: QueueObject) -> bool:
+    """Whether a Secret is a worker token this queue's supervisor made (not a user's of that name)."""
+    owner = queues.queue_owner(body)
+    return credential_from_secret(body) is not None and owner is not None and owner[1] == queue.uid
+
+
 def namesakes_credential(body: Mapping[str, Any], queue: QueueObject) -> bool:
     """Whether a Secret is a worker token of a deleted queue of this queue's name (not this queue's)."""
     return credential_from_secret(body) is not None and queues.owned_by_namesake(body, queue)
