@@ -4,6 +4,7 @@ the protocol-faithful test worker) against the real Temporal dev server; Tempora
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
@@ -12,9 +13,11 @@ from contextlib import contextmanager
 
 import pytest
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
 from workerqueue_operator.core.temporal import Endpoint, Temporal
+from workerqueue_operator.devcluster import workflows
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
@@ -202,3 +205,52 @@ async def test_an_ephemeral_queue_scales_to_its_max_and_goes_once_its_work_is_do
     for pod in ("eph-w1", "eph-w2"):
         kube.set_phase(namespace, pod, "Succeeded", exit_code=0, reason="Completed")
     wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="the finished queue deleted")
+
+
+async def test_a_worker_running_another_workflows_activity_is_not_deleted_as_idle(
+        kube: Kube, namespace: str, temporal: TemporalServer):
+    """Any worker polling the task queue may take any workflow's activity (the real worker's LLM step
+    is one): a pod that holds no workflow but runs an activity is busy. The pods are run by hand here
+    (no kubelet): a Temporal worker of `act-w0`'s identity takes the workflows, one of `act-w1`'s
+    their activities. Once the activities stop, `act-w1` is idle, and goes."""
+    queue_id = f"act-{namespace}"
+    kube.create_queue(namespace, "act", **scaling_queue(temporal, queue_id, min_idle=0, max_=2))
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    ids = [f"act-{i}-{secrets.token_hex(3)}" for i in range(2)]
+    for workflow_id in ids:  # waiting for a worker: two pods wanted
+        await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 60}, id=workflow_id,
+                                    task_queue=queue_id)
+    with telling(kube, namespace, "act"):
+        wait_for(lambda: kube.pod_names(namespace, "act") == ["act-w0", "act-w1"], timeout=30, what="two workers")
+    for pod in ("act-w0", "act-w1"):
+        kube.set_phase(namespace, pod, "Running")
+    activities = workflows.Activities(control_plane_url="http://127.0.0.1:1", api_key="unused",
+                                      progress=workflows.Progress(), log=lambda _: None)
+    holder = Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS), identity="1@act-w0")
+    runner = Worker(client, task_queue=queue_id, activities=[activities.run_execution], identity="2@act-w1")
+    try:
+        async with holder:
+            async with runner:
+                async def running_on_w1() -> bool:
+                    for workflow_id in ids:
+                        described = await client.get_workflow_handle(workflow_id).describe()
+                        if not any(a.last_worker_identity == "2@act-w1"
+                                   for a in described.raw_description.pending_activities):
+                            return False
+                    return True
+
+                deadline = time.monotonic() + 30
+                while not await running_on_w1():  # held by act-w0, their activities on act-w1
+                    assert time.monotonic() < deadline, "the activities never ran on act-w1"
+                    await asyncio.sleep(0.2)
+                with telling(kube, namespace, "act"):
+                    with sampled(kube, namespace, "act") as counts:
+                        await asyncio.sleep(8)  # over twice the grace period (3 s)
+                    assert min(counts) == 2, "a worker running an activity was deleted as idle"
+            # The activities are cut off with their worker: act-w1 runs none now, and goes.
+            with telling(kube, namespace, "act"):
+                wait_for(lambda: kube.pod_names(namespace, "act") == ["act-w0"], timeout=30, what="act-w1 gone")
+    finally:
+        for workflow_id in ids:
+            with contextlib.suppress(Exception):
+                await client.get_workflow_handle(workflow_id).terminate("test over")

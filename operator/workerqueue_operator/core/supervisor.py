@@ -20,6 +20,7 @@ fails with AlreadyExists instead of making a second pod (also in the moment two 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import secrets
@@ -244,8 +245,14 @@ class Supervisor:
             queue.status.get("workers") or {})
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
+        demand = self._demand.get(key)
         plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
-                            created=created, settings=self._settings, demand=self._demand.get(key))
+                            created=created, settings=self._settings, demand=demand)
+        if demand is not None and any(name in alive for name in plan.delete):
+            # Taken for idle by the workflows they hold: one may run another workflow's activity.
+            demand = await self._with_activities(key, demand)
+            plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
+                                created=created, settings=self._settings, demand=demand)
         alive_before = self._alive.get(key, 0)
         self._alive[key] = len(alive) + len(plan.create)
         if self._alive[key] and not alive_before and key in self._probes:
@@ -286,6 +293,20 @@ class Supervisor:
             await self._delete_queue(queue)
         elif plan.requeue_after is not None:
             self._queue.add_after(key, plan.requeue_after)
+
+    async def _with_activities(self, key: QueueKey, demand: workers.Demand) -> workers.Demand:
+        """The demand with the pods running an activity now counted busy; unknown (no scaling either
+        way) if Temporal cannot tell."""
+        target = self._target(key)
+        if target is None or self._temporal is None:
+            return workers.Demand(backlog=None)
+        try:
+            identities = await self._temporal.activity_workers(target[1], target[2])
+        except temporal_.TemporalUnavailable as exc:
+            logger.info("no idle worker of %s/%s deleted now: %s", *key, exc)
+            return workers.Demand(backlog=None)
+        running = {identity.split("@", 1)[1] for identity in identities if "@" in identity}
+        return dataclasses.replace(demand, busy=demand.busy | running)
 
     async def _list_pods(self, queue: QueueObject) -> list[dict[str, Any]]:
         selector = f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}"

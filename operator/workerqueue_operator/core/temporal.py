@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from temporalio.api.common.v1 import WorkflowExecution as ProtoExecution
-from temporalio.api.enums.v1 import EventType, TaskQueueKind, TaskQueueType
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetWorkflowExecutionHistoryRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeTaskQueueRequest,
+    DescribeWorkflowExecutionRequest,
+    GetWorkflowExecutionHistoryRequest,
+)
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -44,6 +48,9 @@ HOLDER_CACHE_SIZE = 10_000
 """Workflow runs whose holder is remembered (LRU); a run's first worker never changes."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8  # concurrent history reads per listing
+_RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
+                     PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED)
+"""Pending activity states in which a worker (its last_worker_identity) runs the activity."""
 
 # Continued-as-new: the execution (= workflow id) goes on in a new run, so it is not over. The
 # listing keeps only the newest run of each workflow id; a continued-as-new run shows only until
@@ -208,6 +215,41 @@ class Temporal:
             return TaskQueueInfo(pollers, backlog)
 
         return await self._bounded(endpoint, describe)
+
+    async def activity_workers(self, endpoint: Endpoint, task_queue: str) -> frozenset[str]:
+        """The identities of the workers running an activity of a workflow of `task_queue` now.
+
+        A worker polling a task queue takes any workflow's activities from it, not only those of the
+        workflow it holds: a worker that holds none may be running another's activity (the real
+        worker's LLM step is one). One DescribeWorkflowExecution per running workflow, so this is
+        asked before a worker is deleted as idle, not at every probe."""
+
+        async def find(client: Client) -> frozenset[str]:
+            query = f'TaskQueue="{_quote(task_queue)}" AND ExecutionStatus="Running"'
+            runs = [(wf.id, wf.run_id) async for wf in client.list_workflows(
+                query, limit=self._scan_limit, page_size=min(self._scan_limit, 1000),
+                rpc_timeout=datetime.timedelta(seconds=self._timeout))]
+            gate = asyncio.Semaphore(_HISTORY_READS)
+
+            async def running(workflow_id: str, run_id: str) -> list[str]:
+                async with gate:
+                    try:
+                        found = await client.workflow_service.describe_workflow_execution(
+                            DescribeWorkflowExecutionRequest(
+                                namespace=endpoint.namespace,
+                                execution=ProtoExecution(workflow_id=workflow_id, run_id=run_id)),
+                            timeout=datetime.timedelta(seconds=self._timeout))
+                    except RPCError as e:
+                        if e.status != RPCStatusCode.NOT_FOUND:
+                            raise
+                        return []  # gone since it was listed (retention)
+                return [a.last_worker_identity for a in found.pending_activities
+                        if a.state in _RUNNING_ACTIVITY and a.last_worker_identity]
+
+            identities = await asyncio.gather(*(running(*run) for run in runs))
+            return frozenset(identity for found in identities for identity in found)
+
+        return await self._bounded(endpoint, find)
 
     async def close(self) -> None:
         """Cancel what runs and drop every client (the SDK frees a client's connection with it)."""
