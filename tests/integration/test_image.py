@@ -227,7 +227,7 @@ def running(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., A
     env = {"metadata.name": pod_name, "metadata.namespace": namespace,
            # What the kubelet puts into every container: where the API server is.
            "KUBERNETES_SERVICE_HOST": str(server.hostname), "KUBERNETES_SERVICE_PORT": str(server.port),
-           # Host network: the chart's 0.0.0.0:8080 would be the host's; keep to a free loopback port.
+           # Host network: the chart's *:8080 would be the host's; keep to a free loopback port.
            "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(port)}
     args = container_of(docs)["args"]
     _, hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -195,3 +195,21 @@ def test_a_certificate_is_reloaded_when_its_files_change_and_kept_when_they_do_n
     assert certificate.context is first  # still serving the old pair
     shutil.copy(new[1], key)
     assert certificate.reload() and certificate.context is not first
+
+
+@pytest.mark.parametrize("server", [{"http_host": "*"}], indirect=True)
+async def test_the_default_host_serves_ipv4_and_ipv6_alike(server: Server):
+    """`*` (the default, the chart's): a Service reaches the pod over IPv4 or IPv6, whichever the
+    cluster has. Asked here on the two loopback addresses."""
+    for host in ("127.0.0.1", "::1"):
+        reader, writer = await asyncio.open_connection(host, server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 "), host
+        writer.close()
+
+
+async def test_a_named_host_that_cannot_be_listened_on_is_an_error():
+    settings = Settings.model_validate({"http_host": "192.0.2.1", "http_port": 0})  # TEST-NET-1: not this machine's
+    with pytest.raises(OSError):
+        await runner_.serve_http(apps.make_app(Store(settings=settings), settings=settings), settings)
+    assert Settings().http_host == serving.ANY_HOST

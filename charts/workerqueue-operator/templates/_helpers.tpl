@@ -168,7 +168,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "temporal_namespace" $v.temporal.namespace
   "litellm_url" $v.litellm.url
   "worker_control_plane_url" (include "workerqueue-operator.workerControlPlaneUrl" .)
-  "http_host" "0.0.0.0"
+  "http_host" "*"
   "http_port" (int $v.containerPort)
   "token_review_audiences" $v.tokenReviewAudiences
   "auth_cache_seconds" $v.authCacheSeconds

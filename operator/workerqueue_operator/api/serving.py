@@ -31,6 +31,9 @@ from workerqueue_operator.api import logs
 
 logger = logging.getLogger(__name__)
 
+ANY_HOST = "*"
+"""The listening address meaning every address of both IPv4 and IPv6 (the chart's: a cluster may be
+IPv4-only, dual-stack or IPv6-only)."""
 LINGERING_SECONDS = 2.0
 """After an answer given before the whole body arrived (413, 408), how long the rest is read and
 dropped so that the client sees the answer rather than a reset; aiohttp's 10 s default would let
@@ -132,26 +135,37 @@ class Listener:
         return len(self._server.connections) + len(self._pending)
 
     def listen(self, host: str, port: int) -> int:
-        """Starts listening on every address `host` resolves to, as asyncio's create_server does;
-        the bound port."""
+        """Starts listening on every address `host` resolves to, as asyncio's create_server does
+        (`*`: every address of IPv4 and of IPv6, the families the pod has); the bound port."""
         loop = asyncio.get_running_loop()
+        wildcard = host == ANY_HOST
         bound: set[tuple[int, str]] = set()
-        for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                           flags=socket.AI_PASSIVE):
+        for family, _, _, _, address in socket.getaddrinfo(None if wildcard else host, port,
+                                                           type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
             ip = str(address[0])
             if (family, ip) in bound:
                 continue
-            bound.add((family, ip))
             sock = socket.socket(family, socket.SOCK_STREAM)
-            self._socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((ip, port))
+            try:
+                sock.bind((ip, port))
+            except OSError as exc:
+                sock.close()
+                if not wildcard:
+                    raise
+                # A family the pod lacks (IPv6 turned off, an IPv6-only cluster): the other serves.
+                logger.info("not listening on %s: %s", ip, exc)
+                continue
+            bound.add((family, ip))
+            self._socks.append(sock)
             port = int(sock.getsockname()[1])  # with port 0, every address gets the first one's port
             sock.listen(1024)
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._accept, sock)
+        if not bound:
+            raise OSError(f"no address of {host!r} could be listened on (port {port})")
         return port
 
     async def close(self) -> None:

@@ -114,8 +114,9 @@ class Settings(BaseModel):
     sends keep-alives every 1..lifetime-5 s. kopf's own default, 60, meant a minute without workers."""
 
     # The HTTP server.
-    http_host: str = "0.0.0.0"  # noqa: S104 - in a pod the Service must reach it
-    """Address the HTTP API listens on."""
+    http_host: str = "*"
+    """Address the HTTP API listens on; `*`, every address of IPv4 and of IPv6 (of the families the
+    pod has), so that the Service reaches it on an IPv4-only, dual-stack or IPv6-only cluster."""
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
