@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
 from workerqueue_operator.models import crd
+from workerqueue_operator.models.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,6 +21,19 @@ def test_committed_crds_match_the_models():
 def test_chart_crds_match_the_models():
     path = ROOT / "charts" / "workerqueue-operator" / "templates" / "crds" / "workerqueues.yaml"
     assert path.read_text() == crd.render_chart_template(), f"{path} drifted: run `make crds`"
+
+
+CHART_OWNED_SETTINGS = {"http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces"}
+"""Settings the chart derives from values that its other manifests follow too (probes, Service,
+volumes, RBAC): `extraConfig` may not set them."""
+
+
+def test_the_charts_extra_config_takes_every_setting_but_those_the_chart_owns():
+    """A new Settings field must be allowed in `extraConfig` (or named as owned here): the schema's
+    list is what refuses a typo at `helm install` rather than at the pod's start."""
+    schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
+    allowed = set(schema["properties"]["extraConfig"]["propertyNames"]["enum"])
+    assert allowed == set(Settings.model_fields) - CHART_OWNED_SETTINGS
 
 
 def walk(node, path=""):
