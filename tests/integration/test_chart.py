@@ -210,8 +210,9 @@ def test_lint(helm: Helm, option: str):
     ({"http": {"drainSeconds": -1}}, "drainSeconds"),
     ({"temporal": {"apiKeySecret": {"namespace": "Not_Valid.ns", "name": "t", "key": "k"}}}, "namespace"),
     ({"livenessProbe": {"successThreshold": 3}}, "successThreshold"),
-    ({"extraConfig": {"http_port": 9090}}, "extraConfig"),  # the probes and the Service would not follow
-    ({"extraConfig": {"worker_backof_seconds": 20}}, "extraConfig"),  # a typo: the pod would crash-loop
+    # The probes and the Service would not follow; a typo would crash-loop the pod.
+    ({"extraConfig": {"http_port": 9090}}, "invalid propertyName 'http_port'"),
+    ({"extraConfig": {"worker_backof_seconds": 20}}, "invalid propertyName 'worker_backof_seconds'"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -365,11 +366,18 @@ async def test_a_status_written_from_an_older_copy_of_the_queue_keeps_what_the_s
             store.upsert_secret((namespace, "late-token"), None)  # the token Secret deleted: Ready=False
             await writer.reconcile(key)
             assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+            # Tried again in 1 s, then 2 s, ... while the watch does not bring the newer queue.
+            loop = asyncio.get_running_loop()
+            assert 0.5 < writer._queue._timers[key].when() - loop.time() <= 1.0
+            writer._queue._timers.pop(key).cancel()  # as if it had come due (the writer does not run here)
+            await writer.reconcile(key)
+            assert 1.5 < writer._queue._timers[key].when() - loop.time() <= 2.0
             # The watch catches up: the status is written over the newer queue.
             store.refresh_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "late")))
             await writer.reconcile(key)
             assert (kube.condition(namespace, "late") or {}).get("reason") == "SecretNotFound"
             assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+            assert key not in writer._conflicts
     finally:
         await client.close()
 

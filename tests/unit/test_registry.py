@@ -408,6 +408,16 @@ def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_th
     reg.lease_deleted(("team-a", "q1-said-goodbye"), fresh_lease)
     assert not reg.may_rejoin(q, "said-goodbye")
 
+    # Registered here, its Lease not written here yet: one written elsewhere and deleted there while
+    # fresh ends it here too; one deleted there as expired does not (it is alive here: written anew).
+    for name, renewed, ends in (("gone-there", now[0] - 1, True), ("lapsed-there", now[0] - 30, False)):
+        here = reg.register(q, name)
+        assert not here.stored
+        elsewhere = leases.lease_body(make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None,
+                                                  renewed_at=renewed, duration=25.0), queue_name=q.name)
+        reg.lease_deleted(("team-a", f"q1-{name}"), elsewhere)
+        assert (reg.get(name) is None) is ends and reg.may_rejoin(q, name) is False
+
 
 def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():
     import kubernetes

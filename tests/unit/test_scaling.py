@@ -110,6 +110,16 @@ def test_while_a_running_executions_holder_is_unknown_no_running_pod_is_taken_fo
     assert plan([pod(1), pod(2)], Demand(backlog=0), previous, min_idle=1).delete == ("q1-w2",)  # all read: idle
 
 
+def test_a_pod_running_an_activity_is_not_taken_for_idle_nor_counted_in_the_desired_workers():
+    """Activities run on any worker: one running on a pod keeps that pod, and only it; the desired
+    count follows the workflows, so an identity of a pod long gone scales nothing up."""
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
+    active = Demand(backlog=0, active=frozenset({"q1-w2", "q1-w9"}))
+    p = plan([pod(1), pod(2)], active, previous)
+    assert p.delete == ("q1-w1",) and p.workers.desired == 0 and p.create == ()
+    assert plan([pod(1), pod(2)], Demand(backlog=0), previous).delete == ("q1-w2", "q1-w1")
+
+
 def test_idle_workers_above_min_idle_go_only_after_the_grace_period():
     pods = [pod(0), pod(1), pod(2), pod(3)]
     demand = Demand(backlog=0, busy=busy(0))

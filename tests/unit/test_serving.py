@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -213,3 +215,34 @@ async def test_a_named_host_that_cannot_be_listened_on_is_an_error():
     with pytest.raises(OSError):
         await runner_.serve_http(apps.make_app(Store(settings=settings), settings=settings), settings)
     assert Settings().http_host == serving.ANY_HOST
+
+
+async def test_the_default_host_serves_on_a_machine_without_ipv6(monkeypatch: pytest.MonkeyPatch):
+    """A kernel booted without IPv6 refuses the socket itself: IPv4 serves alone."""
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving.socket, "socket", no_ipv6)
+    settings = Settings.model_validate({"http_host": "*", "http_port": 0})
+    http, port = await runner_.serve_http(apps.make_app(Store(settings=settings), settings=settings), settings)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    finally:
+        await http.cleanup()
+
+
+async def test_a_port_in_use_is_an_error_also_for_the_default_host():
+    taken = socket.create_server(("0.0.0.0", 0))
+    try:
+        settings = Settings.model_validate({"http_host": "*", "http_port": taken.getsockname()[1]})
+        with pytest.raises(OSError):
+            await runner_.serve_http(apps.make_app(Store(settings=settings), settings=settings), settings)
+    finally:
+        taken.close()

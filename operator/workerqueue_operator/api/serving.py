@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import socket
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 ANY_HOST = "*"
 """The listening address meaning every address of both IPv4 and IPv6 (the chart's: a cluster may be
 IPv4-only, dual-stack or IPv6-only)."""
+_FAMILY_MISSING = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
+"""Errors of an address family the machine does not have, as opposed to a port in use."""
 LINGERING_SECONDS = 2.0
 """After an answer given before the whole body arrived (413, 408), how long the rest is read and
 dropped so that the client sees the answer rather than a reset; aiohttp's 10 s default would let
@@ -145,15 +148,17 @@ class Listener:
             ip = str(address[0])
             if (family, ip) in bound:
                 continue
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock: socket.socket | None = None
             try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((ip, port))
             except OSError as exc:
-                sock.close()
-                if not wildcard:
+                if sock is not None:
+                    sock.close()
+                if not (wildcard and exc.errno in _FAMILY_MISSING):
                     raise
                 # A family the pod lacks (IPv6 turned off, an IPv6-only cluster): the other serves.
                 logger.info("not listening on %s: %s", ip, exc)

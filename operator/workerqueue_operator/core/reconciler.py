@@ -35,7 +35,9 @@ FOREIGN_CONDITIONS = ("TemporalReachable",)
 """Conditions another component writes (core/supervisor.py)."""
 CONFLICT_RETRY_SECONDS = 1.0
 """A status write refused for a newer queue is tried again this much later, if the watch has not
-brought that queue back sooner."""
+brought that queue back sooner; doubling while refused again, up to CONFLICT_RETRY_MAX_SECONDS (a
+queue the watch cannot bring, e.g. one whose newer body this operator cannot read)."""
+CONFLICT_RETRY_MAX_SECONDS = 60.0
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
@@ -95,6 +97,8 @@ class Reconciler:
         self._written: dict[QueueKey, tuple[str, dict[str, Any], str]] = {}
         """The status last written per queue, with the uid of the queue it was written to and the
         resourceVersion the write made."""
+        self._conflicts: dict[QueueKey, int] = {}
+        """Status writes refused in a row per queue, for the back-off."""
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
@@ -176,6 +180,7 @@ class Reconciler:
         resolution = self._store.resolution(key)
         if resolution is None:
             self._written.pop(key, None)
+            self._conflicts.pop(key, None)
             return
         if await self._ensure_token_secret(resolution):
             # Not "SecretNotFound" about the Secret being created right now: its arrival through the
@@ -216,8 +221,10 @@ class Reconciler:
             # Changed since: the watch brings the newer queue, and it back here (a retry, should it not).
             logger.debug("the status of %s/%s changed meanwhile; written again from the newer one", *key)
             self._written.pop(key, None)
-            self._queue.add_after(key, CONFLICT_RETRY_SECONDS)
+            refused = self._conflicts[key] = self._conflicts.get(key, 0) + 1
+            self._queue.add_after(key, min(CONFLICT_RETRY_SECONDS * 2 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS))
             return
+        self._conflicts.pop(key, None)
         if version is None:
             self._written.pop(key, None)
             return

@@ -223,17 +223,24 @@ class Registry:
                 mine.system_info = incoming.system_info or mine.system_info
 
     def lease_deleted(self, key: tuple[str, str], body: dict[str, Any] | None) -> None:
+        # How it ended, by the Lease as it was deleted: past its renew time and duration, the active
+        # replica ended it for want of heartbeats, though one may have reached this replica since (not
+        # written yet); fresh, it was ended on purpose (a disconnect, its pod gone). Without the body
+        # (a relist), by what is known here.
+        gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
+        lapsed = (self._clock() >= gone.renewed_at + gone.duration) if gone is not None else None
         worker_id = self._by_lease.get(key)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
-                # How it ended, by the Lease as it was deleted: past its renew time and duration, the
-                # active replica ended it for want of heartbeats, though one may have reached this
-                # replica since (not written yet); fresh, it was ended on purpose (a disconnect, its pod
-                # gone). Without the body (a relist), by what is known here.
-                gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
-                lapsed = (self._clock() >= gone.renewed_at + gone.duration) if gone is not None else None
                 self._ended_elsewhere(worker, expired=lapsed)
+        elif gone is not None and lapsed is False:
+            # Its Lease written elsewhere, not seen here, and ended there on purpose: a registration
+            # here not written yet (or to be written again) must not bring it back.
+            mine = self._workers.get(gone.worker_id)
+            if mine is not None and not mine.stored and (mine.namespace, mine.lease) == key:
+                self._forget(mine.worker_id)
+                self._bury(mine, on_purpose=True)
 
     # --- reading ----------------------------------------------------------------------------------
 

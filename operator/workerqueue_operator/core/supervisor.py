@@ -295,8 +295,8 @@ class Supervisor:
             self._queue.add_after(key, plan.requeue_after)
 
     async def _with_activities(self, key: QueueKey, demand: workers.Demand) -> workers.Demand:
-        """The demand with the pods running an activity now counted busy; unknown (no scaling either
-        way) if Temporal cannot tell."""
+        """The demand with the pods running an activity now, never taken for idle; unknown (no
+        scaling either way) if Temporal cannot tell."""
         target = self._target(key)
         if target is None or self._temporal is None:
             return workers.Demand(backlog=None)
@@ -305,8 +305,12 @@ class Supervisor:
         except temporal_.TemporalUnavailable as exc:
             logger.info("no idle worker of %s/%s deleted now: %s", *key, exc)
             return workers.Demand(backlog=None)
+        if identities is None:
+            logger.info("no idle worker of %s/%s deleted now: its running workflows' activities were not "
+                        "all told in time", *key)
+            return workers.Demand(backlog=None)
         running = {identity.split("@", 1)[1] for identity in identities if "@" in identity}
-        return dataclasses.replace(demand, busy=demand.busy | running)
+        return dataclasses.replace(demand, active=frozenset(running))
 
     async def _list_pods(self, queue: QueueObject) -> list[dict[str, Any]]:
         selector = f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}"
@@ -498,8 +502,9 @@ class Supervisor:
                     found = await self._temporal.executions(endpoint, task_queue, limit=1000, running=True)
                     busy = frozenset(e.holder.split("@", 1)[1] for e in found
                                      if e.status == "running" and e.holder and "@" in e.holder)
-                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None
-                                  and not e.holder_unread)
+                    # One whose holder was not read in time may wait too: counted so, not to hold
+                    # a burst's scale-up back; and it keeps every running pod from going meanwhile.
+                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
                     unread = sum(1 for e in found if e.status == "running" and e.holder_unread)
             # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
             # server's statistic, as `temporal task-queue describe` would.
@@ -556,9 +561,10 @@ class Supervisor:
                     [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
                     message=probe.message, generation=generation, now=resources.now_rfc3339())[0]
                 if index is None:
-                    # Only onto the list as seen here: a second probe before the watch brings the first
-                    # add would otherwise add it twice (the list is not a map to the API server).
-                    ops += [{"op": "test", "path": "/status/conditions", "value": conditions},
+                    # Only onto the queue as seen here: a second probe before the watch brings the first
+                    # add would otherwise add it twice (the list is not a map to the API server). Its
+                    # version, not the list: the API server compares strings as its own JSON spells them.
+                    ops += [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},
                             {"op": "add", "path": "/status/conditions/-", "value": condition}]
                 else:
                     # Conditions are written by others too: replace ours only if it is still where it was.

@@ -48,6 +48,7 @@ HOLDER_CACHE_SIZE = 10_000
 """Workflow runs whose holder is remembered (LRU); a run's first worker never changes."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8  # concurrent history reads per listing
+_DESCRIBES = 32  # concurrent DescribeWorkflowExecution calls of activity_workers (only before a scale-down)
 _RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
                      PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED)
 """Pending activity states in which a worker (its last_worker_identity) runs the activity."""
@@ -216,20 +217,21 @@ class Temporal:
 
         return await self._bounded(endpoint, describe)
 
-    async def activity_workers(self, endpoint: Endpoint, task_queue: str) -> frozenset[str]:
-        """The identities of the workers running an activity of a workflow of `task_queue` now.
+    async def activity_workers(self, endpoint: Endpoint, task_queue: str) -> frozenset[str] | None:
+        """The identities of the workers running an activity of a workflow of `task_queue` now;
+        None when not every running workflow could be described in time (half the timeout).
 
         A worker polling a task queue takes any workflow's activities from it, not only those of the
         workflow it holds: a worker that holds none may be running another's activity (the real
         worker's LLM step is one). One DescribeWorkflowExecution per running workflow, so this is
         asked before a worker is deleted as idle, not at every probe."""
 
-        async def find(client: Client) -> frozenset[str]:
+        async def find(client: Client) -> frozenset[str] | None:
             query = f'TaskQueue="{_quote(task_queue)}" AND ExecutionStatus="Running"'
             runs = [(wf.id, wf.run_id) async for wf in client.list_workflows(
                 query, limit=self._scan_limit, page_size=min(self._scan_limit, 1000),
                 rpc_timeout=datetime.timedelta(seconds=self._timeout))]
-            gate = asyncio.Semaphore(_HISTORY_READS)
+            gate = asyncio.Semaphore(_DESCRIBES)
 
             async def running(workflow_id: str, run_id: str) -> list[str]:
                 async with gate:
@@ -246,8 +248,18 @@ class Temporal:
                 return [a.last_worker_identity for a in found.pending_activities
                         if a.state in _RUNNING_ACTIVITY and a.last_worker_identity]
 
-            identities = await asyncio.gather(*(running(*run) for run in runs))
-            return frozenset(identity for found in identities for identity in found)
+            # Not all in time (very many running): unknown, and no worker is taken for idle; a
+            # failure of the shared client's calls is not what happened, so it is not dropped.
+            reads = [asyncio.ensure_future(running(*run)) for run in runs]
+            if not reads:
+                return frozenset()
+            _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
+            for read in pending:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            if pending or any(r.exception() is not None for r in reads):
+                return None
+            return frozenset(identity for r in reads for identity in r.result())
 
         return await self._bounded(endpoint, find)
 

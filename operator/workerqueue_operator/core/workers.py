@@ -227,6 +227,9 @@ class Demand:
     """Hostnames (see pod_hostname) of the pods whose worker holds a running execution."""
     unread: int = 0
     """Running executions whose holder Temporal did not tell in time: any running pod may hold one."""
+    active: frozenset[str] = frozenset()
+    """Hostnames of pods running an activity of a running workflow (any worker takes any workflow's
+    activities): never taken for idle. Not counted in the desired workers, which follow the workflows."""
     read_at: float | None = field(default=None, compare=False)
     """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
 
@@ -424,7 +427,8 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     # While some running execution's holder is unknown (orphaned, or not read in time), no running
     # pod is idle for sure: only pods that have not started yet may go.
     unsure = bool(orphaned or demand.unread)
-    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy and not (unsure and p.phase == "Running")]
+    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy | demand.active
+            and not (unsure and p.phase == "Running")]
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []
