@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class Proxy:
-    """A TCP proxy on loopback for network faults: it can cut every connection and refuse new ones,
+    """A TCP proxy on loopback for network faults: it can delay every answer, cut every connection and refuse new ones,
     leave its connections open but carry nothing more on them, close them at their next request,
     or send new connections elsewhere while the open ones stay where they are (a Service whose
     endpoints changed)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
+        self.latency = 0.0
+        """Seconds every chunk from the upstream waits before it is passed on (a slow answer)."""
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._broken = threading.Event()
@@ -51,6 +54,8 @@ class Proxy:
             while data := source.recv(65536):
                 if source in self._hanging_up:
                     break
+                if self.latency and source not in self._clients:
+                    time.sleep(self.latency)
                 if source not in self._frozen:
                     target.sendall(data)
         self._close(source, target)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -202,10 +203,8 @@ async def test_a_watch_whose_connection_goes_silent_is_watched_again(
     assert watch.idle_restarts >= 1
 
 
-async def test_a_watch_refused_after_every_good_list_backs_off_and_stays_down(kubeconfig: Path, kube: Kube,
-                                                                               namespace: str):
-    """RBAC that lets list but not watch (or a 429 on every watch): each list succeeds, each watch
-    fails at once. That is no recovery: the back-off grows and the informer stays down (unready)."""
+def list_only_client(kube: Kube, namespace: str, kubeconfig: Path, host: str | None = None) -> client_.KubeClient:
+    """A client of a ServiceAccount that may list configmaps in the namespace, not watch them."""
     kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
         metadata=k8s.V1ObjectMeta(name="list-only"),
         rules=[k8s.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list"])]))
@@ -215,10 +214,17 @@ async def test_a_watch_refused_after_every_good_list_backs_off_and_stays_down(ku
         subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="lister", namespace=namespace)]))
     admin = client_.load_configuration(str(kubeconfig))
     configuration = kubernetes.client.Configuration(
-        host=admin.host, api_key={"authorization": service_account_token(kube, namespace, "lister")},
+        host=host or admin.host, api_key={"authorization": service_account_token(kube, namespace, "lister")},
         api_key_prefix={"authorization": "Bearer"})
     configuration.ssl_ca_cert = admin.ssl_ca_cert
-    client = client_.KubeClient(configuration)
+    return client_.KubeClient(configuration)
+
+
+async def test_a_watch_refused_after_every_good_list_backs_off_and_stays_down(kubeconfig: Path, kube: Kube,
+                                                                               namespace: str):
+    """RBAC that lets list but not watch (or a 429 on every watch): each list succeeds, each watch
+    fails at once. That is no recovery: the back-off grows and the informer stays down (unready)."""
+    client = list_only_client(kube, namespace, kubeconfig)
     watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/configmaps", on_upsert=lambda _: None,
                               on_delete=lambda *_: None, name="configmaps")
     async with running(watch, client):
@@ -227,6 +233,35 @@ async def test_a_watch_refused_after_every_good_list_backs_off_and_stays_down(ku
         assert watch.synced.is_set()  # its lists succeed
         assert watch.failures <= 4  # the next one waits 4 s (at 0.5 s a time: 7 by now)
         assert watch.down_for() >= 2.5  # since the first failure: no list reset it
+
+
+async def test_a_watch_refused_slowly_after_every_good_list_backs_off_and_stays_down(
+    proxied_kubeconfig: tuple[Path, Proxy], kubeconfig: Path, kube: Kube, namespace: str,
+):
+    """The same, with every answer 3 s late (an API server queueing requests before a 429): a watch
+    refused after longer than it takes a watch to count as working has not worked."""
+    config, proxy = proxied_kubeconfig
+    lister = list_only_client(kube, namespace, kubeconfig, host=client_.load_configuration(str(config)).host)
+    watch = informer.Informer(lister, f"/api/v1/namespaces/{namespace}/configmaps", on_upsert=lambda _: None,
+                              on_delete=lambda *_: None, name="configmaps")
+    proxy.latency = 3.0
+    async with running(watch, lister):
+        await until(lambda: watch.failures >= 2, seconds=30)
+        first_failure = time.monotonic() - watch.down_for()
+        await until(lambda: watch.failures >= 3, seconds=30)
+        assert watch.synced.is_set()  # its lists succeed
+        assert time.monotonic() - watch.down_for() == pytest.approx(first_failure, abs=0.5)  # never reset
+
+
+async def test_a_watch_the_api_server_ends_at_once_is_backed_off(kubeconfig: Path, namespace: str):
+    """Watches that end at once without an event (here: asked to last a second) fail like refusals:
+    backed off and down, not watched again at once for ever."""
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/configmaps", on_upsert=lambda _: None,
+                              on_delete=lambda *_: None, name="configmaps", watch_seconds=1)
+    async with running(watch, client):
+        await until(lambda: watch.failures >= 2, seconds=10)
+        assert watch.down_for() > 0
 
 
 async def test_a_resource_the_api_server_does_not_serve_is_named_in_the_log(kubeconfig: Path,

@@ -78,6 +78,21 @@ def test_a_users_secret_named_as_a_worker_token_outlives_the_pod(kube: Kube, nam
     assert kube.secret_value(namespace, "mine-w0-token", "token") == "the user's"
 
 
+def test_a_pod_token_whose_secret_no_longer_is_one_opens_nothing(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """A pod's token Secret that loses what made it one (its label, or its owner: `kubectl delete
+    --cascade=orphan`) is no token any more, on this replica as on one started later."""
+    queue_id = f"rev-{namespace}"
+    kube.create_queue(namespace, "rev", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "rev", ["rev-w0"])
+    token = kube.secret_value(namespace, "rev-w0-token", "token")
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="/start with the pod's token")
+    kube.core.patch_namespaced_secret("rev-w0-token", namespace,
+                                      {"metadata": {"labels": {"app.kubernetes.io/component": None}}})
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 401, what="the pod token refused")
+
+
 def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube: Kube, namespace: str):
     kube.create_queue(namespace, "pull", queueId=f"pull-{namespace}", singleExecution=True, replicas=2,
                       temporal=TEMPORAL)

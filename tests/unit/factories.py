@@ -7,12 +7,15 @@ from typing import Any
 
 from workerqueue_operator.core import queues
 
+UID = "5d0a0f8e-2b1c-4c8e-9a51-3a2f4b6c7d8e"
+"""The uid of every queue built here unless told otherwise."""
+
 
 def queue_body(
     name: str = "q1",
     namespace: str = "team-a",
     *,
-    uid: str = "5d0a0f8e-2b1c-4c8e-9a51-3a2f4b6c7d8e",
+    uid: str = UID,
     created: str = "2026-01-01T00:00:00Z",
     generation: int = 1,
     **spec: Any,

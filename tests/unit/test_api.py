@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
-from tests.unit.factories import queue
+from tests.unit.factories import UID, queue
 from workerqueue_operator.api.keys import DRAIN
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
@@ -329,7 +329,8 @@ async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated()
     store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
-    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0"), "pod-tok")
+    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
+                                   "pod-tok")
     pod = {"Authorization": "Bearer pod-tok"}
     async with TestClient(TestServer(apps.make_app(store))) as first:
         worker_id = (await (await first.post(START.format("q-1"), headers=pod)).json())["worker_id"]
@@ -338,10 +339,31 @@ async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated()
         beat = await other.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=pod)
         assert beat.status == 200, await beat.text()
         sibling = {"Authorization": "Bearer sib-tok"}
-        store.upsert_worker_credential(("team-a", "q1-w1-token"), WorkerCredential(("team-a", "q1"), "q1-w1"),
+        store.upsert_worker_credential(("team-a", "q1-w1-token"), WorkerCredential(("team-a", "q1"), "q1-w1", UID),
                                        "sib-tok")
         stolen = await other.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=sibling)
         assert stolen.status == 403  # still another pod's worker
+
+
+async def test_a_pod_token_acts_only_for_its_own_pods_worker_of_its_own_queue():
+    """Not for a worker registered with the queue token (no pod), and not for a queue made again
+    under its queue's name (`kubectl replace --force`): its pod was the old queue's."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
+    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
+                                   "pod-tok")
+    store.upsert_worker_credential(("team-a", "q1-w9-token"), WorkerCredential(("team-a", "q1"), "q1-w9", "old-uid"),
+                                   "old-pod-tok")
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        shared = (await (await c.post(START.format("q-1"), headers={"Authorization": "Bearer q1-token"})).json())
+        beat = await c.post(f"/api/v1/workers/{shared['worker_id']}/heartbeat", json={"status": "busy"}, headers=pod)
+        assert beat.status == 403
+        bye = await c.post(f"/api/v1/workers/{shared['worker_id']}/disconnect", json={"reason": "x"}, headers=pod)
+        assert bye.status == 403
+        assert (await c.post(START.format("q-1"), headers=pod)).status == 200
+        assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer old-pod-tok"})).status == 403
 
 
 async def test_a_worker_started_with_the_new_token_of_a_rotation_registers_again_after_the_old_is_unlisted():
@@ -410,7 +432,7 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
 
         # A pod's own token: only an id issued to that pod, and only while the pod has no other worker.
         for pod in ("q1-w1", "q1-w2"):
-            store.upsert_worker_credential(("team-a", f"{pod}-token"), WorkerCredential(("team-a", "q1"), pod),
+            store.upsert_worker_credential(("team-a", f"{pod}-token"), WorkerCredential(("team-a", "q1"), pod, UID),
                                            f"{pod}-token")
         key = queues.digest("q1-token")
         of_w1 = queues.new_worker_id(key, pod="q1-w1")

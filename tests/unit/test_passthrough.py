@@ -16,7 +16,7 @@ from yarl import URL
 
 from tests import standin
 from tests.unit import apps
-from tests.unit.factories import queue
+from tests.unit.factories import UID, queue
 from workerqueue_operator.api import passthrough
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -232,7 +232,7 @@ async def test_live_workers_keep_their_upstream_while_a_token_secret_is_missing(
     """The generated token Secret deleted (and being made anew), or a rotation listing a token Secret
     not made yet: a 404 here would fail the running executions of the queue's workers at once."""
     store, client = hub
-    store.upsert_worker_credential(("team-a", "a-w0-token"), WorkerCredential(("team-a", "a"), "a-w0"), "pod-tok")
+    store.upsert_worker_credential(("team-a", "a-w0-token"), WorkerCredential(("team-a", "a"), "a-w0", UID), "pod-tok")
     store.upsert_secret(("team-a", "a-worker-token"), None)
     got = await echoed(await client.patch("/api/v1/executions/e-1", data=b"{}",
                                           headers={"Authorization": "UserKey pod-tok"}))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.unit.factories import queue, secret_body
+from tests.unit.factories import UID, queue, secret_body
 from workerqueue_operator.core import queues, reconciler
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -110,12 +110,18 @@ def test_passes_through_once_some_queue_has_an_upstream():
 
 def test_per_worker_tokens_name_their_pod_and_queue_and_go_with_their_secret():
     s, _ = store()
-    w0 = WorkerCredential(queue=("team-a", "q1"), pod="q1-w0")
+    s.upsert_queue(queue("q1", queueId="q-1"))
+    w0 = WorkerCredential(queue=("team-a", "q1"), pod="q1-w0", queue_uid=UID)
     s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0")
-    s.upsert_worker_credential(("team-a", "q2-w0-token"), WorkerCredential(queue=("team-a", "q2"), pod="q2-w0"),
-                               "tok-q2")
+    q2_w0 = WorkerCredential(queue=("team-a", "q2"), pod="q2-w0", queue_uid=UID)
+    s.upsert_worker_credential(("team-a", "q2-w0-token"), q2_w0, "tok-q2")
     assert s.worker_credential(queues.digest("tok-0")) == w0
     assert s.queue_of_token(queues.digest("tok-0")) == ("team-a", "q1")
+    assert s.queue_of_token(queues.digest("tok-q2")) is None  # no such queue
+    # A queue made again under the name (`kubectl replace --force`) is not the old pod token's.
+    s.upsert_queue(queue("q1", queueId="q-1", uid="another-uid"))
+    assert s.queue_of_token(queues.digest("tok-0")) is None
+    s.upsert_queue(queue("q1", queueId="q-1"))
     assert s.worker_credential_secrets(("team-a", "q1")) == {"q1-w0": ("team-a", "q1-w0-token")}
     # Rotated in place: the old token opens nothing any more.
     s.upsert_worker_credential(("team-a", "q1-w0-token"), w0, "tok-0b")

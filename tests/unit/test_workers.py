@@ -226,7 +226,7 @@ def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
     q = queue(queueId="q-1")
     body = workers.credential_secret_body(q, "q1-w7", "tok", now=1767225690.25)
     assert body["metadata"]["name"] == "q1-w7-token"
-    assert workers.credential_from_secret(body) == ((q.namespace, q.name), "q1-w7", "tok")
+    assert workers.credential_from_secret(body) == ((q.namespace, q.name), q.uid, "q1-w7", "tok")
     assert workers.credential_from_secret({"metadata": {"name": "q1-worker-token", "labels": {}}}) is None
     assert workers.made_at(body) == 1767225690.25  # to the microsecond
     del body["metadata"]["annotations"][workers.MADE_ANNOTATION]

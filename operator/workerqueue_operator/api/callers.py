@@ -81,8 +81,8 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
 
 def opens(request: web.Request, caller: Caller, resolution: Resolution) -> bool:
     """Whether a queue or per-worker token belongs to this queue."""
-    if caller.worker is not None:
-        return caller.worker.queue == resolution.queue.key
+    if caller.worker is not None:  # made for this very queue, not a deleted namesake
+        return caller.worker.queue == resolution.queue.key and caller.worker.queue_uid == resolution.queue.uid
     return request.app[STORE].opens(resolution, caller.token_digest)
 
 

@@ -39,7 +39,7 @@ async def _worker(request: web.Request, caller: callers.Caller, *, expired: bool
     resolution = request.app[STORE].resolution(worker.queue) if worker is not None else None
     if worker is None or resolution is None or resolution.queue.uid != worker.queue_uid:
         return errors.detail(404, NOT_FOUND)
-    if caller.worker is not None and worker.pod is not None and caller.worker.pod != worker.pod:
+    if caller.worker is not None and caller.worker.pod != worker.pod:  # its own pod's worker only
         return errors.detail(403, "This token belongs to another worker")
     denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
                                      token_message="This token may not act for workers of this worker queue")

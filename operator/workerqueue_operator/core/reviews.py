@@ -195,6 +195,10 @@ class Reviewer:
         status = answer.get("status", {})
         if not status.get("authenticated"):
             return None
+        # An authenticator that ignores audiences answers none: the token is then the API server's
+        # own, not one meant for this operator (as the TokenReview API asks its clients to check).
+        if self._audiences and not set(self._audiences) & set(status.get("audiences") or ()):
+            return None
         user = status.get("user", {})
         return Identity(
             username=user.get("username", ""),

@@ -26,6 +26,8 @@ class WorkerCredential:
 
     queue: QueueKey
     pod: str
+    queue_uid: str
+    """The uid of the queue it was made for: a queue made again under the name is not opened by it."""
     since: float | None = None
     """When the token was made, just before its pod (epoch seconds; see workers.made_at)."""
 
@@ -232,7 +234,8 @@ class Store:
         """
         credential = self._worker_tokens.get(token_digest)
         if credential is not None:
-            return credential.queue
+            queue = self._queues.get(credential.queue)
+            return credential.queue if queue is not None and queue.uid == credential.queue_uid else None
         owners = self._token_owners.get(token_digest)
         if owners is None or len(owners) != 1:
             return None

@@ -105,8 +105,8 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: flo
     }
 
 
-def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, str, str | None] | None:
-    """(queue, pod, token) of a per-worker token Secret; None for any other Secret."""
+def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, str, str, str | None] | None:
+    """(queue, queue uid, pod, token) of a per-worker token Secret; None for any other Secret."""
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get("app.kubernetes.io/component") != CREDENTIAL_COMPONENT:
         return None
@@ -115,7 +115,7 @@ def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, st
     if owner is None or not pod:
         return None
     token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
-    return owner[0], pod, token
+    return owner[0], owner[1], pod, token
 
 
 def credential_of(body: Mapping[str, Any], queue: QueueObject) -> bool:

@@ -10,7 +10,7 @@ import json
 import ssl
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -202,14 +202,15 @@ class KubeClient:
         return await self.request("DELETE", path, body=body)
 
     async def watch(self, path: str, params: Mapping[str, str], *, timeout: float, idle: float | None = None,
-                    max_line: int = MAX_WATCH_LINE) -> AsyncGenerator[JSON, None]:
+                    max_line: int = MAX_WATCH_LINE,
+                    on_open: Callable[[], None] | None = None) -> AsyncGenerator[JSON, None]:
         """The events of one watch request, until the server ends it.
 
         With `idle`, WatchIdle once nothing at all has come for that many seconds after the server
         answered, for the caller to watch again: a connection dropped without a word (a load
         balancer's or NAT's idle cut) would otherwise go unnoticed for the whole `timeout`. The API
         server sends a bookmark a minute to a watch that allows them, so a live one is never quiet
-        that long.
+        that long. `on_open` is called once the server has accepted the watch (answered 200).
         """
         session = self._watch_session_or_new()
         silence = idle if idle is not None else timeout + 30
@@ -221,6 +222,8 @@ class KubeClient:
         ) as response:
             if response.status >= 400:
                 raise _api_error(response.status, await response.read(), path)
+            if on_open is not None:
+                on_open()
             try:
                 async for line in watch_lines(response.content, max_line=max_line):
                     yield json.loads(line)

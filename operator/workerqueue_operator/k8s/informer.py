@@ -6,9 +6,12 @@ are reported as deleted too. `synced` is set after the first complete list.
 A watch never dies quietly: whatever breaks it (the API server, the network, an event too large, an
 ERROR event other than 410) is logged in one line with its cause, counted in `failures`, and the
 informer relists after a back-off; `down_since` says since when it has been failing, for readiness.
-A successful list alone is no recovery: only a watch that has run for STABLE_SECONDS resets the
-back-off and `down_since`, so a watch refused after every good list (429, RBAC without `watch`)
-backs off and turns the replica unready rather than relisting twice a second for ever.
+A successful list alone is no recovery: only a watch the API server accepted and that has run for
+STABLE_SECONDS since resets the back-off and `down_since`, so a watch refused after every good list
+(429, RBAC without `watch`, however long the refusal takes) backs off and turns the replica unready
+rather than relisting twice a second for ever. A watch the server ends before STABLE_SECONDS
+without a single event (a proxy closing watches at once) is a failure too, not a reason to watch
+again at once.
 A callback that fails on one object fails for that object only (logged with its traceback, counted
 in `callback_failures`): relisting would meet the same object again, and every object after it
 would go unseen, in every namespace.
@@ -33,6 +36,10 @@ IDLE_SECONDS = 70.0
 """Past the API server's bookmark a minute: a watch silent that long has lost its connection."""
 STABLE_SECONDS = 2.0
 """A watch open this long without failing works: the informer is healthy again."""
+
+
+class ShortWatch(Exception):
+    """The server ended a watch at once without an event: failing like a refusal, backed off."""
 
 ObjectKey = tuple[str, str]
 OnUpsert = Callable[[dict[str, Any]], None]
@@ -148,13 +155,22 @@ class Informer:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self._watch_seconds),
         }
-        working = asyncio.get_running_loop().call_later(STABLE_SECONDS, self._working)
+        loop = asyncio.get_running_loop()
+        working: list[asyncio.TimerHandle] = []
+        started = loop.time()
+        events_seen = 0
+
+        def opened() -> None:  # counted from the API server's answer, not from the request
+            working.append(loop.call_later(STABLE_SECONDS, self._working))
+
         try:
             # Closed on the spot however the loop ends (a return, an error, a cancel): left to the
             # collector, the watch's connection would stay open until it ran.
-            stream = self._client.watch(self._path, params, timeout=self._watch_seconds, idle=self._idle_seconds)
+            stream = self._client.watch(self._path, params, timeout=self._watch_seconds, idle=self._idle_seconds,
+                                        on_open=opened)
             async with contextlib.aclosing(stream) as events:
                 async for event in events:
+                    events_seen += 1
                     kind, obj = event.get("type"), event.get("object", {})
                     if kind == "ERROR":
                         if obj.get("code") == 410:  # Gone: the version is too old, list again
@@ -180,5 +196,8 @@ class Informer:
             self.idle_restarts += 1
             logger.info("watch %s: %s; watching again", self.name, exc)
         finally:
-            working.cancel()
+            for timer in working:
+                timer.cancel()
+        if not events_seen and loop.time() - started < STABLE_SECONDS:
+            raise ShortWatch("the API server ended the watch at once, without an event")
         return version
