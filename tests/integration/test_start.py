@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -303,113 +304,114 @@ def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its
     assert operator.start_worker(spec["queueId"], new_token).status == 200
 
 
+class InProcess:
+    """The status writer and the worker supervisor run here, in-process on the real API server, with
+    their Store fed by hand, so that the order of events is exactly a test's; the session's operator
+    is paused meanwhile (it would write the status itself)."""
+
+    def __init__(self, kube: Kube, kubeconfig: Path, namespace: str, name: str) -> None:
+        self.kube, self.namespace, self.name, self.key = kube, namespace, name, (namespace, name)
+        self.secret = (namespace, f"{name}-token")
+        self.spec = {"queueId": f"{name}-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
+                     "auth": {"tokenSecretRefs": [{"name": self.secret[1], "key": "token"}]}}
+        self.client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+        self.store = Store(settings=Settings())
+        activity = Activity(identity="test", priority=0)
+        self.writer = Reconciler(store=self.store, client=self.client, resync_seconds=3600,
+                                 events=EventPoster(self.client), activity=activity)
+        self.supervisor = Supervisor(store=self.store, client=self.client, settings=Settings(),
+                                     events=EventPoster(self.client), activity=activity)
+        kube.put_secret(namespace, self.secret[1], token="t")
+
+    async def create_ready(self) -> None:
+        """The queue made, seen (as the watch would tell), and its status written: Ready."""
+        self.store.upsert_queue(queues.QueueObject.from_body(self.kube.create_queue(self.namespace, self.name,
+                                                                                    **self.spec)))
+        self.store.fill_secret(self.secret, {"token": "t"})
+        await self.writer.reconcile(self.key)
+        assert (self.kube.condition(self.namespace, self.name) or {}).get("status") == "True"
+
+    def watched(self) -> None:
+        """The watch catches up: the Store holds the queue as the API server has it now."""
+        self.store.refresh_queue(queues.QueueObject.from_body(self.kube.get_queue(self.namespace, self.name)))
+
+
+@pytest.fixture
+async def in_process(operator: OperatorProcess, kube: Kube, kubeconfig: Path,
+                     namespace: str) -> AsyncIterator[Callable[[str], InProcess]]:
+    made: list[InProcess] = []
+
+    def make(name: str) -> InProcess:
+        made.append(InProcess(kube, kubeconfig, namespace, name))
+        return made[-1]
+
+    try:
+        with operator.paused():
+            yield make
+    finally:
+        for each in made:
+            await each.client.close()
+
+
 async def test_a_queue_made_again_before_the_status_writer_saw_it_go_gets_a_status_of_its_own(
-    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
     """Deleted and made again under the same name and spec (`kubectl replace --force`), both events
     in before the status writer's next pass (a backlog, a relist): what it wrote to the old queue is
-    not the new one's status. The writer runs here in-process on the real API server, so that the
-    order is exactly that one."""
-    kube.put_secret(namespace, "twice-token", token="t")
-    spec = {"queueId": f"twice-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
-            "auth": {"tokenSecretRefs": [{"name": "twice-token", "key": "token"}]}}
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
-    store = Store(settings=Settings())
-    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client),
-                        activity=Activity(identity="test", priority=0))
-    key = (namespace, "twice")
-    try:
-        with operator.paused():  # the session's operator would write the status itself
-            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twice", **spec)))
-            store.fill_secret((namespace, "twice-token"), {"token": "t"})
-            await writer.reconcile(key)
-            assert (kube.condition(namespace, "twice", "Ready") or {}).get("status") == "True"
-            kube.delete_queue(namespace, "twice")
-            store.remove_queue(key)
-            wait_for(lambda: not kube.custom.list_namespaced_custom_object(
-                "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
-            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twice", **spec)))
-            store.fill_secret((namespace, "twice-token"), {"token": "t"})  # read again, as for any new user of it
-            await writer.reconcile(key)
-            assert (kube.condition(namespace, "twice", "Ready") or {}).get("status") == "True"
-    finally:
-        await client.close()
+    not the new one's status."""
+    here = in_process("twice")
+    await here.create_ready()
+    kube.delete_queue(namespace, "twice")
+    here.store.remove_queue(here.key)
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(
+        "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
+    await here.create_ready()  # its token Secret read again, as for any new user of it
 
 
 async def test_a_status_written_from_an_older_copy_of_the_queue_keeps_what_the_supervisor_wrote_since(
-    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
     """The conditions are one list in a merge patch: the status writer, working from the copy its
-    watch last brought, must not undo the TemporalReachable the supervisor wrote after that copy.
-    The writer runs in-process on the real API server, its Store fed by hand, so that the watch is
-    behind exactly then."""
-    kube.put_secret(namespace, "late-token", token="t")
-    spec = {"queueId": f"late-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
-            "auth": {"tokenSecretRefs": [{"name": "late-token", "key": "token"}]}}
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
-    store = Store(settings=Settings())
-    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client),
-                        activity=Activity(identity="test", priority=0))
-    key = (namespace, "late")
+    watch last brought, must not undo the TemporalReachable the supervisor wrote after that copy."""
+    here = in_process("late")
+    writer, key = here.writer, here.key
     reachable = {"type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable",
                  "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}
-    try:
-        with operator.paused():  # the session's operator would write the status itself
-            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "late", **spec)))
-            store.fill_secret((namespace, "late-token"), {"token": "t"})
-            await writer.reconcile(key)
-            assert (kube.condition(namespace, "late") or {}).get("status") == "True"
-            # The supervisor's write, as it makes it (supervisor.py), not seen by the Store.
-            await client.patch(f"{resources.queue_path(namespace, 'late')}/status",
-                               [{"op": "add", "path": "/status/conditions/-", "value": reachable}],
-                               content_type=client_.JSON_PATCH)
-            store.upsert_secret((namespace, "late-token"), None)  # the token Secret deleted: Ready=False
-            await writer.reconcile(key)
-            assert kube.condition(namespace, "late", "TemporalReachable") == reachable
-            # Tried again in 1 s, then 2 s, ... while the watch does not bring the newer queue.
-            loop = asyncio.get_running_loop()
-            assert 0.5 < writer._queue._timers[key].when() - loop.time() <= 1.0
-            writer._queue._timers.pop(key).cancel()  # as if it had come due (the writer does not run here)
-            await writer.reconcile(key)
-            assert 1.5 < writer._queue._timers[key].when() - loop.time() <= 2.0
-            # The watch catches up: the status is written over the newer queue.
-            store.refresh_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "late")))
-            await writer.reconcile(key)
-            assert (kube.condition(namespace, "late") or {}).get("reason") == "SecretNotFound"
-            assert kube.condition(namespace, "late", "TemporalReachable") == reachable
-            assert key not in writer._conflicts
-    finally:
-        await client.close()
+    await here.create_ready()
+    # The supervisor's write, as it makes it (supervisor.py), not seen by the Store.
+    await here.client.patch(f"{resources.queue_path(namespace, 'late')}/status",
+                            [{"op": "add", "path": "/status/conditions/-", "value": reachable}],
+                            content_type=client_.JSON_PATCH)
+    here.store.upsert_secret(here.secret, None)  # the token Secret deleted: Ready=False
+    await writer.reconcile(key)
+    assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+    # Tried again in 1 s, then 2 s, ... while the watch does not bring the newer queue.
+    loop = asyncio.get_running_loop()
+    assert 0.5 < writer._queue._timers[key].when() - loop.time() <= 1.0
+    writer._queue._timers.pop(key).cancel()  # as if it had come due (the writer does not run here)
+    await writer.reconcile(key)
+    assert 1.5 < writer._queue._timers[key].when() - loop.time() <= 2.0
+    here.watched()  # the status is written over the newer queue
+    await writer.reconcile(key)
+    assert (kube.condition(namespace, "late") or {}).get("reason") == "SecretNotFound"
+    assert kube.condition(namespace, "late", "TemporalReachable") == reachable
+    assert key not in writer._conflicts
 
 
 async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_behind(
-    operator: OperatorProcess, kube: Kube, namespace: str, kubeconfig: Path,
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
     """A scaling queue is probed every second: a second probe before the watch brought the first
     one's condition must not add it again (the conditions list is no map to the API server, which
-    would keep both). The supervisor runs in-process on the real API server, its Store fed by hand."""
-    kube.put_secret(namespace, "twin-token", token="t")
-    spec = {"queueId": f"twin-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"},
-            "auth": {"tokenSecretRefs": [{"name": "twin-token", "key": "token"}]}}
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
-    store = Store(settings=Settings())
-    activity = Activity(identity="test", priority=0)
-    writer = Reconciler(store=store, client=client, resync_seconds=3600, events=EventPoster(client), activity=activity)
-    watcher = Supervisor(store=store, client=client, settings=Settings(), events=EventPoster(client), activity=activity)
-    key = (namespace, "twin")
-    try:
-        with operator.paused():  # the session's operator would write the status itself
-            store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "twin", **spec)))
-            store.fill_secret((namespace, "twin-token"), {"token": "t"})
-            await writer.reconcile(key)
-            store.refresh_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "twin")))  # Ready, as watched
-            probe = supervisor_._Probe(reachable=False, reason="TemporalUnavailable", message="no answer")
-            await watcher._show(key, probe)
-            await watcher._show(key, probe)  # the watch has not brought the first one
-            conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
-            assert [c["type"] for c in conditions].count("TemporalReachable") == 1
-    finally:
-        await client.close()
+    would keep both)."""
+    here = in_process("twin")
+    await here.create_ready()
+    here.watched()
+    probe = supervisor_._Probe(reachable=False, reason="TemporalUnavailable", message="no answer")
+    await here.supervisor._show(here.key, probe)
+    await here.supervisor._show(here.key, probe)  # the watch has not brought the first one
+    conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
+    assert [c["type"] for c in conditions].count("TemporalReachable") == 1
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):
