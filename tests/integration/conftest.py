@@ -25,6 +25,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from tests.proxy import Proxy
 from workerqueue_operator.devcluster import controlplane
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
@@ -361,3 +362,19 @@ def contract() -> dict[str, Any]:
             loaded: dict[str, Any] = yaml.safe_load(path.read_text())
             return loaded
     pytest.fail("the API contract shared/spec/start-worker-for-queue.openapi.yaml was not found beside the repo")
+
+
+@pytest.fixture
+def proxied_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[Path, Proxy]]:
+    """The admin kubeconfig reaching the API server through a Proxy on loopback (network faults)."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    server = config["clusters"][0]["cluster"]["server"]
+    host, port = re.match(r"https?://([^:/]+):(\d+)", server).groups()  # type: ignore[union-attr]
+    proxy = Proxy((host, int(port)))
+    config["clusters"][0]["cluster"]["server"] = server.replace(f":{port}", f":{proxy.port}")
+    path = tmp_path / "proxied.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        yield path, proxy
+    finally:
+        proxy.close()

@@ -13,7 +13,9 @@ from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
+from tests.proxy import Proxy
 from workerqueue_operator.core import queues
+from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.k8s import client as client_
@@ -295,3 +297,30 @@ async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lea
         assert reg.get("w-kept") is not None
     finally:
         await client.close()
+
+
+async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(
+    kube: Kube, namespace: str, kubeconfig: Path, proxied_kubeconfig: tuple[Path, Proxy],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Each call of a claim is bounded, and so is the claim: with every slot taken by Leases this
+    replica has not seen yet, it tries them one by one, each answered late (1 s a chunk here)."""
+    body = kube.create_queue(namespace, "slow", queueId=f"slow-{namespace}", temporal=TEMPORAL, maxWorkers=10)
+    queue = queues.QueueObject.from_body(body)
+    direct = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    config, proxy = proxied_kubeconfig
+    slow = client_.KubeClient(client_.load_configuration(str(config)))
+    try:
+        first = Registry(client=direct, events=EventPoster(direct), queue_of=lambda key: queue)
+        for i in range(10):
+            assert await first.claim(queue, f"w-{i}", limit=10) is not None
+        other = Registry(client=slow, events=EventPoster(slow), queue_of=lambda key: queue)  # sees none of them
+        monkeypatch.setattr(registry_, "CLAIM_DEADLINE_SECONDS", 3.0)
+        proxy.latency = 1.0
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await other.claim(queue, "w-late", limit=10)
+        assert time.monotonic() - began < 6
+    finally:
+        await direct.close()
+        await slow.close()

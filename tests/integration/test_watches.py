@@ -7,14 +7,12 @@ import base64
 import contextlib
 import logging
 import os
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
@@ -42,21 +40,6 @@ def test_a_one_mebibyte_secret_leaves_the_watches_working(operator: OperatorProc
     wait_for(lambda: operator.start_worker(f"after-{namespace}", token).json()["temporal_api_key"] == "rotated",
              timeout=15, what="a rotation seen through the Secret watch")
     assert "watch secrets" not in operator.logs()
-
-
-@pytest.fixture
-def proxied_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[Path, Proxy]]:
-    config = yaml.safe_load(kubeconfig.read_text())
-    server = config["clusters"][0]["cluster"]["server"]
-    host, port = re.match(r"https?://([^:/]+):(\d+)", server).groups()  # type: ignore[union-attr]
-    proxy = Proxy((host, int(port)))
-    config["clusters"][0]["cluster"]["server"] = server.replace(f":{port}", f":{proxy.port}")
-    path = tmp_path / "proxied.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    try:
-        yield path, proxy
-    finally:
-        proxy.close()
 
 
 def failures(op: OperatorProcess) -> dict[str, float]:

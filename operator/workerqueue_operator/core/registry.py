@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 API_TIMEOUT = 5.0
 """Every API-server call of the registry is bounded by this many seconds."""
+CLAIM_DEADLINE_SECONDS = 10.0
+"""A slot claim (maxWorkers) takes one or two API-server calls per slot tried, each within API_TIMEOUT:
+all of them within this, or the claim fails (/start answers 503)."""
 RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
@@ -377,6 +380,13 @@ class Registry:
         """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
 
         Raises the API error (or a timeout) when the API server cannot be asked."""
+        async with asyncio.timeout(CLAIM_DEADLINE_SECONDS):
+            return await self._claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
+                                     system_info=system_info, interval=interval)
+
+    async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
+                     hostname: str | None, system_info: wire.WorkerSystemInfo | None,
+                     interval: float | None) -> Worker | None:
         now = self._clock()
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
