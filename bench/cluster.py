@@ -160,7 +160,7 @@ async def _wait_ready(kubectl: Kubectl, namespace: str, count: int, *, say: Say,
             if done >= count:
                 return
             if ready and done // 2500 != last // 2500:  # not before the first list: "0/0"
-                say(f"  {done}/{len(ready)} queues Ready")
+                say(f"  {done}/{len(ready)} queues Ready ({time.monotonic() - began:.1f}s into the wait)")
                 last = done
             if time.monotonic() - began > timeout:
                 raise ClusterError(f"only {done} of {count} queues in {namespace} became Ready within {timeout:.0f}s")

@@ -46,6 +46,11 @@ CONCURRENCY = (1, 16, 128)
 QUICK_QUEUES = (3,)
 QUICK_CONCURRENCY = (1, 4)
 PASSTHROUGH_CONCURRENCY = (1, 16)
+MEASURED = ("kube-apiserver", "etcd", "kube-controller-manager")
+"""The control plane's processes whose CPU the scale runs report (the garbage collector follows every
+owned object, a generated token Secret too)."""
+SCALE_KINDS = ("shared", "generated")
+"""The scale runs: one token Secret shared by all queues, or one generated per queue by the operator."""
 PASSTHROUGH_PATH = "/api/v1/executions/{queue_id}"
 """What a worker's activity reads most: its execution (the stand-in answers any path alike)."""
 EXECUTION = {"id": "exec-bench", "status": "running", "agent_id": "agent-bench", "organization_id": "org-bench",
@@ -67,6 +72,13 @@ def _ints(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not kinds or any(kind not in SCALE_KINDS for kind in kinds):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(SCALE_KINDS)}, got {text!r}")
+    return kinds
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=10_000,
                    help="queues that exist before the operator starts, for Ready time and RSS, once with a "
                         "shared token Secret and once with one generated per queue (default 10000; 0: skip)")
+    p.add_argument("--scale-secrets", type=_kinds, default=SCALE_KINDS,
+                   help="which of the scale runs: shared, generated or both (default shared,generated)")
     p.add_argument("--handover-samples", type=int, default=3,
                    help="SIGKILLs of the active replica of two under peering (default 3; 0: skip)")
     p.add_argument("--no-handover-baseline", action="store_true",
@@ -217,11 +231,11 @@ class Bench:
         self.children.stop(operator.popen)
         self.children.stop(upstream.popen)
 
-    def measure_scale(self, count: int) -> None:
+    def measure_scale(self, count: int, kinds: Sequence[str] = SCALE_KINDS) -> None:
         """`count` queues made before the operator starts: its Ready time and memory (issue 11)."""
         if count <= 0:
             return
-        for generated in (False, True):
+        for generated in [kind == "generated" for kind in kinds]:
             namespace = f"bench-scale-{'generated' if generated else 'shared'}"
             say(f"creating {count} WorkerQueues in {namespace} "
                 f"({'a token Secret generated per queue' if generated else 'one shared token Secret'})")
@@ -249,7 +263,7 @@ class Bench:
                 result, _ = self._load(operator, targets_file, 16, count)
                 self.scale_p50 = result["p50_ms"]
             self.scale.append(report.Footprint(
-                queues=count, ready_seconds=ready_seconds, rss_ready_kib=rss,
+                queues=count, generated=generated, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),
                 peak_rss_kib=procs.peak_rss_kib(operator.popen.pid), idle_cpu=idle, cpu_until_ready=spent,
                 writes_until_ready=writes))
@@ -491,15 +505,14 @@ def main(argv: list[str] | None = None) -> int:
             kubectl = cluster.Kubectl(bin_dir / "kubectl", control_plane.kubeconfig)
             cluster.install_crd(kubectl)
             bench = Bench(args, kubectl=kubectl, kubeconfig=control_plane.kubeconfig, children=children,
-                          work_dir=work_dir,
-                          servers={name: control_plane.pid(name) for name in ("kube-apiserver", "etcd")})
+                          work_dir=work_dir, servers={name: control_plane.pid(name) for name in MEASURED})
             bench.run(args.queues, args.concurrency)
             bench.measure_spawn()
             bench.measure_scaling()
             bench.measure_heartbeats()
             if not args.no_passthrough:
                 bench.measure_passthrough(args.passthrough)
-            bench.measure_scale(args.scale)
+            bench.measure_scale(args.scale, args.scale_secrets)
             bench.measure_handover()
             failed = False
         except procs.Interrupted:

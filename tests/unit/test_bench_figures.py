@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench import cluster, report
+import pytest
+from bench import cluster, report, start
 
 METRICS = """\
 # HELP apiserver_request_total [STABLE] Counter of apiserver requests
@@ -33,3 +34,18 @@ def test_writes_between_keeps_the_writes_made_meanwhile_most_first() -> None:
     assert report.writes_text(writes, 6) == (
         "POST secrets 18 (3.00 a queue), PATCH workerqueues/status 6 (1.00 a queue), POST events 1 (0.17 a queue)")
     assert report.writes_text({}, 6) == "none"
+
+
+def test_a_scale_run_is_named_by_its_own_kind_when_only_one_kind_ran() -> None:
+    generated = report.Footprint(queues=10, generated=True, ready_seconds=3.0, rss_ready_kib=1024,
+                                 rss_after_load_kib=None, peak_rss_kib=2048, idle_cpu=0.0)
+    text = report.scale_lines([generated], None, [])
+    assert "a token Secret generated per queue: Ready after 3.0s" in text
+    assert "shared" not in text
+
+
+def test_scale_secrets_takes_either_kind_and_refuses_others() -> None:
+    assert start.parser().parse_args(["--scale-secrets", "generated"]).scale_secrets == ("generated",)
+    assert start.parser().parse_args([]).scale_secrets == ("shared", "generated")
+    with pytest.raises(SystemExit):
+        start.parser().parse_args(["--scale-secrets", "both"])
