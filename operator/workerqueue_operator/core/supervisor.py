@@ -234,7 +234,8 @@ class Supervisor:
         pods = await self._list_pods(queue)
         if not self._activity.is_active():
             return  # paused while listing
-        alive = [p["metadata"]["name"] for p in pods if workers.Pod.from_body(p).alive]
+        parsed = [workers.Pod.from_body(p) for p in pods]
+        alive = [pod.name for pod in parsed if pod.alive]
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
@@ -246,13 +247,13 @@ class Supervisor:
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
         demand = self._demand.get(key)
-        plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
-                            created=created, settings=self._settings, demand=demand)
+        plan = workers.plan(queue, parsed, previous=previous, now=now, created=created, settings=self._settings,
+                            demand=demand)
         if demand is not None and any(name in alive for name in plan.delete):
             # Taken for idle by the workflows they hold: one may run another workflow's activity.
             demand = await self._with_activities(key, demand)
-            plan = workers.plan(queue, [workers.Pod.from_body(p) for p in pods], previous=previous, now=now,
-                                created=created, settings=self._settings, demand=demand)
+            plan = workers.plan(queue, parsed, previous=previous, now=now, created=created,
+                                settings=self._settings, demand=demand)
         alive_before = self._alive.get(key, 0)
         self._alive[key] = len(alive) + len(plan.create)
         if self._alive[key] and not alive_before and key in self._probes:
