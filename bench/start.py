@@ -37,6 +37,7 @@ from typing import Any
 from bench import cluster, handover, heartbeats, loadgen, procs, report, scaling, spawn
 from bench.loadgen import LoadResult, Target
 from workerqueue_operator.devcluster import assets as assets_
+from workerqueue_operator.devcluster import procs as procs_
 from workerqueue_operator.devcluster.controlplane import ControlPlane, ControlPlaneError
 from workerqueue_operator.devcluster.temporal import TemporalError, TemporalServer
 
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         args.passthrough = (1, 4)
         args.scale, args.handover_samples, args.no_handover_baseline = 200, 1, True
     began = time.monotonic()
+    procs_.bypass_proxies_for_loopback()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="wq-bench-", dir=args.work_dir))

@@ -20,12 +20,17 @@ from kubernetes import client
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
+from workerqueue_operator.devcluster import procs
 from workerqueue_operator.devcluster.assets import find_assets
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    procs.bypass_proxies_for_loopback()  # all test traffic stays on loopback, whatever proxy CI sets
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -26,7 +26,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.proxy import Proxy
-from workerqueue_operator.devcluster import controlplane
+from workerqueue_operator.devcluster import controlplane, procs
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,14 +135,40 @@ class OperatorProcess:
                # No Service in front: a stop need not wait for one (test_drain.py sets it).
                "WQ_HTTP_DRAIN_SECONDS": "0",
                **self._env}
+        first = self.process is None
+        for attempt in (1, 2):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._spawn(env)
+                wait_for(self.ready, timeout=60, what=f"operator readiness (log: {self.log_path})")
+                return self
+            except BaseException:
+                self.stop()  # never left running by a failed start, a timeout or Ctrl-C
+                collided = "address already in use" in self._log_since(logged).lower()
+                # The port picked as free was taken before the operator bound it. Only a first start
+                # moves to another: a restart keeps the URL the test holds.
+                if not (first and attempt == 1 and collided):
+                    raise
+            self.port = free_port()
+            self.url = f"{'https' if self.context else 'http'}://127.0.0.1:{self.port}"
+            env["WQ_HTTP_PORT"] = str(self.port)
+        raise AssertionError("unreachable")
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        # Its own session (stopped as a group), and killed with pytest should pytest itself be killed.
+        preexec = procs.die_with_parent(os.getpid())
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self._kubeconfig),
                  *self._args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=self._limit_fds if self._fd_limit else None)
-        wait_for(self.ready, timeout=60, what=f"operator readiness (log: {self.log_path})")
-        return self
+                preexec_fn=procs.chain(preexec, self._limit_fds) if self._fd_limit else preexec)
+
+    def _log_since(self, offset: int) -> str:
+        with contextlib.suppress(OSError), self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+        return ""
 
     def _limit_fds(self) -> None:
         assert self._fd_limit is not None

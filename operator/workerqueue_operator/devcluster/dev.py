@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from workerqueue_operator.devcluster import assets as assets_
-from workerqueue_operator.devcluster import controlplane
+from workerqueue_operator.devcluster import controlplane, procs
 from workerqueue_operator.devcluster.controlplane import ControlPlane, run_until_signal
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer, find_cli
@@ -98,6 +98,7 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
     from workerqueue_operator import runner
 
     runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
+    procs.bypass_proxies_for_loopback()
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()

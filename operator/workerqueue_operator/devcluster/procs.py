@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Self
 
 STOP_GRACE_SECONDS = 10.0
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWUTS = 0x04000000
 
@@ -127,6 +128,18 @@ def can_own_hostname() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return True
+
+
+def bypass_proxies_for_loopback() -> None:
+    """Names loopback in NO_PROXY/no_proxy, for this process and its children: Python's urllib and
+    the kubernetes client send even 127.0.0.1 through an HTTPS_PROXY the environment names, and a
+    CI host's proxy cannot reach this machine's loopback."""
+    # One list in both spellings: where both are set, urllib reads only the lower-case one.
+    listed: list[str] = []
+    for name in ("NO_PROXY", "no_proxy"):
+        listed += [h.strip() for h in os.environ.get(name, "").split(",") if h.strip() and h.strip() not in listed]
+    value = ",".join(listed + [host for host in LOOPBACK_NAMES if host not in listed])
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = value
 
 
 def chain(*preexecs: Callable[[], None]) -> Callable[[], None]:
