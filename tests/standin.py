@@ -39,6 +39,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if tail.endswith("stream") and request.method == "GET":
         return await _events(request)
+    if tail.endswith("redirect"):  # elsewhere on this host, websocket handshakes too
+        raise web.HTTPTemporaryRedirect("/api/v1/redirected")
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _websocket(request)
     digest, length = hashlib.sha256(), 0
@@ -51,7 +53,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
         "headers": [[k, v] for k, v in request.headers.items()],
         "body_length": length,
         "body_sha256": digest.hexdigest(),
-    }, status=int(request.headers.get("X-Answer-Status", "200")), headers={"X-Stand-In": "yes"})
+    }, status=int(request.headers.get("X-Answer-Status", "200")),
+        headers={"X-Stand-In": "yes", "Set-Cookie": "standin-session=s3cret; Path=/"})
 
 
 async def _events(request: web.Request) -> web.StreamResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -37,16 +38,23 @@ ROUTE = "/api/v1/{tail:.*}"
 WORKER_SCHEMES = ("bearer", "userkey")
 """How workers present their token: `Bearer` on most calls, `UserKey` on some activity calls."""
 
-# RFC 9110 §7.6.1 connection-specific headers, plus what the proxy sets itself (Host, Authorization)
-# or negotiates on its own with the upstream (Expect); Proxy-* are for a proxy, never passed on.
+# RFC 9110 §7.6.1 connection-specific headers, plus what the proxy sets itself (Host, Authorization,
+# X-Forwarded-Proto) or negotiates on its own with the upstream (Expect); Proxy-* are for a proxy,
+# never passed on. Where the request came from is the operator's to say, not the worker's. Cookies
+# neither way: a session the upstream opens for a request signed with the organization's key is
+# that key's, not the worker's to hold.
 _NOT_FORWARDED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Expect",
+    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Expect", "Cookie",
+    "Forwarded", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
 ))
 _NOT_RETURNED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding",
-    "Upgrade",
+    "Upgrade", "Set-Cookie",
 ))
+_DECODED = frozenset(("content-encoding", "content-length"))
+"""What a compressed request's body no longer is once aiohttp's server has decompressed it: it goes
+on decoded, chunked."""
 # The websocket handshake's own headers are the client library's business on each side.
 _WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
@@ -80,12 +88,14 @@ def request_headers(
     the organization's credential and where the request came from."""
     pairs = list(incoming)
     dropped = _NOT_FORWARDED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
+    if any(k.lower() == "content-encoding" for k, _ in pairs):
+        dropped |= _DECODED
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
     if remote:
         previous = out.getall("X-Forwarded-For", [])
         out["X-Forwarded-For"] = ", ".join([*previous, remote])
-    out.setdefault("X-Forwarded-Proto", proto)
+    out["X-Forwarded-Proto"] = proto
     return out
 
 
@@ -112,7 +122,9 @@ def stays_under(raw_path: str) -> bool:
     path = raw_path.partition("?")[0]
     if not path.startswith("/") or path.startswith("//"):
         return False
-    return not any(unquote(segment) in (".", "..") for segment in path.split("/"))
+    # Decoded whole, then split: `%2e%2e%2f` is `../` to whatever decodes the path before resolving
+    # it, and a backslash is a separator to some servers.
+    return not any(part in (".", "..") for part in re.split(r"[/\\]", unquote(path)))
 
 
 def target_url(base: str, raw_path: str) -> URL:
@@ -178,6 +190,7 @@ class Passthrough:
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
             raise_for_status=False,
+            trace_configs=[_no_websocket_redirects()],
             # trust_env stays off: it would read ~/.netrc for every request and refuse our Authorization
             # where an entry matches; HTTPS_PROXY is therefore not used either.
         )
@@ -242,6 +255,9 @@ class Passthrough:
                     if upload is not None:
                         upload.held = False  # an answer may come before the whole body is sent
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            if upload is not None and upload.worker_gone:
+                # Not the upstream's failure: counted as the worker's leaving (499), as on any route.
+                raise ConnectionResetError("the worker went away while sending its body") from exc
             if upload is not None and upload.worker_stalled and isinstance(exc, TimeoutError):
                 late = errors.detail(408, "Request body not received in time")
                 late.force_close()
@@ -326,6 +342,9 @@ class Passthrough:
             theirs = await self._session.ws_connect(
                 target_url(upstream.url, request.raw_path), headers=headers, protocols=protocols,
                 autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
+        except _Redirected as exc:
+            stats.answered(exc.status, time.perf_counter() - started)
+            return errors.detail(502, f"The upstream control plane redirected the websocket ({exc.status})")
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream answered, only not with an upgrade (e.g. 401, 404): pass its status on.
             status = exc.status if 400 <= exc.status < 600 else 502
@@ -344,6 +363,24 @@ class Passthrough:
             self._websockets.discard(ours)
             await theirs.close()
         return ours
+
+
+class _Redirected(aiohttp.ClientError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"redirected ({status})")
+        self.status = status
+
+
+def _no_websocket_redirects() -> aiohttp.TraceConfig:
+    """A redirect is never followed. Forwarded requests ask so (allow_redirects=False); a websocket
+    handshake cannot, and following one would take the organization's key wherever it points."""
+    async def refuse(session: aiohttp.ClientSession, context: object,
+                     params: aiohttp.TraceRequestRedirectParams) -> None:
+        raise _Redirected(params.response.status)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(refuse)
+    return trace
 
 
 def _done_with(answer: aiohttp.ClientResponse, read_whole: bool) -> None:
@@ -371,6 +408,8 @@ class _Upload:
         self.held = True
         """Whether `deadline` still guards the request (only then may it move)."""
         self.worker_stalled = False
+        self.worker_gone = False
+        """Its connection ended before the whole body came."""
 
     def _move(self, when: float | None) -> None:
         if self.held:
@@ -381,7 +420,11 @@ class _Upload:
         while True:
             self.worker_stalled = True
             self._move(loop.time() + self._idle)
-            chunk = await self._content.readany()
+            try:
+                chunk = await self._content.readany()
+            except Exception:
+                self.worker_gone = True
+                raise
             self.worker_stalled = False
             if not chunk:
                 break
