@@ -72,6 +72,11 @@ def test_response_headers_drop_hop_by_hop_ones_and_cookies():
     ("https://cp.example/elsewhere", "https://cp.example/elsewhere"),
     ("https://other.example/base/api/v1/x", "https://other.example/base/api/v1/x"),
     ("/api/v1/x", "/api/v1/x"),
+    ("HTTPS://CP.example:443/base/api/v1/y", "/api/v1/y"),  # the same origin, as URLs compare
+    ("/base/api/v1/z?q=%2F#f", "/api/v1/z?q=%2F#f"),  # path-only: the upstream's own path
+    ("http://cp.example/base/api/v1/x", "http://cp.example/base/api/v1/x"),  # another scheme
+    ("https://cp.example/basement/x", "https://cp.example/basement/x"),
+    ("next", "next"),
 ])
 def test_redirects_into_the_upstream_stay_with_the_operator(location: str, expected: str):
     out = passthrough.response_headers([("Location", location)], upstream_url="https://cp.example/base")

@@ -107,9 +107,33 @@ def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) 
     dropped = _NOT_RETURNED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     location = out.get("Location")
-    if location is not None and location.startswith(upstream_url + "/"):
-        out["Location"] = location[len(upstream_url):]
+    if location is not None:
+        out["Location"] = _through_operator(location, upstream_url)
     return out
+
+
+def _through_operator(location: str, upstream_url: str) -> str:
+    """A redirect into the upstream's base URL as a path on the operator; any other as it is. The
+    scheme and host are compared as URLs compare them (case-insensitively, default ports), and a
+    path-only one counts as the upstream's (it is relative to the upstream)."""
+    try:
+        target, base = URL(location, encoded=True), URL(upstream_url)
+    except ValueError:
+        return location
+    if target.is_absolute():
+        if (target.scheme.lower(), (target.host or "").lower(), target.port) != (
+                base.scheme.lower(), (base.host or "").lower(), base.port):
+            return location
+    elif not location.startswith("/") or location.startswith("//"):
+        return location  # relative to the request's path, or to its scheme only: left as it is
+    prefix = base.raw_path.rstrip("/")
+    path = target.raw_path
+    if prefix and path != prefix and not path.startswith(prefix + "/"):
+        return location  # outside the base: not the pass-through's to serve
+    rest = path[len(prefix):] or "/"
+    query = f"?{target.raw_query_string}" if target.raw_query_string else ""
+    fragment = f"#{target.raw_fragment}" if target.raw_fragment else ""
+    return rest + query + fragment
 
 
 def stays_under(raw_path: str) -> bool:
