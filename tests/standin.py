@@ -31,7 +31,10 @@ async def echo(request: web.Request) -> web.StreamResponse:
     request.app[RECEIVED].append((request.method, request.raw_path, request.headers.get("Authorization")))
     tail = request.match_info["tail"]
     if tail.endswith("/hang") or tail == "hang" or tail.startswith("hang/"):
-        await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        finally:  # cancelled: the connection to it was closed (test servers cancel handlers)
+            request.app[RECEIVED].append(("GONE", request.raw_path, None))
     if tail.endswith("stall"):
         response = web.StreamResponse(headers={"Content-Length": request.query.get("length", "100")})
         await response.prepare(request)

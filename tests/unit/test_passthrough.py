@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -128,8 +129,14 @@ class OperatorLikeServer(TestServer):
 
 @pytest.fixture
 async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
+    async with serving(upstream) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving(upstream: TestServer, idle: float = 1) -> AsyncIterator[tuple[Store, TestClient]]:
     """Queue `a` (token tok-a) has an upstream, `b` (tok-b) another, `plain` (tok-p) none."""
-    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=1)
+    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle)
     store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
     store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
@@ -342,6 +349,31 @@ async def test_a_worker_that_leaves_mid_body_is_not_an_upstream_failure(hub: tup
         if 'kind="client_disconnected"' in text:
             break
         await asyncio.sleep(0.05)
+    assert 'workerqueue_http_problems_total{kind="client_disconnected"} 1' in text
+    assert "workerqueue_upstream_failures_total{" not in text
+
+
+async def test_a_worker_that_leaves_before_the_answer_frees_the_upstream_connection(upstream: TestServer):
+    async with serving(upstream, idle=60) as (_, client):
+        await _leave_before_the_answer(client, upstream)
+
+
+async def _leave_before_the_answer(client: TestClient, upstream: TestServer) -> None:
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /api/v1/executions/e-1/hang HTTP/1.1\r\nHost: operator\r\nAuthorization: Bearer tok-a\r\n\r\n")
+    await writer.drain()
+    received = upstream.app[standin.RECEIVED]
+    for _ in range(40):
+        if any(path == "/api/v1/executions/e-1/hang" for _, path, _ in received):
+            break
+        await asyncio.sleep(0.05)
+    writer.close()  # the worker gives up; the upstream is still thinking (for up to 60 s of idle timeout)
+    for _ in range(100):  # the operator looks every second
+        if ("GONE", "/api/v1/executions/e-1/hang", None) in received:
+            break
+        await asyncio.sleep(0.05)
+    assert ("GONE", "/api/v1/executions/e-1/hang", None) in received
+    text = await (await client.get("/metrics")).text()
     assert 'workerqueue_http_problems_total{kind="client_disconnected"} 1' in text
     assert "workerqueue_upstream_failures_total{" not in text
 

@@ -15,8 +15,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import unquote
 
 import aiohttp
@@ -31,6 +32,7 @@ from workerqueue_operator.k8s.client import tcp_connector
 from workerqueue_operator.models import settings as settings_
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
@@ -270,18 +272,18 @@ class Passthrough:
         try:
             async with upload.deadline if upload is not None else contextlib.nullcontext():
                 try:
-                    answer = await self._session.request(
+                    answer = await _unless_gone(request, self._session.request(
                         request.method, target_url(upstream.url, request.raw_path), headers=headers,
                         data=upload.chunks() if upload is not None else None, allow_redirects=False,
                         # What the worker did not send, the upstream must not get either (aiohttp adds these).
-                        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+                        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type")))
                 finally:
                     if upload is not None:
                         upload.held = False  # an answer may come before the whole body is sent
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-            if upload is not None and upload.worker_gone:
+            if (upload is not None and upload.worker_gone) or _worker_gone(request):
                 # Not the upstream's failure: counted as the worker's leaving (499), as on any route.
-                raise ConnectionResetError("the worker went away while sending its body") from exc
+                raise ConnectionResetError("the worker went away before the upstream's answer") from exc
             if upload is not None and upload.worker_stalled and isinstance(exc, TimeoutError):
                 late = errors.detail(408, "Request body not received in time")
                 late.force_close()
@@ -387,6 +389,33 @@ class Passthrough:
             self._websockets.discard(ours)
             await theirs.close()
         return ours
+
+
+GONE_CHECK_SECONDS = 1.0
+"""How often a request waiting for the upstream's answer looks whether its worker is still there."""
+
+
+def _worker_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def _unless_gone(request: web.Request, call: Awaitable[T]) -> T:
+    """`call`'s result; cancelled, and ConnectionResetError raised, once the worker's connection
+    ends. aiohttp's server does not cancel a handler whose client left: a request abandoned while the
+    upstream thinks would otherwise hold one of its host's pooled connections up to the idle timeout."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_CHECK_SECONDS)
+            if done:
+                return task.result()
+            if _worker_gone(request):
+                raise ConnectionResetError("the worker went away while the upstream had not answered")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
+                await task
 
 
 class _Redirected(aiohttp.ClientError):
