@@ -299,6 +299,66 @@ async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lea
         await client.close()
 
 
+async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_the_other_replica(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Both replicas write the renewals of the heartbeats they hear. The other replica wrote a later
+    heartbeat's renewal; this one's write of an earlier heartbeat comes after (slow, or its watch
+    behind): the Lease keeps the later renew time. The registry runs in-process, its clock by hand."""
+    body = kube.create_queue(namespace, "late", queueId=f"late-{namespace}", temporal=TEMPORAL)
+    queue = queues.QueueObject.from_body(body)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    now = [time.time()]
+    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None,
+                   clock=lambda: now[0])
+    beat = {"status": "active", "tasks_processed": 0, "current_task_id": None, "system_info": None}
+    try:
+        worker = reg.rejoin(queue, "w-late")
+        assert worker is not None
+        reg.heartbeat(worker, **beat)
+        await reg._write(worker)
+        later_renewal = times.micro_rfc3339(now[0] + 20)  # the other replica's write of a later heartbeat
+        kube.coordination.patch_namespaced_lease(worker.lease, namespace, {"spec": {"renewTime": later_renewal}})
+        now[0] += 5
+        reg.heartbeat(worker, **beat)  # heard here before that one
+        await reg._write(worker)
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
+        assert lease["spec"]["renewTime"] == later_renewal
+        assert reg.get("w-late") is worker  # still registered here; the watch brings the later renewal
+
+        now[0] += 30  # a heartbeat here later than both: written over them
+        reg.heartbeat(worker, **beat)
+        await reg._write(worker)
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
+        assert lease["spec"]["renewTime"] == times.micro_rfc3339(worker.renewed_at)
+    finally:
+        await client.close()
+
+
+async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: the other replica gave an expired worker's slot to a new worker; a late heartbeat
+    of the old one heard here, before the watch told, leaves the slot to the new worker (two holders
+    of one slot would pass maxWorkers). The old registration ends here not on purpose."""
+    body = kube.create_queue(namespace, "slots", queueId=f"slots-{namespace}", temporal=TEMPORAL, maxWorkers=1)
+    queue = queues.QueueObject.from_body(body)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None)
+    try:
+        old = await reg.claim(queue, "w-old", limit=1)
+        assert old is not None
+        kube.coordination.patch_namespaced_lease(old.lease, namespace, {"spec": {"holderIdentity": "w-new"}})
+        reg.heartbeat(old, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        await reg._write(old)
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{old.lease}")
+        assert lease["spec"]["holderIdentity"] == "w-new"
+        assert reg.get("w-old") is None
+        assert not reg._ended["w-old"].on_purpose  # may come back, to find the queue full
+    finally:
+        await client.close()
+
+
 async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(
     kube: Kube, namespace: str, kubeconfig: Path, proxied_kubeconfig: tuple[Path, Proxy],
     monkeypatch: pytest.MonkeyPatch,

@@ -163,6 +163,8 @@ class Worker:
     """Registered by /start here and not heard of since: counted against the pending bounds."""
     filed: int | None = None
     """The second it is filed under in the registry's expiries (its earliest), None while it is not."""
+    version: str = ""
+    """The resourceVersion of its Lease last known here ("": none yet): a renewal is written over it only."""
 
     @property
     def namespace(self) -> str:
@@ -277,4 +279,5 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         stored=True,
         dirty=False,
         confirmed=later(renewed, registered),
+        version=str(meta.get("resourceVersion") or ""),
     )

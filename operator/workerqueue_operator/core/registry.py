@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -214,6 +214,7 @@ class Registry:
             self._unmark(mine)
         # Ours is at least as new as what was written, except for what other replicas heard.
         self._stored(mine)
+        mine.version = incoming.version or mine.version
         mine.seen_at = min(mine.seen_at, incoming.seen_at)
         if incoming.confirmed:
             self._heard_of(mine)  # a heartbeat reached the Lease, through another replica
@@ -405,6 +406,7 @@ class Registry:
             if stored is None:
                 continue  # somebody else was faster: try the next slot
             worker.stored, worker.dirty, worker.written_at = True, False, self._monotonic()
+            worker.version = _version(stored)
             if holder is not None:
                 self._taken_over(holder)
             self._add(worker)
@@ -553,8 +555,11 @@ class Registry:
         heartbeat_written = worker.heartbeats_here > 0
         try:
             if not worker.stored:
+                created = await self._create(body)
+                if created is not None:
+                    worker.version = _version(created)
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
-                if await self._create(body) is None and heartbeat_written and not await self._patch(worker, body):
+                elif heartbeat_written and not await self._patch(worker, body):
                     # The Lease in the way was deleted meanwhile (its expired registration's): made anew.
                     if self._workers.get(worker.worker_id) is worker:
                         self._mark(worker)
@@ -629,18 +634,45 @@ class Registry:
             raise
 
     async def _patch(self, worker: Worker, body: dict[str, Any]) -> bool:
-        self.writes += 1
+        """Writes a renewal over the Lease version known here; False if the Lease is gone.
+
+        Both replicas write the renewals of the heartbeats they hear: one written since by the other
+        replica (the watch has not brought it yet) is read first. A later renewal there stays (the
+        watch brings it here); an older one is written over; a slot another worker took is let go."""
         spec = body["spec"]
         patch = {"metadata": {"annotations": body["metadata"]["annotations"]},
                  "spec": {"renewTime": spec["renewTime"], "holderIdentity": worker.worker_id,
                           "leaseDurationSeconds": spec["leaseDurationSeconds"]}}
-        try:
-            await self._client.request("PATCH", f"{resources.leases_path(worker.namespace)}/{worker.lease}",
-                                       body=patch, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT)
-        except client_.ApiError as exc:
-            if exc.not_found:
-                return False
-            raise
+        path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
+        for attempt in (1, 2):
+            if worker.version:
+                patch["metadata"]["resourceVersion"] = worker.version
+            self.writes += 1
+            try:
+                written = await self._client.request("PATCH", path, body=patch, content_type=client_.MERGE_PATCH,
+                                                     timeout=API_TIMEOUT)
+            except client_.ApiError as exc:
+                if exc.not_found:
+                    return False
+                if not exc.conflict or attempt == 2:
+                    raise  # twice changed meanwhile: again after the writer's retry delay
+                try:
+                    current = await self._client.request("GET", path, timeout=API_TIMEOUT)
+                except client_.ApiError as again:
+                    if again.not_found:
+                        return False
+                    raise
+                stored = worker_from_lease(current, seen_at=0.0)
+                if stored is None or stored.worker_id != worker.worker_id:
+                    if self._workers.get(worker.worker_id) is worker:
+                        self._taken_over(worker)  # its slot went to another worker meanwhile
+                    return True
+                worker.version = stored.version
+                if not later(worker.renewed_at, stored.renewed_at):
+                    return True  # a renewal at least as recent is there
+                continue
+            worker.version = _version(written)
+            return True
         return True
 
     async def _delete(self, worker: Worker, *, unless_renewed: bool = False) -> bool:
@@ -769,6 +801,10 @@ class Registry:
     def _notify(self, queue: QueueKey) -> None:
         for listener in self._listeners:
             listener(queue)
+
+
+def _version(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def _involved(worker: Worker, queue_name: str) -> dict[str, Any]:
