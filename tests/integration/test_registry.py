@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -265,6 +268,22 @@ def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, n
     wait_for(lambda: not kube.queue_exists(namespace, "fixed"), what="the queue deleted")
 
 
+@contextlib.asynccontextmanager
+async def in_process(kube: Kube, namespace: str, kubeconfig: Path, name: str, now: list[float] | None = None,
+                     **spec: Any) -> AsyncIterator[tuple[queues.QueueObject, client_.KubeClient, Registry]]:
+    """A queue, and a registry running in-process on the real API server (its clock `now[0]` when
+    given, its watch and its writer driven by the test): the other replica is the test's own writes."""
+    queue = queues.QueueObject.from_body(
+        kube.create_queue(namespace, name, queueId=f"{name}-{namespace}", temporal=TEMPORAL, **spec))
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    clock = (lambda: now[0]) if now is not None else time.time
+    try:
+        yield queue, client, Registry(client=client, events=EventPoster(client), clock=clock,
+                                      queue_of=lambda key: queue if key == queue.key else None)
+    finally:
+        await client.close()
+
+
 async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lease(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):
@@ -273,13 +292,8 @@ async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lea
     and the worker is registered again from it. Deleting it would end a live worker, and the other
     replica, seeing its fresh Lease deleted, would take that for a disconnect and refuse it for good.
     The registry runs in-process on the real API server, its clock and its watch by hand."""
-    body = kube.create_queue(namespace, "kept", queueId=f"kept-{namespace}", temporal=TEMPORAL)
-    queue = queues.QueueObject.from_body(body)
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
     now = [time.time()]
-    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None,
-                   clock=lambda: now[0])
-    try:
+    async with in_process(kube, namespace, kubeconfig, "kept", now) as (queue, client, reg):
         worker = reg.rejoin(queue, "w-kept")  # as a heartbeat registers one: written at once
         assert worker is not None
         reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
@@ -295,8 +309,6 @@ async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lea
         assert lease["spec"]["renewTime"] == renewed
         reg.lease_upserted(lease)  # the watch brings it
         assert reg.get("w-kept") is not None
-    finally:
-        await client.close()
 
 
 async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_the_other_replica(
@@ -305,14 +317,9 @@ async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_t
     """Both replicas write the renewals of the heartbeats they hear. The other replica wrote a later
     heartbeat's renewal; this one's write of an earlier heartbeat comes after (slow, or its watch
     behind): the Lease keeps the later renew time. The registry runs in-process, its clock by hand."""
-    body = kube.create_queue(namespace, "late", queueId=f"late-{namespace}", temporal=TEMPORAL)
-    queue = queues.QueueObject.from_body(body)
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
     now = [time.time()]
-    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None,
-                   clock=lambda: now[0])
     beat = {"status": "active", "tasks_processed": 0, "current_task_id": None, "system_info": None}
-    try:
+    async with in_process(kube, namespace, kubeconfig, "late", now) as (queue, client, reg):
         worker = reg.rejoin(queue, "w-late")
         assert worker is not None
         reg.heartbeat(worker, **beat)
@@ -331,8 +338,6 @@ async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_t
         await reg._write(worker)
         lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
         assert lease["spec"]["renewTime"] == times.micro_rfc3339(worker.renewed_at)
-    finally:
-        await client.close()
 
 
 async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
@@ -341,11 +346,7 @@ async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
     """maxWorkers: the other replica gave an expired worker's slot to a new worker; a late heartbeat
     of the old one heard here, before the watch told, leaves the slot to the new worker (two holders
     of one slot would pass maxWorkers). The old registration ends here not on purpose."""
-    body = kube.create_queue(namespace, "slots", queueId=f"slots-{namespace}", temporal=TEMPORAL, maxWorkers=1)
-    queue = queues.QueueObject.from_body(body)
-    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
-    reg = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue if key == queue.key else None)
-    try:
+    async with in_process(kube, namespace, kubeconfig, "slots", maxWorkers=1) as (queue, client, reg):
         old = await reg.claim(queue, "w-old", limit=1)
         assert old is not None
         kube.coordination.patch_namespaced_lease(old.lease, namespace, {"spec": {"holderIdentity": "w-new"}})
@@ -355,8 +356,6 @@ async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
         assert lease["spec"]["holderIdentity"] == "w-new"
         assert reg.get("w-old") is None
         assert not reg._ended["w-old"].on_purpose  # may come back, to find the queue full
-    finally:
-        await client.close()
 
 
 async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(
