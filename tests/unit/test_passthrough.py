@@ -355,27 +355,24 @@ async def test_a_worker_that_leaves_mid_body_is_not_an_upstream_failure(hub: tup
 
 async def test_a_worker_that_leaves_before_the_answer_frees_the_upstream_connection(upstream: TestServer):
     async with serving(upstream, idle=60) as (_, client):
-        await _leave_before_the_answer(client, upstream)
-
-
-async def _leave_before_the_answer(client: TestClient, upstream: TestServer) -> None:
-    _, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"GET /api/v1/executions/e-1/hang HTTP/1.1\r\nHost: operator\r\nAuthorization: Bearer tok-a\r\n\r\n")
-    await writer.drain()
-    received = upstream.app[standin.RECEIVED]
-    for _ in range(40):
-        if any(path == "/api/v1/executions/e-1/hang" for _, path, _ in received):
-            break
-        await asyncio.sleep(0.05)
-    writer.close()  # the worker gives up; the upstream is still thinking (for up to 60 s of idle timeout)
-    for _ in range(100):  # the operator looks every second
-        if ("GONE", "/api/v1/executions/e-1/hang", None) in received:
-            break
-        await asyncio.sleep(0.05)
-    assert ("GONE", "/api/v1/executions/e-1/hang", None) in received
-    text = await (await client.get("/metrics")).text()
-    assert 'workerqueue_http_problems_total{kind="client_disconnected"} 1' in text
-    assert "workerqueue_upstream_failures_total{" not in text
+        _, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"GET /api/v1/executions/e-1/hang HTTP/1.1\r\nHost: operator\r\n"
+                     b"Authorization: Bearer tok-a\r\n\r\n")
+        await writer.drain()
+        received = upstream.app[standin.RECEIVED]
+        for _ in range(40):
+            if any(path == "/api/v1/executions/e-1/hang" for _, path, _ in received):
+                break
+            await asyncio.sleep(0.05)
+        writer.close()  # the worker gives up; the upstream is still thinking (for up to 60 s of idle timeout)
+        for _ in range(100):  # the operator looks every second
+            if ("GONE", "/api/v1/executions/e-1/hang", None) in received:
+                break
+            await asyncio.sleep(0.05)
+        assert ("GONE", "/api/v1/executions/e-1/hang", None) in received
+        text = await (await client.get("/metrics")).text()
+        assert 'workerqueue_http_problems_total{kind="client_disconnected"} 1' in text
+        assert "workerqueue_upstream_failures_total{" not in text
 
 
 async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):

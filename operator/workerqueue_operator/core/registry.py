@@ -644,7 +644,8 @@ class Registry:
                  "spec": {"renewTime": spec["renewTime"], "holderIdentity": worker.worker_id,
                           "leaseDurationSeconds": spec["leaseDurationSeconds"]}}
         path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
-        for attempt in (1, 2):
+        retried = False
+        while True:
             if worker.version:
                 patch["metadata"]["resourceVersion"] = worker.version
             self.writes += 1
@@ -654,7 +655,7 @@ class Registry:
             except client_.ApiError as exc:
                 if exc.not_found:
                     return False
-                if not exc.conflict or attempt == 2:
+                if not exc.conflict or retried:
                     raise  # twice changed meanwhile: again after the writer's retry delay
                 try:
                     current = await self._client.request("GET", path, timeout=API_TIMEOUT)
@@ -670,10 +671,10 @@ class Registry:
                 worker.version = stored.version
                 if not later(worker.renewed_at, stored.renewed_at):
                     return True  # a renewal at least as recent is there
+                retried = True
                 continue
             worker.version = _version(written)
             return True
-        return True
 
     async def _delete(self, worker: Worker, *, unless_renewed: bool = False) -> bool:
         """Deletes the worker's Lease if it still holds it; False if it was gone already. With
