@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import UID, queue
-from workerqueue_operator.api.keys import DRAIN
+from workerqueue_operator.api.keys import DRAIN, REGISTRY
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -168,6 +168,22 @@ async def test_hostile_json_is_422_not_500(client: TestClient, body: bytes, capl
     errors = (await r.json())["detail"]
     assert errors and all(e["loc"][0] == "body" for e in errors)
     assert "Traceback" not in caplog.text
+
+
+async def test_a_lone_surrogate_in_a_string_is_read_as_the_replacement_character(client: TestClient):
+    # What Python makes of a cwd that is not UTF-8; valid JSON, but it cannot be written out as UTF-8.
+    info = b'{"system_info": {"cwd": "/home/u/caf\\udce9", "hostname": "h\\ud83d\\ude00"}}'
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = await client.post(START.format("q-1"), data=info, headers=headers)
+    assert r.status == 200
+    worker_id = (await r.json())["worker_id"]
+    worker = client.app[REGISTRY].get(worker_id)
+    assert worker is not None and worker.system_info is not None
+    assert json.loads(worker.system_info) == {"cwd": "/home/u/caf\ufffd", "hostname": "h\U0001f600"}
+    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", data=info[:-1] + b', "status": "busy"}',
+                             headers=headers)
+    assert beat.status == 200
+    assert "unhandled_error" not in await (await client.get("/metrics")).text()
 
 
 @pytest.mark.parametrize("value", [b"NaN", b"1e999"])

@@ -2,14 +2,17 @@
 
 Hostile input ends here as the documented 4xx answer, never as an exception further in: JSON
 nested past the parser's depth, integers past Python's 4,300 digits, bodies over the limit or that
-do not arrive in time.
+do not arrive in time. A lone surrogate escape (`"\\udce9"`, what Python makes of a file name that is
+not UTF-8, such as the worker's cwd) is valid JSON but cannot be written out again as UTF-8: it is
+read as U+FFFD, so the worker still starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TypeVar, cast
+import re
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -21,6 +24,9 @@ MAX_BODY = 1024 * 1024
 """Bytes; a larger body is answered 413 (exactly this many are accepted)."""
 
 M = TypeVar("M", bound=BaseModel)
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def read(request: web.Request, model: type[M]) -> M | web.Response:
@@ -65,8 +71,21 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
     if parsed is None:
         return model()
     try:
+        if _SURROGATE_ESCAPE.search(raw):
+            parsed = _without_lone_surrogates(parsed)
         return model.model_validate(parsed)
     except ValidationError as exc:
         return errors.unprocessable(errors.validation_errors(exc))
     except RecursionError:  # JSON that the parser took, but nested too deeply to validate
         return errors.unprocessable(errors.json_invalid_at(0, "nested too deeply"))
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """The parsed JSON with each lone surrogate (a valid pair is one character by now) as U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    return value
