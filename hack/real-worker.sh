@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, once per machine, the real Kubiya agent worker from PyPI (kubiya-control-plane-api,
-# pinned with everything it imports in hack/real-worker.txt) into a venv cached outside the repo,
+# pinned with everything it imports, and hashed, in hack/real-worker.txt) into a venv cached outside the repo,
 # and prints the path of its console script `kubiya-control-plane-worker` on stdout (progress goes
 # to stderr). tests/integration/test_real_worker.py runs it against the operator.
 #
@@ -40,7 +40,8 @@ fi
 log "installing the real worker into $VENV (about a minute, 1.1 GB)"
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$LOCK" >&2
+# The lock's hashes put pip in --require-hashes mode: a file that differs from PyPI's is refused.
+"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2
 "$VENV/bin/pip" check >&2 || log "pip check reports the package's own loose pins (above); the lock is what was tested"
 touch "$VENV/.installed"
 echo "$WORKER"
