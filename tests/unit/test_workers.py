@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
@@ -103,14 +104,30 @@ def test_a_success_ends_a_crash_loop_in_status_too():
 def test_pods_of_an_older_spec_failing_do_not_crash_loop_the_new_one():
     # The spec fixed (generation 2) while three pods of the broken one still run: their failures
     # are counted and reported, but neither back off nor stop the new spec's workers.
-    status = WorkersStatus(consecutive_failures=2, next_index=3, last_failure_time=times.rfc3339(T0 - 1000))
+    status = WorkersStatus(consecutive_failures=2, failures_generation=1, next_index=3,
+                           last_failure_time=times.rfc3339(T0 - 1000))
     old = [pod(i, "Failed", exit_code=1, generation=1) for i in range(3)]
     p = plan(old, status, generation=2, singleExecution=True, replicas=3, worker={"backoffLimit": 3})
-    assert p.workers.failed == 3 and p.workers.consecutive_failures == 2
+    assert p.workers.failed == 3 and p.workers.consecutive_failures == 0
     assert p.workers.crash_loop_generation is None and p.create == (3, 4, 5)
-    now = plan([pod(3, "Failed", exit_code=1, generation=2)], p.workers, generation=2, singleExecution=True,
-               replicas=3, worker={"backoffLimit": 3})
-    assert now.workers.consecutive_failures == 3 and now.workers.crash_loop_generation == 2  # its own count
+    spec = {"generation": 2, "singleExecution": True, "replicas": 3, "worker": {"backoffLimit": 3}}
+    for index in (3, 4):
+        p = plan([pod(index, "Failed", exit_code=1, generation=2)], p.workers, now=T0 + 1000 * index, **spec)
+    assert p.workers.consecutive_failures == 2 and p.workers.crash_loop_generation is None  # its own count
+    p = plan([pod(5, "Failed", exit_code=1, generation=2)], p.workers, now=T0 + 6000, **spec)
+    assert p.workers.consecutive_failures == 3 and p.workers.crash_loop_generation == 2
+
+
+def test_a_spec_change_ends_the_back_off_of_failures_before_it():
+    # Five failures of generation 1 (backoffLimit 6: not crash-looping yet), then the spec is fixed.
+    failing = WorkersStatus(consecutive_failures=5, failures_generation=1, next_index=5,
+                            last_failure_time=times.rfc3339(T0))
+    assert plan([], failing, now=T0 + 1, singleExecution=True).create == ()  # backing off
+    fixed = plan([], failing, now=T0 + 1, generation=2, singleExecution=True)
+    assert fixed.create == (5,) and fixed.workers.consecutive_failures == 0
+    once = plan([pod(5, "Failed", exit_code=1, generation=2)], fixed.workers, now=T0 + 2, generation=2,
+                singleExecution=True)
+    assert once.workers.consecutive_failures == 1 and once.workers.crash_loop_generation is None
 
 
 def test_pod_generation_is_read_from_its_annotation():
@@ -384,6 +401,29 @@ def test_workers_that_cannot_start_are_listed_and_told_once_each_never_replaced(
     assert again.workers.stuck == first.workers.stuck and not again.events
     fixed = plan([pod(0), pod(1)], again.workers, singleExecution=True, replicas=2)
     assert fixed.workers.stuck == [] and not fixed.events
+
+
+def test_a_worker_that_cannot_start_is_replaced_once_the_spec_changes():
+    # Stuck on generation 1's image; the image is fixed (generation 2): a pod of the new spec replaces it.
+    stuck = dataclasses.replace(Pod.from_body(pending_body("q1-w0", waiting="ImagePullBackOff")), index=0,
+                                generation=1)
+    fixed = plan([stuck, pod(1, generation=1)], WorkersStatus(next_index=2), generation=2, singleExecution=True,
+                 replicas=2)
+    assert fixed.delete == ("q1-w0",) and fixed.create == (2,) and fixed.workers.stuck == []
+    # Stuck on the current spec: waiting is all a new pod would do too.
+    same = plan([dataclasses.replace(stuck, generation=2), pod(1)], WorkersStatus(next_index=2), generation=2,
+                singleExecution=True, replicas=2)
+    assert same.delete == () and same.create == ()
+
+
+@pytest.mark.parametrize("lowered", [{"replicas": 2}, {"replicas": 5, "maxWorkers": 2}])
+def test_lowered_replicas_remove_workers_not_started_yet_and_let_running_ones_finish(lowered: dict[str, int]):
+    pods = [pod(0), pod(1, "Pending"), pod(2), pod(3, "Pending"), pod(4, "Pending")]
+    p = plan(pods, WorkersStatus(next_index=5), singleExecution=True, **lowered)
+    assert p.delete == ("q1-w4", "q1-w3", "q1-w1") and p.create == ()
+    running = [pod(0), pod(1), pod(2)]
+    p = plan(running, WorkersStatus(next_index=5), singleExecution=True, **lowered)
+    assert p.delete == () and p.create == ()  # none replaced until fewer than 2 are left
 
 
 def test_a_refused_pod_is_tried_again_after_the_workers_back_off_and_at_once_after_a_spec_change():

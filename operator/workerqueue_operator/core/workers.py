@@ -293,6 +293,10 @@ def plan(
     if w.crash_loop_generation is not None and w.crash_loop_generation != queue.generation:
         w.consecutive_failures, w.crash_loop_generation = 0, None
         events.append(Event("BackOffReset", "the spec changed: starting workers again"))
+    elif w.failures_generation is not None and w.failures_generation != queue.generation:
+        w.consecutive_failures = 0  # the failures of an older spec say nothing of this one: no back-off
+    if w.consecutive_failures == 0:
+        w.failures_generation = None
 
     for pod in pods:
         if pod.deleting or pod.phase not in ("Succeeded", "Failed"):
@@ -303,7 +307,8 @@ def plan(
         counted.append(pod.name)
         if pod.phase == "Succeeded":
             w.succeeded += 1
-            w.consecutive_failures, w.crash_loop_generation = 0, None  # a worker that works ends a crash loop
+            # A worker that works ends a crash loop.
+            w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         elif displaced(pod.reason):
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
@@ -313,6 +318,7 @@ def plan(
             if pod.generation is None or pod.generation >= queue.generation:
                 # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
                 w.consecutive_failures += 1
+                w.failures_generation = queue.generation
                 w.last_failure_time = times.rfc3339(now)
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
@@ -321,6 +327,11 @@ def plan(
     # Names are never reused, not even those of pods already deleted.
     w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
     alive = [p for p in pods if p.alive]
+    # A pod that cannot start (its image, its config, scheduling) made for an older spec is replaced by
+    # one of the current spec: it never ran a worker, and the change may well be the fix.
+    outdated = {p.name for p in alive if p.stuck and p.generation is not None and p.generation < queue.generation}
+    delete.extend(sorted(outdated))
+    alive = [p for p in alive if p.name not in outdated]
     w.pending = sum(1 for p in alive if p.phase != "Running")
     w.running = sum(1 for p in alive if p.phase == "Running")
     # Read back from the status, so that a restart posts no Event again: "<pod>: <reason>" (no ':' in a pod's name).
@@ -366,6 +377,8 @@ def plan(
             else:
                 requeue.append(expires - now)
 
+    if s.scaling is None and manages_pods(s):
+        scale_down = _surplus_not_started(alive, w.desired)
     create: tuple[int, ...] = ()
     missing = w.desired - len(alive)
     if missing <= 0:
@@ -397,6 +410,17 @@ def plan(
         delete_queue=delete_queue,
         requeue_after=min(requeue) if requeue else None,
     )
+
+
+def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
+    """Pods over `desired` (replicas or maxWorkers lowered) that are not running yet, newest first.
+    A running worker may hold an execution, and nothing tells which do: those finish, and are not
+    replaced while over."""
+    surplus = len(alive) - desired
+    if surplus <= 0:
+        return []
+    waiting = sorted((p for p in alive if p.phase != "Running"), key=lambda p: p.index or 0, reverse=True)
+    return [p.name for p in waiting[:surplus]]
 
 
 def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.WorkersStatus, w: spec_.WorkersStatus,

@@ -19,6 +19,7 @@ from workerqueue_operator.k8s import client
 from workerqueue_operator.models import settings as settings_
 
 PREFIX = "agentcontrol.dev"
+POD_SELECTOR = ",".join(f"{key}={value}" for key, value in workers.MANAGED_BY.items())
 
 
 def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
@@ -52,6 +53,9 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
         settings.networking.request_timeout = 60
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)
+        # The handler's `labels=` filters in kopf, after each event arrived: without a selector sent to
+        # the API server, every pod of the cluster would be streamed here and parsed.
+        settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
 
     @kopf.on.event("", "v1", "pods", labels=workers.MANAGED_BY, registry=reg, id="pod-event")
     async def pod_changed(body: kopf.Body, **_: Any) -> None:  # async: kopf runs a plain def in a thread

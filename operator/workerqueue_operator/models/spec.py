@@ -324,6 +324,8 @@ class WorkersStatus(_Model):
     """Workers that failed, in all (their pods are deleted)."""
     consecutive_failures: int = 0
     """Failures since the last success or spec change; drives the back-off."""
+    failures_generation: int | None = None
+    """The generation whose workers failed those times in a row; a newer one starts counting again."""
     last_failure_time: str | None = None
     """When the last failure was seen (RFC 3339)."""
     next_index: int = 0
