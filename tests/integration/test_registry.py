@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from kubernetes import client as k8s
 
@@ -383,3 +384,131 @@ async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(
     finally:
         await direct.close()
         await slow.close()
+
+
+async def test_a_slot_is_never_taken_from_a_worker_whose_lease_the_other_replica_renewed(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: the holder looks expired here (its heartbeats reach the other replica, whose
+    renewals the watch has not brought yet), but its Lease says it is alive: a /start here finds
+    the queue full, rather than giving the live worker's slot away (maxWorkers + 1 workers)."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "alive", now, maxWorkers=1) as (queue, client, reg):
+        holder = await reg.claim(queue, "w-alive", limit=1)
+        assert holder is not None
+        now[0] += holder.duration + 1
+        renewed = times.micro_rfc3339(now[0] - 1)  # the other replica's write of its latest heartbeat
+        kube.coordination.patch_namespaced_lease(holder.lease, namespace, {"spec": {"renewTime": renewed}})
+        assert await reg.claim(queue, "w-new", limit=1) is None
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{holder.lease}")
+        assert lease["spec"]["holderIdentity"] == "w-alive"
+        assert reg.get("w-alive") is holder  # the renewal read on the way is known here now
+
+
+async def test_a_disconnect_that_meets_a_renewal_in_flight_still_frees_the_slot(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """The delete is conditional on the Lease version it read; a renewal written between that read
+    and the delete (the other replica's, or this one's in flight) makes it read again, not give up:
+    a Lease left behind would hold its slot until a restart."""
+    async with in_process(kube, namespace, kubeconfig, "bye", maxWorkers=1) as (queue, client, reg):
+        worker = await reg.claim(queue, "w-bye", limit=1)
+        assert worker is not None
+        original = client.request
+        renewals: list[str] = []
+
+        async def renewal_lands_first(method: str, path: str, **kwargs: Any) -> Any:
+            if method == "DELETE" and not renewals:
+                renewals.append(times.micro_rfc3339(time.time()))
+                kube.coordination.patch_namespaced_lease(worker.lease, namespace, {"spec": {"renewTime": renewals[0]}})
+            return await original(method, path, **kwargs)
+
+        monkeypatch.setattr(client, "request", renewal_lands_first)
+        await reg.disconnect(worker, reason="shutdown", exit_code=0)
+        assert renewals and "w-bye" not in kube.registrations(namespace)
+        assert await reg.claim(queue, "w-next", limit=1) is not None
+
+
+async def test_a_worker_that_leaves_while_its_lease_is_first_written_leaves_no_lease(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """A disconnect while the Lease's create is in flight deletes nothing (there is no Lease yet);
+    the create that lands after it deletes what it made."""
+    async with in_process(kube, namespace, kubeconfig, "gone") as (queue, client, reg):
+        worker = reg.register(queue, "w-gone")
+        original = client.request
+
+        async def leaves_meanwhile(method: str, path: str, **kwargs: Any) -> Any:
+            answer = await original(method, path, **kwargs)
+            if method == "POST" and path.endswith("/leases"):
+                await reg.disconnect(worker, reason="shutdown", exit_code=0)
+            return answer
+
+        monkeypatch.setattr(client, "request", leaves_meanwhile)
+        await reg._write(worker)
+        assert "w-gone" not in kube.registrations(namespace)
+
+
+async def test_a_worker_whose_expired_slot_could_not_be_freed_holds_one_slot_after_it_rejoins(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """The expired worker's delete fails (the API server away); its next heartbeat registers it in
+    another slot. The delete made again later still frees the first: one worker, one slot."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "twice", now, maxWorkers=2) as (queue, client, reg):
+        worker = await reg.claim(queue, "w-1", limit=2)
+        assert worker is not None and worker.slot == 0
+        original = client.request
+        failed: list[str] = []
+
+        async def first_delete_fails(method: str, path: str, **kwargs: Any) -> Any:
+            if method == "DELETE" and not failed:
+                failed.append(path)
+                raise aiohttp.ClientConnectionError("the API server is away")
+            return await original(method, path, **kwargs)
+
+        monkeypatch.setattr(client, "request", first_delete_fails)
+        now[0] += worker.duration + 1
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes)
+        assert failed
+        rejoined = await reg.rejoin_slot(queue, "w-1")
+        assert rejoined is not None and rejoined.slot == 1
+
+        def held() -> list[str]:
+            return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items
+                          if lease.spec.holder_identity == "w-1")
+
+        await asyncio.sleep(registry_.RETRY_SECONDS + 1)  # the delete is made again
+        assert held() == [rejoined.lease]
+
+
+async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_the_worker_come_back(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """The other replica ended the worker for want of heartbeats; a late one heard here finds its
+    Lease gone. The worker is alive: its next heartbeat registers it again, rather than a 404 for
+    the rest of its life. A Lease the other replica deleted fresh (a disconnect) is told by the
+    watch, and that worker is not let back."""
+    now = [time.time()]
+    beat = {"status": "active", "tasks_processed": 0, "current_task_id": None, "system_info": None}
+    async with in_process(kube, namespace, kubeconfig, "back", now) as (queue, client, reg):
+        expired, left = reg.rejoin(queue, "w-expired"), reg.rejoin(queue, "w-left")
+        assert expired is not None and left is not None
+        for worker in (expired, left):
+            reg.heartbeat(worker, **beat)
+            await reg._write(worker)
+        bodies = {w.worker_id: await client.request("GET", f"{resources.leases_path(namespace)}/{w.lease}")
+                  for w in (expired, left)}
+        now[0] += expired.duration + 1
+        for worker in (expired, left):  # the other replica deletes both: one expired there, one left
+            kube.coordination.delete_namespaced_lease(worker.lease, namespace)
+            reg.heartbeat(worker, **beat)  # heard here before the watch told
+            await reg._write(worker)
+            assert reg.get(worker.worker_id) is None
+        assert reg.may_rejoin(queue, "w-expired") and reg.may_rejoin(queue, "w-left")
+        bodies["w-left"]["spec"]["renewTime"] = times.micro_rfc3339(now[0])  # deleted fresh: a disconnect
+        for worker in (expired, left):
+            reg.lease_deleted((namespace, worker.lease), bodies[worker.worker_id])  # the watch tells
+        assert reg.may_rejoin(queue, "w-expired") and not reg.may_rejoin(queue, "w-left")
+        assert reg.rejoin(queue, "w-expired") is not None

@@ -59,6 +59,8 @@ RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
+DELETE_ATTEMPTS = 3
+"""Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
@@ -245,6 +247,8 @@ class Registry:
             if mine is not None and not mine.stored and (mine.namespace, mine.lease) == key:
                 self._forget(mine.worker_id)
                 self._bury(mine, on_purpose=True)
+            elif mine is None and gone.worker_id in self._ended:
+                self._bury(gone, on_purpose=True)  # taken for an expiry when a renewal found it gone
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -400,7 +404,8 @@ class Registry:
             body = lease_body(worker, queue_name=queue.name)
             self._claiming.add(key)
             try:
-                stored = await (self._create(body) if holder is None else self._replace(body, holder))
+                stored = await (self._create(body) if holder is None else
+                                self._replace(body, holder, expired_only=pod is None or holder.pod != pod))
             finally:
                 self._claiming.discard(key)
             if stored is None:
@@ -558,6 +563,12 @@ class Registry:
                 created = await self._create(body)
                 if created is not None:
                     worker.version = _version(created)
+                    if worker.worker_id not in self._workers:
+                        # Ended (a disconnect, its pod gone, expired) while this create was in flight,
+                        # and not deleted then, there being no Lease yet: nobody else would.
+                        worker.stored = True
+                        await self._delete_quietly(worker, "ended while its registration was written")
+                        return
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
                 elif heartbeat_written and not await self._patch(worker, body):
                     # The Lease in the way was deleted meanwhile (its expired registration's): made anew.
@@ -567,7 +578,11 @@ class Registry:
                 self._stored(worker)
             elif not await self._patch(worker, body):
                 if self._workers.get(worker.worker_id) is worker:  # the watch has not told already
-                    self._ended_elsewhere(worker)  # its Lease deleted meanwhile
+                    # Deleted meanwhile by the other replica. A heartbeat was just heard here, so it
+                    # is taken for an expiry there (the worker may come back); judged by that
+                    # heartbeat, it would look ended on purpose, and be refused for the rest of its
+                    # life. A disconnect is told by the watch, by the Lease as it was deleted.
+                    self._ended_elsewhere(worker, expired=True)
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
@@ -600,7 +615,10 @@ class Registry:
                                   f"{worker.duration:.0f}s; its registration ended", warning=True)
 
     def _delete_again(self, worker: Worker, why: str, wait: float) -> None:
-        if worker.worker_id not in self._workers:  # not registered again meanwhile (a rejoin)
+        again = self._workers.get(worker.worker_id)
+        # Unless registered again meanwhile in this same Lease (a rejoin); one that rejoined into
+        # another slot (maxWorkers) would otherwise hold two.
+        if again is None or (again.namespace, again.lease) != (worker.namespace, worker.lease):
             self._spawn(self._delete_quietly(worker, why, wait))
 
     # --- API-server calls -------------------------------------------------------------------------
@@ -616,12 +634,18 @@ class Registry:
                 return None
             raise
 
-    async def _replace(self, body: dict[str, Any], holder: Worker) -> dict[str, Any] | None:
-        """Takes over an expired slot; None if it changed meanwhile (another claimant won)."""
+    async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool) -> dict[str, Any] | None:
+        """Takes over a slot; None if it changed meanwhile (another claimant won) or, `expired_only`,
+        if the Lease shows a renewal that keeps its holder alive (written by the other replica, which
+        heard a heartbeat the watch has not brought here yet)."""
         meta = body["metadata"]
         current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
                                              timeout=API_TIMEOUT)
-        if (current.get("spec") or {}).get("holderIdentity") != holder.worker_id:
+        stored = worker_from_lease(current, seen_at=0.0)
+        if stored is None or stored.worker_id != holder.worker_id:
+            return None
+        if expired_only and not stored.expired(self._clock()):
+            self.lease_upserted(current)  # what the watch will bring: the holder is alive
             return None
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
         self.writes += 1
@@ -680,24 +704,29 @@ class Registry:
         """Deletes the worker's Lease if it still holds it; False if it was gone already. With
         `unless_renewed` (it expired here), not if a heartbeat renewed it elsewhere since: the watch
         brings that renewal, and the worker is registered again from it."""
-        self.writes += 1
         path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
-        try:
-            current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-            stored = worker_from_lease(current, seen_at=0.0)
-            if stored is None or stored.worker_id != worker.worker_id:
-                return False  # a slot another worker holds now
-            if unless_renewed and later(stored.renewed_at, worker.renewed_at):
-                return False
-            await self._client.request(
-                "DELETE", path, timeout=API_TIMEOUT,
-                body={"kind": "DeleteOptions", "apiVersion": "v1",
-                      "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
-        except client_.ApiError as exc:
-            if exc.not_found or exc.conflict:
-                return False
-            raise
-        return True
+        attempt = 0
+        while True:
+            attempt += 1
+            self.writes += 1
+            try:
+                current = await self._client.request("GET", path, timeout=API_TIMEOUT)
+                stored = worker_from_lease(current, seen_at=0.0)
+                if stored is None or stored.worker_id != worker.worker_id:
+                    return False  # a slot another worker holds now
+                if unless_renewed and later(stored.renewed_at, worker.renewed_at):
+                    return False
+                await self._client.request(
+                    "DELETE", path, timeout=API_TIMEOUT,
+                    body={"kind": "DeleteOptions", "apiVersion": "v1",
+                          "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
+            except client_.ApiError as exc:
+                if exc.not_found:
+                    return False
+                if exc.conflict and attempt < DELETE_ATTEMPTS:
+                    continue  # written since it was read (a renewal in flight): read again
+                raise  # made again later by the caller: a Lease left behind would hold its slot
+            return True
 
     # --- memory -----------------------------------------------------------------------------------
 
