@@ -213,6 +213,10 @@ def test_lint(helm: Helm, option: str):
     # The probes and the Service would not follow; a typo would crash-loop the pod.
     ({"extraConfig": {"http_port": 9090}}, "invalid propertyName 'http_port'"),
     ({"extraConfig": {"worker_backof_seconds": 20}}, "invalid propertyName 'worker_backof_seconds'"),
+    # The Roles that read the Secret, and the grace period that covers the drain, would not follow.
+    ({"extraConfig": {"temporal_api_key_secret": {"namespace": "ops", "name": "t", "key": "k"}}},
+     "invalid propertyName 'temporal_api_key_secret'"),
+    ({"extraConfig": {"http_drain_seconds": 60}}, "invalid propertyName 'http_drain_seconds'"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
@@ -280,7 +284,7 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
         ("agentcontrol.dev", "workerqueues/finalizers"): {"update"},
         ("", "secrets"): {"get", "list", "watch", "create", "delete"},
         ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch", "delete"},
-        ("", "pods"): {"get", "list", "watch", "create", "delete"},
+        ("", "pods"): {"list", "watch", "create", "delete"},
         ("", "events"): {"create"},  # core/v1 Events, ours and kopf's: posted, never patched
         ("authentication.k8s.io", "tokenreviews"): {"create"},
         ("authorization.k8s.io", "subjectaccessreviews"): {"create"},

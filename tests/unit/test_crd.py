@@ -23,9 +23,12 @@ def test_chart_crds_match_the_models():
     assert path.read_text() == crd.render_chart_template(), f"{path} drifted: run `make crds`"
 
 
-CHART_OWNED_SETTINGS = {"http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces"}
+CHART_OWNED_SETTINGS = {"http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces",
+                        "temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret",
+                        "http_drain_seconds"}
 """Settings the chart derives from values that its other manifests follow too (probes, Service,
-volumes, RBAC): `extraConfig` may not set them."""
+volumes, the Roles that read the named Secrets, the termination grace period): `extraConfig` may
+not set them."""
 
 
 def test_the_charts_extra_config_takes_every_setting_but_those_the_chart_owns():

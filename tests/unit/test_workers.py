@@ -285,6 +285,14 @@ def build_default(settings: Settings, **spec: Any) -> dict[str, Any]:
                              settings=settings)
 
 
+def test_a_worker_pod_gets_no_service_account_token_unless_its_template_names_an_account():
+    assert build_default(Settings())["spec"]["automountServiceAccountToken"] is False
+    named = {"spec": {"serviceAccountName": "agents", "containers": [{"name": "worker", "image": "w:1"}]}}
+    assert "automountServiceAccountToken" not in build_default(Settings(), worker={"template": named})["spec"]
+    asked = {"spec": {"automountServiceAccountToken": True, "containers": [{"name": "worker", "image": "w:1"}]}}
+    assert build_default(Settings(), worker={"template": asked})["spec"]["automountServiceAccountToken"] is True
+
+
 def test_the_operator_wide_pod_template_shapes_every_default_pod():
     settings = Settings(worker_pod_template=RESTRICTED)
     body = build_default(settings)

@@ -125,7 +125,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # core/v1 Events, the operator's and kopf's: posted, never patched.
 - apiGroups: [""]
   resources: ["events"]

@@ -505,6 +505,11 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         # The operator's values win over same-named ones of the template: they are the contract.
         container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + env
     pod_spec["restartPolicy"] = "Never"
+    if not pod_spec.get("serviceAccountName") and not pod_spec.get("serviceAccount"):
+        # The worker signs in with KUBIYA_API_KEY; the namespace's default ServiceAccount token would
+        # only give its code the API access of whatever that account may do. A template that names
+        # an account (or says so itself) decides.
+        pod_spec.setdefault("automountServiceAccountToken", False)
     # The operator owns the hostname: it tells whose executions are whose (see pod_hostname).
     pod_spec["hostname"] = pod_hostname(name)
     pod_spec.pop("setHostnameAsFQDN", None)
