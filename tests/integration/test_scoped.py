@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.test_start import service_account_token
+from workerqueue_operator.core import queues, reconciler
+from workerqueue_operator.core.activity import Activity
+from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.store import Store
 from workerqueue_operator.devcluster.temporal import TemporalServer
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.models.settings import Settings
 
 
 @pytest.fixture
@@ -73,3 +81,65 @@ def test_an_operator_watching_25_namespaces_has_connections_left_for_its_writes(
             assert scoped.start_worker(f"last-{last}", kube.queue_token(last, "last")).status == 200
         finally:
             scoped.stop()
+
+
+async def test_a_default_secret_the_operator_may_not_read_shows_on_the_queue(
+    kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, other_namespace: str,
+    operator: OperatorProcess,
+):
+    """The default Temporal key lives where the operator's Role does not reach (a 403 at every read):
+    the queue says so (Ready=False SecretUnreadable, at its current generation), rather than keep the
+    Ready=True an earlier run wrote while /start answers 503. The status writer runs in-process as a
+    ServiceAccount that may write queue status but not read Secrets over there."""
+    with operator.paused():  # the session's operator has other defaults: it would fight over the status
+        await _unreadable_default(kubeconfig, kube, namespace, other_namespace)
+
+
+async def _unreadable_default(kubeconfig: Path, kube: Kube, namespace: str, other_namespace: str) -> None:
+    kube.put_secret(other_namespace, "temporal-default", key="k")
+    kube.put_secret(namespace, "unread-token", token="t")
+    kube.rbac.create_cluster_role(k8s.V1ClusterRole(metadata=k8s.V1ObjectMeta(name=f"status-{namespace}"), rules=[
+        k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/status"], verbs=["patch"]),
+        k8s.V1PolicyRule(api_groups=[""], resources=["events"], verbs=["create"])]))
+    kube.rbac.create_cluster_role_binding(k8s.V1ClusterRoleBinding(
+        metadata=k8s.V1ObjectMeta(name=f"status-{namespace}"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=f"status-{namespace}"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="status-writer", namespace=namespace)]))
+    token = service_account_token(kube, namespace, "status-writer")
+    body = kube.create_queue(namespace, "unread", queueId=f"un-{namespace}",
+                             auth={"tokenSecretRefs": [{"name": "unread-token", "key": "token"}]})
+    ready = {"type": "Ready", "status": "True", "reason": "Ready", "message": "workers can start",
+             "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}
+    kube.custom.patch_namespaced_custom_object_status("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
+                                                      "unread", {"status": {"conditions": [ready]}})
+    settings = Settings(temporal_host="temporal.default:7233", temporal_namespace="agents",
+                        temporal_api_key_secret=f"{other_namespace}/temporal-default:key")
+    store = Store(settings=settings)
+    store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "unread")))
+    store.upsert_secret((namespace, "unread-token"), {"token": "t"})
+    configuration = client_.load_configuration(str(kubeconfig))
+    configuration.cert_file = configuration.key_file = None
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    configuration.refresh_api_key_hook = None  # the kubeconfig's loader would put its own token back
+    limited = client_.KubeClient(configuration)
+    writer = reconciler.Reconciler(store=store, client=limited, resync_seconds=3600, events=EventPoster(limited),
+                                   activity=Activity(identity="test", priority=0))
+    running = asyncio.create_task(writer.run())
+    try:
+        assert store.unknown_secrets() == {(other_namespace, "temporal-default")}
+        writer.fetch_secrets(store.unknown_secrets())
+        for _ in range(100):
+            condition = kube.condition(namespace, "unread")
+            if condition is not None and condition["reason"] == "SecretUnreadable":
+                break
+            await asyncio.sleep(0.1)
+        assert condition is not None and condition["status"] == "False"
+        assert condition["observedGeneration"] == body["metadata"]["generation"]
+        assert f"temporal-default in namespace {other_namespace} could not be read (403 Forbidden" in (
+            condition["message"])
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await limited.close()
+        kube.rbac.delete_cluster_role_binding(f"status-{namespace}")
+        kube.rbac.delete_cluster_role(f"status-{namespace}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 
@@ -111,6 +112,16 @@ def test_a_worker_holding_two_stays_running_until_both_are_closed():
     done = [execution("b", "failed", "5@q1-w1", "2026-01-01T00:05:00Z"), listing[1]]
     (entry,) = executions.worker_view(done, hostname="q1-w1")
     assert (entry["id"], entry["status"]) == ("a", "completed")
+
+
+def test_a_worker_is_not_told_its_execution_finished_while_a_running_ones_holder_is_unread():
+    # Its second execution was taken just now and its history not read in time: it may be this worker's.
+    unread = dataclasses.replace(execution("b", "running", None, "2026-01-01T00:05:00Z"), holder_unread=True)
+    (entry,) = executions.worker_view([unread, LISTING[2]], hostname="q1-w1")
+    assert (entry["id"], entry["status"], entry["completed_at"]) == ("e2", "running", None)
+    read = execution("b", "running", "5@q1-w7", "2026-01-01T00:05:00Z")  # read: another worker's
+    (entry,) = executions.worker_view([read, LISTING[2]], hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("e2", "completed")
 
 
 def test_a_hostname_matches_the_whole_host_part_only():

@@ -65,3 +65,21 @@ def test_a_queue_whose_workers_wait_for_it_to_serve_is_not_progressing():
     # Workers already running go on: nothing is missing from what they were asked to do.
     running = conditions(status.desired_status(held, {"workers": {**workers, "running": 1}}, now=NOW))["Progressing"]
     assert (running["status"], running["reason"]) == ("True", "WorkersAvailable")
+
+
+def test_a_crash_loop_of_an_older_spec_is_not_reported_against_the_new_one():
+    looping = {"desired": 1, "consecutiveFailures": 6, "crashLoopGeneration": 3}
+    q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True), config=None, problem=None)
+    assert conditions(status.desired_status(q, {"workers": looping}, now=NOW))["Ready"]["reason"] == "CrashLooping"
+    # The spec changed (generation 4); the supervisor has not reset status.workers yet.
+    changed = queues.Resolution(queue=queue(generation=4, queueId="abc", singleExecution=True), config=None,
+                                problem=None)
+    ready = conditions(status.desired_status(changed, {"workers": looping}, now=NOW))["Ready"]
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "Ready", 4)
+
+
+def test_a_secret_that_cannot_be_read_shows_in_both_conditions():
+    problem = queues.Problem("SecretUnreadable", "secret t in namespace ops could not be read (403 Forbidden)")
+    c = conditions(status.desired_status(resolution(problem), {}, now=NOW))
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "SecretUnreadable")
+    assert (c["SecretsResolved"]["status"], c["SecretsResolved"]["reason"]) == ("False", "SecretUnreadable")

@@ -9,7 +9,8 @@ workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded
 - nothing held yet: an empty list, so it keeps waiting for work;
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
   Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
-  led to exit then), and is that execution's own final status once all are closed.
+  led to exit then), or while a running one's holder is not known yet, and is that execution's own
+  final status once all are closed.
 
 Only executions taken since its pod was made count: a queue deleted and made again under the same
 queueId names its pods from -w0 again, on a task queue that still lists what the old pods ran.
@@ -54,7 +55,11 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))
     entry = first.to_json()
-    if any(e.status == "running" for e in held):
+    # A running execution whose history was not read in time (a burst, a cold cache) may be this
+    # worker's: until it is read, what the worker holds is not told finished, or it would exit with
+    # that one still running.
+    unread = any(e.holder_unread and e.status == "running" for e in executions)
+    if unread or any(e.status == "running" for e in held):
         entry["status"] = "running"
         entry["completed_at"] = None
     entry["held_executions"] = len(held)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import secrets
 import time
@@ -104,6 +105,8 @@ class Reconciler:
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
         self._ignored_types = frozenset(ignored_secret_types)
         self._unwatched: set[SecretName] = set()  # used Secrets of a type the watch leaves out
+        self._unreadable: dict[SecretName, str] = {}
+        """Secrets whose last read on demand failed, and why (no value: the error's kind and status)."""
         store.subscribe(self.schedule)
         activity.subscribe(self._activity_changed)
 
@@ -157,15 +160,24 @@ class Reconciler:
     async def _fetch(self, name: SecretName, *, refresh: bool, wait: float) -> None:
         try:
             body = await resources.read_secret(self._client, *name)
-        except client_.ERRORS as exc:
+        except Exception as exc:  # any failure: the name must not stay in _fetching
             # Again after a back-off (a 403 may last: a Role short of a Secret), while a queue uses it.
-            logger.warning("reading secret %s/%s failed, again in %gs: %s", name[0], name[1], wait, exc)
+            # The error's kind only: an unexpected one's text could quote what was read.
+            why = str(exc) if isinstance(exc, client_.ERRORS) else type(exc).__name__
+            logger.warning("reading secret %s/%s failed, again in %gs: %s", name[0], name[1], wait, why)
+            if name not in self._unreadable:
+                self._unreadable[name] = why or type(exc).__name__
+                for key in self._store.users_of(name):
+                    self.schedule(key)  # shown on the queue, not only in this log
             await asyncio.sleep(wait)
             self._fetching.discard(name)
             if self._store.is_used(name):
                 self._spawn_fetch(name, refresh=refresh, wait=min(wait * 2, FETCH_BACKOFF_MAX_SECONDS))
+            else:
+                self._unreadable.pop(name, None)
             return
         self._fetching.discard(name)
+        self._unreadable.pop(name, None)
         if body is not None and body.get("type") in self._ignored_types:
             self._unwatched.add(name)
         data = None if body is None else self._store.secret_data(body)
@@ -191,7 +203,15 @@ class Reconciler:
             return
         queue = resolution.queue
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
-            return  # a read is under way and will bring the queue back here
+            unreadable = sorted(n for n in self._store.secrets_of(key) if n in self._unreadable)
+            if not unreadable:
+                return  # a read is under way and will bring the queue back here
+            # Its reads fail (a Role short of a Secret no watch covers): said on the queue, which
+            # must not keep showing what an earlier run wrote.
+            (namespace, name), *_ = unreadable
+            resolution = dataclasses.replace(resolution, problem=queues.Problem(
+                "SecretUnreadable", f"secret {name} in namespace {namespace} could not be read "
+                f"({self._unreadable[(namespace, name)]}); read again with a back-off"))
 
         # What we wrote last is newer than what the watch may have delivered so far; once the watch
         # has caught up, it is forgotten (10,000 copies of every status add up).

@@ -10,7 +10,7 @@ from workerqueue_operator.core.queues import Problem, Resolution
 READY = "Ready"
 PROGRESSING = "Progressing"
 SECRETS_RESOLVED = "SecretsResolved"
-_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending"}
+_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending", "SecretUnreadable"}
 
 
 def set_condition(
@@ -55,7 +55,8 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
 
     workers = current.get("workers") or {}
     manages = queue.spec.ephemeral or queue.spec.single_execution
-    crash_looping = manages and workers.get("crashLoopGeneration") is not None
+    # A crash loop of an older spec is over: the supervisor resets it, maybe after this write.
+    crash_looping = manages and workers.get("crashLoopGeneration") == generation
     if manages:
         progressing = _progressing(queue.spec.suspend, crash_looping, workers,
                                    held=None if resolution.starts_workers else problem)

@@ -138,6 +138,14 @@ class Store:
             return True, self._secrets[name]
         return False, None
 
+    def users_of(self, name: SecretName) -> set[QueueKey]:
+        """The queues that use a Secret."""
+        return set(self._users.get(name, ()))
+
+    def secrets_of(self, key: QueueKey) -> frozenset[SecretName]:
+        """The Secrets a queue uses."""
+        return self._uses.get(key, frozenset())
+
     def used_secrets(self) -> set[SecretName]:
         return set(self._users)
 
