@@ -100,10 +100,13 @@ class Feed:
         try:
             queue = queues.QueueObject.from_body(body)
         except (ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
-            # The API server's schema makes this rare (e.g. a CRD older than the operator).
+            # The API server's schema makes this rare (e.g. a CRD older than the operator). An earlier
+            # spec is not served meanwhile: this one may have revoked a token it lists.
             meta = body.get("metadata", {})
             logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"),
                            str(exc).splitlines()[0])
+            if previous is not None:
+                self._store.remove_queue(previous.key)
             return
         if previous is not None and previous.uid != queue.uid:
             # Made again under the same name, its deletion unseen (a relist): nothing the supervisor

@@ -20,11 +20,15 @@ from tests.integration.test_start import service_account_token
 from tests.proxy import Proxy
 from workerqueue_operator.core import queues
 from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.reconciler import LiveStatus
 from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import times
+from workerqueue_operator.models.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -512,3 +516,28 @@ async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_
             reg.lease_deleted((namespace, worker.lease), bodies[worker.worker_id])  # the watch tells
         assert reg.may_rejoin(queue, "w-expired") and not reg.may_rejoin(queue, "w-left")
         assert reg.rejoin(queue, "w-expired") is not None
+
+
+async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_write_is_still_written(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """live=1 is written; the worker leaves before the watch has brought that write: the queue still
+    shows 0 here, equal to the count now only by chance. The 0 is written once the watch shows the 1,
+    rather than the queue showing one live worker for good."""
+    async with in_process(kube, namespace, kubeconfig, "live") as (queue, client, reg):
+        store = Store(settings=Settings())
+        store.upsert_queue(queue)
+        live = LiveStatus(store=store, registry=reg, client=client, activity=Activity(identity="me", priority=0))
+
+        def shown() -> int:
+            return int((kube.get_queue(namespace, "live").get("status") or {}).get("workers", {}).get("live", 0))
+
+        worker = reg.register(queue, "w-live")
+        await live._write(queue.key)
+        assert shown() == 1
+        await reg.disconnect(worker, reason="shutdown", exit_code=0)
+        await live._write(queue.key)  # the watch still shows 0 here
+        assert shown() == 1 and queue.key in live._dirty
+        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "live")))  # the watch tells
+        await live._write(queue.key)
+        assert shown() == 0

@@ -195,6 +195,10 @@ def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_
     assert live.due() == []  # only q0 is left, and its 5 s have not passed
     now[0] += 5.0
     assert live.due() == [("team-a", "q0")]
+    # Nothing is kept once it holds no write back: queues come and go (ephemeral ones by the thousand).
+    live._sent[("team-a", "gone")] = 1
+    live._forget(now[0])
+    assert live._written_at == {} and live._sent == {}
 
 
 @pytest.mark.parametrize("info", [

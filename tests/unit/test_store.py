@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.unit.factories import UID, queue, secret_body
+from tests.unit.factories import UID, queue, queue_body, secret_body
 from workerqueue_operator.core import queues, reconciler
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -206,3 +206,20 @@ def test_a_generated_token_of_a_deleted_namesake_is_not_served_to_the_queue_made
     assert s.opens(s.serving("abc"), queues.digest("new-token"))
     # A Secret of that name that is no generated token is served as it is.
     assert s.secret_data(secret_body("q1-worker-token", token="own")) == {"token": "own"}
+
+
+def test_a_spec_the_operator_cannot_read_is_not_served_by_the_one_before_it():
+    # An update the operator's model refuses (a CRD older than the operator) may have revoked a token
+    # the previous spec listed: the previous one is not served meanwhile.
+    from typing import cast
+
+    from workerqueue_operator.core.reconciler import Reconciler
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.runner import Feed
+
+    store = Store(settings=Settings())
+    before = queue("q1", queueId="q-1")
+    store.upsert_queue(before)
+    feed = Feed(store, cast(Reconciler, object()), cast(Supervisor, object()))  # neither is called here
+    feed.queue_upserted(queue_body("q1", queueId="q-1", generation=2, replicas="many"))
+    assert store.queue(before.key) is None and store.serving("q-1") is None

@@ -151,3 +151,25 @@ async def test_calls_sharing_a_connection_that_is_given_up_each_fail_as_unavaila
         done = await asyncio.gather(first, second, return_exceptions=True)
         assert [type(outcome) for outcome in done] == [TemporalUnavailable, TemporalUnavailable], done
         assert all("did not answer within 0.5s" in str(outcome) for outcome in done)
+
+
+async def test_a_client_no_call_uses_any_more_is_let_go(monkeypatch: pytest.MonkeyPatch):
+    # A rotated API key is a new endpoint key: the old key's connection must not stay open for good.
+    dialled: list[str] = []
+
+    async def connect(target_host: str, **kwargs: Any) -> Any:
+        dialled.append(kwargs["api_key"])
+        return object()
+
+    monkeypatch.setattr(Client, "connect", connect)
+    temporal = Temporal(client_idle_seconds=0.2)
+    old = Endpoint(host="t:7233", namespace="ns", api_key="old-key", tls=True)
+    new = Endpoint(host="t:7233", namespace="ns", api_key="new-key", tls=True)
+    await temporal._client(old)
+    await asyncio.sleep(0.1)
+    await temporal._client(new)
+    assert len(temporal._clients) == 2  # both used within the idle time
+    await asyncio.sleep(0.15)
+    await temporal._client(new)  # the old one idle for 0.25 s by now
+    assert list(temporal._clients) == [new.key] and dialled == ["old-key", "new-key"]
+    await temporal.close()

@@ -311,7 +311,8 @@ class LiveStatus:
         self._rate = rate
         self._clock = clock
         self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
-        self._written_at: dict[QueueKey, float] = {}
+        self._written_at: dict[QueueKey, float] = {}  # only within per_queue: older ones are dropped
+        self._sent: dict[QueueKey, int] = {}  # the count last written, until the watch shows it
         registry.subscribe(self._changed)
 
     def _changed(self, key: QueueKey) -> None:
@@ -341,6 +342,14 @@ class LiveStatus:
                 except client_.ERRORS as exc:
                     logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
                     self._dirty[key] = None
+            self._forget(self._clock())
+
+    def _forget(self, now: float) -> None:
+        """What no longer holds a write back (queues come and go: ephemeral ones by the thousand)."""
+        for key in [k for k, at in self._written_at.items() if now - at >= self._per_queue]:
+            del self._written_at[key]
+        for key in [k for k in self._sent if self._store.queue(k) is None]:
+            del self._sent[key]
 
     async def _write(self, key: QueueKey) -> None:
         queue = self._store.queue(key)
@@ -349,5 +358,13 @@ class LiveStatus:
             return
         live = self._registry.live_count(key)
         shown = (queue.status.get("workers") or {}).get("live", 0)
+        sent = self._sent.get(key)
         if live != shown:
             await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": {"live": live}})
+            self._sent[key] = live
+        elif sent is not None and sent != shown:
+            # The watch has not brought the last write yet: what it shows is older, and equal to the
+            # count now only by chance. Looked at again once it has.
+            self._dirty[key] = None
+        else:
+            self._sent.pop(key, None)

@@ -44,6 +44,9 @@ DOWN_SECONDS = 2.0
 SCAN_LIMIT = 1000
 """Most workflows read per listing. SQL visibility has no ORDER BY, so the newest by start time are
 picked client-side from what the server lists first: running ones, then closed ones by close time."""
+CLIENT_IDLE_SECONDS = 600.0
+"""A client no call has used for this long is let go: an API key rotated, a queue deleted, would
+otherwise leave its connection open, with the old key, for the life of the process."""
 HOLDER_CACHE_SIZE = 10_000
 """Workflow runs whose holder is remembered (LRU); a run's first worker never changes."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
@@ -158,7 +161,8 @@ class Temporal:
     """Temporal clients (one per endpoint and credential, connected lazily) and coalesced listings."""
 
     def __init__(self, *, timeout: float = 4.0, coalesce: float = COALESCE_SECONDS, scan_limit: int = SCAN_LIMIT,
-                 holder_cache_size: int = HOLDER_CACHE_SIZE, down_seconds: float = DOWN_SECONDS) -> None:
+                 holder_cache_size: int = HOLDER_CACHE_SIZE, down_seconds: float = DOWN_SECONDS,
+                 client_idle_seconds: float = CLIENT_IDLE_SECONDS) -> None:
         self._timeout = timeout
         self._down_seconds = down_seconds
         self._down: dict[tuple[str, str, bool, str], tuple[float, str]] = {}
@@ -166,6 +170,10 @@ class Temporal:
         self._coalesce = coalesce
         self._scan_limit = scan_limit
         self._clients: dict[tuple[str, str, bool, str], asyncio.Task[Client]] = {}
+        self._used: dict[tuple[str, str, bool, str], float] = {}
+        """When each client was last asked for (loop time)."""
+        self._client_idle_seconds = client_idle_seconds
+        self._swept = 0.0
         self._listings: dict[_ListingKey, tuple[asyncio.Task[list[Execution]], list[float]]] = {}
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
@@ -268,6 +276,7 @@ class Temporal:
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
         self._listings.clear()
         self._clients.clear()
+        self._used.clear()
         self._down.clear()
         for task in tasks:
             task.cancel()
@@ -319,6 +328,9 @@ class Temporal:
         raise TemporalUnavailable(reason)
 
     def _client(self, endpoint: Endpoint) -> asyncio.Task[Client]:
+        now = asyncio.get_running_loop().time()
+        self._let_go_idle(now)
+        self._used[endpoint.key] = now
         task = self._clients.get(endpoint.key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.get_running_loop().create_task(Client.connect(
@@ -331,6 +343,19 @@ class Temporal:
             task.add_done_callback(_retrieve)
             self._clients[endpoint.key] = task
         return task
+
+    def _let_go_idle(self, now: float) -> None:
+        """Clients unused for CLIENT_IDLE_SECONDS, and endpoints no longer down (looked at now and then)."""
+        if now - self._swept < min(self._client_idle_seconds, 60.0):
+            return
+        self._swept = now
+        for key in [k for k, used in self._used.items() if now - used >= self._client_idle_seconds]:
+            del self._used[key]
+            task = self._clients.pop(key, None)
+            if task is not None and not task.done():
+                task.cancel()
+        for key in [k for k, (until, _) in self._down.items() if until <= now]:
+            del self._down[key]
 
     def _drop(self, endpoint: Endpoint, task: asyncio.Task[Client] | None) -> None:
         """Forget a client that failed: the next call connects anew."""
