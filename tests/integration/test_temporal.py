@@ -13,6 +13,7 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
+from workerqueue_operator.core import executions
 from workerqueue_operator.core.temporal import DOWN_SECONDS, Endpoint, Execution, Temporal, TemporalUnavailable
 from workerqueue_operator.devcluster import workflows
 from workerqueue_operator.devcluster.temporal import TemporalServer
@@ -99,6 +100,39 @@ async def test_executions_newest_first_with_holders_and_limit(temporal: Temporal
         return e if e.status == "completed" else None
 
     assert (await eventually(taken)).holder == "7@pod-b"
+
+
+async def test_a_workers_second_execution_shows_however_many_older_ones_run(
+    temporal: TemporalServer, client: Client, access: Temporal,
+):
+    """What workers are shown (taken_first, here with room for 2): pod-b ran one execution and runs a
+    second, while more older ones than that room run on pod-a. Cut to the oldest running, pod-b's
+    second was left out, and pod-b was told its execution had finished: it would exit mid-run."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    slow = {"duration_seconds": 120}
+    async with worker(client, tq, "1@pod-a"):
+        for i in range(3):
+            await client.start_workflow("AgentExecutionWorkflow", slow, id=f"a{i}-{uuid.uuid4().hex[:6]}",
+                                        task_queue=tq)
+
+        async def held_by_a() -> bool:
+            found = await access.executions(endpoint(temporal), tq)
+            return len(found) == 3 and all(e.holder == "1@pod-a" for e in found)
+
+        await eventually(held_by_a)
+    second = f"b2-{uuid.uuid4().hex[:6]}"
+    async with worker(client, tq, "2@pod-b"):
+        await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
+                                      id=f"b1-{uuid.uuid4().hex[:6]}", task_queue=tq)
+        await client.start_workflow("AgentExecutionWorkflow", slow, id=second, task_queue=tq)
+
+        async def view() -> list[dict[str, Any]] | None:
+            found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+            held = [e for e in found if e.id == second and e.holder == "2@pod-b"]
+            return executions.worker_view(found, hostname="pod-b") if held else None
+
+        (entry,) = await eventually(view)
+    assert entry["status"] == "running" and entry["held_executions"] == 2
 
 
 async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(

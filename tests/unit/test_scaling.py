@@ -110,6 +110,16 @@ def test_while_a_running_executions_holder_is_unknown_no_running_pod_is_taken_fo
     assert plan([pod(1), pod(2)], Demand(backlog=0), previous, min_idle=1).delete == ("q1-w2",)  # all read: idle
 
 
+def test_no_running_pod_is_taken_for_idle_on_a_reading_seconds_old():
+    """A reading still fresh enough to size the queue (under 30 s) may predate a workflow a pod took:
+    only a recent one (5 s) lets a running pod go."""
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
+    old = Demand(backlog=0, read_at=T0 - 10)
+    assert plan([pod(1), pod(2)], old, previous, min_idle=1).delete == ()
+    assert plan([pod(1), pod(2, "Pending")], old, previous, min_idle=1).delete == ("q1-w2",)
+    assert plan([pod(1), pod(2)], Demand(backlog=0, read_at=T0 - 4), previous, min_idle=1).delete == ("q1-w2",)
+
+
 def test_a_pod_running_an_activity_is_not_taken_for_idle_nor_counted_in_the_desired_workers():
     """Activities run on any worker: one running on a pod keeps that pod, and only it; the desired
     count follows the workflows, so an identity of a pod long gone scales nothing up."""

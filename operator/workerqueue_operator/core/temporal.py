@@ -183,10 +183,10 @@ class Temporal:
         """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
         with `running`, only those still running (what waits for a worker and what workers hold).
 
-        With `taken_first` (what workers are shown): the `limit` oldest running ones, then the `limit`
-        closed last. A task queue hands out its oldest workflows first, so these are the ones workers
-        hold, and a worker's own execution is listed however many newer ones wait behind it (cut to
-        the newest, a burst of more than `limit` hid it: its worker never saw it end, nor exited)."""
+        With `taken_first` (what workers are shown): every running one the scan finds, oldest first,
+        then the `limit` closed last. A worker's own execution is listed however many newer ones wait
+        behind it (cut to the newest, a burst of more than `limit` hid it: its worker never saw it
+        end, nor exited), and so is a second one it runs however many older ones run."""
         key = (endpoint.key, task_queue, limit, running, taken_first)
         loop = asyncio.get_running_loop()
         entry = self._listings.get(key)
@@ -384,8 +384,9 @@ class Temporal:
         if taken_first:
             going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
             over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
-            runs = (sorted(going, key=_start_key)[: max(limit, 0)]
-                    + sorted(over, key=_close_key, reverse=True)[: max(limit, 0)])
+            # Every running one the scan found: a worker holding a closed one and a running one left
+            # out would be told it finished. Holders not read in time keep finished workers waiting.
+            runs = sorted(going, key=_start_key) + sorted(over, key=_close_key, reverse=True)[: max(limit, 0)]
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
         gate = asyncio.Semaphore(_HISTORY_READS)

@@ -213,6 +213,9 @@ class Event:
 
 
 DEMAND_STALE_SECONDS = 30.0
+IDLE_STALE_SECONDS = 5.0
+"""A running pod is taken for idle only on a reading this recent (the backlog is read every 1-2 s):
+one that took a workflow since an older one shows idle in it."""
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
 
 
@@ -448,9 +451,11 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
             f"busy {len(busy) + orphaned}, "
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
-    # While some running execution's holder is unknown (orphaned, or not read in time), no running
-    # pod is idle for sure: only pods that have not started yet may go.
-    unsure = bool(orphaned or demand.unread)
+    # While some running execution's holder is unknown (orphaned, or not read in time), or the reading
+    # is seconds old (the probe was held up), no running pod is idle for sure: only pods that have not
+    # started yet may go.
+    old = demand.read_at is not None and now - demand.read_at > IDLE_STALE_SECONDS
+    unsure = bool(orphaned or demand.unread) or old
     idle = [p for p in alive if pod_hostname(p.name) not in demand.busy | demand.active
             and not (unsure and p.phase == "Running")]
     if surplus <= 0 or not idle:
