@@ -118,6 +118,30 @@ async def test_at_the_limit_the_longest_idle_connection_makes_room(server: Serve
     assert "workerqueue_http_problems_total{kind=\"connections_evicted\"}" in await server.metrics()
 
 
+async def test_with_tls_sockets_that_never_start_their_handshake_do_not_shut_out_new_clients(tmp_path: Path):
+    """At the limit, a TLS handshake still under way (a client that never sent its ClientHello: it
+    is in no list of connections) makes room for a new client, as an idle connection would."""
+    cert, key = self_signed(tmp_path, "localhost")
+    settings = Settings.model_validate({"http_host": "127.0.0.1", "http_port": 0, "http_idle_timeout_seconds": 30,
+                                        "http_max_connections": 5})
+    app = apps.make_app(Store(settings=settings), settings=settings)
+    http, port = await runner_.serve_http(app, settings, serving.Certificate(str(cert), str(key)))
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+    try:
+        await asyncio.sleep(0.2)
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await closed_within(reader, 3)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert await closed_within(silent[0][0], 1) == b""  # the oldest handshake was given up
+    finally:
+        for _, w in silent:
+            w.close()
+        await http.cleanup()
+
+
 @pytest.mark.parametrize("server", [{"http_max_connections": 3, "http_body_timeout_seconds": 30}], indirect=True)
 async def test_when_every_connection_is_busy_a_new_one_is_503(server: Server):
     for _ in range(3):  # requests in progress: their bodies have not all arrived

@@ -130,7 +130,8 @@ class Listener:
         self._tls = certificate
         self._handshake_timeout = handshake_timeout
         self._socks: list[socket.socket] = []
-        self._pending: set[asyncio.Task[None]] = set()  # accepted, transport not made yet (TLS handshakes)
+        # Accepted, transport not made yet (TLS handshakes), oldest first.
+        self._pending: dict[asyncio.Task[None], None] = {}
         self._resume: asyncio.TimerHandle | None = None
 
     @property
@@ -203,24 +204,37 @@ class Listener:
                 continue
             conn.setblocking(False)
             task = loop.create_task(self._connect(conn))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._pending[task] = None
+            task.add_done_callback(self._handshake_done)
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         self._resume = None
         if sock in self._socks:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
 
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.pop(task, None)
+
     def _make_room(self) -> bool:
-        """Closes the longest-idle connection (the server keeps them oldest first); False if all are busy."""
+        """Closes the longest-idle connection (the server keeps them oldest first), else the oldest
+        TLS handshake still under way; False if every connection is busy with a request."""
         connections = self._server.connections
         # Skipping those closed already this turn: they leave the list on the next one.
         idle = next((c for c in connections if c.transport is not None and c not in self._busy), None)
-        if idle is None:
+        if idle is not None:
+            self._log.log(logging.WARNING, "connections_evicted",
+                          "%d HTTP connections (the limit): the longest-idle one was closed for a new one", self.open)
+            idle.force_close()
+            return True
+        # A socket that never sends its ClientHello holds a slot for the whole handshake timeout, and
+        # is in no list of connections: a flood of them would otherwise shut out every client, probes too.
+        waiting = next((t for t in self._pending if not t.cancelling()), None)
+        if waiting is None:
             return False
         self._log.log(logging.WARNING, "connections_evicted",
-                      "%d HTTP connections (the limit): the longest-idle one was closed for a new one", self.open)
-        idle.force_close()
+                      "%d HTTP connections (the limit): the oldest TLS handshake was given up for a new one",
+                      self.open)
+        waiting.cancel()
         return True
 
     def _refuse(self, conn: socket.socket) -> None:
