@@ -509,6 +509,27 @@ async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[
     assert r.status == 400 and await r.json() == {"detail": "Not a valid websocket handshake"}
 
 
+async def test_a_websocket_is_closed_once_its_token_no_longer_opens_the_queue(hub: tuple[Store, TestClient]):
+    store, client = hub
+    async with client.ws_connect("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a"}) as ws:
+        await ws.receive_str(timeout=5)  # the stand-in's hello: the relay is up
+        store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a2"})  # rotated: tok-a unlisted
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+async def test_a_streamed_answer_is_broken_off_once_its_token_no_longer_opens_the_queue(
+        hub: tuple[Store, TestClient]):
+    store, client = hub
+    r = await client.get("/api/v1/executions/e-1/stream?events=50&gap=0.1", headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 200
+    await r.content.readuntil(b"\n\n")
+    store.upsert_secret(("team-a", "a-worker-token"), None)  # its Secret deleted
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(r.read(), 5)  # cut, never a short "complete" answer
+    assert "workerqueue_upstream_failures_total{" not in await (await client.get("/metrics")).text()
+
+
 async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
     settings = Settings()
     store = Store(settings=settings)

@@ -163,6 +163,8 @@ def target_url(base: str, raw_path: str) -> URL:
 class _Route:
     upstream: queues.Upstream
     scheme: str
+    key: queues.QueueKey
+    token_digest: bytes
 
 
 class _Reporter:
@@ -254,11 +256,16 @@ class Passthrough:
             return errors.unauthorized("Invalid authentication credentials")
         resolution = store.resolution(key)
         if resolution is not None and resolution.upstream is not None:
-            return _Route(resolution.upstream, scheme)
+            return _Route(resolution.upstream, scheme, key, token_digest)
         problem = resolution.upstream_problem if resolution is not None else None
         if problem is not None:
             return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
         return errors.detail(404, "Not Found")  # the queue has no upstream: the operator serves nothing here
+
+    def _still_opens(self, route: _Route) -> bool:
+        """Whether the token a long answer or a websocket was opened with still leads to its queue
+        (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut)."""
+        return self._store.queue_of_token(route.token_digest) == route.key
 
     async def _forward(self, request: web.Request, route: _Route) -> web.StreamResponse:
         assert self._session is not None, "the session lives as long as the app"
@@ -300,6 +307,8 @@ class Passthrough:
         try:
             await response.prepare(request)
             async for chunk in answer.content.iter_any():
+                if not self._still_opens(route):
+                    raise _Revoked
                 stats.bytes_received += len(chunk)
                 # A worker that stops reading must not hold the upstream's connection for ever.
                 async with asyncio.timeout(idle):
@@ -308,6 +317,11 @@ class Passthrough:
             await response.write_eof()
         except ConnectionResetError:
             return response  # the worker went away
+        except _Revoked:
+            # Broken off, as a cut: the worker must not take what it got for the whole answer.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Its headers are sent: the worker must see the answer break off, not a short complete one.
             stats.failed("cut")
@@ -384,13 +398,19 @@ class Passthrough:
         self._websockets.add(ours)
         try:
             await ours.prepare(request)
-            await _pump_both_ways(ours, theirs, stats)
+            await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route))
         finally:
             self._websockets.discard(ours)
             await theirs.close()
         return ours
 
 
+class _Revoked(Exception):
+    """The token a streamed answer was asked with no longer opens its queue."""
+
+
+REVOCATION_CHECK_SECONDS = 1.0
+"""How often an open websocket looks whether the token it was opened with still opens its queue."""
 GONE_CHECK_SECONDS = 1.0
 """How often a request waiting for the upstream's answer looks whether its worker is still there."""
 
@@ -512,8 +532,9 @@ def _passed_on(code: int | None, default: int) -> int:
 
 
 async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
-                          stats: metrics.UpstreamStats) -> None:
-    """Messages both ways until either side closes; the other is then closed with the same code."""
+                          stats: metrics.UpstreamStats, *, still_opens: Callable[[], bool]) -> None:
+    """Messages both ways until either side closes; the other is then closed with the same code. Both
+    are closed (the worker's with 1008) once the token it was opened with no longer opens its queue."""
 
     def sent(size: int) -> None:
         stats.bytes_sent += size
@@ -521,9 +542,19 @@ async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWeb
     def received(size: int) -> None:
         stats.bytes_received += size
 
-    tasks = [asyncio.create_task(_relay(ours, theirs, sent)), asyncio.create_task(_relay(theirs, ours, received))]
+    async def until_revoked() -> None:
+        while True:  # polled: a dict lookup a second, against a subscription per websocket to the Store
+            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
+            if not still_opens():
+                return
+
+    revoked = asyncio.create_task(until_revoked())
+    tasks = [asyncio.create_task(_relay(ours, theirs, sent)), asyncio.create_task(_relay(theirs, ours, received)),
+             revoked]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if revoked.done() and not ours.closed:
+            await ours.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"token revoked")
     finally:
         for task in tasks:
             task.cancel()
