@@ -213,10 +213,10 @@ class Event:
 
 
 DEMAND_STALE_SECONDS = 30.0
-IDLE_STALE_SECONDS = 5.0
-"""A running pod is taken for idle only on a reading this recent (the backlog is read every 1-2 s):
-one that took a workflow since an older one shows idle in it."""
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
+IDLE_STALE_SECONDS = 5.0
+"""A running pod is taken for idle only on a reading this recent: one that took a workflow since
+an older reading shows idle in it."""
 
 
 @dataclass(frozen=True)
