@@ -19,10 +19,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from workerqueue_operator.devcluster import procs
 
@@ -289,16 +290,21 @@ class ControlPlane(procs.Service):
 def wait_established(kubectl: Callable[..., str], *crds: str, timeout: float = 60.0) -> None:
     """Waits until each CRD (`name.group`) serves, given `kubectl(*args) -> stdout` (raising on failure).
 
-    Reads the Established condition rather than `kubectl wait --for=condition=Established`, which
-    fails instead of waiting while a CRD just created has no conditions yet.
+    Reads the CRD and its Established condition here rather than `kubectl wait
+    --for=condition=Established` or a jsonpath filter on the conditions: both fail instead of waiting
+    while a CRD just created has no conditions yet.
     """
     deadline = time.monotonic() + timeout
     for name in crds:
-        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
-        while kubectl("get", f"crd/{name}", "-o", f"jsonpath={jsonpath}").strip() != "True":
+        while not _established(json.loads(kubectl("get", f"crd/{name}", "-o", "json"))):
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"CRD {name} not Established within {timeout:.0f}s")
             time.sleep(0.1)
+
+
+def _established(crd: Mapping[str, Any]) -> bool:
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
 class _Interrupted(BaseException):
