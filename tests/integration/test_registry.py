@@ -532,12 +532,16 @@ async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_wr
         def shown() -> int:
             return int((kube.get_queue(namespace, "live").get("status") or {}).get("workers", {}).get("live", 0))
 
+        async def write_if_dirty() -> None:  # as LiveStatus.run does, for one queue
+            if live._dirty.pop(queue.key, "clean") is None:
+                await live._write(queue.key)
+
         worker = reg.register(queue, "w-live")
-        await live._write(queue.key)
+        await write_if_dirty()
         assert shown() == 1
         await reg.disconnect(worker, reason="shutdown", exit_code=0)
-        await live._write(queue.key)  # the watch still shows 0 here
-        assert shown() == 1 and queue.key in live._dirty
+        await write_if_dirty()  # the watch still shows 0 here: nothing written
+        assert shown() == 1
         store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "live")))  # the watch tells
-        await live._write(queue.key)
+        await write_if_dirty()
         assert shown() == 0
