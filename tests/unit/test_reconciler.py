@@ -52,3 +52,28 @@ async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.
         await asyncio.sleep(2)
         assert tries(caplog) == ["1s"]
         await kube.close()
+
+
+async def test_a_read_failing_unexpectedly_is_tried_again_and_its_text_is_not_logged(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Not an API error (an answer that is not what a Secret looks like): the name must not stay
+    taken for good, and the exception's text, which could quote what was read, stays out of the log."""
+    caplog.set_level(logging.WARNING, logger=reconciler.__name__)
+    reads = []
+
+    async def malformed(client: object, namespace: str, name: str) -> dict[str, object]:
+        reads.append((namespace, name))
+        raise ValueError("could not decode 'hunter2'")
+
+    monkeypatch.setattr(reconciler.resources, "read_secret", malformed)
+    with apps.unreachable() as kube:
+        store = Store(settings=Settings())
+        store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
+        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
+                                       activity=Activity(identity="test", priority=0))
+        writer.fetch_secrets({("team-a", "tk")})
+        await asyncio.sleep(1.5)
+        assert reads == [("team-a", "tk")] * 2
+        assert tries(caplog) == ["1s", "2s"]
+        assert "ValueError" in caplog.text and "hunter2" not in caplog.text
+        await kube.close()

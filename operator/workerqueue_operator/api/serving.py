@@ -24,6 +24,7 @@ import logging
 import resource
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -221,20 +222,19 @@ class Listener:
         connections = self._server.connections
         # Skipping those closed already this turn: they leave the list on the next one.
         idle = next((c for c in connections if c.transport is not None and c not in self._busy), None)
+        close: Callable[[], object]
         if idle is not None:
-            self._log.log(logging.WARNING, "connections_evicted",
-                          "%d HTTP connections (the limit): the longest-idle one was closed for a new one", self.open)
-            idle.force_close()
-            return True
-        # A socket that never sends its ClientHello holds a slot for the whole handshake timeout, and
-        # is in no list of connections: a flood of them would otherwise shut out every client, probes too.
-        waiting = next((t for t in self._pending if not t.cancelling()), None)
-        if waiting is None:
-            return False
-        self._log.log(logging.WARNING, "connections_evicted",
-                      "%d HTTP connections (the limit): the oldest TLS handshake was given up for a new one",
-                      self.open)
-        waiting.cancel()
+            what, close = "the longest-idle one was closed", idle.force_close
+        else:
+            # A socket that never sends its ClientHello holds a slot for the whole handshake timeout, and
+            # is in no list of connections: a flood of them would otherwise shut out every client, probes too.
+            waiting = next((t for t in self._pending if not t.cancelling()), None)
+            if waiting is None:
+                return False
+            what, close = "the oldest TLS handshake was given up", waiting.cancel
+        self._log.log(logging.WARNING, "connections_evicted", "%d HTTP connections (the limit): %s for a new one",
+                      self.open, what)
+        close()
         return True
 
     def _refuse(self, conn: socket.socket) -> None:
