@@ -414,6 +414,39 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
 
 
+async def test_a_supervisor_planning_from_an_older_copy_of_the_queue_undoes_no_count(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """A handover while the new replica's watch is behind: the last count the replica before made (a
+    finished worker counted, its pod deleted) is not in the copy the new one plans from. Its counts
+    written over it undid that one, and a worker too many was started."""
+    here = in_process("handover")
+    here.spec.update(ephemeral=True, replicas=2)
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    await supervisor.reconcile(key)
+    assert sorted(kube.pod_names(namespace, "handover")) == ["handover-w0", "handover-w1"]
+    here.watched()
+    behind = here.store.queue(key)
+    assert behind is not None and behind.status["workers"]["succeeded"] == 0
+    kube.set_phase(namespace, "handover-w0", "Succeeded", exit_code=0)
+    await supervisor.reconcile(key)  # counted, and its pod deleted
+    assert kube.get_queue(namespace, "handover")["status"]["workers"]["succeeded"] == 1
+    assert kube.pod_names(namespace, "handover", alive=False) == ["handover-w1"]
+
+    supervisor._activity_changed(True)  # a handover: what was written before is not known here
+    here.store.refresh_queue(behind)  # the watch has not brought the count yet
+    await supervisor.reconcile(key)
+    assert kube.get_queue(namespace, "handover")["status"]["workers"]["succeeded"] == 1
+    assert kube.pod_names(namespace, "handover", alive=False) == ["handover-w1"]
+    here.watched()  # planned again from the newer copy: nothing to do
+    await supervisor.reconcile(key)
+    workers = kube.get_queue(namespace, "handover")["status"]["workers"]
+    assert (workers["succeeded"], workers["counted"]) == (1, [])
+    assert kube.pod_names(namespace, "handover", alive=False) == ["handover-w1"]
+
+
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):
     kube.create_queue(namespace, "gone", queueId=f"g-{namespace}", temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "gone", "True")

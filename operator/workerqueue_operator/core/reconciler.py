@@ -39,6 +39,12 @@ CONFLICT_RETRY_SECONDS = 1.0
 brought that queue back sooner; doubling while refused again, up to CONFLICT_RETRY_MAX_SECONDS (a
 queue the watch cannot bring, e.g. one whose newer body this operator cannot read)."""
 CONFLICT_RETRY_MAX_SECONDS = 60.0
+
+
+def conflict_retry(refused: int) -> float:
+    """When to try again a status write refused `refused` times in a row for a newer queue."""
+    return min(CONFLICT_RETRY_SECONDS * 2.0 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS)
+
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
@@ -242,7 +248,7 @@ class Reconciler:
             logger.debug("the status of %s/%s changed meanwhile; written again from the newer one", *key)
             self._written.pop(key, None)
             refused = self._conflicts[key] = self._conflicts.get(key, 0) + 1
-            self._queue.add_after(key, min(CONFLICT_RETRY_SECONDS * 2 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS))
+            self._queue.add_after(key, conflict_retry(refused))
             return
         self._conflicts.pop(key, None)
         if version is None:

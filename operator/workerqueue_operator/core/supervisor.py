@@ -35,7 +35,7 @@ from workerqueue_operator.core import workers
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
-from workerqueue_operator.core.reconciler import queue_ref_body
+from workerqueue_operator.core.reconciler import conflict_retry, queue_ref_body
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
@@ -149,9 +149,12 @@ class Supervisor:
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
         # Queues that have or may have workers; the others (workers run elsewhere) cost nothing here.
         self._tracked: set[QueueKey] = set()
-        # status.workers as last written, with the uid of the queue it was written to: newer than what
-        # the watch may have delivered so far. Kept by name, so that forgetting a queue is one lookup.
-        self._written: dict[QueueKey, tuple[str, spec_.WorkersStatus]] = {}
+        # status.workers as last written, with the uid of the queue it was written to and the
+        # resourceVersion the write made: newer than what the watch may have delivered so far. Kept by
+        # name, so that forgetting a queue is one lookup.
+        self._written: dict[QueueKey, tuple[str, spec_.WorkersStatus, str]] = {}
+        self._conflicts: dict[QueueKey, int] = {}
+        """Status writes refused in a row per queue, for the back-off."""
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         self._refused: dict[QueueKey, Refusal] = {}
@@ -183,6 +186,7 @@ class Supervisor:
         self._demand.pop(key, None)
         self._alive.pop(key, None)
         self._written.pop(key, None)
+        self._conflicts.pop(key, None)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
         key = owner_key(body)
@@ -239,11 +243,9 @@ class Supervisor:
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
-        previous_index = (self._written_status(queue) or spec_.WorkersStatus.model_validate(
-            queue.status.get("workers") or {})).next_index
-        await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous_index)
-        previous = self._written_status(queue) or spec_.WorkersStatus.model_validate(
-            queue.status.get("workers") or {})
+        previous, version = self._base(queue)
+        await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous.next_index)
+        previous, version = self._base(queue)
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
         demand = self._demand.get(key)
@@ -271,7 +273,10 @@ class Supervisor:
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
             self._queue.add_after(key, refusal.retry_at - now)
         if status != previous:
-            await self._write_status(queue, status)
+            written = await self._write_status(queue, status, version)
+            if written is None:
+                return  # counted from an older copy: nothing is done on it (see _write_status)
+            version = written
         involved = queue_ref_body(queue)
 
         for event in plan.events:
@@ -287,7 +292,7 @@ class Supervisor:
                                                              settings=self._settings)
                 self._queue.add_after(key, refusal.retry_at - now)
             if refused != status.last_error:
-                await self._write_status(queue, status.model_copy(update={"last_error": refused}))
+                await self._write_status(queue, status.model_copy(update={"last_error": refused}), version)
         if plan.delete_queue is not None:
             self._events.post(involved=involved, reason=plan.delete_queue.reason,
                               message=plan.delete_queue.message, warning=plan.delete_queue.warning)
@@ -321,11 +326,41 @@ class Supervisor:
                 if any(ref.get("uid") == queue.uid and ref.get("controller")
                        for ref in p.get("metadata", {}).get("ownerReferences") or [])]
 
-    async def _write_status(self, queue: QueueObject, status: spec_.WorkersStatus) -> None:
+    async def _write_status(self, queue: QueueObject, status: spec_.WorkersStatus, version: str) -> str | None:
+        """Writes status.workers over the version of the queue it was planned from; the version written,
+        or None when the queue is gone or was changed since.
+
+        The counts are absolute, made from that copy: over a newer one they could undo a count made
+        since (a finished pod counted, then deleted, by the other replica just before a handover, or
+        by this one before its watch caught up), and start a worker too many. Changed since, the
+        queue is planned again from the newer copy the watch brings.
+        """
         # `live` is the registry's to write: a copy here would be stale.
         payload = status.model_dump(by_alias=True, mode="json", exclude={"live"})
-        if await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": payload}):
-            self._written[queue.key] = (queue.uid, status)
+        key = queue.key
+        try:
+            written = await resources.patch_queue_status(self._client, queue.namespace, queue.name,
+                                                         {"workers": payload}, resource_version=version)
+        except client_.ApiError as exc:
+            if not exc.conflict:
+                raise
+            logger.debug("the status of %s/%s changed meanwhile; planned again from the newer one", *key)
+            self._written.pop(key, None)
+            refused = self._conflicts[key] = self._conflicts.get(key, 0) + 1
+            self._queue.add_after(key, conflict_retry(refused))
+            return None
+        self._conflicts.pop(key, None)
+        if written:
+            self._written[key] = (queue.uid, status, written)
+        return written or None
+
+    def _base(self, queue: QueueObject) -> tuple[spec_.WorkersStatus, str]:
+        """status.workers to plan from, and the queue's version it is of: this replica's last write,
+        else the watch's copy."""
+        written = self._written.get(queue.key)
+        if written is not None and written[0] == queue.uid:
+            return written[1], written[2]
+        return spec_.WorkersStatus.model_validate(queue.status.get("workers") or {}), queue.resource_version
 
     def _written_status(self, queue: QueueObject) -> spec_.WorkersStatus | None:
         written = self._written.get(queue.key)
