@@ -102,8 +102,8 @@ def api_client(kubeconfig: Path) -> Iterator[client.ApiClient]:
     api.close()
 
 
-@pytest.fixture
-def namespace(api_client: client.ApiClient) -> Iterator[str]:
+@contextlib.contextmanager
+def _fresh_namespace(api_client: client.ApiClient) -> Iterator[str]:
     """A fresh namespace whose `default` ServiceAccount exists (pods can be created in it)."""
     core = client.CoreV1Api(api_client)
     name = f"test-{secrets.token_hex(4)}"
@@ -116,6 +116,19 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     # Not waiting for the namespace controller to empty it: nothing depends on that.
     with contextlib.suppress(ApiException):
         core.delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient) -> Iterator[str]:
+    with _fresh_namespace(api_client) as name:
+        yield name
+
+
+@pytest.fixture
+def other_namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A second fresh namespace, for what spans two."""
+    with _fresh_namespace(api_client) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

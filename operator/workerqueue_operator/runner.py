@@ -125,9 +125,10 @@ class Feed:
         name = informer.object_key(body)
         credential = workers.credential_from_secret(body)
         if credential is not None:
-            queue, uid, pod, token = credential
             self._store.upsert_worker_credential(
-                name, WorkerCredential(queue=queue, pod=pod, queue_uid=uid, since=workers.made_at(body)), token)
+                name, WorkerCredential(queue=credential.queue, pod=credential.pod, queue_uid=credential.queue_uid,
+                                       since=workers.made_at(body), hostname=credential.hostname),
+                credential.token)
         else:
             self._store.remove_worker_credential(name)  # no longer one (its label or owner taken away)
         if self._store.is_used(name):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client as http_client
 import resource
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,33 +54,53 @@ def timed_start(operator: OperatorProcess, queue_id: str, token: str) -> tuple[H
     return answer, time.monotonic() - began
 
 
+def robot_may_start(kube: Kube, namespace: str, operator: OperatorProcess, queue_id: str,
+                    fresh: int) -> tuple[str, list[str]]:
+    """The ServiceAccount `robot` may start workers of the queue `agents`: one of its tokens reviewed
+    (cached by the operator now), and `fresh` more never seen."""
+    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
+        metadata=k8s.V1ObjectMeta(name="start-workers"),
+        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
+                                verbs=["create"], resource_names=["agents"])]))
+    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+        metadata=k8s.V1ObjectMeta(name="start-workers"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="robot", namespace=namespace)]))
+    cached = service_account_token(kube, namespace, "robot")
+    request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+    tokens = [str(kube.core.create_namespaced_service_account_token("robot", namespace, request).status.token)
+              for _ in range(fresh)]
+    wait_for(lambda: operator.start_worker(queue_id, cached).status == 200, timeout=15,
+             what="the RBAC binding to be seen")
+    return cached, tokens
+
+
+def own_operator(control_plane: ControlPlane, kube: Kube, tmp_path: Path, namespace: str,
+                 env: dict[str, str]) -> OperatorProcess:
+    """An operator on this module's control plane, its queue `agents` (queue id `<namespace>-agents`) Ready."""
+    kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+    wait_for(lambda: kube.core.list_namespaced_service_account(namespace).items, what="default ServiceAccount")
+    operator = OperatorProcess(control_plane.kubeconfig, tmp_path / "operator.log", env=env)
+    operator.start()
+    try:
+        kube.create_queue(namespace, "agents", queueId=f"{namespace}-agents",
+                          temporal={"host": "t:1", "namespace": "n"})
+        kube.wait_condition(namespace, "agents", "True")
+    except BaseException:
+        operator.stop()
+        raise
+    return operator
+
+
 def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         own_control_plane: ControlPlane, own_kube: Kube, tmp_path: Path):
     kube = own_kube
     namespace = "frozen"
-    kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
-    wait_for(lambda: kube.core.list_namespaced_service_account(namespace).items, what="default ServiceAccount")
-    operator = OperatorProcess(own_control_plane.kubeconfig, tmp_path / "operator.log",
-                               env={"WQ_AUTH_CACHE_SECONDS": "60", "WQ_AUTH_MAX_CONCURRENT_REVIEWS": "2"})
-    operator.start()
+    operator = own_operator(own_control_plane, kube, tmp_path, namespace,
+                            {"WQ_AUTH_CACHE_SECONDS": "60", "WQ_AUTH_MAX_CONCURRENT_REVIEWS": "2"})
     try:
-        kube.create_queue(namespace, "agents", queueId="frozen-agents", temporal={"host": "t:1", "namespace": "n"})
-        kube.wait_condition(namespace, "agents", "True")
         queue_token = kube.queue_token(namespace, "agents")
-        kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
-            metadata=k8s.V1ObjectMeta(name="start-workers"),
-            rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
-                                    verbs=["create"], resource_names=["agents"])]))
-        kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
-            metadata=k8s.V1ObjectMeta(name="start-workers"),
-            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
-            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="robot", namespace=namespace)]))
-        cached = service_account_token(kube, namespace, "robot")
-        request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
-        fresh = [str(kube.core.create_namespaced_service_account_token("robot", namespace, request).status.token)
-                 for _ in range(3)]
-        wait_for(lambda: operator.start_worker("frozen-agents", cached).status == 200, timeout=15,
-                 what="the RBAC binding to be seen")
+        cached, fresh = robot_may_start(kube, namespace, operator, "frozen-agents", 3)
 
         # A made-up token costs one TokenReview, then is rejected from memory.
         assert operator.start_worker("frozen-agents", "made-up").status == 401
@@ -110,6 +132,44 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         # Thawed: the same token is reviewed again and admitted.
         wait_for(lambda: operator.start_worker("frozen-agents", fresh[0]).status == 200, timeout=30,
                  what="a review after the thaw")
+    finally:
+        operator.stop()
+
+
+def start_from(source: str, operator: OperatorProcess, queue_id: str, token: str) -> int:
+    """/start's status, sent from `source` (another loopback address is another client)."""
+    url = urllib.parse.urlsplit(operator.url)
+    connection = http_client.HTTPConnection(str(url.hostname), url.port, timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", f"/api/v1/worker-queues/{queue_id}/start", body=b"{}",
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_a_flood_of_made_up_tokens_from_one_client_turns_no_other_away(
+        own_control_plane: ControlPlane, own_kube: Kube, tmp_path: Path):
+    """Each made-up token waits for a review while the API server is slow: one client sending them
+    filled the whole waiting room (64 a review slot), and every other Kubernetes-identity caller was
+    answered 503 at once, which the real worker takes for good. Waiters take turns by address now."""
+    kube = own_kube
+    namespace = "flood"
+    operator = own_operator(own_control_plane, kube, tmp_path, namespace, {"WQ_AUTH_MAX_CONCURRENT_REVIEWS": "1"})
+    try:
+        _, (token,) = robot_may_start(kube, namespace, operator, "flood-agents", 1)
+        with concurrent.futures.ThreadPoolExecutor(81) as pool:
+            with frozen(own_control_plane.pid("kube-apiserver")):
+                flood = [pool.submit(start_from, "127.0.0.2", operator, "flood-agents", f"made-up-{i}")
+                         for i in range(80)]
+                # One review in flight, 64 waiting, the 15 beyond turned away at once.
+                wait_for(lambda: operator.metric("workerqueue_token_reviews_total", outcome="busy") >= 15,
+                         timeout=3, what="the waiting room full")
+                mine = pool.submit(start_from, "127.0.0.1", operator, "flood-agents", token)
+                time.sleep(0.5)
+            assert mine.result() == 200  # served in its turn once the API server answers
+            assert {f.result() for f in flood} <= {401, 503}
+        assert "Traceback" not in operator.logs()
     finally:
         operator.stop()
 

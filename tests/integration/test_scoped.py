@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from workerqueue_operator.core.store import Store
 from workerqueue_operator.devcluster.temporal import TemporalServer
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models.settings import Settings
-
-
-@pytest.fixture
-def other_namespace(kube: Kube) -> Iterator[str]:
-    name = f"ops-{uuid.uuid4().hex[:8]}"
-    kube.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    yield name
-    kube.core.delete_namespace(name)
 
 
 def test_default_secret_outside_the_watched_namespaces_is_served_and_refreshed(

@@ -141,6 +141,35 @@ async def test_executions_are_per_worker_and_temporal_outages_are_503(
     wait_for(lambda: operator.call("GET", path, mine).status == 200, timeout=30, what="Temporal back")
 
 
+async def test_namesake_queues_sharing_a_task_queue_see_only_their_own_pods_executions(
+        operator: OperatorProcess, kube: Kube, namespace: str, other_namespace: str, temporal: TemporalServer):
+    # A task queue the spec names can be shared, and pods of namesake queues in two namespaces have
+    # the same names: with the pod's name for hostname, the other queue's worker was shown this
+    # execution (it took the same Temporal identity for its own), and exited on it without working.
+    task_queue = f"shared-{namespace}"
+    path = "/api/v1/worker-queues/{}/executions?limit=5&status=all"
+    for ns in (namespace, other_namespace):
+        kube.create_queue(ns, "twin", **queue_spec(temporal, f"twin-{ns}", taskQueueName=task_queue))
+    tokens = {ns: wait_for(lambda ns=ns: kube._has_secret(ns, "twin-w0-token") and kube.secret_value(
+        ns, "twin-w0-token", "token"), what=f"{ns}/twin-w0's token") for ns in (namespace, other_namespace)}
+    hostnames = {ns: kube.core.read_namespaced_pod("twin-w0", ns).spec.hostname for ns in (namespace, other_namespace)}
+    assert hostnames[namespace] != hostnames[other_namespace]
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=operator.url, api_key=tokens[namespace],
+                                      progress=workflows.Progress(), log=lambda _: None)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    async with Worker(client, task_queue=task_queue, workflows=list(workflows.WORKFLOWS),
+                      activities=[activities.run_execution], identity=f"{os.getpid()}@{hostnames[namespace]}"):
+        await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
+                                                       id=workflow_id, task_queue=task_queue), 60)
+    mine = wait_for(lambda: operator.call("GET", path.format(f"twin-{namespace}"), tokens[namespace]).json(),
+                    what="its execution shown to the worker that ran it")
+    assert [(e["id"], e["status"]) for e in mine] == [(workflow_id, "completed")]
+    theirs = operator.call("GET", path.format(f"twin-{other_namespace}"), tokens[other_namespace])
+    assert (theirs.status, theirs.json()) == (200, [])
+
+
 async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_the_old_executions(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
     # Pod names (so hostnames, so Temporal identities) start again at -w0 when a queue is deleted and

@@ -34,7 +34,7 @@ class NoReviews(reviews.Reviewer):
         self._in_flight = 0
         self.unavailable = unavailable  # set: every review fails so
 
-    async def authenticate(self, token: str, token_digest: bytes) -> reviews.Identity | None:
+    async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
         if self.unavailable is not None:
             raise self.unavailable
         return None

@@ -84,6 +84,14 @@ def test_a_busy_worker_is_known_by_its_pods_hostname_also_when_that_is_not_the_p
     assert p.delete == (pods[1].name,) and p.workers.desired == 1
 
 
+def test_a_busy_worker_is_known_by_the_hostname_its_pod_was_given():
+    # A queue on a named task queue gives its pods hostnames of their own (workers.worker_hostname).
+    pods = [pod(0, hostname="q1-w0-0123456789"), pod(1, hostname="q1-w1-9876543210")]
+    previous = WorkersStatus(desired=2, next_index=2, surplus_since=times.rfc3339(T0 - 60))
+    p = plan(pods, Demand(backlog=0, busy=frozenset({"q1-w0-0123456789"})), previous)
+    assert p.delete == ("q1-w1",) and p.workers.desired == 1
+
+
 def test_an_execution_whose_worker_pod_is_gone_keeps_a_worker_and_no_running_pod_is_taken_for_idle():
     # q1-w0 took it and is gone (OOM-killed, evicted, deleted) while it ran: Temporal hands it on to
     # another worker, which shows as idle (it did not take it first). Counted neither busy nor

@@ -225,6 +225,32 @@ def test_every_pod_of_a_queue_has_a_hostname_of_its_own_whatever_the_queue_name(
     assert body["spec"]["hostname"] == hostnames[1] and "setHostnameAsFQDN" not in body["spec"]
 
 
+def test_pods_of_namesake_queues_on_a_named_task_queue_get_hostnames_of_their_own():
+    # A named task queue may be shared, and a namesake queue in another namespace names its pods the
+    # same: the hostname (the Temporal identity's host, by which executions are known) carries the uid.
+    inputs = workers.PodInputs("u", "d", {})
+    mine = queue(name="twin", namespace="a", uid="u-a", taskQueueName="shared")
+    theirs = queue(name="twin", namespace="b", uid="u-b", taskQueueName="shared")
+    bodies = [workers.build_pod(q, 0, inputs=inputs, settings=SETTINGS) for q in (mine, theirs)]
+    hostnames = [b["spec"]["hostname"] for b in bodies]
+    assert hostnames[0] != hostnames[1] and all(h.startswith("twin-w0-") for h in hostnames)
+    for hostname in hostnames:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", hostname), hostname
+    # The pod's token says which hostname its pod got; the pod itself says so to the planner.
+    credential = workers.credential_from_secret(workers.credential_secret_body(mine, "twin-w0", "tok", now=0.0))
+    assert credential is not None and credential.hostname == hostnames[0]
+    assert workers.Pod.from_body(bodies[0]).host == hostnames[0]
+    # A queue on its own task queue (its queue id) keeps its pods' names; so do tokens and pods made
+    # before the hostname was written down.
+    own = workers.build_pod(queue(name="twin", namespace="a", uid="u-a"), 0, inputs=inputs, settings=SETTINGS)
+    assert own["spec"]["hostname"] == "twin-w0"
+    del bodies[0]["spec"]["hostname"]
+    assert workers.Pod.from_body(bodies[0]).host == "twin-w0"
+    older = workers.credential_secret_body(mine, "twin-w0", "tok", now=0.0)
+    del older["metadata"]["annotations"][workers.HOSTNAME_ANNOTATION]
+    assert workers.credential_from_secret(older) == (("a", "twin"), "u-a", "twin-w0", "twin-w0", "tok")
+
+
 def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
     keyed = queue(temporal={"host": "ns.tmprl.cloud:7233", "apiKeySecretRef": {"name": "t", "key": "k"}})
     assert workers.worker_temporal_host(keyed, SETTINGS) == "ns.tmprl.cloud:7233"
@@ -243,7 +269,7 @@ def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
     q = queue(queueId="q-1")
     body = workers.credential_secret_body(q, "q1-w7", "tok", now=1767225690.25)
     assert body["metadata"]["name"] == "q1-w7-token"
-    assert workers.credential_from_secret(body) == ((q.namespace, q.name), q.uid, "q1-w7", "tok")
+    assert workers.credential_from_secret(body) == ((q.namespace, q.name), q.uid, "q1-w7", "q1-w7", "tok")
     assert workers.credential_from_secret({"metadata": {"name": "q1-worker-token", "labels": {}}}) is None
     assert workers.made_at(body) == 1767225690.25  # to the microsecond
     del body["metadata"]["annotations"][workers.MADE_ANNOTATION]

@@ -71,7 +71,7 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
     if credential is not None:
         return Caller(token_digest, worker=credential)
     try:
-        identity = await request.app[REVIEWER].authenticate(token, token_digest)
+        identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:
         return _review_unavailable(request, exc, "Authentication")
     if identity is None:
@@ -93,7 +93,7 @@ async def allowed(request: web.Request, caller: Caller, resolution: Resolution, 
     queue = resolution.queue
     try:
         return await request.app[REVIEWER].may(caller.identity, caller.token_digest, queue.namespace, queue.name,
-                                               verb=verb, subresource=subresource)
+                                               verb=verb, subresource=subresource, peer=request.remote or "")
     except reviews.Unavailable as exc:
         return _review_unavailable(request, exc, "Authorization")
 

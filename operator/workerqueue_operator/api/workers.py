@@ -220,8 +220,8 @@ async def list_executions(request: web.Request) -> web.Response:
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if caller.worker is not None:
-        view = executions.worker_view(found, hostname=workers_.pod_hostname(caller.worker.pod),
-                                      since=caller.worker.since)
+        hostname = caller.worker.hostname or workers_.pod_hostname(caller.worker.pod)
+        view = executions.worker_view(found, hostname=hostname, since=caller.worker.since)
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

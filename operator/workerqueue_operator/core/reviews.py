@@ -11,7 +11,9 @@ then it is `Unavailable` (busy: the HTTP answer is 503 with Retry-After, not 401
 may well be valid). Waiting rather than refusing at once, because the real worker exits on any
 answer but 200: a fleet starting together must not be turned away by its own burst. So a frozen
 API server costs a caller seconds, not a hang, and made-up tokens cost at most `max_concurrent`
-reviews at a time.
+reviews at a time. Waiters take turns by the caller's address (FairSlots): one client sending
+made-up tokens as fast as it can neither fills the waiting room nor makes the others wait behind
+all of its own.
 Queue tokens never come here: they are checked against watch-fed state first.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -99,6 +101,76 @@ class TTLCache(Generic[T]):
         return hit[1] if hit is not None and hit[0] > self._clock() else None
 
 
+class Full(Exception):
+    """Turned away from FairSlots: the waiting room is full, and the caller's own waiters are the most."""
+
+
+class FairSlots:
+    """At most `size` holders at once; the others wait, served in turns by key (the caller's address),
+    one waiter of each key in turn, so that a key with many waiters holds back the others by at most
+    one each. At most `room` wait: a newcomer then makes room by turning away the newest waiter of the
+    key with the most waiting, or is turned away itself when that is its own key.
+    """
+
+    def __init__(self, size: int, *, room: int) -> None:
+        self._free = size
+        self._room = room
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self.waiting = 0
+
+    async def acquire(self, key: str) -> None:
+        """A slot, to `release()`; raises Full when turned away (now or while waiting)."""
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            return
+        if self.waiting >= self._room:
+            self._turn_away(key)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(future)
+        self.waiting += 1
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release()  # given a slot just as it stopped waiting: passed on
+            else:
+                self._discard(key, future)
+            raise
+
+    def release(self) -> None:
+        self._free += 1
+        while self._free > 0 and self._waiting:
+            key, queue = next(iter(self._waiting.items()))
+            future = queue.popleft()
+            self.waiting -= 1
+            if queue:
+                self._waiting.move_to_end(key)  # its next waiter after one of every other key
+            else:
+                del self._waiting[key]
+            if not future.done():  # a cancelled one is gone: its waiter finds it no longer here
+                future.set_result(None)
+                self._free -= 1
+
+    def _turn_away(self, key: str) -> None:
+        most = max(self._waiting, key=lambda k: len(self._waiting[k]))
+        if len(self._waiting.get(key, ())) >= len(self._waiting[most]):
+            raise Full
+        queue = self._waiting[most]
+        queue.pop().set_exception(Full())
+        self.waiting -= 1
+        if not queue:
+            del self._waiting[most]
+
+    def _discard(self, key: str, future: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(key)
+        if queue is None or future not in queue:
+            return  # given out or turned away already
+        queue.remove(future)
+        self.waiting -= 1
+        if not queue:
+            del self._waiting[key]
+
+
 class Reviewer:
     def __init__(self, client: client_.KubeClient, *, audiences: Sequence[str], ttl: float,
                  negative_ttl: float = 60.0, timeout: float = 4.0, max_concurrent: int = 16) -> None:
@@ -106,10 +178,9 @@ class Reviewer:
         self._audiences = list(audiences)
         self._timeout = timeout
         self._max_concurrent = max_concurrent
-        self._slots = asyncio.Semaphore(max_concurrent)
+        # Beyond the room: 503 at once, no task piles up behind a freeze.
+        self._slots = FairSlots(max_concurrent, room=64 * max_concurrent)
         self._in_flight = 0
-        self._waiting = 0
-        self._max_waiting = 64 * max_concurrent  # beyond: 503 at once, no task piles up behind a freeze
         self._identities: TTLCache[Identity | None] = TTLCache(ttl=ttl, keep=lambda identity: identity is not None)
         self._rejected: TTLCache[bool] = TTLCache(ttl=negative_ttl, size=50_000)
         self._decisions: TTLCache[bool] = TTLCache(ttl=ttl)
@@ -121,8 +192,9 @@ class Reviewer:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def authenticate(self, token: str, token_digest: bytes) -> Identity | None:
-        """Who the token belongs to, or None when the API server does not vouch for it.
+    async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> Identity | None:
+        """Who the token belongs to, or None when the API server does not vouch for it. `peer`: the
+        caller's address, whose reviews take turns with other addresses'.
 
         Raises Unavailable when the API server cannot say within the timeout, or too many reviews
         are in flight.
@@ -131,7 +203,7 @@ class Reviewer:
             self.outcomes["rejected_cached"] += 1
             return None
         try:
-            identity = await self._identities.get(token_digest, lambda: self._token_review(token))
+            identity = await self._identities.get(token_digest, lambda: self._token_review(token, peer))
         except Unavailable as exc:
             self.outcomes["busy" if exc.busy else "unavailable"] += 1
             raise
@@ -143,29 +215,26 @@ class Reviewer:
         return identity
 
     async def may(self, identity: Identity, token_digest: bytes, namespace: str, name: str, *,
-                  verb: str = "create", subresource: str = "start") -> bool:
+                  verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
         """RBAC's answer to: may this identity `verb` `workerqueues[/subresource]` on this queue?
         (/start and the worker's own calls: `create workerqueues/start`.)"""
         return await self._decisions.get(
             (token_digest, namespace, name, verb, subresource),
-            lambda: self._access_review(identity, namespace, name, verb, subresource))
+            lambda: self._access_review(identity, namespace, name, verb, subresource, peer))
 
-    async def _review(self, kind: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _review(self, kind: str, path: str, body: dict[str, Any], peer: str) -> dict[str, Any]:
         """One review at the API server, bounded in number and in time: waiting for a free slot and
         the API server's answer together take at most `timeout` seconds."""
-        if self._waiting >= self._max_waiting:
-            raise Unavailable(kind, f"{self._waiting} callers already wait for a review", busy=True)
         busy = Unavailable(kind, f"no review slot free in time ({self._max_concurrent} in flight)", busy=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        self._waiting += 1
         try:
             async with asyncio.timeout_at(deadline):
-                await self._slots.acquire()
+                await self._slots.acquire(peer)
         except TimeoutError as exc:
             raise busy from exc
-        finally:
-            self._waiting -= 1
+        except Full:
+            raise Unavailable(kind, f"{self._slots.waiting} callers already wait for a review", busy=True) from None
         try:
             remaining = deadline - loop.time()
             if remaining < self._timeout / 4:  # too little time left for a review to be worth starting
@@ -184,13 +253,13 @@ class Reviewer:
         finally:
             self._slots.release()
 
-    async def _token_review(self, token: str) -> Identity | None:
+    async def _token_review(self, token: str, peer: str) -> Identity | None:
         review_spec: dict[str, Any] = {"token": token}
         if self._audiences:
             review_spec["audiences"] = self._audiences
         answer = await self._review(
             "TokenReview", "/apis/authentication.k8s.io/v1/tokenreviews",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review_spec},
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": review_spec}, peer,
         )
         status = answer.get("status", {})
         if not status.get("authenticated"):
@@ -208,7 +277,7 @@ class Reviewer:
         )
 
     async def _access_review(self, identity: Identity, namespace: str, name: str, verb: str,
-                             subresource: str) -> bool:
+                             subresource: str, peer: str) -> bool:
         answer = await self._review(
             "SubjectAccessReview", "/apis/authorization.k8s.io/v1/subjectaccessreviews",
             {
@@ -229,5 +298,6 @@ class Reviewer:
                     },
                 },
             },
+            peer,
         )
         return bool(answer.get("status", {}).get("allowed"))

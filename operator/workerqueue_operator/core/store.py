@@ -30,6 +30,9 @@ class WorkerCredential:
     """The uid of the queue it was made for: a queue made again under the name is not opened by it."""
     since: float | None = None
     """When the token was made, just before its pod (epoch seconds; see workers.made_at)."""
+    hostname: str | None = None
+    """The hostname its pod was given, by which its executions are known (None: its pod's name, see
+    workers.pod_hostname)."""
 
 
 class Store:

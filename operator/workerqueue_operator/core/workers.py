@@ -13,7 +13,7 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.queues import QueueObject
@@ -30,6 +30,8 @@ GENERATION_ANNOTATION = "agentcontrol.dev/queue-generation"
 POD_ANNOTATION = "agentcontrol.dev/pod"
 MADE_ANNOTATION = "agentcontrol.dev/made-at"
 """On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
+HOSTNAME_ANNOTATION = "agentcontrol.dev/hostname"
+"""On a per-worker token: the hostname its pod was given (see worker_hostname)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
 """The container of a default worker pod (one without its queue's own template) that runs the worker."""
@@ -65,15 +67,32 @@ def pod_name(queue_name: str, index: int) -> str:
 
 
 def pod_hostname(pod: str) -> str:
-    """The hostname the operator gives a worker pod (`spec.hostname`), so the host part of its worker's
-    Temporal identity `<pid>@<hostname>`, by which its executions are known: the pod's name when that
-    is a DNS label, else a label unique to it. Kubernetes would cut a longer name to 63 characters,
-    giving every pod of a queue named with 60 or more the same hostname: each worker would see the
-    others' executions and exit on them."""
+    """The hostname of a worker pod of a queue whose task queue is its own (see worker_hostname): the
+    pod's name when that is a DNS label, else a label unique to it. Kubernetes would cut a longer name
+    to 63 characters, giving every pod of a queue named with 60 or more the same hostname: each worker
+    would see the others' executions and exit on them."""
     if len(pod) <= HOSTNAME_MAX and "." not in pod:
         return pod
+    return _hashed_label(pod, pod)
+
+
+def worker_hostname(queue: QueueObject, pod: str) -> str:
+    """The hostname the operator gives a worker pod (`spec.hostname`), so the host part of its worker's
+    Temporal identity `<pid>@<hostname>`, by which its executions are known.
+
+    A queue's own task queue (named by its queue id, unique) only holds what its own pods took: the
+    pod's name does (pod_hostname). A task queue the spec names may be another queue's too, and a
+    namesake queue in another namespace has pods of the same names: each worker would take the
+    other's executions for its own, and exit on them. Those pods' hostnames carry their queue's uid.
+    """
+    if queue.spec.task_queue_name is None:
+        return pod_hostname(pod)
+    return _hashed_label(pod, f"{queue.uid}/{pod}")
+
+
+def _hashed_label(pod: str, unique: str) -> str:
     head = pod[:HOSTNAME_MAX - 11].replace(".", "-").rstrip("-")
-    return f"{head}-{hashlib.sha256(pod.encode()).hexdigest()[:10]}"
+    return f"{head}-{hashlib.sha256(unique.encode()).hexdigest()[:10]}"
 
 
 def credential_secret_name(pod: str) -> str:
@@ -96,7 +115,8 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: flo
             "labels": {**MANAGED_BY, "app.kubernetes.io/component": CREDENTIAL_COMPONENT,
                        "app.kubernetes.io/part-of": "agentcontrol", QUEUE_LABEL: queues_label(queue),
                        POD_LABEL: label_value(pod)},
-            "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: times.micro_rfc3339(now)},
+            "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: times.micro_rfc3339(now),
+                            HOSTNAME_ANNOTATION: worker_hostname(queue, pod)},
             "ownerReferences": [{"apiVersion": f"{spec_.GROUP}/{spec_.VERSION}", "kind": spec_.KIND,
                                  "name": queue.name, "uid": queue.uid, "controller": True,
                                  "blockOwnerDeletion": True}],
@@ -105,17 +125,27 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: flo
     }
 
 
-def credential_from_secret(body: Mapping[str, Any]) -> tuple[queues.QueueKey, str, str, str | None] | None:
-    """(queue, queue uid, pod, token) of a per-worker token Secret; None for any other Secret."""
+class Credential(NamedTuple):
+    queue: queues.QueueKey
+    queue_uid: str
+    pod: str
+    hostname: str
+    """The hostname its pod was given (a token made before it was written down: see pod_hostname)."""
+    token: str | None
+
+
+def credential_from_secret(body: Mapping[str, Any]) -> Credential | None:
+    """What a per-worker token Secret says; None for any other Secret."""
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get("app.kubernetes.io/component") != CREDENTIAL_COMPONENT:
         return None
     owner = queues.queue_owner(body)
-    pod = (meta.get("annotations") or {}).get(POD_ANNOTATION)
+    annotations = meta.get("annotations") or {}
+    pod = annotations.get(POD_ANNOTATION)
     if owner is None or not pod:
         return None
     token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
-    return owner[0], owner[1], pod, token
+    return Credential(owner[0], owner[1], pod, annotations.get(HOSTNAME_ANNOTATION) or pod_hostname(pod), token)
 
 
 def credential_of(body: Mapping[str, Any], queue: QueueObject) -> bool:
@@ -160,6 +190,8 @@ class Pod:
     stuck_message: str = ""
     generation: int | None = None
     """The queue's generation it was made for (None: unknown)."""
+    hostname: str = ""
+    """Its `spec.hostname` ("": none, see host)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -184,7 +216,13 @@ class Pod:
             stuck=stuck,
             stuck_message=stuck_message,
             generation=int(generation) if generation.isdigit() else None,
+            hostname=(body.get("spec") or {}).get("hostname") or "",
         )
+
+    @property
+    def host(self) -> str:
+        """The host part of its worker's Temporal identity."""
+        return self.hostname or pod_hostname(self.name)
 
     @property
     def alive(self) -> bool:
@@ -227,7 +265,7 @@ class Demand:
     """Workflow tasks waiting on the task queue; None: unknown (Temporal unreachable), so the desired
     count stays as it was."""
     busy: frozenset[str] = frozenset()
-    """Hostnames (see pod_hostname) of the pods whose worker holds a running execution."""
+    """Hostnames (see worker_hostname) of the pods whose worker holds a running execution."""
     unread: int = 0
     """Running executions whose holder Temporal did not tell in time: any running pod may hold one."""
     active: frozenset[str] = frozenset()
@@ -432,11 +470,11 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     """Sets `w.desired` of a scaling queue; returns the idle pods to delete now (never a busy one)."""
     assert s.scaling is not None
     top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
-    busy = [p for p in alive if pod_hostname(p.name) in demand.busy]
+    busy = [p for p in alive if p.host in demand.busy]
     # Running executions whose first worker is no pod alive (it was killed mid-run, or runs elsewhere):
     # Temporal hands them on to another worker, which shows as idle since it did not take them first.
     # Each needs a worker, and while one runs no running pod can be told idle for sure.
-    orphaned = len(demand.busy - {pod_hostname(p.name) for p in alive})
+    orphaned = len(demand.busy - {p.host for p in alive})
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
@@ -456,7 +494,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     # started yet may go.
     old = demand.read_at is not None and now - demand.read_at > IDLE_STALE_SECONDS
     unsure = bool(orphaned or demand.unread) or old
-    idle = [p for p in alive if pod_hostname(p.name) not in demand.busy | demand.active
+    idle = [p for p in alive if p.host not in demand.busy | demand.active
             and not (unsure and p.phase == "Running")]
     if surplus <= 0 or not idle:
         w.surplus_since = None
@@ -515,8 +553,8 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         # only give its code the API access of whatever that account may do. A template that names
         # an account (or says so itself) decides.
         pod_spec.setdefault("automountServiceAccountToken", False)
-    # The operator owns the hostname: it tells whose executions are whose (see pod_hostname).
-    pod_spec["hostname"] = pod_hostname(name)
+    # The operator owns the hostname: it tells whose executions are whose (see worker_hostname).
+    pod_spec["hostname"] = worker_hostname(queue, name)
     pod_spec.pop("setHostnameAsFQDN", None)
 
     labels = {

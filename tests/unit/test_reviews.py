@@ -1,0 +1,74 @@
+"""FairSlots: review slots taken in turns by caller address, with a bounded waiting room."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from workerqueue_operator.core.reviews import FairSlots, Full
+
+
+async def waiter(slots: FairSlots, key: str, served: list[str]) -> None:
+    await slots.acquire(key)
+    served.append(key)
+
+
+async def test_waiters_take_turns_by_key_so_a_flood_holds_another_back_by_one_each():
+    slots, served = FairSlots(1, room=100), []
+    await slots.acquire("holder")
+    tasks = [asyncio.create_task(waiter(slots, "flood", served)) for _ in range(5)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(waiter(slots, "caller", served)))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        slots.release()
+        await asyncio.sleep(0)
+    assert served == ["flood", "caller", "flood"]  # not behind all five
+    for _ in range(3):
+        slots.release()
+    await asyncio.gather(*tasks)
+    assert served.count("flood") == 5 and slots.waiting == 0
+
+
+async def test_a_full_room_turns_away_the_newest_waiter_of_the_key_with_most_not_a_newcomer():
+    slots, served = FairSlots(1, room=3), []
+    await slots.acquire("holder")
+    flood = [asyncio.create_task(waiter(slots, "flood", served)) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Full):
+        await slots.acquire("flood")  # its own key has the most: the newcomer goes
+    caller = asyncio.create_task(waiter(slots, "caller", served))
+    await asyncio.sleep(0)
+    assert slots.waiting == 3
+    (turned_away,) = await asyncio.gather(flood[2], return_exceptions=True)  # the newest of "flood"
+    assert isinstance(turned_away, Full)
+    slots.release()
+    slots.release()
+    await asyncio.sleep(0)
+    assert served == ["flood", "caller"]
+    slots.release()
+    await asyncio.gather(caller, *flood[:2])
+    assert slots.waiting == 0
+
+
+async def test_a_waiter_that_gives_up_leaves_no_slot_taken():
+    slots, served = FairSlots(1, room=10), []
+    await slots.acquire("holder")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await slots.acquire("late")
+    assert slots.waiting == 0
+    slots.release()
+    await asyncio.wait_for(waiter(slots, "next", served), 1)  # the slot is free again
+    # Given the slot as it is cancelled: the slot passes on, it is not lost.
+    other = asyncio.create_task(waiter(slots, "other", served))
+    given = asyncio.create_task(slots.acquire("given"))
+    await asyncio.sleep(0)
+    slots.release()  # to "other" (first in turn)
+    await asyncio.sleep(0)
+    slots.release()  # to "given", whose task is cancelled before it runs again
+    given.cancel()
+    await asyncio.gather(given, return_exceptions=True)
+    await asyncio.wait_for(waiter(slots, "last", served), 1)
+    assert served == ["next", "other", "last"] and not other.exception()
