@@ -155,6 +155,31 @@ async def test_when_every_connection_is_busy_a_new_one_is_503(server: Server):
     assert b'"Too many connections, try again"' in answer
 
 
+@pytest.mark.parametrize("server", [{"http_max_connections": 4, "http_body_timeout_seconds": 30}], indirect=True)
+async def test_one_client_holding_every_connection_busy_shuts_out_no_other(server: Server):
+    # Bodies trickling in (or websockets, streams) within their timeouts, from one address: another
+    # client (a kubelet probe, another worker) gets in; the address holding them all does not.
+    hog = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+        server.writers.append(writer)
+        writer.write(START + b"Content-Length: 10\r\n\r\n{")
+        hog.append(reader)
+    await asyncio.sleep(0.2)
+    reader, writer = await server.connect()  # from 127.0.0.1
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await closed_within(reader, 3)).startswith(b"HTTP/1.1 200")
+    assert await closed_within(hog[-1], 1) == b""  # its newest went
+    assert not hog[0].at_eof()
+    for request in (START + b"Content-Length: 10\r\n\r\n{", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+        server.writers.append(writer)
+        writer.write(request)
+        await asyncio.sleep(0.2)
+    # Its fourth again took the slot the probe left; a fifth of its own makes no room among its own.
+    assert (await closed_within(reader, 3)).startswith(b"HTTP/1.1 503")
+
+
 async def test_malformed_requests_are_one_line_each_at_most_and_counted(
         server: Server, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG)

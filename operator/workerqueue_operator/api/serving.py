@@ -7,8 +7,9 @@ bodies.read). What aiohttp does not bound is how many connections are open: ever
 an fd, and at the fd limit the operator can no longer reach the API server. So the listener here
 accepts at most `limit` at once (kept below RLIMIT_NOFILE with room for the API-server client);
 at the limit a new connection makes room by closing the longest-idle one (no request being
-handled), so that a flood of idle sockets cannot lock out /healthz or a worker; only when every
-connection is busy is the newcomer answered 503 and closed. A TLS handshake must end within the
+handled), so that a flood of idle sockets cannot lock out /healthz or a worker; when every
+connection is busy, by closing the newest of the address holding the most, so that one client
+cannot either; only when that address is the newcomer's own is the newcomer answered 503 and closed. A TLS handshake must end within the
 idle timeout too.
 
 Over TLS, each connection gets the `Certificate`'s current context, which follows the certificate
@@ -191,7 +192,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         for _ in range(self._BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: the limit should prevent it; back off, never spin
@@ -200,7 +201,7 @@ class Listener:
                 loop.remove_reader(sock.fileno())
                 self._resume = loop.call_later(0.5, self._resume_accepting, sock)
                 return
-            if self.open >= self.limit and not self._make_room():
+            if self.open >= self.limit and not self._make_room(_host(address)):
                 self._refuse(conn)
                 continue
             conn.setblocking(False)
@@ -216,22 +217,32 @@ class Listener:
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
         self._pending.pop(task, None)
 
-    def _make_room(self) -> bool:
+    def _make_room(self, newcomer: str) -> bool:
         """Closes the longest-idle connection (the server keeps them oldest first), else the oldest
-        TLS handshake still under way; False if every connection is busy with a request."""
+        TLS handshake still under way, else the newest busy one of the address holding the most when
+        that is not `newcomer`'s (the address of the connection to make room for); False if none."""
         connections = self._server.connections
         # Skipping those closed already this turn: they leave the list on the next one.
         idle = next((c for c in connections if c.transport is not None and c not in self._busy), None)
         close: Callable[[], object]
         if idle is not None:
             what, close = "the longest-idle one was closed", idle.force_close
-        else:
+        elif waiting := next((t for t in self._pending if not t.cancelling()), None):
             # A socket that never sends its ClientHello holds a slot for the whole handshake timeout, and
             # is in no list of connections: a flood of them would otherwise shut out every client, probes too.
-            waiting = next((t for t in self._pending if not t.cancelling()), None)
-            if waiting is None:
-                return False
             what, close = "the oldest TLS handshake was given up", waiting.cancel
+        else:
+            # Every one busy (bodies trickling in, websockets, streams): one client holding them all
+            # must not shut out every other, kubelet probes included. One address with more than the
+            # newcomer's gives up its newest; the newcomer's own address never gains on another.
+            by_host: dict[str, list[web.RequestHandler]] = {}
+            for c in connections:
+                if c.transport is not None:
+                    by_host.setdefault(_host(c.transport.get_extra_info("peername")), []).append(c)
+            most = max(by_host.values(), key=len, default=[])
+            if len(by_host.get(newcomer, ())) + 1 >= len(most):
+                return False
+            what, close = f"the newest of {len(most)} busy ones from one address was closed", most[-1].force_close
         self._log.log(logging.WARNING, "connections_evicted", "%d HTTP connections (the limit): %s for a new one",
                       self.open, what)
         close()
@@ -253,6 +264,11 @@ class Listener:
                 ssl_handshake_timeout=self._handshake_timeout if self._tls else None)
         except (OSError, TimeoutError, ssl.SSLError, asyncio.CancelledError):
             conn.close()  # a failed handshake, or a client already gone
+
+
+def _host(address: object) -> str:
+    """The host part of a socket address (IPv4 or IPv6); "" for none (a Unix socket)."""
+    return str(address[0]) if isinstance(address, tuple) and address else ""
 
 
 class Certificate:
