@@ -9,8 +9,8 @@ accepts at most `limit` at once (kept below RLIMIT_NOFILE with room for the API-
 at the limit a new connection makes room by closing the longest-idle one (no request being
 handled), so that a flood of idle sockets cannot lock out /healthz or a worker; when every
 connection is busy, by closing the newest of the address holding the most, so that one client
-cannot either; only when that address is the newcomer's own is the newcomer answered 503 and closed. A TLS handshake must end within the
-idle timeout too.
+cannot either; only when that address is the newcomer's own is the newcomer answered 503 and
+closed. A TLS handshake must end within the idle timeout too.
 
 Over TLS, each connection gets the `Certificate`'s current context, which follows the certificate
 files: a renewed certificate is served without a restart.
