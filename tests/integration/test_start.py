@@ -484,6 +484,20 @@ def test_queue_id_is_immutable(kubectl, kube: Kube, namespace: str):
     with pytest.raises(k8s.ApiException) as info:
         kube.patch_queue(namespace, "imm", {"queueId": "second-id"})
     assert info.value.status == 422 and "queueId is immutable" in info.value.body
+    # Not by way of removing the whole spec either (a manifest applied without one, `spec: null`):
+    # without an old spec the rule was skipped, and the queue id could then be anything.
+    for kind, removal in (("json", [{"op": "remove", "path": "/spec"}]), ("merge", {"spec": None})):
+        result = kubectl("patch", "wq", "imm", "-n", namespace, f"--type={kind}", "-p", json.dumps(removal),
+                         check=False)
+        assert result.returncode != 0 and "queueId is immutable" in result.stderr, result.stderr
+    assert kube.get_queue(namespace, "imm")["spec"]["queueId"] == "first-id"
+    # A queue made without a spec gets the defaults, and its queue id (its uid) stays so.
+    made = kube.custom.create_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues", {
+        "apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue", "metadata": {"name": "bare"}})
+    assert made["spec"]["heartbeatIntervalSeconds"] == 60
+    with pytest.raises(k8s.ApiException) as info:
+        kube.patch_queue(namespace, "bare", {"queueId": "taken-over"})
+    assert info.value.status == 422 and "queueId is immutable" in info.value.body
 
 
 def test_printer_columns(kubectl, kube: Kube, namespace: str):

@@ -130,7 +130,10 @@ def build_crd() -> dict[str, Any]:
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": openapi_schema(spec.WorkerQueueSpec),
+                                # Defaulted, so that there always is an old spec: removing it (or
+                                # applying `spec: null`) would otherwise skip the transition rules
+                                # on it, and a queueId could be dropped, then changed.
+                                "spec": {**openapi_schema(spec.WorkerQueueSpec), "default": {}},
                                 "status": openapi_schema(spec.WorkerQueueStatus),
                             },
                             "x-kubernetes-validations": [spec.cel(
