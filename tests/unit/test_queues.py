@@ -65,6 +65,33 @@ def test_missing_secret_is_a_problem_naming_secret_and_key_only(secrets, reason,
     assert r.token_digests  # the queue token still resolves, so its holder gets 503, not 401
 
 
+@pytest.mark.parametrize(("secrets", "message"), [
+    ({("team-a", "tok"): {"a": ""}}, "secret tok key a is empty"),
+    ({("team-a", "tok"): {"a": " \n"}}, "secret tok key a is empty"),
+    ({("team-a", "tok"): {"a": "two words"}}, "secret tok key a is not a usable token (visible ASCII, no spaces)"),
+    ({("team-a", "tok"): {"a": "caf\u00e9"}}, "secret tok key a is not a usable token (visible ASCII, no spaces)"),
+])
+def test_a_token_no_caller_could_present_keeps_the_queue_from_being_ready(secrets, message):
+    # /start takes only visible ASCII bearer tokens: a queue Ready on such a token admits nobody.
+    r = queues.resolve(queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "a"}]}), secrets=secrets,
+                       settings=SETTINGS)
+    assert not r.ready and (r.problem.reason, r.problem.message) == ("SecretKeyInvalid", message)
+    assert r.secrets_problem == r.problem and r.token_digests == ()
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("rediss://:pw@cache:6380/0", None),
+    ("cache:6379", "secret r key url is not a redis:// or rediss:// URL"),
+    ("", "secret r key url is empty"),
+])
+def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value, problem):
+    r = resolve(queue(redis={"urlSecretRef": {"name": "r", "key": "url"}}), {("team-a", "r"): {"url": value}})
+    if problem is None:
+        assert r.ready and r.config.fields["redis_enabled"] and r.config.fields["redis_password"] == "pw"
+    else:
+        assert not r.ready and (r.problem.reason, r.problem.message) == ("SecretKeyInvalid", problem)
+
+
 def test_a_missing_generated_token_is_told_apart_from_other_problems():
     q = queue()
     pending = queues.resolve(q, secrets={}, settings=SETTINGS)

@@ -2,12 +2,16 @@ from __future__ import annotations
 
 from tests.unit.factories import queue
 from workerqueue_operator.core import queues, status
+from workerqueue_operator.core.store import Store
+from workerqueue_operator.models.settings import Settings
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"
 
 
 def resolution(problem: queues.Problem | None) -> queues.Resolution:
-    return queues.Resolution(queue=queue(generation=3, queueId="abc"), config=None, problem=problem)
+    secrets = problem if problem is not None and problem.reason in queues.SECRET_REASONS else None
+    return queues.Resolution(queue=queue(generation=3, queueId="abc"), config=None, problem=problem,
+                             secrets_problem=secrets)
 
 
 def conditions(st: dict) -> dict:
@@ -83,3 +87,25 @@ def test_a_secret_that_cannot_be_read_shows_in_both_conditions():
     c = conditions(status.desired_status(resolution(problem), {}, now=NOW))
     assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "SecretUnreadable")
     assert (c["SecretsResolved"]["status"], c["SecretsResolved"]["reason"]) == ("False", "SecretUnreadable")
+
+
+def test_secrets_resolved_tells_a_missing_secret_whatever_else_the_queue_lacks():
+    # Ready names one problem (here the queue id another queue holds, or no Temporal at all), while
+    # SecretsResolved said "every referenced Secret key was found" of a Secret that does not exist.
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("first", queueId="x"))
+    store.upsert_queue(queue("second", queueId="x", created="2026-01-02T00:00:00Z",
+                             litellm={"apiKeySecretRef": {"name": "nope", "key": "k"}}))
+    store.fill_secret(("team-a", "nope"), None)
+    for key in (("team-a", "first"), ("team-a", "second")):
+        store.fill_secret((key[0], f"{key[1]}-worker-token"), {"token": f"{key[1]}-token"})
+    held = store.resolution(("team-a", "second"))
+    assert held is not None and held.problem is not None and held.problem.reason == "QueueIdConflict"
+    c = conditions(status.desired_status(held, {}, now=NOW))
+    assert (c["Ready"]["reason"], c["SecretsResolved"]["status"], c["SecretsResolved"]["reason"]) == (
+        "QueueIdConflict", "False", "SecretNotFound")
+    nowhere = queues.resolve(queue(temporal={}, litellm={"apiKeySecretRef": {"name": "nope", "key": "k"}}),
+                             secrets={("team-a", "q1-worker-token"): {"token": "t"}, ("team-a", "nope"): None},
+                             settings=Settings())
+    c = conditions(status.desired_status(nowhere, {}, now=NOW))
+    assert (c["SecretsResolved"]["status"], c["SecretsResolved"]["reason"]) == ("False", "SecretNotFound")

@@ -39,15 +39,9 @@ def bearer(request: web.Request) -> str | None:
     """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or not visible_ascii(token):
+    if scheme.lower() != "bearer" or not token or not queues.visible_ascii(token):
         return None
     return token
-
-
-def visible_ascii(text: str) -> bool:
-    """Whether `text` can be a token at all (every route's token extraction asks this)."""
-    # str methods, not a regex: this runs on every request.
-    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: str) -> web.Response:

@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from workerqueue_operator.api import callers, errors, metrics
+from workerqueue_operator.api import errors, metrics
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s.client import tcp_connector
@@ -74,7 +74,7 @@ def worker_credential(authorization: str) -> tuple[str, str] | None:
     """(scheme as the worker wrote it, token) of an `Authorization: Bearer|UserKey <token>` header."""
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
-    if scheme.lower() not in WORKER_SCHEMES or not token or not callers.visible_ascii(token):
+    if scheme.lower() not in WORKER_SCHEMES or not token or not queues.visible_ascii(token):
         return None
     return scheme, token
 

@@ -276,6 +276,9 @@ class Resolution:
     """Why a configured upstream cannot be used (its key), whatever else the queue lacks."""
     awaiting_generated_token: bool = False
     """All that is missing is the token Secret the operator itself is creating."""
+    secrets_problem: Problem | None = None
+    """The first referenced Secret key that cannot be used, whatever else keeps the queue from being
+    Ready (a missing Temporal host, a queue id another queue holds): the SecretsResolved condition."""
 
     @property
     def ready(self) -> bool:
@@ -295,6 +298,16 @@ class Resolution:
         return None if self.awaiting_generated_token else self.config
 
 
+SECRET_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending",
+                            "SecretUnreadable"})
+
+
+def visible_ascii(text: str) -> bool:
+    """Whether `text` can be a bearer token at all: RFC 6750's b64token, loosened to any visible ASCII."""
+    # str methods, not a regex: every request's token is asked this.
+    return text.isascii() and text.isprintable() and " " not in text
+
+
 class _Unresolved(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.message)
@@ -312,8 +325,11 @@ class _Lookup:
         if key not in data:
             raise _Unresolved(Problem("SecretKeyNotFound", f"secret {name} has no key {key}"))
         # A single value is a credential or a URL, where surrounding whitespace (the newline
-        # `kubectl create secret --from-file` keeps) is never meant.
-        return data[key].strip()
+        # `kubectl create secret --from-file` keeps) is never meant, nor is an empty one.
+        value = data[key].strip()
+        if not value:
+            raise _Unresolved(Problem("SecretKeyInvalid", f"secret {name} key {key} is empty"))
+        return value
 
     def whole(self, namespace: str, name: str) -> Mapping[str, str]:
         if (namespace, name) not in self._secrets:
@@ -349,7 +365,11 @@ def resolve(
     token_problem: Problem | None = None
     for ref in queue.token_refs():
         try:
-            digests.append(digest(lookup.value(queue.namespace, ref.name, ref.key)))
+            token = lookup.value(queue.namespace, ref.name, ref.key)
+            if not visible_ascii(token):  # no caller could ever present it: the queue is not Ready
+                raise _Unresolved(Problem("SecretKeyInvalid", f"secret {ref.name} key {ref.key} is not a usable "
+                                          "token (visible ASCII, no spaces)"))
+            digests.append(digest(token))
         except _Unresolved as exc:
             token_problem = token_problem or exc.problem
     tokens = tuple(digests)
@@ -364,17 +384,25 @@ def resolve(
         config = _config(queue, lookup, settings=settings)
     except _Unresolved as exc:
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
-                          upstream=upstream, upstream_problem=upstream_problem)
+                          upstream=upstream, upstream_problem=upstream_problem,
+                          secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem))
+    secrets_problem = _of_secrets(token_problem, upstream_problem)
     if token_problem is not None:
         # Not Ready (no /start, no new pods), but what running workers use stays: their executions
         # are listed from the config, their other calls go upstream.
         generated = not queue.spec.auth.token_secret_refs
         return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
-                          upstream_problem=upstream_problem, awaiting_generated_token=generated)
+                          upstream_problem=upstream_problem, awaiting_generated_token=generated,
+                          secrets_problem=secrets_problem)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
-                      upstream_problem=upstream_problem)
+                      upstream_problem=upstream_problem, secrets_problem=secrets_problem)
+
+
+def _of_secrets(*problems: Problem | None) -> Problem | None:
+    """The first of `problems` about a Secret."""
+    return next((p for p in problems if p is not None and p.reason in SECRET_REASONS), None)
 
 
 def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings) -> Upstream | None:
@@ -398,12 +426,7 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
 def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings) -> QueueConfig:
     s, ns = queue.spec, queue.namespace
 
-    temporal_host = s.temporal.host or settings.temporal_host
-    temporal_namespace = s.temporal.namespace or settings.temporal_namespace
-    if not temporal_host or not temporal_namespace:
-        raise _Unresolved(Problem(
-            "TemporalNotConfigured",
-            "no Temporal host and namespace: set spec.temporal or the operator's defaults"))
+    # Every Secret first: SecretsResolved must tell what is missing even while the queue lacks more.
     temporal_api_key = _secret_or_default(lookup, ns, s.temporal.api_key_secret_ref, settings.temporal_api_key_secret)
     litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, settings.litellm_api_key_secret)
 
@@ -411,7 +434,11 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
     redis_password: str | None = None
     if s.redis is not None:
         if s.redis.url_secret_ref is not None:
-            redis_url = lookup.value(ns, s.redis.url_secret_ref.name, s.redis.url_secret_ref.key)
+            ref = s.redis.url_secret_ref
+            redis_url = lookup.value(ns, ref.name, ref.key)
+            if not redis_url.startswith(("redis://", "rediss://")):  # what spec.redis.url must match too
+                raise _Unresolved(Problem("SecretKeyInvalid", f"secret {ref.name} key {ref.key} is not a "
+                                          "redis:// or rediss:// URL"))
         else:
             redis_url = s.redis.url
         if s.redis.password_secret_ref is not None:
@@ -420,6 +447,13 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
             redis_password = redis_password_from_url(redis_url)
 
     nats_config = dict(lookup.whole(ns, s.nats.config_secret_ref.name)) if s.nats is not None else None
+
+    temporal_host = s.temporal.host or settings.temporal_host
+    temporal_namespace = s.temporal.namespace or settings.temporal_namespace
+    if not temporal_host or not temporal_namespace:
+        raise _Unresolved(Problem(
+            "TemporalNotConfigured",
+            "no Temporal host and namespace: set spec.temporal or the operator's defaults"))
     queue_id = queue.queue_id
     websocket_enabled = s.websocket.enabled if s.websocket.enabled is not None else bool(s.websocket.url)
 

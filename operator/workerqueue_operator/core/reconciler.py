@@ -215,9 +215,11 @@ class Reconciler:
             # Its reads fail (a Role short of a Secret no watch covers): said on the queue, which
             # must not keep showing what an earlier run wrote.
             (namespace, name), *_ = unreadable
-            resolution = dataclasses.replace(resolution, problem=queues.Problem(
+            unreadable_problem = queues.Problem(
                 "SecretUnreadable", f"secret {name} in namespace {namespace} could not be read "
-                f"({self._unreadable[(namespace, name)]}); read again with a back-off"))
+                f"({self._unreadable[(namespace, name)]}); read again with a back-off")
+            resolution = dataclasses.replace(resolution, problem=unreadable_problem,
+                                             secrets_problem=unreadable_problem)
 
         # What we wrote last is newer than what the watch may have delivered so far; once the watch
         # has caught up, it is forgotten (10,000 copies of every status add up).

@@ -10,7 +10,6 @@ from workerqueue_operator.core.queues import Problem, Resolution
 READY = "Ready"
 PROGRESSING = "Progressing"
 SECRETS_RESOLVED = "SecretsResolved"
-_SECRET_REASONS = {"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending", "SecretUnreadable"}
 
 
 def set_condition(
@@ -45,10 +44,11 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
     generation = queue.generation
 
-    if problem is not None and problem.reason in _SECRET_REASONS:
-        status = "Unknown" if problem.reason == "SecretPending" else "False"
-        conditions = set_condition(conditions, type=SECRETS_RESOLVED, status=status, reason=problem.reason,
-                                   message=problem.message, generation=generation, now=now)
+    secrets = resolution.secrets_problem
+    if secrets is not None:
+        status = "Unknown" if secrets.reason == "SecretPending" else "False"
+        conditions = set_condition(conditions, type=SECRETS_RESOLVED, status=status, reason=secrets.reason,
+                                   message=secrets.message, generation=generation, now=now)
     else:
         conditions = set_condition(conditions, type=SECRETS_RESOLVED, status="True", reason="Resolved",
                                    message="every referenced Secret key was found", generation=generation, now=now)
