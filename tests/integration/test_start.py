@@ -465,6 +465,7 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
     ({"scaling": {"minIdle": 3, "max": 2}}, "scaling.minIdle must not exceed scaling.max"),
     ({"scaling": {"minIdle": 1}}, "max: Required value"),
+    ({"upstream": {"url": 'http://cp"example', "apiKeySecretRef": {"name": "org", "key": "k"}}}, "spec.upstream.url"),
     ({"worker": {"template": {"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}}},
      "spec.worker.template.spec.containers[0].env"),
     ({"worker": {"template": {"metadata": {"labels": ["a"]}}}}, "spec.worker.template.metadata.labels: Invalid value"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from workerqueue_operator.api.metrics import BUCKETS, UPSTREAM_BUCKETS, Metrics
@@ -55,3 +57,34 @@ def test_latency_histograms_are_cumulative_and_end_in_their_count_and_sum():
     assert samples(text, "workerqueue_upstream_response_seconds_count") == {'upstream="http://up.example"': 3}
     total = samples(text, "workerqueue_upstream_response_seconds_sum")
     assert total == {'upstream="http://up.example"': pytest.approx(100.202)}
+
+
+def test_label_values_are_escaped_so_that_the_whole_scrape_still_parses():
+    # One odd value (a quote in an upstream's host) made the text invalid: Prometheus drops the scrape.
+    m = Metrics()
+    m.upstream('http://a"b\\c').answered(502, 0.1)
+    m.family("workerqueue_x_total", "X.", kind="counter", label="kind", read=lambda: {"line\nbreak": 1})
+    sample = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\\n]|\\["\\n])*",?)*\})? [0-9.e+Inf-]+$')
+    lines = [line for line in m.render().splitlines() if not line.startswith("#")]
+    assert lines and all(sample.match(line) for line in lines), [line for line in lines if not sample.match(line)]
+    assert 'workerqueue_upstream_requests_total{upstream="http://a\\"b\\\\c",code="5xx"} 1' in lines
+    assert 'workerqueue_x_total{kind="line\\nbreak"} 1' in lines
+
+
+async def test_a_deleted_queues_series_go_with_it():
+    # Ephemeral queues come and go by the thousand: a series each for the process's life would pile up.
+    from tests.unit import apps
+    from tests.unit.factories import queue
+    from workerqueue_operator.api.keys import METRICS
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.models.settings import Settings
+
+    store = Store(settings=Settings())
+    q = queue("gone", queueId="g-1")
+    store.upsert_queue(q)
+    m = apps.make_app(store)[METRICS]
+    m.worker_started("team-a", "gone")
+    m.worker_started("team-a", "stays")
+    store.remove_queue(q.key)
+    text = m.render()
+    assert 'queue="stays"' in text and 'queue="gone"' not in text

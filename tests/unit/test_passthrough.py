@@ -44,6 +44,23 @@ def test_worker_credential(header: str, expected: tuple[str, str] | None):
     assert passthrough.worker_credential(header) == expected
 
 
+@pytest.mark.parametrize("cause", [
+    aiohttp.ConnectionTimeoutError("Connection timeout to host http://up.example/api/v1/ws/workers/w1?token=SECRET"),
+    aiohttp.ClientResponseError(aiohttp.RequestInfo(URL("http://up.example/api/v1/x?api_key=SECRET"), "GET", {},
+                                                    URL("http://up.example/api/v1/x?api_key=SECRET")),
+                                (), status=400, message="Bad Header: SECRET"),
+    aiohttp.ClientConnectorError(aiohttp.client_reqrep.ConnectionKey("up.example", 80, False, True, None, None, None),
+                                 ConnectionRefusedError(111, "Connection refused")),
+])
+def test_a_failure_is_logged_without_the_url_or_what_the_upstream_sent(
+        cause: BaseException, caplog: pytest.LogCaptureFixture):
+    # aiohttp's texts quote the whole URL, query included (a websocket's token may be in it), and the
+    # upstream's malformed header line.
+    passthrough._Reporter().failure("http://up.example", "unreachable", cause)
+    assert caplog.records and "SECRET" not in caplog.text
+    assert type(cause).__name__ in caplog.text
+
+
 def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
     incoming = [("Host", "operator:8080"), ("Authorization", "Bearer worker-token"),
                 ("Connection", "keep-alive, X-Hop"),

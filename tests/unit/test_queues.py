@@ -206,6 +206,13 @@ def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):
     assert "a\nb" not in r.problem.message
 
 
+@pytest.mark.parametrize("url", ["https://cp.example:99999", "http://[::1]:70000"])
+def test_an_upstream_url_no_call_could_use_makes_the_queue_not_ready(url: str):
+    # Each pass-through call would raise (a 500 with a traceback) while the queue showed Ready.
+    r = resolve(queue(upstream={**UPSTREAM, "url": url}), {("team-a", "org"): {"api-key": "k"}})
+    assert not r.ready and r.problem.reason == "UpstreamInvalid" and r.upstream is None
+
+
 def test_no_worker_starts_while_the_upstream_key_is_missing():
     """/start answers such a queue 503, on which a worker exits: it must not be started."""
     r = resolve(queue(upstream=UPSTREAM, singleExecution=True), {("team-a", "org"): None})

@@ -223,6 +223,7 @@ def make_app(
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics_
+    store.subscribe(lambda key: None if store.queue(key) is not None else metrics_.forget_queue(*key))
     app[LOG] = log
     app[BUSY] = busy
     app[DRAIN] = drain

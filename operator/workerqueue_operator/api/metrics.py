@@ -16,6 +16,11 @@ _UPSTREAM_LATENCY = "workerqueue_upstream_response_seconds"
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def label(value: object) -> str:
+    """A label value as the exposition format needs it: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -84,6 +89,10 @@ class Metrics:
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
 
+    def forget_queue(self, namespace: str, queue: str) -> None:
+        """A queue deleted: its series go (ephemeral queues come and go, one series each would pile up)."""
+        self._started.pop((namespace, queue), None)
+
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self._requests[(route, method, status)] += 1
         counts = self._latency_counts.get(route)
@@ -98,33 +107,34 @@ class Metrics:
             "# TYPE workerqueue_http_requests_total counter",
         ]
         for (route, method, status), count in sorted(self._requests.items()):
-            labels = f'route="{route}",method="{method}",code="{status}"'
+            labels = f'route="{label(route)}",method="{label(method)}",code="{status}"'
             lines.append(f"workerqueue_http_requests_total{{{labels}}} {count}")
         lines += [
             "# HELP workerqueue_http_request_duration_seconds HTTP request latency by route.",
             "# TYPE workerqueue_http_request_duration_seconds histogram",
         ]
         for route, counts in sorted(self._latency_counts.items()):
-            lines += _histogram(_LATENCY, f'route="{route}"', BUCKETS, counts, self._latency_sums[route])
+            lines += _histogram(_LATENCY, f'route="{label(route)}"', BUCKETS, counts, self._latency_sums[route])
         lines += [
             "# HELP workerqueue_workers_started_total Successful /start calls by queue.",
             "# TYPE workerqueue_workers_started_total counter",
         ]
         for (namespace, queue), count in sorted(self._started.items()):
-            lines.append(f'workerqueue_workers_started_total{{namespace="{namespace}",queue="{queue}"}} {count}')
+            lines.append(f'workerqueue_workers_started_total{{namespace="{label(namespace)}",queue="{label(queue)}"}} '
+                         f'{count}')
         for name, kinds in sorted(self._counts.items()):
             lines += [f"# HELP {name} {self._help[name]}", f"# TYPE {name} counter"]
-            lines += [f'{name}{{kind="{kind}"}} {count}' for kind, count in sorted(kinds.items())]
+            lines += [f'{name}{{kind="{label(kind)}"}} {count}' for kind, count in sorted(kinds.items())]
         lines += self._render_upstreams()
         for name, (help_text, read, kind) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {read()}"]
-        for name, (help_text, kind, label, read_family) in sorted(self._families.items()):
+        for name, (help_text, kind, key, read_family) in sorted(self._families.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            lines += [f'{name}{{{label}="{value}"}} {count}' for value, count in sorted(read_family().items())]
+            lines += [f'{name}{{{key}="{label(value)}"}} {count}' for value, count in sorted(read_family().items())]
         return "\n".join(lines) + "\n"
 
     def _render_upstreams(self) -> list[str]:
-        ups = sorted(self._upstreams.items())
+        ups = [(label(origin), stats) for origin, stats in sorted(self._upstreams.items())]
         lines = [
             "# HELP workerqueue_upstream_requests_total Requests passed through, by upstream and status class.",
             "# TYPE workerqueue_upstream_requests_total counter",

@@ -182,9 +182,22 @@ class _Reporter:
             return
         self._last[key] = now
         more = self._suppressed.pop(key, 0)
-        # The cause names the host and the error, never a header: the key cannot be in it.
-        logger.warning("upstream %s %s: %s%s", origin, kind, type(cause).__name__ + (f" {cause}" if str(cause) else ""),
+        logger.warning("upstream %s %s: %s%s", origin, kind, _describe(cause),
                        f" (and {more} more since the last report)" if more else "")
+
+
+def _describe(cause: BaseException) -> str:
+    """What went wrong, in words that never quote a URL (a worker's query may carry its token) nor what
+    the upstream sent: aiohttp's own texts do both."""
+    name = type(cause).__name__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        os_error = cause.os_error
+        return f"{name}: {os_error.strerror or type(os_error).__name__}"
+    if isinstance(cause, aiohttp.ClientResponseError):
+        return f"{name}: status {cause.status}"
+    if isinstance(cause, OSError) and not isinstance(cause, aiohttp.ClientError) and cause.strerror:
+        return f"{name}: {cause.strerror}"
+    return name
 
 
 class Passthrough:

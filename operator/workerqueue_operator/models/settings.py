@@ -65,7 +65,7 @@ class Settings(BaseModel):
     when they differ; set it to a newer worker's version once that worker is known to work here."""
 
     # The upstream control plane, for queues that name none (see the README's pass-through section).
-    upstream_url: str | None = Field(default=None, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")
+    upstream_url: str | None = Field(default=None, pattern=spec_.UPSTREAM_URL_PATTERN)
     """Default upstream base URL that workers' other /api/v1/ calls are passed through to; unset: none."""
     upstream_api_key_secret: NamespacedSecretKeyRef | None = None
     """The organization's API key for upstream_url, as `namespace/name:key` in env; required with it."""

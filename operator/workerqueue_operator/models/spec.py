@@ -11,6 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
+"""An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
+fragment (the host is what metrics are labelled with)."""
 GROUP = "agentcontrol.dev"
 VERSION = "v1alpha1"
 KIND = "WorkerQueue"
@@ -133,7 +136,7 @@ class NatsSpec(_Model):
 class UpstreamSpec(_Model):
     """The control plane that requests the operator does not serve itself are passed through to."""
 
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^/@?#]+(/[^?#]*)?$")
+    url: str = Field(min_length=1, max_length=2048, pattern=UPSTREAM_URL_PATTERN)
     """Base URL (http:// or https://, no credentials, query or fragment); a worker's
     `/api/v1/...` path is appended to it."""
     api_key_secret_ref: SecretKeyRef
