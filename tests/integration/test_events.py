@@ -27,6 +27,24 @@ def test_a_new_queue_gets_no_spurious_warning(operator: OperatorProcess, kube: K
         assert kube.condition(namespace, f"q{i}")["lastTransitionTime"] is not None
 
 
+def test_a_second_problem_of_the_same_kind_gets_its_own_event(operator: OperatorProcess, kube: Kube, namespace: str):
+    # The first missing Secret made, the queue still lacks another: Ready=False SecretNotFound again, and
+    # someone following `kubectl get events` must hear of the second one as well.
+    def temporal(secret: str) -> dict[str, object]:
+        return {"host": "t:1", "namespace": "n", "apiKeySecretRef": {"name": secret, "key": "k"}}
+
+    def told(secret: str) -> bool:
+        return any(e.reason == "SecretNotFound" and f"secret {secret} not found" in e.message
+                   for e in kube.events(namespace, "lacking"))
+
+    kube.create_queue(namespace, "lacking", queueId=f"lacking-{namespace}", temporal=temporal("first"))
+    wait_for(lambda: told("first"), what="the Event about the first Secret")
+    kube.patch_queue(namespace, "lacking", {"temporal": temporal("second")})
+    wait_for(lambda: "secret second" in (kube.condition(namespace, "lacking") or {}).get("message", ""),
+             what="the status naming the second Secret")
+    wait_for(lambda: told("second"), timeout=10, what="the Event about the second Secret")
+
+
 def test_routine_kopf_messages_stay_out_of_the_log(operator: OperatorProcess, kube: Kube, namespace: str):
     kube.create_queue(namespace, "quiet", queueId=f"quiet-{namespace}", singleExecution=True,
                       temporal={"host": "temporal:7233", "namespace": "agents"})
