@@ -291,11 +291,11 @@ class Reconciler:
     def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None:
             return
-        if before is not None and before.get("status") == after["status"] and before.get("reason") == after["reason"]:
-            # The same reason about something else (another Secret missing once the first is there)
-            # is news too; a Ready queue's message changing is not.
-            if after["status"] == "True" or before.get("message") == after["message"]:
-                return
+        # The same reason about something else (another Secret missing once the first is there) is
+        # news too; a Ready queue's message changing is not.
+        if (before is not None and before.get("status") == after["status"] and before.get("reason") == after["reason"]
+                and (after["status"] == "True" or before.get("message") == after["message"])):
+            return
         if before is None and after["status"] == "True":
             return  # a queue that is Ready from the start needs no Event saying so
         if after["reason"] == "CrashLooping":
