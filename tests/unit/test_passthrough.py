@@ -151,9 +151,11 @@ async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
 
 
 @contextlib.asynccontextmanager
-async def serving(upstream: TestServer, idle: float = 1) -> AsyncIterator[tuple[Store, TestClient]]:
+async def serving(upstream: TestServer, idle: float = 1,
+                  connections: int = 100) -> AsyncIterator[tuple[Store, TestClient]]:
     """Queue `a` (token tok-a) has an upstream, `b` (tok-b) another, `plain` (tok-p) none."""
-    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle)
+    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle,
+                        upstream_max_connections=connections)
     store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
     store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
@@ -463,6 +465,42 @@ async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):
     assert r.status == 502 and await r.json() == {"detail": "The upstream control plane cannot be reached"}
     text = await (await client.get("/metrics")).text()
     assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="unreachable"}} 1' in text
+
+
+async def test_an_answer_that_cannot_be_read_is_502_of_its_own_kind(hub: tuple[Store, TestClient]):
+    store, client = hub
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nBad Header: SECRET\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        store.upsert_queue(queue("a", queueId="q-a", upstream={"url": f"http://127.0.0.1:{port}",
+                                                                "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+    finally:
+        server.close()
+    assert r.status == 502 and await r.json() == {
+        "detail": "The upstream control plane sent an answer that cannot be read"}
+    text = await (await client.get("/metrics")).text()
+    assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="bad_answer"}} 1' in text
+
+
+async def test_no_connection_to_be_had_in_time_is_a_504_that_says_so(upstream: TestServer):
+    # Every connection to the upstream busy (one allowed, held by a request that hangs): the next
+    # request waits for one as long as the connect timeout (1 s), not the idle timeout (5 s).
+    async with serving(upstream, idle=5, connections=1) as (_, client):
+        hanging = asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-a"}))
+        await asyncio.sleep(0.2)
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+        assert r.status == 504 and await r.json() == {
+            "detail": "The upstream control plane could not be connected to within 1s"}
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
 
 
 async def test_an_absolute_form_target_is_400_and_goes_nowhere(hub: tuple[Store, TestClient]):

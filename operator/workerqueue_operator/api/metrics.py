@@ -32,7 +32,7 @@ class UpstreamStats:
         self.requests: dict[str, int] = defaultdict(int)
         """By the status class the worker got (the upstream's, or 5xx for the operator's 502/504)."""
         self.failures: dict[str, int] = defaultdict(int)
-        """By kind: unreachable, timeout, cut (the answer broke off after it had begun)."""
+        """By kind: unreachable, bad_answer, timeout, cut (the answer broke off after it had begun)."""
         self.latency_counts = [0] * (len(UPSTREAM_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.bytes_sent = 0
@@ -144,7 +144,7 @@ class Metrics:
                 lines.append(f'workerqueue_upstream_requests_total{{upstream="{origin}",code="{klass}"}} {count}')
         lines += [
             "# HELP workerqueue_upstream_failures_total Pass-through failures by upstream and kind "
-            "(unreachable: 502, timeout: 504, cut: the answer broke off).",
+            "(unreachable: 502, bad_answer: 502, timeout: 504, cut: the answer broke off).",
             "# TYPE workerqueue_upstream_failures_total counter",
         ]
         for origin, stats in ups:

@@ -371,10 +371,17 @@ class Passthrough:
 
     def _unanswered(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, exc: OSError | aiohttp.ClientError
                     ) -> web.Response:
-        """The 504 of an upstream that did not answer in time, or the 502 of one that cannot be reached."""
+        """The 504 of an upstream that did not answer in time, or the 502 of one that cannot be reached
+        or whose answer cannot be read."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):  # a TimeoutError too: no connection was made
+            return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane could not be "
+                                f"connected to within {self._settings.upstream_connect_timeout_seconds:g}s")
         if isinstance(exc, TimeoutError):
             return self._failed(stats, upstream, "timeout", exc, 504, "The upstream control plane did not answer "
                                 f"within {self._settings.upstream_idle_timeout_seconds:g}s")
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return self._failed(stats, upstream, "bad_answer", exc, 502,
+                                "The upstream control plane sent an answer that cannot be read")
         return self._failed(stats, upstream, "unreachable", exc, 502, "The upstream control plane cannot be reached")
 
     async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
