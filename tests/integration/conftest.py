@@ -357,6 +357,16 @@ class Kube:
             namespace, label_selector="app.kubernetes.io/component=worker-registration").items
         return {lease.spec.holder_identity: lease for lease in items}
 
+    def grant(self, namespace: str, role: str, *, resource: str, verb: str, queue: str, account: str) -> None:
+        """A Role allowing `verb` on `resource` of the queue `queue` only, bound to a ServiceAccount."""
+        self.rbac.create_namespaced_role(namespace, k8s.V1Role(
+            metadata=k8s.V1ObjectMeta(name=role),
+            rules=[k8s.V1PolicyRule(api_groups=[GROUP], resources=[resource], verbs=[verb], resource_names=[queue])]))
+        self.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
+            metadata=k8s.V1ObjectMeta(name=role),
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=account, namespace=namespace)]))
+
     def events(self, namespace: str, name: str | None = None) -> list[k8s.CoreV1Event]:
         items = self.core.list_namespaced_event(namespace).items
         return [e for e in items if name is None or e.involved_object.name == name]

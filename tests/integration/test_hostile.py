@@ -58,14 +58,8 @@ def robot_may_start(kube: Kube, namespace: str, operator: OperatorProcess, queue
                     fresh: int) -> tuple[str, list[str]]:
     """The ServiceAccount `robot` may start workers of the queue `agents`: one of its tokens reviewed
     (cached by the operator now), and `fresh` more never seen."""
-    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
-        metadata=k8s.V1ObjectMeta(name="start-workers"),
-        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
-                                verbs=["create"], resource_names=["agents"])]))
-    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
-        metadata=k8s.V1ObjectMeta(name="start-workers"),
-        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
-        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="robot", namespace=namespace)]))
+    kube.grant(namespace, "start-workers", resource="workerqueues/start", verb="create", queue="agents",
+               account="robot")
     cached = service_account_token(kube, namespace, "robot")
     request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
     tokens = [str(kube.core.create_namespaced_service_account_token("robot", namespace, request).status.token)

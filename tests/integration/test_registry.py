@@ -256,14 +256,7 @@ def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, n
     wait_for(lambda: worker_id not in kube.registrations(namespace), what="its registration collected")
 
     # A Kubernetes identity needs RBAC `delete` on that queue.
-    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
-        metadata=k8s.V1ObjectMeta(name="delete-fixed"),
-        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues"],
-                                verbs=["delete"], resource_names=["fixed"])]))
-    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
-        metadata=k8s.V1ObjectMeta(name="delete-fixed"),
-        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="delete-fixed"),
-        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="admin", namespace=namespace)]))
+    kube.grant(namespace, "delete-fixed", resource="workerqueues", verb="delete", queue="fixed", account="admin")
     denied = operator.call("DELETE", f"/api/v1/worker-queues/{fixed_id}",
                            service_account_token(kube, namespace, "nobody"))
     assert denied.status == 403 and "may not delete" in denied.json()["detail"]

@@ -222,14 +222,8 @@ def service_account_token(kube: Kube, namespace: str, name: str) -> str:
 def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess, kube: Kube, namespace: str):
     kube.create_queue(namespace, "rbac", queueId=f"k-{namespace}", temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "rbac", "True")
-    kube.rbac.create_namespaced_role(namespace, k8s.V1Role(
-        metadata=k8s.V1ObjectMeta(name="start-workers"),
-        rules=[k8s.V1PolicyRule(api_groups=["agentcontrol.dev"], resources=["workerqueues/start"],
-                                verbs=["create"], resource_names=["rbac"])]))
-    kube.rbac.create_namespaced_role_binding(namespace, k8s.V1RoleBinding(
-        metadata=k8s.V1ObjectMeta(name="start-workers"),
-        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-workers"),
-        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="allowed", namespace=namespace)]))
+    kube.grant(namespace, "start-workers", resource="workerqueues/start", verb="create", queue="rbac",
+               account="allowed")
     allowed = service_account_token(kube, namespace, "allowed")
     denied = service_account_token(kube, namespace, "denied")
 

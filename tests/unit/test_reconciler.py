@@ -14,6 +14,7 @@ from workerqueue_operator.core import reconciler
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.store import Store
+from workerqueue_operator.k8s.client import KubeClient
 from workerqueue_operator.models.settings import Settings
 
 KEY = {"name": "tk", "key": "k"}
@@ -25,13 +26,18 @@ def tries(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.getMessage().startswith("reading secret team-a/tk failed")]
 
 
+def status_writer(kube: KubeClient) -> tuple[Store, reconciler.Reconciler]:
+    """The status writer over a Store holding one queue whose Temporal key is in Secret team-a/tk."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
+    return store, reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
+                                        activity=Activity(identity="test", priority=0))
+
+
 async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
     with apps.unreachable() as kube:
-        store = Store(settings=Settings())
-        store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
-        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
-                                       activity=Activity(identity="test", priority=0))
+        _, writer = status_writer(kube)
         writer.fetch_secrets({("team-a", "tk")})
         await asyncio.sleep(3.5)  # read at 0, 1 and 3 s (every second: 4 reads)
         assert tries(caplog) == ["1s", "2s", "4s"]
@@ -41,11 +47,8 @@ async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(c
 async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
     with apps.unreachable() as kube:
-        store = Store(settings=Settings())
+        store, writer = status_writer(kube)
         q = queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY})
-        store.upsert_queue(q)
-        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
-                                       activity=Activity(identity="test", priority=0))
         writer.fetch_secrets({("team-a", "tk")})
         await asyncio.sleep(0.5)
         store.remove_queue(q.key)
@@ -67,10 +70,7 @@ async def test_a_read_failing_unexpectedly_is_tried_again_and_its_text_is_not_lo
 
     monkeypatch.setattr(reconciler.resources, "read_secret", malformed)
     with apps.unreachable() as kube:
-        store = Store(settings=Settings())
-        store.upsert_queue(queue(temporal={"host": "t:1", "namespace": "n", "apiKeySecretRef": KEY}))
-        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
-                                       activity=Activity(identity="test", priority=0))
+        _, writer = status_writer(kube)
         writer.fetch_secrets({("team-a", "tk")})
         await asyncio.sleep(1.5)
         assert reads == [("team-a", "tk")] * 2
