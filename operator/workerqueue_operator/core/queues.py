@@ -423,7 +423,7 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
         # It goes into a header: an empty key or a line break would be refused (or worse) on the wire.
         raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[0]} key {where[1]} is not a usable API key"))
     try:
-        URL(url).port  # noqa: B018 - what every call would meet: a port out of range, an unclosed [IPv6
+        URL(url).port  # noqa: B018 - what every call would meet (a port out of range)
     except ValueError as exc:
         raise _Unresolved(Problem("UpstreamInvalid", f"the upstream URL {url} cannot be used: {exc}")) from None
     return Upstream(url=url.rstrip("/"), api_key=key)
