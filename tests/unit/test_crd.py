@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from workerqueue_operator.models import crd
+from workerqueue_operator.models import crd, spec
 from workerqueue_operator.models.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +37,12 @@ def test_the_charts_extra_config_takes_every_setting_but_those_the_chart_owns():
     schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
     allowed = set(schema["properties"]["extraConfig"]["propertyNames"]["enum"])
     assert allowed == set(Settings.model_fields) - CHART_OWNED_SETTINGS
+
+
+def test_the_charts_upstream_url_is_held_to_the_operators_pattern():
+    """Else `helm install` takes a URL the operator then refuses at start, and its pod crash-loops."""
+    schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
+    assert schema["properties"]["upstream"]["properties"]["url"]["pattern"] == "^$|" + spec.UPSTREAM_URL_PATTERN
 
 
 def walk(node, path=""):
