@@ -42,15 +42,21 @@ def start_kubelet(kubelet: Callable[..., LocalKubelet], operator: OperatorProces
     return kubelet(namespaces=[namespace], overrides={"CONTROL_PLANE_URL": operator.url})
 
 
+@pytest.mark.parametrize("named_task_queue", [False, True], ids=["own-task-queue", "named-task-queue"])
 async def test_a_single_execution_worker_lives_its_whole_life(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
-        kubelet: Callable[..., LocalKubelet]):
+        kubelet: Callable[..., LocalKubelet], named_task_queue: bool):
+    # On a named task queue its pod's hostname (so its Temporal identity) carries the queue's uid.
     queue_id = f"life-{namespace}"
-    kube.create_queue(namespace, "life", **queue_spec(temporal, queue_id))
+    task_queue = f"named-{namespace}" if named_task_queue else queue_id
+    named = {"taskQueueName": task_queue} if named_task_queue else {}
+    kube.create_queue(namespace, "life", **queue_spec(temporal, queue_id, **named))
     start_kubelet(kubelet, operator, namespace)
     wait_for(lambda: registered_pods(kube, namespace) == {"life-w0"}, timeout=60, what="life-w0 registered")
+    hostname = kube.core.read_namespaced_pod("life-w0", namespace).spec.hostname
+    assert (hostname == "life-w0") is not named_task_queue
 
-    await run_workflow(temporal, queue_id, f"exec-{secrets.token_hex(4)}")
+    await run_workflow(temporal, task_queue, f"exec-{secrets.token_hex(4)}")
     closed = time.monotonic()
     # It reads its execution completed twice, waits 2 s, disconnects and exits 0: its pod Succeeded
     # and is deleted, its registration ended, and a fresh worker takes its place.
