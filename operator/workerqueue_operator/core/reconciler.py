@@ -41,9 +41,24 @@ queue the watch cannot bring, e.g. one whose newer body this operator cannot rea
 CONFLICT_RETRY_MAX_SECONDS = 60.0
 
 
-def conflict_retry(refused: int) -> float:
-    """When to try again a status write refused `refused` times in a row for a newer queue."""
-    return min(CONFLICT_RETRY_SECONDS * 2.0 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS)
+class Conflicts:
+    """Status writes refused in a row per queue (the queue was newer than the copy written from), for
+    the back-off: the status writer's and the worker supervisor's alike."""
+
+    def __init__(self) -> None:
+        self._refused: dict[QueueKey, int] = {}
+
+    def __contains__(self, key: QueueKey) -> bool:
+        return key in self._refused
+
+    def refused(self, key: QueueKey) -> float:
+        """One more refusal; the seconds to wait before writing again."""
+        refused = self._refused[key] = self._refused.get(key, 0) + 1
+        return min(CONFLICT_RETRY_SECONDS * 2.0 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS)
+
+    def forget(self, key: QueueKey) -> None:
+        """Written at last, or the queue is gone."""
+        self._refused.pop(key, None)
 
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
@@ -104,8 +119,7 @@ class Reconciler:
         self._written: dict[QueueKey, tuple[str, dict[str, Any], str]] = {}
         """The status last written per queue, with the uid of the queue it was written to and the
         resourceVersion the write made."""
-        self._conflicts: dict[QueueKey, int] = {}
-        """Status writes refused in a row per queue, for the back-off."""
+        self._conflicts = Conflicts()
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
@@ -198,7 +212,7 @@ class Reconciler:
         resolution = self._store.resolution(key)
         if resolution is None:
             self._written.pop(key, None)
-            self._conflicts.pop(key, None)
+            self._conflicts.forget(key)
             return
         if await self._ensure_token_secret(resolution):
             # Not "SecretNotFound" about the Secret being created right now: its arrival through the
@@ -249,10 +263,9 @@ class Reconciler:
             # Changed since: the watch brings the newer queue, and it back here (a retry, should it not).
             logger.debug("the status of %s/%s changed meanwhile; written again from the newer one", *key)
             self._written.pop(key, None)
-            refused = self._conflicts[key] = self._conflicts.get(key, 0) + 1
-            self._queue.add_after(key, conflict_retry(refused))
+            self._queue.add_after(key, self._conflicts.refused(key))
             return
-        self._conflicts.pop(key, None)
+        self._conflicts.forget(key)
         if version is None:
             self._written.pop(key, None)
             return

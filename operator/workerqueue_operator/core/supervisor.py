@@ -35,7 +35,7 @@ from workerqueue_operator.core import workers
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
-from workerqueue_operator.core.reconciler import conflict_retry, queue_ref_body
+from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
@@ -153,8 +153,7 @@ class Supervisor:
         # resourceVersion the write made: newer than what the watch may have delivered so far. Kept by
         # name, so that forgetting a queue is one lookup.
         self._written: dict[QueueKey, tuple[str, spec_.WorkersStatus, str]] = {}
-        self._conflicts: dict[QueueKey, int] = {}
-        """Status writes refused in a row per queue, for the back-off."""
+        self._conflicts = Conflicts()
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         self._refused: dict[QueueKey, Refusal] = {}
@@ -186,7 +185,7 @@ class Supervisor:
         self._demand.pop(key, None)
         self._alive.pop(key, None)
         self._written.pop(key, None)
-        self._conflicts.pop(key, None)
+        self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
         key = owner_key(body)
@@ -346,10 +345,9 @@ class Supervisor:
                 raise
             logger.debug("the status of %s/%s changed meanwhile; planned again from the newer one", *key)
             self._written.pop(key, None)
-            refused = self._conflicts[key] = self._conflicts.get(key, 0) + 1
-            self._queue.add_after(key, conflict_retry(refused))
+            self._queue.add_after(key, self._conflicts.refused(key))
             return None
-        self._conflicts.pop(key, None)
+        self._conflicts.forget(key)
         if written:
             self._written[key] = (queue.uid, status, written)
         return written or None
