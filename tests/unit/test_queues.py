@@ -168,10 +168,29 @@ def test_own_token_secrets_replace_the_generated_one():
     assert set(r.token_digests) == {queues.digest("one"), queues.digest("two")}
 
 
-def test_decode_secret_data_skips_binary_values():
+def test_decode_secret_data_keeps_a_binary_value_as_not_text():
     body = secret_body("s", text="hello")
     body["data"]["bin"] = "//79"  # 0xff 0xfe 0xfd: not UTF-8
-    assert queues.decode_secret_data(body) == {"text": "hello"}
+    assert queues.decode_secret_data(body) == {"text": "hello", "bin": queues.NOT_TEXT}
+
+
+def binary_secret(name: str, key: str) -> dict:
+    body = secret_body(name, other="x")
+    body["data"][key] = "//79"  # 0xff 0xfe 0xfd: not UTF-8
+    return queues.decode_secret_data(body)
+
+
+@pytest.mark.parametrize("spec", [
+    {"temporal": {"host": "h:1", "namespace": "n", "apiKeySecretRef": {"name": "bin", "key": "k"}}},
+    {"auth": {"tokenSecretRefs": [{"name": "bin", "key": "k"}]}},
+    {"nats": {"configSecretRef": {"name": "bin"}}},
+])
+def test_a_value_that_is_not_text_is_invalid_not_missing(spec):
+    # The key is there: "has no key" would send its owner looking for a typo.
+    r = resolve(queue(**spec), {("team-a", "bin"): binary_secret("bin", "k")})
+    assert not r.ready
+    assert (r.problem.reason, r.problem.message) == ("SecretKeyInvalid", "secret bin key k is not UTF-8 text")
+    assert r.secrets_problem == r.problem
 
 
 UPSTREAM = {"url": "https://cp.example/base/", "apiKeySecretRef": {"name": "org", "key": "api-key"}}

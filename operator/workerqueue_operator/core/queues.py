@@ -29,6 +29,10 @@ SecretName = tuple[str, str]
 SecretData = Mapping[str, str] | None
 """Decoded data of a Secret that exists, or None for one known to be absent."""
 
+NOT_TEXT = "\0(not UTF-8 text)\0"
+"""What decode_secret_data keeps for a value that is not UTF-8: the key is there, its value unusable
+(a lookup says so, rather than that the key is missing). No credential or URL is this text."""
+
 TOKEN_KEY = "token"
 TOKEN_COMPONENT = "worker-token"
 """`app.kubernetes.io/component` of the queue-token Secrets the operator generates."""
@@ -109,13 +113,17 @@ def digest(token: str) -> bytes:
 
 
 def decode_secret_data(body: Mapping[str, Any]) -> dict[str, str]:
-    """A Secret's `data`, base64-decoded. Values that are not UTF-8 text are left out."""
+    """A Secret's `data`, base64-decoded; a value that is not UTF-8 text is NOT_TEXT."""
     decoded: dict[str, str] = {}
     for key, value in (body.get("data") or {}).items():
         try:
-            decoded[key] = base64.b64decode(value, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            continue
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            continue  # the API server stores base64 only: not met in practice
+        try:
+            decoded[key] = raw.decode()
+        except UnicodeDecodeError:
+            decoded[key] = NOT_TEXT
     return decoded
 
 
@@ -328,6 +336,8 @@ class _Lookup:
             raise _Unresolved(Problem("SecretKeyNotFound", f"secret {name} has no key {key}"))
         # A single value is a credential or a URL, where surrounding whitespace (the newline
         # `kubectl create secret --from-file` keeps) is never meant, nor is an empty one.
+        if data[key] == NOT_TEXT:
+            raise _Unresolved(Problem("SecretKeyInvalid", f"secret {name} key {key} is not UTF-8 text"))
         value = data[key].strip()
         if not value:
             raise _Unresolved(Problem("SecretKeyInvalid", f"secret {name} key {key} is empty"))
@@ -340,6 +350,14 @@ class _Lookup:
         if data is None:
             raise _Unresolved(Problem("SecretNotFound", f"secret {name} not found in namespace {namespace}"))
         return data
+
+    def texts(self, namespace: str, name: str) -> dict[str, str]:
+        """Every key of a Secret, each of which must be text (a config passed on whole)."""
+        data = self.whole(namespace, name)
+        for key, value in sorted(data.items()):
+            if value == NOT_TEXT:
+                raise _Unresolved(Problem("SecretKeyInvalid", f"secret {name} key {key} is not UTF-8 text"))
+        return dict(data)
 
 
 _json_string = json.encoder.encode_basestring_ascii
@@ -452,7 +470,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         elif redis_url:
             redis_password = redis_password_from_url(redis_url)
 
-    nats_config = dict(lookup.whole(ns, s.nats.config_secret_ref.name)) if s.nats is not None else None
+    nats_config = lookup.texts(ns, s.nats.config_secret_ref.name) if s.nats is not None else None
 
     temporal_host = s.temporal.host or settings.temporal_host
     temporal_namespace = s.temporal.namespace or settings.temporal_namespace
