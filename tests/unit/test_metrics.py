@@ -88,3 +88,28 @@ async def test_a_deleted_queues_series_go_with_it():
     store.remove_queue(q.key)
     text = m.render()
     assert 'queue="stays"' in text and 'queue="gone"' not in text
+
+
+async def test_an_upstream_no_queue_uses_any_more_loses_its_series():
+    # Upstream URLs change with the queues: a series per URL ever configured would pile up.
+    from tests.unit import apps
+    from tests.unit.factories import queue
+    from workerqueue_operator.api.keys import METRICS
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.models.settings import Settings
+
+    store = Store(settings=Settings())
+    ref = {"apiKeySecretRef": {"name": "org", "key": "k"}}
+    moved = queue("moved", queueId="m-1", upstream={"url": "http://old.example:8080/base", **ref})
+    store.upsert_queue(moved)
+    store.upsert_queue(queue("stays", queueId="s-1", upstream={"url": "http://kept.example", **ref}))
+    store.upsert_secret(("team-a", "org"), {"k": "org-key"})
+    m = apps.make_app(store)[METRICS]
+    for origin in ("http://old.example:8080", "http://kept.example"):
+        m.upstream(origin).answered(200, 0.01)
+    assert 'upstream="http://old.example:8080"' in m.render()
+
+    store.upsert_queue(queue("moved", queueId="m-1", upstream={"url": "http://new.example", **ref}))
+    text = m.render()
+    assert 'upstream="http://old.example:8080"' not in text
+    assert samples(text, "workerqueue_upstream_requests_total") == {'upstream="http://kept.example",code="2xx"': 1}

@@ -224,6 +224,7 @@ def make_app(
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics_
     store.subscribe(lambda key: None if store.queue(key) is not None else metrics_.forget_queue(*key))
+    metrics_.keep_upstreams(store.upstream_origins)
     app[LOG] = log
     app[BUSY] = busy
     app[DRAIN] = drain

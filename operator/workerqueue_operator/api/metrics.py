@@ -61,6 +61,12 @@ class Metrics:
         self._counts: dict[str, dict[str, int]] = {}
         self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
         self._upstreams: dict[str, UpstreamStats] = {}
+        self._upstreams_in_use: Callable[[], set[str]] | None = None
+
+    def keep_upstreams(self, in_use: Callable[[], set[str]]) -> None:
+        """At each scrape, the series of an upstream no queue uses any more go (its queues deleted or
+        moved elsewhere), so that a long-lived replica does not keep one per URL ever configured."""
+        self._upstreams_in_use = in_use
 
     def upstream(self, origin: str) -> UpstreamStats:
         stats = self._upstreams.get(origin)
@@ -134,6 +140,10 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def _render_upstreams(self) -> list[str]:
+        if self._upstreams_in_use is not None:
+            in_use = self._upstreams_in_use()
+            for origin in [origin for origin in self._upstreams if origin not in in_use]:
+                del self._upstreams[origin]
         ups = [(label(origin), stats) for origin, stats in sorted(self._upstreams.items())]
         lines = [
             "# HELP workerqueue_upstream_requests_total Requests passed through, by upstream and status class.",

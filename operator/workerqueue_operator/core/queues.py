@@ -268,8 +268,12 @@ class Upstream:
     @property
     def origin(self) -> str:
         """scheme://host[:port]: what connections are pooled by and metrics are labelled with."""
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}"
+        return origin_of(self.url)
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,11 @@ class Store:
         """Whether any queue has an upstream (else unknown paths are plain 404s, as without one)."""
         return bool(self._settings.upstream_url or self._with_upstream)
 
+    def upstream_origins(self) -> set[str]:
+        """The origins the queues pass calls through to now."""
+        urls = {r.upstream.url for r in self._resolutions.values() if r.upstream is not None}
+        return {queues.origin_of(url) for url in urls}
+
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)
 
