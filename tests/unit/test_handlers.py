@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 import kopf
+import pytest
 from kopf._cogs.structs import references
 
 from workerqueue_operator import handlers
@@ -30,3 +31,21 @@ def test_the_pod_watch_asks_the_api_server_for_the_operators_pods_only():
     selectors = _configured().watching.label_selectors
     assert selectors.collect(PODS) == ["app.kubernetes.io/managed-by=workerqueue-operator"]
     assert selectors.collect(QUEUES) == []
+
+
+def _login(monkeypatch: pytest.MonkeyPatch, kubeconfig: str | None) -> object:
+    in_pod = kopf.ConnectionInfo(server="https://10.0.0.1:443")
+    from_file = kopf.ConnectionInfo(server="https://elsewhere:6443")
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: in_pod)
+    monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda **_: from_file)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    reg = handlers.registry(settings=Settings(), supervisor=cast(Supervisor, object()), kubeconfig=kubeconfig)
+    (login,) = [h for h in reg._activities.get_all_handlers() if h.id == "login"]
+    return cast(kopf.ConnectionInfo, login.fn()).server
+
+
+def test_run_kubeconfig_wins_over_the_pods_service_account_for_kopf_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The operator's own client takes the file given to --kubeconfig; kopf taking the pod's
+    # ServiceAccount would watch one cluster while the operator writes to another.
+    assert _login(monkeypatch, "/etc/other/kubeconfig") == "https://elsewhere:6443"
+    assert _login(monkeypatch, None) == "https://10.0.0.1:443"

@@ -274,6 +274,17 @@ def test_a_mistyped_setting_in_the_environment_is_named():
     assert Settings.load(env).http_port == 8080
 
 
+@pytest.mark.parametrize(("raw", "namespaces"), [
+    ("123", ("123",)),  # a valid namespace name, not a number
+    ("123,team-a", ("123", "team-a")),
+    ('["123", "team-a"]', ("123", "team-a")),
+    ("", ()),
+])
+def test_list_settings_from_the_environment_are_text_or_a_json_list(raw, namespaces):
+    assert Settings.load({"WQ_NAMESPACES": raw}).namespaces == namespaces
+    assert Settings.load({"WQ_TOKEN_REVIEW_AUDIENCES": raw}).token_review_audiences == namespaces
+
+
 def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them():
     import uuid
 

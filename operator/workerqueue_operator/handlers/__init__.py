@@ -22,7 +22,10 @@ PREFIX = "agentcontrol.dev"
 POD_SELECTOR = ",".join(f"{key}={value}" for key, value in workers.MANAGED_BY.items())
 
 
-def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.OperatorRegistry:
+def registry(*, settings: settings_.Settings, supervisor: Supervisor,
+             kubeconfig: str | None = None) -> kopf.OperatorRegistry:
+    """kopf's handlers. `kubeconfig`: the file given to `run --kubeconfig`, which then wins over an
+    in-cluster ServiceAccount, as it does for the operator's own client (k8s.client)."""
     reg = kopf.OperatorRegistry()
     operator_settings = settings
 
@@ -31,6 +34,8 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor) -> kopf.Op
     @kopf.on.login(registry=reg, id="login")
     def login(**kwargs: Any) -> Any:
         # kopf's own loaders read $KUBECONFIG when called (the `kubernetes` package reads it at import).
+        if kubeconfig is not None:  # else, in a pod, kopf would watch one cluster and we write another
+            return kopf.login_with_kubeconfig(**kwargs)
         info = kopf.login_with_service_account(**kwargs)
         # In a pod, kopf assumes https://kubernetes.default.svc:443; the API server is where the kubelet
         # says (KUBERNETES_SERVICE_HOST/PORT), the one our own client (k8s.client) talks to.

@@ -261,7 +261,12 @@ class Settings(BaseModel):
             if raw is None:
                 continue
             # Numbers and booleans arrive as strings; JSON gives them their type, pydantic checks it.
-            values[name] = raw if field.annotation in (str, str | None) else _maybe_json(raw)
+            # Text stays text: a namespace named `123` is no number (a list may come as JSON, `[...]`).
+            if field.annotation in (str, str | None) or (
+                    field.annotation == tuple[str, ...] and not raw.lstrip().startswith("[")):
+                values[name] = raw
+            else:
+                values[name] = _maybe_json(raw)
         values.update(overrides)
         return cls.model_validate(values)
 
