@@ -418,6 +418,32 @@ async def test_a_worker_that_stalls_mid_body_gets_408_and_holds_nothing(hub: tup
     assert head.startswith(b"HTTP/1.1 408 ") and b"Request body not received in time" in body
 
 
+async def test_an_upstream_that_takes_not_even_the_end_of_the_body_cannot_hold_the_request():
+    # aiohttp's last write of a chunked body (the terminating chunk) waits for the socket with no
+    # timeout of its own: the upload's deadline must still run then, or a stalled upstream holds the
+    # request, and a pooled connection, for ever.
+    from aiohttp.base_protocol import BaseProtocol
+
+    from workerqueue_operator.api.metrics import UpstreamStats
+
+    loop = asyncio.get_running_loop()
+    content = aiohttp.StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    content.feed_data(b"x" * 100)
+    content.feed_eof()
+    upload = passthrough._Upload(content, UpstreamStats(), idle=0.2)
+
+    async def send() -> None:
+        async with upload.deadline:
+            async for _ in upload.chunks():
+                pass
+            await asyncio.Event().wait()  # the terminating chunk, which the upstream never takes
+
+    sending = asyncio.create_task(send())
+    done, _ = await asyncio.wait({sending}, timeout=10)
+    sending.cancel()
+    assert sending in done and isinstance(sending.exception(), TimeoutError)
+
+
 async def test_a_worker_that_stops_reading_releases_the_upstream(hub: tuple[Store, TestClient],
                                                                  upstream: TestServer):
     _, client = hub
