@@ -99,3 +99,24 @@ async def test_a_watch_that_goes_quiet_ends_after_its_idle_time(tmp_path: Path):
         finally:
             await kube.close()
     assert events == [{"type": "ADDED", "object": {}}]
+
+
+async def test_an_answer_that_is_not_json_is_one_of_the_errors_callers_catch():
+    # A proxy in front of the API server answering with a page: callers catch ERRORS (a 503, a retry),
+    # and anything else became a 500 with a traceback, or ended a background loop.
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        try:
+            with pytest.raises(client.ERRORS, match="not JSON") as caught:
+                await kube.create("/apis/authentication.k8s.io/v1/tokenreviews", {"spec": {"token": "t"}})
+        finally:
+            await kube.close()
+    assert "sign in" not in str(caught.value)

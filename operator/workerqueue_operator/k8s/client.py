@@ -186,7 +186,11 @@ class KubeClient:
             payload = await response.read()
             if response.status >= 400:
                 raise _api_error(response.status, payload, path)
-            result: JSON = json.loads(payload) if payload else {}
+            try:
+                result: JSON = json.loads(payload) if payload else {}
+            except ValueError:
+                # A proxy's HTML page, say: an answer that cannot be read, as any loop catching ERRORS expects.
+                raise aiohttp.ClientPayloadError(f"the answer to {method} {path} is not JSON") from None
             return result
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
