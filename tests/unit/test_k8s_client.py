@@ -120,3 +120,58 @@ async def test_an_answer_that_is_not_json_is_one_of_the_errors_callers_catch():
         finally:
             await kube.close()
     assert "sign in" not in str(caught.value)
+
+
+async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # `run --kubeconfig` with an exec user (`aws eks get-token`): the plugin runs again whenever its
+    # token is near expiry. On the event loop, every /start and heartbeat waited for it meanwhile.
+    import json
+    import sys
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    seen: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"kind": "APIVersions"})
+
+    app = web.Application()
+    app.router.add_get("/api", api)
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(  # a token that expires within the client's 5-min skew: read again at each refresh
+        "import datetime, json, time\n"
+        "time.sleep(1)\n"
+        "expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)\n"
+        "status = {'token': 'from-plugin', 'expirationTimestamp': expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        "                  'status': status}))\n")
+    async with TestServer(app) as server:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
+            "users": [{"name": "u", "user": {"exec": {
+                "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
+                "interactiveMode": "Never"}}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
+        monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)  # every request reads credentials anew
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await kube.get("/api")  # the plugin runs for a second meanwhile
+        finally:
+            ticker.cancel()
+            await kube.close()
+    assert seen == ["Bearer from-plugin"]
+    assert ticks >= 20, "the event loop stood still while the plugin ran"

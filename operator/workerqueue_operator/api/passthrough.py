@@ -488,11 +488,12 @@ def _done_with(answer: aiohttp.ClientResponse, read_whole: bool) -> None:
 
 class _Upload:
     """The worker's body as it arrives, counted; read only as fast as the upstream takes it. Neither
-    side may stall for longer than `idle`: `deadline` (held around the request until the answer's
-    headers come) moves on with every chunk read and every chunk sent, and runs on after the last
-    one: aiohttp's terminating chunk waits for the socket with no timeout of its own, and only then
-    starts the answer's (sock_read), so an upstream taking none of it would hold the request for ever. Else a worker sending 10 of 1,000 bytes, or an upstream taking none, held a
-    pooled connection of that upstream's host for ever, and the other queues' requests waited."""
+    side may stall for longer than `idle`: else a worker sending 10 of 1,000 bytes, or an upstream
+    taking none, held a pooled connection of that upstream's host for ever, and the other queues'
+    requests waited. `deadline` (held around the request until the answer's headers come) moves on
+    with every chunk read and every chunk sent, and runs on after the last one: aiohttp's
+    terminating chunk waits for the socket with no timeout of its own, and only then starts the
+    answer's (sock_read)."""
 
     def __init__(self, content: aiohttp.StreamReader, stats: metrics.UpstreamStats, idle: float) -> None:
         self._content = content

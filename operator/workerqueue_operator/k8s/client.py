@@ -6,6 +6,7 @@ included), but every request is made on the event loop: nothing here blocks it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import sys
@@ -29,6 +30,9 @@ escaped once more) stays well below this; the cap only bounds memory against a b
 AUTH_REFRESH_SECONDS = 10.0
 """How long credentials read from the kubeconfig/in-cluster loader are reused (kubelet-rotated
 ServiceAccount tokens stay valid for far longer)."""
+AUTH_TIMEOUT_SECONDS = 30.0
+"""Longest a request waits for credentials being read: a kubeconfig's exec plugin (`aws eks
+get-token`) or auth provider runs then, in a thread, for a second or two, or hangs."""
 
 
 ABORT_CLOSED_TLS = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
@@ -115,6 +119,7 @@ class KubeClient:
         self._pool_size = pool_size
         self._auth: dict[str, str] = {}
         self._auth_until = 0.0
+        self._auth_reading: asyncio.Future[dict[str, str]] | None = None
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext | bool:
@@ -141,22 +146,39 @@ class KubeClient:
     def _new_session(self, *, limit: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(connector=tcp_connector(limit=limit, ssl=self._ssl), raise_for_status=False)
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json", **self._auth_headers()}
+    async def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", **await self._auth_headers()}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
 
-    def _auth_headers(self) -> dict[str, str]:
-        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used;
-        # it reads files and the environment, so at most every AUTH_REFRESH_SECONDS, not per request.
-        now = time.monotonic()
-        if now >= self._auth_until:
-            self._auth = {auth["key"].title(): auth["value"]
-                          for auth in self._configuration.auth_settings().values()
-                          if auth.get("in") == "header" and auth.get("value")}
-            self._auth_until = now + AUTH_REFRESH_SECONDS
-        return self._auth
+    async def _auth_headers(self) -> dict[str, str]:
+        # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used.
+        # It reads files and may run an exec plugin: at most every AUTH_REFRESH_SECONDS, in a thread
+        # (never on the event loop, which serves /start meanwhile), one read at a time.
+        if time.monotonic() < self._auth_until:
+            return self._auth
+        if self._auth_reading is None:
+            self._auth_reading = asyncio.ensure_future(asyncio.to_thread(self._read_auth))
+            self._auth_reading.add_done_callback(self._auth_read)
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT_SECONDS):
+                return await asyncio.shield(self._auth_reading)
+        except TimeoutError:
+            raise TimeoutError(f"credentials not read within {AUTH_TIMEOUT_SECONDS:g}s") from None
+        except Exception as exc:
+            # Its text may quote a plugin's output: the type only.
+            raise aiohttp.ClientConnectionError(f"credentials could not be read: {type(exc).__name__}") from None
+
+    def _read_auth(self) -> dict[str, str]:
+        return {auth["key"].title(): auth["value"] for auth in self._configuration.auth_settings().values()
+                if auth.get("in") == "header" and auth.get("value")}
+
+    def _auth_read(self, reading: asyncio.Future[dict[str, str]]) -> None:
+        self._auth_reading = None
+        if not reading.cancelled() and reading.exception() is None:
+            self._auth = reading.result()
+            self._auth_until = time.monotonic() + AUTH_REFRESH_SECONDS
 
     async def close(self) -> None:
         for session in (self._session, self._watch_session):
@@ -180,7 +202,7 @@ class KubeClient:
             self.base_url + path,
             data=data,
             params=params,
-            headers=self._headers(content_type if data is not None else None),
+            headers=await self._headers(content_type if data is not None else None),
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             payload = await response.read()
@@ -221,7 +243,7 @@ class KubeClient:
         async with session.get(
             self.base_url + path,
             params={**params, "watch": "true"},
-            headers=self._headers(),
+            headers=await self._headers(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=silence),
         ) as response:
             if response.status >= 400:
