@@ -628,3 +628,31 @@ async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer
         message = await ws.receive(timeout=5)
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
         await asyncio.wait_for(closing, 5)
+
+
+async def test_a_worker_that_stopped_reading_does_not_hold_up_shutdown(upstream: TestServer):
+    # Its close frame waits for the socket; its heartbeat (the idle timeout, 60 s here) would give up
+    # on it only after a minute and more, and the pod's grace period ends sooner.
+    settings = Settings()
+    store = Store(settings=settings)
+    url = str(upstream.make_url("/")).rstrip("/")
+    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    server = TestServer(apps.make_app(store, settings=settings, version="1"))
+    await server.start_server()
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
+        await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
+
+        async def flood() -> None:  # echoed back by the stand-in, to a worker that reads none of it
+            for _ in range(2000):
+                await ws.send_bytes(b"x" * 2**16)
+
+        flooding = asyncio.create_task(flood())
+        done, _ = await asyncio.wait({flooding}, timeout=5)  # until every buffer on the way is full
+        assert not done, "the operator took the whole flood: nothing waits for the worker's socket"
+        closing = asyncio.create_task(server.close())
+        done, _ = await asyncio.wait({closing}, timeout=30)
+        flooding.cancel()
+        assert closing in done

@@ -68,6 +68,8 @@ leave in one write instead of two, which is most of the hop's cost for the JSON 
 Anything longer, or of unknown length (server-sent events), is streamed."""
 _REPORT_EVERY = 60.0
 """Seconds between two warnings about the same upstream failing; the failures meanwhile are counted."""
+CLOSE_TIMEOUT_SECONDS = 5.0
+"""On shutdown, how long proxied websockets get to take their close frame."""
 
 
 def worker_credential(authorization: str) -> tuple[str, str] | None:
@@ -214,8 +216,15 @@ class Passthrough:
     async def close_websockets(self, app: web.Application) -> None:
         """aiohttp on_shutdown: proxied websockets end with 1001 Going Away, so that their workers
         reconnect (to another replica) at once instead of waiting out the shutdown timeout."""
-        for ws in list(self._websockets):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"operator shutting down")
+        # All at once, each within a bound: a close frame waits for the socket, and a worker that
+        # stopped reading would hold the shutdown until its heartbeat gave up on it (a minute and more).
+        closing = [asyncio.ensure_future(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY,
+                                                  message=b"operator shutting down"))
+                   for ws in list(self._websockets)]
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_SECONDS)
+            for task in late:
+                task.cancel()
 
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
@@ -327,7 +336,8 @@ class Passthrough:
                 async with asyncio.timeout(idle):
                     await response.write(chunk)
             read_whole = True
-            await response.write_eof()
+            async with asyncio.timeout(idle):  # its last chunk waits for the socket too
+                await response.write_eof()
         except ConnectionResetError:
             return response  # the worker went away
         except _Revoked:
