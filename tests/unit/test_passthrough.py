@@ -611,28 +611,9 @@ async def test_a_streamed_answer_is_broken_off_once_its_token_no_longer_opens_th
     assert "workerqueue_upstream_failures_total{" not in await (await client.get("/metrics")).text()
 
 
-async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
-    settings = Settings()
-    store = Store(settings=settings)
-    url = str(upstream.make_url("/")).rstrip("/")
-    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
-    store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a"})
-    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
-    app = apps.make_app(store, settings=settings, version="1")
-    server = TestServer(app)
-    await server.start_server()
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-            server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
-        await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
-        closing = asyncio.create_task(server.close())
-        message = await ws.receive(timeout=5)
-        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
-        await asyncio.wait_for(closing, 5)
-
-
-async def test_a_worker_that_stopped_reading_does_not_hold_up_shutdown(upstream: TestServer):
-    # Its close frame waits for the socket; its heartbeat (the idle timeout, 60 s here) would give up
-    # on it only after a minute and more, and the pod's grace period ends sooner.
+@contextlib.asynccontextmanager
+async def relaying(upstream: TestServer) -> AsyncIterator[tuple[TestServer, aiohttp.ClientWebSocketResponse]]:
+    """A server with default settings (shut down by the test) and a worker's websocket relayed to `upstream`."""
     settings = Settings()
     store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
@@ -644,7 +625,21 @@ async def test_a_worker_that_stopped_reading_does_not_hold_up_shutdown(upstream:
     async with aiohttp.ClientSession() as session, session.ws_connect(
             server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
         await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
+        yield server, ws
 
+
+async def test_websockets_are_closed_going_away_on_shutdown(upstream: TestServer):
+    async with relaying(upstream) as (server, ws):
+        closing = asyncio.create_task(server.close())
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(closing, 5)
+
+
+async def test_a_worker_that_stopped_reading_does_not_hold_up_shutdown(upstream: TestServer):
+    # Its close frame waits for the socket; its heartbeat (the idle timeout, 60 s here) would give up
+    # on it only after a minute and more, and the pod's grace period ends sooner.
+    async with relaying(upstream) as (server, ws):
         async def flood() -> None:  # echoed back by the stand-in, to a worker that reads none of it
             for _ in range(2000):
                 await ws.send_bytes(b"x" * 2**16)
