@@ -133,7 +133,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 {{- if and (include "workerqueue-operator.peering" .) .Values.watchNamespaces }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
@@ -146,14 +146,17 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: ["authorization.k8s.io"]
   resources: ["subjectaccessreviews"]
   verbs: ["create"]
-# kopf's resource discovery.
+{{- if not .Values.watchNamespaces }}
+# kopf's resource discovery (lists and watches; off when it watches given namespaces only).
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- if and (include "workerqueue-operator.peering" .) (not .Values.watchNamespaces) }}
+# kopf patches its keep-alive in; the operator's informer lists and watches who is active.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
