@@ -234,8 +234,20 @@ def test_a_worker_of_a_capped_queue_that_expired_takes_a_free_slot_again_or_is_t
     assert operator.start_worker(queue_id, token).status == 409
     assert [w["id"] for w in operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()] == [
         first]
-    # One the queue issued but this replica never saw may hold a slot not seen yet: not taken back.
-    assert heartbeat(operator, queues.new_worker_id(queues.digest(token)), token) == 404
+    # One the queue issued but this replica never saw holds no slot (the API server says): full.
+    assert operator.call("POST", f"/api/v1/workers/{queues.new_worker_id(queues.digest(token))}/heartbeat", token,
+                         {"status": "active"}).status == 409
+    # Its expiry seen by a replica gone since: the next one gives it the slot back, not a 404 for life.
+    assert operator.call("POST", f"/api/v1/workers/{first}/disconnect", token, {"reason": "x"}).status == 200
+    third = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, third, token) == 200
+    assert heartbeat(operator, third, token) == 200  # at the queue's pace, as above
+    wait_for(lambda: not kube.registrations(namespace), timeout=40, interval=1, what="the slot freed by expiry")
+    operator.stop()
+    operator.start()
+    assert heartbeat(operator, third, token) == 200
+    lease = kube.registrations(namespace).get(third)
+    assert lease is not None and lease.metadata.name == "one-slot-slot-0"
 
 
 def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, namespace: str):
@@ -354,6 +366,24 @@ async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
         assert lease["spec"]["holderIdentity"] == "w-new"
         assert reg.get("w-old") is None
         assert not reg._ended["w-old"].on_purpose  # may come back, to find the queue full
+
+
+async def test_a_capped_worker_never_seen_here_gets_its_own_slot_never_a_second(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: a heartbeat of a worker this replica never saw. Its Lease, written by the other
+    replica, may not have come through the watch yet: it is that registration, and a second slot
+    would shrink the queue. The API server is asked; with no Lease of it there it claims a free slot."""
+    async with in_process(kube, namespace, kubeconfig, "capped", maxWorkers=2) as (queue, client, reg):
+        other = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue)  # the other replica
+        held = await other.claim(queue, "w-held", limit=2)
+        assert held is not None and reg.may_rejoin(queue, "w-held")
+        found = await reg.rejoin_slot(queue, "w-held")
+        assert found is not None and found.lease == held.lease and reg.rejoined == 0
+        back = await reg.rejoin_slot(queue, "w-back")  # expired before this replica started
+        assert back is not None and back.slot == 1 and reg.rejoined == 1
+        assert {w: lease.metadata.name for w, lease in kube.registrations(namespace).items()} == {
+            "w-held": "capped-slot-0", "w-back": "capped-slot-1"}
 
 
 async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(
@@ -509,6 +539,26 @@ async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_
             reg.lease_deleted((namespace, worker.lease), bodies[worker.worker_id])  # the watch tells
         assert reg.may_rejoin(queue, "w-expired") and not reg.may_rejoin(queue, "w-left")
         assert reg.rejoin(queue, "w-expired") is not None
+
+
+async def test_a_live_count_no_registration_tells_of_is_written_by_the_audit(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """The replica before this one wrote live=1 and stopped; its worker disconnected meanwhile (its
+    Lease deleted, the count not written yet). No Lease is left to tell this replica: the audit
+    compares every queue's count with its status, rather than the queue showing a live worker for good."""
+    async with in_process(kube, namespace, kubeconfig, "stale") as (queue, client, reg):
+        await resources.patch_queue_status(client, namespace, "stale", {"workers": {"live": 1}})
+        store = Store(settings=Settings())
+        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "stale")))
+        store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(
+            namespace, "idle", queueId=f"idle-{namespace}", temporal=TEMPORAL)))
+        live = LiveStatus(store=store, registry=reg, client=client, activity=Activity(identity="me", priority=0))
+        assert live.due() == []
+        live.audit()
+        assert live.due() == [queue.key]  # the idle queue shows 0 already: nothing to write
+        await live._write(queue.key)
+        assert kube.get_queue(namespace, "stale")["status"]["workers"]["live"] == 0
 
 
 async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_write_is_still_written(

@@ -381,12 +381,12 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert reg.rejoin(q, "quiet") is not None
     with pytest.raises(registry.Full, match=r"registered \(in this queue\)"):
         reg.rejoin(q, "one-more")
-    # With maxWorkers, only a worker seen to expire here: one never seen may hold a slot whose Lease
-    # is not seen here yet. Its slot is claimed through the API server (rejoin_slot), never here.
+    # With maxWorkers its slot is claimed through the API server (rejoin_slot, which asks it first
+    # about one never seen here: its Lease may not be seen yet), never here.
     capped = queue("capped", uid="uid-2", maxWorkers=2)
-    assert not reg.may_rejoin(capped, "never-seen")
     reg._bury(make_worker(worker_id="seen-to-expire"), on_purpose=False)
     assert reg.may_rejoin(capped, "seen-to-expire") and reg.rejoin(capped, "seen-to-expire") is None
+    assert reg.may_rejoin(capped, "never-seen") and reg.rejoin(capped, "never-seen") is None
     # The ids ended are remembered up to a bound, oldest forgotten first.
     monkeypatch.setattr(registry, "ENDED_KEPT", 2)
     reg._bury(make_worker(worker_id="newer"), on_purpose=True)

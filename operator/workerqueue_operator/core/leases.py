@@ -49,6 +49,11 @@ def slot_lease_name(queue_name: str, slot: int) -> str:
     return f"{queue_name[:200]}-slot-{slot}"
 
 
+def queue_selector(queue_name: str) -> str:
+    """The label selector of a queue's Leases (of namesakes' too, where a long name was shortened)."""
+    return f"{SELECTOR},{workers_.QUEUE_LABEL}={workers_.label_value(queue_name)}"
+
+
 TIME_RESOLUTION = 1e-6
 """A Lease's MicroTime keeps whole microseconds, rounded to the nearest: a time read back from a Lease
 may be later than the one in memory it was written from."""

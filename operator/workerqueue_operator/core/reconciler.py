@@ -322,10 +322,12 @@ class LiveStatus:
     """Keeps `status.workers.live` of each queue equal to its live registrations, coalesced: a queue
     is written at most every `per_queue` seconds and the replica makes at most `rate` such writes a
     second, however many workers come and go (a burst of /start calls on 1,000 queues must not
-    become 1,000 status writes a second)."""
+    become 1,000 status writes a second). Every `audit` seconds each queue's count is compared with
+    what its status shows, so that a change no registration tells of is written too: a worker that
+    left while the replica before this one stopped (or stood by) has no Lease left to say so."""
 
     def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, activity: Activity,
-                 period: float = 1.0, per_queue: float = 5.0, rate: float = 20.0,
+                 period: float = 1.0, per_queue: float = 5.0, rate: float = 20.0, audit: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._activity = activity
@@ -335,6 +337,8 @@ class LiveStatus:
         self._per_queue = per_queue
         self._rate = rate
         self._clock = clock
+        self._audit_every = audit
+        self._audited_at = clock()  # not at once: the Lease watch fills the registry first
         self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
         self._written_at: dict[QueueKey, float] = {}  # only within per_queue: older ones are dropped
         self._sent: dict[QueueKey, int] = {}  # the count last written, until the watch shows it
@@ -359,6 +363,8 @@ class LiveStatus:
             await asyncio.sleep(self._period)
             if not self._activity.is_active():
                 continue  # kept dirty: written once this replica is the active one
+            if self._clock() - self._audited_at >= self._audit_every:
+                self.audit()
             for key in self.due():
                 self._dirty.pop(key, None)
                 self._written_at[key] = self._clock()
@@ -368,6 +374,15 @@ class LiveStatus:
                     logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
                     self._dirty[key] = None
             self._forget(self._clock())
+
+    def audit(self) -> None:
+        """Marks the queues whose status shows another live count than their registrations."""
+        self._audited_at = self._clock()
+        for key in self._store.queue_keys():
+            queue = self._store.queue(key)
+            shown = (queue.status.get("workers") or {}).get("live", 0) if queue is not None else None
+            if shown is not None and shown != self._registry.live_count(key):
+                self._dirty[key] = None
 
     def _forget(self, now: float) -> None:
         """What no longer holds a write back (queues come and go: ephemeral ones by the thousand)."""

@@ -38,6 +38,7 @@ from workerqueue_operator.core.leases import (
     lease_body,
     lease_name,
     paced_interval,
+    queue_selector,
     slot_lease_name,
     system_info_json,
     worker_from_lease,
@@ -311,13 +312,10 @@ class Registry:
         replica stopped first). The worker is alive. The caller has checked that the queue issued the id.
 
         Not one whose registration ended on purpose (disconnect, pod gone: a late heartbeat), nor one
-        from a pod that has another worker registered. With maxWorkers, only one seen to expire here:
-        one never seen may hold a slot whose Lease is not seen here yet, and a second slot would
-        shrink the queue."""
+        from a pod that has another worker registered. With maxWorkers, rejoin_slot asks the API
+        server first about one never seen here."""
         ended = self._ended.get(worker_id)
         if (ended is not None and ended.on_purpose) or worker_id in self._workers or worker_id in self._rejoining:
-            return False
-        if queue.spec.max_workers is not None and ended is None:
             return False
         return pod is None or not any(w.pod == pod for w in self._by_queue.get(queue.key, {}).values())
 
@@ -340,12 +338,21 @@ class Registry:
                           hostname: str | None = None) -> Worker | None:
         """Registers again a worker of a queue with maxWorkers that may_rejoin, in a free slot as
         /start would; None when it may not or every slot is taken (the caller tells which, having
-        asked may_rejoin). Raises the API error (or a timeout) when the API server cannot be asked."""
+        asked may_rejoin). Raises the API error (or a timeout) when the API server cannot be asked.
+
+        One never seen here may hold a slot whose Lease this replica's watch has not brought yet (the
+        other replica registered it): a second slot would shrink the queue. Or its expiry was seen by
+        a replica gone since (a restart): refused, it would run on unlisted for the rest of its life.
+        The API server's Leases tell which (a consistent read), the first registers it as they say."""
         limit = queue.spec.max_workers
         if limit is None or not self.may_rejoin(queue, worker_id, pod=pod):
             return None
         self._rejoining.add(worker_id)  # a second heartbeat meanwhile must not claim a second slot
         try:
+            if worker_id not in self._ended:
+                held = await self._registered_elsewhere(queue, worker_id)
+                if held is not None:
+                    return held
             worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
                                       interval=self._pace_since_ended(queue, worker_id, pod))
         finally:
@@ -353,6 +360,19 @@ class Registry:
         if worker is not None:
             self._rejoined(worker, queue)
         return worker
+
+    async def _registered_elsewhere(self, queue: QueueObject, worker_id: str) -> Worker | None:
+        """The worker as its Lease in the API server shows it, taken in as the watch will; None if none."""
+        listed = await self._client.request("GET", resources.leases_path(queue.namespace),
+                                            params={"labelSelector": queue_selector(queue.name)},
+                                            timeout=API_TIMEOUT)
+        for item in listed.get("items") or []:
+            owners = (item.get("metadata") or {}).get("ownerReferences") or []
+            if (item.get("spec") or {}).get("holderIdentity") == worker_id and any(
+                    owner.get("uid") == queue.uid for owner in owners):
+                self.lease_upserted(item)
+                return self._workers.get(worker_id)
+        return None
 
     def _check_room(self, queue: QueueObject) -> None:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
