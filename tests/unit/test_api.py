@@ -382,6 +382,28 @@ async def test_a_pod_token_acts_only_for_its_own_pods_worker_of_its_own_queue():
         assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer old-pod-tok"})).status == 403
 
 
+async def test_a_queue_that_lists_another_queues_pod_tokens_cannot_take_its_pods_workers_over():
+    # Whoever may edit q2 (not q1) lists q1's pod token Secret (its name can be guessed) as a q2 queue
+    # token: q1's pod must still be its own queue's worker, not a q2 caller refused on q1 (403), which
+    # would leave q1 failing into CrashLooping.
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
+    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
+                                   "pod-tok")
+    store.upsert_queue(queue("q2", uid="uid-2", queueId="q-2",
+                             auth={"tokenSecretRefs": [{"name": "q1-w0-token", "key": "token"}]}))
+    store.upsert_secret(("team-a", "q1-w0-token"), {"token": "pod-tok"})
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = await c.post(START.format("q-1"), headers=pod)
+        assert started.status == 200, await started.text()
+        worker_id = (await started.json())["worker_id"]
+        beat = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=pod)
+        assert beat.status == 200, await beat.text()
+        assert (await c.post(START.format("q-2"), headers=pod)).status == 403
+
+
 async def test_a_worker_started_with_the_new_token_of_a_rotation_registers_again_after_the_old_is_unlisted():
     # Its id is keyed by the token it holds: keyed by the old one (listed first), a heartbeat reaching
     # a replica that does not know it would be a 404 for the rest of its life once the old one goes.

@@ -59,11 +59,13 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
         return errors.unauthorized("Not authenticated")
     token_digest = queues.digest(token)
     store = request.app[STORE]
-    if store.is_queue_token(token_digest):
-        return Caller(token_digest)
+    # A pod's own token first, as Store.queue_of_token: another queue listing its Secret as a queue
+    # token (its name can be guessed) must not turn the pod into that queue's caller.
     credential = store.worker_credential(token_digest)
     if credential is not None:
         return Caller(token_digest, worker=credential)
+    if store.is_queue_token(token_digest):
+        return Caller(token_digest)
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:
