@@ -338,15 +338,21 @@ async def test_live_workers_keep_working_while_a_token_rotation_lists_a_secret_n
         assert bye.status == 200, await bye.text()
 
 
-async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated():
-    # A pod's worker holds its own token, which no rotation of the queue token touches: its id must
-    # stay its own too, or a heartbeat reaching a replica that does not know its registration (or
-    # coming back after it expired) is a 404 for the rest of its life once the queue token changed.
+def store_with_pod() -> Store:
+    """Queue q1 (token q1-token) and its pod q1-w0, whose own token is pod-tok."""
     store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
     store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
                                    "pod-tok")
+    return store
+
+
+async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated():
+    # A pod's worker holds its own token, which no rotation of the queue token touches: its id must
+    # stay its own too, or a heartbeat reaching a replica that does not know its registration (or
+    # coming back after it expired) is a 404 for the rest of its life once the queue token changed.
+    store = store_with_pod()
     pod = {"Authorization": "Bearer pod-tok"}
     async with TestClient(TestServer(apps.make_app(store))) as first:
         worker_id = (await (await first.post(START.format("q-1"), headers=pod)).json())["worker_id"]
@@ -364,11 +370,7 @@ async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated()
 async def test_a_pod_token_acts_only_for_its_own_pods_worker_of_its_own_queue():
     """Not for a worker registered with the queue token (no pod), and not for a queue made again
     under its queue's name (`kubectl replace --force`): its pod was the old queue's."""
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
-    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
-                                   "pod-tok")
+    store = store_with_pod()
     store.upsert_worker_credential(("team-a", "q1-w9-token"), WorkerCredential(("team-a", "q1"), "q1-w9", "old-uid"),
                                    "old-pod-tok")
     pod = {"Authorization": "Bearer pod-tok"}
@@ -386,11 +388,7 @@ async def test_a_queue_that_lists_another_queues_pod_tokens_cannot_take_its_pods
     # Whoever may edit q2 (not q1) lists q1's pod token Secret (its name can be guessed) as a q2 queue
     # token: q1's pod must still be its own queue's worker, not a q2 caller refused on q1 (403), which
     # would leave q1 failing into CrashLooping.
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
-    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
-                                   "pod-tok")
+    store = store_with_pod()
     store.upsert_queue(queue("q2", uid="uid-2", queueId="q-2",
                              auth={"tokenSecretRefs": [{"name": "q1-w0-token", "key": "token"}]}))
     store.upsert_secret(("team-a", "q1-w0-token"), {"token": "pod-tok"})
