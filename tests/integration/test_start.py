@@ -25,6 +25,7 @@ from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
+from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -406,6 +407,41 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     await here.supervisor._show(here.key, probe)  # the watch has not brought the first one
     conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
+
+
+async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_another_replica_wrote_it(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """Active, standby (the other replica writes its own reading), then active again with the reading
+    this replica wrote first: the queue must show that reading, not keep the other replica's."""
+    here = in_process("spell")
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    path = f"{resources.queue_path(namespace, 'spell')}/status"
+
+    def reading(pollers: int) -> supervisor_._Probe:
+        return supervisor_._Probe(reachable=True, reason="Reachable", message="ok",
+                                  wanted=spec_.TemporalStatus(pollers=pollers, backlog=0))
+
+    probe = supervisor._probes[key] = reading(1)
+    await supervisor._show(key, probe)
+    assert kube.get_queue(namespace, "spell")["status"]["temporal"] == {"pollers": 1, "backlog": 0}
+    supervisor._activity_changed(False)
+    await here.client.patch(path, [{"op": "add", "path": "/status/temporal", "value": {"pollers": 0, "backlog": 0}}],
+                            content_type=client_.JSON_PATCH)  # the other replica's reading
+    here.watched()
+    supervisor._activity_changed(True)
+    probe.shown_at = float("-inf")  # the bounded rate allows a write
+    await supervisor._show(key, probe)
+    assert kube.get_queue(namespace, "spell")["status"]["temporal"] == {"pollers": 1, "backlog": 0}
+
+    # A replica starting finds the reading it has already shown: not written again.
+    version = kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"]
+    here.watched()
+    again = supervisor._probes[key] = reading(1)
+    await supervisor._show(key, again)
+    assert kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"] == version
 
 
 async def test_a_supervisor_planning_from_an_older_copy_of_the_queue_undoes_no_count(

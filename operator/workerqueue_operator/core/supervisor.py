@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pydantic
+
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core import workers
@@ -86,6 +88,8 @@ class _Probe:
     reason: str = ""
     message: str = ""
     shown: spec_.TemporalStatus | None = None
+    """status.temporal as last written here, or as the watch showed it when `shown_known` was unset."""
+    shown_known: bool = False
     wanted: spec_.TemporalStatus | None = None
     shown_at: float = float("-inf")
 
@@ -102,6 +106,14 @@ def timeline_step(probe: _Probe | None, when: float, *, show: bool) -> Literal["
     if probe.running:
         return "drop" if show else "later"
     return "run"
+
+
+def watched_temporal(status: Mapping[str, Any]) -> spec_.TemporalStatus | None:
+    """status.temporal as a queue shows it, if any and valid."""
+    try:
+        return spec_.TemporalStatus.model_validate(status["temporal"])
+    except (KeyError, pydantic.ValidationError):
+        return None
 
 
 def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:
@@ -204,6 +216,8 @@ class Supervisor:
     def _activity_changed(self, active: bool) -> None:
         # What we wrote may have been overwritten by the other replica meanwhile: the watch says.
         self._written.clear()
+        for probe in self._probes.values():
+            probe.shown_known = False
         if active:
             for key in self._tracked:
                 self._queue.add(key)
@@ -583,6 +597,10 @@ class Supervisor:
             if queue is None or probe.reachable is None:
                 return
             shown = queue.status
+            if not probe.shown_known:
+                # At start and after a standby spell the queue shows what another replica wrote: kept
+                # as ours, a reading equal to ours no longer written, one differing from it never was.
+                probe.shown, probe.shown_known = watched_temporal(shown), True
             conditions: list[dict[str, Any]] = list(shown.get("conditions") or [])
             status = "True" if probe.reachable else "False"
             index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
