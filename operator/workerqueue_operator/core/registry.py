@@ -367,9 +367,8 @@ class Registry:
                                             params={"labelSelector": queue_selector(queue.name)},
                                             timeout=API_TIMEOUT)
         for item in listed.get("items") or []:
-            owners = (item.get("metadata") or {}).get("ownerReferences") or []
-            if (item.get("spec") or {}).get("holderIdentity") == worker_id and any(
-                    owner.get("uid") == queue.uid for owner in owners):
+            held = worker_from_lease(item, seen_at=self._clock())
+            if held is not None and held.worker_id == worker_id and held.queue_uid == queue.uid:
                 self.lease_upserted(item)
                 return self._workers.get(worker_id)
         return None
