@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
 from tests.proxy import Proxy
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import leases, queues
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -474,6 +474,24 @@ async def test_a_worker_that_leaves_while_its_lease_is_first_written_leaves_no_l
         monkeypatch.setattr(client, "request", leaves_meanwhile)
         await reg._write(worker)
         assert "w-gone" not in kube.registrations(namespace)
+
+
+async def test_a_worker_that_leaves_here_while_the_other_replica_writes_its_lease_leaves_no_lease(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Registered here, its first heartbeat went to the other replica, which wrote its Lease; its
+    disconnect came here before the watch brought that Lease. Nobody deleted it: it stayed, renewed
+    by the other replica, until a restart."""
+    async with in_process(kube, namespace, kubeconfig, "split") as (queue, client, reg):
+        worker = reg.register(queue, "w-split")
+        written = await client.request("POST", resources.leases_path(namespace),  # by the other replica
+                                       body=leases.lease_body(worker, queue_name=queue.name))
+        await reg.disconnect(worker, reason="shutdown", exit_code=0)
+        assert "w-split" in kube.registrations(namespace)
+        reg.lease_upserted(written)  # the watch brings it
+        await asyncio.gather(*reg._writes)
+        assert "w-split" not in kube.registrations(namespace)
+        assert reg.get("w-split") is None and not reg.may_rejoin(queue, "w-split")
 
 
 async def test_a_worker_whose_expired_slot_could_not_be_freed_holds_one_slot_after_it_rejoins(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 
 import pytest
 
@@ -354,7 +355,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     assert again is not None
     assert [key[4] for key in events._normals] == ["WorkerRejoined"]
     # It comes back at the pace it keeps, 151 s since its last heartbeat: not to expire again before its next.
-    assert again.duration == leases.EXPIRY_INTERVALS * 151
+    assert again.duration == math.ceil(leases.EXPIRY_INTERVALS * 151) == 378
 
     # Ended on purpose: a late heartbeat is no reason to register it again.
     await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
@@ -434,6 +435,36 @@ def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_th
         assert (reg.get(name) is None) is ends and reg.may_rejoin(q, name) is False
 
 
+async def test_a_lease_the_active_replica_deleted_at_its_expiry_reads_as_expired_whatever_its_interval():
+    """An odd interval makes 2.5 of them end in .5: the Lease keeps whole seconds. Expired in memory
+    before the end the Lease shows, its delete read elsewhere as a disconnect turned the worker away
+    for good (about one expiry in ten at the real worker's learned 61 s)."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.3]
+    q = queue(heartbeatIntervalSeconds=61, uid="uid-1")
+    active = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    standby = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q,
+                                clock=lambda: now[0], active=lambda: False)
+    worker = active.register(q, "odd", pod="q1-w1")
+    body = leases.lease_body(worker, queue_name=q.name)
+    assert body["spec"]["leaseDurationSeconds"] == worker.duration  # what both replicas go by
+    standby.lease_upserted(body)
+    now[0] = math.ceil(worker.expires_at())  # the second the active replica's sweep ends it
+    assert worker.expired(now[0])
+    standby.lease_deleted((worker.namespace, worker.lease), body)
+    assert standby.may_rejoin(q, "odd")
+    # Deleted well before its end (a disconnect there): a late heartbeat does not bring it back.
+    early = leases.lease_body(active.register(q, "left", pod="q1-w2"), queue_name=q.name)
+    standby.lease_upserted(early)
+    standby.lease_deleted(("team-a", early["metadata"]["name"]), early)
+    assert not standby.may_rejoin(q, "left")
+
+
 def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():
     import kubernetes
 
@@ -501,7 +532,7 @@ def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a
     assert fast.duration == 25.0 and abs(reg.write_rate() - (20.0 + 1.25 / 60 + 1.25 / 10)) < 1e-9
     assert leases.lease_body(fast, queue_name=q.name)["spec"]["leaseDurationSeconds"] == 25
     beat(slow, 1062.5)
-    assert slow.interval == 61.0  # 60.5 s, in whole seconds up
+    assert slow.duration == 153.0  # 60.5 s, in whole seconds up: 61; 2.5 of them, in whole seconds up
     now[0] = 1038.0
     reg._sweep(ending=True)  # the faster one is looked at when it expires, not when it would have first
     assert reg.get("fast", expired=True) is None and reg.get("slow") is slow

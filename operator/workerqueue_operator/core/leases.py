@@ -41,6 +41,23 @@ SYSTEM_INFO_MAX_BYTES = 4096
 """system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 
 
+LAPSE_MARGIN_SECONDS = 1.0
+"""A Lease deleted this close to its end is taken as expired, not ended on purpose: the replica that
+deleted it has a clock of its own. Taking a disconnect for an expiry only lets a late heartbeat back
+in; taking an expiry for a disconnect would turn a live worker away for good."""
+
+
+def lease_duration(interval: float) -> float:
+    """The lease duration of a worker expected to heartbeat every `interval` s: whole seconds, as
+    the Lease keeps it, so that every replica reads the same end from it as the one that wrote it."""
+    return float(math.ceil(EXPIRY_INTERVALS * interval))
+
+
+def has_lapsed(worker: Worker, now: float) -> bool:
+    """Whether a deleted Lease had run out (see LAPSE_MARGIN_SECONDS)."""
+    return now >= worker.renewed_at + worker.duration - LAPSE_MARGIN_SECONDS
+
+
 def lease_name(queue_name: str, worker_id: str) -> str:
     return f"{queue_name[:200]}-{worker_id}"
 

@@ -34,8 +34,10 @@ from workerqueue_operator.core.leases import (
     EXPIRY_INTERVALS,
     Worker,
     first_interval,
+    has_lapsed,
     later,
     lease_body,
+    lease_duration,
     lease_name,
     paced_interval,
     queue_selector,
@@ -208,7 +210,11 @@ class Registry:
         if mine is None:
             ended = self._ended.get(incoming.worker_id)
             if ended is not None and ended.on_purpose:
-                return  # its Lease outlived a delete that failed (a relist brings it): made again, never revived
+                # Ended here on purpose (a disconnect) while its Lease was written elsewhere, or one
+                # that outlived a delete that failed: deleted, never revived. Nobody else would: the
+                # replicas that hold it have heard of no end.
+                self._spawn(self._delete_quietly(incoming, "ended"))
+                return
             self._add(incoming)
             return
         if not mine.stored and not mine.heartbeats_here:
@@ -235,7 +241,7 @@ class Registry:
         # written yet); fresh, it was ended on purpose (a disconnect, its pod gone). Without the body
         # (a relist), by what is known here.
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
-        lapsed = (self._clock() >= gone.renewed_at + gone.duration) if gone is not None else None
+        lapsed = has_lapsed(gone, self._clock()) if gone is not None else None
         worker_id = self._by_lease.get(key)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
@@ -282,7 +288,7 @@ class Registry:
         interval = interval or first_interval(queue.spec.heartbeat_interval_seconds, pod=pod)
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
-            duration=EXPIRY_INTERVALS * interval, registered_at=now,
+            duration=lease_duration(interval), registered_at=now,
             renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=hostname,
             system_info=system_info_json(system_info))
 
@@ -448,7 +454,7 @@ class Registry:
             if queue is not None:
                 gap = now - worker.renewed_at
                 interval = paced_interval(worker.interval, queue.spec.heartbeat_interval_seconds, gap)
-                self._set_duration(worker, EXPIRY_INTERVALS * interval)
+                self._set_duration(worker, lease_duration(interval))
         # Always past the registration, even at the Lease's microseconds (a rejoin's comes at once):
         # other replicas tell a heartbeat by a renew time later than the acquire time.
         worker.renewed_at = max(now, worker.renewed_at + 1e-5)
