@@ -74,10 +74,14 @@ def test_the_bucket_paces_writes_and_saves_up_at_most_a_second():
     assert burst == 10
 
 
-def test_slot_and_worker_lease_names_fit_a_dns_subdomain():
+def test_slot_and_worker_lease_names_fit_a_dns_subdomain_and_stay_apart():
     long_name = "q" * 253
     assert len(leases.slot_lease_name(long_name, 999)) <= 253
     assert len(leases.lease_name(long_name, "0b9c6f1e-0000-4000-8000-000000000001")) <= 253
+    assert leases.slot_lease_name("agents", 2) == "agents-slot-2"
+    # Two queues whose names begin alike have slots of their own (one slot each, not one between them).
+    alpha, beta = "x" * 230 + "-alpha", "x" * 230 + "-beta"
+    assert leases.slot_lease_name(alpha, 0) != leases.slot_lease_name(beta, 0)
 
 
 def execution(id_: str, status: str, holder: str | None, started: str) -> Execution:

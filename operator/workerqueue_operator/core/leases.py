@@ -9,6 +9,7 @@ calls: the Registry (registry.py) decides when a Lease is written, read or delet
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -63,7 +64,11 @@ def lease_name(queue_name: str, worker_id: str) -> str:
 
 
 def slot_lease_name(queue_name: str, slot: int) -> str:
-    return f"{queue_name[:200]}-slot-{slot}"
+    # A long name is shortened with a digest of it: two queues whose names begin alike must not
+    # share slots (a worker id keeps lease_name's apart).
+    if len(queue_name) > 200:
+        queue_name = f"{queue_name[:189]}-{hashlib.sha256(queue_name.encode()).hexdigest()[:10]}"
+    return f"{queue_name}-slot-{slot}"
 
 
 def queue_selector(queue_name: str) -> str:
