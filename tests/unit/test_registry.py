@@ -469,6 +469,36 @@ async def test_a_lease_the_active_replica_deleted_at_its_expiry_reads_as_expired
     assert not standby.may_rejoin(q, "left")
 
 
+def test_a_worker_that_rejoined_into_another_slot_is_known_there_only():
+    """The active replica expired it, could not delete its slot, and registered it again in another
+    from its next heartbeat. Here, the first slot's delete made again later must not end it, and the
+    first slot seen again (a relist) must not take it back."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1200.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1", maxWorkers=2)
+    standby = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q,
+                                clock=lambda: now[0], active=lambda: False)
+    first = leases.lease_body(make_worker(worker_id="w", lease="q1-slot-0", slot=0, registered_at=1000.0,
+                                          renewed_at=1010.0, duration=25.0), queue_name=q.name)
+    moved = leases.lease_body(make_worker(worker_id="w", lease="q1-slot-1", slot=1, registered_at=1190.0,
+                                          renewed_at=1190.0, duration=25.0), queue_name=q.name)
+    standby.lease_upserted(first)
+    standby.lease_upserted(moved)
+    worker = standby.get("w")
+    assert worker is not None and (worker.lease, worker.slot) == ("q1-slot-1", 1)
+    standby.lease_upserted(first)  # a relist, before its delete
+    assert (worker.lease, worker.slot) == ("q1-slot-1", 1)
+    standby.lease_deleted(("team-a", "q1-slot-0"), first)
+    assert standby.get("w") is worker
+    standby.lease_deleted(("team-a", "q1-slot-1"), moved)
+    assert standby.get("w") is None
+
+
 def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_not_written_over():
     import kubernetes
 

@@ -217,6 +217,15 @@ class Registry:
                 return
             self._add(incoming)
             return
+        if (mine.namespace, mine.lease) != key:
+            # Another slot (maxWorkers): a later registration of it is where it went (it rejoined
+            # there, its first slot's delete made again by whoever expired it); an earlier one is
+            # that first slot, not deleted yet. One worker, one slot: never filed under both.
+            if not later(incoming.registered_at, mine.registered_at):
+                return
+            if self._by_lease.get((mine.namespace, mine.lease)) == mine.worker_id:
+                del self._by_lease[(mine.namespace, mine.lease)]
+            mine.lease, mine.slot, mine.registered_at = incoming.lease, incoming.slot, incoming.registered_at
         if not mine.stored and not mine.heartbeats_here:
             # Registered here, and its Lease written first by a replica its heartbeat reached: that
             # is newer than anything here, which must not be written over it.
