@@ -44,12 +44,32 @@ def test_spec_fields_win_over_operator_defaults():
     assert f["litellm_api_url"] == "http://llm" and f["heartbeat_interval"] == 30
 
 
-def test_operator_default_secret_is_used_when_the_queue_names_none():
-    settings = Settings(temporal_api_key_secret=NamespacedSecretKeyRef.parse("ops/temporal:key"))
-    q = queue()
-    assert ("ops", "temporal") in q.secret_names(settings)
-    r = resolve(q, {("ops", "temporal"): {"key": "tk\n"}}, settings=settings)
-    assert r.config.fields["temporal_api_key"] == "tk"  # the trailing newline of --from-file is dropped
+def test_operator_default_secret_is_used_when_the_queue_names_none_and_uses_the_operators_host():
+    settings = Settings(temporal_host="temporal.example:7233",
+                        temporal_api_key_secret=NamespacedSecretKeyRef.parse("ops/temporal:key"),
+                        litellm_url="https://llm.example/", litellm_api_key_secret=NamespacedSecretKeyRef.parse(
+                            "ops/litellm:key"))
+    secrets = {("ops", "temporal"): {"key": "tk\n"}, ("ops", "litellm"): {"key": "lk"}}
+    for q in (queue(), queue(temporal={"namespace": "agents"}, litellm={"url": "https://llm.example"})):
+        assert {("ops", "temporal"), ("ops", "litellm")} <= q.secret_names(settings)
+        r = resolve(q, secrets, settings=settings)
+        assert r.config.fields["temporal_api_key"] == "tk"  # the trailing newline of --from-file is dropped
+        assert r.config.fields["litellm_api_key"] == "lk" and r.config.temporal_tls
+
+
+def test_a_queues_own_temporal_host_or_litellm_url_never_gets_the_operators_key():
+    """Whoever may write a WorkerQueue could otherwise send the organization's keys anywhere: the
+    operator's own reachability check would send the Temporal one within seconds."""
+    settings = Settings(temporal_host="temporal.example:7233",
+                        temporal_api_key_secret=NamespacedSecretKeyRef.parse("ops/temporal:key"),
+                        litellm_url="https://llm.example", litellm_api_key_secret=NamespacedSecretKeyRef.parse(
+                            "ops/litellm:key"))
+    q = queue(temporal={"host": "attacker.example:7233", "namespace": "x"}, litellm={"url": "https://attacker.example"})
+    assert not {("ops", "temporal"), ("ops", "litellm")} & q.secret_names(settings)
+    r = resolve(q, {("ops", "temporal"): {"key": "tk"}, ("ops", "litellm"): {"key": "lk"}}, settings=settings)
+    assert r.ready
+    assert (r.config.fields["temporal_api_key"], r.config.fields["litellm_api_key"]) == ("", "")
+    assert not r.config.temporal_tls  # no key: plaintext unless the queue says otherwise
 
 
 @pytest.mark.parametrize(("secrets", "reason", "message"), [

@@ -202,9 +202,8 @@ class QueueObject:
                     names.add((self.namespace, ref.name))
         if s.nats is not None:
             names.add((self.namespace, s.nats.config_secret_ref.name))
-        for default, own in ((settings.temporal_api_key_secret, s.temporal.api_key_secret_ref),
-                             (settings.litellm_api_key_secret, s.litellm.api_key_secret_ref)):
-            if default is not None and own is None:
+        for default in (default_temporal_key(s, settings), default_litellm_key(s, settings)):
+            if default is not None:
                 names.add((default.namespace, default.name))
         if s.upstream is not None:
             names.add((self.namespace, s.upstream.api_key_secret_ref.name))
@@ -213,12 +212,33 @@ class QueueObject:
         return frozenset(names)
 
 
+def default_temporal_key(spec: spec_.WorkerQueueSpec,
+                         settings: settings_.Settings) -> settings_.NamespacedSecretKeyRef | None:
+    """The operator-wide Temporal API key, for a queue that names none of its own and uses the
+    operator's Temporal host. A queue's own host never gets it: whoever may write a WorkerQueue could
+    otherwise send that key anywhere (the operator's reachability check would, within seconds)."""
+    own = spec.temporal
+    if own.api_key_secret_ref is not None or (own.host and own.host != settings.temporal_host):
+        return None
+    return settings.temporal_api_key_secret
+
+
+def default_litellm_key(spec: spec_.WorkerQueueSpec,
+                        settings: settings_.Settings) -> settings_.NamespacedSecretKeyRef | None:
+    """The operator-wide LiteLLM API key, on the terms of default_temporal_key: for the operator's URL only."""
+    own = spec.litellm
+    if own.api_key_secret_ref is not None or (
+            own.url and own.url.rstrip("/") != (settings.litellm_url or "").rstrip("/")):
+        return None
+    return settings.litellm_api_key_secret
+
+
 def temporal_tls(queue: QueueObject, settings: settings_.Settings) -> bool:
     """Whether the queue's Temporal is reached over TLS: as set, else exactly when an API key is set."""
     own = queue.spec.temporal
     if own.tls is not None:
         return own.tls
-    return own.api_key_secret_ref is not None or settings.temporal_api_key_secret is not None
+    return own.api_key_secret_ref is not None or default_temporal_key(queue.spec, settings) is not None
 
 
 @dataclass(frozen=True)
@@ -455,8 +475,9 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
     s, ns = queue.spec, queue.namespace
 
     # Every Secret first: SecretsResolved must tell what is missing even while the queue lacks more.
-    temporal_api_key = _secret_or_default(lookup, ns, s.temporal.api_key_secret_ref, settings.temporal_api_key_secret)
-    litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, settings.litellm_api_key_secret)
+    temporal_api_key = _secret_or_default(lookup, ns, s.temporal.api_key_secret_ref,
+                                          default_temporal_key(s, settings))
+    litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, default_litellm_key(s, settings))
 
     redis_url: str | None = None
     redis_password: str | None = None

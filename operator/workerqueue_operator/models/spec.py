@@ -69,7 +69,8 @@ class TemporalSpec(_Model):
     namespace: str | None = Field(default=None, max_length=256)
     """Temporal namespace the workers poll."""
     api_key_secret_ref: SecretKeyRef | None = None
-    """Secret key holding the Temporal API key; absent means no key (e.g. a self-hosted server)."""
+    """Secret key holding the Temporal API key; absent means the operator's default key on the
+    operator's default host, and no key on a host of the queue's own (e.g. a self-hosted server)."""
     tls: bool | None = None
     """Connect to Temporal over TLS (the API key sent as a bearer token). Default: on exactly when an
     API key is set. Off: worker pods are told to use plaintext, as a self-hosted server needs."""
@@ -81,7 +82,8 @@ class LiteLLMSpec(_Model):
     url: str | None = Field(default=None, max_length=2048)
     """Base URL of the LiteLLM proxy."""
     api_key_secret_ref: SecretKeyRef | None = None
-    """Secret key holding the LiteLLM API key."""
+    """Secret key holding the LiteLLM API key; absent means the operator's default key with the
+    operator's default URL, and no key with a URL of the queue's own."""
 
 
 class RedisSpec(_Model):
