@@ -531,6 +531,18 @@ def test_queue_id_is_immutable(kubectl, kube: Kube, namespace: str):
     assert info.value.status == 422 and "queueId is immutable" in info.value.body
 
 
+def test_ephemeral_is_immutable(kube: Kube, namespace: str):
+    """Made ephemeral later, a queue whose workers had succeeded before counted them as this life's
+    (no worker wanted) and was deleted at once; the other way, a queue would outlive its purpose."""
+    for name, ephemeral in (("eph-on", False), ("eph-off", True)):
+        kube.create_queue(namespace, name, ephemeral=ephemeral, temporal={"host": "t:1", "namespace": "n"})
+        with pytest.raises(k8s.ApiException) as info:
+            kube.patch_queue(namespace, name, {"ephemeral": not ephemeral})
+        assert info.value.status == 422 and "ephemeral is immutable" in info.value.body
+        assert kube.get_queue(namespace, name)["spec"]["ephemeral"] is ephemeral
+    kube.patch_queue(namespace, "eph-on", {"replicas": 2})  # the rest of the spec stays editable
+
+
 def test_printer_columns(kubectl, kube: Kube, namespace: str):
     kube.create_queue(namespace, "cols", queueId="cols-id", ephemeral=True, temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "cols", "True")

@@ -236,6 +236,10 @@ class WorkerQueueSpec(_Model):
                 cel("has(self.queueId) == has(oldSelf.queueId)"
                     " && (!has(self.queueId) || self.queueId == oldSelf.queueId)",
                     "queueId is immutable"),
+                # An ephemeral queue's life counts from its creation (its workers' successes, its
+                # deadline): made ephemeral later, a queue that ran workers before was deleted at once.
+                cel("(has(self.ephemeral) && self.ephemeral) == (has(oldSelf.ephemeral) && oldSelf.ephemeral)",
+                    "ephemeral is immutable: make a new queue instead"),
             ]
         }
     )
@@ -260,7 +264,7 @@ class WorkerQueueSpec(_Model):
     suspend: bool = False
     """A suspended queue answers /start with 400 and gets no new worker pods."""
     ephemeral: bool = False
-    """The queue is deleted once its workers have finished."""
+    """The queue is deleted once its workers have finished. Immutable."""
     single_execution: bool = False
     """Each worker runs one task and exits."""
     temporal: TemporalSpec = Field(default_factory=TemporalSpec)
