@@ -118,6 +118,18 @@ def test_while_a_running_executions_holder_is_unknown_no_running_pod_is_taken_fo
     assert plan([pod(1), pod(2)], Demand(backlog=0), previous, min_idle=1).delete == ("q1-w2",)  # all read: idle
 
 
+def test_an_unanswered_activity_check_at_the_end_of_the_grace_keeps_the_grace_and_tries_again_soon():
+    """Temporal did not tell which pods run an activity when the grace ended: none goes that time,
+    and the next try comes seconds later, not after a whole grace begun again."""
+    since = times.rfc3339(T0 - 60)
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=since)
+    unknown = plan([pod(1), pod(2)], Demand(backlog=0, activities_unknown=True), previous)
+    assert unknown.delete == () and unknown.workers.surplus_since == since
+    assert unknown.requeue_after is not None and unknown.requeue_after <= workers.UNSURE_RETRY_SECONDS
+    told = plan([pod(1), pod(2)], Demand(backlog=0), unknown.workers, now=T0 + workers.UNSURE_RETRY_SECONDS)
+    assert told.delete == ("q1-w2", "q1-w1")
+
+
 def test_no_running_pod_is_taken_for_idle_on_a_reading_seconds_old():
     """A reading still fresh enough to size the queue (under 30 s) may predate a workflow a pod took:
     only a recent one (5 s) lets a running pod go."""

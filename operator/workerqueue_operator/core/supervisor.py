@@ -322,12 +322,12 @@ class Supervisor:
         try:
             identities = await self._temporal.activity_workers(target[1], target[2])
         except temporal_.TemporalUnavailable as exc:
-            logger.info("no idle worker of %s/%s deleted now: %s", *key, exc)
-            return workers.Demand(backlog=None)
+            logger.info("no running idle worker of %s/%s deleted now: %s", *key, exc)
+            return dataclasses.replace(demand, activities_unknown=True)
         if identities is None:
-            logger.info("no idle worker of %s/%s deleted now: its running workflows' activities were not "
-                        "all told in time", *key)
-            return workers.Demand(backlog=None)
+            logger.info("no running idle worker of %s/%s deleted now: its running workflows' activities were "
+                        "not all told in time", *key)
+            return dataclasses.replace(demand, activities_unknown=True)
         running = {identity.split("@", 1)[1] for identity in identities if "@" in identity}
         return dataclasses.replace(demand, active=frozenset(running))
 

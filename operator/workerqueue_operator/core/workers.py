@@ -252,6 +252,8 @@ class Event:
 
 DEMAND_STALE_SECONDS = 30.0
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
+UNSURE_RETRY_SECONDS = 5.0
+"""A scale-down that found no pod idle for sure is tried again this much later."""
 IDLE_STALE_SECONDS = 5.0
 """A running pod is taken for idle only on a reading this recent: one that took a workflow since
 an older reading shows idle in it."""
@@ -271,6 +273,8 @@ class Demand:
     active: frozenset[str] = frozenset()
     """Hostnames of pods running an activity of a running workflow (any worker takes any workflow's
     activities): never taken for idle. Not counted in the desired workers, which follow the workflows."""
+    activities_unknown: bool = False
+    """Temporal could not tell which pods run an activity: no running pod is idle for sure now."""
     read_at: float | None = field(default=None, compare=False)
     """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
 
@@ -493,9 +497,14 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     # is seconds old (the probe was held up), no running pod is idle for sure: only pods that have not
     # started yet may go.
     old = demand.read_at is not None and now - demand.read_at > IDLE_STALE_SECONDS
-    unsure = bool(orphaned or demand.unread) or old
+    unsure = bool(orphaned or demand.unread or demand.activities_unknown) or old
     idle = [p for p in alive if p.host not in demand.busy | demand.active
             and not (unsure and p.phase == "Running")]
+    if surplus > 0 and not idle and demand.activities_unknown and w.surplus_since is not None:
+        # The check made as the grace ended went unanswered: none goes this time, and the grace that
+        # has passed still holds (begun again, each unanswered check would cost a whole grace more).
+        requeue.append(UNSURE_RETRY_SECONDS)
+        return []
     if surplus <= 0 or not idle:
         w.surplus_since = None
         return []
