@@ -148,6 +148,25 @@ def test_evicted_or_unadmitted_pod_is_replaced_at_once_without_counting_a_failur
     assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0
 
 
+def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_never_a_crash_loop():
+    """A pod evicted for its own ephemeral storage is "Evicted" too, like one of a node under
+    pressure: replaced at once each time, they made a tight create-evict loop."""
+    spec = {"singleExecution": True, "worker": {"backoffLimit": 2}}
+    p = plan([pod(0, "Failed", reason="Evicted")], **spec)
+    assert p.create == (1,)
+    p = plan([pod(1, "Failed", reason="Evicted")], p.workers, now=T0 + 1, **spec)
+    assert p.create == () and p.requeue_after == pytest.approx(SETTINGS.worker_backoff_seconds)
+    assert [e.reason for e in p.events] == ["WorkerDisplaced", "BackOff"]
+    p = plan([], p.workers, now=T0 + 1 + SETTINGS.worker_backoff_seconds, **spec)
+    assert p.create == (2,)
+    for index in range(2, 6):  # each longer, up to the longest; never CrashLooping
+        p = plan([pod(index, "Failed", reason="Evicted")], p.workers, now=T0 + 1000 * index, **spec)
+        assert p.create == () and p.workers.crash_loop_generation is None
+        p = plan([], p.workers, now=T0 + 1000 * index + workers.backoff(index, SETTINGS), **spec)
+        assert p.create == (index + 1,)
+    assert plan([pod(6, "Succeeded")], p.workers, now=T0 + 9000, **spec).workers.consecutive_displaced == 0
+
+
 def test_suspend_stops_creating_but_lets_pods_run():
     p = plan([pod(0)], singleExecution=True, replicas=3, suspend=True)
     assert p.create == () and p.delete == ()

@@ -354,8 +354,13 @@ def plan(
             w.succeeded += 1
             # A worker that works ends a crash loop.
             w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
+            w.consecutive_displaced, w.last_displaced_time = 0, None
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         elif displaced(pod.reason):
+            # Not the worker's fault, but not always someone else's either: a pod evicted for its own
+            # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
+            w.consecutive_displaced += 1
+            w.last_displaced_time = times.rfc3339(now)
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
@@ -439,9 +444,11 @@ def plan(
         wait = 0.0
         if w.consecutive_failures > 0 and w.last_failure_time is not None:
             wait = times.parse(w.last_failure_time) + backoff(w.consecutive_failures, settings) - now
+        if w.consecutive_displaced > 1 and w.last_displaced_time is not None:
+            wait = max(wait, times.parse(w.last_displaced_time) + backoff(w.consecutive_displaced - 1, settings) - now)
         if wait > 0:
             requeue.append(wait)
-            if any(e.reason == "WorkerFailed" for e in events):
+            if any(e.reason in ("WorkerFailed", "WorkerDisplaced") for e in events):
                 events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
         else:
             create = tuple(range(w.next_index, w.next_index + missing))

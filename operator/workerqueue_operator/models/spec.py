@@ -337,6 +337,11 @@ class WorkersStatus(_Model):
     """The generation whose workers failed those times in a row; a newer one starts counting again."""
     last_failure_time: str | None = None
     """When the last failure was seen (RFC 3339)."""
+    consecutive_displaced: int = 0
+    """Workers stopped from outside (evicted, not admitted) since the last success: the first is
+    replaced at once, the next ones after the back-off failures get; never a crash loop."""
+    last_displaced_time: str | None = None
+    """When the last such worker was seen (RFC 3339)."""
     next_index: int = 0
     """Index of the next worker pod's name; names are never reused, so a create is never doubled."""
     counted: list[str] = Field(default_factory=list)
