@@ -543,6 +543,19 @@ def test_ephemeral_is_immutable(kube: Kube, namespace: str):
     kube.patch_queue(namespace, "eph-on", {"replicas": 2})  # the rest of the spec stays editable
 
 
+@pytest.mark.parametrize("change", [{"taskQueueName": "other"}, {"temporal": {"host": "t:2"}},
+                                    {"temporal": {"namespace": "m"}}])
+def test_the_temporal_task_queue_is_immutable(kube: Kube, namespace: str, change: dict[str, Any]):
+    """Running workers poll the task queue /start gave them: judged by a new one, busy workers were
+    taken for idle and deleted (scaling), or never saw their execution end (single execution)."""
+    kube.create_queue(namespace, "tq", temporal={"host": "t:1", "namespace": "n"})
+    with pytest.raises(k8s.ApiException) as info:
+        kube.patch_queue(namespace, "tq", change)
+    assert info.value.status == 422 and "the Temporal task queue" in info.value.body
+    # Its key, or the queue's TLS, may change (a rotation, a fix).
+    kube.patch_queue(namespace, "tq", {"temporal": {"tls": True, "apiKeySecretRef": {"name": "s", "key": "k"}}})
+
+
 def test_printer_columns(kubectl, kube: Kube, namespace: str):
     kube.create_queue(namespace, "cols", queueId="cols-id", ephemeral=True, temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "cols", "True")

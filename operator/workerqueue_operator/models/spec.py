@@ -61,8 +61,24 @@ class SecretRef(_Model):
     """Name of the Secret."""
 
 
+TASK_QUEUE_IMMUTABLE = ("the Temporal task queue (temporal.host, temporal.namespace, taskQueueName) is immutable: "
+                        "running workers cannot follow a change; make a new queue instead")
+
+
 class TemporalSpec(_Model):
     """Where the workers' Temporal server is; unset fields fall back to the operator's defaults."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                # `namespace` is a CEL keyword: the field is `__namespace__` to a rule.
+                cel("has(self.host) == has(oldSelf.host) && (!has(self.host) || self.host == oldSelf.host)"
+                    " && has(self.__namespace__) == has(oldSelf.__namespace__)"
+                    " && (!has(self.__namespace__) || self.__namespace__ == oldSelf.__namespace__)",
+                    TASK_QUEUE_IMMUTABLE),
+            ]
+        }
+    )
 
     host: str | None = Field(default=None, max_length=1024)
     """Temporal frontend address, host:port (e.g. `my-ns.tmprl.cloud:7233`)."""
@@ -240,6 +256,11 @@ class WorkerQueueSpec(_Model):
                 # deadline): made ephemeral later, a queue that ran workers before was deleted at once.
                 cel("(has(self.ephemeral) && self.ephemeral) == (has(oldSelf.ephemeral) && oldSelf.ephemeral)",
                     "ephemeral is immutable: make a new queue instead"),
+                # Running workers poll the task queue /start gave them and cannot follow a change; the
+                # operator, judging them by the new one, would take busy ones for idle and delete them.
+                cel("has(self.taskQueueName) == has(oldSelf.taskQueueName)"
+                    " && (!has(self.taskQueueName) || self.taskQueueName == oldSelf.taskQueueName)",
+                    TASK_QUEUE_IMMUTABLE),
             ]
         }
     )
@@ -247,7 +268,8 @@ class WorkerQueueSpec(_Model):
     queue_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Queue id that workers pass to /start. Default: the object's metadata.uid. Immutable."""
     task_queue_name: str | None = Field(default=None, min_length=1, max_length=256)
-    """Temporal task queue the workers poll. Default: the queue id."""
+    """Temporal task queue the workers poll. Default: the queue id. Immutable, as are temporal.host
+    and temporal.namespace."""
     environment_name: str | None = Field(default=None, min_length=1, max_length=253)
     """Environment reported to workers. Default: the WorkerQueue's namespace."""
     organization_id: str | None = Field(default=None, min_length=1, max_length=256)
