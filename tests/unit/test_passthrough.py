@@ -430,7 +430,7 @@ async def test_an_upstream_that_takes_not_even_the_end_of_the_body_cannot_hold_t
     content = aiohttp.StreamReader(BaseProtocol(loop), 2**16, loop=loop)
     content.feed_data(b"x" * 100)
     content.feed_eof()
-    upload = passthrough._Upload(content, UpstreamStats(), idle=0.2)
+    upload = passthrough._Upload(content, UpstreamStats(), idle=0.2, still_opens=lambda: True)
 
     async def send() -> None:
         async with upload.deadline:
@@ -609,6 +609,42 @@ async def test_a_streamed_answer_is_broken_off_once_its_token_no_longer_opens_th
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(r.read(), 5)  # cut, never a short "complete" answer
     assert "workerqueue_upstream_failures_total{" not in await (await client.get("/metrics")).text()
+
+
+async def test_an_upload_is_broken_off_once_its_token_no_longer_opens_the_queue(
+        hub: tuple[Store, TestClient], upstream: TestServer):
+    """A chunk every few seconds (within the idle timeout) could go on for as long as the worker
+    liked after its token was revoked, and the upstream then acted on it with the organization's key."""
+    store, client = hub
+    path = "/api/v1/executions/e-1/events"
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"events": ['
+        await asyncio.sleep(0.3)  # under way: the upstream has the request's start
+        assert ("POST", path, f"Bearer {ORG_KEY}") in upstream.app[standin.RECEIVED]
+        store.upsert_secret(("team-a", "a-worker-token"), None)  # its Secret deleted
+        for _ in range(3):
+            await asyncio.sleep(0.3)
+            yield b'"more",'
+        yield b'"end"]}'
+
+    r = await client.post(path, data=body(), headers={"Authorization": "Bearer tok-a"})
+    assert r.status == 401  # the upstream's answer (200, had it the whole body) never comes
+
+
+async def test_an_answer_that_comes_after_its_token_was_revoked_is_broken_off(
+        hub: tuple[Store, TestClient], upstream: TestServer, monkeypatch: pytest.MonkeyPatch):
+    store, client = hub
+    path = "/api/v1/executions/e-1"
+    original = store.queue_of_token
+
+    def revoked_once_received(digest: bytes) -> Any:  # revoked while the upstream works on it
+        received = ("GET", path, f"Bearer {ORG_KEY}") in upstream.app[standin.RECEIVED]
+        return None if received else original(digest)
+
+    monkeypatch.setattr(store, "queue_of_token", revoked_once_received)
+    with pytest.raises(aiohttp.ClientError):  # cut: the upstream acted, so no 401 either
+        await (await client.get(path, headers={"Authorization": "Bearer tok-a"})).read()
 
 
 @contextlib.asynccontextmanager

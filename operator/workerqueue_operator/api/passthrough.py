@@ -296,7 +296,8 @@ class Passthrough:
         headers = request_headers(request.headers.items(), authorization=f"{route.scheme} {upstream.api_key}",
                                   remote=request.remote, proto=request.scheme)
         idle = self._settings.upstream_idle_timeout_seconds
-        upload = _Upload(request.content, stats, idle) if request.body_exists else None
+        upload = (_Upload(request.content, stats, idle, still_opens=lambda: self._still_opens(route))
+                  if request.body_exists else None)
         started = time.perf_counter()
         try:
             async with upload.deadline if upload is not None else contextlib.nullcontext():
@@ -310,6 +311,11 @@ class Passthrough:
                     if upload is not None:
                         upload.held = False  # an answer may come before the whole body is sent
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            if upload is not None and upload.revoked:
+                # Its token no longer opens the queue: the rest of its body is not sent on.
+                refused = errors.unauthorized("Invalid authentication credentials")
+                refused.force_close()
+                return refused
             if (upload is not None and upload.worker_gone) or _worker_gone(request):
                 # Not the upstream's failure: counted as the worker's leaving (499), as on any route.
                 raise ConnectionResetError("the worker went away before the upstream's answer") from exc
@@ -319,6 +325,13 @@ class Passthrough:
                 return late
             return self._unanswered(stats, upstream, exc)
         latency = time.perf_counter() - started
+        if not self._still_opens(route):
+            # Revoked while the upstream worked on it: broken off, as a streamed answer is. The
+            # upstream has acted, so no answer is the truth (a 401 would say it did not).
+            _done_with(answer, False)
+            if request.transport is not None:
+                request.transport.abort()
+            return errors.unauthorized("Invalid authentication credentials")  # its connection is gone
         answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
         length = answer.content_length
         if length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
@@ -505,10 +518,15 @@ class _Upload:
     terminating chunk waits for the socket with no timeout of its own, and only then starts the
     answer's (sock_read)."""
 
-    def __init__(self, content: aiohttp.StreamReader, stats: metrics.UpstreamStats, idle: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, stats: metrics.UpstreamStats, idle: float, *,
+                 still_opens: Callable[[], bool]) -> None:
         self._content = content
         self._stats = stats
         self._idle = idle
+        self._still_opens = still_opens
+        self.revoked = False
+        """Its token stopped opening its queue while it was sent (a chunk every idle timeout could
+        otherwise go on as long as the worker liked)."""
         self.deadline = asyncio.timeout(idle)
         self.held = True
         """Whether `deadline` still guards the request (only then may it move)."""
@@ -531,6 +549,9 @@ class _Upload:
                 self.worker_gone = True
                 raise
             self.worker_stalled = False
+            if not self._still_opens():
+                self.revoked = True
+                raise _Revoked
             if not chunk:
                 break
             self._stats.bytes_sent += len(chunk)
