@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -15,12 +16,12 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 from workerqueue_operator.k8s import client as client_
@@ -475,6 +476,41 @@ async def test_a_supervisor_planning_from_an_older_copy_of_the_queue_undoes_no_c
     workers = kube.get_queue(namespace, "handover")["status"]["workers"]
     assert (workers["succeeded"], workers["counted"]) == (1, [])
     assert kube.pod_names(namespace, "handover", alive=False) == ["handover-w1"]
+
+
+async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """A handover: the replica standing down has counted a pod (nextIndex), made its token, and is
+    creating the pod; the new active one sees the token and not the pod yet. Deleted as an orphan,
+    the pod would be made without it and never start. An old one is an orphan."""
+    here = in_process("young")
+    here.spec.update(singleExecution=True)
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    await supervisor.reconcile(key)
+    assert kube.pod_names(namespace, "young") == ["young-w0"]
+    queue = here.store.queue(key)
+    assert queue is not None
+    await here.client.patch(f"{resources.queue_path(namespace, 'young')}/status",
+                            {"status": {"workers": {**queue.status.get("workers", {}), "nextIndex": 2}}})
+    here.watched()
+    supervisor._activity_changed(True)  # this one active now; the other wrote nextIndex 2
+
+    def made(ago: float) -> None:  # young-w1's token, as the other replica made it, seen by the watch
+        body = workers.credential_secret_body(queue, "young-w1", "t1", now=time.time() - ago)
+        with contextlib.suppress(k8s.ApiException):
+            kube.core.create_namespaced_secret(namespace, body)
+        here.store.upsert_worker_credential((namespace, "young-w1-token"), WorkerCredential(
+            queue=key, pod="young-w1", queue_uid=queue.uid, since=workers.made_at(body)), "t1")
+
+    made(ago=1)
+    await supervisor.reconcile(key)
+    assert kube._has_secret(namespace, "young-w1-token")
+    made(ago=supervisor_.ORPHAN_GRACE_SECONDS + 1)
+    await supervisor.reconcile(key)
+    assert not kube._has_secret(namespace, "young-w1-token")
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):

@@ -200,6 +200,11 @@ class Store:
             if not pods:
                 del self._worker_secrets_of[credential.queue]
 
+    def worker_credential_in(self, secret: SecretName) -> WorkerCredential | None:
+        """The per-worker token a Secret holds, if it is one."""
+        held = self._worker_token_secrets.get(secret)
+        return held[1] if held is not None else None
+
     def worker_credential_secrets(self, queue: QueueKey) -> dict[str, SecretName]:
         """pod name -> the Secret holding its token, for a queue's per-worker tokens."""
         return dict(self._worker_secrets_of.get(queue, {}))

@@ -94,6 +94,10 @@ class _Probe:
     shown_at: float = float("-inf")
 
 
+ORPHAN_GRACE_SECONDS = 60.0
+"""A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
+
+
 def timeline_step(probe: _Probe | None, when: float, *, show: bool) -> Literal["run", "later", "drop"]:
     """What becomes of an entry of the probe timeline that came up at `when`: "drop" when its queue
     is gone or its probe was moved to another time; "later" (the next tick) when it is the probe's
@@ -437,10 +441,18 @@ class Supervisor:
             await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
 
     async def _delete_orphan_credentials(self, key: QueueKey, pods: set[str], next_index: int) -> None:
-        """Per-worker tokens whose pod is gone (deleted from outside, or never created)."""
+        """Per-worker tokens whose pod is gone (deleted from outside, or never created). Not one made
+        in the last ORPHAN_GRACE_SECONDS: its pod's create may still be under way, on the replica that
+        stood down a moment ago (that pod would then never start, for want of its token)."""
+        now = self._clock()
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
             if pod not in pods and index is not None and index < next_index:
+                credential = self._store.worker_credential_in(secret)
+                made = credential.since if credential is not None else None
+                if made is not None and now - made < ORPHAN_GRACE_SECONDS:
+                    self._queue.add_after(key, made + ORPHAN_GRACE_SECONDS - now)
+                    continue
                 try:
                     await self._client.delete(f"{resources.secrets_path(secret[0])}/{secret[1]}")
                 except client_.ApiError as exc:
