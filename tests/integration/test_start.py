@@ -511,6 +511,14 @@ async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
     made(ago=supervisor_.ORPHAN_GRACE_SECONDS + 1)
     await supervisor.reconcile(key)
     assert not kube._has_secret(namespace, "young-w1-token")
+    # A pod listed here before and deleted from outside takes its token along at once, young or not.
+    kube.core.delete_namespaced_pod("young-w0", namespace)
+    body = kube.core.read_namespaced_secret("young-w0-token", namespace).to_dict()
+    here.store.upsert_worker_credential((namespace, "young-w0-token"), WorkerCredential(
+        queue=key, pod="young-w0", queue_uid=queue.uid,
+        since=workers.made_at({"metadata": {"annotations": body["metadata"]["annotations"]}})), "t0")
+    await supervisor.reconcile(key)
+    assert not kube._has_secret(namespace, "young-w0-token")
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):

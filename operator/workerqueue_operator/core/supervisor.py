@@ -152,6 +152,8 @@ class Supervisor:
         self._registry = registry
         self._temporal = temporal
         self._probes: dict[QueueKey, _Probe] = {}
+        self._listed: dict[QueueKey, set[str]] = {}
+        """The names of each queue's pods at its last reconcile here (see _delete_orphan_credentials)."""
         self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
         self._seq = 0
         self._demand: dict[QueueKey, workers.Demand] = {}
@@ -201,6 +203,7 @@ class Supervisor:
         self._demand.pop(key, None)
         self._alive.pop(key, None)
         self._written.pop(key, None)
+        self._listed.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -441,16 +444,18 @@ class Supervisor:
             await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
 
     async def _delete_orphan_credentials(self, key: QueueKey, pods: set[str], next_index: int) -> None:
-        """Per-worker tokens whose pod is gone (deleted from outside, or never created). Not one made
-        in the last ORPHAN_GRACE_SECONDS: its pod's create may still be under way, on the replica that
-        stood down a moment ago (that pod would then never start, for want of its token)."""
+        """Per-worker tokens whose pod is gone: deleted from outside (listed here before), or never
+        created. Not one made in the last ORPHAN_GRACE_SECONDS whose pod was never listed here: its
+        create may still be under way, on the replica that stood down a moment ago (that pod would
+        then never start, for want of its token)."""
         now = self._clock()
+        seen, self._listed[key] = self._listed.get(key, set()), pods
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
             if pod not in pods and index is not None and index < next_index:
                 credential = self._store.worker_credential_in(secret)
                 made = credential.since if credential is not None else None
-                if made is not None and now - made < ORPHAN_GRACE_SECONDS:
+                if pod not in seen and made is not None and now - made < ORPHAN_GRACE_SECONDS:
                     self._queue.add_after(key, made + ORPHAN_GRACE_SECONDS - now)
                     continue
                 try:
