@@ -167,6 +167,13 @@ def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_ne
     assert plan([pod(6, "Succeeded")], p.workers, now=T0 + 9000, **spec).workers.consecutive_displaced == 0
 
 
+def test_lowering_replicas_deletes_pods_not_started_yet_never_one_whose_node_went_silent():
+    # Unknown: its node stopped reporting; its worker may be running an execution.
+    pods = [pod(0), pod(1, "Unknown"), pod(2, "Pending")]
+    p = plan(pods, WorkersStatus(desired=3, next_index=3), singleExecution=True, replicas=1)
+    assert p.delete == ("q1-w2",)
+
+
 def test_suspend_stops_creating_but_lets_pods_run():
     p = plan([pod(0)], singleExecution=True, replicas=3, suspend=True)
     assert p.create == () and p.delete == ()

@@ -36,6 +36,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
 """The container of a default worker pod (one without its queue's own template) that runs the worker."""
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
+MAY_RUN = ("Running", "Unknown")
+"""Phases of a pod whose worker may be running, and hold an execution: Unknown is a node that stopped
+reporting, not a pod that never started."""
 # Pods that someone else took away (not the worker's fault): replaced at once, never a failure. So
 # are pods the kubelet refused to admit (the scheduler's view of the node was behind): "OutOfcpu",
 # "OutOfmemory", "OutOfpods" and the like, "NodeAffinity".
@@ -471,7 +474,7 @@ def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
     surplus = len(alive) - desired
     if surplus <= 0:
         return []
-    waiting = sorted((p for p in alive if p.phase != "Running"), key=lambda p: p.index or 0, reverse=True)
+    waiting = sorted((p for p in alive if p.phase not in MAY_RUN), key=lambda p: p.index or 0, reverse=True)
     return [p.name for p in waiting[:surplus]]
 
 
@@ -506,7 +509,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     old = demand.read_at is not None and now - demand.read_at > IDLE_STALE_SECONDS
     unsure = bool(orphaned or demand.unread or demand.activities_unknown) or old
     idle = [p for p in alive if p.host not in demand.busy | demand.active
-            and not (unsure and p.phase == "Running")]
+            and not (unsure and p.phase in MAY_RUN)]
     if surplus > 0 and not idle and demand.activities_unknown and w.surplus_since is not None:
         # The check made as the grace ended went unanswered: none goes this time, and the grace that
         # has passed still holds (begun again, each unanswered check would cost a whole grace more).
@@ -522,7 +525,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
         requeue.append(due - now)
         return []
     # Workers not running yet first, then the newest: the oldest idle ones have warmed up.
-    idle.sort(key=lambda p: (p.phase == "Running", -(p.index or 0)))
+    idle.sort(key=lambda p: (p.phase in MAY_RUN, -(p.index or 0)))
     gone = [p.name for p in idle[:surplus]]
     w.surplus_since = None
     events.append(Event("ScaledDown", f"deleting {len(gone)} idle worker(s) above minIdle {s.scaling.min_idle} "
