@@ -598,6 +598,16 @@ def test_the_temporal_task_queue_is_immutable(kube: Kube, namespace: str, change
     assert info.value.status == 422 and "the Temporal task queue" in info.value.body
     # Its key, or the queue's TLS, may change (a rotation, a fix).
     kube.patch_queue(namespace, "tq", {"temporal": {"tls": True, "apiKeySecretRef": {"name": "s", "key": "k"}}})
+    # Nor by adding the whole block to a queue made without one (on the operator's defaults), or
+    # dropping it: a rule is skipped where the old object has no such field.
+    kube.create_queue(namespace, "bare")
+    with pytest.raises(k8s.ApiException) as info:
+        kube.patch_queue(namespace, "bare", change)
+    assert info.value.status == 422 and "the Temporal task queue" in info.value.body
+    with pytest.raises(k8s.ApiException) as info:
+        kube.custom.patch_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues", "tq",
+                                                   [{"op": "remove", "path": "/spec/temporal"}])
+    assert info.value.status == 422 and "the Temporal task queue" in info.value.body
 
 
 def test_printer_columns(kubectl, kube: Kube, namespace: str):

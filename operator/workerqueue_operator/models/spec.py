@@ -289,7 +289,10 @@ class WorkerQueueSpec(_Model):
     """The queue is deleted once its workers have finished. Immutable."""
     single_execution: bool = False
     """Each worker runs one task and exits."""
-    temporal: TemporalSpec = Field(default_factory=TemporalSpec)
+    # Defaulted in the schema too, so that there always is an old one: its transition rule (the task
+    # queue is immutable) is skipped where one side has none, and adding or dropping the whole block
+    # would move the queue's task queue.
+    temporal: TemporalSpec = Field(default_factory=TemporalSpec, json_schema_extra={"default": {}})
     """Temporal connection."""
     litellm: LiteLLMSpec = Field(default_factory=LiteLLMSpec)
     """LiteLLM proxy."""
