@@ -165,6 +165,15 @@ def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_ne
         p = plan([], p.workers, now=T0 + 1000 * index + workers.backoff(index, SETTINGS), **spec)
         assert p.create == (index + 1,)
     assert plan([pod(6, "Succeeded")], p.workers, now=T0 + 9000, **spec).workers.consecutive_displaced == 0
+    # Several at once (a node under pressure) are one incident; one an hour after the last, a new first.
+    pool = {"singleExecution": True, "replicas": 3}
+    p = plan([pod(i, "Failed", reason="Evicted") for i in range(3)], **pool)
+    assert p.create == (3, 4, 5) and p.workers.consecutive_displaced == 1
+    p = plan([pod(3, "Failed", reason="Evicted")], p.workers, now=T0 + 1, **pool)
+    assert p.create == () and p.workers.consecutive_displaced == 2
+    p = plan([pod(4, "Failed", reason="Evicted")], p.workers, now=T0 + 1 + workers.DISPLACED_FORGOTTEN_SECONDS + 1,
+             **pool)
+    assert p.create == (6, 7, 8) and p.workers.consecutive_displaced == 1
 
 
 def test_lowering_replicas_deletes_pods_not_started_yet_never_one_whose_node_went_silent():

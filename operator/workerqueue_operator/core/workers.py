@@ -36,6 +36,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
 """The container of a default worker pod (one without its queue's own template) that runs the worker."""
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
+DISPLACED_FORGOTTEN_SECONDS = 3600.0
+"""Pods displaced this long after the last one start the count again (see plan)."""
 MAY_RUN = ("Running", "Unknown")
 """Phases of a pod whose worker may be running, and hold an execution: Unknown is a node that stopped
 reporting, not a pod that never started."""
@@ -346,6 +348,7 @@ def plan(
     if w.consecutive_failures == 0:
         w.failures_generation = None
 
+    displaced_now = False
     for pod in pods:
         if pod.deleting or pod.phase not in ("Succeeded", "Failed"):
             continue
@@ -362,8 +365,7 @@ def plan(
         elif displaced(pod.reason):
             # Not the worker's fault, but not always someone else's either: a pod evicted for its own
             # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
-            w.consecutive_displaced += 1
-            w.last_displaced_time = times.rfc3339(now)
+            displaced_now = True
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
@@ -376,6 +378,14 @@ def plan(
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
+    if displaced_now:
+        # One incident (a node under pressure evicting several at once) counts once; one long after
+        # the last is a new first.
+        last = times.parse_or_none(w.last_displaced_time)
+        if last is None or now - last > DISPLACED_FORGOTTEN_SECONDS:
+            w.consecutive_displaced = 0
+        w.consecutive_displaced += 1
+        w.last_displaced_time = times.rfc3339(now)
 
     # Names are never reused, not even those of pods already deleted.
     w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])

@@ -363,8 +363,9 @@ class WorkersStatus(_Model):
     last_failure_time: str | None = None
     """When the last failure was seen (RFC 3339)."""
     consecutive_displaced: int = 0
-    """Workers stopped from outside (evicted, not admitted) since the last success: the first is
-    replaced at once, the next ones after the back-off failures get; never a crash loop."""
+    """Times workers were stopped from outside (evicted, not admitted; several at once count once)
+    since the last success or in the last hour: the first are replaced at once, the next ones after
+    the back-off failures get; never a crash loop."""
     last_displaced_time: str | None = None
     """When the last such worker was seen (RFC 3339)."""
     next_index: int = 0
