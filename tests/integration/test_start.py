@@ -444,6 +444,13 @@ async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_a
     await supervisor._show(key, again)
     assert kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"] == version
 
+    # A probe that ends after a stand-down writes nothing.
+    supervisor._activity.stand_down()
+    late = supervisor._probes[key] = reading(5)
+    await supervisor._show(key, late)
+    assert kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"] == version
+    assert not late.shown_known
+
 
 async def test_a_supervisor_planning_from_an_older_copy_of_the_queue_undoes_no_count(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,

@@ -611,8 +611,8 @@ class Supervisor:
         it changed and the last write is old enough."""
         try:
             queue = self._store.queue(key)
-            if queue is None or probe.reachable is None:
-                return
+            if queue is None or probe.reachable is None or not self._activity.is_active():
+                return  # a probe begun before a stand-down writes nothing, nor takes the watch's copy as ours
             shown = queue.status
             if not probe.shown_known:
                 # At start and after a standby spell the queue shows what another replica wrote: kept
