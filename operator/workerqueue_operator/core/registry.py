@@ -440,6 +440,8 @@ class Registry:
             try:
                 stored = await (self._create(body) if holder is None else
                                 self._replace(body, holder, expired_only=pod is None or holder.pod != pod))
+                if stored is None and holder is None:
+                    stored = await self._take_unknown(body)
             finally:
                 self._claiming.discard(key)
             if stored is None:
@@ -667,6 +669,18 @@ class Registry:
             if exc.already_exists:
                 return None
             raise
+
+    async def _take_unknown(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Takes over a slot whose Lease exists but is held by no worker known here, if that holder
+        has expired: one passed over as a worker's earlier slot (see lease_upserted), left by a delete
+        that a restart ended, would otherwise keep its slot taken for good."""
+        meta = body["metadata"]
+        current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                             timeout=API_TIMEOUT)
+        found = worker_from_lease(current, seen_at=0.0)
+        if found is None:
+            return None  # not a registration: not ours to take
+        return await self._replace(body, found, expired_only=True)
 
     async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool) -> dict[str, Any] | None:
         """Takes over a slot; None if it changed meanwhile (another claimant won) or, `expired_only`,
