@@ -70,6 +70,9 @@ def test_a_queues_own_temporal_host_or_litellm_url_never_gets_the_operators_key(
     assert r.ready
     assert (r.config.fields["temporal_api_key"], r.config.fields["litellm_api_key"]) == ("", "")
     assert not r.config.temporal_tls  # no key: plaintext unless the queue says otherwise
+    assert queues.default_temporal_key_withheld(q.spec, settings)  # TemporalReachable=False says so
+    assert not queues.default_temporal_key_withheld(queue().spec, settings)
+    assert not queues.default_temporal_key_withheld(q.spec, Settings())
 
 
 @pytest.mark.parametrize(("secrets", "reason", "message"), [

@@ -223,6 +223,12 @@ def default_temporal_key(spec: spec_.WorkerQueueSpec,
     return settings.temporal_api_key_secret
 
 
+def default_temporal_key_withheld(spec: spec_.WorkerQueueSpec, settings: settings_.Settings) -> bool:
+    """Whether the operator has a default Temporal key that this queue does not get (its own host)."""
+    return (settings.temporal_api_key_secret is not None and spec.temporal.api_key_secret_ref is None
+            and default_temporal_key(spec, settings) is None)
+
+
 def default_litellm_key(spec: spec_.WorkerQueueSpec,
                         settings: settings_.Settings) -> settings_.NamespacedSecretKeyRef | None:
     """The operator-wide LiteLLM API key, on the terms of default_temporal_key: for the operator's URL only."""

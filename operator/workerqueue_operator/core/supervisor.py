@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import pydantic
 
+from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
-from workerqueue_operator.core import workers
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
@@ -582,6 +582,10 @@ class Supervisor:
         except temporal_.TemporalUnavailable as exc:
             demand = workers.Demand(backlog=None)
             probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
+            queue = self._store.queue(key)
+            if queue is not None and queues.default_temporal_key_withheld(queue.spec, self._settings):
+                probe.message += ("; the operator's default Temporal API key is not sent to a queue's own host: "
+                                  "name one in spec.temporal.apiKeySecretRef")
         except Exception:
             logger.exception("probing the Temporal of %s/%s failed", *key)
             demand = workers.Demand(backlog=None)
