@@ -552,6 +552,7 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"worker": {"template": {"metadata": {"labels": ["a"]}}}}, "spec.worker.template.metadata.labels: Invalid value"),
     ({"worker": {"template": {"spec": {"containers": [{"image": "x"}]}}}},
      "spec.worker.template.spec.containers[0].name: Required value"),
+    ({"worker": {"template": {"spec": {"hostNetwork": True}}}}, "worker pods cannot use hostNetwork"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",

@@ -383,10 +383,11 @@ def test_the_operator_wide_template_adds_the_worker_to_sidecars_and_keeps_an_ima
 
 
 def test_a_queue_template_replaces_the_operator_wide_one():
-    template = {"spec": {"containers": [{"name": "w", "image": "img:1"}]}}
+    template = {"spec": {"containers": [{"name": "w", "image": "img:1"}], "hostNetwork": False}}
     body = build_default(Settings(worker_pod_template=RESTRICTED), worker={"template": template})
     assert "nodeSelector" not in body["spec"] and "securityContext" not in body["spec"]
     assert [c["name"] for c in body["spec"]["containers"]] == ["w"]
+    assert body["spec"]["hostNetwork"] is False  # as written: a field the operator types keeps its name
 
 
 @pytest.mark.parametrize(("template", "words"), [
@@ -397,6 +398,7 @@ def test_a_queue_template_replaces_the_operator_wide_one():
     ({"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}, r"spec.containers.0.env\n.*valid list"),
     ({"metadata": {"labels": ["a"]}}, r"metadata.labels\n.*valid dictionary"),
     ({"metadata": {"annotations": {"a": 1}}}, r"metadata.annotations.a\n.*valid string"),
+    ({"spec": {"hostNetwork": True}}, "worker pods cannot use hostNetwork"),
 ])
 def test_a_malformed_operator_wide_template_is_refused_at_start_up(template, words):
     with pytest.raises(ValueError, match=words):

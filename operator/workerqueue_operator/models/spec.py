@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
@@ -192,10 +192,28 @@ class TemplateContainer(_Open):
     env: list[TemplateEnvVar] | None = None
 
 
+_NO_HOST_NETWORK = ("worker pods cannot use hostNetwork: the node's name would be their hostname, so their "
+                    "workers' Temporal identity, and the operator would never tell them their executions")
+
+
 class TemplatePodSpec(_Open):
     """A PodSpec."""
 
+    model_config = ConfigDict(json_schema_extra={
+        "x-kubernetes-preserve-unknown-fields": True,
+        "x-kubernetes-validations": [cel("!has(self.hostNetwork) || self.hostNetwork != true", _NO_HOST_NETWORK)],
+    })
+
     containers: list[TemplateContainer] | None = None
+    host_network: bool | None = Field(default=None, alias="hostNetwork")
+    """Must not be true: a worker is known by the hostname its pod is given."""
+
+    @field_validator("host_network")
+    @classmethod
+    def _no_host_network(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError(_NO_HOST_NETWORK)  # the operator-wide template is checked so too
+        return value
 
 
 class TemplateMetadata(_Open):
@@ -214,7 +232,7 @@ class PodTemplate(_Open):
 
     def body(self) -> dict[str, Any]:
         """The template as it was written."""
-        return self.model_dump(exclude_unset=True)
+        return self.model_dump(exclude_unset=True, by_alias=True)
 
 
 class WorkerPodSpec(_Model):
