@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from workerqueue_operator.core import executions
@@ -159,6 +160,47 @@ async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
         assert read_now.holder is None and not read_now.holder_unread  # nobody took it
     finally:
         await fresh.close()
+
+
+async def test_a_known_holder_is_told_however_slow_the_other_reads_and_a_refused_read_is_unread(
+    temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
+):
+    """A worker's finished execution, its holder cached, queued behind the reads of a backlog (each
+    slow) was cut at half the timeout like them: the worker was never told it finished. A read the
+    server refuses (rate-limited) failed the whole listing, and every worker of the queue got 503."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    done = f"done-{uuid.uuid4().hex[:8]}"
+    async with worker(client, tq, "7@pod-x"):
+        await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1}, id=done, task_queue=tq)
+
+    async def read_done() -> bool:
+        found = await access.executions(endpoint(temporal), tq)
+        return any(e.id == done and e.holder == "7@pod-x" for e in found)
+    await eventually(read_done)  # listed, and its holder known (cached)
+    waiting = f"waiting-{uuid.uuid4().hex[:8]}"
+    await client.start_workflow("AgentExecutionWorkflow", {}, id=waiting, task_queue=tq)  # nobody takes it
+    await eventually(lambda: _lists(access, temporal, tq, waiting))
+    read = Temporal._holder
+
+    async def slow(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.5)  # past half the timeout (2 s)
+        return await read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Temporal, "_holder", slow)
+    found = {e.id: e for e in await access.executions(endpoint(temporal), tq)}
+    assert found[done].holder == "7@pod-x" and not found[done].holder_unread
+    assert found[waiting].holder_unread  # the slow one: unknown this time
+
+    async def refused(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        raise RPCError("rate limited", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+
+    monkeypatch.setattr(Temporal, "_holder", refused)
+    found = {e.id: e for e in await access.executions(endpoint(temporal), tq)}
+    assert found[waiting].holder_unread and found[done].holder == "7@pod-x"
+
+
+async def _lists(access: Temporal, temporal: TemporalServer, tq: str, workflow_id: str) -> bool:
+    return any(e.id == workflow_id for e in await access.executions(endpoint(temporal), tq))
 
 
 async def test_concurrent_listings_are_coalesced(temporal: TemporalServer, monkeypatch: pytest.MonkeyPatch):

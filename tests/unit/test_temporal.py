@@ -13,7 +13,15 @@ import pytest
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as S
 
-from workerqueue_operator.core.temporal import Endpoint, Execution, Temporal, TemporalUnavailable, rfc3339, status_of
+from workerqueue_operator.core.temporal import (
+    HOLDERS_PER_TASK_QUEUE,
+    Endpoint,
+    Execution,
+    Temporal,
+    TemporalUnavailable,
+    rfc3339,
+    status_of,
+)
 
 
 @pytest.mark.parametrize(("status", "expected"), [
@@ -173,3 +181,18 @@ async def test_a_client_no_call_uses_any_more_is_let_go(monkeypatch: pytest.Monk
     await temporal._client(new)  # the old one idle for 0.25 s by now
     assert list(temporal._clients) == [new.key] and dialled == ["old-key", "new-key"]
     await temporal.close()
+
+
+async def test_the_holder_cache_grows_with_the_task_queues_listed():
+    """Listings of many queues taking turns pushed each other's holders out of a fixed-size LRU (a
+    little smaller than their sum keeps none): every listing read every history again."""
+    access = Temporal(holder_cache_size=100)
+    try:
+        assert access._holder_capacity() == 100
+        for i in range(3):
+            access._listed(Endpoint(host="t:7233", namespace="n"), f"tq-{i}")
+        assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
+        access._listed(Endpoint(host="t:7233", namespace="n"), "tq-0")  # listed again: one of the three
+        assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
+    finally:
+        await access.close()

@@ -48,7 +48,12 @@ CLIENT_IDLE_SECONDS = 600.0
 """A client no call has used for this long is let go: an API key rotated, a queue deleted, would
 otherwise leave its connection open, with the old key, for the life of the process."""
 HOLDER_CACHE_SIZE = 10_000
-"""Workflow runs whose holder is remembered (LRU); a run's first worker never changes."""
+"""Workflow runs whose holder is remembered (LRU) at least; a run's first worker never changes."""
+HOLDERS_PER_TASK_QUEUE = 150
+"""...and this many per task queue listed in the last HOLDER_QUEUES_SECONDS: a worker listing shows a
+queue's ~100 latest closed runs and its running ones, and listings of many queues taking turns would
+otherwise push each other's out (an LRU a little smaller than their sum keeps none)."""
+HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8  # concurrent history reads per listing
 _DESCRIBES = 32  # concurrent DescribeWorkflowExecution calls of activity_workers (only before a scale-down)
@@ -177,6 +182,9 @@ class Temporal:
         self._listings: dict[_ListingKey, tuple[asyncio.Task[list[Execution]], list[float]]] = {}
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
+        self._listed_task_queues: dict[tuple[str, str, str], float] = {}
+        """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
+        self._listed_pruned = 0.0
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
                          running: bool = False, taken_first: bool = False) -> list[Execution]:
@@ -389,16 +397,22 @@ class Temporal:
             runs = sorted(going, key=_start_key) + sorted(over, key=_close_key, reverse=True)[: max(limit, 0)]
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
+        self._listed(endpoint, task_queue)
         gate = asyncio.Semaphore(_HISTORY_READS)
 
-        async def holder(wf: Any) -> _Holder:
+        async def holder(wf: Any) -> _Holder | None:
+            known = self._known_holder(endpoint, wf.id, wf.run_id)
+            if known is not None:
+                return known  # not behind the reads: a slow backlog must not hide what is known
             async with gate:
                 try:
                     return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
                 except RPCError as e:
-                    if e.status != RPCStatusCode.NOT_FOUND:
-                        raise
-                    return _Holder(None, None)  # gone since it was listed (retention)
+                    if e.status == RPCStatusCode.NOT_FOUND:
+                        return _Holder(None, None)  # gone since it was listed (retention)
+                    # One read refused (rate-limited, say) is one holder unknown, not a listing lost.
+                    logger.debug("reading the history of %s in %s failed: %s", wf.id, endpoint, e.status)
+                    return None
 
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout shows without a holder this time and is read on a later listing.
@@ -408,7 +422,7 @@ class Temporal:
             for read in pending:
                 read.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        holders = [r.result() if not r.cancelled() else None for r in reads]
+        holders: list[_Holder | None] = [r.result() if not r.cancelled() else None for r in reads]
         return [
             Execution(
                 id=wf.id,
@@ -425,13 +439,32 @@ class Temporal:
             for wf, h in zip(runs, holders, strict=True)
         ]
 
-    async def _holder(self, client: Client, endpoint: Endpoint, workflow_id: str, run_id: str, *,
-                      closed: bool) -> _Holder:
-        """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
+    def _listed(self, endpoint: Endpoint, task_queue: str) -> None:
+        """Notes a listing of the task queue; the holder cache is sized by how many are listed."""
+        now = asyncio.get_running_loop().time()
+        self._listed_task_queues[(endpoint.host, endpoint.namespace, task_queue)] = now
+        if now - self._listed_pruned > 60.0:  # once a minute: 10,000 queues cost no scan per listing
+            self._listed_pruned = now
+            for listed, when in list(self._listed_task_queues.items()):
+                if now - when > HOLDER_QUEUES_SECONDS:
+                    del self._listed_task_queues[listed]
+
+    def _holder_capacity(self) -> int:
+        return max(self._holder_cache_size, HOLDERS_PER_TASK_QUEUE * len(self._listed_task_queues))
+
+    def _known_holder(self, endpoint: Endpoint, workflow_id: str, run_id: str) -> _Holder | None:
         key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
         cached = self._holders.get(key)
         if cached is not None:
             self._holders.move_to_end(key)
+        return cached
+
+    async def _holder(self, client: Client, endpoint: Endpoint, workflow_id: str, run_id: str, *,
+                      closed: bool) -> _Holder:
+        """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
+        key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
+        cached = self._known_holder(endpoint, workflow_id, run_id)
+        if cached is not None:
             return cached
         found = _Holder(None, None)
         token = b""
@@ -457,7 +490,8 @@ class Temporal:
         # A run nobody took yet may still be taken; a closed one, or one with a holder, is settled.
         if found.identity is not None or closed:
             self._holders[key] = found
-            while len(self._holders) > self._holder_cache_size:
+            capacity = self._holder_capacity()
+            while len(self._holders) > capacity:
                 self._holders.popitem(last=False)
         return found
 
