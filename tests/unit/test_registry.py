@@ -129,6 +129,20 @@ def test_a_worker_is_not_told_its_execution_finished_while_a_running_ones_holder
     assert (entry["id"], entry["status"]) == ("e2", "completed")
 
 
+def test_a_worker_is_shown_nothing_while_an_earlier_execution_may_be_its_own_unread():
+    """It took x, then y, moments apart (a burst). Shown y while x was unread, then x once read, it
+    waited for y, which it never saw again, until its 1,800-s give-up."""
+    x = execution("x", "running", "5@q1-w1", "2026-01-01T00:05:00Z")
+    y = execution("y", "running", "5@q1-w1", "2026-01-01T00:05:01Z")
+    assert executions.worker_view([y, dataclasses.replace(x, holder=None, holder_unread=True)], hostname="q1-w1") == []
+    (entry,) = executions.worker_view([y, x], hostname="q1-w1")
+    assert entry["id"] == "x"
+    # One begun after its first was taken cannot come before it: the first is shown (running).
+    later = dataclasses.replace(execution("z", "running", None, "2026-01-01T00:06:00Z"), holder_unread=True)
+    (entry,) = executions.worker_view([later, x], hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("x", "running")
+
+
 def test_a_hostname_matches_the_whole_host_part_only():
     assert not executions.held_by(execution("x", "running", "1@q1-w10", "t"), "q1-w1")
 

@@ -6,7 +6,8 @@ waiting_for_input, and exits once that one reads completed, failed or cancelled 
 first execution anyone ran. A worker therefore sees only the executions it holds (those whose first
 workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded into one entry:
 
-- nothing held yet: an empty list, so it keeps waiting for work;
+- nothing held yet: an empty list, so it keeps waiting for work; so too while an execution whose
+  holder is not read yet began before its first was taken (it may be an earlier one of its own);
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
   Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
   led to exit then), or while a running one's holder is not known yet, and is that execution's own
@@ -54,6 +55,12 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
     if not held:
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))
+    taken = times.parse_or_none(first.started_at or first.created_at)
+    if taken is not None and any(e.holder_unread and (times.parse_or_none(e.created_at) or 0.0) <= taken
+                                 for e in executions):
+        # One not read yet may be an earlier one of its own: shown this one now and that one once read,
+        # the worker would wait for the first it saw, which it never sees again.
+        return []
     entry = first.to_json()
     # A running execution whose history was not read in time (a burst, a cold cache) may be this
     # worker's: until it is read, what the worker holds is not told finished, or it would exit with
