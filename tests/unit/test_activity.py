@@ -70,3 +70,60 @@ def test_a_stopping_replica_stands_down_whatever_the_peering_says():
         assert not activity.is_active() and heard == [False]
         activity.observed(("", "wq"), {"status": {}})  # kopf has left the peering object: still nothing to do
         assert not activity.is_active() and heard == [False]
+
+
+async def test_a_standby_keeps_nothing_per_queue_that_churn_would_grow():
+    """A standby (for weeks, with peering) made a probe timeline entry for every queue made or edited,
+    and a live-count mark for every queue a worker came or went from, deleted ones included; it
+    writes none of them. It audits and schedules every queue when it becomes the active one."""
+    import kubernetes
+
+    from tests.unit.factories import queue
+    from workerqueue_operator.core import registry as registry_
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.reconciler import LiveStatus
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: NOW)
+    store = Store(settings=Settings())
+    registry = registry_.Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    supervisor = Supervisor(store=store, client=kube, settings=Settings(), events=EventPoster(kube),
+                            activity=activity, registry=registry)
+    live = LiveStatus(store=store, registry=registry, client=kube, activity=activity)
+    for i in range(50):
+        made = queue(f"gone-{i}")
+        supervisor.queue_changed(made)
+        registry.register(made, f"w-{i}")
+        supervisor.queue_deleted(made.key)
+    kept = queue("kept")
+    supervisor.queue_changed(kept)
+    assert supervisor._timeline == [] and live._dirty == {}
+
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
+    assert activity.is_active()
+    assert [entry[2] for entry in supervisor._timeline] == [kept.key]
+    await kube.close()
+
+
+async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
+    import kubernetes
+
+    from tests.unit.factories import queue
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: the queue is gone
+    supervisor = Supervisor(store=Store(settings=Settings()), client=kube, settings=Settings(),
+                            events=EventPoster(kube), activity=Activity(identity="me", priority=0))
+    key = queue("gone").key
+    supervisor._listed[key], supervisor._alive[key] = {"gone-w0"}, 1  # noted by a pass under way
+    await supervisor.reconcile(key)
+    assert key not in supervisor._listed and key not in supervisor._alive
+    await kube.close()

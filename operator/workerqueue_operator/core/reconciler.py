@@ -345,7 +345,11 @@ class LiveStatus:
         registry.subscribe(self._changed)
 
     def _changed(self, key: QueueKey) -> None:
-        self._dirty[key] = None
+        # Only the active replica writes: a standby marking every queue a worker came or went from
+        # would keep them all (deleted ones too) for as long as it stands by. It audits every queue
+        # when it becomes the active one instead.
+        if self._activity.is_active():
+            self._dirty[key] = None
 
     def due(self) -> list[QueueKey]:
         """The queues to write now: dirty, not written within `per_queue`, at most a period's budget."""
@@ -359,11 +363,16 @@ class LiveStatus:
         return chosen
 
     async def run(self) -> None:
+        # Not at once at start-up (the Lease watch fills the registry first), but at once on becoming
+        # the active one after standing by: what changed meanwhile was not marked.
+        was_active = True
         while True:
             await asyncio.sleep(self._period)
             if not self._activity.is_active():
-                continue  # kept dirty: written once this replica is the active one
-            if self._clock() - self._audited_at >= self._audit_every:
+                was_active = False
+                continue
+            if not was_active or self._clock() - self._audited_at >= self._audit_every:
+                was_active = True
                 self.audit()
             for key in self.due():
                 self._dirty.pop(key, None)

@@ -225,7 +225,11 @@ class Supervisor:
         self._written.clear()
         for probe in self._probes.values():
             probe.shown_known = False
+        # Made anew: a standby adds nothing to it (it would grow with every queue made meanwhile).
+        self._timeline.clear()
         if active:
+            for key, probe in self._probes.items():
+                self._at(key, probe, probe.due)
             for key in self._tracked:
                 self._queue.add(key)
 
@@ -250,6 +254,13 @@ class Supervisor:
     # --- the reconcile --------------------------------------------------------------------------
 
     async def reconcile(self, key: QueueKey) -> None:
+        try:
+            await self._reconcile(key)
+        finally:
+            if self._store.queue(key) is None:
+                self.queue_deleted(key)  # deleted meanwhile: what the pass noted of it goes too
+
+    async def _reconcile(self, key: QueueKey) -> None:
         if not self._activity.is_active():
             return  # only the active replica changes pods
         queue = self._store.queue(key)
@@ -478,6 +489,8 @@ class Supervisor:
         (time.monotonic()). Earlier requests stay in the heap and are dropped when they come up."""
         if not show:
             probe.due = when
+        if not self._activity.is_active():
+            return  # a standby probes nothing: the timeline is made from the probes when it becomes active
         self._seq += 1
         heapq.heappush(self._timeline, (when, self._seq, key, show))
 
@@ -600,7 +613,7 @@ class Supervisor:
         else:
             probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
         self._at(key, probe, time.monotonic() + probe.interval)
-        if scaling:
+        if scaling and self._probes.get(key) is probe:  # not written back for a queue deleted meanwhile
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
             if before is None or before != demand or not before.fresh(self._clock()):
