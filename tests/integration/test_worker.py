@@ -208,8 +208,11 @@ async def test_signals_stop_it_without_a_disconnect(recorder: Recorder, tmp_path
     assert not recorder.of("POST", "/disconnect")
 
 
-async def test_failing_polls_give_up(recorder: Recorder, tmp_path: Path):
-    recorder.executions_status = 404
+@pytest.mark.parametrize("status", [404, 200])
+async def test_polls_give_up_after_the_give_up_time_whatever_they_answer(recorder: Recorder, tmp_path: Path,
+                                                                        status: int):
+    # The real worker's monitor runs 30 minutes at most, failing polls or not (200 with nothing held).
+    recorder.executions_status = status
     with worker_process(recorder, tmp_path, SINGLE_EXECUTION="true", EXECUTIONS_GIVE_UP_SECONDS="3") as worker:
         assert await exited(worker, timeout=20) == 0
     assert len(recorder.of("GET", "/executions")) >= 2

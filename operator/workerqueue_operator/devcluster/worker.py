@@ -5,7 +5,7 @@
 Same environment as the real one (`KUBIYA_API_KEY`, `CONTROL_PLANE_URL`, `QUEUE_ID` required;
 `HEARTBEAT_INTERVAL`, `SINGLE_EXECUTION`, `TEMPORAL_HOST`, `HOSTNAME`), same calls, cadence, exit
 rule and Temporal identity; its workflows (devcluster/workflows.py) need no LLM. Two additions for
-tests: `EXECUTIONS_GIVE_UP_SECONDS` (default 1800) shortens how long failing executions polls go on;
+tests: `EXECUTIONS_GIVE_UP_SECONDS` (default 1800) shortens how long executions polls go on;
 `WORKFLOWS_PER_WORKER=N` makes its Temporal worker take at most N workflow tasks in its life, one
 at a time (default: no cap, like the real worker, which may take several workflows at once): with
 workflows that run in one task (input `local_activity: true`), N workflows, for scenarios where
@@ -14,8 +14,9 @@ each pod must turn over after one workflow.
 Where the real worker's behaviour is not pinned down by the protocol, this one:
 - sends its first heartbeat as soon as its Temporal worker runs, then every HEARTBEAT_INTERVAL s;
   `status` is "busy" while an activity runs, else "active";
-- after 1,800 s of executions polls that all failed, gives up and shuts down as after its task
-  (stop the Temporal worker, disconnect `shutdown`, exit 0);
+- gives up 1,800 s after its executions polls began, whatever they answered (as the real worker's
+  monitor does: 30 minutes at most), and shuts down as after its task (stop the Temporal worker,
+  disconnect `shutdown`, exit 0);
 - exits 0 on SIGINT (no disconnect) and dies of SIGTERM at once (the default action, no disconnect).
 """
 
@@ -235,11 +236,11 @@ class WorkerProcess:
             await asyncio.sleep(self.config.heartbeat_interval)
 
     async def poll_executions(self) -> None:
-        """Returns once the latched execution is over, or after polls failed for `give_up_seconds`."""
+        """Returns once the latched execution is over, or `give_up_seconds` after the polls began."""
         url = (f"{self.config.control_plane_url}/api/v1/worker-queues/{self.config.queue_id}/executions"
                "?limit=5&status=all")
         latch = Latch()
-        failing_since: float | None = None
+        began = time.monotonic()
         while True:
             executions: list[Any] | None = None
             try:
@@ -251,16 +252,12 @@ class WorkerProcess:
                         logger.warning("executions poll answered %d: %s", r.status, (await r.text())[:300])
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 logger.warning("executions poll failed: %s", e)
-            if executions is None:
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since >= self.config.give_up_seconds:
-                    logger.warning("executions polls failed for %.0fs: giving up", self.config.give_up_seconds)
-                    return
-            else:
-                failing_since = None
-                if latch.feed(executions):
-                    logger.info("execution %s is over", latch.execution_id)
-                    return
+            if executions is not None and latch.feed(executions):
+                logger.info("execution %s is over", latch.execution_id)
+                return
+            if time.monotonic() - began >= self.config.give_up_seconds:
+                logger.warning("no execution over within %.0fs: giving up", self.config.give_up_seconds)
+                return
             await asyncio.sleep(POLL_SECONDS)
 
     async def disconnect(self, reason: str, exit_code: int, error_message: str | None) -> None:
