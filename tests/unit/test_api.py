@@ -222,7 +222,7 @@ async def test_openapi_lists_every_answer_of_start(client: TestClient):
 
 
 async def test_wrong_method_is_405_with_allow(client: TestClient):
-    # (Another method on an /api/v1/ path is passed through to the queue's upstream instead.)
+    # (Another method on any other /api/v1/ path is passed through to the queue's upstream instead.)
     for path in ("/healthz", "/openapi.json"):
         r = await client.post(path)
         assert (r.status, await r.json()) == (405, {"detail": "Method Not Allowed"})

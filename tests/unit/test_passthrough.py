@@ -647,6 +647,23 @@ async def test_an_answer_that_comes_after_its_token_was_revoked_is_broken_off(
         await (await client.get(path, headers={"Authorization": "Bearer tok-a"})).read()
 
 
+async def test_another_method_on_a_route_the_operator_serves_is_405_never_passed_through(
+        hub: tuple[Store, TestClient], upstream: TestServer):
+    """A GET of /start or a heartbeat, with a queue token, went to the upstream with the organization's
+    key (and without an upstream was a 404): the operator's own routes answer as aiohttp and FastAPI do."""
+    _, client = hub
+    for method, path, allow in (("GET", "/api/v1/worker-queues/q-a/start", "POST"),
+                                ("GET", "/api/v1/workers/w-1/heartbeat", "POST"),
+                                ("PUT", "/api/v1/workers/w-1/disconnect", "POST"),
+                                ("POST", "/api/v1/worker-queues/q-a/executions", "GET, HEAD")):
+        r = await client.request(method, path, headers={"Authorization": "Bearer tok-a"})
+        assert (r.status, await r.json(), r.headers.get("Allow")) == (405, {"detail": "Method Not Allowed"}, allow)
+    assert upstream.app[standin.RECEIVED] == []
+    # The queue itself is the operator's to DELETE only: the rest of it is the upstream's.
+    got = await echoed(await client.get("/api/v1/worker-queues/q-a", headers={"Authorization": "Bearer tok-a"}))
+    assert got["method"] == "GET"
+
+
 @contextlib.asynccontextmanager
 async def relaying(upstream: TestServer) -> AsyncIterator[tuple[TestServer, aiohttp.ClientWebSocketResponse]]:
     """A server with default settings (shut down by the test) and a worker's websocket relayed to `upstream`."""

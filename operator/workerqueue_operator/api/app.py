@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -196,6 +197,17 @@ def _failure(request: web.Request, exc: Exception, log: logs.Throttled) -> tuple
     return errors.detail(500, "Internal Server Error"), 500
 
 
+def _owned(app: web.Application) -> list[tuple[re.Pattern[str], str]]:
+    """The /api/v1 routes the operator serves and their methods, but the queue itself: other calls
+    on it (a GET, say) are the upstream's."""
+    owned = []
+    for resource in app.router.resources():
+        pattern = resource.get_info().get("pattern")
+        if resource.canonical.startswith("/api/v1/") and resource.canonical != workers.QUEUE_ROUTE and pattern:
+            owned.append((pattern, ", ".join(sorted({route.method for route in resource}))))
+    return owned
+
+
 def make_app(
     *,
     store: Store,
@@ -261,7 +273,7 @@ def make_app(
     app.router.add_get("/openapi.json", openapi_json)
     # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
     # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
-    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS])
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS], owned=_owned(app))
     app.cleanup_ctx.append(forwarder.session_context)
     app.on_shutdown.append(forwarder.close_websockets)
     app.router.add_route("*", passthrough.ROUTE, forwarder.handle)

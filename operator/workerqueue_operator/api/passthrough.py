@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import unquote
@@ -205,7 +205,11 @@ def _describe(cause: BaseException) -> str:
 class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
-    def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics) -> None:
+    def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics,
+                 owned: Sequence[tuple[re.Pattern[str], str]] = ()) -> None:
+        self._owned = tuple(owned)
+        """Paths the operator serves (pattern, the methods it allows there): another method is a 405
+        with `Allow`, as aiohttp (and FastAPI) answer it, never a request passed through."""
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -253,6 +257,9 @@ class Passthrough:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not stays_under(request.raw_path):
             return errors.detail(400, "The request target must be a path under /api/v1/")
+        for pattern, allow in self._owned:
+            if pattern.fullmatch(request.path):
+                return errors.detail(405, "Method Not Allowed", headers={"Allow": allow})
         route = self._route(request)
         if isinstance(route, web.Response):
             return route
