@@ -80,6 +80,11 @@ async def test_wrong_types_get_fastapi_shaped_errors(client: TestClient):
     assert {tuple(e["loc"]) for e in errors} == {("body", "worker_sdk_version"), ("body", "system_info", "pid")}
     assert {e["type"] for e in errors} == {"string_type", "int_parsing"}
     assert all({"type", "loc", "msg", "input"} <= set(e) for e in errors)
+    # Not an object where one is wanted: FastAPI validates from attributes, and says so.
+    for body in ([], {"system_info": "x"}):
+        r = await client.post(START.format("q-1"), json=body, headers=AUTH)
+        (error,) = (await r.json())["detail"]
+        assert (r.status, error["type"]) == (422, "model_attributes_type") and "ctx" not in error
 
 
 async def test_body_over_one_mebibyte_is_413(client: TestClient):
@@ -494,3 +499,26 @@ async def test_a_draining_replica_is_unready_and_closes_each_connection_after_it
     assert started.status == 200 and started.headers["Connection"] == "close"
     missing = await client.get("/nope")
     assert missing.status == 404 and missing.headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("", (50, "all")), ("limit=5&status=all", (5, "all")), ("limit=5.0", (5, "all")),
+    ("limit=5&limit=7", (7, "all")),  # the last, as Starlette reads a repeated parameter
+])
+def test_the_executions_query_is_read_as_fastapi_reads_it(query: str, expected: tuple[int, str]):
+    from aiohttp.test_utils import make_mocked_request
+
+    from workerqueue_operator.api import workers
+    assert workers._query(make_mocked_request("GET", f"/api/v1/worker-queues/q/executions?{query}")) == expected
+
+
+@pytest.mark.parametrize(("query", "kind"), [("limit=x", "int_parsing"), ("limit=5&limit=500", "less_than_equal"),
+                                             ("limit=0", "greater_than_equal"), ("limit=%D9%A5", "int_parsing")])
+async def test_a_bad_executions_limit_is_422_as_fastapi_says_it(query: str, kind: str):
+    from aiohttp.test_utils import make_mocked_request
+
+    from workerqueue_operator.api import workers
+    answer = workers._query(make_mocked_request("GET", f"/api/v1/worker-queues/q/executions?{query}"))
+    assert not isinstance(answer, tuple) and answer.status == 422
+    (error,) = json.loads(answer.body)["detail"]  # type: ignore[arg-type]
+    assert (error["type"], error["loc"]) == (kind, ["query", "limit"])

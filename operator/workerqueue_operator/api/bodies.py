@@ -73,7 +73,7 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
     try:
         if _SURROGATE_ESCAPE.search(raw):
             parsed = _without_lone_surrogates(parsed)
-        return model.model_validate(parsed)
+        return model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: its error types
     except ValidationError as exc:
         return errors.unprocessable(errors.validation_errors(exc))
     except RecursionError:  # JSON that the parser took, but nested too deeply to validate

@@ -4,8 +4,9 @@ and DELETE of a queue. Each route: authenticate, read the body, find the object,
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 from aiohttp import web
 
 from workerqueue_operator.api import bodies, callers, errors
@@ -167,23 +168,20 @@ async def list_workers(request: web.Request) -> web.Response:
     return web.json_response([w.info() for w in live])
 
 
+_LIMIT: pydantic.TypeAdapter[int] = pydantic.TypeAdapter(Annotated[int, pydantic.Field(ge=1, le=MAX_LIMIT)])
+
+
 def _query(request: web.Request) -> tuple[int, str] | web.Response:
     """`limit` and `status`, checked as FastAPI checks query parameters."""
     problems: list[dict[str, Any]] = []
-    raw_limit = request.query.get("limit", "50")
+    given = request.query.getall("limit", [])
+    raw_limit = given[-1] if given else "50"  # the last one, as Starlette reads a repeated parameter
+    limit = 0
     try:
-        limit = int(raw_limit)
-    except ValueError:
-        limit = 0
-        problems.append({"type": "int_parsing", "loc": ["query", "limit"], "input": raw_limit,
-                         "msg": "Input should be a valid integer, unable to parse string as an integer"})
-    else:
-        if not 1 <= limit <= MAX_LIMIT:
-            problems.append({"type": "less_than_equal" if limit > MAX_LIMIT else "greater_than_equal",
-                             "loc": ["query", "limit"], "input": raw_limit,
-                             "msg": f"Input should be {'less' if limit > MAX_LIMIT else 'greater'} than or equal "
-                             f"to {MAX_LIMIT if limit > MAX_LIMIT else 1}",
-                             "ctx": {"le": MAX_LIMIT} if limit > MAX_LIMIT else {"ge": 1}})
+        # pydantic's own parsing, as FastAPI's: "5.0" is 5, and a digit of another script no number.
+        limit = _LIMIT.validate_python(raw_limit)
+    except pydantic.ValidationError as exc:
+        problems += [{**error, "loc": ["query", "limit"]} for error in errors.validation_errors(exc)]
     status = request.query.get("status", "all")
     if status != "all" and status not in executions.STATUSES:
         problems.append({"type": "enum", "loc": ["query", "status"], "input": status,
