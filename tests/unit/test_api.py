@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
@@ -522,3 +523,23 @@ async def test_a_bad_executions_limit_is_422_as_fastapi_says_it(query: str, kind
     assert not isinstance(answer, tuple) and answer.status == 422
     (error,) = json.loads(answer.body)["detail"]  # type: ignore[arg-type]
     assert (error["type"], error["loc"]) == (kind, ["query", "limit"])
+
+
+async def test_a_start_that_outlives_its_queue_leaves_no_metric_series(client: TestClient,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    """The queue deleted while /start awaited (a SubjectAccessReview, a slot claim): its series had
+    gone with it, and the start made it again, for good."""
+    from workerqueue_operator.api import callers
+    from workerqueue_operator.api.keys import STORE
+
+    authorize = callers.authorize
+
+    async def deleted_meanwhile(request: web.Request, *args: object, **kwargs: object) -> web.Response | None:
+        allowed = await authorize(request, *args, **kwargs)  # type: ignore[arg-type]
+        request.app[STORE].remove_queue(("team-a", "q1"))  # while the review was awaited
+        return allowed
+
+    monkeypatch.setattr(callers, "authorize", deleted_meanwhile)
+    r = await client.post(START.format("q-1"), headers=AUTH)
+    assert r.status == 200, await r.text()
+    assert 'queue="q1"' not in await (await client.get("/metrics")).text()
