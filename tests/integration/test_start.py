@@ -161,7 +161,7 @@ def test_error_answers(operator: OperatorProcess, kube: Kube, namespace: str, co
 
     url = f"{operator.url}/api/v1/worker-queues/a-{namespace}/start"
     for payload, kind in ((b"{not json", "json_invalid"), (b'{"system_info": {"pid": "many"}}', "int_parsing"),
-                          (b"[1]", "model_type")):
+                          (b"[1]", "model_attributes_type")):  # validated from attributes, as FastAPI does
         r = http("POST", url, body=payload, token=token_a)
         assert r.status == 422, payload
         jsonschema.validate(r.json(), schema_of(contract, "HTTPValidationError"))
