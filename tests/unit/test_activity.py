@@ -106,6 +106,9 @@ async def test_a_standby_keeps_nothing_per_queue_that_churn_would_grow():
     activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
     assert activity.is_active()
     assert [entry[2] for entry in supervisor._timeline] == [kept.key]
+    assert live._audit_due  # every queue's count compared at its next pass
+    registry.register(kept, "w-kept")
+    assert live._dirty == {kept.key: None}
     await kube.close()
 
 

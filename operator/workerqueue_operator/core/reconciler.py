@@ -342,13 +342,20 @@ class LiveStatus:
         self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
         self._written_at: dict[QueueKey, float] = {}  # only within per_queue: older ones are dropped
         self._sent: dict[QueueKey, int] = {}  # the count last written, until the watch shows it
-        registry.subscribe(self._changed)
-
-    def _changed(self, key: QueueKey) -> None:
         # Only the active replica writes: a standby marking every queue a worker came or went from
         # would keep them all (deleted ones too) for as long as it stands by. It audits every queue
-        # when it becomes the active one instead.
-        if self._activity.is_active():
+        # once it is told it is the active one instead. As told, not asked: asked, the peering is
+        # read again, and this is on the path of every /start.
+        self._marking = activity.is_active()
+        self._audit_due = False  # not at start-up: the Lease watch fills the registry first
+        activity.subscribe(self._activity_changed)
+        registry.subscribe(self._changed)
+
+    def _activity_changed(self, active: bool) -> None:
+        self._marking = self._audit_due = active
+
+    def _changed(self, key: QueueKey) -> None:
+        if self._marking:
             self._dirty[key] = None
 
     def due(self) -> list[QueueKey]:
@@ -363,16 +370,12 @@ class LiveStatus:
         return chosen
 
     async def run(self) -> None:
-        # Not at once at start-up (the Lease watch fills the registry first), but at once on becoming
-        # the active one after standing by: what changed meanwhile was not marked.
-        was_active = True
         while True:
             await asyncio.sleep(self._period)
             if not self._activity.is_active():
-                was_active = False
                 continue
-            if not was_active or self._clock() - self._audited_at >= self._audit_every:
-                was_active = True
+            if self._audit_due or self._clock() - self._audited_at >= self._audit_every:
+                self._audit_due = False  # what changed while it stood by was not marked
                 self.audit()
             for key in self.due():
                 self._dirty.pop(key, None)
