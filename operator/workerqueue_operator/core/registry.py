@@ -680,15 +680,17 @@ class Registry:
         found = worker_from_lease(current, seen_at=0.0)
         if found is None:
             return None  # not a registration: not ours to take
-        return await self._replace(body, found, expired_only=True)
+        return await self._replace(body, found, expired_only=True, current=current)
 
-    async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool) -> dict[str, Any] | None:
+    async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool,
+                       current: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Takes over a slot; None if it changed meanwhile (another claimant won) or, `expired_only`,
         if the Lease shows a renewal that keeps its holder alive (written by the other replica, which
-        heard a heartbeat the watch has not brought here yet)."""
+        heard a heartbeat the watch has not brought here yet). `current`: the Lease just read, if so."""
         meta = body["metadata"]
-        current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                             timeout=API_TIMEOUT)
+        if current is None:
+            current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                                 timeout=API_TIMEOUT)
         stored = worker_from_lease(current, seen_at=0.0)
         if stored is None or stored.worker_id != holder.worker_id:
             return None

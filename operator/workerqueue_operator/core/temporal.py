@@ -463,6 +463,7 @@ class Temporal:
                       closed: bool) -> _Holder:
         """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
         key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
+        # Asked again: a listing alongside may have read it while this one waited at the gate.
         cached = self._known_holder(endpoint, workflow_id, run_id)
         if cached is not None:
             return cached
