@@ -600,7 +600,7 @@ def test_ephemeral_is_immutable(kube: Kube, namespace: str):
 def test_the_temporal_task_queue_is_immutable(kubectl, kube: Kube, namespace: str, change: dict[str, Any]):
     """Running workers poll the task queue /start gave them: judged by a new one, busy workers were
     taken for idle and deleted (scaling), or never saw their execution end (single execution)."""
-    kube.create_queue(namespace, "tq", temporal={"host": "t:1", "namespace": "n"})
+    kube.create_queue(namespace, "tq", taskQueueName="tq-1", temporal={"host": "t:1", "namespace": "n"})
     with pytest.raises(k8s.ApiException) as info:
         kube.patch_queue(namespace, "tq", change)
     assert info.value.status == 422 and "the Temporal task queue" in info.value.body

@@ -61,6 +61,14 @@ class SecretRef(_Model):
     """Name of the Secret."""
 
 
+def immutable(message: str) -> dict[str, Any]:
+    """A field's own rule against changing its value. Kept on the field rather than on the object
+    holding it: the API server checks every rule on every write, status writes included, and a rule
+    on an object with many fields costs it a copy of their schemas at each field it reads."""
+    return {"x-kubernetes-validations": [cel("self == oldSelf", message)]}
+
+
+QUEUE_ID_IMMUTABLE = "queueId is immutable"
 TASK_QUEUE_IMMUTABLE = ("the Temporal task queue (temporal.host, temporal.namespace, taskQueueName) is immutable: "
                         "running workers cannot follow a change; make a new queue instead")
 
@@ -71,18 +79,17 @@ class TemporalSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                # `namespace` is a CEL keyword: the field is `__namespace__` to a rule.
-                cel("has(self.host) == has(oldSelf.host) && (!has(self.host) || self.host == oldSelf.host)"
-                    " && has(self.__namespace__) == has(oldSelf.__namespace__)"
-                    " && (!has(self.__namespace__) || self.__namespace__ == oldSelf.__namespace__)",
+                # `namespace` is a CEL keyword: the field is `__namespace__` to a rule. Only whether the
+                # fields are there is checked here; their values, by the fields' own rules (see _IMMUTABLE).
+                cel("has(self.host) == has(oldSelf.host) && has(self.__namespace__) == has(oldSelf.__namespace__)",
                     TASK_QUEUE_IMMUTABLE),
             ]
         }
     )
 
-    host: str | None = Field(default=None, max_length=1024)
+    host: str | None = Field(default=None, max_length=1024, json_schema_extra=immutable(TASK_QUEUE_IMMUTABLE))
     """Temporal frontend address, host:port (e.g. `my-ns.tmprl.cloud:7233`)."""
-    namespace: str | None = Field(default=None, max_length=256)
+    namespace: str | None = Field(default=None, max_length=256, json_schema_extra=immutable(TASK_QUEUE_IMMUTABLE))
     """Temporal namespace the workers poll."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Temporal API key; absent means the operator's default key on the
@@ -267,25 +274,20 @@ class WorkerQueueSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("has(self.queueId) == has(oldSelf.queueId)"
-                    " && (!has(self.queueId) || self.queueId == oldSelf.queueId)",
-                    "queueId is immutable"),
-                # An ephemeral queue's life counts from its creation (its workers' successes, its
-                # deadline): made ephemeral later, a queue that ran workers before was deleted at once.
-                cel("(has(self.ephemeral) && self.ephemeral) == (has(oldSelf.ephemeral) && oldSelf.ephemeral)",
-                    "ephemeral is immutable: make a new queue instead"),
+                # Whether the immutable fields are there; their values, by the fields' own rules.
+                cel("has(self.queueId) == has(oldSelf.queueId)", QUEUE_ID_IMMUTABLE),
                 # Running workers poll the task queue /start gave them and cannot follow a change; the
                 # operator, judging them by the new one, would take busy ones for idle and delete them.
-                cel("has(self.taskQueueName) == has(oldSelf.taskQueueName)"
-                    " && (!has(self.taskQueueName) || self.taskQueueName == oldSelf.taskQueueName)",
-                    TASK_QUEUE_IMMUTABLE),
+                cel("has(self.taskQueueName) == has(oldSelf.taskQueueName)", TASK_QUEUE_IMMUTABLE),
             ]
         }
     )
 
-    queue_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    queue_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                 json_schema_extra=immutable(QUEUE_ID_IMMUTABLE))
     """Queue id that workers pass to /start. Default: the object's metadata.uid. Immutable."""
-    task_queue_name: str | None = Field(default=None, min_length=1, max_length=256)
+    task_queue_name: str | None = Field(default=None, min_length=1, max_length=256,
+                                        json_schema_extra=immutable(TASK_QUEUE_IMMUTABLE))
     """Temporal task queue the workers poll. Default: the queue id. Immutable, as are temporal.host
     and temporal.namespace."""
     environment_name: str | None = Field(default=None, min_length=1, max_length=253)
@@ -303,7 +305,10 @@ class WorkerQueueSpec(_Model):
     operator runs at most this many worker pods at once."""
     suspend: bool = False
     """A suspended queue answers /start with 400 and gets no new worker pods."""
-    ephemeral: bool = False
+    # An ephemeral queue's life counts from its creation (its workers' successes, its deadline): made
+    # ephemeral later, a queue that ran workers before was deleted at once. Defaulted, so always there.
+    ephemeral: bool = Field(default=False,
+                            json_schema_extra=immutable("ephemeral is immutable: make a new queue instead"))
     """The queue is deleted once its workers have finished. Immutable."""
     single_execution: bool = False
     """Each worker runs one task and exits."""
