@@ -61,6 +61,25 @@ def test_a_failure_is_logged_without_the_url_or_what_the_upstream_sent(
     assert type(cause).__name__ in caplog.text
 
 
+def test_failure_reports_forget_quiet_upstreams_past_their_bound(caplog: pytest.LogCaptureFixture):
+    """Upstreams come and go with queues: the reports keep a bounded memory of them, and failures
+    counted for one that is forgotten are still reported."""
+    now = [0.0]
+    reporter = passthrough._Reporter(kept=3, clock=lambda: now[0])
+    cause = ConnectionRefusedError(111, "Connection refused")
+    reporter.failure("http://a.example", "unreachable", cause)
+    reporter.failure("http://a.example", "unreachable", cause)  # within the minute: counted
+    for i in range(100):
+        now[0] += 1.0
+        reporter.failure(f"http://up-{i}.example", "unreachable", cause)
+    assert len(reporter._last) <= 3 + 60  # those of the last minute, and no more than it
+    assert "http://a.example unreachable: 1 more failures since the last report" in caplog.text
+    # One reported within the minute is still remembered: its next failure is counted, not logged.
+    caplog.clear()
+    reporter.failure("http://up-99.example", "unreachable", cause)
+    assert "up-99" not in caplog.text
+
+
 def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
     incoming = [("Host", "operator:8080"), ("Authorization", "Bearer worker-token"),
                 ("Connection", "keep-alive, X-Hop"),

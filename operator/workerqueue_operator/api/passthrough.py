@@ -68,6 +68,8 @@ leave in one write instead of two, which is most of the hop's cost for the JSON 
 Anything longer, or of unknown length (server-sent events), is streamed."""
 _REPORT_EVERY = 60.0
 """Seconds between two warnings about the same upstream failing; the failures meanwhile are counted."""
+_REPORTS_KEPT = 256
+"""Upstreams remembered by the failure reports before the quiet ones are forgotten."""
 CLOSE_TIMEOUT_SECONDS = 5.0
 """On shutdown, how long proxied websockets get to take their close frame."""
 
@@ -170,15 +172,20 @@ class _Route:
 
 
 class _Reporter:
-    """One warning per upstream and kind a minute at most: a dead upstream must not flood the log."""
+    """One warning per upstream and kind a minute at most: a dead upstream must not flood the log.
 
-    def __init__(self) -> None:
+    Upstreams come and go with the queues naming them: past `kept` of them, those not reported on
+    within the minute are forgotten (their failures counted since are reported then)."""
+
+    def __init__(self, *, kept: int = _REPORTS_KEPT, clock: Callable[[], float] = time.monotonic) -> None:
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
+        self._kept = kept
+        self._clock = clock
 
     def failure(self, origin: str, kind: str, cause: BaseException) -> None:
         key = (origin, kind)
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last.get(key, -_REPORT_EVERY) < _REPORT_EVERY:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
@@ -186,6 +193,16 @@ class _Reporter:
         more = self._suppressed.pop(key, 0)
         logger.warning("upstream %s %s: %s%s", origin, kind, _describe(cause),
                        f" (and {more} more since the last report)" if more else "")
+        if len(self._last) > self._kept:
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        for key, last in list(self._last.items()):
+            if now - last >= _REPORT_EVERY:
+                del self._last[key]
+                more = self._suppressed.pop(key, 0)
+                if more:
+                    logger.warning("upstream %s %s: %d more failures since the last report", *key, more)
 
 
 def _describe(cause: BaseException) -> str:
