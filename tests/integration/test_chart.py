@@ -132,7 +132,7 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
                         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
         "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}],
     }}
-    pdb = {"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}
+    pdb = {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}}
     service_monitor = {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}}
     watch = {"watchNamespaces": list(scope.watched),
              "temporal": {"apiKeySecret": {"name": "temporal-default", "key": "api-key"}}}
@@ -217,6 +217,25 @@ def test_lint(helm: Helm, option: str):
     ({"extraConfig": {"temporal_api_key_secret": {"namespace": "ops", "name": "t", "key": "k"}}},
      "invalid propertyName 'temporal_api_key_secret'"),
     ({"extraConfig": {"http_drain_seconds": 60}}, "invalid propertyName 'http_drain_seconds'"),
+    # Set around the chart, the operator starts without the upstream's key and crash-loops.
+    ({"extraConfig": {"upstream_url": "https://api.example.com"}}, "invalid propertyName 'upstream_url'"),
+    # Env is read over the config file: the probes, the Service and the Roles would not follow.
+    ({"extraEnv": [{"name": "WQ_NAMESPACES", "value": "team-a"}]}, "/extraEnv/0/name"),
+    ({"extraEnv": [{"name": "WQ_HTTP_PORT", "value": "9090"}]}, "/extraEnv/0/name"),
+    # The Deployment selects its pods by the chart's labels: a second value breaks it.
+    ({"podLabels": {"app.kubernetes.io/name": "x"}}, "invalid propertyName 'app.kubernetes.io/name'"),
+    ({"commonLabels": {"app.kubernetes.io/instance": "x"}}, "invalid propertyName 'app.kubernetes.io/instance'"),
+    ({"podLabels": {"team": "a"}, "commonLabels": {"team": "b"}}, "podLabels.team is in commonLabels too"),
+    # A typo the API server would drop with a mere warning, leaving the pod without its limits.
+    ({"resources": {"limit": {"memory": "1Gi"}}}, "additional properties 'limit' not allowed"),
+    ({"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0"),
+    ({"updateStrategy": {"type": "Rolling"}}, "updateStrategy"),
+    # A budget that allows no eviction: every node drain would wait for good.
+    ({"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, "leaves no pod of 1 replicas evictable"),
+    ({"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}, "leaves no pod of 1 replicas evictable"),
+    ({"replicaCount": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
+     "leaves no pod of 2 replicas evictable"),
+    ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}, "maxUnavailable 0 leaves no pod evictable"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
@@ -354,9 +373,12 @@ def test_network_policy(helm: Helm):
 
 def test_pod_disruption_budget(helm: Helm):
     pdb = find(helm.template(option_values("podDisruptionBudget", OFFLINE)), "PodDisruptionBudget")["spec"]
-    assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb
+    assert pdb["maxUnavailable"] == "50%" and "minAvailable" not in pdb
     pdb = find(helm.template({"podDisruptionBudget": {"enabled": True}}), "PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    pdb = find(helm.template({"replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}),
+               "PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == "50%" and "maxUnavailable" not in pdb  # 2 of 3 kept: one may be evicted
 
 
 def test_service_monitor(helm: Helm):

@@ -25,7 +25,7 @@ def test_chart_crds_match_the_models():
 
 CHART_OWNED_SETTINGS = {"http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces",
                         "temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret",
-                        "http_drain_seconds"}
+                        "http_drain_seconds", "upstream_url"}
 """Settings the chart derives from values that its other manifests follow too (probes, Service,
 volumes, the Roles that read the named Secrets, the termination grace period): `extraConfig` may
 not set them."""
@@ -37,6 +37,14 @@ def test_the_charts_extra_config_takes_every_setting_but_those_the_chart_owns():
     schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
     allowed = set(schema["properties"]["extraConfig"]["propertyNames"]["enum"])
     assert allowed == set(Settings.model_fields) - CHART_OWNED_SETTINGS
+
+
+def test_the_charts_extra_env_refuses_what_extra_config_refuses():
+    """Env is read over the config file: a WQ_ variable would set what the chart owns around it."""
+    schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
+    refused = set(schema["properties"]["extraEnv"]["items"]["properties"]["name"]["not"]["enum"])
+    owned = {f"WQ_{name.upper()}" for name in CHART_OWNED_SETTINGS}
+    assert refused == owned | {"WQ_CONFIG_FILE", "POD_ID", "PYTHONUNBUFFERED"}
 
 
 def test_the_charts_upstream_url_is_held_to_the_operators_pattern():
