@@ -232,6 +232,30 @@ def test_a_pod_deleted_or_evicted_by_someone_else_is_replaced(kube: Kube, namesp
     assert "WorkerDisplaced" in reasons(kube, namespace, "ext")
 
 
+def test_a_pod_whose_worker_was_turned_away_at_start_is_replaced_not_counted_as_a_crash(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """The worker exits 1 on a refused /start and never retries: here its queue is full (another
+    worker holds the one slot). With backoffLimit 1, one such exit taken for a crash would stop the
+    queue until its spec changed."""
+    queue_id = f"ref-{namespace}"
+    kube.create_queue(namespace, "ref", queueId=queue_id, singleExecution=True, maxWorkers=1, temporal=TEMPORAL,
+                      worker={"backoffLimit": 1})
+    wait_pods(kube, namespace, "ref", ["ref-w0"])
+    kube.wait_condition(namespace, "ref", "True")
+    assert operator.start_worker(queue_id, kube.queue_token(namespace, "ref")).status == 200  # the slot
+    refused = operator.start_worker(queue_id, kube.secret_value(namespace, "ref-w0-token", "token"))
+    assert refused.status == 409
+    kube.set_phase(namespace, "ref-w0", "Failed", exit_code=1, reason="Error")
+    wait_pods(kube, namespace, "ref", ["ref-w1"])
+    assert "WorkerRefused" in reasons(kube, namespace, "ref") and "WorkerFailed" not in reasons(kube, namespace, "ref")
+    assert kube.workers(namespace, "ref").get("consecutiveFailures", 0) == 0
+    assert kube.condition(namespace, "ref", "Ready")["status"] == "True"
+    # Its own failure, after a /start that was not refused, is a crash as ever.
+    kube.set_phase(namespace, "ref-w1", "Failed", exit_code=1, reason="Error")
+    kube.wait_condition(namespace, "ref", "False", "CrashLooping")
+
+
 def test_queue_that_cannot_serve_gets_no_workers_until_it_can(kube: Kube, namespace: str):
     kube.create_queue(namespace, "nr", queueId=f"nr-{namespace}", singleExecution=True,
                       temporal={**TEMPORAL, "apiKeySecretRef": {"name": "later", "key": "k"}})

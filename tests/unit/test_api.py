@@ -354,6 +354,25 @@ def store_with_pod() -> Store:
     return store
 
 
+async def test_a_pods_worker_turned_away_at_start_is_told_to_the_registry():
+    """Its pod fails as the worker exits on the refusal: the supervisor must not take that for a
+    crash (workers.plan). A caller with the queue token has no pod; one registered later is no
+    longer refused."""
+    store = store_with_pod()
+    store.upsert_queue(queue("q1", queueId="q-1", suspend=True))
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        registry = c.server.app[REGISTRY]
+        assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer q1-token"})).status == 400
+        suspended = store.queue(("team-a", "q1"))
+        assert suspended is not None and registry.refusal(suspended, "q1-w0") == ""
+        assert (await c.post(START.format("q-1"), headers=pod)).status == 400
+        assert registry.refusal(suspended, "q1-w0") == "400: Worker queue is not active (status: suspended)"
+        store.upsert_queue(queue("q1", queueId="q-1"))
+        assert (await c.post(START.format("q-1"), headers=pod)).status == 200
+        assert registry.refusal(suspended, "q1-w0") == ""
+
+
 async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated():
     # A pod's worker holds its own token, which no rotation of the queue token touches: its id must
     # stay its own too, or a heartbeat reaching a replica that does not know its registration (or

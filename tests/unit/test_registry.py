@@ -699,3 +699,27 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await kube.close()
+
+
+def test_a_refusal_at_start_is_remembered_for_its_pod_for_a_while_and_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch):
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called
+    now = [100.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, monotonic=lambda: now[0])
+    q1 = queue("q1")
+    reg.start_refused(q1, "q1-w0", "409: full")
+    assert reg.refusal(q1, "q1-w0") == "409: full" and reg.refusal(q1, "q1-w1") == ""
+    # A queue made again under the name names its pods the same: not its refusal.
+    assert reg.refusal(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
+    now[0] += registry.REFUSAL_SECONDS + 1
+    assert reg.refusal(q1, "q1-w0") == ""
+    monkeypatch.setattr(registry, "REFUSALS_KEPT", 3)
+    for i in range(5):
+        reg.start_refused(q1, f"q1-w{i}", "503: not ready")
+    assert [reg.refusal(q1, f"q1-w{i}") for i in range(5)] == ["", "", "503: not ready", "503: not ready",
+                                                               "503: not ready"]

@@ -176,6 +176,24 @@ def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_ne
     assert p.create == (6, 7, 8) and p.workers.consecutive_displaced == 1
 
 
+def test_a_pod_whose_worker_the_operator_turned_away_is_no_crash_of_the_worker():
+    """The worker exits 1 on a refused /start and never retries it: a full queue or an unavailable
+    API server failed the pool's pods one after another, and a crash loop stopped the queue until
+    someone edited its spec."""
+    spec = {"singleExecution": True, "replicas": 1, "worker": {"backoffLimit": 2}}
+    why = "409: Worker queue 'q1' is full (maxWorkers=1)"
+    p = plan([pod(0, "Failed", exit_code=1, refused=why)], **spec)
+    assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0
+    assert [(e.reason, e.warning) for e in p.events] == [("WorkerRefused", True)] and why in p.events[0].message
+    for index in range(1, 6):  # backed off as displaced pods are, never CrashLooping
+        p = plan([pod(index, "Failed", exit_code=1, refused=why)], p.workers, now=T0 + 1000 * index, **spec)
+        assert p.workers.crash_loop_generation is None and p.workers.consecutive_failures == 0
+        p = plan([], p.workers, now=T0 + 1000 * index + workers.backoff(index, SETTINGS), **spec)
+        assert p.create == (index + 1,)
+    # The same exit without a refusal is the worker's own failure.
+    assert plan([pod(9, "Failed", exit_code=1)], **spec).workers.consecutive_failures == 1
+
+
 def test_lowering_replicas_deletes_pods_not_started_yet_never_one_whose_node_went_silent():
     # Unknown: its node stopped reporting; its worker may be running an execution.
     pods = [pod(0), pod(1, "Unknown"), pod(2, "Pending")]

@@ -65,6 +65,10 @@ DELETE_RETRY_MAX_SECONDS = 60.0
 DELETE_ATTEMPTS = 3
 """Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
+REFUSALS_KEPT = 10_000
+"""How many worker pods turned away at /start are remembered, for their pod's end (see start_refused)."""
+REFUSAL_SECONDS = 600.0
+"""How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
 
@@ -176,6 +180,9 @@ class Registry:
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
+        self._refusals: dict[tuple[str, str, str], tuple[float, str]] = {}
+        """Why /start turned away a pod's worker, by (namespace, pod, queue uid), oldest first: see
+        start_refused. The uid: a queue made again under its name names its pods the same."""
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.heartbeats = 0
@@ -492,6 +499,29 @@ class Registry:
                               message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
                               f"exit code {code}", warning=exit_code not in (None, 0))
 
+    def start_refused(self, queue: QueueObject, pod: str, why: str) -> None:
+        """/start turned away the worker of a pod the operator made. That worker exits 1 and never
+        retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
+        ready queue, the API server unavailable), not a crash of the worker, and must not count
+        towards the queue's crash loop (see workers.plan). Known to this replica only."""
+        key = (queue.namespace, pod, queue.uid)
+        self._refusals.pop(key, None)
+        self._refusals[key] = (self._monotonic(), why)
+        if len(self._refusals) > REFUSALS_KEPT:
+            del self._refusals[next(iter(self._refusals))]
+
+    def refusal(self, queue: QueueObject, pod: str) -> str:
+        """Why /start last turned away this pod's worker ("": it did not, or registered it since, as
+        this replica knows)."""
+        key = (queue.namespace, pod, queue.uid)
+        found = self._refusals.get(key)
+        if found is None:
+            return ""
+        if self._monotonic() - found[0] > REFUSAL_SECONDS:
+            del self._refusals[key]
+            return ""
+        return found[1]
+
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of a queue's workers whose pod is no longer alive."""
         alive = set(alive_pods)
@@ -781,6 +811,8 @@ class Registry:
     # --- memory -----------------------------------------------------------------------------------
 
     def _add(self, worker: Worker) -> None:
+        if worker.pod is not None and self._refusals:  # turned away once, and registered after all
+            self._refusals.pop((worker.namespace, worker.pod, worker.queue_uid), None)
         self._workers[worker.worker_id] = worker
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
         if worker.stored:

@@ -274,6 +274,9 @@ class Supervisor:
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
+            # Its worker turned away at /start (this replica's answer): the pod's failure is no crash.
+            parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
+                      else pod for pod in parsed]
         previous, version = self._base(queue)
         await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous.next_index)
         previous, version = self._base(queue)

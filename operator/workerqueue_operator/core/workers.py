@@ -197,6 +197,8 @@ class Pod:
     """The queue's generation it was made for (None: unknown)."""
     hostname: str = ""
     """Its `spec.hostname` ("": none, see host)."""
+    refused: str = ""
+    """Why /start turned its worker away, as the registry knows ("": it did not; see Registry.start_refused)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -362,6 +364,12 @@ def plan(
             w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
             w.consecutive_displaced, w.last_displaced_time = 0, None
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
+        elif pod.refused and pod.phase == "Failed":
+            # Its worker exited on the operator's own refusal (a full or not ready queue, the API server
+            # unavailable): no crash of the worker, no crash loop; replaced as a displaced pod is.
+            displaced_now = True
+            events.append(Event("WorkerRefused", f"worker {pod.name} exited as /start turned it away "
+                                f"({pod.refused}); it is replaced", warning=True))
         elif displaced(pod.reason):
             # Not the worker's fault, but not always someone else's either: a pod evicted for its own
             # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
