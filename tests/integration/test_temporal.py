@@ -136,6 +136,37 @@ async def test_a_workers_second_execution_shows_however_many_older_ones_run(
     assert entry["status"] == "running" and entry["held_executions"] == 2
 
 
+async def test_a_workers_finished_execution_stays_in_its_view_however_many_close_after_it(
+    temporal: TemporalServer, client: Client, access: Temporal,
+):
+    """A worker exits once its execution reads closed on two polls in a row. More than `limit`
+    closing between them (here room for 2, then 3 more) took it out of the view: the worker saw
+    nothing, waited out its 1,800-s give-up and took other work meanwhile."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    quick = {"duration_seconds": 0.1}
+    mine = f"b-{uuid.uuid4().hex[:6]}"
+    async with worker(client, tq, "2@pod-b"):
+        await client.execute_workflow("AgentExecutionWorkflow", quick, id=mine, task_queue=tq)
+
+    async def own(expected: int) -> list[dict[str, Any]] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if len(found) < expected:
+            return None
+        view = executions.worker_view(found, hostname="pod-b")
+        return view if view and view[0]["id"] == mine else None
+
+    first = await eventually(lambda: own(1))  # the first poll: its holder is read, and known since
+    assert first[0]["status"] == "completed"
+    async with worker(client, tq, "1@pod-a"):
+        for i in range(3):
+            await client.execute_workflow("AgentExecutionWorkflow", quick, id=f"a{i}-{uuid.uuid4().hex[:6]}",
+                                          task_queue=tq)
+    # The second poll: the 2 closed last, and past them its own (the third closed after it, whose
+    # holder was never read, is left out).
+    second = await eventually(lambda: own(3))
+    assert second[0]["status"] == "completed"
+
+
 async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
     temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
 ):

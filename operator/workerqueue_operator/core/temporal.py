@@ -192,9 +192,10 @@ class Temporal:
         with `running`, only those still running (what waits for a worker and what workers hold).
 
         With `taken_first` (what workers are shown): every running one the scan finds, oldest first,
-        then the `limit` closed last. A worker's own execution is listed however many newer ones wait
-        behind it (cut to the newest, a burst of more than `limit` hid it: its worker never saw it
-        end, nor exited), and so is a second one it runs however many older ones run."""
+        then the `limit` closed last, then older closed ones whose holder is known. A worker's own
+        execution is listed however many newer ones wait behind it (cut to the newest, a burst of
+        more than `limit` hid it: its worker never saw it end, nor exited), and so is a second one it
+        runs however many older ones run."""
         key = (endpoint.key, task_queue, limit, running, taken_first)
         loop = asyncio.get_running_loop()
         entry = self._listings.get(key)
@@ -394,7 +395,12 @@ class Temporal:
             over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
             # Every running one the scan found: a worker holding a closed one and a running one left
             # out would be told it finished. Holders not read in time keep finished workers waiting.
-            runs = sorted(going, key=_start_key) + sorted(over, key=_close_key, reverse=True)[: max(limit, 0)]
+            closed = sorted(over, key=_close_key, reverse=True)
+            # Past the `limit` closed last, those whose holder is known already (no read to make): a
+            # worker waits for its own to read closed on two polls in a row, and more than `limit`
+            # closing between them took it out of its view, leaving it waiting until its give-up.
+            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + [
+                wf for wf in closed[max(limit, 0):] if self._holder_known(endpoint, wf.id, wf.run_id)]
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
         self._listed(endpoint, task_queue)
@@ -451,6 +457,11 @@ class Temporal:
 
     def _holder_capacity(self) -> int:
         return max(self._holder_cache_size, HOLDERS_PER_TASK_QUEUE * len(self._listed_task_queues))
+
+    def _holder_known(self, endpoint: Endpoint, workflow_id: str, run_id: str) -> bool:
+        """Whether the run's holder is cached, and is someone (not touched: no use keeps it cached)."""
+        cached = self._holders.get((endpoint.host, endpoint.namespace, workflow_id, run_id))
+        return cached is not None and cached.identity is not None
 
     def _known_holder(self, endpoint: Endpoint, workflow_id: str, run_id: str) -> _Holder | None:
         key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
