@@ -381,6 +381,21 @@ def test_pod_disruption_budget(helm: Helm):
     assert pdb["minAvailable"] == "50%" and "maxUnavailable" not in pdb  # 2 of 3 kept: one may be evicted
 
 
+def test_several_replicas_are_spread_over_nodes_unless_told_otherwise(helm: Helm):
+    def spread(values: dict[str, Any]) -> Any:
+        return find(helm.template(values), "Deployment")["spec"]["template"]["spec"].get("topologySpreadConstraints")
+
+    assert spread({}) is None  # one replica: nothing to spread
+    (soft,) = spread({"replicaCount": 2})
+    assert soft["topologyKey"] == "kubernetes.io/hostname" and soft["whenUnsatisfiable"] == "ScheduleAnyway"
+    selector = find(helm.template({"replicaCount": 2}), "Deployment")["spec"]["selector"]["matchLabels"]
+    assert soft["labelSelector"]["matchLabels"] == selector
+    zones = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+              "labelSelector": {"matchLabels": {"app": "x"}}}]
+    assert spread({"replicaCount": 2, "topologySpreadConstraints": zones}) == zones
+    assert spread({"replicaCount": 2, "affinity": {"podAntiAffinity": {}}}) is None
+
+
 def test_service_monitor(helm: Helm):
     docs = helm.template(option_values("serviceMonitor", OFFLINE))
     monitor = find(docs, "ServiceMonitor")
