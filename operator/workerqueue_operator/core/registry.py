@@ -65,12 +65,12 @@ DELETE_RETRY_MAX_SECONDS = 60.0
 DELETE_ATTEMPTS = 3
 """Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
+"""How many ended registrations are remembered, so that a late heartbeat does not register one
+ended on purpose again (see Registry.rejoin)."""
 REFUSALS_KEPT = 10_000
 """How many worker pods turned away at /start are remembered, for their pod's end (see start_refused)."""
 REFUSAL_SECONDS = 600.0
 """How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
-"""How many ended registrations are remembered, so that a late heartbeat does not register one
-ended on purpose again (see Registry.rejoin)."""
 
 
 @dataclass(frozen=True)
