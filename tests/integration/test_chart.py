@@ -230,6 +230,7 @@ def test_lint(helm: Helm, option: str):
     ({"resources": {"limit": {"memory": "1Gi"}}}, "additional properties 'limit' not allowed"),
     ({"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0"),
     ({"updateStrategy": {"type": "Rolling"}}, "updateStrategy"),
+    ({"updateStrategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}}, "may not be set with type Recreate"),
     # A budget that allows no eviction: every node drain would wait for good.
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": 1}}, "leaves no pod of 1 replicas evictable"),
     ({"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}, "leaves no pod of 1 replicas evictable"),

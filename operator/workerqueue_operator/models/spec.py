@@ -80,7 +80,7 @@ class TemporalSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 # `namespace` is a CEL keyword: the field is `__namespace__` to a rule. Only whether the
-                # fields are there is checked here; their values, by the fields' own rules (see _IMMUTABLE).
+                # fields are there is checked here; their values, by the fields' own rules (see immutable).
                 cel("has(self.host) == has(oldSelf.host) && has(self.__namespace__) == has(oldSelf.__namespace__)",
                     TASK_QUEUE_IMMUTABLE),
             ]
