@@ -718,6 +718,18 @@ def test_a_refusal_at_start_is_remembered_for_its_pod_for_a_while_and_within_a_b
     assert reg.refusal(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
     now[0] += registry.REFUSAL_SECONDS + 1
     assert reg.refusal(q1, "q1-w0") == ""
+    # The Lease of the very claim answered 503 for taking too long, brought by the watch after the
+    # refusal, keeps it (one registered after it ends it: test_api.py).
+    wall = [2000.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, clock=lambda: wall[0])
+    q1 = queue("q1", uid="uid-1")
+    reg.start_refused(q1, "q1-w3", "503: registry unavailable")
+    reg.lease_upserted(leases.lease_body(make_worker(registered_at=1999.0, renewed_at=1999.0), queue_name="q1"))
+    assert reg.refusal(q1, "q1-w3") == "503: registry unavailable"
+    reg.lease_upserted(leases.lease_body(make_worker(worker_id="0b9c6f1e-0000-4000-8000-000000000002",
+                                                     lease="q1-slot-1", slot=1, registered_at=2001.0,
+                                                     renewed_at=2001.0), queue_name="q1"))
+    assert reg.refusal(q1, "q1-w3") == ""
     monkeypatch.setattr(registry, "REFUSALS_KEPT", 3)
     for i in range(5):
         reg.start_refused(q1, f"q1-w{i}", "503: not ready")

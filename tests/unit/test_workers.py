@@ -188,6 +188,7 @@ def test_a_pod_whose_worker_the_operator_turned_away_is_no_crash_of_the_worker()
     for index in range(1, 6):  # backed off as displaced pods are, never CrashLooping
         p = plan([pod(index, "Failed", exit_code=1, refused=why)], p.workers, now=T0 + 1000 * index, **spec)
         assert p.workers.crash_loop_generation is None and p.workers.consecutive_failures == 0
+        assert [e.reason for e in p.events] == ["WorkerRefused", "BackOff"]  # the wait is told
         p = plan([], p.workers, now=T0 + 1000 * index + workers.backoff(index, SETTINGS), **spec)
         assert p.create == (index + 1,)
     # The same exit without a refusal is the worker's own failure.

@@ -180,9 +180,10 @@ class Registry:
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
-        self._refusals: dict[tuple[str, str, str], tuple[float, str]] = {}
-        """Why /start turned away a pod's worker, by (namespace, pod, queue uid), oldest first: see
-        start_refused. The uid: a queue made again under its name names its pods the same."""
+        self._refusals: dict[tuple[str, str, str], tuple[float, float, str]] = {}
+        """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
+        queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
+        its pods the same."""
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.heartbeats = 0
@@ -506,7 +507,7 @@ class Registry:
         towards the queue's crash loop (see workers.plan). Known to this replica only."""
         key = (queue.namespace, pod, queue.uid)
         self._refusals.pop(key, None)
-        self._refusals[key] = (self._monotonic(), why)
+        self._refusals[key] = (self._monotonic(), self._clock(), why)
         if len(self._refusals) > REFUSALS_KEPT:
             del self._refusals[next(iter(self._refusals))]
 
@@ -520,7 +521,7 @@ class Registry:
         if self._monotonic() - found[0] > REFUSAL_SECONDS:
             del self._refusals[key]
             return ""
-        return found[1]
+        return found[2]
 
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of a queue's workers whose pod is no longer alive."""
@@ -811,8 +812,13 @@ class Registry:
     # --- memory -----------------------------------------------------------------------------------
 
     def _add(self, worker: Worker) -> None:
-        if worker.pod is not None and self._refusals:  # turned away once, and registered after all
-            self._refusals.pop((worker.namespace, worker.pod, worker.queue_uid), None)
+        if worker.pod is not None and self._refusals:
+            key = (worker.namespace, worker.pod, worker.queue_uid)
+            refused = self._refusals.get(key)
+            # Registered after all, by a /start after the refusal; not the Lease of the very claim that
+            # was answered 503 for taking too long, which the watch may bring after it.
+            if refused is not None and worker.registered_at > refused[1]:
+                del self._refusals[key]
         self._workers[worker.worker_id] = worker
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
         if worker.stored:

@@ -53,6 +53,9 @@ HOLDERS_PER_TASK_QUEUE = 150
 """...and this many per task queue listed in the last HOLDER_QUEUES_SECONDS: a worker listing shows a
 queue's ~100 latest closed runs and its running ones, and listings of many queues taking turns would
 otherwise push each other's out (an LRU a little smaller than their sum keeps none)."""
+CLOSED_SHOWN_SECONDS = 60.0
+"""How long a worker's closed execution stays in the workers' listing past the `limit` closed last:
+its worker needs it on two polls 2 s apart (a failed poll retried meanwhile)."""
 HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8  # concurrent history reads per listing
@@ -396,17 +399,24 @@ class Temporal:
             # Every running one the scan found: a worker holding a closed one and a running one left
             # out would be told it finished. Holders not read in time keep finished workers waiting.
             closed = sorted(over, key=_close_key, reverse=True)
-            # Past the `limit` closed last, those whose holder is known already (no read to make): a
-            # worker waits for its own to read closed on two polls in a row, and more than `limit`
-            # closing between them took it out of its view, leaving it waiting until its give-up.
-            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + [
-                wf for wf in closed[max(limit, 0):] if self._holder_known(endpoint, wf.id, wf.run_id)]
+            # Past the `limit` closed last, those closed lately whose holder is known already (no read
+            # to make): a worker waits for its own to read closed on two polls in a row, and more than
+            # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
+            recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
+            older = [wf for wf in closed[max(limit, 0):]
+                     if _close_key(wf)[0] >= recent and self._holder_known(endpoint, wf.id, wf.run_id)]
+            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older
+            # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
+            untouched = {(wf.id, wf.run_id) for wf in older}
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
+            untouched = set()
         self._listed(endpoint, task_queue)
         gate = asyncio.Semaphore(_HISTORY_READS)
 
         async def holder(wf: Any) -> _Holder | None:
+            if (wf.id, wf.run_id) in untouched:
+                return self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
             known = self._known_holder(endpoint, wf.id, wf.run_id)
             if known is not None:
                 return known  # not behind the reads: a slow backlog must not hide what is known

@@ -469,7 +469,7 @@ def plan(
             wait = max(wait, times.parse(w.last_displaced_time) + backoff(w.consecutive_displaced - 1, settings) - now)
         if wait > 0:
             requeue.append(wait)
-            if any(e.reason in ("WorkerFailed", "WorkerDisplaced") for e in events):
+            if any(e.reason in ("WorkerFailed", "WorkerDisplaced", "WorkerRefused") for e in events):
                 events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
         else:
             create = tuple(range(w.next_index, w.next_index + missing))
