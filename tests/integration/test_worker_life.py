@@ -276,3 +276,21 @@ def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(
                          {"status": "running", "tasks_processed": 0, "current_task_id": None, "worker_metadata": {}})
     assert beat.status == 200
     assert operator.start_worker(queue_id, "new-token").status == 503  # no new worker meanwhile
+
+
+def test_a_worker_turned_away_at_start_exits_and_its_pod_is_replaced_without_a_crash_loop(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    """The protocol's worker exits 1 on a refused /start and never retries: its queue full here (the
+    one slot held with the queue token), with backoffLimit 1 one such exit taken for a crash would
+    stop the queue until its spec changed."""
+    queue_id = f"full-{namespace}"
+    kube.create_queue(namespace, "full", **queue_spec(temporal, queue_id, maxWorkers=1, worker={"backoffLimit": 1}))
+    kube.wait_condition(namespace, "full", "True")
+    assert operator.start_worker(queue_id, kube.queue_token(namespace, "full")).status == 200  # the slot
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: "WorkerRefused" in [e.reason for e in kube.events(namespace, "full")], timeout=60,
+             what="the pod's worker turned away, its pod failed and counted as refused")
+    assert "WorkerFailed" not in [e.reason for e in kube.events(namespace, "full")]
+    assert kube.workers(namespace, "full").get("consecutiveFailures", 0) == 0
+    assert kube.condition(namespace, "full", "Ready")["status"] == "True"
