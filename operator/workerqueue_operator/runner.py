@@ -167,7 +167,7 @@ class Watches:
         self.leases = [
             informer.Informer(client, resources.leases_path(ns), on_upsert=registry.lease_upserted,
                               on_delete=registry.lease_deleted, name=f"leases/{ns or '*'}",
-                              params={"labelSelector": leases.SELECTOR})
+                              params={"labelSelector": leases.WATCHED})
             for ns in scopes]
         # The peering objects tell who is the active replica; kopf keeps its own view to itself.
         self.peerings = [

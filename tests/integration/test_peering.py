@@ -150,3 +150,34 @@ def test_a_stopping_active_replica_acts_no_more_from_its_signal_on(
         os.killpg(leader.process.pid, signal.SIGTERM)
         wait_for(lambda: not active(leader), timeout=3, what="the stopping replica no longer active")
         assert http("GET", f"{leader.url}/readyz").status == 200, "kopf is still stopping: no drain yet"
+
+
+def test_a_pod_turned_away_at_start_by_the_standby_is_replaced_by_the_active_one_not_counted_as_a_crash(
+    replicas: Callable[..., OperatorProcess], kube: Kube, namespace: str,
+):
+    """/start reaches any replica (the Service fronts all of them), so the one that turns a pod's
+    worker away is often not the one that supervises pods: the refusal is recorded in a Lease. With
+    backoffLimit 1, one such exit taken for a crash would stop the queue until its spec changed."""
+    standby = replicas("standby", 100)
+    wait_for(lambda: active(standby), what="the only replica active")
+    leader = replicas("leader", 200)
+    wait_for(lambda: active(leader) and not active(standby), timeout=LIFETIME + 10, what="the leader taking over")
+    queue_id = f"ref-{namespace}"
+    kube.create_queue(namespace, "ref", queueId=queue_id, singleExecution=True, maxWorkers=1, temporal=TEMPORAL,
+                      worker={"backoffLimit": 1})
+    wait_for(lambda: kube.pod_names(namespace, "ref") == ["ref-w0"], what="the first pod")
+    kube.wait_condition(namespace, "ref", "True")
+    wait_for(lambda: standby.start_worker(queue_id, kube.queue_token(namespace, "ref")).status == 200,
+             what="the one slot taken through the standby")
+    assert standby.start_worker(queue_id, kube.secret_value(namespace, "ref-w0-token", "token")).status == 409
+    assert kube.coordination.read_namespaced_lease("ref-w0-refused", namespace).spec.renew_time is not None
+
+    kube.set_phase(namespace, "ref-w0", "Failed", exit_code=1, reason="Error")
+    wait_for(lambda: kube.pod_names(namespace, "ref") == ["ref-w1"], what="the leader replacing the pod")
+    assert kube.workers(namespace, "ref").get("consecutiveFailures", 0) == 0
+    assert kube.condition(namespace, "ref", "Ready")["status"] == "True"
+    reasons = [e.reason for e in kube.events(namespace, "ref")]
+    assert "WorkerRefused" in reasons and "WorkerFailed" not in reasons
+    # The record goes with its pod.
+    wait_for(lambda: "ref-w0-refused" not in [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(
+        namespace).items], what="the refusal's Lease deleted")

@@ -104,6 +104,31 @@ def test_the_registry_survives_an_operator_restart(operator: OperatorProcess, ku
     assert heartbeat(operator, worker_id, token) == 200
 
 
+def test_a_refusal_record_left_long_ago_is_deleted_and_none_is_taken_for_a_registration(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """Records of pods turned away at /start (see test_peering.py) go with their pod; one whose pod
+    someone else deleted is deleted once seen expired, by a restart's list here."""
+    queue_id, token = ready_queue(kube, namespace, "refrs")
+    uid = kube.custom.get_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
+                                                   "refrs")["metadata"]["uid"]
+    operator.stop()
+    for pod, age in (("refrs-w0", 5.0), ("refrs-w9", registry_.REFUSAL_SECONDS + 60)):
+        refusal = leases.Refusal(queue=(namespace, "refrs"), queue_uid=uid, pod=pod, at=time.time() - age,
+                                 why="409: full")
+        kube.coordination.create_namespaced_lease(namespace, leases.refusal_lease_body(refusal, queue_name="refrs"))
+    operator.start()
+
+    def names() -> list[str]:
+        return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items)
+
+    wait_for(lambda: names() == ["refrs-w0-refused"], what="the expired record deleted, the fresh one kept")
+    assert kube.registrations(namespace) == {}
+    assert operator.start_worker(queue_id, token).status == 200
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert len(listed) == 1
+
+
 def test_a_worker_whose_heartbeats_stop_expires_and_joins_again_when_they_resume(
         operator: OperatorProcess, kube: Kube, namespace: str):
     queue_id, token = ready_queue(kube, namespace, "quiet", heartbeatIntervalSeconds=10)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -701,37 +703,92 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
             await kube.close()
 
 
-def test_a_refusal_at_start_is_remembered_for_its_pod_for_a_while_and_within_a_bound(
+async def test_a_refusal_at_start_is_remembered_for_its_pod_for_a_while_and_within_a_bound(
         monkeypatch: pytest.MonkeyPatch):
-    import kubernetes
-
+    from tests.unit.apps import unreachable
     from workerqueue_operator.core.events import EventPoster
-    from workerqueue_operator.k8s import client as client_
 
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called
-    now = [100.0]
-    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, monotonic=lambda: now[0])
-    q1 = queue("q1")
-    reg.start_refused(q1, "q1-w0", "409: full")
-    assert reg.refusal(q1, "q1-w0") == "409: full" and reg.refusal(q1, "q1-w1") == ""
-    # A queue made again under the name names its pods the same: not its refusal.
-    assert reg.refusal(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
-    now[0] += registry.REFUSAL_SECONDS + 1
-    assert reg.refusal(q1, "q1-w0") == ""
-    # The Lease of the very claim answered 503 for taking too long, brought by the watch after the
-    # refusal, keeps it (one registered after it ends it: test_api.py).
-    wall = [2000.0]
-    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, clock=lambda: wall[0])
+    with unreachable() as kube:  # its Lease cannot be written: remembered here all the same
+        now = [100.0]
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None,
+                                monotonic=lambda: now[0])
+        q1 = queue("q1")
+        await reg.start_refused(q1, "q1-w0", "409: full")
+        assert reg.refusal(q1, "q1-w0") == "409: full" and reg.refusal(q1, "q1-w1") == ""
+        # A queue made again under the name names its pods the same: not its refusal.
+        assert reg.refusal(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
+        now[0] += registry.REFUSAL_SECONDS + 1
+        assert reg.refusal(q1, "q1-w0") == ""
+        # The Lease of the very claim answered 503 for taking too long, brought by the watch after the
+        # refusal, keeps it (one registered after it ends it: test_api.py).
+        wall = [2000.0]
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, clock=lambda: wall[0])
+        q1 = queue("q1", uid="uid-1")
+        await reg.start_refused(q1, "q1-w3", "503: registry unavailable")
+        reg.lease_upserted(leases.lease_body(make_worker(registered_at=1999.0, renewed_at=1999.0), queue_name="q1"))
+        assert reg.refusal(q1, "q1-w3") == "503: registry unavailable"
+        reg.lease_upserted(leases.lease_body(make_worker(worker_id="0b9c6f1e-0000-4000-8000-000000000002",
+                                                         lease="q1-slot-1", slot=1, registered_at=2001.0,
+                                                         renewed_at=2001.0), queue_name="q1"))
+        assert reg.refusal(q1, "q1-w3") == ""
+        monkeypatch.setattr(registry, "REFUSALS_KEPT", 3)
+        for i in range(5):
+            await reg.start_refused(q1, f"q1-w{i}", "503: not ready")
+        assert [reg.refusal(q1, f"q1-w{i}") for i in range(5)] == ["", "", "503: not ready", "503: not ready",
+                                                                   "503: not ready"]
+        await kube.close()
+
+
+def test_a_refusal_lease_round_trips_and_is_no_registration():
+    refusal = leases.Refusal(queue=("team-a", "q1"), queue_uid="uid-1", pod="q1-w4", at=1234.5, why="409: full")
+    body = leases.refusal_lease_body(refusal, queue_name="q1")
+    assert body["metadata"]["name"] == "q1-w4-refused"
+    assert leases.refusal_from_lease(body) == refusal
+    assert leases.worker_from_lease(body, seen_at=0.0) is None
+    # Never counted among a queue's slots or registrations.
+    assert body["metadata"]["labels"]["app.kubernetes.io/component"] != leases.COMPONENT
+    assert leases.refusal_from_lease(leases.lease_body(make_worker(), queue_name="q1")) is None
+    longest = leases.refusal_lease_name("p" * 253)
+    assert longest.endswith("-refused") and len(longest) <= 253
+    assert longest != leases.refusal_lease_name("p" * 252 + "q")
+
+
+async def test_a_refusal_written_by_another_replica_is_known_here_until_its_pod_registers():
+    """The replica that supervises pods may not be the one that answered /start."""
+    from tests.unit.apps import unreachable
+
+    with unreachable() as kube:  # an expired one is deleted: that fails here, quietly
+        await _refusals_seen(kube)
+        await kube.close()
+
+
+async def _refusals_seen(kube: Any) -> None:
+    from workerqueue_operator.core.events import EventPoster
+
+    wall, mono = [5000.0], [50.0]
     q1 = queue("q1", uid="uid-1")
-    reg.start_refused(q1, "q1-w3", "503: registry unavailable")
-    reg.lease_upserted(leases.lease_body(make_worker(registered_at=1999.0, renewed_at=1999.0), queue_name="q1"))
-    assert reg.refusal(q1, "q1-w3") == "503: registry unavailable"
-    reg.lease_upserted(leases.lease_body(make_worker(worker_id="0b9c6f1e-0000-4000-8000-000000000002",
-                                                     lease="q1-slot-1", slot=1, registered_at=2001.0,
-                                                     renewed_at=2001.0), queue_name="q1"))
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, clock=lambda: wall[0],
+                            monotonic=lambda: mono[0])
+
+    def seen(pod: str, at: float, uid: str = "uid-1") -> None:
+        refusal = leases.Refusal(queue=("team-a", "q1"), queue_uid=uid, pod=pod, at=at, why="409: full")
+        reg.lease_upserted(leases.refusal_lease_body(refusal, queue_name="q1"))
+
+    seen("q1-w0", 4990.0)
+    assert reg.refusal(q1, "q1-w0") == "409: full" and reg.total == 0
+    mono[0] += registry.REFUSAL_SECONDS - 9  # its age counts from when it was written
+    assert reg.refusal(q1, "q1-w0") == ""
+    seen("q1-w1", wall[0] - registry.REFUSAL_SECONDS - 1)  # too old when seen (a relist)
+    assert reg.refusal(q1, "q1-w1") == ""
+    await asyncio.sleep(0.1)
+    seen("q1-w2", 4999.0, uid="uid-of-a-namesake")
+    assert reg.refusal(q1, "q1-w2") == ""
+    # Its pod's worker registered after it: a relist showing the Lease again does not bring it back.
+    reg.lease_upserted(leases.lease_body(make_worker(pod="q1-w3", registered_at=4999.5, renewed_at=4999.5),
+                                         queue_name="q1"))
+    seen("q1-w3", 4999.0)
     assert reg.refusal(q1, "q1-w3") == ""
-    monkeypatch.setattr(registry, "REFUSALS_KEPT", 3)
-    for i in range(5):
-        reg.start_refused(q1, f"q1-w{i}", "503: not ready")
-    assert [reg.refusal(q1, f"q1-w{i}") for i in range(5)] == ["", "", "503: not ready", "503: not ready",
-                                                               "503: not ready"]
+    reg.lease_deleted(("team-a", "q1-w0-refused"), leases.refusal_lease_body(
+        leases.Refusal(queue=("team-a", "q1"), queue_uid="uid-1", pod="q1-w0", at=4990.0, why="409: full"),
+        queue_name="q1"))
+    assert reg.total == 1

@@ -79,10 +79,10 @@ async def start_worker(request: web.Request) -> web.Response:
 
     pod = caller.worker.pod if caller.worker is not None else None
     if queue.spec.suspend:
-        return _refused(request, queue, pod, errors.detail(400, "Worker queue is not active (status: suspended)"))
+        return await _refused(request, queue, pod, errors.detail(400, "Worker queue is not active (status: suspended)"))
     if resolution.config is None or resolution.problem is not None:
         reason = resolution.problem.message if resolution.problem else "not resolved"
-        return _refused(request, queue, pod, errors.detail(503, f"Worker queue is not ready: {reason}"))
+        return await _refused(request, queue, pod, errors.detail(503, f"Worker queue is not ready: {reason}"))
 
     # Its second half a MAC by the caller's token, so that a heartbeat can re-register it (workers.py):
     # a pod's own token, or the queue token the worker holds (not another one a rotation unlists
@@ -99,15 +99,15 @@ async def start_worker(request: web.Request) -> web.Response:
         try:
             registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
         except registry_.Full as exc:
-            return _refused(request, queue, pod, workers.refused(request, queue, exc))
+            return await _refused(request, queue, pod, workers.refused(request, queue, exc))
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
                                           hostname=hostname, system_info=system_info)
         except client_.ERRORS as exc:
-            return _refused(request, queue, pod, workers.registry_unavailable(queue, exc))
+            return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc))
         if worker is None:
-            return _refused(request, queue, pod, workers.full(queue))
+            return await _refused(request, queue, pod, workers.full(queue))
 
     payload = resolution.config.response_body(
         worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))
@@ -121,12 +121,13 @@ async def start_worker(request: web.Request) -> web.Response:
     return web.Response(body=payload, content_type="application/json")
 
 
-def _refused(request: web.Request, queue: QueueObject, pod: str | None, answer: web.Response) -> web.Response:
-    """`answer`, turning away a worker; one of a pod the operator made is told to the registry, so
-    that the pod's failure (its worker exits on it) is not taken for a crash of the worker."""
+async def _refused(request: web.Request, queue: QueueObject, pod: str | None, answer: web.Response) -> web.Response:
+    """`answer`, turning away a worker; one of a pod the operator made is recorded by the registry
+    first (within seconds), so that the pod's failure (its worker exits on it) is not taken for a
+    crash of the worker."""
     if pod is not None:
         detail = json.loads(answer.body if isinstance(answer.body, bytes) else b"{}").get("detail", "")
-        request.app[REGISTRY].start_refused(queue, pod, f"{answer.status}: {detail}")
+        await request.app[REGISTRY].start_refused(queue, pod, f"{answer.status}: {detail}")
     return answer
 
 

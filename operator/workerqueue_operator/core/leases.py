@@ -25,6 +25,12 @@ from workerqueue_operator.models import times, wire
 COMPONENT = "worker-registration"
 LABELS = {**workers_.MANAGED_BY, "app.kubernetes.io/component": COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
+REFUSAL_COMPONENT = "start-refusal"
+"""`app.kubernetes.io/component` of the Leases that record a worker pod turned away at /start."""
+REFUSAL_ANNOTATION = "agentcontrol.dev/start-refused"
+WATCHED = (f"app.kubernetes.io/managed-by={workers_.MANAGED_BY['app.kubernetes.io/managed-by']},"
+           f"app.kubernetes.io/component in ({COMPONENT},{REFUSAL_COMPONENT}),app.kubernetes.io/part-of=agentcontrol")
+"""The Lease informer's selector: registrations and refusals (SELECTOR alone: registrations)."""
 POD_LABEL = "agentcontrol.dev/pod"
 STATE_ANNOTATION = "agentcontrol.dev/worker"
 EXPIRY_INTERVALS = 2.5
@@ -308,3 +314,64 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         confirmed=later(renewed, registered),
         version=str(meta.get("resourceVersion") or ""),
     )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """/start turned away the worker of a pod the operator made: kept in a Lease, so that the active
+    replica knows it when that pod fails, whichever replica answered, across a restart too."""
+
+    queue: QueueKey
+    queue_uid: str
+    pod: str
+    at: float
+    """When (epoch seconds)."""
+    why: str
+
+
+def refusal_lease_name(pod: str) -> str:
+    name = f"{pod}-refused"
+    if len(name) > 253:  # a pod name is a subdomain too: keep it unique when shortened
+        name = f"{pod[:230]}-{hashlib.sha256(pod.encode()).hexdigest()[:10]}-refused"
+    return name
+
+
+def is_refusal(body: Mapping[str, Any]) -> bool:
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return labels.get("app.kubernetes.io/component") == REFUSAL_COMPONENT
+
+
+def refusal_lease_body(refusal: Refusal, *, queue_name: str) -> dict[str, Any]:
+    """Owned by the queue, so that it goes with it; the worker supervisor deletes it with its pod."""
+    labels = {**LABELS, "app.kubernetes.io/component": REFUSAL_COMPONENT,
+              workers_.QUEUE_LABEL: workers_.label_value(queue_name), POD_LABEL: workers_.label_value(refusal.pod)}
+    owner = resources.owner_reference({"metadata": {"name": queue_name, "uid": refusal.queue_uid}})
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": refusal_lease_name(refusal.pod),
+            "namespace": refusal.queue[0],
+            "labels": labels,
+            "annotations": {REFUSAL_ANNOTATION: json.dumps({"pod": refusal.pod, "why": refusal.why},
+                                                           separators=(",", ":"))},
+            "ownerReferences": [owner],
+        },
+        "spec": {"renewTime": times.micro_rfc3339(refusal.at)},
+    }
+
+
+def refusal_from_lease(body: Mapping[str, Any]) -> Refusal | None:
+    """The refusal a Lease of ours records; None for any other Lease, or one not readable."""
+    if not is_refusal(body):
+        return None
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    owner = queues.queue_owner(body)
+    at = times.parse_or_none(spec.get("renewTime"))
+    try:
+        told = json.loads((meta.get("annotations") or {}).get(REFUSAL_ANNOTATION) or "{}")
+    except ValueError:
+        return None
+    if owner is None or at is None or not isinstance(told, dict) or not isinstance(told.get("pod"), str):
+        return None
+    return Refusal(queue=owner[0], queue_uid=owner[1], pod=told["pod"], at=at, why=str(told.get("why") or ""))

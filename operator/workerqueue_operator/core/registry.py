@@ -32,15 +32,19 @@ from typing import Any, NamedTuple
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
     EXPIRY_INTERVALS,
+    Refusal,
     Worker,
     first_interval,
     has_lapsed,
+    is_refusal,
     later,
     lease_body,
     lease_duration,
     lease_name,
     paced_interval,
     queue_selector,
+    refusal_from_lease,
+    refusal_lease_body,
     slot_lease_name,
     system_info_json,
     worker_from_lease,
@@ -71,6 +75,16 @@ REFUSALS_KEPT = 10_000
 """How many worker pods turned away at /start are remembered, for their pod's end (see start_refused)."""
 REFUSAL_SECONDS = 600.0
 """How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
+REFUSAL_WRITE_SECONDS = 2.0
+"""The refusal's Lease is written within this, before the worker is answered; else it is known here only."""
+
+
+class _Refused(NamedTuple):
+    monotonic: float
+    wall: float
+    why: str
+    written: bool
+    """Its Lease is written: /start refusing the pod again writes none."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,7 @@ class Registry:
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
-        self._refusals: dict[tuple[str, str, str], tuple[float, float, str]] = {}
+        self._refusals: dict[tuple[str, str, str], _Refused] = {}
         """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
         queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
         its pods the same."""
@@ -202,6 +216,9 @@ class Registry:
         self._listeners.append(listener)
 
     def lease_upserted(self, body: dict[str, Any]) -> None:
+        if is_refusal(body):
+            self._refusal_seen(body)
+            return
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
         known_id = self._by_lease.get(key)
@@ -253,6 +270,8 @@ class Registry:
                 mine.system_info = incoming.system_info or mine.system_info
 
     def lease_deleted(self, key: tuple[str, str], body: dict[str, Any] | None) -> None:
+        if body is not None and is_refusal(body):
+            return  # deleted with its pod, or expired: what is remembered here expires on its own
         # How it ended, by the Lease as it was deleted: past its renew time and duration, the active
         # replica ended it for want of heartbeats, though one may have reached this replica since (not
         # written yet); fresh, it was ended on purpose (a disconnect, its pod gone). Without the body
@@ -500,16 +519,74 @@ class Registry:
                               message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
                               f"exit code {code}", warning=exit_code not in (None, 0))
 
-    def start_refused(self, queue: QueueObject, pod: str, why: str) -> None:
+    async def start_refused(self, queue: QueueObject, pod: str, why: str) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never
         retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
         ready queue, the API server unavailable), not a crash of the worker, and must not count
-        towards the queue's crash loop (see workers.plan). Known to this replica only."""
+        towards the queue's crash loop (see workers.plan).
+
+        Remembered here, and written to a Lease before the worker is answered (so before its pod
+        fails): the replica that supervises pods may be another one, or restart meanwhile. A refusal
+        because the API server is unavailable may be known here only."""
         key = (queue.namespace, pod, queue.uid)
+        known = self._refusals.get(key)
+        now = self._clock()
+        # Written once per pod and refusal period: a pod token presented in a loop makes no writes.
+        written = known is not None and known.written and self._monotonic() - known.monotonic < REFUSAL_SECONDS / 2
+        self._remember_refusal(key, _Refused(self._monotonic(), now, why, written))
+        if written:
+            return
+        refusal = Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=now, why=why)
+        body = refusal_lease_body(refusal, queue_name=queue.name)
+        try:
+            async with asyncio.timeout(REFUSAL_WRITE_SECONDS):
+                if await self._create(body) is None:  # an earlier refusal of this pod's: told anew
+                    self.writes += 1
+                    await self._client.request(
+                        "PATCH", f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}",
+                        body={"metadata": {"annotations": body["metadata"]["annotations"]}, "spec": body["spec"]},
+                        content_type=client_.MERGE_PATCH, timeout=REFUSAL_WRITE_SECONDS)
+        except client_.ERRORS as exc:  # a timeout too
+            logger.warning("recording the refusal of pod %s/%s failed, known to this replica only: %s",
+                           queue.namespace, pod, type(exc).__name__ if not str(exc) else exc)
+            return
+        current = self._refusals.get(key)
+        if current is not None and current.wall == now:
+            self._refusals[key] = current._replace(written=True)
+
+    def _remember_refusal(self, key: tuple[str, str, str], refused: _Refused) -> None:
         self._refusals.pop(key, None)
-        self._refusals[key] = (self._monotonic(), self._clock(), why)
+        self._refusals[key] = refused
         if len(self._refusals) > REFUSALS_KEPT:
             del self._refusals[next(iter(self._refusals))]
+
+    def _refusal_seen(self, body: dict[str, Any]) -> None:
+        """A refusal's Lease, written here or by another replica."""
+        refusal = refusal_from_lease(body)
+        if refusal is None:
+            return
+        key = (refusal.queue[0], refusal.pod, refusal.queue_uid)
+        age = max(0.0, self._clock() - refusal.at)
+        known = self._refusals.get(key)
+        if age > REFUSAL_SECONDS:
+            # Its pod went without the supervisor (deleted by someone else): seen again by a relist.
+            meta = body["metadata"]
+            self._spawn(self._delete_refusal(f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                             meta.get("uid", "")))
+            return
+        if known is not None and known.wall >= refusal.at:
+            return
+        # Not once its pod's worker registered after it (a Lease seen again by a relist).
+        if any(w.pod == refusal.pod and w.queue_uid == refusal.queue_uid and w.registered_at > refusal.at
+               for w in self._by_queue.get(refusal.queue, {}).values()):
+            return
+        self._remember_refusal(key, _Refused(self._monotonic() - age, refusal.at, refusal.why, True))
+
+    async def _delete_refusal(self, path: str, uid: str) -> None:
+        try:
+            await resources.delete_exact(self._client, path, uid)
+        except client_.ERRORS as exc:
+            logger.debug("deleting the expired refusal %s failed: %s", path, exc)
 
     def refusal(self, queue: QueueObject, pod: str) -> str:
         """Why /start last turned away this pod's worker ("": it did not, or registered it since, as
@@ -518,10 +595,10 @@ class Registry:
         found = self._refusals.get(key)
         if found is None:
             return ""
-        if self._monotonic() - found[0] > REFUSAL_SECONDS:
+        if self._monotonic() - found.monotonic > REFUSAL_SECONDS:
             del self._refusals[key]
             return ""
-        return found[2]
+        return found.why
 
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of a queue's workers whose pod is no longer alive."""
@@ -817,7 +894,7 @@ class Registry:
             refused = self._refusals.get(key)
             # Registered after all, by a /start after the refusal; not the Lease of the very claim that
             # was answered 503 for taking too long, which the watch may bring after it.
-            if refused is not None and worker.registered_at > refused[1]:
+            if refused is not None and worker.registered_at > refused.wall:
                 del self._refusals[key]
         self._workers[worker.worker_id] = worker
         self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from workerqueue_operator.core import queues, workers
+from workerqueue_operator.core import leases, queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
@@ -274,7 +274,7 @@ class Supervisor:
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
-            # Its worker turned away at /start (this replica's answer): the pod's failure is no crash.
+            # Its worker turned away at /start (by any replica): the pod's failure is no crash.
             parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
                       else pod for pod in parsed]
         previous, version = self._base(queue)
@@ -440,13 +440,20 @@ class Supervisor:
                                          leftover=lambda existing: workers.namesakes_credential(existing, queue))
 
     async def _delete_pod(self, queue: QueueObject, name: str) -> None:
-        """Deletes a worker pod and its token Secret; a Secret of that name the operator did not make
-        for this queue (a user's, left as it was when the pod was made) stays."""
+        """Deletes a worker pod, the record of its refusal at /start if any, and its token Secret; a
+        Secret of that name the operator did not make for this queue (a user's, left as it was when
+        the pod was made) stays."""
         try:
             await self._client.delete(f"{resources.pods_path(queue.namespace)}/{name}")
         except client_.ApiError as exc:
             if not exc.not_found:
                 raise
+        if self._registry is not None and self._registry.refusal(queue, name):
+            try:
+                await self._client.delete(f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(name)}")
+            except client_.ApiError as exc:
+                if not exc.not_found:
+                    raise
         path = f"{resources.secrets_path(queue.namespace)}/{workers.credential_secret_name(name)}"
         try:
             secret = await self._client.get(path)
