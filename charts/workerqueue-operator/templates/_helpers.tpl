@@ -119,7 +119,8 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# The live-worker registry: one Lease per worker, owned by its queue.
+# The live-worker registry: one Lease per worker, owned by its queue; and one per worker pod that
+# /start turned away, until that pod goes.
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
