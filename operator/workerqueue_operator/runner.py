@@ -217,9 +217,10 @@ class Watches:
 
 async def serve_http(app: web.Application, settings: settings_.Settings,
                      certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
-    # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds, and a
-    # stream passed through to an upstream is then cut, so that its worker retries elsewhere well
-    # within the pod's termination grace period (the chart's 30 s) instead of holding it up.
+    # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds (a pod's
+    # refusal up to 2 s more, to record it), and a stream passed through to an upstream is then cut,
+    # so that its worker retries elsewhere well within the pod's termination grace period (the
+    # chart's 30 s) instead of holding it up.
     log = app[keys.LOG]
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS,
                            logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,

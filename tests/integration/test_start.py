@@ -21,6 +21,7 @@ from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.devcluster.controlplane import ControlPlane
@@ -643,3 +644,35 @@ def test_no_secret_value_in_logs_events_or_status(operator: OperatorProcess, kub
     status = json.dumps(kube.get_queue(namespace, "leak").get("status"))
     for value in values:
         assert value not in logs and value not in events and value not in status
+
+
+async def test_a_refusal_the_lease_watch_has_not_brought_yet_is_read_before_the_failure_counts(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """The pod watch and the Lease watch are apart: a pod's failure may come before the record of its
+    worker's refusal (the Lease watch relisting, or not synced yet after a restart). That record was
+    written before the worker was answered, so before its pod failed: it is read then. Here no Lease
+    watch runs at all. With backoffLimit 1, a failure counted would make the queue CrashLooping."""
+    here = in_process("unseen")
+    here.spec.update(singleExecution=True, worker={"backoffLimit": 1})
+    activity = Activity(identity="test", priority=0)
+    registry = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue)
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=activity, registry=registry)
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "unseen") == ["unseen-w0"]
+    # Another replica turned the pod's worker away.
+    queue = here.store.queue(here.key)
+    assert queue is not None
+    other = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue)
+    await other.start_refused(queue, "unseen-w0", "409: Worker queue is full (max_workers=1)")
+    assert registry.refusal(queue, "unseen-w0") == ""
+    kube.set_phase(namespace, "unseen-w0", "Failed", exit_code=1, reason="Error")
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "unseen") == ["unseen-w1"]
+    assert kube.workers(namespace, "unseen").get("consecutiveFailures", 0) == 0
+    # The record went with its pod.
+    assert [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items] == []

@@ -244,10 +244,20 @@ def test_a_pod_whose_worker_was_turned_away_at_start_is_replaced_not_counted_as_
     wait_pods(kube, namespace, "ref", ["ref-w0"])
     kube.wait_condition(namespace, "ref", "True")
     assert operator.start_worker(queue_id, kube.queue_token(namespace, "ref")).status == 200  # the slot
-    refused = operator.start_worker(queue_id, kube.secret_value(namespace, "ref-w0-token", "token"))
-    assert refused.status == 409
+    # Its token presented by many at once: one record written (in a Lease, for every replica).
+    pod_token = kube.secret_value(namespace, "ref-w0-token", "token")
+    writes = operator.metric("workerqueue_registry_writes_total")
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: operator.start_worker(queue_id, pod_token).status, range(10)))
+    assert answers == [409] * 10
+    assert operator.metric("workerqueue_registry_writes_total") - writes <= 3  # the slot's own Lease may be written
+    record = kube.coordination.read_namespaced_lease("ref-w0-refused", namespace)
+    assert operator.start_worker(queue_id, pod_token).status == 409
+    assert kube.coordination.read_namespaced_lease("ref-w0-refused", namespace).metadata.uid == record.metadata.uid
     kube.set_phase(namespace, "ref-w0", "Failed", exit_code=1, reason="Error")
     wait_pods(kube, namespace, "ref", ["ref-w1"])
+    wait_for(lambda: "ref-w0-refused" not in [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(
+        namespace).items], what="the record deleted with its pod")
     assert "WorkerRefused" in reasons(kube, namespace, "ref") and "WorkerFailed" not in reasons(kube, namespace, "ref")
     assert kube.workers(namespace, "ref").get("consecutiveFailures", 0) == 0
     assert kube.condition(namespace, "ref", "Ready")["status"] == "True"

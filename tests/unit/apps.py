@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import weakref
 from collections.abc import Iterator
 
 import kubernetes
@@ -42,8 +43,11 @@ class NoReviews(reviews.Reviewer):
 
 def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
              reviewer: reviews.Reviewer | None = None) -> web.Application:
-    # Nobody answers there: the one write made at once (a refused pod's record) fails, as it may.
-    kube = client_.KubeClient(kubernetes.client.Configuration(host="http://127.0.0.1:9"))
+    # Nobody answers there (a port bound, never listening): the one write made at once, a refused
+    # pod's record, fails at once, as it may.
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    kube = client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{unused.getsockname()[1]}"))
     settings = settings or Settings()
     registry = Registry(client=kube, events=EventPoster(kube), queue_of=store.queue,
                         bounds=Bounds.of(settings))
@@ -55,4 +59,5 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
         await kube.close()
 
     app.on_cleanup.append(close)
+    weakref.finalize(app, unused.close)  # also for an app never started
     return app

@@ -105,7 +105,8 @@ async def start_worker(request: web.Request) -> web.Response:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
                                           hostname=hostname, system_info=system_info)
         except client_.ERRORS as exc:
-            return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc))
+            # The API server failing already: its record is written meanwhile, not waited for.
+            return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)
         if worker is None:
             return await _refused(request, queue, pod, workers.full(queue))
 
@@ -121,13 +122,14 @@ async def start_worker(request: web.Request) -> web.Response:
     return web.Response(body=payload, content_type="application/json")
 
 
-async def _refused(request: web.Request, queue: QueueObject, pod: str | None, answer: web.Response) -> web.Response:
+async def _refused(request: web.Request, queue: QueueObject, pod: str | None, answer: web.Response, *,
+                   wait: bool = True) -> web.Response:
     """`answer`, turning away a worker; one of a pod the operator made is recorded by the registry
     first (within seconds), so that the pod's failure (its worker exits on it) is not taken for a
     crash of the worker."""
     if pod is not None:
         detail = json.loads(answer.body if isinstance(answer.body, bytes) else b"{}").get("detail", "")
-        await request.app[REGISTRY].start_refused(queue, pod, f"{answer.status}: {detail}")
+        await request.app[REGISTRY].start_refused(queue, pod, f"{answer.status}: {detail}", wait=wait)
     return answer
 
 

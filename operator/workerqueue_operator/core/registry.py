@@ -83,8 +83,10 @@ class _Refused(NamedTuple):
     monotonic: float
     wall: float
     why: str
-    written: bool
-    """Its Lease is written: /start refusing the pod again writes none."""
+    written_at: float | None = None
+    """When (monotonic) its Lease was last written: /start refusing the pod again soon writes none."""
+    lease_uid: str = ""
+    """Of its Lease, to delete that very one with its pod."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class Registry:
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
         self._refusals: dict[tuple[str, str, str], _Refused] = {}
+        self._refusal_writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
         queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
         its pods the same."""
@@ -519,46 +522,68 @@ class Registry:
                               message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
                               f"exit code {code}", warning=exit_code not in (None, 0))
 
-    async def start_refused(self, queue: QueueObject, pod: str, why: str) -> None:
+    async def start_refused(self, queue: QueueObject, pod: str, why: str, *, wait: bool = True) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never
         retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
         ready queue, the API server unavailable), not a crash of the worker, and must not count
         towards the queue's crash loop (see workers.plan).
 
-        Remembered here, and written to a Lease before the worker is answered (so before its pod
-        fails): the replica that supervises pods may be another one, or restart meanwhile. A refusal
-        because the API server is unavailable may be known here only."""
+        Remembered here, and written to a Lease (within REFUSAL_WRITE_SECONDS) before the worker is
+        answered, so before its pod fails: the replica that supervises pods may be another one, or
+        restart meanwhile. Without `wait` (the API server failing already) it is written meanwhile."""
         key = (queue.namespace, pod, queue.uid)
         known = self._refusals.get(key)
-        now = self._clock()
-        # Written once per pod and refusal period: a pod token presented in a loop makes no writes.
-        written = known is not None and known.written and self._monotonic() - known.monotonic < REFUSAL_SECONDS / 2
-        self._remember_refusal(key, _Refused(self._monotonic(), now, why, written))
-        if written:
+        now = self._monotonic()
+        written_at, lease_uid = (known.written_at, known.lease_uid) if known is not None else (None, "")
+        self._remember_refusal(key, _Refused(now, self._clock(), why, written_at, lease_uid))
+        # Once per pod and half a refusal period, one write at a time: a pod token presented in a
+        # loop, or by many callers at once, makes no more writes.
+        if written_at is not None and now - written_at < REFUSAL_SECONDS / 2:
             return
-        refusal = Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=now, why=why)
-        body = refusal_lease_body(refusal, queue_name=queue.name)
+        task = self._refusal_writes.get(key)
+        if task is None:
+            task = self._refusal_writes[key] = asyncio.create_task(self._write_refusal(queue, pod, why))
+            task.add_done_callback(lambda _: self._refusal_writes.pop(key, None))
+        if wait:
+            await asyncio.shield(task)  # a caller that leaves does not cut the write short
+
+    async def _write_refusal(self, queue: QueueObject, pod: str, why: str) -> None:
+        key = (queue.namespace, pod, queue.uid)
+        body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=self._clock(), why=why),
+                                  queue_name=queue.name)
+        path = f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}"
         try:
             async with asyncio.timeout(REFUSAL_WRITE_SECONDS):
-                if await self._create(body) is None:  # an earlier refusal of this pod's: told anew
-                    self.writes += 1
-                    await self._client.request(
-                        "PATCH", f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}",
-                        body={"metadata": {"annotations": body["metadata"]["annotations"]}, "spec": body["spec"]},
-                        content_type=client_.MERGE_PATCH, timeout=REFUSAL_WRITE_SECONDS)
+                created = await self._create(body)
+                if created is None:
+                    # An earlier record of this pod's, or of a namesake queue's pod: made anew. A Lease
+                    # of that name that is no such record is someone else's.
+                    existing = await self._client.request("GET", path, timeout=REFUSAL_WRITE_SECONDS)
+                    if not is_refusal(existing):
+                        logger.warning("the Lease %s/%s is in the way of a refusal record; it is known to this "
+                                       "replica only", queue.namespace, body["metadata"]["name"])
+                        return
+                    await resources.delete_exact(self._client, path, existing["metadata"]["uid"])
+                    created = await self._create(body)
         except client_.ERRORS as exc:  # a timeout too
             logger.warning("recording the refusal of pod %s/%s failed, known to this replica only: %s",
                            queue.namespace, pod, type(exc).__name__ if not str(exc) else exc)
             return
         current = self._refusals.get(key)
-        if current is not None and current.wall == now:
-            self._refusals[key] = current._replace(written=True)
+        if created is not None and current is not None:
+            self._refusals[key] = current._replace(written_at=self._monotonic(),
+                                                   lease_uid=(created.get("metadata") or {}).get("uid", ""))
 
     def _remember_refusal(self, key: tuple[str, str, str], refused: _Refused) -> None:
         self._refusals.pop(key, None)
         self._refusals[key] = refused
         if len(self._refusals) > REFUSALS_KEPT:
             del self._refusals[next(iter(self._refusals))]
+
+    def refusal_read(self, body: dict[str, Any]) -> None:
+        """A Lease read from the API server, for a refusal its watch has not brought yet."""
+        if is_refusal(body):
+            self._refusal_seen(body)
 
     def _refusal_seen(self, body: dict[str, Any]) -> None:
         """A refusal's Lease, written here or by another replica."""
@@ -575,18 +600,27 @@ class Registry:
                                              meta.get("uid", "")))
             return
         if known is not None and known.wall >= refusal.at:
+            if not known.lease_uid:
+                self._refusals[key] = known._replace(lease_uid=body["metadata"].get("uid", ""))
             return
         # Not once its pod's worker registered after it (a Lease seen again by a relist).
         if any(w.pod == refusal.pod and w.queue_uid == refusal.queue_uid and w.registered_at > refusal.at
                for w in self._by_queue.get(refusal.queue, {}).values()):
             return
-        self._remember_refusal(key, _Refused(self._monotonic() - age, refusal.at, refusal.why, True))
+        written = self._monotonic() - age
+        uid = body["metadata"].get("uid", "")
+        self._remember_refusal(key, _Refused(written, refusal.at, refusal.why, written, uid))
 
     async def _delete_refusal(self, path: str, uid: str) -> None:
         try:
             await resources.delete_exact(self._client, path, uid)
         except client_.ERRORS as exc:
             logger.debug("deleting the expired refusal %s failed: %s", path, exc)
+
+    def refusal_lease(self, queue: QueueObject, pod: str) -> str:
+        """The uid of the Lease recording a refusal of this pod's worker, as known here ("": none)."""
+        found = self._refusals.get((queue.namespace, pod, queue.uid))
+        return found.lease_uid if found is not None else ""
 
     def refusal(self, queue: QueueObject, pod: str) -> str:
         """Why /start last turned away this pod's worker ("": it did not, or registered it since, as

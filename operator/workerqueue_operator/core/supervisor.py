@@ -274,7 +274,12 @@ class Supervisor:
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
             self._registry.pods_ended(key, alive)
-            # Its worker turned away at /start (by any replica): the pod's failure is no crash.
+            # Its worker turned away at /start (by any replica): the pod's failure is no crash. The
+            # record is written before the worker is answered, so before its pod fails; one the Lease
+            # watch has not brought yet (behind the pod watch, or not synced after a restart) is read.
+            for pod in parsed:
+                if pod.phase == "Failed" and not self._registry.refusal(queue, pod.name):
+                    await self._read_refusal(queue, pod.name)
             parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
                       else pod for pod in parsed]
         previous, version = self._base(queue)
@@ -439,6 +444,16 @@ class Supervisor:
         await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
                                          leftover=lambda existing: workers.namesakes_credential(existing, queue))
 
+    async def _read_refusal(self, queue: QueueObject, pod: str) -> None:
+        assert self._registry is not None
+        try:
+            body = await self._client.get(f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(pod)}")
+        except client_.ApiError as exc:
+            if exc.not_found:
+                return
+            raise
+        self._registry.refusal_read(body)
+
     async def _delete_pod(self, queue: QueueObject, name: str) -> None:
         """Deletes a worker pod, the record of its refusal at /start if any, and its token Secret; a
         Secret of that name the operator did not make for this queue (a user's, left as it was when
@@ -448,12 +463,14 @@ class Supervisor:
         except client_.ApiError as exc:
             if not exc.not_found:
                 raise
-        if self._registry is not None and self._registry.refusal(queue, name):
+        refusal = self._registry.refusal_lease(queue, name) if self._registry is not None else ""
+        if refusal:
+            path = f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(name)}"
             try:
-                await self._client.delete(f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(name)}")
-            except client_.ApiError as exc:
-                if not exc.not_found:
-                    raise
+                await resources.delete_exact(self._client, path, refusal)
+            except client_.ERRORS as exc:
+                # Left to expire: deleted as such when a restart lists it, or with its queue.
+                logger.warning("deleting the refusal record of pod %s/%s failed: %s", queue.namespace, name, exc)
         path = f"{resources.secrets_path(queue.namespace)}/{workers.credential_secret_name(name)}"
         try:
             secret = await self._client.get(path)
