@@ -220,7 +220,7 @@ class Registry:
 
     def lease_upserted(self, body: dict[str, Any]) -> None:
         if is_refusal(body):
-            self._refusal_seen(body)
+            self.refusal_seen(body)
             return
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -580,13 +580,9 @@ class Registry:
         if len(self._refusals) > REFUSALS_KEPT:
             del self._refusals[next(iter(self._refusals))]
 
-    def refusal_read(self, body: dict[str, Any]) -> None:
-        """A Lease read from the API server, for a refusal its watch has not brought yet."""
-        if is_refusal(body):
-            self._refusal_seen(body)
-
-    def _refusal_seen(self, body: dict[str, Any]) -> None:
-        """A refusal's Lease, written here or by another replica."""
+    def refusal_seen(self, body: dict[str, Any]) -> None:
+        """A refusal's Lease, written here or by another replica: brought by the watch, or read by the
+        supervisor before the watch brought it. Any other Lease is left out."""
         refusal = refusal_from_lease(body)
         if refusal is None:
             return

@@ -452,7 +452,7 @@ class Supervisor:
             if exc.not_found:
                 return
             raise
-        self._registry.refusal_read(body)
+        self._registry.refusal_seen(body)
 
     async def _delete_pod(self, queue: QueueObject, name: str) -> None:
         """Deletes a worker pod, the record of its refusal at /start if any, and its token Secret; a
