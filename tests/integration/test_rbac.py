@@ -166,8 +166,11 @@ def can_i(kubectl: Callable[..., Any], deployed: Deployed, verb: str, resource: 
 ALLOWED = [
     ("create", "pods"), ("delete", "pods"), ("watch", "pods"),
     ("list", "secrets"), ("watch", "secrets"), ("get", "secrets"), ("create", "secrets"), ("delete", "secrets"),
+    # Leases: worker registrations and refusal records (read back, renewed by patch, replaced by update).
+    ("get", "leases.coordination.k8s.io"), ("list", "leases.coordination.k8s.io"),
     ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io"),
-    ("delete", "leases.coordination.k8s.io"), ("watch", "leases.coordination.k8s.io"),
+    ("patch", "leases.coordination.k8s.io"), ("delete", "leases.coordination.k8s.io"),
+    ("watch", "leases.coordination.k8s.io"),
     ("patch", "workerqueues.agentcontrol.dev/status"),
     ("watch", "workerqueues.agentcontrol.dev"), ("delete", "workerqueues.agentcontrol.dev"),
     ("create", "events"),
