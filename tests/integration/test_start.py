@@ -17,6 +17,7 @@ from kubernetes import client as k8s
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
 from workerqueue_operator.core import queues, workers
+from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -676,3 +677,45 @@ async def test_a_refusal_the_lease_watch_has_not_brought_yet_is_read_before_the_
     assert kube.workers(namespace, "unseen").get("consecutiveFailures", 0) == 0
     # The record went with its pod.
     assert [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items] == []
+
+
+async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_are_swept(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """A record is deleted with its pod by the supervisor; one whose pod someone else deleted, or
+    that expired, would stay for good but for the active replica's sweep."""
+    here = in_process("swept")
+    here.spec.update(singleExecution=True)
+    shift = [0.0]  # the registry's clock, moved on by hand
+    registry = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue,
+                        monotonic=lambda: time.monotonic() + shift[0])
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            registry=registry)
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    queue = here.store.queue(here.key)
+    assert queue is not None and kube.pod_names(namespace, "swept") == ["swept-w0"]
+
+    def records() -> list[str]:
+        return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items)
+
+    await registry.start_refused(queue, "swept-w0", "409: Worker queue is full (max_workers=1)")
+    kube.core.delete_namespaced_pod("swept-w0", namespace)  # by a user: the supervisor never deletes it
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "swept") == ["swept-w1"]
+    await registry.start_refused(queue, "swept-w1", "409: Worker queue is full (max_workers=1)")
+    # The listing began within the margin after the refusal: it may have missed a pod made meanwhile.
+    assert await registry.sweep_refusals(supervisor._listed.get) == 0
+    assert records() == ["swept-w0-refused", "swept-w1-refused"]
+    monkeypatch.setattr(registry_, "REFUSAL_SWEEP_MARGIN", 0.0)
+    await supervisor._reconcile(here.key)  # listed after both refusals
+    assert await registry.sweep_refusals(supervisor._listed.get) == 1
+    assert records() == ["swept-w1-refused"]  # its pod is there: its failure must not count as a crash
+    assert registry.refusal(queue, "swept-w1") != ""
+    shift[0] = registry_.REFUSAL_SECONDS + 1
+    assert registry.refusal(queue, "swept-w1") == ""  # expired: its pod's failure now counts
+    assert await registry.sweep_refusals(supervisor._listed.get) == 1
+    assert records() == []
+    assert await registry.sweep_refusals(supervisor._listed.get) == 0

@@ -45,6 +45,7 @@ from workerqueue_operator.core.leases import (
     queue_selector,
     refusal_from_lease,
     refusal_lease_body,
+    refusal_lease_name,
     slot_lease_name,
     system_info_json,
     worker_from_lease,
@@ -77,6 +78,11 @@ REFUSAL_SECONDS = 600.0
 """How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
 REFUSAL_WRITE_SECONDS = 2.0
 """The refusal's Lease is written within this, before the worker is answered; else it is known here only."""
+REFUSAL_SWEEP_MARGIN = 30.0
+"""A refusal's Lease goes with its pod once a listing of the queue's pods begun this long after the
+refusal misses that pod: room for the clocks of replicas to differ (see sweep_refusals)."""
+REFUSAL_SWEEP_MAX = 100
+"""Refusal Leases deleted by one sweep at most; the rest by the next."""
 
 
 class _Refused(NamedTuple):
@@ -87,6 +93,16 @@ class _Refused(NamedTuple):
     """When (monotonic) its Lease was last written: /start refusing the pod again soon writes none."""
     lease_uid: str = ""
     """Of its Lease, to delete that very one with its pod."""
+    queue_name: str = ""
+
+
+class PodListing(NamedTuple):
+    """A queue's pods as the supervisor last listed them: which queue (its uid), when the listing
+    began (wall clock), and the pods' names."""
+
+    queue_uid: str
+    at: float
+    pods: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -535,7 +551,7 @@ class Registry:
         known = self._refusals.get(key)
         now = self._monotonic()
         written_at, lease_uid = (known.written_at, known.lease_uid) if known is not None else (None, "")
-        self._remember_refusal(key, _Refused(now, self._clock(), why, written_at, lease_uid))
+        self._remember_refusal(key, _Refused(now, self._clock(), why, written_at, lease_uid, queue.name))
         # Once per pod and half a refusal period, one write at a time: a pod token presented in a
         # loop, or by many callers at once, makes no more writes.
         if written_at is not None and now - written_at < REFUSAL_SECONDS / 2:
@@ -605,7 +621,7 @@ class Registry:
             return
         written = self._monotonic() - age
         uid = body["metadata"].get("uid", "")
-        self._remember_refusal(key, _Refused(written, refusal.at, refusal.why, written, uid))
+        self._remember_refusal(key, _Refused(written, refusal.at, refusal.why, written, uid, refusal.queue[1]))
 
     async def _delete_refusal(self, path: str, uid: str) -> None:
         try:
@@ -621,14 +637,41 @@ class Registry:
     def refusal(self, queue: QueueObject, pod: str) -> str:
         """Why /start last turned away this pod's worker ("": it did not, or registered it since, as
         this replica knows)."""
-        key = (queue.namespace, pod, queue.uid)
-        found = self._refusals.get(key)
-        if found is None:
-            return ""
-        if self._monotonic() - found.monotonic > REFUSAL_SECONDS:
-            del self._refusals[key]
+        found = self._refusals.get((queue.namespace, pod, queue.uid))
+        # An expired one is kept until sweep_refusals deletes its Lease: forgotten, it would stay for good.
+        if found is None or self._monotonic() - found.monotonic > REFUSAL_SECONDS:
             return ""
         return found.why
+
+    async def sweep_refusals(self, listing: Callable[[QueueKey], PodListing | None]) -> int:
+        """Deletes the refusal Leases that nothing else would: those of pods deleted without the
+        supervisor (by a user, say), and expired ones. The active replica's, from its resync;
+        `listing` gives a queue's pods as last listed there (None: not listed). How many it deleted."""
+        now, stale = self._monotonic(), []
+        for key, refused in self._refusals.items():
+            namespace, pod, queue_uid = key
+            listed = listing((namespace, refused.queue_name))
+            gone = (listed is not None and listed.queue_uid == queue_uid and pod not in listed.pods
+                    and listed.at - refused.wall > REFUSAL_SWEEP_MARGIN)
+            if (gone or now - refused.monotonic > REFUSAL_SECONDS) and key not in self._refusal_writes:
+                stale.append((key, refused))
+                if len(stale) == REFUSAL_SWEEP_MAX:
+                    break
+        deleted = 0
+        for key, refused in stale:
+            if refused.lease_uid:
+                path = f"{resources.leases_path(key[0])}/{refusal_lease_name(key[1])}"
+                try:
+                    async with asyncio.timeout(API_TIMEOUT):
+                        await resources.delete_exact(self._client, path, refused.lease_uid)
+                except client_.ERRORS as exc:  # a timeout too: tried again by the next sweep
+                    logger.warning("deleting the refusal record %s/%s failed: %s", key[0],
+                                   refusal_lease_name(key[1]), type(exc).__name__ if not str(exc) else exc)
+                    continue
+                deleted += 1
+            if self._refusals.get(key) is refused:
+                del self._refusals[key]
+        return deleted
 
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of a queue's workers whose pod is no longer alive."""

@@ -38,7 +38,7 @@ from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
-from workerqueue_operator.core.registry import Registry
+from workerqueue_operator.core.registry import PodListing, Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue
 from workerqueue_operator.k8s import client as client_
@@ -152,8 +152,8 @@ class Supervisor:
         self._registry = registry
         self._temporal = temporal
         self._probes: dict[QueueKey, _Probe] = {}
-        self._listed: dict[QueueKey, set[str]] = {}
-        """The names of each queue's pods at its last reconcile here (see _delete_orphan_credentials)."""
+        self._listed: dict[QueueKey, PodListing] = {}
+        """Each queue's pods at its last reconcile here (see _delete_orphan_credentials, _resync)."""
         self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
         self._seq = 0
         self._demand: dict[QueueKey, workers.Demand] = {}
@@ -250,6 +250,9 @@ class Supervisor:
             if self._activity.is_active():
                 for key in list(self._tracked):
                     self._queue.add(key)
+                if self._registry is not None:
+                    # Refusal records whose pod went without the supervisor (deleted by a user).
+                    await self._registry.sweep_refusals(self._listed.get)
 
     # --- the reconcile --------------------------------------------------------------------------
 
@@ -266,6 +269,7 @@ class Supervisor:
         queue = self._store.queue(key)
         if queue is None or queue.deleting:
             return  # deleting a queue deletes its pods: the garbage collector owns that
+        listed_at = self._clock()
         pods = await self._list_pods(queue)
         if not self._activity.is_active():
             return  # paused while listing
@@ -283,7 +287,8 @@ class Supervisor:
             parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
                       else pod for pod in parsed]
         previous, version = self._base(queue)
-        await self._delete_orphan_credentials(key, {p["metadata"]["name"] for p in pods}, previous.next_index)
+        listing = PodListing(queue.uid, listed_at, frozenset(p["metadata"]["name"] for p in pods))
+        await self._delete_orphan_credentials(key, listing, previous.next_index)
         previous, version = self._base(queue)
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
@@ -481,13 +486,14 @@ class Supervisor:
         if workers.credential_of(secret, queue):
             await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
 
-    async def _delete_orphan_credentials(self, key: QueueKey, pods: set[str], next_index: int) -> None:
+    async def _delete_orphan_credentials(self, key: QueueKey, listing: PodListing, next_index: int) -> None:
         """Per-worker tokens whose pod is gone: deleted from outside (listed here before), or never
         created. Not one made in the last ORPHAN_GRACE_SECONDS whose pod was never listed here: its
         create may still be under way, on the replica that stood down a moment ago (that pod would
         then never start, for want of its token)."""
         now = self._clock()
-        seen, self._listed[key] = self._listed.get(key, set()), pods
+        previous, self._listed[key] = self._listed.get(key), listing
+        seen, pods = (previous.pods if previous is not None else frozenset()), listing.pods
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
             if pod not in pods and index is not None and index < next_index:
