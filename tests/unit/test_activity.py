@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+
+import pytest
 
 from workerqueue_operator.core.activity import Activity, blocking_peers
 
@@ -116,6 +119,7 @@ async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
     import kubernetes
 
     from tests.unit.factories import queue
+    from workerqueue_operator.core import registry as registry_
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.core.store import Store
     from workerqueue_operator.core.supervisor import Supervisor
@@ -126,7 +130,46 @@ async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
     supervisor = Supervisor(store=Store(settings=Settings()), client=kube, settings=Settings(),
                             events=EventPoster(kube), activity=Activity(identity="me", priority=0))
     key = queue("gone").key
-    supervisor._listed[key], supervisor._alive[key] = {"gone-w0"}, 1  # noted by a pass under way
+    supervisor._listed[key] = registry_.PodListing("uid", 0.0, frozenset({"gone-w0"}))  # by a pass under way
+    supervisor._alive[key] = 1
     await supervisor.reconcile(key)
     assert key not in supervisor._listed and key not in supervisor._alive
     await kube.close()
+
+
+async def test_only_the_active_replica_sweeps_refusal_records(monkeypatch: pytest.MonkeyPatch):
+    """Deleting a refusal's Lease whose pod is gone changes what the active replica counts: a standby's
+    resync leaves them alone."""
+    import kubernetes
+
+    from workerqueue_operator.core import registry as registry_
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: the sweep is counted instead
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: NOW)
+    store = Store(settings=Settings())
+    registry = registry_.Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    supervisor = Supervisor(store=store, client=kube, settings=Settings(worker_resync_seconds=0.01),
+                            events=EventPoster(kube), activity=activity, registry=registry)
+    sweeps: list[object] = []
+
+    async def sweep(listing: object) -> int:
+        sweeps.append(listing)
+        return 0
+
+    monkeypatch.setattr(registry, "sweep_refusals", sweep)
+    resync = asyncio.create_task(supervisor._resync())
+    try:
+        await asyncio.sleep(0.1)
+        assert sweeps == []  # a standby
+        activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
+        await asyncio.sleep(0.1)
+        assert sweeps and sweeps[0] == supervisor._listed.get
+    finally:
+        resync.cancel()
+        await asyncio.gather(resync, return_exceptions=True)
+        await kube.close()
