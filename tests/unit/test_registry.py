@@ -792,3 +792,28 @@ async def _refusals_seen(kube: Any) -> None:
         leases.Refusal(queue=("team-a", "q1"), queue_uid="uid-1", pod="q1-w0", at=4990.0, why="409: full"),
         queue_name="q1"))
     assert reg.total == 1
+
+
+async def test_a_sweep_of_refusal_records_that_cannot_delete_keeps_them_for_the_next(
+        caplog: pytest.LogCaptureFixture):
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+
+    with unreachable() as kube:
+        now = [100.0]
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1,
+                                monotonic=lambda: now[0])
+        record = leases.refusal_lease_body(leases.Refusal(queue=("team-a", "q1"), queue_uid="uid-1", pod="q1-w0",
+                                                          at=reg._clock(), why="409: full"), queue_name="q1")
+        record["metadata"]["uid"] = "lease-uid"  # as the API server gives it
+        reg.lease_upserted(record)
+        assert reg.refusal_lease(q1, "q1-w0") == "lease-uid"
+        # Its pod listed after it, and there: kept, and no call made.
+        listing = registry.PodListing("uid-1", reg._clock() + registry.REFUSAL_SWEEP_MARGIN + 1, frozenset({"q1-w0"}))
+        assert await reg.sweep_refusals(lambda key: listing) == 0 and not caplog.records
+        now[0] += registry.REFUSAL_SECONDS + 1  # expired: its Lease is to be deleted, which fails here
+        assert await reg.sweep_refusals(lambda key: listing) == 0
+        assert "deleting refusal records failed after 0 of 1" in caplog.text
+        assert reg.refusal_lease(q1, "q1-w0") == "lease-uid"  # for the next sweep
+        await kube.close()

@@ -82,7 +82,7 @@ REFUSAL_SWEEP_MARGIN = 30.0
 """A refusal's Lease goes with its pod once a listing of the queue's pods begun this long after the
 refusal misses that pod: room for the clocks of replicas to differ (see sweep_refusals)."""
 REFUSAL_SWEEP_MAX = 100
-"""Refusal Leases deleted by one sweep at most; the rest by the next."""
+"""Refusal Leases deleted by one sweep at most (all within API_TIMEOUT); the rest by the next."""
 
 
 class _Refused(NamedTuple):
@@ -658,19 +658,19 @@ class Registry:
                 if len(stale) == REFUSAL_SWEEP_MAX:
                     break
         deleted = 0
-        for key, refused in stale:
-            if refused.lease_uid:
-                path = f"{resources.leases_path(key[0])}/{refusal_lease_name(key[1])}"
-                try:
-                    async with asyncio.timeout(API_TIMEOUT):
+        try:
+            # All within one bound, and none after a failure: the resync that calls it waits meanwhile.
+            async with asyncio.timeout(API_TIMEOUT):
+                for key, refused in stale:
+                    if refused.lease_uid:
+                        path = f"{resources.leases_path(key[0])}/{refusal_lease_name(key[1])}"
                         await resources.delete_exact(self._client, path, refused.lease_uid)
-                except client_.ERRORS as exc:  # a timeout too: tried again by the next sweep
-                    logger.warning("deleting the refusal record %s/%s failed: %s", key[0],
-                                   refusal_lease_name(key[1]), type(exc).__name__ if not str(exc) else exc)
-                    continue
-                deleted += 1
-            if self._refusals.get(key) is refused:
-                del self._refusals[key]
+                        deleted += 1
+                    if self._refusals.get(key) is refused:
+                        del self._refusals[key]
+        except client_.ERRORS as exc:  # a timeout too: the rest are tried again by the next sweep
+            logger.warning("deleting refusal records failed after %d of %d: %s", deleted, len(stale),
+                           type(exc).__name__ if not str(exc) else exc)
         return deleted
 
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
