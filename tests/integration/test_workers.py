@@ -266,6 +266,33 @@ def test_a_pod_whose_worker_was_turned_away_at_start_is_replaced_not_counted_as_
     kube.wait_condition(namespace, "ref", "False", "CrashLooping")
 
 
+def test_a_pod_whose_worker_ended_while_its_sidecar_runs_on_is_finished(kube: Kube, namespace: str):
+    """A service mesh's proxy (or a log shipper) keeps the pod Running after its worker exits: the
+    worker container's end is the pod's, so it is counted, deleted (the sidecar with it) and replaced."""
+    kube.create_queue(namespace, "mesh", queueId=f"mesh-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      worker={"template": {"spec": {"containers": [
+                          {"name": "worker", "image": "registry.example/worker:1"},
+                          {"name": "istio-proxy", "image": "registry.example/proxy:1"}]}}})
+    wait_pods(kube, namespace, "mesh", ["mesh-w0"])
+
+    def worker_exits(pod: str, exit_code: int) -> None:
+        kube.core.patch_namespaced_pod_status(pod, namespace, {"status": {"phase": "Running", "containerStatuses": [
+            {"name": "worker", "image": "registry.example/worker:1", "imageID": "", "ready": False,
+             "restartCount": 0, "state": {"terminated": {"exitCode": exit_code,
+                                                         "reason": "Completed" if exit_code == 0 else "Error"}}},
+            {"name": "istio-proxy", "image": "registry.example/proxy:1", "imageID": "", "ready": True,
+             "restartCount": 0, "state": {"running": {}}}]}})
+
+    worker_exits("mesh-w0", 0)
+    wait_pods(kube, namespace, "mesh", ["mesh-w1"])
+    assert kube.workers(namespace, "mesh").get("succeeded") == 1
+    assert "WorkerSucceeded" in reasons(kube, namespace, "mesh")
+    worker_exits("mesh-w1", 1)
+    wait_pods(kube, namespace, "mesh", ["mesh-w2"])
+    assert kube.workers(namespace, "mesh").get("consecutiveFailures") == 1
+    assert "WorkerFailed" in reasons(kube, namespace, "mesh")
+
+
 def test_queue_that_cannot_serve_gets_no_workers_until_it_can(kube: Kube, namespace: str):
     kube.create_queue(namespace, "nr", queueId=f"nr-{namespace}", singleExecution=True,
                       temporal={**TEMPORAL, "apiKeySecretRef": {"name": "later", "key": "k"}})

@@ -441,6 +441,43 @@ def test_pod_from_body_reads_exit_code_and_reason():
     assert (p.index, p.exit_code, p.reason, p.alive) == (3, 137, "OOMKilled", False)
 
 
+def sidecar_body(worker: dict[str, Any] | None, *, containers: tuple[str, ...] = ("worker", "istio-proxy"),
+                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Running pod whose sidecar runs on; its worker container in `worker` state (None: not started)."""
+    statuses = [{"name": name, "state": {"running": {}}} for name in containers]
+    if worker is not None:
+        statuses[0]["state"] = worker
+    return {"metadata": {"name": "q1-w2", "annotations": annotations or {}},
+            "spec": {"containers": [{"name": name} for name in containers]},
+            "status": {"phase": "Running", "containerStatuses": statuses}}
+
+
+def test_a_pod_whose_worker_ended_while_a_sidecar_runs_on_is_finished():
+    """A service mesh's proxy keeps the pod Running after the worker exits: taken as such, a
+    single-execution queue kept one dead pod per execution until none served, an ephemeral one was
+    never deleted."""
+    done = Pod.from_body(sidecar_body({"terminated": {"exitCode": 0, "reason": "Completed"}}))
+    assert (done.phase, done.alive, done.exit_code) == ("Succeeded", False, 0)
+    crashed = Pod.from_body(sidecar_body({"terminated": {"exitCode": 1, "reason": "Error"}}))
+    assert (crashed.phase, crashed.alive, crashed.exit_code, crashed.reason) == ("Failed", False, 1, "Error")
+    assert Pod.from_body(sidecar_body({"running": {}})).alive
+    assert Pod.from_body(sidecar_body(None)).alive
+    # The sidecar's own end is not the worker's.
+    ended_sidecar = sidecar_body(None)
+    ended_sidecar["status"]["containerStatuses"][1]["state"] = {"terminated": {"exitCode": 0}}
+    assert Pod.from_body(ended_sidecar).alive
+    # The worker container is the one the pod marks as its default, else `worker`, else the first.
+    named = sidecar_body({"running": {}}, containers=("agent", "proxy"),
+                         annotations={"kubectl.kubernetes.io/default-container": "proxy"})
+    named["status"]["containerStatuses"][1]["state"] = {"terminated": {"exitCode": 0}}
+    assert not Pod.from_body(named).alive
+    assert Pod.from_body(sidecar_body({"running": {}}, containers=("proxy", "worker"))).alive
+    assert not Pod.from_body(sidecar_body({"terminated": {"exitCode": 0}}, containers=("agent", "proxy"))).alive
+    # Finished, it is counted and deleted (which stops its sidecar), and a new one made.
+    p = plan([done], previous=WorkersStatus(next_index=3), singleExecution=True)
+    assert p.delete == ("q1-w2",) and p.create == (3,) and p.workers.succeeded == 1
+
+
 def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():
     # The API server fills in the CRD's defaults once status.workers.live is written: zeros, no pods.
     filled_in = {"live": 3, "desired": 0, "pending": 0, "running": 0, "succeeded": 0, "failed": 0,

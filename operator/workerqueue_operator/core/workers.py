@@ -211,6 +211,14 @@ class Pod:
                 exit_code = terminated.get("exitCode")
                 reason = reason or terminated.get("reason") or ""
         phase = status.get("phase") or ""
+        if phase in ("Pending", "Running"):
+            # The worker has ended though a sidecar runs on (a service mesh's proxy, a log shipper): the
+            # pod would stay Running for good, never replaced or counted. Its container's end is the pod's.
+            ended = _worker_ended(body)
+            if ended is not None:
+                exit_code = ended.get("exitCode")
+                phase = "Succeeded" if exit_code == 0 else "Failed"
+                reason = ended.get("reason") or ""
         stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
         generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
         return cls(
@@ -234,6 +242,30 @@ class Pod:
     @property
     def alive(self) -> bool:
         return not self.deleting and self.phase in ALIVE_PHASES
+
+
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+
+
+def worker_container(pod: Mapping[str, Any]) -> str:
+    """The name of the container that runs the worker: the one the pod's
+    `kubectl.kubernetes.io/default-container` annotation names, else `worker`, else the first."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    names = [str(c.get("name", "")) for c in (pod.get("spec") or {}).get("containers") or []]
+    named = annotations.get(DEFAULT_CONTAINER_ANNOTATION)
+    if named in names:
+        return str(named)
+    return WORKER_CONTAINER if WORKER_CONTAINER in names or not names else names[0]
+
+
+def _worker_ended(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """How the worker's container terminated (its restartPolicy is Never: for good), None while it has not."""
+    name = worker_container(pod)
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") == name:
+            terminated = (container.get("state") or {}).get("terminated")
+            return terminated if isinstance(terminated, Mapping) else None
+    return None
 
 
 def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
