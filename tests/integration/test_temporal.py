@@ -172,6 +172,37 @@ async def test_a_workers_finished_execution_stays_in_its_view_however_many_close
     assert len(listed) == 2 and mine not in {e.id for e in listed}
 
 
+async def test_a_workers_first_execution_stays_its_view_while_a_later_one_runs_however_long_ago_it_closed(
+    temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
+):
+    """pod-b took a quick execution and a slow one. The quick one, its first, is the one it waits for;
+    once more than `limit` others closed after it, a while ago, the slow one took its place in the
+    view, and pod-b waited out its 1,800-s give-up for an execution it no longer saw."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    quick, mine, later = {"duration_seconds": 0.1}, f"b1-{uuid.uuid4().hex[:6]}", f"b2-{uuid.uuid4().hex[:6]}"
+
+    async def view(expected: int) -> list[dict[str, Any]] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if len(found) < expected or not any(e.id == later and e.holder == "2@pod-b" for e in found):
+            return None
+        return executions.worker_view(found, hostname="pod-b")
+
+    async with worker(client, tq, "2@pod-b"):
+        await client.execute_workflow("AgentExecutionWorkflow", quick, id=mine, task_queue=tq)
+        await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 120}, id=later, task_queue=tq)
+        (entry,) = await eventually(lambda: view(2))
+        assert (entry["id"], entry["status"]) == (mine, "running")
+    # Its worker gone, the slow one stays running in Temporal (nobody closes it).
+    async with worker(client, tq, "1@pod-a"):
+        for i in range(3):
+            await client.execute_workflow("AgentExecutionWorkflow", quick, id=f"a{i}-{uuid.uuid4().hex[:6]}",
+                                          task_queue=tq)
+    monkeypatch.setattr(temporal_, "CLOSED_SHOWN_SECONDS", 0.0)  # they all closed long ago
+    (entry,) = await eventually(lambda: view(4))
+    assert (entry["id"], entry["status"], entry["held_executions"]) == (mine, "running", 2)
+    await client.get_workflow_handle(later).terminate("test")
+
+
 async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
     temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
 ):
@@ -194,6 +225,7 @@ async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
         monkeypatch.undo()
         (read_now,) = await fresh.executions(endpoint(temporal), tq)
         assert read_now.holder is None and not read_now.holder_unread  # nobody took it
+        assert read_now.untaken_at is not None and abs(read_now.untaken_at - time.time()) < 10  # as of then
     finally:
         await fresh.close()
 

@@ -145,6 +145,26 @@ def test_a_worker_is_shown_nothing_while_an_earlier_execution_may_be_its_own_unr
     assert (entry["id"], entry["status"]) == ("x", "running")
 
 
+def test_a_worker_is_shown_nothing_while_an_earlier_execution_was_read_untaken_before_its_first_was_taken():
+    """It took x, then y, moments apart, while one listing read their histories: x's read before x was
+    taken (nobody), y's after. Shown y, then x once x was read again, it waited for y, never seen again."""
+    taken_y = times.parse("2026-01-01T00:05:01Z")
+    y = execution("y", "running", "5@q1-w1", "2026-01-01T00:05:01Z")
+    x = dataclasses.replace(execution("x", "running", None, "2026-01-01T00:05:00Z"), started_at=None,
+                            untaken_at=taken_y - 0.5)
+    assert executions.worker_view([y, x], hostname="q1-w1") == []
+    # Within the margin the clocks may differ by, still unsettled.
+    skewed = dataclasses.replace(x, untaken_at=taken_y + executions.UNTAKEN_MARGIN_SECONDS - 0.1)
+    assert executions.worker_view([y, skewed], hostname="q1-w1") == []
+    # Read untaken well after y was taken: taken later, it would come after y. y is the first.
+    (entry,) = executions.worker_view([y, dataclasses.replace(x, untaken_at=taken_y + 30)], hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("y", "running")
+    # Made after y was taken: it cannot come before y, however it was read.
+    later = dataclasses.replace(x, created_at="2026-01-01T00:06:00Z", untaken_at=taken_y - 0.5)
+    (entry,) = executions.worker_view([y, later], hostname="q1-w1")
+    assert entry["id"] == "y"
+
+
 def test_a_hostname_matches_the_whole_host_part_only():
     assert not executions.held_by(execution("x", "running", "1@q1-w10", "t"), "q1-w1")
 

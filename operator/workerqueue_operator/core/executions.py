@@ -6,8 +6,9 @@ waiting_for_input, and exits once that one reads completed, failed or cancelled 
 first execution anyone ran. A worker therefore sees only the executions it holds (those whose first
 workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded into one entry:
 
-- nothing held yet: an empty list, so it keeps waiting for work; so too while an execution whose
-  holder is not read yet began before its first was taken (it may be an earlier one of its own);
+- nothing held yet: an empty list, so it keeps waiting for work; so too while an execution made
+  before its first was taken may be an earlier one of its own: its holder not read yet, or read as
+  nobody before that first was taken;
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
   Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
   led to exit then), or while a running one's holder is not known yet, and is that execution's own
@@ -41,6 +42,22 @@ def taken_before(execution: Execution, moment: float) -> bool:
     return taken is not None and taken < moment
 
 
+UNTAKEN_MARGIN_SECONDS = 5.0
+"""How far the operator's clock and the Temporal server's may differ (see _unsettled)."""
+
+
+def _unsettled(execution: Execution, taken: float) -> bool:
+    """Whether the execution, made before `taken` (when a worker took what would be its first), may be
+    an earlier one of that worker's though not known as such: its history not read, or read when
+    nobody had taken it yet, before `taken` (a worker takes several at once, reads are concurrent)."""
+    if (times.parse_or_none(execution.created_at) or 0.0) > taken:
+        return False
+    if execution.holder_unread:
+        return True
+    return (execution.holder is None and execution.status == "running" and execution.untaken_at is not None
+            and execution.untaken_at <= taken + UNTAKEN_MARGIN_SECONDS)
+
+
 def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> list[dict[str, Any]]:
     """Every execution of the queue, newest first, for people and tools (not for workers)."""
     chosen = [e for e in executions if status == "all" or e.status == status]
@@ -56,8 +73,7 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))
     taken = times.parse_or_none(first.started_at or first.created_at)
-    if taken is not None and any(e.holder_unread and (times.parse_or_none(e.created_at) or 0.0) <= taken
-                                 for e in executions):
+    if taken is not None and any(_unsettled(e, taken) for e in executions):
         # One not read yet may be an earlier one of its own: shown this one now and that one once read,
         # the worker would wait for the first it saw, which it never sees again.
         return []

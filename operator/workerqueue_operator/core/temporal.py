@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -123,6 +124,9 @@ class Execution:
     holder: str | None  # Temporal identity ("<pid>@<hostname>") of that worker; None until one took it
     holder_unread: bool = False
     """Its history was not read in time this listing: `holder` None says nothing (see Temporal._list)."""
+    untaken_at: float | None = None
+    """Nobody had taken it at this time (epoch seconds; its history, read just after, said so): a
+    worker may have taken it since, and before another one it took after that."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +164,8 @@ class TemporalUnavailable(Exception):
 class _Holder:
     identity: str | None
     started_at: str | None
+    untaken_at: float | None = None
+    """Of a run nobody had taken: when (epoch seconds, at the latest) its history said so."""
 
 
 _ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool]
@@ -402,9 +408,14 @@ class Temporal:
             # Past the `limit` closed last, those closed lately whose holder is known already (no read
             # to make): a worker waits for its own to read closed on two polls in a row, and more than
             # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
+            # And, however long ago, those of a worker that runs another one still: its first execution
+            # is what it waits for, and its later ones must not take that one's place in its view.
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
+            running_hosts = {held.identity.rpartition("@")[2] for wf in going
+                             if (held := self._cached_holder(endpoint, wf)) is not None and held.identity}
             older = [wf for wf in closed[max(limit, 0):]
-                     if _close_key(wf)[0] >= recent and self._holder_known(endpoint, wf.id, wf.run_id)]
+                     if (held := self._cached_holder(endpoint, wf)) is not None and held.identity is not None
+                     and (_close_key(wf)[0] >= recent or held.identity.rpartition("@")[2] in running_hosts)]
             runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older
             # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
             untouched = {(wf.id, wf.run_id) for wf in older}
@@ -451,6 +462,7 @@ class Temporal:
                 else None,
                 holder=h.identity if h is not None else None,
                 holder_unread=h is None,
+                untaken_at=h.untaken_at if h is not None else None,
             )
             for wf, h in zip(runs, holders, strict=True)
         ]
@@ -468,10 +480,9 @@ class Temporal:
     def _holder_capacity(self) -> int:
         return max(self._holder_cache_size, HOLDERS_PER_TASK_QUEUE * len(self._listed_task_queues))
 
-    def _holder_known(self, endpoint: Endpoint, workflow_id: str, run_id: str) -> bool:
-        """Whether the run's holder is cached, and is someone (not touched: no use keeps it cached)."""
-        cached = self._holders.get((endpoint.host, endpoint.namespace, workflow_id, run_id))
-        return cached is not None and cached.identity is not None
+    def _cached_holder(self, endpoint: Endpoint, wf: Any) -> _Holder | None:
+        """The run's holder if cached, not touched: no use keeps it cached."""
+        return self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
 
     def _known_holder(self, endpoint: Endpoint, workflow_id: str, run_id: str) -> _Holder | None:
         key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
@@ -488,6 +499,7 @@ class Temporal:
         cached = self._known_holder(endpoint, workflow_id, run_id)
         if cached is not None:
             return cached
+        asked_at = time.time()  # what the history tells held then at the latest
         found = _Holder(None, None)
         token = b""
         while True:
@@ -515,7 +527,8 @@ class Temporal:
             capacity = self._holder_capacity()
             while len(self._holders) > capacity:
                 self._holders.popitem(last=False)
-        return found
+            return found
+        return _Holder(None, None, untaken_at=asked_at)
 
 
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
