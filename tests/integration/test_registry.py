@@ -130,6 +130,28 @@ def test_a_refusal_record_left_long_ago_is_deleted_and_none_is_taken_for_a_regis
     assert len(listed) == 1
 
 
+def test_a_worker_with_a_kubernetes_identity_joins_again_after_it_expired(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    """Its heartbeats name no queue, and its token is no queue's: it got 404 for the rest of its
+    life, running on unlisted (past maxWorkers, its slot given to another)."""
+    queue_id, _ = ready_queue(kube, namespace, "sa", heartbeatIntervalSeconds=10)
+    kube.grant(namespace, "start-workers", resource="workerqueues/start", verb="create", queue="sa",
+               account="agent")
+    token = service_account_token(kube, namespace, "agent")
+    worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, worker_id, token) == 200
+    assert heartbeat(operator, worker_id, token) == 200  # it keeps the queue's 10 s: expires in 25 s
+    wait_for(lambda: worker_id not in kube.registrations(namespace) and any(
+        e.reason == "WorkerExpired" and worker_id in e.message for e in kube.events(namespace, "sa")),
+        timeout=40, interval=1, what="the registration expired")
+    # Not for an identity that may not start workers on that queue.
+    assert heartbeat(operator, worker_id, service_account_token(kube, namespace, "other")) == 403
+    assert heartbeat(operator, worker_id, token) == 200
+    wait_for(lambda: worker_id in kube.registrations(namespace), what="the Lease written again")
+    assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token, {"reason": "shutdown"}).status == 200
+    assert heartbeat(operator, worker_id, token) == 404  # a goodbye is final
+
+
 def test_a_worker_whose_heartbeats_stop_expires_and_joins_again_when_they_resume(
         operator: OperatorProcess, kube: Kube, namespace: str):
     queue_id, token = ready_queue(kube, namespace, "quiet", heartbeatIntervalSeconds=10)

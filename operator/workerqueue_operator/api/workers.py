@@ -71,10 +71,13 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
                   ) -> tuple[Worker, Resolution] | web.Response:
     """A heartbeat of a worker with no registration here (see Registry.may_rejoin): registered again
     when its id shows that the caller's queue issued it (to the calling pod, for a pod's token) and
-    that queue would register it at /start. Anything else is the 404 of an unknown worker, as before."""
+    that queue would register it at /start; for a Kubernetes identity, the queue whose registration of
+    it expired here, which that identity may still start workers on. Anything else is the 404 of an
+    unknown worker, as before."""
     worker_id = request.match_info["worker_id"]
     store, registry = request.app[STORE], request.app[REGISTRY]
-    key = store.queue_of_token(caller.token_digest) if caller.identity is None else None
+    # A Kubernetes identity names no queue: that of its registration, if it expired as known here.
+    key = store.queue_of_token(caller.token_digest) if caller.identity is None else registry.expired_in(worker_id)
     resolution = store.resolution(key) if key is not None else None
     pod = caller.worker.pod if caller.worker is not None else None
     # A pod's id is keyed by its own token (by the queue's when an earlier version issued it).
@@ -83,6 +86,11 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
             or not queues.issued_worker_id(worker_id, (caller.token_digest, *keys) if pod else keys, pod=pod)
             or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
+    if caller.identity is not None:
+        denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
+                                         token_message="This token may not act for workers of this worker queue")
+        if denied is not None:
+            return denied
     queue = resolution.queue
     if queue.spec.max_workers is None:
         try:

@@ -140,6 +140,7 @@ class _Ended(NamedTuple):
 
     on_purpose: bool
     heard_at: float | None
+    queue: QueueKey | None = None
 
 
 @dataclass
@@ -379,6 +380,12 @@ class Registry:
         if (ended is not None and ended.on_purpose) or worker_id in self._workers or worker_id in self._rejoining:
             return False
         return pod is None or not any(w.pod == pod for w in self._by_queue.get(queue.key, {}).values())
+
+    def expired_in(self, worker_id: str) -> QueueKey | None:
+        """The queue of the worker whose registration expired as this replica knows (None: not so):
+        for a worker that authenticates with a Kubernetes identity, which names no queue, to rejoin."""
+        ended = self._ended.get(worker_id)
+        return ended.queue if ended is not None and not ended.on_purpose else None
 
     def rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
                hostname: str | None = None) -> Worker | None:
@@ -1042,7 +1049,7 @@ class Registry:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         worker_id = worker.worker_id
         self._ended.pop(worker_id, None)
-        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None)
+        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None, worker.queue)
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
