@@ -271,17 +271,40 @@ async def _lists(access: Temporal, temporal: TemporalServer, tq: str, workflow_i
     return any(e.id == workflow_id for e in await access.executions(endpoint(temporal), tq))
 
 
+async def test_a_listing_reads_at_most_the_scan_limit(temporal: TemporalServer, client: Client):
+    tq = f"tq-{secrets.token_hex(4)}"
+    started = [await client.start_workflow("AgentExecutionWorkflow", {}, id=f"s{i}-{uuid.uuid4().hex[:6]}",
+                                           task_queue=tq) for i in range(5)]
+    whole, scant = Temporal(timeout=2.0, coalesce=0.0), Temporal(timeout=2.0, coalesce=0.0, scan_limit=3)
+    try:
+        listed = await eventually(lambda: _listed_all(whole, temporal, tq, 5))
+        assert {e.id for e in listed} == {handle.id for handle in started}
+        assert all(e.status == "running" and e.workflow_type == "AgentExecutionWorkflow" and e.created_at
+                   and e.completed_at is None for e in listed)
+        assert len(await scant.executions(endpoint(temporal), tq)) == 3
+    finally:
+        await whole.close()
+        await scant.close()
+        for handle in started:
+            await handle.terminate("test")
+
+
+async def _listed_all(access: Temporal, temporal: TemporalServer, tq: str, count: int) -> list[Execution] | None:
+    found = await access.executions(endpoint(temporal), tq)
+    return found if len(found) == count else None
+
+
 async def test_concurrent_listings_are_coalesced(temporal: TemporalServer, monkeypatch: pytest.MonkeyPatch):
     access = Temporal(timeout=2.0)  # the default 1 s coalescing window
     calls = 0
-    original = Client.list_workflows
+    original = Temporal._scan  # one visibility scan per listing
 
-    def counting(self: Client, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: Temporal, *args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Client, "list_workflows", counting)
+    monkeypatch.setattr(Temporal, "_scan", counting)
     try:
         results = await asyncio.gather(*(access.executions(endpoint(temporal), "coalesced") for _ in range(20)))
         assert calls == 1 and all(r == results[0] for r in results)
