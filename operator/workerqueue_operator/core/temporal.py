@@ -422,12 +422,19 @@ class Temporal:
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
             running_hosts = {held.identity.rpartition("@")[2] for wf in going
                              if (held := self._cached_holder(endpoint, wf)) is not None and held.identity}
-            older = [wf for wf in closed[max(limit, 0):]
-                     if (held := self._cached_holder(endpoint, wf)) is not None and held.identity is not None
-                     and (_close_key(wf)[0] >= recent or held.identity.rpartition("@")[2] in running_hosts)]
+            older: list[_Run] = []
+            untouched = set()
+            for wf in closed[max(limit, 0):]:
+                held = self._cached_holder(endpoint, wf)
+                if held is None or held.identity is None:
+                    continue
+                if held.identity.rpartition("@")[2] in running_hosts:
+                    older.append(wf)  # kept cached while its worker runs: few, needed until it exits
+                elif _close_key(wf)[0] >= recent:
+                    older.append(wf)
+                    # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
+                    untouched.add((wf.id, wf.run_id))
             runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older
-            # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
-            untouched = {(wf.id, wf.run_id) for wf in older}
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
             untouched = set()
