@@ -203,6 +203,46 @@ async def test_a_workers_first_execution_stays_its_view_while_a_later_one_runs_h
     await client.get_workflow_handle(later).terminate("test")
 
 
+async def test_a_workers_first_execution_stays_cached_while_it_runs_a_later_one(
+    temporal: TemporalServer, client: Client, monkeypatch: pytest.MonkeyPatch,
+):
+    """Shown without being used, it went first out of the holder cache once other workers' runs were
+    read (an LRU, here of 4): not known any more, it left the view and the later one took its place."""
+    monkeypatch.setattr(temporal_, "HOLDERS_PER_TASK_QUEUE", 4)
+    access = Temporal(timeout=2.0, coalesce=0.0, holder_cache_size=1)
+    tq = f"tq-{secrets.token_hex(4)}"
+    quick, mine, later = {"duration_seconds": 0.1}, f"b1-{uuid.uuid4().hex[:6]}", f"b2-{uuid.uuid4().hex[:6]}"
+    others: list[str] = []
+
+    async def view(expected: int) -> list[dict[str, Any]] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if not {later, *others[-2:]} <= {e.id for e in found if e.holder} or len(found) < expected:
+            return None
+        return executions.worker_view(found, hostname="pod-b")
+
+    async def others_run(count: int) -> None:
+        async with worker(client, tq, "1@pod-a"):
+            for _ in range(count):
+                others.append(f"a{len(others)}-{uuid.uuid4().hex[:6]}")
+                await client.execute_workflow("AgentExecutionWorkflow", quick, id=others[-1], task_queue=tq)
+
+    try:
+        async with worker(client, tq, "2@pod-b"):
+            await client.execute_workflow("AgentExecutionWorkflow", quick, id=mine, task_queue=tq)
+            await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 120}, id=later,
+                                        task_queue=tq)
+            assert [e["id"] for e in await eventually(lambda: view(2))] == [mine]
+        monkeypatch.setattr(temporal_, "CLOSED_SHOWN_SECONDS", 0.0)  # only its worker's running keeps it
+        for _ in range(2):  # each time two more runs read and cached, two older ones out
+            await others_run(2)
+            assert [e["id"] for e in await eventually(lambda: view(4))] == [mine]
+        (entry,) = await eventually(lambda: view(4))
+        assert (entry["id"], entry["status"]) == (mine, "running")
+    finally:
+        await access.close()
+        await client.get_workflow_handle(later).terminate("test")
+
+
 async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(
     temporal: TemporalServer, client: Client, access: Temporal, monkeypatch: pytest.MonkeyPatch,
 ):
