@@ -186,6 +186,10 @@ class Watches:
     def synced(self) -> bool:
         return all(i.synced.is_set() for i in self.all)
 
+    def secrets_current(self) -> bool:
+        """Whether every Secret made until a moment ago is known: listed, and watched since."""
+        return all(i.synced.is_set() and i.down_since is None for i in self.secrets)
+
     def down_for(self) -> float:
         """Seconds the longest-failing watch has been failing; 0 when all are well."""
         return max((i.down_for() for i in self.all), default=0.0)
@@ -284,7 +288,8 @@ async def run(
         return kopf_ready.is_set() and watches.synced() and watches.down_for() < settings.watch_unready_seconds
 
     app = app_.make_app(store=store, reviewer=reviewer, registry=registry, temporal_=temporal_, kube=client,
-                        settings=settings, version=version, ready=ready)
+                        settings=settings, version=version, ready=ready,
+                         secrets_current=watches.secrets_current)
     app[keys.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
                              kind="counter", label="resource", read=lambda: watches.counts(lambda i: i.failures))

@@ -50,7 +50,8 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert env["KUBIYA_API_KEY"].value is None  # never inlined: a reference to the token Secret
     # Each pod its own token, so that the operator knows which worker asks.
     assert env["KUBIYA_API_KEY"].value_from.secret_key_ref.name == "se-w0-token"
-    assert kube.secret_value(namespace, "se-w0-token", "token")
+    # Marked as the operator's, so that a replica that has not seen it yet awaits it (api/unseen.py).
+    assert kube.secret_value(namespace, "se-w0-token", "token").startswith("wqw1_")
 
     kube.set_phase(namespace, "se-w0", "Running")
     wait_for(lambda: kube.workers(namespace, "se").get("running") == 1, what="running count")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import kubernetes
 from aiohttp import web
@@ -42,7 +42,8 @@ class NoReviews(reviews.Reviewer):
 
 
 def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
-             reviewer: reviews.Reviewer | None = None) -> web.Application:
+             reviewer: reviews.Reviewer | None = None,
+             secrets_current: Callable[[], bool] = lambda: True) -> web.Application:
     # Nobody answers there (a port bound, never listening): the one write made at once, a refused
     # pod's record, fails at once, as it may.
     unused = socket.socket()
@@ -53,7 +54,7 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
                         bounds=Bounds.of(settings))
     app = app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
                         temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
-                        ready=lambda: True)
+                        ready=lambda: True, secrets_current=secrets_current)
 
     async def close(app: web.Application) -> None:
         await kube.close()

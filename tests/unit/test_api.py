@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import UID, queue
-from workerqueue_operator.api.keys import DRAIN, REGISTRY
+from workerqueue_operator.api import unseen
+from workerqueue_operator.api.keys import DRAIN, REGISTRY, UNSEEN
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -562,3 +563,63 @@ async def test_a_start_that_outlives_its_queue_leaves_no_metric_series(client: T
     r = await client.post(START.format("q-1"), headers=AUTH)
     assert r.status == 200, await r.text()
     assert 'queue="q1"' not in await (await client.get("/metrics")).text()
+
+
+WORKER_TOKEN = "wqw1_made-for-q1-w0"
+
+
+async def test_a_pod_token_whose_secret_is_on_its_way_is_awaited_not_refused():
+    # The pod's worker calls /start before this replica's Secret watch brought its token: a 401 would
+    # make the worker exit 1, and its pod count as a crash.
+    store = store_with_pod()
+    pod = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = asyncio.create_task(c.post(START.format("q-1"), headers=pod))
+        await asyncio.sleep(0.5)
+        assert not started.done()
+        store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(("team-a", "q1"), "q1-w0", UID),
+                                       WORKER_TOKEN)
+        answer = await started
+        assert answer.status == 200, await answer.text()
+        worker_id = (await answer.json())["worker_id"]
+        beat = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=pod)
+        assert beat.status == 200  # the pod's own worker, not a queue-token caller
+        assert c.server.app[UNSEEN].waited == 1
+
+
+async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_well(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 0.3)
+    store = store_with_pod()
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        answer = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+        assert answer.status == 401
+        # Only the operator's mark is awaited: any other unknown token is refused at once.
+        assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer wrong"})).status == 401
+        assert c.server.app[UNSEEN].waited == 1
+
+
+async def test_a_pod_token_still_unseen_while_the_secret_watch_is_down_is_a_503(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(unseen, "DOWN_SECONDS", 0.5)
+    watch_up = False
+    store = store_with_pod()
+    async with TestClient(TestServer(apps.make_app(store, secrets_current=lambda: watch_up))) as c:
+        answer = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
+        assert answer.status == 503
+        assert answer.headers["Retry-After"] == "1"
+        assert await answer.json() == {"detail": "Worker credentials are being loaded, try again"}
+        # The watch comes back within the wait, its relist without the token: the token is wrong.
+        started = asyncio.create_task(c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"}))
+        await asyncio.sleep(0.2)
+        watch_up = True
+        assert (await started).status == 401
+
+
+async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(unseen, "MAX_WAITING", 2)
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 1.0)
+    store = store_with_pod()
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        forged = [c.post(START.format("q-1"), headers={"Authorization": f"Bearer wqw1_forged{i}"}) for i in range(5)]
+        answers = await asyncio.gather(*forged)
+        assert [a.status for a in answers] == [401] * 5
+        assert c.server.app[UNSEEN].waited == 2

@@ -16,7 +16,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Middleware
 
-from workerqueue_operator.api import bodies, callers, errors, logs, metrics, openapi, passthrough, serving, workers
+from workerqueue_operator.api import (
+    bodies,
+    callers,
+    errors,
+    logs,
+    metrics,
+    openapi,
+    passthrough,
+    serving,
+    unseen,
+    workers,
+)
 from workerqueue_operator.api.keys import (
     BUSY,
     DRAIN,
@@ -30,6 +41,7 @@ from workerqueue_operator.api.keys import (
     SETTINGS,
     STORE,
     TEMPORAL,
+    UNSEEN,
 )
 from workerqueue_operator.core import queues, reviews, temporal
 from workerqueue_operator.core import registry as registry_
@@ -232,6 +244,7 @@ def make_app(
     settings: settings_.Settings,
     version: str,
     ready: Callable[[], bool],
+    secrets_current: Callable[[], bool] = lambda: True,
 ) -> web.Application:
     metrics_ = metrics.Metrics()
     log = logs.Throttled(logger, metrics_)
@@ -254,12 +267,16 @@ def make_app(
     app[LOG] = log
     app[BUSY] = busy
     app[DRAIN] = drain
+    app[UNSEEN] = unseen.UnseenTokens(secrets_current)
     app[METRICS].family("workerqueue_token_reviews_total",
                         "Kubernetes tokens presented by outcome (rejected_cached: no TokenReview made; "
                         "busy: no review slot free in time).", kind="counter", label="outcome",
                         read=lambda: reviewer.outcomes)
     app[METRICS].gauge("workerqueue_reviews_in_flight",
                        "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)
+    app[METRICS].gauge("workerqueue_unseen_worker_tokens_total",
+                       "Requests held because their per-worker token's Secret was not seen yet by this replica.",
+                       lambda: app[UNSEEN].waited, kind="counter")
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
     app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready.",
                        lambda: store.not_ready_count)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from workerqueue_operator.api import errors
-from workerqueue_operator.api.keys import LOG, REVIEWER, STORE
-from workerqueue_operator.core import queues, reviews
+from workerqueue_operator.api.keys import LOG, REVIEWER, STORE, UNSEEN
+from workerqueue_operator.core import queues, reviews, workers
 from workerqueue_operator.core.queues import Resolution
 from workerqueue_operator.core.store import WorkerCredential
 
@@ -66,6 +66,15 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
         return Caller(token_digest, worker=credential)
     if store.is_queue_token(token_digest):
         return Caller(token_digest)
+    if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
+        unseen = request.app[UNSEEN]
+        credential = await unseen.credential(lambda: store.worker_credential(token_digest))
+        if credential is not None:
+            return Caller(token_digest, worker=credential)
+        if not unseen.current():
+            request.app[LOG].warning("worker_token_unseen", "a per-worker token is unknown while the Secret watch "
+                                     "is down: answered 503")
+            return errors.detail(503, "Worker credentials are being loaded, try again", headers={"Retry-After": "1"})
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:

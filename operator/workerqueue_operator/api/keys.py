@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from workerqueue_operator.api import logs, metrics, serving
+from workerqueue_operator.api import logs, metrics, serving, unseen
 from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
@@ -28,3 +28,5 @@ BUSY: web.AppKey[set[object]] = web.AppKey("busy")
 """The connections whose request is being handled: never closed to make room (api/serving.py)."""
 DRAIN = web.AppKey("drain", serving.Drain)
 """Set when the replica stops: its last seconds of serving (api/serving.py)."""
+UNSEEN = web.AppKey("unseen", unseen.UnseenTokens)
+"""Per-worker tokens held until the Secret watch brings them (api/unseen.py)."""

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import heapq
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -421,7 +420,7 @@ class Supervisor:
             # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
             # pod, so that the first pods of a burst need not wait for the last tokens.
             await self._create_credential(queue, workers.credential_secret_body(
-                queue, body["metadata"]["name"], secrets.token_urlsafe(32), now=self._clock()))
+                queue, body["metadata"]["name"], workers.new_worker_token(), now=self._clock()))
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)

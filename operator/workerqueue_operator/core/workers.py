@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from secrets import token_urlsafe
 from typing import Any, NamedTuple
 
 from workerqueue_operator.core import queues
@@ -103,6 +104,19 @@ def _hashed_label(pod: str, unique: str) -> str:
 def credential_secret_name(pod: str) -> str:
     """The Secret holding the per-worker token of an operator-run pod."""
     return f"{pod}-token"
+
+
+WORKER_TOKEN_PREFIX = "wqw1_"
+"""Marks the per-worker tokens the operator makes, so that /start can tell one it has not yet seen
+(its Secret's watch event still on the way) from a token that is simply wrong."""
+
+
+def new_worker_token() -> str:
+    return WORKER_TOKEN_PREFIX + token_urlsafe(32)  # 256 random bits
+
+
+def is_worker_token(token: str) -> bool:
+    return token.startswith(WORKER_TOKEN_PREFIX)
 
 
 def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: float) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""Per-worker tokens this replica has not seen yet: held a moment rather than refused.
+
+The supervisor makes a pod's token Secret just before the pod, and the pod's worker calls /start once
+it runs. A replica whose Secret watch has not brought that Secret yet (an event still on the way, a
+watch relisting or backing off) would answer 401; the worker exits on any answer but 200, and its pod
+fails as if it had crashed, so a run of them could turn the queue CrashLooping. A token marked as the
+operator's (workers.is_worker_token) is therefore held until the watch brings it, briefly while the
+watch is well and longer while it is down; still unknown then, it is refused (401) if the watch is
+well, or answered 503 if the watch is still down, since then it is this replica that does not know.
+Forged tokens with the mark cost a waiting request each, never an API call: at most `max_waiting`
+wait at once, and the rest are answered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from workerqueue_operator.core.store import WorkerCredential
+
+LAG_SECONDS = 2.0
+"""How long a token is awaited while the Secret watch is well: a watch event's usual delay, many times over."""
+DOWN_SECONDS = 15.0
+"""How long it is awaited while the watch is down: a relist after a back-off, well within the worker's
+60-s /start timeout."""
+MAX_WAITING = 256
+POLL_SECONDS = 0.1
+
+
+class UnseenTokens:
+    def __init__(self, current: Callable[[], bool]) -> None:
+        self.current = current
+        """Whether the Secret watch has every Secret made until a moment ago (listed, watching)."""
+        self._lag = LAG_SECONDS
+        self._down = DOWN_SECONDS
+        self._max_waiting = MAX_WAITING
+        self.waiting = 0
+        self.waited = 0
+        """Requests held so far (a metric)."""
+
+    async def credential(self, lookup: Callable[[], WorkerCredential | None]) -> WorkerCredential | None:
+        """The credential once `lookup` finds it; None when it still does not after the wait (or when
+        too many wait already)."""
+        if self.waiting >= self._max_waiting:
+            return None
+        self.waiting += 1
+        self.waited += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while True:
+                await asyncio.sleep(POLL_SECONDS)
+                found = lookup()
+                if found is not None:
+                    return found
+                waited = loop.time() - started
+                if waited >= (self._lag if self.current() else self._down):
+                    return None
+        finally:
+            self.waiting -= 1
