@@ -21,6 +21,7 @@ import pytest
 from tests import standin
 from tests.integration.conftest import Http, Kube, OperatorProcess, http, wait_for
 from tests.proxy import Proxy
+from workerqueue_operator.core import queues
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -197,10 +198,11 @@ async def test_websocket_is_proxied_with_the_organizations_key(operator: Operato
                                                          upstream: standin.StandIn):
     key = org_key()
     token = queue_with_upstream(kube, namespace, "ws", upstream.url, key)
+    path = f"/api/v1/ws/workers/{queues.new_worker_id(queues.digest(token))}"  # as /start names it
 
     async def session() -> tuple[dict[str, Any], list[Any], int | None]:
         async with aiohttp.ClientSession() as client, client.ws_connect(
-                f"{operator.url}/api/v1/ws/workers/w-1", headers={"Authorization": f"Bearer {token}"}) as ws:
+                f"{operator.url}{path}", headers={"Authorization": f"Bearer {token}"}) as ws:
             hello = json.loads(await ws.receive_str(timeout=10))
             await ws.send_str("event 1")
             await ws.send_bytes(b"\x01\x02")
@@ -210,7 +212,7 @@ async def test_websocket_is_proxied_with_the_organizations_key(operator: Operato
             return hello, echoes, ws.close_code
 
     hello, echoes, code = await session()
-    assert hello["path_qs"] == "/api/v1/ws/workers/w-1"
+    assert hello["path_qs"] == path
     assert standin.header_values(hello, "Authorization") == [f"Bearer {key}"]
     assert echoes == ["event 1", b"\x01\x02"] and code == 4000
 
@@ -223,7 +225,8 @@ async def test_a_websocket_whose_upstream_vanishes_without_a_word_is_closed(
     try:
         token = queue_with_upstream(kube, namespace, "ws-gone", f"http://127.0.0.1:{proxy.port}", org_key())
         async with asyncio.timeout(30), aiohttp.ClientSession() as client, client.ws_connect(
-                f"{operator.url}/api/v1/ws/workers/w-1", headers={"Authorization": f"Bearer {token}"}) as ws:
+                f"{operator.url}/api/v1/ws/workers/{queues.new_worker_id(queues.digest(token))}",
+                headers={"Authorization": f"Bearer {token}"}) as ws:
             json.loads(await ws.receive_str(timeout=10))  # the upstream's hello: relayed both ways
             proxy.freeze()
             message = await ws.receive(timeout=15)

@@ -623,3 +623,19 @@ async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: py
         answers = await asyncio.gather(*forged)
         assert [a.status for a in answers] == [401] * 5
         assert c.server.app[UNSEEN].waited == 2
+
+
+async def test_a_registrations_hostname_is_bounded_in_memory_and_in_its_lease(client: TestClient):
+    # system_info is bounded to 4 KiB; its hostname must be too, or a 1-MB one per /start costs a MB
+    # of memory per registration and makes a Lease the API server refuses (annotations: 256 KiB).
+    from workerqueue_operator.core import leases
+
+    started = await client.post(START.format("q-1"), json={"system_info": {"hostname": "h" * 1_000_000}},
+                                headers=AUTH)
+    assert started.status == 200
+    worker = client.server.app[REGISTRY].get((await started.json())["worker_id"])
+    assert worker is not None and worker.hostname == "h" * 253
+    annotations = leases.lease_body(worker, queue_name="q1")["metadata"]["annotations"]
+    assert len(json.dumps(annotations)) < 16 * 1024
+    real = await client.post(START.format("q-1"), json={"system_info": {"hostname": "q1-w0"}}, headers=AUTH)
+    assert client.server.app[REGISTRY].get((await real.json())["worker_id"]).hostname == "q1-w0"

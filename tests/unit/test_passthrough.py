@@ -21,8 +21,12 @@ from tests import standin
 from tests.unit import apps
 from tests.unit.factories import UID, queue
 from workerqueue_operator.api import passthrough
+from workerqueue_operator.core import queues
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
+
+WS_A = f"/api/v1/ws/workers/{queues.new_worker_id(queues.digest('tok-a'))}"
+"""The websocket /start names for a worker that started with tok-a."""
 
 ORG_KEY = "org-key-A"
 
@@ -574,12 +578,12 @@ async def test_upstream_status_and_metrics(hub: tuple[Store, TestClient], upstre
 
 async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store, TestClient]):
     _, client = hub
-    async with client.ws_connect("/api/v1/ws/workers/w-1?x=1", headers={"Authorization": "Bearer tok-a"},
+    async with client.ws_connect(f"{WS_A}?x=1", headers={"Authorization": "Bearer tok-a"},
                                  protocols=("agent.v1",)) as ws:
         assert ws.protocol == "agent.v1"
         first = await ws.receive_str(timeout=5)
         hello = json.loads(first)
-        assert hello["path_qs"] == "/api/v1/ws/workers/w-1?x=1"
+        assert hello["path_qs"] == f"{WS_A}?x=1"
         assert standin.header_values(hello, "Authorization") == [f"Bearer {ORG_KEY}"]
         await ws.send_str("ping?")
         assert await ws.receive_str(timeout=5) == "ping?"
@@ -598,20 +602,20 @@ async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store,
 async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):
     _, client = hub
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
-        await client.ws_connect("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer nobody"})
+        await client.ws_connect(WS_A, headers={"Authorization": "Bearer nobody"})
     assert caught.value.status == 401
 
 
 async def test_a_broken_websocket_handshake_is_400_and_not_forwarded(hub: tuple[Store, TestClient]):
     _, client = hub
-    r = await client.get("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a", "Upgrade": "websocket",
+    r = await client.get(WS_A, headers={"Authorization": "Bearer tok-a", "Upgrade": "websocket",
                                                             "Connection": "Upgrade"})
     assert r.status == 400 and await r.json() == {"detail": "Not a valid websocket handshake"}
 
 
 async def test_a_websocket_is_closed_once_its_token_no_longer_opens_the_queue(hub: tuple[Store, TestClient]):
     store, client = hub
-    async with client.ws_connect("/api/v1/ws/workers/w-1", headers={"Authorization": "Bearer tok-a"}) as ws:
+    async with client.ws_connect(WS_A, headers={"Authorization": "Bearer tok-a"}) as ws:
         await ws.receive_str(timeout=5)  # the stand-in's hello: the relay is up
         store.upsert_secret(("team-a", "a-worker-token"), {"token": "tok-a2"})  # rotated: tok-a unlisted
         message = await ws.receive(timeout=5)
@@ -695,7 +699,7 @@ async def relaying(upstream: TestServer) -> AsyncIterator[tuple[TestServer, aioh
     server = TestServer(apps.make_app(store, settings=settings, version="1"))
     await server.start_server()
     async with aiohttp.ClientSession() as session, session.ws_connect(
-            server.make_url("/api/v1/ws/workers/w-1"), headers={"Authorization": "Bearer tok-a"}) as ws:
+            server.make_url(WS_A), headers={"Authorization": "Bearer tok-a"}) as ws:
         await ws.receive_str(timeout=5)  # the stand-in's hello: the proxy is up
         yield server, ws
 
@@ -723,3 +727,45 @@ async def test_a_worker_that_stopped_reading_does_not_hold_up_shutdown(upstream:
         done, _ = await asyncio.wait({closing}, timeout=30)
         flooding.cancel()
         assert closing in done
+
+
+async def test_a_workers_websocket_opens_only_with_the_token_it_started_with():
+    """The upstream takes whoever opens a worker's websocket for that worker: another queue's token,
+    or a sibling pod's, must not open it (heartbeats for that worker are 403 to them as well)."""
+    async with TestServer(standin.make_app()) as upstream:
+        url = str(upstream.make_url("/")).rstrip("/")
+        settings = Settings(upstream_url=url, upstream_api_key_secret="ops/org:k")
+        store = Store(settings=settings)
+        for name in ("q1", "q2"):
+            store.upsert_queue(queue(name, uid=f"uid-{name}", queueId=name, websocket={"enabled": True}))
+            store.upsert_secret(("team-a", f"{name}-worker-token"), {"token": f"tok-{name}"})
+        for pod in ("q2-w0", "q2-w1"):
+            credential = WorkerCredential(("team-a", "q2"), pod, "uid-q2")
+            store.upsert_worker_credential(("team-a", f"{pod}-token"), credential, f"tok-{pod}")
+        store.upsert_secret(("ops", "org"), {"k": ORG_KEY})
+        async with TestClient(TestServer(apps.make_app(store, settings=settings))) as c:
+            async def websocket(worker: str, token: str) -> int:
+                try:
+                    async with c.ws_connect(f"/api/v1/ws/workers/{worker}",
+                                            headers={"Authorization": f"Bearer {token}"}) as ws:
+                        await ws.receive_str(timeout=5)  # the upstream's hello: relayed
+                        return 101
+                except aiohttp.WSServerHandshakeError as refused:
+                    return refused.status
+
+            async def started(token: str) -> str:
+                answer = await c.post("/api/v1/worker-queues/q2/start", headers={"Authorization": f"Bearer {token}"})
+                body = await answer.json()
+                assert body["websocket_url"].endswith(f"/api/v1/ws/workers/{body['worker_id']}")
+                return str(body["worker_id"])
+
+            shared, pod = await started("tok-q2"), await started("tok-q2-w0")
+            assert await websocket(shared, "tok-q2") == 101
+            assert await websocket(pod, "tok-q2-w0") == 101
+            assert await websocket(shared, "tok-q1") == 403  # another queue's token
+            assert await websocket(pod, "tok-q2-w1") == 403  # a sibling pod's
+            assert await websocket(pod, "tok-q2") == 403  # the queue token, for a pod's worker
+            assert await websocket("not-an-id", "tok-q2") == 403
+            heartbeat = await c.post(f"/api/v1/workers/{shared}/heartbeat", json={},
+                                     headers={"Authorization": "Bearer tok-q1"})
+            assert heartbeat.status == 403

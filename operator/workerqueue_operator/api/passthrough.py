@@ -37,6 +37,8 @@ T = TypeVar("T")
 _WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 ROUTE = "/api/v1/{tail:.*}"
+_WORKER_WEBSOCKET = re.compile(r"/api/v1/ws/workers/([^/]+)(?:/.*)?")
+"""The websocket route /start names for a worker (queues.websocket_url_for): its worker's only."""
 WORKER_SCHEMES = ("bearer", "userkey")
 """How workers present their token: `Bearer` on most calls, `UserKey` on some activity calls."""
 
@@ -280,6 +282,9 @@ class Passthrough:
         route = self._route(request)
         if isinstance(route, web.Response):
             return route
+        worker = _WORKER_WEBSOCKET.fullmatch(request.path)
+        if worker is not None and not self._acts_for(route, worker.group(1)):
+            return errors.detail(403, "This token may not act for this worker")
         if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, route)
         return await self._forward(request, route)
@@ -307,6 +312,16 @@ class Passthrough:
         if problem is not None:
             return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
         return errors.detail(404, "Not Found")  # the queue has no upstream: the operator serves nothing here
+
+    def _acts_for(self, route: _Route, worker_id: str) -> bool:
+        """Whether the caller's token is the one /start gave `worker_id` for (api/app.py), or another
+        token of the same queue for a worker that has no pod: the upstream takes whoever opens a
+        worker's websocket for that worker, with the queue's upstream key."""
+        credential = self._store.worker_credential(route.token_digest)
+        resolution = self._store.resolution(route.key)
+        keys = resolution.token_digests if resolution is not None else ()
+        return queues.issued_worker_id(worker_id, (route.token_digest, *keys),
+                                       pod=credential.pod if credential is not None else None)
 
     def _still_opens(self, route: _Route) -> bool:
         """Whether the token a long answer or a websocket was opened with still leads to its queue

@@ -96,6 +96,15 @@ def iso(moment: float) -> str:
     return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat()
 
 
+HOSTNAME_MAX = 253
+"""A DNS name's length limit (a Linux hostname is at most 64): anything longer is a client's mischief,
+which must not cost a registration its bounded memory nor its Lease the API server's size limit."""
+
+
+def bounded_hostname(hostname: str | None) -> str | None:
+    return hostname[:HOSTNAME_MAX] if hostname is not None else None
+
+
 def bounded_system_info(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """system_info without long values, at most SYSTEM_INFO_MAX_BYTES of JSON."""
     if not info:

@@ -34,6 +34,7 @@ from workerqueue_operator.core.leases import (
     EXPIRY_INTERVALS,
     Refusal,
     Worker,
+    bounded_hostname,
     first_interval,
     has_lapsed,
     is_refusal,
@@ -345,7 +346,7 @@ class Registry:
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
             duration=lease_duration(interval), registered_at=now,
-            renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=hostname,
+            renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=bounded_hostname(hostname),
             system_info=system_info_json(system_info))
 
     def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
