@@ -478,6 +478,41 @@ def test_a_pod_whose_worker_ended_while_a_sidecar_runs_on_is_finished():
     assert p.delete == ("q1-w2",) and p.create == (3,) and p.workers.succeeded == 1
 
 
+def test_a_pod_whose_worker_succeeded_before_its_sidecar_failed_is_a_success():
+    # The kubelet reports Failed when a sidecar exits non-zero after the worker exited 0: the worker
+    # did its work, and counting a crash would back off and could turn the queue CrashLooping.
+    body = sidecar_body({"terminated": {"exitCode": 0, "reason": "Completed"}})
+    body["status"]["phase"] = "Failed"
+    body["status"]["containerStatuses"][1]["state"] = {"terminated": {"exitCode": 137, "reason": "Error"}}
+    p = Pod.from_body(body)
+    assert (p.phase, p.exit_code, p.reason) == ("Succeeded", 0, "Completed")
+    out = plan([p], previous=WorkersStatus(next_index=3), singleExecution=True)
+    assert out.workers.succeeded == 1 and out.workers.consecutive_failures == 0 and out.create == (3,)
+    # A worker's own failure stays one, and so does a pod's (an eviction's reason kept).
+    body["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 1, "reason": "Error"}}
+    assert Pod.from_body(body).phase == "Failed"
+    evicted = sidecar_body({"terminated": {"exitCode": 143, "reason": "Error"}})
+    evicted["status"].update(phase="Failed", reason="Evicted")
+    assert (Pod.from_body(evicted).phase, Pod.from_body(evicted).reason) == ("Failed", "Evicted")
+
+
+def test_a_pending_pod_whose_worker_runs_is_not_taken_for_one_not_started():
+    # A sidecar's image cannot be pulled: the kubelet keeps the pod Pending while the worker runs and
+    # may hold an execution. Taken as never started, it went first on a spec change or a scale-down.
+    body = sidecar_body({"running": {}}, containers=("worker", "log-shipper"))
+    body["metadata"]["annotations"] = {workers.GENERATION_ANNOTATION: "1"}
+    body["status"]["phase"] = "Pending"
+    body["status"]["containerStatuses"][1]["state"] = {"waiting": {"reason": "ImagePullBackOff"}}
+    p = Pod.from_body(body)
+    assert (p.phase, p.stuck, p.alive) == ("Running", "", True)
+    running = Pod(name="q1-w1", phase="Running", deleting=False, index=1, generation=1)
+    assert plan([running, p], previous=WorkersStatus(next_index=3), singleExecution=True, replicas=1).delete == ()
+    # Its worker not started yet, the pod is stuck as before.
+    body["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    waiting = Pod.from_body(body)
+    assert (waiting.phase, waiting.stuck) == ("Pending", "ImagePullBackOff")
+
+
 def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():
     # The API server fills in the CRD's defaults once status.workers.live is written: zeros, no pods.
     filled_in = {"live": 3, "desired": 0, "pending": 0, "running": 0, "succeeded": 0, "failed": 0,

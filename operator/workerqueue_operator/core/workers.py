@@ -225,14 +225,20 @@ class Pod:
                 exit_code = terminated.get("exitCode")
                 reason = reason or terminated.get("reason") or ""
         phase = status.get("phase") or ""
-        if phase in ("Pending", "Running"):
-            # The worker has ended though a sidecar runs on (a service mesh's proxy, a log shipper): the
-            # pod would stay Running for good, never replaced or counted. Its container's end is the pod's.
-            ended = _worker_ended(body)
-            if ended is not None:
-                exit_code = ended.get("exitCode")
-                phase = "Succeeded" if exit_code == 0 else "Failed"
-                reason = ended.get("reason") or ""
+        worker = _worker_state(body)
+        ended = worker.get("terminated")
+        if isinstance(ended, Mapping) and (phase in ("Pending", "Running")
+                                           or (phase == "Failed" and ended.get("exitCode") == 0)):
+            # The worker's container's end is the pod's. The worker has ended though a sidecar runs on
+            # (a service mesh's proxy, a log shipper): the pod would stay Running for good, never
+            # replaced or counted. Or a sidecar failed after the worker succeeded: no crash.
+            exit_code = ended.get("exitCode")
+            phase = "Succeeded" if exit_code == 0 else "Failed"
+            reason = ended.get("reason") or ""
+        elif phase == "Pending" and worker.get("running") is not None:
+            # The worker runs while a sidecar never started (its image not pulled): the kubelet keeps
+            # the pod Pending, yet its worker may hold an execution, so it must not go as "not started".
+            phase = "Running"
         stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
         generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
         return cls(
@@ -272,14 +278,15 @@ def worker_container(pod: Mapping[str, Any]) -> str:
     return WORKER_CONTAINER if WORKER_CONTAINER in names or not names else names[0]
 
 
-def _worker_ended(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """How the worker's container terminated (its restartPolicy is Never: for good), None while it has not."""
+def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state of the worker's container (`running`, `terminated`: with restartPolicy Never, for
+    good, or `waiting`); empty before the kubelet reports it."""
     name = worker_container(pod)
     for container in (pod.get("status") or {}).get("containerStatuses") or []:
         if container.get("name") == name:
-            terminated = (container.get("state") or {}).get("terminated")
-            return terminated if isinstance(terminated, Mapping) else None
-    return None
+            state = container.get("state")
+            return state if isinstance(state, Mapping) else {}
+    return {}
 
 
 def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
