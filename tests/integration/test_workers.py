@@ -139,7 +139,7 @@ def test_failures_back_off_then_crash_loop_until_the_spec_changes(kube: Kube, na
 
     kube.set_phase(namespace, "cl-w1", "Failed", exit_code=1, reason="Error")
     c = kube.wait_condition(namespace, "cl", "False", "CrashLooping")
-    assert "2 workers failed in a row" in c["message"]
+    assert "workers failed 2 times in a row" in c["message"]
     assert kube.condition(namespace, "cl", "Progressing")["reason"] == "CrashLooping"
     assert "CrashLooping" in reasons(kube, namespace, "cl")
     time.sleep(3)  # longer than the back-off: still nothing may start

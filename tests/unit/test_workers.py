@@ -111,10 +111,12 @@ def test_pods_of_an_older_spec_failing_do_not_crash_loop_the_new_one():
     assert p.workers.failed == 3 and p.workers.consecutive_failures == 0
     assert p.workers.crash_loop_generation is None and p.create == (3, 4, 5)
     spec = {"generation": 2, "singleExecution": True, "replicas": 3, "worker": {"backoffLimit": 3}}
-    for index in (3, 4):
-        p = plan([pod(index, "Failed", exit_code=1, generation=2)], p.workers, now=T0 + 1000 * index, **spec)
+    for round_ in (1, 2):  # each time the newest pod fails, and its replacements are made after the back-off
+        now = T0 + 1000 * round_
+        p = plan([pod(p.workers.next_index - 1, "Failed", exit_code=1, generation=2)], p.workers, now=now, **spec)
+        p = plan([], p.workers, now=now + 500, **spec)
     assert p.workers.consecutive_failures == 2 and p.workers.crash_loop_generation is None  # its own count
-    p = plan([pod(5, "Failed", exit_code=1, generation=2)], p.workers, now=T0 + 6000, **spec)
+    p = plan([pod(p.workers.next_index - 1, "Failed", exit_code=1, generation=2)], p.workers, now=T0 + 6000, **spec)
     assert p.workers.consecutive_failures == 3 and p.workers.crash_loop_generation == 2
 
 
@@ -511,6 +513,36 @@ def test_a_pending_pod_whose_worker_runs_is_not_taken_for_one_not_started():
     body["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
     waiting = Pod.from_body(body)
     assert (waiting.phase, waiting.stuck) == ("Pending", "ImagePullBackOff")
+
+
+def failed(index: int) -> Pod:
+    return Pod(name=f"q1-w{index}", phase="Failed", deleting=False, index=index, exit_code=1, reason="Error",
+               generation=1)
+
+
+def test_pods_failing_at_once_are_one_failure_in_a_row_not_a_crash_loop():
+    # Eight pods made together all exit 1 as they start (the operator restarting, Temporal out of
+    # reach): counted as eight failures in a row, the queue went CrashLooping for good at once, with no
+    # pod left to succeed and end it.
+    out = plan([failed(i) for i in range(6)], previous=WorkersStatus(next_index=6), singleExecution=True, replicas=6)
+    assert (out.workers.failed, out.workers.consecutive_failures, out.workers.crash_loop_generation) == (6, 1, None)
+    assert out.workers.failure_index == 6
+    # Seen over two passes, the same.
+    first = plan([failed(0)], previous=WorkersStatus(next_index=6), singleExecution=True, replicas=6)
+    rest = plan([failed(i) for i in range(1, 6)], previous=first.workers, now=T0 + 1, singleExecution=True,
+                replicas=6)
+    assert (rest.workers.failed, rest.workers.consecutive_failures) == (6, 1)
+    # The pods made after the back-off failing again: a second failure in a row, and so on to the limit.
+    after = rest.workers.model_copy(update={"next_index": 12})
+    again = plan([failed(i) for i in range(6, 12)], previous=after, now=T0 + 100, singleExecution=True, replicas=6)
+    assert (again.workers.consecutive_failures, again.workers.failure_index) == (2, 12)
+    out = plan([failed(12)], previous=again.workers.model_copy(update={"next_index": 13}), now=T0 + 200,
+               singleExecution=True, replicas=1, worker={"backoffLimit": 3})
+    assert out.workers.consecutive_failures == 3 and out.workers.crash_loop_generation == 1
+    # After a success, an old pod's failure starts a new count.
+    ok = Pod(name="q1-w13", phase="Succeeded", deleting=False, index=13, exit_code=0, generation=1)
+    cleared = plan([ok, failed(5)], previous=again.workers, now=T0 + 300, singleExecution=True, replicas=6)
+    assert (cleared.workers.consecutive_failures, cleared.workers.failure_index) == (1, 14)
 
 
 def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():

@@ -67,7 +67,7 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
 
     if problem is None and crash_looping:
         conditions = set_condition(conditions, type=READY, status="False", reason="CrashLooping",
-                                   message=f"{workers.get('consecutiveFailures', 0)} workers failed in a row; "
+                                   message=f"workers failed {workers.get('consecutiveFailures', 0)} times in a row; "
                                    "change the spec to start workers again", generation=generation, now=now)
     elif problem is None:
         conditions = set_condition(conditions, type=READY, status="True", reason="Ready",

@@ -401,7 +401,7 @@ def plan(
     elif w.failures_generation is not None and w.failures_generation != queue.generation:
         w.consecutive_failures = 0  # the failures of an older spec say nothing of this one: no back-off
     if w.consecutive_failures == 0:
-        w.failures_generation = None
+        w.failures_generation, w.failure_index = None, None
 
     displaced_now = False
     for pod in pods:
@@ -415,6 +415,7 @@ def plan(
             w.succeeded += 1
             # A worker that works ends a crash loop.
             w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
+            w.failure_index = None
             w.consecutive_displaced, w.last_displaced_time = 0, None
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         elif pod.refused and pod.phase == "Failed":
@@ -431,11 +432,17 @@ def plan(
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
             w.failed += 1
-            if pod.generation is None or pod.generation >= queue.generation:
-                # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
+            # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
+            # Nor does one made before the last failure counted: several failing at once (the operator
+            # or Temporal out of reach as they started) are one round, not that many retries in a row.
+            current = pod.generation is None or pod.generation >= queue.generation
+            same_round = (w.consecutive_failures > 0 and w.failure_index is not None and pod.index is not None
+                          and pod.index < w.failure_index)
+            if current and not same_round:
                 w.consecutive_failures += 1
                 w.failures_generation = queue.generation
                 w.last_failure_time = times.rfc3339(now)
+                w.failure_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
@@ -511,7 +518,7 @@ def plan(
     if crash_looping and manages_pods(s):
         if w.crash_loop_generation is None:
             w.crash_loop_generation = queue.generation
-            events.append(Event("CrashLooping", f"{w.consecutive_failures} workers failed in a row "
+            events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
                                 f"(backoffLimit {s.worker.backoff_limit}); no more start until the spec changes",
                                 warning=True))
     elif missing > 0 and not s.suspend and delete_queue is None:

@@ -380,7 +380,10 @@ class WorkersStatus(_Model):
     failed: int = 0
     """Workers that failed, in all (their pods are deleted)."""
     consecutive_failures: int = 0
-    """Failures since the last success or spec change; drives the back-off."""
+    """Rounds of failures since the last success or spec change; drives the back-off. Pods made
+    before the last failure counted (below `failureIndex`) that fail too belong to the same round."""
+    failure_index: int | None = None
+    """`nextIndex` when the last failure in a row was counted."""
     failures_generation: int | None = None
     """The generation whose workers failed those times in a row; a newer one starts counting again."""
     last_failure_time: str | None = None
