@@ -412,10 +412,11 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     reg.lease_upserted(leases.lease_body(quiet, queue_name=q.name))
     now[0] += 26.0
     alive = make_worker(worker_id="alive", lease="q1-alive", slot=None, renewed_at=now[0])
-    reg.lease_upserted(leases.lease_body(alive, queue_name=q.name))
+    alive_body = leases.lease_body(alive, queue_name=q.name)
+    reg.lease_upserted(alive_body)
     assert reg.get("alive") is not None and reg.get("quiet") is None
-    for worker in (alive, quiet):
-        reg.lease_deleted((worker.namespace, worker.lease), None)
+    reg.lease_deleted((alive.namespace, alive.lease), alive_body)
+    reg.lease_deleted((quiet.namespace, quiet.lease), None)  # a relist: no body, taken for an expiry
     assert reg.rejoin(q, "alive") is None
     # Over the bound on registrations: refused, as /start would be.
     assert reg.total == 2
@@ -837,3 +838,42 @@ async def test_a_sweep_of_refusal_records_that_cannot_delete_keeps_them_for_the_
         assert "deleting refusal records failed after 0 of 1" in caplog.text
         assert reg.refusal_lease(q1, "q1-w0") == "lease-uid"  # for the next sweep
         await kube.close()
+
+
+async def test_a_deletion_seen_by_a_relist_is_taken_for_an_expiry_not_a_disconnect():
+    """A replica that restarted while a worker was cut off knows the worker younger than its Lease.
+    The active replica deletes the Lease as expired; this replica's relist sees it gone, without its
+    body. Taken for a disconnect, the worker's heartbeats were 404 here for good, and this replica
+    deleted the Lease another replica gave the worker again, which then took that for a disconnect too."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    class Calls:
+        """Records what the registry asks of the API server (it must delete nothing here)."""
+
+        def __init__(self) -> None:
+            self.made: list[tuple[str, str]] = []
+
+        async def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
+            self.made.append((method, path))
+            return {}
+
+    api, kube = Calls(), client_.KubeClient(kubernetes.client.Configuration())
+    now = [1010.0]
+    reg = registry.Registry(client=api, events=EventPoster(kube),  # type: ignore[arg-type]
+                            queue_of=lambda key: None, clock=lambda: now[0], active=lambda: False)
+    q = queue(heartbeatIntervalSeconds=10)
+    cut_off = make_worker(worker_id="cut-off", lease="q1-cut-off", slot=None, renewed_at=1000.0, duration=25.0)
+    reg.lease_upserted(leases.lease_body(cut_off, queue_name=q.name))  # listed as this replica starts
+    now[0] = 1030.0
+    reg.lease_deleted((cut_off.namespace, cut_off.lease), None)
+    assert reg.may_rejoin(q, "cut-off")
+    # Its heartbeat reaches another replica, which registers it again: this one keeps that Lease.
+    now[0] = 1040.0
+    again = make_worker(worker_id="cut-off", lease="q1-cut-off", slot=None, renewed_at=1040.0, registered_at=1040.0)
+    reg.lease_upserted(leases.lease_body(again, queue_name=q.name))
+    await asyncio.sleep(0.05)
+    assert reg.get("cut-off") is not None and api.made == []
+    await kube.close()

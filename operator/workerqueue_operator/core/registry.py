@@ -296,9 +296,11 @@ class Registry:
         # How it ended, by the Lease as it was deleted: past its renew time and duration, the active
         # replica ended it for want of heartbeats, though one may have reached this replica since (not
         # written yet); fresh, it was ended on purpose (a disconnect, its pod gone). Without the body
-        # (a relist), by what is known here.
+        # (a relist), an expiry: what is known here may be younger than the Lease (this replica just
+        # started), and taking an expiry for a disconnect turns a live worker away for good, on every
+        # replica once this one deletes its next Lease (see LAPSE_MARGIN_SECONDS).
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
-        lapsed = has_lapsed(gone, self._clock()) if gone is not None else None
+        lapsed = has_lapsed(gone, self._clock()) if gone is not None else True
         worker_id = self._by_lease.get(key)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
