@@ -14,6 +14,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.test_start import service_account_token
 from workerqueue_operator.devcluster import workflows
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
@@ -294,3 +295,48 @@ def test_a_worker_turned_away_at_start_exits_and_its_pod_is_replaced_without_a_c
     assert "WorkerFailed" not in [e.reason for e in kube.events(namespace, "full")]
     assert kube.workers(namespace, "full").get("consecutiveFailures", 0) == 0
     assert kube.condition(namespace, "full", "Ready")["status"] == "True"
+
+
+async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # A single-execution worker signed in with a ServiceAccount token latches onto whatever the list
+    # shows first: shown the whole queue, it took another worker's finished execution for its own and
+    # exited without working. Its registration says which worker asks; a person or a tool with no
+    # registration still sees the whole queue.
+    queue_id = f"idq-{namespace}"
+    kube.create_queue(namespace, "idq", **queue_spec(temporal, queue_id, singleExecution=False))
+    kube.wait_condition(namespace, "idq", "True")
+    kube.grant(namespace, "idq-start", resource="workerqueues/start", verb="create", queue="idq", account="runner")
+    kube.grant(namespace, "idq-read", resource="workerqueues", verb="get", queue="idq", account="runner")
+    kube.grant(namespace, "idq-view", resource="workerqueues", verb="get", queue="idq", account="viewer")
+    runner = service_account_token(kube, namespace, "runner")
+    viewer = service_account_token(kube, namespace, "viewer")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+
+    async def run(host: str) -> str:
+        activities = workflows.Activities(control_plane_url=operator.url, api_key=runner,
+                                          progress=workflows.Progress(), log=lambda _: None)
+        workflow_id = f"exec-{secrets.token_hex(4)}"
+        async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                          activities=[activities.run_execution], identity=f"{os.getpid()}@{host}"):
+            await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
+                                                           id=workflow_id, task_queue=queue_id), 60)
+        return workflow_id
+
+    def listed(token: str) -> list[tuple[str, str]]:
+        answer = operator.call("GET", path, token)
+        assert answer.status == 200, answer.body
+        return [(e["id"], e["status"]) for e in answer.json()]
+
+    theirs = await run("elsewhere")
+    started = operator.start_worker(queue_id, runner, {"system_info": {"hostname": "runner-host"}})
+    assert started.status == 200, started.body
+    wait_for(lambda: listed(viewer) == [(theirs, "completed")], what="the whole queue, to a viewer")
+    assert listed(runner) == []  # not its own: it would exit on it
+    mine = await run("runner-host")
+    wait_for(lambda: listed(runner) == [(mine, "completed")], what="its own execution, to the runner")
+    assert {entry[0] for entry in listed(viewer)} == {theirs, mine}
+    # A second worker of the same identity: which one asks cannot be told, so neither is shown any.
+    assert operator.start_worker(queue_id, runner, {"system_info": {"hostname": "other-host"}}).status == 200
+    assert listed(runner) == []

@@ -877,3 +877,33 @@ async def test_a_deletion_seen_by_a_relist_is_taken_for_an_expiry_not_a_disconne
     await asyncio.sleep(0.05)
     assert reg.get("cut-off") is not None and api.made == []
     await kube.close()
+
+
+def test_a_kubernetes_identitys_registration_keeps_who_made_it_and_since_when():
+    """Its executions poll names no worker: the registration says which worker of that identity asks,
+    and since when its host's takes are its own, across a re-registration and on every replica."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, clock=lambda: now[0])
+    q = queue(heartbeatIntervalSeconds=60)
+    sa = "system:serviceaccount:team-a:runner"
+    worker = reg.register(q, "w-1", hostname="runner-host", identity=sa)
+    reg.register(q, "w-2", hostname="shared")  # a queue token's: no identity
+    assert (worker.identity, worker.since) == (sa, 1000.0)
+    assert reg.registered_as(q.key, sa) == [worker] and reg.registered_as(q.key, "someone-else") == []
+    # The Lease carries both, for the other replicas; a queue token's carries neither.
+    back = leases.worker_from_lease(leases.lease_body(worker, queue_name=q.name), seen_at=now[0])
+    assert back is not None and (back.identity, back.since) == (sa, 1000.0)
+    shared = reg.get("w-2")
+    assert shared is not None and "identity" not in shared.state()
+    # Expired, then back with its next heartbeat: the same since, not the time it came back.
+    now[0] = 1000.0 + worker.duration + 1
+    reg._sweep(ending=True)
+    assert reg.registered_as(q.key, sa) == [] and reg.expired_in("w-1") == q.key
+    again = reg.rejoin(q, "w-1", hostname="runner-host", identity=sa)
+    assert again is not None and again.since == 1000.0

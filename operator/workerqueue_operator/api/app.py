@@ -107,15 +107,17 @@ async def start_worker(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     system_info = body.system_info
     hostname = system_info.hostname if system_info is not None else None
+    identity = caller.identity.username if caller.identity is not None else None
     if queue.spec.max_workers is None:
         try:
-            registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info)
+            registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info,
+                              identity=identity)
         except registry_.Full as exc:
             return await _refused(request, queue, pod, workers.refused(request, queue, exc))
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
-                                          hostname=hostname, system_info=system_info)
+                                          hostname=hostname, system_info=system_info, identity=identity)
         except client_.ERRORS as exc:
             # The API server failing already: its record is written meanwhile, not waited for.
             return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)

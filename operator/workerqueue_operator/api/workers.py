@@ -92,14 +92,16 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
         if denied is not None:
             return denied
     queue = resolution.queue
+    identity = caller.identity.username if caller.identity is not None else None
     if queue.spec.max_workers is None:
         try:
-            worker = registry.rejoin(queue, worker_id, pod=pod, hostname=hostname or pod)
+            worker = registry.rejoin(queue, worker_id, pod=pod, hostname=hostname or pod, identity=identity)
         except registry_.Full as exc:
             return refused(request, queue, exc)
     else:
         try:
-            worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod)
+            worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod,
+                                                identity=identity)
         except client_.ERRORS as exc:
             return registry_unavailable(queue, exc)
         if worker is None:
@@ -218,16 +220,29 @@ async def list_executions(request: web.Request) -> web.Response:
         # A queue token is shared: nothing tells which worker asks, and any execution listed could
         # make it exit (see core/executions.py). It sees none, so it never exits on another's work.
         return web.json_response([])
+    # Which worker asks, if one does: a pod's by its token; a Kubernetes identity's by the one worker
+    # it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
+    # shown, as for a queue token. An identity with none (a person, a tool) sees the whole queue.
+    host: tuple[str, float | None] | None = None
+    if caller.worker is not None:
+        host = (caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since)
+    elif caller.identity is not None:
+        registered = request.app[REGISTRY].registered_as(resolution.queue.key, caller.identity.username)
+        if len(registered) > 1 or (registered and not registered[0].hostname):
+            return web.json_response([])
+        if registered:
+            since = registered[0].since
+            # Its first take follows its registration at once: the clocks may differ that much.
+            host = (registered[0].hostname or "", None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS)
     endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
                                  api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
     try:
         found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT,
-                                                       taken_first=caller.worker is not None)
+                                                       taken_first=host is not None)
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
-    if caller.worker is not None:
-        hostname = caller.worker.hostname or workers_.pod_hostname(caller.worker.pod)
-        view = executions.worker_view(found, hostname=hostname, since=caller.worker.since)
+    if host is not None:
+        view = executions.worker_view(found, hostname=host[0], since=host[1])
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

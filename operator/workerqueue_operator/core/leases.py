@@ -192,6 +192,12 @@ class Worker:
     pod: str | None = None
     system_info: bytes | None = None
     """Compact JSON of system_info, at most SYSTEM_INFO_MAX_BYTES (see system_info_json)."""
+    identity: str | None = None
+    """The Kubernetes user that registered it (None: a queue or a pod's token): its executions poll
+    names no worker, so its registration tells which worker asks."""
+    since: float | None = None
+    """For such a worker: when it first registered (wall clock), kept across a re-registration; what
+    its host took in Temporal before then was an earlier worker's."""
     stored: bool = False
     """The Lease exists in the API server (written by us or seen by the watch)."""
     dirty: bool = True
@@ -241,9 +247,12 @@ class Worker:
 
     def state(self) -> dict[str, Any]:
         """What the Lease's annotation holds besides its spec."""
-        return {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
-                "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
-                "slot": self.slot, "systemInfo": stored_system_info(self.system_info)}
+        state = {"queueId": self.queue_id, "status": self.status, "tasksProcessed": self.tasks_processed,
+                 "currentTaskId": self.current_task_id, "hostname": self.hostname, "pod": self.pod,
+                 "slot": self.slot, "systemInfo": stored_system_info(self.system_info)}
+        if self.identity is not None:
+            state.update(identity=self.identity, since=self.since)
+        return state
 
 
 def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
@@ -318,6 +327,8 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         hostname=state.get("hostname"),
         pod=state.get("pod"),
         system_info=json.dumps(info, separators=(",", ":")).encode() if isinstance(info, dict) and info else None,
+        identity=state["identity"] if isinstance(state.get("identity"), str) else None,
+        since=float(state["since"]) if isinstance(state.get("since"), int | float) else None,
         stored=True,
         dirty=False,
         confirmed=later(renewed, registered),

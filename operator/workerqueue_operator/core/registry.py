@@ -142,6 +142,8 @@ class _Ended(NamedTuple):
     on_purpose: bool
     heard_at: float | None
     queue: QueueKey | None = None
+    since: float | None = None
+    """Worker.since, for a Kubernetes identity's worker coming back."""
 
 
 @dataclass
@@ -330,6 +332,11 @@ class Registry:
         return sorted((w for w in self._by_queue.get(queue, {}).values() if not w.expired(now)),
                       key=lambda w: w.registered_at)
 
+    def registered_as(self, queue: QueueKey, identity: str) -> list[Worker]:
+        """The live registrations a Kubernetes identity made in a queue."""
+        now = self._clock()
+        return [w for w in self._by_queue.get(queue, {}).values() if w.identity == identity and not w.expired(now)]
+
     def live_count(self, queue: QueueKey) -> int:
         now = self._clock()
         return sum(1 for w in self._by_queue.get(queue, {}).values() if not w.expired(now))
@@ -342,17 +349,21 @@ class Registry:
 
     def _new_worker(self, queue: QueueObject, worker_id: str, *, lease: str, slot: int | None, pod: str | None,
                     hostname: str | None, system_info: wire.WorkerSystemInfo | None,
-                    interval: float | None = None) -> Worker:
+                    interval: float | None = None, identity: str | None = None) -> Worker:
         now = self._clock()
         interval = interval or first_interval(queue.spec.heartbeat_interval_seconds, pod=pod)
+        # A worker coming back keeps when it first registered, if known here: its own execution, taken
+        # since, must stay in its view (None: unknown, no bound rather than one that hides it).
+        ended = self._ended.get(worker_id)
+        since = None if identity is None else now if ended is None else ended.since
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
             duration=lease_duration(interval), registered_at=now,
             renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=bounded_hostname(hostname),
-            system_info=system_info_json(system_info))
+            system_info=system_info_json(system_info), identity=identity, since=since)
 
     def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
-                 system_info: wire.WorkerSystemInfo | None = None) -> Worker:
+                 system_info: wire.WorkerSystemInfo | None = None, identity: str | None = None) -> Worker:
         """Registers a worker of a queue without maxWorkers; its Lease is written in the background.
 
         Raises Full when that would pass one of the Bounds."""
@@ -363,7 +374,7 @@ class Registry:
         self._check_room(queue)
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
-                                  hostname=hostname, system_info=system_info)
+                                  hostname=hostname, system_info=system_info, identity=identity)
         worker.pending = True
         self._pending[queue.key] = waiting + 1
         self.pending += 1
@@ -391,7 +402,7 @@ class Registry:
         return ended.queue if ended is not None and not ended.on_purpose else None
 
     def rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
-               hostname: str | None = None) -> Worker | None:
+               hostname: str | None = None, identity: str | None = None) -> Worker | None:
         """Registers again, as /start would, a worker of a queue without maxWorkers that may_rejoin;
         None (nothing done) for one that may not. Raises Full over the Bounds on registrations in all
         (it heartbeats, so it never waits for a first heartbeat)."""
@@ -400,13 +411,13 @@ class Registry:
         self._check_room(queue)
         interval = self._pace_since_ended(queue, worker_id, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
-                                  hostname=hostname, system_info=None, interval=interval)
+                                  hostname=hostname, system_info=None, interval=interval, identity=identity)
         self._add(worker)
         self._rejoined(worker, queue)
         return worker
 
     async def rejoin_slot(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
-                          hostname: str | None = None) -> Worker | None:
+                          hostname: str | None = None, identity: str | None = None) -> Worker | None:
         """Registers again a worker of a queue with maxWorkers that may_rejoin, in a free slot as
         /start would; None when it may not or every slot is taken (the caller tells which, having
         asked may_rejoin). Raises the API error (or a timeout) when the API server cannot be asked.
@@ -425,7 +436,7 @@ class Registry:
                 if held is not None:
                     return held
             worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
-                                      interval=self._pace_since_ended(queue, worker_id, pod))
+                                      interval=self._pace_since_ended(queue, worker_id, pod), identity=identity)
         finally:
             self._rejoining.discard(worker_id)
         if worker is not None:
@@ -471,17 +482,17 @@ class Registry:
 
     async def claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None = None,
                     hostname: str | None = None, system_info: wire.WorkerSystemInfo | None = None,
-                    interval: float | None = None) -> Worker | None:
+                    interval: float | None = None, identity: str | None = None) -> Worker | None:
         """Registers a worker in one of `limit` slots, the API server arbitrating; None when all are taken.
 
         Raises the API error (or a timeout) when the API server cannot be asked."""
         async with asyncio.timeout(CLAIM_DEADLINE_SECONDS):
             return await self._claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
-                                     system_info=system_info, interval=interval)
+                                     system_info=system_info, interval=interval, identity=identity)
 
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
-                     interval: float | None) -> Worker | None:
+                     interval: float | None, identity: str | None) -> Worker | None:
         now = self._clock()
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
@@ -490,7 +501,7 @@ class Registry:
             if not replaceable or key in self._claiming:
                 continue
             worker = self._new_worker(queue, worker_id, lease=key[1], slot=slot, pod=pod, hostname=hostname,
-                                      system_info=system_info, interval=interval)
+                                      system_info=system_info, interval=interval, identity=identity)
             body = lease_body(worker, queue_name=queue.name)
             self._claiming.add(key)
             try:
@@ -1052,7 +1063,8 @@ class Registry:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         worker_id = worker.worker_id
         self._ended.pop(worker_id, None)
-        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None, worker.queue)
+        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None, worker.queue,
+                                        worker.since)
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
