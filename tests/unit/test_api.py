@@ -639,3 +639,17 @@ async def test_a_registrations_hostname_is_bounded_in_memory_and_in_its_lease(cl
     assert len(json.dumps(annotations)) < 16 * 1024
     real = await client.post(START.format("q-1"), json={"system_info": {"hostname": "q1-w0"}}, headers=AUTH)
     assert client.server.app[REGISTRY].get((await real.json())["worker_id"]).hostname == "q1-w0"
+
+
+async def test_a_start_whose_slot_claim_failed_leaves_no_registration_to_come_back():
+    # The API server may have made the slot Lease though its answer never came: /start tells the
+    # registry, which deletes that Lease when its watch shows it (test_registry.py), so that a Lease
+    # nobody renews does not keep other workers out of the slot.
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1))
+    store.upsert_secret(("team-a", "capped-worker-token"), {"token": "capped-token"})
+    async with TestClient(TestServer(apps.make_app(store))) as c:  # an API server nobody answers for
+        answer = await c.post(START.format("q-capped"), headers={"Authorization": "Bearer capped-token"})
+        assert answer.status == 503
+        ended = c.server.app[REGISTRY]._ended
+        assert len(ended) == 1 and next(iter(ended.values())).on_purpose

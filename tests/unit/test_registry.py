@@ -907,3 +907,47 @@ def test_a_kubernetes_identitys_registration_keeps_who_made_it_and_since_when():
     assert reg.registered_as(q.key, sa) == [] and reg.expired_in("w-1") == q.key
     again = reg.rejoin(q, "w-1", hostname="runner-host", identity=sa)
     assert again is not None and again.since == 1000.0
+
+
+async def test_a_slot_lease_made_after_start_gave_up_on_its_claim_is_deleted_when_seen(
+        monkeypatch: pytest.MonkeyPatch):
+    """The API server made the slot Lease, but its answer came after /start's deadline (503: its worker
+    exits). Nobody would renew that Lease, and it kept the slot from other workers until it expired."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    class SlowAnswers:
+        """Makes what it is asked to, and answers a POST only after the claim's deadline."""
+
+        def __init__(self) -> None:
+            self.made: list[tuple[str, str]] = []
+            self.created: dict[str, Any] = {}
+
+        async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
+                          **_: Any) -> dict[str, Any]:
+            self.made.append((method, path))
+            if method == "POST" and body is not None:
+                self.created = {**body, "metadata": {**body["metadata"], "resourceVersion": "7", "uid": "u"}}
+                await asyncio.sleep(1.0)
+            return self.created
+
+    monkeypatch.setattr(registry, "CLAIM_DEADLINE_SECONDS", 0.2)
+    api, kube = SlowAnswers(), client_.KubeClient(kubernetes.client.Configuration())
+    q = queue(maxWorkers=1)
+    reg = registry.Registry(client=api, events=EventPoster(kube), queue_of=lambda key: q)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await reg.claim(q, "gave-up", limit=1)
+    reg.abandoned(q, "gave-up")  # as /start does before its 503
+    reg.lease_upserted(api.created)  # the watch brings the Lease the API server made
+    await asyncio.sleep(0.05)
+    assert reg.get("gave-up") is None
+    lease = api.created["metadata"]["name"]
+    assert api.made[-1] == ("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/team-a/leases/{lease}")
+    # A worker that did get its answer is no such case.
+    fresh = registry.Registry(client=api, events=EventPoster(kube),  # type: ignore[arg-type]
+                              queue_of=lambda key: q)
+    fresh.lease_upserted(api.created)
+    assert fresh.get("gave-up") is not None
+    await kube.close()

@@ -119,6 +119,7 @@ async def start_worker(request: web.Request) -> web.Response:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
                                           hostname=hostname, system_info=system_info, identity=identity)
         except client_.ERRORS as exc:
+            registry.abandoned(queue, worker_id)
             # The API server failing already: its record is written meanwhile, not waited for.
             return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)
         if worker is None:

@@ -490,6 +490,14 @@ class Registry:
             return await self._claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
                                      system_info=system_info, interval=interval, identity=identity)
 
+    def abandoned(self, queue: QueueObject, worker_id: str) -> None:
+        """/start gave up on a claim whose answer did not come (its deadline, a cut connection), and its
+        worker exits: the API server may have made the slot Lease all the same, which nobody would
+        renew, keeping others out of the slot until it expired. Remembered as ended on purpose, it is
+        deleted as soon as the watch shows it here (lease_upserted)."""
+        if worker_id not in self._workers:
+            self._remember(worker_id, _Ended(on_purpose=True, heard_at=None, queue=queue.key))
+
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
                      interval: float | None, identity: str | None) -> Worker | None:
@@ -1061,10 +1069,12 @@ class Registry:
 
     def _bury(self, worker: Worker, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
-        worker_id = worker.worker_id
+        self._remember(worker.worker_id, _Ended(on_purpose, worker.renewed_at if worker.heard() else None,
+                                                worker.queue, worker.since))
+
+    def _remember(self, worker_id: str, ended: _Ended) -> None:
         self._ended.pop(worker_id, None)
-        self._ended[worker_id] = _Ended(on_purpose, worker.renewed_at if worker.heard() else None, worker.queue,
-                                        worker.since)
+        self._ended[worker_id] = ended
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
