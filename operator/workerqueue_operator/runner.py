@@ -188,7 +188,7 @@ class Watches:
 
     def secrets_current(self) -> bool:
         """Whether every Secret made until a moment ago is known: listed, and watched since."""
-        return all(i.synced.is_set() and i.down_since is None for i in self.secrets)
+        return all(i.synced.is_set() and i.down_since is None and not i.listing for i in self.secrets)
 
     def down_for(self) -> float:
         """Seconds the longest-failing watch has been failing; 0 when all are well."""

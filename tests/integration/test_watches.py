@@ -290,3 +290,25 @@ async def test_a_callback_failing_on_one_object_leaves_the_others_delivered(
     assert {"b", "c", "d"} <= set(seen) and "a" not in seen
     assert (watch.callback_failures, watch.failures) == (1, 0)
     assert any(f"handling {namespace}/a failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_an_informer_says_while_it_lists(kubeconfig: Path, kube: Kube, namespace: str):
+    """While it lists (at start, after a 410 or a failure) what was made meanwhile may be unknown yet:
+    a per-worker token is awaited rather than refused then (api/unseen.py)."""
+    for name in ("a", "b"):
+        kube.put_secret(namespace, name, token=name)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    listing: dict[str, bool] = {}
+
+    def upsert(body: dict) -> None:
+        listing[body["metadata"]["name"]] = watch.listing
+
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", on_upsert=upsert,
+                              on_delete=lambda *_: None, name="secrets", page_size=1)
+    assert not watch.listing
+    async with running(watch, client):
+        await asyncio.wait_for(watch.synced.wait(), 10)
+        assert not watch.listing
+        kube.put_secret(namespace, "c", token="c")
+        await until(lambda: "c" in listing)
+    assert listing == {"a": True, "b": True, "c": False}

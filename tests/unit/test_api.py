@@ -590,12 +590,20 @@ async def test_a_pod_token_whose_secret_is_on_its_way_is_awaited_not_refused():
 async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_well(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(unseen, "LAG_SECONDS", 0.3)
     store = store_with_pod()
-    async with TestClient(TestServer(apps.make_app(store))) as c:
+
+    class Counted(apps.NoReviews):
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            self.asked = getattr(self, "asked", 0) + 1
+            return None
+
+    reviewer = Counted()
+    async with TestClient(TestServer(apps.make_app(store, reviewer=reviewer))) as c:
         answer = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
         assert answer.status == 401
+        assert getattr(reviewer, "asked", 0) == 0  # the operator's mark is no Kubernetes token: no review
         # Only the operator's mark is awaited: any other unknown token is refused at once.
         assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer wrong"})).status == 401
-        assert c.server.app[UNSEEN].waited == 1
+        assert c.server.app[UNSEEN].waited == 1 and reviewer.asked == 1
 
 
 async def test_a_pod_token_still_unseen_while_the_secret_watch_is_down_is_a_503(monkeypatch: pytest.MonkeyPatch):

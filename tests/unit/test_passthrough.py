@@ -766,6 +766,9 @@ async def test_a_workers_websocket_opens_only_with_the_token_it_started_with():
             assert await websocket(pod, "tok-q2-w1") == 403  # a sibling pod's
             assert await websocket(pod, "tok-q2") == 403  # the queue token, for a pod's worker
             assert await websocket("not-an-id", "tok-q2") == 403
+            # Spelt otherwise, as an upstream merging slashes or ignoring case would route it.
+            assert await websocket(f"/{pod}", "tok-q2-w1") == 403
+            assert await websocket(pod.upper(), "tok-q2-w1") == 403
             heartbeat = await c.post(f"/api/v1/workers/{shared}/heartbeat", json={},
                                      headers={"Authorization": "Bearer tok-q1"})
             assert heartbeat.status == 403

@@ -905,8 +905,16 @@ def test_a_kubernetes_identitys_registration_keeps_who_made_it_and_since_when():
     now[0] = 1000.0 + worker.duration + 1
     reg._sweep(ending=True)
     assert reg.registered_as(q.key, sa) == [] and reg.expired_in("w-1") == q.key
-    again = reg.rejoin(q, "w-1", hostname="runner-host", identity=sa)
-    assert again is not None and again.since == 1000.0
+    # Its heartbeat seldom carries its system_info: the hostname it registered with is kept too.
+    again = reg.rejoin(q, "w-1", identity=sa)
+    assert again is not None and (again.since, again.hostname) == (1000.0, "runner-host")
+    # One never told its hostname learns it from a heartbeat that carries it.
+    from workerqueue_operator.models import wire
+
+    bare = reg.register(q, "w-3", identity=sa)
+    reg.heartbeat(bare, status="busy", tasks_processed=0, current_task_id=None,
+                  system_info=wire.WorkerSystemInfo(hostname="late-host"))
+    assert bare.hostname == "late-host"
 
 
 async def test_a_slot_lease_made_after_start_gave_up_on_its_claim_is_deleted_when_seen(
@@ -950,4 +958,18 @@ async def test_a_slot_lease_made_after_start_gave_up_on_its_claim_is_deleted_whe
                               queue_of=lambda key: q)
     fresh.lease_upserted(api.created)
     assert fresh.get("gave-up") is not None
+    # The watch may show the Lease before the claim gives up: deleted at once then.
+    raced = registry.Registry(client=api, events=EventPoster(kube),  # type: ignore[arg-type]
+                              queue_of=lambda key: q)
+    claim = asyncio.create_task(raced.claim(q, "raced", limit=1))
+    await asyncio.sleep(0.05)
+    raced.lease_upserted(api.created | {"spec": {**api.created["spec"], "holderIdentity": "raced"}})
+    assert raced.get("raced") is not None
+    with pytest.raises(TimeoutError):
+        await claim
+    api.made.clear()
+    raced.abandoned(q, "raced")
+    await asyncio.sleep(0.05)
+    assert raced.get("raced") is None and raced.live_count(q.key) == 0
+    assert ("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/team-a/leases/{lease}") in api.made
     await kube.close()

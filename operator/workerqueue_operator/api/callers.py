@@ -75,6 +75,7 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
             request.app[LOG].warning("worker_token_unseen", "a per-worker token is unknown while the Secret watch "
                                      "is down: answered 503")
             return errors.detail(503, "Worker credentials are being loaded, try again", headers={"Retry-After": "1"})
+        return errors.unauthorized("Invalid authentication credentials")  # the mark is no Kubernetes token's
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:

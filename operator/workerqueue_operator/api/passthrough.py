@@ -282,7 +282,8 @@ class Passthrough:
         route = self._route(request)
         if isinstance(route, web.Response):
             return route
-        worker = _WORKER_WEBSOCKET.fullmatch(request.path)
+        # Matched as an upstream may route it (slashes merged, any case), not only as spelt.
+        worker = _WORKER_WEBSOCKET.fullmatch(re.sub("/{2,}", "/", request.path).lower())
         if worker is not None and not self._acts_for(route, worker.group(1)):
             return errors.detail(403, "This token may not act for this worker")
         if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":

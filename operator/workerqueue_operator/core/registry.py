@@ -144,6 +144,8 @@ class _Ended(NamedTuple):
     queue: QueueKey | None = None
     since: float | None = None
     """Worker.since, for a Kubernetes identity's worker coming back."""
+    hostname: str | None = None
+    """Its hostname: a heartbeat seldom carries it again (system_info every 5 min at most)."""
 
 
 @dataclass
@@ -356,6 +358,8 @@ class Registry:
         # since, must stay in its view (None: unknown, no bound rather than one that hides it).
         ended = self._ended.get(worker_id)
         since = None if identity is None else now if ended is None else ended.since
+        if hostname is None and ended is not None:
+            hostname = ended.hostname
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
             duration=lease_duration(interval), registered_at=now,
@@ -494,9 +498,16 @@ class Registry:
         """/start gave up on a claim whose answer did not come (its deadline, a cut connection), and its
         worker exits: the API server may have made the slot Lease all the same, which nobody would
         renew, keeping others out of the slot until it expired. Remembered as ended on purpose, it is
-        deleted as soon as the watch shows it here (lease_upserted)."""
-        if worker_id not in self._workers:
+        deleted as soon as the watch shows it here (lease_upserted), or at once if it has already.
+        The id was issued by that very /start: no other worker's registration can be its."""
+        shown = self._workers.get(worker_id)
+        if shown is None:
             self._remember(worker_id, _Ended(on_purpose=True, heard_at=None, queue=queue.key))
+            return
+        self._forget(worker_id)
+        self._bury(shown, on_purpose=True)
+        if shown.stored:
+            self._spawn(self._delete_quietly(shown, "abandoned"))
 
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
@@ -547,6 +558,8 @@ class Registry:
         worker.status, worker.tasks_processed, worker.current_task_id = status, tasks_processed, current_task_id
         if system_info is not None:
             worker.system_info = system_info_json(system_info) or worker.system_info
+            if worker.hostname is None and system_info.hostname:  # registered again by a heartbeat without it
+                worker.hostname = bounded_hostname(system_info.hostname)
         if not worker.heartbeats_here:
             self._renewal_rate += 1.0 / worker.interval
             self._heard_of(worker)
@@ -1070,7 +1083,7 @@ class Registry:
     def _bury(self, worker: Worker, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         self._remember(worker.worker_id, _Ended(on_purpose, worker.renewed_at if worker.heard() else None,
-                                                worker.queue, worker.since))
+                                                worker.queue, worker.since, worker.hostname))
 
     def _remember(self, worker_id: str, ended: _Ended) -> None:
         self._ended.pop(worker_id, None)

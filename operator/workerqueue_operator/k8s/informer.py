@@ -86,6 +86,8 @@ class Informer:
         """Objects a callback failed on (a bug of ours: see the log)."""
         self.idle_restarts = 0
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
+        self.listing = False
+        """A (re)list is under way: objects made since the last event may not be known yet."""
         self.down_since: float | None = None
         """`clock()` of the first failure since a watch last worked (STABLE_SECONDS); None while healthy."""
         self._backoff = 0.5
@@ -97,7 +99,11 @@ class Informer:
     async def run(self) -> None:
         while True:
             try:
-                version: str | None = await self._relist()
+                self.listing = True
+                try:
+                    version: str | None = await self._relist()
+                finally:
+                    self.listing = False
                 if not self.synced.is_set():
                     self.synced.set()
                     if self._on_synced is not None:
