@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from temporalio.client import Client
@@ -15,9 +16,13 @@ from temporalio.worker import Worker
 
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
+from workerqueue_operator.core import queues
+from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.devcluster import workflows
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer
+from workerqueue_operator.k8s import client as client_
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -298,7 +303,7 @@ def test_a_worker_turned_away_at_start_exits_and_its_pod_is_replaced_without_a_c
 
 
 async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
-        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, kubeconfig: Path):
     # A single-execution worker signed in with a ServiceAccount token latches onto whatever the list
     # shows first: shown the whole queue, it took another worker's finished execution for its own and
     # exited without working. Its registration says which worker asks; a person or a tool with no
@@ -332,6 +337,16 @@ async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
     theirs = await run("elsewhere")
     started = operator.start_worker(queue_id, runner, {"system_info": {"hostname": "runner-host"}})
     assert started.status == 200, started.body
+    # Another replica, whose watch has not brought the registration yet, finds it in the API server:
+    # its Lease is written before /start answers.
+    kube_client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    try:
+        other = registry_.Registry(client=kube_client, events=EventPoster(kube_client), queue_of=lambda key: None)
+        found = await other.registrations_of(queues.QueueObject.from_body(kube.get_queue(namespace, "idq")),
+                                             f"system:serviceaccount:{namespace}:runner")
+        assert [(w.worker_id, w.hostname) for w in found] == [(started.json()["worker_id"], "runner-host")]
+    finally:
+        await kube_client.close()
     wait_for(lambda: listed(viewer) == [(theirs, "completed")], what="the whole queue, to a viewer")
     assert listed(runner) == []  # not its own: it would exit on it
     mine = await run("runner-host")

@@ -661,3 +661,25 @@ async def test_a_start_whose_slot_claim_failed_leaves_no_registration_to_come_ba
         assert answer.status == 503
         ended = c.server.app[REGISTRY]._ended
         assert len(ended) == 1 and next(iter(ended.values())).on_purpose
+
+
+async def test_an_identitys_executions_wait_for_no_registration_the_api_server_cannot_be_asked_about():
+    # A Kubernetes identity with no registration known here may have one another replica wrote: the
+    # API server is asked (test_worker_life.py); unreachable, that is a 503, never the whole queue,
+    # which a worker of that identity would take for its own.
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+
+    class Allowed(apps.NoReviews):
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=())
+
+        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
+                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
+            return True
+
+    async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:
+        listed = await c.get("/api/v1/worker-queues/q-1/executions?limit=5&status=all",
+                             headers={"Authorization": "Bearer a-service-account-token"})
+        assert listed.status == 503
+        assert (await listed.json())["detail"].startswith("The worker registry is temporarily unavailable")

@@ -110,10 +110,13 @@ async def start_worker(request: web.Request) -> web.Response:
     identity = caller.identity.username if caller.identity is not None else None
     if queue.spec.max_workers is None:
         try:
-            registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info,
-                              identity=identity)
+            registered = registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info,
+                                           identity=identity)
         except registry_.Full as exc:
             return await _refused(request, queue, pod, workers.refused(request, queue, exc))
+        if identity is not None:
+            # Its executions poll may reach another replica at once, which must find whose it is.
+            await registry.write_now(registered)
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,

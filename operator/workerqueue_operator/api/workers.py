@@ -98,6 +98,8 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
             worker = registry.rejoin(queue, worker_id, pod=pod, hostname=hostname or pod, identity=identity)
         except registry_.Full as exc:
             return refused(request, queue, exc)
+        if worker is not None and identity is not None:
+            await registry.write_now(worker)  # as at /start: another replica must find whose polls these are
     else:
         try:
             worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod,
@@ -227,7 +229,10 @@ async def list_executions(request: web.Request) -> web.Response:
     if caller.worker is not None:
         host = (caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since)
     elif caller.identity is not None:
-        registered = request.app[REGISTRY].registered_as(resolution.queue.key, caller.identity.username)
+        try:
+            registered = await request.app[REGISTRY].registrations_of(resolution.queue, caller.identity.username)
+        except client_.ERRORS as exc:
+            return registry_unavailable(resolution.queue, exc)
         if len(registered) > 1 or (registered and not registered[0].hostname):
             return web.json_response([])
         if registered:

@@ -229,6 +229,8 @@ class Registry:
         self.rejoined = 0
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
         self._rejoining: set[str] = set()
+        self._identity_lists: dict[tuple[QueueKey, str], asyncio.Future[list[Worker]]] = {}
+        """Lease lists in flight for an identity's registrations (see registrations_of)."""
         """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._ended: dict[str, _Ended] = {}
         """Worker id -> how its registration ended, oldest first: a late heartbeat of one ended on
@@ -338,6 +340,46 @@ class Registry:
         """The live registrations a Kubernetes identity made in a queue."""
         now = self._clock()
         return [w for w in self._by_queue.get(queue, {}).values() if w.identity == identity and not w.expired(now)]
+
+    async def write_now(self, worker: Worker) -> None:
+        """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
+        worker whose later calls say nothing of which registration is theirs (a Kubernetes identity),
+        every replica must find it in the API server once it calls (registrations_of). A failed
+        write is retried by the writer, as any."""
+        self._unmark(worker)
+        worker.written_at = self._monotonic()
+        await self._write(worker)
+
+    async def registrations_of(self, queue: QueueObject, identity: str) -> list[Worker]:
+        """The live registrations a Kubernetes identity made in a queue: those known here, else those
+        the API server's Leases hold (a consistent read, taken in as the watch will), for a worker
+        registered by another replica whose Lease this replica's watch has not brought yet. Raises
+        the API error (or a timeout) when the API server cannot be asked."""
+        known = self.registered_as(queue.key, identity)
+        if known:
+            return known
+        key = (queue.key, identity)
+        listing = self._identity_lists.get(key)
+        if listing is None:  # one list at a time per identity and queue, whoever else asks meanwhile
+            listing = asyncio.ensure_future(self._list_identity(queue, identity))
+            self._identity_lists[key] = listing
+            listing.add_done_callback(lambda done: self._listed_identity(key, done))
+        return await asyncio.shield(listing)
+
+    def _listed_identity(self, key: tuple[QueueKey, str], done: asyncio.Future[list[Worker]]) -> None:
+        self._identity_lists.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # told to whoever awaited it; retrieved here for the one that left
+
+    async def _list_identity(self, queue: QueueObject, identity: str) -> list[Worker]:
+        listed = await self._client.request("GET", resources.leases_path(queue.namespace),
+                                            params={"labelSelector": queue_selector(queue.name)},
+                                            timeout=API_TIMEOUT)
+        for item in listed.get("items") or []:
+            held = worker_from_lease(item, seen_at=self._clock())
+            if held is not None and held.identity == identity and held.queue_uid == queue.uid:
+                self.lease_upserted(item)
+        return self.registered_as(queue.key, identity)
 
     def live_count(self, queue: QueueKey) -> int:
         now = self._clock()
