@@ -237,6 +237,12 @@ def test_lint(helm: Helm, option: str):
     ({"replicaCount": 2, "podDisruptionBudget": {"enabled": True, "minAvailable": 2}},
      "leaves no pod of 2 replicas evictable"),
     ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}}, "maxUnavailable 0 leaves no pod evictable"),
+    # The operator would refuse the template at start and crash-loop: refused at install instead.
+    ({"worker": {"podTemplate": {"metadata": {"annotations": {"prometheus.io/port": 8080}}}}}, "prometheus.io~1port"),
+    ({"worker": {"podTemplate": {"metadata": {"labels": {"tier": 1}}}}}, "tier"),
+    ({"worker": {"podTemplate": {"spec": {"hostNetwork": True}}}}, "hostNetwork"),
+    ({"worker": {"podTemplate": {"spec": {"containers": [{"name": "worker", "env": [{"value": "x"}]}]}}}},
+     "name"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
