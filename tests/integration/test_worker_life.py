@@ -39,6 +39,19 @@ async def run_workflow(temporal: TemporalServer, task_queue: str, workflow_id: s
         id=workflow_id, task_queue=task_queue), 60)
 
 
+async def run_as(temporal: TemporalServer, task_queue: str, host: str, control_plane_url: str, api_key: str) -> str:
+    """Runs one short workflow with a worker on `host` (Temporal identity `<pid>@<host>`); its id."""
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=control_plane_url, api_key=api_key,
+                                      progress=workflows.Progress(), log=lambda _: None)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    async with Worker(client, task_queue=task_queue, workflows=list(workflows.WORKFLOWS),
+                      activities=[activities.run_execution], identity=f"{os.getpid()}@{host}"):
+        await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
+                                                       id=workflow_id, task_queue=task_queue), 60)
+    return workflow_id
+
+
 def registered_pods(kube: Kube, namespace: str) -> set[str]:
     return {lease.metadata.labels.get("agentcontrol.dev/pod") for lease in kube.registrations(namespace).values()}
 
@@ -167,14 +180,7 @@ async def test_namesake_queues_sharing_a_task_queue_see_only_their_own_pods_exec
     hostnames = {ns: kube.core.read_namespaced_pod("twin-w0", ns).spec.hostname for ns in (namespace, other_namespace)}
     assert hostnames[namespace] != hostnames[other_namespace]
 
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    activities = workflows.Activities(control_plane_url=operator.url, api_key=tokens[namespace],
-                                      progress=workflows.Progress(), log=lambda _: None)
-    workflow_id = f"exec-{secrets.token_hex(4)}"
-    async with Worker(client, task_queue=task_queue, workflows=list(workflows.WORKFLOWS),
-                      activities=[activities.run_execution], identity=f"{os.getpid()}@{hostnames[namespace]}"):
-        await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
-                                                       id=workflow_id, task_queue=task_queue), 60)
+    workflow_id = await run_as(temporal, task_queue, hostnames[namespace], operator.url, tokens[namespace])
     mine = wait_for(lambda: operator.call("GET", path.format(f"twin-{namespace}"), tokens[namespace]).json(),
                     what="its execution shown to the worker that ran it")
     assert [(e["id"], e["status"]) for e in mine] == [(workflow_id, "completed")]
@@ -317,17 +323,9 @@ async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
     runner = service_account_token(kube, namespace, "runner")
     viewer = service_account_token(kube, namespace, "viewer")
     path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
 
     async def run(host: str) -> str:
-        activities = workflows.Activities(control_plane_url=operator.url, api_key=runner,
-                                          progress=workflows.Progress(), log=lambda _: None)
-        workflow_id = f"exec-{secrets.token_hex(4)}"
-        async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
-                          activities=[activities.run_execution], identity=f"{os.getpid()}@{host}"):
-            await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
-                                                           id=workflow_id, task_queue=queue_id), 60)
-        return workflow_id
+        return await run_as(temporal, queue_id, host, operator.url, runner)
 
     def listed(token: str) -> list[tuple[str, str]]:
         answer = operator.call("GET", path, token)

@@ -372,14 +372,19 @@ class Registry:
             done.exception()  # told to whoever awaited it; retrieved here for the one that left
 
     async def _list_identity(self, queue: QueueObject, identity: str) -> list[Worker]:
+        await self._take_in_listed(queue, lambda held: held.identity == identity)
+        return self.registered_as(queue.key, identity)
+
+    async def _take_in_listed(self, queue: QueueObject, wanted: Callable[[Worker], bool]) -> None:
+        """Takes in, as the watch will, the registrations of the queue the API server's Leases hold
+        (a consistent read) that are `wanted`."""
         listed = await self._client.request("GET", resources.leases_path(queue.namespace),
                                             params={"labelSelector": queue_selector(queue.name)},
                                             timeout=API_TIMEOUT)
         for item in listed.get("items") or []:
             held = worker_from_lease(item, seen_at=self._clock())
-            if held is not None and held.identity == identity and held.queue_uid == queue.uid:
+            if held is not None and held.queue_uid == queue.uid and wanted(held):
                 self.lease_upserted(item)
-        return self.registered_as(queue.key, identity)
 
     def live_count(self, queue: QueueKey) -> int:
         now = self._clock()
@@ -491,15 +496,8 @@ class Registry:
 
     async def _registered_elsewhere(self, queue: QueueObject, worker_id: str) -> Worker | None:
         """The worker as its Lease in the API server shows it, taken in as the watch will; None if none."""
-        listed = await self._client.request("GET", resources.leases_path(queue.namespace),
-                                            params={"labelSelector": queue_selector(queue.name)},
-                                            timeout=API_TIMEOUT)
-        for item in listed.get("items") or []:
-            held = worker_from_lease(item, seen_at=self._clock())
-            if held is not None and held.worker_id == worker_id and held.queue_uid == queue.uid:
-                self.lease_upserted(item)
-                return self._workers.get(worker_id)
-        return None
+        await self._take_in_listed(queue, lambda held: held.worker_id == worker_id)
+        return self._workers.get(worker_id)
 
     def _check_room(self, queue: QueueObject) -> None:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
