@@ -203,6 +203,29 @@ def _query(request: web.Request) -> tuple[int, str] | web.Response:
     return limit, status
 
 
+async def _asking_worker(request: web.Request, caller: callers.Caller, resolution: Resolution
+                         ) -> tuple[str, float | None] | web.Response | None:
+    """(hostname, since) of the worker that asks, None when none does (the whole queue is shown), or
+    the answer to give at once. A pod's worker by its token; a Kubernetes identity's by the one worker
+    it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
+    shown (`[]`), as for a queue token. An identity with none (a person, a tool) sees the whole queue."""
+    if caller.worker is not None:
+        return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since
+    if caller.identity is None:
+        return None
+    try:
+        registered = await request.app[REGISTRY].registrations_of(resolution.queue, caller.identity.username)
+    except client_.ERRORS as exc:
+        return registry_unavailable(resolution.queue, exc)
+    if not registered:
+        return None
+    if len(registered) > 1 or not registered[0].hostname:
+        return web.json_response([])
+    since = registered[0].since
+    # Its first take follows its registration at once: the clocks may differ that much.
+    return registered[0].hostname, None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS
+
+
 async def list_executions(request: web.Request) -> web.Response:
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
@@ -222,23 +245,9 @@ async def list_executions(request: web.Request) -> web.Response:
         # A queue token is shared: nothing tells which worker asks, and any execution listed could
         # make it exit (see core/executions.py). It sees none, so it never exits on another's work.
         return web.json_response([])
-    # Which worker asks, if one does: a pod's by its token; a Kubernetes identity's by the one worker
-    # it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
-    # shown, as for a queue token. An identity with none (a person, a tool) sees the whole queue.
-    host: tuple[str, float | None] | None = None
-    if caller.worker is not None:
-        host = (caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since)
-    elif caller.identity is not None:
-        try:
-            registered = await request.app[REGISTRY].registrations_of(resolution.queue, caller.identity.username)
-        except client_.ERRORS as exc:
-            return registry_unavailable(resolution.queue, exc)
-        if len(registered) > 1 or (registered and not registered[0].hostname):
-            return web.json_response([])
-        if registered:
-            since = registered[0].since
-            # Its first take follows its registration at once: the clocks may differ that much.
-            host = (registered[0].hostname or "", None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS)
+    host = await _asking_worker(request, caller, resolution)
+    if isinstance(host, web.Response):
+        return host
     endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
                                  api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
     try:
