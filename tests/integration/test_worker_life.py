@@ -178,7 +178,10 @@ async def test_namesake_queues_sharing_a_task_queue_see_only_their_own_pods_exec
         kube.create_queue(ns, "twin", **queue_spec(temporal, f"twin-{ns}", taskQueueName=task_queue))
     tokens = {ns: wait_for(lambda ns=ns: kube._has_secret(ns, "twin-w0-token") and kube.secret_value(
         ns, "twin-w0-token", "token"), what=f"{ns}/twin-w0's token") for ns in (namespace, other_namespace)}
-    hostnames = {ns: kube.core.read_namespaced_pod("twin-w0", ns).spec.hostname for ns in (namespace, other_namespace)}
+    # The token Secret is made just before its pod: wait for the pod too.
+    hostnames = {ns: wait_for(lambda ns=ns: "twin-w0" in kube.pod_names(ns, "twin")
+                              and kube.core.read_namespaced_pod("twin-w0", ns).spec.hostname,
+                              what=f"{ns}/twin-w0") for ns in (namespace, other_namespace)}
     assert hostnames[namespace] != hostnames[other_namespace]
 
     workflow_id = await run_as(temporal, task_queue, hostnames[namespace], operator.url, tokens[namespace])
