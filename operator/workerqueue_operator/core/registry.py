@@ -571,6 +571,12 @@ class Registry:
             finally:
                 self._claiming.discard(key)
             if stored is None:
+                own = self._workers.get(worker_id)
+                if own is not None and own.slot is not None:
+                    # The slot's Lease is this very worker's, alive (renewed by the other replica, whose
+                    # renewal the watch has not brought here yet): taken in, it is its slot. A second
+                    # one, claimed further on, would hold two.
+                    return own
                 continue  # somebody else was faster: try the next slot
             worker.stored, worker.dirty, worker.written_at = True, False, self._monotonic()
             worker.version = _version(stored)
@@ -937,13 +943,24 @@ class Registry:
         """Takes over a slot whose Lease exists but is held by no worker known here, if that holder
         has expired: one passed over as a worker's earlier slot (see lease_upserted), left by a delete
         that a restart ended, would otherwise keep its slot taken for good."""
-        meta = body["metadata"]
-        current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                             timeout=API_TIMEOUT)
+        current = await self._read_lease(body)
+        if current is None:  # deleted since the create met it: free again
+            return await self._create(body)
         found = worker_from_lease(current, seen_at=0.0)
         if found is None:
             return None  # not a registration: not ours to take
         return await self._replace(body, found, expired_only=True, current=current)
+
+    async def _read_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The Lease of `body`'s name as the API server holds it now; None if there is none."""
+        meta = body["metadata"]
+        try:
+            return await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                              timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
 
     async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool,
                        current: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -952,8 +969,11 @@ class Registry:
         heard a heartbeat the watch has not brought here yet). `current`: the Lease just read, if so."""
         meta = body["metadata"]
         if current is None:
-            current = await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                                 timeout=API_TIMEOUT)
+            current = await self._read_lease(body)
+            if current is None:
+                # Deleted by the other replica (its holder expired there, or left), and this replica's
+                # watch has not told yet: the slot is free.
+                return await self._create(body)
         stored = worker_from_lease(current, seen_at=0.0)
         if stored is None or stored.worker_id != holder.worker_id:
             return None
