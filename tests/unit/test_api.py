@@ -374,6 +374,24 @@ async def test_a_pods_worker_turned_away_at_start_is_told_to_the_registry():
         assert registry.refusal(suspended, "q1-w0") == ""
 
 
+async def test_a_pods_worker_starts_while_the_queue_token_the_operator_makes_is_missing():
+    """The supervisor starts pods while the generated queue token is on its way (a new queue, or its
+    Secret deleted): they sign in with their own tokens, so /start serves them, and only them. A
+    missing upstream key still turns them away (their executions could not reach it)."""
+    store = store_with_pod()
+    store.upsert_secret(("team-a", "q1-worker-token"), None)
+    resolution = store.resolution(("team-a", "q1"))
+    assert resolution is not None and resolution.awaiting_generated_token and resolution.starts_workers
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = await c.post(START.format("q-1"), headers={"Authorization": "Bearer pod-tok"})
+        assert started.status == 200, await started.text()
+        assert (await started.json())["queue_id"] == "q-1"
+        store.upsert_queue(queue("q1", queueId="q-1", upstream={
+            "url": "https://up.example", "apiKeySecretRef": {"name": "org", "key": "api-key"}}))
+        refused = await c.post(START.format("q-1"), headers={"Authorization": "Bearer pod-tok"})
+        assert refused.status == 503 and "not ready" in (await refused.json())["detail"]
+
+
 async def test_a_pods_worker_registers_again_after_its_queue_token_was_rotated():
     # A pod's worker holds its own token, which no rotation of the queue token touches: its id must
     # stay its own too, or a heartbeat reaching a replica that does not know its registration (or

@@ -92,7 +92,10 @@ async def start_worker(request: web.Request) -> web.Response:
     pod = caller.worker.pod if caller.worker is not None else None
     if queue.spec.suspend:
         return await _refused(request, queue, pod, errors.detail(400, "Worker queue is not active (status: suspended)"))
-    if resolution.config is None or resolution.problem is not None:
+    # A pod's worker signs in with its own token: the queue token the operator is still making (a new
+    # queue, or its Secret deleted) is no reason to turn it away, as it is for everyone else.
+    pod_starts = pod is not None and resolution.starts_workers
+    if resolution.config is None or (resolution.problem is not None and not pod_starts):
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return await _refused(request, queue, pod, errors.detail(503, f"Worker queue is not ready: {reason}"))
 

@@ -309,7 +309,7 @@ class Supervisor:
         status = plan.workers
         if create and (resolution is None or not resolution.starts_workers):
             # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
-            # Secret the operator is creating right now is no reason to wait (pods refer to it by name).
+            # Secret the operator is creating right now is no reason to wait: pods sign in with their own.
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
         refusal = self._refused.get(key)
         if create and refusal is not None and refusal.holds(queue.generation, now):
