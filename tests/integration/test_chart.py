@@ -301,6 +301,25 @@ def test_defaults(helm: Helm):
     assert "worker_pod_template" not in config
 
 
+def test_namespaces_of_digits_render_as_strings(helm: Helm):
+    """`2024` is a valid namespace name; written unquoted, YAML reads it as a number, which the API
+    server refuses in every `namespace` field (metadata, subjects)."""
+    digits = Scope(release="wq", namespace="2024", watched=("123", "team-a"))
+    docs = helm.template(option_values("everything", digits), namespace=digits.namespace)
+
+    def namespaces(node: Any) -> list[Any]:
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k == "namespace" and not isinstance(v, dict | list)] + [
+                found for v in node.values() for found in namespaces(v)]
+        if isinstance(node, list):
+            return [found for item in node for found in namespaces(item)]
+        return []
+
+    found = [value for doc in docs for value in namespaces(doc)]
+    assert {"2024", "123"} <= set(found)
+    assert all(isinstance(value, str) for value in found), sorted(map(repr, found))
+
+
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
     docs = helm.template({})
     role = find(docs, "ClusterRole")

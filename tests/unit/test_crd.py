@@ -80,6 +80,14 @@ def test_descriptions_reach_kubectl_explain():
     assert interval == {"default": 60, "maximum": 300, "minimum": 10, "type": "integer"}
 
 
+def test_every_field_of_the_spec_is_described():
+    """README: `kubectl explain workerqueue.spec` documents every field (items of a list are the list's)."""
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    undescribed = [path for path, node in walk(spec)
+                   if path.rpartition("/")[0].endswith("/properties") and not node.get("description")]
+    assert undescribed == []
+
+
 def test_descriptions_keep_no_line_break_of_the_source():
     # kubectl explain wraps a description itself: a docstring's own line breaks would show as ragged lines.
     schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

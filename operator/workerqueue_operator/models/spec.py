@@ -190,13 +190,17 @@ class TemplateEnvVar(_Open):
     """An environment variable (the operator's own replace same-named ones)."""
 
     name: str = Field(min_length=1)
+    """The variable's name."""
 
 
 class TemplateContainer(_Open):
     """A container of the worker pod."""
 
     name: str = Field(min_length=1)
+    """The container's name."""
     env: list[TemplateEnvVar] | None = None
+    """Environment variables; the worker's own (QUEUE_ID, CONTROL_PLANE_URL, KUBIYA_API_KEY,
+    HEARTBEAT_INTERVAL, TEMPORAL_HOST, SINGLE_EXECUTION) are set by the operator and replace same-named ones."""
 
 
 _NO_HOST_NETWORK = ("worker pods cannot use hostNetwork: the node's name would be their hostname, so their "
@@ -212,6 +216,7 @@ class TemplatePodSpec(_Open):
     })
 
     containers: list[TemplateContainer] | None = None
+    """The pod's containers; the operator gives each the worker's environment."""
     host_network: bool | None = Field(default=None, alias="hostNetwork")
     """Must not be true: a worker is known by the hostname its pod is given."""
 
@@ -227,7 +232,9 @@ class TemplateMetadata(_Open):
     """Labels and annotations for every worker pod (the operator's own are added)."""
 
     labels: dict[str, str] | None = None
+    """Labels of every worker pod; the operator's own (app.kubernetes.io/*, its queue's) win over same-named ones."""
     annotations: dict[str, str] | None = None
+    """Annotations of every worker pod; the operator's own win over same-named ones."""
 
 
 class PodTemplate(_Open):
