@@ -611,14 +611,14 @@ async def test_a_slot_whose_lease_the_other_replica_deleted_is_taken_before_the_
     not told yet. A /start here takes the free slot: the 404 of the Lease's read was a 503 before."""
     now = [time.time()]
     async with in_process(kube, namespace, kubeconfig, "freed", now, maxWorkers=1) as (queue, _client, reg):
-        gone = await reg.claim(queue, "w-gone", limit=1)
+        gone = await reg.claim(queue, "w-lapsed", limit=1)
         assert gone is not None
         now[0] += gone.duration + 1
         kube.coordination.delete_namespaced_lease(gone.lease, namespace)
-        taken = await reg.claim(queue, "w-new", limit=1)
+        taken = await reg.claim(queue, "w-next", limit=1)
         assert taken is not None and taken.slot == 0
         assert {w: lease.metadata.name for w, lease in kube.registrations(namespace).items()} == {
-            "w-new": "freed-slot-0"}
+            "w-next": "freed-slot-0"}
 
 
 async def test_a_capped_worker_renewed_elsewhere_after_it_expired_here_rejoins_its_own_slot(
@@ -629,7 +629,7 @@ async def test_a_capped_worker_renewed_elsewhere_after_it_expired_here_rejoins_i
     that renewal, registers it in that same slot, never in a second one as well."""
     now = [time.time()]
     async with in_process(kube, namespace, kubeconfig, "own", now, maxWorkers=3) as (queue, client, reg):
-        worker = await reg.claim(queue, "w-1", limit=3)
+        worker = await reg.claim(queue, "w-own", limit=3)
         assert worker is not None and worker.slot == 0
         now[0] += worker.duration + 1
         await client.request("PATCH", f"{resources.leases_path(namespace)}/{worker.lease}",
@@ -637,11 +637,11 @@ async def test_a_capped_worker_renewed_elsewhere_after_it_expired_here_rejoins_i
                              content_type=client_.MERGE_PATCH)  # the other replica's renewal
         reg._sweep(ending=True)
         await asyncio.gather(*reg._writes)
-        assert reg.get("w-1") is None and reg.may_rejoin(queue, "w-1")
-        rejoined = await reg.rejoin_slot(queue, "w-1")
+        assert reg.get("w-own") is None and reg.may_rejoin(queue, "w-own")
+        rejoined = await reg.rejoin_slot(queue, "w-own")
         assert rejoined is not None and rejoined.slot == 0
         leases_held = kube.coordination.list_namespaced_lease(namespace).items
-        assert [(lease.spec.holder_identity, lease.metadata.name) for lease in leases_held] == [("w-1", "own-slot-0")]
+        assert [(lease.spec.holder_identity, lease.metadata.name) for lease in leases_held] == [("w-own", "own-slot-0")]
 
 
 async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_the_worker_come_back(

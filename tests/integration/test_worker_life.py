@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kubernetes import client as k8s
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -358,3 +359,44 @@ async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
     # A second worker of the same identity: which one asks cannot be told, so neither is shown any.
     assert operator.start_worker(queue_id, runner, {"system_info": {"hostname": "other-host"}}).status == 200
     assert listed(runner) == []
+
+
+def pod_bound_token(kube: Kube, namespace: str, account: str, pod: str) -> str:
+    """A ServiceAccount token bound to a pod (as a projected token is): TokenReview names the pod.
+    The pod is only an object here (no kubelet runs it)."""
+    created = kube.core.create_namespaced_pod(namespace, k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name=pod),
+        spec=k8s.V1PodSpec(service_account_name=account, containers=[k8s.V1Container(name="w", image="w")])))
+    request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(
+        audiences=[], expiration_seconds=3600,
+        bound_object_ref=k8s.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod, uid=created.metadata.uid)))
+    return str(kube.core.create_namespaced_service_account_token(account, namespace, request).status.token)
+
+
+async def test_workers_of_one_service_account_in_several_pods_each_see_their_own_execution(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # One ServiceAccount, a worker in each of two pods: as one identity with two registrations, neither
+    # was shown its own execution (which one asks could not be told), and a replica knowing only one
+    # registration showed it to both. A token bound to a pod says which pod asks. One with no
+    # registration (expired in an API-server outage) waits, rather than see the whole queue.
+    queue_id = f"podq-{namespace}"
+    kube.create_queue(namespace, "podq", **queue_spec(temporal, queue_id, singleExecution=False))
+    kube.wait_condition(namespace, "podq", "True")
+    kube.grant(namespace, "podq-start", resource="workerqueues/start", verb="create", queue="podq", account="runner")
+    kube.grant(namespace, "podq-read", resource="workerqueues", verb="get", queue="podq", account="runner")
+    service_account_token(kube, namespace, "runner")  # makes the account
+    first, second, idle = (pod_bound_token(kube, namespace, "runner", pod) for pod in ("run-a", "run-b", "run-c"))
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+
+    def listed(token: str) -> list[tuple[str, str]]:
+        answer = operator.call("GET", path, token)
+        assert answer.status == 200, answer.body
+        return [(e["id"], e["status"]) for e in answer.json()]
+
+    for token, host in ((first, "run-a"), (second, "run-b")):
+        started = operator.start_worker(queue_id, token, {"system_info": {"hostname": host}})
+        assert started.status == 200, started.body
+    mine = await run_as(temporal, queue_id, "run-a", operator.url, first)
+    wait_for(lambda: listed(first) == [(mine, "completed")], what="its own execution, to the first pod's worker")
+    assert listed(second) == []
+    assert listed(idle) == []  # no registration: a worker's token all the same, never the whole queue

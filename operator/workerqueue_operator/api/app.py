@@ -110,7 +110,7 @@ async def start_worker(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     system_info = body.system_info
     hostname = system_info.hostname if system_info is not None else None
-    identity = caller.identity.username if caller.identity is not None else None
+    identity = caller.identity.registrant if caller.identity is not None else None
     if queue.spec.max_workers is None:
         try:
             registered = registry.register(queue, worker_id, pod=pod, hostname=hostname, system_info=system_info,
@@ -119,7 +119,11 @@ async def start_worker(request: web.Request) -> web.Response:
             return await _refused(request, queue, pod, workers.refused(request, queue, exc))
         if identity is not None:
             # Its executions poll may reach another replica at once, which must find whose it is.
-            await registry.write_now(registered)
+            try:
+                await registry.write_now(registered)
+            except client_.ERRORS as exc:
+                registry.abandoned(queue, worker_id)
+                return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,

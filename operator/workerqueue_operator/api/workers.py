@@ -92,7 +92,7 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
         if denied is not None:
             return denied
     queue = resolution.queue
-    identity = caller.identity.username if caller.identity is not None else None
+    identity = caller.identity.registrant if caller.identity is not None else None
     if queue.spec.max_workers is None:
         try:
             worker = registry.rejoin(queue, worker_id, pod=pod, hostname=hostname or pod, identity=identity)
@@ -206,19 +206,25 @@ def _query(request: web.Request) -> tuple[int, str] | web.Response:
 async def _asking_worker(request: web.Request, caller: callers.Caller, resolution: Resolution
                          ) -> tuple[str, float | None] | web.Response | None:
     """(hostname, since) of the worker that asks, None when none does (the whole queue is shown), or
-    the answer to give at once. A pod's worker by its token; a Kubernetes identity's by the one worker
+    the answer to give at once. A pod's worker by its token; a Kubernetes identity's by the worker
     it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
-    shown (`[]`), as for a queue token. An identity with none (a person, a tool) sees the whole queue."""
+    shown (`[]`), as for a queue token. An identity with none (a person, a tool) sees the whole queue,
+    unless its token is bound to a pod: that is a worker's (one whose registration expired in an
+    outage of the API server, say), which waits (`[]`) rather than take another's execution."""
     if caller.worker is not None:
         return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since
-    if caller.identity is None:
+    identity = caller.identity
+    if identity is None:
         return None
     try:
-        registered = await request.app[REGISTRY].registrations_of(resolution.queue, caller.identity.username)
+        registered = await request.app[REGISTRY].registrations_of(resolution.queue, identity.registrant)
     except client_.ERRORS as exc:
         return registry_unavailable(resolution.queue, exc)
     if not registered:
-        return None
+        return None if identity.pod_uid is None else web.json_response([])
+    if identity.pod_uid is not None:
+        # All in its pod: the newest is the worker that asks (its container restarted since the others).
+        registered = [max(registered, key=lambda w: w.since or 0.0)]
     if len(registered) > 1 or not registered[0].hostname:
         return web.json_response([])
     since = registered[0].since

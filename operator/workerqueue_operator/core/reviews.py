@@ -32,12 +32,29 @@ from workerqueue_operator.models import spec
 T = TypeVar("T")
 
 
+POD_UID = "authentication.kubernetes.io/pod-uid"
+"""What TokenReview adds for a ServiceAccount token bound to a pod (a projected one): that pod's uid."""
+
+
 @dataclass(frozen=True)
 class Identity:
     username: str
     uid: str
     groups: tuple[str, ...]
     extra: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def pod_uid(self) -> str | None:
+        """The pod the token is bound to, if it is."""
+        values = dict(self.extra).get(POD_UID, ())
+        return values[0] if len(values) == 1 and values[0] else None
+
+    @property
+    def registrant(self) -> str:
+        """Who a worker registered with this token is, as its registration records it: a token bound
+        to a pod is that pod's, so that workers of one ServiceAccount in several pods are told apart."""
+        pod_uid = self.pod_uid
+        return self.username if pod_uid is None else f"{self.username} (pod {pod_uid})"
 
 
 class Unavailable(Exception):
