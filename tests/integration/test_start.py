@@ -548,6 +548,7 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
     ({"scaling": {"minIdle": 3, "max": 2}}, "scaling.minIdle must not exceed scaling.max"),
     ({"scaling": {"minIdle": 1}}, "max: Required value"),
+    ({"ephemeral": True, "scaling": {"minIdle": 1, "max": 2}}, "an ephemeral queue's scaling.minIdle must be 0"),
     ({"upstream": {"url": 'http://cp"example', "apiKeySecretRef": {"name": "org", "key": "k"}}}, "spec.upstream.url"),
     ({"worker": {"template": {"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}}},
      "spec.worker.template.spec.containers[0].env"),

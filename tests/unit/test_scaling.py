@@ -213,6 +213,23 @@ def test_an_ephemeral_scaling_queue_lives_until_it_has_worked_then_keeps_its_ttl
     assert gone.delete_queue is not None and gone.delete_queue.reason == "QueueFinished"
 
 
+def test_an_ephemeral_scaling_queue_whose_workers_never_exit_finishes_once_its_work_is_done():
+    """Workers that take several workflows (no singleExecution) never exit by themselves: once the
+    work is done they leave as idle, which is no success. Counted on successes alone, the queue never
+    finished, and lived on for good."""
+    spec = {"ephemeral": True, "singleExecution": False, "ttlSecondsAfterFinished": 10}
+    started = plan([], Demand(backlog=1), **spec)
+    assert started.create == (0,)
+    working = plan([pod(0)], Demand(backlog=0, busy=busy(0)), started.workers, now=T0 + 1, **spec)
+    assert working.delete == () and working.workers.finished_time is None
+    idle = plan([pod(0)], Demand(backlog=0), working.workers, now=T0 + 2, **spec)
+    gone = plan([pod(0)], Demand(backlog=0), idle.workers, now=T0 + 2 + SETTINGS.scale_down_grace_seconds, **spec)
+    assert gone.delete == ("q1-w0",)
+    finished = plan([], Demand(backlog=0), gone.workers, now=T0 + 40, **spec)
+    assert finished.workers.succeeded == 0 and finished.workers.finished_time == times.rfc3339(T0 + 40)
+    assert plan([], Demand(backlog=0), finished.workers, now=T0 + 50, **spec).delete_queue is not None
+
+
 def test_an_ephemeral_scaling_queue_scales_up_to_its_max_and_keeps_its_deadline():
     p = plan([], Demand(backlog=8), ephemeral=True, max_=3)
     assert p.create == (0, 1, 2)

@@ -178,6 +178,32 @@ def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_ne
     assert p.create == (6, 7, 8) and p.workers.consecutive_displaced == 1
 
 
+def test_pods_displaced_seconds_apart_in_one_incident_are_replaced_at_once():
+    """A node under pressure evicts its pods one after another, each seen by its own pass: counted
+    pass by pass, the second replacement waited 10 s and the third 20 s."""
+    pool = {"singleExecution": True, "replicas": 3}
+    p = plan([pod(0, "Failed", reason="Evicted"), pod(1), pod(2)], WorkersStatus(next_index=3), **pool)
+    assert p.create == (3,) and p.workers.consecutive_displaced == 1
+    p = plan([pod(1, "Failed", reason="Evicted"), pod(2), pod(3)], p.workers, now=T0 + 1, **pool)
+    assert p.create == (4,) and p.workers.consecutive_displaced == 1
+    p = plan([pod(2, "Failed", reason="Evicted"), pod(3), pod(4)], p.workers, now=T0 + 2, **pool)
+    assert p.create == (5,) and p.workers.consecutive_displaced == 1
+    # A replacement stopped too is a new time: backed off.
+    p = plan([pod(3, "Failed", reason="Evicted"), pod(4), pod(5)], p.workers, now=T0 + 3, **pool)
+    assert p.create == () and p.workers.consecutive_displaced == 2
+
+
+def test_a_spec_change_starts_workers_stopped_from_outside_at_once():
+    """Refused again and again as the queue was full (workers outside its pods held its maxWorkers):
+    raising maxWorkers still waited out the back-off of the older spec's refusals."""
+    spec = {"singleExecution": True, "replicas": 1}
+    backed_off = WorkersStatus(next_index=7, consecutive_displaced=6, last_displaced_time=times.rfc3339(T0 - 1),
+                               displaced_generation=1, displaced_index=7)
+    assert plan([], backed_off, generation=1, **spec).create == ()
+    changed = plan([], backed_off, generation=2, **spec)
+    assert changed.create == (7,) and changed.workers.consecutive_displaced == 0
+
+
 def test_a_pod_whose_worker_the_operator_turned_away_is_no_crash_of_the_worker():
     """The worker exits 1 on a refused /start and never retries it: a full queue or an unavailable
     API server failed the pool's pods one after another, and a crash loop stopped the queue until

@@ -402,8 +402,14 @@ def plan(
         w.consecutive_failures = 0  # the failures of an older spec say nothing of this one: no back-off
     if w.consecutive_failures == 0:
         w.failures_generation, w.failure_index = None, None
+    if w.displaced_generation is not None and w.displaced_generation != queue.generation:
+        # Stopped from outside under an older spec (refused as the queue was full, say): the change
+        # may be the fix, and its first workers start at once.
+        w.consecutive_displaced, w.last_displaced_time = 0, None
+    if w.consecutive_displaced == 0:
+        w.displaced_generation, w.displaced_index = None, None
 
-    displaced_now = False
+    displaced_now: list[Pod] = []
     for pod in pods:
         if pod.deleting or pod.phase not in ("Succeeded", "Failed"):
             continue
@@ -417,17 +423,18 @@ def plan(
             w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
             w.failure_index = None
             w.consecutive_displaced, w.last_displaced_time = 0, None
+            w.displaced_index, w.displaced_generation = None, None
             events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         elif pod.refused and pod.phase == "Failed":
             # Its worker exited on the operator's own refusal (a full or not ready queue, the API server
             # unavailable): no crash of the worker, no crash loop; replaced as a displaced pod is.
-            displaced_now = True
+            displaced_now.append(pod)
             events.append(Event("WorkerRefused", f"worker {pod.name} exited as /start turned it away "
                                 f"({pod.refused}); it is replaced", warning=True))
         elif displaced(pod.reason):
             # Not the worker's fault, but not always someone else's either: a pod evicted for its own
             # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
-            displaced_now = True
+            displaced_now.append(pod)
             events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
                                 f"(reason {pod.reason}); it is replaced", warning=True))
         else:
@@ -446,14 +453,19 @@ def plan(
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
     w.counted = counted
-    if displaced_now:
-        # One incident (a node under pressure evicting several at once) counts once; one long after
-        # the last is a new first.
-        last = times.parse_or_none(w.last_displaced_time)
-        if last is None or now - last > DISPLACED_FORGOTTEN_SECONDS:
+    # One incident (a node under pressure evicting several, seconds apart) counts once: pods made
+    # before the last time counted belong to it. One long after the last is a new first.
+    last = times.parse_or_none(w.last_displaced_time)
+    forgotten = last is None or now - last > DISPLACED_FORGOTTEN_SECONDS
+    same_round = not forgotten and w.displaced_index is not None and all(
+        pod.index is not None and pod.index < w.displaced_index for pod in displaced_now)
+    if displaced_now and not same_round:
+        if forgotten:
             w.consecutive_displaced = 0
         w.consecutive_displaced += 1
         w.last_displaced_time = times.rfc3339(now)
+        w.displaced_generation = queue.generation
+        w.displaced_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
 
     # Names are never reused, not even those of pods already deleted.
     w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
@@ -494,8 +506,10 @@ def plan(
                 delete_queue = Event("DeadlineExceeded", message, warning=True)
             else:
                 requeue.append(deadline - now)
-        # A scaling queue has finished once it did some work and none is left.
-        done = w.succeeded > 0 if s.scaling is not None else True
+        # A scaling queue has finished once it ran workers (made for work: minIdle is 0) and none is
+        # left; not before its first work came. Its workers need not have exited by themselves: ones
+        # that take several workflows leave as idle once the work is done.
+        done = (w.succeeded > 0 or w.next_index > 0) if s.scaling is not None else True
         if w.desired > 0 or alive:
             w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
         elif done and delete_queue is None:

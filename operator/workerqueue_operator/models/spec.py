@@ -275,6 +275,9 @@ class ScalingSpec(_Model):
     """Most worker pods at once (also capped by maxWorkers)."""
 
 
+EPHEMERAL_MIN_IDLE = "an ephemeral queue's scaling.minIdle must be 0: idle workers kept would keep it from finishing"
+
+
 class WorkerQueueSpec(_Model):
     """Desired configuration of a worker queue."""
 
@@ -283,6 +286,9 @@ class WorkerQueueSpec(_Model):
             "x-kubernetes-validations": [
                 # Whether the immutable fields are there; their values, by the fields' own rules.
                 cel("has(self.queueId) == has(oldSelf.queueId)", QUEUE_ID_IMMUTABLE),
+                # Idle workers kept for good would keep an ephemeral queue from ever finishing.
+                cel("!has(self.ephemeral) || !self.ephemeral || !has(self.scaling) || self.scaling.minIdle == 0",
+                    EPHEMERAL_MIN_IDLE),
                 # Running workers poll the task queue /start gave them and cannot follow a change; the
                 # operator, judging them by the new one, would take busy ones for idle and delete them.
                 cel("has(self.taskQueueName) == has(oldSelf.taskQueueName)", TASK_QUEUE_IMMUTABLE),
@@ -396,11 +402,16 @@ class WorkersStatus(_Model):
     last_failure_time: str | None = None
     """When the last failure was seen (RFC 3339)."""
     consecutive_displaced: int = 0
-    """Times workers were stopped from outside (evicted, not admitted; several at once count once)
-    since the last success or in the last hour: the first are replaced at once, the next ones after
-    the back-off failures get; never a crash loop."""
+    """Times workers were stopped from outside (evicted, deleted, not admitted; several at once count
+    once) since the last success or spec change, or in the last hour: the first are replaced at once,
+    the next ones after the back-off failures get; never a crash loop."""
     last_displaced_time: str | None = None
     """When the last such worker was seen (RFC 3339)."""
+    displaced_index: int | None = None
+    """`nextIndex` when the last such time was counted: pods made before it that are stopped too
+    belong to the same time."""
+    displaced_generation: int | None = None
+    """The generation whose workers were stopped those times; a newer one starts counting again."""
     next_index: int = 0
     """Index of the next worker pod's name; names are never reused, so a create is never doubled."""
     counted: list[str] = Field(default_factory=list)
