@@ -233,6 +233,24 @@ def test_a_pod_deleted_or_evicted_by_someone_else_is_replaced(kube: Kube, namesp
     assert "WorkerDisplaced" in reasons(kube, namespace, "ext")
 
 
+def test_pods_deleted_by_someone_else_again_and_again_are_replaced_after_a_back_off(kube: Kube, namespace: str):
+    """A controller that deletes worker pods (a policy engine, a descheduler) met a new one each time,
+    at once, and nothing was counted or told: only evictions were. The first is replaced at once,
+    the next ones after the back-off (1 s, doubling, here), as README says."""
+    kube.create_queue(namespace, "del", queueId=f"del-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "del", ["del-w0"])
+    kube.core.delete_namespaced_pod("del-w0", namespace)
+    wait_pods(kube, namespace, "del", ["del-w1"])
+    assert kube.workers(namespace, "del").get("consecutiveDisplaced") == 1
+    kube.core.delete_namespaced_pod("del-w1", namespace)
+    wait_pods(kube, namespace, "del", ["del-w2"])
+    assert kube.workers(namespace, "del").get("consecutiveDisplaced") == 2
+    messages = [e.message for e in kube.events(namespace, "del") if e.reason == "WorkerDisplaced"]
+    assert sorted(messages) == [f"worker del-w{i} was deleted by someone else" for i in (0, 1)]
+    assert "BackOff" in reasons(kube, namespace, "del")
+    assert kube.workers(namespace, "del").get("consecutiveFailures", 0) == 0
+
+
 def test_a_pod_whose_worker_was_turned_away_at_start_is_replaced_not_counted_as_a_crash(
     operator: OperatorProcess, kube: Kube, namespace: str,
 ):

@@ -193,6 +193,22 @@ def test_pods_displaced_seconds_apart_in_one_incident_are_replaced_at_once():
     assert p.create == () and p.workers.consecutive_displaced == 2
 
 
+def test_a_pod_deleted_by_someone_else_counts_once_while_it_terminates_and_is_replaced():
+    spec = {"singleExecution": True, "replicas": 1}
+    terminating = Pod(name="q1-w0", phase="Running", deleting=True, index=0)
+    p = workers.plan(queue(**spec), [terminating], previous=WorkersStatus(next_index=1), now=T0, created=T0,
+                     settings=SETTINGS, deleted_outside={"q1-w0"})
+    assert p.create == (1,) and p.workers.consecutive_displaced == 1 and p.workers.counted == ["q1-w0"]
+    assert [e.reason for e in p.events] == ["WorkerDisplaced"]
+    again = workers.plan(queue(**spec), [terminating, pod(1)], previous=p.workers, now=T0 + 1, created=T0,
+                         settings=SETTINGS, deleted_outside={"q1-w0"})
+    assert again.events == () and again.workers.consecutive_displaced == 1
+    # One gone between two passes (deleted at once) is told by name only; a new time: backed off.
+    gone = workers.plan(queue(**spec), [], previous=again.workers, now=T0 + 2, created=T0, settings=SETTINGS,
+                        deleted_outside={"q1-w1"})
+    assert gone.create == () and gone.workers.consecutive_displaced == 2 and gone.requeue_after is not None
+
+
 def test_a_spec_change_starts_workers_stopped_from_outside_at_once():
     """Refused again and again as the queue was full (workers outside its pods held its maxWorkers):
     raising maxWorkers still waited out the back-off of the older spec's refusals."""

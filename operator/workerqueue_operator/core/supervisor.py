@@ -151,6 +151,11 @@ class Supervisor:
         self._registry = registry
         self._temporal = temporal
         self._probes: dict[QueueKey, _Probe] = {}
+        self._deleted_here: dict[QueueKey, set[str]] = {}
+        """Pods this replica deleted, until they are gone: any other pod deleted is so from outside."""
+        self._alive_seen: dict[QueueKey, frozenset[str]] = {}
+        """The pods alive at the last pass while active: one gone since, not deleted here, was deleted
+        from outside (with no kubelet to wait for, or deleted at once, a pod goes between two passes)."""
         self._listed: dict[QueueKey, PodListing] = {}
         """Each queue's pods at its last reconcile here (see _delete_orphan_credentials, _resync)."""
         self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
@@ -203,6 +208,8 @@ class Supervisor:
         self._alive.pop(key, None)
         self._written.pop(key, None)
         self._listed.pop(key, None)
+        self._deleted_here.pop(key, None)
+        self._alive_seen.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -222,6 +229,8 @@ class Supervisor:
     def _activity_changed(self, active: bool) -> None:
         # What we wrote may have been overwritten by the other replica meanwhile: the watch says.
         self._written.clear()
+        # Pods the other replica deleted meanwhile are none of this one's doing, nor from outside.
+        self._alive_seen.clear()
         for probe in self._probes.values():
             probe.shown_known = False
         # Made anew: a standby adds nothing to it (it would grow with every queue made meanwhile).
@@ -292,13 +301,14 @@ class Supervisor:
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
         demand = self._demand.get(key)
+        outside = self._deleted_outside(key, parsed)
         plan = workers.plan(queue, parsed, previous=previous, now=now, created=created, settings=self._settings,
-                            demand=demand)
+                            demand=demand, deleted_outside=outside)
         if demand is not None and any(name in alive for name in plan.delete):
             # Taken for idle by the workflows they hold: one may run another workflow's activity.
             demand = await self._with_activities(key, demand)
             plan = workers.plan(queue, parsed, previous=previous, now=now, created=created,
-                                settings=self._settings, demand=demand)
+                                settings=self._settings, demand=demand, deleted_outside=outside)
         alive_before = self._alive.get(key, 0)
         self._alive[key] = len(alive) + len(plan.create)
         if self._alive[key] and not alive_before and key in self._probes:
@@ -320,6 +330,7 @@ class Supervisor:
             if written is None:
                 return  # counted from an older copy: nothing is done on it (see _write_status)
             version = written
+        self._passed(key, parsed)
         involved = queue_ref_body(queue)
 
         for event in plan.events:
@@ -342,6 +353,21 @@ class Supervisor:
             await self._delete_queue(queue)
         elif plan.requeue_after is not None:
             self._queue.add_after(key, plan.requeue_after)
+
+    def _deleted_outside(self, key: QueueKey, pods: list[workers.Pod]) -> frozenset[str]:
+        """The pods not finished that someone else deleted: being deleted, or gone since the last pass."""
+        listed = {pod.name for pod in pods}
+        gone = self._alive_seen.get(key, frozenset()) - listed
+        deleting = {pod.name for pod in pods if pod.deleting and pod.phase in workers.ALIVE_PHASES}
+        return frozenset((gone | deleting) - self._deleted_here.get(key, set()))
+
+    def _passed(self, key: QueueKey, pods: list[workers.Pod]) -> None:
+        """The pass's plan is written: its pods are what the next one compares with."""
+        listed = {pod.name for pod in pods}
+        here = self._deleted_here.get(key)
+        if here is not None:
+            here &= listed  # gone now: forgotten
+        self._alive_seen[key] = frozenset(pod.name for pod in pods if pod.alive)
 
     async def _with_activities(self, key: QueueKey, demand: workers.Demand) -> workers.Demand:
         """The demand with the pods running an activity now, never taken for idle; unknown (no
@@ -429,6 +455,8 @@ class Supervisor:
         for body, result in zip(bodies, results, strict=True):
             name = body["metadata"]["name"]
             if result is True:
+                # Alive from now on, though not listed yet: deleted before the next pass, from outside.
+                self._alive_seen[queue.key] = self._alive_seen.get(queue.key, frozenset()) | {name}
                 self._events.post(involved=involved, reason="WorkerCreated",
                                   message=f"created worker pod {name}")
             elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
@@ -462,6 +490,7 @@ class Supervisor:
         """Deletes a worker pod, the record of its refusal at /start if any, and its token Secret; a
         Secret of that name the operator did not make for this queue (a user's, left as it was when
         the pod was made) stays."""
+        self._deleted_here.setdefault(queue.key, set()).add(name)
         try:
             await self._client.delete(f"{resources.pods_path(queue.namespace)}/{name}")
         except client_.ApiError as exc:

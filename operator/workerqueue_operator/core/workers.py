@@ -11,7 +11,7 @@ import base64
 import copy
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from secrets import token_urlsafe
 from typing import Any, NamedTuple
@@ -384,9 +384,11 @@ def plan(
     created: float,
     settings: settings_.Settings,
     demand: Demand | None = None,
+    deleted_outside: Collection[str] = (),
 ) -> Plan:
     """What to do about a queue's worker pods now. `created` is the queue's creation time; `demand`
-    the work of a queue with `spec.scaling` (None: nothing known yet)."""
+    the work of a queue with `spec.scaling` (None: nothing known yet); `deleted_outside` the pods
+    not finished that someone else deleted (being deleted, or gone since the last pass)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
     events: list[Event] = []
@@ -452,6 +454,16 @@ def plan(
                 w.failure_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
                                 f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
+    listed = {p.name: p for p in pods}
+    for name in sorted(deleted_outside):
+        if name in counted:
+            continue
+        if name in listed:
+            counted.append(name)  # counted once while it terminates
+        # `kubectl delete pod`, a drain, a preemption: a controller deleting worker pods again and
+        # again would otherwise meet a new one each time, at once.
+        displaced_now.append(listed.get(name) or Pod(name=name, phase="", deleting=True, index=pod_index(name)))
+        events.append(Event("WorkerDisplaced", f"worker {name} was deleted by someone else", warning=True))
     w.counted = counted
     # One incident (a node under pressure evicting several, seconds apart) counts once: pods made
     # before the last time counted belong to it. One long after the last is a new first.
