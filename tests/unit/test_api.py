@@ -682,30 +682,6 @@ async def test_a_start_whose_slot_claim_failed_leaves_no_registration_to_come_ba
         assert len(ended) == 1 and next(iter(ended.values())).on_purpose
 
 
-async def test_an_identitys_worker_whose_registration_cannot_be_written_is_turned_away():
-    # Its executions poll may reach another replica, which finds its registration in the API server
-    # only: written nowhere, that replica would show it the whole queue (a worker latches onto the
-    # first execution listed). A 503 instead: the worker exits and its supervisor starts another.
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
-
-    class Allowed(apps.NoReviews):
-        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
-            return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=())
-
-        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
-                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
-            return True
-
-    async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:  # no API server answers
-        answer = await c.post(START.format("q-1"), headers={"Authorization": "Bearer a-service-account-token"},
-                              json={"system_info": {"hostname": "h"}})
-        assert answer.status == 503
-        assert (await answer.json())["detail"].startswith("The worker registry is temporarily unavailable")
-        assert c.server.app[REGISTRY].live(("team-a", "q1")) == []
-
-
 def test_a_token_bound_to_a_pod_registers_as_that_pods():
     extra = (("authentication.kubernetes.io/pod-name", ("run-a",)), ("authentication.kubernetes.io/pod-uid", ("u-1",)))
     bound = reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=extra)

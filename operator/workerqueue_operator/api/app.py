@@ -119,11 +119,10 @@ async def start_worker(request: web.Request) -> web.Response:
             return await _refused(request, queue, pod, workers.refused(request, queue, exc))
         if identity is not None:
             # Its executions poll may reach another replica at once, which must find whose it is.
-            try:
-                await registry.write_now(registered)
-            except client_.ERRORS as exc:
-                registry.abandoned(queue, worker_id)
-                return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)
+            # Not written (the API server away), it is answered all the same, as a queue token's start
+            # is (from memory), and written by the writer's retry: a replica that cannot find it
+            # meanwhile answers 503 while the API server is away, `[]` for a token bound to a pod.
+            await registry.write_now(registered)
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,

@@ -344,12 +344,11 @@ class Registry:
     async def write_now(self, worker: Worker) -> None:
         """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
         worker whose later calls say nothing of which registration is theirs (a Kubernetes identity),
-        every replica must find it in the API server once it calls (registrations_of). Raises the
-        API error (or a timeout) when it cannot be written: the worker is then turned away (see
-        abandoned), as one another replica could not find would be shown other workers' executions."""
+        every replica must find it in the API server once it calls (registrations_of). A failed
+        write is retried by the writer, as any."""
         self._unmark(worker)
         worker.written_at = self._monotonic()
-        await self._write(worker, retry=False)
+        await self._write(worker)
 
     async def registrations_of(self, queue: QueueObject, identity: str) -> list[Worker]:
         """The live registrations a Kubernetes identity made in a queue: those known here, else those
@@ -857,9 +856,7 @@ class Registry:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write(self, worker: Worker, *, retry: bool = True) -> None:
-        """Creates or renews the worker's Lease; a failure is written again later, or with `retry`
-        False raised."""
+    async def _write(self, worker: Worker) -> None:
         queue = self._queue_of(worker.queue)
         if queue is None or queue.uid != worker.queue_uid:
             self._forget(worker.worker_id)
@@ -894,8 +891,6 @@ class Registry:
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
-            if not retry:
-                raise
             logger.warning("writing the registration of worker %s failed, retrying: %s",
                            worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.
