@@ -301,10 +301,10 @@ class Kube:
         return result
 
     def queue_token(self, namespace: str, queue: str) -> str:
-        wait_for(lambda: self._has_secret(namespace, f"{queue}-worker-token"), what="generated token Secret")
+        wait_for(lambda: self.has_secret(namespace, f"{queue}-worker-token"), what="generated token Secret")
         return self.secret_value(namespace, f"{queue}-worker-token", "token")
 
-    def _has_secret(self, namespace: str, name: str) -> bool:
+    def has_secret(self, namespace: str, name: str) -> bool:
         try:
             self.core.read_namespaced_secret(name, namespace)
         except k8s.ApiException as exc:

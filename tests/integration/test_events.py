@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from kubernetes import client as k8s
+
+from tests.integration.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 
@@ -76,3 +78,54 @@ def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
     assert events() <= allowed < 160, (events(), looped)
     assert sum(e.reason == "WorkerDisconnected" for e in kube.events(namespace, "churn")) >= 90
     assert operator.metric("workerqueue_events_limited_total") >= 160 - allowed
+
+
+def test_a_token_secret_the_api_server_refuses_shows_on_the_queue(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    # A Ready queue whose token Secret is deleted while a quota leaves no room for it: the queue must
+    # not keep saying Ready=True, and someone must hear why; once the quota is lifted it recovers.
+    kube.create_queue(namespace, "quota", queueId=f"quota-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "quota", "True")
+    old_token = kube.queue_token(namespace, "quota")
+    # No resource-quota controller runs here: its figures are written as it would.
+    kube.core.create_namespaced_resource_quota(namespace, k8s.V1ResourceQuota(
+        metadata=k8s.V1ObjectMeta(name="no-secrets"), spec=k8s.V1ResourceQuotaSpec(hard={"secrets": "0"})))
+    kube.core.patch_namespaced_resource_quota_status("no-secrets", namespace, {"status": {
+        "hard": {"secrets": "0"}, "used": {"secrets": "1"}}})
+    wait_for(lambda: _refused(kube, namespace), what="the quota to be enforced")
+    kube.core.delete_namespaced_secret("quota-worker-token", namespace)
+    condition = kube.wait_condition(namespace, "quota", "False", reason="TokenSecretNotCreated")
+    assert "quota-worker-token" in condition["message"] and "exceeded quota" in condition["message"]
+    assert kube.condition(namespace, "quota", "SecretsResolved")["reason"] == "TokenSecretNotCreated"
+    wait_for(lambda: any(e.reason == "TokenSecretNotCreated" and e.type == "Warning"
+                         for e in kube.events(namespace, "quota")), what="the Warning Event")
+    kube.core.delete_namespaced_resource_quota("no-secrets", namespace)
+    kube.wait_condition(namespace, "quota", "True", timeout=60)  # its back-off is at most a minute
+    assert kube.queue_token(namespace, "quota") != old_token
+
+
+def test_a_queue_being_deleted_gets_no_token_secret_back(operator: OperatorProcess, kube: Kube, namespace: str):
+    # Foreground deletion: the garbage collector deletes the token Secret, then the queue. Made again
+    # in between, it would keep the queue from going (or outlive it, were it made without the owner).
+    kube.create_queue(namespace, "going", queueId=f"going-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "going", "True")
+    kube.queue_token(namespace, "going")
+    kube.custom.patch_namespaced_custom_object(  # held in deletion, as a slow collector would
+        GROUP, VERSION, namespace, PLURAL, "going", {"metadata": {"finalizers": ["test.agentcontrol.dev/hold"]}})
+    try:
+        kube.delete_queue(namespace, "going")
+        kube.core.delete_namespaced_secret("going-worker-token", namespace)
+        time.sleep(3)  # a negative: the operator answered a missing token Secret within a second before
+        assert not kube.has_secret(namespace, "going-worker-token")
+    finally:
+        kube.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "going",
+                                                   {"metadata": {"finalizers": None}})
+
+
+def _refused(kube: Kube, namespace: str) -> bool:
+    try:
+        kube.put_secret(namespace, "probe", key="v")
+    except k8s.ApiException as exc:
+        return exc.status == 403
+    kube.core.delete_namespaced_secret("probe", namespace)
+    return False

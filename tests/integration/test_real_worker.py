@@ -247,7 +247,7 @@ async def test_a_real_worker_of_an_ephemeral_single_execution_queue_runs_once_an
     assert proc.popen.wait(30) == 0, procs.tail(proc.log_path)
     # Its one worker succeeded: the queue is deleted, and with it (garbage collection) its token Secrets.
     wait_for(lambda: not kube.queue_exists(namespace, "once"), timeout=30, what="the ephemeral queue deleted")
-    wait_for(lambda: not kube._has_secret(namespace, "once-worker-token"), timeout=30, what="its token Secret gone")
+    wait_for(lambda: not kube.has_secret(namespace, "once-worker-token"), timeout=30, what="its token Secret gone")
     assert runner.process(namespace, "once-w1") is None  # one worker, once
     assert complaints(proc.log_path.read_text(errors="replace")) == []
 

@@ -516,10 +516,10 @@ async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
 
     made(ago=1)
     await supervisor.reconcile(key)
-    assert kube._has_secret(namespace, "young-w1-token")
+    assert kube.has_secret(namespace, "young-w1-token")
     made(ago=supervisor_.ORPHAN_GRACE_SECONDS + 1)
     await supervisor.reconcile(key)
-    assert not kube._has_secret(namespace, "young-w1-token")
+    assert not kube.has_secret(namespace, "young-w1-token")
     # A pod listed here before and deleted from outside takes its token along at once, young or not.
     kube.core.delete_namespaced_pod("young-w0", namespace)
     body = kube.core.read_namespaced_secret("young-w0-token", namespace).to_dict()
@@ -527,7 +527,7 @@ async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
         queue=key, pod="young-w0", queue_uid=queue.uid,
         since=workers.made_at({"metadata": {"annotations": body["metadata"]["annotations"]}})), "t0")
     await supervisor.reconcile(key)
-    assert not kube._has_secret(namespace, "young-w0-token")
+    assert not kube.has_secret(namespace, "young-w0-token")
 
 
 def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, namespace: str):

@@ -120,7 +120,7 @@ def test_a_deleted_pods_worker_is_gone_at_once(
     wait_for(lambda: "gone-w0" not in registered_pods(kube, namespace), timeout=10,
              what="the registration of the deleted pod's worker ended")
     # Its own token went with it.
-    wait_for(lambda: not kube._has_secret(namespace, "gone-w0-token"), timeout=10, what="gone-w0-token deleted")
+    wait_for(lambda: not kube.has_secret(namespace, "gone-w0-token"), timeout=10, what="gone-w0-token deleted")
 
 
 async def test_executions_are_per_worker_and_temporal_outages_are_503(
@@ -128,7 +128,7 @@ async def test_executions_are_per_worker_and_temporal_outages_are_503(
     queue_id = f"exq-{namespace}"
     kube.create_queue(namespace, "exq", **queue_spec(temporal, queue_id, replicas=2))
     wait_for(lambda: len(kube.pod_names(namespace, "exq")) == 2, what="two pods")
-    mine = wait_for(lambda: kube._has_secret(namespace, "exq-w0-token") and kube.secret_value(
+    mine = wait_for(lambda: kube.has_secret(namespace, "exq-w0-token") and kube.secret_value(
         namespace, "exq-w0-token", "token"), what="exq-w0's token")
     theirs = kube.secret_value(namespace, "exq-w1-token", "token")
     queue_token = kube.queue_token(namespace, "exq")
@@ -177,7 +177,7 @@ async def test_namesake_queues_sharing_a_task_queue_see_only_their_own_pods_exec
     path = "/api/v1/worker-queues/{}/executions?limit=5&status=all"
     for ns in (namespace, other_namespace):
         kube.create_queue(ns, "twin", **queue_spec(temporal, f"twin-{ns}", taskQueueName=task_queue))
-    tokens = {ns: wait_for(lambda ns=ns: kube._has_secret(ns, "twin-w0-token") and kube.secret_value(
+    tokens = {ns: wait_for(lambda ns=ns: kube.has_secret(ns, "twin-w0-token") and kube.secret_value(
         ns, "twin-w0-token", "token"), what=f"{ns}/twin-w0's token") for ns in (namespace, other_namespace)}
     # The token Secret is made just before its pod: wait for the pod too.
     hostnames = {ns: wait_for(lambda ns=ns: "twin-w0" in kube.pod_names(ns, "twin")
@@ -203,7 +203,7 @@ async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_
     path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
 
     def pod_token() -> str:
-        return wait_for(lambda: kube._has_secret(namespace, "again-w0-token") and kube.secret_value(
+        return wait_for(lambda: kube.has_secret(namespace, "again-w0-token") and kube.secret_value(
             namespace, "again-w0-token", "token"), what="again-w0's token")
 
     kube.create_queue(namespace, "again", **queue_spec(temporal, queue_id))
@@ -227,7 +227,7 @@ async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_
 
     kube.delete_queue(namespace, "again")
     wait_for(lambda: not kube.queue_exists(namespace, "again"), what="the queue gone")
-    wait_for(lambda: not kube._has_secret(namespace, "again-w0-token"), timeout=90,
+    wait_for(lambda: not kube.has_secret(namespace, "again-w0-token"), timeout=90,
              what="its token garbage-collected")
     wait_for(lambda: not kube.pod_names(namespace, "again", alive=False), timeout=90,
              what="its pod garbage-collected")
@@ -247,7 +247,7 @@ async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
     # after another for the rest of its life instead of one.
     queue_id = f"burst-{namespace}"
     kube.create_queue(namespace, "burst", **queue_spec(temporal, queue_id))
-    mine = wait_for(lambda: kube._has_secret(namespace, "burst-w0-token") and kube.secret_value(
+    mine = wait_for(lambda: kube.has_secret(namespace, "burst-w0-token") and kube.secret_value(
         namespace, "burst-w0-token", "token"), what="burst-w0's token")
     path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
     client = await Client.connect(temporal.address, namespace=temporal.namespace)
@@ -282,7 +282,7 @@ def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(
     kube.put_secret(namespace, "tok-new", token="new-token")
     refs = [{"name": "tok-old", "key": "token"}, {"name": "tok-new", "key": "token"}]
     kube.create_queue(namespace, "rot", **queue_spec(temporal, queue_id, auth={"tokenSecretRefs": refs}))
-    mine = wait_for(lambda: kube._has_secret(namespace, "rot-w0-token") and kube.secret_value(
+    mine = wait_for(lambda: kube.has_secret(namespace, "rot-w0-token") and kube.secret_value(
         namespace, "rot-w0-token", "token"), what="rot-w0's token")
     started = wait_for(lambda: (r := operator.start_worker(queue_id, mine)).status == 200 and r.json(),
                        what="rot-w0 started")

@@ -75,7 +75,7 @@ def test_a_users_secret_named_as_a_worker_token_outlives_the_pod(kube: Kube, nam
     wait_pods(kube, namespace, "mine", ["mine-w1"])
     wait_for(lambda: "mine-w0" not in kube.pod_names(namespace, "mine", alive=False), what="finished pod deleted")
     kube.set_phase(namespace, "mine-w1", "Succeeded", exit_code=0, reason="Completed")
-    wait_for(lambda: not kube._has_secret(namespace, "mine-w1-token"), what="the operator's token deleted with its pod")
+    wait_for(lambda: not kube.has_secret(namespace, "mine-w1-token"), what="the operator's token deleted with its pod")
     assert kube.secret_value(namespace, "mine-w0-token", "token") == "the user's"
 
 

@@ -175,3 +175,16 @@ async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loo
             await kube.close()
     assert seen == ["Bearer from-plugin"]
     assert ticks >= 20, "the event loop stood still while the plugin ran"
+
+
+@pytest.mark.parametrize(("payload", "terminating"), [
+    (b'{"kind": "Status", "reason": "Forbidden", "message": "unable to create new content in namespace ops", '
+     b'"details": {"causes": [{"type": "NamespaceTerminating", "field": "metadata.namespace"}]}}', True),
+    (b'{"kind": "Status", "reason": "Forbidden", "message": "exceeded quota: q"}', False),
+    (b'{"kind": "Status", "reason": "Forbidden", "details": {"causes": "not a list"}}', False),
+    (b'<html>busy</html>', False),
+])
+def test_a_refusal_tells_whether_its_namespace_is_going(payload: bytes, terminating: bool):
+    # A namespace being deleted takes the queue with it: re-making its token Secret there is no problem
+    # to report, whereas a quota's refusal is.
+    assert client._api_error(403, payload, "/api/v1/namespaces/ops/secrets").namespace_terminating is terminating

@@ -63,6 +63,12 @@ class Conflicts:
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
+def _refused(exc: client_.ApiError) -> bool:
+    """Whether the API server turned the request down for what it is (it will be again until someone
+    changes something), rather than for now (a conflict, a throttle, an outage)."""
+    return 400 <= exc.status < 500 and exc.status not in (409, 429)
+
+
 def _own(status: Mapping[str, Any]) -> dict[str, Any]:
     """A status without the conditions another component writes (they move on their own)."""
     conditions = [c for c in status.get("conditions") or [] if c.get("type") not in FOREIGN_CONDITIONS]
@@ -120,6 +126,7 @@ class Reconciler:
         """The status last written per queue, with the uid of the queue it was written to and the
         resourceVersion the write made."""
         self._conflicts = Conflicts()
+        self._token_refusals = Conflicts()  # the same back-off, for a token Secret the API server refuses
         self._fetching: set[SecretName] = set()
         self._fetches: set[asyncio.Task[None]] = set()
         self._watched = frozenset(watched_namespaces)  # empty: the whole cluster is watched
@@ -213,14 +220,33 @@ class Reconciler:
         if resolution is None:
             self._written.pop(key, None)
             self._conflicts.forget(key)
+            self._token_refusals.forget(key)
             return
-        if await self._ensure_token_secret(resolution):
-            # Not "SecretNotFound" about the Secret being created right now: its arrival through the
-            # watch brings the queue back here, with whatever is then true.
-            return
+        refusal: queues.Problem | None = None
+        try:
+            if await self._ensure_token_secret(resolution):
+                # Not "SecretNotFound" about the Secret being created right now: its arrival through
+                # the watch brings the queue back here, with whatever is then true.
+                self._token_refusals.forget(key)
+                return
+        except client_.ApiError as exc:
+            if exc.namespace_terminating:
+                return  # the queue goes with its namespace
+            if not _refused(exc):
+                raise  # the work queue's retry: a status write would not get through either
+            # A quota, an admission webhook, a Role short of `create secrets`: said on the queue (an
+            # earlier Ready=True would be a lie) and tried again, ever less often, until it is let in.
+            refusal = queues.Problem(
+                "TokenSecretNotCreated", f"creating Secret {queues.token_secret_name(resolution.queue.name)} "
+                f"for the queue token was refused ({exc}); tried again with a back-off")
+            self._queue.add_after(key, self._token_refusals.refused(key))
+        else:
+            self._token_refusals.forget(key)
         resolution = self._store.resolution(key)  # the token Secret just made is known now
         if resolution is None:
             return
+        if refusal is not None:
+            resolution = dataclasses.replace(resolution, problem=refusal, secrets_problem=refusal)
         queue = resolution.queue
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             unreadable = sorted(n for n in self._store.secrets_of(key) if n in self._unreadable)
@@ -276,8 +302,8 @@ class Reconciler:
         """Generates the queue token when the queue names none and the watch knows there is none.
         True: the queue waits for its token Secret to come through the watch."""
         queue = resolution.queue
-        if queue.spec.auth.token_secret_refs:
-            return False
+        if queue.spec.auth.token_secret_refs or queue.deleting:
+            return False  # a queue being deleted (foreground) must not get back what the collector took
         name = queues.token_secret_name(queue.name)
         secret = (queue.namespace, name)
         known, data = self._store.secret_state(secret)

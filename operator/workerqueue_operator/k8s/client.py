@@ -57,11 +57,18 @@ class WatchIdle(Exception):
 class ApiError(Exception):
     """A non-2xx answer of the API server. The message is the server's Status message, never a body."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, causes: tuple[str, ...] = ()) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.causes = causes
+        """The Status's `details.causes[].type` (e.g. NamespaceTerminating)."""
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """Refused because its namespace is going: whatever was to be made there goes with it."""
+        return "NamespaceTerminating" in self.causes
 
     @property
     def not_found(self) -> bool:
@@ -296,4 +303,7 @@ def _api_error(status: int, payload: bytes, path: str) -> ApiError:
         # which would otherwise read `404 : ` in the log of an operator that never gets ready.
         return ApiError(status, "NotFound", f"the API server does not serve {path} "
                         "(for a custom resource: is its CustomResourceDefinition installed?)")
-    return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500])
+    details = parsed.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    types = tuple(str(c.get("type")) for c in causes if isinstance(c, dict)) if isinstance(causes, list) else ()
+    return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500], types)
