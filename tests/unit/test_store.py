@@ -69,6 +69,26 @@ def test_the_earlier_queue_keeps_a_conflicting_id():
     assert s.serving("same").queue.name == "new" and s.serving("same").ready
 
 
+def test_a_queue_made_in_the_same_second_never_takes_the_id_from_the_one_holding_it():
+    # creationTimestamp has a one-second grain: by name alone, "a-new" would win over "b-old".
+    holding = queue_body("b-old", queueId="same", created="2026-01-01T00:00:00Z")
+    holding["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    for order in ((holding, queue_body("a-new", queueId="same")), (queue_body("a-new", queueId="same"), holding)):
+        s, _ = store()
+        for body in order:
+            s.upsert_queue(queues.QueueObject.from_body(body))
+        assert s.serving("same").queue.name == "b-old"
+        assert s.resolution(("team-a", "a-new")).problem.reason == "QueueIdConflict"
+    # Neither says it holds the id (both new, or the loser's status says so): the name decides, as before.
+    s, _ = store()
+    lost = queue_body("a-new", queueId="same")
+    lost["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "False",
+                                                          "reason": "QueueIdConflict"}]}
+    s.upsert_queue(queues.QueueObject.from_body(lost))
+    s.upsert_queue(queue("b-other", queueId="same"))
+    assert s.serving("same").queue.name == "a-new"
+
+
 def test_changing_the_id_moves_the_queue():
     s, _ = store()
     s.upsert_queue(queue(queueId="a"))

@@ -183,6 +183,15 @@ class QueueObject:
     def queue_id(self) -> str:
         return self.spec.queue_id or self.uid
 
+    @property
+    def holds_queue_id(self) -> bool:
+        """Whether the status the operator wrote says this queue holds its queue id (it is written on
+        every queue, and a queue that lost it says QueueIdConflict)."""
+        if self.status.get("queueId") != self.queue_id:
+            return False
+        ready = next((c for c in self.status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        return ready is not None and ready.get("reason") != "QueueIdConflict"
+
     def token_refs(self) -> tuple[spec_.SecretKeyRef, ...]:
         refs = self.spec.auth.token_secret_refs
         if refs:

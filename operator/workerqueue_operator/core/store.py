@@ -315,8 +315,10 @@ class Store:
         return set(claimants)
 
     def _winner(self, claimants: Iterable[QueueKey]) -> QueueKey:
-        # The earliest claim keeps the id, so a newcomer can never take over a serving queue.
-        return min(claimants, key=lambda k: (self._queues[k].created, k))
+        # The earliest claim keeps the id, so a newcomer can never take over a serving queue. Made in
+        # the same second (creationTimestamp has no finer grain), the one whose status says it holds
+        # the id keeps it: the name alone would let a newcomer named "a-..." take it from "b-...".
+        return min(claimants, key=lambda k: (self._queues[k].created, not self._queues[k].holds_queue_id, k))
 
     def _recompute(self, keys: Iterable[QueueKey]) -> None:
         changed = []
