@@ -88,6 +88,10 @@ class Feed:
             self._store.fill_secret(name, None)
         self._reconciler.fetch_secrets(unknown - generated)
 
+    def holding_news(self) -> contextlib.AbstractContextManager[None]:
+        """Around a relist of queues: see Store.holding_news."""
+        return self._store.holding_news()
+
     def queue_upserted(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata", {})
         previous = self._store.queue((meta.get("namespace", ""), meta.get("name", "")))
@@ -157,7 +161,8 @@ class Watches:
                          if settings.ignored_secret_types else {})
         self.queues = [
             informer.Informer(client, resources.queues_path(ns), on_upsert=feed.queue_upserted,
-                              on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}")
+                              on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}",
+                              hold=feed.holding_news)
             for ns in scopes]
         self.secrets = [
             informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import kubernetes
@@ -312,3 +312,33 @@ async def test_an_informer_says_while_it_lists(kubeconfig: Path, kube: Kube, nam
         kube.put_secret(namespace, "c", token="c")
         await until(lambda: "c" in listing)
     assert listing == {"a": True, "b": True, "c": False}
+
+
+async def test_an_informer_holds_its_consumers_news_while_it_lists(kubeconfig: Path, kube: Kube, namespace: str):
+    """A relist comes in pages, and what one page brings may only make sense once the list is whole
+    (the Store tells of queues then: Store.holding_news); watch events are told at once."""
+    for name in ("a", "b"):
+        kube.put_secret(namespace, name, token=name)
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    held: list[bool] = []
+    seen: dict[str, bool] = {}
+
+    @contextlib.contextmanager
+    def hold() -> Iterator[None]:
+        held.append(True)
+        try:
+            yield
+        finally:
+            held.pop()
+
+    def upsert(body: dict) -> None:
+        seen[body["metadata"]["name"]] = bool(held)
+
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", on_upsert=upsert,
+                              on_delete=lambda *_: None, name="secrets", page_size=1, hold=hold)
+    async with running(watch, client):
+        await asyncio.wait_for(watch.synced.wait(), 10)
+        assert held == []  # let go once the list is whole
+        kube.put_secret(namespace, "c", token="c")
+        await until(lambda: "c" in seen)
+    assert seen == {"a": True, "b": True, "c": False}

@@ -243,3 +243,26 @@ def test_a_spec_the_operator_cannot_read_is_not_served_by_the_one_before_it():
     feed = Feed(store, cast(Reconciler, object()), cast(Supervisor, object()))  # neither is called here
     feed.queue_upserted(queue_body("q1", queueId="q-1", generation=2, replicas="many"))
     assert store.queue(before.key) is None and store.serving("q-1") is None
+
+
+def test_a_relist_tells_of_its_queues_once_it_is_whole():
+    # Page one brings "new", claiming the id of "old"; only the end of the list shows "old" gone.
+    # Told at once, the status writer would write a QueueIdConflict (and its Warning) in between.
+    s, changed = store()
+    s.upsert_queue(queue("old", queueId="same", created="2026-01-01T00:00:00Z"))
+    s.upsert_secret(("team-a", "old-worker-token"), {"token": "old"})
+    changed.clear()
+    told: list = []
+    s.subscribe(lambda key: told.append((key, s.resolution(key))))
+    with s.holding_news():
+        with s.holding_news():  # one relist per watched namespace, at the same time
+            s.upsert_queue(queue("new", queueId="same", created="2026-02-01T00:00:00Z"))
+        assert changed == []
+        s.remove_queue(("team-a", "old"))
+        assert changed == []
+    assert sorted(changed) == [("team-a", "new"), ("team-a", "old")]
+    (new,) = [resolution for key, resolution in told if key == ("team-a", "new")]
+    assert new.problem is None or new.problem.reason != "QueueIdConflict"
+    changed.clear()
+    s.upsert_secret(("team-a", "new-worker-token"), {"token": "new"})
+    assert changed == [("team-a", "new")]  # told at once again

@@ -7,8 +7,9 @@ cluster's other Secrets (Helm release Secrets are large) cost nothing but a pass
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -53,12 +54,28 @@ class Store:
         self._with_upstream: set[QueueKey] = set()
         # Secrets this replica is creating -> whether the watch has told of them since.
         self._creating: dict[SecretName, bool] = {}
+        self._holding = 0  # relists under way (see `holding_news`)
+        self._held: dict[QueueKey, None] = {}  # queues changed meanwhile, in order
 
     # --- feeding -----------------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener(key)` whenever a queue's resolution may have changed (or it was removed)."""
         self._listeners.append(listener)
+
+    @contextlib.contextmanager
+    def holding_news(self) -> Iterator[None]:
+        """Listeners hear of the queues changed inside only at the end, each once. A relist comes in
+        pages: a queue on the first page may claim the id of one that only the end of the list shows
+        gone, and its status must not say QueueIdConflict (with a Warning) meanwhile."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                held, self._held = list(self._held), {}
+                self._notify(held)
 
     def upsert_queue(self, queue: QueueObject) -> set[SecretName]:
         """Add or replace a queue. Returns the Secrets it uses whose content is not known yet."""
@@ -350,6 +367,9 @@ class Store:
                 self._token_owners.setdefault(new, set()).add(key)
 
     def _notify(self, keys: Iterable[QueueKey]) -> None:
+        if self._holding:
+            self._held.update(dict.fromkeys(keys))
+            return
         for key in keys:
             for listener in self._listeners:
                 listener(key)

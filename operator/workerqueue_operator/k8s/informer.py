@@ -61,6 +61,7 @@ class Informer:
         on_delete: OnDelete,
         name: str,
         on_synced: Callable[[], None] | None = None,
+        hold: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
         params: Mapping[str, str] | None = None,
         page_size: int = 500,
         watch_seconds: int = 300,
@@ -78,6 +79,7 @@ class Informer:
         self.name = name
         self.synced = asyncio.Event()
         self._on_synced = on_synced
+        self._hold = hold  # entered around each (re)list: the consumer may wait for its end
         self._known: set[ObjectKey] = set()
         self._clock = clock
         self.failures = 0
@@ -136,6 +138,10 @@ class Informer:
                              self.name, key[0], key[1])
 
     async def _relist(self) -> str:
+        with self._hold():
+            return await self._list_all()
+
+    async def _list_all(self) -> str:
         seen: set[ObjectKey] = set()
         params = {**self._params, "limit": str(self._page_size)}
         while True:
