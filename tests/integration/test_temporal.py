@@ -380,6 +380,25 @@ async def test_unknown_namespace_is_unavailable_with_a_clear_reason(temporal: Te
         await access.executions(Endpoint(host=temporal.address, namespace="no-such-namespace", api_key="k"), "tq")
 
 
+async def test_a_refusal_keeps_the_connection_it_came_over(temporal: TemporalServer, access: Temporal,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    # Every queue of a namespace Temporal does not know was probed over a new connection each time.
+    dialled = 0
+    connect = Client.connect
+
+    async def counting(*args: Any, **kwargs: Any) -> Client:
+        nonlocal dialled
+        dialled += 1
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(Client, "connect", counting)
+    unknown = Endpoint(host=temporal.address, namespace="no-such-namespace")
+    for task_queue in ("tq-1", "tq-2", "tq-3"):
+        with pytest.raises(TemporalUnavailable, match="no-such-namespace"):
+            await access.executions(unknown, task_queue)
+    assert dialled == 1
+
+
 async def test_describe_task_queue_names_the_pollers(temporal: TemporalServer, client: Client, access: Temporal):
     tq = f"tq-{secrets.token_hex(4)}"
     async with worker(client, tq, "99@pod-c"):

@@ -14,11 +14,13 @@ from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as S
 
 from workerqueue_operator.core.temporal import (
+    _HISTORY_READS,
     HOLDERS_PER_TASK_QUEUE,
     Endpoint,
     Execution,
     Temporal,
     TemporalUnavailable,
+    _Run,
     rfc3339,
     status_of,
 )
@@ -194,5 +196,42 @@ async def test_the_holder_cache_grows_with_the_task_queues_listed():
         assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
         access._listed(Endpoint(host="t:7233", namespace="n"), "tq-0")  # listed again: one of the three
         assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
+    finally:
+        await access.close()
+
+
+async def test_a_listing_given_up_takes_its_history_reads_with_it(monkeypatch: pytest.MonkeyPatch):
+    # A listing cut off by its caller's timeout left its history reads running: behind a slow Temporal
+    # they piled up, one set per poll, each holding a connection's stream.
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", start, None) for i in range(20)]
+    reading: set[str] = set()
+    all_reading = asyncio.Event()
+
+    async def scan(self: Temporal, *args: Any) -> AsyncIterator[_Run]:
+        for run in runs:
+            yield run
+
+    async def holder(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, run_id: str,
+                     **kwargs: Any) -> Any:
+        reading.add(workflow_id)
+        if len(reading) == _HISTORY_READS:  # as many as are read at once
+            all_reading.set()
+        try:
+            await asyncio.sleep(3600)  # a history Temporal is slow to send
+        finally:
+            reading.discard(workflow_id)
+
+    monkeypatch.setattr(Temporal, "_scan", scan)
+    monkeypatch.setattr(Temporal, "_holder", holder)
+    access = Temporal(timeout=600.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        listing = asyncio.create_task(access._list(object(), endpoint, "tq", limit=100,  # type: ignore[arg-type]
+                                                   running=True))
+        await asyncio.wait_for(all_reading.wait(), 5)
+        listing.cancel()
+        await asyncio.gather(listing, return_exceptions=True)
+        assert reading == set()
     finally:
         await access.close()

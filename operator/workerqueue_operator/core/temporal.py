@@ -289,10 +289,12 @@ class Temporal:
             reads = [asyncio.ensure_future(running(*run)) for run in runs]
             if not reads:
                 return frozenset()
-            _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
-            for read in pending:
-                read.cancel()
-            await asyncio.gather(*reads, return_exceptions=True)
+            try:
+                _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
+            finally:  # also when this call is cancelled (its timeout): no read may outlive it
+                for read in reads:
+                    read.cancel()
+                await asyncio.gather(*reads, return_exceptions=True)
             if pending or any(r.exception() is not None for r in reads):
                 return None
             return frozenset(identity for r in reads for identity in r.result())
@@ -322,6 +324,7 @@ class Temporal:
                 raise TemporalUnavailable(down[1])
             del self._down[endpoint.key]
         client_task: asyncio.Task[Client] | None = None
+        answered = False  # Temporal answered over the connection: nothing wrong with the client
         try:
             async with asyncio.timeout(self._timeout):
                 client_task = self._client(endpoint)
@@ -339,6 +342,7 @@ class Temporal:
             reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
         except RPCError as e:
             reason = _rpc_reason(endpoint, e)
+            answered = e.status != RPCStatusCode.UNAVAILABLE
         except (RuntimeError, OSError) as e:
             # The SDK reports a failed connection as a RuntimeError naming the address and the cause.
             reason = f"Temporal at {endpoint} is unreachable: {_first_line(e)}"
@@ -347,7 +351,10 @@ class Temporal:
             reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
         connected = (client_task is not None and client_task.done() and not client_task.cancelled()
                      and client_task.exception() is None)
-        self._drop(endpoint, client_task)
+        if not answered:
+            # Connected anew by the next call. Not for a refusal (a namespace not found, a key without
+            # the permission): every such call would cost a new connection, and others share this one.
+            self._drop(endpoint, client_task)
         if not connected and self._down_seconds > 0:
             # Calls right behind this one would each wait for a connection of their own: a thousand
             # queues on one unreachable Temporal, probed 16 at a time, took minutes to show it, and
@@ -460,11 +467,13 @@ class Temporal:
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout shows without a holder this time and is read on a later listing.
         reads = [asyncio.ensure_future(holder(wf)) for wf in runs]
-        if reads:
-            _, pending = await asyncio.wait(reads, timeout=self._timeout / 2)
-            for read in pending:
+        try:
+            if reads:
+                await asyncio.wait(reads, timeout=self._timeout / 2)
+        finally:  # also when the listing is cancelled (its timeout): its reads would pile up behind it
+            for read in reads:
                 read.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*reads, return_exceptions=True)
         holders: list[_Holder | None] = [r.result() if not r.cancelled() else None for r in reads]
         return [
             Execution(
