@@ -134,3 +134,44 @@ async def _unreadable_default(kubeconfig: Path, kube: Kube, namespace: str, othe
         await limited.close()
         kube.rbac.delete_cluster_role_binding(f"status-{namespace}")
         kube.rbac.delete_cluster_role(f"status-{namespace}")
+
+
+async def test_a_secret_made_late_with_a_type_the_watch_leaves_out_is_read_at_the_resync(
+    kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, operator: OperatorProcess,
+):
+    """Read absent at first, then made with a type the Secret watch leaves out (as Helm's are): no
+    watch event tells of it, so the status resync reads the Secrets still missing again."""
+    with operator.paused():  # the session's operator would fight over the status
+        kube.put_secret(namespace, "late-token", token="t")
+        kube.create_queue(namespace, "late", queueId=f"late-{namespace}",
+                          temporal={"host": "t:7233", "namespace": "n", "apiKeySecretRef": {"name": "late-key",
+                                                                                          "key": "k"}},
+                          auth={"tokenSecretRefs": [{"name": "late-token", "key": "token"}]})
+        store = Store(settings=Settings())
+        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "late")))
+        client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+        writer = reconciler.Reconciler(store=store, client=client, resync_seconds=0.5, events=EventPoster(client),
+                                       activity=Activity(identity="test", priority=0),
+                                       ignored_secret_types=("helm.sh/release.v1",))
+        running = asyncio.create_task(writer.run())
+        try:
+            writer.fetch_secrets(store.unknown_secrets())
+            for _ in range(100):
+                if not store.unknown_secrets():
+                    break
+                await asyncio.sleep(0.05)
+            resolution = store.resolution((namespace, "late"))
+            assert resolution is not None and resolution.problem is not None
+            assert resolution.problem.reason == "SecretNotFound"
+            kube.core.create_namespaced_secret(namespace, k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(name="late-key"), type="helm.sh/release.v1", string_data={"k": "key"}))
+            for _ in range(100):
+                resolution = store.resolution((namespace, "late"))
+                if resolution is not None and resolution.ready:
+                    break
+                await asyncio.sleep(0.1)
+            assert resolution is not None and resolution.ready, resolution
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await client.close()

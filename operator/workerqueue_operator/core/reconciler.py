@@ -181,8 +181,13 @@ class Reconciler:
             # refer to a Secret of a type the watch leaves out: no watch tells their changes.
             used = self._store.used_secrets()
             self._unwatched &= used
+            absent: set[SecretName] = set()
+            if self._ignored_types:
+                # One read absent and made since with a type the watch leaves out: nothing else tells.
+                absent = {n for n in used if self._store.secret_state(n) == (True, None)}
+                absent -= self._store.generated_token_secrets()  # ours: Opaque, the watch brings them
             self.fetch_secrets({n for n in used if (self._watched and n[0] not in self._watched)
-                                or n in self._unwatched}, refresh=True)
+                                or n in self._unwatched} | absent, refresh=True)
 
     async def _fetch(self, name: SecretName, *, refresh: bool, wait: float) -> None:
         try:
