@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -17,6 +18,7 @@ from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.devcluster.temporal import TemporalServer
 from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import resources
 from workerqueue_operator.models.settings import Settings
 
 
@@ -171,6 +173,59 @@ async def test_a_secret_made_late_with_a_type_the_watch_leaves_out_is_read_at_th
                     break
                 await asyncio.sleep(0.1)
             assert resolution is not None and resolution.ready, resolution
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await client.close()
+
+
+async def test_a_read_answered_after_the_watch_told_newer_does_not_overwrite_it(
+    kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, operator: OperatorProcess,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A resync reads a missing Secret again; it is made meanwhile, and the watch tells of it before
+    the read's 404 is handled: the 404 must not take the Secret away again until the next resync."""
+    with operator.paused():
+        kube.put_secret(namespace, "race-token", token="t")
+        kube.create_queue(namespace, "race", queueId=f"race-{namespace}",
+                          temporal={"host": "t:7233", "namespace": "n", "apiKeySecretRef": {"name": "race-key",
+                                                                                          "key": "k"}},
+                          auth={"tokenSecretRefs": [{"name": "race-token", "key": "token"}]})
+        store = Store(settings=Settings())
+        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "race")))
+        store.upsert_secret((namespace, "race-token"), {"token": "t"})
+        store.upsert_secret((namespace, "race-key"), None)  # the watch: not there
+        read = resources.read_secret
+
+        async def read_then_watch_tells(client: client_.KubeClient, ns: str, name: str) -> Any:
+            answer = await read(client, ns, name)  # 404 from the API server
+            if name == "race-key":
+                kube.put_secret(namespace, "race-key", k="key")
+                store.upsert_secret((namespace, "race-key"), {"k": "key"})  # as the watch delivers it
+            return answer
+
+        told: list[object] = []
+        upsert = store.upsert_secret
+
+        def recording(name: tuple[str, str], data: Any) -> None:
+            if name == (namespace, "race-key"):
+                told.append(data)
+            upsert(name, data)
+
+        monkeypatch.setattr(store, "upsert_secret", recording)
+        monkeypatch.setattr(resources, "read_secret", read_then_watch_tells)
+        client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+        writer = reconciler.Reconciler(store=store, client=client, resync_seconds=0.3, events=EventPoster(client),
+                                       activity=Activity(identity="test", priority=0),
+                                       ignored_secret_types=("helm.sh/release.v1",))
+        running = asyncio.create_task(writer.run())
+        try:
+            for _ in range(50):
+                if store.secret_state((namespace, "race-key")) != (True, None):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # the 404's handling, had it been let through, and a resync
+            assert told and told[0] == {"k": "key"} and None not in told, told
         finally:
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)

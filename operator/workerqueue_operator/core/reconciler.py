@@ -190,6 +190,7 @@ class Reconciler:
                                 or n in self._unwatched} | absent, refresh=True)
 
     async def _fetch(self, name: SecretName, *, refresh: bool, wait: float) -> None:
+        news = self._store.secret_news(name)
         try:
             body = await resources.read_secret(self._client, *name)
         except Exception as exc:  # any failure: the name must not stay in _fetching
@@ -214,6 +215,8 @@ class Reconciler:
             self._unwatched.add(name)
         data = None if body is None else self._store.secret_data(body)
         if refresh:
+            if self._store.secret_news(name) != news:
+                return  # the watch told of it while it was read: that is newer than this answer
             self._store.upsert_secret(name, data)
         else:
             self._store.fill_secret(name, data)

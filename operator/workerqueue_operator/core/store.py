@@ -55,6 +55,7 @@ class Store:
         # Secrets this replica is creating -> whether the watch has told of them since.
         self._creating: dict[SecretName, bool] = {}
         self._holding = 0  # relists under way (see `holding_news`)
+        self._secret_news: dict[SecretName, int] = {}  # used Secrets: how often told of (see `secret_news`)
         self._held: dict[QueueKey, None] = {}  # queues changed meanwhile, in order
 
     # --- feeding -----------------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Store:
         users = self._users.get(name)
         if users is None:
             return
+        self._secret_news[name] = self._secret_news.get(name, 0) + 1
         if name in self._secrets and self._secrets[name] == data:
             return  # the echo of our own create, or a change beside the data: nothing resolves otherwise
         self._secrets[name] = data
@@ -157,6 +159,11 @@ class Store:
         if name in self._secrets:
             return True, self._secrets[name]
         return False, None
+
+    def secret_news(self, name: SecretName) -> int:
+        """How many times a used Secret was told of: a read whose answer comes after a newer word
+        (the watch's) must not overwrite it."""
+        return self._secret_news.get(name, 0)
 
     def users_of(self, name: SecretName) -> set[QueueKey]:
         """The queues that use a Secret."""
@@ -315,6 +322,7 @@ class Store:
                 if not users:
                     del self._users[name]
                     self._secrets.pop(name, None)  # nobody uses it: forget its content
+                    self._secret_news.pop(name, None)
         for name in uses - old:
             self._users.setdefault(name, set()).add(key)
         if uses:
