@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -432,6 +433,56 @@ async def test_a_capped_worker_never_seen_here_gets_its_own_slot_never_a_second(
         assert back is not None and back.slot == 1 and reg.rejoined == 1
         assert {w: lease.metadata.name for w, lease in kube.registrations(namespace).items()} == {
             "w-held": "capped-slot-0", "w-back": "capped-slot-1"}
+
+
+async def test_max_workers_counts_workers_registered_outside_its_slots(kube: Kube, namespace: str, kubeconfig: Path):
+    """maxWorkers set on a queue with workers registered without it, or lowered while slots past the
+    new limit are held: those count, and /start finds the queue full until enough of them are gone."""
+    async with in_process(kube, namespace, kubeconfig, "uncapped") as (queue, _, reg):
+        for i in range(3):
+            reg.register(queue, f"outside-{i}")
+        capped = dataclasses.replace(queue, spec=queue.spec.model_copy(update={"max_workers": 2}))
+        assert await reg.claim(capped, "outside-new", limit=2) is None
+        assert len(reg.live(queue.key)) == 3
+    async with in_process(kube, namespace, kubeconfig, "lowered", maxWorkers=5) as (queue, _, reg):
+        held = [await reg.claim(queue, f"lowered-{i}", limit=5) for i in range(5)]
+        assert all(held)
+        await reg.disconnect(held[0], reason="shutdown", exit_code=0)  # slot 0 free, slots 2-4 held
+        lowered = dataclasses.replace(queue, spec=queue.spec.model_copy(update={"max_workers": 2}))
+        assert await reg.claim(lowered, "lowered-new", limit=2) is None
+        for worker in held[1:3]:
+            await reg.disconnect(worker, reason="shutdown", exit_code=0)
+        assert await reg.claim(lowered, "lowered-new", limit=2) is None  # 2 still live, in slots 3 and 4
+        await reg.disconnect(held[3], reason="shutdown", exit_code=0)
+        new = await reg.claim(lowered, "lowered-new", limit=2)
+        assert new is not None and new.slot == 0
+
+
+async def test_a_start_behind_a_claim_that_fails_gets_the_slot_not_a_full_queue(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """The last slot is being claimed by one /start when another comes: that one is not told the
+    queue is full before the first claim has succeeded. Here it fails (the API server), and the
+    slot goes to the second."""
+    async with in_process(kube, namespace, kubeconfig, "behind", maxWorkers=1) as (queue, _, reg):
+        create = reg._create
+        calls = 0
+
+        async def first_fails(body: dict[str, Any]) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(0.5)
+                raise client_.ApiError(503, "ServiceUnavailable", "etcd is away")
+            return await create(body)
+
+        monkeypatch.setattr(reg, "_create", first_fails)
+        first = asyncio.create_task(reg.claim(queue, "behind-first", limit=1))
+        await asyncio.sleep(0.1)
+        second = await reg.claim(queue, "behind-second", limit=1)
+        with pytest.raises(client_.ApiError):
+            await first
+        assert second is not None and second.slot == 0
 
 
 async def test_a_slot_claim_on_a_slow_api_server_fails_within_its_deadline(

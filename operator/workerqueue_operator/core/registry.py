@@ -204,7 +204,8 @@ class Registry:
         meanwhile stays filed until that second)."""
         self._expiry_seconds: list[int] = []
         """The keys of `_expiries`, a heap."""
-        self._claiming: set[tuple[str, str]] = set()
+        self._claiming: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Slot Leases a /start here is claiming, each done when that claim is."""
         self._bucket = _Bucket()
         # What the writer has to do, so that a tick looks at that only, never at every worker:
         self._urgent: dict[str, Worker] = {}
@@ -552,24 +553,49 @@ class Registry:
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
                      interval: float | None, identity: str | None) -> Worker | None:
+        while True:
+            busy: list[asyncio.Future[None]] = []
+            worker = await self._claim_free(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
+                                            system_info=system_info, interval=interval, identity=identity,
+                                            busy=busy)
+            if worker is not None or not busy:
+                return worker
+            # Only slots another /start here is claiming are left: full only if those claims succeed
+            # (one failing on the API server leaves its slot free, and this is no full queue).
+            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _claim_free(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
+                          hostname: str | None, system_info: wire.WorkerSystemInfo | None,
+                          interval: float | None, identity: str | None,
+                          busy: list[asyncio.Future[None]]) -> Worker | None:
         now = self._clock()
+        # Registered otherwise than in slots 0..limit-1 count too: those made before maxWorkers was set
+        # (no slot), or in slots past a limit lowered since. A pod's own worker is replaced.
+        others = sum(1 for w in self.live(queue.key) if w.worker_id != worker_id and (pod is None or w.pod != pod))
+        if others >= limit:
+            return None
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
             holder = self._workers.get(self._by_lease.get(key, ""))
             replaceable = holder is None or holder.expired(now) or (pod is not None and holder.pod == pod)
-            if not replaceable or key in self._claiming:
+            if not replaceable:
+                continue
+            claiming = self._claiming.get(key)
+            if claiming is not None:
+                busy.append(claiming)
                 continue
             worker = self._new_worker(queue, worker_id, lease=key[1], slot=slot, pod=pod, hostname=hostname,
                                       system_info=system_info, interval=interval, identity=identity)
             body = lease_body(worker, queue_name=queue.name)
-            self._claiming.add(key)
+            claimed = self._claiming[key] = asyncio.get_running_loop().create_future()
             try:
                 stored = await (self._create(body) if holder is None else
                                 self._replace(body, holder, expired_only=pod is None or holder.pod != pod))
                 if stored is None and holder is None:
                     stored = await self._take_unknown(body)
             finally:
-                self._claiming.discard(key)
+                del self._claiming[key]
+                claimed.set_result(None)
             if stored is None:
                 own = self._workers.get(worker_id)
                 if own is not None and own.slot is not None:
