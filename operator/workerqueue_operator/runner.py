@@ -131,7 +131,8 @@ class Feed:
         if credential is not None:
             self._store.upsert_worker_credential(
                 name, WorkerCredential(queue=credential.queue, pod=credential.pod, queue_uid=credential.queue_uid,
-                                       since=workers.made_at(body), hostname=credential.hostname),
+                                       since=workers.made_at(body), hostname=credential.hostname,
+                                       interval=credential.interval),
                 credential.token)
         else:
             self._store.remove_worker_credential(name)  # no longer one (its label or owner taken away)
@@ -276,7 +277,7 @@ async def run(
     # Routine Events (a token Secret created, ...) wait while queues wait for their status.
     events.defer_routine(reconciler.behind)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active,
-                        bounds=registry_.Bounds.of(settings))
+                        bounds=registry_.Bounds.of(settings), pod_interval=store.pod_interval)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
                             registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)

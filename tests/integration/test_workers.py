@@ -94,6 +94,27 @@ def test_a_pod_token_whose_secret_no_longer_is_one_opens_nothing(
     wait_for(lambda: operator.start_worker(queue_id, token).status == 401, what="the pod token refused")
 
 
+def test_a_pods_worker_is_expected_at_the_heartbeat_interval_its_pod_was_given(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """The queue's interval lowered while a pod made with the older one runs: its worker (its container
+    restarted, say) beats at its environment's 60 s, and a registration made for 10 s expired 25 s in."""
+    queue_id = f"paced-{namespace}"
+    kube.create_queue(namespace, "paced", queueId=queue_id, singleExecution=True, temporal=TEMPORAL,
+                      heartbeatIntervalSeconds=60)
+    wait_pods(kube, namespace, "paced", ["paced-w0"])
+    kube.set_phase(namespace, "paced-w0", "Running")  # running: a spec change leaves it be
+    token = kube.secret_value(namespace, "paced-w0-token", "token")
+    kube.patch_queue(namespace, "paced", {"heartbeatIntervalSeconds": 10})
+    wait_for(lambda: (kube.condition(namespace, "paced") or {}).get("observedGeneration") == 2,
+             what="the change seen")
+    started = operator.start_worker(queue_id, token)
+    assert started.status == 200
+    lease = wait_for(lambda: kube.registrations(namespace).get(started.json()["worker_id"]), what="its Lease")
+    assert lease.spec.lease_duration_seconds == 150  # 2.5 x its pod's 60 s
+    assert kube.pod_names(namespace, "paced") == ["paced-w0"]
+
+
 def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube: Kube, namespace: str):
     kube.create_queue(namespace, "pull", queueId=f"pull-{namespace}", singleExecution=True, replicas=2,
                       temporal=TEMPORAL)

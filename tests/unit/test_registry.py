@@ -579,6 +579,28 @@ def test_a_worker_the_operator_did_not_start_is_expected_at_the_real_workers_def
     assert leases.first_interval(120, pod=None) == 120.0
 
 
+def test_a_pod_is_expected_at_the_interval_it_was_given_though_the_queue_says_another_since():
+    # The pod was made while the queue said 60 s: its worker beats every 60 s, and a registration made
+    # after the queue was lowered to 10 s (its container restarted, or its /start came late) expired
+    # 25 s in, at every heartbeat; with maxWorkers its slot could be given away meanwhile.
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store, WorkerCredential
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    store = Store(settings=Settings())
+    store.upsert_worker_credential(("team-a", "q1-w0-token"), WorkerCredential(
+        queue=q.key, pod="q1-w0", queue_uid="uid-1", interval=60.0), "pod-token")
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q,
+                            pod_interval=store.pod_interval)
+    assert reg.register(q, "w0", pod="q1-w0").duration == leases.EXPIRY_INTERVALS * 60
+    assert reg.register(q, "w1", pod="q1-w1").duration == leases.EXPIRY_INTERVALS * 10  # no token known: the queue's
+
+
 def test_a_worker_heartbeating_slower_than_its_queue_says_stays_registered_and_a_faster_one_expires_sooner():
     import kubernetes
 

@@ -346,7 +346,8 @@ def test_pods_of_namesake_queues_on_a_named_task_queue_get_hostnames_of_their_ow
     assert workers.Pod.from_body(bodies[0]).host == "twin-w0"
     older = workers.credential_secret_body(mine, "twin-w0", "tok", now=0.0)
     del older["metadata"]["annotations"][workers.HOSTNAME_ANNOTATION]
-    assert workers.credential_from_secret(older) == (("a", "twin"), "u-a", "twin-w0", "twin-w0", "tok")
+    del older["metadata"]["annotations"][workers.INTERVAL_ANNOTATION]
+    assert workers.credential_from_secret(older) == (("a", "twin"), "u-a", "twin-w0", "twin-w0", "tok", None)
 
 
 def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
@@ -364,10 +365,14 @@ def test_worker_temporal_mode_follows_the_api_key_or_the_tls_setting():
 
 
 def test_credential_secret_round_trips_and_other_secrets_are_not_credentials():
-    q = queue(queueId="q-1")
+    q = queue(queueId="q-1", heartbeatIntervalSeconds=15)
     body = workers.credential_secret_body(q, "q1-w7", "tok", now=1767225690.25)
     assert body["metadata"]["name"] == "q1-w7-token"
-    assert workers.credential_from_secret(body) == ((q.namespace, q.name), q.uid, "q1-w7", "q1-w7", "tok")
+    # The interval its pod is given (HEARTBEAT_INTERVAL), which a later spec change does not change.
+    assert workers.credential_from_secret(body) == ((q.namespace, q.name), q.uid, "q1-w7", "q1-w7", "tok", 15.0)
+    for unreadable in ("", "soon", "-1", "inf", "nan"):
+        body["metadata"]["annotations"][workers.INTERVAL_ANNOTATION] = unreadable
+        assert workers.credential_from_secret(body).interval is None, unreadable
     assert workers.credential_from_secret({"metadata": {"name": "q1-worker-token", "labels": {}}}) is None
     assert workers.made_at(body) == 1767225690.25  # to the microsecond
     del body["metadata"]["annotations"][workers.MADE_ANNOTATION]

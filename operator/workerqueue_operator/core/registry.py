@@ -172,6 +172,7 @@ class Registry:
         events: EventPoster,
         queue_of: Callable[[QueueKey], QueueObject | None],
         active: Callable[[], bool] = lambda: True,
+        pod_interval: Callable[[QueueKey, str], float | None] = lambda queue, pod: None,
         base_write_rate: float = 20.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -181,6 +182,7 @@ class Registry:
         self._client = client
         self._events = events
         self._queue_of = queue_of
+        self._pod_interval = pod_interval
         self._active = active
         self._base_rate = base_write_rate
         self._clock = clock
@@ -401,7 +403,7 @@ class Registry:
                     hostname: str | None, system_info: wire.WorkerSystemInfo | None,
                     interval: float | None = None, identity: str | None = None) -> Worker:
         now = self._clock()
-        interval = interval or first_interval(queue.spec.heartbeat_interval_seconds, pod=pod)
+        interval = interval or self._first_interval(queue, pod)
         # A worker coming back keeps when it first registered, if known here: its own execution, taken
         # since, must stay in its view (None: unknown, no bound rather than one that hides it).
         ended = self._ended.get(worker_id)
@@ -514,7 +516,13 @@ class Registry:
         if ended is None or ended.heard_at is None:
             return None
         q = queue.spec.heartbeat_interval_seconds
-        return paced_interval(first_interval(q, pod=pod), q, self._clock() - ended.heard_at)
+        return paced_interval(self._first_interval(queue, pod), q, self._clock() - ended.heard_at)
+
+    def _first_interval(self, queue: QueueObject, pod: str | None) -> float:
+        """The pace to expect of a worker before it shows its own: an operator-run pod's is what its
+        environment says, which the queue's spec may no longer (its pod is not made again for that)."""
+        given = self._pod_interval(queue.key, pod) if pod is not None else None
+        return given if given is not None else first_interval(queue.spec.heartbeat_interval_seconds, pod=pod)
 
     def _rejoined(self, worker: Worker, queue: QueueObject) -> None:
         self.rejoined += 1

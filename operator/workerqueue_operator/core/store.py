@@ -34,6 +34,8 @@ class WorkerCredential:
     hostname: str | None = None
     """The hostname its pod was given, by which its executions are known (None: its pod's name, see
     workers.pod_hostname)."""
+    interval: float | None = None
+    """The heartbeat interval its pod was given (None: not known)."""
 
 
 class Store:
@@ -228,6 +230,12 @@ class Store:
         """The per-worker token a Secret holds, if it is one."""
         held = self._worker_token_secrets.get(secret)
         return held[1] if held is not None else None
+
+    def pod_interval(self, queue: QueueKey, pod: str) -> float | None:
+        """The heartbeat interval a pod of the queue was given, as its per-worker token says."""
+        secret = self._worker_secrets_of.get(queue, {}).get(pod)
+        held = self._worker_token_secrets.get(secret) if secret is not None else None
+        return held[1].interval if held is not None else None
 
     def worker_credential_secrets(self, queue: QueueKey) -> dict[str, SecretName]:
         """pod name -> the Secret holding its token, for a queue's per-worker tokens."""

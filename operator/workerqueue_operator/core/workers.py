@@ -32,6 +32,8 @@ POD_ANNOTATION = "agentcontrol.dev/pod"
 MADE_ANNOTATION = "agentcontrol.dev/made-at"
 """On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
 HOSTNAME_ANNOTATION = "agentcontrol.dev/hostname"
+INTERVAL_ANNOTATION = "agentcontrol.dev/heartbeat-interval"
+"""On a per-worker token: the HEARTBEAT_INTERVAL its pod was given (a pod keeps it through spec changes)."""
 """On a per-worker token: the hostname its pod was given (see worker_hostname)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
@@ -135,7 +137,8 @@ def credential_secret_body(queue: QueueObject, pod: str, token: str, *, now: flo
                        "app.kubernetes.io/part-of": "agentcontrol", QUEUE_LABEL: queues_label(queue),
                        POD_LABEL: label_value(pod)},
             "annotations": {POD_ANNOTATION: pod, MADE_ANNOTATION: times.micro_rfc3339(now),
-                            HOSTNAME_ANNOTATION: worker_hostname(queue, pod)},
+                            HOSTNAME_ANNOTATION: worker_hostname(queue, pod),
+                            INTERVAL_ANNOTATION: str(queue.spec.heartbeat_interval_seconds)},
             "ownerReferences": [{"apiVersion": f"{spec_.GROUP}/{spec_.VERSION}", "kind": spec_.KIND,
                                  "name": queue.name, "uid": queue.uid, "controller": True,
                                  "blockOwnerDeletion": True}],
@@ -151,6 +154,8 @@ class Credential(NamedTuple):
     hostname: str
     """The hostname its pod was given (a token made before it was written down: see pod_hostname)."""
     token: str | None
+    interval: float | None = None
+    """The heartbeat interval its pod was given (None: made by an operator that did not write it)."""
 
 
 def credential_from_secret(body: Mapping[str, Any]) -> Credential | None:
@@ -164,7 +169,16 @@ def credential_from_secret(body: Mapping[str, Any]) -> Credential | None:
     if owner is None or not pod:
         return None
     token = queues.decode_secret_data(body).get(queues.TOKEN_KEY)
-    return Credential(owner[0], owner[1], pod, annotations.get(HOSTNAME_ANNOTATION) or pod_hostname(pod), token)
+    return Credential(owner[0], owner[1], pod, annotations.get(HOSTNAME_ANNOTATION) or pod_hostname(pod), token,
+                      _interval(annotations.get(INTERVAL_ANNOTATION)))
+
+
+def _interval(text: object) -> float | None:
+    try:
+        interval = float(str(text))
+    except ValueError:
+        return None
+    return interval if 0 < interval < float("inf") else None
 
 
 def credential_of(body: Mapping[str, Any], queue: QueueObject) -> bool:
