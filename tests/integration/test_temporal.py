@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
@@ -103,60 +102,6 @@ async def test_executions_newest_first_with_holders_and_limit(temporal: Temporal
         return e if e.status == "completed" else None
 
     assert (await eventually(taken)).holder == "7@pod-b"
-
-
-@workflow.defn(name="ChainedWorkflow", sandboxed=False)
-class Chained:
-    """Continues as new when told to, then runs on: one execution, two runs."""
-
-    def __init__(self) -> None:
-        self._go = False
-
-    @workflow.signal
-    def go(self) -> None:
-        self._go = True
-
-    @workflow.run
-    async def run(self, continued: bool) -> None:
-        if continued:
-            await workflow.wait_condition(lambda: False)  # runs until terminated
-        await workflow.wait_condition(lambda: self._go)
-        workflow.continue_as_new(True)
-
-
-async def test_an_execution_stays_its_first_takers_through_continue_as_new(
-    temporal: TemporalServer, client: Client, access: Temporal,
-):
-    """pod-a took the execution; it continued as new while pod-b polled: pod-b took the new run's
-    tasks. Shown as pod-b's, pod-a waited for its execution until its give-up, and pod-b, holding
-    one it never took, was shown it as its own and would exit with it."""
-    tq = f"tq-{secrets.token_hex(4)}"
-    execution_id = f"chain-{uuid.uuid4().hex[:6]}"
-
-    def polling(identity: str) -> Worker:
-        return Worker(client, task_queue=tq, workflows=[Chained], identity=identity)
-
-    async with polling("1@pod-a"):
-        handle = await client.start_workflow("ChainedWorkflow", False, id=execution_id, task_queue=tq)
-
-        async def taken() -> bool:
-            return any(e.holder == "1@pod-a" for e in await access.executions(endpoint(temporal), tq))
-
-        await eventually(taken)
-    first_run = handle.first_execution_run_id
-    async with polling("2@pod-b"):
-        await handle.signal(Chained.go)
-
-        async def continued() -> Execution | None:
-            found = await access.executions(endpoint(temporal), tq, taken_first=True)
-            return next((e for e in found if e.run_id != first_run and e.started_at), None)
-
-        later = await eventually(continued)
-    assert (later.id, later.holder, later.status) == (execution_id, "1@pod-a", "running")
-    assert executions.worker_view([later], hostname="pod-b") == []
-    (entry,) = executions.worker_view([later], hostname="pod-a")
-    assert entry["id"] == execution_id
-    await handle.terminate("done")
 
 
 async def test_a_workers_second_execution_shows_however_many_older_ones_run(

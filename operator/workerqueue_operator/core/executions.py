@@ -4,8 +4,7 @@ The real worker latches onto the FIRST listed execution whose status is running,
 waiting_for_input, and exits once that one reads completed, failed or cancelled on two polls in a row
 (worker-protocol.md). So a queue-wide list would drain a pool: every worker would latch onto the
 first execution anyone ran. A worker therefore sees only the executions it holds (those whose first
-workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took; through continue-as-new and
-retries, those of the chain's first run), folded into one entry:
+workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded into one entry:
 
 - nothing held yet: an empty list, so it keeps waiting for work; so too while an execution made
   before its first was taken may be an earlier one of its own: its holder not read yet, or read as

@@ -24,13 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from temporalio.api.common.v1 import WorkflowExecution as ProtoExecution
-from temporalio.api.enums.v1 import (
-    ContinueAsNewInitiator,
-    EventType,
-    PendingActivityState,
-    TaskQueueKind,
-    TaskQueueType,
-)
+from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
     DescribeTaskQueueRequest,
@@ -66,9 +60,6 @@ CLOSED_SHOWN_SECONDS = 60.0
 its worker needs it on two polls 2 s apart (a failed poll retried meanwhile)."""
 HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
-_CHAINED = (ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_WORKFLOW,
-            ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_RETRY)
-"""How a run continuing another's work starts (see _chain_start)."""
 _HISTORY_READS = 8  # concurrent history reads per listing
 _DESCRIBES = 32  # concurrent DescribeWorkflowExecution calls of activity_workers (only before a scale-down)
 _RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
@@ -549,19 +540,6 @@ class Temporal:
             self._holders.move_to_end(key)
         return cached
 
-    async def _first_run_holder(self, client: Client, endpoint: Endpoint, workflow_id: str,
-                                run_id: str) -> _Holder | None:
-        """Who took the chain's first run, and when: the worker that took an execution holds it
-        through its continue-as-new and retries, whoever takes the later runs' tasks. None when that
-        run is gone (retention) or nobody took it (timed out untaken, then retried)."""
-        try:
-            first = await self._holder(client, endpoint, workflow_id, run_id, closed=True)
-        except RPCError as e:
-            if e.status != RPCStatusCode.NOT_FOUND:
-                raise
-            return None
-        return first if first.identity is not None else None
-
     async def _holder(self, client: Client, endpoint: Endpoint, workflow_id: str, run_id: str, *,
                       closed: bool) -> _Holder:
         """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
@@ -583,12 +561,6 @@ class Temporal:
                 ),
                 timeout=datetime.timedelta(seconds=self._timeout),
             )
-            first_run = _chain_start(page.history.events, run_id) if not token else None
-            if first_run is not None:
-                chained = await self._first_run_holder(client, endpoint, workflow_id, first_run)
-                if chained is not None:
-                    found = chained
-                    break
             event = next((e for e in page.history.events
                           if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
             if event is not None:
@@ -606,18 +578,6 @@ class Temporal:
                 self._holders.popitem(last=False)
             return found
         return _Holder(None, None, untaken_at=asked_at)
-
-
-def _chain_start(events: Any, run_id: str) -> str | None:
-    """The first run of the chain this run continues, if it continues one by the workflow's own
-    continue-as-new or by a retry (not a cron schedule: each of its runs is work of its own)."""
-    started = events[0] if events else None
-    if started is None or started.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-        return None
-    attributes = started.workflow_execution_started_event_attributes
-    if attributes.initiator not in _CHAINED or attributes.first_execution_run_id in ("", run_id):
-        return None
-    return str(attributes.first_execution_run_id)
 
 
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
