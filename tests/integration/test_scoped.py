@@ -230,3 +230,28 @@ async def test_a_read_answered_after_the_watch_told_newer_does_not_overwrite_it(
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             await client.close()
+
+
+async def test_a_leftover_token_secret_gone_between_the_create_and_its_read_is_made_anew(
+    kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str,
+):
+    """`kubectl replace --force`: the create meets the old queue's token Secret (409), which the
+    garbage collector deletes before it is read back (404): made anew, not a refusal."""
+    kube.put_secret(namespace, "gone-worker-token", token="old")
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    get = client.get
+
+    async def collected_first(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith("/gone-worker-token"):
+            kube.core.delete_namespaced_secret("gone-worker-token", namespace)
+        return await get(path, *args, **kwargs)
+
+    client.get = collected_first  # type: ignore[method-assign]
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gone-worker-token", "namespace": namespace},
+            "stringData": {"token": "new"}}
+    try:
+        created = await resources.create_replacing(client, resources.secrets_path(namespace), body,
+                                                   leftover=lambda existing: True)
+    finally:
+        await client.close()
+    assert created is not None and kube.secret_value(namespace, "gone-worker-token", "token") == "new"

@@ -89,6 +89,22 @@ def test_a_queue_made_in_the_same_second_never_takes_the_id_from_the_one_holding
     assert s.serving("same").queue.name == "a-new"
 
 
+def test_a_status_that_settles_a_same_second_tie_judges_every_claimant_again():
+    # B was alone and is being made Ready; A (same second, name first) came before that status's echo
+    # and won on its name. The echo says B holds the id: both are judged again, B keeps it, A loses.
+    s, _ = store()
+    b = queue_body("b", queueId="same")
+    s.upsert_queue(queues.QueueObject.from_body(b))
+    s.upsert_queue(queue("a", queueId="same"))
+    assert s.serving("same").queue.name == "a"
+    b["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    s.refresh_queue(queues.QueueObject.from_body(b))
+    assert s.serving("same").queue.name == "b"
+    assert s.resolution(("team-a", "a")).problem.reason == "QueueIdConflict"
+    assert s.resolution(("team-a", "b")).problem is None or s.resolution(("team-a", "b")).problem.reason != (
+        "QueueIdConflict")
+
+
 def test_changing_the_id_moves_the_queue():
     s, _ = store()
     s.upsert_queue(queue(queueId="a"))

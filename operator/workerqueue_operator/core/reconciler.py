@@ -216,7 +216,10 @@ class Reconciler:
         data = None if body is None else self._store.secret_data(body)
         if refresh:
             if self._store.secret_news(name) != news:
-                return  # the watch told of it while it was read: that is newer than this answer
+                # The watch told of it while it was read: that is newer than this answer. Unless the
+                # Secret was forgotten meanwhile (its queue made again): then this is all there is.
+                self._store.fill_secret(name, data)
+                return
             self._store.upsert_secret(name, data)
         else:
             self._store.fill_secret(name, data)
@@ -244,9 +247,10 @@ class Reconciler:
                 raise  # the work queue's retry: a status write would not get through either
             # A quota, an admission webhook, a Role short of `create secrets`: said on the queue (an
             # earlier Ready=True would be a lie) and tried again, ever less often, until it is let in.
+            # The status and reason only: a webhook's message may quote the object, the token with it.
             refusal = queues.Problem(
                 "TokenSecretNotCreated", f"creating Secret {queues.token_secret_name(resolution.queue.name)} "
-                f"for the queue token was refused ({exc}); tried again with a back-off")
+                f"for the queue token was refused ({exc.status} {exc.reason}); tried again with a back-off")
             self._queue.add_after(key, self._token_refusals.refused(key))
         else:
             self._token_refusals.forget(key)

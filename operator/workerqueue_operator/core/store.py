@@ -111,7 +111,13 @@ class Store:
         if key not in self._queues:
             self.upsert_queue(queue)
             return
-        self._queues[key] = queue
+        previous, self._queues[key] = self._queues[key], queue
+        claimants = self._claimants.get(queue.queue_id, set())
+        if len(claimants) > 1 and previous.holds_queue_id != queue.holds_queue_id:
+            # Its status now says otherwise whether it holds the id, which breaks a same-second tie
+            # (_winner): every claimant is judged again, together, or two could each lose to the other.
+            self._recompute(claimants)
+            return
         resolution = self._resolutions.get(key)
         if resolution is not None:
             self._resolutions[key] = replace(resolution, queue=queue)

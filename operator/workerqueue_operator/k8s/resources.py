@@ -92,7 +92,16 @@ async def create_replacing(client: client_.KubeClient, path: str, body: dict[str
     if created is not None:
         return created
     item = f"{path}/{body['metadata']['name']}"
-    existing = await client.get(item)
+    try:
+        existing = await client.get(item)
+    except client_.ApiError as exc:
+        if not exc.not_found:
+            raise
+        # Gone between the two calls (the collector took a leftover): made now, as at first.
+        created = await create(client, path, body)
+        if created is None:
+            raise client_.ApiError(409, "Conflict", f"{item} was made again meanwhile") from exc
+        return created
     if not leftover(existing):
         return None
     await delete_exact(client, item, existing["metadata"]["uid"])
