@@ -81,7 +81,20 @@ def test_each_object_gets_a_burst_of_events_then_its_pace():
     poster.post(involved=involved("calm"), reason="WorkerDisconnected", message="worker v0")  # its own pace
     assert poster.limited == 2 and poster.dropped == 0 and poster.coalesced == 1
     now[0] = 2.0  # one more a 2 s
-    poster.post(involved=involved("busy"), reason="WorkerExpired", message="x", warning=True)
-    poster.post(involved=involved("busy"), reason="WorkerExpired", message="y", warning=True)
+    poster.post(involved=involved("busy"), reason="WorkerDisconnected", message="worker w5")
+    poster.post(involved=involved("busy"), reason="WorkerDisconnected", message="worker w6")
     assert poster.limited == 3
-    assert [name for name, *_ in drain(poster)] == ["busy"] + ["busy"] * 3 + ["calm"]
+    assert [name for name, *_ in drain(poster)] == ["busy"] * 3 + ["calm", "busy"]
+
+
+def test_a_flood_of_routine_events_leaves_warnings_their_own_pace():
+    now = [0.0]
+    poster = EventPoster(client=None, backlog=100, burst=3, rate=0.5, clock=lambda: now[0])  # type: ignore[arg-type]
+    for i in range(10):
+        poster.post(involved=involved("q"), reason="WorkerDisconnected", message=f"worker w{i}")
+    poster.post(involved=involved("q"), reason="SecretNotFound", message="secret s", warning=True)
+    assert poster._warnings and poster.limited == 7
+    for i in range(5):  # Warnings too are paced
+        poster.post(involved=involved("q"), reason="WorkerExpired", message=f"worker v{i}", warning=True)
+    assert poster.limited == 10
+    assert [reason for _, reason, _ in drain(poster)][:3] == ["SecretNotFound", "WorkerExpired", "WorkerExpired"]

@@ -9,7 +9,9 @@ must fix. Drops are counted (`dropped`, a metric) and logged at most once a minu
 Paced per object, as client-go's spam filter paces a source: a queue may get `burst` distinct Events
 at once, then `rate` a second. Its Events report what its workers do (one per disconnect), so
 without it a client calling /start and disconnect in a loop would make the operator write an Event
-to the API server per call. Those over the pace are counted (`limited`) and logged as drops are.
+to the API server per call. Warnings have a pace of their own, so that such a flood of routine
+Events cannot silence the Warning that says what to fix. Those over the pace are counted
+(`limited`) and logged as drops are.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class EventPoster:
         self._backlog = backlog
         self._burst = burst
         self._rate = rate
-        self._allowances: dict[tuple[str, str, str], tuple[float, float]] = {}
-        """Per involved object: (Events it may still get, when that was reckoned)."""
+        self._allowances: dict[tuple[str, str, str, bool], tuple[float, float]] = {}
+        """Per involved object and Warning or not: (Events it may still get, when that was reckoned)."""
         self.limited = 0
         """Events left out because their object got more than its pace allows (a metric)."""
         # Insertion-ordered, oldest first; Warnings apart, so that they are posted first and never
@@ -102,7 +104,7 @@ class EventPoster:
             pending.count += 1
             self.coalesced += 1
             return
-        if not self._allowed(key[:3]):
+        if not self._allowed(key[:4]):
             self.limited += 1
             self._left_out(reason)
             return
@@ -114,7 +116,7 @@ class EventPoster:
         waiting[key] = _Pending(involved, reason, message, warning)
         self._wakeup.set()
 
-    def _allowed(self, obj: tuple[str, str, str]) -> bool:
+    def _allowed(self, obj: tuple[str, str, str, bool]) -> bool:
         """Takes one of the object's allowance of Events, if it has one left."""
         now = self._clock()
         left, since = self._allowances.get(obj, (float(self._burst), now))
