@@ -47,7 +47,7 @@ def test_transition_time_moves_only_when_status_changes():
 def test_workers_that_cannot_start_make_the_queue_stop_progressing():
     q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True, replicas=5), config=None,
                           problem=None)
-    workers = {"desired": 5, "pending": 4, "running": 1,
+    workers = {"observedGeneration": 3, "desired": 5, "pending": 4, "running": 1,
                "stuck": [f"q1-w{i}: ImagePullBackOff" for i in range(4)]}
     progressing = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Progressing"]
     assert (progressing["status"], progressing["reason"]) == ("False", "WorkersNotStarting")
@@ -61,7 +61,7 @@ def test_a_queue_whose_workers_wait_for_it_to_serve_is_not_progressing():
     missing = queues.Problem("SecretNotFound", "secret org not found in namespace team-a")
     held = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True), config=None,
                              problem=missing)
-    workers = {"desired": 1, "pending": 0, "running": 0}
+    workers = {"observedGeneration": 3, "desired": 1, "pending": 0, "running": 0}
     progressing = conditions(status.desired_status(held, {"workers": workers}, now=NOW))["Progressing"]
     assert (progressing["status"], progressing["reason"]) == ("False", "SecretNotFound")
     assert progressing["message"] == ("0 of 1 workers alive; none are started until the queue is Ready "
@@ -69,6 +69,22 @@ def test_a_queue_whose_workers_wait_for_it_to_serve_is_not_progressing():
     # Workers already running go on: nothing is missing from what they were asked to do.
     running = conditions(status.desired_status(held, {"workers": {**workers, "running": 1}}, now=NOW))["Progressing"]
     assert (running["status"], running["reason"]) == ("True", "WorkersAvailable")
+
+
+def test_progressing_quotes_no_plan_of_an_older_spec_under_the_new_generation():
+    planned = {"observedGeneration": 3, "desired": 1, "pending": 0, "running": 1}
+    q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True), config=None, problem=None)
+    progressing = conditions(status.desired_status(q, {"workers": planned}, now=NOW))["Progressing"]
+    assert (progressing["reason"], progressing["observedGeneration"]) == ("WorkersAvailable", 3)
+    # replicas raised (generation 4): until the supervisor plans for it, "1 of 1 alive" is of generation 3.
+    changed = queues.Resolution(queue=queue(generation=4, queueId="abc", singleExecution=True, replicas=3),
+                                config=None, problem=None)
+    progressing = conditions(status.desired_status(changed, {"workers": planned}, now=NOW))["Progressing"]
+    assert (progressing["status"], progressing["reason"], progressing["observedGeneration"]) == ("True", "Planning", 4)
+    assert progressing["message"] == "1 workers alive; planning the workers of generation 4"
+    # Nothing planned yet (a new queue) is no "0 of 0 workers alive" either.
+    fresh = conditions(status.desired_status(changed, {}, now=NOW))["Progressing"]
+    assert fresh["reason"] == "Planning"
 
 
 def test_a_crash_loop_of_an_older_spec_is_not_reported_against_the_new_one():

@@ -42,6 +42,12 @@ def test_single_execution_keeps_replicas_alive():
     assert (p.workers.desired, p.workers.running, p.workers.next_index) == (3, 1, 3)
 
 
+def test_the_counts_say_which_generation_they_were_planned_for():
+    first = plan([pod(0)], singleExecution=True, replicas=1, generation=1).workers
+    assert first.observed_generation == 1
+    assert plan([pod(0)], first, singleExecution=True, replicas=2, generation=2).workers.observed_generation == 2
+
+
 def test_pending_counts_as_in_flight_and_max_workers_caps():
     p = plan([pod(0, "Pending"), pod(1)], singleExecution=True, replicas=5, maxWorkers=2)
     assert p.create == () and (p.workers.pending, p.workers.running, p.workers.desired) == (1, 1, 2)

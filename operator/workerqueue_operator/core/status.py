@@ -59,7 +59,7 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     crash_looping = manages and workers.get("crashLoopGeneration") == generation
     if manages:
         progressing = _progressing(queue.spec.suspend, crash_looping, workers,
-                                   held=None if resolution.starts_workers else problem)
+                                   held=None if resolution.starts_workers else problem, generation=generation)
         conditions = set_condition(conditions, type=PROGRESSING, status=progressing[0], reason=progressing[1],
                                    message=progressing[2], generation=generation, now=now)
     else:
@@ -85,12 +85,16 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
-                 held: Problem | None = None) -> tuple[str, str, str]:
+                 held: Problem | None = None, *, generation: int) -> tuple[str, str, str]:
     """`held`: why no worker is started now (the supervisor waits for the queue to be able to serve)."""
     alive = int(workers.get("pending", 0)) + int(workers.get("running", 0))
     desired = int(workers.get("desired", 0))
     if crash_looping:
         return "False", "CrashLooping", "no new workers until the spec changes"
+    if workers.get("observedGeneration") != generation:
+        # The counts are of an older spec (or none yet): quoting them under this generation would
+        # tell a client waiting on `observedGeneration` that the change is done.
+        return "True", "Planning", f"{alive} workers alive; planning the workers of generation {generation}"
     if suspended:
         return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
     if held is not None and alive < desired:

@@ -405,6 +405,7 @@ def plan(
     not finished that someone else deleted (being deleted, or gone since the last pass)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
+    w.observed_generation = queue.generation
     events: list[Event] = []
     delete: list[str] = []
     requeue: list[float] = []

@@ -382,6 +382,9 @@ class WorkersStatus(_Model):
 
     model_config = ConfigDict(frozen=False)  # the planner works on a copy field by field
 
+    observed_generation: int | None = None
+    """The metadata.generation these counts were planned for: until it is the queue's, a change of
+    spec is not acted upon yet, and `Progressing` says so rather than quote the older plan."""
     desired: int = 0
     """Workers that should be alive now."""
     pending: int = 0
