@@ -20,6 +20,7 @@ from workerqueue_operator.core.temporal import (
     Execution,
     Temporal,
     TemporalUnavailable,
+    _Holder,
     _Run,
     rfc3339,
     status_of,
@@ -200,38 +201,90 @@ async def test_the_holder_cache_grows_with_the_task_queues_listed():
         await access.close()
 
 
-async def test_a_listing_given_up_takes_its_history_reads_with_it(monkeypatch: pytest.MonkeyPatch):
-    # A listing cut off by its caller's timeout left its history reads running: behind a slow Temporal
-    # they piled up, one set per poll, each holding a connection's stream.
-    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", start, None) for i in range(20)]
-    reading: set[str] = set()
-    all_reading = asyncio.Event()
+START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def patch_listing(monkeypatch: pytest.MonkeyPatch, runs: list[_Run], read: Any, scan_seconds: float = 0.0) -> None:
+    """Temporal's visibility listing gives `runs` (after `scan_seconds`); `read` stands in for a history read."""
 
     async def scan(self: Temporal, *args: Any) -> AsyncIterator[_Run]:
+        await asyncio.sleep(scan_seconds)
         for run in runs:
             yield run
 
-    async def holder(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, run_id: str,
-                     **kwargs: Any) -> Any:
+    async def connect(target_host: str, **kwargs: Any) -> Any:
+        return object()
+
+    monkeypatch.setattr(Temporal, "_scan", scan)
+    monkeypatch.setattr(Temporal, "_holder", read)
+    monkeypatch.setattr(Client, "connect", connect)
+
+
+async def test_history_reads_a_listing_leaves_running_are_bounded_and_end(monkeypatch: pytest.MonkeyPatch):
+    # A listing's history reads go on after it (for the next listing), so behind a slow Temporal they
+    # must not pile up, one set per poll: a task queue has _HISTORY_READS at most, each for a bounded time.
+    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(20)]
+    reading: set[str] = set()
+    most = [0]
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
         reading.add(workflow_id)
-        if len(reading) == _HISTORY_READS:  # as many as are read at once
-            all_reading.set()
+        most[0] = max(most[0], len(reading))
         try:
-            await asyncio.sleep(3600)  # a history Temporal is slow to send
+            await asyncio.sleep(3600)  # a history Temporal never sends
         finally:
             reading.discard(workflow_id)
 
-    monkeypatch.setattr(Temporal, "_scan", scan)
-    monkeypatch.setattr(Temporal, "_holder", holder)
-    access = Temporal(timeout=600.0)
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=0.3, coalesce=0.0)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
-        listing = asyncio.create_task(access._list(object(), endpoint, "tq", limit=100,  # type: ignore[arg-type]
-                                                   running=True))
-        await asyncio.wait_for(all_reading.wait(), 5)
-        listing.cancel()
-        await asyncio.gather(listing, return_exceptions=True)
-        assert reading == set()
+        for _ in range(3):  # three polls, each answered without holders
+            listed = await access.executions(endpoint, "tq", running=True)
+            assert len(listed) == 20 and all(e.holder_unread for e in listed)
+        assert 0 < most[0] <= _HISTORY_READS
+        await asyncio.sleep(0.3 * 3 + 0.2)  # a read's bound, and a turn's
+        assert reading == set() and access._reads == {}
+    finally:
+        await access.close()
+
+
+async def test_a_history_slower_than_a_listing_is_read_once_for_the_next_listings(monkeypatch: pytest.MonkeyPatch):
+    # Cut at each listing's end, a history that takes longer than a listing waits was started over at
+    # every poll and never read: its worker never saw its execution as its own.
+    runs = [_Run("wf-slow", "run-1", S.RUNNING, "W", START, None)]
+    reads: list[str] = []
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(workflow_id)
+        await asyncio.sleep(0.5)  # more than a listing waits (half the timeout, 0.4 s)
+        return _Holder("1@pod-a", rfc3339(START))
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=0.8, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        (first,) = await access.executions(endpoint, "tq", running=True)
+        assert first.holder_unread
+        (second,) = await access.executions(endpoint, "tq", running=True)
+        assert (second.holder, second.holder_unread) == ("1@pod-a", False)
+        assert reads == ["wf-slow"]
+    finally:
+        await access.close()
+
+
+async def test_a_slow_scan_leaves_the_reads_the_time_left_not_the_listing_failed(monkeypatch: pytest.MonkeyPatch):
+    # Half the timeout for the reads after a scan that took most of it ran past the caller's bound:
+    # the whole listing failed as unavailable rather than show the runs without holders.
+    runs = [_Run("wf-1", "run-1", S.RUNNING, "W", START, None)]
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    patch_listing(monkeypatch, runs, read, scan_seconds=0.7)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    try:
+        (listed,) = await access.executions(Endpoint(host="t:7233", namespace="n"), "tq", running=True)
+        assert listed.id == "wf-1" and listed.holder_unread
     finally:
         await access.close()

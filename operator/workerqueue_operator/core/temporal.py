@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -60,7 +61,12 @@ CLOSED_SHOWN_SECONDS = 60.0
 its worker needs it on two polls 2 s apart (a failed poll retried meanwhile)."""
 HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
-_HISTORY_READS = 8  # concurrent history reads per listing
+_HISTORY_READS = 8
+"""Concurrent history reads per task queue, those a listing left running included."""
+_READ_SECONDS = 3.0
+"""A history read may take this many times the timeout once it has its turn: a listing shows what
+is not read within its time without a holder, and the read goes on for the next listings to use
+(cut at each listing's end, a history slower than that was started over at every poll, never read)."""
 _DESCRIBES = 32  # concurrent DescribeWorkflowExecution calls of activity_workers (only before a scale-down)
 _RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
                      PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED)
@@ -206,6 +212,11 @@ class Temporal:
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
         """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
         self._listed_pruned = 0.0
+        self._reads: dict[tuple[str, str, str, str], asyncio.Task[_Holder]] = {}
+        """History reads under way, by run: a listing joins one a listing before it left running."""
+        self._gates: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Semaphore] = (
+            weakref.WeakValueDictionary())
+        """(host, namespace, task queue) -> the bound on its history reads, while any uses it."""
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
                          running: bool = False, taken_first: bool = False) -> list[Execution]:
@@ -225,8 +236,9 @@ class Temporal:
             if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):
                 return await asyncio.shield(task)
         finished_at: list[float] = []
+        deadline = loop.time() + self._timeout
         task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running,
-                                                                             taken_first)))
+                                                                             taken_first, deadline=deadline)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
         self._listings[key] = (task, finished_at)
         self._forget_old_listings(loop.time())
@@ -304,6 +316,8 @@ class Temporal:
     async def close(self) -> None:
         """Cancel what runs and drop every client (the SDK frees a client's connection with it)."""
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
+        tasks += self._reads.values()
+        self._reads.clear()
         self._listings.clear()
         self._clients.clear()
         self._used.clear()
@@ -406,7 +420,9 @@ class Temporal:
             del self._listings[k]
 
     async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
-                    running: bool, taken_first: bool = False) -> list[Execution]:
+                    running: bool, taken_first: bool = False, *, deadline: float | None = None) -> list[Execution]:
+        """`deadline` (loop time): when the caller gives up on the listing; what is not read by then
+        shows without a holder rather than the whole listing fail."""
         query = f'TaskQueue="{_quote(task_queue)}"'
         if running:
             query += ' AND ExecutionStatus="Running"'
@@ -446,35 +462,32 @@ class Temporal:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
             untouched = set()
         self._listed(endpoint, task_queue)
-        gate = asyncio.Semaphore(_HISTORY_READS)
-
-        async def holder(wf: Any) -> _Holder | None:
+        holders: list[_Holder | None] = []
+        reads: dict[int, asyncio.Future[_Holder | None]] = {}
+        for i, wf in enumerate(runs):
             if (wf.id, wf.run_id) in untouched:
-                return self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
-            known = self._known_holder(endpoint, wf.id, wf.run_id)
-            if known is not None:
-                return known  # not behind the reads: a slow backlog must not hide what is known
-            async with gate:
-                try:
-                    return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
-                except RPCError as e:
-                    if e.status == RPCStatusCode.NOT_FOUND:
-                        return _Holder(None, None)  # gone since it was listed (retention)
-                    # One read refused (rate-limited, say) is one holder unknown, not a listing lost.
-                    logger.debug("reading the history of %s in %s failed: %s", wf.id, endpoint, e.status)
-                    return None
-
+                holders.append(self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id)))
+                continue
+            # Known ones are not behind the reads: a slow backlog must not hide what is known.
+            holders.append(self._known_holder(endpoint, wf.id, wf.run_id))
+            if holders[-1] is None:
+                reads[i] = asyncio.ensure_future(self._joined(self._read(client, endpoint, task_queue, wf), wf))
         # Reading many new histories at once (a first listing) may take long: what is not read within
-        # half the timeout shows without a holder this time and is read on a later listing.
-        reads = [asyncio.ensure_future(holder(wf)) for wf in runs]
+        # half the timeout, nor before the caller gives up, shows without a holder this time.
+        loop = asyncio.get_running_loop()
+        wait = self._timeout / 2
+        if deadline is not None:
+            wait = min(wait, deadline - loop.time() - self._timeout / 10)
         try:
-            if reads:
-                await asyncio.wait(reads, timeout=self._timeout / 2)
-        finally:  # also when the listing is cancelled (its timeout): its reads would pile up behind it
-            for read in reads:
-                read.cancel()
-            await asyncio.gather(*reads, return_exceptions=True)
-        holders: list[_Holder | None] = [r.result() if not r.cancelled() else None for r in reads]
+            if reads and wait > 0:
+                await asyncio.wait(reads.values(), timeout=wait)
+        finally:
+            # Only the waits: a read goes on, bounded, for the next listing (see _READ_SECONDS).
+            for future in reads.values():
+                future.cancel()
+            await asyncio.gather(*reads.values(), return_exceptions=True)
+        for i, future in reads.items():
+            holders[i] = future.result() if not future.cancelled() else None
         return [
             Execution(
                 id=wf.id,
@@ -491,6 +504,57 @@ class Temporal:
             )
             for wf, h in zip(runs, holders, strict=True)
         ]
+
+    def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run) -> asyncio.Task[_Holder]:
+        """The read of the run's holder under way, or a new one."""
+        key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
+        read = self._reads.get(key)
+        if read is None:
+            gate_key = (endpoint.host, endpoint.namespace, task_queue)
+            gate = self._gates.get(gate_key)
+            if gate is None:
+                gate = self._gates[gate_key] = asyncio.Semaphore(_HISTORY_READS)
+            read = asyncio.get_running_loop().create_task(
+                self._bounded_read(gate, client, endpoint, wf))
+            self._reads[key] = read
+            read.add_done_callback(lambda t: self._read_done(key, t))
+        return read
+
+    async def _bounded_read(self, gate: asyncio.Semaphore, client: Client, endpoint: Endpoint, wf: _Run) -> _Holder:
+        # A turn not had within the timeout is given up: reads of a task queue nobody lists any more
+        # do not wait behind a slow Temporal for ever.
+        async with asyncio.timeout(self._timeout):
+            await gate.acquire()
+        try:
+            async with asyncio.timeout(self._timeout * _READ_SECONDS):
+                return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return _Holder(None, None)  # gone since it was listed (retention)
+            raise
+        finally:
+            gate.release()
+
+    def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Task[_Holder]) -> None:
+        if self._reads.get(key) is read:
+            del self._reads[key]
+        _retrieve(read)
+
+    @staticmethod
+    async def _joined(read: asyncio.Task[_Holder], wf: _Run) -> _Holder | None:
+        """The read's holder; None if it failed (one read refused, rate-limited say, is one holder
+        unknown, not a listing lost). Cancelling this leaves the read itself running."""
+        try:
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return None  # the read was cancelled (close)
+        except Exception as e:
+            logger.debug("reading the history of %s failed: %s", wf.id,
+                         e.status if isinstance(e, RPCError) else type(e).__name__)
+            return None
 
     async def _scan(self, client: Client, endpoint: Endpoint, query: str) -> AsyncIterator[_Run]:
         """What the visibility query lists, at most the scan limit, read off the wire as it comes: the
