@@ -115,6 +115,38 @@ async def test_a_standby_keeps_nothing_per_queue_that_churn_would_grow():
     await kube.close()
 
 
+async def test_a_live_count_written_before_standing_by_holds_nothing_back_once_active_again():
+    """live=5 written, then this replica stood by and the other wrote 2 over it: the watch will never
+    show the 5. Once active again, a count that the status shows is no more waited for."""
+    import kubernetes
+
+    from tests.unit.factories import queue_body
+    from workerqueue_operator.core import queues
+    from workerqueue_operator.core import registry as registry_
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.reconciler import LiveStatus
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: the count shows already
+    clock = [NOW]
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: clock[0])
+    store = Store(settings=Settings())
+    registry = registry_.Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    live = LiveStatus(store=store, registry=registry, client=kube, activity=activity)
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})
+    made = queues.QueueObject.from_body({**queue_body("q"), "status": {"workers": {"live": 0}}})
+    store.upsert_queue(made)
+    live._sent[made.key] = 5  # written; the watch has not shown it
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, 0)}})  # stands by
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # the boss gone: active again
+    assert activity.is_active()
+    await live._write(made.key)  # the count (0) is what the status shows
+    assert made.key not in live._dirty
+    await kube.close()
+
+
 async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
     import kubernetes
 

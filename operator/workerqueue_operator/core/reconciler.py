@@ -391,6 +391,9 @@ class LiveStatus:
 
     def _activity_changed(self, active: bool) -> None:
         self._marking = self._audit_due = active
+        # A count written before standing by may never show: the other replica wrote over it. Kept,
+        # it would mark its queue dirty at every pass for good, waiting for the watch to show it.
+        self._sent.clear()
 
     def _changed(self, key: QueueKey) -> None:
         if self._marking:
