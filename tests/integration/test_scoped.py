@@ -138,19 +138,26 @@ async def _unreadable_default(kubeconfig: Path, kube: Kube, namespace: str, othe
         kube.rbac.delete_cluster_role(f"status-{namespace}")
 
 
+def _queue_with_its_key_missing(kube: Kube, namespace: str, name: str) -> Store:
+    """Queue `name`, its token in Secret `<name>-token`, its Temporal key in Secret `<name>-key`, not
+    made; and a Store that knows the queue."""
+    kube.put_secret(namespace, f"{name}-token", token="t")
+    kube.create_queue(namespace, name, queueId=f"{name}-{namespace}",
+                      temporal={"host": "t:7233", "namespace": "n",
+                                "apiKeySecretRef": {"name": f"{name}-key", "key": "k"}},
+                      auth={"tokenSecretRefs": [{"name": f"{name}-token", "key": "token"}]})
+    store = Store(settings=Settings())
+    store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, name)))
+    return store
+
+
 async def test_a_secret_made_late_with_a_type_the_watch_leaves_out_is_read_at_the_resync(
     kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, operator: OperatorProcess,
 ):
     """Read absent at first, then made with a type the Secret watch leaves out (as Helm's are): no
     watch event tells of it, so the status resync reads the Secrets still missing again."""
     with operator.paused():  # the session's operator would fight over the status
-        kube.put_secret(namespace, "late-token", token="t")
-        kube.create_queue(namespace, "late", queueId=f"late-{namespace}",
-                          temporal={"host": "t:7233", "namespace": "n", "apiKeySecretRef": {"name": "late-key",
-                                                                                          "key": "k"}},
-                          auth={"tokenSecretRefs": [{"name": "late-token", "key": "token"}]})
-        store = Store(settings=Settings())
-        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "late")))
+        store = _queue_with_its_key_missing(kube, namespace, "late")
         client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
         writer = reconciler.Reconciler(store=store, client=client, resync_seconds=0.5, events=EventPoster(client),
                                        activity=Activity(identity="test", priority=0),
@@ -186,13 +193,7 @@ async def test_a_read_answered_after_the_watch_told_newer_does_not_overwrite_it(
     """A resync reads a missing Secret again; it is made meanwhile, and the watch tells of it before
     the read's 404 is handled: the 404 must not take the Secret away again until the next resync."""
     with operator.paused():
-        kube.put_secret(namespace, "race-token", token="t")
-        kube.create_queue(namespace, "race", queueId=f"race-{namespace}",
-                          temporal={"host": "t:7233", "namespace": "n", "apiKeySecretRef": {"name": "race-key",
-                                                                                          "key": "k"}},
-                          auth={"tokenSecretRefs": [{"name": "race-token", "key": "token"}]})
-        store = Store(settings=Settings())
-        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "race")))
+        store = _queue_with_its_key_missing(kube, namespace, "race")
         store.upsert_secret((namespace, "race-token"), {"token": "t"})
         store.upsert_secret((namespace, "race-key"), None)  # the watch: not there
         read = resources.read_secret
