@@ -23,6 +23,7 @@ import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.api import keys, serving
+from workerqueue_operator.core import activity as activity_
 from workerqueue_operator.core import leases, queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.activity import Activity
@@ -271,6 +272,7 @@ async def run(
     identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     peerings = [(ns, peering) for ns in (settings.namespaces or ("",))] if peering is not None else []
     activity = Activity(identity=identity, priority=priority, peerings=peerings)
+    activity.confirm_with(lambda key: resources.read_peering(client, *key, timeout=activity_.READ_SECONDS))
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,
                             activity=activity, watched_namespaces=settings.namespaces,
                             ignored_secret_types=settings.ignored_secret_types)

@@ -439,13 +439,13 @@ def test_peering(helm: Helm, option: str):
     cluster_rules = rules_of(find(docs, "ClusterRole"))
     if option == "peering":
         assert find(docs, "ClusterKopfPeering")["metadata"]["name"] == "wq-workerqueue-operator"
-        assert cluster_rules[("kopf.dev", "clusterkopfpeerings")] == {"list", "watch", "patch"}
+        assert cluster_rules[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
     else:
         assert ("kopf.dev", "clusterkopfpeerings") not in cluster_rules
         for namespace in OFFLINE.watched:
             find(docs, "KopfPeering", "wq-workerqueue-operator", namespace)
             role = rules_of(find(docs, "Role", "wq-workerqueue-operator", namespace))
-            assert role[("kopf.dev", "kopfpeerings")] == {"list", "watch", "patch"}
+            assert role[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
     # The peering CRDs come from crds/: installed before the templates, so the object above can be.
     crds = helm.template({}, extra=("--include-crds",))
     names = {d["metadata"]["name"] for d in crds if d["kind"] == "CustomResourceDefinition"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Callable
 
 import pytest
 
@@ -44,14 +45,62 @@ def test_a_standby_takes_over_when_the_active_peer_expires_and_is_told_so():
     activity._refresh()
     assert not activity.is_active()
     clock[0] = NOW + datetime.timedelta(seconds=9.1)  # the boss's keep-alive is 10 s old: it is gone
-    assert activity.is_active()
-    activity._refresh()
-    assert heard == [True]
+    activity._refresh()  # run()'s tick
+    assert activity.is_active() and heard == [True]
 
     activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, -9)}})  # it is back
     assert not activity.is_active() and heard == [True, False]
     activity.observed(("", "wq"), None)
     assert not activity.is_active()
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_a_peer_expired_by_the_clock_alone_is_read_again_before_a_takeover():
+    """The boss's keep-alives stop coming (a stalled watch, say): the clock alone would make this
+    replica active while the boss still acts. It takes over only once a read of the peering says so."""
+    clock = [NOW]
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: clock[0])
+    heard: list[bool] = []
+    activity.subscribe(heard.append)
+    answers: list[object] = []
+    reads: list[tuple[str, str]] = []
+
+    async def read(key: tuple[str, str]) -> object:
+        reads.append(key)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    activity.confirm_with(read)  # type: ignore[arg-type]
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, 1)}})
+    clock[0] = NOW + datetime.timedelta(seconds=30)  # nothing heard of the boss for 31 s
+    answers[:] = [{"status": {"me": peer(1, 0), "boss": peer(2, -29)}},  # it keeps alive: 1 s ago
+                  ConnectionResetError("reset")]
+    running = asyncio.create_task(activity.run(tick=0.01))
+    try:
+        await until(lambda: len(reads) >= 1)
+        await asyncio.sleep(0.05)
+        assert not activity.is_active() and heard == [] and len(reads) == 1  # alive: no read until it expires
+        clock[0] = NOW + datetime.timedelta(seconds=45)
+        await until(lambda: len(reads) >= 2)
+        await asyncio.sleep(0.05)
+        assert not activity.is_active() and heard == []  # the read failed: it stands by, and waits to read again
+        assert len(reads) == 2
+        answers.append({"status": {"me": peer(1, 0)}})  # the boss is gone for the API server too
+        activity._read_failed_at = None
+        await until(activity.is_active)
+        assert heard == [True] and len(reads) == 3
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 def test_every_namespace_peering_must_let_us_act():

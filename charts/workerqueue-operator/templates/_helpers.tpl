@@ -134,7 +134,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 {{- if and (include "workerqueue-operator.peering" .) .Values.watchNamespaces }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
 
@@ -157,7 +157,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 # kopf patches its keep-alive in; the operator's informer lists and watches who is active.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
 

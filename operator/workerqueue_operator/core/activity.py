@@ -9,6 +9,10 @@ priority as high as its own. A standalone operator is always active.
 The loops outside kopf's handlers (the worker supervisor, the status reconciler) check `is_active()`
 before they act, forget what they hold while paused (it may be stale on resumption: kopf re-lists
 then), and are told when the replica becomes active again.
+
+A peer that only expires with time (no event says so) may as well be alive with its keep-alives held
+up on their way here (a stalled watch): as kopf does, a standby takes over only once the API server,
+read then, says so too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from workerqueue_operator.models import times
@@ -26,9 +30,15 @@ logger = logging.getLogger(__name__)
 PeeringKey = tuple[str, str]
 """(namespace, name) of a peering object; namespace "" for a ClusterKopfPeering."""
 Listener = Callable[[bool], None]
+Reader = Callable[[PeeringKey], Awaitable[Mapping[str, Any] | None]]
+"""Reads a peering object from the API server now (None: it does not exist)."""
 
 DEFAULT_LIFETIME = 60
 """What kopf assumes of a peer that states no lifetime."""
+READ_SECONDS = 5.0
+"""How long a read of the peering objects before a takeover may take."""
+READ_RETRY_SECONDS = 2.0
+"""After such a read failed, the next one waits this long (the replica stands by meanwhile)."""
 
 
 def _utcnow() -> datetime.datetime:
@@ -67,15 +77,21 @@ class Activity:
         self._listeners: list[Listener] = []
         self._active = not self._expected
         self._stood_down = False
+        self._reader: Reader | None = None
+        self._read_failed_at: float | None = None
 
     @property
     def standalone(self) -> bool:
         return not self._expected
 
     def is_active(self) -> bool:
-        """Computed at each call: a peer that stopped sending keep-alives expires with time alone.
-        Listeners hear of a change at the next tick of `run()` (or the next peering event)."""
-        return not self._stood_down and (self.standalone or self._decide(self._now())[0])
+        """As last decided: on a peering event, or at a tick of `run()` once a peer expired (confirmed by
+        a read with a reader, see `confirm_with`). Listeners hear of every change as it is decided."""
+        return not self._stood_down and (self.standalone or self._active)
+
+    def confirm_with(self, reader: Reader) -> None:
+        """A takeover for a peer expired with time alone waits for `reader` to say so too."""
+        self._reader = reader
 
     def stand_down(self) -> None:
         """The replica is stopping: it acts no more, whatever the peering says. A stopping kopf takes
@@ -103,7 +119,31 @@ class Activity:
         """Notices peers expiring without any event (a SIGKILLed replica sends nothing)."""
         while True:
             await asyncio.sleep(tick if not self.standalone else 3600)
+            if self._reader is not None and self._takes_over() and not await self._read_again():
+                continue
             self._refresh()
+
+    def _takes_over(self) -> bool:
+        return not self._active and not self._stood_down and self._decide(self._now())[0]
+
+    async def _read_again(self) -> bool:
+        """Reads every peering object anew; False (standing by) if that cannot be done now."""
+        assert self._reader is not None
+        loop = asyncio.get_running_loop()
+        if self._read_failed_at is not None and loop.time() - self._read_failed_at < READ_RETRY_SECONDS:
+            return False
+        try:
+            async with asyncio.timeout(READ_SECONDS):
+                read = {key: await self._reader(key) for key in sorted(self._expected)}
+        except Exception as exc:  # any failure: stand by, as kopf does without news
+            self._read_failed_at = loop.time()
+            logger.warning("a peer's keep-alives expired, but the peering could not be read to confirm it: %s; "
+                           "standing by", type(exc).__name__ if not str(exc) else exc)
+            return False
+        self._read_failed_at = None
+        for key, body in read.items():
+            self.observed(key, body)
+        return True
 
     def _decide(self, now: datetime.datetime) -> tuple[bool, list[str]]:
         blocking: list[str] = []

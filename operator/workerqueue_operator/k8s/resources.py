@@ -68,6 +68,17 @@ async def read_secret(client: client_.KubeClient, namespace: str, name: str) -> 
         raise
 
 
+async def read_peering(client: client_.KubeClient, namespace: str, name: str, *,
+                       timeout: float) -> dict[str, Any] | None:
+    """kopf's peering object (`namespace` "": the cluster-wide one), or None if it does not exist."""
+    try:
+        return await client.request("GET", f"{peerings_path(namespace)}/{name}", timeout=timeout)
+    except client_.ApiError as exc:
+        if exc.not_found:
+            return None
+        raise
+
+
 async def create_if_absent(client: client_.KubeClient, path: str, body: dict[str, Any]) -> bool:
     """Creates the object; False if it already existed (a retried or concurrent create)."""
     return await create(client, path, body) is not None
