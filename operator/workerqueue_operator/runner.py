@@ -181,7 +181,11 @@ class Watches:
             informer.Informer(client, resources.peerings_path(ns),
                               on_upsert=lambda body: activity.observed(informer.object_key(body), body),
                               on_delete=lambda key, _: activity.observed(key, None),
-                              name=f"peering/{ns or '*'}", params={"fieldSelector": f"metadata.name={peering}"})
+                              name=f"peering/{ns or '*'}", params={"fieldSelector": f"metadata.name={peering}"},
+                              # kopf writes a keep-alive every few seconds: a watch silent for two
+                              # lifetimes is stalled, and hides a replica that came to lead.
+                              idle_seconds=min(informer.IDLE_SECONDS,
+                                               max(10.0, 2.0 * settings.peering_lifetime_seconds)))
             for ns in scopes if peering is not None]
         self._feed = feed
 
