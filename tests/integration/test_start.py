@@ -720,3 +720,47 @@ async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_ar
     assert await registry.sweep_refusals(supervisor._listed.get) == 1
     assert records() == []
     assert await registry.sweep_refusals(supervisor._listed.get) == 0
+
+
+async def test_a_pass_after_another_writers_status_write_plans_from_the_watched_copy(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """The supervisor planned from its own last write, with that write's version, for good: once the
+    live count (or status.temporal, a condition) was written beside it, each of its writes was a
+    conflict, and a pod's start waited for the conflict's retry."""
+    here = in_process("caught")
+    here.spec.update(singleExecution=True)
+    await here.create_ready()
+    here.watched()
+    await here.supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "caught") == ["caught-w0"]
+    await resources.patch_queue_status(here.client, namespace, "caught", {"workers": {"live": 1}})  # LiveStatus
+    here.watched()
+    kube.set_phase(namespace, "caught-w0", "Running")
+    await here.supervisor._reconcile(here.key)  # one pass: no conflict to retry from
+    assert (kube.workers(namespace, "caught")["running"], kube.workers(namespace, "caught")["live"]) == (1, 1)
+
+
+async def test_a_replica_that_stands_down_in_a_pass_creates_no_pod(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """Told to stop while its pass writes the status: the replica taking over lists the pods before
+    this one would create its pod, and makes its own: one worker too many."""
+    here = in_process("down")
+    here.spec.update(singleExecution=True)
+    activity = Activity(identity="test", priority=0)
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=activity)
+    await here.create_ready()
+    here.watched()
+    write = resources.patch_queue_status
+
+    async def write_then_stop(*args: Any, **kwargs: Any) -> Any:
+        written = await write(*args, **kwargs)
+        activity.stand_down()  # SIGTERM while the write was on its way
+        return written
+
+    monkeypatch.setattr(resources, "patch_queue_status", write_then_stop)
+    await supervisor._reconcile(here.key)
+    assert kube.workers(namespace, "down")["nextIndex"] == 1  # written before it stood down
+    assert kube.pod_names(namespace, "down") == []

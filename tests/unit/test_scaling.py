@@ -278,3 +278,14 @@ def test_an_ephemeral_scaling_queue_that_works_again_counts_its_ttl_from_its_nex
     done = plan([pod(1, "Succeeded")], Demand(backlog=0), again.workers, now=T0 + 200, ephemeral=True,
                 ttlSecondsAfterFinished=600)
     assert done.delete_queue is None and done.workers.finished_time == times.rfc3339(T0 + 200)
+
+
+def test_a_finished_queue_is_not_deleted_at_its_ttl_while_temporal_cannot_say_what_waits():
+    """Work may have come back during the TTL: with Temporal unreachable, or not read yet since a
+    restart or a handover, the queue was deleted at its TTL and the workflow waited with no worker."""
+    finished = WorkersStatus(succeeded=1, next_index=1, finished_time=times.rfc3339(T0 - 600))
+    for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600)):
+        held = plan([], unknown, finished, ephemeral=True, ttlSecondsAfterFinished=300)
+        assert held.delete_queue is None and held.requeue_after == workers.UNKNOWN_DEMAND_RETRY_SECONDS
+    known = plan([], Demand(backlog=0, read_at=T0 - 1), finished, ephemeral=True, ttlSecondsAfterFinished=300)
+    assert known.delete_queue is not None and known.delete_queue.reason == "QueueFinished"

@@ -145,7 +145,8 @@ def test_pod_generation_is_read_from_its_annotation():
 
 
 def test_a_refusal_is_no_longer_shown_once_no_pod_is_wanted():
-    refused = WorkersStatus(desired=3, next_index=3, last_error="pods is forbidden: exceeded quota")
+    refused = WorkersStatus(observed_generation=1, desired=3, next_index=3,
+                            last_error="pods is forbidden: exceeded quota")
     assert plan([pod(0), pod(1)], refused, singleExecution=True, replicas=3).workers.last_error is not None
     assert plan([pod(0), pod(1)], refused, singleExecution=True, replicas=2).workers.last_error is None
 
@@ -682,3 +683,11 @@ def test_a_refused_pod_is_tried_again_after_the_workers_back_off_and_at_once_aft
     assert not second.holds(2, T0 + 11)  # the spec changed: tried at once
     changed = Refusal.after(second, generation=2, now=T0 + 11, settings=SETTINGS)
     assert (changed.count, changed.retry_at) == (1, T0 + 21)
+
+
+def test_a_pod_the_older_spec_could_not_create_is_not_told_under_the_new_one():
+    refused = WorkersStatus(observed_generation=1, desired=1, next_index=1, last_error="admission webhook denied it")
+    kept = plan([], refused, generation=1, singleExecution=True).workers
+    assert kept.last_error == "admission webhook denied it"
+    changed = plan([], refused, generation=2, singleExecution=True).workers
+    assert (changed.last_error, changed.observed_generation) == (None, 2)

@@ -296,6 +296,8 @@ class Supervisor:
                       else pod for pod in parsed]
         previous, version = self._base(queue)
         listing = PodListing(queue.uid, listed_at, frozenset(p["metadata"]["name"] for p in pods))
+        if not self._activity.is_active():
+            return  # stood down meanwhile: the next active replica plans from what it lists itself
         await self._delete_orphan_credentials(key, listing, previous.next_index)
         previous, version = self._base(queue)
         now = self._clock()
@@ -307,6 +309,7 @@ class Supervisor:
         if demand is not None and any(name in alive for name in plan.delete):
             # Taken for idle by the workflows they hold: one may run another workflow's activity.
             demand = await self._with_activities(key, demand)
+            now = self._clock()  # the reading's age is judged against now, not against before the call
             plan = workers.plan(queue, parsed, previous=previous, now=now, created=created,
                                 settings=self._settings, demand=demand, deleted_outside=outside)
         alive_before = self._alive.get(key, 0)
@@ -325,11 +328,15 @@ class Supervisor:
         if create and refusal is not None and refusal.holds(queue.generation, now):
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
             self._queue.add_after(key, refusal.retry_at - now)
+        if not self._activity.is_active():
+            return  # each await above may have seen this replica stand down: from then on it acts no more
         if status != previous:
             written = await self._write_status(queue, status, version)
             if written is None:
                 return  # counted from an older copy: nothing is done on it (see _write_status)
             version = written
+            if not self._activity.is_active():
+                return  # the next active replica plans from this write, and creates what it lacks
         self._passed(key, parsed)
         involved = queue_ref_body(queue)
 
@@ -337,6 +344,8 @@ class Supervisor:
             self._events.post(involved=involved, reason=event.reason,
                               message=event.message, warning=event.warning)
         await asyncio.gather(*(self._delete_pod(queue, name) for name in plan.delete))
+        if not self._activity.is_active():
+            return
         if create:
             refused = await self._create_pods(queue, create)
             if refused is None:
@@ -423,12 +432,21 @@ class Supervisor:
         return written or None
 
     def _base(self, queue: QueueObject) -> tuple[spec_.WorkersStatus, str]:
-        """status.workers to plan from, and the queue's version it is of: this replica's last write,
-        else the watch's copy."""
+        """status.workers to plan from, and the queue's version it is of: this replica's last write
+        until the watch's copy has caught up with it, then the watch's copy."""
+        watched = spec_.WorkersStatus.model_validate(queue.status.get("workers") or {})
         written = self._written.get(queue.key)
         if written is not None and written[0] == queue.uid:
-            return written[1], written[2]
-        return spec_.WorkersStatus.model_validate(queue.status.get("workers") or {}), queue.resource_version
+            status, version = written[1], written[2]
+            # Caught up: the copy shows what was written (others write `live`, status.temporal and
+            # conditions beside it, each a newer version), or a spec changed since (the write
+            # succeeded over the then current version: a change of generation came after it).
+            # Kept, its older version made every write after another writer's a conflict.
+            if (watched.model_copy(update={"live": 0}) != status.model_copy(update={"live": 0})
+                    and status.observed_generation == queue.generation):
+                return status, version
+            del self._written[queue.key]
+        return watched, queue.resource_version
 
     def _written_status(self, queue: QueueObject) -> spec_.WorkersStatus | None:
         written = self._written.get(queue.key)

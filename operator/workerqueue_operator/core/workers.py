@@ -328,6 +328,8 @@ DEMAND_STALE_SECONDS = 30.0
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
 UNSURE_RETRY_SECONDS = 5.0
 """A scale-down that found no pod idle for sure is tried again this much later."""
+UNKNOWN_DEMAND_RETRY_SECONDS = 5.0
+"""A finished scaling queue whose TTL is over, while Temporal's backlog is unknown, is looked at again then."""
 IDLE_STALE_SECONDS = 5.0
 """A running pod is taken for idle only on a reading this recent: one that took a workflow since
 an older reading shows idle in it."""
@@ -405,6 +407,8 @@ def plan(
     not finished that someone else deleted (being deleted, or gone since the last pass)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
+    if w.observed_generation != queue.generation:
+        w.last_error = None  # a pod the older spec could not create says nothing of this one's
     w.observed_generation = queue.generation
     events: list[Event] = []
     delete: list[str] = []
@@ -544,10 +548,14 @@ def plan(
                 w.finished_time = times.rfc3339(now)
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
             expires = times.parse(w.finished_time) + s.ttl_seconds_after_finished
-            if now >= expires:
+            # A scaling queue's work may have come back meanwhile: deleted only once Temporal says
+            # nothing waits (unreachable, or not read yet since a restart or a handover: not yet).
+            nothing_known_waits = s.scaling is None or (
+                demand is not None and demand.backlog is not None and demand.fresh(now))
+            if now >= expires and nothing_known_waits:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
             else:
-                requeue.append(expires - now)
+                requeue.append(expires - now if now < expires else UNKNOWN_DEMAND_RETRY_SECONDS)
 
     if s.scaling is None and manages_pods(s):
         scale_down = _surplus_not_started(alive, w.desired)
