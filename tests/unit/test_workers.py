@@ -691,3 +691,20 @@ def test_a_pod_the_older_spec_could_not_create_is_not_told_under_the_new_one():
     assert kept.last_error == "admission webhook denied it"
     changed = plan([], refused, generation=2, singleExecution=True).workers
     assert (changed.last_error, changed.observed_generation) == (None, 2)
+
+
+def test_a_finished_pod_someone_else_deletes_before_a_pass_counts_it_is_counted_all_the_same():
+    """A cleanup deleting finished pods, a drain: the success was lost, and an ephemeral queue started
+    a worker too many; a failure so deleted went uncounted as a displacement."""
+    started = WorkersStatus(observed_generation=1, desired=2, next_index=2)
+    gone = [dataclasses.replace(pod(0, "Succeeded"), deleting=True),
+            dataclasses.replace(pod(1, "Failed"), deleting=True)]
+    p = workers.plan(queue(ephemeral=True, replicas=2), gone, previous=started, now=T0, created=T0 - 100,
+                     settings=SETTINGS, deleted_outside=frozenset({"q1-w0", "q1-w1"}))
+    assert (p.workers.succeeded, p.workers.failed, p.workers.consecutive_displaced) == (1, 0, 1)
+    assert p.create == (2,) and p.delete == ()  # one more to make the two completions; none deleted again
+    assert [e.reason for e in p.events] == ["WorkerSucceeded", "WorkerDisplaced"]
+    # Deleted here (counted before, or as surplus): no news of the worker.
+    ours = workers.plan(queue(ephemeral=True, replicas=2), gone, previous=started, now=T0, created=T0 - 100,
+                        settings=SETTINGS)
+    assert (ours.workers.succeeded, ours.workers.failed, ours.workers.consecutive_displaced) == (0, 0, 0)

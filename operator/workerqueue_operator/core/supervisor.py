@@ -364,10 +364,11 @@ class Supervisor:
             self._queue.add_after(key, plan.requeue_after)
 
     def _deleted_outside(self, key: QueueKey, pods: list[workers.Pod]) -> frozenset[str]:
-        """The pods not finished that someone else deleted: being deleted, or gone since the last pass."""
+        """The pods someone else deleted: being deleted (finished ones too: they may have finished
+        before a pass counted them), or alive at the last pass and gone since."""
         listed = {pod.name for pod in pods}
         gone = self._alive_seen.get(key, frozenset()) - listed
-        deleting = {pod.name for pod in pods if pod.deleting and pod.phase in workers.ALIVE_PHASES}
+        deleting = {pod.name for pod in pods if pod.deleting}
         return frozenset((gone | deleting) - self._deleted_here.get(key, set()))
 
     def _passed(self, key: QueueKey, pods: list[workers.Pod]) -> None:

@@ -432,13 +432,21 @@ def plan(
 
     displaced_now: list[Pod] = []
     for pod in pods:
-        if pod.deleting or pod.phase not in ("Succeeded", "Failed"):
+        if pod.phase not in ("Succeeded", "Failed"):
             continue
-        delete.append(pod.name)  # finished pods never linger: what mattered is in the Event
+        if pod.deleting:
+            if pod.name not in deleted_outside:
+                continue  # deleted here once counted, or as surplus: no news of the worker
+        else:
+            delete.append(pod.name)  # finished pods never linger: what mattered is in the Event
         if pod.name in counted:
             continue
         counted.append(pod.name)
-        if pod.phase == "Succeeded":
+        if pod.phase == "Failed" and pod.deleting:
+            # Deleted by someone else before a pass counted it: its failure may be that deletion's doing.
+            displaced_now.append(pod)
+            events.append(Event("WorkerDisplaced", f"worker {pod.name} was deleted by someone else", warning=True))
+        elif pod.phase == "Succeeded":
             w.succeeded += 1
             # A worker that works ends a crash loop.
             w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
