@@ -296,6 +296,25 @@ def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(
     assert operator.start_worker(queue_id, "new-token").status == 503  # no new worker meanwhile
 
 
+def test_a_secret_that_is_not_temporals_going_missing_leaves_running_workers_their_executions(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # The LiteLLM key's Secret deleted (renamed, rotated by hand): no new worker starts, but those
+    # running must still see their executions, or none of them sees its own end and exits.
+    queue_id = f"llm-{namespace}"
+    kube.put_secret(namespace, "llm-key", key="sk-1")
+    kube.create_queue(namespace, "llm", **queue_spec(temporal, queue_id,
+                                                     litellm={"apiKeySecretRef": {"name": "llm-key", "key": "key"}}))
+    mine = wait_for(lambda: kube.has_secret(namespace, "llm-w0-token") and kube.secret_value(
+        namespace, "llm-w0-token", "token"), what="llm-w0's token")
+    wait_for(lambda: operator.start_worker(queue_id, mine).status == 200, what="llm-w0 started")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    kube.core.delete_namespaced_secret("llm-key", namespace)
+    kube.wait_condition(namespace, "llm", "False", "SecretNotFound")
+    listed = operator.call("GET", path, mine)
+    assert (listed.status, listed.json()) == (200, [])
+    assert operator.start_worker(queue_id, mine).status == 503  # no new worker meanwhile
+
+
 def test_a_worker_turned_away_at_start_exits_and_its_pod_is_replaced_without_a_crash_loop(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
         kubelet: Callable[..., LocalKubelet]):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.factories import queue, queue_body, secret_body
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import queues, temporal
 from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
 
 SETTINGS = Settings()
@@ -137,14 +137,32 @@ def test_a_missing_token_secret_leaves_the_other_tokens_and_the_upstream_to_live
         r = queues.resolve(queue(upstream=UPSTREAM, auth={"tokenSecretRefs": refs}), secrets={**present, **org},
                            settings=SETTINGS)
         assert not r.ready and r.problem.reason in ("SecretPending", "SecretNotFound")
-        assert r.config is not None  # running workers' executions are still listed from it
-        assert r.probe_config is r.config  # ...and its conditions keep telling of its task queue
+        assert r.temporal is not None  # running workers' executions are still listed from it
+        assert r.probe_target is r.temporal  # ...and its conditions keep telling of its task queue
         assert r.token_digests == (queues.digest("old-token"),)
         assert r.upstream == queues.Upstream(url="https://cp.example/base", api_key="k-1")
     generated = queues.resolve(queue(upstream=UPSTREAM), secrets=org, settings=SETTINGS)
     assert generated.awaiting_generated_token and generated.token_digests == ()
-    assert generated.probe_config is None  # a new queue's first status waits for its token
+    assert generated.probe_target is None  # a new queue's first status waits for its token
     assert generated.upstream is not None  # per-worker tokens of its pods still reach it
+
+
+def test_a_missing_secret_that_is_not_temporals_leaves_the_task_queue_to_live_workers():
+    """A LiteLLM key's Secret deleted: the queue is not Ready, but its running single-execution
+    workers must still see their executions (503 on every poll, they never saw theirs end)."""
+    r = queues.resolve(queue(litellm={"apiKeySecretRef": {"name": "llm", "key": "k"}},
+                             temporal={"host": "t:7233", "namespace": "agents",
+                                       "apiKeySecretRef": {"name": "tk", "key": "k"}}),
+                       secrets={("team-a", "tk"): {"k": "temporal-key"}, ("team-a", "llm"): None,
+                                ("team-a", "q1-worker-token"): {"token": "t"}}, settings=SETTINGS)
+    assert r.config is None and r.problem is not None and r.problem.reason == "SecretNotFound"
+    assert r.temporal is not None and r.probe_target is r.temporal
+    assert (r.temporal.endpoint, r.temporal.task_queue) == (
+        temporal.Endpoint(host="t:7233", namespace="agents", api_key="temporal-key", tls=True), r.queue.queue_id)
+    without_key = queues.resolve(queue(temporal={"host": "t:7233", "namespace": "agents",
+                                                 "apiKeySecretRef": {"name": "tk", "key": "k"}}),
+                                 secrets={("team-a", "tk"): None}, settings=SETTINGS)
+    assert without_key.temporal is None  # nothing to list executions with
 
 
 def test_temporal_must_be_configured_somewhere():

@@ -243,8 +243,8 @@ async def list_executions(request: web.Request) -> web.Response:
     resolution = await _queue(request, caller, verb="get", message="This token may not read this worker queue")
     if isinstance(resolution, web.Response):
         return resolution
-    config = resolution.config
-    if config is None:
+    target = resolution.temporal
+    if target is None:  # its Temporal key missing, or no Temporal at all
         reason = resolution.problem.message if resolution.problem else "not resolved"
         return errors.detail(503, f"Worker queue is not ready: {reason}")
     if caller.identity is None and caller.worker is None:
@@ -254,10 +254,8 @@ async def list_executions(request: web.Request) -> web.Response:
     host = await _asking_worker(request, caller, resolution)
     if isinstance(host, web.Response):
         return host
-    endpoint = temporal.Endpoint(host=config.fields["temporal_host"], namespace=config.fields["temporal_namespace"],
-                                 api_key=config.fields["temporal_api_key"], tls=config.temporal_tls)
     try:
-        found = await request.app[TEMPORAL].executions(endpoint, config.fields["task_queue_name"], limit=MAX_LIMIT,
+        found = await request.app[TEMPORAL].executions(target.endpoint, target.task_queue, limit=MAX_LIMIT,
                                                        taken_first=host is not None)
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")

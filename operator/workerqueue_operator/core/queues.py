@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
+from workerqueue_operator.core.temporal import Endpoint
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
 
@@ -312,6 +313,14 @@ def origin_of(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class TemporalTarget:
+    """The queue's task queue and the Temporal it is on."""
+
+    endpoint: Endpoint
+    task_queue: str
+
+
+@dataclass(frozen=True)
 class Resolution:
     queue: QueueObject
     config: QueueConfig | None
@@ -325,6 +334,9 @@ class Resolution:
     """Why a configured upstream cannot be used (its key), whatever else the queue lacks."""
     awaiting_generated_token: bool = False
     """All that is missing is the token Secret the operator itself is creating."""
+    temporal: TemporalTarget | None = None
+    """The queue's task queue; resolved on its own, so that running workers keep seeing their
+    executions while another Secret (a LiteLLM or Redis one) keeps the queue from being Ready."""
     secrets_problem: Problem | None = None
     """The first referenced Secret key that cannot be used, whatever else keeps the queue from being
     Ready (a missing Temporal host, a queue id another queue holds): the SecretsResolved condition."""
@@ -341,10 +353,10 @@ class Resolution:
         return self.ready or (self.awaiting_generated_token and self.upstream_problem is None)
 
     @property
-    def probe_config(self) -> QueueConfig | None:
-        """The config to ask Temporal about the queue's task queue with: none while all the queue waits
-        for is the token Secret the operator is making (a new queue gets its status once that is there)."""
-        return None if self.awaiting_generated_token else self.config
+    def probe_target(self) -> TemporalTarget | None:
+        """The task queue to ask Temporal about: none while all the queue waits for is the token Secret
+        the operator is making (a new queue gets its status once that is there)."""
+        return None if self.awaiting_generated_token else self.temporal
 
 
 SECRET_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending",
@@ -440,11 +452,15 @@ def resolve(
     else:
         upstream_problem = None
     try:
+        target: TemporalTarget | None = _temporal_target(queue, lookup, settings)
+    except _Unresolved:
+        target = None
+    try:
         config = _config(queue, lookup, settings=settings)
     except _Unresolved as exc:
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem,
-                          secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem))
+                          secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem), temporal=target)
     secrets_problem = _of_secrets(token_problem, upstream_problem)
     if token_problem is not None:
         # Not Ready (no /start, no new pods), but what running workers use stays: their executions
@@ -452,11 +468,11 @@ def resolve(
         generated = not queue.spec.auth.token_secret_refs
         return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
                           upstream_problem=upstream_problem, awaiting_generated_token=generated,
-                          secrets_problem=secrets_problem)
+                          secrets_problem=secrets_problem, temporal=target)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
-                      upstream_problem=upstream_problem, secrets_problem=secrets_problem)
+                      upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target)
 
 
 def _of_secrets(*problems: Problem | None) -> Problem | None:
@@ -512,19 +528,14 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
 
     nats_config = lookup.texts(ns, s.nats.config_secret_ref.name) if s.nats is not None else None
 
-    temporal_host = s.temporal.host or settings.temporal_host
-    temporal_namespace = s.temporal.namespace or settings.temporal_namespace
-    if not temporal_host or not temporal_namespace:
-        raise _Unresolved(Problem(
-            "TemporalNotConfigured",
-            "no Temporal host and namespace: set spec.temporal or the operator's defaults"))
+    target = _temporal_target(queue, lookup, settings)
     queue_id = queue.queue_id
     websocket_enabled = s.websocket.enabled if s.websocket.enabled is not None else bool(s.websocket.url)
 
     fields: dict[str, Any] = {
-        "task_queue_name": s.task_queue_name or queue_id,
-        "temporal_namespace": temporal_namespace,
-        "temporal_host": temporal_host,
+        "task_queue_name": target.task_queue,
+        "temporal_namespace": target.endpoint.namespace,
+        "temporal_host": target.endpoint.host,
         "temporal_api_key": temporal_api_key,
         "organization_id": s.organization_id or settings.organization_id,
         "heartbeat_interval": s.heartbeat_interval_seconds,
@@ -547,8 +558,22 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         websocket_enabled=websocket_enabled,
         websocket_url=s.websocket.url,
         suspended=s.suspend,
-        temporal_tls=temporal_tls(queue, settings),
+        temporal_tls=target.endpoint.tls,
     )
+
+
+def _temporal_target(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings) -> TemporalTarget:
+    s = queue.spec
+    api_key = _secret_or_default(lookup, queue.namespace, s.temporal.api_key_secret_ref,
+                                 default_temporal_key(s, settings))
+    host = s.temporal.host or settings.temporal_host
+    namespace = s.temporal.namespace or settings.temporal_namespace
+    if not host or not namespace:
+        raise _Unresolved(Problem(
+            "TemporalNotConfigured",
+            "no Temporal host and namespace: set spec.temporal or the operator's defaults"))
+    return TemporalTarget(Endpoint(host=host, namespace=namespace, api_key=api_key, tls=temporal_tls(queue, settings)),
+                          s.task_queue_name or queue.queue_id)
 
 
 def _secret_or_default(

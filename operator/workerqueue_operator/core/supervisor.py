@@ -634,14 +634,10 @@ class Supervisor:
 
     def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
-        config = resolution.probe_config if resolution is not None else None
-        if self._temporal is None or config is None:
+        target = resolution.probe_target if resolution is not None else None
+        if self._temporal is None or target is None:
             return None
-        fields = config.fields
-        endpoint = temporal_.Endpoint(host=fields["temporal_host"], namespace=fields["temporal_namespace"],
-                                      api_key=fields["temporal_api_key"] or "", tls=config.temporal_tls)
-        task_queue = str(fields["task_queue_name"])
-        return (endpoint.key, task_queue), endpoint, task_queue
+        return (target.endpoint.key, target.task_queue), target.endpoint, target.task_queue
 
     async def _probe(self, key: QueueKey, probe: _Probe, endpoint: temporal_.Endpoint, task_queue: str) -> None:
         assert self._temporal is not None
