@@ -506,6 +506,32 @@ async def test_a_lease_the_active_replica_deleted_at_its_expiry_reads_as_expired
     assert not standby.may_rejoin(q, "left")
 
 
+def test_an_expiry_by_a_replica_whose_clock_is_ahead_is_no_disconnect_here():
+    """The active replica's clock 3 s ahead of this one's: its sweep deletes the Lease at the end by
+    its clock, 3 s before the end here. Taken for a disconnect, the worker was turned away for good."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
+                            active=lambda: False)
+    held = make_worker(worker_id="skewed", lease="q1-skewed", slot=None, pod=None, renewed_at=now[0], duration=25.0)
+    reg.lease_upserted(leases.lease_body(held, queue_name=q.name))
+    now[0] += 22.0
+    reg.lease_deleted(("team-a", "q1-skewed"), leases.lease_body(held, queue_name=q.name))
+    assert reg.may_rejoin(q, "skewed")
+    # Deleted within an interval of its renewal: a disconnect.
+    left = make_worker(worker_id="left", lease="q1-left", slot=None, pod=None, renewed_at=now[0], duration=25.0)
+    reg.lease_upserted(leases.lease_body(left, queue_name=q.name))
+    now[0] += 9.0
+    reg.lease_deleted(("team-a", "q1-left"), leases.lease_body(left, queue_name=q.name))
+    assert not reg.may_rejoin(q, "left")
+
+
 def test_a_worker_that_rejoined_into_another_slot_is_known_there_only():
     """The active replica expired it, could not delete its slot, and registered it again in another
     from its next heartbeat. Here, the first slot's delete made again later must not end it, and the

@@ -49,9 +49,11 @@ SYSTEM_INFO_MAX_BYTES = 4096
 
 
 LAPSE_MARGIN_SECONDS = 1.0
-"""A Lease deleted this close to its end is taken as expired, not ended on purpose: the replica that
-deleted it has a clock of its own. Taking a disconnect for an expiry only lets a late heartbeat back
-in; taking an expiry for a disconnect would turn a live worker away for good."""
+"""A Lease deleted this close to its end (or one heartbeat interval, if longer) is taken as expired,
+not ended on purpose: the replica that deleted it has a clock of its own, maybe seconds apart. Taking
+a disconnect for an expiry only lets a late heartbeat back in; taking an expiry for a disconnect
+would turn a live worker away for good, on every replica. A disconnect or a pod's end comes within
+about an interval of the last renewal; an expiry, EXPIRY_INTERVALS after it."""
 
 
 def lease_duration(interval: float) -> float:
@@ -62,7 +64,8 @@ def lease_duration(interval: float) -> float:
 
 def has_lapsed(worker: Worker, now: float) -> bool:
     """Whether a deleted Lease had run out (see LAPSE_MARGIN_SECONDS)."""
-    return now >= worker.renewed_at + worker.duration - LAPSE_MARGIN_SECONDS
+    margin = max(LAPSE_MARGIN_SECONDS, worker.duration / EXPIRY_INTERVALS)
+    return now >= worker.renewed_at + worker.duration - margin
 
 
 def lease_name(queue_name: str, worker_id: str) -> str:
