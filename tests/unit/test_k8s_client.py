@@ -177,6 +177,44 @@ async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loo
     assert ticks >= 20, "the event loop stood still while the plugin ran"
 
 
+async def test_a_call_is_bounded_by_its_timeout_credentials_included(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # An exec plugin that hangs: the read of credentials waited up to its own 30 s before the call's
+    # timeout began, past the worker's own timeout on a heartbeat or a disconnect.
+    import json
+    import sys
+    import time
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(  # answers once (the configuration's load), then hangs
+        "import datetime, json, pathlib, sys, time\n"
+        f"marker = pathlib.Path({str(tmp_path / 'ran')!r})\n"
+        "if marker.exists():\n"
+        "    time.sleep(6)\n"
+        "marker.touch()\n"
+        "expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)\n"
+        "status = {'token': 't', 'expirationTimestamp': expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        "                  'status': status}))\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
+            "interactiveMode": "Never"}}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.setattr(client, "AUTH_TIMEOUT_SECONDS", 5.0)
+    kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
+    monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)  # read anew at the call: the plugin hangs
+    began = time.monotonic()
+    try:
+        with pytest.raises(client.ERRORS):
+            await kube.request("GET", "/api", timeout=0.5)
+    finally:
+        await kube.close()
+    assert time.monotonic() - began < 4, "the call waited for the credentials' own timeout"
+
+
 @pytest.mark.parametrize(("payload", "terminating"), [
     (b'{"kind": "Status", "reason": "Forbidden", "message": "unable to create new content in namespace ops", '
      b'"details": {"causes": [{"type": "NamespaceTerminating", "field": "metadata.namespace"}]}}', True),

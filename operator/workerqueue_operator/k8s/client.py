@@ -204,23 +204,20 @@ class KubeClient:
     ) -> JSON:
         session = self._session_or_new()
         data = None if body is None else json.dumps(body)
-        async with session.request(
-            method,
-            self.base_url + path,
-            data=data,
-            params=params,
-            headers=await self._headers(content_type if data is not None else None),
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            payload = await response.read()
-            if response.status >= 400:
-                raise _api_error(response.status, payload, path)
-            try:
-                result: JSON = json.loads(payload) if payload else {}
-            except ValueError:
-                # A proxy's HTML page, say: an answer that cannot be read, as any loop catching ERRORS expects.
-                raise aiohttp.ClientPayloadError(f"the answer to {method} {path} is not JSON") from None
-            return result
+        # `timeout` bounds the whole call, the credentials' read included (an exec plugin may hang).
+        async with asyncio.timeout(timeout):
+            headers = await self._headers(content_type if data is not None else None)
+            async with session.request(method, self.base_url + path, data=data, params=params, headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                payload = await response.read()
+        if response.status >= 400:
+            raise _api_error(response.status, payload, path)
+        try:
+            result: JSON = json.loads(payload) if payload else {}
+        except ValueError:
+            # A proxy's HTML page, say: an answer that cannot be read, as any loop catching ERRORS expects.
+            raise aiohttp.ClientPayloadError(f"the answer to {method} {path} is not JSON") from None
+        return result
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
         return await self.request("GET", path, params=params)
