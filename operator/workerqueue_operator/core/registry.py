@@ -20,6 +20,7 @@ What a worker's record and its Lease hold is in leases.py; this module decides w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -653,7 +654,11 @@ class Registry:
         self._bury(worker, on_purpose=True)
         queue = self._queue_of(worker.queue)
         if worker.stored:
-            await self._delete_quietly(worker, "disconnected")
+            # Waited for (the other replicas learn of the end from the deletion), but for one call's
+            # time at most: reads and conditional deletes in a row could take the worker's whole timeout.
+            deleting = self._spawn(self._delete_quietly(worker, "disconnected"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(deleting), API_TIMEOUT)
         if queue is not None:
             code = "none" if exit_code is None else str(exit_code)
             self._events.post(involved=_involved(worker, queue.name), reason="WorkerDisconnected",
@@ -885,10 +890,11 @@ class Registry:
         if worker.stored:
             self._spawn(self._delete_quietly(worker, why))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     async def _write(self, worker: Worker) -> None:
         queue = self._queue_of(worker.queue)
