@@ -40,14 +40,16 @@ async def run_workflow(temporal: TemporalServer, task_queue: str, workflow_id: s
         id=workflow_id, task_queue=task_queue), 60)
 
 
-async def run_as(temporal: TemporalServer, task_queue: str, host: str, control_plane_url: str, api_key: str) -> str:
-    """Runs one short workflow with a worker on `host` (Temporal identity `<pid>@<host>`); its id."""
+async def run_as(temporal: TemporalServer, task_queue: str, host: str, control_plane_url: str, api_key: str,
+                 pid: int | None = None) -> str:
+    """Runs one short workflow with a worker on `host` (Temporal identity `<pid>@<host>`, this process's
+    pid unless given); its id."""
     client = await Client.connect(temporal.address, namespace=temporal.namespace)
     activities = workflows.Activities(control_plane_url=control_plane_url, api_key=api_key,
                                       progress=workflows.Progress(), log=lambda _: None)
     workflow_id = f"exec-{secrets.token_hex(4)}"
     async with Worker(client, task_queue=task_queue, workflows=list(workflows.WORKFLOWS),
-                      activities=[activities.run_execution], identity=f"{os.getpid()}@{host}"):
+                      activities=[activities.run_execution], identity=f"{pid or os.getpid()}@{host}"):
         await asyncio.wait_for(client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
                                                        id=workflow_id, task_queue=task_queue), 60)
     return workflow_id
@@ -378,6 +380,34 @@ async def test_a_kubernetes_identitys_worker_is_shown_only_its_own_execution(
     # A second worker of the same identity: which one asks cannot be told, so neither is shown any.
     assert operator.start_worker(queue_id, runner, {"system_info": {"hostname": "other-host"}}).status == 200
     assert listed(runner) == []
+
+
+async def test_two_identities_workers_on_one_host_each_see_their_own_execution(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # Two worker processes on one machine (outside pods), each with a ServiceAccount of its own: by the
+    # host alone, the idle one was shown the other's execution, took it for its own, and exited at its end.
+    queue_id = f"box-{namespace}"
+    kube.create_queue(namespace, "box", **queue_spec(temporal, queue_id, singleExecution=False))
+    kube.wait_condition(namespace, "box", "True")
+    tokens = {}
+    for account, pid in (("first", 1001), ("second", 1002)):
+        kube.grant(namespace, f"box-start-{account}", resource="workerqueues/start", verb="create", queue="box",
+                   account=account)
+        kube.grant(namespace, f"box-read-{account}", resource="workerqueues", verb="get", queue="box",
+                   account=account)
+        tokens[pid] = service_account_token(kube, namespace, account)
+        started = operator.start_worker(queue_id, tokens[pid], {"system_info": {"hostname": "box", "pid": pid}})
+        assert started.status == 200, started.body
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+
+    def listed(pid: int) -> list[tuple[str, str]]:
+        answer = operator.call("GET", path, tokens[pid])
+        assert answer.status == 200, answer.body
+        return [(e["id"], e["status"]) for e in answer.json()]
+
+    seconds = await run_as(temporal, queue_id, "box", operator.url, tokens[1002], pid=1002)
+    wait_for(lambda: listed(1002) == [(seconds, "completed")], what="its own execution, to the second")
+    assert listed(1001) == []
 
 
 def pod_bound_token(kube: Kube, namespace: str, account: str, pod: str) -> str:

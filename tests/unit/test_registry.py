@@ -111,6 +111,20 @@ def test_a_worker_sees_only_its_own_execution_never_another_workers():
     assert (entry["id"], entry["status"]) == ("e3", "running")
 
 
+def test_two_workers_on_one_host_each_see_their_own_by_their_process():
+    """Two processes on one host (outside pods), each signed in with a Kubernetes identity of its own:
+    by the host alone, each was shown the other's execution, latched onto it, and exited at its end."""
+    listing = [execution("theirs", "completed", "7@box", "2026-01-01T00:01:00Z"),
+               execution("mine", "running", "8@box", "2026-01-01T00:02:00Z")]
+    (entry,) = executions.worker_view(listing, hostname="box", pid=8)
+    assert (entry["id"], entry["status"], entry["held_executions"]) == ("mine", "running", 1)
+    assert executions.worker_view(listing, hostname="box", pid=9) == []
+    (entry,) = executions.worker_view(listing, hostname="box")  # the process not known: by the host
+    assert entry["id"] == "theirs"
+    assert leases.system_pid(b'{"hostname":"box","pid":8}') == 8
+    assert [leases.system_pid(held) for held in (None, b"{}", b'{"pid":"8"}', b'{"pid":true}', b"[1]")] == [None] * 5
+
+
 def test_a_worker_holding_two_stays_running_until_both_are_closed():
     listing = [execution("b", "running", "5@q1-w1", "2026-01-01T00:05:00Z"),
                execution("a", "completed", "5@q1-w1", "2026-01-01T00:01:00Z")]

@@ -14,7 +14,7 @@ from workerqueue_operator.api.keys import KUBE, LOG, REGISTRY, STORE, TEMPORAL
 from workerqueue_operator.core import executions, queues, temporal
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import workers as workers_
-from workerqueue_operator.core.leases import Worker
+from workerqueue_operator.core.leases import Worker, system_pid
 from workerqueue_operator.core.queues import QueueObject, Resolution
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
@@ -204,15 +204,15 @@ def _query(request: web.Request) -> tuple[int, str] | web.Response:
 
 
 async def _asking_worker(request: web.Request, caller: callers.Caller, resolution: Resolution
-                         ) -> tuple[str, float | None] | web.Response | None:
-    """(hostname, since) of the worker that asks, None when none does (the whole queue is shown), or
+                         ) -> tuple[str, float | None, int | None] | web.Response | None:
+    """(hostname, since, pid) of the worker that asks, None when none does (the whole queue is shown), or
     the answer to give at once. A pod's worker by its token; a Kubernetes identity's by the worker
     it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
     shown (`[]`), as for a queue token. An identity with none (a person, a tool) sees the whole queue,
     unless its token is bound to a pod: that is a worker's (one whose registration expired in an
     outage of the API server, say), which waits (`[]`) rather than take another's execution."""
-    if caller.worker is not None:
-        return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since
+    if caller.worker is not None:  # a pod's: its hostname is its own
+        return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since, None
     identity = caller.identity
     if identity is None:
         return None
@@ -228,8 +228,10 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
     if len(registered) > 1 or not registered[0].hostname:
         return web.json_response([])
     since = registered[0].since
-    # Its first take follows its registration at once: the clocks may differ that much.
-    return registered[0].hostname, None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS
+    # Its first take follows its registration at once: the clocks may differ that much. Outside a pod
+    # its host may run other workers: its process, from the system_info it sent, tells them apart.
+    return (registered[0].hostname, None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS,
+            system_pid(registered[0].system_info))
 
 
 async def list_executions(request: web.Request) -> web.Response:
@@ -260,7 +262,7 @@ async def list_executions(request: web.Request) -> web.Response:
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if host is not None:
-        view = executions.worker_view(found, hostname=host[0], since=host[1])
+        view = executions.worker_view(found, hostname=host[0], since=host[1], pid=host[2])
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

@@ -29,9 +29,14 @@ from workerqueue_operator.models import times
 STATUSES = ("running", "completed", "failed", "cancelled", "waiting_for_input")
 
 
-def held_by(execution: Execution, hostname: str) -> bool:
-    """Whether the execution's first workflow task was taken by a worker on this host (pod)."""
-    return execution.holder is not None and execution.holder.rpartition("@")[2] == hostname
+def held_by(execution: Execution, hostname: str, pid: int | None = None) -> bool:
+    """Whether the execution's first workflow task was taken by a worker on this host (pod); by that
+    process of it when `pid` is known (two workers on one host, outside pods)."""
+    if execution.holder is None:
+        return False
+    if pid is not None:
+        return execution.holder == f"{pid}@{hostname}"
+    return execution.holder.rpartition("@")[2] == hostname
 
 
 def taken_before(execution: Execution, moment: float) -> bool:
@@ -64,11 +69,11 @@ def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> l
     return [e.to_json() for e in chosen[:limit]]
 
 
-def worker_view(executions: Sequence[Execution], *, hostname: str, since: float | None = None
-                ) -> list[dict[str, Any]]:
-    """The one entry a worker on `hostname` may latch onto (see the module's docstring); `since`: when
-    its pod was made (epoch seconds), if known."""
-    held = [e for e in executions if held_by(e, hostname) and (since is None or not taken_before(e, since))]
+def worker_view(executions: Sequence[Execution], *, hostname: str, since: float | None = None,
+                pid: int | None = None) -> list[dict[str, Any]]:
+    """The one entry a worker on `hostname` (its process `pid`, if known) may latch onto (see the
+    module's docstring); `since`: when its pod was made (epoch seconds), if known."""
+    held = [e for e in executions if held_by(e, hostname, pid) and (since is None or not taken_before(e, since))]
     if not held:
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))

@@ -148,6 +148,18 @@ def stored_system_info(held: bytes | None) -> dict[str, Any] | None:
     return bounded_system_info(info) if isinstance(info, dict) else None
 
 
+def system_pid(held: bytes | None) -> int | None:
+    """The process id a worker's system_info gives: that of its Temporal identity, `<pid>@<hostname>`."""
+    if not held:
+        return None
+    try:
+        info = json.loads(held)
+    except ValueError:
+        return None
+    pid = info.get("pid") if isinstance(info, dict) else None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
 _SYSTEM_INFO_SERIALIZER = wire.WorkerSystemInfo.__pydantic_serializer__
 """model_dump_json's serializer called directly: bytes, without its wrapper's work."""
 
