@@ -55,6 +55,19 @@ def test_rotation_replaces_the_token():
     assert s.opens(s.serving("abc"), queues.digest("two"))
 
 
+def test_a_queue_whose_id_is_taken_starts_no_worker_while_its_token_secret_is_made():
+    """Its generated token Secret not made yet, the loser of a queueId looked like a queue waiting only
+    for that: its pods were started, each answered 403 by the queue holding the id, each a crash."""
+    s, _ = store()
+    s.upsert_queue(queue("old", queueId="same", created="2026-01-01T00:00:00Z"))
+    s.upsert_secret(("team-a", "old-worker-token"), {"token": "old"})
+    s.upsert_queue(queue("new", queueId="same", created="2026-02-01T00:00:00Z", singleExecution=True))
+    s.fill_secret(("team-a", "new-worker-token"), None)  # being made
+    loser = s.resolution(("team-a", "new"))
+    assert loser is not None and loser.problem is not None and loser.problem.reason == "QueueIdConflict"
+    assert not loser.starts_workers and loser.probe_target is None
+
+
 def test_the_earlier_queue_keeps_a_conflicting_id():
     s, _ = store()
     s.upsert_queue(queue("old", queueId="same", created="2026-01-01T00:00:00Z"))

@@ -370,7 +370,10 @@ class Store:
             if winner != key:
                 owner = f"{winner[0]}/{winner[1]}"
                 problem = queues.Problem("QueueIdConflict", f"queue id {queue.queue_id} is already used by {owner}")
-                resolution = replace(resolution, config=None, problem=problem)
+                # Nothing of it serves: no worker is started for it (its token Secret in the making
+                # included: they would be answered 403 by the queue that holds the id), nor probed.
+                resolution = replace(resolution, config=None, problem=problem, awaiting_generated_token=False,
+                                     temporal=None)
             self._resolutions[key] = resolution
             self._set_token_digests(key, resolution.token_digests if winner == key else ())
             changed.append(key)
