@@ -21,7 +21,7 @@ from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
-from workerqueue_operator.core.reconciler import Reconciler
+from workerqueue_operator.core.reconciler import Reconciler, token_secret_body
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.core.supervisor import Supervisor
@@ -764,3 +764,42 @@ async def test_a_replica_that_stands_down_in_a_pass_creates_no_pod(
     await supervisor._reconcile(here.key)
     assert kube.workers(namespace, "down")["nextIndex"] == 1  # written before it stood down
     assert kube.pod_names(namespace, "down") == []
+
+
+async def test_a_replica_whose_queue_watch_is_behind_leaves_the_live_queues_token_alone(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """`kubectl replace --force` seen by the active replica, which made the new queue's token; this
+    replica's queue watch still holds the old queue. Taking the live token for the old queue's
+    leftover, it deleted it: every worker holding it was locked out."""
+    here = in_process("behind")
+    here.spec.pop("auth")
+    old = kube.create_queue(namespace, "behind", **here.spec)
+    here.store.upsert_queue(queues.QueueObject.from_body(old))  # what this replica will keep seeing
+    kube.custom.delete_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues", "behind")
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(
+        "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
+    live = queues.QueueObject.from_body(kube.create_queue(namespace, "behind", **here.spec))
+    kube.core.create_namespaced_secret(namespace, token_secret_body(live, "live-token"))  # the other replica's
+    here.store.fill_secret((namespace, "behind-worker-token"), None)  # its watch: left out, as a namesake's
+    await here.writer.reconcile(here.key)
+    secret = kube.core.read_namespaced_secret("behind-worker-token", namespace)
+    assert secret.metadata.owner_references[0].uid == live.uid
+    assert kube.secret_value(namespace, "behind-worker-token", "token") == "live-token"
+
+
+async def test_a_token_secret_the_watch_never_told_of_is_learnt_from_the_create_that_meets_it(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """The queue's own token Secret exists, but this replica holds it absent (its Secret list left it
+    out as unused then, and no watch event comes again): the create meets it (409). Learnt from the
+    read back, the queue is served and Ready; before, it waited for a watch event that never came."""
+    here = in_process("unseen-token")
+    here.spec.pop("auth")
+    made = queues.QueueObject.from_body(kube.create_queue(namespace, "unseen-token", **here.spec))
+    kube.core.create_namespaced_secret(namespace, token_secret_body(made, "its-token"))
+    here.store.upsert_queue(made)
+    here.store.fill_secret((namespace, "unseen-token-worker-token"), None)
+    await here.writer.reconcile(here.key)
+    assert (kube.condition(namespace, "unseen-token") or {}).get("status") == "True"
+    assert here.store.opens(here.store.serving(here.spec["queueId"]), queues.digest("its-token"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.k8s import client as client_
@@ -95,13 +95,14 @@ async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) ->
 
 
 async def create_replacing(client: client_.KubeClient, path: str, body: dict[str, Any],
-                           *, leftover: Callable[[Mapping[str, Any]], bool]) -> dict[str, Any] | None:
+                           *, leftover: Callable[[Mapping[str, Any]], Awaitable[bool]]
+                           ) -> tuple[dict[str, Any], bool]:
     """Creates the object as `create` does, except that one of its name that `leftover` says was left
     by a deleted owner (waiting for the garbage collector) is deleted, that very one, and the object
-    made anew. None when one that is no leftover is there already."""
+    made anew. (the object there now, whether this call made it)."""
     created = await create(client, path, body)
     if created is not None:
-        return created
+        return created, True
     item = f"{path}/{body['metadata']['name']}"
     try:
         existing = await client.get(item)
@@ -112,14 +113,26 @@ async def create_replacing(client: client_.KubeClient, path: str, body: dict[str
         created = await create(client, path, body)
         if created is None:
             raise client_.ApiError(409, "Conflict", f"{item} was made again meanwhile") from exc
-        return created
-    if not leftover(existing):
-        return None
+        return created, True
+    if not await leftover(existing):
+        return existing, False
     await delete_exact(client, item, existing["metadata"]["uid"])
     created = await create(client, path, body)
     if created is None:
         raise client_.ApiError(409, "Conflict", f"{item} is still being deleted")
-    return created
+    return created, True
+
+
+async def queue_gone(client: client_.KubeClient, namespace: str, name: str, uid: str) -> bool:
+    """Whether the WorkerQueue with this uid is gone, as the API server says now: what a watch copy
+    (maybe behind, on a replica) takes for a deleted namesake's leftover may be the live queue's."""
+    try:
+        current = await client.get(queue_path(namespace, name))
+    except client_.ApiError as exc:
+        if exc.not_found:
+            return True
+        raise
+    return bool((current.get("metadata") or {}).get("uid") != uid)
 
 
 def delete_options(uid: str) -> dict[str, Any]:
