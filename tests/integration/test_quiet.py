@@ -74,3 +74,17 @@ def test_a_queue_at_rest_is_not_written_whatever_its_state(kube: Kube, namespace
     after = snapshot()
     assert not [name for name in STATES if after[name] != before[name]], {
         name: (before[name], after[name]) for name in STATES if after[name] != before[name]}
+
+
+def test_temporal_reachable_turns_unknown_while_the_queues_temporal_cannot_be_resolved(kube: Kube, namespace: str):
+    """Its Temporal key's Secret deleted: nothing is probed then, and what the last probe found, of a
+    Temporal the queue can no longer be said to reach, stayed for as long."""
+    kube.put_secret(namespace, "unres-key", k="s3cr3t-temporal-key")
+    kube.create_queue(namespace, "unres", queueId=f"unres-{namespace}",
+                      temporal={**UNREACHABLE, "apiKeySecretRef": {"name": "unres-key", "key": "k"}})
+    kube.wait_condition(namespace, "unres", "False", "TemporalUnavailable", type_="TemporalReachable", timeout=60)
+    kube.core.delete_namespaced_secret("unres-key", namespace)
+    unknown = kube.wait_condition(namespace, "unres", "Unknown", "TemporalNotResolved", type_="TemporalReachable",
+                                  timeout=30)
+    assert "unres-key" in unknown["message"] and "s3cr3t" not in unknown["message"]
+    kube.wait_condition(namespace, "unres", "False", "SecretNotFound")

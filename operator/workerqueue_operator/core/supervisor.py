@@ -622,6 +622,13 @@ class Supervisor:
                     target = self._target(key)
                     if target is None:
                         self._at(key, probe, loop_now + 1.0)  # not resolved yet (e.g. a Secret missing)
+                        # What was found of the Temporal the queue named before is no longer so.
+                        probe.reachable, probe.target = None, ()
+                        if not probe.running and self._unresolved_shown_otherwise(key):
+                            probe.running = True
+                            task = asyncio.create_task(self._show_unresolved(key, probe))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
                         continue
                     if target[0] != probe.target:
                         probe.target, probe.interval = target[0], 0.0
@@ -633,6 +640,47 @@ class Supervisor:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _unresolved_shown_otherwise(self, key: QueueKey) -> bool:
+        """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown
+        for its generation."""
+        queue = self._store.queue(key)
+        if queue is None:
+            return False
+        current = next((c for c in queue.status.get("conditions") or [] if c.get("type") == TEMPORAL_REACHABLE), None)
+        return current is not None and (current.get("status") != "Unknown"
+                                        or current.get("observedGeneration") != queue.generation)
+
+    async def _show_unresolved(self, key: QueueKey, probe: _Probe) -> None:
+        """TemporalReachable turns Unknown while the queue's Temporal cannot be resolved (its key's
+        Secret gone, its host taken out of the spec): `True Reachable` of the Temporal it named before
+        would stay for as long, under an older generation. Ready says why."""
+        try:
+            queue = self._store.queue(key)
+            resolution = self._store.resolution(key)
+            if queue is None or not self._activity.is_active():
+                return
+            conditions: list[dict[str, Any]] = list(queue.status.get("conditions") or [])
+            index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
+            if index is None:
+                return
+            why = resolution.problem.message if resolution is not None and resolution.problem else "not resolved"
+            condition = status_.set_condition(
+                [conditions[index]], type=TEMPORAL_REACHABLE, status="Unknown", reason="TemporalNotResolved",
+                message=f"not checked: the queue's Temporal cannot be resolved ({why})",
+                generation=queue.generation, now=resources.now_rfc3339())[0]
+            ops = [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
+                   {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+            try:
+                await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
+                                         content_type=client_.JSON_PATCH)
+            except client_.ApiError as exc:
+                if not (exc.not_found or exc.status == 422):
+                    raise  # gone, or the conditions moved: looked at again within a second
+        except client_.ERRORS as exc:
+            logger.warning("writing the Temporal status of %s/%s failed: %s", *key, exc)
+        finally:
+            probe.running = False
 
     def _scaling(self, key: QueueKey) -> bool:
         queue = self._store.queue(key)
