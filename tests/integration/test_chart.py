@@ -324,7 +324,7 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(helm: Helm):
     docs = helm.template({})
     role = find(docs, "ClusterRole")
     assert rules_of(role) == {
-        ("agentcontrol.dev", "workerqueues"): {"list", "watch", "delete"},
+        ("agentcontrol.dev", "workerqueues"): {"get", "list", "watch", "delete"},
         ("agentcontrol.dev", "workerqueues/status"): {"patch"},
         ("agentcontrol.dev", "workerqueues/finalizers"): {"update"},
         ("", "secrets"): {"get", "list", "watch", "create", "delete"},

@@ -27,6 +27,7 @@ from tests.integration import test_start as start_scenarios
 from tests.integration import test_workers as worker_scenarios
 from tests.integration.conftest import Kube, OperatorProcess, established, wait_for
 from tests.integration.test_chart import CHART, Helm, container_of, find
+from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.usefixtures("crd_installed")
 
@@ -111,10 +112,10 @@ def deployed(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., 
 
 
 def run_scenario(scenario: Callable[..., None], deployed: Deployed, kube: Kube, contract: dict[str, Any],
-                 kubectl: Callable[..., Any]) -> None:
+                 kubectl: Callable[..., Any], **more: Any) -> None:
     """A test function of another module, given the fixtures it asks for by name."""
     available = {"operator": deployed.operator, "kube": kube, "namespace": deployed.namespace,
-                 "contract": contract, "kubectl": kubectl}
+                 "contract": contract, "kubectl": kubectl, **more}
     scenario(**{name: available[name] for name in inspect.signature(scenario).parameters})
 
 
@@ -127,6 +128,8 @@ START_SCENARIOS = [
     start_scenarios.test_kubernetes_identities_are_authorized_by_rbac,  # TokenReview, SubjectAccessReview
     start_scenarios.test_rotation_is_served_within_seconds,
     start_scenarios.test_deleted_queue_stops_serving,
+    # workerqueues: get (the old queue's token Secret is deleted once the queue is read as gone)
+    start_scenarios.test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its_own,
 ]
 WORKER_SCENARIOS = [
     worker_scenarios.test_single_execution_keeps_replicas_alive_and_replaces_finished,  # pods: create, delete
@@ -141,8 +144,8 @@ WORKER_SCENARIOS = [
 @pytest.mark.parametrize("scenario", START_SCENARIOS + WORKER_SCENARIOS, ids=lambda s: s.__name__)
 def test_scenario_passes_as_the_chart_service_account(deployed: Deployed, scenario: Callable[..., None],
                                                       api_client: k8s.ApiClient, contract: dict[str, Any],
-                                                      kubectl: Callable[..., Any]):
-    run_scenario(scenario, deployed, Kube(api_client), contract, kubectl)
+                                                      kubectl: Callable[..., Any], control_plane: ControlPlane):
+    run_scenario(scenario, deployed, Kube(api_client), contract, kubectl, control_plane=control_plane)
 
 
 def test_the_operator_was_never_denied(deployed: Deployed):
@@ -173,6 +176,7 @@ ALLOWED = [
     ("watch", "leases.coordination.k8s.io"),
     ("patch", "workerqueues.agentcontrol.dev/status"),
     ("watch", "workerqueues.agentcontrol.dev"), ("delete", "workerqueues.agentcontrol.dev"),
+    ("get", "workerqueues.agentcontrol.dev"),
     ("create", "events"),
 ]
 DENIED = [

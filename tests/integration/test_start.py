@@ -287,8 +287,8 @@ def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its
     wait_for(lambda: operator.start_worker(spec["queueId"], old_token).status == 200, what="/start, old token")
     with frozen(control_plane.pid("kube-controller-manager")):
         kube.delete_queue(namespace, "again")
-        wait_for(lambda: not kube.custom.list_namespaced_custom_object(
-            "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"], what="the old queue gone")
+        wait_for(lambda: "again" not in {q["metadata"]["name"] for q in kube.custom.list_namespaced_custom_object(
+            "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"]}, what="the old queue gone")
         uid = kube.create_queue(namespace, "again", **spec)["metadata"]["uid"]
         secret = wait_for(lambda: (s := kube.core.read_namespaced_secret("again-worker-token", namespace))
                           .metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")

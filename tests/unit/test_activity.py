@@ -103,6 +103,24 @@ async def test_a_peer_expired_by_the_clock_alone_is_read_again_before_a_takeover
         await asyncio.gather(running, return_exceptions=True)
 
 
+async def test_a_takeover_read_answered_after_a_newer_peering_event_does_not_overwrite_it():
+    clock = [NOW]
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: clock[0])
+
+    async def read(key: tuple[str, str]) -> object:
+        # The boss's keep-alive comes through the watch while this read is on its way; the read's
+        # answer was made before it, with the boss's last keep-alive long ago.
+        activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, -59)}})
+        return {"status": {"me": peer(1, 0), "boss": peer(2, 30)}}
+
+    activity.confirm_with(read)  # type: ignore[arg-type]
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "boss": peer(2, 1)}})
+    clock[0] = NOW + datetime.timedelta(seconds=60)
+    assert activity._takes_over() and await activity._read_again()
+    activity._refresh()
+    assert not activity.is_active()
+
+
 def test_every_namespace_peering_must_let_us_act():
     activity = Activity(identity="me", priority=3, peerings=[("a", "wq"), ("b", "wq")], now=lambda: NOW)
     activity.observed(("a", "wq"), {"status": {"me": peer(3, 0)}})

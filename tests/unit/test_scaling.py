@@ -286,6 +286,6 @@ def test_a_finished_queue_is_not_deleted_at_its_ttl_while_temporal_cannot_say_wh
     finished = WorkersStatus(succeeded=1, next_index=1, finished_time=times.rfc3339(T0 - 600))
     for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600)):
         held = plan([], unknown, finished, ephemeral=True, ttlSecondsAfterFinished=300)
-        assert held.delete_queue is None and held.requeue_after == workers.UNKNOWN_DEMAND_RETRY_SECONDS
+        assert held.delete_queue is None and held.requeue_after is None  # the next reading plans it again
     known = plan([], Demand(backlog=0, read_at=T0 - 1), finished, ephemeral=True, ttlSecondsAfterFinished=300)
     assert known.delete_queue is not None and known.delete_queue.reason == "QueueFinished"

@@ -101,10 +101,11 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 
 {{/* What the operator does in each namespace it serves: cluster-wide or per watched namespace. */}}
 {{- define "workerqueue-operator.namespacedRules" -}}
-# Watched; finished ephemeral queues are deleted. Never changed: the spec is the users'.
+# Watched; read to tell a deleted namesake's leftover token Secret from the live queue's; finished
+# ephemeral queues are deleted. Never changed: the spec is the users'.
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues"]
-  verbs: ["list", "watch", "delete"]
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: ["agentcontrol.dev"]
   resources: ["workerqueues/status"]
   verbs: ["patch"]

@@ -79,6 +79,8 @@ class Activity:
         self._stood_down = False
         self._reader: Reader | None = None
         self._read_failed_at: float | None = None
+        self._heard = 0
+        """Peering events observed: a read answered after a newer event must not overwrite it."""
 
     @property
     def standalone(self) -> bool:
@@ -108,6 +110,7 @@ class Activity:
         """A peering object as the watch saw it, or None when it is gone."""
         if key not in self._expected:
             return
+        self._heard += 1
         if body is None:
             self._status.pop(key, None)
         else:
@@ -132,6 +135,7 @@ class Activity:
         loop = asyncio.get_running_loop()
         if self._read_failed_at is not None and loop.time() - self._read_failed_at < READ_RETRY_SECONDS:
             return False
+        heard = self._heard
         try:
             async with asyncio.timeout(READ_SECONDS):
                 read = {key: await self._reader(key) for key in sorted(self._expected)}
@@ -141,6 +145,8 @@ class Activity:
                            "standing by", type(exc).__name__ if not str(exc) else exc)
             return False
         self._read_failed_at = None
+        if self._heard != heard:
+            return True  # the watch told newer meanwhile: decided on that
         for key, body in read.items():
             self.observed(key, body)
         return True

@@ -69,6 +69,8 @@ RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
+DISCONNECT_WAIT_SECONDS = 8.0
+"""How long a disconnect waits for its Lease's deletion: the real worker gives the call 10 s."""
 DELETE_ATTEMPTS = 3
 """Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
@@ -654,11 +656,11 @@ class Registry:
         self._bury(worker, on_purpose=True)
         queue = self._queue_of(worker.queue)
         if worker.stored:
-            # Waited for (the other replicas learn of the end from the deletion), but for one call's
-            # time at most: reads and conditional deletes in a row could take the worker's whole timeout.
+            # Waited for (the other replicas learn of the end from the deletion: a replacement's
+            # /start there must not meet it in maxWorkers), but within the worker's own timeout.
             deleting = self._spawn(self._delete_quietly(worker, "disconnected"))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(deleting), API_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(deleting), DISCONNECT_WAIT_SECONDS)
         if queue is not None:
             code = "none" if exit_code is None else str(exit_code)
             self._events.post(involved=_involved(worker, queue.name), reason="WorkerDisconnected",

@@ -364,11 +364,14 @@ class Supervisor:
             self._queue.add_after(key, plan.requeue_after)
 
     def _deleted_outside(self, key: QueueKey, pods: list[workers.Pod]) -> frozenset[str]:
-        """The pods someone else deleted: being deleted (finished ones too: they may have finished
-        before a pass counted them), or alive at the last pass and gone since."""
+        """The pods someone else deleted: being deleted, or alive at the last pass and gone since. A
+        finished one being deleted only if the last pass saw it alive (it finished, and was deleted,
+        before a pass counted it): one this operator deleted before a restart may be finished too."""
+        seen = self._alive_seen.get(key, frozenset())
         listed = {pod.name for pod in pods}
-        gone = self._alive_seen.get(key, frozenset()) - listed
-        deleting = {pod.name for pod in pods if pod.deleting}
+        gone = seen - listed
+        deleting = {pod.name for pod in pods
+                    if pod.deleting and (pod.phase in workers.ALIVE_PHASES or pod.name in seen)}
         return frozenset((gone | deleting) - self._deleted_here.get(key, set()))
 
     def _passed(self, key: QueueKey, pods: list[workers.Pod]) -> None:
@@ -434,17 +437,22 @@ class Supervisor:
 
     def _base(self, queue: QueueObject) -> tuple[spec_.WorkersStatus, str]:
         """status.workers to plan from, and the queue's version it is of: this replica's last write
-        until the watch's copy has caught up with it, then the watch's copy."""
+        (with the watch's version once the watch shows it), else the watch's copy."""
         watched = spec_.WorkersStatus.model_validate(queue.status.get("workers") or {})
         written = self._written.get(queue.key)
         if written is not None and written[0] == queue.uid:
             status, version = written[1], written[2]
             # Caught up: the copy shows what was written (others write `live`, status.temporal and
-            # conditions beside it, each a newer version), or a spec changed since (the write
-            # succeeded over the then current version: a change of generation came after it).
-            # Kept, its older version made every write after another writer's a conflict.
-            if (watched.model_copy(update={"live": 0}) != status.model_copy(update={"live": 0})
-                    and status.observed_generation == queue.generation):
+            # conditions beside it, each a newer version). Kept with its old version, every write
+            # after another writer's was a conflict. What was written stays the base: a CRD not
+            # upgraded drops the generation the counts were planned for, and the copy would lack it.
+            unplanned = {"live": 0, "observed_generation": None}
+            if watched.model_copy(update=unplanned) == status.model_copy(update=unplanned):
+                self._written[queue.key] = (queue.uid, status, queue.resource_version)
+                return status, queue.resource_version
+            # Behind, unless a spec changed since (the write succeeded over the then current version:
+            # a change of generation came after it, and the copy is newer).
+            if status.observed_generation == queue.generation:
                 return status, version
             del self._written[queue.key]
         return watched, queue.resource_version
@@ -645,8 +653,10 @@ class Supervisor:
         """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown
         for its generation."""
         queue = self._store.queue(key)
-        if queue is None:
-            return False
+        resolution = self._store.resolution(key)
+        if queue is None or resolution is None or resolution.awaiting_generated_token or (
+                resolution.problem is not None and resolution.problem.reason == "SecretPending"):
+            return False  # for a moment only (a Secret not read yet, a token being made): no flap
         current = next((c for c in queue.status.get("conditions") or [] if c.get("type") == TEMPORAL_REACHABLE), None)
         return current is not None and (current.get("status") != "Unknown"
                                         or current.get("observedGeneration") != queue.generation)

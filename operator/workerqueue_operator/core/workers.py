@@ -328,8 +328,6 @@ DEMAND_STALE_SECONDS = 30.0
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
 UNSURE_RETRY_SECONDS = 5.0
 """A scale-down that found no pod idle for sure is tried again this much later."""
-UNKNOWN_DEMAND_RETRY_SECONDS = 5.0
-"""A finished scaling queue whose TTL is over, while Temporal's backlog is unknown, is looked at again then."""
 IDLE_STALE_SECONDS = 5.0
 """A running pod is taken for idle only on a reading this recent: one that took a workflow since
 an older reading shows idle in it."""
@@ -562,8 +560,9 @@ def plan(
                 demand is not None and demand.backlog is not None and demand.fresh(now))
             if now >= expires and nothing_known_waits:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
-            else:
-                requeue.append(expires - now if now < expires else UNKNOWN_DEMAND_RETRY_SECONDS)
+            elif now < expires:
+                requeue.append(expires - now)
+            # Else planned again when a reading comes (the probe requeues the queue then).
 
     if s.scaling is None and manages_pods(s):
         scale_down = _surplus_not_started(alive, w.desired)
