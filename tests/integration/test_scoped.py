@@ -250,12 +250,9 @@ async def test_a_leftover_token_secret_gone_between_the_create_and_its_read_is_m
     client.get = collected_first  # type: ignore[method-assign]
     body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gone-worker-token", "namespace": namespace},
             "stringData": {"token": "new"}}
-    async def leftover(existing: Any) -> bool:
-        return True
-
     try:
         _, made = await resources.create_replacing(client, resources.secrets_path(namespace), body,
-                                                   leftover=leftover)
+                                                   leftover=lambda existing: True)
     finally:
         await client.close()
     assert made and kube.secret_value(namespace, "gone-worker-token", "token") == "new"

@@ -322,16 +322,6 @@ class Reconciler:
         if not known or data is not None:
             return False
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
-
-        async def leftover(existing: Mapping[str, Any]) -> bool:
-            # One left by a deleted queue of this name (`kubectl replace --force`) goes: its token is
-            # the old queue's, and the collector would take it from under this one's workers. Unless
-            # that queue is the live one and this replica's copy the old (its watch behind): then it
-            # is the token workers hold now.
-            owner = queues.queue_owner(existing)
-            return (queues.namesakes_token(existing, queue) and owner is not None
-                    and await resources.queue_gone(self._client, queue.namespace, queue.name, owner[1]))
-
         # What is there now is known at once, so that the status is written in this same pass rather
         # than after the watch's echo (one made by someone else, the watch may have told already, or
         # its list left out as unused then: it would never tell again).
@@ -339,8 +329,11 @@ class Reconciler:
         made = False
         self._store.creating_secret(secret)
         try:
+            # One left by a deleted queue of this name (`kubectl replace --force`) goes: its token is
+            # the old queue's, and the collector would take it from under this one's workers.
             there, made = await resources.create_replacing(
-                self._client, resources.secrets_path(queue.namespace), body, leftover=leftover)
+                self._client, resources.secrets_path(queue.namespace), body,
+                leftover=lambda existing: queues.namesakes_token(existing, queue))
         finally:
             self._store.created_secret(secret, None if there is None else self._store.secret_data(there))
         if made:

@@ -500,14 +500,8 @@ class Supervisor:
         under the new worker, and its made-at would show that worker the old pod's executions. It is
         made anew. One that is not a worker token of this queue's name is left as it is (or ours,
         from a retried create)."""
-        async def leftover(existing: Mapping[str, Any]) -> bool:
-            # Unless the queue that owns it is the live one, and this replica's copy of it the old.
-            owner = queues.queue_owner(existing)
-            return (workers.namesakes_credential(existing, queue) and owner is not None
-                    and await resources.queue_gone(self._client, queue.namespace, queue.name, owner[1]))
-
         await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
-                                         leftover=leftover)
+                                         leftover=lambda existing: workers.namesakes_credential(existing, queue))
 
     async def _read_refusal(self, queue: QueueObject, pod: str) -> None:
         assert self._registry is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.k8s import client as client_
@@ -95,11 +95,12 @@ async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) ->
 
 
 async def create_replacing(client: client_.KubeClient, path: str, body: dict[str, Any],
-                           *, leftover: Callable[[Mapping[str, Any]], Awaitable[bool]]
-                           ) -> tuple[dict[str, Any], bool]:
+                           *, leftover: Callable[[Mapping[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
     """Creates the object as `create` does, except that one of its name that `leftover` says was left
-    by a deleted owner (waiting for the garbage collector) is deleted, that very one, and the object
-    made anew. (the object there now, whether this call made it)."""
+    by a deleted WorkerQueue (waiting for the garbage collector) is deleted, that very one, and the
+    object made anew, once the API server says that queue is gone too: the caller's copy of the
+    queues may be behind (a replica's watch), and the object the live queue's. (the object there
+    now, whether this call made it)."""
     created = await create(client, path, body)
     if created is not None:
         return created, True
@@ -114,7 +115,7 @@ async def create_replacing(client: client_.KubeClient, path: str, body: dict[str
         if created is None:
             raise client_.ApiError(409, "Conflict", f"{item} was made again meanwhile") from exc
         return created, True
-    if not await leftover(existing):
+    if not leftover(existing) or not await _owner_queue_gone(client, existing):
         return existing, False
     await delete_exact(client, item, existing["metadata"]["uid"])
     created = await create(client, path, body)
@@ -123,18 +124,21 @@ async def create_replacing(client: client_.KubeClient, path: str, body: dict[str
     return created, True
 
 
-async def queue_gone(client: client_.KubeClient, namespace: str, name: str, uid: str) -> bool:
-    """Whether the WorkerQueue with this uid is gone, as the API server says now: what a watch copy
-    (maybe behind, on a replica) takes for a deleted namesake's leftover may be the live queue's."""
+async def _owner_queue_gone(client: client_.KubeClient, body: Mapping[str, Any]) -> bool:
+    """Whether the WorkerQueue that owns the object is gone, as the API server says now."""
+    meta = body.get("metadata") or {}
+    owner = next((r for r in meta.get("ownerReferences") or [] if r.get("kind") == spec.KIND), None)
+    if owner is None:
+        return True
     try:
-        current = await client.get(queue_path(namespace, name))
+        current = await client.get(queue_path(str(meta.get("namespace", "")), str(owner.get("name", ""))))
     except client_.ApiError as exc:
         if exc.not_found:
             return True
         if exc.status == 403:
             return False  # cannot tell (a Role without `get`): left to the garbage collector
         raise
-    return bool((current.get("metadata") or {}).get("uid") != uid)
+    return bool((current.get("metadata") or {}).get("uid") != owner.get("uid"))
 
 
 def delete_options(uid: str) -> dict[str, Any]:
