@@ -214,3 +214,21 @@ def test_processes_die_with_their_owner(k8s_assets: Path, tmp_path: Path, sig: s
         assert not pids_file.exists()  # a clean stop removes it
     else:
         assert code == -signal.SIGKILL
+
+
+def test_a_killed_client_of_the_kubeconfig_leaves_no_file_behind(kubeconfig: Path, tmp_path: Path) -> None:
+    """The `kubernetes` client copies a kubeconfig's inline CA to a temporary file that only a clean exit
+    removes: with inline data, every operator a test SIGKILLs would leave one in /tmp."""
+    script = (
+        "import os, signal, sys\n"
+        "from workerqueue_operator.k8s.client import load_configuration\n"
+        "print(load_configuration(sys.argv[1]).ssl_ca_cert, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(kubeconfig)], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(temp)}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert Path(done.stdout.strip()).is_file()
+    assert list(temp.iterdir()) == []

@@ -12,7 +12,6 @@ plane; all podman state lives in a temp dir, and whatever podman writes elsewher
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -218,7 +217,7 @@ def running(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., A
         (files["config"] / key).write_text(value)
     files["serviceaccount"].mkdir()
     (files["serviceaccount"] / "token").write_text(token)
-    (files["serviceaccount"] / "ca.crt").write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    (files["serviceaccount"] / "ca.crt").write_bytes(Path(cluster["certificate-authority"]).read_bytes())
     (files["serviceaccount"] / "namespace").write_text(namespace)
     for path in [folder, *files.values(), *(p for f in files.values() for p in f.iterdir())]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the container's non-root UID

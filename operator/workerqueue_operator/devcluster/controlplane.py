@@ -7,7 +7,6 @@ controllers that matter to an operator (garbage collection, namespace deletion, 
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
@@ -269,11 +268,13 @@ class ControlPlane(procs.Service):
         )
 
     def _write_kubeconfig(self, path: Path, user: str, token: str) -> None:
-        ca = base64.b64encode(self._serving_cert.read_bytes()).decode()
+        # The CA by path, not inline: the `kubernetes` client copies inline data to a temporary file
+        # that only a clean exit removes, so every SIGKILLed operator would leave one behind.
+        cluster = {"server": self.server_url, "certificate-authority": str(self._serving_cert)}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {"server": self.server_url, "certificate-authority-data": ca}}],
+            "clusters": [{"name": "local", "cluster": cluster}],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
             "current-context": "local",
