@@ -57,6 +57,8 @@ if have_all "$OUT"; then
 fi
 WORK="$CACHE_ROOT/$KEY/build"
 mkdir -p "$WORK"
+# A Go recent enough: the machine's, else fetched from the Go module proxy (hack/go.sh).
+PATH="$(bash "$REPO/hack/go.sh"):$PATH"
 export GOFLAGS="-mod=mod -buildvcs=false"
 export CGO_ENABLED=0
 start=$(date +%s)

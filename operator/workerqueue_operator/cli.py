@@ -61,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     dev = sub.add_parser("dev", help="a local control plane with the operator on it, until Ctrl-C")
-    dev.add_argument("--state-dir", help="where the control plane keeps its state and kubeconfig (default: temp)")
-    dev.add_argument("--port", type=int, default=8080, help="HTTP API port on 127.0.0.1 (default 8080)")
+    dev.add_argument("--state-dir", help="where the control plane keeps its state and kubeconfig "
+                     "(default: a temporary folder, removed after a clean stop)")
+    dev.add_argument("--port", type=int, help="HTTP API port on 127.0.0.1 (default: a free one, printed)")
     dev.add_argument("-v", "--verbose", action="store_true")
     dev.set_defaults(func=cmd_dev)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from bench import start
 
+from workerqueue_operator.devcluster import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,13 +21,18 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=procs.die_with_parent(os.getpid()))  # also if pytest is SIGKILLed
     try:
         output, _ = proc.communicate()
     finally:
         if proc.poll() is None:  # the test was interrupted: let the benchmark stop what it started
             proc.send_signal(signal.SIGTERM)
-            proc.wait()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
+                proc.wait()
     text = output.decode(errors="replace")
     assert proc.returncode == 0, text
 

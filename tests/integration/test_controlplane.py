@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from workerqueue_operator.devcluster import procs
 from workerqueue_operator.devcluster.controlplane import SERVICE_ACCOUNT_ISSUER, ControlPlane, ControlPlaneError
 
 RBAC_GROUP = "rbac.authorization.k8s.io"
@@ -189,6 +190,7 @@ def test_processes_die_with_their_owner(k8s_assets: Path, tmp_path: Path, sig: s
             [sys.executable, "-c", CHILD, str(state_dir), str(k8s_assets)],
             stdout=subprocess.DEVNULL,
             stderr=child_log,
+            preexec_fn=procs.die_with_parent(os.getpid()),  # also if pytest is SIGKILLed
         )
     try:
         # The pids file is written once the control plane is ready.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.integration.conftest import alive, free_port, http, wait_for
 from workerqueue_operator.core.temporal import Endpoint, Temporal
+from workerqueue_operator.devcluster import procs
 
 
 def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path: Path):
@@ -23,7 +24,8 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
     env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
     dev = subprocess.Popen([sys.executable, "-m", "workerqueue_operator.cli", "dev", "--state-dir", str(state),
                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                           start_new_session=True)
+                           start_new_session=True,
+                           preexec_fn=procs.die_with_parent(os.getpid()))  # also if pytest is SIGKILLed
     pids: list[int] = []
     worker_pids: list[int] = []
     try:
@@ -98,8 +100,10 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
             code = dev.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait()
             raise
-        log.close()
+        finally:
+            log.close()
     assert code == 0
     assert len(pids) == 4 and not any(alive(pid) for pid in pids)
     assert len(worker_pids) == 2 and not any(alive(pid) for pid in worker_pids)

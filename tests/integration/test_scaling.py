@@ -84,14 +84,13 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
 
     client = await Client.connect(temporal.address, namespace=temporal.namespace)
     with sampled(kube, namespace, "scale") as counts:
-        began = time.monotonic()
         handles = await asyncio.gather(*(client.start_workflow(
             "AgentExecutionWorkflow", {"execution_id": f"e{i}", "duration_seconds": 2.0, "local_activity": True},
             id=f"scale-{i}-{secrets.token_hex(3)}", task_queue=queue_id) for i in range(10)))
         if per_worker == 1:
-            wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=5, interval=0.05,
-                     what="5 pods within 5 s of the workflows' start")
-            assert time.monotonic() - began < 5
+            # Within the backlog's polling, not the supervisor's 30-s resync; how fast is `make bench`'s.
+            wait_for(lambda: len(kube.pod_names(namespace, "scale")) == 5, timeout=20, interval=0.05,
+                     what="5 pods from the backlog's polling")
         # else a worker may take the whole backlog before the operator has seen it: then fewer pods
         # are right, and only the bounds below hold.
         # The pods turn over until every workflow is done.

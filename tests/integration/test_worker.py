@@ -28,6 +28,7 @@ from temporalio.client import Client
 
 from tests.integration.conftest import free_port
 from workerqueue_operator.core.temporal import Endpoint, Temporal
+from workerqueue_operator.devcluster import procs
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
 TOKEN = "queue-token-" + "x" * 8
@@ -105,7 +106,8 @@ def worker_process(recorder: Recorder, tmp_path: Path, **env: str) -> Any:
                 "HEARTBEAT_INTERVAL": "1", "TEMPORAL_HOST": "temporal:7233", "HOSTNAME": "pod-abc", **env}
     with log.open("wb") as out:
         popen = subprocess.Popen([sys.executable, "-m", "workerqueue_operator.devcluster.worker"], env=full_env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=procs.die_with_parent(os.getpid()))  # also if pytest is SIGKILLed
     popen.log = log  # type: ignore[attr-defined]
     try:
         yield popen

@@ -46,6 +46,20 @@ class Server:
 
 
 @pytest.fixture
+def wildcard_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wildcard `*` resolved to the two loopback addresses, as the passive lookup resolves it to
+    0.0.0.0 and ::: the wildcard's own path is run, and no test listens beyond this machine."""
+    real = socket.getaddrinfo
+
+    def loopback(host: str | None, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host is None:
+            return [*real("127.0.0.1", *args, **kwargs), *real("::1", *args, **kwargs)]  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving.socket, "getaddrinfo", loopback)
+
+
+@pytest.fixture
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     values = {"http_host": "127.0.0.1", "http_port": 0, "http_idle_timeout_seconds": 0.5,
               "http_body_timeout_seconds": 0.5, **getattr(request, "param", {})}
@@ -249,7 +263,7 @@ def test_a_certificate_is_reloaded_when_its_files_change_and_kept_when_they_do_n
 
 
 @pytest.mark.parametrize("server", [{"http_host": "*"}], indirect=True)
-async def test_the_default_host_serves_ipv4_and_ipv6_alike(server: Server):
+async def test_the_default_host_serves_ipv4_and_ipv6_alike(wildcard_on_loopback: None, server: Server):
     """`*` (the default, the chart's): a Service reaches the pod over IPv4 or IPv6, whichever the
     cluster has. Asked here on the two loopback addresses."""
     for host in ("127.0.0.1", "::1"):
@@ -266,7 +280,8 @@ async def test_a_named_host_that_cannot_be_listened_on_is_an_error():
     assert Settings().http_host == serving.ANY_HOST
 
 
-async def test_the_default_host_serves_on_a_machine_without_ipv6(monkeypatch: pytest.MonkeyPatch):
+async def test_the_default_host_serves_on_a_machine_without_ipv6(wildcard_on_loopback: None,
+                                                                 monkeypatch: pytest.MonkeyPatch):
     """A kernel booted without IPv6 refuses the socket itself: IPv4 serves alone."""
     real = socket.socket
 
@@ -287,8 +302,8 @@ async def test_the_default_host_serves_on_a_machine_without_ipv6(monkeypatch: py
         await http.cleanup()
 
 
-async def test_a_port_in_use_is_an_error_also_for_the_default_host():
-    taken = socket.create_server(("0.0.0.0", 0))
+async def test_a_port_in_use_is_an_error_also_for_the_default_host(wildcard_on_loopback: None):
+    taken = socket.create_server(("127.0.0.1", 0))
     try:
         settings = Settings.model_validate({"http_host": "*", "http_port": taken.getsockname()[1]})
         with pytest.raises(OSError):

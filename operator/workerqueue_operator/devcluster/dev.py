@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,11 +95,12 @@ Ctrl-C stops everything.
 """
 
 
-def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
+def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     from workerqueue_operator import runner
 
     runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
     procs.bypass_proxies_for_loopback()
+    port = port or procs.free_ports(1)[0]  # like every other port here: 8080 is often taken
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()
@@ -126,5 +128,11 @@ def main(*, state_dir: Path | None, port: int, verbose: bool) -> int:
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
     run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
-    _say("stopped")
+    if state_dir is None:
+        # Made here, and holding the cluster's admin token and signing key: gone with the cluster.
+        # After a failure (an exception above) it stays, with the logs that tell why.
+        shutil.rmtree(state, ignore_errors=True)
+        _say("stopped; state removed")
+    else:
+        _say(f"stopped; state kept in {state}")
     return 0

@@ -47,7 +47,8 @@ WORKER_COMMAND = (sys.executable, "-m", "workerqueue_operator.devcluster.worker"
 DELETE_GRACE_SECONDS = 5.0
 HOSTNAME_MAX = 63
 RETRY_SECONDS = 2.0
-"""How often a pod whose Secret or ConfigMap was missing is tried again."""
+"""How often a pod whose Secret or ConfigMap was missing (or not read: the API server away) is tried
+again, and an exit not reported (same reason) reported again."""
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
 
 
@@ -67,6 +68,7 @@ class PodProcess:
     image: str
     started_at: str
     reported_exit: bool = False
+    report_again_at: float = 0.0
     deleted: bool = False
 
 
@@ -249,9 +251,19 @@ class LocalKubelet(procs.Service):
             if pod is False:  # now and then, the pods whose environment could not be resolved
                 waiting, self._waiting = list(self._waiting.values()), {}
                 for w in waiting:
-                    self._run(w.pod)
+                    self._run_or_wait(w.pod)
                 continue
+            self._run_or_wait(pod)
+
+    def _run_or_wait(self, pod: Any) -> None:
+        # Whatever goes wrong (the API server away), this thread must live on: its end would kill
+        # every child (PR_SET_PDEATHSIG). The pod is tried again, as the kubelet's sync loop does.
+        try:
             self._run(pod)
+        except Exception as e:  # a failed try is retried, never the end of this thread
+            self._waiting[pod.metadata.uid] = _Waiting(pod, str(e))
+            self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name} not started, tried again: "
+                      f"{type(e).__name__}: {e}")
 
     def _run(self, pod: Any) -> None:
         meta = pod.metadata
@@ -331,10 +343,12 @@ class LocalKubelet(procs.Service):
                 value = (self._core.read_namespaced_config_map(ref.name, namespace).data or {}).get(ref.key)
         except ApiException as e:
             if e.status != 404:
-                raise
+                raise EnvError(f'{kind.lower()} "{ref.name}" not read: {e.status} {e.reason}') from None
             if ref.optional:
                 return None
             raise EnvError(f'{kind.lower()} "{ref.name}" not found') from None
+        except Exception as e:  # the API server unreachable: tried again later
+            raise EnvError(f'{kind.lower()} "{ref.name}" not read: {type(e).__name__}') from None
         if value is None and not ref.optional:
             raise EnvError(f"couldn't find key {ref.key} in {kind} {namespace}/{ref.name}")
         return value
@@ -353,16 +367,19 @@ class LocalKubelet(procs.Service):
         while not self._stopping.wait(0.2):
             for proc in self.processes():
                 code = proc.popen.poll()
-                if code is None or proc.reported_exit:
+                if code is None or proc.reported_exit or time.monotonic() < proc.report_again_at:
                     continue
-                proc.reported_exit = True
                 if proc.deleted:
+                    proc.reported_exit = True
                     continue
                 exit_code = code if code >= 0 else 128 - code  # killed by a signal, as a container reports it
-                self._say(f"pod {proc.namespace}/{proc.name}: pid {proc.popen.pid} exited with {exit_code}")
-                self._report_exit(proc, exit_code)
+                if not proc.report_again_at:
+                    self._say(f"pod {proc.namespace}/{proc.name}: pid {proc.popen.pid} exited with {exit_code}")
+                proc.reported_exit = self._report_exit(proc, exit_code)
+                proc.report_again_at = time.monotonic() + RETRY_SECONDS
 
-    def _report_exit(self, proc: PodProcess, exit_code: int) -> None:
+    def _report_exit(self, proc: PodProcess, exit_code: int) -> bool:
+        """Whether the exit is reported (or needs no report: the pod is gone)."""
         finished = times.rfc3339(time.time())
         terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
                       "startedAt": proc.started_at, "finishedAt": finished}
@@ -375,8 +392,14 @@ class LocalKubelet(procs.Service):
         try:
             self._core.patch_namespaced_pod_status(proc.name, proc.namespace, {"status": status})
         except ApiException as e:
-            if e.status != 404:
-                self._say(f"pod {proc.namespace}/{proc.name}: status not written: {e.status} {e.reason}")
+            if e.status == 404:
+                return True
+            self._say(f"pod {proc.namespace}/{proc.name}: exit not reported, tried again: {e.status} {e.reason}")
+            return False
+        except Exception as e:  # the API server unreachable: tried again
+            self._say(f"pod {proc.namespace}/{proc.name}: exit not reported, tried again: {type(e).__name__}")
+            return False
+        return True
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -391,6 +414,8 @@ class LocalKubelet(procs.Service):
             if e.status != 404:
                 self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name}: status not written: "
                           f"{e.status} {e.reason}")
+        except Exception as e:  # the API server unreachable: a status lost, as a kubelet's may be
+            self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name}: status not written: {type(e).__name__}")
 
     def _say(self, message: str) -> None:
         if self._log is not None:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Prints the folder of a `go` that can build the control-plane binaries: the one on PATH if it is
+# 1.21 or later (it fetches the toolchain a build asks for by itself), else Go $GO_VERSION from the
+# Go module proxy (golang.org/toolchain, what `go` itself downloads), unpacked once per machine
+# outside the repo.
+set -euo pipefail
+
+GO_VERSION="${GO_VERSION:-1.25.5}"
+
+if command -v go >/dev/null; then
+  minor=$(go env GOVERSION 2>/dev/null | sed -E 's/^go1\.([0-9]+).*/\1/')
+  if [[ "$minor" =~ ^[0-9]+$ ]] && (( minor >= 21 )); then
+    dirname "$(command -v go)"
+    exit 0
+  fi
+fi
+
+case "$(uname -m)" in
+  x86_64) arch=amd64 ;;
+  aarch64 | arm64) arch=arm64 ;;
+  *) echo "[go] no Go toolchain for $(uname -m)" >&2; exit 1 ;;
+esac
+name="go$GO_VERSION.linux-$arch"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/workerqueue-operator/$name"
+if [[ ! -x "$cache/bin/go" ]]; then
+  echo "[go] fetching $name from the Go module proxy into $cache" >&2
+  mkdir -p "$(dirname "$cache")"
+  tmp=$(mktemp -d "$(dirname "$cache")/.$name.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  python3 - "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$name.zip" "$tmp" <<'PY'
+import io, os, sys, urllib.request, zipfile
+url, into = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen(url, timeout=300) as answer:
+    archive = zipfile.ZipFile(io.BytesIO(answer.read()))
+for entry in archive.infolist():
+    # Every path is under golang.org/toolchain@<version>/, which is the GOROOT.
+    relative = entry.filename.split("/", 2)[-1]
+    target = os.path.join(into, "go", relative)
+    if entry.is_dir() or not relative:
+        continue
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with archive.open(entry) as src, open(target, "wb") as dst:
+        dst.write(src.read())
+    # A module zip keeps no modes: the commands are what `go` itself marks executable.
+    if relative.startswith(("bin/", "pkg/tool/")):
+        os.chmod(target, 0o755)
+PY
+  rm -rf "$cache"
+  mv "$tmp/go" "$cache"
+fi
+echo "$cache/bin"
