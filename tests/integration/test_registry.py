@@ -593,6 +593,40 @@ async def test_a_worker_that_leaves_here_while_the_other_replica_writes_its_leas
         assert reg.get("w-split") is None and not reg.may_rejoin(queue, "w-split")
 
 
+async def test_a_disconnect_of_a_worker_the_other_replica_registered_frees_its_slot_at_once(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: registered by the other replica, its disconnect came here before the watch brought
+    its Lease. It was answered 404 and nothing ended: the slot stayed taken until the Lease expired
+    (2.5 intervals), and /start elsewhere met a full queue meanwhile."""
+    async with in_process(kube, namespace, kubeconfig, "gone", maxWorkers=1) as (queue, client, reg):
+        other = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue)  # the other replica
+        held = await other.claim(queue, "w-gone", limit=1)
+        assert held is not None and reg.get("w-gone") is None
+        await reg.disconnect_unseen(queue, "w-gone", reason="shutdown", exit_code=0)
+        await asyncio.gather(*reg._writes)
+        assert "w-gone" not in kube.registrations(namespace)
+        assert not reg.may_rejoin(queue, "w-gone")  # a late heartbeat does not bring it back
+        assert await reg.claim(queue, "w-next", limit=1) is not None  # the slot is free
+
+
+async def test_a_disconnect_before_the_other_replica_wrote_the_lease_deletes_it_once_written(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Registered by the other replica, which writes in batches: no Lease yet when its disconnect
+    came here. The Lease written after is deleted when the watch brings it, never taken as live."""
+    async with in_process(kube, namespace, kubeconfig, "late") as (queue, client, reg):
+        other = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue)
+        worker = other.register(queue, "w-late")
+        await reg.disconnect_unseen(queue, "w-late", reason="shutdown", exit_code=0)
+        written = await client.request("POST", resources.leases_path(namespace),  # by the other replica, after
+                                       body=leases.lease_body(worker, queue_name=queue.name))
+        reg.lease_upserted(written)  # the watch brings it
+        await asyncio.gather(*reg._writes)
+        assert "w-late" not in kube.registrations(namespace)
+        assert reg.get("w-late") is None and reg.live(queue.key) == []
+
+
 async def test_a_slot_held_by_a_lease_unknown_here_is_taken_once_its_holder_expired(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

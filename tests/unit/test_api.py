@@ -713,3 +713,45 @@ async def test_an_identitys_executions_wait_for_no_registration_the_api_server_c
                              headers={"Authorization": "Bearer a-service-account-token"})
         assert listed.status == 503
         assert (await listed.json())["detail"].startswith("The worker registry is temporarily unavailable")
+
+
+async def test_a_disconnect_reaching_a_replica_that_has_not_seen_the_worker_ends_it_there_too():
+    """Two replicas behind one Service: started on A, its disconnect reaches B, whose watch has not
+    brought the registration. It was 404 and B kept no end: the Lease, once B saw it, was a live
+    worker there. Now B ends it as a disconnect; an id the queue never issued is still unknown."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good"})
+    auth = {"Authorization": "Bearer good"}
+    async with TestClient(TestServer(apps.make_app(store))) as a, TestClient(TestServer(apps.make_app(store))) as b:
+        worker_id = (await (await a.post(START.format("q-1"), headers=auth)).json())["worker_id"]
+        bye = await b.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown", "exit_code": 0},
+                           headers=auth)
+        assert bye.status == 200 and await bye.json() == {"status": "disconnected", "worker_id": worker_id}
+        registry = b.server.app[REGISTRY]
+        assert not registry.may_rejoin(store.serving("q-1").queue, worker_id)  # ended on purpose
+        beat = await b.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "idle"}, headers=auth)
+        assert beat.status == 404  # a late heartbeat brings it back nowhere
+        made_up = "00000000-0000-4000-8000-000000000000"
+        unknown = await b.post(f"/api/v1/workers/{made_up}/disconnect", json={"reason": "x"}, headers=auth)
+        assert unknown.status == 404 and await unknown.json() == {"detail": "Worker not found"}
+
+
+async def test_a_disconnect_ends_a_registration_past_its_lease_that_is_not_ended_yet():
+    """Its heartbeat would renew it (expired=True); its disconnect was 404 and left it to the sweep,
+    which took it for an expiry (a Warning, and the worker free to come back)."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good"})
+    auth = {"Authorization": "Bearer good"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        worker_id = (await (await c.post(START.format("q-1"), headers=auth)).json())["worker_id"]
+        registry = c.server.app[REGISTRY]
+        worker = registry.get(worker_id)
+        assert worker is not None
+        registry._clock = lambda: worker.expires_at() + 1.0  # past its lease; the sweep not run yet
+        assert registry.get(worker_id) is None and registry.get(worker_id, expired=True) is worker
+        bye = await c.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown"}, headers=auth)
+        assert bye.status == 200, await bye.text()
+        assert registry.get(worker_id, expired=True) is None
+        assert not registry.may_rejoin(store.serving("q-1").queue, worker_id)

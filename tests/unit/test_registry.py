@@ -14,6 +14,7 @@ import pytest
 from tests.unit.factories import queue
 from workerqueue_operator.core import executions, leases, registry
 from workerqueue_operator.core.temporal import Execution
+from workerqueue_operator.devcluster.worker import Latch
 from workerqueue_operator.models import times
 
 
@@ -109,6 +110,20 @@ def test_a_worker_sees_only_its_own_execution_never_another_workers():
     assert (entry["id"], entry["status"]) == ("e2", "completed")
     (entry,) = executions.worker_view(LISTING, hostname="q1-w2")
     assert (entry["id"], entry["status"]) == ("e3", "running")
+
+
+def test_a_worker_whose_execution_was_cancelled_before_it_saw_it_run_is_led_to_exit():
+    """The worker latches only onto running, completed, failed or waiting_for_input: its execution
+    cancelled (or terminated) before its first poll saw it run read `cancelled` for good, and the
+    worker waited out its 1,800-s give-up. As the test worker's latch (the real worker's rule) reads it."""
+    listing = [execution("e1", "cancelled", "7@q1-w1", "2026-01-01T00:01:00Z")]
+    view = executions.worker_view(listing, hostname="q1-w1")
+    assert [(e["id"], e["status"]) for e in view] == [("e1", "failed")]
+    latch = Latch()
+    assert not latch.feed(view) and latch.execution_id == "e1"
+    assert latch.feed(executions.worker_view(listing, hostname="q1-w1"))
+    # The queue's own listing (people, tools) says what happened.
+    assert executions.queue_view(listing, status="all", limit=5)[0]["status"] == "cancelled"
 
 
 def test_two_workers_on_one_host_each_see_their_own_by_their_process():

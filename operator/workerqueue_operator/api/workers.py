@@ -67,23 +67,35 @@ def refused(request: web.Request, queue: QueueObject, exc: registry_.Full) -> we
     return errors.detail(503, "Too many workers are registered, try again later", headers={"Retry-After": "30"})
 
 
+def _issuer(request: web.Request, caller: callers.Caller) -> Resolution | None:
+    """The queue that issued the path's worker id to this caller (to the calling pod, for a pod's
+    token), for a worker with no registration here; for a Kubernetes identity, which names no queue,
+    the queue whose registration of it expired here. None if none did."""
+    worker_id = request.match_info["worker_id"]
+    store = request.app[STORE]
+    key = store.queue_of_token(caller.token_digest) if caller.identity is None else \
+        request.app[REGISTRY].expired_in(worker_id)
+    resolution = store.resolution(key) if key is not None else None
+    if resolution is None:
+        return None
+    pod = caller.worker.pod if caller.worker is not None else None
+    # A pod's id is keyed by its own token (by the queue's when an earlier version issued it).
+    keys = resolution.token_digests
+    return resolution if queues.issued_worker_id(worker_id, (caller.token_digest, *keys) if pod else keys,
+                                                 pod=pod) else None
+
+
 async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | None
                   ) -> tuple[Worker, Resolution] | web.Response:
     """A heartbeat of a worker with no registration here (see Registry.may_rejoin): registered again
-    when its id shows that the caller's queue issued it (to the calling pod, for a pod's token) and
-    that queue would register it at /start; for a Kubernetes identity, the queue whose registration of
-    it expired here, which that identity may still start workers on. Anything else is the 404 of an
-    unknown worker, as before."""
+    when its queue issued its id (_issuer) and would register it at /start; for a Kubernetes
+    identity, one that may still start workers on that queue. Anything else is the 404 of an unknown
+    worker, as before."""
     worker_id = request.match_info["worker_id"]
-    store, registry = request.app[STORE], request.app[REGISTRY]
-    # A Kubernetes identity names no queue: that of its registration, if it expired as known here.
-    key = store.queue_of_token(caller.token_digest) if caller.identity is None else registry.expired_in(worker_id)
-    resolution = store.resolution(key) if key is not None else None
+    registry = request.app[REGISTRY]
+    resolution = _issuer(request, caller)
     pod = caller.worker.pod if caller.worker is not None else None
-    # A pod's id is keyed by its own token (by the queue's when an earlier version issued it).
-    keys = resolution.token_digests if resolution is not None else ()
     if (resolution is None or resolution.queue.spec.suspend
-            or not queues.issued_worker_id(worker_id, (caller.token_digest, *keys) if pod else keys, pod=pod)
             or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     if caller.identity is not None:
@@ -152,7 +164,22 @@ async def disconnect(request: web.Request) -> web.Response:
     if isinstance(call, web.Response):
         return call
     caller, body = call
-    found = await _worker(request, caller)
+    found = await _worker(request, caller, expired=True)  # past its lease, not ended yet: ended now
+    if isinstance(found, web.Response) and found.status == 404:
+        # Registered by another replica, its Lease not seen here yet: ended all the same, or it would
+        # hold its place (a slot of maxWorkers) until it expired.
+        resolution = _issuer(request, caller)
+        if resolution is None:
+            return found
+        if caller.identity is not None:
+            denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
+                                             token_message="This token may not act for workers of this worker queue")
+            if denied is not None:
+                return denied
+        worker_id = request.match_info["worker_id"]
+        await request.app[REGISTRY].disconnect_unseen(resolution.queue, worker_id, reason=body.reason,
+                                                      exit_code=body.exit_code)
+        return web.json_response({"status": "disconnected", "worker_id": worker_id})
     if isinstance(found, web.Response):
         return found
     worker, _ = found

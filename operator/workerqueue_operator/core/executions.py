@@ -12,7 +12,7 @@ workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded
 - otherwise its first execution, whose status stays `running` while ANY execution it holds runs (its
   Temporal worker keeps polling and may take a second workflow before the first ends: it must not be
   led to exit then), or while a running one's holder is not known yet, and is that execution's own
-  final status once all are closed.
+  final status once all are closed (`failed` for `cancelled`, which the worker does not latch onto).
 
 Only executions taken since its pod was made count: a queue deleted and made again under the same
 queueId names its pods from -w0 again, on a task queue that still lists what the old pods ran.
@@ -90,5 +90,10 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
     if unread or any(e.status == "running" for e in held):
         entry["status"] = "running"
         entry["completed_at"] = None
+    elif entry["status"] == "cancelled":
+        # The worker exits on cancelled only once it has latched onto the execution, which cancelled
+        # does not do: one cancelled (or terminated) before the worker's first poll saw it run would
+        # never end the worker (it waits out its 1,800-s give-up). failed ends it either way.
+        entry["status"] = "failed"
     entry["held_executions"] = len(held)
     return [entry]

@@ -667,6 +667,33 @@ class Registry:
                               message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
                               f"exit code {code}", warning=exit_code not in (None, 0))
 
+    async def disconnect_unseen(self, queue: QueueObject, worker_id: str, *, reason: str,
+                                exit_code: int | None) -> None:
+        """Ends, at its disconnect, a worker of `queue` with no registration here: another replica
+        registered it, and this one's watch has not brought its Lease yet (or it was never written:
+        that replica writes in batches). Remembered first as ended on purpose, so that its Lease is
+        deleted whenever it is seen here (lease_upserted), never taken for a live worker; then the
+        API server's Leases are read (a consistent read) for it to be deleted now, within the
+        worker's timeout. A read that fails leaves the deletion to the watch."""
+        if worker_id in self._workers:
+            raise ValueError("a registration known here is ended by disconnect()")
+        ended = self._ended.get(worker_id)
+        if ended is not None and ended.on_purpose:
+            return  # told twice: ended already
+        self._remember(worker_id, _Ended(True, None, queue.key))
+        try:
+            await asyncio.wait_for(self._take_in_listed(queue, lambda held: held.worker_id == worker_id),
+                                   DISCONNECT_WAIT_SECONDS)
+        except client_.ERRORS as exc:  # a timeout among them
+            logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
+                        worker_id, queue.namespace, queue.name, type(exc).__name__)
+        code = "none" if exit_code is None else str(exit_code)
+        involved = {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
+                    "metadata": {"name": queue.name, "namespace": queue.namespace, "uid": queue.uid}}
+        self._events.post(involved=involved, reason="WorkerDisconnected",
+                          message=f"worker {worker_id} disconnected: reason {reason[:100]!r}, exit code {code}",
+                          warning=exit_code not in (None, 0))
+
     async def start_refused(self, queue: QueueObject, pod: str, why: str, *, wait: bool = True) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never
         retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
