@@ -242,9 +242,13 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
                            lingering_time=serving.LINGERING_SECONDS)
     await runner.setup()
     assert runner.server is not None
-    limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds)
+    # The pass-through's connections to an upstream host are fds too: each proxied websocket one more
+    # beside its worker's connection.
+    upstream_fds = settings.upstream_max_connections + settings.upstream_max_websockets
+    limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds, upstream_fds)
     if limit < settings.http_max_connections:
-        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds", limit)
+        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds "
+                       "and the upstream connections", limit)
     listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, certificate=certificate,
                                 handshake_timeout=settings.http_idle_timeout_seconds)
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)

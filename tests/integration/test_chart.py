@@ -499,6 +499,7 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert settings.upstream_url is None
         assert settings.upstream_idle_timeout_seconds == defaults.upstream_idle_timeout_seconds
         assert settings.upstream_max_connections == defaults.upstream_max_connections
+        assert settings.upstream_max_websockets == defaults.upstream_max_websockets
 
 
 @pytest.mark.parametrize("option", OPTIONS)

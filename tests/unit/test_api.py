@@ -62,10 +62,24 @@ async def test_control_plane_url_falls_back_to_the_request(client: TestClient):
     assert body["control_plane_url"] == f"http://{client.host}:{client.port}"
 
 
-@pytest.mark.parametrize("payload", [b"", b"null", b"{}", b'{"unknown": 1}'])
+@pytest.mark.parametrize("payload", [b"", b"{}", b'{"unknown": 1}'])
 async def test_empty_and_unknown_bodies_mean_defaults(client: TestClient, payload: bytes):
     r = await client.post(START.format("q-1"), data=payload, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status == 200
+
+
+@pytest.mark.parametrize(("payload", "status", "detail"), [
+    # As the reference (FastAPI 0.165, `body: WorkerStartRequest = WorkerStartRequest()`) answers them.
+    (b"null", 422, [{"type": "model_attributes_type", "loc": ["body"],
+                     "msg": "Input should be a valid dictionary or object to extract fields from", "input": None}]),
+    (b" \n", 422, [{"type": "json_invalid", "loc": ["body", 2], "msg": "JSON decode error", "input": {},
+                    "ctx": {"error": "Expecting value"}}]),
+    (b'{"worker_sdk_version": "\xff"}', 400, "There was an error parsing the body"),
+])
+async def test_null_blank_and_undecodable_bodies_are_answered_as_the_reference_does(
+        client: TestClient, payload: bytes, status: int, detail: object):
+    r = await client.post(START.format("q-1"), data=payload, headers={**AUTH, "Content-Type": "application/json"})
+    assert (r.status, (await r.json())["detail"]) == (status, detail)
 
 
 async def test_malformed_json_is_json_invalid(client: TestClient):
@@ -227,6 +241,17 @@ async def test_openapi_lists_every_answer_of_start(client: TestClient):
         assert isinstance(content["example"]["detail"], str)
     assert doc["components"]["schemas"]["HTTPError"]["required"] == ["detail"]
     assert "WWW-Authenticate" in responses["401"]["headers"]
+
+
+async def test_openapi_lists_what_the_worker_routes_answer_and_no_more(client: TestClient):
+    """A body that never arrives is 408 and one not UTF-8 is 400 on every route that reads one; a
+    route that reads neither body nor query never answers 422."""
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    for path in ("/api/v1/workers/{worker_id}/heartbeat", "/api/v1/workers/{worker_id}/disconnect"):
+        assert {"400", "408", "413", "422"} <= set(paths[path]["post"]["responses"]), path
+    assert "422" not in paths["/api/v1/worker-queues/{queue_id}/workers"]["get"]["responses"]
+    assert "422" not in paths["/api/v1/worker-queues/{queue_id}"]["delete"]["responses"]
+    assert "422" in paths["/api/v1/worker-queues/{queue_id}/executions"]["get"]["responses"]
 
 
 async def test_wrong_method_is_405_with_allow(client: TestClient):
@@ -542,7 +567,7 @@ async def test_a_draining_replica_is_unready_and_closes_each_connection_after_it
 
 
 @pytest.mark.parametrize(("query", "expected"), [
-    ("", (50, "all")), ("limit=5&status=all", (5, "all")), ("limit=5.0", (5, "all")),
+    ("", (10, "all")), ("limit=5&status=all", (5, "all")), ("limit=5.0", (5, "all")),
     ("limit=5&limit=7", (7, "all")),  # the last, as Starlette reads a repeated parameter
 ])
 def test_the_executions_query_is_read_as_fastapi_reads_it(query: str, expected: tuple[int, str]):
@@ -755,3 +780,18 @@ async def test_a_disconnect_ends_a_registration_past_its_lease_that_is_not_ended
         assert bye.status == 200, await bye.text()
         assert registry.get(worker_id, expired=True) is None
         assert not registry.may_rejoin(store.serving("q-1").queue, worker_id)
+
+
+async def test_a_heartbeat_or_disconnect_past_the_bounds_is_kept_cut_not_refused(client: TestClient):
+    """The reference takes any string or integer there: a heartbeat refused with 422 renewed nothing,
+    and its worker (which only logs the refusal) expired while it ran."""
+    worker_id = (await (await client.post(START.format("q-1"), headers=AUTH)).json())["worker_id"]
+    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", headers=AUTH, json={
+        "status": "s" * 100, "tasks_processed": -1, "current_task_id": "t" * 300})
+    assert beat.status == 200, await beat.text()
+    worker = client.server.app[REGISTRY].get(worker_id)
+    assert worker is not None
+    assert (worker.status, worker.tasks_processed, worker.current_task_id) == ("s" * 64, 0, "t" * 256)
+    bye = await client.post(f"/api/v1/workers/{worker_id}/disconnect", headers=AUTH,
+                            json={"reason": "r" * 300, "exit_code": 2**32})
+    assert bye.status == 200, await bye.text()

@@ -368,6 +368,18 @@ async def test_cookies_pass_neither_way_and_where_it_came_from_is_the_operators_
     assert standin.header_values(got, "X-Forwarded-Host") == standin.header_values(got, "Forwarded") == []
 
 
+async def test_a_worker_token_in_a_userkey_header_of_its_own_never_reaches_the_upstream(
+    hub: tuple[Store, TestClient],
+):
+    """The Agent Control Plane also takes `UserKey: <key>` as a header of its own: forwarded, a
+    worker's token sent so went upstream beside the organization's key."""
+    _, client = hub
+    r = await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a", "UserKey": "tok-a"})
+    got = await echoed(r)
+    assert standin.header_values(got, "UserKey") == []
+    assert standin.header_values(got, "Authorization") != []
+
+
 async def test_a_websocket_handshake_is_never_redirected(hub: tuple[Store, TestClient], upstream: TestServer):
     _, client = hub
     r = await client.get("/api/v1/ws/redirect", headers={
@@ -597,6 +609,16 @@ async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store,
     counted = [line for line in text.splitlines() if line.startswith("workerqueue_upstream_bytes_total")]
     assert any(line.endswith('direction="sent"} 12') for line in counted), counted
     assert any(line.endswith(f'direction="received"}} {len(first) + 7}') for line in counted), counted
+
+
+async def test_open_websockets_leave_requests_their_pool(upstream: TestServer):
+    """Each proxied websocket holds its upstream connection for its worker's life: in the requests'
+    pool, `upstream_max_connections` of them left every other call to that host a 504."""
+    async with serving(upstream, idle=5, connections=1) as (_, client), client.ws_connect(
+            WS_A, headers={"Authorization": "Bearer tok-a"}) as ws:
+        json.loads(await ws.receive_str(timeout=5))  # relayed: its upstream connection is open
+        r = await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"})
+        await echoed(r)
 
 
 async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):

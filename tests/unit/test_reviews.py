@@ -72,3 +72,27 @@ async def test_a_waiter_that_gives_up_leaves_no_slot_taken():
     await asyncio.gather(given, return_exceptions=True)
     await asyncio.wait_for(waiter(slots, "last", served), 1)
     assert served == ["next", "other", "last"] and not other.exception()
+
+
+async def test_a_waiter_cancelled_just_before_it_is_turned_away_leaves_the_count_right():
+    """Its deadline cancels its future at once; its task takes it out only when it runs next. Turned
+    away in between, set_exception raised InvalidStateError (a 500), and `waiting` stayed one too
+    high for good: no caller took a free slot directly again, every review waited its full timeout."""
+    slots = FairSlots(1, room=1)
+    await slots.acquire("holder")
+    flood = asyncio.create_task(slots.acquire("flood"))
+    await asyncio.sleep(0)
+
+    async def after_flood_gives_up() -> None:
+        flood.cancel()  # its future cancelled now, its task not run yet
+        await slots.acquire("caller")  # in the same step: the room is full, "flood" is turned away
+
+    caller = asyncio.create_task(after_flood_gives_up())
+    await asyncio.sleep(0)
+    await asyncio.gather(flood, return_exceptions=True)
+    assert slots.waiting == 1  # "caller" alone
+    slots.release()
+    await asyncio.wait_for(caller, 1)
+    assert slots.waiting == 0
+    slots.release()
+    await asyncio.wait_for(slots.acquire("next"), 1)  # a free slot taken directly, not waited for

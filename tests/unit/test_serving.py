@@ -244,6 +244,15 @@ def test_the_connection_limit_stays_below_the_fd_limit(monkeypatch: pytest.Monke
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: raised.append(limits))
     assert serving.connection_limit(4096, 256) == 4096
     assert raised == [(4352, 1 << 20)]
+    # The pass-through's connections to an upstream host (each proxied websocket one more fd): room
+    # made for them, or half of what is left under a low hard limit.
+    raised.clear()
+    assert serving.connection_limit(4096, 256, 1100) == 4096
+    assert raised == [(5452, 1 << 20)]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 1024))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert serving.connection_limit(4096, 256, 1100) == 384
+    assert serving.connection_limit(4096, 256, 100) == 668
 
 
 def test_a_certificate_is_reloaded_when_its_files_change_and_kept_when_they_do_not_load(tmp_path: Path):

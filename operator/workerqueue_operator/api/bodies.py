@@ -30,10 +30,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def read(request: web.Request, model: type[M]) -> M | web.Response:
-    """The body validated as `model`, or the 408/413/422 answer FastAPI-shaped.
+    """The body validated as `model`, or the 400/408/413/422 answer FastAPI-shaped.
 
-    An empty body or JSON null means the model's defaults ({}), as FastAPI treats an optional body.
-    The body must arrive within the `http_body_timeout_seconds` setting.
+    An empty body means the model's defaults ({}), as FastAPI treats a body with a default (the
+    reference's `body: WorkerStartRequest = WorkerStartRequest()`); JSON null or whitespace is no
+    body there but an invalid one (422), and bytes that are not UTF-8 are 400. The body must arrive
+    within the `http_body_timeout_seconds` setting.
     """
     if request.content_length is not None and request.content_length > MAX_BODY:
         return errors.detail(413, "Request body too large")
@@ -50,7 +52,7 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
         answer = errors.detail(408, "Request body not received in time")
         answer.force_close()
         return answer
-    if not raw or raw.isspace():
+    if not raw:
         return model()
     try:
         # The common case in one pass (the validator itself: model_validate_json's wrapper costs a
@@ -63,13 +65,11 @@ async def read(request: web.Request, model: type[M]) -> M | web.Response:
     except json.JSONDecodeError as exc:
         return errors.unprocessable(errors.json_invalid(exc))
     except UnicodeDecodeError:
-        return errors.unprocessable(errors.json_invalid_at(0, "body is not UTF-8"))
+        return errors.detail(400, "There was an error parsing the body")  # FastAPI's words for it
     except RecursionError:
         return errors.unprocessable(errors.json_invalid_at(0, "nested too deeply"))
     except ValueError:  # an integer of more than 4,300 digits (sys.get_int_max_str_digits)
         return errors.unprocessable(errors.json_invalid_at(0, "number too large"))
-    if parsed is None:
-        return model()
     try:
         if _SURROGATE_ESCAPE.search(raw):
             parsed = _without_lone_surrogates(parsed)

@@ -15,7 +15,8 @@ HTTP_ERROR = "HTTPError"
 
 # Every answer of /start besides 200 and 422, as `{"detail": "<sentence>"}`.
 START_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("The worker queue is suspended", "Worker queue is not active (status: suspended)"),
+    400: ("The worker queue is suspended, or the body is not UTF-8 (\"There was an error parsing the body\")",
+          "Worker queue is not active (status: suspended)"),
     401: ("No bearer token, or one that neither is a queue token nor passes a TokenReview",
           "Invalid authentication credentials"),
     403: ("The token may not start workers on this worker queue (another queue's token, or RBAC)",
@@ -63,12 +64,15 @@ def document(version: str) -> dict[str, Any]:
     def json_of(schema: dict[str, Any], description: str = "Successful Response") -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": schema}}}
 
-    def failures(*codes: int) -> dict[str, Any]:
-        said = {400: "Bad request", 401: "Not authenticated", 403: "Not allowed",
-                404: "Not found", 409: "Conflict", 413: "Request body too large",
+    def failures(*codes: int, validated: bool = True) -> dict[str, Any]:
+        """The error answers of a route; `validated`: it reads a body or a query (422)."""
+        said = {400: "Bad request (a body that is not UTF-8 or not well chunked)", 401: "Not authenticated",
+                403: "Not allowed", 404: "Not found", 408: "Request body not received in time",
+                409: "Conflict", 413: "Request body too large",
                 503: "A dependency (the API server, Temporal) is unavailable: try again"}
         answers = {str(c): json_of(ref(HTTP_ERROR), said[c]) for c in codes}
-        answers["422"] = json_of(ref("HTTPValidationError"), "Validation Error")
+        if validated:
+            answers["422"] = json_of(ref("HTTPValidationError"), "Validation Error")
         return answers
 
     def path_param(name: str) -> dict[str, Any]:
@@ -125,16 +129,17 @@ def document(version: str) -> dict[str, Any]:
                 "accepted and dropped; `system_info` is kept size-bounded. A worker whose registration is "
                 "not known (it expired, or is not seen yet) is registered again when its id is one its "
                 "queue issued; 404 otherwise, 409 when the queue's maxWorkers slots are all taken.", "worker_id",
-                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 409, 413, 503)},
+                {"200": json_of({"type": "object"}), **failures(400, 401, 403, 404, 408, 409, 413, 503)},
                 body="WorkerHeartbeatRequest")},
             "/api/v1/workers/{worker_id}/disconnect": {"post": operation(
                 "Worker Disconnect", "Ends the worker's registration at once (its slot is free); the reason "
                 "and exit code become an Event on the queue.", "worker_id",
-                {"200": json_of({"type": "object"}), **failures(401, 403, 404, 413, 503)},
+                {"200": json_of({"type": "object"}), **failures(400, 401, 403, 404, 408, 413, 503)},
                 body="WorkerDisconnectRequest")},
             "/api/v1/worker-queues/{queue_id}/workers": {"get": operation(
                 "List Live Workers", "The queue's registered workers whose heartbeats are current.", "queue_id",
-                {"200": json_of({"type": "array", "items": ref("WorkerInfo")}), **failures(401, 403, 404, 503)})},
+                {"200": json_of({"type": "array", "items": ref("WorkerInfo")}),
+                 **failures(401, 403, 404, 503, validated=False)})},
             "/api/v1/worker-queues/{queue_id}/executions": {"get": operation(
                 "List Executions", "The workflows of the queue's Temporal task queue, newest first. A worker "
                 "with its own (per-worker) token sees only the executions it holds, folded into one entry that "
@@ -142,7 +147,7 @@ def document(version: str) -> dict[str, Any]:
                 "allowed to `get` the WorkerQueue sees all.", "queue_id",
                 {"200": json_of({"type": "array", "items": ref("ExecutionInfo")}), **failures(401, 403, 404, 503)},
                 query=[{"name": "limit", "in": "query", "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}},
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}},
                        {"name": "status", "in": "query", "required": False,
                         "schema": {"type": "string", "default": "all",
                                    "enum": ["all", "running", "completed", "failed", "cancelled",
@@ -150,7 +155,7 @@ def document(version: str) -> dict[str, Any]:
             "/api/v1/worker-queues/{queue_id}": {"delete": operation(
                 "Delete Worker Queue", "Deletes the WorkerQueue (its pods and registrations go with it): with a "
                 "token of the queue when it is ephemeral, or as a Kubernetes identity allowed to `delete` it.",
-                "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 503)})},
+                "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 503, validated=False)})},
             "/healthz": plain("Liveness"),
             "/readyz": plain("Readiness: 200 once the watches have listed everything"),
             "/metrics": plain("Prometheus metrics"),

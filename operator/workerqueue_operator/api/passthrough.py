@@ -46,10 +46,11 @@ WORKER_SCHEMES = ("bearer", "userkey")
 # X-Forwarded-Proto) or negotiates on its own with the upstream (Expect); Proxy-* are for a proxy,
 # never passed on. Where the request came from is the operator's to say, not the worker's. Cookies
 # neither way: a session the upstream opens for a request signed with the organization's key is
-# that key's, not the worker's to hold.
+# that key's, not the worker's to hold. `UserKey` as a header of its own is a credential the Agent
+# Control Plane also reads: a worker's token sent so must not reach the upstream either.
 _NOT_FORWARDED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Expect", "Cookie",
+    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "UserKey", "Expect", "Cookie",
     "Forwarded", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
 ))
 _NOT_RETURNED = frozenset(h.lower() for h in (
@@ -233,6 +234,7 @@ class Passthrough:
         self._settings = settings
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self._websocket_session: aiohttp.ClientSession | None = None
         self._reporter = _Reporter()
         self._websockets: set[web.WebSocketResponse] = set()
 
@@ -252,9 +254,21 @@ class Passthrough:
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
         s = self._settings
-        connector = tcp_connector(limit=0, limit_per_host=s.upstream_max_connections)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
+        self._session = self._new_session(s.upstream_max_connections)
+        # A proxied websocket holds its connection as long as its worker lives: in the requests' pool,
+        # upstream_max_connections of them would leave every request 504 for want of one.
+        self._websocket_session = self._new_session(s.upstream_max_websockets)
+        try:
+            yield
+        finally:
+            await self._session.close()
+            await self._websocket_session.close()
+            self._session = self._websocket_session = None
+
+    def _new_session(self, per_host: int) -> aiohttp.ClientSession:
+        s = self._settings
+        return aiohttp.ClientSession(
+            connector=tcp_connector(limit=0, limit_per_host=per_host),
             # connect bounds the wait for a pooled connection plus the connection itself; sock_read
             # bounds every silence of the upstream (before its headers and between chunks).
             timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout_seconds,
@@ -267,11 +281,6 @@ class Passthrough:
             # trust_env stays off: it would read ~/.netrc for every request and refuse our Authorization
             # where an entry matches; HTTPS_PROXY is therefore not used either.
         )
-        try:
-            yield
-        finally:
-            await self._session.close()
-            self._session = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not stays_under(request.raw_path):
@@ -448,7 +457,7 @@ class Passthrough:
         return self._failed(stats, upstream, "unreachable", exc, 502, "The upstream control plane cannot be reached")
 
     async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
-        assert self._session is not None, "the session lives as long as the app"
+        assert self._websocket_session is not None, "the session lives as long as the app"
         ours = web.WebSocketResponse(autoping=True)
         if not ours.can_prepare(request).ok:
             return errors.detail(400, "Not a valid websocket handshake")
@@ -462,7 +471,7 @@ class Passthrough:
         try:
             # Pinged after its idle timeout of silence: an upstream gone without a word (a lost node,
             # a NAT's cut) would otherwise hold the worker's websocket open on a dead relay for ever.
-            theirs = await self._session.ws_connect(
+            theirs = await self._websocket_session.ws_connect(
                 target_url(upstream.url, request.raw_path), headers=headers, protocols=protocols,
                 autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
         except _Redirected as exc:

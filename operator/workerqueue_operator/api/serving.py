@@ -66,11 +66,13 @@ class Drain:
         self.active = True
 
 
-def connection_limit(wanted: int, reserved_fds: int) -> int:
-    """`wanted`, or fewer when the fd limit leaves less after `reserved_fds`; raises the soft fd limit
-    towards the hard one first if that makes room (as Go's runtime and nginx do)."""
+def connection_limit(wanted: int, reserved_fds: int, upstream_fds: int = 0) -> int:
+    """`wanted`, or fewer when the fd limit leaves less after `reserved_fds` and `upstream_fds` (the
+    pass-through's connections to an upstream host); raises the soft fd limit towards the hard one
+    first if that makes room (as Go's runtime and nginx do). Under a low hard limit the upstream gets
+    at most half of what `reserved_fds` leaves, not all of it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = wanted + reserved_fds
+    needed = wanted + reserved_fds + upstream_fds
     if soft != resource.RLIM_INFINITY and soft < needed:
         raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         try:
@@ -80,7 +82,8 @@ def connection_limit(wanted: int, reserved_fds: int) -> int:
             pass
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, soft - reserved_fds))
+    left = soft - reserved_fds
+    return max(1, min(wanted, left - min(upstream_fds, left // 2)))
 
 
 class _OneLine(logging.Filter):

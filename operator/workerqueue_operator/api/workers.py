@@ -214,7 +214,8 @@ def _query(request: web.Request) -> tuple[int, str] | web.Response:
     """`limit` and `status`, checked as FastAPI checks query parameters."""
     problems: list[dict[str, Any]] = []
     given = request.query.getall("limit", [])
-    raw_limit = given[-1] if given else "50"  # the last one, as Starlette reads a repeated parameter
+    # The last one, as Starlette reads a repeated parameter; 10 is the reference's default.
+    raw_limit = given[-1] if given else "10"
     limit = 0
     try:
         # pydantic's own parsing, as FastAPI's: "5.0" is 5, and a digit of another script no number.

@@ -173,10 +173,14 @@ class FairSlots:
         if len(self._waiting.get(key, ())) >= len(self._waiting[most]):
             raise Full
         queue = self._waiting[most]
-        queue.pop().set_exception(Full())
+        victim = queue.pop()
         self.waiting -= 1
         if not queue:
             del self._waiting[most]
+        # Its waiter may have stopped waiting a moment ago (its deadline: the future is cancelled at
+        # once, its task takes it out only when it runs next): gone all the same, room made.
+        if not victim.done():
+            victim.set_exception(Full())
 
     def _discard(self, key: str, future: asyncio.Future[None]) -> None:
         queue = self._waiting.get(key)

@@ -77,6 +77,9 @@ class Settings(BaseModel):
     of a proxied websocket is pinged after this much silence, and given up when it misses the pong."""
     upstream_max_connections: int = Field(default=100, ge=1)
     """Pooled connections per upstream host; requests beyond wait for a free one."""
+    upstream_max_websockets: int = Field(default=1000, ge=1)
+    """Proxied websockets open at once per upstream host, on connections of their own: each holds its
+    connection for the worker's life, and in the request pool they would leave requests none."""
 
     # Worker pods (ephemeral and single-execution queues).
     worker_image: str = "ghcr.io/kubiyabot/agent-worker:latest"
@@ -126,8 +129,9 @@ class Settings(BaseModel):
     call at most every few seconds, so keeping idle connections longer saves them little."""
     http_max_connections: int = Field(default=4096, ge=1)
     """The most client connections open at once; at the limit a new one closes the longest-idle one.
-    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds (the soft limit is raised first,
-    up to the hard one). Each idle connection costs some 5 KiB of memory (4.4 KiB measured)."""
+    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds and one upstream host's connections
+    (upstream_max_connections + upstream_max_websockets; at most half of what is left) (the soft limit
+    is raised first, up to the hard one). Each idle connection costs some 5 KiB of memory (4.4 KiB measured)."""
     http_reserved_fds: int = Field(default=256, ge=16)
     """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
     up to 64 pooled requests, kopf's own), log files, TLS, Python itself."""

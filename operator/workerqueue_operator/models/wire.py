@@ -6,9 +6,10 @@ client reads by key: every required response field must always be present.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class WorkerSystemInfo(BaseModel):
@@ -81,14 +82,37 @@ class WorkerStartResponse(BaseModel):
     control_plane_sdk_version: str
 
 
+def _cut(length: int) -> Callable[[Any], Any]:
+    def cut(value: Any) -> Any:
+        return value[:length] if isinstance(value, str) else value
+    return cut
+
+
+def _clamp(low: int, high: int) -> Callable[[int | None], int | None]:
+    def clamp(value: int | None) -> int | None:
+        return value if value is None else min(max(value, low), high)
+    return clamp
+
+
+# What a worker reports is kept in its Lease, bounded: cut or clamped there rather than refused, as
+# the reference (which takes any string or integer) never refuses it. A heartbeat refused would not
+# renew the registration, and the worker, which only logs the refusal, would expire while it runs.
+Status = Annotated[str, BeforeValidator(_cut(64))]
+TaskId = Annotated[str | None, BeforeValidator(_cut(256))]
+Count = Annotated[int, AfterValidator(_clamp(0, 2**53))]
+Reason = Annotated[str, BeforeValidator(_cut(256))]
+ExitCode = Annotated[int | None, AfterValidator(_clamp(-(2**31), 2**31 - 1))]
+
+
 class WorkerHeartbeatRequest(BaseModel):
-    """What a worker sends every HEARTBEAT_INTERVAL seconds (worker-protocol.md)."""
+    """What a worker sends every HEARTBEAT_INTERVAL seconds (worker-protocol.md). `status` is cut at
+    64 characters, `current_task_id` at 256, `tasks_processed` clamped to 0..2^53."""
 
     model_config = ConfigDict(title="WorkerHeartbeatRequest", extra="ignore")
 
-    status: str = Field(default="active", max_length=64)
-    tasks_processed: int = Field(default=0, ge=0, le=2**53)
-    current_task_id: str | None = Field(default=None, max_length=256)
+    status: Status = "active"
+    tasks_processed: Count = 0
+    current_task_id: TaskId = None
     worker_metadata: dict[str, Any] = Field(default_factory=dict)
     system_info: WorkerSystemInfo | None = None
     logs: list[Any] | None = None
@@ -96,12 +120,13 @@ class WorkerHeartbeatRequest(BaseModel):
 
 
 class WorkerDisconnectRequest(BaseModel):
-    """Sent once by a worker that ends on its own (never on SIGTERM)."""
+    """Sent once by a worker that ends on its own (never on SIGTERM). `reason` is cut at 256
+    characters, `exit_code` clamped to a 32-bit integer's range."""
 
     model_config = ConfigDict(title="WorkerDisconnectRequest", extra="ignore")
 
-    reason: str = Field(default="shutdown", max_length=256)
-    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31)
+    reason: Reason = "shutdown"
+    exit_code: ExitCode = None
     error_message: str | None = None
 
 
