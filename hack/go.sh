@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Prints the folder of a `go` that can build the control-plane binaries: the one on PATH if it is
-# 1.21 or later (it fetches the toolchain a build asks for by itself), else Go $GO_VERSION from the
-# Go module proxy (golang.org/toolchain, what `go` itself downloads), unpacked once per machine
-# outside the repo.
+# 1.25 or later by itself (not by fetching a toolchain, which GOTOOLCHAIN=local or GOPROXY=off
+# forbid), else Go $GO_VERSION from the Go module proxy (golang.org/toolchain, what `go` itself
+# downloads), unpacked once per machine outside the repo. Its user should unset GOROOT: one set
+# for another Go would make this one use that Go's compiler.
 set -euo pipefail
 
 GO_VERSION="${GO_VERSION:-1.25.5}"
+NEEDED_MINOR=25
 
 if command -v go >/dev/null; then
-  minor=$(go env GOVERSION 2>/dev/null | sed -E 's/^go1\.([0-9]+).*/\1/')
-  if [[ "$minor" =~ ^[0-9]+$ ]] && (( minor >= 21 )); then
+  minor=$(GOTOOLCHAIN=local go env GOVERSION 2>/dev/null | sed -E 's/^go1\.([0-9]+).*/\1/' || true)
+  if [[ "$minor" =~ ^[0-9]+$ ]] && (( minor >= NEEDED_MINOR )); then
     dirname "$(command -v go)"
     exit 0
   fi
@@ -22,9 +24,12 @@ case "$(uname -m)" in
 esac
 name="go$GO_VERSION.linux-$arch"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/workerqueue-operator/$name"
+mkdir -p "$(dirname "$cache")"
+# One fetch at a time per machine; the one that waited finds it there.
+exec 8>"$cache.lock"
+flock 8
 if [[ ! -x "$cache/bin/go" ]]; then
   echo "[go] fetching $name from the Go module proxy into $cache" >&2
-  mkdir -p "$(dirname "$cache")"
   tmp=$(mktemp -d "$(dirname "$cache")/.$name.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
   python3 - "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$name.zip" "$tmp" <<'PY'

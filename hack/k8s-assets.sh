@@ -59,6 +59,7 @@ WORK="$CACHE_ROOT/$KEY/build"
 mkdir -p "$WORK"
 # A Go recent enough: the machine's, else fetched from the Go module proxy (hack/go.sh).
 PATH="$(bash "$REPO/hack/go.sh"):$PATH"
+unset GOROOT  # one set for another Go would make this one use that Go's compiler
 export GOFLAGS="-mod=mod -buildvcs=false"
 export CGO_ENABLED=0
 start=$(date +%s)

@@ -610,6 +610,22 @@ async def test_a_disconnect_of_a_worker_the_other_replica_registered_frees_its_s
         assert await reg.claim(queue, "w-next", limit=1) is not None  # the slot is free
 
 
+async def test_a_disconnect_while_a_heartbeat_rejoins_the_worker_leaves_no_slot_taken(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: its last heartbeat and its disconnect both reach a replica that has not seen it.
+    The rejoin, reading the Leases, went on to claim a slot after the disconnect had been answered:
+    held until it expired, then a WorkerExpired Warning."""
+    async with in_process(kube, namespace, kubeconfig, "both", maxWorkers=1) as (queue, _, reg):
+        rejoining = asyncio.create_task(reg.rejoin_slot(queue, "w-both"))
+        await asyncio.sleep(0)  # the rejoin reads the Leases
+        await reg.disconnect_unseen(queue, "w-both", reason="shutdown", exit_code=0)
+        assert await rejoining is None
+        await asyncio.gather(*reg._writes)
+        assert kube.registrations(namespace) == {}
+        assert await reg.claim(queue, "w-next", limit=1) is not None  # the slot is free
+
+
 async def test_a_disconnect_before_the_other_replica_wrote_the_lease_deletes_it_once_written(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

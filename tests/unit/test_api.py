@@ -795,3 +795,20 @@ async def test_a_heartbeat_or_disconnect_past_the_bounds_is_kept_cut_not_refused
     bye = await client.post(f"/api/v1/workers/{worker_id}/disconnect", headers=AUTH,
                             json={"reason": "r" * 300, "exit_code": 2**32})
     assert bye.status == 200, await bye.text()
+
+
+async def test_a_disconnect_of_a_namesake_queues_worker_stays_unknown():
+    """Queue q1 deleted and made again with the same token Secret: its old worker, still registered
+    here until its Lease's deletion is seen, is no worker of the new queue. Its disconnect was taken
+    for one the other replica registered, and failed with a 500 (ValueError)."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1", uid="uid-old"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good"})
+    auth = {"Authorization": "Bearer good"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        worker_id = (await (await c.post(START.format("q-1"), headers=auth)).json())["worker_id"]
+        store.upsert_queue(queue("q1", queueId="q-1", uid="uid-new"))
+        store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good"})  # the same token, the new queue's
+        assert (await c.post(START.format("q-1"), headers=auth)).status == 200
+        bye = await c.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown"}, headers=auth)
+        assert bye.status == 404 and await bye.json() == {"detail": "Worker not found"}

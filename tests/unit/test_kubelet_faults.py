@@ -67,3 +67,29 @@ def test_a_secret_not_read_is_waited_for_not_the_end_of_the_kubelet(kubelet: Loc
         time.sleep(0.05)
     assert [p.name for p in kubelet.processes()] == ["w2"]
     assert [t.is_alive() for t in kubelet._threads] == [True]
+
+
+def test_a_command_that_cannot_start_fails_its_pod_once_not_at_every_retry(tmp_path: Path):
+    """As a kubelet reports a container whose command is missing (StartError): the pod fails, and
+    is not tried again every 2 s with a line logged each time."""
+    said: list[str] = []
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{unused.getsockname()[1]}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        kubelet = LocalKubelet(kubeconfig, tmp_path / "state", command=[str(tmp_path / "no-such-command")],
+                               log=said.append)
+        kubelet.state_dir.mkdir()
+        try:
+            kubelet._run_or_wait(pod("w3"))
+            kubelet._run_or_wait(pod("w3"))  # the watch brings it again while its status is not written
+        finally:
+            kubelet.stop()
+    assert kubelet.processes() == [] and kubelet._waiting == {}
+    missing = tmp_path / "no-such-command"
+    assert [line for line in said if "failed to start" in line] == [
+        f"kubelet: pod ns/w3 failed to start: [Errno 2] No such file or directory: '{missing}'"] * 2

@@ -177,8 +177,9 @@ async def disconnect(request: web.Request) -> web.Response:
             if denied is not None:
                 return denied
         worker_id = request.match_info["worker_id"]
-        await request.app[REGISTRY].disconnect_unseen(resolution.queue, worker_id, reason=body.reason,
-                                                      exit_code=body.exit_code)
+        if not await request.app[REGISTRY].disconnect_unseen(resolution.queue, worker_id, reason=body.reason,
+                                                             exit_code=body.exit_code):
+            return found  # a registration of another queue (a namesake made again): not this caller's
         return web.json_response({"status": "disconnected", "worker_id": worker_id})
     if isinstance(found, web.Response):
         return found

@@ -492,13 +492,23 @@ class Registry:
                 held = await self._registered_elsewhere(queue, worker_id)
                 if held is not None:
                     return held
+            if self._left(worker_id):
+                return None
             worker = await self.claim(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
                                       interval=self._pace_since_ended(queue, worker_id, pod), identity=identity)
         finally:
             self._rejoining.discard(worker_id)
+        if worker is not None and self._left(worker_id):
+            self.abandoned(queue, worker_id)  # its slot given back at once
+            return None
         if worker is not None:
             self._rejoined(worker, queue)
         return worker
+
+    def _left(self, worker_id: str) -> bool:
+        """Whether the worker disconnected (disconnect_unseen) while its heartbeat was rejoining it."""
+        ended = self._ended.get(worker_id)
+        return ended is not None and ended.on_purpose
 
     async def _registered_elsewhere(self, queue: QueueObject, worker_id: str) -> Worker | None:
         """The worker as its Lease in the API server shows it, taken in as the watch will; None if none."""
@@ -668,22 +678,26 @@ class Registry:
                               f"exit code {code}", warning=exit_code not in (None, 0))
 
     async def disconnect_unseen(self, queue: QueueObject, worker_id: str, *, reason: str,
-                                exit_code: int | None) -> None:
+                                exit_code: int | None) -> bool:
         """Ends, at its disconnect, a worker of `queue` with no registration here: another replica
         registered it, and this one's watch has not brought its Lease yet (or it was never written:
         that replica writes in batches). Remembered first as ended on purpose, so that its Lease is
-        deleted whenever it is seen here (lease_upserted), never taken for a live worker; then the
-        API server's Leases are read (a consistent read) for it to be deleted now, within the
-        worker's timeout. A read that fails leaves the deletion to the watch."""
-        if worker_id in self._workers:
-            raise ValueError("a registration known here is ended by disconnect()")
-        ended = self._ended.get(worker_id)
-        if ended is not None and ended.on_purpose:
-            return  # told twice: ended already
+        deleted whenever it is seen here (lease_upserted), and a rejoin under way gives its slot
+        back, never taken for a live worker; then its Lease is read in the API server (a consistent
+        read) to be deleted now, within the worker's timeout. A read that fails leaves the deletion
+        to the watch. False (nothing done) when the id is known here as another queue's (a namesake
+        made again since)."""
+        known = self._workers.get(worker_id)
+        if known is not None:  # known meanwhile: a heartbeat rejoined it, or the watch brought it
+            if known.queue_uid != queue.uid:
+                return False
+            await self.disconnect(known, reason=reason, exit_code=exit_code)
+            return True
+        if self._left(worker_id):
+            return True  # told twice: ended already
         self._remember(worker_id, _Ended(True, None, queue.key))
         try:
-            await asyncio.wait_for(self._take_in_listed(queue, lambda held: held.worker_id == worker_id),
-                                   DISCONNECT_WAIT_SECONDS)
+            await asyncio.wait_for(self._take_in_stored(queue, worker_id), DISCONNECT_WAIT_SECONDS)
         except client_.ERRORS as exc:  # a timeout among them
             logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
                         worker_id, queue.namespace, queue.name, type(exc).__name__)
@@ -693,6 +707,24 @@ class Registry:
         self._events.post(involved=involved, reason="WorkerDisconnected",
                           message=f"worker {worker_id} disconnected: reason {reason[:100]!r}, exit code {code}",
                           warning=exit_code not in (None, 0))
+        return True
+
+    async def _take_in_stored(self, queue: QueueObject, worker_id: str) -> None:
+        """Takes in, as the watch will, the worker's Lease if the API server holds it: read by its name
+        (one GET), or among the queue's slots with maxWorkers."""
+        if queue.spec.max_workers is not None:
+            await self._take_in_listed(queue, lambda held: held.worker_id == worker_id)
+            return
+        path = f"{resources.leases_path(queue.namespace)}/{lease_name(queue.name, worker_id)}"
+        try:
+            found = await self._client.request("GET", path, timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.not_found:
+                return
+            raise
+        held = worker_from_lease(found, seen_at=self._clock())
+        if held is not None and held.queue_uid == queue.uid and held.worker_id == worker_id:
+            self.lease_upserted(found)
 
     async def start_refused(self, queue: QueueObject, pod: str, why: str, *, wait: bool = True) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never

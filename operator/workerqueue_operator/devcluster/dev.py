@@ -100,7 +100,6 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
 
     runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
     procs.bypass_proxies_for_loopback()
-    port = port or procs.free_ports(1)[0]  # like every other port here: 8080 is often taken
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     bin_dir = assets_.find_assets()
@@ -109,11 +108,15 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
 
     def serve(control_plane: ControlPlane) -> None:
         install_crds(bin_dir, control_plane.kubeconfig)
-        url = f"http://127.0.0.1:{port}"
         # Started in this (main) thread: its process dies with it, like the control plane's.
         with temporal:
+            # Picked like every other port here (8080 is often taken), once the control plane's and
+            # Temporal's are bound, so that none of theirs can be it.
+            http_port = port or procs.free_ports(1)[0]
+            url = f"http://127.0.0.1:{http_port}"
             # No Service sends traffic here: Ctrl-C closes the HTTP API at once (http_drain_seconds).
-            settings = Settings.load(http_host="127.0.0.1", http_port=port, public_url=url, http_drain_seconds=0,
+            settings = Settings.load(http_host="127.0.0.1", http_port=http_port, public_url=url,
+                                     http_drain_seconds=0,
                                      temporal_host=temporal.address, temporal_namespace=temporal.namespace)
             # The only Temporal here speaks plaintext: workers are told so unless their pod says otherwise.
             kubelet = LocalKubelet(control_plane.kubeconfig, state / "kubelet", env={"TEMPORAL_HOST": "temporal:local"},
@@ -122,7 +125,7 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
                 if EXAMPLES.is_dir():
                     _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
                 os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
-                _say(usage(state, port, temporal_address=temporal.address,
+                _say(usage(state, http_port, temporal_address=temporal.address,
                            temporal_namespace=temporal.namespace))
                 # The operator handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))

@@ -258,28 +258,31 @@ class LocalKubelet(procs.Service):
     def _run_or_wait(self, pod: Any) -> None:
         # Whatever goes wrong (the API server away), this thread must live on: its end would kill
         # every child (PR_SET_PDEATHSIG). The pod is tried again, as the kubelet's sync loop does.
+        before = self._waiting.get(pod.metadata.uid)
         try:
             self._run(pod)
         except Exception as e:  # a failed try is retried, never the end of this thread
-            self._waiting[pod.metadata.uid] = _Waiting(pod, str(e))
-            self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name} not started, tried again: "
-                      f"{type(e).__name__}: {e}")
+            reason = f"{type(e).__name__}: {e}"
+            self._waiting[pod.metadata.uid] = _Waiting(pod, reason)
+            if before is None or before.reason != reason:  # said once, not at every try
+                self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name} not started, tried again: {reason}")
 
     def _run(self, pod: Any) -> None:
         meta = pod.metadata
         with self._lock:
             if meta.uid in self._procs or meta.uid in self._deleted:
                 return
-        self._waiting.pop(meta.uid, None)
+        before = self._waiting.pop(meta.uid, None)
         container = pod.spec.containers[0]
         try:
             pod_env = self._resolve_env(pod, container)
         except EnvError as e:
             self._waiting[meta.uid] = _Waiting(pod, str(e))
-            waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
-            self._patch_status(pod, {"containerStatuses": [self._container_status(container, ready=False,
-                                                                                  state=waiting)]})
-            self._say(f"pod {meta.namespace}/{meta.name}: {e}")
+            if before is None or before.reason != str(e):  # written and said once, not at every try
+                waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
+                self._patch_status(pod, {"containerStatuses": [self._container_status(container, ready=False,
+                                                                                      state=waiting)]})
+                self._say(f"pod {meta.namespace}/{meta.name}: {e}")
             return
         # A container's hostname, as the kubelet makes it: spec.hostname, else the pod's name; cut to 63
         # characters less a trailing '-' or '.'.
@@ -287,14 +290,23 @@ class LocalKubelet(procs.Service):
         hostname = hostname if len(hostname) <= HOSTNAME_MAX else hostname[:HOSTNAME_MAX].rstrip("-.")
         env = {**self.base_env, **pod_env, **self.overrides, "HOSTNAME": hostname}
         log_path = self.state_dir / f"{meta.namespace}_{meta.name}.log"
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                list(self.command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                cwd=self.state_dir,
-                start_new_session=True,  # own process group: SIGTERM reaches the whole "container"
-                preexec_fn=procs.chain(procs.die_with_parent(os.getpid()),
-                                       *([procs.own_hostname(hostname)] if self.sets_hostname else [])),
-            )
+        try:
+            with log_path.open("ab") as log_file:
+                popen = subprocess.Popen(
+                    list(self.command), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    env=env, cwd=self.state_dir,
+                    start_new_session=True,  # own process group: SIGTERM reaches the whole "container"
+                    preexec_fn=procs.chain(procs.die_with_parent(os.getpid()),
+                                           *([procs.own_hostname(hostname)] if self.sets_hostname else [])),
+                )
+        except OSError as e:  # no such command, say: the container cannot start, as a kubelet reports it
+            now = times.rfc3339(time.time())
+            terminated = {"exitCode": 128, "reason": "StartError", "message": str(e), "startedAt": now,
+                          "finishedAt": now}
+            self._patch_status(pod, {"phase": "Failed", "containerStatuses": [self._container_status(
+                container, ready=False, state={"terminated": terminated})]})
+            self._say(f"pod {meta.namespace}/{meta.name} failed to start: {e}")
+            return
         proc = PodProcess(meta.namespace, meta.name, meta.uid, popen, log_path, env, container.name,
                           container.image or "", times.rfc3339(time.time()))
         with self._lock:
@@ -394,10 +406,14 @@ class LocalKubelet(procs.Service):
         except ApiException as e:
             if e.status == 404:
                 return True
-            self._say(f"pod {proc.namespace}/{proc.name}: exit not reported, tried again: {e.status} {e.reason}")
-            return False
+            final = 400 <= e.status < 500 and e.status not in (409, 429)  # refused for good (RBAC, invalid)
+            if final or not proc.report_again_at:  # said once
+                self._say(f"pod {proc.namespace}/{proc.name}: exit not reported{'' if final else ', tried again'}: "
+                          f"{e.status} {e.reason}")
+            return final
         except Exception as e:  # the API server unreachable: tried again
-            self._say(f"pod {proc.namespace}/{proc.name}: exit not reported, tried again: {type(e).__name__}")
+            if not proc.report_again_at:  # said once
+                self._say(f"pod {proc.namespace}/{proc.name}: exit not reported, tried again: {type(e).__name__}")
             return False
         return True
 
