@@ -143,7 +143,9 @@ class Feed:
     def secret_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
         self._store.remove_worker_credential(key)
         if body is not None and self._store.namesakes_token(body):
-            return  # never served; its successor may be known already
+            known, data = self._store.secret_state(key)
+            if not known or data != queues.decode_secret_data(body):
+                return  # its successor's may be known already; only what it held itself goes with it
         self._store.upsert_secret(key, None)
 
 

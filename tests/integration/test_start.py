@@ -19,6 +19,7 @@ from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait
 from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import supervisor as supervisor_
+from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import Reconciler, token_secret_body
@@ -275,15 +276,22 @@ def test_a_queue_name_past_the_limit_is_refused_and_the_longest_allowed_one_work
     assert operator.start_worker(f"longest-{namespace}", token).status == 200
 
 
+@pytest.mark.parametrize("listed_elsewhere", [False, True], ids=["alone", "listed-by-another-queue"])
 def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its_own(
-    operator: OperatorProcess, kube: Kube, namespace: str, control_plane: ControlPlane,
+    operator: OperatorProcess, kube: Kube, namespace: str, control_plane: ControlPlane, listed_elsewhere: bool,
 ):
     """`kubectl replace --force` of a queue with a generated token: the old queue's token Secret waits
     for the garbage collector (held off here by freezing kube-controller-manager). Served for the new
-    queue, the old token would go on opening it, and vanish under its workers once collected."""
+    queue, the old token would go on opening it, and vanish under its workers once collected. Listed
+    by another queue too, its data stayed known through the deletion and was served to the new queue,
+    whose own token Secret was then never made."""
     spec = {"queueId": f"again-{namespace}", "temporal": {"host": "t:7233", "namespace": "n"}}
     kube.create_queue(namespace, "again", **spec)
     old_token = kube.queue_token(namespace, "again")
+    if listed_elsewhere:
+        kube.create_queue(namespace, "other", queueId=f"other-{namespace}", temporal=spec["temporal"],
+                          auth={"tokenSecretRefs": [{"name": "again-worker-token", "key": "token"}]})
+        kube.wait_condition(namespace, "other", "True")
     wait_for(lambda: operator.start_worker(spec["queueId"], old_token).status == 200, what="/start, old token")
     with frozen(control_plane.pid("kube-controller-manager")):
         kube.delete_queue(namespace, "again")
@@ -366,6 +374,26 @@ async def test_a_queue_made_again_before_the_status_writer_saw_it_go_gets_a_stat
     await here.create_ready()  # its token Secret read again, as for any new user of it
 
 
+async def test_a_queue_being_deleted_in_the_foreground_gets_no_status_about_its_secrets_going(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, control_plane: ControlPlane,
+):
+    """`kubectl delete --cascade=foreground` (Argo CD's prune): the queue stays, deleting, while the
+    garbage collector deletes its dependents, its token Secret first. It turned Ready=False
+    SecretNotFound with a Warning Event on its way out."""
+    here = in_process("going")
+    await here.create_ready()
+    with frozen(control_plane.pid("kube-controller-manager")):  # the dependents wait: the queue stays
+        kube.custom.delete_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
+                                                    "going", propagation_policy="Foreground")
+        here.watched()
+        assert here.store.queue(here.key).deleting
+        here.store.upsert_secret(here.secret, None)  # collected
+        await here.writer.reconcile(here.key)
+        assert (kube.condition(namespace, "going") or {}).get("status") == "True"
+        assert [e for e in kube.core.list_namespaced_event(namespace).items
+                if e.involved_object.name == "going" and e.type == "Warning"] == []
+
+
 async def test_a_status_written_from_an_older_copy_of_the_queue_keeps_what_the_supervisor_wrote_since(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
@@ -410,6 +438,40 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     await here.supervisor._show(here.key, probe)  # the watch has not brought the first one
     conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
+
+
+async def test_a_temporal_check_under_way_when_the_spec_changes_says_its_generation_and_is_made_again(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """The user fixes the Temporal key while a check with the old one runs: what it found was written
+    under the new generation (the fixed key reported as refused), and the check the change asked for
+    waited a whole interval (30 s)."""
+    here = in_process("gen")
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    answer = asyncio.Event()
+
+    class SlowTemporal:
+        async def describe_task_queue(self, endpoint: object, task_queue: str) -> object:
+            await answer.wait()
+            raise temporal_.TemporalUnavailable("Temporal at t:7233/n refused the credentials")
+
+    supervisor._temporal = SlowTemporal()  # type: ignore[assignment]
+    probe = supervisor._probes[key] = supervisor_._Probe(generation=1)
+    checking = asyncio.create_task(supervisor._probe(key, probe, temporal_.Endpoint("t:7233", "n"), "gen-q"))
+    await asyncio.sleep(0)
+    kube.patch_queue(namespace, "gen", {"temporal": {"host": "t:7233", "namespace": "n",
+                                                    "apiKeySecretRef": {"name": "gen-key", "key": "k"}}})
+    here.watched()
+    supervisor.queue_changed(here.store.queue(key))
+    assert here.store.queue(key).generation == 2
+    answer.set()
+    await checking
+    (condition,) = [c for c in kube.get_queue(namespace, "gen")["status"]["conditions"]
+                    if c["type"] == "TemporalReachable"]
+    assert (condition["status"], condition["observedGeneration"]) == ("False", 1)
+    assert probe.due <= time.monotonic()  # due now: the change's check is next
 
 
 async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_another_replica_wrote_it(

@@ -123,6 +123,14 @@ def test_a_missing_generated_token_is_told_apart_from_other_problems():
     assert not broken.awaiting_generated_token
     own = queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "a"}]})
     assert not queues.resolve(own, secrets={}, settings=SETTINGS).awaiting_generated_token
+    # There but unusable (made beforehand with another key, or a token edited to hold a space): the
+    # user's to fix, not one being made. Taken so, the queue went on starting pods, and its Temporal
+    # was never checked again.
+    for data in ({"other": "x"}, {"token": "has space"}):
+        there = queues.resolve(q, secrets={("team-a", "q1-worker-token"): data}, settings=SETTINGS)
+        assert there.problem.reason in ("SecretKeyNotFound", "SecretKeyInvalid")
+        assert not there.awaiting_generated_token and not there.starts_workers
+        assert there.probe_target is not None
 
 
 def test_a_missing_token_secret_leaves_the_other_tokens_and_the_upstream_to_live_workers():

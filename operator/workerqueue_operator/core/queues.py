@@ -465,7 +465,10 @@ def resolve(
     if token_problem is not None:
         # Not Ready (no /start, no new pods), but what running workers use stays: their executions
         # are listed from the config, their other calls go upstream.
-        generated = not queue.spec.auth.token_secret_refs
+        # Its generated token being made (not there, or not read yet), not one there but unusable
+        # (another key, a bad value): that is the user's to fix, and no reason to start pods.
+        generated = not queue.spec.auth.token_secret_refs and token_problem.reason in ("SecretNotFound",
+                                                                                       "SecretPending")
         return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
                           upstream_problem=upstream_problem, awaiting_generated_token=generated,
                           secrets_problem=secrets_problem, temporal=target)

@@ -260,6 +260,10 @@ class Reconciler:
         if refusal is not None:
             resolution = dataclasses.replace(resolution, problem=refusal, secrets_problem=refusal)
         queue = resolution.queue
+        if queue.deleting:
+            # Going (a foreground deletion waits for its dependents): its generated token Secret is
+            # collected first, and Ready=False with a Warning about it would be noise on its way out.
+            return
         if resolution.problem is not None and resolution.problem.reason == "SecretPending":
             unreadable = sorted(n for n in self._store.secrets_of(key) if n in self._unreadable)
             if not unreadable:

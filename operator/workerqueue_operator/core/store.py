@@ -89,9 +89,10 @@ class Store:
             self._with_upstream.add(key)
         else:
             self._with_upstream.discard(key)
-        if previous is not None and previous.uid != queue.uid:
-            # Made again under the same name: the token Secret known so far may be the old queue's,
-            # waiting for the garbage collector. Read again, it is judged against this queue.
+        if previous is None or previous.uid != queue.uid:
+            # Made again under the same name (its deletion seen or not): the token Secret known so far
+            # may be the old queue's, kept for another queue that lists it and waiting for the garbage
+            # collector. Read again, it is judged against this queue.
             self._secrets.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)

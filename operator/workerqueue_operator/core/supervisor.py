@@ -84,6 +84,8 @@ class _Probe:
     interval: float = 0.0
     running: bool = False
     reachable: bool | None = None
+    read_generation: int = 0
+    """The queue's generation when the check that found `reachable` began: what the condition says."""
     reason: str = ""
     message: str = ""
     shown: spec_.TemporalStatus | None = None
@@ -699,6 +701,7 @@ class Supervisor:
 
     async def _probe(self, key: QueueKey, probe: _Probe, endpoint: temporal_.Endpoint, task_queue: str) -> None:
         assert self._temporal is not None
+        generation = probe.generation
         queue = self._store.queue(key)
         scaling = queue is not None and queue.spec.scaling is not None
         demand: workers.Demand
@@ -722,13 +725,14 @@ class Supervisor:
             # server's statistic, as `temporal task-queue describe` would.
             demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, unread=unread,
                                     read_at=self._clock())
-            probe.reachable, probe.reason = True, "Reachable"
+            probe.reachable, probe.reason, probe.read_generation = True, "Reachable", generation
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
                                                 busy=len(busy) if scaling else None)
         except temporal_.TemporalUnavailable as exc:
             demand = workers.Demand(backlog=None)
             probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
+            probe.read_generation = generation
             queue = self._store.queue(key)
             if queue is not None and queues.default_temporal_key_withheld(queue.spec, self._settings):
                 probe.message += ("; the operator's default Temporal API key is not sent to a queue's own host: "
@@ -746,7 +750,9 @@ class Supervisor:
             probe.interval = s.backlog_poll_seconds
         else:
             probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
-        self._at(key, probe, time.monotonic() + probe.interval)
+        # The spec changed while this check ran (its Temporal key, say): the check that change asked for
+        # (queue_changed) is this one's next, made now rather than an interval later.
+        self._at(key, probe, time.monotonic() + (probe.interval if probe.generation == generation else 0.0))
         if scaling and self._probes.get(key) is probe:  # not written back for a queue deleted meanwhile
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
@@ -773,7 +779,7 @@ class Supervisor:
             status = "True" if probe.reachable else "False"
             index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
             current = conditions[index] if index is not None else None
-            generation = queue.generation
+            generation = probe.read_generation or queue.generation  # what the check was made for
             ops: list[dict[str, Any]] = []
             if conditions and (current is None or current.get("status") != status or current.get("reason")
                                != probe.reason or current.get("observedGeneration") != generation):
