@@ -473,6 +473,15 @@ async def test_a_temporal_check_under_way_when_the_spec_changes_says_its_generat
     assert (condition["status"], condition["observedGeneration"]) == ("False", 1)
     assert probe.due <= time.monotonic()  # due now: the change's check is next
 
+    # A check of a queue deleted (and made again) meanwhile writes nothing onto the new one.
+    here.watched()
+    supervisor.queue_deleted(key)
+    probe.reachable, probe.read_generation = True, 7
+    await supervisor._show(key, probe)
+    (condition,) = [c for c in kube.get_queue(namespace, "gen")["status"]["conditions"]
+                    if c["type"] == "TemporalReachable"]
+    assert (condition["status"], condition["observedGeneration"]) == ("False", 1)
+
 
 async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_another_replica_wrote_it(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,

@@ -119,7 +119,8 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
         except client_.ERRORS as exc:
             return registry_unavailable(queue, exc)
         if worker is None:
-            return full(queue)
+            # Its disconnect came meanwhile (an unknown worker to it now), or every slot is taken.
+            return errors.detail(404, NOT_FOUND) if not registry.may_rejoin(queue, worker_id, pod=pod) else full(queue)
     if worker is None:
         return errors.detail(404, NOT_FOUND)
     request.app[LOG].log(logging.INFO, "workers_rejoined", "worker %s of %s/%s had no registration here: "

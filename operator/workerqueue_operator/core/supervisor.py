@@ -770,6 +770,8 @@ class Supervisor:
             queue = self._store.queue(key)
             if queue is None or probe.reachable is None or not self._activity.is_active():
                 return  # a probe begun before a stand-down writes nothing, nor takes the watch's copy as ours
+            if self._probes.get(key) is not probe:
+                return  # its queue deleted (and maybe made again) meanwhile: what it found is not this one's
             shown = queue.status
             if not probe.shown_known:
                 # At start and after a standby spell the queue shows what another replica wrote: kept

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import os
 import queue
 import subprocess
@@ -249,8 +250,9 @@ class LocalKubelet(procs.Service):
             if pod is None or self._stopping.is_set():
                 return
             if pod is False:  # now and then, the pods whose environment could not be resolved
-                waiting, self._waiting = list(self._waiting.values()), {}
-                for w in waiting:
+                # Each stays listed while it is tried (_run takes it out): the reason it waited for
+                # is what tells whether a failure is new (said) or the same again (not said).
+                for w in list(self._waiting.values()):
                     self._run_or_wait(w.pod)
                 continue
             self._run_or_wait(pod)
@@ -269,10 +271,10 @@ class LocalKubelet(procs.Service):
 
     def _run(self, pod: Any) -> None:
         meta = pod.metadata
+        before = self._waiting.pop(meta.uid, None)
         with self._lock:
             if meta.uid in self._procs or meta.uid in self._deleted:
                 return
-        before = self._waiting.pop(meta.uid, None)
         container = pod.spec.containers[0]
         try:
             pod_env = self._resolve_env(pod, container)
@@ -299,13 +301,18 @@ class LocalKubelet(procs.Service):
                     preexec_fn=procs.chain(procs.die_with_parent(os.getpid()),
                                            *([procs.own_hostname(hostname)] if self.sets_hostname else [])),
                 )
-        except OSError as e:  # no such command, say: the container cannot start, as a kubelet reports it
+        except OSError as e:
+            if not _cannot_start(e):
+                raise  # a fork that failed for want of memory or processes: tried again (_run_or_wait)
+            # No such command, say: the container cannot start, as a kubelet reports it.
             now = times.rfc3339(time.time())
             terminated = {"exitCode": 128, "reason": "StartError", "message": str(e), "startedAt": now,
                           "finishedAt": now}
-            self._patch_status(pod, {"phase": "Failed", "containerStatuses": [self._container_status(
-                container, ready=False, state={"terminated": terminated})]})
-            self._say(f"pod {meta.namespace}/{meta.name} failed to start: {e}")
+            if not self._patch_status(pod, {"phase": "Failed", "containerStatuses": [self._container_status(
+                    container, ready=False, state={"terminated": terminated})]}):
+                self._waiting[meta.uid] = _Waiting(pod, f"StartError: {e}")  # its status written next time
+            if before is None or before.reason != f"StartError: {e}":
+                self._say(f"pod {meta.namespace}/{meta.name} failed to start: {e}")
             return
         proc = PodProcess(meta.namespace, meta.name, meta.uid, popen, log_path, env, container.name,
                           container.image or "", times.rfc3339(time.time()))
@@ -423,19 +430,29 @@ class LocalKubelet(procs.Service):
         return {"name": container.name, "image": container.image or "", "imageID": "", "ready": ready,
                 "started": ready, "restartCount": 0, "state": state}
 
-    def _patch_status(self, pod: Any, status: dict[str, Any]) -> None:
+    def _patch_status(self, pod: Any, status: dict[str, Any]) -> bool:
+        """Whether the status is written (or needs not be: the pod is gone)."""
         try:
             self._core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
         except ApiException as e:
             if e.status != 404:
                 self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name}: status not written: "
                           f"{e.status} {e.reason}")
+                return False
         except Exception as e:  # the API server unreachable: a status lost, as a kubelet's may be
             self._say(f"pod {pod.metadata.namespace}/{pod.metadata.name}: status not written: {type(e).__name__}")
+            return False
+        return True
 
     def _say(self, message: str) -> None:
         if self._log is not None:
             self._log(f"kubelet: {message}")
+
+
+def _cannot_start(error: OSError) -> bool:
+    """Whether starting the container's command fails for good (as it would at every try)."""
+    return isinstance(error, (FileNotFoundError, PermissionError, NotADirectoryError)) or \
+        error.errno == errno.ENOEXEC
 
 
 def _condition(type_: str, status: str, when: str, reason: str | None = None) -> dict[str, Any]:
