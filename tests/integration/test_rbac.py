@@ -115,7 +115,9 @@ def run_scenario(scenario: Callable[..., None], deployed: Deployed, kube: Kube, 
                  kubectl: Callable[..., Any], **more: Any) -> None:
     """A test function of another module, given the fixtures it asks for by name."""
     available = {"operator": deployed.operator, "kube": kube, "namespace": deployed.namespace,
-                 "contract": contract, "kubectl": kubectl, **more}
+                 "contract": contract, "kubectl": kubectl,
+                 "listed_elsewhere": True,  # its own module's parameter: the case with more to read
+                 **more}
     scenario(**{name: available[name] for name in inspect.signature(scenario).parameters})
 
 
