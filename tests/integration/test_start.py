@@ -433,7 +433,8 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     here = in_process("twin")
     await here.create_ready()
     here.watched()
-    probe = supervisor_._Probe(reachable=False, reason="TemporalUnavailable", message="no answer")
+    probe = here.supervisor._probes[here.key] = supervisor_._Probe(reachable=False, reason="TemporalUnavailable",
+                                                                   message="no answer")
     await here.supervisor._show(here.key, probe)
     await here.supervisor._show(here.key, probe)  # the watch has not brought the first one
     conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
