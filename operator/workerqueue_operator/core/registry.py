@@ -672,10 +672,7 @@ class Registry:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(deleting), DISCONNECT_WAIT_SECONDS)
         if queue is not None:
-            code = "none" if exit_code is None else str(exit_code)
-            self._events.post(involved=_involved(worker, queue.name), reason="WorkerDisconnected",
-                              message=f"worker {worker.worker_id} disconnected: reason {reason[:100]!r}, "
-                              f"exit code {code}", warning=exit_code not in (None, 0))
+            self._post_disconnected(_involved(worker, queue.name), worker.worker_id, reason, exit_code)
 
     async def disconnect_unseen(self, queue: QueueObject, worker_id: str, *, reason: str,
                                 exit_code: int | None) -> bool:
@@ -701,13 +698,14 @@ class Registry:
         except client_.ERRORS as exc:  # a timeout among them
             logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
                         worker_id, queue.namespace, queue.name, type(exc).__name__)
+        self._post_disconnected(_queue_involved(queue.name, queue.namespace, queue.uid), worker_id, reason, exit_code)
+        return True
+
+    def _post_disconnected(self, involved: dict[str, Any], worker_id: str, reason: str, exit_code: int | None) -> None:
         code = "none" if exit_code is None else str(exit_code)
-        involved = {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
-                    "metadata": {"name": queue.name, "namespace": queue.namespace, "uid": queue.uid}}
         self._events.post(involved=involved, reason="WorkerDisconnected",
                           message=f"worker {worker_id} disconnected: reason {reason[:100]!r}, exit code {code}",
                           warning=exit_code not in (None, 0))
-        return True
 
     async def _take_in_stored(self, queue: QueueObject, worker_id: str) -> None:
         """Takes in, as the watch will, the worker's Lease if the API server holds it: read by its name
@@ -1282,5 +1280,9 @@ def _version(body: Mapping[str, Any]) -> str:
 
 
 def _involved(worker: Worker, queue_name: str) -> dict[str, Any]:
+    return _queue_involved(queue_name, worker.namespace, worker.queue_uid)
+
+
+def _queue_involved(name: str, namespace: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
-            "metadata": {"name": queue_name, "namespace": worker.namespace, "uid": worker.queue_uid}}
+            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
