@@ -16,6 +16,7 @@ import yaml
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
 from workerqueue_operator.devcluster.controlplane import ControlPlane
+from workerqueue_operator.devcluster.temporal import TemporalServer
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -183,9 +184,10 @@ def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespa
     assert "QueueFinished" in reasons(kube, namespace, "eph")
 
 
-def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str):
+def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str, temporal: TemporalServer):
+    # Temporal is real: the queue goes once Temporal says nothing of its work is left (test_scaling.py).
     kube.create_queue(namespace, "one", queueId=f"one-{namespace}", ephemeral=True, singleExecution=True,
-                      replicas=3, temporal=TEMPORAL)
+                      replicas=3, temporal={"host": temporal.address, "namespace": temporal.namespace})
     wait_pods(kube, namespace, "one", ["one-w0"])
     time.sleep(1)
     assert kube.pod_names(namespace, "one") == ["one-w0"]
