@@ -157,6 +157,26 @@ def test_evicted_or_unadmitted_pod_is_replaced_at_once_without_counting_a_failur
     assert p.create == (1,) and p.workers.consecutive_failures == 0 and p.workers.failed == 0
 
 
+@pytest.mark.parametrize("exit_code", [None, 137])
+def test_a_pod_failed_as_kubernetes_took_it_away_is_displaced_not_a_crash(exit_code: int | None):
+    """Its node deleted (a spot instance reclaimed): the pod garbage collector sets the pod Failed with
+    no reason and the condition DisruptionTarget, then deletes it. A pass listing it in between counted
+    a crash of the worker, and its replacement waited out a back-off."""
+    terminated = [] if exit_code is None else [
+        {"name": "worker", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]
+    body = {"metadata": {"name": "q1-w0"}, "status": {
+        "phase": "Failed", "containerStatuses": terminated,
+        "conditions": [{"type": "Ready", "status": "False"},
+                       {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"}]}}
+    gone = Pod.from_body(body)
+    assert gone.disrupted and gone.reason == "DeletionByPodGC"
+    p = plan([gone], singleExecution=True)
+    assert p.create == (1,) and p.workers.failed == 0 and p.workers.consecutive_failures == 0
+    assert [e.reason for e in p.events][:1] == ["WorkerDisplaced"] and "DeletionByPodGC" in p.events[0].message
+    body["status"]["conditions"][1]["status"] = "False"
+    assert not Pod.from_body(body).disrupted
+
+
 def test_pods_displaced_again_and_again_are_replaced_after_a_growing_back_off_never_a_crash_loop():
     """A pod evicted for its own ephemeral storage is "Evicted" too, like one of a node under
     pressure: replaced at once each time, they made a tight create-evict loop."""

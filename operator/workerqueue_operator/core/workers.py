@@ -227,6 +227,9 @@ class Pod:
     """Its `spec.hostname` ("": none, see host)."""
     refused: str = ""
     """Why /start turned its worker away, as the registry knows ("": it did not; see Registry.start_refused)."""
+    disrupted: bool = False
+    """It failed as Kubernetes took it away (condition DisruptionTarget): an eviction, a preemption,
+    its node gone (the pod garbage collector fails such pods before deleting them)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -254,6 +257,9 @@ class Pod:
             # the pod Pending, yet its worker may hold an execution, so it must not go as "not started".
             phase = "Running"
         stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
+        disruption = _disruption(status) if phase == "Failed" else None
+        if disruption is not None:
+            reason = str(disruption.get("reason") or reason or "DisruptionTarget")
         generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
         return cls(
             name=meta["name"],
@@ -266,6 +272,7 @@ class Pod:
             stuck_message=stuck_message,
             generation=int(generation) if generation.isdigit() else None,
             hostname=(body.get("spec") or {}).get("hostname") or "",
+            disrupted=disruption is not None,
         )
 
     @property
@@ -301,6 +308,13 @@ def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
             state = container.get("state")
             return state if isinstance(state, Mapping) else {}
     return {}
+
+
+def _disruption(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return condition  # type: ignore[no-any-return]
+    return None
 
 
 def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
@@ -464,7 +478,7 @@ def plan(
             displaced_now.append(pod)
             events.append(Event("WorkerRefused", f"worker {pod.name} exited as /start turned it away "
                                 f"({pod.refused}); it is replaced", warning=True))
-        elif displaced(pod.reason):
+        elif pod.disrupted or displaced(pod.reason):
             # Not the worker's fault, but not always someone else's either: a pod evicted for its own
             # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
             displaced_now.append(pod)
