@@ -213,19 +213,23 @@ def test_a_worker_deleting_its_queue_takes_its_pods_along(kube: Kube, namespace:
 
 
 def test_suspend_lets_running_workers_finish_and_starts_none(kube: Kube, namespace: str):
-    kube.create_queue(namespace, "sus", queueId=f"sus-{namespace}", singleExecution=True, temporal=TEMPORAL)
-    wait_pods(kube, namespace, "sus", ["sus-w0"])
+    kube.create_queue(namespace, "sus", queueId=f"sus-{namespace}", singleExecution=True, replicas=2,
+                      temporal=TEMPORAL)
+    wait_pods(kube, namespace, "sus", ["sus-w0", "sus-w1"])
     kube.set_phase(namespace, "sus-w0", "Running")
     kube.patch_queue(namespace, "sus", {"suspend": True})
     wait_for(lambda: (kube.condition(namespace, "sus", "Progressing") or {}).get("reason") == "Suspended",
              what="Progressing=Suspended")
-    assert kube.pod_names(namespace, "sus") == ["sus-w0"]  # not killed
+    # Not started yet, its worker would only be turned away: deleted. The running one is not killed.
+    wait_pods(kube, namespace, "sus", ["sus-w0"])
+    assert "WorkerDisplaced" not in reasons(kube, namespace, "sus")
+    kube.patch_queue(namespace, "sus", {"replicas": 1})
     kube.set_phase(namespace, "sus-w0", "Succeeded", exit_code=0)
     wait_for(lambda: kube.pod_names(namespace, "sus", alive=False) == [], what="finished pod deleted")
     time.sleep(1)
     assert kube.pod_names(namespace, "sus") == []  # and not replaced while suspended
     kube.patch_queue(namespace, "sus", {"suspend": False})
-    wait_pods(kube, namespace, "sus", ["sus-w1"])
+    wait_pods(kube, namespace, "sus", ["sus-w2"])
 
 
 def test_spec_change_applies_to_new_pods_only(kube: Kube, namespace: str):

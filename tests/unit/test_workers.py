@@ -278,6 +278,15 @@ def test_suspend_stops_creating_but_lets_pods_run():
     assert p.create == () and p.delete == ()
 
 
+@pytest.mark.parametrize("scaling", [None, {"minIdle": 2, "max": 4}])
+def test_suspend_deletes_the_pods_not_started_yet(scaling: dict[str, int] | None):
+    """They started all the same: /start turned their workers away (suspended), and each refusal was a
+    WorkerRefused Warning saying it would be replaced, and a displacement counted."""
+    pods = [pod(0), pod(1, "Pending"), pod(2, "Unknown"), pod(3, "")]
+    p = plan(pods, singleExecution=True, replicas=4, suspend=True, scaling=scaling)
+    assert p.create == () and sorted(p.delete) == ["q1-w1", "q1-w3"]
+
+
 def test_ephemeral_runs_replicas_once_then_deletes_after_ttl():
     p = plan([], ephemeral=True, replicas=2)
     assert p.create == (0, 1)

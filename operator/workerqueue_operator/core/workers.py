@@ -601,6 +601,10 @@ def plan(
 
     if s.scaling is None and manages_pods(s):
         scale_down = _surplus_not_started(alive, w.desired)
+    if s.suspend and manages_pods(s):
+        # A worker starting now would be turned away by /start (the queue is suspended): a pod not
+        # started yet goes, as a suspended Job's; a running one finishes its work.
+        scale_down = sorted({*scale_down, *_surplus_not_started(alive, 0)})
     create: tuple[int, ...] = ()
     missing = w.desired - len(alive)
     if missing <= 0:
