@@ -723,6 +723,45 @@ def test_workers_that_cannot_start_are_listed_and_told_once_each_never_replaced(
     assert fixed.workers.stuck == [] and not fixed.events
 
 
+def made(body: dict[str, Any], at: float) -> dict[str, Any]:
+    body["metadata"]["creationTimestamp"] = times.rfc3339(at)
+    return body
+
+
+def test_an_unschedulable_worker_is_reported_only_once_a_node_could_have_been_added():
+    """A cluster autoscaler adds a node for a pod the scheduler cannot place yet, in minutes: told at
+    once, every scale-up was a Warning and the queue's Progressing turned False for a while."""
+    waiting = Pod.from_body(made(pending_body("q1-w0", unschedulable=True), T0))
+    early = plan([waiting], singleExecution=True, now=T0 + 10)
+    assert early.workers.stuck == [] and not early.events and early.create == ()
+    assert early.requeue_after == pytest.approx(workers.UNSCHEDULABLE_GRACE_SECONDS - 10)
+    late = plan([waiting], early.workers, singleExecution=True, now=T0 + workers.UNSCHEDULABLE_GRACE_SECONDS)
+    assert late.workers.stuck == ["q1-w0: Unschedulable"]
+    assert [e.reason for e in late.events] == ["WorkerNotStarting"]
+    assert "Insufficient memory" in late.events[0].message
+    # An image that cannot be pulled is told at once: no node change fixes it.
+    pull = Pod.from_body(made(pending_body("q1-w0", waiting="ImagePullBackOff"), T0))
+    assert plan([pull], singleExecution=True, now=T0 + 10).workers.stuck == ["q1-w0: ImagePullBackOff"]
+
+
+def test_a_worker_not_started_for_any_reason_is_reported_after_a_deadline():
+    """Stuck in ContainerCreating (a CNI out of addresses, a volume that never mounts) matched none of
+    the lasting reasons: the pod held its place for good, with Progressing True and no Warning."""
+    creating = Pod.from_body(made(pending_body("q1-w0", waiting="ContainerCreating"), T0))
+    early = plan([creating], singleExecution=True, now=T0 + 60)
+    assert early.workers.stuck == [] and not early.events
+    assert early.requeue_after == pytest.approx(workers.PENDING_DEADLINE_SECONDS - 60)
+    late = plan([creating], early.workers, singleExecution=True, now=T0 + workers.PENDING_DEADLINE_SECONDS)
+    assert late.workers.stuck == ["q1-w0: ContainerCreating"] and late.create == () and late.delete == ()
+    assert [e.reason for e in late.events] == ["WorkerNotStarting"]
+    assert "not started 600s after it was made" in late.events[0].message
+    silent = Pod.from_body(made(pending_body("q1-w0"), T0))
+    assert plan([silent], singleExecution=True, now=T0 + 601).workers.stuck == ["q1-w0: NotStarted"]
+    running = plan([dataclasses.replace(creating, phase="Running")], late.workers, singleExecution=True,
+                   now=T0 + 700)
+    assert running.workers.stuck == [] and not running.events
+
+
 def test_a_worker_that_cannot_start_is_replaced_once_the_spec_changes():
     # Stuck on generation 1's image; the image is fixed (generation 2): a pod of the new spec replaces it.
     stuck = dataclasses.replace(Pod.from_body(pending_body("q1-w0", waiting="ImagePullBackOff")), index=0,

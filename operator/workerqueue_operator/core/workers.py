@@ -12,7 +12,7 @@ import copy
 import hashlib
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from secrets import token_urlsafe
 from typing import Any, NamedTuple
 
@@ -60,6 +60,11 @@ STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeve
 # The kubelet alternates the two image-pull reasons: they are one.
 _SAME_REASON = {"ErrImagePull": "ImagePullBackOff"}
 STUCK_MESSAGE_MAX = 300
+UNSCHEDULABLE_GRACE_SECONDS = 300.0
+"""How long a pod may be Unschedulable before it is reported: a cluster autoscaler adds nodes for it."""
+PENDING_DEADLINE_SECONDS = 600.0
+"""How long a pod may stay not started, for any reason, before it is reported (Deployment's default
+progressDeadlineSeconds)."""
 HOSTNAME_MAX = 63
 
 
@@ -227,6 +232,11 @@ class Pod:
     """Its `spec.hostname` ("": none, see host)."""
     refused: str = ""
     """Why /start turned its worker away, as the registry knows ("": it did not; see Registry.start_refused)."""
+    pending_reason: str = ""
+    """What a Pending pod waits for, lasting or not ("ContainerCreating", "Unschedulable", ...)."""
+    pending_message: str = ""
+    created: float | None = None
+    """Its creationTimestamp (epoch seconds), if known."""
     disrupted: bool = False
     """It failed as Kubernetes took it away (condition DisruptionTarget): an eviction, a preemption,
     its node gone (the pod garbage collector fails such pods before deleting them)."""
@@ -256,7 +266,7 @@ class Pod:
             # The worker runs while a sidecar never started (its image not pulled): the kubelet keeps
             # the pod Pending, yet its worker may hold an execution, so it must not go as "not started".
             phase = "Running"
-        stuck, stuck_message = _stuck(status) if phase == "Pending" else ("", "")
+        cause, cause_message, lasting = _pending_cause(status) if phase == "Pending" else ("", "", False)
         disruption = _disruption(status) if phase == "Failed" else None
         if disruption is not None:
             reason = str(disruption.get("reason") or reason or "DisruptionTarget")
@@ -268,8 +278,11 @@ class Pod:
             index=int(match.group(1)) if match else None,
             reason=reason,
             exit_code=exit_code,
-            stuck=stuck,
-            stuck_message=stuck_message,
+            stuck=cause if lasting else "",
+            stuck_message=cause_message if lasting else "",
+            pending_reason=cause,
+            pending_message=cause_message,
+            created=times.parse_or_none(meta.get("creationTimestamp")),
             generation=int(generation) if generation.isdigit() else None,
             hostname=(body.get("spec") or {}).get("hostname") or "",
             disrupted=disruption is not None,
@@ -317,18 +330,43 @@ def _disruption(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def _stuck(status: Mapping[str, Any]) -> tuple[str, str]:
-    """(reason, message) of a Pending pod that will not start by itself, ("", "") otherwise."""
+def _pending_cause(status: Mapping[str, Any]) -> tuple[str, str, bool]:
+    """(reason, message, lasting) of a Pending pod: one of STUCK_REASONS if any (lasting: it will not
+    start by itself), else the first reason it waits for ("ContainerCreating"), else ("", "", False)."""
     waiting = [(container.get("state") or {}).get("waiting") or {}
                for key in ("initContainerStatuses", "containerStatuses") for container in status.get(key) or []]
     scheduling = [c for c in status.get("conditions") or []
                   if c.get("type") == "PodScheduled" and c.get("status") == "False"]
+    first: tuple[str, str, bool] = ("", "", False)
     for cause in (*waiting, *scheduling):
         reason = cause.get("reason") or ""
         reason = _SAME_REASON.get(reason, reason)
+        message = str(cause.get("message") or "")[:STUCK_MESSAGE_MAX]
         if reason in STUCK_REASONS:
-            return reason, str(cause.get("message") or "")[:STUCK_MESSAGE_MAX]
-    return "", ""
+            return reason, message, True
+        if reason and not first[0]:
+            first = (reason, message, False)
+    return first
+
+
+def _judged(pod: Pod, now: float, requeue: list[float]) -> Pod:
+    """The pod, stuck or not as its age says: Unschedulable only past a grace (a cluster autoscaler
+    is adding a node), and any pod still not started past a deadline (a CNI out of addresses, a volume
+    that never mounts), as a Deployment's progressDeadlineSeconds tells."""
+    if pod.phase not in ("Pending", "") or pod.created is None:
+        return pod
+    age = now - pod.created
+    if pod.stuck == "Unschedulable" and age < UNSCHEDULABLE_GRACE_SECONDS:
+        requeue.append(UNSCHEDULABLE_GRACE_SECONDS - age)
+        return replace(pod, stuck="", stuck_message="")
+    if pod.stuck:
+        return pod
+    if age < PENDING_DEADLINE_SECONDS:
+        requeue.append(PENDING_DEADLINE_SECONDS - age)
+        return pod
+    detail = f": {pod.pending_message}" if pod.pending_message else ""
+    return replace(pod, stuck=pod.pending_reason or "NotStarted",
+                               stuck_message=f"not started {age:.0f}s after it was made{detail}"[:STUCK_MESSAGE_MAX])
 
 
 @dataclass(frozen=True)
@@ -526,7 +564,7 @@ def plan(
 
     # Names are never reused, not even those of pods already deleted.
     w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
-    alive = [p for p in pods if p.alive]
+    alive = [_judged(p, now, requeue) for p in pods if p.alive]
     # A pod that cannot start (its image, its config, scheduling) made for an older spec is replaced by
     # one of the current spec: it never ran a worker, and the change may well be the fix.
     outdated = {p.name for p in alive if p.stuck and p.generation is not None and p.generation < queue.generation}
