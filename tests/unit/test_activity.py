@@ -272,3 +272,34 @@ async def test_only_the_active_replica_sweeps_refusal_records(monkeypatch: pytes
         resync.cancel()
         await asyncio.gather(resync, return_exceptions=True)
         await kube.close()
+
+
+def test_a_pod_already_being_deleted_when_first_seen_is_not_counted_as_displaced():
+    """After a restart or a handover, the pods the previous replica deleted that still terminate (a
+    sidecar, a long grace period) were each a WorkerDisplaced Warning, "deleted by someone else", and
+    counted a displacement. Only a pod this replica saw alive counts when someone else deletes it."""
+    import kubernetes
+
+    from tests.unit.factories import queue
+    from workerqueue_operator.core import workers
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is read or written
+    supervisor = Supervisor(store=Store(settings=Settings()), client=kube, settings=Settings(),
+                            events=EventPoster(kube), activity=Activity(identity="me", priority=0))
+    key = queue("q").key
+
+    def listed(*names: str, deleting: tuple[str, ...] = ()) -> list[workers.Pod]:
+        return [workers.Pod(name=n, phase="Running", deleting=n in deleting, index=i) for i, n in enumerate(names)]
+
+    first = listed("q-w0", "q-w1", deleting=("q-w0",))
+    assert supervisor._deleted_outside(key, first) == frozenset()  # the replica before this one deleted it
+    supervisor._passed(key, first)
+    later = listed("q-w0", "q-w1", deleting=("q-w0", "q-w1"))
+    assert supervisor._deleted_outside(key, later) == frozenset({"q-w1"})  # seen alive, deleted by another
+    supervisor._passed(key, listed("q-w1"))
+    assert supervisor._deleted_outside(key, []) == frozenset({"q-w1"})  # seen alive, gone now

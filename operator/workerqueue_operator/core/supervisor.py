@@ -367,14 +367,14 @@ class Supervisor:
             self._queue.add_after(key, plan.requeue_after)
 
     def _deleted_outside(self, key: QueueKey, pods: list[workers.Pod]) -> frozenset[str]:
-        """The pods someone else deleted: being deleted, or alive at the last pass and gone since. A
-        finished one being deleted only if the last pass saw it alive (it finished, and was deleted,
-        before a pass counted it): one this operator deleted before a restart may be finished too."""
+        """The pods someone else deleted: alive at the last pass (or made since), and being deleted or
+        gone now, not by this replica. One already being deleted when this replica first saw it may
+        be any replica's doing: this one's before a restart, the other's before a handover (a pod
+        terminating for a while, with a sidecar or a long grace period), and is not counted."""
         seen = self._alive_seen.get(key, frozenset())
         listed = {pod.name for pod in pods}
         gone = seen - listed
-        deleting = {pod.name for pod in pods
-                    if pod.deleting and (pod.phase in workers.ALIVE_PHASES or pod.name in seen)}
+        deleting = {pod.name for pod in pods if pod.deleting and pod.name in seen}
         return frozenset((gone | deleting) - self._deleted_here.get(key, set()))
 
     def _passed(self, key: QueueKey, pods: list[workers.Pod]) -> None:
