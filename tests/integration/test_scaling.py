@@ -206,29 +206,6 @@ async def test_an_ephemeral_queue_scales_to_its_max_and_goes_once_its_work_is_do
     wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="the finished queue deleted")
 
 
-async def test_an_ephemeral_single_execution_queue_whose_worker_gave_up_with_work_waiting_gets_another(
-        kube: Kube, namespace: str, temporal: TemporalServer):
-    """The real worker exits 0 when it gives up (1,800 s after its polls began), its execution not
-    come yet or still running. That success deleted the queue, and the work was left with no worker.
-    No kubelet: the test moves the pods through their phases; Temporal is real."""
-    queue_id = f"gave-{namespace}"
-    kube.create_queue(namespace, "gave", queueId=queue_id, ephemeral=True, singleExecution=True,
-                      temporal={"host": temporal.address, "namespace": temporal.namespace})
-    wait_for(lambda: kube.pod_names(namespace, "gave") == ["gave-w0"], timeout=15, what="its worker")
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    handle = await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 1},
-                                         id=f"gave-{secrets.token_hex(3)}", task_queue=queue_id)
-    kube.set_phase(namespace, "gave-w0", "Succeeded", exit_code=0, reason="Completed")  # gave up
-    with telling(kube, namespace, "gave"):
-        wait_for(lambda: kube.pod_names(namespace, "gave") == ["gave-w1"], timeout=15, what="another worker")
-    assert kube.queue_exists(namespace, "gave")
-    assert "WorkRemains" in [e.reason for e in kube.events(namespace, "gave")]
-
-    await handle.terminate("done")  # as if gave-w1's worker had run it
-    kube.set_phase(namespace, "gave-w1", "Succeeded", exit_code=0, reason="Completed")
-    wait_for(lambda: not kube.queue_exists(namespace, "gave"), timeout=20, what="the finished queue deleted")
-
-
 async def test_a_worker_running_another_workflows_activity_is_not_deleted_as_idle(
         kube: Kube, namespace: str, temporal: TemporalServer):
     """Any worker polling the task queue may take any workflow's activity (the real worker's LLM step

@@ -16,7 +16,6 @@ import yaml
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
 from workerqueue_operator.devcluster.controlplane import ControlPlane
-from workerqueue_operator.devcluster.temporal import TemporalServer
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -184,10 +183,9 @@ def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespa
     assert "QueueFinished" in reasons(kube, namespace, "eph")
 
 
-def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str, temporal: TemporalServer):
-    # Temporal is real: the queue goes once Temporal says nothing of its work is left (test_scaling.py).
+def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str):
     kube.create_queue(namespace, "one", queueId=f"one-{namespace}", ephemeral=True, singleExecution=True,
-                      replicas=3, temporal={"host": temporal.address, "namespace": temporal.namespace})
+                      replicas=3, temporal=TEMPORAL)
     wait_pods(kube, namespace, "one", ["one-w0"])
     time.sleep(1)
     assert kube.pod_names(namespace, "one") == ["one-w0"]

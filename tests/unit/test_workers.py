@@ -298,54 +298,11 @@ def test_ephemeral_runs_replicas_once_then_deletes_after_ttl():
     assert later.delete_queue is not None and later.delete_queue.reason == "QueueFinished"
 
 
-ONE_TASK = {"ephemeral": True, "singleExecution": True, "replicas": 5}
-
-
-def one_task(pods: list[Pod], previous: WorkersStatus | None = None, now: float = T0,
-             demand: workers.Demand | None = None) -> workers.Plan:
-    return workers.plan(queue(**ONE_TASK), pods, previous=previous or WorkersStatus(), now=now, created=T0 - 100,
-                        settings=SETTINGS, demand=demand)
-
-
 def test_ephemeral_single_execution_is_one_worker_one_task():
-    p = one_task([])
+    p = plan([], ephemeral=True, singleExecution=True, replicas=5)
     assert p.create == (0,)
-    done = one_task([pod(0, "Succeeded")], p.workers, demand=workers.Demand(backlog=0, read_at=T0 - 1))
-    assert done.delete_queue is None and done.create == ()  # Temporal read before the worker finished: not yet
-    assert done.requeue_after == SETTINGS.backlog_poll_seconds
-    gone = one_task([], done.workers, now=T0 + 1, demand=workers.Demand(backlog=0, read_at=T0 + 1))
-    assert gone.delete_queue is not None and gone.delete_queue.reason == "QueueFinished" and gone.create == ()
-
-
-@pytest.mark.parametrize("left", [workers.Demand(backlog=1), workers.Demand(backlog=0, busy=frozenset({"q1-w0"})),
-                                  workers.Demand(backlog=0, unread=1)], ids=["waiting", "running", "unread"])
-def test_an_ephemeral_single_execution_worker_that_gave_up_with_work_left_is_followed_by_another(
-        left: workers.Demand):
-    """The real worker gives up 1,800 s after its polls began and exits 0 whatever its execution did:
-    not come yet, or still running (its Temporal worker stops, the workflow waits for another). That
-    success deleted the queue, and the work was left with no worker for good."""
-    done = one_task([pod(0, "Succeeded")], one_task([]).workers, demand=workers.Demand(backlog=0, read_at=T0 - 5))
-    assert done.workers.finished_time == times.rfc3339(T0) and done.delete_queue is None
-    again = one_task([], done.workers, now=T0 + 2, demand=dataclasses.replace(left, read_at=T0 + 2))
-    assert again.create == (1,) and again.delete_queue is None and again.workers.finished_time is None
-    assert "WorkRemains" in [e.reason for e in again.events]
-    starting = one_task([pod(1, "Pending")], again.workers, now=T0 + 3,
-                        demand=workers.Demand(backlog=0, read_at=T0 + 3))
-    assert starting.delete == () and starting.create == () and starting.workers.desired == 1
-    assert not starting.events
-    over = one_task([pod(1, "Succeeded")], again.workers, now=T0 + 60,
-                    demand=workers.Demand(backlog=0, read_at=T0 + 59))
-    assert over.create == () and over.delete_queue is None  # read before this one finished
-    gone = one_task([], over.workers, now=T0 + 61, demand=workers.Demand(backlog=0, read_at=T0 + 61))
-    assert gone.delete_queue is not None and gone.create == ()
-
-
-def test_a_finished_ephemeral_single_execution_queue_stays_while_temporal_cannot_say_what_is_left():
-    done = one_task([pod(0, "Succeeded")], one_task([]).workers)
-    unknown = one_task([], done.workers, now=T0 + 600, demand=workers.Demand(backlog=None, read_at=T0 + 600))
-    assert unknown.delete_queue is None and unknown.create == () and unknown.requeue_after is None
-    stale = one_task([], done.workers, now=T0 + 600, demand=workers.Demand(backlog=1, read_at=T0 + 1))
-    assert stale.delete_queue is None and stale.create == ()  # a reading too old to act on
+    done = plan([pod(0, "Succeeded")], p.workers, ephemeral=True, singleExecution=True, replicas=5)
+    assert done.delete_queue is not None and done.create == ()
 
 
 def test_active_deadline_deletes_an_ephemeral_queue():

@@ -8,11 +8,10 @@ cost as much memory and CPU as the operator's own.
 
 It also watches each queue's Temporal task queue (`_poll`, on the active replica): TemporalReachable
 and `status.temporal` for every queue, and the demand (backlog, busy pods) that sizes the pods of
-scaling queues and of ephemeral single-execution queues (workers.follows_work). Their work is read
-every `backlog_poll_seconds` while they have work or workers, the interval doubling up to
-`backlog_idle_poll_seconds` while they have neither; a changed demand reconciles the queue at
-once. Status is written only on change and at most every `temporal_status_seconds` per queue (a
-reachability change at once).
+scaling queues. The backlog of a scaling queue is read every `backlog_poll_seconds` while it has
+work or workers, the interval doubling up to `backlog_idle_poll_seconds` while it has neither; a
+changed demand reconciles the queue at once. Status is written only on change and at most every
+`temporal_status_seconds` per queue (a reachability change at once).
 
 One reconcile per queue at a time; pod names are deterministic, so a retried or concurrent create
 fails with AlreadyExists instead of making a second pod (also in the moment two replicas overlap).
@@ -596,7 +595,7 @@ class Supervisor:
                 if not self._activity.is_active():
                     continue  # status and scaling are the active replica's
                 # While queues wait for their Ready status (10,000 at start-up), reachability and its
-                # writes wait too: only queues whose pods follow their work (scaling ones) go on.
+                # writes wait too: only scaling queues, whose pods depend on their backlog, go on.
                 hold = self._statuses_behind()
                 if not hold:
                     for entry in held:
@@ -614,7 +613,7 @@ class Supervisor:
                     if step == "later":
                         self._at(key, probe, loop_now + _TICK)  # after this tick's loop: not spun on now
                         continue
-                    if hold and not self._follows_work(key):
+                    if hold and not self._scaling(key):
                         held.append(entry)
                         continue
                     if show:
@@ -689,9 +688,9 @@ class Supervisor:
         finally:
             probe.running = False
 
-    def _follows_work(self, key: QueueKey) -> bool:
+    def _scaling(self, key: QueueKey) -> bool:
         queue = self._store.queue(key)
-        return queue is not None and workers.follows_work(queue.spec)
+        return queue is not None and queue.spec.scaling is not None
 
     def _target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
@@ -705,14 +704,13 @@ class Supervisor:
         generation = probe.generation
         queue = self._store.queue(key)
         scaling = queue is not None and queue.spec.scaling is not None
-        reads_work = queue is not None and workers.follows_work(queue.spec)
         demand: workers.Demand
         try:
-            async with self._scaling_gate if reads_work else self._probe_gate:
+            async with self._scaling_gate if scaling else self._probe_gate:
                 info = await self._temporal.describe_task_queue(endpoint, task_queue)
                 busy: frozenset[str] = frozenset()
                 waiting = unread = 0
-                if reads_work:
+                if scaling:
                     # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
                     # wait ~5 s for it); the running workflows that no worker has taken yet are known
                     # at once, and so is who holds the others.
@@ -725,7 +723,7 @@ class Supervisor:
                     unread = sum(1 for e in found if e.status == "running" and e.holder_unread)
             # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
             # server's statistic, as `temporal task-queue describe` would.
-            demand = workers.Demand(backlog=waiting if reads_work else info.backlog or 0, busy=busy, unread=unread,
+            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, unread=unread,
                                     read_at=self._clock())
             probe.reachable, probe.reason, probe.read_generation = True, "Reachable", generation
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
@@ -746,7 +744,7 @@ class Supervisor:
             probe.running = False  # left "under way", its queue would never be probed again
             raise
         s = self._settings
-        if not reads_work:
+        if not scaling:
             probe.interval = s.temporal_check_seconds
         elif (demand.backlog or 0) > 0 or self._alive.get(key):
             probe.interval = s.backlog_poll_seconds
@@ -755,7 +753,7 @@ class Supervisor:
         # The spec changed while this check ran (its Temporal key, say): the check that change asked for
         # (queue_changed) is this one's next, made now rather than an interval later.
         self._at(key, probe, time.monotonic() + (probe.interval if probe.generation == generation else 0.0))
-        if reads_work and self._probes.get(key) is probe:  # not written back for a queue deleted meanwhile
+        if scaling and self._probes.get(key) is probe:  # not written back for a queue deleted meanwhile
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
             if before is None or before != demand or not before.fresh(self._clock()):

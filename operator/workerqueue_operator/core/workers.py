@@ -376,12 +376,6 @@ class Event:
     warning: bool = False
 
 
-def follows_work(s: spec_.WorkerQueueSpec) -> bool:
-    """Whether the queue's pods follow its work in Temporal (a Demand): a scaling queue's, and an
-    ephemeral single-execution queue's, whose one worker may exit 0 without having done the work."""
-    return s.scaling is not None or (s.ephemeral and s.single_execution)
-
-
 DEMAND_STALE_SECONDS = 30.0
 """Scaling acts on a Temporal reading at most this old; the backlog is read every 1-2 s."""
 UNSURE_RETRY_SECONDS = 5.0
@@ -393,7 +387,7 @@ an older reading shows idle in it."""
 
 @dataclass(frozen=True)
 class Demand:
-    """The work of a queue that follows_work, as Temporal last told it."""
+    """The work of a scaling queue, as Temporal last told it."""
 
     backlog: int | None
     """Workflow tasks waiting on the task queue; None: unknown (Temporal unreachable), so the desired
@@ -459,7 +453,7 @@ def plan(
     deleted_outside: Collection[str] = (),
 ) -> Plan:
     """What to do about a queue's worker pods now. `created` is the queue's creation time; `demand`
-    the work of a queue that follows_work (None: nothing known yet); `deleted_outside` the pods
+    the work of a queue with `spec.scaling` (None: nothing known yet); `deleted_outside` the pods
     not finished that someone else deleted (being deleted, or gone since the last pass)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
@@ -589,14 +583,6 @@ def plan(
     elif s.ephemeral:
         completions = 1 if s.single_execution else s.replicas
         w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
-        if s.single_execution and w.desired == 0 and (alive or _work_left(demand, w.finished_time, now)):
-            # Its worker exited 0 with the work not done: the real worker gives up 1,800 s after it began
-            # polling, whether its execution came, ran or not. The work gets a worker again, kept until
-            # it exits too.
-            w.desired = 1
-            if not alive:
-                events.append(Event("WorkRemains", "the worker exited while work waits or runs on the task "
-                                    "queue: starting another"))
     else:
         w.desired = min(s.replicas, cap)
 
@@ -621,16 +607,9 @@ def plan(
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
             expires = times.parse(w.finished_time) + s.ttl_seconds_after_finished
             # A scaling queue's work may have come back meanwhile: deleted only once Temporal says
-            # nothing waits (unreachable, or not read yet since a restart or a handover: not yet). A
-            # single-execution queue's, on a reading made since its worker finished (see _work_left).
-            if s.scaling is not None:
-                nothing_known_waits = demand is not None and demand.backlog is not None and demand.fresh(now)
-            elif s.single_execution:
-                nothing_known_waits = _read_since(demand, w.finished_time, now)
-                if not nothing_known_waits and demand is not None and demand.backlog is not None:
-                    requeue.append(settings.backlog_poll_seconds)  # a next reading equal to this one requeues nothing
-            else:
-                nothing_known_waits = True
+            # nothing waits (unreachable, or not read yet since a restart or a handover: not yet).
+            nothing_known_waits = s.scaling is None or (
+                demand is not None and demand.backlog is not None and demand.fresh(now))
             if now >= expires and nothing_known_waits:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
             elif now < expires:
@@ -676,25 +655,6 @@ def plan(
         delete_queue=delete_queue,
         requeue_after=min(requeue) if requeue else None,
     )
-
-
-def _read_since(demand: Demand | None, finished_time: str | None, now: float) -> bool:
-    """Whether Temporal was read, and told what waits, after the workers finished: a reading made
-    before may show running the execution the worker saw finish, or miss one started since."""
-    finished = times.parse_or_none(finished_time)
-    if demand is None or demand.backlog is None or not demand.fresh(now) or finished is None:
-        return False
-    # The time is of whole seconds: the finish was within the second after it.
-    return (demand.read_at if demand.read_at is not None else now) >= finished + 1.0
-
-
-def _work_left(demand: Demand | None, finished_time: str | None, now: float) -> bool:
-    """Whether, read after its workers finished, an ephemeral single-execution queue's task queue
-    still has a workflow running or waiting: one whose worker gave up before it came, or before it
-    was over (the worker's Temporal worker stopped then; its workflow waits for another)."""
-    if demand is None or not _read_since(demand, finished_time, now):
-        return False
-    return bool(demand.backlog or demand.busy or demand.unread)
 
 
 def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
