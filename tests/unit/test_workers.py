@@ -696,6 +696,10 @@ def test_an_unschedulable_worker_is_reported_only_once_a_node_could_have_been_ad
     assert late.workers.stuck == ["q1-w0: Unschedulable"]
     assert [e.reason for e in late.events] == ["WorkerNotStarting"]
     assert "Insufficient memory" in late.events[0].message
+    # Made for an older spec (smaller requests may be the fix): replaced at once by one of the new spec.
+    older = dataclasses.replace(waiting, generation=1)
+    changed = plan([older], WorkersStatus(next_index=1), generation=2, singleExecution=True, now=T0 + 10)
+    assert changed.delete == ("q1-w0",) and changed.create == (1,)
     # An image that cannot be pulled is told at once: no node change fixes it.
     pull = Pod.from_body(made(pending_body("q1-w0", waiting="ImagePullBackOff"), T0))
     assert plan([pull], singleExecution=True, now=T0 + 10).workers.stuck == ["q1-w0: ImagePullBackOff"]

@@ -349,14 +349,16 @@ def _pending_cause(status: Mapping[str, Any]) -> tuple[str, str, bool]:
     return first
 
 
-def _judged(pod: Pod, now: float, requeue: list[float]) -> Pod:
+def _judged(pod: Pod, now: float, generation: int, requeue: list[float]) -> Pod:
     """The pod, stuck or not as its age says: Unschedulable only past a grace (a cluster autoscaler
     is adding a node), and any pod still not started past a deadline (a CNI out of addresses, a volume
-    that never mounts), as a Deployment's progressDeadlineSeconds tells."""
+    that never mounts), as a Deployment's progressDeadlineSeconds tells. One made for an older spec
+    and Unschedulable is stuck at once: it is replaced by one of the current spec, which may fit."""
     if pod.phase not in ("Pending", "") or pod.created is None:
         return pod
     age = now - pod.created
-    if pod.stuck == "Unschedulable" and age < UNSCHEDULABLE_GRACE_SECONDS:
+    outdated = pod.generation is not None and pod.generation < generation
+    if pod.stuck == "Unschedulable" and age < UNSCHEDULABLE_GRACE_SECONDS and not outdated:
         requeue.append(UNSCHEDULABLE_GRACE_SECONDS - age)
         return replace(pod, stuck="", stuck_message="")
     if pod.stuck:
@@ -558,7 +560,7 @@ def plan(
 
     # Names are never reused, not even those of pods already deleted.
     w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
-    alive = [_judged(p, now, requeue) for p in pods if p.alive]
+    alive = [_judged(p, now, queue.generation, requeue) for p in pods if p.alive]
     # A pod that cannot start (its image, its config, scheduling) made for an older spec is replaced by
     # one of the current spec: it never ran a worker, and the change may well be the fix.
     outdated = {p.name for p in alive if p.stuck and p.generation is not None and p.generation < queue.generation}
