@@ -35,6 +35,14 @@ class Row(TypedDict):
     """Non-200 answers and failed requests, baseline and operator together: must be 0."""
 
 
+class ScaleLoad(TypedDict):
+    """The /start load at 16 clients over the 10,000 queues."""
+
+    operator_cpu_ms_per_req: float | None
+    others_cpu_seconds: dict[str, float]
+    """CPU the control plane's processes used meanwhile."""
+
+
 class Footprint(TypedDict):
     """The operator process with N queues."""
 
@@ -92,7 +100,7 @@ def passthrough_lines(rows: list[PassthroughRow], path: str) -> str:
 def make_row(queues: int, concurrency: int, baseline: LoadResult, operator: LoadResult,
              baseline_cpu: float | None, operator_cpu: float | None) -> Row:
     throughput_ratio = operator["rps"] / baseline["rps"] if baseline["rps"] else 0.0
-    base_cpu, op_cpu = _per_request(baseline_cpu, baseline), _per_request(operator_cpu, operator)
+    base_cpu, op_cpu = cpu_ms_per_request(baseline_cpu, baseline), cpu_ms_per_request(operator_cpu, operator)
     p50_ratio = operator["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else float("inf")
     return Row(
         queues=queues, concurrency=concurrency, baseline=baseline, operator=operator,
@@ -104,7 +112,7 @@ def make_row(queues: int, concurrency: int, baseline: LoadResult, operator: Load
     )
 
 
-def _per_request(cpu_seconds: float | None, result: LoadResult) -> float | None:
+def cpu_ms_per_request(cpu_seconds: float | None, result: LoadResult) -> float | None:
     if cpu_seconds is None or not result["total_requests"]:
         return None
     return cpu_seconds / result["total_requests"] * 1000
@@ -180,7 +188,7 @@ def writes_text(writes: dict[str, int], queues: int, most: int = 4) -> str:
 
 
 def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
-                restart: tuple[float, int | None] | None = None) -> str:
+                restart: tuple[float, int | None] | None = None, load: ScaleLoad | None = None) -> str:
     """The 10,000-queue runs (issue 11): goals Ready <= 30 s after start, RSS <= 300 MiB, /start p50 flat."""
     def mib(kib: int | None) -> str:
         return "-" if kib is None else f"{kib / 1024:.0f} MiB"
@@ -207,5 +215,11 @@ def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
         others = ", ".join(f"{r['queues']} queues {r['operator']['p50_ms']:.2f} ms" for r in same)
         out.append(f"/start p50 at concurrency 16 with {runs[0]['queues']} queues: {p50_ms:.2f} ms"
                    + (f" (table above: {others})" if others else ""))
+        if load is not None:
+            ms = load["operator_cpu_ms_per_req"]
+            spent = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in load["others_cpu_seconds"].items())
+            out.append(f"  meanwhile: operator CPU {_cpu(ms)} ms a request (table above: "
+                       + ", ".join(f"{r['queues']} queues {_cpu(r['operator_cpu_ms_per_req'])}" for r in same)
+                       + f"); CPU of the others: {spent}")
     out.append("Goals (issue 11): Ready <= 30 s after start, VmRSS <= 300 MiB, /start p50 flat.")
     return "\n".join(out)

@@ -203,6 +203,7 @@ class Bench:
         self.passthrough: list[report.PassthroughRow] = []
         self.scale: list[report.Footprint] = []
         self.scale_p50: float | None = None
+        self.scale_load: report.ScaleLoad | None = None
         self.scale_restart: tuple[float, int | None] | None = None
         self.handover: list[handover.HandoverResult] = []
 
@@ -261,8 +262,13 @@ class Bench:
             if targets:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
                 targets_file.write_text(json.dumps(targets))
-                result, _ = self._load(operator, targets_file, 16, count)
+                others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
+                result, cpu = self._load(operator, targets_file, 16, count)
                 self.scale_p50 = result["p50_ms"]
+                # What the p50 is made of: the operator's CPU per request, and what the rest of the
+                # machine (the control plane) spent meanwhile, out of the same two cores.
+                self.scale_load = {"operator_cpu_ms_per_req": report.cpu_ms_per_request(cpu, result),
+                                   "others_cpu_seconds": _cpu_since(self.servers, others_before)}
             self.scale.append(report.Footprint(
                 queues=count, generated=generated, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),
@@ -561,7 +567,7 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
         print(report.passthrough_lines(bench.passthrough, PASSTHROUGH_PATH.format(queue_id="{id}")))
     if bench.scale:
         print()
-        print(report.scale_lines(bench.scale, bench.scale_p50, bench.rows, bench.scale_restart))
+        print(report.scale_lines(bench.scale, bench.scale_p50, bench.rows, bench.scale_restart, bench.scale_load))
     if bench.handover:
         print()
         print(handover.lines(bench.handover))
@@ -577,7 +583,7 @@ def _print(bench: Bench, wall: float, args: argparse.Namespace, work_dir: Path) 
                                "max_p50_ratio": report.MAX_P50_RATIO},
                    "rows": bench.rows, "operator": bench.footprints, "spawn": bench.spawn, "scaling": bench.scaling,
                    "heartbeats": bench.heartbeats, "passthrough": bench.passthrough,
-                   "scale": {"runs": bench.scale, "start_p50_ms_c16": bench.scale_p50,
+                   "scale": {"runs": bench.scale, "start_p50_ms_c16": bench.scale_p50, "load": bench.scale_load,
                              "restart": bench.scale_restart},
                    "handover": bench.handover}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

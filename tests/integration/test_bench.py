@@ -79,6 +79,9 @@ def test_quick_benchmark_writes_its_figures(tmp_path: Path, k8s_assets: Path) ->
     assert generated["writes_until_ready"]["POST secrets"] == 200, generated
     assert "API-server writes: PATCH workerqueues/status" in text
     assert figures["scale"]["start_p50_ms_c16"] > 0 and figures["scale"]["restart"][0] > 0
+    load = figures["scale"]["load"]  # what the p50 with many queues is made of
+    assert load["operator_cpu_ms_per_req"] > 0 and set(load["others_cpu_seconds"]) == set(spent) - {"operator"}, load
+    assert "meanwhile: operator CPU" in text
     (handover,) = figures["handover"]
     assert handover["lifetime_seconds"] is None and len(handover["samples"]) == 1 and handover["p50_s"] > 0
     assert "queues existing at start" in text and "handover after SIGKILL" in text
