@@ -226,6 +226,11 @@ def test_lint(helm: Helm, option: str):
     ({"podLabels": {"app.kubernetes.io/name": "x"}}, "invalid propertyName 'app.kubernetes.io/name'"),
     ({"commonLabels": {"app.kubernetes.io/instance": "x"}}, "invalid propertyName 'app.kubernetes.io/instance'"),
     ({"podLabels": {"team": "a"}, "commonLabels": {"team": "b"}}, "podLabels.team is in commonLabels too"),
+    ({"serviceMonitor": {"enabled": True, "labels": {"release": "a"}}, "commonLabels": {"release": "b"}},
+     "serviceMonitor.labels.release is in commonLabels too"),
+    ({"serviceMonitor": {"enabled": True, "labels": {"helm.sh/chart": "x"}}}, "invalid propertyName 'helm.sh/chart'"),
+    # The chart's own: a changed config would no longer roll the pods.
+    ({"podAnnotations": {"checksum/config": "pinned"}}, "invalid propertyName 'checksum/config'"),
     # A typo the API server would drop with a mere warning, leaving the pod without its limits.
     ({"resources": {"limit": {"memory": "1Gi"}}}, "additional properties 'limit' not allowed"),
     ({"updateStrategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0"),
