@@ -368,7 +368,7 @@ def _judged(pod: Pod, now: float, generation: int, requeue: list[float]) -> Pod:
         return pod
     detail = f": {pod.pending_message}" if pod.pending_message else ""
     return replace(pod, stuck=pod.pending_reason or "NotStarted",
-                               stuck_message=f"not started {age:.0f}s after it was made{detail}"[:STUCK_MESSAGE_MAX])
+                   stuck_message=f"not started {age:.0f}s after it was made{detail}"[:STUCK_MESSAGE_MAX])
 
 
 @dataclass(frozen=True)
