@@ -4,6 +4,7 @@ import pytest
 
 from tests.unit.factories import queue, queue_body, secret_body
 from workerqueue_operator.core import queues, temporal
+from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
 
 SETTINGS = Settings()
@@ -30,6 +31,14 @@ def test_defaults_follow_the_reference():
     assert r.config.websocket_enabled is False
     assert f["control_plane_sdk_version"] == "0.6.0"  # the real worker's SDK: no mismatch warning
     assert r.token_digests == (queues.digest("t0k"),)
+
+
+def test_queues_share_their_default_blocks_and_keep_given_ones_apart():
+    # Memory at 10,000 queues: an omitted block is one shared (frozen) instance, not a copy each.
+    first, second = spec_.parse_spec({}), spec_.parse_spec({"litellm": {"url": "http://llm:4000"}})
+    assert first.websocket is second.websocket and first.worker is second.worker and first.auth is second.auth
+    assert second.litellm is not first.litellm and second.litellm.url == "http://llm:4000"
+    assert first.litellm.url is None and spec_.parse_spec({}).temporal is first.temporal
 
 
 def test_spec_fields_win_over_operator_defaults():

@@ -6,6 +6,7 @@ CEL rules that the API server checks on `kubectl apply` are declared next to the
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -328,17 +329,19 @@ class WorkerQueueSpec(_Model):
     # Defaulted in the schema too, so that there always is an old one: its transition rule (the task
     # queue is immutable) is skipped where one side has none, and adding or dropping the whole block
     # would move the queue's task queue.
-    temporal: TemporalSpec = Field(default_factory=TemporalSpec, json_schema_extra={"default": {}})
+    # Defaults made once and shared (functools.cache): the models are frozen, and 10,000 queues each
+    # holding their own copies of empty blocks cost ~20 MiB.
+    temporal: TemporalSpec = Field(default_factory=functools.cache(TemporalSpec), json_schema_extra={"default": {}})
     """Temporal connection."""
-    litellm: LiteLLMSpec = Field(default_factory=LiteLLMSpec)
+    litellm: LiteLLMSpec = Field(default_factory=functools.cache(LiteLLMSpec))
     """LiteLLM proxy."""
     redis: RedisSpec | None = None
     """Redis; absent means Redis is disabled for the workers."""
-    websocket: WebsocketSpec = Field(default_factory=WebsocketSpec)
+    websocket: WebsocketSpec = Field(default_factory=functools.cache(WebsocketSpec))
     """Control websocket."""
     nats: NatsSpec | None = None
     """NATS; absent means `nats_config` is null."""
-    auth: AuthSpec = Field(default_factory=AuthSpec)
+    auth: AuthSpec = Field(default_factory=functools.cache(AuthSpec))
     """Queue tokens accepted by /start."""
     upstream: UpstreamSpec | None = None
     """Where workers' other control-plane calls are passed through to, with the organization's key.
@@ -349,7 +352,7 @@ class WorkerQueueSpec(_Model):
     scaling: ScalingSpec | None = None
     """Size the worker pods by the work instead of `replicas`: min(max, busy + minIdle + backlog), where
     busy is the workers running an execution and backlog the workflows waiting on the task queue."""
-    worker: WorkerPodSpec = Field(default_factory=WorkerPodSpec)
+    worker: WorkerPodSpec = Field(default_factory=functools.cache(WorkerPodSpec))
     """The worker pods."""
     ttl_seconds_after_finished: int = Field(default=0, ge=0)
     """Ephemeral queues: seconds between the last worker finishing and the queue's deletion."""
