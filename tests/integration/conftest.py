@@ -313,6 +313,26 @@ class Kube:
             raise
         return True
 
+    def forbid_new_secrets(self, namespace: str) -> None:
+        """A ResourceQuota that leaves no room for another Secret, enforced (no resource-quota
+        controller runs here: its figures are written as it would)."""
+        self.core.create_namespaced_resource_quota(namespace, k8s.V1ResourceQuota(
+            metadata=k8s.V1ObjectMeta(name="no-secrets"), spec=k8s.V1ResourceQuotaSpec(hard={"secrets": "0"})))
+        self.core.patch_namespaced_resource_quota_status("no-secrets", namespace, {"status": {
+            "hard": {"secrets": "0"}, "used": {"secrets": "1"}}})
+
+        def refused() -> bool:
+            try:
+                self.put_secret(namespace, "probe", key="v")
+            except k8s.ApiException as exc:
+                return exc.status == 403
+            self.core.delete_namespaced_secret("probe", namespace)
+            return False
+        wait_for(refused, what="the quota to be enforced")
+
+    def allow_new_secrets(self, namespace: str) -> None:
+        self.core.delete_namespaced_resource_quota("no-secrets", namespace)
+
     def pods(self, namespace: str, queue: str | None = None, *, alive: bool = False) -> list[k8s.V1Pod]:
         selector = f"agentcontrol.dev/queue={queue}" if queue else "app.kubernetes.io/managed-by=workerqueue-operator"
         items = self.core.list_namespaced_pod(namespace, label_selector=selector).items

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-from kubernetes import client as k8s
-
 from tests.integration.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 from workerqueue_operator.devcluster.temporal import TemporalServer
 
@@ -87,12 +85,7 @@ def test_a_token_secret_the_api_server_refuses_shows_on_the_queue(
     kube.create_queue(namespace, "quota", queueId=f"quota-{namespace}", temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "quota", "True")
     old_token = kube.queue_token(namespace, "quota")
-    # No resource-quota controller runs here: its figures are written as it would.
-    kube.core.create_namespaced_resource_quota(namespace, k8s.V1ResourceQuota(
-        metadata=k8s.V1ObjectMeta(name="no-secrets"), spec=k8s.V1ResourceQuotaSpec(hard={"secrets": "0"})))
-    kube.core.patch_namespaced_resource_quota_status("no-secrets", namespace, {"status": {
-        "hard": {"secrets": "0"}, "used": {"secrets": "1"}}})
-    wait_for(lambda: _refused(kube, namespace), what="the quota to be enforced")
+    kube.forbid_new_secrets(namespace)
     kube.core.delete_namespaced_secret("quota-worker-token", namespace)
     condition = kube.wait_condition(namespace, "quota", "False", reason="TokenSecretNotCreated")
     assert "quota-worker-token" in condition["message"] and "(403 Forbidden)" in condition["message"]
@@ -100,7 +93,7 @@ def test_a_token_secret_the_api_server_refuses_shows_on_the_queue(
     assert kube.condition(namespace, "quota", "SecretsResolved")["reason"] == "TokenSecretNotCreated"
     wait_for(lambda: any(e.reason == "TokenSecretNotCreated" and e.type == "Warning"
                          for e in kube.events(namespace, "quota")), what="the Warning Event")
-    kube.core.delete_namespaced_resource_quota("no-secrets", namespace)
+    kube.allow_new_secrets(namespace)
     kube.wait_condition(namespace, "quota", "True", timeout=60)  # its back-off is at most a minute
     assert kube.queue_token(namespace, "quota") != old_token
 
@@ -123,10 +116,3 @@ def test_a_queue_being_deleted_gets_no_token_secret_back(operator: OperatorProce
                                                    {"metadata": {"finalizers": None}})
 
 
-def _refused(kube: Kube, namespace: str) -> bool:
-    try:
-        kube.put_secret(namespace, "probe", key="v")
-    except k8s.ApiException as exc:
-        return exc.status == 403
-    kube.core.delete_namespaced_secret("probe", namespace)
-    return False

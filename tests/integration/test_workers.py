@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -368,6 +369,25 @@ def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
              what="Progressing=PodCreationFailed")
     assert "PodCreationFailed" in reasons(kube, namespace, "bad")
     assert kube.pods(namespace, "bad") == []
+
+
+def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kube: Kube, namespace: str):
+    # Each pod's token Secret is made before the pod. Refused (here a quota; an admission webhook's
+    # text may quote the Secret, its token with it), the queue and its Event say so, and no pod is made.
+    kube.create_queue(namespace, "nq", queueId=f"nq-{namespace}", singleExecution=True, replicas=0, temporal=TEMPORAL)
+    kube.wait_condition(namespace, "nq", "True")
+    kube.forbid_new_secrets(namespace)
+    kube.patch_queue(namespace, "nq", {"replicas": 1})
+    progressing = wait_for(lambda: (c := kube.condition(namespace, "nq", "Progressing")) and
+                           c["reason"] == "PodCreationFailed" and c, what="Progressing=PodCreationFailed")
+    events = [e.message for e in kube.events(namespace, "nq") if e.reason == "PodCreationFailed"]
+    for message in [progressing["message"], kube.workers(namespace, "nq")["lastError"], *events]:
+        assert re.search(r"pod (nq-w\d+) was not created: creating its token Secret \1-token failed "
+                         r"\(403 Forbidden\)", message), message
+        assert "exceeded quota" not in message, message
+    assert events and kube.pods(namespace, "nq") == []
+    kube.allow_new_secrets(namespace)
+    wait_for(lambda: len(kube.pod_names(namespace, "nq")) == 1, timeout=60, what="the pod, after its back-off")
 
 
 def documented_restricted_template() -> dict[str, Any]:

@@ -226,3 +226,10 @@ def test_a_refusal_tells_whether_its_namespace_is_going(payload: bytes, terminat
     # A namespace being deleted takes the queue with it: re-making its token Secret there is no problem
     # to report, whereas a quota's refusal is.
     assert client._api_error(403, payload, "/api/v1/namespaces/ops/secrets").namespace_terminating is terminating
+
+
+def test_a_quiet_error_keeps_what_decides_and_drops_the_servers_text():
+    loud = client.ApiError(500, "InternalError", 'admission webhook denied: data.token "s3cr3t"', ("X",))
+    quiet = loud.quiet("creating Secret q-worker-token failed (500 InternalError)")
+    assert (quiet.status, quiet.reason, quiet.causes) == (500, "InternalError", ("X",))
+    assert "s3cr3t" not in str(quiet) and "s3cr3t" not in quiet.message

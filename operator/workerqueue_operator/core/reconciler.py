@@ -244,7 +244,10 @@ class Reconciler:
             if exc.namespace_terminating:
                 return  # the queue goes with its namespace
             if not _refused(exc):
-                raise  # the work queue's retry: a status write would not get through either
+                # The work queue's retry (a status write would not get through either), logged
+                # without the server's text.
+                raise exc.quiet(f"creating Secret {queues.token_secret_name(resolution.queue.name)} "
+                                f"for the queue token failed ({exc.status} {exc.reason})") from None
             # A quota, an admission webhook, a Role short of `create secrets`: said on the queue (an
             # earlier Ready=True would be a lie) and tried again, ever less often, until it is let in.
             # The status and reason only: a webhook's message may quote the object, the token with it.

@@ -53,6 +53,10 @@ _TICK = 0.1
 _PROBES = 16  # concurrent Temporal probes: a thousand queues must not dial a thousand connections at once
 
 
+class _CredentialFailed(client_.ApiError):
+    """Creating a pod's token Secret failed: said by status and reason only, as ApiError.quiet."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
@@ -474,8 +478,14 @@ class Supervisor:
         async def create(body: dict[str, Any]) -> bool:
             # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
             # pod, so that the first pods of a burst need not wait for the last tokens.
-            await self._create_credential(queue, workers.credential_secret_body(
-                queue, body["metadata"]["name"], workers.new_worker_token(), now=self._clock()))
+            credential = workers.credential_secret_body(queue, body["metadata"]["name"], workers.new_worker_token(),
+                                                        now=self._clock())
+            try:
+                await self._create_credential(queue, credential)
+            except client_.ApiError as exc:
+                secret = credential["metadata"]["name"]
+                raise _CredentialFailed(exc.status, exc.reason, f"creating its token Secret {secret} failed "
+                                        f"({exc.status} {exc.reason})", exc.causes) from None
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
@@ -489,7 +499,8 @@ class Supervisor:
                 self._events.post(involved=involved, reason="WorkerCreated",
                                   message=f"created worker pod {name}")
             elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
-                refused = f"pod {name} was refused: {result.message}"
+                refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
+                          f"{result.message}"
                 self._events.post(involved=involved, reason="PodCreationFailed",
                                   message=refused, warning=True)
             elif isinstance(result, BaseException):

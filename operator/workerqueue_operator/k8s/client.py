@@ -65,6 +65,11 @@ class ApiError(Exception):
         self.causes = causes
         """The Status's `details.causes[].type` (e.g. NamespaceTerminating)."""
 
+    def quiet(self, message: str) -> ApiError:
+        """This error with `message` in place of the server's, for writes of Secrets: a refusal's
+        text (an admission webhook's) may quote the object, its data with it."""
+        return ApiError(self.status, self.reason, message, self.causes)
+
     @property
     def namespace_terminating(self) -> bool:
         """Refused because its namespace is going: whatever was to be made there goes with it."""
