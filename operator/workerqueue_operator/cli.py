@@ -10,16 +10,29 @@ import secrets
 import sys
 from pathlib import Path
 
+import pydantic
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workerqueue_operator import runner
-    from workerqueue_operator.models.settings import Settings
+    from workerqueue_operator.models.settings import ENV_PREFIX, Settings, SettingsError
 
+    overrides = {"http_port": args.port} if args.port is not None else {}
+    try:
+        settings = Settings.load(**overrides)
+    except pydantic.ValidationError as exc:
+        # Each problem by its setting's name, never its value: a URL may carry a password.
+        for error in exc.errors(include_input=False, include_url=False):
+            name = ".".join(str(part) for part in error["loc"])
+            print(f"invalid setting {name} ({ENV_PREFIX}{str(error['loc'][0]).upper()}): {error['msg']}",
+                  file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     runner.configure_logging(args.verbose)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
-    overrides = {"http_port": args.port} if args.port is not None else {}
-    settings = Settings.load(**overrides)
     unknown = Settings.unknown_env()
     if unknown:  # names only: a value may be a secret
         logging.getLogger(__name__).warning("environment variables ignored, no such setting: %s", ", ".join(unknown))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.factories import queue, queue_body, secret_body
+from workerqueue_operator import cli
 from workerqueue_operator.core import queues, temporal
 from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
@@ -377,3 +378,18 @@ def test_a_name_past_the_limit_is_no_queue():
     assert queues.QueueObject.from_body(queue_body("q" * 230)).name == "q" * 230
     with pytest.raises(ValueError, match="longer than 230"):
         queues.QueueObject.from_body(queue_body("q" * 231))
+
+
+def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WQ_UPSTREAM_URL", "https://org:SUPERSECRET@cp.example")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid setting upstream_url (WQ_UPSTREAM_URL): String should match pattern" in err
+    assert "SUPERSECRET" not in err and "Traceback" not in err
+    monkeypatch.delenv("WQ_UPSTREAM_URL")
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text("upstreamApiKey: [\n  password: hunter2\n")  # YAML's own error quotes the line
+    monkeypatch.setenv("WQ_CONFIG_FILE", str(settings_file))
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert f"WQ_CONFIG_FILE {settings_file}: not valid YAML (line 3)" in err and "hunter2" not in err

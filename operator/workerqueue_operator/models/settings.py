@@ -20,6 +20,10 @@ from workerqueue_operator.models import spec as spec_
 ENV_PREFIX = "WQ_"
 
 
+class SettingsError(ValueError):
+    """The settings file cannot be read; the message never quotes what is in it."""
+
+
 class NamespacedSecretKeyRef(BaseModel):
     """A key of a Secret in a given namespace (operator-wide defaults live in the operator's namespace)."""
 
@@ -42,7 +46,8 @@ class NamespacedSecretKeyRef(BaseModel):
 class Settings(BaseModel):
     """Operator-wide settings. Every duration is in seconds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A setting's value never goes into an error (a URL may carry a password).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     # Queue defaults, used when a WorkerQueue leaves the field unset.
     organization_id: str = "default"
@@ -256,9 +261,16 @@ class Settings(BaseModel):
         values: dict[str, Any] = {}
         config_file = env.get(f"{ENV_PREFIX}CONFIG_FILE")
         if config_file:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            try:
+                loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            except OSError as exc:
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: {exc.strerror}") from None
+            except yaml.YAMLError as exc:  # its text quotes the file, which may hold a secret
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: not valid YAML{where}") from None
             if not isinstance(loaded, dict):
-                raise ValueError(f"{config_file}: expected a mapping of settings")
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: expected a mapping of settings")
             values.update(loaded)
         for name, field in cls.model_fields.items():
             raw = env.get(f"{ENV_PREFIX}{name.upper()}")
