@@ -138,7 +138,7 @@ class Feed:
         else:
             self._store.remove_worker_credential(name)  # no longer one (its label or owner taken away)
         if self._store.is_used(name):
-            self._store.upsert_secret(name, self._store.secret_data(body))
+            self._store.upsert_secret(name, self._store.secret_data(body), resources.version_of(body))
 
     def secret_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
         self._store.remove_worker_credential(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -64,6 +65,26 @@ def test_single_execution_keeps_replicas_alive_and_replaces_finished(kube: Kube,
     assert {"WorkerCreated", "WorkerSucceeded"} <= set(reasons(kube, namespace, "se"))
     c = kube.condition(namespace, "se", "Progressing")
     assert c is not None and c["status"] == "True"
+
+
+def test_pods_started_after_a_secret_rotation_show_it_and_never_a_digest_of_its_value(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    queue_id = f"rot-{namespace}"
+    kube.put_secret(namespace, "tok", token="hunter2")
+    kube.create_queue(namespace, "rot", queueId=queue_id, singleExecution=True, temporal=TEMPORAL,
+                      auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]})
+    wait_pods(kube, namespace, "rot", ["rot-w0"])
+    digest = kube.core.read_namespaced_pod("rot-w0", namespace).metadata.annotations["agentcontrol.dev/secrets-digest"]
+    # Anyone who may read pods must not be able to test guesses of the token against it.
+    versions = hashlib.sha256(f"{namespace}/tok\0token\0hunter2\0".encode()).hexdigest()[:32]
+    assert digest.startswith("sha256:") and versions not in digest
+    kube.put_secret(namespace, "tok", token="rotated")
+    wait_for(lambda: operator.start_worker(queue_id, "rotated").status == 200, what="the rotation served")
+    kube.set_phase(namespace, "rot-w0", "Succeeded", exit_code=0, reason="Completed")
+    wait_pods(kube, namespace, "rot", ["rot-w1"])
+    assert kube.core.read_namespaced_pod("rot-w1", namespace).metadata.annotations[
+        "agentcontrol.dev/secrets-digest"] not in ("", digest)
 
 
 def test_a_users_secret_named_as_a_worker_token_outlives_the_pod(kube: Kube, namespace: str):

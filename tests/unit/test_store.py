@@ -38,6 +38,22 @@ def test_unused_secrets_are_never_kept():
     assert not s.is_queue_token(queues.digest("t"))
 
 
+def test_a_used_secrets_version_is_kept_until_nobody_uses_it():
+    s, _ = store()
+    name = ("team-a", "q1-worker-token")
+    s.upsert_secret(name, {"token": "t"}, "7")
+    assert s.secret_version(name) == ""  # nobody used it yet
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(name, {"token": "t"}, "8")
+    s.upsert_secret(name, {"token": "t"}, "9")  # the same data, a new version (a label changed, say)
+    assert s.secret_version(name) == "9"
+    s.upsert_secret(name, None, "10")
+    assert s.secret_version(name) == ""
+    s.upsert_secret(name, {"token": "t"}, "11")
+    s.remove_queue(("team-a", "q1"))
+    assert s.secret_version(name) == ""
+
+
 def test_fill_secret_never_overwrites_what_the_watch_saw():
     s, _ = store()
     s.upsert_queue(queue(queueId="abc"))

@@ -317,6 +317,17 @@ def test_pods_being_deleted_do_not_count():
     assert p.create == (1,)
 
 
+def test_the_secrets_digest_moves_with_the_secrets_versions_and_never_reads_their_values():
+    q = queue(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
+              litellm={"url": "http://llm", "apiKeySecretRef": {"name": "llm", "key": "key"}})
+    versions = {("team-a", "tok"): "10", ("team-a", "llm"): "11"}
+    before = workers.secrets_digest(q, versions.__getitem__, SETTINGS)
+    assert before == workers.secrets_digest(q, dict(versions).__getitem__, SETTINGS)
+    versions[("team-a", "llm")] = "12"  # rotated
+    assert re.fullmatch(r"sha256:[0-9a-f]{32}", before) and workers.secrets_digest(q, versions.__getitem__,
+                                                                                  SETTINGS) != before
+
+
 def test_build_pod_has_what_the_worker_needs():
     q = queue(queueId="q-1", singleExecution=True, heartbeatIntervalSeconds=30,
               worker={"template": {"metadata": {"labels": {"team": "a"}}, "spec": {"containers": [

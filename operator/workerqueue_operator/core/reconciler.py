@@ -214,15 +214,16 @@ class Reconciler:
         if body is not None and body.get("type") in self._ignored_types:
             self._unwatched.add(name)
         data = None if body is None else self._store.secret_data(body)
+        version = "" if body is None else resources.version_of(body)
         if refresh:
             if self._store.secret_news(name) != news:
                 # The watch told of it while it was read: that is newer than this answer. Unless the
                 # Secret was forgotten meanwhile (its queue made again): then this is all there is.
-                self._store.fill_secret(name, data)
+                self._store.fill_secret(name, data, version)
                 return
-            self._store.upsert_secret(name, data)
+            self._store.upsert_secret(name, data, version)
         else:
-            self._store.fill_secret(name, data)
+            self._store.fill_secret(name, data, version)
 
     async def reconcile(self, key: QueueKey) -> None:
         if not self._activity.is_active():
@@ -342,7 +343,8 @@ class Reconciler:
                 self._client, resources.secrets_path(queue.namespace), body,
                 leftover=lambda existing: queues.namesakes_token(existing, queue))
         finally:
-            self._store.created_secret(secret, None if there is None else self._store.secret_data(there))
+            self._store.created_secret(secret, None if there is None else self._store.secret_data(there),
+                                       "" if there is None else resources.version_of(there))
         if made:
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")

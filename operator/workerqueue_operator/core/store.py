@@ -45,6 +45,7 @@ class Store:
         self._uses: dict[QueueKey, frozenset[SecretName]] = {}
         self._users: dict[SecretName, set[QueueKey]] = {}
         self._secrets: dict[SecretName, SecretData] = {}
+        self._secret_versions: dict[SecretName, str] = {}  # used Secrets' resourceVersions
         self._claimants: dict[str, set[QueueKey]] = {}
         self._resolutions: dict[QueueKey, Resolution] = {}
         self._token_owners: dict[bytes, set[QueueKey]] = {}
@@ -94,6 +95,7 @@ class Store:
             # may be the old queue's, kept for another queue that lists it and waiting for the garbage
             # collector. Read again, it is judged against this queue.
             self._secrets.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
+            self._secret_versions.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
         affected = {key}
@@ -139,14 +141,16 @@ class Store:
     def is_used(self, name: SecretName) -> bool:
         return name in self._users
 
-    def upsert_secret(self, name: SecretName, data: SecretData) -> None:
-        """A Secret was seen (data) or deleted (None) by the watch. Ignored unless some queue uses it."""
+    def upsert_secret(self, name: SecretName, data: SecretData, version: str = "") -> None:
+        """A Secret was seen (data, at resourceVersion `version`) or deleted (None) by the watch.
+        Ignored unless some queue uses it."""
         if name in self._creating:
             self._creating[name] = True
         users = self._users.get(name)
         if users is None:
             return
         self._secret_news[name] = self._secret_news.get(name, 0) + 1
+        self._secret_versions[name] = version if data is not None else ""
         if name in self._secrets and self._secrets[name] == data:
             return  # the echo of our own create, or a change beside the data: nothing resolves otherwise
         self._secrets[name] = data
@@ -168,6 +172,10 @@ class Store:
         if name in self._secrets:
             return True, self._secrets[name]
         return False, None
+
+    def secret_version(self, name: SecretName) -> str:
+        """The resourceVersion of a used Secret as last told ("" if absent or not known)."""
+        return self._secret_versions.get(name, "")
 
     def secret_news(self, name: SecretName) -> int:
         """How many times a used Secret was told of: a read whose answer comes after a newer word
@@ -194,22 +202,22 @@ class Store:
         return {(q.namespace, queues.token_secret_name(q.name)) for q in self._queues.values()
                 if not q.spec.auth.token_secret_refs}
 
-    def fill_secret(self, name: SecretName, data: SecretData) -> None:
+    def fill_secret(self, name: SecretName, data: SecretData, version: str = "") -> None:
         """A Secret read on demand: kept only if still used and the watch has not been faster."""
         if name in self._users and name not in self._secrets:
-            self.upsert_secret(name, data)
+            self.upsert_secret(name, data, version)
 
     def creating_secret(self, name: SecretName) -> None:
         """This replica is about to create the Secret: see `created_secret`."""
         self._creating[name] = False
 
-    def created_secret(self, name: SecretName, data: SecretData) -> None:
+    def created_secret(self, name: SecretName, data: SecretData, version: str = "") -> None:
         """The create of `creating_secret` ended: `data` if it made the Secret (None if it did not).
         Kept, as if the watch had told, unless the watch has told of the Secret meanwhile (its word
         is newer): the queue need not wait for the echo of our own create to be served."""
         told = self._creating.pop(name, True)
         if data is not None and not told:
-            self.upsert_secret(name, data)
+            self.upsert_secret(name, data, version)
 
     def upsert_worker_credential(self, secret: SecretName, credential: WorkerCredential, token: str | None) -> None:
         """A per-worker token Secret was seen (an empty one opens nothing)."""
@@ -337,6 +345,7 @@ class Store:
                 if not users:
                     del self._users[name]
                     self._secrets.pop(name, None)  # nobody uses it: forget its content
+                    self._secret_versions.pop(name, None)
                     self._secret_news.pop(name, None)
         for name in uses - old:
             self._users.setdefault(name, set()).add(key)

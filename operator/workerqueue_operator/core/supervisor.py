@@ -471,7 +471,7 @@ class Supervisor:
         """Creates the pods; returns the API server's reason when it refuses the pod itself."""
         inputs = workers.PodInputs(
             control_plane_url=self._control_plane_url(),
-            secrets_digest=workers.secrets_digest(queue, self._store.secrets, self._settings),
+            secrets_digest=workers.secrets_digest(queue, self._store.secret_version, self._settings),
             owner=resources.owner_reference(queue_ref_body(queue)),
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]

@@ -11,7 +11,7 @@ import base64
 import copy
 import hashlib
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from secrets import token_urlsafe
 from typing import Any, NamedTuple
@@ -825,13 +825,12 @@ def queues_label(queue: QueueObject) -> str:
     return label_value(queue.name)
 
 
-def secrets_digest(queue: QueueObject, secrets: Mapping[queues.SecretName, queues.SecretData],
+def secrets_digest(queue: QueueObject, version: Callable[[queues.SecretName], str],
                    settings: settings_.Settings) -> str:
-    """A digest of every Secret the queue depends on, so a rotation shows on the pods started after it."""
+    """A digest of the versions (resourceVersion) of every Secret the queue depends on, so a rotation
+    shows on the pods started after it. Never of their values: more may read pods than Secrets, and
+    a digest of a short password is as good as the password to a dictionary."""
     h = hashlib.sha256()
     for name in sorted(queue.secret_names(settings)):
-        data = secrets.get(name)
-        h.update(f"{name[0]}/{name[1]}\0".encode())
-        for key, value in sorted((data or {}).items()):
-            h.update(f"{key}\0{value}\0".encode())
+        h.update(f"{name[0]}/{name[1]}\0{version(name)}\0".encode())
     return "sha256:" + h.hexdigest()[:32]

@@ -46,6 +46,11 @@ def now_rfc3339() -> str:
     return times.rfc3339(time.time())
 
 
+def version_of(body: Mapping[str, Any]) -> str:
+    """metadata.resourceVersion ("" if none)."""
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+
 def owner_reference(body: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
     meta = body["metadata"]
     return {
@@ -171,7 +176,7 @@ async def patch_queue_status(client: client_.KubeClient, namespace: str, name: s
         if exc.not_found:
             return None
         raise
-    return str((written.get("metadata") or {}).get("resourceVersion") or "")
+    return version_of(written)
 
 
 async def post_event(
