@@ -38,6 +38,7 @@ SECRET_VALUES = {
     "temporal-api-key": "tk-" + uuid.uuid4().hex,
     "litellm-api-key": "lk-" + uuid.uuid4().hex,
     "redis-url": f"redis://:rp-{uuid.uuid4().hex}@redis.internal:6379/0",
+    "org-key": "ok-" + uuid.uuid4().hex,
 }
 NATS = {"url": "nats://nats.internal:4222", "subject_prefix": "agents"}
 
@@ -58,8 +59,9 @@ def full_queue(kube: Kube, namespace: str, name: str = "full") -> str:
                   "apiKeySecretRef": {"name": "creds", "key": "temporal-api-key"}},
         litellm={"url": "http://litellm.internal", "apiKeySecretRef": {"name": "creds", "key": "litellm-api-key"}},
         redis={"urlSecretRef": {"name": "creds", "key": "redis-url"}},
-        websocket={"enabled": True, "features": ["events", "control"]},
+        websocket={"enabled": True, "features": ["events", "control"]},  # to the upstream, through the operator
         nats={"configSecretRef": {"name": "nats"}},
+        upstream={"url": "https://upstream.internal", "apiKeySecretRef": {"name": "creds", "key": "org-key"}},
     )
     kube.wait_condition(namespace, name, "True")
     return queue_id

@@ -208,8 +208,15 @@ def test_nats_config_is_every_key_of_the_secret():
 
 def test_websocket_enabled_by_url_or_explicitly():
     assert resolve(queue(websocket={"url": "wss://ws.example/x"})).config.websocket_enabled is True
-    explicit = resolve(queue(websocket={"enabled": True})).config
+    upstream = {"url": "https://cp.example", "apiKeySecretRef": {"name": "org", "key": "k"}}
+    explicit = resolve(queue(websocket={"enabled": True}, upstream=upstream), {("team-a", "org"): {"k": "key"}}).config
     assert explicit.websocket_enabled is True and explicit.websocket_url is None
+    # The operator's route goes to an upstream: with none, it would be a 404 the worker retries all its life.
+    assert resolve(queue(websocket={"enabled": True})).config.websocket_enabled is False
+    by_default = Settings(upstream_url="https://cp.example",
+                          upstream_api_key_secret=NamespacedSecretKeyRef(namespace="ops", name="org", key="k"))
+    assert resolve(queue(websocket={"enabled": True}), {("ops", "org"): {"k": "key"}},
+                   settings=by_default).config.websocket_enabled is True
     assert queues.websocket_url_for("https://cp.example", "w1") == "wss://cp.example/api/v1/ws/workers/w1"
     assert queues.websocket_url_for("http://cp:80", "w1") == "ws://cp:80/api/v1/ws/workers/w1"
 

@@ -461,6 +461,10 @@ def resolve(
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem,
                           secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem), temporal=target)
+    if config.websocket_enabled and not config.websocket_url and upstream is None and upstream_problem is None:
+        # The operator's websocket route is passed through to the upstream: with none, each connect
+        # would be a 404 that the worker retries all its life. Its workers go without, as if disabled.
+        config = replace(config, websocket_enabled=False)
     secrets_problem = _of_secrets(token_problem, upstream_problem)
     if token_problem is not None:
         # Not Ready (no /start, no new pods), but what running workers use stays: their executions

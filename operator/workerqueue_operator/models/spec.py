@@ -145,7 +145,8 @@ class WebsocketSpec(_Model):
 
     enabled: bool | None = None
     """Whether workers connect to a websocket. Default: enabled exactly when a url is given.
-    Enabled without a url, workers are sent the control-plane URL's /api/v1/ws/workers/<worker_id>."""
+    Enabled without a url, workers are sent the operator's /api/v1/ws/workers/<worker_id>, passed
+    through to the queue's upstream; a queue with no upstream gets no websocket."""
     url: str | None = Field(default=None, max_length=2048)
     """Websocket URL handed to the workers."""
     features: list[str] = Field(default=list(DEFAULT_WEBSOCKET_FEATURES), max_length=32)
