@@ -116,6 +116,10 @@ def test_a_token_no_caller_could_present_keeps_the_queue_from_being_ready(secret
     ("rediss://:pw@cache:6380/0", None),
     ("cache:6379", "secret r key url is not a redis:// or rediss:// URL"),
     ("", "secret r key url is empty"),
+    ("redis://:pw@[bad", "secret r key url is not a redis:// or rediss:// URL"),  # no client could parse it
+    ("redis://:pw@cache:99999/0", "secret r key url is not a redis:// or rediss:// URL"),
+    ("redis://:pw@cache:6379/0\nX", "secret r key url is not a redis:// or rediss:// URL"),
+    ("redis://:pw@/0", "secret r key url is not a redis:// or rediss:// URL"),
 ])
 def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value, problem):
     r = resolve(queue(redis={"urlSecretRef": {"name": "r", "key": "url"}}), {("team-a", "r"): {"url": value}})
@@ -123,6 +127,18 @@ def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value,
         assert r.ready and r.config.fields["redis_enabled"] and r.config.fields["redis_password"] == "pw"
     else:
         assert not r.ready and (r.problem.reason, r.problem.message) == ("SecretKeyInvalid", problem)
+
+
+@pytest.mark.parametrize("block", ["temporal", "litellm"])
+def test_an_api_key_that_cannot_go_into_a_header_keeps_the_queue_from_being_ready(block):
+    spec = {"temporal": {"host": "t.example:7233", "namespace": "n"}, "litellm": {"url": "http://llm:4000"}}
+    spec[block]["apiKeySecretRef"] = {"name": "keys", "key": "k"}
+    for bad in ["tk\nX-Injected: 1", "tk\x00", "t\rk"]:  # around it, whitespace is stripped
+        r = resolve(queue(**spec), {("team-a", "keys"): {"k": bad}})
+        assert not r.ready and (r.problem.reason, r.problem.message) == (
+            "SecretKeyInvalid", "secret keys key k is not a usable API key")
+        assert r.secrets_problem == r.problem
+    assert resolve(queue(**spec), {("team-a", "keys"): {"k": "tk-1.2_3=="}}).ready
 
 
 def test_a_missing_generated_token_is_told_apart_from_other_problems():

@@ -414,6 +414,18 @@ class _Lookup:
 _json_string = json.encoder.encode_basestring_ascii
 
 
+def _usable_redis_url(url: str) -> bool:
+    """What spec.redis.url must match too, and what a client can parse (host, port in range)."""
+    if not url.startswith(("redis://", "rediss://")) or not url.isprintable() or " " in url:
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises when out of range
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def redis_password_from_url(url: str) -> str | None:
     """The password in a redis:// URL's userinfo (`redis://:pw@host` or `redis://user:pw@host`)."""
     try:
@@ -523,7 +535,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         if s.redis.url_secret_ref is not None:
             ref = s.redis.url_secret_ref
             redis_url = lookup.value(ns, ref.name, ref.key)
-            if not redis_url.startswith(("redis://", "rediss://")):  # what spec.redis.url must match too
+            if not _usable_redis_url(redis_url):
                 raise _Unresolved(Problem("SecretKeyInvalid", f"secret {ref.name} key {ref.key} is not a "
                                           "redis:// or rediss:// URL"))
         else:
@@ -589,11 +601,18 @@ def _secret_or_default(
     own: spec_.SecretKeyRef | None,
     default: settings_.NamespacedSecretKeyRef | None,
 ) -> str:
+    """An API key (Temporal's, LiteLLM's), "" for none."""
     if own is not None:
-        return lookup.value(namespace, own.name, own.key)
-    if default is not None:
-        return lookup.value(default.namespace, default.name, default.key)
-    return ""
+        where = (namespace, own.name, own.key)
+    elif default is not None:
+        where = (default.namespace, default.name, default.key)
+    else:
+        return ""
+    key = lookup.value(*where)
+    if not key.isprintable():
+        # It goes into a header (gRPC metadata, HTTP): a line break or a control character cannot work.
+        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[1]} key {where[2]} is not a usable API key"))
+    return key
 
 
 def websocket_url_for(control_plane_url: str, worker_id: str) -> str:
