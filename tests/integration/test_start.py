@@ -152,6 +152,10 @@ def test_error_answers(operator: OperatorProcess, kube: Kube, namespace: str, co
     assert operator.start_worker("no-such-queue", token_a).json() == {"detail": "Worker queue not found"}
 
     kube.wait_condition(namespace, "paused", "False", "Suspended")
+    # What its user asked for: a Normal Event, not a Warning for alerting to page on.
+    suspended = wait_for(lambda: [e.type for e in kube.events(namespace, "paused") if e.reason == "Suspended"],
+                         what="the Suspended Event")
+    assert suspended == ["Normal"]
     r = operator.start_worker(f"p-{namespace}", kube.queue_token(namespace, "paused"))
     assert (r.status, r.json()) == (400, {"detail": "Worker queue is not active (status: suspended)"})
 

@@ -363,8 +363,9 @@ class Reconciler:
         if after["reason"] == "CrashLooping":
             return  # the worker supervisor has said so, with the details
         ready = after["status"] == "True"
+        # Suspended is what its user asked for: routine, not a Warning for alerting to page on.
         self._events.post(involved=queue_ref_body(queue), reason=after["reason"] if not ready else "Ready",
-                          message=after["message"], warning=not ready)
+                          message=after["message"], warning=not ready and after["reason"] != "Suspended")
 
 
 class LiveStatus:
