@@ -709,6 +709,22 @@ async def test_another_method_on_a_route_the_operator_serves_is_405_never_passed
     assert got["method"] == "GET"
 
 
+async def test_a_route_the_operator_serves_spelt_otherwise_is_never_passed_through(
+        hub: tuple[Store, TestClient], upstream: TestServer):
+    """`/start/` (a trailing slash) went to the upstream with the organization's key: an upstream may
+    route it as /start, so may a merged slash or another case."""
+    _, client = hub
+    for method, path in (("POST", "/api/v1/worker-queues/q-a/start/"), ("POST", "/api/v1/worker-queues/q-a/start//"),
+                         ("POST", "/api/v1/worker-queues//q-a/start"), ("POST", "/api/v1/Worker-Queues/Q-A/START"),
+                         ("POST", "/api/v1/workers/w-1/heartbeat/"), ("GET", "/api/v1/worker-queues/q-a/executions/")):
+        r = await client.request(method, path, headers={"Authorization": "Bearer tok-a"}, json={})
+        assert (r.status, await r.json()) == (404, {"detail": "Not Found"}), path
+    assert upstream.app[standin.RECEIVED] == []
+    # Routes of the upstream's own alike are still passed through.
+    got = await echoed(await client.get("/api/v1/worker-queues/q-a/", headers={"Authorization": "Bearer tok-a"}))
+    assert got["method"] == "GET"
+
+
 @contextlib.asynccontextmanager
 async def relaying(upstream: TestServer) -> AsyncIterator[tuple[TestServer, aiohttp.ClientWebSocketResponse]]:
     """A server with default settings (shut down by the test) and a worker's websocket relayed to `upstream`."""

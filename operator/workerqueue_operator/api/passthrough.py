@@ -285,9 +285,14 @@ class Passthrough:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not stays_under(request.raw_path):
             return errors.detail(400, "The request target must be a path under /api/v1/")
+        # One of the operator's own routes spelt otherwise (a trailing slash, merged slashes, another
+        # case), as an upstream may route it: never sent there with the organization's key.
+        spelt = re.sub("/{2,}", "/", request.path).rstrip("/").lower()
         for pattern, allow in self._owned:
             if pattern.fullmatch(request.path):
                 return errors.detail(405, "Method Not Allowed", headers={"Allow": allow})
+            if pattern.fullmatch(spelt):
+                return errors.detail(404, "Not Found")
         route = self._route(request)
         if isinstance(route, web.Response):
             return route
