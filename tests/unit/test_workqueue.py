@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from workerqueue_operator.core import workqueue
-from workerqueue_operator.core.workqueue import WorkQueue
+from workerqueue_operator.core.workqueue import WorkQueue, together
 
 
 async def test_behind_while_keys_wait_for_a_slot_and_not_once_they_are_done():
@@ -77,3 +77,21 @@ async def test_an_api_server_outage_backs_off_each_key_and_logs_a_line_now_and_t
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_loops_run_together_end_with_the_first_that_dies_and_say_why():
+    cancelled: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.append(name)
+
+    async def dies() -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("resync broke")
+
+    with pytest.raises(RuntimeError, match="resync broke"):
+        await asyncio.wait_for(together(forever("queue"), dies(), forever("poll")), timeout=5)
+    assert sorted(cancelled) == ["poll", "queue"]

@@ -24,7 +24,7 @@ from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.core.workqueue import WorkQueue
+from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
@@ -163,14 +163,12 @@ class Reconciler:
         task.add_done_callback(self._fetches.discard)
 
     async def run(self) -> None:
-        resync = asyncio.create_task(self._resync())
         try:
-            await self._queue.run()
+            await together(self._queue.run(), self._resync())
         finally:
-            resync.cancel()
             for task in self._fetches:
                 task.cancel()
-            await asyncio.gather(resync, *self._fetches, return_exceptions=True)
+            await asyncio.gather(*self._fetches, return_exceptions=True)
 
     async def _resync(self) -> None:
         while True:

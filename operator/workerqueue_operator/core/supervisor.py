@@ -39,7 +39,7 @@ from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import PodListing, Registry
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.core.workqueue import WorkQueue
+from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import settings as settings_
@@ -248,14 +248,7 @@ class Supervisor:
                 self._queue.add(key)
 
     async def run(self) -> None:
-        resync = asyncio.create_task(self._resync())
-        poll = asyncio.create_task(self._poll())
-        try:
-            await self._queue.run()
-        finally:
-            resync.cancel()
-            poll.cancel()
-            await asyncio.gather(resync, poll, return_exceptions=True)
+        await together(self._queue.run(), self._resync(), self._poll())
 
     async def _resync(self) -> None:
         # Reconcile from what exists even when no event comes (a missed watch event, a stuck pod).
