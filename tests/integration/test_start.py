@@ -758,6 +758,33 @@ async def test_a_refusal_the_lease_watch_has_not_brought_yet_is_read_before_the_
     assert [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items] == []
 
 
+async def test_a_refused_pod_shows_on_the_queue_though_its_first_write_met_a_newer_copy(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """A new queue's first pod refused: its lastError write raced the status writer's conditions and
+    lost, and the queue said `ScalingUp` until the next try, a back-off later (10 s by default)."""
+    here = in_process("nopod")
+    here.spec.update(singleExecution=True, worker={"template": {"spec": {"containers": [{"name": "no-image"}]}}})
+    await here.create_ready()
+    here.watched()
+    create = here.supervisor._create_pods
+
+    async def refused_meanwhile_changed(queue: queues.QueueObject, indices: tuple[int, ...]) -> str | None:
+        refused = await create(queue, indices)
+        kube.custom.patch_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
+                                                   "nopod", {"metadata": {"annotations": {"touched": "1"}}})
+        return refused
+
+    monkeypatch.setattr(here.supervisor, "_create_pods", refused_meanwhile_changed)
+    await here.supervisor._reconcile(here.key)
+    assert kube.workers(namespace, "nopod").get("lastError") is None  # that write met the newer copy
+    here.watched()
+    await here.supervisor._reconcile(here.key)
+    shown = kube.workers(namespace, "nopod")
+    assert shown["lastError"].startswith("pod nopod-w0 was refused: ") and shown["nextIndex"] == 1, shown
+    assert kube.pod_names(namespace, "nopod", alive=False) == []
+
+
 async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_are_swept(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
 ):

@@ -66,11 +66,15 @@ class Refusal:
     generation: int
     count: int
     retry_at: float
+    message: str = ""
+    """status.workers.lastError meanwhile: its first write may have met a newer copy of the queue."""
 
     @staticmethod
-    def after(previous: Refusal | None, *, generation: int, now: float, settings: settings_.Settings) -> Refusal:
+    def after(previous: Refusal | None, *, generation: int, now: float, settings: settings_.Settings,
+              message: str = "") -> Refusal:
         count = previous.count + 1 if previous is not None and previous.generation == generation else 1
-        return Refusal(generation=generation, count=count, retry_at=now + workers.backoff(count, settings))
+        return Refusal(generation=generation, count=count, retry_at=now + workers.backoff(count, settings),
+                       message=message)
 
     def holds(self, generation: int, now: float) -> bool:
         """Whether pods of the queue at this generation wait still (a changed spec is tried at once)."""
@@ -325,7 +329,8 @@ class Supervisor:
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
         refusal = self._refused.get(key)
         if create and refusal is not None and refusal.holds(queue.generation, now):
-            create, status = (), status.model_copy(update={"next_index": previous.next_index})
+            create, status = (), status.model_copy(update={"next_index": previous.next_index,
+                                                           "last_error": refusal.message or status.last_error})
             self._queue.add_after(key, refusal.retry_at - now)
         if not self._activity.is_active():
             return  # each await above may have seen this replica stand down: from then on it acts no more
@@ -351,7 +356,7 @@ class Supervisor:
                 self._refused.pop(key, None)
             else:
                 refusal = self._refused[key] = Refusal.after(refusal, generation=queue.generation, now=now,
-                                                             settings=self._settings)
+                                                             settings=self._settings, message=refused)
                 self._queue.add_after(key, refusal.retry_at - now)
             if refused != status.last_error:
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}), version)
