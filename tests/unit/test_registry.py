@@ -15,7 +15,7 @@ from tests.unit.factories import queue
 from workerqueue_operator.core import executions, leases, registry
 from workerqueue_operator.core.temporal import Execution
 from workerqueue_operator.devcluster.worker import Latch
-from workerqueue_operator.models import times
+from workerqueue_operator.models import times, wire
 
 
 def make_worker(**overrides: object) -> leases.Worker:
@@ -462,6 +462,30 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     monkeypatch.setattr(registry, "ENDED_KEPT", 2)
     reg._bury(make_worker(worker_id="newer"), on_purpose=True)
     assert list(reg._ended) == ["seen-to-expire", "newer"]
+
+
+def test_a_worker_that_expired_and_joins_again_keeps_its_host_and_process():
+    """Two workers of one host are told apart by their process id (its system_info, sent again every
+    5 min at most): one that expires and joins again from a plain heartbeat keeps it, or it would see
+    its neighbour's executions as its own."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    first = reg.register(q, "w-8", hostname="box", identity="user:ci",
+                         system_info=wire.WorkerSystemInfo(hostname="box", pid=8))
+    reg.heartbeat(first, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    now[0] += 1000.0
+    reg._sweep(ending=True)
+    assert reg.get("w-8", expired=True) is None
+    again = reg.rejoin(q, "w-8", identity="user:ci")
+    assert again is not None and (again.hostname, again.since) == ("box", first.since)
+    assert leases.system_pid(again.system_info) == 8
 
 
 def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from workerqueue_operator.core.leases import (
     refusal_lease_name,
     slot_lease_name,
     system_info_json,
+    system_pid,
     worker_from_lease,
 )
 from workerqueue_operator.core.queues import QueueKey, QueueObject
@@ -149,6 +151,9 @@ class _Ended(NamedTuple):
     """Worker.since, for a Kubernetes identity's worker coming back."""
     hostname: str | None = None
     """Its hostname: a heartbeat seldom carries it again (system_info every 5 min at most)."""
+    pid: int | None = None
+    """Its process id, from system_info: with the hostname, what tells its executions from those of
+    another worker on its host."""
 
 
 @dataclass
@@ -413,11 +418,14 @@ class Registry:
         since = None if identity is None else now if ended is None else ended.since
         if hostname is None and ended is not None:
             hostname = ended.hostname
+        held = system_info_json(system_info)
+        if held is None and ended is not None and ended.pid is not None:
+            held = json.dumps({"pid": ended.pid}).encode()
         return Worker(
             worker_id=worker_id, queue=queue.key, queue_uid=queue.uid, queue_id=queue.queue_id, lease=lease,
             duration=lease_duration(interval), registered_at=now,
             renewed_at=now, seen_at=now, slot=slot, pod=pod, hostname=bounded_hostname(hostname),
-            system_info=system_info_json(system_info), identity=identity, since=since)
+            system_info=held, identity=identity, since=since)
 
     def register(self, queue: QueueObject, worker_id: str, *, pod: str | None = None, hostname: str | None = None,
                  system_info: wire.WorkerSystemInfo | None = None, identity: str | None = None) -> Worker:
@@ -1242,7 +1250,8 @@ class Registry:
     def _bury(self, worker: Worker, *, on_purpose: bool) -> None:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         self._remember(worker.worker_id, _Ended(on_purpose, worker.renewed_at if worker.heard() else None,
-                                                worker.queue, worker.since, worker.hostname))
+                                                worker.queue, worker.since, worker.hostname,
+                                                system_pid(worker.system_info)))
 
     def _remember(self, worker_id: str, ended: _Ended) -> None:
         self._ended.pop(worker_id, None)
