@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import kubernetes
 import pytest
 
@@ -213,6 +214,45 @@ async def test_a_call_is_bounded_by_its_timeout_credentials_included(tmp_path: P
     finally:
         await kube.close()
     assert time.monotonic() - began < 4, "the call waited for the credentials' own timeout"
+
+
+async def test_credentials_whose_read_hangs_are_read_anew_not_waited_for_until_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+    import sys
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(  # answers (the configuration's load), then hangs once, then answers again
+        "import datetime, json, pathlib, time\n"
+        f"runs = pathlib.Path({str(tmp_path / 'runs')!r})\n"
+        "n = int(runs.read_text()) + 1 if runs.exists() else 1\n"
+        "runs.write_text(str(n))\n"
+        "if n == 2:\n"
+        "    time.sleep(6)\n"
+        "expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)\n"
+        "status = {'token': 't', 'expirationTimestamp': expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        "                  'status': status}))\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],  # nothing listens there
+        "users": [{"name": "u", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
+            "interactiveMode": "Never"}}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.setattr(client, "AUTH_TIMEOUT_SECONDS", 1.0)
+    kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
+    monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)
+    try:
+        with pytest.raises(TimeoutError):
+            await kube.request("GET", "/api", timeout=0.5)  # the hung read
+        await asyncio.sleep(1.1)
+        # Read anew: past the credentials, to the server (refused), within the call's timeout.
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await kube.request("GET", "/api", timeout=2.5)
+    finally:
+        await kube.close()
 
 
 @pytest.mark.parametrize(("payload", "terminating"), [

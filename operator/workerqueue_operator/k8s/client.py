@@ -33,6 +33,9 @@ ServiceAccount tokens stay valid for far longer)."""
 AUTH_TIMEOUT_SECONDS = 30.0
 """Longest a request waits for credentials being read: a kubeconfig's exec plugin (`aws eks
 get-token`) or auth provider runs then, in a thread, for a second or two, or hangs."""
+MAX_HUNG_AUTH_READS = 4
+"""Reads of credentials left hanging in their threads (a thread cannot be stopped) before calls fail
+at once rather than start another."""
 
 
 ABORT_CLOSED_TLS = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
@@ -132,6 +135,8 @@ class KubeClient:
         self._auth: dict[str, str] = {}
         self._auth_until = 0.0
         self._auth_reading: asyncio.Future[dict[str, str]] | None = None
+        self._auth_read_at = 0.0
+        self._hung_reads: set[asyncio.Future[dict[str, str]]] = set()
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext | bool:
@@ -168,14 +173,24 @@ class KubeClient:
         # auth_settings() runs the loader's refresh hook, so rotated (in-cluster, exec) tokens are used.
         # It reads files and may run an exec plugin: at most every AUTH_REFRESH_SECONDS, in a thread
         # (never on the event loop, which serves /start meanwhile), one read at a time.
-        if time.monotonic() < self._auth_until:
+        now = time.monotonic()
+        if now < self._auth_until:
             return self._auth
-        if self._auth_reading is None:
-            self._auth_reading = asyncio.ensure_future(asyncio.to_thread(self._read_auth))
-            self._auth_reading.add_done_callback(self._auth_read)
+        reading = self._auth_reading
+        if reading is not None and now - self._auth_read_at > AUTH_TIMEOUT_SECONDS:
+            # Hung (an exec plugin that never returns): left to its thread and read anew, or that one
+            # read would fail every call until a restart. At most MAX_HUNG_AUTH_READS threads so.
+            self._hung_reads.add(reading)
+            reading = self._auth_reading = None
+        if reading is None:
+            if len(self._hung_reads) >= MAX_HUNG_AUTH_READS:
+                raise aiohttp.ClientConnectionError("credentials could not be read: earlier reads still hang")
+            reading = self._auth_reading = asyncio.ensure_future(asyncio.to_thread(self._read_auth))
+            self._auth_read_at = now
+            reading.add_done_callback(self._auth_read)
         try:
             async with asyncio.timeout(AUTH_TIMEOUT_SECONDS):
-                return await asyncio.shield(self._auth_reading)
+                return await asyncio.shield(reading)
         except TimeoutError:
             raise TimeoutError(f"credentials not read within {AUTH_TIMEOUT_SECONDS:g}s") from None
         except Exception as exc:
@@ -187,7 +202,9 @@ class KubeClient:
                 if auth.get("in") == "header" and auth.get("value")}
 
     def _auth_read(self, reading: asyncio.Future[dict[str, str]]) -> None:
-        self._auth_reading = None
+        self._hung_reads.discard(reading)
+        if self._auth_reading is reading:
+            self._auth_reading = None
         if not reading.cancelled() and reading.exception() is None:
             self._auth = reading.result()
             self._auth_until = time.monotonic() + AUTH_REFRESH_SECONDS
