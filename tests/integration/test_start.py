@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
-from workerqueue_operator.core.reconciler import Reconciler, token_secret_body
+from workerqueue_operator.core.reconciler import Reconciler, queue_ref_body, token_secret_body
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.core.supervisor import Supervisor
@@ -783,6 +784,38 @@ async def test_a_refused_pod_shows_on_the_queue_though_its_first_write_met_a_new
     shown = kube.workers(namespace, "nopod")
     assert shown["lastError"].startswith("pod nopod-w0 was refused: ") and shown["nextIndex"] == 1, shown
     assert kube.pod_names(namespace, "nopod", alive=False) == []
+
+
+async def test_in_a_namespace_being_deleted_a_refused_pod_or_event_is_no_news(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, caplog: pytest.LogCaptureFixture,
+):
+    """`kubectl delete namespace`: until its queue goes, a pod it lacks is made and refused (the
+    namespace is terminating), and was reported as a refusal, in an Event refused in turn and logged
+    as a Warning."""
+    here = in_process("doomed")
+    here.spec.update(singleExecution=True)
+    await here.create_ready()
+    here.watched()
+    queue = here.store.queue(here.key)
+    assert queue is not None
+    hold = k8s.V1ObjectMeta(name="hold", finalizers=["test.agentcontrol.dev/hold"])  # keeps it terminating
+    kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=hold))
+    events = EventPoster(here.client)
+    poster = asyncio.create_task(events.run())
+    try:
+        kube.core.delete_namespace(namespace)
+        supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(), events=events,
+                                activity=Activity(identity="test", priority=0))
+        caplog.set_level(logging.INFO)
+        assert await supervisor._create_pods(queue, (0,)) is None  # no refusal: nothing to try again
+        assert events.waiting == 0 and kube.pods(namespace) == []
+        events.post(involved=queue_ref_body(queue), reason="Probe", message="m", warning=True)
+        await asyncio.to_thread(wait_for, lambda: events.waiting == 0, what="the Event tried")
+        await asyncio.sleep(0.5)  # its answer
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        poster.cancel()
+        kube.core.patch_namespaced_config_map("hold", namespace, {"metadata": {"finalizers": None}})
 
 
 async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_are_swept(

@@ -257,7 +257,7 @@ async def test_credentials_whose_read_hangs_are_read_anew_not_waited_for_until_a
 
 @pytest.mark.parametrize(("payload", "terminating"), [
     (b'{"kind": "Status", "reason": "Forbidden", "message": "unable to create new content in namespace ops", '
-     b'"details": {"causes": [{"type": "NamespaceTerminating", "field": "metadata.namespace"}]}}', True),
+     b'"details": {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace"}]}}', True),
     (b'{"kind": "Status", "reason": "Forbidden", "message": "exceeded quota: q"}', False),
     (b'{"kind": "Status", "reason": "Forbidden", "details": {"causes": "not a list"}}', False),
     (b'<html>busy</html>', False),

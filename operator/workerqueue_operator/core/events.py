@@ -168,5 +168,9 @@ class EventPoster:
             try:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,
                                            message=event.message, warning=event.warning, count=event.count)
+            except client_.ApiError as exc:
+                # In a namespace being deleted its object goes too, and so would the Event: no news.
+                logger.log(logging.DEBUG if exc.namespace_terminating else logging.WARNING,
+                           "posting Event %s failed: %s", event.reason, exc)
             except client_.ERRORS as exc:
                 logger.warning("posting Event %s failed: %s", event.reason, exc)

@@ -496,6 +496,8 @@ class Supervisor:
                 self._alive_seen[queue.key] = self._alive_seen.get(queue.key, frozenset()) | {name}
                 self._events.post(involved=involved, reason="WorkerCreated",
                                   message=f"created worker pod {name}")
+            elif isinstance(result, client_.ApiError) and result.namespace_terminating:
+                pass  # the queue goes with its namespace: no refusal to report, nothing to try again
             elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
                 refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
                           f"{result.message}"

@@ -66,7 +66,7 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
         self.causes = causes
-        """The Status's `details.causes[].type` (e.g. NamespaceTerminating)."""
+        """The Status's `details.causes[].reason` (e.g. NamespaceTerminating)."""
 
     def quiet(self, message: str) -> ApiError:
         """This error with `message` in place of the server's, for writes of Secrets: a refusal's
@@ -324,5 +324,6 @@ def _api_error(status: int, payload: bytes, path: str) -> ApiError:
                         "(for a custom resource: is its CustomResourceDefinition installed?)")
     details = parsed.get("details")
     causes = details.get("causes") if isinstance(details, dict) else None
-    types = tuple(str(c.get("type")) for c in causes if isinstance(c, dict)) if isinstance(causes, list) else ()
+    # A StatusCause's type is `reason` on the wire (its Go field is Type).
+    types = tuple(str(c.get("reason")) for c in causes if isinstance(c, dict)) if isinstance(causes, list) else ()
     return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500], types)
