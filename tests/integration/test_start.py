@@ -629,6 +629,8 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"scaling": {"minIdle": 1}}, "max: Required value"),
     ({"ephemeral": True, "scaling": {"minIdle": 1, "max": 2}}, "an ephemeral queue's scaling.minIdle must be 0"),
     ({"upstream": {"url": 'http://cp"example', "apiKeySecretRef": {"name": "org", "key": "k"}}}, "spec.upstream.url"),
+    ({"litellm": {"url": "not a url"}}, "spec.litellm.url"),
+    ({"litellm": {"url": "litellm.internal:4000"}}, "spec.litellm.url"),
     ({"worker": {"template": {"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}}},
      "spec.worker.template.spec.containers[0].env"),
     ({"worker": {"template": {"metadata": {"labels": ["a"]}}}}, "spec.worker.template.metadata.labels: Invalid value"),

@@ -103,8 +103,8 @@ class TemporalSpec(_Model):
 class LiteLLMSpec(_Model):
     """The LiteLLM proxy the workers call; unset fields fall back to the operator's defaults."""
 
-    url: str | None = Field(default=None, max_length=2048)
-    """Base URL of the LiteLLM proxy."""
+    url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s/?#]+\S*$")
+    """Base URL of the LiteLLM proxy (http:// or https://)."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the LiteLLM API key; absent means the operator's default key with the
     operator's default URL, and no key with a URL of the queue's own."""
