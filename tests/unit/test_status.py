@@ -129,3 +129,12 @@ def test_secrets_resolved_tells_a_missing_secret_whatever_else_the_queue_lacks()
                              settings=Settings())
     c = conditions(status.desired_status(nowhere, {}, now=NOW))
     assert (c["SecretsResolved"]["status"], c["SecretsResolved"]["reason"]) == ("False", "SecretNotFound")
+
+
+def test_more_workers_alive_than_wanted_is_scaling_down_not_an_impossible_count():
+    # replicas lowered from 3 to 1: the two surplus workers finish their work first.
+    q = queues.Resolution(queue=queue(generation=2, queueId="abc", singleExecution=True), config=None, problem=None)
+    workers = {"observedGeneration": 2, "desired": 1, "pending": 0, "running": 3}
+    progressing = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "ScalingDown")
+    assert progressing["message"] == "3 workers alive, 1 wanted: the others go once their work is done"

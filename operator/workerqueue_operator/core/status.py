@@ -110,6 +110,8 @@ def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any
         return "False", "WorkersNotStarting", f"{len(stuck)} of {alive} workers cannot start: {named}"
     if alive < desired:
         return "True", "ScalingUp", f"{alive} of {desired} workers alive"
+    if alive > desired:  # the surplus finish their work first
+        return "True", "ScalingDown", f"{alive} workers alive, {desired} wanted: the others go once their work is done"
     return "True", "WorkersAvailable", f"{alive} of {desired} workers alive"
 
 
