@@ -488,6 +488,31 @@ def test_a_worker_that_expired_and_joins_again_keeps_its_host_and_process():
     assert leases.system_pid(again.system_info) == 8
 
 
+def test_a_fresh_lease_collected_with_its_queue_lets_its_worker_join_the_queue_made_again():
+    """`kubectl replace --force`: the garbage collector deletes the old queue's fresh Leases. Taken for
+    disconnects, their workers' heartbeats were 404 for good here, and 200 after a restart."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    current = [queue(heartbeatIntervalSeconds=10, uid="uid-1")]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: current[0],
+                            clock=lambda: now[0], active=lambda: False)
+    for name in ("kept", "collected"):
+        held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=now[0],
+                           duration=25.0, queue_uid="uid-1")
+        reg.lease_upserted(leases.lease_body(held, queue_name="q1"))
+    bodies = {name: leases.lease_body(reg.get(name), queue_name="q1") for name in ("kept", "collected")}
+    reg.lease_deleted(("team-a", "q1-kept"), bodies["kept"])  # its queue still there: a disconnect elsewhere
+    current[0] = queue(heartbeatIntervalSeconds=10, uid="uid-2")  # made again
+    reg.lease_deleted(("team-a", "q1-collected"), bodies["collected"])
+    assert not reg.may_rejoin(current[0], "kept")
+    assert reg.may_rejoin(current[0], "collected")
+
+
 def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
     """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
     expired by its renew time: the worker may come back at its next heartbeat. A Lease deleted while

@@ -318,6 +318,12 @@ class Registry:
         # replica once this one deletes its next Lease (see LAPSE_MARGIN_SECONDS).
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
         lapsed = has_lapsed(gone, self._clock()) if gone is not None else True
+        if gone is not None and not lapsed:
+            # Fresh, but its queue is gone or made again (`kubectl replace --force`): the garbage
+            # collector took it, not its worker, which may join a queue that issued its id, as it
+            # would after a restart of this replica.
+            queue = self._queue_of(gone.queue)
+            lapsed = queue is None or queue.uid != gone.queue_uid
         worker_id = self._by_lease.get(key)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
