@@ -23,9 +23,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except pydantic.ValidationError as exc:
         # Each problem by its setting's name, never its value: a URL may carry a password.
         for error in exc.errors(include_input=False, include_url=False):
-            name = ".".join(str(part) for part in error["loc"])
-            print(f"invalid setting {name} ({ENV_PREFIX}{str(error['loc'][0]).upper()}): {error['msg']}",
-                  file=sys.stderr)
+            loc = error["loc"]
+            if loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
+                name = ".".join(str(part) for part in loc)
+                print(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {error['msg']}", file=sys.stderr)
+            else:  # settings that go together
+                print(f"invalid settings: {error['msg']}", file=sys.stderr)
         return 2
     except SettingsError as exc:
         print(exc, file=sys.stderr)

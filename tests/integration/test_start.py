@@ -809,7 +809,12 @@ async def test_in_a_namespace_being_deleted_a_refused_pod_or_event_is_no_news(
         supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(), events=events,
                                 activity=Activity(identity="test", priority=0))
         caplog.set_level(logging.INFO)
-        assert await supervisor._create_pods(queue, (0,)) is None  # no refusal: nothing to try again
+        for _ in range(2):
+            await supervisor._reconcile(here.key)
+            here.watched()
+        # Refused once, quietly, then left for its back-off (not a pod and a status write each pass).
+        assert kube.workers(namespace, "doomed")["nextIndex"] == 1 and "lastError" not in kube.workers(namespace,
+                                                                                                      "doomed")
         assert events.waiting == 0 and kube.pods(namespace) == []
         events.post(involved=queue_ref_body(queue), reason="Probe", message="m", warning=True)
         await asyncio.to_thread(wait_for, lambda: events.waiting == 0, what="the Event tried")

@@ -716,7 +716,9 @@ async def test_a_route_the_operator_serves_spelt_otherwise_is_never_passed_throu
     _, client = hub
     for method, path in (("POST", "/api/v1/worker-queues/q-a/start/"), ("POST", "/api/v1/worker-queues/q-a/start//"),
                          ("POST", "/api/v1/worker-queues//q-a/start"), ("POST", "/api/v1/Worker-Queues/Q-A/START"),
-                         ("POST", "/api/v1/workers/w-1/heartbeat/"), ("GET", "/api/v1/worker-queues/q-a/executions/")):
+                         ("POST", "/api/v1/workers/w-1/heartbeat/"), ("GET", "/api/v1/worker-queues/q-a/executions/"),
+                         ("DELETE", "/api/v1/worker-queues/q-a/"), ("DELETE", "/api/v1/Worker-Queues/q-a"),
+                         ("DELETE", "/api/v1//worker-queues/q-a")):
         r = await client.request(method, path, headers={"Authorization": "Bearer tok-a"}, json={})
         assert (r.status, await r.json()) == (404, {"detail": "Not Found"}), path
     assert upstream.app[standin.RECEIVED] == []

@@ -119,7 +119,6 @@ def test_a_token_no_caller_could_present_keeps_the_queue_from_being_ready(secret
     ("redis://:pw@[bad", "secret r key url is not a redis:// or rediss:// URL"),  # no client could parse it
     ("redis://:pw@cache:99999/0", "secret r key url is not a redis:// or rediss:// URL"),
     ("redis://:pw@cache:6379/0\nX", "secret r key url is not a redis:// or rediss:// URL"),
-    ("redis://:pw@/0", "secret r key url is not a redis:// or rediss:// URL"),
 ])
 def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value, problem):
     r = resolve(queue(redis={"urlSecretRef": {"name": "r", "key": "url"}}), {("team-a", "r"): {"url": value}})
@@ -139,6 +138,17 @@ def test_an_api_key_that_cannot_go_into_a_header_keeps_the_queue_from_being_read
             "SecretKeyInvalid", "secret keys key k is not a usable API key")
         assert r.secrets_problem == r.problem
     assert resolve(queue(**spec), {("team-a", "keys"): {"k": "tk-1.2_3=="}}).ready
+
+
+def test_a_litellm_url_the_crd_now_refuses_is_reported_on_a_queue_stored_before_not_dropped():
+    # The API server keeps a queue stored before the rule: the operator still parses it, and says why
+    # it does not serve it (never quoting the URL, which may hold a password).
+    q = queues.QueueObject.from_body(queue_body(litellm={"url": "litellm.internal:4000"}))
+    r = resolve(q)
+    assert not r.ready and (r.problem.reason, r.problem.message) == (
+        "LiteLLMInvalid", "spec.litellm.url is not an http:// or https:// URL")
+    assert resolve(queue(litellm={"url": "HTTPS://LLM.example/v1"})).ready is False
+    assert resolve(queue(litellm={"url": "https://llm.example:4000/v1"})).ready
 
 
 def test_a_missing_generated_token_is_told_apart_from_other_problems():
@@ -416,3 +426,11 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err
     assert f"WQ_CONFIG_FILE {settings_file}: not valid YAML (line 3)" in err and "hunter2" not in err
+    settings_file.write_bytes(b"upstreamApiKey: \xff\xfe")
+    assert cli.main(["run"]) == 2
+    assert f"WQ_CONFIG_FILE {settings_file}: not UTF-8 text" in capsys.readouterr().err
+    monkeypatch.delenv("WQ_CONFIG_FILE")
+    monkeypatch.setenv("WQ_UPSTREAM_URL", "https://cp.example")  # without the key it goes with
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid settings: ") and "Traceback" not in err

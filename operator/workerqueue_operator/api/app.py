@@ -235,15 +235,19 @@ def _failure(request: web.Request, exc: Exception, log: logs.Throttled) -> tuple
     return errors.detail(500, "Internal Server Error"), 500
 
 
-def _owned(app: web.Application) -> list[tuple[re.Pattern[str], str]]:
-    """The /api/v1 routes the operator serves and their methods, but the queue itself: other calls
-    on it (a GET, say) are the upstream's."""
-    owned = []
+def _owned(app: web.Application) -> tuple[list[tuple[re.Pattern[str], str]], list[re.Pattern[str]]]:
+    """The /api/v1 routes the operator serves and their methods, but the queue itself, whose DELETE
+    only is the operator's (the second list): other calls on it (a GET, say) are the upstream's."""
+    owned, deletes = [], []
     for resource in app.router.resources():
         pattern = resource.get_info().get("pattern")
-        if resource.canonical.startswith("/api/v1/") and resource.canonical != workers.QUEUE_ROUTE and pattern:
+        if not resource.canonical.startswith("/api/v1/") or not pattern:
+            continue
+        if resource.canonical == workers.QUEUE_ROUTE:
+            deletes.append(pattern)
+        else:
             owned.append((pattern, ", ".join(sorted({route.method for route in resource}))))
-    return owned
+    return owned, deletes
 
 
 def make_app(
@@ -316,7 +320,9 @@ def make_app(
     app.router.add_get("/openapi.json", openapi_json)
     # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
     # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
-    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS], owned=_owned(app))
+    owned, owned_deletes = _owned(app)
+    forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS], owned=owned,
+                                        owned_deletes=owned_deletes)
     app.cleanup_ctx.append(forwarder.session_context)
     app.on_shutdown.append(forwarder.close_websockets)
     app.router.add_route("*", passthrough.ROUTE, forwarder.handle)

@@ -226,10 +226,13 @@ class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
     def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics,
-                 owned: Sequence[tuple[re.Pattern[str], str]] = ()) -> None:
+                 owned: Sequence[tuple[re.Pattern[str], str]] = (),
+                 owned_deletes: Sequence[re.Pattern[str]] = ()) -> None:
         self._owned = tuple(owned)
         """Paths the operator serves (pattern, the methods it allows there): another method is a 405
         with `Allow`, as aiohttp (and FastAPI) answer it, never a request passed through."""
+        self._owned_deletes = tuple(owned_deletes)
+        """Paths whose DELETE only is the operator's (the queue's own): other methods go upstream."""
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -293,6 +296,8 @@ class Passthrough:
                 return errors.detail(405, "Method Not Allowed", headers={"Allow": allow})
             if pattern.fullmatch(spelt):
                 return errors.detail(404, "Not Found")
+        if request.method == "DELETE" and any(pattern.fullmatch(spelt) for pattern in self._owned_deletes):
+            return errors.detail(404, "Not Found")
         route = self._route(request)
         if isinstance(route, web.Response):
             return route

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -415,15 +416,15 @@ _json_string = json.encoder.encode_basestring_ascii
 
 
 def _usable_redis_url(url: str) -> bool:
-    """What spec.redis.url must match too, and what a client can parse (host, port in range)."""
-    if not url.startswith(("redis://", "rediss://")) or not url.isprintable() or " " in url:
+    """What spec.redis.url must match too, and what a client can parse (a port in range; no host is
+    localhost to redis-py)."""
+    if not url.startswith(("redis://", "rediss://")) or not url.isprintable():
         return False
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises when out of range
+        urlsplit(url).port  # noqa: B018 - raises when out of range
     except ValueError:
         return False
-    return bool(parts.hostname)
+    return True
 
 
 def redis_password_from_url(url: str) -> str | None:
@@ -550,6 +551,10 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
     target = _temporal_target(queue, lookup, settings)
     queue_id = queue.queue_id
     websocket_enabled = s.websocket.enabled if s.websocket.enabled is not None else bool(s.websocket.url)
+
+    if s.litellm.url is not None and not re.fullmatch(spec_.LITELLM_URL_PATTERN, s.litellm.url):
+        # Stored before the CRD said so (the API server keeps such a queue): reported, never served.
+        raise _Unresolved(Problem("LiteLLMInvalid", "spec.litellm.url is not an http:// or https:// URL"))
 
     fields: dict[str, Any] = {
         "task_queue_name": target.task_queue,

@@ -358,7 +358,7 @@ class Supervisor:
                 refusal = self._refused[key] = Refusal.after(refusal, generation=queue.generation, now=now,
                                                              settings=self._settings, message=refused)
                 self._queue.add_after(key, refusal.retry_at - now)
-            if refused != status.last_error:
+            if refused != status.last_error and refused != "":
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}), version)
         if plan.delete_queue is not None:
             self._events.post(involved=involved, reason=plan.delete_queue.reason,
@@ -466,7 +466,8 @@ class Supervisor:
         return written[1] if written is not None and written[0] == queue.uid else None
 
     async def _create_pods(self, queue: QueueObject, indices: tuple[int, ...]) -> str | None:
-        """Creates the pods; returns the API server's reason when it refuses the pod itself."""
+        """Creates the pods; returns the API server's reason when it refuses one ("" when only its
+        namespace being deleted did: nothing to report)."""
         inputs = workers.PodInputs(
             control_plane_url=self._control_plane_url(),
             secrets_digest=workers.secrets_digest(queue, self._store.secret_version, self._settings),
@@ -497,7 +498,9 @@ class Supervisor:
                 self._events.post(involved=involved, reason="WorkerCreated",
                                   message=f"created worker pod {name}")
             elif isinstance(result, client_.ApiError) and result.namespace_terminating:
-                pass  # the queue goes with its namespace: no refusal to report, nothing to try again
+                # The queue goes with its namespace: no refusal to report, but the back-off all the
+                # same, or each pass would make its status write, and that write the next pass.
+                refused = refused or ""
             elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
                 refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
                           f"{result.message}"

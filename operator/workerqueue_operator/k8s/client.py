@@ -7,6 +7,7 @@ included), but every request is made on the event loop: nothing here blocks it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import ssl
 import sys
@@ -137,6 +138,10 @@ class KubeClient:
         self._auth_reading: asyncio.Future[dict[str, str]] | None = None
         self._auth_read_at = 0.0
         self._hung_reads: set[asyncio.Future[dict[str, str]]] = set()
+        # Threads of their own: hung reads must not take the default executor's, which resolve
+        # host names (aiohttp) for every other call.
+        self._auth_threads = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_HUNG_AUTH_READS + 1,
+                                                                   thread_name_prefix="kube-credentials")
 
     @staticmethod
     def _ssl_context(configuration: Any) -> ssl.SSLContext | bool:
@@ -185,7 +190,8 @@ class KubeClient:
         if reading is None:
             if len(self._hung_reads) >= MAX_HUNG_AUTH_READS:
                 raise aiohttp.ClientConnectionError("credentials could not be read: earlier reads still hang")
-            reading = self._auth_reading = asyncio.ensure_future(asyncio.to_thread(self._read_auth))
+            reading = self._auth_reading = asyncio.get_running_loop().run_in_executor(self._auth_threads,
+                                                                                     self._read_auth)
             self._auth_read_at = now
             reading.add_done_callback(self._auth_read)
         try:
@@ -213,6 +219,7 @@ class KubeClient:
         for session in (self._session, self._watch_session):
             if session is not None:
                 await session.close()
+        self._auth_threads.shutdown(wait=False, cancel_futures=True)
 
     async def request(
         self,

@@ -264,7 +264,10 @@ class Settings(BaseModel):
             try:
                 loaded = yaml.safe_load(Path(config_file).read_text()) or {}
             except OSError as exc:
-                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: {exc.strerror}") from None
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: "
+                                    f"{exc.strerror or type(exc).__name__}") from None
+            except UnicodeDecodeError:
+                raise SettingsError(f"{ENV_PREFIX}CONFIG_FILE {config_file}: not UTF-8 text") from None
             except yaml.YAMLError as exc:  # its text quotes the file, which may hold a secret
                 mark = getattr(exc, "problem_mark", None)
                 where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+LITELLM_URL_PATTERN = r"^https?://[^\s/?#]+\S*$"
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
 fragment (the host is what metrics are labelled with)."""
@@ -103,7 +104,9 @@ class TemporalSpec(_Model):
 class LiteLLMSpec(_Model):
     """The LiteLLM proxy the workers call; unset fields fall back to the operator's defaults."""
 
-    url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s/?#]+\S*$")
+    # In the CRD only: a queue stored before the rule (the API server keeps it) is still served, and
+    # its URL reported on it (queues.resolve), not dropped by the operator's own parsing.
+    url: str | None = Field(default=None, max_length=2048, json_schema_extra={"pattern": LITELLM_URL_PATTERN})
     """Base URL of the LiteLLM proxy (http:// or https://)."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the LiteLLM API key; absent means the operator's default key with the
