@@ -60,6 +60,21 @@ def silent_tls_server(tmp_path: Path) -> Iterator[int]:
             thread.join(30)
 
 
+def exec_kubeconfig(tmp_path: Path, server: str, plugin: Path) -> Path:
+    """A kubeconfig whose user's credentials come from `plugin`, an exec plugin run by this Python."""
+    import json
+    import sys
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
+            "interactiveMode": "Never"}}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    return kubeconfig
+
 def test_a_closed_client_leaves_no_socket_open_though_the_server_never_answers_its_tls_shutdown(tmp_path: Path):
     # Found as a socket the garbage collector met long after the test that opened it: a watch ended
     # while the API server was busy, then its client closed and its event loop with it.
@@ -127,8 +142,6 @@ async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loo
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # `run --kubeconfig` with an exec user (`aws eks get-token`): the plugin runs again whenever its
     # token is near expiry. On the event loop, every /start and heartbeat waited for it meanwhile.
-    import json
-    import sys
 
     from aiohttp import web
     from aiohttp.test_utils import TestServer
@@ -150,14 +163,7 @@ async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loo
         "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
         "                  'status': status}))\n")
     async with TestServer(app) as server:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "clusters": [{"name": "c", "cluster": {"server": str(server.make_url("")).rstrip("/")}}],
-            "users": [{"name": "u", "user": {"exec": {
-                "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
-                "interactiveMode": "Never"}}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        kubeconfig = exec_kubeconfig(tmp_path, str(server.make_url("")).rstrip("/"), plugin)
         kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
         monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)  # every request reads credentials anew
         ticks = 0
@@ -181,8 +187,6 @@ async def test_an_exec_plugin_refreshing_credentials_does_not_stop_the_event_loo
 async def test_a_call_is_bounded_by_its_timeout_credentials_included(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # An exec plugin that hangs: the read of credentials waited up to its own 30 s before the call's
     # timeout began, past the worker's own timeout on a heartbeat or a disconnect.
-    import json
-    import sys
     import time
 
     plugin = tmp_path / "plugin.py"
@@ -196,14 +200,7 @@ async def test_a_call_is_bounded_by_its_timeout_credentials_included(tmp_path: P
         "status = {'token': 't', 'expirationTimestamp': expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
         "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
         "                  'status': status}))\n")
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
-        "users": [{"name": "u", "user": {"exec": {
-            "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
-            "interactiveMode": "Never"}}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = exec_kubeconfig(tmp_path, "http://127.0.0.1:9", plugin)
     monkeypatch.setattr(client, "AUTH_TIMEOUT_SECONDS", 5.0)
     kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
     monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)  # read anew at the call: the plugin hangs
@@ -218,8 +215,6 @@ async def test_a_call_is_bounded_by_its_timeout_credentials_included(tmp_path: P
 
 async def test_credentials_whose_read_hangs_are_read_anew_not_waited_for_until_a_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import json
-    import sys
 
     plugin = tmp_path / "plugin.py"
     plugin.write_text(  # answers (the configuration's load), then hangs once, then answers again
@@ -233,14 +228,7 @@ async def test_credentials_whose_read_hangs_are_read_anew_not_waited_for_until_a
         "status = {'token': 't', 'expirationTimestamp': expiry.strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
         "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
         "                  'status': status}))\n")
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],  # nothing listens there
-        "users": [{"name": "u", "user": {"exec": {
-            "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "args": [str(plugin)],
-            "interactiveMode": "Never"}}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = exec_kubeconfig(tmp_path, "http://127.0.0.1:9", plugin)  # nothing listens there
     monkeypatch.setattr(client, "AUTH_TIMEOUT_SECONDS", 1.0)
     kube = client.KubeClient(client.load_configuration(str(kubeconfig)))
     monkeypatch.setattr(client, "AUTH_REFRESH_SECONDS", 0.0)
