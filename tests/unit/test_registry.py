@@ -45,6 +45,17 @@ def test_a_lease_round_trips_everything_the_registry_keeps():
     assert back.stored and not back.dirty
 
 
+def test_a_lease_whose_state_someone_else_wrote_badly_reads_without_failing():
+    # Anyone who may write Leases in the namespace could: a heartbeat reading it must not be a 500.
+    body = leases.lease_body(make_worker(), queue_name="q1")
+    body["metadata"]["annotations"][leases.STATE_ANNOTATION] = json.dumps(
+        {"tasksProcessed": "many", "hostname": 5, "pod": {"x": 1}, "currentTaskId": ["a"], "slot": "0"})
+    back = leases.worker_from_lease(body, seen_at=2000.0)
+    assert back is not None
+    assert (back.tasks_processed, back.hostname, back.pod, back.current_task_id, back.slot) == (0, None, None,
+                                                                                                None, None)
+
+
 def test_leases_that_are_not_registrations_are_ignored():
     assert leases.worker_from_lease({"metadata": {"name": "x", "namespace": "n"}, "spec": {}}, seen_at=0) is None
     no_owner = {"metadata": {"name": "x", "namespace": "n"}, "spec": {"holderIdentity": "w"}}

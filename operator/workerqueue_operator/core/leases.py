@@ -322,6 +322,11 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
     if not isinstance(state, dict):
         state = {}
     info = state.get("systemInfo")
+    # Written by the operator, but anyone who may write Leases there could write anything: what does
+    # not have its type is left out rather than fail a heartbeat with a 500.
+    told = state.get("tasksProcessed")
+    texts = {key: value for key in ("currentTaskId", "hostname", "pod")
+             if isinstance(value := state.get(key), str)}
     registered = (times.parse_or_none(spec.get("acquireTime")) or times.parse_or_none(meta.get("creationTimestamp"))
                   or seen_at)
     renewed = times.parse_or_none(spec.get("renewTime")) or registered
@@ -337,10 +342,10 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
         seen_at=seen_at,
         slot=state.get("slot") if isinstance(state.get("slot"), int) else None,
         status=str(state.get("status") or "unknown"),
-        tasks_processed=int(state.get("tasksProcessed") or 0),
-        current_task_id=state.get("currentTaskId"),
-        hostname=state.get("hostname"),
-        pod=state.get("pod"),
+        tasks_processed=told if isinstance(told, int) and not isinstance(told, bool) and told >= 0 else 0,
+        current_task_id=texts.get("currentTaskId"),
+        hostname=texts.get("hostname"),
+        pod=texts.get("pod"),
         system_info=json.dumps(info, separators=(",", ":")).encode() if isinstance(info, dict) and info else None,
         identity=state["identity"] if isinstance(state.get("identity"), str) else None,
         since=float(state["since"]) if isinstance(state.get("since"), int | float) else None,
