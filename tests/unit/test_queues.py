@@ -420,6 +420,10 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     assert "invalid setting upstream_url (WQ_UPSTREAM_URL): String should match pattern" in err
     assert "SUPERSECRET" not in err and "Traceback" not in err
     monkeypatch.delenv("WQ_UPSTREAM_URL")
+    monkeypatch.setenv("WQ_LITELLM_URL", "litellm.internal:4000")  # no scheme: no worker could call it
+    assert cli.main(["run"]) == 2
+    assert "invalid setting litellm_url (WQ_LITELLM_URL): String should match pattern" in capsys.readouterr().err
+    monkeypatch.delenv("WQ_LITELLM_URL")
     settings_file = tmp_path / "settings.yaml"
     settings_file.write_text("upstreamApiKey: [\n  password: hunter2\n")  # YAML's own error quotes the line
     monkeypatch.setenv("WQ_CONFIG_FILE", str(settings_file))

@@ -58,8 +58,8 @@ class Settings(BaseModel):
     """Default Temporal namespace."""
     temporal_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default Temporal API key, as `namespace/name:key` in env."""
-    litellm_url: str = ""
-    """Default LiteLLM proxy URL."""
+    litellm_url: str = Field(default="", pattern=f"^$|{spec_.LITELLM_URL_PATTERN}")
+    """Default LiteLLM proxy URL (http:// or https://)."""
     litellm_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default LiteLLM API key, as `namespace/name:key` in env."""
     public_url: str | None = None
