@@ -390,6 +390,12 @@ def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
              what="Progressing=PodCreationFailed")
     assert "PodCreationFailed" in reasons(kube, namespace, "bad")
     assert kube.pods(namespace, "bad") == []
+    # Not ready either, as in a crash loop (`kubectl wait --for=condition=Ready` must not pass), and
+    # said once, by the supervisor's Events only.
+    ready = kube.wait_condition(namespace, "bad", "False", "PodCreationFailed")
+    assert ready["message"].startswith("worker pods cannot be created: pod bad-w")
+    assert all(e.message.startswith("pod bad-w") for e in kube.events(namespace, "bad")
+               if e.reason == "PodCreationFailed")
 
 
 def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kube: Kube, namespace: str):

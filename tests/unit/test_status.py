@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from tests.unit.factories import queue
 from workerqueue_operator.core import queues, status
 from workerqueue_operator.core.store import Store
@@ -138,3 +140,19 @@ def test_more_workers_alive_than_wanted_is_scaling_down_not_an_impossible_count(
     progressing = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Progressing"]
     assert (progressing["status"], progressing["reason"]) == ("True", "ScalingDown")
     assert progressing["message"] == "3 workers alive, 1 wanted: the others go once their work is done"
+
+
+def test_a_queue_whose_pods_the_api_server_refuses_is_not_ready():
+    # As in a crash loop: `kubectl wait --for=condition=Ready` must not take it for ready.
+    q = queues.Resolution(queue=queue(generation=2, queueId="abc", singleExecution=True), config=None, problem=None)
+    workers = {"observedGeneration": 2, "desired": 1, "pending": 0, "running": 0,
+               "lastError": "pod q1-w0 was refused: spec.containers[0].image: Required value"}
+    ready = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "PodCreationFailed")
+    assert ready["message"] == "worker pods cannot be created: " + workers["lastError"]
+    # Of an older spec: the new one may well be created (the supervisor has not planned it yet).
+    changed = dataclasses.replace(q, queue=queue(generation=3, queueId="abc", singleExecution=True))
+    assert conditions(status.desired_status(changed, {"workers": workers}, now=NOW))["Ready"]["status"] == "True"
+    # A queue running no pods of its own never has one.
+    plain = queues.Resolution(queue=queue(generation=2, queueId="abc"), config=None, problem=None)
+    assert conditions(status.desired_status(plain, {"workers": workers}, now=NOW))["Ready"]["status"] == "True"

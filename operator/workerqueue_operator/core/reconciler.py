@@ -358,7 +358,7 @@ class Reconciler:
             return
         if before is None and after["status"] == "True":
             return  # a queue that is Ready from the start needs no Event saying so
-        if after["reason"] == "CrashLooping":
+        if after["reason"] in ("CrashLooping", "PodCreationFailed"):
             return  # the worker supervisor has said so, with the details
         ready = after["status"] == "True"
         # Suspended is what its user asked for: routine, not a Warning for alerting to page on.

@@ -65,10 +65,18 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     else:
         conditions = [c for c in conditions if c.get("type") != PROGRESSING]
 
+    planned = workers.get("observedGeneration")
+    # The API server refuses its pods (of this spec, not an older one's): workers cannot start, as
+    # in a crash loop, and a `kubectl wait --for=condition=Ready` must not take it for ready.
+    refused = manages and workers.get("lastError") and (planned is None or planned == generation)
     if problem is None and crash_looping:
         conditions = set_condition(conditions, type=READY, status="False", reason="CrashLooping",
                                    message=f"workers failed {workers.get('consecutiveFailures', 0)} times in a row; "
                                    "change the spec to start workers again", generation=generation, now=now)
+    elif problem is None and refused:
+        conditions = set_condition(conditions, type=READY, status="False", reason="PodCreationFailed",
+                                   message=f"worker pods cannot be created: {workers['lastError']}",
+                                   generation=generation, now=now)
     elif problem is None:
         conditions = set_condition(conditions, type=READY, status="True", reason="Ready",
                                    message="workers can start", generation=generation, now=now)
