@@ -483,8 +483,8 @@ class Supervisor:
                 await self._create_credential(queue, credential)
             except client_.ApiError as exc:
                 secret = credential["metadata"]["name"]
-                raise _CredentialFailed(exc.status, exc.reason, f"creating its token Secret {secret} failed "
-                                        f"({exc.status} {exc.reason})", exc.causes) from None
+                raise exc.quiet(f"creating its token Secret {secret} failed ({exc.status} {exc.reason})",
+                                kind=_CredentialFailed) from None
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)

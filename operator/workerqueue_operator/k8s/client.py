@@ -69,10 +69,11 @@ class ApiError(Exception):
         self.causes = causes
         """The Status's `details.causes[].reason` (e.g. NamespaceTerminating)."""
 
-    def quiet(self, message: str) -> ApiError:
-        """This error with `message` in place of the server's, for writes of Secrets: a refusal's
-        text (an admission webhook's) may quote the object, its data with it."""
-        return ApiError(self.status, self.reason, message, self.causes)
+    def quiet(self, message: str, *, kind: type[ApiError] | None = None) -> ApiError:
+        """This error (as `kind`, a subclass that tells it apart, if given) with `message` in place of
+        the server's, for writes of Secrets: a refusal's text (an admission webhook's) may quote the
+        object, its data with it."""
+        return (kind or ApiError)(self.status, self.reason, message, self.causes)
 
     @property
     def namespace_terminating(self) -> bool:
