@@ -41,6 +41,7 @@ bench: $(STAMP) assets
 crds: $(STAMP)
 	$(BIN)/workerqueue-operator crds -o crds/agentcontrol.dev_workerqueues.yaml
 	$(BIN)/workerqueue-operator crds --chart -o charts/workerqueue-operator/templates/crds/workerqueues.yaml
+	$(BIN)/workerqueue-operator crds --values-schema charts/workerqueue-operator/values.schema.json
 
 # The operator's image, built without Docker (image/build.py): OCI and docker archives in build/image.
 image:

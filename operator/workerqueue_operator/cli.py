@@ -15,6 +15,7 @@ import pydantic
 
 def cmd_run(args: argparse.Namespace) -> int:
     from workerqueue_operator import runner
+    from workerqueue_operator.k8s import client as client_
     from workerqueue_operator.models.settings import ENV_PREFIX, Settings, SettingsError
 
     overrides = {"http_port": args.port} if args.port is not None else {}
@@ -41,7 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("environment variables ignored, no such setting: %s", ", ".join(unknown))
     # Replicas need distinct priorities for kopf peering to pick one: a random one unless given.
     priority = args.priority if args.priority is not None else secrets.randbelow(1_000_000)
-    asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))
+    try:
+        asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))
+    except client_.ConfigurationError as exc:
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return 1
     return 0
 
 
@@ -55,6 +60,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_crds(args: argparse.Namespace) -> int:
     from workerqueue_operator.models import crd
 
+    if args.values_schema:
+        from workerqueue_operator.models import values_schema
+
+        path = Path(args.values_schema)
+        path.write_text(values_schema.render(path.read_text()))
+        return 0
     text = crd.render_chart_template() if args.chart else crd.render_crd_yaml()
     if args.output:
         Path(args.output).write_text(text)
@@ -86,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="print (or write) the CRD generated from the models")
     crds.add_argument("-o", "--output", help="file to write instead of stdout")
     crds.add_argument("--chart", action="store_true", help="as the Helm chart's template")
+    crds.add_argument("--values-schema", metavar="FILE",
+                      help="instead, rewrite the values.schema.json FILE with its extraConfig from the settings")
     crds.set_defaults(func=cmd_crds)
     return p
 

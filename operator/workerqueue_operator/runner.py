@@ -275,7 +275,7 @@ async def run(
     `priority` runs the handlers (worker pods); every replica serves the HTTP API and keeps statuses.
     """
     version = workerqueue_operator.__version__
-    client = client_.KubeClient(client_.load_configuration(kubeconfig))
+    client = client_.KubeClient(await client_.load_configuration_within(kubeconfig))
     store = Store(settings=settings)
     events = EventPoster(client)
     # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.

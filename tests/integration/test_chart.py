@@ -211,14 +211,14 @@ def test_lint(helm: Helm, option: str):
     ({"temporal": {"apiKeySecret": {"namespace": "Not_Valid.ns", "name": "t", "key": "k"}}}, "namespace"),
     ({"livenessProbe": {"successThreshold": 3}}, "successThreshold"),
     # The probes and the Service would not follow; a typo would crash-loop the pod.
-    ({"extraConfig": {"http_port": 9090}}, "invalid propertyName 'http_port'"),
-    ({"extraConfig": {"worker_backof_seconds": 20}}, "invalid propertyName 'worker_backof_seconds'"),
+    ({"extraConfig": {"http_port": 9090}}, "additional properties 'http_port' not allowed"),
+    ({"extraConfig": {"worker_backof_seconds": 20}}, "additional properties 'worker_backof_seconds' not allowed"),
     # The Roles that read the Secret, and the grace period that covers the drain, would not follow.
     ({"extraConfig": {"temporal_api_key_secret": {"namespace": "ops", "name": "t", "key": "k"}}},
-     "invalid propertyName 'temporal_api_key_secret'"),
-    ({"extraConfig": {"http_drain_seconds": 60}}, "invalid propertyName 'http_drain_seconds'"),
+     "additional properties 'temporal_api_key_secret' not allowed"),
+    ({"extraConfig": {"http_drain_seconds": 60}}, "additional properties 'http_drain_seconds' not allowed"),
     # Set around the chart, the operator starts without the upstream's key and crash-loops.
-    ({"extraConfig": {"upstream_url": "https://api.example.com"}}, "invalid propertyName 'upstream_url'"),
+    ({"extraConfig": {"upstream_url": "https://api.example.com"}}, "additional properties 'upstream_url' not allowed"),
     # Env is read over the config file: the probes, the Service and the Roles would not follow.
     ({"extraEnv": [{"name": "WQ_NAMESPACES", "value": "team-a"}]}, "/extraEnv/0/name"),
     ({"extraEnv": [{"name": "WQ_HTTP_PORT", "value": "9090"}]}, "/extraEnv/0/name"),
@@ -248,12 +248,102 @@ def test_lint(helm: Helm, option: str):
     ({"worker": {"podTemplate": {"spec": {"hostNetwork": True}}}}, "hostNetwork"),
     ({"worker": {"podTemplate": {"spec": {"containers": [{"name": "worker", "env": [{"value": "x"}]}]}}}},
      "name"),
+    ({"worker": {"podTemplate": {"spec": {"containers": [{"name": "worker", "env": [{"name": ""}]}]}}}},
+     "/env/0/name"),
+    ({"worker": {"podTemplate": {"spec": {"containers": [{"name": "worker", "env": [{"name": 3}]}]}}}},
+     "/env/0/name"),
+    ({"worker": {"podTemplate": {"spec": {"hostNetwork": "true"}}}}, "hostNetwork"),
+    ({"litellm": {"url": "https://"}}, "/litellm/url"),
+    ({"litellm": {"url": "http://a b"}}, "/litellm/url"),
+    # extraConfig's values held to the operator's own Settings (generated from them).
+    ({"extraConfig": {"peering_lifetime_seconds": 1}}, "/extraConfig/peering_lifetime_seconds"),
+    ({"extraConfig": {"worker_backoff_seconds": "soon"}}, "/extraConfig/worker_backoff_seconds"),
+    ({"extraConfig": {"worker_command": "kubiya worker start"}}, "/extraConfig/worker_command"),
+    # null is Helm's way to unset a default: a value the operator cannot do without is required.
+    ({"authCacheSeconds": None}, "missing property 'authCacheSeconds'"),
+    ({"tokenReviewAudiences": None}, "missing property 'tokenReviewAudiences'"),
+    ({"http": {"maxConnections": None}}, "missing property 'maxConnections'"),
+    ({"podDisruptionBudget": {"enabled": True, "maxUnavailable": None}}, "set minAvailable or maxUnavailable"),
+    # prometheus-operator refuses a ServiceMonitor whose scrape may outlast its interval.
+    ({"serviceMonitor": {"enabled": True, "interval": "5s"}}, "scrapeTimeout 10s is longer than"),
+    ({"serviceMonitor": {"enabled": True, "interval": "1m", "scrapeTimeout": "1m500ms"}}, "is longer than"),
 ])
 def test_wrong_values_are_refused(helm: Helm, values: dict[str, Any], message: str):
     """By the schema, or by the templates' own checks (which `helm lint` only reports as INFO)."""
     done = helm("template", "wq", str(CHART), f"--values={helm.values_file(values)}", check=False)
     assert done.returncode != 0 and message in done.stdout + done.stderr
 
+
+
+NULLABLE_VALUES = {
+    "nameOverride", "fullnameOverride", "commonLabels", "publicUrl", "extraConfig",
+    "temporal.apiKeySecret", "litellm.apiKeySecret", "upstream.url", "upstream.apiKeySecret",
+    "worker.image", "worker.command", "worker.podTemplate", "worker.controlPlaneUrl",
+    "image.tag", "image.digest", "image.pullPolicy", "imagePullSecrets",
+    "serviceAccount.name", "serviceAccount.annotations", "podAnnotations", "podLabels",
+    "podSecurityContext", "securityContext", "resources", "priorityClassName", "nodeSelector", "tolerations",
+    "affinity", "topologySpreadConstraints", "updateStrategy", "extraEnv", "service.annotations",
+    "networkPolicy.ingressFrom", "networkPolicy.egress", "podDisruptionBudget.minAvailable",
+    "podDisruptionBudget.maxUnavailable", "serviceMonitor.labels", "serviceMonitor.tlsConfig",
+}
+"""values.yaml keys whose null (Helm's way to unset a default) means "none", and what is inside them;
+the values schema requires every other key, so that a null there fails `helm install` by name
+rather than rendering a config the operator refuses at start (its pods crash-looping)."""
+
+
+def _value_paths(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path, value
+            if path not in NULLABLE_VALUES:
+                yield from _value_paths(value, path)
+
+
+def test_every_value_is_required_by_the_schema_unless_null_means_none():
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, _ in _value_paths(defaults):
+        *parents, key = path.split(".")
+        node = schema
+        for parent in parents:
+            node = node["properties"][parent]
+        assert (key in node.get("required", [])) != (path in NULLABLE_VALUES), path
+
+
+@pytest.mark.parametrize("path", sorted(NULLABLE_VALUES))
+def test_a_value_set_to_null_renders_what_the_operator_accepts(helm: Helm, path: str):
+    values: dict[str, Any] = {}
+    node = values
+    *parents, key = path.split(".")
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[key] = None
+    if parents and parents[0] in ("podDisruptionBudget", "serviceMonitor", "networkPolicy"):
+        values[parents[0]]["enabled"] = True
+    if path == "podDisruptionBudget.maxUnavailable":
+        values["podDisruptionBudget"]["minAvailable"] = "50%"
+        values["replicaCount"] = 2
+    docs = helm.template(values)
+    Settings.model_validate(config_of(docs))
+    if path.startswith("podDisruptionBudget."):
+        budget = find(docs, "PodDisruptionBudget")["spec"]
+        assert budget.get("minAvailable") is not None or budget.get("maxUnavailable") is not None, budget
+
+
+def test_a_required_value_set_to_null_is_refused_by_name(helm: Helm):
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path, _ in _value_paths(defaults):
+        if path in NULLABLE_VALUES:
+            continue
+        *parents, key = path.split(".")
+        values: dict[str, Any] = {}
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = None
+        done = helm("template", "wq", str(CHART), f"--values={helm.values_file(values)}", check=False)
+        assert done.returncode != 0 and f"missing property '{key}'" in done.stderr, (path, done.stderr[-300:])
 
 def test_defaults(helm: Helm):
     docs = helm.template({}, release="wq", namespace="wq-system")
@@ -306,11 +396,26 @@ def test_defaults(helm: Helm):
     assert "worker_pod_template" not in config
 
 
-def test_namespaces_of_digits_render_as_strings(helm: Helm):
-    """`2024` is a valid namespace name; written unquoted, YAML reads it as a number, which the API
-    server refuses in every `namespace` field (metadata, subjects)."""
+def test_names_of_digits_render_as_strings(helm: Helm):
+    """`2024` is a valid namespace name (and Secret, ServiceAccount, PriorityClass name); written
+    unquoted, YAML reads it as a number, which the API server refuses in every such field."""
     digits = Scope(release="wq", namespace="2024", watched=("123", "team-a"))
-    docs = helm.template(option_values("everything", digits), namespace=digits.namespace)
+    values = option_values("everything", digits)
+    values["serviceAccount"]["name"] = "4242"
+    values["tls"]["secretName"] = "777"
+    values["priorityClassName"] = "555"
+    docs = helm.template(values, namespace=digits.namespace)
+
+    def leaves(node: Any) -> Iterator[Any]:
+        if isinstance(node, dict | list):
+            for value in node.values() if isinstance(node, dict) else node:
+                yield from leaves(value)
+        else:
+            yield node
+
+    assert not {2024, 123, 4242, 777, 555} & {leaf for doc in docs for leaf in leaves(doc) if type(leaf) is int}
+    deployment = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert (deployment["serviceAccountName"], deployment["priorityClassName"]) == ("4242", "555")
 
     def namespaces(node: Any) -> list[Any]:
         if isinstance(node, dict):
@@ -394,13 +499,26 @@ def test_network_policy(helm: Helm):
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     (ingress,) = policy["ingress"]
     assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}] and len(ingress["from"]) == 2
+    # 5353: where the policy meets the resolver's pods after the Service's mapping (OpenShift).
     assert {"port": 53, "protocol": "UDP"} in policy["egress"][0]["ports"]
+    assert {"port": 5353, "protocol": "UDP"} in policy["egress"][0]["ports"]
     assert policy["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
     # Without egress rules, egress is not restricted (the API server must stay reachable).
     docs = helm.template({"networkPolicy": {"enabled": True}})
     assert find(docs, "NetworkPolicy")["spec"]["policyTypes"] == ["Ingress"]
     assert "from" not in find(docs, "NetworkPolicy")["spec"]["ingress"][0]
 
+
+
+def test_notes_tell_what_the_release_serves(helm: Helm):
+    values = {"watchNamespaces": ["wq-system", "team-a", "team-a"],
+              "extraConfig": {"worker_control_plane_url": "http://elsewhere:80"}}
+    notes = helm("install", "wq", str(CHART), "--dry-run=client", "--namespace=wq-system",
+                 f"--values={helm.values_file(values)}").stdout.split("NOTES:", 1)[1]
+    assert "serves WorkerQueues in wq-system, team-a." in notes
+    assert "Workers call the /start API at http://elsewhere:80." in notes
+    notes = helm("install", "wq", str(CHART), "--dry-run=client", "--namespace=wq-system").stdout
+    assert "Workers call the /start API at http://wq-workerqueue-operator.wq-system.svc:8080." in notes
 
 def test_pod_disruption_budget(helm: Helm):
     pdb = find(helm.template(option_values("podDisruptionBudget", OFFLINE)), "PodDisruptionBudget")["spec"]
@@ -782,6 +900,7 @@ def without_value(chart: Path, value: str) -> None:
     (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     schema = json.loads((chart / "values.schema.json").read_text())
     del schema["properties"][value]
+    schema["required"] = [key for key in schema.get("required", []) if key != value]
     (chart / "values.schema.json").write_text(json.dumps(schema))
     helpers = chart / "templates" / "_helpers.tpl"
     lines = helpers.read_text().splitlines()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from workerqueue_operator.models import crd, spec
+from workerqueue_operator.models import crd, spec, values_schema
 from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.models.values_schema import CHART_OWNED_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,20 +24,17 @@ def test_chart_crds_match_the_models():
     assert path.read_text() == crd.render_chart_template(), f"{path} drifted: run `make crds`"
 
 
-CHART_OWNED_SETTINGS = {"http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces",
-                        "temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret",
-                        "http_drain_seconds", "upstream_url"}
-"""Settings the chart derives from values that its other manifests follow too (probes, Service,
-volumes, the Roles that read the named Secrets, the termination grace period): `extraConfig` may
-not set them."""
-
-
-def test_the_charts_extra_config_takes_every_setting_but_those_the_chart_owns():
-    """A new Settings field must be allowed in `extraConfig` (or named as owned here): the schema's
-    list is what refuses a typo at `helm install` rather than at the pod's start."""
-    schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
-    allowed = set(schema["properties"]["extraConfig"]["propertyNames"]["enum"])
-    assert allowed == set(Settings.model_fields) - CHART_OWNED_SETTINGS
+def test_the_charts_extra_config_is_generated_from_the_settings():
+    """`make crds` writes it: each setting but those the chart owns, with the type and bounds the
+    operator holds it to, so that `helm install` refuses what would crash-loop the pods."""
+    path = ROOT / "charts" / "workerqueue-operator" / "values.schema.json"
+    assert path.read_text() == values_schema.render(path.read_text()), "run `make crds`"
+    extra = json.loads(path.read_text())["properties"]["extraConfig"]
+    assert set(extra["properties"]) == set(Settings.model_fields) - CHART_OWNED_SETTINGS
+    assert extra["additionalProperties"] is False
+    lifetime = extra["properties"]["peering_lifetime_seconds"]
+    assert (lifetime["type"], lifetime["minimum"], lifetime["maximum"]) == ("integer", 2, 3600)
+    assert extra["properties"]["public_url"]["type"] == ["string", "null"]
 
 
 def test_the_charts_extra_env_refuses_what_extra_config_refuses():
@@ -47,10 +45,11 @@ def test_the_charts_extra_env_refuses_what_extra_config_refuses():
     assert refused == owned | {"WQ_CONFIG_FILE", "POD_ID", "PYTHONUNBUFFERED"}
 
 
-def test_the_charts_upstream_url_is_held_to_the_operators_pattern():
+def test_the_charts_urls_are_held_to_the_operators_patterns():
     """Else `helm install` takes a URL the operator then refuses at start, and its pod crash-loops."""
     schema = json.loads((ROOT / "charts" / "workerqueue-operator" / "values.schema.json").read_text())
     assert schema["properties"]["upstream"]["properties"]["url"]["pattern"] == "^$|" + spec.UPSTREAM_URL_PATTERN
+    assert schema["properties"]["litellm"]["properties"]["url"]["pattern"] == "^$|" + spec.LITELLM_URL_PATTERN
 
 
 def walk(node, path=""):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import socket
 import ssl
 import threading
@@ -261,3 +262,22 @@ def test_a_quiet_error_keeps_what_decides_and_drops_the_servers_text():
     quiet = loud.quiet("creating Secret q-worker-token failed (500 InternalError)")
     assert (quiet.status, quiet.reason, quiet.causes) == (500, "InternalError", ("X",))
     assert "s3cr3t" not in str(quiet) and "s3cr3t" not in quiet.message
+
+
+def test_run_gives_up_on_a_kubeconfig_whose_credential_plugin_hangs(tmp_path: Path):
+    """The plugin runs as the configuration loads: hanging (a metadata service that never answers),
+    it left the operator hanging at start, saying nothing."""
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("import time\ntime.sleep(5)\n")  # bounded, so that it ends by itself after the test
+    kubeconfig = exec_kubeconfig(tmp_path, "https://127.0.0.1:9", plugin)
+    code = ("import sys\nfrom workerqueue_operator import cli\nfrom workerqueue_operator.k8s import client\n"
+            "client.AUTH_TIMEOUT_SECONDS = 0.5\n"
+            f"sys.exit(cli.main(['run', '--kubeconfig', {str(kubeconfig)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "WQ_HTTP_PORT": "0"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot start: the Kubernetes client configuration was not loaded within 0.5s" in done.stderr
+    assert "Traceback" not in done.stderr

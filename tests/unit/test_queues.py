@@ -424,6 +424,12 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     assert cli.main(["run"]) == 2
     assert "invalid setting litellm_url (WQ_LITELLM_URL): String should match pattern" in capsys.readouterr().err
     monkeypatch.delenv("WQ_LITELLM_URL")
+    monkeypatch.setenv("WQ_TEMPORAL_API_KEY_SECRET", "tmprl-SUPERSECRET")  # the key, not its reference
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid setting temporal_api_key_secret (WQ_TEMPORAL_API_KEY_SECRET)" in err and "expected namespace" in err
+    assert "SUPERSECRET" not in err
+    monkeypatch.delenv("WQ_TEMPORAL_API_KEY_SECRET")
     settings_file = tmp_path / "settings.yaml"
     settings_file.write_text("upstreamApiKey: [\n  password: hunter2\n")  # YAML's own error quotes the line
     monkeypatch.setenv("WQ_CONFIG_FILE", str(settings_file))

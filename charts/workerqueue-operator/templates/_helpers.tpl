@@ -84,6 +84,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* A Prometheus duration of the values schema's form (1m30s, 500ms) in milliseconds. */}}
+{{- define "workerqueue-operator.milliseconds" -}}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" . -1 }}
+{{- $n := regexFind "^[0-9]+" . }}
+{{- $total = add $total (mul (atoi $n) (get $units (trimPrefix $n .))) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
 {{- define "workerqueue-operator.configDir" -}}/etc/workerqueue-operator/config{{- end }}
 {{- define "workerqueue-operator.tlsDir" -}}/etc/workerqueue-operator/tls{{- end }}
 
@@ -225,5 +236,5 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 {{- $_ := set $config "tls_cert_file" (printf "%s/tls.crt" (include "workerqueue-operator.tlsDir" .)) }}
 {{- $_ := set $config "tls_key_file" (printf "%s/tls.key" (include "workerqueue-operator.tlsDir" .)) }}
 {{- end }}
-{{- toYaml (mergeOverwrite $config (deepCopy $v.extraConfig)) }}
+{{- toYaml (mergeOverwrite $config (deepCopy ($v.extraConfig | default dict))) }}
 {{- end }}

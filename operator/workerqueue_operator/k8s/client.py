@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import ssl
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
@@ -105,6 +107,47 @@ def in_cluster_server(environ: Mapping[str, str]) -> str | None:
     if not host or not port:
         return None
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+class ConfigurationError(Exception):
+    """The client configuration could not be loaded: the operator cannot start."""
+
+
+async def load_configuration_within(kubeconfig: str | None = None, *, timeout: float | None = None) -> Any:
+    """load_configuration, in a thread and within `timeout`: a kubeconfig's credential plugin runs
+    as it loads, and one that hangs (waiting for a metadata service, an SSO prompt) would leave the
+    operator hanging at start without a word. The thread is a daemon's, so that the process can
+    still exit when it hangs."""
+    loop = asyncio.get_running_loop()
+    loaded: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if loaded.done():
+            return  # given up on already
+        if error is not None:
+            loaded.set_exception(error)
+        else:
+            loaded.set_result(result)
+
+    def load() -> None:
+        result, error = None, None
+        try:
+            result = load_configuration(kubeconfig)
+        except Exception as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=load, name="kube-configuration", daemon=True).start()
+    timeout = AUTH_TIMEOUT_SECONDS if timeout is None else timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await loaded
+    except TimeoutError:
+        raise ConfigurationError(f"the Kubernetes client configuration was not loaded within {timeout:g}s "
+                                 "(a kubeconfig credential plugin that does not return?)") from None
+    except kubernetes.config.ConfigException as exc:
+        raise ConfigurationError(f"no Kubernetes client configuration: {exc}") from None
 
 
 def load_configuration(kubeconfig: str | None = None) -> Any:

@@ -39,7 +39,8 @@ class NamespacedSecretKeyRef(BaseModel):
         ref, sep, key = text.partition(":")
         namespace, slash, name = ref.partition("/")
         if not (sep and slash and namespace and name and key):
-            raise ValueError(f"expected namespace/name:key, got {text!r}")
+            # Not the text itself: a key pasted here in place of its reference would go into the log.
+            raise ValueError("expected namespace/name:key")
         return cls(namespace=namespace, name=name, key=key)
 
 
@@ -47,7 +48,7 @@ class Settings(BaseModel):
     """Operator-wide settings. Every duration is in seconds."""
 
     # A setting's value never goes into an error (a URL may carry a password).
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True)
 
     # Queue defaults, used when a WorkerQueue leaves the field unset.
     organization_id: str = "default"
