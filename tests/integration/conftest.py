@@ -255,6 +255,7 @@ class Kube:
         self.custom = k8s.CustomObjectsApi(api_client)
         self.rbac = k8s.RbacAuthorizationV1Api(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
+        self.admission = k8s.AdmissionregistrationV1Api(api_client)
 
     def create_queue(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerQueue",
@@ -329,6 +330,39 @@ class Kube:
             self.core.delete_namespaced_secret("probe", namespace)
             return False
         wait_for(refused, what="the quota to be enforced")
+
+    @contextlib.contextmanager
+    def unreachable_pod_webhook(self, namespace: str) -> Iterator[None]:
+        """An admission webhook on the namespace's pod creates that the API server cannot reach
+        (failurePolicy Fail: cert-manager's or a policy engine's, while it is down): every pod
+        create fails with a 500 until the block ends."""
+        name = f"unreachable-{namespace}"
+        with socket.socket() as closed:  # bound, never listening: connections are refused
+            closed.bind(("127.0.0.1", 0))
+            self.admission.create_validating_webhook_configuration(k8s.V1ValidatingWebhookConfiguration(
+                metadata=k8s.V1ObjectMeta(name=name),
+                webhooks=[k8s.V1ValidatingWebhook(
+                    name="pods.unreachable.test", admission_review_versions=["v1"], side_effects="None",
+                    failure_policy="Fail", timeout_seconds=2,
+                    client_config=k8s.AdmissionregistrationV1WebhookClientConfig(
+                        url=f"https://127.0.0.1:{closed.getsockname()[1]}/validate"),
+                    namespace_selector=k8s.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}),
+                    rules=[k8s.V1RuleWithOperations(api_groups=[""], api_versions=["v1"], operations=["CREATE"],
+                                                    resources=["pods"])])]))
+            try:
+                def failing() -> bool:
+                    try:
+                        self.core.create_namespaced_pod(namespace, k8s.V1Pod(
+                            metadata=k8s.V1ObjectMeta(name="webhook-probe"),
+                            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="i")])))
+                    except k8s.ApiException as exc:
+                        return exc.status == 500
+                    self.core.delete_namespaced_pod("webhook-probe", namespace, grace_period_seconds=0)
+                    return False
+                wait_for(failing, what="the webhook to be called")
+                yield
+            finally:
+                self.admission.delete_validating_webhook_configuration(name)
 
     def allow_new_secrets(self, namespace: str) -> None:
         self.core.delete_namespaced_resource_quota("no-secrets", namespace)

@@ -417,6 +417,26 @@ def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kub
     wait_for(lambda: len(kube.pod_names(namespace, "nq")) == 1, timeout=60, what="the pod, after its back-off")
 
 
+
+def test_pods_the_api_server_fails_to_create_are_tried_again_after_a_back_off(kube: Kube, namespace: str):
+    # A 500 (a webhook it cannot reach; as a 429 or a timeout would be): each try burns a pod name
+    # and a token Secret, and its status write starts the next pass. Tried at once, that was ~100
+    # tries a second for as long as the webhook was down.
+    with kube.unreachable_pod_webhook(namespace):
+        kube.create_queue(namespace, "wh", queueId=f"wh-{namespace}", singleExecution=True, temporal=TEMPORAL)
+        progressing = wait_for(lambda: (c := kube.condition(namespace, "wh", "Progressing")) and
+                               c["reason"] == "PodCreationFailed" and c, what="Progressing=PodCreationFailed")
+        assert re.match(r"pod wh-w\d+ was not created: 500 InternalError: .*failed calling webhook",
+                        progressing["message"]), progressing
+        kube.wait_condition(namespace, "wh", "False", "PodCreationFailed")
+        time.sleep(5)
+        # Back-off here 1 s doubling to 4 s: tries at 0, 1, 3 and 7 s at most.
+        tries = kube.workers(namespace, "wh")["nextIndex"]
+        assert 2 <= tries <= 4, tries
+        assert sum(1 for e in kube.events(namespace, "wh") if e.reason == "PodCreationFailed") <= tries
+    wait_for(lambda: len(kube.pod_names(namespace, "wh")) == 1, timeout=30, what="the pod, after its back-off")
+    kube.wait_condition(namespace, "wh", "True")
+
 def documented_restricted_template() -> dict[str, Any]:
     """The `worker.podTemplate` of docs/helm.md's restricted Pod Security example, as written there."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "helm.md").read_text()

@@ -57,6 +57,14 @@ class _CredentialFailed(client_.ApiError):
     """Creating a pod's token Secret failed: said by status and reason only, as ApiError.quiet."""
 
 
+def _failure(exc: Exception) -> str:
+    """A failed call in a few words: the server's Status, else the error's type and text."""
+    if isinstance(exc, client_.ApiError):
+        return f"{exc.status} {exc.reason}: {exc.message}" if exc.message else f"{exc.status} {exc.reason}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class Refusal:
     """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
@@ -506,6 +514,14 @@ class Supervisor:
                           f"{result.message}"
                 self._events.post(involved=involved, reason="PodCreationFailed",
                                   message=refused, warning=True)
+            elif isinstance(result, client_.ERRORS):
+                # The API server failing (a 5xx, an admission webhook it cannot reach, 429, a timeout):
+                # backed off as a refusal is. Raised, the pass would be retried at once, since its
+                # status write (the next index) comes back through the watch and starts the next.
+                failed = f"pod {name} was not created: {_failure(result)}"
+                if not refused:  # a refusal's reason says more, and lasts
+                    refused = failed
+                self._events.post(involved=involved, reason="PodCreationFailed", message=failed, warning=True)
             elif isinstance(result, BaseException):
                 raise result
         return refused
