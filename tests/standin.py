@@ -8,7 +8,8 @@ sha256, the body read as it streams in, never held whole), except:
   answers (until the client goes away);
 - `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
-  echoes every message back (text as text, binary as binary); `close` closes it with code 4000.
+  echoes every message back (text as text, binary as binary); `close` closes it with code 4000,
+  `flood` makes it send 64 KiB messages for as long as it is open.
 
 `StandIn` runs it in a thread of its own, for tests that drive HTTP synchronously; `received`
 lists what came in.
@@ -88,6 +89,9 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     async for message in ws:
         if message.type is WSMsgType.TEXT and message.data == "close":
             await ws.close(code=4000, message=b"bye")
+        elif message.type is WSMsgType.TEXT and message.data == "flood":
+            while not ws.closed:  # 64 KiB messages, as fast as they are taken
+                await ws.send_str("x" * 65536)
         elif message.type is WSMsgType.TEXT:
             await ws.send_str(message.data)
         elif message.type is WSMsgType.BINARY:

@@ -644,6 +644,38 @@ async def test_a_websocket_is_closed_once_its_token_no_longer_opens_the_queue(hu
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.POLICY_VIOLATION
 
 
+async def test_a_revoked_websocket_whose_worker_reads_nothing_more_is_cut(upstream: TestServer,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """The close frame of a revoked token waits behind what the worker does not read: it held the
+    relay, the worker's connection and its slot for as long as that worker stayed connected."""
+    monkeypatch.setattr(passthrough, "CLOSE_SECONDS", 0.5)
+    async with serving(upstream, idle=60) as (store, client):  # heartbeats far off: no rescue from them
+        loop = asyncio.get_running_loop()
+        worker = socket.socket()
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        worker.setblocking(False)
+        with worker:
+            await loop.sock_connect(worker, (client.host, client.port))
+            await loop.sock_sendall(worker, (
+                f"GET {WS_A} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                "Authorization: Bearer tok-a\r\n\r\n").encode())
+            assert (await loop.sock_recv(worker, 12)) == b"HTTP/1.1 101"
+            payload, mask = b"flood", b"\x01\x02\x03\x04"  # a client's frames are masked
+            await loop.sock_sendall(worker, b"\x81" + bytes([0x80 | len(payload)]) + mask +
+                                    bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+            await asyncio.sleep(1)  # the upstream floods; the worker reads nothing: writes to it wait
+            store.upsert_secret(("team-a", "a-worker-token"), None)
+            # Seen within a second, the close given half of one: then the worker's connection is
+            # gone from the server, though the worker still reads nothing.
+            server = client.server.runner.server if client.server.runner is not None else None
+            assert server is not None and len(server.connections) == 1
+            for _ in range(50):
+                if not server.connections:
+                    break
+                await asyncio.sleep(0.1)
+            assert not server.connections
+
 async def test_a_streamed_answer_is_broken_off_once_its_token_no_longer_opens_the_queue(
         hub: tuple[Store, TestClient]):
     store, client = hub

@@ -500,7 +500,8 @@ class Passthrough:
         self._websockets.add(ours)
         try:
             await ours.prepare(request)
-            await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route))
+            await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route),
+                                  abort_ours=lambda: request.transport.abort() if request.transport else None)
         finally:
             self._websockets.discard(ours)
             await theirs.close()
@@ -619,7 +620,23 @@ class _Upload:
         self._move(loop.time() + self._idle)  # the end of the body, then the answer, within idle
 
 
-async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], None]) -> None:
+CLOSE_SECONDS = 5.0
+"""Longest a websocket's close may take. A peer that reads nothing more holds the write of the close
+frame for good, the relay with it: its connection is cut then."""
+
+
+async def _close_within(ws: _WebSocket, code: int, message: bytes = b"", *,
+                        abort: Callable[[], None] | None = None) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await ws.close(code=code, message=message)
+    except TimeoutError:
+        if abort is not None:  # closed, the transport would still wait to send what the peer never reads
+            abort()
+
+
+async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], None], *,
+                 abort_sink: Callable[[], None] | None = None) -> None:
     """Text and binary messages from `source` to `sink` until `source` closes; `sink` is then closed
     with the same code."""
     async for message in source:
@@ -629,7 +646,7 @@ async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], 
         elif message.type is aiohttp.WSMsgType.BINARY:
             counted(len(message.data))
             await sink.send_bytes(message.data)
-    await sink.close(code=_passed_on(source.close_code, aiohttp.WSCloseCode.OK))
+    await _close_within(sink, _passed_on(source.close_code, aiohttp.WSCloseCode.OK), abort=abort_sink)
 
 
 def _passed_on(code: int | None, default: int) -> int:
@@ -644,9 +661,11 @@ def _passed_on(code: int | None, default: int) -> int:
 
 
 async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
-                          stats: metrics.UpstreamStats, *, still_opens: Callable[[], bool]) -> None:
+                          stats: metrics.UpstreamStats, *, still_opens: Callable[[], bool],
+                          abort_ours: Callable[[], None] | None = None) -> None:
     """Messages both ways until either side closes; the other is then closed with the same code. Both
-    are closed (the worker's with 1008) once the token it was opened with no longer opens its queue."""
+    are closed (the worker's with 1008) once the token it was opened with no longer opens its queue.
+    `abort_ours` cuts the worker's connection, when its close does not end in time."""
 
     def sent(size: int) -> None:
         stats.bytes_sent += size
@@ -661,12 +680,12 @@ async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWeb
                 return
 
     revoked = asyncio.create_task(until_revoked())
-    tasks = [asyncio.create_task(_relay(ours, theirs, sent)), asyncio.create_task(_relay(theirs, ours, received)),
-             revoked]
+    tasks = [asyncio.create_task(_relay(ours, theirs, sent)),
+             asyncio.create_task(_relay(theirs, ours, received, abort_sink=abort_ours)), revoked]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if revoked.done() and not ours.closed:
-            await ours.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"token revoked")
+            await _close_within(ours, aiohttp.WSCloseCode.POLICY_VIOLATION, b"token revoked", abort=abort_ours)
     finally:
         for task in tasks:
             task.cancel()
@@ -674,6 +693,6 @@ async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWeb
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, ConnectionError):
                 await task
     if not ours.closed:
-        await ours.close(code=_passed_on(theirs.close_code, aiohttp.WSCloseCode.GOING_AWAY))
+        await _close_within(ours, _passed_on(theirs.close_code, aiohttp.WSCloseCode.GOING_AWAY), abort=abort_ours)
     if not theirs.closed:
-        await theirs.close(code=_passed_on(ours.close_code, aiohttp.WSCloseCode.GOING_AWAY))
+        await _close_within(theirs, _passed_on(ours.close_code, aiohttp.WSCloseCode.GOING_AWAY))
