@@ -37,7 +37,9 @@ STATES: dict[str, tuple[dict[str, Any], str, str]] = {
     "temporal-unreachable": ({"temporal": UNREACHABLE}, "TemporalReachable", "TemporalUnavailable"),
     "pods-pending": ({"singleExecution": True, "replicas": 2}, "Progressing", "WorkersAvailable"),
     "pod-stuck": ({"singleExecution": True}, "Progressing", "WorkersNotStarting"),
-    "crash-looping": ({"singleExecution": True, "worker": {"backoffLimit": 1}}, "Progressing", "CrashLooping"),
+    # Ephemeral: a pool that crash-loops tries a worker now and then, and is no queue at rest.
+    "crash-looping": ({"ephemeral": True, "singleExecution": True, "worker": {"backoffLimit": 1}}, "Progressing",
+                      "CrashLooping"),
     "scaling-idle": ({"singleExecution": True, "scaling": {"minIdle": 0, "max": 2}}, "Progressing",
                      "WorkersAvailable"),
     "scaling-min-idle": ({"singleExecution": True, "scaling": {"minIdle": 1, "max": 2}}, "Progressing",

@@ -89,15 +89,37 @@ def test_success_resets_the_backoff():
     assert p.workers.consecutive_failures == 0 and len(p.create) == 2
 
 
-def test_crash_looping_after_backoff_limit_until_the_spec_changes():
-    status = WorkersStatus(consecutive_failures=2, last_failure_time=times.rfc3339(T0 - 1000))
-    p = plan([pod(2, "Failed", exit_code=1)], status, singleExecution=True, worker={"backoffLimit": 3})
+def test_an_ephemeral_queue_crash_loops_after_backoff_limit_until_the_spec_changes():
+    spec = {"ephemeral": True, "singleExecution": True, "worker": {"backoffLimit": 3}}
+    status = WorkersStatus(consecutive_failures=2, last_failure_time=times.rfc3339(T0 - 1000), next_index=3)
+    p = plan([pod(2, "Failed", exit_code=1)], status, **spec)
     assert p.create == () and p.workers.crash_loop_generation == 1
     assert [e.reason for e in p.events] == ["WorkerFailed", "CrashLooping"]
-    still = plan([], p.workers, now=T0 + 10_000, singleExecution=True, worker={"backoffLimit": 3})
+    assert "no more start until the spec changes" in p.events[-1].message
+    still = plan([], p.workers, now=T0 + 10_000, **spec)
     assert still.create == () and not still.events
-    changed = plan([], p.workers, now=T0 + 10_000, generation=2, singleExecution=True, worker={"backoffLimit": 3})
+    changed = plan([], p.workers, now=T0 + 10_000, generation=2, **spec)
     assert changed.create == (3,) and changed.workers.crash_loop_generation is None
+
+
+def test_a_crash_looping_pool_tries_one_worker_at_a_time_after_the_longest_back_off():
+    """What failed its workers may pass (Temporal out of reach for minutes): given up on for good,
+    the pool stayed drained until someone changed its spec."""
+    spec = {"singleExecution": True, "replicas": 2, "worker": {"backoffLimit": 3}}
+    status = WorkersStatus(consecutive_failures=2, last_failure_time=times.rfc3339(T0 - 1000), next_index=3)
+    p = plan([pod(2, "Failed", exit_code=1)], status, **spec)
+    assert p.create == () and p.workers.crash_loop_generation == 1
+    assert p.requeue_after == pytest.approx(SETTINGS.worker_backoff_max_seconds)
+    assert "one worker at a time is tried every 300s" in p.events[-1].message
+    assert plan([], p.workers, now=T0 + 299, **spec).create == ()
+    tried = plan([], p.workers, now=T0 + 300, **spec)
+    assert tried.create == (3,) and tried.workers.crash_loop_generation == 1  # one, though two are missing
+    failed_again = plan([pod(3, "Failed", exit_code=1)], tried.workers, now=T0 + 320, **spec)
+    assert failed_again.create == () and failed_again.requeue_after == pytest.approx(300)
+    assert plan([pod(3, "Running")], tried.workers, now=T0 + 620, **spec).create == (4,)  # the next, beside it
+    worked = plan([pod(3, "Succeeded")], tried.workers, now=T0 + 400, **spec)
+    assert worked.workers.crash_loop_generation is None and worked.create == (4, 5)
+    assert plan([], p.workers, now=T0 + 10_000, suspend=True, **spec).create == ()
 
 
 def test_a_success_ends_a_crash_loop_in_status_too():

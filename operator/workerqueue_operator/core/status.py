@@ -59,7 +59,8 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     crash_looping = manages and workers.get("crashLoopGeneration") == generation
     if manages:
         progressing = _progressing(queue.spec.suspend, crash_looping, workers,
-                                   held=None if resolution.starts_workers else problem, generation=generation)
+                                   held=None if resolution.starts_workers else problem, generation=generation,
+                                   retried=not queue.spec.ephemeral)
         conditions = set_condition(conditions, type=PROGRESSING, status=progressing[0], reason=progressing[1],
                                    message=progressing[2], generation=generation, now=now)
     else:
@@ -70,9 +71,11 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     # in a crash loop, and a `kubectl wait --for=condition=Ready` must not take it for ready.
     refused = manages and workers.get("lastError") and (planned is None or planned == generation)
     if problem is None and crash_looping:
+        then = "change the spec to start workers again" if queue.spec.ephemeral else \
+            "one worker at a time is tried after the longest back-off until one succeeds, or change the spec"
         conditions = set_condition(conditions, type=READY, status="False", reason="CrashLooping",
                                    message=f"workers failed {workers.get('consecutiveFailures', 0)} times in a row; "
-                                   "change the spec to start workers again", generation=generation, now=now)
+                                   f"{then}", generation=generation, now=now)
     elif problem is None and refused:
         conditions = set_condition(conditions, type=READY, status="False", reason="PodCreationFailed",
                                    message=f"worker pods cannot be created: {workers['lastError']}",
@@ -93,11 +96,15 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
-                 held: Problem | None = None, *, generation: int) -> tuple[str, str, str]:
-    """`held`: why no worker is started now (the supervisor waits for the queue to be able to serve)."""
+                 held: Problem | None = None, *, generation: int, retried: bool = False) -> tuple[str, str, str]:
+    """`held`: why no worker is started now (the supervisor waits for the queue to be able to serve);
+    `retried`: a crash loop is tried again now and then (a pool), not given up on (an ephemeral queue)."""
     alive = int(workers.get("pending", 0)) + int(workers.get("running", 0))
     desired = int(workers.get("desired", 0))
     if crash_looping:
+        if retried:
+            return "False", "CrashLooping", (f"{alive} of {desired} workers alive; one at a time is tried after the "
+                                             "longest back-off until one succeeds")
         return "False", "CrashLooping", "no new workers until the spec changes"
     planned = workers.get("observedGeneration")
     if not workers or (planned is not None and planned != generation):

@@ -632,9 +632,21 @@ def plan(
     if crash_looping and manages_pods(s):
         if w.crash_loop_generation is None:
             w.crash_loop_generation = queue.generation
+            then = "no more start until the spec changes" if s.ephemeral else \
+                f"one worker at a time is tried every {settings.worker_backoff_max_seconds:g}s until one succeeds"
             events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
-                                f"(backoffLimit {s.worker.backoff_limit}); no more start until the spec changes",
-                                warning=True))
+                                f"(backoffLimit {s.worker.backoff_limit}); {then}", warning=True))
+        if not s.ephemeral and missing > 0 and not s.suspend:
+            # A pool is meant to stay: whatever failed its workers may pass (Temporal or the control
+            # plane out of reach for a while). Given up on for good, it would stay drained until
+            # someone changed its spec; it is tried, one worker at a time, at the longest back-off.
+            last = times.parse(w.last_failure_time) if w.last_failure_time is not None else now
+            wait = last + settings.worker_backoff_max_seconds - now
+            if wait > 0:
+                requeue.append(wait)
+            else:
+                create = (w.next_index,)
+                w.next_index += 1
     elif missing > 0 and not s.suspend and delete_queue is None:
         wait = 0.0
         if w.consecutive_failures > 0 and w.last_failure_time is not None:

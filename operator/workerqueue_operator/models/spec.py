@@ -261,8 +261,9 @@ class WorkerPodSpec(_Model):
     """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
     Default: one container running the operator's configured worker image and command."""
     backoff_limit: int = Field(default=6, ge=0, le=100)
-    """Consecutive failed workers after which the queue is CrashLooping and no more are started
-    until the spec changes."""
+    """Consecutive failed workers after which the queue is CrashLooping: an ephemeral queue starts no
+    more until the spec changes; any other tries one worker at a time after the longest back-off
+    (the operator's worker_backoff_max_seconds, 5 min) until one succeeds."""
 
 
 class ScalingSpec(_Model):
