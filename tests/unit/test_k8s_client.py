@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import socket
 import ssl
@@ -281,3 +282,14 @@ def test_run_gives_up_on_a_kubeconfig_whose_credential_plugin_hangs(tmp_path: Pa
     assert done.returncode == 1, done.stderr[-2000:]
     assert "cannot start: the Kubernetes client configuration was not loaded within 0.5s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_failing_credential_plugins_output_is_not_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The library logs it at ERROR as the kubeconfig loads; a plugin's error output may quote a credential."""
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("import sys\nsys.stderr.write('refresh token hunter2 expired\\n')\nsys.exit(3)\n")
+    kubeconfig = exec_kubeconfig(tmp_path, "https://127.0.0.1:9", plugin)
+    with caplog.at_level(logging.ERROR):
+        client.load_configuration(str(kubeconfig))
+    assert "exec: process returned 3 (its error output is not logged)" in caplog.text
+    assert "hunter2" not in caplog.text

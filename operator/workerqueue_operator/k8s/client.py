@@ -10,6 +10,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
+import os
 import ssl
 import sys
 import threading
@@ -150,8 +152,25 @@ async def load_configuration_within(kubeconfig: str | None = None, *, timeout: f
         raise ConfigurationError(f"no Kubernetes client configuration: {exc}") from None
 
 
+class _PluginOutputUnlogged(logging.Filter):
+    """The `kubernetes` library logs a failed credential plugin's error output at ERROR, on the root
+    logger, as it loads the kubeconfig and at each refresh: that output may quote a credential. The
+    line keeps its first sentence (the exit code)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.pathname.endswith(_KUBE_CONFIG_MODULE) and message.startswith("exec: process returned"):
+            record.msg, record.args = message.split(". ", 1)[0] + " (its error output is not logged)", ()
+        return True
+
+
+_KUBE_CONFIG_MODULE = os.path.join("kubernetes", "config", "kube_config.py")
+_PLUGIN_OUTPUT_UNLOGGED = _PluginOutputUnlogged()
+
+
 def load_configuration(kubeconfig: str | None = None) -> Any:
     """The `kubernetes` client configuration: in-cluster if there, else the kubeconfig."""
+    logging.getLogger().addFilter(_PLUGIN_OUTPUT_UNLOGGED)  # once: a filter is added once however often
     configuration = kubernetes.client.Configuration()
     if kubeconfig is None:
         try:
