@@ -136,7 +136,7 @@ START_SCENARIOS = [
 WORKER_SCENARIOS = [
     worker_scenarios.test_single_execution_keeps_replicas_alive_and_replaces_finished,  # pods: create, delete
     worker_scenarios.test_ephemeral_queue_is_deleted_after_its_workers_finish,  # workerqueues: delete
-    worker_scenarios.test_failures_back_off_then_crash_loop_until_the_spec_changes,  # status, Events
+    worker_scenarios.test_failures_back_off_then_crash_loop_until_a_worker_succeeds,  # status, Events
     worker_scenarios.test_active_deadline_bounds_an_ephemeral_queue,
     worker_scenarios.test_a_pod_deleted_or_evicted_by_someone_else_is_replaced,
     worker_scenarios.test_suspend_lets_running_workers_finish_and_starts_none,
