@@ -327,6 +327,10 @@ async def test_a_listing_reads_at_most_the_scan_limit(temporal: TemporalServer, 
         assert all(e.status == "running" and e.workflow_type == "AgentExecutionWorkflow" and e.created_at
                    and e.completed_at is None for e in listed)
         assert len(await scant.executions(endpoint(temporal), tq)) == 3
+        # Which workers run an activity: none here; past the scan's bound, unknown (not "none": a pod
+        # running one of those left out would be taken for idle).
+        assert await whole.activity_workers(endpoint(temporal), tq) == frozenset()
+        assert await scant.activity_workers(endpoint(temporal), tq) is None
     finally:
         await whole.close()
         await scant.close()

@@ -182,6 +182,33 @@ async def test_a_standby_keeps_nothing_per_queue_that_churn_would_grow():
     await kube.close()
 
 
+async def test_temporal_as_read_before_a_standby_spell_is_not_acted_on_after_it():
+    """Read before standing down, a backlog of 3 the other replica ran meanwhile made three workers
+    for work done once this one was active again (the planner only refuses readings over 30 s old);
+    a "nothing waits" as old could delete an ephemeral queue that work had come to."""
+    import kubernetes
+
+    from tests.unit.factories import queue
+    from workerqueue_operator.core import workers
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called
+    activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: NOW)
+    supervisor = Supervisor(store=Store(settings=Settings()), client=kube, settings=Settings(),
+                            events=EventPoster(kube), activity=activity)
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
+    key = queue("q1").key
+    supervisor._demand[key] = workers.Demand(backlog=3)
+    epoch = supervisor._epoch
+    activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "other": peer(2, 0)}})  # stands by
+    assert not activity.is_active()
+    assert supervisor._demand == {} and supervisor._epoch > epoch  # a probe under way keeps nothing
+    await kube.close()
+
 async def test_a_live_count_written_before_standing_by_holds_nothing_back_once_active_again():
     """live=5 written, then this replica stood by and the other wrote 2 over it: the watch will never
     show the 5. Once active again, a count that the status shows is no more waited for."""

@@ -121,13 +121,39 @@ def test_while_a_running_executions_holder_is_unknown_no_running_pod_is_taken_fo
 def test_an_unanswered_activity_check_at_the_end_of_the_grace_keeps_the_grace_and_tries_again_soon():
     """Temporal did not tell which pods run an activity when the grace ended: none goes that time,
     and the next try comes seconds later, not after a whole grace begun again."""
-    since = times.rfc3339(T0 - 60)
+    since = times.rfc3339(T0 - 30)  # the grace (30 s here) ends now
     previous = WorkersStatus(desired=2, next_index=3, surplus_since=since)
     unknown = plan([pod(1), pod(2)], Demand(backlog=0, activities_unknown=True), previous)
     assert unknown.delete == () and unknown.workers.surplus_since == since
     assert unknown.requeue_after is not None and unknown.requeue_after <= workers.UNSURE_RETRY_SECONDS
     told = plan([pod(1), pod(2)], Demand(backlog=0), unknown.workers, now=T0 + workers.UNSURE_RETRY_SECONDS)
     assert told.delete == ("q1-w2", "q1-w1")
+
+
+def test_activity_checks_that_go_on_unanswered_are_tried_less_and_less_often():
+    """Each is a call per running workflow, and goes unanswered when Temporal is slow: every 5 s
+    for as long as that lasted, they added to its load."""
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 30))
+    waits = []
+    now = T0
+    for _ in range(6):
+        p = plan([pod(1), pod(2)], Demand(backlog=0, activities_unknown=True, read_at=now), previous, now=now)
+        assert p.delete == () and p.requeue_after is not None
+        waits.append(p.requeue_after)
+        now += p.requeue_after
+    assert waits == [5, 5, 10, 20, 30, 30]  # doubling, up to the grace
+
+
+def test_a_reading_aged_by_a_long_activity_check_keeps_the_grace():
+    """The plan after the check judges the reading's age anew: past 5 s, no running pod goes, and
+    the grace that had passed was begun again, with no retry but the 30-s resync."""
+    since = times.rfc3339(T0 - 30)
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=since)
+    aged = plan([pod(1), pod(2)], Demand(backlog=0, read_at=T0 - 6), previous)
+    assert aged.delete == () and aged.workers.surplus_since == since
+    assert aged.requeue_after == workers.UNSURE_RETRY_SECONDS
+    assert plan([pod(1), pod(2)], Demand(backlog=0, read_at=T0 + 5), aged.workers, now=T0 + 5).delete == (
+        "q1-w2", "q1-w1")
 
 
 def test_no_running_pod_is_taken_for_idle_on_a_reading_seconds_old():
@@ -284,8 +310,34 @@ def test_a_finished_queue_is_not_deleted_at_its_ttl_while_temporal_cannot_say_wh
     """Work may have come back during the TTL: with Temporal unreachable, or not read yet since a
     restart or a handover, the queue was deleted at its TTL and the workflow waited with no worker."""
     finished = WorkersStatus(succeeded=1, next_index=1, finished_time=times.rfc3339(T0 - 600))
-    for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600)):
+    # Nor on a reading of 25 s ago, fresh enough to size the queue: not to delete it for good.
+    for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600),
+                    Demand(backlog=0, read_at=T0 - 25)):
         held = plan([], unknown, finished, ephemeral=True, ttlSecondsAfterFinished=300)
         assert held.delete_queue is None and held.requeue_after is None  # the next reading plans it again
     known = plan([], Demand(backlog=0, read_at=T0 - 1), finished, ephemeral=True, ttlSecondsAfterFinished=300)
     assert known.delete_queue is not None and known.delete_queue.reason == "QueueFinished"
+
+
+def execution(id_: str, status: str = "running", holder: str | None = None, unread: bool = False):
+    from workerqueue_operator.core.temporal import Execution
+
+    return Execution(id=id_, run_id="r", status=status, workflow_type="AgentExecutionWorkflow", created_at=None,
+                     started_at=None, completed_at=None, holder=holder, holder_unread=unread)
+
+
+def test_a_reading_counts_what_waits_and_who_is_busy():
+    found = [execution("a", holder="7@q1-w0"), execution("b"), execution("c", unread=True), execution("d", "completed")]
+    demand = supervisor.reading(found, listed=1000, read_at=T0)
+    assert (demand.backlog, demand.busy, demand.unread, demand.read_at) == (2, frozenset({"q1-w0"}), 1, T0)
+
+
+def test_a_listing_that_may_be_cut_leaves_no_running_pod_idle_for_sure():
+    """Past the listing's bound, the workflows left out (the oldest, the longest held) may be held by
+    any running pod: those pods looked idle and were deleted, their workflows' activities with them."""
+    found = [execution("e0", holder="7@q1-w1")]
+    whole, cut = (supervisor.reading(found, listed=listed, read_at=T0) for listed in (2, 1))
+    assert (whole.unread, cut.unread) == (0, 1)
+    previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
+    assert plan([pod(1), pod(2)], whole, previous).delete == ("q1-w2",)
+    assert plan([pod(1), pod(2)], cut, previous).delete == ()

@@ -24,7 +24,7 @@ import dataclasses
 import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,6 +111,24 @@ class _Probe:
     shown_at: float = float("-inf")
 
 
+_LISTED = 1000
+"""Running workflows of a scaling queue's task queue listed at each reading: the scan's own bound too."""
+
+
+def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float) -> workers.Demand:
+    """A scaling queue's work from its running workflows as listed (at most `listed` of them): those
+    no worker has taken yet wait; the hosts of the others' holders are busy."""
+    running = [e for e in found if e.status == "running"]
+    busy = frozenset(e.holder.split("@", 1)[1] for e in running if e.holder and "@" in e.holder)
+    # One whose holder was not read in time may wait too: counted so, not to hold a burst's scale-up
+    # back; and it keeps every running pod from going meanwhile.
+    waiting = sum(1 for e in running if e.holder is None)
+    unread = sum(1 for e in running if e.holder_unread)
+    if len(found) >= listed:
+        unread += 1  # maybe cut: those left out may be held by any running pod
+    return workers.Demand(backlog=waiting, busy=busy, unread=unread, read_at=read_at)
+
+
 ORPHAN_GRACE_SECONDS = 60.0
 """A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
 
@@ -179,6 +197,8 @@ class Supervisor:
         self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
         self._seq = 0
         self._demand: dict[QueueKey, workers.Demand] = {}
+        self._epoch = 0
+        """Counts the changes of this replica's activity: a reading begun before one is not kept."""
         self._alive: dict[QueueKey, int] = {}
         # Two gates: the reachability checks of many queues (an unreachable Temporal takes the whole
         # timeout) must never hold up the backlog reads that size a scaling queue's pods.
@@ -247,6 +267,12 @@ class Supervisor:
     def _activity_changed(self, active: bool) -> None:
         # What we wrote may have been overwritten by the other replica meanwhile: the watch says.
         self._written.clear()
+        # Temporal as read before: the other replica may have run the work since (a scale-up for work
+        # done), or work may have come (an ephemeral queue deleted on an old "nothing waits"). Probes
+        # under way now store nothing (their epoch is over).
+        self._demand.clear()
+        self._alive.clear()
+        self._epoch += 1
         # Pods the other replica deleted meanwhile are none of this one's doing, nor from outside.
         self._alive_seen.clear()
         for probe in self._probes.values():
@@ -731,34 +757,28 @@ class Supervisor:
 
     async def _probe(self, key: QueueKey, probe: _Probe, endpoint: temporal_.Endpoint, task_queue: str) -> None:
         assert self._temporal is not None
-        generation = probe.generation
+        generation, epoch = probe.generation, self._epoch
         queue = self._store.queue(key)
         scaling = queue is not None and queue.spec.scaling is not None
         demand: workers.Demand
         try:
             async with self._scaling_gate if scaling else self._probe_gate:
+                # As of when Temporal is asked, not when it has answered: a workflow that came in
+                # between may be missing from what it tells.
+                read_at = self._clock()
                 info = await self._temporal.describe_task_queue(endpoint, task_queue)
-                busy: frozenset[str] = frozenset()
-                waiting = unread = 0
                 if scaling:
                     # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
                     # wait ~5 s for it); the running workflows that no worker has taken yet are known
                     # at once, and so is who holds the others.
-                    found = await self._temporal.executions(endpoint, task_queue, limit=1000, running=True)
-                    busy = frozenset(e.holder.split("@", 1)[1] for e in found
-                                     if e.status == "running" and e.holder and "@" in e.holder)
-                    # One whose holder was not read in time may wait too: counted so, not to hold
-                    # a burst's scale-up back; and it keeps every running pod from going meanwhile.
-                    waiting = sum(1 for e in found if e.status == "running" and e.holder is None)
-                    unread = sum(1 for e in found if e.status == "running" and e.holder_unread)
-            # Scaling counts the workflows waiting for a worker (a fresh reading); status shows the
-            # server's statistic, as `temporal task-queue describe` would.
-            demand = workers.Demand(backlog=waiting if scaling else info.backlog or 0, busy=busy, unread=unread,
-                                    read_at=self._clock())
+                    found = await self._temporal.executions(endpoint, task_queue, limit=_LISTED, running=True)
+                    demand = reading(found, listed=_LISTED, read_at=read_at)
+                else:  # status shows the server's statistic, as `temporal task-queue describe` would
+                    demand = workers.Demand(backlog=info.backlog or 0, read_at=read_at)
             probe.reachable, probe.reason, probe.read_generation = True, "Reachable", generation
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
-                                                busy=len(busy) if scaling else None)
+                                                busy=len(demand.busy) if scaling else None)
         except temporal_.TemporalUnavailable as exc:
             demand = workers.Demand(backlog=None)
             probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
@@ -783,7 +803,7 @@ class Supervisor:
         # The spec changed while this check ran (its Temporal key, say): the check that change asked for
         # (queue_changed) is this one's next, made now rather than an interval later.
         self._at(key, probe, time.monotonic() + (probe.interval if probe.generation == generation else 0.0))
-        if scaling and self._probes.get(key) is probe:  # not written back for a queue deleted meanwhile
+        if scaling and self._probes.get(key) is probe and self._epoch == epoch:  # nor for a queue deleted meanwhile
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
             if before is None or before != demand or not before.fresh(self._clock()):

@@ -279,6 +279,8 @@ class Temporal:
         async def find(client: Client) -> frozenset[str] | None:
             query = f'TaskQueue="{_quote(task_queue)}" AND ExecutionStatus="Running"'
             runs = [(wf.id, wf.run_id) async for wf in self._scan(client, endpoint, query)]
+            if len(runs) >= self._scan_limit:
+                return None  # maybe cut: a worker running an activity of one left out would look idle
             gate = asyncio.Semaphore(_DESCRIBES)
 
             async def running(workflow_id: str, run_id: str) -> list[str]:

@@ -406,6 +406,11 @@ class Demand:
     read_at: float | None = field(default=None, compare=False)
     """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
 
+    def recent(self, now: float) -> bool:
+        """Whether the reading is recent enough to act on what cannot be undone (a running pod, or an
+        ephemeral queue, deleted): within IDLE_STALE_SECONDS."""
+        return self.read_at is None or now - self.read_at <= IDLE_STALE_SECONDS
+
     def fresh(self, now: float) -> bool:
         """Whether the reading may still be acted on: one older than DEMAND_STALE_SECONDS (Temporal not
         read since: a Secret of the queue went missing, the replica was a standby, scaling was off)
@@ -611,7 +616,7 @@ def plan(
             # A scaling queue's work may have come back meanwhile: deleted only once Temporal says
             # nothing waits (unreachable, or not read yet since a restart or a handover: not yet).
             nothing_known_waits = s.scaling is None or (
-                demand is not None and demand.backlog is not None and demand.fresh(now))
+                demand is not None and demand.backlog is not None and demand.recent(now))
             if now >= expires and nothing_known_waits:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
             elif now < expires:
@@ -708,16 +713,20 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
             f"minIdle {s.scaling.min_idle} (max {top}; {len(alive)} alive)"))
     surplus = len(alive) - w.desired
     # While some running execution's holder is unknown (orphaned, or not read in time), or the reading
-    # is seconds old (the probe was held up), no running pod is idle for sure: only pods that have not
-    # started yet may go.
-    old = demand.read_at is not None and now - demand.read_at > IDLE_STALE_SECONDS
-    unsure = bool(orphaned or demand.unread or demand.activities_unknown) or old
+    # is seconds old (the probe was held up, or the activity check took long), no running pod is idle
+    # for sure: only pods that have not started yet may go.
+    pending_news = demand.activities_unknown or not demand.recent(now)
+    unsure = bool(orphaned or demand.unread) or pending_news
     idle = [p for p in alive if p.host not in demand.busy | demand.active
             and not (unsure and p.phase in MAY_RUN)]
-    if surplus > 0 and not idle and demand.activities_unknown and w.surplus_since is not None:
-        # The check made as the grace ended went unanswered: none goes this time, and the grace that
-        # has passed still holds (begun again, each unanswered check would cost a whole grace more).
-        requeue.append(UNSURE_RETRY_SECONDS)
+    if surplus > 0 and not idle and pending_news and w.surplus_since is not None:
+        # The check made as the grace ended went unanswered, or took so long that the reading aged: none
+        # goes this time, and the grace that has passed still holds (begun again, each such check would
+        # cost a whole grace more). Tried again soon, then less often the longer it lasts: the activity
+        # check is a call per running workflow, and it fails when Temporal is slow.
+        due = times.parse(w.surplus_since) + settings.scale_down_grace_seconds
+        requeue.append(min(max(UNSURE_RETRY_SECONDS, now - due), max(settings.scale_down_grace_seconds,
+                                                                     UNSURE_RETRY_SECONDS)))
         return []
     if surplus <= 0 or not idle:
         w.surplus_since = None
