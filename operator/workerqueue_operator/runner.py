@@ -77,14 +77,17 @@ class Feed:
         # after that, one that is still unknown passed by before it was used, and is read on its own.
         self.secrets_listed = False
 
-    def secrets_synced(self) -> None:
+    def secrets_synced(self, listed: Callable[[informer.ObjectKey], bool] = lambda _: False) -> None:
+        """`listed`: whether the Secret list brought that Secret."""
         self.secrets_listed = True
         unknown = self._store.unknown_secrets()
         # The queues were listed before the Secrets, so a used Secret the list did not bring does not
         # exist, as far as the watch can tell: a token Secret the operator generates (an Opaque one in
         # a watched namespace) is known absent without a GET each (10,000 new queues: 10,000 GETs).
-        # Any other may be of an ignored type, or outside the watched namespaces: read once.
-        generated = unknown & self._store.generated_token_secrets()  # in the queue's (watched) namespace
+        # Unless the list did bring it, before its queue came (made, or changed to use it, meanwhile):
+        # it was passed by then as no queue's. That one, and any other (of an ignored type, outside the
+        # watched namespaces), is read once.
+        generated = {name for name in unknown & self._store.generated_token_secrets() if not listed(name)}
         for name in generated:
             self._store.fill_secret(name, None)
         self._reconciler.fetch_secrets(unknown - generated)
@@ -220,7 +223,7 @@ class Watches:
             await asyncio.gather(*(i.synced.wait() for i in self.queues))
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
             await asyncio.gather(*(i.synced.wait() for i in self.secrets))
-            self._feed.secrets_synced()
+            self._feed.secrets_synced(listed=lambda key: any(i.knows(key) for i in self.secrets))
             # What exists now (kopf, the clients, every queue) lives as long as the process: out of the
             # collector's sight, a full collection no longer walks it while /start is busy.
             gc.freeze()

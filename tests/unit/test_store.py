@@ -311,3 +311,56 @@ def test_a_relist_tells_of_its_queues_once_it_is_whole():
     changed.clear()
     s.upsert_secret(("team-a", "new-worker-token"), {"token": "new"})
     assert changed == [("team-a", "new")]  # told at once again
+
+
+def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absent():
+    """The Secret list passes by a Secret no queue uses; a queue that comes meanwhile (made, or its
+    tokenSecretRefs removed) uses its generated token Secret, which the list did bring: taken for
+    absent, every standby refused that queue's token (401) until the Secret changed."""
+    from typing import cast
+
+    from workerqueue_operator.core.reconciler import Reconciler
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.runner import Feed
+
+    class Reads:
+        def __init__(self) -> None:
+            self.asked: set[tuple[str, str]] = set()
+
+        def fetch_secrets(self, names: set[tuple[str, str]]) -> None:
+            self.asked |= set(names)
+
+    class Told:
+        def queue_changed(self, queue: object) -> None:
+            pass
+
+    store, reads = Store(settings=Settings()), Reads()
+    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, Told()))
+    token = ("team-a", "q1-worker-token")
+    feed.secret_upserted(secret_body("q1-worker-token", token="real-token"))  # listed: no queue's yet
+    feed.queue_upserted(queue_body("q1", queueId="abc"))  # then its queue comes
+    feed.secrets_synced(listed=lambda key: key == token)
+    assert reads.asked == {token} and store.secret_state(token) == (False, None)  # read, not absent
+    # One the list did not bring is absent, without a read.
+    feed.queue_upserted(queue_body("q2", queueId="def"))
+    other = Feed(store, cast(Reconciler, Reads()), cast(Supervisor, Told()))
+    other.secrets_synced(listed=lambda key: key == token)
+    assert store.secret_state(("team-a", "q2-worker-token")) == (True, None)
+
+
+def test_a_read_begun_before_its_secret_was_forgotten_and_used_again_is_dropped():
+    """Read, rotated (the watch tells), unused (forgotten), used again (no second read: one is under
+    way), then the first read's answer comes: the old token was served again until the next change."""
+    s = Store(settings=Settings())
+    name = ("team-a", "mine")
+    refs = {"auth": {"tokenSecretRefs": [{"name": "mine", "key": "token"}]}}
+    s.upsert_queue(queue("q1", queueId="abc", **refs))
+    news = s.secret_news(name)  # the read begins
+    s.upsert_secret(name, {"token": "NEW"})  # rotated
+    s.upsert_queue(queue("q1", queueId="abc", generation=2))  # unused: forgotten
+    s.upsert_queue(queue("q1", queueId="abc", generation=3, **refs))  # used again
+    assert s.fill_secret(name, {"token": "OLD"}, news=news) is False  # read again, not served
+    assert s.secret_state(name) == (False, None) and not s.is_queue_token(queues.digest("OLD"))
+    again = s.secret_news(name)
+    assert s.fill_secret(name, {"token": "NEW"}, news=again) is True
+    assert s.is_queue_token(queues.digest("NEW"))

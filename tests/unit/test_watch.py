@@ -47,3 +47,49 @@ async def test_a_line_over_the_cap_fails_loudly():
     with pytest.raises(client.LineTooLong):
         await lines(chunked(b"x" * 5000, 1000), max_line=4096)
 
+
+
+@pytest.mark.parametrize("how", ["event", "status"])
+async def test_a_watch_gone_at_once_after_its_list_backs_off_loudly(how: str, caplog: pytest.LogCaptureFixture):
+    """A server (a caching proxy, a lagging watch cache) that answers 410 to the version its own list
+    has just given: relisted at once, that was thousands of list+watch pairs a second, never logged,
+    never counted, the replica ready all along. A stand-in server: the real one cannot be made to."""
+    import asyncio
+
+    import kubernetes
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import informer
+
+    lists = 0
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        nonlocal lists
+        gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"}
+        if request.query.get("watch") != "true":
+            lists += 1
+            return web.json_response({"metadata": {"resourceVersion": "5"}, "items": []})
+        if how == "status":
+            return web.json_response(gone, status=410)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/secrets", api)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        watch = informer.Informer(kube, "/api/v1/secrets", on_upsert=lambda _: None, on_delete=lambda *_: None,
+                                  name="secrets")
+        task = asyncio.create_task(watch.run())
+        try:
+            await asyncio.sleep(2)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+    assert 2 <= lists <= 4  # at 0, 0.5, 1.5 s: backed off
+    assert watch.failures >= 2 and watch.down_since is not None  # counted, and /readyz will say so
+    assert "410 Gone for the version just listed" in caplog.text

@@ -213,15 +213,12 @@ class Reconciler:
             self._unwatched.add(name)
         data = None if body is None else self._store.secret_data(body)
         version = "" if body is None else resources.version_of(body)
-        if refresh:
-            if self._store.secret_news(name) != news:
-                # The watch told of it while it was read: that is newer than this answer. Unless the
-                # Secret was forgotten meanwhile (its queue made again): then this is all there is.
-                self._store.fill_secret(name, data, version)
-                return
+        if refresh and self._store.secret_news(name) == news:
             self._store.upsert_secret(name, data, version)
-        else:
-            self._store.fill_secret(name, data, version)
+        elif not self._store.fill_secret(name, data, version, news=news) and self._store.is_used(name):
+            # Forgotten and used again while it was read: this answer may be older than what the
+            # watch told in between. Read again.
+            self._spawn_fetch(name, refresh=refresh, wait=1.0)
 
     async def reconcile(self, key: QueueKey) -> None:
         if not self._activity.is_active():

@@ -59,6 +59,7 @@ class Store:
         self._creating: dict[SecretName, bool] = {}
         self._holding = 0  # relists under way (see `holding_news`)
         self._secret_news: dict[SecretName, int] = {}  # used Secrets: how often told of (see `secret_news`)
+        self._uses_begun = 0  # each time a Secret comes into use, its news count starts from anew
         self._held: dict[QueueKey, None] = {}  # queues changed meanwhile, in order
 
     # --- feeding -----------------------------------------------------------------------------------
@@ -178,8 +179,8 @@ class Store:
         return self._secret_versions.get(name, "")
 
     def secret_news(self, name: SecretName) -> int:
-        """How many times a used Secret was told of: a read whose answer comes after a newer word
-        (the watch's) must not overwrite it."""
+        """How many times a used Secret was told of since it came into use, from a start of its own
+        each time: a read whose answer comes after a newer word (the watch's) must not overwrite it."""
         return self._secret_news.get(name, 0)
 
     def users_of(self, name: SecretName) -> set[QueueKey]:
@@ -202,10 +203,17 @@ class Store:
         return {(q.namespace, queues.token_secret_name(q.name)) for q in self._queues.values()
                 if not q.spec.auth.token_secret_refs}
 
-    def fill_secret(self, name: SecretName, data: SecretData, version: str = "") -> None:
-        """A Secret read on demand: kept only if still used and the watch has not been faster."""
-        if name in self._users and name not in self._secrets:
-            self.upsert_secret(name, data, version)
+    def fill_secret(self, name: SecretName, data: SecretData, version: str = "", *, news: int | None = None) -> bool:
+        """A Secret read on demand: kept only if still used and the watch has not been faster. With
+        `news` (secret_news as the read began): a Secret forgotten and used again meanwhile may have
+        changed in between, which the watch told and was forgotten with it (a rotated-out token
+        would be served again): the answer is dropped, and False says to read it again."""
+        if name not in self._users or name in self._secrets:
+            return True
+        if news is not None and self.secret_news(name) != news:
+            return False
+        self.upsert_secret(name, data, version)
+        return True
 
     def creating_secret(self, name: SecretName) -> None:
         """This replica is about to create the Secret: see `created_secret`."""
@@ -348,6 +356,9 @@ class Store:
                     self._secret_versions.pop(name, None)
                     self._secret_news.pop(name, None)
         for name in uses - old:
+            if name not in self._users:
+                self._uses_begun += 1
+                self._secret_news[name] = self._uses_begun << 32  # no read begun before matches it
             self._users.setdefault(name, set()).add(key)
         if uses:
             self._uses[key] = uses

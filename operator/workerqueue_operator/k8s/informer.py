@@ -41,6 +41,11 @@ STABLE_SECONDS = 2.0
 class ShortWatch(Exception):
     """The server ended a watch at once without an event: failing like a refusal, backed off."""
 
+
+class GoneAtOnce(Exception):
+    """A watch from the version a list has just given was answered 410 Gone at once (a caching proxy,
+    a lagging watch cache): listing again at once would loop, so it fails as a refusal does."""
+
 ObjectKey = tuple[str, str]
 OnUpsert = Callable[[dict[str, Any]], None]
 OnDelete = Callable[[ObjectKey, dict[str, Any] | None], None]
@@ -94,6 +99,10 @@ class Informer:
         """`clock()` of the first failure since a watch last worked (STABLE_SECONDS); None while healthy."""
         self._backoff = 0.5
 
+    def knows(self, key: ObjectKey) -> bool:
+        """Whether the object was in the last list, or came by the watch since (and is not deleted)."""
+        return key in self._known
+
     def down_for(self) -> float:
         """Seconds the informer has been failing without a successful list since; 0 when healthy."""
         return 0.0 if self.down_since is None else self._clock() - self.down_since
@@ -110,8 +119,10 @@ class Informer:
                     self.synced.set()
                     if self._on_synced is not None:
                         self._on_synced()
+                listed = True
                 while version is not None:
-                    version = await self._watch(version)
+                    version = await self._watch(version, listed=listed)
+                    listed = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever it is, the Store must not silently stop being fed
@@ -159,8 +170,9 @@ class Informer:
         self._known = seen
         return str(page["metadata"]["resourceVersion"])
 
-    async def _watch(self, version: str) -> str | None:
-        """Watches from `version`; returns the version to continue from, or None to relist."""
+    async def _watch(self, version: str, *, listed: bool = False) -> str | None:
+        """Watches from `version` (`listed`: the version of the list just made); returns the version to
+        continue from, or None to relist."""
         params = {
             **self._params,
             "resourceVersion": version,
@@ -175,6 +187,10 @@ class Informer:
         def opened() -> None:  # counted from the API server's answer, not from the request
             working.append(loop.call_later(STABLE_SECONDS, self._working))
 
+        def gone(message: str) -> None:
+            if listed and loop.time() - started < STABLE_SECONDS:
+                raise GoneAtOnce(f"410 Gone for the version just listed: {message or 'no message'}")
+
         try:
             # Closed on the spot however the loop ends (a return, an error, a cancel): left to the
             # collector, the watch's connection would stay open until it ran.
@@ -186,6 +202,7 @@ class Informer:
                     kind, obj = event.get("type"), event.get("object", {})
                     if kind == "ERROR":
                         if obj.get("code") == 410:  # Gone: the version is too old, list again
+                            gone(str(obj.get("message", ""))[:300])
                             logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
                             return None
                         raise client_.ApiError(int(obj.get("code") or 500), str(obj.get("reason", "")),
@@ -202,6 +219,7 @@ class Informer:
                         self._deliver(key, self._on_upsert, obj)
         except client_.ApiError as exc:
             if exc.status == 410:
+                gone(exc.message)
                 return None
             raise
         except client_.WatchIdle as exc:
