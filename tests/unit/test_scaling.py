@@ -341,3 +341,35 @@ def test_a_listing_that_may_be_cut_leaves_no_running_pod_idle_for_sure():
     previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
     assert plan([pod(1), pod(2)], whole, previous).delete == ("q1-w2",)
     assert plan([pod(1), pod(2)], cut, previous).delete == ()
+
+
+def test_queues_sharing_a_task_queue_take_none_of_the_others_workers_for_their_own():
+    """A task queue the spec names may be another queue's too: the other queue's busy workers were
+    counted as this one's pods gone mid-run, each wanting a worker here, and keeping every running
+    pod here from going."""
+    spec = {"singleExecution": True, "scaling": {"minIdle": 0, "max": 5}, "taskQueueName": "shared"}
+    mine = queue("q1", uid="uid-1", **spec)
+    theirs = queue("q2", uid="uid-2", **spec)
+    namesake = queue("q1", "team-b", uid="uid-3", **spec)  # same pod names, another namespace
+    other_hosts = frozenset({workers.worker_hostname(theirs, f"q2-w{i}") for i in range(3)} |
+                            {workers.worker_hostname(namesake, "q1-w0")})
+    alive = [Pod(name="q1-w1", phase="Running", deleting=False, index=1,
+                 hostname=workers.worker_hostname(mine, "q1-w1"))]
+    previous = WorkersStatus(desired=1, next_index=2, surplus_since=times.rfc3339(T0 - 600))
+    p = workers.plan(mine, alive, previous=previous, now=T0, created=T0 - 100, settings=SETTINGS,
+                     demand=Demand(backlog=0, busy=other_hosts))
+    assert p.workers.desired == 0 and p.create == () and p.delete == ("q1-w1",)
+    # Its own pod gone mid-run still counts: a worker for its workflow, and no running pod goes.
+    gone = workers.worker_hostname(mine, "q1-w0")
+    p = workers.plan(mine, alive, previous=previous, now=T0, created=T0 - 100, settings=SETTINGS,
+                     demand=Demand(backlog=0, busy=other_hosts | {gone}))
+    assert p.workers.desired == 1 and p.delete == ()
+
+
+def test_a_long_named_queues_own_hosts_are_known_though_their_index_was_cut():
+    long = queue("q" * 60, uid="uid-1", singleExecution=True, taskQueueName="shared")
+    hosts = [workers.worker_hostname(long, workers.pod_name(long.name, i)) for i in range(3)]
+    assert all(workers.own_host(long, host, 3) for host in hosts)
+    assert not workers.own_host(long, hosts[2], 2)  # not made yet: someone else's
+    other = queue("q" * 60, "team-b", uid="uid-2", singleExecution=True, taskQueueName="shared")
+    assert not workers.own_host(long, workers.worker_hostname(other, workers.pod_name(other.name, 0)), 3)

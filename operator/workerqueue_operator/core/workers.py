@@ -103,6 +103,22 @@ def worker_hostname(queue: QueueObject, pod: str) -> str:
     return _hashed_label(pod, f"{queue.uid}/{pod}")
 
 
+def own_host(queue: QueueObject, host: str, made: int) -> bool:
+    """Whether `host` is the hostname of one of the first `made` pods of this queue. Only a task queue
+    the spec names may be another queue's too: a worker of that other queue, busy on it, is none of
+    this one's (counted as this queue's, each queue kept the other's pods from going, and wanted
+    one more worker for each of the other's)."""
+    if queue.spec.task_queue_name is None:
+        return True
+    index = pod_index(host.rpartition("-")[0])
+    if index is not None and index < made and worker_hostname(queue, pod_name(queue.name, index)) == host:
+        return True
+    if len(pod_name(queue.name, max(made - 1, 0))) <= HOSTNAME_MAX - 11:
+        return False  # the hostname holds the whole pod name, and it is no pod of this queue's
+    # A long queue name: the hostname holds a cut of it, without the index; the latest pods are tried.
+    return any(worker_hostname(queue, pod_name(queue.name, i)) == host for i in range(max(made - 1000, 0), made))
+
+
 def _hashed_label(pod: str, unique: str) -> str:
     head = pod[:HOSTNAME_MAX - 11].replace(".", "-").rstrip("-")
     return f"{head}-{hashlib.sha256(unique.encode()).hexdigest()[:10]}"
@@ -586,7 +602,8 @@ def plan(
         w.desired = 0
     elif s.scaling is not None:
         known = demand if demand is not None and demand.fresh(now) else Demand(None)
-        scale_down = _scale(s, alive, previous, w, known, now, settings, events, requeue)
+        scale_down = _scale(s, alive, previous, w, known, now, settings, events, requeue,
+                            own=lambda host: own_host(queue, host, w.next_index))
     elif s.ephemeral:
         completions = 1 if s.single_execution else s.replicas
         w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
@@ -689,7 +706,7 @@ def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
 
 def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.WorkersStatus, w: spec_.WorkersStatus,
            demand: Demand, now: float, settings: settings_.Settings, events: list[Event],
-           requeue: list[float]) -> list[str]:
+           requeue: list[float], *, own: Callable[[str], bool] = lambda _: True) -> list[str]:
     """Sets `w.desired` of a scaling queue; returns the idle pods to delete now (never a busy one)."""
     assert s.scaling is not None
     top = min(s.scaling.max, s.max_workers) if s.max_workers is not None else s.scaling.max
@@ -697,7 +714,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     # Running executions whose first worker is no pod alive (it was killed mid-run, or runs elsewhere):
     # Temporal hands them on to another worker, which shows as idle since it did not take them first.
     # Each needs a worker, and while one runs no running pod can be told idle for sure.
-    orphaned = len(demand.busy - {p.host for p in alive})
+    orphaned = sum(1 for host in demand.busy - {p.host for p in alive} if own(host))
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
