@@ -316,6 +316,27 @@ async def _lists(access: Temporal, temporal: TemporalServer, tq: str, workflow_i
     return any(e.id == workflow_id for e in await access.executions(endpoint(temporal), tq))
 
 
+async def test_a_run_whose_first_task_is_not_due_yet_is_listed_as_delayed(temporal: TemporalServer, client: Client):
+    """A cron run waiting for its time, a start delay, a retry's back-off: running, nobody's, and
+    nothing any worker can take yet. Counted as waiting, it kept a scaling queue's worker idle for
+    the whole delay, and an ephemeral queue from finishing."""
+    import datetime
+
+    tq = f"tq-{secrets.token_hex(4)}"
+    later = await client.start_workflow("AgentExecutionWorkflow", {}, id=f"later-{uuid.uuid4().hex[:6]}",
+                                        task_queue=tq, start_delay=datetime.timedelta(hours=1))
+    now = await client.start_workflow("AgentExecutionWorkflow", {}, id=f"now-{uuid.uuid4().hex[:6]}", task_queue=tq)
+    access = Temporal(timeout=2.0, coalesce=0.0)
+    try:
+        listed = await eventually(lambda: _listed_all(access, temporal, tq, 2))
+        found = {e.id: e for e in listed}
+        assert (found[later.id].status, found[later.id].holder, found[later.id].delayed) == ("running", None, True)
+        assert (found[now.id].holder, found[now.id].delayed) == (None, False)
+    finally:
+        await access.close()
+        for handle in (later, now):
+            await handle.terminate("test")
+
 async def test_a_listing_reads_at_most_the_scan_limit(temporal: TemporalServer, client: Client):
     tq = f"tq-{secrets.token_hex(4)}"
     started = [await client.start_workflow("AgentExecutionWorkflow", {}, id=f"s{i}-{uuid.uuid4().hex[:6]}",

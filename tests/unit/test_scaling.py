@@ -319,15 +319,17 @@ def test_a_finished_queue_is_not_deleted_at_its_ttl_while_temporal_cannot_say_wh
     assert known.delete_queue is not None and known.delete_queue.reason == "QueueFinished"
 
 
-def execution(id_: str, status: str = "running", holder: str | None = None, unread: bool = False):
+def execution(id_: str, status: str = "running", holder: str | None = None, unread: bool = False,
+              delayed: bool = False):
     from workerqueue_operator.core.temporal import Execution
 
     return Execution(id=id_, run_id="r", status=status, workflow_type="AgentExecutionWorkflow", created_at=None,
-                     started_at=None, completed_at=None, holder=holder, holder_unread=unread)
+                     started_at=None, completed_at=None, holder=holder, holder_unread=unread, delayed=delayed)
 
 
 def test_a_reading_counts_what_waits_and_who_is_busy():
-    found = [execution("a", holder="7@q1-w0"), execution("b"), execution("c", unread=True), execution("d", "completed")]
+    found = [execution("a", holder="7@q1-w0"), execution("b"), execution("c", unread=True), execution("d", "completed"),
+             execution("e", delayed=True)]  # a cron run not due yet: no worker can take it
     demand = supervisor.reading(found, listed=1000, read_at=T0)
     assert (demand.backlog, demand.busy, demand.unread, demand.read_at) == (2, frozenset({"q1-w0"}), 1, T0)
 

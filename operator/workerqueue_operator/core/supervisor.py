@@ -117,12 +117,13 @@ _LISTED = 1000
 
 def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float) -> workers.Demand:
     """A scaling queue's work from its running workflows as listed (at most `listed` of them): those
-    no worker has taken yet wait; the hosts of the others' holders are busy."""
+    no worker has taken yet wait (not one whose first task is not due yet: a cron run, a start delay);
+    the hosts of the others' holders are busy."""
     running = [e for e in found if e.status == "running"]
     busy = frozenset(e.holder.split("@", 1)[1] for e in running if e.holder and "@" in e.holder)
     # One whose holder was not read in time may wait too: counted so, not to hold a burst's scale-up
     # back; and it keeps every running pod from going meanwhile.
-    waiting = sum(1 for e in running if e.holder is None)
+    waiting = sum(1 for e in running if e.holder is None and not e.delayed)
     unread = sum(1 for e in running if e.holder_unread)
     if len(found) >= listed:
         unread += 1  # maybe cut: those left out may be held by any running pod

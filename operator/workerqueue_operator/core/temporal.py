@@ -145,6 +145,9 @@ class Execution:
     untaken_at: float | None = None
     """Nobody had taken it at this time (epoch seconds; its history, read just after, said so): a
     worker may have taken it since, and before another one it took after that."""
+    delayed: bool = False
+    """Nobody can take it yet: its first workflow task waits for its time (cron, a start delay, a
+    retry's back-off). It waits for no worker meanwhile."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +187,9 @@ class _Holder:
     started_at: str | None
     untaken_at: float | None = None
     """Of a run nobody had taken: when (epoch seconds, at the latest) its history said so."""
+    scheduled: bool = True
+    """False for a run whose first workflow task is not scheduled yet (a cron run waiting for its
+    time, a start delay, a retry's back-off): nothing for a worker to take until then."""
 
 
 _ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool]
@@ -503,6 +509,7 @@ class Temporal:
                 holder=h.identity if h is not None else None,
                 holder_unread=h is None,
                 untaken_at=h.untaken_at if h is not None else None,
+                delayed=h is not None and not h.scheduled,
             )
             for wf, h in zip(runs, holders, strict=True)
         ]
@@ -616,6 +623,7 @@ class Temporal:
             return cached
         asked_at = time.time()  # what the history tells held then at the latest
         found = _Holder(None, None)
+        scheduled = False
         token = b""
         while True:
             page = await client.workflow_service.get_workflow_execution_history(
@@ -627,6 +635,8 @@ class Temporal:
                 ),
                 timeout=datetime.timedelta(seconds=self._timeout),
             )
+            scheduled = scheduled or any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
+                                         for e in page.history.events)
             event = next((e for e in page.history.events
                           if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
             if event is not None:
@@ -643,7 +653,7 @@ class Temporal:
             while len(self._holders) > capacity:
                 self._holders.popitem(last=False)
             return found
-        return _Holder(None, None, untaken_at=asked_at)
+        return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled)
 
 
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
