@@ -345,6 +345,13 @@ def test_a_required_value_set_to_null_is_refused_by_name(helm: Helm):
         done = helm("template", "wq", str(CHART), f"--values={helm.values_file(values)}", check=False)
         assert done.returncode != 0 and f"missing property '{key}'" in done.stderr, (path, done.stderr[-300:])
 
+def test_extra_config_takes_a_list_as_its_comma_separated_string_too(helm: Helm):
+    """As the operator reads it (and as the README writes WQ_IGNORED_SECRET_TYPES)."""
+    docs = helm.template({"extraConfig": {"ignored_secret_types": "helm.sh/release.v1,kubernetes.io/dockercfg",
+                                          "worker_command": ["kubiya", "worker", "start"]}})
+    settings = Settings.model_validate(config_of(docs))
+    assert settings.ignored_secret_types == ("helm.sh/release.v1", "kubernetes.io/dockercfg")
+
 def test_defaults(helm: Helm):
     docs = helm.template({}, release="wq", namespace="wq-system")
     assert kinds(docs) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",

@@ -35,6 +35,8 @@ def test_the_charts_extra_config_is_generated_from_the_settings():
     lifetime = extra["properties"]["peering_lifetime_seconds"]
     assert (lifetime["type"], lifetime["minimum"], lifetime["maximum"]) == ("integer", 2, 3600)
     assert extra["properties"]["public_url"]["type"] == ["string", "null"]
+    # A list, or its comma-separated string, as the operator takes either (and WQ_* variables give).
+    assert extra["properties"]["ignored_secret_types"]["type"] == ["array", "string"]
 
 
 def test_the_charts_extra_env_refuses_what_extra_config_refuses():

@@ -372,6 +372,11 @@ def test_a_long_named_queues_own_hosts_are_known_though_their_index_was_cut():
     long = queue("q" * 60, uid="uid-1", singleExecution=True, taskQueueName="shared")
     hosts = [workers.worker_hostname(long, workers.pod_name(long.name, i)) for i in range(3)]
     assert all(workers.own_host(long, host, 3) for host in hosts)
-    assert not workers.own_host(long, hosts[2], 2)  # not made yet: someone else's
-    other = queue("q" * 60, "team-b", uid="uid-2", singleExecution=True, taskQueueName="shared")
+    # Another queue's: unless its name begins as this one's (then taken for one's own: kept, never lost).
+    other = queue("p" * 60, "team-b", uid="uid-2", singleExecution=True, taskQueueName="shared")
     assert not workers.own_host(long, workers.worker_hostname(other, workers.pod_name(other.name, 0)), 3)
+    for length in range(1, 64):  # every length, names with dots too
+        for name in ("a" * length, ("a." * length)[:length].rstrip(".")):
+            mine = queue(name, uid="uid-1", singleExecution=True, taskQueueName="shared")
+            assert all(workers.own_host(mine, workers.worker_hostname(mine, workers.pod_name(name, i)), 12)
+                       for i in (0, 11)), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from typing import Any
@@ -114,12 +115,42 @@ def test_a_crash_looping_pool_tries_one_worker_at_a_time_after_the_longest_back_
     assert plan([], p.workers, now=T0 + 299, **spec).create == ()
     tried = plan([], p.workers, now=T0 + 300, **spec)
     assert tried.create == (3,) and tried.workers.crash_loop_generation == 1  # one, though two are missing
+    for phase in ("Pending", "Running"):  # the try is under way: no other beside it, however long it takes
+        assert plan([pod(3, phase)], tried.workers, now=T0 + 10_000, **spec).create == ()
     failed_again = plan([pod(3, "Failed", exit_code=1)], tried.workers, now=T0 + 320, **spec)
     assert failed_again.create == () and failed_again.requeue_after == pytest.approx(300)
-    assert plan([pod(3, "Running")], tried.workers, now=T0 + 620, **spec).create == (4,)  # the next, beside it
     worked = plan([pod(3, "Succeeded")], tried.workers, now=T0 + 400, **spec)
     assert worked.workers.crash_loop_generation is None and worked.create == (4, 5)
     assert plan([], p.workers, now=T0 + 10_000, suspend=True, **spec).create == ()
+
+
+def test_a_crash_looping_pools_tries_turned_away_again_and_again_back_off():
+    """A try that /start turns away (the queue full, say), or that is evicted, is no failure: tried
+    again at once each time, that made a pod every few seconds for as long as it lasted."""
+    spec = {"singleExecution": True, "worker": {"backoffLimit": 1}}
+    status = WorkersStatus(consecutive_failures=1, crash_loop_generation=1, next_index=3,
+                           last_failure_time=times.rfc3339(T0 - 1000))
+    now, made, pods = T0, [], []
+    while len(made) < 5:
+        p = plan(pods, status, now=now, **spec)
+        status, pods = p.workers, []
+        if p.create:
+            (index,) = p.create
+            made.append(now)
+            # Its worker is turned away; the pod is seen failed 5 s later.
+            pods = [Pod(name=f"q1-w{index}", phase="Failed", deleting=False, index=index, exit_code=1,
+                        refused="409: full")]
+            now += 5
+        else:
+            assert p.requeue_after is not None
+            now += p.requeue_after
+    # The first replaced at once, then as displaced pods are: 10 s doubling.
+    assert [round(b - a) for a, b in itertools.pairwise(made)] == [5, 15, 25, 45]
+
+
+def test_a_crash_looping_pool_without_a_failure_time_is_tried():
+    status = WorkersStatus(consecutive_failures=2, crash_loop_generation=1, next_index=3)  # written by an older version
+    assert plan([], status, singleExecution=True, worker={"backoffLimit": 2}).create == (3,)
 
 
 def test_a_success_ends_a_crash_loop_in_status_too():

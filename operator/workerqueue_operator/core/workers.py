@@ -110,18 +110,27 @@ def own_host(queue: QueueObject, host: str, made: int) -> bool:
     one more worker for each of the other's)."""
     if queue.spec.task_queue_name is None:
         return True
-    index = pod_index(host.rpartition("-")[0])
+    head = host.rpartition("-")[0]
+    index = pod_index(head)
     if index is not None and index < made and worker_hostname(queue, pod_name(queue.name, index)) == host:
         return True
-    if len(pod_name(queue.name, max(made - 1, 0))) <= HOSTNAME_MAX - 11:
+    if len(pod_name(queue.name, max(made - 1, 0))) <= _CUT:
         return False  # the hostname holds the whole pod name, and it is no pod of this queue's
-    # A long queue name: the hostname holds a cut of it, without the index; the latest pods are tried.
-    return any(worker_hostname(queue, pod_name(queue.name, i)) == host for i in range(max(made - 1000, 0), made))
+    # A long queue name: the hostname holds a cut of it, maybe without the index. One that begins as
+    # this queue's pods' do is taken for one of them (a namesake's too): kept from going, never lost.
+    return head.startswith(_label_head(queue.name[:_CUT - 12]))
+
+
+_CUT = HOSTNAME_MAX - 11
+"""How much of a pod's name a hashed hostname keeps."""
+
+
+def _label_head(text: str) -> str:
+    return text[:_CUT].replace(".", "-").rstrip("-")
 
 
 def _hashed_label(pod: str, unique: str) -> str:
-    head = pod[:HOSTNAME_MAX - 11].replace(".", "-").rstrip("-")
-    return f"{head}-{hashlib.sha256(unique.encode()).hexdigest()[:10]}"
+    return f"{_label_head(pod)}-{hashlib.sha256(unique.encode()).hexdigest()[:10]}"
 
 
 def credential_secret_name(pod: str) -> str:
@@ -658,12 +667,17 @@ def plan(
                 f"one worker at a time is tried every {settings.worker_backoff_max_seconds:g}s until one succeeds"
             events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
                                 f"(backoffLimit {s.worker.backoff_limit}); {then}", warning=True))
-        if not s.ephemeral and missing > 0 and not s.suspend:
+        if not s.ephemeral and missing > 0 and not s.suspend and not alive:
             # A pool is meant to stay: whatever failed its workers may pass (Temporal or the control
             # plane out of reach for a while). Given up on for good, it would stay drained until
-            # someone changed its spec; it is tried, one worker at a time, at the longest back-off.
-            last = times.parse(w.last_failure_time) if w.last_failure_time is not None else now
-            wait = last + settings.worker_backoff_max_seconds - now
+            # someone changed its spec; it is tried, one worker at a time (none while one is alive:
+            # that one is the try), at the longest back-off, and longer while tries are displaced.
+            wait = 0.0
+            if w.last_failure_time is not None:
+                wait = times.parse(w.last_failure_time) + settings.worker_backoff_max_seconds - now
+            if w.consecutive_displaced > 1 and w.last_displaced_time is not None:
+                wait = max(wait, times.parse(w.last_displaced_time)
+                           + backoff(w.consecutive_displaced - 1, settings) - now)
             if wait > 0:
                 requeue.append(wait)
             else:

@@ -44,6 +44,10 @@ class NamespacedSecretKeyRef(BaseModel):
         return cls(namespace=namespace, name=name, key=key)
 
 
+CSV_SETTINGS = ("namespaces", "token_review_audiences", "worker_command", "ignored_secret_types")
+"""Lists that may also be given as one comma-separated string, as their WQ_* variables are."""
+
+
 class Settings(BaseModel):
     """Operator-wide settings. Every duration is in seconds."""
 
@@ -247,8 +251,7 @@ class Settings(BaseModel):
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
 
-    @field_validator("namespaces", "token_review_audiences", "worker_command", "ignored_secret_types",
-                     mode="before")
+    @field_validator(*CSV_SETTINGS, mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         if isinstance(value, str):

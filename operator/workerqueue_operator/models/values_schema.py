@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from workerqueue_operator.models.crd import unwrapped
-from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.models.settings import CSV_SETTINGS, Settings
 
 CHART_OWNED_SETTINGS = frozenset({
     "http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces", "temporal_api_key_secret",
@@ -48,13 +48,17 @@ def _setting(node: dict[str, Any]) -> dict[str, Any]:
 
 def extra_config_schema() -> dict[str, Any]:
     raw = Settings.model_json_schema(mode="validation")
+    properties = {name: _setting(raw["properties"][name]) for name in Settings.model_fields
+                  if name not in CHART_OWNED_SETTINGS}
+    for name in CSV_SETTINGS:
+        if name in properties:  # a list, or its comma-separated string, as the operator reads either
+            properties[name]["type"] = ["array", "string"]
     return {
         "type": "object",
         "description": "Further operator settings (snake_case Settings fields), verbatim; not those the chart derives "
                        "from values its other manifests follow too (" + ", ".join(sorted(CHART_OWNED_SETTINGS)) + ").",
         "additionalProperties": False,
-        "properties": {name: _setting(raw["properties"][name]) for name in Settings.model_fields
-                       if name not in CHART_OWNED_SETTINGS},
+        "properties": properties,
     }
 
 
