@@ -28,18 +28,9 @@ def free_port() -> int:
 
 
 def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM to the child's process group, SIGKILL after `grace` seconds; reaps it."""
-    # Only an unreaped child is signalled: its pid (= its process group id) cannot have been reused.
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-            os.killpg(popen.pid, signal.SIGCONT)  # a paused process would not act on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(grace)
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
+    """SIGTERM to the child's process group, SIGKILL to the whole group once the child has exited or
+    after `grace` seconds; reaps it (see devcluster.procs.terminate)."""
+    devcluster_procs.terminate(popen, grace)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
         temporal_address = re.findall(r"Temporal ready at (127\.0\.0\.1:\d+)", (tmp_path / "dev.log").read_text())[0]
 
         def kubectl(*args: str) -> str:
-            return subprocess.run([str(k8s_assets / "kubectl"), "--kubeconfig", str(state / "kubeconfig"), *args],
+            return subprocess.run([str(k8s_assets / "kubectl"), "--kubeconfig", str(state / "kubeconfig"),
+                                   f"--cache-dir={state / 'kubectl-cache'}", *args],
                                   capture_output=True, text=True, check=True).stdout
 
         assert json.loads(kubectl("get", "--raw", "/version"))["minor"] == "35"

@@ -49,3 +49,23 @@ def test_run_kubeconfig_wins_over_the_pods_service_account_for_kopf_too(monkeypa
     # ServiceAccount would watch one cluster while the operator writes to another.
     assert _login(monkeypatch, "/etc/other/kubeconfig") == "https://elsewhere:6443"
     assert _login(monkeypatch, None) == "https://10.0.0.1:443"
+
+
+async def test_the_stop_signals_do_what_they_did_before_once_the_operator_returns():
+    """`dev` stops what it started on a signal; after the operator returned, a second SIGTERM during
+    that stop killed `dev` at once (the loop's removal leaves the default), its children with it and
+    its state folder (the cluster's admin token) behind."""
+    import signal
+
+    from workerqueue_operator.handlers.embedded import stop_signals
+
+    def devs(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, devs)
+    try:
+        with stop_signals(lambda sig: None):
+            assert signal.getsignal(signal.SIGTERM) is not devs
+        assert signal.getsignal(signal.SIGTERM) is devs
+    finally:
+        signal.signal(signal.SIGTERM, before)

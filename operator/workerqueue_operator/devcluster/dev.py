@@ -34,7 +34,9 @@ def _say(message: str) -> None:
 
 
 def _kubectl(bin_dir: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run([str(bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), *args],
+    # Its discovery cache in the state folder, gone with it: in ~/.kube/cache, one per port, for good.
+    cache = kubeconfig.parent / "kubectl-cache"
+    result = subprocess.run([str(bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), f"--cache-dir={cache}", *args],
                             input=stdin, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +36,11 @@ class Service:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a failed or interrupted start (Ctrl-C) stops what it had started
+            self.stop()
+            raise
         return self
 
     def __exit__(
@@ -88,20 +93,32 @@ def die_with_parent(parent_pid: int) -> Callable[[], None]:
 
 
 def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM to the child's process group, SIGKILL after `grace` seconds; reaps it. Idempotent."""
-    # Only signal an unreaped child: its pid (= its process group id) cannot have been reused.
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
-        try:
-            popen.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    if popen.poll() is None:
+    """SIGTERM to the child's process group; SIGKILL to the whole group once the child has exited, or
+    after `grace` seconds; reaps it. Idempotent.
+
+    The group goes as a whole: what the child started in it (a shell's command, a worker's own
+    children) would outlive a child that exits on SIGTERM, and PR_SET_PDEATHSIG reaches the child only."""
+    # Only an unreaped child is signalled: until it is reaped, its pid (= the group's id) cannot be reused.
+    if popen.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGTERM)
+        os.killpg(popen.pid, signal.SIGCONT)  # a paused process would not act on SIGTERM
+    deadline = time.monotonic() + grace
+    while (state := _exited(popen.pid)) is False and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if state is not None:  # None: reaped elsewhere meanwhile, and its pid no longer ours to signal
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
+    popen.wait()
+
+
+def _exited(pid: int) -> bool | None:
+    """Whether the child has exited, without reaping it (its pid stays reserved); None if it was reaped."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return None
 
 
 def own_hostname(name: str) -> Callable[[], None]:

@@ -48,9 +48,12 @@ async def operator(*, stop_flag: asyncio.Event, **kwargs: Any) -> None:
 @contextlib.contextmanager
 def stop_signals(callback: Callable[[signal.Signals], None]) -> Iterator[None]:
     """SIGTERM and SIGINT call `callback` within the block; after it, they do what they did before
-    kopf (terminate; KeyboardInterrupt). In the main thread only: signals are not another thread's."""
+    (terminate and KeyboardInterrupt, or the handlers `dev` had set to stop what it started, which
+    the loop's removal alone would not put back). In the main thread only: signals are not another
+    thread's."""
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    before = {sig: signal.getsignal(sig) for sig in signals}
     for sig in signals:
         loop.add_signal_handler(sig, callback, sig)
     try:
@@ -58,6 +61,8 @@ def stop_signals(callback: Callable[[signal.Signals], None]) -> Iterator[None]:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+            if before[sig] is not None:
+                signal.signal(sig, before[sig])
 
 
 def _stop(sig: signal.Signals, flag: asyncio.Event) -> None:
