@@ -258,7 +258,7 @@ def test_lint(helm: Helm, option: str):
     # extraConfig's values held to the operator's own Settings (generated from them).
     ({"extraConfig": {"peering_lifetime_seconds": 1}}, "/extraConfig/peering_lifetime_seconds"),
     ({"extraConfig": {"worker_backoff_seconds": "soon"}}, "/extraConfig/worker_backoff_seconds"),
-    ({"extraConfig": {"worker_command": "kubiya worker start"}}, "/extraConfig/worker_command"),
+    ({"extraConfig": {"worker_command": 3}}, "/extraConfig/worker_command"),
     # null is Helm's way to unset a default: a value the operator cannot do without is required.
     ({"authCacheSeconds": None}, "missing property 'authCacheSeconds'"),
     ({"tokenReviewAudiences": None}, "missing property 'tokenReviewAudiences'"),
