@@ -111,8 +111,8 @@ class _Probe:
     shown_at: float = float("-inf")
 
 
-_LISTED = 1000
-"""Running workflows of a scaling queue's task queue listed at each reading: the scan's own bound too."""
+_LISTED = temporal_.SCAN_LIMIT
+"""Running workflows of a scaling queue's task queue listed at each reading: as many as a scan reads."""
 
 
 def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float) -> workers.Demand:
