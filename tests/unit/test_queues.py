@@ -405,6 +405,23 @@ def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them(
     assert not queues.issued_worker_id(issued, [key], pod="q1-w1")
 
 
+def test_a_forked_child_mints_worker_ids_of_its_own():
+    """Random bytes are read a block at a time: a child must not hand out the rest of its parent's."""
+    import os
+
+    queues.new_worker_id()  # a block read, most of it not handed out yet
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent, then out at once
+        os.write(write, queues.new_worker_id().encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert len(child) == 36 and child != queues.new_worker_id()
+
+
 def test_a_name_past_the_limit_is_no_queue():
     """The CRD refuses it; one made under an older CRD must not reach the Store (its token Secret's
     name would fail validation halfway through taking it in)."""

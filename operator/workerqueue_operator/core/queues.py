@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -67,12 +68,39 @@ def namesakes_token(body: Mapping[str, Any], queue: QueueObject) -> bool:
     return labels.get("app.kubernetes.io/component") == TOKEN_COMPONENT and owned_by_namesake(body, queue)
 
 
+class _RandomBytes:
+    """os.urandom read a block at a time. Read per worker id, its getrandom() call (a syscall that
+    lets go of the GIL) cost more under /start load than the rest of minting the id."""
+
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._block = b""
+        self._at = 0
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)  # a child never hands out its parent's bytes
+
+    def _forget(self) -> None:
+        self._block, self._at, self._lock = b"", 0, threading.Lock()  # its lock may be held by a thread of the parent
+
+    def take(self, n: int) -> bytes:
+        with self._lock:  # no two callers are ever handed the same bytes
+            if self._at + n > len(self._block):
+                self._block, self._at = os.urandom(self.BLOCK), 0
+            start = self._at
+            self._at += n
+            return self._block[start:self._at]
+
+
+_random = _RandomBytes()
+
+
 def new_worker_id(key: bytes | None = None, *, pod: str | None = None) -> str:
     """A version-4 UUID as text, as str(uuid.uuid4()) gives. With `key` (a digest of the queue's
     token) its second half is a MAC of its first (and of the pod it was issued to, if any): a worker
     whose registration was lost can then show, by its id alone, that its queue issued it to it
     (issued_worker_id). Without, it is all random."""
-    raw = bytearray(os.urandom(16 if key is None else 8))
+    raw = bytearray(_random.take(16 if key is None else 8))
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     if key is not None:
         raw += _worker_id_mac(key, raw, pod)
