@@ -710,6 +710,7 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
                               "BACKLOG", "POLLERS", "REASON", "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED", "AGE"]
     # BACKLOG and POLLERS stay blank until the queue's Temporal has answered (t:1 never does).
     assert row.split()[:8] == ["cols", "cols-id", "true", "false", "True", "0", "0", "Ready"]
+    assert row.split()[-3] == "cols-id"  # TASK-QUEUE: the one in effect, none being named
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
 

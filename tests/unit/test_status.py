@@ -23,6 +23,9 @@ def conditions(st: dict) -> dict:
 def test_ready_status_reports_generation_and_queue_id():
     st = status.desired_status(resolution(None), {}, now=NOW)
     assert st["queueId"] == "abc" and st["observedGeneration"] == 3
+    assert st["taskQueue"] == "abc"  # none named: the queue id, as /start answers
+    named = queues.Resolution(queue=queue(generation=3, queueId="abc", taskQueueName="tq"), config=None, problem=None)
+    assert status.desired_status(named, {}, now=NOW)["taskQueue"] == "tq"
     ready = conditions(st)["Ready"]
     assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "Ready", 3)
     assert conditions(st)["SecretsResolved"]["status"] == "True"

@@ -90,6 +90,7 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
 
     return {
         "queueId": queue.queue_id,
+        "taskQueue": queue.spec.task_queue_name or queue.queue_id,
         "observedGeneration": generation,
         "conditions": conditions,
     }

@@ -88,7 +88,7 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
         {"name": "Desired", "type": "integer", "jsonPath": ".status.workers.desired", "priority": 1},
         {"name": "Pending", "type": "integer", "jsonPath": ".status.workers.pending", "priority": 1},
-        {"name": "Task-Queue", "type": "string", "jsonPath": ".spec.taskQueueName", "priority": 1},
+        {"name": "Task-Queue", "type": "string", "jsonPath": ".status.taskQueue", "priority": 1},
         {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

@@ -458,6 +458,8 @@ class WorkerQueueStatus(_Model):
 
     queue_id: str | None = None
     """The queue id in effect (spec.queueId or metadata.uid)."""
+    task_queue: str | None = None
+    """The Temporal task queue in effect (spec.taskQueueName or the queue id)."""
     observed_generation: int | None = None
     """The metadata.generation last acted upon."""
     conditions: list[Condition] = Field(default_factory=list)
