@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -192,6 +193,28 @@ def test_failures_back_off_then_crash_loop_until_a_worker_succeeds(kube: Kube, n
     kube.set_phase(namespace, "cl-w2", "Succeeded", exit_code=0, reason="Completed")
     wait_pods(kube, namespace, "cl", ["cl-w3"])
     kube.wait_condition(namespace, "cl", "True")
+
+
+def test_a_crash_looping_pools_try_that_runs_a_while_brings_the_pool_back(kube: Kube, namespace: str):
+    """Its try may wait long for an execution (no success to end the loop): once it has run for the
+    longest back-off (4 s here) the pool is whole again, not one worker for all that while."""
+    kube.create_queue(namespace, "try", queueId=f"try-{namespace}", singleExecution=True, replicas=2,
+                      temporal=TEMPORAL, worker={"backoffLimit": 1})
+    wait_pods(kube, namespace, "try", ["try-w0", "try-w1"])
+    kube.set_phase(namespace, "try-w0", "Failed", exit_code=1, reason="Error")
+    kube.wait_condition(namespace, "try", "False", "CrashLooping")
+    kube.set_phase(namespace, "try-w1", "Failed", exit_code=1, reason="Error")  # the same round: one failure
+    wait_pods(kube, namespace, "try", ["try-w2"], timeout=30)  # the try, after the longest back-off
+    body = kube.core.read_namespaced_pod("try-w2", namespace)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.core.patch_namespaced_pod_status("try-w2", namespace, {"status": {"phase": "Running", "containerStatuses": [
+        {"name": c.name, "image": c.image, "imageID": "", "ready": True, "restartCount": 0,
+         "state": {"running": {"startedAt": started}}} for c in body.spec.containers]}})
+    time.sleep(2)
+    assert kube.pod_names(namespace, "try") == ["try-w2"]  # not run long enough yet
+    wait_pods(kube, namespace, "try", ["try-w2", "try-w3"])
+    kube.wait_condition(namespace, "try", "True")
+    assert "BackOffReset" in reasons(kube, namespace, "try")
 
 
 def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespace: str):

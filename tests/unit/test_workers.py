@@ -160,6 +160,38 @@ def test_a_success_ends_a_crash_loop_in_status_too():
     assert p.workers.crash_loop_generation is None and p.create == (3,)
 
 
+def test_a_worker_that_has_run_a_while_ends_a_pools_crash_loop():
+    """Only a success ended a crash loop, and a pool's one try may wait long for its execution: the
+    pool stayed at one worker all that while. One that has run for the longest back-off shows the
+    fault gone, as the kubelet forgets a container's back-off once it has run a while."""
+    spec = {"singleExecution": True, "replicas": 3, "worker": {"backoffLimit": 1}}
+    looping = WorkersStatus(consecutive_failures=1, crash_loop_generation=1, next_index=3,
+                            last_failure_time=times.rfc3339(T0 - 1000))
+    started = T0 - SETTINGS.worker_backoff_max_seconds + 10
+    trying = [pod(3, "Running", running_since=started)]
+    p = plan(trying, looping, **spec)
+    assert p.create == () and p.workers.crash_loop_generation == 1  # not run long enough yet
+    assert p.requeue_after == pytest.approx(10)
+    p = plan(trying, looping, now=T0 + 10, **spec)
+    assert p.create == (4, 5) and p.workers.consecutive_failures == 0 and p.workers.crash_loop_generation is None
+    assert [e.reason for e in p.events] == ["BackOffReset"]
+    # Nor does one that has run long ago and then failed: its failure counts afresh.
+    ran = plan([pod(3, "Failed", exit_code=1, running_since=T0 - 5000)], looping, now=T0 + 10, **spec)
+    assert ran.workers.consecutive_failures == 2 and ran.create == ()
+    # A pod still Pending (its image pulling) has run nothing.
+    assert plan([pod(3, "Pending")], looping, now=T0 + 10, **spec).create == ()
+    # An ephemeral queue keeps a Job's rule: a crash loop until the spec changes.
+    job = plan(trying, looping, now=T0 + 10, ephemeral=True, replicas=3, worker={"backoffLimit": 1})
+    assert job.create == () and job.workers.crash_loop_generation == 1
+
+
+def test_a_pod_tells_since_when_its_worker_runs():
+    body = {"metadata": {"name": "q1-w0"}, "status": {"phase": "Running", "containerStatuses": [
+        {"name": "worker", "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}}
+    assert Pod.from_body(body).running_since == times.parse("2026-01-01T00:00:00Z")
+    assert Pod.from_body({"metadata": {"name": "q1-w0"}, "status": {"phase": "Running"}}).running_since is None
+
+
 def test_pods_of_an_older_spec_failing_do_not_crash_loop_the_new_one():
     # The spec fixed (generation 2) while three pods of the broken one still run: their failures
     # are counted and reported, but neither back off nor stop the new spec's workers.

@@ -72,7 +72,8 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     refused = manages and workers.get("lastError") and (planned is None or planned == generation)
     if problem is None and crash_looping:
         then = "change the spec to start workers again" if queue.spec.ephemeral else \
-            "one worker at a time is tried after the longest back-off until one succeeds, or change the spec"
+            "one worker at a time is tried after the longest back-off until one succeeds or has run that long, " \
+            "or change the spec"
         conditions = set_condition(conditions, type=READY, status="False", reason="CrashLooping",
                                    message=f"workers failed {workers.get('consecutiveFailures', 0)} times in a row; "
                                    f"{then}", generation=generation, now=now)
@@ -105,7 +106,7 @@ def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any
     if crash_looping:
         if retried:
             return "False", "CrashLooping", (f"{alive} of {desired} workers alive; one at a time is tried after the "
-                                             "longest back-off until one succeeds")
+                                             "longest back-off until one succeeds or has run that long")
         return "False", "CrashLooping", "no new workers until the spec changes"
     planned = workers.get("observedGeneration")
     if not workers or (planned is not None and planned != generation):

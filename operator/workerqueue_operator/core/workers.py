@@ -262,6 +262,8 @@ class Pod:
     pending_message: str = ""
     created: float | None = None
     """Its creationTimestamp (epoch seconds), if known."""
+    running_since: float | None = None
+    """When its worker's container started running (epoch seconds), if it runs and that is known."""
     disrupted: bool = False
     """It failed as Kubernetes took it away (condition DisruptionTarget): an eviction, a preemption,
     its node gone (the pod garbage collector fails such pods before deleting them)."""
@@ -296,6 +298,7 @@ class Pod:
         if disruption is not None:
             reason = str(disruption.get("reason") or reason or "DisruptionTarget")
         generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
+        running = worker.get("running")
         return cls(
             name=meta["name"],
             phase=phase,
@@ -311,6 +314,8 @@ class Pod:
             generation=int(generation) if generation.isdigit() else None,
             hostname=(body.get("spec") or {}).get("hostname") or "",
             disrupted=disruption is not None,
+            running_since=times.parse_or_none(running.get("startedAt"))
+            if phase == "Running" and isinstance(running, Mapping) else None,
         )
 
     @property
@@ -659,12 +664,29 @@ def plan(
     missing = w.desired - len(alive)
     if missing <= 0:
         w.last_error = None  # nothing to create: a pod refused earlier is no longer wanted
+    if w.consecutive_failures > 0 and not s.ephemeral:
+        # A worker that has run for the longest back-off shows the fault gone, as the kubelet forgets
+        # a container's back-off once it has run a while. Else only a success ends a crash loop, and a
+        # pool's one try may wait long for an execution (up to 1,800 s): the pool stays at one worker
+        # all that time. An ephemeral queue keeps a Job's rule: failures count until the spec changes.
+        proven = settings.worker_backoff_max_seconds
+        ran = [p for p in alive if p.phase == "Running" and p.running_since is not None
+               and (p.generation is None or p.generation >= queue.generation)]
+        longest = max(ran, key=lambda p: now - (p.running_since or now), default=None)
+        if longest is not None and now - (longest.running_since or now) >= proven:
+            w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
+            w.failure_index = None
+            events.append(Event("BackOffReset", f"worker {longest.name} has run for {proven:g}s: starting workers "
+                                "again"))
+        elif longest is not None:
+            requeue.append((longest.running_since or now) + proven - now)
     crash_looping = w.consecutive_failures > 0 and w.consecutive_failures >= s.worker.backoff_limit
     if crash_looping and manages_pods(s):
         if w.crash_loop_generation is None:
             w.crash_loop_generation = queue.generation
-            then = "no more start until the spec changes" if s.ephemeral else \
-                f"one worker at a time is tried every {settings.worker_backoff_max_seconds:g}s until one succeeds"
+            then = "no more start until the spec changes" if s.ephemeral else (
+                f"one worker at a time is tried every {settings.worker_backoff_max_seconds:g}s until one succeeds "
+                "or has run that long")
             events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
                                 f"(backoffLimit {s.worker.backoff_limit}); {then}", warning=True))
         if not s.ephemeral and missing > 0 and not s.suspend and not alive:

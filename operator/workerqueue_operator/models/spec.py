@@ -263,7 +263,7 @@ class WorkerPodSpec(_Model):
     backoff_limit: int = Field(default=6, ge=0, le=100)
     """Consecutive failed workers after which the queue is CrashLooping: an ephemeral queue starts no
     more until the spec changes; any other tries one worker at a time after the longest back-off
-    (the operator's worker_backoff_max_seconds, 5 min) until one succeeds."""
+    (the operator's worker_backoff_max_seconds, 5 min) until one succeeds or has run that long."""
 
 
 class ScalingSpec(_Model):
