@@ -637,6 +637,10 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"worker": {"template": {"spec": {"containers": [{"image": "x"}]}}}},
      "spec.worker.template.spec.containers[0].name: Required value"),
     ({"worker": {"template": {"spec": {"hostNetwork": True}}}}, "worker pods cannot use hostNetwork"),
+    # A name that no Secret can have: one with `..` was read from another namespace.
+    ({"litellm": {"url": "https://llm", "apiKeySecretRef": {"name": "../../victim/secrets/x", "key": "k"}}},
+     "spec.litellm.apiKeySecretRef.name"),
+    ({"nats": {"configSecretRef": {"name": "Upper"}}}, "spec.nats.configSecretRef.name"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",

@@ -119,6 +119,36 @@ async def test_a_watch_that_goes_quiet_ends_after_its_idle_time(tmp_path: Path):
     assert events == [{"type": "ADDED", "object": {}}]
 
 
+async def test_no_call_leaves_the_object_it_names_by_way_of_dot_segments():
+    """The HTTP client resolves `..`: a Secret named `../../victim/secrets/x` was read from another
+    namespace. Such a name is no Secret's (refused by the schema too), and no such path is sent."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import resources
+
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"kind": "Secret", "data": {"k": "c2VjcmV0"}})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        try:
+            assert await resources.read_secret(kube, "team-a", "../../victim/secrets/x") is None
+            for path in ("/api/v1/namespaces/team-a/secrets/../../victim/secrets/x", "/api/v1/namespaces/a/./b",
+                         "/api/v1/namespaces/team-a/secrets/.."):
+                with pytest.raises(client.ERRORS, match="dot segment"):
+                    await kube.get(path)
+            assert await resources.read_secret(kube, "team-a", "creds") is not None  # a name as ever
+        finally:
+            await kube.close()
+    assert seen == ["/api/v1/namespaces/team-a/secrets/creds"]
+
+
 async def test_an_answer_that_is_not_json_is_one_of_the_errors_callers_catch():
     # A proxy in front of the API server answering with a page: callers catch ERRORS (a 503, a retry),
     # and anything else became a 500 with a traceback, or ended a background loop.

@@ -405,6 +405,24 @@ def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them(
     assert not queues.issued_worker_id(issued, [key], pod="q1-w1")
 
 
+@pytest.mark.parametrize("text", ["ops/../victim:key", "ops/Upper:key", "../x/y:key", "ops/a/b:key"])
+def test_an_operator_secret_reference_names_a_secret_as_kubernetes_spells_it(text: str):
+    with pytest.raises(ValueError, match="as Kubernetes spells them"):
+        NamespacedSecretKeyRef.parse(text)
+    assert NamespacedSecretKeyRef.parse("ops/temporal.creds:api-key").name == "temporal.creds"
+
+
+def test_a_secret_reference_names_a_secret_as_kubernetes_spells_it():
+    from pydantic import ValidationError
+
+    for name in ("../../victim/secrets/x", "a/b", "..", "Upper", "-a"):
+        with pytest.raises(ValidationError):
+            spec_.SecretKeyRef(name=name, key="k")
+        with pytest.raises(ValidationError):
+            spec_.SecretRef(name=name)
+    assert spec_.SecretKeyRef(name="temporal.creds-1", key="k").name == "temporal.creds-1"
+
+
 def test_a_forked_child_mints_worker_ids_of_its_own():
     """Random bytes are read a block at a time: a child must not hand out the rest of its parent's."""
     import os

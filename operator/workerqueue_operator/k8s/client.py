@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import ssl
 import sys
 import threading
@@ -96,6 +97,8 @@ class ApiError(Exception):
     def already_exists(self) -> bool:
         return self.status == 409 and self.reason == "AlreadyExists"
 
+
+_DOT_SEGMENT = re.compile(r"/\.\.?(/|$|\?)")
 
 ERRORS: tuple[type[Exception], ...] = (ApiError, aiohttp.ClientError, OSError)
 """What a call of KubeClient raises when the API server refuses it, cannot be reached, or drops the
@@ -294,6 +297,9 @@ class KubeClient:
         content_type: str = "application/json",
         timeout: float = 30.0,
     ) -> JSON:
+        if _DOT_SEGMENT.search(path):
+            # The HTTP client resolves `..` (even a name's): the call would reach another object.
+            raise ApiError(400, "BadRequest", "a path with a dot segment is not sent")
         session = self._session_or_new()
         data = None if body is None else json.dumps(body)
         # `timeout` bounds the whole call, the credentials' read included (an exec plugin may hang).

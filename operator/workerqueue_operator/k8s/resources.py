@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -64,7 +65,9 @@ def owner_reference(body: dict[str, Any], *, controller: bool = True) -> dict[st
 
 
 async def read_secret(client: client_.KubeClient, namespace: str, name: str) -> dict[str, Any] | None:
-    """The Secret, or None if it does not exist."""
+    """The Secret, or None if it does not exist (nor can: a name no object can have)."""
+    if not re.fullmatch(spec.OBJECT_NAME_PATTERN, name):
+        return None
     try:
         return await client.get(f"{secrets_path(namespace)}/{name}")
     except client_.ApiError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,9 @@ class NamespacedSecretKeyRef(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    namespace: str
-    name: str
-    key: str
+    namespace: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
+    name: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
+    key: str = Field(min_length=1)
 
     @classmethod
     def parse(cls, text: str) -> NamespacedSecretKeyRef:
@@ -41,6 +42,8 @@ class NamespacedSecretKeyRef(BaseModel):
         if not (sep and slash and namespace and name and key):
             # Not the text itself: a key pasted here in place of its reference would go into the log.
             raise ValueError("expected namespace/name:key")
+        if not all(re.fullmatch(spec_.OBJECT_NAME_PATTERN, part) for part in (namespace, name)):
+            raise ValueError("expected namespace/name:key, a namespace and a Secret name as Kubernetes spells them")
         return cls(namespace=namespace, name=name, key=key)
 
 

@@ -47,10 +47,16 @@ class _Model(BaseModel):
     )
 
 
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""A Kubernetes object name (a DNS subdomain, RFC 1123), as the API server holds a Secret's to. Not
+only for a clear error: a name such as `../../other/secrets/x` went into the URL of a GET, which
+the HTTP client resolved to another namespace's Secret."""
+
+
 class SecretKeyRef(_Model):
     """A key of a Secret in the WorkerQueue's own namespace."""
 
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN)
     """Name of the Secret."""
     key: str = Field(min_length=1, max_length=253)
     """Key inside the Secret's data."""
@@ -59,7 +65,7 @@ class SecretKeyRef(_Model):
 class SecretRef(_Model):
     """A whole Secret in the WorkerQueue's own namespace."""
 
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN)
     """Name of the Secret."""
 
 
