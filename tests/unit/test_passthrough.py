@@ -118,6 +118,7 @@ def test_response_headers_drop_hop_by_hop_ones_and_cookies():
     ("http://cp.example/base/api/v1/x", "http://cp.example/base/api/v1/x"),  # another scheme
     ("https://cp.example/basement/x", "https://cp.example/basement/x"),
     ("next", "next"),
+    ("http://cp.example:99999/x", "http://cp.example:99999/x"),  # no URL at all: as it came, not a 500
 ])
 def test_redirects_into_the_upstream_stay_with_the_operator(location: str, expected: str):
     out = passthrough.response_headers([("Location", location)], upstream_url="https://cp.example/base")
@@ -739,6 +740,16 @@ async def test_another_method_on_a_route_the_operator_serves_is_405_never_passed
     # The queue itself is the operator's to DELETE only: the rest of it is the upstream's.
     got = await echoed(await client.get("/api/v1/worker-queues/q-a", headers={"Authorization": "Bearer tok-a"}))
     assert got["method"] == "GET"
+
+
+async def test_trace_is_never_passed_through(hub: tuple[Store, TestClient], upstream: TestServer):
+    """An intermediary answering TRACE (Apache's default) would echo the request, the organization's
+    key with it, back to the worker."""
+    _, client = hub
+    r = await client.request("TRACE", "/api/v1/anything", headers={"Authorization": "Bearer tok-a"})
+    assert (r.status, await r.json()) == (405, {"detail": "Method Not Allowed"})
+    assert "TRACE" not in r.headers["Allow"] and "GET" in r.headers["Allow"]
+    assert upstream.app[standin.RECEIVED] == []
 
 
 async def test_a_route_the_operator_serves_spelt_otherwise_is_never_passed_through(

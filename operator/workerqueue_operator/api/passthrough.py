@@ -121,17 +121,24 @@ def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) 
     return out
 
 
+FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+UNFORWARDED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+"""Never passed through (any other is, as an upstream may define its own)."""
+
+
 def _through_operator(location: str, upstream_url: str) -> str:
     """A redirect into the upstream's base URL as a path on the operator; any other as it is. The
     scheme and host are compared as URLs compare them (case-insensitively, default ports), and a
     path-only one counts as the upstream's (it is relative to the upstream)."""
     try:
         target, base = URL(location, encoded=True), URL(upstream_url)
+        # yarl parses lazily: a port out of range raises only here.
+        foreign = target.is_absolute() and (target.scheme.lower(), (target.host or "").lower(), target.port) != (
+            base.scheme.lower(), (base.host or "").lower(), base.port)
     except ValueError:
         return location
     if target.is_absolute():
-        if (target.scheme.lower(), (target.host or "").lower(), target.port) != (
-                base.scheme.lower(), (base.host or "").lower(), base.port):
+        if foreign:
             return location
     elif not location.startswith("/") or location.startswith("//"):
         return location  # relative to the request's path, or to its scheme only: left as it is
@@ -286,6 +293,9 @@ class Passthrough:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method in UNFORWARDED_METHODS:
+            # TRACE would have an intermediary echo the request, the organization's key with it.
+            return errors.detail(405, "Method Not Allowed", headers={"Allow": ", ".join(FORWARDED_METHODS)})
         if not stays_under(request.raw_path):
             return errors.detail(400, "The request target must be a path under /api/v1/")
         # One of the operator's own routes spelt otherwise (a trailing slash, merged slashes, another
