@@ -247,6 +247,55 @@ def test_the_writer_sees_only_pending_work_heartbeats_first_and_its_rate_follows
     assert first.dirty and reg.get("w1") is first
 
 
+def test_renewals_about_to_lapse_are_written_before_a_burst_of_new_workers():
+    """Another replica knows a worker by its Lease alone: a renewal kept waiting behind many new
+    workers' first heartbeats got live workers expired there."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is flushed here
+    now = [1000.0]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None,
+                            monotonic=lambda: now[0])
+    q = queue(heartbeatIntervalSeconds=10)
+    old = []
+    for name, written in (("lapsing", 989.0), ("due", 991.0), ("fresh", 999.0)):
+        worker = reg.register(q, name, pod=f"q1-{name}")
+        reg._unmark(worker)
+        worker.stored, worker.confirmed, worker.written_at = True, True, written
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        old.append(worker)
+    assert set(reg._renewals) == {"lapsing", "due", "fresh"}
+    for i in range(3):  # new workers' first heartbeats, and registrations not heartbeating yet
+        new = reg.register(q, f"new{i}", pod=f"q1-new{i}")
+        reg.heartbeat(new, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    reg.register(q, "quiet", pod="q1-quiet")
+    order = []
+    for worker in reg._in_write_order(now[0]):  # each written leaves its queue, as _flush does
+        order.append(worker.worker_id)
+        reg._unmark(worker)
+    assert order == ["lapsing", "new0", "new1", "new2", "due", "quiet"]  # "fresh" is not due yet
+
+
+def test_a_heartbeat_for_a_registration_ended_meanwhile_brings_nothing_back():
+    """A Kubernetes identity's heartbeat waits for its access review: its worker may be let go
+    meanwhile (a disconnect, the sweep). Recorded all the same, it was queued for a write again and
+    raised the write budget for good."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is flushed here
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None, base_write_rate=20.0)
+    worker = reg.register(queue(heartbeatIntervalSeconds=10), "w1")
+    reg._forget("w1")
+    assert not reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert reg.write_rate() == 20.0 and not (reg._urgent or reg._creates or reg._renewals)
+
+
 def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_few_seconds():
     import kubernetes
 

@@ -44,6 +44,10 @@ async def _worker(request: web.Request, caller: callers.Caller, *, expired: bool
         return errors.detail(403, "This token belongs to another worker")
     denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
                                      token_message="This token may not act for workers of this worker queue")
+    if denied is None and request.app[REGISTRY].get(worker.worker_id, expired=expired) is not worker:
+        # Ended (its disconnect, its expiry) while the review was made: acting on it now would
+        # bring back what was let go.
+        return errors.detail(404, NOT_FOUND)
     return denied or (worker, resolution)
 
 
@@ -153,9 +157,10 @@ async def heartbeat(request: web.Request) -> web.Response:
         return found
     worker, resolution = found
     # `logs` are dropped on purpose: they never go to the API server.
-    request.app[REGISTRY].heartbeat(
-        worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
-        system_info=body.system_info)
+    if not request.app[REGISTRY].heartbeat(
+            worker, status=body.status, tasks_processed=body.tasks_processed, current_task_id=body.current_task_id,
+            system_info=body.system_info):
+        return errors.detail(404, NOT_FOUND)
     return web.json_response({"status": "ok", "worker_id": worker.worker_id,
                               "heartbeat_interval": resolution.queue.spec.heartbeat_interval_seconds})
 

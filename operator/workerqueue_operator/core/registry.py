@@ -649,7 +649,10 @@ class Registry:
         return None
 
     def heartbeat(self, worker: Worker, *, status: str, tasks_processed: int, current_task_id: str | None,
-                  system_info: wire.WorkerSystemInfo | None) -> None:
+                  system_info: wire.WorkerSystemInfo | None) -> bool:
+        """Records a heartbeat; False, and nothing done, for a worker no longer registered here."""
+        if self._workers.get(worker.worker_id) is not worker:
+            return False
         now = self._clock()
         # Heard of before, and since this replica knew of it: the gap shows its pace. One that began
         # before (this replica was away, or not started yet) holds that time too, no pace of the worker's.
@@ -673,6 +676,7 @@ class Registry:
         worker.heartbeats_here += 1
         self.heartbeats += 1
         self._mark(worker)
+        return True
 
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is made again later."""
@@ -924,16 +928,26 @@ class Registry:
     def _flush(self) -> None:
         now = self._monotonic()
         rate = self.write_rate()
-        # Workers a heartbeat proved alive first, then renewals that are due, then registrations
-        # that have not heartbeat yet, oldest first.
-        renewals = sorted((w for w in self._renewals.values() if now - w.written_at >= 0.8 * w.interval),
-                          key=lambda w: w.renewed_at)
-        for worker in itertools.chain(list(self._urgent.values()), renewals, self._oldest_creates()):
+        for worker in self._in_write_order(now):
             if not self._bucket.take(rate, now):
                 return
             self._unmark(worker)
             worker.written_at = now
             self._spawn(self._write(worker))
+
+    def _in_write_order(self, now: float) -> Iterator[Worker]:
+        """What the writer writes, first things first: renewals of Leases that have gone unwritten
+        for an interval, then workers a heartbeat proved alive (new ones, unconfirmed ones), then
+        the other renewals that are due, then registrations that have not heartbeat yet, oldest first.
+
+        The lapsing renewals lead: another replica knows a worker by its Lease alone, and expires it
+        about 1.5 intervals after its last renewal. Behind a burst of new workers' first heartbeats
+        (which the budget, sized for renewals, does not allow for), live workers were expired so."""
+        due = sorted((w for w in self._renewals.values() if now - w.written_at >= 0.8 * w.interval),
+                     key=lambda w: w.renewed_at)
+        lapsing = [w for w in due if now - w.written_at >= w.interval]
+        rest = [w for w in due if now - w.written_at < w.interval]
+        return itertools.chain(lapsing, list(self._urgent.values()), rest, self._oldest_creates())
 
     def _oldest_creates(self) -> Iterator[Worker]:
         while self._creates:  # each one yielded leaves the dict before the next is asked for
