@@ -26,6 +26,7 @@ from workerqueue_operator.api import keys, serving
 from workerqueue_operator.core import activity as activity_
 from workerqueue_operator.core import leases, queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.reconciler import LiveStatus, Reconciler
@@ -108,14 +109,16 @@ class Feed:
         try:
             queue = queues.QueueObject.from_body(body)
         except (ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
-            # The API server's schema makes this rare (e.g. a CRD older than the operator). An earlier
-            # spec is not served meanwhile: this one may have revoked a token it lists.
+            # The API server's schema makes this rare: a queue stored under an older, looser CRD. An
+            # earlier spec is not served meanwhile: this one may have revoked a token it lists.
             meta = body.get("metadata", {})
-            logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"),
-                           str(exc).splitlines()[0])
+            message = status_.spec_errors(exc)
+            logger.warning("ignoring WorkerQueue %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
             if previous is not None:
                 self._store.remove_queue(previous.key)
+            self._reconciler.spec_invalid(body, message)
             return
+        self._reconciler.spec_valid(queue.key)
         if previous is not None and previous.uid != queue.uid:
             # Made again under the same name, its deletion unseen (a relist): nothing the supervisor
             # knew of the old one (a refused create's back-off, a Temporal reading) is this one's.
@@ -126,6 +129,7 @@ class Feed:
         self._supervisor.queue_changed(queue)
 
     def queue_deleted(self, key: informer.ObjectKey, body: dict[str, Any] | None) -> None:
+        self._reconciler.spec_valid(key)
         self._store.remove_queue(key)
         self._supervisor.queue_deleted(key)
 

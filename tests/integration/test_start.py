@@ -14,9 +14,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from kubernetes import client as k8s
 
-from tests.integration.conftest import Kube, OperatorProcess, frozen, http, wait_for
+from tests.integration.conftest import CRD_FILE, Kube, OperatorProcess, frozen, http, wait_for
 from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import supervisor as supervisor_
@@ -648,6 +649,37 @@ def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec
     result = kubectl("apply", "-f", "-", input=manifest, check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_a_queue_stored_under_a_looser_crd_says_its_spec_is_invalid(
+        operator: OperatorProcess, kubectl, kube: Kube, namespace: str):
+    """An older CRD let through what this one refuses (maxWorkers past 1,000, say). Such a stored
+    queue was dropped in silence, one log line naming no field, under the Ready=True an earlier run
+    wrote: now it says so, until it is corrected."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    del fields["maxWorkers"]["maximum"]
+
+    def created() -> bool:
+        try:
+            kube.create_queue(namespace, "loose", maxWorkers=5000, temporal={"host": "t:1", "namespace": "n"})
+        except k8s.ApiException as exc:
+            assert exc.status == 422, exc.body  # the old schema not in force yet
+            return False
+        return True
+
+    try:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(crd))
+        wait_for(created, what="the queue created under the looser CRD")
+    finally:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    ready = kube.wait_condition(namespace, "loose", "False", "SpecInvalid")
+    assert "spec.maxWorkers" in ready["message"] and "5000" not in ready["message"]
+    assert ready["observedGeneration"] == 1
+    assert wait_for(lambda: [e for e in kube.events(namespace, "loose") if e.reason == "SpecInvalid"],
+                    what="a SpecInvalid Event")[0].type == "Warning"
+    kube.patch_queue(namespace, "loose", {"maxWorkers": 5})  # corrected: served again
+    kube.wait_condition(namespace, "loose", "True")
 
 
 def test_queue_id_is_immutable(kubectl, kube: Kube, namespace: str):

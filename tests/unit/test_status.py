@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tests.unit.factories import queue
 from workerqueue_operator.core import queues, status
 from workerqueue_operator.core.store import Store
@@ -159,3 +161,22 @@ def test_a_queue_whose_pods_the_api_server_refuses_is_not_ready():
     # A queue running no pods of its own never has one.
     plain = queues.Resolution(queue=queue(generation=2, queueId="abc"), config=None, problem=None)
     assert conditions(status.desired_status(plain, {"workers": workers}, now=NOW))["Ready"]["status"] == "True"
+
+
+def test_a_spec_the_operator_cannot_take_says_which_fields_and_never_their_values():
+    import pydantic
+
+    from workerqueue_operator.models import spec as spec_
+
+    with pytest.raises(pydantic.ValidationError) as caught:
+        spec_.parse_spec({"maxWorkers": 5000, "queueId": "has a secret-looking value"})
+    message = status.spec_errors(caught.value)
+    assert "spec.maxWorkers: Input should be less than or equal to 1000" in message and "spec.queueId" in message
+    assert "5000" not in message and "secret-looking" not in message
+    st = status.invalid_spec_status({"conditions": [{"type": "Ready", "status": "True", "reason": "Ready",
+                                                     "message": "", "lastTransitionTime": NOW}]},
+                                    generation=4, message=message, now=LATER)
+    ready = conditions(st)["Ready"]
+    assert (ready["status"], ready["reason"], ready["observedGeneration"], ready["lastTransitionTime"]) == (
+        "False", "SpecInvalid", 4, LATER)
+    assert st["observedGeneration"] == 4

@@ -285,9 +285,18 @@ def test_a_spec_the_operator_cannot_read_is_not_served_by_the_one_before_it():
     store = Store(settings=Settings())
     before = queue("q1", queueId="q-1")
     store.upsert_queue(before)
-    feed = Feed(store, cast(Reconciler, object()), cast(Supervisor, object()))  # neither is called here
+    class Told:
+        def __init__(self) -> None:
+            self.invalid: list[str] = []
+
+        def spec_invalid(self, body: dict[str, object], message: str) -> None:
+            self.invalid.append(message)
+
+    told = Told()
+    feed = Feed(store, cast(Reconciler, told), cast(Supervisor, object()))  # not called here
     feed.queue_upserted(queue_body("q1", queueId="q-1", generation=2, replicas="many"))
     assert store.queue(before.key) is None and store.serving("q-1") is None
+    assert len(told.invalid) == 1 and "spec.replicas" in told.invalid[0] and "many" not in told.invalid[0]
 
 
 def test_a_relist_tells_of_its_queues_once_it_is_whole():
@@ -329,6 +338,9 @@ def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absen
 
         def fetch_secrets(self, names: set[tuple[str, str]]) -> None:
             self.asked |= set(names)
+
+        def spec_valid(self, key: tuple[str, str]) -> None:
+            pass
 
     class Told:
         def queue_changed(self, queue: object) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from workerqueue_operator.core import queues, workers
@@ -134,6 +134,8 @@ class Reconciler:
         self._unwatched: set[SecretName] = set()  # used Secrets of a type the watch leaves out
         self._unreadable: dict[SecretName, str] = {}
         """Secrets whose last read on demand failed, and why (no value: the error's kind and status)."""
+        self._invalid: dict[QueueKey, tuple[dict[str, Any], str]] = {}
+        """Queues whose stored spec the operator cannot take (not in the Store): body, what is wrong."""
         store.subscribe(self.schedule)
         activity.subscribe(self._activity_changed)
 
@@ -149,6 +151,48 @@ class Reconciler:
         if active:
             for key in self._store.queue_keys():
                 self.schedule(key)
+            for body, message in list(self._invalid.values()):
+                self._spawn(self._show_invalid(body, message))
+
+    def spec_invalid(self, body: dict[str, Any], message: str) -> None:
+        """A queue whose stored spec cannot be taken: said on it, as Ready=False SpecInvalid and a
+        Warning Event, rather than dropped in silence under the Ready=True an earlier run wrote."""
+        meta = body.get("metadata") or {}
+        self._invalid[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = (body, message)
+        self._spawn(self._show_invalid(body, message))
+
+    def spec_valid(self, key: QueueKey) -> None:
+        """The queue is valid again, or gone."""
+        self._invalid.pop(key, None)
+
+    async def _show_invalid(self, body: dict[str, Any], message: str) -> None:
+        if not self._activity.is_active():
+            return  # the active replica says so; this one will when it becomes active
+        meta = body.get("metadata") or {}
+        current = body.get("status") or {}
+        desired = status_.invalid_spec_status(current, generation=int(meta.get("generation") or 0), message=message,
+                                              now=self._now())
+        if not status_.differs(desired, current):
+            return
+        namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+        try:
+            await resources.patch_queue_status(self._client, namespace, name, desired,
+                                               resource_version=meta.get("resourceVersion"))
+        except client_.ApiError as exc:
+            if not exc.conflict:  # a conflict: the watch brings the newer copy, and it back here
+                logger.warning("writing the status of %s/%s failed: %s", namespace, name, exc)
+            return
+        except client_.ERRORS as exc:
+            logger.warning("writing the status of %s/%s failed: %s", namespace, name, type(exc).__name__)
+            return
+        self._events.post(involved={"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
+                                    "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", "")}},
+                          reason="SpecInvalid", message=message, warning=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
 
     def fetch_secrets(self, names: set[SecretName], *, refresh: bool = False) -> None:
         """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pydantic
+
 from workerqueue_operator.core.queues import Problem, Resolution
 
 READY = "Ready"
@@ -35,6 +37,26 @@ def set_condition(
         "observedGeneration": generation,
     })
     return sorted(result, key=lambda c: str(c["type"]))
+
+
+def invalid_spec_status(current: Mapping[str, Any], *, generation: int, message: str, now: str) -> dict[str, Any]:
+    """The status of a queue whose stored spec the operator cannot take (one stored under an older,
+    looser CRD): not served, and Ready=False saying why, not the Ready=True an earlier run wrote."""
+    conditions = set_condition(current.get("conditions") or [], type=READY, status="False", reason="SpecInvalid",
+                               message=message, generation=generation, now=now)
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+def spec_errors(exc: Exception) -> str:
+    """What is wrong with a spec, by field, without the values (bounded: it goes into a condition)."""
+    if isinstance(exc, pydantic.ValidationError):
+        parts = [f"spec.{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+                 for error in exc.errors(include_input=False, include_url=False)]
+        text = "; ".join(parts)
+    else:
+        text = f"malformed ({type(exc).__name__})"
+    text = f"the stored spec is not valid under this operator's schema: {text}; correct it (kubectl edit)"
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: str) -> dict[str, Any]:
