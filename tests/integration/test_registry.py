@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -341,6 +342,99 @@ async def in_process(kube: Kube, namespace: str, kubeconfig: Path, name: str, no
                                       queue_of=lambda key: queue if key == queue.key else None)
     finally:
         await client.close()
+
+
+@contextlib.contextmanager
+def lease_deletions_refused(kubectl: Any, namespace: str) -> Any:
+    """A ValidatingAdmissionPolicy refusing every Lease deletion in the namespace, as a webhook or a
+    policy engine may: a refusal no retry mends."""
+    name = f"no-lease-deletion-{namespace}"
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {
+                  "resourceRules": [{"apiGroups": ["coordination.k8s.io"], "apiVersions": ["v1"],
+                                     "operations": ["DELETE"], "resources": ["leases"]}],
+                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+                  "validations": [{"expression": "false", "message": "Lease deletions are refused here",
+                                   "reason": "Forbidden"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}))
+    try:
+        yield
+    finally:
+        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, "--wait=false")
+
+
+async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_few_tries(
+    kube: Kube, namespace: str, kubeconfig: Path, kubectl: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    """Retried for good, each refused deletion kept its worker and a warning a minute, and a churning
+    fleet's grew without bound."""
+    async with in_process(kube, namespace, kubeconfig, "refused") as (queue, client, reg):
+        worker = reg.rejoin(queue, "w-1")
+        assert worker is not None
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        await asyncio.sleep(0.2)  # the writer's bucket fills
+        reg._flush()
+        await asyncio.gather(*reg._writes)
+        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # its Lease written
+        with lease_deletions_refused(kubectl, namespace):
+            probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": "probe", "namespace": namespace}}
+            await client.request("POST", resources.leases_path(namespace), body=probe)
+
+            async def refused() -> bool:
+                try:
+                    await client.request("DELETE", f"{resources.leases_path(namespace)}/probe")
+                except client_.ApiError as exc:
+                    return exc.status == 403
+                await client.request("POST", resources.leases_path(namespace), body=probe)
+                return False
+
+            began = time.monotonic()
+            while not await refused():  # the policy in force
+                assert time.monotonic() - began < 30, "the admission policy never took effect"
+                await asyncio.sleep(0.5)
+            deletes: list[str] = []
+            original = client.request
+
+            async def counted(method: str, path: str, **kwargs: Any) -> Any:
+                if method == "DELETE":
+                    deletes.append(path)
+                return await original(method, path, **kwargs)
+
+            monkeypatch.setattr(client, "request", counted)
+            reg._forget(worker.worker_id)
+            await reg._delete_quietly(worker, "disconnected", wait=0.2)
+            await asyncio.sleep(3)  # ~0.2 + ~0.4 s between tries; a fourth would come ~0.8 s later
+            assert len(deletes) == registry_.DELETE_REFUSED_TRIES
+            assert "refused 3 times, given up" in caplog.text
+        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # left to lapse
+
+
+async def test_deletions_ended_together_are_made_a_few_at_a_time(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """A sweep after an outage ends thousands of workers at once: each deletion was its own call at
+    once, thousands in flight at the API server together."""
+    async with in_process(kube, namespace, kubeconfig, "many") as (queue, client, reg):
+        ended = [reg.rejoin(queue, f"w-{i}") for i in range(3 * registry_.DELETE_CONCURRENCY)]
+        in_flight, most = [0], [0]
+        original = client.request
+
+        async def counted(method: str, path: str, **kwargs: Any) -> Any:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            try:
+                return await original(method, path, **kwargs)
+            finally:
+                in_flight[0] -= 1
+
+        monkeypatch.setattr(client, "request", counted)
+        await asyncio.gather(*(reg._delete_quietly(worker, "disconnected") for worker in ended if worker is not None))
+        assert most[0] == registry_.DELETE_CONCURRENCY
 
 
 async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lease(

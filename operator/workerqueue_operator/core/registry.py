@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,12 @@ RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
+DELETE_CONCURRENCY = 16
+"""Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
+DELETE_REFUSED_TRIES = 3
+"""Tries of a deletion the API server refuses outright (403, 422: RBAC, a webhook): no retry mends
+that, and each pending retry holds its worker. The Lease is left to lapse (any replica takes it as
+expired) and the refusal logged."""
 DISCONNECT_WAIT_SECONDS = 8.0
 """How long a disconnect waits for its Lease's deletion: the real worker gives the call 10 s."""
 DELETE_ATTEMPTS = 3
@@ -198,6 +205,7 @@ class Registry:
         self._tick = tick
         self._bounds = bounds or Bounds.of(settings_.Settings())
         self._pending: dict[QueueKey, int] = {}
+        self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self.pending = 0
@@ -1028,16 +1036,25 @@ class Registry:
         if self._workers.get(worker.worker_id) is worker:
             self._mark(worker)
 
-    async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS) -> None:
+    async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS, tries: int = 1) -> None:
         try:
-            deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"))
+            async with self._deleting:
+                deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"))
         except client_.ERRORS as exc:
+            cause = type(exc).__name__ if not str(exc) else exc
+            if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 409, 429) \
+                    and tries >= DELETE_REFUSED_TRIES:
+                logger.warning("deleting the registration of worker %s was refused %d times, given up (its Lease "
+                               "lapses): %s", worker.worker_id, tries, cause)
+                return
             # Made again until it is done: forgotten here, a Lease left behind would expire nowhere,
-            # and a slot it holds (maxWorkers) would stay taken until a relist.
-            logger.warning("deleting the registration of worker %s failed, again in %gs: %s", worker.worker_id,
-                           wait, type(exc).__name__ if not str(exc) else exc)
+            # and a slot it holds (maxWorkers) would stay taken until a relist. Spread out: deletions
+            # that failed together (an outage) are not all tried again in the same instant.
+            wait = wait * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, no secret
+            logger.warning("deleting the registration of worker %s failed, again in %.1fs: %s", worker.worker_id,
+                           wait, cause)
             later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
-            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, later)
+            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, later, tries + 1)
             return
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
@@ -1046,12 +1063,12 @@ class Registry:
                                   message=f"worker {worker.worker_id} sent no heartbeat for "
                                   f"{worker.duration:.0f}s; its registration ended", warning=True)
 
-    def _delete_again(self, worker: Worker, why: str, wait: float) -> None:
+    def _delete_again(self, worker: Worker, why: str, wait: float, tries: int) -> None:
         again = self._workers.get(worker.worker_id)
         # Unless registered again meanwhile in this same Lease (a rejoin); one that rejoined into
         # another slot (maxWorkers) would otherwise hold two.
         if again is None or (again.namespace, again.lease) != (worker.namespace, worker.lease):
-            self._spawn(self._delete_quietly(worker, why, wait))
+            self._spawn(self._delete_quietly(worker, why, wait, tries))
 
     # --- API-server calls -------------------------------------------------------------------------
 
