@@ -590,6 +590,30 @@ def test_a_queue_template_replaces_the_operator_wide_one():
     assert body["spec"]["hostNetwork"] is False  # as written: a field the operator types keeps its name
 
 
+def test_a_queue_template_without_the_workers_image_runs_the_configured_worker():
+    """A template for labels or a node selector only could make no pod (no containers): each create
+    was refused, and retried with a new name, for good."""
+    settings = Settings(worker_image="reg/worker:2", worker_command=["kubiya", "worker", "start"])
+    bare = build_default(settings, worker={"template": {"metadata": {"labels": {"team": "a"}},
+                                                        "spec": {"nodeSelector": {"disk": "ssd"}}}})
+    assert [(c["name"], c["image"], c["command"]) for c in bare["spec"]["containers"]] == [
+        ("worker", "reg/worker:2", ["kubiya", "worker", "start"])]
+    assert bare["spec"]["nodeSelector"] == {"disk": "ssd"} and bare["metadata"]["labels"]["team"] == "a"
+    sidecar = {"name": "proxy", "image": "reg/proxy:1"}
+    named = build_default(settings, worker={"template": {"spec": {"containers": [
+        {"name": "worker", "args": ["--verbose"]}, sidecar]}}})
+    worker, proxy = named["spec"]["containers"]
+    assert (worker["image"], worker["command"], worker["args"]) == ("reg/worker:2", ["kubiya", "worker", "start"],
+                                                                     ["--verbose"])
+    assert "command" not in proxy and proxy["image"] == "reg/proxy:1"
+    own = build_default(settings, worker={"template": {"spec": {"containers": [
+        {"name": "worker", "command": ["my-worker"]}]}}})
+    assert own["spec"]["containers"][0]["command"] == ["my-worker"]
+    imaged = build_default(settings, worker={"template": {"spec": {"containers": [
+        {"name": "worker", "image": "x:1"}]}}})
+    assert "command" not in imaged["spec"]["containers"][0]  # its image's own entrypoint
+
+
 @pytest.mark.parametrize(("template", "words"), [
     ({"spec": {}, "kind": "Pod"}, "metadata and spec only, not kind"),
     ({"spec": ["containers"]}, "spec must be a mapping"),

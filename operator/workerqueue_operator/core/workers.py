@@ -814,8 +814,14 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
     template = s.worker.template.body() if s.worker.template else copy.deepcopy(settings.worker_pod_template)
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
-    if not s.worker.template:
+    if not s.worker.template or not pod_spec.get("containers"):
+        # Without containers (a template for labels or a node selector only), no pod could be made.
         _default_worker(pod_spec, settings)
+    else:
+        worker = next((c for c in pod_spec["containers"] if c.get("name") == WORKER_CONTAINER), None)
+        if worker is not None and not worker.get("image"):  # refused by the API server otherwise
+            worker["image"] = settings.worker_image
+            worker.setdefault("command", list(settings.worker_command))
     name = pod_name(queue.name, index)
     containers: list[dict[str, Any]] = pod_spec.get("containers") or []
     credential = {"name": credential_secret_name(name), "key": queues.TOKEN_KEY}

@@ -250,7 +250,9 @@ class TemplateMetadata(_Open):
 
 class PodTemplate(_Open):
     """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
-    Default: one container running the operator's configured worker image and command."""
+    Default: one container running the operator's configured worker image and command. A template
+    without containers (labels, a node selector, tolerations only) gets that container; its container
+    `worker` without an image runs the configured worker image (and command, unless it names one)."""
 
     metadata: TemplateMetadata | None = None
     spec: TemplatePodSpec | None = None
@@ -265,7 +267,9 @@ class WorkerPodSpec(_Model):
 
     template: PodTemplate | None = None
     """A PodTemplateSpec (metadata and spec). The API server validates the pod when it is created.
-    Default: one container running the operator's configured worker image and command."""
+    Default: one container running the operator's configured worker image and command. A template
+    without containers (labels, a node selector, tolerations only) gets that container; its container
+    `worker` without an image runs the configured worker image (and command, unless it names one)."""
     backoff_limit: int = Field(default=6, ge=0, le=100)
     """Consecutive failed workers after which the queue is CrashLooping: an ephemeral queue starts no
     more until the spec changes; any other tries one worker at a time after the longest back-off
