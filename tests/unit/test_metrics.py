@@ -30,6 +30,16 @@ def test_metric_families_render_one_line_per_label_value():
 
 
 
+def test_a_method_no_standard_knows_is_counted_as_other():
+    """aiohttp's pure-Python parser takes any token for a method: each one a series of its own."""
+    m = Metrics()
+    for method in ("XYZ123", "FOO", "GET"):
+        m.observe("/api/v1/{tail}", method, 400, 0.001)
+    found = samples(m.render(), "workerqueue_http_requests_total")
+    assert {labels.split(",")[1] for labels in found} == {'method="other"', 'method="GET"'}
+    assert sum(found.values()) == 3
+
+
 def test_latency_histograms_are_cumulative_and_end_in_their_count_and_sum():
     m = Metrics()
     for seconds in (0.0001, 0.003, 0.003, 7.0):

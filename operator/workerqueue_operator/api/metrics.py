@@ -50,6 +50,9 @@ class UpstreamStats:
             self.requests[status_class(status)] += 1
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
@@ -100,7 +103,8 @@ class Metrics:
         self._started.pop((namespace, queue), None)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._requests[(route, method, status)] += 1
+        # Any token is a method to aiohttp's pure-Python parser: one series each would pile up.
+        self._requests[(route, method if method in KNOWN_METHODS else "other", status)] += 1
         counts = self._latency_counts.get(route)
         if counts is None:
             counts = self._latency_counts[route] = [0] * (len(BUCKETS) + 1)
