@@ -355,6 +355,19 @@ async def test_a_compressed_body_goes_on_decoded_and_whole(hub: tuple[Store, Tes
     assert standin.header_values(got, "Content-Encoding") == []
 
 
+async def test_a_body_in_a_coding_aiohttp_leaves_alone_goes_on_as_sent_and_says_so(hub: tuple[Store, TestClient]):
+    """An unknown coding, or gzip twice: aiohttp passes the bytes as they came, and its Content-Encoding
+    was dropped all the same, so the upstream read compressed bytes as plain."""
+    _, client = hub
+    for coding in ("x-custom", "gzip, gzip"):
+        raw = gzip.compress(gzip.compress(b'{"a": 1}'))
+        r = await client.post("/api/v1/executions/e-1/events", data=raw,
+                              headers={"Authorization": "Bearer tok-a", "Content-Encoding": coding})
+        got = await echoed(r)
+        assert got["body_sha256"] == hashlib.sha256(raw).hexdigest(), coding
+        assert standin.header_values(got, "Content-Encoding") == [coding]
+
+
 async def test_cookies_pass_neither_way_and_where_it_came_from_is_the_operators_to_say(
     hub: tuple[Store, TestClient],
 ):

@@ -57,6 +57,9 @@ _NOT_RETURNED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding",
     "Upgrade", "Set-Cookie",
 ))
+_SERVER_DECODES = frozenset(("gzip", "deflate", "br", "zstd"))
+"""The codings aiohttp's server decompresses a request body of (br and zstd: refused when their
+libraries are missing)."""
 _DECODED = frozenset(("content-encoding", "content-length"))
 """What a compressed request's body no longer is once aiohttp's server has decompressed it: it goes
 on decoded, chunked."""
@@ -97,7 +100,10 @@ def request_headers(
     the organization's credential and where the request came from."""
     pairs = list(incoming)
     dropped = _NOT_FORWARDED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
-    if any(k.lower() == "content-encoding" for k, _ in pairs):
+    encoding = next((v for k, v in pairs if k.lower() == "content-encoding"), None)
+    # aiohttp's own rule: its first value, exactly, if it is one it decodes. Any other (an unknown
+    # coding, "gzip, gzip") leaves the body as sent, which the upstream must then be told of.
+    if encoding is not None and encoding.isascii() and encoding.lower() in _SERVER_DECODES:
         dropped |= _DECODED
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
