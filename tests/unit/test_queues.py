@@ -128,6 +128,31 @@ def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value,
         assert not r.ready and (r.problem.reason, r.problem.message) == ("SecretKeyInvalid", problem)
 
 
+@pytest.mark.parametrize(("url", "usable"), [
+    ("redis://cache:6379/0", True), ("redis://cache:99999/0", False), ("redis://cache:6379/0\x7f", False),
+])
+def test_spec_redis_url_is_held_to_what_a_url_from_a_secret_is(url: str, usable: bool):
+    """The CRD checks the scheme only: a port out of range was served to every worker."""
+    r = resolve(queue(redis={"url": url}))
+    assert r.ready is usable
+    if not usable:
+        assert r.problem is not None and r.problem.reason == "RedisInvalid" and url not in r.problem.message
+
+
+def test_the_litellm_url_is_matched_as_the_api_server_matches_it():
+    """Go's \\s is ASCII only; Python's took a vertical tab or a no-break space the CRD let in as a
+    space, and the queue was refused as if stored before the rule."""
+    import re
+
+    from workerqueue_operator.models import spec as models
+
+    for url in ("https://a\x0bb", "https://a\u00a0b/v1", "https://llm\u2028x"):
+        assert re.fullmatch(models.LITELLM_URL_PATTERN, url), repr(url)
+        assert resolve(queue(litellm={"url": url})).ready
+    for url in ("https://a b", "https://a\tb", "https:///x", "https://a\nb"):
+        assert not re.fullmatch(models.LITELLM_URL_PATTERN, url), repr(url)
+
+
 @pytest.mark.parametrize("block", ["temporal", "litellm"])
 def test_an_api_key_that_cannot_go_into_a_header_keeps_the_queue_from_being_ready(block):
     spec = {"temporal": {"host": "t.example:7233", "namespace": "n"}, "litellm": {"url": "http://llm:4000"}}

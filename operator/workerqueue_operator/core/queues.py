@@ -569,6 +569,10 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
                                           "redis:// or rediss:// URL"))
         else:
             redis_url = s.redis.url
+            if redis_url is not None and not _usable_redis_url(redis_url):
+                # The CRD checks its scheme only: held to what a URL from a Secret is held to.
+                raise _Unresolved(Problem("RedisInvalid", "spec.redis.url is not a usable redis:// or rediss:// URL "
+                                          "(a port out of range, or a character that cannot be printed)"))
         if s.redis.password_secret_ref is not None:
             redis_password = lookup.value(ns, s.redis.password_secret_ref.name, s.redis.password_secret_ref.key)
         elif redis_url:

@@ -12,7 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-LITELLM_URL_PATTERN = r"^https?://[^\s/?#]+\S*$"
+LITELLM_URL_PATTERN = r"^https?://[^\t\n\f\r /?#]+[^\t\n\f\r ]*$"
+"""Spelt out rather than with \\s: the API server's (Go's) \\s is these four and the space only, and
+Python's any Unicode space; a URL the CRD let in was then refused as stored before the rule."""
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
 fragment (the host is what metrics are labelled with)."""
