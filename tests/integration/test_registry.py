@@ -437,6 +437,33 @@ async def test_deletions_ended_together_are_made_a_few_at_a_time(
         assert most[0] == registry_.DELETE_CONCURRENCY
 
 
+async def test_lookups_of_registrations_unknown_here_share_a_listing(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """Each poll of an identity with no registration (or heartbeat of an id unknown here, which a
+    token holder may mint at will) was a LIST of the queue's Leases of its own."""
+    async with in_process(kube, namespace, kubeconfig, "lookups", maxWorkers=2) as (queue, client, reg):
+        lists: list[str] = []
+        original = client.request
+
+        async def counted(method: str, path: str, **kwargs: Any) -> Any:
+            if method == "GET" and path == resources.leases_path(namespace):
+                lists.append(path)
+            return await original(method, path, **kwargs)
+
+        monkeypatch.setattr(client, "request", counted)
+        for _ in range(5):
+            assert await reg.registrations_of(queue, "system:serviceaccount:x:y") == []
+        await asyncio.gather(*(reg.registrations_of(queue, f"system:serviceaccount:x:{i}") for i in range(5)))
+        assert len(lists) == 1
+        await asyncio.sleep(registry_.LIST_REUSE_SECONDS + 0.1)
+        assert await reg.registrations_of(queue, "system:serviceaccount:x:y") == []
+        assert len(lists) == 2
+        # A disconnect looks afresh: a Lease made a moment ago must be found, or its slot stays taken.
+        await reg.disconnect_unseen(queue, "w-unknown", reason="shutdown", exit_code=0)
+        assert len(lists) == 3
+
+
 async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lease(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

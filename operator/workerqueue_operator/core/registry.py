@@ -72,6 +72,8 @@ RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
+LIST_REUSE_SECONDS = 1.0
+"""How long a listing of a queue's Leases serves again (see Registry._listed)."""
 DELETE_CONCURRENCY = 16
 """Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
 DELETE_REFUSED_TRIES = 3
@@ -249,6 +251,8 @@ class Registry:
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
         self._rejoining: set[str] = set()
         self._identity_lists: dict[tuple[QueueKey, str], asyncio.Future[list[Worker]]] = {}
+        self._lease_lists: dict[QueueKey, tuple[float, asyncio.Future[list[dict[str, Any]]]]] = {}
+        """Per queue, the last listing of its Leases (when it began, and its items): see _listed."""
         """Lease lists in flight for an identity's registrations (see registrations_of)."""
         """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._ended: dict[str, _Ended] = {}
@@ -400,16 +404,34 @@ class Registry:
         await self._take_in_listed(queue, lambda held: held.identity == identity)
         return self.registered_as(queue.key, identity)
 
-    async def _take_in_listed(self, queue: QueueObject, wanted: Callable[[Worker], bool]) -> None:
+    async def _take_in_listed(self, queue: QueueObject, wanted: Callable[[Worker], bool], *,
+                              fresh: bool = False) -> None:
         """Takes in, as the watch will, the registrations of the queue the API server's Leases hold
         (a consistent read) that are `wanted`."""
-        listed = await self._client.request("GET", resources.leases_path(queue.namespace),
-                                            params={"labelSelector": queue_selector(queue.name)},
-                                            timeout=API_TIMEOUT)
-        for item in listed.get("items") or []:
+        for item in await (self._list_leases(queue) if fresh else self._listed(queue)):
             held = worker_from_lease(item, seen_at=self._clock())
             if held is not None and held.queue_uid == queue.uid and wanted(held):
                 self.lease_upserted(item)
+
+    async def _listed(self, queue: QueueObject) -> list[dict[str, Any]]:
+        """The queue's Leases as the API server holds them: one listing at a time per queue, and one
+        begun within LIST_REUSE_SECONDS serves again. Each heartbeat of a worker unknown here (a full
+        queue's, or ids its token holder mints) was a LIST of its own."""
+        now = self._monotonic()
+        for key in [k for k, (began, listing) in self._lease_lists.items()
+                    if listing.done() and now - began >= LIST_REUSE_SECONDS]:
+            del self._lease_lists[key]
+        known = self._lease_lists.get(queue.key)
+        if known is None or (known[1].done() and (known[1].cancelled() or known[1].exception() is not None)):
+            listing = asyncio.ensure_future(self._list_leases(queue))
+            known = self._lease_lists[queue.key] = (now, listing)
+        return await asyncio.shield(known[1])
+
+    async def _list_leases(self, queue: QueueObject) -> list[dict[str, Any]]:
+        listed = await self._client.request("GET", resources.leases_path(queue.namespace),
+                                            params={"labelSelector": queue_selector(queue.name)},
+                                            timeout=API_TIMEOUT)
+        return list(listed.get("items") or [])
 
     def live_count(self, queue: QueueKey) -> int:
         now = self._clock()
@@ -737,7 +759,8 @@ class Registry:
         """Takes in, as the watch will, the worker's Lease if the API server holds it: read by its name
         (one GET), or among the queue's slots with maxWorkers."""
         if queue.spec.max_workers is not None:
-            await self._take_in_listed(queue, lambda held: held.worker_id == worker_id)
+            # Fresh: a disconnect must find a Lease made a moment ago, or its slot stays taken.
+            await self._take_in_listed(queue, lambda held: held.worker_id == worker_id, fresh=True)
             return
         path = f"{resources.leases_path(queue.namespace)}/{lease_name(queue.name, worker_id)}"
         try:
