@@ -146,6 +146,12 @@ def test_target_url_keeps_the_path_and_query_as_sent(base: str, raw: str, expect
     ("/api/v1/%2e%2e%2f%2e%2e%2fadmin", False),  # `../../admin` once decoded
     ("/api/v1/%2E%2E%5Cadmin", False),  # a backslash: a separator to some servers
     ("/api/v1/..\\admin", False),
+    ("/api/v1/..;/admin", False),  # `..` to servers that take `;` as a segment's parameters
+    ("/api/v1/.;x/admin", False),
+    ("/api/v1/%252e%252e/admin", False),  # `..` to whatever decodes twice
+    ("/api/v1/%252E%252E%252Fadmin", False),
+    ("/api/v1/executions/e1;v=2", True),
+    ("/api/v1/a%2520b", True),
 ])
 def test_only_a_path_without_dot_segments_is_passed_through(raw: str, expected: bool):
     assert passthrough.stays_under(raw) is expected

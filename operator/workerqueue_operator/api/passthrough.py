@@ -169,8 +169,11 @@ def stays_under(raw_path: str) -> bool:
     if not path.startswith("/") or path.startswith("//"):
         return False
     # Decoded whole, then split: `%2e%2e%2f` is `../` to whatever decodes the path before resolving
-    # it, and a backslash is a separator to some servers.
-    return not any(part in (".", "..") for part in re.split(r"[/\\]", unquote(path)))
+    # it, and a backslash is a separator to some servers. Twice, for one that decodes twice
+    # (`%252e`); and `..;x` is `..` to servers that take `;` as starting a segment's parameters.
+    once = unquote(path)
+    return not any(part.partition(";")[0] in (".", "..")
+                   for decoded in (once, unquote(once)) for part in re.split(r"[/\\]", decoded))
 
 
 def target_url(base: str, raw_path: str) -> URL:
