@@ -761,6 +761,36 @@ async def test_another_method_on_a_route_the_operator_serves_is_405_never_passed
     assert got["method"] == "GET"
 
 
+async def test_a_websocket_whose_worker_stops_reading_lets_go_of_its_socket(hub: tuple[Store, TestClient]):
+    """The upstream floods, the worker reads nothing: aiohttp's heartbeat gives the worker up with a
+    close, not an abort, and with bytes still buffered its socket stayed open until the worker closed
+    its end (a lost host: never)."""
+    _, client = hub
+    loop = asyncio.get_running_loop()
+    worker = socket.socket()
+    worker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    worker.setblocking(False)
+    try:
+        await loop.sock_connect(worker, (client.host, client.port))
+        await loop.sock_sendall(worker, (
+            f"GET {WS_A} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Authorization: Bearer tok-a\r\n\r\n").encode())
+        assert (await loop.sock_recv(worker, 12)).startswith(b"HTTP/1.1 101")
+        payload, mask = b"flood", b"\x01\x02\x03\x04"
+        await loop.sock_sendall(worker, b"\x81" + bytes([0x80 | len(payload)]) + mask
+                                + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        assert client.server.runner is not None and client.server.runner.server is not None
+        connections = client.server.runner.server.connections
+        for _ in range(200):  # the heartbeat (1 s here) gives up, then the grace after the relay ends
+            await asyncio.sleep(0.1)
+            if all(c.transport is None for c in connections):
+                break
+        assert all(c.transport is None for c in connections)
+    finally:
+        worker.close()
+
+
 async def test_trace_is_never_passed_through(hub: tuple[Store, TestClient], upstream: TestServer):
     """An intermediary answering TRACE (Apache's default) would echo the request, the organization's
     key with it, back to the worker."""

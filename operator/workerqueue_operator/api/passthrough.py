@@ -517,6 +517,7 @@ class Passthrough:
         ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True,
                                      heartbeat=self._settings.upstream_idle_timeout_seconds)  # the worker, alike
         self._websockets.add(ours)
+        transport = request.transport
         try:
             await ours.prepare(request)
             await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route),
@@ -524,7 +525,17 @@ class Passthrough:
         finally:
             self._websockets.discard(ours)
             await theirs.close()
+            if transport is not None:
+                asyncio.get_running_loop().call_later(self._settings.upstream_idle_timeout_seconds, _cut_if_stuck,
+                                                      transport)
         return ours
+
+
+def _cut_if_stuck(transport: asyncio.BaseTransport) -> None:
+    """A worker's side that aiohttp's heartbeat gave up on is closed, not aborted: with bytes the
+    worker never read still buffered, its socket was held until the worker closed its end."""
+    if transport.is_closing() and isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
 
 
 class _Revoked(Exception):
