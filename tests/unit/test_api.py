@@ -677,6 +677,26 @@ async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: py
         assert c.server.app[UNSEEN].waited == 2
 
 
+async def test_one_address_cannot_take_every_place_to_wait_for_an_unseen_token(monkeypatch: pytest.MonkeyPatch):
+    """Forged tokens with the operator's mark from one client kept every place taken: while the
+    Secret watch lagged, the real pods' /start then got an instant 401, and their pods failed."""
+    monkeypatch.setattr(unseen, "MAX_WAITING_PER_PEER", 2)
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 0.5)
+    tokens = unseen.UnseenTokens(lambda: True)
+
+    def nothing() -> None:  # never found
+        return None
+
+    flood = [asyncio.create_task(tokens.credential(nothing, peer="10.0.0.9")) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert tokens.waiting == 2  # the other three answered at once
+    pod = asyncio.create_task(tokens.credential(nothing, peer="10.0.0.5"))
+    await asyncio.sleep(0)
+    assert tokens.waiting == 3  # another address still waits
+    assert await asyncio.gather(*flood, pod) == [None] * 6
+    assert tokens.waiting == 0 and tokens._by_peer == {}
+
+
 async def test_a_registrations_hostname_is_bounded_in_memory_and_in_its_lease(client: TestClient):
     # system_info is bounded to 4 KiB; its hostname must be too, or a 1-MB one per /start costs a MB
     # of memory per registration and makes a Lease the API server refuses (annotations: 256 KiB).

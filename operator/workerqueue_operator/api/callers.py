@@ -68,7 +68,8 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
         return Caller(token_digest)
     if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
         unseen = request.app[UNSEEN]
-        credential = await unseen.credential(lambda: store.worker_credential(token_digest))
+        credential = await unseen.credential(lambda: store.worker_credential(token_digest),
+                                             peer=request.remote or "")
         if credential is not None:
             return Caller(token_digest, worker=credential)
         if not unseen.current():

@@ -7,8 +7,9 @@ fails as if it had crashed, so a run of them could turn the queue CrashLooping. 
 operator's (workers.is_worker_token) is therefore held until the watch brings it, briefly while the
 watch is well and longer while it is down; still unknown then, it is refused (401) if the watch is
 well, or answered 503 if the watch is still down, since then it is this replica that does not know.
-Forged tokens with the mark cost a waiting request each, never an API call: at most `max_waiting`
-wait at once, and the rest are answered at once.
+Forged tokens with the mark cost a waiting request each, never an API call: at most MAX_WAITING
+wait at once, MAX_WAITING_PER_PEER of them from one address (so that one client cannot take every
+place from the pods whose tokens are really on their way), and the rest are answered at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ DOWN_SECONDS = 15.0
 """How long it is awaited while the watch is down: a relist after a back-off, well within the worker's
 60-s /start timeout."""
 MAX_WAITING = 256
+MAX_WAITING_PER_PEER = 8
+"""A pod is one address, and its worker makes one /start at a time."""
 POLL_SECONDS = 0.1
 
 
@@ -34,15 +37,19 @@ class UnseenTokens:
         self._lag = LAG_SECONDS
         self._down = DOWN_SECONDS
         self._max_waiting = MAX_WAITING
+        self._max_per_peer = MAX_WAITING_PER_PEER
+        self._by_peer: dict[str, int] = {}
         self.waiting = 0
         self.waited = 0
         """Requests held so far (a metric)."""
 
-    async def credential(self, lookup: Callable[[], WorkerCredential | None]) -> WorkerCredential | None:
+    async def credential(self, lookup: Callable[[], WorkerCredential | None], *,
+                         peer: str = "") -> WorkerCredential | None:
         """The credential once `lookup` finds it; None when it still does not after the wait (or when
-        too many wait already)."""
-        if self.waiting >= self._max_waiting:
+        too many wait already, from everywhere or from `peer`)."""
+        if self.waiting >= self._max_waiting or self._by_peer.get(peer, 0) >= self._max_per_peer:
             return None
+        self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         self.waiting += 1
         self.waited += 1
         loop = asyncio.get_running_loop()
@@ -58,3 +65,6 @@ class UnseenTokens:
                     return None
         finally:
             self.waiting -= 1
+            left = self._by_peer.pop(peer) - 1
+            if left:
+                self._by_peer[peer] = left
