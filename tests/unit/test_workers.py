@@ -180,6 +180,15 @@ def test_a_worker_that_has_run_a_while_ends_a_pools_crash_loop():
     assert ran.workers.consecutive_failures == 2 and ran.create == ()
     # A pod still Pending (its image pulling) has run nothing.
     assert plan([pod(3, "Pending")], looping, now=T0 + 10, **spec).create == ()
+    # One running since before the failures says nothing of them: it reset each one, and the
+    # failing pods came back at once, one a second.
+    pool = {"singleExecution": True, "replicas": 2}
+    veteran = pod(0, "Running", running_since=T0 - 3600)
+    failing = plan([veteran, pod(3, "Failed", exit_code=1)], WorkersStatus(next_index=4), **pool)
+    assert failing.workers.consecutive_failures == 1 and failing.create == ()
+    again = plan([veteran], failing.workers, now=T0 + 1, **pool)
+    assert again.create == () and again.workers.consecutive_failures == 1
+    assert again.requeue_after == pytest.approx(SETTINGS.worker_backoff_seconds - 1)
     # An ephemeral queue keeps a Job's rule: a crash loop until the spec changes.
     job = plan(trying, looping, now=T0 + 10, ephemeral=True, replicas=3, worker={"backoffLimit": 1})
     assert job.create == () and job.workers.crash_loop_generation == 1

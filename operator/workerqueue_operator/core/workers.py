@@ -669,8 +669,12 @@ def plan(
         # a container's back-off once it has run a while. Else only a success ends a crash loop, and a
         # pool's one try may wait long for an execution (up to 1,800 s): the pool stays at one worker
         # all that time. An ephemeral queue keeps a Job's rule: failures count until the spec changes.
+        # Only one started after the last failure: a worker running since before it says nothing
+        # of why the later ones fail (it reset every failure, and failing pods came back at once).
         proven = settings.worker_backoff_max_seconds
+        failed_at = times.parse_or_none(w.last_failure_time)
         ran = [p for p in alive if p.phase == "Running" and p.running_since is not None
+               and (failed_at is None or p.running_since > failed_at)
                and (p.generation is None or p.generation >= queue.generation)]
         longest = max(ran, key=lambda p: now - (p.running_since or now), default=None)
         if longest is not None and now - (longest.running_since or now) >= proven:
