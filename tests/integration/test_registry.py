@@ -433,33 +433,45 @@ async def test_deletions_ended_together_are_made_a_few_at_a_time(
                 in_flight[0] -= 1
 
         monkeypatch.setattr(client, "request", counted)
-        await asyncio.gather(*(reg._delete_quietly(worker, "disconnected") for worker in ended if worker is not None))
+        await asyncio.gather(*(reg._delete_quietly(worker, "no heartbeat within its lease")
+                               for worker in ended if worker is not None))
         assert most[0] == registry_.DELETE_CONCURRENCY
 
 
-async def test_lookups_of_registrations_unknown_here_share_a_listing(
+async def test_lookups_of_registrations_unknown_here_share_a_listing_begun_after_them(
     kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
 ):
     """Each poll of an identity with no registration (or heartbeat of an id unknown here, which a
-    token holder may mint at will) was a LIST of the queue's Leases of its own."""
+    token holder may mint at will) was a LIST of its own, as many at once as there were calls. Shared,
+    a listing must still have begun after the call: a registration made a moment ago on the other
+    replica must be found, or its worker is shown the whole queue."""
     async with in_process(kube, namespace, kubeconfig, "lookups", maxWorkers=2) as (queue, client, reg):
         lists: list[str] = []
         original = client.request
+        registered = asyncio.Event()
 
         async def counted(method: str, path: str, **kwargs: Any) -> Any:
             if method == "GET" and path == resources.leases_path(namespace):
                 lists.append(path)
+                if len(lists) == 1:  # the other replica registers y while the first listing is under way
+                    answer = await original(method, path, **kwargs)
+                    await registered.wait()
+                    return answer
             return await original(method, path, **kwargs)
 
         monkeypatch.setattr(client, "request", counted)
-        for _ in range(5):
-            assert await reg.registrations_of(queue, "system:serviceaccount:x:y") == []
-        await asyncio.gather(*(reg.registrations_of(queue, f"system:serviceaccount:x:{i}") for i in range(5)))
-        assert len(lists) == 1
-        await asyncio.sleep(registry_.LIST_REUSE_SECONDS + 0.1)
-        assert await reg.registrations_of(queue, "system:serviceaccount:x:y") == []
-        assert len(lists) == 2
-        # A disconnect looks afresh: a Lease made a moment ago must be found, or its slot stays taken.
+        first = asyncio.create_task(reg.registrations_of(queue, "system:serviceaccount:x:first"))
+        await asyncio.sleep(0.2)
+        other_replica = registry_.Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue)
+        assert await other_replica.claim(queue, "w-y", limit=2, identity="system:serviceaccount:x:y") is not None
+        later = [asyncio.create_task(reg.registrations_of(queue, "system:serviceaccount:x:y")) for _ in range(10)]
+        await asyncio.sleep(0.2)
+        registered.set()
+        assert await first == []
+        found = await asyncio.gather(*later)
+        assert all([w.worker_id for w in each] == ["w-y"] for each in found)
+        assert len(lists) == 2  # ten lookups, one listing: the one begun after them
+        # A disconnect looks afresh too.
         await reg.disconnect_unseen(queue, "w-unknown", reason="shutdown", exit_code=0)
         assert len(lists) == 3
 

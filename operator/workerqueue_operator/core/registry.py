@@ -72,12 +72,10 @@ RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
-LIST_REUSE_SECONDS = 1.0
-"""How long a listing of a queue's Leases serves again (see Registry._listed)."""
 DELETE_CONCURRENCY = 16
 """Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
 DELETE_REFUSED_TRIES = 3
-"""Tries of a deletion the API server refuses outright (403, 422: RBAC, a webhook): no retry mends
+"""Tries of a deletion the API server refuses outright (403, 422: RBAC, a policy): no retry mends
 that, and each pending retry holds its worker. The Lease is left to lapse (any replica takes it as
 expired) and the refusal logged."""
 DISCONNECT_WAIT_SECONDS = 8.0
@@ -181,6 +179,26 @@ class _Bucket:
         return False
 
 
+
+@dataclass
+class _Listings:
+    """A listing of a queue's Leases under way, and the future of those waiting for the next one."""
+
+    under_way: asyncio.Future[list[dict[str, Any]]]
+    following: asyncio.Future[list[dict[str, Any]]] | None = None
+
+
+def _settle(future: asyncio.Future[Any], finished: asyncio.Future[Any]) -> None:
+    """`future` settled as `finished` was."""
+    if future.done():
+        return
+    if finished.cancelled():
+        future.cancel()
+    elif finished.exception() is not None:
+        future.set_exception(finished.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(finished.result())
+
 class Registry:
     def __init__(
         self,
@@ -251,8 +269,8 @@ class Registry:
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
         self._rejoining: set[str] = set()
         self._identity_lists: dict[tuple[QueueKey, str], asyncio.Future[list[Worker]]] = {}
-        self._lease_lists: dict[QueueKey, tuple[float, asyncio.Future[list[dict[str, Any]]]]] = {}
-        """Per queue, the last listing of its Leases (when it began, and its items): see _listed."""
+        self._lease_lists: dict[QueueKey, _Listings] = {}
+        """Per queue, the listing of its Leases under way, and who waits for the next: see _listed."""
         """Lease lists in flight for an identity's registrations (see registrations_of)."""
         """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._ended: dict[str, _Ended] = {}
@@ -414,18 +432,33 @@ class Registry:
                 self.lease_upserted(item)
 
     async def _listed(self, queue: QueueObject) -> list[dict[str, Any]]:
-        """The queue's Leases as the API server holds them: one listing at a time per queue, and one
-        begun within LIST_REUSE_SECONDS serves again. Each heartbeat of a worker unknown here (a full
-        queue's, or ids its token holder mints) was a LIST of its own."""
-        now = self._monotonic()
-        for key in [k for k, (began, listing) in self._lease_lists.items()
-                    if listing.done() and now - began >= LIST_REUSE_SECONDS]:
-            del self._lease_lists[key]
-        known = self._lease_lists.get(queue.key)
-        if known is None or (known[1].done() and (known[1].cancelled() or known[1].exception() is not None)):
+        """The queue's Leases as the API server holds them, listed after this call began (a Lease
+        written a moment ago, by another replica's /start, must be in it): one listing under way per
+        queue, and whoever asks meanwhile shares the one that follows it. Each heartbeat of a worker
+        unknown here (a full queue's, or ids its token holder mints) was a LIST of its own, as many
+        at once as there were calls."""
+        lists = self._lease_lists.get(queue.key)
+        if lists is None:
             listing = asyncio.ensure_future(self._list_leases(queue))
-            known = self._lease_lists[queue.key] = (now, listing)
-        return await asyncio.shield(known[1])
+            self._lease_lists[queue.key] = _Listings(listing)
+            listing.add_done_callback(lambda done: self._listing_done(queue, done))
+            return await asyncio.shield(listing)
+        if lists.following is None:  # begun when the one under way ends, so after this call began
+            lists.following = asyncio.get_running_loop().create_future()
+            lists.following.add_done_callback(lambda done: done.cancelled() or done.exception())  # one left
+        return await asyncio.shield(lists.following)
+
+    def _listing_done(self, queue: QueueObject, done: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if not done.cancelled():
+            done.exception()  # told to whoever awaited it; retrieved here for one that left
+        lists = self._lease_lists.pop(queue.key, None)
+        if lists is None or lists.following is None:
+            return
+        following = lists.following
+        listing = asyncio.ensure_future(self._list_leases(queue))
+        self._lease_lists[queue.key] = _Listings(listing)
+        listing.add_done_callback(lambda finished: _settle(following, finished))
+        listing.add_done_callback(lambda finished: self._listing_done(queue, finished))
 
     async def _list_leases(self, queue: QueueObject) -> list[dict[str, Any]]:
         listed = await self._client.request("GET", resources.leases_path(queue.namespace),
@@ -1061,12 +1094,15 @@ class Registry:
 
     async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS, tries: int = 1) -> None:
         try:
-            async with self._deleting:
+            # A disconnect's goes first: its worker waits for it, and other replicas free its slot
+            # once they see it. The rest (a sweep's, thousands after an outage) a few at a time.
+            async with contextlib.nullcontext() if why == "disconnected" else self._deleting:
                 deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"))
         except client_.ERRORS as exc:
             cause = type(exc).__name__ if not str(exc) else exc
-            if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 409, 429) \
-                    and tries >= DELETE_REFUSED_TRIES:
+            # 401: the operator's own token lapsed (it is read again within seconds), no refusal.
+            if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 \
+                    and exc.status not in (401, 408, 409, 429) and tries >= DELETE_REFUSED_TRIES:
                 logger.warning("deleting the registration of worker %s was refused %d times, given up (its Lease "
                                "lapses): %s", worker.worker_id, tries, cause)
                 return
