@@ -680,6 +680,7 @@ async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: py
 async def test_one_address_cannot_take_every_place_to_wait_for_an_unseen_token(monkeypatch: pytest.MonkeyPatch):
     """Forged tokens with the operator's mark from one client kept every place taken: while the
     Secret watch lagged, the real pods' /start then got an instant 401, and their pods failed."""
+    monkeypatch.setattr(unseen, "MAX_WAITING", 4)
     monkeypatch.setattr(unseen, "MAX_WAITING_PER_PEER", 2)
     monkeypatch.setattr(unseen, "LAG_SECONDS", 0.5)
     tokens = unseen.UnseenTokens(lambda: True)
@@ -689,12 +690,16 @@ async def test_one_address_cannot_take_every_place_to_wait_for_an_unseen_token(m
 
     flood = [asyncio.create_task(tokens.credential(nothing, peer="10.0.0.9")) for _ in range(5)]
     await asyncio.sleep(0)
-    assert tokens.waiting == 2  # the other three answered at once
-    pod = asyncio.create_task(tokens.credential(nothing, peer="10.0.0.5"))
+    assert tokens.waiting == 2  # half the places taken, by one address: the other three answered at once
+    pods = [asyncio.create_task(tokens.credential(nothing, peer=f"10.0.0.{i}")) for i in range(3)]
     await asyncio.sleep(0)
-    assert tokens.waiting == 3  # another address still waits
-    assert await asyncio.gather(*flood, pod) == [None] * 6
+    assert tokens.waiting == 4  # other addresses still wait, up to the bound on all
+    assert await asyncio.gather(*flood, *pods) == [None] * 8
     assert tokens.waiting == 0 and tokens._by_peer == {}
+    # Behind a proxy every pod is one address: up to half the places, as many as come.
+    shared = [asyncio.create_task(tokens.credential(nothing, peer="127.0.0.6")) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert tokens.waiting == 2 and await asyncio.gather(*shared) == [None] * 3
 
 
 async def test_a_registrations_hostname_is_bounded_in_memory_and_in_its_lease(client: TestClient):

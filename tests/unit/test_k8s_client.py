@@ -140,7 +140,7 @@ async def test_no_call_leaves_the_object_it_names_by_way_of_dot_segments():
         try:
             assert await resources.read_secret(kube, "team-a", "../../victim/secrets/x") is None
             for path in ("/api/v1/namespaces/team-a/secrets/../../victim/secrets/x", "/api/v1/namespaces/a/./b",
-                         "/api/v1/namespaces/team-a/secrets/.."):
+                         "/api/v1/namespaces/team-a/secrets/..", "/api/v1/namespaces/a/leases/q-%2e%2e/%2E%2E/b"):
                 with pytest.raises(client.ERRORS, match="dot segment"):
                     await kube.get(path)
             assert await resources.read_secret(kube, "team-a", "creds") is not None  # a name as ever

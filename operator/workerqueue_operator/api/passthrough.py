@@ -57,9 +57,6 @@ _NOT_RETURNED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding",
     "Upgrade", "Set-Cookie",
 ))
-_SERVER_DECODES = frozenset(("gzip", "deflate", "br", "zstd"))
-"""The codings aiohttp's server decompresses a request body of (br and zstd: refused when their
-libraries are missing)."""
 _DECODED = frozenset(("content-encoding", "content-length"))
 """What a compressed request's body no longer is once aiohttp's server has decompressed it: it goes
 on decoded, chunked."""
@@ -93,17 +90,25 @@ def _headers_listed_in_connection(values: Iterable[str]) -> set[str]:
     return {part.strip().lower() for value in values for part in value.split(",") if part.strip()}
 
 
+def _decompressed(request: web.BaseRequest) -> bool:
+    """Whether aiohttp's server decompresses the body: its parser's own decision as it read the
+    headers (which of several Content-Encoding values it follows, its C and Python parsers differ
+    on). Read where the request keeps it: the public `Request.message` is deprecated."""
+    return getattr(getattr(request, "_message", None), "compression", None) is not None
+
+
 def request_headers(
     incoming: Iterable[tuple[str, str]], *, authorization: str, remote: str | None, proto: str,
+    decoded: bool = False,
 ) -> CIMultiDict[str]:
     """The headers sent upstream: the worker's, less the hop-by-hop ones and its credential, plus
     the organization's credential and where the request came from."""
     pairs = list(incoming)
     dropped = _NOT_FORWARDED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
-    encoding = next((v for k, v in pairs if k.lower() == "content-encoding"), None)
-    # aiohttp's own rule: its first value, exactly, if it is one it decodes. Any other (an unknown
-    # coding, "gzip, gzip") leaves the body as sent, which the upstream must then be told of.
-    if encoding is not None and encoding.isascii() and encoding.lower() in _SERVER_DECODES:
+    # `decoded`: aiohttp's server decompressed the body (its parser's own decision, as it took the
+    # headers). Otherwise (an unknown coding, "gzip, gzip") the body goes on as sent, and the upstream
+    # must be told its coding.
+    if decoded:
         dropped |= _DECODED
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
@@ -302,7 +307,7 @@ class Passthrough:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.method in UNFORWARDED_METHODS:
+        if request.method.upper() in UNFORWARDED_METHODS:
             # TRACE would have an intermediary echo the request, the organization's key with it.
             return errors.detail(405, "Method Not Allowed", headers={"Allow": ", ".join(FORWARDED_METHODS)})
         if not stays_under(request.raw_path):
@@ -372,7 +377,8 @@ class Passthrough:
         upstream = route.upstream
         stats = self._metrics.upstream(upstream.origin)
         headers = request_headers(request.headers.items(), authorization=f"{route.scheme} {upstream.api_key}",
-                                  remote=request.remote, proto=request.scheme)
+                                  remote=request.remote, proto=request.scheme,
+                                  decoded=_decompressed(request))
         idle = self._settings.upstream_idle_timeout_seconds
         upload = (_Upload(request.content, stats, idle, still_opens=lambda: self._still_opens(route))
                   if request.body_exists else None)
@@ -517,9 +523,10 @@ class Passthrough:
         ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True,
                                      heartbeat=self._settings.upstream_idle_timeout_seconds)  # the worker, alike
         self._websockets.add(ours)
-        transport = request.transport
+        transport: asyncio.BaseTransport | None = None
         try:
             await ours.prepare(request)
+            transport = request.transport  # upgraded: the connection is this websocket's alone
             await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route),
                                   abort_ours=lambda: request.transport.abort() if request.transport else None)
         finally:

@@ -8,8 +8,10 @@ operator's (workers.is_worker_token) is therefore held until the watch brings it
 watch is well and longer while it is down; still unknown then, it is refused (401) if the watch is
 well, or answered 503 if the watch is still down, since then it is this replica that does not know.
 Forged tokens with the mark cost a waiting request each, never an API call: at most MAX_WAITING
-wait at once, MAX_WAITING_PER_PEER of them from one address (so that one client cannot take every
-place from the pods whose tokens are really on their way), and the rest are answered at once.
+wait at once, and the rest are answered at once. Once half the places are taken, an address that
+holds MAX_WAITING_PER_PEER of them gets no more: one client cannot take every place from the pods
+whose tokens are really on their way. (Not before: behind a service mesh's proxy, or an ingress,
+every pod may come from one address.)
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class UnseenTokens:
                          peer: str = "") -> WorkerCredential | None:
         """The credential once `lookup` finds it; None when it still does not after the wait (or when
         too many wait already, from everywhere or from `peer`)."""
-        if self.waiting >= self._max_waiting or self._by_peer.get(peer, 0) >= self._max_per_peer:
+        if self.waiting >= self._max_waiting or (
+                self.waiting >= self._max_waiting // 2 and self._by_peer.get(peer, 0) >= self._max_per_peer):
             return None
         self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         self.waiting += 1

@@ -17,6 +17,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -297,7 +298,7 @@ class KubeClient:
         content_type: str = "application/json",
         timeout: float = 30.0,
     ) -> JSON:
-        if _DOT_SEGMENT.search(path):
+        if _DOT_SEGMENT.search(urllib.parse.unquote(path)):  # the client decodes %2e before it resolves
             # The HTTP client resolves `..` (even a name's): the call would reach another object.
             raise ApiError(400, "BadRequest", "a path with a dot segment is not sent")
         session = self._session_or_new()
