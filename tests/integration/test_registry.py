@@ -476,6 +476,39 @@ async def test_lookups_of_registrations_unknown_here_share_a_listing_begun_after
         assert len(lists) == 3
 
 
+async def test_a_stopping_replica_finishes_the_lease_deletions_under_way(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """A worker that disconnected just before a rolling update: its deletion was cancelled with the
+    registry, and its Lease held its place until it lapsed, then ended in a WorkerExpired Warning."""
+    async with in_process(kube, namespace, kubeconfig, "leaving") as (queue, client, reg):
+        worker = reg.rejoin(queue, "w-1")
+        assert worker is not None
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        await asyncio.sleep(0.2)  # the writer's bucket fills
+        reg._flush()
+        await asyncio.gather(*reg._writes)
+        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None
+        original = client.request
+
+        async def slow_deletes(method: str, path: str, **kwargs: Any) -> Any:
+            if method == "DELETE":
+                await asyncio.sleep(0.5)
+            return await original(method, path, **kwargs)
+
+        monkeypatch.setattr(client, "request", slow_deletes)
+        running = asyncio.create_task(reg.run())
+        leaving = asyncio.create_task(reg.disconnect(worker, reason="shutdown", exit_code=0))
+        await asyncio.sleep(0.1)  # its deletion under way
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await leaving
+        with pytest.raises(k8s.ApiException) as gone:
+            kube.coordination.read_namespaced_lease(worker.lease, namespace)
+        assert gone.value.status == 404
+
+
 async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lease(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

@@ -74,6 +74,8 @@ DELETE_RETRY_MAX_SECONDS)."""
 DELETE_RETRY_MAX_SECONDS = 60.0
 DELETE_CONCURRENCY = 16
 """Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
+SHUTDOWN_DELETE_SECONDS = 2.0
+"""How long a stopping replica waits for the Lease deletions under way."""
 DELETE_REFUSED_TRIES = 3
 """Tries of a deletion the API server refuses outright (403, 422: RBAC, a policy): no retry mends
 that, and each pending retry holds its worker. The Lease is left to lapse (any replica takes it as
@@ -226,6 +228,8 @@ class Registry:
         self._bounds = bounds or Bounds.of(settings_.Settings())
         self._pending: dict[QueueKey, int] = {}
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
+        self._deletions: set[asyncio.Task[Any]] = set()
+        """The tasks deleting a Lease now (see run)."""
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self.pending = 0
@@ -959,6 +963,10 @@ class Registry:
                     self._sweep(ending=self._active())
                 self._flush()
         finally:
+            # Deletions under way are let finish, briefly: a worker that said goodbye just before a
+            # rolling update would otherwise hold its place (a slot) until its Lease lapsed.
+            if self._deletions:
+                await asyncio.wait(set(self._deletions), timeout=SHUTDOWN_DELETE_SECONDS)
             for task in list(self._writes):
                 task.cancel()
             await asyncio.gather(*self._writes, return_exceptions=True)
@@ -1093,6 +1101,10 @@ class Registry:
             self._mark(worker)
 
     async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS, tries: int = 1) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._deletions.add(task)
+            task.add_done_callback(self._deletions.discard)
         try:
             # A disconnect's goes first: its worker waits for it, and other replicas free its slot
             # once they see it. The rest (a sweep's, thousands after an outage) a few at a time.
