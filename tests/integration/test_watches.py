@@ -132,7 +132,7 @@ def test_a_slot_whose_lease_delete_failed_is_freed_once_the_api_server_answers(
             bye = own.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
                            {"reason": "shutdown", "exit_code": 0})
             assert bye.status == 200
-            failed = f"deleting the registration of worker {worker_id} failed, again in 2s"
+            failed = f"deleting the registration of worker {worker_id} failed, again in "
             wait_for(lambda: failed in own.logs(), timeout=15, what=failed)
             proxy.heal()
             wait_for(lambda: own.start_worker(queue_id, token).status == 200, timeout=20,
