@@ -344,6 +344,17 @@ async def in_process(kube: Kube, namespace: str, kubeconfig: Path, name: str, no
         await client.close()
 
 
+async def written_worker(reg: Registry, queue: queues.QueueObject, worker_id: str) -> leases.Worker:
+    """A worker registered from a heartbeat, its Lease written by the writer (driven by hand)."""
+    worker = reg.rejoin(queue, worker_id)
+    assert worker is not None
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    await asyncio.sleep(0.2)  # the writer's bucket fills
+    reg._flush()
+    await asyncio.gather(*reg._writes)
+    return worker
+
+
 @contextlib.contextmanager
 def lease_deletions_refused(kubectl: Any, namespace: str) -> Any:
     """A ValidatingAdmissionPolicy refusing every Lease deletion in the namespace, as a webhook or a
@@ -373,12 +384,7 @@ async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_fe
     """Retried for good, each refused deletion kept its worker and a warning a minute, and a churning
     fleet's grew without bound."""
     async with in_process(kube, namespace, kubeconfig, "refused") as (queue, client, reg):
-        worker = reg.rejoin(queue, "w-1")
-        assert worker is not None
-        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
-        await asyncio.sleep(0.2)  # the writer's bucket fills
-        reg._flush()
-        await asyncio.gather(*reg._writes)
+        worker = await written_worker(reg, queue, "w-1")
         assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # its Lease written
         with lease_deletions_refused(kubectl, namespace):
             probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -482,13 +488,8 @@ async def test_a_stopping_replica_finishes_the_lease_deletions_under_way(
     """A worker that disconnected just before a rolling update: its deletion was cancelled with the
     registry, and its Lease held its place until it lapsed, then ended in a WorkerExpired Warning."""
     async with in_process(kube, namespace, kubeconfig, "leaving") as (queue, client, reg):
-        worker = reg.rejoin(queue, "w-1")
-        assert worker is not None
-        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
-        await asyncio.sleep(0.2)  # the writer's bucket fills
-        reg._flush()
-        await asyncio.gather(*reg._writes)
-        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None
+        worker = await written_worker(reg, queue, "w-1")
+        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # its Lease written
         original = client.request
 
         async def slow_deletes(method: str, path: str, **kwargs: Any) -> Any:
