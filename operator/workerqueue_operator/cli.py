@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     priority = args.priority if args.priority is not None else secrets.randbelow(1_000_000)
     try:
         asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))
-    except client_.ConfigurationError as exc:
+    except (client_.ConfigurationError, runner.StartupError) as exc:
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return 1
     return 0

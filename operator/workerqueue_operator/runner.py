@@ -239,6 +239,21 @@ class Watches:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class StartupError(Exception):
+    """The operator cannot start as configured; the message says which setting and why."""
+
+
+def _certificate(settings: settings_.Settings) -> serving.Certificate | None:
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return None
+    try:
+        return serving.Certificate(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; its text names no file
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StartupError(f"the TLS certificate {settings.tls_cert_file} and key {settings.tls_key_file} "
+                           f"(WQ_TLS_CERT_FILE, WQ_TLS_KEY_FILE) cannot be loaded: {reason}") from None
+
+
 async def serve_http(app: web.Application, settings: settings_.Settings,
                      certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
     # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds (a pod's
@@ -263,7 +278,11 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
     app[keys.METRICS].gauge("workerqueue_http_connections_limit", "The most HTTP connections open at once.",
                             lambda: listener.limit)
-    port = await serving.serve(runner, settings.http_host, settings.http_port, listener=listener)
+    try:
+        port = await serving.serve(runner, settings.http_host, settings.http_port, listener=listener)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner, port
 
 
@@ -282,6 +301,7 @@ async def run(
     `priority` runs the handlers (worker pods); every replica serves the HTTP API and keeps statuses.
     """
     version = workerqueue_operator.__version__
+    certificate = _certificate(settings)
     client = client_.KubeClient(await client_.load_configuration_within(kubeconfig))
     store = Store(settings=settings)
     events = EventPoster(client)
@@ -342,9 +362,13 @@ async def run(
     app[keys.METRICS].gauge("workerqueue_active_replica",
                             "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
                             lambda: int(activity.is_active()))
-    certificate = (serving.Certificate(settings.tls_cert_file, settings.tls_key_file)
-                   if settings.tls_cert_file and settings.tls_key_file else None)
-    http, port = await serve_http(app, settings, certificate)
+    try:
+        http, port = await serve_http(app, settings, certificate)
+    except OSError as exc:  # the port taken, an address the pod does not have: one line, no traceback
+        await temporal_.close()
+        await client.close()
+        raise StartupError(f"cannot listen on {settings.http_host}:{settings.http_port} "
+                           f"(WQ_HTTP_HOST, WQ_HTTP_PORT): {exc.strerror or exc}") from None
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     if on_listening is not None:
         on_listening(port)

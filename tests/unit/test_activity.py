@@ -279,7 +279,8 @@ async def test_only_the_active_replica_sweeps_refusal_records(monkeypatch: pytes
     activity = Activity(identity="me", priority=1, peerings=[("", "wq")], now=lambda: NOW)
     store = Store(settings=Settings())
     registry = registry_.Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
-    supervisor = Supervisor(store=store, client=kube, settings=Settings(worker_resync_seconds=0.01),
+    fast = Settings().model_copy(update={"worker_resync_seconds": 0.01})  # below what a setting may be
+    supervisor = Supervisor(store=store, client=kube, settings=fast,
                             events=EventPoster(kube), activity=activity, registry=registry)
     sweeps: list[object] = []
 

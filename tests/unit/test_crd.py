@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
+import jsonschema
+import pydantic
+import pytest
 import yaml
 
 from workerqueue_operator.models import crd, spec, values_schema
-from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
 from workerqueue_operator.models.values_schema import CHART_OWNED_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +39,8 @@ def test_the_charts_extra_config_is_generated_from_the_settings():
     assert extra["additionalProperties"] is False
     lifetime = extra["properties"]["peering_lifetime_seconds"]
     assert (lifetime["type"], lifetime["minimum"], lifetime["maximum"]) == ("integer", 2, 3600)
-    assert extra["properties"]["public_url"]["type"] == ["string", "null"]
+    # A null would overwrite what the chart derives (worker_control_plane_url: its Service): left out instead.
+    assert extra["properties"]["public_url"]["type"] == "string"
     # A list, or its comma-separated string, as the operator takes either (and WQ_* variables give).
     assert extra["properties"]["ignored_secret_types"]["type"] == ["array", "string"]
 
@@ -109,3 +115,69 @@ def test_printer_columns_and_names():
     assert doc["spec"]["names"]["shortNames"] == ["wq"]
     assert doc["spec"]["names"]["categories"] == ["agentcontrol"]
     assert version["subresources"] == {"status": {}}
+
+
+CHART = ROOT / "charts" / "workerqueue-operator"
+PROBES: list[Any] = ["", " ", "a b", "x", "Org_Key", "../x", "http://h:99999", "https://h", "https://h:65536/v1",
+                     -1, 0, 1e-6, 0.5, 1, 2.5, 59, 61, 301, 3601, 86401, 2 ** 31, 2 ** 63, 10 ** 20, True, None,
+                     [], [""], ["a"], " , ", {}]
+
+
+def _values_schema() -> dict[str, Any]:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def _mapped() -> list[tuple[str, str, bool]]:
+    """(setting, value path, whether an empty value is left out) of the chart's config template."""
+    template = (CHART / "templates" / "_helpers.tpl").read_text()
+    given = [(setting, path, False) for setting, path in re.findall(r'"(\w+)" \(?(?:int )?\$v\.([\w.]+)', template)]
+    skipped = [(setting, path, True) for path, setting in
+               re.findall(r'\{\{- with \$v\.([\w.]+) \}\}\n\{\{- \$_ := set \$config "(\w+)"', template)]
+    assert len(given) > 20 and {s for s, _, _ in skipped} >= {"public_url", "worker_image", "worker_pod_template"}
+    return given + skipped
+
+
+def _refused_by_name(setting: str, value: Any) -> bool:
+    try:
+        Settings(**{setting: value})
+    except pydantic.ValidationError as exc:  # settings that go together (no loc) are not one value's fault
+        return any(error["loc"] for error in exc.errors())
+    return False
+
+
+@pytest.mark.parametrize(("setting", "path", "skipped_empty"), _mapped())
+def test_a_chart_value_the_schema_takes_the_operator_takes_too(setting: str, path: str, skipped_empty: bool):
+    """Else `helm install` succeeds and the operator's pods crash-loop on their settings: each probe
+    the values schema lets through must start the operator."""
+    node: dict[str, Any] = _values_schema()
+    for part in path.split("."):
+        node = node["properties"][part]
+    for value in PROBES:
+        if skipped_empty and not value:
+            continue
+        if jsonschema.Draft7Validator(node).is_valid(value):
+            assert not _refused_by_name(setting, value), f"{path}={value!r}"
+
+
+def test_extra_config_takes_only_what_the_operator_takes():
+    extra = _values_schema()["properties"]["extraConfig"]["properties"]
+    for setting, node in extra.items():
+        for value in PROBES:
+            if jsonschema.Draft7Validator(node).is_valid(value):
+                assert not _refused_by_name(setting, value), f"extraConfig.{setting}={value!r}"
+    template = jsonschema.Draft7Validator(extra["worker_pod_template"])
+    for refused in ({"foo": 1}, {"spec": {"containers": [{"image": "x"}]}}, {"metadata": {"labels": {"a": 1}}},
+                    {"spec": {"hostNetwork": True}}):
+        assert _refused_by_name("worker_pod_template", refused), refused
+        assert not template.is_valid(refused), refused
+    assert template.is_valid({"spec": {"containers": [{"name": "worker", "image": "reg/w:1"}]}})
+
+
+@pytest.mark.parametrize("part", ["temporal", "litellm", "upstream"])
+def test_a_secret_the_chart_takes_the_operator_takes_too(part: str):
+    ref = _values_schema()["properties"][part]["properties"]["apiKeySecret"]["properties"]
+    for value in (v for v in PROBES if isinstance(v, str) and v):  # empty: none
+        for field in ("name", "key"):
+            if jsonschema.Draft7Validator(ref[field]).is_valid(value):
+                given = {"namespace": "ops", "name": "creds", "key": "k", field: value}
+                NamespacedSecretKeyRef(**given)  # raises on what the operator would refuse

@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from tests.unit.factories import queue, queue_body, secret_body
@@ -174,6 +181,9 @@ def test_a_litellm_url_the_crd_now_refuses_is_reported_on_a_queue_stored_before_
         "LiteLLMInvalid", "spec.litellm.url is not an http:// or https:// URL")
     assert resolve(queue(litellm={"url": "HTTPS://LLM.example/v1"})).ready is False
     assert resolve(queue(litellm={"url": "https://llm.example:4000/v1"})).ready
+    # Within the pattern, but no client can dial it.
+    problem = resolve(queue(litellm={"url": "https://llm.example:99999/v1"})).problem
+    assert (problem.reason, problem.message) == ("LiteLLMInvalid", "spec.litellm.url has a port out of range (0-65535)")
 
 
 def test_a_missing_generated_token_is_told_apart_from_other_problems():
@@ -509,3 +519,108 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("invalid settings: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    # Infinite durations: the timeouts failed every request with a 500 (OverflowError) or bounded nothing.
+    ({"WQ_AUTH_REVIEW_TIMEOUT_SECONDS": "inf"}, "auth_review_timeout_seconds"),
+    ({"WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "Infinity"}, "upstream_connect_timeout_seconds"),
+    ({"WQ_HTTP_IDLE_TIMEOUT_SECONDS": "1e400"}, "http_idle_timeout_seconds"),
+    ({"WQ_HTTP_PORT": "true"}, "http_port"),  # was port 1
+    ({"WQ_AUTH_MAX_CONCURRENT_REVIEWS": "true"}, "auth_max_concurrent_reviews"),
+    # Namespaces went into the watches' URLs as given: the operator was ready and served nothing.
+    ({"WQ_NAMESPACES": "def*"}, "namespaces"),
+    ({"WQ_NAMESPACES": "Team_A"}, "namespaces"),
+    ({"WQ_NAMESPACES": "[team-a, team-b"}, "namespaces"),  # was split at its commas: "[team-a"
+    ({"WQ_WORKER_COMMAND": '["kubiya", "worker", "start"'}, "worker_command"),
+    # Empty: every worker pod refused, or run with the image's entrypoint, or told to call itself.
+    ({"WQ_WORKER_IMAGE": ""}, "worker_image"),
+    ({"WQ_WORKER_IMAGE": "reg/worker: 2"}, "worker_image"),
+    ({"WQ_WORKER_COMMAND": ""}, "worker_command"),
+    ({"WQ_WORKER_COMMAND": '["kubiya", ""]'}, "worker_command"),
+    ({"WQ_WORKER_CONTROL_PLANE_URL": ""}, "worker_control_plane_url"),
+    ({"WQ_PUBLIC_URL": "cp.example"}, "public_url"),
+    # Ports past 65535: every queue Ready=False, or workers handed a URL no client can dial.
+    ({"WQ_LITELLM_URL": "https://llm:99999"}, "litellm_url"),
+    ({"WQ_PUBLIC_URL": "https://cp.example:070000/x"}, "public_url"),
+    ({"WQ_WORKER_CONTROL_PLANE_URL": "http://wq.ops:65536"}, "worker_control_plane_url"),
+    ({"WQ_UPSTREAM_URL": "http://127.0.0.1:99999", "WQ_UPSTREAM_API_KEY_SECRET": "ops/org:key"}, "upstream_url"),
+    # A loop of every queue's pods or statuses spun at once.
+    ({"WQ_WORKER_RESYNC_SECONDS": "0.000001"}, "worker_resync_seconds"),
+    ({"WQ_STATUS_RESYNC_SECONDS": "0.5"}, "status_resync_seconds"),
+    ({"WQ_REGISTRY_MAX_PENDING": str(2 ** 63)}, "registry_max_pending"),
+    ({"WQ_ORGANIZATION_ID": ""}, "organization_id"),
+    ({"WQ_TEMPORAL_HOST": "  "}, "temporal_host"),
+    ({"WQ_TEMPORAL_API_KEY_SECRET": "ops/creds:key with space"}, "temporal_api_key_secret"),
+])
+def test_a_setting_the_operator_cannot_run_with_is_refused_at_start_by_name(monkeypatch, capsys, env, named):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"invalid setting {named}(\.\w+)? \(WQ_{named.upper()}\)", err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"WQ_WORKER_BACKOFF_SECONDS": "600", "WQ_WORKER_BACKOFF_MAX_SECONDS": "60"},
+     "worker_backoff_seconds is above worker_backoff_max_seconds"),
+    ({"WQ_BACKLOG_POLL_SECONDS": "30", "WQ_BACKLOG_IDLE_POLL_SECONDS": "2"},
+     "backlog_poll_seconds (while busy) is above backlog_idle_poll_seconds"),
+])
+def test_settings_that_contradict_each_other_are_refused(monkeypatch, capsys, env, said):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["run"]) == 2
+    assert capsys.readouterr().err.startswith(f"invalid settings: Value error, {said}")
+
+
+def test_settings_at_their_bounds_are_taken():
+    settings = Settings.load({"WQ_NAMESPACES": "team-a,123", "WQ_WORKER_RESYNC_SECONDS": "1",
+                              "WQ_LITELLM_URL": "https://llm:65535/v1", "WQ_PUBLIC_URL": "http://[::1]:8080",
+                              "WQ_REGISTRY_MAX_PENDING": "10000000", "WQ_WORKER_COMMAND": "kubiya,worker",
+                              "WQ_WORKER_BACKOFF_SECONDS": "300", "WQ_AUTH_CACHE_SECONDS": "0"})
+    assert settings.namespaces == ("team-a", "123") and settings.worker_command == ("kubiya", "worker")
+    assert settings.public_url == "http://[::1]:8080" and settings.worker_backoff_seconds == 300
+
+
+def _start(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`workerqueue-operator run` against an API server it never reaches: it stops before it would."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WQ_")}
+    return subprocess.run([sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(kubeconfig)],
+                          env={**clean, "WQ_HTTP_HOST": "127.0.0.1", **env}, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_a_port_taken_stops_the_operator_with_one_line_naming_the_settings(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _start(tmp_path, {"WQ_HTTP_PORT": str(port)})
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert json.loads(line)["message"] == (
+        f"cannot start: cannot listen on 127.0.0.1:{port} (WQ_HTTP_HOST, WQ_HTTP_PORT): Address already in use")
+
+
+def test_a_certificate_that_does_not_load_stops_the_operator_with_one_line_naming_the_files(tmp_path):
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nU1VQRVJTRUNSRVQ=\n-----END PRIVATE KEY-----\n")
+    for missing in (False, True):
+        done = _start(tmp_path, {"WQ_HTTP_PORT": "0", "WQ_TLS_CERT_FILE": str(cert),
+                                 "WQ_TLS_KEY_FILE": str(tmp_path / "gone.key" if missing else key)})
+        assert done.returncode == 1
+        (line,) = done.stderr.splitlines()
+        message = json.loads(line)["message"]
+        assert message.startswith(f"cannot start: the TLS certificate {cert} and key ")
+        assert "(WQ_TLS_CERT_FILE, WQ_TLS_KEY_FILE) cannot be loaded: " in message
+        assert ("No such file or directory" in message) == missing, message
+        assert "U1VQRVJTRUNSRVQ" not in done.stderr

@@ -11,14 +11,25 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from workerqueue_operator.models import spec as spec_
 
 ENV_PREFIX = "WQ_"
+
+_HOUR, _DAY = 3600, 86_400
+_MANY = 10_000_000
+"""Upper bound of counts: far above any use, and below what a chart's `int` turns negative (2^63)."""
+_NO_SPACE = r"^[^\t\n\f\r ]*$"  # Go's \s spelt out, as spec.LITELLM_URL_PATTERN says why
+_HTTP_URL = spec_.LITELLM_URL_PATTERN
+"""An http(s) URL with a host, no whitespace."""
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_PORT_IN_RANGE: dict[str, Any] = {"not": {"pattern": spec_.URL_PORT_OUT_OF_RANGE}}
+"""What _port_in_range checks, as the chart's values schema can say it."""
 
 
 class SettingsError(ValueError):
@@ -32,7 +43,7 @@ class NamespacedSecretKeyRef(BaseModel):
 
     namespace: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
     name: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
-    key: str = Field(min_length=1)
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")  # a Secret data key
 
     @classmethod
     def parse(cls, text: str) -> NamespacedSecretKeyRef:
@@ -55,22 +66,26 @@ class Settings(BaseModel):
     """Operator-wide settings. Every duration is in seconds."""
 
     # A setting's value never goes into an error (a URL may carry a password).
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True)
+    # Infinity and NaN are no durations: an infinite timeout disables what it bounds, or fails where it is used.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
     # Queue defaults, used when a WorkerQueue leaves the field unset.
-    organization_id: str = "default"
+    organization_id: str = Field(default="default", min_length=1, max_length=256)
     """Organization id handed to workers of queues that set none."""
-    temporal_host: str = ""
+    temporal_host: str = Field(default="", max_length=1024, pattern=_NO_SPACE)
     """Default Temporal frontend host:port."""
-    temporal_namespace: str = ""
+    temporal_namespace: str = Field(default="", max_length=256, pattern=_NO_SPACE)
     """Default Temporal namespace."""
     temporal_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default Temporal API key, as `namespace/name:key` in env."""
-    litellm_url: str = Field(default="", pattern=f"^$|{spec_.LITELLM_URL_PATTERN}")
+    litellm_url: str = Field(default="", max_length=2048, pattern=f"^$|{_HTTP_URL}",
+                             json_schema_extra=_PORT_IN_RANGE)
     """Default LiteLLM proxy URL (http:// or https://)."""
     litellm_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default LiteLLM API key, as `namespace/name:key` in env."""
-    public_url: str | None = None
+    public_url: str | None = Field(default=None, max_length=2048, pattern=_HTTP_URL,
+                                   json_schema_extra=_PORT_IN_RANGE)
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
     control_plane_sdk_version: str = Field(default="0.6.0", min_length=1, max_length=64)
     """/start's `control_plane_sdk_version`: the worker SDK whose protocol this operator speaks (that of
@@ -78,26 +93,29 @@ class Settings(BaseModel):
     when they differ; set it to a newer worker's version once that worker is known to work here."""
 
     # The upstream control plane, for queues that name none (see the README's pass-through section).
-    upstream_url: str | None = Field(default=None, pattern=spec_.UPSTREAM_URL_PATTERN)
+    upstream_url: str | None = Field(default=None, max_length=2048, pattern=spec_.UPSTREAM_URL_PATTERN,
+                                     json_schema_extra=_PORT_IN_RANGE)
     """Default upstream base URL that workers' other /api/v1/ calls are passed through to; unset: none."""
     upstream_api_key_secret: NamespacedSecretKeyRef | None = None
     """The organization's API key for upstream_url, as `namespace/name:key` in env; required with it."""
-    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=_HOUR)
     """Longest wait for a TCP (and TLS) connection to an upstream; then 504."""
-    upstream_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    upstream_idle_timeout_seconds: float = Field(default=60.0, gt=0, le=_HOUR)
     """Longest silence while waiting for an upstream's answer or its next bytes; then 504 (or, once
     the answer has begun, the stream is cut). Server-sent events with keep-alives stay open. Each side
     of a proxied websocket is pinged after this much silence, and given up when it misses the pong."""
-    upstream_max_connections: int = Field(default=100, ge=1)
+    upstream_max_connections: int = Field(default=100, ge=1, le=_MANY)
     """Pooled connections per upstream host; requests beyond wait for a free one."""
-    upstream_max_websockets: int = Field(default=1000, ge=1)
+    upstream_max_websockets: int = Field(default=1000, ge=1, le=_MANY)
     """Proxied websockets open at once per upstream host, on connections of their own: each holds its
     connection for the worker's life, and in the request pool they would leave requests none."""
 
     # Worker pods (ephemeral and single-execution queues).
-    worker_image: str = "ghcr.io/kubiyabot/agent-worker:latest"
+    worker_image: str = Field(default="ghcr.io/kubiyabot/agent-worker:latest", min_length=1, max_length=1024,
+                              pattern=_NO_SPACE)
     """Image of worker pods whose queue has no pod template."""
-    worker_command: tuple[str, ...] = ("kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)")
+    worker_command: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=("kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)"), min_length=1)
     """Command of worker pods whose queue has no pod template ($(VAR) is expanded by the kubelet)."""
     worker_pod_template: dict[str, Any] = Field(default_factory=dict)
     """A PodTemplateSpec (metadata, spec) for worker pods whose queue has no pod template, so that
@@ -105,23 +123,24 @@ class Settings(BaseModel):
     every queue. Its container named `worker` (added first when there is none) runs the worker:
     worker_image and worker_command unless it names its own. The API server validates the rest when
     a pod is created; a pod it refuses shows on its queue (Progressing=False, PodCreationFailed)."""
-    worker_control_plane_url: str | None = None
+    worker_control_plane_url: str | None = Field(default=None, max_length=2048, pattern=_HTTP_URL,
+                                                 json_schema_extra=_PORT_IN_RANGE)
     """CONTROL_PLANE_URL given to worker pods: this operator's in-cluster URL. Unset: public_url."""
-    worker_backoff_seconds: float = Field(default=10.0, gt=0)
+    worker_backoff_seconds: float = Field(default=10.0, gt=0, le=_HOUR)
     """First delay before replacing a failed worker; doubles with each consecutive failure."""
-    worker_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    worker_backoff_max_seconds: float = Field(default=300.0, gt=0, le=_DAY)
     """Longest delay before replacing a failed worker."""
-    worker_resync_seconds: float = Field(default=30.0, gt=0)
+    worker_resync_seconds: float = Field(default=30.0, ge=1, le=_DAY)
     """How often every queue's pods are listed even without events (a safety net)."""
-    scale_down_grace_seconds: float = Field(default=60.0, ge=0)
+    scale_down_grace_seconds: float = Field(default=60.0, ge=0, le=_DAY)
     """Scaling queues: how long idle workers above minIdle stay before their pods are deleted."""
-    backlog_poll_seconds: float = Field(default=1.0, gt=0)
+    backlog_poll_seconds: float = Field(default=1.0, ge=0.1, le=_HOUR)
     """Scaling queues: how often the task queue's backlog is read while there is work or workers."""
-    backlog_idle_poll_seconds: float = Field(default=2.0, gt=0)
+    backlog_idle_poll_seconds: float = Field(default=2.0, ge=0.1, le=_HOUR)
     """Scaling queues: the slowest backlog read once idle (the interval doubles up to it)."""
-    temporal_check_seconds: float = Field(default=30.0, gt=0)
+    temporal_check_seconds: float = Field(default=30.0, ge=1, le=_DAY)
     """How often the Temporal of a queue that does not scale is checked (TemporalReachable)."""
-    temporal_status_seconds: float = Field(default=5.0, ge=0)
+    temporal_status_seconds: float = Field(default=5.0, ge=0, le=_HOUR)
     """Least time between two writes of a queue's status.temporal (the condition is written at once)."""
 
     peering_lifetime_seconds: int = Field(default=10, ge=2, le=3600)
@@ -136,19 +155,19 @@ class Settings(BaseModel):
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
 
-    http_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    http_idle_timeout_seconds: float = Field(default=15.0, gt=0, le=_HOUR)
     """How long a connection may go without delivering a complete request head: from its opening, or
     from its previous answer (keep-alive). Covers clients that send nothing or trickle headers. Workers
     call at most every few seconds, so keeping idle connections longer saves them little."""
-    http_max_connections: int = Field(default=4096, ge=1)
+    http_max_connections: int = Field(default=4096, ge=1, le=_MANY)
     """The most client connections open at once; at the limit a new one closes the longest-idle one.
     Lowered automatically to RLIMIT_NOFILE less http_reserved_fds and one upstream host's connections
     (upstream_max_connections + upstream_max_websockets; at most half of what is left) (the soft limit
     is raised first, up to the hard one). Each idle connection costs some 5 KiB of memory (4.4 KiB measured)."""
-    http_reserved_fds: int = Field(default=256, ge=16)
+    http_reserved_fds: int = Field(default=256, ge=16, le=_MANY)
     """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
     up to 64 pooled requests, kopf's own), log files, TLS, Python itself."""
-    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0, le=_HOUR)
     """How long a request body may take to arrive; then 408 and the connection is closed. A /start
     body is at most 1 MiB, so only a client that trickles it on purpose or is stuck needs longer."""
 
@@ -163,42 +182,42 @@ class Settings(BaseModel):
     """PEM certificate (chain) of the HTTP API; with tls_key_file, the API is served over HTTPS."""
     tls_key_file: str | None = None
     """PEM private key of tls_cert_file."""
-    tls_reload_seconds: float = Field(default=10.0, gt=0)
+    tls_reload_seconds: float = Field(default=10.0, ge=1, le=_DAY)
     """How often the two files are checked for a renewed certificate (cert-manager renews the
     Secret, the kubelet updates the mounted files within a minute or so), which new connections
     get from then on, without a restart."""
 
     # The worker registry.
-    registry_max_pending: int = Field(default=25_000, ge=1)
+    registry_max_pending: int = Field(default=25_000, ge=1, le=_MANY)
     """Registrations made by /start that may wait for their worker's first heartbeat at once, over
     all queues; past it /start answers 503 with Retry-After. Each is held in memory until its first
     heartbeat or its expiry (2.5 heartbeat intervals), some 1.2 KiB (up to 5 KiB with the largest
     system_info kept): the bound keeps a client that calls /start in a loop from growing the operator
     past its memory limit. A real worker heartbeats seconds after /start, so only a fleet that many
     strong starting within those seconds would meet it."""
-    registry_max_pending_per_queue: int = Field(default=5_000, ge=1)
+    registry_max_pending_per_queue: int = Field(default=5_000, ge=1, le=_MANY)
     """The same bound per queue, so that one queue's token holder cannot refuse other queues' workers."""
-    registry_max_workers: int = Field(default=50_000, ge=1)
+    registry_max_workers: int = Field(default=50_000, ge=1, le=_MANY)
     """Registrations this replica holds in all, live or waiting (a loop that heartbeats once per
     /start would pass the pending bound); past it /start answers 503 with Retry-After. Size the
     operator's memory limit to it: some 1.2 KiB each."""
-    registry_max_workers_per_queue: int = Field(default=10_000, ge=1)
+    registry_max_workers_per_queue: int = Field(default=10_000, ge=1, le=_MANY)
     """The same bound per queue."""
 
     # Authentication of /start callers that are Kubernetes identities.
     token_review_audiences: tuple[str, ...] = ()
     """Audiences a ServiceAccount token must carry; empty: the API server's defaults."""
-    auth_cache_seconds: float = Field(default=10.0, ge=0)
+    auth_cache_seconds: float = Field(default=10.0, ge=0, le=_DAY)
     """How long TokenReview/SubjectAccessReview answers are reused. Short, so that a revoked
     RoleBinding stops working within seconds while a busy worker fleet does not flood the API server."""
-    auth_negative_cache_seconds: float = Field(default=60.0, ge=0)
+    auth_negative_cache_seconds: float = Field(default=60.0, ge=0, le=_DAY)
     """How long a token the API server rejected is rejected again without asking it. Longer than
     auth_cache_seconds: a token nobody issued does not become valid, and each retry would cost a review."""
-    auth_review_timeout_seconds: float = Field(default=4.0, gt=0)
+    auth_review_timeout_seconds: float = Field(default=4.0, gt=0, le=60)
     """How long a TokenReview/SubjectAccessReview may take, waiting for a free slot included; then
     /start answers 503. A healthy API server answers in milliseconds: this only bounds how long a
     caller waits while it is down or overloaded."""
-    auth_max_concurrent_reviews: int = Field(default=16, ge=1)
+    auth_max_concurrent_reviews: int = Field(default=16, ge=1, le=10_000)
     """Reviews in flight at once, so that made-up tokens cannot turn into an unbounded stream of
     reviews at the API server. A /start needing one more waits for a free slot within
     auth_review_timeout_seconds, else 503 with Retry-After: 1."""
@@ -209,16 +228,16 @@ class Settings(BaseModel):
     and must get an answer (any answer) well before its next poll piles up."""
 
     # Scope.
-    namespaces: tuple[str, ...] = ()
+    namespaces: tuple[Annotated[str, Field(max_length=63, pattern=_DNS_LABEL)], ...] = ()
     """Namespaces to watch; empty: the whole cluster."""
-    status_resync_seconds: float = Field(default=300.0, gt=0)
+    status_resync_seconds: float = Field(default=300.0, ge=1, le=_DAY)
     """How often every queue's status is re-checked even without events (a safety net)."""
     ignored_secret_types: tuple[str, ...] = ("helm.sh/release.v1",)
     """Secret types the Secret watch leaves out (a field selector), so that the API server never sends
     them: Helm keeps every release's manifest in one, up to 1 MiB each, and no queue's credential is
     one. A queue that refers to such a Secret all the same gets it read by GET, again every status
     resync. Empty: every Secret of the watched namespaces passes through the watch."""
-    watch_unready_seconds: float = Field(default=60.0, gt=0)
+    watch_unready_seconds: float = Field(default=60.0, ge=1, le=_DAY)
     """/readyz answers 503 once a watch has been failing for this long: the replica's memory may
     then be stale, e.g. a rotated token not yet served. Shorter failures are retried quietly."""
 
@@ -228,7 +247,29 @@ class Settings(BaseModel):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.upstream_url and self.upstream_api_key_secret is None:
             raise ValueError("upstream_url needs upstream_api_key_secret (the organization's key)")
+        if self.worker_backoff_seconds > self.worker_backoff_max_seconds:
+            raise ValueError("worker_backoff_seconds is above worker_backoff_max_seconds, the longest back-off")
+        if self.backlog_poll_seconds > self.backlog_idle_poll_seconds:
+            raise ValueError("backlog_poll_seconds (while busy) is above backlog_idle_poll_seconds (once idle)")
         return self
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would take `true` for 1: WQ_HTTP_PORT=true is a mistake, not port 1.
+        if isinstance(value, bool) and cls.model_fields[str(info.field_name)].annotation in (int, float):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+    @field_validator("litellm_url", "public_url", "upstream_url", "worker_control_plane_url")
+    @classmethod
+    def _port_in_range(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                urlsplit(value).port  # noqa: B018 - raises when out of range, as every call to it would fail
+            except ValueError:
+                raise ValueError("the URL's port is out of range (0-65535)") from None
+        return value
 
     @field_validator("temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret", mode="before")
     @classmethod
@@ -288,9 +329,14 @@ class Settings(BaseModel):
                 continue
             # Numbers and booleans arrive as strings; JSON gives them their type, pydantic checks it.
             # Text stays text: a namespace named `123` is no number (a list may come as JSON, `[...]`).
-            if field.annotation in (str, str | None) or (
-                    field.annotation == tuple[str, ...] and not raw.lstrip().startswith("[")):
+            if field.annotation in (str, str | None) or (name in CSV_SETTINGS and not raw.lstrip().startswith("[")):
                 values[name] = raw
+            elif name in CSV_SETTINGS:  # a JSON list: taken apart at its commas, a typo would make other names
+                try:
+                    values[name] = json.loads(raw)
+                except json.JSONDecodeError:
+                    raise SettingsError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): "
+                                        "starts with [ but is not a JSON list") from None
             else:
                 values[name] = _maybe_json(raw)
         values.update(overrides)

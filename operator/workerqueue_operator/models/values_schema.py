@@ -22,22 +22,20 @@ volumes, the Roles that read the named Secrets, the termination grace period): `
 not set them, nor may `extraEnv`."""
 
 _KEPT = {"type", "description", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-         "maxLength", "pattern", "items", "enum"}
+         "maxLength", "pattern", "items", "enum", "minItems", "maxItems", "not"}
 _WIDTH = 120
 
 
 def _setting(node: dict[str, Any]) -> dict[str, Any]:
-    """One setting's JSON Schema, draft-07 as Helm reads it: `X | None` as a type list, no titles
-    nor defaults (the operator's defaults apply to what the values leave out)."""
+    """One setting's JSON Schema, draft-07 as Helm reads it: `X | None` as X, no titles nor defaults
+    (the operator's defaults apply to what the values leave out). A null in `extraConfig` would
+    overwrite what the chart derives from its other values: the key is left out instead."""
     if "anyOf" in node:
         others = [option for option in node["anyOf"] if option.get("type") != "null"]
         if len(others) != 1 or "type" not in others[0]:
             raise ValueError(f"a setting's schema cannot express this union: {node['anyOf']}")
         rest = {key: value for key, value in node.items() if key != "anyOf"}
-        merged = _setting({**others[0], **rest})
-        if len(others) != len(node["anyOf"]):
-            merged["type"] = [merged["type"], "null"]
-        return merged
+        return _setting({**others[0], **rest})
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key not in _KEPT:
@@ -46,13 +44,19 @@ def _setting(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def extra_config_schema() -> dict[str, Any]:
+def extra_config_schema(pod_template: dict[str, Any]) -> dict[str, Any]:
+    """`pod_template`: the schema of the chart's `worker.podTemplate`, which `worker_pod_template` is too."""
     raw = Settings.model_json_schema(mode="validation")
     properties = {name: _setting(raw["properties"][name]) for name in Settings.model_fields
                   if name not in CHART_OWNED_SETTINGS}
     for name in CSV_SETTINGS:
         if name in properties:  # a list, or its comma-separated string, as the operator reads either
             properties[name]["type"] = ["array", "string"]
+            if properties[name].get("minItems"):  # as a string, something besides commas and spaces
+                properties[name]["pattern"] = "[^\t\n\f\r ,]"
+    # The operator's checks of a template are code (Settings._pod_template), not a schema of its own.
+    properties["worker_pod_template"] = {**pod_template,
+                                         "description": properties["worker_pod_template"]["description"]}
     return {
         "type": "object",
         "description": "Further operator settings (snake_case Settings fields), verbatim; not those the chart derives "
@@ -65,7 +69,8 @@ def extra_config_schema() -> dict[str, Any]:
 def render(text: str) -> str:
     """The values schema `text` with its `extraConfig` generated from the models."""
     schema = json.loads(text)
-    schema["properties"]["extraConfig"] = extra_config_schema()
+    pod_template = schema["properties"]["worker"]["properties"]["podTemplate"]
+    schema["properties"]["extraConfig"] = extra_config_schema(pod_template)
     return _dumps(schema, 0) + "\n"
 
 
