@@ -578,7 +578,7 @@ def test_settings_that_contradict_each_other_are_refused(monkeypatch, capsys, en
 def test_settings_at_their_bounds_are_taken():
     settings = Settings.load({"WQ_NAMESPACES": "team-a,123", "WQ_WORKER_RESYNC_SECONDS": "1",
                               "WQ_LITELLM_URL": "https://llm:65535/v1", "WQ_PUBLIC_URL": "http://[::1]:8080",
-                              "WQ_REGISTRY_MAX_PENDING": "10000000", "WQ_WORKER_COMMAND": "kubiya,worker",
+                              "WQ_REGISTRY_MAX_PENDING": "1000000000", "WQ_WORKER_COMMAND": "kubiya,worker",
                               "WQ_WORKER_BACKOFF_SECONDS": "300", "WQ_AUTH_CACHE_SECONDS": "0"})
     assert settings.namespaces == ("team-a", "123") and settings.worker_command == ("kubiya", "worker")
     assert settings.public_url == "http://[::1]:8080" and settings.worker_backoff_seconds == 300

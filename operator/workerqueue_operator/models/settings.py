@@ -22,7 +22,7 @@ from workerqueue_operator.models import spec as spec_
 ENV_PREFIX = "WQ_"
 
 _HOUR, _DAY = 3600, 86_400
-_MANY = 10_000_000
+_MANY = 1_000_000_000
 """Upper bound of counts: far above any use, and below what a chart's `int` turns negative (2^63)."""
 _NO_SPACE = r"^[^\t\n\f\r ]*$"  # Go's \s spelt out, as spec.LITELLM_URL_PATTERN says why
 _HTTP_URL = spec_.LITELLM_URL_PATTERN
