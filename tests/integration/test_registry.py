@@ -92,6 +92,28 @@ def test_a_worker_registers_heartbeats_and_disconnects(operator: OperatorProcess
     wait_for(lambda: kube.workers(namespace, "life").get("live") == 0, what="status.workers.live = 0")
 
 
+@pytest.mark.parametrize("capped", [False, True])
+def test_a_lease_deleted_by_hand_lets_its_live_worker_back_at_its_next_heartbeat(
+        operator: OperatorProcess, kube: Kube, namespace: str, capped: bool):
+    """`kubectl delete lease`: not its worker's end. Taken for a disconnect, the live worker was 404
+    at every heartbeat for good (its slot given to another), until the operator restarted."""
+    queue_id, token = ready_queue(kube, namespace, "by-hand", **({"maxWorkers": 2} if capped else {}))
+    worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, worker_id, token) == 200
+    lease = wait_for(lambda: kube.registrations(namespace).get(worker_id), what="the worker's Lease")
+    kube.coordination.delete_namespaced_lease(lease.metadata.name, namespace)
+    wait_for(lambda: operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json() == [],
+             what="the deletion seen")
+    assert heartbeat(operator, worker_id, token) == 200
+    wait_for(lambda: kube.registrations(namespace).get(worker_id), what="its Lease written again")
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [w["id"] for w in listed] == [worker_id]
+    # A disconnect is its end: a late heartbeat does not bring it back.
+    assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
+                         {"reason": "shutdown", "exit_code": 0}).status == 200
+    assert heartbeat(operator, worker_id, token) == 404
+
+
 def test_the_registry_survives_an_operator_restart(operator: OperatorProcess, kube: Kube, namespace: str):
     queue_id, token = ready_queue(kube, namespace, "restart")
     worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
@@ -413,11 +435,13 @@ async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_fe
 
             monkeypatch.setattr(client, "request", counted)
             reg._forget(worker.worker_id)
-            await reg._delete_quietly(worker, "disconnected", wait=0.2)
+            await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.2)
             await asyncio.sleep(3)  # ~0.2 + ~0.4 s between tries; a fourth would come ~0.8 s later
             assert len(deletes) == registry_.DELETE_REFUSED_TRIES
             assert "refused 3 times, given up" in caplog.text
-        assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # left to lapse
+        left = kube.coordination.read_namespaced_lease(worker.lease, namespace)  # left to lapse
+        # Marked as its worker's end, once, before the first deletion: other replicas never let it back.
+        assert left.metadata.annotations[leases.ENDED_ANNOTATION] == "disconnected"
 
 
 async def test_deletions_ended_together_are_made_a_few_at_a_time(
@@ -439,7 +463,7 @@ async def test_deletions_ended_together_are_made_a_few_at_a_time(
                 in_flight[0] -= 1
 
         monkeypatch.setattr(client, "request", counted)
-        await asyncio.gather(*(reg._delete_quietly(worker, "no heartbeat within its lease")
+        await asyncio.gather(*(reg._delete_quietly(worker, "no heartbeat within its lease", on_purpose=False)
                                for worker in ended if worker is not None))
         assert most[0] == registry_.DELETE_CONCURRENCY
 
@@ -917,8 +941,8 @@ async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_
 ):
     """The other replica ended the worker for want of heartbeats; a late one heard here finds its
     Lease gone. The worker is alive: its next heartbeat registers it again, rather than a 404 for
-    the rest of its life. A Lease the other replica deleted fresh (a disconnect) is told by the
-    watch, and that worker is not let back."""
+    the rest of its life. A Lease the other replica marked as its worker's end (a disconnect) is
+    told by the watch, and that worker is not let back."""
     now = [time.time()]
     beat = {"status": "active", "tasks_processed": 0, "current_task_id": None, "system_info": None}
     async with in_process(kube, namespace, kubeconfig, "back", now) as (queue, client, reg):
@@ -936,7 +960,7 @@ async def test_a_renewal_that_finds_the_lease_deleted_by_the_other_replica_lets_
             await reg._write(worker)
             assert reg.get(worker.worker_id) is None
         assert reg.may_rejoin(queue, "w-expired") and reg.may_rejoin(queue, "w-left")
-        bodies["w-left"]["spec"]["renewTime"] = times.micro_rfc3339(now[0])  # deleted fresh: a disconnect
+        bodies["w-left"]["metadata"]["annotations"][leases.ENDED_ANNOTATION] = "disconnected"  # marked: a disconnect
         for worker in (expired, left):
             reg.lease_deleted((namespace, worker.lease), bodies[worker.worker_id])  # the watch tells
         assert reg.may_rejoin(queue, "w-expired") and not reg.may_rejoin(queue, "w-left")

@@ -495,7 +495,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     # A pod runs one worker: another id from a pod with a registered worker is not one.
     reg.register(q, "current", pod="q1-w2")
     assert reg.rejoin(q, "stale", pod="q1-w2") is None
-    # A Lease deleted elsewhere while its worker was alive (a disconnect there) ends it on purpose
+    # A Lease deleted elsewhere marked as its worker's end (a disconnect there) ends it on purpose
     # too; one deleted after it expired does not.
     quiet = make_worker(worker_id="quiet", lease="q1-quiet", slot=None, renewed_at=now[0], duration=25.0)
     reg.lease_upserted(leases.lease_body(quiet, queue_name=q.name))
@@ -504,7 +504,7 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     alive_body = leases.lease_body(alive, queue_name=q.name)
     reg.lease_upserted(alive_body)
     assert reg.get("alive") is not None and reg.get("quiet") is None
-    reg.lease_deleted((alive.namespace, alive.lease), alive_body)
+    reg.lease_deleted((alive.namespace, alive.lease), marked(alive_body))
     reg.lease_deleted((quiet.namespace, quiet.lease), None)  # a relist: no body, taken for an expiry
     assert reg.rejoin(q, "alive") is None
     # Over the bound on registrations: refused, as /start would be.
@@ -566,7 +566,7 @@ def test_a_fresh_lease_collected_with_its_queue_lets_its_worker_join_the_queue_m
                            duration=25.0, queue_uid="uid-1")
         reg.lease_upserted(leases.lease_body(held, queue_name="q1"))
     bodies = {name: leases.lease_body(reg.get(name), queue_name="q1") for name in ("kept", "collected")}
-    reg.lease_deleted(("team-a", "q1-kept"), bodies["kept"])  # its queue still there: a disconnect elsewhere
+    reg.lease_deleted(("team-a", "q1-kept"), marked(bodies["kept"]))  # a disconnect elsewhere
     current[0] = queue(heartbeatIntervalSeconds=10, uid="uid-2")  # made again
     reg.lease_deleted(("team-a", "q1-collected"), bodies["collected"])
     assert not reg.may_rejoin(current[0], "kept")
@@ -575,8 +575,8 @@ def test_a_fresh_lease_collected_with_its_queue_lets_its_worker_join_the_queue_m
 
 def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
     """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
-    expired by its renew time: the worker may come back at its next heartbeat. A Lease deleted while
-    fresh was ended on purpose (a disconnect there): a late heartbeat does not bring it back."""
+    expired by its renew time: the worker may come back at its next heartbeat. A Lease marked as its
+    worker's end (a disconnect there): a late heartbeat does not bring it back."""
     import kubernetes
 
     from workerqueue_operator.core.events import EventPoster
@@ -600,17 +600,17 @@ def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_th
     assert reg.get("cut-off") is None and reg.may_rejoin(q, "cut-off")
     fresh_lease = leases.lease_body(make_worker(worker_id="said-goodbye", lease="q1-said-goodbye", slot=None,
                                                 pod=None, renewed_at=now[0] - 1, duration=25.0), queue_name=q.name)
-    reg.lease_deleted(("team-a", "q1-said-goodbye"), fresh_lease)
+    reg.lease_deleted(("team-a", "q1-said-goodbye"), marked(fresh_lease))
     assert not reg.may_rejoin(q, "said-goodbye")
 
-    # Registered here, its Lease not written here yet: one written elsewhere and deleted there while
-    # fresh ends it here too; one deleted there as expired does not (it is alive here: written anew).
+    # Registered here, its Lease not written here yet: one written elsewhere and deleted there as its
+    # worker's end ends it here too; one deleted there as expired does not (it is alive here: written anew).
     for name, renewed, ends in (("gone-there", now[0] - 1, True), ("lapsed-there", now[0] - 30, False)):
         here = reg.register(q, name)
         assert not here.stored
         elsewhere = leases.lease_body(make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None,
                                                   renewed_at=renewed, duration=25.0), queue_name=q.name)
-        reg.lease_deleted(("team-a", f"q1-{name}"), elsewhere)
+        reg.lease_deleted(("team-a", f"q1-{name}"), marked(elsewhere) if ends else elsewhere)
         assert (reg.get(name) is None) is ends and reg.may_rejoin(q, name) is False
 
 
@@ -637,10 +637,10 @@ async def test_a_lease_the_active_replica_deleted_at_its_expiry_reads_as_expired
     assert worker.expired(now[0])
     standby.lease_deleted((worker.namespace, worker.lease), body)
     assert standby.may_rejoin(q, "odd")
-    # Deleted well before its end (a disconnect there): a late heartbeat does not bring it back.
+    # Marked as its worker's end (a disconnect there): a late heartbeat does not bring it back.
     early = leases.lease_body(active.register(q, "left", pod="q1-w2"), queue_name=q.name)
     standby.lease_upserted(early)
-    standby.lease_deleted(("team-a", early["metadata"]["name"]), early)
+    standby.lease_deleted(("team-a", early["metadata"]["name"]), marked(early))
     assert not standby.may_rejoin(q, "left")
 
 
@@ -662,11 +662,11 @@ def test_an_expiry_by_a_replica_whose_clock_is_ahead_is_no_disconnect_here():
     now[0] += 22.0
     reg.lease_deleted(("team-a", "q1-skewed"), leases.lease_body(held, queue_name=q.name))
     assert reg.may_rejoin(q, "skewed")
-    # Deleted within an interval of its renewal: a disconnect.
+    # Marked as its worker's end: a disconnect.
     left = make_worker(worker_id="left", lease="q1-left", slot=None, pod=None, renewed_at=now[0], duration=25.0)
     reg.lease_upserted(leases.lease_body(left, queue_name=q.name))
     now[0] += 9.0
-    reg.lease_deleted(("team-a", "q1-left"), leases.lease_body(left, queue_name=q.name))
+    reg.lease_deleted(("team-a", "q1-left"), marked(leases.lease_body(left, queue_name=q.name)))
     assert not reg.may_rejoin(q, "left")
 
 
@@ -1159,3 +1159,37 @@ async def test_a_slot_lease_made_after_start_gave_up_on_its_claim_is_deleted_whe
     assert raced.get("raced") is None and raced.live_count(q.key) == 0
     assert ("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/team-a/leases/{lease}") in api.made
     await kube.close()
+
+
+def marked(body: dict[str, Any]) -> dict[str, Any]:
+    """The Lease as the operator leaves it just before it deletes it at its worker's end."""
+    annotations = {**body["metadata"]["annotations"], leases.ENDED_ANNOTATION: "disconnected"}
+    return {**body, "metadata": {**body["metadata"], "annotations": annotations}}
+
+
+def test_a_fresh_lease_deleted_by_someone_else_lets_its_live_worker_back_in():
+    """`kubectl delete lease`: no end its worker asked for. Taken for a disconnect, the live worker's
+    heartbeats were 404 for good (its slot free for another, it went on polling Temporal)."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
+                            active=lambda: False)
+    for name in ("deleted-by-hand", "disconnected"):
+        held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=now[0], duration=25.0)
+        reg.lease_upserted(leases.lease_body(held, queue_name=q.name))
+    now[0] += 1.0
+    fresh = leases.lease_body(reg.get("deleted-by-hand"), queue_name=q.name)
+    reg.lease_deleted(("team-a", "q1-deleted-by-hand"), fresh)
+    assert reg.get("deleted-by-hand") is None and reg.may_rejoin(q, "deleted-by-hand")
+    # Marked first (the watch brings that change before the deletion): ended then, for good.
+    ending = marked(leases.lease_body(reg.get("disconnected"), queue_name=q.name))
+    reg.lease_upserted(ending)
+    assert reg.get("disconnected") is None and not reg.may_rejoin(q, "disconnected")
+    reg.lease_deleted(("team-a", "q1-disconnected"), ending)
+    assert not reg.may_rejoin(q, "disconnected")

@@ -33,6 +33,12 @@ WATCHED = (f"app.kubernetes.io/managed-by={workers_.MANAGED_BY['app.kubernetes.i
 """The Lease informer's selector: registrations and refusals (SELECTOR alone: registrations)."""
 POD_LABEL = "agentcontrol.dev/pod"
 STATE_ANNOTATION = "agentcontrol.dev/worker"
+ENDED_ANNOTATION = "agentcontrol.dev/ended"
+"""Written on a registration's Lease just before the operator deletes it because its worker's life
+ended (a disconnect, its pod's end): the other replicas, which see only the deletion, must not let
+a late heartbeat of that worker register it again. A Lease deleted without it (an expiry, the
+garbage collector, `kubectl delete`) was not its worker's doing: the live worker is registered again
+at its next heartbeat, never turned away for good."""
 EXPIRY_INTERVALS = 2.5
 """A worker is gone once this many of its heartbeat intervals pass without one."""
 WORKER_DEFAULT_INTERVAL = 60.0
@@ -48,24 +54,15 @@ SYSTEM_INFO_MAX_BYTES = 4096
 """system_info is kept to this size (as JSON) in the Lease; longer values are left out."""
 
 
-LAPSE_MARGIN_SECONDS = 1.0
-"""A Lease deleted this close to its end (or one heartbeat interval, if longer) is taken as expired,
-not ended on purpose: the replica that deleted it has a clock of its own, maybe seconds apart. Taking
-a disconnect for an expiry only lets a late heartbeat back in; taking an expiry for a disconnect
-would turn a live worker away for good, on every replica. A disconnect or a pod's end comes within
-about an interval of the last renewal; an expiry, EXPIRY_INTERVALS after it."""
-
-
 def lease_duration(interval: float) -> float:
     """The lease duration of a worker expected to heartbeat every `interval` s: whole seconds, as
     the Lease keeps it, so that every replica reads the same end from it as the one that wrote it."""
     return float(math.ceil(EXPIRY_INTERVALS * interval))
 
 
-def has_lapsed(worker: Worker, now: float) -> bool:
-    """Whether a deleted Lease had run out (see LAPSE_MARGIN_SECONDS)."""
-    margin = max(LAPSE_MARGIN_SECONDS, worker.duration / EXPIRY_INTERVALS)
-    return now >= worker.renewed_at + worker.duration - margin
+def ended_on_purpose(body: Mapping[str, Any]) -> bool:
+    """Whether the operator marked the Lease as its worker's end before deleting it (ENDED_ANNOTATION)."""
+    return ENDED_ANNOTATION in ((body.get("metadata") or {}).get("annotations") or {})
 
 
 def lease_name(queue_name: str, worker_id: str) -> str:

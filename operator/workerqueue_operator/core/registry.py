@@ -34,12 +34,13 @@ from typing import Any, NamedTuple
 
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
+    ENDED_ANNOTATION,
     EXPIRY_INTERVALS,
     Refusal,
     Worker,
     bounded_hostname,
+    ended_on_purpose,
     first_interval,
-    has_lapsed,
     is_refusal,
     later,
     lease_body,
@@ -303,6 +304,9 @@ class Registry:
         holder = self._workers.get(known_id) if known_id is not None and known_id != incoming.worker_id else None
         if holder is not None:
             self._taken_over(holder)  # a slot taken over by another worker
+        if ended_on_purpose(body):
+            self._marked_ended(key, incoming)
+            return
         mine = self._workers.get(incoming.worker_id)
         if mine is None:
             ended = self._ended.get(incoming.worker_id)
@@ -310,7 +314,7 @@ class Registry:
                 # Ended here on purpose (a disconnect) while its Lease was written elsewhere, or one
                 # that outlived a delete that failed: deleted, never revived. Nobody else would: the
                 # replicas that hold it have heard of no end.
-                self._spawn(self._delete_quietly(incoming, "ended"))
+                self._spawn(self._delete_quietly(incoming, "ended", on_purpose=True))
                 return
             self._add(incoming)
             return
@@ -341,29 +345,35 @@ class Registry:
                 mine.current_task_id = incoming.current_task_id
                 mine.system_info = incoming.system_info or mine.system_info
 
+    def _marked_ended(self, key: tuple[str, str], incoming: Worker) -> None:
+        """A Lease marked as its worker's end: the replica that marked it deletes it next."""
+        mine = self._workers.get(incoming.worker_id)
+        if mine is not None:
+            if (mine.namespace, mine.lease) == key:
+                self._ended_elsewhere(mine, expired=False)
+            return
+        ended = self._ended.get(incoming.worker_id)
+        if ended is None or not ended.on_purpose:
+            self._bury(incoming, on_purpose=True)
+            if self._active():  # left behind by a replica that stopped before deleting it: nobody else would
+                self._spawn(self._delete_quietly(incoming, "ended", on_purpose=True))
+
     def lease_deleted(self, key: tuple[str, str], body: dict[str, Any] | None) -> None:
         if body is not None and is_refusal(body):
             return  # deleted with its pod, or expired: what is remembered here expires on its own
-        # How it ended, by the Lease as it was deleted: past its renew time and duration, the active
-        # replica ended it for want of heartbeats, though one may have reached this replica since (not
-        # written yet); fresh, it was ended on purpose (a disconnect, its pod gone). Without the body
-        # (a relist), an expiry: what is known here may be younger than the Lease (this replica just
-        # started), and taking an expiry for a disconnect turns a live worker away for good, on every
-        # replica once this one deletes its next Lease (see LAPSE_MARGIN_SECONDS).
+        # How it ended, by the Lease as it was deleted: marked (ENDED_ANNOTATION), its worker's life
+        # ended (a disconnect, its pod gone). Else it expired, or was not its worker's doing (the
+        # garbage collector with its queue, `kubectl delete`): a live worker comes back at its next
+        # heartbeat. Without the body (a relist), the same: taking an expiry for a disconnect would
+        # turn a live worker away for good.
+        on_purpose = body is not None and ended_on_purpose(body)
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
-        lapsed = has_lapsed(gone, self._clock()) if gone is not None else True
-        if gone is not None and not lapsed:
-            # Fresh, but its queue is gone or made again (`kubectl replace --force`): the garbage
-            # collector took it, not its worker, which may join a queue that issued its id, as it
-            # would after a restart of this replica.
-            queue = self._queue_of(gone.queue)
-            lapsed = queue is None or queue.uid != gone.queue_uid
         worker_id = self._by_lease.get(key)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
-                self._ended_elsewhere(worker, expired=lapsed)
-        elif gone is not None and lapsed is False:
+                self._ended_elsewhere(worker, expired=not on_purpose)
+        elif gone is not None and on_purpose:
             # Its Lease written elsewhere, not seen here, and ended there on purpose: a registration
             # here not written yet (or to be written again) must not bring it back.
             mine = self._workers.get(gone.worker_id)
@@ -650,7 +660,7 @@ class Registry:
         self._forget(worker_id)
         self._bury(shown, on_purpose=True)
         if shown.stored:
-            self._spawn(self._delete_quietly(shown, "abandoned"))
+            self._spawn(self._delete_quietly(shown, "abandoned", on_purpose=True))
 
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
@@ -753,7 +763,7 @@ class Registry:
         if worker.stored:
             # Waited for (the other replicas learn of the end from the deletion: a replacement's
             # /start there must not meet it in maxWorkers), but within the worker's own timeout.
-            deleting = self._spawn(self._delete_quietly(worker, "disconnected"))
+            deleting = self._spawn(self._delete_quietly(worker, "disconnected", on_purpose=True))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(deleting), DISCONNECT_WAIT_SECONDS)
         if queue is not None:
@@ -1047,7 +1057,7 @@ class Registry:
         self._forget(worker.worker_id)
         self._bury(worker, on_purpose=on_purpose)
         if worker.stored:
-            self._spawn(self._delete_quietly(worker, why))
+            self._spawn(self._delete_quietly(worker, why, on_purpose=on_purpose))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -1071,7 +1081,9 @@ class Registry:
                         # Ended (a disconnect, its pod gone, expired) while this create was in flight,
                         # and not deleted then, there being no Lease yet: nobody else would.
                         worker.stored = True
-                        await self._delete_quietly(worker, "ended while its registration was written")
+                        ended = self._ended.get(worker.worker_id)
+                        await self._delete_quietly(worker, "ended while its registration was written",
+                                                   on_purpose=ended is not None and ended.on_purpose)
                         return
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
                 elif heartbeat_written and not await self._patch(worker, body):
@@ -1100,7 +1112,8 @@ class Registry:
         if self._workers.get(worker.worker_id) is worker:
             self._mark(worker)
 
-    async def _delete_quietly(self, worker: Worker, why: str, wait: float = RETRY_SECONDS, tries: int = 1) -> None:
+    async def _delete_quietly(self, worker: Worker, why: str, *, on_purpose: bool, wait: float = RETRY_SECONDS,
+                              tries: int = 1) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._deletions.add(task)
@@ -1109,7 +1122,8 @@ class Registry:
             # A disconnect's goes first: its worker waits for it, and other replicas free its slot
             # once they see it. The rest (a sweep's, thousands after an outage) a few at a time.
             async with contextlib.nullcontext() if why == "disconnected" else self._deleting:
-                deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"))
+                deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"),
+                                             mark=why if on_purpose else None)
         except client_.ERRORS as exc:
             cause = type(exc).__name__ if not str(exc) else exc
             # 401: the operator's own token lapsed (it is read again within seconds), no refusal.
@@ -1125,7 +1139,7 @@ class Registry:
             logger.warning("deleting the registration of worker %s failed, again in %.1fs: %s", worker.worker_id,
                            wait, cause)
             later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
-            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, later, tries + 1)
+            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, on_purpose, later, tries + 1)
             return
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
@@ -1134,12 +1148,12 @@ class Registry:
                                   message=f"worker {worker.worker_id} sent no heartbeat for "
                                   f"{worker.duration:.0f}s; its registration ended", warning=True)
 
-    def _delete_again(self, worker: Worker, why: str, wait: float, tries: int) -> None:
+    def _delete_again(self, worker: Worker, why: str, on_purpose: bool, wait: float, tries: int) -> None:
         again = self._workers.get(worker.worker_id)
         # Unless registered again meanwhile in this same Lease (a rejoin); one that rejoined into
         # another slot (maxWorkers) would otherwise hold two.
         if again is None or (again.namespace, again.lease) != (worker.namespace, worker.lease):
-            self._spawn(self._delete_quietly(worker, why, wait, tries))
+            self._spawn(self._delete_quietly(worker, why, on_purpose=on_purpose, wait=wait, tries=tries))
 
     # --- API-server calls -------------------------------------------------------------------------
 
@@ -1248,10 +1262,11 @@ class Registry:
             worker.version = _version(written)
             return True
 
-    async def _delete(self, worker: Worker, *, unless_renewed: bool = False) -> bool:
+    async def _delete(self, worker: Worker, *, unless_renewed: bool = False, mark: str | None = None) -> bool:
         """Deletes the worker's Lease if it still holds it; False if it was gone already. With
         `unless_renewed` (it expired here), not if a heartbeat renewed it elsewhere since: the watch
-        brings that renewal, and the worker is registered again from it."""
+        brings that renewal, and the worker is registered again from it. With `mark` (its worker's
+        life ended), the Lease says so first (ENDED_ANNOTATION), for the replicas that see it go."""
         path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
         attempt = 0
         while True:
@@ -1264,6 +1279,12 @@ class Registry:
                     return False  # a slot another worker holds now
                 if unless_renewed and later(stored.renewed_at, worker.renewed_at):
                     return False
+                if mark is not None and not ended_on_purpose(current):
+                    self.writes += 1
+                    current = await self._client.request(
+                        "PATCH", path, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT,
+                        body={"metadata": {"resourceVersion": current["metadata"]["resourceVersion"],
+                                           "annotations": {ENDED_ANNOTATION: mark}}})
                 await self._client.request(
                     "DELETE", path, timeout=API_TIMEOUT,
                     body={"kind": "DeleteOptions", "apiVersion": "v1",
