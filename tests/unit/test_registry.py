@@ -1193,3 +1193,23 @@ def test_a_fresh_lease_deleted_by_someone_else_lets_its_live_worker_back_in():
     assert reg.get("disconnected") is None and not reg.may_rejoin(q, "disconnected")
     reg.lease_deleted(("team-a", "q1-disconnected"), ending)
     assert not reg.may_rejoin(q, "disconnected")
+
+
+def test_an_id_ended_on_purpose_in_one_queue_is_no_end_of_another_queues_registration():
+    """Ended here on purpose, an id's Lease seen again is deleted: only its own queue's, never another
+    queue's registration that bears the same id."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    first, other = queue("q1", uid="uid-1"), queue("q2", uid="uid-2")
+    queues_ = {first.key: first, other.key: other}
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=queues_.get, active=lambda: False)
+    ending = make_worker(worker_id="same-id", lease="q1-same-id", slot=None, pod=None, queue_uid="uid-1")
+    reg.lease_upserted(marked(leases.lease_body(ending, queue_name="q1")))
+    assert not reg.may_rejoin(first, "same-id")
+    elsewhere = dataclasses.replace(ending, queue=other.key, lease="q2-same-id", queue_uid="uid-2")
+    reg.lease_upserted(leases.lease_body(elsewhere, queue_name="q2"))
+    assert reg.get("same-id") is not None and not reg._writes

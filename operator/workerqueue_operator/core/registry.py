@@ -310,7 +310,8 @@ class Registry:
         mine = self._workers.get(incoming.worker_id)
         if mine is None:
             ended = self._ended.get(incoming.worker_id)
-            if ended is not None and ended.on_purpose:
+            # Of this queue only: an id is a name, and another queue's registration is not this one's end.
+            if ended is not None and ended.on_purpose and ended.queue == incoming.queue:
                 # Ended here on purpose (a disconnect) while its Lease was written elsewhere, or one
                 # that outlived a delete that failed: deleted, never revived. Nobody else would: the
                 # replicas that hold it have heard of no end.
@@ -353,7 +354,7 @@ class Registry:
                 self._ended_elsewhere(mine, expired=False)
             return
         ended = self._ended.get(incoming.worker_id)
-        if ended is None or not ended.on_purpose:
+        if ended is None or not ended.on_purpose or ended.queue != incoming.queue:
             self._bury(incoming, on_purpose=True)
             if self._active():  # left behind by a replica that stopped before deleting it: nobody else would
                 self._spawn(self._delete_quietly(incoming, "ended", on_purpose=True))
