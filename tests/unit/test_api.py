@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -664,6 +665,24 @@ async def test_a_pod_token_still_unseen_while_the_secret_watch_is_down_is_a_503(
         await asyncio.sleep(0.2)
         watch_up = True
         assert (await started).status == 401
+
+
+async def test_a_running_workers_call_with_an_unseen_token_is_answered_within_its_own_timeout(
+        monkeypatch: pytest.MonkeyPatch):
+    """The real worker gives a heartbeat or a disconnect 10 s, a /start 60 s: held 15 s as a /start
+    is, the call timed out at the worker rather than getting its 503 (a disconnect was lost)."""
+    monkeypatch.setattr(unseen, "DOWN_SECONDS", 30.0)
+    monkeypatch.setattr(unseen, "CALL_DOWN_SECONDS", 0.5)
+    store = store_with_pod()
+    async with TestClient(TestServer(apps.make_app(store, secrets_current=lambda: False))) as c:
+        began = time.monotonic()
+        answer = await c.post("/api/v1/workers/w-1/heartbeat", headers={"Authorization": f"Bearer {WORKER_TOKEN}"},
+                              json={"status": "active"})
+        assert answer.status == 503 and time.monotonic() - began < 5
+        start = asyncio.create_task(c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"}))
+        await asyncio.sleep(1.0)
+        assert not start.done()  # a /start is held longer
+        start.cancel()
 
 
 async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: pytest.MonkeyPatch):

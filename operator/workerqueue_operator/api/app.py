@@ -73,7 +73,7 @@ async def start_worker(request: web.Request) -> web.Response:
     queue_id = request.match_info["queue_id"]
     store = request.app[STORE]
 
-    caller = await callers.authenticate(request)
+    caller = await callers.authenticate(request, starting=True)
     if isinstance(caller, web.Response):
         return caller
     body = await bodies.read(request, wire.WorkerStartRequest)

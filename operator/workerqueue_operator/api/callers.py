@@ -53,7 +53,8 @@ def _review_unavailable(request: web.Request, exc: reviews.Unavailable, what: st
     return errors.detail(503, f"{what} is temporarily unavailable, try again")
 
 
-async def authenticate(request: web.Request) -> Caller | web.Response:
+async def authenticate(request: web.Request, *, starting: bool = False) -> Caller | web.Response:
+    """Who calls. `starting`: a /start, which its worker waits longer for than its other calls."""
     token = bearer(request)
     if token is None:
         return errors.unauthorized("Not authenticated")
@@ -69,7 +70,7 @@ async def authenticate(request: web.Request) -> Caller | web.Response:
     if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
         unseen = request.app[UNSEEN]
         credential = await unseen.credential(lambda: store.worker_credential(token_digest),
-                                             peer=request.remote or "")
+                                             peer=request.remote or "", starting=starting)
         if credential is not None:
             return Caller(token_digest, worker=credential)
         if not unseen.current():

@@ -26,6 +26,9 @@ LAG_SECONDS = 2.0
 DOWN_SECONDS = 15.0
 """How long it is awaited while the watch is down: a relist after a back-off, well within the worker's
 60-s /start timeout."""
+CALL_DOWN_SECONDS = 8.0
+"""The same for a running worker's other calls (heartbeat, disconnect, executions): the real worker
+gives those 10 s (httpx), and a 503 it is told beats a timeout it is left with (a disconnect lost)."""
 MAX_WAITING = 256
 MAX_WAITING_PER_PEER = 8
 """A pod is one address, and its worker makes one /start at a time."""
@@ -38,6 +41,7 @@ class UnseenTokens:
         """Whether the Secret watch has every Secret made until a moment ago (listed, watching)."""
         self._lag = LAG_SECONDS
         self._down = DOWN_SECONDS
+        self._call_down = CALL_DOWN_SECONDS
         self._max_waiting = MAX_WAITING
         self._max_per_peer = MAX_WAITING_PER_PEER
         self._by_peer: dict[str, int] = {}
@@ -46,9 +50,10 @@ class UnseenTokens:
         """Requests held so far (a metric)."""
 
     async def credential(self, lookup: Callable[[], WorkerCredential | None], *,
-                         peer: str = "") -> WorkerCredential | None:
+                         peer: str = "", starting: bool = False) -> WorkerCredential | None:
         """The credential once `lookup` finds it; None when it still does not after the wait (or when
-        too many wait already, from everywhere or from `peer`)."""
+        too many wait already, from everywhere or from `peer`). `starting`: for a /start, which its
+        worker waits longer for than its other calls."""
         if self.waiting >= self._max_waiting or (
                 self.waiting >= self._max_waiting // 2 and self._by_peer.get(peer, 0) >= self._max_per_peer):
             return None
@@ -57,6 +62,7 @@ class UnseenTokens:
         self.waited += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
+        down = self._down if starting else self._call_down
         try:
             while True:
                 await asyncio.sleep(POLL_SECONDS)
@@ -64,7 +70,7 @@ class UnseenTokens:
                 if found is not None:
                     return found
                 waited = loop.time() - started
-                if waited >= (self._lag if self.current() else self._down):
+                if waited >= (self._lag if self.current() else down):
                     return None
         finally:
             self.waiting -= 1
