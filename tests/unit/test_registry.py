@@ -1213,3 +1213,36 @@ def test_an_id_ended_on_purpose_in_one_queue_is_no_end_of_another_queues_registr
     elsewhere = dataclasses.replace(ending, queue=other.key, lease="q2-same-id", queue_uid="uid-2")
     reg.lease_upserted(leases.lease_body(elsewhere, queue_name="q2"))
     assert reg.get("same-id") is not None and not reg._writes
+
+
+async def test_failed_writes_of_many_registrations_are_one_log_line_not_one_each(caplog: pytest.LogCaptureFixture):
+    """An API-server outage fails every worker's renewal at once: one line each was ~1,100 lines a
+    second at 10,000 workers."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+        workers = [reg.register(q1, f"w-{i}") for i in range(20)]
+        await asyncio.gather(*(reg._write(worker) for worker in workers))
+        written = [r for r in caplog.records if "writing the registration" in r.getMessage()]
+        assert len(written) == 1 and written[0].kind == "lease_write_failed"
+        await kube.close()
+
+
+def test_a_paced_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture):
+    import logging
+
+    from workerqueue_operator.core.pacedlog import PacedLog
+
+    now = [0.0]
+    paced = PacedLog(logging.getLogger("paced-test"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="paced-test"):
+        for _ in range(5):
+            paced.warning("a", "failed %s", "x")
+        paced.warning("b", "another kind")  # a kind of its own is not held back
+        now[0] = 12.0
+        paced.warning("a", "failed %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "failed x", "another kind", "failed y (and 4 more like it in the last 12s)"]

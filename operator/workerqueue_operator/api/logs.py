@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from workerqueue_operator.api import metrics as metrics_
+from workerqueue_operator.core import pacedlog
 
 PROBLEMS = "workerqueue_http_problems_total"
 
@@ -20,26 +20,13 @@ PROBLEMS = "workerqueue_http_problems_total"
 class Throttled:
     def __init__(self, logger: logging.Logger, metrics: metrics_.Metrics, *, interval: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger = logger
         self._metrics = metrics
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._left_out: dict[str, int] = defaultdict(int)
+        self._paced = pacedlog.PacedLog(logger, interval=interval, clock=clock)
         metrics.describe(PROBLEMS, "Client and upstream problems of the HTTP API by kind (each one, logged or not).")
 
     def log(self, level: int, kind: str, message: str, *args: Any, exc_info: Any = None) -> None:
         self._metrics.count(PROBLEMS, kind)
-        now = self._clock()
-        last = self._last.get(kind)
-        if last is not None and now - last < self._interval:
-            self._left_out[kind] += 1
-            return
-        self._last[kind] = now
-        left_out = self._left_out.pop(kind, 0)
-        if left_out and last is not None:
-            message += f" (and {left_out} more like it in the last {now - last:.0f}s)"
-        self._logger.log(level, message, *args, exc_info=exc_info, extra={"kind": kind})
+        self._paced.log(level, kind, message, *args, exc_info=exc_info)
 
     def warning(self, kind: str, message: str, *args: Any) -> None:
         self.log(logging.WARNING, kind, message, *args)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from workerqueue_operator.core import pacedlog
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
     ENDED_ANNOTATION,
@@ -278,6 +279,8 @@ class Registry:
         """Per queue, the listing of its Leases under way, and who waits for the next: see _listed."""
         """Lease lists in flight for an identity's registrations (see registrations_of)."""
         """Workers claiming a slot to be registered again (see rejoin_slot)."""
+        self._log = pacedlog.PacedLog(logger)
+        """Failed writes and deletions: an outage fails every worker's at once, one line each a flood."""
         self._ended: dict[str, _Ended] = {}
         """Worker id -> how its registration ended, oldest first: a late heartbeat of one ended on
         purpose is no reason to register it again."""
@@ -1103,8 +1106,8 @@ class Registry:
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
-            logger.warning("writing the registration of worker %s failed, retrying: %s",
-                           worker.worker_id, type(exc).__name__ if not str(exc) else exc)
+            self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
+                              worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.
             worker.written_at = self._monotonic() - 0.8 * worker.interval + RETRY_SECONDS
             asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry, worker)
@@ -1130,15 +1133,15 @@ class Registry:
             # 401: the operator's own token lapsed (it is read again within seconds), no refusal.
             if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 \
                     and exc.status not in (401, 408, 409, 429) and tries >= DELETE_REFUSED_TRIES:
-                logger.warning("deleting the registration of worker %s was refused %d times, given up (its Lease "
-                               "lapses): %s", worker.worker_id, tries, cause)
+                self._log.warning("lease_delete_refused", "deleting the registration of worker %s was refused %d "
+                                  "times, given up (its Lease lapses): %s", worker.worker_id, tries, cause)
                 return
             # Made again until it is done: forgotten here, a Lease left behind would expire nowhere,
             # and a slot it holds (maxWorkers) would stay taken until a relist. Spread out: deletions
             # that failed together (an outage) are not all tried again in the same instant.
             wait = wait * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, no secret
-            logger.warning("deleting the registration of worker %s failed, again in %.1fs: %s", worker.worker_id,
-                           wait, cause)
+            self._log.warning("lease_delete_failed", "deleting the registration of worker %s failed, again in "
+                              "%.1fs: %s", worker.worker_id, wait, cause)
             later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
             asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, on_purpose, later, tries + 1)
             return
