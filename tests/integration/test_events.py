@@ -116,3 +116,24 @@ def test_a_queue_being_deleted_gets_no_token_secret_back(operator: OperatorProce
                                                    {"metadata": {"finalizers": None}})
 
 
+
+
+def test_a_generated_token_secret_deleted_is_made_again_with_a_warning(operator: OperatorProcess, kube: Kube,
+                                                                       namespace: str):
+    """Its workers hold the old token and are refused from then on: that must not go by as a routine
+    TokenSecretCreated (a `kubectl delete` by mistake drained every hand-started worker in silence)."""
+    kube.create_queue(namespace, "revoked", queueId=f"revoked-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "revoked", "True")
+    old = kube.queue_token(namespace, "revoked")
+    worker_id = operator.start_worker(f"revoked-{namespace}", old).json()["worker_id"]
+    kube.core.delete_namespaced_secret("revoked-worker-token", namespace)
+    new = wait_for(lambda: kube.has_secret(namespace, "revoked-worker-token")
+                   and kube.queue_token(namespace, "revoked"), what="the token Secret made again")
+    assert new != old
+    warned = wait_for(lambda: [e for e in kube.events(namespace, "revoked") if e.reason == "TokenSecretRecreated"],
+                      what="the TokenSecretRecreated Event")
+    assert warned[0].type == "Warning" and "revoked-worker-token" in warned[0].message
+    assert old not in warned[0].message and new not in warned[0].message
+    wait_for(lambda: operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", old,
+                                   {"status": "active"}).status == 401, what="the old token refused")
+    assert [e.reason for e in kube.events(namespace, "revoked")].count("TokenSecretCreated") == 1

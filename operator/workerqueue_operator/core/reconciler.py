@@ -384,7 +384,14 @@ class Reconciler:
         finally:
             self._store.created_secret(secret, None if there is None else self._store.secret_data(there),
                                        "" if there is None else resources.version_of(there))
-        if made:
+        if made and queue.status.get("conditions"):
+            # Its first status waited for the Secret: it was there, and was deleted. The new token is no
+            # mistake to mend (deleting the Secret is how a generated token is revoked), but every worker
+            # that holds the old one is turned away from now on: said where alerting looks.
+            self._events.post(involved=queue_ref_body(queue), reason="TokenSecretRecreated", warning=True,
+                              message=f"Secret {name} was deleted and is made again with a new queue token: "
+                                      "workers holding the old one are refused (401) until started with the new one")
+        elif made:
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
         return self._store.secret_state(secret)[1] is None
