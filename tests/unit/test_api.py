@@ -856,3 +856,14 @@ async def test_a_disconnect_of_a_namesake_queues_worker_stays_unknown():
         assert (await c.post(START.format("q-1"), headers=auth)).status == 200
         bye = await c.post(f"/api/v1/workers/{worker_id}/disconnect", json={"reason": "shutdown"}, headers=auth)
         assert bye.status == 404 and await bye.json() == {"detail": "Worker not found"}
+
+
+async def test_a_call_refused_for_its_token_is_noted_on_its_worker(client: TestClient):
+    worker_id = (await (await client.post(START.format("q-1"), json={}, headers=AUTH)).json())["worker_id"]
+    revoked = {"Authorization": "Bearer no-longer-the-queue-token"}
+    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"}, headers=revoked)
+    assert beat.status == 401
+    assert client.app[REGISTRY].get(worker_id).token_refused
+    assert (await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"},
+                              headers=AUTH)).status == 200
+    assert not client.app[REGISTRY].get(worker_id).token_refused

@@ -1246,3 +1246,39 @@ def test_a_paced_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFi
         paced.warning("a", "failed %s", "y")
     assert [r.getMessage() for r in caplog.records] == [
         "failed x", "another kind", "failed y (and 4 more like it in the last 12s)"]
+
+
+async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch: pytest.MonkeyPatch):
+    """The worker kept calling, with a token revoked meanwhile: "sent no heartbeat" alone sent whoever
+    read the Event looking for a network fault."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    events = EventPoster(kube)
+    reg = registry.Registry(client=kube, events=events, queue_of=lambda key: q, clock=lambda: now[0])
+
+    async def deleted(worker: leases.Worker, **kwargs: object) -> bool:
+        return True
+
+    monkeypatch.setattr(reg, "_delete", deleted)
+    for name in ("revoked", "silent", "restored"):
+        worker = reg.register(q, name)
+        worker.stored = True
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    reg.token_refused("revoked")
+    reg.token_refused("restored")
+    reg.heartbeat(reg.get("restored"), status="active", tasks_processed=0, current_task_id=None,
+                  system_info=None)  # its token opens the queue again (restored)
+    reg.token_refused("never-registered")  # nothing to note
+    now[0] += 1000.0
+    reg._sweep(ending=True)
+    await asyncio.gather(*reg._writes)
+    messages = {message.split()[1]: message for *_, message in events._warnings}
+    assert "its calls were refused: the token was revoked or rotated" in messages["revoked"]
+    assert messages["silent"].endswith("sent no heartbeat for 150s; its registration ended")
+    assert "refused" not in messages["restored"]

@@ -55,6 +55,8 @@ async def _caller_and_body(request: web.Request, model: type[bodies.M]
                            ) -> tuple[callers.Caller, bodies.M] | web.Response:
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
+        if caller.status == 401:  # a live worker whose token was revoked: its expiry says why
+            request.app[REGISTRY].token_refused(request.match_info["worker_id"])
         return caller
     body = await bodies.read(request, model)
     if isinstance(body, web.Response):

@@ -225,6 +225,9 @@ class Worker:
     """The second it is filed under in the registry's expiries (its earliest), None while it is not."""
     version: str = ""
     """The resourceVersion of its Lease last known here ("": none yet): a renewal is written over it only."""
+    token_refused: bool = False
+    """A call in its name was refused here for its token (401) since its last heartbeat: its token was
+    revoked (its Secret deleted, a rotation), the likely reason should it expire."""
 
     @property
     def namespace(self) -> str:

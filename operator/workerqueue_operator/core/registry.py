@@ -755,9 +755,16 @@ class Registry:
             self._renewal_rate += 1.0 / worker.interval
             self._heard_of(worker)
         worker.heartbeats_here += 1
+        worker.token_refused = False
         self.heartbeats += 1
         self._mark(worker)
         return True
+
+    def token_refused(self, worker_id: str) -> None:
+        """A call for this worker was refused for its token (see Worker.token_refused)."""
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.token_refused = True
 
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is made again later."""
@@ -1148,9 +1155,12 @@ class Registry:
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
             if queue is not None:
+                # Refused for its token, it did call: "no heartbeat" alone sends one looking for a network fault.
+                what = "no heartbeat with a token that opens its queue (its calls were refused: the token was " \
+                    "revoked or rotated)" if worker.token_refused else "no heartbeat"
                 self._events.post(involved=_involved(worker, queue.name), reason="WorkerExpired",
-                                  message=f"worker {worker.worker_id} sent no heartbeat for "
-                                  f"{worker.duration:.0f}s; its registration ended", warning=True)
+                                  message=f"worker {worker.worker_id} sent {what} for {worker.duration:.0f}s; "
+                                  "its registration ended", warning=True)
 
     def _delete_again(self, worker: Worker, why: str, on_purpose: bool, wait: float, tries: int) -> None:
         again = self._workers.get(worker.worker_id)
