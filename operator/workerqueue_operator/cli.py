@@ -40,6 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     unknown = Settings.unknown_env()
     if unknown:  # names only: a value may be a secret
         logging.getLogger(__name__).warning("environment variables ignored, no such setting: %s", ", ".join(unknown))
+    for doubt in settings.doubts(in_cluster="KUBERNETES_SERVICE_HOST" in os.environ):
+        logging.getLogger(__name__).warning("settings: %s", doubt)
     # Replicas need distinct priorities for kopf peering to pick one: a random one unless given.
     priority = args.priority if args.priority is not None else secrets.randbelow(1_000_000)
     try:

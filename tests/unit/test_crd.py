@@ -39,8 +39,7 @@ def test_the_charts_extra_config_is_generated_from_the_settings():
     assert extra["additionalProperties"] is False
     lifetime = extra["properties"]["peering_lifetime_seconds"]
     assert (lifetime["type"], lifetime["minimum"], lifetime["maximum"]) == ("integer", 2, 3600)
-    # A null would overwrite what the chart derives (worker_control_plane_url: its Service): left out instead.
-    assert extra["properties"]["public_url"]["type"] == "string"
+    assert extra["properties"]["public_url"]["type"] == ["string", "null"]
     # A list, or its comma-separated string, as the operator takes either (and WQ_* variables give).
     assert extra["properties"]["ignored_secret_types"]["type"] == ["array", "string"]
 
@@ -120,7 +119,8 @@ def test_printer_columns_and_names():
 CHART = ROOT / "charts" / "workerqueue-operator"
 PROBES: list[Any] = ["", " ", "a b", "x", "Org_Key", "../x", "http://h:99999", "https://h", "https://h:65536/v1",
                      -1, 0, 1e-6, 0.5, 1, 2.5, 59, 61, 301, 3601, 86401, 2 ** 31, 2 ** 63, 10 ** 20, True, None,
-                     [], [""], ["a"], " , ", {}]
+                     [], [""], ["a"], " , ", {}, "x" * 300, "h" * 1100, "http://" + "h" * 2100,
+                     "http://h:0000080", "http://h:99999x/", "http://u:p@h:80/"]
 
 
 def _values_schema() -> dict[str, Any]:

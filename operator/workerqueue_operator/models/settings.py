@@ -84,7 +84,7 @@ class Settings(BaseModel):
     """Default LiteLLM proxy URL (http:// or https://)."""
     litellm_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default LiteLLM API key, as `namespace/name:key` in env."""
-    public_url: str | None = Field(default=None, max_length=2048, pattern=_HTTP_URL,
+    public_url: str | None = Field(default=None, max_length=2048, pattern=f"^$|{_HTTP_URL}",
                                    json_schema_extra=_PORT_IN_RANGE)
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
     control_plane_sdk_version: str = Field(default="0.6.0", min_length=1, max_length=64)
@@ -123,7 +123,7 @@ class Settings(BaseModel):
     every queue. Its container named `worker` (added first when there is none) runs the worker:
     worker_image and worker_command unless it names its own. The API server validates the rest when
     a pod is created; a pod it refuses shows on its queue (Progressing=False, PodCreationFailed)."""
-    worker_control_plane_url: str | None = Field(default=None, max_length=2048, pattern=_HTTP_URL,
+    worker_control_plane_url: str | None = Field(default=None, max_length=2048, pattern=f"^$|{_HTTP_URL}",
                                                  json_schema_extra=_PORT_IN_RANGE)
     """CONTROL_PLANE_URL given to worker pods: this operator's in-cluster URL. Unset: public_url."""
     worker_backoff_seconds: float = Field(default=10.0, gt=0, le=_HOUR)
@@ -247,11 +247,21 @@ class Settings(BaseModel):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.upstream_url and self.upstream_api_key_secret is None:
             raise ValueError("upstream_url needs upstream_api_key_secret (the organization's key)")
-        if self.worker_backoff_seconds > self.worker_backoff_max_seconds:
-            raise ValueError("worker_backoff_seconds is above worker_backoff_max_seconds, the longest back-off")
-        if self.backlog_poll_seconds > self.backlog_idle_poll_seconds:
-            raise ValueError("backlog_poll_seconds (while busy) is above backlog_idle_poll_seconds (once idle)")
         return self
+
+    def doubts(self, *, in_cluster: bool) -> list[str]:
+        """Settings the operator runs with, though they are likely not what was meant: warned of at
+        start. (Not refused: each has a defined meaning, and a configuration that ran before still runs.)"""
+        said = []
+        if self.worker_backoff_seconds > self.worker_backoff_max_seconds:
+            said.append("worker_backoff_seconds is above worker_backoff_max_seconds: every back-off is the longest")
+        if self.backlog_poll_seconds > self.backlog_idle_poll_seconds:
+            said.append("backlog_poll_seconds is above backlog_idle_poll_seconds: a busy queue's backlog is read "
+                        "every backlog_idle_poll_seconds")
+        if in_cluster and not (self.worker_control_plane_url or self.public_url):
+            said.append("neither worker_control_plane_url nor public_url is set: worker pods are told "
+                        f"CONTROL_PLANE_URL=http://127.0.0.1:{self.http_port}, which is themselves in a cluster")
+        return said
 
     @field_validator("*", mode="before")
     @classmethod
@@ -268,7 +278,7 @@ class Settings(BaseModel):
             try:
                 urlsplit(value).port  # noqa: B018 - raises when out of range, as every call to it would fail
             except ValueError:
-                raise ValueError("the URL's port is out of range (0-65535)") from None
+                raise ValueError("the URL's port is not a number from 0 to 65535") from None
         return value
 
     @field_validator("temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret", mode="before")
@@ -290,7 +300,7 @@ class Settings(BaseModel):
         spec_.PodTemplate.model_validate(value)  # the shape a queue's own template must have too
         return value
 
-    @field_validator("upstream_url", mode="before")
+    @field_validator("upstream_url", "public_url", "worker_control_plane_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None

@@ -18,10 +18,13 @@ Python's any Unicode space; a URL the CRD let in was then refused as stored befo
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
 fragment (the host is what metrics are labelled with)."""
-URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*:0*([0-9]{6,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9]{2}"
-                         r"|6[6-9][0-9]{3}|[7-9][0-9]{4})([/?#]|$)")
-"""A URL whose port is above 65535, which no client can dial: for schemas (`not`), as code checks it
-with urlsplit."""
+URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\[[^\]/?#]*\]):"
+                         r"(0*([1-9][0-9]{5,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9]{2}|6[6-9][0-9]{3}|[7-9][0-9]{4})"
+                         r"|[0-9]*[^0-9/?#@][^/?#@]*)([/?#]|$)")
+"""A URL whose port is no number from 0 to 65535, which no client can dial (urlsplit refuses it too):
+for schemas (`not`), as code checks it with urlsplit."""
+
+
 GROUP = "agentcontrol.dev"
 VERSION = "v1alpha1"
 KIND = "WorkerQueue"

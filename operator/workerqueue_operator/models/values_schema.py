@@ -27,15 +27,17 @@ _WIDTH = 120
 
 
 def _setting(node: dict[str, Any]) -> dict[str, Any]:
-    """One setting's JSON Schema, draft-07 as Helm reads it: `X | None` as X, no titles nor defaults
-    (the operator's defaults apply to what the values leave out). A null in `extraConfig` would
-    overwrite what the chart derives from its other values: the key is left out instead."""
+    """One setting's JSON Schema, draft-07 as Helm reads it: `X | None` as a type list, no titles
+    nor defaults (the operator's defaults apply to what the values leave out)."""
     if "anyOf" in node:
         others = [option for option in node["anyOf"] if option.get("type") != "null"]
         if len(others) != 1 or "type" not in others[0]:
             raise ValueError(f"a setting's schema cannot express this union: {node['anyOf']}")
         rest = {key: value for key, value in node.items() if key != "anyOf"}
-        return _setting({**others[0], **rest})
+        merged = _setting({**others[0], **rest})
+        if len(others) != len(node["anyOf"]):
+            merged["type"] = [merged["type"], "null"]
+        return merged
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key not in _KEPT:
