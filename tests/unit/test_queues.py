@@ -536,7 +536,6 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     # Empty: every worker pod refused, or run with the image's entrypoint, or told to call itself.
     ({"WQ_WORKER_IMAGE": ""}, "worker_image"),
     ({"WQ_WORKER_IMAGE": "reg/worker: 2"}, "worker_image"),
-    ({"WQ_WORKER_COMMAND": ""}, "worker_command"),
     ({"WQ_WORKER_COMMAND": '["kubiya", ""]'}, "worker_command"),
     ({"WQ_PUBLIC_URL": "cp.example"}, "public_url"),
     ({"WQ_PUBLIC_URL": "https://cp.example:80x/"}, "public_url"),

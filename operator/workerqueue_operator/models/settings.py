@@ -114,9 +114,10 @@ class Settings(BaseModel):
     worker_image: str = Field(default="ghcr.io/kubiyabot/agent-worker:latest", min_length=1, max_length=1024,
                               pattern=_NO_SPACE)
     """Image of worker pods whose queue has no pod template."""
-    worker_command: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
-        default=("kubiya", "worker", "start", "--queue-id=$(QUEUE_ID)"), min_length=1)
-    """Command of worker pods whose queue has no pod template ($(VAR) is expanded by the kubelet)."""
+    worker_command: tuple[Annotated[str, Field(min_length=1)], ...] = ("kubiya", "worker", "start",
+                                                                         "--queue-id=$(QUEUE_ID)")
+    """Command of worker pods whose queue has no pod template ($(VAR) is expanded by the kubelet);
+    empty: the image's own entrypoint."""
     worker_pod_template: dict[str, Any] = Field(default_factory=dict)
     """A PodTemplateSpec (metadata, spec) for worker pods whose queue has no pod template, so that
     security contexts, resources, node selectors, tolerations or image pull secrets are set once for
