@@ -1282,3 +1282,40 @@ async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch
     assert "its calls were refused: the token was revoked or rotated" in messages["revoked"]
     assert messages["silent"].endswith("sent no heartbeat for 150s; its registration ended")
     assert "refused" not in messages["restored"]
+
+
+async def test_a_lease_marked_as_its_workers_end_and_left_behind_is_deleted_by_the_active_replica(
+        monkeypatch: pytest.MonkeyPatch):
+    """The replica that marked it stopped before deleting it (or its deletion was refused for good):
+    no replica holds the worker any more, so no sweep would ever delete it."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    mono = [100.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q,
+                            monotonic=lambda: mono[0])
+    deleted: list[str] = []
+
+    async def delete(worker: leases.Worker, **kwargs: object) -> bool:
+        deleted.append(worker.lease)
+        return True
+
+    monkeypatch.setattr(reg, "_delete", delete)
+    for name in ("left-behind", "deleted-in-time"):
+        held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None)
+        reg.lease_upserted(leases.lease_body(held, queue_name="q1"))
+        reg.lease_upserted(marked(leases.lease_body(held, queue_name="q1")))
+        assert reg.get(name, expired=True) is None  # ended here at once
+    reg.lease_deleted(("team-a", "q1-deleted-in-time"), marked(leases.lease_body(
+        make_worker(worker_id="deleted-in-time", lease="q1-deleted-in-time", slot=None, pod=None), queue_name="q1")))
+    mono[0] += registry.MARKED_GRACE_SECONDS + 1
+    reg._delete_left_behind()  # called by the active replica only (run)
+    await asyncio.gather(*reg._writes)
+    assert deleted == ["q1-left-behind"]
+    reg._delete_left_behind()  # once
+    await asyncio.gather(*reg._writes)
+    assert deleted == ["q1-left-behind"]

@@ -80,8 +80,12 @@ SHUTDOWN_DELETE_SECONDS = 2.0
 """How long a stopping replica waits for the Lease deletions under way."""
 DELETE_REFUSED_TRIES = 3
 """Tries of a deletion the API server refuses outright (403, 422: RBAC, a policy): no retry mends
-that, and each pending retry holds its worker. The Lease is left to lapse (any replica takes it as
-expired) and the refusal logged."""
+that, and each pending retry holds its worker. The Lease is left (an expiry's lapses: any replica
+takes it as expired) and the refusal logged."""
+MARKED_GRACE_SECONDS = 10.0
+"""A Lease marked as its worker's end is deleted at once by the replica that marked it; one still
+there this long after (that replica stopped, or its deletion failed for good) is deleted by the
+active replica. Nothing else would: no replica holds its worker any more."""
 DISCONNECT_WAIT_SECONDS = 8.0
 """How long a disconnect waits for its Lease's deletion: the real worker gives the call 10 s."""
 DELETE_ATTEMPTS = 3
@@ -231,6 +235,8 @@ class Registry:
         self._pending: dict[QueueKey, int] = {}
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
+        self._marked: dict[tuple[str, str], tuple[Worker, float]] = {}
+        """Leases seen marked as their worker's end and not seen deleted yet, with when (monotonic)."""
         """The tasks deleting a Lease now (see run)."""
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
@@ -308,8 +314,10 @@ class Registry:
         if holder is not None:
             self._taken_over(holder)  # a slot taken over by another worker
         if ended_on_purpose(body):
+            self._marked.setdefault(key, (incoming, self._monotonic()))
             self._marked_ended(key, incoming)
             return
+        self._marked.pop(key, None)  # a slot's Lease taken by another worker since
         mine = self._workers.get(incoming.worker_id)
         if mine is None:
             ended = self._ended.get(incoming.worker_id)
@@ -359,10 +367,9 @@ class Registry:
         ended = self._ended.get(incoming.worker_id)
         if ended is None or not ended.on_purpose or ended.queue != incoming.queue:
             self._bury(incoming, on_purpose=True)
-            if self._active():  # left behind by a replica that stopped before deleting it: nobody else would
-                self._spawn(self._delete_quietly(incoming, "ended", on_purpose=True))
 
     def lease_deleted(self, key: tuple[str, str], body: dict[str, Any] | None) -> None:
+        self._marked.pop(key, None)
         if body is not None and is_refusal(body):
             return  # deleted with its pod, or expired: what is remembered here expires on its own
         # How it ended, by the Lease as it was deleted: marked (ENDED_ANNOTATION), its worker's life
@@ -982,6 +989,8 @@ class Registry:
                 if self._monotonic() - self._last_sweep >= 1.0:
                     self._last_sweep = self._monotonic()
                     self._sweep(ending=self._active())
+                    if self._active():
+                        self._delete_left_behind()
                 self._flush()
         finally:
             # Deletions under way are let finish, briefly: a worker that said goodbye just before a
@@ -995,6 +1004,14 @@ class Registry:
     def write_rate(self) -> float:
         """Writes a second this replica may make: enough to renew what it keeps alive, plus a base."""
         return self._base_rate + 1.25 * max(self._renewal_rate, 0.0)
+
+    def _delete_left_behind(self) -> None:
+        """Deletes the Leases marked as their worker's end that are still there (MARKED_GRACE_SECONDS)."""
+        now = self._monotonic()
+        for key, (worker, seen) in list(self._marked.items()):
+            if now - seen >= MARKED_GRACE_SECONDS:
+                del self._marked[key]  # a deletion that fails is made again by _delete_quietly itself
+                self._spawn(self._delete_quietly(worker, "ended", on_purpose=True))
 
     def _sweep(self, *, ending: bool) -> None:
         """Expired workers: a registration never written is just forgotten (no write for a worker that
@@ -1141,7 +1158,7 @@ class Registry:
             if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 \
                     and exc.status not in (401, 408, 409, 429) and tries >= DELETE_REFUSED_TRIES:
                 self._log.warning("lease_delete_refused", "deleting the registration of worker %s was refused %d "
-                                  "times, given up (its Lease lapses): %s", worker.worker_id, tries, cause)
+                                  "times, given up (its Lease is left): %s", worker.worker_id, tries, cause)
                 return
             # Made again until it is done: forgotten here, a Lease left behind would expire nowhere,
             # and a slot it holds (maxWorkers) would stay taken until a relist. Spread out: deletions
