@@ -137,3 +137,16 @@ def test_a_generated_token_secret_deleted_is_made_again_with_a_warning(operator:
     wait_for(lambda: operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", old,
                                    {"status": "active"}).status == 401, what="the old token refused")
     assert [e.reason for e in kube.events(namespace, "revoked")].count("TokenSecretCreated") == 1
+
+
+def test_a_first_token_secret_made_late_is_no_recreation(operator: OperatorProcess, kube: Kube, namespace: str):
+    """A new queue whose first token Secret was refused a while (a quota): when it is made at last,
+    nobody held a token to lose, so no TokenSecretRecreated Warning."""
+    kube.forbid_new_secrets(namespace)
+    kube.create_queue(namespace, "late", queueId=f"late-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "late", "False", reason="TokenSecretNotCreated")
+    kube.allow_new_secrets(namespace)
+    kube.wait_condition(namespace, "late", "True", timeout=60)
+    wait_for(lambda: any(e.reason == "TokenSecretCreated" for e in kube.events(namespace, "late")),
+             what="the TokenSecretCreated Event")
+    assert not any(e.reason == "TokenSecretRecreated" for e in kube.events(namespace, "late"))

@@ -125,6 +125,8 @@ class Reconciler:
         self._written: dict[QueueKey, tuple[str, dict[str, Any], str]] = {}
         """The status last written per queue, with the uid of the queue it was written to and the
         resourceVersion the write made."""
+        self._token_seen: dict[QueueKey, str] = {}
+        """Queue -> the uid of the queue whose generated token Secret was seen here: made again, it was deleted."""
         self._conflicts = Conflicts()
         self._token_refusals = Conflicts()  # the same back-off, for a token Secret the API server refuses
         self._fetching: set[SecretName] = set()
@@ -270,6 +272,7 @@ class Reconciler:
         resolution = self._store.resolution(key)
         if resolution is None:
             self._written.pop(key, None)
+            self._token_seen.pop(key, None)
             self._conflicts.forget(key)
             self._token_refusals.forget(key)
             return
@@ -366,6 +369,8 @@ class Reconciler:
         name = queues.token_secret_name(queue.name)
         secret = (queue.namespace, name)
         known, data = self._store.secret_state(secret)
+        if known and data is not None:
+            self._token_seen[queue.key] = queue.uid
         if not known or data is not None:
             return False
         body = token_secret_body(queue, secrets.token_urlsafe(32))  # 256 random bits
@@ -384,10 +389,10 @@ class Reconciler:
         finally:
             self._store.created_secret(secret, None if there is None else self._store.secret_data(there),
                                        "" if there is None else resources.version_of(there))
-        if made and queue.status.get("conditions"):
-            # Its first status waited for the Secret: it was there, and was deleted. The new token is no
-            # mistake to mend (deleting the Secret is how a generated token is revoked), but every worker
-            # that holds the old one is turned away from now on: said where alerting looks.
+        if made and self._token_seen.get(queue.key) == queue.uid:
+            # It was there, and was deleted. The new token is no mistake to mend (deleting the Secret is
+            # how a generated token is revoked), but every worker that holds the old one is turned away
+            # from now on: said where alerting looks.
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretRecreated", warning=True,
                               message=f"Secret {name} was deleted and is made again with a new queue token: "
                                       "workers holding the old one are refused (401) until started with the new one")
