@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.unit import apps
 from tests.unit.factories import UID, queue
 from workerqueue_operator.api import unseen
-from workerqueue_operator.api.keys import DRAIN, REGISTRY, UNSEEN
+from workerqueue_operator.api.keys import DRAIN, REGISTRY, STORE, UNSEEN
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -858,12 +858,19 @@ async def test_a_disconnect_of_a_namesake_queues_worker_stays_unknown():
         assert bye.status == 404 and await bye.json() == {"detail": "Worker not found"}
 
 
-async def test_a_call_refused_for_its_token_is_noted_on_its_worker(client: TestClient):
+async def test_a_call_refused_for_its_token_is_noted_on_its_worker_only_with_the_token_it_was_issued_with(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch):
     worker_id = (await (await client.post(START.format("q-1"), json={}, headers=AUTH)).json())["worker_id"]
-    revoked = {"Authorization": "Bearer no-longer-the-queue-token"}
-    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"}, headers=revoked)
+    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"},
+                             headers={"Authorization": "Bearer someone-elses-made-up-token"})
+    assert beat.status == 401
+    assert not client.app[REGISTRY].get(worker_id).token_refused  # proves nothing about the worker
+    store = client.app[STORE]
+    monkeypatch.setattr(store, "is_queue_token", lambda digest: False)  # the queue token revoked
+    beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"}, headers=AUTH)
     assert beat.status == 401
     assert client.app[REGISTRY].get(worker_id).token_refused
+    monkeypatch.undo()  # restored
     assert (await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"},
                               headers=AUTH)).status == 200
     assert not client.app[REGISTRY].get(worker_id).token_refused

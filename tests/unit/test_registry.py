@@ -1250,9 +1250,10 @@ def test_a_paced_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFi
 
 async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch: pytest.MonkeyPatch):
     """The worker kept calling, with a token revoked meanwhile: "sent no heartbeat" alone sent whoever
-    read the Event looking for a network fault."""
+    read the Event looking for a network fault. Only the token the worker's id was issued with says so."""
     import kubernetes
 
+    from workerqueue_operator.core import queues
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
@@ -1266,22 +1267,28 @@ async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch
         return True
 
     monkeypatch.setattr(reg, "_delete", deleted)
-    for name in ("revoked", "silent", "restored"):
-        worker = reg.register(q, name)
+    old = queues.digest("the-revoked-queue-token")
+    ids = {name: queues.new_worker_id(old) for name in ("revoked", "silent", "restored", "made-up")}
+    for worker_id in ids.values():
+        worker = reg.register(q, worker_id)
         worker.stored = True
         reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
-    reg.token_refused("revoked")
-    reg.token_refused("restored")
-    reg.heartbeat(reg.get("restored"), status="active", tasks_processed=0, current_task_id=None,
+    reg.token_refused(ids["revoked"], old)
+    reg.token_refused(ids["restored"], old)
+    reg.token_refused(ids["made-up"], queues.digest("anyone-elses-token"))  # proves nothing: not noted
+    reg.token_refused("never-registered", old)
+    told = [message for (*_, reason, message) in events._warnings if reason == "WorkerTokenRefused"]
+    assert sorted(m.split()[1] for m in told) == sorted([ids["revoked"], ids["restored"]])
+    reg.heartbeat(reg.get(ids["restored"]), status="active", tasks_processed=0, current_task_id=None,
                   system_info=None)  # its token opens the queue again (restored)
-    reg.token_refused("never-registered")  # nothing to note
     now[0] += 1000.0
     reg._sweep(ending=True)
     await asyncio.gather(*reg._writes)
-    messages = {message.split()[1]: message for *_, message in events._warnings}
-    assert "its calls were refused: the token was revoked or rotated" in messages["revoked"]
-    assert messages["silent"].endswith("sent no heartbeat for 150s; its registration ended")
-    assert "refused" not in messages["restored"]
+    messages = {message.split()[1]: message for (*_, reason, message) in events._warnings
+                if reason == "WorkerExpired"}
+    assert "its calls were refused: the token was revoked or rotated" in messages[ids["revoked"]]
+    for name in ("silent", "restored", "made-up"):
+        assert " sent no heartbeat for " in messages[ids[name]], name
 
 
 async def test_a_lease_marked_as_its_workers_end_and_left_behind_is_deleted_by_the_active_replica(

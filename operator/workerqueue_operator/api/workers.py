@@ -55,8 +55,9 @@ async def _caller_and_body(request: web.Request, model: type[bodies.M]
                            ) -> tuple[callers.Caller, bodies.M] | web.Response:
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
-        if caller.status == 401:  # a live worker whose token was revoked: its expiry says why
-            request.app[REGISTRY].token_refused(request.match_info["worker_id"])
+        token = callers.bearer(request)
+        if caller.status == 401 and token is not None:  # a live worker whose token was revoked, maybe
+            request.app[REGISTRY].token_refused(request.match_info["worker_id"], queues.digest(token))
         return caller
     body = await bodies.read(request, model)
     if isinstance(body, web.Response):

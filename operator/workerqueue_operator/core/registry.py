@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from workerqueue_operator.core import pacedlog
+from workerqueue_operator.core import pacedlog, queues
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
     ENDED_ANNOTATION,
@@ -767,11 +767,20 @@ class Registry:
         self._mark(worker)
         return True
 
-    def token_refused(self, worker_id: str) -> None:
-        """A call for this worker was refused for its token (see Worker.token_refused)."""
+    def token_refused(self, worker_id: str, token_digest: bytes) -> None:
+        """A call for this worker was refused for its token (see Worker.token_refused): noted, and told
+        once, if the token is the one the worker was issued its id with (the id's MAC shows it). Anyone
+        else's made-up token proves nothing about the worker."""
         worker = self._workers.get(worker_id)
-        if worker is not None:
-            worker.token_refused = True
+        if worker is None or worker.token_refused or \
+                not queues.issued_worker_id(worker_id, [token_digest], pod=worker.pod):
+            return
+        worker.token_refused = True
+        queue = self._queue_of(worker.queue)
+        if queue is not None:
+            self._events.post(involved=_involved(worker, queue.name), reason="WorkerTokenRefused", warning=True,
+                              message=f"worker {worker_id} is refused: the token it started with no longer opens "
+                                      "the queue (revoked or rotated); it expires unless it starts again")
 
     async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
         """Ends a registration at once; the Event says why. A failed delete is made again later."""
