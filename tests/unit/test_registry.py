@@ -1326,3 +1326,16 @@ async def test_a_lease_marked_as_its_workers_end_and_left_behind_is_deleted_by_t
     reg._delete_left_behind()  # once
     await asyncio.gather(*reg._writes)
     assert deleted == ["q1-left-behind"]
+
+
+def test_an_id_that_ended_on_purpose_in_one_queue_may_still_join_another():
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    first, other = queue("q1", uid="uid-1"), queue("q2", uid="uid-2")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of={first.key: first, other.key: other}.get)
+    reg._bury(make_worker(worker_id="same-id", queue=first.key), on_purpose=True)
+    assert not reg.may_rejoin(first, "same-id") and reg.may_rejoin(other, "same-id")

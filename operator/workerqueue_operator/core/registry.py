@@ -550,7 +550,8 @@ class Registry:
         from a pod that has another worker registered. With maxWorkers, rejoin_slot asks the API
         server first about one never seen here."""
         ended = self._ended.get(worker_id)
-        if (ended is not None and ended.on_purpose) or worker_id in self._workers or worker_id in self._rejoining:
+        if (ended is not None and ended.on_purpose and ended.queue in (None, queue.key)) \
+                or worker_id in self._workers or worker_id in self._rejoining:
             return False
         return pod is None or not any(w.pod == pod for w in self._by_queue.get(queue.key, {}).values())
 
