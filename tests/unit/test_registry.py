@@ -1339,3 +1339,31 @@ def test_an_id_that_ended_on_purpose_in_one_queue_may_still_join_another():
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of={first.key: first, other.key: other}.get)
     reg._bury(make_worker(worker_id="same-id", queue=first.key), on_purpose=True)
     assert not reg.may_rejoin(first, "same-id") and reg.may_rejoin(other, "same-id")
+
+
+async def test_a_disconnect_answers_by_its_deadline_however_long_its_deletion_takes(monkeypatch: pytest.MonkeyPatch):
+    """Time spent before (a pod's token awaited) is taken from the wait: the real worker gives the call 10 s."""
+    import time
+
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q)
+
+    async def slow(worker: leases.Worker, **kwargs: object) -> bool:
+        await asyncio.sleep(5)
+        return True
+
+    monkeypatch.setattr(reg, "_delete", slow)
+    worker = reg.register(q, "leaving")
+    worker.stored = True
+    began = time.monotonic()
+    await reg.disconnect(worker, reason="shutdown", exit_code=0, deadline=asyncio.get_running_loop().time() + 0.3)
+    assert time.monotonic() - began < 2
+    for task in reg._writes:
+        task.cancel()
+    await asyncio.gather(*reg._writes, return_exceptions=True)

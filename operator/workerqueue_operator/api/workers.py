@@ -3,6 +3,7 @@ and DELETE of a queue. Each route: authenticate, read the body, find the object,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any
 
@@ -169,6 +170,9 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def disconnect(request: web.Request) -> web.Response:
+    # Its worker waits 10 s: time spent on its token (a pod's Secret not seen yet) is taken from the wait
+    # for its Lease's deletion.
+    deadline = asyncio.get_running_loop().time() + registry_.DISCONNECT_WAIT_SECONDS
     call = await _caller_and_body(request, wire.WorkerDisconnectRequest)
     if isinstance(call, web.Response):
         return call
@@ -187,13 +191,13 @@ async def disconnect(request: web.Request) -> web.Response:
                 return denied
         worker_id = request.match_info["worker_id"]
         if not await request.app[REGISTRY].disconnect_unseen(resolution.queue, worker_id, reason=body.reason,
-                                                             exit_code=body.exit_code):
+                                                             exit_code=body.exit_code, deadline=deadline):
             return found  # a registration of another queue (a namesake made again): not this caller's
         return web.json_response({"status": "disconnected", "worker_id": worker_id})
     if isinstance(found, web.Response):
         return found
     worker, _ = found
-    await request.app[REGISTRY].disconnect(worker, reason=body.reason, exit_code=body.exit_code)
+    await request.app[REGISTRY].disconnect(worker, reason=body.reason, exit_code=body.exit_code, deadline=deadline)
     return web.json_response({"status": "disconnected", "worker_id": worker.worker_id})
 
 

@@ -87,7 +87,8 @@ MARKED_GRACE_SECONDS = 10.0
 there this long after (that replica stopped, or its deletion failed for good) is deleted by the
 active replica. Nothing else would: no replica holds its worker any more."""
 DISCONNECT_WAIT_SECONDS = 8.0
-"""How long a disconnect waits for its Lease's deletion: the real worker gives the call 10 s."""
+"""How long a disconnect may take, its Lease's deletion waited for: the real worker gives the call
+10 s. Counted from the request's arrival (time spent on its token is spent)."""
 DELETE_ATTEMPTS = 3
 """Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
@@ -783,8 +784,10 @@ class Registry:
                               message=f"worker {worker_id} is refused: the token it started with no longer opens "
                                       "the queue (revoked or rotated); it expires unless it starts again")
 
-    async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None) -> None:
-        """Ends a registration at once; the Event says why. A failed delete is made again later."""
+    async def disconnect(self, worker: Worker, *, reason: str, exit_code: int | None,
+                         deadline: float | None = None) -> None:
+        """Ends a registration at once; the Event says why. A failed delete is made again later.
+        `deadline` (loop time): when the caller must be answered, its deletion done or not."""
         self._forget(worker.worker_id)
         self._bury(worker, on_purpose=True)
         queue = self._queue_of(worker.queue)
@@ -793,12 +796,12 @@ class Registry:
             # /start there must not meet it in maxWorkers), but within the worker's own timeout.
             deleting = self._spawn(self._delete_quietly(worker, "disconnected", on_purpose=True))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(deleting), DISCONNECT_WAIT_SECONDS)
+                await asyncio.wait_for(asyncio.shield(deleting), _left_until(deadline))
         if queue is not None:
             self._post_disconnected(_involved(worker, queue.name), worker.worker_id, reason, exit_code)
 
     async def disconnect_unseen(self, queue: QueueObject, worker_id: str, *, reason: str,
-                                exit_code: int | None) -> bool:
+                                exit_code: int | None, deadline: float | None = None) -> bool:
         """Ends, at its disconnect, a worker of `queue` with no registration here: another replica
         registered it, and this one's watch has not brought its Lease yet (or it was never written:
         that replica writes in batches). Remembered first as ended on purpose, so that its Lease is
@@ -811,13 +814,13 @@ class Registry:
         if known is not None:  # known meanwhile: a heartbeat rejoined it, or the watch brought it
             if known.queue_uid != queue.uid:
                 return False
-            await self.disconnect(known, reason=reason, exit_code=exit_code)
+            await self.disconnect(known, reason=reason, exit_code=exit_code, deadline=deadline)
             return True
         if self._left(worker_id):
             return True  # told twice: ended already
         self._remember(worker_id, _Ended(True, None, queue.key))
         try:
-            await asyncio.wait_for(self._take_in_stored(queue, worker_id), DISCONNECT_WAIT_SECONDS)
+            await asyncio.wait_for(self._take_in_stored(queue, worker_id), _left_until(deadline))
         except client_.ERRORS as exc:  # a timeout among them
             logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
                         worker_id, queue.namespace, queue.name, type(exc).__name__)
@@ -1456,6 +1459,12 @@ class Registry:
 
 def _version(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _left_until(deadline: float | None) -> float:
+    if deadline is None:
+        return DISCONNECT_WAIT_SECONDS
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 def _involved(worker: Worker, queue_name: str) -> dict[str, Any]:
