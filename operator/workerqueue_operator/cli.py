@@ -16,20 +16,14 @@ import pydantic
 def cmd_run(args: argparse.Namespace) -> int:
     from workerqueue_operator import runner
     from workerqueue_operator.k8s import client as client_
-    from workerqueue_operator.models.settings import ENV_PREFIX, Settings, SettingsError
+    from workerqueue_operator.models.settings import Settings, SettingsError, problems
 
     overrides = {"http_port": args.port} if args.port is not None else {}
     try:
         settings = Settings.load(**overrides)
     except pydantic.ValidationError as exc:
-        # Each problem by its setting's name, never its value: a URL may carry a password.
-        for error in exc.errors(include_input=False, include_url=False):
-            loc = error["loc"]
-            if loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
-                name = ".".join(str(part) for part in loc)
-                print(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {error['msg']}", file=sys.stderr)
-            else:  # settings that go together
-                print(f"invalid settings: {error['msg']}", file=sys.stderr)
+        for line in problems(exc):
+            print(line, file=sys.stderr)
         return 2
     except SettingsError as exc:
         print(exc, file=sys.stderr)

@@ -37,3 +37,17 @@ def test_workflows_are_started_with_the_input_their_worker_expects():
     # demo-3 is for the real worker: the protocol's AgentExecutionWorkflow input.
     assert {"execution_id", "agent_id", "organization_id", "prompt"} <= set(inputs["demo-3"])
     assert all(spec["execution_id"] == workflow_id for workflow_id, spec in inputs.items())
+
+
+def test_dev_refuses_bad_settings_by_name_before_it_starts_anything(tmp_path):
+    import os
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WQ_")},
+           "WQ_AUTH_REVIEW_TIMEOUT_SECONDS": "inf"}
+    done = subprocess.run([sys.executable, "-m", "workerqueue_operator.cli", "dev", "--state-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    output = done.stdout + done.stderr
+    assert "invalid setting auth_review_timeout_seconds (WQ_AUTH_REVIEW_TIMEOUT_SECONDS)" in output
+    assert "Traceback" not in output and not list(tmp_path.iterdir())  # nothing started

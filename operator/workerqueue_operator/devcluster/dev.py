@@ -18,12 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pydantic
+
 from workerqueue_operator.devcluster import assets as assets_
 from workerqueue_operator.devcluster import controlplane, procs
 from workerqueue_operator.devcluster.controlplane import ControlPlane, run_until_signal
 from workerqueue_operator.devcluster.kubelet import LocalKubelet
 from workerqueue_operator.devcluster.temporal import TemporalServer, find_cli
 from workerqueue_operator.models import crd
+from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -101,6 +104,15 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     from workerqueue_operator import runner
 
     runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
+    try:  # before anything starts: the WQ_* settings of this shell, as the operator will take them
+        Settings.load(http_host="127.0.0.1", http_port=port or 0, public_url="http://127.0.0.1", http_drain_seconds=0)
+    except pydantic.ValidationError as exc:
+        for line in settings_.problems(exc):
+            _say(line)
+        return 2
+    except settings_.SettingsError as exc:
+        _say(str(exc))
+        return 2
     procs.bypass_proxies_for_loopback()
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -132,7 +144,11 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
                 # The operator handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
-    run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
+    try:
+        run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
+    except runner.StartupError as exc:  # `--port` taken, say: one line, everything stopped
+        _say(f"cannot start: {exc}")
+        return 1
     if state_dir is None:
         # Made here, and holding the cluster's admin token and signing key: gone with the cluster.
         # After a failure (an exception above) it stays, with the logs that tell why.

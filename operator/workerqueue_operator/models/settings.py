@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from workerqueue_operator.models import spec as spec_
 
@@ -359,6 +359,20 @@ class Settings(BaseModel):
         env = os.environ if environ is None else environ
         known = {f"{ENV_PREFIX}CONFIG_FILE", *(f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields)}
         return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One line per problem of settings that did not load, naming the setting, never its value (a URL
+    may carry a password)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = error["loc"]
+        if loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
+            name = ".".join(str(part) for part in loc)
+            lines.append(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {error['msg']}")
+        else:  # settings that go together
+            lines.append(f"invalid settings: {error['msg']}")
+    return lines
 
 
 def _maybe_json(raw: str) -> Any:
