@@ -573,23 +573,29 @@ def test_a_fresh_lease_collected_with_its_queue_lets_its_worker_join_the_queue_m
     assert reg.may_rejoin(current[0], "collected")
 
 
-def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
-    """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
-    expired by its renew time: the worker may come back at its next heartbeat. A Lease marked as its
-    worker's end (a disconnect there): a late heartbeat does not bring it back."""
+def standby_holding(now: list[float], *names: str) -> tuple[registry.Registry, Any]:
+    """A standby's registry (nothing is written here) holding fresh Leases of workers `names` of q1."""
     import kubernetes
 
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
-    now = [1000.0]
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
                             active=lambda: False)
-    for name in ("cut-off", "said-goodbye"):
+    for name in names:
         held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=now[0], duration=25.0)
         reg.lease_upserted(leases.lease_body(held, queue_name=q.name))
+    return reg, q
+
+
+def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
+    """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
+    expired by its renew time: the worker may come back at its next heartbeat. A Lease marked as its
+    worker's end (a disconnect there): a late heartbeat does not bring it back."""
+    now = [1000.0]
+    reg, q = standby_holding(now, "cut-off", "said-goodbye")
     now[0] += 25.3
     cut_off = reg.get("cut-off", expired=True)
     assert cut_off is not None
@@ -1170,19 +1176,8 @@ def marked(body: dict[str, Any]) -> dict[str, Any]:
 def test_a_fresh_lease_deleted_by_someone_else_lets_its_live_worker_back_in():
     """`kubectl delete lease`: no end its worker asked for. Taken for a disconnect, the live worker's
     heartbeats were 404 for good (its slot free for another, it went on polling Temporal)."""
-    import kubernetes
-
-    from workerqueue_operator.core.events import EventPoster
-    from workerqueue_operator.k8s import client as client_
-
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     now = [1000.0]
-    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
-    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0],
-                            active=lambda: False)
-    for name in ("deleted-by-hand", "disconnected"):
-        held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=now[0], duration=25.0)
-        reg.lease_upserted(leases.lease_body(held, queue_name=q.name))
+    reg, q = standby_holding(now, "deleted-by-hand", "disconnected")
     now[0] += 1.0
     fresh = leases.lease_body(reg.get("deleted-by-hand"), queue_name=q.name)
     reg.lease_deleted(("team-a", "q1-deleted-by-hand"), fresh)
