@@ -236,9 +236,9 @@ class Registry:
         self._pending: dict[QueueKey, int] = {}
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
+        """The tasks deleting a Lease now (see run)."""
         self._marked: dict[tuple[str, str], tuple[Worker, float]] = {}
         """Leases seen marked as their worker's end and not seen deleted yet, with when (monotonic)."""
-        """The tasks deleting a Lease now (see run)."""
         """Registrations per queue that wait for their first heartbeat: each costs memory until it
         expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self.pending = 0
