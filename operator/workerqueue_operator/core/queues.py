@@ -448,19 +448,7 @@ def _usable_redis_url(url: str) -> bool:
     localhost to redis-py)."""
     if not url.startswith(("redis://", "rediss://")) or not url.isprintable():
         return False
-    try:
-        urlsplit(url).port  # noqa: B018 - raises when out of range
-    except ValueError:
-        return False
-    return True
-
-
-def _port_in_range(url: str) -> bool:
-    try:
-        urlsplit(url).port  # noqa: B018 - raises when out of range
-    except ValueError:
-        return False
-    return True
+    return spec_.port_in_range(url)
 
 
 def redis_password_from_url(url: str) -> str | None:
@@ -595,7 +583,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
     if s.litellm.url is not None and not re.fullmatch(spec_.LITELLM_URL_PATTERN, s.litellm.url):
         # Stored before the CRD said so (the API server keeps such a queue): reported, never served.
         raise _Unresolved(Problem("LiteLLMInvalid", "spec.litellm.url is not an http:// or https:// URL"))
-    if s.litellm.url is not None and not _port_in_range(s.litellm.url):
+    if s.litellm.url is not None and not spec_.port_in_range(s.litellm.url):
         raise _Unresolved(Problem("LiteLLMInvalid", "spec.litellm.url has a port out of range (0-65535)"))
 
     fields: dict[str, Any] = {

@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -275,11 +274,8 @@ class Settings(BaseModel):
     @field_validator("litellm_url", "public_url", "upstream_url", "worker_control_plane_url")
     @classmethod
     def _port_in_range(cls, value: str | None) -> str | None:
-        if value:
-            try:
-                urlsplit(value).port  # noqa: B018 - raises when out of range, as every call to it would fail
-            except ValueError:
-                raise ValueError("the URL's port is not a number from 0 to 65535") from None
+        if value and not spec_.port_in_range(value):
+            raise ValueError("the URL's port is not a number from 0 to 65535")
         return value
 
     @field_validator("temporal_api_key_secret", "litellm_api_key_secret", "upstream_api_key_secret", mode="before")

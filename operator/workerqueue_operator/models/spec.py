@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -22,7 +23,16 @@ URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\
                          r"(0*([1-9][0-9]{5,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9]{2}|6[6-9][0-9]{3}|[7-9][0-9]{4})"
                          r"|[0-9]*[^0-9/?#@][^/?#@]*)([/?#]|$)")
 """A URL whose port is no number from 0 to 65535, which no client can dial (urlsplit refuses it too):
-for schemas (`not`), as code checks it with urlsplit."""
+for schemas (`not`), as code checks it with port_in_range."""
+
+
+def port_in_range(url: str) -> bool:
+    """Whether a client can parse the URL's port (absent, or a number from 0 to 65535)."""
+    try:
+        urlsplit(url).port  # noqa: B018 - raises when out of range or not a number
+    except ValueError:
+        return False
+    return True
 
 
 GROUP = "agentcontrol.dev"
