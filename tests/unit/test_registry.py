@@ -1243,6 +1243,31 @@ def test_a_paced_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFi
         "failed x", "another kind", "failed y (and 4 more like it in the last 12s)"]
 
 
+def test_a_paced_log_tells_what_the_end_of_a_flood_left_out(caplog: pytest.LogCaptureFixture):
+    """The flood ended within its first line's interval: nothing else would ever say it went on."""
+    import logging
+
+    from workerqueue_operator.core.pacedlog import PacedLog
+
+    now = [0.0]
+    paced = PacedLog(logging.getLogger("paced-test"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="paced-test"):
+        for i in range(4):
+            paced.warning("a", "failed %s", i)
+        paced.warning("b", "once")
+        now[0] = 9.0
+        paced.settle()  # too early: the pace holds
+        now[0] = 10.5
+        paced.settle()
+        paced.settle()  # told once
+        now[0] = 11.0
+        paced.warning("a", "failed %s", "again")  # within the pace of the line settle wrote
+        now[0] = 21.0
+        paced.settle()
+    assert [r.getMessage() for r in caplog.records] == [
+        "failed 0", "once", "failed 3 (and 2 more like it in the last 10s)", "failed again"]
+
+
 async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch: pytest.MonkeyPatch):
     """The worker kept calling, with a token revoked meanwhile: "sent no heartbeat" alone sent whoever
     read the Event looking for a network fault. Only the token the worker's id was issued with says so."""

@@ -319,3 +319,21 @@ async def test_a_port_in_use_is_an_error_also_for_the_default_host(wildcard_on_l
             await runner_.serve_http(apps.make_app(Store(settings=settings), settings=settings), settings)
     finally:
         taken.close()
+
+
+async def test_the_end_of_a_flood_of_client_problems_is_told_once_its_pace_allows(caplog: pytest.LogCaptureFixture):
+    from workerqueue_operator.api import logs, metrics
+
+    now = [0.0]
+    log = logs.Throttled(logging.getLogger("throttled-test"), metrics.Metrics(), clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="throttled-test")
+    for i in range(5):
+        log.warning("bad_request", "bad request %s", i)
+    settling = log.settling(object())
+    await anext(settling)  # started as the app starts
+    now[0] = 11.0
+    await asyncio.sleep(1.2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(settling)  # stopped as the app stops
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad request 0", "bad request 4 (and 3 more like it in the last 11s)"]

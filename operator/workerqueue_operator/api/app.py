@@ -281,6 +281,7 @@ def make_app(
     store.subscribe(lambda key: None if store.queue(key) is not None else metrics_.forget_queue(*key))
     metrics_.keep_upstreams(store.upstream_origins)
     app[LOG] = log
+    app.cleanup_ctx.append(log.settling)
     app[BUSY] = busy
     app[DRAIN] = drain
     app[UNSEEN] = unseen.UnseenTokens(secrets_current)

@@ -6,9 +6,11 @@ logged per `interval`, saying how many were left out since the previous one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from workerqueue_operator.api import metrics as metrics_
@@ -30,3 +32,16 @@ class Throttled:
 
     def warning(self, kind: str, message: str, *args: Any) -> None:
         self.log(logging.WARNING, kind, message, *args)
+
+    async def settling(self, app: object) -> AsyncIterator[None]:
+        """An aiohttp cleanup context: tells, now and then, what the end of a flood left out."""
+        task = asyncio.create_task(self._settle_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._paced.settle()

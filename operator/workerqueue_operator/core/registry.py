@@ -1004,6 +1004,7 @@ class Registry:
                     self._sweep(ending=self._active())
                     if self._active():
                         self._delete_left_behind()
+                    self._log.settle()
                 self._flush()
         finally:
             # Deletions under way are let finish, briefly: a worker that said goodbye just before a
