@@ -564,15 +564,21 @@ def test_a_setting_the_operator_cannot_run_with_is_refused_at_start_by_name(monk
 def test_settings_likely_not_meant_are_taken_with_a_warning():
     """Each has a meaning (the code caps one by the other), and a configuration that ran must still run."""
     doubtful = Settings.load({"WQ_WORKER_BACKOFF_SECONDS": "600", "WQ_BACKLOG_POLL_SECONDS": "5",
-                              "WQ_PUBLIC_URL": "", "WQ_WORKER_CONTROL_PLANE_URL": ""})
+                              "WQ_PUBLIC_URL": "", "WQ_WORKER_CONTROL_PLANE_URL": "",
+                              "WQ_REGISTRY_MAX_PENDING": "60000", "WQ_REGISTRY_MAX_PENDING_PER_QUEUE": "70000",
+                              "WQ_REGISTRY_MAX_WORKERS_PER_QUEUE": "50001"})
     assert doubtful.public_url is None and doubtful.worker_control_plane_url is None  # empty: unset, as before
     said = doubtful.doubts(in_cluster=True)
     assert [line.split(":")[0] for line in said] == [
         "worker_backoff_seconds is above worker_backoff_max_seconds",
         "backlog_poll_seconds is above backlog_idle_poll_seconds",
+        "registry_max_pending_per_queue is above registry_max_pending",
+        "registry_max_workers_per_queue is above registry_max_workers",
+        "registry_max_pending is above registry_max_workers",
         "neither worker_control_plane_url nor public_url is set"]
-    assert "CONTROL_PLANE_URL=http://127.0.0.1:8080" in said[2]
-    assert doubtful.doubts(in_cluster=False)[2:] == []  # `dev`: its workers do run beside it
+    assert "CONTROL_PLANE_URL=http://127.0.0.1:8080" in said[-1]
+    assert doubtful.doubts(in_cluster=False)[5:] == []  # `dev`: its workers do run beside it
+    assert Settings().doubts(in_cluster=False) == []  # the defaults are what is meant
     assert Settings(worker_control_plane_url="http://wq.ops:8080").doubts(in_cluster=True) == []
 
 

@@ -258,6 +258,15 @@ class Settings(BaseModel):
         if self.backlog_poll_seconds > self.backlog_idle_poll_seconds:
             said.append("backlog_poll_seconds is above backlog_idle_poll_seconds: a busy queue's backlog is read "
                         "every backlog_idle_poll_seconds")
+        if self.registry_max_pending_per_queue > self.registry_max_pending:
+            said.append("registry_max_pending_per_queue is above registry_max_pending: one queue's /start callers "
+                        "can take every pending place")
+        if self.registry_max_workers_per_queue > self.registry_max_workers:
+            said.append("registry_max_workers_per_queue is above registry_max_workers: one queue's workers can take "
+                        "every place")
+        if self.registry_max_pending > self.registry_max_workers:
+            said.append("registry_max_pending is above registry_max_workers: registrations waiting for a first "
+                        "heartbeat count in registry_max_workers too, which bounds them first")
         if in_cluster and not (self.worker_control_plane_url or self.public_url):
             said.append("neither worker_control_plane_url nor public_url is set: worker pods are told "
                         f"CONTROL_PLANE_URL=http://127.0.0.1:{self.http_port}, which is themselves in a cluster")
