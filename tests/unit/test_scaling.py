@@ -375,8 +375,30 @@ def test_a_long_named_queues_own_hosts_are_known_though_their_index_was_cut():
     # Another queue's: unless its name begins as this one's (then taken for one's own: kept, never lost).
     other = queue("p" * 60, "team-b", uid="uid-2", singleExecution=True, taskQueueName="shared")
     assert not workers.own_host(long, workers.worker_hostname(other, workers.pod_name(other.name, 0)), 3)
-    for length in range(1, 64):  # every length, names with dots too
+    for length in range(1, 64):  # every length, names with dots too, on a named task queue or its own
         for name in ("a" * length, ("a." * length)[:length].rstrip(".")):
-            mine = queue(name, uid="uid-1", singleExecution=True, taskQueueName="shared")
-            assert all(workers.own_host(mine, workers.worker_hostname(mine, workers.pod_name(name, i)), 12)
-                       for i in (0, 11)), name
+            for named in ({"taskQueueName": "shared"}, {}):
+                mine = queue(name, uid="uid-1", singleExecution=True, **named)
+                assert all(workers.own_host(mine, workers.worker_hostname(mine, workers.pod_name(name, i)), 12)
+                           for i in (0, 11)), name
+                if length < 40:  # a longer name's hostname may cut the index: then taken for one's own
+                    assert not workers.own_host(mine, workers.worker_hostname(mine, workers.pod_name(name, 12)), 12)
+
+
+def test_a_queue_on_its_own_task_queue_takes_no_other_queues_workers_on_it_for_its_own():
+    """Another queue may name this one's task queue (its queue id) as its taskQueueName: its busy
+    workers were counted as this queue's pods gone mid-run, each wanting a worker here."""
+    spec = {"singleExecution": True, "scaling": {"minIdle": 0, "max": 5}}
+    mine = queue("q1", uid="uid-1", queueId="shared", **spec)
+    theirs = queue("q2", uid="uid-2", taskQueueName="shared", **spec)
+    their_hosts = frozenset(workers.worker_hostname(theirs, f"q2-w{i}") for i in range(3))
+    by_hand = frozenset({"build-box-7"})  # `kubiya worker start` on a machine: it runs what it took
+    alive = [Pod(name="q1-w1", phase="Running", deleting=False, index=1)]
+    previous = WorkersStatus(desired=1, next_index=2, surplus_since=times.rfc3339(T0 - 600))
+    p = workers.plan(mine, alive, previous=previous, now=T0, created=T0 - 100, settings=SETTINGS,
+                     demand=Demand(backlog=0, busy=their_hosts | by_hand))
+    assert p.workers.desired == 0 and p.create == () and p.delete == ("q1-w1",)
+    # Its own pod gone mid-run still counts: a worker for its workflow, and no running pod goes.
+    p = workers.plan(mine, alive, previous=previous, now=T0, created=T0 - 100, settings=SETTINGS,
+                     demand=Demand(backlog=0, busy=their_hosts | {"q1-w0"}))
+    assert p.workers.desired == 1 and p.delete == ()

@@ -104,16 +104,16 @@ def worker_hostname(queue: QueueObject, pod: str) -> str:
 
 
 def own_host(queue: QueueObject, host: str, made: int) -> bool:
-    """Whether `host` is the hostname of one of the first `made` pods of this queue. Only a task queue
-    the spec names may be another queue's too: a worker of that other queue, busy on it, is none of
-    this one's (counted as this queue's, each queue kept the other's pods from going, and wanted
-    one more worker for each of the other's)."""
-    if queue.spec.task_queue_name is None:
-        return True
+    """Whether `host` is the hostname of one of the first `made` pods of this queue. A task queue may
+    be another queue's too, the one named after this queue's id included (another queue may name it
+    as its taskQueueName): a worker of that other queue, busy on it, is none of this one's (counted
+    as this queue's, each queue kept the other's pods from going, and wanted one more worker for each
+    of the other's). Nor is a worker started by hand: it runs what it took itself."""
     head = host.rpartition("-")[0]
-    index = pod_index(head)
-    if index is not None and index < made and worker_hostname(queue, pod_name(queue.name, index)) == host:
-        return True
+    for text in (host, head):  # a pod's name, or a hashed label: `<head of the name>-<hash>`
+        index = pod_index(text)
+        if index is not None and index < made and worker_hostname(queue, pod_name(queue.name, index)) == host:
+            return True
     if len(pod_name(queue.name, max(made - 1, 0))) <= _CUT:
         return False  # the hostname holds the whole pod name, and it is no pod of this queue's
     # A long queue name: the hostname holds a cut of it, maybe without the index. One that begins as
