@@ -1014,3 +1014,27 @@ async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_wr
         store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "live")))  # the watch tells
         await write_if_dirty()
         assert shown() == 0
+
+
+def test_a_queue_made_again_under_its_name_takes_the_slots_its_namesake_left(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    """`kubectl delete --cascade=orphan`, then the same queue again: the Leases of the first one's
+    workers, left without an owner, held its maxWorkers slots for good (every /start 409, none listed)."""
+    from workerqueue_operator.models import spec as spec_
+
+    queue_id, token = ready_queue(kube, namespace, "again", maxWorkers=2)
+    old = [operator.start_worker(queue_id, token).json()["worker_id"] for _ in range(2)]
+    wait_for(lambda: sorted(kube.registrations(namespace)) == sorted(old), what="the first queue's Leases")
+    kube.custom.delete_namespaced_custom_object(spec_.GROUP, spec_.VERSION, namespace, spec_.PLURAL, "again",
+                                                propagation_policy="Orphan")
+    wait_for(lambda: not kube.queue_exists(namespace, "again") and not any(
+        lease.metadata.owner_references for lease in kube.registrations(namespace).values()),
+        what="the queue gone, its Leases left without an owner")
+
+    queue_id, token = ready_queue(kube, namespace, "again", maxWorkers=2)
+    answers = [operator.start_worker(queue_id, token) for _ in range(3)]
+    assert [a.status for a in answers] == [200, 200, 409]
+    new = sorted(a.json()["worker_id"] for a in answers[:2])
+    wait_for(lambda: sorted(kube.registrations(namespace)) == new, what="the slots' Leases taken over")
+    listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert sorted(w["id"] for w in listed) == new

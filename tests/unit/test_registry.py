@@ -1387,3 +1387,43 @@ async def test_a_disconnect_answers_by_its_deadline_however_long_its_deletion_ta
     for task in reg._writes:
         task.cancel()
     await asyncio.gather(*reg._writes, return_exceptions=True)
+
+
+def test_a_namesakes_registrations_are_none_of_the_queue_made_again_under_its_name():
+    """`kubectl replace --force`: the deleted queue's Leases wait for the garbage collector, filed under
+    the same name. They were listed as the new queue's workers and filled its maxWorkers meanwhile."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    old, new = queue(uid="uid-1"), queue(uid="uid-2")
+    current = [old]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: current[0],
+                            bounds=registry.Bounds(pending=10, pending_per_queue=10, workers=10, workers_per_queue=2))
+    gone = [reg.register(old, f"old-{i}") for i in range(2)]
+    assert reg.live(old.key) == gone and reg.live_count(old.key) == 2
+    current[0] = new
+    assert reg.live(new.key) == [] and reg.live_count(new.key) == 0
+    mine = [reg.register(new, f"new-{i}") for i in range(2)]  # the namesake's take no place of the two
+    assert reg.live(new.key) == mine
+    with pytest.raises(registry.Full):
+        reg.register(new, "one-too-many")
+
+
+def test_a_lease_left_by_a_gone_namesake_is_told_from_ones_of_the_queue_and_from_other_leases():
+    owner = {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue", "name": "q1", "uid": "uid-2"}
+    labels = {**leases.LABELS, "agentcontrol.dev/queue": "q1"}
+    body = {"metadata": {"namespace": "team-a", "name": "q1-slot-0", "labels": labels, "ownerReferences": [owner]}}
+
+    def current(**meta: Any) -> dict[str, Any]:
+        return {"metadata": {"namespace": "team-a", "name": "q1-slot-0", "labels": labels, **meta}}
+
+    assert leases.left_by_another_queue(current(), body)  # orphaned: no owner
+    assert leases.left_by_another_queue(current(ownerReferences=[{**owner, "uid": "uid-1"}]), body)
+    assert not leases.left_by_another_queue(current(ownerReferences=[owner]), body)  # this queue's own
+    refusal = {**labels, "app.kubernetes.io/component": leases.REFUSAL_COMPONENT}
+    assert not leases.left_by_another_queue(current(labels=refusal), body)
+    assert not leases.left_by_another_queue(current(labels={}), body)  # no Lease of the operator's
+    assert not leases.left_by_another_queue(current(labels={**labels, "agentcontrol.dev/queue": "q2"}), body)

@@ -376,6 +376,19 @@ def refusal_lease_name(pod: str) -> str:
     return name
 
 
+def left_by_another_queue(current: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """Whether `current`, a Lease of the name `body` (a registration of a queue) is to have, is a
+    registration of a queue of that name that is gone: owned by another queue (a namesake deleted,
+    the garbage collector not through yet) or by none (deleted with `--cascade=orphan`)."""
+    labels = (current.get("metadata") or {}).get("labels") or {}
+    if any(labels.get(key) != value for key, value in LABELS.items()):
+        return False  # not a registration (a refusal, or no Lease of the operator's)
+    if labels.get(workers_.QUEUE_LABEL) != ((body.get("metadata") or {}).get("labels") or {}).get(workers_.QUEUE_LABEL):
+        return False
+    owner, owning = queues.queue_owner(current), queues.queue_owner(body)
+    return owning is not None and (owner is None or owner != owning)
+
+
 def is_refusal(body: Mapping[str, Any]) -> bool:
     labels = (body.get("metadata") or {}).get("labels") or {}
     return labels.get("app.kubernetes.io/component") == REFUSAL_COMPONENT

@@ -47,6 +47,7 @@ from workerqueue_operator.core.leases import (
     lease_body,
     lease_duration,
     lease_name,
+    left_by_another_queue,
     paced_interval,
     queue_selector,
     refusal_from_lease,
@@ -404,15 +405,21 @@ class Registry:
             return None
         return worker
 
+    def _members(self, queue: QueueKey) -> list[Worker]:
+        """The registrations of the queue of that name that is known now: not those of a namesake it
+        replaced (`kubectl replace --force`), whose Leases wait for the garbage collector."""
+        known = self._queue_of(queue)
+        members = self._by_queue.get(queue, {}).values()
+        return list(members) if known is None else [w for w in members if w.queue_uid == known.uid]
+
     def live(self, queue: QueueKey) -> list[Worker]:
         now = self._clock()
-        return sorted((w for w in self._by_queue.get(queue, {}).values() if not w.expired(now)),
-                      key=lambda w: w.registered_at)
+        return sorted((w for w in self._members(queue) if not w.expired(now)), key=lambda w: w.registered_at)
 
     def registered_as(self, queue: QueueKey, identity: str) -> list[Worker]:
         """The live registrations a Kubernetes identity made in a queue."""
         now = self._clock()
-        return [w for w in self._by_queue.get(queue, {}).values() if w.identity == identity and not w.expired(now)]
+        return [w for w in self._members(queue) if w.identity == identity and not w.expired(now)]
 
     async def write_now(self, worker: Worker) -> None:
         """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
@@ -494,7 +501,7 @@ class Registry:
 
     def live_count(self, queue: QueueKey) -> int:
         now = self._clock()
-        return sum(1 for w in self._by_queue.get(queue, {}).values() if not w.expired(now))
+        return sum(1 for w in self._members(queue) if not w.expired(now))
 
     @property
     def total(self) -> int:
@@ -621,7 +628,7 @@ class Registry:
 
     def _check_room(self, queue: QueueObject) -> None:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
-        registered = len(self._by_queue.get(queue.key, ()))
+        registered = len(self._members(queue.key))
         if registered >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
             self.refused += 1
             raise Full(pending=False, per_queue=registered >= self._bounds.workers_per_queue)
@@ -702,7 +709,8 @@ class Registry:
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
             holder = self._workers.get(self._by_lease.get(key, ""))
-            replaceable = holder is None or holder.expired(now) or (pod is not None and holder.pod == pod)
+            namesakes = holder is not None and holder.queue_uid != queue.uid  # its Lease goes with its queue
+            replaceable = holder is None or namesakes or holder.expired(now) or (pod is not None and holder.pod == pod)
             if not replaceable:
                 continue
             claiming = self._claiming.get(key)
@@ -715,7 +723,8 @@ class Registry:
             claimed = self._claiming[key] = asyncio.get_running_loop().create_future()
             try:
                 stored = await (self._create(body) if holder is None else
-                                self._replace(body, holder, expired_only=pod is None or holder.pod != pod))
+                                self._replace(body, holder, expired_only=not namesakes and (
+                                    pod is None or holder.pod != pod)))
                 if stored is None and holder is None:
                     stored = await self._take_unknown(body)
             finally:
@@ -1220,10 +1229,28 @@ class Registry:
         current = await self._read_lease(body)
         if current is None:  # deleted since the create met it: free again
             return await self._create(body)
+        if left_by_another_queue(current, body):
+            # Its queue deleted and this one made under its name: the garbage collector deletes the
+            # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
+            # is registered with no queue that exists: the slot is this queue's at once.
+            return await self._overwrite(body, current)
         found = worker_from_lease(current, seen_at=0.0)
         if found is None:
             return None  # not a registration: not ours to take
         return await self._replace(body, found, expired_only=True, current=current)
+
+    async def _overwrite(self, body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+        """Writes `body` over the Lease as it was read; None if it changed meanwhile."""
+        meta = body["metadata"]
+        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        self.writes += 1
+        try:
+            return await self._client.request("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
+                                              body=body, timeout=API_TIMEOUT)
+        except client_.ApiError as exc:
+            if exc.conflict or exc.not_found:
+                return None
+            raise
 
     async def _read_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The Lease of `body`'s name as the API server holds it now; None if there is none."""
@@ -1241,7 +1268,6 @@ class Registry:
         """Takes over a slot; None if it changed meanwhile (another claimant won) or, `expired_only`,
         if the Lease shows a renewal that keeps its holder alive (written by the other replica, which
         heard a heartbeat the watch has not brought here yet). `current`: the Lease just read, if so."""
-        meta = body["metadata"]
         if current is None:
             current = await self._read_lease(body)
             if current is None:
@@ -1254,15 +1280,7 @@ class Registry:
         if expired_only and not stored.expired(self._clock()):
             self.lease_upserted(current)  # what the watch will bring: the holder is alive
             return None
-        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-        self.writes += 1
-        try:
-            return await self._client.request("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                              body=body, timeout=API_TIMEOUT)
-        except client_.ApiError as exc:
-            if exc.conflict or exc.not_found:
-                return None
-            raise
+        return await self._overwrite(body, current)
 
     async def _patch(self, worker: Worker, body: dict[str, Any]) -> bool:
         """Writes a renewal over the Lease version known here; False if the Lease is gone.
