@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -762,7 +763,8 @@ def test_a_token_bound_to_a_pod_registers_as_that_pods():
                                                    ).registrant
 
 
-async def test_an_identitys_executions_wait_for_no_registration_the_api_server_cannot_be_asked_about():
+async def test_an_identitys_executions_wait_for_no_registration_the_api_server_cannot_be_asked_about(
+        caplog: pytest.LogCaptureFixture):
     # A Kubernetes identity with no registration known here may have one another replica wrote: the
     # API server is asked (test_worker_life.py); unreachable, that is a 503, never the whole queue,
     # which a worker of that identity would take for its own.
@@ -778,10 +780,16 @@ async def test_an_identitys_executions_wait_for_no_registration_the_api_server_c
             return True
 
     async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:
-        listed = await c.get("/api/v1/worker-queues/q-1/executions?limit=5&status=all",
-                             headers={"Authorization": "Bearer a-service-account-token"})
-        assert listed.status == 503
-        assert (await listed.json())["detail"].startswith("The worker registry is temporarily unavailable")
+        with caplog.at_level(logging.INFO):
+            for _ in range(5):
+                listed = await c.get("/api/v1/worker-queues/q-1/executions?limit=5&status=all",
+                                     headers={"Authorization": "Bearer a-service-account-token"})
+                assert listed.status == 503
+                assert (await listed.json())["detail"].startswith("The worker registry is temporarily unavailable")
+        # An outage meets every call at once: one line, each counted.
+        assert len([r for r in caplog.records if "registering a worker of team-a/q1 failed" in r.getMessage()]) == 1
+        metrics = await (await c.get("/metrics")).text()
+        assert 'workerqueue_http_problems_total{kind="registry_unavailable"} 5' in metrics
 
 
 async def test_a_disconnect_reaching_a_replica_that_has_not_seen_the_worker_ends_it_there_too():

@@ -130,7 +130,7 @@ async def start_worker(request: web.Request) -> web.Response:
         except client_.ERRORS as exc:
             registry.abandoned(queue, worker_id)
             # The API server failing already: its record is written meanwhile, not waited for.
-            return await _refused(request, queue, pod, workers.registry_unavailable(queue, exc), wait=False)
+            return await _refused(request, queue, pod, workers.registry_unavailable(request, queue, exc), wait=False)
         if worker is None:
             return await _refused(request, queue, pod, workers.full(queue))
 

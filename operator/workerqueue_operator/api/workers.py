@@ -125,7 +125,7 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
             worker = await registry.rejoin_slot(queue, worker_id, pod=pod, hostname=hostname or pod,
                                                 identity=identity)
         except client_.ERRORS as exc:
-            return registry_unavailable(queue, exc)
+            return registry_unavailable(request, queue, exc)
         if worker is None:
             # Its disconnect came meanwhile (an unknown worker to it now), or every slot is taken.
             return errors.detail(404, NOT_FOUND) if not registry.may_rejoin(queue, worker_id, pod=pod) else full(queue)
@@ -141,10 +141,11 @@ def full(queue: QueueObject) -> web.Response:
     return errors.detail(409, f"Worker queue '{queue.name}' is full (maxWorkers={queue.spec.max_workers})")
 
 
-def registry_unavailable(queue: QueueObject, exc: Exception) -> web.Response:
-    """The answer when a slot cannot be claimed for want of the API server."""
-    logger.warning("registering a worker of %s/%s failed: %s", queue.namespace, queue.name,
-                   str(exc) or type(exc).__name__)
+def registry_unavailable(request: web.Request, queue: QueueObject, exc: Exception) -> web.Response:
+    """The answer when a slot cannot be claimed for want of the API server: logged paced, as an
+    outage meets every call at once."""
+    request.app[LOG].warning("registry_unavailable", "registering a worker of %s/%s failed: %s: %s",
+                             queue.namespace, queue.name, type(exc).__name__, exc)
     return errors.detail(503, "The worker registry is temporarily unavailable, try again")
 
 
@@ -261,7 +262,7 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
     try:
         registered = await request.app[REGISTRY].registrations_of(resolution.queue, identity.registrant)
     except client_.ERRORS as exc:
-        return registry_unavailable(resolution.queue, exc)
+        return registry_unavailable(request, resolution.queue, exc)
     if not registered:
         return None if identity.pod_uid is None else web.json_response([])
     if identity.pod_uid is not None:
