@@ -337,3 +337,27 @@ async def test_the_end_of_a_flood_of_client_problems_is_told_once_its_pace_allow
         await anext(settling)  # stopped as the app stops
     assert [r.getMessage() for r in caplog.records] == [
         "bad request 0", "bad request 4 (and 3 more like it in the last 11s)"]
+
+
+def test_the_servers_own_errors_stay_errors_with_their_traceback_and_only_clients_faults_are_quiet(
+        caplog: pytest.LogCaptureFixture):
+    """aiohttp logs a malformed request and a failure of ours (a response that could not be written)
+    alike, with `exception()`: both were turned into one INFO line counted as a bad request."""
+    from aiohttp import http_exceptions
+
+    from workerqueue_operator.api import logs, metrics
+
+    counted = metrics.Metrics()
+    server = serving.server_logger(logs.Throttled(logging.getLogger("server-test"), counted))
+    caplog.set_level(logging.DEBUG, logger="server-test")
+    for exc in (http_exceptions.BadHttpMessage("no"), ConnectionResetError("gone"), RuntimeError("a bug of ours")):
+        try:
+            raise exc
+        except Exception as raised:
+            server.exception("Error handling request from %s", "127.0.0.1", exc_info=raised)
+    levels = [(r.levelno, r.exc_info is not None) for r in caplog.records]
+    assert levels == [(logging.INFO, False), (logging.ERROR, True)]  # the second client's fault paced
+    assert "RuntimeError: a bug of ours" in caplog.text
+    text = counted.render()
+    assert 'workerqueue_http_problems_total{kind="bad_request"} 2' in text
+    assert 'workerqueue_http_problems_total{kind="unhandled_error"} 1' in text

@@ -28,7 +28,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
 from workerqueue_operator.api import logs
 
@@ -98,12 +98,20 @@ class _OneLine(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             self._log.log(min(record.levelno, logging.INFO), "http_server", "%s", record.getMessage())
+        elif not isinstance(exc, _CLIENTS_FAULTS):
+            # Ours, not the client's (a response that failed to be written, say): an ERROR with its
+            # traceback, paced as any.
+            self._log.log(record.levelno, "unhandled_error", "%s", record.getMessage(), exc_info=exc)
         else:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             # A client's fault, not ours: INFO (aiohttp logs plain-text port scans at DEBUG; kept so).
             self._log.log(min(record.levelno, logging.INFO), "bad_request", "%s: %s%s", record.getMessage(),
                           type(exc).__name__, f": {first[:200]}" if first else "")
         return False
+
+
+_CLIENTS_FAULTS = (http_exceptions.HttpProcessingError, web_protocol.RequestPayloadError, ConnectionError)
+"""What aiohttp logs of a malformed request, a body it cannot decode, a client gone."""
 
 
 def server_logger(log: logs.Throttled) -> logging.Logger:
