@@ -57,12 +57,17 @@ def configure_logging(verbose: bool, *, plain: bool = False) -> None:
 
 class RoutineKopfMessages(logging.Filter):
     """kopf says "Handler 'pod-event' succeeded." at INFO for every event of every object: routine,
-    so DEBUG here (shown with -v only). Failures keep their level."""
+    so DEBUG here (shown with -v only). It logs each API call it will retry at ERROR: a blip of the
+    API server would page whoever alerts on ERROR, so WARNING here; one it gives up on stays an ERROR."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):
+        message = str(record.msg)
+        if record.levelno == logging.INFO and message.endswith(" succeeded."):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)
+        if record.levelno == logging.ERROR and record.name.startswith("kopf.") and message.startswith(
+                "Request attempt ") and ("; will retry: " in message or "; will re-authenticate: " in message):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

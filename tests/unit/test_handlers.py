@@ -69,3 +69,25 @@ async def test_the_stop_signals_do_what_they_did_before_once_the_operator_return
         assert signal.getsignal(signal.SIGTERM) is devs
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_kopfs_routine_lines_are_quiet_and_its_retries_no_errors():
+    """kopf logs every handler's success at INFO, and each API call it will retry at ERROR: an API
+    server's blip paged whoever alerts on ERROR. One it gives up on stays an ERROR."""
+    import logging
+
+    from workerqueue_operator.runner import RoutineKopfMessages
+
+    def level(name: str, level: int, message: str) -> int:
+        record = logging.LogRecord(name, level, __file__, 1, message, None, None)
+        RoutineKopfMessages().filter(record)
+        return record.levelno
+
+    assert level("kopf.objects", logging.INFO, "Handler 'pod-event' succeeded.") == logging.DEBUG
+    assert level("kopf._cogs.clients.api", logging.ERROR,
+                 "Request attempt #1/9 failed; will retry: GET /apis -> ClientConnectorError()") == logging.WARNING
+    assert level("kopf._cogs.clients.api", logging.ERROR,
+                 "Request attempt #2/9 failed; TCP closed; will re-authenticate: GET /apis") == logging.WARNING
+    assert level("kopf._cogs.clients.api", logging.ERROR,
+                 "Request attempt #9/9 failed; escalating: GET /apis -> ClientConnectorError()") == logging.ERROR
+    assert level("workerqueue_operator.x", logging.ERROR, "Request attempt #1/9 failed; will retry: x") == logging.ERROR
