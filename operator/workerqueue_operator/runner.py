@@ -353,6 +353,11 @@ async def run(
                              f"for {informer.IDLE_SECONDS:g} s and were watched again, by resource (their "
                              "connection may have died unheard).", kind="counter", label="resource",
                              read=lambda: watches.counts(lambda i: i.idle_restarts))
+    app[keys.METRICS].family("workerqueue_reconcile_failures_total",
+                             "Passes over a queue that failed and are retried, by controller (status: its "
+                             "status and token Secret; workers: its worker pods); see the log.",
+                             kind="counter", label="controller",
+                             read=lambda: {"status": reconciler.failed, "workers": supervisor.failed})
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

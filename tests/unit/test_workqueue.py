@@ -95,3 +95,36 @@ async def test_loops_run_together_end_with_the_first_that_dies_and_say_why():
     with pytest.raises(RuntimeError, match="resync broke"):
         await asyncio.wait_for(together(forever("queue"), dies(), forever("poll")), timeout=5)
     assert sorted(cancelled) == ["poll", "queue"]
+
+
+async def test_a_failure_of_ours_is_an_error_with_its_traceback_and_the_api_servers_a_warning(
+        caplog: pytest.LogCaptureFixture):
+    """A bug in a pass logged `processing ('ns', 'q') failed, retrying in 2s: 'spec'` at WARNING, forever:
+    no type, no traceback (an exception without a message said nothing at all)."""
+    from workerqueue_operator.k8s import client as client_
+
+    tried: list[int] = []
+
+    async def process(key: int) -> None:
+        tried.append(key)
+        if key == 1:
+            raise client_.ApiError(503, "ServiceUnavailable", "the API server is starting")
+        raise KeyError("spec")
+
+    queue: WorkQueue[int] = WorkQueue(process, name="test", retry_seconds=60, log_every_seconds=0)
+    runner = asyncio.create_task(queue.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger=workqueue.__name__):
+            queue.add(1)
+            queue.add(2)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(caplog.records) == 2:
+                    break
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    api, ours = sorted(caplog.records, key=lambda r: r.levelno)
+    assert (api.levelno, api.exc_info) == (logging.WARNING, None) and "ApiError" in api.getMessage()
+    assert ours.levelno == logging.ERROR and ours.exc_info is not None and "KeyError: 'spec'" in ours.getMessage()
+    assert queue.failed == 2

@@ -148,6 +148,11 @@ class Reconciler:
         """Whether queues wait for their status (e.g. 10,000 at start-up)."""
         return self._queue.behind
 
+    @property
+    def failed(self) -> int:
+        """Status passes that failed, in all (a metric)."""
+        return self._queue.failed
+
     def _activity_changed(self, active: bool) -> None:
         self._written.clear()  # the other replica may have written since
         if active:

@@ -286,6 +286,11 @@ class Supervisor:
             for key in self._tracked:
                 self._queue.add(key)
 
+    @property
+    def failed(self) -> int:
+        """Passes over a queue's worker pods that failed, in all (a metric)."""
+        return self._queue.failed
+
     async def run(self) -> None:
         await together(self._queue.run(), self._resync(), self._poll())
 

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
+from workerqueue_operator.k8s import client as client_
+
 logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
@@ -59,6 +61,8 @@ class WorkQueue(Generic[K]):
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._concurrency = concurrency
         self._waiting = 0  # taken from `_dirty` by `run`, not started yet
+        self.failed = 0
+        """Keys whose processing failed, in all (a metric)."""
 
     @property
     def behind(self) -> bool:
@@ -116,6 +120,7 @@ class WorkQueue(Generic[K]):
             raise
         except Exception as exc:  # one key's failure must not stop the others
             failures = self._failures[key] = self._failures.get(key, 0) + 1
+            self.failed += 1
             delay = min(self._retry_seconds * 2 ** min(failures - 1, 32), self._max_retry_seconds)
             self._log_failure(key, delay, exc)
             self.add_after(key, delay)
@@ -136,5 +141,10 @@ class WorkQueue(Generic[K]):
         more = ""
         if self._logged_at is not None and self._unlogged:
             more = f" (and {self._unlogged} more failures in the last {now - self._logged_at:.0f}s)"
-        logger.warning("%s: processing %s failed, retrying in %.0fs: %s%s", self._name, key, delay, exc, more)
+        if isinstance(exc, client_.ERRORS):  # the API server refused or is out of reach: retried, as said
+            logger.warning("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
+                           type(exc).__name__, exc, more)
+        else:  # a bug of ours: where it is matters
+            logger.error("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
+                         type(exc).__name__, exc, more, exc_info=exc)
         self._logged_at, self._unlogged = now, 0
