@@ -207,7 +207,7 @@ async def test_a_lone_surrogate_in_a_string_is_read_as_the_replacement_character
     beat = await client.post(f"/api/v1/workers/{worker_id}/heartbeat", data=info[:-1] + b', "status": "busy"}',
                              headers=headers)
     assert beat.status == 200
-    assert "unhandled_error" not in await (await client.get("/metrics")).text()
+    assert 'workerqueue_http_problems_total{kind="unhandled_error"} 0' in await (await client.get("/metrics")).text()
 
 
 @pytest.mark.parametrize("value", [b"NaN", b"1e999"])
@@ -882,3 +882,17 @@ async def test_a_call_refused_for_its_token_is_noted_on_its_worker_only_with_the
     assert (await client.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "active"},
                               headers=AUTH)).status == 200
     assert not client.app[REGISTRY].get(worker_id).token_refused
+
+
+async def test_counters_are_shown_from_0_for_every_kind_and_known_queue():
+    """Shown only from their first increment, an alert on `increase()` missed each first incident."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        text = await (await c.get("/metrics")).text()
+        assert 'workerqueue_workers_started_total{namespace="team-a",queue="q1"} 0' in text
+        store.upsert_queue(queue("q2", queueId="q-2"))  # known later
+        text = await (await c.get("/metrics")).text()
+    assert 'workerqueue_workers_started_total{namespace="team-a",queue="q2"} 0' in text
+    for kind in ("unhandled_error", "registry_unavailable", "bad_request"):
+        assert f'workerqueue_http_problems_total{{kind="{kind}"}} 0' in text

@@ -278,7 +278,10 @@ def make_app(
     app[READY] = ready
     app[OPENAPI] = json.dumps(openapi.document(version)).encode()
     app[METRICS] = metrics_
-    store.subscribe(lambda key: None if store.queue(key) is not None else metrics_.forget_queue(*key))
+    store.subscribe(lambda key: metrics_.know_queue(*key) if store.queue(key) is not None
+                    else metrics_.forget_queue(*key))
+    for key in store.queue_keys():
+        metrics_.know_queue(*key)
     metrics_.keep_upstreams(store.upstream_origins)
     app[LOG] = log
     app.cleanup_ctx.append(log.settling)

@@ -17,6 +17,10 @@ from workerqueue_operator.api import metrics as metrics_
 from workerqueue_operator.core import pacedlog
 
 PROBLEMS = "workerqueue_http_problems_total"
+KINDS = ("accept_failed", "bad_request", "client_disconnected", "connections_evicted", "connections_refused",
+         "http_server", "registrations_refused", "registry_unavailable", "reviews_busy", "reviews_unavailable",
+         "unhandled_error", "worker_token_unseen", "workers_rejoined")
+"""Every kind, shown from 0: an alert on `increase()` would miss the first of a kind never seen before."""
 
 
 class Throttled:
@@ -24,7 +28,8 @@ class Throttled:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics = metrics
         self._paced = pacedlog.PacedLog(logger, interval=interval, clock=clock)
-        metrics.describe(PROBLEMS, "Client and upstream problems of the HTTP API by kind (each one, logged or not).")
+        metrics.describe(PROBLEMS, "Client and upstream problems of the HTTP API by kind (each one, logged or not).",
+                         kinds=KINDS)
 
     def log(self, level: int, kind: str, message: str, *args: Any, exc_info: Any = None) -> None:
         self._metrics.count(PROBLEMS, kind)

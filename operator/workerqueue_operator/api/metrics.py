@@ -16,6 +16,10 @@ _UPSTREAM_LATENCY = "workerqueue_upstream_response_seconds"
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+UPSTREAM_FAILURES = ("unreachable", "bad_answer", "timeout", "cut")
+"""Kinds of pass-through failures (cut: the answer broke off after it had begun)."""
+
+
 def label(value: object) -> str:
     """A label value as the exposition format needs it: backslash, quote and newline escaped."""
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -31,8 +35,8 @@ class UpstreamStats:
     def __init__(self) -> None:
         self.requests: dict[str, int] = defaultdict(int)
         """By the status class the worker got (the upstream's, or 5xx for the operator's 502/504)."""
-        self.failures: dict[str, int] = defaultdict(int)
-        """By kind: unreachable, bad_answer, timeout, cut (the answer broke off after it had begun)."""
+        self.failures: dict[str, int] = dict.fromkeys(UPSTREAM_FAILURES, 0)
+        """By kind (UPSTREAM_FAILURES), each shown from 0."""
         self.latency_counts = [0] * (len(UPSTREAM_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.bytes_sent = 0
@@ -86,10 +90,12 @@ class Metrics:
         """A counter or gauge with one label, its values read at scrape time (label value -> value)."""
         self._families[name] = (help_text, kind, label, read)
 
-    def describe(self, name: str, help_text: str) -> None:
-        """A counter with one label, `kind`, incremented by count()."""
+    def describe(self, name: str, help_text: str, *, kinds: Sequence[str] = ()) -> None:
+        """A counter with one label, `kind`, incremented by count(); `kinds` shown from 0."""
         self._help[name] = help_text
-        self._counts.setdefault(name, {})
+        counts = self._counts.setdefault(name, {})
+        for kind in kinds:
+            counts.setdefault(kind, 0)
 
     def count(self, name: str, kind: str) -> None:
         counts = self._counts[name]
@@ -97,6 +103,10 @@ class Metrics:
 
     def worker_started(self, namespace: str, queue: str) -> None:
         self._started[(namespace, queue)] += 1
+
+    def know_queue(self, namespace: str, queue: str) -> None:
+        """A queue known: its counter is shown from 0, so that its first start counts in `increase()`."""
+        self._started.setdefault((namespace, queue), 0)
 
     def forget_queue(self, namespace: str, queue: str) -> None:
         """A queue deleted: its series go (ephemeral queues come and go, one series each would pile up)."""
