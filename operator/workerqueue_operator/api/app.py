@@ -191,13 +191,16 @@ def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttle
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        status = 500
+        status, timed = 500, True
         connection = request.protocol
         busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
         try:
             try:
                 response = await handler(request)
                 status = response.status
+                # A websocket or a streamed answer returns when it ends, minutes or hours later: its
+                # life is no latency (it would fill the top bucket and the sum). Counted, not timed.
+                timed = isinstance(response, web.Response)
             except Exception as exc:
                 response, status = _failure(request, exc, log)
             if drain.active:
@@ -205,7 +208,8 @@ def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttle
             return response
         finally:
             busy.discard(connection)
-            metrics_.observe(_route_name(request), request.method, status, time.perf_counter() - started)
+            metrics_.observe(_route_name(request), request.method, status, time.perf_counter() - started,
+                             timed=timed)
 
     return observe
 

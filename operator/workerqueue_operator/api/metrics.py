@@ -112,9 +112,12 @@ class Metrics:
         """A queue deleted: its series go (ephemeral queues come and go, one series each would pile up)."""
         self._started.pop((namespace, queue), None)
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe(self, route: str, method: str, status: int, seconds: float, *, timed: bool = True) -> None:
+        """A request answered; `timed`: its duration is a latency (not a websocket's or a stream's life)."""
         # Any token is a method to aiohttp's pure-Python parser: one series each would pile up.
         self._requests[(route, method if method in KNOWN_METHODS else "other", status)] += 1
+        if not timed:
+            return
         counts = self._latency_counts.get(route)
         if counts is None:
             counts = self._latency_counts[route] = [0] * (len(BUCKETS) + 1)
