@@ -339,7 +339,7 @@ async def run(
 
     app = app_.make_app(store=store, reviewer=reviewer, registry=registry, temporal_=temporal_, kube=client,
                         settings=settings, version=version, ready=ready,
-                         secrets_current=watches.secrets_current)
+                         secrets_current=watches.secrets_current, invalid_count=reconciler.invalid_count)
     app[keys.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
                              kind="counter", label="resource", read=lambda: watches.counts(lambda i: i.failures))

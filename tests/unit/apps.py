@@ -43,7 +43,8 @@ class NoReviews(reviews.Reviewer):
 
 def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
              reviewer: reviews.Reviewer | None = None,
-             secrets_current: Callable[[], bool] = lambda: True) -> web.Application:
+             secrets_current: Callable[[], bool] = lambda: True,
+             invalid_count: Callable[[], int] = lambda: 0) -> web.Application:
     # Nobody answers there (a port bound, never listening): the one write made at once, a refused
     # pod's record, fails at once, as it may.
     unused = socket.socket()
@@ -54,7 +55,7 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
                         bounds=Bounds.of(settings))
     app = app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
                         temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
-                        ready=lambda: True, secrets_current=secrets_current)
+                        ready=lambda: True, secrets_current=secrets_current, invalid_count=invalid_count)
 
     async def close(app: web.Application) -> None:
         await kube.close()

@@ -896,3 +896,13 @@ async def test_counters_are_shown_from_0_for_every_kind_and_known_queue():
     assert 'workerqueue_workers_started_total{namespace="team-a",queue="q2"} 0' in text
     for kind in ("unhandled_error", "registry_unavailable", "bad_request"):
         assert f'workerqueue_http_problems_total{{kind="{kind}"}} 0' in text
+
+
+async def test_queues_whose_spec_cannot_be_taken_count_as_queues_and_as_not_ready():
+    """SpecInvalid queues are held by no Store: they were missing from both gauges."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    async with TestClient(TestServer(apps.make_app(store, invalid_count=lambda: 2))) as c:
+        text = await (await c.get("/metrics")).text()
+    assert "workerqueue_queues 3\n" in text and "workerqueue_queues_not_ready 2\n" in text

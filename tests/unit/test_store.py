@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from tests.unit.factories import UID, queue, queue_body, secret_body
 from workerqueue_operator.core import queues, reconciler
 from workerqueue_operator.core.store import Store, WorkerCredential
@@ -376,3 +378,18 @@ def test_a_read_begun_before_its_secret_was_forgotten_and_used_again_is_dropped(
     again = s.secret_news(name)
     assert s.fill_secret(name, {"token": "NEW"}, news=again) is True
     assert s.is_queue_token(queues.digest("NEW"))
+
+
+def test_a_queue_whose_status_says_not_ready_counts_as_not_ready_though_it_can_be_served():
+    """CrashLooping, PodCreationFailed: judged from its worker pods, written on its status; an alert on
+    the not-Ready count stayed silent for exactly the queues that cannot start workers."""
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    assert s.serving("abc").ready and s.not_ready_count == 0
+    looping = {"conditions": [{"type": "Ready", "status": "False", "reason": "CrashLooping"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=looping))
+    assert s.not_ready_count == 1
+    ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=ready))
+    assert s.not_ready_count == 0

@@ -265,7 +265,9 @@ def make_app(
     version: str,
     ready: Callable[[], bool],
     secrets_current: Callable[[], bool] = lambda: True,
+    invalid_count: Callable[[], int] = lambda: 0,
 ) -> web.Application:
+    """`invalid_count`: queues whose stored spec cannot be taken (SpecInvalid), which the store does not hold."""
     metrics_ = metrics.Metrics()
     log = logs.Throttled(logger, metrics_)
     busy: set[object] = set()
@@ -301,9 +303,10 @@ def make_app(
     app[METRICS].gauge("workerqueue_unseen_worker_tokens_total",
                        "Requests held because their per-worker token's Secret was not seen yet by this replica.",
                        lambda: app[UNSEEN].waited, kind="counter")
-    app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.", lambda: store.queue_count)
-    app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready.",
-                       lambda: store.not_ready_count)
+    app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.",
+                       lambda: store.queue_count + invalid_count())
+    app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready (SpecInvalid included).",
+                       lambda: store.not_ready_count + invalid_count())
     app[METRICS].gauge("workerqueue_secrets_cached", "Secrets held because a queue uses them.",
                        lambda: store.secret_count)
     app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",

@@ -168,6 +168,10 @@ class Reconciler:
         self._invalid[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = (body, message)
         self._spawn(self._show_invalid(body, message))
 
+    def invalid_count(self) -> int:
+        """Queues whose stored spec cannot be taken (a metric)."""
+        return len(self._invalid)
+
     def spec_valid(self, key: QueueKey) -> None:
         """The queue is valid again, or gone."""
         self._invalid.pop(key, None)

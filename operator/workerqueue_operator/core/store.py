@@ -336,7 +336,14 @@ class Store:
 
     @property
     def not_ready_count(self) -> int:
-        return sum(1 for r in self._resolutions.values() if not r.ready)
+        """Queues that cannot be served, or whose status says Ready=False: what only the status knows
+        counts too (CrashLooping, PodCreationFailed: judged from the worker pods, not resolved here)."""
+        return sum(1 for key, queue in self._queues.items()
+                   if not self._ready(key) or _says_not_ready(queue.status))
+
+    def _ready(self, key: QueueKey) -> bool:
+        resolution = self._resolutions.get(key)
+        return resolution is not None and resolution.ready
 
     @property
     def secret_count(self) -> int:
@@ -419,3 +426,7 @@ class Store:
         for key in keys:
             for listener in self._listeners:
                 listener(key)
+
+
+def _says_not_ready(status: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "False" for c in status.get("conditions") or ())
