@@ -179,7 +179,9 @@ def test_failures_back_off_then_crash_loop_until_a_worker_succeeds(kube: Kube, n
     failed = [e for e in kube.events(namespace, "cl") if e.reason == "WorkerFailed"]
     assert failed and "exit code 3" in failed[0].message and "reason Error" in failed[0].message
     assert "BackOff" in reasons(kube, namespace, "cl")
-    assert "cl-w0" not in kube.pod_names(namespace, "cl", alive=False)
+    # The failed pod stays for `kubectl logs` while failures go on, without its token.
+    assert kube.pod_names(namespace, "cl", alive=False) == ["cl-w0", "cl-w1"]
+    wait_for(lambda: not kube.has_secret(namespace, "cl-w0-token"), what="the failed pod's token revoked")
 
     kube.set_phase(namespace, "cl-w1", "Failed", exit_code=1, reason="Error")
     c = kube.wait_condition(namespace, "cl", "False", "CrashLooping")
@@ -187,12 +189,14 @@ def test_failures_back_off_then_crash_loop_until_a_worker_succeeds(kube: Kube, n
     assert kube.condition(namespace, "cl", "Progressing")["reason"] == "CrashLooping"
     assert "CrashLooping" in reasons(kube, namespace, "cl")
     assert kube.pod_names(namespace, "cl") == []
+    wait_for(lambda: kube.pod_names(namespace, "cl", alive=False) == ["cl-w1"], what="only the newest failure kept")
     # A pool is never given up on (what failed its workers may pass): one more after the longest
-    # back-off (4 s here), and a worker that succeeds ends the crash loop.
+    # back-off (4 s here), and a worker that succeeds ends the crash loop, and the failed pod goes.
     wait_pods(kube, namespace, "cl", ["cl-w2"], timeout=30)
     kube.set_phase(namespace, "cl-w2", "Succeeded", exit_code=0, reason="Completed")
     wait_pods(kube, namespace, "cl", ["cl-w3"])
     kube.wait_condition(namespace, "cl", "True")
+    wait_for(lambda: kube.pod_names(namespace, "cl", alive=False) == ["cl-w3"], what="the failed pod deleted")
 
 
 def test_a_crash_looping_pools_try_that_runs_a_while_brings_the_pool_back(kube: Kube, namespace: str):

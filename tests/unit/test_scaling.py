@@ -16,6 +16,7 @@ SETTINGS = Settings(scale_down_grace_seconds=30)
 
 
 def pod(index: int, phase: str = "Running", **kwargs: Any) -> Pod:
+    kwargs.setdefault("ended", phase in ("Succeeded", "Failed"))
     return Pod(name=f"q1-w{index}", phase=phase, deleting=False, index=index, **kwargs)
 
 
@@ -61,10 +62,10 @@ def test_pending_pods_are_capacity_that_is_coming_no_double_creation():
 def test_failed_pods_are_never_capacity_no_stuck_scale_up():
     previous = WorkersStatus(desired=2, next_index=2)
     p = plan([pod(0, "Failed", exit_code=1), pod(1)], Demand(backlog=2), previous)
-    assert "q1-w0" in p.delete  # the failed pod goes, and is not counted as a worker
+    assert p.kept == "q1-w0"  # the failed pod is kept for its logs, and is not counted as a worker
     assert p.workers.desired == 2
     # Its replacement waits for the back-off, like any failed worker's; then it comes.
-    later = plan([pod(1)], Demand(backlog=2), p.workers, now=T0 + 11)
+    later = plan([pod(0, "Failed", exit_code=1), pod(1)], Demand(backlog=2), p.workers, now=T0 + 11)
     assert later.create == (2,)
 
 

@@ -23,6 +23,7 @@ SETTINGS = Settings()
 
 
 def pod(index: int, phase: str = "Running", **kwargs: Any) -> Pod:
+    kwargs.setdefault("ended", phase in ("Succeeded", "Failed"))
     return Pod(name=f"q1-w{index}", phase=phase, deleting=False, index=index, **kwargs)
 
 
@@ -88,6 +89,33 @@ def test_success_resets_the_backoff():
     failing = WorkersStatus(consecutive_failures=3, last_failure_time=times.rfc3339(T0))
     p = plan([pod(4, "Succeeded")], failing, singleExecution=True, replicas=2)
     assert p.workers.consecutive_failures == 0 and len(p.create) == 2
+
+
+def test_the_newest_failed_pod_is_kept_for_its_logs_while_failures_go_on_in_a_row():
+    """Every failed pod was deleted at once: a crash loop left nothing to `kubectl logs`."""
+    spec = {"singleExecution": True, "replicas": 2}
+    first = plan([pod(0, "Failed", exit_code=1), pod(1)], WorkersStatus(next_index=2), **spec)
+    assert first.kept == "q1-w0" and first.delete == ()
+    again = plan([pod(0, "Failed", exit_code=1), pod(1)], first.workers, now=T0 + 1, **spec)
+    assert again.kept == "q1-w0" and again.delete == () and again.workers.consecutive_failures == 1
+    newer = plan([pod(0, "Failed", exit_code=1), pod(1, "Failed", exit_code=2), pod(2)], again.workers,
+                 now=T0 + 20, **spec)
+    assert newer.kept == "q1-w1" and newer.delete == ("q1-w0",)
+    # A success ends the row: no failure is kept any more.
+    worked = plan([pod(1, "Failed", exit_code=2), pod(2, "Succeeded")], newer.workers, now=T0 + 30, **spec)
+    assert worked.kept is None and sorted(worked.delete) == ["q1-w1", "q1-w2"]
+    # So does a change of spec (its failures say nothing of the new one).
+    changed = plan([pod(1, "Failed", exit_code=2), pod(2)], newer.workers, now=T0 + 30, generation=2, **spec)
+    assert changed.kept is None and changed.delete == ("q1-w1",)
+
+
+def test_no_pod_is_kept_that_failed_from_outside_or_runs_on():
+    spec = {"singleExecution": True}
+    for gone in (pod(0, "Failed", reason="Evicted"), pod(0, "Failed", exit_code=1, refused="409: full"),
+                 pod(0, "Failed", exit_code=1, disrupted=True),
+                 pod(0, "Failed", exit_code=1, ended=False)):  # its sidecar runs on: it would, for good
+        p = plan([gone], WorkersStatus(next_index=1), **spec)
+        assert p.kept is None and p.delete == ("q1-w0",), gone
 
 
 def test_an_ephemeral_queue_crash_loops_after_backoff_limit_until_the_spec_changes():
@@ -690,6 +718,11 @@ def test_a_pod_whose_worker_ended_while_a_sidecar_runs_on_is_finished():
     # Finished, it is counted and deleted (which stops its sidecar), and a new one made.
     p = plan([done], previous=WorkersStatus(next_index=3), singleExecution=True)
     assert p.delete == ("q1-w2",) and p.create == (3,) and p.workers.succeeded == 1
+    # Failed, it is no pod to keep for its logs: its sidecar would run for good.
+    crashed = Pod.from_body(sidecar_body({"terminated": {"exitCode": 1, "reason": "Error"}}))
+    assert (crashed.phase, crashed.ended) == ("Failed", False)
+    p = plan([crashed], previous=WorkersStatus(next_index=3), singleExecution=True)
+    assert p.delete == ("q1-w2",) and p.kept is None
 
 
 def test_a_pod_whose_worker_succeeded_before_its_sidecar_failed_is_a_success():

@@ -388,6 +388,8 @@ class Supervisor:
             self._events.post(involved=involved, reason=event.reason,
                               message=event.message, warning=event.warning)
         await asyncio.gather(*(self._delete_pod(queue, name) for name in plan.delete))
+        if plan.kept is not None and plan.kept in self._store.worker_credential_secrets(key):
+            await self._revoke(queue, plan.kept)  # kept for its logs, not for its token
         if not self._activity.is_active():
             return
         if create:
@@ -587,6 +589,11 @@ class Supervisor:
         except client_.ApiError as exc:
             if not exc.not_found:
                 raise
+        await self._revoke(queue, name)
+
+    async def _revoke(self, queue: QueueObject, name: str) -> None:
+        """Deletes what a worker pod that has ended held: the record of its refusal at /start, if any,
+        and its token Secret, if the operator made it for this queue."""
         refusal = self._registry.refusal_lease(queue, name) if self._registry is not None else ""
         if refusal:
             path = f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(name)}"

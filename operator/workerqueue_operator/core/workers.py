@@ -267,6 +267,8 @@ class Pod:
     disrupted: bool = False
     """It failed as Kubernetes took it away (condition DisruptionTarget): an eviction, a preemption,
     its node gone (the pod garbage collector fails such pods before deleting them)."""
+    ended: bool = False
+    """The pod itself has ended (its phase, not only its worker's container): nothing runs in it."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -299,6 +301,7 @@ class Pod:
             reason = str(disruption.get("reason") or reason or "DisruptionTarget")
         generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
         running = worker.get("running")
+        pod_phase = status.get("phase") or ""
         return cls(
             name=meta["name"],
             phase=phase,
@@ -314,6 +317,7 @@ class Pod:
             generation=int(generation) if generation.isdigit() else None,
             hostname=(body.get("spec") or {}).get("hostname") or "",
             disrupted=disruption is not None,
+            ended=pod_phase in ("Succeeded", "Failed"),
             running_since=times.parse_or_none(running.get("startedAt"))
             if phase == "Running" and isinstance(running, Mapping) else None,
         )
@@ -456,6 +460,15 @@ class Plan:
     events: tuple[Event, ...] = ()
     delete_queue: Event | None = None
     requeue_after: float | None = None
+    kept: str | None = None
+    """A failed pod kept for `kubectl logs` and `describe` (its worker's own failure, the newest, while
+    failures go on in a row), as a Job keeps its failed pods; its token is revoked all the same."""
+
+
+def _keepable_failure(pod: Pod) -> bool:
+    """Whether a finished pod's worker failed by itself (not refused by /start, nor stopped from outside)
+    and the pod has ended (not one whose sidecar runs on: kept, it would run for good)."""
+    return pod.phase == "Failed" and pod.ended and not pod.refused and not (pod.disrupted or displaced(pod.reason))
 
 
 def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:
@@ -518,6 +531,7 @@ def plan(
         w.displaced_generation, w.displaced_index = None, None
 
     displaced_now: list[Pod] = []
+    finished: list[Pod] = []
     for pod in pods:
         if pod.phase not in ("Succeeded", "Failed"):
             continue
@@ -525,7 +539,7 @@ def plan(
             if pod.name not in deleted_outside:
                 continue  # deleted here once counted, or as surplus: no news of the worker
         else:
-            delete.append(pod.name)  # finished pods never linger: what mattered is in the Event
+            finished.append(pod)  # deleted below, all but one failed pod kept while failures go on
         if pod.name in counted:
             continue
         counted.append(pod.name)
@@ -567,7 +581,7 @@ def plan(
                 w.last_failure_time = times.rfc3339(now)
                 w.failure_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
             events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
-                                f"reason {pod.reason or 'unknown'}; its pod is deleted", warning=True))
+                                f"reason {pod.reason or 'unknown'}", warning=True))
     listed = {p.name: p for p in pods}
     for name in sorted(deleted_outside):
         if name in counted:
@@ -579,6 +593,12 @@ def plan(
         displaced_now.append(listed.get(name) or Pod(name=name, phase="", deleting=True, index=pod_index(name)))
         events.append(Event("WorkerDisplaced", f"worker {name} was deleted by someone else", warning=True))
     w.counted = counted
+    # The newest of the workers' own failures stays for `kubectl logs` while they go on in a row (a
+    # crash loop whose pods were all gone could not be told apart); it goes once a worker succeeds,
+    # runs long enough, or the spec changes (each ends the row), or when a newer one fails.
+    own = [p for p in finished if _keepable_failure(p) and p.index is not None] if w.consecutive_failures else []
+    kept = max(own, key=lambda p: p.index or 0, default=None)
+    delete.extend(p.name for p in finished if p is not kept)
     # One incident (a node under pressure evicting several, seconds apart) counts once: pods made
     # before the last time counted belong to it. One long after the last is a new first.
     last = times.parse_or_none(w.last_displaced_time)
@@ -723,6 +743,9 @@ def plan(
             create = tuple(range(w.next_index, w.next_index + missing))
             w.next_index += missing
 
+    if kept is not None and w.consecutive_failures == 0:
+        delete.append(kept.name)  # the row ended in this pass (a worker ran long enough)
+        kept = None
     return Plan(
         workers=w,
         create=create,
@@ -730,6 +753,7 @@ def plan(
         events=tuple(events),
         delete_queue=delete_queue,
         requeue_after=min(requeue) if requeue else None,
+        kept=kept.name if kept is not None else None,
     )
 
 
