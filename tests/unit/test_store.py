@@ -120,6 +120,31 @@ def test_a_queue_made_in_the_same_second_never_takes_the_id_from_the_one_holding
     assert s.serving("same").queue.name == "a-new"
 
 
+def test_an_earlier_queue_that_comes_into_view_takes_no_id_from_the_queue_serving_it():
+    """A namespace watched from now on holds an earlier queue of the same id: by creation alone it took
+    the id, and the serving queue's workers were refused from their next call (401), its pool drained."""
+    serving = queue_body("b", "team-b", queueId="same", created="2026-02-01T00:00:00Z")
+    serving["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    s, _ = store()
+    s.upsert_queue(queues.QueueObject.from_body(serving))
+    s.upsert_secret(("team-b", "b-worker-token"), {"token": "tb"})
+    s.upsert_queue(queue("a", "team-a", queueId="same", created="2026-01-01T00:00:00Z"))
+    assert s.serving("same").queue.name == "b" and s.is_queue_token(queues.digest("tb"))
+    assert s.resolution(("team-a", "a")).problem.reason == "QueueIdConflict"
+
+
+def test_a_queue_whose_spec_could_not_be_taken_takes_no_id_back_from_the_queue_that_took_it_over():
+    earlier = queue_body("a", queueId="same", created="2026-01-01T00:00:00Z")
+    earlier["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "False",
+                                                             "reason": "SpecInvalid"}]}
+    later = queue_body("b", queueId="same", created="2026-02-01T00:00:00Z")
+    later["status"] = {"queueId": "same", "conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+    s, _ = store()
+    s.upsert_queue(queues.QueueObject.from_body(later))
+    s.upsert_queue(queues.QueueObject.from_body(earlier))  # its spec can be taken again
+    assert s.serving("same").queue.name == "b"
+
+
 def test_a_status_that_settles_a_same_second_tie_judges_every_claimant_again():
     # B was alone and is being made Ready; A (same second, name first) came before that status's echo
     # and won on its name. The echo says B holds the id: both are judged again, B keeps it, A loses.

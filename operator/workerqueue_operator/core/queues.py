@@ -216,11 +216,12 @@ class QueueObject:
     @property
     def holds_queue_id(self) -> bool:
         """Whether the status the operator wrote says this queue holds its queue id (it is written on
-        every queue, and a queue that lost it says QueueIdConflict)."""
+        every queue, and a queue that lost it says QueueIdConflict). Not one whose spec could not be
+        taken (SpecInvalid): another queue may have taken the id over meanwhile, and holds it now."""
         if self.status.get("queueId") != self.queue_id:
             return False
         ready = next((c for c in self.status.get("conditions") or [] if c.get("type") == "Ready"), None)
-        return ready is not None and ready.get("reason") != "QueueIdConflict"
+        return ready is not None and ready.get("reason") not in ("QueueIdConflict", "SpecInvalid")
 
     def token_refs(self) -> tuple[spec_.SecretKeyRef, ...]:
         refs = self.spec.auth.token_secret_refs

@@ -382,10 +382,11 @@ class Store:
         return set(claimants)
 
     def _winner(self, claimants: Iterable[QueueKey]) -> QueueKey:
-        # The earliest claim keeps the id, so a newcomer can never take over a serving queue. Made in
-        # the same second (creationTimestamp has no finer grain), the one whose status says it holds
-        # the id keeps it: the name alone would let a newcomer named "a-..." take it from "b-...".
-        return min(claimants, key=lambda k: (self._queues[k].created, not self._queues[k].holds_queue_id, k))
+        # The queue whose status says it holds the id keeps it, so that no other can take over a
+        # serving queue and cut its workers off: not a newcomer, nor an earlier queue that comes into
+        # view (a namespace watched from now on, a spec that could not be taken and now can). Else
+        # the earliest claim; made in the same second (creationTimestamp has no finer grain), the name.
+        return min(claimants, key=lambda k: (not self._queues[k].holds_queue_id, self._queues[k].created, k))
 
     def _recompute(self, keys: Iterable[QueueKey]) -> None:
         changed = []
