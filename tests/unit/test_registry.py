@@ -1398,13 +1398,15 @@ def test_a_namesakes_registrations_are_none_of_the_queue_made_again_under_its_na
     from workerqueue_operator.k8s import client as client_
 
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
-    old, new = queue(uid="uid-1"), queue(uid="uid-2")
+    old, new = queue(uid="uid-1", created="2026-01-01T00:00:00Z"), queue(uid="uid-2", created="2026-03-01T00:00:00Z")
     current = [old]
+    now = [times.parse("2026-02-01T00:00:00Z")]
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: current[0],
+                            clock=lambda: now[0],
                             bounds=registry.Bounds(pending=10, pending_per_queue=10, workers=10, workers_per_queue=2))
     gone = [reg.register(old, f"old-{i}") for i in range(2)]
     assert reg.live(old.key) == gone and reg.live_count(old.key) == 2
-    current[0] = new
+    current[0], now[0] = new, times.parse("2026-03-01T00:00:10Z")
     assert reg.live(new.key) == [] and reg.live_count(new.key) == 0
     mine = [reg.register(new, f"new-{i}") for i in range(2)]  # the namesake's take no place of the two
     assert reg.live(new.key) == mine
@@ -1416,14 +1418,41 @@ def test_a_lease_left_by_a_gone_namesake_is_told_from_ones_of_the_queue_and_from
     owner = {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue", "name": "q1", "uid": "uid-2"}
     labels = {**leases.LABELS, "agentcontrol.dev/queue": "q1"}
     body = {"metadata": {"namespace": "team-a", "name": "q1-slot-0", "labels": labels, "ownerReferences": [owner]}}
+    made = times.parse("2026-03-01T00:00:00Z")  # this queue's creation
 
-    def current(**meta: Any) -> dict[str, Any]:
-        return {"metadata": {"namespace": "team-a", "name": "q1-slot-0", "labels": labels, **meta}}
+    def current(acquired: str = "2026-02-01T00:00:00.000000Z", **meta: Any) -> dict[str, Any]:
+        return {"metadata": {"namespace": "team-a", "name": "q1-slot-0", "labels": labels, **meta},
+                "spec": {"acquireTime": acquired}}
 
-    assert leases.left_by_another_queue(current(), body)  # orphaned: no owner
-    assert leases.left_by_another_queue(current(ownerReferences=[{**owner, "uid": "uid-1"}]), body)
-    assert not leases.left_by_another_queue(current(ownerReferences=[owner]), body)  # this queue's own
+    def left(lease: dict[str, Any]) -> bool:
+        return leases.left_by_another_queue(lease, body, created_at=made)
+
+    assert left(current())  # orphaned: no owner
+    assert left(current(ownerReferences=[{**owner, "uid": "uid-1"}]))  # a namesake's, made before this queue
+    # Another uid's, made after this queue: a later queue's, which this replica's watch has not brought.
+    assert not left(current("2026-03-01T00:00:01.000000Z", ownerReferences=[{**owner, "uid": "uid-3"}]))
+    assert not left(current(ownerReferences=[owner]))  # this queue's own
     refusal = {**labels, "app.kubernetes.io/component": leases.REFUSAL_COMPONENT}
-    assert not leases.left_by_another_queue(current(labels=refusal), body)
-    assert not leases.left_by_another_queue(current(labels={}), body)  # no Lease of the operator's
-    assert not leases.left_by_another_queue(current(labels={**labels, "agentcontrol.dev/queue": "q2"}), body)
+    assert not left(current(labels=refusal))
+    assert not left(current(labels={}))  # no Lease of the operator's
+    assert not left(current(labels={**labels, "agentcontrol.dev/queue": "q2"}))
+
+
+def test_a_replica_behind_on_a_queue_made_again_counts_the_new_queues_registrations_and_takes_none_of_its_slots():
+    """Its watch has not brought the new queue yet: the new queue's live workers were a namesake's to
+    it, left out of the count and their slots overwritten for the deleted queue."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    old = queue(uid="uid-1", created="2026-01-01T00:00:00Z")
+    new = queue(uid="uid-2", created="2026-03-01T00:00:00Z")
+    now = [times.parse("2026-03-01T00:01:00Z")]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: old, clock=lambda: now[0],
+                            bounds=registry.Bounds(pending=10, pending_per_queue=10, workers=10, workers_per_queue=1))
+    theirs = reg.register(new, "new-0")  # as the watch brings it: made after the queue this replica knows
+    assert not registry.namesakes(theirs, old) and reg.live(old.key) == [theirs]
+    with pytest.raises(registry.Full):
+        reg.register(old, "one-too-many")

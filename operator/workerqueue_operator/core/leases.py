@@ -376,17 +376,26 @@ def refusal_lease_name(pod: str) -> str:
     return name
 
 
-def left_by_another_queue(current: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
-    """Whether `current`, a Lease of the name `body` (a registration of a queue) is to have, is a
-    registration of a queue of that name that is gone: owned by another queue (a namesake deleted,
-    the garbage collector not through yet) or by none (deleted with `--cascade=orphan`)."""
-    labels = (current.get("metadata") or {}).get("labels") or {}
+def left_by_another_queue(current: Mapping[str, Any], body: Mapping[str, Any], *, created_at: float) -> bool:
+    """Whether `current`, a Lease of the name `body` (a registration of the queue made at `created_at`)
+    is to have, is a registration of a queue of that name that is gone: owned by none (deleted with
+    `--cascade=orphan`), or by another queue and made before this one was (a namesake deleted, the
+    garbage collector not through yet). Not one made after: that is a later queue's, which a replica
+    whose watch is behind does not know yet."""
+    meta = current.get("metadata") or {}
+    labels = meta.get("labels") or {}
     if any(labels.get(key) != value for key, value in LABELS.items()):
         return False  # not a registration (a refusal, or no Lease of the operator's)
     if labels.get(workers_.QUEUE_LABEL) != ((body.get("metadata") or {}).get("labels") or {}).get(workers_.QUEUE_LABEL):
         return False
     owner, owning = queues.queue_owner(current), queues.queue_owner(body)
-    return owning is not None and (owner is None or owner != owning)
+    if owning is None or owner == owning:
+        return False
+    if owner is None:
+        return True
+    made = times.parse_or_none((current.get("spec") or {}).get("acquireTime")) or times.parse_or_none(
+        meta.get("creationTimestamp"))
+    return made is not None and made < created_at
 
 
 def is_refusal(body: Mapping[str, Any]) -> bool:

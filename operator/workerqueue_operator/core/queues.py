@@ -24,6 +24,7 @@ from yarl import URL
 from workerqueue_operator.core.temporal import Endpoint
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
+from workerqueue_operator.models import times
 
 QueueKey = tuple[str, str]
 """(namespace, name) of a WorkerQueue."""
@@ -203,6 +204,11 @@ class QueueObject:
         meta = body.get("metadata", {})
         return replace(self, status=body.get("status") or {}, deleting=bool(meta.get("deletionTimestamp")),
                        resource_version=meta.get("resourceVersion") or "")
+
+    @functools.cached_property
+    def created_at(self) -> float:
+        """metadata.creationTimestamp in epoch seconds (0 if unknown)."""
+        return times.parse_or_none(self.created) or 0.0
 
     @functools.cached_property
     def key(self) -> QueueKey:

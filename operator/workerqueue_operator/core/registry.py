@@ -20,6 +20,7 @@ What a worker's record and its Lease hold is in leases.py; this module decides w
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -28,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -247,6 +248,8 @@ class Registry:
         """Registrations refused by the Bounds, for the metrics."""
         self._workers: dict[str, Worker] = {}
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
+        self._uids: dict[QueueKey, collections.Counter[str]] = {}
+        """Per queue name: the uids of its registrations (more than one: a namesake's are among them)."""
         self._by_lease: dict[tuple[str, str], str] = {}
         """(namespace, Lease name) -> worker id, of the workers whose Lease exists: a watch event
         names a Lease; a registration not written yet has no Lease to be named by."""
@@ -405,12 +408,17 @@ class Registry:
             return None
         return worker
 
-    def _members(self, queue: QueueKey) -> list[Worker]:
+    def _members(self, queue: QueueKey) -> Collection[Worker]:
         """The registrations of the queue of that name that is known now: not those of a namesake it
-        replaced (`kubectl replace --force`), whose Leases wait for the garbage collector."""
+        replaced (`kubectl replace --force`), whose Leases wait for the garbage collector. A replica
+        that knows the namesake still (its watch behind) counts the new queue's all the same: they
+        were made after the namesake was."""
+        members = self._by_queue.get(queue, {})
+        uids = self._uids.get(queue)
         known = self._queue_of(queue)
-        members = self._by_queue.get(queue, {}).values()
-        return list(members) if known is None else [w for w in members if w.queue_uid == known.uid]
+        if known is None or uids is None or (len(uids) == 1 and known.uid in uids):
+            return members.values()  # no namesake among them: the common case, at no cost
+        return [w for w in members.values() if not namesakes(w, known)]
 
     def live(self, queue: QueueKey) -> list[Worker]:
         now = self._clock()
@@ -561,7 +569,7 @@ class Registry:
         if (ended is not None and ended.on_purpose and ended.queue in (None, queue.key)) \
                 or worker_id in self._workers or worker_id in self._rejoining:
             return False
-        return pod is None or not any(w.pod == pod for w in self._by_queue.get(queue.key, {}).values())
+        return pod is None or not any(w.pod == pod for w in self._members(queue.key))
 
     def expired_in(self, worker_id: str) -> QueueKey | None:
         """The queue of the worker whose registration expired as this replica knows (None: not so):
@@ -628,7 +636,7 @@ class Registry:
 
     def _check_room(self, queue: QueueObject) -> None:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
-        registered = len(self._members(queue.key))
+        registered = len(self._members(queue.key))  # O(1) but with a namesake's registrations among them
         if registered >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
             self.refused += 1
             raise Full(pending=False, per_queue=registered >= self._bounds.workers_per_queue)
@@ -709,8 +717,8 @@ class Registry:
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
             holder = self._workers.get(self._by_lease.get(key, ""))
-            namesakes = holder is not None and holder.queue_uid != queue.uid  # its Lease goes with its queue
-            replaceable = holder is None or namesakes or holder.expired(now) or (pod is not None and holder.pod == pod)
+            gone = holder is not None and namesakes(holder, queue)  # its Lease goes with its queue
+            replaceable = holder is None or gone or holder.expired(now) or (pod is not None and holder.pod == pod)
             if not replaceable:
                 continue
             claiming = self._claiming.get(key)
@@ -723,10 +731,10 @@ class Registry:
             claimed = self._claiming[key] = asyncio.get_running_loop().create_future()
             try:
                 stored = await (self._create(body) if holder is None else
-                                self._replace(body, holder, expired_only=not namesakes and (
+                                self._replace(body, holder, expired_only=not gone and (
                                     pod is None or holder.pod != pod)))
                 if stored is None and holder is None:
-                    stored = await self._take_unknown(body)
+                    stored = await self._take_unknown(body, created_at=queue.created_at)
             finally:
                 del self._claiming[key]
                 claimed.set_result(None)
@@ -1222,14 +1230,14 @@ class Registry:
                 return None
             raise
 
-    async def _take_unknown(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    async def _take_unknown(self, body: dict[str, Any], *, created_at: float) -> dict[str, Any] | None:
         """Takes over a slot whose Lease exists but is held by no worker known here, if that holder
         has expired: one passed over as a worker's earlier slot (see lease_upserted), left by a delete
         that a restart ended, would otherwise keep its slot taken for good."""
         current = await self._read_lease(body)
         if current is None:  # deleted since the create met it: free again
             return await self._create(body)
-        if left_by_another_queue(current, body):
+        if left_by_another_queue(current, body, created_at=created_at):
             # Its queue deleted and this one made under its name: the garbage collector deletes the
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
@@ -1371,7 +1379,13 @@ class Registry:
             if refused is not None and worker.registered_at > refused.wall:
                 del self._refusals[key]
         self._workers[worker.worker_id] = worker
-        self._by_queue.setdefault(worker.queue, {})[worker.worker_id] = worker
+        members = self._by_queue.setdefault(worker.queue, {})
+        replaced = members.get(worker.worker_id)
+        uids = self._uids.setdefault(worker.queue, collections.Counter())
+        if replaced is not None:
+            _uncount(uids, replaced.queue_uid)
+        members[worker.worker_id] = worker
+        uids[worker.queue_uid] += 1
         if worker.stored:
             self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
         worker.filed = None  # whatever it was filed under before it was added is not looked at
@@ -1406,10 +1420,11 @@ class Registry:
             self._renewal_rate -= 1.0 / worker.interval
         self._heard_of(worker)
         members = self._by_queue.get(worker.queue)
-        if members is not None:
-            members.pop(worker_id, None)
+        if members is not None and members.pop(worker_id, None) is not None:
+            _uncount(self._uids[worker.queue], worker.queue_uid)
             if not members:
                 del self._by_queue[worker.queue]
+                del self._uids[worker.queue]
         if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
@@ -1474,6 +1489,18 @@ class Registry:
     def _notify(self, queue: QueueKey) -> None:
         for listener in self._listeners:
             listener(queue)
+
+
+def namesakes(worker: Worker, queue: QueueObject) -> bool:
+    """Whether a registration filed under the queue's name is a namesake's: of another uid, made before
+    the queue was. Not one made after (its queue is a later one than this replica knows yet)."""
+    return worker.queue_uid != queue.uid and worker.registered_at < queue.created_at
+
+
+def _uncount(uids: collections.Counter[str], uid: str) -> None:
+    uids[uid] -= 1
+    if uids[uid] <= 0:
+        del uids[uid]
 
 
 def _version(body: Mapping[str, Any]) -> str:
