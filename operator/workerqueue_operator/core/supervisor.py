@@ -332,8 +332,10 @@ class Supervisor:
             # Its worker turned away at /start (by any replica): the pod's failure is no crash. The
             # record is written before the worker is answered, so before its pod fails; one the Lease
             # watch has not brought yet (behind the pod watch, or not synced after a restart) is read.
+            # Only until its failure is counted: a failed pod kept for its logs would cost a read a pass.
+            counted = set(self._base(queue)[0].counted)
             for pod in parsed:
-                if pod.phase == "Failed" and not self._registry.refusal(queue, pod.name):
+                if pod.phase == "Failed" and pod.name not in counted and not self._registry.refusal(queue, pod.name):
                     await self._read_refusal(queue, pod.name)
             parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
                       else pod for pod in parsed]
