@@ -50,8 +50,8 @@ class WorkQueue(Generic[K]):
         self._max_retry_seconds = max_retry_seconds
         self._failures: dict[K, int] = {}  # consecutive failures of each failing key
         self._log_every = log_every_seconds
-        self._logged_at: float | None = None
-        self._unlogged = 0  # failures since the last line
+        self._logged: dict[bool, tuple[float | None, int]] = {}
+        """Per kind (ours or the API server's): when a line was last logged, and failures since."""
         self._dirty: dict[K, None] = {}  # an insertion-ordered set
         self._running: set[K] = set()
         self._again: set[K] = set()
@@ -134,17 +134,20 @@ class WorkQueue(Generic[K]):
                 self.add(key)
 
     def _log_failure(self, key: K, delay: float, exc: Exception) -> None:
+        # Paced apart: an outage's warnings must not fold a bug's error (and its traceback) away.
+        ours = not isinstance(exc, client_.ERRORS)
         now = asyncio.get_running_loop().time()
-        if self._logged_at is not None and now - self._logged_at < self._log_every:
-            self._unlogged += 1
+        logged_at, unlogged = self._logged.get(ours, (None, 0))
+        if logged_at is not None and now - logged_at < self._log_every:
+            self._logged[ours] = (logged_at, unlogged + 1)
             return
         more = ""
-        if self._logged_at is not None and self._unlogged:
-            more = f" (and {self._unlogged} more failures in the last {now - self._logged_at:.0f}s)"
-        if isinstance(exc, client_.ERRORS):  # the API server refused or is out of reach: retried, as said
-            logger.warning("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
-                           type(exc).__name__, exc, more)
-        else:  # a bug of ours: where it is matters
+        if logged_at is not None and unlogged:
+            more = f" (and {unlogged} more failures like it in the last {now - logged_at:.0f}s)"
+        if ours:  # a bug of ours: where it is matters
             logger.error("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
                          type(exc).__name__, exc, more, exc_info=exc)
-        self._logged_at, self._unlogged = now, 0
+        else:  # the API server refused or is out of reach: retried, as said
+            logger.warning("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
+                           type(exc).__name__, exc, more)
+        self._logged[ours] = (now, 0)
