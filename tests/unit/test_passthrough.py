@@ -335,6 +335,11 @@ async def test_streamed_answer_arrives_in_pieces(hub: tuple[Store, TestClient]):
         arrivals.append((loop.time(), chunk))
     assert b"".join(c for _, c in arrivals) == b"data: event 0\n\ndata: event 1\n\ndata: event 2\n\n"
     assert len(arrivals) >= 3 and arrivals[-1][0] - arrivals[0][0] >= 0.5
+    # Counted, but an event stream's life is no latency; a plain answer's time is.
+    await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"})
+    text = await (await client.get("/metrics")).text()
+    assert 'workerqueue_http_requests_total{route="/api/v1/{tail}",method="GET",code="200"} 2' in text
+    assert 'workerqueue_http_request_duration_seconds_count{route="/api/v1/{tail}"} 1' in text
 
 
 async def test_a_worker_that_goes_away_mid_stream_releases_the_upstream(hub: tuple[Store, TestClient],

@@ -178,6 +178,9 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+_EVENTS = "text/event-stream"
+
+
 def _route_name(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
@@ -198,9 +201,9 @@ def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttle
             try:
                 response = await handler(request)
                 status = response.status
-                # A websocket or a streamed answer returns when it ends, minutes or hours later: its
-                # life is no latency (it would fill the top bucket and the sum). Counted, not timed.
-                timed = isinstance(response, web.Response)
+                # A websocket or an event stream returns when it ends, minutes or hours later: its life
+                # is no latency (it would fill the top bucket and the sum). Counted, not timed.
+                timed = not isinstance(response, web.WebSocketResponse) and response.content_type != _EVENTS
             except Exception as exc:
                 response, status = _failure(request, exc, log)
             if drain.active:
