@@ -62,13 +62,14 @@ def test_routine_events_wait_while_the_work_is_behind_but_not_for_ever_and_warni
     assert drain(poster) == [("d", "TokenSecretCreated", 1)]
 
 
-def test_routine_events_wait_no_longer_once_the_backlog_is_half_full():
-    poster = EventPoster(client=None, backlog=4, clock=lambda: 0.0)  # type: ignore[arg-type]
+def test_routine_events_wait_no_longer_once_the_backlog_is_nine_tenths_full():
+    poster = EventPoster(client=None, backlog=10, clock=lambda: 0.0)  # type: ignore[arg-type]
     poster.defer_routine(lambda: True, at_most=60)
-    poster.post(involved=involved("a"), reason="TokenSecretCreated", message="m")
+    for name in "abcdefgh":
+        poster.post(involved=involved(name), reason="TokenSecretCreated", message="m")
     assert poster._next() is None
-    poster.post(involved=involved("b"), reason="TokenSecretCreated", message="m")
-    assert drain(poster) == [("a", "TokenSecretCreated", 1)]  # then one waits again
+    poster.post(involved=involved("i"), reason="TokenSecretCreated", message="m")
+    assert drain(poster) == [("a", "TokenSecretCreated", 1)]  # then eight wait again
     assert poster.dropped == 0
 
 
