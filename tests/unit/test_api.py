@@ -906,3 +906,21 @@ async def test_queues_whose_spec_cannot_be_taken_count_as_queues_and_as_not_read
     async with TestClient(TestServer(apps.make_app(store, invalid_count=lambda: 2))) as c:
         text = await (await c.get("/metrics")).text()
     assert "workerqueue_queues 3\n" in text and "workerqueue_queues_not_ready 2\n" in text
+
+
+async def test_the_token_of_a_queue_whose_id_another_holds_is_told_so_not_taken_for_a_wrong_one():
+    """The same manifest applied in two namespaces: the later queue's token was a 401 "Invalid
+    authentication credentials" (after a TokenReview), which sent its owner checking the token."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("agents", "team-a", queueId="q-1", created="2026-01-01T00:00:00Z"))
+    store.upsert_secret(("team-a", "agents-worker-token"), {"token": "first"})
+    store.upsert_queue(queue("agents", "team-b", queueId="q-1", created="2026-02-01T00:00:00Z"))
+    store.upsert_secret(("team-b", "agents-worker-token"), {"token": "second"})
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        refused = await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer second"})
+        assert (refused.status, await refused.json()) == (409, {
+            "detail": "WorkerQueue team-b/agents is not served: its queue id q-1 is held by team-a/agents"})
+        beat = await c.post("/api/v1/workers/w-1/heartbeat", json={"status": "active"},
+                            headers={"Authorization": "Bearer second"})
+        assert beat.status == 409
+        assert (await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer first"})).status == 200

@@ -96,8 +96,12 @@ def test_the_earlier_queue_keeps_a_conflicting_id():
     loser = s.resolution(("team-a", "new"))
     assert loser.problem.reason == "QueueIdConflict" and "team-a/old" in loser.problem.message
     assert not s.is_queue_token(queues.digest("new"))  # a loser's token opens nothing
+    assert s.conflict_of_token(queues.digest("new")) == (
+        "WorkerQueue team-a/new is not served: its queue id same is held by team-a/old")  # ...but is told so
+    assert s.conflict_of_token(queues.digest("old")) is None and s.conflict_of_token(queues.digest("x")) is None
     s.remove_queue(("team-a", "old"))
     assert s.serving("same").queue.name == "new" and s.serving("same").ready
+    assert s.conflict_of_token(queues.digest("new")) is None
 
 
 def test_a_queue_made_in_the_same_second_never_takes_the_id_from_the_one_holding_it():

@@ -67,6 +67,9 @@ async def authenticate(request: web.Request, *, starting: bool = False) -> Calle
         return Caller(token_digest, worker=credential)
     if store.is_queue_token(token_digest):
         return Caller(token_digest)
+    conflict = store.conflict_of_token(token_digest)
+    if conflict is not None:
+        return errors.detail(409, conflict)
     if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
         unseen = request.app[UNSEEN]
         credential = await unseen.credential(lambda: store.worker_credential(token_digest),

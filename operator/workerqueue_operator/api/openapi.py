@@ -23,7 +23,8 @@ START_ERRORS: dict[int, tuple[str, str]] = {
           "This token may not start workers on this worker queue"),
     404: ("No worker queue has this queue id", "Worker queue not found"),
     408: ("The request body did not arrive within http_body_timeout_seconds", "Request body not received in time"),
-    409: ("The worker queue already runs its maxWorkers workers", "Worker queue 'agents' is full (maxWorkers=10)"),
+    409: ("The worker queue already runs its maxWorkers workers, or the token is of a WorkerQueue whose queue id "
+          "another one holds (QueueIdConflict)", "Worker queue 'agents' is full (maxWorkers=10)"),
     413: ("The request body is over 1 MiB", "Request body too large"),
     503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "

@@ -348,6 +348,9 @@ class Passthrough:
             if store.is_queue_token(token_digest):
                 return errors.detail(403, "This token belongs to several worker queues; give each queue its own "
                                           "token to reach its upstream")
+            conflict = store.conflict_of_token(token_digest)
+            if conflict is not None:
+                return errors.detail(409, conflict)
             return errors.unauthorized("Invalid authentication credentials")
         resolution = store.resolution(key)
         if resolution is not None and resolution.upstream is not None:

@@ -50,6 +50,10 @@ class Store:
         self._resolutions: dict[QueueKey, Resolution] = {}
         self._token_owners: dict[bytes, set[QueueKey]] = {}
         self._token_digests: dict[QueueKey, tuple[bytes, ...]] = {}
+        # The same of queues that lost their queue id: their tokens open nothing, but are told apart
+        # from wrong ones (a 409 that names the conflict, not a TokenReview and a 401).
+        self._losers_of: dict[bytes, set[QueueKey]] = {}
+        self._loser_digests: dict[QueueKey, tuple[bytes, ...]] = {}
         self._listeners: list[Listener] = []
         self._worker_tokens: dict[bytes, WorkerCredential] = {}
         self._worker_token_secrets: dict[SecretName, tuple[bytes, WorkerCredential]] = {}
@@ -136,6 +140,7 @@ class Store:
         affected = self._unclaim(queue.queue_id, key)
         self._resolutions.pop(key, None)
         self._set_token_digests(key, ())
+        _index(self._loser_digests, self._losers_of, key, ())
         self._recompute(affected)
         self._notify([key])
 
@@ -297,6 +302,17 @@ class Store:
         """Whether the token is a queue token of any queue (then it is never sent to a TokenReview)."""
         return bool(self._token_owners.get(token_digest))
 
+    def conflict_of_token(self, token_digest: bytes) -> str | None:
+        """What to tell the caller of a token that belongs only to queues whose queue id another queue
+        holds (QueueIdConflict); None for any other token."""
+        losers = self._losers_of.get(token_digest)
+        if not losers or self._token_owners.get(token_digest):
+            return None
+        loser = self._queues[min(losers)]
+        winner = self._winner(self._claimants[loser.queue_id])
+        return (f"WorkerQueue {loser.namespace}/{loser.name} is not served: its queue id {loser.queue_id} "
+                f"is held by {winner[0]}/{winner[1]}")
+
     def queue_of_token(self, token_digest: bytes) -> QueueKey | None:
         """The one queue a worker's token belongs to; None for a token of no queue, or of several
         (queues sharing a token Secret), where the caller's queue cannot be told.
@@ -405,20 +421,12 @@ class Store:
                                      temporal=None)
             self._resolutions[key] = resolution
             self._set_token_digests(key, resolution.token_digests if winner == key else ())
+            _index(self._loser_digests, self._losers_of, key, () if winner == key else resolution.token_digests)
             changed.append(key)
         self._notify(changed)
 
     def _set_token_digests(self, key: QueueKey, digests: tuple[bytes, ...]) -> None:
-        for old in self._token_digests.pop(key, ()):
-            owners = self._token_owners.get(old)
-            if owners is not None:
-                owners.discard(key)
-                if not owners:
-                    del self._token_owners[old]
-        if digests:
-            self._token_digests[key] = digests
-            for new in digests:
-                self._token_owners.setdefault(new, set()).add(key)
+        _index(self._token_digests, self._token_owners, key, digests)
 
     def _notify(self, keys: Iterable[QueueKey]) -> None:
         if self._holding:
@@ -431,3 +439,18 @@ class Store:
 
 def _says_not_ready(status: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "False" for c in status.get("conditions") or ())
+
+
+def _index(digests_of: dict[QueueKey, tuple[bytes, ...]], keys_of: dict[bytes, set[QueueKey]], key: QueueKey,
+           digests: tuple[bytes, ...]) -> None:
+    """Files the queue's token digests both ways, in place of those it had."""
+    for old in digests_of.pop(key, ()):
+        keys = keys_of.get(old)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del keys_of[old]
+    if digests:
+        digests_of[key] = digests
+        for new in digests:
+            keys_of.setdefault(new, set()).add(key)
