@@ -923,4 +923,5 @@ async def test_the_token_of_a_queue_whose_id_another_holds_is_told_so_not_taken_
         beat = await c.post("/api/v1/workers/w-1/heartbeat", json={"status": "active"},
                             headers={"Authorization": "Bearer second"})
         assert beat.status == 409
-        assert (await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer first"})).status == 200
+        served = await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer first"})
+        assert served.status == 200
