@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from workerqueue_operator.core import queues
+from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.queues import QueueKey, QueueObject, Resolution, SecretData, SecretName
 from workerqueue_operator.models import settings as settings_
 
@@ -355,7 +356,7 @@ class Store:
         """Queues that cannot be served, or whose status says Ready=False: what only the status knows
         counts too (CrashLooping, PodCreationFailed: judged from the worker pods, not resolved here)."""
         return sum(1 for key, queue in self._queues.items()
-                   if not self._ready(key) or _says_not_ready(queue.status))
+                   if not self._ready(key) or _says_not_ready(status_.ready_condition(queue.status)))
 
     def _ready(self, key: QueueKey) -> bool:
         resolution = self._resolutions.get(key)
@@ -437,8 +438,8 @@ class Store:
                 listener(key)
 
 
-def _says_not_ready(status: Mapping[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "False" for c in status.get("conditions") or ())
+def _says_not_ready(ready: Mapping[str, Any] | None) -> bool:
+    return ready is not None and ready.get("status") == "False"
 
 
 def _index(digests_of: dict[QueueKey, tuple[bytes, ...]], keys_of: dict[bytes, set[QueueKey]], key: QueueKey,
