@@ -358,6 +358,10 @@ async def run(
                              "status and token Secret; workers: its worker pods); see the log.",
                              kind="counter", label="controller",
                              read=lambda: {"status": reconciler.failed, "workers": supervisor.failed})
+    app[keys.METRICS].family("workerqueue_temporal_reads_total",
+                             "Temporal read for a queue, by kind (check: the reachability of a queue that does "
+                             "not scale, at most WQ_TEMPORAL_CHECKS_PER_SECOND; scaling: a scaling queue's "
+                             "backlog).", kind="counter", label="kind", read=lambda: supervisor.reads)
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

@@ -38,6 +38,7 @@ from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import PodListing, Registry
+from workerqueue_operator.core.slots import Slots
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
@@ -109,6 +110,8 @@ class _Probe:
     shown_known: bool = False
     wanted: spec_.TemporalStatus | None = None
     shown_at: float = float("-inf")
+    slotted: bool = False
+    """Its next check was moved to a slot of the checks' rate: it runs then without taking another."""
 
 
 _LISTED = temporal_.SCAN_LIMIT
@@ -205,6 +208,11 @@ class Supervisor:
         # timeout) must never hold up the backlog reads that size a scaling queue's pods.
         self._probe_gate = asyncio.Semaphore(_PROBES)
         self._scaling_gate = asyncio.Semaphore(_PROBES)
+        # Reachability checks at a bounded rate, so that Temporal is not asked more with every queue
+        # made (10,000 queues every 30 s were 333 calls a second); scaling reads are not held to it.
+        self._check_slots = Slots(settings.temporal_checks_per_second)
+        self.reads = {"check": 0, "scaling": 0}
+        """Temporal read for a queue, by kind (a metric): a reachability check, a scaling queue's reading."""
         self._settings = settings
         self._clock = clock
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
@@ -649,7 +657,7 @@ class Supervisor:
         """Probe the queue's Temporal (or, with `show`, write what the last probe found) at `when`
         (time.monotonic()). Earlier requests stay in the heap and are dropped when they come up."""
         if not show:
-            probe.due = when
+            probe.due, probe.slotted = when, False
         if not self._activity.is_active():
             return  # a standby probes nothing: the timeline is made from the probes when it becomes active
         self._seq += 1
@@ -684,7 +692,8 @@ class Supervisor:
                     if step == "later":
                         self._at(key, probe, loop_now + _TICK)  # after this tick's loop: not spun on now
                         continue
-                    if hold and not self._scaling(key):
+                    scaling = self._scaling(key)
+                    if hold and not scaling:
                         held.append(entry)
                         continue
                     if show:
@@ -707,6 +716,14 @@ class Supervisor:
                         continue
                     if target[0] != probe.target:
                         probe.target, probe.interval = target[0], 0.0
+                    if not scaling and not probe.slotted:
+                        slot = self._check_slots.take(loop_now)
+                        if slot > loop_now:
+                            self._at(key, probe, slot)
+                            probe.slotted = True
+                            continue
+                    probe.slotted = False
+                    self.reads["scaling" if scaling else "check"] += 1
                     probe.running = True
                     task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
                     tasks.add(task)

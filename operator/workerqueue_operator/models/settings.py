@@ -140,6 +140,9 @@ class Settings(BaseModel):
     """Scaling queues: the slowest backlog read once idle (the interval doubles up to it)."""
     temporal_check_seconds: float = Field(default=30.0, ge=1, le=_DAY)
     """How often the Temporal of a queue that does not scale is checked (TemporalReachable)."""
+    temporal_checks_per_second: float = Field(default=20.0, ge=0.1, le=10_000)
+    """Checks of queues that do not scale started per second at most, in all: past
+    temporal_check_seconds x this many queues, each is checked less often, not Temporal asked more."""
     temporal_status_seconds: float = Field(default=5.0, ge=0, le=_HOUR)
     """Least time between two writes of a queue's status.temporal (the condition is written at once)."""
 
