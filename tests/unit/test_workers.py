@@ -942,3 +942,20 @@ def test_a_finished_pod_someone_else_deletes_before_a_pass_counts_it_is_counted_
     ours = workers.plan(queue(ephemeral=True, replicas=2), gone, previous=started, now=T0, created=T0 - 100,
                         settings=SETTINGS)
     assert (ours.workers.succeeded, ours.workers.failed, ours.workers.consecutive_displaced) == (0, 0, 0)
+
+
+def test_a_time_to_come_written_by_a_clock_ahead_holds_no_back_off_longer_than_its_own():
+    """A replica whose clock ran an hour ahead wrote the last failure: its back-off of 20 s waited an
+    hour, the pool without a pod all that time. The time is taken as now, and written so."""
+    ahead = WorkersStatus(consecutive_failures=2, last_failure_time=times.rfc3339(T0 + 3600), next_index=3)
+    p = plan([], ahead, singleExecution=True)
+    assert p.create == () and p.requeue_after == workers.backoff(2, SETTINGS)
+    assert p.workers.last_failure_time == times.rfc3339(T0)
+    later = plan([], p.workers, now=T0 + workers.backoff(2, SETTINGS), singleExecution=True)
+    assert later.create == (3,)
+
+    finished = WorkersStatus(succeeded=1, finished_time=times.rfc3339(T0 + 3600), next_index=1)
+    ttl = plan([], finished, ephemeral=True, singleExecution=True, ttlSecondsAfterFinished=60)
+    assert ttl.delete_queue is None and ttl.requeue_after == 60
+    assert plan([], ttl.workers, now=T0 + 60, ephemeral=True, singleExecution=True,
+                ttlSecondsAfterFinished=60).delete_queue is not None

@@ -507,6 +507,13 @@ def plan(
     not finished that someone else deleted (being deleted, or gone since the last pass)."""
     s = queue.spec
     w = previous.model_copy(deep=True)
+    # Written by a replica whose clock ran ahead (or before this one's stepped back): a time to come
+    # would hold a back-off or a TTL by as much (an hour's step, a pool without pods for an hour).
+    # Taken as now, and written so.
+    for name in ("last_failure_time", "last_displaced_time", "finished_time", "surplus_since"):
+        written = times.parse_or_none(getattr(w, name))
+        if written is not None and written > now:
+            setattr(w, name, times.rfc3339(now))
     if w.observed_generation != queue.generation:
         w.last_error = None  # a pod the older spec could not create says nothing of this one's
     w.observed_generation = queue.generation
