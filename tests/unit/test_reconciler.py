@@ -77,3 +77,22 @@ async def test_a_read_failing_unexpectedly_is_tried_again_and_its_text_is_not_lo
         assert tries(caplog) == ["1s", "2s"]
         assert "ValueError" in caplog.text and "hunter2" not in caplog.text
         await kube.close()
+
+
+async def test_a_queue_deleted_while_the_replica_stood_by_leaves_nothing_behind():
+    """A replica that was active for a while (a rollout of the other) held the token it saw, conflicts
+    and refusals of each queue; those deleted once it stood by again stayed for the process's life."""
+    with apps.unreachable() as kube:  # never reached: nothing is read or written
+        store = Store(settings=Settings())
+        activity = Activity(identity="me", priority=1, peerings=[("", "wq")])
+        writer = reconciler.Reconciler(store=store, client=kube, resync_seconds=3600, events=EventPoster(kube),
+                                       activity=activity)
+        gone = queue("gone")
+        writer._token_seen[gone.key] = gone.uid
+        writer._conflicts.refused(gone.key)
+        writer._token_refusals.refused(gone.key)
+        assert not activity.is_active()  # the peering not seen yet: standing by
+        await writer.reconcile(gone.key)  # the work queue's pass after the deletion
+        assert gone.key not in writer._token_seen
+        assert gone.key not in writer._conflicts and gone.key not in writer._token_refusals
+        await kube.close()

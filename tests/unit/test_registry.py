@@ -326,7 +326,7 @@ def test_live_counts_are_written_at_a_bounded_rate_and_each_queue_at_most_every_
     now[0] += 5.0
     assert live.due() == [("team-a", "q0")]
     # Nothing is kept once it holds no write back: queues come and go (ephemeral ones by the thousand).
-    live._sent[("team-a", "gone")] = 1
+    live._sent[("team-a", "gone")] = ("uid", 1)
     live._forget(now[0])
     assert live._written_at == {} and live._sent == {}
 

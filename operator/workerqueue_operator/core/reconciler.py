@@ -276,15 +276,16 @@ class Reconciler:
             self._spawn_fetch(name, refresh=refresh, wait=1.0)
 
     async def reconcile(self, key: QueueKey) -> None:
-        if not self._activity.is_active():
-            return  # a standby only serves; it is told when it becomes active
         resolution = self._store.resolution(key)
         if resolution is None:
+            # Also on a standby: a queue deleted while it stood by is never seen again once it is active.
             self._written.pop(key, None)
             self._token_seen.pop(key, None)
             self._conflicts.forget(key)
             self._token_refusals.forget(key)
             return
+        if not self._activity.is_active():
+            return  # a standby only serves; it is told when it becomes active
         refusal: queues.Problem | None = None
         try:
             if await self._ensure_token_secret(resolution):
@@ -451,7 +452,8 @@ class LiveStatus:
         self._audited_at = clock()  # not at once: the Lease watch fills the registry first
         self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
         self._written_at: dict[QueueKey, float] = {}  # only within per_queue: older ones are dropped
-        self._sent: dict[QueueKey, int] = {}  # the count last written, until the watch shows it
+        # The count last written, until the watch shows it, with the uid of the queue it was written to.
+        self._sent: dict[QueueKey, tuple[str, int]] = {}
         # Only the active replica writes: a standby marking every queue a worker came or went from
         # would keep them all (deleted ones too) for as long as it stands by. It audits every queue
         # once it is told it is the active one instead. As told, not asked: asked, the peering is
@@ -523,11 +525,12 @@ class LiveStatus:
             return
         live = self._registry.live_count(key)
         shown = (queue.status.get("workers") or {}).get("live", 0)
-        sent = self._sent.get(key)
+        # Written to a queue deleted since and made again under its name, it will never show.
+        uid, sent = self._sent.get(key, (queue.uid, None))
         if live != shown:
             await resources.patch_queue_status(self._client, queue.namespace, queue.name, {"workers": {"live": live}})
-            self._sent[key] = live
-        elif sent is not None and sent != shown:
+            self._sent[key] = (queue.uid, live)
+        elif sent is not None and sent != shown and uid == queue.uid:
             # The watch has not brought the last write yet: what it shows is older, and equal to the
             # count now only by chance. Looked at again once it has.
             self._dirty[key] = None
