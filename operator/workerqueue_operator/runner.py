@@ -41,6 +41,9 @@ from workerqueue_operator.models import settings as settings_
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 5.0
+CLOCK_TOLERANCE_SECONDS = 2.0
+"""Past this between this replica's clock and the API server's, a WARNING: peering and Leases assume agreement."""
+CLOCK_CHECK_SECONDS = 600.0
 
 
 def configure_logging(verbose: bool, *, plain: bool = False) -> None:
@@ -373,6 +376,10 @@ async def run(
                             lambda: events.coalesced, kind="counter")
     app[keys.METRICS].gauge("workerqueue_events_waiting", "Distinct Events waiting to be posted.",
                             lambda: events.waiting)
+    clock_offset = [0.0]
+    app[keys.METRICS].gauge("workerqueue_clock_offset_seconds",
+                            "The API server's clock minus this replica's, as last read (to about a second).",
+                            lambda: clock_offset[0])
     app[keys.METRICS].gauge("workerqueue_active_replica",
                             "1 on the replica that changes the cluster (kopf peering), 0 on a standby.",
                             lambda: int(activity.is_active()))
@@ -414,6 +421,7 @@ async def run(
     if stop_flag is not None:
         tasks.append(asyncio.create_task(_relay(stop_flag, stopping), name="stop flag"))
     tasks.append(asyncio.create_task(_stand_down(stopping, activity), name="stand-down"))
+    tasks.append(asyncio.create_task(_watch_clock(client, clock_offset), name="clock"))
     for task in tasks:
         task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor, kubeconfig=kubeconfig)
@@ -457,6 +465,34 @@ async def _drain(drain: serving.Drain, seconds: float) -> None:
     cut = asyncio.Event()
     with embedded.stop_signals(lambda _: cut.set()), contextlib.suppress(TimeoutError):
         await asyncio.wait_for(cut.wait(), seconds)
+
+
+def clock_doubt(offset: float) -> str | None:
+    """What to say of the API server's clock running `offset` seconds ahead of this replica's."""
+    if abs(offset) <= CLOCK_TOLERANCE_SECONDS:
+        return None
+    return (f"this replica's clock is {abs(offset):.0f}s {'behind' if offset > 0 else 'ahead of'} the API server's: "
+            "kopf peering judges keep-alives and the worker registry expires Leases by the clocks of the replicas "
+            "that wrote them, so replicas whose clocks differ by seconds may both act or expire live workers; "
+            "synchronise the nodes' clocks (NTP)")
+
+
+async def _watch_clock(client: client_.KubeClient, offset: list[float]) -> None:
+    """Compares this replica's clock with the API server's now and then (`offset[0]`, a metric)."""
+    while True:
+        try:
+            measured = await client.clock_offset()
+        except client_.ERRORS as exc:  # the API server's failures are told by every other loop
+            logger.debug("reading the API server's clock failed: %s", exc)
+        except Exception:  # a bug here must not stop the operator, as the end of this task would
+            logger.exception("reading the API server's clock failed")
+        else:
+            if measured is not None:
+                offset[:] = [measured]
+                doubt = clock_doubt(measured)
+                if doubt is not None:
+                    logger.warning(doubt)
+        await asyncio.sleep(CLOCK_CHECK_SECONDS)
 
 
 async def _stand_down(stopping: asyncio.Event, activity: Activity) -> None:

@@ -342,3 +342,16 @@ async def test_an_informer_holds_its_consumers_news_while_it_lists(kubeconfig: P
         kube.put_secret(namespace, "c", token="c")
         await until(lambda: "c" in seen)
     assert seen == {"a": True, "b": True, "c": False}
+
+
+async def test_the_api_servers_clock_is_read_against_this_one(operator: OperatorProcess, kubeconfig: Path):
+    """Peering and the registry's Leases take the replicas' clocks to agree with each other: a replica
+    compares its own with the API server's, and says so when they differ (here they are one clock)."""
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    try:
+        offset = await client.clock_offset()
+    finally:
+        await client.close()
+    assert offset is not None and abs(offset) < 1.0  # the Date header's whole seconds, and the round trip
+    assert abs(operator.metric("workerqueue_clock_offset_seconds")) < 1.0
+    assert "the API server's: kopf peering" not in operator.logs()

@@ -3,15 +3,8 @@
 With kopf peering, replicas write keep-alives into a shared peering object and kopf pauses its
 handlers on every replica but the one with the highest priority. kopf keeps that pause to itself,
 so this module reads the same peering object (through an informer) and applies the same rule: a
-replica is active when no other live peer has a priority as high as its own. A standalone operator
-is always active.
-
-A peer is live while its keep-alive changed less than its lifetime ago, as this replica's own
-monotonic clock measured since it saw the change (client-go's leader election measures a Lease so),
-not by comparing the `lastseen` the peer wrote with this replica's wall clock, as kopf does: with the
-operator's 10-s lifetime, a standby whose clock ran 8 s ahead took the active replica for dead 3 s
-after each keep-alive, and one a minute ahead was active for good beside it. A peer first seen is
-taken as live for one lifetime.
+replica is active when no other live peer (its last keep-alive younger than its lifetime) has a
+priority as high as its own. A standalone operator is always active.
 
 The loops outside kopf's handlers (the worker supervisor, the status reconciler) check `is_active()`
 before they act, forget what they hold while paused (it may be stale on resumption: kopf re-lists
@@ -25,10 +18,12 @@ read then, says so too.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
+
+from workerqueue_operator.models import times
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +41,13 @@ READ_RETRY_SECONDS = 2.0
 """After such a read failed, the next one waits this long (the replica stands by meanwhile)."""
 
 
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
-                   ages: Mapping[str, float]) -> list[str]:
-    """The live peers (other than us) with a priority at least ours: any of them pauses us, as in kopf.
-    `ages`: per peer, seconds since its keep-alive was seen to change (one not in it: just seen)."""
+                   now: datetime.datetime) -> list[str]:
+    """The live peers (other than us) with a priority at least ours: any of them pauses us, as in kopf."""
     blocking = []
     for peer, info in status.items():
         if peer == identity or not isinstance(info, Mapping):
@@ -59,7 +57,9 @@ def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
             lifetime = int(info.get("lifetime", DEFAULT_LIFETIME))
         except (TypeError, ValueError):
             continue
-        if ages.get(peer, 0.0) < lifetime and their_priority >= priority:
+        seen = times.parse_or_none(info.get("lastseen"))
+        lastseen = datetime.datetime.fromtimestamp(seen, datetime.UTC) if seen is not None else now
+        if lastseen + datetime.timedelta(seconds=lifetime) > now and their_priority >= priority:
             blocking.append(peer)
     return blocking
 
@@ -68,14 +68,12 @@ class Activity:
     """The replica's activity, from the peering objects it belongs to (none: standalone, always active)."""
 
     def __init__(self, *, identity: str, priority: int, peerings: Collection[PeeringKey] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], datetime.datetime] = _utcnow) -> None:
         self.identity = identity
         self.priority = priority
         self._expected = frozenset(peerings)
         self._status: dict[PeeringKey, Mapping[str, Any]] = {}
-        self._changed: dict[PeeringKey, dict[str, tuple[Any, float]]] = {}
-        """Per peering object and peer: its keep-alive as last seen, and `clock()` when it was first seen so."""
-        self._clock = clock
+        self._now = now
         self._listeners: list[Listener] = []
         self._active = not self._expected
         self._stood_down = False
@@ -115,17 +113,9 @@ class Activity:
         self._heard += 1
         if body is None:
             self._status.pop(key, None)
-            self._changed.pop(key, None)
         else:
             status = body.get("status")
-            self._status[key] = status = status if isinstance(status, Mapping) else {}
-            before, now = self._changed.get(key, {}), self._clock()
-            changed: dict[str, tuple[Any, float]] = {}
-            for peer, info in status.items():
-                keepalive = info.get("lastseen") if isinstance(info, Mapping) else None
-                seen = before.get(peer)
-                changed[peer] = seen if seen is not None and seen[0] == keepalive else (keepalive, now)
-            self._changed[key] = changed
+            self._status[key] = status if isinstance(status, Mapping) else {}
         self._refresh()
 
     async def run(self, tick: float = 0.5) -> None:
@@ -137,7 +127,7 @@ class Activity:
             self._refresh()
 
     def _takes_over(self) -> bool:
-        return not self._active and not self._stood_down and self._decide()[0]
+        return not self._active and not self._stood_down and self._decide(self._now())[0]
 
     async def _read_again(self) -> bool:
         """Reads every peering object anew; False (standing by) if that cannot be done now."""
@@ -161,19 +151,17 @@ class Activity:
             self.observed(key, body)
         return True
 
-    def _decide(self) -> tuple[bool, list[str]]:
+    def _decide(self, now: datetime.datetime) -> tuple[bool, list[str]]:
         blocking: list[str] = []
-        now = self._clock()
-        for key, status in self._status.items():
-            ages = {peer: now - since for peer, (_, since) in self._changed.get(key, {}).items()}
-            blocking += blocking_peers(status, identity=self.identity, priority=self.priority, ages=ages)
+        for status in self._status.values():
+            blocking += blocking_peers(status, identity=self.identity, priority=self.priority, now=now)
         # Until every peering object has been seen, kopf stays paused too.
         return self._expected <= self._status.keys() and not blocking, blocking
 
     def _refresh(self) -> None:
         if self.standalone and not self._stood_down:
             return
-        active, blocking = (False, []) if self._stood_down else self._decide()
+        active, blocking = (False, []) if self._stood_down else self._decide(self._now())
         if active == self._active:
             return
         self._active = active

@@ -24,7 +24,7 @@ import dataclasses
 import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,10 +35,10 @@ from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.pace import Pace
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import PodListing, Registry
-from workerqueue_operator.core.slots import Slots
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
@@ -110,8 +110,6 @@ class _Probe:
     shown_known: bool = False
     wanted: spec_.TemporalStatus | None = None
     shown_at: float = float("-inf")
-    slotted: bool = False
-    """Its next check was moved to a slot of the checks' rate: it runs then without taking another."""
 
 
 _LISTED = temporal_.SCAN_LIMIT
@@ -210,7 +208,11 @@ class Supervisor:
         self._scaling_gate = asyncio.Semaphore(_PROBES)
         # Reachability checks at a bounded rate, so that Temporal is not asked more with every queue
         # made (10,000 queues every 30 s were 333 calls a second); scaling reads are not held to it.
-        self._check_slots = Slots(settings.temporal_checks_per_second)
+        # Those due wait their turn in two lines, in order: a queue not checked yet for its spec first
+        # (made, its Temporal changed), then the rest.
+        self._check_pace = Pace(settings.temporal_checks_per_second)
+        self._checks_first: dict[QueueKey, None] = {}
+        self._checks_due: dict[QueueKey, None] = {}
         self.reads = {"check": 0, "scaling": 0}
         """Temporal read for a queue, by kind (a metric): a reachability check, a scaling queue's reading."""
         self._settings = settings
@@ -288,6 +290,8 @@ class Supervisor:
             probe.shown_known = False
         # Made anew: a standby adds nothing to it (it would grow with every queue made meanwhile).
         self._timeline.clear()
+        self._checks_first.clear()
+        self._checks_due.clear()
         if active:
             for key, probe in self._probes.items():
                 self._at(key, probe, probe.due)
@@ -657,7 +661,7 @@ class Supervisor:
         """Probe the queue's Temporal (or, with `show`, write what the last probe found) at `when`
         (time.monotonic()). Earlier requests stay in the heap and are dropped when they come up."""
         if not show:
-            probe.due, probe.slotted = when, False
+            probe.due = when
         if not self._activity.is_active():
             return  # a standby probes nothing: the timeline is made from the probes when it becomes active
         self._seq += 1
@@ -668,6 +672,17 @@ class Supervisor:
         # between their probes.
         tasks: set[asyncio.Task[None]] = set()
         held: list[tuple[float, int, QueueKey, bool]] = []
+
+        def probe_now(key: QueueKey, probe: _Probe, target: tuple[tuple[object, ...], temporal_.Endpoint, str],
+                      *, scaling: bool) -> None:
+            if target[0] != probe.target:
+                probe.target, probe.interval = target[0], 0.0
+            self.reads["scaling" if scaling else "check"] += 1
+            probe.running = True
+            task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         try:
             while True:
                 await asyncio.sleep(_TICK)
@@ -714,24 +729,39 @@ class Supervisor:
                             tasks.add(task)
                             task.add_done_callback(tasks.discard)
                         continue
-                    if target[0] != probe.target:
-                        probe.target, probe.interval = target[0], 0.0
-                    if not scaling and not probe.slotted:
-                        slot = self._check_slots.take(loop_now)
-                        if slot > loop_now:
-                            self._at(key, probe, slot)
-                            probe.slotted = True
-                            continue
-                    probe.slotted = False
-                    self.reads["scaling" if scaling else "check"] += 1
-                    probe.running = True
-                    task = asyncio.create_task(self._probe(key, probe, target[1], target[2]))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    if scaling:
+                        probe_now(key, probe, target, scaling=True)
+                    elif (target[0] != probe.target or probe.interval == 0.0
+                          or probe.read_generation != probe.generation):  # not checked yet for what it is
+                        self._checks_first[key] = None
+                    else:
+                        self._checks_due[key] = None
+                for key, probe, target in self._checks_to_start(loop_now):
+                    probe_now(key, probe, target, scaling=False)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _checks_to_start(self, now: float) -> Iterator[tuple[QueueKey, _Probe, tuple[tuple[object, ...],
+                                                                                     temporal_.Endpoint, str]]]:
+        """The reachability checks waiting their turn that the pace lets start now, first ones first."""
+        for waiting in (self._checks_first, self._checks_due):
+            while waiting:
+                key = next(iter(waiting))
+                probe = self._probes.get(key)
+                target = self._target(key) if probe is not None else None
+                if probe is None or probe.due > now or probe.running or target is None:
+                    # Gone; checked since (its next check is on the timeline); a write of what it found
+                    # under way; its Temporal no longer resolved: back to the timeline, nothing taken.
+                    del waiting[key]
+                    if probe is not None and probe.due <= now:
+                        self._at(key, probe, now + _TICK)
+                    continue
+                if not self._check_pace.take(now):
+                    return
+                del waiting[key]
+                yield key, probe, target
 
     def _unresolved_shown_otherwise(self, key: QueueKey) -> bool:
         """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import email.utils
 import json
 import logging
 import os
@@ -320,6 +321,24 @@ class KubeClient:
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
         return await self.request("GET", path, params=params)
+
+    async def clock_offset(self, *, timeout: float = 10.0) -> float | None:
+        """The API server's clock minus this one's, in seconds, from the `Date` of its answer to
+        GET /version: within about a second (Date has whole seconds). None without a Date."""
+        session = self._session_or_new()
+        async with asyncio.timeout(timeout):
+            headers = await self._headers(None)
+            sent = time.time()
+            async with session.get(self.base_url + "/version", headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                await response.read()
+            received = time.time()
+        try:
+            server = email.utils.parsedate_to_datetime(response.headers.get("Date", "")).timestamp()
+        except (TypeError, ValueError):
+            return None
+        # The server's time lay within [Date, Date + 1) when it answered, between sent and received.
+        return server + 0.5 - (sent + received) / 2
 
     async def create(self, path: str, body: JSON) -> JSON:
         return await self.request("POST", path, body=body)

@@ -1,0 +1,25 @@
+"""A token bucket: at most `rate` starts a second, up to a second's worth (at least one) saved up
+after a quiet spell. What asks and finds none waits for a later look; nothing is handed out ahead,
+so nothing is held for what went away meanwhile (a queue deleted, a check made already)."""
+
+from __future__ import annotations
+
+
+class Pace:
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self._rate = rate
+        self._burst = max(rate, 1.0)
+        self._tokens = self._burst
+        self._updated: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Whether one more start may be made at `now`; if so, it is counted."""
+        if self._updated is not None:
+            self._tokens = min(self._burst, self._tokens + max(now - self._updated, 0.0) * self._rate)
+        self._updated = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

@@ -1,0 +1,43 @@
+"""Pace: starts at a bounded rate, a second's worth at once after a quiet spell."""
+
+from __future__ import annotations
+
+import pytest
+
+from workerqueue_operator.core.pace import Pace
+
+
+def starts(pace: Pace, times: list[float]) -> list[float]:
+    return [t for t in times if pace.take(t)]
+
+
+def test_a_seconds_worth_at_once_then_its_rate():
+    pace = Pace(rate=4)
+    assert [pace.take(100.0) for _ in range(5)] == [True] * 4 + [False]
+    assert starts(pace, [100.1, 100.2, 100.25, 100.3, 100.5]) == [100.25, 100.5]
+
+
+def test_over_any_span_no_more_than_its_rate_plus_a_seconds_worth():
+    pace = Pace(rate=20)
+    ticks = [100.0 + i * 0.1 for i in range(1000)]  # asked 10 times a tick, every tick, for 100 s
+    made = [t for t in ticks for _ in range(10) if pace.take(t)]
+    for begin in (100.0, 130.0, 170.0):
+        assert len([t for t in made if begin <= t < begin + 10.0]) <= 20 * 10 + 20
+    assert len(made) >= 20 * 99  # and as many as it allows
+
+
+def test_no_credit_piles_up_in_a_quiet_spell_and_a_clock_going_back_gives_none():
+    pace = Pace(rate=2)
+    assert pace.take(0.0) and pace.take(0.0) and not pace.take(0.0)
+    assert [pace.take(1000.0) for _ in range(3)] == [True, True, False]
+    assert not pace.take(999.0)
+
+
+def test_below_one_a_second_one_at_a_time():
+    pace = Pace(rate=0.1)
+    assert starts(pace, [0.0, 0.0, 5.0, 10.0, 10.0, 20.0]) == [0.0, 10.0, 20.0]
+
+
+def test_a_rate_must_be_positive():
+    with pytest.raises(ValueError):
+        Pace(rate=0)
