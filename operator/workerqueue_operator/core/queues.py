@@ -311,11 +311,14 @@ class QueueConfig:
     websocket_url: str | None
     suspended: bool
     temporal_tls: bool = False
+    fields_json: bytes = field(init=False, repr=False, compare=False)
+    """`fields` serialized once per resolution, so /start only splices in the per-request parts. Made
+    here, on the watch's path: made at a queue's first /start, it cost a tenth of /start's CPU with
+    10,000 queues each started a few times, and /start's p50 was not flat in the number of queues."""
 
-    @functools.cached_property
-    def fields_json(self) -> bytes:
-        """`fields` serialized once per resolution, so /start only splices in the per-request parts."""
-        return json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":")).encode()
+    def __post_init__(self) -> None:
+        body = json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":"))
+        object.__setattr__(self, "fields_json", body.encode())
 
     def response_body(self, *, worker_id: str, control_plane_url: str) -> bytes:
         """The 200 body: a JSON object with every field of the contract's WorkerStartResponse."""

@@ -736,8 +736,9 @@ class Supervisor:
                         self._checks_first[key] = None
                     else:
                         self._checks_due[key] = None
-                for key, probe, target in self._checks_to_start(loop_now):
-                    probe_now(key, probe, target, scaling=False)
+                if not hold:  # those waiting their turn when the hold began wait on too
+                    for key, probe, target in self._checks_to_start(loop_now):
+                        probe_now(key, probe, target, scaling=False)
         finally:
             for task in tasks:
                 task.cancel()
