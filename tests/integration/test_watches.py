@@ -352,6 +352,7 @@ async def test_the_api_servers_clock_is_read_against_this_one(operator: Operator
         offset = await client.clock_offset()
     finally:
         await client.close()
-    assert offset is not None and abs(offset) < 1.0  # the Date header's whole seconds, and the round trip
-    assert abs(operator.metric("workerqueue_clock_offset_seconds")) < 1.0
+    # Off by half a second at most for the Date header's whole seconds, and by half the round trip.
+    assert offset is not None and abs(offset) < 1.5
+    assert abs(operator.metric("workerqueue_clock_offset_seconds")) < 1.5
     assert "the API server's: kopf peering" not in operator.logs()
