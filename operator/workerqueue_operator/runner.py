@@ -277,10 +277,11 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
     # The pass-through's connections to an upstream host are fds too: each proxied websocket one more
     # beside its worker's connection.
     upstream_fds = settings.upstream_max_connections + settings.upstream_max_websockets
-    limit = serving.connection_limit(settings.http_max_connections, settings.http_reserved_fds, upstream_fds)
+    limit = serving.connection_limit(settings.http_max_connections,
+                                     settings.http_reserved_fds + settings.temporal_max_clients, upstream_fds)
     if limit < settings.http_max_connections:
-        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds "
-                       "and the upstream connections", limit)
+        logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds, "
+                       "temporal_max_clients and the upstream connections", limit)
     listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, certificate=certificate,
                                 handshake_timeout=settings.http_idle_timeout_seconds)
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
@@ -325,7 +326,7 @@ async def run(
     events.defer_routine(reconciler.behind)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active,
                         bounds=registry_.Bounds.of(settings), pod_interval=store.pod_interval)
-    temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds)
+    temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds, max_clients=settings.temporal_max_clients)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
                             registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)
     feed = Feed(store, reconciler, supervisor)
@@ -365,6 +366,9 @@ async def run(
                              "Temporal read for a queue, by kind (check: the reachability of a queue that does "
                              "not scale, at most WQ_TEMPORAL_CHECKS_PER_SECOND; scaling: a scaling queue's "
                              "backlog).", kind="counter", label="kind", read=lambda: supervisor.reads)
+    app[keys.METRICS].gauge("workerqueue_temporal_clients",
+                            "Temporal connections kept (one per endpoint and API key; at most "
+                            "WQ_TEMPORAL_MAX_CLIENTS).", lambda: temporal_.clients)
     app[keys.METRICS].gauge("workerqueue_events_dropped_total",
                             "Events not posted because too many were waiting (see the log).",
                             lambda: events.dropped, kind="counter")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import os
 import secrets
 import time
 import uuid
@@ -438,3 +441,62 @@ async def test_describe_task_queue_names_the_pollers(temporal: TemporalServer, c
 
         info = await eventually(polled)
     assert info.backlog in (0, None)
+
+
+def connections_to(port: int) -> int:
+    """This process's TCP connections to `port` (from /proc: the sockets of its fds)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                    count += 1
+    return count
+
+
+async def test_connections_are_kept_to_the_most_and_the_least_recently_used_goes(temporal: TemporalServer,
+                                                                                  monkeypatch: pytest.MonkeyPatch):
+    # Queues each on their own namespace and API key kept one connection (~170 KiB, one fd) each, for
+    # up to 10 minutes: 10,000 of them checked in turn, 1.7 GiB.
+    dialled: list[str] = []
+    connect = Client.connect
+
+    async def counting(*args: Any, **kwargs: Any) -> Client:
+        dialled.append(kwargs["api_key"])
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(Client, "connect", counting)
+    port = int(temporal.address.rsplit(":", 1)[1])
+    access = Temporal(timeout=2.0, coalesce=0.0, max_clients=3)
+    try:
+        # The dev server checks no key: each key is another endpoint to the operator, on one server.
+        endpoints = [Endpoint(host=temporal.address, namespace=temporal.namespace, api_key=f"key-{n}")
+                     for n in range(8)]
+        for e in endpoints:
+            assert await access.executions(e, "tq") == []
+            # The first, used again each time, is never the least recently used: its connection stays.
+            assert await access.executions(endpoints[0], "tq") == []
+        assert access.clients == 3
+
+        async def three_open() -> bool:
+            gc.collect()  # a client let go closes its connection once collected (the SDK's Rust side)
+            return connections_to(port) <= 3
+
+        await eventually(three_open, timeout=5.0)
+        assert dialled == [f"key-{n}" for n in range(8)]
+        # Kept: key-6, key-7 and key-0. key-5 was let go for key-7, and connects anew.
+        assert await access.executions(endpoints[7], "tq") == []
+        assert len(dialled) == 8
+        assert await access.executions(endpoints[5], "tq") == []
+        assert dialled[8:] == ["key-5"]
+    finally:
+        await access.close()

@@ -50,6 +50,10 @@ picked client-side from what the server lists first: running ones, then closed o
 CLIENT_IDLE_SECONDS = 600.0
 """A client no call has used for this long is let go: an API key rotated, a queue deleted, would
 otherwise leave its connection open, with the old key, for the life of the process."""
+MAX_CLIENTS = 256
+"""Clients kept at most; the one used least recently goes first. Each is a connection (one fd) and
+~150-180 KiB of memory (measured, plain TCP): queues each on its own Temporal namespace and API key,
+checked every few minutes, would otherwise keep one each (10,000 of them ~1.7 GiB)."""
 HOLDER_CACHE_SIZE = 10_000
 """Workflow runs whose holder is remembered (LRU) at least; a run's first worker never changes."""
 HOLDERS_PER_TASK_QUEUE = 150
@@ -200,14 +204,17 @@ class Temporal:
 
     def __init__(self, *, timeout: float = 4.0, coalesce: float = COALESCE_SECONDS, scan_limit: int = SCAN_LIMIT,
                  holder_cache_size: int = HOLDER_CACHE_SIZE, down_seconds: float = DOWN_SECONDS,
-                 client_idle_seconds: float = CLIENT_IDLE_SECONDS) -> None:
+                 client_idle_seconds: float = CLIENT_IDLE_SECONDS, max_clients: int = MAX_CLIENTS) -> None:
         self._timeout = timeout
         self._down_seconds = down_seconds
         self._down: dict[tuple[str, str, bool, str], tuple[float, str]] = {}
         """Endpoints no connection could be made to: until when calls fail at once, and why."""
         self._coalesce = coalesce
         self._scan_limit = scan_limit
-        self._clients: dict[tuple[str, str, bool, str], asyncio.Task[Client]] = {}
+        self._clients: collections.OrderedDict[tuple[str, str, bool, str], asyncio.Task[Client]] = (
+            collections.OrderedDict())
+        """By last use, the least recent first."""
+        self._max_clients = max_clients
         self._used: dict[tuple[str, str, bool, str], float] = {}
         """When each client was last asked for (loop time)."""
         self._client_idle_seconds = client_idle_seconds
@@ -387,9 +394,9 @@ class Temporal:
     def _client(self, endpoint: Endpoint) -> asyncio.Task[Client]:
         now = asyncio.get_running_loop().time()
         self._let_go_idle(now)
-        self._used[endpoint.key] = now
-        task = self._clients.get(endpoint.key)
+        task = self._clients.pop(endpoint.key, None)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            self._make_room()
             task = asyncio.get_running_loop().create_task(Client.connect(
                 endpoint.host,
                 namespace=endpoint.namespace,
@@ -398,8 +405,22 @@ class Temporal:
                 identity="workerqueue-operator",
             ))
             task.add_done_callback(_retrieve)
-            self._clients[endpoint.key] = task
+        self._clients[endpoint.key] = task  # the most recently used, last
+        self._used[endpoint.key] = now
         return task
+
+    @property
+    def clients(self) -> int:
+        """Clients kept (connected or connecting)."""
+        return len(self._clients)
+
+    def _make_room(self) -> None:
+        """Let go of the least recently used clients down to one less than the most kept. A call using
+        one goes on with it (the connection closes when the last call lets go of the client); a
+        connection still being made is not cancelled: a call waits for it."""
+        while self._clients and len(self._clients) >= self._max_clients:
+            key, _ = self._clients.popitem(last=False)
+            self._used.pop(key, None)
 
     def _let_go_idle(self, now: float) -> None:
         """Clients unused for CLIENT_IDLE_SECONDS, and endpoints no longer down (looked at now and then)."""

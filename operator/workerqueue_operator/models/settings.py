@@ -164,9 +164,10 @@ class Settings(BaseModel):
     call at most every few seconds, so keeping idle connections longer saves them little."""
     http_max_connections: int = Field(default=4096, ge=1, le=_MANY)
     """The most client connections open at once; at the limit a new one closes the longest-idle one.
-    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds and one upstream host's connections
-    (upstream_max_connections + upstream_max_websockets; at most half of what is left) (the soft limit
-    is raised first, up to the hard one). Each idle connection costs some 5 KiB of memory (4.4 KiB measured)."""
+    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds, temporal_max_clients and one
+    upstream host's connections (upstream_max_connections + upstream_max_websockets; at most half of
+    what is left) (the soft limit is raised first, up to the hard one). Each idle connection costs
+    some 5 KiB of memory (4.4 KiB measured)."""
     http_reserved_fds: int = Field(default=256, ge=16, le=_MANY)
     """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
     up to 64 pooled requests, kopf's own), log files, TLS, Python itself."""
@@ -229,6 +230,11 @@ class Settings(BaseModel):
     temporal_timeout_seconds: float = Field(default=4.0, gt=0, le=60)
     """Longest a Temporal call may take before /executions answers 503: a worker polls every 2 s
     and must get an answer (any answer) well before its next poll piles up."""
+    temporal_max_clients: int = Field(default=256, ge=1, le=100_000)
+    """Temporal connections kept at most, one per endpoint (host, namespace, TLS, API key); the one used
+    least recently is let go for a new one. Each costs a file descriptor (kept out of the HTTP
+    connection limit) and ~150-180 KiB. Queues on more distinct endpoints than this still work, each
+    connecting anew when its turn comes."""
 
     # Scope.
     namespaces: tuple[Annotated[str, Field(max_length=63, pattern=_DNS_LABEL)], ...] = ()
