@@ -1456,3 +1456,30 @@ def test_a_replica_behind_on_a_queue_made_again_counts_the_new_queues_registrati
     assert not registry.namesakes(theirs, old) and reg.live(old.key) == [theirs]
     with pytest.raises(registry.Full):
         reg.register(old, "one-too-many")
+
+
+async def test_registrations_ended_by_disconnect_leave_memory_at_once_not_at_their_lease_end():
+    # A loop of /start and disconnect never had more than one registration waiting, so no bound held
+    # it; each ended one stayed filed for its expiry (2.5 heartbeat intervals, up to 750 s): ~1-4 KB each.
+    import gc
+
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing was written yet
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None)
+    q = queue(heartbeatIntervalSeconds=300)
+
+    def workers_in_memory() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, leases.Worker))
+
+    before = workers_in_memory()
+    for n in range(500):
+        worker = reg.register(q, f"w-{n}", hostname="h")
+        await reg.disconnect(worker, reason="shutdown", exit_code=0)
+    del worker
+    assert reg.total == 0
+    assert workers_in_memory() - before < 5

@@ -253,10 +253,11 @@ class Registry:
         self._by_lease: dict[tuple[str, str], str] = {}
         """(namespace, Lease name) -> worker id, of the workers whose Lease exists: a watch event
         names a Lease; a registration not written yet has no Lease to be named by."""
-        self._expiries: dict[int, list[Worker]] = {}
-        """Workers by the second their registration expires (or expired, as last looked at), so that
-        the sweep looks at the workers that may have expired, never at every worker (one forgotten
-        meanwhile stays filed until that second)."""
+        self._expiries: dict[int, dict[str, Worker]] = {}
+        """Workers (by id) by the second their registration expires (or expired, as last looked at),
+        so that the sweep looks at the workers that may have expired, never at every worker. One
+        forgotten leaves its second's at once: a loop of /start and disconnect kept every ended
+        registration in memory until its lease would have run out (up to 750 s)."""
         self._expiry_seconds: list[int] = []
         """The keys of `_expiries`, a heap."""
         self._claiming: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -1052,7 +1053,7 @@ class Registry:
         seconds = self._expiry_seconds
         while seconds and seconds[0] <= now:
             second = heapq.heappop(seconds)
-            for worker in self._expiries.pop(second):
+            for worker in self._expiries.pop(second).values():
                 if self._workers.get(worker.worker_id) is not worker or worker.filed != second:
                     continue  # forgotten meanwhile, or filed under an earlier second since (looked at then)
                 worker.filed = None
@@ -1378,6 +1379,9 @@ class Registry:
             # was answered 503 for taking too long, which the watch may bring after it.
             if refused is not None and worker.registered_at > refused.wall:
                 del self._refusals[key]
+        previous = self._workers.get(worker.worker_id)
+        if previous is not None and previous is not worker:
+            self._unfile(previous)
         self._workers[worker.worker_id] = worker
         members = self._by_queue.setdefault(worker.queue, {})
         replaced = members.get(worker.worker_id)
@@ -1388,7 +1392,7 @@ class Registry:
         uids[worker.queue_uid] += 1
         if worker.stored:
             self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
-        worker.filed = None  # whatever it was filed under before it was added is not looked at
+        self._unfile(worker)  # whatever it was filed under before it was added is not looked at
         self._file_expiry(worker, worker.expires_at())
         if worker.dirty:
             self._mark(worker)
@@ -1404,17 +1408,25 @@ class Registry:
         second = math.ceil(moment)
         if worker.filed is not None and worker.filed <= second:
             return  # looked at by then, and filed again if it has not expired
+        self._unfile(worker)
         worker.filed = second
         bucket = self._expiries.get(second)
         if bucket is None:
-            bucket = self._expiries[second] = []
+            bucket = self._expiries[second] = {}
             heapq.heappush(self._expiry_seconds, second)
-        bucket.append(worker)
+        bucket[worker.worker_id] = worker
+
+    def _unfile(self, worker: Worker) -> None:
+        bucket = self._expiries.get(worker.filed) if worker.filed is not None else None
+        if bucket is not None and bucket.get(worker.worker_id) is worker:
+            del bucket[worker.worker_id]  # an empty bucket goes when its second comes
+        worker.filed = None
 
     def _forget(self, worker_id: str) -> None:
         worker = self._workers.pop(worker_id, None)
         if worker is None:
             return
+        self._unfile(worker)
         self._unmark(worker)
         if worker.heartbeats_here:
             self._renewal_rate -= 1.0 / worker.interval
