@@ -13,6 +13,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as S
 
+from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.temporal import (
     _HISTORY_READS,
     HOLDERS_PER_TASK_QUEUE,
@@ -286,5 +287,45 @@ async def test_a_slow_scan_leaves_the_reads_the_time_left_not_the_listing_failed
     try:
         (listed,) = await access.executions(Endpoint(host="t:7233", namespace="n"), "tq", running=True)
         assert listed.id == "wf-1" and listed.holder_unread
+    finally:
+        await access.close()
+
+
+async def test_unread_runs_of_many_task_queues_wait_in_line_not_as_tasks_and_temporal_gets_a_bounded_few(
+        monkeypatch: pytest.MonkeyPatch):
+    # After a restart every polled queue's ~110 runs are unread at once: a task (two) per run was
+    # ~5.6 KiB each (1,000 queues: ~600 MiB), and 8 reads for each task queue at once, 8,000 at Temporal.
+    monkeypatch.setattr(temporal_, "_HISTORY_READS_IN_ALL", 12)
+    queues, per_queue = 30, 60
+    reading: set[str] = set()
+    most = [0]
+
+    async def scan(self: Temporal, client: Any, endpoint: Endpoint, query: str) -> AsyncIterator[_Run]:
+        task_queue = query.split('"')[1]
+        for i in range(per_queue):
+            yield _Run(f"{task_queue}-wf-{i}", "run", S.RUNNING, "W", START, None)
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        reading.add(workflow_id)
+        most[0] = max(most[0], len(reading))
+        try:
+            await asyncio.sleep(0.05)
+            return _Holder(None, None)
+        finally:
+            reading.discard(workflow_id)
+
+    patch_listing(monkeypatch, [], read)
+    monkeypatch.setattr(Temporal, "_scan", scan)
+    access = Temporal(timeout=2.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        before = len(asyncio.all_tasks())
+        listings = [asyncio.create_task(access.executions(endpoint, f"tq-{q}", running=True)) for q in range(queues)]
+        await asyncio.sleep(0.2)  # every listing has scanned, and waits for its reads
+        assert len(access._reads) > queues * per_queue // 2  # most not read yet: they wait
+        tasks = len(asyncio.all_tasks()) - before
+        assert tasks <= queues * (2 + _HISTORY_READS)  # each caller, its listing and its readers: not one per run
+        await asyncio.gather(*listings)
+        assert 0 < most[0] <= 12
     finally:
         await access.close()

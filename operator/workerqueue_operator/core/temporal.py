@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -67,6 +66,11 @@ HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
 """Concurrent history reads per task queue, those a listing left running included."""
+_HISTORY_READS_IN_ALL = 64
+"""Concurrent history reads over all task queues: after a restart every polled queue's runs are
+unread at once (1,000 queues with ~110 runs each listed), 8 each at once is more than a Temporal
+should take, and each run waits its turn as a queued entry, not as a task of its own (~5.6 KiB each:
+110,000 of them were ~600 MiB)."""
 _READ_SECONDS = 3.0
 """A history read may take this many times the timeout once it has its turn: a listing shows what
 is not read within its time without a holder, and the read goes on for the next listings to use
@@ -199,6 +203,25 @@ class _Holder:
 _ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool]
 
 
+class _Waiting(NamedTuple):
+    """A run whose holder is to be read, in its task queue's line."""
+
+    client: Client
+    endpoint: Endpoint
+    run: _Run
+    holder: asyncio.Future[_Holder]
+    turn_by: float
+    """Loop time by which its read must have begun, else it is given up (TimeoutError)."""
+
+
+@dataclass
+class _Line:
+    """A task queue's runs waiting for a history read, and the readers (at most _HISTORY_READS) taking them."""
+
+    waiting: collections.deque[_Waiting] = field(default_factory=collections.deque)
+    readers: int = 0
+
+
 class Temporal:
     """Temporal clients (one per endpoint and credential, connected lazily) and coalesced listings."""
 
@@ -225,11 +248,12 @@ class Temporal:
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
         """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
         self._listed_pruned = 0.0
-        self._reads: dict[tuple[str, str, str, str], asyncio.Task[_Holder]] = {}
-        """History reads under way, by run: a listing joins one a listing before it left running."""
-        self._gates: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Semaphore] = (
-            weakref.WeakValueDictionary())
-        """(host, namespace, task queue) -> the bound on its history reads, while any uses it."""
+        self._reads: dict[tuple[str, str, str, str], asyncio.Future[_Holder]] = {}
+        """History reads waiting or under way, by run: a listing joins one a listing before it left."""
+        self._lines: dict[tuple[str, str, str], _Line] = {}
+        """(host, namespace, task queue) -> its runs waiting for a read, while any wait or are read."""
+        self._readers: set[asyncio.Task[None]] = set()
+        self._all_reads = asyncio.Semaphore(_HISTORY_READS_IN_ALL)
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
                          running: bool = False, taken_first: bool = False) -> list[Execution]:
@@ -330,9 +354,10 @@ class Temporal:
 
     async def close(self) -> None:
         """Cancel what runs and drop every client (the SDK frees a client's connection with it)."""
-        tasks: list[asyncio.Task[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
-        tasks += self._reads.values()
+        tasks: list[asyncio.Future[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
+        tasks += [*self._readers, *self._reads.values()]
         self._reads.clear()
+        self._lines.clear()
         self._listings.clear()
         self._clients.clear()
         self._used.clear()
@@ -492,7 +517,7 @@ class Temporal:
             untouched = set()
         self._listed(endpoint, task_queue)
         holders: list[_Holder | None] = []
-        reads: dict[int, asyncio.Future[_Holder | None]] = {}
+        reads: dict[int, asyncio.Future[_Holder]] = {}
         for i, wf in enumerate(runs):
             if (wf.id, wf.run_id) in untouched:
                 holders.append(self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id)))
@@ -500,23 +525,18 @@ class Temporal:
             # Known ones are not behind the reads: a slow backlog must not hide what is known.
             holders.append(self._known_holder(endpoint, wf.id, wf.run_id))
             if holders[-1] is None:
-                reads[i] = asyncio.ensure_future(self._joined(self._read(client, endpoint, task_queue, wf), wf))
+                reads[i] = self._read(client, endpoint, task_queue, wf)
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout, nor before the caller gives up, shows without a holder this time.
         loop = asyncio.get_running_loop()
         wait = self._timeout / 2
         if deadline is not None:
             wait = min(wait, deadline - loop.time() - self._timeout / 10)
-        try:
-            if reads and wait > 0:
-                await asyncio.wait(reads.values(), timeout=wait)
-        finally:
-            # Only the waits: a read goes on, bounded, for the next listing (see _READ_SECONDS).
-            for future in reads.values():
-                future.cancel()
-            await asyncio.gather(*reads.values(), return_exceptions=True)
+        if reads and wait > 0:
+            # Waits only: a read goes on, bounded, for the next listing (see _READ_SECONDS).
+            await asyncio.wait(reads.values(), timeout=wait)
         for i, future in reads.items():
-            holders[i] = future.result() if not future.cancelled() else None
+            holders[i] = _read_holder(future, runs[i])
         return [
             Execution(
                 id=wf.id,
@@ -535,56 +555,73 @@ class Temporal:
             for wf, h in zip(runs, holders, strict=True)
         ]
 
-    def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run) -> asyncio.Task[_Holder]:
-        """The read of the run's holder under way, or a new one."""
+    def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run) -> asyncio.Future[_Holder]:
+        """The run's holder as its read (waiting or under way) will tell; a new read if none is."""
         key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
-        read = self._reads.get(key)
-        if read is None:
-            gate_key = (endpoint.host, endpoint.namespace, task_queue)
-            gate = self._gates.get(gate_key)
-            if gate is None:
-                gate = self._gates[gate_key] = asyncio.Semaphore(_HISTORY_READS)
-            read = asyncio.get_running_loop().create_task(
-                self._bounded_read(gate, client, endpoint, wf))
-            self._reads[key] = read
-            read.add_done_callback(lambda t: self._read_done(key, t))
-        return read
+        holder = self._reads.get(key)
+        if holder is None:
+            loop = asyncio.get_running_loop()
+            holder = self._reads[key] = loop.create_future()
+            holder.add_done_callback(lambda f: self._read_done(key, f))
+            line_key = (endpoint.host, endpoint.namespace, task_queue)
+            line = self._lines.get(line_key)
+            if line is None:
+                line = self._lines[line_key] = _Line()
+            line.waiting.append(_Waiting(client, endpoint, wf, holder, loop.time() + self._timeout))
+            if line.readers < _HISTORY_READS:
+                line.readers += 1
+                reader = loop.create_task(self._take_reads(line_key, line))
+                self._readers.add(reader)
+                reader.add_done_callback(self._readers.discard)
+        return holder
 
-    async def _bounded_read(self, gate: asyncio.Semaphore, client: Client, endpoint: Endpoint, wf: _Run) -> _Holder:
-        # A turn not had within the timeout is given up: reads of a task queue nobody lists any more
-        # do not wait behind a slow Temporal for ever.
-        async with asyncio.timeout(self._timeout):
-            await gate.acquire()
+    async def _take_reads(self, line_key: tuple[str, str, str], line: _Line) -> None:
+        """Reads the holders of a task queue's line, one at a time, until none waits. A run whose turn
+        has not come within the timeout is given up: reads of a task queue nobody lists any more do
+        not wait behind a slow Temporal for ever."""
         try:
-            async with asyncio.timeout(self._timeout * _READ_SECONDS):
-                return await self._holder(client, endpoint, wf.id, wf.run_id, closed=wf.close_time is not None)
-        except RPCError as e:
-            if e.status == RPCStatusCode.NOT_FOUND:
-                return _Holder(None, None)  # gone since it was listed (retention)
-            raise
+            while line.waiting:
+                waiting = line.waiting.popleft()
+                if waiting.holder.done():
+                    continue  # cancelled (close)
+                try:
+                    if asyncio.get_running_loop().time() >= waiting.turn_by:
+                        raise TimeoutError  # a free slot is taken without a wait, so no timeout would come
+                    async with asyncio.timeout_at(waiting.turn_by):
+                        await self._all_reads.acquire()
+                except TimeoutError as e:
+                    _settle(waiting.holder, exception=e)
+                    continue
+                try:
+                    async with asyncio.timeout(self._timeout * _READ_SECONDS):
+                        found = await self._holder(waiting.client, waiting.endpoint, waiting.run.id,
+                                                   waiting.run.run_id, closed=waiting.run.close_time is not None)
+                except RPCError as e:
+                    if e.status == RPCStatusCode.NOT_FOUND:
+                        found = _Holder(None, None)  # gone since it was listed (retention)
+                    else:
+                        _settle(waiting.holder, exception=e)
+                        continue
+                except asyncio.CancelledError:
+                    waiting.holder.cancel()
+                    raise
+                except Exception as e:
+                    _settle(waiting.holder, exception=e)
+                    continue
+                finally:
+                    self._all_reads.release()
+                _settle(waiting.holder, found)
         finally:
-            gate.release()
+            line.readers -= 1
+            if not line.readers and self._lines.get(line_key) is line:
+                del self._lines[line_key]
+                for waiting in line.waiting:  # only when cancelled (close): none is left to read them
+                    waiting.holder.cancel()
 
-    def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Task[_Holder]) -> None:
+    def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Future[_Holder]) -> None:
         if self._reads.get(key) is read:
             del self._reads[key]
         _retrieve(read)
-
-    @staticmethod
-    async def _joined(read: asyncio.Task[_Holder], wf: _Run) -> _Holder | None:
-        """The read's holder; None if it failed (one read refused, rate-limited say, is one holder
-        unknown, not a listing lost). Cancelling this leaves the read itself running."""
-        try:
-            return await asyncio.shield(read)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-            return None  # the read was cancelled (close)
-        except Exception as e:
-            logger.debug("reading the history of %s failed: %s", wf.id,
-                         e.status if isinstance(e, RPCError) else type(e).__name__)
-            return None
 
     async def _scan(self, client: Client, endpoint: Endpoint, query: str) -> AsyncIterator[_Run]:
         """What the visibility query lists, at most the scan limit, read off the wire as it comes: the
@@ -710,7 +747,30 @@ def _finished(task: asyncio.Task[Any], finished: list[float], now: float) -> Non
     _retrieve(task)
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
+def _settle(future: asyncio.Future[_Holder], holder: _Holder | None = None, *,
+            exception: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if holder is not None:
+        future.set_result(holder)
+    else:
+        future.set_exception(exception or RuntimeError("no holder"))
+
+
+def _read_holder(read: asyncio.Future[_Holder], wf: _Run) -> _Holder | None:
+    """The read's holder; None if not read (yet) or failed: one read refused, rate-limited say, is one
+    holder unknown, not a listing lost."""
+    if not read.done() or read.cancelled():
+        return None
+    exception = read.exception()
+    if exception is not None:
+        logger.debug("reading the history of %s failed: %s", wf.id,
+                     exception.status if isinstance(exception, RPCError) else type(exception).__name__)
+        return None
+    return read.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
     """Marks a shared task's exception as seen: its waiters may all have gone."""
     if not task.cancelled():
         task.exception()
