@@ -294,8 +294,8 @@ async def test_a_slow_scan_leaves_the_reads_the_time_left_not_the_listing_failed
 async def test_unread_runs_of_many_task_queues_wait_in_line_not_as_tasks_and_temporal_gets_a_bounded_few(
         monkeypatch: pytest.MonkeyPatch):
     # After a restart every polled queue's ~110 runs are unread at once: a task (two) per run was
-    # ~5.6 KiB each (1,000 queues: ~600 MiB), and 8 reads for each task queue at once, 8,000 at Temporal.
-    monkeypatch.setattr(temporal_, "_HISTORY_READS_IN_ALL", 12)
+    # ~5.6 KiB each (1,000 queues: ~600 MiB), and 8 reads for each task queue at once, 8,000 at one Temporal.
+    monkeypatch.setattr(temporal_, "_HISTORY_READS_PER_NAMESPACE", 12)
     queues, per_queue = 30, 60
     reading: set[str] = set()
     most = [0]
@@ -327,5 +327,30 @@ async def test_unread_runs_of_many_task_queues_wait_in_line_not_as_tasks_and_tem
         assert tasks <= queues * (2 + _HISTORY_READS)  # each caller, its listing and its readers: not one per run
         await asyncio.gather(*listings)
         assert 0 < most[0] <= 12
+    finally:
+        await access.close()
+
+
+async def test_a_temporal_that_never_answers_a_history_read_holds_no_turn_of_another_namespace(
+        monkeypatch: pytest.MonkeyPatch):
+    async def scan(self: Temporal, client: Any, endpoint: Endpoint, query: str) -> AsyncIterator[_Run]:
+        task_queue = query.split('"')[1]
+        for i in range(20):
+            yield _Run(f"{endpoint.namespace}-{task_queue}-wf-{i}", "run", S.RUNNING, "W", START, None)
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if endpoint.namespace == "hung":
+            await asyncio.sleep(3600)
+        return _Holder("1@pod", rfc3339(START))
+
+    patch_listing(monkeypatch, [], read)
+    monkeypatch.setattr(Temporal, "_scan", scan)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    try:
+        hung, other = Endpoint(host="t:7233", namespace="hung"), Endpoint(host="t:7233", namespace="team-b")
+        # Forty task queues of the hung namespace, 800 reads waiting, and then another team's listing.
+        await asyncio.gather(*(access.executions(hung, f"tq-{q}", running=True) for q in range(40)))
+        listed = await access.executions(other, "tq", running=True)
+        assert [e.holder for e in listed] == ["1@pod"] * 20
     finally:
         await access.close()

@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -66,11 +67,13 @@ HOLDER_QUEUES_SECONDS = 600.0
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
 """Concurrent history reads per task queue, those a listing left running included."""
-_HISTORY_READS_IN_ALL = 64
-"""Concurrent history reads over all task queues: after a restart every polled queue's runs are
-unread at once (1,000 queues with ~110 runs each listed), 8 each at once is more than a Temporal
-should take, and each run waits its turn as a queued entry, not as a task of its own (~5.6 KiB each:
-110,000 of them were ~600 MiB)."""
+_HISTORY_READS_PER_NAMESPACE = 32
+"""Concurrent history reads of the task queues of one Temporal namespace (host and namespace): after
+a restart every polled queue's runs are unread at once (1,000 queues with ~110 runs each listed),
+and 8 for each at once is more than a Temporal should take. Per namespace, not over all: a Temporal
+that never answers a history read would otherwise hold every turn, everyone else's holders unread.
+Each run waits its turn as an entry in its task queue's line, not as a task of its own (~5.6 KiB
+each: 110,000 of them were ~600 MiB)."""
 _READ_SECONDS = 3.0
 """A history read may take this many times the timeout once it has its turn: a listing shows what
 is not read within its time without a holder, and the read goes on for the next listings to use
@@ -218,6 +221,8 @@ class _Waiting(NamedTuple):
 class _Line:
     """A task queue's runs waiting for a history read, and the readers (at most _HISTORY_READS) taking them."""
 
+    turns: asyncio.Semaphore
+    """Its Temporal namespace's (_HISTORY_READS_PER_NAMESPACE), shared by that namespace's lines."""
     waiting: collections.deque[_Waiting] = field(default_factory=collections.deque)
     readers: int = 0
 
@@ -253,7 +258,8 @@ class Temporal:
         self._lines: dict[tuple[str, str, str], _Line] = {}
         """(host, namespace, task queue) -> its runs waiting for a read, while any wait or are read."""
         self._readers: set[asyncio.Task[None]] = set()
-        self._all_reads = asyncio.Semaphore(_HISTORY_READS_IN_ALL)
+        self._turns: weakref.WeakValueDictionary[tuple[str, str], asyncio.Semaphore] = weakref.WeakValueDictionary()
+        """(host, namespace) -> its history reads' turns, while a line of it is read."""
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
                          running: bool = False, taken_first: bool = False) -> list[Execution]:
@@ -566,7 +572,10 @@ class Temporal:
             line_key = (endpoint.host, endpoint.namespace, task_queue)
             line = self._lines.get(line_key)
             if line is None:
-                line = self._lines[line_key] = _Line()
+                turns = self._turns.get(line_key[:2])
+                if turns is None:
+                    turns = self._turns[line_key[:2]] = asyncio.Semaphore(_HISTORY_READS_PER_NAMESPACE)
+                line = self._lines[line_key] = _Line(turns)
             line.waiting.append(_Waiting(client, endpoint, wf, holder, loop.time() + self._timeout))
             if line.readers < _HISTORY_READS:
                 line.readers += 1
@@ -588,7 +597,7 @@ class Temporal:
                     if asyncio.get_running_loop().time() >= waiting.turn_by:
                         raise TimeoutError  # a free slot is taken without a wait, so no timeout would come
                     async with asyncio.timeout_at(waiting.turn_by):
-                        await self._all_reads.acquire()
+                        await line.turns.acquire()
                 except TimeoutError as e:
                     _settle(waiting.holder, exception=e)
                     continue
@@ -609,7 +618,7 @@ class Temporal:
                     _settle(waiting.holder, exception=e)
                     continue
                 finally:
-                    self._all_reads.release()
+                    line.turns.release()
                 _settle(waiting.holder, found)
         finally:
             line.readers -= 1
