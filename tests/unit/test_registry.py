@@ -451,6 +451,35 @@ def test_registrations_in_all_are_bounded_too_so_that_one_heartbeat_each_does_no
     assert (reg.total, reg.pending, reg.refused) == (5, 2, 2)
 
 
+async def test_one_namespace_with_a_few_queues_cannot_take_every_place_from_the_others():
+    # Five queues of one team, each under the per-queue bounds, took every place in all: every other
+    # team's /start was 503 (and a real worker exits on it) until those registrations expired.
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing was written yet
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None,
+                            bounds=registry.Bounds(pending=6, pending_per_queue=2, workers=8, workers_per_queue=3,
+                                                   pending_per_namespace=3, workers_per_namespace=4))
+    team_a = [queue(f"q{i}", "team-a", uid=f"uid-a{i}") for i in range(4)]
+    team_b = queue("q0", "team-b", uid="uid-b")
+    started = [reg.register(team_a[0], "a0"), reg.register(team_a[1], "a1"), reg.register(team_a[2], "a2")]
+    with pytest.raises(registry.Full, match=r"waiting for their first heartbeat \(in this namespace\)"):
+        reg.register(team_a[3], "a3")
+    b0 = reg.register(team_b, "b0")  # another team's worker starts
+    for worker in started:
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    reg.register(team_a[3], "a3")  # the first three heartbeat: places waiting are free again
+    with pytest.raises(registry.Full, match=r"registered \(in this namespace\)"):
+        reg.register(team_a[3], "a4")
+    assert reg.register(team_b, "b1") is not None
+    await reg.disconnect(started[0], reason="shutdown", exit_code=0)
+    assert reg.register(team_a[3], "a4") is not None  # one of its own gone: a place again
+    assert b0.pending and reg.total == 6
+
+
 async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unless_it_ended_on_purpose(
         monkeypatch: pytest.MonkeyPatch):
     import kubernetes

@@ -134,27 +134,31 @@ class Bounds:
     """How many registrations /start may make, so that a client calling it in a loop meets a bound
     rather than the operator's memory limit: registrations that wait for their worker's first
     heartbeat (a real worker sends it seconds after /start), and registrations in all (a loop that
-    heartbeats once per worker). Each per queue too, so that one queue's token holder cannot turn
-    away other queues' workers."""
+    heartbeats once per worker). Each per queue and per namespace too, so that one queue's token
+    holder cannot turn away other queues' workers, nor one team with a few queues everyone else's."""
 
     pending: int
     pending_per_queue: int
     workers: int
     workers_per_queue: int
+    pending_per_namespace: int = 1 << 62
+    workers_per_namespace: int = 1 << 62
 
     @classmethod
     def of(cls, settings: settings_.Settings) -> Bounds:
         """The bounds the settings give (their defaults are the only ones)."""
         return cls(pending=settings.registry_max_pending, pending_per_queue=settings.registry_max_pending_per_queue,
-                   workers=settings.registry_max_workers, workers_per_queue=settings.registry_max_workers_per_queue)
+                   workers=settings.registry_max_workers, workers_per_queue=settings.registry_max_workers_per_queue,
+                   pending_per_namespace=settings.registry_max_pending_per_namespace,
+                   workers_per_namespace=settings.registry_max_workers_per_namespace)
 
 
 class Full(Exception):
     """A registration /start would make is over one of the Bounds: it is refused."""
 
-    def __init__(self, *, pending: bool, per_queue: bool) -> None:
+    def __init__(self, *, pending: bool, scope: str) -> None:
         what = "waiting for their first heartbeat" if pending else "registered"
-        super().__init__(f"too many workers {what} ({'in this queue' if per_queue else 'in all queues'})")
+        super().__init__(f"too many workers {what} ({scope})")
         self.pending = pending
 
 
@@ -236,6 +240,9 @@ class Registry:
         self._tick = tick
         self._bounds = bounds or Bounds.of(settings_.Settings())
         self._pending: dict[QueueKey, int] = {}
+        self._pending_by_namespace: collections.Counter[str] = collections.Counter()
+        self._by_namespace: collections.Counter[str] = collections.Counter()
+        """Registrations held, by namespace."""
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
         """The tasks deleting a Lease now (see run)."""
@@ -544,15 +551,19 @@ class Registry:
 
         Raises Full when that would pass one of the Bounds."""
         bounds, waiting = self._bounds, self._pending.get(queue.key, 0)
-        if waiting >= bounds.pending_per_queue or self.pending >= bounds.pending:
+        scope = ("in this queue" if waiting >= bounds.pending_per_queue else
+                 "in this namespace" if self._pending_by_namespace[queue.namespace] >= bounds.pending_per_namespace else
+                 "in all queues" if self.pending >= bounds.pending else None)
+        if scope is not None:
             self.refused += 1
-            raise Full(pending=True, per_queue=waiting >= bounds.pending_per_queue)
+            raise Full(pending=True, scope=scope)
         self._check_room(queue)
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
                                   hostname=hostname, system_info=system_info, identity=identity)
         worker.pending = True
         self._pending[queue.key] = waiting + 1
+        self._pending_by_namespace[queue.namespace] += 1
         self.pending += 1
         self._add(worker)
         return worker
@@ -638,9 +649,13 @@ class Registry:
     def _check_room(self, queue: QueueObject) -> None:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
         registered = len(self._members(queue.key))  # O(1) but with a namesake's registrations among them
-        if registered >= self._bounds.workers_per_queue or len(self._workers) >= self._bounds.workers:
+        bounds = self._bounds
+        scope = ("in this queue" if registered >= bounds.workers_per_queue else
+                 "in this namespace" if self._by_namespace[queue.namespace] >= bounds.workers_per_namespace else
+                 "in all queues" if len(self._workers) >= bounds.workers else None)
+        if scope is not None:
             self.refused += 1
-            raise Full(pending=False, per_queue=registered >= self._bounds.workers_per_queue)
+            raise Full(pending=False, scope=scope)
 
     def _pace_since_ended(self, queue: QueueObject, worker_id: str, pod: str | None) -> float | None:
         """The interval a worker coming back shows by its heartbeat since the last one heard before
@@ -1380,9 +1395,11 @@ class Registry:
             if refused is not None and worker.registered_at > refused.wall:
                 del self._refusals[key]
         previous = self._workers.get(worker.worker_id)
-        if previous is not None and previous is not worker:
+        if previous is not None:
             self._unfile(previous)
+            _uncount(self._by_namespace, previous.namespace)
         self._workers[worker.worker_id] = worker
+        self._by_namespace[worker.namespace] += 1
         members = self._by_queue.setdefault(worker.queue, {})
         replaced = members.get(worker.worker_id)
         uids = self._uids.setdefault(worker.queue, collections.Counter())
@@ -1427,6 +1444,7 @@ class Registry:
         if worker is None:
             return
         self._unfile(worker)
+        _uncount(self._by_namespace, worker.namespace)
         self._unmark(worker)
         if worker.heartbeats_here:
             self._renewal_rate -= 1.0 / worker.interval
@@ -1484,6 +1502,7 @@ class Registry:
             return
         worker.pending = False
         self.pending -= 1
+        _uncount(self._pending_by_namespace, worker.namespace)
         left = self._pending[worker.queue] - 1
         if left:
             self._pending[worker.queue] = left

@@ -207,6 +207,11 @@ class Settings(BaseModel):
     operator's memory limit to it: some 1.2 KiB each."""
     registry_max_workers_per_queue: int = Field(default=10_000, ge=1, le=_MANY)
     """The same bound per queue."""
+    registry_max_pending_per_namespace: int = Field(default=10_000, ge=1, le=_MANY)
+    """registry_max_pending per namespace, over its queues: whoever holds the tokens of a few queues
+    of one namespace cannot take every place and turn away the workers of every other team."""
+    registry_max_workers_per_namespace: int = Field(default=20_000, ge=1, le=_MANY)
+    """registry_max_workers per namespace, over its queues."""
 
     # Authentication of /start callers that are Kubernetes identities.
     token_review_audiences: tuple[str, ...] = ()
@@ -273,6 +278,12 @@ class Settings(BaseModel):
         if self.registry_max_workers_per_queue > self.registry_max_workers:
             said.append("registry_max_workers_per_queue is above registry_max_workers: one queue's workers can take "
                         "every place")
+        if self.registry_max_pending_per_namespace > self.registry_max_pending:
+            said.append("registry_max_pending_per_namespace is above registry_max_pending: one namespace's /start "
+                        "callers can take every pending place")
+        if self.registry_max_workers_per_namespace > self.registry_max_workers:
+            said.append("registry_max_workers_per_namespace is above registry_max_workers: one namespace's workers "
+                        "can take every place")
         if self.registry_max_pending > self.registry_max_workers:
             said.append("registry_max_pending is above registry_max_workers: registrations waiting for a first "
                         "heartbeat count in registry_max_workers too, which bounds them first")
