@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -185,11 +186,12 @@ async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
 
 
 @contextlib.asynccontextmanager
-async def serving(upstream: TestServer, idle: float = 1,
-                  connections: int = 100) -> AsyncIterator[tuple[Store, TestClient]]:
-    """Queue `a` (token tok-a) has an upstream, `b` (tok-b) another, `plain` (tok-p) none."""
+async def serving(upstream: TestServer, idle: float = 1, connections: int = 100,
+                  per_namespace: int = 50) -> AsyncIterator[tuple[Store, TestClient]]:
+    """Queue `a` (token tok-a) has an upstream, `b` (tok-b, another namespace) another on the same
+    host, `plain` (tok-p) none."""
     settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle,
-                        upstream_max_connections=connections)
+                        upstream_max_connections=connections, upstream_max_connections_per_namespace=per_namespace)
     store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
     store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
@@ -603,6 +605,28 @@ async def test_no_connection_to_be_had_in_time_is_a_504_that_says_so(upstream: T
             "detail": "The upstream control plane could not be connected to within 1s"}
         hanging.cancel()
         await asyncio.gather(hanging, return_exceptions=True)
+
+
+async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connections(upstream: TestServer):
+    # Every pooled connection to a host held by one team's hanging calls (slow bodies, slow reads, or
+    # many calls) left every other team's calls to that host waiting, then 504.
+    async with serving(upstream, idle=5, connections=3, per_namespace=2) as (_, client):
+        hanging = [asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-a"}))
+                   for _ in range(2)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and await r.json() == {
+            "detail": "Too many requests of this namespace are open to the upstream control plane (2), try again"}
+        assert time.monotonic() - started >= 0.9  # it waited the connect timeout for one of its own to end
+        await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-b"}))
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"}))
+        text = await (await client.get("/metrics")).text()
+        assert 'kind="busy"} 1' in text
 
 
 async def test_an_absolute_form_target_is_400_and_goes_nowhere(hub: tuple[Store, TestClient]):

@@ -16,8 +16,9 @@ _UPSTREAM_LATENCY = "workerqueue_upstream_response_seconds"
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-UPSTREAM_FAILURES = ("unreachable", "bad_answer", "timeout", "cut")
-"""Kinds of pass-through failures (cut: the answer broke off after it had begun)."""
+UPSTREAM_FAILURES = ("unreachable", "bad_answer", "timeout", "cut", "busy")
+"""Kinds of pass-through failures (cut: the answer broke off after it had begun; busy: refused as its
+namespace held its share of the upstream host's connections)."""
 
 
 def label(value: object) -> str:
@@ -171,7 +172,8 @@ class Metrics:
                 lines.append(f'workerqueue_upstream_requests_total{{upstream="{origin}",code="{klass}"}} {count}')
         lines += [
             "# HELP workerqueue_upstream_failures_total Pass-through failures by upstream and kind "
-            "(unreachable: 502, bad_answer: 502, timeout: 504, cut: the answer broke off).",
+            "(unreachable: 502, bad_answer: 502, timeout: 504, cut: the answer broke off, busy: 503, its "
+            "namespace held its share of the host's connections).",
             "# TYPE workerqueue_upstream_failures_total counter",
         ]
         for origin, stats in ups:

@@ -243,6 +243,50 @@ def _describe(cause: BaseException) -> str:
     return name
 
 
+class Shares:
+    """How many of an upstream host's connections one namespace may hold at once, by (namespace,
+    origin): the pool of a host is shared by every queue that names it, and one team holding all of
+    it (slow bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504."""
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._held: dict[tuple[str, str], tuple[asyncio.Semaphore, list[int]]] = {}
+        """Key -> its turns and how many hold or wait for one (gone at none)."""
+
+    async def take(self, key: tuple[str, str], wait: float) -> bool:
+        """Takes one of the key's share, waiting up to `wait` seconds; False if none came."""
+        entry = self._held.get(key)
+        if entry is None:
+            entry = self._held[key] = (asyncio.Semaphore(self.share), [0])
+        turns, users = entry
+        users[0] += 1
+        if not turns.locked():
+            await turns.acquire()  # free: taken without yielding
+            return True
+        try:
+            if wait > 0:
+                async with asyncio.timeout(wait):
+                    await turns.acquire()
+                return True
+        except TimeoutError:
+            pass
+        except BaseException:  # the worker went away while it waited
+            self._leave(key)
+            raise
+        self._leave(key)
+        return False
+
+    def give_back(self, key: tuple[str, str]) -> None:
+        self._held[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: tuple[str, str]) -> None:
+        users = self._held[key][1]
+        users[0] -= 1
+        if not users[0]:
+            del self._held[key]
+
+
 class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
@@ -259,6 +303,8 @@ class Passthrough:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._websocket_session: aiohttp.ClientSession | None = None
+        self._shares = Shares(settings.upstream_max_connections_per_namespace)
+        self._websocket_shares = Shares(settings.upstream_max_websockets_per_namespace)
         self._reporter = _Reporter()
         self._websockets: set[web.WebSocketResponse] = set()
 
@@ -329,9 +375,23 @@ class Passthrough:
         worker = _WORKER_WEBSOCKET.fullmatch(re.sub("/{2,}", "/", request.path).lower())
         if worker is not None and not self._acts_for(route, worker.group(1)):
             return errors.detail(403, "This token may not act for this worker")
-        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, route)
-        return await self._forward(request, route)
+        websocket = request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+        shares = self._websocket_shares if websocket else self._shares
+        # A websocket's share is held for its worker's life: none is waited for.
+        wait = 0.0 if websocket else self._settings.upstream_connect_timeout_seconds
+        share_key = (route.key[0], route.upstream.origin)
+        if not await shares.take(share_key, wait):
+            stats = self._metrics.upstream(route.upstream.origin)
+            stats.failed("busy", 503)
+            what = "websockets" if websocket else "requests"
+            return errors.detail(503, f"Too many {what} of this namespace are open to the upstream control plane "
+                                 f"({shares.share}), try again", headers={"Retry-After": "1"})
+        try:
+            if websocket:
+                return await self._websocket(request, route)
+            return await self._forward(request, route)
+        finally:
+            shares.give_back(share_key)
 
     def _route(self, request: web.Request) -> _Route | web.Response:
         """The upstream this caller's token leads to, or the answer saying why there is none."""

@@ -108,6 +108,13 @@ class Settings(BaseModel):
     upstream_max_websockets: int = Field(default=1000, ge=1, le=_MANY)
     """Proxied websockets open at once per upstream host, on connections of their own: each holds its
     connection for the worker's life, and in the request pool they would leave requests none."""
+    upstream_max_connections_per_namespace: int = Field(default=50, ge=1, le=_MANY)
+    """Of those, the most one namespace's requests may hold at once (waiting for an answer, sending a
+    body, reading one): a team trickling bodies on every pooled connection left every other queue's
+    calls 504. Beyond, a request waits for one of its namespace's to end, up to
+    upstream_connect_timeout_seconds, then 503 with Retry-After."""
+    upstream_max_websockets_per_namespace: int = Field(default=500, ge=1, le=_MANY)
+    """The same for proxied websockets (each held for its worker's life); beyond, 503 at once."""
 
     # Worker pods (ephemeral and single-execution queues).
     worker_image: str = Field(default="ghcr.io/kubiyabot/agent-worker:latest", min_length=1, max_length=1024,
@@ -284,6 +291,12 @@ class Settings(BaseModel):
         if self.registry_max_workers_per_namespace > self.registry_max_workers:
             said.append("registry_max_workers_per_namespace is above registry_max_workers: one namespace's workers "
                         "can take every place")
+        if self.upstream_max_connections_per_namespace > self.upstream_max_connections:
+            said.append("upstream_max_connections_per_namespace is above upstream_max_connections: one namespace's "
+                        "requests can hold every connection to an upstream host")
+        if self.upstream_max_websockets_per_namespace > self.upstream_max_websockets:
+            said.append("upstream_max_websockets_per_namespace is above upstream_max_websockets: one namespace's "
+                        "websockets can take every place")
         if self.registry_max_pending > self.registry_max_workers:
             said.append("registry_max_pending is above registry_max_workers: registrations waiting for a first "
                         "heartbeat count in registry_max_workers too, which bounds them first")
