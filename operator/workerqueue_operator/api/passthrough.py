@@ -27,6 +27,7 @@ from yarl import URL
 
 from workerqueue_operator.api import errors, metrics
 from workerqueue_operator.core import queues
+from workerqueue_operator.core.shares import Shares
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s.client import tcp_connector
 from workerqueue_operator.models import settings as settings_
@@ -243,50 +244,6 @@ def _describe(cause: BaseException) -> str:
     return name
 
 
-class Shares:
-    """How many of an upstream host's connections one namespace may hold at once, by (namespace,
-    origin): the pool of a host is shared by every queue that names it, and one team holding all of
-    it (slow bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504."""
-
-    def __init__(self, share: int) -> None:
-        self.share = share
-        self._held: dict[tuple[str, str], tuple[asyncio.Semaphore, list[int]]] = {}
-        """Key -> its turns and how many hold or wait for one (gone at none)."""
-
-    async def take(self, key: tuple[str, str], wait: float) -> bool:
-        """Takes one of the key's share, waiting up to `wait` seconds; False if none came."""
-        entry = self._held.get(key)
-        if entry is None:
-            entry = self._held[key] = (asyncio.Semaphore(self.share), [0])
-        turns, users = entry
-        users[0] += 1
-        if not turns.locked():
-            await turns.acquire()  # free: taken without yielding
-            return True
-        try:
-            if wait > 0:
-                async with asyncio.timeout(wait):
-                    await turns.acquire()
-                return True
-        except TimeoutError:
-            pass
-        except BaseException:  # the worker went away while it waited
-            self._leave(key)
-            raise
-        self._leave(key)
-        return False
-
-    def give_back(self, key: tuple[str, str]) -> None:
-        self._held[key][0].release()
-        self._leave(key)
-
-    def _leave(self, key: tuple[str, str]) -> None:
-        users = self._held[key][1]
-        users[0] -= 1
-        if not users[0]:
-            del self._held[key]
-
-
 class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
@@ -303,6 +260,8 @@ class Passthrough:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._websocket_session: aiohttp.ClientSession | None = None
+        # The pool of a host is shared by every queue that names it: one team holding all of it (slow
+        # bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504.
         self._shares = Shares(settings.upstream_max_connections_per_namespace)
         self._websocket_shares = Shares(settings.upstream_max_websockets_per_namespace)
         self._reporter = _Reporter()

@@ -39,6 +39,7 @@ from workerqueue_operator.core.pace import Pace
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import PodListing, Registry
+from workerqueue_operator.core.shares import FairGate
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
@@ -204,8 +205,11 @@ class Supervisor:
         self._alive: dict[QueueKey, int] = {}
         # Two gates: the reachability checks of many queues (an unreachable Temporal takes the whole
         # timeout) must never hold up the backlog reads that size a scaling queue's pods.
-        self._probe_gate = asyncio.Semaphore(_PROBES)
-        self._scaling_gate = asyncio.Semaphore(_PROBES)
+        # Namespaces take turns at each when they are full: 200 scaling queues of one team on a Temporal
+        # that never answers held all 16 places for its 4-s timeout, again and again, and other teams'
+        # queues read their backlog a minute late.
+        self._probe_gate = FairGate(_PROBES)
+        self._scaling_gate = FairGate(_PROBES)
         # Reachability checks at a bounded rate, so that Temporal is not asked more with every queue
         # made (10,000 queues every 30 s were 333 calls a second); scaling reads are not held to it.
         # Those due wait their turn in two lines, in order: a queue not checked yet for its spec first
@@ -825,7 +829,7 @@ class Supervisor:
         scaling = queue is not None and queue.spec.scaling is not None
         demand: workers.Demand
         try:
-            async with self._scaling_gate if scaling else self._probe_gate:
+            async with (self._scaling_gate if scaling else self._probe_gate).turn(key[0]):
                 # As of when Temporal is asked, not when it has answered: a workflow that came in
                 # between may be missing from what it tells.
                 read_at = self._clock()

@@ -1,0 +1,99 @@
+"""Bounded resources shared by key (a namespace, say), so that one key's users cannot take them all."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Hashable
+
+
+class Shares:
+    """At most `share` holders at once for each key; waiters of a key wait in its own line (first
+    come, first served), so that they do not stand in a line other keys' users share either."""
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._held: dict[Hashable, tuple[asyncio.Semaphore, list[int]]] = {}
+        """Key -> its turns and how many hold or wait for one (gone at none)."""
+
+    async def take(self, key: Hashable, wait: float | None) -> bool:
+        """Takes one of the key's share, waiting up to `wait` seconds (None: as long as it takes);
+        False if none came. Each True is given back (give_back)."""
+        entry = self._held.get(key)
+        if entry is None:
+            entry = self._held[key] = (asyncio.Semaphore(self.share), [0])
+        turns, users = entry
+        users[0] += 1
+        try:
+            if not turns.locked():
+                await turns.acquire()  # free: taken without a wait
+                return True
+            if wait is None or wait > 0:
+                async with asyncio.timeout(wait):
+                    await turns.acquire()
+                return True
+        except TimeoutError:
+            pass
+        except BaseException:  # cancelled while it waited
+            self._leave(key)
+            raise
+        self._leave(key)
+        return False
+
+    def give_back(self, key: Hashable) -> None:
+        self._held[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: Hashable) -> None:
+        users = self._held[key][1]
+        users[0] -= 1
+        if not users[0]:
+            del self._held[key]
+
+
+class FairGate:
+    """At most `limit` holders at once, over all keys. While every place is taken, waiters are let in
+    key by key in turn (each key's own first come, first served): one key with many waiters gets one
+    turn in as many as there are keys waiting, not every turn, yet takes every place nobody else wants."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._lines: collections.OrderedDict[Hashable, collections.deque[asyncio.Future[None]]] = (
+            collections.OrderedDict())
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: Hashable) -> AsyncIterator[None]:
+        if self._free > 0 and not self._lines:
+            self._free -= 1
+        else:
+            admitted = asyncio.get_running_loop().create_future()
+            self._lines.setdefault(key, collections.deque()).append(admitted)
+            try:
+                await admitted
+            except BaseException:
+                if admitted.done() and not admitted.cancelled():
+                    self._pass_on()  # let in as it was cancelled: its place goes to the next
+                raise  # a cancelled one is skipped when its turn comes
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for line in self._lines.values() for admitted in line if not admitted.done())
+
+    def _pass_on(self) -> None:
+        """A place is given back: to the first waiter of the next key in turn, else kept free."""
+        while self._lines:
+            key, line = next(iter(self._lines.items()))
+            admitted = line.popleft()
+            if line:
+                self._lines.move_to_end(key)  # its next waiter after every other key's first
+            else:
+                del self._lines[key]
+            if not admitted.done():
+                admitted.set_result(None)
+                return
+        self._free += 1
