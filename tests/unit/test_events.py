@@ -99,3 +99,32 @@ def test_a_flood_of_routine_events_leaves_warnings_their_own_pace():
         poster.post(involved=involved("q"), reason="WorkerExpired", message=f"worker v{i}", warning=True)
     assert poster.limited == 10
     assert [reason for _, reason, _ in drain(poster)][:3] == ["SecretNotFound", "WorkerExpired", "WorkerExpired"]
+
+
+def of(namespace: str, name: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"}}
+
+
+def test_namespaces_are_posted_for_in_turn_so_one_teams_flood_does_not_delay_anothers():
+    poster = EventPoster(client=None, backlog=100)  # type: ignore[arg-type]
+    for i in range(5):
+        poster.post(involved=of("team-a", f"q{i}"), reason="WorkerDisconnected", message="m")
+    poster.post(involved=of("team-b", "q"), reason="WorkerDisconnected", message="m")
+    poster.post(involved=of("team-a", "q0"), reason="CrashLooping", message="m", warning=True)
+    assert [(e.involved["metadata"]["namespace"], e.reason) for e in iter(poster._next, None)] == [
+        ("team-a", "CrashLooping"), ("team-a", "WorkerDisconnected"), ("team-b", "WorkerDisconnected"),
+        *[("team-a", "WorkerDisconnected")] * 4]
+
+
+def test_a_full_backlog_makes_room_at_the_cost_of_the_namespace_with_the_most_waiting():
+    # One team's Warnings filled the backlog: another team's next Warning (PodCreationFailed, say) was dropped.
+    poster = EventPoster(client=None, backlog=4)  # type: ignore[arg-type]
+    for i in range(3):
+        poster.post(involved=of("team-a", f"q{i}"), reason="WorkerFailed", message="m", warning=True)
+    poster.post(involved=of("team-a", "q0"), reason="WorkerDisconnected", message="m")
+    poster.post(involved=of("team-b", "q"), reason="TokenSecretCreated", message="m")  # team-a's routine one goes
+    poster.post(involved=of("team-b", "q"), reason="PodCreationFailed", message="m", warning=True)  # its oldest Warning
+    poster.post(involved=of("team-a", "q9"), reason="WorkerFailed", message="m", warning=True)  # a tie: its own pays
+    assert poster.dropped == 3 and poster.waiting == 4
+    assert [(e.involved["metadata"]["name"], e.reason) for e in iter(poster._next, None)] == [
+        ("q1", "WorkerFailed"), ("q", "PodCreationFailed"), ("q2", "WorkerFailed"), ("q", "TokenSecretCreated")]

@@ -2,9 +2,16 @@
 
 Bounded: Events waiting to be posted are keyed by (object, type, reason, message), so the same
 Event repeated before it could be posted becomes one Event with a count, as the kubelet's own
-aggregation does. When `backlog` distinct Events are waiting, a new one makes room by dropping the
-oldest routine (Normal) one, or is dropped itself if only Warnings wait: Warnings say what someone
-must fix. Drops are counted (`dropped`, a metric) and logged at most once a minute.
+aggregation does. When `backlog` distinct Events are waiting, a new one makes room by dropping an
+Event of the namespace that has the most waiting, its oldest routine (Normal) one first; a routine
+one does not make room in its own namespace, nor does anything take a Warning's place but a Warning
+of another namespace: Warnings say what someone must fix. Drops are counted (`dropped`, a metric)
+and logged at most once a minute.
+
+Shared by namespace: Events are posted namespace by namespace in turn (Warnings first), and room is
+made at the cost of the namespace with the most waiting, so that one team's flood of Events
+(disconnects in a loop, a flapping Temporal) neither delays another team's Events nor has them
+dropped, while a namespace alone still has the whole backlog.
 
 Paced per object, as client-go's spam filter paces a source: a queue may get `burst` distinct Events
 at once, then `rate` a second. Its Events report what its workers do (one per disconnect), so
@@ -17,6 +24,7 @@ Events cannot silence the Warning that says what to fix. Those over the pace are
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -60,6 +68,11 @@ class EventPoster:
         # make way for routine Events.
         self._warnings: dict[EventKey, _Pending] = {}
         self._normals: dict[EventKey, _Pending] = {}
+        self._turns: dict[bool, collections.OrderedDict[str, collections.deque[EventKey]]] = {
+            True: collections.OrderedDict(), False: collections.OrderedDict()}
+        """Warning or not -> namespaces in the order they are posted for, each its keys oldest first
+        (a key dropped meanwhile is skipped when its turn comes)."""
+        self._by_namespace: collections.Counter[str] = collections.Counter()
         self._wakeup = asyncio.Event()
         self._clock = clock
         self.dropped = 0
@@ -110,13 +123,52 @@ class EventPoster:
             self.limited += 1
             self._left_out(reason)
             return
+        namespace = key[0]
         if self.waiting >= self._backlog:
-            if not (warning and self._normals):
+            room = self._make_room(namespace, warning)
+            if room is None:
                 self._drop(reason)
                 return
-            self._drop(self._normals.pop(next(iter(self._normals))).reason)  # the oldest routine one
+            self._drop(room.reason)
         waiting[key] = _Pending(involved, reason, message, warning)
+        self._turns[warning].setdefault(namespace, collections.deque()).append(key)
+        self._by_namespace[namespace] += 1
         self._wakeup.set()
+
+    def _make_room(self, namespace: str, warning: bool) -> _Pending | None:
+        """The Event dropped to make room for a new one of `namespace`, None if the new one is not
+        worth any: taken from the namespace with the most waiting."""
+        heaviest = max(self._by_namespace, key=lambda name: self._by_namespace[name])
+        if self._by_namespace[namespace] >= self._by_namespace[heaviest]:
+            heaviest = namespace  # a tie: the new one's own pays
+        if heaviest == namespace:
+            return self._take_turn(False, namespace) if warning else None
+        return self._take_turn(False, heaviest) or (self._take_turn(True, heaviest) if warning else None)
+
+    def _take_turn(self, warning: bool, namespace: str | None = None) -> _Pending | None:
+        """The oldest waiting Event of the next namespace in turn (or of `namespace`), taken out."""
+        turns = self._turns[warning]
+        waiting = self._warnings if warning else self._normals
+        while turns:
+            name = namespace if namespace is not None else next(iter(turns))
+            keys = turns.get(name)
+            if keys is None:
+                return None
+            key = keys.popleft()
+            if not keys:
+                del turns[name]
+            elif namespace is None:
+                turns.move_to_end(name)  # its next one after every other namespace's
+            pending = waiting.pop(key, None)
+            if pending is not None:
+                self._uncount(name)
+                return pending
+        return None
+
+    def _uncount(self, namespace: str) -> None:
+        self._by_namespace[namespace] -= 1
+        if self._by_namespace[namespace] <= 0:
+            del self._by_namespace[namespace]
 
     def _allowed(self, obj: tuple[str, str, str, bool]) -> bool:
         """Takes one of the object's allowance of Events, if it has one left."""
@@ -151,9 +203,9 @@ class EventPoster:
 
     def _next(self) -> _Pending | None:
         if self._warnings:
-            return self._warnings.pop(next(iter(self._warnings)))
+            return self._take_turn(True)
         if self._normals and not self._deferring():
-            return self._normals.pop(next(iter(self._normals)))
+            return self._take_turn(False)
         return None
 
     async def _work(self) -> None:
