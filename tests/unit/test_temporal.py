@@ -198,6 +198,10 @@ async def test_the_holder_cache_grows_with_the_task_queues_listed():
         assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
         access._listed(Endpoint(host="t:7233", namespace="n"), "tq-0")  # listed again: one of the three
         assert access._holder_capacity() == 3 * HOLDERS_PER_TASK_QUEUE
+        # But never past a ceiling: 10,000 polled task queues kept ~1.5 million holders (~1 GiB).
+        for i in range(3, 2000):
+            access._listed(Endpoint(host="t:7233", namespace="n"), f"tq-{i}")
+        assert access._holder_capacity() == temporal_.HOLDER_CACHE_MOST < 2000 * HOLDERS_PER_TASK_QUEUE
     finally:
         await access.close()
 

@@ -64,6 +64,9 @@ CLOSED_SHOWN_SECONDS = 60.0
 """How long a worker's closed execution stays in the workers' listing past the `limit` closed last:
 its worker needs it on two polls 2 s apart (a failed poll retried meanwhile)."""
 HOLDER_QUEUES_SECONDS = 600.0
+HOLDER_CACHE_MOST = 200_000
+"""...and never more than this many (~640 B each, ~125 MiB): 10,000 polled task queues would otherwise
+keep 1.5 million (~1 GiB). Past ~1,300 polled task queues, holders are read again more often instead."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
 """Concurrent history reads per task queue, those a listing left running included."""
@@ -667,7 +670,8 @@ class Temporal:
                     del self._listed_task_queues[listed]
 
     def _holder_capacity(self) -> int:
-        return max(self._holder_cache_size, HOLDERS_PER_TASK_QUEUE * len(self._listed_task_queues))
+        wanted = max(self._holder_cache_size, HOLDERS_PER_TASK_QUEUE * len(self._listed_task_queues))
+        return min(wanted, max(HOLDER_CACHE_MOST, self._holder_cache_size))
 
     def _cached_holder(self, endpoint: Endpoint, wf: Any) -> _Holder | None:
         """The run's holder if cached, not touched: no use keeps it cached."""
