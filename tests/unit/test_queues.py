@@ -566,7 +566,11 @@ def test_settings_likely_not_meant_are_taken_with_a_warning():
     doubtful = Settings.load({"WQ_WORKER_BACKOFF_SECONDS": "600", "WQ_BACKLOG_POLL_SECONDS": "5",
                               "WQ_PUBLIC_URL": "", "WQ_WORKER_CONTROL_PLANE_URL": "",
                               "WQ_REGISTRY_MAX_PENDING": "60000", "WQ_REGISTRY_MAX_PENDING_PER_QUEUE": "70000",
-                              "WQ_REGISTRY_MAX_WORKERS_PER_QUEUE": "50001"})
+                              "WQ_REGISTRY_MAX_WORKERS_PER_QUEUE": "50001",
+                              "WQ_REGISTRY_MAX_PENDING_PER_NAMESPACE": "60001",
+                              "WQ_REGISTRY_MAX_WORKERS_PER_NAMESPACE": "50001",
+                              "WQ_UPSTREAM_MAX_CONNECTIONS_PER_NAMESPACE": "101",
+                              "WQ_UPSTREAM_MAX_WEBSOCKETS_PER_NAMESPACE": "1001"})
     assert doubtful.public_url is None and doubtful.worker_control_plane_url is None  # empty: unset, as before
     said = doubtful.doubts(in_cluster=True)
     assert [line.split(":")[0] for line in said] == [
@@ -574,10 +578,14 @@ def test_settings_likely_not_meant_are_taken_with_a_warning():
         "backlog_poll_seconds is above backlog_idle_poll_seconds",
         "registry_max_pending_per_queue is above registry_max_pending",
         "registry_max_workers_per_queue is above registry_max_workers",
+        "registry_max_pending_per_namespace is above registry_max_pending",
+        "registry_max_workers_per_namespace is above registry_max_workers",
+        "upstream_max_connections_per_namespace is above upstream_max_connections",
+        "upstream_max_websockets_per_namespace is above upstream_max_websockets",
         "registry_max_pending is above registry_max_workers",
         "neither worker_control_plane_url nor public_url is set"]
     assert "CONTROL_PLANE_URL=http://127.0.0.1:8080" in said[-1]
-    assert doubtful.doubts(in_cluster=False)[5:] == []  # `dev`: its workers do run beside it
+    assert doubtful.doubts(in_cluster=False)[9:] == []  # `dev`: its workers do run beside it
     assert Settings().doubts(in_cluster=False) == []  # the defaults are what is meant
     assert Settings(worker_control_plane_url="http://wq.ops:8080").doubts(in_cluster=True) == []
 

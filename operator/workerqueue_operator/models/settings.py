@@ -273,33 +273,27 @@ class Settings(BaseModel):
     def doubts(self, *, in_cluster: bool) -> list[str]:
         """Settings the operator runs with, though they are likely not what was meant: warned of at
         start. (Not refused: each has a defined meaning, and a configuration that ran before still runs.)"""
-        said = []
-        if self.worker_backoff_seconds > self.worker_backoff_max_seconds:
-            said.append("worker_backoff_seconds is above worker_backoff_max_seconds: every back-off is the longest")
-        if self.backlog_poll_seconds > self.backlog_idle_poll_seconds:
-            said.append("backlog_poll_seconds is above backlog_idle_poll_seconds: a busy queue's backlog is read "
-                        "every backlog_idle_poll_seconds")
-        if self.registry_max_pending_per_queue > self.registry_max_pending:
-            said.append("registry_max_pending_per_queue is above registry_max_pending: one queue's /start callers "
-                        "can take every pending place")
-        if self.registry_max_workers_per_queue > self.registry_max_workers:
-            said.append("registry_max_workers_per_queue is above registry_max_workers: one queue's workers can take "
-                        "every place")
-        if self.registry_max_pending_per_namespace > self.registry_max_pending:
-            said.append("registry_max_pending_per_namespace is above registry_max_pending: one namespace's /start "
-                        "callers can take every pending place")
-        if self.registry_max_workers_per_namespace > self.registry_max_workers:
-            said.append("registry_max_workers_per_namespace is above registry_max_workers: one namespace's workers "
-                        "can take every place")
-        if self.upstream_max_connections_per_namespace > self.upstream_max_connections:
-            said.append("upstream_max_connections_per_namespace is above upstream_max_connections: one namespace's "
-                        "requests can hold every connection to an upstream host")
-        if self.upstream_max_websockets_per_namespace > self.upstream_max_websockets:
-            said.append("upstream_max_websockets_per_namespace is above upstream_max_websockets: one namespace's "
-                        "websockets can take every place")
-        if self.registry_max_pending > self.registry_max_workers:
-            said.append("registry_max_pending is above registry_max_workers: registrations waiting for a first "
-                        "heartbeat count in registry_max_workers too, which bounds them first")
+        # (a setting, one it is meant to stay at or below, what it means when above)
+        above = (
+            ("worker_backoff_seconds", "worker_backoff_max_seconds", "every back-off is the longest"),
+            ("backlog_poll_seconds", "backlog_idle_poll_seconds",
+             "a busy queue's backlog is read every backlog_idle_poll_seconds"),
+            ("registry_max_pending_per_queue", "registry_max_pending",
+             "one queue's /start callers can take every pending place"),
+            ("registry_max_workers_per_queue", "registry_max_workers", "one queue's workers can take every place"),
+            ("registry_max_pending_per_namespace", "registry_max_pending",
+             "one namespace's /start callers can take every pending place"),
+            ("registry_max_workers_per_namespace", "registry_max_workers",
+             "one namespace's workers can take every place"),
+            ("upstream_max_connections_per_namespace", "upstream_max_connections",
+             "one namespace's requests can hold every connection to an upstream host"),
+            ("upstream_max_websockets_per_namespace", "upstream_max_websockets",
+             "one namespace's websockets can take every place"),
+            ("registry_max_pending", "registry_max_workers", "registrations waiting for a first heartbeat count "
+             "in registry_max_workers too, which bounds them first"),
+        )
+        said = [f"{name} is above {bound}: {meaning}" for name, bound, meaning in above
+                if getattr(self, name) > getattr(self, bound)]
         if in_cluster and not (self.worker_control_plane_url or self.public_url):
             said.append("neither worker_control_plane_url nor public_url is set: worker pods are told "
                         f"CONTROL_PLANE_URL=http://127.0.0.1:{self.http_port}, which is themselves in a cluster")
