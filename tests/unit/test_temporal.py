@@ -358,3 +358,54 @@ async def test_a_temporal_that_never_answers_a_history_read_holds_no_turn_of_ano
         assert [e.holder for e in listed] == ["1@pod"] * 20
     finally:
         await access.close()
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self._bridge_client: object | None = object()  # what holds the connection in the SDK
+
+
+class FakeClient:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.service_client = FakeService()
+
+    @property
+    def open(self) -> bool:
+        return self.service_client._bridge_client is not None
+
+
+async def test_a_client_let_go_is_closed_at_once_or_when_the_reads_using_it_end(monkeypatch: pytest.MonkeyPatch):
+    # Dropped, a client stayed connected until a full garbage collection (it and the SDK's service
+    # client refer to each other); closed while a read used it, that read would connect anew.
+    made: dict[str, FakeClient] = {}
+    reading = asyncio.Event()
+
+    async def connect(target_host: str, **kwargs: Any) -> Any:
+        made[kwargs["namespace"]] = FakeClient(kwargs["namespace"])
+        return made[kwargs["namespace"]]
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, *args: Any, **kwargs: Any) -> Any:
+        assert client.open
+        reading.set()
+        await asyncio.sleep(0.3)
+        assert client.open  # let go meanwhile, but not closed under the read
+        return _Holder("1@pod", rfc3339(START))
+
+    patch_listing(monkeypatch, [_Run("wf", "run", S.RUNNING, "W", START, None)], read)
+    monkeypatch.setattr(Client, "connect", connect)
+    access = Temporal(timeout=1.0, coalesce=0.0, max_clients=1)
+    try:
+        listing = asyncio.create_task(access.executions(Endpoint(host="t:7233", namespace="a"), "tq", running=True))
+        await reading.wait()
+        other = asyncio.create_task(access.executions(Endpoint(host="t:7233", namespace="b"), "tq", running=True))
+        await asyncio.sleep(0.1)
+        assert "b" in made and made["a"].open  # let go for b, but a's read goes on
+        await listing
+        assert not made["a"].open and made["b"].open
+        await other
+        await access.executions(Endpoint(host="t:7233", namespace="c"), "tq", running=True)  # lets b go
+        assert not made["b"].open  # nothing used it: closed at once
+    finally:
+        await access.close()
+    assert not made["c"].open

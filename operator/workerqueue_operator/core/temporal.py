@@ -246,6 +246,10 @@ class Temporal:
             collections.OrderedDict())
         """By last use, the least recent first."""
         self._max_clients = max_clients
+        self._using: dict[Client, int] = {}
+        """Clients in use (a call, a history read waiting or under way) and by how many."""
+        self._retiring: set[Client] = set()
+        """Clients let go while in use: closed when the last use ends."""
         self._used: dict[tuple[str, str, bool, str], float] = {}
         """When each client was last asked for (loop time)."""
         self._client_idle_seconds = client_idle_seconds
@@ -362,8 +366,9 @@ class Temporal:
         return await self._bounded(endpoint, find)
 
     async def close(self) -> None:
-        """Cancel what runs and drop every client (the SDK frees a client's connection with it)."""
-        tasks: list[asyncio.Future[Any]] = [t for t, _ in self._listings.values()] + list(self._clients.values())
+        """Cancel what runs, then close and drop every client."""
+        clients = list(self._clients.values())
+        tasks: list[asyncio.Future[Any]] = [t for t, _ in self._listings.values()] + list(clients)
         tasks += [*self._readers, *self._reads.values()]
         self._reads.clear()
         self._lines.clear()
@@ -371,11 +376,17 @@ class Temporal:
         self._clients.clear()
         self._used.clear()
         self._down.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        for future in tasks:
+            future.cancel()
+        for future in tasks:
             with contextlib.suppress(BaseException):
-                await task
+                await future
+        for task in clients:
+            _close_client(task)
+        for client in self._retiring:
+            _close_client(client)
+        self._using.clear()
+        self._retiring.clear()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -392,7 +403,11 @@ class Temporal:
             async with asyncio.timeout(self._timeout):
                 client_task = self._client(endpoint)
                 client = await asyncio.shield(client_task)
-                return await call(client)
+                self._hold(client)
+                try:
+                    return await call(client)
+                finally:
+                    self._release(client)
         except TimeoutError:
             reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
         except asyncio.CancelledError:
@@ -453,8 +468,9 @@ class Temporal:
         one goes on with it (the connection closes when the last call lets go of the client); a
         connection still being made is not cancelled: a call waits for it."""
         while self._clients and len(self._clients) >= self._max_clients:
-            key, _ = self._clients.popitem(last=False)
+            key, task = self._clients.popitem(last=False)
             self._used.pop(key, None)
+            self._retire(task)
 
     def _let_go_idle(self, now: float) -> None:
         """Clients unused for CLIENT_IDLE_SECONDS, and endpoints no longer down (looked at now and then)."""
@@ -466,6 +482,8 @@ class Temporal:
             task = self._clients.pop(key, None)
             if task is not None and not task.done():
                 task.cancel()
+            elif task is not None:
+                self._retire(task)
         for key in [k for k, (until, _) in self._down.items() if until <= now]:
             del self._down[key]
 
@@ -475,7 +493,34 @@ class Temporal:
             del self._clients[endpoint.key]
             if not task.done():
                 task.cancel()
+            else:
+                self._retire(task)
             logger.debug("dropped the Temporal client of %s", endpoint)
+
+    def _hold(self, client: Client) -> None:
+        self._using[client] = self._using.get(client, 0) + 1
+
+    def _release(self, client: Client) -> None:
+        left = self._using.get(client, 0) - 1
+        if left > 0:
+            self._using[client] = left
+            return
+        self._using.pop(client, None)
+        if client in self._retiring:
+            self._retiring.discard(client)
+            _close_client(client)
+
+    def _retire(self, task: asyncio.Task[Client]) -> None:
+        """A client let go: its connection is closed now, or once the calls and reads using it end.
+        (One still connecting is left to the collector: let go only with more than max_clients
+        connecting at once.)"""
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return
+        client = task.result()
+        if client in self._using:
+            self._retiring.add(client)
+        else:
+            _close_client(client)
 
     def _forget_old_listings(self, now: float) -> None:
         stale = [k for k, (t, done) in self._listings.items() if t.done() and done and now - done[0] > 60]
@@ -580,6 +625,7 @@ class Temporal:
                     turns = self._turns[line_key[:2]] = asyncio.Semaphore(_HISTORY_READS_PER_NAMESPACE)
                 line = self._lines[line_key] = _Line(turns)
             line.waiting.append(_Waiting(client, endpoint, wf, holder, loop.time() + self._timeout))
+            self._hold(client)  # its connection stays open for the read, though the client be let go
             if line.readers < _HISTORY_READS:
                 line.readers += 1
                 reader = loop.create_task(self._take_reads(line_key, line))
@@ -594,41 +640,48 @@ class Temporal:
         try:
             while line.waiting:
                 waiting = line.waiting.popleft()
-                if waiting.holder.done():
-                    continue  # cancelled (close)
                 try:
-                    if asyncio.get_running_loop().time() >= waiting.turn_by:
-                        raise TimeoutError  # a free slot is taken without a wait, so no timeout would come
-                    async with asyncio.timeout_at(waiting.turn_by):
-                        await line.turns.acquire()
-                except TimeoutError as e:
-                    _settle(waiting.holder, exception=e)
-                    continue
-                try:
-                    async with asyncio.timeout(self._timeout * _READ_SECONDS):
-                        found = await self._holder(waiting.client, waiting.endpoint, waiting.run.id,
-                                                   waiting.run.run_id, closed=waiting.run.close_time is not None)
-                except RPCError as e:
-                    if e.status == RPCStatusCode.NOT_FOUND:
-                        found = _Holder(None, None)  # gone since it was listed (retention)
-                    else:
-                        _settle(waiting.holder, exception=e)
-                        continue
-                except asyncio.CancelledError:
-                    waiting.holder.cancel()
-                    raise
-                except Exception as e:
-                    _settle(waiting.holder, exception=e)
-                    continue
+                    await self._read_one(line, waiting)
                 finally:
-                    line.turns.release()
-                _settle(waiting.holder, found)
+                    self._release(waiting.client)
         finally:
             line.readers -= 1
             if not line.readers and self._lines.get(line_key) is line:
                 del self._lines[line_key]
                 for waiting in line.waiting:  # only when cancelled (close): none is left to read them
                     waiting.holder.cancel()
+                    self._release(waiting.client)
+
+    async def _read_one(self, line: _Line, waiting: _Waiting) -> None:
+        """Reads the holder of one run of the line, if its turn comes in time; settles its future."""
+        if waiting.holder.done():
+            return  # cancelled (close)
+        try:
+            if asyncio.get_running_loop().time() >= waiting.turn_by:
+                raise TimeoutError  # a free slot is taken without a wait, so no timeout would come
+            async with asyncio.timeout_at(waiting.turn_by):
+                await line.turns.acquire()
+        except TimeoutError as e:
+            _settle(waiting.holder, exception=e)
+            return
+        try:
+            async with asyncio.timeout(self._timeout * _READ_SECONDS):
+                found = await self._holder(waiting.client, waiting.endpoint, waiting.run.id,
+                                           waiting.run.run_id, closed=waiting.run.close_time is not None)
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                _settle(waiting.holder, exception=e)
+                return
+            found = _Holder(None, None)  # gone since it was listed (retention)
+        except asyncio.CancelledError:
+            waiting.holder.cancel()
+            raise
+        except Exception as e:
+            _settle(waiting.holder, exception=e)
+            return
+        finally:
+            line.turns.release()
+        _settle(waiting.holder, found)
 
     def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Future[_Holder]) -> None:
         if self._reads.get(key) is read:
@@ -781,6 +834,20 @@ def _read_holder(read: asyncio.Future[_Holder], wf: _Run) -> _Holder | None:
                      exception.status if isinstance(exception, RPCError) else type(exception).__name__)
         return None
     return read.result()
+
+
+def _close_client(task_or_client: asyncio.Task[Client] | Client) -> None:
+    """Closes a client's connection now. The SDK has no close, and a client and its service client
+    refer to each other, so a client let go kept its connection (one fd, ~170 KiB) until a full
+    collection of the garbage collector, which may be rare: dropping its bridge client closes it."""
+    client = task_or_client
+    if isinstance(client, asyncio.Task):
+        if not client.done() or client.cancelled() or client.exception() is not None:
+            return
+        client = client.result()
+    service = getattr(getattr(client, "service_client", None), "__dict__", {})
+    if service.get("_bridge_client") is not None:
+        service["_bridge_client"] = None
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
