@@ -206,9 +206,10 @@ def test_a_flood_of_idle_connections_leaves_the_operator_working(
             assert own.start_worker(f"flood-{namespace}", token).status == 200
             assert time.monotonic() - began < flooded + 60  # not waiting for the idle timeout
 
-            # Half of what http_reserved_fds leaves: the other half for the upstream's connections.
-            assert own.metric("workerqueue_http_connections_limit") == (1024 - 256) // 2
-            assert own.metric("workerqueue_http_connections") <= (1024 - 256) // 2
+            # Half of what http_reserved_fds and the Temporal connections (temporal_max_clients) leave:
+            # the other half for the upstream's connections.
+            assert own.metric("workerqueue_http_connections_limit") == (1024 - 256 - 256) // 2
+            assert own.metric("workerqueue_http_connections") <= (1024 - 256 - 256) // 2
             assert own.metric("workerqueue_http_problems_total", kind="connections_evicted") >= flood - 768
             logs = own.logs()
             assert "Traceback" not in logs

@@ -242,7 +242,7 @@ class Settings(BaseModel):
     temporal_timeout_seconds: float = Field(default=4.0, gt=0, le=60)
     """Longest a Temporal call may take before /executions answers 503: a worker polls every 2 s
     and must get an answer (any answer) well before its next poll piles up."""
-    temporal_max_clients: int = Field(default=256, ge=1, le=100_000)
+    temporal_max_clients: int = Field(default=256, ge=1, le=10_000)
     """Temporal connections kept at most, one per endpoint (host, namespace, TLS, API key); the one used
     least recently is let go for a new one. Each costs a file descriptor (kept out of the HTTP
     connection limit) and ~150-180 KiB. Queues on more distinct endpoints than this still work, each
