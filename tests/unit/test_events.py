@@ -123,8 +123,23 @@ def test_a_full_backlog_makes_room_at_the_cost_of_the_namespace_with_the_most_wa
         poster.post(involved=of("team-a", f"q{i}"), reason="WorkerFailed", message="m", warning=True)
     poster.post(involved=of("team-a", "q0"), reason="WorkerDisconnected", message="m")
     poster.post(involved=of("team-b", "q"), reason="TokenSecretCreated", message="m")  # team-a's routine one goes
-    poster.post(involved=of("team-b", "q"), reason="PodCreationFailed", message="m", warning=True)  # its oldest Warning
-    poster.post(involved=of("team-a", "q9"), reason="WorkerFailed", message="m", warning=True)  # a tie: its own pays
-    assert poster.dropped == 3 and poster.waiting == 4
+    poster.post(involved=of("team-b", "q"), reason="PodCreationFailed", message="m", warning=True)  # a routine one goes
+    poster.post(involved=of("team-a", "q9"), reason="WorkerFailed", message="m", warning=True)  # its own pays
+    poster.post(involved=of("team-c", "q"), reason="PodCreationFailed", message="m", warning=True)  # a's oldest
+    assert poster.dropped == 4 and poster.waiting == 4
     assert [(e.involved["metadata"]["name"], e.reason) for e in iter(poster._next, None)] == [
-        ("q1", "WorkerFailed"), ("q", "PodCreationFailed"), ("q2", "WorkerFailed"), ("q", "TokenSecretCreated")]
+        ("q1", "WorkerFailed"), ("q", "PodCreationFailed"), ("q", "PodCreationFailed"), ("q2", "WorkerFailed")]
+
+
+def test_a_warning_takes_a_routine_events_place_anywhere_before_a_warnings():
+    poster = EventPoster(client=None, backlog=6)  # type: ignore[arg-type]
+    for i in range(4):
+        poster.post(involved=of("team-a", f"q{i}"), reason="WorkerFailed", message="m", warning=True)
+    for i in range(2):
+        poster.post(involved=of("team-b", f"q{i}"), reason="WorkerDisconnected", message="m")
+    poster.post(involved=of("team-c", "q"), reason="PodCreationFailed", message="m", warning=True)
+    poster.post(involved=of("team-a", "q9"), reason="WorkerFailed", message="m", warning=True)  # the busiest's too
+    poster.post(involved=of("team-c", "q"), reason="WorkerDisconnected", message="m")  # a routine one: no room
+    assert poster.dropped == 3
+    assert sorted((e.involved["metadata"]["namespace"], e.reason) for e in iter(poster._next, None)) == [
+        *[("team-a", "WorkerFailed")] * 5, ("team-c", "PodCreationFailed")]

@@ -3,10 +3,10 @@
 Bounded: Events waiting to be posted are keyed by (object, type, reason, message), so the same
 Event repeated before it could be posted becomes one Event with a count, as the kubelet's own
 aggregation does. When `backlog` distinct Events are waiting, a new one makes room by dropping an
-Event of the namespace that has the most waiting, its oldest routine (Normal) one first; a routine
-one does not make room in its own namespace, nor does anything take a Warning's place but a Warning
-of another namespace: Warnings say what someone must fix. Drops are counted (`dropped`, a metric)
-and logged at most once a minute.
+Event of the namespace that has the most waiting, its oldest routine (Normal) one first. A routine
+one makes room only at another namespace's routine ones; a Warning takes another namespace's
+Warning's place only when no routine one waits anywhere: Warnings say what someone must fix. Drops
+are counted (`dropped`, a metric) and logged at most once a minute.
 
 Shared by namespace: Events are posted namespace by namespace in turn (Warnings first), and room is
 made at the cost of the namespace with the most waiting, so that one team's flood of Events
@@ -141,9 +141,16 @@ class EventPoster:
         heaviest = max(self._by_namespace, key=lambda name: self._by_namespace[name])
         if self._by_namespace[namespace] >= self._by_namespace[heaviest]:
             heaviest = namespace  # a tie: the new one's own pays
-        if heaviest == namespace:
-            return self._take_turn(False, namespace) if warning else None
-        return self._take_turn(False, heaviest) or (self._take_turn(True, heaviest) if warning else None)
+        if not warning:  # a routine one makes room only at another namespace's routine ones
+            return self._take_turn(False, heaviest) if heaviest != namespace else None
+        dropped = self._take_turn(False, heaviest)
+        if dropped is None and self._normals:  # never a Warning while a routine one waits
+            oldest = next(iter(self._normals))  # its turn is skipped when it comes
+            dropped = self._normals.pop(oldest)
+            self._uncount(oldest[0])
+        if dropped is None and heaviest != namespace:
+            dropped = self._take_turn(True, heaviest)
+        return dropped
 
     def _take_turn(self, warning: bool, namespace: str | None = None) -> _Pending | None:
         """The oldest waiting Event of the next namespace in turn (or of `namespace`), taken out."""
