@@ -187,7 +187,7 @@ async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
 
 @contextlib.asynccontextmanager
 async def serving(upstream: TestServer, idle: float = 1, connections: int = 100,
-                  per_namespace: int = 50) -> AsyncIterator[tuple[Store, TestClient]]:
+                  per_namespace: int = 75) -> AsyncIterator[tuple[Store, TestClient]]:
     """Queue `a` (token tok-a) has an upstream, `b` (tok-b, another namespace) another on the same
     host, `plain` (tok-p) none."""
     settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle,
@@ -627,6 +627,23 @@ async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connec
         await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"}))
         text = await (await client.get("/metrics")).text()
         assert 'kind="busy"} 1' in text
+
+
+async def test_the_wait_for_a_share_and_for_a_pooled_connection_are_one_connect_timeout(upstream: TestServer):
+    # Waiting its turn in its namespace, then for the pool as long again, a request took twice the
+    # connect timeout (1 s) to get its 504.
+    async with serving(upstream, idle=5, connections=1, per_namespace=1) as (_, client):
+        hanging = asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-b"}))
+        await asyncio.sleep(0.2)  # the pool's one connection is team-b's
+        first = asyncio.create_task(client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"}))
+        await asyncio.sleep(0.3)  # team-a's share is the first's, which waits for the pool
+        started = time.monotonic()
+        second = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+        took = time.monotonic() - started
+        assert second.status == 504 and took < 1.2, took  # its share at ~0.7 s, then the 0.3 s left
+        assert (await first).status == 504
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
 
 
 async def test_an_absolute_form_target_is_400_and_goes_nowhere(hub: tuple[Store, TestClient]):

@@ -578,6 +578,7 @@ def test_settings_likely_not_meant_are_taken_with_a_warning():
         "backlog_poll_seconds is above backlog_idle_poll_seconds",
         "registry_max_pending_per_queue is above registry_max_pending",
         "registry_max_workers_per_queue is above registry_max_workers",
+        "registry_max_pending_per_queue is above registry_max_pending_per_namespace",
         "registry_max_pending_per_namespace is above registry_max_pending",
         "registry_max_workers_per_namespace is above registry_max_workers",
         "upstream_max_connections_per_namespace is above upstream_max_connections",
@@ -585,7 +586,7 @@ def test_settings_likely_not_meant_are_taken_with_a_warning():
         "registry_max_pending is above registry_max_workers",
         "neither worker_control_plane_url nor public_url is set"]
     assert "CONTROL_PLANE_URL=http://127.0.0.1:8080" in said[-1]
-    assert doubtful.doubts(in_cluster=False)[9:] == []  # `dev`: its workers do run beside it
+    assert doubtful.doubts(in_cluster=False)[10:] == []  # `dev`: its workers do run beside it
     assert Settings().doubts(in_cluster=False) == []  # the defaults are what is meant
     assert Settings(worker_control_plane_url="http://wq.ops:8080").doubts(in_cluster=True) == []
 

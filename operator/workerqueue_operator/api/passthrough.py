@@ -294,15 +294,19 @@ class Passthrough:
             await self._websocket_session.close()
             self._session = self._websocket_session = None
 
-    def _new_session(self, per_host: int) -> aiohttp.ClientSession:
+    def _timeout_after(self, waited: float) -> aiohttp.ClientTimeout:
+        """The session's timeouts, less what the request waited already for its connection."""
         s = self._settings
+        # connect bounds the wait for a pooled connection plus the connection itself; sock_read
+        # bounds every silence of the upstream (before its headers and between chunks).
+        connect = max(s.upstream_connect_timeout_seconds - waited, 0.001)
+        return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
+                                     sock_read=s.upstream_idle_timeout_seconds)
+
+    def _new_session(self, per_host: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             connector=tcp_connector(limit=0, limit_per_host=per_host),
-            # connect bounds the wait for a pooled connection plus the connection itself; sock_read
-            # bounds every silence of the upstream (before its headers and between chunks).
-            timeout=aiohttp.ClientTimeout(total=None, connect=s.upstream_connect_timeout_seconds,
-                                          sock_connect=s.upstream_connect_timeout_seconds,
-                                          sock_read=s.upstream_idle_timeout_seconds),
+            timeout=self._timeout_after(0.0),
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
             raise_for_status=False,
@@ -339,6 +343,7 @@ class Passthrough:
         # A websocket's share is held for its worker's life: none is waited for.
         wait = 0.0 if websocket else self._settings.upstream_connect_timeout_seconds
         share_key = (route.key[0], route.upstream.origin)
+        asked = time.monotonic()
         if not await shares.take(share_key, wait):
             stats = self._metrics.upstream(route.upstream.origin)
             stats.failed("busy", 503)
@@ -348,7 +353,8 @@ class Passthrough:
         try:
             if websocket:
                 return await self._websocket(request, route)
-            return await self._forward(request, route)
+            # The wait for its share and the pool's together within the connect timeout.
+            return await self._forward(request, route, waited=time.monotonic() - asked)
         finally:
             shares.give_back(share_key)
 
@@ -394,7 +400,7 @@ class Passthrough:
         (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut)."""
         return self._store.queue_of_token(route.token_digest) == route.key
 
-    async def _forward(self, request: web.Request, route: _Route) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, route: _Route, *, waited: float = 0.0) -> web.StreamResponse:
         assert self._session is not None, "the session lives as long as the app"
         upstream = route.upstream
         stats = self._metrics.upstream(upstream.origin)
@@ -410,6 +416,7 @@ class Passthrough:
                 try:
                     answer = await _unless_gone(request, self._session.request(
                         request.method, target_url(upstream.url, request.raw_path), headers=headers,
+                        timeout=self._timeout_after(waited),
                         data=upload.chunks() if upload is not None else None, allow_redirects=False,
                         # What the worker did not send, the upstream must not get either (aiohttp adds these).
                         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type")))

@@ -108,12 +108,14 @@ class Settings(BaseModel):
     upstream_max_websockets: int = Field(default=1000, ge=1, le=_MANY)
     """Proxied websockets open at once per upstream host, on connections of their own: each holds its
     connection for the worker's life, and in the request pool they would leave requests none."""
-    upstream_max_connections_per_namespace: int = Field(default=50, ge=1, le=_MANY)
+    upstream_max_connections_per_namespace: int = Field(default=75, ge=1, le=_MANY)
     """Of those, the most one namespace's requests may hold at once (waiting for an answer, sending a
     body, reading one): a team trickling bodies on every pooled connection left every other queue's
-    calls 504. Beyond, a request waits for one of its namespace's to end, up to
-    upstream_connect_timeout_seconds, then 503 with Retry-After."""
-    upstream_max_websockets_per_namespace: int = Field(default=500, ge=1, le=_MANY)
+    calls 504. Beyond, a request waits for one of its namespace's to end (that wait and the pool's
+    together within upstream_connect_timeout_seconds), then 503 with Retry-After. A share held by one
+    namespace cannot be lent to another, so an install whose queues are all in one namespace may set
+    it to upstream_max_connections."""
+    upstream_max_websockets_per_namespace: int = Field(default=750, ge=1, le=_MANY)
     """The same for proxied websockets (each held for its worker's life); beyond, 503 at once."""
 
     # Worker pods (ephemeral and single-execution queues).
@@ -281,6 +283,10 @@ class Settings(BaseModel):
             ("registry_max_pending_per_queue", "registry_max_pending",
              "one queue's /start callers can take every pending place"),
             ("registry_max_workers_per_queue", "registry_max_workers", "one queue's workers can take every place"),
+            ("registry_max_pending_per_queue", "registry_max_pending_per_namespace",
+             "one queue's /start callers can take every pending place of its namespace"),
+            ("registry_max_workers_per_queue", "registry_max_workers_per_namespace",
+             "one queue's workers can take every place of its namespace"),
             ("registry_max_pending_per_namespace", "registry_max_pending",
              "one namespace's /start callers can take every pending place"),
             ("registry_max_workers_per_namespace", "registry_max_workers",
