@@ -427,8 +427,9 @@ class Bench:
         # the registry's bounds would answer 503 once they are reached. Out of the way here.
         env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(port),
                "WQ_ORGANIZATION_ID": "org-bench", "KUBECONFIG": str(self.kubeconfig), "WQ_HTTP_DRAIN_SECONDS": "0",
-               **{f"WQ_REGISTRY_MAX_{bound}": "100000000" for bound in ("PENDING", "PENDING_PER_QUEUE", "WORKERS",
-                                                                         "WORKERS_PER_QUEUE")}, **(env or {})}
+               **{f"WQ_REGISTRY_MAX_{bound}": "100000000" for bound in (
+                   "PENDING", "PENDING_PER_QUEUE", "PENDING_PER_NAMESPACE", "WORKERS", "WORKERS_PER_QUEUE",
+                   "WORKERS_PER_NAMESPACE")}, **(env or {})}
         log_path = self.work_dir / f"operator-{name or count}.log"
         popen = self.children.spawn(
             [sys.executable, "-m", "workerqueue_operator.cli", "run", "--kubeconfig", str(self.kubeconfig), *args],
