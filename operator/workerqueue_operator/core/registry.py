@@ -551,8 +551,9 @@ class Registry:
 
         Raises Full when that would pass one of the Bounds."""
         bounds, waiting = self._bounds, self._pending.get(queue.key, 0)
+        in_namespace = self._pending_by_namespace.get(queue.namespace, 0)
         scope = ("in this queue" if waiting >= bounds.pending_per_queue else
-                 "in this namespace" if self._pending_by_namespace[queue.namespace] >= bounds.pending_per_namespace else
+                 "in this namespace" if in_namespace >= bounds.pending_per_namespace else
                  "in all queues" if self.pending >= bounds.pending else None)
         if scope is not None:
             self.refused += 1
@@ -563,7 +564,7 @@ class Registry:
                                   hostname=hostname, system_info=system_info, identity=identity)
         worker.pending = True
         self._pending[queue.key] = waiting + 1
-        self._pending_by_namespace[queue.namespace] += 1
+        self._pending_by_namespace[queue.namespace] = in_namespace + 1
         self.pending += 1
         self._add(worker)
         return worker
@@ -651,7 +652,7 @@ class Registry:
         registered = len(self._members(queue.key))  # O(1) but with a namesake's registrations among them
         bounds = self._bounds
         scope = ("in this queue" if registered >= bounds.workers_per_queue else
-                 "in this namespace" if self._by_namespace[queue.namespace] >= bounds.workers_per_namespace else
+                 "in this namespace" if self._by_namespace.get(queue.namespace, 0) >= bounds.workers_per_namespace else
                  "in all queues" if len(self._workers) >= bounds.workers else None)
         if scope is not None:
             self.refused += 1
@@ -1399,17 +1400,21 @@ class Registry:
             self._unfile(previous)
             _uncount(self._by_namespace, previous.namespace)
         self._workers[worker.worker_id] = worker
-        self._by_namespace[worker.namespace] += 1
+        namespace = worker.queue[0]
+        self._by_namespace[namespace] = self._by_namespace.get(namespace, 0) + 1
         members = self._by_queue.setdefault(worker.queue, {})
         replaced = members.get(worker.worker_id)
-        uids = self._uids.setdefault(worker.queue, collections.Counter())
+        uids = self._uids.get(worker.queue)
+        if uids is None:
+            uids = self._uids[worker.queue] = collections.Counter()
         if replaced is not None:
             _uncount(uids, replaced.queue_uid)
         members[worker.worker_id] = worker
         uids[worker.queue_uid] += 1
         if worker.stored:
             self._by_lease[(worker.namespace, worker.lease)] = worker.worker_id
-        self._unfile(worker)  # whatever it was filed under before it was added is not looked at
+        if worker.filed is not None:
+            self._unfile(worker)  # whatever it was filed under before it was added is not looked at
         self._file_expiry(worker, worker.expires_at())
         if worker.dirty:
             self._mark(worker)
@@ -1425,7 +1430,8 @@ class Registry:
         second = math.ceil(moment)
         if worker.filed is not None and worker.filed <= second:
             return  # looked at by then, and filed again if it has not expired
-        self._unfile(worker)
+        if worker.filed is not None:
+            self._unfile(worker)
         worker.filed = second
         bucket = self._expiries.get(second)
         if bucket is None:
