@@ -41,6 +41,10 @@ class ScaleLoad(TypedDict):
     operator_cpu_ms_per_req: float | None
     others_cpu_seconds: dict[str, float]
     """CPU the control plane's processes used meanwhile."""
+    writes: NotRequired[dict[str, int]]
+    """API-server writes meanwhile: the operator's background work (first Temporal checks, live counts)."""
+    idle_cpu: NotRequired[float]
+    """The operator's CPU, in cores, with no /start traffic just before: its background work alone."""
 
 
 class Footprint(TypedDict):
@@ -221,5 +225,9 @@ def scale_lines(runs: list[Footprint], p50_ms: float | None, rows: list[Row],
             out.append(f"  meanwhile: operator CPU {_cpu(ms)} ms a request (table above: "
                        + ", ".join(f"{r['queues']} queues {_cpu(r['operator_cpu_ms_per_req'])}" for r in same)
                        + f"); CPU of the others: {spent}")
+            if "idle_cpu" in load:
+                out.append(f"  the operator's background work, with no /start traffic just before: "
+                           f"{load['idle_cpu']:.0%} of a core; API-server writes during the load: "
+                           + writes_text(load.get("writes") or {}, runs[0]["queues"]))
     out.append("Goals (issue 11): Ready <= 30 s after start, VmRSS <= 300 MiB, /start p50 flat.")
     return "\n".join(out)

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import cluster, handover, heartbeats, loadgen, procs, report, scaling, spawn
 from bench.loadgen import LoadResult, Target
@@ -175,6 +175,14 @@ class Server:
         return procs.cpu_seconds(self.popen.pid)
 
 
+class Loaded(NamedTuple):
+    """One load run: the generator's figures, the server's CPU seconds and the API-server writes meanwhile."""
+
+    result: LoadResult
+    cpu: float | None
+    writes: dict[str, int]
+
+
 def _cpu_since(pids: Mapping[str, int], before: Mapping[str, float | None]) -> dict[str, float]:
     """CPU seconds each process used since `before` (since its start when it has no entry there)."""
     spent: dict[str, float] = {}
@@ -227,8 +235,8 @@ class Bench:
         request = ("--method", "GET", "--path", PASSTHROUGH_PATH)
         for concurrency in concurrencies:
             with procs.paused(operator.popen):
-                direct, _ = self._load(upstream, targets_file, concurrency, "passthrough", request)
-            via, _ = self._load(operator, targets_file, concurrency, "passthrough", request)
+                direct = self._load(upstream, targets_file, concurrency, "passthrough", request).result
+            via = self._load(operator, targets_file, concurrency, "passthrough", request).result
             self.passthrough.append(report.passthrough_row(concurrency, direct, via))
         self.children.stop(operator.popen)
         self.children.stop(upstream.popen)
@@ -263,12 +271,13 @@ class Bench:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
                 targets_file.write_text(json.dumps(targets))
                 others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
-                result, cpu = self._load(operator, targets_file, 16, count)
+                result, cpu, writes = self._load(operator, targets_file, 16, count)
                 self.scale_p50 = result["p50_ms"]
                 # What the p50 is made of: the operator's CPU per request, and what the rest of the
                 # machine (the control plane) spent meanwhile, out of the same two cores.
                 self.scale_load = {"operator_cpu_ms_per_req": report.cpu_ms_per_request(cpu, result),
-                                   "others_cpu_seconds": _cpu_since(self.servers, others_before)}
+                                   "others_cpu_seconds": _cpu_since(self.servers, others_before),
+                                   "writes": writes, "idle_cpu": idle}
             self.scale.append(report.Footprint(
                 queues=count, generated=generated, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),
@@ -398,8 +407,8 @@ class Bench:
         # The idle baseline costs the operator nothing; the paused operator costs the baseline nothing.
         for concurrency in concurrencies:
             with procs.paused(operator.popen):
-                base, base_cpu = self._load(baseline, targets_file, concurrency, count)
-            oper, oper_cpu = self._load(operator, targets_file, concurrency, count)
+                base, base_cpu, _ = self._load(baseline, targets_file, concurrency, count)
+            oper, oper_cpu, _ = self._load(operator, targets_file, concurrency, count)
             self.rows.append(report.make_row(count, concurrency, base, oper, base_cpu, oper_cpu))
 
         self.footprints.append(report.Footprint(
@@ -454,10 +463,13 @@ class Bench:
         return answer
 
     def _load(self, server: Server, targets_file: Path, concurrency: int,
-              count: int | str, request: Sequence[str] = ()) -> tuple[LoadResult, float | None]:
-        """One load run against `server`; its result and the server's CPU seconds meanwhile."""
+              count: int | str, request: Sequence[str] = ()) -> Loaded:
+        """One load run against `server`."""
         out = self.work_dir / f"load-{server.name}-{count}-c{concurrency}.json"
         log_path = out.with_suffix(".log")
+        # What the control plane spent meanwhile, out of the same two cores: the operator's writes.
+        others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
+        requests_before = cluster.api_requests(self.kubectl)
         cpu_before = server.cpu_seconds()
         popen = self.children.spawn(
             [sys.executable, "-m", "bench.loadgen", "--base-url", server.url, "--targets", str(targets_file),
@@ -473,14 +485,18 @@ class Bench:
         finally:
             self.children.stop(popen)
         cpu_after = server.cpu_seconds()
+        others = _cpu_since(self.servers, others_before)
+        writes = cluster.writes_between(requests_before, cluster.api_requests(self.kubectl))
         server.alive()
         if code != 0:
             raise BenchError(f"the load generator exited with {code}:\n{_tail(log_path)}")
         result: LoadResult = json.loads(out.read_text())
         say(f"  {server.name}, {count}, concurrency {concurrency}: {result['rps']:.0f} req/s, "
-            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, non-200 {result['non_200']}")
+            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, non-200 {result['non_200']}; "
+            + "meanwhile " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in others.items())
+            + "; API-server writes " + (", ".join(f"{key} {n}" for key, n in list(writes.items())[:4]) or "none"))
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-        return result, cpu
+        return Loaded(result, cpu, writes)
 
 
 def _machine() -> dict[str, Any]:

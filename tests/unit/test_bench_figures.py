@@ -49,3 +49,16 @@ def test_scale_secrets_takes_either_kind_and_refuses_others() -> None:
     assert start.parser().parse_args([]).scale_secrets == ("shared", "generated")
     with pytest.raises(SystemExit):
         start.parser().parse_args(["--scale-secrets", "both"])
+
+
+def test_the_scale_load_says_what_the_operator_did_in_the_background_meanwhile() -> None:
+    # With 10,000 queues the operator checks their Temporal at its steady pace the whole time; with 10,
+    # it has long finished: the /start p50 compared without saying so compares unlike loads.
+    shared = report.Footprint(queues=10_000, ready_seconds=20.0, rss_ready_kib=1024, rss_after_load_kib=None,
+                              peak_rss_kib=2048, idle_cpu=0.25)
+    load = report.ScaleLoad(operator_cpu_ms_per_req=0.2, others_cpu_seconds={"kube-apiserver": 3.5},
+                            writes={"PATCH workerqueues/status": 500, "POST events": 250}, idle_cpu=0.25)
+    text = report.scale_lines([shared], 2.5, [], load=load)
+    assert ("the operator's background work, with no /start traffic just before: 25% of a core; API-server "
+            "writes during the load: PATCH workerqueues/status 500 (0.05 a queue), POST events 250 (0.03 a queue)"
+            in text)
