@@ -41,3 +41,15 @@ def test_below_one_a_second_one_at_a_time():
 def test_a_rate_must_be_positive():
     with pytest.raises(ValueError):
         Pace(rate=0)
+
+
+def test_a_new_rate_holds_from_the_next_take_and_keeps_no_more_than_its_seconds_worth():
+    pace = Pace(rate=10)
+    assert pace.take(0.0)  # 9 left
+    pace.rate = 2  # what is saved up shrinks to the new second's worth
+    assert [pace.take(0.0) for _ in range(3)] == [True, True, False]
+    assert starts(pace, [0.25, 0.5, 1.0]) == [0.5, 1.0]
+    pace.rate = 100
+    assert sum(pace.take(2.0) for _ in range(150)) == 100
+    with pytest.raises(ValueError):
+        pace.rate = 0

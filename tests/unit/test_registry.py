@@ -79,15 +79,6 @@ def test_system_info_is_bounded_and_drops_long_values():
     assert leases.bounded_system_info({}) is None
 
 
-def test_the_bucket_paces_writes_and_saves_up_at_most_a_second():
-    bucket = registry._Bucket(tokens=0.0, updated=0.0)
-    taken = sum(bucket.take(10.0, now=t / 100) for t in range(1, 1001))  # 10 s at 10 writes a second
-    assert 95 <= taken <= 101
-    idle = registry._Bucket(tokens=0.0, updated=0.0)
-    burst = sum(idle.take(10.0, now=100.0) for _ in range(1000))  # after a long pause: one second's worth
-    assert burst == 10
-
-
 def test_slot_and_worker_lease_names_fit_a_dns_subdomain_and_stay_apart():
     long_name = "q" * 253
     assert len(leases.slot_lease_name(long_name, 999)) <= 253

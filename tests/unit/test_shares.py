@@ -22,7 +22,7 @@ async def test_a_key_takes_its_share_and_waits_for_one_of_its_own_not_for_others
 async def test_a_wait_given_up_or_cancelled_leaves_nothing_held():
     shares = Shares(1)
     assert await shares.take("team-a", 0)
-    waiting = asyncio.create_task(shares.take("team-a", None))
+    waiting = asyncio.create_task(shares.take("team-a", 60.0))
     await asyncio.sleep(0.01)
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)

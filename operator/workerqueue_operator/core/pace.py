@@ -7,12 +7,23 @@ from __future__ import annotations
 
 class Pace:
     def __init__(self, rate: float) -> None:
+        self._tokens = 0.0
+        self.rate = rate
+        self._tokens = self._burst
+        self._updated: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: float) -> None:
+        """A new rate holds from the next take (the registry's follows the renewals it has to make)."""
         if rate <= 0:
             raise ValueError("rate must be positive")
         self._rate = rate
         self._burst = max(rate, 1.0)
-        self._tokens = self._burst
-        self._updated: float | None = None
+        self._tokens = min(self._tokens, self._burst)
 
     def take(self, now: float) -> bool:
         """Whether one more start may be made at `now`; if so, it is counted."""

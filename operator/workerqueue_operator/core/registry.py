@@ -30,7 +30,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from workerqueue_operator.core import pacedlog, queues
@@ -59,6 +59,7 @@ from workerqueue_operator.core.leases import (
     system_pid,
     worker_from_lease,
 )
+from workerqueue_operator.core.pace import Pace
 from workerqueue_operator.core.queues import QueueKey, QueueObject
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
@@ -179,23 +180,6 @@ class _Ended(NamedTuple):
 
 
 @dataclass
-class _Bucket:
-    """A token bucket: `rate` writes a second, at most one second's worth saved up."""
-
-    tokens: float = 0.0
-    updated: float = field(default_factory=time.monotonic)
-
-    def take(self, rate: float, now: float) -> bool:
-        self.tokens = min(max(rate, 1.0), self.tokens + (now - self.updated) * rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-
-@dataclass
 class _Listings:
     """A listing of a queue's Leases under way, and the future of those waiting for the next one."""
 
@@ -269,7 +253,6 @@ class Registry:
         """The keys of `_expiries`, a heap."""
         self._claiming: dict[tuple[str, str], asyncio.Future[None]] = {}
         """Slot Leases a /start here is claiming, each done when that claim is."""
-        self._bucket = _Bucket()
         # What the writer has to do, so that a tick looks at that only, never at every worker:
         self._urgent: dict[str, Worker] = {}
         """Not written yet, or its first heartbeat not yet: a heartbeat proved these alive."""
@@ -278,6 +261,7 @@ class Registry:
         self._renewals: dict[str, Worker] = {}
         """Written, with a newer heartbeat to write (at most once an interval)."""
         self._renewal_rate = 0.0
+        self._pace = Pace(self.write_rate())
         """Sum of 1/interval over the workers that heartbeat to this replica."""
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
@@ -1085,9 +1069,9 @@ class Registry:
 
     def _flush(self) -> None:
         now = self._monotonic()
-        rate = self.write_rate()
+        self._pace.rate = self.write_rate()
         for worker in self._in_write_order(now):
-            if not self._bucket.take(rate, now):
+            if not self._pace.take(now):
                 return
             self._unmark(worker)
             worker.written_at = now

@@ -17,9 +17,9 @@ class Shares:
         self._held: dict[Hashable, tuple[asyncio.Semaphore, list[int]]] = {}
         """Key -> its turns and how many hold or wait for one (gone at none)."""
 
-    async def take(self, key: Hashable, wait: float | None) -> bool:
-        """Takes one of the key's share, waiting up to `wait` seconds (None: as long as it takes);
-        False if none came. Each True is given back (give_back)."""
+    async def take(self, key: Hashable, wait: float) -> bool:
+        """Takes one of the key's share, waiting up to `wait` seconds; False if none came. Each True is
+        given back (give_back)."""
         entry = self._held.get(key)
         if entry is None:
             entry = self._held[key] = (asyncio.Semaphore(self.share), [0])
@@ -29,7 +29,7 @@ class Shares:
             if not turns.locked():
                 await turns.acquire()  # free: taken without a wait
                 return True
-            if wait is None or wait > 0:
+            if wait > 0:
                 async with asyncio.timeout(wait):
                     await turns.acquire()
                 return True
