@@ -271,13 +271,13 @@ class Bench:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
                 targets_file.write_text(json.dumps(targets))
                 others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
-                result, cpu, writes = self._load(operator, targets_file, 16, count)
+                result, cpu, load_writes = self._load(operator, targets_file, 16, count)
                 self.scale_p50 = result["p50_ms"]
                 # What the p50 is made of: the operator's CPU per request, and what the rest of the
                 # machine (the control plane) spent meanwhile, out of the same two cores.
                 self.scale_load = {"operator_cpu_ms_per_req": report.cpu_ms_per_request(cpu, result),
                                    "others_cpu_seconds": _cpu_since(self.servers, others_before),
-                                   "writes": writes, "idle_cpu": idle}
+                                   "writes": load_writes, "idle_cpu": idle}
             self.scale.append(report.Footprint(
                 queues=count, generated=generated, ready_seconds=ready_seconds, rss_ready_kib=rss,
                 rss_after_load_kib=procs.rss_kib(operator.popen.pid),

@@ -131,6 +131,8 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
         "ingressFrom": [{"namespaceSelector": {"matchLabels": {"agentcontrol.dev/workers": "true"}}},
                         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
         "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}],
+        "dnsTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                   "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
     }}
     pdb = {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}}
     service_monitor = {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}}
@@ -283,7 +285,8 @@ NULLABLE_VALUES = {
     "serviceAccount.name", "serviceAccount.annotations", "podAnnotations", "podLabels",
     "podSecurityContext", "securityContext", "resources", "priorityClassName", "nodeSelector", "tolerations",
     "affinity", "topologySpreadConstraints", "updateStrategy", "extraEnv", "service.annotations",
-    "networkPolicy.ingressFrom", "networkPolicy.egress", "podDisruptionBudget.minAvailable",
+    "service.loadBalancerSourceRanges", "service.externalTrafficPolicy",
+    "networkPolicy.ingressFrom", "networkPolicy.egress", "networkPolicy.dnsTo", "podDisruptionBudget.minAvailable",
     "podDisruptionBudget.maxUnavailable", "serviceMonitor.labels", "serviceMonitor.tlsConfig",
 }
 """values.yaml keys whose null (Helm's way to unset a default) means "none", and what is inside them;
@@ -509,12 +512,29 @@ def test_network_policy(helm: Helm):
     # 5353: where the policy meets the resolver's pods after the Service's mapping (OpenShift).
     assert {"port": 53, "protocol": "UDP"} in policy["egress"][0]["ports"]
     assert {"port": 5353, "protocol": "UDP"} in policy["egress"][0]["ports"]
+    # DNS to the resolver only when told where it runs (else any destination, the internet's too).
+    assert policy["egress"][0]["to"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "kube-system"}}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
     assert policy["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    docs = helm.template({"networkPolicy": {"enabled": True, "egress": [{"ports": [{"port": 443}]}]}})
+    assert "to" not in find(docs, "NetworkPolicy")["spec"]["egress"][0]
     # Without egress rules, egress is not restricted (the API server must stay reachable).
     docs = helm.template({"networkPolicy": {"enabled": True}})
     assert find(docs, "NetworkPolicy")["spec"]["policyTypes"] == ["Ingress"]
     assert "from" not in find(docs, "NetworkPolicy")["spec"]["ingress"][0]
 
+
+
+def test_a_load_balancer_takes_source_ranges_and_keeps_client_ips_when_told(helm: Helm):
+    service = find(helm.template({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                                              "externalTrafficPolicy": "Local"}}), "Service")["spec"]
+    assert service["loadBalancerSourceRanges"] == ["10.0.0.0/8"] and service["externalTrafficPolicy"] == "Local"
+    # Neither means anything to a ClusterIP Service (the API server refuses externalTrafficPolicy there).
+    service = find(helm.template({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"],
+                                              "externalTrafficPolicy": "Local"}}), "Service")["spec"]
+    assert "loadBalancerSourceRanges" not in service and "externalTrafficPolicy" not in service
+    with pytest.raises(AssertionError, match="externalTrafficPolicy"):
+        helm.template({"service": {"type": "NodePort", "externalTrafficPolicy": "local"}})
 
 
 def test_notes_tell_what_the_release_serves(helm: Helm):
@@ -530,6 +550,8 @@ def test_notes_tell_what_the_release_serves(helm: Helm):
 def test_pod_disruption_budget(helm: Helm):
     pdb = find(helm.template(option_values("podDisruptionBudget", OFFLINE)), "PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == "50%" and "minAvailable" not in pdb
+    # Every replica is unready while a watch is down: an unready pod must not hold a node drain.
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     pdb = find(helm.template({"podDisruptionBudget": {"enabled": True}}), "PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     pdb = find(helm.template({"replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}),
