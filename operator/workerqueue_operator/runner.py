@@ -262,6 +262,31 @@ def _certificate(settings: settings_.Settings) -> serving.Certificate | None:
                            f"(WQ_TLS_CERT_FILE, WQ_TLS_KEY_FILE) cannot be loaded: {reason}") from None
 
 
+METRICS_CONNECTIONS = 32
+"""Connections open at once on settings.metrics_port: scrapers, a few at a time."""
+
+
+async def serve_metrics(app: web.Application, settings: settings_.Settings,
+                        certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
+    """/metrics on settings.metrics_port, with the API's TLS and timeouts; the runner and its port."""
+    assert settings.metrics_port is not None
+    metrics_app = app_.make_metrics_app(app[keys.METRICS])
+    log = app[keys.LOG]
+    runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None, shutdown_timeout=1.0,
+                           logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,
+                           lingering_time=serving.LINGERING_SECONDS)
+    await runner.setup()
+    assert runner.server is not None
+    listener = serving.Listener(runner.server, limit=METRICS_CONNECTIONS, busy=set(), log=log, certificate=certificate,
+                                handshake_timeout=settings.http_idle_timeout_seconds)
+    try:
+        port = await serving.serve(runner, settings.http_host, settings.metrics_port, listener=listener)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, port
+
+
 async def serve_http(app: web.Application, settings: settings_.Settings,
                      certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
     # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds (a pod's
@@ -277,8 +302,10 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
     # The pass-through's connections to an upstream host are fds too: each proxied websocket one more
     # beside its worker's connection.
     upstream_fds = settings.upstream_max_connections + settings.upstream_max_websockets
+    metrics_fds = METRICS_CONNECTIONS if settings.metrics_port is not None else 0
     limit = serving.connection_limit(settings.http_max_connections,
-                                     settings.http_reserved_fds + settings.temporal_max_clients, upstream_fds)
+                                     settings.http_reserved_fds + settings.temporal_max_clients + metrics_fds,
+                                     upstream_fds)
     if limit < settings.http_max_connections:
         logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds, "
                        "temporal_max_clients and the upstream connections", limit)
@@ -395,6 +422,17 @@ async def run(
         raise StartupError(f"cannot listen on {settings.http_host}:{settings.http_port} "
                            f"(WQ_HTTP_HOST, WQ_HTTP_PORT): {exc.strerror or exc}") from None
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
+    metrics_http: web.AppRunner | None = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_http, metrics_port = await serve_metrics(app, settings, certificate)
+        except OSError as exc:
+            await http.cleanup()
+            await temporal_.close()
+            await client.close()
+            raise StartupError(f"cannot listen on {settings.http_host}:{settings.metrics_port} "
+                               f"(WQ_HTTP_HOST, WQ_METRICS_PORT): {exc.strerror or exc}") from None
+        logger.info("metrics listening", extra={"host": settings.http_host, "port": metrics_port})
     if on_listening is not None:
         on_listening(port)
 
@@ -452,6 +490,8 @@ async def run(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         await http.cleanup()
+        if metrics_http is not None:
+            await metrics_http.cleanup()
         await temporal_.close()
         await client.close()
     if died:

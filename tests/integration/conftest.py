@@ -119,6 +119,8 @@ class OperatorProcess:
         self.log_path = log_path
         self._kubeconfig = kubeconfig
         self._env = env or {}
+        # Set: /metrics is served there, not on the API's port.
+        self.metrics_port = int(self._env["WQ_METRICS_PORT"]) if "WQ_METRICS_PORT" in self._env else None
         self._args = args or []
         self._fd_limit = fd_limit  # set: the operator's RLIMIT_NOFILE, soft and hard
         self.process: subprocess.Popen[bytes] | None = None
@@ -211,7 +213,8 @@ class OperatorProcess:
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """Metric `name`'s samples on /metrics, (labels, value) each."""
-        text = http("GET", f"{self.url}/metrics", context=self.context).body.decode()
+        base = self.url if self.metrics_port is None else f"{self.url.rsplit(':', 1)[0]}:{self.metrics_port}"
+        text = http("GET", f"{base}/metrics", context=self.context).body.decode()
         matches = (_SAMPLE.match(line) for line in text.splitlines())
         return [(dict(_LABEL.findall(m[2] or "")), float(m[3])) for m in matches if m and m[1] == name]
 

@@ -130,6 +130,7 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
         "enabled": True,
         "ingressFrom": [{"namespaceSelector": {"matchLabels": {"agentcontrol.dev/workers": "true"}}},
                         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        "metricsFrom": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
         "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]}],
         "dnsTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
@@ -287,6 +288,7 @@ NULLABLE_VALUES = {
     "affinity", "topologySpreadConstraints", "updateStrategy", "extraEnv", "service.annotations",
     "service.loadBalancerSourceRanges", "service.externalTrafficPolicy",
     "networkPolicy.ingressFrom", "networkPolicy.egress", "networkPolicy.dnsTo", "podDisruptionBudget.minAvailable",
+    "metricsPort", "networkPolicy.metricsFrom",
     "podDisruptionBudget.maxUnavailable", "serviceMonitor.labels", "serviceMonitor.tlsConfig",
 }
 """values.yaml keys whose null (Helm's way to unset a default) means "none", and what is inside them;
@@ -393,13 +395,16 @@ def test_defaults(helm: Helm):
 
     service = find(docs, "Service")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP",
-                                         "appProtocol": "http"}]
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # /metrics on a port of its own: its labels name every queue, which workers need not read.
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP", "appProtocol": "http"}]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                                  {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
 
     config = config_of(docs)
     assert config["worker_control_plane_url"] == "http://wq-workerqueue-operator.wq-system.svc:8080"
-    assert config["namespaces"] == [] and config["http_port"] == 8080
+    assert config["namespaces"] == [] and config["http_port"] == 8080 and config["metrics_port"] == 9090
     # A stop drains the HTTP API for 5 s, within the pod's 30 s.
     assert config["http_drain_seconds"] == 5 and pod["terminationGracePeriodSeconds"] == 30
     assert "public_url" not in config and "worker_image" not in config  # the operator's defaults apply
@@ -507,8 +512,11 @@ def test_network_policy(helm: Helm):
     policy = find(docs, "NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"] == find(docs, "Deployment")["spec"]["selector"]["matchLabels"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    (ingress,) = policy["ingress"]
+    ingress, metrics = policy["ingress"]
     assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}] and len(ingress["from"]) == 2
+    # The metrics port has its own sources: the workers that may reach /start are not among them.
+    assert metrics == {"ports": [{"port": "metrics", "protocol": "TCP"}],
+                       "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]}
     # 5353: where the policy meets the resolver's pods after the Service's mapping (OpenShift).
     assert {"port": 53, "protocol": "UDP"} in policy["egress"][0]["ports"]
     assert {"port": 5353, "protocol": "UDP"} in policy["egress"][0]["ports"]
@@ -579,8 +587,15 @@ def test_service_monitor(helm: Helm):
     monitor = find(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"] == find(docs, "Service")["spec"]["selector"]
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "scheme": "http",
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http",
                                              "interval": "15s", "scrapeTimeout": "10s"}]
+    # metricsPort null: /metrics is on the HTTP port, and scraped there.
+    docs = helm.template({**option_values("serviceMonitor", OFFLINE), "metricsPort": None})
+    assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
+    assert [p["name"] for p in find(docs, "Service")["spec"]["ports"]] == ["http"]
+    assert "metrics_port" not in config_of(docs)
+    with pytest.raises(AssertionError, match="metricsPort must differ from containerPort"):
+        helm.template({"metricsPort": 8080})
 
 
 @pytest.mark.parametrize("option", ["peering", "peeringWatchNamespaces"])

@@ -25,7 +25,7 @@ from kubernetes import client as k8s
 
 from tests.integration import test_start as start_scenarios
 from tests.integration import test_workers as worker_scenarios
-from tests.integration.conftest import Kube, OperatorProcess, established, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, established, free_port, wait_for
 from tests.integration.test_chart import CHART, Helm, container_of, find
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 
@@ -98,9 +98,9 @@ def deployed(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., 
     config_file.write_text(find(docs, "ConfigMap")["data"]["config.yaml"])
     args = container_of(docs)["args"]
     assert args[0] == "run"
-    # OperatorProcess's WQ_* env (loopback port, short back-offs) still wins over the file.
-    operator = OperatorProcess(config, folder / "operator.log", env={"WQ_CONFIG_FILE": str(config_file)},
-                             args=args[1:])
+    # OperatorProcess's WQ_* env (loopback ports, short back-offs) still wins over the file.
+    operator = OperatorProcess(config, folder / "operator.log", args=args[1:],
+                               env={"WQ_CONFIG_FILE": str(config_file), "WQ_METRICS_PORT": str(free_port())})
     try:
         with request.getfixturevalue("operator").paused():
             yield Deployed(mode, namespace, service_account, operator.start())

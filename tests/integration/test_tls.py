@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Kube, OperatorProcess, http, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, free_port, http, wait_for
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
@@ -26,11 +26,13 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 def test_https_only_when_a_certificate_is_configured(kubeconfig: Path, crd_installed: None, kube: Kube,
                                                      namespace: str, tmp_path: Path, operator: OperatorProcess):
+    """With /metrics on a port of its own (its labels name every queue), over HTTPS there too."""
     cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
+    metrics_port = free_port()
     https = OperatorProcess(kubeconfig, tmp_path / "tls.log", context=context,
                             env={"WQ_TLS_CERT_FILE": str(cert), "WQ_TLS_KEY_FILE": str(key),
-                                 "WQ_NAMESPACES": namespace})
+                                 "WQ_NAMESPACES": namespace, "WQ_METRICS_PORT": str(metrics_port)})
     with operator.paused():
         try:
             https.start()
@@ -40,6 +42,11 @@ def test_https_only_when_a_certificate_is_configured(kubeconfig: Path, crd_insta
             assert r.status == 200 and r.json()["control_plane_url"] == https.url  # https, from the request
             with pytest.raises((urllib.error.URLError, ConnectionError)):
                 http("GET", f"http://127.0.0.1:{https.port}/healthz", timeout=2)
+            scraped = http("GET", f"https://127.0.0.1:{metrics_port}/metrics", context=context)
+            assert scraped.status == 200
+            text = scraped.body.decode()
+            assert f'namespace="{namespace}",queue="tls"' in text and "workerqueue_queues 1" in text
+            assert https.call("GET", "/metrics", None).status == 404  # not on the port workers reach
         finally:
             https.stop()
 

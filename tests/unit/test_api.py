@@ -16,8 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import UID, queue
+from workerqueue_operator.api import app as app_
 from workerqueue_operator.api import unseen
-from workerqueue_operator.api.keys import DRAIN, REGISTRY, STORE, UNSEEN
+from workerqueue_operator.api.keys import DRAIN, METRICS, REGISTRY, STORE, UNSEEN
 from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -155,6 +156,26 @@ async def test_metrics_count_requests_by_route_and_code(client: TestClient):
     assert f"workerqueue_http_requests_total{{{labels}}} 1" in text
     assert "workerqueue_queues 4" in text
     assert "workerqueue_queues_not_ready 2" in text
+
+
+async def test_metrics_on_a_port_of_their_own_are_not_served_on_the_api_port():
+    """Their labels name every queue and namespace: whoever may reach /start need not read them."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("secret-project", queueId="q-1"))
+    app = apps.make_app(store, settings=Settings(metrics_port=9090))
+    async with TestClient(TestServer(app)) as api, \
+            TestClient(TestServer(app_.make_metrics_app(app[METRICS]))) as scraper:
+        r = await api.get("/metrics")
+        assert (r.status, await r.json()) == (404, {"detail": "Not Found"})
+        text = await (await scraper.get("/metrics")).text()
+        assert 'queue="secret-project"' in text and "workerqueue_queues 1" in text
+        assert (await scraper.get("/healthz")).status == 404  # nothing else there
+
+
+def test_metrics_port_must_differ_from_the_api_port():
+    with pytest.raises(ValueError, match="metrics_port must differ from http_port"):
+        Settings(http_port=8080, metrics_port=8080)
+    assert Settings(http_port=0, metrics_port=0).metrics_port == 0  # tests: any two free ports
 
 
 async def test_openapi_names_the_contract_operation(client: TestClient):

@@ -223,6 +223,12 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 {{- with $v.publicUrl }}
 {{- $_ := set $config "public_url" . }}
 {{- end }}
+{{- with $v.metricsPort }}
+{{- if eq (int .) (int $v.containerPort) }}
+{{- fail "metricsPort must differ from containerPort (null serves /metrics on containerPort)" }}
+{{- end }}
+{{- $_ := set $config "metrics_port" (int .) }}
+{{- end }}
 {{- with $v.worker.image }}
 {{- $_ := set $config "worker_image" . }}
 {{- end }}

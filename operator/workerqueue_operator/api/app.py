@@ -174,6 +174,20 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
+async def not_here(request: web.Request) -> web.Response:
+    """/metrics where it is served on a port of its own: as no route (never passed upstream)."""
+    return errors.detail(404, "Not Found")
+
+
+def make_metrics_app(metrics_: metrics.Metrics) -> web.Application:
+    """/metrics alone, for settings.metrics_port: the queue and namespace names its labels carry are
+    then out of reach of whoever may reach /start."""
+    app = web.Application()
+    app[METRICS] = metrics_
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
@@ -330,7 +344,7 @@ def make_app(
     workers.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/metrics", metrics_endpoint if settings.metrics_port is None else not_here)
     app.router.add_get("/openapi.json", openapi_json)
     # Keep last. aiohttp resolves the longest fixed path prefix first, so a route under
     # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).

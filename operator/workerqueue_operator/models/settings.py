@@ -166,6 +166,10 @@ class Settings(BaseModel):
     pod has), so that the Service reaches it on an IPv4-only, dual-stack or IPv6-only cluster."""
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port the HTTP API listens on (0: any free port, for tests)."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port /metrics is served on instead of http_port, on http_host (0: any free port, for tests).
+    Its labels name every queue and namespace; on a port of its own, a NetworkPolicy can keep them
+    from the workers that may reach /start. Unset: /metrics is served on http_port."""
 
     http_idle_timeout_seconds: float = Field(default=15.0, gt=0, le=_HOUR)
     """How long a connection may go without delivering a complete request head: from its opening, or
@@ -270,6 +274,8 @@ class Settings(BaseModel):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.upstream_url and self.upstream_api_key_secret is None:
             raise ValueError("upstream_url needs upstream_api_key_secret (the organization's key)")
+        if self.metrics_port and self.metrics_port == self.http_port:
+            raise ValueError("metrics_port must differ from http_port (unset it to serve /metrics there)")
         return self
 
     def doubts(self, *, in_cluster: bool) -> list[str]:
