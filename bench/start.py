@@ -176,10 +176,12 @@ class Server:
 
 
 class Loaded(NamedTuple):
-    """One load run: the generator's figures, the server's CPU seconds and the API-server writes meanwhile."""
+    """One load run: the generator's figures, the server's CPU seconds, the control plane's CPU seconds
+    and the API-server writes meanwhile."""
 
     result: LoadResult
     cpu: float | None
+    others: dict[str, float]
     writes: dict[str, int]
 
 
@@ -270,13 +272,12 @@ class Bench:
             if targets:
                 targets_file = self.work_dir / f"targets-scale-{count}.json"
                 targets_file.write_text(json.dumps(targets))
-                others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
-                result, cpu, load_writes = self._load(operator, targets_file, 16, count)
+                result, cpu, others, load_writes = self._load(operator, targets_file, 16, count)
                 self.scale_p50 = result["p50_ms"]
                 # What the p50 is made of: the operator's CPU per request, and what the rest of the
                 # machine (the control plane) spent meanwhile, out of the same two cores.
                 self.scale_load = {"operator_cpu_ms_per_req": report.cpu_ms_per_request(cpu, result),
-                                   "others_cpu_seconds": _cpu_since(self.servers, others_before),
+                                   "others_cpu_seconds": others,
                                    "writes": load_writes, "idle_cpu": idle}
             self.scale.append(report.Footprint(
                 queues=count, generated=generated, ready_seconds=ready_seconds, rss_ready_kib=rss,
@@ -407,8 +408,8 @@ class Bench:
         # The idle baseline costs the operator nothing; the paused operator costs the baseline nothing.
         for concurrency in concurrencies:
             with procs.paused(operator.popen):
-                base, base_cpu, _ = self._load(baseline, targets_file, concurrency, count)
-            oper, oper_cpu, _ = self._load(operator, targets_file, concurrency, count)
+                base, base_cpu, _, _ = self._load(baseline, targets_file, concurrency, count)
+            oper, oper_cpu, _, _ = self._load(operator, targets_file, concurrency, count)
             self.rows.append(report.make_row(count, concurrency, base, oper, base_cpu, oper_cpu))
 
         self.footprints.append(report.Footprint(
@@ -468,8 +469,9 @@ class Bench:
         out = self.work_dir / f"load-{server.name}-{count}-c{concurrency}.json"
         log_path = out.with_suffix(".log")
         # What the control plane spent meanwhile, out of the same two cores: the operator's writes.
-        others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
+        # (Its CPU read after the scrape of its request counts, which it spends too.)
         requests_before = cluster.api_requests(self.kubectl)
+        others_before = {name: procs.cpu_seconds(pid) for name, pid in self.servers.items()}
         cpu_before = server.cpu_seconds()
         popen = self.children.spawn(
             [sys.executable, "-m", "bench.loadgen", "--base-url", server.url, "--targets", str(targets_file),
@@ -496,7 +498,7 @@ class Bench:
             + "meanwhile " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in others.items())
             + "; API-server writes " + (", ".join(f"{key} {n}" for key, n in list(writes.items())[:4]) or "none"))
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-        return Loaded(result, cpu, writes)
+        return Loaded(result, cpu, others, writes)
 
 
 def _machine() -> dict[str, Any]:

@@ -86,6 +86,13 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
     return found[0]
 
 
+def api_service(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Service of the HTTP API (not the one of /metrics)."""
+    (service,) = [d for d in docs
+                  if d["kind"] == "Service" and "agentcontrol.dev/endpoint" not in d["metadata"]["labels"]]
+    return service
+
+
 def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
@@ -360,7 +367,7 @@ def test_extra_config_takes_a_list_as_its_comma_separated_string_too(helm: Helm)
 def test_defaults(helm: Helm):
     docs = helm.template({}, release="wq", namespace="wq-system")
     assert kinds(docs) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",
-                           "Deployment", "Service", "ServiceAccount"]
+                           "Deployment", "Service", "Service", "ServiceAccount"]
     for doc in docs:
         labels = doc["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "workerqueue-operator", doc["kind"]
@@ -393,11 +400,15 @@ def test_defaults(helm: Helm):
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts == {"/etc/workerqueue-operator/config": "config", "/tmp": "tmp"}
 
-    service = find(docs, "Service")
+    service = find(docs, "Service", "wq-workerqueue-operator")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    # /metrics on a port of its own: its labels name every queue, which workers need not read.
     assert service["spec"]["ports"] == [
-        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    # /metrics on a port of its own, in the cluster only: its labels name every queue, which workers
+    # need not read.
+    metrics = find(docs, "Service", "wq-workerqueue-operator-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["spec"]["selector"] == service["spec"]["selector"]
+    assert metrics["spec"]["ports"] == [
         {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP", "appProtocol": "http"}]
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
                                   {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
@@ -488,7 +499,7 @@ def test_watch_namespaces_gives_roles_there_and_little_cluster_wide(helm: Helm):
 
 def test_bring_your_own_crd_service_account_and_rbac(helm: Helm):
     docs = helm.template(option_values("bringYourOwn", OFFLINE))
-    assert kinds(docs) == ["ConfigMap", "Deployment", "Service"]
+    assert kinds(docs) == ["ConfigMap", "Deployment", "Service", "Service"]
     assert find(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing-operator"
 
 
@@ -504,7 +515,8 @@ def test_tls(helm: Helm):
     assert config["tls_cert_file"] == f"{mounts['tls']}/tls.crt"
     assert config["tls_key_file"] == f"{mounts['tls']}/tls.key"
     assert config["worker_control_plane_url"].startswith("https://")
-    assert find(docs, "Service")["spec"]["ports"][0]["appProtocol"] == "https"
+    assert api_service(docs)["spec"]["ports"][0]["appProtocol"] == "https"
+    assert find(docs, "Service", "wq-workerqueue-operator-metrics")["spec"]["ports"][0]["appProtocol"] == "https"
 
 
 def test_network_policy(helm: Helm):
@@ -526,6 +538,11 @@ def test_network_policy(helm: Helm):
     assert policy["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
     docs = helm.template({"networkPolicy": {"enabled": True, "egress": [{"ports": [{"port": 443}]}]}})
     assert "to" not in find(docs, "NetworkPolicy")["spec"]["egress"][0]
+    # metricsFrom unset: the metrics port takes the HTTP port's sources, as /metrics had on that port
+    # (an upgrade must not open it to every source).
+    workers = [{"namespaceSelector": {"matchLabels": {"agentcontrol.dev/workers": "true"}}}]
+    docs = helm.template({"networkPolicy": {"enabled": True, "ingressFrom": workers}})
+    assert [rule.get("from") for rule in find(docs, "NetworkPolicy")["spec"]["ingress"]] == [workers, workers]
     # Without egress rules, egress is not restricted (the API server must stay reachable).
     docs = helm.template({"networkPolicy": {"enabled": True}})
     assert find(docs, "NetworkPolicy")["spec"]["policyTypes"] == ["Ingress"]
@@ -534,12 +551,16 @@ def test_network_policy(helm: Helm):
 
 
 def test_a_load_balancer_takes_source_ranges_and_keeps_client_ips_when_told(helm: Helm):
-    service = find(helm.template({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"],
-                                              "externalTrafficPolicy": "Local"}}), "Service")["spec"]
+    docs = helm.template({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                                      "externalTrafficPolicy": "Local"}})
+    service = api_service(docs)["spec"]
     assert service["loadBalancerSourceRanges"] == ["10.0.0.0/8"] and service["externalTrafficPolicy"] == "Local"
+    assert [p["name"] for p in service["ports"]] == ["http"]
+    # /metrics stays in the cluster: not on the balancer the workers reach.
+    assert find(docs, "Service", "wq-workerqueue-operator-metrics")["spec"]["type"] == "ClusterIP"
     # Neither means anything to a ClusterIP Service (the API server refuses externalTrafficPolicy there).
-    service = find(helm.template({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"],
-                                              "externalTrafficPolicy": "Local"}}), "Service")["spec"]
+    service = api_service(helm.template({"service": {"loadBalancerSourceRanges": ["10.0.0.0/8"],
+                                                     "externalTrafficPolicy": "Local"}}))["spec"]
     assert "loadBalancerSourceRanges" not in service and "externalTrafficPolicy" not in service
     with pytest.raises(AssertionError, match="externalTrafficPolicy"):
         helm.template({"service": {"type": "NodePort", "externalTrafficPolicy": "local"}})
@@ -586,13 +607,18 @@ def test_service_monitor(helm: Helm):
     docs = helm.template(option_values("serviceMonitor", OFFLINE))
     monitor = find(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert monitor["spec"]["selector"]["matchLabels"] == find(docs, "Service")["spec"]["selector"]
+    # It selects the metrics Service alone (both carry the release's labels).
+    metrics = find(docs, "Service", "wq-workerqueue-operator-metrics")
+    selected = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()]
+    assert selected == ["wq-workerqueue-operator-metrics"] and metrics["spec"]["ports"][0]["name"] == "metrics"
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http",
                                              "interval": "15s", "scrapeTimeout": "10s"}]
     # metricsPort null: /metrics is on the HTTP port, and scraped there.
     docs = helm.template({**option_values("serviceMonitor", OFFLINE), "metricsPort": None})
     assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
-    assert [p["name"] for p in find(docs, "Service")["spec"]["ports"]] == ["http"]
+    assert [p["name"] for p in find(docs, "Service")["spec"]["ports"]] == ["http"]  # the one Service
+    assert find(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"] == find(docs, "Service")["spec"]["selector"]
     assert "metrics_port" not in config_of(docs)
     with pytest.raises(AssertionError, match="metricsPort must differ from containerPort"):
         helm.template({"metricsPort": 8080})

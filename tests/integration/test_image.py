@@ -35,7 +35,7 @@ from kubernetes import client as k8s
 
 from image import build as image_build
 from tests.integration.conftest import Kube, free_port, http, wait_for
-from tests.integration.test_chart import Helm, container_of, find
+from tests.integration.test_chart import Helm, api_service, container_of, find
 from tests.integration.test_rbac import DENIAL
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -243,7 +243,7 @@ def running(request: pytest.FixtureRequest, helm: Helm, kubectl: Callable[..., A
                # Root here lacks CAP_SYS_RESOURCE: limits above the hard ones cannot be set.
                f"--ulimit=nofile={hard_nofile}:{hard_nofile}", "--ulimit=nproc=32768:32768",
                *podman_run_args(docs, files=files, env=env), image["imageId"], *args)
-        service = find(docs, "Service")
+        service = api_service(docs)
         service_url = (f"http://{service['metadata']['name']}.{namespace}.svc:"
                        f"{service['spec']['ports'][0]['port']}")
         running = Running(podman, name, f"http://127.0.0.1:{port}", namespace, service_url, image["imageId"],

@@ -181,7 +181,8 @@ async def not_here(request: web.Request) -> web.Response:
 
 def make_metrics_app(metrics_: metrics.Metrics) -> web.Application:
     """/metrics alone, for settings.metrics_port: the queue and namespace names its labels carry are
-    then out of reach of whoever may reach /start."""
+    then out of reach of whoever may reach /start. No middleware: scrapes are not /start traffic to
+    count, and a connection limit that closes one mid-scrape at worst costs one scrape."""
     app = web.Application()
     app[METRICS] = metrics_
     app.router.add_get("/metrics", metrics_endpoint)

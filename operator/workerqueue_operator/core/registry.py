@@ -261,8 +261,8 @@ class Registry:
         self._renewals: dict[str, Worker] = {}
         """Written, with a newer heartbeat to write (at most once an interval)."""
         self._renewal_rate = 0.0
-        self._pace = Pace(self.write_rate())
         """Sum of 1/interval over the workers that heartbeat to this replica."""
+        self._pace = Pace(self.write_rate())
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
