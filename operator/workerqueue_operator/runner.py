@@ -22,7 +22,7 @@ from aiohttp import web
 import workerqueue_operator
 from workerqueue_operator import handlers
 from workerqueue_operator.api import app as app_
-from workerqueue_operator.api import keys, serving
+from workerqueue_operator.api import keys, logs, serving
 from workerqueue_operator.core import activity as activity_
 from workerqueue_operator.core import leases, queues, reviews, temporal, workers
 from workerqueue_operator.core import registry as registry_
@@ -270,35 +270,15 @@ async def serve_metrics(app: web.Application, settings: settings_.Settings,
                         certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
     """/metrics on settings.metrics_port, with the API's TLS and timeouts; the runner and its port."""
     assert settings.metrics_port is not None
-    metrics_app = app_.make_metrics_app(app[keys.METRICS])
-    log = app[keys.LOG]
-    runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None, shutdown_timeout=1.0,
-                           logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,
-                           lingering_time=serving.LINGERING_SECONDS)
-    await runner.setup()
-    assert runner.server is not None
-    listener = serving.Listener(runner.server, limit=METRICS_CONNECTIONS, busy=set(), log=log, certificate=certificate,
-                                handshake_timeout=settings.http_idle_timeout_seconds)
-    try:
-        port = await serving.serve(runner, settings.http_host, settings.metrics_port, listener=listener)
-    except BaseException:
-        await runner.cleanup()
-        raise
+    # Nothing to finish on SIGTERM but a scrape: 1 s.
+    runner, _, port = await _serve(app_.make_metrics_app(app[keys.METRICS]), app[keys.LOG], settings,
+                                   port=settings.metrics_port, limit=METRICS_CONNECTIONS, busy=set(),
+                                   certificate=certificate, shutdown_timeout=1.0)
     return runner, port
 
 
 async def serve_http(app: web.Application, settings: settings_.Settings,
                      certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
-    # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds (a pod's
-    # refusal up to 2 s more, to record it), and a stream passed through to an upstream is then cut,
-    # so that its worker retries elsewhere well within the pod's termination grace period (the
-    # chart's 30 s) instead of holding it up.
-    log = app[keys.LOG]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS,
-                           logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,
-                           lingering_time=serving.LINGERING_SECONDS)
-    await runner.setup()
-    assert runner.server is not None
     # The pass-through's connections to an upstream host are fds too: each proxied websocket one more
     # beside its worker's connection.
     upstream_fds = settings.upstream_max_connections + settings.upstream_max_websockets
@@ -309,17 +289,36 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
     if limit < settings.http_max_connections:
         logger.warning("HTTP connections limited to %d by the fd limit (RLIMIT_NOFILE) less http_reserved_fds, "
                        "temporal_max_clients and the upstream connections", limit)
-    listener = serving.Listener(runner.server, limit=limit, busy=app[keys.BUSY], log=log, certificate=certificate,
-                                handshake_timeout=settings.http_idle_timeout_seconds)
+    # On SIGTERM, requests still in flight get SHUTDOWN_SECONDS: /start takes microseconds (a pod's
+    # refusal up to 2 s more, to record it), and a stream passed through to an upstream is then cut,
+    # so that its worker retries elsewhere well within the pod's termination grace period (the
+    # chart's 30 s) instead of holding it up.
+    runner, listener, port = await _serve(app, app[keys.LOG], settings, port=settings.http_port, limit=limit,
+                                          busy=app[keys.BUSY], certificate=certificate,
+                                          shutdown_timeout=SHUTDOWN_SECONDS)
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
     app[keys.METRICS].gauge("workerqueue_http_connections_limit", "The most HTTP connections open at once.",
                             lambda: listener.limit)
+    return runner, port
+
+
+async def _serve(app: web.Application, log: logs.Throttled, settings: settings_.Settings, *, port: int, limit: int,
+                 busy: set[object], certificate: serving.Certificate | None,
+                 shutdown_timeout: float) -> tuple[web.AppRunner, serving.Listener, int]:
+    """`app` listening on settings.http_host:`port` through a Listener of `limit` connections."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout,
+                           logger=serving.server_logger(log), keepalive_timeout=settings.http_idle_timeout_seconds,
+                           lingering_time=serving.LINGERING_SECONDS)
+    await runner.setup()
+    assert runner.server is not None
+    listener = serving.Listener(runner.server, limit=limit, busy=busy, log=log, certificate=certificate,
+                                handshake_timeout=settings.http_idle_timeout_seconds)
     try:
-        port = await serving.serve(runner, settings.http_host, settings.http_port, listener=listener)
+        bound = await serving.serve(runner, settings.http_host, port, listener=listener)
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, port
+    return runner, listener, bound
 
 
 async def run(
