@@ -167,6 +167,7 @@ async def test_metrics_on_a_port_of_their_own_are_not_served_on_the_api_port():
             TestClient(TestServer(app_.make_metrics_app(app[METRICS]))) as scraper:
         r = await api.get("/metrics")
         assert (r.status, await r.json()) == (404, {"detail": "Not Found"})
+        assert "/metrics" not in (await (await api.get("/openapi.json")).json())["paths"]
         text = await (await scraper.get("/metrics")).text()
         assert 'queue="secret-project"' in text and "workerqueue_queues 1" in text
         assert (await scraper.get("/healthz")).status == 404  # nothing else there

@@ -300,7 +300,7 @@ def make_app(
     app[KUBE] = kube
     app[SETTINGS] = settings
     app[READY] = ready
-    app[OPENAPI] = json.dumps(openapi.document(version)).encode()
+    app[OPENAPI] = json.dumps(openapi.document(version, metrics=settings.metrics_port is None)).encode()
     app[METRICS] = metrics_
     store.subscribe(lambda key: metrics_.know_queue(*key) if store.queue(key) is not None
                     else metrics_.forget_queue(*key))

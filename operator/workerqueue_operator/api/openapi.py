@@ -39,7 +39,8 @@ def _schema(model: type[BaseModel], components: dict[str, Any]) -> None:
     components[str(schema.get("title", model.__name__))] = schema
 
 
-def document(version: str) -> dict[str, Any]:
+def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
+    """`metrics`: /metrics is served on this port (not on settings.metrics_port)."""
     components: dict[str, Any] = {}
     for model in (wire.WorkerStartRequest, wire.WorkerStartResponse, wire.HTTPValidationError,
                   wire.WorkerHeartbeatRequest, wire.WorkerDisconnectRequest, wire.WorkerInfo, wire.ExecutionInfo):
@@ -159,7 +160,7 @@ def document(version: str) -> dict[str, Any]:
                 "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 503, validated=False)})},
             "/healthz": plain("Liveness"),
             "/readyz": plain("Readiness: 200 once the watches have listed everything"),
-            "/metrics": plain("Prometheus metrics"),
+            **({"/metrics": plain("Prometheus metrics")} if metrics else {}),
         },
         "components": {
             "schemas": components,
