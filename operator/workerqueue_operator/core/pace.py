@@ -7,7 +7,6 @@ from __future__ import annotations
 
 class Pace:
     def __init__(self, rate: float) -> None:
-        self._tokens = 0.0
         self.rate = rate
         self._tokens = self._burst
         self._updated: float | None = None
@@ -18,17 +17,17 @@ class Pace:
 
     @rate.setter
     def rate(self, rate: float) -> None:
-        """A new rate holds from the next take (the registry's follows the renewals it has to make)."""
+        """A new rate holds from the next take, which keeps no more than its second's worth (the
+        registry's rate follows the renewals it has to make)."""
         if rate <= 0:
             raise ValueError("rate must be positive")
         self._rate = rate
         self._burst = max(rate, 1.0)
-        self._tokens = min(self._tokens, self._burst)
 
     def take(self, now: float) -> bool:
         """Whether one more start may be made at `now`; if so, it is counted."""
-        if self._updated is not None:
-            self._tokens = min(self._burst, self._tokens + max(now - self._updated, 0.0) * self._rate)
+        elapsed = 0.0 if self._updated is None else max(now - self._updated, 0.0)
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
         self._updated = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
