@@ -279,9 +279,9 @@ async def serve_metrics(app: web.Application, settings: settings_.Settings,
 
 async def serve_http(app: web.Application, settings: settings_.Settings,
                      certificate: serving.Certificate | None = None) -> tuple[web.AppRunner, int]:
-    # The pass-through's connections to an upstream host are fds too: each proxied websocket one more
-    # beside its worker's connection.
-    upstream_fds = settings.upstream_max_connections + settings.upstream_max_websockets
+    # The pass-through's connections to the upstream hosts are fds too: as many idle as in use at most,
+    # and each proxied websocket one more beside its worker's connection.
+    upstream_fds = 2 * settings.upstream_max_connections + settings.upstream_max_websockets
     metrics_fds = METRICS_CONNECTIONS if settings.metrics_port is not None else 0
     limit = serving.connection_limit(settings.http_max_connections,
                                      settings.http_reserved_fds + settings.temporal_max_clients + metrics_fds,

@@ -629,6 +629,68 @@ async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connec
         assert 'kind="busy"} 1' in text
 
 
+async def test_one_namespace_holds_at_most_its_share_all_upstream_hosts_together(upstream: TestServer):
+    # A share a (namespace, host) let one team naming a host per queue hold all the pool's
+    # connections (it is one for all hosts), and as many sockets as it named hosts.
+    async with TestServer(standin.make_app()) as other, serving(
+            upstream, idle=5, connections=4, per_namespace=2) as (store, client):
+        store.upsert_queue(queue("a2", queueId="q-a2", upstream={
+            "url": str(other.make_url("/")).rstrip("/"), "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        store.upsert_secret(("team-a", "a2-worker-token"), {"token": "tok-a2"})
+        hanging = [asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": f"Bearer {token}"}))
+                   for token in ("tok-a", "tok-a2")]
+        await asyncio.sleep(0.2)
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+        assert r.status == 503 and await r.json() == {
+            "detail": "Too many requests of this namespace are open to the upstream control plane (2), try again"}
+        await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-b"}))
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
+
+
+async def test_the_pool_keeps_at_most_its_idle_bound_all_hosts_together():
+    # aiohttp kept every released connection for its keep-alive, per host: a queue a host, and the
+    # idle sockets grew with the number of hosts called within 15 s.
+    opened: list[list[asyncio.BaseTransport]] = []
+
+    def host() -> web.Application:
+        seen: list[asyncio.BaseTransport] = []
+        opened.append(seen)
+
+        async def answer(request: web.Request) -> web.Response:
+            if request.transport is not None and request.transport not in seen:
+                seen.append(request.transport)
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/", answer)
+        return app
+
+    def open_at(server: int) -> int:
+        return sum(1 for transport in opened[server] if not transport.is_closing())
+
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(TestServer(host())) for _ in range(5)]
+        pool = passthrough.Pool(limit=10, idle=2)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=pool))
+        for server in servers:
+            async with session.get(server.make_url("/")) as r:
+                assert await r.text() == "ok"
+        await asyncio.sleep(0.2)  # the servers see the closed ones end
+        assert [open_at(i) for i in range(5)] == [0, 0, 0, 1, 1]
+        async with session.get(servers[4].make_url("/")) as r:  # an idle one kept is used again
+            assert await r.text() == "ok"
+        assert len(opened[4]) == 1
+        # Several in use at once to one host: released, all but the bound's worth close.
+        answers = await asyncio.gather(*(session.get(servers[0].make_url("/")) for _ in range(4)))
+        for r in answers:
+            await r.read()
+            r.release()
+        await asyncio.sleep(0.2)
+        assert sum(open_at(i) for i in range(5)) == 2
+
+
 async def test_the_wait_for_a_share_and_for_a_pooled_connection_are_one_connect_timeout(upstream: TestServer):
     # Waiting its turn in its namespace, then for the pool as long again, a request took twice the
     # connect timeout (1 s) to get its 504.

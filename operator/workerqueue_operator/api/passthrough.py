@@ -17,11 +17,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -29,7 +31,7 @@ from workerqueue_operator.api import errors, metrics
 from workerqueue_operator.core import queues
 from workerqueue_operator.core.shares import Shares
 from workerqueue_operator.core.store import Store
-from workerqueue_operator.k8s.client import tcp_connector
+from workerqueue_operator.k8s.client import ABORT_CLOSED_TLS
 from workerqueue_operator.models import settings as settings_
 
 logger = logging.getLogger(__name__)
@@ -244,6 +246,35 @@ def _describe(cause: BaseException) -> str:
     return name
 
 
+class Pool(aiohttp.TCPConnector):
+    """aiohttp's connection pool, its idle connections bounded too, all hosts together.
+
+    aiohttp bounds the connections in use (`limit`) but keeps each one released for its keep-alive
+    (15 s) whatever their number: queues naming many upstream hosts (a team's own servers, one a
+    queue) could leave thousands idle, each a socket and, over TLS, some 50 KiB. Beyond `idle`, the
+    one idle longest is closed. aiohttp has no public hook for this: `_release` and `_conns` are its
+    own, and tests/unit/test_passthrough.py fails if they stop behaving so."""
+
+    def __init__(self, *, limit: int, idle: int) -> None:
+        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=ABORT_CLOSED_TLS)
+        self.idle_limit = idle
+
+    def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        pooled: Any = self._conns  # host -> [(protocol, released at)], oldest first
+        over = sum(len(entries) for entries in pooled.values()) - self.idle_limit
+        while over > 0:
+            host = min(pooled, key=lambda h: pooled[h][0][1])
+            oldest, _ = pooled[host][0]
+            del pooled[host][0]
+            if not pooled[host]:
+                del pooled[host]
+            if oldest.transport is not None:
+                oldest.transport.abort()  # idle: nothing to flush, and a TLS close would wait for its peer
+            oldest.close()
+            over -= 1
+
+
 class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
@@ -303,9 +334,9 @@ class Passthrough:
         return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
                                      sock_read=s.upstream_idle_timeout_seconds)
 
-    def _new_session(self, per_host: int) -> aiohttp.ClientSession:
+    def _new_session(self, limit: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=tcp_connector(limit=0, limit_per_host=per_host),
+            connector=Pool(limit=limit, idle=limit),
             timeout=self._timeout_after(0.0),
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
@@ -342,7 +373,9 @@ class Passthrough:
         shares = self._websocket_shares if websocket else self._shares
         # A websocket's share is held for its worker's life: none is waited for.
         wait = 0.0 if websocket else self._settings.upstream_connect_timeout_seconds
-        share_key = (route.key[0], route.upstream.origin)
+        # One share a namespace, all its queues' upstream hosts together: the pool is one for all
+        # hosts, and a share a host let a namespace naming several of them take all of it.
+        share_key = route.key[0]
         asked = time.monotonic()
         if not await shares.take(share_key, wait):
             stats = self._metrics.upstream(route.upstream.origin)

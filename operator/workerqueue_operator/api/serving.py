@@ -68,7 +68,7 @@ class Drain:
 
 def connection_limit(wanted: int, reserved_fds: int, upstream_fds: int = 0) -> int:
     """`wanted`, or fewer when the fd limit leaves less after `reserved_fds` and `upstream_fds` (the
-    pass-through's connections to an upstream host); raises the soft fd limit towards the hard one
+    pass-through's connections to the upstream hosts); raises the soft fd limit towards the hard one
     first if that makes room (as Go's runtime and nginx do). Under a low hard limit the upstream gets
     at most half of what `reserved_fds` leaves, not all of it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

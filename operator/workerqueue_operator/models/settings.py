@@ -104,10 +104,11 @@ class Settings(BaseModel):
     the answer has begun, the stream is cut). Server-sent events with keep-alives stay open. Each side
     of a proxied websocket is pinged after this much silence, and given up when it misses the pong."""
     upstream_max_connections: int = Field(default=100, ge=1, le=_MANY)
-    """Pooled connections per upstream host; requests beyond wait for a free one."""
+    """Connections to the upstream hosts in use at once, all hosts together; requests beyond wait for
+    a free one. As many more may be kept idle for reuse (the longest idle closed beyond)."""
     upstream_max_websockets: int = Field(default=1000, ge=1, le=_MANY)
-    """Proxied websockets open at once per upstream host, on connections of their own: each holds its
-    connection for the worker's life, and in the request pool they would leave requests none."""
+    """Proxied websockets open at once, all upstream hosts together, on connections of their own: each
+    holds its connection for the worker's life, and in the request pool they would leave requests none."""
     upstream_max_connections_per_namespace: int = Field(default=75, ge=1, le=_MANY)
     """Of those, the most one namespace's requests may hold at once (waiting for an answer, sending a
     body, reading one): a team trickling bodies on every pooled connection left every other queue's
@@ -177,9 +178,9 @@ class Settings(BaseModel):
     call at most every few seconds, so keeping idle connections longer saves them little."""
     http_max_connections: int = Field(default=4096, ge=1, le=_MANY)
     """The most client connections open at once; at the limit a new one closes the longest-idle one.
-    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds, temporal_max_clients and one
-    upstream host's connections (upstream_max_connections + upstream_max_websockets; at most half of
-    what is left) (the soft limit is raised first, up to the hard one). Each idle connection costs
+    Lowered automatically to RLIMIT_NOFILE less http_reserved_fds, temporal_max_clients and the
+    upstream connections (2 x upstream_max_connections, in use and idle, + upstream_max_websockets; at
+    most half of what is left) (the soft limit is raised first, up to the hard one). Each idle connection costs
     some 5 KiB of memory (4.4 KiB measured)."""
     http_reserved_fds: int = Field(default=256, ge=16, le=_MANY)
     """File descriptors kept out of the HTTP connection limit: the API-server clients (watches,
