@@ -335,11 +335,11 @@ class Kube:
         wait_for(refused, what="the quota to be enforced")
 
     @contextlib.contextmanager
-    def unreachable_pod_webhook(self, namespace: str) -> Iterator[None]:
-        """An admission webhook on the namespace's pod creates that the API server cannot reach
-        (failurePolicy Fail: cert-manager's or a policy engine's, while it is down): every pod
-        create fails with a 500 until the block ends."""
-        name = f"unreachable-{namespace}"
+    def unreachable_pod_webhook(self, namespace: str, operation: str = "CREATE") -> Iterator[None]:
+        """An admission webhook on the namespace's pod creates (or deletes) that the API server cannot
+        reach (failurePolicy Fail: cert-manager's or a policy engine's, while it is down): every pod
+        create (delete) fails with a 500 until the block ends."""
+        name = f"unreachable-{namespace}-{operation.lower()}"
         with socket.socket() as closed:  # bound, never listening: connections are refused
             closed.bind(("127.0.0.1", 0))
             self.admission.create_validating_webhook_configuration(k8s.V1ValidatingWebhookConfiguration(
@@ -350,22 +350,34 @@ class Kube:
                     client_config=k8s.AdmissionregistrationV1WebhookClientConfig(
                         url=f"https://127.0.0.1:{closed.getsockname()[1]}/validate"),
                     namespace_selector=k8s.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}),
-                    rules=[k8s.V1RuleWithOperations(api_groups=[""], api_versions=["v1"], operations=["CREATE"],
+                    rules=[k8s.V1RuleWithOperations(api_groups=[""], api_versions=["v1"], operations=[operation],
                                                     resources=["pods"])])]))
+            probe = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="webhook-probe"),
+                              spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="i")]))
             try:
                 def failing() -> bool:
                     try:
-                        self.core.create_namespaced_pod(namespace, k8s.V1Pod(
-                            metadata=k8s.V1ObjectMeta(name="webhook-probe"),
-                            spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="i")])))
+                        self.core.create_namespaced_pod(namespace, probe)
                     except k8s.ApiException as exc:
-                        return exc.status == 500
-                    self.core.delete_namespaced_pod("webhook-probe", namespace, grace_period_seconds=0)
+                        return exc.status == 500 and operation == "CREATE"
+                    try:
+                        self.core.delete_namespaced_pod("webhook-probe", namespace, grace_period_seconds=0)
+                    except k8s.ApiException as exc:
+                        return exc.status == 500 and operation == "DELETE"
                     return False
                 wait_for(failing, what="the webhook to be called")
                 yield
             finally:
                 self.admission.delete_validating_webhook_configuration(name)
+                if operation == "DELETE":
+                    wait_for(lambda: self._deleted("webhook-probe", namespace), what="the probe pod deleted")
+
+    def _deleted(self, pod: str, namespace: str) -> bool:
+        try:
+            self.core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+        except k8s.ApiException as exc:
+            return exc.status == 404
+        return True
 
     def allow_new_secrets(self, namespace: str) -> None:
         self.core.delete_namespaced_resource_quota("no-secrets", namespace)

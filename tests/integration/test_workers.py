@@ -465,6 +465,27 @@ def test_pods_the_api_server_fails_to_create_are_tried_again_after_a_back_off(ku
     wait_for(lambda: len(kube.pod_names(namespace, "wh")) == 1, timeout=30, what="the pod, after its back-off")
     kube.wait_condition(namespace, "wh", "True")
 
+def test_a_pod_the_api_server_fails_to_delete_keeps_no_new_worker_from_starting(kube: Kube, namespace: str):
+    # A finished pod whose DELETE fails (a webhook on deletes that is down): the pass stopped there,
+    # before the new worker's create, and its own status write started the next pass at once: a
+    # single-execution pool drained for as long as the webhook was down, and a new pod name a pass.
+    kube.create_queue(namespace, "dw", queueId=f"dw-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "dw", ["dw-w0"])
+    with kube.unreachable_pod_webhook(namespace, "DELETE"):
+        kube.set_phase(namespace, "dw-w0", "Succeeded", exit_code=0, reason="Completed")
+        wait_pods(kube, namespace, "dw", ["dw-w1"])
+        wait_for(lambda: "PodDeletionFailed" in reasons(kube, namespace, "dw"), what="Event PodDeletionFailed")
+        for event in [e for e in kube.events(namespace, "dw") if e.reason == "PodDeletionFailed"]:
+            assert event.type == "Warning" and re.match(
+                r"deleting worker pod dw-w0 failed: 500 InternalError: .*failed calling webhook", event.message), event
+        time.sleep(3)
+        assert kube.workers(namespace, "dw")["nextIndex"] == 2  # no pod name burnt a pass
+        assert "dw-w0" in kube.pod_names(namespace, "dw", alive=False)
+    wait_for(lambda: "dw-w0" not in kube.pod_names(namespace, "dw", alive=False), timeout=90,
+             what="the finished pod deleted, after its back-off")
+    assert kube.pod_names(namespace, "dw") == ["dw-w1"]
+
+
 def documented_restricted_template() -> dict[str, Any]:
     """The `worker.podTemplate` of docs/helm.md's restricted Pod Security example, as written there."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "helm.md").read_text()

@@ -619,6 +619,19 @@ def test_the_operator_wide_template_adds_the_worker_to_sidecars_and_keeps_an_ima
     assert container["command"] == list(Settings().worker_command)
 
 
+def test_only_the_workers_container_gets_its_token():
+    # Every container got KUBIYA_API_KEY: a log shipper or mesh sidecar held a token that passes
+    # through to the upstream with the organization's key.
+    sidecar = {"name": "shipper", "image": "shipper:1", "env": [{"name": "KUBIYA_API_KEY", "value": "its-own"}]}
+    template = {"metadata": {"annotations": {"kubectl.kubernetes.io/default-container": "agent"}},
+                "spec": {"containers": [sidecar, {"name": "agent", "image": "w:1"}]}}
+    body = build_default(Settings(), worker={"template": template})
+    env = {c["name"]: {e["name"]: e for e in c["env"]} for c in body["spec"]["containers"]}
+    assert env["agent"]["KUBIYA_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "q1-w0-token", "key": "token"}}
+    assert env["shipper"]["KUBIYA_API_KEY"] == {"name": "KUBIYA_API_KEY", "value": "its-own"}
+    assert {"QUEUE_ID", "CONTROL_PLANE_URL", "HEARTBEAT_INTERVAL", "TEMPORAL_HOST"} <= set(env["shipper"])
+
+
 def test_a_queue_template_replaces_the_operator_wide_one():
     template = {"spec": {"containers": [{"name": "w", "image": "img:1"}], "hostNetwork": False}}
     body = build_default(Settings(worker_pod_template=RESTRICTED), worker={"template": template})

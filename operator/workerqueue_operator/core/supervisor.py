@@ -24,7 +24,7 @@ import dataclasses
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,6 +165,15 @@ def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:
         if ref.get("controller") and ref.get("kind") == spec_.KIND and ref.get("apiVersion") == resources.API_VERSION:
             return (meta.get("namespace", ""), ref["name"])
     return None
+
+
+async def _each(*calls: Awaitable[None]) -> list[Exception | None]:
+    """Runs the calls together, none stopped by another's failure: what each raised, or None."""
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # a cancellation is no failure to report
+    return [outcome if isinstance(outcome, Exception) else None for outcome in done]
 
 
 class Supervisor:
@@ -359,7 +368,9 @@ class Supervisor:
         listing = PodListing(queue.uid, listed_at, frozenset(p["metadata"]["name"] for p in pods))
         if not self._activity.is_active():
             return  # stood down meanwhile: the next active replica plans from what it lists itself
-        await self._delete_orphan_credentials(key, listing, previous.next_index)
+        # What fails to be cleaned up (a webhook on deletes that is down, say) is tried again after a
+        # back-off, at the pass's end: it must not keep the queue's new workers from being made.
+        failures = await _each(self._delete_orphan_credentials(key, listing, previous.next_index))
         previous, version = self._base(queue)
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
@@ -405,9 +416,14 @@ class Supervisor:
         for event in plan.events:
             self._events.post(involved=involved, reason=event.reason,
                               message=event.message, warning=event.warning)
-        await asyncio.gather(*(self._delete_pod(queue, name) for name in plan.delete))
+        deleting = await _each(*(self._delete_pod(queue, name) for name in plan.delete))
+        for name, exc in zip(plan.delete, deleting, strict=True):
+            if exc is not None:
+                self._events.post(involved=involved, reason="PodDeletionFailed", warning=True,
+                                  message=f"deleting worker pod {name} failed: {_failure(exc)}; tried again")
+        failures += deleting
         if plan.kept is not None and plan.kept in self._store.worker_credential_secrets(key):
-            await self._revoke(queue, plan.kept)  # kept for its logs, not for its token
+            failures += await _each(self._revoke(queue, plan.kept))  # kept for its logs, not for its token
         if not self._activity.is_active():
             return
         if create:
@@ -426,6 +442,9 @@ class Supervisor:
             await self._delete_queue(queue)
         elif plan.requeue_after is not None:
             self._queue.add_after(key, plan.requeue_after)
+        failed = [exc for exc in failures if exc is not None]
+        if failed:
+            raise failed[0]  # the work queue tries the pass again after its back-off
 
     def _deleted_outside(self, key: QueueKey, pods: list[workers.Pod]) -> frozenset[str]:
         """The pods someone else deleted: alive at the last pass (or made since), and being deleted or

@@ -863,16 +863,20 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
     env: list[dict[str, Any]] = [
         {"name": "QUEUE_ID", "value": queue.queue_id},
         {"name": "CONTROL_PLANE_URL", "value": inputs.control_plane_url},
-        {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": credential}},
         {"name": "HEARTBEAT_INTERVAL", "value": str(s.heartbeat_interval_seconds)},
         {"name": "TEMPORAL_HOST", "value": worker_temporal_host(queue, settings)},
     ]
     if s.single_execution:
         env.append({"name": "SINGLE_EXECUTION", "value": "true"})
-    ours = {e["name"] for e in env}
+    token = {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": credential}}
+    runs_worker = worker_container({"metadata": meta, "spec": pod_spec})
     for container in containers:
-        # The operator's values win over same-named ones of the template: they are the contract.
-        container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + env
+        # The operator's values win over same-named ones of the template: they are the contract. The
+        # token is the worker's alone: a sidecar (a log shipper, a mesh proxy) has no call to make
+        # with it, and with it could do whatever the worker may.
+        given = [*env, token] if container.get("name") == runs_worker else env
+        ours = {e["name"] for e in given}
+        container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + given
     pod_spec["restartPolicy"] = "Never"
     if not pod_spec.get("serviceAccountName") and not pod_spec.get("serviceAccount"):
         # The worker signs in with KUBIYA_API_KEY; the namespace's default ServiceAccount token would
