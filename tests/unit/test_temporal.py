@@ -13,6 +13,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as S
 
+from workerqueue_operator.core import executions
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.temporal import (
     _HISTORY_READS,
@@ -409,3 +410,36 @@ async def test_a_client_let_go_is_closed_at_once_or_when_the_reads_using_it_end(
     finally:
         await access.close()
     assert not made["c"].open
+
+
+async def test_a_workers_first_execution_stays_in_its_view_once_its_later_one_closes(monkeypatch: pytest.MonkeyPatch):
+    # It took `first` and `later` together, latched onto `first` while `later` ran, and more than
+    # `limit` others closed since `first` did, long ago. Kept while `later` ran, `first` left the
+    # view as `later` closed: the worker saw `later` instead, never its own closed, and never exited.
+    now = datetime.datetime.now(datetime.UTC)
+    ago = datetime.timedelta
+    runs = [_Run("first", "r0", S.COMPLETED, "W", now - ago(hours=2), now - ago(hours=2)),
+            _Run("later", "r1", S.COMPLETED, "W", now - ago(hours=2), now - ago(seconds=5)),
+            *(_Run(f"other-{i}", f"x{i}", S.COMPLETED, "W", now - ago(hours=1), now - ago(minutes=30 - i))
+              for i in range(3))]
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("every holder is known")
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    for run in runs:
+        host = "pod-b" if run.id in ("first", "later") else f"pod-{run.id}"
+        access._holders[(endpoint.host, endpoint.namespace, run.id, run.run_id)] = temporal_._Holder(
+            f"1@{host}", temporal_.rfc3339(run.start_time))
+    try:
+        found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+        (entry,) = executions.worker_view(found, hostname="pod-b")
+        assert (entry["id"], entry["status"]) == ("first", "completed")
+        # Only while its worker closed one lately: else each listing kept every run it had read.
+        monkeypatch.setattr(temporal_, "CLOSED_SHOWN_SECONDS", 1.0)
+        found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+        assert "first" not in {e.id for e in found}
+    finally:
+        await access.close()

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import itertools
 import logging
 import time
 import weakref
@@ -548,19 +549,21 @@ class Temporal:
             # Past the `limit` closed last, those closed lately whose holder is known already (no read
             # to make): a worker waits for its own to read closed on two polls in a row, and more than
             # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
-            # And, however long ago, those of a worker that runs another one still: its first execution
-            # is what it waits for, and its later ones must not take that one's place in its view.
+            # And, however long ago, those of a worker that runs another one still, or closed one
+            # lately: its first execution is what it waits for, and its later ones must not take that
+            # one's place in its view (nor, once the last closes, leave it none to see closed).
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
-            running_hosts = {held.identity.rpartition("@")[2] for wf in going
-                             if (held := self._cached_holder(endpoint, wf)) is not None and held.identity}
+            lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
+            busy_hosts = {held.identity.rpartition("@")[2] for wf in itertools.chain(going, lately)
+                          if (held := self._cached_holder(endpoint, wf)) is not None and held.identity}
             older: list[_Run] = []
             untouched = set()
             for wf in closed[max(limit, 0):]:
                 held = self._cached_holder(endpoint, wf)
                 if held is None or held.identity is None:
                     continue
-                if held.identity.rpartition("@")[2] in running_hosts:
-                    older.append(wf)  # kept cached while its worker runs: few, needed until it exits
+                if held.identity.rpartition("@")[2] in busy_hosts:
+                    older.append(wf)  # kept cached while its worker works: few, needed until it exits
                 elif _close_key(wf)[0] >= recent:
                     older.append(wf)
                     # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
