@@ -218,6 +218,11 @@ class Watches:
         """Whether every Secret made until a moment ago is known: listed, and watched since."""
         return all(i.synced.is_set() and i.down_since is None and not i.listing for i in self.secrets)
 
+    def leases_watched(self) -> bool:
+        """Whether the Lease watches work (not failing since they last did; before the first list,
+        there is no renewal anyone could have missed)."""
+        return all(i.down_since is None for i in self.leases)
+
     def down_for(self) -> float:
         """Seconds the longest-failing watch has been failing; 0 when all are well."""
         return max((i.down_for() for i in self.all), default=0.0)
@@ -351,6 +356,7 @@ async def run(
     # Routine Events (a token Secret created, ...) wait while queues wait for their status.
     events.defer_routine(reconciler.behind)
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active,
+                        watching=lambda: watches.leases_watched(),
                         bounds=registry_.Bounds.of(settings), pod_interval=store.pod_interval)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds, max_clients=settings.temporal_max_clients)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,

@@ -352,16 +352,19 @@ def test_delete_a_queue_through_the_api(operator: OperatorProcess, kube: Kube, n
 
 @contextlib.asynccontextmanager
 async def in_process(kube: Kube, namespace: str, kubeconfig: Path, name: str, now: list[float] | None = None,
+                     watching: list[bool] | None = None,
                      **spec: Any) -> AsyncIterator[tuple[queues.QueueObject, client_.KubeClient, Registry]]:
     """A queue, and a registry running in-process on the real API server (its clock `now[0]` when
-    given, its watch and its writer driven by the test): the other replica is the test's own writes."""
+    given, its watch and its writer driven by the test, its Lease watch working while `watching[0]`):
+    the other replica is the test's own writes."""
     queue = queues.QueueObject.from_body(
         kube.create_queue(namespace, name, queueId=f"{name}-{namespace}", temporal=TEMPORAL, **spec))
     client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
     clock = (lambda: now[0]) if now is not None else time.time
     try:
         yield queue, client, Registry(client=client, events=EventPoster(client), clock=clock,
-                                      queue_of=lambda key: queue if key == queue.key else None)
+                                      queue_of=lambda key: queue if key == queue.key else None,
+                                      watching=(lambda: watching[0]) if watching is not None else lambda: True)
     finally:
         await client.close()
 
@@ -559,6 +562,62 @@ async def test_an_expired_registration_renewed_elsewhere_meanwhile_keeps_its_lea
         assert lease["spec"]["renewTime"] == renewed
         reg.lease_upserted(lease)  # the watch brings it
         assert reg.get("w-kept") is not None
+
+
+async def test_workers_renewed_elsewhere_while_this_replica_could_not_see_it_are_not_expired(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Two replicas, the API server out of reach for longer than a lease: the other replica heard
+    the worker's heartbeats but could write none, and this one (the active) ended the worker from
+    memory alone. Once the API server was back, its deletion raced the other's renewal: a live
+    worker's Lease deleted, its slot free for another. The time it was blind does not count."""
+    now, watching = [time.time()], [True]
+    async with in_process(kube, namespace, kubeconfig, "blind", now, watching) as (queue, client, reg):
+        worker = await written_worker(reg, queue, "w-blind")
+        watching[0] = False  # the API server out of reach: the Lease watch fails
+        now[0] += worker.duration + 1
+        reg._sweep(ending=True)
+        watching[0] = True  # back; the other replica's renewal is not written yet
+        now[0] += worker.duration - 2
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes, *reg._deletions)
+        assert reg.get("w-blind") is worker
+        lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
+        renewed = times.micro_rfc3339(now[0])  # the other replica's write of the heartbeat it heard
+        kube.coordination.patch_namespaced_lease(worker.lease, namespace, {"spec": {"renewTime": renewed}})
+        reg.lease_upserted(await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}"))
+        now[0] += worker.duration + 1  # and then no heartbeat anywhere: it expires as ever
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes, *reg._deletions)
+        assert reg.get("w-blind") is None and lease["metadata"]["name"] == worker.lease
+        assert worker.lease not in {item.metadata.name for item in
+                                    kube.coordination.list_namespaced_lease(namespace).items}
+
+
+async def test_a_replica_whose_lease_writes_fail_ends_no_worker_the_other_may_have_renewed(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """A frozen API server fails a watch only after its idle timeout; this replica's own writes fail
+    at once, and so may the other's: its renewals unseen, the workers it kept alive were ended here."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "unwritten", now) as (queue, client, reg):
+        here = await written_worker(reg, queue, "w-here")
+        there = await written_worker(reg, queue, "w-there")  # its heartbeats reach the other replica since
+        original = client.request
+
+        async def refused(method: str, path: str, **kwargs: Any) -> Any:
+            if method != "GET":
+                raise ConnectionRefusedError("the API server is out of reach")
+            return await original(method, path, **kwargs)
+
+        now[0] += there.duration - 5
+        monkeypatch.setattr(client, "request", refused)
+        await reg._write(here)  # a renewal of a heartbeat heard here fails
+        monkeypatch.setattr(client, "request", original)
+        now[0] += 6  # past its last renewal known here by a lease, not past the failure
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes, *reg._deletions)
+        assert reg.get("w-there") is there
 
 
 async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_the_other_replica(

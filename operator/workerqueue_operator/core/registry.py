@@ -206,6 +206,7 @@ class Registry:
         events: EventPoster,
         queue_of: Callable[[QueueKey], QueueObject | None],
         active: Callable[[], bool] = lambda: True,
+        watching: Callable[[], bool] = lambda: True,
         pod_interval: Callable[[QueueKey, str], float | None] = lambda queue, pod: None,
         base_write_rate: float = 20.0,
         clock: Callable[[], float] = time.time,
@@ -218,6 +219,15 @@ class Registry:
         self._queue_of = queue_of
         self._pod_interval = pod_interval
         self._active = active
+        self._watching = watching
+        """Whether the Lease watch works: it brings the renewals the other replicas write."""
+        self._blind_at = 0.0
+        """The last moment (clock) this replica could not tell a worker's renewals written elsewhere:
+        its Lease watch down, or its own Lease writes failing (the API server out of reach). No Lease
+        counts as lapsed before a whole lease duration from then: the other replica's renewals could
+        not be written, or not be seen here, meanwhile."""
+        self._forgiven_at = 0.0
+        """The _blind_at the registrations' `seen_at` were last moved to (see _sweep)."""
         self._base_rate = base_write_rate
         self._clock = clock
         self._monotonic = monotonic
@@ -1050,6 +1060,15 @@ class Registry:
         never heartbeat); a written one's Lease is deleted by the active replica. Only the workers
         due by the time they were filed under are looked at; one renewed since is filed again."""
         now = self._clock()
+        if not self._watching():
+            self._blind_at = now
+        if self._blind_at > self._forgiven_at:
+            # A registration with a Lease may have been renewed by another replica unseen: as the time
+            # a restart took, the time this replica was blind to that does not count.
+            for worker in self._workers.values():
+                if worker.stored:
+                    worker.seen_at = max(worker.seen_at, self._blind_at)
+            self._forgiven_at = self._blind_at
         seconds = self._expiry_seconds
         while seconds and seconds[0] <= now:
             second = heapq.heappop(seconds)
@@ -1162,6 +1181,8 @@ class Registry:
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
+            if not isinstance(exc, client_.ApiError) or exc.status >= 500 or exc.status == 429:
+                self._blind_at = self._clock()  # the other replicas' renewals may be failing too
             self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
                               worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.
@@ -1243,7 +1264,7 @@ class Registry:
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
             return await self._overwrite(body, current)
-        found = worker_from_lease(current, seen_at=0.0)
+        found = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
         if found is None:
             return None  # not a registration: not ours to take
         return await self._replace(body, found, expired_only=True, current=current)
@@ -1283,7 +1304,7 @@ class Registry:
                 # Deleted by the other replica (its holder expired there, or left), and this replica's
                 # watch has not told yet: the slot is free.
                 return await self._create(body)
-        stored = worker_from_lease(current, seen_at=0.0)
+        stored = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
         if stored is None or stored.worker_id != holder.worker_id:
             return None
         if expired_only and not stored.expired(self._clock()):
