@@ -921,6 +921,18 @@ def test_lowered_replicas_remove_workers_not_started_yet_and_let_running_ones_fi
     assert p.delete == () and p.create == ()  # none replaced until fewer than 2 are left
 
 
+def test_lowered_replicas_of_workers_that_never_exit_by_themselves_delete_the_newest():
+    # Not single-execution, a worker never exits by itself: "running ones finish" left an ephemeral
+    # queue's surplus running for good, and its status saying they would go.
+    pods = [pod(0), pod(1), pod(2, "Pending"), pod(3)]
+    p = plan(pods, WorkersStatus(next_index=4), ephemeral=True, replicas=1)
+    assert p.delete == ("q1-w2", "q1-w3", "q1-w1") and p.create == ()
+    assert [e.reason for e in p.events] == ["ScalingDown"]
+    assert plan([pod(0)], WorkersStatus(next_index=4), ephemeral=True, replicas=1).delete == ()
+    # Suspended, they are let be, as a suspended queue's running workers are.
+    assert plan(pods, WorkersStatus(next_index=4), ephemeral=True, replicas=1, suspend=True).delete == ("q1-w2",)
+
+
 def test_a_refused_pod_is_tried_again_after_the_workers_back_off_and_at_once_after_a_spec_change():
     first = Refusal.after(None, generation=1, now=T0, settings=SETTINGS)
     assert (first.count, first.retry_at) == (1, T0 + 10)

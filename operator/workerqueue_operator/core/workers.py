@@ -683,6 +683,15 @@ def plan(
 
     if s.scaling is None and manages_pods(s):
         scale_down = _surplus_not_started(alive, w.desired)
+        if not s.single_execution and not s.suspend:
+            # A worker that is not single-execution never exits by itself: "once its work is done"
+            # never comes. Deleted, newest first, as a Deployment's are; Temporal hands what one ran
+            # on to another worker.
+            going = _surplus_running(alive, w.desired, leaving=scale_down)
+            if going:
+                events.append(Event("ScalingDown", f"{len(alive)} workers alive, {w.desired} wanted: deleting "
+                                    f"{', '.join(going)}"))
+            scale_down += going
     if s.suspend and manages_pods(s):
         # A worker starting now would be turned away by /start (the queue is suspended): a pod not
         # started yet goes, as a suspended Job's; a running one finishes its work.
@@ -773,6 +782,12 @@ def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
         return []
     waiting = sorted((p for p in alive if p.phase not in MAY_RUN), key=lambda p: p.index or 0, reverse=True)
     return [p.name for p in waiting[:surplus]]
+
+
+def _surplus_running(alive: Sequence[Pod], desired: int, *, leaving: Collection[str]) -> list[str]:
+    """Pods over `desired` besides those `leaving` already, newest first."""
+    staying = sorted((p for p in alive if p.name not in leaving), key=lambda p: p.index or 0, reverse=True)
+    return [p.name for p in staying[:max(len(staying) - desired, 0)]]
 
 
 def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.WorkersStatus, w: spec_.WorkersStatus,
