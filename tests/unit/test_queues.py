@@ -92,6 +92,21 @@ def test_a_queues_own_temporal_host_or_litellm_url_never_gets_the_operators_key(
     assert not queues.default_temporal_key_withheld(q.spec, Settings())
 
 
+def test_a_queue_that_turns_tls_off_never_gets_the_operators_temporal_key():
+    # The operator's reachability check sent it within seconds, in clear: the request's headers go
+    # before the server can refuse plaintext.
+    settings = Settings(temporal_host="temporal.example:7233",
+                        temporal_api_key_secret=NamespacedSecretKeyRef.parse("ops/temporal:key"))
+    plain = queue(temporal={"namespace": "agents", "tls": False})
+    assert ("ops", "temporal") not in plain.secret_names(settings)
+    r = resolve(plain, {("ops", "temporal"): {"key": "tk"}}, settings=settings)
+    assert r.ready and r.config.fields["temporal_api_key"] == "" and not r.config.temporal_tls
+    assert queues.default_temporal_key_withheld(plain.spec, settings)
+    with_tls = queue(temporal={"namespace": "agents", "tls": True})
+    assert resolve(with_tls, {("ops", "temporal"): {"key": "tk"}}, settings=settings).config.fields[
+        "temporal_api_key"] == "tk"
+
+
 @pytest.mark.parametrize(("secrets", "reason", "message"), [
     ({}, "SecretPending", "secret creds has not been read yet"),
     ({("team-a", "creds"): None}, "SecretNotFound", "secret creds not found in namespace team-a"),

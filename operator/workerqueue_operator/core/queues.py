@@ -262,15 +262,18 @@ def default_temporal_key(spec: spec_.WorkerQueueSpec,
                          settings: settings_.Settings) -> settings_.NamespacedSecretKeyRef | None:
     """The operator-wide Temporal API key, for a queue that names none of its own and uses the
     operator's Temporal host. A queue's own host never gets it: whoever may write a WorkerQueue could
-    otherwise send that key anywhere (the operator's reachability check would, within seconds)."""
+    otherwise send that key anywhere (the operator's reachability check would, within seconds). Nor
+    does a queue that turns TLS off: the key would cross the network in clear, sent before the server
+    could refuse plaintext."""
     own = spec.temporal
-    if own.api_key_secret_ref is not None or (own.host and own.host != settings.temporal_host):
+    if own.api_key_secret_ref is not None or (own.host and own.host != settings.temporal_host) or own.tls is False:
         return None
     return settings.temporal_api_key_secret
 
 
 def default_temporal_key_withheld(spec: spec_.WorkerQueueSpec, settings: settings_.Settings) -> bool:
-    """Whether the operator has a default Temporal key that this queue does not get (its own host)."""
+    """Whether the operator has a default Temporal key that this queue does not get (its own host,
+    or TLS off)."""
     return (settings.temporal_api_key_secret is not None and spec.temporal.api_key_secret_ref is None
             and default_temporal_key(spec, settings) is None)
 

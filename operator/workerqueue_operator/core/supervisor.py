@@ -871,8 +871,8 @@ class Supervisor:
             probe.read_generation = generation
             queue = self._store.queue(key)
             if queue is not None and queues.default_temporal_key_withheld(queue.spec, self._settings):
-                probe.message += ("; the operator's default Temporal API key is not sent to a queue's own host: "
-                                  "name one in spec.temporal.apiKeySecretRef")
+                probe.message += ("; the operator's default Temporal API key is not sent to a queue's own host, "
+                                  "nor without TLS: name one in spec.temporal.apiKeySecretRef")
         except Exception:
             logger.exception("probing the Temporal of %s/%s failed", *key)
             demand = workers.Demand(backlog=None)
