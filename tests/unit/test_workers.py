@@ -933,6 +933,14 @@ def test_lowered_replicas_of_workers_that_never_exit_by_themselves_delete_the_ne
     assert plan(pods, WorkersStatus(next_index=4), ephemeral=True, replicas=1, suspend=True).delete == ("q1-w2",)
 
 
+def test_a_queue_whose_workers_now_run_elsewhere_deletes_its_pods_not_started_and_lets_the_others_finish():
+    # singleExecution turned off: no pod wanted, but none deleted either; one stuck pulling its image
+    # stayed until the queue was deleted.
+    pods = [pod(0), pod(1, "Pending"), pod(2)]
+    p = plan(pods, WorkersStatus(next_index=3, desired=3))
+    assert p.delete == ("q1-w1",) and p.create == () and p.workers.desired == 0
+
+
 def test_a_refused_pod_is_tried_again_after_the_workers_back_off_and_at_once_after_a_spec_change():
     first = Refusal.after(None, generation=1, now=T0, settings=SETTINGS)
     assert (first.count, first.retry_at) == (1, T0 + 10)

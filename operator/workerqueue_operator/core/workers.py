@@ -692,6 +692,10 @@ def plan(
                 events.append(Event("ScalingDown", f"{len(alive)} workers alive, {w.desired} wanted: deleting "
                                     f"{', '.join(going)}"))
             scale_down += going
+    if not manages_pods(s):
+        # singleExecution turned off: its workers run elsewhere now. A pod not started yet goes (stuck
+        # pulling its image, it would wait for good); a running one finishes its task, and exits.
+        scale_down = _surplus_not_started(alive, 0)
     if s.suspend and manages_pods(s):
         # A worker starting now would be turned away by /start (the queue is suspended): a pod not
         # started yet goes, as a suspended Job's; a running one finishes its work.
