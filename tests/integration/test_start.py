@@ -631,6 +631,12 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"ephemeral": True, "scaling": {"minIdle": 1, "max": 2}}, "an ephemeral queue's scaling.minIdle must be 0"),
     ({"upstream": {"url": 'http://cp"example', "apiKeySecretRef": {"name": "org", "key": "k"}}}, "spec.upstream.url"),
     ({"litellm": {"url": "not a url"}}, "spec.litellm.url"),
+    # The SDK dials host:port only: these ran pods that crash-looped under Ready=True.
+    ({"temporal": {"host": "temporal.internal"}}, "spec.temporal.host"),
+    ({"temporal": {"host": "http://temporal.internal:7233"}}, "spec.temporal.host"),
+    ({"temporal": {"host": "temporal.internal:99999"}}, "spec.temporal.host"),
+    ({"temporal": {"host": "a\nb:7233"}}, "spec.temporal.host"),
+    ({"websocket": {"url": "wss://host with spaces/x"}}, "spec.websocket.url"),
     ({"litellm": {"url": "litellm.internal:4000"}}, "spec.litellm.url"),
     ({"worker": {"template": {"spec": {"containers": [{"name": "worker", "env": {"A": "1"}}]}}}},
      "spec.worker.template.spec.containers[0].env"),

@@ -19,6 +19,12 @@ Python's any Unicode space; a URL the CRD let in was then refused as stored befo
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
 fragment (the host is what metrics are labelled with)."""
+TEMPORAL_HOST_PATTERN = (r"^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):"
+                         r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})$")
+"""A Temporal frontend address: a host name or [IPv6], and a port from 1 to 65535 (the SDK dials
+nothing else; a queue naming anything else ran pods that crash-looped, Ready all the while)."""
+WEBSOCKET_URL_PATTERN = r"^wss?://[^\t\n\f\r /?#]+[^\t\n\f\r ]*$"
+"""A ws(s) URL with a host and no whitespace (Go's \\s spelt out, as LITELLM_URL_PATTERN's)."""
 URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\[[^\]/?#]*\]):"
                          r"(0*([1-9][0-9]{5,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9]{2}|6[6-9][0-9]{3}|[7-9][0-9]{4})"
                          r"|[0-9]*[^0-9/?#@][^/?#@]*)([/?#]|$)")
@@ -114,7 +120,9 @@ class TemporalSpec(_Model):
         }
     )
 
-    host: str | None = Field(default=None, max_length=1024, json_schema_extra=immutable(TASK_QUEUE_IMMUTABLE))
+    # The pattern in the CRD only: a queue stored before it is still served, as LiteLLMSpec.url's.
+    host: str | None = Field(default=None, max_length=1024, json_schema_extra={
+        **immutable(TASK_QUEUE_IMMUTABLE), "pattern": TEMPORAL_HOST_PATTERN})
     """Temporal frontend address, host:port (e.g. `my-ns.tmprl.cloud:7233`)."""
     namespace: str | None = Field(default=None, max_length=256, json_schema_extra=immutable(TASK_QUEUE_IMMUTABLE))
     """Temporal namespace the workers poll."""
@@ -175,7 +183,7 @@ class WebsocketSpec(_Model):
     """Whether workers connect to a websocket. Default: enabled exactly when a url is given.
     Enabled without a url, workers are sent the operator's /api/v1/ws/workers/<worker_id>, passed
     through to the queue's upstream; a queue with no upstream gets no websocket."""
-    url: str | None = Field(default=None, max_length=2048)
+    url: str | None = Field(default=None, max_length=2048, json_schema_extra={"pattern": WEBSOCKET_URL_PATTERN})
     """Websocket URL handed to the workers."""
     features: list[str] = Field(default=list(DEFAULT_WEBSOCKET_FEATURES), max_length=32)
     """Websocket features the workers may use."""
