@@ -624,6 +624,7 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"heartbeatIntervalSeconds": 5}, "should be greater than or equal to 10"),
     ({"redis": {"url": "redis://r:6379", "urlSecretRef": {"name": "s", "key": "k"}}},
      "set either redis.url or redis.urlSecretRef, not both"),
+    ({"redis": {"passwordSecretRef": {"name": "s", "key": "k"}}}, "redis.passwordSecretRef needs redis.url"),
     ({"websocket": {"url": "http://not-a-websocket"}}, "websocket.url must start with ws:// or wss://"),
     ({"temporal": {"apiKeySecretRef": {"name": "s"}}}, "key: Required value"),
     ({"scaling": {"minIdle": 3, "max": 2}}, "scaling.minIdle must not exceed scaling.max"),

@@ -154,6 +154,9 @@ class RedisSpec(_Model):
             "x-kubernetes-validations": [
                 cel("!(has(self.url) && has(self.urlSecretRef))",
                     "set either redis.url or redis.urlSecretRef, not both"),
+                # Redis off, its password's Secret would still be awaited: Ready=False for a Secret unused.
+                cel("has(self.url) || has(self.urlSecretRef) || !has(self.passwordSecretRef)",
+                    "redis.passwordSecretRef needs redis.url or redis.urlSecretRef"),
             ]
         }
     )
