@@ -118,8 +118,9 @@ def cpu_seconds(pid: int) -> float | None:
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: unwinds whatever runs so that `finally` clauses stop the children."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwinds whatever runs so that `finally` clauses stop the children.
+    A KeyboardInterrupt, as asyncio passes only those out of a task: any other stays in the task."""
 
 
 def ignore_interrupts() -> None:

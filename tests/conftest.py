@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,15 @@ INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 def pytest_configure(config: pytest.Config) -> None:
     procs.bypass_proxies_for_loopback()  # all test traffic stays on loopback, whatever proxy CI sets
+    # SIGTERM (a CI run cancelled) ends the run as Ctrl-C does, through every fixture's teardown: by
+    # default it killed pytest at once, and what the fixtures started (a podman container, whose
+    # conmon is no child of ours) lived on.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
+    raise KeyboardInterrupt
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

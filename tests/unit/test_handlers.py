@@ -55,9 +55,10 @@ async def test_the_stop_signals_do_what_they_did_before_once_the_operator_return
     """`dev` stops what it started on a signal; after the operator returned, a second SIGTERM during
     that stop killed `dev` at once (the loop's removal leaves the default), its children with it and
     its state folder (the cluster's admin token) behind."""
+    import asyncio
     import signal
 
-    from workerqueue_operator.handlers.embedded import stop_signals
+    from workerqueue_operator.handlers.embedded import handlers, stop_signals
 
     def devs(signum: int, frame: object) -> None:
         pass
@@ -66,6 +67,12 @@ async def test_the_stop_signals_do_what_they_did_before_once_the_operator_return
     try:
         with stop_signals(lambda sig: None):
             assert signal.getsignal(signal.SIGTERM) is not devs
+        assert signal.getsignal(signal.SIGTERM) is devs
+        # kopf's spawn_tasks sets its own first: what is put back is what was there before it.
+        was = handlers()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+        with stop_signals(lambda sig: None, restore=was):
+            pass
         assert signal.getsignal(signal.SIGTERM) is devs
     finally:
         signal.signal(signal.SIGTERM, before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import urllib.request
 
 import pytest
@@ -53,3 +54,103 @@ def test_a_child_is_stopped_with_everything_it_started_in_its_group():
         time.sleep(0.05)
     assert _gone(grandchild)
     procs.terminate(child)  # once more: nothing to do, nothing signalled
+
+
+def test_a_child_that_exits_by_itself_is_reaped_with_what_it_left_in_its_group():
+    """A worker that exits by itself was reaped by the kubelet's loop first; `terminate` then had no
+    group it could still signal safely, and what the worker had started lived on."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sh", "-c", "(exec sh -c 'echo $$; exec sleep 60') & read -r _; exit 0"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    assert child.stdout is not None and child.stdin is not None
+    grandchild = int(child.stdout.readline())
+    child.stdout.close()
+    try:
+        assert procs.reap(child) is None  # running: nothing done
+        child.stdin.close()  # its `read` ends, and it exits, leaving the sleeper behind
+        deadline = time.monotonic() + 10
+        while (code := procs.reap(child)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert code == 0
+        for _ in range(100):
+            if _gone(grandchild):
+                break
+            time.sleep(0.05)
+        assert _gone(grandchild)
+    finally:
+        if not _gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)  # the test's own leftover, by its pid
+        procs.terminate(child)
+
+
+def test_an_interrupt_in_an_asyncio_task_unwinds_the_run():
+    """Raised as a plain BaseException in a task the code was not awaiting, asyncio kept it in the
+    task: the run went on, and every later Ctrl-C was ignored (the handler ignores the next ones).
+    In a process of its own: asyncio.run there, not in the test's own loop."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import asyncio, signal
+        from bench import procs
+
+        async def run():
+            async def background():
+                signal.raise_signal(signal.SIGINT)  # the handler raises in this task
+                await asyncio.sleep(30)
+            task = asyncio.create_task(background())
+            try:
+                await asyncio.wait_for(asyncio.Event().wait(), timeout=10)  # never awaits the task
+            finally:
+                task.cancel()
+
+        try:
+            with procs.interruptible():
+                asyncio.run(run())
+        except procs.Interrupted:
+            print("interrupted")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.stdout.strip() == "interrupted", done.stderr
+
+
+def test_a_sigterm_to_pytest_runs_the_fixtures_teardown(tmp_path):
+    """By default SIGTERM (a cancelled CI run) killed pytest at once: no teardown ran, and what the
+    fixtures had started that is no child of pytest's lived on."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    marker, started = tmp_path / "torn-down", tmp_path / "started"
+    (tmp_path / "test_slow.py").write_text(textwrap.dedent(f"""
+        import pathlib, time
+        import pytest
+
+        @pytest.fixture
+        def held():
+            yield
+            pathlib.Path({str(marker)!r}).write_text("yes")
+
+        def test_slow(held):
+            pathlib.Path({str(started)!r}).write_text("yes")
+            time.sleep(60)
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                            "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_slow.py")],
+                           cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        assert started.exists()
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=30)
+        assert marker.read_text() == "yes"
+    finally:
+        procs.terminate(run)

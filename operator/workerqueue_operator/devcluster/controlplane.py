@@ -308,8 +308,10 @@ def _established(crd: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
-class _Interrupted(BaseException):
-    """Raised by the signal handler of run_until_signal to unwind whatever is running."""
+class _Interrupted(KeyboardInterrupt):
+    """Raised by the signal handler of run_until_signal to unwind whatever is running. A
+    KeyboardInterrupt, as asyncio passes only those (and SystemExit) out of a task it runs: any
+    other BaseException stays in the task, the signal lost (its handler ignores the next ones)."""
 
 
 def run_until_signal(

@@ -385,7 +385,7 @@ class LocalKubelet(procs.Service):
     def _reap_loop(self) -> None:
         while not self._stopping.wait(0.2):
             for proc in self.processes():
-                code = proc.popen.poll()
+                code = procs.reap(proc.popen)
                 if code is None or proc.reported_exit or time.monotonic() < proc.report_again_at:
                     continue
                 if proc.deleted:

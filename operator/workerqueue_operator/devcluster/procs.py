@@ -113,6 +113,16 @@ def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS)
     popen.wait()
 
 
+def reap(popen: subprocess.Popen[bytes]) -> int | None:
+    """The child's exit code once it has exited, None while it runs. What it left in its process group
+    is killed first, as a container's processes go with its main one: signalled while the child is
+    not reaped yet, so that its pid (= the group's id) cannot have been reused by then."""
+    if popen.returncode is None and _exited(popen.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+    return popen.poll()
+
+
 def _exited(pid: int) -> bool | None:
     """Whether the child has exited, without reaping it (its pid stays reserved); None if it was reaped."""
     try:

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, cast
 
 import kopf
@@ -40,20 +40,27 @@ class _NotKopfs:
 async def operator(*, stop_flag: asyncio.Event, **kwargs: Any) -> None:
     """`kopf.operator(stop_flag=stop_flag, **kwargs)`, whose stop waits for and cancels kopf's own
     tasks only; SIGTERM and SIGINT set `stop_flag`."""
+    before = handlers()  # kopf's spawn_tasks sets handlers of its own: what to put back is what was before
     tasks = await kopf.spawn_tasks(stop_flag=stop_flag, **kwargs)
-    with stop_signals(lambda sig: _stop(sig, stop_flag)):  # in place of kopf's
+    with stop_signals(lambda sig: _stop(sig, stop_flag), restore=before):  # in place of kopf's
         await kopf.run_tasks(tasks, ignored=cast(Collection[asyncio.Task[Any]], _NotKopfs()))
 
 
-@contextlib.contextmanager
-def stop_signals(callback: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT call `callback` within the block; after it, they do what they did before
-    (terminate and KeyboardInterrupt, or the handlers `dev` had set to stop what it started, which
-    the loop's removal alone would not put back). In the main thread only: signals are not another
-    thread's."""
-    loop = asyncio.get_running_loop()
+def handlers() -> dict[signal.Signals, Any]:
+    """The SIGTERM and SIGINT handlers now (none outside the main thread: signals are not another thread's)."""
     signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    before = {sig: signal.getsignal(sig) for sig in signals}
+    return {sig: signal.getsignal(sig) for sig in signals}
+
+
+@contextlib.contextmanager
+def stop_signals(callback: Callable[[signal.Signals], None], *,
+                 restore: Mapping[signal.Signals, Any] | None = None) -> Iterator[None]:
+    """SIGTERM and SIGINT call `callback` within the block; after it, they do what they did before it,
+    or as `restore` says (terminate and KeyboardInterrupt, or the handlers `dev` had set to stop what
+    it started, which the loop's removal alone would not put back). In the main thread only."""
+    loop = asyncio.get_running_loop()
+    before = dict(restore) if restore is not None else handlers()
+    signals = tuple(before)
     for sig in signals:
         loop.add_signal_handler(sig, callback, sig)
     try:
