@@ -191,7 +191,7 @@ def test_hanging_upstream_is_504_within_the_idle_timeout(operator: OperatorProce
     r = call(operator, "GET", "/api/v1/executions/e-1/hang", token)
     elapsed = time.monotonic() - began
     assert r.status == 504 and r.json() == {"detail": "The upstream control plane did not answer within 3s"}
-    assert 3 <= elapsed < 3 + 2  # the idle timeout (3 s in tests), with room
+    assert 3 <= elapsed < 3 + 5  # the idle timeout (3 s in tests), with room for a busy machine
 
 
 async def test_websocket_is_proxied_with_the_organizations_key(operator: OperatorProcess, kube: Kube, namespace: str,

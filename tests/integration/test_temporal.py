@@ -400,7 +400,7 @@ async def test_temporal_down_is_unavailable_within_the_timeout_then_back(tempora
             began = time.monotonic()
             with pytest.raises(TemporalUnavailable) as caught:
                 await access.executions(endpoint(temporal), tq)
-            assert time.monotonic() - began < 2.0 + 1.0
+            assert time.monotonic() - began < 2.0 + 3.0  # within the timeout, with room for a busy machine
             assert temporal.address in str(caught.value)
     finally:
         temporal.start()

@@ -164,7 +164,7 @@ async def test_executions_are_per_worker_and_temporal_outages_are_503(
         began = time.monotonic()
         down = operator.call("GET", path, mine, timeout=15)
         assert down.status == 503 and "Temporal is unavailable" in down.json()["detail"]
-        assert time.monotonic() - began < 5
+        assert time.monotonic() - began < 10  # its Temporal timeout is 4 s; a hang would be the call's 15 s
     finally:
         temporal.start()
     wait_for(lambda: operator.call("GET", path, mine).status == 200, timeout=30, what="Temporal back")
