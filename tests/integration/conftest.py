@@ -450,11 +450,10 @@ def kube(api_client: k8s.ApiClient) -> Kube:
 def real_worker() -> Path:
     """The real worker's console script, `kubiya-control-plane-worker`: hack/real-worker.sh installs it
     once per machine (`make test` before the tests, out of their timeouts) or names WQ_REAL_WORKER."""
-    done = subprocess.run(["bash", str(ROOT / "hack" / "real-worker.sh")], capture_output=True, text=True,
-                          timeout=900, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"hack/real-worker.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return Path(done.stdout.strip())
+    code, out = procs.run_script(["bash", str(ROOT / "hack" / "real-worker.sh")], timeout=900)
+    if code != 0:
+        pytest.fail(f"hack/real-worker.sh failed ({code}); its output is above")
+    return Path(out.strip())
 
 
 @pytest.fixture(scope="session")

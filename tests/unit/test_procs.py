@@ -154,3 +154,20 @@ def test_a_sigterm_to_pytest_runs_the_fixtures_teardown(tmp_path):
         assert marker.read_text() == "yes"
     finally:
         procs.terminate(run)
+
+
+def test_a_script_given_up_on_stops_with_everything_it_started(tmp_path):
+    """A build script past its timeout was killed alone: its `go build` lived on, holding the cache's
+    lock, and the next run waited for it."""
+    import subprocess
+
+    pid_file = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        procs.run_script(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=1)
+    builder = int(pid_file.read_text())
+    try:
+        assert _gone(builder)
+    finally:
+        if not _gone(builder):
+            os.kill(builder, signal.SIGKILL)  # the test's own leftover, by its pid
+    assert procs.run_script(["sh", "-c", "echo out; echo progress >&2"]) == (0, "out\n")

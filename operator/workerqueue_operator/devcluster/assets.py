@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
+
+from workerqueue_operator.devcluster import procs
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
@@ -37,11 +38,10 @@ def find_assets() -> pathlib.Path:
             f"control-plane binaries not found: KUBEBUILDER_ASSETS={env!r} does not hold"
             f" {', '.join(BINARIES)} and {script} does not exist (not running from a source checkout?)"
         )
-    # stderr is inherited so that the build's progress shows while it runs.
-    proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=None, text=True, check=False)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise AssetsError(f"{script} failed (exit code {proc.returncode}); see its output above")
+    code, out = procs.run_script(["bash", str(script)])
+    lines = out.strip().splitlines()
+    if code != 0 or not lines:
+        raise AssetsError(f"{script} failed (exit code {code}); see its output above")
     folder = pathlib.Path(lines[-1].strip())
     missing = missing_binaries(folder)
     if missing:

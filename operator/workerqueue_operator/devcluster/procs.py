@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -111,6 +111,21 @@ def terminate(popen: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
     popen.wait()
+
+
+def run_script(args: Sequence[str], *, timeout: float | None = None) -> tuple[int, str]:
+    """Runs a build or install script in a process group of its own: its exit code and stdout (its
+    stderr shows as it runs: the build's progress). On a timeout, an exception or Ctrl-C the whole
+    group is stopped: killed alone, the shell left its `go build` or `pip` running, holding the
+    cache's lock, and the next run waited for them, then built everything again."""
+    with subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=None, start_new_session=True,
+                          preexec_fn=die_with_parent(os.getpid())) as popen:
+        try:
+            out, _ = popen.communicate(timeout=timeout)
+        except BaseException:
+            terminate(popen)
+            raise
+    return popen.returncode, out.decode(errors="replace")
 
 
 def reap(popen: subprocess.Popen[bytes]) -> int | None:
