@@ -5,13 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test unit lint bench crds assets real-worker image image-lock clean
+.PHONY: dev test unit lint bench crds assets real-worker image image-lock constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet --constraint constraints.txt --upgrade pip
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test,lint]'
 	touch $(STAMP)
+
+# The newest versions pyproject.toml allows, pinned in constraints.txt (then run `make test`).
+constraints:
+	rm -rf build/constraints && $(PYTHON) -m venv build/constraints
+	build/constraints/bin/pip install --quiet --upgrade pip
+	build/constraints/bin/pip install --quiet -e '.[test,lint]'
+	{ sed -n '1,2p' constraints.txt; build/constraints/bin/pip freeze --all --exclude-editable | grep -v '^workerqueue'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # Control-plane binaries, built once per machine and cached outside the repo.
 assets: $(STAMP)
