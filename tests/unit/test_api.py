@@ -12,16 +12,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
 from tests.unit.factories import UID, queue
 from workerqueue_operator.api import app as app_
-from workerqueue_operator.api import callers, unseen, workers
+from workerqueue_operator.api import unseen
 from workerqueue_operator.api.keys import DRAIN, METRICS, REGISTRY, STORE, UNSEEN
-from workerqueue_operator.core import executions, reviews, temporal
+from workerqueue_operator.core import reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
-from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
 
 START = "/api/v1/worker-queues/{}/start"
@@ -596,12 +595,18 @@ async def test_a_draining_replica_is_unready_and_closes_each_connection_after_it
     ("limit=5&limit=7", (7, "all")),  # the last, as Starlette reads a repeated parameter
 ])
 def test_the_executions_query_is_read_as_fastapi_reads_it(query: str, expected: tuple[int, str]):
+    from aiohttp.test_utils import make_mocked_request
+
+    from workerqueue_operator.api import workers
     assert workers._query(make_mocked_request("GET", f"/api/v1/worker-queues/q/executions?{query}")) == expected
 
 
 @pytest.mark.parametrize(("query", "kind"), [("limit=x", "int_parsing"), ("limit=5&limit=500", "less_than_equal"),
                                              ("limit=0", "greater_than_equal"), ("limit=%D9%A5", "int_parsing")])
 async def test_a_bad_executions_limit_is_422_as_fastapi_says_it(query: str, kind: str):
+    from aiohttp.test_utils import make_mocked_request
+
+    from workerqueue_operator.api import workers
     answer = workers._query(make_mocked_request("GET", f"/api/v1/worker-queues/q/executions?{query}"))
     assert not isinstance(answer, tuple) and answer.status == 422
     (error,) = json.loads(answer.body)["detail"]  # type: ignore[arg-type]
@@ -942,17 +947,3 @@ async def test_the_token_of_a_queue_whose_id_another_holds_is_told_so_not_taken_
         assert beat.status == 409
         served = await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer first"})
         assert served.status == 200
-
-
-async def test_a_pods_worker_is_shown_what_it_took_though_the_temporal_servers_clock_is_behind():
-    # Its token is made by the operator's clock, its first take stamped by the Temporal server's: one
-    # behind by more than the pod took to start hid the worker's own execution, and it never exited.
-    credential = WorkerCredential(queue=("team-a", "q"), pod="q-w0", queue_uid=UID, since=1_000.0)
-    asked = await workers._asking_worker(make_mocked_request("GET", "/"), callers.Caller(b"d", worker=credential),
-                                         None)  # type: ignore[arg-type]  # a pod's worker needs no resolution
-    assert asked is not None and not isinstance(asked, web.Response)
-    hostname, since, _ = asked
-    taken = temporal.Execution(id="e1", run_id="r1", status="running", workflow_type="AgentExecutionWorkflow",
-                               created_at=times.rfc3339(997.0), started_at=times.rfc3339(998.0),
-                               completed_at=None, holder=f"7@{hostname}")
-    assert since is not None and executions.worker_view([taken], hostname=hostname, since=since)[0]["id"] == "e1"

@@ -255,11 +255,7 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
     unless its token is bound to a pod: that is a worker's (one whose registration expired in an
     outage of the API server, say), which waits (`[]`) rather than take another's execution."""
     if caller.worker is not None:  # a pod's: its hostname is its own
-        # Made by the operator's clock, taken by the Temporal server's: they may differ that much, and
-        # its own first take, behind by more than its pod took to start, would be hidden from it.
-        since = caller.worker.since
-        return (caller.worker.hostname or workers_.pod_hostname(caller.worker.pod),
-                None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS, None)
+        return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since, None
     identity = caller.identity
     if identity is None:
         return None
