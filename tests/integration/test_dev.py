@@ -13,22 +13,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import alive, free_port, http, wait_for
+from tests.integration.conftest import alive, http, wait_for
 from workerqueue_operator.core.temporal import Endpoint, Temporal
 from workerqueue_operator.devcluster import procs
 
 
 def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path: Path):
-    state, port = tmp_path / "dev", free_port()
+    state = tmp_path / "dev"
     log = (tmp_path / "dev.log").open("w+b")
     env = {**os.environ, "KUBEBUILDER_ASSETS": str(k8s_assets)}
-    dev = subprocess.Popen([sys.executable, "-m", "workerqueue_operator.cli", "dev", "--state-dir", str(state),
-                            "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+    # No --port: one picked here is bound a minute later, once the control plane and Temporal run,
+    # and another process may have taken it meanwhile. `dev` picks it then, and says which.
+    dev = subprocess.Popen([sys.executable, "-m", "workerqueue_operator.cli", "dev", "--state-dir", str(state)],
+                           stdout=log, stderr=subprocess.STDOUT, env=env,
                            start_new_session=True,
                            preexec_fn=procs.die_with_parent(os.getpid()))  # also if pytest is SIGKILLed
     pids: list[int] = []
     worker_pids: list[int] = []
     try:
+        def said() -> str | None:
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
+            found = re.search(r"curl -f http://127\.0\.0\.1:(\d+)/readyz", (tmp_path / "dev.log").read_text())
+            return found.group(1) if found else None
+
+        port = int(wait_for(said, timeout=120, what="dev's usage, naming its port"))
+
         def ready() -> bool:
             assert dev.poll() is None, (tmp_path / "dev.log").read_text()
             try:

@@ -658,6 +658,23 @@ def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec
     assert message in result.stderr
 
 
+def test_a_queues_conditions_are_one_of_each_type(kubectl, namespace: str):
+    """A list keyed by type, as metav1.Condition lists are: a second Ready is refused, and server-side
+    apply merges by type instead of taking the whole list for one value."""
+    manifest = {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
+                "metadata": {"name": "conds", "namespace": namespace}, "spec": {}}
+    kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    ready = {"type": "Ready", "status": "True", "reason": "R", "lastTransitionTime": "2026-12-05T00:00:00Z"}
+    twice = json.dumps({"status": {"conditions": [ready, {**ready, "status": "False"}]}})
+    result = kubectl("patch", "workerqueue", "conds", "-n", namespace, "--subresource=status", "--type=merge",
+                     "-p", twice, check=False)
+    assert result.returncode != 0 and "Duplicate value" in result.stderr, result.stderr
+    late = json.dumps({"status": {"conditions": [{**ready, "lastTransitionTime": "yesterday"}]}})
+    result = kubectl("patch", "workerqueue", "conds", "-n", namespace, "--subresource=status", "--type=merge",
+                     "-p", late, check=False)
+    assert result.returncode != 0 and "lastTransitionTime" in result.stderr, result.stderr
+
+
 def test_a_queue_stored_under_a_looser_crd_says_its_spec_is_invalid(
         operator: OperatorProcess, kubectl, kube: Kube, namespace: str):
     """An older CRD let through what this one refuses (maxWorkers past 1,000, say). Such a stored

@@ -419,7 +419,7 @@ class Condition(_Model):
     """One CamelCase word saying why."""
     message: str = Field(default="", max_length=32768)
     """A sentence for people."""
-    last_transition_time: str
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
     """When status last changed (RFC 3339)."""
     observed_generation: int | None = None
     """The metadata.generation this condition was computed from."""
@@ -502,7 +502,9 @@ class WorkerQueueStatus(_Model):
     """The Temporal task queue in effect (spec.taskQueueName or the queue id)."""
     observed_generation: int | None = None
     """The metadata.generation last acted upon."""
-    conditions: list[Condition] = Field(default_factory=list)
+    # One of each type, merged by type under server-side apply, as metav1.Condition lists are.
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     """Ready summarizes the others."""
     workers: WorkersStatus | None = None
     """Worker pods, for queues whose workers the operator runs."""
