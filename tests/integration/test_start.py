@@ -257,6 +257,15 @@ def test_queue_id_conflict_keeps_the_first(operator: OperatorProcess, kube: Kube
     assert kube.condition(namespace, "first")["status"] == "True"
     r = operator.start_worker(qid, kube.queue_token(namespace, "first"))
     assert r.status == 200 and r.json()["queue_name"] == "first"
+    # A Secret it then lacks is told too, though Ready keeps saying QueueIdConflict first.
+    kube.patch_queue(namespace, "second", {"litellm": {"url": "https://llm", "apiKeySecretRef": {
+        "name": "absent", "key": "k"}}})
+    wait_for(lambda: (c := kube.condition(namespace, "second", "SecretsResolved")) and c["status"] == "False",
+             what="SecretsResolved=False")
+    assert kube.condition(namespace, "second")["reason"] == "QueueIdConflict"
+    event = wait_for(lambda: [e for e in kube.events(namespace, "second") if e.reason == "SecretNotFound"],
+                     what="a SecretNotFound Event")[0]
+    assert event.type == "Warning" and "absent" in event.message
 
 
 def test_a_queue_name_longer_than_a_label_value_gets_its_token_secret(operator: OperatorProcess, kube: Kube,

@@ -369,6 +369,8 @@ class Reconciler:
             return
         self._written[key] = (queue.uid, desired, version)
         self._announce(queue, status_.ready_condition(current), status_.ready_condition(desired))
+        self._announce_secrets(queue, status_.condition(current, status_.SECRETS_RESOLVED),
+                               status_.condition(desired, status_.SECRETS_RESOLVED), status_.ready_condition(desired))
 
     async def _ensure_token_secret(self, resolution: queues.Resolution) -> bool:
         """Generates the queue token when the queue names none and the watch knows there is none.
@@ -410,6 +412,17 @@ class Reconciler:
             self._events.post(involved=queue_ref_body(queue), reason="TokenSecretCreated",
                               message=f"created Secret {name} holding the queue token")
         return self._store.secret_state(secret)[1] is None
+
+    def _announce_secrets(self, queue: QueueObject, before: Any, after: Any, ready: Any) -> None:
+        """A Secret missing (or its key) where Ready says something else first (a queue id another
+        queue holds, say): Ready's Event would never tell of it."""
+        if after is None or after["status"] != "False" or (ready is not None and ready["reason"] == after["reason"]):
+            return
+        if before is not None and (before["status"], before["reason"], before.get("message")) == (
+                after["status"], after["reason"], after.get("message")):
+            return
+        self._events.post(involved=queue_ref_body(queue), reason=after["reason"], message=after["message"],
+                          warning=True)
 
     def _announce(self, queue: QueueObject, before: Any, after: Any) -> None:
         if after is None:

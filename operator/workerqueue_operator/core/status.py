@@ -160,4 +160,8 @@ def differs(desired: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
 
 
 def ready_condition(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == READY), None)
+    return condition(status, READY)
+
+
+def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
