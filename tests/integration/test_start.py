@@ -576,6 +576,40 @@ async def test_a_supervisor_planning_from_an_older_copy_of_the_queue_undoes_no_c
     assert kube.pod_names(namespace, "handover", alive=False) == ["handover-w1"]
 
 
+async def test_a_queue_made_again_during_a_pass_of_its_namesake_takes_none_of_its_pods_for_displaced(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """`kubectl replace --force` while a pass of the old queue was creating its pods: the pass noted
+    them under the name after the informer had cleared it, and the new queue's first pass took them
+    for deleted from outside (a Warning each, and a back-off for nothing)."""
+    here = in_process("swap")
+    here.spec.update(singleExecution=True)
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    await supervisor.reconcile(key)
+    assert kube.pod_names(namespace, "swap") == ["swap-w0"]
+    here.watched()
+    kube.set_phase(namespace, "swap-w0", "Succeeded", exit_code=0)
+    creating = supervisor._create_pods
+
+    async def replaced_meanwhile(queue: queues.QueueObject, indices: tuple[int, ...]) -> str | None:
+        kube.delete_queue(namespace, "swap")  # as the informer tells it, then the new one
+        here.store.remove_queue(key)
+        supervisor.queue_deleted(key)
+        here.store.upsert_queue(queues.QueueObject.from_body(kube.create_queue(namespace, "swap", **here.spec)))
+        return await creating(queue, indices)
+
+    monkeypatch.setattr(supervisor, "_create_pods", replaced_meanwhile)
+    await supervisor.reconcile(key)  # swap-w0 counted and deleted, swap-w1 made for the old queue
+    monkeypatch.setattr(supervisor, "_create_pods", creating)
+    await here.writer.reconcile(key)
+    here.watched()
+    await supervisor.reconcile(key)
+    workers = kube.get_queue(namespace, "swap")["status"]["workers"]
+    assert not workers.get("consecutiveDisplaced") and not workers.get("lastDisplacedTime"), workers
+
+
 async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):

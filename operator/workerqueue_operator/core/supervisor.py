@@ -333,11 +333,18 @@ class Supervisor:
     # --- the reconcile --------------------------------------------------------------------------
 
     async def reconcile(self, key: QueueKey) -> None:
+        began = self._store.queue(key)
         try:
             await self._reconcile(key)
         finally:
-            if self._store.queue(key) is None:
+            now = self._store.queue(key)
+            if now is None:
                 self.queue_deleted(key)  # deleted meanwhile: what the pass noted of it goes too
+            elif began is not None and now.uid != began.uid:
+                # Deleted and made again meanwhile (`kubectl replace --force`): the pods the pass noted
+                # are the old queue's, and the new one would take them for deleted from outside.
+                for noted in (self._listed, self._deleted_here, self._alive_seen, self._alive):
+                    noted.pop(key, None)
 
     async def _reconcile(self, key: QueueKey) -> None:
         if not self._activity.is_active():
