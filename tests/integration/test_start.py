@@ -610,6 +610,37 @@ async def test_a_queue_made_again_during_a_pass_of_its_namesake_takes_none_of_it
     assert not workers.get("consecutiveDisplaced") and not workers.get("lastDisplacedTime"), workers
 
 
+async def test_a_pod_the_replica_before_may_be_creating_is_not_made_again_under_another_name(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """A handover: the replica standing down counted a new pod (nextIndex), made its token, and is
+    creating the pod; the new active one, not seeing it, made one more under the next index, and a
+    single-execution pool of one ran two workers."""
+    here = in_process("coming")
+    here.spec.update(singleExecution=True)
+    await here.create_ready()
+    here.watched()
+    supervisor, key = here.supervisor, here.key
+    await supervisor.reconcile(key)
+    assert kube.pod_names(namespace, "coming") == ["coming-w0"]
+    kube.set_phase(namespace, "coming-w0", "Succeeded", exit_code=0)
+    queue = here.store.queue(key)
+    assert queue is not None
+    # The other replica counted coming-w0, wrote nextIndex 2 and made coming-w1's token; its pod is on its way.
+    await here.client.patch(f"{resources.queue_path(namespace, 'coming')}/status", {"status": {"workers": {
+        **queue.status.get("workers", {}), "nextIndex": 2, "succeeded": 1, "counted": ["coming-w0"]}}})
+    here.watched()
+    supervisor._activity_changed(True)
+    body = workers.credential_secret_body(queue, "coming-w1", "t1", now=time.time() - 1)
+    kube.core.create_namespaced_secret(namespace, body)
+    here.store.upsert_worker_credential((namespace, "coming-w1-token"), WorkerCredential(
+        queue=key, pod="coming-w1", queue_uid=queue.uid, since=workers.made_at(body)), "t1")
+    await supervisor.reconcile(key)
+    assert kube.pod_names(namespace, "coming") == []  # none made here: coming-w1 is the other's
+    assert kube.get_queue(namespace, "coming")["status"]["workers"]["nextIndex"] == 2
+    assert kube.has_secret(namespace, "coming-w1-token")
+
+
 async def test_a_pod_token_made_a_moment_ago_is_not_taken_for_an_orphan(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):

@@ -241,6 +241,8 @@ class Supervisor:
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
         self._refused: dict[QueueKey, Refusal] = {}
+        self._made_here: dict[QueueKey, set[str]] = {}
+        """Pods whose token this replica made (see _coming): its own creates, never another's."""
         store.subscribe(self._store_changed)
         activity.subscribe(self._activity_changed)
 
@@ -272,6 +274,7 @@ class Supervisor:
         self._listed.pop(key, None)
         self._deleted_here.pop(key, None)
         self._alive_seen.pop(key, None)
+        self._made_here.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -377,20 +380,29 @@ class Supervisor:
             return  # stood down meanwhile: the next active replica plans from what it lists itself
         # What fails to be cleaned up (a webhook on deletes that is down, say) is tried again after a
         # back-off, at the pass's end: it must not keep the queue's new workers from being made.
+        coming = self._coming(key, listing, previous.next_index)
         failures = await _each(self._delete_orphan_credentials(key, listing, previous.next_index))
         previous, version = self._base(queue)
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
         demand = self._demand.get(key)
         outside = self._deleted_outside(key, parsed)
-        plan = workers.plan(queue, parsed, previous=previous, now=now, created=created, settings=self._settings,
+        # Pods the replica before this one may be creating right now count as pods coming: made again
+        # here, under the next index, the queue would run a worker too many.
+        planned = parsed + [workers.Pod(name=name, phase="Pending", deleting=False, index=workers.pod_index(name))
+                            for name in sorted(coming)]
+        plan = workers.plan(queue, planned, previous=previous, now=now, created=created, settings=self._settings,
                             demand=demand, deleted_outside=outside)
         if demand is not None and any(name in alive for name in plan.delete):
             # Taken for idle by the workflows they hold: one may run another workflow's activity.
             demand = await self._with_activities(key, demand)
             now = self._clock()  # the reading's age is judged against now, not against before the call
-            plan = workers.plan(queue, parsed, previous=previous, now=now, created=created,
+            plan = workers.plan(queue, planned, previous=previous, now=now, created=created,
                                 settings=self._settings, demand=demand, deleted_outside=outside)
+        if coming:
+            # Not deleted as surplus either: a token revoked while its pod is created leaves a pod
+            # that never starts. Once listed (or past the grace, an orphan) it is planned as any.
+            plan = dataclasses.replace(plan, delete=tuple(name for name in plan.delete if name not in coming))
         alive_before = self._alive.get(key, 0)
         self._alive[key] = len(alive) + len(plan.create)
         if self._alive[key] and not alive_before and key in self._probes:
@@ -565,6 +577,7 @@ class Supervisor:
             # pod, so that the first pods of a burst need not wait for the last tokens.
             credential = workers.credential_secret_body(queue, body["metadata"]["name"], workers.new_worker_token(),
                                                         now=self._clock())
+            self._made_here.setdefault(queue.key, set()).add(body["metadata"]["name"])
             try:
                 await self._create_credential(queue, credential)
             except client_.ApiError as exc:
@@ -655,6 +668,25 @@ class Supervisor:
             return
         if workers.credential_of(secret, queue):
             await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
+
+    def _coming(self, key: QueueKey, listing: PodListing, next_index: int) -> frozenset[str]:
+        """Pods another replica may be creating now: their token made in the last ORPHAN_GRACE_SECONDS
+        for an index already counted, the pod never listed here, and not by this replica (whose own
+        creates are over by the time it plans again, done or failed)."""
+        now, mine = self._clock(), self._made_here.get(key, set())
+        previous = self._listed.get(key)
+        seen = previous.pods if previous is not None else frozenset()
+        mine &= set(self._store.worker_credential_secrets(key)) - listing.pods  # done with: forgotten
+        coming = set()
+        for pod, secret in self._store.worker_credential_secrets(key).items():
+            index = workers.pod_index(pod)
+            if pod in listing.pods or pod in seen or pod in mine or index is None or index >= next_index:
+                continue
+            credential = self._store.worker_credential_in(secret)
+            made = credential.since if credential is not None else None
+            if made is not None and now - made < ORPHAN_GRACE_SECONDS:
+                coming.add(pod)
+        return frozenset(coming)
 
     async def _delete_orphan_credentials(self, key: QueueKey, listing: PodListing, next_index: int) -> None:
         """Per-worker tokens whose pod is gone: deleted from outside (listed here before), or never
