@@ -732,6 +732,14 @@ def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec
     assert message in result.stderr
 
 
+def test_an_empty_temporal_host_is_the_operators_and_accepted(kubectl, namespace: str):
+    # The host:port pattern refused "", which the operator reads as its own host (a chart rendering an
+    # unset value so).
+    manifest = {"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",
+                "metadata": {"name": "default-host", "namespace": namespace}, "spec": {"temporal": {"host": ""}}}
+    kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
 def test_a_queues_conditions_are_one_of_each_type(kubectl, namespace: str):
     """A list keyed by type, as metav1.Condition lists are: a second Ready is refused, and server-side
     apply merges by type instead of taking the whole list for one value."""

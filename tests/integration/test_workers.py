@@ -477,7 +477,8 @@ def test_a_pod_the_api_server_fails_to_delete_keeps_no_new_worker_from_starting(
         wait_for(lambda: "PodDeletionFailed" in reasons(kube, namespace, "dw"), what="Event PodDeletionFailed")
         for event in [e for e in kube.events(namespace, "dw") if e.reason == "PodDeletionFailed"]:
             assert event.type == "Warning" and re.match(
-                r"deleting worker pod dw-w0 failed: 500 InternalError: .*failed calling webhook", event.message), event
+                r"deleting worker pod dw-w0 or its token failed: 500 InternalError: .*failed calling webhook",
+                event.message), event
         time.sleep(3)
         assert kube.workers(namespace, "dw")["nextIndex"] == 2  # no pod name burnt a pass
         assert "dw-w0" in kube.pod_names(namespace, "dw", alive=False)

@@ -931,6 +931,9 @@ def test_lowered_replicas_of_workers_that_never_exit_by_themselves_delete_the_ne
     assert plan([pod(0)], WorkersStatus(next_index=4), ephemeral=True, replicas=1).delete == ()
     # Suspended, they are let be, as a suspended queue's running workers are.
     assert plan(pods, WorkersStatus(next_index=4), ephemeral=True, replicas=1, suspend=True).delete == ("q1-w2",)
+    # Nor all of them: none left, the queue would read as finished and be deleted with its work.
+    zero = plan([pod(0), pod(1)], WorkersStatus(next_index=2), ephemeral=True, replicas=0)
+    assert zero.delete == () and zero.delete_queue is None
 
 
 def test_a_queue_whose_workers_now_run_elsewhere_deletes_its_pods_not_started_and_lets_the_others_finish():

@@ -73,6 +73,8 @@ API_TIMEOUT = 5.0
 CLAIM_DEADLINE_SECONDS = 10.0
 """A slot claim (maxWorkers) takes one or two API-server calls per slot tried, each within API_TIMEOUT:
 all of them within this, or the claim fails (/start answers 503)."""
+BLIND_FORGIVEN_SECONDS = 300.0
+"""The longest stretch of a Lease watch down whose time does not count toward expiry (see Registry._blind_at)."""
 RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later (a delete: doubling up to
 DELETE_RETRY_MAX_SECONDS)."""
@@ -222,10 +224,13 @@ class Registry:
         self._watching = watching
         """Whether the Lease watch works: it brings the renewals the other replicas write."""
         self._blind_at = 0.0
-        """The last moment (clock) this replica could not tell a worker's renewals written elsewhere:
-        its Lease watch down, or its own Lease writes failing (the API server out of reach). No Lease
-        counts as lapsed before a whole lease duration from then: the other replica's renewals could
-        not be written, or not be seen here, meanwhile."""
+        """The last moment (clock) this replica could not see the renewals other replicas write: its
+        Lease watch down (the API server out of reach, say). No Lease counts as lapsed before a whole
+        lease duration from then: those renewals could not be written, or not be seen here, meanwhile.
+        Forgiven for BLIND_FORGIVEN_SECONDS of a watch down at most: one down for good (its RBAC lacks
+        `watch`) must not keep dead workers registered, and their slots taken, for good."""
+        self._blind_since: float | None = None
+        """When the Lease watch went down (clock); None while it works."""
         self._forgiven_at = 0.0
         """The _blind_at the registrations' `seen_at` were last moved to (see _sweep)."""
         self._base_rate = base_write_rate
@@ -1060,8 +1065,12 @@ class Registry:
         never heartbeat); a written one's Lease is deleted by the active replica. Only the workers
         due by the time they were filed under are looked at; one renewed since is filed again."""
         now = self._clock()
-        if not self._watching():
-            self._blind_at = now
+        if self._watching():
+            self._blind_since = None
+        else:
+            self._blind_since = now if self._blind_since is None else self._blind_since
+            if now - self._blind_since <= BLIND_FORGIVEN_SECONDS:
+                self._blind_at = now
         if self._blind_at > self._forgiven_at:
             # A registration with a Lease may have been renewed by another replica unseen: as the time
             # a restart took, the time this replica was blind to that does not count.
@@ -1181,8 +1190,6 @@ class Registry:
                 return
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
-            if not isinstance(exc, client_.ApiError) or exc.status >= 500 or exc.status == 429:
-                self._blind_at = self._clock()  # the other replicas' renewals may be failing too
             self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
                               worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.

@@ -439,7 +439,8 @@ class Supervisor:
         for name, exc in zip(plan.delete, deleting, strict=True):
             if exc is not None:
                 self._events.post(involved=involved, reason="PodDeletionFailed", warning=True,
-                                  message=f"deleting worker pod {name} failed: {_failure(exc)}; tried again")
+                                  message=f"deleting worker pod {name} or its token failed: {_failure(exc)}; "
+                                          "tried again")
         failures += deleting
         if plan.kept is not None and plan.kept in self._store.worker_credential_secrets(key):
             failures += await _each(self._revoke(queue, plan.kept))  # kept for its logs, not for its token

@@ -683,10 +683,11 @@ def plan(
 
     if s.scaling is None and manages_pods(s):
         scale_down = _surplus_not_started(alive, w.desired)
-        if not s.single_execution and not s.suspend:
+        if not s.single_execution and not s.suspend and w.desired > 0:
             # A worker that is not single-execution never exits by itself: "once its work is done"
             # never comes. Deleted, newest first, as a Deployment's are; Temporal hands what one ran
-            # on to another worker.
+            # on to another worker. Not all of them (replicas 0): the queue would then read as
+            # finished, and be deleted with its work; suspend or delete it to stop them all.
             going = _surplus_running(alive, w.desired, leaving=scale_down)
             if going:
                 events.append(Event("ScalingDown", f"{len(alive)} workers alive, {w.desired} wanted: deleting "

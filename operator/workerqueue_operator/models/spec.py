@@ -19,10 +19,11 @@ Python's any Unicode space; a URL the CRD let in was then refused as stored befo
 UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
 fragment (the host is what metrics are labelled with)."""
-TEMPORAL_HOST_PATTERN = (r"^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):"
+TEMPORAL_HOST_PATTERN = (r"^$|^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):"
                          r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})$")
 """A Temporal frontend address: a host name or [IPv6], and a port from 1 to 65535 (the SDK dials
-nothing else; a queue naming anything else ran pods that crash-looped, Ready all the while)."""
+nothing else; a queue naming anything else ran pods that crash-looped, Ready all the while); or
+empty, the operator's host, as the operator reads it."""
 WEBSOCKET_URL_PATTERN = r"^wss?://[^\t\n\f\r /?#]+[^\t\n\f\r ]*$"
 """A ws(s) URL with a host and no whitespace (Go's \\s spelt out, as LITELLM_URL_PATTERN's)."""
 URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\[[^\]/?#]*\]):"
