@@ -309,13 +309,15 @@ class Kube:
         return self.secret_value(namespace, f"{queue}-worker-token", "token")
 
     def has_secret(self, namespace: str, name: str) -> bool:
+        return self.secret_or_none(namespace, name) is not None
+
+    def secret_or_none(self, namespace: str, name: str) -> k8s.V1Secret | None:
         try:
-            self.core.read_namespaced_secret(name, namespace)
+            return self.core.read_namespaced_secret(name, namespace)
         except k8s.ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
 
     def forbid_new_secrets(self, namespace: str) -> None:
         """A ResourceQuota that leaves no room for another Secret, enforced (no resource-quota

@@ -315,8 +315,9 @@ def test_a_queue_made_again_before_the_garbage_collector_ran_gets_a_token_of_its
         wait_for(lambda: "again" not in {q["metadata"]["name"] for q in kube.custom.list_namespaced_custom_object(
             "agentcontrol.dev", "v1alpha1", namespace, "workerqueues")["items"]}, what="the old queue gone")
         uid = kube.create_queue(namespace, "again", **spec)["metadata"]["uid"]
-        secret = wait_for(lambda: (s := kube.core.read_namespaced_secret("again-worker-token", namespace))
-                          .metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")
+        # Gone for a moment between the old one's delete and the new one's create: a 404 is no failure.
+        secret = wait_for(lambda: (s := kube.secret_or_none(namespace, "again-worker-token")) is not None
+                          and s.metadata.owner_references[0].uid == uid and s, what="a token Secret of the new queue")
         new_token = kube.secret_value(namespace, "again-worker-token", "token")
         assert new_token != old_token
         kube.wait_condition(namespace, "again", "True")
