@@ -359,6 +359,16 @@ class InProcess:
         """The watch catches up: the Store holds the queue as the API server has it now."""
         self.store.refresh_queue(queues.QueueObject.from_body(self.kube.get_queue(self.namespace, self.name)))
 
+    async def first_pod_finished(self) -> None:
+        """A single-execution queue, Ready, its first pod made (seen by the watch) and succeeded."""
+        self.spec.update(singleExecution=True)
+        await self.create_ready()
+        self.watched()
+        await self.supervisor.reconcile(self.key)
+        assert self.kube.pod_names(self.namespace, self.name) == [f"{self.name}-w0"]
+        self.watched()
+        self.kube.set_phase(self.namespace, f"{self.name}-w0", "Succeeded", exit_code=0)
+
 
 @pytest.fixture
 async def in_process(operator: OperatorProcess, kube: Kube, kubeconfig: Path,
@@ -584,14 +594,8 @@ async def test_a_queue_made_again_during_a_pass_of_its_namesake_takes_none_of_it
     them under the name after the informer had cleared it, and the new queue's first pass took them
     for deleted from outside (a Warning each, and a back-off for nothing)."""
     here = in_process("swap")
-    here.spec.update(singleExecution=True)
-    await here.create_ready()
-    here.watched()
+    await here.first_pod_finished()
     supervisor, key = here.supervisor, here.key
-    await supervisor.reconcile(key)
-    assert kube.pod_names(namespace, "swap") == ["swap-w0"]
-    here.watched()
-    kube.set_phase(namespace, "swap-w0", "Succeeded", exit_code=0)
     creating = supervisor._create_pods
 
     async def replaced_meanwhile(queue: queues.QueueObject, indices: tuple[int, ...]) -> str | None:
@@ -618,13 +622,8 @@ async def test_a_pod_the_replica_before_may_be_creating_is_not_made_again_under_
     creating the pod; the new active one, not seeing it, made one more under the next index, and a
     single-execution pool of one ran two workers."""
     here = in_process("coming")
-    here.spec.update(singleExecution=True)
-    await here.create_ready()
-    here.watched()
+    await here.first_pod_finished()
     supervisor, key = here.supervisor, here.key
-    await supervisor.reconcile(key)
-    assert kube.pod_names(namespace, "coming") == ["coming-w0"]
-    kube.set_phase(namespace, "coming-w0", "Succeeded", exit_code=0)
     queue = here.store.queue(key)
     assert queue is not None
     # The other replica counted coming-w0, wrote nextIndex 2 and made coming-w1's token; its pod is on its way.
