@@ -36,7 +36,7 @@ from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.pace import Pace
-from workerqueue_operator.core.queues import QueueKey, QueueObject
+from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
 from workerqueue_operator.core.registry import PodListing, Registry
 from workerqueue_operator.core.shares import FairGate
@@ -380,8 +380,9 @@ class Supervisor:
             return  # stood down meanwhile: the next active replica plans from what it lists itself
         # What fails to be cleaned up (a webhook on deletes that is down, say) is tried again after a
         # back-off, at the pass's end: it must not keep the queue's new workers from being made.
-        coming = self._coming(key, listing, previous.next_index)
-        failures = await _each(self._delete_orphan_credentials(key, listing, previous.next_index))
+        unlisted = self._unlisted_credentials(key, listing, previous.next_index)
+        coming = self._coming(key, listing, unlisted)
+        failures = await _each(self._delete_orphan_credentials(key, listing, unlisted))
         previous, version = self._base(queue)
         now = self._clock()
         created = times.parse(queue.created) if queue.created else now
@@ -670,46 +671,49 @@ class Supervisor:
         if workers.credential_of(secret, queue):
             await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
 
-    def _coming(self, key: QueueKey, listing: PodListing, next_index: int) -> frozenset[str]:
-        """Pods another replica may be creating now: their token made in the last ORPHAN_GRACE_SECONDS
-        for an index already counted, the pod never listed here, and not by this replica (whose own
-        creates are over by the time it plans again, done or failed)."""
-        now, mine = self._clock(), self._made_here.get(key, set())
+    def _unlisted_credentials(self, key: QueueKey, listing: PodListing,
+                              next_index: int) -> list[tuple[str, SecretName, float | None]]:
+        """Per-worker tokens of a counted index whose pod is not listed: (pod, its Secret, until when
+        its pod may still be coming, or None). One made in the last ORPHAN_GRACE_SECONDS whose pod was
+        never listed here may be coming: its create may be under way on the replica that stood down a
+        moment ago. The others' pods are gone: deleted from outside (listed here before), or never made."""
+        now = self._clock()
         previous = self._listed.get(key)
         seen = previous.pods if previous is not None else frozenset()
-        mine &= set(self._store.worker_credential_secrets(key)) - listing.pods  # done with: forgotten
-        coming = set()
+        found: list[tuple[str, SecretName, float | None]] = []
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
-            if pod in listing.pods or pod in seen or pod in mine or index is None or index >= next_index:
+            if pod in listing.pods or index is None or index >= next_index:
                 continue
             credential = self._store.worker_credential_in(secret)
             made = credential.since if credential is not None else None
-            if made is not None and now - made < ORPHAN_GRACE_SECONDS:
-                coming.add(pod)
-        return frozenset(coming)
+            young = pod not in seen and made is not None and now - made < ORPHAN_GRACE_SECONDS
+            found.append((pod, secret, made + ORPHAN_GRACE_SECONDS if made is not None and young else None))
+        return found
 
-    async def _delete_orphan_credentials(self, key: QueueKey, listing: PodListing, next_index: int) -> None:
-        """Per-worker tokens whose pod is gone: deleted from outside (listed here before), or never
-        created. Not one made in the last ORPHAN_GRACE_SECONDS whose pod was never listed here: its
-        create may still be under way, on the replica that stood down a moment ago (that pod would
-        then never start, for want of its token)."""
+    def _coming(self, key: QueueKey, listing: PodListing,
+                unlisted: list[tuple[str, SecretName, float | None]]) -> frozenset[str]:
+        """Pods another replica may be creating now: not this replica's own (whose creates are over
+        by the time it plans again, done or failed)."""
+        mine = self._made_here.get(key, set())
+        mine &= set(self._store.worker_credential_secrets(key)) - listing.pods  # done with: forgotten
+        return frozenset(pod for pod, _, until in unlisted if until is not None and pod not in mine)
+
+    async def _delete_orphan_credentials(self, key: QueueKey, listing: PodListing,
+                                         unlisted: list[tuple[str, SecretName, float | None]]) -> None:
+        """Deletes the per-worker tokens whose pod is gone; one whose pod may be coming is looked at
+        again once that time is over (deleted then, its pod would never start for want of it)."""
+        self._listed[key] = listing
         now = self._clock()
-        previous, self._listed[key] = self._listed.get(key), listing
-        seen, pods = (previous.pods if previous is not None else frozenset()), listing.pods
-        for pod, secret in self._store.worker_credential_secrets(key).items():
-            index = workers.pod_index(pod)
-            if pod not in pods and index is not None and index < next_index:
-                credential = self._store.worker_credential_in(secret)
-                made = credential.since if credential is not None else None
-                if pod not in seen and made is not None and now - made < ORPHAN_GRACE_SECONDS:
-                    self._queue.add_after(key, made + ORPHAN_GRACE_SECONDS - now)
-                    continue
-                try:
-                    await self._client.delete(f"{resources.secrets_path(secret[0])}/{secret[1]}")
-                except client_.ApiError as exc:
-                    if not exc.not_found:
-                        raise
+        for _, secret, until in unlisted:
+            if until is not None:
+                self._queue.add_after(key, until - now)
+                continue
+            try:
+                await self._client.delete(f"{resources.secrets_path(secret[0])}/{secret[1]}")
+            except client_.ApiError as exc:
+                if not exc.not_found:
+                    raise
 
     async def _delete_queue(self, queue: QueueObject) -> None:
         await resources.delete_exact(self._client, resources.queue_path(queue.namespace, queue.name), queue.uid)
