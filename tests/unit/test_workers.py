@@ -468,6 +468,8 @@ def test_build_pod_has_what_the_worker_needs():
     env = {e["name"]: e for e in body["spec"]["containers"][0]["env"]}
     assert env["QUEUE_ID"]["value"] == "q-1" and env["KEEP"]["value"] == "1"
     assert env["CONTROL_PLANE_URL"]["value"] == "http://cp:8080"
+    # The default command's CLI reads these: without them it would call Kubiya's public control plane.
+    assert env["CONTROL_PLANE_GATEWAY_URL"]["value"] == env["KUBIYA_CONTROL_PLANE_BASE_URL"]["value"] == "http://cp:8080"
     # Its own token, not the queue's: the operator knows which worker asks.
     assert env["KUBIYA_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "q1-w4-token", "key": "token"}}
     assert env["HEARTBEAT_INTERVAL"]["value"] == "30" and env["SINGLE_EXECUTION"]["value"] == "true"

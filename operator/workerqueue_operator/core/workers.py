@@ -863,6 +863,10 @@ class PodInputs:
     owner: Mapping[str, Any]
 
 
+CLI_URL_VARIABLES = ("CONTROL_PLANE_GATEWAY_URL", "KUBIYA_CONTROL_PLANE_BASE_URL")
+"""Where the Kubiya CLI looks for the control plane's URL; it hands the worker it runs CONTROL_PLANE_URL from them."""
+
+
 def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: settings_.Settings) -> dict[str, Any]:
     """A worker pod for a queue: the queue's template (or the default worker), plus what the operator owns."""
     s = queue.spec
@@ -883,6 +887,9 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
     env: list[dict[str, Any]] = [
         {"name": "QUEUE_ID", "value": queue.queue_id},
         {"name": "CONTROL_PLANE_URL", "value": inputs.control_plane_url},
+        # `kubiya worker start` (the default command) reads the URL from these, not CONTROL_PLANE_URL,
+        # and without them calls Kubiya's public control plane with the worker's token.
+        *({"name": name, "value": inputs.control_plane_url} for name in CLI_URL_VARIABLES),
         {"name": "HEARTBEAT_INTERVAL", "value": str(s.heartbeat_interval_seconds)},
         {"name": "TEMPORAL_HOST", "value": worker_temporal_host(queue, settings)},
     ]
