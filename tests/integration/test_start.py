@@ -233,7 +233,8 @@ def service_account_token(kube: Kube, namespace: str, name: str) -> str:
 
 
 def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess, kube: Kube, namespace: str):
-    kube.create_queue(namespace, "rbac", queueId=f"k-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.create_queue(namespace, "rbac", queueId=f"k-{namespace}", temporal={"host": "t:1", "namespace": "n"},
+                      websocket={"url": "wss://ws.example.com/workers"})
     kube.wait_condition(namespace, "rbac", "True")
     kube.grant(namespace, "start-workers", resource="workerqueues/start", verb="create", queue="rbac",
                account="allowed")
@@ -242,6 +243,11 @@ def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess,
 
     r = operator.start_worker(f"k-{namespace}", allowed)
     assert r.status == 200, r.body
+    # The worker sends its token to the websocket URL, which the queue's author chose: a Kubernetes
+    # identity's token (it may open other queues, and the API server) is not sent there.
+    assert (r.json()["websocket_enabled"], r.json()["websocket_url"]) == (False, None)
+    r = operator.start_worker(f"k-{namespace}", kube.queue_token(namespace, "rbac"))
+    assert (r.json()["websocket_enabled"], r.json()["websocket_url"]) == (True, "wss://ws.example.com/workers")
     r = operator.start_worker(f"k-{namespace}", denied)
     assert r.status == 403
     assert f"system:serviceaccount:{namespace}:denied" in r.json()["detail"]

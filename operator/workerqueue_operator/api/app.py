@@ -135,7 +135,8 @@ async def start_worker(request: web.Request) -> web.Response:
             return await _refused(request, queue, pod, workers.full(queue))
 
     payload = resolution.config.response_body(
-        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]))
+        worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]),
+        own_websocket=caller.identity is None)
     if store.queue(queue.key) is not None:  # deleted meanwhile (a review, a claim): its series went already
         request.app[METRICS].worker_started(queue.namespace, queue.name)
     # DEBUG: at thousands of starts a second an INFO line each is most of the cost; the metric counts them.

@@ -319,19 +319,32 @@ class QueueConfig:
     here, on the watch's path: made at a queue's first /start, it cost a tenth of /start's CPU with
     10,000 queues each started a few times, and /start's p50 was not flat in the number of queues."""
 
+    without_websocket_json: bytes | None = field(init=False, repr=False, compare=False)
+    """The same with the websocket off, for the callers the queue's own websocket URL is not given to."""
+
     def __post_init__(self) -> None:
         body = json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":"))
         object.__setattr__(self, "fields_json", body.encode())
+        without = None
+        if self.websocket_enabled and self.websocket_url:
+            without = json.dumps({**self.fields, "websocket_enabled": False}, separators=(",", ":")).encode()
+        object.__setattr__(self, "without_websocket_json", without)
 
-    def response_body(self, *, worker_id: str, control_plane_url: str) -> bytes:
-        """The 200 body: a JSON object with every field of the contract's WorkerStartResponse."""
+    def response_body(self, *, worker_id: str, control_plane_url: str, own_websocket: bool = True) -> bytes:
+        """The 200 body: a JSON object with every field of the contract's WorkerStartResponse.
+        `own_websocket`: whether the queue's own websocket URL may be given. The worker sends its bearer
+        token to it, and a queue's author chooses it: a Kubernetes identity's token, which may open
+        other namespaces' queues (and the API server), must not go there. Such a caller goes without."""
         websocket_url = "null"
-        if self.websocket_enabled:
+        fields_json = self.fields_json
+        if self.without_websocket_json is not None and not own_websocket:
+            fields_json = self.without_websocket_json
+        elif self.websocket_enabled:
             websocket_url = _json_string(self.websocket_url or websocket_url_for(control_plane_url, worker_id))
         # Spliced by hand: a json.dumps per request costs more than the rest of the body together.
         head = (f'{{"worker_id":{_json_string(worker_id)},"control_plane_url":{_json_string(control_plane_url)},'
                 f'"websocket_url":{websocket_url},')
-        return head.encode() + self.fields_json[1:]
+        return head.encode() + fields_json[1:]
 
 
 @dataclass(frozen=True)
