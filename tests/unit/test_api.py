@@ -941,7 +941,8 @@ async def test_the_token_of_a_queue_whose_id_another_holds_is_told_so_not_taken_
     async with TestClient(TestServer(apps.make_app(store))) as c:
         refused = await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer second"})
         assert (refused.status, await refused.json()) == (409, {
-            "detail": "WorkerQueue team-b/agents is not served: its queue id q-1 is held by team-a/agents"})
+            "detail": "WorkerQueue team-b/agents is not served: its queue id q-1 is held by a WorkerQueue in "
+                      "another namespace"})
         beat = await c.post("/api/v1/workers/w-1/heartbeat", json={"status": "active"},
                             headers={"Authorization": "Bearer second"})
         assert beat.status == 409

@@ -104,6 +104,17 @@ def test_the_earlier_queue_keeps_a_conflicting_id():
     assert s.conflict_of_token(queues.digest("new")) is None
 
 
+def test_a_conflicting_id_held_in_another_namespace_does_not_name_its_queue():
+    s, _ = store()
+    s.upsert_queue(queue("private-project", queueId="same", created="2026-01-01T00:00:00Z"))
+    s.upsert_queue(queue("mine", namespace="team-b", queueId="same", created="2026-02-01T00:00:00Z"))
+    s.upsert_secret(("team-b", "mine-worker-token"), {"token": "mine"})
+    loser = s.resolution(("team-b", "mine"))
+    assert loser.problem.message == "queue id same is already used by a WorkerQueue in another namespace"
+    told = s.conflict_of_token(queues.digest("mine"))
+    assert told is not None and "team-a" not in told and "private-project" not in told
+
+
 def test_a_queue_made_in_the_same_second_never_takes_the_id_from_the_one_holding_it():
     # creationTimestamp has a one-second grain: by name alone, "a-new" would win over "b-old".
     holding = queue_body("b-old", queueId="same", created="2026-01-01T00:00:00Z")

@@ -312,7 +312,7 @@ class Store:
         loser = self._queues[min(losers)]
         winner = self._winner(self._claimants[loser.queue_id])
         return (f"WorkerQueue {loser.namespace}/{loser.name} is not served: its queue id {loser.queue_id} "
-                f"is held by {winner[0]}/{winner[1]}")
+                f"is held by {_holder(winner, loser.namespace)}")
 
     def queue_of_token(self, token_digest: bytes) -> QueueKey | None:
         """The one queue a worker's token belongs to; None for a token of no queue, or of several
@@ -414,8 +414,8 @@ class Store:
             resolution = queues.resolve(queue, secrets=self._secrets, settings=self._settings)
             winner = self._winner(self._claimants[queue.queue_id])
             if winner != key:
-                owner = f"{winner[0]}/{winner[1]}"
-                problem = queues.Problem("QueueIdConflict", f"queue id {queue.queue_id} is already used by {owner}")
+                problem = queues.Problem("QueueIdConflict", f"queue id {queue.queue_id} is already used by "
+                                         f"{_holder(winner, queue.namespace)}")
                 # Nothing of it serves: no worker is started for it (its token Secret in the making
                 # included: they would be answered 403 by the queue that holds the id), nor probed.
                 resolution = replace(resolution, config=None, problem=problem, awaiting_generated_token=False,
@@ -455,3 +455,9 @@ def _index(digests_of: dict[QueueKey, tuple[bytes, ...]], keys_of: dict[bytes, s
         digests_of[key] = digests
         for new in digests:
             keys_of.setdefault(new, set()).add(key)
+
+
+def _holder(winner: QueueKey, namespace: str) -> str:
+    """The queue holding an id, as told to a queue of `namespace` (its status, its token's callers):
+    another namespace's is not named, as its names are another team's to know."""
+    return f"{winner[0]}/{winner[1]}" if winner[0] == namespace else "a WorkerQueue in another namespace"
