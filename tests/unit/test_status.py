@@ -180,3 +180,18 @@ def test_a_spec_the_operator_cannot_take_says_which_fields_and_never_their_value
     assert (ready["status"], ready["reason"], ready["observedGeneration"], ready["lastTransitionTime"]) == (
         "False", "SpecInvalid", 4, LATER)
     assert st["observedGeneration"] == 4
+
+
+def test_ready_says_what_workers_will_lack_for_their_executions():
+    # A queue author does not see the operator's log: Ready itself says what the workers will miss.
+    settings = Settings(temporal_host="t:7233", temporal_namespace="default")
+    token = {("team-a", "q1-worker-token"): {"token": "t0k"}}
+    bare = queues.resolve(queue(), secrets=token, settings=settings)
+    message = conditions(status.desired_status(bare, {}, now=NOW))["Ready"]["message"]
+    assert message.startswith("workers can start; they lack an upstream control plane")
+    assert "404" in message and "a LiteLLM URL" in message
+    upstream = {"url": "https://cp.example", "apiKeySecretRef": {"name": "org", "key": "k"}}
+    complete = queues.resolve(queue(upstream=upstream, litellm={"url": "http://llm:4000"}),
+                              secrets={**token, ("team-a", "org"): {"k": "key"}}, settings=settings)
+    ready = conditions(status.desired_status(complete, {}, now=NOW))["Ready"]
+    assert (ready["status"], ready["message"]) == ("True", "workers can start")

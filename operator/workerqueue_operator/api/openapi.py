@@ -28,7 +28,8 @@ START_ERRORS: dict[int, tuple[str, str]] = {
     413: ("The request body is over 1 MiB", "Request body too large"),
     503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "
-          "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After)",
+          "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After), or a "
+          "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded)",
           "Worker queue is not ready: secret llm not found in namespace team-a"),
 }
 
@@ -136,18 +137,19 @@ def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
             "/api/v1/workers/{worker_id}/disconnect": {"post": operation(
                 "Worker Disconnect", "Ends the worker's registration at once (its slot is free); the reason "
                 "and exit code become an Event on the queue.", "worker_id",
-                {"200": json_of({"type": "object"}), **failures(400, 401, 403, 404, 408, 413, 503)},
+                {"200": json_of({"type": "object"}), **failures(400, 401, 403, 404, 408, 409, 413, 503)},
                 body="WorkerDisconnectRequest")},
             "/api/v1/worker-queues/{queue_id}/workers": {"get": operation(
                 "List Live Workers", "The queue's registered workers whose heartbeats are current.", "queue_id",
                 {"200": json_of({"type": "array", "items": ref("WorkerInfo")}),
-                 **failures(401, 403, 404, 503, validated=False)})},
+                 **failures(401, 403, 404, 409, 503, validated=False)})},
             "/api/v1/worker-queues/{queue_id}/executions": {"get": operation(
                 "List Executions", "The workflows of the queue's Temporal task queue, newest first. A worker "
                 "with its own (per-worker) token sees only the executions it holds, folded into one entry that "
-                "reads `running` while any of them runs; a shared queue token sees none; a Kubernetes identity "
-                "allowed to `get` the WorkerQueue sees all.", "queue_id",
-                {"200": json_of({"type": "array", "items": ref("ExecutionInfo")}), **failures(401, 403, 404, 503)},
+                "reads `running` while any of them runs; a shared queue token sees none. A Kubernetes identity "
+                "allowed to `get` the WorkerQueue sees the execution of its one registration in the queue, none "
+                "with several (or when its token is bound to a pod without one), and all with none.", "queue_id",
+                {"200": json_of({"type": "array", "items": ref("ExecutionInfo")}), **failures(401, 403, 404, 409, 503)},
                 query=[{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}},
                        {"name": "status", "in": "query", "required": False,
@@ -157,7 +159,7 @@ def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
             "/api/v1/worker-queues/{queue_id}": {"delete": operation(
                 "Delete Worker Queue", "Deletes the WorkerQueue (its pods and registrations go with it): with a "
                 "token of the queue when it is ephemeral, or as a Kubernetes identity allowed to `delete` it.",
-                "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 503, validated=False)})},
+                "queue_id", {"204": {"description": "Deleted"}, **failures(401, 403, 404, 409, 503, validated=False)})},
             "/healthz": plain("Liveness"),
             "/readyz": plain("Readiness: 200 once the watches have listed everything"),
             **({"/metrics": plain("Prometheus metrics")} if metrics else {}),

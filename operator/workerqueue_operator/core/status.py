@@ -105,7 +105,7 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
                                    generation=generation, now=now)
     elif problem is None:
         conditions = set_condition(conditions, type=READY, status="True", reason="Ready",
-                                   message="workers can start", generation=generation, now=now)
+                                   message=ready_message(resolution), generation=generation, now=now)
     else:
         status = "Unknown" if problem.reason == "SecretPending" else "False"
         conditions = set_condition(conditions, type=READY, status=status, reason=problem.reason,
@@ -117,6 +117,18 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
         "observedGeneration": generation,
         "conditions": conditions,
     }
+
+
+def ready_message(resolution: Resolution) -> str:
+    """Ready's message: that workers can start, and what they will lack for their executions (the
+    queue serves /start all the same; a queue author does not see the operator's logs)."""
+    lacking = []
+    if resolution.upstream is None and resolution.upstream_problem is None:
+        lacking.append("an upstream control plane (spec.upstream or the operator's upstream.url): without one "
+                       "the workers' calls about their executions answer 404 and each execution fails")
+    if resolution.config is not None and not resolution.config.fields.get("litellm_api_url"):
+        lacking.append("a LiteLLM URL (spec.litellm.url or the operator's litellm.url)")
+    return "workers can start" + (f"; they lack {' and '.join(lacking)}" if lacking else "")
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
