@@ -312,10 +312,12 @@ def test_a_finished_queue_is_not_deleted_at_its_ttl_while_temporal_cannot_say_wh
     restart or a handover, the queue was deleted at its TTL and the workflow waited with no worker."""
     finished = WorkersStatus(succeeded=1, next_index=1, finished_time=times.rfc3339(T0 - 600))
     # Nor on a reading of 25 s ago, fresh enough to size the queue: not to delete it for good.
-    for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600),
-                    Demand(backlog=0, read_at=T0 - 25)):
+    for unknown in (None, Demand(backlog=None), Demand(backlog=0, read_at=T0 - 3600)):
         held = plan([], unknown, finished, ephemeral=True, ttlSecondsAfterFinished=300)
         assert held.delete_queue is None and held.requeue_after is None  # the next reading plans it again
+    # Readings come, alike (the probe requeues a queue on a change only): planned again soon.
+    held = plan([], Demand(backlog=0, read_at=T0 - 25), finished, ephemeral=True, ttlSecondsAfterFinished=300)
+    assert held.delete_queue is None and held.requeue_after == SETTINGS.backlog_idle_poll_seconds
     known = plan([], Demand(backlog=0, read_at=T0 - 1), finished, ephemeral=True, ttlSecondsAfterFinished=300)
     assert known.delete_queue is not None and known.delete_queue.reason == "QueueFinished"
 
@@ -403,3 +405,33 @@ def test_a_queue_on_its_own_task_queue_takes_no_other_queues_workers_on_it_for_i
     p = workers.plan(mine, alive, previous=previous, now=T0, created=T0 - 100, settings=SETTINGS,
                      demand=Demand(backlog=0, busy=their_hosts | {"q1-w0"}))
     assert p.workers.desired == 1 and p.delete == ()
+
+
+def test_a_finished_scaling_queue_is_deleted_only_on_a_reading_asked_after_its_finish():
+    """The reading taken as its last worker ended (up to 5 s old, recent enough) may miss a workflow
+    started just then: the queue was deleted at once (ttlSecondsAfterFinished 0) and it never ran."""
+    worked = WorkersStatus(succeeded=0, next_index=1)
+    done = plan([pod(0, "Succeeded")], Demand(backlog=0, read_at=T0 - 0.1), worked, ephemeral=True)
+    assert done.workers.finished_time == times.rfc3339(T0) and done.delete_queue is None
+    assert done.requeue_after == SETTINGS.backlog_idle_poll_seconds  # for the next reading
+    early = plan([], Demand(backlog=0, read_at=T0 + 1), done.workers, now=T0 + 1.5, ephemeral=True)
+    assert early.delete_queue is None  # within a second of the finish: maybe before it
+    waits = plan([], Demand(backlog=1, read_at=T0 + 3), done.workers, now=T0 + 3.5, ephemeral=True)
+    assert waits.create == (1,) and waits.delete_queue is None and waits.workers.finished_time is None
+    after = plan([], Demand(backlog=0, read_at=T0 + 3), done.workers, now=T0 + 3.5, ephemeral=True)
+    assert after.delete_queue is not None and after.delete_queue.reason == "QueueFinished"
+
+
+def test_a_workflow_not_due_yet_keeps_an_ephemeral_scaling_queue_without_a_worker_for_it():
+    """A retry's back-off (over a minute after a few attempts), a start delay, a cron run: no worker
+    can take it yet, and none is kept idle for it, but the queue was deleted meanwhile and the
+    workflow found no queue when it came due."""
+    found = [execution("retry", delayed=True)]
+    demand = supervisor.reading(found, listed=1000, read_at=T0)
+    assert (demand.backlog, demand.delayed) == (0, 1)
+    worked = WorkersStatus(succeeded=1, next_index=1)
+    held = plan([], demand, worked, ephemeral=True)
+    assert held.create == () and held.workers.desired == 0
+    assert held.delete_queue is None and held.workers.finished_time is None
+    due = plan([], Demand(backlog=1, read_at=T0 + 70), held.workers, now=T0 + 70, ephemeral=True)
+    assert due.create == (1,)

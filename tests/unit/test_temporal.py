@@ -443,3 +443,37 @@ async def test_a_workers_first_execution_stays_in_its_view_once_its_later_one_cl
         assert "first" not in {e.id for e in found}
     finally:
         await access.close()
+
+
+async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.MonkeyPatch):
+    # A scaling probe stamps its reading with its own start: joined to a listing begun earlier (by
+    # another queue on the task queue, or a worker's poll), its reading was older than it said, and
+    # a pod or an ephemeral queue was deleted on it.
+    runs = [_Run("wf-1", "run-1", S.RUNNING, "W", START, None)]
+    scans = [0]
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        return _Holder("1@pod-a", rfc3339(START))
+
+    patch_listing(monkeypatch, runs, read, scan_seconds=0.3)
+    original = Temporal._scan
+
+    def counted(self: Temporal, *args: Any) -> Any:
+        scans[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(Temporal, "_scan", counted)
+    access = Temporal(timeout=2.0, coalesce=5.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        first = asyncio.create_task(access.executions(endpoint, "tq", running=True))
+        await asyncio.sleep(0.1)
+        await access.executions(endpoint, "tq", running=True)  # joins the one under way
+        assert scans[0] == 1
+        await access.executions(endpoint, "tq", running=True, fresh=True)
+        assert scans[0] == 2
+        await first
+        await access.executions(endpoint, "tq", running=True)  # within the coalescing window: joined
+        assert scans[0] == 2
+    finally:
+        await access.close()

@@ -119,17 +119,18 @@ _LISTED = temporal_.SCAN_LIMIT
 
 def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float) -> workers.Demand:
     """A scaling queue's work from its running workflows as listed (at most `listed` of them): those
-    no worker has taken yet wait (not one whose first task is not due yet: a cron run, a start delay);
-    the hosts of the others' holders are busy."""
+    no worker has taken yet wait (not one whose first task is not due yet: a cron run, a start delay,
+    a retry's back-off, which is counted apart); the hosts of the others' holders are busy."""
     running = [e for e in found if e.status == "running"]
     busy = frozenset(e.holder.split("@", 1)[1] for e in running if e.holder and "@" in e.holder)
     # One whose holder was not read in time may wait too: counted so, not to hold a burst's scale-up
     # back; and it keeps every running pod from going meanwhile.
     waiting = sum(1 for e in running if e.holder is None and not e.delayed)
+    delayed = sum(1 for e in running if e.holder is None and e.delayed)
     unread = sum(1 for e in running if e.holder_unread)
     if len(found) >= listed:
         unread += 1  # maybe cut: those left out may be held by any running pod
-    return workers.Demand(backlog=waiting, busy=busy, unread=unread, read_at=read_at)
+    return workers.Demand(backlog=waiting, busy=busy, unread=unread, delayed=delayed, read_at=read_at)
 
 
 ORPHAN_GRACE_SECONDS = 60.0
@@ -901,7 +902,8 @@ class Supervisor:
                     # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
                     # wait ~5 s for it); the running workflows that no worker has taken yet are known
                     # at once, and so is who holds the others.
-                    found = await self._temporal.executions(endpoint, task_queue, limit=_LISTED, running=True)
+                    found = await self._temporal.executions(endpoint, task_queue, limit=_LISTED, running=True,
+                                                            fresh=True)
                     demand = reading(found, listed=_LISTED, read_at=read_at)
                 else:  # status shows the server's statistic, as `temporal task-queue describe` would
                     demand = workers.Demand(backlog=info.backlog or 0, read_at=read_at)

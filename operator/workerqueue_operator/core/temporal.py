@@ -270,7 +270,7 @@ class Temporal:
         """(host, namespace) -> its history reads' turns, while a line of it is read."""
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
-                         running: bool = False, taken_first: bool = False) -> list[Execution]:
+                         running: bool = False, taken_first: bool = False, fresh: bool = False) -> list[Execution]:
         """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
         with `running`, only those still running (what waits for a worker and what workers hold).
 
@@ -278,10 +278,13 @@ class Temporal:
         then the `limit` closed last, then older closed ones whose holder is known. A worker's own
         execution is listed however many newer ones wait behind it (cut to the newest, a burst of
         more than `limit` hid it: its worker never saw it end, nor exited), and so is a second one it
-        runs however many older ones run."""
+        runs however many older ones run.
+
+        With `fresh`, no listing begun before this call is joined: what the caller makes of it is as of
+        now (a scaling probe's reading, on which pods and ephemeral queues are deleted)."""
         key = (endpoint.key, task_queue, limit, running, taken_first)
         loop = asyncio.get_running_loop()
-        entry = self._listings.get(key)
+        entry = None if fresh else self._listings.get(key)
         if entry is not None:
             task, finished = entry
             if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):

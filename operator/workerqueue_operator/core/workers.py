@@ -419,6 +419,10 @@ UNSURE_RETRY_SECONDS = 5.0
 IDLE_STALE_SECONDS = 5.0
 """A running pod is taken for idle only on a reading this recent: one that took a workflow since
 an older reading shows idle in it."""
+FINISH_READ_SECONDS = 2.0
+"""A finished ephemeral scaling queue is deleted only on a reading asked this long after its finish
+time (whole seconds, so up to a second before its last worker was seen gone; the rest is room for
+Temporal's visibility to show a workflow started as that worker ended)."""
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,9 @@ class Demand:
     activities): never taken for idle. Not counted in the desired workers, which follow the workflows."""
     activities_unknown: bool = False
     """Temporal could not tell which pods run an activity: no running pod is idle for sure now."""
+    delayed: int = 0
+    """Workflows whose first task is not due yet (a retry's back-off, a start delay, a cron run): no
+    worker waits for them, but an ephemeral queue has not finished while they are there."""
     read_at: float | None = field(default=None, compare=False)
     """When Temporal said so (epoch seconds; None: now). Not compared: the same reading again is no change."""
 
@@ -444,6 +451,10 @@ class Demand:
         """Whether the reading is recent enough to act on what cannot be undone (a running pod, or an
         ephemeral queue, deleted): within IDLE_STALE_SECONDS."""
         return self.read_at is None or now - self.read_at <= IDLE_STALE_SECONDS
+
+    def read_after(self, moment: float) -> bool:
+        """Whether Temporal was asked after `moment` (epoch seconds)."""
+        return self.read_at is None or self.read_at > moment
 
     def fresh(self, now: float) -> bool:
         """Whether the reading may still be acted on: one older than DEMAND_STALE_SECONDS (Temporal not
@@ -664,21 +675,30 @@ def plan(
         # left; not before its first work came. Its workers need not have exited by themselves: ones
         # that take several workflows leave as idle once the work is done.
         done = (w.succeeded > 0 or w.next_index > 0) if s.scaling is not None else True
-        if w.desired > 0 or alive:
+        # A workflow not due yet (a retry's back-off, say) is work to come, though it wants no worker now.
+        deferred = s.scaling is not None and demand is not None and demand.fresh(now) and demand.delayed > 0
+        if w.desired > 0 or alive or deferred:
             w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
         elif done and delete_queue is None:
             if w.finished_time is None:
                 w.finished_time = times.rfc3339(now)
                 events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
-            expires = times.parse(w.finished_time) + s.ttl_seconds_after_finished
-            # A scaling queue's work may have come back meanwhile: deleted only once Temporal says
-            # nothing waits (unreachable, or not read yet since a restart or a handover: not yet).
+            finished_at = times.parse(w.finished_time)
+            expires = finished_at + s.ttl_seconds_after_finished
+            # A scaling queue's work may have come back meanwhile: deleted only once Temporal, asked
+            # after the finish, says nothing waits (unreachable, or not read yet since a restart or a
+            # handover: not yet). A reading from before may miss a workflow started as the last
+            # worker ended, or handed to it as it went.
+            read = demand if demand is not None and demand.backlog is not None else None
             nothing_known_waits = s.scaling is None or (
-                demand is not None and demand.backlog is not None and demand.recent(now))
+                read is not None and read.recent(now) and read.read_after(finished_at + FINISH_READ_SECONDS))
             if now >= expires and nothing_known_waits:
                 delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
             elif now < expires:
                 requeue.append(expires - now)
+            elif read is not None and read.fresh(now):
+                # The readings go on, alike maybe (the probe requeues a queue on a change only): the next may do.
+                requeue.append(settings.backlog_idle_poll_seconds)
             # Else planned again when a reading comes (the probe requeues the queue then).
 
     if s.scaling is None and manages_pods(s):
