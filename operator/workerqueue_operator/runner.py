@@ -389,6 +389,10 @@ async def run(
                              f"for {informer.IDLE_SECONDS:g} s and were watched again, by resource (their "
                              "connection may have died unheard).", kind="counter", label="resource",
                              read=lambda: watches.counts(lambda i: i.idle_restarts))
+    app[keys.METRICS].family("workerqueue_watch_cut_restarts_total",
+                             "Watches whose connection was cut mid-stream (the API server restarting, a proxy) "
+                             "and that were watched again from the last version seen, by resource.",
+                             kind="counter", label="resource", read=lambda: watches.counts(lambda i: i.cut_restarts))
     app[keys.METRICS].family("workerqueue_reconcile_failures_total",
                              "Passes over a queue that failed and are retried, by controller (status: its "
                              "status and token Secret; workers: its worker pods); see the log.",

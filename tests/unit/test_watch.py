@@ -93,3 +93,56 @@ async def test_a_watch_gone_at_once_after_its_list_backs_off_loudly(how: str, ca
     assert 2 <= lists <= 4  # at 0, 0.5, 1.5 s: backed off
     assert watch.failures >= 2 and watch.down_since is not None  # counted, and /readyz will say so
     assert "410 Gone for the version just listed" in caplog.text
+
+
+async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist():
+    """An API server restarting, or a proxy cutting long connections: each cut was counted a failure
+    and cost a full relist (the replica's Secrets and Leases too, all replicas at once), where client-go
+    watches again from the last version it saw."""
+    import asyncio
+
+    import kubernetes
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import informer
+
+    lists, versions = 0, []
+    third = asyncio.Event()
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        nonlocal lists
+        if request.query.get("watch") != "true":
+            lists += 1
+            return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
+        versions.append(request.query["resourceVersion"])
+        if len(versions) == 3:
+            third.set()
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        after = int(request.query["resourceVersion"]) + 1
+        event = {"type": "ADDED", "object": {"metadata": {"name": f"s{after}", "namespace": "n",
+                                                          "resourceVersion": str(after)}}}
+        await response.write(json.dumps(event).encode() + b"\n")
+        await asyncio.sleep(0.3)  # read by then; an event came, so no ShortWatch
+        assert request.transport is not None
+        request.transport.abort()  # cut mid-stream: no last chunk
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/secrets", api)
+    seen: list[str] = []
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        watch = informer.Informer(kube, "/api/v1/secrets", on_upsert=lambda body: seen.append(body["metadata"]["name"]),
+                                  on_delete=lambda *_: None, name="secrets")
+        task = asyncio.create_task(watch.run())
+        try:
+            await asyncio.wait_for(third.wait(), 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+    assert lists == 1 and versions[:3] == ["100", "101", "102"]  # each watch goes on from the last event
+    assert seen[:2] == ["s101", "s102"] and watch.failures == 0 and watch.cut_restarts >= 2

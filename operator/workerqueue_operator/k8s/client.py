@@ -65,6 +65,11 @@ class WatchIdle(Exception):
     """Nothing came on a watch for its `idle` seconds after the server answered (see KubeClient.watch)."""
 
 
+class WatchCut(Exception):
+    """The connection of a watch the server had answered was cut mid-stream (the API server restarting,
+    a proxy's cut): the watch goes on from the last version seen, as client-go's does; no relist."""
+
+
 class ApiError(Exception):
     """A non-2xx answer of the API server. The message is the server's Status message, never a body."""
 
@@ -379,6 +384,8 @@ class KubeClient:
                 if idle is None:
                     raise
                 raise WatchIdle(f"nothing received for {idle:g}s") from exc
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
+                raise WatchCut(f"the stream was cut ({type(exc).__name__})") from exc
 
 
 async def watch_lines(content: aiohttp.StreamReader, *, max_line: int = MAX_WATCH_LINE) -> AsyncIterator[bytes]:

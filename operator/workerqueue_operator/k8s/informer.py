@@ -93,6 +93,8 @@ class Informer:
         """Objects a callback failed on (a bug of ours: see the log)."""
         self.idle_restarts = 0
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
+        self.cut_restarts = 0
+        """Watches whose connection was cut mid-stream and that were watched again from their version."""
         self.listing = False
         """A (re)list is under way: objects made since the last event may not be known yet."""
         self.down_since: float | None = None
@@ -225,6 +227,13 @@ class Informer:
         except client_.WatchIdle as exc:
             self.idle_restarts += 1
             logger.info("watch %s: %s; watching again", self.name, exc)
+        except client_.WatchCut as exc:
+            if not events_seen and loop.time() - started < STABLE_SECONDS:
+                raise  # cut at once, as every watch is while the API server is away: a failure, backed off
+            # Relisting instead, every replica would list everything at once as the API server comes
+            # back, and a Lease deleted meanwhile would come as a deletion without its last state.
+            self.cut_restarts += 1
+            logger.info("watch %s: %s; watching again from version %s", self.name, exc, version)
         finally:
             for timer in working:
                 timer.cancel()
