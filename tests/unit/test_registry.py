@@ -1503,3 +1503,55 @@ async def test_registrations_ended_by_disconnect_leave_memory_at_once_not_at_the
     del worker
     assert reg.total == 0
     assert workers_in_memory() - before < 5
+
+
+@pytest.mark.looptime
+async def test_failing_lease_writes_back_off_per_worker_and_heartbeats_add_none():
+    """An API server answering 429: each failed write was retried every 2 s, and each heartbeat of a
+    worker not confirmed yet queued one more besides: ~9x the writes of a healthy cluster at a 10-s
+    interval, all against the server that asked for fewer."""
+    from workerqueue_operator.k8s import client as client_
+
+    class Throttling:
+        def __init__(self) -> None:
+            self.failing, self.calls, self.in_flight, self.most_in_flight = True, 0, 0, 0
+
+        async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
+                          **_: Any) -> dict[str, Any]:
+            self.calls += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(0.5)
+                if self.failing:
+                    raise client_.ApiError(429, "TooManyRequests", "the server has received too many requests")
+                assert body is not None
+                return {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.calls)}}
+            finally:
+                self.in_flight -= 1
+
+    class NoEvents:
+        def post(self, **_: Any) -> None:
+            pass
+
+    loop = asyncio.get_running_loop()
+    api = Throttling()
+    q = queue(heartbeatIntervalSeconds=60)
+    reg = registry.Registry(client=api, events=NoEvents(), queue_of=lambda key: q,  # type: ignore[arg-type]
+                            active=lambda: False, monotonic=loop.time)
+    runner = asyncio.create_task(reg.run())
+    try:
+        worker = reg.register(q, "w0", pod="q1-w0")
+        for _ in range(40):  # heartbeats far more often than its interval, as a burst of calls would
+            reg.heartbeat(worker, status="running", tasks_processed=0, current_task_id=None, system_info=None)
+            await asyncio.sleep(1.5)
+        # 60 s of failures: 2, 4, 8, then 15 s (a quarter of its interval) apart, each within 20% less:
+        # about 7 writes, where 2-s retries and a write per heartbeat made over 40.
+        assert 5 <= api.calls <= 9 and api.most_in_flight == 1
+        api.failing = False
+        await asyncio.sleep(20)
+        # Healthy again: written, its heartbeat with it, and later ones paced as before.
+        assert reg.get("w0") is worker and worker.stored and worker.confirmed and worker.write_failures == 0
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

@@ -228,6 +228,11 @@ class Worker:
     token_refused: bool = False
     """A call in its name was refused here for its token (401) since its last heartbeat: its token was
     revoked (its Secret deleted, a rotation), the likely reason should it expire."""
+    held_until: float = 0.0
+    """No write of its Lease is queued before this (monotonic): one is under way (inf), or the last
+    failed and its retry waits (see Registry._write)."""
+    write_failures: int = 0
+    """Writes of its Lease failed in a row: its retries back off."""
 
     @property
     def namespace(self) -> str:

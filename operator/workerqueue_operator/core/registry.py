@@ -76,8 +76,9 @@ all of them within this, or the claim fails (/start answers 503)."""
 BLIND_FORGIVEN_SECONDS = 300.0
 """The longest stretch of a Lease watch down whose time does not count toward expiry (see Registry._blind_at)."""
 RETRY_SECONDS = 2.0
-"""A registration whose write failed is written again this much later (a delete: doubling up to
-DELETE_RETRY_MAX_SECONDS)."""
+"""A registration whose write failed is written again this much later, doubling with each failure
+in a row up to a quarter of its interval (so that it is renewed before it lapses; at least this),
+and a delete doubling up to DELETE_RETRY_MAX_SECONDS."""
 DELETE_RETRY_MAX_SECONDS = 60.0
 DELETE_CONCURRENCY = 16
 """Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
@@ -443,6 +444,8 @@ class Registry:
         write is retried by the writer, as any."""
         self._unmark(worker)
         worker.written_at = self._monotonic()
+        if worker.held_until > worker.written_at:
+            return  # under way already, or failing: retried by the writer
         await self._write(worker)
 
     async def registrations_of(self, queue: QueueObject, identity: str) -> list[Worker]:
@@ -1124,8 +1127,12 @@ class Registry:
             yield next(iter(self._creates.values()))
 
     def _mark(self, worker: Worker) -> None:
-        """Something newer than the Lease is known here: queue it for the writer."""
+        """Something newer than the Lease is known here: queue it for the writer (once the write under
+        way, or the wait after a failed one, is over: heartbeats must not add writes to a failing API
+        server's load, nor race the write they would follow)."""
         worker.dirty = True
+        if worker.held_until > self._monotonic():
+            return
         key = worker.worker_id
         if worker.heartbeats_here and (not worker.stored or not worker.confirmed):
             self._creates.pop(key, None)
@@ -1158,6 +1165,30 @@ class Registry:
         if queue is None or queue.uid != worker.queue_uid:
             self._forget(worker.worker_id)
             return
+        worker.held_until = math.inf
+        try:
+            failed = await self._write_lease(worker, queue)
+        finally:
+            worker.held_until = 0.0
+        if failed:
+            worker.write_failures += 1
+            # Doubling, with jitter so that workers failing together (an outage) are not retried
+            # together; within a quarter of the interval, so that the Lease is renewed before it lapses.
+            ceiling = max(RETRY_SECONDS, worker.interval / 4)
+            jitter = random.uniform(0.8, 1.0)  # noqa: S311 - no secret
+            delay = min(RETRY_SECONDS * 2 ** (worker.write_failures - 1), ceiling) * jitter
+            now = self._monotonic()
+            worker.held_until = now + delay
+            # A renewal waits on written_at, a create on the timer.
+            worker.written_at = now - 0.8 * worker.interval + delay
+            asyncio.get_running_loop().call_later(delay, self._retry, worker)
+            return
+        worker.write_failures = 0
+        if worker.dirty and self._workers.get(worker.worker_id) is worker:
+            self._mark(worker)  # heard of again while it was written
+
+    async def _write_lease(self, worker: Worker, queue: QueueObject) -> bool:
+        """One write of the worker's Lease; True if the API server could not be asked (to retry)."""
         body = lease_body(worker, queue_name=queue.name)
         heartbeat_written = worker.heartbeats_here > 0
         try:
@@ -1172,13 +1203,12 @@ class Registry:
                         ended = self._ended.get(worker.worker_id)
                         await self._delete_quietly(worker, "ended while its registration was written",
                                                    on_purpose=ended is not None and ended.on_purpose)
-                        return
+                        return False
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
                 elif heartbeat_written and not await self._patch(worker, body):
                     # The Lease in the way was deleted meanwhile (its expired registration's): made anew.
-                    if self._workers.get(worker.worker_id) is worker:
-                        self._mark(worker)
-                    return
+                    worker.dirty = True
+                    return False
                 self._stored(worker)
             elif not await self._patch(worker, body):
                 if self._workers.get(worker.worker_id) is worker:  # the watch has not told already
@@ -1187,16 +1217,16 @@ class Registry:
                     # heartbeat, it would look ended on purpose, and be refused for the rest of its
                     # life. A disconnect is told by the watch, by the Lease as it was deleted.
                     self._ended_elsewhere(worker, expired=True)
-                return
+                return False
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
             self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
                               worker.worker_id, type(exc).__name__ if not str(exc) else exc)
-            # Again in ~2 s, not at the next tick: a renewal waits on written_at, a create on the timer.
-            worker.written_at = self._monotonic() - 0.8 * worker.interval + RETRY_SECONDS
-            asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry, worker)
+            return True
+        return False
 
     def _retry(self, worker: Worker) -> None:
+        worker.held_until = 0.0  # the wait is over, whatever the clocks of the timer and _monotonic say
         if self._workers.get(worker.worker_id) is worker:
             self._mark(worker)
 
