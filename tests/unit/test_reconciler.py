@@ -96,3 +96,34 @@ async def test_a_queue_deleted_while_the_replica_stood_by_leaves_nothing_behind(
         assert gone.key not in writer._token_seen
         assert gone.key not in writer._conflicts and gone.key not in writer._token_refusals
         await kube.close()
+
+
+async def test_a_spec_invalid_status_whose_write_failed_is_written_again():
+    """Such a queue is held by no Store, so no resync writes its status: one failed write (an etcd
+    leader change) left the Ready=True of an earlier run on it for good, while /start answered 404."""
+    from tests.unit.factories import queue_body
+    from workerqueue_operator.k8s import client as client_
+
+    class FailingOnce:
+        patches = 0
+
+        async def patch(self, *_: object, **__: object) -> dict[str, object]:
+            self.patches += 1
+            if self.patches == 1:
+                raise client_.ApiError(503, "ServiceUnavailable", "etcd leader changed")
+            return {"metadata": {"resourceVersion": "9"}}
+
+    class NoEvents:
+        def post(self, **_: object) -> None:
+            pass
+
+    api = FailingOnce()
+    writer = reconciler.Reconciler(store=Store(settings=Settings()), client=api, resync_seconds=1,  # type: ignore[arg-type]
+                                   events=NoEvents(), activity=Activity(identity="me", priority=0))  # type: ignore[arg-type]
+    body = queue_body()
+    body["metadata"]["resourceVersion"] = "5"
+    body["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "",
+                                      "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}
+    writer.spec_invalid(body, "spec.replicas: Input should be greater than or equal to 0")
+    await asyncio.sleep(2.5)
+    assert api.patches == 2

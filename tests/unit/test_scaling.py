@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.unit.factories import queue
 from workerqueue_operator.core import supervisor, workers
 from workerqueue_operator.core.workers import Demand, Pod
@@ -435,3 +437,53 @@ def test_a_workflow_not_due_yet_keeps_an_ephemeral_scaling_queue_without_a_worke
     assert held.delete_queue is None and held.workers.finished_time is None
     due = plan([], Demand(backlog=1, read_at=T0 + 70), held.workers, now=T0 + 70, ephemeral=True)
     assert due.create == (1,)
+
+
+async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_probes(
+        caplog: pytest.LogCaptureFixture):
+    """A queue whose Temporal key's Secret is gone while its status still says Reachable: with the
+    API server answering 503, the Unknown it must show was written (and a WARNING logged) every
+    second, one PATCH a second for each such queue, for as long as the outage lasted."""
+    import asyncio
+    import logging
+
+    from tests.unit.factories import queue_body
+    from workerqueue_operator.core import queues, temporal
+    from workerqueue_operator.core.activity import Activity
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.k8s import client as client_
+
+    class Unavailable:
+        patches = 0
+
+        async def patch(self, *_: Any, **__: Any) -> Any:
+            self.patches += 1
+            raise client_.ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
+
+    class NoEvents:
+        def post(self, **_: Any) -> None:
+            pass
+
+    caplog.set_level(logging.WARNING, logger=supervisor.__name__)
+    store = Store(settings=SETTINGS)
+    body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
+                      temporal={"host": "temporal.example:7233", "namespace": "agents",
+                                "apiKeySecretRef": {"name": "tkey", "key": "k"}})
+    body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
+        "type": "TemporalReachable", "status": "True", "reason": "Reachable", "observedGeneration": 1}]}
+    q = queues.QueueObject.from_body(body)
+    store.upsert_queue(q)
+    store.upsert_secret(("team-a", "tok"), {"token": "t"})
+    store.upsert_secret(("team-a", "tkey"), None)  # the Temporal key's Secret deleted
+    api = Unavailable()
+    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
+    s.queue_changed(q)
+    poll = asyncio.create_task(s._poll())
+    try:
+        await asyncio.sleep(7)
+    finally:
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+    assert 2 <= api.patches <= 3  # at 0, 2 and 6 s, where it was one a second
+    assert len([r for r in caplog.records if "writing the Temporal status" in r.getMessage()]) == 1

@@ -176,7 +176,7 @@ class Reconciler:
         """The queue is valid again, or gone."""
         self._invalid.pop(key, None)
 
-    async def _show_invalid(self, body: dict[str, Any], message: str) -> None:
+    async def _show_invalid(self, body: dict[str, Any], message: str, *, tries: int = 1) -> None:
         if not self._activity.is_active():
             return  # the active replica says so; this one will when it becomes active
         meta = body.get("metadata") or {}
@@ -192,13 +192,26 @@ class Reconciler:
         except client_.ApiError as exc:
             if not exc.conflict:  # a conflict: the watch brings the newer copy, and it back here
                 logger.warning("writing the status of %s/%s failed: %s", namespace, name, exc)
+                self._show_invalid_later((namespace, name), tries)
             return
         except client_.ERRORS as exc:
             logger.warning("writing the status of %s/%s failed: %s", namespace, name, type(exc).__name__)
+            self._show_invalid_later((namespace, name), tries)
             return
         self._events.post(involved={"apiVersion": resources.API_VERSION, "kind": "WorkerQueue",
                                     "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", "")}},
                           reason="SpecInvalid", message=message, warning=True)
+
+    def _show_invalid_later(self, key: QueueKey, tries: int) -> None:
+        """Tries the SpecInvalid status again after a failed write, 2 s doubling to a minute: such a
+        queue is not in the Store, so no resync would, and it would show Ready=True meanwhile."""
+
+        def again() -> None:
+            invalid = self._invalid.get(key)  # the latest copy, should it have changed since
+            if invalid is not None:
+                self._spawn(self._show_invalid(*invalid, tries=tries + 1))
+
+        asyncio.get_running_loop().call_later(min(2.0 * 2 ** (tries - 1), 60.0), again)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

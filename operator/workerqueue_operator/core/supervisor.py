@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from workerqueue_operator.core import leases, queues, workers
+from workerqueue_operator.core import leases, pacedlog, queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
@@ -111,6 +111,10 @@ class _Probe:
     shown_known: bool = False
     wanted: spec_.TemporalStatus | None = None
     shown_at: float = float("-inf")
+    write_failures: int = 0
+    write_after: float = 0.0
+    """No status write of the probe's before this (time.monotonic()): the last ones failed, and their
+    retries back off rather than follow the probes (every second, for a scaling queue)."""
 
 
 _LISTED = temporal_.SCAN_LIMIT
@@ -133,6 +137,8 @@ def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float
     return workers.Demand(backlog=waiting, busy=busy, unread=unread, delayed=delayed, read_at=read_at)
 
 
+STATUS_RETRY_MAX_SECONDS = 60.0
+"""The longest wait between tries of a probe's status write that keeps failing."""
 ORPHAN_GRACE_SECONDS = 60.0
 """A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
 
@@ -208,6 +214,7 @@ class Supervisor:
         self._listed: dict[QueueKey, PodListing] = {}
         """Each queue's pods at its last reconcile here (see _delete_orphan_credentials, _resync)."""
         self._timeline: list[tuple[float, int, QueueKey, bool]] = []  # a heap: (when, seq, queue, show)
+        self._log = pacedlog.PacedLog(logger)
         self._seq = 0
         self._demand: dict[QueueKey, workers.Demand] = {}
         self._epoch = 0
@@ -754,6 +761,7 @@ class Supervisor:
         try:
             while True:
                 await asyncio.sleep(_TICK)
+                self._log.settle()
                 if not self._activity.is_active():
                     continue  # status and scaling are the active replica's
                 # While queues wait for their Ready status (10,000 at start-up), reachability and its
@@ -791,7 +799,8 @@ class Supervisor:
                         self._at(key, probe, loop_now + 1.0)  # not resolved yet (e.g. a Secret missing)
                         # What was found of the Temporal the queue named before is no longer so.
                         probe.reachable, probe.target = None, ()
-                        if not probe.running and self._unresolved_shown_otherwise(key):
+                        if not probe.running and loop_now >= probe.write_after and \
+                                self._unresolved_shown_otherwise(key):
                             probe.running = True
                             task = asyncio.create_task(self._show_unresolved(key, probe))
                             tasks.add(task)
@@ -870,10 +879,19 @@ class Supervisor:
             except client_.ApiError as exc:
                 if not (exc.not_found or exc.status == 422):
                     raise  # gone, or the conditions moved: looked at again within a second
+            probe.write_failures, probe.write_after = 0, 0.0
         except client_.ERRORS as exc:
-            logger.warning("writing the Temporal status of %s/%s failed: %s", *key, exc)
+            self._status_write_failed(key, probe, exc)
         finally:
             probe.running = False
+
+    def _status_write_failed(self, key: QueueKey, probe: _Probe, exc: Exception) -> None:
+        """A status write of the probe's failed: the next waits, doubling from 2 s to a minute."""
+        probe.write_failures += 1
+        wait = min(2.0 * 2 ** (probe.write_failures - 1), STATUS_RETRY_MAX_SECONDS)
+        probe.write_after = time.monotonic() + wait
+        self._log.warning("temporal_status_failed", "writing the Temporal status of %s/%s failed, again in %.0fs: %s",
+                          key[0], key[1], wait, exc)
 
     def _scaling(self, key: QueueKey) -> bool:
         queue = self._store.queue(key)
@@ -954,6 +972,9 @@ class Supervisor:
                 return  # a probe begun before a stand-down writes nothing, nor takes the watch's copy as ours
             if self._probes.get(key) is not probe:
                 return  # its queue deleted (and maybe made again) meanwhile: what it found is not this one's
+            if time.monotonic() < probe.write_after:  # the last writes failed: not at every probe
+                self._at(key, probe, probe.write_after, show=True)
+                return
             shown = queue.status
             if not probe.shown_known:
                 # At start and after a standby spell the queue shows what another replica wrote: kept
@@ -998,6 +1019,7 @@ class Supervisor:
                 if not (exc.not_found or exc.status == 422):
                     raise
                 return  # gone, or the conditions moved: the next probe tries again
+            probe.write_failures, probe.write_after = 0, 0.0
             if show_numbers:
                 probe.shown, probe.shown_at = wanted, loop_now
             if (current is None and not probe.reachable) or (current and current.get("status") != status):
@@ -1005,7 +1027,7 @@ class Supervisor:
                                   message=probe.message if not probe.reachable else "Temporal is reachable",
                                   warning=not probe.reachable)
         except client_.ERRORS as exc:
-            logger.warning("writing the Temporal status of %s/%s failed: %s", *key, exc)
+            self._status_write_failed(key, probe, exc)
         finally:
             if not running:
                 probe.running = False
