@@ -98,7 +98,7 @@ async def test_a_watch_gone_at_once_after_its_list_backs_off_loudly(how: str, ca
 async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist():
     """An API server restarting, or a proxy cutting long connections: each cut was counted a failure
     and cost a full relist (the replica's Secrets and Leases too, all replicas at once), where client-go
-    watches again from the last version it saw."""
+    watches again from the last version it saw, also through the refusals of a server starting up."""
     import asyncio
 
     import kubernetes
@@ -107,7 +107,7 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
 
     from workerqueue_operator.k8s import informer
 
-    lists, versions = 0, []
+    lists, versions, refused = 0, [], 0
     third = asyncio.Event()
 
     async def api(request: web.Request) -> web.StreamResponse:
@@ -115,6 +115,10 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
         if request.query.get("watch") != "true":
             lists += 1
             return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
+        nonlocal refused
+        if len(versions) == 1 and refused < 2:  # the API server restarting after it cut the stream
+            refused += 1
+            return web.json_response({"kind": "Status", "code": 503, "reason": "ServiceUnavailable"}, status=503)
         versions.append(request.query["resourceVersion"])
         if len(versions) == 3:
             third.set()
@@ -145,4 +149,5 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
             await asyncio.gather(task, return_exceptions=True)
             await kube.close()
     assert lists == 1 and versions[:3] == ["100", "101", "102"]  # each watch goes on from the last event
-    assert seen[:2] == ["s101", "s102"] and watch.failures == 0 and watch.cut_restarts >= 2
+    assert seen[:2] == ["s101", "s102"] and watch.cut_restarts >= 2
+    assert refused == 2 and watch.failures == 2  # the refusals after the cut count, and are backed off

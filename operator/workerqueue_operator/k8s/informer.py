@@ -17,6 +17,10 @@ in `callback_failures`): relisting would meet the same object again, and every o
 would go unseen, in every namespace.
 A watch that has received nothing, not even the API server's bookmark a minute, for `idle_seconds`
 is watched again from where it was (no relist, no failure): its connection may have died unheard.
+So is a watch whose stream is cut mid-way (the API server restarting, a proxy), as client-go's: the
+watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
+starts) are failures, backed off, but watched again from that version RESUME_TRIES times before a
+relist. Only a version too old (410) is relisted at once.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ IDLE_SECONDS = 70.0
 """Past the API server's bookmark a minute: a watch silent that long has lost its connection."""
 STABLE_SECONDS = 2.0
 """A watch open this long without failing works: the informer is healthy again."""
+RESUME_TRIES = 6
+"""Watches from the version a cut stream left, failing one after another, before a relist: with the
+back-off (0.5 s doubling), about half a minute of an API server restarting."""
+
+
+_RESUMABLE: tuple[type[Exception], ...] = (*client_.ERRORS, client_.WatchCut)
+"""What a watch after a cut stream may fail with and be watched again from its version (see _may_resume)."""
 
 
 class ShortWatch(Exception):
@@ -95,6 +106,8 @@ class Informer:
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
         self.cut_restarts = 0
         """Watches whose connection was cut mid-stream and that were watched again from their version."""
+        self._resume_tries: int | None = None
+        """Failed watches since a cut stream, from its version; None: no cut since the last working watch."""
         self.listing = False
         """A (re)list is under way: objects made since the last event may not be known yet."""
         self.down_since: float | None = None
@@ -122,8 +135,15 @@ class Informer:
                     if self._on_synced is not None:
                         self._on_synced()
                 listed = True
+                self._resume_tries = None
                 while version is not None:
-                    version = await self._watch(version, listed=listed)
+                    since = version
+                    try:
+                        version = await self._watch(since, listed=listed)
+                    except _RESUMABLE as exc:
+                        if not await self._may_resume(since, exc):
+                            raise
+                        continue
                     listed = False
             except asyncio.CancelledError:
                 raise
@@ -136,7 +156,23 @@ class Informer:
                 await asyncio.sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, 30.0)
 
+    async def _may_resume(self, version: str, exc: Exception) -> bool:
+        """After a watch failed: whether to watch again from `version` (after the back-off) rather than
+        relist, as when the API server restarts after it cut the stream (see the module doc)."""
+        if self._resume_tries is None or self._resume_tries >= RESUME_TRIES:
+            return False
+        self._resume_tries += 1
+        self.failures += 1
+        if self.down_since is None:
+            self.down_since = self._clock()
+        logger.warning("watch %s failed (%s: %s); watching again from version %s in %.1fs", self.name,
+                       type(exc).__name__, str(exc)[:300] or "no message", version, self._backoff)
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, 30.0)
+        return True
+
     def _working(self) -> None:
+        self._resume_tries = None
         self._backoff = 0.5
         if self.down_since is not None:
             logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
@@ -233,6 +269,7 @@ class Informer:
             # Relisting instead, every replica would list everything at once as the API server comes
             # back, and a Lease deleted meanwhile would come as a deletion without its last state.
             self.cut_restarts += 1
+            self._resume_tries = 0
             logger.info("watch %s: %s; watching again from version %s", self.name, exc, version)
         finally:
             for timer in working:
