@@ -1555,3 +1555,44 @@ async def test_failing_lease_writes_back_off_per_worker_and_heartbeats_add_none(
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_heartbeat_in_the_turn_its_first_write_is_spawned_waits_for_that_write():
+    """The create of a new worker's Lease spawned, its first heartbeat handled before the task's first
+    step: the heartbeat queued a second write, made alongside the first (two creates in flight)."""
+
+    class Slow:
+        def __init__(self) -> None:
+            self.in_flight = self.most_in_flight = 0
+            self.methods: list[str] = []
+
+        async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
+                          **_: Any) -> dict[str, Any]:
+            self.methods.append(method)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(0.3)
+                assert body is not None
+                return {**body, "metadata": {**body["metadata"], "resourceVersion": str(len(self.methods))}}
+            finally:
+                self.in_flight -= 1
+
+    class NoEvents:
+        def post(self, **_: Any) -> None:
+            pass
+
+    api = Slow()
+    q = queue(heartbeatIntervalSeconds=10)
+    reg = registry.Registry(client=api, events=NoEvents(), queue_of=lambda key: q,  # type: ignore[arg-type]
+                            active=lambda: False)
+    worker = reg.register(q, "w0", pod="q1-w0")
+    reg._flush()  # the create spawned
+    reg.heartbeat(worker, status="running", tasks_processed=0, current_task_id=None, system_info=None)
+    await asyncio.sleep(0.1)
+    reg._flush()  # the writer's next tick, the create in flight
+    await asyncio.sleep(0.4)
+    reg._flush()
+    await asyncio.sleep(0.4)
+    # One create, which carries the heartbeat: it was written as the task began.
+    assert api.most_in_flight == 1 and api.methods == ["POST"] and worker.confirmed

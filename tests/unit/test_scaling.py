@@ -487,3 +487,44 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
         await asyncio.gather(poll, return_exceptions=True)
     assert 2 <= api.patches <= 3  # at 0, 2 and 6 s, where it was one a second
     assert len([r for r in caplog.records if "writing the Temporal status" in r.getMessage()]) == 1
+
+
+async def test_a_scaling_probe_reads_a_listing_of_its_own_not_one_begun_before_it():
+    """Its reading is stamped with when it asked: joined to another's listing begun earlier (a queue
+    sharing the task queue, a worker's poll), it was older than it said (see Temporal.executions)."""
+    from tests.unit.factories import queue_body
+    from workerqueue_operator.core import queues, temporal
+    from workerqueue_operator.core.activity import Activity
+    from workerqueue_operator.core.store import Store
+
+    class Listing:
+        asked: list[dict[str, Any]] = []
+
+        async def describe_task_queue(self, *_: Any) -> temporal.TaskQueueInfo:
+            return temporal.TaskQueueInfo(pollers=(), backlog=0)
+
+        async def executions(self, *_: Any, **kwargs: Any) -> list[temporal.Execution]:
+            self.asked.append(kwargs)
+            return []
+
+    class NoEvents:
+        def post(self, **_: Any) -> None:
+            pass
+
+    store = Store(settings=SETTINGS)
+    q = queues.QueueObject.from_body(queue_body(singleExecution=True, scaling={"minIdle": 0, "max": 2},
+                                                temporal={"host": "t:7233", "namespace": "n"}))
+    store.upsert_queue(q)
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    class Writes:
+        async def patch(self, *_: Any, **__: Any) -> dict[str, Any]:
+            return {}
+
+    source = Listing()
+    s = supervisor.Supervisor(store=store, client=Writes(), settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=source)  # type: ignore[arg-type]
+    s.queue_changed(q)
+    target = s._target(q.key)
+    assert target is not None
+    await s._probe(q.key, s._probes[q.key], target[1], target[2])
+    assert source.asked and all(kwargs.get("fresh") for kwargs in source.asked)

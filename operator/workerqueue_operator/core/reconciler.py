@@ -138,6 +138,8 @@ class Reconciler:
         """Secrets whose last read on demand failed, and why (no value: the error's kind and status)."""
         self._invalid: dict[QueueKey, tuple[dict[str, Any], str]] = {}
         """Queues whose stored spec the operator cannot take (not in the Store): body, what is wrong."""
+        self._invalid_retries: dict[QueueKey, asyncio.TimerHandle] = {}
+        """The pending retry of each one's status write that failed."""
         store.subscribe(self.schedule)
         activity.subscribe(self._activity_changed)
 
@@ -165,7 +167,9 @@ class Reconciler:
         """A queue whose stored spec cannot be taken: said on it, as Ready=False SpecInvalid and a
         Warning Event, rather than dropped in silence under the Ready=True an earlier run wrote."""
         meta = body.get("metadata") or {}
-        self._invalid[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = (body, message)
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        self._invalid[key] = (body, message)
+        self._cancel_invalid_retry(key)
         self._spawn(self._show_invalid(body, message))
 
     def invalid_count(self) -> int:
@@ -175,6 +179,12 @@ class Reconciler:
     def spec_valid(self, key: QueueKey) -> None:
         """The queue is valid again, or gone."""
         self._invalid.pop(key, None)
+        self._cancel_invalid_retry(key)
+
+    def _cancel_invalid_retry(self, key: QueueKey) -> None:
+        retry = self._invalid_retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
 
     async def _show_invalid(self, body: dict[str, Any], message: str, *, tries: int = 1) -> None:
         if not self._activity.is_active():
@@ -192,7 +202,8 @@ class Reconciler:
         except client_.ApiError as exc:
             if not exc.conflict:  # a conflict: the watch brings the newer copy, and it back here
                 logger.warning("writing the status of %s/%s failed: %s", namespace, name, exc)
-                self._show_invalid_later((namespace, name), tries)
+                if exc.status in (408, 429) or exc.status >= 500:  # a refusal (RBAC, a policy) stays one
+                    self._show_invalid_later((namespace, name), tries)
             return
         except client_.ERRORS as exc:
             logger.warning("writing the status of %s/%s failed: %s", namespace, name, type(exc).__name__)
@@ -207,11 +218,14 @@ class Reconciler:
         queue is not in the Store, so no resync would, and it would show Ready=True meanwhile."""
 
         def again() -> None:
+            self._invalid_retries.pop(key, None)
             invalid = self._invalid.get(key)  # the latest copy, should it have changed since
             if invalid is not None:
                 self._spawn(self._show_invalid(*invalid, tries=tries + 1))
 
-        asyncio.get_running_loop().call_later(min(2.0 * 2 ** (tries - 1), 60.0), again)
+        self._cancel_invalid_retry(key)
+        self._invalid_retries[key] = asyncio.get_running_loop().call_later(min(2.0 * 2 ** min(tries - 1, 10), 60.0),
+                                                                           again)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -1102,10 +1102,15 @@ class Registry:
         now = self._monotonic()
         self._pace.rate = self.write_rate()
         for worker in self._in_write_order(now):
+            if worker.held_until > now:  # marked in the turn its write was spawned: it follows that one
+                self._unmark(worker)
+                worker.dirty = True
+                continue
             if not self._pace.take(now):
                 return
             self._unmark(worker)
             worker.written_at = now
+            worker.held_until = math.inf  # from now, not from the task's first step
             self._spawn(self._write(worker))
 
     def _in_write_order(self, now: float) -> Iterator[Worker]:
@@ -1162,10 +1167,11 @@ class Registry:
 
     async def _write(self, worker: Worker) -> None:
         queue = self._queue_of(worker.queue)
+        worker.held_until = math.inf
         if queue is None or queue.uid != worker.queue_uid:
+            worker.held_until = 0.0
             self._forget(worker.worker_id)
             return
-        worker.held_until = math.inf
         try:
             failed = await self._write_lease(worker, queue)
         finally:
@@ -1176,7 +1182,7 @@ class Registry:
             # together; within a quarter of the interval, so that the Lease is renewed before it lapses.
             ceiling = max(RETRY_SECONDS, worker.interval / 4)
             jitter = random.uniform(0.8, 1.0)  # noqa: S311 - no secret
-            delay = min(RETRY_SECONDS * 2 ** (worker.write_failures - 1), ceiling) * jitter
+            delay = min(RETRY_SECONDS * 2 ** min(worker.write_failures - 1, 10), ceiling) * jitter
             now = self._monotonic()
             worker.held_until = now + delay
             # A renewal waits on written_at, a create on the timer.

@@ -888,7 +888,7 @@ class Supervisor:
     def _status_write_failed(self, key: QueueKey, probe: _Probe, exc: Exception) -> None:
         """A status write of the probe's failed: the next waits, doubling from 2 s to a minute."""
         probe.write_failures += 1
-        wait = min(2.0 * 2 ** (probe.write_failures - 1), STATUS_RETRY_MAX_SECONDS)
+        wait = min(2.0 * 2 ** min(probe.write_failures - 1, 10), STATUS_RETRY_MAX_SECONDS)
         probe.write_after = time.monotonic() + wait
         self._log.warning("temporal_status_failed", "writing the Temporal status of %s/%s failed, again in %.0fs: %s",
                           key[0], key[1], wait, exc)

@@ -697,8 +697,9 @@ def plan(
             elif now < expires:
                 requeue.append(expires - now)
             elif read is not None and read.fresh(now):
-                # The readings go on, alike maybe (the probe requeues a queue on a change only): the next may do.
-                requeue.append(settings.backlog_idle_poll_seconds)
+                # The readings go on, alike maybe (the probe requeues a queue on a change only): the next
+                # may do, looked at while it is recent.
+                requeue.append(min(settings.backlog_idle_poll_seconds, IDLE_STALE_SECONDS))
             # Else planned again when a reading comes (the probe requeues the queue then).
 
     if s.scaling is None and manages_pods(s):
