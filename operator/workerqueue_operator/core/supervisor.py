@@ -598,6 +598,7 @@ class Supervisor:
 
         results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
         refused: str | None = None
+        never_made: list[str] = []
         involved = queue_ref_body(queue)
         for body, result in zip(bodies, results, strict=True):
             name = body["metadata"]["name"]
@@ -615,6 +616,8 @@ class Supervisor:
                           f"{result.message}"
                 self._events.post(involved=involved, reason="PodCreationFailed",
                                   message=refused, warning=True)
+                if not isinstance(result, _CredentialFailed):
+                    never_made.append(name)
             elif isinstance(result, client_.ERRORS):
                 # The API server failing (a 5xx, an admission webhook it cannot reach, 429, a timeout):
                 # backed off as a refusal is. Raised, the pass would be retried at once, since its
@@ -625,6 +628,15 @@ class Supervisor:
                 self._events.post(involved=involved, reason="PodCreationFailed", message=failed, warning=True)
             elif isinstance(result, BaseException):
                 raise result
+        # The token of a pod the API server refused goes at once: left for the orphan sweep, it read
+        # for a minute as a pod another replica may still be creating, and a replica taking over in
+        # that minute waited for pods that never come.
+        for name in never_made:
+            try:
+                await self._revoke(queue, name)
+            except client_.ERRORS as exc:
+                logger.warning("deleting the token of the refused pod %s/%s failed (the orphan sweep will): %s",
+                               queue.namespace, name, _failure(exc))
         return refused
 
     async def _create_credential(self, queue: QueueObject, body: dict[str, Any]) -> None:
