@@ -124,11 +124,11 @@ def ready_message(resolution: Resolution) -> str:
     queue serves /start all the same; a queue author does not see the operator's logs)."""
     lacking = []
     if resolution.upstream is None and resolution.upstream_problem is None:
-        lacking.append("an upstream control plane (spec.upstream or the operator's upstream.url): without one "
-                       "the workers' calls about their executions answer 404 and each execution fails")
+        lacking.append("an upstream control plane (spec.upstream or the operator's upstream.url; without one, "
+                       "the workers' calls about their executions answer 404 and each execution fails)")
     if resolution.config is not None and not resolution.config.fields.get("litellm_api_url"):
         lacking.append("a LiteLLM URL (spec.litellm.url or the operator's litellm.url)")
-    return "workers can start" + (f"; they lack {' and '.join(lacking)}" if lacking else "")
+    return "workers can start" + (f"; they lack {', and '.join(lacking)}" if lacking else "")
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
