@@ -205,31 +205,45 @@ class Watches:
                                                max(10.0, 2.0 * settings.peering_lifetime_seconds)))
             for ns in scopes if peering is not None]
         self._feed = feed
+        self._namespaces = settings.namespaces
 
     @property
     def all(self) -> list[informer.Informer]:
         """The informers /start depends on (not the peering one: a standby serves all the same)."""
         return [*self.queues, *self.secrets, *self.leases]
 
+    def _counted(self) -> list[informer.Informer]:
+        """The informers readiness depends on: not those of a namespace that refuses the operator (403).
+        Its admins may delete the operator's RoleBinding, as they may anything in it; the namespace
+        is then served as last seen, and every other team must not lose the operator with it."""
+        namespaced = bool(self._namespaces)
+        return [i for i in self.all if not (namespaced and i.refused)]
+
     def synced(self) -> bool:
-        return all(i.synced.is_set() for i in self.all)
+        return all(i.synced.is_set() for i in self._counted())
 
     def secrets_current(self) -> bool:
         """Whether every Secret made until a moment ago is known: listed, and watched since."""
-        return all(i.synced.is_set() and i.down_since is None and not i.listing for i in self.secrets)
+        return all(i.synced.is_set() and i.down_since is None and not i.listing for i in self._counted()
+                   if i in self.secrets)
 
     def leases_watched(self) -> bool:
         """Whether the Lease watches work (not failing since they last did; before the first list,
         there is no renewal anyone could have missed)."""
-        return all(i.down_since is None for i in self.leases)
+        return all(i.down_since is None for i in self._counted() if i in self.leases)
 
     def down_for(self) -> float:
         """Seconds the longest-failing watch has been failing; 0 when all are well."""
-        return max((i.down_for() for i in self.all), default=0.0)
+        return max((i.down_for() for i in self._counted()), default=0.0)
 
     def counts(self, read: Callable[[informer.Informer], int]) -> dict[str, float]:
         """One of the informers' counters, by resource, for the metrics."""
         return {i.name: read(i) for i in (*self.all, *self.peerings)}
+
+    async def _known(self, i: informer.Informer) -> None:
+        """Until the informer has listed; a namespace that refuses the operator holds up no other (see
+        _counted)."""
+        await (i.settled if self._namespaces else i.synced).wait()
 
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
@@ -237,9 +251,9 @@ class Watches:
         tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}")
                  for i in (*self.peerings, *self.queues, *self.leases)]
         try:
-            await asyncio.gather(*(i.synced.wait() for i in self.queues))
+            await asyncio.gather(*(self._known(i) for i in self.queues))
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
-            await asyncio.gather(*(i.synced.wait() for i in self.secrets))
+            await asyncio.gather(*(self._known(i) for i in self.secrets))
             self._feed.secrets_synced(listed=lambda key: any(i.knows(key) for i in self.secrets))
             # What exists now (kopf, the clients, every queue) lives as long as the process: out of the
             # collector's sight, a full collection no longer walks it while /start is busy.

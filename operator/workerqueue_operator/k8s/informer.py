@@ -21,6 +21,10 @@ So is a watch whose stream is cut mid-way (the API server restarting, a proxy), 
 watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
 starts) are failures, backed off, but watched again from that version RESUME_TRIES times before a
 relist. Only a version too old (410) is relisted at once.
+A list or watch refused with 403 marks the informer `refused` until one is accepted again: the
+operator may not read that scope (a namespace's admins removed its RoleBinding, or the namespace is
+gone), which the consumer may judge apart from an outage. `settled` is set once the informer has
+either listed or been refused.
 """
 
 from __future__ import annotations
@@ -112,6 +116,10 @@ class Informer:
         """A (re)list is under way: objects made since the last event may not be known yet."""
         self.down_since: float | None = None
         """`clock()` of the first failure since a watch last worked (STABLE_SECONDS); None while healthy."""
+        self.refused = False
+        """The last list or watch was refused with 403, and none was accepted since."""
+        self.settled = asyncio.Event()
+        """Listed once, or refused: what is known of the scope is all that will be for now."""
         self._backoff = 0.5
 
     def knows(self, key: ObjectKey) -> bool:
@@ -130,8 +138,10 @@ class Informer:
                     version: str | None = await self._relist()
                 finally:
                     self.listing = False
+                self.refused = False
                 if not self.synced.is_set():
                     self.synced.set()
+                    self.settled.set()
                     if self._on_synced is not None:
                         self._on_synced()
                 listed = True
@@ -151,6 +161,9 @@ class Informer:
                 self.failures += 1
                 if self.down_since is None:
                     self.down_since = self._clock()
+                self.refused = isinstance(exc, client_.ApiError) and exc.status == 403
+                if self.refused:
+                    self.settled.set()
                 logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
                                str(exc)[:300] or "no message", self._backoff)
                 await asyncio.sleep(self._backoff)
@@ -174,6 +187,7 @@ class Informer:
     def _working(self) -> None:
         self._resume_tries = None
         self._backoff = 0.5
+        self.refused = False
         if self.down_since is not None:
             logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
             self.down_since = None
