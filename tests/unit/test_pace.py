@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from workerqueue_operator.core import pace as pace_
 from workerqueue_operator.core.pace import Pace
 
 
@@ -53,3 +54,9 @@ def test_a_new_rate_holds_from_the_next_take_and_keeps_no_more_than_its_seconds_
     assert sum(pace.take(2.0) for _ in range(150)) == 100
     with pytest.raises(ValueError):
         pace.rate = 0
+
+
+def test_doubling_waits_double_up_to_the_most_and_never_overflow():
+    assert [pace_.doubling(n, 2.0, 60.0) for n in (0, 1, 2, 3, 5, 6)] == [2.0, 2.0, 4.0, 8.0, 32.0, 60.0]
+    # Failing every second for an hour or a month: a float power of 2 overflows past 1,024.
+    assert pace_.doubling(5_000, 2.0, 60.0) == pace_.doubling(3_000_000, 0.5, 60.0) == 60.0

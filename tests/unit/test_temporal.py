@@ -477,3 +477,9 @@ async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.Mo
         assert scans[0] == 2
     finally:
         await access.close()
+
+
+def test_the_host_of_a_workers_identity_is_what_follows_its_pid():
+    assert temporal_.host_of("42@queue-w0") == "queue-w0"
+    assert temporal_.host_of("42@host@example") == "host@example"  # one parse everywhere: after the pid
+    assert [temporal_.host_of(i) for i in (None, "", "queue-w0", "@queue-w0", "42@")] == [None] * 5

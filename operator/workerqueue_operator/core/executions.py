@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from workerqueue_operator.core import temporal
 from workerqueue_operator.core.temporal import Execution
 from workerqueue_operator.models import times
 
@@ -36,7 +37,7 @@ def held_by(execution: Execution, hostname: str, pid: int | None = None) -> bool
         return False
     if pid is not None:
         return execution.holder == f"{pid}@{hostname}"
-    return execution.holder.rpartition("@")[2] == hostname
+    return temporal.host_of(execution.holder) == hostname
 
 
 def taken_before(execution: Execution, moment: float) -> bool:

@@ -33,3 +33,9 @@ class Pace:
             self._tokens -= 1.0
             return True
         return False
+
+
+def doubling(failures: int, first: float, most: float) -> float:
+    """The wait after `failures` failures in a row: `first`, doubling, at most `most`. The exponent is
+    capped, so that a long outage cannot overflow it."""
+    return float(min(first * 2 ** min(max(failures - 1, 0), 32), most))

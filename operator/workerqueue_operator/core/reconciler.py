@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from workerqueue_operator.core import queues, workers
+from workerqueue_operator.core import pace, queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -54,7 +54,7 @@ class Conflicts:
     def refused(self, key: QueueKey) -> float:
         """One more refusal; the seconds to wait before writing again."""
         refused = self._refused[key] = self._refused.get(key, 0) + 1
-        return min(CONFLICT_RETRY_SECONDS * 2.0 ** (refused - 1), CONFLICT_RETRY_MAX_SECONDS)
+        return pace.doubling(refused, CONFLICT_RETRY_SECONDS, CONFLICT_RETRY_MAX_SECONDS)
 
     def forget(self, key: QueueKey) -> None:
         """Written at last, or the queue is gone."""
@@ -224,7 +224,7 @@ class Reconciler:
                 self._spawn(self._show_invalid(*invalid, tries=tries + 1))
 
         self._cancel_invalid_retry(key)
-        self._invalid_retries[key] = asyncio.get_running_loop().call_later(min(2.0 * 2 ** min(tries - 1, 10), 60.0),
+        self._invalid_retries[key] = asyncio.get_running_loop().call_later(pace.doubling(tries, 2.0, 60.0),
                                                                            again)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from workerqueue_operator.core import pacedlog, queues
+from workerqueue_operator.core import pace, pacedlog, queues
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
     ENDED_ANNOTATION,
@@ -1182,7 +1182,7 @@ class Registry:
             # together; within a quarter of the interval, so that the Lease is renewed before it lapses.
             ceiling = max(RETRY_SECONDS, worker.interval / 4)
             jitter = random.uniform(0.8, 1.0)  # noqa: S311 - no secret
-            delay = min(RETRY_SECONDS * 2 ** min(worker.write_failures - 1, 10), ceiling) * jitter
+            delay = pace.doubling(worker.write_failures, RETRY_SECONDS, ceiling) * jitter
             now = self._monotonic()
             worker.held_until = now + delay
             # A renewal waits on written_at, a create on the timer.

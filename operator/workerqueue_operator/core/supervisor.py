@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from workerqueue_operator.core import leases, pacedlog, queues, workers
+from workerqueue_operator.core import leases, pace, pacedlog, queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
@@ -126,7 +126,7 @@ def reading(found: Sequence[temporal_.Execution], *, listed: int, read_at: float
     no worker has taken yet wait (not one whose first task is not due yet: a cron run, a start delay,
     a retry's back-off, which is counted apart); the hosts of the others' holders are busy."""
     running = [e for e in found if e.status == "running"]
-    busy = frozenset(e.holder.split("@", 1)[1] for e in running if e.holder and "@" in e.holder)
+    busy = frozenset(host for e in running if (host := temporal_.host_of(e.holder)) is not None)
     # One whose holder was not read in time may wait too: counted so, not to hold a burst's scale-up
     # back; and it keeps every running pod from going meanwhile.
     waiting = sum(1 for e in running if e.holder is None and not e.delayed)
@@ -509,7 +509,7 @@ class Supervisor:
             logger.info("no running idle worker of %s/%s deleted now: its running workflows' activities were "
                         "not all told in time", *key)
             return dataclasses.replace(demand, activities_unknown=True)
-        running = {identity.split("@", 1)[1] for identity in identities if "@" in identity}
+        running = {host for identity in identities if (host := temporal_.host_of(identity)) is not None}
         return dataclasses.replace(demand, active=frozenset(running))
 
     async def _list_pods(self, queue: QueueObject) -> list[dict[str, Any]]:
@@ -900,7 +900,7 @@ class Supervisor:
     def _status_write_failed(self, key: QueueKey, probe: _Probe, exc: Exception) -> None:
         """A status write of the probe's failed: the next waits, doubling from 2 s to a minute."""
         probe.write_failures += 1
-        wait = min(2.0 * 2 ** min(probe.write_failures - 1, 10), STATUS_RETRY_MAX_SECONDS)
+        wait = pace.doubling(probe.write_failures, 2.0, STATUS_RETRY_MAX_SECONDS)
         probe.write_after = time.monotonic() + wait
         self._log.warning("temporal_status_failed", "writing the Temporal status of %s/%s failed, again in %.0fs: %s",
                           key[0], key[1], wait, exc)

@@ -143,6 +143,13 @@ class Endpoint:
         return f"{self.host}/{self.namespace}"
 
 
+def host_of(identity: str | None) -> str | None:
+    """The host (pod) of a worker's Temporal identity, `<pid>@<hostname>` (worker-protocol.md); None
+    for an identity of any other shape."""
+    pid, at, host = (identity or "").partition("@")
+    return host if at and pid and host else None
+
+
 @dataclass(frozen=True)
 class Execution:
     """One workflow of a task queue, as the worker sees an execution."""
@@ -557,15 +564,15 @@ class Temporal:
             # one's place in its view (nor, once the last closes, leave it none to see closed).
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
             lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
-            busy_hosts = {held.identity.rpartition("@")[2] for wf in itertools.chain(going, lately)
-                          if (held := self._cached_holder(endpoint, wf)) is not None and held.identity}
+            busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately)
+                          if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
             older: list[_Run] = []
             untouched = set()
             for wf in closed[max(limit, 0):]:
                 held = self._cached_holder(endpoint, wf)
                 if held is None or held.identity is None:
                     continue
-                if held.identity.rpartition("@")[2] in busy_hosts:
+                if host_of(held.identity) in busy_hosts:
                     older.append(wf)  # kept cached while its worker works: few, needed until it exits
                 elif _close_key(wf)[0] >= recent:
                     older.append(wf)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from secrets import token_urlsafe
 from typing import Any, NamedTuple
 
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import pace, queues
 from workerqueue_operator.core.queues import QueueObject
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import spec as spec_
@@ -498,8 +498,7 @@ def has_pod_history(workers_status: Mapping[str, Any] | None) -> bool:
 
 def backoff(consecutive_failures: int, settings: settings_.Settings) -> float:
     """10 s after the first failure, doubling, at most 5 min (with the default settings)."""
-    exponent = max(consecutive_failures - 1, 0)
-    return float(min(settings.worker_backoff_seconds * 2 ** min(exponent, 32), settings.worker_backoff_max_seconds))
+    return pace.doubling(consecutive_failures, settings.worker_backoff_seconds, settings.worker_backoff_max_seconds)
 
 
 def plan(

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
+from workerqueue_operator.core import pace
 from workerqueue_operator.k8s import client as client_
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class WorkQueue(Generic[K]):
         except Exception as exc:  # one key's failure must not stop the others
             failures = self._failures[key] = self._failures.get(key, 0) + 1
             self.failed += 1
-            delay = min(self._retry_seconds * 2 ** min(failures - 1, 32), self._max_retry_seconds)
+            delay = pace.doubling(failures, self._retry_seconds, self._max_retry_seconds)
             self._log_failure(key, delay, exc)
             self.add_after(key, delay)
         else:
