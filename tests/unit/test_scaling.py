@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from tests.unit.factories import queue
-from workerqueue_operator.core import supervisor, workers
+from tests.unit.factories import queue, queue_body
+from workerqueue_operator.core import queues, supervisor, temporal, workers
+from workerqueue_operator.core.activity import Activity
+from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workers import Demand, Pod
 from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
@@ -528,3 +531,56 @@ async def test_a_scaling_probe_reads_a_listing_of_its_own_not_one_begun_before_i
     assert target is not None
     await s._probe(q.key, s._probes[q.key], target[1], target[2])
     assert source.asked and all(kwargs.get("fresh") for kwargs in source.asked)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("during_probe", [False, True], ids=["after-its-probe", "during-its-probe"])
+async def test_temporal_reachable_turns_unknown_as_soon_as_the_temporal_key_secret_goes(during_probe: bool):
+    """Its Temporal key's Secret deleted just after a check (or while one ran): the Unknown waited for
+    the next check, temporal_check_seconds (30 s) later, and the integration test waiting 30 s for it
+    failed whenever that check came a little late."""
+    release = asyncio.Event()
+
+    class Refusing:
+        async def describe_task_queue(self, *_: Any) -> temporal.TaskQueueInfo:
+            if during_probe:
+                await release.wait()
+            raise temporal.TemporalUnavailable("connection refused")
+
+    class Writes:
+        ops: list[list[dict[str, Any]]] = []
+
+        async def patch(self, _path: str, ops: list[dict[str, Any]], **__: Any) -> dict[str, Any]:
+            self.ops.append(ops)
+            return {}
+
+    class NoEvents:
+        def post(self, **_: Any) -> None:
+            pass
+
+    store = Store(settings=SETTINGS)
+    body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
+                      temporal={"host": "temporal.example:7233", "namespace": "agents",
+                                "apiKeySecretRef": {"name": "tkey", "key": "k"}})
+    body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
+        "type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable", "observedGeneration": 1}]}
+    q = queues.QueueObject.from_body(body)
+    store.upsert_queue(q)
+    store.upsert_secret(("team-a", "tok"), {"token": "t"})
+    store.upsert_secret(("team-a", "tkey"), {"k": "key"})
+    api = Writes()
+    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=Refusing())  # type: ignore[arg-type]
+    s.queue_changed(q)
+    poll = asyncio.create_task(s._poll())
+    try:
+        await asyncio.sleep(0.5)  # checked (or being checked)
+        assert s._probes[q.key].target
+        store.upsert_secret(("team-a", "tkey"), None)  # the Temporal key's Secret deleted
+        release.set()
+        await asyncio.sleep(1.5)
+    finally:
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+    written = [op["value"] for ops in api.ops for op in ops if op["op"] == "replace"]
+    assert [(c["status"], c["reason"]) for c in written][-1:] == [("Unknown", "TemporalNotResolved")]

@@ -291,6 +291,12 @@ class Supervisor:
             self._queue.add(key)
 
     def _store_changed(self, key: QueueKey) -> None:
+        probe = self._probes.get(key)
+        if probe is not None and probe.target and self._probed_otherwise(key, probe):
+            # The Temporal it was probed for is no longer what it resolves to (its key's Secret deleted
+            # or changed): looked at now, not at the next check, temporal_check_seconds later, with what
+            # that probe found shown meanwhile. One under way (or writing) looks again when it is done.
+            self._at(key, probe, 0.0)
         if key not in self._tracked:
             return
         resolution = self._store.resolution(key)
@@ -853,6 +859,11 @@ class Supervisor:
                 del waiting[key]
                 yield key, probe, target
 
+    def _probed_otherwise(self, key: QueueKey, probe: _Probe) -> bool:
+        """Whether the queue's Temporal resolves to another target than the one last probed (or to none)."""
+        target = self._target(key)
+        return (target[0] if target is not None else ()) != probe.target
+
     def _unresolved_shown_otherwise(self, key: QueueKey) -> bool:
         """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown
         for its generation."""
@@ -962,9 +973,11 @@ class Supervisor:
             probe.interval = s.backlog_poll_seconds
         else:
             probe.interval = min(max(probe.interval * 2, s.backlog_poll_seconds), s.backlog_idle_poll_seconds)
-        # The spec changed while this check ran (its Temporal key, say): the check that change asked for
-        # (queue_changed) is this one's next, made now rather than an interval later.
-        self._at(key, probe, time.monotonic() + (probe.interval if probe.generation == generation else 0.0))
+        # The spec changed while this check ran (its Temporal key, say), or its Temporal resolves
+        # otherwise now (its key's Secret deleted): the check that change asked for (queue_changed,
+        # _store_changed) is this one's next, made now rather than an interval later.
+        moved = probe.generation != generation or self._probed_otherwise(key, probe)
+        self._at(key, probe, time.monotonic() + (0.0 if moved else probe.interval))
         if scaling and self._probes.get(key) is probe and self._epoch == epoch:  # nor for a queue deleted meanwhile
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
