@@ -91,8 +91,8 @@ def kubelet(kubeconfig: Path, tmp_path: Path) -> Iterator[Callable[..., LocalKub
     def start(**kwargs: Any) -> LocalKubelet:
         kwargs.setdefault("log", lambda m: print(m, file=sys.stderr))
         kubelet = LocalKubelet(kubeconfig, tmp_path / f"kubelet-{len(started)}", **kwargs)
+        started.append(kubelet)  # stopped at the end (stop() is idempotent) even if its start fails half-way
         kubelet.start()
-        started.append(kubelet)
         return kubelet
 
     yield start
@@ -118,14 +118,16 @@ def _fresh_namespace(api_client: client.ApiClient) -> Iterator[str]:
     core = client.CoreV1Api(api_client)
     name = f"test-{secrets.token_hex(4)}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    _wait_for(
-        lambda: _exists(lambda: core.read_namespaced_service_account("default", name)),
-        f"ServiceAccount {name}/default",
-    )
-    yield name
-    # Not waiting for the namespace controller to empty it: nothing depends on that.
-    with contextlib.suppress(ApiException):
-        core.delete_namespace(name)
+    try:
+        _wait_for(
+            lambda: _exists(lambda: core.read_namespaced_service_account("default", name)),
+            f"ServiceAccount {name}/default",
+        )
+        yield name
+    finally:  # also when its ServiceAccount never came
+        # Not waiting for the namespace controller to empty it: nothing depends on that.
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(name)
 
 
 @pytest.fixture

@@ -107,7 +107,7 @@ def test_rotated_key_is_used_without_a_restart(operator: OperatorProcess, kube: 
         got = echoed(call(operator, "GET", "/api/v1/client/config", token, scheme="UserKey"))
         return standin.header_values(got, "Authorization") == [f"UserKey {rotated}"]
 
-    wait_for(uses_rotated, timeout=15, what="the rotated key upstream")
+    wait_for(uses_rotated, timeout=30, what="the rotated key upstream")
     assert rotated not in operator.logs()
 
 
@@ -117,7 +117,7 @@ def test_streamed_answer_arrives_in_pieces(operator: OperatorProcess, kube: Kube
     conn = http_client.HTTPConnection("127.0.0.1", operator.port, timeout=20)
     try:
         began = time.monotonic()
-        conn.request("GET", "/api/v1/executions/e-1/stream?events=4&gap=0.5",
+        conn.request("GET", "/api/v1/executions/e-1/stream?events=4&gap=1",
                      headers={"Authorization": f"Bearer {token}"})
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
@@ -128,8 +128,9 @@ def test_streamed_answer_arrives_in_pieces(operator: OperatorProcess, kube: Kube
     finally:
         conn.close()
     assert [line for _, line in arrivals] == [f"data: event {i}".encode() for i in range(4)]
-    # The first event is read while the upstream still has 1.5 s of events to send.
-    assert arrivals[0][0] < 1.0 and arrivals[-1][0] - arrivals[0][0] >= 1.2, arrivals
+    # The first event is read while the upstream still has 3 s of events to send (an answer held
+    # whole would bring them all at once): half of that spread, slack for a loaded machine.
+    assert arrivals[-1][0] - arrivals[0][0] >= 1.5, arrivals
 
 
 def vm_kib(pid: int, field: str) -> int:

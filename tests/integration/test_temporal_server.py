@@ -45,15 +45,24 @@ def test_the_server_dies_with_its_parent(tmp_path: Path):
               f"t = TemporalServer(Path({str(tmp_path)!r}))\nt.start()\nprint(t.pid, flush=True)\n"
               "import time\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    pid: int | None = None
+    gone = False
     try:
-        assert parent.stdout is not None
-        pid = int(parent.stdout.readline())
-        assert alive(pid)
+        try:
+            assert parent.stdout is not None
+            pid = int(parent.stdout.readline())
+            assert alive(pid)
+        finally:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+            parent.stdout.close()  # type: ignore[union-attr]
+        assert pid is not None
+        server = pid
+        wait_for(lambda: not alive(server), timeout=30, what="temporal gone with its parent")
+        gone = True
     finally:
-        os.killpg(parent.pid, signal.SIGKILL)
-        parent.wait()
-        parent.stdout.close()  # type: ignore[union-attr]
-    wait_for(lambda: not alive(pid), timeout=10, what="temporal gone with its parent")
+        if not gone and pid is not None and alive(pid):  # the test failed: no server left behind
+            os.killpg(pid, signal.SIGKILL)  # its own process group (start_new_session)
 
 
 def fake_cli(tmp_path: Path, body: str) -> Path:

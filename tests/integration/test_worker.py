@@ -13,6 +13,7 @@ import itertools
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -125,7 +126,7 @@ async def exited(popen: subprocess.Popen[bytes], timeout: float) -> int:
     return popen.returncode
 
 
-async def until(predicate: Any, timeout: float = 20.0) -> None:
+async def until(predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -140,11 +141,8 @@ async def test_single_execution_worker_lives_its_whole_life(recorder: Recorder, 
         await client.execute_workflow(
             "AgentExecutionWorkflow", {"execution_id": execution_id, "duration_seconds": 1.5, "patch_execution": True},
             id=execution_id, task_queue=recorder.task_queue)
-        closed = time.monotonic()
-        assert await exited(worker, timeout=15) == 0
-        ended = time.monotonic()
-    log = worker.log.read_text()  # type: ignore[attr-defined]
-    assert ended - closed < 10, log
+        # Exits once its polls read the execution over: within a minute, not at the give-up (30 min).
+        assert await exited(worker, timeout=60) == 0
 
     assert [c.auth for c in recorder.calls] == [f"Bearer {TOKEN}"] * len(recorder.calls)
     assert [c.path for c in recorder.of("POST", "/start")] == ["/api/v1/worker-queues/q-1/start"]
@@ -155,12 +153,15 @@ async def test_single_execution_worker_lives_its_whole_life(recorder: Recorder, 
     assert all("system_info" not in b and "logs" not in b for b in rest)
     assert any(b["current_task_id"] == execution_id for b in rest)
     assert rest[-1]["tasks_processed"] == 1
+    # Cadences, loose enough for a loaded machine, tight enough to tell them from other ones: a
+    # heartbeat every HEARTBEAT_INTERVAL (1 s; not the 60-s default, not back to back), a poll every
+    # 2 s (not at the heartbeat's 1 s). Each gap is the period plus the answer's time, never much less.
     gaps = [b.at - a.at for a, b in itertools.pairwise(heartbeats)]
-    assert all(0.8 < g < 2.0 for g in gaps), gaps
+    assert 0.8 <= statistics.median(gaps) <= 2.5 and min(gaps) >= 0.5, gaps
     polls = recorder.of("GET", "/api/v1/worker-queues/q-1/executions")
     assert len(polls) >= 2
     poll_gaps = [b.at - a.at for a, b in itertools.pairwise(polls)]
-    assert all(1.8 < g < 3.5 for g in poll_gaps), poll_gaps
+    assert 1.8 <= statistics.median(poll_gaps) <= 4.5 and min(poll_gaps) >= 1.0, poll_gaps
     assert [c.path for c in recorder.of("PATCH", "")] == [f"/api/v1/executions/{execution_id}"]
     disconnects = recorder.of("POST", "/disconnect")
     assert [(c.path, c.body) for c in disconnects] == [
@@ -178,16 +179,16 @@ async def test_a_finished_execution_listed_first_makes_a_fresh_worker_exit(recor
     with worker_process(recorder, tmp_path, SINGLE_EXECUTION="true") as first:
         await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
                                       id=f"exec-{uuid.uuid4().hex[:8]}", task_queue=recorder.task_queue)
-        assert await exited(first, timeout=15) == 0
+        assert await exited(first, timeout=60) == 0
     with worker_process(recorder, tmp_path, SINGLE_EXECUTION="1") as fresh:
-        assert await exited(fresh, timeout=15) == 0
+        assert await exited(fresh, timeout=60) == 0
     assert len(recorder.of("POST", "/disconnect")) == 2
 
 
 async def test_failed_start_exits_1_without_anything_else(recorder: Recorder, tmp_path: Path):
     recorder.start_status = 403
     with worker_process(recorder, tmp_path) as worker:
-        assert await exited(worker, timeout=15) == 1
+        assert await exited(worker, timeout=60) == 1
     assert [c.method + " " + c.path for c in recorder.calls] == ["POST /api/v1/worker-queues/q-1/start"]
 
 
@@ -206,7 +207,7 @@ async def test_signals_stop_it_without_a_disconnect(recorder: Recorder, tmp_path
     with worker_process(recorder, tmp_path, SINGLE_EXECUTION="true") as worker:
         await until(lambda: recorder.of("POST", "/heartbeat") and recorder.of("GET", "/executions"))
         worker.send_signal(sig)
-        assert await exited(worker, timeout=10) == code
+        assert await exited(worker, timeout=60) == code
     assert not recorder.of("POST", "/disconnect")
 
 
@@ -216,7 +217,7 @@ async def test_polls_give_up_after_the_give_up_time_whatever_they_answer(recorde
     # The real worker's monitor runs 30 minutes at most, failing polls or not (200 with nothing held).
     recorder.executions_status = status
     with worker_process(recorder, tmp_path, SINGLE_EXECUTION="true", EXECUTIONS_GIVE_UP_SECONDS="3") as worker:
-        assert await exited(worker, timeout=20) == 0
+        assert await exited(worker, timeout=60) == 0
     assert len(recorder.of("GET", "/executions")) >= 2
     assert [c.body for c in recorder.of("POST", "/disconnect")] == [
         {"reason": "shutdown", "exit_code": 0, "error_message": None}]
@@ -230,16 +231,16 @@ async def test_workflows_per_worker_caps_what_its_temporal_worker_takes(recorder
         handles = [await client.start_workflow(
             "AgentExecutionWorkflow", {"duration_seconds": 1.0, "local_activity": True},
             id=f"cap-{i}-{uuid.uuid4().hex[:6]}", task_queue=recorder.task_queue) for i in range(3)]
-        done, pending = await asyncio.wait([asyncio.ensure_future(h.result()) for h in handles], timeout=15,
+        done, pending = await asyncio.wait([asyncio.ensure_future(h.result()) for h in handles], timeout=60,
                                            return_when=asyncio.FIRST_COMPLETED)
         assert len(done) == 1
         await asyncio.sleep(3)  # long enough for an uncapped worker to have taken the other two
         listed = await recorder.access.executions(endpoint, recorder.task_queue, limit=10)
         assert sorted(str(e.holder) for e in listed) == sorted([f"{capped.pid}@pod-abc", "None", "None"])
         capped.send_signal(signal.SIGINT)
-        assert await exited(capped, timeout=10) == 0
+        assert await exited(capped, timeout=60) == 0
     # A worker without the cap takes the rest.
     with worker_process(recorder, tmp_path) as uncapped:
         await asyncio.wait_for(asyncio.gather(*pending), 30)
         uncapped.send_signal(signal.SIGINT)
-        assert await exited(uncapped, timeout=10) == 0
+        assert await exited(uncapped, timeout=60) == 0

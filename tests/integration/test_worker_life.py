@@ -79,12 +79,10 @@ async def test_a_single_execution_worker_lives_its_whole_life(
     assert (hostname == "life-w0") is not named_task_queue
 
     await run_workflow(temporal, task_queue, f"exec-{secrets.token_hex(4)}")
-    closed = time.monotonic()
     # It reads its execution completed twice, waits 2 s, disconnects and exits 0: its pod Succeeded
     # and is deleted, its registration ended, and a fresh worker takes its place.
-    wait_for(lambda: "life-w0" not in kube.pod_names(namespace, "life", alive=False), timeout=10,
+    wait_for(lambda: "life-w0" not in kube.pod_names(namespace, "life", alive=False), timeout=60,
              what="life-w0 gone")
-    assert time.monotonic() - closed < 10
     assert "life-w0" not in registered_pods(kube, namespace)
     disconnects = [e for e in kube.events(namespace, "life") if e.reason == "WorkerDisconnected"]
     assert disconnects and "exit code 0" in disconnects[0].message
@@ -103,7 +101,7 @@ async def test_a_pool_turns_over_one_worker_per_workflow(
     for done in (1, 2, 3):
         before = set(kube.pod_names(namespace, "pool"))
         await run_workflow(temporal, queue_id, f"exec-{done}-{secrets.token_hex(4)}")
-        wait_for(lambda d=done: kube.workers(namespace, "pool").get("succeeded") == d, timeout=15,
+        wait_for(lambda d=done: kube.workers(namespace, "pool").get("succeeded") == d, timeout=60,
                  what=f"{done} worker(s) finished")
         # Exactly one worker left per workflow; the others (which saw that execution finish) stay.
         await asyncio.sleep(6)  # three more polls: a wrongly latched worker would have exited by now
@@ -115,14 +113,16 @@ async def test_a_pool_turns_over_one_worker_per_workflow(
 def test_a_deleted_pods_worker_is_gone_at_once(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
         kubelet: Callable[..., LocalKubelet]):
-    kube.create_queue(namespace, "gone", **queue_spec(temporal, f"gone-{namespace}"))
+    # Heartbeats every 60 s: its registration would expire only after 150 s, so an end within the
+    # wait's minute is the pod's deletion seen, not the expiry.
+    kube.create_queue(namespace, "gone", **queue_spec(temporal, f"gone-{namespace}", heartbeatIntervalSeconds=60))
     start_kubelet(kubelet, operator, namespace)
     wait_for(lambda: registered_pods(kube, namespace) == {"gone-w0"}, timeout=60, what="gone-w0 registered")
     kube.core.delete_namespaced_pod("gone-w0", namespace)  # SIGTERM: the worker says no goodbye
-    wait_for(lambda: "gone-w0" not in registered_pods(kube, namespace), timeout=10,
+    wait_for(lambda: "gone-w0" not in registered_pods(kube, namespace), timeout=60,
              what="the registration of the deleted pod's worker ended")
     # Its own token went with it.
-    wait_for(lambda: not kube.has_secret(namespace, "gone-w0-token"), timeout=10, what="gone-w0-token deleted")
+    wait_for(lambda: not kube.has_secret(namespace, "gone-w0-token"), timeout=60, what="gone-w0-token deleted")
 
 
 async def test_executions_are_per_worker_and_temporal_outages_are_503(

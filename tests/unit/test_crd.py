@@ -176,8 +176,11 @@ def test_extra_config_takes_only_what_the_operator_takes():
 @pytest.mark.parametrize("part", ["temporal", "litellm", "upstream"])
 def test_a_secret_the_chart_takes_the_operator_takes_too(part: str):
     ref = _values_schema()["properties"][part]["properties"]["apiKeySecret"]["properties"]
+    checked: set[str] = set()
     for value in (v for v in PROBES if isinstance(v, str) and v):  # empty: none
         for field in ("name", "key"):
             if jsonschema.Draft7Validator(ref[field]).is_valid(value):
                 given = {"namespace": "ops", "name": "creds", "key": "k", field: value}
                 NamespacedSecretKeyRef(**given)  # raises on what the operator would refuse
+                checked.add(field)
+    assert checked == {"name", "key"}  # some probe of each passed the schema: each was tried

@@ -187,10 +187,10 @@ async def hub(upstream: TestServer) -> AsyncIterator[tuple[Store, TestClient]]:
 
 @contextlib.asynccontextmanager
 async def serving(upstream: TestServer, idle: float = 1, connections: int = 100,
-                  per_namespace: int = 75) -> AsyncIterator[tuple[Store, TestClient]]:
+                  per_namespace: int = 75, connect: float = 1) -> AsyncIterator[tuple[Store, TestClient]]:
     """Queue `a` (token tok-a) has an upstream, `b` (tok-b, another namespace) another on the same
     host, `plain` (tok-p) none."""
-    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=idle,
+    settings = Settings(upstream_connect_timeout_seconds=connect, upstream_idle_timeout_seconds=idle,
                         upstream_max_connections=connections, upstream_max_connections_per_namespace=per_namespace)
     store = Store(settings=settings)
     url = str(upstream.make_url("/")).rstrip("/")
@@ -693,16 +693,18 @@ async def test_the_pool_keeps_at_most_its_idle_bound_all_hosts_together():
 
 async def test_the_wait_for_a_share_and_for_a_pooled_connection_are_one_connect_timeout(upstream: TestServer):
     # Waiting its turn in its namespace, then for the pool as long again, a request took twice the
-    # connect timeout (1 s) to get its 504.
-    async with serving(upstream, idle=5, connections=1, per_namespace=1) as (_, client):
+    # connect timeout to get its 504. (Real time: the pass-through measures the wait on the real
+    # clock. With a 6-s connect timeout and the second request 2 s after the first, the right answer
+    # comes after ~6 s and the fault's after ~10 s, each 2 s from the bound.)
+    async with serving(upstream, idle=60, connections=1, per_namespace=1, connect=6) as (_, client):
         hanging = asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-b"}))
-        await asyncio.sleep(0.2)  # the pool's one connection is team-b's
+        await asyncio.sleep(0.5)  # the pool's one connection is team-b's
         first = asyncio.create_task(client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"}))
-        await asyncio.sleep(0.3)  # team-a's share is the first's, which waits for the pool
+        await asyncio.sleep(2.0)  # team-a's share is the first's, which waits for the pool
         started = time.monotonic()
         second = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
         took = time.monotonic() - started
-        assert second.status == 504 and took < 1.2, took  # its share at ~0.7 s, then the 0.3 s left
+        assert second.status == 504 and took < 8.0, took  # its share at ~4 s, then the 2 s left
         assert (await first).status == 504
         hanging.cancel()
         await asyncio.gather(hanging, return_exceptions=True)

@@ -1,5 +1,6 @@
 """The status writer's reads of Secrets no watch brings, against an API server that cannot be reached
-(a port nobody listens on): how often it tries again, and for how long."""
+(a port nobody listens on): how often it tries again, and for how long. The waits are the loop's
+(asyncio.sleep): on its fake clock (looptime) they are exact, as the real one's were not on a busy machine."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def status_writer(kube: KubeClient) -> tuple[Store, reconciler.Reconciler]:
                                         activity=Activity(identity="test", priority=0))
 
 
+@pytest.mark.looptime
 async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
     with apps.unreachable() as kube:
@@ -44,6 +46,7 @@ async def test_a_secret_that_cannot_be_read_is_read_again_after_a_growing_wait(c
         await kube.close()
 
 
+@pytest.mark.looptime
 async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger=reconciler.__name__)
     with apps.unreachable() as kube:
@@ -57,6 +60,7 @@ async def test_a_secret_no_queue_uses_any_more_is_not_read_again(caplog: pytest.
         await kube.close()
 
 
+@pytest.mark.looptime
 async def test_a_read_failing_unexpectedly_is_tried_again_and_its_text_is_not_logged(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """Not an API error (an answer that is not what a Secret looks like): the name must not stay
@@ -98,6 +102,7 @@ async def test_a_queue_deleted_while_the_replica_stood_by_leaves_nothing_behind(
         await kube.close()
 
 
+@pytest.mark.looptime
 async def test_a_spec_invalid_status_whose_write_failed_is_written_again():
     """Such a queue is held by no Store, so no resync writes its status: one failed write (an etcd
     leader change) left the Ready=True of an earlier run on it for good, while /start answered 404."""

@@ -914,6 +914,7 @@ def test_a_worker_never_sees_what_a_pod_of_its_name_took_before_it_was_made():
     assert entry["id"] == "e1"
 
 
+@pytest.mark.looptime
 async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_at_every_tick():
     import asyncio
 
@@ -922,7 +923,10 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
 
     with apps.unreachable() as kube:
         q = queue("q")
-        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, tick=0.05)
+        # On the loop's fake clock (looptime): the retry comes 1.6-2 s after (its jitter), the next
+        # one 3.2-4 s after that; real time left 0.1 s between the first check and the retry.
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, tick=0.05,
+                                monotonic=asyncio.get_running_loop().time)
         reg.register(q, "w1")
         task = asyncio.create_task(reg.run())
         try:
@@ -930,6 +934,8 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
             assert reg.writes == 1  # at 20 ticks a second
             await asyncio.sleep(1.5)
             assert reg.writes == 2
+            await asyncio.sleep(1.5)
+            assert reg.writes == 2  # the next after 3.2-4 s
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
