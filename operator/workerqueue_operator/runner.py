@@ -1,7 +1,7 @@
 """Runs the operator: kopf, the informers feeding the Store, the status reconciler, the HTTP API.
 
-kopf owns the process's signals: on SIGINT/SIGTERM it returns, and everything else started here
-is stopped in `finally`, so no task outlives the operator.
+On SIGINT/SIGTERM (handlers/embedded.py) kopf returns, the HTTP API drains, and everything else
+started here is stopped in `finally`, so no task outlives the operator.
 """
 
 from __future__ import annotations
@@ -502,7 +502,6 @@ async def run(
             identity=cast(Any, identity),  # kopf's Identity is a NewType of str
             ready_flag=kopf_ready,
             stop_flag=stopping,
-            memo=kopf.Memo(store=store, client=client, settings=settings),
         )
         if not died:
             await _drain(app[keys.DRAIN], settings.http_drain_seconds)

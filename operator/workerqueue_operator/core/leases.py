@@ -31,7 +31,6 @@ REFUSAL_ANNOTATION = "agentcontrol.dev/start-refused"
 WATCHED = (f"app.kubernetes.io/managed-by={workers_.MANAGED_BY['app.kubernetes.io/managed-by']},"
            f"app.kubernetes.io/component in ({COMPONENT},{REFUSAL_COMPONENT}),app.kubernetes.io/part-of=agentcontrol")
 """The Lease informer's selector: registrations and refusals (SELECTOR alone: registrations)."""
-POD_LABEL = "agentcontrol.dev/pod"
 STATE_ANNOTATION = "agentcontrol.dev/worker"
 ENDED_ANNOTATION = "agentcontrol.dev/ended"
 """Written on a registration's Lease just before the operator deletes it because its worker's life
@@ -278,7 +277,7 @@ class Worker:
 def lease_body(worker: Worker, *, queue_name: str) -> dict[str, Any]:
     labels = {**LABELS, workers_.QUEUE_LABEL: workers_.label_value(queue_name)}
     if worker.pod:
-        labels[POD_LABEL] = workers_.label_value(worker.pod)
+        labels[workers_.POD_LABEL] = workers_.label_value(worker.pod)
     owner = resources.owner_reference({"metadata": {"name": queue_name, "uid": worker.queue_uid}})
     return {
         "apiVersion": "coordination.k8s.io/v1",
@@ -411,7 +410,8 @@ def is_refusal(body: Mapping[str, Any]) -> bool:
 def refusal_lease_body(refusal: Refusal, *, queue_name: str) -> dict[str, Any]:
     """Owned by the queue, so that it goes with it; the worker supervisor deletes it with its pod."""
     labels = {**LABELS, "app.kubernetes.io/component": REFUSAL_COMPONENT,
-              workers_.QUEUE_LABEL: workers_.label_value(queue_name), POD_LABEL: workers_.label_value(refusal.pod)}
+              workers_.QUEUE_LABEL: workers_.label_value(queue_name),
+              workers_.POD_LABEL: workers_.label_value(refusal.pod)}
     owner = resources.owner_reference({"metadata": {"name": queue_name, "uid": refusal.queue_uid}})
     return {
         "apiVersion": "coordination.k8s.io/v1",

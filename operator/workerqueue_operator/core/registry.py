@@ -240,6 +240,8 @@ class Registry:
         self._tick = tick
         self._bounds = bounds or Bounds.of(settings_.Settings())
         self._pending: dict[QueueKey, int] = {}
+        """Registrations per queue that wait for their first heartbeat: each costs memory until it
+        expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self._pending_by_namespace: collections.Counter[str] = collections.Counter()
         self._by_namespace: collections.Counter[str] = collections.Counter()
         """Registrations held, by namespace."""
@@ -248,8 +250,6 @@ class Registry:
         """The tasks deleting a Lease now (see run)."""
         self._marked: dict[tuple[str, str], tuple[Worker, float]] = {}
         """Leases seen marked as their worker's end and not seen deleted yet, with when (monotonic)."""
-        """Registrations per queue that wait for their first heartbeat: each costs memory until it
-        expires, so a client calling /start in a loop could otherwise grow the operator without bound."""
         self.pending = 0
         self.refused = 0
         """Registrations refused by the Bounds, for the metrics."""
@@ -283,21 +283,21 @@ class Registry:
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
         self._refusals: dict[tuple[str, str, str], _Refused] = {}
-        self._refusal_writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
         queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
         its pods the same."""
+        self._refusal_writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.heartbeats = 0
         self.rejoined = 0
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
         self._rejoining: set[str] = set()
+        """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._identity_lists: dict[tuple[QueueKey, str], asyncio.Future[list[Worker]]] = {}
+        """Lease lists in flight for an identity's registrations (see registrations_of)."""
         self._lease_lists: dict[QueueKey, _Listings] = {}
         """Per queue, the listing of its Leases under way, and who waits for the next: see _listed."""
-        """Lease lists in flight for an identity's registrations (see registrations_of)."""
-        """Workers claiming a slot to be registered again (see rejoin_slot)."""
         self._log = pacedlog.PacedLog(logger)
         """Failed writes and deletions: an outage fails every worker's at once, one line each a flood."""
         self._ended: dict[str, _Ended] = {}

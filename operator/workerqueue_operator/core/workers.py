@@ -32,9 +32,9 @@ POD_ANNOTATION = "agentcontrol.dev/pod"
 MADE_ANNOTATION = "agentcontrol.dev/made-at"
 """On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
 HOSTNAME_ANNOTATION = "agentcontrol.dev/hostname"
+"""On a per-worker token: the hostname its pod was given (see worker_hostname)."""
 INTERVAL_ANNOTATION = "agentcontrol.dev/heartbeat-interval"
 """On a per-worker token: the HEARTBEAT_INTERVAL its pod was given (a pod keeps it through spec changes)."""
-"""On a per-worker token: the hostname its pod was given (see worker_hostname)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "workerqueue-operator"}
 WORKER_CONTAINER = "worker"
 """The container of a default worker pod (one without its queue's own template) that runs the worker."""
@@ -51,8 +51,6 @@ DISPLACED_REASONS = ("Evicted", "Preempting", "Terminated", "NodeShutdown", "Nod
                      "NodeAffinity")
 
 
-def displaced(reason: str) -> bool:
-    return reason in DISPLACED_REASONS or reason.startswith("OutOf")
 # Why a Pending pod does not start, for the reasons that last until someone changes something (the
 # image, a Secret, the cluster): a new pod would wait the same, so it is reported, not replaced.
 STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
@@ -66,6 +64,10 @@ PENDING_DEADLINE_SECONDS = 600.0
 """How long a pod may stay not started, for any reason, before it is reported (Deployment's default
 progressDeadlineSeconds)."""
 HOSTNAME_MAX = 63
+
+
+def displaced(reason: str) -> bool:
+    return reason in DISPLACED_REASONS or reason.startswith("OutOf")
 
 
 def label_value(text: str) -> str:
