@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.factories import queue
 from workerqueue_operator.core import workers
-from workerqueue_operator.core.supervisor import Refusal
+from workerqueue_operator.core.supervisor import CreateRefusal
 from workerqueue_operator.core.workers import Pod
 from workerqueue_operator.models import times
 from workerqueue_operator.models.settings import Settings
@@ -947,13 +947,13 @@ def test_a_queue_whose_workers_now_run_elsewhere_deletes_its_pods_not_started_an
 
 
 def test_a_refused_pod_is_tried_again_after_the_workers_back_off_and_at_once_after_a_spec_change():
-    first = Refusal.after(None, generation=1, now=T0, settings=SETTINGS)
+    first = CreateRefusal.after(None, generation=1, now=T0, settings=SETTINGS)
     assert (first.count, first.retry_at) == (1, T0 + 10)
     assert first.holds(1, T0 + 9.9) and not first.holds(1, T0 + 10)
-    second = Refusal.after(first, generation=1, now=T0 + 10, settings=SETTINGS)
+    second = CreateRefusal.after(first, generation=1, now=T0 + 10, settings=SETTINGS)
     assert (second.count, second.retry_at) == (2, T0 + 30)  # 10 s doubling, as failed workers wait
     assert not second.holds(2, T0 + 11)  # the spec changed: tried at once
-    changed = Refusal.after(second, generation=2, now=T0 + 11, settings=SETTINGS)
+    changed = CreateRefusal.after(second, generation=2, now=T0 + 11, settings=SETTINGS)
     assert (changed.count, changed.retry_at) == (1, T0 + 21)
 
 

@@ -68,7 +68,7 @@ def _failure(exc: Exception) -> str:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class CreateRefusal:
     """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
     next try waits, doubling as the failures of workers do, until the spec changes or a pod is made.
     Each try writes the status and posts an Event, and the status write alone would start the next."""
@@ -80,10 +80,10 @@ class Refusal:
     """status.workers.lastError meanwhile: its first write may have met a newer copy of the queue."""
 
     @staticmethod
-    def after(previous: Refusal | None, *, generation: int, now: float, settings: settings_.Settings,
-              message: str = "") -> Refusal:
+    def after(previous: CreateRefusal | None, *, generation: int, now: float, settings: settings_.Settings,
+              message: str = "") -> CreateRefusal:
         count = previous.count + 1 if previous is not None and previous.generation == generation else 1
-        return Refusal(generation=generation, count=count, retry_at=now + workers.backoff(count, settings),
+        return CreateRefusal(generation=generation, count=count, retry_at=now + workers.backoff(count, settings),
                        message=message)
 
     def holds(self, generation: int, now: float) -> bool:
@@ -248,7 +248,7 @@ class Supervisor:
         self._conflicts = Conflicts()
         # A queue that becomes able to serve (e.g. its Secret appears) may now get its workers.
         self._serving: dict[QueueKey, bool] = {}
-        self._refused: dict[QueueKey, Refusal] = {}
+        self._refused: dict[QueueKey, CreateRefusal] = {}
         self._made_here: dict[QueueKey, set[str]] = {}
         """Pods whose token this replica made (see _coming): its own creates, never another's."""
         store.subscribe(self._store_changed)
@@ -466,7 +466,7 @@ class Supervisor:
             if refused is None:
                 self._refused.pop(key, None)
             else:
-                refusal = self._refused[key] = Refusal.after(refusal, generation=queue.generation, now=now,
+                refusal = self._refused[key] = CreateRefusal.after(refusal, generation=queue.generation, now=now,
                                                              settings=self._settings, message=refused)
                 self._queue.add_after(key, refusal.retry_at - now)
             if refused != status.last_error and refused != "":
