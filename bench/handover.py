@@ -78,12 +78,12 @@ def _pods(kubectl: Kubectl) -> list[str]:
 
 def prepare(kubectl: Kubectl, root: str) -> None:
     kubectl("apply", "--server-side", "-f", f"{root}/{CHART_CRDS}")
-    controlplane.wait_established(kubectl, "kopfpeerings.kopf.dev")
+    controlplane.wait_established(kubectl, "clusterkopfpeerings.kopf.dev")
     kubectl("create", "namespace", NAMESPACE)
     kubectl("apply", "-f", "-", stdin=f"""
 apiVersion: kopf.dev/v1
-kind: KopfPeering
-metadata: {{name: {PEERING}, namespace: {NAMESPACE}}}
+kind: ClusterKopfPeering
+metadata: {{name: {PEERING}}}
 ---
 apiVersion: agentcontrol.dev/v1alpha1
 kind: WorkerQueue

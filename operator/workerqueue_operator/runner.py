@@ -193,17 +193,17 @@ class Watches:
                               on_delete=registry.lease_deleted, name=f"leases/{ns or '*'}",
                               params={"labelSelector": leases.WATCHED})
             for ns in scopes]
-        # The peering objects tell who is the active replica; kopf keeps its own view to itself.
+        # The peering object tells who is the active replica; kopf keeps its own view to itself.
         self.peerings = [
-            informer.Informer(client, resources.peerings_path(ns),
+            informer.Informer(client, resources.peerings_path(),
                               on_upsert=lambda body: activity.observed(informer.object_key(body), body),
                               on_delete=lambda key, _: activity.observed(key, None),
-                              name=f"peering/{ns or '*'}", params={"fieldSelector": f"metadata.name={peering}"},
+                              name="peering/*", params={"fieldSelector": f"metadata.name={peering}"},
                               # kopf writes a keep-alive every few seconds: a watch silent for two
                               # lifetimes is stalled, and hides a replica that came to lead.
                               idle_seconds=min(informer.IDLE_SECONDS,
                                                max(10.0, 2.0 * settings.peering_lifetime_seconds)))
-            for ns in scopes if peering is not None]
+        ] if peering is not None else []
         self._feed = feed
         self._namespaces = settings.namespaces
 
@@ -361,7 +361,7 @@ async def run(
     events = EventPoster(client)
     # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.
     identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
-    peerings = [(ns, peering) for ns in (settings.namespaces or ("",))] if peering is not None else []
+    peerings = [("", peering)] if peering is not None else []  # the ClusterKopfPeering (handlers.configure)
     activity = Activity(identity=identity, priority=priority, peerings=peerings)
     activity.confirm_with(lambda key: resources.read_peering(client, *key, timeout=activity_.READ_SECONDS))
     reconciler = Reconciler(store=store, client=client, resync_seconds=settings.status_resync_seconds, events=events,

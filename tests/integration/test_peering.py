@@ -16,7 +16,6 @@ from tests.integration.conftest import ROOT, Kube, OperatorProcess, established,
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 TEMPORAL = {"host": "temporal:7233", "namespace": "agents"}
-PEERING = "wq-peering"
 LIFETIME = 20
 """Seconds a keep-alive counts here: longer than the freeze checked below, so that the standby may not act."""
 
@@ -24,21 +23,26 @@ LIFETIME = 20
 @pytest.fixture(scope="module")
 def peering_crds(kubectl: Callable[..., Any]) -> None:
     kubectl("apply", "--server-side", "-f", str(ROOT / "charts" / "workerqueue-operator" / "crds"))
-    established(kubectl, "kopfpeerings.kopf.dev")
+    established(kubectl, "clusterkopfpeerings.kopf.dev")
+
+
+def peering(namespace: str) -> str:
+    """The test's ClusterKopfPeering, one per test (the operator's, also for given namespaces)."""
+    return f"wq-peering-{namespace}"
 
 
 @pytest.fixture
 def replicas(peering_crds: None, crd_installed: None, kube: Kube, namespace: str, kubeconfig: Path, tmp_path: Path,
              operator: OperatorProcess) -> Iterator[Callable[..., OperatorProcess]]:
-    kube.custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", {
-        "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}})
+    kube.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering(namespace)}})
     started: list[OperatorProcess] = []
 
     def replica(name: str, priority: int, **env: str) -> OperatorProcess:
         proc = OperatorProcess(kubeconfig, tmp_path / f"{name}.log",
                                env={"WQ_NAMESPACES": namespace, "WQ_PEERING_LIFETIME_SECONDS": str(LIFETIME),
                                     "WQ_WORKER_RESYNC_SECONDS": "2", **env},
-                               args=["--peering", PEERING, "--priority", str(priority)])
+                               args=["--peering", peering(namespace), "--priority", str(priority)])
         started.append(proc)
         return proc.start()
 
@@ -50,6 +54,7 @@ def replicas(peering_crds: None, crd_installed: None, kube: Kube, namespace: str
                 if proc.process is not None and proc.process.poll() is None:
                     os.killpg(proc.process.pid, signal.SIGCONT)
                 proc.stop()
+            kube.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering(namespace))
 
 
 def active(op: OperatorProcess) -> bool:
@@ -63,8 +68,8 @@ def alive(kube: Kube, namespace: str) -> list[str]:
 def lifetime_left(kube: Kube, namespace: str, op: OperatorProcess) -> float:
     """Seconds until the replica's last keep-alive expires, by the peering object."""
     assert op.process is not None
-    status = kube.custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings",
-                                                      PEERING).get("status") or {}
+    status = kube.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
+                                                    peering(namespace)).get("status") or {}
     (mine,) = [v for k, v in status.items() if f"/{op.process.pid}/" in k]
     seen = datetime.datetime.fromisoformat(mine["lastseen"])
     return (seen + datetime.timedelta(seconds=LIFETIME) - datetime.datetime.now(datetime.UTC)).total_seconds()

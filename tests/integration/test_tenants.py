@@ -1,4 +1,4 @@
-"""One team's namespace cannot take the operator from the others.
+"""One team's namespace cannot take the operator from the others, standalone or under peering.
 
 The operator watching named namespaces holds a Role in each. A namespace's admins may delete what is in
 their namespace, RoleBindings included: the operator then may no longer read that namespace, and
@@ -18,8 +18,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tests.integration.conftest import Kube, OperatorProcess, free_port, http, wait_for
-from tests.integration.test_chart import Helm, container_of, find
+from tests.integration.conftest import Kube, OperatorProcess, established, free_port, http, wait_for
+from tests.integration.test_chart import CHART, Helm, container_of, find
 from tests.integration.test_rbac import service_account_kubeconfig
 
 pytestmark = pytest.mark.usefixtures("crd_installed")
@@ -35,19 +35,25 @@ def helm(k8s_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return Helm(k8s_assets / "helm", tmp_path_factory.mktemp("helm-home"))
 
 
-@pytest.fixture
+@pytest.fixture(params=["standalone", "peering"])
 def two_teams(helm: Helm, kubectl: Callable[..., Any], api_client: k8s.ApiClient, kubeconfig: Path,
               tmp_path: Path, request: pytest.FixtureRequest
               ) -> Iterator[tuple[OperatorProcess, str, str, dict[str, Any]]]:
     """The chart for two watched namespaces (the first also the release's), applied; the operator run
-    as its ServiceAccount. Yields the operator, the two namespaces and the second one's RoleBinding."""
+    as its ServiceAccount (with peering: one replica of two). Yields the operator, the two namespaces
+    and the second one's RoleBinding."""
     core = k8s.CoreV1Api(api_client)
     first, second = f"team-a-{secrets.token_hex(3)}", f"team-b-{secrets.token_hex(3)}"
     for name in (first, second):
         core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-    docs = helm.template({"watchNamespaces": [first, second]}, release=f"t-{secrets.token_hex(3)}", namespace=first)
+    values: dict[str, Any] = {"watchNamespaces": [first, second]}
+    if request.param == "peering":
+        values["replicaCount"] = 2
+        kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
+        established(kubectl, "clusterkopfpeerings.kopf.dev")
+    docs = helm.template(values, release=f"t-{secrets.token_hex(3)}", namespace=first)
     applied = [d for d in docs if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                                                 "RoleBinding")]
+                                                 "RoleBinding", "ClusterKopfPeering")]
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(applied))
     binding = next(d for d in applied if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == second)
     account = find(docs, "ServiceAccount")["metadata"]["name"]
@@ -95,6 +101,7 @@ def test_a_namespace_that_refuses_the_operator_does_not_take_it_from_the_others(
     time.sleep(max(0.0, restarted + KOPF_GIVES_UP_SECONDS + 5 - time.monotonic()))
     assert operator.process is not None and operator.process.poll() is None, operator.logs()[-3000:]
     assert http("GET", f"{operator.url}/readyz").status == 200
+    assert operator.metric("workerqueue_active_replica") == 1  # with peering too: nothing to wait for
     kube.core.delete_namespaced_pod("later-w0", first)  # kopf's pod watch tells the supervisor
     wait_for(lambda: kube.pod_names(first) == ["later-w1"], what="the deleted pod replaced")
     assert operator.start_worker(f"b-{second}", kube.queue_token(second, "b")).status == 401  # its token unread

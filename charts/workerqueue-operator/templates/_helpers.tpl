@@ -143,11 +143,6 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if and (include "workerqueue-operator.peering" .) .Values.watchNamespaces }}
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
-{{- end }}
 {{- end }}
 
 {{/* What is cluster-scoped by nature, in every mode. */}}
@@ -165,8 +160,9 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end }}
-{{- if and (include "workerqueue-operator.peering" .) (not .Values.watchNamespaces) }}
-# kopf patches its keep-alive in; the operator's informer lists and watches who is active.
+{{- if include "workerqueue-operator.peering" . }}
+# kopf patches its keep-alive in; the operator's informer lists and watches who is active. One
+# ClusterKopfPeering also with watchNamespaces (see peering.yaml).
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]

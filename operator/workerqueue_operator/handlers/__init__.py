@@ -65,6 +65,10 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor,
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.peering.lifetime = operator_settings.peering_lifetime_seconds
+        # One ClusterKopfPeering, also for an operator of given namespaces: kopf pauses everything until
+        # it has read the peering object of each namespace, and a namespace that refuses the operator
+        # (its admins may delete the RoleBinding) would then pause it for every other one.
+        settings.peering.clusterwide = True
         settings.networking.request_timeout = 60
         # kopf gives up on a request after its back-offs, and a pod watch that gives up stops kopf, and
         # with it the operator: a namespace that refuses it (403: its admins removed the RoleBinding)
