@@ -503,6 +503,24 @@ def backoff(consecutive_failures: int, settings: settings_.Settings) -> float:
     return pace.doubling(consecutive_failures, settings.worker_backoff_seconds, settings.worker_backoff_max_seconds)
 
 
+@dataclass
+class _Pass:
+    """What the steps of one plan() share: the inputs every step reads, the status being written (a
+    copy of the previous one) and what the steps collect, in the order they collect it."""
+
+    queue: QueueObject
+    now: float
+    settings: settings_.Settings
+    w: spec_.WorkersStatus
+    events: list[Event] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    requeue: list[float] = field(default_factory=list)
+
+    @property
+    def spec(self) -> spec_.WorkerQueueSpec:
+        return self.queue.spec
+
+
 def plan(
     queue: QueueObject,
     pods: Sequence[Pod],
@@ -517,38 +535,75 @@ def plan(
     """What to do about a queue's worker pods now. `created` is the queue's creation time; `demand`
     the work of a queue with `spec.scaling` (None: nothing known yet); `deleted_outside` the pods
     not finished that someone else deleted (being deleted, or gone since the last pass)."""
-    s = queue.spec
-    w = previous.model_copy(deep=True)
-    # Written by a replica whose clock ran ahead (or before this one's stepped back): a time to come
-    # would hold a back-off or a TTL by as much (an hour's step, a pool without pods for an hour).
-    # Taken as now, and written so.
-    for name in ("last_failure_time", "last_displaced_time", "finished_time", "surplus_since"):
-        written = times.parse_or_none(getattr(w, name))
-        if written is not None and written > now:
-            setattr(w, name, times.rfc3339(now))
-    if w.observed_generation != queue.generation:
-        w.last_error = None  # a pod the older spec could not create says nothing of this one's
-    w.observed_generation = queue.generation
-    events: list[Event] = []
-    delete: list[str] = []
-    requeue: list[float] = []
-    names = {p.name for p in pods}
-    counted = [name for name in w.counted if name in names]  # deletions seen are forgotten
+    p = _Pass(queue, now, settings, previous.model_copy(deep=True))
+    _clamp_future_times(p)
+    _reset_for_generation(p)
+    finished, displaced_now = _count_finished(p, pods, deleted_outside)
+    kept = _keep_newest_failure(p, finished)
+    _count_displaced_round(p, pods, displaced_now)
+    # Names are never reused, not even those of pods already deleted.
+    p.w.next_index = _next_free_index(p.w.next_index, pods)
+    alive = _judge_alive(p, pods)
+    _record_alive(p, alive, previous)
+    scaled_down = _desired(p, alive, previous, demand)
+    delete_queue = _ephemeral_end(p, alive, created, demand)
+    scale_down = _scale_down(p, alive, scaled_down)
+    missing = p.w.desired - len(alive)
+    if missing <= 0:
+        p.w.last_error = None  # nothing to create: a pod refused earlier is no longer wanted
+    _reset_proven_backoff(p, alive)
+    create = _creates(p, alive, missing, ending=delete_queue is not None)
+    if kept is not None and p.w.consecutive_failures == 0:
+        p.delete.append(kept.name)  # the row ended in this pass (a worker ran long enough)
+        kept = None
+    return Plan(
+        workers=p.w,
+        create=create,
+        delete=tuple(p.delete + scale_down),
+        events=tuple(p.events),
+        delete_queue=delete_queue,
+        requeue_after=min(p.requeue) if p.requeue else None,
+        kept=kept.name if kept is not None else None,
+    )
 
-    if w.crash_loop_generation is not None and w.crash_loop_generation != queue.generation:
+
+def _clamp_future_times(p: _Pass) -> None:
+    """Takes a time to come in the status as now, and writes it so: written by a replica whose clock
+    ran ahead (or before this one's stepped back), it would hold a back-off or a TTL by as much (an
+    hour's step, a pool without pods for an hour)."""
+    for name in ("last_failure_time", "last_displaced_time", "finished_time", "surplus_since"):
+        written = times.parse_or_none(getattr(p.w, name))
+        if written is not None and written > p.now:
+            setattr(p.w, name, times.rfc3339(p.now))
+
+
+def _reset_for_generation(p: _Pass) -> None:
+    """Forgets what the workers of an older spec went through (a refused create, failures, a crash loop,
+    displacements): it says nothing of the current spec, which may be the fix."""
+    w, generation = p.w, p.queue.generation
+    if w.observed_generation != generation:
+        w.last_error = None  # a pod the older spec could not create says nothing of this one's
+    w.observed_generation = generation
+    if w.crash_loop_generation is not None and w.crash_loop_generation != generation:
         w.consecutive_failures, w.crash_loop_generation = 0, None
-        events.append(Event("BackOffReset", "the spec changed: starting workers again"))
-    elif w.failures_generation is not None and w.failures_generation != queue.generation:
+        p.events.append(Event("BackOffReset", "the spec changed: starting workers again"))
+    elif w.failures_generation is not None and w.failures_generation != generation:
         w.consecutive_failures = 0  # the failures of an older spec say nothing of this one: no back-off
     if w.consecutive_failures == 0:
         w.failures_generation, w.failure_index = None, None
-    if w.displaced_generation is not None and w.displaced_generation != queue.generation:
+    if w.displaced_generation is not None and w.displaced_generation != generation:
         # Stopped from outside under an older spec (refused as the queue was full, say): the change
         # may be the fix, and its first workers start at once.
         w.consecutive_displaced, w.last_displaced_time = 0, None
     if w.consecutive_displaced == 0:
         w.displaced_generation, w.displaced_index = None, None
 
+
+def _count_finished(p: _Pass, pods: Sequence[Pod], deleted_outside: Collection[str]) -> tuple[list[Pod], list[Pod]]:
+    """Counts each finished worker once, by what ended it (`counted` remembers it until its pod's deletion
+    is seen), since pods are the only record; returns the finished pods, and those stopped from outside now."""
+    names = {pod.name for pod in pods}
+    p.w.counted = [name for name in p.w.counted if name in names]  # deletions seen are forgotten
     displaced_now: list[Pod] = []
     finished: list[Pod] = []
     for pod in pods:
@@ -558,246 +613,349 @@ def plan(
             if pod.name not in deleted_outside:
                 continue  # deleted here once counted, or as surplus: no news of the worker
         else:
-            finished.append(pod)  # deleted below, all but one failed pod kept while failures go on
-        if pod.name in counted:
+            finished.append(pod)  # deleted, all but one failed pod kept while failures go on (_keep_newest_failure)
+        if pod.name in p.w.counted:
             continue
-        counted.append(pod.name)
-        if pod.phase == "Failed" and pod.deleting:
-            # Deleted by someone else before a pass counted it: its failure may be that deletion's doing.
+        p.w.counted.append(pod.name)
+        if _count_end(p, pod, pods):
             displaced_now.append(pod)
-            events.append(Event("WorkerDisplaced", f"worker {pod.name} was deleted by someone else", warning=True))
-        elif pod.phase == "Succeeded":
-            w.succeeded += 1
-            # A worker that works ends a crash loop.
-            w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
-            w.failure_index = None
-            w.consecutive_displaced, w.last_displaced_time = 0, None
-            w.displaced_index, w.displaced_generation = None, None
-            events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
-        elif pod.refused and pod.phase == "Failed":
-            # Its worker exited on the operator's own refusal (a full or not ready queue, the API server
-            # unavailable): no crash of the worker, no crash loop; replaced as a displaced pod is.
-            displaced_now.append(pod)
-            events.append(Event("WorkerRefused", f"worker {pod.name} exited as /start turned it away "
-                                f"({pod.refused}); it is replaced", warning=True))
-        elif pod.disrupted or displaced(pod.reason):
-            # Not the worker's fault, but not always someone else's either: a pod evicted for its own
-            # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
-            displaced_now.append(pod)
-            events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
-                                f"(reason {pod.reason}); it is replaced", warning=True))
-        else:
-            w.failed += 1
-            # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
-            # Nor does one made before the last failure counted: several failing at once (the operator
-            # or Temporal out of reach as they started) are one round, not that many retries in a row.
-            current = pod.generation is None or pod.generation >= queue.generation
-            same_round = (w.consecutive_failures > 0 and w.failure_index is not None and pod.index is not None
-                          and pod.index < w.failure_index)
-            if current and not same_round:
-                w.consecutive_failures += 1
-                w.failures_generation = queue.generation
-                w.last_failure_time = times.rfc3339(now)
-                w.failure_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
-            events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
-                                f"reason {pod.reason or 'unknown'}", warning=True))
-    listed = {p.name: p for p in pods}
+    displaced_now += _count_deleted_outside(p, pods, deleted_outside)
+    return finished, displaced_now
+
+
+def _count_end(p: _Pass, pod: Pod, pods: Sequence[Pod]) -> bool:
+    """Counts how a finished worker ended, and tells it in an Event; returns whether it was stopped from
+    outside, which is no failure of the worker's (replaced, and backed off apart from failures)."""
+    w = p.w
+    if pod.phase == "Failed" and pod.deleting:
+        # Deleted by someone else before a pass counted it: its failure may be that deletion's doing.
+        p.events.append(Event("WorkerDisplaced", f"worker {pod.name} was deleted by someone else", warning=True))
+        return True
+    if pod.phase == "Succeeded":
+        w.succeeded += 1
+        # A worker that works ends a crash loop.
+        _end_failure_row(w)
+        w.consecutive_displaced, w.last_displaced_time = 0, None
+        w.displaced_index, w.displaced_generation = None, None
+        p.events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
+        return False
+    if pod.refused:
+        # Its worker exited on the operator's own refusal (a full or not ready queue, the API server
+        # unavailable): no crash of the worker, no crash loop; replaced as a displaced pod is.
+        p.events.append(Event("WorkerRefused", f"worker {pod.name} exited as /start turned it away "
+                              f"({pod.refused}); it is replaced", warning=True))
+        return True
+    if pod.disrupted or displaced(pod.reason):
+        # Not the worker's fault, but not always someone else's either: a pod evicted for its own
+        # ephemeral storage is "Evicted" too. Replaced at once the first time, then backed off.
+        p.events.append(Event("WorkerDisplaced", f"worker {pod.name} was stopped from outside "
+                              f"(reason {pod.reason}); it is replaced", warning=True))
+        return True
+    _count_failure(p, pod, pods)
+    return False
+
+
+def _count_failure(p: _Pass, pod: Pod, pods: Sequence[Pod]) -> None:
+    """Counts a worker's own failure, and a new round of failures in a row (the back-off, the crash loop)
+    when it is one: not every failed pod is a retry that failed."""
+    w = p.w
+    w.failed += 1
+    # A pod of an older spec failing says nothing of the current one: no back-off, no crash loop.
+    # Nor does one made before the last failure counted: several failing at once (the operator
+    # or Temporal out of reach as they started) are one round, not that many retries in a row.
+    current = pod.generation is None or pod.generation >= p.queue.generation
+    same_round = (w.consecutive_failures > 0 and w.failure_index is not None and pod.index is not None
+                  and pod.index < w.failure_index)
+    if current and not same_round:
+        w.consecutive_failures += 1
+        w.failures_generation = p.queue.generation
+        w.last_failure_time = times.rfc3339(p.now)
+        w.failure_index = _next_free_index(w.next_index, pods)
+    p.events.append(Event("WorkerFailed", f"worker {pod.name} failed: exit code {pod.exit_code}, "
+                          f"reason {pod.reason or 'unknown'}", warning=True))
+
+
+def _count_deleted_outside(p: _Pass, pods: Sequence[Pod], deleted_outside: Collection[str]) -> list[Pod]:
+    """The pods someone else deleted before they finished (`kubectl delete pod`, a drain, a preemption),
+    counted as stopped from outside: a controller deleting worker pods again and again would otherwise
+    meet a new one each time, at once."""
+    listed = {pod.name: pod for pod in pods}
+    gone: list[Pod] = []
     for name in sorted(deleted_outside):
-        if name in counted:
+        if name in p.w.counted:
             continue
         if name in listed:
-            counted.append(name)  # counted once while it terminates
-        # `kubectl delete pod`, a drain, a preemption: a controller deleting worker pods again and
-        # again would otherwise meet a new one each time, at once.
-        displaced_now.append(listed.get(name) or Pod(name=name, phase="", deleting=True, index=pod_index(name)))
-        events.append(Event("WorkerDisplaced", f"worker {name} was deleted by someone else", warning=True))
-    w.counted = counted
-    # The newest of the workers' own failures stays for `kubectl logs` while they go on in a row (a
-    # crash loop whose pods were all gone could not be told apart); it goes once a worker succeeds,
-    # runs long enough, or the spec changes (each ends the row), or when a newer one fails.
-    own = [p for p in finished if _keepable_failure(p) and p.index is not None] if w.consecutive_failures else []
-    kept = max(own, key=lambda p: p.index or 0, default=None)
-    delete.extend(p.name for p in finished if p is not kept)
-    # One incident (a node under pressure evicting several, seconds apart) counts once: pods made
-    # before the last time counted belong to it. One long after the last is a new first.
+            p.w.counted.append(name)  # counted once while it terminates
+        gone.append(listed.get(name) or Pod(name=name, phase="", deleting=True, index=pod_index(name)))
+        p.events.append(Event("WorkerDisplaced", f"worker {name} was deleted by someone else", warning=True))
+    return gone
+
+
+def _keep_newest_failure(p: _Pass, finished: Sequence[Pod]) -> Pod | None:
+    """Deletes the finished pods but the newest of the workers' own failures while they go on in a row,
+    which stays for `kubectl logs` (a crash loop whose pods were all gone could not be told apart)."""
+    # It goes once a worker succeeds, runs long enough, or the spec changes (each ends the row), or
+    # when a newer one fails.
+    own = [pod for pod in finished if _keepable_failure(pod) and pod.index is not None]
+    kept = max(own, key=lambda pod: pod.index or 0, default=None) if p.w.consecutive_failures else None
+    p.delete.extend(pod.name for pod in finished if pod is not kept)
+    return kept
+
+
+def _count_displaced_round(p: _Pass, pods: Sequence[Pod], displaced_now: Sequence[Pod]) -> None:
+    """Counts the pods stopped from outside in this pass as one more time, which the next worker's
+    back-off grows with; one incident (a node under pressure evicting several, seconds apart) counts once."""
+    w = p.w
+    # Pods made before the last time counted belong to it. One long after the last is a new first.
     last = times.parse_or_none(w.last_displaced_time)
-    forgotten = last is None or now - last > DISPLACED_FORGOTTEN_SECONDS
+    forgotten = last is None or p.now - last > DISPLACED_FORGOTTEN_SECONDS
     same_round = not forgotten and w.displaced_index is not None and all(
         pod.index is not None and pod.index < w.displaced_index for pod in displaced_now)
     if displaced_now and not same_round:
         if forgotten:
             w.consecutive_displaced = 0
         w.consecutive_displaced += 1
-        w.last_displaced_time = times.rfc3339(now)
-        w.displaced_generation = queue.generation
-        w.displaced_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
+        w.last_displaced_time = times.rfc3339(p.now)
+        w.displaced_generation = p.queue.generation
+        w.displaced_index = _next_free_index(w.next_index, pods)
 
-    # Names are never reused, not even those of pods already deleted.
-    w.next_index = max([w.next_index, *((p.index + 1) for p in pods if p.index is not None)])
-    alive = [_judged(p, now, queue.generation, requeue) for p in pods if p.alive]
-    # A pod that cannot start (its image, its config, scheduling) made for an older spec is replaced by
-    # one of the current spec: it never ran a worker, and the change may well be the fix.
-    outdated = {p.name for p in alive if p.stuck and p.generation is not None and p.generation < queue.generation}
-    delete.extend(sorted(outdated))
-    alive = [p for p in alive if p.name not in outdated]
-    w.pending = sum(1 for p in alive if p.phase != "Running")
-    w.running = sum(1 for p in alive if p.phase == "Running")
+
+def _next_free_index(next_index: int, pods: Sequence[Pod]) -> int:
+    """The index after `next_index` - 1 and every pod's: names are never reused, so a create is never doubled."""
+    return max([next_index, *((pod.index + 1) for pod in pods if pod.index is not None)])
+
+
+def _judge_alive(p: _Pass, pods: Sequence[Pod]) -> list[Pod]:
+    """The pods alive, each stuck or not as its age says. A pod that cannot start (its image, its
+    config, scheduling) made for an older spec is deleted: it never ran a worker, and the change may
+    well be the fix, so one of the current spec replaces it."""
+    alive = [_judged(pod, p.now, p.queue.generation, p.requeue) for pod in pods if pod.alive]
+    outdated = {pod.name for pod in alive
+                if pod.stuck and pod.generation is not None and pod.generation < p.queue.generation}
+    p.delete.extend(sorted(outdated))
+    return [pod for pod in alive if pod.name not in outdated]
+
+
+def _record_alive(p: _Pass, alive: Sequence[Pod], previous: spec_.WorkersStatus) -> None:
+    """Writes how many workers are pending and running, and which cannot start: each of those is told
+    in an Event once, so a person learns why the queue does not get its workers."""
+    w = p.w
+    w.pending = sum(1 for pod in alive if pod.phase != "Running")
+    w.running = sum(1 for pod in alive if pod.phase == "Running")
     # Read back from the status, so that a restart posts no Event again: "<pod>: <reason>" (no ':' in a pod's name).
     was_stuck = {entry.partition(":")[0] for entry in previous.stuck}
-    w.stuck = [f"{p.name}: {p.stuck}" for p in alive if p.stuck]
-    events.extend(Event("WorkerNotStarting", f"worker {p.name} cannot start: {p.stuck}: {p.stuck_message}",
-                        warning=True) for p in alive if p.stuck and p.name not in was_stuck)
-    cap = s.max_workers if s.max_workers is not None else s.replicas
-    scale_down: list[str] = []
+    w.stuck = [f"{pod.name}: {pod.stuck}" for pod in alive if pod.stuck]
+    p.events.extend(Event("WorkerNotStarting", f"worker {pod.name} cannot start: {pod.stuck}: {pod.stuck_message}",
+                          warning=True) for pod in alive if pod.stuck and pod.name not in was_stuck)
+
+
+def _desired(p: _Pass, alive: Sequence[Pod], previous: spec_.WorkersStatus, demand: Demand | None) -> list[str]:
+    """Sets how many workers should be alive, as the queue's kind says; returns a scaling queue's idle
+    workers that have been surplus past their grace, to delete now."""
+    s, w = p.spec, p.w
     if s.scaling is None:
         w.surplus_since = None  # a grace begun before scaling was turned off is no grace when it is back
     if not manages_pods(s):
         w.desired = 0
-    elif s.scaling is not None:
-        known = demand if demand is not None and demand.fresh(now) else Demand(None)
-        scale_down = _scale(s, alive, previous, w, known, now, settings, events, requeue,
-                            own=lambda host: own_host(queue, host, w.next_index))
-    elif s.ephemeral:
+        return []
+    if s.scaling is not None:
+        known = demand if demand is not None and demand.fresh(p.now) else Demand(None)
+        return _scale(s, alive, previous, w, known, p.now, p.settings, p.events, p.requeue,
+                      own=lambda host: own_host(p.queue, host, w.next_index))
+    cap = s.max_workers if s.max_workers is not None else s.replicas
+    if s.ephemeral:
         completions = 1 if s.single_execution else s.replicas
         w.desired = min(max(completions - w.succeeded, 0), 1 if s.single_execution else cap)
     else:
         w.desired = min(s.replicas, cap)
+    return []
 
-    delete_queue: Event | None = None
-    if s.ephemeral:
-        if s.active_deadline_seconds is not None:
-            deadline = created + s.active_deadline_seconds
-            if now >= deadline:
-                message = f"the queue outlived activeDeadlineSeconds={s.active_deadline_seconds}; deleting it"
-                delete_queue = Event("DeadlineExceeded", message, warning=True)
-            else:
-                requeue.append(deadline - now)
-        # A scaling queue has finished once it ran workers (made for work: minIdle is 0) and none is
-        # left; not before its first work came. Its workers need not have exited by themselves: ones
-        # that take several workflows leave as idle once the work is done.
-        done = (w.succeeded > 0 or w.next_index > 0) if s.scaling is not None else True
-        # A workflow not due yet (a retry's back-off, say) is work to come, though it wants no worker now.
-        deferred = s.scaling is not None and demand is not None and demand.fresh(now) and demand.delayed > 0
-        if w.desired > 0 or alive or deferred:
-            w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
-        elif done and delete_queue is None:
-            if w.finished_time is None:
-                w.finished_time = times.rfc3339(now)
-                events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
-            finished_at = times.parse(w.finished_time)
-            expires = finished_at + s.ttl_seconds_after_finished
-            # A scaling queue's work may have come back meanwhile: deleted only once Temporal, asked
-            # after the finish, says nothing waits (unreachable, or not read yet since a restart or a
-            # handover: not yet). A reading from before may miss a workflow started as the last
-            # worker ended, or handed to it as it went.
-            read = demand if demand is not None and demand.backlog is not None else None
-            nothing_known_waits = s.scaling is None or (
-                read is not None and read.recent(now) and read.read_after(finished_at + FINISH_READ_SECONDS))
-            if now >= expires and nothing_known_waits:
-                delete_queue = Event("QueueFinished", "deleting the finished ephemeral queue")
-            elif now < expires:
-                requeue.append(expires - now)
-            elif read is not None and read.fresh(now):
-                # The readings go on, alike maybe (the probe requeues a queue on a change only): the next
-                # may do, looked at while it is recent.
-                requeue.append(min(settings.backlog_idle_poll_seconds, IDLE_STALE_SECONDS))
-            # Else planned again when a reading comes (the probe requeues the queue then).
 
-    if s.scaling is None and manages_pods(s):
-        scale_down = _surplus_not_started(alive, w.desired)
-        if not s.single_execution and not s.suspend and w.desired > 0:
-            # A worker that is not single-execution never exits by itself: "once its work is done"
-            # never comes. Deleted, newest first, as a Deployment's are; Temporal hands what one ran
-            # on to another worker. Not all of them (replicas 0): the queue would then read as
-            # finished, and be deleted with its work; suspend or delete it to stop them all.
-            going = _surplus_running(alive, w.desired, leaving=scale_down)
-            if going:
-                events.append(Event("ScalingDown", f"{len(alive)} workers alive, {w.desired} wanted: deleting "
-                                    f"{', '.join(going)}"))
-            scale_down += going
+def _ephemeral_end(p: _Pass, alive: Sequence[Pod], created: float, demand: Demand | None) -> Event | None:
+    """Why an ephemeral queue is deleted now (past its activeDeadlineSeconds, or its TTL after its
+    workers finished), None while it lives on: it is made for a piece of work, and goes with it."""
+    s, w = p.spec, p.w
+    if not s.ephemeral:
+        return None
+    past_deadline = _past_deadline(p, created)
+    # A scaling queue has finished once it ran workers (made for work: minIdle is 0) and none is
+    # left; not before its first work came. Its workers need not have exited by themselves: ones
+    # that take several workflows leave as idle once the work is done.
+    done = (w.succeeded > 0 or w.next_index > 0) if s.scaling is not None else True
+    # A workflow not due yet (a retry's back-off, say) is work to come, though it wants no worker now.
+    deferred = s.scaling is not None and demand is not None and demand.fresh(p.now) and demand.delayed > 0
+    if w.desired > 0 or alive or deferred:
+        w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
+    elif done and past_deadline is None:
+        return _finished_past_ttl(p, demand)
+    return past_deadline
+
+
+def _past_deadline(p: _Pass, created: float) -> Event | None:
+    """DeadlineExceeded once the queue has outlived its activeDeadlineSeconds, as a Job's deadline
+    bounds how long it runs; else a requeue for then."""
+    s = p.spec
+    if s.active_deadline_seconds is None:
+        return None
+    deadline = created + s.active_deadline_seconds
+    if p.now >= deadline:
+        message = f"the queue outlived activeDeadlineSeconds={s.active_deadline_seconds}; deleting it"
+        return Event("DeadlineExceeded", message, warning=True)
+    p.requeue.append(deadline - p.now)
+    return None
+
+
+def _finished_past_ttl(p: _Pass, demand: Demand | None) -> Event | None:
+    """QueueFinished once every worker has finished for ttlSecondsAfterFinished (and, for a scaling
+    queue, nothing is known to wait), so the finished queue stays a while to be looked at; else None."""
+    w, now = p.w, p.now
+    if w.finished_time is None:
+        w.finished_time = times.rfc3339(now)
+        p.events.append(Event("WorkersFinished", "every worker of this ephemeral queue has finished"))
+    finished_at = times.parse(w.finished_time)
+    expires = finished_at + p.spec.ttl_seconds_after_finished
+    # A scaling queue's work may have come back meanwhile: deleted only once Temporal, asked
+    # after the finish, says nothing waits (unreachable, or not read yet since a restart or a
+    # handover: not yet). A reading from before may miss a workflow started as the last
+    # worker ended, or handed to it as it went.
+    read = demand if demand is not None and demand.backlog is not None else None
+    nothing_known_waits = p.spec.scaling is None or (
+        read is not None and read.recent(now) and read.read_after(finished_at + FINISH_READ_SECONDS))
+    if now >= expires and nothing_known_waits:
+        return Event("QueueFinished", "deleting the finished ephemeral queue")
+    if now < expires:
+        p.requeue.append(expires - now)
+    elif read is not None and read.fresh(now):
+        # The readings go on, alike maybe (the probe requeues a queue on a change only): the next
+        # may do, looked at while it is recent.
+        p.requeue.append(min(p.settings.backlog_idle_poll_seconds, IDLE_STALE_SECONDS))
+    # Else planned again when a reading comes (the probe requeues the queue then).
+    return None
+
+
+def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str]) -> list[str]:
+    """The alive pods to delete as surplus (`scaled_down`: a scaling queue's idle ones). Pods not
+    started yet may always go; a running worker may hold an execution, and only goes when idle or
+    from a pool that would otherwise never shrink."""
+    s = p.spec
     if not manages_pods(s):
         # singleExecution turned off: its workers run elsewhere now. A pod not started yet goes (stuck
         # pulling its image, it would wait for good); a running one finishes its task, and exits.
-        scale_down = _surplus_not_started(alive, 0)
-    if s.suspend and manages_pods(s):
+        return _surplus_not_started(alive, 0)
+    scale_down = scaled_down if s.scaling is not None else _scale_down_fixed(p, alive)
+    if s.suspend:
         # A worker starting now would be turned away by /start (the queue is suspended): a pod not
         # started yet goes, as a suspended Job's; a running one finishes its work.
         scale_down = sorted({*scale_down, *_surplus_not_started(alive, 0)})
-    create: tuple[int, ...] = ()
-    missing = w.desired - len(alive)
-    if missing <= 0:
-        w.last_error = None  # nothing to create: a pod refused earlier is no longer wanted
-    if w.consecutive_failures > 0 and not s.ephemeral:
-        # A worker that has run for the longest back-off shows the fault gone, as the kubelet forgets
-        # a container's back-off once it has run a while. Else only a success ends a crash loop, and a
-        # pool's one try may wait long for an execution (up to 1,800 s): the pool stays at one worker
-        # all that time. An ephemeral queue keeps a Job's rule: failures count until the spec changes.
-        # Only one started after the last failure: a worker running since before it says nothing
-        # of why the later ones fail (it reset every failure, and failing pods came back at once).
-        proven = settings.worker_backoff_max_seconds
-        failed_at = times.parse_or_none(w.last_failure_time)
-        ran = [p for p in alive if p.phase == "Running" and p.running_since is not None
-               and (failed_at is None or p.running_since > failed_at)
-               and (p.generation is None or p.generation >= queue.generation)]
-        longest = max(ran, key=lambda p: now - (p.running_since or now), default=None)
-        if longest is not None and now - (longest.running_since or now) >= proven:
-            w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
-            w.failure_index = None
-            events.append(Event("BackOffReset", f"worker {longest.name} has run for {proven:g}s: starting workers "
-                                "again"))
-        elif longest is not None:
-            requeue.append((longest.running_since or now) + proven - now)
+    return scale_down
+
+
+def _scale_down_fixed(p: _Pass, alive: Sequence[Pod]) -> list[str]:
+    """The surplus pods of a queue without scaling (replicas or maxWorkers lowered): those not started
+    yet, and a pool's running ones too, since its workers never exit by themselves."""
+    s, w = p.spec, p.w
+    scale_down = _surplus_not_started(alive, w.desired)
+    if not s.single_execution and not s.suspend and w.desired > 0:
+        # A worker that is not single-execution never exits by itself: "once its work is done"
+        # never comes. Deleted, newest first, as a Deployment's are; Temporal hands what one ran
+        # on to another worker. Not all of them (replicas 0): the queue would then read as
+        # finished, and be deleted with its work; suspend or delete it to stop them all.
+        going = _surplus_running(alive, w.desired, leaving=scale_down)
+        if going:
+            p.events.append(Event("ScalingDown", f"{len(alive)} workers alive, {w.desired} wanted: deleting "
+                                  f"{', '.join(going)}"))
+        scale_down += going
+    return scale_down
+
+
+def _reset_proven_backoff(p: _Pass, alive: Sequence[Pod]) -> None:
+    """Ends a pool's failures in a row once a worker started after the last one has run for the longest
+    back-off, as the kubelet forgets a container's back-off once it has run a while: that shows the
+    fault gone."""
+    s, w, now = p.spec, p.w, p.now
+    if w.consecutive_failures == 0 or s.ephemeral:
+        return  # an ephemeral queue keeps a Job's rule: failures count until the spec changes
+    # Else only a success would end a crash loop, and a pool's one try may wait long for an execution
+    # (up to 1,800 s): the pool would stay at one worker all that time. Only a worker started after
+    # the last failure counts: one running since before it says nothing of why the later ones fail
+    # (it reset every failure, and failing pods came back at once).
+    proven = p.settings.worker_backoff_max_seconds
+    failed_at = times.parse_or_none(w.last_failure_time)
+    ran = [pod for pod in alive if pod.phase == "Running" and pod.running_since is not None
+           and (failed_at is None or pod.running_since > failed_at)
+           and (pod.generation is None or pod.generation >= p.queue.generation)]
+    longest = max(ran, key=lambda pod: now - (pod.running_since or now), default=None)
+    if longest is not None and now - (longest.running_since or now) >= proven:
+        _end_failure_row(w)
+        p.events.append(Event("BackOffReset", f"worker {longest.name} has run for {proven:g}s: starting workers "
+                              "again"))
+    elif longest is not None:
+        p.requeue.append((longest.running_since or now) + proven - now)
+
+
+def _end_failure_row(w: spec_.WorkersStatus) -> None:
+    """Forgets the failures in a row and the crash loop they made: a worker has shown the fault gone."""
+    w.consecutive_failures, w.crash_loop_generation, w.failures_generation = 0, None, None
+    w.failure_index = None
+
+
+def _creates(p: _Pass, alive: Sequence[Pod], missing: int, *, ending: bool) -> tuple[int, ...]:
+    """The indices of the pods to create for the `missing` workers, once the back-off has passed (none
+    while the queue is suspended or `ending`); a crash loop stops an ephemeral queue, and slows a pool
+    to one try at a time."""
+    s, w = p.spec, p.w
     crash_looping = w.consecutive_failures > 0 and w.consecutive_failures >= s.worker.backoff_limit
     if crash_looping and manages_pods(s):
-        if w.crash_loop_generation is None:
-            w.crash_loop_generation = queue.generation
-            then = "no more start until the spec changes" if s.ephemeral else (
-                f"one worker at a time is tried every {settings.worker_backoff_max_seconds:g}s until one succeeds "
-                "or has run that long")
-            events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
-                                f"(backoffLimit {s.worker.backoff_limit}); {then}", warning=True))
-        if not s.ephemeral and missing > 0 and not s.suspend and not alive:
-            # A pool is meant to stay: whatever failed its workers may pass (Temporal or the control
-            # plane out of reach for a while). Given up on for good, it would stay drained until
-            # someone changed its spec; it is tried, one worker at a time (none while one is alive:
-            # that one is the try), at the longest back-off, and longer while tries are displaced.
-            wait = 0.0
-            if w.last_failure_time is not None:
-                wait = times.parse(w.last_failure_time) + settings.worker_backoff_max_seconds - now
-            if w.consecutive_displaced > 1 and w.last_displaced_time is not None:
-                wait = max(wait, times.parse(w.last_displaced_time)
-                           + backoff(w.consecutive_displaced - 1, settings) - now)
-            if wait > 0:
-                requeue.append(wait)
-            else:
-                create = (w.next_index,)
-                w.next_index += 1
-    elif missing > 0 and not s.suspend and delete_queue is None:
-        wait = 0.0
-        if w.consecutive_failures > 0 and w.last_failure_time is not None:
-            wait = times.parse(w.last_failure_time) + backoff(w.consecutive_failures, settings) - now
-        if w.consecutive_displaced > 1 and w.last_displaced_time is not None:
-            wait = max(wait, times.parse(w.last_displaced_time) + backoff(w.consecutive_displaced - 1, settings) - now)
-        if wait > 0:
-            requeue.append(wait)
-            if any(e.reason in ("WorkerFailed", "WorkerDisplaced", "WorkerRefused") for e in events):
-                events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
-        else:
-            create = tuple(range(w.next_index, w.next_index + missing))
-            w.next_index += missing
+        _announce_crash_loop(p)
+        if s.ephemeral or missing <= 0 or s.suspend or alive:
+            return ()
+        # A pool is meant to stay: whatever failed its workers may pass (Temporal or the control
+        # plane out of reach for a while). Given up on for good, it would stay drained until
+        # someone changed its spec; it is tried, one worker at a time (none while one is alive:
+        # that one is the try), at the longest back-off, and longer while tries are displaced.
+        return _create_after(p, _backoff_wait(p, p.settings.worker_backoff_max_seconds), 1)
+    if missing <= 0 or s.suspend or ending:
+        return ()
+    wait = _backoff_wait(p, backoff(w.consecutive_failures, p.settings))
+    if wait > 0 and any(e.reason in ("WorkerFailed", "WorkerDisplaced", "WorkerRefused") for e in p.events):
+        p.events.append(Event("BackOff", f"next worker in {wait:.0f}s", warning=True))
+    return _create_after(p, wait, missing)
 
-    if kept is not None and w.consecutive_failures == 0:
-        delete.append(kept.name)  # the row ended in this pass (a worker ran long enough)
-        kept = None
-    return Plan(
-        workers=w,
-        create=create,
-        delete=tuple(delete + scale_down),
-        events=tuple(events),
-        delete_queue=delete_queue,
-        requeue_after=min(requeue) if requeue else None,
-        kept=kept.name if kept is not None else None,
-    )
+
+def _announce_crash_loop(p: _Pass) -> None:
+    """Marks the generation that went CrashLooping and tells it, once, with what happens next: so the
+    loop outlives a restart, and ends with a change of spec."""
+    s, w = p.spec, p.w
+    if w.crash_loop_generation is not None:
+        return
+    w.crash_loop_generation = p.queue.generation
+    then = "no more start until the spec changes" if s.ephemeral else (
+        f"one worker at a time is tried every {p.settings.worker_backoff_max_seconds:g}s until one succeeds "
+        "or has run that long")
+    p.events.append(Event("CrashLooping", f"workers failed {w.consecutive_failures} times in a row "
+                          f"(backoffLimit {s.worker.backoff_limit}); {then}", warning=True))
+
+
+def _backoff_wait(p: _Pass, after_failure: float) -> float:
+    """Seconds the next worker must still wait: `after_failure` from the last failure in a row, and,
+    while workers are stopped from outside again and again (the first is replaced at once), the
+    back-off of those times, so that a controller deleting them is not met by a new one at once."""
+    w, wait = p.w, 0.0
+    if w.consecutive_failures > 0 and w.last_failure_time is not None:
+        wait = times.parse(w.last_failure_time) + after_failure - p.now
+    if w.consecutive_displaced > 1 and w.last_displaced_time is not None:
+        wait = max(wait, times.parse(w.last_displaced_time) + backoff(w.consecutive_displaced - 1, p.settings) - p.now)
+    return wait
+
+
+def _create_after(p: _Pass, wait: float, count: int) -> tuple[int, ...]:
+    """The indices of `count` new pods, or none and a requeue while `wait` seconds of back-off remain."""
+    if wait > 0:
+        p.requeue.append(wait)
+        return ()
+    create = tuple(range(p.w.next_index, p.w.next_index + count))
+    p.w.next_index += count
+    return create
 
 
 def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
