@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 from tests.unit.factories import UID, queue, queue_body, secret_body
 from workerqueue_operator.core import queues, reconciler
@@ -433,3 +434,75 @@ def test_a_queue_whose_status_says_not_ready_counts_as_not_ready_though_it_can_b
     ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
     s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=ready))
     assert s.not_ready_count == 0
+
+
+class _Reads:
+    """The reconciler's reads of Secrets, as asked for."""
+
+    def __init__(self) -> None:
+        self.asked: set[tuple[str, str]] = set()
+
+    def fetch_secrets(self, names: set[tuple[str, str]]) -> None:
+        self.asked |= set(names)
+
+    def spec_valid(self, key: tuple[str, str]) -> None:
+        pass
+
+
+class _Told:
+    def queue_changed(self, queue: object) -> None:
+        pass
+
+    def queue_deleted(self, key: object) -> None:
+        pass
+
+
+def _feed() -> tuple[Store, _Reads, Any]:
+    from workerqueue_operator.core.reconciler import Reconciler
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.runner import Feed
+
+    store, reads = Store(settings=Settings()), _Reads()
+    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, _Told()))
+    feed.secrets_listed = True
+    return store, reads, feed
+
+
+SHARES_A = {"auth": {"tokenSecretRefs": [{"name": "a-worker-token", "key": "token"}]}}
+OWN_TOKEN = {"auth": {"tokenSecretRefs": [{"name": "a-own", "key": "token"}]}}
+
+
+def test_a_token_secret_shared_with_a_queue_made_again_is_read_again_and_its_deletion_counts():
+    """Queue b lists a's generated token; a is made again (a new uid) with a token of its own: the
+    old token Secret was forgotten for a's sake, nothing read it again, and once the garbage collector
+    deleted it, its deletion was not counted: its token opened b for good."""
+    store, reads, feed = _feed()
+    feed.queue_upserted(queue_body("a", uid="uid-a1", queueId="qa"))
+    generated = reconciler.token_secret_body(store.queue(("team-a", "a")), "T-old")  # owned by a (uid-a1)
+    feed.secret_upserted(generated)
+    feed.queue_upserted(queue_body("b", uid="uid-b", queueId="qb", **SHARES_A))
+    assert store.opens(store.serving("qb"), queues.digest("T-old"))
+    reads.asked.clear()
+    feed.queue_deleted(("team-a", "a"), queue_body("a", uid="uid-a1", queueId="qa"))
+    feed.queue_upserted(queue_body("a", uid="uid-a2", queueId="qa", **OWN_TOKEN))
+    token = ("team-a", "a-worker-token")
+    assert token in reads.asked  # read again, for b
+    news = store.secret_news(token)  # the read begins
+    assert not store.opens(store.serving("qb"), queues.digest("T-old"))  # not served meanwhile
+    feed.secret_deleted(token, generated)  # the garbage collector's
+    assert store.fill_secret(token, None, news=news)  # the read: 404
+    assert store.secret_state(token) == (True, None)
+    assert store.serving("qb").problem.reason == "SecretNotFound"
+
+
+def test_a_user_made_secret_named_like_a_new_queues_token_is_read_again_for_the_queue_that_uses_it():
+    """b uses a Secret it made, named a-worker-token; a queue a (with a token of its own) is made: the
+    Secret was forgotten with no read asked for, and b, once resolved again, stayed SecretPending."""
+    store, reads, feed = _feed()
+    feed.queue_upserted(queue_body("b", uid="uid-b", queueId="qb", **SHARES_A))
+    feed.secret_upserted(secret_body("a-worker-token", token="T"))
+    reads.asked.clear()
+    feed.queue_upserted(queue_body("a", uid="uid-a", queueId="qa", **OWN_TOKEN))
+    assert ("team-a", "a-worker-token") in reads.asked
+    feed.secret_upserted(secret_body("a-worker-token", token="T"))  # the read's answer
+    assert store.serving("qb").ready and store.opens(store.serving("qb"), queues.digest("T"))

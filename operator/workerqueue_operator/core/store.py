@@ -88,7 +88,8 @@ class Store:
                 self._notify(held)
 
     def upsert_queue(self, queue: QueueObject) -> set[SecretName]:
-        """Add or replace a queue. Returns the Secrets it uses whose content is not known yet."""
+        """Add or replace a queue. Returns the Secrets to read: those it uses whose content is not known
+        yet, and its name's token Secret when forgotten here (see below) while another queue lists it."""
         key = queue.key
         previous = self._queues.get(key)
         self._queues[key] = queue
@@ -96,22 +97,27 @@ class Store:
             self._with_upstream.add(key)
         else:
             self._with_upstream.discard(key)
-        if previous is None or previous.uid != queue.uid:
+        affected = {key}
+        token = (queue.namespace, queues.token_secret_name(queue.name))
+        forgotten = (previous is None or previous.uid != queue.uid) and token in self._secrets
+        if forgotten:
             # Made again under the same name (its deletion seen or not): the token Secret known so far
             # may be the old queue's, kept for another queue that lists it and waiting for the garbage
-            # collector. Read again, it is judged against this queue.
-            self._secrets.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
-            self._secret_versions.pop((queue.namespace, queues.token_secret_name(queue.name)), None)
+            # collector. Read again, it is judged against this queue; whoever else lists it waits for
+            # that read rather than keep serving what may be gone.
+            del self._secrets[token]
+            self._secret_versions.pop(token, None)
+            affected |= self._users.get(token, set())
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
-        affected = {key}
         if previous is not None and previous.queue_id != queue.queue_id:
             affected |= self._unclaim(previous.queue_id, key)
         claimants = self._claimants.setdefault(queue.queue_id, set())
         claimants.add(key)
         affected |= claimants
         self._recompute(affected)
-        return {name for name in uses if name not in self._secrets}
+        unknown = {name for name in uses if name not in self._secrets}
+        return unknown | {token} if forgotten and token in self._users else unknown
 
     def refresh_queue(self, queue: QueueObject) -> None:
         """A queue whose spec is unchanged (see `QueueObject.same_spec`): its status or deletion moved.
