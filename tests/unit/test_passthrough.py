@@ -1033,3 +1033,26 @@ async def test_a_workers_websocket_opens_only_with_the_token_it_started_with():
             heartbeat = await c.post(f"/api/v1/workers/{shared}/heartbeat", json={},
                                      headers={"Authorization": "Bearer tok-q1"})
             assert heartbeat.status == 403
+
+
+async def test_a_pods_token_not_seen_yet_is_held_as_at_start_not_refused(monkeypatch: pytest.MonkeyPatch):
+    """A pod's own token whose Secret this replica has not seen (made by another replica a moment ago,
+    or the Secret watch down): /start held it and answered 503 while the watch was down; the
+    pass-through answered 401 at once, on which the worker exits."""
+    from workerqueue_operator.api import unseen
+
+    monkeypatch.setattr(unseen, "CALL_DOWN_SECONDS", 0.3)
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 0.3)
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1",
+                             upstream={"url": "http://127.0.0.1:9", "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "q1-token"})
+    store.upsert_secret(("team-a", "org"), {"k": "org-key"})
+    pod = {"Authorization": "Bearer wqw1_made-for-q1-w0"}  # the operator's mark (workers.is_worker_token)
+    watching = [False]
+    async with TestClient(TestServer(apps.make_app(store, secrets_current=lambda: watching[0]))) as client:
+        down = await client.get("/api/v1/executions/e-1", headers=pod)
+        assert down.status == 503 and down.headers["Retry-After"] == "1"
+        watching[0] = True
+        unknown = await client.get("/api/v1/executions/e-1", headers=pod)  # after the lag: no such pod
+        assert unknown.status == 401

@@ -71,16 +71,8 @@ async def authenticate(request: web.Request, *, starting: bool = False) -> Calle
     if conflict is not None:
         return errors.detail(409, conflict)
     if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
-        unseen = request.app[UNSEEN]
-        credential = await unseen.credential(lambda: store.worker_credential(token_digest),
-                                             peer=request.remote or "", starting=starting)
-        if credential is not None:
-            return Caller(token_digest, worker=credential)
-        if not unseen.current():
-            request.app[LOG].warning("worker_token_unseen", "a per-worker token is unknown while the Secret watch "
-                                     "is down: answered 503")
-            return errors.detail(503, "Worker credentials are being loaded, try again", headers={"Retry-After": "1"})
-        return errors.unauthorized("Invalid authentication credentials")  # the mark is no Kubernetes token's
+        found = await unseen_worker(request, token_digest, starting=starting)
+        return found if isinstance(found, web.Response) else Caller(token_digest, worker=found)
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:
@@ -88,6 +80,24 @@ async def authenticate(request: web.Request, *, starting: bool = False) -> Calle
     if identity is None:
         return errors.unauthorized("Invalid authentication credentials")
     return Caller(token_digest, identity=identity)
+
+
+async def unseen_worker(request: web.Request, token_digest: bytes, *, starting: bool = False
+                        ) -> WorkerCredential | web.Response:
+    """A per-worker token (`workers.is_worker_token`) this replica does not know: its credential once
+    its Secret comes (made by another replica a moment ago, say), else 503 while the Secret watch is
+    down, else 401. A worker exits on a 401: none must be told so for a Secret not seen yet."""
+    store = request.app[STORE]
+    unseen = request.app[UNSEEN]
+    credential = await unseen.credential(lambda: store.worker_credential(token_digest),
+                                         peer=request.remote or "", starting=starting)
+    if credential is not None:
+        return credential
+    if not unseen.current():
+        request.app[LOG].warning("worker_token_unseen", "a per-worker token is unknown while the Secret watch "
+                                 "is down: answered 503")
+        return errors.detail(503, "Worker credentials are being loaded, try again", headers={"Retry-After": "1"})
+    return errors.unauthorized("Invalid authentication credentials")  # the mark is no Kubernetes token's
 
 
 def opens(request: web.Request, caller: Caller, resolution: Resolution) -> bool:

@@ -27,8 +27,8 @@ from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict
 from yarl import URL
 
-from workerqueue_operator.api import errors, metrics
-from workerqueue_operator.core import queues
+from workerqueue_operator.api import callers, errors, metrics
+from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core.shares import Shares
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s.client import ABORT_CLOSED_TLS
@@ -362,7 +362,7 @@ class Passthrough:
                 return errors.detail(404, "Not Found")
         if request.method == "DELETE" and any(pattern.fullmatch(spelt) for pattern in self._owned_deletes):
             return errors.detail(404, "Not Found")
-        route = self._route(request)
+        route = await self._route(request)
         if isinstance(route, web.Response):
             return route
         # Matched as an upstream may route it (slashes merged, any case), not only as spelt.
@@ -391,7 +391,7 @@ class Passthrough:
         finally:
             shares.give_back(share_key)
 
-    def _route(self, request: web.Request) -> _Route | web.Response:
+    async def _route(self, request: web.Request) -> _Route | web.Response:
         """The upstream this caller's token leads to, or the answer saying why there is none."""
         store = self._store
         if not store.passes_through:
@@ -402,6 +402,12 @@ class Passthrough:
         scheme, token = credential
         token_digest = queues.digest(token)
         key = store.queue_of_token(token_digest)
+        if key is None and workers.is_worker_token(token) and store.worker_credential(token_digest) is None:
+            # A pod's token whose Secret this replica has not seen yet: as for /start (callers.authenticate).
+            found = await callers.unseen_worker(request, token_digest)
+            if isinstance(found, web.Response):
+                return found
+            key = store.queue_of_token(token_digest)
         if key is None:
             if store.is_queue_token(token_digest):
                 return errors.detail(403, "This token belongs to several worker queues; give each queue its own "
