@@ -427,6 +427,10 @@ def test_list_settings_from_the_environment_are_text_or_a_json_list(raw, namespa
     assert Settings.load({"WQ_TOKEN_REVIEW_AUDIENCES": raw}).token_review_audiences == namespaces
 
 
+def test_a_namespace_named_twice_is_watched_once():
+    assert Settings.load({"WQ_NAMESPACES": "team-a,team-b,team-a"}).namespaces == ("team-a", "team-b")
+
+
 def test_worker_ids_are_version_4_uuids_and_show_the_queue_key_that_issued_them():
     import uuid
 

@@ -358,6 +358,13 @@ class Settings(BaseModel):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("namespaces")
+    @classmethod
+    def _once_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A namespace named twice would be watched twice: the two watches' events, interleaved, would
+        # each bring back what the other has seen change (a rotated-out token, a deleted queue).
+        return tuple(dict.fromkeys(value))
+
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then the WQ_CONFIG_FILE file, then WQ_* env vars, then explicit overrides."""
