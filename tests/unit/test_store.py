@@ -506,3 +506,27 @@ def test_a_user_made_secret_named_like_a_new_queues_token_is_read_again_for_the_
     assert ("team-a", "a-worker-token") in reads.asked
     feed.secret_upserted(secret_body("a-worker-token", token="T"))  # the read's answer
     assert store.serving("qb").ready and store.opens(store.serving("qb"), queues.digest("T"))
+
+
+def test_each_queue_claiming_a_held_id_resolves_itself_not_every_claimant(monkeypatch: Any):
+    """Anyone may make queues claiming one queue id: each newcomer resolved every claimant, and each of
+    those resolutions judged every claimant again (400 of them blocked the event loop for 28 s)."""
+    s = Store(settings=Settings())
+    resolved: list[tuple[str, str]] = []
+    resolve = queues.resolve
+
+    def counted(queue: queues.QueueObject, **kwargs: Any) -> queues.Resolution:
+        resolved.append(queue.key)
+        return resolve(queue, **kwargs)
+
+    monkeypatch.setattr(queues, "resolve", counted)
+    for i in range(60):
+        s.upsert_queue(queue(f"q{i:02d}", queueId="shared", created=f"2026-01-01T00:{i:02d}:00Z"))
+    assert len(resolved) == 60  # each itself: the first holds the id throughout
+    assert s.serving("shared").queue.name == "q00"
+    resolved.clear()
+    s.remove_queue(("team-a", "q00"))  # the holder goes: every loser's problem named it
+    assert sorted(resolved) == [("team-a", f"q{i:02d}") for i in range(1, 60)]
+    assert s.serving("shared").queue.name == "q01"
+    assert s.serving("shared").problem.reason == "SecretPending"  # its token, no longer a loser's
+    assert s.resolution(("team-a", "q02")).problem.message == "queue id shared is already used by team-a/q01"

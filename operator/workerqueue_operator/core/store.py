@@ -48,6 +48,8 @@ class Store:
         self._secrets: dict[SecretName, SecretData] = {}
         self._secret_versions: dict[SecretName, str] = {}  # used Secrets' resourceVersions
         self._claimants: dict[str, set[QueueKey]] = {}
+        self._holders: dict[str, QueueKey] = {}
+        """The claimant that holds each queue id (see _winner), judged when its claimants change."""
         self._resolutions: dict[QueueKey, Resolution] = {}
         self._token_owners: dict[bytes, set[QueueKey]] = {}
         self._token_digests: dict[QueueKey, tuple[bytes, ...]] = {}
@@ -111,10 +113,10 @@ class Store:
         uses = queue.secret_names(self._settings)
         self._set_uses(key, uses)
         if previous is not None and previous.queue_id != queue.queue_id:
-            affected |= self._unclaim(previous.queue_id, key)
-        claimants = self._claimants.setdefault(queue.queue_id, set())
-        claimants.add(key)
-        affected |= claimants
+            self._unclaim(previous.queue_id, key)
+            affected |= self._rejudge(previous.queue_id)
+        self._claimants.setdefault(queue.queue_id, set()).add(key)
+        affected |= self._rejudge(queue.queue_id)
         self._recompute(affected)
         unknown = {name for name in uses if name not in self._secrets}
         return unknown | {token} if forgotten and token in self._users else unknown
@@ -130,9 +132,11 @@ class Store:
         claimants = self._claimants.get(queue.queue_id, set())
         if len(claimants) > 1 and previous.holds_queue_id != queue.holds_queue_id:
             # Its status now says otherwise whether it holds the id, which breaks a same-second tie
-            # (_winner): every claimant is judged again, together, or two could each lose to the other.
-            self._recompute(claimants)
-            return
+            # (_winner): judged again, and every claimant resolved again if the holder changed.
+            changed = self._rejudge(queue.queue_id)
+            if changed:
+                self._recompute(changed)
+                return
         resolution = self._resolutions.get(key)
         if resolution is not None:
             self._resolutions[key] = replace(resolution, queue=queue)
@@ -144,7 +148,8 @@ class Store:
             return
         self._with_upstream.discard(key)
         self._set_uses(key, frozenset())
-        affected = self._unclaim(queue.queue_id, key)
+        self._unclaim(queue.queue_id, key)
+        affected = self._rejudge(queue.queue_id)
         self._resolutions.pop(key, None)
         self._set_token_digests(key, ())
         _index(self._loser_digests, self._losers_of, key, ())
@@ -283,10 +288,10 @@ class Store:
         claimants = self._claimants.get(queue_id)
         if not claimants:
             return None
-        if len(claimants) == 1:  # the usual case, on every /start: no ordering to do
+        if len(claimants) == 1:  # the usual case, on every /start
             for only in claimants:
                 return self._resolutions.get(only)
-        return self._resolutions.get(self._winner(claimants))
+        return self._resolutions.get(self._holders[queue_id])
 
     def resolution(self, key: QueueKey) -> Resolution | None:
         return self._resolutions.get(key)
@@ -316,7 +321,7 @@ class Store:
         if not losers or self._token_owners.get(token_digest):
             return None
         loser = self._queues[min(losers)]
-        winner = self._winner(self._claimants[loser.queue_id])
+        winner = self._holders[loser.queue_id]
         return (f"WorkerQueue {loser.namespace}/{loser.name} is not served: its queue id {loser.queue_id} "
                 f"is held by {_holder(winner, loser.namespace)}")
 
@@ -395,14 +400,25 @@ class Store:
         else:
             self._uses.pop(key, None)
 
-    def _unclaim(self, queue_id: str, key: QueueKey) -> set[QueueKey]:
+    def _unclaim(self, queue_id: str, key: QueueKey) -> None:
         claimants = self._claimants.get(queue_id)
         if claimants is None:
-            return set()
+            return
         claimants.discard(key)
         if not claimants:
             del self._claimants[queue_id]
-        return set(claimants)
+
+    def _rejudge(self, queue_id: str) -> set[QueueKey]:
+        """Judges who holds `queue_id` now; returns the claimants to resolve again: all of them when
+        the holder changed (a loser's problem names it), else none. Only that, so that many queues
+        claiming one id (anyone may make them) cost each new one a look at the claimants, not a
+        resolution of every one: that was cubic, seconds of a blocked event loop for a few hundred."""
+        claimants = self._claimants.get(queue_id)
+        before = self._holders.pop(queue_id, None)
+        if not claimants:
+            return set()
+        holder = self._holders[queue_id] = self._winner(claimants)
+        return set(claimants) if holder != before else set()
 
     def _winner(self, claimants: Iterable[QueueKey]) -> QueueKey:
         # The queue whose status says it holds the id keeps it, so that no other can take over a
@@ -418,7 +434,7 @@ class Store:
             if queue is None:
                 continue
             resolution = queues.resolve(queue, secrets=self._secrets, settings=self._settings)
-            winner = self._winner(self._claimants[queue.queue_id])
+            winner = self._holders[queue.queue_id]
             if winner != key:
                 problem = queues.Problem("QueueIdConflict", f"queue id {queue.queue_id} is already used by "
                                          f"{_holder(winner, queue.namespace)}")
