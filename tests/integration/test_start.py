@@ -18,7 +18,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import CRD_FILE, Kube, OperatorProcess, frozen, http, wait_for
-from workerqueue_operator.core import queues, workers
+from workerqueue_operator.core import probes, queues, workers
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core import temporal as temporal_
@@ -468,10 +468,10 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     here = in_process("twin")
     await here.create_ready()
     here.watched()
-    probe = here.supervisor._probes[here.key] = supervisor_._Probe(reachable=False, reason="TemporalUnavailable",
+    probe = here.supervisor.prober._probes[here.key] = probes._Probe(reachable=False, reason="TemporalUnavailable",
                                                                    message="no answer")
-    await here.supervisor._show(here.key, probe)
-    await here.supervisor._show(here.key, probe)  # the watch has not brought the first one
+    await here.supervisor.prober._show(here.key, probe)
+    await here.supervisor.prober._show(here.key, probe)  # the watch has not brought the first one
     conditions = kube.get_queue(namespace, "twin")["status"]["conditions"]
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
 
@@ -493,9 +493,9 @@ async def test_a_temporal_check_under_way_when_the_spec_changes_says_its_generat
             await answer.wait()
             raise temporal_.TemporalUnavailable("Temporal at t:7233/n refused the credentials")
 
-    supervisor._temporal = SlowTemporal()  # type: ignore[assignment]
-    probe = supervisor._probes[key] = supervisor_._Probe(generation=1)
-    checking = asyncio.create_task(supervisor._probe(key, probe, temporal_.Endpoint("t:7233", "n"), "gen-q"))
+    supervisor.prober._temporal = SlowTemporal()  # type: ignore[assignment]
+    probe = supervisor.prober._probes[key] = probes._Probe(generation=1)
+    checking = asyncio.create_task(supervisor.prober._probe(key, probe, temporal_.Endpoint("t:7233", "n"), "gen-q"))
     await asyncio.sleep(0)
     kube.patch_queue(namespace, "gen", {"temporal": {"host": "t:7233", "namespace": "n",
                                                     "apiKeySecretRef": {"name": "gen-key", "key": "k"}}})
@@ -513,7 +513,7 @@ async def test_a_temporal_check_under_way_when_the_spec_changes_says_its_generat
     here.watched()
     supervisor.queue_deleted(key)
     probe.reachable, probe.read_generation = True, 7
-    await supervisor._show(key, probe)
+    await supervisor.prober._show(key, probe)
     (condition,) = [c for c in kube.get_queue(namespace, "gen")["status"]["conditions"]
                     if c["type"] == "TemporalReachable"]
     assert (condition["status"], condition["observedGeneration"]) == ("False", 1)
@@ -530,12 +530,12 @@ async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_a
     supervisor, key = here.supervisor, here.key
     path = f"{resources.queue_path(namespace, 'spell')}/status"
 
-    def reading(pollers: int) -> supervisor_._Probe:
-        return supervisor_._Probe(reachable=True, reason="Reachable", message="ok",
+    def reading(pollers: int) -> probes._Probe:
+        return probes._Probe(reachable=True, reason="Reachable", message="ok",
                                   wanted=spec_.TemporalStatus(pollers=pollers, backlog=0))
 
-    probe = supervisor._probes[key] = reading(1)
-    await supervisor._show(key, probe)
+    probe = supervisor.prober._probes[key] = reading(1)
+    await supervisor.prober._show(key, probe)
     assert kube.get_queue(namespace, "spell")["status"]["temporal"] == {"pollers": 1, "backlog": 0}
     supervisor._activity_changed(False)
     await here.client.patch(path, [{"op": "add", "path": "/status/temporal", "value": {"pollers": 0, "backlog": 0}}],
@@ -543,20 +543,20 @@ async def test_status_temporal_is_written_again_after_a_standby_spell_in_which_a
     here.watched()
     supervisor._activity_changed(True)
     probe.shown_at = float("-inf")  # the bounded rate allows a write
-    await supervisor._show(key, probe)
+    await supervisor.prober._show(key, probe)
     assert kube.get_queue(namespace, "spell")["status"]["temporal"] == {"pollers": 1, "backlog": 0}
 
     # A replica starting finds the reading it has already shown: not written again.
     version = kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"]
     here.watched()
-    again = supervisor._probes[key] = reading(1)
-    await supervisor._show(key, again)
+    again = supervisor.prober._probes[key] = reading(1)
+    await supervisor.prober._show(key, again)
     assert kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"] == version
 
     # A probe that ends after a stand-down writes nothing.
     supervisor._activity.stand_down()
-    late = supervisor._probes[key] = reading(5)
-    await supervisor._show(key, late)
+    late = supervisor.prober._probes[key] = reading(5)
+    await supervisor.prober._show(key, late)
     assert kube.get_queue(namespace, "spell")["metadata"]["resourceVersion"] == version
     assert not late.shown_known
 

@@ -171,11 +171,11 @@ async def test_a_standby_keeps_nothing_per_queue_that_churn_would_grow():
         supervisor.queue_deleted(made.key)
     kept = queue("kept")
     supervisor.queue_changed(kept)
-    assert supervisor._timeline == [] and live._dirty == {}
+    assert supervisor.prober._timeline == [] and live._dirty == {}
 
     activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
     assert activity.is_active()
-    assert [entry[2] for entry in supervisor._timeline] == [kept.key]
+    assert [entry[2] for entry in supervisor.prober._timeline] == [kept.key]
     assert live._audit_due  # every queue's count compared at its next pass
     registry.register(kept, "w-kept")
     assert live._dirty == {kept.key: None}
@@ -202,11 +202,11 @@ async def test_temporal_as_read_before_a_standby_spell_is_not_acted_on_after_it(
                             events=EventPoster(kube), activity=activity)
     activity.observed(("", "wq"), {"status": {"me": peer(1, 0)}})  # alone: the active one
     key = queue("q1").key
-    supervisor._demand[key] = workers.Demand(backlog=3)
-    epoch = supervisor._epoch
+    supervisor.prober._demand[key] = workers.Demand(backlog=3)
+    epoch = supervisor.prober._epoch
     activity.observed(("", "wq"), {"status": {"me": peer(1, 0), "other": peer(2, 0)}})  # stands by
     assert not activity.is_active()
-    assert supervisor._demand == {} and supervisor._epoch > epoch  # a probe under way keeps nothing
+    assert supervisor.prober._demand == {} and supervisor.prober._epoch > epoch  # a probe under way keeps nothing
     await kube.close()
 
 async def test_a_live_count_written_before_standing_by_holds_nothing_back_once_active_again():

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.unit.factories import queue, queue_body
-from workerqueue_operator.core import queues, supervisor, temporal, workers
+from workerqueue_operator.core import probes, queues, supervisor, temporal, workers
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workers import Demand, Pod
@@ -273,13 +273,13 @@ def test_an_ephemeral_scaling_queue_scales_up_to_its_max_and_keeps_its_deadline(
 def test_a_probe_that_comes_due_while_it_is_under_way_is_tried_again_never_lost():
     """A status write slower than the probe's interval (a loaded API server) used to drop the probe's
     only timeline entry: that queue's backlog was never read again."""
-    probe = supervisor._Probe(due=10.0)
-    assert supervisor.timeline_step(probe, 10.0, show=False) == "run"
+    probe = probes._Probe(due=10.0)
+    assert probes.timeline_step(probe, 10.0, show=False) == "run"
     probe.running = True
-    assert supervisor.timeline_step(probe, 10.0, show=False) == "later"
-    assert supervisor.timeline_step(probe, 10.0, show=True) == "drop"  # the probe shows what it finds
-    assert supervisor.timeline_step(probe, 9.0, show=False) == "drop"  # moved to another time since
-    assert supervisor.timeline_step(None, 10.0, show=False) == "drop"  # its queue is gone
+    assert probes.timeline_step(probe, 10.0, show=False) == "later"
+    assert probes.timeline_step(probe, 10.0, show=True) == "drop"  # the probe shows what it finds
+    assert probes.timeline_step(probe, 9.0, show=False) == "drop"  # moved to another time since
+    assert probes.timeline_step(None, 10.0, show=False) == "drop"  # its queue is gone
 
 
 def test_a_stale_reading_scales_neither_way():
@@ -338,7 +338,7 @@ def execution(id_: str, status: str = "running", holder: str | None = None, unre
 def test_a_reading_counts_what_waits_and_who_is_busy():
     found = [execution("a", holder="7@q1-w0"), execution("b"), execution("c", unread=True), execution("d", "completed"),
              execution("e", delayed=True)]  # a cron run not due yet: no worker can take it
-    demand = supervisor.reading(found, listed=1000, read_at=T0)
+    demand = probes.reading(found, listed=1000, read_at=T0)
     assert (demand.backlog, demand.busy, demand.unread, demand.read_at) == (2, frozenset({"q1-w0"}), 1, T0)
 
 
@@ -346,7 +346,7 @@ def test_a_listing_that_may_be_cut_leaves_no_running_pod_idle_for_sure():
     """Past the listing's bound, the workflows left out (the oldest, the longest held) may be held by
     any running pod: those pods looked idle and were deleted, their workflows' activities with them."""
     found = [execution("e0", holder="7@q1-w1")]
-    whole, cut = (supervisor.reading(found, listed=listed, read_at=T0) for listed in (2, 1))
+    whole, cut = (probes.reading(found, listed=listed, read_at=T0) for listed in (2, 1))
     assert (whole.unread, cut.unread) == (0, 1)
     previous = WorkersStatus(desired=2, next_index=3, surplus_since=times.rfc3339(T0 - 600))
     assert plan([pod(1), pod(2)], whole, previous).delete == ("q1-w2",)
@@ -432,7 +432,7 @@ def test_a_workflow_not_due_yet_keeps_an_ephemeral_scaling_queue_without_a_worke
     can take it yet, and none is kept idle for it, but the queue was deleted meanwhile and the
     workflow found no queue when it came due."""
     found = [execution("retry", delayed=True)]
-    demand = supervisor.reading(found, listed=1000, read_at=T0)
+    demand = probes.reading(found, listed=1000, read_at=T0)
     assert (demand.backlog, demand.delayed) == (0, 1)
     worked = WorkersStatus(succeeded=1, next_index=1)
     held = plan([], demand, worked, ephemeral=True)
@@ -467,7 +467,7 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
         def post(self, **_: Any) -> None:
             pass
 
-    caplog.set_level(logging.WARNING, logger=supervisor.__name__)
+    caplog.set_level(logging.WARNING, logger=probes.__name__)
     store = Store(settings=SETTINGS)
     body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
                       temporal={"host": "temporal.example:7233", "namespace": "agents",
@@ -482,7 +482,7 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
     s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
                               activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
     s.queue_changed(q)
-    poll = asyncio.create_task(s._poll())
+    poll = asyncio.create_task(s.prober.run())
     try:
         await asyncio.sleep(7)
     finally:
@@ -527,9 +527,9 @@ async def test_a_scaling_probe_reads_a_listing_of_its_own_not_one_begun_before_i
     s = supervisor.Supervisor(store=store, client=Writes(), settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
                               activity=Activity(identity="me", priority=0), temporal=source)  # type: ignore[arg-type]
     s.queue_changed(q)
-    target = s._target(q.key)
+    target = s.prober.target(q.key)
     assert target is not None
-    await s._probe(q.key, s._probes[q.key], target[1], target[2])
+    await s.prober._probe(q.key, s.prober._probes[q.key], target[1], target[2])
     assert source.asked and all(kwargs.get("fresh") for kwargs in source.asked)
 
 
@@ -572,10 +572,10 @@ async def test_temporal_reachable_turns_unknown_as_soon_as_the_temporal_key_secr
     s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
                               activity=Activity(identity="me", priority=0), temporal=Refusing())  # type: ignore[arg-type]
     s.queue_changed(q)
-    poll = asyncio.create_task(s._poll())
+    poll = asyncio.create_task(s.prober.run())
     try:
         await asyncio.sleep(0.5)  # checked (or being checked)
-        assert s._probes[q.key].target
+        assert s.prober._probes[q.key].target
         store.upsert_secret(("team-a", "tkey"), None)  # the Temporal key's Secret deleted
         release.set()
         await asyncio.sleep(1.5)

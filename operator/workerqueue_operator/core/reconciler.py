@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 FETCH_BACKOFF_MAX_SECONDS = 30.0
 """A Secret that cannot be read is read again after 1 s, doubling up to this."""
 FOREIGN_CONDITIONS = ("TemporalReachable",)
-"""Conditions another component writes (core/supervisor.py)."""
+"""Conditions another component writes (core/probes.py)."""
 CONFLICT_RETRY_SECONDS = 1.0
 """A status write refused for a newer queue is tried again this much later, if the watch has not
 brought that queue back sooner; doubling while refused again, up to CONFLICT_RETRY_MAX_SECONDS (a
