@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -475,6 +476,32 @@ async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.Mo
         await first
         await access.executions(endpoint, "tq", running=True)  # within the coalescing window: joined
         assert scans[0] == 2
+    finally:
+        await access.close()
+
+
+async def test_a_fresh_listing_joins_no_history_read_begun_before_it(monkeypatch: pytest.MonkeyPatch):
+    # A worker's poll began reading a run's history; a pod took the run; the scaling probe's fresh
+    # listing then joined that read: "untaken", stamped with the probe's own time, and the pod that
+    # holds it counted idle (deleted, but for a running activity seen).
+    runs = [_Run("wf-1", "run-1", S.RUNNING, "W", START, None)]
+    taken = [False]
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        seen_taken = taken[0]  # as of when the history is asked for
+        await asyncio.sleep(0.3)
+        return _Holder("1@pod-a", rfc3339(START)) if seen_taken else _Holder(None, None, untaken_at=time.time())
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=4.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        poll = asyncio.create_task(access.executions(endpoint, "tq", limit=100, taken_first=True))
+        await asyncio.sleep(0.1)  # its read under way
+        taken[0] = True  # pod-a takes the run
+        (fresh,) = await access.executions(endpoint, "tq", running=True, fresh=True)
+        assert fresh.holder == "1@pod-a"
+        await poll
     finally:
         await access.close()
 

@@ -299,7 +299,8 @@ class Temporal:
         finished_at: list[float] = []
         deadline = loop.time() + self._timeout
         task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running,
-                                                                             taken_first, deadline=deadline)))
+                                                                             taken_first, deadline=deadline,
+                                                                             fresh=fresh)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
         self._listings[key] = (task, finished_at)
         self._forget_old_listings(loop.time())
@@ -539,9 +540,10 @@ class Temporal:
             del self._listings[k]
 
     async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
-                    running: bool, taken_first: bool = False, *, deadline: float | None = None) -> list[Execution]:
+                    running: bool, taken_first: bool = False, *, deadline: float | None = None,
+                    fresh: bool = False) -> list[Execution]:
         """`deadline` (loop time): when the caller gives up on the listing; what is not read by then
-        shows without a holder rather than the whole listing fail."""
+        shows without a holder rather than the whole listing fail. `fresh`: see executions."""
         query = f'TaskQueue="{_quote(task_queue)}"'
         if running:
             query += ' AND ExecutionStatus="Running"'
@@ -592,7 +594,7 @@ class Temporal:
             # Known ones are not behind the reads: a slow backlog must not hide what is known.
             holders.append(self._known_holder(endpoint, wf.id, wf.run_id))
             if holders[-1] is None:
-                reads[i] = self._read(client, endpoint, task_queue, wf)
+                reads[i] = self._read(client, endpoint, task_queue, wf, join=not fresh)
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout, nor before the caller gives up, shows without a holder this time.
         loop = asyncio.get_running_loop()
@@ -622,13 +624,17 @@ class Temporal:
             for wf, h in zip(runs, holders, strict=True)
         ]
 
-    def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run) -> asyncio.Future[_Holder]:
-        """The run's holder as its read (waiting or under way) will tell; a new read if none is."""
+    def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
+              join: bool = True) -> asyncio.Future[_Holder]:
+        """The run's holder as its read (waiting or under way) will tell; a new read if none is, or if
+        not `join`: a read begun before may tell a run untaken that a worker has taken since."""
         key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
-        holder = self._reads.get(key)
+        holder = self._reads.get(key) if join else None
         if holder is None:
             loop = asyncio.get_running_loop()
-            holder = self._reads[key] = loop.create_future()
+            holder = loop.create_future()
+            if join:
+                self._reads[key] = holder
             holder.add_done_callback(lambda f: self._read_done(key, f))
             line_key = (endpoint.host, endpoint.namespace, task_queue)
             line = self._lines.get(line_key)
