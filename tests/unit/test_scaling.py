@@ -442,6 +442,27 @@ def test_a_workflow_not_due_yet_keeps_an_ephemeral_scaling_queue_without_a_worke
     assert due.create == (1,)
 
 
+class NoEvents:
+    def post(self, **_: Any) -> None:
+        pass
+
+
+def queue_with_a_temporal_key(store: Store, *, reachable: tuple[str, str],
+                              key: dict[str, str] | None) -> queues.QueueObject:
+    """A queue whose Temporal key is Secret `tkey` (`key`: its data, None: gone), showing
+    TemporalReachable as `reachable` (status, reason), put in `store` with its token Secret."""
+    body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
+                      temporal={"host": "temporal.example:7233", "namespace": "agents",
+                                "apiKeySecretRef": {"name": "tkey", "key": "k"}})
+    body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
+        "type": "TemporalReachable", "status": reachable[0], "reason": reachable[1], "observedGeneration": 1}]}
+    q = queues.QueueObject.from_body(body)
+    store.upsert_queue(q)
+    store.upsert_secret(("team-a", "tok"), {"token": "t"})
+    store.upsert_secret(("team-a", "tkey"), key)
+    return q
+
+
 async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_probes(
         caplog: pytest.LogCaptureFixture):
     """A queue whose Temporal key's Secret is gone while its status still says Reachable: with the
@@ -450,8 +471,7 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
     import asyncio
     import logging
 
-    from tests.unit.factories import queue_body
-    from workerqueue_operator.core import queues, temporal
+    from workerqueue_operator.core import temporal
     from workerqueue_operator.core.activity import Activity
     from workerqueue_operator.core.store import Store
     from workerqueue_operator.k8s import client as client_
@@ -463,21 +483,9 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
             self.patches += 1
             raise client_.ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
 
-    class NoEvents:
-        def post(self, **_: Any) -> None:
-            pass
-
     caplog.set_level(logging.WARNING, logger=probes.__name__)
     store = Store(settings=SETTINGS)
-    body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
-                      temporal={"host": "temporal.example:7233", "namespace": "agents",
-                                "apiKeySecretRef": {"name": "tkey", "key": "k"}})
-    body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
-        "type": "TemporalReachable", "status": "True", "reason": "Reachable", "observedGeneration": 1}]}
-    q = queues.QueueObject.from_body(body)
-    store.upsert_queue(q)
-    store.upsert_secret(("team-a", "tok"), {"token": "t"})
-    store.upsert_secret(("team-a", "tkey"), None)  # the Temporal key's Secret deleted
+    q = queue_with_a_temporal_key(store, reachable=("True", "Reachable"), key=None)  # its Secret deleted
     api = Unavailable()
     s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
                               activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
@@ -554,20 +562,8 @@ async def test_temporal_reachable_turns_unknown_as_soon_as_the_temporal_key_secr
             self.ops.append(ops)
             return {}
 
-    class NoEvents:
-        def post(self, **_: Any) -> None:
-            pass
-
     store = Store(settings=SETTINGS)
-    body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
-                      temporal={"host": "temporal.example:7233", "namespace": "agents",
-                                "apiKeySecretRef": {"name": "tkey", "key": "k"}})
-    body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
-        "type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable", "observedGeneration": 1}]}
-    q = queues.QueueObject.from_body(body)
-    store.upsert_queue(q)
-    store.upsert_secret(("team-a", "tok"), {"token": "t"})
-    store.upsert_secret(("team-a", "tkey"), {"k": "key"})
+    q = queue_with_a_temporal_key(store, reachable=("False", "TemporalUnavailable"), key={"k": "key"})
     api = Writes()
     s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
                               activity=Activity(identity="me", priority=0), temporal=Refusing())  # type: ignore[arg-type]

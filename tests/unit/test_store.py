@@ -369,28 +369,12 @@ def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absen
     """The Secret list passes by a Secret no queue uses; a queue that comes meanwhile (made, or its
     tokenSecretRefs removed) uses its generated token Secret, which the list did bring: taken for
     absent, every standby refused that queue's token (401) until the Secret changed."""
-    from typing import cast
-
     from workerqueue_operator.core.reconciler import Reconciler
     from workerqueue_operator.core.supervisor import Supervisor
     from workerqueue_operator.runner import Feed
 
-    class Reads:
-        def __init__(self) -> None:
-            self.asked: set[tuple[str, str]] = set()
-
-        def fetch_secrets(self, names: set[tuple[str, str]]) -> None:
-            self.asked |= set(names)
-
-        def spec_valid(self, key: tuple[str, str]) -> None:
-            pass
-
-    class Told:
-        def queue_changed(self, queue: object) -> None:
-            pass
-
-    store, reads = Store(settings=Settings()), Reads()
-    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, Told()))
+    store, reads = Store(settings=Settings()), _Reads()
+    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, _Told()))
     token = ("team-a", "q1-worker-token")
     feed.secret_upserted(secret_body("q1-worker-token", token="real-token"))  # listed: no queue's yet
     feed.queue_upserted(queue_body("q1", queueId="abc"))  # then its queue comes
@@ -398,7 +382,7 @@ def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absen
     assert reads.asked == {token} and store.secret_state(token) == (False, None)  # read, not absent
     # One the list did not bring is absent, without a read.
     feed.queue_upserted(queue_body("q2", queueId="def"))
-    other = Feed(store, cast(Reconciler, Reads()), cast(Supervisor, Told()))
+    other = Feed(store, cast(Reconciler, _Reads()), cast(Supervisor, _Told()))
     other.secrets_synced(listed=lambda key: key == token)
     assert store.secret_state(("team-a", "q2-worker-token")) == (True, None)
 
