@@ -628,10 +628,12 @@ def test_service_monitor(helm: Helm):
 def test_peering(helm: Helm, option: str):
     docs = helm.template(option_values(option, OFFLINE))
     assert find(docs, "Deployment")["spec"]["replicas"] == 2
-    assert container_of(docs)["args"] == ["run", "--peering=wq-workerqueue-operator"]
-    cluster_rules = rules_of(find(docs, "ClusterRole"))
     # One cluster-wide peering object in both: a watched namespace's admins cannot pause the others.
-    assert find(docs, "ClusterKopfPeering")["metadata"]["name"] == "wq-workerqueue-operator"
+    # With watchNamespaces, named after the release's namespace too: one release per team, each its own.
+    name = "wq-workerqueue-operator" if option == "peering" else "wq-workerqueue-operator-wq-system"
+    assert container_of(docs)["args"] == ["run", f"--peering={name}"]
+    cluster_rules = rules_of(find(docs, "ClusterRole"))
+    assert find(docs, "ClusterKopfPeering")["metadata"]["name"] == name
     assert cluster_rules[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "patch"}
     assert not [d for d in docs if d["kind"] == "KopfPeering"]
     for namespace in OFFLINE.watched if option == "peeringWatchNamespaces" else ():
@@ -698,7 +700,9 @@ def test_container_args_are_accepted_by_the_cli(helm: Helm, option: str):
     parsed = cli.parser().parse_args(args)
     assert parsed.func is cli.cmd_run
     peering = "peering" in option.lower() or option == "everything"
-    assert parsed.peering == ("wq-workerqueue-operator" if peering else None)
+    watching = option in ("watchNamespaces", "peeringWatchNamespaces", "everything")
+    name = "wq-workerqueue-operator-wq-system" if watching else "wq-workerqueue-operator"
+    assert parsed.peering == (name if peering else None)
     assert parsed.priority is None, "each replica draws a random priority"
     assert parsed.verbose == (option == "everything")
 

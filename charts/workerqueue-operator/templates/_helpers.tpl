@@ -58,6 +58,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Behaviour --------------------------------------------------------------------------- */}}
 
+{{/* The ClusterKopfPeering's name: the release's, and with watchNamespaces its namespace's too, as
+several releases of one name may run then, one per team, each of its own (see uniqueName). */}}
+{{- define "workerqueue-operator.peeringName" -}}
+{{- if .Values.watchNamespaces }}{{ include "workerqueue-operator.uniqueName" . }}{{ else }}{{ include "workerqueue-operator.fullname" . }}{{ end }}
+{{- end }}
+
 {{/* "true" when kopf peering is on: asked for, or implied by several replicas. */}}
 {{- define "workerqueue-operator.peering" -}}
 {{- if or .Values.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}

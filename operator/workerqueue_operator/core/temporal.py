@@ -270,6 +270,8 @@ class Temporal:
         self._listed_pruned = 0.0
         self._reads: dict[tuple[str, str, str, str], asyncio.Future[_Holder]] = {}
         """History reads waiting or under way, by run: a listing joins one a listing before it left."""
+        self._begun: set[asyncio.Future[_Holder]] = set()
+        """Those of the reads whose history has been asked for: a fresh listing joins none of them."""
         self._lines: dict[tuple[str, str, str], _Line] = {}
         """(host, namespace, task queue) -> its runs waiting for a read, while any wait or are read."""
         self._readers: set[asyncio.Task[None]] = set()
@@ -627,14 +629,12 @@ class Temporal:
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
               join: bool = True) -> asyncio.Future[_Holder]:
         """The run's holder as its read (waiting or under way) will tell; a new read if none is, or if
-        not `join`: a read begun before may tell a run untaken that a worker has taken since."""
+        not `join` and the one there has begun: it may tell a run untaken that a worker has taken since."""
         key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
-        holder = self._reads.get(key) if join else None
-        if holder is None:
+        holder = self._reads.get(key)
+        if holder is None or (not join and holder in self._begun):
             loop = asyncio.get_running_loop()
-            holder = loop.create_future()
-            if join:
-                self._reads[key] = holder
+            holder = self._reads[key] = loop.create_future()
             holder.add_done_callback(lambda f: self._read_done(key, f))
             line_key = (endpoint.host, endpoint.namespace, task_queue)
             line = self._lines.get(line_key)
@@ -683,6 +683,7 @@ class Temporal:
         except TimeoutError as e:
             _settle(waiting.holder, exception=e)
             return
+        self._begun.add(waiting.holder)
         try:
             async with asyncio.timeout(self._timeout * _READ_SECONDS):
                 found = await self._holder(waiting.client, waiting.endpoint, waiting.run.id,
@@ -703,6 +704,7 @@ class Temporal:
         _settle(waiting.holder, found)
 
     def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Future[_Holder]) -> None:
+        self._begun.discard(read)
         if self._reads.get(key) is read:
             del self._reads[key]
         _retrieve(read)

@@ -7,10 +7,8 @@ through the operator's own informer, which every replica keeps (see core/supervi
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -22,14 +20,6 @@ from workerqueue_operator.models import settings as settings_
 
 PREFIX = "agentcontrol.dev"
 POD_SELECTOR = ",".join(f"{key}={value}" for key, value in workers.MANAGED_BY.items())
-
-
-class RetriedForEver:
-    """kopf's default back-offs, then every 30 s without end; iterated anew for each request."""
-
-    def __iter__(self) -> Iterator[float]:
-        yield from (1, 1, 2, 3, 5, 8, 13, 21)
-        yield from itertools.repeat(30.0)
 
 
 def registry(*, settings: settings_.Settings, supervisor: Supervisor,
@@ -70,10 +60,6 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor,
         # (its admins may delete the RoleBinding) would then pause it for every other one.
         settings.peering.clusterwide = True
         settings.networking.request_timeout = 60
-        # kopf gives up on a request after its back-offs, and a pod watch that gives up stops kopf, and
-        # with it the operator: a namespace that refuses it (403: its admins removed the RoleBinding)
-        # would stop every other one. Its watches retry for ever instead, logged at each try.
-        settings.networking.error_backoffs = RetriedForEver()
         # Watching given namespaces needs no namespace listing (nor the RBAC for it).
         settings.scanning.disabled = bool(operator_settings.namespaces)
         # The handler's `labels=` filters in kopf, after each event arrived: without a selector sent to

@@ -18,10 +18,12 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any, cast
 
 import kopf
+from kopf._cogs.clients import errors as kopf_errors
+from kopf._cogs.clients import watching as kopf_watching
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +39,42 @@ class _NotKopfs:
         return code is None or not code.co_filename.startswith(_KOPF_SOURCES)
 
 
+REFUSED_WATCH_RETRY_SECONDS = 30.0
+"""After kopf's watch of a scope was refused through all of kopf's back-offs, it begins again this later."""
+
+
+def _watches_outlive_refusals() -> None:
+    """kopf ends a watch that is refused (403) through its back-offs (about a minute), and with it the
+    operator: a watched namespace whose admins deleted the operator's RoleBinding (or a namespace
+    deleted) would stop it for every other one. Each of kopf's watch streams is begun again instead,
+    for as long as the refusal lasts. kopf's other requests keep their bounded retries (its peering
+    keep-alives, its last one at the stop)."""
+    original = kopf_watching.infinite_watch
+    if getattr(original, "outlives_refusals", False):
+        return
+
+    async def infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
+        while True:
+            try:
+                # Closed with the stream it feeds (kopf's watch closes its connection then).
+                async with contextlib.aclosing(cast(AsyncGenerator[Any, None], original(**kwargs))) as stream:
+                    async for event in stream:
+                        yield event
+                return
+            except kopf_errors.APIForbiddenError as exc:
+                logger.error("kopf's watch of %s in %s is refused (%s); watching again in %gs",
+                             kwargs.get("resource"), kwargs.get("namespace") or "the cluster", exc,
+                             REFUSED_WATCH_RETRY_SECONDS)
+                await asyncio.sleep(REFUSED_WATCH_RETRY_SECONDS)
+
+    setattr(infinite_watch, "outlives_refusals", True)  # noqa: B010 - a mark on a function
+    setattr(kopf_watching, "infinite_watch", infinite_watch)  # noqa: B010 - kopf's module, looked up per watch
+
+
 async def operator(*, stop_flag: asyncio.Event, **kwargs: Any) -> None:
     """`kopf.operator(stop_flag=stop_flag, **kwargs)`, whose stop waits for and cancels kopf's own
-    tasks only; SIGTERM and SIGINT set `stop_flag`."""
+    tasks only, and whose watches outlive a refused scope; SIGTERM and SIGINT set `stop_flag`."""
+    _watches_outlive_refusals()
     before = handlers()  # kopf's spawn_tasks sets handlers of its own: what to put back is what was before
     tasks = await kopf.spawn_tasks(stop_flag=stop_flag, **kwargs)
     with stop_signals(lambda sig: _stop(sig, stop_flag), restore=before):  # in place of kopf's

@@ -161,8 +161,8 @@ class Informer:
                 self.failures += 1
                 if self.down_since is None:
                     self.down_since = self._clock()
-                self.refused = isinstance(exc, client_.ApiError) and exc.status == 403
-                if self.refused:
+                if isinstance(exc, client_.ApiError) and exc.status == 403:
+                    self.refused = True  # until a list or watch is accepted: a 503 between says nothing of it
                     self.settled.set()
                 logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
                                str(exc)[:300] or "no message", self._backoff)

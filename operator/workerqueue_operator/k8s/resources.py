@@ -33,7 +33,8 @@ def leases_path(namespace: str | None = None) -> str:
     base = "/apis/coordination.k8s.io/v1"
     return f"{base}/namespaces/{namespace}/leases" if namespace else f"{base}/leases"
 def peerings_path(namespace: str | None = None) -> str:
-    """kopf's peering objects: namespaced ones for an operator of given namespaces, else cluster-wide."""
+    """kopf's peering objects: cluster-wide, which the operator uses in every mode (handlers.configure);
+    namespaced ones in `namespace`."""
     if namespace:
         return f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
     return "/apis/kopf.dev/v1/clusterkopfpeerings"

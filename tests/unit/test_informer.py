@@ -1,0 +1,43 @@
+"""The informer's view of a scope that refuses the operator (403), as runner.Watches judges readiness by."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from workerqueue_operator.k8s import client as client_
+from workerqueue_operator.k8s import informer
+
+
+async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_listed():
+    """A namespace refusing the operator (403) is not counted for readiness (runner.Watches): one 503
+    between two refusals (an API server restarting) counted it again, failing since the first refusal
+    an hour ago, and every replica turned unready at once."""
+    answers: list[Exception | dict[str, Any]] = [
+        client_.ApiError(403, "Forbidden", "rolebinding gone"), client_.ApiError(503, "ServiceUnavailable", "")]
+
+    blip = asyncio.Event()
+
+    class Answering:
+        async def get(self, path: str, params: Any = None) -> Any:
+            answer = answers.pop(0) if answers else client_.ApiError(403, "Forbidden", "rolebinding gone")
+            if isinstance(answer, client_.ApiError) and answer.status == 503:
+                blip.set()  # the informer has taken it in by the time the waiter runs
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    watch = informer.Informer(Answering(), "/api/v1/namespaces/team-x/secrets",  # type: ignore[arg-type]
+                              on_upsert=lambda _: None, on_delete=lambda *_: None, name="secrets/team-x")
+    task = asyncio.create_task(watch.run())
+    try:
+        await asyncio.wait_for(watch.settled.wait(), 5)
+        assert watch.refused and not watch.synced.is_set()
+        await asyncio.wait_for(blip.wait(), 5)
+        assert watch.failures == 2 and watch.refused
+        answers.append({"items": [], "metadata": {"resourceVersion": "1"}})  # access given back
+        await asyncio.wait_for(watch.synced.wait(), 10)
+        assert not watch.refused
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
