@@ -362,6 +362,46 @@ async def test_a_listing_reads_at_most_the_scan_limit(temporal: TemporalServer, 
             await handle.terminate("test")
 
 
+async def test_a_worker_is_shown_nothing_while_the_scan_may_have_left_its_first_execution_out(
+    temporal: TemporalServer, client: Client,
+):
+    """More run than a scan reads (here 2): the oldest, pod-b's first, was left out, and pod-b was shown
+    its second as its execution. Latched onto that one, it would exit once it closed, the first
+    still running on it."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    slow = {"duration_seconds": 120}
+    first, second, waiting = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("b1", "b2", "w"))
+    whole, scant = Temporal(timeout=2.0, coalesce=0.0), Temporal(timeout=2.0, coalesce=0.0, scan_limit=2)
+
+    async def held(access: Temporal, ids: set[str]) -> temporal_.Listing | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        return found if {e.id for e in found if e.holder == "2@pod-b"} == ids else None
+
+    try:
+        async with worker(client, tq, "2@pod-b"):
+            await client.start_workflow("AgentExecutionWorkflow", slow, id=first, task_queue=tq)
+            await eventually(lambda: held(whole, {first}))
+            await client.start_workflow("AgentExecutionWorkflow", slow, id=second, task_queue=tq)
+            await eventually(lambda: held(whole, {first, second}))
+        await client.start_workflow("AgentExecutionWorkflow", {}, id=waiting, task_queue=tq)  # nobody takes it
+
+        listed = await eventually(lambda: held(whole, {first, second}))
+        assert not listed.cut and waiting in {e.id for e in listed}
+        (entry,) = executions.worker_view(listed, hostname="pod-b", cut=listed.cut)
+        assert (entry["id"], entry["status"], entry["held_executions"]) == (first, "running", 2)
+
+        cut = await eventually(lambda: held(scant, {second}))
+        assert cut.cut and {e.id for e in cut} == {second, waiting}
+        assert executions.worker_view(cut, hostname="pod-b", cut=cut.cut) == []
+        # The listing alone shows its second as its first: what it was shown before.
+        assert [e["id"] for e in executions.worker_view(cut, hostname="pod-b")] == [second]
+    finally:
+        await whole.close()
+        await scant.close()
+        for workflow_id in (first, second, waiting):
+            await client.get_workflow_handle(workflow_id).terminate("test")
+
+
 async def _listed_all(access: Temporal, temporal: TemporalServer, tq: str, count: int) -> list[Execution] | None:
     found = await access.executions(endpoint(temporal), tq)
     return found if len(found) == count else None

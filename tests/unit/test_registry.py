@@ -114,6 +114,13 @@ def test_a_worker_sees_only_its_own_execution_never_another_workers():
     assert (entry["id"], entry["status"]) == ("e3", "running")
 
 
+def test_a_worker_sees_nothing_while_the_listing_may_have_left_running_executions_out():
+    """Cut at the scan's limit, the oldest running ones (what workers took first) may be missing:
+    whatever this listing shows a worker may not be its first execution."""
+    assert executions.worker_view(LISTING, hostname="q1-w2", cut=True) == []
+    assert executions.worker_view(LISTING, hostname="q1-w2", cut=False) != []
+
+
 def test_a_worker_whose_execution_was_cancelled_before_it_saw_it_run_is_led_to_exit():
     """The worker latches only onto running, completed, failed or waiting_for_input: its execution
     cancelled (or terminated) before its first poll saw it run read `cancelled` for good, and the

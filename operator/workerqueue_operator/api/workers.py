@@ -305,7 +305,7 @@ async def list_executions(request: web.Request) -> web.Response:
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
     if host is not None:
-        view = executions.worker_view(found, hostname=host[0], since=host[1], pid=host[2])
+        view = executions.worker_view(found, hostname=host[0], since=host[1], pid=host[2], cut=found.cut)
         view = [e for e in view if status == "all" or e["status"] == status]
     else:
         view = executions.queue_view(found, status=status, limit=limit)

@@ -14,6 +14,10 @@ workflow task its Temporal identity, `<pid>@<its pod's hostname>`, took), folded
   led to exit then), or while a running one's holder is not known yet, and is that execution's own
   final status once all are closed (`failed` for `cancelled`, which the worker does not latch onto).
 
+And nothing while the listing may have left running executions out (more run than a scan reads, the
+oldest, which workers took first, left out): its first could be among them, or one it still runs.
+It waits, and its Temporal worker takes work meanwhile, until the backlog is below the scan again.
+
 Only executions taken since its pod was made count: a queue deleted and made again under the same
 queueId names its pods from -w0 again, on a task queue that still lists what the old pods ran.
 """
@@ -71,9 +75,12 @@ def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> l
 
 
 def worker_view(executions: Sequence[Execution], *, hostname: str, since: float | None = None,
-                pid: int | None = None) -> list[dict[str, Any]]:
+                pid: int | None = None, cut: bool = False) -> list[dict[str, Any]]:
     """The one entry a worker on `hostname` (its process `pid`, if known) may latch onto (see the
-    module's docstring); `since`: when its pod was made (epoch seconds), if known."""
+    module's docstring); `since`: when its pod was made (epoch seconds), if known; `cut`: running
+    executions may be missing from `executions` (temporal.Listing.cut)."""
+    if cut:
+        return []
     held = [e for e in executions if held_by(e, hostname, pid) and (since is None or not taken_before(e, since))]
     if not held:
         return []

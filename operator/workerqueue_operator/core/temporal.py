@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -185,6 +185,15 @@ class Execution:
         }
 
 
+class Listing(list[Execution]):
+    """A listing's executions. `cut`: running workflows may have been left out (more ran than a scan
+    reads, see SCAN_LIMIT), so nobody can be told from it which executions a worker holds."""
+
+    def __init__(self, executions: Iterable[Execution] = (), *, cut: bool = False) -> None:
+        super().__init__(executions)
+        self.cut = cut
+
+
 @dataclass(frozen=True)
 class Poller:
     identity: str
@@ -262,7 +271,7 @@ class Temporal:
         """When each client was last asked for (loop time)."""
         self._client_idle_seconds = client_idle_seconds
         self._swept = 0.0
-        self._listings: dict[_ListingKey, tuple[asyncio.Task[list[Execution]], list[float]]] = {}
+        self._listings: dict[_ListingKey, tuple[asyncio.Task[Listing], list[float]]] = {}
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
@@ -279,7 +288,7 @@ class Temporal:
         """(host, namespace) -> its history reads' turns, while a line of it is read."""
 
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
-                         running: bool = False, taken_first: bool = False, fresh: bool = False) -> list[Execution]:
+                         running: bool = False, taken_first: bool = False, fresh: bool = False) -> Listing:
         """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
         with `running`, only those still running (what waits for a worker and what workers hold).
 
@@ -543,14 +552,17 @@ class Temporal:
 
     async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
                     running: bool, taken_first: bool = False, *, deadline: float | None = None,
-                    fresh: bool = False) -> list[Execution]:
+                    fresh: bool = False) -> Listing:
         """`deadline` (loop time): when the caller gives up on the listing; what is not read by then
         shows without a holder rather than the whole listing fail. `fresh`: see executions."""
         query = f'TaskQueue="{_quote(task_queue)}"'
         if running:
             query += ' AND ExecutionStatus="Running"'
         newest: dict[str, _Run] = {}  # workflow id -> its newest run
+        scanned, last_running = 0, False
         async for wf in self._scan(client, endpoint, query):
+            scanned += 1
+            last_running = wf.status in (WorkflowExecutionStatus.RUNNING, None)
             seen = newest.get(wf.id)
             if seen is None or _start_key(wf) > _start_key(seen):
                 newest[wf.id] = wf
@@ -608,7 +620,9 @@ class Temporal:
             await asyncio.wait(reads.values(), timeout=wait)
         for i, future in reads.items():
             holders[i] = _read_holder(future, runs[i])
-        return [
+        # Running ones are listed first: a scan that ends at its limit on a running one may have left
+        # others out (the oldest: those workers took first).
+        return Listing((
             Execution(
                 id=wf.id,
                 run_id=wf.run_id,
@@ -624,7 +638,7 @@ class Temporal:
                 delayed=h is not None and not h.scheduled,
             )
             for wf, h in zip(runs, holders, strict=True)
-        ]
+        ), cut=scanned >= self._scan_limit and last_running)
 
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
               join: bool = True) -> asyncio.Future[_Holder]:
@@ -877,4 +891,5 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-__all__ = ["Endpoint", "Execution", "Poller", "TaskQueueInfo", "Temporal", "TemporalUnavailable", "status_of"]
+__all__ = ["Endpoint", "Execution", "Listing", "Poller", "TaskQueueInfo", "Temporal", "TemporalUnavailable",
+           "status_of"]
