@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from workerqueue_operator.core import executions
 from workerqueue_operator.core import temporal as temporal_
@@ -244,6 +247,96 @@ async def test_a_workers_first_execution_stays_cached_while_it_runs_a_later_one(
     finally:
         await access.close()
         await client.get_workflow_handle(later).terminate("test")
+
+
+@workflow.defn(name="ChainedExecution")
+class ChainedExecution:
+    """Waits for `go`, then continues as new (`runs` more runs) or ends; with `runs` -1 its first
+    attempt fails (a retry policy then starts it again)."""
+
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.run
+    async def run(self, runs: int) -> str:
+        await workflow.wait_condition(lambda: self.go)
+        if runs < 0 and workflow.info().attempt == 1:
+            raise ApplicationError("the first attempt fails")
+        if runs > 0:
+            workflow.continue_as_new(runs - 1)
+        return "done"
+
+
+def chain_worker(client: Client, task_queue: str, identity: str) -> Worker:
+    return Worker(client, task_queue=task_queue, workflows=[ChainedExecution], identity=identity,
+                  workflow_runner=UnsandboxedWorkflowRunner())
+
+
+async def test_a_worker_waits_for_its_execution_however_many_runs_it_goes_on_in(
+    temporal: TemporalServer, client: Client, access: Temporal,
+):
+    """pod-b took an execution, which continued as new in a run pod-a took. Only the newest run of each
+    workflow was listed: the execution left pod-b's view, and pod-b waited out its 1,800-s give-up.
+    It waits for the execution to end, as pod-a does; another pod's view never shows it."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    workflow_id = f"chain-{uuid.uuid4().hex[:6]}"
+
+    async def views(newest_holder: str) -> tuple[list[dict[str, Any]], ...] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if not any(e.id == workflow_id and e.holder == newest_holder for e in found):
+            return None
+        return tuple(executions.worker_view(found, hostname=pod) for pod in ("pod-b", "pod-a", "pod-c"))
+
+    handle = await client.start_workflow("ChainedExecution", 1, id=workflow_id, task_queue=tq)
+    async with chain_worker(client, tq, "2@pod-b"):
+        b, a, c = await eventually(lambda: views("2@pod-b"))
+        assert (b[0]["id"], b[0]["status"], a, c) == (workflow_id, "running", [], [])
+    await handle.signal(ChainedExecution.proceed)  # its next run another worker's
+    async with chain_worker(client, tq, "1@pod-a"):
+        b, a, c = await eventually(lambda: views("1@pod-a"))
+        assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "running")]
+        assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "running")] and c == []
+        await client.get_workflow_handle(workflow_id).signal(ChainedExecution.proceed)
+        assert await client.get_workflow_handle(workflow_id).result() == "done"
+
+    async def ended() -> tuple[list[dict[str, Any]], ...] | None:
+        seen = await views("1@pod-a")
+        return seen if seen and seen[0] and seen[0][0]["status"] == "completed" else None
+
+    b, a, c = await eventually(ended)
+    assert b[0]["id"] == workflow_id and b[0]["completed_at"]
+    assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "completed")] and c == []
+
+
+async def test_a_worker_whose_run_failed_is_told_so_though_the_execution_is_retried_elsewhere(
+    temporal: TemporalServer, client: Client, access: Temporal,
+):
+    """pod-b's run failed, and Temporal's retry ran the execution again on pod-a: only the newest run
+    was listed, and pod-b, shown nothing, waited out its 1,800-s give-up. Its own run is over."""
+    tq = f"tq-{secrets.token_hex(4)}"
+    workflow_id = f"retried-{uuid.uuid4().hex[:6]}"
+    handle = await client.start_workflow("ChainedExecution", -1, id=workflow_id, task_queue=tq,
+                                         retry_policy=RetryPolicy(maximum_attempts=2))
+
+    async def views(newest_holder: str) -> tuple[list[dict[str, Any]], ...] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if not any(e.id == workflow_id and e.holder == newest_holder for e in found):
+            return None
+        return tuple(executions.worker_view(found, hostname=pod) for pod in ("pod-b", "pod-a"))
+
+    async with chain_worker(client, tq, "2@pod-b"):
+        await eventually(lambda: views("2@pod-b"))
+    await handle.signal(ChainedExecution.proceed)  # pod-a runs its failing task, then the retry
+    async with chain_worker(client, tq, "1@pod-a"):
+        b, a = await eventually(lambda: views("1@pod-a"))
+        assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "failed")]
+        assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "running")]
+        await client.get_workflow_handle(workflow_id).signal(ChainedExecution.proceed)
+        assert await client.get_workflow_handle(workflow_id).result() == "done"
 
 
 async def test_a_holder_not_read_in_time_is_unknown_rather_than_untaken(

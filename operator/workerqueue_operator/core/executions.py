@@ -103,5 +103,5 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
         # does not do: one cancelled (or terminated) before the worker's first poll saw it run would
         # never end the worker (it waits out its 1,800-s give-up). failed ends it either way.
         entry["status"] = "failed"
-    entry["held_executions"] = len(held)
+    entry["held_executions"] = len({e.id for e in held})  # an execution's earlier run and its newest alike
     return [entry]

@@ -88,8 +88,8 @@ _RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
 """Pending activity states in which a worker (its last_worker_identity) runs the activity."""
 
 # Continued-as-new: the execution (= workflow id) goes on in a new run, so it is not over. The
-# listing keeps only the newest run of each workflow id; a continued-as-new run shows only until
-# its successor is visible.
+# listing keeps the newest run of each workflow id (a continued-as-new run shows only until its
+# successor is visible); what workers are shown keeps earlier ones too, with the newest run's status.
 _STATUS = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
@@ -293,7 +293,8 @@ class Temporal:
         with `running`, only those still running (what waits for a worker and what workers hold).
 
         With `taken_first` (what workers are shown): every running one the scan finds, oldest first,
-        then the `limit` closed last, then older closed ones whose holder is known. A worker's own
+        then the `limit` closed last, then older closed ones whose holder is known, and earlier runs
+        (continued as new, retried) whose holder is known while their workflow runs. A worker's own
         execution is listed however many newer ones wait behind it (cut to the newest, a burst of
         more than `limit` hid it: its worker never saw it end, nor exited), and so is a second one it
         runs however many older ones run.
@@ -559,6 +560,7 @@ class Temporal:
         if running:
             query += ' AND ExecutionStatus="Running"'
         newest: dict[str, _Run] = {}  # workflow id -> its newest run
+        earlier: list[_Run] = []  # the others: continued as new, or retried
         scanned, last_running = 0, False
         async for wf in self._scan(client, endpoint, query):
             scanned += 1
@@ -566,6 +568,12 @@ class Temporal:
             seen = newest.get(wf.id)
             if seen is None or _start_key(wf) > _start_key(seen):
                 newest[wf.id] = wf
+                if seen is not None:
+                    earlier.append(seen)
+            else:
+                earlier.append(wf)
+        goes_on: dict[tuple[str, str], _Run] = {}
+        """Earlier runs shown, continued as new, by (workflow id, run id) -> the workflow's newest run."""
         if taken_first:
             going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
             over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
@@ -580,7 +588,21 @@ class Temporal:
             # one's place in its view (nor, once the last closes, leave it none to see closed).
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
             lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
-            busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately)
+            # The earlier runs of a workflow whose holder is known, while it runs or closed lately: the
+            # worker that took one holds the execution (the workflow id), though another worker took
+            # its next run (continued as new, retried), and waits for it to end: left out, it saw
+            # nothing and waited out its give-up. Kept cached meanwhile; read when they ran.
+            chained: list[_Run] = []
+            for wf in earlier:
+                last = newest[wf.id]
+                held = self._cached_holder(endpoint, wf)
+                if held is None or held.identity is None or not (
+                        last.status == WorkflowExecutionStatus.RUNNING or _close_key(last)[0] >= recent):
+                    continue
+                chained.append(wf)
+                if wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                    goes_on[(wf.id, wf.run_id)] = last  # the execution's status is its newest run's
+            busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately, chained)
                           if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
             older: list[_Run] = []
             untouched = set()
@@ -594,7 +616,7 @@ class Temporal:
                     older.append(wf)
                     # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
                     untouched.add((wf.id, wf.run_id))
-            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older
+            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older + chained
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
             untouched = set()
@@ -626,18 +648,19 @@ class Temporal:
             Execution(
                 id=wf.id,
                 run_id=wf.run_id,
-                status=status_of(wf.status),
+                status=status_of(ended.status),
                 workflow_type=wf.workflow_type,
                 created_at=rfc3339(wf.start_time),
                 started_at=h.started_at if h is not None else None,
-                completed_at=rfc3339(wf.close_time) if wf.status != WorkflowExecutionStatus.CONTINUED_AS_NEW
-                else None,
+                completed_at=rfc3339(ended.close_time)
+                if ended.status != WorkflowExecutionStatus.CONTINUED_AS_NEW else None,
                 holder=h.identity if h is not None else None,
                 holder_unread=h is None,
                 untaken_at=h.untaken_at if h is not None else None,
                 delayed=h is not None and not h.scheduled,
             )
             for wf, h in zip(runs, holders, strict=True)
+            for ended in (goes_on.get((wf.id, wf.run_id), wf),)
         ), cut=scanned >= self._scan_limit and last_running)
 
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
