@@ -41,6 +41,8 @@ from workerqueue_operator.models import settings as settings_
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 5.0
+EVENTS_FLUSH_SECONDS = 2.0
+"""How long a stopping operator goes on posting the Events still waiting."""
 CLOCK_TOLERANCE_SECONDS = 2.0
 """Past this between this replica's clock and the API server's, a WARNING: peering and Leases assume agreement."""
 CLOCK_CHECK_SECONDS = 600.0
@@ -476,7 +478,7 @@ async def run(
     tasks = [asyncio.create_task(watches.run(reconciler), name="watches"),
              asyncio.create_task(activity.run(), name="activity"),
              asyncio.create_task(supervisor.run(), name="worker supervisor"),
-             asyncio.create_task(events.run(), name="event poster"),
+             poster := asyncio.create_task(events.run(), name="event poster"),
              asyncio.create_task(registry.run(), name="worker registry"),
              asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
                                                             activity=activity).run(),
@@ -508,12 +510,22 @@ async def run(
     finally:
         for task in tasks:
             task.remove_done_callback(loud)
-            task.cancel()
+            if task is not poster:
+                task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(t for t in tasks if t is not poster), return_exceptions=True)
         await http.cleanup()
         if metrics_http is not None:
             await metrics_http.cleanup()
+        # Last, once nothing more can report: the Events of the last seconds (the answers just given
+        # included), within a bound, for the API server may be what is failing.
+        if not poster.done():
+            left = await events.flush(EVENTS_FLUSH_SECONDS)
+            if left:
+                logger.warning("stopping with %d Events not posted", left)
+        poster.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(poster, return_exceptions=True)
         await temporal_.close()
         await client.close()
     if died:

@@ -1,12 +1,18 @@
 """Events a queue gets: no Warning about the token Secret the operator is creating; no more than
-its pace allows, however fast its workers come and go."""
+its pace allows, however fast its workers come and go; and those still waiting when the operator
+stops."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from pathlib import Path
 
 from tests.integration.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
+from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.devcluster.temporal import TemporalServer
+from workerqueue_operator.k8s import client as client_
 
 
 def test_a_new_queue_gets_no_spurious_warning(operator: OperatorProcess, kube: Kube, namespace: str,
@@ -155,3 +161,28 @@ def test_a_first_token_secret_made_late_is_no_recreation(operator: OperatorProce
     wait_for(lambda: any(e.reason == "TokenSecretCreated" for e in kube.events(namespace, "late")),
              what="the TokenSecretCreated Event")
     assert not any(e.reason == "TokenSecretRecreated" for e in kube.events(namespace, "late"))
+
+
+async def test_a_stopping_operator_posts_the_events_still_waiting(kubeconfig: Path, kube: Kube, namespace: str):
+    """Routine Events wait while the work they report on is behind (thousands of new queues): the
+    operator stopped with them waiting cancelled its poster, and they were lost. Now it flushes them
+    (runner.EVENTS_FLUSH_SECONDS), deferred or not."""
+    client = client_.KubeClient(client_.load_configuration(str(kubeconfig)))
+    poster = EventPoster(client)
+    poster.defer_routine(lambda: True)  # behind all along
+    posting = asyncio.create_task(poster.run())
+    try:
+        for i in range(30):
+            poster.post(involved={"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"namespace": namespace, "name": f"cm-{i}"}},
+                        reason="Routine", message=f"event {i}")
+        await asyncio.sleep(0.5)
+        assert poster.waiting == 30  # deferred
+        assert await poster.flush(30) == 0
+    finally:
+        posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting
+        await client.close()
+    assert sorted(e.message for e in kube.events(namespace) if e.reason == "Routine") == sorted(
+        f"event {i}" for i in range(30))

@@ -85,6 +85,10 @@ class EventPoster:
         self._behind: Callable[[], bool] | None = None
         self._defer_at_most = 0.0
         self._deferred_since: float | None = None
+        self._flushing = False
+        self._posting = 0
+        self._settled = asyncio.Event()
+        """Set when nothing waits and nothing is being posted (see flush)."""
 
     def defer_routine(self, behind: Callable[[], bool], *, at_most: float = 60.0) -> None:
         """Routine Events wait while `behind()` says the work they report on is behind (10,000 new
@@ -97,7 +101,7 @@ class EventPoster:
 
     def _deferring(self) -> bool:
         # Never so long that the backlog fills and Events are dropped.
-        if self._behind is None or self.waiting * 10 >= self._backlog * 9 or not self._behind():
+        if self._flushing or self._behind is None or self.waiting * 10 >= self._backlog * 9 or not self._behind():
             self._deferred_since = None
             return False
         now = self._clock()
@@ -208,6 +212,18 @@ class EventPoster:
     async def run(self) -> None:
         await asyncio.gather(*(self._work() for _ in range(self._workers)))
 
+    async def flush(self, seconds: float) -> int:
+        """Posts what waits, routine Events deferred too, for at most `seconds` (with `run` going on):
+        a stopping operator's last Events (a worker's disconnect, a rollout's) are not lost with it.
+        Returns how many were left waiting."""
+        self._flushing = True
+        self._wakeup.set()
+        if self.waiting or self._posting:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), seconds)
+        return self.waiting
+
     def _next(self) -> _Pending | None:
         if self._warnings:
             return self._take_turn(True)
@@ -226,6 +242,7 @@ class EventPoster:
                 else:
                     await self._wakeup.wait()
                 continue
+            self._posting += 1
             try:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,
                                            message=event.message, warning=event.warning, count=event.count)
@@ -235,3 +252,7 @@ class EventPoster:
                            "posting Event %s failed: %s", event.reason, exc)
             except client_.ERRORS as exc:
                 logger.warning("posting Event %s failed: %s", event.reason, exc)
+            finally:
+                self._posting -= 1
+                if not self.waiting and not self._posting:
+                    self._settled.set()
