@@ -281,12 +281,13 @@ async def test_a_worker_waits_for_its_execution_however_many_runs_it_goes_on_in(
 ):
     """pod-b took an execution, which continued as new in a run pod-a took. Only the newest run of each
     workflow was listed: the execution left pod-b's view, and pod-b waited out its 1,800-s give-up.
-    It waits for the execution to end, as pod-a does; another pod's view never shows it."""
+    It waits for the execution to end, as pod-a does, also as told by a replica that never saw pod-b's
+    run running; another pod's view never shows it."""
     tq = f"tq-{secrets.token_hex(4)}"
     workflow_id = f"chain-{uuid.uuid4().hex[:6]}"
 
-    async def views(newest_holder: str) -> tuple[list[dict[str, Any]], ...] | None:
-        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+    async def views(newest_holder: str, replica: Temporal = access) -> tuple[list[dict[str, Any]], ...] | None:
+        found = await replica.executions(endpoint(temporal), tq, limit=2, taken_first=True)
         if not any(e.id == workflow_id and e.holder == newest_holder for e in found):
             return None
         return tuple(executions.worker_view(found, hostname=pod) for pod in ("pod-b", "pod-a", "pod-c"))
@@ -300,6 +301,11 @@ async def test_a_worker_waits_for_its_execution_however_many_runs_it_goes_on_in(
         b, a, c = await eventually(lambda: views("1@pod-a"))
         assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "running")]
         assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "running")] and c == []
+        other = Temporal(timeout=2.0, coalesce=0.0)  # nothing read nor cached
+        try:
+            assert await eventually(lambda: views("1@pod-a", other)) == (b, a, c)
+        finally:
+            await other.close()
         await client.get_workflow_handle(workflow_id).signal(ChainedExecution.proceed)
         assert await client.get_workflow_handle(workflow_id).result() == "done"
 
@@ -466,8 +472,10 @@ async def test_a_worker_is_shown_nothing_while_the_scan_may_have_left_its_first_
     first, second, waiting = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("b1", "b2", "w"))
     whole, scant = Temporal(timeout=2.0, coalesce=0.0), Temporal(timeout=2.0, coalesce=0.0, scan_limit=2)
 
-    async def held(access: Temporal, ids: set[str]) -> temporal_.Listing | None:
+    async def held(access: Temporal, ids: set[str], listed: str | None = None) -> temporal_.Listing | None:
         found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        if listed is not None and listed not in {e.id for e in found}:
+            return None  # not in the visibility store yet
         return found if {e.id for e in found if e.holder == "2@pod-b"} == ids else None
 
     try:
@@ -478,8 +486,8 @@ async def test_a_worker_is_shown_nothing_while_the_scan_may_have_left_its_first_
             await eventually(lambda: held(whole, {first, second}))
         await client.start_workflow("AgentExecutionWorkflow", {}, id=waiting, task_queue=tq)  # nobody takes it
 
-        listed = await eventually(lambda: held(whole, {first, second}))
-        assert not listed.cut and waiting in {e.id for e in listed}
+        listed = await eventually(lambda: held(whole, {first, second}, listed=waiting))
+        assert not listed.cut
         (entry,) = executions.worker_view(listed, hostname="pod-b", cut=listed.cut)
         assert (entry["id"], entry["status"], entry["held_executions"]) == (first, "running", 2)
 

@@ -573,42 +573,40 @@ class Temporal:
             else:
                 earlier.append(wf)
         goes_on: dict[tuple[str, str], _Run] = {}
-        """Earlier runs shown, continued as new, by (workflow id, run id) -> the workflow's newest run."""
+        """Earlier runs shown, continued as new, by (workflow id, run id) -> their workflow's newest run."""
         if taken_first:
             going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
             over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
             # Every running one the scan found: a worker holding a closed one and a running one left
             # out would be told it finished. Holders not read in time keep finished workers waiting.
-            closed = sorted(over, key=_close_key, reverse=True)
-            # Past the `limit` closed last, those closed lately whose holder is known already (no read
-            # to make): a worker waits for its own to read closed on two polls in a row, and more than
-            # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
-            # And, however long ago, those of a worker that runs another one still, or closed one
-            # lately: its first execution is what it waits for, and its later ones must not take that
-            # one's place in its view (nor, once the last closes, leave it none to see closed).
+            # The earlier runs of a workflow (continued as new, retried, its id used again) are closed
+            # ones like the others: the worker that took one holds that execution, though another
+            # worker took its next run, and waits for it to end (left out, it saw nothing and waited
+            # out its give-up); a continued-as-new one shows its newest run's status.
+            closed = sorted(over + earlier, key=_close_key, reverse=True)
+            before = {(wf.id, wf.run_id) for wf in earlier}
             recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
+            # Past the `limit` closed last: the earlier runs whose holder is known, while their workflow
+            # runs or closed lately (kept cached meanwhile; read when they were among the closed last).
+            chained = [wf for wf in closed[max(limit, 0):] if (wf.id, wf.run_id) in before
+                       and (held := self._cached_holder(endpoint, wf)) is not None and held.identity is not None
+                       and (newest[wf.id].status == WorkflowExecutionStatus.RUNNING
+                            or _close_key(newest[wf.id])[0] >= recent)]
+            # And those closed lately whose holder is known already (no read to make): a worker waits
+            # for its own to read closed on two polls in a row, and more than `limit` closing between
+            # them took it out of its view, leaving it waiting until its give-up. And, however long
+            # ago, those of a worker that runs another one still, or closed one lately: its first
+            # execution is what it waits for, and its later ones must not take that one's place in its
+            # view (nor, once the last closes, leave it none to see closed).
             lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
-            # The earlier runs of a workflow whose holder is known, while it runs or closed lately: the
-            # worker that took one holds the execution (the workflow id), though another worker took
-            # its next run (continued as new, retried), and waits for it to end: left out, it saw
-            # nothing and waited out its give-up. Kept cached meanwhile; read when they ran.
-            chained: list[_Run] = []
-            for wf in earlier:
-                last = newest[wf.id]
-                held = self._cached_holder(endpoint, wf)
-                if held is None or held.identity is None or not (
-                        last.status == WorkflowExecutionStatus.RUNNING or _close_key(last)[0] >= recent):
-                    continue
-                chained.append(wf)
-                if wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
-                    goes_on[(wf.id, wf.run_id)] = last  # the execution's status is its newest run's
             busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately, chained)
                           if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
             older: list[_Run] = []
             untouched = set()
+            kept = {(wf.id, wf.run_id) for wf in chained}
             for wf in closed[max(limit, 0):]:
                 held = self._cached_holder(endpoint, wf)
-                if held is None or held.identity is None:
+                if held is None or held.identity is None or (wf.id, wf.run_id) in kept:
                     continue
                 if host_of(held.identity) in busy_hosts:
                     older.append(wf)  # kept cached while its worker works: few, needed until it exits
@@ -617,6 +615,8 @@ class Temporal:
                     # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
                     untouched.add((wf.id, wf.run_id))
             runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older + chained
+            goes_on = {(wf.id, wf.run_id): newest[wf.id] for wf in runs
+                       if (wf.id, wf.run_id) in before and wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW}
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
             untouched = set()
