@@ -282,13 +282,14 @@ async def test_a_worker_waits_for_its_execution_however_many_runs_it_goes_on_in(
     """pod-b took an execution, which continued as new in a run pod-a took. Only the newest run of each
     workflow was listed: the execution left pod-b's view, and pod-b waited out its 1,800-s give-up.
     It waits for the execution to end, as pod-a does, also as told by a replica that never saw pod-b's
-    run running; another pod's view never shows it."""
+    run running, once more closed after it than a scan reads; another pod's view never shows it. The
+    workflow id used again afterwards is another execution: pod-b's stays ended."""
     tq = f"tq-{secrets.token_hex(4)}"
     workflow_id = f"chain-{uuid.uuid4().hex[:6]}"
 
-    async def views(newest_holder: str, replica: Temporal = access) -> tuple[list[dict[str, Any]], ...] | None:
+    async def views(newest_holder: str | None, replica: Temporal = access) -> tuple[list[dict[str, Any]], ...] | None:
         found = await replica.executions(endpoint(temporal), tq, limit=2, taken_first=True)
-        if not any(e.id == workflow_id and e.holder == newest_holder for e in found):
+        if not any(e.id == workflow_id and e.holder == newest_holder and e.status == "running" for e in found):
             return None
         return tuple(executions.worker_view(found, hostname=pod) for pod in ("pod-b", "pod-a", "pod-c"))
 
@@ -301,21 +302,38 @@ async def test_a_worker_waits_for_its_execution_however_many_runs_it_goes_on_in(
         b, a, c = await eventually(lambda: views("1@pod-a"))
         assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "running")]
         assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "running")] and c == []
-        other = Temporal(timeout=2.0, coalesce=0.0)  # nothing read nor cached
-        try:
-            assert await eventually(lambda: views("1@pod-a", other)) == (b, a, c)
-        finally:
-            await other.close()
+    async with worker(client, tq, "3@pod-c"):  # three more close: pod-b's run is out of a scan of 3
+        for i in range(3):
+            await client.execute_workflow("AgentExecutionWorkflow", {"duration_seconds": 0.1},
+                                          id=f"c{i}-{uuid.uuid4().hex[:6]}", task_queue=tq)
+    other = Temporal(timeout=2.0, coalesce=0.0, scan_limit=3)  # nothing read nor cached
+
+    async def shown_to_b() -> tuple[list[dict[str, Any]], ...] | None:
+        seen = await views("1@pod-a", other)
+        return seen if seen and seen[0] else None
+
+    try:
+        b, a, c = await eventually(shown_to_b)
+        assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "running")]
+    finally:
+        await other.close()
+    async with chain_worker(client, tq, "1@pod-a"):
         await client.get_workflow_handle(workflow_id).signal(ChainedExecution.proceed)
         assert await client.get_workflow_handle(workflow_id).result() == "done"
 
-    async def ended() -> tuple[list[dict[str, Any]], ...] | None:
-        seen = await views("1@pod-a")
-        return seen if seen and seen[0] and seen[0][0]["status"] == "completed" else None
+    async def ended() -> list[list[dict[str, Any]]] | None:
+        found = await access.executions(endpoint(temporal), tq, limit=2, taken_first=True)
+        seen = [executions.worker_view(found, hostname=pod) for pod in ("pod-b", "pod-a")]
+        return seen if all(view and view[0]["status"] == "completed" for view in seen) else None
 
-    b, a, c = await eventually(ended)
-    assert b[0]["id"] == workflow_id and b[0]["completed_at"]
-    assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "completed")] and c == []
+    b, a = await eventually(ended)
+    assert b[0]["id"] == a[0]["id"] == workflow_id and b[0]["completed_at"]
+    await client.start_workflow("ChainedExecution", 0, id=workflow_id, task_queue=tq)  # nobody takes it
+    try:
+        b, _, _ = await eventually(lambda: views(None))
+        assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "completed")]
+    finally:
+        await client.get_workflow_handle(workflow_id).terminate("test")
 
 
 async def test_a_worker_whose_run_failed_is_told_so_though_the_execution_is_retried_elsewhere(

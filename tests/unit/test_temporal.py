@@ -214,7 +214,7 @@ START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 def patch_listing(monkeypatch: pytest.MonkeyPatch, runs: list[_Run], read: Any, scan_seconds: float = 0.0) -> None:
     """Temporal's visibility listing gives `runs` (after `scan_seconds`); `read` stands in for a history read."""
 
-    async def scan(self: Temporal, *args: Any) -> AsyncIterator[_Run]:
+    async def scan(self: Temporal, *args: Any, **kwargs: Any) -> AsyncIterator[_Run]:
         await asyncio.sleep(scan_seconds)
         for run in runs:
             yield run
@@ -442,6 +442,40 @@ async def test_a_workers_first_execution_stays_in_its_view_once_its_later_one_cl
         monkeypatch.setattr(temporal_, "CLOSED_SHOWN_SECONDS", 1.0)
         found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
         assert "first" not in {e.id for e in found}
+    finally:
+        await access.close()
+
+
+async def test_a_crons_earlier_runs_leave_the_view_as_closed_ones_do_and_a_chain_stays_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # A cron's runs are one workflow id: each earlier one (closed COMPLETED) stayed in what every
+    # worker is shown for as long as the cron went on, up to the scan's bound, each kept cached and
+    # its long-gone pod counted busy. Only a continued-as-new run stays while its chain runs.
+    now = datetime.datetime.now(datetime.UTC)
+    ago = datetime.timedelta
+    runs = [_Run("cron", "c0", S.COMPLETED, "W", now - ago(hours=2), now - ago(hours=2)),
+            _Run("cron", "c1", S.COMPLETED, "W", now - ago(hours=1), now - ago(hours=1)),
+            _Run("cron", "c2", S.RUNNING, "W", now - ago(minutes=1), None),
+            _Run("chain", "k0", S.CONTINUED_AS_NEW, "W", now - ago(hours=2), now - ago(hours=1)),
+            _Run("chain", "k1", S.RUNNING, "W", now - ago(hours=1), None)]
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        return _Holder(None, None, untaken_at=time.time())  # the cron's next run, not due yet
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    for run_id, host in (("c0", "pod-0"), ("c1", "pod-1"), ("k0", "pod-k"), ("k1", "pod-x")):
+        run = next(r for r in runs if r.run_id == run_id)
+        access._holders[(endpoint.host, endpoint.namespace, run.id, run_id)] = _Holder(
+            f"1@{host}", rfc3339(run.start_time))
+    try:
+        found = await access.executions(endpoint, "tq", limit=0, taken_first=True)
+        assert {e.run_id for e in found} == {"c2", "k0", "k1"}
+        assert [(e["id"], e["status"]) for e in executions.worker_view(found, hostname="pod-k")] == [
+            ("chain", "running")]
+        assert executions.worker_view(found, hostname="pod-0") == []
     finally:
         await access.close()
 

@@ -68,6 +68,11 @@ HOLDER_QUEUES_SECONDS = 600.0
 HOLDER_CACHE_MOST = 200_000
 """...and never more than this many (~640 B each, ~125 MiB): 10,000 polled task queues would otherwise
 keep 1.5 million (~1 GiB). Past ~1,300 polled task queues, holders are read again more often instead."""
+CHAIN_LIMIT = 100
+"""Earlier runs of a workflow listed to find a worker's run in (continued as new more than this often,
+the first ones are left out)."""
+CHAINS_KEPT = 10_000
+"""Running workflows whose earlier runs are remembered (LRU): they never change."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
 """Concurrent history reads per task queue, those a listing left running included."""
@@ -281,6 +286,11 @@ class Temporal:
         """History reads waiting or under way, by run: a listing joins one a listing before it left."""
         self._begun: set[asyncio.Future[_Holder]] = set()
         """Those of the reads whose history has been asked for: a fresh listing joins none of them."""
+        self._continuing: collections.OrderedDict[tuple[str, str, str, str], None] = collections.OrderedDict()
+        """Runs whose history says they go on from an earlier run (LRU): read once, taken or not."""
+        self._chains: collections.OrderedDict[tuple[str, str, str, str], tuple[_Run, ...]] = (
+            collections.OrderedDict())
+        """(host, namespace, workflow id, run id) of a running run -> the runs of its workflow before it."""
         self._lines: dict[tuple[str, str, str], _Line] = {}
         """(host, namespace, task queue) -> its runs waiting for a read, while any wait or are read."""
         self._readers: set[asyncio.Task[None]] = set()
@@ -560,63 +570,19 @@ class Temporal:
         if running:
             query += ' AND ExecutionStatus="Running"'
         newest: dict[str, _Run] = {}  # workflow id -> its newest run
-        earlier: list[_Run] = []  # the others: continued as new, or retried
+        runs_of: dict[str, dict[str, _Run]] = collections.defaultdict(dict)  # workflow id -> its runs by id
         scanned, last_running = 0, False
         async for wf in self._scan(client, endpoint, query):
             scanned += 1
             last_running = wf.status in (WorkflowExecutionStatus.RUNNING, None)
+            runs_of[wf.id][wf.run_id] = wf
             seen = newest.get(wf.id)
             if seen is None or _start_key(wf) > _start_key(seen):
                 newest[wf.id] = wf
-                if seen is not None:
-                    earlier.append(seen)
-            else:
-                earlier.append(wf)
         goes_on: dict[tuple[str, str], _Run] = {}
-        """Earlier runs shown, continued as new, by (workflow id, run id) -> their workflow's newest run."""
         if taken_first:
-            going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
-            over = [wf for wf in newest.values() if wf.status != WorkflowExecutionStatus.RUNNING]
-            # Every running one the scan found: a worker holding a closed one and a running one left
-            # out would be told it finished. Holders not read in time keep finished workers waiting.
-            # The earlier runs of a workflow (continued as new, retried, its id used again) are closed
-            # ones like the others: the worker that took one holds that execution, though another
-            # worker took its next run, and waits for it to end (left out, it saw nothing and waited
-            # out its give-up); a continued-as-new one shows its newest run's status.
-            closed = sorted(over + earlier, key=_close_key, reverse=True)
-            before = {(wf.id, wf.run_id) for wf in earlier}
-            recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
-            # Past the `limit` closed last: the earlier runs whose holder is known, while their workflow
-            # runs or closed lately (kept cached meanwhile; read when they were among the closed last).
-            chained = [wf for wf in closed[max(limit, 0):] if (wf.id, wf.run_id) in before
-                       and (held := self._cached_holder(endpoint, wf)) is not None and held.identity is not None
-                       and (newest[wf.id].status == WorkflowExecutionStatus.RUNNING
-                            or _close_key(newest[wf.id])[0] >= recent)]
-            # And those closed lately whose holder is known already (no read to make): a worker waits
-            # for its own to read closed on two polls in a row, and more than `limit` closing between
-            # them took it out of its view, leaving it waiting until its give-up. And, however long
-            # ago, those of a worker that runs another one still, or closed one lately: its first
-            # execution is what it waits for, and its later ones must not take that one's place in its
-            # view (nor, once the last closes, leave it none to see closed).
-            lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
-            busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately, chained)
-                          if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
-            older: list[_Run] = []
-            untouched = set()
-            kept = {(wf.id, wf.run_id) for wf in chained}
-            for wf in closed[max(limit, 0):]:
-                held = self._cached_holder(endpoint, wf)
-                if held is None or held.identity is None or (wf.id, wf.run_id) in kept:
-                    continue
-                if host_of(held.identity) in busy_hosts:
-                    older.append(wf)  # kept cached while its worker works: few, needed until it exits
-                elif _close_key(wf)[0] >= recent:
-                    older.append(wf)
-                    # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
-                    untouched.add((wf.id, wf.run_id))
-            runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older + chained
-            goes_on = {(wf.id, wf.run_id): newest[wf.id] for wf in runs
-                       if (wf.id, wf.run_id) in before and wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW}
+            await self._add_chains(client, endpoint, newest, runs_of, deadline=deadline)
+            runs, untouched, goes_on = self._workers_runs(endpoint, newest, runs_of, limit)
         else:
             runs = sorted(newest.values(), key=_start_key, reverse=True)[: max(limit, 0)]
             untouched = set()
@@ -662,6 +628,91 @@ class Temporal:
             for wf, h in zip(runs, holders, strict=True)
             for ended in (goes_on.get((wf.id, wf.run_id), wf),)
         ), cut=scanned >= self._scan_limit and last_running)
+
+    def _workers_runs(self, endpoint: Endpoint, newest: dict[str, _Run], runs_of: dict[str, dict[str, _Run]],
+                      limit: int) -> tuple[list[_Run], set[tuple[str, str]], dict[tuple[str, str], _Run]]:
+        """What workers are shown (see executions, `taken_first`): the runs, those of them not to keep
+        cached by being shown, and the continued-as-new ones among them -> the run their chain ends in."""
+        going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
+        # Every running one the scan found: a worker holding a closed one and a running one left out
+        # would be told it finished. Holders not read in time keep finished workers waiting.
+        # The earlier runs of a workflow (retried, its id used again, continued as new) are closed
+        # ones like the others: the worker that took one holds that execution, though another worker
+        # took the next run, and waits for it to end (left out, it saw nothing until its give-up).
+        closed = sorted((wf for wf in itertools.chain.from_iterable(r.values() for r in runs_of.values())
+                         if wf.status != WorkflowExecutionStatus.RUNNING or wf is not newest[wf.id]),
+                        key=_close_key, reverse=True)
+        recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
+        # A continued-as-new run's execution goes on: it shows the status of the run its chain ends
+        # in (not of a later execution under the same id), past the `limit` closed last too while that
+        # runs or ended lately, its holder read if not known (another replica read it running).
+        ends = {(wf.id, wf.run_id): _chain_end(wf, runs_of[wf.id]) for wf in closed
+                if wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW}
+        chained = [wf for wf in closed[max(limit, 0):] if (end := ends.get((wf.id, wf.run_id))) is not None
+                   and (end.status in (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW)
+                        or _close_key(end)[0] >= recent)]
+        # Past the `limit` closed last, those closed lately whose holder is known already (no read to
+        # make): a worker waits for its own to read closed on two polls in a row, and more than
+        # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
+        # And, however long ago, those of a worker that runs another one still, or closed one lately:
+        # its first execution is what it waits for, and its later ones must not take that one's place
+        # in its view (nor, once the last closes, leave it none to see closed).
+        lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
+        busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately, chained)
+                      if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
+        older: list[_Run] = []
+        untouched = set()
+        for wf in closed[max(limit, 0):]:
+            held = self._cached_holder(endpoint, wf)
+            if held is None or held.identity is None or (wf.id, wf.run_id) in ends:
+                continue
+            if host_of(held.identity) in busy_hosts:
+                older.append(wf)  # kept cached while its worker works: few, needed until it exits
+            elif _close_key(wf)[0] >= recent:
+                older.append(wf)
+                # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
+                untouched.add((wf.id, wf.run_id))
+        runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older + chained
+        return runs, untouched, {key: end for key, end in ends.items() if key in {(wf.id, wf.run_id) for wf in runs}}
+
+    async def _add_chains(self, client: Client, endpoint: Endpoint, newest: dict[str, _Run],
+                          runs_of: dict[str, dict[str, _Run]], *, deadline: float | None) -> None:
+        """Adds to `runs_of` the earlier runs of each running workflow that goes on from one (its holder
+        read says so): the run a worker took may have left the scan since (a busy task queue closes
+        more than it reads), and its holder with it. Listed once per newest run, by workflow id."""
+        wanted = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING
+                  and (endpoint.host, endpoint.namespace, wf.id, wf.run_id) in self._continuing]
+        missing = [wf for wf in wanted if (endpoint.host, endpoint.namespace, wf.id, wf.run_id) not in self._chains]
+        if missing:
+            loop = asyncio.get_running_loop()
+            wait = self._timeout / 2 if deadline is None else min(self._timeout / 2, deadline - loop.time())
+            listings = [asyncio.ensure_future(self._chain(client, endpoint, wf)) for wf in missing]
+            try:
+                await asyncio.wait(listings, timeout=max(wait, 0.0))
+            finally:
+                for listing in listings:
+                    listing.cancel()  # not in time: asked again at the next listing
+                await asyncio.gather(*listings, return_exceptions=True)
+        for wf in wanted:
+            chain = self._chains.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+            if chain is not None:
+                self._chains.move_to_end((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+                for run in chain:
+                    runs_of[wf.id].setdefault(run.run_id, run)
+
+    async def _chain(self, client: Client, endpoint: Endpoint, wf: _Run) -> None:
+        """The runs of `wf`'s workflow id before it (closed for good), at most CHAIN_LIMIT, cached."""
+        query = f'WorkflowId="{_quote(wf.id)}"'
+        try:
+            earlier = [run async for run in self._scan(client, endpoint, query, limit=CHAIN_LIMIT)
+                       if run.run_id != wf.run_id and _start_key(run) < _start_key(wf)]
+        except Exception as e:  # one chain not listed is one worker's view a listing later, not a failure
+            logger.debug("listing the runs of %s failed: %s", wf.id, type(e).__name__)
+            return
+        key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
+        self._chains[key] = tuple(earlier)
+        while len(self._chains) > CHAINS_KEPT:
+            self._chains.popitem(last=False)
 
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
               join: bool = True) -> asyncio.Future[_Holder]:
@@ -746,11 +797,12 @@ class Temporal:
             del self._reads[key]
         _retrieve(read)
 
-    async def _scan(self, client: Client, endpoint: Endpoint, query: str) -> AsyncIterator[_Run]:
-        """What the visibility query lists, at most the scan limit, read off the wire as it comes: the
-        SDK's list_workflows decodes each run's memo and search attributes too, ~4x the CPU, and a
-        polled task queue with a long history is 1,000 runs a second on the event loop."""
-        token, left = b"", self._scan_limit
+    async def _scan(self, client: Client, endpoint: Endpoint, query: str, *,
+                    limit: int | None = None) -> AsyncIterator[_Run]:
+        """What the visibility query lists, at most `limit` (the scan limit), read off the wire as it
+        comes: the SDK's list_workflows decodes each run's memo and search attributes too, ~4x the CPU,
+        and a polled task queue with a long history is 1,000 runs a second on the event loop."""
+        token, left = b"", self._scan_limit if limit is None else limit
         while left > 0:
             page = await client.workflow_service.list_workflow_executions(
                 ListWorkflowExecutionsRequest(namespace=endpoint.namespace, query=query,
@@ -805,7 +857,7 @@ class Temporal:
             return cached
         asked_at = time.time()  # what the history tells held then at the latest
         found = _Holder(None, None)
-        scheduled = False
+        scheduled = continues = False
         token = b""
         while True:
             page = await client.workflow_service.get_workflow_execution_history(
@@ -819,6 +871,10 @@ class Temporal:
             )
             scheduled = scheduled or any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
                                          for e in page.history.events)
+            continues = continues or any(
+                e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
+                and bool(e.workflow_execution_started_event_attributes.continued_execution_run_id)
+                for e in page.history.events)
             event = next((e for e in page.history.events
                           if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
             if event is not None:
@@ -828,6 +884,10 @@ class Temporal:
             token = page.next_page_token
             if not token:
                 break
+        if continues:  # its earlier runs are listed (see _add_chains)
+            self._continuing[key] = None
+            while len(self._continuing) > CHAINS_KEPT:
+                self._continuing.popitem(last=False)
         # A run nobody took yet may still be taken; a closed one, or one with a holder, is settled.
         if found.identity is not None or closed:
             self._holders[key] = found
@@ -836,6 +896,18 @@ class Temporal:
                 self._holders.popitem(last=False)
             return found
         return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled)
+
+
+def _chain_end(wf: _Run, runs: dict[str, _Run]) -> _Run:
+    """The run a continued-as-new run's chain ends in (or has got to): runs of one workflow id never
+    overlap, so each one's successor is the next by start time."""
+    later = sorted((run for run in runs.values() if _start_key(run) > _start_key(wf)), key=_start_key)
+    end = wf
+    for run in later:
+        if end.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
+            break
+        end = run
+    return end
 
 
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
