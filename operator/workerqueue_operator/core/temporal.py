@@ -94,7 +94,7 @@ _RUNNING_ACTIVITY = (PendingActivityState.PENDING_ACTIVITY_STATE_STARTED,
 
 # Continued-as-new: the execution (= workflow id) goes on in a new run, so it is not over. The
 # listing keeps the newest run of each workflow id (a continued-as-new run shows only until its
-# successor is visible); what workers are shown keeps earlier ones too, with the newest run's status.
+# successor is visible); what workers are shown keeps earlier ones too (see Temporal._workers_runs).
 _STATUS = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
@@ -303,8 +303,9 @@ class Temporal:
         with `running`, only those still running (what waits for a worker and what workers hold).
 
         With `taken_first` (what workers are shown): every running one the scan finds, oldest first,
-        then the `limit` closed last, then older closed ones whose holder is known, and earlier runs
-        (continued as new, retried) whose holder is known while their workflow runs. A worker's own
+        then the `limit` closed last (earlier runs of a workflow too), then older closed ones whose
+        holder is known, and continued-as-new runs while the run their chain ends in runs or ended
+        lately, with that run's status. A worker's own
         execution is listed however many newer ones wait behind it (cut to the newest, a burst of
         more than `limit` hid it: its worker never saw it end, nor exited), and so is a second one it
         runs however many older ones run.
@@ -685,7 +686,8 @@ class Temporal:
         missing = [wf for wf in wanted if (endpoint.host, endpoint.namespace, wf.id, wf.run_id) not in self._chains]
         if missing:
             loop = asyncio.get_running_loop()
-            wait = self._timeout / 2 if deadline is None else min(self._timeout / 2, deadline - loop.time())
+            # A short part of the listing's time: its holder reads come after.
+            wait = self._timeout / 4 if deadline is None else min(self._timeout / 4, deadline - loop.time())
             listings = [asyncio.ensure_future(self._chain(client, endpoint, wf)) for wf in missing]
             try:
                 await asyncio.wait(listings, timeout=max(wait, 0.0))
@@ -709,6 +711,8 @@ class Temporal:
         except Exception as e:  # one chain not listed is one worker's view a listing later, not a failure
             logger.debug("listing the runs of %s failed: %s", wf.id, type(e).__name__)
             return
+        if any(run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier):
+            return  # the visibility store behind (its close not recorded yet): listed again next time
         key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
         self._chains[key] = tuple(earlier)
         while len(self._chains) > CHAINS_KEPT:
