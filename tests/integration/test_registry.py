@@ -20,7 +20,7 @@ from kubernetes import client as k8s
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.test_start import service_account_token
 from tests.proxy import Proxy
-from workerqueue_operator.core import leases, queues
+from workerqueue_operator.core import leases, queues, refusals
 from workerqueue_operator.core import registry as registry_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -137,7 +137,7 @@ def test_a_refusal_record_left_long_ago_is_deleted_and_none_is_taken_for_a_regis
     uid = kube.custom.get_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
                                                    "refrs")["metadata"]["uid"]
     operator.stop()
-    for pod, age in (("refrs-w0", 5.0), ("refrs-w9", registry_.REFUSAL_SECONDS + 60)):
+    for pod, age in (("refrs-w0", 5.0), ("refrs-w9", refusals.REFUSAL_SECONDS + 60)):
         refusal = leases.Refusal(queue=(namespace, "refrs"), queue_uid=uid, pod=pod, at=time.time() - age,
                                  why="409: full")
         kube.coordination.create_namespaced_lease(namespace, leases.refusal_lease_body(refusal, queue_name="refrs"))
@@ -707,7 +707,7 @@ async def test_a_start_behind_a_claim_that_fails_gets_the_slot_not_a_full_queue(
     queue is full before the first claim has succeeded. Here it fails (the API server), and the
     slot goes to the second."""
     async with in_process(kube, namespace, kubeconfig, "behind", maxWorkers=1) as (queue, _, reg):
-        create = reg._create
+        create = reg._calls.create
         calls = 0
 
         async def first_fails(body: dict[str, Any]) -> Any:
@@ -718,7 +718,7 @@ async def test_a_start_behind_a_claim_that_fails_gets_the_slot_not_a_full_queue(
                 raise client_.ApiError(503, "ServiceUnavailable", "etcd is away")
             return await create(body)
 
-        monkeypatch.setattr(reg, "_create", first_fails)
+        monkeypatch.setattr(reg._calls, "create", first_fails)
         first = asyncio.create_task(reg.claim(queue, "behind-first", limit=1))
         await asyncio.sleep(0.1)
         second = await reg.claim(queue, "behind-second", limit=1)

@@ -18,8 +18,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.integration.conftest import CRD_FILE, Kube, OperatorProcess, frozen, http, wait_for
-from workerqueue_operator.core import probes, queues, workers
-from workerqueue_operator.core import registry as registry_
+from workerqueue_operator.core import probes, queues, refusals, workers
 from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
@@ -900,8 +899,8 @@ async def test_a_refusal_the_lease_watch_has_not_brought_yet_is_read_before_the_
     queue = here.store.queue(here.key)
     assert queue is not None
     other = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue)
-    await other.start_refused(queue, "unseen-w0", "409: Worker queue is full (max_workers=1)")
-    assert registry.refusal(queue, "unseen-w0") == ""
+    await other.refusals.start_refused(queue, "unseen-w0", "409: Worker queue is full (max_workers=1)")
+    assert registry.refusals.why(queue, "unseen-w0") == ""
     kube.set_phase(namespace, "unseen-w0", "Failed", exit_code=1, reason="Error")
     here.watched()
     await supervisor._reconcile(here.key)
@@ -997,24 +996,24 @@ async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_ar
     def records() -> list[str]:
         return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items)
 
-    await registry.start_refused(queue, "swept-w0", "409: Worker queue is full (max_workers=1)")
+    await registry.refusals.start_refused(queue, "swept-w0", "409: Worker queue is full (max_workers=1)")
     kube.core.delete_namespaced_pod("swept-w0", namespace)  # by a user: the supervisor never deletes it
     await supervisor._reconcile(here.key)
     assert kube.pod_names(namespace, "swept") == ["swept-w1"]
-    await registry.start_refused(queue, "swept-w1", "409: Worker queue is full (max_workers=1)")
+    await registry.refusals.start_refused(queue, "swept-w1", "409: Worker queue is full (max_workers=1)")
     # The listing began within the margin after the refusal: it may have missed a pod made meanwhile.
-    assert await registry.sweep_refusals(supervisor._listed.get) == 0
+    assert await registry.refusals.sweep(supervisor._listed.get) == 0
     assert records() == ["swept-w0-refused", "swept-w1-refused"]
-    monkeypatch.setattr(registry_, "REFUSAL_SWEEP_MARGIN", 0.0)
+    monkeypatch.setattr(refusals, "REFUSAL_SWEEP_MARGIN", 0.0)
     await supervisor._reconcile(here.key)  # listed after both refusals
-    assert await registry.sweep_refusals(supervisor._listed.get) == 1
+    assert await registry.refusals.sweep(supervisor._listed.get) == 1
     assert records() == ["swept-w1-refused"]  # its pod is there: its failure must not count as a crash
-    assert registry.refusal(queue, "swept-w1") != ""
-    shift[0] = registry_.REFUSAL_SECONDS + 1
-    assert registry.refusal(queue, "swept-w1") == ""  # expired: its pod's failure now counts
-    assert await registry.sweep_refusals(supervisor._listed.get) == 1
+    assert registry.refusals.why(queue, "swept-w1") != ""
+    shift[0] = refusals.REFUSAL_SECONDS + 1
+    assert registry.refusals.why(queue, "swept-w1") == ""  # expired: its pod's failure now counts
+    assert await registry.refusals.sweep(supervisor._listed.get) == 1
     assert records() == []
-    assert await registry.sweep_refusals(supervisor._listed.get) == 0
+    assert await registry.refusals.sweep(supervisor._listed.get) == 0
 
 
 async def test_a_pass_after_another_writers_status_write_plans_from_the_watched_copy(

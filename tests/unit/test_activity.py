@@ -272,7 +272,7 @@ async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
     import kubernetes
 
     from tests.unit.factories import queue
-    from workerqueue_operator.core import registry as registry_
+    from workerqueue_operator.core import refusals
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.core.store import Store
     from workerqueue_operator.core.supervisor import Supervisor
@@ -283,7 +283,7 @@ async def test_a_reconcile_leaves_nothing_behind_of_a_queue_deleted_meanwhile():
     supervisor = Supervisor(store=Store(settings=Settings()), client=kube, settings=Settings(),
                             events=EventPoster(kube), activity=Activity(identity="me", priority=0))
     key = queue("gone").key
-    supervisor._listed[key] = registry_.PodListing("uid", 0.0, frozenset({"gone-w0"}))  # by a pass under way
+    supervisor._listed[key] = refusals.PodListing("uid", 0.0, frozenset({"gone-w0"}))  # by a pass under way
     supervisor._alive[key] = 1
     await supervisor.reconcile(key)
     assert key not in supervisor._listed and key not in supervisor._alive
@@ -315,7 +315,7 @@ async def test_only_the_active_replica_sweeps_refusal_records(monkeypatch: pytes
         sweeps.append(listing)
         return 0
 
-    monkeypatch.setattr(registry, "sweep_refusals", sweep)
+    monkeypatch.setattr(registry.refusals, "sweep", sweep)
     resync = asyncio.create_task(supervisor._resync())
     try:
         await asyncio.sleep(0.1)

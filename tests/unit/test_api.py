@@ -416,12 +416,12 @@ async def test_a_pods_worker_turned_away_at_start_is_told_to_the_registry():
         registry = c.server.app[REGISTRY]
         assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer q1-token"})).status == 400
         suspended = store.queue(("team-a", "q1"))
-        assert suspended is not None and registry.refusal(suspended, "q1-w0") == ""
+        assert suspended is not None and registry.refusals.why(suspended, "q1-w0") == ""
         assert (await c.post(START.format("q-1"), headers=pod)).status == 400
-        assert registry.refusal(suspended, "q1-w0") == "400: Worker queue is not active (status: suspended)"
+        assert registry.refusals.why(suspended, "q1-w0") == "400: Worker queue is not active (status: suspended)"
         store.upsert_queue(queue("q1", queueId="q-1"))
         assert (await c.post(START.format("q-1"), headers=pod)).status == 200
-        assert registry.refusal(suspended, "q1-w0") == ""
+        assert registry.refusals.why(suspended, "q1-w0") == ""
 
 
 async def test_a_pods_worker_starts_while_the_queue_token_the_operator_makes_is_missing():

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.unit.factories import queue
-from workerqueue_operator.core import executions, leases, registry
+from workerqueue_operator.core import executions, leases, refusals, registry
 from workerqueue_operator.core.temporal import Execution
 from workerqueue_operator.devcluster.worker import Latch
 from workerqueue_operator.models import times, wire
@@ -959,28 +959,28 @@ async def test_a_refusal_at_start_is_remembered_for_its_pod_for_a_while_and_with
         reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: None,
                                 monotonic=lambda: now[0])
         q1 = queue("q1")
-        await reg.start_refused(q1, "q1-w0", "409: full")
-        assert reg.refusal(q1, "q1-w0") == "409: full" and reg.refusal(q1, "q1-w1") == ""
+        await reg.refusals.start_refused(q1, "q1-w0", "409: full")
+        assert reg.refusals.why(q1, "q1-w0") == "409: full" and reg.refusals.why(q1, "q1-w1") == ""
         # A queue made again under the name names its pods the same: not its refusal.
-        assert reg.refusal(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
-        now[0] += registry.REFUSAL_SECONDS + 1
-        assert reg.refusal(q1, "q1-w0") == ""
+        assert reg.refusals.why(dataclasses.replace(q1, uid="another-uid"), "q1-w0") == ""
+        now[0] += refusals.REFUSAL_SECONDS + 1
+        assert reg.refusals.why(q1, "q1-w0") == ""
         # The Lease of the very claim answered 503 for taking too long, brought by the watch after the
         # refusal, keeps it (one registered after it ends it: test_api.py).
         wall = [2000.0]
         reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, clock=lambda: wall[0])
         q1 = queue("q1", uid="uid-1")
-        await reg.start_refused(q1, "q1-w3", "503: registry unavailable")
+        await reg.refusals.start_refused(q1, "q1-w3", "503: registry unavailable")
         reg.lease_upserted(leases.lease_body(make_worker(registered_at=1999.0, renewed_at=1999.0), queue_name="q1"))
-        assert reg.refusal(q1, "q1-w3") == "503: registry unavailable"
+        assert reg.refusals.why(q1, "q1-w3") == "503: registry unavailable"
         reg.lease_upserted(leases.lease_body(make_worker(worker_id="0b9c6f1e-0000-4000-8000-000000000002",
                                                          lease="q1-slot-1", slot=1, registered_at=2001.0,
                                                          renewed_at=2001.0), queue_name="q1"))
-        assert reg.refusal(q1, "q1-w3") == ""
-        monkeypatch.setattr(registry, "REFUSALS_KEPT", 3)
+        assert reg.refusals.why(q1, "q1-w3") == ""
+        monkeypatch.setattr(refusals, "REFUSALS_KEPT", 3)
         for i in range(5):
-            await reg.start_refused(q1, f"q1-w{i}", "503: not ready")
-        assert [reg.refusal(q1, f"q1-w{i}") for i in range(5)] == ["", "", "503: not ready", "503: not ready",
+            await reg.refusals.start_refused(q1, f"q1-w{i}", "503: not ready")
+        assert [reg.refusals.why(q1, f"q1-w{i}") for i in range(5)] == ["", "", "503: not ready", "503: not ready",
                                                                    "503: not ready"]
         await kube.close()
 
@@ -1021,19 +1021,19 @@ async def _refusals_seen(kube: Any) -> None:
         reg.lease_upserted(leases.refusal_lease_body(refusal, queue_name="q1"))
 
     seen("q1-w0", 4990.0)
-    assert reg.refusal(q1, "q1-w0") == "409: full" and reg.total == 0
-    mono[0] += registry.REFUSAL_SECONDS - 9  # its age counts from when it was written
-    assert reg.refusal(q1, "q1-w0") == ""
-    seen("q1-w1", wall[0] - registry.REFUSAL_SECONDS - 1)  # too old when seen (a relist)
-    assert reg.refusal(q1, "q1-w1") == ""
+    assert reg.refusals.why(q1, "q1-w0") == "409: full" and reg.total == 0
+    mono[0] += refusals.REFUSAL_SECONDS - 9  # its age counts from when it was written
+    assert reg.refusals.why(q1, "q1-w0") == ""
+    seen("q1-w1", wall[0] - refusals.REFUSAL_SECONDS - 1)  # too old when seen (a relist)
+    assert reg.refusals.why(q1, "q1-w1") == ""
     await asyncio.sleep(0.1)
     seen("q1-w2", 4999.0, uid="uid-of-a-namesake")
-    assert reg.refusal(q1, "q1-w2") == ""
+    assert reg.refusals.why(q1, "q1-w2") == ""
     # Its pod's worker registered after it: a relist showing the Lease again does not bring it back.
     reg.lease_upserted(leases.lease_body(make_worker(pod="q1-w3", registered_at=4999.5, renewed_at=4999.5),
                                          queue_name="q1"))
     seen("q1-w3", 4999.0)
-    assert reg.refusal(q1, "q1-w3") == ""
+    assert reg.refusals.why(q1, "q1-w3") == ""
     reg.lease_deleted(("team-a", "q1-w0-refused"), leases.refusal_lease_body(
         leases.Refusal(queue=("team-a", "q1"), queue_uid="uid-1", pod="q1-w0", at=4990.0, why="409: full"),
         queue_name="q1"))
@@ -1054,14 +1054,14 @@ async def test_a_sweep_of_refusal_records_that_cannot_delete_keeps_them_for_the_
                                                           at=reg._clock(), why="409: full"), queue_name="q1")
         record["metadata"]["uid"] = "lease-uid"  # as the API server gives it
         reg.lease_upserted(record)
-        assert reg.refusal_lease(q1, "q1-w0") == "lease-uid"
+        assert reg.refusals.lease_uid(q1, "q1-w0") == "lease-uid"
         # Its pod listed after it, and there: kept, and no call made.
-        listing = registry.PodListing("uid-1", reg._clock() + registry.REFUSAL_SWEEP_MARGIN + 1, frozenset({"q1-w0"}))
-        assert await reg.sweep_refusals(lambda key: listing) == 0 and not caplog.records
-        now[0] += registry.REFUSAL_SECONDS + 1  # expired: its Lease is to be deleted, which fails here
-        assert await reg.sweep_refusals(lambda key: listing) == 0
+        listing = refusals.PodListing("uid-1", reg._clock() + refusals.REFUSAL_SWEEP_MARGIN + 1, frozenset({"q1-w0"}))
+        assert await reg.refusals.sweep(lambda key: listing) == 0 and not caplog.records
+        now[0] += refusals.REFUSAL_SECONDS + 1  # expired: its Lease is to be deleted, which fails here
+        assert await reg.refusals.sweep(lambda key: listing) == 0
         assert "deleting refusal records failed after 0 of 1" in caplog.text
-        assert reg.refusal_lease(q1, "q1-w0") == "lease-uid"  # for the next sweep
+        assert reg.refusals.lease_uid(q1, "q1-w0") == "lease-uid"  # for the next sweep
         await kube.close()
 
 
@@ -1310,7 +1310,7 @@ async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: LeaseCalls.delete is replaced
     now = [1000.0]
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     events = EventPoster(kube)
@@ -1319,7 +1319,7 @@ async def test_an_expiry_after_calls_refused_for_their_token_says_so(monkeypatch
     async def deleted(worker: leases.Worker, **kwargs: object) -> bool:
         return True
 
-    monkeypatch.setattr(reg, "_delete", deleted)
+    monkeypatch.setattr(reg._calls, "delete", deleted)
     old = queues.digest("the-revoked-queue-token")
     ids = {name: queues.new_worker_id(old) for name in ("revoked", "silent", "restored", "made-up")}
     for worker_id in ids.values():
@@ -1353,7 +1353,7 @@ async def test_a_lease_marked_as_its_workers_end_and_left_behind_is_deleted_by_t
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: LeaseCalls.delete is replaced
     mono = [100.0]
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q,
@@ -1364,7 +1364,7 @@ async def test_a_lease_marked_as_its_workers_end_and_left_behind_is_deleted_by_t
         deleted.append(worker.lease)
         return True
 
-    monkeypatch.setattr(reg, "_delete", delete)
+    monkeypatch.setattr(reg._calls, "delete", delete)
     for name in ("left-behind", "deleted-in-time"):
         held = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None)
         reg.lease_upserted(leases.lease_body(held, queue_name="q1"))
@@ -1403,7 +1403,7 @@ async def test_a_disconnect_answers_by_its_deadline_however_long_its_deletion_ta
     from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
-    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: _delete is replaced
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: LeaseCalls.delete is replaced
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q)
 
@@ -1411,7 +1411,7 @@ async def test_a_disconnect_answers_by_its_deadline_however_long_its_deletion_ta
         await asyncio.sleep(5)
         return True
 
-    monkeypatch.setattr(reg, "_delete", slow)
+    monkeypatch.setattr(reg._calls, "delete", slow)
     worker = reg.register(q, "leaving")
     worker.stored = True
     began = time.monotonic()

@@ -154,7 +154,7 @@ async def _refused(request: web.Request, queue: QueueObject, pod: str | None, an
     crash of the worker."""
     if pod is not None:
         detail = json.loads(answer.body if isinstance(answer.body, bytes) else b"{}").get("detail", "")
-        await request.app[REGISTRY].start_refused(queue, pod, f"{answer.status}: {detail}", wait=wait)
+        await request.app[REGISTRY].refusals.start_refused(queue, pod, f"{answer.status}: {detail}", wait=wait)
     return answer
 
 

@@ -14,7 +14,8 @@ heartbeats (or of /start calls) never becomes a burst of writes. The exception i
 there the API server must arbitrate, so /start claims a slot Lease (`<queue>-slot-<k>`) at once and
 a second claimant of the same slot gets AlreadyExists (or a Conflict when taking over an expired one).
 
-What a worker's record and its Lease hold is in leases.py; this module decides when they are written.
+What a worker's record and its Lease hold is in leases.py; this module decides when they are written,
+and leasecalls.py makes the calls that write them. The refusals of /start are refusals.py's.
 """
 
 from __future__ import annotations
@@ -29,16 +30,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from workerqueue_operator.core import pace, pacedlog, queues
+from workerqueue_operator.core import leasecalls, pace, pacedlog, queues, refusals
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.leases import (
-    ENDED_ANNOTATION,
     EXPIRY_INTERVALS,
-    Refusal,
     Worker,
     bounded_hostname,
     ended_on_purpose,
@@ -51,9 +50,6 @@ from workerqueue_operator.core.leases import (
     left_by_another_queue,
     paced_interval,
     queue_selector,
-    refusal_from_lease,
-    refusal_lease_body,
-    refusal_lease_name,
     slot_lease_name,
     system_info_json,
     system_pid,
@@ -68,11 +64,9 @@ from workerqueue_operator.models import wire
 
 logger = logging.getLogger(__name__)
 
-API_TIMEOUT = 5.0
-"""Every API-server call of the registry is bounded by this many seconds."""
 CLAIM_DEADLINE_SECONDS = 10.0
-"""A slot claim (maxWorkers) takes one or two API-server calls per slot tried, each within API_TIMEOUT:
-all of them within this, or the claim fails (/start answers 503)."""
+"""A slot claim (maxWorkers) takes one or two API-server calls per slot tried, each within
+leasecalls.API_TIMEOUT: all of them within this, or the claim fails (/start answers 503)."""
 BLIND_FORGIVEN_SECONDS = 300.0
 """The longest stretch of a Lease watch down whose time does not count toward expiry (see Registry._blind_at)."""
 RETRY_SECONDS = 2.0
@@ -95,42 +89,9 @@ active replica. Nothing else would: no replica holds its worker any more."""
 DISCONNECT_WAIT_SECONDS = 8.0
 """How long a disconnect may take, its Lease's deletion waited for: the real worker gives the call
 10 s. Counted from the request's arrival (time spent on its token is spent)."""
-DELETE_ATTEMPTS = 3
-"""Reads and conditional deletes of a Lease in a row, each meeting a write made since its read."""
 ENDED_KEPT = 10_000
 """How many ended registrations are remembered, so that a late heartbeat does not register one
 ended on purpose again (see Registry.rejoin)."""
-REFUSALS_KEPT = 10_000
-"""How many worker pods turned away at /start are remembered, for their pod's end (see start_refused)."""
-REFUSAL_SECONDS = 600.0
-"""How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
-REFUSAL_WRITE_SECONDS = 2.0
-"""The refusal's Lease is written within this, before the worker is answered; else it is known here only."""
-REFUSAL_SWEEP_MARGIN = 30.0
-"""A refusal's Lease goes with its pod once a listing of the queue's pods begun this long after the
-refusal misses that pod: room for the clocks of replicas to differ (see sweep_refusals)."""
-REFUSAL_SWEEP_MAX = 100
-"""Refusal Leases deleted by one sweep at most (all within API_TIMEOUT); the rest by the next."""
-
-
-class _Refused(NamedTuple):
-    monotonic: float
-    wall: float
-    why: str
-    written_at: float | None = None
-    """When (monotonic) its Lease was last written: /start refusing the pod again soon writes none."""
-    lease_uid: str = ""
-    """Of its Lease, to delete that very one with its pod."""
-    queue_name: str = ""
-
-
-class PodListing(NamedTuple):
-    """A queue's pods as the supervisor last listed them: which queue (its uid), when the listing
-    began (wall clock), and the pods' names."""
-
-    queue_uid: str
-    at: float
-    pods: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -282,13 +243,12 @@ class Registry:
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
-        self._refusals: dict[tuple[str, str, str], _Refused] = {}
-        """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
-        queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
-        its pods the same."""
-        self._refusal_writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
-        self.writes = 0
-        """Lease writes made (creates, renewals, deletions), for the metrics."""
+        self._calls = leasecalls.LeaseCalls(client)
+        """The API-server calls that write Leases, and the count of those writes."""
+        self.refusals = refusals.Refusals(
+            client=client, calls=self._calls, workers_of=lambda queue: self._by_queue.get(queue, {}).values(),
+            spawn=self._spawn, clock=clock, monotonic=monotonic)
+        """The pods whose worker /start turned away (see Refusals.start_refused)."""
         self.heartbeats = 0
         self.rejoined = 0
         """Workers registered again from a heartbeat (see rejoin), for the metrics."""
@@ -312,7 +272,7 @@ class Registry:
 
     def lease_upserted(self, body: dict[str, Any]) -> None:
         if is_refusal(body):
-            self.refusal_seen(body)
+            self.refusals.seen(body)
             return
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -514,7 +474,7 @@ class Registry:
     async def _list_leases(self, queue: QueueObject) -> list[dict[str, Any]]:
         listed = await self._client.request("GET", resources.leases_path(queue.namespace),
                                             params={"labelSelector": queue_selector(queue.name)},
-                                            timeout=API_TIMEOUT)
+                                            timeout=leasecalls.API_TIMEOUT)
         return list(listed.get("items") or [])
 
     def live_count(self, queue: QueueKey) -> int:
@@ -524,6 +484,11 @@ class Registry:
     @property
     def total(self) -> int:
         return len(self._workers)
+
+    @property
+    def writes(self) -> int:
+        """Lease writes made (creates, renewals, deletions), for the metrics."""
+        return self._calls.writes
 
     # --- registering ------------------------------------------------------------------------------
 
@@ -749,7 +714,7 @@ class Registry:
             body = lease_body(worker, queue_name=queue.name)
             claimed = self._claiming[key] = asyncio.get_running_loop().create_future()
             try:
-                stored = await (self._create(body) if holder is None else
+                stored = await (self._calls.create(body) if holder is None else
                                 self._replace(body, holder, expired_only=not gone and (
                                     pod is None or holder.pod != pod)))
                 if stored is None and holder is None:
@@ -766,7 +731,7 @@ class Registry:
                     return own
                 continue  # somebody else was faster: try the next slot
             worker.stored, worker.dirty, worker.written_at = True, False, self._monotonic()
-            worker.version = _version(stored)
+            worker.version = leasecalls.version(stored)
             if holder is not None:
                 self._taken_over(holder)
             self._add(worker)
@@ -878,7 +843,7 @@ class Registry:
             return
         path = f"{resources.leases_path(queue.namespace)}/{lease_name(queue.name, worker_id)}"
         try:
-            found = await self._client.request("GET", path, timeout=API_TIMEOUT)
+            found = await self._client.request("GET", path, timeout=leasecalls.API_TIMEOUT)
         except client_.ApiError as exc:
             if exc.not_found:
                 return
@@ -886,141 +851,6 @@ class Registry:
         held = worker_from_lease(found, seen_at=self._clock())
         if held is not None and held.queue_uid == queue.uid and held.worker_id == worker_id:
             self.lease_upserted(found)
-
-    async def start_refused(self, queue: QueueObject, pod: str, why: str, *, wait: bool = True) -> None:
-        """/start turned away the worker of a pod the operator made. That worker exits 1 and never
-        retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
-        ready queue, the API server unavailable), not a crash of the worker, and must not count
-        towards the queue's crash loop (see workers.plan).
-
-        Remembered here, and written to a Lease (within REFUSAL_WRITE_SECONDS) before the worker is
-        answered, so before its pod fails: the replica that supervises pods may be another one, or
-        restart meanwhile. Without `wait` (the API server failing already) it is written meanwhile."""
-        key = (queue.namespace, pod, queue.uid)
-        known = self._refusals.get(key)
-        now = self._monotonic()
-        written_at, lease_uid = (known.written_at, known.lease_uid) if known is not None else (None, "")
-        self._remember_refusal(key, _Refused(now, self._clock(), why, written_at, lease_uid, queue.name))
-        # Once per pod and half a refusal period, one write at a time: a pod token presented in a
-        # loop, or by many callers at once, makes no more writes.
-        if written_at is not None and now - written_at < REFUSAL_SECONDS / 2:
-            return
-        task = self._refusal_writes.get(key)
-        if task is None:
-            task = self._refusal_writes[key] = asyncio.create_task(self._write_refusal(queue, pod, why))
-            task.add_done_callback(lambda _: self._refusal_writes.pop(key, None))
-        if wait:
-            await asyncio.shield(task)  # a caller that leaves does not cut the write short
-
-    async def _write_refusal(self, queue: QueueObject, pod: str, why: str) -> None:
-        key = (queue.namespace, pod, queue.uid)
-        body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=self._clock(), why=why),
-                                  queue_name=queue.name)
-        path = f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}"
-        try:
-            async with asyncio.timeout(REFUSAL_WRITE_SECONDS):
-                created = await self._create(body)
-                if created is None:
-                    # An earlier record of this pod's, or of a namesake queue's pod: made anew. A Lease
-                    # of that name that is no such record is someone else's.
-                    existing = await self._client.request("GET", path, timeout=REFUSAL_WRITE_SECONDS)
-                    if not is_refusal(existing):
-                        logger.warning("the Lease %s/%s is in the way of a refusal record; it is known to this "
-                                       "replica only", queue.namespace, body["metadata"]["name"])
-                        return
-                    await resources.delete_exact(self._client, path, existing["metadata"]["uid"])
-                    created = await self._create(body)
-        except client_.ERRORS as exc:  # a timeout too
-            logger.warning("recording the refusal of pod %s/%s failed, known to this replica only: %s",
-                           queue.namespace, pod, type(exc).__name__ if not str(exc) else exc)
-            return
-        current = self._refusals.get(key)
-        if created is not None and current is not None:
-            self._refusals[key] = current._replace(written_at=self._monotonic(),
-                                                   lease_uid=(created.get("metadata") or {}).get("uid", ""))
-
-    def _remember_refusal(self, key: tuple[str, str, str], refused: _Refused) -> None:
-        self._refusals.pop(key, None)
-        self._refusals[key] = refused
-        if len(self._refusals) > REFUSALS_KEPT:
-            del self._refusals[next(iter(self._refusals))]
-
-    def refusal_seen(self, body: dict[str, Any]) -> None:
-        """A refusal's Lease, written here or by another replica: brought by the watch, or read by the
-        supervisor before the watch brought it. Any other Lease is left out."""
-        refusal = refusal_from_lease(body)
-        if refusal is None:
-            return
-        key = (refusal.queue[0], refusal.pod, refusal.queue_uid)
-        age = max(0.0, self._clock() - refusal.at)
-        known = self._refusals.get(key)
-        if age > REFUSAL_SECONDS:
-            # Its pod went without the supervisor (deleted by someone else): seen again by a relist.
-            meta = body["metadata"]
-            self._spawn(self._delete_refusal(f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                             meta.get("uid", "")))
-            return
-        if known is not None and known.wall >= refusal.at:
-            if not known.lease_uid:
-                self._refusals[key] = known._replace(lease_uid=body["metadata"].get("uid", ""))
-            return
-        # Not once its pod's worker registered after it (a Lease seen again by a relist).
-        if any(w.pod == refusal.pod and w.queue_uid == refusal.queue_uid and w.registered_at > refusal.at
-               for w in self._by_queue.get(refusal.queue, {}).values()):
-            return
-        written = self._monotonic() - age
-        uid = body["metadata"].get("uid", "")
-        self._remember_refusal(key, _Refused(written, refusal.at, refusal.why, written, uid, refusal.queue[1]))
-
-    async def _delete_refusal(self, path: str, uid: str) -> None:
-        try:
-            await resources.delete_exact(self._client, path, uid)
-        except client_.ERRORS as exc:
-            logger.debug("deleting the expired refusal %s failed: %s", path, exc)
-
-    def refusal_lease(self, queue: QueueObject, pod: str) -> str:
-        """The uid of the Lease recording a refusal of this pod's worker, as known here ("": none)."""
-        found = self._refusals.get((queue.namespace, pod, queue.uid))
-        return found.lease_uid if found is not None else ""
-
-    def refusal(self, queue: QueueObject, pod: str) -> str:
-        """Why /start last turned away this pod's worker ("": it did not, or registered it since, as
-        this replica knows)."""
-        found = self._refusals.get((queue.namespace, pod, queue.uid))
-        # An expired one is kept until sweep_refusals deletes its Lease: forgotten, it would stay for good.
-        if found is None or self._monotonic() - found.monotonic > REFUSAL_SECONDS:
-            return ""
-        return found.why
-
-    async def sweep_refusals(self, listing: Callable[[QueueKey], PodListing | None]) -> int:
-        """Deletes the refusal Leases that nothing else would: those of pods deleted without the
-        supervisor (by a user, say), and expired ones. The active replica's, from its resync;
-        `listing` gives a queue's pods as last listed there (None: not listed). How many it deleted."""
-        now, stale = self._monotonic(), []
-        for key, refused in self._refusals.items():
-            namespace, pod, queue_uid = key
-            listed = listing((namespace, refused.queue_name))
-            gone = (listed is not None and listed.queue_uid == queue_uid and pod not in listed.pods
-                    and listed.at - refused.wall > REFUSAL_SWEEP_MARGIN)
-            if (gone or now - refused.monotonic > REFUSAL_SECONDS) and key not in self._refusal_writes:
-                stale.append((key, refused))
-                if len(stale) == REFUSAL_SWEEP_MAX:
-                    break
-        deleted = 0
-        try:
-            # All within one bound, and none after a failure: the resync that calls it waits meanwhile.
-            async with asyncio.timeout(API_TIMEOUT):
-                for key, refused in stale:
-                    if refused.lease_uid:
-                        path = f"{resources.leases_path(key[0])}/{refusal_lease_name(key[1])}"
-                        await resources.delete_exact(self._client, path, refused.lease_uid)
-                        deleted += 1
-                    if self._refusals.get(key) is refused:
-                        del self._refusals[key]
-        except client_.ERRORS as exc:  # a timeout too: the rest are tried again by the next sweep
-            logger.warning("deleting refusal records failed after %d of %d: %s", deleted, len(stale),
-                           type(exc).__name__ if not str(exc) else exc)
-        return deleted
 
     def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of a queue's workers whose pod is no longer alive."""
@@ -1199,9 +1029,9 @@ class Registry:
         heartbeat_written = worker.heartbeats_here > 0
         try:
             if not worker.stored:
-                created = await self._create(body)
+                created = await self._calls.create(body)
                 if created is not None:
-                    worker.version = _version(created)
+                    worker.version = leasecalls.version(created)
                     if worker.worker_id not in self._workers:
                         # Ended (a disconnect, its pod gone, expired) while this create was in flight,
                         # and not deleted then, there being no Lease yet: nobody else would.
@@ -1211,12 +1041,12 @@ class Registry:
                                                    on_purpose=ended is not None and ended.on_purpose)
                         return False
                 # Written already by a replica its heartbeat reached: newer, unless one reached us too.
-                elif heartbeat_written and not await self._patch(worker, body):
+                elif heartbeat_written and not await self._renew(worker, body):
                     # The Lease in the way was deleted meanwhile (its expired registration's): made anew.
                     worker.dirty = True
                     return False
                 self._stored(worker)
-            elif not await self._patch(worker, body):
+            elif not await self._renew(worker, body):
                 if self._workers.get(worker.worker_id) is worker:  # the watch has not told already
                     # Deleted meanwhile by the other replica. A heartbeat was just heard here, so it
                     # is taken for an expiry there (the worker may come back); judged by that
@@ -1246,7 +1076,7 @@ class Registry:
             # A disconnect's goes first: its worker waits for it, and other replicas free its slot
             # once they see it. The rest (a sweep's, thousands after an outage) a few at a time.
             async with contextlib.nullcontext() if why == "disconnected" else self._deleting:
-                deleted = await self._delete(worker, unless_renewed=why.startswith("no heartbeat"),
+                deleted = await self._calls.delete(worker, unless_renewed=why.startswith("no heartbeat"),
                                              mark=why if on_purpose else None)
         except client_.ERRORS as exc:
             cause = type(exc).__name__ if not str(exc) else exc
@@ -1282,59 +1112,32 @@ class Registry:
         if again is None or (again.namespace, again.lease) != (worker.namespace, worker.lease):
             self._spawn(self._delete_quietly(worker, why, on_purpose=on_purpose, wait=wait, tries=tries))
 
-    # --- API-server calls -------------------------------------------------------------------------
+    # --- API-server writes that the registry's memory decides (the calls: leasecalls.py) -----------
 
-    async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The created Lease, or None if one of that name exists."""
-        self.writes += 1
-        try:
-            return await self._client.request("POST", resources.leases_path(body["metadata"]["namespace"]),
-                                              body=body, timeout=API_TIMEOUT)
-        except client_.ApiError as exc:
-            if exc.already_exists:
-                return None
-            raise
+    async def _renew(self, worker: Worker, body: dict[str, Any]) -> bool:
+        """Writes a renewal over the Lease version known here (see LeaseCalls.renew); False if the Lease
+        is gone. A worker whose slot another worker took meanwhile is let go."""
+        renewal = await self._calls.renew(worker, body)
+        if renewal is leasecalls.Renewal.TAKEN and self._workers.get(worker.worker_id) is worker:
+            self._taken_over(worker)  # its slot went to another worker meanwhile
+        return renewal is not leasecalls.Renewal.GONE
 
     async def _take_unknown(self, body: dict[str, Any], *, created_at: float) -> dict[str, Any] | None:
         """Takes over a slot whose Lease exists but is held by no worker known here, if that holder
         has expired: one passed over as a worker's earlier slot (see lease_upserted), left by a delete
         that a restart ended, would otherwise keep its slot taken for good."""
-        current = await self._read_lease(body)
+        current = await self._calls.read(body)
         if current is None:  # deleted since the create met it: free again
-            return await self._create(body)
+            return await self._calls.create(body)
         if left_by_another_queue(current, body, created_at=created_at):
             # Its queue deleted and this one made under its name: the garbage collector deletes the
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
-            return await self._overwrite(body, current)
+            return await self._calls.overwrite(body, current)
         found = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
         if found is None:
             return None  # not a registration: not ours to take
         return await self._replace(body, found, expired_only=True, current=current)
-
-    async def _overwrite(self, body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
-        """Writes `body` over the Lease as it was read; None if it changed meanwhile."""
-        meta = body["metadata"]
-        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-        self.writes += 1
-        try:
-            return await self._client.request("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                              body=body, timeout=API_TIMEOUT)
-        except client_.ApiError as exc:
-            if exc.conflict or exc.not_found:
-                return None
-            raise
-
-    async def _read_lease(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The Lease of `body`'s name as the API server holds it now; None if there is none."""
-        meta = body["metadata"]
-        try:
-            return await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                              timeout=API_TIMEOUT)
-        except client_.ApiError as exc:
-            if exc.not_found:
-                return None
-            raise
 
     async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool,
                        current: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -1342,107 +1145,23 @@ class Registry:
         if the Lease shows a renewal that keeps its holder alive (written by the other replica, which
         heard a heartbeat the watch has not brought here yet). `current`: the Lease just read, if so."""
         if current is None:
-            current = await self._read_lease(body)
+            current = await self._calls.read(body)
             if current is None:
                 # Deleted by the other replica (its holder expired there, or left), and this replica's
                 # watch has not told yet: the slot is free.
-                return await self._create(body)
+                return await self._calls.create(body)
         stored = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
         if stored is None or stored.worker_id != holder.worker_id:
             return None
         if expired_only and not stored.expired(self._clock()):
             self.lease_upserted(current)  # what the watch will bring: the holder is alive
             return None
-        return await self._overwrite(body, current)
-
-    async def _patch(self, worker: Worker, body: dict[str, Any]) -> bool:
-        """Writes a renewal over the Lease version known here; False if the Lease is gone.
-
-        Both replicas write the renewals of the heartbeats they hear: one written since by the other
-        replica (the watch has not brought it yet) is read first. A later renewal there stays (the
-        watch brings it here); an older one is written over; a slot another worker took is let go."""
-        spec = body["spec"]
-        patch = {"metadata": {"annotations": body["metadata"]["annotations"]},
-                 "spec": {"renewTime": spec["renewTime"], "holderIdentity": worker.worker_id,
-                          "leaseDurationSeconds": spec["leaseDurationSeconds"]}}
-        path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
-        retried = False
-        while True:
-            if worker.version:
-                patch["metadata"]["resourceVersion"] = worker.version
-            self.writes += 1
-            try:
-                written = await self._client.request("PATCH", path, body=patch, content_type=client_.MERGE_PATCH,
-                                                     timeout=API_TIMEOUT)
-            except client_.ApiError as exc:
-                if exc.not_found:
-                    return False
-                if not exc.conflict or retried:
-                    raise  # twice changed meanwhile: again after the writer's retry delay
-                try:
-                    current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-                except client_.ApiError as again:
-                    if again.not_found:
-                        return False
-                    raise
-                stored = worker_from_lease(current, seen_at=0.0)
-                if stored is None or stored.worker_id != worker.worker_id:
-                    if self._workers.get(worker.worker_id) is worker:
-                        self._taken_over(worker)  # its slot went to another worker meanwhile
-                    return True
-                worker.version = stored.version
-                if not later(worker.renewed_at, stored.renewed_at):
-                    return True  # a renewal at least as recent is there
-                retried = True
-                continue
-            worker.version = _version(written)
-            return True
-
-    async def _delete(self, worker: Worker, *, unless_renewed: bool = False, mark: str | None = None) -> bool:
-        """Deletes the worker's Lease if it still holds it; False if it was gone already. With
-        `unless_renewed` (it expired here), not if a heartbeat renewed it elsewhere since: the watch
-        brings that renewal, and the worker is registered again from it. With `mark` (its worker's
-        life ended), the Lease says so first (ENDED_ANNOTATION), for the replicas that see it go."""
-        path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
-        attempt = 0
-        while True:
-            attempt += 1
-            self.writes += 1
-            try:
-                current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-                stored = worker_from_lease(current, seen_at=0.0)
-                if stored is None or stored.worker_id != worker.worker_id:
-                    return False  # a slot another worker holds now
-                if unless_renewed and later(stored.renewed_at, worker.renewed_at):
-                    return False
-                if mark is not None and not ended_on_purpose(current):
-                    self.writes += 1
-                    current = await self._client.request(
-                        "PATCH", path, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT,
-                        body={"metadata": {"resourceVersion": current["metadata"]["resourceVersion"],
-                                           "annotations": {ENDED_ANNOTATION: mark}}})
-                await self._client.request(
-                    "DELETE", path, timeout=API_TIMEOUT,
-                    body={"kind": "DeleteOptions", "apiVersion": "v1",
-                          "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
-            except client_.ApiError as exc:
-                if exc.not_found:
-                    return False
-                if exc.conflict and attempt < DELETE_ATTEMPTS:
-                    continue  # written since it was read (a renewal in flight): read again
-                raise  # made again later by the caller: a Lease left behind would hold its slot
-            return True
+        return await self._calls.overwrite(body, current)
 
     # --- memory -----------------------------------------------------------------------------------
 
     def _add(self, worker: Worker) -> None:
-        if worker.pod is not None and self._refusals:
-            key = (worker.namespace, worker.pod, worker.queue_uid)
-            refused = self._refusals.get(key)
-            # Registered after all, by a /start after the refusal; not the Lease of the very claim that
-            # was answered 503 for taking too long, which the watch may bring after it.
-            if refused is not None and worker.registered_at > refused.wall:
-                del self._refusals[key]
+        self.refusals.registered(worker)
         previous = self._workers.get(worker.worker_id)
         if previous is not None:
             self._unfile(previous)
@@ -1586,10 +1305,6 @@ def _uncount(uids: collections.Counter[str], uid: str) -> None:
     uids[uid] -= 1
     if uids[uid] <= 0:
         del uids[uid]
-
-
-def _version(body: Mapping[str, Any]) -> str:
-    return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def _left_until(deadline: float | None) -> float:

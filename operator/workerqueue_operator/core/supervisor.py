@@ -30,7 +30,8 @@ from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.queues import QueueKey, QueueObject, SecretName
 from workerqueue_operator.core.reconciler import Conflicts, queue_ref_body
-from workerqueue_operator.core.registry import PodListing, Registry
+from workerqueue_operator.core.refusals import PodListing
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.core.workqueue import WorkQueue, together
 from workerqueue_operator.k8s import client as client_
@@ -228,7 +229,7 @@ class Supervisor:
                     self._queue.add(key)
                 if self._registry is not None:
                     # Refusal records whose pod went without the supervisor (deleted by a user).
-                    await self._registry.sweep_refusals(self._listed.get)
+                    await self._registry.refusals.sweep(self._listed.get)
 
     # --- the reconcile --------------------------------------------------------------------------
 
@@ -266,10 +267,11 @@ class Supervisor:
             # watch has not brought yet (behind the pod watch, or not synced after a restart) is read.
             # Only until its failure is counted: a failed pod kept for its logs would cost a read a pass.
             counted = set(self._base(queue)[0].counted)
+            refusals = self._registry.refusals
             for pod in parsed:
-                if pod.phase == "Failed" and pod.name not in counted and not self._registry.refusal(queue, pod.name):
+                if pod.phase == "Failed" and pod.name not in counted and not refusals.why(queue, pod.name):
                     await self._read_refusal(queue, pod.name)
-            parsed = [dataclasses.replace(pod, refused=why) if (why := self._registry.refusal(queue, pod.name))
+            parsed = [dataclasses.replace(pod, refused=why) if (why := refusals.why(queue, pod.name))
                       else pod for pod in parsed]
         previous, version = self._base(queue)
         listing = PodListing(queue.uid, listed_at, frozenset(p["metadata"]["name"] for p in pods))
@@ -545,7 +547,7 @@ class Supervisor:
             if exc.not_found:
                 return
             raise
-        self._registry.refusal_seen(body)
+        self._registry.refusals.seen(body)
 
     async def _delete_pod(self, queue: QueueObject, name: str) -> None:
         """Deletes a worker pod, the record of its refusal at /start if any, and its token Secret; a
@@ -562,7 +564,7 @@ class Supervisor:
     async def _revoke(self, queue: QueueObject, name: str) -> None:
         """Deletes what a worker pod that has ended held: the record of its refusal at /start, if any,
         and its token Secret, if the operator made it for this queue."""
-        refusal = self._registry.refusal_lease(queue, name) if self._registry is not None else ""
+        refusal = self._registry.refusals.lease_uid(queue, name) if self._registry is not None else ""
         if refusal:
             path = f"{resources.leases_path(queue.namespace)}/{leases.refusal_lease_name(name)}"
             try:

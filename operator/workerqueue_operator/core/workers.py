@@ -258,7 +258,7 @@ class Pod:
     hostname: str = ""
     """Its `spec.hostname` ("": none, see host)."""
     refused: str = ""
-    """Why /start turned its worker away, as the registry knows ("": it did not; see Registry.start_refused)."""
+    """Why /start turned its worker away, as the registry knows ("": it did not; see Refusals.start_refused)."""
     pending_reason: str = ""
     """What a Pending pod waits for, lasting or not ("ContainerCreating", "Unschedulable", ...)."""
     pending_message: str = ""
