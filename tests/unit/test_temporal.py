@@ -480,6 +480,107 @@ async def test_a_crons_earlier_runs_leave_the_view_as_closed_ones_do_and_a_chain
         await access.close()
 
 
+def patch_chains(monkeypatch: pytest.MonkeyPatch, scans: dict[str, list[_Run]]) -> list[str]:
+    """Visibility lists `scans["tq"]` for the task queue and `scans[<id>]` for `WorkflowId="<id>"`;
+    every holder is known. Returns the queries made."""
+    queries: list[str] = []
+
+    async def scan(self: Temporal, client: Any, endpoint: Any, query: str, *,
+                   limit: int | None = None) -> AsyncIterator[_Run]:
+        queries.append(query)
+        for run in scans.get("tq" if query.startswith("TaskQueue") else query.split('"')[1], []):
+            yield run
+
+    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("every holder is known")
+
+    patch_listing(monkeypatch, [], read)
+    monkeypatch.setattr(Temporal, "_scan", scan)
+    return queries
+
+
+def holding(access: Temporal, endpoint: Endpoint, *held: tuple[_Run, str]) -> None:
+    for run, host in held:
+        access._holders[(endpoint.host, endpoint.namespace, run.id, run.run_id)] = _Holder(
+            f"1@{host}", rfc3339(run.start_time))
+
+
+def shown(found: list[Execution], pod: str) -> list[tuple[str, str]]:
+    return [(e["id"], e["status"]) for e in executions.worker_view(found, hostname=pod)]
+
+
+NOW = datetime.datetime.now(datetime.UTC)
+AGO = datetime.timedelta
+
+
+async def test_a_first_execution_continued_as_new_stays_in_view_while_its_worker_runs_a_later_one(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # pod-b's first, W, continued as new in a run pod-a took, which ended 10 minutes ago; pod-b runs Y.
+    # Past the chain's end, W left pod-b's view, and Y took its place: pod-b waited for W until its give-up.
+    r1 = _Run("W", "r1", S.CONTINUED_AS_NEW, "T", NOW - AGO(hours=2), NOW - AGO(hours=1))
+    r2 = _Run("W", "r2", S.COMPLETED, "T", NOW - AGO(hours=1), NOW - AGO(minutes=10))
+    y = _Run("Y", "y1", S.RUNNING, "T", NOW - AGO(minutes=50), None)
+    others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
+              for i in range(3)]
+    patch_chains(monkeypatch, {"tq": [y, *others, r2, r1]})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (r1, "pod-b"), (r2, "pod-a"), (y, "pod-b"), *((o, "pod-x") for o in others))
+    try:
+        found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+        assert shown(found, "pod-b") == [("W", "running")]  # its first, while it runs Y
+        assert shown(found, "pod-a") == []  # its part ended long ago
+    finally:
+        await access.close()
+
+
+async def test_a_chain_found_by_its_workflow_id_shows_its_end_to_the_worker_that_took_its_first_run(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # A replica whose scan no longer holds pod-b's run r1 found it by listing W's runs; once the chain
+    # ended, W was no longer listed so, and pod-b never saw it end.
+    r1 = _Run("W", "r1", S.CONTINUED_AS_NEW, "T", NOW - AGO(hours=2), NOW - AGO(hours=1))
+    r2 = _Run("W", "r2", S.RUNNING, "T", NOW - AGO(hours=1), None)
+    others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
+              for i in range(3)]
+    scans = {"tq": [r2, *others], "W": [r2, r1]}
+    queries = patch_chains(monkeypatch, scans)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (r1, "pod-b"), (r2, "pod-a"), *((o, "pod-x") for o in others))
+    access._continuing[(endpoint.host, endpoint.namespace, "W", "r2")] = "r1"  # as r2's history said
+    try:
+        assert shown(await access.executions(endpoint, "tq", limit=2, taken_first=True), "pod-b") == [
+            ("W", "running")]
+        ended = r2._replace(status=S.COMPLETED, close_time=datetime.datetime.now(datetime.UTC))
+        scans["tq"], scans["W"] = [ended, *others], [ended, r1]
+        for _ in range(2):  # its two confirming polls
+            found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+            assert shown(found, "pod-b") == [("W", "completed")] == shown(found, "pod-a")
+        assert queries.count('WorkflowId="W"') == 1  # listed once, kept
+    finally:
+        await access.close()
+
+
+async def test_a_later_execution_continued_on_another_worker_keeps_none_waiting(monkeypatch: pytest.MonkeyPatch):
+    # pod-b's first, X, completed; pod-b also took V, which goes on in a run pod-c took: pod-b's part of
+    # V is over, and it was kept waiting for V for hours (its give-up).
+    x = _Run("X", "x1", S.COMPLETED, "T", NOW - AGO(minutes=30), NOW - AGO(minutes=20))
+    v1 = _Run("V", "v1", S.CONTINUED_AS_NEW, "T", NOW - AGO(minutes=25), NOW - AGO(minutes=24))
+    v2 = _Run("V", "v2", S.RUNNING, "T", NOW - AGO(minutes=24), None)
+    patch_chains(monkeypatch, {"tq": [v2, x, v1]})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (x, "pod-b"), (v1, "pod-b"), (v2, "pod-c"))
+    try:
+        found = await access.executions(endpoint, "tq", limit=100, taken_first=True)
+        assert shown(found, "pod-b") == [("X", "completed")]
+        assert shown(found, "pod-c") == [("V", "running")]
+    finally:
+        await access.close()
+
+
 async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.MonkeyPatch):
     # A scaling probe stamps its reading with its own start: joined to a listing begun earlier (by
     # another queue on the task queue, or a worker's poll), its reading was older than it said, and

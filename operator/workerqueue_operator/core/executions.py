@@ -95,7 +95,9 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
     # worker's: until it is read, what the worker holds is not told finished, or it would exit with
     # that one still running.
     unread = any(e.holder_unread and e.status == "running" for e in executions)
-    if unread or any(e.status == "running" for e in held):
+    # One it took that continued as new runs on (its status), but on whichever worker took the next
+    # run: as its first, it is what this worker waits for; as a later one, its part of it is over.
+    if unread or any(e.status == "running" and (e is first or not e.continued) for e in held):
         entry["status"] = "running"
         entry["completed_at"] = None
     elif entry["status"] == "cancelled":

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import itertools
 import logging
@@ -26,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from temporalio.api.common.v1 import WorkflowExecution as ProtoExecution
-from temporalio.api.enums.v1 import EventType, PendingActivityState, TaskQueueKind, TaskQueueType
+from temporalio.api.enums.v1 import (
+    ContinueAsNewInitiator,
+    EventType,
+    PendingActivityState,
+    TaskQueueKind,
+    TaskQueueType,
+)
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
     DescribeTaskQueueRequest,
@@ -68,11 +75,14 @@ HOLDER_QUEUES_SECONDS = 600.0
 HOLDER_CACHE_MOST = 200_000
 """...and never more than this many (~640 B each, ~125 MiB): 10,000 polled task queues would otherwise
 keep 1.5 million (~1 GiB). Past ~1,300 polled task queues, holders are read again more often instead."""
-CHAIN_LIMIT = 100
+CHAIN_LIMIT = 50
 """Earlier runs of a workflow listed to find a worker's run in (continued as new more than this often,
 the first ones are left out)."""
-CHAINS_KEPT = 10_000
-"""Running workflows whose earlier runs are remembered (LRU): they never change."""
+CHAINS_KEPT = 1_000
+"""Workflows whose earlier runs are remembered (LRU; at most ~20 MiB): they never change."""
+_CHAIN_LISTINGS = 8
+"""Chain listings under way at once, over all endpoints: a visibility store is rate-limited (10 a
+second by default), and every worker's listing needs it."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
 """Concurrent history reads per task queue, those a listing left running included."""
@@ -175,6 +185,8 @@ class Execution:
     delayed: bool = False
     """Nobody can take it yet: its first workflow task waits for its time (cron, a start delay, a
     retry's back-off). It waits for no worker meanwhile."""
+    continued: bool = False
+    """This run continued as new: its worker's part is over; `status` is the run its chain ends in."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -286,11 +298,13 @@ class Temporal:
         """History reads waiting or under way, by run: a listing joins one a listing before it left."""
         self._begun: set[asyncio.Future[_Holder]] = set()
         """Those of the reads whose history has been asked for: a fresh listing joins none of them."""
-        self._continuing: collections.OrderedDict[tuple[str, str, str, str], None] = collections.OrderedDict()
-        """Runs whose history says they go on from an earlier run (LRU): read once, taken or not."""
+        self._continuing: collections.OrderedDict[tuple[str, str, str, str], str] = collections.OrderedDict()
+        """Runs whose history says they continue an earlier run as new -> its run id (LRU, used ones kept)."""
         self._chains: collections.OrderedDict[tuple[str, str, str, str], tuple[_Run, ...]] = (
             collections.OrderedDict())
-        """(host, namespace, workflow id, run id) of a running run -> the runs of its workflow before it."""
+        """(host, namespace, workflow id, run id) of a workflow's newest run -> its runs before it."""
+        self._chain_listings: dict[tuple[str, str, str, str], asyncio.Task[None]] = {}
+        """Chain listings under way, by newest run: a listing joins one that a listing before it left."""
         self._lines: dict[tuple[str, str, str], _Line] = {}
         """(host, namespace, task queue) -> its runs waiting for a read, while any wait or are read."""
         self._readers: set[asyncio.Task[None]] = set()
@@ -404,7 +418,8 @@ class Temporal:
         """Cancel what runs, then close and drop every client."""
         clients = list(self._clients.values())
         tasks: list[asyncio.Future[Any]] = [t for t, _ in self._listings.values()] + list(clients)
-        tasks += [*self._readers, *self._reads.values()]
+        tasks += [*self._readers, *self._reads.values(), *self._chain_listings.values()]
+        self._chain_listings.clear()
         self._reads.clear()
         self._lines.clear()
         self._listings.clear()
@@ -625,6 +640,7 @@ class Temporal:
                 holder_unread=h is None,
                 untaken_at=h.untaken_at if h is not None else None,
                 delayed=h is not None and not h.scheduled,
+                continued=wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW,
             )
             for wf, h in zip(runs, holders, strict=True)
             for ended in (goes_on.get((wf.id, wf.run_id), wf),)
@@ -633,86 +649,112 @@ class Temporal:
     def _workers_runs(self, endpoint: Endpoint, newest: dict[str, _Run], runs_of: dict[str, dict[str, _Run]],
                       limit: int) -> tuple[list[_Run], set[tuple[str, str]], dict[tuple[str, str], _Run]]:
         """What workers are shown (see executions, `taken_first`): the runs, those of them not to keep
-        cached by being shown, and the continued-as-new ones among them -> the run their chain ends in."""
-        going = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING]
-        # Every running one the scan found: a worker holding a closed one and a running one left out
-        # would be told it finished. Holders not read in time keep finished workers waiting.
-        # The earlier runs of a workflow (retried, its id used again, continued as new) are closed
-        # ones like the others: the worker that took one holds that execution, though another worker
-        # took the next run, and waits for it to end (left out, it saw nothing until its give-up).
-        closed = sorted((wf for wf in itertools.chain.from_iterable(r.values() for r in runs_of.values())
+        cached by being shown, and the continued-as-new ones among them -> the run their chain ends in.
+
+        Every running one the scan found (a worker holding a closed one and a running one left out
+        would be told it finished), and the `limit` closed last, a workflow's earlier runs among them
+        (the worker that took one holds that execution, though another worker took the next run).
+        Past those, a closed run is shown
+        - continued as new, while the run its chain ends in runs or ended lately: its worker waits for
+          the execution to end (its holder read if not known: another replica read it running);
+        - of a worker that runs another one, or closed one lately: its first execution is what it
+          waits for, and its later ones must not take that one's place in its view;
+        - closed lately, its holder known: more than `limit` closing between a worker's two
+          confirming polls took its own out of its view, and it waited until its give-up."""
+        going = sorted((wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING), key=_start_key)
+        closed = sorted((wf for runs in runs_of.values() for wf in runs.values()
                          if wf.status != WorkflowExecutionStatus.RUNNING or wf is not newest[wf.id]),
                         key=_close_key, reverse=True)
         recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
-        # A continued-as-new run's execution goes on: it shows the status of the run its chain ends
-        # in (not of a later execution under the same id), past the `limit` closed last too while that
-        # runs or ended lately, its holder read if not known (another replica read it running).
-        ends = {(wf.id, wf.run_id): _chain_end(wf, runs_of[wf.id]) for wf in closed
-                if wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW}
-        chained = [wf for wf in closed[max(limit, 0):] if (end := ends.get((wf.id, wf.run_id))) is not None
-                   and (end.status in (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW)
-                        or _close_key(end)[0] >= recent)]
-        # Past the `limit` closed last, those closed lately whose holder is known already (no read to
-        # make): a worker waits for its own to read closed on two polls in a row, and more than
-        # `limit` closing between them took it out of its view, leaving it waiting until its give-up.
-        # And, however long ago, those of a worker that runs another one still, or closed one lately:
-        # its first execution is what it waits for, and its later ones must not take that one's place
-        # in its view (nor, once the last closes, leave it none to see closed).
-        lately = itertools.takewhile(lambda wf: _close_key(wf)[0] >= recent, closed)
-        busy_hosts = {host_of(held.identity) for wf in itertools.chain(going, lately, chained)
-                      if (held := self._cached_holder(endpoint, wf)) is not None} - {None}
-        older: list[_Run] = []
-        untouched = set()
-        for wf in closed[max(limit, 0):]:
+        ends = _chain_ends(runs_of)
+
+        def lately(wf: _Run) -> bool:
+            return _close_key(wf)[0] >= recent
+
+        def goes_on(wf: _Run) -> bool:
+            end = ends.get((wf.id, wf.run_id))
+            return end is not None and (end.status in _NOT_OVER or lately(end))
+
+        def host(wf: _Run) -> str | None:
             held = self._cached_holder(endpoint, wf)
-            if held is None or held.identity is None or (wf.id, wf.run_id) in ends:
+            return host_of(held.identity) if held is not None else None
+
+        tail = closed[max(limit, 0):]
+        busy = {host(wf) for wf in itertools.chain(going, itertools.takewhile(lately, closed), filter(goes_on, tail))}
+        shown: list[_Run] = []
+        untouched = set()
+        for wf in tail:
+            if goes_on(wf):
+                shown.append(wf)
+            elif (held_by := host(wf)) is None:
                 continue
-            if host_of(held.identity) in busy_hosts:
-                older.append(wf)  # kept cached while its worker works: few, needed until it exits
-            elif _close_key(wf)[0] >= recent:
-                older.append(wf)
+            elif held_by in busy:
+                shown.append(wf)  # kept cached while its worker works: few, needed until it exits
+            elif lately(wf):
+                shown.append(wf)
                 # Shown, never kept cached by being shown: else each listing kept them all, up to the scan.
                 untouched.add((wf.id, wf.run_id))
-        runs = sorted(going, key=_start_key) + closed[: max(limit, 0)] + older + chained
-        return runs, untouched, {key: end for key, end in ends.items() if key in {(wf.id, wf.run_id) for wf in runs}}
+        runs = going + closed[: max(limit, 0)] + shown
+        return runs, untouched, {key: ends[key] for wf in runs if (key := (wf.id, wf.run_id)) in ends}
 
     async def _add_chains(self, client: Client, endpoint: Endpoint, newest: dict[str, _Run],
                           runs_of: dict[str, dict[str, _Run]], *, deadline: float | None) -> None:
-        """Adds to `runs_of` the earlier runs of each running workflow that goes on from one (its holder
-        read says so): the run a worker took may have left the scan since (a busy task queue closes
-        more than it reads), and its holder with it. Listed once per newest run, by workflow id."""
-        wanted = [wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING
-                  and (endpoint.host, endpoint.namespace, wf.id, wf.run_id) in self._continuing]
-        missing = [wf for wf in wanted if (endpoint.host, endpoint.namespace, wf.id, wf.run_id) not in self._chains]
-        if missing:
+        """Adds to `runs_of` the earlier runs of each workflow whose newest run continued an earlier one
+        as new (its history read says so), while it runs or ended lately: the run a worker took may
+        have left the scan since (a busy task queue closes more than a scan reads), and its holder
+        with it. Listed once per newest run, by workflow id, a few at a time; one not listed within
+        a quarter of the timeout goes on for the next listing."""
+        recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
+        wanted: list[tuple[tuple[str, str, str, str], _Run]] = []
+        for wf in newest.values():
+            key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
+            if key in self._continuing and (wf.status in _NOT_OVER or _close_key(wf)[0] >= recent):
+                self._continuing.move_to_end(key)
+                wanted.append((key, wf))
+        listings = []
+        for key, wf in wanted:
+            if key in self._chains:
+                continue
+            listing = self._chain_listings.get(key)
+            if listing is None and len(self._chain_listings) < _CHAIN_LISTINGS:
+                listing = self._chain_listings[key] = asyncio.get_running_loop().create_task(
+                    self._chain(client, endpoint, wf, self._continuing[key]))
+                listing.add_done_callback(functools.partial(self._chain_listed, key))
+            if listing is not None:
+                listings.append(listing)
+        if listings:
             loop = asyncio.get_running_loop()
-            # A short part of the listing's time: its holder reads come after.
             wait = self._timeout / 4 if deadline is None else min(self._timeout / 4, deadline - loop.time())
-            listings = [asyncio.ensure_future(self._chain(client, endpoint, wf)) for wf in missing]
-            try:
-                await asyncio.wait(listings, timeout=max(wait, 0.0))
-            finally:
-                for listing in listings:
-                    listing.cancel()  # not in time: asked again at the next listing
-                await asyncio.gather(*listings, return_exceptions=True)
-        for wf in wanted:
-            chain = self._chains.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+            if wait > 0:
+                await asyncio.wait(listings, timeout=wait)  # waits only: they go on
+        for key, wf in wanted:
+            chain = self._chains.get(key)
             if chain is not None:
-                self._chains.move_to_end((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+                self._chains.move_to_end(key)
                 for run in chain:
                     runs_of[wf.id].setdefault(run.run_id, run)
 
-    async def _chain(self, client: Client, endpoint: Endpoint, wf: _Run) -> None:
-        """The runs of `wf`'s workflow id before it (closed for good), at most CHAIN_LIMIT, cached."""
+    def _chain_listed(self, key: tuple[str, str, str, str], listing: asyncio.Task[None]) -> None:
+        if self._chain_listings.get(key) is listing:
+            del self._chain_listings[key]
+
+    async def _chain(self, client: Client, endpoint: Endpoint, wf: _Run, predecessor: str) -> None:
+        """Lists the runs of `wf`'s workflow id before it (closed for good), at most CHAIN_LIMIT, and
+        keeps them once the visibility store has recorded `predecessor` (the run it continues) closed."""
         query = f'WorkflowId="{_quote(wf.id)}"'
+        self._hold(client)  # its connection stays open for the listing, though the client be let go
         try:
-            earlier = [run async for run in self._scan(client, endpoint, query, limit=CHAIN_LIMIT)
-                       if run.run_id != wf.run_id and _start_key(run) < _start_key(wf)]
+            async with asyncio.timeout(self._timeout):
+                earlier = [run async for run in self._scan(client, endpoint, query, limit=CHAIN_LIMIT)
+                           if run.run_id != wf.run_id and _start_key(run) < _start_key(wf)]
         except Exception as e:  # one chain not listed is one worker's view a listing later, not a failure
             logger.debug("listing the runs of %s failed: %s", wf.id, type(e).__name__)
             return
-        if any(run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier):
-            return  # the visibility store behind (its close not recorded yet): listed again next time
+        finally:
+            self._release(client)
+        if predecessor not in {run.run_id for run in earlier} or any(
+                run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier):
+            return  # the visibility store behind (a close not recorded yet): listed again next time
         key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
         self._chains[key] = tuple(earlier)
         while len(self._chains) > CHAINS_KEPT:
@@ -861,7 +903,8 @@ class Temporal:
             return cached
         asked_at = time.time()  # what the history tells held then at the latest
         found = _Holder(None, None)
-        scheduled = continues = False
+        scheduled = False
+        continues = ""  # the run it continues as new, if it does
         token = b""
         while True:
             page = await client.workflow_service.get_workflow_execution_history(
@@ -875,10 +918,11 @@ class Temporal:
             )
             scheduled = scheduled or any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
                                          for e in page.history.events)
-            continues = continues or any(
-                e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
-                and bool(e.workflow_execution_started_event_attributes.continued_execution_run_id)
-                for e in page.history.events)
+            continues = continues or next(
+                (started.continued_execution_run_id for e in page.history.events
+                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
+                 and (started := e.workflow_execution_started_event_attributes).initiator
+                 == ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_WORKFLOW), "")
             event = next((e for e in page.history.events
                           if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
             if event is not None:
@@ -888,8 +932,8 @@ class Temporal:
             token = page.next_page_token
             if not token:
                 break
-        if continues:  # its earlier runs are listed (see _add_chains)
-            self._continuing[key] = None
+        if continues:  # its earlier runs are listed (see _add_chains); not a retry's, nor a cron's
+            self._continuing[key] = continues
             while len(self._continuing) > CHAINS_KEPT:
                 self._continuing.popitem(last=False)
         # A run nobody took yet may still be taken; a closed one, or one with a holder, is settled.
@@ -902,16 +946,21 @@ class Temporal:
         return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled)
 
 
-def _chain_end(wf: _Run, runs: dict[str, _Run]) -> _Run:
-    """The run a continued-as-new run's chain ends in (or has got to): runs of one workflow id never
-    overlap, so each one's successor is the next by start time."""
-    later = sorted((run for run in runs.values() if _start_key(run) > _start_key(wf)), key=_start_key)
-    end = wf
-    for run in later:
-        if end.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
-            break
-        end = run
-    return end
+_NOT_OVER = (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW, None)
+
+
+def _chain_ends(runs_of: dict[str, dict[str, _Run]]) -> dict[tuple[str, str], _Run]:
+    """Each continued-as-new run -> the run its chain ends in (or has got to so far). Runs of one
+    workflow id never overlap, so each one's successor is the next by start time: one walk back."""
+    ends: dict[tuple[str, str], _Run] = {}
+    for runs in runs_of.values():
+        goes_to: _Run | None = None
+        for run in sorted(runs.values(), key=_start_key, reverse=True):
+            if run.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                goes_to = ends[(run.id, run.run_id)] = goes_to or run
+            else:
+                goes_to = run
+    return ends
 
 
 def _start_key(wf: Any) -> tuple[datetime.datetime, str]:
