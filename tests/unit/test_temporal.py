@@ -563,6 +563,48 @@ async def test_a_chain_found_by_its_workflow_id_shows_its_end_to_the_worker_that
         await access.close()
 
 
+async def test_a_chain_found_by_its_workflow_id_stays_in_view_past_its_end_while_its_worker_runs_another(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Found only by listing W's runs (out of the scan), pod-b's first run left the listing a minute
+    # after W ended, while pod-b ran Y: Y took its place, and pod-b waited for W until its give-up.
+    r1 = _Run("W", "r1", S.CONTINUED_AS_NEW, "T", NOW - AGO(hours=2), NOW - AGO(hours=1))
+    r2 = _Run("W", "r2", S.COMPLETED, "T", NOW - AGO(hours=1), NOW - AGO(minutes=10))
+    y = _Run("Y", "y1", S.RUNNING, "T", NOW - AGO(minutes=50), None)
+    others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
+              for i in range(3)]
+    queries = patch_chains(monkeypatch, {"tq": [y, r2, *others], "W": [r2, r1]})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (r1, "pod-b"), (r2, "pod-a"), (y, "pod-b"), *((o, "pod-x") for o in others))
+    access._continuing[(endpoint.host, endpoint.namespace, "W", "r2")] = "r1"
+    try:
+        for _ in range(2):
+            found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+            assert shown(found, "pod-b") == [("W", "running")]  # its first, while it runs Y
+        assert queries.count('WorkflowId="W"') == 1
+    finally:
+        await access.close()
+
+
+async def test_a_chain_whose_first_run_is_past_retention_is_listed_once(monkeypatch: pytest.MonkeyPatch):
+    # The run it continues never listed again (deleted at the namespace's retention): taken for the
+    # visibility store being behind, W was listed by id at every listing, ~1 a second, and a few such
+    # workflows used up the visibility store's rate limit that every worker's listing needs.
+    r2 = _Run("W", "r2", S.RUNNING, "T", NOW - AGO(days=2), None)
+    queries = patch_chains(monkeypatch, {"tq": [r2], "W": [r2]})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (r2, "pod-a"))
+    access._continuing[(endpoint.host, endpoint.namespace, "W", "r2")] = "r1"
+    try:
+        for _ in range(3):
+            await access.executions(endpoint, "tq", limit=2, taken_first=True)
+        assert queries.count('WorkflowId="W"') == 1
+    finally:
+        await access.close()
+
+
 async def test_a_later_execution_continued_on_another_worker_keeps_none_waiting(monkeypatch: pytest.MonkeyPatch):
     # pod-b's first, X, completed; pod-b also took V, which goes on in a run pod-c took: pod-b's part of
     # V is over, and it was kept waiting for V for hours (its give-up).

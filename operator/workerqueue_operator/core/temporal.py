@@ -78,10 +78,15 @@ keep 1.5 million (~1 GiB). Past ~1,300 polled task queues, holders are read agai
 CHAIN_LIMIT = 50
 """Earlier runs of a workflow listed to find a worker's run in (continued as new more than this often,
 the first ones are left out)."""
-CHAINS_KEPT = 1_000
-"""Workflows whose earlier runs are remembered (LRU; at most ~20 MiB): they never change."""
+CHAINED_RUNS_KEPT = 50_000
+"""Earlier runs remembered over all workflows (LRU by workflow; ~20 MiB): they never change."""
+CONTINUING_KEPT = 100_000
+"""Runs remembered to continue an earlier one as new (LRU, ~200 B each): past this, a workflow whose
+entry went is not listed by id again (its run's holder stays cached, its history is not read again)."""
+CHAIN_SETTLE_SECONDS = 60.0
+"""A run this old whose predecessor the visibility store does not list (past retention) is listed no more."""
 _CHAIN_LISTINGS = 8
-"""Chain listings under way at once, over all endpoints: a visibility store is rate-limited (10 a
+"""Chain listings under way at once per Temporal namespace: a visibility store is rate-limited (10 a
 second by default), and every worker's listing needs it."""
 _HISTORY_PAGE = 32  # the first WorkflowTaskStarted is normally event 3
 _HISTORY_READS = 8
@@ -300,9 +305,10 @@ class Temporal:
         """Those of the reads whose history has been asked for: a fresh listing joins none of them."""
         self._continuing: collections.OrderedDict[tuple[str, str, str, str], str] = collections.OrderedDict()
         """Runs whose history says they continue an earlier run as new -> its run id (LRU, used ones kept)."""
-        self._chains: collections.OrderedDict[tuple[str, str, str, str], tuple[_Run, ...]] = (
+        self._chains: collections.OrderedDict[tuple[str, str, str], tuple[str, tuple[_Run, ...]]] = (
             collections.OrderedDict())
-        """(host, namespace, workflow id, run id) of a workflow's newest run -> its runs before it."""
+        """(host, namespace, workflow id) -> (the run listed for, the closed runs before it)."""
+        self._chained_runs = 0
         self._chain_listings: dict[tuple[str, str, str, str], asyncio.Task[None]] = {}
         """Chain listings under way, by newest run: a listing joins one that a listing before it left."""
         self._lines: dict[tuple[str, str, str], _Line] = {}
@@ -699,27 +705,28 @@ class Temporal:
 
     async def _add_chains(self, client: Client, endpoint: Endpoint, newest: dict[str, _Run],
                           runs_of: dict[str, dict[str, _Run]], *, deadline: float | None) -> None:
-        """Adds to `runs_of` the earlier runs of each workflow whose newest run continued an earlier one
-        as new (its history read says so), while it runs or ended lately: the run a worker took may
-        have left the scan since (a busy task queue closes more than a scan reads), and its holder
-        with it. Listed once per newest run, by workflow id, a few at a time; one not listed within
-        a quarter of the timeout goes on for the next listing."""
-        recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
-        wanted: list[tuple[tuple[str, str, str, str], _Run]] = []
-        for wf in newest.values():
-            key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
-            if key in self._continuing and (wf.status in _NOT_OVER or _close_key(wf)[0] >= recent):
-                self._continuing.move_to_end(key)
-                wanted.append((key, wf))
+        """Adds to `runs_of` the earlier runs of each workflow known to go on from one (its newest run
+        continued an earlier one as new, its history read says so): the run a worker took may have
+        left the scan since (a busy task queue closes more than a scan reads), and its holder with it.
+        Listed by workflow id once per run that continues one, a few at a time per namespace; one not
+        listed within a quarter of the timeout goes on for the next listing. Kept, they are added
+        while the workflow is in the scan: `_workers_runs` decides what is shown."""
         listings = []
-        for key, wf in wanted:
-            if key in self._chains:
+        for wf in newest.values():
+            run_key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
+            predecessor = self._continuing.get(run_key)
+            if predecessor is None:
                 continue
-            listing = self._chain_listings.get(key)
-            if listing is None and len(self._chain_listings) < _CHAIN_LISTINGS:
-                listing = self._chain_listings[key] = asyncio.get_running_loop().create_task(
-                    self._chain(client, endpoint, wf, self._continuing[key]))
-                listing.add_done_callback(functools.partial(self._chain_listed, key))
+            self._continuing.move_to_end(run_key)
+            kept = self._chains.get(run_key[:3])
+            if kept is not None and kept[0] == wf.run_id:
+                continue  # listed since this run began
+            listing = self._chain_listings.get(run_key)
+            if listing is None and sum(1 for k in self._chain_listings if k[:2] == run_key[:2]) < _CHAIN_LISTINGS:
+                self._hold(client)  # its connection stays open for the listing, though the client be let go
+                listing = self._chain_listings[run_key] = asyncio.get_running_loop().create_task(
+                    self._chain(client, endpoint, wf, predecessor))
+                listing.add_done_callback(functools.partial(self._chain_listed, run_key, client))
             if listing is not None:
                 listings.append(listing)
         if listings:
@@ -727,22 +734,23 @@ class Temporal:
             wait = self._timeout / 4 if deadline is None else min(self._timeout / 4, deadline - loop.time())
             if wait > 0:
                 await asyncio.wait(listings, timeout=wait)  # waits only: they go on
-        for key, wf in wanted:
-            chain = self._chains.get(key)
-            if chain is not None:
-                self._chains.move_to_end(key)
-                for run in chain:
-                    runs_of[wf.id].setdefault(run.run_id, run)
+        for workflow_id in runs_of:
+            kept = self._chains.get((endpoint.host, endpoint.namespace, workflow_id))
+            if kept is not None:
+                self._chains.move_to_end((endpoint.host, endpoint.namespace, workflow_id))
+                for run in kept[1]:
+                    runs_of[workflow_id].setdefault(run.run_id, run)
 
-    def _chain_listed(self, key: tuple[str, str, str, str], listing: asyncio.Task[None]) -> None:
+    def _chain_listed(self, key: tuple[str, str, str, str], client: Client, listing: asyncio.Task[None]) -> None:
+        self._release(client)
         if self._chain_listings.get(key) is listing:
             del self._chain_listings[key]
 
     async def _chain(self, client: Client, endpoint: Endpoint, wf: _Run, predecessor: str) -> None:
         """Lists the runs of `wf`'s workflow id before it (closed for good), at most CHAIN_LIMIT, and
-        keeps them once the visibility store has recorded `predecessor` (the run it continues) closed."""
+        keeps them once the visibility store has recorded `predecessor` (the run it continues) closed,
+        or once the run is older than CHAIN_SETTLE_SECONDS (its predecessor past retention, say)."""
         query = f'WorkflowId="{_quote(wf.id)}"'
-        self._hold(client)  # its connection stays open for the listing, though the client be let go
         try:
             async with asyncio.timeout(self._timeout):
                 earlier = [run async for run in self._scan(client, endpoint, query, limit=CHAIN_LIMIT)
@@ -750,15 +758,19 @@ class Temporal:
         except Exception as e:  # one chain not listed is one worker's view a listing later, not a failure
             logger.debug("listing the runs of %s failed: %s", wf.id, type(e).__name__)
             return
-        finally:
-            self._release(client)
-        if predecessor not in {run.run_id for run in earlier} or any(
-                run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier):
+        behind = predecessor not in {run.run_id for run in earlier} or any(
+            run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier)
+        age = datetime.datetime.now(datetime.UTC) - _start_key(wf)[0]
+        if behind and age.total_seconds() < CHAIN_SETTLE_SECONDS:
             return  # the visibility store behind (a close not recorded yet): listed again next time
-        key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
-        self._chains[key] = tuple(earlier)
-        while len(self._chains) > CHAINS_KEPT:
-            self._chains.popitem(last=False)
+        key = (endpoint.host, endpoint.namespace, wf.id)
+        old = self._chains.pop(key, None)
+        runs = tuple(run for run in earlier if run.status not in (WorkflowExecutionStatus.RUNNING, None))
+        self._chained_runs += len(runs) - (len(old[1]) if old is not None else 0)
+        self._chains[key] = (wf.run_id, runs)
+        while self._chained_runs > CHAINED_RUNS_KEPT and len(self._chains) > 1:
+            _, (_, dropped) = self._chains.popitem(last=False)
+            self._chained_runs -= len(dropped)
 
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
               join: bool = True) -> asyncio.Future[_Holder]:
@@ -934,7 +946,7 @@ class Temporal:
                 break
         if continues:  # its earlier runs are listed (see _add_chains); not a retry's, nor a cron's
             self._continuing[key] = continues
-            while len(self._continuing) > CHAINS_KEPT:
+            while len(self._continuing) > CONTINUING_KEPT:
                 self._continuing.popitem(last=False)
         # A run nobody took yet may still be taken; a closed one, or one with a holder, is settled.
         if found.identity is not None or closed:
