@@ -513,16 +513,23 @@ NOW = datetime.datetime.now(datetime.UTC)
 AGO = datetime.timedelta
 
 
-async def test_a_first_execution_continued_as_new_stays_in_view_while_its_worker_runs_a_later_one(
-    monkeypatch: pytest.MonkeyPatch,
-):
-    # pod-b's first, W, continued as new in a run pod-a took, which ended 10 minutes ago; pod-b runs Y.
-    # Past the chain's end, W left pod-b's view, and Y took its place: pod-b waited for W until its give-up.
+def chain_ended_while_its_worker_runs_another() -> tuple[_Run, _Run, _Run, list[_Run]]:
+    """pod-b's first, W (its run r1), continued as new in r2, pod-a's, which ended 10 minutes ago;
+    pod-b runs Y; three more closed since (out of a listing with room for 2)."""
     r1 = _Run("W", "r1", S.CONTINUED_AS_NEW, "T", NOW - AGO(hours=2), NOW - AGO(hours=1))
     r2 = _Run("W", "r2", S.COMPLETED, "T", NOW - AGO(hours=1), NOW - AGO(minutes=10))
     y = _Run("Y", "y1", S.RUNNING, "T", NOW - AGO(minutes=50), None)
     others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
               for i in range(3)]
+    return r1, r2, y, others
+
+
+async def test_a_first_execution_continued_as_new_stays_in_view_while_its_worker_runs_a_later_one(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # pod-b's first, W, continued as new in a run pod-a took, which ended 10 minutes ago; pod-b runs Y.
+    # Past the chain's end, W left pod-b's view, and Y took its place: pod-b waited for W until its give-up.
+    r1, r2, y, others = chain_ended_while_its_worker_runs_another()
     patch_chains(monkeypatch, {"tq": [y, *others, r2, r1]})
     access = Temporal(timeout=1.0, coalesce=0.0)
     endpoint = Endpoint(host="t:7233", namespace="n")
@@ -568,11 +575,7 @@ async def test_a_chain_found_by_its_workflow_id_stays_in_view_past_its_end_while
 ):
     # Found only by listing W's runs (out of the scan), pod-b's first run left the listing a minute
     # after W ended, while pod-b ran Y: Y took its place, and pod-b waited for W until its give-up.
-    r1 = _Run("W", "r1", S.CONTINUED_AS_NEW, "T", NOW - AGO(hours=2), NOW - AGO(hours=1))
-    r2 = _Run("W", "r2", S.COMPLETED, "T", NOW - AGO(hours=1), NOW - AGO(minutes=10))
-    y = _Run("Y", "y1", S.RUNNING, "T", NOW - AGO(minutes=50), None)
-    others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
-              for i in range(3)]
+    r1, r2, y, others = chain_ended_while_its_worker_runs_another()
     queries = patch_chains(monkeypatch, {"tq": [y, r2, *others], "W": [r2, r1]})
     access = Temporal(timeout=1.0, coalesce=0.0)
     endpoint = Endpoint(host="t:7233", namespace="n")
