@@ -4,6 +4,7 @@ protocol-faithful test worker), the real Temporal dev server, the registry and /
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import secrets
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -108,6 +110,53 @@ async def test_a_pool_turns_over_one_worker_per_workflow(
         assert kube.workers(namespace, "pool")["succeeded"] == done
         assert len(before - set(kube.pod_names(namespace, "pool"))) == 1
         wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="the pool back to 3")
+
+
+async def taken_by(client: Client, workflow_id: str, run_id: str | None = None) -> str | None:
+    """The Temporal identity of the worker that took a run (the latest by default), None if none has."""
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    return next((e.workflow_task_started_event_attributes.identity for e in history.events
+                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
+
+
+async def run_hosts(client: Client, workflow_id: str) -> list[str]:
+    """The host of the worker that took each run of a workflow, first run first."""
+    hosts: list[tuple[datetime.datetime, str]] = []
+    async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'"):
+        identity = await taken_by(client, workflow_id, run.run_id)
+        hosts.append((run.start_time, identity.split("@", 1)[1] if identity else ""))
+    return [host for _, host in sorted(hosts)]
+
+
+async def test_every_worker_of_an_execution_that_goes_on_in_new_runs_waits_for_its_end(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    # Continued as new, an execution goes on in a new run that any worker of the pool may take: the
+    # worker of an earlier run that exited when its run closed would leave the pool one short while
+    # its execution runs on, and a run's worker shown another run would wait for the wrong one.
+    queue_id = f"chain-{namespace}"
+    kube.create_queue(namespace, "chain", **queue_spec(temporal, queue_id, replicas=2))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: registered_pods(kube, namespace) == {"chain-w0", "chain-w1"}, timeout=60,
+             what="2 workers registered")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    workflow_id = f"exec-{secrets.token_hex(4)}"
+    handle = await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 3, "continue_as_new": 3},
+                                         id=workflow_id, task_queue=queue_id)
+    ended = asyncio.ensure_future(asyncio.wait_for(handle.result(), 120))  # follows the runs to the last
+    while not ended.done():
+        assert kube.workers(namespace, "chain").get("succeeded", 0) == 0, await run_hosts(client, workflow_id)
+        assert set(kube.pod_names(namespace, "chain")) == {"chain-w0", "chain-w1"}
+        await asyncio.sleep(0.5)
+    assert ended.result() == "done"
+    hosts = await run_hosts(client, workflow_id)
+    assert len(hosts) == 4
+    # Each worker that took a run exits once the last run has completed; a worker that took none stays.
+    wait_for(lambda: kube.workers(namespace, "chain").get("succeeded") == len(set(hosts)), timeout=60,
+             what=f"the workers of {hosts} finished")
+    await asyncio.sleep(6)  # three more polls: a worker wrongly latched would have exited by now
+    assert kube.workers(namespace, "chain")["succeeded"] == len(set(hosts))
+    assert not set(hosts) & set(kube.pod_names(namespace, "chain"))
 
 
 def test_a_deleted_pods_worker_is_gone_at_once(
@@ -273,6 +322,61 @@ async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
                      what="burst-w0's execution over")
     # Terminated reads cancelled, shown to its worker as failed (core/executions.py): it exits on either.
     assert [(e["id"], e["status"]) for e in shown] == [(workflow_id, "failed")]
+
+
+async def test_a_worker_is_shown_nothing_while_more_run_than_a_listing_reads(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
+    # Its worker holds two executions; then 999 newer ones wait for workers: a listing reads 1,000
+    # (temporal.SCAN_LIMIT), so its first is left out. Shown its second, the worker would latch onto
+    # it and exit when it closed, its first still running on it; shown nothing, it keeps waiting.
+    queue_id = f"cut-{namespace}"
+    kube.create_queue(namespace, "cut", **queue_spec(temporal, queue_id))
+    mine = wait_for(lambda: kube.has_secret(namespace, "cut-w0-token") and kube.secret_value(
+        namespace, "cut-w0-token", "token"), what="cut-w0's token")
+    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+
+    def shown() -> list[tuple[str, str]]:
+        return [(e["id"], e["status"]) for e in operator.call("GET", path, mine).json()]
+
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=operator.url, api_key=mine, progress=workflows.Progress(),
+                                      log=lambda _: None)
+    first, second = (f"{name}-{secrets.token_hex(4)}" for name in ("first", "second"))
+    async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
+                      activities=[activities.run_execution], identity=f"{os.getpid()}@cut-w0"):
+        for workflow_id in (first, second):
+            await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 600}, id=workflow_id,
+                                        task_queue=queue_id)
+            for _ in range(100):
+                if await taken_by(client, workflow_id):
+                    break
+                await asyncio.sleep(0.2)
+            assert await taken_by(client, workflow_id) == f"{os.getpid()}@cut-w0"
+        wait_for(lambda: shown() == [(first, "running")], what="cut-w0's first execution")
+    newer = [f"newer-{i}-{first}" for i in range(999)]
+    turns = asyncio.Semaphore(32)
+
+    async def start(workflow_id: str) -> None:
+        async with turns:
+            await client.start_workflow("AgentExecutionWorkflow", {}, id=workflow_id, task_queue=queue_id)
+
+    async def terminate(workflow_id: str) -> None:
+        async with turns:
+            await client.get_workflow_handle(workflow_id).terminate("test")
+
+    try:
+        await asyncio.gather(*(start(w) for w in newer))
+        answers = [shown()]
+        while answers[-1] != []:
+            assert len(answers) < 120, answers[-5:]
+            await asyncio.sleep(0.5)
+            answers.append(shown())
+        assert {a for answer in answers for a in answer} <= {(first, "running")}, answers
+        await asyncio.gather(*(terminate(w) for w in newer))
+        # Closed, the newer ones are read after the running ones: its first is in the listing again.
+        wait_for(lambda: shown() == [(first, "running")], timeout=60, what="cut-w0's first again")
+    finally:
+        await asyncio.gather(*(terminate(w) for w in (first, second)), return_exceptions=True)
 
 
 def test_a_token_secret_missing_mid_rotation_leaves_running_workers_be(

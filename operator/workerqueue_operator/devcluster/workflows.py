@@ -5,7 +5,9 @@ Input (a JSON object, every key optional): `execution_id` (default: the workflow
 `patch_execution: true` (the activity first calls `PATCH /api/v1/executions/{id}` on the control
 plane, as the real worker's first activity does; a 404 there fails the workflow at once),
 `local_activity: true` (the activity runs as a local activity, inside the workflow's one workflow
-task on the worker that took it: what `WORKFLOWS_PER_WORKER` counts).
+task on the worker that took it: what `WORKFLOWS_PER_WORKER` counts), `continue_as_new: N` (after
+its activity the run continues as new N more times, each run with the same input otherwise: one
+execution over N + 1 runs, each taken by whichever worker polls first).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ async def _run(params: dict[str, Any] | None) -> str:
         start_to_close_timeout=datetime.timedelta(seconds=duration + 60),
         retry_policy=RetryPolicy(maximum_attempts=3),
     )
+    more = int(params.get("continue_as_new", 0))
+    if more > 0:
+        workflow.continue_as_new({**params, "continue_as_new": more - 1})
     return result
 
 
