@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -420,6 +421,23 @@ def test_defaults(helm: Helm):
     assert config["http_drain_seconds"] == 5 and pod["terminationGracePeriodSeconds"] == 30
     assert "public_url" not in config and "worker_image" not in config  # the operator's defaults apply
     assert "worker_pod_template" not in config
+
+
+@pytest.mark.parametrize("naming", ["release", "fullnameOverride"])
+def test_every_service_name_is_a_dns_label_however_long_the_release_name(helm: Helm, naming: str):
+    # Helm takes release names of up to 53 characters and truncates the full name to 63: a suffix
+    # added after that made a Service name the API server refuses (DNS-1035 labels: 63 at most).
+    scope = Scope(release="wq", namespace="wq-system", watched=("team-a", "team-b"))
+    values = option_values("everything", scope)
+    release = "agents-control-plane-production-eu-west-1-cluster-a"[:53]
+    if naming == "fullnameOverride":
+        values["fullnameOverride"] = "o" * 63
+        release = "wq"
+    docs = helm.template(values, release=release, namespace=scope.namespace)
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+    assert len(names) == 2
+    for name in names:
+        assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
 
 
 def test_names_of_digits_render_as_strings(helm: Helm):

@@ -297,6 +297,21 @@ def test_websocket_enabled_by_url_or_explicitly():
     assert queues.websocket_url_for("http://cp:80", "w1") == "ws://cp:80/api/v1/ws/workers/w1"
 
 
+def test_a_caller_not_given_a_websocket_goes_without_on_the_operators_route_too():
+    # The operator's route passes through queue and pod tokens only: a Kubernetes identity given it
+    # was refused at the handshake (401) and reconnected for the rest of its worker's life.
+    upstream = {"url": "https://cp.example", "apiKeySecretRef": {"name": "org", "key": "k"}}
+    for websocket in ({"enabled": True}, {"url": "wss://ws.example/x"}):
+        config = resolve(queue(websocket=websocket, upstream=upstream), {("team-a", "org"): {"k": "key"}}).config
+        given = json.loads(config.response_body(worker_id="w1", control_plane_url="http://op:8080"))
+        assert given["websocket_enabled"] is True and given["websocket_url"] is not None
+        withheld = json.loads(config.response_body(worker_id="w1", control_plane_url="http://op:8080",
+                                                    own_websocket=False))
+        assert (withheld["websocket_enabled"], withheld["websocket_url"]) == (False, None)
+        assert {k: v for k, v in withheld.items() if not k.startswith("websocket")} == {
+            k: v for k, v in given.items() if not k.startswith("websocket")}
+
+
 def test_suspended_queue_keeps_its_config_but_is_not_ready():
     r = resolve(queue(suspend=True))
     assert r.config is not None and r.config.suspended

@@ -246,14 +246,15 @@ def _query(request: web.Request) -> tuple[int, str] | web.Response:
     return limit, status
 
 
-async def _asking_worker(request: web.Request, caller: callers.Caller, resolution: Resolution
+async def _asking_worker(request: web.Request, caller: callers.Caller, resolution: Resolution, *, starts: bool
                          ) -> tuple[str, float | None, int | None] | web.Response | None:
     """(hostname, since, pid) of the worker that asks, None when none does (the whole queue is shown), or
     the answer to give at once. A pod's worker by its token; a Kubernetes identity's by the worker
     it registered in this queue. Several, or one without a hostname, cannot be told apart: none is
-    shown (`[]`), as for a queue token. An identity with none (a person, a tool) sees the whole queue,
-    unless its token is bound to a pod: that is a worker's (one whose registration expired in an
-    outage of the API server, say), which waits (`[]`) rather than take another's execution."""
+    shown (`[]`), as for a queue token. An identity with none sees the whole queue only if it may not
+    start workers there (`starts`) and its token is bound to no pod (a person, a tool with a read-only
+    Role): any other may be a worker whose registration expired (it heartbeats more slowly than
+    expected, the API server was away), which waits (`[]`) rather than take another's execution."""
     if caller.worker is not None:  # a pod's: its hostname is its own
         return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since, None
     identity = caller.identity
@@ -264,7 +265,7 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
     except client_.ERRORS as exc:
         return registry_unavailable(request, resolution.queue, exc)
     if not registered:
-        return None if identity.pod_uid is None else web.json_response([])
+        return None if identity.pod_uid is None and not starts else web.json_response([])
     if identity.pod_uid is not None:
         # All in its pod: the newest is the worker that asks (its container restarted since the others).
         registered = [max(registered, key=lambda w: w.since or 0.0)]
@@ -277,6 +278,31 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
             system_pid(registered[0].system_info))
 
 
+async def _executions_reader(request: web.Request, caller: callers.Caller
+                             ) -> tuple[Resolution, bool] | web.Response:
+    """The queue, and whether the caller may start workers on it, or the answer to give at once. A
+    Kubernetes identity RBAC allows to start workers there may read its executions as a worker (the
+    Role that lets a worker `/start` is enough); one allowed only to `get` the queue reads it all."""
+    resolution = request.app[STORE].serving(request.match_info["queue_id"])
+    if resolution is None:
+        return errors.detail(404, "Worker queue not found")
+    if caller.identity is None:
+        denied = await callers.authorize(request, caller, resolution, verb="get",
+                                         token_message="This token may not read this worker queue")
+        return denied or (resolution, True)
+    starts = await callers.allowed(request, caller, resolution, verb="create", subresource="start")
+    if isinstance(starts, web.Response):
+        return starts
+    if not starts:
+        reads = await callers.allowed(request, caller, resolution, verb="get")
+        if isinstance(reads, web.Response):
+            return reads
+        if not reads:
+            return errors.detail(403, f"{caller.identity.username} may neither create workerqueues/start nor get "
+                                      "workerqueues on this worker queue")
+    return resolution, starts
+
+
 async def list_executions(request: web.Request) -> web.Response:
     caller = await callers.authenticate(request)
     if isinstance(caller, web.Response):
@@ -285,9 +311,10 @@ async def list_executions(request: web.Request) -> web.Response:
     if isinstance(query, web.Response):
         return query
     limit, status = query
-    resolution = await _queue(request, caller, verb="get", message="This token may not read this worker queue")
-    if isinstance(resolution, web.Response):
-        return resolution
+    reader = await _executions_reader(request, caller)
+    if isinstance(reader, web.Response):
+        return reader
+    resolution, starts = reader
     target = resolution.temporal
     if target is None:  # its Temporal key missing, or no Temporal at all
         reason = resolution.problem.message if resolution.problem else "not resolved"
@@ -296,7 +323,7 @@ async def list_executions(request: web.Request) -> web.Response:
         # A queue token is shared: nothing tells which worker asks, and any execution listed could
         # make it exit (see core/executions.py). It sees none, so it never exits on another's work.
         return web.json_response([])
-    host = await _asking_worker(request, caller, resolution)
+    host = await _asking_worker(request, caller, resolution, starts=starts)
     if isinstance(host, web.Response):
         return host
     try:

@@ -320,21 +320,22 @@ class QueueConfig:
     10,000 queues each started a few times, and /start's p50 was not flat in the number of queues."""
 
     without_websocket_json: bytes | None = field(init=False, repr=False, compare=False)
-    """The same with the websocket off, for the callers the queue's own websocket URL is not given to."""
+    """The same with the websocket off, for the callers no websocket URL is given to."""
 
     def __post_init__(self) -> None:
         body = json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":"))
         object.__setattr__(self, "fields_json", body.encode())
         without = None
-        if self.websocket_enabled and self.websocket_url:
+        if self.websocket_enabled:
             without = json.dumps({**self.fields, "websocket_enabled": False}, separators=(",", ":")).encode()
         object.__setattr__(self, "without_websocket_json", without)
 
     def response_body(self, *, worker_id: str, control_plane_url: str, own_websocket: bool = True) -> bytes:
         """The 200 body: a JSON object with every field of the contract's WorkerStartResponse.
-        `own_websocket`: whether the queue's own websocket URL may be given. The worker sends its bearer
-        token to it, and a queue's author chooses it: a Kubernetes identity's token, which may open
-        other namespaces' queues (and the API server), must not go there. Such a caller goes without."""
+        `own_websocket`: whether a websocket URL may be given. The worker sends its bearer token to
+        it: a queue's own URL is its author's choice, and a Kubernetes identity's token, which may open
+        other namespaces' queues (and the API server), must not go there; the operator's own route
+        passes through only queue and pod tokens (api/passthrough.py). Such a caller goes without."""
         websocket_url = "null"
         fields_json = self.fields_json
         if self.without_websocket_json is not None and not own_websocket:
