@@ -20,6 +20,8 @@ import pytest
 
 from tests import standin
 from tests.integration.conftest import Http, Kube, OperatorProcess, http, wait_for
+from tests.integration.test_start import service_account_token
+from tests.integration.test_worker_life import pod_bound_token
 from tests.proxy import Proxy
 from workerqueue_operator.core import queues
 
@@ -95,6 +97,48 @@ def test_a_token_reaches_only_its_own_queues_upstream(operator: OperatorProcess,
     assert call(operator, "GET", "/api/v1/teams/t1", "not-a-token").status == 401
     assert http("GET", f"{operator.url}/api/v1/teams/t1").status == 401
     assert len(upstream.received) == seen  # none of them was forwarded
+
+
+def test_a_kubernetes_identitys_worker_reaches_the_upstream_of_the_queue_it_started_in(
+        operator: OperatorProcess, kube: Kube, namespace: str, upstream: standin.StandIn):
+    # Its activities call the control plane with its own token: refused, every execution's first
+    # PATCH was retried for the rest of its time, never run. Its calls name no queue: its registration does.
+    key_a, key_b = org_key(), org_key()
+    queue_with_upstream(kube, namespace, "ka", f"{upstream.url}/a", key_a)
+    queue_with_upstream(kube, namespace, "kb", f"{upstream.url}/b", key_b)
+    for queue in ("ka", "kb"):
+        kube.grant(namespace, f"{queue}-start", resource="workerqueues/start", verb="create", queue=queue,
+                   account="runner")
+    runner = service_account_token(kube, namespace, "runner")
+    in_a, in_b = (pod_bound_token(kube, namespace, "runner", pod) for pod in ("pod-a", "pod-b"))
+    path = "/api/v1/executions/e-1"
+    seen = len(upstream.received)
+    refused = call(operator, "PATCH", path, runner, body=b"{}")
+    assert refused.status == 403 and "no worker queue" in refused.json()["detail"]
+
+    started = operator.start_worker(f"ka-{namespace}", runner, {"system_info": {"hostname": "h1"}})
+    assert started.status == 200 and started.json()["websocket_enabled"] is False
+    for scheme in ("Bearer", "UserKey"):
+        got = echoed(call(operator, "PATCH", path, runner, scheme=scheme, body=b"{}"))
+        assert got["path_qs"] == f"/a{path}" and standin.header_values(got, "Authorization") == [f"{scheme} {key_a}"]
+        assert runner not in json.dumps(got)
+    # Registered in two queues, it cannot be told which one a call is for: none is guessed.
+    in_kb = operator.start_worker(f"kb-{namespace}", runner, {"system_info": {"hostname": "h2"}})
+    assert in_kb.status == 200
+    refused = call(operator, "PATCH", path, runner, body=b"{}")
+    assert refused.status == 403 and "2 worker queues" in refused.json()["detail"]
+    bye = call(operator, "POST", f"/api/v1/workers/{in_kb.json()['worker_id']}/disconnect", runner,
+               body=json.dumps({"reason": "shutdown", "exit_code": 0}).encode())
+    assert bye.status == 200
+    assert echoed(call(operator, "PATCH", path, runner, body=b"{}"))["path_qs"] == f"/a{path}"
+    # Tokens bound to their pods are one worker's each, whatever queues their ServiceAccount may open.
+    for token, queue, key, prefix in ((in_a, "ka", key_a, "/a"), (in_b, "kb", key_b, "/b")):
+        assert operator.start_worker(f"{queue}-{namespace}", token, {"system_info": {"hostname": queue}}).status == 200
+        got = echoed(call(operator, "GET", "/api/v1/teams/t1", token))
+        assert got["path_qs"] == f"{prefix}/api/v1/teams/t1" and standin.header_values(got, "Authorization") == [
+            f"Bearer {key}"]
+    assert call(operator, "GET", "/api/v1/teams/t1", "not-a-token").status == 401
+    assert len(upstream.received) == seen + 5
 
 
 def test_rotated_key_is_used_without_a_restart(operator: OperatorProcess, kube: Kube, namespace: str,

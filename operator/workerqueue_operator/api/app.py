@@ -352,7 +352,7 @@ def make_app(
     # /api/v1/<something>/ wins over this catch-all even when added after it (a unit test holds it).
     owned, owned_deletes = _owned(app)
     forwarder = passthrough.Passthrough(store=store, settings=settings, metrics=app[METRICS], owned=owned,
-                                        owned_deletes=owned_deletes)
+                                        owned_deletes=owned_deletes, registry=registry)
     app.cleanup_ctx.append(forwarder.session_context)
     app.on_shutdown.append(forwarder.close_websockets)
     app.router.add_route("*", passthrough.ROUTE, forwarder.handle)

@@ -73,6 +73,11 @@ async def authenticate(request: web.Request, *, starting: bool = False) -> Calle
     if workers.is_worker_token(token):  # made by the operator: maybe for a pod whose Secret is on its way
         found = await unseen_worker(request, token_digest, starting=starting)
         return found if isinstance(found, web.Response) else Caller(token_digest, worker=found)
+    return await kubernetes_caller(request, token, token_digest)
+
+
+async def kubernetes_caller(request: web.Request, token: str, token_digest: bytes) -> Caller | web.Response:
+    """The Kubernetes identity a token is (TokenReview), or the 401 (503) answer."""
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:

@@ -29,6 +29,7 @@ from yarl import URL
 
 from workerqueue_operator.api import callers, errors, metrics
 from workerqueue_operator.core import queues, workers
+from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.shares import Shares
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s.client import ABORT_CLOSED_TLS
@@ -196,6 +197,8 @@ class _Route:
     scheme: str
     key: queues.QueueKey
     token_digest: bytes
+    identity: str | None = None
+    """For a Kubernetes identity's worker: who it registered as (reviews.Identity.registrant)."""
 
 
 class _Reporter:
@@ -280,7 +283,7 @@ class Passthrough:
 
     def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics,
                  owned: Sequence[tuple[re.Pattern[str], str]] = (),
-                 owned_deletes: Sequence[re.Pattern[str]] = ()) -> None:
+                 owned_deletes: Sequence[re.Pattern[str]] = (), registry: Registry | None = None) -> None:
         self._owned = tuple(owned)
         """Paths the operator serves (pattern, the methods it allows there): another method is a 405
         with `Allow`, as aiohttp (and FastAPI) answer it, never a request passed through."""
@@ -289,6 +292,8 @@ class Passthrough:
         self._store = store
         self._settings = settings
         self._metrics = metrics
+        self._registry = registry
+        """Where a Kubernetes identity's worker is registered: without it, such callers are refused."""
         self._session: aiohttp.ClientSession | None = None
         self._websocket_session: aiohttp.ClientSession | None = None
         # The pool of a host is shared by every queue that names it: one team holding all of it (slow
@@ -415,10 +420,43 @@ class Passthrough:
             conflict = store.conflict_of_token(token_digest)
             if conflict is not None:
                 return errors.detail(409, conflict)
-            return errors.unauthorized("Invalid authentication credentials")
-        resolution = store.resolution(key)
+            if self._registry is None or workers.is_worker_token(token):
+                return errors.unauthorized("Invalid authentication credentials")
+            return await self._identity_route(request, scheme, token, token_digest)
+        return self._upstream_route(store.resolution(key), scheme, key, token_digest)
+
+    async def _identity_route(self, request: web.Request, scheme: str, token: str, token_digest: bytes
+                              ) -> _Route | web.Response:
+        """A Kubernetes identity's worker reaches the upstream of the one queue it is registered in (its
+        calls name no queue) while RBAC lets it start workers there. Its token may open many queues:
+        registered in several, none is guessed (a token bound to its pod is one pod's, one queue's)."""
+        caller = await callers.kubernetes_caller(request, token, token_digest)
+        if isinstance(caller, web.Response):
+            return caller
+        assert caller.identity is not None and self._registry is not None
+        identity = caller.identity
+        keys = self._registry.queues_registered_by(identity.registrant)
+        if len(keys) != 1:
+            where = "no worker queue" if not keys else f"{len(keys)} worker queues"
+            return errors.detail(403, f"{identity.username} has workers registered in {where}: a Kubernetes "
+                                      "identity reaches the upstream of the one queue its worker started in (give "
+                                      "each worker a token bound to its pod, or its queue's token)")
+        resolution = self._store.resolution(keys[0])
+        if resolution is None:
+            return errors.detail(404, "Not Found")
+        allowed = await callers.allowed(request, caller, resolution, verb="create", subresource="start")
+        if isinstance(allowed, web.Response):
+            return allowed
+        if not allowed:
+            return errors.detail(403, f"{identity.username} may not create workerqueues/start on the worker "
+                                      "queue its worker started in")
+        return self._upstream_route(resolution, scheme, keys[0], token_digest, identity=identity.registrant)
+
+    @staticmethod
+    def _upstream_route(resolution: queues.Resolution | None, scheme: str, key: queues.QueueKey,
+                        token_digest: bytes, *, identity: str | None = None) -> _Route | web.Response:
         if resolution is not None and resolution.upstream is not None:
-            return _Route(resolution.upstream, scheme, key, token_digest)
+            return _Route(resolution.upstream, scheme, key, token_digest, identity)
         problem = resolution.upstream_problem if resolution is not None else None
         if problem is not None:
             return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
@@ -427,7 +465,10 @@ class Passthrough:
     def _acts_for(self, route: _Route, worker_id: str) -> bool:
         """Whether the caller's token is the one /start gave `worker_id` for (api/app.py), or another
         token of the same queue for a worker that has no pod: the upstream takes whoever opens a
-        worker's websocket for that worker, with the queue's upstream key."""
+        worker's websocket for that worker, with the queue's upstream key. Never a Kubernetes identity's
+        (/start gives it no websocket)."""
+        if route.identity is not None:
+            return False
         credential = self._store.worker_credential(route.token_digest)
         resolution = self._store.resolution(route.key)
         keys = resolution.token_digests if resolution is not None else ()
@@ -436,7 +477,10 @@ class Passthrough:
 
     def _still_opens(self, route: _Route) -> bool:
         """Whether the token a long answer or a websocket was opened with still leads to its queue
-        (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut)."""
+        (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut); for a
+        Kubernetes identity, whether its worker is still registered there alone."""
+        if route.identity is not None:
+            return self._registry is not None and self._registry.queues_registered_by(route.identity) == [route.key]
         return self._store.queue_of_token(route.token_digest) == route.key
 
     async def _forward(self, request: web.Request, route: _Route, *, waited: float = 0.0) -> web.StreamResponse:

@@ -218,6 +218,9 @@ class Registry:
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
         self._uids: dict[QueueKey, collections.Counter[str]] = {}
         """Per queue name: the uids of its registrations (more than one: a namesake's are among them)."""
+        self._by_identity: dict[str, dict[str, Worker]] = {}
+        """Kubernetes identity (its registrant) -> its registrations by worker id, in every queue: its
+        calls to the pass-through name no queue (see queues_registered_by)."""
         self._by_lease: dict[tuple[str, str], str] = {}
         """(namespace, Lease name) -> worker id, of the workers whose Lease exists: a watch event
         names a Lease; a registration not written yet has no Lease to be named by."""
@@ -396,6 +399,16 @@ class Registry:
         """The live registrations a Kubernetes identity made in a queue."""
         now = self._clock()
         return [w for w in self._members(queue) if w.identity == identity and not w.expired(now)]
+
+    def queues_registered_by(self, identity: str) -> list[QueueKey]:
+        """The queues in which a Kubernetes identity has live registrations (not a namesake's)."""
+        now = self._clock()
+        found = set()
+        for worker in self._by_identity.get(identity, {}).values():
+            known = self._queue_of(worker.queue)
+            if not worker.expired(now) and (known is None or not namesakes(worker, known)):
+                found.add(worker.queue)
+        return sorted(found)
 
     async def write_now(self, worker: Worker) -> None:
         """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
@@ -1166,7 +1179,10 @@ class Registry:
         if previous is not None:
             self._unfile(previous)
             _uncount(self._by_namespace, previous.namespace)
+            self._unindex(previous)
         self._workers[worker.worker_id] = worker
+        if worker.identity is not None:
+            self._by_identity.setdefault(worker.identity, {})[worker.worker_id] = worker
         namespace = worker.queue[0]
         self._by_namespace[namespace] = self._by_namespace.get(namespace, 0) + 1
         members = self._by_queue.setdefault(worker.queue, {})
@@ -1218,6 +1234,7 @@ class Registry:
             return
         self._unfile(worker)
         _uncount(self._by_namespace, worker.namespace)
+        self._unindex(worker)
         self._unmark(worker)
         if worker.heartbeats_here:
             self._renewal_rate -= 1.0 / worker.interval
@@ -1231,6 +1248,13 @@ class Registry:
         if self._by_lease.get((worker.namespace, worker.lease)) == worker_id:
             del self._by_lease[(worker.namespace, worker.lease)]
         self._notify(worker.queue)
+
+    def _unindex(self, worker: Worker) -> None:
+        identity = worker.identity
+        registered = self._by_identity.get(identity) if identity is not None else None
+        if identity is not None and registered is not None and registered.pop(worker.worker_id, None) is not None \
+                and not registered:
+            del self._by_identity[identity]
 
     def _ended_elsewhere(self, worker: Worker, *, expired: bool | None = None) -> None:
         """Its Lease was deleted by another replica: on purpose (a disconnect, its pod gone) unless it
