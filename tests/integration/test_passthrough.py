@@ -17,13 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from kubernetes import client as k8s
 
 from tests import standin
 from tests.integration.conftest import Http, Kube, OperatorProcess, http, wait_for
 from tests.integration.test_start import service_account_token
 from tests.integration.test_worker_life import pod_bound_token
 from tests.proxy import Proxy
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import leases, queues
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -99,8 +100,8 @@ def test_a_token_reaches_only_its_own_queues_upstream(operator: OperatorProcess,
     assert len(upstream.received) == seen  # none of them was forwarded
 
 
-def test_a_kubernetes_identitys_worker_reaches_the_upstream_of_the_queue_it_started_in(
-        operator: OperatorProcess, kube: Kube, namespace: str, upstream: standin.StandIn):
+async def test_a_kubernetes_identitys_worker_reaches_the_upstream_of_the_queue_it_started_in(
+        operator: OperatorProcess, kube: Kube, namespace: str, other_namespace: str, upstream: standin.StandIn):
     # Its activities call the control plane with its own token: refused, every execution's first
     # PATCH was retried for the rest of its time, never run. Its calls name no queue: its registration does.
     key_a, key_b = org_key(), org_key()
@@ -113,15 +114,41 @@ def test_a_kubernetes_identitys_worker_reaches_the_upstream_of_the_queue_it_star
     in_a, in_b = (pod_bound_token(kube, namespace, "runner", pod) for pod in ("pod-a", "pod-b"))
     path = "/api/v1/executions/e-1"
     seen = len(upstream.received)
-    refused = call(operator, "PATCH", path, runner, body=b"{}")
-    assert refused.status == 403 and "no worker queue" in refused.json()["detail"]
-
     started = operator.start_worker(f"ka-{namespace}", runner, {"system_info": {"hostname": "h1"}})
     assert started.status == 200 and started.json()["websocket_enabled"] is False
+    refused = call(operator, "PATCH", path, in_a, body=b"{}")  # its worker has not started yet
+    assert refused.status == 403 and "no worker queue" in refused.json()["detail"]
     for scheme in ("Bearer", "UserKey"):
         got = echoed(call(operator, "PATCH", path, runner, scheme=scheme, body=b"{}"))
         assert got["path_qs"] == f"/a{path}" and standin.header_values(got, "Authorization") == [f"{scheme} {key_a}"]
         assert runner not in json.dumps(got)
+    # Registrations are Leases: whoever may write Leases in another namespace can write one naming
+    # this ServiceAccount, in a queue RBAC lets it start workers in. That must neither send its calls
+    # (an execution's data) to that queue's upstream nor lock it out of its own.
+    queue_with_upstream(kube, other_namespace, "kc", f"{upstream.url}/c", org_key())
+    kube.rbac.create_namespaced_role(other_namespace, k8s.V1Role(
+        metadata=k8s.V1ObjectMeta(name="start-kc"), rules=[k8s.V1PolicyRule(
+            api_groups=["agentcontrol.dev"], resources=["workerqueues/start"], verbs=["create"])]))
+    kube.rbac.create_namespaced_role_binding(other_namespace, k8s.V1RoleBinding(
+        metadata=k8s.V1ObjectMeta(name="start-kc"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="start-kc"),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name="runner", namespace=namespace)]))
+    kc = kube.get_queue(other_namespace, "kc")
+    now = time.time()
+    forged = leases.Worker(worker_id="forged", queue=(other_namespace, "kc"), queue_uid=kc["metadata"]["uid"],
+                           queue_id=f"kc-{other_namespace}", lease="kc-forged", duration=600, registered_at=now,
+                           renewed_at=now, seen_at=now, identity=f"system:serviceaccount:{namespace}:runner")
+    kube.coordination.create_namespaced_lease(other_namespace, leases.lease_body(forged, queue_name="kc"))
+    kc_token = kube.queue_token(other_namespace, "kc")
+    wait_for(lambda: "forged" in {w["id"] for w in operator.call(
+        "GET", f"/api/v1/worker-queues/kc-{other_namespace}/workers", kc_token).json()}, what="the forged Lease seen")
+    assert echoed(call(operator, "PATCH", path, runner, body=b"{}"))["path_qs"] == f"/a{path}"
+    # No websocket: /start gives it none, and none is opened for it on any path.
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused_ws:
+            await session.ws_connect(f"{operator.url}/api/v1/ws/anything",
+                                     headers={"Authorization": f"Bearer {runner}"})
+        assert refused_ws.value.status == 403
     # Registered in two queues, it cannot be told which one a call is for: none is guessed.
     in_kb = operator.start_worker(f"kb-{namespace}", runner, {"system_info": {"hostname": "h2"}})
     assert in_kb.status == 200
@@ -138,7 +165,7 @@ def test_a_kubernetes_identitys_worker_reaches_the_upstream_of_the_queue_it_star
         assert got["path_qs"] == f"{prefix}/api/v1/teams/t1" and standin.header_values(got, "Authorization") == [
             f"Bearer {key}"]
     assert call(operator, "GET", "/api/v1/teams/t1", "not-a-token").status == 401
-    assert len(upstream.received) == seen + 5
+    assert len(upstream.received) == seen + 6
 
 
 def test_rotated_key_is_used_without_a_restart(operator: OperatorProcess, kube: Kube, namespace: str,

@@ -24,7 +24,7 @@ from tests import standin
 from tests.unit import apps
 from tests.unit.factories import UID, queue
 from workerqueue_operator.api import passthrough
-from workerqueue_operator.core import queues
+from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
@@ -1056,3 +1056,29 @@ async def test_a_pods_token_not_seen_yet_is_held_as_at_start_not_refused(monkeyp
         watching[0] = True
         unknown = await client.get("/api/v1/executions/e-1", headers=pod)  # after the lag: no such pod
         assert unknown.status == 401
+
+
+async def test_an_unknown_token_costs_no_review_while_no_kubernetes_identity_is_registered(upstream: TestServer):
+    # Only a Kubernetes identity's registered worker can be passed through with a token the operator
+    # did not make: with none anywhere, a made-up token (one a second, from anyone) is refused at once.
+    from workerqueue_operator.api.keys import REGISTRY
+
+    class Counted(apps.NoReviews):
+        asked = 0
+
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            Counted.asked += 1
+            return None
+
+    store = Store(settings=Settings())
+    url = str(upstream.make_url("/")).rstrip("/")
+    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    app = apps.make_app(store, reviewer=Counted())
+    async with TestClient(OperatorLikeServer(app)) as client:
+        for i in range(3):
+            assert (await client.get("/api/v1/teams/t", headers={"Authorization": f"Bearer made-up-{i}"})).status == 401
+        assert Counted.asked == 0
+        app[REGISTRY].register(store.queue(("team-a", "a")), "w1", identity="system:serviceaccount:team-a:runner")
+        assert (await client.get("/api/v1/teams/t", headers={"Authorization": "Bearer made-up"})).status == 401
+        assert Counted.asked == 1

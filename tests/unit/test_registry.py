@@ -1609,3 +1609,39 @@ async def test_a_heartbeat_in_the_turn_its_first_write_is_spawned_waits_for_that
     await asyncio.sleep(0.4)
     # One create, which carries the heartbeat: it was written as the task began.
     assert api.most_in_flight == 1 and api.methods == ["POST"] and worker.confirmed
+
+
+def test_the_queues_an_identity_is_registered_in_are_those_known_where_it_lives():
+    """The pass-through routes a Kubernetes identity's calls by them (api/passthrough.py): a deleted
+    queue's, an expired registration, a namesake's or an ended one must not count, and an identity
+    with none is forgotten whole."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    one, two = queue("one", uid="uid-1", created="2026-01-01T00:00:00Z"), queue("two", uid="uid-2")
+    known = {one.key: one, two.key: two}
+    now = [times.parse("2026-02-01T00:00:00Z")]
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=known.get, clock=lambda: now[0])
+    runner = "system:serviceaccount:team-a:runner"
+    assert reg.queues_registered_by(runner) == [] and not reg.has_identities()
+    first = reg.register(one, "w1", identity=runner)
+    reg.register(one, "w2", identity=runner)
+    reg.register(two, "w3", identity="system:serviceaccount:team-a:other")
+    assert reg.queues_registered_by(runner) == [one.key]
+    reg.register(two, "w4", identity=runner)
+    assert sorted(reg.queues_registered_by(runner)) == sorted([one.key, two.key])
+    del known[two.key]  # deleted: its registrations wait for the garbage collector, and count for nothing
+    assert reg.queues_registered_by(runner) == [one.key]
+    known[one.key] = queue("one", uid="uid-9", created="2026-03-01T00:00:00Z")  # made again under its name
+    assert reg.queues_registered_by(runner) == []
+    known[one.key] = one
+    reg._forget(first.worker_id)
+    assert reg.queues_registered_by(runner) == [one.key]  # w2 still there
+    now[0] += 10_000  # every registration expired
+    assert reg.queues_registered_by(runner) == []
+    for worker_id in ("w2", "w3", "w4"):
+        reg._forget(worker_id)
+    assert not reg.has_identities() and reg._by_identity == {}

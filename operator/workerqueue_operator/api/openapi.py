@@ -148,7 +148,8 @@ def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
                 "with its own (per-worker) token sees only the executions it holds, folded into one entry that "
                 "reads `running` while any of them runs; a shared queue token sees none. A Kubernetes identity "
                 "allowed to start workers on the queue sees the execution of its one registration in the queue, "
-                "none with several or none; one allowed only to `get` the WorkerQueue sees all.", "queue_id",
+                "none with several or none; one allowed only to `get` the WorkerQueue sees all (unless it has a "
+                "registration there, or its token is bound to a pod).", "queue_id",
                 {"200": json_of({"type": "array", "items": ref("ExecutionInfo")}), **failures(401, 403, 404, 409, 503)},
                 query=[{"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}},

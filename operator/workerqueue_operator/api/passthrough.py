@@ -375,6 +375,8 @@ class Passthrough:
         if worker is not None and not self._acts_for(route, worker.group(1)):
             return errors.detail(403, "This token may not act for this worker")
         websocket = request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+        if websocket and route.identity is not None:
+            return errors.detail(403, "A Kubernetes identity's worker has no websocket through the operator")
         shares = self._websocket_shares if websocket else self._shares
         # A websocket's share is held for its worker's life: none is waited for.
         wait = 0.0 if websocket else self._settings.upstream_connect_timeout_seconds
@@ -420,27 +422,36 @@ class Passthrough:
             conflict = store.conflict_of_token(token_digest)
             if conflict is not None:
                 return errors.detail(409, conflict)
-            if self._registry is None or workers.is_worker_token(token):
+            if self._registry is None or workers.is_worker_token(token) or not self._registry.has_identities():
+                # No Kubernetes identity's worker anywhere: no TokenReview for a token that could reach nothing.
                 return errors.unauthorized("Invalid authentication credentials")
             return await self._identity_route(request, scheme, token, token_digest)
         return self._upstream_route(store.resolution(key), scheme, key, token_digest)
 
     async def _identity_route(self, request: web.Request, scheme: str, token: str, token_digest: bytes
                               ) -> _Route | web.Response:
-        """A Kubernetes identity's worker reaches the upstream of the one queue it is registered in (its
-        calls name no queue) while RBAC lets it start workers there. Its token may open many queues:
-        registered in several, none is guessed (a token bound to its pod is one pod's, one queue's)."""
+        """A ServiceAccount's worker reaches the upstream of the one queue of its namespace it is
+        registered in (its calls name no queue) while RBAC lets it start workers there. Its token may
+        open many queues: registered in several, none is guessed (a token bound to its pod is one
+        pod's, one queue's). Only its own namespace's: registrations are Leases, which whoever may
+        write Leases in a namespace could write naming anyone, and those of another namespace must
+        neither send its calls to that namespace's upstream nor lock it out of its own."""
         caller = await callers.kubernetes_caller(request, token, token_digest)
         if isinstance(caller, web.Response):
             return caller
         assert caller.identity is not None and self._registry is not None
         identity = caller.identity
-        keys = self._registry.queues_registered_by(identity.registrant)
+        namespace = identity.service_account_namespace
+        if namespace is None:
+            return errors.detail(403, f"{identity.username} is no ServiceAccount: only a ServiceAccount's worker "
+                                      "reaches an upstream with a Kubernetes token")
+        keys = [key for key in self._registry.queues_registered_by(identity.registrant) if key[0] == namespace]
         if len(keys) != 1:
             where = "no worker queue" if not keys else f"{len(keys)} worker queues"
-            return errors.detail(403, f"{identity.username} has workers registered in {where}: a Kubernetes "
-                                      "identity reaches the upstream of the one queue its worker started in (give "
-                                      "each worker a token bound to its pod, or its queue's token)")
+            return errors.detail(403, f"{identity.username} has workers registered in {where} of its namespace: a "
+                                      "ServiceAccount reaches the upstream of the one queue of its namespace its "
+                                      "worker started in (give each worker a token bound to its pod, or its "
+                                      "queue's token)")
         resolution = self._store.resolution(keys[0])
         if resolution is None:
             return errors.detail(404, "Not Found")
@@ -480,7 +491,7 @@ class Passthrough:
         (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut); for a
         Kubernetes identity, whether its worker is still registered there alone."""
         if route.identity is not None:
-            return self._registry is not None and self._registry.queues_registered_by(route.identity) == [route.key]
+            return self._registry is not None and route.key in self._registry.queues_registered_by(route.identity)
         return self._store.queue_of_token(route.token_digest) == route.key
 
     async def _forward(self, request: web.Request, route: _Route, *, waited: float = 0.0) -> web.StreamResponse:

@@ -218,8 +218,8 @@ class Registry:
         self._by_queue: dict[QueueKey, dict[str, Worker]] = {}
         self._uids: dict[QueueKey, collections.Counter[str]] = {}
         """Per queue name: the uids of its registrations (more than one: a namesake's are among them)."""
-        self._by_identity: dict[str, dict[str, Worker]] = {}
-        """Kubernetes identity (its registrant) -> its registrations by worker id, in every queue: its
+        self._by_identity: dict[str, dict[QueueKey, dict[str, Worker]]] = {}
+        """Kubernetes identity (its registrant) -> queue -> its registrations there by worker id: its
         calls to the pass-through name no queue (see queues_registered_by)."""
         self._by_lease: dict[tuple[str, str], str] = {}
         """(namespace, Lease name) -> worker id, of the workers whose Lease exists: a watch event
@@ -401,14 +401,20 @@ class Registry:
         return [w for w in self._members(queue) if w.identity == identity and not w.expired(now)]
 
     def queues_registered_by(self, identity: str) -> list[QueueKey]:
-        """The queues in which a Kubernetes identity has live registrations (not a namesake's)."""
+        """The queues known here in which a Kubernetes identity has live registrations (not a
+        deleted namesake's). As many steps as queues it is in, usually one: called as the
+        pass-through relays."""
         now = self._clock()
-        found = set()
-        for worker in self._by_identity.get(identity, {}).values():
-            known = self._queue_of(worker.queue)
-            if not worker.expired(now) and (known is None or not namesakes(worker, known)):
-                found.add(worker.queue)
-        return sorted(found)
+        found = []
+        for queue, registered in self._by_identity.get(identity, {}).items():
+            known = self._queue_of(queue)
+            if known is not None and any(not w.expired(now) and not namesakes(w, known) for w in registered.values()):
+                found.append(queue)
+        return found
+
+    def has_identities(self) -> bool:
+        """Whether any Kubernetes identity is registered (live or not yet swept) in any queue."""
+        return bool(self._by_identity)
 
     async def write_now(self, worker: Worker) -> None:
         """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
@@ -1182,7 +1188,7 @@ class Registry:
             self._unindex(previous)
         self._workers[worker.worker_id] = worker
         if worker.identity is not None:
-            self._by_identity.setdefault(worker.identity, {})[worker.worker_id] = worker
+            self._by_identity.setdefault(worker.identity, {}).setdefault(worker.queue, {})[worker.worker_id] = worker
         namespace = worker.queue[0]
         self._by_namespace[namespace] = self._by_namespace.get(namespace, 0) + 1
         members = self._by_queue.setdefault(worker.queue, {})
@@ -1251,10 +1257,14 @@ class Registry:
 
     def _unindex(self, worker: Worker) -> None:
         identity = worker.identity
-        registered = self._by_identity.get(identity) if identity is not None else None
-        if identity is not None and registered is not None and registered.pop(worker.worker_id, None) is not None \
-                and not registered:
-            del self._by_identity[identity]
+        by_queue = self._by_identity.get(identity) if identity is not None else None
+        registered = by_queue.get(worker.queue) if by_queue is not None else None
+        if identity is None or by_queue is None or registered is None or registered.pop(worker.worker_id, None) is None:
+            return
+        if not registered:
+            del by_queue[worker.queue]
+            if not by_queue:
+                del self._by_identity[identity]
 
     def _ended_elsewhere(self, worker: Worker, *, expired: bool | None = None) -> None:
         """Its Lease was deleted by another replica: on purpose (a disconnect, its pod gone) unless it

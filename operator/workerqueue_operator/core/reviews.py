@@ -50,6 +50,12 @@ class Identity:
         return values[0] if len(values) == 1 and values[0] else None
 
     @property
+    def service_account_namespace(self) -> str | None:
+        """The namespace of a ServiceAccount (`system:serviceaccount:<namespace>:<name>`); None for a user."""
+        parts = self.username.split(":")
+        return parts[2] if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"] and parts[2] else None
+
+    @property
     def registrant(self) -> str:
         """Who a worker registered with this token is, as its registration records it: a token bound
         to a pod is that pod's, so that workers of one ServiceAccount in several pods are told apart."""
