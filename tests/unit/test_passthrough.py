@@ -1058,27 +1058,48 @@ async def test_a_pods_token_not_seen_yet_is_held_as_at_start_not_refused(monkeyp
         assert unknown.status == 401
 
 
-async def test_an_unknown_token_costs_no_review_while_no_kubernetes_identity_is_registered(upstream: TestServer):
-    # Only a Kubernetes identity's registered worker can be passed through with a token the operator
-    # did not make: with none anywhere, a made-up token (one a second, from anyone) is refused at once.
+
+async def test_only_a_service_accounts_worker_registered_in_one_queue_of_its_namespace_is_passed_through(
+        upstream: TestServer):
+    # Who a token is comes from TokenReview (stubbed here; tests/integration/test_passthrough.py asks
+    # the real API server): what is decided from it is the pass-through's.
     from workerqueue_operator.api.keys import REGISTRY
 
-    class Counted(apps.NoReviews):
-        asked = 0
+    people = {"sa-token": "system:serviceaccount:team-a:runner", "user-token": "jane@example.com"}
 
+    class Stub(apps.NoReviews):
         async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
-            Counted.asked += 1
-            return None
+            return reviews.Identity(people[token], "uid", (), ()) if token in people else None
+
+        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
+                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
+            return (verb, subresource) == ("create", "start")  # RBAC lets everyone start workers anywhere
 
     store = Store(settings=Settings())
     url = str(upstream.make_url("/")).rstrip("/")
-    store.upsert_queue(queue("a", queueId="q-a", upstream={"url": url, "apiKeySecretRef": {"name": "org", "key": "k"}}))
-    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
-    app = apps.make_app(store, reviewer=Counted())
+    for namespace in ("team-a", "team-b"):
+        upstream_of = {"url": f"{url}/{namespace}", "apiKeySecretRef": {"name": "org", "key": "k"}}
+        store.upsert_queue(queue("a", namespace, uid=f"uid-{namespace}", queueId=f"q-{namespace}",
+                                 upstream=upstream_of))
+        store.upsert_secret((namespace, "org"), {"k": f"key-{namespace}"})
+    app = apps.make_app(store, reviewer=Stub())
+    registry = app[REGISTRY]
     async with TestClient(OperatorLikeServer(app)) as client:
-        for i in range(3):
-            assert (await client.get("/api/v1/teams/t", headers={"Authorization": f"Bearer made-up-{i}"})).status == 401
-        assert Counted.asked == 0
-        app[REGISTRY].register(store.queue(("team-a", "a")), "w1", identity="system:serviceaccount:team-a:runner")
-        assert (await client.get("/api/v1/teams/t", headers={"Authorization": "Bearer made-up"})).status == 401
-        assert Counted.asked == 1
+        async def call(token: str) -> aiohttp.ClientResponse:
+            return await client.get("/api/v1/teams/t", headers={"Authorization": f"Bearer {token}"})
+
+        for token in people:
+            registry.register(store.queue(("team-b", "a")), f"w-{token}", identity=people[token])
+        # Registered in another namespace only (a Lease anyone writing Leases there could forge).
+        refused = await call("sa-token")
+        assert refused.status == 403 and "no worker queue of its namespace" in (await refused.json())["detail"]
+        registry.register(store.queue(("team-a", "a")), "w-own", identity=people["sa-token"])
+        got = await echoed(await call("sa-token"))
+        assert got["path_qs"] == "/team-a/api/v1/teams/t" and standin.header_values(got, "Authorization") == [
+            "Bearer key-team-a"]
+        refused = await call("user-token")
+        assert refused.status == 403 and "is no ServiceAccount" in (await refused.json())["detail"]
+        assert (await call("made-up")).status == 401
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ws_refused:
+            await client.ws_connect("/api/v1/ws/anything", headers={"Authorization": "Bearer sa-token"})
+        assert ws_refused.value.status == 403

@@ -99,9 +99,11 @@ def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
         "info": {
             "title": "Agent Control Plane API (workerqueue-operator)",
             "description": "The worker-facing part of the Agent Control Plane API, served in-cluster. Every other "
-            "/api/v1/ call (any method, websockets included) from a worker whose queue token leads to an upstream "
-            "control plane is passed through to it, with the organization's API key in place of the token "
-            "(`Bearer` or `UserKey`, as the worker sent it); 401 without a queue token, 404 when the queue has "
+            "/api/v1/ call (any method, websockets included) from a worker whose queue or pod token leads to an "
+            "upstream control plane is passed through to it, with the organization's API key in place of the token "
+            "(`Bearer` or `UserKey`, as the worker sent it), and so is a ServiceAccount's whose worker is "
+            "registered in one queue of its namespace (no websocket); 401 without a valid token, 403 for a "
+            "ServiceAccount registered in no queue (or several) of its namespace or a user, 404 when the queue has "
             "no upstream, 502 when the upstream cannot be reached, 504 when it does not answer in time.",
             "version": version,
         },

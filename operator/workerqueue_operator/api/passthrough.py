@@ -422,8 +422,7 @@ class Passthrough:
             conflict = store.conflict_of_token(token_digest)
             if conflict is not None:
                 return errors.detail(409, conflict)
-            if self._registry is None or workers.is_worker_token(token) or not self._registry.has_identities():
-                # No Kubernetes identity's worker anywhere: no TokenReview for a token that could reach nothing.
+            if self._registry is None or workers.is_worker_token(token):
                 return errors.unauthorized("Invalid authentication credentials")
             return await self._identity_route(request, scheme, token, token_digest)
         return self._upstream_route(store.resolution(key), scheme, key, token_digest)
@@ -489,7 +488,8 @@ class Passthrough:
     def _still_opens(self, route: _Route) -> bool:
         """Whether the token a long answer or a websocket was opened with still leads to its queue
         (a rotation that unlisted it, a deleted Secret or queue: whatever it relays is cut); for a
-        Kubernetes identity, whether its worker is still registered there alone."""
+        Kubernetes identity, whether its worker is still registered there (this call's stream goes on
+        if it has registered in another queue since; new calls are refused)."""
         if route.identity is not None:
             return self._registry is not None and route.key in self._registry.queues_registered_by(route.identity)
         return self._store.queue_of_token(route.token_digest) == route.key

@@ -334,15 +334,13 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
     registered = (times.parse_or_none(spec.get("acquireTime")) or times.parse_or_none(meta.get("creationTimestamp"))
                   or seen_at)
     renewed = times.parse_or_none(spec.get("renewTime")) or registered
-    # No longer than the longest the operator writes: one written by hand is not a registration for days.
-    duration = min(float(spec.get("leaseDurationSeconds") or 150), lease_duration(MAX_INTERVAL))
     return Worker(
         worker_id=str(worker_id),
         queue=owner[0],
         queue_uid=owner[1],
         queue_id=str(state.get("queueId") or ""),
         lease=meta["name"],
-        duration=duration,
+        duration=float(spec.get("leaseDurationSeconds") or 150),
         registered_at=registered,
         renewed_at=renewed,
         seen_at=seen_at,

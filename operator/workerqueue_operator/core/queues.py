@@ -319,16 +319,13 @@ class QueueConfig:
     here, on the watch's path: made at a queue's first /start, it cost a tenth of /start's CPU with
     10,000 queues each started a few times, and /start's p50 was not flat in the number of queues."""
 
-    without_websocket_json: bytes | None = field(init=False, repr=False, compare=False)
-    """The same with the websocket off, for the callers no websocket URL is given to."""
+    without_websocket_json: bytes | None = field(init=False, default=None, repr=False, compare=False)
+    """The same with the websocket off, for the callers no websocket URL is given to: made at the
+    first such caller's /start (Kubernetes identities' are few), not for every queue."""
 
     def __post_init__(self) -> None:
         body = json.dumps({**self.fields, "websocket_enabled": self.websocket_enabled}, separators=(",", ":"))
         object.__setattr__(self, "fields_json", body.encode())
-        without = None
-        if self.websocket_enabled:
-            without = json.dumps({**self.fields, "websocket_enabled": False}, separators=(",", ":")).encode()
-        object.__setattr__(self, "without_websocket_json", without)
 
     def response_body(self, *, worker_id: str, control_plane_url: str, own_websocket: bool = True) -> bytes:
         """The 200 body: a JSON object with every field of the contract's WorkerStartResponse.
@@ -338,8 +335,11 @@ class QueueConfig:
         passes through only queue and pod tokens (api/passthrough.py). Such a caller goes without."""
         websocket_url = "null"
         fields_json = self.fields_json
-        if self.without_websocket_json is not None and not own_websocket:
-            fields_json = self.without_websocket_json
+        if self.websocket_enabled and not own_websocket:
+            if self.without_websocket_json is None:
+                without = json.dumps({**self.fields, "websocket_enabled": False}, separators=(",", ":")).encode()
+                object.__setattr__(self, "without_websocket_json", without)
+            fields_json = self.without_websocket_json or fields_json
         elif self.websocket_enabled:
             websocket_url = _json_string(self.websocket_url or websocket_url_for(control_plane_url, worker_id))
         # Spliced by hand: a json.dumps per request costs more than the rest of the body together.

@@ -412,10 +412,6 @@ class Registry:
                 found.append(queue)
         return found
 
-    def has_identities(self) -> bool:
-        """Whether any Kubernetes identity is registered (live or not yet swept) in any queue."""
-        return bool(self._by_identity)
-
     async def write_now(self, worker: Worker) -> None:
         """Writes a new registration's Lease before /start answers, not in the writer's turn: for a
         worker whose later calls say nothing of which registration is theirs (a Kubernetes identity),
