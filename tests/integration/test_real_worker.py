@@ -21,6 +21,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from tests import standin
 from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.test_start import service_account_token
 from workerqueue_operator.core.temporal import Endpoint, Temporal
 from workerqueue_operator.core.workers import label_value
 from workerqueue_operator.devcluster import procs
@@ -189,6 +190,37 @@ async def test_the_real_worker_registers_heartbeats_and_runs_a_workflow_through_
         wait_for(lambda: len(forwarded(upstream, "GET", f"/api/v1/ws/workers/{worker_id}")) >= 2, timeout=60,
                  what="its websocket opened again")
         assert [e for e in kube.events(namespace, "real") if e.reason in ("WorkerExpired", "WorkerRejoined")] == []
+
+
+async def test_a_real_single_execution_worker_signed_in_as_a_service_account_runs_its_workflow_and_exits(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer, upstream: standin.StandIn,
+        real_worker: Path, tmp_path: Path):
+    # Run with a ServiceAccount's token and the one Role its /start needs: its heartbeats, its polls
+    # of /executions and its activities' calls (passed through to the queue's upstream) all take it.
+    queue_id, org_key = create_queue(kube, namespace, "sa", temporal, upstream, websocket={"enabled": True})
+    kube.grant(namespace, "sa-start", resource="workerqueues/start", verb="create", queue="sa", account="runner")
+    token = service_account_token(kube, namespace, "runner")
+    log_path = tmp_path / "worker.log"
+    with worker_process(real_worker, log_path, KUBIYA_API_KEY=token, CONTROL_PLANE_URL=operator.url,
+                        QUEUE_ID=queue_id, HEARTBEAT_INTERVAL="5", TEMPORAL_HOST="temporal:local",
+                        SINGLE_EXECUTION="true") as worker:
+        def log() -> str:
+            return log_path.read_text(errors="replace")
+
+        wait_for(lambda: worker.poll() is None and "worker_ready" in log(), timeout=STARTUP_TIMEOUT, interval=1,
+                 what="the worker ready")
+        [worker_id] = wait_for(lambda: list(kube.registrations(namespace)), what="its registration")
+        wait_for(lambda: heartbeats(kube, namespace, worker_id), timeout=30, what="a heartbeat renewing it")
+        workflow_id = await run_agent_workflow(temporal, queue_id)
+        auth = forwarded(upstream, "PATCH", f"/api/v1/executions/{workflow_id}")
+        assert auth and set(auth) == {f"Bearer {org_key}"}
+        assert token not in str(upstream.received)
+        # It saw its own execution end (twice, 2 s apart), said goodbye and exited 0.
+        wait_for(lambda: worker.poll() is not None, timeout=60, interval=1, what="the worker's exit")
+        assert worker.returncode == 0, procs.tail(log_path)
+        assert complaints(log()) == [], complaints(log())
+        assert worker_id not in kube.registrations(namespace)
+        assert [e for e in kube.events(namespace, "sa") if e.reason == "WorkerDisconnected"]
 
 
 # A pool of two; and one whose pods' names are longer than a hostname (63 characters), which
