@@ -948,3 +948,50 @@ async def test_the_token_of_a_queue_whose_id_another_holds_is_told_so_not_taken_
         assert beat.status == 409
         served = await c.post("/api/v1/worker-queues/q-1/start", headers={"Authorization": "Bearer first"})
         assert served.status == 200
+
+
+async def test_a_kubernetes_identity_acts_only_for_the_workers_it_registered_rotation_or_not():
+    # Who each token is comes from TokenReview (stubbed: tests/integration/test_worker_life.py asks the
+    # real API server). Two pods of one ServiceAccount, each with a token bound to it: each may start
+    # workers on the queue, and heartbeat or end its own worker only. Its worker, expired and come
+    # back, is known by its registration, not by a queue token a rotation has unlisted since.
+    def bound(pod: str) -> reviews.Identity:
+        extra = (("authentication.kubernetes.io/pod-name", (pod,)), ("authentication.kubernetes.io/pod-uid", (pod,)))
+        return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=extra)
+
+    class Pods(apps.NoReviews):
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            return bound(token.removeprefix("sa-")) if token.startswith("sa-") else None
+
+        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
+                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
+            return True
+
+    def auth(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    store = Store(settings=Settings())
+    refs = [{"name": "old", "key": "token"}, {"name": "new", "key": "token"}]
+    store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": refs}))
+    store.upsert_secret(("team-a", "old"), {"token": "old-token"})
+    store.upsert_secret(("team-a", "new"), {"token": "new-token"})
+    async with TestClient(TestServer(apps.make_app(store, reviewer=Pods()))) as c:
+        registry = c.server.app[REGISTRY]
+        started = await c.post(START.format("q-1"), headers=auth("sa-p2"), json={"system_info": {"hostname": "p2"}})
+        worker_id = (await started.json())["worker_id"]
+        for route in ("heartbeat", "disconnect"):
+            other = await c.post(f"/api/v1/workers/{worker_id}/{route}", json={"status": "busy"},
+                                 headers=auth("sa-p1"))
+            assert other.status == 403
+            assert await other.json() == {"detail": "This worker was registered by another identity"}
+        # Expired (its pace slower than expected, say), then the old queue token unlisted.
+        worker = registry.get(worker_id)
+        registry._clock = lambda: worker.expires_at() + 2
+        registry._sweep(ending=True)
+        assert registry.get(worker_id) is None
+        store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": refs[1:]}))
+        other = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth("sa-p1"))
+        assert other.status == 404  # not its registration to bring back
+        own = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth("sa-p2"))
+        assert own.status == 200, await own.text()
+        assert registry.get(worker_id).identity == bound("p2").registrant

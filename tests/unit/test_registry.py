@@ -1129,7 +1129,8 @@ def test_a_kubernetes_identitys_registration_keeps_who_made_it_and_since_when():
     # Expired, then back with its next heartbeat: the same since, not the time it came back.
     now[0] = 1000.0 + worker.duration + 1
     reg._sweep(ending=True)
-    assert reg.registered_as(q.key, sa) == [] and reg.expired_in("w-1") == q.key
+    assert reg.registered_as(q.key, sa) == [] and reg.expired_in("w-1", sa) == q.key
+    assert reg.expired_in("w-1", "someone-else") is None  # only the identity that registered it brings it back
     # Its heartbeat seldom carries its system_info: the hostname it registered with is kept too.
     again = reg.rejoin(q, "w-1", identity=sa)
     assert again is not None and (again.since, again.hostname) == (1000.0, "runner-host")

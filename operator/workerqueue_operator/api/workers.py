@@ -43,6 +43,10 @@ async def _worker(request: web.Request, caller: callers.Caller, *, expired: bool
         return errors.detail(404, NOT_FOUND)
     if caller.worker is not None and caller.worker.pod != worker.pod:  # its own pod's worker only
         return errors.detail(403, "This token belongs to another worker")
+    if caller.identity is not None and caller.identity.registrant != worker.identity:
+        # A Kubernetes identity, for the workers it registered only: one allowed to start workers on a
+        # queue could otherwise end another pod's worker, or take its registration for its own.
+        return errors.detail(403, "This worker was registered by another identity")
     denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
                                      token_message="This token may not act for workers of this worker queue")
     if denied is None and request.app[REGISTRY].get(worker.worker_id, expired=expired) is not worker:
@@ -78,11 +82,15 @@ def refused(request: web.Request, queue: QueueObject, exc: registry_.Full) -> we
 def _issuer(request: web.Request, caller: callers.Caller) -> Resolution | None:
     """The queue that issued the path's worker id to this caller (to the calling pod, for a pod's
     token), for a worker with no registration here; for a Kubernetes identity, which names no queue,
-    the queue whose registration of it expired here. None if none did."""
+    the queue whose registration of it, by that identity, expired here. None if none did."""
     worker_id = request.match_info["worker_id"]
     store = request.app[STORE]
-    key = store.queue_of_token(caller.token_digest) if caller.identity is None else \
-        request.app[REGISTRY].expired_in(worker_id)
+    if caller.identity is not None:
+        # Its expired registration is the proof: not the id's MAC, keyed by a queue token that a
+        # rotation may have unlisted since (it never held one).
+        key = request.app[REGISTRY].expired_in(worker_id, caller.identity.registrant)
+        return store.resolution(key) if key is not None else None
+    key = store.queue_of_token(caller.token_digest)
     resolution = store.resolution(key) if key is not None else None
     if resolution is None:
         return None

@@ -141,6 +141,8 @@ class _Ended(NamedTuple):
     pid: int | None = None
     """Its process id, from system_info: with the hostname, what tells its executions from those of
     another worker on its host."""
+    identity: str | None = None
+    """The Kubernetes identity that registered it (Worker.identity): only it may bring it back."""
 
 
 @dataclass
@@ -566,11 +568,14 @@ class Registry:
             return False
         return pod is None or not any(w.pod == pod for w in self._members(queue.key))
 
-    def expired_in(self, worker_id: str) -> QueueKey | None:
-        """The queue of the worker whose registration expired as this replica knows (None: not so):
-        for a worker that authenticates with a Kubernetes identity, which names no queue, to rejoin."""
+    def expired_in(self, worker_id: str, identity: str) -> QueueKey | None:
+        """The queue of the worker whose registration, made by `identity`, expired as this replica
+        knows (None: not so): for a worker that authenticates with a Kubernetes identity, which
+        names no queue, to rejoin."""
         ended = self._ended.get(worker_id)
-        return ended.queue if ended is not None and not ended.on_purpose else None
+        if ended is None or ended.on_purpose or ended.identity != identity:
+            return None
+        return ended.queue
 
     def rejoin(self, queue: QueueObject, worker_id: str, *, pod: str | None = None,
                hostname: str | None = None, identity: str | None = None) -> Worker | None:
@@ -853,8 +858,9 @@ class Registry:
         """Takes in, as the watch will, the worker's Lease if the API server holds it: read by its name
         (one GET), or among the queue's slots with maxWorkers."""
         if queue.spec.max_workers is not None:
-            # Fresh: a disconnect must find a Lease made a moment ago, or its slot stays taken.
-            await self._take_in_listed(queue, lambda held: held.worker_id == worker_id, fresh=True)
+            # A listing begun after this call (_listed): a disconnect must find a Lease made a moment
+            # ago, or its slot stays taken; shared, so that disconnects of made-up ids cost one at a time.
+            await self._take_in_listed(queue, lambda held: held.worker_id == worker_id)
             return
         path = f"{resources.leases_path(queue.namespace)}/{lease_name(queue.name, worker_id)}"
         try:
@@ -1291,7 +1297,7 @@ class Registry:
         """Remembers how a registration ended (the last ENDED_KEPT of them)."""
         self._remember(worker.worker_id, _Ended(on_purpose, worker.renewed_at if worker.heard() else None,
                                                 worker.queue, worker.since, worker.hostname,
-                                                system_pid(worker.system_info)))
+                                                system_pid(worker.system_info), worker.identity))
 
     def _remember(self, worker_id: str, ended: _Ended) -> None:
         self._ended.pop(worker_id, None)
