@@ -156,6 +156,11 @@ def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube:
                     what="a WorkerNotStarting Event")
     assert told[0].type == "Warning" and 'denied for "registry.example/worker:nope"' in told[0].message
     assert kube.pod_names(namespace, "pull") == ["pull-w0", "pull-w1"]  # a new pod would wait the same
+    assert kube.condition(namespace, "pull")["status"] == "True"  # pull-w1's worker runs
+    kube.set_phase(namespace, "pull-w1", "Failed", exit_code=1, reason="Error")  # its replacement not started
+    ready = wait_for(lambda: (c := kube.condition(namespace, "pull")) and c["status"] == "False" and c,
+                     what="Ready=False with no worker running")
+    assert ready["reason"] == "WorkersNotStarting" and "pull-w0: ImagePullBackOff" in ready["message"]
 
     kube.set_phase(namespace, "pull-w0", "Running")  # the image fixed in the registry: it starts
     wait_for(lambda: (c := kube.condition(namespace, "pull", "Progressing")) and c["status"] == "True",

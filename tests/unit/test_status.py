@@ -64,6 +64,22 @@ def test_workers_that_cannot_start_make_the_queue_stop_progressing():
     assert (started["status"], started["reason"]) == ("True", "WorkersAvailable")
 
 
+def test_a_queue_none_of_whose_workers_can_start_is_not_ready():
+    # `kubectl wait --for=condition=Ready` passed on a queue whose every pod waited for an image that
+    # cannot be pulled; with one worker running, the queue works.
+    q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True, replicas=2), config=None,
+                          problem=None)
+    workers = {"observedGeneration": 3, "desired": 2, "pending": 2, "running": 0,
+               "stuck": [f"q1-w{i}: ImagePullBackOff" for i in range(2)]}
+    ready = conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "WorkersNotStarting")
+    assert ready["message"] == "no worker runs, and 2 cannot start: q1-w0: ImagePullBackOff; q1-w1: ImagePullBackOff"
+    one_runs = {**workers, "pending": 1, "running": 1, "stuck": workers["stuck"][:1]}
+    assert conditions(status.desired_status(q, {"workers": one_runs}, now=NOW))["Ready"]["status"] == "True"
+    older = {**workers, "observedGeneration": 2}  # stuck pods of an older spec are replaced at once
+    assert conditions(status.desired_status(q, {"workers": older}, now=NOW))["Ready"]["status"] == "True"
+
+
 def test_a_queue_whose_workers_wait_for_it_to_serve_is_not_progressing():
     missing = queues.Problem("SecretNotFound", "secret org not found in namespace team-a")
     held = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True), config=None,

@@ -188,6 +188,42 @@ def test_a_success_ends_a_crash_loop_in_status_too():
     assert p.workers.crash_loop_generation is None and p.create == (3,)
 
 
+def test_a_crash_looping_pool_is_tried_though_a_worker_from_before_the_failures_runs():
+    """A worker running since before the failures (waiting for an execution, up to 1,800 s) is no try:
+    taken for one, it held every try back, and the pool stayed at one worker for as long as it ran."""
+    spec = {"singleExecution": True, "replicas": 3, "worker": {"backoffLimit": 3}}
+    looping = WorkersStatus(consecutive_failures=3, crash_loop_generation=1, failures_generation=1, next_index=8,
+                            failure_index=8, last_failure_time=times.rfc3339(T0 - 1000))
+    older = pod(0, "Running", running_since=T0 - 5000)
+    tried = plan([older], looping, **spec)
+    assert tried.create == (8,)
+    assert plan([older, pod(8, "Pending")], tried.workers, now=T0 + 10, **spec).create == ()  # the try, under way
+
+
+def test_a_success_ends_failures_only_from_a_worker_of_this_spec_started_after_them():
+    """A bad template rolled out while the old workers drain: an old worker's success ended the crash
+    loop, and the pool was started again at full size, to fail again."""
+    spec = {"singleExecution": True, "replicas": 3, "worker": {"backoffLimit": 3}}
+    looping = WorkersStatus(observed_generation=2, consecutive_failures=3, crash_loop_generation=2,
+                            failures_generation=2, next_index=20, failure_index=20,
+                            last_failure_time=times.rfc3339(T0 - 5))
+    for earlier in (pod(0, "Succeeded", generation=1), pod(12, "Succeeded", generation=2)):
+        p = plan([earlier], looping, generation=2, **spec)
+        assert p.workers.crash_loop_generation == 2 and p.workers.consecutive_failures == 3 and p.create == ()
+        assert p.workers.succeeded == 1
+    worked = plan([pod(20, "Succeeded", generation=2)], looping, generation=2, **spec)
+    assert worked.workers.crash_loop_generation is None and worked.create == (21, 22, 23)
+
+
+def test_an_ephemeral_queues_crash_loop_outlasts_any_success():
+    # As a Job that reached its backoffLimit: no more workers until the spec changes.
+    spec = {"ephemeral": True, "singleExecution": True, "replicas": 2, "worker": {"backoffLimit": 3}}
+    looping = WorkersStatus(consecutive_failures=3, crash_loop_generation=1, failures_generation=1, next_index=8,
+                            failure_index=8, last_failure_time=times.rfc3339(T0 - 1000))
+    p = plan([pod(9, "Succeeded")], looping, **spec)
+    assert p.workers.crash_loop_generation == 1 and p.create == ()
+
+
 def test_a_worker_that_has_run_a_while_ends_a_pools_crash_loop():
     """Only a success ended a crash loop, and a pool's one try may wait long for its execution: the
     pool stayed at one worker all that while. One that has run for the longest back-off shows the
@@ -559,6 +595,18 @@ def test_a_token_secret_of_a_deleted_namesake_is_told_apart_from_this_queues_and
     assert not workers.namesakes_credential(workers.credential_secret_body(new, "q1-w0", "tok", now=T0), new)
     assert not workers.namesakes_credential(left_behind, queue(name="q2", uid="uid-other"))
     assert not workers.namesakes_credential({"metadata": {"name": "q1-w0-token", "labels": {}}}, new)
+
+
+def test_a_templates_single_execution_is_the_operators_to_set():
+    # Kept on a queue that is not single-execution, its workers exited after one task, which the
+    # planning of an ephemeral queue never expects.
+    template = {"spec": {"containers": [{"name": "worker", "image": "img",
+                                         "env": [{"name": "SINGLE_EXECUTION", "value": "true"}]}]}}
+    for spec, expected in (({"ephemeral": True}, []), ({"singleExecution": True}, ["true"])):
+        body = workers.build_pod(queue(worker={"template": template}, **spec), 0,
+                                 inputs=workers.PodInputs("u", "d", {}), settings=SETTINGS)
+        (container,) = body["spec"]["containers"]
+        assert [e["value"] for e in container["env"] if e["name"] == "SINGLE_EXECUTION"] == expected
 
 
 def test_default_pod_uses_the_configured_image_and_command():

@@ -92,6 +92,10 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     # The API server refuses its pods (of this spec, not an older one's): workers cannot start, as
     # in a crash loop, and a `kubectl wait --for=condition=Ready` must not take it for ready.
     refused = manages and workers.get("lastError") and (planned is None or planned == generation)
+    # Nor when every worker of this spec is stuck before it runs (an image that cannot be pulled, a
+    # pod no node takes): none can start, though the API server took the pods.
+    stuck = (manages and workers.get("stuck") and not int(workers.get("running", 0))
+             and (planned is None or planned == generation))
     if problem is None and crash_looping:
         then = "change the spec to start workers again" if queue.spec.ephemeral else \
             "one worker at a time is tried after the longest back-off until one succeeds or has run that long, " \
@@ -102,6 +106,12 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     elif problem is None and refused:
         conditions = set_condition(conditions, type=READY, status="False", reason="PodCreationFailed",
                                    message=f"worker pods cannot be created: {workers['lastError']}",
+                                   generation=generation, now=now)
+    elif problem is None and stuck:
+        shown = [str(entry) for entry in workers["stuck"]]
+        named = "; ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+        conditions = set_condition(conditions, type=READY, status="False", reason="WorkersNotStarting",
+                                   message=f"no worker runs, and {len(shown)} cannot start: {named}",
                                    generation=generation, now=now)
     elif problem is None:
         conditions = set_condition(conditions, type=READY, status="True", reason="Ready",

@@ -633,8 +633,8 @@ def _count_end(p: _Pass, pod: Pod, pods: Sequence[Pod]) -> bool:
         return True
     if pod.phase == "Succeeded":
         w.succeeded += 1
-        # A worker that works ends a crash loop.
-        _end_failure_row(w)
+        if _success_ends_failures(p, pod):
+            _end_failure_row(w)
         w.consecutive_displaced, w.last_displaced_time = 0, None
         w.displaced_index, w.displaced_generation = None, None
         p.events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
@@ -868,6 +868,20 @@ def _scale_down_fixed(p: _Pass, alive: Sequence[Pod]) -> list[str]:
     return scale_down
 
 
+def _success_ends_failures(p: _Pass, pod: Pod) -> bool:
+    """Whether a worker that succeeded shows the fault of the failures in a row gone: one of the current
+    spec started after the last failure. One of an older spec, or running since before the failures,
+    says nothing of why the later ones fail (a bad template rolled out while the old workers drain).
+    Never an ephemeral queue's crash loop: it keeps a Job's rule, until the spec changes."""
+    s, w = p.spec, p.w
+    if w.consecutive_failures == 0:
+        return True
+    if s.ephemeral and w.consecutive_failures >= s.worker.backoff_limit:
+        return False
+    current = pod.generation is None or pod.generation >= p.queue.generation
+    return current and (w.failure_index is None or pod.index is None or pod.index >= w.failure_index)
+
+
 def _reset_proven_backoff(p: _Pass, alive: Sequence[Pod]) -> None:
     """Ends a pool's failures in a row once a worker started after the last one has run for the longest
     back-off, as the kubelet forgets a container's back-off once it has run a while: that shows the
@@ -907,7 +921,10 @@ def _creates(p: _Pass, alive: Sequence[Pod], missing: int, *, ending: bool) -> t
     crash_looping = w.consecutive_failures > 0 and w.consecutive_failures >= s.worker.backoff_limit
     if crash_looping and manages_pods(s):
         _announce_crash_loop(p)
-        if s.ephemeral or missing <= 0 or s.suspend or alive:
+        # The try: a worker alive that was made after the last failure. One running since before the
+        # failures is none, and would otherwise hold every try back until it leaves (up to 1,800 s).
+        trying = any(w.failure_index is None or pod.index is None or pod.index >= w.failure_index for pod in alive)
+        if s.ephemeral or missing <= 0 or s.suspend or trying:
             return ()
         # A pool is meant to stay: whatever failed its workers may pass (Temporal or the control
         # plane out of reach for a while). Given up on for good, it would stay drained until
@@ -1082,7 +1099,9 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         # token is the worker's alone: a sidecar (a log shipper, a mesh proxy) has no call to make
         # with it, and with it could do whatever the worker may.
         given = [*env, token] if container.get("name") == runs_worker else env
-        ours = {e["name"] for e in given}
+        # SINGLE_EXECUTION too when the operator sets none: a template's would make the workers of a
+        # queue that is not single-execution exit after one task, which its planning never expects.
+        ours = {e["name"] for e in given} | {"SINGLE_EXECUTION"}
         container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + given
     pod_spec["restartPolicy"] = "Never"
     if not pod_spec.get("serviceAccountName") and not pod_spec.get("serviceAccount"):
