@@ -304,7 +304,8 @@ class WorkerPodSpec(_Model):
     backoff_limit: int = Field(default=6, ge=0, le=100)
     """Consecutive failed workers after which the queue is CrashLooping: an ephemeral queue starts no
     more until the spec changes; any other tries one worker at a time after the longest back-off
-    (the operator's worker_backoff_max_seconds, 5 min) until one succeeds or has run that long."""
+    (the operator's worker_backoff_max_seconds, 5 min) until one succeeds or has run that long. 0 is
+    as 1: the first failure (unlike a Job's, whose limit counts retries after it)."""
 
 
 class ScalingSpec(_Model):
