@@ -291,19 +291,26 @@ async def test_a_queue_made_again_under_its_queue_id_shows_its_new_pods_none_of_
     assert answer.json() == [], (made, operator.logs()[-3000:])  # nothing of its own yet: it waits for work
 
 
+async def first_pods_worker(operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+                            name: str, queue_id: str) -> tuple[str, str, Client, workflows.Activities]:
+    """A single-execution queue whose first pod's worker the test plays (no kubelet runs the pod): that
+    pod's token, its /executions path as the worker polls it, a Temporal client, and the worker's activities."""
+    kube.create_queue(namespace, name, **queue_spec(temporal, queue_id))
+    token = wait_for(lambda: kube.has_secret(namespace, f"{name}-w0-token") and kube.secret_value(
+        namespace, f"{name}-w0-token", "token"), what=f"{name}-w0's token")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    activities = workflows.Activities(control_plane_url=operator.url, api_key=token, progress=workflows.Progress(),
+                                      log=lambda _: None)
+    return token, f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all", client, activities
+
+
 async def test_a_worker_sees_its_execution_behind_a_burst_of_newer_ones(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer):
     # A burst of more workflows than one listing shows (100), the oldest taken first: a worker whose
     # execution is not among the newest would never see it end, never exit, and take one workflow
     # after another for the rest of its life instead of one.
     queue_id = f"burst-{namespace}"
-    kube.create_queue(namespace, "burst", **queue_spec(temporal, queue_id))
-    mine = wait_for(lambda: kube.has_secret(namespace, "burst-w0-token") and kube.secret_value(
-        namespace, "burst-w0-token", "token"), what="burst-w0's token")
-    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    activities = workflows.Activities(control_plane_url=operator.url, api_key=mine, progress=workflows.Progress(),
-                                      log=lambda _: None)
+    mine, path, client, activities = await first_pods_worker(operator, kube, namespace, temporal, "burst", queue_id)
     workflow_id = f"exec-{secrets.token_hex(4)}"
     async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
                       activities=[activities.run_execution], identity=f"{os.getpid()}@burst-w0"):
@@ -330,17 +337,11 @@ async def test_a_worker_is_shown_nothing_while_more_run_than_a_listing_reads(
     # (temporal.SCAN_LIMIT), so its first is left out. Shown its second, the worker would latch onto
     # it and exit when it closed, its first still running on it; shown nothing, it keeps waiting.
     queue_id = f"cut-{namespace}"
-    kube.create_queue(namespace, "cut", **queue_spec(temporal, queue_id))
-    mine = wait_for(lambda: kube.has_secret(namespace, "cut-w0-token") and kube.secret_value(
-        namespace, "cut-w0-token", "token"), what="cut-w0's token")
-    path = f"/api/v1/worker-queues/{queue_id}/executions?limit=5&status=all"
+    mine, path, client, activities = await first_pods_worker(operator, kube, namespace, temporal, "cut", queue_id)
 
     def shown() -> list[tuple[str, str]]:
         return [(e["id"], e["status"]) for e in operator.call("GET", path, mine).json()]
 
-    client = await Client.connect(temporal.address, namespace=temporal.namespace)
-    activities = workflows.Activities(control_plane_url=operator.url, api_key=mine, progress=workflows.Progress(),
-                                      log=lambda _: None)
     first, second = (f"{name}-{secrets.token_hex(4)}" for name in ("first", "second"))
     async with Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS),
                       activities=[activities.run_execution], identity=f"{os.getpid()}@cut-w0"):
