@@ -219,8 +219,10 @@ async def test_a_real_single_execution_worker_signed_in_as_a_service_account_run
         wait_for(lambda: worker.poll() is not None, timeout=60, interval=1, what="the worker's exit")
         assert worker.returncode == 0, procs.tail(log_path)
         assert complaints(log()) == [], complaints(log())
-        assert worker_id not in kube.registrations(namespace)
-        assert [e for e in kube.events(namespace, "sa") if e.reason == "WorkerDisconnected"]
+    # Its disconnect ended its registration, and is told (an Event posted in the background).
+    wait_for(lambda: worker_id not in kube.registrations(namespace), what="its registration ended")
+    wait_for(lambda: [e for e in kube.events(namespace, "sa") if e.reason == "WorkerDisconnected"],
+             what="a WorkerDisconnected Event")
 
 
 # A pool of two; and one whose pods' names are longer than a hostname (63 characters), which

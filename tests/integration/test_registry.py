@@ -168,8 +168,8 @@ def test_a_worker_with_a_kubernetes_identity_joins_again_after_it_expired(
     wait_for(lambda: worker_id not in kube.registrations(namespace) and any(
         e.reason == "WorkerExpired" and worker_id in e.message for e in kube.events(namespace, "sa")),
         timeout=40, interval=1, what="the registration expired")
-    # Not for an identity that may not start workers on that queue.
-    assert heartbeat(operator, worker_id, service_account_token(kube, namespace, "other")) == 403
+    # Not for another identity: not its registration to bring back (nor may it start workers there).
+    assert heartbeat(operator, worker_id, service_account_token(kube, namespace, "other")) == 404
     assert heartbeat(operator, worker_id, token) == 200
     wait_for(lambda: worker_id in kube.registrations(namespace), what="the Lease written again")
     assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token, {"reason": "shutdown"}).status == 200
