@@ -108,6 +108,10 @@ def test_progressing_quotes_no_plan_of_an_older_spec_under_the_new_generation():
     # Nothing planned yet (a new queue) is no "0 of 0 workers alive" either.
     fresh = conditions(status.desired_status(changed, {}, now=NOW))["Progressing"]
     assert fresh["reason"] == "Planning"
+    # Nor once a queue that started no workers becomes one that does: its `live` count is no plan.
+    became = conditions(status.desired_status(changed, {"workers": {"live": 2}}, now=NOW))["Progressing"]
+    assert (became["reason"], became["message"]) == (
+        "Planning", "0 workers alive; planning the workers of generation 4")
     # Counts that do not say (an earlier version wrote them, or the CRD was not upgraded): as they are.
     unsaid = {"desired": 1, "pending": 0, "running": 1}
     assert conditions(status.desired_status(changed, {"workers": unsaid}, now=NOW))["Progressing"]["reason"] == (

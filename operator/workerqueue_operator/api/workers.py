@@ -291,13 +291,12 @@ async def _executions_reader(request: web.Request, caller: callers.Caller
     """The queue, and whether the caller may start workers on it, or the answer to give at once. A
     Kubernetes identity RBAC allows to start workers there may read its executions as a worker (the
     Role that lets a worker `/start` is enough); one allowed only to `get` the queue reads it all."""
+    if caller.identity is None:
+        found = await _queue(request, caller, verb="get", message="This token may not read this worker queue")
+        return found if isinstance(found, web.Response) else (found, True)
     resolution = request.app[STORE].serving(request.match_info["queue_id"])
     if resolution is None:
         return errors.detail(404, "Worker queue not found")
-    if caller.identity is None:
-        denied = await callers.authorize(request, caller, resolution, verb="get",
-                                         token_message="This token may not read this worker queue")
-        return denied or (resolution, True)
     starts = await callers.allowed(request, caller, resolution, verb="create", subresource="start")
     if isinstance(starts, web.Response):
         return starts

@@ -398,9 +398,12 @@ class Registry:
         return sorted((w for w in self._members(queue) if not w.expired(now)), key=lambda w: w.registered_at)
 
     def registered_as(self, queue: QueueKey, identity: str) -> list[Worker]:
-        """The live registrations a Kubernetes identity made in a queue."""
+        """The live registrations a Kubernetes identity made in a queue (not a deleted namesake's)."""
         now = self._clock()
-        return [w for w in self._members(queue) if w.identity == identity and not w.expired(now)]
+        registered = self._by_identity.get(identity, {}).get(queue, {})
+        known = self._queue_of(queue) if registered else None
+        return [w for w in registered.values()
+                if not w.expired(now) and (known is None or not namesakes(w, known))]
 
     def queues_registered_by(self, identity: str) -> list[QueueKey]:
         """The queues known here in which a Kubernetes identity has live registrations (not a

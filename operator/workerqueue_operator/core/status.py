@@ -153,10 +153,11 @@ def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any
                                              "longest back-off until one succeeds or has run that long")
         return "False", "CrashLooping", "no new workers until the spec changes"
     planned = workers.get("observedGeneration")
-    if not workers or (planned is not None and planned != generation):
-        # The counts are of an older spec (or none yet): quoting them under this generation would
-        # tell a client waiting on `observedGeneration` that the change is done. Counts that do not
-        # say (written by an earlier version, or a CRD not upgraded) are taken as they are.
+    if "desired" not in workers or (planned is not None and planned != generation):
+        # The counts are of an older spec, or there are none yet (a queue that starts no workers has
+        # only `live`, the registry's): quoting them under this generation would tell a client waiting
+        # on `observedGeneration` that the change is done. Counts that do not say their generation
+        # (written by an earlier version, or a CRD not upgraded) are taken as they are.
         return "True", "Planning", f"{alive} workers alive; planning the workers of generation {generation}"
     if suspended:
         return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
