@@ -690,3 +690,95 @@ def test_the_host_of_a_workers_identity_is_what_follows_its_pid():
     assert temporal_.host_of("42@queue-w0") == "queue-w0"
     assert temporal_.host_of("42@host@example") == "host@example"  # one parse everywhere: after the pid
     assert [temporal_.host_of(i) for i in (None, "", "queue-w0", "@queue-w0", "42@")] == [None] * 5
+
+
+async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_while(monkeypatch: pytest.MonkeyPatch):
+    # 300 runs waiting for a worker had their histories read again at every listing, each second, and
+    # while some were unread no worker was shown its execution.
+    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(300)]
+    reads: list[str] = []
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(workflow_id)
+        return _Holder(None, None, untaken_at=time.time())
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=4.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        first = await access.executions(endpoint, "tq", taken_first=True)
+        assert len(reads) == 300 and not first.reused and not any(e.holder_unread for e in first)
+        again = await access.executions(endpoint, "tq", taken_first=True)
+        assert len(reads) == 300 and again.reused
+        assert [(e.holder, e.untaken_at) for e in again] == [(e.holder, e.untaken_at) for e in first]
+        # Read anew when asked to, for a scaling probe, and for people (who see each run's holder as of now).
+        rechecked = await access.executions(endpoint, "tq", taken_first=True, recheck=True)
+        assert len(reads) == 600 and not rechecked.reused
+        await access.executions(endpoint, "tq", limit=300, running=True, fresh=True)
+        await access.executions(endpoint, "tq", limit=300)
+        assert len(reads) == 1200
+        # Past the reuse window, read again.
+        monkeypatch.setattr(temporal_, "UNTAKEN_REUSE_SECONDS", 0.0)
+        later = await access.executions(endpoint, "tq", taken_first=True)
+        assert len(reads) == 1500 and not later.reused
+    finally:
+        await access.close()
+
+
+async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_untaken_are_read_again(
+        monkeypatch: pytest.MonkeyPatch):
+    # pod-a's first execution completed; a later run, read untaken a moment ago, it has taken since.
+    # Told "completed" from the earlier reading, it would exit with that run under way.
+    done = START + datetime.timedelta(seconds=30)
+    first = _Run("wf-first", "run-1", S.COMPLETED, "W", START, done)
+    later = _Run("wf-later", "run-2", S.RUNNING, "W", START + datetime.timedelta(seconds=60), None)
+    taken = [False]
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if workflow_id == "wf-first":
+            return _Holder("1@pod-a", rfc3339(START))
+        if taken[0]:
+            return _Holder("1@pod-a", rfc3339(START + datetime.timedelta(seconds=61)))
+        return _Holder(None, None, untaken_at=time.time())
+
+    patch_listing(monkeypatch, [later, first], read)
+    access = Temporal(timeout=4.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
+        assert (shown["id"], shown["status"]) == ("wf-first", "completed")  # read just now: nobody had it
+        taken[0] = True  # pod-a takes the later run
+        listed = await access.executions(endpoint, "tq", limit=100, taken_first=True)
+        assert listed.reused  # as read before: untaken
+        assert executions.worker_view(listed, hostname="pod-a")[0]["status"] == "completed"
+        (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
+        assert (shown["id"], shown["status"], shown["held_executions"]) == ("wf-first", "running", 2)
+    finally:
+        await access.close()
+
+
+async def test_a_listing_again_for_a_worker_keeps_to_one_timeout_in_all(monkeypatch: pytest.MonkeyPatch):
+    # Two listings one after the other took up to twice the timeout: past the worker's own bound on
+    # its poll. Not listed again in time, its execution is told running (it polls again in 2 s).
+    first = _Run("wf-first", "run-1", S.COMPLETED, "W", START, START + datetime.timedelta(seconds=30))
+    later = _Run("wf-later", "run-2", S.RUNNING, "W", START + datetime.timedelta(seconds=60), None)
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if workflow_id == "wf-first":
+            return _Holder("1@pod-a", rfc3339(START))
+        return _Holder(None, None, untaken_at=time.time())
+
+    patch_listing(monkeypatch, [later, first], read)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
+        assert shown["status"] == "completed"
+        patch_listing(monkeypatch, [later, first], read, scan_seconds=0.8)  # each listing takes 0.8 s now
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
+        assert (shown["status"], shown["completed_at"]) == ("running", None)
+        assert loop.time() - began < 1.4  # not the 1.6 s of both listings
+    finally:
+        await access.close()

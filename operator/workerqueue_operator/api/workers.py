@@ -333,16 +333,17 @@ async def list_executions(request: web.Request) -> web.Response:
     host = await _asking_worker(request, caller, resolution, starts=starts)
     if isinstance(host, web.Response):
         return host
+    access = request.app[TEMPORAL]
     try:
-        found = await request.app[TEMPORAL].executions(target.endpoint, target.task_queue, limit=MAX_LIMIT,
-                                                       taken_first=host is not None)
+        if host is not None:
+            view = await executions.for_worker(access, target.endpoint, target.task_queue, limit=MAX_LIMIT,
+                                               hostname=host[0], since=host[1], pid=host[2])
+            view = [e for e in view if status == "all" or e["status"] == status]
+        else:
+            found = await access.executions(target.endpoint, target.task_queue, limit=MAX_LIMIT)
+            view = executions.queue_view(found, status=status, limit=limit)
     except temporal.TemporalUnavailable as exc:
         return errors.detail(503, f"Temporal is unavailable: {exc}")
-    if host is not None:
-        view = executions.worker_view(found, hostname=host[0], since=host[1], pid=host[2], cut=found.cut)
-        view = [e for e in view if status == "all" or e["status"] == status]
-    else:
-        view = executions.queue_view(found, status=status, limit=limit)
     return web.json_response(view)
 
 

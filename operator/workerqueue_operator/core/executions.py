@@ -20,18 +20,24 @@ It waits, and its Temporal worker takes work meanwhile, until the backlog is bel
 
 Only executions taken since its pod was made count: a queue deleted and made again under the same
 queueId names its pods from -w0 again, on a task queue that still lists what the old pods ran.
+
+A worker is told its execution is over only from a listing that read again the runs it shows nobody
+has taken (`for_worker`): it may have taken one since an earlier read.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 from workerqueue_operator.core import temporal
-from workerqueue_operator.core.temporal import Execution
+from workerqueue_operator.core.temporal import Endpoint, Execution
 from workerqueue_operator.models import times
 
 STATUSES = ("running", "completed", "failed", "cancelled", "waiting_for_input")
+FINISHED = ("completed", "failed", "cancelled")
+"""What a worker exits on, read on two polls in a row."""
 
 
 def held_by(execution: Execution, hostname: str, pid: int | None = None) -> bool:
@@ -107,3 +113,24 @@ def worker_view(executions: Sequence[Execution], *, hostname: str, since: float 
         entry["status"] = "failed"
     entry["held_executions"] = len({e.id for e in held})  # an execution's earlier run and its newest alike
     return [entry]
+
+
+async def for_worker(access: temporal.Temporal, endpoint: Endpoint, task_queue: str, *, limit: int, hostname: str,
+                     since: float | None = None, pid: int | None = None) -> list[dict[str, Any]]:
+    """`worker_view` of the task queue's listing. One that would tell the worker its execution is over
+    while it shows a run untaken as an earlier listing read it is listed again, every such run read
+    anew: the worker may have taken it since, and would exit with it running. Within one timeout of
+    `access` in all: not listed again by then, the execution is told running this time."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + access.timeout
+    found = await access.executions(endpoint, task_queue, limit=limit, taken_first=True)
+    view = worker_view(found, hostname=hostname, since=since, pid=pid, cut=found.cut)
+    if found.reused and view and view[0]["status"] in FINISHED:
+        try:
+            async with asyncio.timeout_at(until):
+                found = await access.executions(endpoint, task_queue, limit=limit, taken_first=True, recheck=True)
+        except (TimeoutError, temporal.TemporalUnavailable):
+            # The listing goes on (shared) for its next poll, two seconds on.
+            return [{**view[0], "status": "running", "completed_at": None}]
+        view = worker_view(found, hostname=hostname, since=since, pid=pid, cut=found.cut)
+    return view

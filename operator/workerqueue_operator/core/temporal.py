@@ -72,6 +72,11 @@ CLOSED_SHOWN_SECONDS = 60.0
 """How long a worker's closed execution stays in the workers' listing past the `limit` closed last:
 its worker needs it on two polls 2 s apart (a failed poll retried meanwhile)."""
 HOLDER_QUEUES_SECONDS = 600.0
+UNTAKEN_REUSE_SECONDS = 10.0
+"""A running run read as untaken is not read again for this long by the listings workers poll: a
+backlog of hundreds of runs nobody took yet was read again at every listing (each second), and
+while some were unread no worker was shown its execution. A worker may have taken one since; a
+listing that could tell a worker its execution is over reads them again first (`recheck`)."""
 HOLDER_CACHE_MOST = 200_000
 """...and never more than this many (~640 B each, ~125 MiB): 10,000 polled task queues would otherwise
 keep 1.5 million (~1 GiB). Past ~1,300 polled task queues, holders are read again more often instead."""
@@ -209,11 +214,14 @@ class Execution:
 
 class Listing(list[Execution]):
     """A listing's executions. `cut`: running workflows may have been left out (more ran than a scan
-    reads, see SCAN_LIMIT), so nobody can be told from it which executions a worker holds."""
+    reads, see SCAN_LIMIT), so nobody can be told from it which executions a worker holds. `reused`:
+    see below."""
 
-    def __init__(self, executions: Iterable[Execution] = (), *, cut: bool = False) -> None:
+    def __init__(self, executions: Iterable[Execution] = (), *, cut: bool = False, reused: bool = False) -> None:
         super().__init__(executions)
         self.cut = cut
+        self.reused = reused
+        """Some running run is shown untaken as an earlier listing read it (UNTAKEN_REUSE_SECONDS)."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ class _Holder:
     time, a start delay, a retry's back-off): nothing for a worker to take until then."""
 
 
-_ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool]
+_ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool, bool]
 
 
 class _Waiting(NamedTuple):
@@ -296,6 +304,8 @@ class Temporal:
         self._listings: dict[_ListingKey, tuple[asyncio.Task[Listing], list[float]]] = {}
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
+        self._untaken: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
+        """Running runs whose last read found nobody had taken them, as read (by when read, oldest first)."""
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
         """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
         self._listed_pruned = 0.0
@@ -317,8 +327,14 @@ class Temporal:
         self._turns: weakref.WeakValueDictionary[tuple[str, str], asyncio.Semaphore] = weakref.WeakValueDictionary()
         """(host, namespace) -> its history reads' turns, while a line of it is read."""
 
+    @property
+    def timeout(self) -> float:
+        """Each call's bound (seconds)."""
+        return self._timeout
+
     async def executions(self, endpoint: Endpoint, task_queue: str, *, limit: int = 100,
-                         running: bool = False, taken_first: bool = False, fresh: bool = False) -> Listing:
+                         running: bool = False, taken_first: bool = False, fresh: bool = False,
+                         recheck: bool = False) -> Listing:
         """The workflows of `task_queue`, newest first by start time, at most `limit`, holders resolved;
         with `running`, only those still running (what waits for a worker and what workers hold).
 
@@ -331,8 +347,11 @@ class Temporal:
         runs however many older ones run.
 
         With `fresh`, no listing begun before this call is joined: what the caller makes of it is as of
-        now (a scaling probe's reading, on which pods and ephemeral queues are deleted)."""
-        key = (endpoint.key, task_queue, limit, running, taken_first)
+        now (a scaling probe's reading, on which pods and ephemeral queues are deleted). In what
+        workers are shown, a run read untaken within UNTAKEN_REUSE_SECONDS is shown as then read,
+        and the listing says so (`reused`), unless `recheck` (or `fresh`): every run shown untaken
+        is read during this listing or one it joins."""
+        key = (endpoint.key, task_queue, limit, running, taken_first, recheck or fresh)
         loop = asyncio.get_running_loop()
         entry = None if fresh else self._listings.get(key)
         if entry is not None:
@@ -343,7 +362,7 @@ class Temporal:
         deadline = loop.time() + self._timeout
         task = loop.create_task(self._bounded(endpoint, lambda c: self._list(c, endpoint, task_queue, limit, running,
                                                                              taken_first, deadline=deadline,
-                                                                             fresh=fresh)))
+                                                                             fresh=fresh, recheck=recheck)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
         self._listings[key] = (task, finished_at)
         self._forget_old_listings(loop.time())
@@ -585,9 +604,9 @@ class Temporal:
 
     async def _list(self, client: Client, endpoint: Endpoint, task_queue: str, limit: int,
                     running: bool, taken_first: bool = False, *, deadline: float | None = None,
-                    fresh: bool = False) -> Listing:
+                    fresh: bool = False, recheck: bool = False) -> Listing:
         """`deadline` (loop time): when the caller gives up on the listing; what is not read by then
-        shows without a holder rather than the whole listing fail. `fresh`: see executions."""
+        shows without a holder rather than the whole listing fail. `fresh`, `recheck`: see executions."""
         query = f'TaskQueue="{_quote(task_queue)}"'
         if running:
             query += ' AND ExecutionStatus="Running"'
@@ -611,13 +630,21 @@ class Temporal:
         self._listed(endpoint, task_queue)
         holders: list[_Holder | None] = []
         reads: dict[int, asyncio.Future[_Holder]] = {}
+        reuse_since = time.time() - UNTAKEN_REUSE_SECONDS if taken_first and not (fresh or recheck) else None
+        reused = False
         for i, wf in enumerate(runs):
             if (wf.id, wf.run_id) in untouched:
                 holders.append(self._holders.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id)))
                 continue
             # Known ones are not behind the reads: a slow backlog must not hide what is known.
             holders.append(self._known_holder(endpoint, wf.id, wf.run_id))
-            if holders[-1] is None:
+            if holders[-1] is not None:
+                continue
+            untaken = self._untaken.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+            if (reuse_since is not None and untaken is not None and untaken.untaken_at is not None
+                    and untaken.untaken_at >= reuse_since and wf.close_time is None):
+                holders[-1], reused = untaken, True
+            else:
                 reads[i] = self._read(client, endpoint, task_queue, wf, join=not fresh)
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout, nor before the caller gives up, shows without a holder this time.
@@ -650,7 +677,7 @@ class Temporal:
             )
             for wf, h in zip(runs, holders, strict=True)
             for ended in (goes_on.get((wf.id, wf.run_id), wf),)
-        ), cut=scanned >= self._scan_limit and last_running)
+        ), cut=scanned >= self._scan_limit and last_running, reused=reused)
 
     def _workers_runs(self, endpoint: Endpoint, newest: dict[str, _Run], runs_of: dict[str, dict[str, _Run]],
                       limit: int) -> tuple[list[_Run], set[tuple[str, str]], dict[tuple[str, str], _Run]]:
@@ -847,7 +874,24 @@ class Temporal:
             return
         finally:
             line.turns.release()
+        self._note_untaken(waiting.endpoint, waiting.run, found)
         _settle(waiting.holder, found)
+
+    def _note_untaken(self, endpoint: Endpoint, run: _Run, found: _Holder) -> None:
+        """Keeps what a read found of a run nobody had taken (for UNTAKEN_REUSE_SECONDS), or forgets it."""
+        key = (endpoint.host, endpoint.namespace, run.id, run.run_id)
+        self._untaken.pop(key, None)
+        if found.identity is not None or found.untaken_at is None:
+            return
+        self._untaken[key] = found
+        # Read in turn, the oldest come first: those past reuse go, and the most kept is the holders'.
+        oldest = time.time() - UNTAKEN_REUSE_SECONDS
+        capacity = self._holder_capacity()
+        while self._untaken:
+            first = next(iter(self._untaken.values()))
+            if len(self._untaken) <= capacity and first.untaken_at is not None and first.untaken_at >= oldest:
+                break
+            self._untaken.popitem(last=False)
 
     def _read_done(self, key: tuple[str, str, str, str], read: asyncio.Future[_Holder]) -> None:
         self._begun.discard(read)
