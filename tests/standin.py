@@ -2,6 +2,10 @@
 
 Every path echoes the request as JSON (method, path and query as sent, headers, body length and
 sha256, the body read as it streams in, never held whole), except:
+- `.../resolved/full` (an agent's resolved environment): the credential it was called with, as the
+  Agent Control Plane answers it (`resolved_env_vars.KUBIYA_API_KEY`), in a header too
+  (`X-Called-With`); `?pad=N` adds N bytes; streamed in pieces, the credential split across two of
+  them, with `?stream=1`;
 - `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
   meanwhile is noted in `received` as method `GONE`);
 - `.../hang`, and every path under a leading `/hang/` (an LLM proxy that never answers): never
@@ -11,6 +15,10 @@ sha256, the body read as it streams in, never held whole), except:
   echoes every message back (text as text, binary as binary); `close` closes it with code 4000,
   `flood` makes it send 64 KiB messages for as long as it is open.
 
+The echoed headers are sealed (base64 of their JSON; read with `headers`, `header_values`): the
+pass-through gives a worker its own token wherever the organization's key shows in an answer, and
+what the upstream received is to be read as it was.
+
 `StandIn` runs it in a thread of its own, for tests that drive HTTP synchronously; `received`
 lists what came in.
 """
@@ -18,6 +26,7 @@ lists what came in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import threading
@@ -43,6 +52,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(3600)
     if tail.endswith("stream") and request.method == "GET":
         return await _events(request)
+    if tail.endswith("resolved/full"):
+        return await _resolved(request)
     if tail.endswith("redirect"):  # elsewhere on this host, websocket handshakes too
         raise web.HTTPTemporaryRedirect("/api/v1/redirected")
     if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -54,7 +65,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({
         "method": request.method,
         "path_qs": request.raw_path,
-        "headers": [[k, v] for k, v in request.headers.items()],
+        "headers": _sealed(request),
         "body_length": length,
         "body_sha256": digest.hexdigest(),
     }, status=int(request.headers.get("X-Answer-Status", "200")),
@@ -84,7 +95,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
 async def _websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(protocols=("agent.v1",))
     await ws.prepare(request)
-    hello = {"path_qs": request.raw_path, "headers": [[k, v] for k, v in request.headers.items()]}
+    hello = {"path_qs": request.raw_path, "headers": _sealed(request)}
     await ws.send_str(json.dumps(hello))
     async for message in ws:
         if message.type is WSMsgType.TEXT and message.data == "close":
@@ -107,8 +118,35 @@ def make_app(received: list[tuple[str, str, str | None]] | None = None) -> web.A
     return app
 
 
+def _sealed(request: web.Request) -> str:
+    return base64.b64encode(json.dumps([[k, v] for k, v in request.headers.items()]).encode()).decode()
+
+
+def headers(echoed: dict[str, Any]) -> list[list[str]]:
+    """The headers the stand-in received, as the echo tells them."""
+    found: list[list[str]] = json.loads(base64.b64decode(echoed["headers"]))
+    return found
+
+
 def header_values(echoed: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in echoed["headers"] if k.lower() == name.lower()]
+    return [v for k, v in headers(echoed) if k.lower() == name.lower()]
+
+
+async def _resolved(request: web.Request) -> web.StreamResponse:
+    credential = request.headers.get("Authorization", "").partition(" ")[2]
+    padding = "x" * int(request.query.get("pad", "0"))  # past SMALL_ANSWER, streamed by the pass-through
+    body = json.dumps({"resolved_env_vars": {"KUBIYA_API_KEY": credential, "OTHER": padding}}).encode()
+    answer_headers = {"Content-Type": "application/json", "X-Called-With": credential}
+    if request.query.get("stream") != "1":
+        return web.Response(body=body, headers=answer_headers)
+    response = web.StreamResponse(headers=answer_headers)
+    await response.prepare(request)
+    middle = body.index(credential.encode()) + len(credential) // 2
+    for piece in (body[:middle], body[middle:]):
+        await response.write(piece)
+        await asyncio.sleep(0.05)  # two chunks for the reader, not one
+    await response.write_eof()
+    return response
 
 
 class StandIn:

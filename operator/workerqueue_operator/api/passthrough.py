@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from workerqueue_operator.api import callers, errors, metrics
+from workerqueue_operator.api.keymask import KeyMask
 from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.shares import Shares
@@ -51,10 +52,11 @@ WORKER_SCHEMES = ("bearer", "userkey")
 # never passed on. Where the request came from is the operator's to say, not the worker's. Cookies
 # neither way: a session the upstream opens for a request signed with the organization's key is
 # that key's, not the worker's to hold. `UserKey` as a header of its own is a credential the Agent
-# Control Plane also reads: a worker's token sent so must not reach the upstream either.
+# Control Plane also reads: a worker's token sent so must not reach the upstream either. No
+# Accept-Encoding: an answer comes uncompressed, so that the key can be found in it (api/keymask.py).
 _NOT_FORWARDED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "UserKey", "Expect", "Cookie",
+    "Transfer-Encoding", "Upgrade", "Host", "Authorization", "UserKey", "Expect", "Cookie", "Accept-Encoding",
     "Forwarded", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
 ))
 _NOT_RETURNED = frozenset(h.lower() for h in (
@@ -123,13 +125,16 @@ def request_headers(
     return out
 
 
-def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str) -> CIMultiDict[str]:
+def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str,
+                     mask: KeyMask | None = None) -> CIMultiDict[str]:
     """The upstream's answer headers as the worker gets them: the hop-by-hop ones left out, and a
     redirect into the upstream made relative, so that the worker follows it through the operator
-    (straight to the upstream it would carry its own token there, and lack the organization's key)."""
+    (straight to the upstream it would carry its own token there, and lack the organization's key);
+    the key, should one say it, in `mask`'s care."""
     pairs = list(incoming)
     dropped = _NOT_RETURNED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
+    out: CIMultiDict[str] = CIMultiDict((k, mask.text(v) if mask is not None else v)
+                                        for k, v in pairs if k.lower() not in dropped)
     location = out.get("Location")
     if location is not None:
         out["Location"] = _through_operator(location, upstream_url)
@@ -197,8 +202,13 @@ class _Route:
     scheme: str
     key: queues.QueueKey
     token_digest: bytes
+    token: str = field(repr=False)
+    """The worker's, given back in place of the upstream's key (api/keymask.py)."""
     identity: str | None = None
     """For a Kubernetes identity's worker: who it registered as (reviews.Identity.registrant)."""
+
+    def mask(self) -> KeyMask:
+        return KeyMask(self.upstream.api_key, self.token)
 
 
 class _Reporter:
@@ -425,7 +435,7 @@ class Passthrough:
             if self._registry is None or workers.is_worker_token(token):
                 return errors.unauthorized("Invalid authentication credentials")
             return await self._identity_route(request, scheme, token, token_digest)
-        return self._upstream_route(store.resolution(key), scheme, key, token_digest)
+        return self._upstream_route(store.resolution(key), scheme, key, token_digest, token)
 
     async def _identity_route(self, request: web.Request, scheme: str, token: str, token_digest: bytes
                               ) -> _Route | web.Response:
@@ -460,13 +470,13 @@ class Passthrough:
         if not allowed:
             return errors.detail(403, f"{identity.username} may not create workerqueues/start on the worker "
                                       "queue its worker started in")
-        return self._upstream_route(resolution, scheme, keys[0], token_digest, identity=identity.registrant)
+        return self._upstream_route(resolution, scheme, keys[0], token_digest, token, identity=identity.registrant)
 
     @staticmethod
     def _upstream_route(resolution: queues.Resolution | None, scheme: str, key: queues.QueueKey,
-                        token_digest: bytes, *, identity: str | None = None) -> _Route | web.Response:
+                        token_digest: bytes, token: str, *, identity: str | None = None) -> _Route | web.Response:
         if resolution is not None and resolution.upstream is not None:
-            return _Route(resolution.upstream, scheme, key, token_digest, identity)
+            return _Route(resolution.upstream, scheme, key, token_digest, token, identity)
         problem = resolution.upstream_problem if resolution is not None else None
         if problem is not None:
             return errors.detail(503, f"The worker queue's upstream is not ready: {problem.message}")
@@ -539,11 +549,16 @@ class Passthrough:
             if request.transport is not None:
                 request.transport.abort()
             return errors.unauthorized("Invalid authentication credentials")  # its connection is gone
-        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url)
+        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url, mask=route.mask())
+        # Asked for none (no Accept-Encoding), an upstream may compress all the same: those bytes pass unread.
+        coded = answer.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
+        mask = KeyMask("", "") if coded else route.mask()
         length = answer.content_length
         if length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
-            return await self._small(answer, answer_headers, upstream, stats, latency)
+            return await self._small(answer, answer_headers, upstream, stats, latency, mask)
         stats.answered(answer.status, latency)
+        if request.method != "HEAD" and mask.active:
+            answer_headers.popall("Content-Length", None)  # the key's place taken, it may be other than said
         response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=answer_headers)
         read_whole = False
         try:
@@ -554,10 +569,10 @@ class Passthrough:
                 stats.bytes_received += len(chunk)
                 # A worker that stops reading must not hold the upstream's connection for ever.
                 async with asyncio.timeout(idle):
-                    await response.write(chunk)
+                    await response.write(mask.feed(chunk))
             read_whole = True
             async with asyncio.timeout(idle):  # its last chunk waits for the socket too
-                await response.write_eof()
+                await response.write_eof(mask.end())
         except ConnectionResetError:
             return response  # the worker went away
         except _Revoked:
@@ -577,7 +592,7 @@ class Passthrough:
         return response
 
     async def _small(self, answer: aiohttp.ClientResponse, headers: CIMultiDict[str], upstream: queues.Upstream,
-                     stats: metrics.UpstreamStats, latency: float) -> web.StreamResponse:
+                     stats: metrics.UpstreamStats, latency: float, mask: KeyMask) -> web.StreamResponse:
         read_whole = False
         try:
             payload = await answer.read()
@@ -591,7 +606,7 @@ class Passthrough:
         stats.answered(answer.status, latency)
         stats.bytes_received += len(payload)
         headers.popall("Content-Length", None)  # the Response sets it from the payload
-        return web.Response(status=answer.status, reason=answer.reason, body=payload, headers=headers)
+        return web.Response(status=answer.status, reason=answer.reason, body=mask.whole(payload), headers=headers)
 
     def _failed(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, kind: str, exc: BaseException,
                 status: int, message: str) -> web.Response:
@@ -651,7 +666,8 @@ class Passthrough:
             await ours.prepare(request)
             transport = request.transport  # upgraded: the connection is this websocket's alone
             await _pump_both_ways(ours, theirs, stats, still_opens=lambda: self._still_opens(route),
-                                  abort_ours=lambda: request.transport.abort() if request.transport else None)
+                                  abort_ours=lambda: request.transport.abort() if request.transport else None,
+                                  mask=route.mask())
         finally:
             self._websockets.discard(ours)
             await theirs.close()
@@ -796,16 +812,16 @@ async def _close_within(ws: _WebSocket, code: int, message: bytes = b"", *,
 
 
 async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], None], *,
-                 abort_sink: Callable[[], None] | None = None) -> None:
+                 abort_sink: Callable[[], None] | None = None, mask: KeyMask | None = None) -> None:
     """Text and binary messages from `source` to `sink` until `source` closes; `sink` is then closed
-    with the same code."""
+    with the same code. `mask`: what the upstream says, to the worker."""
     async for message in source:
         if message.type is aiohttp.WSMsgType.TEXT:
             counted(len(message.data))
-            await sink.send_str(message.data)
+            await sink.send_str(mask.text(message.data) if mask is not None else message.data)
         elif message.type is aiohttp.WSMsgType.BINARY:
             counted(len(message.data))
-            await sink.send_bytes(message.data)
+            await sink.send_bytes(mask.whole(message.data) if mask is not None else message.data)
     await _close_within(sink, _passed_on(source.close_code, aiohttp.WSCloseCode.OK), abort=abort_sink)
 
 
@@ -822,7 +838,7 @@ def _passed_on(code: int | None, default: int) -> int:
 
 async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWebSocketResponse,
                           stats: metrics.UpstreamStats, *, still_opens: Callable[[], bool],
-                          abort_ours: Callable[[], None] | None = None) -> None:
+                          abort_ours: Callable[[], None] | None = None, mask: KeyMask | None = None) -> None:
     """Messages both ways until either side closes; the other is then closed with the same code. Both
     are closed (the worker's with 1008) once the token it was opened with no longer opens its queue.
     `abort_ours` cuts the worker's connection, when its close does not end in time."""
@@ -841,7 +857,7 @@ async def _pump_both_ways(ours: web.WebSocketResponse, theirs: aiohttp.ClientWeb
 
     revoked = asyncio.create_task(until_revoked())
     tasks = [asyncio.create_task(_relay(ours, theirs, sent)),
-             asyncio.create_task(_relay(theirs, ours, received, abort_sink=abort_ours)), revoked]
+             asyncio.create_task(_relay(theirs, ours, received, abort_sink=abort_ours, mask=mask)), revoked]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if revoked.done() and not ours.closed:
