@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client as k8s_client
 
 from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
 from workerqueue_operator.devcluster.controlplane import ControlPlane
@@ -502,6 +504,58 @@ def test_a_pod_the_api_server_fails_to_delete_keeps_no_new_worker_from_starting(
     wait_for(lambda: "dw-w0" not in kube.pod_names(namespace, "dw", alive=False), timeout=90,
              what="the finished pod deleted, after its back-off")
     assert kube.pod_names(namespace, "dw") == ["dw-w1"]
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_a_refused_deletion_of_a_pods_token_says_nothing_of_the_token(
+        kube: Kube, namespace: str, kubectl: Any, operator: OperatorProcess):
+    # An admission policy on Secret deletes is given the Secret (oldObject) and may quote its data in
+    # its refusal: the operator's Event and log quoted the refusal, the pod's token with it.
+    kube.create_queue(namespace, "ds", queueId=f"ds-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "ds", ["ds-w0"])
+    token = kube.secret_value(namespace, "ds-w0-token", "token")
+    name = f"quoting-secret-deletes-{namespace}"
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {
+                  "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["DELETE"],
+                                     "resources": ["secrets"]}],
+                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+                  "validations": [{"expression": "false", "reason": "Forbidden",
+                                   "messageExpression": "'refused, its token being ' + string(oldObject.data.token)"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}))
+    try:
+        kube.put_secret(namespace, "probe", token="probe-value")
+
+        def quoted() -> bool:  # the policy in force, and quoting what it is given
+            try:
+                kube.core.delete_namespaced_secret("probe", namespace)
+            except k8s_client.ApiException as exc:
+                return f"refused, its token being {b64('probe-value')}" in str(exc.body)
+            kube.put_secret(namespace, "probe", token="probe-value")
+            return False
+
+        wait_for(quoted, what="the policy in force")
+        kube.set_phase(namespace, "ds-w0", "Succeeded", exit_code=0, reason="Completed")
+        wait_for(lambda: "PodDeletionFailed" in reasons(kube, namespace, "ds"), what="Event PodDeletionFailed")
+        time.sleep(5)  # passes retrying the deletion meanwhile
+        failed = [e.message for e in kube.events(namespace, "ds") if e.reason == "PodDeletionFailed"]
+        assert failed and all(m.endswith("token failed: 403 Forbidden: deleting the token Secret ds-w0-token failed "
+                                         "(403 Forbidden); tried again") for m in failed), failed
+        # Its token left, the pod gone was taken for one another replica was making: a worker too
+        # many, and the queue's new one was deleted in its place.
+        assert kube.pod_names(namespace, "ds") == ["ds-w1"] and kube.workers(namespace, "ds")["pending"] == 1
+        for quoted_token in (token, b64(token)):  # the policy quotes the Secret's data as stored
+            assert not any(quoted_token in (e.message or "") for e in kube.events(namespace)), failed
+            assert quoted_token not in operator.logs()
+    finally:
+        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, "--wait=false")
+    wait_for(lambda: not kube.has_secret(namespace, "ds-w0-token"), timeout=90, what="the token deleted, at last")
 
 
 def documented_restricted_template() -> dict[str, Any]:

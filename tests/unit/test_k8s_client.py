@@ -156,6 +156,8 @@ async def test_an_answer_that_is_not_json_is_one_of_the_errors_callers_catch():
     from aiohttp.test_utils import TestServer
 
     async def page(request: web.Request) -> web.Response:
+        if request.path.endswith("/json"):  # JSON, but no object: read as one, an AttributeError (a 500)
+            return web.json_response([{"sign in": True}] if "list" in request.path else None)
         return web.Response(text="<html>sign in</html>", content_type="text/html")
 
     app = web.Application()
@@ -165,6 +167,10 @@ async def test_an_answer_that_is_not_json_is_one_of_the_errors_callers_catch():
         try:
             with pytest.raises(client.ERRORS, match="not JSON") as caught:
                 await kube.create("/apis/authentication.k8s.io/v1/tokenreviews", {"spec": {"token": "t"}})
+            for path in ("/api/v1/null/json", "/api/v1/list/json"):
+                with pytest.raises(client.ERRORS, match="no JSON object") as object_caught:
+                    await kube.get(path)
+                assert "sign in" not in str(object_caught.value)
         finally:
             await kube.close()
     assert "sign in" not in str(caught.value)

@@ -1260,6 +1260,35 @@ async def test_failed_writes_of_many_registrations_are_one_log_line_not_one_each
         await kube.close()
 
 
+async def test_a_write_that_fails_unforeseen_is_retried_not_held_under_way_for_good(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """An answer no one foresaw (JSON that is no object, once) ended the write's task: the worker stayed
+    "under way" and its Lease was never written again; a deletion so ended held its slot."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+        worker = reg.register(q1, "w-1")
+
+        async def unforeseen(*args: object, **kwargs: object) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'get'")
+
+        monkeypatch.setattr(reg._calls, "create", unforeseen)
+        await reg._write(worker)
+        assert worker.write_failures == 1 and worker.held_until < float("inf")
+        assert [r.kind for r in caplog.records if "writing the registration" in r.getMessage()] == [
+            "lease_write_error"]
+        monkeypatch.setattr(reg._calls, "delete", unforeseen)
+        again: list[object] = []
+        monkeypatch.setattr(reg, "_delete_again", lambda *args: again.append(args))
+        await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.01)
+        await asyncio.sleep(0.05)
+        assert len(again) == 1  # tried again, as after the API server's failure
+        await kube.close()
+
+
 def test_a_paced_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture):
     import logging
 

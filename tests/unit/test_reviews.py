@@ -96,3 +96,43 @@ async def test_a_waiter_cancelled_just_before_it_is_turned_away_leaves_the_count
     assert slots.waiting == 0
     slots.release()
     await asyncio.wait_for(slots.acquire("next"), 1)  # a free slot taken directly, not waited for
+
+
+async def test_a_refused_review_is_said_by_status_and_reason_never_by_the_servers_text():
+    # An admission webhook on TokenReviews is given the token under review, and may quote it in its
+    # refusal: logged as the reason of a 503, the caller's token was in the operator's log.
+    from workerqueue_operator.core.reviews import Reviewer, Unavailable
+    from workerqueue_operator.k8s import client as client_
+
+    class Refusing:
+        async def request(self, *args: object, **kwargs: object) -> dict[str, object]:
+            raise client_.ApiError(403, "Forbidden", 'admission webhook denied: spec.token "the-callers-token"')
+
+    reviewer = Reviewer(Refusing(), audiences=(), ttl=60.0)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable) as caught:
+        await reviewer.authenticate("the-callers-token", b"digest")
+    assert caught.value.reason == "ApiError: 403 Forbidden"
+    assert "the-callers-token" not in str(caught.value) and caught.value.__suppress_context__
+
+
+async def test_a_lookup_whose_caller_is_cancelled_leaves_the_others_waiting_on_it_to_look_up_themselves():
+    # Its CancelledError was handed to every caller sharing the lookup: they ended as if cancelled
+    # themselves, past every handler's `except Exception`, and their connections closed unanswered.
+    from workerqueue_operator.core.reviews import TTLCache
+
+    cache: TTLCache[str] = TTLCache(ttl=60.0)
+    loads: list[int] = []
+
+    async def load() -> str:
+        loads.append(1)
+        await asyncio.sleep(0.1 if len(loads) == 1 else 0)
+        return "identity"
+
+    first = asyncio.create_task(cache.get("token", load))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(cache.get("token", load))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == "identity" and len(loads) == 2
+    with pytest.raises(asyncio.CancelledError):
+        await first

@@ -211,7 +211,17 @@ def test_ready_says_what_workers_will_lack_for_their_executions():
     assert message.startswith("workers can start; they lack an upstream control plane")
     assert "404" in message and "a LiteLLM URL" in message
     upstream = {"url": "https://cp.example", "apiKeySecretRef": {"name": "org", "key": "k"}}
+    strong = {("team-a", "q1-worker-token"): {"token": "x" * queues.SHORT_TOKEN}}
     complete = queues.resolve(queue(upstream=upstream, litellm={"url": "http://llm:4000"}),
-                              secrets={**token, ("team-a", "org"): {"k": "key"}}, settings=settings)
+                              secrets={**strong, ("team-a", "org"): {"k": "key"}}, settings=settings)
     ready = conditions(status.desired_status(complete, {}, now=NOW))["Ready"]
     assert (ready["status"], ready["message"]) == ("True", "workers can start")
+    # A short token of the user's own: worker ids, which anyone reading Events sees, are keyed by it.
+    short = queues.resolve(queue(upstream=upstream, litellm={"url": "http://llm:4000"}),
+                           secrets={**token, ("team-a", "org"): {"k": "key"}}, settings=settings)
+    ready = conditions(status.desired_status(short, {}, now=NOW))["Ready"]
+    assert ready["status"] == "True" and ready["message"] == (
+        "workers can start; the token in secret q1-worker-token is shorter than 24 characters: worker ids, which "
+        "Events and Leases show, let whoever reads them test guesses of it offline (use 32 random bytes, as the "
+        "operator's own tokens are)")
+    assert "t0k" not in ready["message"]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueResponse
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as S
 
@@ -64,6 +65,8 @@ def test_the_api_key_shows_nowhere():
     assert "s3cr3t" not in repr(endpoint) and "s3cr3t" not in str(endpoint)
     assert "s3cr3t" not in repr(endpoint.key)
     assert endpoint.key != Endpoint(host="ns.tmprl.cloud:7233", namespace="ns", api_key="other", tls=True).key
+    # Nor a password written into the host, which status, Events and 503s name the endpoint by.
+    assert str(Endpoint(host="user:s3cr3t@temporal:7233", namespace="ns")) == "temporal:7233/ns"
 
 
 async def test_tls_and_the_api_key_go_to_the_sdk_and_failures_name_no_key(monkeypatch: pytest.MonkeyPatch):
@@ -780,5 +783,36 @@ async def test_a_listing_again_for_a_worker_keeps_to_one_timeout_in_all(monkeypa
         (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
         assert (shown["status"], shown["completed_at"]) == ("running", None)
         assert loop.time() - began < 1.4  # not the 1.6 s of both listings
+    finally:
+        await access.close()
+
+
+async def test_a_connection_made_within_a_calls_bound_is_kept_when_the_call_runs_out_of_it(
+        monkeypatch: pytest.MonkeyPatch):
+    # Connecting and the first answer together took more than the bound: the connection, made, was
+    # dropped with the call, so every call connected anew and failed so, for good.
+    connects = [0]
+
+    class Service:
+        async def describe_task_queue(self, request: Any, timeout: Any = None) -> Any:
+            await asyncio.sleep(0.6)
+            return DescribeTaskQueueResponse()
+
+    class Connected:
+        workflow_service = Service()
+
+    async def connect(target_host: str, **kwargs: Any) -> Any:
+        connects[0] += 1
+        await asyncio.sleep(0.6)
+        return Connected()
+
+    monkeypatch.setattr(Client, "connect", connect)
+    access = Temporal(timeout=1.0, coalesce=0.0, down_seconds=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        with pytest.raises(TemporalUnavailable, match="did not answer within 1s"):
+            await access.describe_task_queue(endpoint, "tq")
+        assert (await access.describe_task_queue(endpoint, "tq")).pollers == ()
+        assert connects[0] == 1
     finally:
         await access.close()

@@ -396,6 +396,8 @@ class Resolution:
     secrets_problem: Problem | None = None
     """The first referenced Secret key that cannot be used, whatever else keeps the queue from being
     Ready (a missing Temporal host, a queue id another queue holds): the SecretsResolved condition."""
+    short_token: str | None = None
+    """A token Secret of the queue's own whose token is shorter than SHORT_TOKEN (Ready says so)."""
 
     @property
     def ready(self) -> bool:
@@ -414,6 +416,10 @@ class Resolution:
         the operator is making (a new queue gets its status once that is there)."""
         return None if self.awaiting_generated_token else self.temporal
 
+
+SHORT_TOKEN = 24
+"""Fewer characters than this in a queue token of the user's own may be guessed offline: a worker
+id's MAC is keyed by its queue token (new_worker_id), and ids show in Events, Leases and logs."""
 
 SECRET_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "SecretKeyInvalid", "SecretPending",
                             "SecretUnreadable"})
@@ -498,6 +504,7 @@ def resolve(
     # it is unlisted) starts no worker, but must not lock out the workers holding a token that resolves.
     digests: list[bytes] = []
     token_problem: Problem | None = None
+    short: str | None = None
     for ref in queue.token_refs():
         try:
             token = lookup.value(queue.namespace, ref.name, ref.key)
@@ -505,6 +512,8 @@ def resolve(
                 raise _Unresolved(Problem("SecretKeyInvalid", f"secret {ref.name} key {ref.key} is not a usable "
                                           "token (visible ASCII, no spaces)"))
             digests.append(digest(token))
+            if len(token) < SHORT_TOKEN and short is None:
+                short = ref.name
         except _Unresolved as exc:
             token_problem = token_problem or exc.problem
     tokens = tuple(digests)
@@ -543,7 +552,8 @@ def resolve(
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
-                      upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target)
+                      upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target,
+                      short_token=short)
 
 
 def _of_secrets(*problems: Problem | None) -> Problem | None:

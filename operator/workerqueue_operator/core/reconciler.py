@@ -231,6 +231,7 @@ class Reconciler:
         task = asyncio.create_task(work)
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)
+        task.add_done_callback(_said_if_failed)
 
     def fetch_secrets(self, names: set[SecretName], *, refresh: bool = False) -> None:
         """Reads Secrets a queue just started to use (the watch only keeps used ones), or, with
@@ -576,3 +577,10 @@ class LiveStatus:
             self._dirty[key] = None
         else:
             self._sent.pop(key, None)
+
+
+def _said_if_failed(task: asyncio.Task[None]) -> None:
+    """A background write that failed in a way its own handling did not foresee is logged, not left
+    to the collector's "exception was never retrieved"."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("a background write failed", exc_info=exc)

@@ -1083,6 +1083,12 @@ class Registry:
             self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
                               worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             return True
+        except Exception:
+            # A fault of this code's, or an answer no one foresaw: retried as any failure. Ended here,
+            # the worker was held as "under way" for good, and its Lease never renewed again.
+            self._log.log(logging.ERROR, "lease_write_error", "writing the registration of worker %s failed, "
+                          "retrying", worker.worker_id, exc_info=True)
+            return True
         return False
 
     def _retry(self, worker: Worker) -> None:
@@ -1102,7 +1108,10 @@ class Registry:
             async with contextlib.nullcontext() if why == "disconnected" else self._deleting:
                 deleted = await self._calls.delete(worker, unless_renewed=why.startswith("no heartbeat"),
                                              mark=why if on_purpose else None)
-        except client_.ERRORS as exc:
+        except Exception as exc:  # not only the API server's: whatever it is, a deletion dropped holds a slot
+            if not isinstance(exc, client_.ERRORS):
+                self._log.log(logging.ERROR, "lease_delete_error", "deleting the registration of worker %s "
+                              "failed", worker.worker_id, exc_info=True)
             cause = type(exc).__name__ if not str(exc) else exc
             # 401: the operator's own token lapsed (it is read again within seconds), no refusal.
             if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 \

@@ -95,11 +95,21 @@ class TTLCache(Generic[T]):
             return hit[1]
         pending = self._pending.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not pending.cancelled() or (current is not None and current.cancelling()):
+                    raise
+            # The caller whose lookup it was was cancelled, not this one: it looks up itself.
+            return await self.get(key, load)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
             value: T = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
@@ -275,6 +285,9 @@ class Reviewer:
         except TimeoutError as exc:
             # str(TimeoutError()) is empty: say what happened instead.
             raise Unavailable(kind, f"TimeoutError: no answer within {self._timeout:g}s") from exc
+        except client_.ApiError as exc:
+            # By status and reason: an admission webhook on reviews is given the token, and may quote it.
+            raise Unavailable(kind, f"ApiError: {exc.status} {exc.reason}") from None
         except client_.ERRORS as exc:
             raise Unavailable(kind, f"{type(exc).__name__}: {exc}") from exc
         finally:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pydantic
 
-from workerqueue_operator.core.queues import Problem, Resolution
+from workerqueue_operator.core.queues import SHORT_TOKEN, Problem, Resolution
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -138,7 +138,12 @@ def ready_message(resolution: Resolution) -> str:
                        "the workers' calls about their executions answer 404 and each execution fails)")
     if resolution.config is not None and not resolution.config.fields.get("litellm_api_url"):
         lacking.append("a LiteLLM URL (spec.litellm.url or the operator's litellm.url)")
-    return "workers can start" + (f"; they lack {', and '.join(lacking)}" if lacking else "")
+    message = "workers can start" + (f"; they lack {', and '.join(lacking)}" if lacking else "")
+    if resolution.short_token is not None:
+        message += (f"; the token in secret {resolution.short_token} is shorter than {SHORT_TOKEN} characters: "
+                    "worker ids, which Events and Leases show, let whoever reads them test guesses of it offline "
+                    "(use 32 random bytes, as the operator's own tokens are)")
+    return message
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],

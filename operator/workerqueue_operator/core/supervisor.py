@@ -47,6 +47,12 @@ class _CredentialFailed(client_.ApiError):
     """Creating a pod's token Secret failed: said by status and reason only, as ApiError.quiet."""
 
 
+def _quiet_delete(exc: client_.ApiError, path: str) -> client_.ApiError:
+    """A refused delete of a token Secret, said by status and reason: an admission webhook is given
+    the object being deleted, its token with it, and may quote it in its refusal."""
+    return exc.quiet(f"deleting the token Secret {path.rsplit('/', 1)[-1]} failed ({exc.status} {exc.reason})")
+
+
 def _failure(exc: Exception) -> str:
     """A failed call in a few words: the server's Status, else the error's type and text."""
     if isinstance(exc, client_.ApiError):
@@ -129,6 +135,9 @@ class Supervisor:
         from outside (with no kubelet to wait for, or deleted at once, a pod goes between two passes)."""
         self._listed: dict[QueueKey, PodListing] = {}
         """Each queue's pods at its last reconcile here (see _delete_orphan_credentials, _resync)."""
+        self._gone: dict[QueueKey, frozenset[str]] = {}
+        """Pods once listed here, gone since, whose token Secrets are still there (their deletion
+        failed): never taken for pods another replica may be creating."""
         self._alive: dict[QueueKey, int] = {}
         """Each queue's pods alive or being made at its last pass here (the prober reads it)."""
         self._settings = settings
@@ -174,6 +183,7 @@ class Supervisor:
         self._alive.pop(key, None)
         self._written.pop(key, None)
         self._listed.pop(key, None)
+        self._gone.pop(key, None)
         self._deleted_here.pop(key, None)
         self._alive_seen.pop(key, None)
         self._made_here.pop(key, None)
@@ -244,7 +254,7 @@ class Supervisor:
             elif began is not None and now.uid != began.uid:
                 # Deleted and made again meanwhile (`kubectl replace --force`): the pods the pass noted
                 # are the old queue's, and the new one would take them for deleted from outside.
-                for noted in (self._listed, self._deleted_here, self._alive_seen, self._alive):
+                for noted in (self._listed, self._gone, self._deleted_here, self._alive_seen, self._alive):
                     noted.pop(key, None)
 
     async def _reconcile(self, key: QueueKey) -> None:
@@ -580,7 +590,10 @@ class Supervisor:
                 raise
             return
         if workers.credential_of(secret, queue):
-            await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
+            try:
+                await resources.delete_exact(self._client, path, secret["metadata"]["uid"])
+            except client_.ApiError as exc:
+                raise _quiet_delete(exc, path) from None
 
     def _unlisted_credentials(self, key: QueueKey, listing: PodListing,
                               next_index: int) -> list[tuple[str, SecretName, float | None]]:
@@ -590,7 +603,9 @@ class Supervisor:
         moment ago. The others' pods are gone: deleted from outside (listed here before), or never made."""
         now = self._clock()
         previous = self._listed.get(key)
-        seen = previous.pods if previous is not None else frozenset()
+        # Listed at some pass before: a token whose deletion failed is retried, its pod not taken for
+        # one coming (a pod too many, then: the queue's new worker was deleted in its place).
+        seen = (previous.pods if previous is not None else frozenset()) | self._gone.get(key, frozenset())
         found: list[tuple[str, SecretName, float | None]] = []
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
@@ -615,16 +630,18 @@ class Supervisor:
         """Deletes the per-worker tokens whose pod is gone; one whose pod may be coming is looked at
         again once that time is over (deleted then, its pod would never start for want of it)."""
         self._listed[key] = listing
+        self._gone[key] = frozenset(pod for pod, _, until in unlisted if until is None)
         now = self._clock()
         for _, secret, until in unlisted:
             if until is not None:
                 self._queue.add_after(key, until - now)
                 continue
+            path = f"{resources.secrets_path(secret[0])}/{secret[1]}"
             try:
-                await self._client.delete(f"{resources.secrets_path(secret[0])}/{secret[1]}")
+                await self._client.delete(path)
             except client_.ApiError as exc:
                 if not exc.not_found:
-                    raise
+                    raise _quiet_delete(exc, path) from None
 
     async def _delete_queue(self, queue: QueueObject) -> None:
         await resources.delete_exact(self._client, resources.queue_path(queue.namespace, queue.name), queue.uid)

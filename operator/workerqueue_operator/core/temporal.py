@@ -165,7 +165,8 @@ class Endpoint:
         return (self.host, self.namespace, self.tls, hashlib.sha256(self.api_key.encode()).hexdigest())
 
     def __str__(self) -> str:
-        return f"{self.host}/{self.namespace}"
+        # Credentials written into the host (`user:password@host:7233`, which only the CRD refuses) too.
+        return f"{self.host.rpartition('@')[2]}/{self.namespace}"
 
 
 def host_of(identity: str | None) -> str | None:
@@ -474,9 +475,11 @@ class Temporal:
             del self._down[endpoint.key]
         client_task: asyncio.Task[Client] | None = None
         answered = False  # Temporal answered over the connection: nothing wrong with the client
+        connecting = timed_out = False  # connecting: the connection is made within this call's bound
         try:
             async with asyncio.timeout(self._timeout):
                 client_task = self._client(endpoint)
+                connecting = not client_task.done()
                 client = await asyncio.shield(client_task)
                 self._hold(client)
                 try:
@@ -485,6 +488,7 @@ class Temporal:
                     self._release(client)
         except TimeoutError:
             reason = f"Temporal at {endpoint} did not answer within {self._timeout:g}s"
+            timed_out = True
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -504,6 +508,11 @@ class Temporal:
             reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
         connected = (client_task is not None and client_task.done() and not client_task.cancelled()
                      and client_task.exception() is None)
+        if connected and connecting and timed_out:
+            # Connected meanwhile, the call had only what the connection left of the bound: no sign
+            # the connection is bad. Dropped, a Temporal whose connection and first answer take more
+            # than the bound together (a distant one) was connected anew, and failed so, at every call.
+            answered = True
         if not answered:
             # Connected anew by the next call. Not for a refusal (a namespace not found, a key without
             # the permission): every such call would cost a new connection, and others share this one.

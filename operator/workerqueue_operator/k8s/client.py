@@ -322,6 +322,9 @@ class KubeClient:
         except ValueError:
             # A proxy's HTML page, say: an answer that cannot be read, as any loop catching ERRORS expects.
             raise aiohttp.ClientPayloadError(f"the answer to {method} {path} is not JSON") from None
+        if not isinstance(result, dict):
+            # `null`, a list: JSON, but no Kubernetes object; read as one, it failed where nothing caught it.
+            raise aiohttp.ClientPayloadError(f"the answer to {method} {path} is no JSON object")
         return result
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
