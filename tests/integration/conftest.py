@@ -91,6 +91,31 @@ def http(method: str, url: str, *, body: bytes | None = None, token: str | None 
         return Http(exc.code, dict(exc.headers), exc.read())
 
 
+@contextlib.contextmanager
+def deletions_refused(kubectl: Callable[..., subprocess.CompletedProcess[str]], namespace: str, *, group: str,
+                      resource: str, message: str = "", message_expression: str = "") -> Iterator[None]:
+    """A ValidatingAdmissionPolicy refusing every deletion of `resource` (of API `group`) in the
+    namespace, as a webhook or a policy engine may: a refusal no retry mends. Its message is
+    `message`, or what `message_expression` (CEL, given `oldObject`) makes of the object."""
+    name = f"no-{resource}-deletion-{namespace}"
+    validation: dict[str, str] = {"expression": "false", "reason": "Forbidden"}
+    validation.update({"messageExpression": message_expression} if message_expression else {"message": message})
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {
+                  "resourceRules": [{"apiGroups": [group], "apiVersions": ["v1"], "operations": ["DELETE"],
+                                     "resources": [resource]}],
+                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+                  "validations": [validation]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
+    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}))
+    try:
+        yield
+    finally:
+        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, "--wait=false")
+
+
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))

@@ -7,7 +7,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 from kubernetes import client as k8s
 
-from tests.integration.conftest import Kube, OperatorProcess, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, deletions_refused, wait_for
 from tests.integration.test_start import service_account_token
 from tests.proxy import Proxy
 from workerqueue_operator.core import leases, queues, refusals
@@ -380,28 +379,6 @@ async def written_worker(reg: Registry, queue: queues.QueueObject, worker_id: st
     return worker
 
 
-@contextlib.contextmanager
-def lease_deletions_refused(kubectl: Any, namespace: str) -> Any:
-    """A ValidatingAdmissionPolicy refusing every Lease deletion in the namespace, as a webhook or a
-    policy engine may: a refusal no retry mends."""
-    name = f"no-lease-deletion-{namespace}"
-    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-              "metadata": {"name": name},
-              "spec": {"failurePolicy": "Fail", "matchConstraints": {
-                  "resourceRules": [{"apiGroups": ["coordination.k8s.io"], "apiVersions": ["v1"],
-                                     "operations": ["DELETE"], "resources": ["leases"]}],
-                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
-                  "validations": [{"expression": "false", "message": "Lease deletions are refused here",
-                                   "reason": "Forbidden"}]}}
-    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}))
-    try:
-        yield
-    finally:
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, "--wait=false")
-
-
 async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_few_tries(
     kube: Kube, namespace: str, kubeconfig: Path, kubectl: Any, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -411,7 +388,8 @@ async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_fe
     async with in_process(kube, namespace, kubeconfig, "refused") as (queue, client, reg):
         worker = await written_worker(reg, queue, "w-1")
         assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # its Lease written
-        with lease_deletions_refused(kubectl, namespace):
+        with deletions_refused(kubectl, namespace, group="coordination.k8s.io", resource="leases",
+                               message="Lease deletions are refused here"):
             probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                      "metadata": {"name": "probe", "namespace": namespace}}
             await client.request("POST", resources.leases_path(namespace), body=probe)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from tests.integration.conftest import Kube, OperatorProcess, frozen, wait_for
+from tests.integration.conftest import Kube, OperatorProcess, deletions_refused, frozen, wait_for
 from workerqueue_operator.devcluster.controlplane import ControlPlane
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -517,19 +517,8 @@ def test_a_refused_deletion_of_a_pods_token_says_nothing_of_the_token(
     kube.create_queue(namespace, "ds", queueId=f"ds-{namespace}", singleExecution=True, temporal=TEMPORAL)
     wait_pods(kube, namespace, "ds", ["ds-w0"])
     token = kube.secret_value(namespace, "ds-w0-token", "token")
-    name = f"quoting-secret-deletes-{namespace}"
-    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-              "metadata": {"name": name},
-              "spec": {"failurePolicy": "Fail", "matchConstraints": {
-                  "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["DELETE"],
-                                     "resources": ["secrets"]}],
-                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
-                  "validations": [{"expression": "false", "reason": "Forbidden",
-                                   "messageExpression": "'refused, its token being ' + string(oldObject.data.token)"}]}}
-    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"]}}
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}))
-    try:
+    quoting = "'refused, its token being ' + string(oldObject.data.token)"
+    with deletions_refused(kubectl, namespace, group="", resource="secrets", message_expression=quoting):
         kube.put_secret(namespace, "probe", token="probe-value")
 
         def quoted() -> bool:  # the policy in force, and quoting what it is given
@@ -553,8 +542,6 @@ def test_a_refused_deletion_of_a_pods_token_says_nothing_of_the_token(
         for quoted_token in (token, b64(token)):  # the policy quotes the Secret's data as stored
             assert not any(quoted_token in (e.message or "") for e in kube.events(namespace)), failed
             assert quoted_token not in operator.logs()
-    finally:
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, "--wait=false")
     wait_for(lambda: not kube.has_secret(namespace, "ds-w0-token"), timeout=90, what="the token deleted, at last")
 
 

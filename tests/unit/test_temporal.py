@@ -728,12 +728,10 @@ async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_whil
         await access.close()
 
 
-async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_untaken_are_read_again(
-        monkeypatch: pytest.MonkeyPatch):
-    # pod-a's first execution completed; a later run, read untaken a moment ago, it has taken since.
-    # Told "completed" from the earlier reading, it would exit with that run under way.
-    done = START + datetime.timedelta(seconds=30)
-    first = _Run("wf-first", "run-1", S.COMPLETED, "W", START, done)
+def first_done_and_a_later_run() -> tuple[list[_Run], list[bool], Any]:
+    """pod-a's first run, completed, and a later one; the history `read` tells the later one untaken
+    until `taken[0]`, then pod-a's."""
+    first = _Run("wf-first", "run-1", S.COMPLETED, "W", START, START + datetime.timedelta(seconds=30))
     later = _Run("wf-later", "run-2", S.RUNNING, "W", START + datetime.timedelta(seconds=60), None)
     taken = [False]
 
@@ -744,7 +742,15 @@ async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_u
             return _Holder("1@pod-a", rfc3339(START + datetime.timedelta(seconds=61)))
         return _Holder(None, None, untaken_at=time.time())
 
-    patch_listing(monkeypatch, [later, first], read)
+    return [later, first], taken, read
+
+
+async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_untaken_are_read_again(
+        monkeypatch: pytest.MonkeyPatch):
+    # pod-a's first execution completed; a later run, read untaken a moment ago, it has taken since.
+    # Told "completed" from the earlier reading, it would exit with that run under way.
+    runs, taken, read = first_done_and_a_later_run()
+    patch_listing(monkeypatch, runs, read)
     access = Temporal(timeout=4.0, coalesce=0.0)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
@@ -763,21 +769,14 @@ async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_u
 async def test_a_listing_again_for_a_worker_keeps_to_one_timeout_in_all(monkeypatch: pytest.MonkeyPatch):
     # Two listings one after the other took up to twice the timeout: past the worker's own bound on
     # its poll. Not listed again in time, its execution is told running (it polls again in 2 s).
-    first = _Run("wf-first", "run-1", S.COMPLETED, "W", START, START + datetime.timedelta(seconds=30))
-    later = _Run("wf-later", "run-2", S.RUNNING, "W", START + datetime.timedelta(seconds=60), None)
-
-    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
-        if workflow_id == "wf-first":
-            return _Holder("1@pod-a", rfc3339(START))
-        return _Holder(None, None, untaken_at=time.time())
-
-    patch_listing(monkeypatch, [later, first], read)
+    runs, _, read = first_done_and_a_later_run()
+    patch_listing(monkeypatch, runs, read)
     access = Temporal(timeout=1.0, coalesce=0.0)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
         (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
         assert shown["status"] == "completed"
-        patch_listing(monkeypatch, [later, first], read, scan_seconds=0.8)  # each listing takes 0.8 s now
+        patch_listing(monkeypatch, runs, read, scan_seconds=0.8)  # each listing takes 0.8 s now
         loop = asyncio.get_running_loop()
         began = loop.time()
         (shown,) = await executions.for_worker(access, endpoint, "tq", limit=100, hostname="pod-a")
