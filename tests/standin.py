@@ -5,7 +5,8 @@ sha256, the body read as it streams in, never held whole), except:
 - `.../resolved/full` (an agent's resolved environment): the credential it was called with, as the
   Agent Control Plane answers it (`resolved_env_vars.KUBIYA_API_KEY`), in a header too
   (`X-Called-With`); `?pad=N` adds N bytes; streamed in pieces, the credential split across two of
-  them, with `?stream=1`;
+  them, with `?stream=1`; `?coding=gzip` compresses it whatever the request asked (any other coding
+  is only named);
 - `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
   meanwhile is noted in `received` as method `GONE`);
 - `.../hang`, and every path under a leading `/hang/` (an LLM proxy that never answers): never
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import threading
@@ -137,11 +139,16 @@ async def _resolved(request: web.Request) -> web.StreamResponse:
     padding = "x" * int(request.query.get("pad", "0"))  # past SMALL_ANSWER, streamed by the pass-through
     body = json.dumps({"resolved_env_vars": {"KUBIYA_API_KEY": credential, "OTHER": padding}}).encode()
     answer_headers = {"Content-Type": "application/json", "X-Called-With": credential}
+    coding = request.query.get("coding")  # compressed all the same, as a server that ignores what it is asked
+    if coding is not None:
+        body = gzip.compress(body) if coding == "gzip" else body
+        answer_headers["Content-Encoding"] = coding
     if request.query.get("stream") != "1":
         return web.Response(body=body, headers=answer_headers)
     response = web.StreamResponse(headers=answer_headers)
     await response.prepare(request)
-    middle = body.index(credential.encode()) + len(credential) // 2
+    at = body.find(credential.encode())  # not found once compressed: halved then
+    middle = at + len(credential) // 2 if at >= 0 else len(body) // 2
     for piece in (body[:middle], body[middle:]):
         await response.write(piece)
         await asyncio.sleep(0.05)  # two chunks for the reader, not one

@@ -19,7 +19,20 @@ def test_every_spelling_of_the_key_in_a_whole_answer_is_the_workers_token():
         assert KEY.encode() not in masked and json.dumps(KEY)[1:-1].encode() not in masked
         assert b"org" not in masked and TOKEN.encode() in masked
     assert json.loads(KeyMask(KEY, TOKEN).whole(body)) == {"env": {"KUBIYA_API_KEY": TOKEN}, "again": f"Bearer {TOKEN}"}
-    assert KeyMask(KEY, TOKEN).text(f"key={KEY}; again={KEY}") == f"key={TOKEN}; again={TOKEN}"
+    assert KeyMask(KEY, TOKEN).header(f"key={KEY}; again={KEY}") == f"key={TOKEN}; again={TOKEN}"
+    assert json.loads(KeyMask(KEY, TOKEN).message(json.dumps({"k": KEY}))) == {"k": TOKEN}
+
+
+@pytest.mark.parametrize("token", ['to"k\\en', "plain-token"])
+def test_in_a_body_the_token_is_written_as_a_json_string_holds_it(token: str):
+    # A token may hold `"` or `\` (any visible ASCII): written raw into JSON, the answer no longer parsed.
+    body = json.dumps({"KUBIYA_API_KEY": "kb_orgkey123", "events": ["kb_orgkey123"]}).encode()
+    mask = KeyMask("kb_orgkey123", token)
+    assert json.loads(mask.whole(body)) == {"KUBIYA_API_KEY": token, "events": [token]}
+    streamed = b"".join(mask.feed(body[i:i + 5]) for i in range(0, len(body), 5)) + mask.end()
+    assert json.loads(streamed)["KUBIYA_API_KEY"] == token
+    assert json.loads(mask.message(body.decode()))["events"] == [token]
+    assert mask.header("Bearer kb_orgkey123") == f"Bearer {token}"  # a header holds it as it is
 
 
 @pytest.mark.parametrize("split", range(1, 40))
@@ -42,4 +55,4 @@ def test_only_what_may_begin_the_key_is_held_back():
 def test_no_key_changes_nothing():
     mask = KeyMask("", TOKEN)
     assert mask.whole(b"anything") == b"anything" and mask.feed(b"a") == b"a" and mask.end() == b""
-    assert mask.text("anything") == "anything"
+    assert mask.header("anything") == "anything" and mask.message("anything") == "anything"

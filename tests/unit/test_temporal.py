@@ -815,3 +815,29 @@ async def test_a_connection_made_within_a_calls_bound_is_kept_when_the_call_runs
         assert connects[0] == 1
     finally:
         await access.close()
+
+
+async def test_a_recheck_joins_no_history_read_begun_before_it(monkeypatch: pytest.MonkeyPatch):
+    # A read begun before pod-a took the run would tell it untaken: joined by the recheck that is to
+    # tell pod-a its first execution is over, pod-a was told so while it ran that run.
+    runs, taken, _ = first_done_and_a_later_run()
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if workflow_id == "wf-first":
+            return _Holder("1@pod-a", rfc3339(START))
+        seen_taken = taken[0]  # as of when the history is asked for
+        await asyncio.sleep(0.3)
+        return _Holder("1@pod-a", rfc3339(START)) if seen_taken else _Holder(None, None, untaken_at=time.time())
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=4.0, coalesce=0.0)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        poll = asyncio.create_task(access.executions(endpoint, "tq", limit=100, taken_first=True))
+        await asyncio.sleep(0.1)  # its read of wf-later under way
+        taken[0] = True  # pod-a takes it
+        rechecked = await access.executions(endpoint, "tq", limit=100, taken_first=True, recheck=True)
+        assert next(e for e in rechecked if e.id == "wf-later").holder == "1@pod-a"
+        await poll
+    finally:
+        await access.close()

@@ -3,7 +3,9 @@
 An upstream may answer with the key it was called with: the Agent Control Plane puts it in an
 agent's resolved environment (`KUBIYA_API_KEY`), as the key the worker itself called with. Through
 the operator that is the organization's key, which workers must never hold; they get their own
-token in its place, which is what the upstream would have answered them directly.
+token in its place, which is what the upstream would have answered them directly. In bodies and
+websocket messages (JSON, as a rule) the token is written as a JSON string's content would hold
+it; in headers, as it is.
 """
 
 from __future__ import annotations
@@ -22,24 +24,25 @@ def _spellings(text: str) -> list[str]:
 
 
 class _Compiled(NamedTuple):
-    to: dict[bytes, bytes]
+    to: bytes
     pattern: re.Pattern[bytes]
-    text_to: dict[str, str]
+    text_to: str
     text_pattern: re.Pattern[str]
+    key: str
+    token: str
+    spellings: tuple[bytes, ...]
     longest: int
     firsts: frozenset[bytes]
 
 
 @functools.lru_cache(maxsize=1024)  # a worker's calls share one: compiled once, not per request
 def _compiled(key: str, token: str) -> _Compiled:
-    text_to: dict[str, str] = {}
-    for spelt, replacement in zip(_spellings(key), _spellings(token), strict=True):
-        text_to.setdefault(spelt, replacement)
-    to = {k.encode(): v.encode() for k, v in text_to.items()}
-    ordered = sorted(to, key=len, reverse=True)  # the longest first, where one begins another
-    return _Compiled(to, re.compile(b"|".join(re.escape(p) for p in ordered)), text_to,
-                     re.compile("|".join(re.escape(p) for p in sorted(text_to, key=len, reverse=True))),
-                     len(ordered[0]), frozenset(p[:1] for p in ordered))
+    texts = sorted(set(_spellings(key)), key=len, reverse=True)  # the longest first, where one begins another
+    spellings = tuple(t.encode() for t in texts)
+    escaped = json.dumps(token)[1:-1]
+    return _Compiled(escaped.encode(), re.compile(b"|".join(re.escape(p) for p in spellings)), escaped,
+                     re.compile("|".join(re.escape(t) for t in texts)), key, token, spellings,
+                     len(spellings[0]), frozenset(p[:1] for p in spellings))
 
 
 class KeyMask:
@@ -58,12 +61,17 @@ class KeyMask:
 
     def whole(self, data: bytes) -> bytes:
         c = self._c
-        return c.pattern.sub(lambda m: c.to[m.group()], data) if c is not None and data else data
+        return c.pattern.sub(lambda _: c.to, data) if c is not None and data else data
 
-    def text(self, data: str) -> str:
-        """A header value, or a websocket's text message."""
+    def message(self, data: str) -> str:
+        """A websocket's text message."""
         c = self._c
-        return c.text_pattern.sub(lambda m: c.text_to[m.group()], data) if c is not None and data else data
+        return c.text_pattern.sub(lambda _: c.text_to, data) if c is not None and data else data
+
+    def header(self, data: str) -> str:
+        """A header value, or a status line's reason."""
+        c = self._c
+        return data.replace(c.key, c.token) if c is not None and data else data
 
     def feed(self, chunk: bytes) -> bytes:
         c = self._c
@@ -74,7 +82,7 @@ class KeyMask:
         position = 0
         for match in c.pattern.finditer(data):
             out.append(data[position:match.start()])
-            out.append(c.to[match.group()])
+            out.append(c.to)
             position = match.end()
         rest = data[position:]
         kept = _partial(c, rest)
@@ -95,7 +103,7 @@ def _partial(c: _Compiled, data: bytes) -> int:
     for first in c.firsts:
         at = data.find(first, start)
         while at != -1:
-            if any(spelt.startswith(data[at:]) for spelt in c.to):
+            if any(spelt.startswith(data[at:]) for spelt in c.spellings):
                 longest = max(longest, len(data) - at)
                 break  # the earliest such start is the longest end
             at = data.find(first, at + 1)

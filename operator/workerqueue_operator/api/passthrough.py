@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,11 +53,13 @@ WORKER_SCHEMES = ("bearer", "userkey")
 # never passed on. Where the request came from is the operator's to say, not the worker's. Cookies
 # neither way: a session the upstream opens for a request signed with the organization's key is
 # that key's, not the worker's to hold. `UserKey` as a header of its own is a credential the Agent
-# Control Plane also reads: a worker's token sent so must not reach the upstream either. No
-# Accept-Encoding: an answer comes uncompressed, so that the key can be found in it (api/keymask.py).
+# Control Plane also reads: a worker's token sent so must not reach the upstream either. The answer
+# is asked for uncompressed (Accept-Encoding: identity) and whole (no Range): the organization's key
+# must be found in it (api/keymask.py), not split across two ranges a worker joins.
 _NOT_FORWARDED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Authorization", "UserKey", "Expect", "Cookie", "Accept-Encoding",
+    "Range", "If-Range",
     "Forwarded", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
 ))
 _NOT_RETURNED = frozenset(h.lower() for h in (
@@ -71,6 +74,9 @@ _WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Accept", "Content-Length",
 ))
+_DECODABLE = frozenset(("gzip", "x-gzip", "deflate"))
+_GZIP_OR_ZLIB = 47
+"""zlib's window bits that read a gzip or a zlib stream, whichever it is (HTTP's deflate is zlib's)."""
 SMALL_ANSWER = 64 * 1024
 """Answers of a known length up to this are read before they are sent on: headers and body then
 leave in one write instead of two, which is most of the hop's cost for the JSON answers workers get.
@@ -96,6 +102,24 @@ def _headers_listed_in_connection(values: Iterable[str]) -> set[str]:
     return {part.strip().lower() for value in values for part in value.split(",") if part.strip()}
 
 
+_INFLATED_PIECE = 256 * 1024
+
+
+def _inflated(decoder: Any, chunk: bytes) -> Iterable[bytes]:
+    """A compressed chunk decoded, a bounded piece at a time: a chunk of a few KiB may decode to
+    gigabytes, which must not be held at once."""
+    piece = decoder.decompress(chunk, _INFLATED_PIECE)
+    while piece:
+        yield piece
+        piece = decoder.decompress(decoder.unconsumed_tail, _INFLATED_PIECE) if decoder.unconsumed_tail else b""
+
+
+def _coding(answer: aiohttp.ClientResponse) -> str | None:
+    """The answer's content coding, if it has one."""
+    coding = answer.headers.get("Content-Encoding", "").strip().lower()
+    return None if coding in ("", "identity") else coding
+
+
 def _decompressed(request: web.BaseRequest) -> bool:
     """Whether aiohttp's server decompresses the body: its parser's own decision as it read the
     headers (which of several Content-Encoding values it follows, its C and Python parsers differ
@@ -118,6 +142,7 @@ def request_headers(
         dropped |= _DECODED
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
+    out["Accept-Encoding"] = "identity"
     if remote:
         previous = out.getall("X-Forwarded-For", [])
         out["X-Forwarded-For"] = ", ".join([*previous, remote])
@@ -133,7 +158,7 @@ def response_headers(incoming: Iterable[tuple[str, str]], *, upstream_url: str,
     the key, should one say it, in `mask`'s care."""
     pairs = list(incoming)
     dropped = _NOT_RETURNED | _headers_listed_in_connection(v for k, v in pairs if k.lower() == "connection")
-    out: CIMultiDict[str] = CIMultiDict((k, mask.text(v) if mask is not None else v)
+    out: CIMultiDict[str] = CIMultiDict((k, mask.header(v) if mask is not None else v)
                                         for k, v in pairs if k.lower() not in dropped)
     location = out.get("Location")
     if location is not None:
@@ -549,17 +574,25 @@ class Passthrough:
             if request.transport is not None:
                 request.transport.abort()
             return errors.unauthorized("Invalid authentication credentials")  # its connection is gone
-        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url, mask=route.mask())
-        # Asked for none (no Accept-Encoding), an upstream may compress all the same: those bytes pass unread.
-        coded = answer.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
-        mask = KeyMask("", "") if coded else route.mask()
+        mask = route.mask()
+        answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url, mask=mask)
+        decoder = None
+        if mask.active and request.method != "HEAD" and (coding := _coding(answer)) is not None:
+            # Compressed though asked for none: read only decoded, or the key would pass unseen.
+            if coding not in _DECODABLE:
+                _done_with(answer, False)
+                return self._failed(stats, upstream, "bad_answer", ValueError(coding), 502,
+                                    f"The upstream control plane answered in a coding it was not asked for ({coding})")
+            decoder = zlib.decompressobj(_GZIP_OR_ZLIB)
+            answer_headers.popall("Content-Encoding", None)
         length = answer.content_length
-        if length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
+        if decoder is None and length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
             return await self._small(answer, answer_headers, upstream, stats, latency, mask)
         stats.answered(answer.status, latency)
         if request.method != "HEAD" and mask.active:
             answer_headers.popall("Content-Length", None)  # the key's place taken, it may be other than said
-        response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=answer_headers)
+        response = web.StreamResponse(status=answer.status, reason=mask.header(answer.reason or "") or None,
+                                      headers=answer_headers)
         read_whole = False
         try:
             await response.prepare(request)
@@ -568,11 +601,13 @@ class Passthrough:
                     raise _Revoked
                 stats.bytes_received += len(chunk)
                 # A worker that stops reading must not hold the upstream's connection for ever.
-                async with asyncio.timeout(idle):
-                    await response.write(mask.feed(chunk))
+                for piece in _inflated(decoder, chunk) if decoder is not None else (chunk,):
+                    async with asyncio.timeout(idle):
+                        await response.write(mask.feed(piece))
             read_whole = True
+            rest = mask.feed(decoder.flush()) if decoder is not None else b""
             async with asyncio.timeout(idle):  # its last chunk waits for the socket too
-                await response.write_eof(mask.end())
+                await response.write_eof(rest + mask.end())
         except ConnectionResetError:
             return response  # the worker went away
         except _Revoked:
@@ -580,7 +615,7 @@ class Passthrough:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, zlib.error) as exc:
             # Its headers are sent: the worker must see the answer break off, not a short complete one.
             stats.failed("cut")
             self._reporter.failure(upstream.origin, "cut", exc)
@@ -606,7 +641,8 @@ class Passthrough:
         stats.answered(answer.status, latency)
         stats.bytes_received += len(payload)
         headers.popall("Content-Length", None)  # the Response sets it from the payload
-        return web.Response(status=answer.status, reason=answer.reason, body=mask.whole(payload), headers=headers)
+        return web.Response(status=answer.status, reason=mask.header(answer.reason or "") or None,
+                            body=mask.whole(payload), headers=headers)
 
     def _failed(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, kind: str, exc: BaseException,
                 status: int, message: str) -> web.Response:
@@ -818,7 +854,7 @@ async def _relay(source: _WebSocket, sink: _WebSocket, counted: Callable[[int], 
     async for message in source:
         if message.type is aiohttp.WSMsgType.TEXT:
             counted(len(message.data))
-            await sink.send_str(mask.text(message.data) if mask is not None else message.data)
+            await sink.send_str(mask.message(message.data) if mask is not None else message.data)
         elif message.type is aiohttp.WSMsgType.BINARY:
             counted(len(message.data))
             await sink.send_bytes(mask.whole(message.data) if mask is not None else message.data)

@@ -351,7 +351,7 @@ class Temporal:
         now (a scaling probe's reading, on which pods and ephemeral queues are deleted). In what
         workers are shown, a run read untaken within UNTAKEN_REUSE_SECONDS is shown as then read,
         and the listing says so (`reused`), unless `recheck` (or `fresh`): every run shown untaken
-        is read during this listing or one it joins."""
+        was read, its history asked for, within the coalescing window, or during this listing."""
         key = (endpoint.key, task_queue, limit, running, taken_first, recheck or fresh)
         loop = asyncio.get_running_loop()
         entry = None if fresh else self._listings.get(key)
@@ -475,12 +475,14 @@ class Temporal:
             del self._down[endpoint.key]
         client_task: asyncio.Task[Client] | None = None
         answered = False  # Temporal answered over the connection: nothing wrong with the client
-        connecting = timed_out = False  # connecting: the connection is made within this call's bound
+        timed_out = False
+        connecting = 0.0  # how long this call waited for the connection to be made
         try:
             async with asyncio.timeout(self._timeout):
                 client_task = self._client(endpoint)
-                connecting = not client_task.done()
+                began = asyncio.get_running_loop().time()
                 client = await asyncio.shield(client_task)
+                connecting = asyncio.get_running_loop().time() - began
                 self._hold(client)
                 try:
                     return await call(client)
@@ -508,7 +510,7 @@ class Temporal:
             reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
         connected = (client_task is not None and client_task.done() and not client_task.cancelled()
                      and client_task.exception() is None)
-        if connected and connecting and timed_out:
+        if connected and timed_out and connecting > self._timeout / 2:
             # Connected meanwhile, the call had only what the connection left of the bound: no sign
             # the connection is bad. Dropped, a Temporal whose connection and first answer take more
             # than the bound together (a distant one) was connected anew, and failed so, at every call.
@@ -639,7 +641,10 @@ class Temporal:
         self._listed(endpoint, task_queue)
         holders: list[_Holder | None] = []
         reads: dict[int, asyncio.Future[_Holder]] = {}
-        reuse_since = time.time() - UNTAKEN_REUSE_SECONDS if taken_first and not (fresh or recheck) else None
+        # A recheck shares what another read within the coalescing window (workers finishing together
+        # share one read of the backlog), as a listing joined then would.
+        reuse_since = (None if fresh or not taken_first else
+                       time.time() - (self._coalesce if recheck else UNTAKEN_REUSE_SECONDS))
         reused = False
         for i, wf in enumerate(runs):
             if (wf.id, wf.run_id) in untouched:
@@ -652,9 +657,10 @@ class Temporal:
             untaken = self._untaken.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
             if (reuse_since is not None and untaken is not None and untaken.untaken_at is not None
                     and untaken.untaken_at >= reuse_since and wf.close_time is None):
-                holders[-1], reused = untaken, True
+                holders[-1], reused = untaken, not recheck
             else:
-                reads[i] = self._read(client, endpoint, task_queue, wf, join=not fresh)
+                # Not one begun earlier for a recheck either: it may have begun before a worker took the run.
+                reads[i] = self._read(client, endpoint, task_queue, wf, join=not (fresh or recheck))
         # Reading many new histories at once (a first listing) may take long: what is not read within
         # half the timeout, nor before the caller gives up, shows without a holder this time.
         loop = asyncio.get_running_loop()
