@@ -5,8 +5,10 @@ sha256, the body read as it streams in, never held whole), except:
 - `.../resolved/full` (an agent's resolved environment): the credential it was called with, as the
   Agent Control Plane answers it (`resolved_env_vars.KUBIYA_API_KEY`), in a header too
   (`X-Called-With`); `?pad=N` adds N bytes; streamed in pieces, the credential split across two of
-  them, with `?stream=1`; `?coding=gzip` compresses it whatever the request asked (any other coding
-  is only named);
+  them, with `?stream=1`; `?coding=gzip` (or `deflate`, raw with `&raw=1`) compresses it whatever
+  the request asked (another coding is only named; `a,b` names two, one header line each),
+  `&plain=1` names the coding only, `&trail=X` adds bytes X after the compressed ones, `&cut=N`
+  takes its last N bytes off;
 - `.../stream?events=N&gap=S`: N server-sent events, S seconds apart (a client that goes away
   meanwhile is noted in `received` as method `GONE`);
 - `.../hang`, and every path under a leading `/hang/` (an LLM proxy that never answers): never
@@ -32,9 +34,11 @@ import gzip
 import hashlib
 import json
 import threading
+import zlib
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 RECEIVED: web.AppKey[list[tuple[str, str, str | None]]] = web.AppKey("received")
 
@@ -120,6 +124,18 @@ def make_app(received: list[tuple[str, str, str | None]] | None = None) -> web.A
     return app
 
 
+def _coded(body: bytes, coding: str, *, raw: bool) -> bytes:
+    """`body` in the last of `coding`'s codings (gzip, deflate: zlib's, or raw deflate with `raw`);
+    left as it is in any other."""
+    last = coding.split(",")[-1]
+    if last == "gzip":
+        return gzip.compress(body)
+    if last == "deflate":
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+        return packer.compress(body) + packer.flush()
+    return body
+
+
 def _sealed(request: web.Request) -> str:
     return base64.b64encode(json.dumps([[k, v] for k, v in request.headers.items()]).encode()).decode()
 
@@ -141,11 +157,17 @@ async def _resolved(request: web.Request) -> web.StreamResponse:
     answer_headers = {"Content-Type": "application/json", "X-Called-With": credential}
     coding = request.query.get("coding")  # compressed all the same, as a server that ignores what it is asked
     if coding is not None:
-        body = gzip.compress(body) if coding == "gzip" else body
-        answer_headers["Content-Encoding"] = coding
+        if request.query.get("plain") != "1":  # named, not done: a body that is not of its coding
+            body = _coded(body, coding, raw=request.query.get("raw") == "1")
+        body += request.query.get("trail", "").encode()
+        body = body[:-int(request.query.get("cut", "0"))] if request.query.get("cut") else body
+    headers = CIMultiDict(answer_headers)
+    for line in (coding or "").split(","):  # one Content-Encoding line each
+        if line:
+            headers.add("Content-Encoding", line)
     if request.query.get("stream") != "1":
-        return web.Response(body=body, headers=answer_headers)
-    response = web.StreamResponse(headers=answer_headers)
+        return web.Response(body=body, headers=headers)
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     at = body.find(credential.encode())  # not found once compressed: halved then
     middle = at + len(credential) // 2 if at >= 0 else len(body) // 2

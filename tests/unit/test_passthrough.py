@@ -230,7 +230,8 @@ async def test_forwards_exactly_with_the_organizations_key(hub: tuple[Store, Tes
 
 
 @pytest.mark.parametrize("query", ["", "?pad=70000", "?stream=1", "?stream=1&pad=70000", "?coding=gzip",
-                                   "?coding=gzip&pad=70000&stream=1"])
+                                   "?coding=gzip&pad=70000&stream=1", "?coding=deflate", "?coding=deflate&raw=1",
+                                   "?coding=identity,gzip", "?coding=gzip&pad=3000000"])
 @pytest.mark.parametrize("scheme", ["Bearer", "UserKey"])
 async def test_the_organizations_key_an_upstream_answers_with_is_the_workers_own_token(
         hub: tuple[Store, TestClient], scheme: str, query: str):
@@ -255,11 +256,26 @@ async def test_an_answer_is_asked_for_whole_and_uncompressed_and_one_in_an_unrea
                                                                "If-Range": "x", "Accept-Encoding": "gzip, br"}))
     assert standin.header_values(got, "Accept-Encoding") == ["identity"]
     assert standin.header_values(got, "Range") == [] and standin.header_values(got, "If-Range") == []
-    unread = await client.get("/api/v1/execution-environment/agents/a1/resolved/full?coding=br",
-                              headers={"Authorization": "Bearer tok-a"})
-    assert unread.status == 502 and ORG_KEY not in await unread.text()
-    assert (await unread.json())["detail"] == (
-        "The upstream control plane answered in a coding it was not asked for (br)")
+    for coding, said in [("br", "a coding it was not asked for (br)"),
+                         ("gzip,gzip", "a coding it was not asked for (gzip, gzip)"),
+                         ("gzip&plain=1", "a body that is not the gzip it names")]:
+        unread = await client.get(f"/api/v1/execution-environment/agents/a1/resolved/full?coding={coding}",
+                                  headers={"Authorization": "Bearer tok-a"})
+        assert unread.status == 502 and ORG_KEY not in await unread.text()
+        assert (await unread.json())["detail"] == f"The upstream control plane answered in {said}"
+
+
+@pytest.mark.parametrize("query", ["trail=garbage", "cut=8"])
+async def test_a_compressed_answer_cut_short_or_with_bytes_past_its_end_is_broken_off(
+        hub: tuple[Store, TestClient], query: str):
+    # Decoded, its end is the decoder's to tell: one cut short was passed on as whole, and bytes past
+    # its end piled up unread for as long as they came.
+    _, client = hub
+    got = await client.get(f"/api/v1/execution-environment/agents/a1/resolved/full?coding=gzip&pad=70000&{query}",
+                           headers={"Authorization": "Bearer tok-a"})
+    assert got.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await got.read()
 
 
 async def test_the_organizations_key_an_upstream_says_over_a_websocket_is_the_workers_own_token(

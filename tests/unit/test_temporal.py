@@ -841,3 +841,30 @@ async def test_a_recheck_joins_no_history_read_begun_before_it(monkeypatch: pyte
         await poll
     finally:
         await access.close()
+
+
+async def test_a_recheck_joins_no_listing_begun_before_the_coalescing_window(monkeypatch: pytest.MonkeyPatch):
+    # A slow listing's reads may date from before a worker took a run: a recheck joining it, a worker
+    # was told its execution was over on two polls in a row while it ran that run.
+    runs, _, read = first_done_and_a_later_run()
+    scans = [0]
+    patch_listing(monkeypatch, runs, read, scan_seconds=0.8)
+    original = Temporal._scan
+
+    def counted(self: Temporal, *args: Any) -> Any:
+        scans[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(Temporal, "_scan", counted)
+    access = Temporal(timeout=4.0, coalesce=0.5)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        slow = asyncio.create_task(access.executions(endpoint, "tq", taken_first=True, recheck=True))
+        soon = asyncio.create_task(access.executions(endpoint, "tq", taken_first=True, recheck=True))
+        await asyncio.sleep(0.6)
+        assert scans[0] == 1  # the second, within the window, joined the first
+        await access.executions(endpoint, "tq", taken_first=True, recheck=True)
+        assert scans[0] == 2  # past it, its own
+        await asyncio.gather(slow, soon)
+    finally:
+        await access.close()

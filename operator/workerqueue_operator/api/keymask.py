@@ -46,9 +46,10 @@ def _compiled(key: str, token: str) -> _Compiled:
 
 
 class KeyMask:
-    """Replaces the key by the token in what is relayed: whole answers (`whole`, `text`), or a stream
-    fed chunk by chunk (`feed`, then `end`), where a key split across chunks is replaced too. Only
-    the bytes that may begin the key are held back from a chunk: a stream of events is not delayed."""
+    """Replaces the key by the token in what is relayed: whole answers (`whole`), websocket messages
+    (`message`), headers (`header`), or a stream fed chunk by chunk (`feed`, then `end`), where a key
+    split across chunks is replaced too. Only the bytes that may begin the key are held back from a
+    chunk: a stream of events is not delayed."""
 
     def __init__(self, key: str, token: str) -> None:
         self._c = _compiled(key, token) if key else None
@@ -71,7 +72,7 @@ class KeyMask:
     def header(self, data: str) -> str:
         """A header value, or a status line's reason."""
         c = self._c
-        return data.replace(c.key, c.token) if c is not None and data else data
+        return c.text_pattern.sub(lambda _: c.token, data) if c is not None and data else data
 
     def feed(self, chunk: bytes) -> bytes:
         c = self._c

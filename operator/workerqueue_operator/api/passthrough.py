@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -105,19 +106,54 @@ def _headers_listed_in_connection(values: Iterable[str]) -> set[str]:
 _INFLATED_PIECE = 256 * 1024
 
 
-def _inflated(decoder: Any, chunk: bytes) -> Iterable[bytes]:
-    """A compressed chunk decoded, a bounded piece at a time: a chunk of a few KiB may decode to
-    gigabytes, which must not be held at once."""
-    piece = decoder.decompress(chunk, _INFLATED_PIECE)
-    while piece:
-        yield piece
-        piece = decoder.decompress(decoder.unconsumed_tail, _INFLATED_PIECE) if decoder.unconsumed_tail else b""
+class _Inflater:
+    """A gzip- or deflate-coded answer decoded a bounded piece at a time: a chunk of a few KiB may
+    decode to gigabytes, which must not be held at once. Raises zlib.error on what is not whole
+    and well-formed (a body cut short, bytes past its end), for the answer to be broken off."""
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._decoder: Any = None
+        self._fed = False
+
+    def open(self, chunk: bytes) -> bytes:
+        """The first byte the answer's first chunk decodes to; zlib.error when it is not of the coding.
+        `deflate` is read as zlib's, or as raw deflate, which servers send under that name too."""
+        for wbits in (_GZIP_OR_ZLIB, -zlib.MAX_WBITS) if self._coding == "deflate" else (_GZIP_OR_ZLIB,):
+            decoder = zlib.decompressobj(wbits)
+            try:
+                head = decoder.decompress(chunk, 1)
+            except zlib.error:
+                continue
+            self._decoder, self._fed = decoder, bool(chunk)
+            return head
+        raise zlib.error(f"a body that is not the {self._coding} it names")
+
+    def pieces(self, chunk: bytes) -> Iterator[bytes]:
+        decoder = self._decoder
+        self._fed = self._fed or bool(chunk)
+        piece = decoder.decompress(decoder.unconsumed_tail + chunk, _INFLATED_PIECE)
+        while piece:
+            yield piece
+            piece = decoder.decompress(decoder.unconsumed_tail, _INFLATED_PIECE) if decoder.unconsumed_tail else b""
+        if decoder.eof and decoder.unused_data:
+            raise zlib.error("bytes past the end of the compressed answer")
+
+    def end(self) -> bytes:
+        rest: bytes = self._decoder.flush()
+        if self._fed and not self._decoder.eof:
+            raise zlib.error("the compressed answer ended early")
+        return rest
 
 
 def _coding(answer: aiohttp.ClientResponse) -> str | None:
-    """The answer's content coding, if it has one."""
-    coding = answer.headers.get("Content-Encoding", "").strip().lower()
-    return None if coding in ("", "identity") else coding
+    """The answer's codings, if any: every Content-Encoding line, and a Transfer-Encoding other than
+    chunked (aiohttp's client takes the chunks apart and leaves the rest coded)."""
+    named = [*answer.headers.getall("Content-Encoding", []),
+             *(c for v in answer.headers.getall("Transfer-Encoding", []) for c in v.split(",")
+               if c.strip().lower() != "chunked")]
+    codings = [c.strip().lower() for v in named for c in v.split(",")]
+    return ", ".join(c for c in codings if c and c != "identity") or None
 
 
 def _decompressed(request: web.BaseRequest) -> bool:
@@ -576,17 +612,28 @@ class Passthrough:
             return errors.unauthorized("Invalid authentication credentials")  # its connection is gone
         mask = route.mask()
         answer_headers = response_headers(answer.headers.items(), upstream_url=upstream.url, mask=mask)
-        decoder = None
+        inflater = None
+        chunks = answer.content.iter_any()
+        head = b""
         if mask.active and request.method != "HEAD" and (coding := _coding(answer)) is not None:
             # Compressed though asked for none: read only decoded, or the key would pass unseen.
-            if coding not in _DECODABLE:
+            inflater = _Inflater(coding) if coding in _DECODABLE else None
+            try:
+                if inflater is None:
+                    raise zlib.error(f"a coding it was not asked for ({coding})")
+                first = await anext(chunks, b"")
+                stats.bytes_received += len(first)
+                head = inflater.open(first)  # a body that is not of its coding: a 502 yet
+            except zlib.error as exc:
                 _done_with(answer, False)
-                return self._failed(stats, upstream, "bad_answer", ValueError(coding), 502,
-                                    f"The upstream control plane answered in a coding it was not asked for ({coding})")
-            decoder = zlib.decompressobj(_GZIP_OR_ZLIB)
+                return self._failed(stats, upstream, "bad_answer", exc, 502,
+                                    f"The upstream control plane answered in {exc}")
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                _done_with(answer, False)
+                return self._unanswered(stats, upstream, exc)
             answer_headers.popall("Content-Encoding", None)
         length = answer.content_length
-        if decoder is None and length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
+        if inflater is None and length is not None and length <= SMALL_ANSWER and request.method != "HEAD":
             return await self._small(answer, answer_headers, upstream, stats, latency, mask)
         stats.answered(answer.status, latency)
         if request.method != "HEAD" and mask.active:
@@ -596,16 +643,20 @@ class Passthrough:
         read_whole = False
         try:
             await response.prepare(request)
-            async for chunk in answer.content.iter_any():
+            if inflater is not None:
+                for piece in itertools.chain((head,), inflater.pieces(b"")):  # the rest of the first chunk
+                    async with asyncio.timeout(idle):
+                        await response.write(mask.feed(piece))
+            async for chunk in chunks:
                 if not self._still_opens(route):
                     raise _Revoked
                 stats.bytes_received += len(chunk)
                 # A worker that stops reading must not hold the upstream's connection for ever.
-                for piece in _inflated(decoder, chunk) if decoder is not None else (chunk,):
+                for piece in inflater.pieces(chunk) if inflater is not None else (chunk,):
                     async with asyncio.timeout(idle):
                         await response.write(mask.feed(piece))
             read_whole = True
-            rest = mask.feed(decoder.flush()) if decoder is not None else b""
+            rest = mask.feed(inflater.end()) if inflater is not None else b""
             async with asyncio.timeout(idle):  # its last chunk waits for the socket too
                 await response.write_eof(rest + mask.end())
         except ConnectionResetError:

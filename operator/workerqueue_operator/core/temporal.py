@@ -302,7 +302,8 @@ class Temporal:
         """When each client was last asked for (loop time)."""
         self._client_idle_seconds = client_idle_seconds
         self._swept = 0.0
-        self._listings: dict[_ListingKey, tuple[asyncio.Task[Listing], list[float]]] = {}
+        self._listings: dict[_ListingKey, tuple[asyncio.Task[Listing], list[float], float]] = {}
+        """Listings under way or done lately: the task, when it finished (once it has), when it began."""
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
         self._untaken: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
@@ -356,8 +357,10 @@ class Temporal:
         loop = asyncio.get_running_loop()
         entry = None if fresh else self._listings.get(key)
         if entry is not None:
-            task, finished = entry
-            if not task.done() or (finished and loop.time() - finished[0] < self._coalesce):
+            task, finished, begun = entry
+            # A recheck joins only one begun within the window: what a slower one read may be older.
+            if (not recheck or loop.time() - begun < self._coalesce) and (
+                    not task.done() or (finished and loop.time() - finished[0] < self._coalesce)):
                 return await asyncio.shield(task)
         finished_at: list[float] = []
         deadline = loop.time() + self._timeout
@@ -365,7 +368,7 @@ class Temporal:
                                                                              taken_first, deadline=deadline,
                                                                              fresh=fresh, recheck=recheck)))
         task.add_done_callback(lambda t: _finished(t, finished_at, loop.time()))
-        self._listings[key] = (task, finished_at)
+        self._listings[key] = (task, finished_at, loop.time())
         self._forget_old_listings(loop.time())
         # Shielded: a caller that gives up must not cancel the listing that others wait for.
         return await asyncio.shield(task)
@@ -443,7 +446,7 @@ class Temporal:
     async def close(self) -> None:
         """Cancel what runs, then close and drop every client."""
         clients = list(self._clients.values())
-        tasks: list[asyncio.Future[Any]] = [t for t, _ in self._listings.values()] + list(clients)
+        tasks: list[asyncio.Future[Any]] = [t for t, _, _ in self._listings.values()] + list(clients)
         tasks += [*self._readers, *self._reads.values(), *self._chain_listings.values()]
         self._chain_listings.clear()
         self._reads.clear()
@@ -475,14 +478,12 @@ class Temporal:
             del self._down[endpoint.key]
         client_task: asyncio.Task[Client] | None = None
         answered = False  # Temporal answered over the connection: nothing wrong with the client
-        timed_out = False
-        connecting = 0.0  # how long this call waited for the connection to be made
+        connecting = timed_out = False  # connecting: the connection is made within this call's bound
         try:
             async with asyncio.timeout(self._timeout):
                 client_task = self._client(endpoint)
-                began = asyncio.get_running_loop().time()
+                connecting = not client_task.done()
                 client = await asyncio.shield(client_task)
-                connecting = asyncio.get_running_loop().time() - began
                 self._hold(client)
                 try:
                     return await call(client)
@@ -510,10 +511,11 @@ class Temporal:
             reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
         connected = (client_task is not None and client_task.done() and not client_task.cancelled()
                      and client_task.exception() is None)
-        if connected and timed_out and connecting > self._timeout / 2:
+        if connected and timed_out and connecting:
             # Connected meanwhile, the call had only what the connection left of the bound: no sign
             # the connection is bad. Dropped, a Temporal whose connection and first answer take more
             # than the bound together (a distant one) was connected anew, and failed so, at every call.
+            # Kept, it is dropped when a call made over it times out: one strike.
             answered = True
         if not answered:
             # Connected anew by the next call. Not for a refusal (a namespace not found, a key without
@@ -609,7 +611,7 @@ class Temporal:
             _close_client(client)
 
     def _forget_old_listings(self, now: float) -> None:
-        stale = [k for k, (t, done) in self._listings.items() if t.done() and done and now - done[0] > 60]
+        stale = [k for k, (t, done, _) in self._listings.items() if t.done() and done and now - done[0] > 60]
         for k in stale:
             del self._listings[k]
 
