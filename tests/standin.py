@@ -154,7 +154,8 @@ async def _resolved(request: web.Request) -> web.StreamResponse:
     credential = request.headers.get("Authorization", "").partition(" ")[2]
     padding = "x" * int(request.query.get("pad", "0"))  # past SMALL_ANSWER, streamed by the pass-through
     body = json.dumps({"resolved_env_vars": {"KUBIYA_API_KEY": credential, "OTHER": padding}}).encode()
-    answer_headers = {"Content-Type": "application/json", "X-Called-With": credential}
+    answer_headers = {"Content-Type": "application/json", "X-Called-With": credential,
+                      "Content-Digest": "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"}
     coding = request.query.get("coding")  # compressed all the same, as a server that ignores what it is asked
     if coding is not None:
         if request.query.get("plain") != "1":  # named, not done: a body that is not of its coding

@@ -246,6 +246,7 @@ async def test_the_organizations_key_an_upstream_answers_with_is_the_workers_own
     assert ORG_KEY.encode() not in body and ORG_KEY not in str(got.headers)
     assert json.loads(body)["resolved_env_vars"]["KUBIYA_API_KEY"] == "tok-a"
     assert got.headers["X-Called-With"] == "tok-a"
+    assert "Content-Digest" not in got.headers  # the upstream's body's, not this one's
 
 
 async def test_an_answer_is_asked_for_whole_and_uncompressed_and_one_in_an_unreadable_coding_is_502(

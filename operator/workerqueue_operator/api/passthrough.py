@@ -76,6 +76,8 @@ _WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
     "Sec-WebSocket-Accept", "Content-Length",
 ))
 _DECODABLE = frozenset(("gzip", "x-gzip", "deflate"))
+_DIGESTS = ("Content-MD5", "Digest", "Content-Digest", "Repr-Digest")
+"""What says what the body's bytes are: no longer so where the worker's token took the key's place."""
 _GZIP_OR_ZLIB = 47
 """zlib's window bits that read a gzip or a zlib stream, whichever it is (HTTP's deflate is zlib's)."""
 SMALL_ANSWER = 64 * 1024
@@ -637,7 +639,9 @@ class Passthrough:
             return await self._small(answer, answer_headers, upstream, stats, latency, mask)
         stats.answered(answer.status, latency)
         if request.method != "HEAD" and mask.active:
-            answer_headers.popall("Content-Length", None)  # the key's place taken, it may be other than said
+            # The key's place taken, the body may be other than these say.
+            for name in ("Content-Length", *_DIGESTS):
+                answer_headers.popall(name, None)
         response = web.StreamResponse(status=answer.status, reason=mask.header(answer.reason or "") or None,
                                       headers=answer_headers)
         read_whole = False
@@ -692,8 +696,12 @@ class Passthrough:
         stats.answered(answer.status, latency)
         stats.bytes_received += len(payload)
         headers.popall("Content-Length", None)  # the Response sets it from the payload
+        body = mask.whole(payload)
+        if body != payload:
+            for name in _DIGESTS:  # of the body as the upstream sent it
+                headers.popall(name, None)
         return web.Response(status=answer.status, reason=mask.header(answer.reason or "") or None,
-                            body=mask.whole(payload), headers=headers)
+                            body=body, headers=headers)
 
     def _failed(self, stats: metrics.UpstreamStats, upstream: queues.Upstream, kind: str, exc: BaseException,
                 status: int, message: str) -> web.Response:
