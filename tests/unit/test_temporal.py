@@ -214,6 +214,19 @@ async def test_the_holder_cache_grows_with_the_task_queues_listed():
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
+def counted_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many visibility scans are made from now on (`[n]`), the listing patched already."""
+    scans = [0]
+    original = Temporal._scan
+
+    def counted(self: Temporal, *args: Any) -> Any:
+        scans[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(Temporal, "_scan", counted)
+    return scans
+
+
 def patch_listing(monkeypatch: pytest.MonkeyPatch, runs: list[_Run], read: Any, scan_seconds: float = 0.0) -> None:
     """Temporal's visibility listing gives `runs` (after `scan_seconds`); `read` stands in for a history read."""
 
@@ -634,19 +647,12 @@ async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.Mo
     # another queue on the task queue, or a worker's poll), its reading was older than it said, and
     # a pod or an ephemeral queue was deleted on it.
     runs = [_Run("wf-1", "run-1", S.RUNNING, "W", START, None)]
-    scans = [0]
 
     async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
         return _Holder("1@pod-a", rfc3339(START))
 
     patch_listing(monkeypatch, runs, read, scan_seconds=0.3)
-    original = Temporal._scan
-
-    def counted(self: Temporal, *args: Any) -> Any:
-        scans[0] += 1
-        return original(self, *args)
-
-    monkeypatch.setattr(Temporal, "_scan", counted)
+    scans = counted_scans(monkeypatch)
     access = Temporal(timeout=2.0, coalesce=5.0)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
@@ -663,14 +669,19 @@ async def test_a_fresh_listing_joins_none_begun_before_it(monkeypatch: pytest.Mo
         await access.close()
 
 
-async def test_a_fresh_listing_joins_no_history_read_begun_before_it(monkeypatch: pytest.MonkeyPatch):
-    # A worker's poll began reading a run's history; a pod took the run; the scaling probe's fresh
-    # listing then joined that read: "untaken", stamped with the probe's own time, and the pod that
-    # holds it counted idle (deleted, but for a running activity seen).
-    runs = [_Run("wf-1", "run-1", S.RUNNING, "W", START, None)]
-    taken = [False]
+@pytest.mark.parametrize("asked", [{"running": True, "fresh": True}, {"taken_first": True, "recheck": True}])
+async def test_a_fresh_listing_or_a_recheck_joins_no_history_read_begun_before_it(
+        monkeypatch: pytest.MonkeyPatch, asked: dict[str, bool]):
+    # A worker's poll began reading a run's history; a pod took the run; then
+    # - the scaling probe's fresh listing joined that read: "untaken", stamped with the probe's own
+    #   time, and the pod that holds it counted idle (deleted, but for a running activity seen);
+    # - the recheck that was to tell that pod its first execution is over joined it: told so while
+    #   it ran that run.
+    runs, taken, _ = first_done_and_a_later_run()
 
-    async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        if workflow_id == "wf-first":
+            return _Holder("1@pod-a", rfc3339(START))
         seen_taken = taken[0]  # as of when the history is asked for
         await asyncio.sleep(0.3)
         return _Holder("1@pod-a", rfc3339(START)) if seen_taken else _Holder(None, None, untaken_at=time.time())
@@ -680,10 +691,10 @@ async def test_a_fresh_listing_joins_no_history_read_begun_before_it(monkeypatch
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
         poll = asyncio.create_task(access.executions(endpoint, "tq", limit=100, taken_first=True))
-        await asyncio.sleep(0.1)  # its read under way
-        taken[0] = True  # pod-a takes the run
-        (fresh,) = await access.executions(endpoint, "tq", running=True, fresh=True)
-        assert fresh.holder == "1@pod-a"
+        await asyncio.sleep(0.1)  # its read of wf-later under way
+        taken[0] = True  # pod-a takes it
+        listed = await access.executions(endpoint, "tq", limit=100, **asked)
+        assert next(e for e in listed if e.id == "wf-later").holder == "1@pod-a"
         await poll
     finally:
         await access.close()
@@ -817,45 +828,12 @@ async def test_a_connection_made_within_a_calls_bound_is_kept_when_the_call_runs
         await access.close()
 
 
-async def test_a_recheck_joins_no_history_read_begun_before_it(monkeypatch: pytest.MonkeyPatch):
-    # A read begun before pod-a took the run would tell it untaken: joined by the recheck that is to
-    # tell pod-a its first execution is over, pod-a was told so while it ran that run.
-    runs, taken, _ = first_done_and_a_later_run()
-
-    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
-        if workflow_id == "wf-first":
-            return _Holder("1@pod-a", rfc3339(START))
-        seen_taken = taken[0]  # as of when the history is asked for
-        await asyncio.sleep(0.3)
-        return _Holder("1@pod-a", rfc3339(START)) if seen_taken else _Holder(None, None, untaken_at=time.time())
-
-    patch_listing(monkeypatch, runs, read)
-    access = Temporal(timeout=4.0, coalesce=0.0)
-    try:
-        endpoint = Endpoint(host="t:7233", namespace="n")
-        poll = asyncio.create_task(access.executions(endpoint, "tq", limit=100, taken_first=True))
-        await asyncio.sleep(0.1)  # its read of wf-later under way
-        taken[0] = True  # pod-a takes it
-        rechecked = await access.executions(endpoint, "tq", limit=100, taken_first=True, recheck=True)
-        assert next(e for e in rechecked if e.id == "wf-later").holder == "1@pod-a"
-        await poll
-    finally:
-        await access.close()
-
-
 async def test_a_recheck_joins_no_listing_begun_before_the_coalescing_window(monkeypatch: pytest.MonkeyPatch):
     # A slow listing's reads may date from before a worker took a run: a recheck joining it, a worker
     # was told its execution was over on two polls in a row while it ran that run.
     runs, _, read = first_done_and_a_later_run()
-    scans = [0]
     patch_listing(monkeypatch, runs, read, scan_seconds=0.8)
-    original = Temporal._scan
-
-    def counted(self: Temporal, *args: Any) -> Any:
-        scans[0] += 1
-        return original(self, *args)
-
-    monkeypatch.setattr(Temporal, "_scan", counted)
+    scans = counted_scans(monkeypatch)
     access = Temporal(timeout=4.0, coalesce=0.5)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
