@@ -91,6 +91,7 @@ class Feed:
     def secrets_synced(self, listed: Callable[[informer.ObjectKey], bool] = lambda _: False) -> None:
         """`listed`: whether the Secret list brought that Secret."""
         self.secrets_listed = True
+        self._supervisor.secrets_synced()
         unknown = self._store.unknown_secrets()
         # The queues were listed before the Secrets, so a used Secret the list did not bring does not
         # exist, as far as the watch can tell: a token Secret the operator generates (an Opaque one in
@@ -376,7 +377,8 @@ async def run(
                         bounds=registry_.Bounds.of(settings), pod_interval=store.pod_interval)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds, max_clients=settings.temporal_max_clients)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
-                            registry=registry, temporal=temporal_, statuses_behind=reconciler.behind)
+                            registry=registry, temporal=temporal_, statuses_behind=reconciler.behind,
+                            secrets_listed=False)
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(

@@ -32,6 +32,7 @@ from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import Settings
+from workerqueue_operator.runner import Feed
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -908,6 +909,39 @@ async def test_a_refusal_the_lease_watch_has_not_brought_yet_is_read_before_the_
     assert kube.workers(namespace, "unseen").get("consecutiveFailures", 0) == 0
     # The record went with its pod.
     assert [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items] == []
+
+
+async def test_a_replica_just_started_plans_pods_once_it_knows_the_tokens_of_those_coming(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """Killed mid-create, the replica before left its pods' token Secrets and no pods. The replica
+    starting next planned before its Secret list came in: it made two pods anew, then, the tokens
+    known, took the two for coming and deleted its own as surplus (a queue without pods for a minute)."""
+    here = in_process("left")
+    here.spec.update(singleExecution=True, replicas=2)
+    await here.create_ready()
+    here.watched()
+    await here.supervisor.reconcile(here.key)  # the replica killed: its two pods' creates...
+    for pod in ("left-w0", "left-w1"):  # ...never made it, their tokens did
+        kube.core.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+    wait_for(lambda: not kube.pod_names(namespace, "left", alive=False), what="the pods gone")
+    here.watched()
+    next_one = Supervisor(store=here.store, client=here.client, settings=Settings(), events=EventPoster(here.client),
+                          activity=Activity(identity="next", priority=0), secrets_listed=False)
+    queue = here.store.queue(here.key)
+    assert queue is not None
+    next_one.queue_changed(queue)
+    await next_one._reconcile(here.key)
+    assert kube.pod_names(namespace, "left") == []  # nothing planned without the tokens
+    feed = Feed(here.store, here.writer, next_one)
+    for pod in ("left-w0", "left-w1"):
+        feed.secret_upserted(await here.client.get(f"{resources.secrets_path(namespace)}/{pod}-token"))
+    next_one.secrets_synced()
+    await next_one._reconcile(here.key)
+    # Both may still come (made a moment ago): none made, none deleted, their tokens kept for them.
+    assert kube.pod_names(namespace, "left") == []
+    assert {s.metadata.name for s in kube.core.list_namespaced_secret(namespace).items} >= {"left-w0-token",
+                                                                                           "left-w1-token"}
 
 
 async def test_a_refused_pod_shows_on_the_queue_though_its_first_write_met_a_newer_copy(

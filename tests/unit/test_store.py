@@ -440,6 +440,9 @@ class _Told:
     def queue_deleted(self, key: object) -> None:
         pass
 
+    def secrets_synced(self) -> None:
+        pass
+
 
 def _feed() -> tuple[Store, _Reads, Any]:
     from workerqueue_operator.core.reconciler import Reconciler

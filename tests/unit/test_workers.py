@@ -431,6 +431,15 @@ def test_lowering_replicas_deletes_pods_not_started_yet_never_one_whose_node_wen
     assert p.delete == ("q1-w2",)
 
 
+def test_pods_that_are_there_are_never_deleted_as_surplus_for_pods_only_maybe_coming():
+    """Two pods made, and two more maybe coming (tokens left by a replica killed mid-create): the surplus
+    is the two that may never come, which the supervisor leaves be; the newest pods were deleted instead,
+    and the queue had none for the minute the coming ones were waited for."""
+    pods = [pod(2, "Pending"), pod(3, "Pending"), pod(0, "Pending", coming=True), pod(1, "Pending", coming=True)]
+    p = plan(pods, WorkersStatus(desired=2, next_index=4), singleExecution=True, replicas=2)
+    assert sorted(p.delete) == ["q1-w0", "q1-w1"] and p.create == ()
+
+
 def test_suspend_stops_creating_but_lets_pods_run():
     p = plan([pod(0)], singleExecution=True, replicas=3, suspend=True)
     assert p.create == () and p.delete == ()

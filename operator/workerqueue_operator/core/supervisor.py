@@ -121,8 +121,11 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         concurrency: int = 32,
         statuses_behind: Callable[[], bool] = lambda: False,
+        secrets_listed: bool = True,
     ) -> None:
         self._store = store
+        self._secrets_listed = secrets_listed
+        """Whether the Store holds the per-worker token Secrets (see secrets_synced)."""
         self._activity = activity
         self._client = client
         self._events = events
@@ -204,6 +207,14 @@ class Supervisor:
             self._serving[key] = serving
             self._queue.add(key)
 
+    def secrets_synced(self) -> None:
+        """The Secrets have been listed: the per-worker tokens tell the pods another replica may be
+        creating (see _coming). Planned before, a replica just started takes the pods a replica killed
+        mid-create left coming for missing ones, makes them anew, then deletes its own as surplus."""
+        self._secrets_listed = True
+        for key in self._tracked:
+            self._queue.add(key)
+
     def _activity_changed(self, active: bool) -> None:
         # What we wrote may have been overwritten by the other replica meanwhile: the watch says.
         self._written.clear()
@@ -258,8 +269,8 @@ class Supervisor:
                     noted.pop(key, None)
 
     async def _reconcile(self, key: QueueKey) -> None:
-        if not self._activity.is_active():
-            return  # only the active replica changes pods
+        if not self._activity.is_active() or not self._secrets_listed:
+            return  # only the active replica changes pods, once it knows the tokens (see secrets_synced)
         queue = self._store.queue(key)
         if queue is None or queue.deleting:
             return  # deleting a queue deletes its pods: the garbage collector owns that
@@ -299,8 +310,8 @@ class Supervisor:
         outside = self._deleted_outside(key, parsed)
         # Pods the replica before this one may be creating right now count as pods coming: made again
         # here, under the next index, the queue would run a worker too many.
-        planned = parsed + [workers.Pod(name=name, phase="Pending", deleting=False, index=workers.pod_index(name))
-                            for name in sorted(coming)]
+        planned = parsed + [workers.Pod(name=name, phase="Pending", deleting=False, index=workers.pod_index(name),
+                                        coming=True) for name in sorted(coming)]
         plan = workers.plan(queue, planned, previous=previous, now=now, created=created, settings=self._settings,
                             demand=demand, deleted_outside=outside)
         if demand is not None and any(name in alive for name in plan.delete):

@@ -271,6 +271,8 @@ class Pod:
     its node gone (the pod garbage collector fails such pods before deleting them)."""
     ended: bool = False
     """The pod itself has ended (its phase, not only its worker's container): nothing runs in it."""
+    coming: bool = False
+    """Not listed, but maybe being created by the replica before this one (its token Secret is there)."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -976,13 +978,15 @@ def _create_after(p: _Pass, wait: float, count: int) -> tuple[int, ...]:
 
 
 def _surplus_not_started(alive: Sequence[Pod], desired: int) -> list[str]:
-    """Pods over `desired` (replicas or maxWorkers lowered) that are not running yet, newest first.
-    A running worker may hold an execution, and nothing tells which do: those finish, and are not
-    replaced while over."""
+    """Pods over `desired` (replicas or maxWorkers lowered) that are not running yet, newest first;
+    before them, pods only maybe coming, which the supervisor leaves be: a pod that is there is never
+    deleted for one that may never come. A running worker may hold an execution, and nothing tells
+    which do: those finish, and are not replaced while over."""
     surplus = len(alive) - desired
     if surplus <= 0:
         return []
-    waiting = sorted((p for p in alive if p.phase not in MAY_RUN), key=lambda p: p.index or 0, reverse=True)
+    waiting = sorted((p for p in alive if p.phase not in MAY_RUN), key=lambda p: (p.coming, p.index or 0),
+                     reverse=True)
     return [p.name for p in waiting[:surplus]]
 
 
