@@ -483,7 +483,7 @@ async def run(
              poster := asyncio.create_task(events.run(), name="event poster"),
              asyncio.create_task(registry.run(), name="worker registry"),
              asyncio.create_task(LiveStatus(store=store, registry=registry, client=client,
-                                                            activity=activity).run(),
+                                                            activity=activity, listed=watches.synced).run(),
                                  name="live worker counts")]
     if certificate is not None:
         tasks.append(asyncio.create_task(certificate.watch(settings.tls_reload_seconds), name="TLS certificate"))

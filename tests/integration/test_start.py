@@ -944,6 +944,33 @@ async def test_a_replica_just_started_plans_pods_once_it_knows_the_tokens_of_tho
                                                                                            "left-w1-token"}
 
 
+async def test_a_pod_counted_and_deleted_by_the_replica_before_is_not_waited_for_as_coming(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """Killed after deleting a finished pod (counted in the status) and before its token: the replica
+    next took the token, a few seconds old, for a pod still coming, and made no worker for a minute."""
+    here = in_process("counted")
+    await here.first_pod_finished()
+    here.watched()
+
+    async def killed(*_: object) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(here.supervisor, "_revoke", killed)
+    with contextlib.suppress(asyncio.CancelledError):
+        await here.supervisor.reconcile(here.key)
+    assert kube.pod_names(namespace, "counted", alive=False) == []
+    assert kube.workers(namespace, "counted")["counted"] == ["counted-w0"]
+    here.watched()
+    next_one = Supervisor(store=here.store, client=here.client, settings=Settings(), events=EventPoster(here.client),
+                          activity=Activity(identity="next", priority=0))
+    Feed(here.store, here.writer, next_one).secret_upserted(
+        await here.client.get(f"{resources.secrets_path(namespace)}/counted-w0-token"))
+    await next_one._reconcile(here.key)
+    assert kube.pod_names(namespace, "counted") == ["counted-w2"]  # w1 was the killed pass's, never made
+    assert "counted-w0-token" not in {s.metadata.name for s in kube.core.list_namespaced_secret(namespace).items}
+
+
 async def test_a_refused_pod_shows_on_the_queue_though_its_first_write_met_a_newer_copy(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
 ):

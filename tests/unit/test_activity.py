@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from collections.abc import Callable
 
 import pytest
@@ -358,3 +359,56 @@ def test_a_pod_already_being_deleted_when_first_seen_is_not_counted_as_displaced
     assert supervisor._deleted_outside(key, later) == frozenset({"q-w1"})  # seen alive, deleted by another
     supervisor._passed(key, listed("q-w1"))
     assert supervisor._deleted_outside(key, []) == frozenset({"q-w1"})  # seen alive, gone now
+
+
+async def test_no_live_count_is_written_before_the_leases_are_listed():
+    """Active from its start (a peering won at once, or one replica rolling over another), a replica
+    wrote `live` from a registry its Lease list had only half filled: 1 where 3 workers live, or 0."""
+    import kubernetes
+
+    from tests.unit.factories import queue, queue_body
+    from tests.unit.test_registry import make_worker
+    from workerqueue_operator.core import leases, queues
+    from workerqueue_operator.core import registry as registry_
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.reconciler import LiveStatus
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.models.settings import Settings
+
+    class Patches:
+        def __init__(self) -> None:
+            self.sent: list[object] = []
+
+        async def patch(self, path: str, body: object, **_: object) -> dict[str, object]:
+            self.sent.append(body)
+            return {}
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+    api, listed, clock = Patches(), [False], [100.0]
+    store = Store(settings=Settings())
+    made = queues.QueueObject.from_body({**queue_body("q1", uid="uid-1"), "status": {"workers": {"live": 3}}})
+    store.upsert_queue(made)
+    registry = registry_.Registry(client=kube, events=EventPoster(kube), queue_of=store.queue)
+    live = LiveStatus(store=store, registry=registry, client=api,  # type: ignore[arg-type]
+                      activity=Activity(identity="me", priority=0), listed=lambda: listed[0],
+                      clock=lambda: clock[0])
+    q = queue("q1", uid="uid-1")
+
+    def lease_listed(name: str) -> None:
+        worker = make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None, renewed_at=time.time())
+        registry.lease_upserted(leases.lease_body(worker, queue_name=q.name))
+
+    lease_listed("a")  # the first page of the Lease list
+    await live.tick()
+    assert api.sent == []
+    lease_listed("b")
+    lease_listed("c")
+    listed[0] = True
+    await live.tick()
+    assert api.sent == []  # 3 as shown
+    registry.lease_deleted(("team-a", "q1-c"), None)
+    clock[0] += 5.0  # a queue is written at most every 5 s
+    await live.tick()
+    assert api.sent == [{"status": {"workers": {"live": 2}}}]
+    await kube.close()

@@ -1675,3 +1675,46 @@ def test_the_queues_an_identity_is_registered_in_are_those_known_where_it_lives(
     for worker_id in ("w2", "w3", "w4"):
         reg._forget(worker_id)
     assert reg._by_identity == {}
+
+
+async def test_a_late_seen_end_of_a_slots_last_holder_is_no_end_of_its_new_one():
+    """Its first holder disconnected: the slot's Lease marked, then deleted. The watch brought the mark,
+    the slot went to a new worker here (its create answered), then the deletion came, behind: taken for
+    the new holder's, that worker was ended on purpose, its own Lease deleted as the watch showed it,
+    its heartbeats 404 for good, and the queue ran a worker over maxWorkers."""
+    import time
+
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    class Answers:
+        def __init__(self) -> None:
+            self.made: list[str] = []
+            self.created: dict[str, Any] = {}
+
+        async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
+                          **_: Any) -> dict[str, Any]:
+            self.made.append(method)
+            if method == "POST" and body is not None:
+                self.created = {**body, "metadata": {**body["metadata"], "resourceVersion": "9", "uid": "u2"}}
+            return self.created
+
+    api, kube = Answers(), client_.KubeClient(kubernetes.client.Configuration())
+    q = queue(maxWorkers=1, uid="uid-1")
+    reg = registry.Registry(client=api, events=EventPoster(kube), queue_of=lambda key: q)  # type: ignore[arg-type]
+    first = leases.lease_body(make_worker(worker_id="first", pod=None, renewed_at=time.time()), queue_name=q.name)
+    reg.lease_upserted(first)
+    reg.lease_upserted(marked(first))
+    second = await reg.claim(q, "second", limit=1)
+    assert second is not None and second.lease == "q1-slot-0"
+    reg.lease_upserted(marked(first))  # the mark again, behind the claim's answer
+    assert reg.get("second") is second
+    reg.lease_deleted(("team-a", "q1-slot-0"), marked(first))
+    assert reg.get("second") is second
+    reg.lease_upserted(api.created)  # the new holder's own Lease, as the watch brings it
+    await asyncio.sleep(0.05)
+    assert reg.get("second") is second and reg.may_rejoin(q, "first") is False
+    assert api.made == ["POST"]  # nothing of the new holder's deleted, nor marked
+    await kube.close()

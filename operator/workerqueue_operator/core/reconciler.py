@@ -480,8 +480,11 @@ class LiveStatus:
 
     def __init__(self, *, store: Store, registry: Registry, client: client_.KubeClient, activity: Activity,
                  period: float = 1.0, per_queue: float = 5.0, rate: float = 20.0, audit: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, listed: Callable[[], bool] = lambda: True) -> None:
         self._store = store
+        self._listed = listed
+        """Whether the queues and the Leases have been listed: before, a count is of a registry half filled."""
+        self._was_listed = False
         self._activity = activity
         self._registry = registry
         self._client = client
@@ -500,7 +503,7 @@ class LiveStatus:
         # once it is told it is the active one instead. As told, not asked: asked, the peering is
         # read again, and this is on the path of every /start.
         self._marking = activity.is_active()
-        self._audit_due = False  # not at start-up: the Lease watch fills the registry first
+        self._audit_due = False  # due once the Leases are listed (see tick)
         activity.subscribe(self._activity_changed)
         registry.subscribe(self._changed)
 
@@ -528,20 +531,27 @@ class LiveStatus:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._period)
-            if not self._activity.is_active():
-                continue
-            if self._audit_due or self._clock() - self._audited_at >= self._audit_every:
-                self._audit_due = False  # what changed while it stood by was not marked
-                self.audit()
-            for key in self.due():
-                self._dirty.pop(key, None)
-                self._written_at[key] = self._clock()
-                try:
-                    await self._write(key)
-                except client_.ERRORS as exc:
-                    logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
-                    self._dirty[key] = None
-            self._forget(self._clock())
+            await self.tick()
+
+    async def tick(self) -> None:
+        """One period's writes."""
+        if not self._activity.is_active() or not self._listed():
+            return  # a replica active from its start (a peering won at once) has not listed its Leases yet
+        if not self._was_listed:
+            # What changed before the Leases were all listed was marked on a registry half filled.
+            self._was_listed = self._audit_due = True
+        if self._audit_due or self._clock() - self._audited_at >= self._audit_every:
+            self._audit_due = False  # what changed while it stood by was not marked
+            self.audit()
+        for key in self.due():
+            self._dirty.pop(key, None)
+            self._written_at[key] = self._clock()
+            try:
+                await self._write(key)
+            except client_.ERRORS as exc:
+                logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
+                self._dirty[key] = None
+        self._forget(self._clock())
 
     def audit(self) -> None:
         """Marks the queues whose status shows another live count than their registrations."""

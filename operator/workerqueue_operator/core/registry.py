@@ -289,6 +289,11 @@ class Registry:
                 self._forget(known_id)
             return
         holder = self._workers.get(known_id) if known_id is not None and known_id != incoming.worker_id else None
+        if holder is not None and ended_on_purpose(body):
+            # A Lease marked as its worker's end is never a takeover: it is the slot's previous holder's,
+            # seen after the slot went to the one filed here (the watch behind that claim's answer).
+            self._marked_ended(key, incoming)
+            return
         if holder is not None:
             self._taken_over(holder)  # a slot taken over by another worker
         if ended_on_purpose(body):
@@ -358,6 +363,10 @@ class Registry:
         on_purpose = body is not None and ended_on_purpose(body)
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
         worker_id = self._by_lease.get(key)
+        if worker_id is not None and gone is not None and gone.worker_id != worker_id:
+            # A slot's previous holder's Lease, its deletion seen after the slot went to the worker filed
+            # here (the watch behind that claim's answer): no end of the new holder's.
+            worker_id = None
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:

@@ -300,7 +300,7 @@ class Supervisor:
             return  # stood down meanwhile: the next active replica plans from what it lists itself
         # What fails to be cleaned up (a webhook on deletes that is down, say) is tried again after a
         # back-off, at the pass's end: it must not keep the queue's new workers from being made.
-        unlisted = self._unlisted_credentials(key, listing, previous.next_index)
+        unlisted = self._unlisted_credentials(key, listing, previous)
         coming = self._coming(key, listing, unlisted)
         failures = await _each(self._delete_orphan_credentials(key, listing, unlisted))
         previous, version = self._base(queue)
@@ -607,7 +607,7 @@ class Supervisor:
                 raise _quiet_delete(exc, path) from None
 
     def _unlisted_credentials(self, key: QueueKey, listing: PodListing,
-                              next_index: int) -> list[tuple[str, SecretName, float | None]]:
+                              status: spec_.WorkersStatus) -> list[tuple[str, SecretName, float | None]]:
         """Per-worker tokens of a counted index whose pod is not listed: (pod, its Secret, until when
         its pod may still be coming, or None). One made in the last ORPHAN_GRACE_SECONDS whose pod was
         never listed here may be coming: its create may be under way on the replica that stood down a
@@ -616,11 +616,13 @@ class Supervisor:
         previous = self._listed.get(key)
         # Listed at some pass before: a token whose deletion failed is retried, its pod not taken for
         # one coming (a pod too many, then: the queue's new worker was deleted in its place).
-        seen = (previous.pods if previous is not None else frozenset()) | self._gone.get(key, frozenset())
+        # Counted as finished in the status (by whichever replica): it was made, and is gone now.
+        seen = ((previous.pods if previous is not None else frozenset()) | self._gone.get(key, frozenset())
+                | set(status.counted))
         found: list[tuple[str, SecretName, float | None]] = []
         for pod, secret in self._store.worker_credential_secrets(key).items():
             index = workers.pod_index(pod)
-            if pod in listing.pods or index is None or index >= next_index:
+            if pod in listing.pods or index is None or index >= status.next_index:
                 continue
             credential = self._store.worker_credential_in(secret)
             made = credential.since if credential is not None else None
