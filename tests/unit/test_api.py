@@ -655,6 +655,32 @@ async def test_a_pod_token_whose_secret_is_on_its_way_is_awaited_not_refused():
         assert c.server.app[UNSEEN].waited == 1
 
 
+async def test_a_pods_worker_whose_queue_this_replica_has_not_seen_is_awaited_then_refused_as_such(
+        monkeypatch: pytest.MonkeyPatch):
+    """The pod's token known here, its queue not (this replica's queue watch behind, or relisting): a 404
+    at once made the worker exit, and its pod count as a crash. Awaited as an unseen token is; still
+    not there, the refusal is recorded for the pod, under the queue it was made for."""
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 0.5)
+    store = store_with_pod()
+    key = ("team-a", "q1")
+    made = store.queue(key)
+    assert made is not None
+    store.remove_queue(key)
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = asyncio.create_task(c.post(START.format("q-1"), headers=pod))
+        await asyncio.sleep(0.2)
+        assert not started.done()
+        store.upsert_queue(made)
+        answer = await started
+        assert answer.status == 200, await answer.text()
+        store.remove_queue(key)
+        refused = await c.post(START.format("q-1"), headers=pod)
+        assert refused.status == 404
+        assert c.server.app[REGISTRY].refusals.why(made, "q1-w0") == "404: Worker queue not found"
+        assert c.server.app[UNSEEN].waited == 2
+
+
 async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_well(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(unseen, "LAG_SECONDS", 0.3)
     store = store_with_pod()

@@ -1718,3 +1718,45 @@ async def test_a_late_seen_end_of_a_slots_last_holder_is_no_end_of_its_new_one()
     assert reg.get("second") is second and reg.may_rejoin(q, "first") is False
     assert api.made == ["POST"]  # nothing of the new holder's deleted, nor marked
     await kube.close()
+
+
+async def test_a_full_queue_is_looked_at_again_when_the_lease_watch_is_down():
+    """Its Lease watch down, a replica took a queue for full from what it knew: the slot's worker gone
+    and its Lease deleted by the other replica meanwhile, each /start here was a 409, and a worker
+    turned away exits for good. A Lease the API server still holds keeps its slot."""
+    import time
+
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    class Answers:
+        def __init__(self) -> None:
+            self.made: list[str] = []
+            self.items: list[dict[str, Any]] = []
+
+        async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None,
+                          **_: Any) -> dict[str, Any]:
+            self.made.append(method)
+            if method == "GET":
+                return {"items": self.items}
+            assert body is not None
+            return {**body, "metadata": {**body["metadata"], "resourceVersion": "9", "uid": "u2"}}
+
+    api, kube = Answers(), client_.KubeClient(kubernetes.client.Configuration())
+    q = queue(maxWorkers=1, uid="uid-1")
+    watching = [True]
+    reg = registry.Registry(client=api, events=EventPoster(kube), queue_of=lambda key: q,  # type: ignore[arg-type]
+                            watching=lambda: watching[0])
+    held = leases.lease_body(make_worker(worker_id="held", pod=None, renewed_at=time.time()), queue_name=q.name)
+    reg.lease_upserted(held)
+    assert await reg.claim(q, "new", limit=1) is None and api.made == []  # the watch is up: full it is
+    watching[0] = False
+    api.items = [held]
+    assert await reg.claim(q, "new", limit=1) is None and api.made == ["GET"]  # still held
+    api.items = []  # deleted by the other replica, unseen here
+    claimed = await reg.claim(q, "new", limit=1)
+    assert claimed is not None and claimed.lease == "q1-slot-0" and api.made == ["GET", "GET", "POST"]
+    assert reg.get("held") is None and reg.may_rejoin(q, "held")  # taken for expired: it may come back
+    await kube.close()

@@ -43,11 +43,11 @@ from workerqueue_operator.api.keys import (
     TEMPORAL,
     UNSEEN,
 )
-from workerqueue_operator.core import queues, reviews, temporal
+from workerqueue_operator.core import queues, refusals, reviews, temporal
 from workerqueue_operator.core import registry as registry_
-from workerqueue_operator.core.queues import QueueObject
+from workerqueue_operator.core.queues import QueueObject, Resolution
 from workerqueue_operator.core.registry import Registry
-from workerqueue_operator.core.store import Store
+from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.models import settings as settings_
 from workerqueue_operator.models import wire
@@ -81,13 +81,15 @@ async def start_worker(request: web.Request) -> web.Response:
         return body
 
     resolution = store.serving(queue_id)
+    if caller.worker is not None and not _pods_own(resolution, caller.worker):
+        resolution = await _pods_queue(request, caller.worker, queue_id)
     if resolution is None:
-        return errors.detail(404, "Worker queue not found")
+        return await _refused_unseen(request, caller.worker, errors.detail(404, "Worker queue not found"))
     queue = resolution.queue
     denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
                                      token_message="This token may not start workers on this worker queue")
     if denied is not None:
-        return denied
+        return await _refused_unseen(request, caller.worker, denied)
 
     pod = caller.worker.pod if caller.worker is not None else None
     if queue.spec.suspend:
@@ -147,7 +149,39 @@ async def start_worker(request: web.Request) -> web.Response:
     return web.Response(body=payload, content_type="application/json")
 
 
-async def _refused(request: web.Request, queue: QueueObject, pod: str | None, answer: web.Response, *,
+def _pods_own(resolution: Resolution | None, credential: WorkerCredential) -> bool:
+    """Whether the queue serving the id is the one the pod was made for (not a deleted namesake)."""
+    return resolution is not None and (resolution.queue.key, resolution.queue.uid) == (credential.queue,
+                                                                                      credential.queue_uid)
+
+
+async def _pods_queue(request: web.Request, credential: WorkerCredential, queue_id: str) -> Resolution | None:
+    """The queue serving the id, once it is the pod's own: its queue was there when the operator made the
+    pod, and not seeing it (its watch behind, or relisting) is this replica's lag. Turned away at once,
+    the worker exits, and its pod fails as if it had crashed. Else, after the wait, what serves the id."""
+    store = request.app[STORE]
+
+    def own() -> Resolution | None:
+        found = store.serving(queue_id)
+        return found if _pods_own(found, credential) else None
+
+    found = await request.app[UNSEEN].until(own, peer=request.remote or "", starting=True)
+    return found if found is not None else store.serving(queue_id)
+
+
+async def _refused_unseen(request: web.Request, credential: WorkerCredential | None,
+                          answer: web.Response) -> web.Response:
+    """`answer` to a worker whose queue is not served here; a pod's is recorded as refused (_refused),
+    under the queue it was made for."""
+    if credential is None:
+        return answer
+    namespace, name = credential.queue
+    made_for = refusals.QueueRef(namespace=namespace, name=name, uid=credential.queue_uid)
+    return await _refused(request, made_for, credential.pod, answer)
+
+
+async def _refused(request: web.Request, queue: QueueObject | refusals.QueueRef, pod: str | None,
+                   answer: web.Response, *,
                    wait: bool = True) -> web.Response:
     """`answer`, turning away a worker; one of a pod the operator made is recorded by the registry
     first (within seconds), so that the pod's failure (its worker exits on it) is not taken for a

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 from workerqueue_operator.core.store import WorkerCredential
+
+T = TypeVar("T")
 
 LAG_SECONDS = 2.0
 """How long a token is awaited while the Secret watch is well: a watch event's usual delay, many times over."""
@@ -54,6 +57,10 @@ class UnseenTokens:
         """The credential once `lookup` finds it; None when it still does not after the wait (or when
         too many wait already, from everywhere or from `peer`). `starting`: for a /start, which its
         worker waits longer for than its other calls."""
+        return await self.until(lookup, peer=peer, starting=starting)
+
+    async def until(self, lookup: Callable[[], T | None], *, peer: str = "", starting: bool = False) -> T | None:
+        """What `lookup` finds, waited for as a credential is (see credential)."""
         if self.waiting >= self._max_waiting or (
                 self.waiting >= self._max_waiting // 2 and self._by_peer.get(peer, 0) >= self._max_per_peer):
             return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from workerqueue_operator.core import leasecalls
@@ -65,6 +66,19 @@ class PodListing(NamedTuple):
     pods: frozenset[str]
 
 
+@dataclass(frozen=True)
+class QueueRef:
+    """A queue as a pod's token names it, for a refusal at /start where this replica does not see it."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    @property
+    def key(self) -> QueueKey:
+        return (self.namespace, self.name)
+
+
 class Refusals:
     """The refusals this replica knows of: made here, or brought by the Lease watch (see seen). Owned by
     the Registry, which tells it of the workers it registers and lends it its calls and tasks."""
@@ -93,7 +107,7 @@ class Refusals:
         its pods the same."""
         self._writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
-    async def start_refused(self, queue: QueueObject, pod: str, why: str, *, wait: bool = True) -> None:
+    async def start_refused(self, queue: QueueObject | QueueRef, pod: str, why: str, *, wait: bool = True) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never
         retries (worker-protocol.md), so its pod fails; the refusal was this operator's (a full or not
         ready queue, the API server unavailable), not a crash of the worker, and must not count
@@ -118,7 +132,7 @@ class Refusals:
         if wait:
             await asyncio.shield(task)  # a caller that leaves does not cut the write short
 
-    async def _write(self, queue: QueueObject, pod: str, why: str) -> None:
+    async def _write(self, queue: QueueObject | QueueRef, pod: str, why: str) -> None:
         key = (queue.namespace, pod, queue.uid)
         body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=self._clock(), why=why),
                                   queue_name=queue.name)

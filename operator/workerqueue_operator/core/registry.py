@@ -709,16 +709,34 @@ class Registry:
     async def _claim(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                      hostname: str | None, system_info: wire.WorkerSystemInfo | None,
                      interval: float | None, identity: str | None) -> Worker | None:
+        rechecked = False
         while True:
             busy: list[asyncio.Future[None]] = []
             worker = await self._claim_free(queue, worker_id, limit=limit, pod=pod, hostname=hostname,
                                             system_info=system_info, interval=interval, identity=identity,
                                             busy=busy)
+            if worker is None and not busy and not rechecked and not self._watching():
+                # Full as known here, with the Lease watch down: slots freed elsewhere meanwhile (their
+                # workers gone, their Leases deleted) look taken, and a worker turned away exits for good.
+                rechecked = True
+                if await self._forget_unlisted(queue):
+                    continue
             if worker is not None or not busy:
                 return worker
             # Only slots another /start here is claiming are left: full only if those claims succeed
             # (one failing on the API server leaves its slot free, and this is no full queue).
             await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _forget_unlisted(self, queue: QueueObject) -> bool:
+        """Forgets, as expired, the queue's registrations written before a listing of its Leases that
+        the listing lacks (deleted by another replica while this one's watch was down); whether any was."""
+        began = self._clock()
+        listed = {str((item.get("metadata") or {}).get("name", "")) for item in await self._listed(queue)}
+        gone = [w for w in self._members(queue.key)
+                if w.stored and w.lease not in listed and w.registered_at < began]
+        for worker in gone:
+            self._ended_elsewhere(worker, expired=True)
+        return bool(gone)
 
     async def _claim_free(self, queue: QueueObject, worker_id: str, *, limit: int, pod: str | None,
                           hostname: str | None, system_info: wire.WorkerSystemInfo | None,
