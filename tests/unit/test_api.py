@@ -679,6 +679,10 @@ async def test_a_pods_worker_whose_queue_this_replica_has_not_seen_is_awaited_th
         assert refused.status == 404
         assert c.server.app[REGISTRY].refusals.why(made, "q1-w0") == "404: Worker queue not found"
         assert c.server.app[UNSEEN].waited == 2
+        # Its queue known here, another id asked for (a wrong QUEUE_ID): no lag, answered at once as before.
+        store.upsert_queue(made)
+        assert (await c.post(START.format("q-other"), headers=pod)).status == 404
+        assert c.server.app[UNSEEN].waited == 2
 
 
 async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_well(monkeypatch: pytest.MonkeyPatch):

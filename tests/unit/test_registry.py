@@ -1746,9 +1746,9 @@ async def test_a_full_queue_is_looked_at_again_when_the_lease_watch_is_down():
 
     api, kube = Answers(), client_.KubeClient(kubernetes.client.Configuration())
     q = queue(maxWorkers=1, uid="uid-1")
-    watching = [True]
+    watching, clock = [True], [0.0]
     reg = registry.Registry(client=api, events=EventPoster(kube), queue_of=lambda key: q,  # type: ignore[arg-type]
-                            watching=lambda: watching[0])
+                            watching=lambda: watching[0], monotonic=lambda: clock[0])
     held = leases.lease_body(make_worker(worker_id="held", pod=None, renewed_at=time.time()), queue_name=q.name)
     reg.lease_upserted(held)
     assert await reg.claim(q, "new", limit=1) is None and api.made == []  # the watch is up: full it is
@@ -1756,7 +1756,33 @@ async def test_a_full_queue_is_looked_at_again_when_the_lease_watch_is_down():
     api.items = [held]
     assert await reg.claim(q, "new", limit=1) is None and api.made == ["GET"]  # still held
     api.items = []  # deleted by the other replica, unseen here
+    assert await reg.claim(q, "new", limit=1) is None and api.made == ["GET"]  # listed at most every 2 s
+    clock[0] += registry.RECHECK_SECONDS
     claimed = await reg.claim(q, "new", limit=1)
     assert claimed is not None and claimed.lease == "q1-slot-0" and api.made == ["GET", "GET", "POST"]
     assert reg.get("held") is None and reg.may_rejoin(q, "held")  # taken for expired: it may come back
     await kube.close()
+
+
+def test_the_end_of_a_newer_holder_seen_late_ends_the_older_registration_filed_here():
+    """The slot changed hands while this replica's Lease watch was away, and its new holder ended: the
+    relist shows its Lease marked. The older registration filed here was taken over (it may come back),
+    and the newer one ended for good."""
+    import time
+
+    now = time.time()
+    reg, q = standby_holding([now])
+    older = make_worker(worker_id="older", pod=None, registered_at=now - 30, renewed_at=now - 5)
+    reg.lease_upserted(leases.lease_body(older, queue_name=q.name))
+    assert reg.get("older") is not None
+    newer = leases.lease_body(make_worker(worker_id="newer", pod=None, registered_at=now - 1, renewed_at=now),
+                              queue_name=q.name)
+    reg.lease_upserted(marked(newer))
+    assert reg.get("older") is None and reg.may_rejoin(q, "older") and not reg.may_rejoin(q, "newer")
+    reg.lease_deleted(("team-a", "q1-slot-0"), marked(newer))
+    assert reg.live_count(q.key) == 0
+    # Its deletion alone (the mark unseen) takes the older one over too.
+    again, q = standby_holding([now])
+    again.lease_upserted(leases.lease_body(older, queue_name=q.name))
+    again.lease_deleted(("team-a", "q1-slot-0"), marked(newer))
+    assert again.get("older") is None and again.may_rejoin(q, "older")

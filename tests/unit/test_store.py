@@ -374,11 +374,14 @@ def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absen
     from workerqueue_operator.runner import Feed
 
     store, reads = Store(settings=Settings()), _Reads()
-    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, _Told()))
+    told = _Told()
+    feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, told))
     token = ("team-a", "q1-worker-token")
     feed.secret_upserted(secret_body("q1-worker-token", token="real-token"))  # listed: no queue's yet
     feed.queue_upserted(queue_body("q1", queueId="abc"))  # then its queue comes
+    assert not told.synced
     feed.secrets_synced(listed=lambda key: key == token)
+    assert told.synced
     assert reads.asked == {token} and store.secret_state(token) == (False, None)  # read, not absent
     # One the list did not bring is absent, without a read.
     feed.queue_upserted(queue_body("q2", queueId="def"))
@@ -440,8 +443,10 @@ class _Told:
     def queue_deleted(self, key: object) -> None:
         pass
 
+    synced = False
+
     def secrets_synced(self) -> None:
-        pass
+        self.synced = True  # the supervisor plans pods from now on (see Supervisor.secrets_synced)
 
 
 def _feed() -> tuple[Store, _Reads, Any]:

@@ -81,15 +81,18 @@ async def start_worker(request: web.Request) -> web.Response:
         return body
 
     resolution = store.serving(queue_id)
-    if caller.worker is not None and not _pods_own(resolution, caller.worker):
+    unseen_queue: WorkerCredential | None = None
+    if caller.worker is not None and not _pods_own(resolution, caller.worker) and not _pods_own_known(
+            store, caller.worker):
+        unseen_queue = caller.worker
         resolution = await _pods_queue(request, caller.worker, queue_id)
     if resolution is None:
-        return await _refused_unseen(request, caller.worker, errors.detail(404, "Worker queue not found"))
+        return await _refused_unseen(request, unseen_queue, errors.detail(404, "Worker queue not found"))
     queue = resolution.queue
     denied = await callers.authorize(request, caller, resolution, verb="create", subresource="start",
                                      token_message="This token may not start workers on this worker queue")
     if denied is not None:
-        return await _refused_unseen(request, caller.worker, denied)
+        return await _refused_unseen(request, unseen_queue, denied)
 
     pod = caller.worker.pod if caller.worker is not None else None
     if queue.spec.suspend:
@@ -155,6 +158,13 @@ def _pods_own(resolution: Resolution | None, credential: WorkerCredential) -> bo
                                                                                       credential.queue_uid)
 
 
+def _pods_own_known(store: Store, credential: WorkerCredential) -> bool:
+    """Whether this replica knows the queue the pod was made for: then another id asked for (a wrong
+    QUEUE_ID, a queueId changed since) is no lag of its watch, and is answered at once, as before."""
+    known = store.queue(credential.queue)
+    return known is not None and known.uid == credential.queue_uid
+
+
 async def _pods_queue(request: web.Request, credential: WorkerCredential, queue_id: str) -> Resolution | None:
     """The queue serving the id, once it is the pod's own: its queue was there when the operator made the
     pod, and not seeing it (its watch behind, or relisting) is this replica's lag. Turned away at once,
@@ -171,8 +181,8 @@ async def _pods_queue(request: web.Request, credential: WorkerCredential, queue_
 
 async def _refused_unseen(request: web.Request, credential: WorkerCredential | None,
                           answer: web.Response) -> web.Response:
-    """`answer` to a worker whose queue is not served here; a pod's is recorded as refused (_refused),
-    under the queue it was made for."""
+    """`answer` to a worker whose queue this replica did not know; a pod's (`credential`) is recorded as
+    refused (_refused), under the queue it was made for, since the fault may be this replica's."""
     if credential is None:
         return answer
     namespace, name = credential.queue

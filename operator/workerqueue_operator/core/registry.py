@@ -164,6 +164,11 @@ def _settle(future: asyncio.Future[Any], finished: asyncio.Future[Any]) -> None:
     else:
         future.set_result(finished.result())
 
+
+RECHECK_SECONDS = 2.0
+"""A queue found full while the Lease watch is down has its Leases listed at most this often."""
+RECHECKS_KEPT = 10_000
+
 class Registry:
     def __init__(
         self,
@@ -211,6 +216,8 @@ class Registry:
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
         """The tasks deleting a Lease now (see run)."""
+        self._rechecked: dict[QueueKey, float] = {}
+        """When (monotonic) each queue's Leases were last listed before a 409 (see _forget_unlisted)."""
         self._marked: dict[tuple[str, str], tuple[Worker, float]] = {}
         """Leases seen marked as their worker's end and not seen deleted yet, with when (monotonic)."""
         self.pending = 0
@@ -289,9 +296,10 @@ class Registry:
                 self._forget(known_id)
             return
         holder = self._workers.get(known_id) if known_id is not None and known_id != incoming.worker_id else None
-        if holder is not None and ended_on_purpose(body):
-            # A Lease marked as its worker's end is never a takeover: it is the slot's previous holder's,
-            # seen after the slot went to the one filed here (the watch behind that claim's answer).
+        if holder is not None and ended_on_purpose(body) and not later(incoming.registered_at, holder.registered_at):
+            # A Lease marked as the end of a registration older than the one filed here: the slot's
+            # previous holder's, seen after the slot went to this one (the watch behind that claim's
+            # answer). No takeover; a newer one's (a relist after the slot changed hands unseen) is.
             self._marked_ended(key, incoming)
             return
         if holder is not None:
@@ -363,10 +371,13 @@ class Registry:
         on_purpose = body is not None and ended_on_purpose(body)
         gone = worker_from_lease(body, seen_at=0.0) if body is not None else None
         worker_id = self._by_lease.get(key)
-        if worker_id is not None and gone is not None and gone.worker_id != worker_id:
-            # A slot's previous holder's Lease, its deletion seen after the slot went to the worker filed
-            # here (the watch behind that claim's answer): no end of the new holder's.
+        filed = self._workers.get(worker_id) if worker_id is not None else None
+        if filed is not None and gone is not None and gone.worker_id != filed.worker_id:
             worker_id = None
+            if later(gone.registered_at, filed.registered_at):
+                self._taken_over(filed)  # the slot changed hands while this replica's watch was away
+            # Else a slot's previous holder's Lease, its deletion seen after the slot went to the worker
+            # filed here (the watch behind that claim's answer): no end of the new holder's.
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None and worker.stored:
@@ -728,12 +739,24 @@ class Registry:
             await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
 
     async def _forget_unlisted(self, queue: QueueObject) -> bool:
-        """Forgets, as expired, the queue's registrations written before a listing of its Leases that
-        the listing lacks (deleted by another replica while this one's watch was down); whether any was."""
-        began = self._clock()
-        listed = {str((item.get("metadata") or {}).get("name", "")) for item in await self._listed(queue)}
-        gone = [w for w in self._members(queue.key)
-                if w.stored and w.lease not in listed and w.registered_at < began]
+        """Forgets, as expired, the queue's registrations stored before a listing of its Leases that the
+        listing lacks (deleted by another replica while this one's watch was down); whether any was. At
+        most one listing per queue every RECHECK_SECONDS (full queues get /start after /start); one that
+        fails leaves the queue full as known."""
+        now = self._monotonic()
+        if now - self._rechecked.get(queue.key, float("-inf")) < RECHECK_SECONDS:
+            return False
+        if len(self._rechecked) >= RECHECKS_KEPT:
+            self._rechecked.clear()
+        self._rechecked[queue.key] = now
+        before = {w.worker_id: w for w in self._members(queue.key) if w.stored}
+        try:
+            items = await self._listed(queue)
+        except client_.ERRORS as exc:
+            logger.debug("listing the Leases of %s/%s failed: %s", *queue.key, exc)
+            return False
+        listed = {str((item.get("metadata") or {}).get("name", "")) for item in items}
+        gone = [w for w in before.values() if self._workers.get(w.worker_id) is w and w.lease not in listed]
         for worker in gone:
             self._ended_elsewhere(worker, expired=True)
         return bool(gone)
