@@ -760,16 +760,16 @@ async def test_one_address_cannot_take_every_place_to_wait_for_an_unseen_token(m
     def nothing() -> None:  # never found
         return None
 
-    flood = [asyncio.create_task(tokens.credential(nothing, peer="10.0.0.9")) for _ in range(5)]
+    flood = [asyncio.create_task(tokens.until(nothing, peer="10.0.0.9")) for _ in range(5)]
     await asyncio.sleep(0)
     assert tokens.waiting == 2  # half the places taken, by one address: the other three answered at once
-    pods = [asyncio.create_task(tokens.credential(nothing, peer=f"10.0.0.{i}")) for i in range(3)]
+    pods = [asyncio.create_task(tokens.until(nothing, peer=f"10.0.0.{i}")) for i in range(3)]
     await asyncio.sleep(0)
     assert tokens.waiting == 4  # other addresses still wait, up to the bound on all
     assert await asyncio.gather(*flood, *pods) == [None] * 8
     assert tokens.waiting == 0 and tokens._by_peer == {}
     # Behind a proxy every pod is one address: up to half the places, as many as come.
-    shared = [asyncio.create_task(tokens.credential(nothing, peer="127.0.0.6")) for _ in range(3)]
+    shared = [asyncio.create_task(tokens.until(nothing, peer="127.0.0.6")) for _ in range(3)]
     await asyncio.sleep(0)
     assert tokens.waiting == 2 and await asyncio.gather(*shared) == [None] * 3
 

@@ -94,7 +94,7 @@ async def unseen_worker(request: web.Request, token_digest: bytes, *, starting: 
     down, else 401. A worker exits on a 401: none must be told so for a Secret not seen yet."""
     store = request.app[STORE]
     unseen = request.app[UNSEEN]
-    credential = await unseen.credential(lambda: store.worker_credential(token_digest),
+    credential = await unseen.until(lambda: store.worker_credential(token_digest),
                                          peer=request.remote or "", starting=starting)
     if credential is not None:
         return credential

@@ -20,8 +20,6 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from workerqueue_operator.core.store import WorkerCredential
-
 T = TypeVar("T")
 
 LAG_SECONDS = 2.0
@@ -52,15 +50,10 @@ class UnseenTokens:
         self.waited = 0
         """Requests held so far (a metric)."""
 
-    async def credential(self, lookup: Callable[[], WorkerCredential | None], *,
-                         peer: str = "", starting: bool = False) -> WorkerCredential | None:
-        """The credential once `lookup` finds it; None when it still does not after the wait (or when
-        too many wait already, from everywhere or from `peer`). `starting`: for a /start, which its
-        worker waits longer for than its other calls."""
-        return await self.until(lookup, peer=peer, starting=starting)
-
     async def until(self, lookup: Callable[[], T | None], *, peer: str = "", starting: bool = False) -> T | None:
-        """What `lookup` finds, waited for as a credential is (see credential)."""
+        """What `lookup` finds (a credential; a pod's queue) once it does; None when it still does not
+        after the wait (or when too many wait already, from everywhere or from `peer`). `starting`: for
+        a /start, which its worker waits longer for than its other calls."""
         if self.waiting >= self._max_waiting or (
                 self.waiting >= self._max_waiting // 2 and self._by_peer.get(peer, 0) >= self._max_per_peer):
             return None

@@ -168,6 +168,8 @@ def _settle(future: asyncio.Future[Any], finished: asyncio.Future[Any]) -> None:
 RECHECK_SECONDS = 2.0
 """A queue found full while the Lease watch is down has its Leases listed at most this often."""
 RECHECKS_KEPT = 10_000
+"""Queues whose last such listing is remembered; past that, forgotten all at once (a few cost a LIST more)."""
+
 
 class Registry:
     def __init__(
@@ -373,15 +375,14 @@ class Registry:
         worker_id = self._by_lease.get(key)
         filed = self._workers.get(worker_id) if worker_id is not None else None
         if filed is not None and gone is not None and gone.worker_id != filed.worker_id:
-            worker_id = None
             if later(gone.registered_at, filed.registered_at):
                 self._taken_over(filed)  # the slot changed hands while this replica's watch was away
             # Else a slot's previous holder's Lease, its deletion seen after the slot went to the worker
             # filed here (the watch behind that claim's answer): no end of the new holder's.
+            worker_id = filed = None
         if worker_id is not None:
-            worker = self._workers.get(worker_id)
-            if worker is not None and worker.stored:
-                self._ended_elsewhere(worker, expired=not on_purpose)
+            if filed is not None and filed.stored:
+                self._ended_elsewhere(filed, expired=not on_purpose)
         elif gone is not None and on_purpose:
             # Its Lease written elsewhere, not seen here, and ended there on purpose: a registration
             # here not written yet (or to be written again) must not bring it back.
