@@ -287,6 +287,24 @@ def test_suspend_lets_running_workers_finish_and_starts_none(kube: Kube, namespa
     wait_pods(kube, namespace, "sus", ["sus-w2"])
 
 
+def test_suspend_stops_a_pool_whose_workers_never_exit(kube: Kube, namespace: str):
+    # Not single-execution, its workers never exit: let be, they ran on for good while suspended.
+    kube.create_queue(namespace, "spool", queueId=f"spool-{namespace}", ephemeral=True, replicas=2, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "spool", ["spool-w0", "spool-w1"])
+    kube.set_phase(namespace, "spool-w0", "Running")
+    kube.set_phase(namespace, "spool-w1", "Running")
+    kube.patch_queue(namespace, "spool", {"suspend": True})
+    wait_for(lambda: kube.pod_names(namespace, "spool") == [], what="the pool's workers stopped")
+    assert "Suspending" in reasons(kube, namespace, "spool")
+    assert "WorkerDisplaced" not in reasons(kube, namespace, "spool")
+    wait_for(lambda: (kube.condition(namespace, "spool", "Progressing") or {}).get("message")
+             == "workers stopped; none are started while suspended", what="Progressing says so")
+    time.sleep(1)
+    assert kube.pod_names(namespace, "spool") == [] and kube.queue_exists(namespace, "spool")
+    kube.patch_queue(namespace, "spool", {"suspend": False})
+    wait_pods(kube, namespace, "spool", ["spool-w2", "spool-w3"])
+
+
 def test_spec_change_applies_to_new_pods_only(kube: Kube, namespace: str):
     kube.create_queue(namespace, "chg", queueId=f"chg-{namespace}", singleExecution=True, heartbeatIntervalSeconds=30,
                       temporal=TEMPORAL)

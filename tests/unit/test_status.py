@@ -225,3 +225,17 @@ def test_ready_says_what_workers_will_lack_for_their_executions():
         "Events and Leases show, let whoever reads them test guesses of it offline (use 32 random bytes, as the "
         "operator's own tokens are)")
     assert "t0k" not in ready["message"]
+
+
+def test_a_suspended_pool_says_its_workers_are_stopped_not_left_to_finish():
+    workers = {"observedGeneration": 3, "desired": 2, "pending": 0, "running": 2}
+
+    def progressing(workers: dict, **spec: object) -> str:
+        q = queues.Resolution(queue=queue(generation=3, queueId="abc", suspend=True, **spec), config=None,
+                              problem=None)
+        return conditions(status.desired_status(q, {"workers": workers}, now=NOW))["Progressing"]["message"]
+
+    assert progressing(workers, singleExecution=True) == "2 workers left to finish; none are started while suspended"
+    assert progressing(workers, ephemeral=True) == "2 workers alive, being stopped; none are started while suspended"
+    assert progressing({**workers, "running": 0}, ephemeral=True) == (
+        "workers stopped; none are started while suspended")

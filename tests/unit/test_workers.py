@@ -454,6 +454,22 @@ def test_suspend_deletes_the_pods_not_started_yet(scaling: dict[str, int] | None
     assert p.create == () and sorted(p.delete) == ["q1-w1", "q1-w3"]
 
 
+@pytest.mark.parametrize("scaling", [None, {"minIdle": 1, "max": 4}])
+def test_suspend_stops_a_pools_running_workers_too(scaling: dict[str, int] | None):
+    """Not single-execution, a worker never exits by itself: "running ones finish" left a suspended
+    pool's workers taking work for good, its status saying they would finish."""
+    pods = [pod(0), pod(1, "Pending"), pod(2, "Unknown"), pod(3), pod(4, "", coming=True)]
+    p = plan(pods, WorkersStatus(next_index=5), ephemeral=True, replicas=4, suspend=True, scaling=scaling)
+    # The pod only maybe coming is named too: the supervisor leaves such be.
+    assert p.create == () and sorted(p.delete) == ["q1-w0", "q1-w1", "q1-w2", "q1-w3", "q1-w4"]
+    assert [(e.reason, e.message) for e in p.events if e.reason == "Suspending"] == [
+        ("Suspending", "the queue is suspended: stopping q1-w0, q1-w2, q1-w3")]
+    assert p.delete_queue is None  # stopped, not finished: the queue stays, its work waiting
+    # Single-execution workers finish their one execution.
+    single = plan(pods, WorkersStatus(next_index=5), singleExecution=True, replicas=4, suspend=True, scaling=scaling)
+    assert sorted(single.delete) == ["q1-w1", "q1-w4"] and not [e for e in single.events if e.reason == "Suspending"]
+
+
 def test_ephemeral_runs_replicas_once_then_deletes_after_ttl():
     p = plan([], ephemeral=True, replicas=2)
     assert p.create == (0, 1)
@@ -988,8 +1004,6 @@ def test_lowered_replicas_of_workers_that_never_exit_by_themselves_delete_the_ne
     assert p.delete == ("q1-w2", "q1-w3", "q1-w1") and p.create == ()
     assert [e.reason for e in p.events] == ["ScalingDown"]
     assert plan([pod(0)], WorkersStatus(next_index=4), ephemeral=True, replicas=1).delete == ()
-    # Suspended, they are let be, as a suspended queue's running workers are.
-    assert plan(pods, WorkersStatus(next_index=4), ephemeral=True, replicas=1, suspend=True).delete == ("q1-w2",)
     # Nor all of them: none left, the queue would read as finished and be deleted with its work.
     zero = plan([pod(0), pod(1)], WorkersStatus(next_index=2), ephemeral=True, replicas=0)
     assert zero.delete == () and zero.delete_queue is None

@@ -80,7 +80,7 @@ def desired_status(resolution: Resolution, current: Mapping[str, Any], *, now: s
     # A crash loop of an older spec is over: the supervisor resets it, maybe after this write.
     crash_looping = manages and workers.get("crashLoopGeneration") == generation
     if manages:
-        progressing = _progressing(queue.spec.suspend, crash_looping, workers,
+        progressing = _progressing(queue.spec.suspend, crash_looping, workers, finishing=queue.spec.single_execution,
                                    held=None if resolution.starts_workers else problem, generation=generation,
                                    retried=not queue.spec.ephemeral)
         conditions = set_condition(conditions, type=PROGRESSING, status=progressing[0], reason=progressing[1],
@@ -147,9 +147,11 @@ def ready_message(resolution: Resolution) -> str:
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
-                 held: Problem | None = None, *, generation: int, retried: bool = False) -> tuple[str, str, str]:
+                 held: Problem | None = None, *, generation: int, retried: bool = False,
+                 finishing: bool = True) -> tuple[str, str, str]:
     """`held`: why no worker is started now (the supervisor waits for the queue to be able to serve);
-    `retried`: a crash loop is tried again now and then (a pool), not given up on (an ephemeral queue)."""
+    `retried`: a crash loop is tried again now and then (a pool), not given up on (an ephemeral queue);
+    `finishing`: its workers exit after their execution (single-execution), not stopped when suspended."""
     alive = int(workers.get("pending", 0)) + int(workers.get("running", 0))
     desired = int(workers.get("desired", 0))
     if crash_looping:
@@ -165,6 +167,9 @@ def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any
         # (written by an earlier version, or a CRD not upgraded) are taken as they are.
         return "True", "Planning", f"{alive} workers alive; planning the workers of generation {generation}"
     if suspended:
+        if not finishing:
+            return "False", "Suspended", (f"{alive} workers alive, being stopped; none are started while suspended"
+                                          if alive else "workers stopped; none are started while suspended")
         return "False", "Suspended", f"{alive} workers left to finish; none are started while suspended"
     if held is not None and alive < desired:
         return "False", held.reason, (f"{alive} of {desired} workers alive; none are started until the queue is Ready "

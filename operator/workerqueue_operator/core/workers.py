@@ -847,8 +847,15 @@ def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str]) -> list[
     scale_down = scaled_down if s.scaling is not None else _scale_down_fixed(p, alive)
     if s.suspend:
         # A worker starting now would be turned away by /start (the queue is suspended): a pod not
-        # started yet goes, as a suspended Job's; a running one finishes its work.
-        scale_down = sorted({*scale_down, *_surplus_not_started(alive, 0)})
+        # started yet goes, as a suspended Job's. A running single-execution worker finishes its one
+        # execution; a pool's never finishes by itself, so it is stopped, as a suspended Job's active
+        # pods are (what it ran, Temporal hands on to a worker once the queue is resumed).
+        stopping = _surplus_not_started(alive, 0) if s.single_execution else _surplus_running(alive, 0, leaving=())
+        going = sorted(set(stopping) - set(scale_down))
+        running = [pod.name for pod in alive if pod.name in going and pod.phase in MAY_RUN and not pod.coming]
+        if running:
+            p.events.append(Event("Suspending", f"the queue is suspended: stopping {', '.join(running)}"))
+        scale_down = sorted({*scale_down, *stopping})
     return scale_down
 
 

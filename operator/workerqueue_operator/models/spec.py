@@ -365,7 +365,8 @@ class WorkerQueueSpec(_Model):
     """Upper bound on live workers: /start answers 409 once this many are registered, and the
     operator runs at most this many worker pods at once."""
     suspend: bool = False
-    """A suspended queue answers /start with 400 and gets no new worker pods."""
+    """A suspended queue answers /start with 400 and gets no new worker pods; its running pool workers
+    (not single-execution: they never exit by themselves) are stopped."""
     # An ephemeral queue's life counts from its creation (its workers' successes, its deadline): made
     # ephemeral later, a queue that ran workers before was deleted at once. Defaulted, so always there.
     ephemeral: bool = Field(default=False,
