@@ -1786,3 +1786,28 @@ def test_the_end_of_a_newer_holder_seen_late_ends_the_older_registration_filed_h
     again.lease_upserted(leases.lease_body(older, queue_name=q.name))
     again.lease_deleted(("team-a", "q1-slot-0"), marked(newer))
     assert again.get("older") is None and again.may_rejoin(q, "older")
+
+
+def test_a_lease_of_another_queue_naming_a_registered_worker_changes_nothing_of_it():
+    # Whoever may write Leases in their own namespace, and read a worker id in an Event, made it theirs:
+    # a renewal far ahead kept its slot for good, and its status and counts were theirs.
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
+    now = [1000.0]
+    q, evil = queue("q1", uid="uid-1", heartbeatIntervalSeconds=10), queue("x", namespace="evil", uid="uid-x")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q if key == q.key else evil,
+                            clock=lambda: now[0])
+    mine = reg.register(q, "w-1")
+    forged = dataclasses.replace(mine, queue=evil.key, queue_uid=evil.uid, queue_id="x", lease="evil-w-1",
+                                 registered_at=mine.registered_at + 1, renewed_at=1_000_000.0, status="pwned",
+                                 tasks_processed=999)
+    reg.lease_upserted(leases.lease_body(forged, queue_name=evil.name))
+    kept = reg.get("w-1")
+    assert kept is mine and (kept.queue, kept.lease, kept.status, kept.tasks_processed) == (
+        q.key, mine.lease, "starting", 0)
+    now[0] = 1000.0 + mine.duration + 1
+    assert reg.get("w-1") is None  # expires as its own heartbeats say, not the forged renewal

@@ -323,6 +323,12 @@ class Registry:
                 return
             self._add(incoming)
             return
+        if (mine.queue, mine.queue_uid) != (incoming.queue, incoming.queue_uid):
+            # Another queue's Lease naming this id: a worker id is no secret (Events and Leases show it),
+            # and whoever may write Leases in their own namespace must not take over, or keep alive for
+            # good, a registration of another's queue. A worker rejoining a namesake queue is filed
+            # there once its first one is gone here, at its next renewal.
+            return
         if (mine.namespace, mine.lease) != key:
             # Another slot (maxWorkers): a later registration of it is where it went (it rejoined
             # there, its first slot's delete made again by whoever expired it); an earlier one is
