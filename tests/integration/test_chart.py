@@ -909,6 +909,19 @@ def test_install_upgrade_uninstall(helm: Helm, own_cluster: ControlPlane, own_ap
                               kubeconfig=kubeconfig).stdout)
     assert [h["revision"] for h in history] == [1, 2] and history[-1]["status"] == "deployed"
 
+    # To Recreate and back: the rollingUpdate the API server defaulted made the first upgrade fail.
+    def strategy() -> dict[str, Any]:
+        found: dict[str, Any] = api.sanitize_for_serialization(
+            apps.read_namespaced_deployment(fullname, namespace).spec.strategy)
+        return found
+
+    for values, expected in ((["--set=updateStrategy.type=Recreate"], {"type": "Recreate"}),
+                             ([], {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%",
+                                                                               "maxUnavailable": "25%"}})):
+        helm("upgrade", release, str(newer), f"--namespace={namespace}", "--set=replicaCount=2", *values,
+             kubeconfig=kubeconfig)
+        assert strategy() == expected
+
     # Uninstall: everything of the release goes; the CRD only if the chart does not keep it.
     keep = (newer / CRD_TEMPLATE).read_text().count("helm.sh/resource-policy") > 0
     helm("uninstall", release, f"--namespace={namespace}", "--wait", "--timeout=60s", kubeconfig=kubeconfig)
