@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import re
 import socket
 import time
@@ -820,6 +821,18 @@ async def test_websocket_is_proxied_with_the_organizations_key(hub: tuple[Store,
     # Counted as a request, but its life is no latency: it was the top bucket and most of the sum.
     assert 'workerqueue_http_requests_total{route="/api/v1/{tail}",method="GET",code="101"} 1' in text
     assert 'workerqueue_http_request_duration_seconds_count{route="/api/v1/{tail}"}' not in text
+
+
+@pytest.mark.parametrize("offered", [("agent.v1", "bearer.secret-in-a-protocol"), ("bearer.secret-in-a-protocol",)])
+async def test_the_subprotocols_a_worker_offers_are_never_logged(
+        hub: tuple[Store, TestClient], offered: tuple[str, ...], caplog: pytest.LogCaptureFixture):
+    # aiohttp logged them at WARNING at every handshake, unpaced: a client may send a credential as one.
+    _, client = hub
+    with caplog.at_level(logging.DEBUG):
+        async with client.ws_connect(WS_A, headers={"Authorization": "Bearer tok-a"}, protocols=offered) as ws:
+            assert ws.protocol == ("agent.v1" if "agent.v1" in offered else None)  # the upstream's choice
+            await ws.receive_str(timeout=5)
+    assert "secret-in-a-protocol" not in caplog.text
 
 
 async def test_open_websockets_leave_requests_their_pool(upstream: TestServer):

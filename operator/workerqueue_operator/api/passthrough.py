@@ -351,12 +351,28 @@ class Pool(aiohttp.TCPConnector):
             over -= 1
 
 
+class _NoOfferedProtocols(logging.Filter):
+    """Drops aiohttp's warning that none of a client's websocket subprotocols was taken (the upstream
+    chose none): it quotes them, and a client may send a credential as one (Kubernetes' clients send
+    their bearer token so). Nothing else is logged there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Client protocols" not in str(record.msg)
+
+
+def _quiet_websocket_log() -> None:
+    websocket_log = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(f, _NoOfferedProtocols) for f in websocket_log.filters):
+        websocket_log.addFilter(_NoOfferedProtocols())
+
+
 class Passthrough:
     """The catch-all handler, and the one client session (a connection pool per host) it sends with."""
 
     def __init__(self, *, store: Store, settings: settings_.Settings, metrics: metrics.Metrics,
                  owned: Sequence[tuple[re.Pattern[str], str]] = (),
                  owned_deletes: Sequence[re.Pattern[str]] = (), registry: Registry | None = None) -> None:
+        _quiet_websocket_log()
         self._owned = tuple(owned)
         """Paths the operator serves (pattern, the methods it allows there): another method is a 405
         with `Allow`, as aiohttp (and FastAPI) answer it, never a request passed through."""
@@ -726,7 +742,9 @@ class Passthrough:
 
     async def _websocket(self, request: web.Request, route: _Route) -> web.StreamResponse:
         assert self._websocket_session is not None, "the session lives as long as the app"
-        ours = web.WebSocketResponse(autoping=True)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        # Offered ones all taken here: the upstream chooses (aiohttp would log those it takes none of).
+        ours = web.WebSocketResponse(protocols=protocols, autoping=True)
         if not ours.can_prepare(request).ok:
             return errors.detail(400, "Not a valid websocket handshake")
         upstream = route.upstream
@@ -734,7 +752,6 @@ class Passthrough:
         headers = request_headers(
             [(k, v) for k, v in request.headers.items() if k.lower() not in _WEBSOCKET_HANDSHAKE],
             authorization=f"{route.scheme} {upstream.api_key}", remote=request.remote, proto=request.scheme)
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         started = time.perf_counter()
         try:
             # Pinged after its idle timeout of silence: an upstream gone without a word (a lost node,
