@@ -1045,6 +1045,44 @@ async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_wr
         assert shown() == 0
 
 
+def test_a_worker_rejoining_a_queue_made_again_under_its_name_stays_registered(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    """`kubectl delete --cascade=orphan`, then the same queue again with the same token: each heartbeat
+    registered its worker again, renewing the Lease its first registration left without an owner, and
+    the watch, seeing a Lease of no queue, forgot it again at once: never listed, at every heartbeat."""
+    from workerqueue_operator.models import spec as spec_
+
+    token = "a-token-that-outlives-its-queue-0123456789"
+    kube.put_secret(namespace, "kept", token=token)
+    auth = {"tokenSecretRefs": [{"name": "kept", "key": "token"}]}
+    queue_id = f"kept-{namespace}"
+    kube.create_queue(namespace, "kept", queueId=queue_id, temporal=TEMPORAL, auth=auth)
+    kube.wait_condition(namespace, "kept", "True")
+    worker_id = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, worker_id, token) == 200
+    wait_for(lambda: worker_id in kube.registrations(namespace), what="its Lease")
+    kube.custom.delete_namespaced_custom_object(spec_.GROUP, spec_.VERSION, namespace, spec_.PLURAL, "kept",
+                                                propagation_policy="Orphan")
+    wait_for(lambda: not kube.queue_exists(namespace, "kept") and not kube.registrations(namespace)[
+        worker_id].metadata.owner_references, what="the queue gone, its worker's Lease left without an owner")
+
+    kube.create_queue(namespace, "kept", queueId=queue_id, temporal=TEMPORAL, auth=auth)
+    kube.wait_condition(namespace, "kept", "True")
+    uid = kube.get_queue(namespace, "kept")["metadata"]["uid"]
+
+    def listed() -> list[str]:
+        return [w["id"] for w in operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()]
+
+    wait_for(lambda: heartbeat(operator, worker_id, token) == 200 and listed() == [worker_id], timeout=10,
+             what="the worker registered again")
+    for _ in range(3):  # and it stays so, heartbeat after heartbeat
+        time.sleep(0.5)
+        assert heartbeat(operator, worker_id, token) == 200
+        assert listed() == [worker_id]
+    owners = kube.registrations(namespace)[worker_id].metadata.owner_references
+    assert [(o.name, o.uid) for o in owners or []] == [("kept", uid)]
+
+
 def test_a_queue_made_again_under_its_name_takes_the_slots_its_namesake_left(
         operator: OperatorProcess, kube: Kube, namespace: str):
     """`kubectl delete --cascade=orphan`, then the same queue again: the Leases of the first one's

@@ -83,7 +83,10 @@ class LeaseCalls:
         replica (the watch has not brought it yet) is read first. A later renewal there stays (the
         watch brings it here); an older one is written over; a slot another worker took is TAKEN."""
         spec = body["spec"]
-        patch = {"metadata": {"annotations": body["metadata"]["annotations"]},
+        # Its owner too: a Lease left without one (its queue deleted with --cascade=orphan, then made
+        # again) is no registration to the watch, which would forget the worker at every renewal.
+        patch = {"metadata": {"annotations": body["metadata"]["annotations"],
+                              "ownerReferences": body["metadata"]["ownerReferences"]},
                  "spec": {"renewTime": spec["renewTime"], "holderIdentity": worker.worker_id,
                           "leaseDurationSeconds": spec["leaseDurationSeconds"]}}
         path = f"{resources.leases_path(worker.namespace)}/{worker.lease}"
