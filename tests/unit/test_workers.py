@@ -955,6 +955,29 @@ def test_an_unschedulable_worker_is_reported_only_once_a_node_could_have_been_ad
     assert plan([pull], singleExecution=True, now=T0 + 10).workers.stuck == ["q1-w0: ImagePullBackOff"]
 
 
+def test_a_stuck_worker_made_with_other_operator_wide_settings_is_replaced():
+    """A wrong worker image (or node selector) in the Helm values, fixed and rolled out: no queue's
+    spec changed, so every stuck pod stayed stuck until someone deleted it."""
+    current = workers.worker_defaults_digest(SETTINGS)
+    assert current == workers.worker_defaults_digest(Settings())
+    assert Pod.from_body(build_default(SETTINGS)).defaults == current  # each pod says what it was made with
+    assert current != workers.worker_defaults_digest(Settings(worker_image="ghcr.io/x/worker:fixed"))
+    placed = Settings(worker_pod_template={"spec": {"nodeSelector": {"a": "b"}}})
+    assert current != workers.worker_defaults_digest(placed)
+    pull = Pod.from_body(made(pending_body("q1-w0", waiting="ImagePullBackOff"), T0))
+    stale = dataclasses.replace(pull, defaults="sha256:0123456789abcdef")
+    replaced = plan([stale], WorkersStatus(next_index=1), singleExecution=True, now=T0 + 10)
+    assert replaced.delete == ("q1-w0",) and replaced.create == (1,)
+    # Made with the current ones, or by an earlier version that did not say: told, and left be.
+    for same in (dataclasses.replace(pull, defaults=current), pull):
+        kept = plan([same], WorkersStatus(next_index=1), singleExecution=True, now=T0 + 10)
+        assert kept.delete == () and kept.create == () and kept.workers.stuck == ["q1-w0: ImagePullBackOff"]
+    # A running one is no concern of this: settings apply to new pods only.
+    running = plan([dataclasses.replace(pod(0), defaults="sha256:0123456789abcdef")], WorkersStatus(next_index=1),
+                   singleExecution=True, now=T0 + 10)
+    assert running.delete == () and running.create == ()
+
+
 def test_a_worker_not_started_for_any_reason_is_reported_after_a_deadline():
     """Stuck in ContainerCreating (a CNI out of addresses, a volume that never mounts) matched none of
     the lasting reasons: the pod held its place for good, with Progressing True and no Warning."""

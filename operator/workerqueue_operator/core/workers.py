@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ CREDENTIAL_COMPONENT = "worker-credential"
 """`app.kubernetes.io/component` of the per-worker token Secrets."""
 DIGEST_ANNOTATION = "agentcontrol.dev/secrets-digest"
 GENERATION_ANNOTATION = "agentcontrol.dev/queue-generation"
+TEMPLATE_ANNOTATION = "agentcontrol.dev/worker-defaults"
+"""A digest of the operator-wide worker settings a pod was made with (see worker_defaults_digest)."""
 POD_ANNOTATION = "agentcontrol.dev/pod"
 MADE_ANNOTATION = "agentcontrol.dev/made-at"
 """On a per-worker token: when it was made, to the microsecond (creationTimestamp has whole seconds)."""
@@ -255,6 +258,8 @@ class Pod:
     stuck_message: str = ""
     generation: int | None = None
     """The queue's generation it was made for (None: unknown)."""
+    defaults: str = ""
+    """worker_defaults_digest of the settings it was made with ("": unknown, an earlier version made it)."""
     hostname: str = ""
     """Its `spec.hostname` ("": none, see host)."""
     refused: str = ""
@@ -303,7 +308,8 @@ class Pod:
         disruption = _disruption(status) if phase == "Failed" else None
         if disruption is not None:
             reason = str(disruption.get("reason") or reason or "DisruptionTarget")
-        generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION, ""))
+        annotations = meta.get("annotations") or {}
+        generation = str(annotations.get(GENERATION_ANNOTATION, ""))
         running = worker.get("running")
         pod_phase = status.get("phase") or ""
         return cls(
@@ -319,6 +325,7 @@ class Pod:
             pending_message=cause_message,
             created=times.parse_or_none(meta.get("creationTimestamp")),
             generation=int(generation) if generation.isdigit() else None,
+            defaults=str(annotations.get(TEMPLATE_ANNOTATION, "")),
             hostname=(body.get("spec") or {}).get("hostname") or "",
             disrupted=disruption is not None,
             ended=pod_phase in ("Succeeded", "Failed"),
@@ -387,15 +394,23 @@ def _pending_cause(status: Mapping[str, Any]) -> tuple[str, str, bool]:
     return first
 
 
-def _judged(pod: Pod, now: float, generation: int, requeue: list[float]) -> Pod:
+def _outdated(pod: Pod, generation: int, defaults: str) -> bool:
+    """Made for an older spec of its queue, or with other operator-wide worker settings (its image,
+    command, pod template) than now: a pod of the current ones may start where it cannot."""
+    return (pod.generation is not None and pod.generation < generation) or (
+        bool(pod.defaults) and bool(defaults) and pod.defaults != defaults)
+
+
+def _judged(pod: Pod, now: float, generation: int, requeue: list[float], defaults: str = "") -> Pod:
     """The pod, stuck or not as its age says: Unschedulable only past a grace (a cluster autoscaler
     is adding a node), and any pod still not started past a deadline (a CNI out of addresses, a volume
     that never mounts), as a Deployment's progressDeadlineSeconds tells. One made for an older spec
-    and Unschedulable is stuck at once: it is replaced by one of the current spec, which may fit."""
+    (or other worker settings) and Unschedulable is stuck at once: it is replaced by one made as
+    the queue's would be now, which may fit."""
     if pod.phase not in ("Pending", "") or pod.created is None:
         return pod
     age = now - pod.created
-    outdated = pod.generation is not None and pod.generation < generation
+    outdated = _outdated(pod, generation, defaults)
     if pod.stuck == "Unschedulable" and age < UNSCHEDULABLE_GRACE_SECONDS and not outdated:
         requeue.append(UNSCHEDULABLE_GRACE_SECONDS - age)
         return replace(pod, stuck="", stuck_message="")
@@ -729,11 +744,14 @@ def _next_free_index(next_index: int, pods: Sequence[Pod]) -> int:
 
 def _judge_alive(p: _Pass, pods: Sequence[Pod]) -> list[Pod]:
     """The pods alive, each stuck or not as its age says. A pod that cannot start (its image, its
-    config, scheduling) made for an older spec is deleted: it never ran a worker, and the change may
-    well be the fix, so one of the current spec replaces it."""
-    alive = [_judged(pod, p.now, p.queue.generation, p.requeue) for pod in pods if pod.alive]
-    outdated = {pod.name for pod in alive
-                if pod.stuck and pod.generation is not None and pod.generation < p.queue.generation}
+    config, scheduling) made for an older spec, or with other operator-wide worker settings (a wrong
+    image tag or node selector fixed in the Helm values), is deleted: it never ran a worker, and the
+    change may well be the fix, so one made as it would be now replaces it."""
+    # Only pods not started yet can be stuck: the digest is not made for a queue whose pods all run.
+    waiting = any(pod.alive and pod.phase in ("Pending", "") for pod in pods)
+    defaults = worker_defaults_digest(p.settings) if waiting else ""
+    alive = [_judged(pod, p.now, p.queue.generation, p.requeue, defaults) for pod in pods if pod.alive]
+    outdated = {pod.name for pod in alive if pod.stuck and _outdated(pod, p.queue.generation, defaults)}
     p.delete.extend(sorted(outdated))
     return [pod for pod in alive if pod.name not in outdated]
 
@@ -1137,6 +1155,7 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         **(meta.get("annotations") or {}),
         DIGEST_ANNOTATION: inputs.secrets_digest,
         GENERATION_ANNOTATION: str(queue.generation),
+        TEMPLATE_ANNOTATION: worker_defaults_digest(settings),
     }
     return {
         "apiVersion": "v1",
@@ -1150,6 +1169,14 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         },
         "spec": pod_spec,
     }
+
+
+def worker_defaults_digest(settings: settings_.Settings) -> str:
+    """A digest of the operator-wide settings that shape a worker pod beyond its queue's spec: whether
+    a queue's pods were made with the current ones (its generation says whether with its current spec)."""
+    made = json.dumps([settings.worker_image, list(settings.worker_command), settings.worker_pod_template],
+                      sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(made.encode()).hexdigest()[:16]
 
 
 def _default_worker(pod_spec: dict[str, Any], settings: settings_.Settings) -> None:
