@@ -305,6 +305,17 @@ def test_suspend_stops_a_pool_whose_workers_never_exit(kube: Kube, namespace: st
     wait_pods(kube, namespace, "spool", ["spool-w2", "spool-w3"])
 
 
+def test_a_pool_made_single_execution_gets_single_execution_workers(kube: Kube, namespace: str):
+    # Its pool worker, which never exits, counted as the one wanted: none was ever made.
+    kube.create_queue(namespace, "mode", queueId=f"mode-{namespace}", ephemeral=True, replicas=1, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "mode", ["mode-w0"])
+    kube.set_phase(namespace, "mode-w0", "Running")
+    kube.patch_queue(namespace, "mode", {"singleExecution": True})
+    wait_pods(kube, namespace, "mode", ["mode-w1"])
+    env = {e.name: e.value for e in kube.core.read_namespaced_pod("mode-w1", namespace).spec.containers[0].env}
+    assert env["SINGLE_EXECUTION"] == "true"
+
+
 def test_spec_change_applies_to_new_pods_only(kube: Kube, namespace: str):
     kube.create_queue(namespace, "chg", queueId=f"chg-{namespace}", singleExecution=True, heartbeatIntervalSeconds=30,
                       temporal=TEMPORAL)

@@ -978,6 +978,26 @@ def test_a_stuck_worker_made_with_other_operator_wide_settings_is_replaced():
     assert running.delete == () and running.create == ()
 
 
+def test_a_pool_made_single_execution_stops_the_pools_workers_which_never_exit():
+    """Its pool workers counted as the single-execution workers wanted: none was ever made, and the
+    ephemeral queue never finished."""
+    def running(**spec: Any) -> Pod:
+        return dataclasses.replace(Pod.from_body(build_default(SETTINGS, **spec)), phase="Running")
+
+    pooled, single = running(replicas=2), running(singleExecution=True)
+    assert (pooled.single_execution, single.single_execution) == (False, True)
+    foreign = {"metadata": {"name": "q1-w0"}, "spec": {"containers": [{"name": "x"}]}}
+    assert Pod.from_body(foreign).single_execution is None
+    p = plan([pooled], WorkersStatus(next_index=1), ephemeral=True, singleExecution=True)
+    assert p.delete == ("q1-w0",) and p.create == (1,)
+    assert [e.message for e in p.events if e.reason == "ScalingDown"] == [
+        "the queue is single-execution now: stopping the pool's workers q1-w0"]
+    # Its own kind, or a pod whose kind is not known, is let be.
+    for kept in (single, dataclasses.replace(pooled, single_execution=None)):
+        p = plan([kept], WorkersStatus(next_index=1), ephemeral=True, singleExecution=True)
+        assert p.delete == () and p.create == ()
+
+
 def test_a_worker_not_started_for_any_reason_is_reported_after_a_deadline():
     """Stuck in ContainerCreating (a CNI out of addresses, a volume that never mounts) matched none of
     the lasting reasons: the pod held its place for good, with Progressing True and no Warning."""

@@ -260,6 +260,9 @@ class Pod:
     """The queue's generation it was made for (None: unknown)."""
     defaults: str = ""
     """worker_defaults_digest of the settings it was made with ("": unknown, an earlier version made it)."""
+    single_execution: bool | None = None
+    """Whether its worker runs one execution and exits (SINGLE_EXECUTION in its environment; None: not
+    known, a pod the operator did not make so). Fixed at its creation, whatever the spec says since."""
     hostname: str = ""
     """Its `spec.hostname` ("": none, see host)."""
     refused: str = ""
@@ -326,6 +329,7 @@ class Pod:
             created=times.parse_or_none(meta.get("creationTimestamp")),
             generation=int(generation) if generation.isdigit() else None,
             defaults=str(annotations.get(TEMPLATE_ANNOTATION, "")),
+            single_execution=_single_execution(body),
             hostname=(body.get("spec") or {}).get("hostname") or "",
             disrupted=disruption is not None,
             ended=pod_phase in ("Succeeded", "Failed"),
@@ -355,6 +359,19 @@ def worker_container(pod: Mapping[str, Any]) -> str:
     if named in names:
         return str(named)
     return WORKER_CONTAINER if WORKER_CONTAINER in names or not names else names[0]
+
+
+def _single_execution(pod: Mapping[str, Any]) -> bool | None:
+    """Whether the pod's worker was made single-execution, by its environment as build_pod wrote it;
+    None for a container without the operator's variables."""
+    name = worker_container(pod)
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == name:
+            env = {str(e.get("name")): e.get("value") for e in container.get("env") or [] if isinstance(e, Mapping)}
+            if "QUEUE_ID" not in env:
+                return None
+            return str(env.get("SINGLE_EXECUTION") or "").lower() in ("true", "1", "yes")
+    return None
 
 
 def _worker_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -752,6 +769,14 @@ def _judge_alive(p: _Pass, pods: Sequence[Pod]) -> list[Pod]:
     defaults = worker_defaults_digest(p.settings) if waiting else ""
     alive = [_judged(pod, p.now, p.queue.generation, p.requeue, defaults) for pod in pods if pod.alive]
     outdated = {pod.name for pod in alive if pod.stuck and _outdated(pod, p.queue.generation, defaults)}
+    if p.spec.single_execution and manages_pods(p.spec):
+        # Made for the pool the queue was before: its worker never exits by itself, so the queue would
+        # never get the single-execution workers it now wants (nor, ephemeral, ever finish).
+        pooled = sorted(pod.name for pod in alive if pod.single_execution is False and pod.name not in outdated)
+        if pooled:
+            p.events.append(Event("ScalingDown", "the queue is single-execution now: stopping the pool's workers "
+                                  + ", ".join(pooled)))
+        outdated.update(pooled)
     p.delete.extend(sorted(outdated))
     return [pod for pod in alive if pod.name not in outdated]
 
