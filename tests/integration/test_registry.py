@@ -379,6 +379,24 @@ async def written_worker(reg: Registry, queue: queues.QueueObject, worker_id: st
     return worker
 
 
+async def lease_deletions_refused(client: client_.KubeClient, namespace: str) -> None:
+    """Returns once the admission policy of deletions_refused is in force for Leases (it takes a moment)."""
+    probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+             "metadata": {"name": "probe", "namespace": namespace}}
+    await client.request("POST", resources.leases_path(namespace), body=probe)
+    began = time.monotonic()
+    while True:
+        try:
+            await client.request("DELETE", f"{resources.leases_path(namespace)}/probe")
+        except client_.ApiError as exc:
+            if exc.status == 403:
+                return
+            raise
+        assert time.monotonic() - began < 30, "the admission policy never took effect"
+        await client.request("POST", resources.leases_path(namespace), body=probe)
+        await asyncio.sleep(0.5)
+
+
 async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_few_tries(
     kube: Kube, namespace: str, kubeconfig: Path, kubectl: Any, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -390,22 +408,7 @@ async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_fe
         assert kube.coordination.read_namespaced_lease(worker.lease, namespace) is not None  # its Lease written
         with deletions_refused(kubectl, namespace, group="coordination.k8s.io", resource="leases",
                                message="Lease deletions are refused here"):
-            probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                     "metadata": {"name": "probe", "namespace": namespace}}
-            await client.request("POST", resources.leases_path(namespace), body=probe)
-
-            async def refused() -> bool:
-                try:
-                    await client.request("DELETE", f"{resources.leases_path(namespace)}/probe")
-                except client_.ApiError as exc:
-                    return exc.status == 403
-                await client.request("POST", resources.leases_path(namespace), body=probe)
-                return False
-
-            began = time.monotonic()
-            while not await refused():  # the policy in force
-                assert time.monotonic() - began < 30, "the admission policy never took effect"
-                await asyncio.sleep(0.5)
+            await lease_deletions_refused(client, namespace)
             deletes: list[str] = []
             original = client.request
 
@@ -617,6 +620,26 @@ async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_t
         await reg._write(worker)
         lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
         assert lease["spec"]["renewTime"] == times.micro_rfc3339(worker.renewed_at)
+
+
+async def test_a_slot_whose_worker_disconnected_here_is_free_though_its_lease_is_not_deleted_yet(
+    kube: Kube, namespace: str, kubeconfig: Path, kubectl: Any,
+):
+    """maxWorkers: a disconnect whose Lease deletion failed (retried later). The next /start met that
+    Lease in the slot, its holder not expired, and got 409: its worker exited for good."""
+    async with in_process(kube, namespace, kubeconfig, "blip", maxWorkers=1) as (queue, client, reg):
+        old = await reg.claim(queue, "w-old", limit=1)
+        assert old is not None
+        with deletions_refused(kubectl, namespace, group="coordination.k8s.io", resource="leases",
+                               message="Lease deletions are refused here"):
+            await lease_deletions_refused(client, namespace)
+            await reg.disconnect(old, reason="shutdown", exit_code=0, deadline=asyncio.get_running_loop().time() + 2)
+            assert "w-old" in kube.registrations(namespace)  # its Lease is still there
+            new = await reg.claim(queue, "w-new", limit=1)
+        assert new is not None and new.slot == 0
+        assert set(kube.registrations(namespace)) == {"w-new"}
+        await asyncio.sleep(3)  # the deletion made again: of w-old's Lease only, which is gone
+        assert set(kube.registrations(namespace)) == {"w-new"}
 
 
 async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(

@@ -1227,6 +1227,12 @@ class Registry:
         found = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
         if found is None:
             return None  # not a registration: not ours to take
+        ended = self._ended.get(found.worker_id)
+        if ended is not None and ended.on_purpose and ended.queue == found.queue:
+            # Its worker disconnected here, and its Lease's delete failed (the API server away, retried
+            # later, and safe then: it deletes only a Lease its worker still holds). The slot is free:
+            # a 409 now would make the worker asking exit for good.
+            return await self._calls.overwrite(body, current)
         return await self._replace(body, found, expired_only=True, current=current)
 
     async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool,
