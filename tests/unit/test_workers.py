@@ -465,6 +465,11 @@ def test_suspend_stops_a_pools_running_workers_too(scaling: dict[str, int] | Non
     assert [(e.reason, e.message) for e in p.events if e.reason == "Suspending"] == [
         ("Suspending", "the queue is suspended: stopping q1-w0, q1-w2, q1-w3")]
     assert p.delete_queue is None  # stopped, not finished: the queue stays, its work waiting
+    # Not the pass after either, its workers gone: a suspended queue is held, not finished.
+    gone = plan([], p.workers, ephemeral=True, replicas=0, suspend=True, scaling=scaling)
+    assert gone.delete_queue is None
+    if scaling is None:  # (a scaling queue's own rules aside) not suspended, the same is finished
+        assert plan([], p.workers, ephemeral=True, replicas=0).delete_queue is not None
     # Single-execution workers finish their one execution.
     single = plan(pods, WorkersStatus(next_index=5), singleExecution=True, replicas=4, suspend=True, scaling=scaling)
     assert sorted(single.delete) == ["q1-w1", "q1-w4"] and not [e for e in single.events if e.reason == "Suspending"]
@@ -889,6 +894,7 @@ def test_only_a_status_that_shows_pods_makes_a_queue_one_to_look_after():
 
 
 def pending_body(name: str, *, waiting: str | None = None, unschedulable: bool = False) -> dict[str, Any]:
+    """A Pending pod as this version makes it (with the current worker settings' digest)."""
     status: dict[str, Any] = {"phase": "Pending"}
     if waiting is not None:
         status["containerStatuses"] = [{"name": "worker", "state": {"waiting": {
@@ -896,7 +902,8 @@ def pending_body(name: str, *, waiting: str | None = None, unschedulable: bool =
     if unschedulable:
         status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                  "message": "0/3 nodes are available: 3 Insufficient memory."}]
-    return {"metadata": {"name": name}, "status": status}
+    annotations = {workers.TEMPLATE_ANNOTATION: workers.worker_defaults_digest(SETTINGS)}
+    return {"metadata": {"name": name, "annotations": annotations}, "status": status}
 
 
 def test_a_pending_pod_that_will_not_start_by_itself_says_why():
@@ -965,13 +972,15 @@ def test_a_stuck_worker_made_with_other_operator_wide_settings_is_replaced():
     placed = Settings(worker_pod_template={"spec": {"nodeSelector": {"a": "b"}}})
     assert current != workers.worker_defaults_digest(placed)
     pull = Pod.from_body(made(pending_body("q1-w0", waiting="ImagePullBackOff"), T0))
-    stale = dataclasses.replace(pull, defaults="sha256:0123456789abcdef")
-    replaced = plan([stale], WorkersStatus(next_index=1), singleExecution=True, now=T0 + 10)
-    assert replaced.delete == ("q1-w0",) and replaced.create == (1,)
-    # Made with the current ones, or by an earlier version that did not say: told, and left be.
-    for same in (dataclasses.replace(pull, defaults=current), pull):
-        kept = plan([same], WorkersStatus(next_index=1), singleExecution=True, now=T0 + 10)
-        assert kept.delete == () and kept.create == () and kept.workers.stuck == ["q1-w0: ImagePullBackOff"]
+    # Made with others, or by an earlier version that did not say (upgraded with the fix, say).
+    for digest in ("sha256:0123456789abcdef", ""):
+        stale = dataclasses.replace(pull, defaults=digest)
+        replaced = plan([stale], WorkersStatus(next_index=1), singleExecution=True, now=T0 + 10)
+        assert replaced.delete == ("q1-w0",) and replaced.create == (1,)
+    # Made with the current ones: told, and left be (a new one would wait the same).
+    kept = plan([dataclasses.replace(pull, defaults=current)], WorkersStatus(next_index=1), singleExecution=True,
+                now=T0 + 10)
+    assert kept.delete == () and kept.create == () and kept.workers.stuck == ["q1-w0: ImagePullBackOff"]
     # A running one is no concern of this: settings apply to new pods only.
     running = plan([dataclasses.replace(pod(0), defaults="sha256:0123456789abcdef")], WorkersStatus(next_index=1),
                    singleExecution=True, now=T0 + 10)

@@ -351,6 +351,10 @@ class Pool(aiohttp.TCPConnector):
             over -= 1
 
 
+_KUBERNETES_TOKEN_PROTOCOL = "base64url.bearer.authorization.k8s.io."
+"""The subprotocol Kubernetes' websocket clients carry their bearer token in: never the upstream's."""
+
+
 class _NoOfferedProtocols(logging.Filter):
     """Drops aiohttp's warning that none of a client's websocket subprotocols was taken (the upstream
     chose none): it quotes them, and a client may send a credential as one (Kubernetes' clients send
@@ -757,7 +761,8 @@ class Passthrough:
             # Pinged after its idle timeout of silence: an upstream gone without a word (a lost node,
             # a NAT's cut) would otherwise hold the worker's websocket open on a dead relay for ever.
             theirs = await self._websocket_session.ws_connect(
-                target_url(upstream.url, request.raw_path), headers=headers, protocols=protocols,
+                target_url(upstream.url, request.raw_path), headers=headers,
+                protocols=[p for p in protocols if not p.startswith(_KUBERNETES_TOKEN_PROTOCOL)],
                 autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
         except _Redirected as exc:
             stats.answered(exc.status, time.perf_counter() - started)

@@ -414,8 +414,10 @@ def _pending_cause(status: Mapping[str, Any]) -> tuple[str, str, bool]:
 def _outdated(pod: Pod, generation: int, defaults: str) -> bool:
     """Made for an older spec of its queue, or with other operator-wide worker settings (its image,
     command, pod template) than now: a pod of the current ones may start where it cannot."""
+    # A pod that does not say (an earlier version made it) is taken as made with others: only stuck
+    # pods are judged so, which never ran a worker, and the one replacing it says.
     return (pod.generation is not None and pod.generation < generation) or (
-        bool(pod.defaults) and bool(defaults) and pod.defaults != defaults)
+        bool(defaults) and pod.defaults != defaults)
 
 
 def _judged(pod: Pod, now: float, generation: int, requeue: list[float], defaults: str = "") -> Pod:
@@ -831,7 +833,8 @@ def _ephemeral_end(p: _Pass, alive: Sequence[Pod], created: float, demand: Deman
     deferred = s.scaling is not None and demand is not None and demand.fresh(p.now) and demand.delayed > 0
     if w.desired > 0 or alive or deferred:
         w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
-    elif done and past_deadline is None:
+    elif done and past_deadline is None and not s.suspend:
+        # Suspended, it is held, not finished: its workers stopped (a pool's) are no work done.
         return _finished_past_ttl(p, demand)
     return past_deadline
 
