@@ -476,6 +476,52 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
 
 
+async def test_a_temporal_failing_every_other_check_turns_temporal_reachable_once_in_a_while(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """Rate limits, or a slow scan, failing every other call: each check (every second on a scaling
+    queue) was a status write and an Event, TemporalUnavailable and Reachable in turn; and with the
+    watch behind, the same condition was written again, its lastTransitionTime moved."""
+    here = in_process("flap")
+    await here.create_ready()
+    here.watched()
+    prober, key = here.supervisor.prober, here.key
+    probe = prober._probes[key] = probes._Probe(reachable=True, reason="Reachable", message="ok", read_generation=1)
+    await prober._show(key, probe)
+    here.watched()
+    first = kube.condition(namespace, "flap", "TemporalReachable")
+    for i in range(6):
+        probe.reachable, probe.reason, probe.message = ((False, "TemporalUnavailable", "rate limited") if i % 2 == 0
+                                                        else (True, "Reachable", "ok"))
+        await prober._show(key, probe)
+        if i:  # the first change is seen only later
+            here.watched()
+    down = kube.condition(namespace, "flap", "TemporalReachable")
+    assert (down["status"], down["reason"]) == ("False", "TemporalUnavailable")
+    assert down["lastTransitionTime"] >= first["lastTransitionTime"]
+    posting = asyncio.create_task(prober._events.run())  # the poster, not running in-process otherwise
+    await prober._events.flush(5)
+    posting.cancel()
+    told = [e.reason for e in kube.core.list_namespaced_event(namespace).items if e.involved_object.name == "flap"
+            and e.reason in ("TemporalUnavailable", "Reachable")]
+    assert told == ["TemporalUnavailable"]
+    # Once the least time between changes has passed, what the checks find is written again.
+    probe.flipped_at -= probes.FLIP_SECONDS
+    probe.reachable, probe.reason, probe.message = True, "Reachable", "ok"
+    await prober._show(key, probe)
+    assert kube.condition(namespace, "flap", "TemporalReachable")["status"] == "True"
+    # The watch behind the write: what was just written is not written again, its time moved on.
+    here.watched()
+    probe.flipped_at -= probes.FLIP_SECONDS
+    probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", "rate limited"
+    await prober._show(key, probe)
+    written = kube.condition(namespace, "flap", "TemporalReachable")
+    assert written["status"] == "False"
+    await asyncio.sleep(1.1)  # lastTransitionTime counts seconds
+    await prober._show(key, probe)  # the watch still shows True
+    assert kube.condition(namespace, "flap", "TemporalReachable") == written
+
+
 async def test_a_temporal_check_under_way_when_the_spec_changes_says_its_generation_and_is_made_again(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):

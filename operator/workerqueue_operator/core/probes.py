@@ -69,7 +69,15 @@ class _Probe:
     write_after: float = 0.0
     """No status write of the probe's before this (time.monotonic()): the last ones failed, and their
     retries back off rather than follow the probes (every second, for a scaling queue)."""
+    flipped_at: float = float("-inf")
+    """When this replica last wrote the condition's status changed (time.monotonic()): see FLIP_SECONDS."""
 
+
+FLIP_SECONDS = 15.0
+"""The least time between two changes of TemporalReachable's status written by a replica: a Temporal
+failing every other call (rate limits, a slow scan) made each probe, every second on a scaling queue,
+a status write and an Event; and with the watch behind the write, the change was written again at
+each probe, its lastTransitionTime moved. The first change after a quiet spell is written at once."""
 
 _LISTED = temporal_.SCAN_LIMIT
 """Running workflows of a scaling queue's task queue listed at each reading: as many as a scan reads."""
@@ -483,8 +491,14 @@ class TemporalProbes:
             current = conditions[index] if index is not None else None
             generation = probe.read_generation or queue.generation  # what the check was made for
             ops: list[dict[str, Any]] = []
-            if conditions and (current is None or current.get("status") != status or current.get("reason")
-                               != probe.reason or current.get("observedGeneration") != generation):
+            loop_now = time.monotonic()
+            flips = current is not None and current.get("status") != status
+            held = flips and loop_now - probe.flipped_at < FLIP_SECONDS
+            if held:
+                self._at(key, probe, probe.flipped_at + FLIP_SECONDS, show=True)  # what is found then
+            if conditions and not held and (
+                    current is None or flips or current.get("reason") != probe.reason
+                    or current.get("observedGeneration") != generation):
                 condition = status_.set_condition(
                     [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
                     message=probe.message, generation=generation, now=resources.now_rfc3339())[0]
@@ -498,7 +512,6 @@ class TemporalProbes:
                     # Conditions are written by others too: replace ours only if it is still where it was.
                     ops += [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
                             {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
-            loop_now = time.monotonic()
             wanted = probe.wanted if probe.reachable else probe.shown
             show_numbers = wanted is not None and wanted != probe.shown and (
                 loop_now - probe.shown_at >= self._settings.temporal_status_seconds)
@@ -509,6 +522,7 @@ class TemporalProbes:
                             "value": wanted.model_dump(by_alias=True, mode="json", exclude_none=True)})
             if not ops:
                 return
+            writes_condition = any(op["path"].startswith("/status/conditions") for op in ops)
             try:
                 await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
                                          content_type=client_.JSON_PATCH)
@@ -517,9 +531,11 @@ class TemporalProbes:
                     raise
                 return  # gone, or the conditions moved: the next probe tries again
             probe.write_failures, probe.write_after = 0, 0.0
+            if writes_condition and flips:
+                probe.flipped_at = loop_now
             if show_numbers:
                 probe.shown, probe.shown_at = wanted, loop_now
-            if (current is None and not probe.reachable) or (current and current.get("status") != status):
+            if writes_condition and ((current is None and not probe.reachable) or flips):
                 self._events.post(involved=queue_ref_body(queue), reason=probe.reason,
                                   message=probe.message if not probe.reachable else "Temporal is reachable",
                                   warning=not probe.reachable)
