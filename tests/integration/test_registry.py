@@ -1039,6 +1039,35 @@ async def test_a_live_count_no_registration_tells_of_is_written_by_the_audit(
         assert kube.get_queue(namespace, "stale")["status"]["workers"]["live"] == 0
 
 
+async def test_a_live_count_the_api_server_keeps_refusing_is_tried_less_and_less_often(
+    kube: Kube, namespace: str, kubeconfig: Path, caplog: pytest.LogCaptureFixture,
+):
+    """A queue served as last seen whose writes are refused for good (its namespace's RoleBinding
+    removed): written every 5 s for ever, a WARNING each, and each write taken from the budget of
+    every other queue's count."""
+    async with in_process(kube, namespace, kubeconfig, "kept") as (queue, _, reg):
+        store = Store(settings=Settings())
+        store.upsert_queue(queue)
+        configuration = client_.load_configuration(str(kubeconfig))
+        configuration.api_key = {"authorization": f"Bearer {service_account_token(kube, namespace, 'unbound')}"}
+        configuration.cert_file = configuration.key_file = configuration.refresh_api_key_hook = None
+        unbound = client_.KubeClient(configuration)  # may write no status: 403
+        now = [1000.0]
+        live = LiveStatus(store=store, registry=reg, client=unbound, activity=Activity(identity="me", priority=0),
+                          clock=lambda: now[0])
+        reg.register(queue, "w-1")
+        tried = []
+        for second in range(0, 80):
+            now[0] = 1000.0 + second
+            if queue.key in live.due():
+                tried.append(second)
+            await live.tick()
+        assert tried == [0, 5, 15, 35, 75]  # 5 s doubling (a success starts again from 5 s)
+        failed = [r for r in caplog.records if "writing the live worker count" in r.getMessage()]
+        assert 1 <= len(failed) < len(tried)  # paced
+        await unbound.close()
+
+
 async def test_a_live_count_that_changes_back_before_the_watch_shows_the_last_write_is_still_written(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

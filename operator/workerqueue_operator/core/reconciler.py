@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from workerqueue_operator.core import pace, queues, workers
+from workerqueue_operator.core import pace, pacedlog, queues, workers
 from workerqueue_operator.core import status as status_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
@@ -39,6 +39,8 @@ CONFLICT_RETRY_SECONDS = 1.0
 brought that queue back sooner; doubling while refused again, up to CONFLICT_RETRY_MAX_SECONDS (a
 queue the watch cannot bring, e.g. one whose newer body this operator cannot read)."""
 CONFLICT_RETRY_MAX_SECONDS = 60.0
+LIVE_RETRY_MAX_SECONDS = 300.0
+"""The longest wait before a queue's live worker count is written again after failed writes."""
 
 
 class Conflicts:
@@ -496,6 +498,10 @@ class LiveStatus:
         self._audited_at = clock()  # not at once: the Lease watch fills the registry first
         self._dirty: dict[QueueKey, None] = {}  # insertion-ordered: the longest waiting first
         self._written_at: dict[QueueKey, float] = {}  # only within per_queue: older ones are dropped
+        self._failures: dict[QueueKey, int] = {}
+        """Writes failed in a row, by queue: its next one waits longer (a 403 of a namespace whose
+        RoleBinding was removed lasts; retried every `per_queue`, it took the budget of every other)."""
+        self._log = pacedlog.PacedLog(logger)
         # The count last written, until the watch shows it, with the uid of the queue it was written to.
         self._sent: dict[QueueKey, tuple[str, int]] = {}
         # Only the active replica writes: a standby marking every queue a worker came or went from
@@ -549,8 +555,15 @@ class LiveStatus:
             try:
                 await self._write(key)
             except client_.ERRORS as exc:
-                logger.warning("writing the live worker count of %s/%s failed: %s", *key, exc)
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                wait = pace.doubling(failures, self._per_queue, LIVE_RETRY_MAX_SECONDS)
+                self._log.warning("live_write_failed", "writing the live worker count of %s/%s failed "
+                                  "(again in %.0fs): %s", *key, wait, exc)
+                self._written_at[key] = self._clock() + wait - self._per_queue  # due() waits `wait`
                 self._dirty[key] = None
+            else:
+                self._failures.pop(key, None)
+        self._log.settle()
         self._forget(self._clock())
 
     def audit(self) -> None:
@@ -568,6 +581,8 @@ class LiveStatus:
             del self._written_at[key]
         for key in [k for k in self._sent if self._store.queue(k) is None]:
             del self._sent[key]
+        for key in [k for k in self._failures if self._store.queue(k) is None]:
+            del self._failures[key]
 
     async def _write(self, key: QueueKey) -> None:
         queue = self._store.queue(key)
