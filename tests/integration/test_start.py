@@ -899,6 +899,8 @@ def test_the_temporal_task_queue_is_immutable(kubectl, kube: Kube, namespace: st
 def test_printer_columns(kubectl, kube: Kube, namespace: str):
     kube.create_queue(namespace, "cols", queueId="cols-id", ephemeral=True, temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "cols", "True")
+    # Its pods planned too (a column left blank shifts the others in the split below).
+    wait_for(lambda: "running" in kube.workers(namespace, "cols"), what="status.workers written")
     out = kubectl("get", "wq", "-n", namespace, "-o", "wide").stdout
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "LIVE",
