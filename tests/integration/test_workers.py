@@ -481,6 +481,25 @@ def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kub
     wait_for(lambda: len(kube.pod_names(namespace, "nq")) == 1, timeout=60, what="the pod, after its back-off")
 
 
+def test_pods_refused_alike_are_tried_one_first_not_all_at_once(kube: Kube, namespace: str):
+    # A full quota refuses each of eight pods alike: each try made eight token Secret calls, eight pod
+    # calls and eight Warnings. One is tried first, then two, four, ... while they are made.
+    kube.create_queue(namespace, "many", queueId=f"many-{namespace}", singleExecution=True, replicas=0,
+                      temporal=TEMPORAL)
+    kube.wait_condition(namespace, "many", "True")
+    kube.forbid_new_secrets(namespace)
+    kube.patch_queue(namespace, "many", {"replicas": 8})
+    wait_for(lambda: (kube.condition(namespace, "many", "Progressing") or {}).get("reason") == "PodCreationFailed",
+             what="Progressing=PodCreationFailed")
+    time.sleep(1)
+    # Each try names the eight pods it wants (w0-w7, w8-w15, ...) and tries the first only.
+    told = [e.message for e in kube.events(namespace, "many") if e.reason == "PodCreationFailed"]
+    tried = [int(m.group(1)) for message in told if (m := re.match(r"pod many-w(\d+) ", message))]
+    assert tried and len(tried) == len(told) and all(index % 8 == 0 for index in tried), told
+    kube.allow_new_secrets(namespace)
+    wait_for(lambda: len(kube.pod_names(namespace, "many")) == 8, timeout=60, what="the 8 pods, after the back-off")
+
+
 def most_tries(seconds: float, backoff: float = 1, most: float = 4) -> int:
     """The tries a back-off of `backoff` s doubling to `most` s allows within `seconds` of the first."""
     at, tries = 0.0, 0

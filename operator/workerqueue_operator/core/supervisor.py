@@ -508,7 +508,17 @@ class Supervisor:
                                 kind=_CredentialFailed) from None
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
 
-        results = await asyncio.gather(*(create(b) for b in bodies), return_exceptions=True)
+        # In batches of 1, 2, 4, ... until one fails, as a ReplicaSet's slow start: a pod refused (a full
+        # ResourceQuota, an admission policy) is refused alike for each of a hundred, and each try cost
+        # them all, with a Warning each. Those not tried wait for the next pass, after its back-off.
+        results: list[bool | BaseException] = []
+        while len(results) < len(bodies):
+            batch = bodies[len(results):2 * len(results) + 1]
+            done = await asyncio.gather(*(create(b) for b in batch), return_exceptions=True)
+            results.extend(done)
+            if any(isinstance(result, BaseException) for result in done):
+                break
+        bodies = bodies[:len(results)]
         refused: str | None = None
         never_made: list[str] = []
         involved = queue_ref_body(queue)
