@@ -7,6 +7,7 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -99,8 +100,9 @@ def test_an_api_server_hanging_up_on_a_write_stops_no_loop(
             token = kube.queue_token(namespace, "q0")
             proxy.hang_up()
             assert own.start_worker(f"q0-{namespace}", token).status == 200  # its live count is to be written
-            failed = f"writing the live worker count of {namespace}/q0 failed: Server disconnected"
-            wait_for(lambda: failed in own.logs(), timeout=30, what=failed)
+            failed = re.compile(f"writing the live worker count of {namespace}/q0 failed "
+                                r"\(again in \d+s\): Server disconnected")
+            wait_for(lambda: failed.search(own.logs()) is not None, timeout=30, what=failed.pattern)
             wait_for(lambda: (kube.get_queue(namespace, "q0")["status"].get("workers") or {}).get("live") == 1,
                      timeout=30, what="the live worker count written again")
             assert own.process is not None and own.process.poll() is None
