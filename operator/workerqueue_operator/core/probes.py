@@ -512,6 +512,7 @@ class TemporalProbes:
                     # Conditions are written by others too: replace ours only if it is still where it was.
                     ops += [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
                             {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+            writes_condition = bool(ops)  # the numbers come next
             wanted = probe.wanted if probe.reachable else probe.shown
             show_numbers = wanted is not None and wanted != probe.shown and (
                 loop_now - probe.shown_at >= self._settings.temporal_status_seconds)
@@ -522,7 +523,6 @@ class TemporalProbes:
                             "value": wanted.model_dump(by_alias=True, mode="json", exclude_none=True)})
             if not ops:
                 return
-            writes_condition = any(op["path"].startswith("/status/conditions") for op in ops)
             try:
                 await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
                                          content_type=client_.JSON_PATCH)

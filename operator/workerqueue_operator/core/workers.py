@@ -897,7 +897,7 @@ def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str]) -> list[
         # execution; a pool's never finishes by itself, so it is stopped, as a suspended Job's active
         # pods are (what it ran, Temporal hands on to a worker once the queue is resumed).
         stopping = _surplus_not_started(alive, 0) if s.single_execution else _surplus_running(alive, 0, leaving=())
-        going = sorted(set(stopping) - set(scale_down))
+        going = set(stopping) - set(scale_down)
         running = [pod.name for pod in alive if pod.name in going and pod.phase in MAY_RUN and not pod.coming]
         if running:
             p.events.append(Event("Suspending", f"the queue is suspended: stopping {', '.join(running)}"))
