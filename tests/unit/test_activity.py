@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -327,6 +328,50 @@ async def test_only_the_active_replica_sweeps_refusal_records(monkeypatch: pytes
     finally:
         resync.cancel()
         await asyncio.gather(resync, return_exceptions=True)
+        await kube.close()
+
+
+async def test_a_replica_that_stands_down_mid_burst_creates_no_more_pods(monkeypatch: pytest.MonkeyPatch):
+    """Pods are made 1, 2, 4, ... at a time; a replica stopping (or losing the peering) meanwhile must
+    make no more of them: the replica taking over makes the indices it finds missing, and both making
+    them would run up to a burst of workers too many."""
+    import kubernetes
+
+    from tests.unit.factories import queue
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.core.store import Store
+    from workerqueue_operator.core.supervisor import Supervisor
+    from workerqueue_operator.k8s import client as client_
+    from workerqueue_operator.k8s import resources
+    from workerqueue_operator.models.settings import Settings
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: the creates are counted
+    activity = Activity(identity="me", priority=0)  # standalone: active until it stops
+    made = queue("burst", singleExecution=True, replicas=32)
+    store = Store(settings=Settings())
+    store.upsert_queue(made)
+    supervisor = Supervisor(store=store, client=kube, settings=Settings(), events=EventPoster(kube),
+                            activity=activity)
+    tokens: list[str] = []
+    pods: list[str] = []
+
+    async def create_credential(_queue: object, body: dict[str, Any]) -> None:
+        await asyncio.sleep(0.001)
+        tokens.append(body["metadata"]["name"])
+
+    async def create_if_absent(_client: object, _path: str, body: dict[str, Any]) -> bool:
+        await asyncio.sleep(0.001)
+        pods.append(body["metadata"]["name"])
+        if len(pods) == 3:  # the second batch (two pods) is under way when the replica stops
+            activity.stand_down()
+        return True
+
+    monkeypatch.setattr(supervisor, "_create_credential", create_credential)
+    monkeypatch.setattr(resources, "create_if_absent", create_if_absent)
+    try:
+        await supervisor._create_pods(made, tuple(range(32)))
+        assert len(pods) == 3 and len(tokens) == 3  # the batch under way ends; none begins after it
+    finally:
         await kube.close()
 
 

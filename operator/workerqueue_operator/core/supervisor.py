@@ -495,6 +495,10 @@ class Supervisor:
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
         async def create(body: dict[str, Any]) -> bool:
+            if not self._activity.is_active():
+                # Stood down meanwhile: the index stays unused (names are never reused), and the replica
+                # now active makes what is missing. Made here too, the queue would run a worker too many.
+                return False
             # Each pod's own token first, so that its worker can call /start as soon as it runs; pod by
             # pod, so that the first pods of a burst need not wait for the last tokens.
             credential = workers.credential_secret_body(queue, body["metadata"]["name"], workers.new_worker_token(),
@@ -512,7 +516,7 @@ class Supervisor:
         # ResourceQuota, an admission policy) is refused alike for each of a hundred, and each try cost
         # them all, with a Warning each. Those not tried wait for the next pass, after its back-off.
         results: list[bool | BaseException] = []
-        while len(results) < len(bodies):
+        while len(results) < len(bodies) and self._activity.is_active():
             batch = bodies[len(results):2 * len(results) + 1]
             done = await asyncio.gather(*(create(b) for b in batch), return_exceptions=True)
             results.extend(done)
