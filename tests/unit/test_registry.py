@@ -1811,3 +1811,36 @@ def test_a_lease_of_another_queue_naming_a_registered_worker_changes_nothing_of_
         q.key, mine.lease, "starting", 0)
     now[0] = 1000.0 + mine.duration + 1
     assert reg.get("w-1") is None  # expires as its own heartbeats say, not the forged renewal
+
+
+async def test_a_deletion_waiting_for_its_retry_is_tried_once_more_when_the_replica_stops(
+        monkeypatch: pytest.MonkeyPatch):
+    """A disconnect whose Lease delete failed waits (seconds) for its retry: a rolling update stopping
+    the replica meanwhile dropped it, and the next replica listed the Lease as a live worker holding
+    its slot for a whole lease duration. A stopping replica tries each such deletion once more."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, tick=0.01)
+        worker = reg.register(q1, "w-1")
+        tried: list[str] = []
+
+        async def delete(gone: leases.Worker, **kwargs: object) -> bool:
+            tried.append(gone.worker_id)
+            if len(tried) == 1:
+                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+            return True
+
+        monkeypatch.setattr(reg._calls, "delete", delete)
+        running = asyncio.create_task(reg.run())
+        reg._forget(worker.worker_id)  # as a disconnect does before it deletes
+        await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=60.0)
+        assert tried == ["w-1"]  # failed: its retry is a minute away
+        await asyncio.sleep(0.05)  # the registry runs (a few ticks), as it does in the operator
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        assert tried == ["w-1", "w-1"]
+        await kube.close()

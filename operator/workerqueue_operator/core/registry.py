@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -218,6 +219,10 @@ class Registry:
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
         """The tasks deleting a Lease now (see run)."""
+        self._retries: dict[tuple[str, str], tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        """Deletions that failed and wait for their retry, by Lease (namespace, name): tried once more
+        when the replica stops (see run), or the Lease would hold its slot for a whole lease duration
+        after a rolling update, as a live worker to the replica that lists it next."""
         self._rechecked: dict[QueueKey, float] = {}
         """When (monotonic) each queue's Leases were last listed before a 409 (see _forget_unlisted)."""
         self._marked: dict[tuple[str, str], tuple[Worker, float]] = {}
@@ -956,6 +961,11 @@ class Registry:
         finally:
             # Deletions under way are let finish, briefly: a worker that said goodbye just before a
             # rolling update would otherwise hold its place (a slot) until its Lease lapsed.
+            for handle, again in list(self._retries.values()):
+                handle.cancel()
+                again()
+            self._retries.clear()
+            await asyncio.sleep(0)  # each retry's task begins, and so is among the deletions waited for
             if self._deletions:
                 await asyncio.wait(set(self._deletions), timeout=SHUTDOWN_DELETE_SECONDS)
             for task in list(self._writes):
@@ -1183,7 +1193,9 @@ class Registry:
             self._log.warning("lease_delete_failed", "deleting the registration of worker %s failed, again in "
                               "%.1fs: %s", worker.worker_id, wait, cause)
             later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
-            asyncio.get_running_loop().call_later(wait, self._delete_again, worker, why, on_purpose, later, tries + 1)
+            key = (worker.namespace, worker.lease)
+            again = functools.partial(self._delete_again, worker, why, on_purpose, later, tries + 1)
+            self._retries[key] = (asyncio.get_running_loop().call_later(wait, again), again)
             return
         if deleted and why.startswith("no heartbeat"):
             queue = self._queue_of(worker.queue)
@@ -1196,6 +1208,7 @@ class Registry:
                                   "its registration ended", warning=True)
 
     def _delete_again(self, worker: Worker, why: str, on_purpose: bool, wait: float, tries: int) -> None:
+        self._retries.pop((worker.namespace, worker.lease), None)
         again = self._workers.get(worker.worker_id)
         # Unless registered again meanwhile in this same Lease (a rejoin); one that rejoined into
         # another slot (maxWorkers) would otherwise hold two.
