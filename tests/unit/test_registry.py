@@ -1844,3 +1844,33 @@ async def test_a_deletion_waiting_for_its_retry_is_tried_once_more_when_the_repl
         await asyncio.gather(running, return_exceptions=True)
         assert tried == ["w-1", "w-1"]
         await kube.close()
+
+
+async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkeypatch: pytest.MonkeyPatch):
+    """The refused worker exits and never calls again: a record left unwritten made the replica that
+    supervises the pod (another one, or this one restarted) count its failure as a crash."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    monkeypatch.setattr(refusals, "REFUSAL_RETRY_SECONDS", 0.01)
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+        written: list[str] = []
+
+        async def create(body: dict[str, Any]) -> dict[str, Any]:
+            written.append(body["metadata"]["name"])
+            if len(written) <= 2:
+                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+            return {**body, "metadata": {**body["metadata"], "uid": "lease-uid"}}
+
+        monkeypatch.setattr(reg._calls, "create", create)
+        await reg.refusals.start_refused(q1, "q1-w0", "409: full")
+        assert written == ["q1-w0-refused"]
+        await asyncio.sleep(0.2)  # again after 0.01 s, then 0.02 s: the third lands
+        assert written == ["q1-w0-refused"] * 3
+        assert reg.refusals._refused[("team-a", "q1-w0", "uid-1")].lease_uid == "lease-uid"
+        await asyncio.sleep(0.1)
+        assert len(written) == 3  # written: no more tries
+        await kube.close()

@@ -39,6 +39,10 @@ REFUSAL_SECONDS = 600.0
 """How long a refusal is remembered: the worker exits at once on it, its pod ends seconds later."""
 REFUSAL_WRITE_SECONDS = 2.0
 """The refusal's Lease is written within this, before the worker is answered; else it is known here only."""
+REFUSAL_RETRY_SECONDS = 5.0
+"""A refusal's Lease that failed to be written is written again this much later, doubling up to a minute,
+while the refusal is remembered and younger than half REFUSAL_SECONDS: its pod's failure comes seconds
+after the refusal, and is counted as a crash by a replica that knows nothing of it."""
 REFUSAL_SWEEP_MARGIN = 30.0
 """A refusal's Lease goes with its pod once a listing of the queue's pods begun this long after the
 refusal misses that pod: room for the clocks of replicas to differ (see sweep)."""
@@ -132,8 +136,10 @@ class Refusals:
         if wait:
             await asyncio.shield(task)  # a caller that leaves does not cut the write short
 
-    async def _write(self, queue: QueueObject | QueueRef, pod: str, why: str) -> None:
+    async def _write(self, queue: QueueObject | QueueRef, pod: str, why: str, *,
+                     retry: float | None = None) -> None:
         key = (queue.namespace, pod, queue.uid)
+        retry = REFUSAL_RETRY_SECONDS if retry is None else retry
         body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=self._clock(), why=why),
                                   queue_name=queue.name)
         path = f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}"
@@ -151,13 +157,26 @@ class Refusals:
                     await resources.delete_exact(self._client, path, existing["metadata"]["uid"])
                     created = await self._calls.create(body)
         except client_.ERRORS as exc:  # a timeout too
-            logger.warning("recording the refusal of pod %s/%s failed, known to this replica only: %s",
-                           queue.namespace, pod, type(exc).__name__ if not str(exc) else exc)
+            logger.warning("recording the refusal of pod %s/%s failed, known to this replica only (tried again "
+                           "in %.0fs): %s", queue.namespace, pod, retry, type(exc).__name__ if not str(exc) else exc)
+            asyncio.get_running_loop().call_later(retry, self._write_again, queue, pod,
+                                                  min(retry * 2, 60.0))
             return
         current = self._refused.get(key)
         if created is not None and current is not None:
             self._refused[key] = current._replace(written_at=self._monotonic(),
                                                   lease_uid=(created.get("metadata") or {}).get("uid", ""))
+
+    def _write_again(self, queue: QueueObject | QueueRef, pod: str, retry: float) -> None:
+        key = (queue.namespace, pod, queue.uid)
+        refused = self._refused.get(key)
+        # Not if forgotten (its worker registered after all, or too many since), written or being
+        # written meanwhile (/start refused the pod again), or old: its pod has long failed by then.
+        if refused is None or refused.written_at is not None or key in self._writes \
+                or self._monotonic() - refused.monotonic >= REFUSAL_SECONDS / 2:
+            return
+        task = self._writes[key] = asyncio.create_task(self._write(queue, pod, refused.why, retry=retry))
+        task.add_done_callback(lambda _: self._writes.pop(key, None))
 
     def _remember(self, key: tuple[str, str, str], refused: _Refused) -> None:
         self._refused.pop(key, None)
