@@ -901,12 +901,17 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
     kube.wait_condition(namespace, "cols", "True")
     # Its pods planned too (a column left blank shifts the others in the split below).
     wait_for(lambda: "running" in kube.workers(namespace, "cols"), what="status.workers written")
+    # And its Temporal checked (t:1 never answers): Ready all the same, TEMPORAL tells.
+    wait_for(lambda: any(c["type"] == "TemporalReachable" and c["status"] == "False"
+                         for c in kube.get_queue(namespace, "cols")["status"].get("conditions", [])),
+             what="TemporalReachable=False")
     out = kubectl("get", "wq", "-n", namespace, "-o", "wide").stdout
     header, row = out.splitlines()[:2]
-    assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "RUNNING", "LIVE",
-                              "BACKLOG", "POLLERS", "REASON", "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED", "AGE"]
+    assert header.split() == ["NAME", "QUEUE-ID", "EPHEMERAL", "SINGLE-EXECUTION", "READY", "TEMPORAL", "RUNNING",
+                              "LIVE", "BACKLOG", "POLLERS", "REASON", "DESIRED", "PENDING", "TASK-QUEUE", "SUSPENDED",
+                              "AGE"]
     # BACKLOG and POLLERS stay blank until the queue's Temporal has answered (t:1 never does).
-    assert row.split()[:8] == ["cols", "cols-id", "true", "false", "True", "0", "0", "Ready"]
+    assert row.split()[:9] == ["cols", "cols-id", "true", "false", "True", "False", "0", "0", "Ready"]
     assert row.split()[-3] == "cols-id"  # TASK-QUEUE: the one in effect, none being named
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout

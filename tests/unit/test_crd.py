@@ -109,8 +109,8 @@ def test_printer_columns_and_names():
     doc = yaml.safe_load(crd.render_crd_yaml())
     version = doc["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c]
-    assert names == ["Queue-ID", "Ephemeral", "Single-Execution", "Ready", "Running", "Live", "Backlog", "Pollers",
-                     "Age"]
+    assert names == ["Queue-ID", "Ephemeral", "Single-Execution", "Ready", "Temporal", "Running", "Live", "Backlog",
+                     "Pollers", "Age"]
     assert doc["spec"]["names"]["shortNames"] == ["wq"]
     assert doc["spec"]["names"]["categories"] == ["agentcontrol"]
     assert version["subresources"] == {"status": {}}

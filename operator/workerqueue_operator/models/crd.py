@@ -81,6 +81,8 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Ephemeral", "type": "boolean", "jsonPath": ".spec.ephemeral"},
         {"name": "Single-Execution", "type": "boolean", "jsonPath": ".spec.singleExecution"},
         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
+        # Not part of Ready (see README "Status"): checked from the operator's network, not the workers'.
+        {"name": "Temporal", "type": "string", "jsonPath": '.status.conditions[?(@.type=="TemporalReachable")].status'},
         {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
         {"name": "Live", "type": "integer", "jsonPath": ".status.workers.live"},
         {"name": "Backlog", "type": "integer", "jsonPath": ".status.temporal.backlog"},
