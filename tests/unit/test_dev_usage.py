@@ -8,9 +8,11 @@ import re
 import subprocess
 from pathlib import Path
 
-from workerqueue_operator.devcluster.dev import usage
+from workerqueue_operator.devcluster.dev import setting_warnings, usage
+from workerqueue_operator.models.settings import Settings
 
-TEXT = usage(Path("/tmp/dev-state"), 8080, temporal_address="127.0.0.1:7233", temporal_namespace="default")
+TEXT = usage(Path("/tmp/dev-state"), 8080, temporal_address="127.0.0.1:7233", temporal_namespace="default",
+             bin_dir=Path("/cache/assets"))
 
 
 def command_lines() -> list[str]:
@@ -51,3 +53,22 @@ def test_dev_refuses_bad_settings_by_name_before_it_starts_anything(tmp_path):
     output = done.stdout + done.stderr
     assert "invalid setting auth_review_timeout_seconds (WQ_AUTH_REVIEW_TIMEOUT_SECONDS)" in output
     assert "Traceback" not in output and not list(tmp_path.iterdir())  # nothing started
+
+
+def test_the_commands_use_the_kubectl_of_the_control_plane():
+    """A kubectl on PATH may be versions older than the API server, or missing."""
+    exports = [line.strip() for line in command_lines() if line.strip().startswith("export ")]
+    assert exports == ["export KUBECONFIG=/tmp/dev-state/kubeconfig", "export PATH=/cache/assets:$PATH"]
+    assert TEXT.index("export PATH=") < TEXT.index("kubectl get")
+
+
+def test_dev_warns_of_settings_as_run_does_and_of_those_it_sets_itself():
+    environ = {"WQ_TEMPORL_HOST": "typo", "WQ_TEMPORAL_HOST": "elsewhere:7233", "WQ_WORKER_BACKOFF_SECONDS": "600",
+               "HOME": "/root"}
+    settings = Settings.load(environ)
+    lines = setting_warnings(settings, environ)
+    assert lines[0] == "environment variables ignored, no such setting: WQ_TEMPORL_HOST"
+    assert lines[1] == "environment variables ignored, set by dev itself: WQ_TEMPORAL_HOST"
+    assert any(line.startswith("settings: worker_backoff_seconds is above") for line in lines[2:])
+    assert "typo" not in "".join(lines) and "elsewhere" not in "".join(lines)  # names, never values
+    assert setting_warnings(Settings(), {"HOME": "/root"}) == []

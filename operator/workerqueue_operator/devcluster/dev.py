@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pydantic
@@ -51,15 +52,22 @@ def install_crds(bin_dir: Path, kubeconfig: Path) -> None:
     controlplane.wait_established(functools.partial(_kubectl, bin_dir, kubeconfig), "workerqueues.agentcontrol.dev")
 
 
-def usage(state_dir: Path, port: int, *, temporal_address: str, temporal_namespace: str) -> str:
+DEV_SETTINGS = ("http_host", "http_port", "public_url", "http_drain_seconds", "temporal_host", "temporal_namespace")
+"""The settings `dev` sets itself: its cluster's Temporal, its loopback HTTP API (WQ_* of these are ignored)."""
+
+
+def usage(state_dir: Path, port: int, *, temporal_address: str, temporal_namespace: str,
+          bin_dir: Path | None = None) -> str:
     """What `dev` prints once everything runs: the commands to try, each ready to paste into a shell."""
     kubeconfig = state_dir / "kubeconfig"
+    # The kubectl of the control plane's version first: one on PATH may be far older, or none there be.
+    path = f"\n  export PATH={bin_dir}:$PATH" if bin_dir is not None else ""
     url = f"http://127.0.0.1:{port}"
     cli = find_cli()
     return f"""
 workerqueue-operator dev is running. State and logs: {state_dir}
 
-  export KUBECONFIG={kubeconfig}
+  export KUBECONFIG={kubeconfig}{path}
   kubectl get --raw /version
   kubectl get workerqueues -o wide
   curl -f {url}/readyz
@@ -100,12 +108,27 @@ Ctrl-C stops everything.
 """
 
 
+def setting_warnings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """What `run` warns of (a WQ_* name that is no setting, unlikely values), and the WQ_* settings that
+    `dev` sets itself: names only, a value may be a secret."""
+    lines = []
+    unknown = Settings.unknown_env(environ)
+    if unknown:
+        lines.append(f"environment variables ignored, no such setting: {', '.join(unknown)}")
+    overridden = [name for field in DEV_SETTINGS if (name := f"{settings_.ENV_PREFIX}{field.upper()}") in environ]
+    if overridden:
+        lines.append(f"environment variables ignored, set by dev itself: {', '.join(overridden)}")
+    lines.extend(f"settings: {doubt}" for doubt in settings.doubts(in_cluster=False))
+    return lines
+
+
 def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     from workerqueue_operator import runner
 
     runner.configure_logging(verbose, plain=True)  # read by a person in a terminal
     try:  # before anything starts: the WQ_* settings of this shell, as the operator will take them
-        Settings.load(http_host="127.0.0.1", http_port=port or 0, public_url="http://127.0.0.1", http_drain_seconds=0)
+        loaded = Settings.load(http_host="127.0.0.1", http_port=port or 0, public_url="http://127.0.0.1",
+                               http_drain_seconds=0)
     except pydantic.ValidationError as exc:
         for line in settings_.problems(exc):
             _say(line)
@@ -113,6 +136,8 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     except settings_.SettingsError as exc:
         _say(str(exc))
         return 2
+    for line in setting_warnings(loaded, os.environ):
+        _say(line)
     procs.bypass_proxies_for_loopback()
     state = (state_dir or Path(tempfile.mkdtemp(prefix="workerqueue-dev-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -140,7 +165,7 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
                     _kubectl(bin_dir, control_plane.kubeconfig, "apply", "-n", "default", "-f", str(EXAMPLES))
                 os.environ["KUBECONFIG"] = str(control_plane.kubeconfig)  # kopf's login reads it
                 _say(usage(state, http_port, temporal_address=temporal.address,
-                           temporal_namespace=temporal.namespace))
+                           temporal_namespace=temporal.namespace, bin_dir=bin_dir))
                 # The operator handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
