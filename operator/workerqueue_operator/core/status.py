@@ -134,10 +134,11 @@ def ready_message(resolution: Resolution) -> str:
     queue serves /start all the same; a queue author does not see the operator's logs)."""
     lacking = []
     if resolution.upstream is None and resolution.upstream_problem is None:
-        lacking.append("an upstream control plane (spec.upstream or the operator's upstream.url; without one, "
+        lacking.append("an upstream control plane (spec.upstream or the operator's WQ_UPSTREAM_URL, chart value "
+                       "upstream.url; without one, "
                        "the workers' calls about their executions answer 404 and each execution fails)")
     if resolution.config is not None and not resolution.config.fields.get("litellm_api_url"):
-        lacking.append("a LiteLLM URL (spec.litellm.url or the operator's litellm.url)")
+        lacking.append("a LiteLLM URL (spec.litellm.url or the operator's WQ_LITELLM_URL, chart value litellm.url)")
     message = "workers can start" + (f"; they lack {', and '.join(lacking)}" if lacking else "")
     if resolution.short_token is not None:
         message += (f"; the token in secret {resolution.short_token} is shorter than {SHORT_TOKEN} characters: "
