@@ -621,6 +621,53 @@ async def test_a_small_answer_that_stalls_is_504(hub: tuple[Store, TestClient]):
     assert r.status == 504 and "did not answer" in (await r.json())["detail"]
 
 
+@pytest.mark.parametrize("trickled", ["headers", "small body", "websocket handshake"])
+async def test_an_upstream_that_trickles_is_504_within_its_timeouts(hub: tuple[Store, TestClient], trickled: str):
+    """A byte every half idle timeout: a silence limit restarts at each, and the call was held for as
+    long as the upstream liked (30 s for 30 bytes). Connect (1 s) and idle (1 s) bound it in all."""
+    store, client = hub
+    answer = {
+        "headers": b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 30 + b"\r\nContent-Length: 2\r\n\r\nok",
+        "small body": b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + b"a" * 30,
+        "websocket handshake": b"HTTP/1.1 101 Switching Protocols\r\nX-Slow: " + b"a" * 30 + b"\r\n\r\n",
+    }[trickled]
+    head = answer.index(b"\r\n\r\n") + 4 if trickled == "small body" else 0
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer[:head])
+        try:
+            for byte in answer[head:]:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.5)
+        except ConnectionError:
+            pass  # the operator gave up, as it should
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        store.upsert_queue(queue("a", queueId="q-a", upstream={"url": f"http://127.0.0.1:{port}",
+                                                                "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        began = loop.time()
+        if trickled == "websocket handshake":
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(WS_A, headers={"Authorization": "Bearer tok-a"})
+            status = refused.value.status
+        else:
+            r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
+            status = r.status
+            assert "did not answer" in (await r.json())["detail"]
+        took = loop.time() - began
+    finally:
+        server.close()
+    assert status == 504
+    assert took < 5  # the trickle takes 15 s; both timeouts together 2 s
+
+
 async def test_unreachable_upstream_is_502(hub: tuple[Store, TestClient]):
     store, client = hub
     with socket.socket() as s:

@@ -598,8 +598,11 @@ class Passthrough:
         upload = (_Upload(request.content, stats, idle, still_opens=lambda: self._still_opens(route))
                   if request.body_exists else None)
         started = time.perf_counter()
+        # Without a body, the connection and then the answer's headers within their timeouts in all:
+        # sock_read alone restarts at every byte, and an upstream trickling its headers held the call.
+        connect = max(self._settings.upstream_connect_timeout_seconds - waited, 0.0)
         try:
-            async with upload.deadline if upload is not None else contextlib.nullcontext():
+            async with upload.deadline if upload is not None else asyncio.timeout(connect + idle):
                 try:
                     answer = await _unless_gone(request, self._session.request(
                         request.method, target_url(upstream.url, request.raw_path), headers=headers,
@@ -705,7 +708,8 @@ class Passthrough:
                      stats: metrics.UpstreamStats, latency: float, mask: KeyMask) -> web.StreamResponse:
         read_whole = False
         try:
-            payload = await answer.read()
+            async with asyncio.timeout(self._settings.upstream_idle_timeout_seconds):  # a trickle too
+                payload = await answer.read()
             read_whole = True
         except TimeoutError as exc:
             return self._unanswered(stats, upstream, exc)
@@ -760,10 +764,13 @@ class Passthrough:
         try:
             # Pinged after its idle timeout of silence: an upstream gone without a word (a lost node,
             # a NAT's cut) would otherwise hold the worker's websocket open on a dead relay for ever.
-            theirs = await self._websocket_session.ws_connect(
-                target_url(upstream.url, request.raw_path), headers=headers,
-                protocols=[p for p in protocols if not p.startswith(_KUBERNETES_TOKEN_PROTOCOL)],
-                autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
+            # The handshake within the connect and idle timeouts in all, however slowly its answer trickles.
+            async with asyncio.timeout(self._settings.upstream_connect_timeout_seconds
+                                       + self._settings.upstream_idle_timeout_seconds):
+                theirs = await self._websocket_session.ws_connect(
+                    target_url(upstream.url, request.raw_path), headers=headers,
+                    protocols=[p for p in protocols if not p.startswith(_KUBERNETES_TOKEN_PROTOCOL)],
+                    autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
         except _Redirected as exc:
             stats.answered(exc.status, time.perf_counter() - started)
             return errors.detail(502, f"The upstream control plane redirected the websocket ({exc.status})")
