@@ -1230,3 +1230,45 @@ async def test_only_a_service_accounts_worker_registered_in_one_queue_of_its_nam
         with pytest.raises(aiohttp.WSServerHandshakeError) as ws_refused:
             await client.ws_connect("/api/v1/ws/anything", headers={"Authorization": "Bearer sa-token"})
         assert ws_refused.value.status == 403
+
+
+async def test_a_namespace_whose_upstream_names_do_not_resolve_holds_up_no_other_namespace(
+        upstream: TestServer, monkeypatch: pytest.MonkeyPatch):
+    """A lookup blocks its thread until the resolver gives up (here 3 s), whatever the request's
+    timeout. On the event loop's few shared threads, one team's queues naming hosts whose DNS never
+    answers held them all, and another team's upstream could not be connected to (504)."""
+    import threading
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def blackholed(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".blackholed"):
+            release.wait(3)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", blackholed)
+    settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=5)
+    store = Store(settings=settings)
+    many = 40  # more than any default executor has threads
+    for i in range(many):
+        store.upsert_queue(queue(f"a{i}", queueId=f"q-a{i}", upstream={
+            "url": f"http://h{i}.blackholed", "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        store.upsert_secret(("team-a", f"a{i}-worker-token"), {"token": f"tok-a{i}"})
+    store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
+    store.upsert_queue(queue("b", "team-b", queueId="q-b", upstream={
+        "url": f"http://localhost:{upstream.port}", "apiKeySecretRef": {"name": "org", "key": "k"}}))
+    store.upsert_secret(("team-b", "b-worker-token"), {"token": "tok-b"})
+    store.upsert_secret(("team-b", "org"), {"k": "org-key-B"})
+    try:
+        async with TestClient(OperatorLikeServer(apps.make_app(store, settings=settings))) as client:
+            flood = [asyncio.create_task(client.get("/api/v1/x", headers={"Authorization": f"Bearer tok-a{i}"}))
+                     for i in range(many)]
+            await asyncio.sleep(0.3)  # their lookups under way
+            r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-b"})
+            assert r.status == 200, await r.text()
+            answers = await asyncio.gather(*flood)
+            assert {a.status for a in answers} == {504}  # team-a's own: no connection within its timeout
+    finally:
+        release.set()

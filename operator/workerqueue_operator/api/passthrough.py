@@ -29,7 +29,7 @@ from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict
 from yarl import URL
 
-from workerqueue_operator.api import callers, errors, metrics
+from workerqueue_operator.api import callers, errors, lookups, metrics
 from workerqueue_operator.api.keymask import KeyMask
 from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core.registry import Registry
@@ -331,8 +331,8 @@ class Pool(aiohttp.TCPConnector):
     one idle longest is closed. aiohttp has no public hook for this: `_release` and `_conns` are its
     own, and tests/unit/test_passthrough.py fails if they stop behaving so."""
 
-    def __init__(self, *, limit: int, idle: int) -> None:
-        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=ABORT_CLOSED_TLS)
+    def __init__(self, *, limit: int, idle: int, resolver: aiohttp.abc.AbstractResolver | None = None) -> None:
+        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=ABORT_CLOSED_TLS, resolver=resolver)
         self.idle_limit = idle
 
     def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
@@ -389,6 +389,7 @@ class Passthrough:
         """Where a Kubernetes identity's worker is registered: without it, such callers are refused."""
         self._session: aiohttp.ClientSession | None = None
         self._websocket_session: aiohttp.ClientSession | None = None
+        self._lookups = lookups.Lookups()
         # The pool of a host is shared by every queue that names it: one team holding all of it (slow
         # bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504.
         self._shares = Shares(settings.upstream_max_connections_per_namespace)
@@ -412,6 +413,7 @@ class Passthrough:
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
         s = self._settings
+        self._lookups = lookups.Lookups()
         self._session = self._new_session(s.upstream_max_connections)
         # A proxied websocket holds its connection as long as its worker lives: in the requests' pool,
         # upstream_max_connections of them would leave every request 504 for want of one.
@@ -422,6 +424,7 @@ class Passthrough:
             await self._session.close()
             await self._websocket_session.close()
             self._session = self._websocket_session = None
+            self._lookups.close()
 
     def _timeout_after(self, waited: float) -> aiohttp.ClientTimeout:
         """The session's timeouts, less what the request waited already for its connection."""
@@ -434,7 +437,7 @@ class Passthrough:
 
     def _new_session(self, limit: int) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=Pool(limit=limit, idle=limit),
+            connector=Pool(limit=limit, idle=limit, resolver=self._lookups.resolver()),
             timeout=self._timeout_after(0.0),
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none
@@ -476,6 +479,7 @@ class Passthrough:
         # One share a namespace, all its queues' upstream hosts together: the pool is one for all
         # hosts, and a share a host let a namespace naming several of them take all of it.
         share_key = route.key[0]
+        lookups.NAMESPACE.set(share_key)  # this request's task's own: its name lookups are counted so too
         asked = time.monotonic()
         if not await shares.take(share_key, wait):
             stats = self._metrics.upstream(route.upstream.origin)
