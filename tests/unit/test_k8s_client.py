@@ -329,3 +329,12 @@ def test_a_failing_credential_plugins_output_is_not_logged(tmp_path: Path, caplo
         client.load_configuration(str(kubeconfig))
     assert "exec: process returned 3 (its error output is not logged)" in caplog.text
     assert "hunter2" not in caplog.text
+
+
+@pytest.mark.parametrize(("status", "refused"), [
+    (400, True), (403, True), (404, True), (413, True), (422, True),
+    # Tried again: the operator's own token lapsed (read again within seconds), a timeout, a conflict,
+    # a throttle, an outage.
+    (401, False), (408, False), (409, False), (429, False), (500, False), (503, False)])
+def test_what_counts_as_the_api_servers_refusal_is_one_rule(status: int, refused: bool):
+    assert client.ApiError(status, "Reason", "message").refused is refused

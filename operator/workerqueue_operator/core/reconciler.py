@@ -65,12 +65,6 @@ class Conflicts:
 LABELS = {"app.kubernetes.io/managed-by": resources.COMPONENT, "app.kubernetes.io/part-of": "agentcontrol"}
 
 
-def _refused(exc: client_.ApiError) -> bool:
-    """Whether the API server turned the request down for what it is (it will be again until someone
-    changes something), rather than for now (a conflict, a throttle, an outage)."""
-    return 400 <= exc.status < 500 and exc.status not in (409, 429)
-
-
 def _own(status: Mapping[str, Any]) -> dict[str, Any]:
     """A status without the conditions another component writes (they move on their own)."""
     conditions = [c for c in status.get("conditions") or [] if c.get("type") not in FOREIGN_CONDITIONS]
@@ -204,7 +198,7 @@ class Reconciler:
         except client_.ApiError as exc:
             if not exc.conflict:  # a conflict: the watch brings the newer copy, and it back here
                 logger.warning("writing the status of %s/%s failed: %s", namespace, name, exc)
-                if exc.status in (408, 429) or exc.status >= 500:  # a refusal (RBAC, a policy) stays one
+                if not exc.refused:  # a refusal (RBAC, a policy) stays one
                     self._show_invalid_later((namespace, name), tries)
             return
         except client_.ERRORS as exc:
@@ -326,7 +320,7 @@ class Reconciler:
         except client_.ApiError as exc:
             if exc.namespace_terminating:
                 return  # the queue goes with its namespace
-            if not _refused(exc):
+            if not exc.refused:
                 # The work queue's retry (a status write would not get through either), logged
                 # without the server's text.
                 raise exc.quiet(f"creating Secret {queues.token_secret_name(resolution.queue.name)} "

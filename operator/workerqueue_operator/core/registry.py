@@ -1180,9 +1180,7 @@ class Registry:
                 self._log.log(logging.ERROR, "lease_delete_error", "deleting the registration of worker %s "
                               "failed", worker.worker_id, exc_info=True)
             cause = type(exc).__name__ if not str(exc) else exc
-            # 401: the operator's own token lapsed (it is read again within seconds), no refusal.
-            if isinstance(exc, client_.ApiError) and 400 <= exc.status < 500 \
-                    and exc.status not in (401, 408, 409, 429) and tries >= DELETE_REFUSED_TRIES:
+            if isinstance(exc, client_.ApiError) and exc.refused and tries >= DELETE_REFUSED_TRIES:
                 self._log.warning("lease_delete_refused", "deleting the registration of worker %s was refused %d "
                                   "times, given up (its Lease is left): %s", worker.worker_id, tries, cause)
                 return

@@ -537,7 +537,7 @@ class Supervisor:
                 # The queue goes with its namespace: no refusal to report, but the back-off all the
                 # same, or each pass would make its status write, and that write the next pass.
                 refused = refused or ""
-            elif isinstance(result, client_.ApiError) and result.status in (400, 403, 422):
+            elif isinstance(result, client_.ApiError) and result.refused:
                 refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
                           f"{result.message}"
                 self._events.post(involved=involved, reason="PodCreationFailed",

@@ -93,6 +93,13 @@ class ApiError(Exception):
         return "NamespaceTerminating" in self.causes
 
     @property
+    def refused(self) -> bool:
+        """Turned down for what the request is (a policy, RBAC, a quota, a bad object): it will be
+        again until someone changes something. Not a conflict or a throttle, nor a 401: the operator's
+        own token lapsed, and it is read again within seconds."""
+        return 400 <= self.status < 500 and self.status not in (401, 408, 409, 429)
+
+    @property
     def not_found(self) -> bool:
         return self.status == 404
 
