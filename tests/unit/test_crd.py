@@ -120,7 +120,8 @@ CHART = ROOT / "charts" / "workerqueue-operator"
 PROBES: list[Any] = ["", " ", "a b", "x", "Org_Key", "../x", "http://h:99999", "https://h", "https://h:65536/v1",
                      -1, 0, 1e-6, 0.5, 1, 2.5, 59, 61, 301, 3601, 86401, 2 ** 31, 2 ** 63, 10 ** 20, True, None,
                      [], [""], ["a"], " , ", {}, "x" * 300, "h" * 1100, "http://" + "h" * 2100,
-                     "http://h:0000080", "http://h:99999x/", "http://u:p@h:80/"]
+                     "http://h:0000080", "http://h:99999x/", "http://u:p@h:80/",
+                     {"metadata": {"labels": {"team": "a"}}, "spec": {"nodeSelector": {"pool": "agents"}}}]
 
 
 def _values_schema() -> dict[str, Any]:
@@ -152,11 +153,14 @@ def test_a_chart_value_the_schema_takes_the_operator_takes_too(setting: str, pat
     node: dict[str, Any] = _values_schema()
     for part in path.split("."):
         node = node["properties"][part]
+    accepted = 0
     for value in PROBES:
         if skipped_empty and not value:
             continue
         if jsonschema.Draft7Validator(node).is_valid(value):
             assert not _refused_by_name(setting, value), f"{path}={value!r}"
+            accepted += 1
+    assert accepted, f"no probe passes the schema of {path}: nothing was tried"
 
 
 def test_extra_config_takes_only_what_the_operator_takes():

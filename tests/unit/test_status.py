@@ -51,6 +51,24 @@ def test_transition_time_moves_only_when_status_changes():
     assert status.differs(healed, same)
 
 
+def test_a_conditions_transition_time_is_its_own_not_a_siblings():
+    """In desired_status Ready and SecretsResolved change together, so reading the other's time would
+    pass unseen there: here the sibling's status differs from the one set."""
+    earlier = [{"type": "SecretsResolved", "status": "True", "reason": "Resolved", "message": "",
+                "lastTransitionTime": NOW, "observedGeneration": 1},
+               {"type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable", "message": "",
+                "lastTransitionTime": NOW, "observedGeneration": 1}]
+    ready = status.set_condition(earlier, type="Ready", status="False", reason="X", message="", generation=1, now=NOW)
+    kept = status.set_condition(ready, type="Ready", status="False", reason="Y", message="m", generation=2, now=LATER)
+    moved = status.set_condition(ready, type="Ready", status="True", reason="Ready", message="", generation=2,
+                                 now=LATER)
+    by_type = {c["type"]: c for c in kept}
+    assert by_type["Ready"]["lastTransitionTime"] == NOW and by_type["Ready"]["observedGeneration"] == 2
+    assert {c["type"]: c for c in moved}["Ready"]["lastTransitionTime"] == LATER
+    assert [c["type"] for c in kept] == ["Ready", "SecretsResolved", "TemporalReachable"]
+    assert by_type["SecretsResolved"] == earlier[0] and by_type["TemporalReachable"] == earlier[1]
+
+
 def test_workers_that_cannot_start_make_the_queue_stop_progressing():
     q = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True, replicas=5), config=None,
                           problem=None)
