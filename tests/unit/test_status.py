@@ -257,3 +257,42 @@ def test_a_suspended_pool_says_its_workers_are_stopped_not_left_to_finish():
     assert progressing(workers, ephemeral=True) == "2 workers alive, being stopped; none are started while suspended"
     assert progressing({**workers, "running": 0}, ephemeral=True) == (
         "workers stopped; none are started while suspended")
+
+
+def _pruned(value: object, schema: dict, path: str = "status") -> list[str]:
+    """The paths of `value` the API server would drop in silence, its CRD's schema knowing no such field."""
+    if isinstance(value, dict) and "properties" in schema:
+        found = []
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += _pruned(item, schema["properties"][key], f"{path}.{key}")
+        return found
+    if isinstance(value, list) and "items" in schema:
+        return [p for i, item in enumerate(value) for p in _pruned(item, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def test_every_status_field_written_is_one_the_crd_keeps():
+    """The status is spelt by hand here, the schema by the models (models/spec.py): a key renamed on
+    one side only would be pruned by the API server without a word, and its reader would find nothing."""
+    from workerqueue_operator.models import crd
+    from workerqueue_operator.models.spec import WorkersStatus
+
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    workers = WorkersStatus(observed_generation=3, desired=2, pending=1, running=1, last_error="refused",
+                            stuck=["q1-w0: ImagePullBackOff"], counted=["q1-w1"], surplus_since=NOW,
+                            finished_time=NOW, last_failure_time=NOW, last_displaced_time=NOW, live=1)
+    pool = queues.Resolution(queue=queue(generation=3, queueId="abc", singleExecution=True, replicas=2), config=None,
+                             problem=None)
+    written = [
+        status.desired_status(resolution(None), {}, now=NOW),
+        status.desired_status(resolution(queues.Problem("SecretNotFound", "secret x not found")), {}, now=NOW),
+        status.desired_status(pool, {"workers": workers.model_dump(by_alias=True, mode="json")}, now=NOW),
+        status.invalid_spec_status({}, generation=3, message="bad", now=NOW),
+        {"workers": workers.model_dump(by_alias=True, mode="json")},
+    ]
+    for st in written:
+        assert st and _pruned(st, schema) == []
+    assert _pruned({"queueID": "x"}, schema) == ["status.queueID"]  # the check itself finds a misspelling
