@@ -1874,3 +1874,14 @@ async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkey
         await asyncio.sleep(0.1)
         assert len(written) == 3  # written: no more tries
         await kube.close()
+
+
+def test_a_listed_worker_is_the_wire_model_exactly_with_times_in_utc():
+    """`GET .../workers` is built by hand (per worker, thousands a list): its keys are WorkerInfo's, its
+    times RFC 3339 with "Z" as every other time the operator answers with."""
+    worker = make_worker(registered_at=1_767_225_600.25, renewed_at=1_767_225_660.5)
+    info = worker.info()
+    assert set(info) == set(wire.WorkerInfo.model_fields)
+    assert wire.WorkerInfo.model_validate(info).model_dump() == info
+    assert info["registered_at"] == "2026-01-01T00:00:00.250000Z"
+    assert info["last_heartbeat"] == "2026-01-01T00:01:00.500000Z"

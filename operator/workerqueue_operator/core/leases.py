@@ -8,7 +8,6 @@ calls: the Registry (registry.py) decides when a Lease is written, read or delet
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -89,10 +88,6 @@ may be later than the one in memory it was written from."""
 def later(moment: float, than: float) -> bool:
     """Whether `moment` is later than `than` by more than a Lease's MicroTime can tell apart."""
     return moment - than > TIME_RESOLUTION
-
-
-def iso(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat()
 
 
 HOSTNAME_MAX = 253
@@ -258,8 +253,8 @@ class Worker:
             "status": self.status,
             "tasks_processed": self.tasks_processed,
             "current_task_id": self.current_task_id,
-            "last_heartbeat": iso(self.renewed_at) if self.heartbeats_here or self.heard() else None,
-            "registered_at": iso(self.registered_at),
+            "last_heartbeat": times.micro_rfc3339(self.renewed_at) if self.heartbeats_here or self.heard() else None,
+            "registered_at": times.micro_rfc3339(self.registered_at),
             "hostname": self.hostname,
             "pod": self.pod,
         }

@@ -44,6 +44,8 @@ from temporalio.api.workflowservice.v1 import (
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+from workerqueue_operator.models import times
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -143,11 +145,7 @@ def status_of(status: WorkflowExecutionStatus | None) -> str:
 
 
 def rfc3339(moment: datetime.datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return times.milli_rfc3339(moment) if moment is not None else None
 
 
 @dataclass(frozen=True)

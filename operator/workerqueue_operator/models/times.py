@@ -16,6 +16,13 @@ def micro_rfc3339(moment: float) -> str:
     return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def milli_rfc3339(moment: datetime.datetime) -> str:
+    """A datetime (naive: UTC) in milliseconds, as the control plane's API writes its times."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def parse_datetime(text: str) -> datetime.datetime:
     """An aware datetime; ValueError if the text is no time."""
     parsed = datetime.datetime.fromisoformat(text)
