@@ -364,13 +364,12 @@ async def delete_queue(request: web.Request) -> web.Response:
         denied = await callers.authorize(request, caller, resolution, verb="delete", token_message="")
         if denied is not None:
             return denied
-    try:
-        await request.app[KUBE].request("DELETE", resources.queue_path(queue.namespace, queue.name),
-                                        body=resources.delete_options(queue.uid), timeout=5.0)
+    try:  # gone already (or made again since: not the queue asked about), what was asked is done
+        await resources.delete_exact(request.app[KUBE], resources.queue_path(queue.namespace, queue.name), queue.uid,
+                                     timeout=5.0)
     except client_.ApiError as exc:
-        if not (exc.not_found or exc.conflict):  # gone already: what was asked is done
-            logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, exc)
-            return errors.detail(503, "The worker queue could not be deleted now, try again")
+        logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, exc)
+        return errors.detail(503, "The worker queue could not be deleted now, try again")
     except client_.ERRORS as exc:  # ApiError taken above
         logger.warning("deleting WorkerQueue %s/%s failed: %s", queue.namespace, queue.name, type(exc).__name__)
         return errors.detail(503, "The worker queue could not be deleted now, try again")

@@ -156,10 +156,10 @@ def delete_options(uid: str) -> dict[str, Any]:
             "propagationPolicy": "Background"}
 
 
-async def delete_exact(client: client_.KubeClient, path: str, uid: str) -> None:
+async def delete_exact(client: client_.KubeClient, path: str, uid: str, *, timeout: float = 30.0) -> None:
     """Deletes the object if it is still the one with this uid; gone, or made again since, is fine."""
     try:
-        await client.delete(path, delete_options(uid))
+        await client.request("DELETE", path, body=delete_options(uid), timeout=timeout)
     except client_.ApiError as exc:
         if not (exc.not_found or exc.conflict):
             raise
