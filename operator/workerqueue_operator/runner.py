@@ -170,9 +170,10 @@ class Feed:
 class Watches:
     """The informers of every watched scope, started in the order that keeps start-up cheap.
 
-    Watched twice on purpose: kopf watches pods to trigger the worker supervisor, and
-    peering pauses those watches on a standby replica; these informers feed the Store that /start
-    serves from, which every replica keeps current and no pause may stop.
+    Not kopf's: peering pauses kopf's watches on a standby replica, and these informers feed the
+    Store that /start serves from, which every replica keeps current and no pause may stop. kopf
+    watches only worker pods (to trigger the supervisor) and the peering object; the latter is
+    watched here too, for Activity, whose decision must not wait on kopf's pause.
     """
 
     def __init__(self, client: client_.KubeClient, feed: Feed, settings: settings_.Settings,

@@ -1,4 +1,6 @@
-"""Who is calling, and may they: the one place every worker-facing route authenticates and authorizes.
+"""Who is calling, and may they: how the operator's own worker-facing routes authenticate and authorize.
+(The pass-through, api/passthrough.py, takes the same credentials in the same order, and forwards
+with the queue's upstream key rather than answering itself.)
 
 Three kinds of credentials, checked in this order so that the common ones never reach the API server:
 a queue token (opens its queue), a per-worker token (opens its queue, and says which operator-run pod

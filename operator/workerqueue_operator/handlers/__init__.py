@@ -46,11 +46,10 @@ def registry(*, settings: settings_.Settings, supervisor: Supervisor,
 
     @kopf.on.startup(registry=reg, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Our status has a schema; kopf's bookkeeping goes to annotations under our own prefix.
+        # The one handler is an on.event one, which keeps no progress, diff-base or finalizer; should
+        # kopf ever write any, it goes to annotations under our prefix, never into our schema'd status.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
-        # No handler needs a finalizer (kopf timers would add one to every queue, so that deleting a
-        # queue, or its namespace, would wait for the operator): the supervisor resyncs on its own.
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300

@@ -1,4 +1,6 @@
-"""API paths and the few object-level calls the operator makes, each treating 404/409 explicitly."""
+"""API paths, object helpers (owner references, delete options, times) and the object-level calls
+shared by several callers (create if absent, delete exactly that object, patch a queue's status), each
+treating 404/409 explicitly. Calls with one caller stay with it."""
 
 from __future__ import annotations
 
@@ -107,9 +109,9 @@ async def create_replacing(client: client_.KubeClient, path: str, body: dict[str
                            *, leftover: Callable[[Mapping[str, Any]], bool]) -> tuple[dict[str, Any], bool]:
     """Creates the object as `create` does, except that one of its name that `leftover` says was left
     by a deleted WorkerQueue (waiting for the garbage collector) is deleted, that very one, and the
-    object made anew, once the API server says that queue is gone too: the caller's copy of the
-    queues may be behind (a replica's watch), and the object the live queue's. (the object there
-    now, whether this call made it)."""
+    object made anew, once the API server says that queue is gone too (the caller's copy of the
+    queues may be behind, a replica's watch, and the object be the live queue's). Returns the object
+    there now, and whether this call made it."""
     created = await create(client, path, body)
     if created is not None:
         return created, True
