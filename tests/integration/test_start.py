@@ -23,6 +23,7 @@ from workerqueue_operator.core import supervisor as supervisor_
 from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.activity import Activity
 from workerqueue_operator.core.events import EventPoster
+from workerqueue_operator.core.feed import Feed
 from workerqueue_operator.core.reconciler import Reconciler, queue_ref_body, token_secret_body
 from workerqueue_operator.core.registry import Registry
 from workerqueue_operator.core.store import Store, WorkerCredential
@@ -32,7 +33,6 @@ from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import Settings
-from workerqueue_operator.runner import Feed
 
 pytestmark = pytest.mark.usefixtures("operator")
 

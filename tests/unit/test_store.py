@@ -321,9 +321,9 @@ def test_a_spec_the_operator_cannot_read_is_not_served_by_the_one_before_it():
     # the previous spec listed: the previous one is not served meanwhile.
     from typing import cast
 
+    from workerqueue_operator.core.feed import Feed
     from workerqueue_operator.core.reconciler import Reconciler
     from workerqueue_operator.core.supervisor import Supervisor
-    from workerqueue_operator.runner import Feed
 
     store = Store(settings=Settings())
     before = queue("q1", queueId="q-1")
@@ -369,9 +369,9 @@ def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absen
     """The Secret list passes by a Secret no queue uses; a queue that comes meanwhile (made, or its
     tokenSecretRefs removed) uses its generated token Secret, which the list did bring: taken for
     absent, every standby refused that queue's token (401) until the Secret changed."""
+    from workerqueue_operator.core.feed import Feed
     from workerqueue_operator.core.reconciler import Reconciler
     from workerqueue_operator.core.supervisor import Supervisor
-    from workerqueue_operator.runner import Feed
 
     store, reads = Store(settings=Settings()), _Reads()
     told = _Told()
@@ -450,9 +450,9 @@ class _Told:
 
 
 def _feed() -> tuple[Store, _Reads, Any]:
+    from workerqueue_operator.core.feed import Feed
     from workerqueue_operator.core.reconciler import Reconciler
     from workerqueue_operator.core.supervisor import Supervisor
-    from workerqueue_operator.runner import Feed
 
     store, reads = Store(settings=Settings()), _Reads()
     feed = Feed(store, cast(Reconciler, reads), cast(Supervisor, _Told()))
