@@ -76,6 +76,11 @@ class RoutineKopfMessages(logging.Filter):
         return True
 
 
+SECRETS_PAGE_SIZE = 100
+"""Secrets listed a page at a time: a Secret may hold up to 1 MiB, and each page is read whole and
+parsed on the event loop (500 such Secrets: some 650 MiB and seconds of /start held up)."""
+
+
 class Watches:
     """The informers of every watched scope, started in the order that keeps start-up cheap.
 
@@ -98,7 +103,8 @@ class Watches:
             for ns in scopes]
         self.secrets = [
             informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,
-                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}", params=secret_params)
+                              on_delete=feed.secret_deleted, name=f"secrets/{ns or '*'}", params=secret_params,
+                              page_size=SECRETS_PAGE_SIZE)
             for ns in scopes]
         # Worker registrations: only the Leases this operator labels, not every Lease of the cluster.
         self.leases = [
