@@ -1120,3 +1120,10 @@ def test_a_time_to_come_written_by_a_clock_ahead_holds_no_back_off_longer_than_i
     assert ttl.delete_queue is None and ttl.requeue_after == 60
     assert plan([], ttl.workers, now=T0 + 60, ephemeral=True, singleExecution=True,
                 ttlSecondsAfterFinished=60).delete_queue is not None
+
+
+def test_a_credential_never_shows_its_token():
+    credential = workers.Credential(queue=("team-a", "q1"), queue_uid="uid", pod="q1-w0", hostname="h",
+                                    token="tok-secret-value")
+    assert "tok-secret-value" not in repr(credential) and "tok-secret-value" not in str(credential)
+    assert "q1-w0" in repr(credential)

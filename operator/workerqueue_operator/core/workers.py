@@ -192,6 +192,9 @@ class Credential(NamedTuple):
     interval: float | None = None
     """The heartbeat interval its pod was given (None: made by an operator that did not write it)."""
 
+    def __repr__(self) -> str:  # never the token: a log line or a traceback's locals may show it
+        return f"Credential(queue={self.queue!r}, pod={self.pod!r}, token={'***' if self.token else None})"
+
 
 def credential_from_secret(body: Mapping[str, Any]) -> Credential | None:
     """What a per-worker token Secret says; None for any other Secret."""
