@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -98,3 +99,38 @@ def test_kopfs_routine_lines_are_quiet_and_its_retries_no_errors():
     assert level("kopf._cogs.clients.api", logging.ERROR,
                  "Request attempt #9/9 failed; escalating: GET /apis -> ClientConnectorError()") == logging.ERROR
     assert level("workerqueue_operator.x", logging.ERROR, "Request attempt #1/9 failed; will retry: x") == logging.ERROR
+
+
+async def test_a_refused_kopf_watch_is_begun_again_and_logged_as_a_warning_now_and_then(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A namespace whose admins took the operator's RoleBinding away is refused for as long as they
+    like: not an ERROR every 30 s, one WARNING every 10 minutes, saying what it means."""
+    import logging
+
+    from kopf._cogs.clients import errors as kopf_errors
+    from kopf._cogs.clients import watching as kopf_watching
+
+    from workerqueue_operator.handlers import embedded
+
+    tries = []
+
+    async def refused(**kwargs: object) -> Any:
+        tries.append(kwargs)
+        now[0] += 300.0  # each refusal five minutes after the one before
+        if len(tries) <= 4:
+            raise kopf_errors.APIForbiddenError({"message": "forbidden"}, status=403, headers={})
+        yield "event"
+
+    monkeypatch.setattr(kopf_watching, "infinite_watch", refused)
+    monkeypatch.setattr(embedded, "REFUSED_WATCH_RETRY_SECONDS", 0.0)
+    now = [1000.0]
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: now[0])
+    embedded._watches_outlive_refusals()
+    events = []
+    with caplog.at_level(logging.DEBUG, logger=embedded.__name__):
+        async for event in kopf_watching.infinite_watch(resource="pods", namespace="team-b"):
+            events.append(event)
+        levels = [r.levelno for r in caplog.records if "is refused" in r.getMessage()]
+    assert events == ["event"] and len(tries) == 5
+    assert levels == [logging.WARNING, logging.DEBUG, logging.WARNING, logging.DEBUG]
+    assert "RoleBinding" in caplog.records[0].getMessage() and "team-b" in caplog.records[0].getMessage()

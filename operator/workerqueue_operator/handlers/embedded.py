@@ -41,6 +41,9 @@ class _NotKopfs:
 
 REFUSED_WATCH_RETRY_SECONDS = 30.0
 """After kopf's watch of a scope was refused through all of kopf's back-offs, it begins again this later."""
+REFUSED_WATCH_LOG_SECONDS = 600.0
+"""A scope's refused watch is logged at WARNING at most this often (at DEBUG in between): a namespace whose
+admins took the operator's RoleBinding away is a state the operator lives with, not an error a minute."""
 
 
 def _watches_outlive_refusals() -> None:
@@ -54,6 +57,7 @@ def _watches_outlive_refusals() -> None:
         return
 
     async def infinite_watch(**kwargs: Any) -> AsyncIterator[Any]:
+        logged_at: float | None = None
         while True:
             try:
                 # Closed with the stream it feeds (kopf's watch closes its connection then).
@@ -62,9 +66,14 @@ def _watches_outlive_refusals() -> None:
                         yield event
                 return
             except kopf_errors.APIForbiddenError as exc:
-                logger.error("kopf's watch of %s in %s is refused (%s); watching again in %gs",
-                             kwargs.get("resource"), kwargs.get("namespace") or "the cluster", exc,
-                             REFUSED_WATCH_RETRY_SECONDS)
+                now = asyncio.get_running_loop().time()
+                due = logged_at is None or now - logged_at >= REFUSED_WATCH_LOG_SECONDS
+                logged_at = now if due else logged_at
+                logger.log(logging.WARNING if due else logging.DEBUG,
+                           "kopf's watch of %s in %s is refused (%s): the worker pods there are not supervised "
+                           "until the operator's RoleBinding there is back (docs/helm.md, \"Only some namespaces\"); "
+                           "watching again every %gs", kwargs.get("resource"),
+                           kwargs.get("namespace") or "the cluster", exc, REFUSED_WATCH_RETRY_SECONDS)
                 await asyncio.sleep(REFUSED_WATCH_RETRY_SECONDS)
 
     setattr(infinite_watch, "outlives_refusals", True)  # noqa: B010 - a mark on a function
