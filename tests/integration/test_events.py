@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.integration.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
+from workerqueue_operator.core import events as events_
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.devcluster.temporal import TemporalServer
 from workerqueue_operator.k8s import client as client_
@@ -66,11 +67,11 @@ def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
     kube.create_queue(namespace, "churn", queueId=f"churn-{namespace}", temporal={"host": "t:1", "namespace": "n"})
     kube.wait_condition(namespace, "churn", "True")
     token = kube.queue_token(namespace, "churn")
-    # The Events allowed are its burst (100), then one a second: the loop goes on until its
+    # The Events allowed are its burst (100), then RATE a second: the loop goes on until its
     # disconnects outnumber those by 40 however long it takes, so an unlimited stream would show.
     began = time.monotonic()
     disconnects = 0
-    while disconnects < 100 + (time.monotonic() - began) + 40:
+    while disconnects < events_.BURST + (time.monotonic() - began) * events_.RATE + 40:
         assert disconnects < 1000, "a start and disconnect take about a second: no pace a limit shows in"
         worker_id = operator.start_worker(f"churn-{namespace}", token).json()["worker_id"]
         assert operator.call("POST", f"/api/v1/workers/{worker_id}/disconnect", token,
@@ -83,7 +84,7 @@ def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
 
     wait_for(lambda: events() >= 100, what="the queue's first 100 Events")
     time.sleep(1)  # a negative: give late Events the time to arrive
-    allowed = 100 + looped + 2  # its burst, then one a second
+    allowed = events_.BURST + looped * events_.RATE + 2  # its burst, then RATE a second
     assert events() <= allowed < disconnects, (events(), looped, disconnects)
     assert sum(e.reason == "WorkerDisconnected" for e in kube.events(namespace, "churn")) >= 90
     assert operator.metric("workerqueue_events_limited_total") >= disconnects - allowed

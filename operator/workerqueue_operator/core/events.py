@@ -14,9 +14,10 @@ made at the cost of the namespace with the most waiting, so that one team's floo
 dropped, while a namespace alone still has the whole backlog.
 
 Paced per object, as client-go's spam filter paces a source: a queue may get `burst` distinct Events
-at once, then `rate` a second. Its Events report what its workers do (one per disconnect), so
-without it a client calling /start and disconnect in a loop would make the operator write an Event
-to the API server per call. Warnings have a pace of their own, so that such a flood of routine
+at once, then `rate` a second (BURST and RATE: looser than client-go's 25, then one every 5 minutes,
+since each worker's start and end is an Event of its queue). Its Events report what its workers do
+(one per disconnect), so without it a client calling /start and disconnect in a loop would make the
+operator write an Event to the API server per call. Warnings have a pace of their own, so that such a flood of routine
 Events cannot silence the Warning that says what to fix. Those over the pace are counted
 (`limited`) and logged as drops are.
 """
@@ -52,9 +53,15 @@ class _Pending:
     count: int = 1
 
 
+BURST = 100
+"""Distinct Events an object may get at once (Warnings and routine ones each)."""
+RATE = 0.1
+"""Events an object may get a second once its burst is spent: 360 an hour."""
+
+
 class EventPoster:
     def __init__(self, client: client_.KubeClient, *, workers: int = 4, backlog: int = 10_000,
-                 burst: int = 100, rate: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 burst: int = BURST, rate: float = RATE, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._workers = workers
         self._backlog = backlog
