@@ -277,9 +277,9 @@ async def run(
     certificate = _certificate(settings)
     client = client_.KubeClient(await client_.load_configuration_within(kubeconfig))
     store = Store(settings=settings)
-    events = EventPoster(client)
     # Our identity in the peering object is the one we give kopf, so that we can read kopf's verdict.
     identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    events = EventPoster(client, instance=identity)  # which replica posted an Event
     peerings = [("", peering)] if peering is not None else []  # the ClusterKopfPeering (handlers.configure)
     activity = Activity(identity=identity, priority=priority, peerings=peerings)
     activity.confirm_with(lambda key: resources.read_peering(client, *key, timeout=activity_.READ_SECONDS))

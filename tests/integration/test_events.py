@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from pathlib import Path
 
@@ -86,7 +87,12 @@ def test_a_start_and_disconnect_loop_makes_a_bounded_number_of_events(
     time.sleep(1)  # a negative: give late Events the time to arrive
     allowed = events_.BURST + looped * events_.RATE + 2  # its burst, then RATE a second
     assert events() <= allowed < disconnects, (events(), looped, disconnects)
-    assert sum(e.reason == "WorkerDisconnected" for e in kube.events(namespace, "churn")) >= 90
+    posted = kube.events(namespace, "churn")
+    assert sum(e.reason == "WorkerDisconnected" for e in posted) >= 90
+    # Which replica posted each: its identity in the peering (here no POD_ID, so host/pid/random).
+    assert operator.process is not None
+    instances = {e.reporting_instance.rsplit("/", 1)[0] for e in posted}
+    assert instances == {f"{socket.gethostname()}/{operator.process.pid}"}
     assert operator.metric("workerqueue_events_limited_total") >= disconnects - allowed
 
 

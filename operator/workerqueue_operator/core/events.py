@@ -61,8 +61,10 @@ RATE = 0.1
 
 class EventPoster:
     def __init__(self, client: client_.KubeClient, *, workers: int = 4, backlog: int = 10_000,
-                 burst: int = BURST, rate: float = RATE, clock: Callable[[], float] = time.monotonic) -> None:
+                 burst: int = BURST, rate: float = RATE, clock: Callable[[], float] = time.monotonic,
+                 instance: str = resources.COMPONENT) -> None:
         self._client = client
+        self._instance = instance
         self._workers = workers
         self._backlog = backlog
         self._burst = burst
@@ -252,7 +254,8 @@ class EventPoster:
             self._posting += 1
             try:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,
-                                           message=event.message, warning=event.warning, count=event.count)
+                                           message=event.message, warning=event.warning, count=event.count,
+                                           instance=self._instance)
             except client_.ApiError as exc:
                 # In a namespace being deleted its object goes too, and so would the Event: no news.
                 logger.log(logging.DEBUG if exc.namespace_terminating else logging.WARNING,

@@ -193,6 +193,7 @@ async def post_event(
     message: str,
     warning: bool = False,
     count: int = 1,
+    instance: str = COMPONENT,
 ) -> None:
     """A core/v1 Event about an object. Messages are built by the caller and never hold secrets."""
     meta = involved["metadata"]
@@ -213,7 +214,7 @@ async def post_event(
         "type": "Warning" if warning else "Normal",
         "source": {"component": COMPONENT},
         "reportingComponent": COMPONENT,
-        "reportingInstance": COMPONENT,
+        "reportingInstance": instance[:128],  # the API server's limit; a pod name may be longer
         "firstTimestamp": now,
         "lastTimestamp": now,
         "count": count,
