@@ -122,4 +122,7 @@ async def test_an_upstream_no_queue_uses_any_more_loses_its_series():
     store.upsert_queue(queue("moved", queueId="m-1", upstream={"url": "http://new.example", **ref}))
     text = m.render()
     assert 'upstream="http://old.example:8080"' not in text
-    assert samples(text, "workerqueue_upstream_requests_total") == {'upstream="http://kept.example",code="2xx"': 1}
+    assert samples(text, "workerqueue_upstream_requests_total") == {
+        'upstream="http://kept.example",code="2xx"': 1, 'upstream="http://kept.example",code="4xx"': 0,
+        'upstream="http://kept.example",code="5xx"': 0, 'upstream="http://new.example",code="2xx"': 0,
+        'upstream="http://new.example",code="4xx"': 0, 'upstream="http://new.example",code="5xx"': 0}

@@ -34,8 +34,9 @@ class UpstreamStats:
     """What went through to one upstream (labelled by its origin, which never holds a credential)."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = defaultdict(int)
-        """By the status class the worker got (the upstream's, or 5xx for the operator's 502/504)."""
+        self.requests: dict[str, int] = defaultdict(int, dict.fromkeys(("2xx", "4xx", "5xx"), 0))
+        """By the status class the worker got (the upstream's, or 5xx for the operator's 502/503/504);
+        the usual classes shown from 0, so that `increase()` sees a first 5xx."""
         self.failures: dict[str, int] = dict.fromkeys(UPSTREAM_FAILURES, 0)
         """By kind (UPSTREAM_FAILURES), each shown from 0."""
         self.latency_counts = [0] * (len(UPSTREAM_BUCKETS) + 1)
@@ -162,9 +163,13 @@ class Metrics:
             in_use = self._upstreams_in_use()
             for origin in [origin for origin in self._upstreams if origin not in in_use]:
                 del self._upstreams[origin]
+            for origin in in_use:  # each from 0 before its first request, as the other labelled counters
+                self.upstream(origin)
         ups = [(label(origin), stats) for origin, stats in sorted(self._upstreams.items())]
         lines = [
-            "# HELP workerqueue_upstream_requests_total Requests passed through, by upstream and status class.",
+            "# HELP workerqueue_upstream_requests_total Requests passed through, by upstream and the status class "
+            "the worker got (5xx includes the operator's own 502, 503 and 504: see "
+            "workerqueue_upstream_failures_total).",
             "# TYPE workerqueue_upstream_requests_total counter",
         ]
         for origin, stats in ups:
