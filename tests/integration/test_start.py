@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -915,6 +916,27 @@ def test_printer_columns(kubectl, kube: Kube, namespace: str):
     assert row.split()[-3] == "cols-id"  # TASK-QUEUE: the one in effect, none being named
     assert "workerqueue.agentcontrol.dev/cols" in kubectl("get", "agentcontrol", "-n", namespace, "-o", "name").stdout
     assert "queueId" in kubectl("explain", "workerqueue.spec").stdout
+
+
+def test_every_metric_served_is_in_the_operations_table_with_its_type_and_labels(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    kube.put_secret(namespace, "org", k="org-key")
+    kube.create_queue(namespace, "measured", queueId=f"measured-{namespace}",
+                      temporal={"host": "t:1", "namespace": "n"},
+                      upstream={"url": "http://upstream.example", "apiKeySecretRef": {"name": "org", "key": "k"}})
+    kube.wait_condition(namespace, "measured", "True")  # an upstream in use: its series are shown
+    assert operator.start_worker(f"measured-{namespace}", "not-its-token").status in (401, 503)
+    text = http("GET", f"{operator.url}/metrics").body.decode()
+    served = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    labels: dict[str, set[str]] = {}
+    for name, inside in re.findall(r"^([a-z_]+?)(?:_bucket|_sum|_count)?\{([^}]*)\} ", text, re.M):
+        labels.setdefault(name, set()).update(set(re.findall(r'(\w+)="', inside)) - {"le"})
+    table = Path(__file__).resolve().parents[2].joinpath("docs", "operations.md").read_text()
+    rows = re.findall(r"^\| `(workerqueue_\w+)` \| (\w+) \|([^|]*)\|", table, re.M)
+    assert {name: kind for name, kind, _ in rows} == served
+    for name, _, named in rows:
+        if name in labels:  # shown with no value yet: nothing to compare
+            assert labels[name] == set(re.findall(r"`(\w+)`", named)), name
 
 
 def test_no_secret_value_in_logs_events_or_status(operator: OperatorProcess, kube: Kube, namespace: str):
