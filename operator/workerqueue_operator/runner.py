@@ -235,7 +235,8 @@ async def serve_http(app: web.Application, settings: settings_.Settings,
                                           busy=app[keys.BUSY], certificate=certificate,
                                           shutdown_timeout=SHUTDOWN_SECONDS)
     app[keys.METRICS].gauge("workerqueue_http_connections", "Open HTTP connections.", lambda: listener.open)
-    app[keys.METRICS].gauge("workerqueue_http_connections_limit", "The cap on open HTTP connections (WQ_HTTP_MAX_CONNECTIONS, lowered to fit the fd limit).",
+    app[keys.METRICS].gauge("workerqueue_http_connections_limit",
+                            "The cap on open HTTP connections (WQ_HTTP_MAX_CONNECTIONS, lowered to fit the fd limit).",
                             lambda: listener.limit)
     return runner, port
 
