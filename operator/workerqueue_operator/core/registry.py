@@ -122,9 +122,12 @@ class Bounds:
 class Full(Exception):
     """A registration /start would make is over one of the Bounds: it is refused."""
 
-    def __init__(self, *, pending: bool, scope: str) -> None:
+    def __init__(self, *, pending: bool, scope: str, limit: int = 0) -> None:
         what = "waiting for their first heartbeat" if pending else "registered"
-        super().__init__(f"too many workers {what} ({scope})")
+        # The setting that bounds it, for whoever reads the log: raise it if such numbers are meant.
+        setting = "WQ_REGISTRY_MAX_" + ("PENDING" if pending else "WORKERS") + {
+            "in this queue": "_PER_QUEUE", "in this namespace": "_PER_NAMESPACE"}.get(scope, "")
+        super().__init__(f"too many workers {what} ({scope}: {setting}={limit})")
         self.pending = pending
 
 
@@ -571,12 +574,13 @@ class Registry:
         Raises Full when that would pass one of the Bounds."""
         bounds, waiting = self._bounds, self._pending.get(queue.key, 0)
         in_namespace = self._pending_by_namespace.get(queue.namespace, 0)
-        scope = ("in this queue" if waiting >= bounds.pending_per_queue else
-                 "in this namespace" if in_namespace >= bounds.pending_per_namespace else
-                 "in all queues" if self.pending >= bounds.pending else None)
+        scope, limit = (("in this queue", bounds.pending_per_queue) if waiting >= bounds.pending_per_queue else
+                        ("in this namespace", bounds.pending_per_namespace)
+                        if in_namespace >= bounds.pending_per_namespace else
+                        ("in all queues", bounds.pending) if self.pending >= bounds.pending else (None, 0))
         if scope is not None:
             self.refused += 1
-            raise Full(pending=True, scope=scope)
+            raise Full(pending=True, scope=scope, limit=limit)
         self._check_room(queue)
         self._replace_pod_worker(queue.key, pod)
         worker = self._new_worker(queue, worker_id, lease=lease_name(queue.name, worker_id), slot=None, pod=pod,
@@ -673,12 +677,14 @@ class Registry:
         """Raises Full when one more registration would pass the Bounds on registrations in all."""
         registered = len(self._members(queue.key))  # O(1) but with a namesake's registrations among them
         bounds = self._bounds
-        scope = ("in this queue" if registered >= bounds.workers_per_queue else
-                 "in this namespace" if self._by_namespace.get(queue.namespace, 0) >= bounds.workers_per_namespace else
-                 "in all queues" if len(self._workers) >= bounds.workers else None)
+        in_namespace = self._by_namespace.get(queue.namespace, 0)
+        scope, limit = (("in this queue", bounds.workers_per_queue) if registered >= bounds.workers_per_queue else
+                        ("in this namespace", bounds.workers_per_namespace)
+                        if in_namespace >= bounds.workers_per_namespace else
+                        ("in all queues", bounds.workers) if len(self._workers) >= bounds.workers else (None, 0))
         if scope is not None:
             self.refused += 1
-            raise Full(pending=False, scope=scope)
+            raise Full(pending=False, scope=scope, limit=limit)
 
     def _pace_since_ended(self, queue: QueueObject, worker_id: str, pod: str | None) -> float | None:
         """The interval a worker coming back shows by its heartbeat since the last one heard before
