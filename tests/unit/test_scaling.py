@@ -580,3 +580,45 @@ async def test_temporal_reachable_turns_unknown_as_soon_as_the_temporal_key_secr
         await asyncio.gather(poll, return_exceptions=True)
     written = [op["value"] for ops in api.ops for op in ops if op["op"] == "replace"]
     assert [(c["status"], c["reason"]) for c in written][-1:] == [("Unknown", "TemporalNotResolved")]
+
+
+def test_an_ephemeral_queue_paused_with_max_0_is_not_finished_while_work_waits():
+    """scaling.max lowered to 0 wants no worker, but three workflows wait: deleting the queue as
+    finished would drop them, for good."""
+    previous = WorkersStatus(observed_generation=1, desired=3, succeeded=1, next_index=1)
+    first = plan([], Demand(backlog=3, read_at=T0), previous, max_=0, ephemeral=True)
+    assert first.workers.desired == 0 and first.workers.finished_time is None
+    assert "WorkersFinished" not in [e.reason for e in first.events]
+    later = plan([], Demand(backlog=3, read_at=T0 + 60), first.workers, now=T0 + 60, max_=0, ephemeral=True)
+    assert later.delete_queue is None
+    # Once nothing waits, it has finished (its TTL 0): deleted after a reading that says so.
+    done = plan([], Demand(backlog=0, read_at=T0 + 70), later.workers, now=T0 + 70, max_=0, ephemeral=True)
+    assert "WorkersFinished" in [e.reason for e in done.events]
+
+
+def test_a_suspended_scaling_queue_keeps_no_idle_worker():
+    """Its idle workers would go on taking workflows off the task queue of a queue that says it is
+    suspended; a busy one finishes its execution."""
+    previous = WorkersStatus(observed_generation=1, desired=2, next_index=3)
+    pods = [pod(0), pod(1), pod(2)]
+    first = plan(pods, Demand(backlog=4, busy=busy(0), read_at=T0), previous, min_idle=2, suspend=True)
+    assert first.workers.desired == 1 and first.delete == ()  # the grace first, as for any idle surplus
+    after = plan(pods, Demand(backlog=4, busy=busy(0), read_at=T0 + 31), first.workers, now=T0 + 31, min_idle=2,
+                 suspend=True)
+    assert sorted(after.delete) == ["q1-w1", "q1-w2"]
+
+
+def test_a_crash_loop_with_no_worker_alive_for_an_hour_ends():
+    """A scaling pool whose work went elsewhere tries no worker: its CrashLooping, and its one-at-a-time
+    tries for the next burst, would outlive a fault nobody has met since."""
+    failed = times.rfc3339(T0)
+    looping = WorkersStatus(observed_generation=1, desired=0, next_index=2, consecutive_failures=2,
+                            failure_index=2, failures_generation=1, crash_loop_generation=1, last_failure_time=failed)
+    spec: dict[str, Any] = {"max_": 10, "worker": {"backoffLimit": 2}}
+    soon = plan([], Demand(backlog=0, read_at=T0 + 600), looping, now=T0 + 600, **spec)
+    assert soon.workers.consecutive_failures == 2  # ten minutes: still the same fault, maybe
+    later = plan([], Demand(backlog=0, read_at=T0 + 3600), soon.workers, now=T0 + 3600, **spec)
+    assert later.workers.consecutive_failures == 0 and later.workers.crash_loop_generation is None
+    assert "BackOffReset" in [e.reason for e in later.events]
+    burst = plan([], Demand(backlog=10, read_at=T0 + 3601), later.workers, now=T0 + 3601, **spec)
+    assert burst.create == tuple(range(2, 12))

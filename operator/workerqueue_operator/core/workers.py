@@ -44,6 +44,9 @@ WORKER_CONTAINER = "worker"
 ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 DISPLACED_FORGOTTEN_SECONDS = 3600.0
 """Pods displaced this long after the last one start the count again (see plan)."""
+FAILURES_FORGOTTEN_SECONDS = 3600.0
+"""A pool's failures in a row end once none has come for this long while no worker of it was alive (a
+scaling pool with no work): nothing shows the fault is still there."""
 MAY_RUN = ("Running", "Unknown")
 """Phases of a pod whose worker may be running, and hold an execution: Unknown is a node that stopped
 reporting, not a pod that never started."""
@@ -832,8 +835,10 @@ def _ephemeral_end(p: _Pass, alive: Sequence[Pod], created: float, demand: Deman
     # left; not before its first work came. Its workers need not have exited by themselves: ones
     # that take several workflows leave as idle once the work is done.
     done = (w.succeeded > 0 or w.next_index > 0) if s.scaling is not None else True
-    # A workflow not due yet (a retry's back-off, say) is work to come, though it wants no worker now.
-    deferred = s.scaling is not None and demand is not None and demand.fresh(p.now) and demand.delayed > 0
+    # A workflow not due yet (a retry's back-off, say) is work to come, though it wants no worker now;
+    # so is a backlog no worker is wanted for (scaling.max lowered to 0: paused, not finished).
+    deferred = s.scaling is not None and demand is not None and demand.fresh(p.now) and (
+        demand.delayed > 0 or bool(demand.backlog))
     if w.desired > 0 or alive or deferred:
         w.finished_time = None  # work again (a scaling queue): its TTL counts from its next finish
     elif done and past_deadline is None and not s.suspend:
@@ -947,12 +952,19 @@ def _reset_proven_backoff(p: _Pass, alive: Sequence[Pod]) -> None:
     s, w, now = p.spec, p.w, p.now
     if w.consecutive_failures == 0 or s.ephemeral:
         return  # an ephemeral queue keeps a Job's rule: failures count until the spec changes
+    failed_at = times.parse_or_none(w.last_failure_time)
+    if not alive and failed_at is not None and now - failed_at >= FAILURES_FORGOTTEN_SECONDS:
+        # A scaling pool with nothing to do for an hour tried no worker: its crash loop told of a
+        # fault nobody has met since, and its next burst would get one worker at a time for it.
+        _end_failure_row(w)
+        p.events.append(Event("BackOffReset", f"no worker has failed for {FAILURES_FORGOTTEN_SECONDS:g}s, and "
+                              "none is alive: starting workers again as needed"))
+        return
     # Else only a success would end a crash loop, and a pool's one try may wait long for an execution
     # (up to 1,800 s): the pool would stay at one worker all that time. Only a worker started after
     # the last failure counts: one running since before it says nothing of why the later ones fail
     # (it reset every failure, and failing pods came back at once).
     proven = p.settings.worker_backoff_max_seconds
-    failed_at = times.parse_or_none(w.last_failure_time)
     ran = [pod for pod in alive if pod.phase == "Running" and pod.running_since is not None
            and (failed_at is None or pod.running_since > failed_at)
            and (pod.generation is None or pod.generation >= p.queue.generation)]
@@ -1068,7 +1080,10 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
         w.desired = min(previous.desired, top)
         w.surplus_since = None
         return []
-    w.desired = min(top, len(busy) + orphaned + s.scaling.min_idle + demand.backlog)
+    # Suspended: only the executions running keep workers; the idle ones go after the grace, or they
+    # would go on taking workflows from the task queue of a queue that says it is suspended.
+    wanted = 0 if s.suspend else s.scaling.min_idle + demand.backlog
+    w.desired = min(top, len(busy) + orphaned + wanted)
     if w.desired != previous.desired:
         # Workers that are still starting (Pending) count as capacity that is coming.
         events.append(Event(
