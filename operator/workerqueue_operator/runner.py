@@ -346,6 +346,9 @@ async def run(
     app[keys.METRICS].gauge("workerqueue_events_limited_total",
                             "Events not posted because their object got more than its pace allows (see the log).",
                             lambda: events.limited, kind="counter")
+    app[keys.METRICS].gauge("workerqueue_events_failed_total",
+                            "Events the API server did not take (an outage, a quota, RBAC; see the log).",
+                            lambda: events.failed, kind="counter")
     app[keys.METRICS].gauge("workerqueue_events_coalesced_total",
                             "Events folded into an identical one still waiting to be posted.",
                             lambda: events.coalesced, kind="counter")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
+
+import pytest
 
 from workerqueue_operator.core.events import EventPoster
 
@@ -143,3 +147,27 @@ def test_a_warning_takes_a_routine_events_place_anywhere_before_a_warnings():
     assert poster.dropped == 3
     assert sorted((e.involved["metadata"]["namespace"], e.reason) for e in iter(poster._next, None)) == [
         *[("team-a", "WorkerFailed")] * 5, ("team-c", "PodCreationFailed")]
+
+
+async def test_events_the_api_server_does_not_take_are_counted_and_logged_a_line_at_a_time(
+        caplog: pytest.LogCaptureFixture):
+    """In an outage every Event waiting fails: a WARNING each was thousands of lines."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core import events as events_
+
+    with unreachable() as kube:
+        poster = EventPoster(kube, backlog=100)
+        for i in range(20):
+            poster.post(involved=involved(f"q{i}"), reason="BackOff", message="m", warning=True)
+        with caplog.at_level(logging.DEBUG, logger=events_.__name__):
+            running = asyncio.create_task(poster.run())
+            try:
+                async with asyncio.timeout(30):
+                    while poster.failed < 20:
+                        await asyncio.sleep(0.05)
+            finally:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+        lines = [r for r in caplog.records if "posting Event" in r.getMessage()]
+        assert poster.failed == 20 and len(lines) == 1 and lines[0].levelno == logging.WARNING
+        await kube.close()

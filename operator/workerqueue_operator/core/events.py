@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from workerqueue_operator.core import pacedlog
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
@@ -73,6 +74,9 @@ class EventPoster:
         """Per involved object and Warning or not: (Events it may still get, when that was reckoned)."""
         self.limited = 0
         """Events left out because their object got more than its pace allows (a metric)."""
+        self.failed = 0
+        """Events the API server did not take (a metric)."""
+        self._log = pacedlog.PacedLog(logger)
         # Insertion-ordered, oldest first; Warnings apart, so that they are posted first and never
         # make way for routine Events.
         self._warnings: dict[EventKey, _Pending] = {}
@@ -256,12 +260,14 @@ class EventPoster:
                 await resources.post_event(self._client, involved=event.involved, reason=event.reason,
                                            message=event.message, warning=event.warning, count=event.count,
                                            instance=self._instance)
-            except client_.ApiError as exc:
-                # In a namespace being deleted its object goes too, and so would the Event: no news.
-                logger.log(logging.DEBUG if exc.namespace_terminating else logging.WARNING,
-                           "posting Event %s failed: %s", event.reason, exc)
             except client_.ERRORS as exc:
-                logger.warning("posting Event %s failed: %s", event.reason, exc)
+                if isinstance(exc, client_.ApiError) and exc.namespace_terminating:
+                    # In a namespace being deleted its object goes too, and so would the Event: no news.
+                    logger.debug("posting Event %s failed: %s", event.reason, exc)
+                else:
+                    # One line every few seconds: an outage fails every Event waiting (thousands).
+                    self.failed += 1
+                    self._log.warning("event_post_failed", "posting Event %s failed: %s", event.reason, exc)
             finally:
                 self._posting -= 1
                 if not self.waiting and not self._posting:
