@@ -522,3 +522,16 @@ def test_each_queue_claiming_a_held_id_resolves_itself_not_every_claimant(monkey
     assert s.serving("shared").queue.name == "q01"
     assert s.serving("shared").problem.reason == "SecretPending"  # its token, no longer a loser's
     assert s.resolution(("team-a", "q02")).problem.message == "queue id shared is already used by team-a/q01"
+
+
+def test_queues_whose_temporal_is_unreachable_are_counted_apart_from_ready():
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc"))
+    s.upsert_queue(queue("q2", queueId="def"))
+    assert s.temporal_unreachable_count == 0
+    down = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"},
+                           {"type": "TemporalReachable", "status": "False", "reason": "TemporalUnavailable"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=down))
+    unknown = {"conditions": [{"type": "TemporalReachable", "status": "Unknown", "reason": "TemporalNotResolved"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q2")), status=unknown))
+    assert s.temporal_unreachable_count == 1

@@ -371,6 +371,9 @@ def make_app(
                        lambda: store.queue_count + invalid_count())
     app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready (SpecInvalid included).",
                        lambda: store.not_ready_count + invalid_count())
+    app[METRICS].gauge("workerqueue_queues_temporal_unreachable",
+                       "WorkerQueues whose Temporal the operator cannot reach (TemporalReachable=False).",
+                       lambda: store.temporal_unreachable_count)
     app[METRICS].gauge("workerqueue_secrets_cached", "Secrets held because a queue uses them.",
                        lambda: store.secret_count)
     app[METRICS].gauge("workerqueue_workers_live", "Live worker registrations known to this replica.",

@@ -369,6 +369,12 @@ class Store:
         return sum(1 for key, queue in self._queues.items()
                    if not self._ready(key) or _says_not_ready(status_.ready_condition(queue.status)))
 
+    @property
+    def temporal_unreachable_count(self) -> int:
+        """Queues whose status says TemporalReachable=False (Ready leaves Temporal out: README, Status)."""
+        return sum(1 for queue in self._queues.values()
+                   if (status_.condition(queue.status, "TemporalReachable") or {}).get("status") == "False")
+
     def _ready(self, key: QueueKey) -> bool:
         resolution = self._resolutions.get(key)
         return resolution is not None and resolution.ready
