@@ -1236,7 +1236,8 @@ async def test_a_namespace_whose_upstream_names_do_not_resolve_holds_up_no_other
         upstream: TestServer, monkeypatch: pytest.MonkeyPatch):
     """A lookup blocks its thread until the resolver gives up (here 3 s), whatever the request's
     timeout. On the event loop's few shared threads, one team's queues naming hosts whose DNS never
-    answers held them all, and another team's upstream could not be connected to (504)."""
+    answers held them all, and another team's upstream could not be connected to (504); so did a
+    lookup of a host both teams name, merged into the first team's (aiohttp's DNS cache)."""
     import threading
 
     real = socket.getaddrinfo
@@ -1246,29 +1247,68 @@ async def test_a_namespace_whose_upstream_names_do_not_resolve_holds_up_no_other
         if isinstance(host, str) and host.endswith(".blackholed"):
             release.wait(3)
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
+        return real("127.0.0.1" if host == "shared.example" else host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", blackholed)
     settings = Settings(upstream_connect_timeout_seconds=1, upstream_idle_timeout_seconds=5)
     store = Store(settings=settings)
+    ref = {"apiKeySecretRef": {"name": "org", "key": "k"}}
+    shared = f"http://shared.example:{upstream.port}"
     many = 40  # more than any default executor has threads
     for i in range(many):
-        store.upsert_queue(queue(f"a{i}", queueId=f"q-a{i}", upstream={
-            "url": f"http://h{i}.blackholed", "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        store.upsert_queue(queue(f"a{i}", queueId=f"q-a{i}", upstream={"url": f"http://h{i}.blackholed", **ref}))
         store.upsert_secret(("team-a", f"a{i}-worker-token"), {"token": f"tok-a{i}"})
+    store.upsert_queue(queue("as", queueId="q-as", upstream={"url": shared, **ref}))
+    store.upsert_secret(("team-a", "as-worker-token"), {"token": "tok-as"})
     store.upsert_secret(("team-a", "org"), {"k": ORG_KEY})
-    store.upsert_queue(queue("b", "team-b", queueId="q-b", upstream={
-        "url": f"http://localhost:{upstream.port}", "apiKeySecretRef": {"name": "org", "key": "k"}}))
-    store.upsert_secret(("team-b", "b-worker-token"), {"token": "tok-b"})
+    for name, url in (("b", f"http://localhost:{upstream.port}"), ("bs", shared)):
+        store.upsert_queue(queue(name, "team-b", queueId=f"q-{name}", upstream={"url": url, **ref}))
+        store.upsert_secret(("team-b", f"{name}-worker-token"), {"token": f"tok-{name}"})
     store.upsert_secret(("team-b", "org"), {"k": "org-key-B"})
     try:
         async with TestClient(OperatorLikeServer(apps.make_app(store, settings=settings))) as client:
             flood = [asyncio.create_task(client.get("/api/v1/x", headers={"Authorization": f"Bearer tok-a{i}"}))
                      for i in range(many)]
             await asyncio.sleep(0.3)  # their lookups under way
-            r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-b"})
-            assert r.status == 200, await r.text()
+            theirs = asyncio.create_task(client.get("/api/v1/x", headers={"Authorization": "Bearer tok-as"}))
+            await asyncio.sleep(0.1)  # team-a's lookup of the shared host waits for team-a's threads
+            for token in ("tok-b", "tok-bs"):
+                r = await client.get("/api/v1/x", headers={"Authorization": f"Bearer {token}"})
+                assert r.status == 200, (token, await r.text())
             answers = await asyncio.gather(*flood)
             assert {a.status for a in answers} == {504}  # team-a's own: no connection within its timeout
+            assert (await theirs).status == 504
     finally:
         release.set()
+
+
+async def test_upstream_names_are_looked_up_once_per_cache_time_and_merged_per_namespace(
+        monkeypatch: pytest.MonkeyPatch):
+    from workerqueue_operator.api import lookups
+
+    calls: list[str] = []
+
+    def counted(host: Any, *args: Any) -> Any:
+        calls.append(host)
+        time.sleep(0.05)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", counted)
+    now = [0.0]
+    looked = lookups.Lookups(clock=lambda: now[0])
+    resolver = looked.resolver()
+    try:
+        async def resolve(namespace: str) -> Any:
+            lookups.NAMESPACE.set(namespace)
+            return await resolver.resolve("h.example", 80)
+
+        answers = await asyncio.gather(*(resolve("team-a") for _ in range(5)), resolve("team-b"))
+        assert all(a[0]["host"] == "127.0.0.1" for a in answers)
+        assert calls == ["h.example", "h.example"]  # one lookup a namespace, five callers merged
+        await resolve("team-c")
+        assert len(calls) == 2  # answered from the cache
+        now[0] = lookups.CACHE_SECONDS + 1
+        await resolve("team-c")
+        assert len(calls) == 3
+    finally:
+        looked.close()

@@ -332,7 +332,10 @@ class Pool(aiohttp.TCPConnector):
     own, and tests/unit/test_passthrough.py fails if they stop behaving so."""
 
     def __init__(self, *, limit: int, idle: int, resolver: aiohttp.abc.AbstractResolver | None = None) -> None:
-        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=ABORT_CLOSED_TLS, resolver=resolver)
+        # Lookups cache and merge their answers themselves (api/lookups.py): aiohttp's cache would merge
+        # two namespaces' lookups of one host under the first one's share.
+        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=ABORT_CLOSED_TLS, resolver=resolver,
+                         use_dns_cache=resolver is None)
         self.idle_limit = idle
 
     def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
