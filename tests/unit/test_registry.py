@@ -1830,9 +1830,7 @@ async def test_a_deletion_waiting_for_its_retry_is_tried_once_more_when_the_repl
 
         async def delete(gone: leases.Worker, **kwargs: object) -> bool:
             tried.append(gone.worker_id)
-            if len(tried) == 1:
-                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
-            return True
+            raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
 
         monkeypatch.setattr(reg._calls, "delete", delete)
         running = asyncio.create_task(reg.run())
@@ -1843,6 +1841,7 @@ async def test_a_deletion_waiting_for_its_retry_is_tried_once_more_when_the_repl
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         assert tried == ["w-1", "w-1"]
+        assert not reg._retries  # none left to run after the registry stopped
         await kube.close()
 
 

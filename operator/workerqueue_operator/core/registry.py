@@ -222,6 +222,7 @@ class Registry:
         self._deleting = asyncio.Semaphore(DELETE_CONCURRENCY)
         self._deletions: set[asyncio.Task[Any]] = set()
         """The tasks deleting a Lease now (see run)."""
+        self._stopping = False
         self._retries: dict[tuple[str, str], tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
         """Deletions that failed and wait for their retry, by Lease (namespace, name): tried once more
         when the replica stops (see run), or the Lease would hold its slot for a whole lease duration
@@ -967,6 +968,7 @@ class Registry:
         finally:
             # Deletions under way are let finish, briefly: a worker that said goodbye just before a
             # rolling update would otherwise hold its place (a slot) until its Lease lapsed.
+            self._stopping = True  # a deletion failing now is not scheduled again
             for handle, again in list(self._retries.values()):
                 handle.cancel()
                 again()
@@ -1196,9 +1198,14 @@ class Registry:
             wait = wait * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, no secret
             self._log.warning("lease_delete_failed", "deleting the registration of worker %s failed, again in "
                               "%.1fs: %s", worker.worker_id, wait, cause)
+            if self._stopping:
+                return  # its Lease lapses (README: a worker's life, 3)
             later = min(wait * 2, DELETE_RETRY_MAX_SECONDS)
             key = (worker.namespace, worker.lease)
             again = functools.partial(self._delete_again, worker, why, on_purpose, later, tries + 1)
+            superseded = self._retries.pop(key, None)
+            if superseded is not None:
+                superseded[0].cancel()  # this one deletes the same Lease: one retry of it is enough
             self._retries[key] = (asyncio.get_running_loop().call_later(wait, again), again)
             return
         if deleted and why.startswith("no heartbeat"):
