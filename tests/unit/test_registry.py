@@ -1858,8 +1858,12 @@ async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkey
         reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
         written: list[str] = []
 
+        bodies: list[dict[str, Any]] = []
+
         async def create(body: dict[str, Any]) -> dict[str, Any]:
             written.append(body["metadata"]["name"])
+            bodies.append(body)
+            await asyncio.sleep(0.01)  # the clock moves between the writes
             if len(written) <= 2:
                 raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
             return {**body, "metadata": {**body["metadata"], "uid": "lease-uid"}}
@@ -1872,6 +1876,17 @@ async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkey
         assert reg.refusals._refused[("team-a", "q1-w0", "uid-1")].lease_uid == "lease-uid"
         await asyncio.sleep(0.1)
         assert len(written) == 3  # written: no more tries
+        # Each says when the pod was refused, not when it was written at last.
+        assert len({leases.refusal_from_lease(body).at for body in bodies}) == 1  # type: ignore[union-attr]
+
+        async def forbidden(body: dict[str, Any]) -> dict[str, Any]:
+            written.append(body["metadata"]["name"])
+            raise client_.ApiError(403, "Forbidden", "leases is forbidden")
+
+        monkeypatch.setattr(reg._calls, "create", forbidden)
+        await reg.refusals.start_refused(q1, "q1-w1", "409: full")
+        await asyncio.sleep(0.2)
+        assert written[3:] == ["q1-w1-refused"]  # refused for what it is: not tried again
         await kube.close()
 
 

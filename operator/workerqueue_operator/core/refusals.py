@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from workerqueue_operator.core import leasecalls
+from workerqueue_operator.core import leasecalls, pacedlog
 from workerqueue_operator.core.leases import (
     Refusal,
     Worker,
@@ -93,7 +93,7 @@ class Refusals:
         client: client_.KubeClient,
         calls: leasecalls.LeaseCalls,
         workers_of: Callable[[QueueKey], Iterable[Worker]],
-        spawn: Callable[[Coroutine[Any, Any, None]], object],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[Any]],
         clock: Callable[[], float],
         monotonic: Callable[[], float],
     ) -> None:
@@ -109,7 +109,10 @@ class Refusals:
         """When (monotonic, wall clock) and why /start turned away a pod's worker, by (namespace, pod,
         queue uid), oldest first: see start_refused. The uid: a queue made again under its name names
         its pods the same."""
-        self._writes: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self._writes: dict[tuple[str, str, str], asyncio.Task[Any]] = {}
+        self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        """Records whose write failed, waiting to be written again (see _write_again)."""
+        self._log = pacedlog.PacedLog(logger)
 
     async def start_refused(self, queue: QueueObject | QueueRef, pod: str, why: str, *, wait: bool = True) -> None:
         """/start turned away the worker of a pod the operator made. That worker exits 1 and never
@@ -140,7 +143,9 @@ class Refusals:
                      retry: float | None = None) -> None:
         key = (queue.namespace, pod, queue.uid)
         retry = REFUSAL_RETRY_SECONDS if retry is None else retry
-        body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=self._clock(), why=why),
+        known = self._refused.get(key)
+        at = known.wall if known is not None else self._clock()  # when it was refused, not when written
+        body = refusal_lease_body(Refusal(queue=queue.key, queue_uid=queue.uid, pod=pod, at=at, why=why),
                                   queue_name=queue.name)
         path = f"{resources.leases_path(queue.namespace)}/{body['metadata']['name']}"
         try:
@@ -157,10 +162,15 @@ class Refusals:
                     await resources.delete_exact(self._client, path, existing["metadata"]["uid"])
                     created = await self._calls.create(body)
         except client_.ERRORS as exc:  # a timeout too
-            logger.warning("recording the refusal of pod %s/%s failed, known to this replica only (tried again "
-                           "in %.0fs): %s", queue.namespace, pod, retry, type(exc).__name__ if not str(exc) else exc)
-            asyncio.get_running_loop().call_later(retry, self._write_again, queue, pod,
-                                                  min(retry * 2, 60.0))
+            cause = type(exc).__name__ if not str(exc) else exc
+            if isinstance(exc, client_.ApiError) and exc.refused:  # RBAC, a policy: no retry mends it
+                self._log.warning("refusal_write_refused", "recording the refusal of pod %s/%s was refused, known "
+                                  "to this replica only: %s", queue.namespace, pod, cause)
+                return
+            self._log.warning("refusal_write_failed", "recording the refusal of pod %s/%s failed, known to this "
+                              "replica only (tried again in %.0fs): %s", queue.namespace, pod, retry, cause)
+            self._retries[key] = asyncio.get_running_loop().call_later(retry, self._write_again, queue, pod,
+                                                                       min(retry * 2, 60.0))
             return
         current = self._refused.get(key)
         if created is not None and current is not None:
@@ -169,14 +179,25 @@ class Refusals:
 
     def _write_again(self, queue: QueueObject | QueueRef, pod: str, retry: float) -> None:
         key = (queue.namespace, pod, queue.uid)
+        self._retries.pop(key, None)
         refused = self._refused.get(key)
         # Not if forgotten (its worker registered after all, or too many since), written or being
         # written meanwhile (/start refused the pod again), or old: its pod has long failed by then.
         if refused is None or refused.written_at is not None or key in self._writes \
                 or self._monotonic() - refused.monotonic >= REFUSAL_SECONDS / 2:
             return
-        task = self._writes[key] = asyncio.create_task(self._write(queue, pod, refused.why, retry=retry))
+        task = self._writes[key] = self._spawn(self._write(queue, pod, refused.why, retry=retry))
         task.add_done_callback(lambda _: self._writes.pop(key, None))
+
+    def stop(self) -> None:
+        """The registry stops: no record is written again after it (its task would outlive it)."""
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+
+    def settle(self) -> None:
+        """Logs what the paced log left out, once its pace allows (the registry's tick calls it)."""
+        self._log.settle()
 
     def _remember(self, key: tuple[str, str, str], refused: _Refused) -> None:
         self._refused.pop(key, None)

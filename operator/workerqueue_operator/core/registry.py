@@ -964,11 +964,13 @@ class Registry:
                     if self._active():
                         self._delete_left_behind()
                     self._log.settle()
+                    self.refusals.settle()
                 self._flush()
         finally:
             # Deletions under way are let finish, briefly: a worker that said goodbye just before a
             # rolling update would otherwise hold its place (a slot) until its Lease lapsed.
             self._stopping = True  # a deletion failing now is not scheduled again
+            self.refusals.stop()
             for handle, again in list(self._retries.values()):
                 handle.cancel()
                 again()
