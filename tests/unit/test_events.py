@@ -150,22 +150,29 @@ def test_a_warning_takes_a_routine_events_place_anywhere_before_a_warnings():
 
 
 async def test_events_the_api_server_does_not_take_are_counted_and_logged_a_line_at_a_time(
-        caplog: pytest.LogCaptureFixture):
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """In an outage every Event waiting fails: a WARNING each was thousands of lines."""
     from tests.unit.apps import unreachable
     from workerqueue_operator.core import events as events_
 
+    monkeypatch.setattr(events_, "_SETTLE_SECONDS", 0.05)
     with unreachable() as kube:
         poster = EventPoster(kube, backlog=100)
+        now = [0.0]
+        poster._log._clock = lambda: now[0]
         for i in range(20):
             poster.post(involved=involved(f"q{i}"), reason="BackOff", message="m", warning=True)
         with caplog.at_level(logging.DEBUG, logger=events_.__name__):
             running = asyncio.create_task(poster.run())
             try:
                 assert await poster.flush(30) == 0
+                lines = [r for r in caplog.records if "posting Event" in r.getMessage()]
+                assert poster.failed == 20 and len(lines) == 1 and lines[0].levelno == logging.WARNING
+                now[0] = 11.0  # its pace allows a line again: the rest is told, idle as the poster is
+                await asyncio.sleep(0.3)
             finally:
                 running.cancel()
                 await asyncio.gather(running, return_exceptions=True)
-        lines = [r for r in caplog.records if "posting Event" in r.getMessage()]
-        assert poster.failed == 20 and len(lines) == 1 and lines[0].levelno == logging.WARNING
+        lines = [r.getMessage() for r in caplog.records if "posting Event" in r.getMessage()]
+        assert len(lines) == 2 and "(and 18 more like it" in lines[1]
         await kube.close()

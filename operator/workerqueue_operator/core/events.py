@@ -40,6 +40,7 @@ from workerqueue_operator.k8s import resources
 logger = logging.getLogger(__name__)
 
 _DEFERRED_LOOK_SECONDS = 0.25
+_SETTLE_SECONDS = 10.0
 
 EventKey = tuple[str, str, str, bool, str, str]
 """(namespace, name, uid, warning, reason, message)."""
@@ -253,7 +254,10 @@ class EventPoster:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), _DEFERRED_LOOK_SECONDS)
                 else:
-                    await self._wakeup.wait()
+                    # Idle: what the paced log left out of the last failures is told once its pace allows.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), _SETTLE_SECONDS)
+                    self._log.settle()
                 continue
             self._posting += 1
             try:
