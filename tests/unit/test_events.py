@@ -176,3 +176,16 @@ async def test_events_the_api_server_does_not_take_are_counted_and_logged_a_line
         lines = [r.getMessage() for r in caplog.records if "posting Event" in r.getMessage()]
         assert len(lines) == 2 and "(and 18 more like it" in lines[1]
         await kube.close()
+
+
+async def test_a_poster_cancelled_right_after_a_flush_woke_it_stops():
+    """The operator's stop flushes the Events, then cancels the poster: a wait that swallowed that
+    cancellation (asyncio.wait_for on Python 3.11, its event set at the same moment) kept the poster,
+    and the whole operator, from ever stopping."""
+    poster = EventPoster(client=None)  # type: ignore[arg-type]
+    running = asyncio.create_task(poster.run())
+    await asyncio.sleep(0.05)  # idle: each worker waits for news
+    assert await poster.flush(1) == 0
+    running.cancel()
+    done, _ = await asyncio.wait({running}, timeout=5)
+    assert running in done and running.cancelled()
