@@ -1312,3 +1312,33 @@ async def test_upstream_names_are_looked_up_once_per_cache_time_and_merged_per_n
         assert len(calls) == 3
     finally:
         looked.close()
+
+
+async def test_a_lookup_its_callers_gave_up_on_fails_without_an_error_in_the_log(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A request's connect timeout gives up on a lookup that goes on (its thread cannot be stopped):
+    its failure later, taken by nobody, was logged by asyncio as an ERROR with its traceback."""
+    import gc
+    import threading
+
+    from workerqueue_operator.api import lookups
+
+    release = threading.Event()
+
+    def blackholed(host: Any, *args: Any) -> Any:
+        release.wait(2)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", blackholed)
+    looked = lookups.Lookups()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await looked.getaddrinfo("h.blackholed", 80)
+        release.set()
+        await asyncio.sleep(0.3)  # the lookup ends, with its failure
+        gc.collect()
+        await asyncio.sleep(0)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        looked.close()

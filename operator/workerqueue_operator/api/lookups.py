@@ -70,8 +70,15 @@ class Lookups:
         flight = self._flights.get(flight_key)
         if flight is None:
             flight = self._flights[flight_key] = asyncio.ensure_future(self._look_up(*flight_key))
-            flight.add_done_callback(lambda _: self._flights.pop(flight_key, None))
+            flight.add_done_callback(lambda done: self._landed(flight_key, done))
         return await asyncio.shield(flight)  # a caller that gives up leaves it to the others
+
+    def _landed(self, flight_key: tuple[str, _Asked], done: asyncio.Future[list[Any]]) -> None:
+        self._flights.pop(flight_key, None)
+        if not done.cancelled():
+            # Taken here: its callers may all have given up (their connect timeout), and asyncio would
+            # log a failure nobody took as an ERROR with its traceback.
+            done.exception()
 
     async def _look_up(self, namespace: str, asked: _Asked) -> list[Any]:
         gate = self._gates.get(namespace)
