@@ -392,7 +392,6 @@ class Passthrough:
         """Where a Kubernetes identity's worker is registered: without it, such callers are refused."""
         self._session: aiohttp.ClientSession | None = None
         self._websocket_session: aiohttp.ClientSession | None = None
-        self._lookups = lookups.Lookups()
         # The pool of a host is shared by every queue that names it: one team holding all of it (slow
         # bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504.
         self._shares = Shares(settings.upstream_max_connections_per_namespace)
@@ -416,18 +415,18 @@ class Passthrough:
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the pool lives exactly as long as the HTTP server."""
         s = self._settings
-        self._lookups = lookups.Lookups()
-        self._session = self._new_session(s.upstream_max_connections)
+        looked_up = lookups.Lookups()  # both pools' threads: the namespaces' shares are of these
+        self._session = self._new_session(s.upstream_max_connections, looked_up)
         # A proxied websocket holds its connection as long as its worker lives: in the requests' pool,
         # upstream_max_connections of them would leave every request 504 for want of one.
-        self._websocket_session = self._new_session(s.upstream_max_websockets)
+        self._websocket_session = self._new_session(s.upstream_max_websockets, looked_up)
         try:
             yield
         finally:
             await self._session.close()
             await self._websocket_session.close()
             self._session = self._websocket_session = None
-            self._lookups.close()
+            looked_up.close()
 
     def _timeout_after(self, waited: float) -> aiohttp.ClientTimeout:
         """The session's timeouts, less what the request waited already for its connection."""
@@ -438,9 +437,9 @@ class Passthrough:
         return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
                                      sock_read=s.upstream_idle_timeout_seconds)
 
-    def _new_session(self, limit: int) -> aiohttp.ClientSession:
+    def _new_session(self, limit: int, looked_up: lookups.Lookups) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=Pool(limit=limit, idle=limit, resolver=self._lookups.resolver()),
+            connector=Pool(limit=limit, idle=limit, resolver=looked_up.resolver()),
             timeout=self._timeout_after(0.0),
             auto_decompress=False,  # bytes pass as sent, Content-Encoding with them
             cookie_jar=aiohttp.DummyCookieJar(),  # workers' cookies are theirs; the pool keeps none

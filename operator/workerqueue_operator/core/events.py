@@ -253,15 +253,13 @@ class EventPoster:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
                 # cancelled just as the event is set (flush() sets it, and the poster is cancelled right
                 # after), and the cancelled poster would go on for ever, the operator's stop with it.
-                if self._normals:  # deferred: look again soon
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_DEFERRED_LOOK_SECONDS):
-                            await self._wakeup.wait()
-                else:
-                    # Idle: what the paced log left out of the last failures is told once its pace allows.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_SETTLE_SECONDS):
-                            await self._wakeup.wait()
+                # Deferred routine Events: looked at again soon. Idle: what the paced log left out of
+                # the last failures is told once its pace allows.
+                deferred = bool(self._normals)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DEFERRED_LOOK_SECONDS if deferred else _SETTLE_SECONDS):
+                        await self._wakeup.wait()
+                if not deferred:
                     self._log.settle()
                 continue
             self._posting += 1
