@@ -45,8 +45,8 @@ ALIVE_PHASES = ("Pending", "Running", "Unknown", "")
 DISPLACED_FORGOTTEN_SECONDS = 3600.0
 """Pods displaced this long after the last one start the count again (see plan)."""
 FAILURES_FORGOTTEN_SECONDS = 3600.0
-"""A pool's failures in a row end once none has come for this long while no worker of it was alive (a
-scaling pool with no work): nothing shows the fault is still there."""
+"""A non-ephemeral pool's failures in a row end once none has come for this long while no worker of it
+was alive: nothing shows the fault is still there."""
 MAY_RUN = ("Running", "Unknown")
 """Phases of a pod whose worker may be running, and hold an execution: Unknown is a node that stopped
 reporting, not a pod that never started."""
