@@ -54,10 +54,20 @@ def configure_logging(verbose: bool, *, plain: bool = False) -> None:
         kopf.configure(verbose=verbose, log_format=kopf.LogFormat.FULL, log_prefix=True)
     else:
         kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
-    routine = RoutineKopfMessages()
+    wanted: list[logging.Filter] = [RoutineKopfMessages()] + ([] if plain else [LoggerField()])
     for handler in logging.getLogger().handlers:  # on the handler: it sees every logger's records
-        if not any(isinstance(f, RoutineKopfMessages) for f in handler.filters):
-            handler.addFilter(routine)
+        for f in wanted:
+            if not any(isinstance(had, type(f)) for had in handler.filters):
+                handler.addFilter(f)
+
+
+class LoggerField(logging.Filter):
+    """Names the logger in each JSON line (kopf's format leaves it out), so that a log pipeline can
+    tell the operator's own lines from aiohttp's, kopf's or the Kubernetes client's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.logger = record.name
+        return True
 
 
 class RoutineKopfMessages(logging.Filter):

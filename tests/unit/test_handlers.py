@@ -101,6 +101,26 @@ def test_kopfs_routine_lines_are_quiet_and_its_retries_no_errors():
     assert level("workerqueue_operator.x", logging.ERROR, "Request attempt #1/9 failed; will retry: x") == logging.ERROR
 
 
+def test_json_log_lines_name_their_logger(capsys: pytest.CaptureFixture[str]):
+    """A log pipeline tells the operator's own lines from aiohttp's or kopf's by the logger's name."""
+    import json
+    import logging
+
+    from workerqueue_operator.runner import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging(False)
+        logging.getLogger("workerqueue_operator.core.x").warning("hello %s", "there", extra={"queue": "a/b"})
+        line = json.loads(capsys.readouterr().err.strip())
+        assert line["logger"] == "workerqueue_operator.core.x"
+        assert (line["message"], line["queue"], line["severity"]) == ("hello there", "a/b", "warn")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 async def test_a_refused_kopf_watch_is_begun_again_and_logged_as_a_warning_now_and_then(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """A namespace whose admins took the operator's RoleBinding away is refused for as long as they
