@@ -282,7 +282,8 @@ async def run(
     """The whole operator, until SIGINT/SIGTERM (main thread) or `stop_flag`.
 
     With `peering`, replicas coordinate through that kopf peering object: the one with the highest
-    `priority` runs the handlers (worker pods); every replica serves the HTTP API and keeps statuses.
+    `priority` runs the handlers (worker pods) and writes statuses; every replica serves the HTTP API from
+    its own watches.
     """
     version = workerqueue_operator.__version__
     certificate = _certificate(settings)

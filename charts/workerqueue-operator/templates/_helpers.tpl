@@ -132,8 +132,8 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   resources: ["workerqueues/finalizers"]
   verbs: ["update"]
 # Reads the Secrets queues name; creates their generated token Secrets and each worker pod's own
-# token Secret. Deletes the latter with their pod (a queue's are garbage-collected with it); never
-# updates or patches a Secret.
+# token Secret. Deletes the latter with their pod (a queue's are garbage-collected with it, or deleted
+# when a deleted queue of the same name left one); never updates or patches a Secret.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "delete"]

@@ -241,8 +241,9 @@ class TemplateContainer(_Open):
     name: str = Field(min_length=1)
     """The container's name."""
     env: list[TemplateEnvVar] | None = None
-    """Environment variables; the worker's own (QUEUE_ID, CONTROL_PLANE_URL, KUBIYA_API_KEY,
-    HEARTBEAT_INTERVAL, TEMPORAL_HOST, SINGLE_EXECUTION) are set by the operator and replace same-named ones."""
+    """Environment variables; the worker's own (QUEUE_ID, CONTROL_PLANE_URL, CONTROL_PLANE_GATEWAY_URL,
+    KUBIYA_CONTROL_PLANE_BASE_URL, KUBIYA_API_KEY, HEARTBEAT_INTERVAL, TEMPORAL_HOST, SINGLE_EXECUTION)
+    are set by the operator and replace same-named ones."""
 
 
 _NO_HOST_NETWORK = ("worker pods cannot use hostNetwork: the node's name would be their hostname, so their "
@@ -445,7 +446,8 @@ class WorkersStatus(_Model):
     succeeded: int = 0
     """Workers that exited successfully, in all (their pods are deleted)."""
     failed: int = 0
-    """Workers that failed, in all (their pods are deleted)."""
+    """Workers that failed, in all (their pods are deleted, but for the newest while failures go on in a
+    row: kept for its logs, its token revoked)."""
     consecutive_failures: int = 0
     """Rounds of failures since the last success or spec change; drives the back-off. Pods made
     before the last failure counted (below `failureIndex`) that fail too belong to the same round."""
@@ -508,9 +510,10 @@ class WorkerQueueStatus(_Model):
     # One of each type, merged by type under server-side apply, as metav1.Condition lists are.
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
-    """Ready summarizes the others."""
+    """Ready: /start serves and nothing known stops the workers; TemporalReachable is apart (a queue
+    may be Ready while its Temporal is out of reach)."""
     workers: WorkersStatus | None = None
-    """Worker pods, for queues whose workers the operator runs."""
+    """Workers: `live` for every queue; the rest for queues whose worker pods the operator runs."""
     temporal: TemporalStatus | None = None
     """The Temporal task queue: pollers and backlog."""
 
