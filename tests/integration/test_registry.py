@@ -701,6 +701,19 @@ async def test_max_workers_counts_workers_registered_outside_its_slots(kube: Kub
         assert new is not None and new.slot == 0
 
 
+async def test_max_workers_counts_claims_under_way_with_workers_registered_outside_its_slots(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Two /start at once on a queue given maxWorkers=2 with one worker registered before it: the
+    second waits for the first's claim rather than take the other free slot, and is turned away."""
+    async with in_process(kube, namespace, kubeconfig, "racing") as (queue, _, reg):
+        reg.register(queue, "before-the-cap")
+        capped = dataclasses.replace(queue, spec=queue.spec.model_copy(update={"max_workers": 2}))
+        claimed = await asyncio.gather(*(reg.claim(capped, f"racing-{i}", limit=2) for i in range(2)))
+        assert sorted(worker is None for worker in claimed) == [False, True]
+        assert len(reg.live(queue.key)) == 2
+
+
 async def test_a_start_behind_a_claim_that_fails_gets_the_slot_not_a_full_queue(
     kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
 ):

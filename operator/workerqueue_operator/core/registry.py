@@ -790,6 +790,13 @@ class Registry:
         others = sum(1 for w in self.live(queue.key) if w.worker_id != worker_id and (pod is None or w.pod != pod))
         if others >= limit:
             return None
+        # Claims under way here are workers too once they succeed: with them, the queue may be full
+        # (workers registered outside the slots leave a free slot each of those claims could not see).
+        under_way = [claiming for slot in range(limit)
+                     if (claiming := self._claiming.get((queue.namespace, slot_lease_name(queue.name, slot))))]
+        if under_way and others + len(under_way) >= limit:
+            busy.extend(under_way)
+            return None
         for slot in range(limit):
             key = (queue.namespace, slot_lease_name(queue.name, slot))
             holder = self._workers.get(self._by_lease.get(key, ""))
