@@ -622,3 +622,48 @@ def test_a_crash_loop_with_no_worker_alive_for_an_hour_ends():
     assert "BackOffReset" in [e.reason for e in later.events]
     burst = plan([], Demand(backlog=10, read_at=T0 + 3601), later.workers, now=T0 + 3601, **spec)
     assert burst.create == tuple(range(2, 12))
+
+
+async def test_a_probe_that_meets_a_bug_is_probed_again_not_left_under_way_for_ever(caplog: pytest.LogCaptureFixture):
+    """A probe's work raising what nothing expects (a bug) after Temporal answered once left it
+    "under way": its queue was never probed again, a scaling queue never scaled again, nothing said."""
+
+    class Listing:
+        described = 0
+
+        async def describe_task_queue(self, *_: Any) -> temporal.TaskQueueInfo:
+            self.described += 1
+            return temporal.TaskQueueInfo(pollers=(), backlog=0)
+
+        async def executions(self, *_: Any, **__: Any) -> list[temporal.Execution]:
+            return []
+
+    class Writes:
+        async def patch(self, *_: Any, **__: Any) -> dict[str, Any]:
+            return {}
+
+    store = Store(settings=SETTINGS)
+    q = queues.QueueObject.from_body(queue_body(singleExecution=True, scaling={"minIdle": 0, "max": 2},
+                                                temporal={"host": "t:7233", "namespace": "n"}))
+    store.upsert_queue(q)
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    source = Listing()
+    s = supervisor.Supervisor(store=store, client=Writes(), settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=source)  # type: ignore[arg-type]
+    bugs = [RuntimeError("a bug")]
+
+    def alive(_: Any) -> int:
+        if bugs:
+            raise bugs.pop()
+        return 0
+
+    s.prober._alive = alive
+    s.queue_changed(q)
+    poll = asyncio.create_task(s.prober.run())
+    try:
+        await asyncio.sleep(1.6)  # probed again a second after (the timeline is on time.monotonic)
+    finally:
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+    assert not bugs and source.described >= 2
+    assert "a bug" in caplog.text

@@ -247,11 +247,11 @@ class TemporalProbes:
         tasks: set[asyncio.Task[None]] = set()
         held: list[tuple[float, int, QueueKey, bool]] = []
 
-        def spawn(probe: _Probe, work: Coroutine[Any, Any, None]) -> None:
+        def spawn(key: QueueKey, probe: _Probe, work: Coroutine[Any, Any, None]) -> None:
             """Runs a probe's work (a probe, a write of what it found) in the background, the probe
             under way until the work is done."""
             probe.running = True
-            task = asyncio.create_task(work)
+            task = asyncio.create_task(self._under_way(key, probe, work))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -260,7 +260,7 @@ class TemporalProbes:
             if target[0] != probe.target:
                 probe.target, probe.interval = target[0], 0.0
             self.reads["scaling" if scaling else "check"] += 1
-            spawn(probe, self._probe(key, probe, target[1], target[2]))
+            spawn(key, probe, self._probe(key, probe, target[1], target[2]))
 
         try:
             while True:
@@ -293,7 +293,7 @@ class TemporalProbes:
                         continue
                     if show:
                         if probe.wanted != probe.shown:
-                            spawn(probe, self._show(key, probe))
+                            spawn(key, probe, self._show(key, probe))
                         continue
                     target = self.target(key)
                     if target is None:
@@ -302,7 +302,7 @@ class TemporalProbes:
                         probe.reachable, probe.target = None, ()
                         if not probe.running and loop_now >= probe.write_after and \
                                 self._unresolved_shown_otherwise(key):
-                            spawn(probe, self._show_unresolved(key, probe))
+                            spawn(key, probe, self._show_unresolved(key, probe))
                         continue
                     if scaling:
                         probe_now(key, probe, target, scaling=True)
@@ -385,8 +385,6 @@ class TemporalProbes:
             probe.write_failures, probe.write_after = 0, 0.0
         except client_.ERRORS as exc:
             self._status_write_failed(key, probe, exc)
-        finally:
-            probe.running = False
 
     def _status_write_failed(self, key: QueueKey, probe: _Probe, exc: Exception) -> None:
         """A status write of the probe's failed: the next waits, doubling from 2 s to a minute."""
@@ -443,9 +441,6 @@ class TemporalProbes:
         except Exception:
             logger.exception("probing the Temporal of %s/%s failed", *key)
             demand = workers.Demand(backlog=None)
-        except BaseException:
-            probe.running = False  # left "under way", its queue would never be probed again
-            raise
         s = self._settings
         if not scaling:
             probe.interval = s.temporal_check_seconds
@@ -463,12 +458,21 @@ class TemporalProbes:
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
             if before is None or before != demand or not before.fresh(self._clock()):
                 self._on_demand(key)
+        await self._show(key, probe)
+
+    async def _under_way(self, key: QueueKey, probe: _Probe, work: Coroutine[Any, Any, None]) -> None:
+        """A probe's work, the probe under way until it ends, however it ends: left under way, its
+        queue would never be probed again."""
         try:
-            await self._show(key, probe, running=True)
+            await work
+        except Exception:  # a bug: told, and the queue probed again later rather than never
+            logger.exception("the Temporal probe of %s/%s failed", *key)
+            if self._probes.get(key) is probe:
+                self._at(key, probe, time.monotonic() + max(probe.interval, 1.0))
         finally:
             probe.running = False
 
-    async def _show(self, key: QueueKey, probe: _Probe, *, running: bool = False) -> None:
+    async def _show(self, key: QueueKey, probe: _Probe) -> None:
         """Writes the condition when it differs from what the queue shows, and status.temporal when
         it changed and the last write is old enough."""
         try:
@@ -541,6 +545,3 @@ class TemporalProbes:
                                   warning=not probe.reachable)
         except client_.ERRORS as exc:
             self._status_write_failed(key, probe, exc)
-        finally:
-            if not running:
-                probe.running = False
