@@ -475,7 +475,8 @@ async def _drain(drain: serving.Drain, seconds: float) -> None:
     logger.info("stopping: serving %gs more while this replica leaves the Service's endpoints", seconds)
     cut = asyncio.Event()
     with embedded.stop_signals(lambda _: cut.set()), contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(cut.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await cut.wait()
 
 
 def clock_doubt(offset: float) -> str | None:

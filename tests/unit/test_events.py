@@ -189,3 +189,15 @@ async def test_a_poster_cancelled_right_after_a_flush_woke_it_stops():
     running.cancel()
     done, _ = await asyncio.wait({running}, timeout=5)
     assert running in done and running.cancelled()
+
+
+async def test_a_poster_that_fails_stops_all_its_workers():
+    """A worker of the poster that meets a bug ends run(), and the operator stops on it: the other
+    workers must not go on posting with no owner to cancel them."""
+    poster = EventPoster(client=None, workers=4)  # type: ignore[arg-type]  # posting fails: a bug
+    poster.post(involved=involved("q"), reason="Started", message="m")
+    with pytest.raises(AttributeError):
+        await asyncio.wait_for(poster.run(), 5)
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "EventPoster._work"]
+    assert left == []

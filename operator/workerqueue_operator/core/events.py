@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workerqueue_operator.core import pacedlog
+from workerqueue_operator.core.workqueue import together
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
@@ -224,7 +225,8 @@ class EventPoster:
             self._logged_at, self._dropped_logged, self._limited_logged = now, self.dropped, self.limited
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._work() for _ in range(self._workers)))
+        # together: one failing stops the others, not left posting with no owner once run() has ended.
+        await together(*(self._work() for _ in range(self._workers)))
 
     async def flush(self, seconds: float) -> int:
         """Posts what waits, routine Events deferred too, for at most `seconds` (with `run` going on):
@@ -235,7 +237,8 @@ class EventPoster:
         if self.waiting or self._posting:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._settled.wait(), seconds)
+                async with asyncio.timeout(seconds):  # not wait_for: see _work
+                    await self._settled.wait()
         return self.waiting
 
     def _next(self) -> _Pending | None:

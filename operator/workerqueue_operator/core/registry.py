@@ -896,7 +896,8 @@ class Registry:
             # /start there must not meet it in maxWorkers), but within the worker's own timeout.
             deleting = self._spawn(self._delete_quietly(worker, "disconnected", on_purpose=True))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(deleting), _left_until(deadline))
+                async with asyncio.timeout(_left_until(deadline)):  # not wait_for: it may swallow a cancel
+                    await asyncio.shield(deleting)
         if queue is not None:
             self._post_disconnected(_involved(worker, queue.name), worker.worker_id, reason, exit_code)
 
@@ -920,7 +921,8 @@ class Registry:
             return True  # told twice: ended already
         self._remember(worker_id, _Ended(True, None, queue.key))
         try:
-            await asyncio.wait_for(self._take_in_stored(queue, worker_id), _left_until(deadline))
+            async with asyncio.timeout(_left_until(deadline)):
+                await self._take_in_stored(queue, worker_id)
         except client_.ERRORS as exc:  # a timeout among them
             logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
                         worker_id, queue.namespace, queue.name, type(exc).__name__)

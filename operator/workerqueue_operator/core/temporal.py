@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -455,9 +454,7 @@ class Temporal:
         self._down.clear()
         for future in tasks:
             future.cancel()
-        for future in tasks:
-            with contextlib.suppress(BaseException):
-                await future
+        await asyncio.gather(*tasks, return_exceptions=True)  # theirs taken; close()'s own cancel not
         for task in clients:
             _close_client(task)
         for client in self._retiring:
