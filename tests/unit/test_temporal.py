@@ -624,6 +624,22 @@ async def test_a_chain_whose_first_run_is_past_retention_is_listed_once(monkeypa
         await access.close()
 
 
+async def test_chains_whose_first_runs_are_past_retention_are_bounded_too(monkeypatch: pytest.MonkeyPatch):
+    # Each such workflow is kept with no earlier run: they counted nothing towards the bound, and one
+    # entry a workflow id was kept for good (~600 B each; 58 MiB for 100,000 workflows).
+    monkeypatch.setattr(temporal_, "CHAINED_RUNS_KEPT", 3)
+    runs = [_Run(f"W{i}", f"r{i}", S.RUNNING, "T", NOW - AGO(days=2), None) for i in range(10)]
+    patch_chains(monkeypatch, {run.id: [run] for run in runs})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    try:
+        for run in runs:
+            await access._chain(None, endpoint, run, "past-retention")  # type: ignore[arg-type]
+        assert list(access._chains) == [(endpoint.host, endpoint.namespace, f"W{i}") for i in (7, 8, 9)]
+    finally:
+        await access.close()
+
+
 async def test_a_later_execution_continued_on_another_worker_keeps_none_waiting(monkeypatch: pytest.MonkeyPatch):
     # pod-b's first, X, completed; pod-b also took V, which goes on in a run pod-c took: pod-b's part of
     # V is over, and it was kept waiting for V for hours (its give-up).

@@ -85,7 +85,8 @@ CHAIN_LIMIT = 50
 """Earlier runs of a workflow listed to find a worker's run in (continued as new more than this often,
 the first ones are left out)."""
 CHAINED_RUNS_KEPT = 50_000
-"""Earlier runs remembered over all workflows (LRU by workflow; ~20 MiB): they never change."""
+"""Earlier runs remembered over all workflows (LRU by workflow; ~60 MiB): they never change. A workflow
+with none listed (its predecessor past retention) counts one: such entries are memory too."""
 CONTINUING_KEPT = 100_000
 """Runs remembered to continue an earlier one as new (LRU, ~200 B each): past this, a workflow whose
 entry went is not listed by id again (its run's holder stays cached, its history is not read again)."""
@@ -805,11 +806,11 @@ class Temporal:
         key = (endpoint.host, endpoint.namespace, wf.id)
         old = self._chains.pop(key, None)
         runs = tuple(run for run in earlier if run.status not in (WorkflowExecutionStatus.RUNNING, None))
-        self._chained_runs += len(runs) - (len(old[1]) if old is not None else 0)
+        self._chained_runs += _weight(runs) - (_weight(old[1]) if old is not None else 0)
         self._chains[key] = (wf.run_id, runs)
         while self._chained_runs > CHAINED_RUNS_KEPT and len(self._chains) > 1:
             _, (_, dropped) = self._chains.popitem(last=False)
-            self._chained_runs -= len(dropped)
+            self._chained_runs -= _weight(dropped)
 
     def _read(self, client: Client, endpoint: Endpoint, task_queue: str, wf: _Run, *,
               join: bool = True) -> asyncio.Future[_Holder]:
@@ -1109,3 +1110,9 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 __all__ = ["Endpoint", "Execution", "Listing", "Poller", "TaskQueueInfo", "Temporal", "TemporalUnavailable",
            "status_of"]
+
+
+def _weight(runs: tuple[_Run, ...]) -> int:
+    """What a workflow's entry of earlier runs counts towards CHAINED_RUNS_KEPT: one at least (an entry
+    of none counted nothing, and one a workflow past retention was kept for good)."""
+    return max(len(runs), 1)
