@@ -126,3 +126,17 @@ async def test_an_upstream_no_queue_uses_any_more_loses_its_series():
         'upstream="http://kept.example",code="2xx"': 1, 'upstream="http://kept.example",code="4xx"': 0,
         'upstream="http://kept.example",code="5xx"': 0, 'upstream="http://new.example",code="2xx"': 0,
         'upstream="http://new.example",code="4xx"': 0, 'upstream="http://new.example",code="5xx"': 0}
+
+
+def test_upstreams_no_queue_uses_go_also_without_scrapes():
+    """With nothing scraping /metrics, each origin a queue's spec.upstream ever named kept its series
+    for good: they go once they outnumber those in use twice over."""
+    m = Metrics()
+    in_use = {"http://up-0"}
+    m.keep_upstreams(lambda: set(in_use))
+    for i in range(1000):
+        in_use = {f"http://up-{i}"}  # each queue moved on to the next upstream
+        m.upstream(f"http://up-{i}").failed("timeout", 504)
+    assert 1 <= len(m._upstreams) <= 2 * 64 and "http://up-999" in m._upstreams
+    assert samples(m.render(), "workerqueue_upstream_requests_total").keys() == {
+        f'upstream="http://up-999",code="{code}"' for code in ("2xx", "4xx", "5xx")}

@@ -59,6 +59,10 @@ class UpstreamStats:
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
+_UPSTREAMS_UNPRUNED = 64
+"""Upstreams whose series are kept between scrapes before those no queue uses are looked for."""
+
+
 class Metrics:
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], int] = defaultdict(int)
@@ -71,17 +75,32 @@ class Metrics:
         self._families: dict[str, tuple[str, str, str, Callable[[], Mapping[str, float]]]] = {}
         self._upstreams: dict[str, UpstreamStats] = {}
         self._upstreams_in_use: Callable[[], set[str]] | None = None
+        self._upstreams_pruned_at = _UPSTREAMS_UNPRUNED
 
     def keep_upstreams(self, in_use: Callable[[], set[str]]) -> None:
-        """At each scrape, the series of an upstream no queue uses any more go (its queues deleted or
-        moved elsewhere), so that a long-lived replica does not keep one per URL ever configured."""
+        """At each scrape, and whenever they outnumber those in use twice over, the series of an
+        upstream no queue uses any more go (its queues deleted or moved elsewhere), so that a
+        long-lived replica does not keep one per URL ever configured, scraped or not."""
         self._upstreams_in_use = in_use
 
     def upstream(self, origin: str) -> UpstreamStats:
         stats = self._upstreams.get(origin)
         if stats is None:
+            if len(self._upstreams) >= self._upstreams_pruned_at:
+                self._prune_upstreams()
+                # Next when they are twice what is kept now: a pruning looks at every queue.
+                self._upstreams_pruned_at = max(_UPSTREAMS_UNPRUNED, 2 * len(self._upstreams))
             stats = self._upstreams[origin] = UpstreamStats()
         return stats
+
+    def _prune_upstreams(self) -> set[str]:
+        """Forgets the upstreams no queue uses any more; those in use."""
+        if self._upstreams_in_use is None:
+            return set(self._upstreams)
+        in_use = self._upstreams_in_use()
+        for origin in [origin for origin in self._upstreams if origin not in in_use]:
+            del self._upstreams[origin]
+        return in_use
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float], *, kind: str = "gauge") -> None:
         """A gauge (or a counter kept elsewhere: `kind="counter"`) read at scrape time, so it is never stale."""
@@ -160,10 +179,7 @@ class Metrics:
 
     def _render_upstreams(self) -> list[str]:
         if self._upstreams_in_use is not None:
-            in_use = self._upstreams_in_use()
-            for origin in [origin for origin in self._upstreams if origin not in in_use]:
-                del self._upstreams[origin]
-            for origin in in_use:  # each from 0 before its first request, as the other labelled counters
+            for origin in self._prune_upstreams():  # each from 0 before its first request, as the other counters
                 self.upstream(origin)
         ups = [(label(origin), stats) for origin, stats in sorted(self._upstreams.items())]
         lines = [
