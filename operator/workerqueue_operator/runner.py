@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -109,7 +110,7 @@ class Watches:
         self.queues = [
             informer.Informer(client, resources.queues_path(ns), on_upsert=feed.queue_upserted,
                               on_delete=feed.queue_deleted, name=f"workerqueues/{ns or '*'}",
-                              hold=feed.holding_news)
+                              hold=functools.partial(feed.holding_news, ns))
             for ns in scopes]
         self.secrets = [
             informer.Informer(client, resources.secrets_path(ns), on_upsert=feed.secret_upserted,

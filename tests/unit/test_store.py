@@ -365,6 +365,31 @@ def test_a_relist_tells_of_its_queues_once_it_is_whole():
     assert changed == [("team-a", "new")]  # told at once again
 
 
+def test_a_namespaces_relist_holds_its_own_news_and_id_conflicts_only():
+    """One namespace's relist (pages of up to 30 s each) held every namespace's news: a new queue in
+    another namespace got no token Secret, and no Ready, until it ended. A queue of another namespace
+    that loses its id to one of the relisting namespace waits for the end all the same: what the
+    rest of the list brings may give it back."""
+    s, changed = store()
+    s.upsert_queue(queue("old", "team-a", queueId="same", created="2026-01-01T00:00:00Z"))
+    changed.clear()
+    with s.holding_news("team-a"):
+        s.upsert_queue(queue("q1", "team-b", queueId="b-1"))
+        assert changed == [("team-b", "q1")]  # told at once
+        s.upsert_queue(queue("new", "team-b", queueId="same", created="2026-02-01T00:00:00Z"))
+        s.upsert_queue(queue("q2", "team-a", queueId="a-2"))
+        assert changed == [("team-b", "q1")]  # team-a's relist and a conflict with one of its queues wait
+        s.remove_queue(("team-a", "old"))  # the end of the list: the id is team-b's now, and it is told so
+        assert changed == [("team-b", "q1"), ("team-b", "new")]
+    assert sorted(changed[2:]) == [("team-a", "old"), ("team-a", "q2")]
+    assert s.serving("same").queue.key == ("team-b", "new")
+    changed.clear()
+    with s.holding_news():  # a cluster-wide relist holds all
+        s.upsert_queue(queue("q3", "team-c", queueId="c-3"))
+        assert changed == []
+    assert changed == [("team-c", "q3")]
+
+
 def test_a_token_secret_listed_before_its_queue_came_is_read_not_taken_for_absent():
     """The Secret list passes by a Secret no queue uses; a queue that comes meanwhile (made, or its
     tokenSecretRefs removed) uses its generated token Secret, which the list did bring: taken for

@@ -46,9 +46,9 @@ class Feed:
             self._store.fill_secret(name, None)
         self._reconciler.fetch_secrets(unknown - generated)
 
-    def holding_news(self) -> contextlib.AbstractContextManager[None]:
-        """Around a relist of queues: see Store.holding_news."""
-        return self._store.holding_news()
+    def holding_news(self, namespace: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """Around a relist of queues of `namespace` (None: all): see Store.holding_news."""
+        return self._store.holding_news(namespace)
 
     def queue_upserted(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata", {})

@@ -7,6 +7,7 @@ cluster's other Secrets (Helm release Secrets are large) cost nothing but a pass
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -64,7 +65,8 @@ class Store:
         self._with_upstream: set[QueueKey] = set()
         # Secrets this replica is creating -> whether the watch has told of them since.
         self._creating: dict[SecretName, bool] = {}
-        self._holding = 0  # relists under way (see `holding_news`)
+        self._holding: collections.Counter[str | None] = collections.Counter()
+        """Relists under way by namespace, None for all namespaces at once (see `holding_news`)."""
         self._secret_news: dict[SecretName, int] = {}  # used Secrets: how often told of (see `secret_news`)
         self._uses_begun = 0  # each time a Secret comes into use, its news count starts from anew
         self._held: dict[QueueKey, None] = {}  # queues changed meanwhile, in order
@@ -76,18 +78,33 @@ class Store:
         self._listeners.append(listener)
 
     @contextlib.contextmanager
-    def holding_news(self) -> Iterator[None]:
-        """Listeners hear of the queues changed inside only at the end, each once. A relist comes in
-        pages: a queue on the first page may claim the id of one that only the end of the list shows
-        gone, and its status must not say QueueIdConflict (with a Warning) meanwhile."""
-        self._holding += 1
+    def holding_news(self, namespace: str | None = None) -> Iterator[None]:
+        """Listeners hear of the queues of `namespace` (None: all) changed inside only at the end, each
+        once, and so of any queue that says QueueIdConflict meanwhile. A relist comes in pages: a queue
+        on the first page may claim the id of one that only the end of the list shows gone, and its
+        status must not say QueueIdConflict (with a Warning) meanwhile. Other namespaces' news is not
+        held: one namespace's slow relist (pages of up to 30 s each) held a new queue's token Secret
+        and Ready in every other namespace."""
+        self._holding[namespace] += 1
         try:
             yield
         finally:
-            self._holding -= 1
-            if not self._holding:
-                held, self._held = list(self._held), {}
-                self._notify(held)
+            self._holding[namespace] -= 1
+            if not self._holding[namespace]:
+                del self._holding[namespace]
+            released = [key for key in self._held if not self._held_back(key)]
+            for key in released:
+                del self._held[key]
+            self._notify(released)
+
+    def _held_back(self, key: QueueKey) -> bool:
+        if not self._holding:
+            return False
+        if None in self._holding or key[0] in self._holding:
+            return True
+        resolution = self._resolutions.get(key)
+        return resolution is not None and resolution.problem is not None and \
+            resolution.problem.reason == "QueueIdConflict"
 
     def upsert_queue(self, queue: QueueObject) -> set[SecretName]:
         """Add or replace a queue. Returns the Secrets to read: those it uses whose content is not known
@@ -458,10 +475,11 @@ class Store:
         _index(self._token_digests, self._token_owners, key, digests)
 
     def _notify(self, keys: Iterable[QueueKey]) -> None:
-        if self._holding:
-            self._held.update(dict.fromkeys(keys))
-            return
         for key in keys:
+            if self._held_back(key):
+                self._held[key] = None
+                continue
+            self._held.pop(key, None)  # told now: not again at the end
             for listener in self._listeners:
                 listener(key)
 
