@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -1887,6 +1888,38 @@ async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkey
         await reg.refusals.start_refused(q1, "q1-w1", "409: full")
         await asyncio.sleep(0.2)
         assert written[3:] == ["q1-w1-refused"]  # refused for what it is: not tried again
+        await kube.close()
+
+
+async def test_a_refusal_record_being_written_at_the_stop_is_not_tried_again_after_it(
+        monkeypatch: pytest.MonkeyPatch):
+    """Its write was no task of the registry's: failing after the stop, it scheduled a retry nothing
+    would ever cancel, and wrote again with the operator stopped."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    monkeypatch.setattr(refusals, "REFUSAL_RETRY_SECONDS", 0.01)
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+        written: list[str] = []
+
+        async def create(body: dict[str, Any]) -> dict[str, Any]:
+            written.append(body["metadata"]["name"])
+            with contextlib.suppress(asyncio.CancelledError):  # as a call whose answer comes all the same
+                await asyncio.sleep(0.05)
+            raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+
+        monkeypatch.setattr(reg._calls, "create", create)
+        running = asyncio.create_task(reg.run())
+        await asyncio.sleep(0)
+        await reg.refusals.start_refused(q1, "q1-w0", "503: the API server is unavailable", wait=False)
+        await asyncio.sleep(0.01)  # the write is under way
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        assert written == ["q1-w0-refused"] and not reg.refusals._retries
         await kube.close()
 
 

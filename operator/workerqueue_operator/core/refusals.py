@@ -112,6 +112,7 @@ class Refusals:
         self._writes: dict[tuple[str, str, str], asyncio.Task[Any]] = {}
         self._retries: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         """Records whose write failed, waiting to be written again (see _write_again)."""
+        self._stopped = False
         self._log = pacedlog.PacedLog(logger)
 
     async def start_refused(self, queue: QueueObject | QueueRef, pod: str, why: str, *, wait: bool = True) -> None:
@@ -134,7 +135,7 @@ class Refusals:
             return
         task = self._writes.get(key)
         if task is None:
-            task = self._writes[key] = asyncio.create_task(self._write(queue, pod, why))
+            task = self._writes[key] = self._spawn(self._write(queue, pod, why))  # the registry ends it
             task.add_done_callback(lambda _: self._writes.pop(key, None))
         if wait:
             await asyncio.shield(task)  # a caller that leaves does not cut the write short
@@ -167,6 +168,8 @@ class Refusals:
                 self._log.warning("refusal_write_refused", "recording the refusal of pod %s/%s was refused, known "
                                   "to this replica only: %s", queue.namespace, pod, cause)
                 return
+            if self._stopped:  # a write under way at the stop: none after it
+                return
             self._log.warning("refusal_write_failed", "recording the refusal of pod %s/%s failed, known to this "
                               "replica only (tried again in %.0fs): %s", queue.namespace, pod, retry, cause)
             self._retries[key] = asyncio.get_running_loop().call_later(retry, self._write_again, queue, pod,
@@ -191,6 +194,7 @@ class Refusals:
 
     def stop(self) -> None:
         """The registry stops: no record is written again after it (its task would outlive it)."""
+        self._stopped = True
         for handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
