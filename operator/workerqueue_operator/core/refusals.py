@@ -138,7 +138,9 @@ class Refusals:
             task = self._writes[key] = self._spawn(self._write(queue, pod, why))  # the registry ends it
             task.add_done_callback(lambda _: self._writes.pop(key, None))
         if wait:
-            await asyncio.shield(task)  # a caller that leaves does not cut the write short
+            # A caller that leaves does not cut the write short, nor is it failed by a write that the
+            # registry's stop cut short.
+            await asyncio.wait({task})
 
     async def _write(self, queue: QueueObject | QueueRef, pod: str, why: str, *,
                      retry: float | None = None) -> None:
