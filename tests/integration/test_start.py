@@ -409,6 +409,36 @@ async def test_a_queue_made_again_before_the_status_writer_saw_it_go_gets_a_stat
     await here.create_ready()  # its token Secret read again, as for any new user of it
 
 
+async def test_a_queues_pods_are_listed_in_pages_and_all_of_them_planned(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """Listed whole, a queue of 1,000 pods (~3 MB) was parsed in one go on the event loop at each of
+    its passes; in pages, each of them counts all the same."""
+    from workerqueue_operator.core import supervisor as supervisor_
+
+    monkeypatch.setattr(supervisor_, "PODS_PAGE_SIZE", 2)
+    here = in_process("paged")
+    here.spec.update(singleExecution=True, replicas=5)
+    await here.create_ready()
+    here.watched()
+    await here.supervisor.reconcile(here.key)
+    assert len(kube.pod_names(namespace, "paged")) == 5
+    pages: list[dict[str, str]] = []
+    get = here.client.get
+
+    async def counted(path: str, params: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        pages.append(dict(params or {}))
+        return await get(path, params, **kwargs)
+
+    monkeypatch.setattr(here.client, "get", counted)
+    listed = await here.supervisor._list_pods(here.store.queue(here.key))  # type: ignore[arg-type]
+    assert len(pages) == 3 and all(page["limit"] == "2" for page in pages)
+    assert sorted(p["metadata"]["name"] for p in listed) == [f"paged-w{i}" for i in range(5)]
+    here.watched()
+    await here.supervisor.reconcile(here.key)  # planned from the pages: all 5 seen, none more made
+    assert len(kube.pod_names(namespace, "paged")) == 5
+
+
 async def test_a_queue_being_deleted_in_the_foreground_gets_no_status_about_its_secrets_going(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, control_plane: ControlPlane,
 ):

@@ -86,6 +86,9 @@ class CreateRefusal:
 
 
 ORPHAN_GRACE_SECONDS = 60.0
+PODS_PAGE_SIZE = 200
+"""A queue's pods are listed a page at a time: each page is parsed on the event loop, and a queue of
+1,000 pods listed whole (~3 MB) held /start and heartbeats up for ~100 ms, at each of its passes."""
 """A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
 
 
@@ -425,12 +428,19 @@ class Supervisor:
         return dataclasses.replace(demand, active=frozenset(running))
 
     async def _list_pods(self, queue: QueueObject) -> list[dict[str, Any]]:
-        selector = f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}"
-        listing = await self._client.get(resources.pods_path(queue.namespace), {"labelSelector": selector})
-        # Only pods this very queue controls: a deleted and re-created namesake owns none of them.
-        return [p for p in listing.get("items", [])
-                if any(ref.get("uid") == queue.uid and ref.get("controller")
-                       for ref in p.get("metadata", {}).get("ownerReferences") or [])]
+        params = {"labelSelector": f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}",
+                  "limit": str(PODS_PAGE_SIZE)}
+        pods: list[dict[str, Any]] = []
+        while True:  # the pages of one list are one snapshot: continued, not listed again
+            page = await self._client.get(resources.pods_path(queue.namespace), params)
+            # Only pods this very queue controls: a deleted and re-created namesake owns none of them.
+            pods += [p for p in page.get("items", [])
+                     if any(ref.get("uid") == queue.uid and ref.get("controller")
+                            for ref in p.get("metadata", {}).get("ownerReferences") or [])]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return pods
+            params = {**params, "continue": token}
 
     async def _write_status(self, queue: QueueObject, status: spec_.WorkersStatus, version: str) -> str | None:
         """Writes status.workers over the version of the queue it was planned from; the version written,
