@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from workerqueue_operator.core import executions, leases, refusals, registry
 from workerqueue_operator.core.temporal import Execution
 from workerqueue_operator.devcluster.worker import Latch
 from workerqueue_operator.models import times, wire
+from workerqueue_operator.models.spec import OBJECT_NAME_PATTERN
 
 
 def make_worker(**overrides: object) -> leases.Worker:
@@ -88,6 +90,11 @@ def test_slot_and_worker_lease_names_fit_a_dns_subdomain_and_stay_apart():
     # Two queues whose names begin alike have slots of their own (one slot each, not one between them).
     alpha, beta = "x" * 230 + "-alpha", "x" * 230 + "-beta"
     assert leases.slot_lease_name(alpha, 0) != leases.slot_lease_name(beta, 0)
+    # A "." where the name is cut made ".-", which the API server refuses (422): no Lease, every
+    # /start of a maxWorkers queue 503, and the others' registrations never written.
+    for name in ("a" * 199 + ".b", "a" * 188 + ".b" * 10, "a" * 200 + ".b"):
+        for made in (leases.lease_name(name, "0b9c6f1e-0000-4000-8000-000000000001"), leases.slot_lease_name(name, 7)):
+            assert re.fullmatch(OBJECT_NAME_PATTERN, made) and len(made) <= 253, made
 
 
 def execution(id_: str, status: str, holder: str | None, started: str) -> Execution:

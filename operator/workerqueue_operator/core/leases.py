@@ -64,14 +64,15 @@ def ended_on_purpose(body: Mapping[str, Any]) -> bool:
 
 
 def lease_name(queue_name: str, worker_id: str) -> str:
-    return f"{queue_name[:200]}-{worker_id}"
+    # A cut ending in "." would make ".-", which no object name may hold: the name was refused (422).
+    return f"{queue_name[:200].rstrip('.')}-{worker_id}"
 
 
 def slot_lease_name(queue_name: str, slot: int) -> str:
     # A long name is shortened with a digest of it: two queues whose names begin alike must not
     # share slots (a worker id keeps lease_name's apart).
     if len(queue_name) > 200:
-        queue_name = f"{queue_name[:189]}-{hashlib.sha256(queue_name.encode()).hexdigest()[:10]}"
+        queue_name = f"{queue_name[:189].rstrip('.')}-{hashlib.sha256(queue_name.encode()).hexdigest()[:10]}"
     return f"{queue_name}-slot-{slot}"
 
 
