@@ -744,6 +744,26 @@ def test_a_queue_template_without_the_workers_image_runs_the_configured_worker()
     assert "command" not in imaged["spec"]["containers"][0]  # its image's own entrypoint
 
 
+def test_nulls_the_crd_accepts_in_a_template_are_taken_as_unset():
+    """`containers:` left empty in a Helm or kustomize file is stored as null: building the pod
+    raised (TypeError), every pass of the queue failed with a traceback, and its status said Ready."""
+    settings = Settings(worker_image="reg/worker:2", worker_command=["kubiya", "worker", "start"])
+    for template in ({"spec": {"containers": None}}, {"spec": {"containers": [{"name": "worker", "command": None}]}},
+                     {"spec": {"containers": [{"name": "worker", "image": None, "command": None}]}}):
+        (worker,) = build_default(settings, worker={"template": template})["spec"]["containers"]
+        assert (worker["image"], worker["command"]) == ("reg/worker:2", ["kubiya", "worker", "start"]), template
+    (worker,) = build_default(Settings(worker_pod_template={"spec": {"containers": None}}))["spec"]["containers"]
+    assert worker["name"] == "worker" and worker["image"] == Settings().worker_image
+
+
+def test_a_templates_hostname_override_gives_way_to_the_workers_hostname():
+    """The kubelet names the pod's host by hostnameOverride: every worker of the queue would have one
+    Temporal identity, and be taken for each other's (idle ones deleted mid-execution)."""
+    template = {"spec": {"hostnameOverride": "same", "containers": [{"name": "worker", "image": "w:1"}]}}
+    body = build_default(Settings(), worker={"template": template})
+    assert "hostnameOverride" not in body["spec"] and body["spec"]["hostname"] == "q1-w0"
+
+
 @pytest.mark.parametrize(("template", "words"), [
     ({"spec": {}, "kind": "Pod"}, "metadata and spec only, not kind"),
     ({"spec": ["containers"]}, "spec must be a mapping"),

@@ -1152,7 +1152,8 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         worker = next((c for c in pod_spec["containers"] if c.get("name") == WORKER_CONTAINER), None)
         if worker is not None and not worker.get("image"):  # refused by the API server otherwise
             worker["image"] = settings.worker_image
-            worker.setdefault("command", list(settings.worker_command))
+            if worker.get("command") is None:  # unset or null: [] is the image's own entrypoint
+                worker["command"] = list(settings.worker_command)
     name = pod_name(queue.name, index)
     containers: list[dict[str, Any]] = pod_spec.get("containers") or []
     credential = {"name": credential_secret_name(name), "key": queues.TOKEN_KEY}
@@ -1187,6 +1188,7 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
     # The operator owns the hostname: it tells whose executions are whose (see worker_hostname).
     pod_spec["hostname"] = worker_hostname(queue, name)
     pod_spec.pop("setHostnameAsFQDN", None)
+    pod_spec.pop("hostnameOverride", None)  # the kubelet's hostname over ours: every worker's would be one
 
     labels = {
         **(meta.get("labels") or {}),
@@ -1228,13 +1230,16 @@ def worker_defaults_digest(settings: settings_.Settings) -> str:
 def _default_worker(pod_spec: dict[str, Any], settings: settings_.Settings) -> None:
     """The operator-wide template's container `worker` (first, when it has none) runs the configured
     worker unless it names its own image or command."""
-    containers: list[dict[str, Any]] = pod_spec.setdefault("containers", [])
+    containers: list[dict[str, Any]] = pod_spec.get("containers") or []  # `containers: null` stored as written
+    pod_spec["containers"] = containers
     worker = next((c for c in containers if c.get("name") == WORKER_CONTAINER), None)
     if worker is None:
         worker = {"name": WORKER_CONTAINER}
         containers.insert(0, worker)
-    worker.setdefault("image", settings.worker_image)
-    worker.setdefault("command", list(settings.worker_command))
+    if not worker.get("image"):
+        worker["image"] = settings.worker_image
+    if worker.get("command") is None:  # unset or null: [] is the image's own entrypoint
+        worker["command"] = list(settings.worker_command)
 
 
 _PLAINTEXT_HOSTS = ("temporal:", "host.docker.internal")
