@@ -152,6 +152,7 @@ def test_a_redis_url_from_a_secret_is_held_to_what_spec_redis_url_must_be(value,
 
 @pytest.mark.parametrize(("url", "usable"), [
     ("redis://cache:6379/0", True), ("redis://cache:99999/0", False), ("redis://cache:6379/0\x7f", False),
+    ("redis://cache:6379/a b", False),
 ])
 def test_spec_redis_url_is_held_to_what_a_url_from_a_secret_is(url: str, usable: bool):
     """The CRD checks the scheme only: a port out of range was served to every worker."""
@@ -199,6 +200,14 @@ def test_a_litellm_url_the_crd_now_refuses_is_reported_on_a_queue_stored_before_
     # Within the pattern, but no client can dial it.
     problem = resolve(queue(litellm={"url": "https://llm.example:99999/v1"})).problem
     assert (problem.reason, problem.message) == ("LiteLLMInvalid", "spec.litellm.url has a port out of range (0-65535)")
+
+
+@pytest.mark.parametrize("url", ["ws://ws.example:99999/x", "wss://ws.example/a\x00b", "wss://ws.example/a b"])
+def test_a_websocket_url_the_crd_now_refuses_is_reported_on_a_queue_stored_before(url: str):
+    """Handed to every worker as it was, it failed each of them with the queue Ready."""
+    r = resolve(queue(websocket={"url": url}))
+    assert not r.ready and r.problem.reason == "WebsocketInvalid" and url not in r.problem.message
+    assert resolve(queue(websocket={"url": "wss://ws.example:8443/x"})).ready
 
 
 def test_a_missing_generated_token_is_told_apart_from_other_problems():
@@ -382,9 +391,10 @@ def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):
     assert "a\nb" not in r.problem.message
 
 
-@pytest.mark.parametrize("url", ["https://cp.example:99999", "http://[::1]:70000"])
+@pytest.mark.parametrize("url", ["https://cp.example:99999", "http://[::1]:70000", "http://[:]", "http://[:::]/v1"])
 def test_an_upstream_url_no_call_could_use_makes_the_queue_not_ready(url: str):
-    # Each pass-through call would raise (a 500 with a traceback) while the queue showed Ready.
+    # Each pass-through call would raise (a 500 with a traceback) while the queue showed Ready; an
+    # IPv6 host urlsplit refuses ([:]) made every scrape of /metrics a 500 too (its label).
     r = resolve(queue(upstream={**UPSTREAM, "url": url}), {("team-a", "org"): {"api-key": "k"}})
     assert not r.ready and r.problem.reason == "UpstreamInvalid" and r.upstream is None
 

@@ -479,7 +479,7 @@ _json_string = json.encoder.encode_basestring_ascii
 def _usable_redis_url(url: str) -> bool:
     """What spec.redis.url must match too, and what a client can parse (a port in range; no host is
     localhost to redis-py)."""
-    if not url.startswith(("redis://", "rediss://")) or not url.isprintable():
+    if not url.startswith(("redis://", "rediss://")) or not _printable_url(url):
         return False
     return spec_.port_in_range(url)
 
@@ -576,11 +576,21 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
     if not key or not key.isprintable():
         # It goes into a header: an empty key or a line break would be refused (or worse) on the wire.
         raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[0]} key {where[1]} is not a usable API key"))
+    if not _printable_url(url):
+        raise _Unresolved(Problem("UpstreamInvalid", f"the upstream URL {url!r} holds a space or a character that "
+                                  "cannot be printed"))
     try:
-        URL(url).port  # noqa: B018 - what every call would meet (a port out of range)
+        # What every call would meet (a port out of range), and the metrics' label (an IPv6 host
+        # such as [:], which urlsplit refuses).
+        URL(url).port  # noqa: B018
+        urlsplit(url).port  # noqa: B018
     except ValueError as exc:
         raise _Unresolved(Problem("UpstreamInvalid", f"the upstream URL {url} cannot be used: {exc}")) from None
     return Upstream(url=url.rstrip("/"), api_key=key)
+
+
+def _printable_url(url: str) -> bool:
+    return url.isprintable() and " " not in url
 
 
 def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings) -> QueueConfig:
@@ -622,6 +632,11 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
         raise _Unresolved(Problem("LiteLLMInvalid", "spec.litellm.url is not an http:// or https:// URL"))
     if s.litellm.url is not None and not spec_.port_in_range(s.litellm.url):
         raise _Unresolved(Problem("LiteLLMInvalid", "spec.litellm.url has a port out of range (0-65535)"))
+    if s.websocket.url is not None and not (re.fullmatch(spec_.WEBSOCKET_URL_PATTERN, s.websocket.url)
+                                            and spec_.port_in_range(s.websocket.url)):
+        # Stored before the CRD said so: handed to the workers, it would fail each of them.
+        raise _Unresolved(Problem("WebsocketInvalid", "spec.websocket.url is not a usable ws:// or wss:// URL "
+                                  "(a port out of range, a space or a character that cannot be printed)"))
 
     fields: dict[str, Any] = {
         "task_queue_name": target.task_queue,

@@ -16,7 +16,7 @@ from workerqueue_operator.models import spec
 # Keys of JSON Schema that a CRD's structural schema accepts and that the models use.
 _KEPT = {
     "type", "description", "default", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "enum", "items", "properties", "required", "minItems", "maxItems", "format", "nullable",
+    "enum", "items", "properties", "required", "minItems", "maxItems", "format", "nullable", "not",
     "additionalProperties", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-embedded-resource", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
@@ -53,7 +53,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
-        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
             out[key] = _structural(value, defs)
         elif key == "default" and value is None:
             continue  # null defaults are the absence of a value

@@ -27,8 +27,6 @@ _NO_SPACE = r"^[^\t\n\f\r ]*$"  # Go's \s spelt out, as spec.LITELLM_URL_PATTERN
 _HTTP_URL = spec_.LITELLM_URL_PATTERN
 """An http(s) URL with a host, no whitespace."""
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_PORT_IN_RANGE: dict[str, Any] = {"not": {"pattern": spec_.URL_PORT_OUT_OF_RANGE}}
-"""What _port_in_range checks, as the chart's values schema can say it."""
 
 
 class SettingsError(ValueError):
@@ -79,12 +77,12 @@ class Settings(BaseModel):
     temporal_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default Temporal API key, as `namespace/name:key` in env."""
     litellm_url: str = Field(default="", max_length=2048, pattern=f"^$|{_HTTP_URL}",
-                             json_schema_extra=_PORT_IN_RANGE)
+                             json_schema_extra=spec_.PORT_IN_RANGE)
     """Default LiteLLM proxy URL (http:// or https://)."""
     litellm_api_key_secret: NamespacedSecretKeyRef | None = None
     """Default LiteLLM API key, as `namespace/name:key` in env."""
     public_url: str | None = Field(default=None, max_length=2048, pattern=f"^$|{_HTTP_URL}",
-                                   json_schema_extra=_PORT_IN_RANGE)
+                                   json_schema_extra=spec_.PORT_IN_RANGE)
     """Control-plane URL handed to workers when their request names none; unset: derived per request."""
     control_plane_sdk_version: str = Field(default="0.6.0", min_length=1, max_length=64)
     """/start's `control_plane_sdk_version`: the worker SDK whose protocol this operator speaks (that of
@@ -93,7 +91,7 @@ class Settings(BaseModel):
 
     # The upstream control plane, for queues that name none (see the README's pass-through section).
     upstream_url: str | None = Field(default=None, max_length=2048, pattern=spec_.UPSTREAM_URL_PATTERN,
-                                     json_schema_extra=_PORT_IN_RANGE)
+                                     json_schema_extra=spec_.PORT_IN_RANGE)
     """Default upstream base URL that workers' other /api/v1/ calls are passed through to; unset: none."""
     upstream_api_key_secret: NamespacedSecretKeyRef | None = None
     """The organization's API key for upstream_url, as `namespace/name:key` in env; required with it."""
@@ -134,7 +132,7 @@ class Settings(BaseModel):
     worker_image and worker_command unless it names its own. The API server validates the rest when
     a pod is created; a pod it refuses shows on its queue (Progressing=False, PodCreationFailed)."""
     worker_control_plane_url: str | None = Field(default=None, max_length=2048, pattern=f"^$|{_HTTP_URL}",
-                                                 json_schema_extra=_PORT_IN_RANGE)
+                                                 json_schema_extra=spec_.PORT_IN_RANGE)
     """CONTROL_PLANE_URL given to worker pods: this operator's in-cluster URL. Unset: public_url."""
     worker_backoff_seconds: float = Field(default=10.0, gt=0, le=_HOUR)
     """First delay before replacing a failed worker; doubles with each consecutive failure."""

@@ -16,21 +16,26 @@ from pydantic.alias_generators import to_camel
 LITELLM_URL_PATTERN = r"^https?://[^\t\n\f\r /?#]+[^\t\n\f\r ]*$"
 """Spelt out rather than with \\s: the API server's (Go's) \\s is these four and the space only, and
 Python's any Unicode space; a URL the CRD let in was then refused as stored before the rule."""
-UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
-"""An upstream base URL: http(s), a host name or [IPv6] and a port, a path; no credentials, query or
-fragment (the host is what metrics are labelled with)."""
+UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#\x00-\x20\x7f]*)?$"
+"""An upstream base URL: http(s), a host name or [IPv6] and a port, a path without spaces or control
+characters (aiohttp refuses them: each call was a 500); no credentials, query or fragment (the host
+is what metrics are labelled with)."""
 TEMPORAL_HOST_PATTERN = (r"^$|^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):"
                          r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})$")
 """A Temporal frontend address: a host name or [IPv6], and a port from 1 to 65535 (the SDK dials
 nothing else; a queue naming anything else ran pods that crash-looped, Ready all the while); or
 empty, the operator's host, as the operator reads it."""
-WEBSOCKET_URL_PATTERN = r"^wss?://[^\t\n\f\r /?#]+[^\t\n\f\r ]*$"
-"""A ws(s) URL with a host and no whitespace (Go's \\s spelt out, as LITELLM_URL_PATTERN's)."""
+WEBSOCKET_URL_PATTERN = r"^wss?://[^\x00-\x20\x7f /?#]+[^\x00-\x20\x7f]*$"
+"""A ws(s) URL with a host and no whitespace or control characters (handed to the workers as it is)."""
+REDIS_URL_PATTERN = r"^rediss?://[^\x00-\x20\x7f]*$"
+"""A redis(s) URL without whitespace or control characters (no client can parse those)."""
 URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\[[^\]/?#]*\]):"
                          r"(0*([1-9][0-9]{5,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9]{2}|6[6-9][0-9]{3}|[7-9][0-9]{4})"
                          r"|[0-9]*[^0-9/?#@][^/?#@]*)([/?#]|$)")
 """A URL whose port is no number from 0 to 65535, which no client can dial (urlsplit refuses it too):
 for schemas (`not`), as code checks it with port_in_range."""
+PORT_IN_RANGE: dict[str, Any] = {"not": {"pattern": URL_PORT_OUT_OF_RANGE}}
+"""A schema's rule that a URL's port is in range (see URL_PORT_OUT_OF_RANGE)."""
 
 
 def port_in_range(url: str) -> bool:
@@ -140,7 +145,8 @@ class LiteLLMSpec(_Model):
 
     # In the CRD only: a queue stored before the rule (the API server keeps it) is still served, and
     # its URL reported on it (queues.resolve), not dropped by the operator's own parsing.
-    url: str | None = Field(default=None, max_length=2048, json_schema_extra={"pattern": LITELLM_URL_PATTERN})
+    url: str | None = Field(default=None, max_length=2048, json_schema_extra={
+        "pattern": LITELLM_URL_PATTERN, **PORT_IN_RANGE})
     """Base URL of the LiteLLM proxy (http:// or https://)."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the LiteLLM API key; absent means the operator's default key with the
@@ -162,7 +168,9 @@ class RedisSpec(_Model):
         }
     )
 
-    url: str | None = Field(default=None, max_length=2048, pattern=r"^rediss?://")
+    # The scheme only in pydantic: a queue stored before the CRD's rules is reported (RedisInvalid).
+    url: str | None = Field(default=None, max_length=2048, pattern=r"^rediss?://",
+                            json_schema_extra={"pattern": REDIS_URL_PATTERN, **PORT_IN_RANGE})
     """Redis URL (redis:// or rediss://). Use urlSecretRef instead when the URL carries a password."""
     url_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Redis URL."""
@@ -187,7 +195,8 @@ class WebsocketSpec(_Model):
     """Whether workers connect to a websocket. Default: enabled exactly when a url is given.
     Enabled without a url, workers are sent the operator's /api/v1/ws/workers/<worker_id>, passed
     through to the queue's upstream; a queue with no upstream gets no websocket."""
-    url: str | None = Field(default=None, max_length=2048, json_schema_extra={"pattern": WEBSOCKET_URL_PATTERN})
+    url: str | None = Field(default=None, max_length=2048, json_schema_extra={
+        "pattern": WEBSOCKET_URL_PATTERN, **PORT_IN_RANGE})
     """Websocket URL handed to the workers."""
     features: list[str] = Field(default=list(DEFAULT_WEBSOCKET_FEATURES), max_length=32)
     """Websocket features the workers may use."""
@@ -203,7 +212,7 @@ class NatsSpec(_Model):
 class UpstreamSpec(_Model):
     """The control plane that requests the operator does not serve itself are passed through to."""
 
-    url: str = Field(min_length=1, max_length=2048, pattern=UPSTREAM_URL_PATTERN)
+    url: str = Field(min_length=1, max_length=2048, pattern=UPSTREAM_URL_PATTERN, json_schema_extra=PORT_IN_RANGE)
     """Base URL (http:// or https://, no credentials, query or fragment); a worker's
     `/api/v1/...` path is appended to it."""
     api_key_secret_ref: SecretKeyRef
