@@ -624,6 +624,27 @@ async def test_a_chain_whose_first_run_is_past_retention_is_listed_once(monkeypa
         await access.close()
 
 
+async def test_a_run_of_a_status_the_sdk_does_not_know_is_running_in_its_workers_view(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # pod-a's first, Y, completed; it then took X, paused (Temporal 1.28's PAUSED, which this SDK
+    # does not know). Sorted among the closed runs, X left the listing past `limit` closed ones and
+    # pod-a was told Y completed: it would exit with X's work not done.
+    y = _Run("Y", "y1", S.COMPLETED, "T", NOW - AGO(minutes=50), NOW - AGO(minutes=45))
+    x = _Run("X", "x1", None, "T", NOW - AGO(minutes=40), None)
+    others = [_Run(f"o{i}", f"o{i}", S.COMPLETED, "T", NOW - AGO(minutes=9), NOW - AGO(minutes=8 - i))
+              for i in range(2)]
+    patch_chains(monkeypatch, {"tq": [x, *others, y]})
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    holding(access, endpoint, (y, "pod-a"), (x, "pod-a"), *((o, "pod-x") for o in others))
+    try:
+        found = await access.executions(endpoint, "tq", limit=2, taken_first=True)
+        assert shown(found, "pod-a") == [("Y", "running")]  # its first, while it holds X
+    finally:
+        await access.close()
+
+
 async def test_chains_whose_first_runs_are_past_retention_are_bounded_too(monkeypatch: pytest.MonkeyPatch):
     # Each such workflow is kept with no earlier run: they counted nothing towards the bound, and one
     # entry a workflow id was kept for good (~600 B each; 58 MiB for 100,000 workflows).

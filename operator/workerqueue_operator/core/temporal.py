@@ -624,7 +624,7 @@ class Temporal:
         scanned, last_running = 0, False
         async for wf in self._scan(client, endpoint, query):
             scanned += 1
-            last_running = wf.status in (WorkflowExecutionStatus.RUNNING, None)
+            last_running = wf.status in _RUNNING
             runs_of[wf.id][wf.run_id] = wf
             seen = newest.get(wf.id)
             if seen is None or _start_key(wf) > _start_key(seen):
@@ -707,9 +707,12 @@ class Temporal:
           waits for, and its later ones must not take that one's place in its view;
         - closed lately, its holder known: more than `limit` closing between a worker's two
           confirming polls took its own out of its view, and it waited until its give-up."""
-        going = sorted((wf for wf in newest.values() if wf.status == WorkflowExecutionStatus.RUNNING), key=_start_key)
+        # A status this SDK does not know (a paused run, Temporal 1.28's PAUSED) is running, as status_of
+        # says: sorted among the closed ones, it left its worker's view and the worker was told its
+        # first execution was all it had.
+        going = sorted((wf for wf in newest.values() if wf.status in _RUNNING), key=_start_key)
         closed = sorted((wf for runs in runs_of.values() for wf in runs.values()
-                         if wf.status != WorkflowExecutionStatus.RUNNING or wf is not newest[wf.id]),
+                         if wf.status not in _RUNNING or wf is not newest[wf.id]),
                         key=_close_key, reverse=True)
         recent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=CLOSED_SHOWN_SECONDS)
         ends = _chain_ends(runs_of)
@@ -799,13 +802,13 @@ class Temporal:
             logger.debug("listing the runs of %s failed: %s", wf.id, type(e).__name__)
             return
         behind = predecessor not in {run.run_id for run in earlier} or any(
-            run.status in (WorkflowExecutionStatus.RUNNING, None) for run in earlier)
+            run.status in _RUNNING for run in earlier)
         age = datetime.datetime.now(datetime.UTC) - _start_key(wf)[0]
         if behind and age.total_seconds() < CHAIN_SETTLE_SECONDS:
             return  # the visibility store behind (a close not recorded yet): listed again next time
         key = (endpoint.host, endpoint.namespace, wf.id)
         old = self._chains.pop(key, None)
-        runs = tuple(run for run in earlier if run.status not in (WorkflowExecutionStatus.RUNNING, None))
+        runs = tuple(run for run in earlier if run.status not in _RUNNING)
         self._chained_runs += _weight(runs) - (_weight(old[1]) if old is not None else 0)
         self._chains[key] = (wf.run_id, runs)
         while self._chained_runs > CHAINED_RUNS_KEPT and len(self._chains) > 1:
@@ -1015,7 +1018,9 @@ class Temporal:
         return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled)
 
 
-_NOT_OVER = (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW, None)
+_RUNNING = (WorkflowExecutionStatus.RUNNING, None)
+"""Statuses of a run that goes on: None for one this SDK does not know (see status_of)."""
+_NOT_OVER = (*_RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW)
 
 
 def _chain_ends(runs_of: dict[str, dict[str, _Run]]) -> dict[tuple[str, str], _Run]:
