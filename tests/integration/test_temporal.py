@@ -25,6 +25,7 @@ from workerqueue_operator.core import temporal as temporal_
 from workerqueue_operator.core.temporal import DOWN_SECONDS, Endpoint, Execution, Temporal, TemporalUnavailable
 from workerqueue_operator.devcluster import workflows
 from workerqueue_operator.devcluster.temporal import TemporalServer
+from workerqueue_operator.models import times
 
 
 @pytest.fixture
@@ -453,7 +454,10 @@ async def test_a_run_whose_first_task_is_not_due_yet_is_listed_as_delayed(tempor
         listed = await eventually(lambda: _listed_all(access, temporal, tq, 2))
         found = {e.id: e for e in listed}
         assert (found[later.id].status, found[later.id].holder, found[later.id].delayed) == ("running", None, True)
-        assert (found[now.id].holder, found[now.id].delayed) == (None, False)
+        assert (found[now.id].holder, found[now.id].delayed, found[now.id].due_at) == (None, False, None)
+        # When it may be taken, by its history: before then it is no worker's earlier execution.
+        due, made = found[later.id].due_at, times.parse(found[later.id].created_at or "")
+        assert due is not None and abs(due - (made + 3600)) < 5
     finally:
         await access.close()
         for handle in (later, now):

@@ -211,6 +211,21 @@ def test_a_worker_is_shown_nothing_while_an_earlier_execution_was_read_untaken_b
     assert entry["id"] == "y"
 
 
+def test_a_run_that_could_not_be_taken_before_a_workers_first_is_no_earlier_one_of_its_own():
+    """A cron run waiting for its time, or a start delay, read untaken: as any run read untaken, each
+    showed every worker nothing until it was read again, and hundreds of them held every worker's
+    "finished" for good behind a Temporal slow to answer."""
+    taken_y = times.parse("2026-01-01T00:05:01Z")
+    y = execution("y", "running", "5@q1-w1", "2026-01-01T00:05:01Z")
+    cron = dataclasses.replace(execution("c", "running", None, "2026-01-01T00:05:00Z"), started_at=None,
+                               untaken_at=taken_y - 0.5, delayed=True, due_at=taken_y + 3600)
+    (entry,) = executions.worker_view([y, cron], hostname="q1-w1")
+    assert (entry["id"], entry["status"]) == ("y", "running")
+    # Due before y was taken (within the clocks' margin): it may have been taken first, by this worker.
+    due = dataclasses.replace(cron, due_at=taken_y + executions.UNTAKEN_MARGIN_SECONDS - 0.1)
+    assert executions.worker_view([y, due], hostname="q1-w1") == []
+
+
 def test_a_hostname_matches_the_whole_host_part_only():
     assert not executions.held_by(execution("x", "running", "1@q1-w10", "t"), "q1-w1")
 

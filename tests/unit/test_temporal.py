@@ -243,6 +243,32 @@ def patch_listing(monkeypatch: pytest.MonkeyPatch, runs: list[_Run], read: Any, 
     monkeypatch.setattr(Client, "connect", connect)
 
 
+async def test_a_run_not_due_yet_is_read_again_only_before_a_worker_is_told_it_finished(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Hundreds of cron runs and start delays were read again every few seconds each, and before every
+    # "finished"; not due, nobody can take one but by signalling it, which a recheck still reads.
+    delayed = _Run("cron", "c1", S.RUNNING, "W", START, None)
+    reads: list[str] = []
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(workflow_id)
+        return temporal_._Holder(None, None, untaken_at=time.time(), scheduled=False, due_at=time.time() + 3600)
+
+    patch_listing(monkeypatch, [delayed], read)
+    access = Temporal(timeout=1.0, coalesce=0.0)
+    endpoint = Endpoint(host="t:7233", namespace="n")
+    try:
+        for i in range(3):
+            found = await access.executions(endpoint, "tq", limit=10, taken_first=True)
+            assert found[0].delayed and found[0].due_at is not None and found.reused is (i > 0)
+        assert reads == ["cron"]
+        await access.executions(endpoint, "tq", limit=10, taken_first=True, recheck=True)
+        assert reads == ["cron", "cron"]
+    finally:
+        await access.close()
+
+
 async def test_history_reads_a_listing_leaves_running_are_bounded_and_end(monkeypatch: pytest.MonkeyPatch):
     # A listing's history reads go on after it (for the next listing), so behind a slow Temporal they
     # must not pile up, one set per poll: a task queue has _HISTORY_READS at most, each for a bounded time.

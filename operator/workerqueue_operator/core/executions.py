@@ -58,18 +58,21 @@ def taken_before(execution: Execution, moment: float) -> bool:
     return taken is not None and taken < moment
 
 
-UNTAKEN_MARGIN_SECONDS = 5.0
+UNTAKEN_MARGIN_SECONDS = temporal.UNTAKEN_MARGIN_SECONDS
 """How far the operator's clock and the Temporal server's may differ (see _unsettled)."""
 
 
 def _unsettled(execution: Execution, taken: float) -> bool:
     """Whether the execution, made before `taken` (when a worker took what would be its first), may be
     an earlier one of that worker's though not known as such: its history not read, or read when
-    nobody had taken it yet, before `taken` (a worker takes several at once, reads are concurrent)."""
+    nobody had taken it yet, before `taken` (a worker takes several at once, reads are concurrent).
+    Not one that could not be taken before `taken` (its start delayed, a cron run's time to come)."""
     if (times.parse_or_none(execution.created_at) or 0.0) > taken:
         return False
     if execution.holder_unread:
         return True
+    if execution.holder is None and execution.due_at is not None and execution.due_at > taken + UNTAKEN_MARGIN_SECONDS:
+        return False
     return (execution.holder is None and execution.status == "running" and execution.untaken_at is not None
             and execution.untaken_at <= taken + UNTAKEN_MARGIN_SECONDS)
 

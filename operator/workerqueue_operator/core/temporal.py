@@ -194,6 +194,8 @@ class Execution:
     delayed: bool = False
     """Nobody can take it yet: its first workflow task waits for its time (cron, a start delay, a
     retry's back-off). It waits for no worker meanwhile."""
+    due_at: float | None = None
+    """Of a delayed run: when it may be taken (epoch seconds); nobody took it before then."""
     continued: bool = False
     """This run continued as new: its worker's part is over; `status` is the run its chain ends in."""
 
@@ -250,6 +252,8 @@ class _Holder:
     scheduled: bool = True
     """False for a run whose first workflow task is not scheduled yet (a cron run waiting for its
     time, a start delay, a retry's back-off): nothing for a worker to take until then."""
+    due_at: float | None = None
+    """Of such a run: when its first workflow task is scheduled (epoch seconds, by its history)."""
 
 
 _ListingKey = tuple[tuple[str, str, bool, str], str, int, bool, bool, bool]
@@ -305,6 +309,8 @@ class Temporal:
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
         self._untaken: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
+        self._not_due: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
+        """Runs read untaken whose first workflow task is not due yet (a start delay, a cron run), until then."""
         """Running runs whose last read found nobody had taken them, as read (by when read, oldest first)."""
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
         """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
@@ -652,7 +658,15 @@ class Temporal:
             holders.append(self._known_holder(endpoint, wf.id, wf.run_id))
             if holders[-1] is not None:
                 continue
-            untaken = self._untaken.get((endpoint.host, endpoint.namespace, wf.id, wf.run_id))
+            run_key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
+            not_due = self._not_due.get(run_key)
+            if not recheck and not_due is not None and _not_due(not_due) and wf.close_time is None:
+                # Not read again until it may be taken: hundreds of cron runs and start delays read
+                # every few seconds held every worker's "finished" up. A signal may have it taken
+                # early, though: read afresh before a worker is told its execution is over (reused).
+                holders[-1], reused = not_due, True
+                continue
+            untaken = self._untaken.get(run_key) or not_due
             if (reuse_since is not None and untaken is not None and untaken.untaken_at is not None
                     and untaken.untaken_at >= reuse_since and wf.close_time is None):
                 holders[-1], reused = untaken, not recheck
@@ -686,6 +700,7 @@ class Temporal:
                 holder_unread=h is None,
                 untaken_at=h.untaken_at if h is not None else None,
                 delayed=h is not None and not h.scheduled,
+                due_at=h.due_at if h is not None and not h.scheduled else None,
                 continued=wf.status == WorkflowExecutionStatus.CONTINUED_AS_NEW,
             )
             for wf, h in zip(runs, holders, strict=True)
@@ -897,12 +912,18 @@ class Temporal:
         """Keeps what a read found of a run nobody had taken (for UNTAKEN_REUSE_SECONDS), or forgets it."""
         key = (endpoint.host, endpoint.namespace, run.id, run.run_id)
         self._untaken.pop(key, None)
+        self._not_due.pop(key, None)
         if found.identity is not None or found.untaken_at is None:
             return
         self._untaken[key] = found
+        capacity = self._holder_capacity()
+        if _not_due(found):  # kept until it is due: not read again before then (see _list)
+            self._not_due[key] = found
+            while len(self._not_due) > capacity:
+                self._not_due.popitem(last=False)
+            return
         # Read in turn, the oldest come first: those past reuse go, and the most kept is the holders'.
         oldest = time.time() - UNTAKEN_REUSE_SECONDS
-        capacity = self._holder_capacity()
         while self._untaken:
             first = next(iter(self._untaken.values()))
             if len(self._untaken) <= capacity and first.untaken_at is not None and first.untaken_at >= oldest:
@@ -976,6 +997,7 @@ class Temporal:
         asked_at = time.time()  # what the history tells held then at the latest
         found = _Holder(None, None)
         scheduled = False
+        due_at: float | None = None
         continues = ""  # the run it continues as new, if it does
         token = b""
         while True:
@@ -990,6 +1012,10 @@ class Temporal:
             )
             scheduled = scheduled or any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
                                          for e in page.history.events)
+            for e in page.history.events:
+                if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                    backoff = e.workflow_execution_started_event_attributes.first_workflow_task_backoff
+                    due_at = e.event_time.ToDatetime(datetime.UTC).timestamp() + backoff.ToTimedelta().total_seconds()
             continues = continues or next(
                 (started.continued_execution_run_id for e in page.history.events
                  if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
@@ -1015,9 +1041,16 @@ class Temporal:
             while len(self._holders) > capacity:
                 self._holders.popitem(last=False)
             return found
-        return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled)
+        return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled, due_at=None if scheduled else due_at)
 
 
+def _not_due(holder: _Holder) -> bool:
+    """Whether the run was read untaken and not due yet, with the clocks' margin to spare."""
+    return not holder.scheduled and holder.due_at is not None and holder.due_at > time.time() + UNTAKEN_MARGIN_SECONDS
+
+
+UNTAKEN_MARGIN_SECONDS = 5.0
+"""How far the operator's clock and the Temporal server's may differ (see executions._unsettled)."""
 _RUNNING = (WorkflowExecutionStatus.RUNNING, None)
 """Statuses of a run that goes on: None for one this SDK does not know (see status_of)."""
 _NOT_OVER = (*_RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW)
