@@ -467,6 +467,12 @@ class Kube:
         items = self.core.list_namespaced_event(namespace).items
         return [e for e in items if name is None or e.involved_object.name == name]
 
+    def wait_events(self, namespace: str, name: str, reason: str, *, timeout: float = 15) -> list[k8s.CoreV1Event]:
+        """The object's Events of `reason`, once there is one: the operator posts Events in the
+        background, after the change they tell of (a pod made, a status written) is seen."""
+        return wait_for(lambda: [e for e in self.events(namespace, name) if e.reason == reason], timeout=timeout,
+                        what=f"a {reason} Event on {namespace}/{name}")
+
 
 @pytest.fixture
 def kube(api_client: k8s.ApiClient) -> Kube:

@@ -183,8 +183,8 @@ def test_a_pod_turned_away_at_start_by_the_standby_is_replaced_by_the_active_one
     wait_for(lambda: kube.pod_names(namespace, "ref") == ["ref-w1"], what="the leader replacing the pod")
     assert kube.workers(namespace, "ref").get("consecutiveFailures", 0) == 0
     assert kube.condition(namespace, "ref", "Ready")["status"] == "True"
-    reasons = [e.reason for e in kube.events(namespace, "ref")]
-    assert "WorkerRefused" in reasons and "WorkerFailed" not in reasons
+    kube.wait_events(namespace, "ref", "WorkerRefused")
+    assert "WorkerFailed" not in [e.reason for e in kube.events(namespace, "ref")]
     # The record goes with its pod.
     wait_for(lambda: "ref-w0-refused" not in [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(
         namespace).items], what="the refusal's Lease deleted")

@@ -259,7 +259,7 @@ async def test_a_pool_of_real_single_execution_worker_pods_turns_over_one_worker
     assert first is not None and first.popen.returncode == 0, procs.tail(first.log_path)
     assert procs_[staying] is not None and procs_[staying].popen.poll() is None
     wait_for(lambda: finished not in kube.pod_names(namespace, name, alive=False), timeout=15, what=f"{finished} gone")
-    disconnects = [e for e in kube.events(namespace, name) if e.reason == "WorkerDisconnected"]
+    disconnects = kube.wait_events(namespace, name, "WorkerDisconnected")
     assert len(disconnects) == 1 and "exit code 0" in disconnects[0].message, disconnects
     assert kube.workers(namespace, name)["succeeded"] == 1
     log = first.log_path.read_text(errors="replace")

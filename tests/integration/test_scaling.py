@@ -117,9 +117,8 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
         # A worker's Temporal worker may take several workflows at once (as the real one may): the
         # backlog can be gone before any worker exits, so fewer pods may have run them all.
         assert 1 <= len(pods) <= 10 and workers["nextIndex"] >= 1
-    reasons = [e.reason for e in kube.events(namespace, "scale")]
-    assert "ScaledUp" in reasons and "ScaledDown" in reasons
-    scaled = next(e for e in kube.events(namespace, "scale") if e.reason == "ScaledUp")
+    kube.wait_events(namespace, "scale", "ScaledDown")
+    scaled = kube.wait_events(namespace, "scale", "ScaledUp")[0]
     assert "backlog" in scaled.message and "busy" in scaled.message and "minIdle 0" in scaled.message
     # status.temporal is written at a bounded rate (every 5 s at most), so it shows the end soon after.
     wait_for(lambda: kube.get_queue(namespace, "scale")["status"]["temporal"]["backlog"] == 0, timeout=45,

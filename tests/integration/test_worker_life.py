@@ -86,8 +86,8 @@ async def test_a_single_execution_worker_lives_its_whole_life(
     wait_for(lambda: "life-w0" not in kube.pod_names(namespace, "life", alive=False), timeout=60,
              what="life-w0 gone")
     assert "life-w0" not in registered_pods(kube, namespace)
-    disconnects = [e for e in kube.events(namespace, "life") if e.reason == "WorkerDisconnected"]
-    assert disconnects and "exit code 0" in disconnects[0].message
+    disconnects = kube.wait_events(namespace, "life", "WorkerDisconnected")
+    assert "exit code 0" in disconnects[0].message
     assert kube.workers(namespace, "life")["succeeded"] == 1
     wait_for(lambda: registered_pods(kube, namespace) == {"life-w1"}, timeout=60, what="the next worker")
 

@@ -183,9 +183,9 @@ def test_failures_back_off_then_crash_loop_until_a_worker_succeeds(kube: Kube, n
     wait_pods(kube, namespace, "cl", ["cl-w0"])
     kube.set_phase(namespace, "cl-w0", "Failed", exit_code=3, reason="Error")
     wait_pods(kube, namespace, "cl", ["cl-w1"])  # after a back-off of 1 s (test settings)
-    failed = [e for e in kube.events(namespace, "cl") if e.reason == "WorkerFailed"]
-    assert failed and "exit code 3" in failed[0].message and "reason Error" in failed[0].message
-    assert "BackOff" in reasons(kube, namespace, "cl")
+    failed = kube.wait_events(namespace, "cl", "WorkerFailed")
+    assert "exit code 3" in failed[0].message and "reason Error" in failed[0].message
+    kube.wait_events(namespace, "cl", "BackOff")
     # The failed pod stays for `kubectl logs` while failures go on, without its token.
     assert kube.pod_names(namespace, "cl", alive=False) == ["cl-w0", "cl-w1"]
     wait_for(lambda: not kube.has_secret(namespace, "cl-w0-token"), what="the failed pod's token revoked")
@@ -194,7 +194,7 @@ def test_failures_back_off_then_crash_loop_until_a_worker_succeeds(kube: Kube, n
     c = kube.wait_condition(namespace, "cl", "False", "CrashLooping")
     assert "workers failed 2 times in a row" in c["message"] and "one worker at a time is tried" in c["message"]
     assert kube.condition(namespace, "cl", "Progressing")["reason"] == "CrashLooping"
-    assert "CrashLooping" in reasons(kube, namespace, "cl")
+    kube.wait_events(namespace, "cl", "CrashLooping")
     assert kube.pod_names(namespace, "cl") == []
     wait_for(lambda: kube.pod_names(namespace, "cl", alive=False) == ["cl-w1"], what="only the newest failure kept")
     # A pool is never given up on (what failed its workers may pass): one more after the longest
@@ -225,7 +225,7 @@ def test_a_crash_looping_pools_try_that_runs_a_while_brings_the_pool_back(kube: 
     assert kube.pod_names(namespace, "try") == ["try-w2"]  # not run long enough yet
     wait_pods(kube, namespace, "try", ["try-w2", "try-w3"])
     kube.wait_condition(namespace, "try", "True")
-    assert "BackOffReset" in reasons(kube, namespace, "try")
+    kube.wait_events(namespace, "try", "BackOffReset")
 
 
 def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespace: str):
@@ -237,7 +237,7 @@ def test_ephemeral_queue_is_deleted_after_its_workers_finish(kube: Kube, namespa
     assert kube.queue_exists(namespace, "eph") and kube.pod_names(namespace, "eph") == ["eph-w1"]  # not replaced
     kube.set_phase(namespace, "eph-w1", "Succeeded", exit_code=0)
     wait_for(lambda: not kube.queue_exists(namespace, "eph"), timeout=20, what="ephemeral queue deleted")
-    assert "QueueFinished" in reasons(kube, namespace, "eph")
+    kube.wait_events(namespace, "eph", "QueueFinished")
 
 
 def test_ephemeral_single_execution_runs_one_worker_once(kube: Kube, namespace: str):
@@ -295,7 +295,7 @@ def test_suspend_stops_a_pool_whose_workers_never_exit(kube: Kube, namespace: st
     kube.set_phase(namespace, "spool-w1", "Running")
     kube.patch_queue(namespace, "spool", {"suspend": True})
     wait_for(lambda: kube.pod_names(namespace, "spool") == [], what="the pool's workers stopped")
-    assert "Suspending" in reasons(kube, namespace, "spool")
+    kube.wait_events(namespace, "spool", "Suspending")
     assert "WorkerDisplaced" not in reasons(kube, namespace, "spool")
     wait_for(lambda: (kube.condition(namespace, "spool", "Progressing") or {}).get("message")
              == "workers stopped; none are started while suspended", what="Progressing says so")
@@ -341,7 +341,7 @@ def test_a_pod_deleted_or_evicted_by_someone_else_is_replaced(kube: Kube, namesp
     kube.set_phase(namespace, "ext-w1", "Failed", reason="Evicted")
     wait_pods(kube, namespace, "ext", ["ext-w2"])
     assert kube.workers(namespace, "ext").get("consecutiveFailures", 0) == 0
-    assert "WorkerDisplaced" in reasons(kube, namespace, "ext")
+    kube.wait_events(namespace, "ext", "WorkerDisplaced")
 
 
 def test_pods_deleted_by_someone_else_again_and_again_are_replaced_after_a_back_off(kube: Kube, namespace: str):
@@ -356,9 +356,10 @@ def test_pods_deleted_by_someone_else_again_and_again_are_replaced_after_a_back_
     kube.core.delete_namespaced_pod("del-w1", namespace)
     wait_pods(kube, namespace, "del", ["del-w2"])
     assert kube.workers(namespace, "del").get("consecutiveDisplaced") == 2
-    messages = [e.message for e in kube.events(namespace, "del") if e.reason == "WorkerDisplaced"]
+    wait_for(lambda: len(kube.wait_events(namespace, "del", "WorkerDisplaced")) == 2, what="two WorkerDisplaced")
+    messages = [e.message for e in kube.wait_events(namespace, "del", "WorkerDisplaced")]
     assert sorted(messages) == [f"worker del-w{i} was deleted by someone else" for i in (0, 1)]
-    assert "BackOff" in reasons(kube, namespace, "del")
+    kube.wait_events(namespace, "del", "BackOff")
     assert kube.workers(namespace, "del").get("consecutiveFailures", 0) == 0
 
 
@@ -388,7 +389,8 @@ def test_a_pod_whose_worker_was_turned_away_at_start_is_replaced_not_counted_as_
     wait_pods(kube, namespace, "ref", ["ref-w1"])
     wait_for(lambda: "ref-w0-refused" not in [lease.metadata.name for lease in kube.coordination.list_namespaced_lease(
         namespace).items], what="the record deleted with its pod")
-    assert "WorkerRefused" in reasons(kube, namespace, "ref") and "WorkerFailed" not in reasons(kube, namespace, "ref")
+    kube.wait_events(namespace, "ref", "WorkerRefused")
+    assert "WorkerFailed" not in reasons(kube, namespace, "ref")
     assert kube.workers(namespace, "ref").get("consecutiveFailures", 0) == 0
     assert kube.condition(namespace, "ref", "Ready")["status"] == "True"
     # Its own failure, after a /start that was not refused, is a crash as ever.
@@ -416,11 +418,11 @@ def test_a_pod_whose_worker_ended_while_its_sidecar_runs_on_is_finished(kube: Ku
     worker_exits("mesh-w0", 0)
     wait_pods(kube, namespace, "mesh", ["mesh-w1"])
     assert kube.workers(namespace, "mesh").get("succeeded") == 1
-    assert "WorkerSucceeded" in reasons(kube, namespace, "mesh")
+    kube.wait_events(namespace, "mesh", "WorkerSucceeded")
     worker_exits("mesh-w1", 1)
     wait_pods(kube, namespace, "mesh", ["mesh-w2"])
     assert kube.workers(namespace, "mesh").get("consecutiveFailures") == 1
-    assert "WorkerFailed" in reasons(kube, namespace, "mesh")
+    kube.wait_events(namespace, "mesh", "WorkerFailed")
 
 
 def test_queue_that_cannot_serve_gets_no_workers_until_it_can(kube: Kube, namespace: str):
@@ -452,7 +454,7 @@ def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
                       worker={"template": {"spec": {"containers": [{"name": "no-image"}]}}})
     wait_for(lambda: (kube.condition(namespace, "bad", "Progressing") or {}).get("reason") == "PodCreationFailed",
              what="Progressing=PodCreationFailed")
-    assert "PodCreationFailed" in reasons(kube, namespace, "bad")
+    kube.wait_events(namespace, "bad", "PodCreationFailed")
     assert kube.pods(namespace, "bad") == []
     # Not ready either, as in a crash loop (`kubectl wait --for=condition=Ready` must not pass), and
     # said once, by the supervisor's Events only.
@@ -471,7 +473,7 @@ def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kub
     kube.patch_queue(namespace, "nq", {"replicas": 1})
     progressing = wait_for(lambda: (c := kube.condition(namespace, "nq", "Progressing")) and
                            c["reason"] == "PodCreationFailed" and c, what="Progressing=PodCreationFailed")
-    events = [e.message for e in kube.events(namespace, "nq") if e.reason == "PodCreationFailed"]
+    events = [e.message for e in kube.wait_events(namespace, "nq", "PodCreationFailed")]
     for message in [progressing["message"], kube.workers(namespace, "nq")["lastError"], *events]:
         assert re.search(r"pod (nq-w\d+) was not created: creating its token Secret \1-token failed "
                          r"\(403 Forbidden\)", message), message
@@ -493,7 +495,7 @@ def test_pods_refused_alike_are_tried_one_first_not_all_at_once(kube: Kube, name
              what="Progressing=PodCreationFailed")
     time.sleep(1)
     # Each try names the eight pods it wants (w0-w7, w8-w15, ...) and tries the first only.
-    told = [e.message for e in kube.events(namespace, "many") if e.reason == "PodCreationFailed"]
+    told = [e.message for e in kube.wait_events(namespace, "many", "PodCreationFailed")]
     tried = [int(m.group(1)) for message in told if (m := re.match(r"pod many-w(\d+) ", message))]
     assert tried and len(tried) == len(told) and all(index % 8 == 0 for index in tried), told
     kube.allow_new_secrets(namespace)
