@@ -135,12 +135,11 @@ def test_a_refusal_record_left_long_ago_is_deleted_and_none_is_taken_for_a_regis
     queue_id, token = ready_queue(kube, namespace, "refrs", maxWorkers=1)
     uid = kube.custom.get_namespaced_custom_object("agentcontrol.dev", "v1alpha1", namespace, "workerqueues",
                                                    "refrs")["metadata"]["uid"]
-    operator.stop()
-    for pod, age in (("refrs-w0", 5.0), ("refrs-w9", refusals.REFUSAL_SECONDS + 60)):
-        refusal = leases.Refusal(queue=(namespace, "refrs"), queue_uid=uid, pod=pod, at=time.time() - age,
-                                 why="409: full")
-        kube.coordination.create_namespaced_lease(namespace, leases.refusal_lease_body(refusal, queue_name="refrs"))
-    operator.start()
+    with operator.paused():  # started again whatever fails: every later test needs it
+        for pod, age in (("refrs-w0", 5.0), ("refrs-w9", refusals.REFUSAL_SECONDS + 60)):
+            refusal = leases.Refusal(queue=(namespace, "refrs"), queue_uid=uid, pod=pod, at=time.time() - age,
+                                     why="409: full")
+            kube.coordination.create_namespaced_lease(namespace, leases.refusal_lease_body(refusal, queue_name="refrs"))
 
     def names() -> list[str]:
         return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items)

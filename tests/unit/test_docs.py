@@ -40,3 +40,13 @@ def test_every_event_reason_the_code_posts_is_documented_and_no_other():
     events = documented("Events")
     assert posted - events == set(), "posted, not in docs/operations.md"
     assert events - posted == set(), "in docs/operations.md, no longer posted"
+
+
+def test_the_event_pace_is_the_one_documented():
+    """The integration test of the pace reads it from the code: a pace ten times looser passed it."""
+    from workerqueue_operator.core import events
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    burst, every = re.search(r"paced per object \((\d+) at once,\s+then one every (\d+) s", text).groups()  # type: ignore[union-attr]
+    assert (int(burst), 1 / int(every)) == (events.BURST, events.RATE)
+

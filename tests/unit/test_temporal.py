@@ -840,6 +840,7 @@ async def test_a_worker_is_told_its_execution_is_over_only_once_the_runs_shown_u
         await access.close()
 
 
+@pytest.mark.looptime  # the loop's clock: a loaded machine's delays are no part of what is measured
 async def test_a_listing_again_for_a_worker_keeps_to_one_timeout_in_all(monkeypatch: pytest.MonkeyPatch):
     # Two listings one after the other took up to twice the timeout: past the worker's own bound on
     # its poll. Not listed again in time, its execution is told running (it polls again in 2 s).
