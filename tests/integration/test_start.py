@@ -252,6 +252,15 @@ def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess,
     r = operator.start_worker(f"k-{namespace}", denied)
     assert r.status == 403
     assert f"system:serviceaccount:{namespace}:denied" in r.json()["detail"]
+    # The grant names one queue: another of the namespace is not opened by it (nor by its cached answer).
+    kube.create_queue(namespace, "other", queueId=f"o-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "other", "True")
+    assert operator.start_worker(f"o-{namespace}", allowed).status == 403
+    assert operator.start_worker(f"k-{namespace}", allowed).status == 200
+    # A RoleBinding taken away stops working once the review's cached answer expires (1 s here).
+    kube.rbac.delete_namespaced_role_binding("start-workers", namespace)
+    wait_for(lambda: operator.start_worker(f"k-{namespace}", allowed).status == 403, timeout=15,
+             what="403 once the RoleBinding is gone")
 
 
 def test_queue_id_conflict_keeps_the_first(operator: OperatorProcess, kube: Kube, namespace: str):
