@@ -263,6 +263,29 @@ def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess,
              what="403 once the RoleBinding is gone")
 
 
+def test_a_kubernetes_token_must_carry_an_audience_the_operator_is_given(
+    kubeconfig: Path, crd_installed: None, kube: Kube, namespace: str, tmp_path: Path, operator: OperatorProcess,
+):
+    """WQ_TOKEN_REVIEW_AUDIENCES: a token minted for the API server (or anyone else) does not open a
+    queue; one minted for the operator's audience does."""
+    kube.create_queue(namespace, "aud", queueId=f"aud-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.grant(namespace, "aud-start", resource="workerqueues/start", verb="create", queue="aud", account="runner")
+    plain = service_account_token(kube, namespace, "runner")
+    request = k8s.AuthenticationV1TokenRequest(spec=k8s.V1TokenRequestSpec(audiences=["workerqueue"],
+                                                                           expiration_seconds=3600))
+    own = str(kube.core.create_namespaced_service_account_token("runner", namespace, request).status.token)
+    audience = OperatorProcess(kubeconfig, tmp_path / "audience.log",
+                               env={"WQ_NAMESPACES": namespace, "WQ_TOKEN_REVIEW_AUDIENCES": '["workerqueue"]'})
+    with operator.paused():
+        try:
+            audience.start()
+            kube.wait_condition(namespace, "aud", "True")
+            assert audience.start_worker(f"aud-{namespace}", own).status == 200
+            assert audience.start_worker(f"aud-{namespace}", plain).status == 401
+        finally:
+            audience.stop()
+
+
 def test_queue_id_conflict_keeps_the_first(operator: OperatorProcess, kube: Kube, namespace: str):
     qid = f"dup-{namespace}"
     kube.create_queue(namespace, "first", queueId=qid, temporal={"host": "t:1", "namespace": "n"})
