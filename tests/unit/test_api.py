@@ -58,6 +58,11 @@ async def test_start_answers_the_contract_fields(client: TestClient):
 async def test_worker_ids_are_fresh_per_call(client: TestClient):
     ids = {(await (await client.post(START.format("q-1"), headers=AUTH)).json())["worker_id"] for _ in range(3)}
     assert len(ids) == 3
+    # Each counted, for its queue alone; a refused /start is not.
+    assert (await client.post(START.format("q-1"), headers={"Authorization": "Bearer wrong"})).status == 401
+    text = await (await client.get("/metrics")).text()
+    assert 'workerqueue_workers_started_total{namespace="team-a",queue="q1"} 3' in text
+    assert 'workerqueue_workers_started_total{namespace="team-a",queue="q2"} 0' in text
 
 
 async def test_control_plane_url_falls_back_to_the_request(client: TestClient):
