@@ -847,6 +847,9 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     ({"litellm": {"url": "https://llm", "apiKeySecretRef": {"name": "../../victim/secrets/x", "key": "k"}}},
      "spec.litellm.apiKeySecretRef.name"),
     ({"nats": {"configSecretRef": {"name": "Upper"}}}, "spec.nats.configSecretRef.name"),
+    # A key no Secret can hold: the queue waited for it for good (SecretKeyNotFound).
+    ({"litellm": {"url": "https://llm", "apiKeySecretRef": {"name": "llm", "key": "a/b"}}},
+     "spec.litellm.apiKeySecretRef.key"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",

@@ -40,7 +40,7 @@ class NamespacedSecretKeyRef(BaseModel):
 
     namespace: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
     name: str = Field(pattern=spec_.OBJECT_NAME_PATTERN)
-    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")  # a Secret data key
+    key: str = Field(min_length=1, max_length=253, pattern=spec_.SECRET_KEY_PATTERN)
 
     @classmethod
     def parse(cls, text: str) -> NamespacedSecretKeyRef:

@@ -78,6 +78,8 @@ class _Model(BaseModel):
     )
 
 
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+"""A key of a Secret's data, as the API server holds them."""
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 """A Kubernetes object name (a DNS subdomain, RFC 1123), as the API server holds a Secret's to. Not
 only for a clear error: a name such as `../../other/secrets/x` went into the URL of a GET, which
@@ -89,7 +91,9 @@ class SecretKeyRef(_Model):
 
     name: str = Field(min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN)
     """Name of the Secret."""
-    key: str = Field(min_length=1, max_length=253)
+    # In the CRD only: a key no Secret can hold, refused at apply; one stored before the rule is
+    # reported as not found (SecretKeyNotFound), as it is, rather than the queue dropped.
+    key: str = Field(min_length=1, max_length=253, json_schema_extra={"pattern": SECRET_KEY_PATTERN})
     """Key inside the Secret's data."""
 
 
