@@ -463,6 +463,40 @@ async def test_a_run_whose_first_task_is_not_due_yet_is_listed_as_delayed(tempor
         for handle in (later, now):
             await handle.terminate("test")
 
+async def test_a_reset_run_is_held_by_the_worker_that_takes_it_after_the_reset(temporal: TemporalServer,
+                                                                               client: Client):
+    """A reset copies the earlier run's history, its first WorkflowTaskStarted with it: the reset run
+    was credited to the earlier run's worker (gone, in the review's case), and the worker running it
+    was shown nothing, then waited for its give-up."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
+
+    tq = f"tq-{secrets.token_hex(4)}"
+    handle = await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 0},
+                                         id=f"reset-{uuid.uuid4().hex[:6]}", task_queue=tq)
+    async with worker(client, tq, "1@pod-a"):
+        await handle.result()
+    history = await handle.fetch_history()
+    first_done = next(e.event_id for e in history.events
+                      if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
+    reset = await client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
+        namespace=temporal.namespace, workflow_execution=temporal_.ProtoExecution(workflow_id=handle.id),
+        reason="test", workflow_task_finish_event_id=first_done, request_id=uuid.uuid4().hex))
+    async with worker(client, tq, "2@pod-c"):
+        await client.get_workflow_handle(handle.id, run_id=reset.run_id).result()
+    access = Temporal(timeout=2.0, coalesce=0.0)
+    try:
+        async def both() -> list[Execution] | None:
+            found = await access.executions(endpoint(temporal), tq, limit=10, taken_first=True)
+            return found if len(found) == 2 else None
+
+        holders = {e.run_id: e.holder for e in await eventually(both)}
+        assert holders[reset.run_id] == "2@pod-c"
+        assert holders[handle.result_run_id] == "1@pod-a"  # type: ignore[index]
+    finally:
+        await access.close()
+
+
 async def test_a_listing_reads_at_most_the_scan_limit(temporal: TemporalServer, client: Client):
     tq = f"tq-{secrets.token_hex(4)}"
     started = [await client.start_workflow("AgentExecutionWorkflow", {}, id=f"s{i}-{uuid.uuid4().hex[:6]}",

@@ -32,6 +32,7 @@ from temporalio.api.enums.v1 import (
     PendingActivityState,
     TaskQueueKind,
     TaskQueueType,
+    WorkflowTaskFailedCause,
 )
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
@@ -988,7 +989,8 @@ class Temporal:
 
     async def _holder(self, client: Client, endpoint: Endpoint, workflow_id: str, run_id: str, *,
                       closed: bool) -> _Holder:
-        """The identity and time of the run's first WorkflowTaskStarted; cached once known for good."""
+        """The identity and time of the run's first WorkflowTaskStarted (a reset run's first after the
+        reset); cached once known for good."""
         key = (endpoint.host, endpoint.namespace, workflow_id, run_id)
         # Asked again: a listing alongside may have read it while this one waited at the gate.
         cached = self._known_holder(endpoint, workflow_id, run_id)
@@ -998,6 +1000,7 @@ class Temporal:
         found = _Holder(None, None)
         scheduled = False
         due_at: float | None = None
+        reset = False
         continues = ""  # the run it continues as new, if it does
         token = b""
         while True:
@@ -1010,19 +1013,26 @@ class Temporal:
                 ),
                 timeout=datetime.timedelta(seconds=self._timeout),
             )
-            scheduled = scheduled or any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
-                                         for e in page.history.events)
+            event = None
             for e in page.history.events:
                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-                    backoff = e.workflow_execution_started_event_attributes.first_workflow_task_backoff
+                    started = e.workflow_execution_started_event_attributes
+                    backoff = started.first_workflow_task_backoff
                     due_at = e.event_time.ToDatetime(datetime.UTC).timestamp() + backoff.ToTimedelta().total_seconds()
-            continues = continues or next(
-                (started.continued_execution_run_id for e in page.history.events
-                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
-                 and (started := e.workflow_execution_started_event_attributes).initiator
-                 == ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_WORKFLOW), "")
-            event = next((e for e in page.history.events
-                          if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED), None)
+                    if started.initiator == ContinueAsNewInitiator.CONTINUE_AS_NEW_INITIATOR_WORKFLOW:
+                        continues = continues or started.continued_execution_run_id
+                    # A reset run's history up to the reset is the earlier run's, copied, its first
+                    # task taken by that run's worker (long gone, maybe): this run's is taken after.
+                    reset = started.original_execution_run_id not in ("", run_id)
+                elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+                    scheduled = True
+                elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED and reset and (
+                        e.workflow_task_failed_event_attributes.cause
+                        == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW):
+                    reset = False  # what follows is this run's own
+                elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and not reset:
+                    event = e
+                    break
             if event is not None:
                 found = _Holder(event.workflow_task_started_event_attributes.identity or None,
                                 rfc3339(event.event_time.ToDatetime(datetime.UTC)))
