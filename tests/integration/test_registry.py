@@ -419,9 +419,13 @@ async def test_a_deletion_the_api_server_refuses_outright_is_given_up_after_a_fe
             monkeypatch.setattr(client, "request", counted)
             reg._forget(worker.worker_id)
             await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.2)
-            await asyncio.sleep(3)  # ~0.2 + ~0.4 s between tries; a fourth would come ~0.8 s later
-            assert len(deletes) == registry_.DELETE_REFUSED_TRIES
+            deadline = asyncio.get_running_loop().time() + 30
+            while "given up" not in caplog.text:  # ~0.2 + ~0.4 s between tries, longer on a loaded machine
+                assert asyncio.get_running_loop().time() < deadline, deletes
+                await asyncio.sleep(0.1)
             assert "refused 3 times, given up" in caplog.text
+            await asyncio.sleep(1.5)  # a negative: a fourth would have come ~0.8 s after the third
+            assert len(deletes) == registry_.DELETE_REFUSED_TRIES
         left = kube.coordination.read_namespaced_lease(worker.lease, namespace)  # left to lapse
         # Marked as its worker's end, once, before the first deletion: other replicas never let it back.
         assert left.metadata.annotations[leases.ENDED_ANNOTATION] == "disconnected"

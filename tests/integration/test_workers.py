@@ -221,8 +221,11 @@ def test_a_crash_looping_pools_try_that_runs_a_while_brings_the_pool_back(kube: 
     kube.core.patch_namespaced_pod_status("try-w2", namespace, {"status": {"phase": "Running", "containerStatuses": [
         {"name": c.name, "image": c.image, "imageID": "", "ready": True, "restartCount": 0,
          "state": {"running": {"startedAt": started}}} for c in body.spec.containers]}})
+    patched = time.monotonic()
     time.sleep(1)  # of the 4 s (startedAt is in whole seconds: 3 at least)
-    assert kube.pod_names(namespace, "try") == ["try-w2"]  # not run long enough yet
+    names = kube.pod_names(namespace, "try")
+    if time.monotonic() - patched < 2.5:  # a machine that stalled longer has no "not yet" to show
+        assert names == ["try-w2"]  # not run long enough yet
     wait_pods(kube, namespace, "try", ["try-w2", "try-w3"])
     kube.wait_condition(namespace, "try", "True")
     kube.wait_events(namespace, "try", "BackOffReset")
