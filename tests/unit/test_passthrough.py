@@ -231,6 +231,19 @@ async def test_forwards_exactly_with_the_organizations_key(hub: tuple[Store, Tes
     assert standin.header_values(got, "Content-Type") == ["application/json"]
 
 
+async def test_upstreams_are_dialled_directly_not_through_a_proxy_of_the_environment(
+        upstream: TestServer, monkeypatch: pytest.MonkeyPatch):
+    """As the README says: a proxy variable meant for something else (the image's build, say) would
+    send every call through it, the organization's key with them."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:1")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "")
+    async with serving(upstream) as (_, client):
+        r = await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"})
+        assert (await echoed(r))["path_qs"] == "/api/v1/executions/e-1"
+
+
 @pytest.mark.parametrize("query", ["", "?pad=70000", "?stream=1", "?stream=1&pad=70000", "?coding=gzip",
                                    "?coding=gzip&pad=70000&stream=1", "?coding=deflate", "?coding=deflate&raw=1",
                                    "?coding=identity,gzip", "?coding=gzip&pad=3000000"])
