@@ -347,6 +347,38 @@ async def test_an_informer_holds_its_consumers_news_while_it_lists(kubeconfig: P
     assert seen == {"a": True, "b": True, "c": False}
 
 
+async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
+    proxied_kubeconfig: tuple[Path, Proxy], kube: Kube, namespace: str,
+):
+    """A proxy (or an API server restarting) cutting the long watch connection: each cut cost a full
+    relist, of every replica at once, where client-go watches again from the last version it saw."""
+    config, proxy = proxied_kubeconfig
+    kube.put_secret(namespace, "before", token="b")
+    client = client_.KubeClient(client_.load_configuration(str(config)))
+    lists: list[int] = []
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:  # entered around each (re)list
+        lists.append(1)
+        yield
+
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", name="secrets", hold=counted,
+                              on_upsert=lambda body: seen.append(body["metadata"]["name"]),
+                              on_delete=lambda *_: None)
+    async with running(watch, client):
+        await asyncio.wait_for(watch.synced.wait(), 30)
+        for i in range(2):
+            kube.put_secret(namespace, f"during-{i}", token="d")
+            await until(lambda: f"during-{i}" in seen)  # noqa: B023 - awaited in this turn
+            proxy.cut()  # the watch's connection closed mid-stream
+            proxy.heal()
+        kube.put_secret(namespace, "after", token="a")
+        await until(lambda: "after" in seen)
+    assert len(lists) == 1 and watch.cut_restarts >= 2
+    assert seen.count("before") == 1  # not listed again
+
+
 async def test_the_api_servers_clock_is_read_against_this_one(operator: OperatorProcess, kubeconfig: Path):
     """Peering and the registry's Leases take the replicas' clocks to agree with each other: a replica
     compares its own with the API server's, and says so when they differ (here they are one clock)."""
