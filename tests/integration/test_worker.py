@@ -92,8 +92,9 @@ async def recorder(temporal: TemporalServer) -> AsyncIterator[Recorder]:
     app.router.add_route("*", "/{tail:.*}", rec.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # bound at once: no port picked, then taken by another
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     rec.url = f"http://127.0.0.1:{port}"
     yield rec
     await rec.access.close()
