@@ -850,6 +850,8 @@ def test_deleted_queue_stops_serving(operator: OperatorProcess, kube: Kube, name
     # A key no Secret can hold: the queue waited for it for good (SecretKeyNotFound).
     ({"litellm": {"url": "https://llm", "apiKeySecretRef": {"name": "llm", "key": "a/b"}}},
      "spec.litellm.apiKeySecretRef.key"),
+    ({"litellm": {"url": "https://llm", "apiKeySecretRef": {"name": "llm", "key": "..k"}}},
+     "spec.litellm.apiKeySecretRef.key"),
 ])
 def test_invalid_queue_is_refused_by_kubectl_apply(kubectl, namespace: str, spec: dict[str, Any], message: str):
     manifest = json.dumps({"apiVersion": "agentcontrol.dev/v1alpha1", "kind": "WorkerQueue",

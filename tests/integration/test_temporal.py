@@ -484,13 +484,23 @@ async def test_a_reset_run_is_held_by_the_worker_that_takes_it_after_the_reset(t
         reason="test", workflow_task_finish_event_id=first_done, request_id=uuid.uuid4().hex))
     async with worker(client, tq, "2@pod-c"):
         await client.get_workflow_handle(handle.id, run_id=reset.run_id).result()
+    # Reset again, past the first reset: its history holds the first reset's, copied, and pod-c's task.
+    reset_history = await client.get_workflow_handle(handle.id, run_id=reset.run_id).fetch_history()
+    last_done = [e.event_id for e in reset_history.events
+                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED][-1]
+    again = await client.workflow_service.reset_workflow_execution(ResetWorkflowExecutionRequest(
+        namespace=temporal.namespace, workflow_execution=temporal_.ProtoExecution(workflow_id=handle.id),
+        reason="test", workflow_task_finish_event_id=last_done, request_id=uuid.uuid4().hex))
+    async with worker(client, tq, "3@pod-d"):
+        await client.get_workflow_handle(handle.id, run_id=again.run_id).result()
     access = Temporal(timeout=2.0, coalesce=0.0)
     try:
-        async def both() -> list[Execution] | None:
+        async def all_three() -> list[Execution] | None:
             found = await access.executions(endpoint(temporal), tq, limit=10, taken_first=True)
-            return found if len(found) == 2 else None
+            return found if len(found) == 3 else None
 
-        holders = {e.run_id: e.holder for e in await eventually(both)}
+        holders = {e.run_id: e.holder for e in await eventually(all_three)}
+        assert holders[again.run_id] == "3@pod-d"
         assert holders[reset.run_id] == "2@pod-c"
         assert holders[handle.result_run_id] == "1@pod-a"  # type: ignore[index]
     finally:

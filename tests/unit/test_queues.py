@@ -391,7 +391,8 @@ def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):
     assert "a\nb" not in r.problem.message
 
 
-@pytest.mark.parametrize("url", ["https://cp.example:99999", "http://[::1]:70000", "http://[:]", "http://[:::]/v1"])
+@pytest.mark.parametrize("url", ["https://cp.example:99999", "http://[::1]:70000", "http://[:]", "http://[:::]/v1",
+                                 "http://cp.example/a b", "http://cp.example/a\x01b"])
 def test_an_upstream_url_no_call_could_use_makes_the_queue_not_ready(url: str):
     # Each pass-through call would raise (a 500 with a traceback) while the queue showed Ready; an
     # IPv6 host urlsplit refuses ([:]) made every scrape of /metrics a 500 too (its label).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -661,9 +662,12 @@ async def test_a_probe_that_meets_a_bug_is_probed_again_not_left_under_way_for_e
     s.queue_changed(q)
     poll = asyncio.create_task(s.prober.run())
     try:
-        await asyncio.sleep(1.6)  # probed again a second after (the timeline is on time.monotonic)
+        deadline = time.monotonic() + 30  # probed again a second after (the timeline is on time.monotonic)
+        while source.described < 2:
+            assert time.monotonic() < deadline, "not probed again"
+            await asyncio.sleep(0.05)
     finally:
         poll.cancel()
         await asyncio.gather(poll, return_exceptions=True)
-    assert not bugs and source.described >= 2
+    assert not bugs
     assert "a bug" in caplog.text

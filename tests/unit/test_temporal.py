@@ -253,7 +253,8 @@ async def test_a_run_not_due_yet_is_read_again_only_before_a_worker_is_told_it_f
 
     async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
         reads.append(workflow_id)
-        return temporal_._Holder(None, None, untaken_at=time.time(), scheduled=False, due_at=time.time() + 3600)
+        # Read a minute ago: as a run merely untaken, it would be read again (UNTAKEN_REUSE_SECONDS).
+        return temporal_._Holder(None, None, untaken_at=time.time() - 60, scheduled=False, due_at=time.time() + 3600)
 
     patch_listing(monkeypatch, [delayed], read)
     access = Temporal(timeout=1.0, coalesce=0.0)

@@ -86,10 +86,10 @@ class CreateRefusal:
 
 
 ORPHAN_GRACE_SECONDS = 60.0
+"""A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
 PODS_PAGE_SIZE = 200
 """A queue's pods are listed a page at a time: each page is parsed on the event loop, and a queue of
 1,000 pods listed whole (~3 MB) held /start and heartbeats up for ~100 ms, at each of its passes."""
-"""A per-worker token without its pod is deleted once it is this old (see _delete_orphan_credentials)."""
 
 
 def owner_key(pod: Mapping[str, Any]) -> QueueKey | None:

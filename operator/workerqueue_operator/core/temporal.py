@@ -310,9 +310,9 @@ class Temporal:
         self._holders: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         self._holder_cache_size = holder_cache_size
         self._untaken: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
+        """Running runs whose last read found nobody had taken them, as read (by when read, oldest first)."""
         self._not_due: collections.OrderedDict[tuple[str, str, str, str], _Holder] = collections.OrderedDict()
         """Runs read untaken whose first workflow task is not due yet (a start delay, a cron run), until then."""
-        """Running runs whose last read found nobody had taken them, as read (by when read, oldest first)."""
         self._listed_task_queues: dict[tuple[str, str, str], float] = {}
         """(host, namespace, task queue) -> when its executions were last listed (loop time)."""
         self._listed_pruned = 0.0
@@ -661,7 +661,7 @@ class Temporal:
                 continue
             run_key = (endpoint.host, endpoint.namespace, wf.id, wf.run_id)
             not_due = self._not_due.get(run_key)
-            if not recheck and not_due is not None and _not_due(not_due) and wf.close_time is None:
+            if not (recheck or fresh) and not_due is not None and _not_due(not_due) and wf.close_time is None:
                 # Not read again until it may be taken: hundreds of cron runs and start delays read
                 # every few seconds held every worker's "finished" up. A signal may have it taken
                 # early, though: read afresh before a worker is told its execution is over (reused).
@@ -916,13 +916,13 @@ class Temporal:
         self._not_due.pop(key, None)
         if found.identity is not None or found.untaken_at is None:
             return
-        self._untaken[key] = found
         capacity = self._holder_capacity()
         if _not_due(found):  # kept until it is due: not read again before then (see _list)
             self._not_due[key] = found
             while len(self._not_due) > capacity:
                 self._not_due.popitem(last=False)
             return
+        self._untaken[key] = found
         # Read in turn, the oldest come first: those past reuse go, and the most kept is the holders'.
         oldest = time.time() - UNTAKEN_REUSE_SECONDS
         while self._untaken:
@@ -1027,9 +1027,10 @@ class Temporal:
                 elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
                     scheduled = True
                 elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED and reset and (
-                        e.workflow_task_failed_event_attributes.cause
-                        == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW):
-                    reset = False  # what follows is this run's own
+                        (failed := e.workflow_task_failed_event_attributes).cause
+                        == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_RESET_WORKFLOW
+                        and failed.new_run_id == run_id):
+                    reset = False  # what follows is this run's own (not a reset of an earlier run, copied too)
                 elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and not reset:
                     event = e
                     break

@@ -20,6 +20,9 @@ UPSTREAM_URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,
 """An upstream base URL: http(s), a host name or [IPv6] and a port, a path without spaces or control
 characters (aiohttp refuses them: each call was a 500); no credentials, query or fragment (the host
 is what metrics are labelled with)."""
+_UPSTREAM_URL_STORED = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^?#]*)?$"
+"""What the operator parses: the CRD's rule before the path's spaces and control characters were
+refused, so that a queue stored then is reported (UpstreamInvalid), not dropped."""
 TEMPORAL_HOST_PATTERN = (r"^$|^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):"
                          r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})$")
 """A Temporal frontend address: a host name or [IPv6], and a port from 1 to 65535 (the SDK dials
@@ -79,7 +82,9 @@ class _Model(BaseModel):
 
 
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
-"""A key of a Secret's data, as the API server holds them."""
+"""A key of a Secret's data, as the API server holds them..."""
+SECRET_KEY_REFUSED = r"^\.\.|^\.$"
+"""...but for `.`, `..` and those that begin with `..`."""
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 """A Kubernetes object name (a DNS subdomain, RFC 1123), as the API server holds a Secret's to. Not
 only for a clear error: a name such as `../../other/secrets/x` went into the URL of a GET, which
@@ -93,7 +98,8 @@ class SecretKeyRef(_Model):
     """Name of the Secret."""
     # In the CRD only: a key no Secret can hold, refused at apply; one stored before the rule is
     # reported as not found (SecretKeyNotFound), as it is, rather than the queue dropped.
-    key: str = Field(min_length=1, max_length=253, json_schema_extra={"pattern": SECRET_KEY_PATTERN})
+    key: str = Field(min_length=1, max_length=253, json_schema_extra={
+        "pattern": SECRET_KEY_PATTERN, "not": {"pattern": SECRET_KEY_REFUSED}})
     """Key inside the Secret's data."""
 
 
@@ -216,7 +222,8 @@ class NatsSpec(_Model):
 class UpstreamSpec(_Model):
     """The control plane that requests the operator does not serve itself are passed through to."""
 
-    url: str = Field(min_length=1, max_length=2048, pattern=UPSTREAM_URL_PATTERN, json_schema_extra=PORT_IN_RANGE)
+    url: str = Field(min_length=1, max_length=2048, pattern=_UPSTREAM_URL_STORED,
+                     json_schema_extra={"pattern": UPSTREAM_URL_PATTERN, **PORT_IN_RANGE})
     """Base URL (http:// or https://, no credentials, query or fragment); a worker's
     `/api/v1/...` path is appended to it."""
     api_key_secret_ref: SecretKeyRef
