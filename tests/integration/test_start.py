@@ -253,8 +253,9 @@ def test_kubernetes_identities_are_authorized_by_rbac(operator: OperatorProcess,
     assert r.status == 403
     assert f"system:serviceaccount:{namespace}:denied" in r.json()["detail"]
     # The grant names one queue: another of the namespace is not opened by it (nor by its cached answer).
-    kube.create_queue(namespace, "other", queueId=f"o-{namespace}", temporal={"host": "t:1", "namespace": "n"})
-    kube.wait_condition(namespace, "other", "True")
+    # (Named apart: test_rbac.py runs these scenarios one after another in one namespace.)
+    kube.create_queue(namespace, "rbac-other", queueId=f"o-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "rbac-other", "True")
     assert operator.start_worker(f"o-{namespace}", allowed).status == 403
     assert operator.start_worker(f"k-{namespace}", allowed).status == 200
     # A RoleBinding taken away stops working once the review's cached answer expires (1 s here).
