@@ -136,6 +136,8 @@ class Watches:
         ] if peering is not None else []
         self._feed = feed
         self._namespaces = settings.namespaces
+        self.listing = serving.Listing(listed=False)
+        """Set once every informer /start depends on has listed (the API's calls wait for it)."""
 
     @property
     def all(self) -> list[informer.Informer]:
@@ -175,11 +177,16 @@ class Watches:
         _counted)."""
         await (i.settled if self._namespaces else i.synced).wait()
 
+    async def _listed(self) -> None:
+        await asyncio.gather(*(self._known(i) for i in self.all))
+        self.listing.done.set()
+
     async def run(self, reconciler: Reconciler) -> None:
         # Queues first, so that the Secret list keeps exactly the Secrets they use (no reads one by
         # one); statuses only once both are known, so that no queue flaps through "not found".
         tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}")
                  for i in (*self.peerings, *self.queues, *self.leases)]
+        tasks.append(asyncio.create_task(self._listed(), name="first lists"))
         try:
             await asyncio.gather(*(self._known(i) for i in self.queues))
             tasks += [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.secrets]
@@ -304,6 +311,7 @@ async def run(
     registry = Registry(client=client, events=events, queue_of=store.queue, active=activity.is_active,
                         watching=lambda: watches.leases_watched(),
                         bounds=registry_.Bounds.of(settings), pod_interval=store.pod_interval)
+    activity.on_peer_lost(registry.peer_lost)
     temporal_ = temporal.Temporal(timeout=settings.temporal_timeout_seconds, max_clients=settings.temporal_max_clients)
     supervisor = Supervisor(store=store, client=client, settings=settings, events=events, activity=activity,
                             registry=registry, temporal=temporal_, statuses_behind=reconciler.behind,
@@ -322,7 +330,8 @@ async def run(
 
     app = app_.make_app(store=store, reviewer=reviewer, registry=registry, temporal_=temporal_, kube=client,
                         settings=settings, version=version, ready=ready,
-                         secrets_current=watches.secrets_current, invalid_count=reconciler.invalid_count)
+                         secrets_current=watches.secrets_current, invalid_count=reconciler.invalid_count,
+                        listing=watches.listing)
     app[keys.METRICS].family("workerqueue_watch_failures_total",
                              "Failed lists and watches of the operator's own informers, by resource.",
                              kind="counter", label="resource", read=lambda: watches.counts(lambda i: i.failures))

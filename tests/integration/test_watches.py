@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,47 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             assert f"watch workerqueues/{namespace} recovered" in own.logs()
         finally:
             own.stop()
+
+
+def test_a_worker_reaching_a_replica_before_its_lists_is_answered_once_they_are_in(
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
+    operator: OperatorProcess,
+):
+    """A restarted replica listens before its watches have listed (an in-place restart, before its
+    endpoint is marked not ready; a client calling the pod): a valid queue token was 401 there, the
+    queue 404, and a worker exits for good on either. It is answered once the lists are in."""
+    config, proxy = proxied_kubeconfig
+    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace})
+    queue_id = f"early-{namespace}"
+    with operator.paused():
+        try:
+            own.start()
+            kube.create_queue(namespace, "early", queueId=queue_id, temporal=TEMPORAL)
+            kube.wait_condition(namespace, "early", "True")
+            token = kube.queue_token(namespace, "early")
+            own.stop()
+            proxy.latency = 1.0  # every answer of the API server a second late: its lists take seconds
+            starting = threading.Thread(target=own.start)
+            starting.start()
+            try:
+                wait_for(lambda: _answers(f"{own.url}/healthz"), timeout=60, what="the replica listening")
+                assert http("GET", f"{own.url}/readyz").status == 503  # not listed yet
+                answer = own.start_worker(queue_id, token)
+                assert answer.status == 200, answer.body
+                assert own.call("POST", f"/api/v1/workers/{answer.json()['worker_id']}/heartbeat", token,
+                                {"status": "idle", "tasks_processed": 0}).status in (200, 204)
+            finally:
+                proxy.latency = 0.0
+                starting.join()
+        finally:
+            own.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=2).status == 200
+    except OSError:
+        return False
 
 
 def test_an_api_server_hanging_up_on_a_write_stops_no_loop(

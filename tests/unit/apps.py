@@ -11,6 +11,7 @@ import kubernetes
 from aiohttp import web
 
 from workerqueue_operator.api import app as app_
+from workerqueue_operator.api import serving
 from workerqueue_operator.core import reviews, temporal
 from workerqueue_operator.core.events import EventPoster
 from workerqueue_operator.core.registry import Bounds, Registry
@@ -44,7 +45,8 @@ class NoReviews(reviews.Reviewer):
 def make_app(store: Store, *, settings: Settings | None = None, version: str = "9.9.9",
              reviewer: reviews.Reviewer | None = None,
              secrets_current: Callable[[], bool] = lambda: True,
-             invalid_count: Callable[[], int] = lambda: 0) -> web.Application:
+             invalid_count: Callable[[], int] = lambda: 0,
+             listing: serving.Listing | None = None) -> web.Application:
     # Nobody answers there (a port bound, never listening): the one write made at once, a refused
     # pod's record, fails at once, as it may.
     unused = socket.socket()
@@ -55,7 +57,8 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
                         bounds=Bounds.of(settings))
     app = app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
                         temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
-                        ready=lambda: True, secrets_current=secrets_current, invalid_count=invalid_count)
+                        ready=lambda: True, secrets_current=secrets_current, invalid_count=invalid_count,
+                        listing=listing)
 
     async def close(app: web.Application) -> None:
         await kube.close()

@@ -56,6 +56,23 @@ def test_a_standby_takes_over_when_the_active_peer_expires_and_is_told_so():
     assert not activity.is_active()
 
 
+def test_a_replica_leaving_the_peering_is_told_whichever_replica_is_active():
+    """Its Service still sent it heartbeats until its endpoints changed: the registry forgives them."""
+    clock = [NOW]
+    activity = Activity(identity="me", priority=2, peerings=[("", "wq")], now=lambda: clock[0])
+    lost: list[int] = []
+    activity.on_peer_lost(lambda: lost.append(1))
+    activity.observed(("", "wq"), {"status": {"me": peer(2, 0), "standby": peer(1, 0), "other": peer(1, 5)}})
+    assert activity.is_active() and lost == []
+    clock[0] = NOW + datetime.timedelta(seconds=5.1)  # `other`'s keep-alive expired: lost, though below us
+    activity._refresh()
+    assert lost == [1] and activity.is_active()
+    activity._refresh()
+    assert lost == [1]  # once
+    activity.observed(("", "wq"), {"status": {"me": peer(2, -5)}})  # `standby` stopped: taken out
+    assert lost == [1, 1]
+
+
 async def until(check: Callable[[], bool]) -> None:
     for _ in range(500):
         if check():

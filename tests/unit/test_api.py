@@ -595,6 +595,32 @@ async def test_a_draining_replica_is_unready_and_closes_each_connection_after_it
     assert missing.status == 404 and missing.headers["Connection"] == "close"
 
 
+async def test_calls_reaching_a_replica_before_its_lists_wait_for_them_then_503():
+    """A restarted replica listens before its watches have listed: a valid queue token was 401 and a
+    known queue 404 from its empty memory, and a worker exits for good on either."""
+    from workerqueue_operator.api import serving
+
+    store = Store(settings=Settings())
+    listing = serving.Listing(listed=False, hold_seconds=0.5)
+    async with TestClient(TestServer(apps.make_app(store, listing=listing))) as c:
+        assert (await c.get("/healthz")).status == 200  # probes, metrics: at once
+        assert (await c.get("/readyz")).status == 200
+        held = await c.post(START.format("q-1"), headers=AUTH)
+        assert (held.status, await held.json()) == (503, {"detail": app_._STARTING})
+        assert held.headers["Retry-After"] == "1"
+        assert (await c.get("/api/v1/executions/e1", headers=AUTH)).status == 503  # the pass-through too
+
+        listing.hold_seconds = 30
+        waiting = asyncio.create_task(c.post(START.format("q-1"), headers=AUTH))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        # The lists come in: the queue and its token with them.
+        store.upsert_queue(queue("q1", queueId="q-1"))
+        store.upsert_secret(("team-a", "q1-worker-token"), {"token": "good-token"})
+        listing.done.set()
+        assert (await waiting).status == 200
+
+
 @pytest.mark.parametrize(("query", "expected"), [
     ("", (10, "all")), ("limit=5&status=all", (5, "all")), ("limit=5.0", (5, "all")),
     ("limit=5&limit=7", (7, "all")),  # the last, as Starlette reads a repeated parameter

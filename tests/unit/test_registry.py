@@ -640,6 +640,40 @@ def standby_holding(now: list[float], *names: str) -> tuple[registry.Registry, A
     return reg, q
 
 
+async def test_heartbeats_lost_with_a_replica_that_left_do_not_end_their_workers():
+    """Two replicas share the heartbeats; one dies (a lost node), and its Service sends it heartbeats
+    until its endpoints change, 40 s and more. The one left ended those live workers' registrations
+    (their Leases not renewed: 2.5 intervals) and gave their slots away: their heartbeats then 409."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    ended: list[str] = []
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    reg._end = lambda worker, *_, **__: ended.append(worker.worker_id)  # type: ignore[method-assign]
+    for name in ("w1", "w2"):
+        reg.lease_upserted(leases.lease_body(make_worker(worker_id=name, lease=f"q1-{name}", slot=None, pod=None,
+                                                         renewed_at=now[0], duration=25.0), queue_name=q.name))
+    now[0] += 12  # the peer's keep-alives expire meanwhile: it left
+    reg.peer_lost()
+    reg._sweep(ending=True)
+    now[0] += 40  # well past the Leases' 25 s, still within the forgiveness
+    reg._sweep(ending=True)
+    assert ended == [] and reg.get("w1") is not None
+    now[0] += registry.PEER_LOST_FORGIVEN_SECONDS  # a whole lease past its end: w1 heartbeats here, w2 is dead
+    reg.heartbeat(reg.get("w1", expired=True), status="idle", tasks_processed=0,  # type: ignore[arg-type]
+                  current_task_id=None, system_info=None)
+    reg._sweep(ending=True)
+    now[0] += 20
+    reg._sweep(ending=True)
+    assert ended == ["w2"]
+    await kube.close()
+
+
 def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
     """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
     expired by its renew time: the worker may come back at its next heartbeat. A Lease marked as its

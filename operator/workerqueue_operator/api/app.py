@@ -32,6 +32,7 @@ from workerqueue_operator.api.keys import (
     BUSY,
     DRAIN,
     KUBE,
+    LISTING,
     LOG,
     METRICS,
     OPENAPI,
@@ -246,10 +247,15 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled, drain: serving.Drain) -> Middleware:
+_STARTING = "The operator is starting (its watches have not listed yet), try again"
+
+
+def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttled, drain: serving.Drain,
+             listing: serving.Listing) -> Middleware:
     """The middleware every request passes: metrics, and FastAPI-shaped JSON for every error, never
-    a traceback per request; while the replica drains, every answer closes its connection. Its
-    collaborators are bound here, not looked up per request: it is on the path of every /start."""
+    a traceback per request; while the replica drains, every answer closes its connection; until it
+    has listed, calls under /api/ wait (serving.Listing). Its collaborators are bound here, not
+    looked up per request: it is on the path of every /start."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -259,7 +265,11 @@ def observer(*, metrics_: metrics.Metrics, busy: set[object], log: logs.Throttle
         busy.add(connection)  # not to be closed to make room for a new connection (see serving.py)
         try:
             try:
-                response = await handler(request)
+                response: web.StreamResponse
+                if not listing.done.is_set() and request.path.startswith("/api/") and not await listing.wait():
+                    response = errors.detail(503, _STARTING, headers={"Retry-After": "1"})
+                else:
+                    response = await handler(request)
                 status = response.status
                 # A websocket or an event stream returns when it ends, minutes or hours later: its life
                 # is no latency (it would fill the top bucket and the sum). Counted, not timed.
@@ -329,14 +339,18 @@ def make_app(
     ready: Callable[[], bool],
     secrets_current: Callable[[], bool] = lambda: True,
     invalid_count: Callable[[], int] = lambda: 0,
+    listing: serving.Listing | None = None,
 ) -> web.Application:
-    """`invalid_count`: queues whose stored spec cannot be taken (SpecInvalid), which the store does not hold."""
+    """`invalid_count`: queues whose stored spec cannot be taken (SpecInvalid), which the store does not
+    hold; `listing`: set once the watches have listed (None: listed already)."""
     metrics_ = metrics.Metrics()
     log = logs.Throttled(logger, metrics_)
     busy: set[object] = set()
     drain = serving.Drain()
+    listing = listing or serving.Listing()
     # aiohttp refuses a body longer than client_max_size: exactly MAX_BODY bytes pass.
-    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log, drain=drain)],
+    app = web.Application(middlewares=[observer(metrics_=metrics_, busy=busy, log=log, drain=drain,
+                                                listing=listing)],
                           client_max_size=bodies.MAX_BODY)
     app[STORE] = store
     app[REVIEWER] = reviewer
@@ -356,6 +370,7 @@ def make_app(
     app.cleanup_ctx.append(log.settling)
     app[BUSY] = busy
     app[DRAIN] = drain
+    app[LISTING] = listing
     app[UNSEEN] = unseen.UnseenTokens(secrets_current)
     app[METRICS].family("workerqueue_token_reviews_total",
                         "Kubernetes tokens presented by outcome (authenticated, rejected; rejected_cached: no "

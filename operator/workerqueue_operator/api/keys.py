@@ -30,3 +30,5 @@ DRAIN = web.AppKey("drain", serving.Drain)
 """Set when the replica stops: its last seconds of serving (api/serving.py)."""
 UNSEEN = web.AppKey("unseen", unseen.UnseenTokens)
 """Per-worker tokens held until the Secret watch brings them (api/unseen.py)."""
+LISTING = web.AppKey("listing", serving.Listing)
+"""Set once the replica's watches have listed: worker calls wait for it (api/serving.py)."""

@@ -29,7 +29,8 @@ START_ERRORS: dict[int, tuple[str, str]] = {
     503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "
           "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After), or a "
-          "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded)",
+          "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded), "
+          "or the operator has just started and its watches have not listed within 20 s (with Retry-After)",
           "Worker queue is not ready: secret llm not found in namespace team-a"),
 }
 
@@ -72,7 +73,7 @@ def document(version: str, *, metrics: bool = True) -> dict[str, Any]:
         said = {400: "Bad request (a body that is not UTF-8 or not well chunked)", 401: "Not authenticated",
                 403: "Not allowed", 404: "Not found", 408: "Request body not received in time",
                 409: "Conflict", 413: "Request body too large",
-                503: "A dependency (the API server, Temporal) is unavailable: try again"}
+                503: "A dependency (the API server, Temporal) is unavailable, or the operator is starting: try again"}
         answers = {str(c): json_of(ref(HTTP_ERROR), said[c]) for c in codes}
         if validated:
             answers["422"] = json_of(ref("HTTPValidationError"), "Validation Error")

@@ -49,6 +49,34 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json
             b"Connection: close\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY)
 
 
+LISTING_HOLD_SECONDS = 20.0
+"""How long a worker's call waits for a replica just started to list what it answers from (see Listing)."""
+
+
+class Listing:
+    """Whether the replica's watches have listed, once, what the API answers from: queues, Secrets,
+    registrations. The listener opens before that (its /readyz says so), and a call reaching it
+    meanwhile (a restarted container before its endpoint is marked not ready, a client calling the
+    pod directly) would be answered from empty memory: a valid queue token 401, a queue 404, which a
+    worker takes for good (it exits on a /start that fails). Such calls wait for the lists instead,
+    up to `hold_seconds`, then get a 503 (a worker's /start waits 60 s for its answer)."""
+
+    def __init__(self, *, listed: bool = True, hold_seconds: float = LISTING_HOLD_SECONDS) -> None:
+        self.done = asyncio.Event()
+        if listed:
+            self.done.set()
+        self.hold_seconds = hold_seconds
+
+    async def wait(self) -> bool:
+        """Whether the lists came in time."""
+        try:
+            async with asyncio.timeout(self.hold_seconds):
+                await self.done.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 class Drain:
     """A stopping replica's last seconds of serving (settings.http_drain_seconds).
 

@@ -45,10 +45,9 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
-                   now: datetime.datetime) -> list[str]:
-    """The live peers (other than us) with a priority at least ours: any of them pauses us, as in kopf."""
-    blocking = []
+def live_peers(status: Mapping[str, Any], *, identity: str, now: datetime.datetime) -> dict[str, int]:
+    """The live peers (other than us: their last keep-alive younger than their lifetime), by priority."""
+    live = {}
     for peer, info in status.items():
         if peer == identity or not isinstance(info, Mapping):
             continue
@@ -59,9 +58,15 @@ def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
             continue
         seen = times.parse_or_none(info.get("lastseen"))
         lastseen = datetime.datetime.fromtimestamp(seen, datetime.UTC) if seen is not None else now
-        if lastseen + datetime.timedelta(seconds=lifetime) > now and their_priority >= priority:
-            blocking.append(peer)
-    return blocking
+        if lastseen + datetime.timedelta(seconds=lifetime) > now:
+            live[peer] = their_priority
+    return live
+
+
+def blocking_peers(status: Mapping[str, Any], *, identity: str, priority: int,
+                   now: datetime.datetime) -> list[str]:
+    """The live peers (other than us) with a priority at least ours: any of them pauses us, as in kopf."""
+    return [peer for peer, theirs in live_peers(status, identity=identity, now=now).items() if theirs >= priority]
 
 
 class Activity:
@@ -75,6 +80,9 @@ class Activity:
         self._status: dict[PeeringKey, Mapping[str, Any]] = {}
         self._now = now
         self._listeners: list[Listener] = []
+        self._lost_listeners: list[Callable[[], None]] = []
+        self._peers: frozenset[str] = frozenset()
+        """The other replicas live at the last decision."""
         self._active = not self._expected
         self._stood_down = False
         self._reader: Reader | None = None
@@ -105,6 +113,10 @@ class Activity:
     def subscribe(self, listener: Listener) -> None:
         """`listener(active)` on every change."""
         self._listeners.append(listener)
+
+    def on_peer_lost(self, listener: Callable[[], None]) -> None:
+        """`listener()` whenever another replica leaves the peering: stopped, or its keep-alives expired."""
+        self._lost_listeners.append(listener)
 
     def observed(self, key: PeeringKey, body: Mapping[str, Any] | None) -> None:
         """A peering object as the watch saw it, or None when it is gone."""
@@ -161,7 +173,15 @@ class Activity:
     def _refresh(self) -> None:
         if self.standalone and not self._stood_down:
             return
-        active, blocking = (False, []) if self._stood_down else self._decide(self._now())
+        now = self._now()
+        peers = frozenset(peer for status in self._status.values()
+                          for peer in live_peers(status, identity=self.identity, now=now))
+        lost, self._peers = self._peers - peers, peers
+        if lost:
+            logger.info("replica %s left the peering", ", ".join(sorted(lost)))
+            for lost_listener in self._lost_listeners:
+                lost_listener()
+        active, blocking = (False, []) if self._stood_down else self._decide(now)
         if active == self._active:
             return
         self._active = active

@@ -68,6 +68,10 @@ logger = logging.getLogger(__name__)
 CLAIM_DEADLINE_SECONDS = 10.0
 """A slot claim (maxWorkers) takes one or two API-server calls per slot tried, each within
 leasecalls.API_TIMEOUT: all of them within this, or the claim fails (/start answers 503)."""
+PEER_LOST_FORGIVEN_SECONDS = 60.0
+"""After another replica leaves the peering (a lost node, a SIGKILL), how long the registry counts as
+blind (Registry.peer_lost): heartbeats its Service still sent there were lost until its endpoints
+changed (about 40-50 s for a lost node: the node monitor's grace period)."""
 BLIND_FORGIVEN_SECONDS = 300.0
 """The longest stretch of a Lease watch down whose time does not count toward expiry (see Registry._blind_at)."""
 RETRY_SECONDS = 2.0
@@ -208,6 +212,8 @@ class Registry:
         """When the Lease watch went down (clock); None while it works."""
         self._forgiven_at = 0.0
         """The _blind_at the registrations' `seen_at` were last moved to (see _sweep)."""
+        self._peer_lost_until = 0.0
+        """Until when (clock) the heartbeats a replica that left may have taken are forgiven (peer_lost)."""
         self._base_rate = base_write_rate
         self._clock = clock
         self._monotonic = monotonic
@@ -1003,6 +1009,13 @@ class Registry:
                 del self._marked[key]  # a deletion that fails is made again by _delete_quietly itself
                 self._spawn(self._delete_quietly(worker, "ended", on_purpose=True))
 
+    def peer_lost(self) -> None:
+        """Another replica left the peering: the heartbeats its Service sent it meanwhile were lost, not
+        missed by their workers, so this replica counts as blind for a while (see _blind_at). Without
+        it, the replica left ended the registrations of live workers whose heartbeats went there, and
+        gave their maxWorkers slots to the next /start (their heartbeats then 409 for good)."""
+        self._peer_lost_until = self._clock() + PEER_LOST_FORGIVEN_SECONDS
+
     def _sweep(self, *, ending: bool) -> None:
         """Expired workers: a registration never written is just forgotten (no write for a worker that
         never heartbeat); a written one's Lease is deleted by the active replica. Only the workers
@@ -1014,6 +1027,8 @@ class Registry:
             self._blind_since = now if self._blind_since is None else self._blind_since
             if now - self._blind_since <= BLIND_FORGIVEN_SECONDS:
                 self._blind_at = now
+        if now <= self._peer_lost_until:
+            self._blind_at = now
         if self._blind_at > self._forgiven_at:
             # A registration with a Lease may have been renewed by another replica unseen: as the time
             # a restart took, the time this replica was blind to that does not count.
