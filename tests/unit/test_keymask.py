@@ -56,3 +56,12 @@ def test_no_key_changes_nothing():
     mask = KeyMask("", TOKEN)
     assert mask.whole(b"anything") == b"anything" and mask.feed(b"a") == b"a" and mask.end() == b""
     assert mask.header("anything") == "anything" and mask.message("anything") == "anything"
+
+
+def test_the_compiled_mask_never_prints_the_key_or_the_token():
+    # Every field holds one of them: a traceback reporter printing locals would show both.
+    from workerqueue_operator.api import keymask
+
+    mask = KeyMask("org-secret-key", "worker-secret-token")
+    for shown in (repr(mask._c), str(mask._c), repr(keymask._compiled("org-secret-key", "worker-secret-token"))):
+        assert "secret" not in shown

@@ -98,13 +98,18 @@ def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
                 ("Content-Type", "application/json"), ("Content-Length", "12"), ("Accept", "text/event-stream"),
                 ("X-Custom", "a"), ("X-Custom", "b"), ("X-Forwarded-For", "10.0.0.1"), ("Cookie", "s=1"),
                 ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "evil.example"), ("Forwarded", "host=x"),
-                ("X-Real-IP", "1.2.3.4")]
+                ("X-Real-IP", "1.2.3.4"),
+                # Another path or method, honoured by some upstreams and intermediaries; a made-up client address.
+                ("X-Original-URL", "/admin"), ("X-Rewrite-URL", "/admin"), ("X-HTTP-Method-Override", "DELETE"),
+                ("X-Method-Override", "DELETE"), ("X-Forwarded-Prefix", "/x"), ("X-Forwarded-Port", "1"),
+                ("True-Client-IP", "1.2.3.4"), ("x-client-ip", "1.2.3.4")]
     out = passthrough.request_headers(incoming, authorization="UserKey org", remote="10.0.0.2", proto="https")
     assert out.getall("Authorization") == ["UserKey org"]
     assert list(out.items()) == [
         ("Content-Type", "application/json"), ("Content-Length", "12"), ("Accept", "text/event-stream"),
-        ("X-Custom", "a"), ("X-Custom", "b"), ("X-Forwarded-For", "10.0.0.1, 10.0.0.2"),
-        ("Authorization", "UserKey org"), ("Accept-Encoding", "identity"), ("X-Forwarded-Proto", "https")]
+        ("X-Custom", "a"), ("X-Custom", "b"),
+        ("Authorization", "UserKey org"), ("Accept-Encoding", "identity"), ("X-Forwarded-For", "10.0.0.2"),
+        ("X-Forwarded-Proto", "https")]
 
 
 def test_response_headers_drop_hop_by_hop_ones_and_cookies():
@@ -1080,9 +1085,15 @@ async def test_a_route_the_operator_serves_spelt_otherwise_is_never_passed_throu
                          ("POST", "/api/v1/worker-queues//q-a/start"), ("POST", "/api/v1/Worker-Queues/Q-A/START"),
                          ("POST", "/api/v1/workers/w-1/heartbeat/"), ("GET", "/api/v1/worker-queues/q-a/executions/"),
                          ("DELETE", "/api/v1/worker-queues/q-a/"), ("DELETE", "/api/v1/Worker-Queues/q-a"),
-                         ("DELETE", "/api/v1//worker-queues/q-a")):
+                         ("DELETE", "/api/v1//worker-queues/q-a"),
+                         # Matrix parameters (Tomcat, Jetty, Spring drop them), whitespace or NULs trimmed.
+                         ("POST", "/api/v1/worker-queues/q-a/start;x"), ("POST", "/api/v1/worker-queues/q-a/start;"),
+                         ("POST", "/api/v1/worker-queues/q-a/start%20"), ("POST", "/api/v1/worker-queues/q-a/start%09"),
+                         ("POST", "/api/v1/worker-queues/q-a/%00start"), ("DELETE", "/api/v1/worker-queues/q-a;x")):
         r = await client.request(method, path, headers={"Authorization": "Bearer tok-a"}, json={})
-        assert (r.status, await r.json()) == (404, {"detail": "Not Found"}), path
+        # Not Found, or the operator's own route taking `q-a;x` for a queue id it does not know.
+        assert (r.status, await r.json()) in ((404, {"detail": "Not Found"}),
+                                              (404, {"detail": "Worker queue not found"})), path
     assert upstream.app[standin.RECEIVED] == []
     # Routes of the upstream's own alike are still passed through.
     got = await echoed(await client.get("/api/v1/worker-queues/q-a/", headers={"Authorization": "Bearer tok-a"}))

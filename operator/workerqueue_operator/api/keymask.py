@@ -34,6 +34,9 @@ class _Compiled(NamedTuple):
     longest: int
     firsts: frozenset[bytes]
 
+    def __repr__(self) -> str:  # the key and the token in every field: never printed (a traceback's locals)
+        return "_Compiled(...)"
+
 
 @functools.lru_cache(maxsize=1024)  # a worker's calls share one: compiled once, not per request
 def _compiled(key: str, token: str) -> _Compiled:

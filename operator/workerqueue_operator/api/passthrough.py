@@ -62,6 +62,13 @@ _NOT_FORWARDED = frozenset(h.lower() for h in (
     "Transfer-Encoding", "Upgrade", "Host", "Authorization", "UserKey", "Expect", "Cookie", "Accept-Encoding",
     "Range", "If-Range",
     "Forwarded", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
+    # Where the request came from, said by the worker: the operator says so (X-Forwarded-For) itself.
+    "X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server", "X-Forwarded-Uri", "X-Client-IP",
+    "X-Cluster-Client-IP", "True-Client-IP", "CF-Connecting-IP", "Fastly-Client-IP",
+    # Another path or method than the request's, which some frameworks and intermediaries honour: the
+    # checks above (a path under the base, no TRACE, the operator's own routes) would be undone.
+    "X-Original-URL", "X-Rewrite-URL", "X-Original-URI", "X-Original-Method", "X-HTTP-Method-Override",
+    "X-HTTP-Method", "X-Method-Override",
 ))
 _NOT_RETURNED = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding",
@@ -158,6 +165,17 @@ def _coding(answer: aiohttp.ClientResponse) -> str | None:
     return ", ".join(c for c in codings if c and c != "identity") or None
 
 
+_SEGMENT_NOISE = " \t\r\n\x00\x0b\x0c"
+
+
+def _spelt(path: str) -> str:
+    """`path` (decoded) as an upstream may route it: each segment without its matrix parameters
+    (`;x`, which Tomcat, Jetty and Spring drop) or the whitespace and NULs around it (which some
+    proxies trim), slashes merged, in any case."""
+    segments = (segment.split(";", 1)[0].strip(_SEGMENT_NOISE) for segment in path.split("/"))
+    return re.sub("/{2,}", "/", "/".join(segments)).rstrip("/").lower()
+
+
 def _decompressed(request: web.BaseRequest) -> bool:
     """Whether aiohttp's server decompresses the body: its parser's own decision as it read the
     headers (which of several Content-Encoding values it follows, its C and Python parsers differ
@@ -181,9 +199,9 @@ def request_headers(
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
     out["Accept-Encoding"] = "identity"
+    out.popall("X-Forwarded-For", None)  # the worker's own entries would be taken as proxies' (an audit)
     if remote:
-        previous = out.getall("X-Forwarded-For", [])
-        out["X-Forwarded-For"] = ", ".join([*previous, remote])
+        out["X-Forwarded-For"] = remote
     out["X-Forwarded-Proto"] = proto
     return out
 
@@ -457,7 +475,7 @@ class Passthrough:
             return errors.detail(400, "The request target must be a path under /api/v1/")
         # One of the operator's own routes spelt otherwise (a trailing slash, merged slashes, another
         # case), as an upstream may route it: never sent there with the organization's key.
-        spelt = re.sub("/{2,}", "/", request.path).rstrip("/").lower()
+        spelt = _spelt(request.path)
         for pattern, allow in self._owned:
             if pattern.fullmatch(request.path):
                 return errors.detail(405, "Method Not Allowed", headers={"Allow": allow})
@@ -469,7 +487,7 @@ class Passthrough:
         if isinstance(route, web.Response):
             return route
         # Matched as an upstream may route it (slashes merged, any case), not only as spelt.
-        worker = _WORKER_WEBSOCKET.fullmatch(re.sub("/{2,}", "/", request.path).lower())
+        worker = _WORKER_WEBSOCKET.fullmatch(_spelt(request.path))
         if worker is not None and not self._acts_for(route, worker.group(1)):
             return errors.detail(403, "This token may not act for this worker")
         websocket = request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
