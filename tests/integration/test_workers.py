@@ -467,6 +467,24 @@ def test_invalid_pod_template_is_reported(kube: Kube, namespace: str):
                if e.reason == "PodCreationFailed")
 
 
+def test_a_misspelt_field_of_a_pod_template_is_reported_not_dropped(kube: Kube, namespace: str):
+    # The API server drops a field it does not know with a warning nobody read: pods were made without
+    # their limits or node selector, in silence.
+    kube.create_queue(namespace, "typo", queueId=f"typo-{namespace}", singleExecution=True, temporal=TEMPORAL,
+                      worker={"template": {"spec": {"nodeselector": {"pool": "agents"}, "containers": [
+                          {"name": "worker", "resource": {"limits": {"memory": "1Gi"}}}]}}})
+    ready = kube.wait_condition(namespace, "typo", "False", "PodCreationFailed")
+    assert 'unknown field "spec.nodeselector"' in ready["message"]
+    assert 'unknown field "spec.containers[0].resource"' in ready["message"]
+    assert kube.pods(namespace, "typo") == []
+    kube.patch_queue(namespace, "typo", {"worker": {"template": {"spec": {
+        "nodeselector": None, "nodeSelector": {"pool": "agents"},
+        "containers": [{"name": "worker", "resources": {"limits": {"memory": "1Gi"}}}]}}}})
+    wait_pods(kube, namespace, "typo", ["typo-w1"])
+    pod = kube.pods(namespace, "typo")[0]
+    assert pod.spec.node_selector == {"pool": "agents"}
+
+
 def test_a_refused_worker_token_secret_is_reported_by_status_and_reason_only(kube: Kube, namespace: str):
     # Each pod's token Secret is made before the pod. Refused (here a quota; an admission webhook's
     # text may quote the Secret, its token with it), the queue and its Event say so, and no pod is made.

@@ -376,7 +376,7 @@ async def test_a_replica_that_stands_down_mid_burst_creates_no_more_pods(monkeyp
         await asyncio.sleep(0.001)
         tokens.append(body["metadata"]["name"])
 
-    async def create_if_absent(_client: object, _path: str, body: dict[str, Any]) -> bool:
+    async def create_if_absent(_client: object, _path: str, body: dict[str, Any], **_: object) -> bool:
         await asyncio.sleep(0.001)
         pods.append(body["metadata"]["name"])
         if len(pods) == 3:  # the second batch (two pods) is under way when the replica stops

@@ -520,7 +520,10 @@ class Supervisor:
                 secret = credential["metadata"]["name"]
                 raise exc.quiet(f"creating its token Secret {secret} failed ({exc.status} {exc.reason})",
                                 kind=_CredentialFailed) from None
-            return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body)
+            # Strict: a template's misspelt field (`resource:`, `nodeselector:`) is PodCreationFailed with
+            # the API server's words, not a pod made without it (no limits, no node selector) in silence.
+            return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body,
+                                                    strict=True)
 
         # In batches of 1, 2, 4, ... until one fails, as a ReplicaSet's slow start: a pod refused (a full
         # ResourceQuota, an admission policy) is refused alike for each of a hundred, and each try cost

@@ -355,8 +355,8 @@ class KubeClient:
         # The server's time lay within [Date, Date + 1) when it answered, between sent and received.
         return server + 0.5 - (sent + received) / 2
 
-    async def create(self, path: str, body: JSON) -> JSON:
-        return await self.request("POST", path, body=body)
+    async def create(self, path: str, body: JSON, *, params: Mapping[str, str] | None = None) -> JSON:
+        return await self.request("POST", path, body=body, params=params)
 
     async def patch(self, path: str, body: Any, *, content_type: str = MERGE_PATCH) -> JSON:
         return await self.request("PATCH", path, body=body, content_type=content_type)

@@ -90,15 +90,23 @@ async def read_peering(client: client_.KubeClient, namespace: str, name: str, *,
         raise
 
 
-async def create_if_absent(client: client_.KubeClient, path: str, body: dict[str, Any]) -> bool:
-    """Creates the object; False if it already existed (a retried or concurrent create)."""
-    return await create(client, path, body) is not None
+STRICT = {"fieldValidation": "Strict"}
+"""A field the API server does not know refuses the object: by default it is dropped with a warning
+nobody reads (a template's `resource:` for `resources:`, a pod then made without its limits)."""
 
 
-async def create(client: client_.KubeClient, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+async def create_if_absent(client: client_.KubeClient, path: str, body: dict[str, Any], *,
+                           strict: bool = False) -> bool:
+    """Creates the object; False if it already existed (a retried or concurrent create). `strict`:
+    refused for a field the API server does not know (STRICT), rather than made without it."""
+    return await create(client, path, body, strict=strict) is not None
+
+
+async def create(client: client_.KubeClient, path: str, body: dict[str, Any], *,
+                 strict: bool = False) -> dict[str, Any] | None:
     """Creates the object and returns it as the API server stored it; None if it already existed."""
     try:
-        return await client.create(path, body)
+        return await client.create(path, body, params=STRICT if strict else None)
     except client_.ApiError as exc:
         if exc.already_exists:
             return None
