@@ -153,7 +153,15 @@ def build_crd() -> dict[str, Any]:
 def render_crd_yaml() -> str:
     """The CRD as the YAML file committed under crds/ (and templated into the chart)."""
     header = "# Generated from workerqueue_operator/models/spec.py by `workerqueue-operator crds`. Do not edit.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+    return header + yaml.dump(build_crd(), Dumper=_NoAliases, sort_keys=False, width=120)
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Every shared part written out where it is used: no `&id001` anchors, which some GitOps linters
+    and patch tools do not follow."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 def render_chart_template() -> str:
