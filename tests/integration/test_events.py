@@ -157,6 +157,23 @@ def test_a_generated_token_secret_deleted_is_made_again_with_a_warning(operator:
     assert [e.reason for e in kube.events(namespace, "revoked")].count("TokenSecretCreated") == 1
 
 
+def test_a_generated_token_secret_deleted_while_the_operator_was_away_is_made_again_with_a_warning(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    # Whether it was there lived in memory alone: after a restart (or a handover) its deletion went by
+    # as a routine TokenSecretCreated, and alerting never learnt that every hand-started worker lost it.
+    kube.create_queue(namespace, "away", queueId=f"away-{namespace}", temporal={"host": "t:1", "namespace": "n"})
+    kube.wait_condition(namespace, "away", "True")
+    old = kube.queue_token(namespace, "away")
+    with operator.paused():
+        kube.core.delete_namespaced_secret("away-worker-token", namespace)
+    new = wait_for(lambda: kube.has_secret(namespace, "away-worker-token") and kube.queue_token(namespace, "away"),
+                   what="the token Secret made again")
+    assert new != old
+    warned = kube.wait_events(namespace, "away", "TokenSecretRecreated")
+    assert warned[0].type == "Warning"
+    assert [e.reason for e in kube.events(namespace, "away")].count("TokenSecretCreated") == 1
+
+
 def test_a_first_token_secret_made_late_is_no_recreation(operator: OperatorProcess, kube: Kube, namespace: str):
     """A new queue whose first token Secret was refused a while (a quota): when it is made at last,
     nobody held a token to lose, so no TokenSecretRecreated Warning."""

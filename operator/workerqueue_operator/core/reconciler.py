@@ -425,7 +425,7 @@ class Reconciler:
         finally:
             self._store.created_secret(secret, None if there is None else self._store.secret_data(there),
                                        "" if there is None else resources.version_of(there))
-        if made and self._token_seen.get(queue.key) == queue.uid:
+        if made and (self._token_seen.get(queue.key) == queue.uid or _token_was_there(queue)):
             # It was there, and was deleted. The new token is no mistake to mend (deleting the Secret is
             # how a generated token is revoked), but every worker that holds the old one is turned away
             # from now on: said where alerting looks.
@@ -603,3 +603,12 @@ def _said_if_failed(task: asyncio.Task[None]) -> None:
     to the collector's "exception was never retrieved"."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         logger.error("a background write failed", exc_info=exc)
+
+
+def _token_was_there(queue: QueueObject) -> bool:
+    """Whether the queue's status, written for its spec as it is, says its Secrets were all there: its
+    generated token Secret too. Memory alone (`_token_seen`) forgets across a restart or a handover,
+    and a token Secret deleted meanwhile was then announced as a routine creation."""
+    resolved = status_.condition(queue.status, status_.SECRETS_RESOLVED)
+    return resolved is not None and resolved.get("status") == "True" and \
+        resolved.get("observedGeneration") == queue.generation
