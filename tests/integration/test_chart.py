@@ -154,7 +154,7 @@ def option_values(option: str, scope: Scope) -> dict[str, Any]:
                      "apiKeySecret": {"namespace": scope.watched[0], "name": "temporal", "key": "api-key"}},
         "litellm": {"url": "http://litellm.internal:4000", "apiKeySecret": {"name": "litellm", "key": "key"}},
         "upstream": {"url": "https://api.example.com", "apiKeySecret": {"name": "org-key", "key": "api-key"},
-                     "idleTimeoutSeconds": 30},
+                     "idleTimeoutSeconds": 30, "namespaces": ["trusted", "trusted"]},
         "publicUrl": "https://cp.example.com",
         "tokenReviewAudiences": ["workerqueue"],
         "authCacheSeconds": 5,
@@ -697,6 +697,7 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert settings.upstream_api_key_secret.model_dump() == {"namespace": OFFLINE.namespace, "name": "org-key",
                                                                  "key": "api-key"}
         assert (settings.upstream_idle_timeout_seconds, settings.upstream_connect_timeout_seconds) == (30, 5)
+        assert settings.upstream_namespaces == ("trusted",)
     if option == "defaults":
         defaults = Settings()
         assert settings.organization_id == defaults.organization_id
@@ -710,6 +711,7 @@ def test_rendered_config_is_valid_operator_settings(helm: Helm, option: str, tmp
         assert settings.upstream_idle_timeout_seconds == defaults.upstream_idle_timeout_seconds
         assert settings.upstream_max_connections == defaults.upstream_max_connections
         assert settings.upstream_max_websockets == defaults.upstream_max_websockets
+        assert settings.upstream_namespaces == ()
 
 
 @pytest.mark.parametrize("option", OPTIONS)

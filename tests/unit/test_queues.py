@@ -383,6 +383,26 @@ def test_default_upstream_for_queues_that_name_none():
     assert resolve(queue()).upstream is None  # no default, no own upstream
 
 
+def test_the_default_upstream_serves_only_the_namespaces_it_is_given_to():
+    # Whoever may write a queue anywhere could leave spec.upstream out and call the upstream with the
+    # organization's key through their own queue's token.
+    settings = Settings(upstream_url="http://default.example:8000",
+                        upstream_api_key_secret=NamespacedSecretKeyRef.parse("ops/org:key"),
+                        upstream_namespaces=("team-b",))
+    secrets = {("ops", "org"): {"key": "dk"}, ("team-a", "org"): {"api-key": "own"}}
+    elsewhere = queue()  # of team-a
+    assert ("ops", "org") not in elsewhere.secret_names(settings)
+    r = resolve(elsewhere, secrets, settings=settings)
+    assert r.ready and r.upstream is None
+    trusted = queue(namespace="team-b")
+    assert ("ops", "org") in trusted.secret_names(settings)
+    assert resolve(trusted, secrets, settings=settings).upstream == queues.Upstream(
+        url="http://default.example:8000", api_key="dk")
+    assert resolve(queue(upstream=UPSTREAM), secrets, settings=settings).upstream == queues.Upstream(
+        url="https://cp.example/base", api_key="own")  # its own, wherever it is
+    assert Settings.load({"WQ_UPSTREAM_NAMESPACES": "team-b, team-c"}).upstream_namespaces == ("team-b", "team-c")
+
+
 @pytest.mark.parametrize(("data", "reason"), [(None, "SecretNotFound"), ({"api-key": "a\nb"}, "SecretKeyInvalid"),
                                               ({"api-key": " "}, "SecretKeyInvalid")])
 def test_an_unusable_upstream_key_makes_the_queue_not_ready(data, reason):

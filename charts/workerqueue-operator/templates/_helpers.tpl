@@ -208,6 +208,7 @@ key: {{ required (printf "the key of Secret %s is required" $ref.name) $ref.key 
   "upstream_idle_timeout_seconds" $v.upstream.idleTimeoutSeconds
   "upstream_max_connections" (int $v.upstream.maxConnections)
   "upstream_max_websockets" (int $v.upstream.maxWebsockets)
+  "upstream_namespaces" ($v.upstream.namespaces | uniq)
 }}
 {{- with include "workerqueue-operator.secretRef" (list $v.temporal.apiKeySecret .) }}
 {{- $_ := set $config "temporal_api_key_secret" (fromYaml .) }}

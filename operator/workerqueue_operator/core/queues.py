@@ -158,6 +158,16 @@ def decode_secret_data(body: Mapping[str, Any]) -> dict[str, str]:
     return decoded
 
 
+def default_upstream_key(namespace: str, settings: settings_.Settings) -> settings_.NamespacedSecretKeyRef | None:
+    """The operator-wide upstream's key, for a queue of `namespace` that names no upstream of its own;
+    None where there is none, or that namespace is not among `upstream_namespaces`."""
+    if not settings.upstream_url or settings.upstream_api_key_secret is None:
+        return None
+    if settings.upstream_namespaces and namespace not in settings.upstream_namespaces:
+        return None
+    return settings.upstream_api_key_secret
+
+
 @dataclass(frozen=True)
 class QueueObject:
     """The parts of a WorkerQueue body the operator acts on."""
@@ -253,8 +263,8 @@ class QueueObject:
                 names.add((default.namespace, default.name))
         if s.upstream is not None:
             names.add((self.namespace, s.upstream.api_key_secret_ref.name))
-        elif settings.upstream_url and settings.upstream_api_key_secret is not None:
-            names.add((settings.upstream_api_key_secret.namespace, settings.upstream_api_key_secret.name))
+        elif (default_upstream := default_upstream_key(self.namespace, settings)) is not None:
+            names.add((default_upstream.namespace, default_upstream.name))
         return frozenset(names)
 
 
@@ -567,8 +577,8 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
         url, ref = own.url, own.api_key_secret_ref
         key = lookup.value(queue.namespace, ref.name, ref.key)
         where = ref.name, ref.key
-    elif settings.upstream_url and settings.upstream_api_key_secret is not None:
-        url, default = settings.upstream_url, settings.upstream_api_key_secret
+    elif settings.upstream_url and (default := default_upstream_key(queue.namespace, settings)) is not None:
+        url = settings.upstream_url
         key = lookup.value(default.namespace, default.name, default.key)
         where = default.name, default.key
     else:

@@ -55,7 +55,7 @@ class NamespacedSecretKeyRef(BaseModel):
         return cls(namespace=namespace, name=name, key=key)
 
 
-CSV_SETTINGS = ("namespaces", "token_review_audiences", "worker_command", "ignored_secret_types")
+CSV_SETTINGS = ("namespaces", "token_review_audiences", "worker_command", "ignored_secret_types", "upstream_namespaces")
 """Lists that may also be given as one comma-separated string, as their WQ_* variables are."""
 
 
@@ -95,6 +95,10 @@ class Settings(BaseModel):
     """Default upstream base URL that workers' other /api/v1/ calls are passed through to; unset: none."""
     upstream_api_key_secret: NamespacedSecretKeyRef | None = None
     """The organization's API key for upstream_url, as `namespace/name:key` in env; required with it."""
+    upstream_namespaces: tuple[Annotated[str, Field(max_length=63, pattern=_DNS_LABEL)], ...] = ()
+    """Namespaces whose queues naming no spec.upstream use upstream_url and its key; empty: every
+    namespace served. Elsewhere such a queue has no upstream: whoever may write a queue there could
+    otherwise call the upstream with the organization's key (its token opens its own queue)."""
     upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=_HOUR)
     """Longest wait for a TCP (and TLS) connection to an upstream; then 504."""
     upstream_idle_timeout_seconds: float = Field(default=60.0, gt=0, le=_HOUR)

@@ -16,6 +16,7 @@ from workerqueue_operator.models.settings import CSV_SETTINGS, Settings
 CHART_OWNED_SETTINGS = frozenset({
     "http_host", "http_port", "tls_cert_file", "tls_key_file", "namespaces", "temporal_api_key_secret",
     "litellm_api_key_secret", "upstream_api_key_secret", "http_drain_seconds", "upstream_url", "metrics_port",
+    "upstream_namespaces",
 })
 """Settings the chart derives from values that its other manifests follow too (probes, Service,
 volumes, the Roles that read the named Secrets, the termination grace period): `extraConfig` may
