@@ -90,6 +90,8 @@ class RoutineKopfMessages(logging.Filter):
 SECRETS_PAGE_SIZE = 100
 """Secrets listed a page at a time: a Secret may hold up to 1 MiB, and each page is read whole and
 parsed on the event loop (500 such Secrets: some 650 MiB and seconds of /start held up)."""
+SECRET_READS_WAIT_SECONDS = 10.0
+"""After the first lists, how long worker calls also wait for the Secrets read one by one (Watches._listed)."""
 
 
 class Watches:
@@ -179,6 +181,13 @@ class Watches:
 
     async def _listed(self) -> None:
         await asyncio.gather(*(self._known(i) for i in self.all))
+        # Secrets the lists do not bring (another namespace's default key, an ignored type) are read
+        # then: a /start meanwhile would be 503 "not read yet", as fatal to its worker as a 401.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SECRET_READS_WAIT_SECONDS
+        # Polled: once per start, for seconds at most; no event says "every used Secret is known".
+        while self._feed.secrets_unread() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
         self.listing.done.set()
 
     async def run(self, reconciler: Reconciler) -> None:

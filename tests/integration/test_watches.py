@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
@@ -82,14 +83,19 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
 
 
 def test_a_worker_reaching_a_replica_before_its_lists_is_answered_once_they_are_in(
-    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
-    operator: OperatorProcess,
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, other_namespace: str,
+    tmp_path: Path, operator: OperatorProcess,
 ):
     """A restarted replica listens before its watches have listed (an in-place restart, before its
     endpoint is marked not ready; a client calling the pod): a valid queue token was 401 there, the
-    queue 404, and a worker exits for good on either. It is answered once the lists are in."""
+    queue 404, and a worker exits for good on either. It is answered once the lists are in, and the
+    Secret they do not bring (a default key of an unwatched namespace, read after them: 503 "not read
+    yet" meanwhile)."""
     config, proxy = proxied_kubeconfig
-    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace})
+    kube.put_secret(other_namespace, "llm", key="default-llm-key")
+    own = OperatorProcess(config, tmp_path / "own.log", env={
+        "WQ_NAMESPACES": namespace, "WQ_LITELLM_URL": "http://litellm.internal",
+        "WQ_LITELLM_API_KEY_SECRET": f"{other_namespace}/llm:key"})
     queue_id = f"early-{namespace}"
     with operator.paused():
         try:
@@ -99,18 +105,27 @@ def test_a_worker_reaching_a_replica_before_its_lists_is_answered_once_they_are_
             token = kube.queue_token(namespace, "early")
             own.stop()
             proxy.latency = 1.0  # every answer of the API server a second late: its lists take seconds
-            starting = threading.Thread(target=own.start)
-            starting.start()
-            try:
+            seen: dict[str, Any] = {}
+
+            def early_worker() -> None:  # calls as soon as the replica listens
                 wait_for(lambda: _answers(f"{own.url}/healthz"), timeout=60, what="the replica listening")
-                assert http("GET", f"{own.url}/readyz").status == 503  # not listed yet
-                answer = own.start_worker(queue_id, token)
-                assert answer.status == 200, answer.body
-                assert own.call("POST", f"/api/v1/workers/{answer.json()['worker_id']}/heartbeat", token,
-                                {"status": "idle", "tasks_processed": 0}).status in (200, 204)
+                seen["readyz"] = http("GET", f"{own.url}/readyz").status
+                seen["start"] = own.start_worker(queue_id, token)
+
+            # The operator is started here, not in the thread: it dies with the thread that made it.
+            worker = threading.Thread(target=early_worker)
+            worker.start()
+            try:
+                own.start()
             finally:
                 proxy.latency = 0.0
-                starting.join()
+                worker.join()
+            assert seen["readyz"] == 503  # the call came before the lists
+            answer = seen["start"]
+            assert answer.status == 200, answer.body
+            assert answer.json()["litellm_api_key"] == "default-llm-key"
+            assert own.call("POST", f"/api/v1/workers/{answer.json()['worker_id']}/heartbeat", token,
+                            {"status": "idle", "tasks_processed": 0}).status in (200, 204)
         finally:
             own.stop()
 

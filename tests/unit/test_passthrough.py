@@ -107,9 +107,8 @@ def test_request_headers_drop_hop_by_hop_and_replace_the_credential():
     assert out.getall("Authorization") == ["UserKey org"]
     assert list(out.items()) == [
         ("Content-Type", "application/json"), ("Content-Length", "12"), ("Accept", "text/event-stream"),
-        ("X-Custom", "a"), ("X-Custom", "b"),
-        ("Authorization", "UserKey org"), ("Accept-Encoding", "identity"), ("X-Forwarded-For", "10.0.0.2"),
-        ("X-Forwarded-Proto", "https")]
+        ("X-Custom", "a"), ("X-Custom", "b"), ("X-Forwarded-For", "10.0.0.1, 10.0.0.2"),
+        ("Authorization", "UserKey org"), ("Accept-Encoding", "identity"), ("X-Forwarded-Proto", "https")]
 
 
 def test_response_headers_drop_hop_by_hop_ones_and_cookies():
@@ -1089,7 +1088,11 @@ async def test_a_route_the_operator_serves_spelt_otherwise_is_never_passed_throu
                          # Matrix parameters (Tomcat, Jetty, Spring drop them), whitespace or NULs trimmed.
                          ("POST", "/api/v1/worker-queues/q-a/start;x"), ("POST", "/api/v1/worker-queues/q-a/start;"),
                          ("POST", "/api/v1/worker-queues/q-a/start%20"), ("POST", "/api/v1/worker-queues/q-a/start%09"),
-                         ("POST", "/api/v1/worker-queues/q-a/%00start"), ("DELETE", "/api/v1/worker-queues/q-a;x")):
+                         ("POST", "/api/v1/worker-queues/q-a/%00start"), ("DELETE", "/api/v1/worker-queues/q-a;x"),
+                         # `\` read as `/`, Unicode whitespace, encoded twice.
+                         ("POST", "/api/v1/worker-queues/q-a\\start"),
+                         ("POST", "/api/v1/worker-queues/q-a/start%c2%a0"),
+                         ("POST", "/api/v1/worker-queues/q-a%252Fstart")):
         r = await client.request(method, path, headers={"Authorization": "Bearer tok-a"}, json={})
         # Not Found, or the operator's own route taking `q-a;x` for a queue id it does not know.
         assert (r.status, await r.json()) in ((404, {"detail": "Not Found"}),
@@ -1182,6 +1185,10 @@ async def test_a_workers_websocket_opens_only_with_the_token_it_started_with():
             # Spelt otherwise, as an upstream merging slashes or ignoring case would route it.
             assert await websocket(f"/{pod}", "tok-q2-w1") == 403
             assert await websocket(pod.upper(), "tok-q2-w1") == 403
+            # A worker id that is blank, or matrix parameters alone, once trimmed: still no worker of this token's.
+            for blank in ("%20", ";x", "%09/"):
+                assert await websocket(blank, "tok-q2") == 403, blank
+            assert await websocket(f"{pod};x", "tok-q2-w1") == 403
             heartbeat = await c.post(f"/api/v1/workers/{shared}/heartbeat", json={},
                                      headers={"Authorization": "Bearer tok-q1"})
             assert heartbeat.status == 403

@@ -674,6 +674,30 @@ async def test_heartbeats_lost_with_a_replica_that_left_do_not_end_their_workers
     await kube.close()
 
 
+async def test_a_peer_leaving_again_and_again_does_not_keep_dead_workers_for_good():
+    """A peer whose keep-alives come late (its clock behind, a loaded API server) leaves the peering at
+    each one: forgiven at each, no dead worker would ever be ended, nor its slot freed."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
+    ended: list[float] = []
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: now[0])
+    reg._end = lambda worker, *_, **__: ended.append(now[0])  # type: ignore[method-assign]
+    reg.lease_upserted(leases.lease_body(make_worker(worker_id="dead", lease="q1-dead", slot=None, pod=None,
+                                                     renewed_at=now[0], duration=25.0), queue_name=q.name))
+    while now[0] < 2000 and not ended:
+        now[0] += 4
+        reg.peer_lost()
+        reg._sweep(ending=True)
+    assert ended and ended[0] <= 1004 + registry.BLIND_FORGIVEN_SECONDS + 25 + 4  # a sweep after its end
+    await kube.close()
+
+
 def test_a_lease_the_active_replica_deleted_as_expired_ends_it_not_on_purpose_though_a_heartbeat_came_here():
     """A standby hears a heartbeat (not written yet) just as the active replica deletes the Lease,
     expired by its renew time: the worker may come back at its next heartbeat. A Lease marked as its

@@ -30,7 +30,7 @@ START_ERRORS: dict[int, tuple[str, str]] = {
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "
           "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After), or a "
           "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded), "
-          "or the operator has just started and its watches have not listed within 20 s (with Retry-After)",
+          "or the operator has just started and its watches have not listed within 45 s (with Retry-After)",
           "Worker queue is not ready: secret llm not found in namespace team-a"),
 }
 

@@ -165,15 +165,17 @@ def _coding(answer: aiohttp.ClientResponse) -> str | None:
     return ", ".join(c for c in codings if c and c != "identity") or None
 
 
-_SEGMENT_NOISE = " \t\r\n\x00\x0b\x0c"
-
-
-def _spelt(path: str) -> str:
-    """`path` (decoded) as an upstream may route it: each segment without its matrix parameters
-    (`;x`, which Tomcat, Jetty and Spring drop) or the whitespace and NULs around it (which some
-    proxies trim), slashes merged, in any case."""
-    segments = (segment.split(";", 1)[0].strip(_SEGMENT_NOISE) for segment in path.split("/"))
-    return re.sub("/{2,}", "/", "/".join(segments)).rstrip("/").lower()
+def _spellings(path: str) -> set[str]:
+    """`path` (decoded once) as an upstream may route it: slashes merged, in any case; decoded once
+    more; `\\` read as `/`; each segment without its matrix parameters (`;x`, which Tomcat, Jetty and
+    Spring drop) or the whitespace and NULs around it (which some proxies trim)."""
+    spelt = set()
+    for decoded in {path, unquote(path)}:
+        for form in (decoded, decoded.replace("\\", "/")):
+            spelt.add(re.sub("/{2,}", "/", form).rstrip("/").lower())
+            segments = (segment.split(";", 1)[0].strip().strip("\x00") for segment in form.split("/"))
+            spelt.add(re.sub("/{2,}", "/", "/".join(segments)).rstrip("/").lower())
+    return spelt
 
 
 def _decompressed(request: web.BaseRequest) -> bool:
@@ -199,9 +201,11 @@ def request_headers(
     out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in pairs if k.lower() not in dropped)
     out["Authorization"] = authorization
     out["Accept-Encoding"] = "identity"
-    out.popall("X-Forwarded-For", None)  # the worker's own entries would be taken as proxies' (an audit)
     if remote:
-        out["X-Forwarded-For"] = remote
+        # Appended, as a proxy does: behind an ingress the chain holds the worker's address. An entry
+        # the worker made up is the upstream's to weigh (it trusts only what its own proxies add).
+        previous = out.getall("X-Forwarded-For", [])
+        out["X-Forwarded-For"] = ", ".join([*previous, remote])
     out["X-Forwarded-Proto"] = proto
     return out
 
@@ -475,21 +479,23 @@ class Passthrough:
             return errors.detail(400, "The request target must be a path under /api/v1/")
         # One of the operator's own routes spelt otherwise (a trailing slash, merged slashes, another
         # case), as an upstream may route it: never sent there with the organization's key.
-        spelt = _spelt(request.path)
+        spellings = _spellings(request.path)
         for pattern, allow in self._owned:
             if pattern.fullmatch(request.path):
                 return errors.detail(405, "Method Not Allowed", headers={"Allow": allow})
-            if pattern.fullmatch(spelt):
+            if any(pattern.fullmatch(spelt) for spelt in spellings):
                 return errors.detail(404, "Not Found")
-        if request.method == "DELETE" and any(pattern.fullmatch(spelt) for pattern in self._owned_deletes):
+        if request.method == "DELETE" and any(pattern.fullmatch(spelt) for pattern in self._owned_deletes
+                                              for spelt in spellings):
             return errors.detail(404, "Not Found")
         route = await self._route(request)
         if isinstance(route, web.Response):
             return route
         # Matched as an upstream may route it (slashes merged, any case), not only as spelt.
-        worker = _WORKER_WEBSOCKET.fullmatch(_spelt(request.path))
-        if worker is not None and not self._acts_for(route, worker.group(1)):
-            return errors.detail(403, "This token may not act for this worker")
+        for spelt in spellings:
+            worker = _WORKER_WEBSOCKET.fullmatch(spelt)
+            if worker is not None and not self._acts_for(route, worker.group(1)):
+                return errors.detail(403, "This token may not act for this worker")
         websocket = request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
         if websocket and route.identity is not None:
             return errors.detail(403, "A Kubernetes identity's worker has no websocket through the operator")

@@ -49,7 +49,7 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json
             b"Connection: close\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY)
 
 
-LISTING_HOLD_SECONDS = 20.0
+LISTING_HOLD_SECONDS = 45.0
 """How long a worker's call waits for a replica just started to list what it answers from (see Listing)."""
 
 
@@ -59,7 +59,8 @@ class Listing:
     meanwhile (a restarted container before its endpoint is marked not ready, a client calling the
     pod directly) would be answered from empty memory: a valid queue token 401, a queue 404, which a
     worker takes for good (it exits on a /start that fails). Such calls wait for the lists instead,
-    up to `hold_seconds`, then get a 503 (a worker's /start waits 60 s for its answer)."""
+    up to `hold_seconds`, then get a 503, as fatal to a worker's /start as the rest, which waits 60 s
+    for its answer."""
 
     def __init__(self, *, listed: bool = True, hold_seconds: float = LISTING_HOLD_SECONDS) -> None:
         self.done = asyncio.Event()

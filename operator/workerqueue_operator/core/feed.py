@@ -46,6 +46,10 @@ class Feed:
             self._store.fill_secret(name, None)
         self._reconciler.fetch_secrets(unknown - generated)
 
+    def secrets_unread(self) -> bool:
+        """Whether a Secret some queue uses is not known yet (its read on its way)."""
+        return bool(self._store.unknown_secrets())
+
     def holding_news(self, namespace: str | None = None) -> contextlib.AbstractContextManager[None]:
         """Around a relist of queues of `namespace` (None: all): see Store.holding_news."""
         return self._store.holding_news(namespace)

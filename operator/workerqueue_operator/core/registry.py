@@ -214,6 +214,10 @@ class Registry:
         """The _blind_at the registrations' `seen_at` were last moved to (see _sweep)."""
         self._peer_lost_until = 0.0
         """Until when (clock) the heartbeats a replica that left may have taken are forgiven (peer_lost)."""
+        self._peer_lost_since = 0.0
+        """When the forgiveness under way began: losses in a row (a flapping peer) extend it for
+        BLIND_FORGIVEN_SECONDS at most, as a watch down is."""
+        self._peer_lost_last: float | None = None
         self._base_rate = base_write_rate
         self._clock = clock
         self._monotonic = monotonic
@@ -1014,7 +1018,13 @@ class Registry:
         missed by their workers, so this replica counts as blind for a while (see _blind_at). Without
         it, the replica left ended the registrations of live workers whose heartbeats went there, and
         gave their maxWorkers slots to the next /start (their heartbeats then 409 for good)."""
-        self._peer_lost_until = self._clock() + PEER_LOST_FORGIVEN_SECONDS
+        now = self._clock()
+        if self._peer_lost_last is None or now - self._peer_lost_last > PEER_LOST_FORGIVEN_SECONDS:
+            self._peer_lost_since = now  # a loss after a quiet spell: forgiven afresh
+        self._peer_lost_last = now
+        # A peer whose keep-alives come late again and again (its clock behind, a loaded API server)
+        # leaves the peering again and again: that must not keep dead workers registered for good.
+        self._peer_lost_until = min(now + PEER_LOST_FORGIVEN_SECONDS, self._peer_lost_since + BLIND_FORGIVEN_SECONDS)
 
     def _sweep(self, *, ending: bool) -> None:
         """Expired workers: a registration never written is just forgotten (no write for a worker that

@@ -135,7 +135,7 @@ def ready_message(resolution: Resolution) -> str:
     lacking = []
     if resolution.upstream is None and resolution.upstream_problem is None:
         lacking.append("an upstream control plane (spec.upstream or the operator's WQ_UPSTREAM_URL, chart value "
-                       "upstream.url; without one, "
+                       "upstream.url, for the namespaces WQ_UPSTREAM_NAMESPACES lists if set; without one, "
                        "the workers' calls about their executions answer 404 and each execution fails)")
     if resolution.config is not None and not resolution.config.fields.get("litellm_api_url"):
         lacking.append("a LiteLLM URL (spec.litellm.url or the operator's WQ_LITELLM_URL, chart value litellm.url)")
