@@ -255,6 +255,43 @@ async def test_a_worker_running_another_workflows_activity_is_not_deleted_as_idl
                 await client.get_workflow_handle(workflow_id).terminate("test over")
 
 
+async def test_a_suspended_single_execution_pool_stops_its_idle_workers_and_lets_the_busy_finish(
+        kube: Kube, namespace: str, temporal: TemporalServer):
+    """Without scaling, a suspended queue's idle workers went on polling, each to take the next workflow
+    of a queue that says it is suspended. Temporal now tells which hold an execution (as for a scaling
+    queue): the others go. The pods are run by hand: a Temporal worker of `sus-w0`'s identity holds one."""
+    queue_id = f"sus-{namespace}"
+    kube.create_queue(namespace, "sus", queueId=queue_id, singleExecution=True, replicas=2,
+                      temporal={"host": temporal.address, "namespace": temporal.namespace})
+    with telling(kube, namespace, "sus"):
+        wait_for(lambda: kube.pod_names(namespace, "sus") == ["sus-w0", "sus-w1"], timeout=30, what="two workers")
+    for pod in ("sus-w0", "sus-w1"):
+        kube.set_phase(namespace, pod, "Running")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    workflow_id = f"sus-{secrets.token_hex(3)}"
+    holder = Worker(client, task_queue=queue_id, workflows=list(workflows.WORKFLOWS), identity="1@sus-w0")
+    try:
+        async with holder:
+            handle = await client.start_workflow("AgentExecutionWorkflow", {"duration_seconds": 60}, id=workflow_id,
+                                                 task_queue=queue_id)
+            deadline = time.monotonic() + 30
+            while not any(e.HasField("workflow_task_started_event_attributes")
+                          for e in (await handle.fetch_history()).events):
+                assert time.monotonic() < deadline, "sus-w0 never took the workflow"
+                await asyncio.sleep(0.2)
+            kube.patch_queue(namespace, "sus", {"suspend": True})
+            with telling(kube, namespace, "sus"):
+                wait_for(lambda: kube.pod_names(namespace, "sus") == ["sus-w0"], timeout=30, what="idle sus-w1 gone")
+                with sampled(kube, namespace, "sus") as counts:
+                    await asyncio.sleep(3)
+                assert min(counts) == 1, "the worker holding an execution was deleted"
+            stopping = [e.message for e in kube.wait_events(namespace, "sus", "Suspending")]
+            assert stopping == ["the queue is suspended: stopping sus-w1"]
+    finally:
+        with contextlib.suppress(Exception):
+            await client.get_workflow_handle(workflow_id).terminate("test over")
+
+
 def test_reachability_checks_keep_to_their_rate_however_many_queues_there_are(
         operator: OperatorProcess, kubeconfig: Path, kube: Kube, namespace: str, temporal: TemporalServer,
         tmp_path: Path):

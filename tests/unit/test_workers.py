@@ -475,6 +475,35 @@ def test_suspend_stops_a_pools_running_workers_too(scaling: dict[str, int] | Non
     assert sorted(single.delete) == ["q1-w1", "q1-w4"] and not [e for e in single.events if e.reason == "Suspending"]
 
 
+def test_a_suspended_single_execution_pool_stops_its_idle_workers_once_temporal_says_they_are():
+    """Without scaling, its idle workers went on polling: each took the next workflow of a queue that
+    says it is suspended (and the drain recipe's wait ran until their give-up)."""
+    from workerqueue_operator.core.workers import Demand
+
+    def suspended(demand: Demand | None) -> workers.Plan:
+        pods = [pod(0), pod(1), pod(2, "Pending"), pod(3)]
+        return workers.plan(queue(singleExecution=True, replicas=4, suspend=True), pods,
+                            previous=WorkersStatus(next_index=6), now=T0, created=T0 - 100, settings=SETTINGS,
+                            demand=demand)
+
+    assert workers.reads_demand(queue(singleExecution=True, suspend=True).spec)  # Temporal is read for it
+    assert not workers.reads_demand(queue(singleExecution=True).spec)
+    read = Demand(backlog=0, busy=frozenset({"q1-w0"}), active=frozenset({"q1-w3"}), read_at=T0 - 1)
+    p = suspended(read)
+    assert sorted(p.delete) == ["q1-w1", "q1-w2"]  # w0 holds an execution, w3 runs an activity
+    assert [e.message for e in p.events if e.reason == "Suspending"] == ["the queue is suspended: stopping q1-w1"]
+    # Nothing known for sure: no running worker goes.
+    for unsure in (None, Demand(backlog=None), dataclasses.replace(read, unread=1),
+                   dataclasses.replace(read, activities_unknown=True),
+                   dataclasses.replace(read, read_at=T0 - workers.IDLE_STALE_SECONDS - 1),
+                   dataclasses.replace(read, busy=frozenset({"q1-w0", "q1-w5"}))):  # q1-w5: gone, its run handed on
+        assert sorted(suspended(unsure).delete) == ["q1-w2"], unsure
+    # Not suspended: the same reading changes nothing.
+    assert workers.plan(queue(singleExecution=True, replicas=4), [pod(0), pod(1)],
+                        previous=WorkersStatus(next_index=10), now=T0, created=T0 - 100, settings=SETTINGS,
+                        demand=read).delete == ()
+
+
 def test_ephemeral_runs_replicas_once_then_deletes_after_ttl():
     p = plan([], ephemeral=True, replicas=2)
     assert p.create == (0, 1)

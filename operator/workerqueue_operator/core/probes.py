@@ -396,7 +396,7 @@ class TemporalProbes:
 
     def _scaling(self, key: QueueKey) -> bool:
         queue = self._store.queue(key)
-        return queue is not None and queue.spec.scaling is not None
+        return queue is not None and workers.reads_demand(queue.spec)
 
     def target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
@@ -409,7 +409,7 @@ class TemporalProbes:
         assert self._temporal is not None
         generation, epoch = probe.generation, self._epoch
         queue = self._store.queue(key)
-        scaling = queue is not None and queue.spec.scaling is not None
+        scaling = queue is not None and workers.reads_demand(queue.spec)
         demand: workers.Demand
         try:
             async with (self._scaling_gate if scaling else self._probe_gate).turn(key[0]):

@@ -530,6 +530,12 @@ def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:
     return queue_spec.ephemeral or queue_spec.single_execution
 
 
+def reads_demand(queue_spec: spec_.WorkerQueueSpec) -> bool:
+    """Whether the queue's pods follow Temporal's reading of its work (Demand): a scaling queue's, and a
+    suspended single-execution queue's, whose idle workers would each take the next workflow."""
+    return queue_spec.scaling is not None or (queue_spec.suspend and queue_spec.single_execution)
+
+
 _UNSET: tuple[object, ...] = (0, None, [])
 
 
@@ -589,7 +595,7 @@ def plan(
     _record_alive(p, alive, previous)
     scaled_down = _desired(p, alive, previous, demand)
     delete_queue = _ephemeral_end(p, alive, created, demand)
-    scale_down = _scale_down(p, alive, scaled_down)
+    scale_down = _scale_down(p, alive, scaled_down, demand)
     missing = p.w.desired - len(alive)
     if missing <= 0:
         p.w.last_error = None  # nothing to create: a pod refused earlier is no longer wanted
@@ -889,7 +895,7 @@ def _finished_past_ttl(p: _Pass, demand: Demand | None) -> Event | None:
     return None
 
 
-def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str]) -> list[str]:
+def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str], demand: Demand | None) -> list[str]:
     """The alive pods to delete as surplus (`scaled_down`: a scaling queue's idle ones). Pods not
     started yet may always go; a running worker may hold an execution, and only goes when idle or
     from a pool that would otherwise never shrink."""
@@ -905,12 +911,30 @@ def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str]) -> list[
         # execution; a pool's never finishes by itself, so it is stopped, as a suspended Job's active
         # pods are (what it ran, Temporal hands on to a worker once the queue is resumed).
         stopping = _surplus_not_started(alive, 0) if s.single_execution else _surplus_running(alive, 0, leaving=())
+        if s.single_execution and s.scaling is None:
+            stopping += _idle_suspended(p, alive, demand)
         going = set(stopping) - set(scale_down)
         running = [pod.name for pod in alive if pod.name in going and pod.phase in MAY_RUN and not pod.coming]
         if running:
             p.events.append(Event("Suspending", f"the queue is suspended: stopping {', '.join(running)}"))
         scale_down = sorted({*scale_down, *stopping})
     return scale_down
+
+
+def _idle_suspended(p: _Pass, alive: Sequence[Pod], demand: Demand | None) -> list[str]:
+    """A suspended single-execution queue's running workers that hold no execution, as a recent reading
+    of Temporal says for sure (as a scaling queue's idle ones): left, each would take the next workflow
+    of a queue that says it is suspended. None while any running pod may hold one unseen."""
+    if demand is None or demand.backlog is None or not demand.recent(p.now):
+        return []
+    made = p.w.next_index
+    # A running execution whose holder is unknown, or no pod alive (Temporal hands it on to another
+    # worker, which then shows idle): any running pod may run it.
+    orphaned = any(own_host(p.queue, host, made) for host in demand.busy - {pod.host for pod in alive})
+    if demand.unread or demand.activities_unknown or orphaned:
+        return []
+    held = demand.busy | demand.active
+    return [pod.name for pod in alive if pod.phase in MAY_RUN and not pod.coming and pod.host not in held]
 
 
 def _scale_down_fixed(p: _Pass, alive: Sequence[Pod]) -> list[str]:
