@@ -220,6 +220,18 @@ def test_a_spec_the_operator_cannot_take_says_which_fields_and_never_their_value
     assert st["observedGeneration"] == 4
 
 
+def test_ready_says_which_pod_settings_a_queue_without_pods_ignores():
+    # Accepted by the schema, `scaling: {max: 4}` on a plain queue ran no pod, Ready=True saying nothing.
+    token = {("team-a", "q1-worker-token"): {"token": "t0k"}}
+    plain = queues.resolve(queue(scaling={"max": 4}, worker={"template": {"spec": {}}}), secrets=token,
+                           settings=Settings())
+    message = conditions(status.desired_status(plain, {}, now=NOW))["Ready"]["message"]
+    assert message.endswith("; spec.scaling, spec.worker.template are ignored: the operator runs worker pods for "
+                            "ephemeral or singleExecution queues only")
+    pods = queues.resolve(queue(scaling={"max": 4}, singleExecution=True), secrets=token, settings=Settings())
+    assert "ignored" not in conditions(status.desired_status(pods, {}, now=NOW))["Ready"]["message"]
+
+
 def test_ready_says_what_workers_will_lack_for_their_executions():
     # A queue author does not see the operator's log: Ready itself says what the workers will miss.
     settings = Settings(temporal_host="t:7233", temporal_namespace="default")

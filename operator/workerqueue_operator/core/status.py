@@ -144,7 +144,23 @@ def ready_message(resolution: Resolution) -> str:
         message += (f"; the token in secret {resolution.short_token} is shorter than {SHORT_TOKEN} characters: "
                     "worker ids, which Events and Leases show, let whoever reads them test guesses of it offline "
                     "(use 32 random bytes, as the operator's own tokens are)")
+    ignored = _pod_settings_ignored(resolution)
+    if ignored:
+        message += (f"; {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: the operator runs "
+                    "worker pods for ephemeral or singleExecution queues only")
     return message
+
+
+def _pod_settings_ignored(resolution: Resolution) -> list[str]:
+    """The pod settings a queue whose pods the operator does not run names all the same (accepted by
+    the schema, which cannot tell them apart): said, not ignored in silence."""
+    s = resolution.queue.spec
+    if s.ephemeral or s.single_execution:
+        return []
+    named = {"spec.scaling": s.scaling is not None, "spec.worker.template": s.worker.template is not None,
+             "spec.ttlSecondsAfterFinished": s.ttl_seconds_after_finished > 0,
+             "spec.activeDeadlineSeconds": s.active_deadline_seconds is not None}
+    return [name for name, set_ in named.items() if set_]
 
 
 def _progressing(suspended: bool, crash_looping: bool, workers: Mapping[str, Any],
