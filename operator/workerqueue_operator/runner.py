@@ -366,7 +366,8 @@ async def run(
     app[keys.METRICS].family("workerqueue_temporal_reads_total",
                              "Temporal read for a queue, by kind (check: the reachability of a queue that does "
                              "not scale, at most WQ_TEMPORAL_CHECKS_PER_SECOND; scaling: a scaling queue's "
-                             "backlog and busy workers, or a suspended single-execution queue's).",
+                             "backlog and busy workers; a suspended single-execution queue's busy workers are "
+                             "read at its checks).",
                              kind="counter", label="kind", read=lambda: supervisor.reads)
     app[keys.METRICS].gauge("workerqueue_temporal_clients",
                             "Temporal connections kept (one per endpoint and API key; at most "

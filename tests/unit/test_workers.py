@@ -492,12 +492,15 @@ def test_a_suspended_single_execution_pool_stops_its_idle_workers_once_temporal_
     p = suspended(read)
     assert sorted(p.delete) == ["q1-w1", "q1-w2"]  # w0 holds an execution, w3 runs an activity
     assert [e.message for e in p.events if e.reason == "Suspending"] == ["the queue is suspended: stopping q1-w1"]
-    # Nothing known for sure: no running worker goes.
-    for unsure in (None, Demand(backlog=None), dataclasses.replace(read, unread=1),
+    # Nothing known for sure, or workflows waiting (an idle worker may be taking one now): no running worker goes.
+    for unsure in (None, Demand(backlog=None), dataclasses.replace(read, backlog=2),
+                   dataclasses.replace(read, unread=1),
                    dataclasses.replace(read, activities_unknown=True),
                    dataclasses.replace(read, read_at=T0 - workers.IDLE_STALE_SECONDS - 1),
                    dataclasses.replace(read, busy=frozenset({"q1-w0", "q1-w5"}))):  # q1-w5: gone, its run handed on
         assert sorted(suspended(unsure).delete) == ["q1-w2"], unsure
+    # A failed activity check is tried again soon, not at the next resync.
+    assert suspended(dataclasses.replace(read, activities_unknown=True)).requeue_after == workers.UNSURE_RETRY_SECONDS
     # Not suspended: the same reading changes nothing.
     assert workers.plan(queue(singleExecution=True, replicas=4), [pod(0), pod(1)],
                         previous=WorkersStatus(next_index=10), now=T0, created=T0 - 100, settings=SETTINGS,

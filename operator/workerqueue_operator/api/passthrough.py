@@ -165,6 +165,9 @@ def _coding(answer: aiohttp.ClientResponse) -> str | None:
     return ", ".join(c for c in codings if c and c != "identity") or None
 
 
+_SEGMENT_NOISE = re.compile(r"^[\s\x00]+|[\s\x00]+$")
+
+
 def _spellings(path: str) -> set[str]:
     """`path` (decoded once) as an upstream may route it: slashes merged, in any case; decoded once
     more; `\\` read as `/`; each segment without its matrix parameters (`;x`, which Tomcat, Jetty and
@@ -173,7 +176,7 @@ def _spellings(path: str) -> set[str]:
     for decoded in {path, unquote(path)}:
         for form in (decoded, decoded.replace("\\", "/")):
             spelt.add(re.sub("/{2,}", "/", form).rstrip("/").lower())
-            segments = (segment.split(";", 1)[0].strip().strip("\x00") for segment in form.split("/"))
+            segments = (_SEGMENT_NOISE.sub("", segment.split(";", 1)[0]) for segment in form.split("/"))
             spelt.add(re.sub("/{2,}", "/", "/".join(segments)).rstrip("/").lower())
     return spelt
 

@@ -2,8 +2,9 @@
 `status.temporal` for every queue, and the demand (backlog, busy pods) that sizes the pods of
 scaling queues. The backlog of a scaling queue is read every `backlog_poll_seconds` while it has
 work or workers, the interval doubling up to `backlog_idle_poll_seconds` while it has neither; a
-changed demand reconciles the queue at once. Status is written only on change and at most every
-`temporal_status_seconds` per queue (a reachability change at once).
+changed demand reconciles the queue at once. A suspended single-execution queue's demand (which of
+its workers are idle) is read at its reachability checks instead. Status is written only on change
+and at most every `temporal_status_seconds` per queue (a reachability change at once).
 
 The worker supervisor (core/supervisor.py) owns a `TemporalProbes` and feeds it what it hears of
 queues and of this replica's activity; it asks for a scaling queue's demand when it plans its pods,
@@ -186,6 +187,8 @@ class TemporalProbes:
         probe = self._probes.get(key)
         if probe is not None and probe.generation != queue.generation:
             probe.generation = queue.generation
+            # A reading of the spec before (another suspension, scaling since turned off) is not acted on.
+            self._demand.pop(key, None)
             self._at(key, probe, 0.0)  # the spec changed (maybe its Temporal)
         elif probe is None:
             self._at(key, self._probes.setdefault(key, _Probe(generation=queue.generation)), 0.0)
@@ -396,7 +399,7 @@ class TemporalProbes:
 
     def _scaling(self, key: QueueKey) -> bool:
         queue = self._store.queue(key)
-        return queue is not None and workers.reads_demand(queue.spec)
+        return queue is not None and workers.scales(queue.spec)
 
     def target(self, key: QueueKey) -> tuple[tuple[object, ...], temporal_.Endpoint, str] | None:
         resolution = self._store.resolution(key)
@@ -409,7 +412,11 @@ class TemporalProbes:
         assert self._temporal is not None
         generation, epoch = probe.generation, self._epoch
         queue = self._store.queue(key)
-        scaling = queue is not None and workers.reads_demand(queue.spec)
+        scaling = queue is not None and workers.scales(queue.spec)
+        # A suspended single-execution queue's busy workers are read too (its idle ones go), at the
+        # pace of the reachability checks: a backlog piling up while it is suspended is no reason to
+        # read it every second, for as long as the suspension lasts.
+        reads = queue is not None and workers.reads_demand(queue.spec)
         demand: workers.Demand
         try:
             async with (self._scaling_gate if scaling else self._probe_gate).turn(key[0]):
@@ -417,7 +424,7 @@ class TemporalProbes:
                 # between may be missing from what it tells.
                 read_at = self._clock()
                 info = await self._temporal.describe_task_queue(endpoint, task_queue)
-                if scaling:
+                if reads:
                     # Temporal's backlog statistic is cached by the server for seconds (a scale-up would
                     # wait ~5 s for it); the running workflows that no worker has taken yet are known
                     # at once, and so is who holds the others.
@@ -429,7 +436,7 @@ class TemporalProbes:
             probe.reachable, probe.reason, probe.read_generation = True, "Reachable", generation
             probe.message = f"the task queue {task_queue} was described at {endpoint}"
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
-                                                busy=len(demand.busy) if scaling else None)
+                                                busy=len(demand.busy) if reads else None)
         except temporal_.TemporalUnavailable as exc:
             demand = workers.Demand(backlog=None)
             probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
@@ -453,7 +460,8 @@ class TemporalProbes:
         # _store_changed) is this one's next, made now rather than an interval later.
         moved = probe.generation != generation or self._probed_otherwise(key, probe)
         self._at(key, probe, time.monotonic() + (0.0 if moved else probe.interval))
-        if scaling and self._probes.get(key) is probe and self._epoch == epoch:  # nor for a queue deleted meanwhile
+        # Nor for a queue deleted meanwhile, nor of a spec changed meanwhile (read again at once: moved).
+        if reads and self._probes.get(key) is probe and self._epoch == epoch and probe.generation == generation:
             before = self._demand.get(key)
             self._demand[key] = demand  # kept fresh even when unchanged: the plan acts on fresh readings only
             if before is None or before != demand or not before.fresh(self._clock()):

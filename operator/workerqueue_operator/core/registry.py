@@ -74,6 +74,9 @@ blind (Registry.peer_lost): heartbeats its Service still sent there were lost un
 changed (about 40-50 s for a lost node: the node monitor's grace period)."""
 BLIND_FORGIVEN_SECONDS = 300.0
 """The longest stretch of a Lease watch down whose time does not count toward expiry (see Registry._blind_at)."""
+PEER_LOST_QUIET_SECONDS = BLIND_FORGIVEN_SECONDS + PEER_LOST_FORGIVEN_SECONDS
+"""How long no replica must leave the peering before a loss is forgiven afresh: a peer flapping every
+minute or so would otherwise keep dead workers registered for good."""
 RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later, doubling with each failure
 in a row up to a quarter of its interval (so that it is renewed before it lapses; at least this),
@@ -1019,7 +1022,7 @@ class Registry:
         it, the replica left ended the registrations of live workers whose heartbeats went there, and
         gave their maxWorkers slots to the next /start (their heartbeats then 409 for good)."""
         now = self._clock()
-        if self._peer_lost_last is None or now - self._peer_lost_last > PEER_LOST_FORGIVEN_SECONDS:
+        if self._peer_lost_last is None or now - self._peer_lost_last > PEER_LOST_QUIET_SECONDS:
             self._peer_lost_since = now  # a loss after a quiet spell: forgiven afresh
         self._peer_lost_last = now
         # A peer whose keep-alives come late again and again (its clock behind, a loaded API server)

@@ -530,10 +530,15 @@ def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:
     return queue_spec.ephemeral or queue_spec.single_execution
 
 
+def scales(queue_spec: spec_.WorkerQueueSpec) -> bool:
+    """Whether the queue's pods are sized by its work (`scaling` on a queue whose pods the operator runs)."""
+    return queue_spec.scaling is not None and manages_pods(queue_spec)
+
+
 def reads_demand(queue_spec: spec_.WorkerQueueSpec) -> bool:
     """Whether the queue's pods follow Temporal's reading of its work (Demand): a scaling queue's, and a
     suspended single-execution queue's, whose idle workers would each take the next workflow."""
-    return queue_spec.scaling is not None or (queue_spec.suspend and queue_spec.single_execution)
+    return scales(queue_spec) or (queue_spec.suspend and queue_spec.single_execution)
 
 
 _UNSET: tuple[object, ...] = (0, None, [])
@@ -923,18 +928,23 @@ def _scale_down(p: _Pass, alive: Sequence[Pod], scaled_down: list[str], demand: 
 
 def _idle_suspended(p: _Pass, alive: Sequence[Pod], demand: Demand | None) -> list[str]:
     """A suspended single-execution queue's running workers that hold no execution, as a recent reading
-    of Temporal says for sure (as a scaling queue's idle ones): left, each would take the next workflow
-    of a queue that says it is suspended. None while any running pod may hold one unseen."""
-    if demand is None or demand.backlog is None or not demand.recent(p.now):
+    of Temporal says for sure (as a scaling queue's idle ones), while no workflow waits: left, each would
+    take the next workflow of a queue that says it is suspended. None while any running pod may hold
+    one unseen, nor while workflows wait (one may be taking one this moment: each takes one and exits,
+    rather than be cut off mid-run)."""
+    running = [pod for pod in alive if pod.phase in MAY_RUN and not pod.coming]
+    if not running or demand is None or demand.backlog != 0 or not demand.recent(p.now):
         return []
     made = p.w.next_index
     # A running execution whose holder is unknown, or no pod alive (Temporal hands it on to another
     # worker, which then shows idle): any running pod may run it.
     orphaned = any(own_host(p.queue, host, made) for host in demand.busy - {pod.host for pod in alive})
     if demand.unread or demand.activities_unknown or orphaned:
+        # The activity check failed or a holder was not read: tried again soon, not at the next resync.
+        p.requeue.append(UNSURE_RETRY_SECONDS)
         return []
     held = demand.busy | demand.active
-    return [pod.name for pod in alive if pod.phase in MAY_RUN and not pod.coming and pod.host not in held]
+    return [pod.name for pod in running if pod.host not in held]
 
 
 def _scale_down_fixed(p: _Pass, alive: Sequence[Pod]) -> list[str]:
