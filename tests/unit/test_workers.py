@@ -499,8 +499,6 @@ def test_a_suspended_single_execution_pool_stops_its_idle_workers_once_temporal_
                    dataclasses.replace(read, read_at=T0 - workers.IDLE_STALE_SECONDS - 1),
                    dataclasses.replace(read, busy=frozenset({"q1-w0", "q1-w5"}))):  # q1-w5: gone, its run handed on
         assert sorted(suspended(unsure).delete) == ["q1-w2"], unsure
-    # A failed activity check is tried again soon, not at the next resync.
-    assert suspended(dataclasses.replace(read, activities_unknown=True)).requeue_after == workers.UNSURE_RETRY_SECONDS
     # Not suspended: the same reading changes nothing.
     assert workers.plan(queue(singleExecution=True, replicas=4), [pod(0), pod(1)],
                         previous=WorkersStatus(next_index=10), now=T0, created=T0 - 100, settings=SETTINGS,

@@ -940,9 +940,7 @@ def _idle_suspended(p: _Pass, alive: Sequence[Pod], demand: Demand | None) -> li
     # worker, which then shows idle): any running pod may run it.
     orphaned = any(own_host(p.queue, host, made) for host in demand.busy - {pod.host for pod in alive})
     if demand.unread or demand.activities_unknown or orphaned:
-        # The activity check failed or a holder was not read: tried again soon, not at the next resync.
-        p.requeue.append(UNSURE_RETRY_SECONDS)
-        return []
+        return []  # until the next reading (a pass before it would find this one too old to act on)
     held = demand.busy | demand.active
     return [pod.name for pod in running if pod.host not in held]
 
