@@ -86,6 +86,10 @@ def own_operator(control_plane: ControlPlane, kube: Kube, tmp_path: Path, namesp
     return operator
 
 
+MADE_UP = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJub2JvZHkifQ.c2lnbmF0dXJl"
+"""A token shaped as a JWT, as a ServiceAccount's is, that nobody issued."""
+
+
 def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         own_control_plane: ControlPlane, own_kube: Kube, tmp_path: Path):
     kube = own_kube
@@ -97,8 +101,8 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
         cached, fresh = robot_may_start(kube, namespace, operator, "frozen-agents", 3)
 
         # A made-up token costs one TokenReview, then is rejected from memory.
-        assert operator.start_worker("frozen-agents", "made-up").status == 401
-        assert operator.start_worker("frozen-agents", "made-up").status == 401
+        assert operator.start_worker("frozen-agents", MADE_UP).status == 401
+        assert operator.start_worker("frozen-agents", MADE_UP).status == 401
         assert operator.metric("workerqueue_token_reviews_total", outcome="rejected") == 1
         assert operator.metric("workerqueue_token_reviews_total", outcome="rejected_cached") == 1
 
@@ -106,7 +110,12 @@ def test_frozen_api_server_gives_kubernetes_tokens_a_prompt_503(
             # From memory: queue tokens and cached reviews.
             assert operator.start_worker("frozen-agents", queue_token).status == 200
             assert operator.start_worker("frozen-agents", cached).status == 200
-            assert operator.start_worker("frozen-agents", "made-up").status == 401
+            assert operator.start_worker("frozen-agents", MADE_UP).status == 401
+            # A token that is no JWT is never reviewed (a rotated-out queue token, an organization's
+            # key: the API server's audit log and webhooks would be sent it): 401 at once.
+            answer, seconds = timed_start(operator, "frozen-agents", "rotated-out-queue-token")
+            assert answer.status == 401 and seconds < 2
+            assert operator.metric("workerqueue_token_reviews_total", outcome="not_a_jwt") == 1
             # A token needing a review: 503 within the review timeout (4 s), not ~30 s (the bound
             # leaves a loaded machine slack, and is far below the hang).
             answer, seconds = timed_start(operator, "frozen-agents", fresh[0])
@@ -155,7 +164,7 @@ def test_a_flood_of_made_up_tokens_from_one_client_turns_no_other_away(
         _, (token,) = robot_may_start(kube, namespace, operator, "flood-agents", 1)
         with concurrent.futures.ThreadPoolExecutor(81) as pool:
             with frozen(own_control_plane.pid("kube-apiserver")):
-                flood = [pool.submit(start_from, "127.0.0.2", operator, "flood-agents", f"made-up-{i}")
+                flood = [pool.submit(start_from, "127.0.0.2", operator, "flood-agents", f"{MADE_UP}{i}")
                          for i in range(80)]
                 # One review in flight, 64 waiting, the 15 beyond turned away at once.
                 wait_for(lambda: operator.metric("workerqueue_token_reviews_total", outcome="busy") >= 15,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import weakref
@@ -32,7 +33,7 @@ class NoReviews(reviews.Reviewer):
     """Kubernetes identities are tested against the real API server; here every other token is unknown."""
 
     def __init__(self, unavailable: reviews.Unavailable | None = None) -> None:
-        self.outcomes = {}
+        self.outcomes = collections.defaultdict(int)
         self._in_flight = 0
         self.unavailable = unavailable  # set: every review fails so
 

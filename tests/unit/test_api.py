@@ -25,6 +25,8 @@ from workerqueue_operator.models.settings import Settings
 
 START = "/api/v1/worker-queues/{}/start"
 AUTH = {"Authorization": "Bearer good-token"}
+SA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzYSJ9.c2ln"
+"""Shaped as a ServiceAccount's token (a JWT): only such tokens are reviewed."""
 
 
 @pytest.fixture
@@ -315,7 +317,7 @@ async def test_review_unavailable_is_503_with_its_reason_in_the_log(
     app = apps.make_app(store, reviewer=apps.NoReviews(unavailable))
     async with TestClient(TestServer(app)) as c:
         for _ in range(5):
-            r = await c.post(START.format("q-1"), headers={"Authorization": "Bearer some-service-account-token"})
+            r = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {SA_TOKEN}"})
             assert r.status == 503
             assert r.headers.get("Retry-After") == retry_after
         metrics_text = await (await c.get("/metrics")).text()
@@ -730,8 +732,8 @@ async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_wel
         answer = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {WORKER_TOKEN}"})
         assert answer.status == 401
         assert getattr(reviewer, "asked", 0) == 0  # the operator's mark is no Kubernetes token: no review
-        # Only the operator's mark is awaited: any other unknown token is refused at once.
-        assert (await c.post(START.format("q-1"), headers={"Authorization": "Bearer wrong"})).status == 401
+        # Only the operator's mark is awaited: any other unknown token is reviewed and refused at once.
+        assert (await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {SA_TOKEN}"})).status == 401
         assert c.server.app[UNSEEN].waited == 1 and reviewer.asked == 1
 
 
@@ -866,7 +868,7 @@ async def test_an_identitys_executions_wait_for_no_registration_the_api_server_c
         with caplog.at_level(logging.INFO):
             for _ in range(5):
                 listed = await c.get("/api/v1/worker-queues/q-1/executions?limit=5&status=all",
-                                     headers={"Authorization": "Bearer a-service-account-token"})
+                                     headers={"Authorization": f"Bearer {SA_TOKEN}"})
                 assert listed.status == 503
                 assert (await listed.json())["detail"].startswith("The worker registry is temporarily unavailable")
         # An outage meets every call at once: one line, each counted.
@@ -1022,7 +1024,7 @@ async def test_a_kubernetes_identity_acts_only_for_the_workers_it_registered_rot
 
     class Pods(apps.NoReviews):
         async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
-            return bound(token.removeprefix("sa-")) if token.startswith("sa-") else None
+            return bound(token.split(".")[1]) if token.startswith("eyJ") else None
 
         async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
                       verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
@@ -1031,6 +1033,9 @@ async def test_a_kubernetes_identity_acts_only_for_the_workers_it_registered_rot
     def auth(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
+    def sa(pod: str) -> str:  # a token bound to the pod, shaped as a JWT (only such tokens are reviewed)
+        return f"eyJhbGciOiJSUzI1NiJ9.{pod}.c2ln"
+
     store = Store(settings=Settings())
     refs = [{"name": "old", "key": "token"}, {"name": "new", "key": "token"}]
     store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": refs}))
@@ -1038,11 +1043,11 @@ async def test_a_kubernetes_identity_acts_only_for_the_workers_it_registered_rot
     store.upsert_secret(("team-a", "new"), {"token": "new-token"})
     async with TestClient(TestServer(apps.make_app(store, reviewer=Pods()))) as c:
         registry = c.server.app[REGISTRY]
-        started = await c.post(START.format("q-1"), headers=auth("sa-p2"), json={"system_info": {"hostname": "p2"}})
+        started = await c.post(START.format("q-1"), headers=auth(sa("p2")), json={"system_info": {"hostname": "p2"}})
         worker_id = (await started.json())["worker_id"]
         for route in ("heartbeat", "disconnect"):
             other = await c.post(f"/api/v1/workers/{worker_id}/{route}", json={"status": "busy"},
-                                 headers=auth("sa-p1"))
+                                 headers=auth(sa("p1")))
             assert other.status == 403
             assert await other.json() == {"detail": "This worker was registered by another identity"}
         # Expired (its pace slower than expected, say), then the old queue token unlisted.
@@ -1051,8 +1056,8 @@ async def test_a_kubernetes_identity_acts_only_for_the_workers_it_registered_rot
         registry._sweep(ending=True)
         assert registry.get(worker_id) is None
         store.upsert_queue(queue("q1", queueId="q-1", auth={"tokenSecretRefs": refs[1:]}))
-        other = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth("sa-p1"))
+        other = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth(sa("p1")))
         assert other.status == 404  # not its registration to bring back
-        own = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth("sa-p2"))
+        own = await c.post(f"/api/v1/workers/{worker_id}/heartbeat", json={"status": "busy"}, headers=auth(sa("p2")))
         assert own.status == 200, await own.text()
         assert registry.get(worker_id).identity == bound("p2").registrant

@@ -1224,7 +1224,9 @@ async def test_only_a_service_accounts_worker_registered_in_one_queue_of_its_nam
     # the real API server): what is decided from it is the pass-through's.
     from workerqueue_operator.api.keys import REGISTRY
 
-    people = {"sa-token": "system:serviceaccount:team-a:runner", "user-token": "jane@example.com"}
+    # Shaped as JWTs, as ServiceAccount and OIDC tokens are: only such tokens are reviewed.
+    sa_token, user_token = "eyJhbGciOiJSUzI1NiJ9.sa.c2ln", "eyJhbGciOiJSUzI1NiJ9.user.c2ln"
+    people = {sa_token: "system:serviceaccount:team-a:runner", user_token: "jane@example.com"}
 
     class Stub(apps.NoReviews):
         async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
@@ -1250,17 +1252,17 @@ async def test_only_a_service_accounts_worker_registered_in_one_queue_of_its_nam
         for token in people:
             registry.register(store.queue(("team-b", "a")), f"w-{token}", identity=people[token])
         # Registered in another namespace only (a Lease anyone writing Leases there could forge).
-        refused = await call("sa-token")
+        refused = await call(sa_token)
         assert refused.status == 403 and "no worker queue of its namespace" in (await refused.json())["detail"]
-        registry.register(store.queue(("team-a", "a")), "w-own", identity=people["sa-token"])
-        got = await echoed(await call("sa-token"))
+        registry.register(store.queue(("team-a", "a")), "w-own", identity=people[sa_token])
+        got = await echoed(await call(sa_token))
         assert got["path_qs"] == "/team-a/api/v1/teams/t" and standin.header_values(got, "Authorization") == [
             "Bearer key-team-a"]
-        refused = await call("user-token")
+        refused = await call(user_token)
         assert refused.status == 403 and "is no ServiceAccount" in (await refused.json())["detail"]
         assert (await call("made-up")).status == 401
         with pytest.raises(aiohttp.WSServerHandshakeError) as ws_refused:
-            await client.ws_connect("/api/v1/ws/anything", headers={"Authorization": "Bearer sa-token"})
+            await client.ws_connect("/api/v1/ws/anything", headers={"Authorization": f"Bearer {sa_token}"})
         assert ws_refused.value.status == 403
 
 

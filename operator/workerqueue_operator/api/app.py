@@ -375,7 +375,7 @@ def make_app(
     app[METRICS].family("workerqueue_token_reviews_total",
                         "Kubernetes tokens presented by outcome (authenticated, rejected; rejected_cached: no "
                         "TokenReview made; busy: no review slot free in time; unavailable: the API server did not "
-                        "answer in time).", kind="counter", label="outcome",
+                        "answer in time; not_a_jwt: refused unreviewed).", kind="counter", label="outcome",
                         read=lambda: reviewer.outcomes)
     app[METRICS].gauge("workerqueue_reviews_in_flight",
                        "TokenReviews and SubjectAccessReviews awaiting the API server.", lambda: reviewer.in_flight)

@@ -10,6 +10,7 @@ is asking), or a Kubernetes token (TokenReview says who, SubjectAccessReview whe
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -78,8 +79,17 @@ async def authenticate(request: web.Request, *, starting: bool = False) -> Calle
     return await kubernetes_caller(request, token, token_digest)
 
 
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+"""A JSON Web Token (a ServiceAccount's, an OIDC one): a header (`{"` in base64url), payload and signature."""
+
+
 async def kubernetes_caller(request: web.Request, token: str, token_digest: bytes) -> Caller | web.Response:
-    """The Kubernetes identity a token is (TokenReview), or the 401 (503) answer."""
+    """The Kubernetes identity a token is (TokenReview), or the 401 (503) answer. Only a JWT is
+    reviewed: anything else (a queue token rotated out or not seen yet, an organization's key) would be
+    sent to the API server, its audit log and its webhook authenticators, for nothing."""
+    if not _JWT.fullmatch(token):
+        request.app[REVIEWER].outcomes["not_a_jwt"] += 1
+        return errors.unauthorized("Invalid authentication credentials")
     try:
         identity = await request.app[REVIEWER].authenticate(token, token_digest, peer=request.remote or "")
     except reviews.Unavailable as exc:

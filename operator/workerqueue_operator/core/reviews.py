@@ -222,7 +222,7 @@ class Reviewer:
         self._rejected: TTLCache[bool] = TTLCache(ttl=negative_ttl, size=50_000)
         self._decisions: TTLCache[bool] = TTLCache(ttl=ttl)
         self.outcomes: dict[str, int] = {"authenticated": 0, "rejected": 0, "rejected_cached": 0,
-                                         "unavailable": 0, "busy": 0}
+                                         "unavailable": 0, "busy": 0, "not_a_jwt": 0}
         """TokenReview outcomes since start, for /metrics."""
 
     @property
