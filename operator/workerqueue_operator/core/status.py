@@ -7,6 +7,7 @@ from typing import Any
 
 import pydantic
 
+from workerqueue_operator.core import workers
 from workerqueue_operator.core.queues import SHORT_TOKEN, Problem, Resolution
 
 READY = "Ready"
@@ -155,7 +156,7 @@ def _pod_settings_ignored(resolution: Resolution) -> list[str]:
     """The pod settings a queue whose pods the operator does not run names all the same (accepted by
     the schema, which cannot tell them apart): said, not ignored in silence."""
     s = resolution.queue.spec
-    if s.ephemeral or s.single_execution:
+    if workers.manages_pods(s):
         return []
     named = {"spec.scaling": s.scaling is not None, "spec.worker.template": s.worker.template is not None,
              "spec.ttlSecondsAfterFinished": s.ttl_seconds_after_finished > 0,

@@ -935,14 +935,17 @@ def _idle_suspended(p: _Pass, alive: Sequence[Pod], demand: Demand | None) -> li
     running = [pod for pod in alive if pod.phase in MAY_RUN and not pod.coming]
     if not running or demand is None or demand.backlog != 0 or not demand.recent(p.now):
         return []
-    made = p.w.next_index
-    # A running execution whose holder is unknown, or no pod alive (Temporal hands it on to another
-    # worker, which then shows idle): any running pod may run it.
-    orphaned = any(own_host(p.queue, host, made) for host in demand.busy - {pod.host for pod in alive})
+    orphaned = _orphaned(demand, alive, own=lambda host: own_host(p.queue, host, p.w.next_index))
     if demand.unread or demand.activities_unknown or orphaned:
         return []  # until the next reading (a pass before it would find this one too old to act on)
     held = demand.busy | demand.active
     return [pod.name for pod in running if pod.host not in held]
+
+
+def _orphaned(demand: Demand, alive: Sequence[Pod], *, own: Callable[[str], bool]) -> int:
+    """Running executions held by a worker of the queue's own pods (`own`) that is alive no more: Temporal
+    hands each on to another worker, which then shows idle, since it did not take it first."""
+    return sum(1 for host in demand.busy - {pod.host for pod in alive} if own(host))
 
 
 def _scale_down_fixed(p: _Pass, alive: Sequence[Pod]) -> list[str]:
@@ -1106,7 +1109,7 @@ def _scale(s: spec_.WorkerQueueSpec, alive: Sequence[Pod], previous: spec_.Worke
     # Running executions whose first worker is no pod alive (it was killed mid-run, or runs elsewhere):
     # Temporal hands them on to another worker, which shows as idle since it did not take them first.
     # Each needs a worker, and while one runs no running pod can be told idle for sure.
-    orphaned = sum(1 for host in demand.busy - {p.host for p in alive} if own(host))
+    orphaned = _orphaned(demand, alive, own=own)
     if demand.backlog is None:
         # Temporal cannot say what waits: no scaling change either way until it can.
         w.desired = min(previous.desired, top)
