@@ -112,6 +112,42 @@ async def test_a_pool_turns_over_one_worker_per_workflow(
         wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="the pool back to 3")
 
 
+async def test_a_suspended_pool_lets_its_busy_worker_finish_and_keeps_waiting_work_for_its_resume(
+        operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
+        kubelet: Callable[..., LocalKubelet]):
+    # Suspend as the workers live it: the idle worker goes, the busy one finishes its execution and
+    # exits on it, no worker takes a workflow while the queue is suspended, and one does on resume.
+    queue_id = f"rest-{namespace}"
+    kube.create_queue(namespace, "rest", **queue_spec(temporal, queue_id, replicas=2))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: registered_pods(kube, namespace) == {"rest-w0", "rest-w1"}, timeout=60, what="2 workers")
+    client = await Client.connect(temporal.address, namespace=temporal.namespace)
+    first = f"exec-1-{secrets.token_hex(4)}"
+    handle = await client.start_workflow("AgentExecutionWorkflow", {"execution_id": first, "duration_seconds": 12},
+                                         id=first, task_queue=queue_id)
+    deadline = time.monotonic() + 30
+    while (holder := await taken_by(client, first)) is None:
+        assert time.monotonic() < deadline, "no worker took the workflow"
+        await asyncio.sleep(0.2)
+    busy = holder.split("@", 1)[1]
+    kube.patch_queue(namespace, "rest", {"suspend": True})
+    wait_for(lambda: kube.pod_names(namespace, "rest") == [busy], timeout=30, what="the idle worker gone")
+    await asyncio.wait_for(handle.result(), 60)
+    wait_for(lambda: kube.pod_names(namespace, "rest") == [], timeout=60, what=f"{busy} done and gone")
+    assert kube.workers(namespace, "rest")["succeeded"] == 1
+
+    second = f"exec-2-{secrets.token_hex(4)}"
+    waiting = await client.start_workflow("AgentExecutionWorkflow", {"execution_id": second, "duration_seconds": 0.1},
+                                          id=second, task_queue=queue_id)
+    await asyncio.sleep(6)  # a pass or two of the supervisor: a worker made while suspended would be here
+    assert kube.pod_names(namespace, "rest") == [] and await taken_by(client, second) is None
+    kube.patch_queue(namespace, "rest", {"suspend": False})
+    await asyncio.wait_for(waiting.result(), 60)
+    taker = await taken_by(client, second)
+    assert taker is not None and taker.split("@", 1)[1] not in {"rest-w0", "rest-w1"}
+    wait_for(lambda: kube.workers(namespace, "rest").get("succeeded") == 2, timeout=60, what="its worker done too")
+
+
 async def taken_by(client: Client, workflow_id: str, run_id: str | None = None) -> str | None:
     """The Temporal identity of the worker that took a run (the latest by default), None if none has."""
     history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
