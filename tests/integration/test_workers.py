@@ -90,18 +90,30 @@ def test_pods_started_after_a_secret_rotation_show_it_and_never_a_digest_of_its_
         "agentcontrol.dev/secrets-digest"] not in ("", digest)
 
 
-def test_a_users_secret_named_as_a_worker_token_outlives_the_pod(kube: Kube, namespace: str):
-    """A Secret of the user's that has a worker token's name is left as it is when the pod is made,
-    and when the pod goes: only the tokens the operator made for the queue are deleted with their pods."""
+def test_a_secret_named_as_a_worker_token_that_is_not_one_of_the_queue_is_left_and_its_index_skipped(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """A Secret of the user's, or a worker token orphaned by `kubectl delete wq --cascade=orphan`, that
+    has a pod's token name: its pod signed in with it, was turned away (401) and counted a failure.
+    It is left as it is, its index skipped, and only the tokens the operator made go with their pods."""
     kube.put_secret(namespace, "mine-w0-token", token="the user's")
-    kube.create_queue(namespace, "mine", queueId=f"mine-{namespace}", singleExecution=True, temporal=TEMPORAL)
-    wait_pods(kube, namespace, "mine", ["mine-w0"])
-    kube.set_phase(namespace, "mine-w0", "Succeeded", exit_code=0, reason="Completed")
-    wait_pods(kube, namespace, "mine", ["mine-w1"])
-    wait_for(lambda: "mine-w0" not in kube.pod_names(namespace, "mine", alive=False), what="finished pod deleted")
-    kube.set_phase(namespace, "mine-w1", "Succeeded", exit_code=0, reason="Completed")
-    wait_for(lambda: not kube.has_secret(namespace, "mine-w1-token"), what="the operator's token deleted with its pod")
+    labels = {"app.kubernetes.io/component": "worker-credential", "agentcontrol.dev/queue": "mine"}
+    orphan = k8s_client.V1Secret(string_data={"token": "an orphan's"}, metadata=k8s_client.V1ObjectMeta(
+        name="mine-w1-token", labels=labels, annotations={"agentcontrol.dev/pod": "mine-w1"}))  # no owner: orphaned
+    kube.core.create_namespaced_secret(namespace, orphan)
+    queue_id = f"mine-{namespace}"
+    kube.create_queue(namespace, "mine", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "mine", ["mine-w2"])
+    token = wait_for(lambda: kube.has_secret(namespace, "mine-w2-token")
+                     and kube.secret_value(namespace, "mine-w2-token", "token"), what="mine-w2's token")
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="/start with the pod's token")
+    assert kube.pod_names(namespace, "mine", alive=False) == ["mine-w2"]
+    kube.set_phase(namespace, "mine-w2", "Succeeded", exit_code=0, reason="Completed")
+    wait_pods(kube, namespace, "mine", ["mine-w3"])
+    wait_for(lambda: not kube.has_secret(namespace, "mine-w2-token"), what="the operator's token deleted with its pod")
     assert kube.secret_value(namespace, "mine-w0-token", "token") == "the user's"
+    assert kube.secret_value(namespace, "mine-w1-token", "token") == "an orphan's"
+    assert kube.workers(namespace, "mine").get("failed", 0) == 0
 
 
 def test_a_pod_token_whose_secret_no_longer_is_one_opens_nothing(

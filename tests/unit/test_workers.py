@@ -60,6 +60,16 @@ def test_names_are_never_reused():
     assert p.create == (8,)
 
 
+def test_a_pod_named_with_an_index_pod_name_never_writes_is_no_index():
+    # Made by someone with the queue's label, `-w99999999999999999999` made nextIndex too big for the
+    # status schema: every pass of the queue failed until the pod was deleted.
+    huge = Pod.from_body({"metadata": {"name": "q1-w99999999999999999999"}, "status": {"phase": "Running"}})
+    assert huge.index is None and Pod.from_body({"metadata": {"name": "q1-w007"}}).index is None
+    assert workers.pod_index("q1-w999999999") == 999_999_999 and workers.pod_index("q1-w1000000000") is None
+    p = plan([pod(0), huge], WorkersStatus(next_index=1), singleExecution=True, replicas=3)
+    assert p.workers.next_index < 10**9 and p.create == (1,)
+
+
 def test_succeeded_worker_is_deleted_counted_once_and_replaced():
     first = plan([pod(0, "Succeeded")], singleExecution=True)
     assert first.delete == ("q1-w0",) and first.create == (1,)

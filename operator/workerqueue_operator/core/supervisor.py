@@ -504,6 +504,8 @@ class Supervisor:
             owner=resources.owner_reference(queue_ref_body(queue)),
         )
         bodies = [workers.build_pod(queue, i, inputs=inputs, settings=self._settings) for i in indices]
+        skipped: list[str] = []
+
         async def create(body: dict[str, Any]) -> bool:
             if not self._activity.is_active():
                 # Stood down meanwhile: the index stays unused (names are never reused), and the replica
@@ -514,12 +516,20 @@ class Supervisor:
             credential = workers.credential_secret_body(queue, body["metadata"]["name"], workers.new_worker_token(),
                                                         now=self._clock())
             self._made_here.setdefault(queue.key, set()).add(body["metadata"]["name"])
+            secret = credential["metadata"]["name"]
             try:
-                await self._create_credential(queue, credential)
+                there = await self._create_credential(queue, credential)
             except client_.ApiError as exc:
-                secret = credential["metadata"]["name"]
                 raise exc.quiet(f"creating its token Secret {secret} failed ({exc.status} {exc.reason})",
                                 kind=_CredentialFailed) from None
+            if not workers.credential_of(there, queue):
+                # A Secret of that name that is no token of this queue (a user's, one orphaned by
+                # `--cascade=orphan`): the pod would sign in with it and be turned away (401, counted a
+                # failure). Its index is left unused; the next pass makes the pod under the next one.
+                logger.warning("worker pod %s/%s not made: Secret %s is there and is not a token of this queue",
+                               queue.namespace, body["metadata"]["name"], secret)
+                skipped.append(body["metadata"]["name"])
+                return False
             # Strict: a template's misspelt field (`resource:`, `nodeselector:`) is PodCreationFailed with
             # the API server's words, not a pod made without it (no limits, no node selector) in silence.
             return await resources.create_if_absent(self._client, resources.pods_path(queue.namespace), body,
@@ -567,6 +577,8 @@ class Supervisor:
                 self._events.post(involved=involved, reason="PodCreationFailed", message=failed, warning=True)
             elif isinstance(result, BaseException):
                 raise result
+        if skipped:
+            self._queue.add_after(queue.key, 0)
         # The token of a pod the API server refused goes at once: left for the orphan sweep, it read
         # for a minute as a pod another replica may still be creating, and a replica taking over in
         # that minute waited for pods that never come.
@@ -578,14 +590,15 @@ class Supervisor:
                                queue.namespace, name, _failure(exc))
         return refused
 
-    async def _create_credential(self, queue: QueueObject, body: dict[str, Any]) -> None:
+    async def _create_credential(self, queue: QueueObject, body: dict[str, Any]) -> dict[str, Any]:
         """Creates a pod's token Secret. One of its name may be left by a deleted namesake of the queue
         (`kubectl replace --force`), waiting for the garbage collector: reused, its token would vanish
         under the new worker, and its made-at would show that worker the old pod's executions. It is
         made anew. One that is not a worker token of this queue's name is left as it is (or ours,
-        from a retried create)."""
-        await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
+        from a retried create). Returns the Secret there now."""
+        there, _ = await resources.create_replacing(self._client, resources.secrets_path(queue.namespace), body,
                                          leftover=lambda existing: workers.namesakes_credential(existing, queue))
+        return there
 
     async def _read_refusal(self, queue: QueueObject, pod: str) -> None:
         assert self._registry is not None

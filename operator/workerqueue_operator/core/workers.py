@@ -241,7 +241,9 @@ def made_at(body: Mapping[str, Any]) -> float | None:
     return times.parse_or_none(made or meta.get("creationTimestamp"))
 
 
-_INDEX = re.compile(r"-w(\d+)$")
+_INDEX = re.compile(r"-w(0|[1-9]\d{0,8})$")
+"""A pod index as pod_name writes it, below 10**9: a pod that someone made with the queue's label and
+a name such as `-w99999999999999999999` made the next index too big for status (every pass failed)."""
 
 
 def pod_index(name: str) -> int | None:
