@@ -182,6 +182,22 @@ def test_a_worker_that_cannot_start_shows_on_its_queue_and_is_not_replaced(kube:
     assert kube.workers(namespace, "pull").get("stuck") in (None, [])
 
 
+def test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced(kube: Kube, namespace: str):
+    """The kubelet waits for a missing Secret for good: the queue was a worker short until someone
+    deleted the pod. Its worker never ran, so it is replaced, no failure counted."""
+    kube.create_queue(namespace, "tk", queueId=f"tk-{namespace}", singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "tk", ["tk-w0"])
+    wait_for(lambda: kube.has_secret(namespace, "tk-w0-token"), what="tk-w0's token")
+    kube.core.delete_namespaced_secret("tk-w0-token", namespace)
+    kube.core.patch_namespaced_pod_status("tk-w0", namespace, {"status": {"phase": "Pending", "containerStatuses": [
+        {"name": "worker", "image": "worker:1", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "CreateContainerConfigError",
+                               "message": 'secret "tk-w0-token" not found'}}}]}})
+    wait_pods(kube, namespace, "tk", ["tk-w1"])
+    assert kube.has_secret(namespace, "tk-w1-token")
+    assert kube.workers(namespace, "tk").get("failed", 0) == 0
+
+
 def test_plain_queue_runs_no_pods(kube: Kube, namespace: str):
     kube.create_queue(namespace, "plain", queueId=f"pl-{namespace}", replicas=3, temporal=TEMPORAL)
     kube.wait_condition(namespace, "plain", "True")

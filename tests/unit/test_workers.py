@@ -997,6 +997,18 @@ def test_workers_that_cannot_start_are_listed_and_told_once_each_never_replaced(
     assert fixed.workers.stuck == [] and not fixed.events
 
 
+def test_a_pod_whose_own_token_is_gone_before_it_started_is_replaced_without_a_failure():
+    # Its token Secret deleted (by hand, by a cleanup job) before its worker ran: the kubelet waits for
+    # it for good, and the queue had one worker less until someone deleted the pod.
+    stuck = Pod.from_body(pending_body("q1-w0", waiting="CreateContainerConfigError"))
+    kept = plan([stuck, pod(1)], WorkersStatus(next_index=2), singleExecution=True, replicas=2)
+    assert kept.delete == () and kept.create == ()  # a Secret of the user's is missing: told, not replaced
+    gone = plan([dataclasses.replace(stuck, token_gone=True), pod(1)], WorkersStatus(next_index=2),
+                singleExecution=True, replicas=2)
+    assert gone.delete == ("q1-w0",) and gone.create == (2,)
+    assert gone.workers.failed == 0 and gone.workers.consecutive_failures == 0
+
+
 def made(body: dict[str, Any], at: float) -> dict[str, Any]:
     body["metadata"]["creationTimestamp"] = times.rfc3339(at)
     return body

@@ -281,7 +281,12 @@ class Supervisor:
         pods = await self._list_pods(queue)
         if not self._activity.is_active():
             return  # paused while listing
+        tokens = self._store.worker_credential_secrets(key)
         parsed = [workers.Pod.from_body(p) for p in pods]
+        # Stuck on a missing Secret (the kubelet has tried: the watch has long brought a token made
+        # before the pod), and it is the pod's own token that is missing.
+        parsed = [dataclasses.replace(pod, token_gone=True)
+                  if pod.stuck == "CreateContainerConfigError" and pod.name not in tokens else pod for pod in parsed]
         alive = [pod.name for pod in parsed if pod.alive]
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.

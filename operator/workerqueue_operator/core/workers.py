@@ -289,6 +289,9 @@ class Pod:
     """The pod itself has ended (its phase, not only its worker's container): nothing runs in it."""
     coming: bool = False
     """Not listed, but maybe being created by the replica before this one (its token Secret is there)."""
+    token_gone: bool = False
+    """Its own token Secret, made by the operator, was deleted before its worker started: the kubelet
+    cannot start it (CreateContainerConfigError) until someone deletes it."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -789,7 +792,9 @@ def _judge_alive(p: _Pass, pods: Sequence[Pod]) -> list[Pod]:
     waiting = any(pod.alive and pod.phase in ("Pending", "") for pod in pods)
     defaults = worker_defaults_digest(p.settings) if waiting else ""
     alive = [_judged(pod, p.now, p.queue.generation, p.requeue, defaults) for pod in pods if pod.alive]
-    outdated = {pod.name for pod in alive if pod.stuck and _outdated(pod, p.queue.generation, defaults)}
+    # One whose token is gone never starts either: replaced, with a token of its own, as one outdated.
+    outdated = {pod.name for pod in alive
+                if pod.stuck and (pod.token_gone or _outdated(pod, p.queue.generation, defaults))}
     if p.spec.single_execution and manages_pods(p.spec):
         # Made for the pool the queue was before: its worker never exits by itself, so the queue would
         # never get the single-execution workers it now wants (nor, ephemeral, ever finish).
