@@ -198,6 +198,28 @@ def test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced(kube
     assert kube.workers(namespace, "tk").get("failed", 0) == 0
 
 
+def test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_gone(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """Its queue label removed (as one takes a pod out of a ReplicaSet to look into it), a running pod
+    is replaced; its token was deleted as a gone pod's, and its worker turned away mid-run (401)."""
+    queue_id = f"lab-{namespace}"
+    kube.create_queue(namespace, "lab", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "lab", ["lab-w0"])
+    kube.set_phase(namespace, "lab-w0", "Running")
+    token = wait_for(lambda: kube.has_secret(namespace, "lab-w0-token")
+                     and kube.secret_value(namespace, "lab-w0-token", "token"), what="lab-w0's token")
+    kube.core.patch_namespaced_pod("lab-w0", namespace, {"metadata": {"labels": {"agentcontrol.dev/queue": None}}})
+    wait_pods(kube, namespace, "lab", ["lab-w1"])
+    wait_for(lambda: kube.has_secret(namespace, "lab-w1-token"), what="lab-w1's token")
+    time.sleep(3)  # a few passes of the queue: a sweep that takes lab-w0 for gone would have run
+    assert kube.has_secret(namespace, "lab-w0-token")
+    assert operator.start_worker(queue_id, token).status == 200
+    kube.core.delete_namespaced_pod("lab-w0", namespace, grace_period_seconds=0)
+    kube.patch_queue(namespace, "lab", {"heartbeatIntervalSeconds": 31})  # a pass, as the pod is not the queue's
+    wait_for(lambda: not kube.has_secret(namespace, "lab-w0-token"), what="lab-w0's token deleted once it is gone")
+
+
 def test_plain_queue_runs_no_pods(kube: Kube, namespace: str):
     kube.create_queue(namespace, "plain", queueId=f"pl-{namespace}", replicas=3, temporal=TEMPORAL)
     kube.wait_condition(namespace, "plain", "True")

@@ -690,9 +690,11 @@ class Supervisor:
         self._listed[key] = listing
         self._gone[key] = frozenset(pod for pod, _, until in unlisted if until is None)
         now = self._clock()
-        for _, secret, until in unlisted:
+        for pod, secret, until in unlisted:
             if until is not None:
                 self._queue.add_after(key, until - now)
+                continue
+            if await self._still_there(secret[0], pod):
                 continue
             path = f"{resources.secrets_path(secret[0])}/{secret[1]}"
             try:
@@ -700,6 +702,18 @@ class Supervisor:
             except client_.ApiError as exc:
                 if not exc.not_found:
                     raise _quiet_delete(exc, path) from None
+
+    async def _still_there(self, namespace: str, pod: str) -> bool:
+        """Whether a pod not listed by the queue's label is there all the same: released from the
+        queue (someone edited its labels, as one takes a pod out of a ReplicaSet), its worker runs on
+        with its token. Replaced as a pod gone, it keeps that token until it is gone too."""
+        try:
+            await self._client.get(f"{resources.pods_path(namespace)}/{pod}")
+        except client_.ApiError as exc:
+            if exc.not_found:
+                return False
+            raise exc.quiet(f"reading pod {pod} failed ({exc.status} {exc.reason})") from None
+        return True
 
     async def _delete_queue(self, queue: QueueObject) -> None:
         await resources.delete_exact(self._client, resources.queue_path(queue.namespace, queue.name), queue.uid)
