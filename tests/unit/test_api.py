@@ -15,11 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit import apps
-from tests.unit.factories import UID, queue
+from tests.unit.factories import UID, queue, queue_body
 from workerqueue_operator.api import app as app_
 from workerqueue_operator.api import unseen
 from workerqueue_operator.api.keys import DRAIN, METRICS, REGISTRY, STORE, UNSEEN
-from workerqueue_operator.core import reviews
+from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
 
@@ -143,6 +143,19 @@ async def test_unknown_queue_is_404(client: TestClient):
 async def test_suspended_queue_is_400(client: TestClient):
     r = await client.post(START.format("q-paused"), headers={"Authorization": "Bearer paused-token"})
     assert (r.status, await r.json()) == (400, {"detail": "Worker queue is not active (status: suspended)"})
+
+
+async def test_a_queue_being_deleted_starts_no_worker():
+    # Its pods go with it and none is made for it: a worker started now would register on a queue
+    # whose Leases and tokens are on their way out.
+    store = Store(settings=Settings())
+    going = queue_body("going", queueId="q-going")
+    going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"  # a finalizer of someone else's holds it
+    store.upsert_queue(queues.QueueObject.from_body(going))
+    store.upsert_secret(("team-a", "going-worker-token"), {"token": "going-token"})
+    async with TestClient(TestServer(apps.make_app(store))) as client:
+        r = await client.post(START.format("q-going"), headers={"Authorization": "Bearer going-token"})
+        assert (r.status, await r.json()) == (400, {"detail": "Worker queue is not active (status: deleting)"})
 
 
 async def test_not_ready_queue_is_503_naming_the_secret(client: TestClient):
@@ -532,6 +545,10 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
         store.upsert_queue(queue(name, queueId=f"q-{name}", **extra))
         store.upsert_secret(("team-a", f"{name}-worker-token"), {"token": f"{name}-token"})
     store.upsert_secret(("team-a", "shared"), {"token": "shared-token"})
+    going = queue_body("going", queueId="q-going")
+    going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    store.upsert_queue(queues.QueueObject.from_body(going))
+    store.upsert_secret(("team-a", "going-worker-token"), {"token": "going-token"})
 
     def lost(name: str) -> str:
         """An id the queue issued whose registration this replica does not know."""
@@ -559,6 +576,7 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
         assert (await beat(lost("q1"), "q2-token")).status == 404
         assert (await beat(queues.new_worker_id(), "q1-token")).status == 404
         assert (await beat(lost("paused"), "paused-token")).status == 404
+        assert (await beat(lost("going"), "going-token")).status == 404
         assert (await beat(lost("s1"), "shared-token")).status == 404
         # maxWorkers: the API server says whether it holds a slot (test_registry.py); none here.
         assert (await beat(lost("capped"), "capped-token")).status == 503

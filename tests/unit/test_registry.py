@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -2025,3 +2026,29 @@ def test_a_refusal_for_the_bounds_names_the_setting_that_bounds_it(pending: bool
     setting = message.rsplit(": ", 1)[1].rstrip(")").split("=")[0]
     assert setting.startswith("WQ_") and setting[3:].lower() in Settings.model_fields, message
     assert message.endswith("=7)")
+
+
+async def test_a_registration_refused_as_its_namespace_goes_is_no_warning(caplog: pytest.LogCaptureFixture):
+    """Refused until the namespace is gone, and the queue with it: a Warning every 10 s meanwhile said
+    nothing an operator could act on."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+
+    async def terminating(*args: object, **kwargs: object) -> dict[str, object]:
+        raise client_.ApiError(403, "Forbidden", "unable to create new content in namespace team-a because it is "
+                               "being terminated", ("NamespaceTerminating",))
+
+    kube.request = terminating  # type: ignore[method-assign]
+    q1 = queue("q1", uid="uid-1")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+    worker = reg.register(q1, "w-1")
+    with caplog.at_level(logging.DEBUG):
+        await reg._write(worker)
+    assert worker.write_failures == 1  # tried again later, as any failed write
+    said = [r for r in caplog.records if "registration of worker w-1" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG] and "being deleted" in said[0].getMessage()
+    await kube.close()

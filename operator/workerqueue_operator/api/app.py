@@ -98,6 +98,8 @@ async def start_worker(request: web.Request) -> web.Response:
     pod = caller.worker.pod if caller.worker is not None else None
     if queue.spec.suspend:
         return await _refused(request, queue, pod, errors.detail(400, "Worker queue is not active (status: suspended)"))
+    if queue.deleting:  # held by someone else's finalizer: its pods go with it, and no worker is made for it
+        return await _refused(request, queue, pod, errors.detail(400, "Worker queue is not active (status: deleting)"))
     # A pod's worker signs in with its own token: the queue token the operator is still making (a new
     # queue, or its Secret deleted) is no reason to turn it away, as it is for everyone else.
     pod_starts = pod is not None and resolution.starts_workers

@@ -15,7 +15,8 @@ HTTP_ERROR = "HTTPError"
 
 # Every answer of /start besides 200 and 422, as `{"detail": "<sentence>"}`.
 START_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("The worker queue is suspended, or the body is not UTF-8 (\"There was an error parsing the body\")",
+    400: ("The worker queue is suspended or being deleted, or the body is not UTF-8 "
+          "(\"There was an error parsing the body\")",
           "Worker queue is not active (status: suspended)"),
     401: ("No bearer token, or one that neither is a queue token nor passes a TokenReview",
           "Invalid authentication credentials"),

@@ -111,7 +111,7 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
     registry = request.app[REGISTRY]
     resolution = _issuer(request, caller)
     pod = caller.worker.pod if caller.worker is not None else None
-    if (resolution is None or resolution.queue.spec.suspend
+    if (resolution is None or resolution.queue.spec.suspend or resolution.queue.deleting
             or not registry.may_rejoin(resolution.queue, worker_id, pod=pod)):
         return errors.detail(404, NOT_FOUND)
     if caller.identity is not None:

@@ -1194,8 +1194,13 @@ class Registry:
                 return False
             worker.confirmed = worker.confirmed or heartbeat_written
         except client_.ERRORS as exc:
-            self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
-                              worker.worker_id, type(exc).__name__ if not str(exc) else exc)
+            if isinstance(exc, client_.ApiError) and exc.namespace_terminating:
+                # Refused until the namespace is gone, and the worker's queue with it: nothing to warn of.
+                logger.debug("the registration of worker %s is not written: its namespace is being deleted",
+                             worker.worker_id)
+            else:
+                self._log.warning("lease_write_failed", "writing the registration of worker %s failed, retrying: %s",
+                                  worker.worker_id, type(exc).__name__ if not str(exc) else exc)
             return True
         except Exception:
             # A fault of this code's, or an answer no one foresaw: retried as any failure. Ended here,
