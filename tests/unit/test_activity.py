@@ -372,9 +372,10 @@ async def test_a_replica_that_stands_down_mid_burst_creates_no_more_pods(monkeyp
     tokens: list[str] = []
     pods: list[str] = []
 
-    async def create_credential(_queue: object, body: dict[str, Any]) -> None:
+    async def create_credential(_queue: object, body: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.001)
         tokens.append(body["metadata"]["name"])
+        return body
 
     async def create_if_absent(_client: object, _path: str, body: dict[str, Any], **_: object) -> bool:
         await asyncio.sleep(0.001)
