@@ -1173,3 +1173,20 @@ def test_a_queue_made_again_under_its_name_takes_the_slots_its_namesake_left(
     wait_for(lambda: sorted(kube.registrations(namespace)) == new, what="the slots' Leases taken over")
     listed = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
     assert sorted(w["id"] for w in listed) == new
+
+
+def test_a_slot_lease_released_by_hand_is_a_free_slot(operator: OperatorProcess, kube: Kube, namespace: str):
+    """Clearing holderIdentity is how a Lease is released (client-go's leader election does so): the
+    slot was held for good, every heartbeat and /start of the queue 409 until the Lease was deleted."""
+    queue_id, token = ready_queue(kube, namespace, "released", maxWorkers=1, heartbeatIntervalSeconds=10)
+    first = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, first, token) == 200
+    wait_for(lambda: kube.registrations(namespace).get(first), what="its Lease")
+    kube.coordination.patch_namespaced_lease("released-slot-0", namespace, {"spec": {"holderIdentity": None}})
+    workers = f"/api/v1/worker-queues/{queue_id}/workers"
+    wait_for(lambda: operator.call("GET", workers, token).json() == [], what="the release seen")
+    assert heartbeat(operator, first, token) == 200  # registered again, in the slot released
+    assert [w["id"] for w in operator.call("GET", workers, token).json()] == [first]
+    assert wait_for(lambda: kube.registrations(namespace).get(first), what="its Lease again").metadata.name == (
+        "released-slot-0")
+    assert operator.start_worker(queue_id, token).status == 409  # one worker at most, as ever

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import time
 from typing import Any
 
 import pytest
@@ -58,6 +59,21 @@ def test_a_lease_whose_state_someone_else_wrote_badly_reads_without_failing():
     assert back is not None
     assert (back.tasks_processed, back.hostname, back.pod, back.current_task_id, back.slot) == (0, None, None,
                                                                                                 None, None)
+
+
+def test_a_lease_renewed_far_into_the_future_or_lasting_for_hours_holds_its_worker_no_longer_than_its_pace():
+    # Edited by hand (or written by a replica whose clock ran far ahead): a renewTime a day ahead kept a
+    # dead worker, and its maxWorkers slot, registered for that day, each renewal writing the time on.
+    body = leases.lease_body(make_worker(renewed_at=1000.0 + 86_400, registered_at=1000.0 + 86_400), queue_name="q1")
+    far = leases.worker_from_lease(body, seen_at=900.0, now=1000.0)
+    assert far is not None and far.renewed_at == 1000.0 and far.registered_at == 1000.0
+    assert far.expired(1000.0 + 25.0)
+    near = leases.worker_from_lease(leases.lease_body(make_worker(renewed_at=1005.0), queue_name="q1"),
+                                    seen_at=900.0, now=1000.0)
+    assert near is not None and abs(near.renewed_at - 1005.0) < 1e-3  # a clock a little ahead: as written
+    body["spec"]["leaseDurationSeconds"] = 10**9
+    forever = leases.worker_from_lease(body, seen_at=900.0, now=1000.0)
+    assert forever is not None and forever.duration == leases.lease_duration(leases.MAX_INTERVAL)
 
 
 def test_leases_that_are_not_registrations_are_ignored():
@@ -826,8 +842,10 @@ def test_a_registration_written_first_by_the_replica_its_heartbeat_reached_is_no
     kube = client_.KubeClient(kubernetes.client.Configuration())  # never called: nothing is written here
     q = queue(heartbeatIntervalSeconds=10, uid="uid-1")
     here = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q)
-    # The other's clock stands still: a heartbeat right after the registration must still show.
-    there = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: 2e9)
+    # The other's clock stands still (a little ahead of this one's): a heartbeat right after the
+    # registration must still show.
+    still = time.time() + 5
+    there = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: still)
     started = here.register(q, "w1", hostname="box-1")
     assert "w1" in here._creates
     # Its first heartbeat reaches the other replica first, which registers it again and writes it.

@@ -308,8 +308,20 @@ def paced_interval(current: float, queue_interval: float, gap: float) -> float:
     return shown if shown > current or shown < SHRINK_BELOW * current else current
 
 
-def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | None:
-    """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration."""
+FUTURE_SLACK_SECONDS = 30.0
+"""How far after this replica's clock a Lease's time may be and still be taken as written: the
+replicas' clocks agree within seconds (a renewal by one a little ahead is no mistake)."""
+
+
+def _not_to_come(at: float, now: float) -> float:
+    return now if at > now + FUTURE_SLACK_SECONDS else at
+
+
+def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = math.inf) -> Worker | None:
+    """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration.
+    A time more than FUTURE_SLACK_SECONDS after `now` is taken as now, and the duration as at most
+    MAX_INTERVAL's: written by hand, or by a replica whose clock ran far ahead, they would keep a dead
+    worker (and its slot) registered until then, its heartbeats carrying that time on at each renewal."""
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     worker_id = spec.get("holderIdentity")
     owner = queues.queue_owner(body)
@@ -327,16 +339,16 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float) -> Worker | No
     told = state.get("tasksProcessed")
     texts = {key: value for key in ("currentTaskId", "hostname", "pod")
              if isinstance(value := state.get(key), str)}
-    registered = (times.parse_or_none(spec.get("acquireTime")) or times.parse_or_none(meta.get("creationTimestamp"))
-                  or seen_at)
-    renewed = times.parse_or_none(spec.get("renewTime")) or registered
+    registered = _not_to_come(times.parse_or_none(spec.get("acquireTime"))
+                              or times.parse_or_none(meta.get("creationTimestamp")) or seen_at, now)
+    renewed = _not_to_come(times.parse_or_none(spec.get("renewTime")) or registered, now)
     return Worker(
         worker_id=str(worker_id),
         queue=owner[0],
         queue_uid=owner[1],
         queue_id=str(state.get("queueId") or ""),
         lease=meta["name"],
-        duration=float(spec.get("leaseDurationSeconds") or 150),
+        duration=min(float(spec.get("leaseDurationSeconds") or 150), lease_duration(MAX_INTERVAL)),
         registered_at=registered,
         renewed_at=renewed,
         seen_at=seen_at,

@@ -314,7 +314,7 @@ class Registry:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         known_id = self._by_lease.get(key)
         now = self._clock()
-        incoming = worker_from_lease(body, seen_at=now)
+        incoming = worker_from_lease(body, seen_at=now, now=now)
         if incoming is None:
             if known_id is not None:
                 self._forget(known_id)
@@ -507,7 +507,7 @@ class Registry:
         """Takes in, as the watch will, the registrations of the queue the API server's Leases hold
         (a consistent read) that are `wanted`."""
         for item in await (self._list_leases(queue) if fresh else self._listed(queue)):
-            held = worker_from_lease(item, seen_at=self._clock())
+            held = worker_from_lease(item, seen_at=self._clock(), now=self._clock())
             if held is not None and held.queue_uid == queue.uid and wanted(held):
                 self.lease_upserted(item)
 
@@ -963,7 +963,7 @@ class Registry:
             if exc.not_found:
                 return
             raise
-        held = worker_from_lease(found, seen_at=self._clock())
+        held = worker_from_lease(found, seen_at=self._clock(), now=self._clock())
         if held is not None and held.queue_uid == queue.uid and held.worker_id == worker_id:
             self.lease_upserted(found)
 
@@ -1292,9 +1292,11 @@ class Registry:
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
             return await self._calls.overwrite(body, current)
-        found = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
+        found = worker_from_lease(current, seen_at=self._blind_at, now=self._clock())  # (see _blind_at)
         if found is None:
-            return None  # not a registration: not ours to take
+            # Not a registration: not ours to take, unless it is this queue's slot with its holder
+            # cleared (as one releases a Lease by hand): a free slot, or it would be held for good.
+            return await self._calls.overwrite(body, current) if _released(current, body) else None
         ended = self._ended.get(found.worker_id)
         if ended is not None and ended.on_purpose and ended.queue == found.queue:
             # Its worker disconnected here, and its Lease's delete failed (the API server away, retried
@@ -1314,7 +1316,9 @@ class Registry:
                 # Deleted by the other replica (its holder expired there, or left), and this replica's
                 # watch has not told yet: the slot is free.
                 return await self._calls.create(body)
-        stored = worker_from_lease(current, seen_at=self._blind_at)  # (see _blind_at)
+        stored = worker_from_lease(current, seen_at=self._blind_at, now=self._clock())  # (see _blind_at)
+        if stored is None and _released(current, body):
+            return await self._calls.overwrite(body, current)
         if stored is None or stored.worker_id != holder.worker_id:
             return None
         if expired_only and not stored.expired(self._clock()):
@@ -1472,6 +1476,13 @@ class Registry:
     def _notify(self, queue: QueueKey) -> None:
         for listener in self._listeners:
             listener(queue)
+
+
+def _released(current: dict[str, Any], claim: dict[str, Any]) -> bool:
+    """Whether a Lease is the claimed slot's, of the same queue, with no holder: released by hand
+    (the operator always writes one)."""
+    return (not (current.get("spec") or {}).get("holderIdentity")
+            and queues.queue_owner(current) == queues.queue_owner(claim))
 
 
 def namesakes(worker: Worker, queue: QueueObject) -> bool:
