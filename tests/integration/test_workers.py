@@ -198,6 +198,27 @@ def test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced(kube
     assert kube.workers(namespace, "tk").get("failed", 0) == 0
 
 
+def test_a_running_worker_whose_token_secret_was_deleted_is_replaced(operator: OperatorProcess, kube: Kube,
+                                                                      namespace: str):
+    """Deleting a pod's token revokes it: its worker, turned away (401) at every call, ran on for good
+    and the queue counted it running."""
+    queue_id = f"rv-{namespace}"
+    kube.create_queue(namespace, "rv", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, "rv", ["rv-w0"])
+    kube.set_phase(namespace, "rv-w0", "Running")
+    token = wait_for(lambda: kube.has_secret(namespace, "rv-w0-token")
+                     and kube.secret_value(namespace, "rv-w0-token", "token"), what="rv-w0's token")
+    assert wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="/start with its token")
+    kube.core.delete_namespaced_secret("rv-w0-token", namespace)
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 401, what="its token refused")
+    # Within the minute the token's watch may lag behind a pod just made, then replaced.
+    wait_pods(kube, namespace, "rv", ["rv-w1"], timeout=90)
+    gone = kube.wait_events(namespace, "rv", "WorkerTokenGone")
+    assert gone[0].type == "Warning" and "rv-w0" in gone[0].message
+    assert not kube.has_secret(namespace, "rv-w0-token")  # revoked: not made again
+    assert kube.workers(namespace, "rv").get("failed", 0) == 0
+
+
 def test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_gone(
     operator: OperatorProcess, kube: Kube, namespace: str,
 ):

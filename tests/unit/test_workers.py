@@ -1007,6 +1007,22 @@ def test_a_pod_whose_own_token_is_gone_before_it_started_is_replaced_without_a_f
                 singleExecution=True, replicas=2)
     assert gone.delete == ("q1-w0",) and gone.create == (2,)
     assert gone.workers.failed == 0 and gone.workers.consecutive_failures == 0
+    # Running, it is turned away (401) at every call: replaced too, and said.
+    running = plan([pod(0, token_gone=True), pod(1)], WorkersStatus(next_index=2), singleExecution=True, replicas=2)
+    assert running.delete == ("q1-w0",) and running.create == (2,) and running.workers.failed == 0
+    assert [(e.reason, e.warning) for e in running.events] == [("WorkerTokenGone", True)]
+
+
+def test_a_pods_token_is_gone_once_the_kubelet_says_so_or_the_watch_had_a_minute_to_bring_it():
+    from workerqueue_operator.core.supervisor import ORPHAN_GRACE_SECONDS, _token_gone
+
+    young = pod(0, created=T0)
+    assert not _token_gone(young, {}, T0 + ORPHAN_GRACE_SECONDS - 1)  # the watch may lag
+    assert _token_gone(young, {}, T0 + ORPHAN_GRACE_SECONDS)
+    assert not _token_gone(young, {"q1-w0": ("team-a", "q1-w0-token")}, T0 + 3600)
+    stuck = Pod.from_body(pending_body("q1-w0", waiting="CreateContainerConfigError"))
+    assert _token_gone(stuck, {}, T0)  # the kubelet has looked for it already
+    assert not _token_gone(pod(0, "Succeeded", created=T0), {}, T0 + 3600)  # ended: nothing to replace
 
 
 def made(body: dict[str, Any], at: float) -> dict[str, Any]:

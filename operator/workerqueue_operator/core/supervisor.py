@@ -53,6 +53,16 @@ def _quiet_delete(exc: client_.ApiError, path: str) -> client_.ApiError:
     return exc.quiet(f"deleting the token Secret {path.rsplit('/', 1)[-1]} failed ({exc.status} {exc.reason})")
 
 
+def _token_gone(pod: workers.Pod, tokens: Mapping[str, object], now: float) -> bool:
+    """Whether an alive pod's own token Secret was deleted: its worker cannot start (the kubelet says
+    so), or can no longer sign in (401 on every call). Made before the pod, a token the watch has not
+    brought within ORPHAN_GRACE_SECONDS of the pod's creation is gone, not late."""
+    if not pod.alive or pod.name in tokens:
+        return False
+    return pod.stuck == "CreateContainerConfigError" or (
+        pod.created is not None and now - pod.created >= ORPHAN_GRACE_SECONDS)
+
+
 def _failure(exc: Exception) -> str:
     """A failed call in a few words: the server's Status, else the error's type and text."""
     if isinstance(exc, client_.ApiError):
@@ -281,12 +291,13 @@ class Supervisor:
         pods = await self._list_pods(queue)
         if not self._activity.is_active():
             return  # paused while listing
-        tokens = self._store.worker_credential_secrets(key)
+        tokens, now = self._store.worker_credential_secrets(key), self._clock()
         parsed = [workers.Pod.from_body(p) for p in pods]
-        # Stuck on a missing Secret (the kubelet has tried: the watch has long brought a token made
-        # before the pod), and it is the pod's own token that is missing.
-        parsed = [dataclasses.replace(pod, token_gone=True)
-                  if pod.stuck == "CreateContainerConfigError" and pod.name not in tokens else pod for pod in parsed]
+        parsed = [dataclasses.replace(pod, token_gone=True) if _token_gone(pod, tokens, now) else pod
+                  for pod in parsed]
+        for pod in parsed:
+            if pod.alive and not pod.token_gone and pod.name not in tokens and pod.created is not None:
+                self._queue.add_after(key, pod.created + ORPHAN_GRACE_SECONDS - now)  # looked at again then
         alive = [pod.name for pod in parsed if pod.alive]
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.

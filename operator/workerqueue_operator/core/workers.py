@@ -290,8 +290,8 @@ class Pod:
     coming: bool = False
     """Not listed, but maybe being created by the replica before this one (its token Secret is there)."""
     token_gone: bool = False
-    """Its own token Secret, made by the operator, was deleted before its worker started: the kubelet
-    cannot start it (CreateContainerConfigError) until someone deletes it."""
+    """Its own token Secret, made by the operator, was deleted: the kubelet cannot start it
+    (CreateContainerConfigError), or its worker is turned away (401) at every call."""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Pod:
@@ -792,9 +792,13 @@ def _judge_alive(p: _Pass, pods: Sequence[Pod]) -> list[Pod]:
     waiting = any(pod.alive and pod.phase in ("Pending", "") for pod in pods)
     defaults = worker_defaults_digest(p.settings) if waiting else ""
     alive = [_judged(pod, p.now, p.queue.generation, p.requeue, defaults) for pod in pods if pod.alive]
-    # One whose token is gone never starts either: replaced, with a token of its own, as one outdated.
-    outdated = {pod.name for pod in alive
-                if pod.stuck and (pod.token_gone or _outdated(pod, p.queue.generation, defaults))}
+    outdated = {pod.name for pod in alive if pod.stuck and _outdated(pod, p.queue.generation, defaults)}
+    # One whose own token was deleted never starts, or can make no call (401): replaced, with a token
+    # of its own. Deleting the token revoked it; made again, it would not be.
+    tokenless = sorted(pod.name for pod in alive if pod.token_gone and pod.name not in outdated)
+    p.events.extend(Event("WorkerTokenGone", f"the token Secret of worker pod {name} was deleted: its worker "
+                          "can no longer sign in; it is replaced", warning=True) for name in tokenless)
+    outdated.update(tokenless)
     if p.spec.single_execution and manages_pods(p.spec):
         # Made for the pool the queue was before: its worker never exits by itself, so the queue would
         # never get the single-execution workers it now wants (nor, ephemeral, ever finish).
