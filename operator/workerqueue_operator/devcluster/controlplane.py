@@ -28,15 +28,15 @@ from workerqueue_operator.devcluster import procs
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
-CONTROLLERS = (  # the 1.27+ names; the short pre-1.27 names are only aliases
-    "garbage-collector-controller",
-    "namespace-controller",
-    "serviceaccount-controller",
-    "serviceaccount-token-controller",
+CONTROLLERS = (  # the short names: 1.27 knows only these (KUBEBUILDER_ASSETS may be of any version), later ones too
+    "garbagecollector",
+    "namespace",
+    "serviceaccount",
+    "serviceaccount-token",
     # Fills the aggregated admin/edit/view ClusterRoles, so that binding them grants something.
-    "clusterrole-aggregation-controller",
+    "clusterrole-aggregation",
     # Publishes kube-root-ca.crt in every namespace, which ServiceAccount token volumes refer to.
-    "root-ca-certificate-publisher-controller",
+    "root-ca-cert-publisher",
 )
 _BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
 
