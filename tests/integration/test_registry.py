@@ -1190,3 +1190,22 @@ def test_a_slot_lease_released_by_hand_is_a_free_slot(operator: OperatorProcess,
     assert wait_for(lambda: kube.registrations(namespace).get(first), what="its Lease again").metadata.name == (
         "released-slot-0")
     assert operator.start_worker(queue_id, token).status == 409  # one worker at most, as ever
+
+
+def test_a_slot_lease_renewed_far_ahead_by_hand_holds_its_slot_no_longer_than_its_lease(
+        operator: OperatorProcess, kube: Kube, namespace: str):
+    """Its renewTime edited a day ahead (or written by a replica whose clock ran far ahead), a dead
+    worker held its maxWorkers slot for that day: every /start of the queue 409."""
+    queue_id, token = ready_queue(kube, namespace, "ahead", maxWorkers=1, heartbeatIntervalSeconds=10)
+    first = operator.start_worker(queue_id, token).json()["worker_id"]
+    assert heartbeat(operator, first, token) == 200
+    time.sleep(10.5)
+    assert heartbeat(operator, first, token) == 200  # 10.5 s later: its lease is 28 s (2.5 x 11) from now on
+    lease = wait_for(lambda: (held := kube.registrations(namespace).get(first)) and held.spec.lease_duration_seconds
+                     == 28 and held, what="its Lease renewed at its pace")
+    ahead = times.micro_rfc3339(time.time() + 86_400)
+    kube.coordination.patch_namespaced_lease(lease.metadata.name, namespace, {"spec": {"renewTime": ahead}})
+    # The worker sends nothing more (SIGTERM: no goodbye).
+    assert operator.start_worker(queue_id, token).status == 409
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 200, timeout=60, interval=2,
+             what="the slot free once the dead worker's lease has run out")

@@ -65,9 +65,12 @@ def test_a_lease_renewed_far_into_the_future_or_lasting_for_hours_holds_its_work
     # Edited by hand (or written by a replica whose clock ran far ahead): a renewTime a day ahead kept a
     # dead worker, and its maxWorkers slot, registered for that day, each renewal writing the time on.
     body = leases.lease_body(make_worker(renewed_at=1000.0 + 86_400, registered_at=1000.0 + 86_400), queue_name="q1")
-    far = leases.worker_from_lease(body, seen_at=900.0, now=1000.0)
+    far = leases.worker_from_lease(body, seen_at=1000.0, now=1000.0)  # as the watch brings it: seen now
     assert far is not None and far.renewed_at == 1000.0 and far.registered_at == 1000.0
     assert far.expired(1000.0 + 25.0)
+    # Read for a takeover or a deletion: no renewal told since the floor given, so expired long since.
+    taken = leases.worker_from_lease(body, seen_at=0.0, now=1000.0)
+    assert taken is not None and taken.renewed_at == 0.0 and taken.expired(1000.0)
     near = leases.worker_from_lease(leases.lease_body(make_worker(renewed_at=1005.0), queue_name="q1"),
                                     seen_at=900.0, now=1000.0)
     assert near is not None and abs(near.renewed_at - 1005.0) < 1e-3  # a clock a little ahead: as written

@@ -9,7 +9,8 @@ bounded by API_TIMEOUT, and every write counted (`writes`) for the metrics.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from workerqueue_operator.core.leases import ENDED_ANNOTATION, Worker, ended_on_purpose, later, worker_from_lease
@@ -36,8 +37,9 @@ class Renewal(enum.Enum):
 class LeaseCalls:
     """The calls, through the registry's client (the Registry and its Refusals share one)."""
 
-    def __init__(self, client: client_.KubeClient) -> None:
+    def __init__(self, client: client_.KubeClient, clock: Callable[[], float] = time.time) -> None:
         self._client = client
+        self._clock = clock  # the registry's: a Lease's times far ahead of it are read as none told
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
 
@@ -109,7 +111,7 @@ class LeaseCalls:
                     if again.not_found:
                         return Renewal.GONE
                     raise
-                stored = worker_from_lease(current, seen_at=0.0)
+                stored = worker_from_lease(current, seen_at=0.0, now=self._clock())
                 if stored is None or stored.worker_id != worker.worker_id:
                     return Renewal.TAKEN
                 worker.version = stored.version
@@ -132,7 +134,7 @@ class LeaseCalls:
             self.writes += 1
             try:
                 current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-                stored = worker_from_lease(current, seen_at=0.0)
+                stored = worker_from_lease(current, seen_at=0.0, now=self._clock())
                 if stored is None or stored.worker_id != worker.worker_id:
                     return False  # a slot another worker holds now
                 if unless_renewed and later(stored.renewed_at, worker.renewed_at):

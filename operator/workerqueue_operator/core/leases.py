@@ -313,15 +313,16 @@ FUTURE_SLACK_SECONDS = 30.0
 replicas' clocks agree within seconds (a renewal by one a little ahead is no mistake)."""
 
 
-def _not_to_come(at: float, now: float) -> float:
-    return now if at > now + FUTURE_SLACK_SECONDS else at
+def _not_to_come(at: float, now: float, instead: float) -> float:
+    return instead if at > now + FUTURE_SLACK_SECONDS else at
 
 
 def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = math.inf) -> Worker | None:
     """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration.
-    A time more than FUTURE_SLACK_SECONDS after `now` is taken as now, and the duration as at most
-    MAX_INTERVAL's: written by hand, or by a replica whose clock ran far ahead, they would keep a dead
-    worker (and its slot) registered until then, its heartbeats carrying that time on at each renewal."""
+    A time more than FUTURE_SLACK_SECONDS after `now` is taken as `seen_at` (no renewal told, as
+    the watch's `now`, or none since the registry went blind, for a takeover), and the duration as at
+    most MAX_INTERVAL's: written by hand, or by a replica whose clock ran far ahead, they would keep a
+    dead worker (and its slot) registered until then, its heartbeats carrying that time on."""
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     worker_id = spec.get("holderIdentity")
     owner = queues.queue_owner(body)
@@ -340,8 +341,8 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = m
     texts = {key: value for key in ("currentTaskId", "hostname", "pod")
              if isinstance(value := state.get(key), str)}
     registered = _not_to_come(times.parse_or_none(spec.get("acquireTime"))
-                              or times.parse_or_none(meta.get("creationTimestamp")) or seen_at, now)
-    renewed = _not_to_come(times.parse_or_none(spec.get("renewTime")) or registered, now)
+                              or times.parse_or_none(meta.get("creationTimestamp")) or seen_at, now, seen_at)
+    renewed = _not_to_come(times.parse_or_none(spec.get("renewTime")) or registered, now, seen_at)
     return Worker(
         worker_id=str(worker_id),
         queue=owner[0],

@@ -279,7 +279,7 @@ class Registry:
         self._last_sweep = float("-inf")
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
-        self._calls = leasecalls.LeaseCalls(client)
+        self._calls = leasecalls.LeaseCalls(client, clock)
         """The API-server calls that write Leases, and the count of those writes."""
         self.refusals = refusals.Refusals(
             client=client, calls=self._calls, workers_of=lambda queue: self._by_queue.get(queue, {}).values(),
