@@ -140,6 +140,8 @@ WORKER_SCENARIOS = [
     worker_scenarios.test_active_deadline_bounds_an_ephemeral_queue,
     worker_scenarios.test_a_pod_deleted_or_evicted_by_someone_else_is_replaced,
     worker_scenarios.test_suspend_lets_running_workers_finish_and_starts_none,
+    worker_scenarios.test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced,  # secrets: get
+    worker_scenarios.test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_gone,  # pods: list
 ]
 
 

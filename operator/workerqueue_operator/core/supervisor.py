@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -176,6 +177,9 @@ class Supervisor:
         self._refused: dict[QueueKey, CreateRefusal] = {}
         self._made_here: dict[QueueKey, set[str]] = {}
         """Pods whose token this replica made (see _coming): its own creates, never another's."""
+        self._released: dict[QueueKey, dict[str, float]] = {}
+        """Pods of the queue found there though not listed by its label (see _still_there), each with
+        when (clock) to look again."""
         store.subscribe(self._store_changed)
         activity.subscribe(self._activity_changed)
 
@@ -203,6 +207,7 @@ class Supervisor:
         self._deleted_here.pop(key, None)
         self._alive_seen.pop(key, None)
         self._made_here.pop(key, None)
+        self._released.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -293,7 +298,10 @@ class Supervisor:
             return  # paused while listing
         tokens, now = self._store.worker_credential_secrets(key), self._clock()
         parsed = [workers.Pod.from_body(p) for p in pods]
-        parsed = [dataclasses.replace(pod, token_gone=True) if _token_gone(pod, tokens, now) else pod
+        # Memory says so (the Secret watch), and the API server too: the watch may be behind (down, or
+        # relisting), and a healthy worker must never be deleted for it.
+        parsed = [dataclasses.replace(pod, token_gone=True)
+                  if _token_gone(pod, tokens, now) and await self._token_deleted(queue, pod.name) else pod
                   for pod in parsed]
         for pod in parsed:
             if pod.alive and not pod.token_gone and pod.name not in tokens and pod.created is not None:
@@ -705,7 +713,7 @@ class Supervisor:
             if until is not None:
                 self._queue.add_after(key, until - now)
                 continue
-            if await self._still_there(secret[0], pod):
+            if await self._still_there(key, listing.queue_uid, pod):
                 continue
             path = f"{resources.secrets_path(secret[0])}/{secret[1]}"
             try:
@@ -714,17 +722,43 @@ class Supervisor:
                 if not exc.not_found:
                     raise _quiet_delete(exc, path) from None
 
-    async def _still_there(self, namespace: str, pod: str) -> bool:
-        """Whether a pod not listed by the queue's label is there all the same: released from the
-        queue (someone edited its labels, as one takes a pod out of a ReplicaSet), its worker runs on
-        with its token. Replaced as a pod gone, it keeps that token until it is gone too."""
+    async def _token_deleted(self, queue: QueueObject, pod: str) -> bool:
+        """Whether the API server says the pod's token Secret is gone, or no token of this queue's any
+        more (its label or owner taken away); False when it cannot tell."""
         try:
-            await self._client.get(f"{resources.pods_path(namespace)}/{pod}")
+            secret = await self._client.get(
+                f"{resources.secrets_path(queue.namespace)}/{workers.credential_secret_name(pod)}")
         except client_.ApiError as exc:
             if exc.not_found:
-                return False
-            raise exc.quiet(f"reading pod {pod} failed ({exc.status} {exc.reason})") from None
-        return True
+                return True
+            logger.debug("reading the token of pod %s/%s failed: %s", queue.namespace, pod, _failure(exc))
+            return False
+        except client_.ERRORS as exc:
+            logger.debug("reading the token of pod %s/%s failed: %s", queue.namespace, pod, _failure(exc))
+            return False
+        return not workers.credential_of(secret, queue)
+
+    async def _still_there(self, key: QueueKey, uid: str, pod: str) -> bool:
+        """Whether a pod of the queue not listed by its label is there all the same: released from the
+        queue (someone edited its labels, as one takes a pod out of a ReplicaSet), its worker runs on
+        with its token. Replaced as a pod gone, it keeps that token until it is gone too. Listed by
+        name (the verb the operator has on pods), and looked at again only at the resync's pace."""
+        released = self._released.setdefault(key, {})
+        now = self._clock()
+        if released.get(pod, -math.inf) > now:
+            return True
+        params = {"fieldSelector": f"metadata.name={pod}"}
+        try:
+            page = await self._client.get(resources.pods_path(key[0]), params)
+        except client_.ApiError as exc:
+            raise exc.quiet(f"listing pod {pod} failed ({exc.status} {exc.reason})") from None
+        owners = [ref for item in page.get("items") or [] for ref in (item.get("metadata") or {}).get("ownerReferences")
+                  or []]
+        if any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
+            released[pod] = now + self._settings.worker_resync_seconds
+            return True
+        released.pop(pod, None)
+        return False
 
     async def _delete_queue(self, queue: QueueObject) -> None:
         await resources.delete_exact(self._client, resources.queue_path(queue.namespace, queue.name), queue.uid)
