@@ -66,6 +66,17 @@ def start_kubelet(kubelet: Callable[..., LocalKubelet], operator: OperatorProces
     return kubelet(namespaces=[namespace], overrides={"CONTROL_PLANE_URL": operator.url})
 
 
+def pool_of(kube: Kube, namespace: str, name: str, replicas: int, *, temporal: TemporalServer,
+            kubelet: Callable[..., LocalKubelet], operator: OperatorProcess) -> str:
+    """A single-execution pool whose `replicas` workers run (the local kubelet's) and registered; its queue id."""
+    queue_id = f"{name}-{namespace}"
+    kube.create_queue(namespace, name, **queue_spec(temporal, queue_id, replicas=replicas))
+    start_kubelet(kubelet, operator, namespace)
+    wait_for(lambda: len(registered_pods(kube, namespace)) == replicas, timeout=60,
+             what=f"{replicas} workers registered")
+    return queue_id
+
+
 @pytest.mark.parametrize("named_task_queue", [False, True], ids=["own-task-queue", "named-task-queue"])
 async def test_a_single_execution_worker_lives_its_whole_life(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
@@ -95,10 +106,7 @@ async def test_a_single_execution_worker_lives_its_whole_life(
 async def test_a_pool_turns_over_one_worker_per_workflow(
         operator: OperatorProcess, kube: Kube, namespace: str, temporal: TemporalServer,
         kubelet: Callable[..., LocalKubelet]):
-    queue_id = f"pool-{namespace}"
-    kube.create_queue(namespace, "pool", **queue_spec(temporal, queue_id, replicas=3))
-    start_kubelet(kubelet, operator, namespace)
-    wait_for(lambda: len(registered_pods(kube, namespace)) == 3, timeout=60, what="3 workers registered")
+    queue_id = pool_of(kube, namespace, "pool", 3, temporal=temporal, kubelet=kubelet, operator=operator)
 
     for done in (1, 2, 3):
         before = set(kube.pod_names(namespace, "pool"))
@@ -117,10 +125,7 @@ async def test_a_suspended_pool_lets_its_busy_worker_finish_and_keeps_waiting_wo
         kubelet: Callable[..., LocalKubelet]):
     # Suspend as the workers live it: the idle worker goes, the busy one finishes its execution and
     # exits on it, no worker takes a workflow while the queue is suspended, and one does on resume.
-    queue_id = f"rest-{namespace}"
-    kube.create_queue(namespace, "rest", **queue_spec(temporal, queue_id, replicas=2))
-    start_kubelet(kubelet, operator, namespace)
-    wait_for(lambda: registered_pods(kube, namespace) == {"rest-w0", "rest-w1"}, timeout=60, what="2 workers")
+    queue_id = pool_of(kube, namespace, "rest", 2, temporal=temporal, kubelet=kubelet, operator=operator)
     client = await Client.connect(temporal.address, namespace=temporal.namespace)
     first = f"exec-1-{secrets.token_hex(4)}"
     handle = await client.start_workflow("AgentExecutionWorkflow", {"execution_id": first, "duration_seconds": 12},

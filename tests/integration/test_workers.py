@@ -198,16 +198,23 @@ def test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced(kube
     assert kube.workers(namespace, "tk").get("failed", 0) == 0
 
 
+def running_worker(kube: Kube, namespace: str, name: str) -> tuple[str, str]:
+    """A single-execution queue whose one pod, `<name>-w0`, runs: (its queue id, the pod's token)."""
+    queue_id = f"{name}-{namespace}"
+    kube.create_queue(namespace, name, queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    wait_pods(kube, namespace, name, [f"{name}-w0"])
+    kube.set_phase(namespace, f"{name}-w0", "Running")
+    secret = f"{name}-w0-token"
+    token = wait_for(lambda: kube.has_secret(namespace, secret) and kube.secret_value(namespace, secret, "token"),
+                     what=f"{name}-w0's token")
+    return queue_id, token
+
+
 def test_a_running_worker_whose_token_secret_was_deleted_is_replaced(operator: OperatorProcess, kube: Kube,
                                                                       namespace: str):
     """Deleting a pod's token revokes it: its worker, turned away (401) at every call, ran on for good
     and the queue counted it running."""
-    queue_id = f"rv-{namespace}"
-    kube.create_queue(namespace, "rv", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
-    wait_pods(kube, namespace, "rv", ["rv-w0"])
-    kube.set_phase(namespace, "rv-w0", "Running")
-    token = wait_for(lambda: kube.has_secret(namespace, "rv-w0-token")
-                     and kube.secret_value(namespace, "rv-w0-token", "token"), what="rv-w0's token")
+    queue_id, token = running_worker(kube, namespace, "rv")
     assert wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="/start with its token")
     kube.core.delete_namespaced_secret("rv-w0-token", namespace)
     wait_for(lambda: operator.start_worker(queue_id, token).status == 401, what="its token refused")
@@ -224,12 +231,7 @@ def test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_
 ):
     """Its queue label removed (as one takes a pod out of a ReplicaSet to look into it), a running pod
     is replaced; its token was deleted as a gone pod's, and its worker turned away mid-run (401)."""
-    queue_id = f"lab-{namespace}"
-    kube.create_queue(namespace, "lab", queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
-    wait_pods(kube, namespace, "lab", ["lab-w0"])
-    kube.set_phase(namespace, "lab-w0", "Running")
-    token = wait_for(lambda: kube.has_secret(namespace, "lab-w0-token")
-                     and kube.secret_value(namespace, "lab-w0-token", "token"), what="lab-w0's token")
+    queue_id, token = running_worker(kube, namespace, "lab")
     kube.core.patch_namespaced_pod("lab-w0", namespace, {"metadata": {"labels": {"agentcontrol.dev/queue": None}}})
     wait_pods(kube, namespace, "lab", ["lab-w1"])
     wait_for(lambda: kube.has_secret(namespace, "lab-w1-token"), what="lab-w1's token")
