@@ -134,7 +134,11 @@ class LeaseCalls:
             self.writes += 1
             try:
                 current = await self._client.request("GET", path, timeout=API_TIMEOUT)
-                stored = worker_from_lease(current, seen_at=0.0, now=self._clock())
+                # A time far ahead in the version this replica knew was judged when it came; in a newer
+                # one (a replica whose clock runs ahead renewed it since), it is a renewal.
+                now = self._clock()
+                seen = current["metadata"].get("resourceVersion") == worker.version
+                stored = worker_from_lease(current, seen_at=0.0, now=now, far_ahead_as=0.0 if seen else now)
                 if stored is None or stored.worker_id != worker.worker_id:
                     return False  # a slot another worker holds now
                 if unless_renewed and later(stored.renewed_at, worker.renewed_at):

@@ -317,12 +317,14 @@ def _not_to_come(at: float, now: float, instead: float) -> float:
     return instead if at > now + FUTURE_SLACK_SECONDS else at
 
 
-def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = math.inf) -> Worker | None:
+def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = math.inf,
+                      far_ahead_as: float | None = None) -> Worker | None:
     """The worker a Lease of ours holds, or None for one that is not (or not yet) a registration.
-    A time more than FUTURE_SLACK_SECONDS after `now` is taken as `seen_at` (no renewal told, as
-    the watch's `now`, or none since the registry went blind, for a takeover), and the duration as at
-    most MAX_INTERVAL's: written by hand, or by a replica whose clock ran far ahead, they would keep a
-    dead worker (and its slot) registered until then, its heartbeats carrying that time on."""
+    A time more than FUTURE_SLACK_SECONDS after `now` is taken as `far_ahead_as` (`seen_at` unless
+    given), and the duration as at most MAX_INTERVAL's: written by hand, or by a replica whose clock
+    ran far ahead, they would keep a dead worker (and its slot) registered until then, its heartbeats
+    carrying that time on. A reader that has seen this very version of the Lease (and so judged its
+    time when it came) reads it as no renewal told; one that has not, as a renewal made just now."""
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     worker_id = spec.get("holderIdentity")
     owner = queues.queue_owner(body)
@@ -341,8 +343,10 @@ def worker_from_lease(body: Mapping[str, Any], *, seen_at: float, now: float = m
     texts = {key: value for key in ("currentTaskId", "hostname", "pod")
              if isinstance(value := state.get(key), str)}
     registered = _not_to_come(times.parse_or_none(spec.get("acquireTime"))
-                              or times.parse_or_none(meta.get("creationTimestamp")) or seen_at, now, seen_at)
-    renewed = _not_to_come(times.parse_or_none(spec.get("renewTime")) or registered, now, seen_at)
+                              or times.parse_or_none(meta.get("creationTimestamp")) or seen_at, now,
+                              seen_at if far_ahead_as is None else far_ahead_as)
+    renewed = _not_to_come(times.parse_or_none(spec.get("renewTime")) or registered, now,
+                           seen_at if far_ahead_as is None else far_ahead_as)
     return Worker(
         worker_id=str(worker_id),
         queue=owner[0],

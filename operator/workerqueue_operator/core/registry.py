@@ -1292,7 +1292,8 @@ class Registry:
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
             return await self._calls.overwrite(body, current)
-        found = worker_from_lease(current, seen_at=self._blind_at, now=self._clock())  # (see _blind_at)
+        now = self._clock()  # a time far ahead, of a Lease this replica has not seen: a renewal just now
+        found = worker_from_lease(current, seen_at=self._blind_at, now=now, far_ahead_as=now)  # (see _blind_at)
         if found is None:
             # Not a registration: not ours to take, unless it is this queue's slot with its holder
             # cleared (as one releases a Lease by hand): a free slot, or it would be held for good.
@@ -1303,7 +1304,10 @@ class Registry:
             # later, and safe then: it deletes only a Lease its worker still holds). The slot is free:
             # a 409 now would make the worker asking exit for good.
             return await self._calls.overwrite(body, current)
-        return await self._replace(body, found, expired_only=True, current=current)
+        if not found.expired(now):
+            self.lease_upserted(current)  # what the watch will bring: the holder is alive
+            return None
+        return await self._calls.overwrite(body, current)
 
     async def _replace(self, body: dict[str, Any], holder: Worker, *, expired_only: bool,
                        current: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -1316,7 +1320,10 @@ class Registry:
                 # Deleted by the other replica (its holder expired there, or left), and this replica's
                 # watch has not told yet: the slot is free.
                 return await self._calls.create(body)
-        stored = worker_from_lease(current, seen_at=self._blind_at, now=self._clock())  # (see _blind_at)
+        now = self._clock()
+        seen = current["metadata"].get("resourceVersion") == holder.version  # (see worker_from_lease)
+        stored = worker_from_lease(current, seen_at=self._blind_at, now=now,
+                                   far_ahead_as=None if seen else now)  # (see _blind_at)
         if stored is None and _released(current, body):
             return await self._calls.overwrite(body, current)
         if stored is None or stored.worker_id != holder.worker_id:

@@ -177,6 +177,9 @@ class Supervisor:
         self._refused: dict[QueueKey, CreateRefusal] = {}
         self._made_here: dict[QueueKey, set[str]] = {}
         """Pods whose token this replica made (see _coming): its own creates, never another's."""
+        self._tokens_there: dict[QueueKey, dict[str, float]] = {}
+        """Pods whose token the watch has not brought but the API server says is there, each with
+        until when (clock) that answer holds (see _tokens_deleted)."""
         self._released: dict[QueueKey, dict[str, float]] = {}
         """Pods of the queue found there though not listed by its label (see _still_there), each with
         when (clock) to look again."""
@@ -208,6 +211,7 @@ class Supervisor:
         self._alive_seen.pop(key, None)
         self._made_here.pop(key, None)
         self._released.pop(key, None)
+        self._tokens_there.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -283,7 +287,8 @@ class Supervisor:
             elif began is not None and now.uid != began.uid:
                 # Deleted and made again meanwhile (`kubectl replace --force`): the pods the pass noted
                 # are the old queue's, and the new one would take them for deleted from outside.
-                for noted in (self._listed, self._gone, self._deleted_here, self._alive_seen, self._alive):
+                for noted in (self._listed, self._gone, self._deleted_here, self._alive_seen, self._alive,
+                              self._released, self._tokens_there):
                     noted.pop(key, None)
 
     async def _reconcile(self, key: QueueKey) -> None:
@@ -299,12 +304,17 @@ class Supervisor:
         tokens, now = self._store.worker_credential_secrets(key), self._clock()
         parsed = [workers.Pod.from_body(p) for p in pods]
         # Memory says so (the Secret watch), and the API server too: the watch may be behind (down, or
-        # relisting), and a healthy worker must never be deleted for it.
-        parsed = [dataclasses.replace(pod, token_gone=True)
-                  if _token_gone(pod, tokens, now) and await self._token_deleted(queue, pod.name) else pod
-                  for pod in parsed]
+        # relisting), and a healthy worker must never be deleted for it. What the API server said is
+        # there is taken as there until the resync after.
+        there = {pod: until for pod, until in self._tokens_there.get(key, {}).items()
+                 if until > now and pod in {p.name for p in parsed}}
+        suspects = [pod.name for pod in parsed if _token_gone(pod, tokens, now) and pod.name not in there]
+        gone = await self._tokens_deleted(queue, suspects, there, now) if suspects else set()
+        self._tokens_there[key] = there
+        parsed = [dataclasses.replace(pod, token_gone=True) if pod.name in gone else pod for pod in parsed]
         for pod in parsed:
-            if pod.alive and not pod.token_gone and pod.name not in tokens and pod.created is not None:
+            if (pod.alive and pod.name not in tokens and pod.created is not None
+                    and pod.created + ORPHAN_GRACE_SECONDS > now):
                 self._queue.add_after(key, pod.created + ORPHAN_GRACE_SECONDS - now)  # looked at again then
         alive = [pod.name for pod in parsed if pod.alive]
         if self._registry is not None:
@@ -709,6 +719,9 @@ class Supervisor:
         self._listed[key] = listing
         self._gone[key] = frozenset(pod for pod, _, until in unlisted if until is None)
         now = self._clock()
+        if key in self._released:  # only pods whose token is still there, each until its next look
+            self._released[key] = {pod: until for pod, until in self._released[key].items()
+                                   if until > now and any(pod == name for name, _, _ in unlisted)}
         for pod, secret, until in unlisted:
             if until is not None:
                 self._queue.add_after(key, until - now)
@@ -722,21 +735,28 @@ class Supervisor:
                 if not exc.not_found:
                     raise _quiet_delete(exc, path) from None
 
-    async def _token_deleted(self, queue: QueueObject, pod: str) -> bool:
-        """Whether the API server says the pod's token Secret is gone, or no token of this queue's any
-        more (its label or owner taken away); False when it cannot tell."""
+    async def _tokens_deleted(self, queue: QueueObject, pods: list[str], there: dict[str, float],
+                              now: float) -> set[str]:
+        """Which of the pods' token Secrets the API server says are gone, or no tokens of this queue's
+        any more (one listing of the queue's tokens); none when it cannot tell. Those there go in
+        `there`, until the next resync."""
+        params = {"labelSelector": f"app.kubernetes.io/component={workers.CREDENTIAL_COMPONENT},"
+                                   f"{workers.QUEUE_LABEL}={workers.queues_label(queue)}"}
         try:
-            secret = await self._client.get(
-                f"{resources.secrets_path(queue.namespace)}/{workers.credential_secret_name(pod)}")
-        except client_.ApiError as exc:
-            if exc.not_found:
-                return True
-            logger.debug("reading the token of pod %s/%s failed: %s", queue.namespace, pod, _failure(exc))
-            return False
+            listed = await self._client.get(resources.secrets_path(queue.namespace), params)
         except client_.ERRORS as exc:
-            logger.debug("reading the token of pod %s/%s failed: %s", queue.namespace, pod, _failure(exc))
-            return False
-        return not workers.credential_of(secret, queue)
+            logger.debug("listing the worker tokens of %s/%s failed: %s", *queue.key, _failure(exc))
+            return set()
+        valid = set()
+        for secret in listed.get("items") or []:
+            credential = workers.credential_from_secret(secret)
+            # As the store takes it: an empty token opens nothing, and a Secret names its pod.
+            if credential is not None and credential.token and workers.credential_of(secret, queue) and (
+                    secret["metadata"].get("name") == workers.credential_secret_name(credential.pod)):
+                valid.add(credential.pod)
+        for pod in valid.intersection(pods):
+            there[pod] = now + self._settings.worker_resync_seconds
+        return set(pods) - valid
 
     async def _still_there(self, key: QueueKey, uid: str, pod: str) -> bool:
         """Whether a pod of the queue not listed by its label is there all the same: released from the
