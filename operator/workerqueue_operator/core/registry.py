@@ -299,6 +299,9 @@ class Registry:
         self._ended: dict[str, _Ended] = {}
         """Worker id -> how its registration ended, oldest first: a late heartbeat of one ended on
         purpose is no reason to register it again."""
+        self._first_read: dict[tuple[str, str], tuple[str, float]] = {}
+        """Slot Lease -> (the version a takeover read of it, when first): a time far ahead in it is a
+        renewal at that first read, not at each (see _take_unknown)."""
 
     # --- fed by the Lease informer ----------------------------------------------------------------
 
@@ -1292,8 +1295,17 @@ class Registry:
             # Lease in a while, or never (`--cascade=orphan` leaves it without an owner). Its holder
             # is registered with no queue that exists: the slot is this queue's at once.
             return await self._calls.overwrite(body, current)
-        now = self._clock()  # a time far ahead, of a Lease this replica has not seen: a renewal just now
-        found = worker_from_lease(current, seen_at=self._blind_at, now=now, far_ahead_as=now)  # (see _blind_at)
+        # A time far ahead, in a version of the Lease read here for the first time: a renewal now (a
+        # replica whose clock runs ahead); read again unchanged, still one made at that first read.
+        now = self._clock()
+        lease = (str(current["metadata"].get("namespace", "")), str(current["metadata"].get("name", "")))
+        version = str(current["metadata"].get("resourceVersion", ""))
+        first = self._first_read.get(lease)
+        if first is None or first[0] != version:
+            if len(self._first_read) >= ENDED_KEPT:
+                self._first_read.clear()
+            first = self._first_read[lease] = (version, now)
+        found = worker_from_lease(current, seen_at=self._blind_at, now=now, far_ahead_as=first[1])  # (see _blind_at)
         if found is None:
             # Not a registration: not ours to take, unless it is this queue's slot with its holder
             # cleared (as one releases a Lease by hand): a free slot, or it would be held for good.

@@ -306,8 +306,8 @@ class Supervisor:
         # Memory says so (the Secret watch), and the API server too: the watch may be behind (down, or
         # relisting), and a healthy worker must never be deleted for it. What the API server said is
         # there is taken as there until the resync after.
-        there = {pod: until for pod, until in self._tokens_there.get(key, {}).items()
-                 if until > now and pod in {p.name for p in parsed}}
+        names = {pod.name for pod in parsed}
+        there = {pod: until for pod, until in self._tokens_there.get(key, {}).items() if until > now and pod in names}
         suspects = [pod.name for pod in parsed if _token_gone(pod, tokens, now) and pod.name not in there]
         gone = await self._tokens_deleted(queue, suspects, there, now) if suspects else set()
         self._tokens_there[key] = there
@@ -720,8 +720,9 @@ class Supervisor:
         self._gone[key] = frozenset(pod for pod, _, until in unlisted if until is None)
         now = self._clock()
         if key in self._released:  # only pods whose token is still there, each until its next look
+            names = {name for name, _, _ in unlisted}
             self._released[key] = {pod: until for pod, until in self._released[key].items()
-                                   if until > now and any(pod == name for name, _, _ in unlisted)}
+                                   if until > now and pod in names}
         for pod, secret, until in unlisted:
             if until is not None:
                 self._queue.add_after(key, until - now)
