@@ -55,9 +55,10 @@ def _quiet_delete(exc: client_.ApiError, path: str) -> client_.ApiError:
 
 
 def _token_gone(pod: workers.Pod, tokens: Mapping[str, object], now: float) -> bool:
-    """Whether an alive pod's own token Secret was deleted: its worker cannot start (the kubelet says
-    so), or can no longer sign in (401 on every call). Made before the pod, a token the watch has not
-    brought within ORPHAN_GRACE_SECONDS of the pod's creation is gone, not late."""
+    """Whether an alive pod's own token Secret may have been deleted, as memory tells: its worker
+    cannot start (the kubelet says so), or no token came through the watch within ORPHAN_GRACE_SECONDS
+    of the pod's creation (made before the pod, it would have). The API server has the last word
+    (_tokens_deleted): the watch may be behind."""
     if not pod.alive or pod.name in tokens:
         return False
     return pod.stuck == "CreateContainerConfigError" or (
