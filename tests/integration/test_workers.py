@@ -226,6 +226,21 @@ def test_a_running_worker_whose_token_secret_was_deleted_is_replaced(operator: O
     assert kube.workers(namespace, "rv").get("failed", 0) == 0
 
 
+def test_a_running_worker_whose_token_was_emptied_is_replaced_as_if_its_secret_were_deleted(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """An emptied token opens nothing (the Secret is still there, so only the API server's answer, read
+    as the store reads it, tells the supervisor): its worker is as cut off as one whose Secret went."""
+    queue_id, token = running_worker(kube, namespace, "em")
+    assert wait_for(lambda: operator.start_worker(queue_id, token).status == 200, what="/start with its token")
+    kube.core.patch_namespaced_secret("em-w0-token", namespace, {"data": {"token": ""}})
+    wait_for(lambda: operator.start_worker(queue_id, token).status == 401, what="its emptied token refused")
+    wait_pods(kube, namespace, "em", ["em-w1"], timeout=90)
+    gone = kube.wait_events(namespace, "em", "WorkerTokenGone")
+    assert gone[0].type == "Warning" and "em-w0" in gone[0].message
+    assert kube.workers(namespace, "em").get("failed", 0) == 0
+
+
 def test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_gone(
     operator: OperatorProcess, kube: Kube, namespace: str,
 ):
