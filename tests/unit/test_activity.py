@@ -27,6 +27,15 @@ def test_only_live_peers_with_a_priority_as_high_block():
     assert blocking_peers({"other": {"priority": 9}}, identity="me", priority=5, now=NOW) == ["other"]
 
 
+def test_a_peer_entry_beyond_a_datetime_is_read_not_raised():
+    """Anyone with write access to the peering may write such an entry: reading it raised OverflowError,
+    which stopped the operator, at every start again."""
+    status = {"far": {"priority": 9, "lifetime": 10, "lastseen": "9999-12-31T23:59:59Z"},
+              "long": {"priority": 9, "lifetime": 10**12, "lastseen": NOW.isoformat()},
+              "past": {"priority": 9, "lifetime": -(10**12), "lastseen": NOW.isoformat()}}
+    assert blocking_peers(status, identity="me", priority=5, now=NOW) == ["far", "long"]
+
+
 def test_standalone_is_always_active():
     activity = Activity(identity="me", priority=0)
     assert activity.standalone and activity.is_active()

@@ -81,6 +81,18 @@ def test_busy_workers_are_never_deleted_even_after_the_grace_period():
     assert p.delete == () and p.workers.desired == 3
 
 
+@pytest.mark.parametrize("text", ["yesterday", "", "2026-01-01T00:00:60Z"])
+def test_a_surplus_since_that_is_no_time_begins_the_grace_now(text: str):
+    """The schema takes any string there (a hand edit): read strictly, every pass of the queue failed."""
+    previous = WorkersStatus(desired=3, next_index=3, surplus_since=text)
+    p = plan([pod(0), pod(1), pod(2)], Demand(backlog=0, busy=busy(0)), previous)
+    assert p.delete == () and p.workers.surplus_since == times.rfc3339(T0)
+    assert p.requeue_after == SETTINGS.scale_down_grace_seconds
+    later = plan([pod(0), pod(1), pod(2)], Demand(backlog=0, busy=busy(0)), p.workers,
+                 now=T0 + SETTINGS.scale_down_grace_seconds)
+    assert later.delete == ("q1-w2", "q1-w1")
+
+
 def test_a_busy_worker_is_known_by_its_pods_hostname_also_when_that_is_not_the_pods_name():
     name = "long-" + "q" * 57
     pods = [Pod(name=workers.pod_name(name, i), phase="Running", deleting=False, index=i) for i in (0, 1)]

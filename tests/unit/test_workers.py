@@ -1210,6 +1210,18 @@ def test_a_time_to_come_written_by_a_clock_ahead_holds_no_back_off_longer_than_i
                 ttlSecondsAfterFinished=60).delete_queue is not None
 
 
+@pytest.mark.parametrize("text", ["yesterday", "", "2026-01-01t00:00:00z", "2026-01-01T00:00:60Z"])
+@pytest.mark.parametrize("field", ["last_failure_time", "last_displaced_time", "finished_time"])
+def test_a_status_time_that_is_no_time_is_taken_as_now_not_a_failure_of_every_pass(field: str, text: str):
+    """The schema takes any string there (a hand edit, a backup restored): read strictly, it failed
+    every pass of the queue for good, no pod made or deleted."""
+    status = WorkersStatus(consecutive_failures=1, consecutive_displaced=2, succeeded=1, next_index=1,
+                           **{field: text})
+    p = plan([], status, ephemeral=True, singleExecution=True, ttlSecondsAfterFinished=60)
+    assert getattr(p.workers, field) == times.rfc3339(T0)
+    assert p.requeue_after is not None and p.requeue_after > 0
+
+
 def test_a_credential_never_shows_its_token():
     credential = workers.Credential(queue=("team-a", "q1"), queue_uid="uid", pod="q1-w0", hostname="h",
                                     token="tok-secret-value")

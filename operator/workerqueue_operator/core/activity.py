@@ -56,9 +56,10 @@ def live_peers(status: Mapping[str, Any], *, identity: str, now: datetime.dateti
             lifetime = int(info.get("lifetime", DEFAULT_LIFETIME))
         except (TypeError, ValueError):
             continue
+        # In epoch seconds: a peer's entry is anyone's to write, and a datetime overflows on a year
+        # 9999 or a lifetime of 10**12 (that raised, and stopped the operator at every start).
         seen = times.parse_or_none(info.get("lastseen"))
-        lastseen = datetime.datetime.fromtimestamp(seen, datetime.UTC) if seen is not None else now
-        if lastseen + datetime.timedelta(seconds=lifetime) > now:
+        if (seen if seen is not None else now.timestamp()) + lifetime > now.timestamp():
             live[peer] = their_priority
     return live
 

@@ -628,10 +628,14 @@ def plan(
 def _clamp_future_times(p: _Pass) -> None:
     """Takes a time to come in the status as now, and writes it so: written by a replica whose clock
     ran ahead (or before this one's stepped back), it would hold a back-off or a TTL by as much (an
-    hour's step, a pool without pods for an hour)."""
+    hour's step, a pool without pods for an hour). One that is no time at all (the schema takes any
+    string: a hand edit, a restored backup) is taken as now too: every pass would fail on it."""
     for name in ("last_failure_time", "last_displaced_time", "finished_time", "surplus_since"):
-        written = times.parse_or_none(getattr(p.w, name))
-        if written is not None and written > p.now:
+        text = getattr(p.w, name)
+        if text is None:
+            continue
+        written = times.parse_or_none(text)
+        if written is None or written > p.now:
             setattr(p.w, name, times.rfc3339(p.now))
 
 
