@@ -2073,3 +2073,83 @@ async def test_a_registration_refused_as_its_namespace_goes_is_no_warning(caplog
     said = [r for r in caplog.records if "registration of worker w-1" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.DEBUG] and "being deleted" in said[0].getMessage()
     await kube.close()
+
+
+def _stepping_registry() -> tuple[registry.Registry, list[float], list[float], Any]:
+    """A registry on a wall clock and a monotonic clock the test moves (never written: no API server)."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+    wall, mono = [100_000.0], [0.0]
+    q = queue(heartbeatIntervalSeconds=10)  # registrations of its pods last 25 s
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, clock=lambda: wall[0],
+                            monotonic=lambda: mono[0])
+    return reg, wall, mono, q
+
+
+def _tick(reg: registry.Registry, wall: list[float], mono: list[float], seconds: float, *,
+          step: float = 0.0, stall: float = 0.0) -> None:
+    """The wall clock steps by `step` and the replica stands still for `stall` s (one sweep after
+    that), then `seconds` pass, swept each second as run() sweeps."""
+    if step or stall:
+        wall[0] += step + stall + 1
+        mono[0] += stall + 1
+        reg._mind_the_clock(mono[0])
+        reg._sweep(ending=True)
+    while seconds > 0:
+        wall[0] += min(seconds, 1.0)
+        mono[0] += min(seconds, 1.0)
+        seconds -= 1.0
+        reg._mind_the_clock(mono[0])
+        reg._sweep(ending=True)
+
+
+@pytest.mark.parametrize("step, stall", [(120.0, 0.0), (0.0, 60.0), (3600.0, 0.0)])
+def test_a_forward_step_of_the_clock_or_a_stand_still_expires_no_live_worker(step: float, stall: float):
+    """A VM resumed, an NTP step, SIGSTOP: every live worker seemed to have missed its heartbeats, and
+    all of them were expired at once (Events, their Leases deleted, their slots given away)."""
+    reg, wall, mono, q = _stepping_registry()
+    _tick(reg, wall, mono, 0)
+    alive = reg.register(q, "alive", pod="q1-w1")
+    _tick(reg, wall, mono, 5)
+    reg.heartbeat(alive, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    _tick(reg, wall, mono, 0, step=step, stall=stall)
+    assert reg.get("alive") is alive and reg.live(q.key) == [alive]
+    reg.heartbeat(alive, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert alive.duration == 25  # the gap across the step is no pace of the worker's
+    _tick(reg, wall, mono, 24)
+    assert reg.get("alive") is alive
+    _tick(reg, wall, mono, 1.5)  # no heartbeat within its lease after the step: it is gone, as ever
+    assert reg.get("alive") is None
+
+
+def test_a_backward_step_of_the_clock_holds_a_dead_worker_no_longer_than_its_lease():
+    """An hour's step back: times noted before it lay an hour ahead, and held the dead worker (and its
+    slot) an hour more."""
+    reg, wall, mono, q = _stepping_registry()
+    _tick(reg, wall, mono, 0)
+    dead = reg.register(q, "dead", pod="q1-w1")
+    _tick(reg, wall, mono, 5)
+    reg.heartbeat(dead, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    _tick(reg, wall, mono, 0, step=-3600)
+    assert reg.get("dead") is dead and dead.heard()
+    _tick(reg, wall, mono, 24)
+    assert reg.get("dead") is dead  # as if it had beaten just now: never expired early
+    _tick(reg, wall, mono, 1.5)
+    assert reg.get("dead") is None
+
+
+def test_a_heartbeat_after_a_small_step_back_teaches_no_pace():
+    """Its gap negative, a worker heartbeating every 60 s was taken for one at the queue's 10 s, and
+    expired between two heartbeats."""
+    reg, wall, _mono, q = _stepping_registry()
+    worker = reg.register(q, "outside")  # no pod: expected at the real worker's 60 s
+    assert worker.duration == 150
+    wall[0] += 60
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    wall[0] -= 1.5  # under CLOCK_STEP_SECONDS: slewed, not a step
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150

@@ -77,6 +77,12 @@ BLIND_FORGIVEN_SECONDS = 300.0
 PEER_LOST_QUIET_SECONDS = BLIND_FORGIVEN_SECONDS + PEER_LOST_FORGIVEN_SECONDS
 """How long no replica must leave the peering before a loss is forgiven afresh: a peer flapping every
 minute or so would otherwise keep dead workers registered for good."""
+CLOCK_STEP_SECONDS = 2.0
+"""How far the wall clock may move against the monotonic one between two sweeps before it counts as
+stepped (NTP, a VM resumed): slewing moves them apart by milliseconds a second at most."""
+STALL_SECONDS = 5.0
+"""Two sweeps (a second apart) this far apart mean this replica stood still: paused, suspended, its
+loop blocked. The heartbeats sent meanwhile wait unread in its sockets."""
 RETRY_SECONDS = 2.0
 """A registration whose write failed is written again this much later, doubling with each failure
 in a row up to a quarter of its interval (so that it is renewed before it lapses; at least this),
@@ -277,6 +283,8 @@ class Registry:
         """Sum of 1/interval over the workers that heartbeat to this replica."""
         self._pace = Pace(self.write_rate())
         self._last_sweep = float("-inf")
+        self._swept_at: tuple[float, float] | None = None
+        """(clock, monotonic) at the last sweep of run(), to tell a step or a stand-still (_mind_the_clock)."""
         self._writes: set[asyncio.Task[None]] = set()
         self._listeners: list[Callable[[QueueKey], None]] = []
         self._calls = leasecalls.LeaseCalls(client, clock)
@@ -709,8 +717,8 @@ class Registry:
         ended = self._ended.get(worker_id)
         if ended is None or ended.heard_at is None:
             return None
-        q = queue.spec.heartbeat_interval_seconds
-        return paced_interval(self._first_interval(queue, pod), q, self._clock() - ended.heard_at)
+        q, gap = queue.spec.heartbeat_interval_seconds, self._clock() - ended.heard_at
+        return paced_interval(self._first_interval(queue, pod), q, gap) if gap > 0 else None
 
     def _first_interval(self, queue: QueueObject, pod: str | None) -> float:
         """The pace to expect of a worker before it shows its own: an operator-run pod's is what its
@@ -866,8 +874,9 @@ class Registry:
             queue = self._queue_of(worker.queue)
             if queue is not None:
                 gap = now - worker.renewed_at
-                interval = paced_interval(worker.interval, queue.spec.heartbeat_interval_seconds, gap)
-                self._set_duration(worker, lease_duration(interval))
+                if gap > 0:  # none after the clock stepped back: the last renewal is still to come
+                    interval = paced_interval(worker.interval, queue.spec.heartbeat_interval_seconds, gap)
+                    self._set_duration(worker, lease_duration(interval))
         # Always past the registration, even at the Lease's microseconds (a rejoin's comes at once):
         # other replicas tell a heartbeat by a renew time later than the acquire time.
         worker.renewed_at = max(now, worker.renewed_at + 1e-5)
@@ -985,6 +994,7 @@ class Registry:
                 await asyncio.sleep(self._tick)
                 if self._monotonic() - self._last_sweep >= 1.0:
                     self._last_sweep = self._monotonic()
+                    self._mind_the_clock(self._last_sweep)
                     self._sweep(ending=self._active())
                     if self._active():
                         self._delete_left_behind()
@@ -1031,6 +1041,60 @@ class Registry:
         # A peer whose keep-alives come late again and again (its clock behind, a loaded API server)
         # leaves the peering again and again: that must not keep dead workers registered for good.
         self._peer_lost_until = min(now + PEER_LOST_FORGIVEN_SECONDS, self._peer_lost_since + BLIND_FORGIVEN_SECONDS)
+
+    def _mind_the_clock(self, monotonic: float) -> None:
+        """Expiry is timed by the wall clock, which other replicas and the Leases share. When it steps
+        forward, or this replica stood still (its heartbeats unread meanwhile), every live worker would
+        seem to have missed its heartbeats: that time counts as blind (_blind_at). When it steps back,
+        the times noted before are taken as now at most: else they would hold dead workers, and their
+        slots, for as long as the step."""
+        wall = self._clock()
+        last, self._swept_at = self._swept_at, (wall, monotonic)
+        if last is None:
+            return
+        elapsed = monotonic - last[1]
+        step = wall - last[0] - elapsed
+        if step < -CLOCK_STEP_SECONDS:
+            self._stepped_back(wall)
+        if step > CLOCK_STEP_SECONDS or elapsed > STALL_SECONDS:
+            self._blind_at = max(self._blind_at, wall)
+            for worker in self._workers.values():
+                worker.seen_at = max(worker.seen_at, wall)
+        if (abs(step) > CLOCK_STEP_SECONDS or elapsed > STALL_SECONDS) and (self._workers or self._ended):
+            # A heartbeat gap across it shows no pace of the worker's.
+            for worker_id, ended in self._ended.items():
+                if ended.heard_at is not None:
+                    self._ended[worker_id] = ended._replace(heard_at=None)
+            if step < -CLOCK_STEP_SECONDS:
+                logger.warning("the clock stepped back %.1f s: times of workers noted before are taken as now",
+                               -step)
+            else:
+                what = f"the clock stepped ahead {step:.1f} s" if step > CLOCK_STEP_SECONDS else (
+                    f"this replica stood still for {elapsed:.1f} s")
+                logger.warning("%s: no worker's lease counts that time as missed heartbeats", what)
+
+    def _stepped_back(self, wall: float) -> None:
+        for worker in self._workers.values():
+            heard = worker.heard()
+            worker.registered_at = min(worker.registered_at, wall)
+            worker.renewed_at = min(worker.renewed_at, wall)
+            if heard:  # a heartbeat is told by a renewal later than the registration
+                worker.renewed_at = max(worker.renewed_at, worker.registered_at + 1e-5)
+            worker.seen_at = min(worker.seen_at, wall)
+            if worker.since is not None:
+                worker.since = min(worker.since, wall)
+            self._unfile(worker)
+            self._file_expiry(worker, worker.expires_at())
+        for worker_id, ended in self._ended.items():
+            if ended.since is not None and ended.since > wall:
+                self._ended[worker_id] = ended._replace(since=wall)
+        self._blind_at, self._forgiven_at = min(self._blind_at, wall), min(self._forgiven_at, wall)
+        if self._blind_since is not None:
+            self._blind_since = min(self._blind_since, wall)
+        self._peer_lost_since = min(self._peer_lost_since, wall)
+        if self._peer_lost_last is not None:
+            self._peer_lost_last = min(self._peer_lost_last, wall)
+        self._peer_lost_until = min(self._peer_lost_until, wall + PEER_LOST_FORGIVEN_SECONDS)
 
     def _sweep(self, *, ending: bool) -> None:
         """Expired workers: a registration never written is just forgotten (no write for a worker that
