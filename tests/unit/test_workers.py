@@ -669,10 +669,12 @@ def test_a_token_secret_of_a_deleted_namesake_is_told_apart_from_this_queues_and
 
 def test_a_templates_single_execution_is_the_operators_to_set():
     # Kept on a queue that is not single-execution, its workers exited after one task, which the
-    # planning of an ephemeral queue never expects.
+    # planning of an ephemeral queue never expects; so too from a ConfigMap (`envFrom`), which only
+    # an `env` entry of the same name overrides.
     template = {"spec": {"containers": [{"name": "worker", "image": "img",
-                                         "env": [{"name": "SINGLE_EXECUTION", "value": "true"}]}]}}
-    for spec, expected in (({"ephemeral": True}, []), ({"singleExecution": True}, ["true"])):
+                                         "env": [{"name": "SINGLE_EXECUTION", "value": "true"}],
+                                         "envFrom": [{"configMapRef": {"name": "team-settings"}}]}]}}
+    for spec, expected in (({"ephemeral": True}, ["false"]), ({"singleExecution": True}, ["true"])):
         body = workers.build_pod(queue(worker={"template": template}, **spec), 0,
                                  inputs=workers.PodInputs("u", "d", {}), settings=SETTINGS)
         (container,) = body["spec"]["containers"]
@@ -684,7 +686,7 @@ def test_default_pod_uses_the_configured_image_and_command():
     (container,) = body["spec"]["containers"]
     assert container["image"] == SETTINGS.worker_image
     assert container["command"] == list(SETTINGS.worker_command)
-    assert "SINGLE_EXECUTION" not in {e["name"] for e in container["env"]}
+    assert {e["name"]: e.get("value") for e in container["env"]}["SINGLE_EXECUTION"] == "false"
 
 
 RESTRICTED = {

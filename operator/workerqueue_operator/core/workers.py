@@ -1215,9 +1215,10 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         *({"name": name, "value": inputs.control_plane_url} for name in CLI_URL_VARIABLES),
         {"name": "HEARTBEAT_INTERVAL", "value": str(s.heartbeat_interval_seconds)},
         {"name": "TEMPORAL_HOST", "value": worker_temporal_host(queue, settings)},
+        # Written "false" too: an `envFrom` of the template (a ConfigMap) saying true would make the
+        # workers of a pool exit after one task, which its planning never expects (an `env` entry wins).
+        {"name": "SINGLE_EXECUTION", "value": "true" if s.single_execution else "false"},
     ]
-    if s.single_execution:
-        env.append({"name": "SINGLE_EXECUTION", "value": "true"})
     token = {"name": "KUBIYA_API_KEY", "valueFrom": {"secretKeyRef": credential}}
     runs_worker = worker_container({"metadata": meta, "spec": pod_spec})
     for container in containers:
@@ -1225,9 +1226,7 @@ def build_pod(queue: QueueObject, index: int, *, inputs: PodInputs, settings: se
         # token is the worker's alone: a sidecar (a log shipper, a mesh proxy) has no call to make
         # with it, and with it could do whatever the worker may.
         given = [*env, token] if container.get("name") == runs_worker else env
-        # SINGLE_EXECUTION too when the operator sets none: a template's would make the workers of a
-        # queue that is not single-execution exit after one task, which its planning never expects.
-        ours = {e["name"] for e in given} | {"SINGLE_EXECUTION"}
+        ours = {e["name"] for e in given}
         container["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + given
     pod_spec["restartPolicy"] = "Never"
     if not pod_spec.get("serviceAccountName") and not pod_spec.get("serviceAccount"):
