@@ -18,10 +18,19 @@ def test_the_latch_waits_for_the_first_latchable_execution_to_read_done_twice():
     assert not latch.feed([{"id": "c", "status": "completed"}, {"id": "b", "status": "completed"}])
     assert not latch.feed([{"id": "b", "status": "running"}])  # not twice in a row
     assert not latch.feed([{"id": "b", "status": "failed"}])
-    assert not latch.feed([{"id": "x", "status": "running"}])  # not listed: not done
+    assert not latch.feed(None)  # a failed poll (not 200, an error) begins the count again
     assert not latch.feed([{"id": "b", "status": "cancelled"}])
-    assert latch.feed([{"id": "b", "status": "completed"}])
+    assert latch.feed([{"id": "b", "status": "Completed"}])
     assert latch.execution_id == "b"
+
+
+def test_a_poll_that_does_not_list_the_execution_leaves_the_count_as_it_is():
+    # As the real worker's monitor counts: only a reading of its own execution, or a failed poll, resets it.
+    latch = Latch()
+    assert not latch.feed([{"id": "b", "status": "completed"}])
+    assert not latch.feed([])
+    assert not latch.feed([{"id": "x", "status": "running"}])
+    assert latch.feed([{"id": "b", "status": "completed"}])
 
 
 @pytest.mark.parametrize("status", ["running", "completed", "failed", "waiting_for_input"])

@@ -14,9 +14,9 @@ each pod must turn over after one workflow.
 Where the real worker's behaviour is not pinned down by the protocol, this one:
 - sends its first heartbeat as soon as its Temporal worker runs, then every HEARTBEAT_INTERVAL s;
   `status` is "busy" while an activity runs, else "active";
-- gives up 1,800 s after its executions polls began, whatever they answered (as the real worker's
-  monitor does: 30 minutes at most), and shuts down as after its task (stop the Temporal worker,
-  disconnect `shutdown`, exit 0);
+- gives up after 900 executions polls 2 s apart (1,800 s counted as the real worker's monitor counts
+  them, 2 s a poll whatever the call took), whatever they answered, and shuts down as after its task
+  (stop the Temporal worker, disconnect `shutdown`, exit 0);
 - exits 0 on SIGINT (no disconnect) and dies of SIGTERM at once (the default action, no disconnect).
 """
 
@@ -46,6 +46,8 @@ logger = logging.getLogger("worker")
 
 SDK_VERSION = "workerqueue-operator-devcluster-worker"
 POLL_SECONDS = 2.0
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=10)
+"""The real worker's for its heartbeats, executions polls and disconnect (60 s for /start)."""
 """The executions poll's period (single-execution mode)."""
 SYSTEM_INFO_SECONDS = 300.0
 """`system_info` and `logs` ride along with a heartbeat at most this often."""
@@ -99,29 +101,37 @@ def _positive(env: Mapping[str, str], name: str) -> int | None:
 
 
 class Latch:
-    """The single-execution exit rule, fed one executions list per poll.
+    """The single-execution exit rule, fed one executions list per poll (None: the poll failed).
 
     The first execution listed as running/completed/failed/waiting_for_input becomes the worker's
     own, once for its life; `feed` answers True once that one read completed/failed/cancelled on
-    two polls in a row.
+    two polls in a row. As the real worker counts them: a poll where it is not listed leaves the
+    count as it is; one where it reads otherwise, or a failed poll (not 200, an error), resets it.
     """
 
     def __init__(self) -> None:
         self.execution_id: str | None = None
         self._done_polls = 0
 
-    def feed(self, executions: list[Any]) -> bool:
+    def feed(self, executions: list[Any] | None) -> bool:
+        if executions is None:
+            self._done_polls = 0
+            return False
         listed = [e for e in executions if isinstance(e, dict)]
         if self.execution_id is None:
-            first = next((e for e in listed if e.get("status") in LATCH_STATUSES), None)
+            first = next((e for e in listed if _status(e) in LATCH_STATUSES), None)
             if first is None:
                 return False
             self.execution_id = str(first.get("id"))
-            logger.info("latched onto execution %s (%s)", self.execution_id, first.get("status"))
+            logger.info("latched onto execution %s (%s)", self.execution_id, _status(first))
         mine = next((e for e in listed if str(e.get("id")) == self.execution_id), None)
-        done = mine is not None and mine.get("status") in DONE_STATUSES
-        self._done_polls = self._done_polls + 1 if done else 0
+        if mine is not None:
+            self._done_polls = self._done_polls + 1 if _status(mine) in DONE_STATUSES else 0
         return self._done_polls >= 2
+
+
+def _status(execution: dict[str, Any]) -> str:
+    return str(execution.get("status") or "").lower()
 
 
 class _RecentLogs(logging.Handler):
@@ -226,7 +236,7 @@ class WorkerProcess:
                 last_info = time.monotonic()
             try:
                 async with self.http.post(url, json=body, headers=self._auth,
-                                          timeout=aiohttp.ClientTimeout(total=30)) as r:
+                                          timeout=CALL_TIMEOUT) as r:
                     if r.status in (200, 204):
                         logger.info("heartbeat sent (%d)", r.status)
                     else:
@@ -236,15 +246,18 @@ class WorkerProcess:
             await asyncio.sleep(self.config.heartbeat_interval)
 
     async def poll_executions(self) -> None:
-        """Returns once the latched execution is over, or `give_up_seconds` after the polls began."""
+        """Returns once the latched execution is over, or after `give_up_seconds` / POLL_SECONDS polls
+        (the real worker counts 2 s a poll, whatever the call took: 1,800 s is the least it waits)."""
         url = (f"{self.config.control_plane_url}/api/v1/worker-queues/{self.config.queue_id}/executions"
                "?limit=5&status=all")
         latch = Latch()
-        began = time.monotonic()
-        while True:
+        elapsed = 0.0
+        while elapsed < self.config.give_up_seconds:
+            await asyncio.sleep(POLL_SECONDS)
+            elapsed += POLL_SECONDS
             executions: list[Any] | None = None
             try:
-                async with self.http.get(url, headers=self._auth, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                async with self.http.get(url, headers=self._auth, timeout=CALL_TIMEOUT) as r:
                     if r.status == 200:
                         answer = await r.json(content_type=None)
                         executions = answer if isinstance(answer, list) else None
@@ -252,20 +265,17 @@ class WorkerProcess:
                         logger.warning("executions poll answered %d: %s", r.status, (await r.text())[:300])
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 logger.warning("executions poll failed: %s", e)
-            if executions is not None and latch.feed(executions):
+            if latch.feed(executions):
                 logger.info("execution %s is over", latch.execution_id)
                 return
-            if time.monotonic() - began >= self.config.give_up_seconds:
-                logger.warning("no execution over within %.0fs: giving up", self.config.give_up_seconds)
-                return
-            await asyncio.sleep(POLL_SECONDS)
+        logger.warning("no execution over within %.0fs: giving up", self.config.give_up_seconds)
 
     async def disconnect(self, reason: str, exit_code: int, error_message: str | None) -> None:
         url = f"{self.answer['control_plane_url'].rstrip('/')}/api/v1/workers/{self.answer['worker_id']}/disconnect"
         body = {"reason": reason, "exit_code": exit_code, "error_message": error_message}
         try:
             async with self.http.post(url, json=body, headers=self._auth,
-                                      timeout=aiohttp.ClientTimeout(total=30)) as r:
+                                      timeout=CALL_TIMEOUT) as r:
                 if r.status in (200, 204):
                     logger.info("disconnected (%s, exit code %d)", reason, exit_code)
                 else:
