@@ -1149,6 +1149,38 @@ async def test_a_refused_pod_shows_on_the_queue_though_its_first_write_met_a_new
     assert kube.pod_names(namespace, "nopod", alive=False) == []
 
 
+async def test_a_refused_pods_back_off_is_timed_by_the_monotonic_clock_not_held_by_a_step_back(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """The wall clock stepped back an hour just after a pod was refused: its 10-s back-off held for an
+    hour and ten seconds, the queue without a new try all that while."""
+    here = in_process("stepped")
+    here.spec.update(singleExecution=True, worker={"template": {"spec": {"containers": [{"name": "no-image"}]}}})
+    wall, local = [0.0], [0.0]
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            clock=lambda: time.time() + wall[0], monotonic=lambda: time.monotonic() + local[0])
+    await here.create_ready()
+    here.watched()
+    tries: list[tuple[int, ...]] = []
+    create = supervisor._create_pods
+
+    async def counted(queue: queues.QueueObject, indices: tuple[int, ...]) -> str | None:
+        tries.append(indices)
+        return await create(queue, indices)
+
+    monkeypatch.setattr(supervisor, "_create_pods", counted)
+    await supervisor._reconcile(here.key)
+    assert tries == [(0,)]
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert tries == [(0,)]  # its back-off
+    wall[0], local[0] = -3600.0, 11.0  # 11 s on, and the wall clock an hour back
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert tries == [(0,), (1,)]  # tried again (under the next name: names are never reused)
+
+
 async def test_in_a_namespace_being_deleted_a_refused_pod_or_event_is_no_news(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, caplog: pytest.LogCaptureFixture,
 ):

@@ -440,6 +440,18 @@ def test_a_finished_scaling_queue_is_deleted_only_on_a_reading_asked_after_its_f
     assert after.delete_queue is not None and after.delete_queue.reason == "QueueFinished"
 
 
+def test_a_reading_made_before_the_clock_stepped_back_deletes_no_finished_queue():
+    """Made "after" the finish by the clock's say, it was made before it: the queue was deleted on a
+    reading that could not have seen a workflow started as its last worker ended."""
+    worked = WorkersStatus(succeeded=0, next_index=1)
+    done = plan([pod(0, "Succeeded")], Demand(backlog=0, read_at=T0 - 0.1), worked, ephemeral=True)
+    stepped = T0 - 300  # the clock stepped back 5 minutes since the reading
+    redone = plan([], Demand(backlog=0, read_at=T0 - 0.1), WorkersStatus(succeeded=1, next_index=1),
+                  now=stepped, ephemeral=True)
+    assert redone.delete_queue is None
+    assert plan([], Demand(backlog=0, read_at=T0 + 3), done.workers, now=T0 - 200, ephemeral=True).delete_queue is None
+
+
 def test_a_workflow_not_due_yet_keeps_an_ephemeral_scaling_queue_without_a_worker_for_it():
     """A retry's back-off (over a minute after a few attempts), a start delay, a cron run: no worker
     can take it yet, and none is kept idle for it, but the queue was deleted meanwhile and the

@@ -254,7 +254,8 @@ async def test_a_run_not_due_yet_is_read_again_only_before_a_worker_is_told_it_f
     async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
         reads.append(workflow_id)
         # Read a minute ago: as a run merely untaken, it would be read again (UNTAKEN_REUSE_SECONDS).
-        return temporal_._Holder(None, None, untaken_at=time.time() - 60, scheduled=False, due_at=time.time() + 3600)
+        return temporal_._Holder(None, None, untaken_at=time.time() - 60, asked=time.monotonic() - 60,
+                                 scheduled=False, due_at=time.time() + 3600)
 
     patch_listing(monkeypatch, [delayed], read)
     access = Temporal(timeout=1.0, coalesce=0.0)
@@ -504,7 +505,7 @@ async def test_a_crons_earlier_runs_leave_the_view_as_closed_ones_do_and_a_chain
             _Run("chain", "k1", S.RUNNING, "W", now - ago(hours=1), None)]
 
     async def read(self: Temporal, *args: Any, **kwargs: Any) -> Any:
-        return _Holder(None, None, untaken_at=time.time())  # the cron's next run, not due yet
+        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())  # the cron's next run, not due yet
 
     patch_listing(monkeypatch, runs, read)
     access = Temporal(timeout=1.0, coalesce=0.0)
@@ -748,7 +749,9 @@ async def test_a_fresh_listing_or_a_recheck_joins_no_history_read_begun_before_i
             return _Holder("1@pod-a", rfc3339(START))
         seen_taken = taken[0]  # as of when the history is asked for
         await asyncio.sleep(0.3)
-        return _Holder("1@pod-a", rfc3339(START)) if seen_taken else _Holder(None, None, untaken_at=time.time())
+        if seen_taken:
+            return _Holder("1@pod-a", rfc3339(START))
+        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
 
     patch_listing(monkeypatch, runs, read)
     access = Temporal(timeout=4.0, coalesce=0.0)
@@ -778,7 +781,7 @@ async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_whil
 
     async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
         reads.append(workflow_id)
-        return _Holder(None, None, untaken_at=time.time())
+        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
 
     patch_listing(monkeypatch, runs, read)
     access = Temporal(timeout=4.0, coalesce=0.0)
@@ -815,7 +818,7 @@ def first_done_and_a_later_run() -> tuple[list[_Run], list[bool], Any]:
             return _Holder("1@pod-a", rfc3339(START))
         if taken[0]:
             return _Holder("1@pod-a", rfc3339(START + datetime.timedelta(seconds=61)))
-        return _Holder(None, None, untaken_at=time.time())
+        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
 
     return [later, first], taken, read
 
@@ -909,5 +912,31 @@ async def test_a_recheck_joins_no_listing_begun_before_the_coalescing_window(mon
         await access.executions(endpoint, "tq", taken_first=True, recheck=True)
         assert scans[0] == 2  # past it, its own
         await asyncio.gather(slow, soon)
+    finally:
+        await access.close()
+
+
+async def test_a_recheck_reads_untaken_runs_again_also_after_the_clock_stepped_back(monkeypatch: pytest.MonkeyPatch):
+    """The reuse window was timed by the wall clock: an hour's step back made readings of runs nobody
+    had taken count as fresh for an hour, and a recheck (before a worker is told its execution is
+    over) read none of them again."""
+    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(3)]
+    reads: list[str] = []
+
+    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *a: Any, **k: Any) -> Any:
+        reads.append(workflow_id)
+        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
+
+    patch_listing(monkeypatch, runs, read)
+    access = Temporal(timeout=4.0, coalesce=0.2)
+    try:
+        endpoint = Endpoint(host="t:7233", namespace="n")
+        await access.executions(endpoint, "tq", taken_first=True)
+        assert len(reads) == 3
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)
+        await asyncio.sleep(0.3)  # past the coalescing window
+        await access.executions(endpoint, "tq", taken_first=True, recheck=True)
+        assert len(reads) == 6
     finally:
         await access.close()

@@ -77,6 +77,7 @@ def _failure(exc: Exception) -> str:
 class CreateRefusal:
     """The API server refused a queue's pod (its template, Pod Security admission, a full quota): the
     next try waits, doubling as the failures of workers do, until the spec changes or a pod is made.
+    Its times are this replica's monotonic clock's.
     Each try writes the status and posts an Event, and the status write alone would start the next."""
 
     generation: int
@@ -134,6 +135,7 @@ class Supervisor:
         registry: Registry | None = None,
         temporal: temporal_.Temporal | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         concurrency: int = 32,
         statuses_behind: Callable[[], bool] = lambda: False,
         secrets_listed: bool = True,
@@ -160,6 +162,9 @@ class Supervisor:
         """Each queue's pods alive or being made at its last pass here (the prober reads it)."""
         self._settings = settings
         self._clock = clock
+        self._monotonic = monotonic
+        """For this replica's own deadlines (back-offs, cached answers): a step of the wall clock, which
+        pods' and queues' times are compared with, must not hold them for as long as the step."""
         self._queue: WorkQueue[QueueKey] = WorkQueue(self.reconcile, name="workers", concurrency=concurrency)
         self.prober = probes.TemporalProbes(
             store=store, client=client, settings=settings, events=events, activity=activity, temporal=temporal,
@@ -180,10 +185,10 @@ class Supervisor:
         """Pods whose token this replica made (see _coming): its own creates, never another's."""
         self._tokens_there: dict[QueueKey, dict[str, float]] = {}
         """Pods whose token the watch has not brought but the API server says is there, each with
-        until when (clock) that answer holds (see _tokens_deleted)."""
+        until when (monotonic) that answer holds (see _tokens_deleted)."""
         self._released: dict[QueueKey, dict[str, float]] = {}
         """Pods of the queue found there though not listed by its label (see _still_there), each with
-        when (clock) to look again."""
+        when (monotonic) to look again."""
         store.subscribe(self._store_changed)
         activity.subscribe(self._activity_changed)
 
@@ -308,9 +313,10 @@ class Supervisor:
         # relisting), and a healthy worker must never be deleted for it. What the API server said is
         # there is taken as there until the resync after.
         names = {pod.name for pod in parsed}
-        there = {pod: until for pod, until in self._tokens_there.get(key, {}).items() if until > now and pod in names}
+        local = self._monotonic()
+        there = {pod: until for pod, until in self._tokens_there.get(key, {}).items() if until > local and pod in names}
         suspects = [pod.name for pod in parsed if _token_gone(pod, tokens, now) and pod.name not in there]
-        gone = await self._tokens_deleted(queue, suspects, there, now) if suspects else set()
+        gone = await self._tokens_deleted(queue, suspects, there, local) if suspects else set()
         self._tokens_there[key] = there
         parsed = [dataclasses.replace(pod, token_gone=True) if pod.name in gone else pod for pod in parsed]
         for pod in parsed:
@@ -374,11 +380,11 @@ class Supervisor:
             # Workers of a queue that cannot serve /start would only fail: wait until it can. The token
             # Secret the operator is creating right now is no reason to wait: pods sign in with their own.
             create, status = (), status.model_copy(update={"next_index": previous.next_index})
-        refusal = self._refused.get(key)
-        if create and refusal is not None and refusal.holds(queue.generation, now):
+        refusal, local = self._refused.get(key), self._monotonic()
+        if create and refusal is not None and refusal.holds(queue.generation, local):
             create, status = (), status.model_copy(update={"next_index": previous.next_index,
                                                            "last_error": refusal.message or status.last_error})
-            self._queue.add_after(key, refusal.retry_at - now)
+            self._queue.add_after(key, refusal.retry_at - local)
         if not self._activity.is_active():
             return  # each await above may have seen this replica stand down: from then on it acts no more
         if status != previous:
@@ -410,9 +416,10 @@ class Supervisor:
             if refused is None:
                 self._refused.pop(key, None)
             else:
-                refusal = self._refused[key] = CreateRefusal.after(refusal, generation=queue.generation, now=now,
-                                                             settings=self._settings, message=refused)
-                self._queue.add_after(key, refusal.retry_at - now)
+                local = self._monotonic()
+                refusal = self._refused[key] = CreateRefusal.after(refusal, generation=queue.generation, now=local,
+                                                                   settings=self._settings, message=refused)
+                self._queue.add_after(key, refusal.retry_at - local)
             if refused != status.last_error and refused != "":
                 await self._write_status(queue, status.model_copy(update={"last_error": refused}), version)
         if plan.delete_queue is not None:
@@ -722,8 +729,9 @@ class Supervisor:
         now = self._clock()
         if key in self._released:  # only pods whose token is still there, each until its next look
             names = {name for name, _, _ in unlisted}
+            local = self._monotonic()
             self._released[key] = {pod: until for pod, until in self._released[key].items()
-                                   if until > now and pod in names}
+                                   if until > local and pod in names}
         for pod, secret, until in unlisted:
             if until is not None:
                 self._queue.add_after(key, until - now)
@@ -738,7 +746,7 @@ class Supervisor:
                     raise _quiet_delete(exc, path) from None
 
     async def _tokens_deleted(self, queue: QueueObject, pods: list[str], there: dict[str, float],
-                              now: float) -> set[str]:
+                              local: float) -> set[str]:
         """Which of the pods' token Secrets the API server says are gone, or no tokens of this queue's
         any more (one listing of the queue's tokens); none when it cannot tell. Those there go in
         `there`, until the next resync."""
@@ -757,7 +765,7 @@ class Supervisor:
                     secret["metadata"].get("name") == workers.credential_secret_name(credential.pod)):
                 valid.add(credential.pod)
         for pod in valid.intersection(pods):
-            there[pod] = now + self._settings.worker_resync_seconds
+            there[pod] = local + self._settings.worker_resync_seconds
         return set(pods) - valid
 
     async def _still_there(self, key: QueueKey, uid: str, pod: str) -> bool:
@@ -766,7 +774,7 @@ class Supervisor:
         with its token. Replaced as a pod gone, it keeps that token until it is gone too. Listed by
         name (the verb the operator has on pods), and looked at again only at the resync's pace."""
         released = self._released.setdefault(key, {})
-        now = self._clock()
+        now = self._monotonic()
         if released.get(pod, -math.inf) > now:
             return True
         params = {"fieldSelector": f"metadata.name={pod}"}

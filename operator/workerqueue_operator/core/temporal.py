@@ -250,6 +250,8 @@ class _Holder:
     started_at: str | None
     untaken_at: float | None = None
     """Of a run nobody had taken: when (epoch seconds, at the latest) its history said so."""
+    asked: float | None = None
+    """The same moment on the monotonic clock: how long ago, whatever the wall clock did since."""
     scheduled: bool = True
     """False for a run whose first workflow task is not scheduled yet (a cron run waiting for its
     time, a start delay, a retry's back-off): nothing for a worker to take until then."""
@@ -649,7 +651,7 @@ class Temporal:
         # A recheck shares what another read within the coalescing window (workers finishing together
         # share one read of the backlog), as a listing joined then would.
         reuse_since = (None if fresh or not taken_first else
-                       time.time() - (self._coalesce if recheck else UNTAKEN_REUSE_SECONDS))
+                       time.monotonic() - (self._coalesce if recheck else UNTAKEN_REUSE_SECONDS))
         reused = False
         for i, wf in enumerate(runs):
             if (wf.id, wf.run_id) in untouched:
@@ -668,8 +670,8 @@ class Temporal:
                 holders[-1], reused = not_due, True
                 continue
             untaken = self._untaken.get(run_key) or not_due
-            if (reuse_since is not None and untaken is not None and untaken.untaken_at is not None
-                    and untaken.untaken_at >= reuse_since and wf.close_time is None):
+            if (reuse_since is not None and untaken is not None and untaken.asked is not None
+                    and untaken.asked >= reuse_since and wf.close_time is None):
                 holders[-1], reused = untaken, not recheck
             else:
                 # Not one begun earlier for a recheck either: it may have begun before a worker took the run.
@@ -924,10 +926,10 @@ class Temporal:
             return
         self._untaken[key] = found
         # Read in turn, the oldest come first: those past reuse go, and the most kept is the holders'.
-        oldest = time.time() - UNTAKEN_REUSE_SECONDS
+        oldest = time.monotonic() - UNTAKEN_REUSE_SECONDS
         while self._untaken:
             first = next(iter(self._untaken.values()))
-            if len(self._untaken) <= capacity and first.untaken_at is not None and first.untaken_at >= oldest:
+            if len(self._untaken) <= capacity and first.asked is not None and first.asked >= oldest:
                 break
             self._untaken.popitem(last=False)
 
@@ -996,7 +998,7 @@ class Temporal:
         cached = self._known_holder(endpoint, workflow_id, run_id)
         if cached is not None:
             return cached
-        asked_at = time.time()  # what the history tells held then at the latest
+        asked_at, asked = time.time(), time.monotonic()  # what the history tells held then at the latest
         found = _Holder(None, None)
         scheduled = False
         due_at: float | None = None
@@ -1052,7 +1054,8 @@ class Temporal:
             while len(self._holders) > capacity:
                 self._holders.popitem(last=False)
             return found
-        return _Holder(None, None, untaken_at=asked_at, scheduled=scheduled, due_at=None if scheduled else due_at)
+        return _Holder(None, None, untaken_at=asked_at, asked=asked, scheduled=scheduled,
+                       due_at=None if scheduled else due_at)
 
 
 def _not_due(holder: _Holder) -> bool:

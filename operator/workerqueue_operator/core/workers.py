@@ -498,8 +498,9 @@ class Demand:
 
     def recent(self, now: float) -> bool:
         """Whether the reading is recent enough to act on what cannot be undone (a running pod, or an
-        ephemeral queue, deleted): within IDLE_STALE_SECONDS."""
-        return self.read_at is None or now - self.read_at <= IDLE_STALE_SECONDS
+        ephemeral queue, deleted): within IDLE_STALE_SECONDS. One made "later" than now was made before
+        the clock stepped back: when, against a queue's finish say, is unknown."""
+        return self.read_at is None or -1.0 <= now - self.read_at <= IDLE_STALE_SECONDS
 
     def read_after(self, moment: float) -> bool:
         """Whether Temporal was asked after `moment` (epoch seconds)."""
@@ -509,7 +510,7 @@ class Demand:
         """Whether the reading may still be acted on: one older than DEMAND_STALE_SECONDS (Temporal not
         read since: a Secret of the queue went missing, the replica was a standby, scaling was off)
         could make a worker that has taken a workflow since look idle, and delete it."""
-        return self.read_at is None or now - self.read_at <= DEMAND_STALE_SECONDS
+        return self.read_at is None or -1.0 <= now - self.read_at <= DEMAND_STALE_SECONDS  # (see recent)
 
 
 @dataclass(frozen=True)
