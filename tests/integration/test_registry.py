@@ -869,6 +869,23 @@ async def test_a_disconnect_of_a_worker_the_other_replica_registered_frees_its_s
         assert await reg.claim(queue, "w-next", limit=1) is not None  # the slot is free
 
 
+async def test_a_disconnect_of_a_worker_registered_elsewhere_is_answered_once_its_lease_is_gone(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """Its deletion was begun in the background, behind the deletions of a sweep (thousands after an
+    outage, a few at a time): the worker was answered, exited, and its pod's replacement met the slot
+    still taken (409) at /start on the other replica."""
+    async with in_process(kube, namespace, kubeconfig, "prompt", maxWorkers=1) as (queue, client, reg):
+        other = Registry(client=client, events=EventPoster(client), queue_of=lambda key: queue)
+        assert await other.claim(queue, "w-prompt", limit=1) is not None
+        busy = [await reg._deleting.acquire() for _ in range(registry_.DELETE_CONCURRENCY)]  # a sweep's under way
+        await reg.disconnect_unseen(queue, "w-prompt", reason="shutdown", exit_code=0,
+                                    deadline=asyncio.get_running_loop().time() + 8)
+        assert "w-prompt" not in kube.registrations(namespace)
+        for _ in busy:
+            reg._deleting.release()
+
+
 async def test_a_disconnect_while_a_heartbeat_rejoins_the_worker_leaves_no_slot_taken(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

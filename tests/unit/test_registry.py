@@ -560,7 +560,10 @@ async def test_a_worker_that_heartbeats_without_a_registration_joins_again_unles
     await reg.disconnect(reg.register(q, "said-goodbye"), reason="shutdown", exit_code=0)
     assert reg.rejoin(q, "said-goodbye") is None
     reg.register(q, "in-pod", pod="q1-w1")
-    reg.pods_ended(q.key, alive_pods=[])
+    # The pods of a namesake made before (another uid, the watch behind) say nothing of this one's.
+    reg.pods_ended(q.key, "uid-of-a-namesake", alive_pods=[])
+    assert reg.get("in-pod") is not None
+    reg.pods_ended(q.key, q.uid, alive_pods=[])
     assert reg.rejoin(q, "in-pod", pod="q1-w1") is None
     # A pod runs one worker: another id from a pod with a registered worker is not one.
     reg.register(q, "current", pod="q1-w2")

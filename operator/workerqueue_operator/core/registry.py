@@ -283,6 +283,9 @@ class Registry:
         """Sum of 1/interval over the workers that heartbeat to this replica."""
         self._pace = Pace(self.write_rate())
         self._last_sweep = float("-inf")
+        self._disconnecting: dict[str, asyncio.Task[None] | None] = {}
+        """Disconnects of workers not known here under way (disconnect_unseen), with the deletion of
+        their Lease once begun."""
         self._swept_at: tuple[float, float] | None = None
         """(clock, monotonic) at the last sweep of run(), to tell a step or a stand-still (_mind_the_clock)."""
         self._writes: set[asyncio.Task[None]] = set()
@@ -352,7 +355,11 @@ class Registry:
                 # Ended here on purpose (a disconnect) while its Lease was written elsewhere, or one
                 # that outlived a delete that failed: deleted, never revived. Nobody else would: the
                 # replicas that hold it have heard of no end.
-                self._spawn(self._delete_quietly(incoming, "ended", on_purpose=True))
+                disconnecting = incoming.worker_id in self._disconnecting
+                deleting = self._spawn(self._delete_quietly(incoming, "disconnected" if disconnecting else "ended",
+                                                            on_purpose=True))
+                if disconnecting:
+                    self._disconnecting[incoming.worker_id] = deleting
                 return
             self._add(incoming)
             return
@@ -945,12 +952,20 @@ class Registry:
         if self._left(worker_id):
             return True  # told twice: ended already
         self._remember(worker_id, _Ended(True, None, queue.key))
+        # Its deletion, begun when its Lease is taken in, is waited for as a known worker's is (and
+        # goes before a sweep's): a replacement's /start elsewhere must not meet it in maxWorkers.
+        self._disconnecting[worker_id] = None
         try:
             async with asyncio.timeout(_left_until(deadline)):
                 await self._take_in_stored(queue, worker_id)
+                deleting = self._disconnecting.get(worker_id)
+                if deleting is not None:
+                    await asyncio.shield(deleting)
         except client_.ERRORS as exc:  # a timeout among them
-            logger.info("the Lease of disconnected worker %s of %s/%s not read (%s): deleted once seen",
-                        worker_id, queue.namespace, queue.name, type(exc).__name__)
+            logger.info("the Lease of disconnected worker %s of %s/%s not read or deleted in time (%s): deleted "
+                        "once seen", worker_id, queue.namespace, queue.name, type(exc).__name__)
+        finally:
+            self._disconnecting.pop(worker_id, None)
         self._post_disconnected(_queue_involved(queue.name, queue.namespace, queue.uid), worker_id, reason, exit_code)
         return True
 
@@ -979,11 +994,12 @@ class Registry:
         if held is not None and held.queue_uid == queue.uid and held.worker_id == worker_id:
             self.lease_upserted(found)
 
-    def pods_ended(self, queue: QueueKey, alive_pods: Iterable[str]) -> None:
-        """Ends the registrations of a queue's workers whose pod is no longer alive."""
+    def pods_ended(self, queue: QueueKey, uid: str, alive_pods: Iterable[str]) -> None:
+        """Ends the registrations of the queue's (`uid`'s) workers whose pod is no longer alive: those of
+        a namesake made again since were not in that queue's pod listing, and are not ended for it."""
         alive = set(alive_pods)
         for worker in list(self._by_queue.get(queue, {}).values()):
-            if worker.pod is not None and worker.pod not in alive:
+            if worker.pod is not None and worker.pod not in alive and worker.queue_uid == uid:
                 self._end(worker, "its pod has ended")
 
     # --- background -------------------------------------------------------------------------------

@@ -326,7 +326,7 @@ class Supervisor:
         alive = [pod.name for pod in parsed if pod.alive]
         if self._registry is not None:
             # A worker whose pod ended never says goodbye (SIGTERM sends no disconnect): it is gone now.
-            self._registry.pods_ended(key, alive)
+            self._registry.pods_ended(key, queue.uid, alive)
             # Its worker turned away at /start (by any replica): the pod's failure is no crash. The
             # record is written before the worker is answered, so before its pod fails; one the Lease
             # watch has not brought yet (behind the pod watch, or not synced after a restart) is read.
