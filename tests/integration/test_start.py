@@ -1218,6 +1218,36 @@ async def test_in_a_namespace_being_deleted_a_refused_pod_or_event_is_no_news(
         kube.core.patch_namespaced_config_map("hold", namespace, {"metadata": {"finalizers": None}})
 
 
+async def test_a_pod_replaced_in_a_pass_leaves_its_slot_to_its_replacement_in_that_pass(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """maxWorkers = replicas: a pod deleted and replaced in one pass (its token Secret deleted, here)
+    kept its worker's registration, and slot, until the next pass, so the replacement's worker met a
+    full queue (409) at /start, exited, and counted as displaced."""
+    here = in_process("handed")
+    here.spec.update(singleExecution=True, maxWorkers=1)
+    registry = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue)
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            registry=registry)
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    queue = here.store.queue(here.key)
+    assert queue is not None and kube.pod_names(namespace, "handed") == ["handed-w0"]
+    assert await registry.claim(queue, "w-old", limit=1, pod="handed-w0") is not None
+    kube.core.delete_namespaced_secret("handed-w0-token", namespace)
+    here.store.remove_worker_credential((namespace, "handed-w0-token"))  # as the Secret watch tells
+    kube.core.patch_namespaced_pod_status("handed-w0", namespace, {"status": {"phase": "Pending", "containerStatuses": [
+        {"name": "worker", "image": "worker:1", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "CreateContainerConfigError",
+                               "message": 'secret "handed-w0-token" not found'}}}]}})
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "handed") == ["handed-w1"]
+    assert await registry.claim(queue, "w-new", limit=1, pod="handed-w1") is not None
+
+
 async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_are_swept(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
 ):

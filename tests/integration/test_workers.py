@@ -226,6 +226,21 @@ def test_a_running_worker_whose_token_secret_was_deleted_is_replaced(operator: O
     assert kube.workers(namespace, "rv").get("failed", 0) == 0
 
 
+def test_a_worker_that_exits_as_its_token_secret_was_deleted_is_replaced_no_failure_counted(
+    kube: Kube, namespace: str,
+):
+    """Its container had the token already: its /start got 401, and it exited 1 before a minute had
+    passed. Counted as a crash, such deletions led to a back-off and CrashLooping."""
+    running_worker(kube, namespace, "ex")
+    kube.core.delete_namespaced_secret("ex-w0-token", namespace)
+    kube.set_phase(namespace, "ex-w0", "Failed", exit_code=1, reason="Error")
+    wait_pods(kube, namespace, "ex", ["ex-w1"])
+    gone = kube.wait_events(namespace, "ex", "WorkerTokenGone")
+    assert gone[0].type == "Warning" and "ex-w0" in gone[0].message
+    workers = kube.workers(namespace, "ex")
+    assert workers.get("failed", 0) == 0 and workers.get("consecutiveFailures", 0) == 0, workers
+
+
 def test_a_running_worker_whose_token_was_emptied_is_replaced_as_if_its_secret_were_deleted(
     operator: OperatorProcess, kube: Kube, namespace: str,
 ):

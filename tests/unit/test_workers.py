@@ -1015,6 +1015,21 @@ def test_a_pod_whose_own_token_is_gone_before_it_started_is_replaced_without_a_f
     assert [(e.reason, e.warning) for e in running.events] == [("WorkerTokenGone", True)]
 
 
+def test_a_worker_that_failed_as_its_token_secret_was_deleted_is_no_failure():
+    """Its container had the token already; its /start then got 401, and it exited 1: counted as a
+    crash, such deletions led to a back-off and CrashLooping."""
+    p = plan([pod(0, "Failed", exit_code=1, token_gone=True)], WorkersStatus(next_index=1), singleExecution=True)
+    assert p.workers.failed == 0 and p.workers.consecutive_failures == 0 and p.create == (1,)
+    assert [(e.reason, e.warning) for e in p.events] == [("WorkerTokenGone", True)]
+    from workerqueue_operator.core.supervisor import _failed_tokenless
+
+    failed = pod(0, "Failed", exit_code=1)
+    assert _failed_tokenless(failed, {}, set())
+    assert not _failed_tokenless(failed, {}, {"q1-w0"})  # counted, then revoked by the operator
+    assert not _failed_tokenless(failed, {"q1-w0": ("team-a", "q1-w0-token")}, set())
+    assert not _failed_tokenless(pod(0, "Succeeded"), {}, set())
+
+
 def test_a_pods_token_is_gone_once_the_kubelet_says_so_or_the_watch_had_a_minute_to_bring_it():
     from workerqueue_operator.core.supervisor import ORPHAN_GRACE_SECONDS, _token_gone
 

@@ -65,6 +65,13 @@ def _token_gone(pod: workers.Pod, tokens: Mapping[str, object], now: float) -> b
         pod.created is not None and now - pod.created >= ORPHAN_GRACE_SECONDS)
 
 
+def _failed_tokenless(pod: workers.Pod, tokens: Mapping[str, object], counted: set[str]) -> bool:
+    """Whether a failed pod not counted yet may have failed for its token Secret's deletion: its
+    worker, given the token as its container started, was turned away at /start (401). The operator
+    revokes a failed pod's token only once it has counted it."""
+    return pod.phase == "Failed" and not pod.deleting and pod.name not in counted and pod.name not in tokens
+
+
 def _failure(exc: Exception) -> str:
     """A failed call in a few words: the server's Status, else the error's type and text."""
     if isinstance(exc, client_.ApiError):
@@ -315,7 +322,9 @@ class Supervisor:
         names = {pod.name for pod in parsed}
         local = self._monotonic()
         there = {pod: until for pod, until in self._tokens_there.get(key, {}).items() if until > local and pod in names}
-        suspects = [pod.name for pod in parsed if _token_gone(pod, tokens, now) and pod.name not in there]
+        counted = set(self._base(queue)[0].counted)
+        suspects = [pod.name for pod in parsed if pod.name not in there and (
+            _token_gone(pod, tokens, now) or _failed_tokenless(pod, tokens, counted))]
         gone = await self._tokens_deleted(queue, suspects, there, local) if suspects else set()
         self._tokens_there[key] = there
         parsed = [dataclasses.replace(pod, token_gone=True) if pod.name in gone else pod for pod in parsed]
@@ -407,6 +416,11 @@ class Supervisor:
                                   message=f"deleting worker pod {name} or its token failed: {_failure(exc)}; "
                                           "tried again")
         failures += deleting
+        if self._registry is not None and plan.delete:
+            # Their workers' registrations (and maxWorkers slots) end with the deletion, not at the
+            # next pass: a replacement made below must not meet its predecessor's slot at /start.
+            deleted = {name for name, exc in zip(plan.delete, deleting, strict=True) if exc is None}
+            self._registry.pods_ended(key, queue.uid, [name for name in alive if name not in deleted])
         if plan.kept is not None and plan.kept in self._store.worker_credential_secrets(key):
             failures += await _each(self._revoke(queue, plan.kept))  # kept for its logs, not for its token
         if not self._activity.is_active():

@@ -702,6 +702,11 @@ def _count_end(p: _Pass, pod: Pod, pods: Sequence[Pod]) -> bool:
         w.displaced_index, w.displaced_generation = None, None
         p.events.append(Event("WorkerSucceeded", f"worker {pod.name} finished; its pod is deleted"))
         return False
+    if pod.token_gone and pod.phase == "Failed":
+        # Turned away for it (401): its token was revoked, no crash of the worker's.
+        p.events.append(Event("WorkerTokenGone", f"worker {pod.name} exited as its token Secret was deleted; "
+                              "it is replaced", warning=True))
+        return True
     if pod.refused:
         # Its worker exited on the operator's own refusal (a full or not ready queue, the API server
         # unavailable): no crash of the worker, no crash loop; replaced as a displaced pod is.
