@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -682,6 +683,49 @@ async def test_a_start_that_outlives_its_queue_leaves_no_metric_series(client: T
     r = await client.post(START.format("q-1"), headers=AUTH)
     assert r.status == 200, await r.text()
     assert 'queue="q1"' not in await (await client.get("/metrics")).text()
+
+
+async def test_a_queue_suspended_while_a_slot_was_claimed_gets_no_worker(monkeypatch: pytest.MonkeyPatch):
+    """The claim waits for the API server (seconds, at worst): a queue suspended meanwhile was answered
+    200, and its new worker ran on while the pool drained."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1))
+    store.upsert_secret(("team-a", "capped-worker-token"), {"token": "capped-token"})
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        registry = c.server.app[REGISTRY]
+
+        async def suspended_meanwhile(queue_: Any, worker_id: str, **kwargs: Any) -> Any:
+            store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1, suspend=True))
+            return registry.register(queue_, worker_id)  # as a claim that got its slot
+
+        monkeypatch.setattr(registry, "claim", suspended_meanwhile)
+        answer = await c.post(START.format("q-capped"), headers={"Authorization": "Bearer capped-token"})
+        assert answer.status == 400
+        assert await answer.json() == {"detail": "Worker queue is not active (status: suspended)"}
+        assert registry.live(("team-a", "capped")) == []
+
+
+async def test_a_heartbeat_rejoining_a_queue_suspended_meanwhile_registers_no_worker(
+        monkeypatch: pytest.MonkeyPatch):
+    """As at /start: the slot is claimed from the API server, which takes a while, and a queue suspended
+    meanwhile got its worker back."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1))
+    store.upsert_secret(("team-a", "capped-worker-token"), {"token": "capped-token"})
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        registry = c.server.app[REGISTRY]
+
+        async def suspended_meanwhile(queue_: Any, worker_id: str, **kwargs: Any) -> Any:
+            store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1, suspend=True))
+            return registry.register(queue_, worker_id)  # as a rejoin that got its slot
+
+        monkeypatch.setattr(registry, "rejoin_slot", suspended_meanwhile)
+        lost = queues.new_worker_id(queues.digest("capped-token"))
+        answer = await c.post(f"/api/v1/workers/{lost}/heartbeat", json={"status": "active"},
+                              headers={"Authorization": "Bearer capped-token"})
+        assert answer.status == 404
+        assert registry.live(("team-a", "capped")) == [] and not registry.may_rejoin(
+            store.queue(("team-a", "capped")), lost)
 
 
 WORKER_TOKEN = "wqw1_made-for-q1-w0"

@@ -141,6 +141,9 @@ async def start_worker(request: web.Request) -> web.Response:
             return await _refused(request, queue, pod, workers.registry_unavailable(request, queue, exc), wait=False)
         if worker is None:
             return await _refused(request, queue, pod, workers.full(queue))
+    if (status := workers.inactive(request, queue)) is not None:  # meanwhile (a claim, a write waited for)
+        registry.abandoned(queue, worker_id)
+        return await _refused(request, queue, pod, errors.detail(400, f"Worker queue is not active (status: {status})"))
 
     payload = resolution.config.response_body(
         worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]),
