@@ -378,6 +378,25 @@ async def written_worker(reg: Registry, queue: queues.QueueObject, worker_id: st
     return worker
 
 
+async def test_a_dead_workers_lease_is_deleted_after_the_clock_stepped_back(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """An NTP step back of 10 s: its Lease held the renewal time noted before the step, later than the
+    one taken as now since, which the sweep's delete took for a renewal elsewhere. The worker was
+    forgotten here, and its Lease left for good (no WorkerExpired)."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "back", now=now) as (queue, _, reg):
+        worker = await written_worker(reg, queue, "w-back")
+        reg._mind_the_clock(0.0)
+        now[0] -= 9.0  # a second on, the clock 10 s back
+        reg._mind_the_clock(1.0)
+        assert "w-back" in kube.registrations(namespace)
+        now[0] += worker.duration + 1
+        reg._sweep(ending=True)
+        await asyncio.gather(*reg._writes)
+        assert "w-back" not in kube.registrations(namespace)
+
+
 async def lease_deletions_refused(client: client_.KubeClient, namespace: str) -> None:
     """Returns once the admission policy of deletions_refused is in force for Leases (it takes a moment)."""
     probe = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",

@@ -705,29 +705,6 @@ async def test_a_queue_suspended_while_a_slot_was_claimed_gets_no_worker(monkeyp
         assert registry.live(("team-a", "capped")) == []
 
 
-async def test_a_heartbeat_rejoining_a_queue_suspended_meanwhile_registers_no_worker(
-        monkeypatch: pytest.MonkeyPatch):
-    """As at /start: the slot is claimed from the API server, which takes a while, and a queue suspended
-    meanwhile got its worker back."""
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1))
-    store.upsert_secret(("team-a", "capped-worker-token"), {"token": "capped-token"})
-    async with TestClient(TestServer(apps.make_app(store))) as c:
-        registry = c.server.app[REGISTRY]
-
-        async def suspended_meanwhile(queue_: Any, worker_id: str, **kwargs: Any) -> Any:
-            store.upsert_queue(queue("capped", queueId="q-capped", maxWorkers=1, suspend=True))
-            return registry.register(queue_, worker_id)  # as a rejoin that got its slot
-
-        monkeypatch.setattr(registry, "rejoin_slot", suspended_meanwhile)
-        lost = queues.new_worker_id(queues.digest("capped-token"))
-        answer = await c.post(f"/api/v1/workers/{lost}/heartbeat", json={"status": "active"},
-                              headers={"Authorization": "Bearer capped-token"})
-        assert answer.status == 404
-        assert registry.live(("team-a", "capped")) == [] and not registry.may_rejoin(
-            store.queue(("team-a", "capped")), lost)
-
-
 WORKER_TOKEN = "wqw1_made-for-q1-w0"
 
 

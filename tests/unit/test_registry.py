@@ -2129,6 +2129,19 @@ def test_a_forward_step_of_the_clock_or_a_stand_still_expires_no_live_worker(ste
     assert reg.get("alive") is None
 
 
+def test_a_loop_blocked_again_and_again_keeps_no_dead_worker_for_good():
+    """Each stand-still moves a lease on by the time lost, not by a whole lease: given a new one at
+    each, a dead worker (and its slot) stayed while the loop blocked more often than a lease lasts."""
+    reg, wall, mono, q = _stepping_registry()
+    _tick(reg, wall, mono, 0)
+    dead = reg.register(q, "dead", pod="q1-w1")
+    _tick(reg, wall, mono, 5)
+    reg.heartbeat(dead, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    for _ in range(3):  # 6 s stood still, then 14 s of work: over a minute of heartbeats missed in all
+        _tick(reg, wall, mono, 13, stall=6)
+    assert reg.get("dead") is None
+
+
 def test_a_backward_step_of_the_clock_holds_a_dead_worker_no_longer_than_its_lease():
     """An hour's step back: times noted before it lay an hour ahead, and held the dead worker (and its
     slot) an hour more."""

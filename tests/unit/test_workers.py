@@ -1021,6 +1021,12 @@ def test_a_worker_that_failed_as_its_token_secret_was_deleted_is_no_failure():
     p = plan([pod(0, "Failed", exit_code=1, token_gone=True)], WorkersStatus(next_index=1), singleExecution=True)
     assert p.workers.failed == 0 and p.workers.consecutive_failures == 0 and p.create == (1,)
     assert [(e.reason, e.warning) for e in p.events] == [("WorkerTokenGone", True)]
+    # Nor is its pod kept for its logs in place of a crash's: those say why the workers fail.
+    crashed = plan([pod(0, "Failed", exit_code=1)], WorkersStatus(next_index=1), singleExecution=True)
+    assert crashed.kept == "q1-w0"
+    after = plan([pod(0, "Failed", exit_code=1), pod(1, "Failed", exit_code=1, token_gone=True)],
+                 crashed.workers.model_copy(update={"next_index": 2}), singleExecution=True, now=T0 + 100)
+    assert after.kept == "q1-w0" and after.delete == ("q1-w1",)
     from workerqueue_operator.core.supervisor import _failed_tokenless
 
     failed = pod(0, "Failed", exit_code=1)

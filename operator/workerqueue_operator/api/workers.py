@@ -139,17 +139,14 @@ async def _rejoin(request: web.Request, caller: callers.Caller, hostname: str | 
             return errors.detail(404, NOT_FOUND) if not registry.may_rejoin(queue, worker_id, pod=pod) else full(queue)
     if worker is None:
         return errors.detail(404, NOT_FOUND)
-    if inactive(request, queue) is not None:  # suspended or being deleted while it was registered
-        registry.abandoned(queue, worker_id)
-        return errors.detail(404, NOT_FOUND)
     request.app[LOG].log(logging.INFO, "workers_rejoined", "worker %s of %s/%s had no registration here: "
                          "registered again from its heartbeat", worker_id, queue.namespace, queue.name)
     return worker, resolution
 
 
 def inactive(request: web.Request, queue: QueueObject) -> str | None:
-    """Why the queue takes no worker now, as the watch last told ("suspended", "deleting"), or None: checked
-    again after registering one, which may wait for the API server (a claim, a review) meanwhile."""
+    """Why the queue takes no new worker now, as the watch last told ("suspended", "deleting"), or None:
+    checked again after /start registered one, which may wait for the API server (a claim) meanwhile."""
     current = request.app[STORE].queue(queue.key)
     if current is None or current.uid != queue.uid:
         return None  # deleted meanwhile: its registrations go with it

@@ -141,7 +141,9 @@ class LeaseCalls:
                 stored = worker_from_lease(current, seen_at=0.0, now=now, far_ahead_as=0.0 if seen else now)
                 if stored is None or stored.worker_id != worker.worker_id:
                     return False  # a slot another worker holds now
-                if unless_renewed and later(stored.renewed_at, worker.renewed_at):
+                # The version known here renewed nowhere else: a later time in it is this replica's own,
+                # noted before its clock stepped back (Registry._stepped_back).
+                if unless_renewed and not seen and later(stored.renewed_at, worker.renewed_at):
                     return False
                 if mark is not None and not ended_on_purpose(current):
                     self.writes += 1

@@ -994,6 +994,14 @@ class Registry:
         if held is not None and held.queue_uid == queue.uid and held.worker_id == worker_id:
             self.lease_upserted(found)
 
+    def pods_deleted(self, queue: QueueKey, uid: str, deleted: Iterable[str]) -> None:
+        """Ends the registrations of the queue's (`uid`'s) workers whose pod the supervisor just deleted:
+        their slots go to the pods made in their place."""
+        gone = set(deleted)
+        for worker in list(self._by_queue.get(queue, {}).values()):
+            if worker.pod in gone and worker.queue_uid == uid:
+                self._end(worker, "its pod has ended")
+
     def pods_ended(self, queue: QueueKey, uid: str, alive_pods: Iterable[str]) -> None:
         """Ends the registrations of the queue's (`uid`'s) workers whose pod is no longer alive: those of
         a namesake made again since were not in that queue's pod listing, and are not ended for it."""
@@ -1072,22 +1080,30 @@ class Registry:
         step = wall - last[0] - elapsed
         if step < -CLOCK_STEP_SECONDS:
             self._stepped_back(wall)
-        if step > CLOCK_STEP_SECONDS or elapsed > STALL_SECONDS:
-            self._blind_at = max(self._blind_at, wall)
+        # Each lease is moved on by the time lost, no more: a loop blocked again and again must not keep
+        # a dead worker (and its slot) for good.
+        lost = (step if step > CLOCK_STEP_SECONDS else 0.0) + (elapsed - 1.0 if elapsed > STALL_SECONDS else 0.0)
+        if lost > 0:
             for worker in self._workers.values():
-                worker.seen_at = max(worker.seen_at, wall)
+                worker.seen_at = max(worker.renewed_at, worker.seen_at) + lost
+        if step > CLOCK_STEP_SECONDS:
+            # Other replicas' renewals now read as older by the step: a Lease read here (a takeover)
+            # counts from now. Not moved again by the sweep: the registrations here were, just above.
+            self._blind_at = max(self._blind_at, wall)
+            self._forgiven_at = max(self._forgiven_at, self._blind_at)
         if (abs(step) > CLOCK_STEP_SECONDS or elapsed > STALL_SECONDS) and (self._workers or self._ended):
             # A heartbeat gap across it shows no pace of the worker's.
             for worker_id, ended in self._ended.items():
                 if ended.heard_at is not None:
                     self._ended[worker_id] = ended._replace(heard_at=None)
             if step < -CLOCK_STEP_SECONDS:
-                logger.warning("the clock stepped back %.1f s: times of workers noted before are taken as now",
-                               -step)
+                self._log.warning("clock_stepped", "the clock stepped back %.1f s: times of workers noted before "
+                                  "are taken as now", -step)
             else:
                 what = f"the clock stepped ahead {step:.1f} s" if step > CLOCK_STEP_SECONDS else (
                     f"this replica stood still for {elapsed:.1f} s")
-                logger.warning("%s: no worker's lease counts that time as missed heartbeats", what)
+                self._log.warning("clock_stepped", "%s: no worker's lease counts that time as missed heartbeats",
+                                  what)
 
     def _stepped_back(self, wall: float) -> None:
         for worker in self._workers.values():

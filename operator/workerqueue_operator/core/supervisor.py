@@ -419,8 +419,9 @@ class Supervisor:
         if self._registry is not None and plan.delete:
             # Their workers' registrations (and maxWorkers slots) end with the deletion, not at the
             # next pass: a replacement made below must not meet its predecessor's slot at /start.
-            deleted = {name for name, exc in zip(plan.delete, deleting, strict=True) if exc is None}
-            self._registry.pods_ended(key, queue.uid, [name for name in alive if name not in deleted])
+            # Those alone: a pod not listed then may run a worker now (one the replica before was making).
+            self._registry.pods_deleted(key, queue.uid, [name for name, exc in zip(plan.delete, deleting, strict=True)
+                                                         if exc is None])
         if plan.kept is not None and plan.kept in self._store.worker_credential_secrets(key):
             failures += await _each(self._revoke(queue, plan.kept))  # kept for its logs, not for its token
         if not self._activity.is_active():

@@ -529,7 +529,8 @@ class Plan:
 def _keepable_failure(pod: Pod) -> bool:
     """Whether a finished pod's worker failed by itself (not refused by /start, nor stopped from outside)
     and the pod has ended (not one whose sidecar runs on: kept, it would run for good)."""
-    return pod.phase == "Failed" and pod.ended and not pod.refused and not (pod.disrupted or displaced(pod.reason))
+    return (pod.phase == "Failed" and pod.ended and not pod.refused and not pod.token_gone
+            and not (pod.disrupted or displaced(pod.reason)))
 
 
 def manages_pods(queue_spec: spec_.WorkerQueueSpec) -> bool:

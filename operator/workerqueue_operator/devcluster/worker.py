@@ -46,9 +46,11 @@ logger = logging.getLogger("worker")
 
 SDK_VERSION = "workerqueue-operator-devcluster-worker"
 POLL_SECONDS = 2.0
+"""The executions poll's period (single-execution mode)."""
+FIRST_POLL_DELAY = 1.0
+"""Before the polls begin (the real worker's monitor waits so for its worker to start)."""
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=10)
 """The real worker's for its heartbeats, executions polls and disconnect (60 s for /start)."""
-"""The executions poll's period (single-execution mode)."""
 SYSTEM_INFO_SECONDS = 300.0
 """`system_info` and `logs` ride along with a heartbeat at most this often."""
 LATCH_STATUSES = frozenset({"running", "completed", "failed", "waiting_for_input"})
@@ -252,6 +254,7 @@ class WorkerProcess:
                "?limit=5&status=all")
         latch = Latch()
         elapsed = 0.0
+        await asyncio.sleep(FIRST_POLL_DELAY)
         while elapsed < self.config.give_up_seconds:
             await asyncio.sleep(POLL_SECONDS)
             elapsed += POLL_SECONDS
