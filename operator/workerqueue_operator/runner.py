@@ -94,6 +94,15 @@ SECRET_READS_WAIT_SECONDS = 10.0
 """After the first lists, how long worker calls also wait for the Secrets read one by one (Watches._listed)."""
 
 
+def counted(informers: list[informer.Informer], *, namespaced: bool) -> list[informer.Informer]:
+    """The informers readiness depends on: not those of a namespace that refuses the operator (403).
+    Its admins may delete the operator's RoleBinding, as they may anything in it; the namespace is
+    then served as last seen, and every other team must not lose the operator with it. All of them
+    when every one is refused: no team is served (its Roles forgotten, say), and readiness says so."""
+    kept = [i for i in informers if not (namespaced and i.refused)]
+    return kept or informers
+
+
 class Watches:
     """The informers of every watched scope, started in the order that keeps start-up cheap.
 
@@ -147,11 +156,7 @@ class Watches:
         return [*self.queues, *self.secrets, *self.leases]
 
     def _counted(self) -> list[informer.Informer]:
-        """The informers readiness depends on: not those of a namespace that refuses the operator (403).
-        Its admins may delete the operator's RoleBinding, as they may anything in it; the namespace
-        is then served as last seen, and every other team must not lose the operator with it."""
-        namespaced = bool(self._namespaces)
-        return [i for i in self.all if not (namespaced and i.refused)]
+        return counted(self.all, namespaced=bool(self._namespaces))
 
     def synced(self) -> bool:
         return all(i.synced.is_set() for i in self._counted())

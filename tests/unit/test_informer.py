@@ -41,3 +41,24 @@ async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_readiness_counts_refused_namespaces_only_while_another_is_served():
+    """Every watched namespace refusing (the Roles forgotten at install): /readyz answered 200 with
+    nothing served, and `helm --wait` passed."""
+    from workerqueue_operator.runner import counted
+
+    def informers(*refused: bool) -> list[informer.Informer]:
+        made = []
+        for i, no in enumerate(refused):
+            watch = informer.Informer(None, f"/api/v1/namespaces/team-{i}/secrets",  # type: ignore[arg-type]
+                                      on_upsert=lambda _: None, on_delete=lambda *_: None, name=f"secrets/team-{i}")
+            watch.refused = no
+            made.append(watch)
+        return made
+
+    some = informers(True, False)
+    assert counted(some, namespaced=True) == some[1:]
+    every = informers(True, True)
+    assert counted(every, namespaced=True) == every
+    assert counted(some, namespaced=False) == some  # cluster-wide: a refusal is no team's choice
