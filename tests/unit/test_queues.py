@@ -616,6 +616,10 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     ({"WQ_ORGANIZATION_ID": ""}, "organization_id"),
     ({"WQ_TEMPORAL_HOST": "  "}, "temporal_host"),
     ({"WQ_TEMPORAL_API_KEY_SECRET": "ops/creds:key with space"}, "temporal_api_key_secret"),
+    # A type the field selector cannot name (every Secret watch refused, for good), or the workers' own
+    # token Secrets' (Opaque: never seen, every worker pod turned away at /start).
+    ({"WQ_IGNORED_SECRET_TYPES": "helm.sh/release.v1,bad=type"}, "ignored_secret_types"),
+    ({"WQ_IGNORED_SECRET_TYPES": "Opaque"}, "ignored_secret_types"),
 ])
 def test_a_setting_the_operator_cannot_run_with_is_refused_at_start_by_name(monkeypatch, capsys, env, named):
     for name, value in env.items():

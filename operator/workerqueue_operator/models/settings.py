@@ -26,6 +26,8 @@ _MANY = 1_000_000_000
 _NO_SPACE = r"^[^\t\n\f\r ]*$"  # Go's \s spelt out, as spec.LITELLM_URL_PATTERN says why
 _HTTP_URL = spec_.LITELLM_URL_PATTERN
 """An http(s) URL with a host, no whitespace."""
+_SECRET_TYPE = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}$"
+"""A Secret type as the field selector can name it unescaped (kubernetes.io/tls, helm.sh/release.v1)."""
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -262,14 +264,24 @@ class Settings(BaseModel):
     """Namespaces to watch; empty: the whole cluster."""
     status_resync_seconds: float = Field(default=300.0, ge=1, le=_DAY)
     """How often every queue's status is re-checked even without events (a safety net)."""
-    ignored_secret_types: tuple[str, ...] = ("helm.sh/release.v1",)
+    ignored_secret_types: tuple[Annotated[str, Field(pattern=_SECRET_TYPE)], ...] = (
+        "helm.sh/release.v1",)
     """Secret types the Secret watch leaves out (a field selector), so that the API server never sends
     them: Helm keeps every release's manifest in one, up to 1 MiB each, and no queue's credential is
     one. A queue that refers to such a Secret all the same gets it read by GET, again every status
-    resync. Empty: every Secret of the watched namespaces passes through the watch."""
+    resync. Empty: every Secret of the watched namespaces passes through the watch. Never `Opaque`:
+    the workers' own token Secrets are of that type, and are known only from the watch."""
     watch_unready_seconds: float = Field(default=60.0, ge=1, le=_DAY)
     """/readyz answers 503 once a watch has been failing for this long: the replica's memory may
     then be stale, e.g. a rotated token not yet served. Shorter failures are retried quietly."""
+
+    @field_validator("ignored_secret_types")
+    @classmethod
+    def _not_opaque(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "Opaque" in value:
+            raise ValueError("Opaque may not be left out: the workers' own token Secrets are Opaque, and known "
+                             "only from the Secret watch")
+        return value
 
     @model_validator(mode="after")
     def _pairs(self) -> Settings:

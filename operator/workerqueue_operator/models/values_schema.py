@@ -57,6 +57,12 @@ def extra_config_schema(pod_template: dict[str, Any]) -> dict[str, Any]:
             properties[name]["type"] = ["array", "string"]
             if properties[name].get("minItems"):  # as a string, something besides commas and spaces
                 properties[name]["pattern"] = "[^\t\n\f\r ,]"
+            item = properties[name].get("items", {}).get("pattern", "")
+            if item.startswith("^") and item.endswith("$"):  # as a string, such items between commas
+                one = item[1:-1]
+                properties[name]["pattern"] = rf"^[\s,]*({one}(\s*,[\s,]*{one})*)?[\s,]*$"
+    # Settings._not_opaque, as the schema says it.
+    properties["ignored_secret_types"]["items"]["not"] = {"enum": ["Opaque"]}
     # The operator's checks of a template are code (Settings._pod_template), not a schema of its own.
     properties["worker_pod_template"] = {**pod_template,
                                          "description": properties["worker_pod_template"]["description"]}
