@@ -320,6 +320,17 @@ def test_run_gives_up_on_a_kubeconfig_whose_credential_plugin_hangs(tmp_path: Pa
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("text", ["clusters: [\n  token: s3cr3t", "- a\n- b\n", "users: 5\ncurrent-context: x\n"])
+async def test_a_kubeconfig_that_cannot_be_read_is_said_in_a_line_never_quoted(tmp_path: Path, text: str):
+    """No YAML, or not shaped as a kubeconfig: a traceback of the YAML parser or of a TypeError, which
+    may quote the file (a token in it)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(text)
+    with pytest.raises(client.ConfigurationError) as raised:
+        await client.load_configuration_within(str(kubeconfig))
+    assert "s3cr3t" not in str(raised.value) and "kubeconfig" in str(raised.value)
+
+
 def test_a_failing_credential_plugins_output_is_not_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """The library logs it at ERROR as the kubeconfig loads; a plugin's error output may quote a credential."""
     plugin = tmp_path / "plugin.py"

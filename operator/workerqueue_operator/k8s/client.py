@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import kubernetes
+import yaml
 
 JSON = dict[str, Any]
 
@@ -167,6 +168,10 @@ async def load_configuration_within(kubeconfig: str | None = None, *, timeout: f
                                  "(a kubeconfig credential plugin that does not return?)") from None
     except kubernetes.config.ConfigException as exc:
         raise ConfigurationError(f"no Kubernetes client configuration: {exc}") from None
+    except (yaml.YAMLError, TypeError, KeyError, AttributeError, ValueError) as exc:
+        # A kubeconfig that is no YAML, or not shaped as one: said in a line, not as a traceback (never
+        # quoting it: it may hold a token).
+        raise ConfigurationError(f"the kubeconfig could not be read ({type(exc).__name__})") from None
 
 
 class _PluginOutputUnlogged(logging.Filter):
