@@ -43,6 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (client_.ConfigurationError, runner.StartupError) as exc:
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return 1
+    except runner.HandlersStopped as exc:
+        logging.getLogger(__name__).error("stopped: its handlers (kopf) gave up: %s", exc)
+        return 1
     return 0
 
 

@@ -11,14 +11,18 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import aiohttp
 import kopf
 from aiohttp import web
+from kopf._cogs.clients import errors as kopf_errors
 
 import workerqueue_operator
 from workerqueue_operator import handlers
@@ -219,6 +223,45 @@ class Watches:
 
 class StartupError(Exception):
     """The operator cannot start as configured; the message says which setting and why."""
+
+
+class HandlersStopped(Exception):
+    """kopf, which runs the handlers, stopped on an error of its own (its message says which)."""
+
+
+API_WAIT_MAX_SECONDS = 10.0
+"""The longest pause between two tries of an API server that does not answer at start."""
+API_WAIT_LOG_SECONDS = 30.0
+"""How often that wait is told in the log."""
+
+
+async def api_server_answers(client: client_.KubeClient, stopping: asyncio.Event) -> bool:
+    """Waits until the API server answers; False if told to stop first. kopf, started before, gives up
+    on one that is out of reach (a minute of retries) with a traceback, and the pod crash-loops, each
+    restart further behind; meanwhile this replica stays up, not ready. A 401 is no outage: the
+    credentials are wrong, and that is said at once."""
+    delay, told = 1.0, -math.inf
+    while not stopping.is_set():
+        try:
+            await client.request("GET", "/version", timeout=API_WAIT_MAX_SECONDS)
+            return True
+        except client_.ApiError as exc:
+            if exc.status == 401:
+                raise StartupError("the API server refused the operator's credentials (401 Unauthorized): its "
+                                   "ServiceAccount token, or its kubeconfig's user, is not valid there") from None
+            if exc.status < 500 and exc.status != 429:
+                return True  # it answers (a 403 for /version is a choice of its RBAC)
+            reason = f"{exc.status} {exc.reason}"
+        except client_.ERRORS as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if time.monotonic() - told >= API_WAIT_LOG_SECONDS:
+            told = time.monotonic()
+            logger.warning("the API server does not answer (%s): the handlers start once it does", reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stopping.wait()
+        delay = min(delay * 2, API_WAIT_MAX_SECONDS)
+    return False
 
 
 def _certificate(settings: settings_.Settings) -> serving.Certificate | None:
@@ -452,18 +495,24 @@ async def run(
         task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor, kubeconfig=kubeconfig)
     try:
-        await embedded.operator(
-            registry=kopf_registry,
-            clusterwide=not settings.namespaces,
-            namespaces=list(settings.namespaces),
-            # Standalone unless replicas share a peering object: then one reconciles, all serve HTTP.
-            standalone=peering is None,
-            peering_name=peering,
-            priority=priority,
-            identity=cast(Any, identity),  # kopf's Identity is a NewType of str
-            ready_flag=kopf_ready,
-            stop_flag=stopping,
-        )
+        if await api_server_answers(client, stopping):  # else told to stop meanwhile
+            await embedded.operator(
+                registry=kopf_registry,
+                clusterwide=not settings.namespaces,
+                namespaces=list(settings.namespaces),
+                # Standalone unless replicas share a peering object: then one reconciles, all serve HTTP.
+                standalone=peering is None,
+                peering_name=peering,
+                priority=priority,
+                identity=cast(Any, identity),  # kopf's Identity is a NewType of str
+                ready_flag=kopf_ready,
+                stop_flag=stopping,
+            )
+    except (kopf.LoginError, kopf_errors.APIError, aiohttp.ClientError, OSError) as exc:
+        # kopf gives up so (the API server out of reach at its start, a verb its RBAC lacks): said in a
+        # line; kopf has logged its own traceback.
+        raise HandlersStopped(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+    else:
         if not died:
             await _drain(app[keys.DRAIN], settings.http_drain_seconds)
     finally:

@@ -155,17 +155,7 @@ class OperatorProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
-        env = {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(self.port),
-               "WQ_ORGANIZATION_ID": "org-test", "WQ_AUTH_CACHE_SECONDS": "1",
-               # Short back-offs and resyncs keep the pod tests quick; the planner's unit tests
-               # check the real 10 s .. 5 min schedule with explicit times.
-               "WQ_WORKER_BACKOFF_SECONDS": "1", "WQ_WORKER_BACKOFF_MAX_SECONDS": "4",
-               "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
-               # Short upstream timeouts keep the 502/504 tests quick; their defaults are in settings.py.
-               "WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2", "WQ_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3",
-               # No Service in front: a stop need not wait for one (test_drain.py sets it).
-               "WQ_HTTP_DRAIN_SECONDS": "0",
-               **self._env}
+        env = self._environment()
         first = self.process is None
         for attempt in (1, 2):
             logged = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -184,6 +174,24 @@ class OperatorProcess:
             self.url = f"{'https' if self.context else 'http'}://127.0.0.1:{self.port}"
             env["WQ_HTTP_PORT"] = str(self.port)
         raise AssertionError("unreachable")
+
+    def launch(self) -> OperatorProcess:
+        """Started, not waited for: for a test of what comes before it is ready (stopped as ever)."""
+        self._spawn(self._environment())
+        return self
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, "WQ_HTTP_HOST": "127.0.0.1", "WQ_HTTP_PORT": str(self.port),
+               "WQ_ORGANIZATION_ID": "org-test", "WQ_AUTH_CACHE_SECONDS": "1",
+               # Short back-offs and resyncs keep the pod tests quick; the planner's unit tests
+               # check the real 10 s .. 5 min schedule with explicit times.
+               "WQ_WORKER_BACKOFF_SECONDS": "1", "WQ_WORKER_BACKOFF_MAX_SECONDS": "4",
+               "WQ_WORKER_RESYNC_SECONDS": "5", "WQ_WORKER_CONTROL_PLANE_URL": "http://workerqueue-operator.test:8080",
+               # Short upstream timeouts keep the 502/504 tests quick; their defaults are in settings.py.
+               "WQ_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2", "WQ_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3",
+               # No Service in front: a stop need not wait for one (test_drain.py sets it).
+               "WQ_HTTP_DRAIN_SECONDS": "0",
+               **self._env}
 
     def _spawn(self, env: dict[str, str]) -> None:
         # Its own session (stopped as a group), and killed with pytest should pytest itself be killed.

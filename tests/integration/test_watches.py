@@ -49,6 +49,10 @@ def failures(op: OperatorProcess) -> dict[str, float]:
     return {labels["resource"]: value for labels, value in op.samples("workerqueue_watch_failures_total")}
 
 
+KOPF_GIVES_UP_SECONDS = sum((1, 1, 2, 3, 5, 8, 13, 21))
+"""kopf's default back-offs for a failing request, after which it gives up."""
+
+
 def test_a_failing_watch_is_logged_counted_unready_and_recovers(
     proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
     operator: OperatorProcess,
@@ -78,6 +82,33 @@ def test_a_failing_watch_is_logged_counted_unready_and_recovers(
             kube.wait_condition(namespace, "later", "True")
             assert own.start_worker(f"later-{namespace}", kube.queue_token(namespace, "later")).status == 200
             assert f"watch workerqueues/{namespace} recovered" in own.logs()
+        finally:
+            own.stop()
+
+
+def test_an_api_server_out_of_reach_at_start_is_waited_for_without_a_crash_loop(
+    proxied_kubeconfig: tuple[Path, Proxy], crd_installed: None, kube: Kube, namespace: str, tmp_path: Path,
+    operator: OperatorProcess,
+):
+    """kopf, started at once, gave up after about a minute of refused connections, with a traceback,
+    and the operator exited 1: in a pod, a crash loop whose back-off put recovery off at each restart."""
+    config, proxy = proxied_kubeconfig
+    own = OperatorProcess(config, tmp_path / "own.log", env={"WQ_NAMESPACES": namespace})
+    with operator.paused():
+        proxy.cut()
+        try:
+            own.launch()
+            wait_for(lambda: "the API server does not answer" in own.logs(), timeout=30, what="the wait told")
+            time.sleep(KOPF_GIVES_UP_SECONDS + 10)
+            assert own.process is not None and own.process.poll() is None, own.logs()[-3000:]
+            assert http("GET", f"{own.url}/healthz").status == 200
+            assert http("GET", f"{own.url}/readyz").status == 503
+            proxy.heal()
+            wait_for(own.ready, timeout=60, what="/readyz 200 once the API server answers")
+            kube.create_queue(namespace, "late", queueId=f"late-{namespace}", singleExecution=True,
+                              temporal=TEMPORAL)
+            wait_for(lambda: "late-w0" in kube.pod_names(namespace), what="its worker pod (kopf's handlers run)")
+            assert "Traceback" not in own.logs()
         finally:
             own.stop()
 

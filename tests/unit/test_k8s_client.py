@@ -349,3 +349,45 @@ def test_a_failing_credential_plugins_output_is_not_logged(tmp_path: Path, caplo
     (401, False), (408, False), (409, False), (429, False), (500, False), (503, False)])
 def test_what_counts_as_the_api_servers_refusal_is_one_rule(status: int, refused: bool):
     assert client.ApiError(status, "Reason", "message").refused is refused
+
+
+async def test_the_operator_waits_for_an_api_server_out_of_reach_and_is_told_of_wrong_credentials():
+    """kopf, started at once, gave up on an API server out of reach after a minute, with a traceback,
+    and the pod crash-looped; a 401 is no outage, and is said at once."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator import runner
+
+    answers = [503, 503, 200]
+
+    async def version(request: web.Request) -> web.Response:
+        status = answers.pop(0) if answers else 401
+        return web.json_response({"kind": "Status", "code": status, "reason": "x"} if status != 200 else
+                                 {"major": "1"}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/version", version)
+    async with TestServer(app) as server:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = str(server.make_url("")).rstrip("/")
+        kube = client.KubeClient(configuration)
+        stopping = asyncio.Event()
+        try:
+            assert await asyncio.wait_for(runner.api_server_answers(kube, stopping), 10)  # after 1 + 2 s
+            assert answers == []
+            with pytest.raises(runner.StartupError, match="401 Unauthorized"):
+                await runner.api_server_answers(kube, stopping)
+        finally:
+            await kube.close()
+    out_of_reach = kubernetes.client.Configuration()
+    out_of_reach.host = "http://127.0.0.1:9"
+    kube = client.KubeClient(out_of_reach)
+    try:
+        waiting = asyncio.create_task(runner.api_server_answers(kube, stopping))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        stopping.set()
+        assert await asyncio.wait_for(waiting, 5) is False
+    finally:
+        await kube.close()
