@@ -737,6 +737,9 @@ def test_the_documented_operator_wide_template_passes_the_restricted_pod_securit
     refused = wait_for(lambda: (c := kube.condition(namespace, "se", "Progressing")) and
                        c["reason"] == "PodCreationFailed" and c, what="the default pod refused")
     assert 'violates PodSecurity "restricted:latest"' in refused["message"]
+    # The queue has no template of its own: the platform team's to fix, and the message says so.
+    assert refused["message"].endswith("(made from the operator's pod template: WQ_WORKER_POD_TEMPLATE, "
+                                       "Helm's worker.*)"), refused["message"]
     # Tried again after a back-off (1 s doubling to 4 s here), each try burning a pod name: not at once
     # (a status write per try would start the next: ~2 tries a second, a pod name and an Event each).
     time.sleep(5)

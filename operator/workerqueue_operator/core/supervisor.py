@@ -620,6 +620,9 @@ class Supervisor:
             elif isinstance(result, client_.ApiError) and result.refused:
                 refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
                           f"{result.message}"
+                if not isinstance(result, _CredentialFailed) and queue.spec.worker.template is None:
+                    # Whose to fix: the queue's owner has no template to change.
+                    refused += " (made from the operator's pod template: WQ_WORKER_POD_TEMPLATE, Helm's worker.*)"
                 self._events.post(involved=involved, reason="PodCreationFailed",
                                   message=refused, warning=True)
                 if not isinstance(result, _CredentialFailed):
