@@ -658,6 +658,14 @@ def test_settings_likely_not_meant_are_taken_with_a_warning():
     assert doubtful.doubts(in_cluster=False)[10:] == []  # `dev`: its workers do run beside it
     assert Settings().doubts(in_cluster=False) == []  # the defaults are what is meant
     assert Settings(worker_control_plane_url="http://wq.ops:8080").doubts(in_cluster=True) == []
+    # An upstream's namespaces that name no upstream, or none of the namespaces served: no queue uses it.
+    assert Settings(upstream_namespaces=("team-a",)).doubts(in_cluster=False) == [
+        "upstream_namespaces is set without upstream_url: it names who may use an upstream there is none of"]
+    upstream = {"upstream_url": "https://cp.example", "upstream_api_key_secret": "ops/org:key"}
+    assert Settings(**upstream, upstream_namespaces=("team-a",), namespaces=("team-b",)).doubts(in_cluster=False) == [
+        "upstream_namespaces names none of the watched namespaces: no queue uses upstream_url"]
+    assert Settings(**upstream, upstream_namespaces=("team-a",), namespaces=("team-a", "team-b")).doubts(
+        in_cluster=False) == []
 
 
 def test_settings_at_their_bounds_are_taken():

@@ -324,6 +324,11 @@ class Settings(BaseModel):
         if in_cluster and not (self.worker_control_plane_url or self.public_url):
             said.append("neither worker_control_plane_url nor public_url is set: worker pods are told "
                         f"CONTROL_PLANE_URL=http://127.0.0.1:{self.http_port}, which is themselves in a cluster")
+        if self.upstream_namespaces and not self.upstream_url:
+            said.append("upstream_namespaces is set without upstream_url: it names who may use an upstream "
+                        "there is none of")
+        elif self.upstream_namespaces and self.namespaces and not set(self.upstream_namespaces) & set(self.namespaces):
+            said.append("upstream_namespaces names none of the watched namespaces: no queue uses upstream_url")
         return said
 
     @field_validator("*", mode="before")
