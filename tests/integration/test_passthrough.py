@@ -333,7 +333,8 @@ def test_operator_wide_default_upstream(operator: OperatorProcess, kube: Kube, n
             r = call(own, "GET", "/api/v1/skills/s1", kube.queue_token(namespace, "plain"))
             assert r.status == 503 and r.json() == {
                 "detail": f"The worker queue's upstream is not ready: secret org-default not found in namespace "
-                          f"{namespace}"}
+                          f"{namespace} (the operator's default: WQ_UPSTREAM_API_KEY_SECRET, Helm's "
+                          "upstream.apiKeySecret)"}
             assert default_key not in own.logs() and own_key not in own.logs()
         finally:
             own.stop()

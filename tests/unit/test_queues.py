@@ -420,6 +420,22 @@ def test_an_upstream_url_no_call_could_use_makes_the_queue_not_ready(url: str):
     assert not r.ready and r.problem.reason == "UpstreamInvalid" and r.upstream is None
 
 
+def test_a_missing_operator_wide_key_is_named_as_the_operators_not_the_queues():
+    """Every queue said `secret missing not found in namespace ops`, which its owner cannot fix, and the
+    operator's log said nothing."""
+    settings = Settings(temporal_host="temporal.example:7233", temporal_namespace="agents",
+                        temporal_api_key_secret="ops/missing:apikey", litellm_api_key_secret="ops/llm:key",
+                        litellm_url="https://llm.example")
+    r = resolve(queue(), {("ops", "missing"): None, ("ops", "llm"): {"key": "k"}}, settings=settings)
+    assert r.problem.reason == "SecretNotFound" and r.problem.message == (
+        "secret missing not found in namespace ops (the operator's default: WQ_TEMPORAL_API_KEY_SECRET, Helm's "
+        "temporal.apiKeySecret)")
+    own = queue(temporal={"host": "temporal.example:7233", "namespace": "agents",
+                          "apiKeySecretRef": {"name": "mine", "key": "k"}})
+    assert resolve(own, {("team-a", "mine"): None, ("ops", "llm"): {"key": "k"}},
+                   settings=settings).problem.message == "secret mine not found in namespace team-a"
+
+
 def test_no_worker_starts_while_the_upstream_key_is_missing():
     """/start answers such a queue 503, on which a worker exits: it must not be started."""
     r = resolve(queue(upstream=UPSTREAM, singleExecution=True), {("team-a", "org"): None})

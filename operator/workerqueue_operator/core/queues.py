@@ -579,7 +579,7 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
         where = ref.name, ref.key
     elif settings.upstream_url and (default := default_upstream_key(queue.namespace, settings)) is not None:
         url = settings.upstream_url
-        key = lookup.value(default.namespace, default.name, default.key)
+        key = _default_value(lookup, default, "WQ_UPSTREAM_API_KEY_SECRET, Helm's upstream.apiKeySecret")
         where = default.name, default.key
     else:
         return None
@@ -608,8 +608,9 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
 
     # Every Secret first: SecretsResolved must tell what is missing even while the queue lacks more.
     temporal_api_key = _secret_or_default(lookup, ns, s.temporal.api_key_secret_ref,
-                                          default_temporal_key(s, settings))
-    litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, default_litellm_key(s, settings))
+                                          default_temporal_key(s, settings), setting=_TEMPORAL_KEY_SETTING)
+    litellm_api_key = _secret_or_default(lookup, ns, s.litellm.api_key_secret_ref, default_litellm_key(s, settings),
+                                         setting=_LITELLM_KEY_SETTING)
 
     redis_url: str | None = None
     redis_password: str | None = None
@@ -681,7 +682,7 @@ def _config(queue: QueueObject, lookup: _Lookup, *, settings: settings_.Settings
 def _temporal_target(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings) -> TemporalTarget:
     s = queue.spec
     api_key = _secret_or_default(lookup, queue.namespace, s.temporal.api_key_secret_ref,
-                                 default_temporal_key(s, settings))
+                                 default_temporal_key(s, settings), setting=_TEMPORAL_KEY_SETTING)
     host = s.temporal.host or settings.temporal_host
     namespace = s.temporal.namespace or settings.temporal_namespace
     if not host or not namespace:
@@ -692,20 +693,36 @@ def _temporal_target(queue: QueueObject, lookup: _Lookup, settings: settings_.Se
                           s.task_queue_name or queue.queue_id)
 
 
+_TEMPORAL_KEY_SETTING = "WQ_TEMPORAL_API_KEY_SECRET, Helm's temporal.apiKeySecret"
+_LITELLM_KEY_SETTING = "WQ_LITELLM_API_KEY_SECRET, Helm's litellm.apiKeySecret"
+
+
+def _default_value(lookup: _Lookup, ref: settings_.NamespacedSecretKeyRef, setting: str) -> str:
+    """An operator-wide default's key; its problem says whose it is: the queue's owner cannot fix it."""
+    try:
+        return lookup.value(ref.namespace, ref.name, ref.key)
+    except _Unresolved as exc:
+        problem = exc.problem
+        raise _Unresolved(Problem(problem.reason, f"{problem.message} (the operator's default: {setting})")) from None
+
+
 def _secret_or_default(
     lookup: _Lookup,
     namespace: str,
     own: spec_.SecretKeyRef | None,
     default: settings_.NamespacedSecretKeyRef | None,
+    *,
+    setting: str,
 ) -> str:
-    """An API key (Temporal's, LiteLLM's), "" for none."""
+    """An API key (Temporal's, LiteLLM's), "" for none; the default's problem names its `setting`."""
     if own is not None:
         where = (namespace, own.name, own.key)
+        key = lookup.value(*where)
     elif default is not None:
         where = (default.namespace, default.name, default.key)
+        key = _default_value(lookup, default, setting)
     else:
         return ""
-    key = lookup.value(*where)
     if not key.isprintable():
         # It goes into a header (gRPC metadata, HTTP): a line break or a control character cannot work.
         raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[1]} key {where[2]} is not a usable API key"))
