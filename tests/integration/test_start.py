@@ -540,6 +540,29 @@ async def test_the_supervisor_adds_temporal_reachable_once_though_the_watch_is_b
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
 
 
+async def test_temporal_reachable_names_the_endpoint_asked_after_the_operators_default_changed(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """The operator restarted with another default Temporal host, still unreachable: no generation
+    changed, nor status or reason, and the condition named the old host for good."""
+    here = in_process("moved")
+    await here.create_ready()
+    here.watched()
+    prober, key = here.supervisor.prober, here.key
+    probe = prober._probes[key] = probes._Probe(
+        reachable=False, reason="TemporalUnavailable", message="Temporal at old:7233/agents is unreachable: refused",
+        endpoint="old:7233/agents", read_generation=1)
+    await prober._show(key, probe)
+    here.watched()
+    probe.message, probe.endpoint = "Temporal at new:7233/agents is unreachable: refused", "new:7233/agents"
+    await prober._show(key, probe)
+    assert kube.condition(namespace, "moved", "TemporalReachable")["message"] == probe.message
+    here.watched()
+    probe.message = "Temporal at new:7233/agents is unreachable: reset by peer"  # the same host: not written again
+    await prober._show(key, probe)
+    assert "refused" in kube.condition(namespace, "moved", "TemporalReachable")["message"]
+
+
 async def test_a_temporal_failing_every_other_check_turns_temporal_reachable_once_in_a_while(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):

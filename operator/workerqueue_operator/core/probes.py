@@ -61,6 +61,8 @@ class _Probe:
     """The queue's generation when the check that found `reachable` began: what the condition says."""
     reason: str = ""
     message: str = ""
+    endpoint: str = ""
+    """The endpoint of the check that found `reachable`, as its message names it."""
     shown: spec_.TemporalStatus | None = None
     """status.temporal as last written here, or as the watch showed it when `shown_known` was unset."""
     shown_known: bool = False
@@ -434,13 +436,13 @@ class TemporalProbes:
                 else:  # status shows the server's statistic, as `temporal task-queue describe` would
                     demand = workers.Demand(backlog=info.backlog or 0, read_at=read_at)
             probe.reachable, probe.reason, probe.read_generation = True, "Reachable", generation
-            probe.message = f"the task queue {task_queue} was described at {endpoint}"
+            probe.message, probe.endpoint = f"the task queue {task_queue} was described at {endpoint}", str(endpoint)
             probe.wanted = spec_.TemporalStatus(pollers=len(info.pollers), backlog=info.backlog,
                                                 busy=len(demand.busy) if reads else None)
         except temporal_.TemporalUnavailable as exc:
             demand = workers.Demand(backlog=None)
             probe.reachable, probe.reason, probe.message = False, "TemporalUnavailable", str(exc)
-            probe.read_generation = generation
+            probe.read_generation, probe.endpoint = generation, str(endpoint)
             queue = self._store.queue(key)
             if queue is not None and queues.default_temporal_key_withheld(queue.spec, self._settings):
                 probe.message += ("; the operator's default Temporal API key is not sent to a queue's own host, "
@@ -508,8 +510,11 @@ class TemporalProbes:
             held = flips and loop_now - probe.flipped_at < FLIP_SECONDS
             if held:
                 self._at(key, probe, probe.flipped_at + FLIP_SECONDS, show=True)  # what is found then
+            # Another endpoint than the condition names (the operator's default host changed, which no
+            # generation tells): its message would name a host no longer asked.
+            elsewhere = current is not None and probe.endpoint not in str(current.get("message") or "")
             if conditions and not held and (
-                    current is None or flips or current.get("reason") != probe.reason
+                    current is None or flips or current.get("reason") != probe.reason or elsewhere
                     or current.get("observedGeneration") != generation):
                 condition = status_.set_condition(
                     [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
