@@ -573,12 +573,13 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     monkeypatch.setenv("WQ_UPSTREAM_URL", "https://org:SUPERSECRET@cp.example")
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err
-    assert "invalid setting upstream_url (WQ_UPSTREAM_URL): String should match pattern" in err
+    assert "invalid setting upstream_url (WQ_UPSTREAM_URL): expected an http:// or https:// URL with a host" in err
     assert "SUPERSECRET" not in err and "Traceback" not in err
     monkeypatch.delenv("WQ_UPSTREAM_URL")
     monkeypatch.setenv("WQ_LITELLM_URL", "litellm.internal:4000")  # no scheme: no worker could call it
     assert cli.main(["run"]) == 2
-    assert "invalid setting litellm_url (WQ_LITELLM_URL): String should match pattern" in capsys.readouterr().err
+    assert "invalid setting litellm_url (WQ_LITELLM_URL): expected an http:// or https:// URL with a host" in (
+        capsys.readouterr().err)
     monkeypatch.delenv("WQ_LITELLM_URL")
     monkeypatch.setenv("WQ_TEMPORAL_API_KEY_SECRET", "tmprl-SUPERSECRET")  # the key, not its reference
     assert cli.main(["run"]) == 2

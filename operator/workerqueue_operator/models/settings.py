@@ -432,15 +432,29 @@ class Settings(BaseModel):
         return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
 
 
+_PATTERNS_SAID = {
+    f"^$|{_HTTP_URL}": "expected an http:// or https:// URL with a host, without spaces",
+    spec_.UPSTREAM_URL_PATTERN: "expected an http:// or https:// URL with a host name or [IPv6] (a port, if any, "
+                                "of 1 to 5 digits) and a path, without user:password@, query or fragment",
+    _DNS_LABEL: "expected a namespace name (lowercase letters, digits and '-')",
+    _SECRET_TYPE: "expected a Secret type (letters, digits, '.', '_', '/' and '-'), as a field selector names it",
+    _NO_SPACE: "expected no spaces",
+}
+"""What a setting's pattern asks, in words: the regex itself says little to whoever set it."""
+
+
 def problems(exc: ValidationError) -> list[str]:
     """One line per problem of settings that did not load, naming the setting, never its value (a URL
     may carry a password)."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         loc = error["loc"]
+        said = error["msg"]
+        if error["type"] == "string_pattern_mismatch":
+            said = _PATTERNS_SAID.get(str((error.get("ctx") or {}).get("pattern")), said)
         if loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
             name = ".".join(str(part) for part in loc)
-            lines.append(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {error['msg']}")
+            lines.append(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {said}")
         else:  # settings that go together
             lines.append(f"invalid settings: {error['msg']}")
     return lines
