@@ -593,6 +593,9 @@ def test_bad_settings_stop_the_operator_naming_the_setting_never_its_value(monke
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err
     assert f"WQ_CONFIG_FILE {settings_file}: not valid YAML (line 3)" in err and "hunter2" not in err
+    settings_file.write_text("temporalHost: temporal:7233\n")  # camelCase, as the chart's values are
+    assert cli.main(["run"]) == 2
+    assert "no such setting: temporalHost (a key is a setting's WQ_* name in lower case" in capsys.readouterr().err
     settings_file.write_bytes(b"upstreamApiKey: \xff\xfe")
     assert cli.main(["run"]) == 2
     assert f"WQ_CONFIG_FILE {settings_file}: not UTF-8 text" in capsys.readouterr().err

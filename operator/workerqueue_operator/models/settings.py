@@ -452,7 +452,10 @@ def problems(exc: ValidationError) -> list[str]:
         said = error["msg"]
         if error["type"] == "string_pattern_mismatch":
             said = _PATTERNS_SAID.get(str((error.get("ctx") or {}).get("pattern")), said)
-        if loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
+        if error["type"] == "extra_forbidden" and len(loc) == 1:  # a key of WQ_CONFIG_FILE (the env's are named apart)
+            lines.append(f"no such setting: {loc[0]} (a key is a setting's {ENV_PREFIX}* name in lower case, without "
+                         f"{ENV_PREFIX}: temporal_host for {ENV_PREFIX}TEMPORAL_HOST)")
+        elif loc:  # a setting's own (from WQ_<NAME> or the WQ_CONFIG_FILE key of that name)
             name = ".".join(str(part) for part in loc)
             lines.append(f"invalid setting {name} ({ENV_PREFIX}{str(loc[0]).upper()}): {said}")
         else:  # settings that go together
