@@ -154,3 +154,34 @@ async def test_a_refused_kopf_watch_is_begun_again_and_logged_as_a_warning_now_a
     assert events == ["event"] and len(tries) == 5
     assert levels == [logging.WARNING, logging.DEBUG, logging.WARNING, logging.DEBUG]
     assert "RoleBinding" in caplog.records[0].getMessage() and "team-b" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("plural, said", [("pods", "the worker pods there are not supervised"),
+                                          ("customresourcedefinitions", "what it tells is not handled")])
+async def test_a_refused_kopf_watch_is_told_in_a_line_fit_for_its_resource(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, plural: str, said: str):
+    """It printed kopf's whole Status, and said the worker pods were not supervised of any resource."""
+    from kopf._cogs.clients import errors as kopf_errors
+    from kopf._cogs.clients import watching as kopf_watching
+    from kopf._cogs.structs.references import Resource
+
+    from workerqueue_operator.handlers import embedded
+
+    tries: list[int] = []
+
+    async def refused_once(**kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            raise kopf_errors.APIForbiddenError({"kind": "Status", "message": "long text", "code": 403}, status=403,
+                                                headers={})
+        yield {"type": "ADDED"}
+
+    monkeypatch.setattr(kopf_watching, "infinite_watch", refused_once)
+    monkeypatch.setattr(embedded, "REFUSED_WATCH_RETRY_SECONDS", 0.0)
+    embedded._watches_outlive_refusals()
+    resource = Resource(group="", version="v1", plural=plural)
+    events = [e async for e in kopf_watching.infinite_watch(resource=resource, namespace="team-a")]
+    assert events == [{"type": "ADDED"}]
+    (line,) = [r.getMessage() for r in caplog.records if "is refused" in r.getMessage()]
+    assert line.startswith(f"kopf's watch of {plural} in team-a is refused (403 Forbidden): {said}"), line
+    assert "long text" not in line

@@ -69,11 +69,17 @@ def _watches_outlive_refusals() -> None:
                 now = asyncio.get_running_loop().time()
                 due = logged_at is None or now - logged_at >= REFUSED_WATCH_LOG_SECONDS
                 logged_at = now if due else logged_at
+                resource = kwargs.get("resource")
+                plural = str(getattr(resource, "plural", resource))
+                # The status and reason, not the whole Status kopf's error prints.
+                refused = f"{getattr(exc, 'status', 403)} {getattr(exc, 'reason', None) or 'Forbidden'}"
+                what = ("the worker pods there are not supervised until the operator's RoleBinding there is back "
+                        "(docs/helm.md, \"Only some namespaces\")" if plural == "pods" else
+                        "what it tells is not handled until the operator's RBAC allows it")
                 logger.log(logging.WARNING if due else logging.DEBUG,
-                           "kopf's watch of %s in %s is refused (%s): the worker pods there are not supervised "
-                           "until the operator's RoleBinding there is back (docs/helm.md, \"Only some namespaces\"); "
-                           "watching again every %gs", kwargs.get("resource"),
-                           kwargs.get("namespace") or "the cluster", exc, REFUSED_WATCH_RETRY_SECONDS)
+                           "kopf's watch of %s in %s is refused (%s): %s; watching again every %gs",
+                           plural, kwargs.get("namespace") or "the cluster", refused,
+                           what, REFUSED_WATCH_RETRY_SECONDS)
                 await asyncio.sleep(REFUSED_WATCH_RETRY_SECONDS)
 
     setattr(infinite_watch, "outlives_refusals", True)  # noqa: B010 - a mark on a function
