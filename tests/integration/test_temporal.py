@@ -357,7 +357,8 @@ async def test_a_worker_whose_run_failed_is_told_so_though_the_execution_is_retr
         await eventually(lambda: views("2@pod-b"))
     await handle.signal(ChainedExecution.proceed)  # pod-a runs its failing task, then the retry
     async with chain_worker(client, tq, "1@pod-a"):
-        b, a = await eventually(lambda: views("1@pod-a"))
+        # Its tasks wait out pod-b's sticky queue first (5 s each, Temporal's default), maybe twice.
+        b, a = await eventually(lambda: views("1@pod-a"), timeout=30.0)
         assert [(e["id"], e["status"]) for e in b] == [(workflow_id, "failed")]
         assert [(e["id"], e["status"]) for e in a] == [(workflow_id, "running")]
         await client.get_workflow_handle(workflow_id).signal(ChainedExecution.proceed)
