@@ -101,10 +101,19 @@ SECRET_READS_WAIT_SECONDS = 10.0
 def counted(informers: list[informer.Informer], *, namespaced: bool) -> list[informer.Informer]:
     """The informers readiness depends on: not those of a namespace that refuses the operator (403).
     Its admins may delete the operator's RoleBinding, as they may anything in it; the namespace is
-    then served as last seen, and every other team must not lose the operator with it. All of them
-    when every one is refused: no team is served (its Roles forgotten, say), and readiness says so."""
-    kept = [i for i in informers if not (namespaced and i.refused)]
+    then served as last seen, and every other team must not lose the operator with it. A namespace
+    refuses when any of its watches is refused (a Role without Leases serves it only in part). All of
+    them when every namespace refuses: no team is served (its Roles forgotten, say), and readiness
+    says so."""
+    if not namespaced:
+        return informers
+    refusing = {_namespace_of(i) for i in informers if i.refused}
+    kept = [i for i in informers if _namespace_of(i) not in refusing]
     return kept or informers
+
+
+def _namespace_of(watch: informer.Informer) -> str:
+    return watch.name.partition("/")[2]  # "secrets/team-a"
 
 
 class Watches:
@@ -229,6 +238,13 @@ class HandlersStopped(Exception):
     """kopf, which runs the handlers, stopped on an error of its own (its message says which)."""
 
 
+def _kopf_failure(exc: BaseException) -> str:
+    """A kopf or client error in a line: an API error's status and message, not the Status it holds."""
+    if isinstance(exc, kopf_errors.APIError):
+        return f"{type(exc).__name__} ({exc.status}): {exc.message or 'no message'}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 API_WAIT_MAX_SECONDS = 10.0
 """The longest pause between two tries of an API server that does not answer at start."""
 API_WAIT_LOG_SECONDS = 30.0
@@ -242,9 +258,23 @@ async def api_server_answers(client: client_.KubeClient, stopping: asyncio.Event
     credentials are wrong, and that is said at once."""
     delay, told = 1.0, -math.inf
     while not stopping.is_set():
+        asked = asyncio.create_task(client.request("GET", "/version", timeout=API_WAIT_MAX_SECONDS))
+        stop = asyncio.create_task(stopping.wait())
+        await asyncio.wait((asked, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not asked.done():
+            asked.cancel()
+            await asyncio.gather(asked, return_exceptions=True)
+            return False
         try:
-            await client.request("GET", "/version", timeout=API_WAIT_MAX_SECONDS)
+            asked.result()
             return True
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # No outage: the kubeconfig's CA (or the server named) is not the API server's.
+            raise StartupError(f"the API server's certificate is not trusted ({exc.certificate_error})") from None
+        except aiohttp.ClientPayloadError:
+            raise StartupError("the API server's address answers something that is not the Kubernetes API (its "
+                               "/version is no JSON object): is the server URL right?") from None
         except client_.ApiError as exc:
             if exc.status == 401:
                 raise StartupError("the API server refused the operator's credentials (401 Unauthorized): its "
@@ -495,7 +525,10 @@ async def run(
         task.add_done_callback(loud)
     kopf_registry = handlers.registry(settings=settings, supervisor=supervisor, kubeconfig=kubeconfig)
     try:
-        if await api_server_answers(client, stopping):  # else told to stop meanwhile
+        # SIGTERM during that wait stops the operator too (as PID 1, it would ignore the signal).
+        with embedded.stop_signals(lambda _: stopping.set()):
+            answers = await api_server_answers(client, stopping)
+        if answers:  # else told to stop meanwhile
             await embedded.operator(
                 registry=kopf_registry,
                 clusterwide=not settings.namespaces,
@@ -510,8 +543,12 @@ async def run(
             )
     except (kopf.LoginError, kopf_errors.APIError, aiohttp.ClientError, OSError) as exc:
         # kopf gives up so (the API server out of reach at its start, a verb its RBAC lacks): said in a
-        # line; kopf has logged its own traceback.
-        raise HandlersStopped(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        # line; kopf has logged its own traceback. Not when a loop of ours died first (said below), nor
+        # on the way out of a stop asked for.
+        said = _kopf_failure(exc)
+        if not died and not stopping.is_set():
+            raise HandlersStopped(said) from None
+        logger.warning("kopf stopped with an error while the operator stopped: %s", said)
     else:
         if not died:
             await _drain(app[keys.DRAIN], settings.http_drain_seconds)

@@ -125,7 +125,7 @@ CHART = ROOT / "charts" / "workerqueue-operator"
 PROBES: list[Any] = ["", " ", "a b", "x", "Org_Key", "../x", "http://h:99999", "https://h", "https://h:65536/v1",
                      -1, 0, 1e-6, 0.5, 1, 2.5, 59, 61, 301, 3601, 86401, 2 ** 31, 2 ** 63, 10 ** 20, True, None,
                      [], [""], ["a"], " , ", {}, "x" * 300, "h" * 1100, "http://" + "h" * 2100,
-                     "http://h:0000080", "http://h:99999x/", "http://u:p@h:80/",
+                     "http://h:0000080", "http://h:99999x/", "http://u:p@h:80/", "Opaque", " a, Opaque ", ["Opaque"],
                      {"metadata": {"labels": {"team": "a"}}, "spec": {"nodeSelector": {"pool": "agents"}}}]
 
 

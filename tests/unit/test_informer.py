@@ -62,3 +62,11 @@ def test_readiness_counts_refused_namespaces_only_while_another_is_served():
     every = informers(True, True)
     assert counted(every, namespaced=True) == every
     assert counted(some, namespaced=False) == some  # cluster-wide: a refusal is no team's choice
+    # A namespace served in part (its Role without Leases, say) is a namespace refusing.
+    leases = informer.Informer(None, "/apis/coordination.k8s.io/v1/namespaces/team-1/leases",  # type: ignore[arg-type]
+                               on_upsert=lambda _: None, on_delete=lambda *_: None, name="leases/team-1")
+    leases.refused = True
+    part = [*informers(False, False), leases]
+    assert counted(part, namespaced=True) == [part[0]]
+    only = [informers(False, False)[1], leases]
+    assert counted(only, namespaced=True) == only  # the only namespace, served in part: not ready

@@ -380,6 +380,32 @@ async def test_the_operator_waits_for_an_api_server_out_of_reach_and_is_told_of_
                 await runner.api_server_answers(kube, stopping)
         finally:
             await kube.close()
+    async def page(request: web.Request) -> web.Response:  # a web server where the API server was meant
+        return web.Response(text="<html>welcome</html>", content_type="text/html")
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    for handler, stopped in ((page, False), (hang, True)):
+        other = web.Application()
+        other.router.add_get("/version", handler)
+        async with TestServer(other) as server:
+            configuration = kubernetes.client.Configuration()
+            configuration.host = str(server.make_url("")).rstrip("/")
+            kube = client.KubeClient(configuration)
+            try:
+                if not stopped:
+                    with pytest.raises(runner.StartupError, match="not the Kubernetes API"):
+                        await runner.api_server_answers(kube, asyncio.Event())
+                else:  # a stop is not held up by a call that hangs
+                    told = asyncio.Event()
+                    waiting = asyncio.create_task(runner.api_server_answers(kube, told))
+                    await asyncio.sleep(0.5)
+                    told.set()
+                    assert await asyncio.wait_for(waiting, 1) is False
+            finally:
+                await kube.close()
     out_of_reach = kubernetes.client.Configuration()
     out_of_reach.host = "http://127.0.0.1:9"
     kube = client.KubeClient(out_of_reach)

@@ -430,6 +430,10 @@ def test_a_missing_operator_wide_key_is_named_as_the_operators_not_the_queues():
     assert r.problem.reason == "SecretNotFound" and r.problem.message == (
         "secret missing not found in namespace ops (the operator's default: WQ_TEMPORAL_API_KEY_SECRET, Helm's "
         "temporal.apiKeySecret)")
+    unusable = resolve(queue(), {("ops", "missing"): {"apikey": "a\x07b"}, ("ops", "llm"): {"key": "k"}},
+                       settings=settings)
+    assert unusable.problem.message == ("secret missing key apikey is not a usable API key (the operator's default: "
+                                        "WQ_TEMPORAL_API_KEY_SECRET, Helm's temporal.apiKeySecret)")
     own = queue(temporal={"host": "temporal.example:7233", "namespace": "agents",
                           "apiKeySecretRef": {"name": "mine", "key": "k"}})
     assert resolve(own, {("team-a", "mine"): None, ("ops", "llm"): {"key": "k"}},

@@ -695,3 +695,17 @@ async def test_a_probe_that_meets_a_bug_is_probed_again_not_left_under_way_for_e
         await asyncio.gather(poll, return_exceptions=True)
     assert not bugs
     assert "a bug" in caplog.text
+
+
+def test_a_temporal_reachable_message_names_an_endpoint_only_whole():
+    """Another endpoint than the message names is written again; one the message names in part
+    (prod-temporal:7233/agents-staging for temporal:7233/agents) is another endpoint."""
+    names = probes._names
+    assert names("Temporal at t:7233/agents is unreachable: refused", "t:7233/agents")
+    assert names("Temporal at t:7233/agents: PERMISSION_DENIED", "t:7233/agents")
+    assert names("the task queue q was described at t:7233/agents", "t:7233/agents")
+    assert names("Temporal at [::1]:7233/agents did not answer within 4s", "[::1]:7233/agents")
+    assert not names("Temporal at prod-temporal:7233/agents is unreachable", "temporal:7233/agents")
+    assert not names("Temporal at t:7233/agents-staging is unreachable", "t:7233/agents")
+    assert not names("Temporal at t:7233/agents.x is unreachable", "t:7233/agents")
+    assert names("anything", "")  # a check not made since a restart names nothing to compare

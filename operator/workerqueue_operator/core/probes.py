@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ class _Probe:
     retries back off rather than follow the probes (every second, for a scaling queue)."""
     flipped_at: float = float("-inf")
     """When this replica last wrote the condition's status changed (time.monotonic()): see FLIP_SECONDS."""
+
+
+def _names(message: str, endpoint: str) -> bool:
+    """Whether a TemporalReachable message names `endpoint` ("at host:port/namespace", then a space, a
+    colon, a semicolon or its end), not one it is part of (prod-temporal:7233/agents-staging)."""
+    return not endpoint or re.search(rf"\bat {re.escape(endpoint)}(?![\w.-])", message) is not None
 
 
 FLIP_SECONDS = 15.0
@@ -512,7 +519,7 @@ class TemporalProbes:
                 self._at(key, probe, probe.flipped_at + FLIP_SECONDS, show=True)  # what is found then
             # Another endpoint than the condition names (the operator's default host changed, which no
             # generation tells): its message would name a host no longer asked.
-            elsewhere = current is not None and probe.endpoint not in str(current.get("message") or "")
+            elsewhere = current is not None and not _names(str(current.get("message") or ""), probe.endpoint)
             if conditions and not held and (
                     current is None or flips or current.get("reason") != probe.reason or elsewhere
                     or current.get("observedGeneration") != generation):

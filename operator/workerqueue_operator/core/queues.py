@@ -579,13 +579,15 @@ def _upstream(queue: QueueObject, lookup: _Lookup, settings: settings_.Settings)
         where = ref.name, ref.key
     elif settings.upstream_url and (default := default_upstream_key(queue.namespace, settings)) is not None:
         url = settings.upstream_url
-        key = _default_value(lookup, default, "WQ_UPSTREAM_API_KEY_SECRET, Helm's upstream.apiKeySecret")
+        key = _default_value(lookup, default, _UPSTREAM_KEY_SETTING)
         where = default.name, default.key
     else:
         return None
     if not key or not key.isprintable():
         # It goes into a header: an empty key or a line break would be refused (or worse) on the wire.
-        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[0]} key {where[1]} is not a usable API key"))
+        whose = f" (the operator's default: {_UPSTREAM_KEY_SETTING})" if own is None else ""
+        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[0]} key {where[1]} is not a usable API "
+                                  f"key{whose}"))
     if not _printable_url(url):
         raise _Unresolved(Problem("UpstreamInvalid", f"the upstream URL {url!r} holds a space or a character that "
                                   "cannot be printed"))
@@ -695,6 +697,7 @@ def _temporal_target(queue: QueueObject, lookup: _Lookup, settings: settings_.Se
 
 _TEMPORAL_KEY_SETTING = "WQ_TEMPORAL_API_KEY_SECRET, Helm's temporal.apiKeySecret"
 _LITELLM_KEY_SETTING = "WQ_LITELLM_API_KEY_SECRET, Helm's litellm.apiKeySecret"
+_UPSTREAM_KEY_SETTING = "WQ_UPSTREAM_API_KEY_SECRET, Helm's upstream.apiKeySecret"
 
 
 def _default_value(lookup: _Lookup, ref: settings_.NamespacedSecretKeyRef, setting: str) -> str:
@@ -725,7 +728,9 @@ def _secret_or_default(
         return ""
     if not key.isprintable():
         # It goes into a header (gRPC metadata, HTTP): a line break or a control character cannot work.
-        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[1]} key {where[2]} is not a usable API key"))
+        whose = f" (the operator's default: {setting})" if own is None else ""
+        raise _Unresolved(Problem("SecretKeyInvalid", f"secret {where[1]} key {where[2]} is not a usable API "
+                                  f"key{whose}"))
     return key
 
 

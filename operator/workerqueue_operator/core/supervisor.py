@@ -193,6 +193,8 @@ class Supervisor:
         self._tokens_there: dict[QueueKey, dict[str, float]] = {}
         """Pods whose token the watch has not brought but the API server says is there, each with
         until when (monotonic) that answer holds (see _tokens_deleted)."""
+        self._tokenless: dict[QueueKey, set[str]] = {}
+        """Pods whose own token the API server said is gone (see _tokens_deleted), while they are listed."""
         self._released: dict[QueueKey, dict[str, float]] = {}
         """Pods of the queue found there though not listed by its label (see _still_there), each with
         when (monotonic) to look again."""
@@ -225,6 +227,7 @@ class Supervisor:
         self._made_here.pop(key, None)
         self._released.pop(key, None)
         self._tokens_there.pop(key, None)
+        self._tokenless.pop(key, None)
         self._conflicts.forget(key)
 
     def pod_event(self, body: Mapping[str, Any]) -> None:
@@ -301,7 +304,7 @@ class Supervisor:
                 # Deleted and made again meanwhile (`kubectl replace --force`): the pods the pass noted
                 # are the old queue's, and the new one would take them for deleted from outside.
                 for noted in (self._listed, self._gone, self._deleted_here, self._alive_seen, self._alive,
-                              self._released, self._tokens_there):
+                              self._released, self._tokens_there, self._tokenless):
                     noted.pop(key, None)
 
     async def _reconcile(self, key: QueueKey) -> None:
@@ -327,7 +330,10 @@ class Supervisor:
             _token_gone(pod, tokens, now) or _failed_tokenless(pod, tokens, counted))]
         gone = await self._tokens_deleted(queue, suspects, there, local) if suspects else set()
         self._tokens_there[key] = there
-        parsed = [dataclasses.replace(pod, token_gone=True) if pod.name in gone else pod for pod in parsed]
+        # Remembered while the pod is there: counted, a failed one is no suspect any more, and would be
+        # kept for its logs in place of a crash's should its deletion fail.
+        tokenless = self._tokenless[key] = (self._tokenless.get(key, set()) & names) | gone
+        parsed = [dataclasses.replace(pod, token_gone=True) if pod.name in tokenless else pod for pod in parsed]
         for pod in parsed:
             if (pod.alive and pod.name not in tokens and pod.created is not None
                     and pod.created + ORPHAN_GRACE_SECONDS > now):
@@ -620,7 +626,8 @@ class Supervisor:
             elif isinstance(result, client_.ApiError) and result.refused:
                 refused = f"pod {name} was {'not created' if isinstance(result, _CredentialFailed) else 'refused'}: " \
                           f"{result.message}"
-                if not isinstance(result, _CredentialFailed) and queue.spec.worker.template is None:
+                if (not isinstance(result, _CredentialFailed) and queue.spec.worker.template is None
+                        and "exceeded quota" not in result.message):  # a quota is the namespace's
                     # Whose to fix: the queue's owner has no template to change.
                     refused += " (made from the operator's pod template: WQ_WORKER_POD_TEMPLATE, Helm's worker.*)"
                 self._events.post(involved=involved, reason="PodCreationFailed",

@@ -174,6 +174,9 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     except runner.StartupError as exc:  # `--port` taken, say: one line, everything stopped
         _say(f"cannot start: {exc}")
         return 1
+    except runner.HandlersStopped as exc:
+        _say(f"stopped: its handlers (kopf) gave up: {exc}")
+        return 1
     if state_dir is None:
         # Made here, and holding the cluster's admin token and signing key: gone with the cluster.
         # After a failure (an exception above) it stays, with the logs that tell why.

@@ -439,6 +439,8 @@ _PATTERNS_SAID = {
     _DNS_LABEL: "expected a namespace name (lowercase letters, digits and '-')",
     _SECRET_TYPE: "expected a Secret type (letters, digits, '.', '_', '/' and '-'), as a field selector names it",
     _NO_SPACE: "expected no spaces",
+    spec_.OBJECT_NAME_PATTERN: "expected an object name (lowercase letters, digits, '-' and '.')",
+    spec_.SECRET_KEY_PATTERN: "expected a Secret key (letters, digits, '-', '_' and '.')",
 }
 """What a setting's pattern asks, in words: the regex itself says little to whoever set it."""
 

@@ -61,8 +61,9 @@ def extra_config_schema(pod_template: dict[str, Any]) -> dict[str, Any]:
             if item.startswith("^") and item.endswith("$"):  # as a string, such items between commas
                 one = item[1:-1]
                 properties[name]["pattern"] = rf"^[\s,]*({one}(\s*,[\s,]*{one})*)?[\s,]*$"
-    # Settings._not_opaque, as the schema says it.
+    # Settings._not_opaque, as the schema says it: an item, or a part of the comma-separated string.
     properties["ignored_secret_types"]["items"]["not"] = {"enum": ["Opaque"]}
+    properties["ignored_secret_types"]["not"] = {"type": "string", "pattern": r"(^|,)\s*Opaque\s*(,|$)"}
     # The operator's checks of a template are code (Settings._pod_template), not a schema of its own.
     properties["worker_pod_template"] = {**pod_template,
                                          "description": properties["worker_pod_template"]["description"]}
