@@ -1271,6 +1271,50 @@ async def test_a_pod_replaced_in_a_pass_leaves_its_slot_to_its_replacement_in_th
     assert await registry.claim(queue, "w-new", limit=1, pod="handed-w1") is not None
 
 
+async def test_a_pod_that_failed_for_its_token_is_not_kept_in_place_of_a_crash_though_its_deletion_failed(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """Counted as WorkerTokenGone, its deletion failed; at the next pass, counted already, it was no
+    suspect any more, so it was kept for its logs and the crash's pod, whose logs say why the workers
+    fail, was deleted in its place."""
+    here = in_process("kept")
+    here.spec.update(singleExecution=True)
+    shift = [0.0]
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            clock=lambda: time.time() + shift[0])
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    kube.set_phase(namespace, "kept-w0", "Failed", exit_code=1, reason="Error")  # the worker crashed
+    here.watched()
+    await supervisor._reconcile(here.key)  # counted, kept for its logs; its replacement after the back-off
+    shift[0] = Settings().worker_backoff_seconds + 1
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "kept") == ["kept-w1"]
+    kube.core.delete_namespaced_secret("kept-w1-token", namespace)
+    here.store.remove_worker_credential((namespace, "kept-w1-token"))
+    kube.set_phase(namespace, "kept-w1", "Failed", exit_code=1, reason="Error")  # turned away at /start: 401
+    delete = supervisor._delete_pod
+
+    async def failing(queue: queues.QueueObject, name: str) -> None:
+        if name == "kept-w1":
+            raise client_.ApiError(500, "InternalError", "a webhook on deletes is down")
+        await delete(queue, name)
+
+    monkeypatch.setattr(supervisor, "_delete_pod", failing)
+    here.watched()
+    with pytest.raises(client_.ApiError):  # the pass is tried again after the work queue's back-off
+        await supervisor._reconcile(here.key)
+    assert "kept-w1" in kube.pod_names(namespace, "kept", alive=False)  # its deletion failed
+    monkeypatch.setattr(supervisor, "_delete_pod", delete)
+    here.watched()
+    await supervisor._reconcile(here.key)
+    ended = kube.pod_names(namespace, "kept", alive=False)
+    assert "kept-w0" in ended and "kept-w1" not in ended, ended
+
+
 async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_are_swept(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
 ):
