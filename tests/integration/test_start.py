@@ -399,6 +399,20 @@ class InProcess:
         """The watch catches up: the Store holds the queue as the API server has it now."""
         self.store.refresh_queue(queues.QueueObject.from_body(self.kube.get_queue(self.namespace, self.name)))
 
+    async def first_pod_with_registry(self, **registry: Any) -> tuple[Registry, Supervisor, queues.QueueObject]:
+        """A supervisor of its own with a worker registry (made with `registry`), the queue Ready and its
+        first pod made: the registry, the supervisor and the queue."""
+        made = Registry(client=self.client, events=EventPoster(self.client), queue_of=self.store.queue, **registry)
+        supervisor = Supervisor(store=self.store, client=self.client, settings=Settings(),
+                                events=EventPoster(self.client), activity=Activity(identity="test", priority=0),
+                                registry=made)
+        await self.create_ready()
+        self.watched()
+        await supervisor._reconcile(self.key)
+        queue = self.store.queue(self.key)
+        assert queue is not None and self.kube.pod_names(self.namespace, self.name) == [f"{self.name}-w0"]
+        return made, supervisor, queue
+
     async def first_pod_finished(self) -> None:
         """A single-execution queue, Ready, its first pod made (seen by the watch) and succeeded."""
         self.spec.update(singleExecution=True)
@@ -1249,15 +1263,7 @@ async def test_a_pod_replaced_in_a_pass_leaves_its_slot_to_its_replacement_in_th
     full queue (409) at /start, exited, and counted as displaced."""
     here = in_process("handed")
     here.spec.update(singleExecution=True, maxWorkers=1)
-    registry = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue)
-    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
-                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
-                            registry=registry)
-    await here.create_ready()
-    here.watched()
-    await supervisor._reconcile(here.key)
-    queue = here.store.queue(here.key)
-    assert queue is not None and kube.pod_names(namespace, "handed") == ["handed-w0"]
+    registry, supervisor, queue = await here.first_pod_with_registry()
     assert await registry.claim(queue, "w-old", limit=1, pod="handed-w0") is not None
     kube.core.delete_namespaced_secret("handed-w0-token", namespace)
     here.store.remove_worker_credential((namespace, "handed-w0-token"))  # as the Secret watch tells
@@ -1323,16 +1329,7 @@ async def test_refusal_records_of_pods_gone_without_the_supervisor_or_expired_ar
     here = in_process("swept")
     here.spec.update(singleExecution=True)
     shift = [0.0]  # the registry's clock, moved on by hand
-    registry = Registry(client=here.client, events=EventPoster(here.client), queue_of=here.store.queue,
-                        monotonic=lambda: time.monotonic() + shift[0])
-    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
-                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
-                            registry=registry)
-    await here.create_ready()
-    here.watched()
-    await supervisor._reconcile(here.key)
-    queue = here.store.queue(here.key)
-    assert queue is not None and kube.pod_names(namespace, "swept") == ["swept-w0"]
+    registry, supervisor, queue = await here.first_pod_with_registry(monotonic=lambda: time.monotonic() + shift[0])
 
     def records() -> list[str]:
         return sorted(lease.metadata.name for lease in kube.coordination.list_namespaced_lease(namespace).items)

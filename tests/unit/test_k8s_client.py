@@ -11,8 +11,9 @@ import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import kubernetes
@@ -351,11 +352,28 @@ def test_what_counts_as_the_api_servers_refusal_is_one_rule(status: int, refused
     assert client.ApiError(status, "Reason", "message").refused is refused
 
 
+@contextlib.asynccontextmanager
+async def version_answered_by(handler: Any) -> AsyncIterator[client.KubeClient]:
+    """A client of a server whose /version `handler` answers."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    app = web.Application()
+    app.router.add_get("/version", handler)
+    async with TestServer(app) as server:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = str(server.make_url("")).rstrip("/")
+        kube = client.KubeClient(configuration)
+        try:
+            yield kube
+        finally:
+            await kube.close()
+
+
 async def test_the_operator_waits_for_an_api_server_out_of_reach_and_is_told_of_wrong_credentials():
     """kopf, started at once, gave up on an API server out of reach after a minute, with a traceback,
     and the pod crash-looped; a 401 is no outage, and is said at once."""
     from aiohttp import web
-    from aiohttp.test_utils import TestServer
 
     from workerqueue_operator import runner
 
@@ -366,46 +384,31 @@ async def test_the_operator_waits_for_an_api_server_out_of_reach_and_is_told_of_
         return web.json_response({"kind": "Status", "code": status, "reason": "x"} if status != 200 else
                                  {"major": "1"}, status=status)
 
-    app = web.Application()
-    app.router.add_get("/version", version)
-    async with TestServer(app) as server:
-        configuration = kubernetes.client.Configuration()
-        configuration.host = str(server.make_url("")).rstrip("/")
-        kube = client.KubeClient(configuration)
-        stopping = asyncio.Event()
-        try:
-            assert await asyncio.wait_for(runner.api_server_answers(kube, stopping), 10)  # after 1 + 2 s
-            assert answers == []
-            with pytest.raises(runner.StartupError, match="401 Unauthorized"):
-                await runner.api_server_answers(kube, stopping)
-        finally:
-            await kube.close()
+    stopping = asyncio.Event()
+    async with version_answered_by(version) as kube:
+        assert await asyncio.wait_for(runner.api_server_answers(kube, stopping), 10)  # after 1 + 2 s
+        assert answers == []
+        with pytest.raises(runner.StartupError, match="401 Unauthorized"):
+            await runner.api_server_answers(kube, stopping)
+
     async def page(request: web.Request) -> web.Response:  # a web server where the API server was meant
         return web.Response(text="<html>welcome</html>", content_type="text/html")
+
+    async with version_answered_by(page) as kube:
+        with pytest.raises(runner.StartupError, match="not the Kubernetes API"):
+            await runner.api_server_answers(kube, asyncio.Event())
 
     async def hang(request: web.Request) -> web.Response:
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
-    for handler, stopped in ((page, False), (hang, True)):
-        other = web.Application()
-        other.router.add_get("/version", handler)
-        async with TestServer(other) as server:
-            configuration = kubernetes.client.Configuration()
-            configuration.host = str(server.make_url("")).rstrip("/")
-            kube = client.KubeClient(configuration)
-            try:
-                if not stopped:
-                    with pytest.raises(runner.StartupError, match="not the Kubernetes API"):
-                        await runner.api_server_answers(kube, asyncio.Event())
-                else:  # a stop is not held up by a call that hangs
-                    told = asyncio.Event()
-                    waiting = asyncio.create_task(runner.api_server_answers(kube, told))
-                    await asyncio.sleep(0.5)
-                    told.set()
-                    assert await asyncio.wait_for(waiting, 1) is False
-            finally:
-                await kube.close()
+    async with version_answered_by(hang) as kube:  # a stop is not held up by a call that hangs
+        told = asyncio.Event()
+        waiting = asyncio.create_task(runner.api_server_answers(kube, told))
+        await asyncio.sleep(0.5)
+        told.set()
+        assert await asyncio.wait_for(waiting, 1) is False
+
     out_of_reach = kubernetes.client.Configuration()
     out_of_reach.host = "http://127.0.0.1:9"
     kube = client.KubeClient(out_of_reach)

@@ -773,10 +773,9 @@ def test_the_host_of_a_workers_identity_is_what_follows_its_pid():
     assert [temporal_.host_of(i) for i in (None, "", "queue-w0", "@queue-w0", "42@")] == [None] * 5
 
 
-async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_while(monkeypatch: pytest.MonkeyPatch):
-    # 300 runs waiting for a worker had their histories read again at every listing, each second, and
-    # while some were unread no worker was shown its execution.
-    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(300)]
+def untaken_runs(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
+    """`count` running runs listed, none of which anybody took: the workflow ids whose history is read."""
+    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(count)]
     reads: list[str] = []
 
     async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -784,6 +783,13 @@ async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_whil
         return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
 
     patch_listing(monkeypatch, runs, read)
+    return reads
+
+
+async def test_a_backlog_nobody_took_is_read_again_for_workers_only_after_a_while(monkeypatch: pytest.MonkeyPatch):
+    # 300 runs waiting for a worker had their histories read again at every listing, each second, and
+    # while some were unread no worker was shown its execution.
+    reads = untaken_runs(monkeypatch, 300)
     access = Temporal(timeout=4.0, coalesce=0.0)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
@@ -920,14 +926,7 @@ async def test_a_recheck_reads_untaken_runs_again_also_after_the_clock_stepped_b
     """The reuse window was timed by the wall clock: an hour's step back made readings of runs nobody
     had taken count as fresh for an hour, and a recheck (before a worker is told its execution is
     over) read none of them again."""
-    runs = [_Run(f"wf-{i}", f"run-{i}", S.RUNNING, "W", START, None) for i in range(3)]
-    reads: list[str] = []
-
-    async def read(self: Temporal, client: Any, endpoint: Endpoint, workflow_id: str, *a: Any, **k: Any) -> Any:
-        reads.append(workflow_id)
-        return _Holder(None, None, untaken_at=time.time(), asked=time.monotonic())
-
-    patch_listing(monkeypatch, runs, read)
+    reads = untaken_runs(monkeypatch, 3)
     access = Temporal(timeout=4.0, coalesce=0.2)
     try:
         endpoint = Endpoint(host="t:7233", namespace="n")
