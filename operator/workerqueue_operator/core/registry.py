@@ -1069,9 +1069,9 @@ class Registry:
     def _mind_the_clock(self, monotonic: float) -> None:
         """Expiry is timed by the wall clock, which other replicas and the Leases share. When it steps
         forward, or this replica stood still (its heartbeats unread meanwhile), every live worker would
-        seem to have missed its heartbeats: that time counts as blind (_blind_at). When it steps back,
-        the times noted before are taken as now at most: else they would hold dead workers, and their
-        slots, for as long as the step."""
+        seem to have missed its heartbeats: each lease is moved on by the time lost (and a forward step
+        counts as blind, _blind_at, for Leases read since). When it steps back, the times noted before
+        are taken as now at most: else they would hold dead workers, and their slots, for the step."""
         wall = self._clock()
         last, self._swept_at = self._swept_at, (wall, monotonic)
         if last is None:
