@@ -131,6 +131,8 @@ async def start_worker(request: web.Request) -> web.Response:
             # is (from memory), and written by the writer's retry: a replica that cannot find it
             # meanwhile answers 503 while the API server is away, `[]` for a token bound to a pod.
             await registry.write_now(registered)
+            if (inactive := await _inactive_meanwhile(request, queue, worker_id, pod)) is not None:
+                return inactive
     else:
         try:
             worker = await registry.claim(queue, worker_id, limit=queue.spec.max_workers, pod=pod,
@@ -141,9 +143,8 @@ async def start_worker(request: web.Request) -> web.Response:
             return await _refused(request, queue, pod, workers.registry_unavailable(request, queue, exc), wait=False)
         if worker is None:
             return await _refused(request, queue, pod, workers.full(queue))
-    if (status := workers.inactive(request, queue)) is not None:  # meanwhile (a claim, a write waited for)
-        registry.abandoned(queue, worker_id)
-        return await _refused(request, queue, pod, errors.detail(400, f"Worker queue is not active (status: {status})"))
+        if (inactive := await _inactive_meanwhile(request, queue, worker_id, pod)) is not None:
+            return inactive
 
     payload = resolution.config.response_body(
         worker_id=worker_id, control_plane_url=_control_plane_url(request, body, request.app[SETTINGS]),
@@ -156,6 +157,18 @@ async def start_worker(request: web.Request) -> web.Response:
                                               "queue": f"{queue.namespace}/{queue.name}",
                                               "sdk_version": body.worker_sdk_version})
     return web.Response(body=payload, content_type="application/json")
+
+
+async def _inactive_meanwhile(request: web.Request, queue: QueueObject, worker_id: str,
+                              pod: str | None) -> web.Response | None:
+    """The answer when the queue was suspended or set for deletion while its new worker's registration
+    waited for the API server (a claim, a write): abandoned, it starts no worker. Asked only after such
+    a wait: a /start that waited for nothing saw the queue as it is."""
+    status = workers.inactive(request, queue)
+    if status is None:
+        return None
+    request.app[REGISTRY].abandoned(queue, worker_id)
+    return await _refused(request, queue, pod, errors.detail(400, f"Worker queue is not active (status: {status})"))
 
 
 def _pods_own(resolution: Resolution | None, credential: WorkerCredential) -> bool:
