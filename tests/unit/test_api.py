@@ -705,6 +705,66 @@ async def test_a_queue_suspended_while_a_slot_was_claimed_gets_no_worker(monkeyp
         assert registry.live(("team-a", "capped")) == []
 
 
+async def test_a_queue_set_for_deletion_while_an_identitys_registration_was_written_gets_no_worker(
+        monkeypatch: pytest.MonkeyPatch):
+    """A Kubernetes identity's registration is written before the answer (another replica may be asked
+    for it at once), which waits for the API server: a queue suspended or set for deletion meanwhile
+    was answered 200 all the same."""
+    class Allowed(apps.NoReviews):
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=())
+
+        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
+                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
+            return True
+
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:
+        registry = c.server.app[REGISTRY]
+        sa = {"Authorization": f"Bearer {SA_TOKEN}"}
+        assert (await c.post(START.format("q-1"), headers=sa)).status == 200  # written at once: not waited for
+        assert len(registry.live(("team-a", "q1"))) == 1
+
+        going = queue_body("q1", queueId="q-1")
+        going["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"  # someone's finalizer holds it
+
+        async def deleted_meanwhile(worker: Any) -> None:
+            store.upsert_queue(queues.QueueObject.from_body(going))
+
+        monkeypatch.setattr(registry, "write_now", deleted_meanwhile)
+        answer = await c.post(START.format("q-1"), headers=sa)
+        assert answer.status == 400
+        assert await answer.json() == {"detail": "Worker queue is not active (status: deleting)"}
+        assert len(registry.live(("team-a", "q1"))) == 1  # the first one's only
+
+
+async def test_only_a_jwt_shaped_token_is_sent_to_a_token_review():
+    """Any other unknown token (a queue token rotated out, an organization's key) reached the API
+    server, its audit log and webhook authenticators, for nothing: it is refused unreviewed."""
+    class Counting(apps.NoReviews):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[str] = []
+
+        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
+            self.asked.append(token)
+            return None
+
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    reviewer = Counting()
+    async with TestClient(TestServer(apps.make_app(store, reviewer=reviewer))) as c:
+        for token in ("rotated-out-queue-token", "eyJhbGciOiJSUzI1NiJ9", "eyJ.a.b.c", SA_TOKEN):
+            answer = await c.post(START.format("q-1"), headers={"Authorization": f"Bearer {token}"})
+            assert answer.status == 401
+            assert await answer.json() == {"detail": "Invalid authentication credentials"}
+    assert reviewer.asked == [SA_TOKEN]
+    assert reviewer.outcomes["not_a_jwt"] == 3
+
+
 WORKER_TOKEN = "wqw1_made-for-q1-w0"
 
 

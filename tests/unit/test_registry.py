@@ -1910,13 +1910,18 @@ def test_a_lease_of_another_queue_naming_a_registered_worker_changes_nothing_of_
     reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q if key == q.key else evil,
                             clock=lambda: now[0])
     mine = reg.register(q, "w-1")
-    forged = dataclasses.replace(mine, queue=evil.key, queue_uid=evil.uid, queue_id="x", lease="evil-w-1",
-                                 registered_at=mine.registered_at + 1, renewed_at=1_000_000.0, status="pwned",
-                                 tasks_processed=999)
-    reg.lease_upserted(leases.lease_body(forged, queue_name=evil.name))
-    kept = reg.get("w-1")
-    assert kept is mine and (kept.queue, kept.lease, kept.status, kept.tasks_processed) == (
-        q.key, mine.lease, "starting", 0)
+    before = (mine.queue, mine.lease, mine.status, mine.tasks_processed, mine.renewed_at)
+    assert before == (q.key, "q1-w-1", "starting", 0, 1000.0)
+    # A renewal far ahead (read as now) and one just ahead, within the slack a clock may differ by.
+    for renewed_at in (1_000_000.0, 1010.0):
+        now[0] += 1
+        forged = dataclasses.replace(mine, queue=evil.key, queue_uid=evil.uid, queue_id="x", lease="evil-w-1",
+                                     registered_at=mine.registered_at + 1, renewed_at=renewed_at,
+                                     status="pwned", tasks_processed=999)
+        reg.lease_upserted(leases.lease_body(forged, queue_name=evil.name))
+        kept = reg.get("w-1")
+        assert kept is not None
+        assert (kept.queue, kept.lease, kept.status, kept.tasks_processed, kept.renewed_at) == before
     now[0] = 1000.0 + mine.duration + 1
     assert reg.get("w-1") is None  # expires as its own heartbeats say, not the forged renewal
 
