@@ -606,9 +606,11 @@ async def test_a_heartbeat_of_a_worker_its_queue_issued_registers_it_again_when_
 async def test_a_draining_replica_is_unready_and_closes_each_connection_after_its_answer(client: TestClient):
     before = await client.get("/readyz")
     assert before.status == 200 and before.headers.get("Connection", "").lower() != "close"
+    assert "\nworkerqueue_ready 1\n" in await (await client.get("/metrics")).text()
     client.app[DRAIN].begin()
     ready = await client.get("/readyz")
     assert (ready.status, await ready.json()) == (503, {"status": "draining"})
+    assert "\nworkerqueue_ready 0\n" in await (await client.get("/metrics")).text()  # an alert's readiness
     # Still served (a client the Service sent here before the endpoints changed), its connection then closed.
     started = await client.post(START.format("q-1"), headers=AUTH)
     assert started.status == 200 and started.headers["Connection"] == "close"

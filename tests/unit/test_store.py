@@ -433,6 +433,26 @@ def test_a_read_begun_before_its_secret_was_forgotten_and_used_again_is_dropped(
     assert s.is_queue_token(queues.digest("NEW"))
 
 
+def test_a_suspended_queue_counts_as_not_ready_only_when_something_else_is_wrong():
+    """Its owner stopped it: an alert on the not-Ready count fired for as long as any queue stayed suspended."""
+    s, _ = store()
+    s.upsert_queue(queue(queueId="abc", suspend=True))
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    assert s.serving("abc").problem.reason == "Suspended"
+    suspended = {"conditions": [{"type": "Ready", "status": "False", "reason": "Suspended"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=suspended))
+    assert (s.not_ready_count, s.suspended_count) == (0, 1)
+    s.upsert_secret(("team-a", "q1-worker-token"), None)  # its token Secret deleted too
+    assert (s.not_ready_count, s.suspended_count) == (1, 1)
+    s.upsert_secret(("team-a", "q1-worker-token"), {"token": "t"})
+    looping = {"conditions": [{"type": "Ready", "status": "False", "reason": "CrashLooping"}]}
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status=looping))
+    assert s.not_ready_count == 1
+    s.upsert_queue(queue(queueId="abc"))
+    s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q1")), status={}))
+    assert (s.not_ready_count, s.suspended_count) == (0, 0)
+
+
 def test_a_queue_whose_status_says_not_ready_counts_as_not_ready_though_it_can_be_served():
     """CrashLooping, PodCreationFailed: judged from its worker pods, written on its status; an alert on
     the not-Ready count stayed silent for exactly the queues that cannot start workers."""

@@ -402,8 +402,13 @@ def make_app(
                        lambda: app[UNSEEN].waited, kind="counter")
     app[METRICS].gauge("workerqueue_queues", "WorkerQueues known to this replica.",
                        lambda: store.queue_count + invalid_count())
-    app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready (SpecInvalid included).",
+    app[METRICS].gauge("workerqueue_queues_not_ready", "WorkerQueues that are not Ready (SpecInvalid and CrashLooping "
+                       "included; suspended ones only for another reason).",
                        lambda: store.not_ready_count + invalid_count())
+    app[METRICS].gauge("workerqueue_queues_suspended", "WorkerQueues suspended (spec.suspend).",
+                       lambda: store.suspended_count)
+    app[METRICS].gauge("workerqueue_ready", "1 while /readyz answers 200, else 0 (a watch failing for minutes, "
+                       "every watched namespace refused, draining).", lambda: int(not drain.active and ready()))
     app[METRICS].gauge("workerqueue_queues_temporal_unreachable",
                        "WorkerQueues whose Temporal the operator cannot reach (TemporalReachable=False).",
                        lambda: store.temporal_unreachable_count)

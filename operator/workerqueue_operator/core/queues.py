@@ -427,6 +427,9 @@ class Resolution:
         return None if self.awaiting_generated_token else self.temporal
 
 
+SUSPENDED = "Suspended"
+"""Ready's reason for a queue its owner suspended, with nothing else wrong."""
+
 SHORT_TOKEN = 24
 """Fewer characters than this in a queue token of the user's own may be guessed offline: a worker
 id's MAC is keyed by its queue token (new_worker_id), and ids show in Events, Leases and logs."""
@@ -560,7 +563,7 @@ def resolve(
                           upstream_problem=upstream_problem, awaiting_generated_token=generated,
                           secrets_problem=secrets_problem, temporal=target)
     # Workers started without their upstream's key would fail every execution: not Ready either.
-    problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
+    problem = upstream_problem or (Problem(SUSPENDED, "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
                       upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target,
                       short_token=short)

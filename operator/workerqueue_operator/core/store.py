@@ -382,9 +382,16 @@ class Store:
     @property
     def not_ready_count(self) -> int:
         """Queues that cannot be served, or whose status says Ready=False: what only the status knows
-        counts too (CrashLooping, PodCreationFailed: judged from the worker pods, not resolved here)."""
+        counts too (CrashLooping, PodCreationFailed: judged from the worker pods, not resolved here).
+        Not a suspended one that has nothing else wrong: its owner stopped it, and an alert on this
+        count would fire for as long as any queue anywhere stays suspended."""
         return sum(1 for key, queue in self._queues.items()
-                   if not self._ready(key) or _says_not_ready(status_.ready_condition(queue.status)))
+                   if self._unready_reason(key) not in (None, queues.SUSPENDED)
+                   or _says_not_ready(status_.ready_condition(queue.status)))
+
+    @property
+    def suspended_count(self) -> int:
+        return sum(1 for queue in self._queues.values() if queue.spec.suspend)
 
     @property
     def temporal_unreachable_count(self) -> int:
@@ -392,9 +399,11 @@ class Store:
         return sum(1 for queue in self._queues.values()
                    if (status_.condition(queue.status, "TemporalReachable") or {}).get("status") == "False")
 
-    def _ready(self, key: QueueKey) -> bool:
+    def _unready_reason(self, key: QueueKey) -> str | None:
         resolution = self._resolutions.get(key)
-        return resolution is not None and resolution.ready
+        if resolution is None:
+            return "NotResolved"
+        return resolution.problem.reason if resolution.problem is not None else None
 
     @property
     def secret_count(self) -> int:
@@ -485,7 +494,7 @@ class Store:
 
 
 def _says_not_ready(ready: Mapping[str, Any] | None) -> bool:
-    return ready is not None and ready.get("status") == "False"
+    return ready is not None and ready.get("status") == "False" and ready.get("reason") != queues.SUSPENDED
 
 
 def _index(digests_of: dict[QueueKey, tuple[bytes, ...]], keys_of: dict[bytes, set[QueueKey]], key: QueueKey,
