@@ -510,6 +510,12 @@ async def test_a_websocket_handshake_is_never_redirected(hub: tuple[Store, TestC
         "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
     assert r.status == 502 and "redirected the websocket (307)" in (await r.json())["detail"]
     assert [path for _, path, _ in upstream.app[standin.RECEIVED]] == ["/api/v1/ws/redirect"]
+    # Counted as the 502 the worker got, and a failure to alert on (it was a 3xx, and no failure).
+    text = await (await client.get("/metrics")).text()
+    origin = f"http://{upstream.host}:{upstream.port}"
+    assert f'workerqueue_upstream_requests_total{{upstream="{origin}",code="5xx"}} 1' in text
+    assert f'workerqueue_upstream_requests_total{{upstream="{origin}",code="3xx"}}' not in text
+    assert f'workerqueue_upstream_failures_total{{upstream="{origin}",kind="bad_answer"}} 1' in text
 
 
 async def test_a_worker_that_leaves_mid_body_is_not_an_upstream_failure(hub: tuple[Store, TestClient]):

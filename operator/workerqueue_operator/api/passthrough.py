@@ -337,6 +337,8 @@ def _describe(cause: BaseException) -> str:
     """What went wrong, in words that never quote a URL (a worker's query may carry its token) nor what
     the upstream sent: aiohttp's own texts do both."""
     name = type(cause).__name__
+    if isinstance(cause, _Redirected):
+        return f"the websocket's handshake was answered with a redirect ({cause.status}), never followed"
     if isinstance(cause, aiohttp.ClientConnectorError):
         os_error = cause.os_error
         return f"{name}: {os_error.strerror or type(os_error).__name__}"
@@ -805,13 +807,16 @@ class Passthrough:
                     protocols=[p for p in protocols if not p.startswith(_KUBERNETES_TOKEN_PROTOCOL)],
                     autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
         except _Redirected as exc:
-            stats.answered(exc.status, time.perf_counter() - started)
-            return errors.detail(502, f"The upstream control plane redirected the websocket ({exc.status})")
+            # Never followed: the worker gets the operator's 502, counted and logged as such.
+            return self._failed(stats, upstream, "bad_answer", exc, 502,
+                                f"The upstream control plane redirected the websocket ({exc.status})")
         except aiohttp.WSServerHandshakeError as exc:
-            # The upstream answered, only not with an upgrade (e.g. 401, 404): pass its status on.
-            status = exc.status if 400 <= exc.status < 600 else 502
-            stats.answered(status, time.perf_counter() - started)
-            return errors.detail(status, f"The upstream control plane refused the websocket ({exc.status})")
+            if not 400 <= exc.status < 600:  # a 200, say: no answer to a handshake
+                return self._failed(stats, upstream, "bad_answer", exc, 502,
+                                    f"The upstream control plane refused the websocket ({exc.status})")
+            # The upstream answered, only not with an upgrade (e.g. 401, 404): its status passed on.
+            stats.answered(exc.status, time.perf_counter() - started)
+            return errors.detail(exc.status, f"The upstream control plane refused the websocket ({exc.status})")
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             return self._unanswered(stats, upstream, exc)
         stats.answered(101, time.perf_counter() - started)
