@@ -636,6 +636,7 @@ async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_t
         lease = await client.request("GET", f"{resources.leases_path(namespace)}/{worker.lease}")
         assert lease["spec"]["renewTime"] == later_renewal
         assert reg.get("w-late") is worker  # still registered here; the watch brings the later renewal
+        assert (reg.writes, reg.write_failures) == (2, 0)  # a 409 tells how the Lease stands: no failure
 
         now[0] += 30  # a heartbeat here later than both: written over them
         reg.heartbeat(worker, **beat)

@@ -1051,6 +1051,7 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
             assert reg.writes == 2
             await asyncio.sleep(1.5)
             assert reg.writes == 2  # the next after 3.2-4 s
+            assert reg.write_failures == 2  # nobody answers there
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -426,8 +426,12 @@ def make_app(
     app[METRICS].gauge("workerqueue_workers_rejoined_total",
                        "Workers registered again from a heartbeat, their registration not known here.",
                        lambda: registry.rejoined, kind="counter")
-    app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry.",
+    app[METRICS].gauge("workerqueue_registry_writes_total", "Lease writes of the worker registry, made or tried.",
                        lambda: registry.writes, kind="counter")
+    app[METRICS].gauge("workerqueue_registry_write_failures_total",
+                       "Lease writes of the worker registry that did not get through (the API server out of "
+                       "reach, slow or refusing); each is tried again.", lambda: registry.write_failures,
+                       kind="counter")
     app.router.add_post(START_ROUTE, start_worker)
     workers.add_routes(app)
     app.router.add_get("/healthz", healthz)

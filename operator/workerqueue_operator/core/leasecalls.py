@@ -42,13 +42,23 @@ class LeaseCalls:
         self._clock = clock  # the registry's: a Lease's times far ahead of it are read as none told
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
+        self.write_failures = 0
+        """Of those, writes that did not get through: the API server out of reach or slow, or refusing
+        (429, 403, 5xx); not a 404 or 409, which tell how the Lease stands."""
+
+    async def _write(self, method: str, path: str, **options: Any) -> dict[str, Any]:
+        self.writes += 1
+        try:
+            return await self._client.request(method, path, timeout=API_TIMEOUT, **options)
+        except Exception as exc:
+            if not (isinstance(exc, client_.ApiError) and (exc.not_found or exc.conflict)):
+                self.write_failures += 1
+            raise
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created Lease, or None if one of that name exists."""
-        self.writes += 1
         try:
-            return await self._client.request("POST", resources.leases_path(body["metadata"]["namespace"]),
-                                              body=body, timeout=API_TIMEOUT)
+            return await self._write("POST", resources.leases_path(body["metadata"]["namespace"]), body=body)
         except client_.ApiError as exc:
             if exc.already_exists:
                 return None
@@ -58,10 +68,8 @@ class LeaseCalls:
         """Writes `body` over the Lease as it was read; None if it changed meanwhile."""
         meta = body["metadata"]
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-        self.writes += 1
         try:
-            return await self._client.request("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                              body=body, timeout=API_TIMEOUT)
+            return await self._write("PUT", f"{resources.leases_path(meta['namespace'])}/{meta['name']}", body=body)
         except client_.ApiError as exc:
             if exc.conflict or exc.not_found:
                 return None
@@ -96,10 +104,8 @@ class LeaseCalls:
         while True:
             if worker.version:
                 patch["metadata"]["resourceVersion"] = worker.version
-            self.writes += 1
             try:
-                written = await self._client.request("PATCH", path, body=patch, content_type=client_.MERGE_PATCH,
-                                                     timeout=API_TIMEOUT)
+                written = await self._write("PATCH", path, body=patch, content_type=client_.MERGE_PATCH)
             except client_.ApiError as exc:
                 if exc.not_found:
                     return Renewal.GONE
@@ -131,7 +137,6 @@ class LeaseCalls:
         attempt = 0
         while True:
             attempt += 1
-            self.writes += 1
             try:
                 current = await self._client.request("GET", path, timeout=API_TIMEOUT)
                 # A time far ahead in the version this replica knew was judged when it came; in a newer
@@ -146,13 +151,12 @@ class LeaseCalls:
                 if unless_renewed and not seen and later(stored.renewed_at, worker.renewed_at):
                     return False
                 if mark is not None and not ended_on_purpose(current):
-                    self.writes += 1
-                    current = await self._client.request(
-                        "PATCH", path, content_type=client_.MERGE_PATCH, timeout=API_TIMEOUT,
+                    current = await self._write(
+                        "PATCH", path, content_type=client_.MERGE_PATCH,
                         body={"metadata": {"resourceVersion": current["metadata"]["resourceVersion"],
                                            "annotations": {ENDED_ANNOTATION: mark}}})
-                await self._client.request(
-                    "DELETE", path, timeout=API_TIMEOUT,
+                await self._write(
+                    "DELETE", path,
                     body={"kind": "DeleteOptions", "apiVersion": "v1",
                           "preconditions": {"resourceVersion": current["metadata"]["resourceVersion"]}})
             except client_.ApiError as exc:

@@ -577,6 +577,11 @@ class Registry:
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         return self._calls.writes
 
+    @property
+    def write_failures(self) -> int:
+        """Of those, writes that did not get through (LeaseCalls.write_failures)."""
+        return self._calls.write_failures
+
     # --- registering ------------------------------------------------------------------------------
 
     def _new_worker(self, queue: QueueObject, worker_id: str, *, lease: str, slot: int | None, pod: str | None,
