@@ -176,7 +176,8 @@ async def test_metrics_count_requests_by_route_and_code(client: TestClient):
     labels = 'route="/api/v1/worker-queues/{queue_id}/start",method="POST",code="404"'
     assert f"workerqueue_http_requests_total{{{labels}}} 1" in text
     assert "workerqueue_queues 4" in text
-    assert "workerqueue_queues_not_ready 2" in text
+    assert "workerqueue_queues_not_ready 1" in text  # the broken one; not the one suspended
+    assert "workerqueue_queues_suspended 1" in text
 
 
 async def test_metrics_on_a_port_of_their_own_are_not_served_on_the_api_port():

@@ -428,7 +428,8 @@ class Resolution:
 
 
 SUSPENDED = "Suspended"
-"""Ready's reason for a queue its owner suspended, with nothing else wrong."""
+"""Ready's reason for a queue its owner suspended, with nothing else wrong (resolve(); spelt out there,
+where tests/unit/test_docs.py finds the reasons the code posts)."""
 
 SHORT_TOKEN = 24
 """Fewer characters than this in a queue token of the user's own may be guessed offline: a worker
@@ -563,7 +564,7 @@ def resolve(
                           upstream_problem=upstream_problem, awaiting_generated_token=generated,
                           secrets_problem=secrets_problem, temporal=target)
     # Workers started without their upstream's key would fail every execution: not Ready either.
-    problem = upstream_problem or (Problem(SUSPENDED, "the queue is suspended") if config.suspended else None)
+    problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
                       upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target,
                       short_token=short)
