@@ -204,7 +204,19 @@ async def test_malformed_requests_are_one_line_each_at_most_and_counted(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     lines = [r.getMessage() for r in caplog.records if "BadHttpMessage" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].endswith("BadHttpMessage: Invalid header token")  # why, and not the bytes that follow
     assert 'workerqueue_http_problems_total{kind="bad_request"} 20' in await server.metrics()
+
+
+async def test_a_malformed_header_is_logged_by_its_fault_never_by_its_value(
+        server: Server, caplog: pytest.LogCaptureFixture):
+    """aiohttp's text quotes the header after the reason: a token, for an Authorization header."""
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await server.connect()
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sec\x01ret-token\r\n\r\n")
+    assert (await closed_within(reader, 3)).startswith(b"HTTP/1.")
+    (line,) = [r.getMessage() for r in caplog.records if "BadHttpMessage" in r.getMessage()]
+    assert line.endswith("BadHttpMessage: Invalid header value char") and "ret-token" not in caplog.text
 
 
 async def test_a_client_leaving_mid_body_is_499_not_500(server: Server, caplog: pytest.LogCaptureFixture):

@@ -129,3 +129,24 @@ async def test_a_failure_of_ours_is_an_error_with_its_traceback_and_the_api_serv
     assert (api.levelno, api.exc_info) == (logging.WARNING, None) and "ApiError" in api.getMessage()
     assert ours.levelno == logging.ERROR and ours.exc_info is not None and "KeyError: 'spec'" in ours.getMessage()
     assert queue.failed == 4
+
+
+async def test_a_failure_without_words_is_logged_by_its_type_alone(caplog: pytest.LogCaptureFixture):
+    """A timeout has no text: the line ended `failed, retrying in 2s: TimeoutError: `."""
+    async def process(key: int) -> None:
+        raise TimeoutError
+
+    queue: WorkQueue[int] = WorkQueue(process, name="test", concurrency=1, retry_seconds=60)
+    runner = asyncio.create_task(queue.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger=workqueue.__name__):
+            queue.add(1)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if queue.failed:
+                    break
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == "test: processing 1 failed, retrying in 60s: TimeoutError"

@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from aiohttp import http_exceptions
+
 from workerqueue_operator.api import metrics as metrics_
 from workerqueue_operator.core import pacedlog
 
@@ -21,6 +23,16 @@ KINDS = ("accept_failed", "bad_request", "client_disconnected", "connections_evi
          "http_server", "registrations_refused", "registry_unavailable", "reviews_busy", "reviews_unavailable",
          "unhandled_error", "worker_token_unseen", "workers_rejoined")
 """Every kind, shown from 0: an alert on `increase()` would miss the first of a kind never seen before."""
+
+
+def what_was_wrong(exc: BaseException) -> str:
+    """The first words of why aiohttp refused a request ("Invalid header value char"), never what
+    follows them: the offending bytes, which may be a header holding a token. "" if it says nothing."""
+    text = getattr(exc, "message", None) if isinstance(exc, http_exceptions.HttpProcessingError) else str(exc)
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not lines or lines[0].startswith(("b'", 'b"')):
+        return ""
+    return lines[0].rstrip(":")[:200]
 
 
 class Throttled:

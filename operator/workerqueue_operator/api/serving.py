@@ -132,10 +132,10 @@ class _OneLine(logging.Filter):
             # traceback, paced as any.
             self._log.log(record.levelno, "unhandled_error", "%s", record.getMessage(), exc_info=exc)
         else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = logs.what_was_wrong(exc)
             # A client's fault, not ours: INFO (aiohttp logs plain-text port scans at DEBUG; kept so).
             self._log.log(min(record.levelno, logging.INFO), "bad_request", "%s: %s%s", record.getMessage(),
-                          type(exc).__name__, f": {first[:200]}" if first else "")
+                          type(exc).__name__, f": {first}" if first else "")
         return False
 
 

@@ -145,10 +145,11 @@ class WorkQueue(Generic[K]):
         more = ""
         if logged_at is not None and unlogged:
             more = f" (and {unlogged} more failures like it in the last {now - logged_at:.0f}s)"
+        # A timeout says nothing of itself ("TimeoutError: "): its type alone then.
+        said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if ours:  # a bug of ours: where it is matters
-            logger.error("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
-                         type(exc).__name__, exc, more, exc_info=exc)
+            logger.error("%s: processing %s failed, retrying in %.0fs: %s%s", self._name, key, delay, said, more,
+                         exc_info=exc)
         else:  # the API server refused or is out of reach: retried, as said
-            logger.warning("%s: processing %s failed, retrying in %.0fs: %s: %s%s", self._name, key, delay,
-                           type(exc).__name__, exc, more)
+            logger.warning("%s: processing %s failed, retrying in %.0fs: %s%s", self._name, key, delay, said, more)
         self._logged[ours] = (now, 0)
