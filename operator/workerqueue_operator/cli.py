@@ -41,10 +41,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(runner.run(settings, kubeconfig=args.kubeconfig, peering=args.peering, priority=priority))
     except (client_.ConfigurationError, runner.StartupError) as exc:
-        logging.getLogger(__name__).error("cannot start: %s", exc)
+        logging.getLogger(__name__).error("cannot start: %s", exc, extra={"kind": "cannot_start"})
         return 1
     except runner.HandlersStopped as exc:
-        logging.getLogger(__name__).error("stopped: its handlers (kopf) gave up: %s", exc)
+        logging.getLogger(__name__).error("stopped: its handlers (kopf) gave up: %s", exc,
+                                            extra={"kind": "handlers_stopped"})
         return 1
     return 0
 

@@ -286,7 +286,8 @@ async def api_server_answers(client: client_.KubeClient, stopping: asyncio.Event
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if time.monotonic() - told >= API_WAIT_LOG_SECONDS:
             told = time.monotonic()
-            logger.warning("the API server does not answer (%s): the handlers start once it does", reason)
+            logger.warning("the API server does not answer (%s): the handlers start once it does", reason,
+                           extra={"kind": "api_server_unanswered"})
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stopping.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -99,6 +100,9 @@ def test_an_api_server_out_of_reach_at_start_is_waited_for_without_a_crash_loop(
         try:
             own.launch()
             wait_for(lambda: "the API server does not answer" in own.logs(), timeout=30, what="the wait told")
+            # A kind to alert on, not the words (docs/operations.md, "Log lines worth an alert").
+            told = [json.loads(line) for line in own.logs().splitlines() if "does not answer" in line]
+            assert told and all(line.get("kind") == "api_server_unanswered" for line in told), told
             time.sleep(KOPF_GIVES_UP_SECONDS + 10)
             assert own.process is not None and own.process.poll() is None, own.logs()[-3000:]
             assert http("GET", f"{own.url}/healthz").status == 200

@@ -79,7 +79,7 @@ def _watches_outlive_refusals() -> None:
                 logger.log(logging.WARNING if due else logging.DEBUG,
                            "kopf's watch of %s in %s is refused (%s): %s; watching again every %gs",
                            plural, kwargs.get("namespace") or "the cluster", refused,
-                           what, REFUSED_WATCH_RETRY_SECONDS)
+                           what, REFUSED_WATCH_RETRY_SECONDS, extra={"kind": "kopf_watch_refused"})
                 await asyncio.sleep(REFUSED_WATCH_RETRY_SECONDS)
 
     setattr(infinite_watch, "outlives_refusals", True)  # noqa: B010 - a mark on a function
