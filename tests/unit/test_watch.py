@@ -151,3 +151,66 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
     assert lists == 1 and versions[:3] == ["100", "101", "102"]  # each watch goes on from the last event
     assert seen[:2] == ["s101", "s102"] and watch.cut_restarts >= 2
     assert refused == 2 and watch.failures == 2  # the refusals after the cut count, and are backed off
+
+
+@pytest.mark.looptime
+async def test_refusals_that_say_when_to_try_again_are_tried_then_and_resumed_from_for_minutes():
+    """A restarted API server refuses watches of custom resources with 429 `retryAfterSeconds: 1`
+    while their storage starts: the informer waited out its doubled back-off instead (30 s), and after
+    six refusals relisted everything; queues made meanwhile went unseen ~40 s after it answered."""
+    import asyncio
+    import itertools
+
+    import kubernetes
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import informer
+
+    loop = asyncio.get_running_loop()
+    lists, watched, refusals = 0, [], 8
+    done = asyncio.Event()
+    starting = {"kind": "Status", "code": 429, "reason": "TooManyRequests",
+                "message": "storage is (re)initializing", "details": {"retryAfterSeconds": 1}}
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        nonlocal lists, refusals
+        if request.query.get("watch") != "true":
+            lists += 1
+            return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
+        watched.append((loop.time(), request.query["resourceVersion"]))
+        if len(watched) > 1 and refusals:
+            refusals -= 1
+            return web.json_response(starting, status=429)
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        event = {"type": "ADDED", "object": {"metadata": {"name": "s", "namespace": "n", "resourceVersion": "101"}}}
+        await response.write(json.dumps(event).encode() + b"\n")
+        if len(watched) == 1:
+            await asyncio.sleep(0.3)
+            assert request.transport is not None
+            request.transport.abort()  # cut mid-stream: the API server going down
+        else:
+            done.set()
+            await asyncio.sleep(3600)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/apis/agentcontrol.dev/v1alpha1/workerqueues", api)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        watch = informer.Informer(kube, "/apis/agentcontrol.dev/v1alpha1/workerqueues", on_upsert=lambda _: None,
+                                  on_delete=lambda *_: None, name="workerqueues", clock=loop.time)
+        task = asyncio.create_task(watch.run())
+        try:
+            await asyncio.wait_for(done.wait(), 120)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+    assert lists == 1  # no relist: eight refusals, each tried again after the second it said
+    assert [version for _, version in watched] == ["100"] + ["101"] * 9
+    gaps = [round(b - a, 1) for (a, _), (b, _) in itertools.pairwise(watched[1:])]
+    assert gaps == [1.0] * 8
+    assert watch.failures == 8

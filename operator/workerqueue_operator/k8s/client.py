@@ -74,19 +74,23 @@ class WatchCut(Exception):
 class ApiError(Exception):
     """A non-2xx answer of the API server. The message is the server's Status message, never a body."""
 
-    def __init__(self, status: int, reason: str, message: str, causes: tuple[str, ...] = ()) -> None:
+    def __init__(self, status: int, reason: str, message: str, causes: tuple[str, ...] = (),
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
         self.causes = causes
         """The Status's `details.causes[].reason` (e.g. NamespaceTerminating)."""
+        self.retry_after = retry_after
+        """The Status's `details.retryAfterSeconds`: when to try again (a 429 of a storage starting up,
+        of priority and fairness), or None."""
 
     def quiet(self, message: str, *, kind: type[ApiError] | None = None) -> ApiError:
         """This error (as `kind`, a subclass that tells it apart, if given) with `message` in place of
         the server's, for writes of Secrets: a refusal's text (an admission webhook's) may quote the
         object, its data with it."""
-        return (kind or ApiError)(self.status, self.reason, message, self.causes)
+        return (kind or ApiError)(self.status, self.reason, message, self.causes, self.retry_after)
 
     @property
     def namespace_terminating(self) -> bool:
@@ -444,4 +448,6 @@ def _api_error(status: int, payload: bytes, path: str) -> ApiError:
     causes = details.get("causes") if isinstance(details, dict) else None
     # A StatusCause's type is `reason` on the wire (its Go field is Type).
     types = tuple(str(c.get("reason")) for c in causes if isinstance(c, dict)) if isinstance(causes, list) else ()
-    return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500], types)
+    after = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+    retry_after = float(after) if isinstance(after, int) and not isinstance(after, bool) and after > 0 else None
+    return ApiError(status, str(parsed.get("reason", "")), str(parsed.get("message", ""))[:500], types, retry_after)

@@ -19,8 +19,10 @@ A watch that has received nothing, not even the API server's bookmark a minute, 
 is watched again from where it was (no relist, no failure): its connection may have died unheard.
 So is a watch whose stream is cut mid-way (the API server restarting, a proxy), as client-go's: the
 watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
-starts) are failures, backed off, but watched again from that version RESUME_TRIES times before a
-relist. Only a version too old (410) is relisted at once.
+starts) are failures, backed off, but watched again from that version for RESUME_SECONDS before a
+relist. Only a version too old (410) is relisted at once. A refusal that says when to try again (a
+429's `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again
+then, not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
 A list or watch refused with 403 marks the informer `refused` until one is accepted again: the
 operator may not read that scope (a namespace's admins removed its RoleBinding, or the namespace is
 gone), which the consumer may judge apart from an outage. `settled` is set once the informer has
@@ -44,9 +46,10 @@ IDLE_SECONDS = 70.0
 """Past the API server's bookmark a minute: a watch silent that long has lost its connection."""
 STABLE_SECONDS = 2.0
 """A watch open this long without failing works: the informer is healthy again."""
-RESUME_TRIES = 6
-"""Watches from the version a cut stream left, failing one after another, before a relist: with the
-back-off (0.5 s doubling), about half a minute of an API server restarting."""
+RESUME_SECONDS = 120.0
+"""How long watches from the version a cut stream left may fail one after another before a relist:
+an API server restarting takes 30-60 s to answer, and to let watches of custom resources in."""
+MAX_BACKOFF_SECONDS = 30.0
 
 
 _RESUMABLE: tuple[type[Exception], ...] = (*client_.ERRORS, client_.WatchCut)
@@ -110,8 +113,9 @@ class Informer:
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
         self.cut_restarts = 0
         """Watches whose connection was cut mid-stream and that were watched again from their version."""
-        self._resume_tries: int | None = None
-        """Failed watches since a cut stream, from its version; None: no cut since the last working watch."""
+        self._resume_since: float | None = None
+        """`clock()` of the last cut stream, whose version failing watches resume from; None: no cut
+        since the last working watch."""
         self.listing = False
         """A (re)list is under way: objects made since the last event may not be known yet."""
         self.down_since: float | None = None
@@ -145,7 +149,7 @@ class Informer:
                     if self._on_synced is not None:
                         self._on_synced()
                 listed = True
-                self._resume_tries = None
+                self._resume_since = None
                 while version is not None:
                     since = version
                     try:
@@ -164,28 +168,36 @@ class Informer:
                 if isinstance(exc, client_.ApiError) and exc.status == 403:
                     self.refused = True  # until a list or watch is accepted: a 503 between says nothing of it
                     self.settled.set()
+                delay = self._delay(exc)
                 logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
-                               str(exc)[:300] or "no message", self._backoff)
-                await asyncio.sleep(self._backoff)
-                self._backoff = min(self._backoff * 2, 30.0)
+                               str(exc)[:300] or "no message", delay)
+                await asyncio.sleep(delay)
 
     async def _may_resume(self, version: str, exc: Exception) -> bool:
         """After a watch failed: whether to watch again from `version` (after the back-off) rather than
         relist, as when the API server restarts after it cut the stream (see the module doc)."""
-        if self._resume_tries is None or self._resume_tries >= RESUME_TRIES:
+        if self._resume_since is None or self._clock() - self._resume_since > RESUME_SECONDS:
             return False
-        self._resume_tries += 1
         self.failures += 1
         if self.down_since is None:
             self.down_since = self._clock()
+        delay = self._delay(exc)
         logger.warning("watch %s failed (%s: %s); watching again from version %s in %.1fs", self.name,
-                       type(exc).__name__, str(exc)[:300] or "no message", version, self._backoff)
-        await asyncio.sleep(self._backoff)
-        self._backoff = min(self._backoff * 2, 30.0)
+                       type(exc).__name__, str(exc)[:300] or "no message", version, delay)
+        await asyncio.sleep(delay)
         return True
 
+    def _delay(self, exc: Exception) -> float:
+        """Seconds until the next try: when the API server said (the back-off kept as it is), else the
+        back-off, doubled for the next failure."""
+        if isinstance(exc, client_.ApiError) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_BACKOFF_SECONDS)
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+        return delay
+
     def _working(self) -> None:
-        self._resume_tries = None
+        self._resume_since = None
         self._backoff = 0.5
         self.refused = False
         if self.down_since is not None:
@@ -283,7 +295,7 @@ class Informer:
             # Relisting instead, every replica would list everything at once as the API server comes
             # back, and a Lease deleted meanwhile would come as a deletion without its last state.
             self.cut_restarts += 1
-            self._resume_tries = 0
+            self._resume_since = self._clock()
             logger.info("watch %s: %s; watching again from version %s", self.name, exc, version)
         finally:
             for timer in working:
