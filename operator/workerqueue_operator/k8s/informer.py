@@ -188,9 +188,10 @@ class Informer:
         return True
 
     def _delay(self, exc: Exception) -> float:
-        """Seconds until the next try: when the API server said (the back-off kept as it is), else the
-        back-off, doubled for the next failure."""
-        if isinstance(exc, client_.ApiError) and exc.retry_after is not None:
+        """Seconds until the next try: when the API server said (the back-off kept as it is), for the
+        first RESUME_SECONDS of failures (after that a throttle that goes on gets a line a back-off,
+        not a line a second), else the back-off, doubled for the next failure."""
+        if isinstance(exc, client_.ApiError) and exc.retry_after is not None and self.down_for() < RESUME_SECONDS:
             return min(exc.retry_after, MAX_BACKOFF_SECONDS)
         delay = self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
