@@ -2175,3 +2175,31 @@ def test_a_heartbeat_after_a_small_step_back_teaches_no_pace():
     wall[0] -= 1.5  # under CLOCK_STEP_SECONDS: slewed, not a step
     reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     assert worker.duration == 150
+
+
+def test_a_worker_rejoining_after_a_small_step_back_is_expected_at_its_own_pace():
+    """Its gap since the last heartbeat heard negative, a worker heartbeating every 60 s came back
+    with the queue's 10 s pace, and expired between two heartbeats."""
+    reg, wall, _mono, q = _stepping_registry()
+    worker = reg.register(q, "outside")  # no pod: expected at the real worker's 60 s
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    heard = wall[0]
+    wall[0] += worker.duration + 1
+    reg._sweep(ending=True)
+    assert reg.get("outside") is None
+    wall[0] = heard - 1.5  # slewed back under CLOCK_STEP_SECONDS, its next heartbeat at once
+    again = reg.rejoin(q, "outside")
+    assert again is not None and again.duration == 150
+
+
+def test_pods_deleted_end_the_workers_of_that_queue_not_a_namesakes():
+    """A pass over a queue deleted since (another uid) ended the live worker of the queue made again
+    under its name, in a pod of the same name, and gave its slot away."""
+    reg, _wall, _mono, q = _stepping_registry()
+    worker = reg.register(q, "in-pod", pod="q1-w0")
+    reg.pods_deleted(q.key, "uid-of-a-namesake", ["q1-w0"])
+    assert reg.get("in-pod") is worker
+    reg.pods_deleted(q.key, q.uid, ["q1-w1"])
+    assert reg.get("in-pod") is worker
+    reg.pods_deleted(q.key, q.uid, ["q1-w0"])
+    assert reg.get("in-pod") is None
