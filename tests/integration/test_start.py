@@ -1435,3 +1435,45 @@ async def test_a_token_secret_the_watch_never_told_of_is_learnt_from_the_create_
     await here.writer.reconcile(here.key)
     assert (kube.condition(namespace, "unseen-token") or {}).get("status") == "True"
     assert here.store.opens(here.store.serving(here.spec["queueId"]), queues.digest("its-token"))
+
+
+async def test_a_running_pod_whose_token_memory_lacks_is_kept_while_the_api_server_cannot_tell_or_says_it_is_there(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """The Secret watch behind (down, relisting): a running pod whose token memory lacks is asked of the
+    API server. A listing that fails must delete nothing (healthy workers would go, the pool drained),
+    and its answer that the token is there holds until the resync only: a deletion since is acted on then."""
+    here = in_process("lagging")
+    here.spec.update(singleExecution=True)
+    shift, local = [0.0], [0.0]
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            clock=lambda: time.time() + shift[0], monotonic=lambda: time.monotonic() + local[0])
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "lagging") == ["lagging-w0"]
+    kube.set_phase(namespace, "lagging-w0", "Running")
+    here.store.remove_worker_credential((namespace, "lagging-w0-token"))  # the Secret watch behind
+    shift[0] = supervisor_.ORPHAN_GRACE_SECONDS + 1  # its token would have come through the watch by now
+    get = here.client.get
+
+    async def secrets_unlisted(path: str, params: Any = None) -> Any:
+        if path.endswith("/secrets"):
+            raise client_.ApiError(503, "ServiceUnavailable", "the API server is overloaded")
+        return await get(path, params)
+
+    monkeypatch.setattr(here.client, "get", secrets_unlisted)
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "lagging") == ["lagging-w0"]  # it cannot tell: nothing deleted
+    monkeypatch.setattr(here.client, "get", get)
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "lagging") == ["lagging-w0"]  # there, says the API server
+    kube.core.delete_namespaced_secret("lagging-w0-token", namespace)
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "lagging") == ["lagging-w0"]  # taken as there until the resync
+    local[0] = Settings().worker_resync_seconds + 1
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "lagging") == ["lagging-w1"]  # its token gone: replaced
