@@ -2135,17 +2135,36 @@ def test_a_forward_step_of_the_clock_or_a_stand_still_expires_no_live_worker(ste
     assert reg.get("alive") is None
 
 
-def test_a_loop_blocked_again_and_again_keeps_no_dead_worker_for_good():
-    """Each stand-still moves a lease on by the time lost, not by a whole lease: given a new one at
-    each, a dead worker (and its slot) stayed while the loop blocked more often than a lease lasts."""
+@pytest.mark.parametrize("step, stall", [(6.0, 0.0), (0.0, 6.0)])
+def test_steps_or_stand_stills_again_and_again_keep_no_dead_worker_for_good(step: float, stall: float):
+    """Each moves a lease on by the time lost, not by a whole lease: given a new one at each, a dead
+    worker (and its slot) stayed while the clock stepped, or the loop blocked, more often than a lease lasts."""
     reg, wall, mono, q = _stepping_registry()
     _tick(reg, wall, mono, 0)
     dead = reg.register(q, "dead", pod="q1-w1")
     _tick(reg, wall, mono, 5)
     reg.heartbeat(dead, status="active", tasks_processed=0, current_task_id=None, system_info=None)
-    for _ in range(3):  # 6 s stood still, then 14 s of work: over a minute of heartbeats missed in all
-        _tick(reg, wall, mono, 13, stall=6)
+    for _ in range(3):  # 6 s lost, then 14 s of work: over a minute of heartbeats missed in all
+        _tick(reg, wall, mono, 13, step=step, stall=stall)
     assert reg.get("dead") is None
+
+
+async def test_forward_steps_again_and_again_keep_no_dead_worker_known_by_its_lease_for_good():
+    """A registration with a Lease (another replica's renewals may be unseen) was also moved to the time
+    of each step by the sweep, on top of the time lost: a whole new lease at each step."""
+    reg, wall, mono, q = _stepping_registry()
+    _tick(reg, wall, mono, 0)
+    dead = make_worker(worker_id="dead", lease="q1-dead", slot=None, renewed_at=wall[0], duration=25.0)
+    reg.lease_upserted(leases.lease_body(dead, queue_name=q.name))
+    assert reg.get("dead") is not None
+    try:
+        for _ in range(3):  # 6 s lost, then 14 s of work: 42 s of heartbeats missed in all
+            _tick(reg, wall, mono, 13, step=6)
+        assert reg.get("dead") is None
+    finally:
+        for write in list(reg._writes):  # its Lease's deletion: no API server here
+            write.cancel()
+        await asyncio.gather(*reg._writes, return_exceptions=True)
 
 
 def test_a_backward_step_of_the_clock_holds_a_dead_worker_no_longer_than_its_lease():

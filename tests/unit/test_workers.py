@@ -1250,3 +1250,13 @@ def test_a_credential_never_shows_its_token():
                                     token="tok-secret-value")
     assert "tok-secret-value" not in repr(credential) and "tok-secret-value" not in str(credential)
     assert "q1-w0" in repr(credential)
+
+
+def test_a_worker_token_is_its_queues_only_by_the_queues_uid_not_its_name():
+    """A deleted queue's per-worker token left behind (`kubectl replace --force`, an orphaning delete)
+    has the same name and labels as the new queue's own would: it opens nothing of the new queue's."""
+    old, new = queue("q1", uid="uid-old"), queue("q1", uid="uid-new")
+    body = workers.credential_secret_body(old, "q1-w0", "tok", now=0.0)
+    assert workers.credential_of(body, old) and not workers.credential_of(body, new)
+    assert workers.namesakes_credential(body, new) and not workers.namesakes_credential(body, old)
+    assert not workers.credential_of({"metadata": {"name": "q1-w0-token", "labels": {}}}, old)  # a user's Secret
