@@ -1477,3 +1477,33 @@ async def test_a_running_pod_whose_token_memory_lacks_is_kept_while_the_api_serv
     here.watched()
     await supervisor._reconcile(here.key)
     assert kube.pod_names(namespace, "lagging") == ["lagging-w1"]  # its token gone: replaced
+
+
+async def test_a_token_secret_of_another_name_saying_it_is_a_pods_is_not_that_pods_token(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """A pod's token Secret deleted, and another of the queue's token Secrets naming that pod (a copy
+    under another name, made by hand): taken for the pod's, the pod was kept, its worker turned away
+    at its next /start for good (the operator's memory, as the store, knows a Secret by its name)."""
+    here = in_process("copied")
+    here.spec.update(singleExecution=True)
+    shift = [0.0]
+    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
+                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
+                            clock=lambda: time.time() + shift[0])
+    await here.create_ready()
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "copied") == ["copied-w0"]
+    kube.set_phase(namespace, "copied-w0", "Running")
+    queue = here.store.queue(here.key)
+    assert queue is not None
+    copy = workers.credential_secret_body(queue, "copied-w0", "wqw1_copy", now=time.time())
+    copy["metadata"]["name"] = "copied-w9-token"
+    kube.core.create_namespaced_secret(namespace, copy)
+    kube.core.delete_namespaced_secret("copied-w0-token", namespace)
+    here.store.remove_worker_credential((namespace, "copied-w0-token"))  # as the Secret watch tells
+    shift[0] = supervisor_.ORPHAN_GRACE_SECONDS + 1
+    here.watched()
+    await supervisor._reconcile(here.key)
+    assert kube.pod_names(namespace, "copied") == ["copied-w1"]  # its own token gone: replaced
