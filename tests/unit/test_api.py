@@ -820,6 +820,27 @@ async def test_a_pods_worker_whose_queue_this_replica_has_not_seen_is_awaited_th
         assert c.server.app[UNSEEN].waited == 2
 
 
+async def test_a_pods_worker_whose_queue_was_made_again_is_awaited_while_this_replica_knows_the_old_one(
+        monkeypatch: pytest.MonkeyPatch):
+    """`kubectl replace --force`: another replica made the new queue's pod; this one's queue watch still
+    holds the deleted namesake (another uid). Answered at once, the worker was refused for good, its
+    pod counted as a crash: it is the watch's lag, awaited as for a queue not seen at all."""
+    monkeypatch.setattr(unseen, "LAG_SECONDS", 2.0)
+    store = store_with_pod()  # the pod's token made for the queue of uid UID
+    made = store.queue(("team-a", "q1"))
+    assert made is not None and made.uid == UID
+    store.upsert_queue(queue("q1", queueId="q-1", uid="uid-of-the-deleted-one"))
+    pod = {"Authorization": "Bearer pod-tok"}
+    async with TestClient(TestServer(apps.make_app(store))) as c:
+        started = asyncio.create_task(c.post(START.format("q-1"), headers=pod))
+        await asyncio.sleep(0.3)
+        assert not started.done()
+        store.upsert_queue(made)  # the watch catches up
+        answer = await started
+        assert answer.status == 200, await answer.text()
+        assert c.server.app[UNSEEN].waited == 1
+
+
 async def test_a_pod_token_still_unseen_is_refused_while_the_secret_watch_is_well(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(unseen, "LAG_SECONDS", 0.3)
     store = store_with_pod()
