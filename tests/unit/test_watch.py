@@ -214,3 +214,45 @@ async def test_refusals_that_say_when_to_try_again_are_tried_then_and_resumed_fr
     gaps = [round(b - a, 1) for (a, _), (b, _) in itertools.pairwise(watched[1:])]
     assert gaps == [1.0] * 8
     assert watch.failures == 8
+
+
+@pytest.mark.looptime
+async def test_a_scope_refused_for_good_is_a_warning_every_ten_minutes_not_every_back_off(
+        caplog: pytest.LogCaptureFixture):
+    """A namespace deleted while still listed in watchNamespaces (or its RoleBinding gone): each of the
+    replica's watches there logged a WARNING every 30 s for as long as the operator ran."""
+    import asyncio
+    import logging
+
+    import kubernetes
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import informer
+
+    loop = asyncio.get_running_loop()
+    refused = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "secrets is forbidden"}
+    asked = 0
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        nonlocal asked
+        asked += 1
+        return web.json_response(refused, status=403)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/gone/secrets", api)
+    caplog.set_level(logging.DEBUG, logger=informer.__name__)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        watch = informer.Informer(kube, "/api/v1/namespaces/gone/secrets", on_upsert=lambda _: None,
+                                  on_delete=lambda *_: None, name="secrets/gone", clock=loop.time)
+        task = asyncio.create_task(watch.run())
+        try:
+            await asyncio.sleep(1300)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+    told = [r for r in caplog.records if "watch secrets/gone failed" in r.getMessage()]
+    assert len(told) == asked > 40 and watch.refused  # every refusal said, and tried again at the back-off
+    assert [r.levelno for r in told].count(logging.WARNING) == 3  # at its start, 10 and 20 minutes on

@@ -50,6 +50,10 @@ RESUME_SECONDS = 120.0
 """How long watches from the version a cut stream left may fail one after another before a relist:
 an API server restarting takes 30-60 s to answer, and to let watches of custom resources in."""
 MAX_BACKOFF_SECONDS = 30.0
+REFUSED_LOG_SECONDS = 600.0
+"""A scope refused (403) again and again is logged at WARNING at most this often, at DEBUG in between,
+as kopf's refused watches are (handlers/embedded.py): a namespace whose RoleBinding went, or that was
+deleted while still listed in watchNamespaces, is a state the operator lives with."""
 
 
 _RESUMABLE: tuple[type[Exception], ...] = (*client_.ERRORS, client_.WatchCut)
@@ -113,6 +117,8 @@ class Informer:
         """Watches ended after `idle_seconds` without a byte and watched again (see the module doc)."""
         self.cut_restarts = 0
         """Watches whose connection was cut mid-stream and that were watched again from their version."""
+        self._refusal_told: float | None = None
+        """`clock()` of the last refusal (403) logged at WARNING since the scope was last accepted."""
         self._resume_since: float | None = None
         """`clock()` of the last cut stream, whose version failing watches resume from; None: no cut
         since the last working watch."""
@@ -165,12 +171,18 @@ class Informer:
                 self.failures += 1
                 if self.down_since is None:
                     self.down_since = self._clock()
+                level = logging.WARNING
                 if isinstance(exc, client_.ApiError) and exc.status == 403:
                     self.refused = True  # until a list or watch is accepted: a 503 between says nothing of it
                     self.settled.set()
+                    now = self._clock()
+                    if self._refusal_told is not None and now - self._refusal_told < REFUSED_LOG_SECONDS:
+                        level = logging.DEBUG
+                    else:
+                        self._refusal_told = now
                 delay = self._delay(exc)
-                logger.warning("watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
-                               str(exc)[:300] or "no message", delay)
+                logger.log(level, "watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
+                           str(exc)[:300] or "no message", delay)
                 await asyncio.sleep(delay)
 
     async def _may_resume(self, version: str, exc: Exception) -> bool:
@@ -199,6 +211,7 @@ class Informer:
 
     def _working(self) -> None:
         self._resume_since = None
+        self._refusal_told = None
         self._backoff = 0.5
         self.refused = False
         if self.down_since is not None:
