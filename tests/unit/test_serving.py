@@ -20,7 +20,7 @@ from tests.certs import self_signed
 from tests.unit import apps
 from tests.unit.factories import queue
 from workerqueue_operator import runner as runner_
-from workerqueue_operator.api import serving
+from workerqueue_operator.api import logs, serving
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.models.settings import Settings
 
@@ -208,15 +208,53 @@ async def test_malformed_requests_are_one_line_each_at_most_and_counted(
     assert 'workerqueue_http_problems_total{kind="bad_request"} 20' in await server.metrics()
 
 
-async def test_a_malformed_header_is_logged_by_its_fault_never_by_its_value(
-        server: Server, caplog: pytest.LogCaptureFixture):
-    """aiohttp's text quotes the header after the reason: a token, for an Authorization header."""
+async def test_a_malformed_request_is_logged_by_its_fault_never_by_what_it_sent(
+        server: Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """aiohttp's texts quote what the client sent, after the reason or within it: a token, in an
+    Authorization header, a cookie, a query string, a CONNECT target, a chunk's size line."""
     caplog.set_level(logging.DEBUG)
-    reader, writer = await server.connect()
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sec\x01ret-token\r\n\r\n")
-    assert (await closed_within(reader, 3)).startswith(b"HTTP/1.")
-    (line,) = [r.getMessage() for r in caplog.records if "BadHttpMessage" in r.getMessage()]
-    assert line.endswith("BadHttpMessage: Invalid header value char") and "ret-token" not in caplog.text
+    said_of: list[tuple[str, str]] = []  # each one's words: the log takes one a kind every 10 s
+    told = logs.what_was_wrong
+
+    def recorded(exc: BaseException) -> str:
+        said_of.append((type(exc).__name__, told(exc)))
+        return said_of[-1][1]
+
+    monkeypatch.setattr(logs, "what_was_wrong", recorded)
+    secret = b"SECRETTOKEN123"
+    long = b"A" * 9000
+    start = b"POST /api/v1/worker-queues/q/start HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    requests = {
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + b"\x01\r\n\r\n":
+            "BadHttpMessage: Invalid header value char",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + long + b"\r\n\r\n":
+            "LineTooLong: a line over 8190 bytes",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: s=" + secret + long + b"\r\n\r\n":
+            "LineTooLong: a line over 8190 bytes",
+        b"GET /healthz?token=" + secret + long + b" HTTP/1.1\r\nHost: x\r\n\r\n":
+            "LineTooLong: a line over 8190 bytes",
+        b"CONNECT ::" + secret + b" HTTP/1.1\r\nHost: x\r\n\r\n": "InvalidURLError",
+        start + secret + b"\r\n": "BadHttpMessage: Invalid character in chunk size",
+        start + b"5;" + secret + b"\nx\r\n": "BadHttpMessage: Missing expected CR after chunk extension name",
+    }
+    for request in requests:
+        reader, writer = await server.connect()
+        writer.write(request)
+        assert (await closed_within(reader, 3)).startswith(b"HTTP/1.")
+        writer.close()
+    await asyncio.sleep(0.2)
+    assert secret.decode() not in caplog.text
+    assert [f"{kind}: {words}" if words else kind for kind, words in said_of] == list(requests.values())
+    assert caplog.records[-1].getMessage().endswith("BadHttpMessage: Invalid header value char")
+    # aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS) quotes what it read in its texts: fixed words.
+    from aiohttp import http_exceptions, web_protocol
+
+    quoting = http_exceptions.TransferEncodingError(f"Unexpected LF in chunk-extension: {secret!r}")
+    assert logs.what_was_wrong(quoting) == "a malformed chunked body"
+    wrapped = web_protocol.RequestPayloadError(str(quoting))
+    wrapped.__cause__ = quoting
+    assert logs.what_was_wrong(wrapped) == "a malformed chunked body"
+    assert logs.what_was_wrong(http_exceptions.BadStatusLine(f"GET /?token={secret!r}")) == ""
 
 
 async def test_a_client_leaving_mid_body_is_499_not_500(server: Server, caplog: pytest.LogCaptureFixture):

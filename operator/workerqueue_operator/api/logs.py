@@ -25,14 +25,33 @@ KINDS = ("accept_failed", "bad_request", "client_disconnected", "connections_evi
 """Every kind, shown from 0: an alert on `increase()` would miss the first of a kind never seen before."""
 
 
+_PAYLOAD_FAULTS = {
+    "ContentLengthError": "the body is shorter than its Content-Length",
+    "TransferEncodingError": "a malformed chunked body",
+    "ContentEncodingError": "a body that is not what its Content-Encoding says",
+}
+"""What a body's fault is, in fixed words: aiohttp's own texts quote what the client sent (a chunk's
+size line, its extension)."""
+
+
 def what_was_wrong(exc: BaseException) -> str:
-    """The first words of why aiohttp refused a request ("Invalid header value char"), never what
-    follows them: the offending bytes, which may be a header holding a token. "" if it says nothing."""
-    text = getattr(exc, "message", None) if isinstance(exc, http_exceptions.HttpProcessingError) else str(exc)
-    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
-    if not lines or lines[0].startswith(("b'", 'b"')):
+    """Why aiohttp refused a request, in words that never quote what the client sent ("" when there
+    are none such): the client's bytes may be a header holding a token, or a URL with one. The
+    C parser's (llhttp's) reasons are fixed texts, the offending bytes after a blank line; every other
+    text is left out, as it may quote them anywhere."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        return f"a line over {limit} bytes" if isinstance(limit, int) else "a line too long"
+    cause = exc if isinstance(exc, http_exceptions.HttpProcessingError) else exc.__cause__
+    fixed = _PAYLOAD_FAULTS.get(type(cause).__name__)
+    if fixed is not None:
+        return fixed
+    message = str(getattr(exc, "message", "") or "") if isinstance(exc, http_exceptions.HttpProcessingError) else ""
+    reason, blank, _ = message.partition("\n\n")
+    reason = reason.strip().rstrip(":")
+    if not blank or not reason or "\n" in reason or reason.startswith(("b'", 'b"', "bytearray(")):
         return ""
-    return lines[0].rstrip(":")[:200]
+    return reason[:200]
 
 
 class Throttled:
