@@ -47,7 +47,7 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
              reviewer: reviews.Reviewer | None = None,
              secrets_current: Callable[[], bool] = lambda: True,
              invalid_count: Callable[[], int] = lambda: 0,
-             listing: serving.Listing | None = None) -> web.Application:
+             listing: serving.Listing | None = None, ready: Callable[[], bool] = lambda: True) -> web.Application:
     # Nobody answers there (a port bound, never listening): the one write made at once, a refused
     # pod's record, fails at once, as it may.
     unused = socket.socket()
@@ -58,7 +58,7 @@ def make_app(store: Store, *, settings: Settings | None = None, version: str = "
                         bounds=Bounds.of(settings))
     app = app_.make_app(store=store, reviewer=reviewer or NoReviews(), registry=registry,
                         temporal_=temporal.Temporal(), kube=kube, settings=settings, version=version,
-                        ready=lambda: True, secrets_current=secrets_current, invalid_count=invalid_count,
+                        ready=ready, secrets_current=secrets_current, invalid_count=invalid_count,
                         listing=listing)
 
     async def close(app: web.Application) -> None:

@@ -619,6 +619,17 @@ async def test_a_draining_replica_is_unready_and_closes_each_connection_after_it
     assert missing.status == 404 and missing.headers["Connection"] == "close"
 
 
+async def test_workerqueue_ready_says_what_readyz_answers():
+    """An alert on a replica not ready (a watch failing for minutes) reads it from the metrics."""
+    ready = [True]
+    async with TestClient(TestServer(apps.make_app(Store(settings=Settings()), ready=lambda: ready[0]))) as c:
+        assert (await c.get("/readyz")).status == 200
+        assert "\nworkerqueue_ready 1\n" in await (await c.get("/metrics")).text()
+        ready[0] = False
+        assert (await c.get("/readyz")).status == 503
+        assert "\nworkerqueue_ready 0\n" in await (await c.get("/metrics")).text()
+
+
 async def test_calls_reaching_a_replica_before_its_lists_wait_for_them_then_503():
     """A restarted replica listens before its watches have listed: a valid queue token was 401 and a
     known queue 404 from its empty memory, and a worker exits for good on either."""

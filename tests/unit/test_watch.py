@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -256,3 +257,107 @@ async def test_a_scope_refused_for_good_is_a_warning_every_ten_minutes_not_every
     told = [r for r in caplog.records if "watch secrets/gone failed" in r.getMessage()]
     assert len(told) == asked > 40 and watch.refused  # every refusal said, and tried again at the back-off
     assert [r.levelno for r in told].count(logging.WARNING) == 3  # at its start, 10 and 20 minutes on
+
+
+async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agentcontrol.dev/v1alpha1/workerqueues"
+                   ) -> tuple[list[float], list[float], Any]:
+    """An informer run for `seconds` (loop time) against a server that lists nothing and answers each
+    watch with `answer_watch(request, number)`: when each list and each watch was asked, the informer."""
+    import asyncio
+
+    import kubernetes
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from workerqueue_operator.k8s import informer
+
+    loop = asyncio.get_running_loop()
+    lists: list[float] = []
+    watched: list[float] = []
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch") != "true":
+            lists.append(loop.time())
+            return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
+        watched.append(loop.time())
+        return await answer_watch(request, len(watched))
+
+    app = web.Application()
+    app.router.add_get(path, api)
+    async with TestServer(app) as server:
+        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
+        watch = informer.Informer(kube, path, on_upsert=lambda _: None, on_delete=lambda *_: None, name="w",
+                                  clock=loop.time)
+        task = asyncio.create_task(watch.run())
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.close()
+    return lists, watched, watch
+
+
+def _status(code: int, reason: str, **details: Any) -> dict[str, Any]:
+    return {"kind": "Status", "code": code, "reason": reason, "message": reason, "details": details}
+
+
+async def _cut_once_then(request: Any, number: int, then: Any) -> Any:
+    """The first watch sends an event and is cut (the API server going away); every later one, `then`."""
+    import asyncio
+
+    from aiohttp import web
+
+    if number > 1:
+        return then
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    event = {"type": "ADDED", "object": {"metadata": {"name": "s", "namespace": "n", "resourceVersion": "101"}}}
+    await response.write(json.dumps(event).encode() + b"\n")
+    await asyncio.sleep(0.3)
+    request.transport.abort()
+    return response
+
+
+@pytest.mark.looptime
+async def test_a_watch_refused_with_a_retry_after_is_relisted_at_the_back_off_not_at_its_word():
+    """A watch cache starting answers lists and refuses watches (429, `retryAfterSeconds: 1`): each
+    refusal relisted the whole scope a second later, 120 full lists in two minutes, every informer."""
+    from aiohttp import web
+
+    async def starting(request: web.Request, number: int) -> web.StreamResponse:
+        return web.json_response(_status(429, "TooManyRequests", retryAfterSeconds=1), status=429)
+
+    lists, _, _ = await _against(starting, 120)
+    assert 8 <= len(lists) <= 12  # 0.5 s doubling to 30 s
+
+
+@pytest.mark.looptime
+async def test_a_watch_resumed_after_a_cut_follows_the_retry_after_for_two_minutes_then_backs_off():
+    """A throttle that goes on: a watch a second (and a WARNING line each) for as long as it lasted."""
+    from aiohttp import web
+
+    async def throttled(request: web.Request, number: int) -> web.StreamResponse:
+        throttle = web.json_response(_status(429, "TooManyRequests", retryAfterSeconds=1), status=429)
+        return await _cut_once_then(request, number, throttle)
+
+    lists, watched, _ = await _against(throttled, 400)
+    cut = watched[0]
+    assert [t for t in lists if t <= cut + 121] == lists[:1]  # resumed from its version, no relist
+    within = [t for t in watched if t <= cut + 121]
+    assert 115 <= len(within) <= 125  # at its word, a second apart
+    assert len(watched) - len(within) < 20  # then relisted, backed off up to 30 s
+
+
+@pytest.mark.looptime
+async def test_a_watch_refused_403_after_a_cut_is_relisted_and_its_scope_marked_refused():
+    """Resumed from its version for two minutes, a scope refused since the cut (its RoleBinding deleted
+    while the API server restarted) was not marked refused: the replica turned unready for every tenant."""
+    from aiohttp import web
+
+    async def forbidden(request: web.Request, number: int) -> web.StreamResponse:
+        return await _cut_once_then(request, number, web.json_response(_status(403, "Forbidden"), status=403))
+
+    lists, watched, watch = await _against(forbidden, 3)
+    assert watch.refused and len(lists) >= 2 and len(watched) >= 2

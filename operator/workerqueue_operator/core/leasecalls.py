@@ -44,14 +44,16 @@ class LeaseCalls:
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.write_failures = 0
         """Of those, writes that did not get through: the API server out of reach or slow, or refusing
-        (429, 403, 5xx); not a 404 or 409, which tell how the Lease stands."""
+        (429, 403, 5xx); not a 404 or 409, which tell how the Lease stands, nor a refusal because the
+        namespace is being deleted. The reads some writes are made against are not counted."""
 
     async def _write(self, method: str, path: str, **options: Any) -> dict[str, Any]:
         self.writes += 1
         try:
             return await self._client.request(method, path, timeout=API_TIMEOUT, **options)
         except Exception as exc:
-            if not (isinstance(exc, client_.ApiError) and (exc.not_found or exc.conflict)):
+            # A 404 or 409 tells how the Lease stands; a namespace being deleted takes its Leases along.
+            if not (isinstance(exc, client_.ApiError) and (exc.not_found or exc.conflict or exc.namespace_terminating)):
                 self.write_failures += 1
             raise
 

@@ -20,9 +20,10 @@ is watched again from where it was (no relist, no failure): its connection may h
 So is a watch whose stream is cut mid-way (the API server restarting, a proxy), as client-go's: the
 watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
 starts) are failures, backed off, but watched again from that version for RESUME_SECONDS before a
-relist. Only a version too old (410) is relisted at once. A refusal that says when to try again (a
-429's `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again
-then, not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
+relist. Only a version too old (410) is relisted at once, and a 403 is relisted (after the back-off)
+to mark the scope refused. Such a watch refused in words that say when to try again (a 429's
+`retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again then,
+not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
 A list or watch refused with 403 marks the informer `refused` until one is accepted again: the
 operator may not read that scope (a namespace's admins removed its RoleBinding, or the namespace is
 gone), which the consumer may judge apart from an outage. `settled` is set once the informer has
@@ -118,7 +119,8 @@ class Informer:
         self.cut_restarts = 0
         """Watches whose connection was cut mid-stream and that were watched again from their version."""
         self._refusal_told: float | None = None
-        """`clock()` of the last refusal (403) logged at WARNING since the scope was last accepted."""
+        """`clock()` of the last refusal (403) logged at WARNING since a watch last worked (a scope whose
+        lists are let in and watches refused is refused all the same)."""
         self._resume_since: float | None = None
         """`clock()` of the last cut stream, whose version failing watches resume from; None: no cut
         since the last working watch."""
@@ -180,7 +182,7 @@ class Informer:
                         level = logging.DEBUG
                     else:
                         self._refusal_told = now
-                delay = self._delay(exc)
+                delay = self._delay(exc, relisting=True)
                 logger.log(level, "watch %s failed (%s: %s); relisting in %.1fs", self.name, type(exc).__name__,
                            str(exc)[:300] or "no message", delay)
                 await asyncio.sleep(delay)
@@ -190,6 +192,8 @@ class Informer:
         relist, as when the API server restarts after it cut the stream (see the module doc)."""
         if self._resume_since is None or self._clock() - self._resume_since > RESUME_SECONDS:
             return False
+        if isinstance(exc, client_.ApiError) and exc.status == 403:
+            return False  # no restart: the scope is refused, which a relist's failure marks (see `refused`)
         self.failures += 1
         if self.down_since is None:
             self.down_since = self._clock()
@@ -199,13 +203,15 @@ class Informer:
         await asyncio.sleep(delay)
         return True
 
-    def _delay(self, exc: Exception) -> float:
-        """Seconds until the next try: when the API server said (the back-off kept as it is), for the
-        first RESUME_SECONDS of failures (after that a throttle that goes on gets a line a back-off,
-        not a line a second), else the back-off, doubled for the next failure."""
-        if isinstance(exc, client_.ApiError) and exc.retry_after is not None and self.down_for() < RESUME_SECONDS:
-            return min(exc.retry_after, MAX_BACKOFF_SECONDS)
-        delay = self._backoff
+    def _delay(self, exc: Exception, *, relisting: bool = False) -> float:
+        """Seconds until the next try: the back-off, doubled for the next failure. A watch resumed
+        from its version (for RESUME_SECONDS at most) is tried again when the API server said, its
+        back-off kept as it is. A relist, a full listing of the scope, never comes sooner than the
+        back-off (a watch cache starting answers lists and refuses watches: a relist a second)."""
+        told = exc.retry_after if isinstance(exc, client_.ApiError) else None
+        if told is not None and not relisting:
+            return min(told, MAX_BACKOFF_SECONDS)
+        delay = max(self._backoff, min(told or 0.0, MAX_BACKOFF_SECONDS))
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
         return delay
 
