@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -47,11 +48,14 @@ def what_was_wrong(exc: BaseException) -> str:
     if fixed is not None:
         return fixed
     message = str(getattr(exc, "message", "") or "") if isinstance(exc, http_exceptions.HttpProcessingError) else ""
-    reason, blank, _ = message.partition("\n\n")
-    reason = reason.strip().rstrip(":")
-    if not blank or not reason or "\n" in reason or reason.startswith(("b'", 'b"', "bytearray(")):
-        return ""
-    return reason[:200]
+    llhttp = _LLHTTP_REASON.match(message)
+    return llhttp.group(1) if llhttp else ""
+
+
+_LLHTTP_REASON = re.compile(r"([A-Z][A-Za-z' -]{2,80}):\n\n  (?:b'|b\"|bytearray\()")
+"""The C parser's (llhttp's) layout: a fixed reason in words, a blank line, then the bytes it read, as
+a repr indented by two spaces. What the pure-Python parser quotes raw (a request target, where a bare
+LF may pass) cannot take that layout: a target holds no space."""
 
 
 class Throttled:

@@ -444,6 +444,11 @@ def _api_error(status: int, payload: bytes, path: str) -> ApiError:
         # which would otherwise read `404 : ` in the log of an operator that never gets ready.
         return ApiError(status, "NotFound", f"the API server does not serve {path} "
                         "(for a custom resource: is its CustomResourceDefinition installed?)")
+    return status_error(status, parsed)
+
+
+def status_error(status: int, parsed: Mapping[str, Any]) -> ApiError:
+    """The error a Status says (an answer's body, or a watch's ERROR event's object)."""
     details = parsed.get("details")
     causes = details.get("causes") if isinstance(details, dict) else None
     # A StatusCause's type is `reason` on the wire (its Go field is Type).

@@ -20,8 +20,8 @@ is watched again from where it was (no relist, no failure): its connection may h
 So is a watch whose stream is cut mid-way (the API server restarting, a proxy), as client-go's: the
 watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
 starts) are failures, backed off, but watched again from that version for RESUME_SECONDS before a
-relist. Only a version too old (410) is relisted at once, and a 403 is relisted (after the back-off)
-to mark the scope refused. Such a watch refused in words that say when to try again (a 429's
+relist; a 403 among them marks the scope refused meanwhile. Only a version too old (410) is relisted
+at once. Such a watch refused in words that say when to try again (a 429's
 `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again then,
 not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
 A list or watch refused with 403 marks the informer `refused` until one is accepted again: the
@@ -193,7 +193,10 @@ class Informer:
         if self._resume_since is None or self._clock() - self._resume_since > RESUME_SECONDS:
             return False
         if isinstance(exc, client_.ApiError) and exc.status == 403:
-            return False  # no restart: the scope is refused, which a relist's failure marks (see `refused`)
+            # Refused, for now at least (an API server just restarted may refuse until its caches
+            # fill): said at once, for readiness to leave the scope out, and still resumed from.
+            self.refused = True
+            self.settled.set()
         self.failures += 1
         if self.down_since is None:
             self.down_since = self._clock()
@@ -289,8 +292,7 @@ class Informer:
                             gone(str(obj.get("message", ""))[:300])
                             logger.debug("watch %s: %s; relisting", self.name, obj.get("message"))
                             return None
-                        raise client_.ApiError(int(obj.get("code") or 500), str(obj.get("reason", "")),
-                                               str(obj.get("message", ""))[:500])
+                        raise client_.status_error(int(obj.get("code") or 500), obj)
                     version = obj.get("metadata", {}).get("resourceVersion", version)
                     if kind == "BOOKMARK":
                         continue
