@@ -413,6 +413,20 @@ class InProcess:
         assert queue is not None and self.kube.pod_names(self.namespace, self.name) == [f"{self.name}-w0"]
         return made, supervisor, queue
 
+    async def first_pod_on(self, *, shift: list[float], local: list[float] | None = None) -> Supervisor:
+        """A single-execution queue, Ready, its first pod made by a supervisor of its own whose wall
+        clock runs `shift[0]` s ahead (and its monotonic clock `local[0]`), which the test moves."""
+        self.spec.update(singleExecution=True)
+        supervisor = Supervisor(store=self.store, client=self.client, settings=Settings(),
+                                events=EventPoster(self.client), activity=Activity(identity="test", priority=0),
+                                clock=lambda: time.time() + shift[0],
+                                monotonic=lambda: time.monotonic() + (local[0] if local else 0.0))
+        await self.create_ready()
+        self.watched()
+        await supervisor._reconcile(self.key)
+        assert self.kube.pod_names(self.namespace, self.name) == [f"{self.name}-w0"]
+        return supervisor
+
     async def first_pod_finished(self) -> None:
         """A single-execution queue, Ready, its first pod made (seen by the watch) and succeeded."""
         self.spec.update(singleExecution=True)
@@ -1284,14 +1298,8 @@ async def test_a_pod_that_failed_for_its_token_is_not_kept_in_place_of_a_crash_t
     suspect any more, so it was kept for its logs and the crash's pod, whose logs say why the workers
     fail, was deleted in its place."""
     here = in_process("kept")
-    here.spec.update(singleExecution=True)
     shift = [0.0]
-    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
-                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
-                            clock=lambda: time.time() + shift[0])
-    await here.create_ready()
-    here.watched()
-    await supervisor._reconcile(here.key)
+    supervisor = await here.first_pod_on(shift=shift)
     kube.set_phase(namespace, "kept-w0", "Failed", exit_code=1, reason="Error")  # the worker crashed
     here.watched()
     await supervisor._reconcile(here.key)  # counted, kept for its logs; its replacement after the back-off
@@ -1444,15 +1452,8 @@ async def test_a_running_pod_whose_token_memory_lacks_is_kept_while_the_api_serv
     API server. A listing that fails must delete nothing (healthy workers would go, the pool drained),
     and its answer that the token is there holds until the resync only: a deletion since is acted on then."""
     here = in_process("lagging")
-    here.spec.update(singleExecution=True)
     shift, local = [0.0], [0.0]
-    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
-                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
-                            clock=lambda: time.time() + shift[0], monotonic=lambda: time.monotonic() + local[0])
-    await here.create_ready()
-    here.watched()
-    await supervisor._reconcile(here.key)
-    assert kube.pod_names(namespace, "lagging") == ["lagging-w0"]
+    supervisor = await here.first_pod_on(shift=shift, local=local)
     kube.set_phase(namespace, "lagging-w0", "Running")
     here.store.remove_worker_credential((namespace, "lagging-w0-token"))  # the Secret watch behind
     shift[0] = supervisor_.ORPHAN_GRACE_SECONDS + 1  # its token would have come through the watch by now
@@ -1486,15 +1487,8 @@ async def test_a_token_secret_of_another_name_saying_it_is_a_pods_is_not_that_po
     under another name, made by hand): taken for the pod's, the pod was kept, its worker turned away
     at its next /start for good (the operator's memory, as the store, knows a Secret by its name)."""
     here = in_process("copied")
-    here.spec.update(singleExecution=True)
     shift = [0.0]
-    supervisor = Supervisor(store=here.store, client=here.client, settings=Settings(),
-                            events=EventPoster(here.client), activity=Activity(identity="test", priority=0),
-                            clock=lambda: time.time() + shift[0])
-    await here.create_ready()
-    here.watched()
-    await supervisor._reconcile(here.key)
-    assert kube.pod_names(namespace, "copied") == ["copied-w0"]
+    supervisor = await here.first_pod_on(shift=shift)
     kube.set_phase(namespace, "copied-w0", "Running")
     queue = here.store.queue(here.key)
     assert queue is not None

@@ -724,18 +724,10 @@ async def test_a_queue_set_for_deletion_while_an_identitys_registration_was_writ
     """A Kubernetes identity's registration is written before the answer (another replica may be asked
     for it at once), which waits for the API server: a queue suspended or set for deletion meanwhile
     was answered 200 all the same."""
-    class Allowed(apps.NoReviews):
-        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
-            return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=())
-
-        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
-                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
-            return True
-
     store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
     store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
-    async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:
+    async with TestClient(TestServer(apps.make_app(store, reviewer=apps.Allowed()))) as c:
         registry = c.server.app[REGISTRY]
         sa = {"Authorization": f"Bearer {SA_TOKEN}"}
         assert (await c.post(START.format("q-1"), headers=sa)).status == 200  # written at once: not waited for
@@ -990,15 +982,7 @@ async def test_an_identitys_executions_wait_for_no_registration_the_api_server_c
     store = Store(settings=Settings())
     store.upsert_queue(queue("q1", queueId="q-1"))
 
-    class Allowed(apps.NoReviews):
-        async def authenticate(self, token: str, token_digest: bytes, *, peer: str = "") -> reviews.Identity | None:
-            return reviews.Identity(username="system:serviceaccount:team-a:runner", uid="u", groups=(), extra=())
-
-        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
-                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
-            return True
-
-    async with TestClient(TestServer(apps.make_app(store, reviewer=Allowed()))) as c:
+    async with TestClient(TestServer(apps.make_app(store, reviewer=apps.Allowed()))) as c:
         with caplog.at_level(logging.INFO):
             for _ in range(5):
                 listed = await c.get("/api/v1/worker-queues/q-1/executions?limit=5&status=all",

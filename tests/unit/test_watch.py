@@ -162,59 +162,21 @@ async def test_refusals_that_say_when_to_try_again_are_tried_then_and_resumed_fr
     import asyncio
     import itertools
 
-    import kubernetes
     from aiohttp import web
-    from aiohttp.test_utils import TestServer
 
-    from workerqueue_operator.k8s import informer
-
-    loop = asyncio.get_running_loop()
-    lists, watched, refusals = 0, [], 8
-    done = asyncio.Event()
-    starting = {"kind": "Status", "code": 429, "reason": "TooManyRequests",
-                "message": "storage is (re)initializing", "details": {"retryAfterSeconds": 1}}
-
-    async def api(request: web.Request) -> web.StreamResponse:
-        nonlocal lists, refusals
-        if request.query.get("watch") != "true":
-            lists += 1
-            return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
-        watched.append((loop.time(), request.query["resourceVersion"]))
-        if len(watched) > 1 and refusals:
-            refusals -= 1
-            return web.json_response(starting, status=429)
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        event = {"type": "ADDED", "object": {"metadata": {"name": "s", "namespace": "n", "resourceVersion": "101"}}}
-        await response.write(json.dumps(event).encode() + b"\n")
-        if len(watched) == 1:
-            await asyncio.sleep(0.3)
-            assert request.transport is not None
-            request.transport.abort()  # cut mid-stream: the API server going down
-        else:
-            done.set()
+    async def starting(request: web.Request, number: int) -> web.StreamResponse:
+        if number > 9:  # started: a watch that stays
+            response = web.StreamResponse()
+            await response.prepare(request)
             await asyncio.sleep(3600)
-        return response
+            return response
+        throttle = web.json_response(_status(429, "TooManyRequests", retryAfterSeconds=1), status=429)
+        return await _cut_once_then(request, number, throttle)
 
-    app = web.Application()
-    app.router.add_get("/apis/agentcontrol.dev/v1alpha1/workerqueues", api)
-    async with TestServer(app) as server:
-        kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
-        watch = informer.Informer(kube, "/apis/agentcontrol.dev/v1alpha1/workerqueues", on_upsert=lambda _: None,
-                                  on_delete=lambda *_: None, name="workerqueues", clock=loop.time)
-        task = asyncio.create_task(watch.run())
-        try:
-            await asyncio.wait_for(done.wait(), 120)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await kube.close()
-    assert lists == 1  # no relist: eight refusals, each tried again after the second it said
-    assert [version for _, version in watched] == ["100"] + ["101"] * 9
-    gaps = [round(b - a, 1) for (a, _), (b, _) in itertools.pairwise(watched[1:])]
-    assert gaps == [1.0] * 8
-    assert watch.failures == 8
+    lists, watched, watch = await _against(starting, 30)
+    assert len(lists) == 1  # no relist: eight refusals, each tried again after the second it said
+    assert [round(b - a, 1) for a, b in itertools.pairwise(watched[1:10])] == [1.0] * 8
+    assert len(watched) == 10 and watch.failures == 8
 
 
 @pytest.mark.looptime
