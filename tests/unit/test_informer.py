@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import informer
 
 
-async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_listed():
+async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_watched():
     """A namespace refusing the operator (403) is not counted for readiness (runner.Watches): one 503
     between two refusals (an API server restarting) counted it again, failing since the first refusal
     an hour ago, and every replica turned unready at once."""
@@ -27,6 +28,11 @@ async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_
                 raise answer
             return answer
 
+        async def watch(self, path: str, params: Any, *, on_open: Any, **bounds: float) -> AsyncIterator[Any]:
+            on_open()
+            await asyncio.Event().wait()  # accepted, and quiet
+            yield {}
+
     watch = informer.Informer(Answering(), "/api/v1/namespaces/team-x/secrets",  # type: ignore[arg-type]
                               on_upsert=lambda _: None, on_delete=lambda *_: None, name="secrets/team-x")
     task = asyncio.create_task(watch.run())
@@ -37,7 +43,10 @@ async def test_a_refused_scope_stays_refused_through_other_failures_until_it_is_
         assert watch.failures == 2 and watch.refused
         answers.append({"items": [], "metadata": {"resourceVersion": "1"}})  # access given back
         await asyncio.wait_for(watch.synced.wait(), 10)
+        assert watch.refused  # listed: its watch may still be refused
+        await asyncio.sleep(informer.STABLE_SECONDS + 0.5)  # its watch has worked since
         assert not watch.refused
+        assert watch.down_since is None
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

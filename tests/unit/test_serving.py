@@ -298,6 +298,7 @@ async def test_a_body_that_cannot_be_decoded_is_400(server: Server, body: bytes,
     answer = await closed_within(reader, 3)
     assert answer.split(b" ", 2)[1] == b"400"
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert 'workerqueue_http_problems_total{kind="bad_request"} 1\n' in await server.metrics()
 
 
 def test_the_connection_limit_stays_below_the_fd_limit(monkeypatch: pytest.MonkeyPatch):

@@ -198,10 +198,11 @@ async def test_a_scope_refused_for_good_is_a_warning_every_ten_minutes_not_every
     assert [r.levelno for r in told].count(logging.WARNING) == 3  # at its start, 10 and 20 minutes on
 
 
-async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agentcontrol.dev/v1alpha1/workerqueues"
-                   ) -> tuple[list[float], list[float], Any]:
+async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agentcontrol.dev/v1alpha1/workerqueues",
+                   made: list[Any] | None = None) -> tuple[list[float], list[float], Any]:
     """An informer run for `seconds` (loop time) against a server that lists nothing and answers each
-    watch with `answer_watch(request, number)`: when each list and each watch was asked, the informer."""
+    watch with `answer_watch(request, number)`: when each list and each watch was asked, the informer
+    (also put in `made` as soon as it is made, for `answer_watch` to look at)."""
     import asyncio
 
     import kubernetes
@@ -227,6 +228,8 @@ async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agen
         kube = client.KubeClient(kubernetes.client.Configuration(host=str(server.make_url("")).rstrip("/")))
         watch = informer.Informer(kube, path, on_upsert=lambda _: None, on_delete=lambda *_: None, name="w",
                                   clock=loop.time)
+        if made is not None:
+            made.append(watch)
         task = asyncio.create_task(watch.run())
         try:
             await asyncio.sleep(seconds)
@@ -325,3 +328,41 @@ async def test_a_watch_ended_by_an_error_event_saying_when_to_try_again_is_tried
     _, watched, _ = await _against(told, 65)
     gaps = [round(b - a) for a, b in itertools.pairwise(watched[1:])]
     assert gaps and all(gap == 20 for gap in gaps), gaps
+
+
+@pytest.mark.looptime
+async def test_a_watch_that_works_a_few_seconds_then_fails_is_relisted_at_a_growing_back_off():
+    """A proxy that breaks every watch a few seconds in (an ERROR event, a relist each): each watch
+    worked past STABLE_SECONDS, which reset the back-off, so the whole scope was listed every 3 s."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def breaking(request: web.Request, number: int) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await asyncio.sleep(2.5)
+        error = {"type": "ERROR", "object": _status(500, "InternalError")}
+        await response.write(json.dumps(error).encode() + b"\n")
+        return response
+
+    lists, watched, watch = await _against(breaking, 300)
+    assert 8 <= len(lists) <= 16 and watch.failures == len(watched)  # the back-off grew to 30 s
+    assert watch.down_since is None or watch.down_for() <= 31  # each watch worked a while: not down all along
+
+
+@pytest.mark.looptime
+async def test_a_scope_whose_watches_are_refused_stays_refused_across_the_lists_between():
+    """RBAC with `list` and without `watch`: each list accepted turned the scope not refused until its
+    watch was refused again, so readiness counted the namespace in and out."""
+    from aiohttp import web
+
+    made: list[Any] = []
+    seen: list[bool] = []
+
+    async def forbidden(request: web.Request, number: int) -> web.StreamResponse:
+        seen.append(made[0].refused)  # a list has just been accepted
+        return web.json_response(_status(403, "Forbidden"), status=403)
+
+    lists, _, watch = await _against(forbidden, 60, made=made)
+    assert len(lists) >= 3 and seen[0] is False and all(seen[1:]) and watch.refused

@@ -320,8 +320,8 @@ def _failure(request: web.Request, exc: Exception, log: logs.Throttled) -> tuple
         return errors.detail(400, "Client disconnected"), 499
     if isinstance(exc, (http_exceptions.HttpProcessingError, web.RequestPayloadError)):
         # A body aiohttp cannot decode (broken chunked encoding, ...): FastAPI's words for it.
-        log.log(logging.INFO, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
-                type(exc).__name__, logs.what_was_wrong(exc) or "(no reason given)")
+        log.fault(exc, "bad_request", "bad request body for %s: %s: %s", _route_name(request),
+                  type(exc).__name__, logs.what_was_wrong(exc) or "(no reason given)")
         answer = errors.detail(400, "There was an error parsing the body")
         answer.force_close()
         return answer, 400

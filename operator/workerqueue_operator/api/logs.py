@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ class Throttled:
         self._paced = pacedlog.PacedLog(logger, interval=interval, clock=clock)
         metrics.describe(PROBLEMS, "Client and upstream problems of the HTTP API by kind (each one, logged or not).",
                          kinds=KINDS)
+        self._faults: weakref.WeakSet[BaseException] = weakref.WeakSet()
 
     def log(self, level: int, kind: str, message: str, *args: Any, exc_info: Any = None) -> None:
         self._metrics.count(PROBLEMS, kind)
@@ -72,6 +74,16 @@ class Throttled:
 
     def warning(self, kind: str, message: str, *args: Any) -> None:
         self.log(logging.WARNING, kind, message, *args)
+
+    def fault(self, exc: BaseException, kind: str, message: str, *args: Any, level: int = logging.INFO) -> None:
+        """A client's fault: logged and counted once however often it is raised. A body that
+        fails to decode is raised to the handler, which answers 400, and again to aiohttp, which reads
+        what is left of it after the answer (to keep the connection) and logs it."""
+        if exc in self._faults:
+            return
+        with contextlib.suppress(TypeError):  # OSError's kin take no weak reference: raised once, by the socket
+            self._faults.add(exc)
+        self.log(level, kind, message, *args)
 
     async def settling(self, app: object) -> AsyncIterator[None]:
         """An aiohttp cleanup context: tells, now and then, what the end of a flood left out."""

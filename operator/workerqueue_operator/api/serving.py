@@ -134,8 +134,8 @@ class _OneLine(logging.Filter):
         else:
             first = logs.what_was_wrong(exc)
             # A client's fault, not ours: INFO (aiohttp logs plain-text port scans at DEBUG; kept so).
-            self._log.log(min(record.levelno, logging.INFO), "bad_request", "%s: %s%s", record.getMessage(),
-                          type(exc).__name__, f": {first}" if first else "")
+            self._log.fault(exc, "bad_request", "%s: %s%s", record.getMessage(), type(exc).__name__,
+                            f": {first}" if first else "", level=min(record.levelno, logging.INFO))
         return False
 
 

@@ -7,9 +7,10 @@ A watch never dies quietly: whatever breaks it (the API server, the network, an 
 ERROR event other than 410) is logged in one line with its cause, counted in `failures`, and the
 informer relists after a back-off; `down_since` says since when it has been failing, for readiness.
 A successful list alone is no recovery: only a watch the API server accepted and that has run for
-STABLE_SECONDS since resets the back-off and `down_since`, so a watch refused after every good list
-(429, RBAC without `watch`, however long the refusal takes) backs off and turns the replica unready
-rather than relisting twice a second for ever. A watch the server ends before STABLE_SECONDS
+STABLE_SECONDS since resets `down_since`, so a watch refused after every good list (429, RBAC without
+`watch`, however long the refusal takes) turns the replica unready. The back-off is reset only by
+BACKOFF_RESET_SECONDS without a failure, as client-go's: a watch that works for a few seconds and then
+fails (a proxy that breaks streams) is relisted every 30 s, not every 3. A watch the server ends before STABLE_SECONDS
 without a single event (a proxy closing watches at once) is a failure too, not a reason to watch
 again at once.
 A callback that fails on one object fails for that object only (logged with its traceback, counted
@@ -24,9 +25,10 @@ relist; a 403 among them marks the scope refused meanwhile. Only a version too o
 at once. Such a watch refused in words that say when to try again (a 429's
 `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again then,
 not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
-A list or watch refused with 403 marks the informer `refused` until one is accepted again: the
-operator may not read that scope (a namespace's admins removed its RoleBinding, or the namespace is
-gone), which the consumer may judge apart from an outage. `settled` is set once the informer has
+A list or watch refused with 403 marks the informer `refused` until a watch works again (a list
+accepted between two watches refused says nothing of them): the operator may not read that scope (a
+namespace's admins removed its RoleBinding, or the namespace is gone), which the consumer may judge
+apart from an outage. `settled` is set once the informer has
 either listed or been refused.
 """
 
@@ -51,6 +53,8 @@ RESUME_SECONDS = 120.0
 """How long watches from the version a cut stream left may fail one after another before a relist:
 an API server restarting takes 30-60 s to answer, and to let watches of custom resources in."""
 MAX_BACKOFF_SECONDS = 30.0
+BACKOFF_RESET_SECONDS = 60.0
+"""A failure this long after the previous one starts the back-off again from its least."""
 REFUSED_LOG_SECONDS = 600.0
 """A scope refused (403) again and again is logged at WARNING at most this often, at DEBUG in between,
 as kopf's refused watches are (handlers/embedded.py): a namespace whose RoleBinding went, or that was
@@ -133,6 +137,8 @@ class Informer:
         self.settled = asyncio.Event()
         """Listed once, or refused: what is known of the scope is all that will be for now."""
         self._backoff = 0.5
+        self._failed_at: float | None = None
+        """`clock()` of the last failure, for the back-off's reset."""
 
     def knows(self, key: ObjectKey) -> bool:
         """Whether the object was in the last list, or came by the watch since (and is not deleted)."""
@@ -150,7 +156,6 @@ class Informer:
                     version: str | None = await self._relist()
                 finally:
                     self.listing = False
-                self.refused = False
                 if not self.synced.is_set():
                     self.synced.set()
                     self.settled.set()
@@ -211,6 +216,10 @@ class Informer:
         from its version (for RESUME_SECONDS at most) is tried again when the API server said, its
         back-off kept as it is. A relist, a full listing of the scope, never comes sooner than the
         back-off (a watch cache starting answers lists and refuses watches: a relist a second)."""
+        now = self._clock()
+        if self._failed_at is not None and now - self._failed_at > BACKOFF_RESET_SECONDS:
+            self._backoff = 0.5
+        self._failed_at = now
         told = exc.retry_after if isinstance(exc, client_.ApiError) else None
         if told is not None and not relisting:
             return min(told, MAX_BACKOFF_SECONDS)
@@ -221,7 +230,6 @@ class Informer:
     def _working(self) -> None:
         self._resume_since = None
         self._refusal_told = None
-        self._backoff = 0.5
         self.refused = False
         if self.down_since is not None:
             logger.info("watch %s recovered after %.0fs", self.name, self.down_for())
