@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -613,6 +614,27 @@ async def test_a_lease_watch_down_for_good_keeps_no_dead_worker_registered_for_g
         reg._sweep(ending=True)
         await asyncio.gather(*reg._writes, *reg._deletions)
         assert reg.get("w-dead", expired=True) is None
+
+
+async def test_a_registration_refused_because_its_namespace_is_going_is_no_write_failure(
+    kube: Kube, namespace: str, kubeconfig: Path, caplog: pytest.LogCaptureFixture,
+):
+    """A namespace being deleted refuses every create in it (403 NamespaceTerminating): the Leases of
+    its workers go with it, and an alert on write failures would fire for a team deleting its namespace."""
+    hold = {"metadata": {"name": "hold", "finalizers": ["agentcontrol.dev/test-hold"]}}
+    kube.core.create_namespaced_config_map(namespace, hold)
+    try:
+        async with in_process(kube, namespace, kubeconfig, "going") as (queue, _, reg):
+            kube.core.delete_namespace(namespace)
+            wait_for(lambda: kube.core.read_namespace(namespace).status.phase == "Terminating", what="terminating")
+            worker = reg.rejoin(queue, "w-going")
+            assert worker is not None
+            reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+            await reg._write(worker)
+            assert (reg.writes, reg.write_failures) == (1, 0) and not worker.stored
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "w-going" in r.getMessage()]
+    finally:
+        kube.core.patch_namespaced_config_map("hold", namespace, {"metadata": {"finalizers": None}})
 
 
 async def test_a_renewal_heard_earlier_never_overwrites_a_later_one_written_by_the_other_replica(

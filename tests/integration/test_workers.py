@@ -273,6 +273,27 @@ def test_a_pod_taken_out_of_its_queue_by_its_labels_keeps_its_token_until_it_is_
     wait_for(lambda: not kube.has_secret(namespace, "lab-w0-token"), what="lab-w0's token deleted once it is gone")
 
 
+def test_a_pod_gone_whose_name_another_owner_took_does_not_keep_its_token(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """A pod released from its queue keeps its token while it is there, known by its owner, the queue:
+    a pod of the same name made since by something else is not it, and does not keep that token."""
+    running_worker(kube, namespace, "nm")
+    kube.core.patch_namespaced_pod("nm-w0", namespace, {"metadata": {"labels": {"agentcontrol.dev/queue": None}}})
+    wait_pods(kube, namespace, "nm", ["nm-w1"])
+    kube.core.delete_namespaced_pod("nm-w0", namespace, grace_period_seconds=0)
+    wait_for(lambda: "nm-w0" not in [p.metadata.name for p in kube.core.list_namespaced_pod(namespace).items],
+             what="nm-w0 gone")
+    owner = kube.core.create_namespaced_config_map(namespace, {"metadata": {"name": "someone-else"}})
+    kube.core.create_namespaced_pod(namespace, {
+        "metadata": {"name": "nm-w0", "ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": "someone-else", "uid": owner.metadata.uid,
+            "controller": True}]},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    kube.patch_queue(namespace, "nm", {"heartbeatIntervalSeconds": 31})  # a pass
+    wait_for(lambda: not kube.has_secret(namespace, "nm-w0-token"), what="nm-w0's token deleted")
+
+
 def test_plain_queue_runs_no_pods(kube: Kube, namespace: str):
     kube.create_queue(namespace, "plain", queueId=f"pl-{namespace}", replicas=3, temporal=TEMPORAL)
     kube.wait_condition(namespace, "plain", "True")

@@ -746,6 +746,43 @@ async def test_a_queue_set_for_deletion_while_an_identitys_registration_was_writ
         assert len(registry.live(("team-a", "q1"))) == 1  # the first one's only
 
 
+async def test_a_disconnect_whose_worker_ended_during_its_access_review_ends_nothing_twice(
+        monkeypatch: pytest.MonkeyPatch):
+    """Two disconnects of one worker (a worker retrying one that timed out) whose reviews overlap:
+    the second, let in after the first had ended the worker, ended it again, a second Event and a
+    second deletion of its Lease."""
+    class Gated(apps.Allowed):
+        def __init__(self) -> None:
+            self.gate: asyncio.Event | None = None
+
+        async def may(self, identity: reviews.Identity, token_digest: bytes, namespace: str, name: str, *,
+                      verb: str = "create", subresource: str = "start", peer: str = "") -> bool:
+            if self.gate is not None:
+                await self.gate.wait()
+            return True
+
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    reviewer = Gated()
+    async with TestClient(TestServer(apps.make_app(store, reviewer=reviewer))) as c:
+        registry = c.server.app[REGISTRY]
+        ended: list[str] = []
+        monkeypatch.setattr(registry, "_post_disconnected", lambda involved, worker_id, *_: ended.append(worker_id))
+        sa = {"Authorization": f"Bearer {SA_TOKEN}"}
+        started = await c.post(START.format("q-1"), headers=sa)
+        worker_id = (await started.json())["worker_id"]
+        reviewer.gate = asyncio.Event()
+        path = f"/api/v1/workers/{worker_id}/disconnect"
+        both = [asyncio.create_task(c.post(path, json={"reason": "shutdown"}, headers=sa)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both under review
+        reviewer.gate.set()
+        answers = await asyncio.gather(*both)
+        assert sorted(a.status for a in answers) == [200, 404]
+        assert (await c.post(path, json={"reason": "shutdown"}, headers=sa)).status == 404  # as one made after
+        assert ended == [worker_id]
+
+
 async def test_only_a_jwt_shaped_token_is_sent_to_a_token_review():
     """Any other unknown token (a queue token rotated out, an organization's key) reached the API
     server, its audit log and webhook authenticators, for nothing: it is refused unreviewed."""

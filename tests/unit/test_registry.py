@@ -1959,6 +1959,37 @@ async def test_a_deletion_waiting_for_its_retry_is_tried_once_more_when_the_repl
         await kube.close()
 
 
+async def test_deletions_of_one_lease_that_fail_together_leave_one_retry(monkeypatch: pytest.MonkeyPatch):
+    """A disconnect's delete and a sweep's of the same Lease, both failing in an outage: each left a
+    retry chain of its own, every failure of the Lease one more for as long as the outage lasted."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, tick=0.01)
+        worker = reg.register(q1, "w-1")
+        tried: list[str] = []
+        failing = [True]
+
+        async def delete(gone: leases.Worker, **kwargs: object) -> bool:
+            tried.append(gone.worker_id)
+            if failing[0]:
+                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+            return True
+
+        monkeypatch.setattr(reg._calls, "delete", delete)
+        reg._forget(worker.worker_id)
+        await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.05)
+        await reg._delete_quietly(worker, "no heartbeat for 30s", on_purpose=False, wait=0.05)
+        assert tried == ["w-1", "w-1"] and list(reg._retries) == [(worker.namespace, worker.lease)]
+        failing[0] = False
+        await asyncio.sleep(0.3)  # past the retry's wait, jitter and all
+        assert tried == ["w-1", "w-1", "w-1"] and not reg._retries
+        await kube.close()
+
+
 async def test_a_refusal_record_that_fails_to_be_written_is_written_again(monkeypatch: pytest.MonkeyPatch):
     """The refused worker exits and never calls again: a record left unwritten made the replica that
     supervises the pod (another one, or this one restarted) count its failure as a crash."""
