@@ -616,6 +616,34 @@ async def test_a_lease_watch_down_for_good_keeps_no_dead_worker_registered_for_g
         assert reg.get("w-dead", expired=True) is None
 
 
+async def test_a_renewal_given_up_after_the_lease_changed_under_it_twice_is_a_write_failure(
+    kube: Kube, namespace: str, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """A renewal meeting 409, read again and meeting 409 once more, is left to the writer's retry: it
+    did not get through, and `workerqueue_registry_write_failures_total` said nothing of it."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "moving", now) as (queue, client, reg):
+        worker = await written_worker(reg, queue, "w-moving")
+        assert reg.write_failures == 0
+        request = client.request
+        changes = iter(range(1000))
+
+        async def changed_first(method: str, path: str, **options: Any) -> Any:
+            if method == "PATCH" and path.endswith(f"/{worker.lease}"):  # another writer, just before
+                kube.coordination.patch_namespaced_lease(
+                    worker.lease, namespace, {"metadata": {"annotations": {"test/changed": str(next(changes))}}})
+            return await request(method, path, **options)
+
+        monkeypatch.setattr(client, "request", changed_first)
+        now[0] += 5
+        reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+        await reg._write(worker)
+        assert next(changes) == 2 and reg.write_failures == 1  # two renewals tried, neither written
+        monkeypatch.setattr(client, "request", request)
+        reg._flush()
+        await asyncio.gather(*reg._writes)
+
+
 async def test_a_registration_refused_because_its_namespace_is_going_is_no_write_failure(
     kube: Kube, namespace: str, kubeconfig: Path, caplog: pytest.LogCaptureFixture,
 ):

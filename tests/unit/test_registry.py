@@ -1035,6 +1035,7 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
 
     from tests.unit import apps
     from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
 
     with apps.unreachable() as kube:
         q = queue("q")
@@ -1052,6 +1053,9 @@ async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_a
             await asyncio.sleep(1.5)
             assert reg.writes == 2  # the next after 3.2-4 s
             assert reg.write_failures == 2  # nobody answers there
+            with pytest.raises(client_.ERRORS):  # a deletion whose read fails does not get through either
+                await reg._calls.delete(reg.get("w1"))  # type: ignore[arg-type]
+            assert reg.write_failures == 3
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -43,12 +43,16 @@ class LeaseCalls:
         self.writes = 0
         """Lease writes made (creates, renewals, deletions), for the metrics."""
         self.write_failures = 0
-        """Of those, writes that did not get through: the API server out of reach or slow, or refusing
-        (429, 403, 5xx); not a 404 or 409, which tell how the Lease stands, nor a refusal because the
-        namespace is being deleted. The reads some writes are made against are not counted."""
+        """Writes that did not get through: the API server out of reach or slow, or refusing (429,
+        403, 5xx), also in the read a write is made against; a renewal or deletion given up after
+        409s (the Lease changed under it each time). Not a 404 or a single 409, which tell how the
+        Lease stands, nor a refusal because the namespace is being deleted."""
 
     async def _write(self, method: str, path: str, **options: Any) -> dict[str, Any]:
         self.writes += 1
+        return await self._call(method, path, **options)
+
+    async def _call(self, method: str, path: str, **options: Any) -> dict[str, Any]:
         try:
             return await self._client.request(method, path, timeout=API_TIMEOUT, **options)
         except Exception as exc:
@@ -56,6 +60,11 @@ class LeaseCalls:
             if not (isinstance(exc, client_.ApiError) and (exc.not_found or exc.conflict or exc.namespace_terminating)):
                 self.write_failures += 1
             raise
+
+    def _given_up(self, exc: client_.ApiError) -> None:
+        """A 409 that ends a write's tries: it did not get through (other failures are counted as met)."""
+        if exc.conflict:
+            self.write_failures += 1
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created Lease, or None if one of that name exists."""
@@ -81,8 +90,7 @@ class LeaseCalls:
         """The Lease of `body`'s name as the API server holds it now; None if there is none."""
         meta = body["metadata"]
         try:
-            return await self._client.request("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}",
-                                              timeout=API_TIMEOUT)
+            return await self._call("GET", f"{resources.leases_path(meta['namespace'])}/{meta['name']}")
         except client_.ApiError as exc:
             if exc.not_found:
                 return None
@@ -112,9 +120,10 @@ class LeaseCalls:
                 if exc.not_found:
                     return Renewal.GONE
                 if not exc.conflict or retried:
+                    self._given_up(exc)
                     raise  # twice changed meanwhile: again after the writer's retry delay
                 try:
-                    current = await self._client.request("GET", path, timeout=API_TIMEOUT)
+                    current = await self._call("GET", path)
                 except client_.ApiError as again:
                     if again.not_found:
                         return Renewal.GONE
@@ -140,7 +149,7 @@ class LeaseCalls:
         while True:
             attempt += 1
             try:
-                current = await self._client.request("GET", path, timeout=API_TIMEOUT)
+                current = await self._call("GET", path)
                 # A time far ahead in the version this replica knew was judged when it came; in a newer
                 # one (a replica whose clock runs ahead renewed it since), it is a renewal.
                 now = self._clock()
@@ -166,6 +175,7 @@ class LeaseCalls:
                     return False
                 if exc.conflict and attempt < DELETE_ATTEMPTS:
                     continue  # written since it was read (a renewal in flight): read again
+                self._given_up(exc)
                 raise  # made again later by the caller: a Lease left behind would hold its slot
             return True
 
