@@ -38,7 +38,7 @@ URL_PORT_OUT_OF_RANGE = (r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?([^/?#@:\[]*|\
 """A URL whose port is no number from 0 to 65535, which no client can dial (urlsplit refuses it too):
 for schemas (`not`), as code checks it with port_in_range."""
 PORT_IN_RANGE: dict[str, Any] = {"not": {"pattern": URL_PORT_OUT_OF_RANGE}}
-"""A schema's rule that a URL's port is in range (see URL_PORT_OUT_OF_RANGE)."""
+"""A JSON Schema's rule that a URL's port is in range (see URL_PORT_OUT_OF_RANGE): the chart's values."""
 
 
 def port_in_range(url: str) -> bool:
@@ -69,6 +69,13 @@ def cel(rule: str, message: str) -> dict[str, Any]:
     return {"rule": rule, "message": message}
 
 
+# The CRD's rules that a value must not match are CEL, not the schema's `not`: the API server words
+# a `not` as `<nil>: Invalid value: "": "spec.redis.url" must not validate the schema (not)`.
+CRD_PORT_IN_RANGE: dict[str, Any] = {"x-kubernetes-validations": [
+    cel(f"!self.matches(r'{URL_PORT_OUT_OF_RANGE}')", "the URL's port must be a number from 0 to 65535")]}
+"""The CRD's rule that a URL's port is in range (see URL_PORT_OUT_OF_RANGE)."""
+
+
 class _Model(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown fields are the API server's business."""
 
@@ -82,9 +89,8 @@ class _Model(BaseModel):
 
 
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
-"""A key of a Secret's data, as the API server holds them..."""
-SECRET_KEY_REFUSED = r"^\.\.|^\.$"
-"""...but for `.`, `..` and those that begin with `..`."""
+"""A key of a Secret's data, as the API server holds them, but for `.`, `..` and those that begin
+with `..` (the CRD's rule on SecretKeyRef.key)."""
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 """A Kubernetes object name (a DNS subdomain, RFC 1123), as the API server holds a Secret's to. Not
 only for a clear error: a name such as `../../other/secrets/x` went into the URL of a GET, which
@@ -99,7 +105,8 @@ class SecretKeyRef(_Model):
     # In the CRD only: a key no Secret can hold, refused at apply; one stored before the rule is
     # reported as not found (SecretKeyNotFound), as it is, rather than the queue dropped.
     key: str = Field(min_length=1, max_length=253, json_schema_extra={
-        "pattern": SECRET_KEY_PATTERN, "not": {"pattern": SECRET_KEY_REFUSED}})
+        "pattern": SECRET_KEY_PATTERN, "x-kubernetes-validations": [
+            cel("self != '.' && !self.startsWith('..')", "a Secret's key cannot be '.' or begin with '..'")]})
     """Key inside the Secret's data."""
 
 
@@ -156,7 +163,7 @@ class LiteLLMSpec(_Model):
     # In the CRD only: a queue stored before the rule (the API server keeps it) is still served, and
     # its URL reported on it (queues.resolve), not dropped by the operator's own parsing.
     url: str | None = Field(default=None, max_length=2048, json_schema_extra={
-        "pattern": LITELLM_URL_PATTERN, **PORT_IN_RANGE})
+        "pattern": LITELLM_URL_PATTERN, **CRD_PORT_IN_RANGE})
     """Base URL of the LiteLLM proxy (http:// or https://)."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret key holding the LiteLLM API key; absent means the operator's default key with the
@@ -180,7 +187,7 @@ class RedisSpec(_Model):
 
     # The scheme only in pydantic: a queue stored before the CRD's rules is reported (RedisInvalid).
     url: str | None = Field(default=None, max_length=2048, pattern=r"^rediss?://",
-                            json_schema_extra={"pattern": REDIS_URL_PATTERN, **PORT_IN_RANGE})
+                            json_schema_extra={"pattern": REDIS_URL_PATTERN, **CRD_PORT_IN_RANGE})
     """Redis URL (redis:// or rediss://). Use urlSecretRef instead when the URL carries a password."""
     url_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Redis URL."""
@@ -206,7 +213,7 @@ class WebsocketSpec(_Model):
     Enabled without a url, workers are sent the operator's /api/v1/ws/workers/<worker_id>, passed
     through to the queue's upstream; a queue with no upstream gets no websocket."""
     url: str | None = Field(default=None, max_length=2048, json_schema_extra={
-        "pattern": WEBSOCKET_URL_PATTERN, **PORT_IN_RANGE})
+        "pattern": WEBSOCKET_URL_PATTERN, **CRD_PORT_IN_RANGE})
     """Websocket URL handed to the workers."""
     features: list[str] = Field(default=list(DEFAULT_WEBSOCKET_FEATURES), max_length=32)
     """Websocket features the workers may use."""
@@ -223,7 +230,7 @@ class UpstreamSpec(_Model):
     """The control plane that requests the operator does not serve itself are passed through to."""
 
     url: str = Field(min_length=1, max_length=2048, pattern=_UPSTREAM_URL_STORED,
-                     json_schema_extra={"pattern": UPSTREAM_URL_PATTERN, **PORT_IN_RANGE})
+                     json_schema_extra={"pattern": UPSTREAM_URL_PATTERN, **CRD_PORT_IN_RANGE})
     """Base URL (http:// or https://, no credentials, query or fragment); a worker's
     `/api/v1/...` path is appended to it."""
     api_key_secret_ref: SecretKeyRef
