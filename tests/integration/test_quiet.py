@@ -31,8 +31,9 @@ def set_image_pull_backoff(kube: Kube, namespace: str, pod: str) -> None:
 STATES: dict[str, tuple[dict[str, Any], str, str]] = {
     # queue name: (spec, condition type, the reason it settles with)
     "ready": ({}, "Ready", "Ready"),
+    # Ready=False SecretNotFound first, then TemporalReachable=Unknown (nothing to check it with).
     "missing-secret": ({"temporal": {**UNREACHABLE, "apiKeySecretRef": {"name": "nope", "key": "k"}}},
-                       "Ready", "SecretNotFound"),
+                       "TemporalReachable", "TemporalNotResolved"),
     "suspended": ({"suspend": True}, "Ready", "Suspended"),
     "temporal-unreachable": ({"temporal": UNREACHABLE}, "TemporalReachable", "TemporalUnavailable"),
     "pods-pending": ({"singleExecution": True, "replicas": 2}, "Progressing", "WorkersAvailable"),
@@ -90,3 +91,18 @@ def test_temporal_reachable_turns_unknown_while_the_queues_temporal_cannot_be_re
                                   timeout=30)
     assert "unres-key" in unknown["message"] and "s3cr3t" not in unknown["message"]
     kube.wait_condition(namespace, "unres", "False", "SecretNotFound")
+
+
+def test_a_new_queue_whose_temporal_never_resolved_shows_temporal_reachable_unknown(kube: Kube, namespace: str):
+    """Its Temporal key's Secret missing from the start: TemporalReachable was not shown at all (the
+    Temporal column empty), where the README says Unknown TemporalNotResolved."""
+    kube.create_queue(namespace, "never", queueId=f"never-{namespace}",
+                      temporal={**UNREACHABLE, "apiKeySecretRef": {"name": "never-key", "key": "k"}})
+    kube.wait_condition(namespace, "never", "False", "SecretNotFound")
+    unknown = kube.wait_condition(namespace, "never", "Unknown", "TemporalNotResolved", type_="TemporalReachable",
+                                  timeout=30)
+    assert "never-key" in unknown["message"]
+    conditions = kube.get_queue(namespace, "never")["status"]["conditions"]
+    assert [c["type"] for c in conditions].count("TemporalReachable") == 1
+    kube.put_secret(namespace, "never-key", k="a-key")  # resolved: checked, and found unreachable
+    kube.wait_condition(namespace, "never", "False", "TemporalUnavailable", type_="TemporalReachable", timeout=60)

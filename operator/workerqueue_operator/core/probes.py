@@ -358,20 +358,23 @@ class TemporalProbes:
 
     def _unresolved_shown_otherwise(self, key: QueueKey) -> bool:
         """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown
-        for its generation."""
+        for its generation (or not at all, once the queue's other conditions are written)."""
         queue = self._store.queue(key)
         resolution = self._store.resolution(key)
         if queue is None or resolution is None or resolution.awaiting_generated_token or (
                 resolution.problem is not None and resolution.problem.reason == "SecretPending"):
             return False  # for a moment only (a Secret not read yet, a token being made): no flap
-        current = next((c for c in queue.status.get("conditions") or [] if c.get("type") == TEMPORAL_REACHABLE), None)
-        return current is not None and (current.get("status") != "Unknown"
-                                        or current.get("observedGeneration") != queue.generation)
+        conditions = queue.status.get("conditions") or []
+        current = next((c for c in conditions if c.get("type") == TEMPORAL_REACHABLE), None)
+        if current is None:
+            return bool(conditions)  # after the queue's first status (its Ready says why), not before
+        return bool(current.get("status") != "Unknown" or current.get("observedGeneration") != queue.generation)
 
     async def _show_unresolved(self, key: QueueKey, probe: _Probe) -> None:
         """TemporalReachable turns Unknown while the queue's Temporal cannot be resolved (its key's
         Secret gone, its host taken out of the spec): `True Reachable` of the Temporal it named before
-        would stay for as long, under an older generation. Ready says why."""
+        would stay for as long, under an older generation. Ready says why. A new queue whose Temporal
+        never resolved shows it Unknown too, rather than not at all."""
         try:
             queue = self._store.queue(key)
             resolution = self._store.resolution(key)
@@ -379,15 +382,19 @@ class TemporalProbes:
                 return
             conditions: list[dict[str, Any]] = list(queue.status.get("conditions") or [])
             index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
-            if index is None:
+            if index is None and not conditions:
                 return
             why = resolution.problem.message if resolution is not None and resolution.problem else "not resolved"
             condition = status_.set_condition(
-                [conditions[index]], type=TEMPORAL_REACHABLE, status="Unknown", reason="TemporalNotResolved",
-                message=f"not checked: the queue's Temporal cannot be resolved ({why})",
+                [conditions[index]] if index is not None else [], type=TEMPORAL_REACHABLE, status="Unknown",
+                reason="TemporalNotResolved", message=f"not checked: the queue's Temporal cannot be resolved ({why})",
                 generation=queue.generation, now=resources.now_rfc3339())[0]
-            ops = [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
-                   {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+            if index is None:  # onto the queue as seen here only, as a probe's first condition (_show)
+                ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},
+                       {"op": "add", "path": "/status/conditions/-", "value": condition}]
+            else:
+                ops = [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
+                       {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
             try:
                 await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
                                          content_type=client_.JSON_PATCH)
