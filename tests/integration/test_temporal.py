@@ -623,6 +623,15 @@ async def test_unknown_namespace_is_unavailable_with_a_clear_reason(temporal: Te
         await access.executions(Endpoint(host=temporal.address, namespace="no-such-namespace", api_key="k"), "tq")
 
 
+async def test_tls_to_a_server_without_it_is_unavailable_with_a_word_on_tls(temporal: TemporalServer,
+                                                                             access: Temporal):
+    """An API key turns TLS on by default; the SDK's words for a plaintext answer
+    (`InvalidContentType`) say nothing of TLS."""
+    with pytest.raises(TemporalUnavailable, match=r"set spec\.temporal\.tls to false"):
+        await access.executions(Endpoint(host=temporal.address, namespace=temporal.namespace, api_key="k",
+                                         tls=True), "tq")
+
+
 async def test_a_refusal_keeps_the_connection_it_came_over(temporal: TemporalServer, access: Temporal,
                                                              monkeypatch: pytest.MonkeyPatch):
     # Every queue of a namespace Temporal does not know was probed over a new connection each time.

@@ -510,7 +510,7 @@ class Temporal:
             answered = e.status != RPCStatusCode.UNAVAILABLE
         except (RuntimeError, OSError) as e:
             # The SDK reports a failed connection as a RuntimeError naming the address and the cause.
-            reason = f"Temporal at {endpoint} is unreachable: {_first_line(e)}"
+            reason = f"Temporal at {endpoint} is unreachable: {_first_line(e)}{_tls_hint(endpoint, e)}"
         except Exception as e:  # e.g. a malformed host: still an answer for the caller, not a crash
             logger.debug("Temporal call to %s failed", endpoint, exc_info=True)
             reason = f"Temporal at {endpoint} failed: {_first_line(e)}"
@@ -1105,6 +1105,18 @@ def _rpc_reason(endpoint: Endpoint, e: RPCError) -> str:
     if e.status == RPCStatusCode.NOT_FOUND:
         return f"Temporal at {endpoint}: {_first_line(e)}"
     return f"Temporal at {endpoint} failed ({e.status.name if e.status else 'unknown'}): {_first_line(e)}"
+
+
+_PLAINTEXT_ANSWERS = ("InvalidContentType", "wrong version number", "CorruptMessage")
+"""What the SDK's TLS (rustls) says of a server that answers in plaintext: no word of TLS in it."""
+
+
+def _tls_hint(endpoint: Endpoint, e: BaseException) -> str:
+    """A word on TLS when the server answered a TLS handshake in plaintext: TLS is on by default with
+    an API key, and a self-hosted server without TLS needs it off."""
+    if endpoint.tls and any(marker in str(e) for marker in _PLAINTEXT_ANSWERS):
+        return " (its answer is no TLS: set spec.temporal.tls to false for a server without TLS)"
+    return ""
 
 
 def _first_line(e: BaseException) -> str:
