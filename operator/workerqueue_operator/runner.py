@@ -478,7 +478,7 @@ async def run(
         await temporal_.close()
         await client.close()
         raise StartupError(f"cannot listen on {settings.http_host}:{settings.http_port} "
-                           f"(WQ_HTTP_HOST, WQ_HTTP_PORT): {exc.strerror or exc}") from None
+                           f"(WQ_HTTP_HOST, and --port or WQ_HTTP_PORT): {exc.strerror or exc}") from None
     logger.info("HTTP API listening", extra={"host": settings.http_host, "port": port})
     metrics_http: web.AppRunner | None = None
     if settings.metrics_port is not None:

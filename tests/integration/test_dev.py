@@ -1,5 +1,5 @@
 """`workerqueue-operator dev` end to end: its own control plane and Temporal, the examples, /start, the pool's
-worker processes, a clean SIGTERM."""
+worker processes, a clean stop when its terminal closes (SIGHUP, handled as SIGTERM)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_dev_serves_the_examples_and_stops_everything(k8s_assets: Path, tmp_path
         assert "[INFO" in listening and not listening.lstrip().startswith("{")
         assert "succeeded." not in printed and "registry.<locals>" not in printed
     finally:
-        os.killpg(dev.pid, signal.SIGTERM)
+        os.kill(dev.pid, signal.SIGHUP)  # its terminal closed: stopped as by Ctrl-C or SIGTERM
         try:
             code = dev.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -724,7 +724,8 @@ def test_a_port_taken_stops_the_operator_with_one_line_naming_the_settings(tmp_p
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert json.loads(line)["message"] == (
-        f"cannot start: cannot listen on 127.0.0.1:{port} (WQ_HTTP_HOST, WQ_HTTP_PORT): Address already in use")
+        f"cannot start: cannot listen on 127.0.0.1:{port} (WQ_HTTP_HOST, and --port or WQ_HTTP_PORT): "
+        "Address already in use")
 
 
 def test_a_certificate_that_does_not_load_stops_the_operator_with_one_line_naming_the_files(tmp_path):

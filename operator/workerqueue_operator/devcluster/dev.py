@@ -2,7 +2,8 @@
 
 The operator's default Temporal host and namespace are the local Temporal's, so the examples that
 set none use it; a local kubelet runs the operator's worker pods as test-worker processes.
-Everything runs until Ctrl-C or SIGTERM; then the operator stops, and the kubelet's children, the
+Everything runs until Ctrl-C, SIGTERM or SIGHUP (its terminal closed); then the operator stops, and the
+kubelet's children, the
 Temporal server and the control plane's processes are stopped by PID (they also die with this
 process if it is SIGKILLed).
 """
@@ -10,9 +11,11 @@ process if it is SIGKILLed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,8 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # its terminal closed (SIGHUP): the clean-up goes on unsaid
+        print(message, file=sys.stderr, flush=True)
 
 
 def _kubectl(bin_dir: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
@@ -87,8 +91,9 @@ or run the test worker (it behaves as the real one) and give it a workflow on th
       --input '{{"execution_id": "demo-1", "duration_seconds": 5}}'
 
 or the real worker, `kubiya-control-plane-worker` from PyPI (installed once by hack/real-worker.sh), run from
-this repository, with a workflow of the input it expects; this queue has no upstream, so the workflow fails
-at its first call ("Execution demo-3 not found"), as it would on a real control plane that never created it:
+this repository, with a workflow of the input it expects (stop the test worker first: on the same task queue,
+it may take the workflow); this queue has no upstream, so the workflow fails at its first call
+("Execution demo-3 not found"), as it would on a real control plane that never created it:
 
   KUBIYA_API_KEY=$TOKEN CONTROL_PLANE_URL={url} QUEUE_ID=minimal-queue TEMPORAL_HOST=temporal:local \\
       LITELLM_LOCAL_MODEL_COST_MAP=True "$(bash hack/real-worker.sh)"
@@ -169,6 +174,9 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
                 # The operator handles SIGINT/SIGTERM from here on and returns; everything else is stopped after.
                 asyncio.run(runner.run(settings, kubeconfig=str(control_plane.kubeconfig)))
 
+    # A terminal closed stops everything as Ctrl-C does: by default SIGHUP killed this process, its
+    # children died with it, and the state folder stayed, with the cluster's admin token and etcd.
+    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         run_until_signal(ControlPlane(state, bin_dir, log=_say), serve)
     except runner.StartupError as exc:  # `--port` taken, say: one line, everything stopped
