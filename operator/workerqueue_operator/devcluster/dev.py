@@ -2,10 +2,9 @@
 
 The operator's default Temporal host and namespace are the local Temporal's, so the examples that
 set none use it; a local kubelet runs the operator's worker pods as test-worker processes.
-Everything runs until Ctrl-C, SIGTERM or SIGHUP (its terminal closed); then the operator stops, and the
-kubelet's children, the
-Temporal server and the control plane's processes are stopped by PID (they also die with this
-process if it is SIGKILLed).
+Everything runs until Ctrl-C, SIGTERM or SIGHUP (its terminal closed); then the operator stops, and
+the kubelet's children, the Temporal server and the control plane's processes are stopped by PID
+(they also die with this process if it is SIGKILLed).
 """
 
 from __future__ import annotations
