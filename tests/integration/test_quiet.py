@@ -95,14 +95,17 @@ def test_temporal_reachable_turns_unknown_while_the_queues_temporal_cannot_be_re
 
 def test_a_new_queue_whose_temporal_never_resolved_shows_temporal_reachable_unknown(kube: Kube, namespace: str):
     """Its Temporal key's Secret missing from the start: TemporalReachable was not shown at all (the
-    Temporal column empty), where the README says Unknown TemporalNotResolved."""
+    Temporal column empty), where the README says Unknown TemporalNotResolved. Why is its Temporal's
+    own reason, not the queue's first (its token's Secret, missing too)."""
     kube.create_queue(namespace, "never", queueId=f"never-{namespace}",
+                      auth={"tokenSecretRefs": [{"name": "never-token", "key": "t"}]},
                       temporal={**UNREACHABLE, "apiKeySecretRef": {"name": "never-key", "key": "k"}})
     kube.wait_condition(namespace, "never", "False", "SecretNotFound")
     unknown = kube.wait_condition(namespace, "never", "Unknown", "TemporalNotResolved", type_="TemporalReachable",
                                   timeout=30)
-    assert "never-key" in unknown["message"]
+    assert "never-key" in unknown["message"] and "never-token" not in unknown["message"]
     conditions = kube.get_queue(namespace, "never")["status"]["conditions"]
     assert [c["type"] for c in conditions].count("TemporalReachable") == 1
+    kube.put_secret(namespace, "never-token", t="a-long-enough-queue-token-0123456789")
     kube.put_secret(namespace, "never-key", k="a-key")  # resolved: checked, and found unreachable
     kube.wait_condition(namespace, "never", "False", "TemporalUnavailable", type_="TemporalReachable", timeout=60)

@@ -199,10 +199,11 @@ async def test_a_scope_refused_for_good_is_a_warning_every_ten_minutes_not_every
 
 
 async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agentcontrol.dev/v1alpha1/workerqueues",
-                   made: list[Any] | None = None) -> tuple[list[float], list[float], Any]:
-    """An informer run for `seconds` (loop time) against a server that lists nothing and answers each
-    watch with `answer_watch(request, number)`: when each list and each watch was asked, the informer
-    (also put in `made` as soon as it is made, for `answer_watch` to look at)."""
+                   made: list[Any] | None = None, refused_lists: int = 0) -> tuple[list[float], list[float], Any]:
+    """An informer run for `seconds` (loop time) against a server that lists nothing (its first
+    `refused_lists` lists refused, 403) and answers each watch with `answer_watch(request, number)`:
+    when each list and each watch was asked, the informer (also put in `made` as soon as it is made,
+    for `answer_watch` to look at)."""
     import asyncio
 
     import kubernetes
@@ -218,6 +219,8 @@ async def _against(answer_watch: Any, seconds: float, *, path: str = "/apis/agen
     async def api(request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") != "true":
             lists.append(loop.time())
+            if len(lists) <= refused_lists:
+                return web.json_response(_status(403, "Forbidden"), status=403)
             return web.json_response({"metadata": {"resourceVersion": "100"}, "items": []})
         watched.append(loop.time())
         return await answer_watch(request, len(watched))
@@ -366,3 +369,48 @@ async def test_a_scope_whose_watches_are_refused_stays_refused_across_the_lists_
 
     lists, _, watch = await _against(forbidden, 60, made=made)
     assert len(lists) >= 3 and seen[0] is False and all(seen[1:]) and watch.refused
+
+
+@pytest.mark.looptime
+async def test_a_scope_refused_once_whose_watches_then_fail_otherwise_is_counted_again():
+    """Access given back, every watch ended at once (a proxy): with only a working watch clearing it,
+    the scope stayed refused for good, left out of readiness while it was failing all along."""
+    from aiohttp import web
+
+    async def ended(request: web.Request, number: int) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        return response  # ended at once, without an event
+
+    lists, _, watch = await _against(ended, 60, refused_lists=1)
+    assert len(lists) >= 3 and not watch.refused and watch.down_for() > 50
+
+
+@pytest.mark.looptime
+async def test_a_watch_that_worked_a_while_after_an_outage_fails_again_at_the_least_back_off():
+    """The API server away for 40 s (the back-off grown to 30 s, the watch back at 61 s), then a watch
+    that works 49 s and fails: waiting the 30 s grown in the outage left the store that /start serves
+    30 s behind."""
+    import asyncio
+
+    from aiohttp import web
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def outage_then_blip(request: web.Request, number: int) -> web.StreamResponse:
+        if loop.time() - start < 40:
+            return web.json_response(_status(503, "ServiceUnavailable"), status=503)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        if loop.time() - start < 110:
+            await asyncio.sleep(110 - (loop.time() - start))
+            error = {"type": "ERROR", "object": _status(500, "InternalError")}
+            await response.write(json.dumps(error).encode() + b"\n")
+            return response
+        await asyncio.sleep(3600)
+        return response
+
+    lists, _, _ = await _against(outage_then_blip, 130)
+    after = [t - start for t in lists if t - start >= 110]
+    assert after and after[0] < 112  # at the least back-off, not 30 s on

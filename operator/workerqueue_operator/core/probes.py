@@ -83,6 +83,13 @@ def _names(message: str, endpoint: str) -> bool:
     return not endpoint or re.search(rf"\bat {re.escape(endpoint)}(?![\w.-])", message) is not None
 
 
+def _unresolved_message(resolution: queues.Resolution | None) -> str:
+    """TemporalReachable's message while the queue's Temporal cannot be resolved: its own reason, not
+    the queue's first (a missing token Secret, which says nothing of its Temporal)."""
+    problem = resolution and (resolution.temporal_problem or resolution.problem)
+    return f"not checked: the queue's Temporal cannot be resolved ({problem.message if problem else 'not resolved'})"
+
+
 FLIP_SECONDS = 15.0
 """The least time between two changes of TemporalReachable's status written by a replica: a Temporal
 failing every other call (rate limits, a slow scan) made each probe, every second on a scaling queue,
@@ -368,7 +375,8 @@ class TemporalProbes:
         current = next((c for c in conditions if c.get("type") == TEMPORAL_REACHABLE), None)
         if current is None:
             return bool(conditions)  # after the queue's first status (its Ready says why), not before
-        return bool(current.get("status") != "Unknown" or current.get("observedGeneration") != queue.generation)
+        return bool(current.get("status") != "Unknown" or current.get("observedGeneration") != queue.generation
+                    or current.get("message") != _unresolved_message(resolution))
 
     async def _show_unresolved(self, key: QueueKey, probe: _Probe) -> None:
         """TemporalReachable turns Unknown while the queue's Temporal cannot be resolved (its key's
@@ -384,10 +392,9 @@ class TemporalProbes:
             index = next((i for i, c in enumerate(conditions) if c.get("type") == TEMPORAL_REACHABLE), None)
             if index is None and not conditions:
                 return
-            why = resolution.problem.message if resolution is not None and resolution.problem else "not resolved"
             condition = status_.set_condition(
                 [conditions[index]] if index is not None else [], type=TEMPORAL_REACHABLE, status="Unknown",
-                reason="TemporalNotResolved", message=f"not checked: the queue's Temporal cannot be resolved ({why})",
+                reason="TemporalNotResolved", message=_unresolved_message(resolution),
                 generation=queue.generation, now=resources.now_rfc3339())[0]
             if index is None:  # onto the queue as seen here only, as a probe's first condition (_show)
                 ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},

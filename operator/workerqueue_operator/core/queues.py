@@ -403,6 +403,8 @@ class Resolution:
     temporal: TemporalTarget | None = None
     """The queue's task queue; resolved on its own, so that running workers keep seeing their
     executions while another Secret (a LiteLLM or Redis one) keeps the queue from being Ready."""
+    temporal_problem: Problem | None = None
+    """Why `temporal` is None: its own, not `problem`, which may be another Secret's (the token's)."""
     secrets_problem: Problem | None = None
     """The first referenced Secret key that cannot be used, whatever else keeps the queue from being
     Ready (a missing Temporal host, a queue id another queue holds): the SecretsResolved condition."""
@@ -538,16 +540,18 @@ def resolve(
         upstream = None
     else:
         upstream_problem = None
+    temporal_problem: Problem | None = None
     try:
         target: TemporalTarget | None = _temporal_target(queue, lookup, settings)
-    except _Unresolved:
-        target = None
+    except _Unresolved as exc:
+        target, temporal_problem = None, exc.problem
     try:
         config = _config(queue, lookup, settings=settings)
     except _Unresolved as exc:
         return Resolution(queue=queue, config=None, problem=token_problem or exc.problem, token_digests=tokens,
                           upstream=upstream, upstream_problem=upstream_problem,
-                          secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem), temporal=target)
+                          secrets_problem=_of_secrets(token_problem, exc.problem, upstream_problem), temporal=target,
+                          temporal_problem=temporal_problem)
     if config.websocket_enabled and not config.websocket_url and upstream is None and upstream_problem is None:
         # The operator's websocket route is passed through to the upstream: with none, each connect
         # would be a 404 that the worker retries all its life. Its workers go without, as if disabled.
@@ -562,12 +566,12 @@ def resolve(
                                                                                        "SecretPending")
         return Resolution(queue=queue, config=config, problem=token_problem, token_digests=tokens, upstream=upstream,
                           upstream_problem=upstream_problem, awaiting_generated_token=generated,
-                          secrets_problem=secrets_problem, temporal=target)
+                          secrets_problem=secrets_problem, temporal=target, temporal_problem=temporal_problem)
     # Workers started without their upstream's key would fail every execution: not Ready either.
     problem = upstream_problem or (Problem("Suspended", "the queue is suspended") if config.suspended else None)
     return Resolution(queue=queue, config=config, problem=problem, token_digests=tokens, upstream=upstream,
                       upstream_problem=upstream_problem, secrets_problem=secrets_problem, temporal=target,
-                      short_token=short)
+                      temporal_problem=temporal_problem, short_token=short)
 
 
 def _of_secrets(*problems: Problem | None) -> Problem | None:

@@ -184,6 +184,9 @@ def main(*, state_dir: Path | None, port: int | None, verbose: bool) -> int:
     except runner.HandlersStopped as exc:
         _say(f"stopped: its handlers (kopf) gave up: {exc}")
         return 1
+    finally:
+        # SIGTERM is back to its default here: a late SIGHUP must not cut the state's removal short.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if state_dir is None:
         # Made here, and holding the cluster's admin token and signing key: gone with the cluster.
         # After a failure (an exception above) it stays, with the logs that tell why.

@@ -8,9 +8,9 @@ ERROR event other than 410) is logged in one line with its cause, counted in `fa
 informer relists after a back-off; `down_since` says since when it has been failing, for readiness.
 A successful list alone is no recovery: only a watch the API server accepted and that has run for
 STABLE_SECONDS since resets `down_since`, so a watch refused after every good list (429, RBAC without
-`watch`, however long the refusal takes) turns the replica unready. The back-off is reset only by
-BACKOFF_RESET_SECONDS without a failure, as client-go's: a watch that works for a few seconds and then
-fails (a proxy that breaks streams) is relisted every 30 s, not every 3. A watch the server ends before STABLE_SECONDS
+`watch`, however long the refusal takes) turns the replica unready. The back-off is reset only by a
+watch that has worked for BACKOFF_RESET_SECONDS: one that works for a few seconds and then fails (a
+proxy that breaks streams) is relisted every 30 s, not every 3. A watch the server ends before STABLE_SECONDS
 without a single event (a proxy closing watches at once) is a failure too, not a reason to watch
 again at once.
 A callback that fails on one object fails for that object only (logged with its traceback, counted
@@ -25,8 +25,9 @@ relist; a 403 among them marks the scope refused meanwhile. Only a version too o
 at once. Such a watch refused in words that say when to try again (a 429's
 `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again then,
 not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
-A list or watch refused with 403 marks the informer `refused` until a watch works again (a list
-accepted between two watches refused says nothing of them): the operator may not read that scope (a
+A list or watch refused with 403 marks the informer `refused` until a watch works again, or a list
+is accepted and what fails next is no 403 (a list accepted between two watches refused says nothing
+of them): the operator may not read that scope (a
 namespace's admins removed its RoleBinding, or the namespace is gone), which the consumer may judge
 apart from an outage. `settled` is set once the informer has
 either listed or been refused.
@@ -53,8 +54,8 @@ RESUME_SECONDS = 120.0
 """How long watches from the version a cut stream left may fail one after another before a relist:
 an API server restarting takes 30-60 s to answer, and to let watches of custom resources in."""
 MAX_BACKOFF_SECONDS = 30.0
-BACKOFF_RESET_SECONDS = 60.0
-"""A failure this long after the previous one starts the back-off again from its least."""
+BACKOFF_RESET_SECONDS = 30.0
+"""A watch that worked this long before it failed starts the back-off again from its least."""
 REFUSED_LOG_SECONDS = 600.0
 """A scope refused (403) again and again is logged at WARNING at most this often, at DEBUG in between,
 as kopf's refused watches are (handlers/embedded.py): a namespace whose RoleBinding went, or that was
@@ -133,12 +134,14 @@ class Informer:
         self.down_since: float | None = None
         """`clock()` of the first failure since a watch last worked (STABLE_SECONDS); None while healthy."""
         self.refused = False
-        """The last list or watch was refused with 403, and none was accepted since."""
+        """A list or watch was refused with 403, and no watch has worked since, nor has anything but a 403
+        failed after a list accepted since."""
+        self._listed_since_refusal = False
         self.settled = asyncio.Event()
         """Listed once, or refused: what is known of the scope is all that will be for now."""
         self._backoff = 0.5
-        self._failed_at: float | None = None
-        """`clock()` of the last failure, for the back-off's reset."""
+        self._up_since: float | None = None
+        """`clock()` of the first watch that worked since the last failure (see BACKOFF_RESET_SECONDS)."""
 
     def knows(self, key: ObjectKey) -> bool:
         """Whether the object was in the last list, or came by the watch since (and is not deleted)."""
@@ -156,6 +159,7 @@ class Informer:
                     version: str | None = await self._relist()
                 finally:
                     self.listing = False
+                self._listed_since_refusal = True
                 if not self.synced.is_set():
                     self.synced.set()
                     self.settled.set()
@@ -179,8 +183,8 @@ class Informer:
                 if self.down_since is None:
                     self.down_since = self._clock()
                 level = logging.WARNING
+                self._judge_refusal(exc)
                 if isinstance(exc, client_.ApiError) and exc.status == 403:
-                    self.refused = True  # until a list or watch is accepted: a 503 between says nothing of it
                     self.settled.set()
                     now = self._clock()
                     if self._refusal_told is not None and now - self._refusal_told < REFUSED_LOG_SECONDS:
@@ -197,10 +201,10 @@ class Informer:
         relist, as when the API server restarts after it cut the stream (see the module doc)."""
         if self._resume_since is None or self._clock() - self._resume_since > RESUME_SECONDS:
             return False
+        # A 403 is a refusal for now at least (an API server just restarted may refuse until its
+        # caches fill): said at once, for readiness to leave the scope out, and still resumed from.
+        self._judge_refusal(exc)
         if isinstance(exc, client_.ApiError) and exc.status == 403:
-            # Refused, for now at least (an API server just restarted may refuse until its caches
-            # fill): said at once, for readiness to leave the scope out, and still resumed from.
-            self.refused = True
             self.settled.set()
         self.failures += 1
         if self.down_since is None:
@@ -216,10 +220,9 @@ class Informer:
         from its version (for RESUME_SECONDS at most) is tried again when the API server said, its
         back-off kept as it is. A relist, a full listing of the scope, never comes sooner than the
         back-off (a watch cache starting answers lists and refuses watches: a relist a second)."""
-        now = self._clock()
-        if self._failed_at is not None and now - self._failed_at > BACKOFF_RESET_SECONDS:
+        if self._up_since is not None and self._clock() - self._up_since >= BACKOFF_RESET_SECONDS:
             self._backoff = 0.5
-        self._failed_at = now
+        self._up_since = None
         told = exc.retry_after if isinstance(exc, client_.ApiError) else None
         if told is not None and not relisting:
             return min(told, MAX_BACKOFF_SECONDS)
@@ -227,7 +230,17 @@ class Informer:
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
         return delay
 
+    def _judge_refusal(self, exc: Exception) -> None:
+        """Whether the scope is refused, after a failure: a 403 says so; anything else after a list
+        accepted since the last 403 says it is not (an outage, a broken watch: readiness counts it)."""
+        if isinstance(exc, client_.ApiError) and exc.status == 403:
+            self.refused, self._listed_since_refusal = True, False
+        elif self._listed_since_refusal:
+            self.refused = False
+
     def _working(self) -> None:
+        if self._up_since is None:
+            self._up_since = self._clock()
         self._resume_since = None
         self._refusal_told = None
         self.refused = False
