@@ -472,15 +472,17 @@ class NoEvents:
         pass
 
 
-def queue_with_a_temporal_key(store: Store, *, reachable: tuple[str, str],
+def queue_with_a_temporal_key(store: Store, *, reachable: tuple[str, str] | None,
                               key: dict[str, str] | None) -> queues.QueueObject:
     """A queue whose Temporal key is Secret `tkey` (`key`: its data, None: gone), showing
-    TemporalReachable as `reachable` (status, reason), put in `store` with its token Secret."""
+    TemporalReachable as `reachable` (status, reason; None: not at all, as a new queue), put in `store`
+    with its token Secret."""
     body = queue_body(auth={"tokenSecretRefs": [{"name": "tok", "key": "token"}]},
                       temporal={"host": "temporal.example:7233", "namespace": "agents",
                                 "apiKeySecretRef": {"name": "tkey", "key": "k"}})
     body["status"] = {"conditions": [{"type": "Ready", "status": "True"}, {
-        "type": "TemporalReachable", "status": reachable[0], "reason": reachable[1], "observedGeneration": 1}]}
+        "type": "TemporalReachable", "status": reachable[0], "reason": reachable[1], "observedGeneration": 1}]
+        if reachable is not None else [{"type": "Ready", "status": "False", "reason": "SecretNotFound"}]}
     q = queues.QueueObject.from_body(body)
     store.upsert_queue(q)
     store.upsert_secret(("team-a", "tok"), {"token": "t"})
@@ -523,6 +525,37 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
         await asyncio.gather(poll, return_exceptions=True)
     assert 2 <= api.patches <= 3  # at 0, 2 and 6 s, where it was one a second
     assert len([r for r in caplog.records if "writing the Temporal status" in r.getMessage()]) == 1
+
+
+async def test_an_unresolved_temporal_is_written_once_while_the_watch_brings_nothing_new():
+    """A queue whose Temporal key's Secret is missing, its queue watch down: the Unknown was written
+    (or refused, 422) once a second, as the queue seen here never showed it. Written again only when
+    what it says changes."""
+    class Writes:
+        def __init__(self) -> None:
+            self.ops: list[list[dict[str, Any]]] = []
+
+        async def patch(self, _path: str, ops: list[dict[str, Any]], **__: Any) -> dict[str, Any]:
+            self.ops.append(ops)
+            return {}
+
+    store = Store(settings=SETTINGS)
+    q = queue_with_a_temporal_key(store, reachable=None, key=None)
+    api = Writes()
+    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
+    s.queue_changed(q)
+    poll = asyncio.create_task(s.prober.run())
+    try:
+        await asyncio.sleep(2.5)  # looked at every second (the probes' clock is time.monotonic)
+        assert len(api.ops) == 1 and api.ops[0][-1]["op"] == "add"
+        store.upsert_secret(("team-a", "tkey"), {"other": "x"})  # there now, without its key
+        await asyncio.sleep(2.5)
+    finally:
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+    messages = [ops[-1]["value"]["message"] for ops in api.ops]
+    assert len(messages) == 2 and "tkey" in messages[0] and "key k" in messages[1], messages
 
 
 async def test_a_scaling_probe_reads_a_listing_of_its_own_not_one_begun_before_it():

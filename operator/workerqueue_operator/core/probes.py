@@ -75,6 +75,10 @@ class _Probe:
     retries back off rather than follow the probes (every second, for a scaling queue)."""
     flipped_at: float = float("-inf")
     """When this replica last wrote the condition's status changed (time.monotonic()): see FLIP_SECONDS."""
+    unresolved_over: tuple[str, str] | None = None
+    """The queue's resourceVersion the last Unknown (unresolved) was written over, or refused on, and its
+    message: not written again before the watch brings a newer version, or the message changes (with
+    the watch down, it was written once a second)."""
 
 
 def _names(message: str, endpoint: str) -> bool:
@@ -320,7 +324,7 @@ class TemporalProbes:
                         # What was found of the Temporal the queue named before is no longer so.
                         probe.reachable, probe.target = None, ()
                         if not probe.running and loop_now >= probe.write_after and \
-                                self._unresolved_shown_otherwise(key):
+                                self._unresolved_shown_otherwise(key, probe):
                             spawn(key, probe, self._show_unresolved(key, probe))
                         continue
                     if scaling:
@@ -363,7 +367,7 @@ class TemporalProbes:
         target = self.target(key)
         return (target[0] if target is not None else ()) != probe.target
 
-    def _unresolved_shown_otherwise(self, key: QueueKey) -> bool:
+    def _unresolved_shown_otherwise(self, key: QueueKey, probe: _Probe) -> bool:
         """Whether the queue, its Temporal not resolved, shows TemporalReachable as anything but Unknown
         for its generation (or not at all, once the queue's other conditions are written)."""
         queue = self._store.queue(key)
@@ -371,6 +375,8 @@ class TemporalProbes:
         if queue is None or resolution is None or resolution.awaiting_generated_token or (
                 resolution.problem is not None and resolution.problem.reason == "SecretPending"):
             return False  # for a moment only (a Secret not read yet, a token being made): no flap
+        if probe.unresolved_over == (queue.resource_version, _unresolved_message(resolution)):
+            return False  # written over this version, or refused on it: what came of it is not seen yet
         conditions = queue.status.get("conditions") or []
         current = next((c for c in conditions if c.get("type") == TEMPORAL_REACHABLE), None)
         if current is None:
@@ -407,7 +413,8 @@ class TemporalProbes:
                                          content_type=client_.JSON_PATCH)
             except client_.ApiError as exc:
                 if not (exc.not_found or exc.status == 422):
-                    raise  # gone, or the conditions moved: looked at again within a second
+                    raise  # gone, or the conditions moved: looked at again once the watch brings it
+            probe.unresolved_over = (queue.resource_version, condition["message"])
             probe.write_failures, probe.write_after = 0, 0.0
         except client_.ERRORS as exc:
             self._status_write_failed(key, probe, exc)
