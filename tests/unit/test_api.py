@@ -719,14 +719,20 @@ async def test_a_queue_suspended_while_a_slot_was_claimed_gets_no_worker(monkeyp
         assert registry.live(("team-a", "capped")) == []
 
 
+def _q1() -> Store:
+    """A store holding queue `q1` (`q-1`) and its token Secret, `queue-token`."""
+    store = Store(settings=Settings())
+    store.upsert_queue(queue("q1", queueId="q-1"))
+    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    return store
+
+
 async def test_a_queue_set_for_deletion_while_an_identitys_registration_was_written_gets_no_worker(
         monkeypatch: pytest.MonkeyPatch):
     """A Kubernetes identity's registration is written before the answer (another replica may be asked
     for it at once), which waits for the API server: a queue suspended or set for deletion meanwhile
     was answered 200 all the same."""
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    store = _q1()
     async with TestClient(TestServer(apps.make_app(store, reviewer=apps.Allowed()))) as c:
         registry = c.server.app[REGISTRY]
         sa = {"Authorization": f"Bearer {SA_TOKEN}"}
@@ -761,9 +767,7 @@ async def test_a_disconnect_whose_worker_ended_during_its_access_review_ends_not
                 await self.gate.wait()
             return True
 
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    store = _q1()
     reviewer = Gated()
     async with TestClient(TestServer(apps.make_app(store, reviewer=reviewer))) as c:
         registry = c.server.app[REGISTRY]
@@ -795,9 +799,7 @@ async def test_only_a_jwt_shaped_token_is_sent_to_a_token_review():
             self.asked.append(token)
             return None
 
-    store = Store(settings=Settings())
-    store.upsert_queue(queue("q1", queueId="q-1"))
-    store.upsert_secret(("team-a", "q1-worker-token"), {"token": "queue-token"})
+    store = _q1()
     reviewer = Counting()
     async with TestClient(TestServer(apps.make_app(store, reviewer=reviewer))) as c:
         for token in ("rotated-out-queue-token", "eyJhbGciOiJSUzI1NiJ9", "eyJ.a.b.c", SA_TOKEN):

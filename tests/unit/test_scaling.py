@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -490,6 +492,22 @@ def queue_with_a_temporal_key(store: Store, *, reachable: tuple[str, str] | None
     return q
 
 
+@contextlib.asynccontextmanager
+async def probing(store: Store, api: Any, q: queues.QueueObject,
+                  temporal_: Any = None) -> AsyncIterator[supervisor.Supervisor]:
+    """The Temporal probes of an active replica's supervisor on `store`, writing to `api`, run while in
+    the block, `q` known to them."""
+    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=temporal_ or temporal.Temporal())
+    s.queue_changed(q)
+    poll = asyncio.create_task(s.prober.run())
+    try:
+        yield s
+    finally:
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+
+
 async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_probes(
         caplog: pytest.LogCaptureFixture):
     """A queue whose Temporal key's Secret is gone while its status still says Reachable: with the
@@ -498,8 +516,6 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
     import asyncio
     import logging
 
-    from workerqueue_operator.core import temporal
-    from workerqueue_operator.core.activity import Activity
     from workerqueue_operator.core.store import Store
     from workerqueue_operator.k8s import client as client_
 
@@ -514,15 +530,8 @@ async def test_a_failing_temporal_status_write_backs_off_rather_than_follow_the_
     store = Store(settings=SETTINGS)
     q = queue_with_a_temporal_key(store, reachable=("True", "Reachable"), key=None)  # its Secret deleted
     api = Unavailable()
-    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
-                              activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
-    s.queue_changed(q)
-    poll = asyncio.create_task(s.prober.run())
-    try:
+    async with probing(store, api, q):
         await asyncio.sleep(7)
-    finally:
-        poll.cancel()
-        await asyncio.gather(poll, return_exceptions=True)
     assert 2 <= api.patches <= 3  # at 0, 2 and 6 s, where it was one a second
     assert len([r for r in caplog.records if "writing the Temporal status" in r.getMessage()]) == 1
 
@@ -542,18 +551,11 @@ async def test_an_unresolved_temporal_is_written_once_while_the_watch_brings_not
     store = Store(settings=SETTINGS)
     q = queue_with_a_temporal_key(store, reachable=None, key=None)
     api = Writes()
-    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
-                              activity=Activity(identity="me", priority=0), temporal=temporal.Temporal())
-    s.queue_changed(q)
-    poll = asyncio.create_task(s.prober.run())
-    try:
+    async with probing(store, api, q):
         await asyncio.sleep(2.5)  # looked at every second (the probes' clock is time.monotonic)
         assert len(api.ops) == 1 and api.ops[0][-1]["op"] == "add"
         store.upsert_secret(("team-a", "tkey"), {"other": "x"})  # there now, without its key
         await asyncio.sleep(2.5)
-    finally:
-        poll.cancel()
-        await asyncio.gather(poll, return_exceptions=True)
     messages = [ops[-1]["value"]["message"] for ops in api.ops]
     assert len(messages) == 2 and "tkey" in messages[0] and "key k" in messages[1], messages
 
@@ -623,19 +625,12 @@ async def test_temporal_reachable_turns_unknown_as_soon_as_the_temporal_key_secr
     store = Store(settings=SETTINGS)
     q = queue_with_a_temporal_key(store, reachable=("False", "TemporalUnavailable"), key={"k": "key"})
     api = Writes()
-    s = supervisor.Supervisor(store=store, client=api, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
-                              activity=Activity(identity="me", priority=0), temporal=Refusing())  # type: ignore[arg-type]
-    s.queue_changed(q)
-    poll = asyncio.create_task(s.prober.run())
-    try:
+    async with probing(store, api, q, Refusing()) as s:
         await asyncio.sleep(0.5)  # checked (or being checked)
         assert s.prober._probes[q.key].target
         store.upsert_secret(("team-a", "tkey"), None)  # the Temporal key's Secret deleted
         release.set()
         await asyncio.sleep(1.5)
-    finally:
-        poll.cancel()
-        await asyncio.gather(poll, return_exceptions=True)
     written = [op["value"] for ops in api.ops for op in ops if op["op"] == "replace"]
     assert [(c["status"], c["reason"]) for c in written][-1:] == [("Unknown", "TemporalNotResolved")]
 
