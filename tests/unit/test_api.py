@@ -679,6 +679,17 @@ async def test_a_bad_executions_limit_is_422_as_fastapi_says_it(query: str, kind
     assert (error["type"], error["loc"]) == (kind, ["query", "limit"])
 
 
+@pytest.mark.parametrize("status", ["bogus", "", "RUNNING"])
+def test_an_unknown_executions_status_is_422_not_an_empty_list(status: str):
+    from aiohttp.test_utils import make_mocked_request
+
+    from workerqueue_operator.api import workers
+    answer = workers._query(make_mocked_request("GET", f"/api/v1/worker-queues/q/executions?status={status}"))
+    assert not isinstance(answer, tuple) and answer.status == 422
+    (error,) = json.loads(answer.body)["detail"]  # type: ignore[arg-type]
+    assert (error["type"], error["loc"], error["input"]) == ("enum", ["query", "status"], status)
+
+
 async def test_a_start_that_outlives_its_queue_leaves_no_metric_series(client: TestClient,
                                                                        monkeypatch: pytest.MonkeyPatch):
     """The queue deleted while /start awaited (a SubjectAccessReview, a slot claim): its series had

@@ -560,6 +560,24 @@ async def test_an_unresolved_temporal_is_written_once_while_the_watch_brings_not
     assert len(messages) == 2 and "tkey" in messages[0] and "key k" in messages[1], messages
 
 
+@pytest.mark.parametrize("told", ["unavailable", "not in time"])
+async def test_when_temporal_cannot_tell_which_workers_run_an_activity_none_is_taken_for_idle(told: str):
+    """Taken as "none runs one", every running pod was idle to the planner, and went after its grace."""
+    class Untold:
+        async def activity_workers(self, *_: Any) -> frozenset[str] | None:
+            if told == "unavailable":
+                raise temporal.TemporalUnavailable("connection refused")
+            return None
+
+    store = Store(settings=SETTINGS)
+    q = queue_with_a_temporal_key(store, reachable=("True", "Reachable"), key={"k": "key"})
+    s = supervisor.Supervisor(store=store, client=None, settings=SETTINGS, events=NoEvents(),  # type: ignore[arg-type]
+                              activity=Activity(identity="me", priority=0), temporal=Untold())  # type: ignore[arg-type]
+    s.queue_changed(q)
+    demand = await s._with_activities(q.key, Demand(backlog=0))
+    assert demand.activities_unknown and demand.backlog == 0
+
+
 async def test_a_scaling_probe_reads_a_listing_of_its_own_not_one_begun_before_it():
     """Its reading is stamped with when it asked: joined to another's listing begun earlier (a queue
     sharing the task queue, a worker's poll), it was older than it said (see Temporal.executions)."""
