@@ -87,6 +87,19 @@ def _names(message: str, endpoint: str) -> bool:
     return not endpoint or re.search(rf"\bat {re.escape(endpoint)}(?![\w.-])", message) is not None
 
 
+def _condition_ops(queue: QueueObject, index: int | None, condition: dict[str, Any]) -> list[dict[str, Any]]:
+    """JSON-patch ops writing TemporalReachable as `condition`: added, when the queue shows none, only
+    onto the queue as seen here (a second probe before the watch brings the first add would add it
+    twice: the list is not a map to the API server), tested on its version rather than the list, which
+    the API server compares as its own JSON spells it; replaced, since conditions are written by
+    others too, only if it is still where it was."""
+    if index is None:
+        return [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},
+                {"op": "add", "path": "/status/conditions/-", "value": condition}]
+    return [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
+            {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+
+
 def _unresolved_message(resolution: queues.Resolution | None) -> str:
     """TemporalReachable's message while the queue's Temporal cannot be resolved: its own reason, not
     the queue's first (a missing token Secret, which says nothing of its Temporal)."""
@@ -375,14 +388,15 @@ class TemporalProbes:
         if queue is None or resolution is None or resolution.awaiting_generated_token or (
                 resolution.problem is not None and resolution.problem.reason == "SecretPending"):
             return False  # for a moment only (a Secret not read yet, a token being made): no flap
-        if probe.unresolved_over == (queue.resource_version, _unresolved_message(resolution)):
+        message = _unresolved_message(resolution)
+        if probe.unresolved_over == (queue.resource_version, message):
             return False  # written over this version, or refused on it: what came of it is not seen yet
         conditions = queue.status.get("conditions") or []
         current = next((c for c in conditions if c.get("type") == TEMPORAL_REACHABLE), None)
         if current is None:
             return bool(conditions)  # after the queue's first status (its Ready says why), not before
         return bool(current.get("status") != "Unknown" or current.get("observedGeneration") != queue.generation
-                    or current.get("message") != _unresolved_message(resolution))
+                    or current.get("message") != message)
 
     async def _show_unresolved(self, key: QueueKey, probe: _Probe) -> None:
         """TemporalReachable turns Unknown while the queue's Temporal cannot be resolved (its key's
@@ -402,14 +416,9 @@ class TemporalProbes:
                 [conditions[index]] if index is not None else [], type=TEMPORAL_REACHABLE, status="Unknown",
                 reason="TemporalNotResolved", message=_unresolved_message(resolution),
                 generation=queue.generation, now=resources.now_rfc3339())[0]
-            if index is None:  # onto the queue as seen here only, as a probe's first condition (_show)
-                ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},
-                       {"op": "add", "path": "/status/conditions/-", "value": condition}]
-            else:
-                ops = [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
-                       {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
             try:
-                await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status", ops,
+                await self._client.patch(f"{resources.queue_path(queue.namespace, queue.name)}/status",
+                                         _condition_ops(queue, index, condition),
                                          content_type=client_.JSON_PATCH)
             except client_.ApiError as exc:
                 if not (exc.not_found or exc.status == 422):
@@ -547,16 +556,7 @@ class TemporalProbes:
                 condition = status_.set_condition(
                     [current] if current else [], type=TEMPORAL_REACHABLE, status=status, reason=probe.reason,
                     message=probe.message, generation=generation, now=resources.now_rfc3339())[0]
-                if index is None:
-                    # Only onto the queue as seen here: a second probe before the watch brings the first
-                    # add would otherwise add it twice (the list is not a map to the API server). Its
-                    # version, not the list: the API server compares strings as its own JSON spells them.
-                    ops += [{"op": "test", "path": "/metadata/resourceVersion", "value": queue.resource_version},
-                            {"op": "add", "path": "/status/conditions/-", "value": condition}]
-                else:
-                    # Conditions are written by others too: replace ours only if it is still where it was.
-                    ops += [{"op": "test", "path": f"/status/conditions/{index}/type", "value": TEMPORAL_REACHABLE},
-                            {"op": "replace", "path": f"/status/conditions/{index}", "value": condition}]
+                ops += _condition_ops(queue, index, condition)
             writes_condition = bool(ops)  # the numbers come next
             wanted = probe.wanted if probe.reachable else probe.shown
             show_numbers = wanted is not None and wanted != probe.shown and (

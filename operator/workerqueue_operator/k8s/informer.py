@@ -1,7 +1,8 @@
 """List-then-watch, the informer pattern: keeps a consumer in step with one kind of object.
 
 After every (re)list the consumer gets the full set, so objects deleted while the watch was down
-are reported as deleted too. `synced` is set after the first complete list.
+are reported as deleted too. `synced` is set after the first complete list; `settled` once the
+informer has either listed or been refused.
 
 A watch never dies quietly: whatever breaks it (the API server, the network, an event too large, an
 ERROR event other than 410) is logged in one line with its cause, counted in `failures`, and the
@@ -10,27 +11,28 @@ A successful list alone is no recovery: only a watch the API server accepted and
 STABLE_SECONDS since resets `down_since`, so a watch refused after every good list (429, RBAC without
 `watch`, however long the refusal takes) turns the replica unready. The back-off is reset only by a
 watch that has worked for BACKOFF_RESET_SECONDS: one that works for a few seconds and then fails (a
-proxy that breaks streams) is relisted every 30 s, not every 3. A watch the server ends before STABLE_SECONDS
-without a single event (a proxy closing watches at once) is a failure too, not a reason to watch
-again at once.
-A callback that fails on one object fails for that object only (logged with its traceback, counted
-in `callback_failures`): relisting would meet the same object again, and every object after it
-would go unseen, in every namespace.
+proxy that breaks streams) is relisted every 30 s, not every 3. A watch the server ends before
+STABLE_SECONDS without a single event (a proxy closing watches at once) is a failure too, not a
+reason to watch again at once.
+
 A watch that has received nothing, not even the API server's bookmark a minute, for `idle_seconds`
 is watched again from where it was (no relist, no failure): its connection may have died unheard.
 So is a watch whose stream is cut mid-way (the API server restarting, a proxy), as client-go's: the
 watches that fail after such a cut (refused while the API server restarts, 429 or 503 while it
 starts) are failures, backed off, but watched again from that version for RESUME_SECONDS before a
-relist; a 403 among them marks the scope refused meanwhile. Only a version too old (410) is relisted
-at once. Such a watch refused in words that say when to try again (a 429's
-`retryAfterSeconds`: a resource's storage starting up, priority and fairness) is tried again then,
-not after the back-off grown meanwhile, which put a restarted API server's queues off by 30 s.
+relist. Only a version too old (410) is relisted at once. A watch refused in words that say when to
+try again (a 429's `retryAfterSeconds`: a resource's storage starting up, priority and fairness) is
+tried again then, not after the back-off grown meanwhile, which put a restarted API server's queues
+off by 30 s.
+
 A list or watch refused with 403 marks the informer `refused` until a watch works again, or a list
 is accepted and what fails next is no 403 (a list accepted between two watches refused says nothing
-of them): the operator may not read that scope (a
-namespace's admins removed its RoleBinding, or the namespace is gone), which the consumer may judge
-apart from an outage. `settled` is set once the informer has
-either listed or been refused.
+of them): the operator may not read that scope (a namespace's admins removed its RoleBinding, or the
+namespace is gone), which the consumer may judge apart from an outage.
+
+A callback that fails on one object fails for that object only (logged with its traceback, counted
+in `callback_failures`): relisting would meet the same object again, and every object after it
+would go unseen, in every namespace.
 """
 
 from __future__ import annotations
