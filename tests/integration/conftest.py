@@ -16,10 +16,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -28,6 +28,9 @@ from kubernetes import client as k8s
 from tests.proxy import Proxy
 from workerqueue_operator.devcluster import controlplane, procs
 from workerqueue_operator.devcluster.temporal import TemporalServer
+
+if TYPE_CHECKING:
+    from tests.integration.inprocess import InProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
@@ -527,3 +530,24 @@ def proxied_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Iterator[tuple[Path,
         yield path, proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+async def in_process(operator: OperatorProcess, kube: Kube, kubeconfig: Path,
+                     namespace: str) -> AsyncIterator[Callable[[str], InProcess]]:
+    """Makes InProcess harnesses of queues of `namespace`, the session's operator stopped meanwhile (it
+    would act on the same queues)."""
+    from tests.integration.inprocess import InProcess  # it uses Kube, from here
+
+    made: list[InProcess] = []
+
+    def make(name: str) -> InProcess:
+        made.append(InProcess(kube, kubeconfig, namespace, name))
+        return made[-1]
+
+    try:
+        with operator.paused():
+            yield make
+    finally:
+        for each in made:
+            await each.client.close()
