@@ -9,7 +9,7 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -35,7 +35,8 @@ async def eventually(predicate: Callable[[], Any], *, timeout: float = 10, what:
 
 
 @contextlib.asynccontextmanager
-async def running(work: Callable[[], Awaitable[None]]) -> Any:
+async def running(work: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """`work` runs as a task while in the block."""
     task = asyncio.create_task(work())
     try:
         yield
