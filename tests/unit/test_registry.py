@@ -2257,3 +2257,58 @@ def test_pods_deleted_end_the_workers_of_that_queue_not_a_namesakes():
     assert reg.get("in-pod") is worker
     reg.pods_deleted(q.key, q.uid, ["q1-w0"])
     assert reg.get("in-pod") is None
+
+
+async def test_the_writer_keeps_a_bounded_number_of_writes_under_way_and_the_rest_waits_its_turn():
+    """Against an API server slow to answer, every renewal due went to the client's pool at once and
+    queued there for a connection: a TokenReview or a slot's claim behind them missed its bound."""
+    import kubernetes
+    from aiohttp import web
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    answer, under_way, most, asked = asyncio.Event(), [0], [0], set()
+
+    async def slow(request: web.Request) -> web.Response:
+        asked.add((await request.json())["metadata"]["name"])
+        under_way[0] += 1
+        most[0] = max(most[0], under_way[0])
+        try:
+            await answer.wait()
+        finally:
+            under_way[0] -= 1
+        return web.json_response({"kind": "Status", "code": 503, "reason": "ServiceUnavailable"}, status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    kube = client_.KubeClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}"))
+    q = queue("q")
+    reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q, tick=0.01,
+                            base_write_rate=10_000.0)
+    for i in range(100):
+        reg.register(q, f"w{i}")
+    task = asyncio.create_task(reg.run())
+    try:
+        deadline = time.monotonic() + 10
+        while under_way[0] < registry.WRITES_IN_FLIGHT:
+            assert time.monotonic() < deadline, f"{under_way[0]} writes under way"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # at 100 ticks a second, the writer would have sent them all
+        assert most[0] == registry.WRITES_IN_FLIGHT
+        answer.set()
+        while len(asked) < 100:  # the others in their turn
+            assert time.monotonic() < deadline, f"{len(asked)} of 100 written"
+            await asyncio.sleep(0.05)
+        assert most[0] == registry.WRITES_IN_FLIGHT
+    finally:
+        answer.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+        await runner.cleanup()

@@ -90,6 +90,12 @@ and a delete doubling up to DELETE_RETRY_MAX_SECONDS."""
 DELETE_RETRY_MAX_SECONDS = 60.0
 DELETE_CONCURRENCY = 16
 """Lease deletions under way at once: a sweep after an outage may end thousands of workers together."""
+WRITES_IN_FLIGHT = 32
+"""The writer's Lease writes under way at once: with the deletions, at most 48 of the client's 64
+connections. The others wait here, first things first (_in_write_order), not in the pool's queue: with
+the API server slow (150 ms a write, 10,000 workers at 30 s), that queue grew until every call waited
+seconds for a connection, and a TokenReview, a slot's claim or a disconnect missed its bound: 503s
+from an API server that answers."""
 SHUTDOWN_DELETE_SECONDS = 2.0
 """How long a stopping replica waits for the Lease deletions under way."""
 DELETE_REFUSED_TRIES = 3
@@ -289,6 +295,8 @@ class Registry:
         self._swept_at: tuple[float, float] | None = None
         """(clock, monotonic) at the last sweep of run(), to tell a step or a stand-still (_mind_the_clock)."""
         self._writes: set[asyncio.Task[None]] = set()
+        self._writing = 0
+        """The writer's writes under way (WRITES_IN_FLIGHT)."""
         self._listeners: list[Callable[[QueueKey], None]] = []
         self._calls = leasecalls.LeaseCalls(client, clock)
         """The API-server calls that write Leases, and the count of those writes."""
@@ -1178,12 +1186,16 @@ class Registry:
                 self._unmark(worker)
                 worker.dirty = True
                 continue
-            if not self._pace.take(now):
+            if self._writing >= WRITES_IN_FLIGHT or not self._pace.take(now):
                 return
             self._unmark(worker)
             worker.written_at = now
             worker.held_until = math.inf  # from now, not from the task's first step
-            self._spawn(self._write(worker))
+            self._writing += 1
+            self._spawn(self._write(worker)).add_done_callback(self._written)
+
+    def _written(self, _: asyncio.Task[None]) -> None:
+        self._writing -= 1
 
     def _in_write_order(self, now: float) -> Iterator[Worker]:
         """What the writer writes, first things first: renewals of Leases that have gone unwritten
