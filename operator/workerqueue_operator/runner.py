@@ -407,7 +407,8 @@ async def run(
     feed = Feed(store, reconciler, supervisor)
     watches = Watches(client, feed, settings, activity, registry, peering)
     reviewer = reviews.Reviewer(
-        client, audiences=settings.token_review_audiences, ttl=settings.auth_cache_seconds,
+        client.lane(settings.auth_max_concurrent_reviews), audiences=settings.token_review_audiences,
+        ttl=settings.auth_cache_seconds,
         negative_ttl=settings.auth_negative_cache_seconds, timeout=settings.auth_review_timeout_seconds,
         max_concurrent=settings.auth_max_concurrent_reviews)
     kopf_ready = asyncio.Event()

@@ -420,3 +420,29 @@ async def test_the_operator_waits_for_an_api_server_out_of_reach_and_is_told_of_
         assert await asyncio.wait_for(waiting, 5) is False
     finally:
         await kube.close()
+
+
+async def test_a_lane_reaches_the_api_server_while_the_clients_own_pool_is_taken_and_closes_with_it():
+    """TokenReviews shared the pool with background writes: behind them, with the API server slow,
+    a review waited for a connection past its bound, and /start answered 503."""
+    from aiohttp import web
+
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        if request.query.get("slow"):
+            await release.wait()
+        return web.json_response({"major": "1"})
+
+    async with version_answered_by(slow) as kube:
+        kube._pool_size = 2
+        lane = kube.lane(1)
+        held = [asyncio.create_task(kube.get("/version", {"slow": "1"})) for _ in range(2)]
+        try:
+            with pytest.raises(TimeoutError):  # the pool is taken: a third call waits for a connection
+                await asyncio.wait_for(kube.get("/version"), 1.0)
+            assert await asyncio.wait_for(lane.get("/version"), 1.0) == {"major": "1"}
+        finally:
+            release.set()
+            await asyncio.gather(*held)
+    assert lane._session is not None and lane._session.closed

@@ -222,6 +222,7 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
         self._pool_size = pool_size
+        self._lanes: list[KubeClient] = []
         self._auth: dict[str, str] = {}
         self._auth_until = 0.0
         self._auth_reading: asyncio.Future[dict[str, str]] | None = None
@@ -304,7 +305,17 @@ class KubeClient:
             self._auth = reading.result()
             self._auth_until = time.monotonic() + AUTH_REFRESH_SECONDS
 
+    def lane(self, pool_size: int) -> KubeClient:
+        """A client of the same API server and credentials with a connection pool of its own, closed with
+        this one: for the calls a request waits on (TokenReviews), which must not queue for a
+        connection behind background writes (Lease renewals, status writes, pod creates)."""
+        lane = KubeClient(self._configuration, pool_size=pool_size)
+        self._lanes.append(lane)
+        return lane
+
     async def close(self) -> None:
+        for lane in self._lanes:
+            await lane.close()
         for session in (self._session, self._watch_session):
             if session is not None:
                 await session.close()
