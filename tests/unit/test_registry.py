@@ -1029,6 +1029,18 @@ def test_a_worker_never_sees_what_a_pod_of_its_name_took_before_it_was_made():
     assert entry["id"] == "e1"
 
 
+def test_a_worker_sees_what_it_took_just_after_its_token_was_made_by_a_temporal_clock_a_little_behind():
+    """Temporal's clock 3 s behind the operator's: the worker's first take, 2 s after its token was
+    made, read as 1 s before it, and the worker saw `[]` for good, ran a second workflow, and exited
+    with the first one still running. Only what was taken over 5 s before is an older pod's."""
+    made = datetime.datetime(2026, 1, 1, 0, 1, 30, tzinfo=datetime.UTC).timestamp()
+    listing = [execution("mine", "running", "1@q1-w0", "2026-01-01T00:01:29Z"), *LISTING]
+    (entry,) = executions.worker_view(listing, hostname="q1-w0", since=made)
+    assert entry["id"] == "mine"
+    older = [execution("old", "running", "1@q1-w0", "2026-01-01T00:01:24.9Z"), *LISTING]
+    assert executions.worker_view(older, hostname="q1-w0", since=made) == []
+
+
 @pytest.mark.looptime
 async def test_a_registration_whose_write_failed_is_written_again_after_2s_not_at_every_tick():
     import asyncio
@@ -2229,6 +2241,27 @@ def test_a_heartbeat_after_a_small_step_back_teaches_no_pace():
     wall[0] -= 1.5  # under CLOCK_STEP_SECONDS: slewed, not a step
     reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
     assert worker.duration == 150
+
+
+def test_a_heartbeat_after_a_big_step_back_teaches_no_pace():
+    """45 s after a heartbeat the clock stepped back 60 s: its times taken as now, the next heartbeat
+    on time came 15 s after, by the clock, and a worker heartbeating every 60 s was taken for one at
+    12 s (a lease of 35 s), and expired before its next heartbeat: its slot free for another."""
+    reg, wall, mono, q = _stepping_registry()
+    _tick(reg, wall, mono, 0)
+    worker = reg.register(q, "outside")  # no pod: expected at the real worker's 60 s
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    _tick(reg, wall, mono, 60)
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150
+    _tick(reg, wall, mono, 44)
+    _tick(reg, wall, mono, 15, step=-61)
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150
+    _tick(reg, wall, mono, 59)
+    assert reg.get("outside") is worker
+    reg.heartbeat(worker, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    assert worker.duration == 150  # its pace across the next gap, as ever
 
 
 def test_a_worker_rejoining_after_a_small_step_back_is_expected_at_its_own_pace():

@@ -1125,7 +1125,9 @@ class Registry:
             worker.renewed_at = min(worker.renewed_at, wall)
             if heard:  # a heartbeat is told by a renewal later than the registration
                 worker.renewed_at = max(worker.renewed_at, worker.registered_at + 1e-5)
-            worker.seen_at = min(worker.seen_at, wall)
+            # Past the last renewal, as a step ahead leaves it: the gap to the next heartbeat, short by
+            # the step, is no pace of the worker's (taken for one, the worker expired before its next).
+            worker.seen_at = max(min(worker.seen_at, wall), worker.renewed_at + 1e-5)
             if worker.since is not None:
                 worker.since = min(worker.since, wall)
             self._unfile(worker)
