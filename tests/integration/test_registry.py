@@ -733,6 +733,31 @@ async def test_a_renewal_never_takes_back_a_slot_another_worker_took_meanwhile(
         assert not reg._ended["w-old"].on_purpose  # may come back, to find the queue full
 
 
+async def test_a_slot_freed_while_it_is_taken_over_is_taken_not_passed_over(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """maxWorkers: an expired holder's Lease read, then deleted by the other replica (its expiry, or a
+    disconnect) before the write over it. The slot is free, and the write takes it: a PUT of a Lease,
+    which the API server makes anew when it is gone. Passed over, with no other slot free, the worker
+    asking would be told the queue is full (409), and exit."""
+    now = [time.time()]
+    async with in_process(kube, namespace, kubeconfig, "freed-late", now=now, maxWorkers=1) as (queue, _, reg):
+        old = await reg.claim(queue, "w-old", limit=1)
+        assert old is not None
+        now[0] += old.duration + 1
+        overwrite = reg._calls.overwrite
+
+        async def after_its_delete(body: dict[str, Any], current: dict[str, Any]) -> dict[str, Any] | None:
+            kube.coordination.delete_namespaced_lease(old.lease, namespace)  # the other replica's, meanwhile
+            return await overwrite(body, current)
+
+        reg._calls.overwrite = after_its_delete  # type: ignore[method-assign]
+        new = await reg.claim(queue, "w-new", limit=1)
+        assert new is not None and new.lease == old.lease
+        assert {w: lease.metadata.name for w, lease in kube.registrations(namespace).items()} == {
+            "w-new": "freed-late-slot-0"}
+
+
 async def test_a_capped_worker_never_seen_here_gets_its_own_slot_never_a_second(
     kube: Kube, namespace: str, kubeconfig: Path,
 ):

@@ -288,11 +288,9 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
         registered = [max(registered, key=lambda w: w.since or 0.0)]
     if len(registered) > 1 or not registered[0].hostname:
         return web.json_response([])
-    since = registered[0].since
-    # Its first take follows its registration at once: the clocks may differ that much. Outside a pod
-    # its host may run other workers: its process, from the system_info it sent, tells them apart.
-    return (registered[0].hostname, None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS,
-            system_pid(registered[0].system_info))
+    # Outside a pod its host may run other workers: its process, from the system_info it sent, tells
+    # them apart.
+    return registered[0].hostname, registered[0].since, system_pid(registered[0].system_info)
 
 
 async def _executions_reader(request: web.Request, caller: callers.Caller
