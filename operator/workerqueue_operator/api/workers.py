@@ -273,6 +273,9 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
     Role): any other may be a worker whose registration expired (it heartbeats more slowly than
     expected, the API server was away), which waits (`[]`) rather than take another's execution."""
     if caller.worker is not None:  # a pod's: its hostname is its own
+        # Since its token was made, to the microsecond: seconds before its worker can take anything
+        # (its pod made, started). Allowing for the clocks there would show it what a namesake pod took
+        # just before (its queue deleted and made again at once: `kubectl replace --force`).
         return caller.worker.hostname or workers_.pod_hostname(caller.worker.pod), caller.worker.since, None
     identity = caller.identity
     if identity is None:
@@ -288,9 +291,11 @@ async def _asking_worker(request: web.Request, caller: callers.Caller, resolutio
         registered = [max(registered, key=lambda w: w.since or 0.0)]
     if len(registered) > 1 or not registered[0].hostname:
         return web.json_response([])
-    # Outside a pod its host may run other workers: its process, from the system_info it sent, tells
-    # them apart.
-    return registered[0].hostname, registered[0].since, system_pid(registered[0].system_info)
+    since = registered[0].since
+    # Its first take follows its registration at once: the clocks may differ that much. Outside a pod
+    # its host may run other workers: its process, from the system_info it sent, tells them apart.
+    return (registered[0].hostname, None if since is None else since - executions.UNTAKEN_MARGIN_SECONDS,
+            system_pid(registered[0].system_info))
 
 
 async def _executions_reader(request: web.Request, caller: callers.Caller

@@ -86,14 +86,11 @@ def queue_view(executions: Sequence[Execution], *, status: str, limit: int) -> l
 def worker_view(executions: Sequence[Execution], *, hostname: str, since: float | None = None,
                 pid: int | None = None, cut: bool = False) -> list[dict[str, Any]]:
     """The one entry a worker on `hostname` (its process `pid`, if known) may latch onto (see the
-    module's docstring); `since`: when its pod was made or it registered (epoch seconds, the operator's
-    clock), if known; `cut`: running executions may be missing from `executions` (temporal.Listing.cut)."""
+    module's docstring); `since`: when its pod was made (epoch seconds), if known; `cut`: running
+    executions may be missing from `executions` (temporal.Listing.cut)."""
     if cut:
         return []
-    # Taken by Temporal's clock, which may be behind the operator's that much: a worker's first take,
-    # seconds after its token was made, read as before it, and the worker never saw its execution.
-    after = None if since is None else since - UNTAKEN_MARGIN_SECONDS
-    held = [e for e in executions if held_by(e, hostname, pid) and (after is None or not taken_before(e, after))]
+    held = [e for e in executions if held_by(e, hostname, pid) and (since is None or not taken_before(e, since))]
     if not held:
         return []
     first = min(held, key=lambda e: (e.started_at or e.created_at or "", e.id))
