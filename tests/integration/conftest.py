@@ -377,42 +377,53 @@ class Kube:
         wait_for(refused, what="the quota to be enforced")
 
     @contextlib.contextmanager
-    def unreachable_pod_webhook(self, namespace: str, operation: str = "CREATE") -> Iterator[None]:
-        """An admission webhook on the namespace's pod creates (or deletes) that the API server cannot
-        reach (failurePolicy Fail: cert-manager's or a policy engine's, while it is down): every pod
-        create (delete) fails with a 500 until the block ends."""
-        name = f"unreachable-{namespace}-{operation.lower()}"
+    def unreachable_webhook(self, namespace: str, name: str, rule: k8s.V1RuleWithOperations) -> Iterator[None]:
+        """An admission webhook (`name`) on the namespace's requests that `rule` matches, which the API
+        server cannot reach (failurePolicy Fail: cert-manager's or a policy engine's, while it is down):
+        each such request fails with a 500 until the block ends."""
         with socket.socket() as closed:  # bound, never listening: connections are refused
             closed.bind(("127.0.0.1", 0))
             self.admission.create_validating_webhook_configuration(k8s.V1ValidatingWebhookConfiguration(
                 metadata=k8s.V1ObjectMeta(name=name),
                 webhooks=[k8s.V1ValidatingWebhook(
-                    name="pods.unreachable.test", admission_review_versions=["v1"], side_effects="None",
+                    name="unreachable.webhook.test", admission_review_versions=["v1"], side_effects="None",
                     failure_policy="Fail", timeout_seconds=2,
                     client_config=k8s.AdmissionregistrationV1WebhookClientConfig(
                         url=f"https://127.0.0.1:{closed.getsockname()[1]}/validate"),
                     namespace_selector=k8s.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}),
-                    rules=[k8s.V1RuleWithOperations(api_groups=[""], api_versions=["v1"], operations=[operation],
-                                                    resources=["pods"])])]))
-            probe = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="webhook-probe"),
-                              spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="i")]))
+                    rules=[rule])]))
             try:
-                def failing() -> bool:
-                    try:
-                        self.core.create_namespaced_pod(namespace, probe)
-                    except k8s.ApiException as exc:
-                        return exc.status == 500 and operation == "CREATE"
-                    try:
-                        self.core.delete_namespaced_pod("webhook-probe", namespace, grace_period_seconds=0)
-                    except k8s.ApiException as exc:
-                        return exc.status == 500 and operation == "DELETE"
-                    return False
-                wait_for(failing, what="the webhook to be called")
                 yield
             finally:
                 self.admission.delete_validating_webhook_configuration(name)
-                if operation == "DELETE":
-                    wait_for(lambda: self._deleted("webhook-probe", namespace), what="the probe pod deleted")
+
+    @contextlib.contextmanager
+    def unreachable_pod_webhook(self, namespace: str, operation: str = "CREATE") -> Iterator[None]:
+        """unreachable_webhook on the namespace's pod creates (or deletes): every one fails with a 500
+        until the block ends."""
+        rule = k8s.V1RuleWithOperations(api_groups=[""], api_versions=["v1"], operations=[operation],
+                                        resources=["pods"])
+        probe = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="webhook-probe"),
+                          spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="c", image="i")]))
+
+        def failing() -> bool:
+            try:
+                self.core.create_namespaced_pod(namespace, probe)
+            except k8s.ApiException as exc:
+                return exc.status == 500 and operation == "CREATE"
+            try:
+                self.core.delete_namespaced_pod("webhook-probe", namespace, grace_period_seconds=0)
+            except k8s.ApiException as exc:
+                return exc.status == 500 and operation == "DELETE"
+            return False
+
+        try:
+            with self.unreachable_webhook(namespace, f"unreachable-{namespace}-{operation.lower()}", rule):
+                wait_for(failing, what="the webhook to be called")
+                yield
+        finally:
+            if operation == "DELETE":  # left by the probe, deleted once the webhook is gone
+                wait_for(lambda: self._deleted("webhook-probe", namespace), what="the probe pod deleted")
 
     def _deleted(self, pod: str, namespace: str) -> bool:
         try:

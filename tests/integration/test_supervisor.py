@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -182,33 +181,21 @@ async def test_a_pod_with_the_queues_label_that_the_queue_does_not_control_is_ne
 
 @contextlib.contextmanager
 def unreachable_status_webhook(kube: Kube, namespace: str, name: str) -> Iterator[None]:
-    """An admission webhook on the queues' status writes that the API server cannot reach: each fails
-    with a 500 until the block ends."""
-    config = f"unreachable-status-{namespace}"
-    with socket.socket() as closed:  # bound, never listening: connections are refused
-        closed.bind(("127.0.0.1", 0))
-        kube.admission.create_validating_webhook_configuration(k8s.V1ValidatingWebhookConfiguration(
-            metadata=k8s.V1ObjectMeta(name=config),
-            webhooks=[k8s.V1ValidatingWebhook(
-                name="status.unreachable.test", admission_review_versions=["v1"], side_effects="None",
-                failure_policy="Fail", timeout_seconds=2,
-                client_config=k8s.AdmissionregistrationV1WebhookClientConfig(
-                    url=f"https://127.0.0.1:{closed.getsockname()[1]}/validate"),
-                namespace_selector=k8s.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}),
-                rules=[k8s.V1RuleWithOperations(api_groups=[GROUP], api_versions=[VERSION], operations=["UPDATE"],
-                                                resources=[f"{PLURAL}/status"])])]))
+    """Kube.unreachable_webhook on the queues' status writes: each fails with a 500 until the block ends."""
+    rule = k8s.V1RuleWithOperations(api_groups=[GROUP], api_versions=[VERSION], operations=["UPDATE"],
+                                    resources=[f"{PLURAL}/status"])
+
+    def failing() -> bool:
         try:
-            def failing() -> bool:
-                try:
-                    kube.custom.patch_namespaced_custom_object_status(
-                        GROUP, VERSION, namespace, PLURAL, name, {"status": {"probe": str(uuid.uuid4())}})
-                except k8s.ApiException as exc:
-                    return exc.status == 500
-                return False
-            wait_for(failing, what="the webhook to be called")
-            yield
-        finally:
-            kube.admission.delete_validating_webhook_configuration(config)
+            kube.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": {"probe": str(uuid.uuid4())}})
+        except k8s.ApiException as exc:
+            return exc.status == 500
+        return False
+
+    with kube.unreachable_webhook(namespace, f"unreachable-status-{namespace}", rule):
+        wait_for(failing, what="the webhook to be called")
+        yield
 
 
 async def test_a_status_write_that_fails_otherwise_than_by_a_conflict_fails_the_pass(
