@@ -94,8 +94,8 @@ WRITES_IN_FLIGHT = 32
 """The writer's Lease writes under way at once: with the deletions, at most 48 of the client's 64
 connections. The others wait here, first things first (_in_write_order), not in the pool's queue: with
 the API server slow (150 ms a write, 10,000 workers at 30 s), that queue grew until every call waited
-seconds for a connection, and a TokenReview, a slot's claim or a disconnect missed its bound: 503s
-from an API server that answers."""
+seconds for a connection, and a slot's claim or a disconnect missed its bound: 503s from an API
+server that answers. (TokenReviews have a pool of their own: KubeClient.lane.)"""
 SHUTDOWN_DELETE_SECONDS = 2.0
 """How long a stopping replica waits for the Lease deletions under way."""
 DELETE_REFUSED_TRIES = 3
