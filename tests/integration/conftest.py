@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,6 +397,25 @@ class Kube:
                 yield
             finally:
                 self.admission.delete_validating_webhook_configuration(name)
+
+    @contextlib.contextmanager
+    def unreachable_status_webhook(self, namespace: str, probe: str) -> Iterator[None]:
+        """unreachable_webhook on the namespace's queue status writes: each fails with a 500 until the
+        block ends (`probe`, a queue of the namespace, is written to see the webhook called)."""
+        rule = k8s.V1RuleWithOperations(api_groups=[GROUP], api_versions=[VERSION], operations=["UPDATE"],
+                                        resources=[f"{PLURAL}/status"])
+
+        def failing() -> bool:
+            try:
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, probe, {"status": {"probe": str(uuid.uuid4())}})
+            except k8s.ApiException as exc:
+                return exc.status == 500
+            return False
+
+        with self.unreachable_webhook(namespace, f"unreachable-status-{namespace}", rule):
+            wait_for(failing, what="the webhook to be called")
+            yield
 
     @contextlib.contextmanager
     def unreachable_pod_webhook(self, namespace: str, operation: str = "CREATE") -> Iterator[None]:

@@ -3,7 +3,10 @@ the test, so that the order of events is exactly the test's (see the `in_process
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,25 @@ from workerqueue_operator.core.supervisor import Supervisor
 from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 from workerqueue_operator.models.settings import Settings
+
+
+async def eventually(predicate: Callable[[], Any], *, timeout: float = 10, what: str = "") -> None:
+    """wait_for, yielding to the event loop the in-process parts run on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(work: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """`work` runs as a task while in the block."""
+    task = asyncio.create_task(work())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class InProcess:
@@ -51,6 +73,15 @@ class InProcess:
     def watched(self) -> None:
         """The watch catches up: the Store holds the queue as the API server has it now."""
         self.store.refresh_queue(queues.QueueObject.from_body(self.kube.get_queue(self.namespace, self.name)))
+
+    def writer_with(self, *, client: client_.KubeClient | None = None, activity: Activity | None = None,
+                    **options: Any) -> Reconciler:
+        """A status writer of its own on the Store, through `client` (the harness's by default), standing
+        by or active as `activity` says (standalone, active, by default), made with `options`."""
+        client = client or self.client
+        return Reconciler(store=self.store, client=client, resync_seconds=options.pop("resync_seconds", 3600),
+                          events=options.pop("events", None) or EventPoster(client),
+                          activity=activity or Activity(identity="test", priority=0), **options)
 
     def supervisor_with(self, **settings: Any) -> Supervisor:
         """A supervisor of its own on the Store, with these settings (a replica started anew, say)."""

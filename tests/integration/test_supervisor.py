@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
-from tests.integration.conftest import Kube, wait_for
-from tests.integration.inprocess import InProcess
+from tests.integration.conftest import Kube
+from tests.integration.inprocess import InProcess, eventually, running
 from workerqueue_operator.core import workers
 from workerqueue_operator.core.queues import QueueObject
 from workerqueue_operator.k8s import client as client_
@@ -23,25 +22,6 @@ from workerqueue_operator.k8s import resources
 
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
 HOLD = "test.agentcontrol.dev/hold"
-
-
-async def eventually(predicate: Callable[[], Any], *, timeout: float = 10, what: str = "") -> None:
-    """wait_for, yielding to the event loop the supervisor runs on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def running(work: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
-    """`work` runs as a task while in the block."""
-    task = asyncio.create_task(work())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def queue_of(here: InProcess) -> QueueObject:
@@ -179,25 +159,6 @@ async def test_a_pod_with_the_queues_label_that_the_queue_does_not_control_is_ne
     assert kube.workers(namespace, "own")["pending"] == 1
 
 
-@contextlib.contextmanager
-def unreachable_status_webhook(kube: Kube, namespace: str, name: str) -> Iterator[None]:
-    """Kube.unreachable_webhook on the queues' status writes: each fails with a 500 until the block ends."""
-    rule = k8s.V1RuleWithOperations(api_groups=[GROUP], api_versions=[VERSION], operations=["UPDATE"],
-                                    resources=[f"{PLURAL}/status"])
-
-    def failing() -> bool:
-        try:
-            kube.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": {"probe": str(uuid.uuid4())}})
-        except k8s.ApiException as exc:
-            return exc.status == 500
-        return False
-
-    with kube.unreachable_webhook(namespace, f"unreachable-status-{namespace}", rule):
-        wait_for(failing, what="the webhook to be called")
-        yield
-
-
 async def test_a_status_write_that_fails_otherwise_than_by_a_conflict_fails_the_pass(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
@@ -208,7 +169,7 @@ async def test_a_status_write_that_fails_otherwise_than_by_a_conflict_fails_the_
     here.spec.update(singleExecution=True)
     await here.create_ready()
     here.watched()
-    with unreachable_status_webhook(kube, namespace, "unwritten"):
+    with kube.unreachable_status_webhook(namespace, "unwritten"):
         with pytest.raises(client_.ApiError) as failed:
             await here.supervisor.reconcile(here.key)
         assert failed.value.status == 500
