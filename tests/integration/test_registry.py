@@ -1167,6 +1167,26 @@ async def test_a_live_count_no_registration_tells_of_is_written_by_the_audit(
         assert kube.get_queue(namespace, "stale")["status"]["workers"]["live"] == 0
 
 
+async def test_a_live_count_is_audited_as_soon_as_the_leases_are_listed_and_not_before(
+    kube: Kube, namespace: str, kubeconfig: Path,
+):
+    """A replica just started: the status says live=1, written by the replica before, whose worker left
+    while none ran. Compared before the Leases are all listed, a registry half filled would write
+    wrong counts; once they are, at once, rather than at the next audit a minute later."""
+    async with in_process(kube, namespace, kubeconfig, "started") as (_, client, reg):
+        await resources.patch_queue_status(client, namespace, "started", {"workers": {"live": 1}})
+        store = Store(settings=Settings())
+        store.upsert_queue(queues.QueueObject.from_body(kube.get_queue(namespace, "started")))
+        listed = [False]
+        live = LiveStatus(store=store, registry=reg, client=client, activity=Activity(identity="me", priority=0),
+                          listed=lambda: listed[0])
+        await live.tick()
+        assert kube.get_queue(namespace, "started")["status"]["workers"]["live"] == 1
+        listed[0] = True
+        await live.tick()
+        assert kube.get_queue(namespace, "started")["status"]["workers"]["live"] == 0
+
+
 async def test_a_live_count_the_api_server_keeps_refusing_is_tried_less_and_less_often(
     kube: Kube, namespace: str, kubeconfig: Path, caplog: pytest.LogCaptureFixture,
 ):
