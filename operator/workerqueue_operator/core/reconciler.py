@@ -40,6 +40,10 @@ brought that queue back sooner; doubling while refused again, up to CONFLICT_RET
 queue the watch cannot bring, e.g. one whose newer body this operator cannot read)."""
 CONFLICT_RETRY_MAX_SECONDS = 60.0
 LIVE_RETRY_MAX_SECONDS = 300.0
+FAILED_RETRY_SECONDS = (2.0, 60.0)
+"""A SpecInvalid status whose write failed is tried again after the first, doubling up to the second."""
+REFUSED_RETRY_SECONDS = (10.0, LIVE_RETRY_MAX_SECONDS)
+"""The same for one the API server refused (RBAC, a policy): it stays refused until someone mends it."""
 """The longest wait before a queue's live worker count is written again after failed writes."""
 
 
@@ -198,8 +202,7 @@ class Reconciler:
         except client_.ApiError as exc:
             if not exc.conflict:  # a conflict: the watch brings the newer copy, and it back here
                 logger.warning("writing the status of %s/%s failed: %s", namespace, name, exc)
-                if not exc.refused:  # a refusal (RBAC, a policy) stays one
-                    self._show_invalid_later((namespace, name), tries)
+                self._show_invalid_later((namespace, name), tries, refused=exc.refused)
             return
         except client_.ERRORS as exc:
             logger.warning("writing the status of %s/%s failed: %s", namespace, name, type(exc).__name__)
@@ -209,9 +212,10 @@ class Reconciler:
                                     "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", "")}},
                           reason="SpecInvalid", message=message, warning=True)
 
-    def _show_invalid_later(self, key: QueueKey, tries: int) -> None:
+    def _show_invalid_later(self, key: QueueKey, tries: int, *, refused: bool = False) -> None:
         """Tries the SpecInvalid status again after a failed write, 2 s doubling to a minute: such a
-        queue is not in the Store, so no resync would, and it would show Ready=True meanwhile."""
+        queue is not in the Store, so no resync would, and it would show Ready=True meanwhile. A
+        refusal (RBAC, a policy) lasts until someone mends it: 10 s doubling to 5 minutes, a warning each."""
 
         def again() -> None:
             self._invalid_retries.pop(key, None)
@@ -220,8 +224,8 @@ class Reconciler:
                 self._spawn(self._show_invalid(*invalid, tries=tries + 1))
 
         self._cancel_invalid_retry(key)
-        self._invalid_retries[key] = asyncio.get_running_loop().call_later(pace.doubling(tries, 2.0, 60.0),
-                                                                           again)
+        wait = pace.doubling(tries, *REFUSED_RETRY_SECONDS if refused else FAILED_RETRY_SECONDS)
+        self._invalid_retries[key] = asyncio.get_running_loop().call_later(wait, again)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
