@@ -40,11 +40,11 @@ brought that queue back sooner; doubling while refused again, up to CONFLICT_RET
 queue the watch cannot bring, e.g. one whose newer body this operator cannot read)."""
 CONFLICT_RETRY_MAX_SECONDS = 60.0
 LIVE_RETRY_MAX_SECONDS = 300.0
+"""The longest wait before a queue's live worker count is written again after failed writes."""
 FAILED_RETRY_SECONDS = (2.0, 60.0)
 """A SpecInvalid status whose write failed is tried again after the first, doubling up to the second."""
 REFUSED_RETRY_SECONDS = (10.0, LIVE_RETRY_MAX_SECONDS)
 """The same for one the API server refused (RBAC, a policy): it stays refused until someone mends it."""
-"""The longest wait before a queue's live worker count is written again after failed writes."""
 
 
 class Conflicts:
