@@ -25,6 +25,7 @@ from tests import standin
 from tests.unit import apps
 from tests.unit.factories import UID, queue
 from workerqueue_operator.api import passthrough
+from workerqueue_operator.api import serving as serving_
 from workerqueue_operator.core import queues, reviews
 from workerqueue_operator.core.store import Store, WorkerCredential
 from workerqueue_operator.models.settings import Settings
@@ -182,7 +183,8 @@ class OperatorLikeServer(TestServer):
     pass-through meets a worker that goes away."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return web.AppRunner(self.app, **{**kwargs, "handler_cancellation": False})
+        return web.AppRunner(self.app, **{**kwargs, "handler_cancellation": False,
+                                          "lingering_time": serving_.LINGERING_SECONDS})
 
 
 @pytest.fixture
@@ -606,6 +608,53 @@ async def test_an_upstream_that_takes_not_even_the_end_of_the_body_cannot_hold_t
     done, _ = await asyncio.wait({sending}, timeout=10)
     sending.cancel()
     assert sending in done and isinstance(sending.exception(), TimeoutError)
+
+
+async def test_a_connection_dropped_mid_upload_to_an_upstream_that_stopped_reading_is_reset(
+        hub: tuple[Store, TestClient]):
+    """A hung upstream whose kernel still takes bytes: an upload cut there (504) was closed, not reset,
+    and its socket stayed open holding what was left to send for as long as the upstream did not read,
+    outside the pool's limit: one more socket, and some 250 KiB, at each retry of the worker."""
+    store, client = hub
+    accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+    over = asyncio.Event()
+
+    async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(reader)  # read by the test only once the operator has given up
+        await over.wait()
+        writer.close()
+
+    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+    for listening in server.sockets:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = server.sockets[0].getsockname()[1]
+
+    size = 200 * 65536  # 12.5 MiB: more than both kernels buffer
+    worker_reads, worker = await asyncio.open_connection(client.host, client.port)
+
+    async def upload() -> None:
+        worker.write(b"POST /api/v1/executions/e-1/events HTTP/1.1\r\nHost: operator\r\n"
+                     b"Authorization: Bearer tok-a\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(200):
+            worker.write(b"y" * 65536)
+            await worker.drain()
+
+    try:
+        store.upsert_queue(queue("a", queueId="q-a", upstream={"url": f"http://127.0.0.1:{port}",
+                                                                "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        uploading = asyncio.create_task(upload())
+        head = await asyncio.wait_for(worker_reads.readuntil(b"\r\n\r\n"), 10)  # the idle timeout is 1 s here
+        uploading.cancel()
+        worker.transport.abort()  # the worker gives up the rest of its upload
+        assert head.startswith(b"HTTP/1.1 504 ")
+        reader = await accepted.get()
+        with pytest.raises(ConnectionResetError):  # closed, it would go on sending, then end in order
+            async with asyncio.timeout(10):
+                while await reader.read(2**20):  # what the kernel took before the cut
+                    pass
+    finally:
+        over.set()
+        server.close()
 
 
 async def test_a_worker_that_stops_reading_releases_the_upstream(hub: tuple[Store, TestClient],

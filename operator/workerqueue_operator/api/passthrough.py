@@ -15,6 +15,8 @@ import contextlib
 import itertools
 import logging
 import re
+import socket
+import struct
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -366,6 +368,12 @@ class Pool(aiohttp.TCPConnector):
         self.idle_limit = idle
 
     def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        if (should_close or protocol.should_close) and protocol.transport is not None:
+            # Dropped part-way (a request cut mid-upload, an answer not read to its end): nothing on it
+            # is worth sending. Closed, the socket stayed open with what was left unsent for as long as
+            # a stalled upstream did not read, beyond the pool's limit: one more at each retry. Reset,
+            # not even the kernel keeps it.
+            _reset(protocol.transport)
         super()._release(key, protocol, should_close=should_close)
         pooled: Any = self._conns  # host -> [(protocol, released at)], oldest first
         over = sum(len(entries) for entries in pooled.values()) - self.idle_limit
@@ -379,6 +387,15 @@ class Pool(aiohttp.TCPConnector):
                 oldest.transport.abort()  # idle: nothing to flush, and a TLS close would wait for its peer
             oldest.close()
             over -= 1
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Closes a connection at once, with a reset: what it still had to send is dropped, in the kernel too."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 _KUBERNETES_TOKEN_PROTOCOL = "base64url.bearer.authorization.k8s.io."
