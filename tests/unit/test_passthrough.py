@@ -777,17 +777,57 @@ async def test_an_answer_that_cannot_be_read_is_502_of_its_own_kind(hub: tuple[S
     assert f'workerqueue_upstream_failures_total{{upstream="http://127.0.0.1:{port}",kind="bad_answer"}} 1' in text
 
 
-async def test_no_connection_to_be_had_in_time_is_a_504_that_says_so(upstream: TestServer):
-    # Every connection to the upstream busy (one allowed, held by a request that hangs): the next
-    # request waits for one as long as the connect timeout (1 s), not the idle timeout (5 s).
+async def test_no_connection_to_be_had_in_time_is_a_503_busy_not_the_upstreams_fault(upstream: TestServer):
+    # Every connection of the pool busy (one allowed, held by a request that hangs): the next request
+    # waits for one as long as the connect timeout (1 s), not the idle timeout (5 s), and is told the
+    # operator is busy. It was a 504 that the upstream could not be connected to, counted as its timeout.
     async with serving(upstream, idle=5, connections=1) as (_, client):
         hanging = asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": "Bearer tok-a"}))
         await asyncio.sleep(0.2)
+        started = time.monotonic()
         r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
-        assert r.status == 504 and await r.json() == {
-            "detail": "The upstream control plane could not be connected to within 1s"}
+        assert r.status == 503 and r.headers["Retry-After"] == "1" and await r.json() == {
+            "detail": "All 1 connections to upstream control planes are in use, try again"}
+        assert 0.9 <= time.monotonic() - started < 4
+        text = await (await client.get("/metrics")).text()
+        assert 'kind="busy"} 1' in text and 'kind="timeout"} 0' in text
         hanging.cancel()
         await asyncio.gather(hanging, return_exceptions=True)
+
+
+async def test_namespaces_whose_shares_fill_the_pool_leave_another_a_busy_answer_and_the_next_place(
+        upstream: TestServer):
+    """Two namespaces' shares may add up to the whole pool (75 + 25 of 100 by default): a third one's
+    request waited for aiohttp's pool and got a 504 blaming the upstream. It is told the operator is
+    busy; and once a connection ends, places go namespace by namespace in turn, so that it is not
+    behind every waiter of a namespace that came first."""
+    async with serving(upstream, idle=5, connections=3, per_namespace=3) as (store, client):
+        store.upsert_queue(queue("c", "team-c", queueId="q-c", upstream={
+            "url": str(upstream.make_url("/")).rstrip("/"), "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        store.upsert_secret(("team-c", "c-worker-token"), {"token": "tok-c"})
+        store.upsert_secret(("team-c", "org"), {"k": ORG_KEY})
+        hanging = [asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": f"Bearer {token}"}))
+                   for token in ("tok-a", "tok-a", "tok-b")]
+        await asyncio.sleep(0.3)
+        r = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-c"})
+        assert r.status == 503 and await r.json() == {
+            "detail": "All 3 connections to upstream control planes are in use, try again"}
+        answered: list[str] = []
+
+        async def call(name: str, token: str) -> None:
+            await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": f"Bearer {token}"}))
+            answered.append(name)
+
+        waiting = []
+        for name, token in (("b1", "tok-b"), ("b2", "tok-b"), ("c", "tok-c")):  # b's two wait first
+            waiting.append(asyncio.create_task(call(name, token)))
+            await asyncio.sleep(0.1)
+        hanging[0].cancel()  # one place is free, then given back after each call
+        await asyncio.gather(*waiting)
+        assert answered == ["b1", "c", "b2"]  # namespace by namespace in turn, not first come, first served
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
 
 
 async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connections(upstream: TestServer):
@@ -876,7 +916,7 @@ async def test_the_pool_keeps_at_most_its_idle_bound_all_hosts_together():
 
 async def test_the_wait_for_a_share_and_for_a_pooled_connection_are_one_connect_timeout(upstream: TestServer):
     # Waiting its turn in its namespace, then for the pool as long again, a request took twice the
-    # connect timeout to get its 504. (Real time: the pass-through measures the wait on the real
+    # connect timeout to be told the operator was busy. (Real time: the pass-through measures the wait on the real
     # clock. With a 6-s connect timeout and the second request 2 s after the first, the right answer
     # comes after ~6 s and the fault's after ~10 s, each 2 s from the bound.)
     async with serving(upstream, idle=60, connections=1, per_namespace=1, connect=6) as (_, client):
@@ -887,8 +927,8 @@ async def test_the_wait_for_a_share_and_for_a_pooled_connection_are_one_connect_
         started = time.monotonic()
         second = await client.get("/api/v1/x", headers={"Authorization": "Bearer tok-a"})
         took = time.monotonic() - started
-        assert second.status == 504 and took < 8.0, took  # its share at ~4 s, then the 2 s left
-        assert (await first).status == 504
+        assert second.status == 503 and took < 8.0, took  # its share at ~4 s, then the 2 s left
+        assert (await first).status == 503
         hanging.cancel()
         await asyncio.gather(hanging, return_exceptions=True)
 

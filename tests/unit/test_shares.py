@@ -75,3 +75,22 @@ async def test_one_key_alone_takes_every_place_and_a_cancelled_waiter_loses_none
     assert len(again) == 3
     release2.set()
     await asyncio.gather(*tasks)
+
+
+async def test_a_bounded_take_waits_its_turn_gives_up_in_time_and_leaves_no_line_behind():
+    gate = FairGate(1)
+    assert await gate.take("a", 0)  # free: taken without a wait
+    assert not await gate.take("b", 0)  # full, and no wait asked
+    assert not await gate.take("b", 0.01)  # full for longer than it waits
+    assert gate.waiting == 0 and not gate._lines  # a pool full for minutes is no pile of given-up waiters
+    waiting = asyncio.create_task(gate.take("b", 5))
+    cancelled = asyncio.create_task(gate.take("c", 5))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert gate.waiting == 1 and list(gate._lines) == ["b"]
+    gate.give_back()
+    assert await waiting  # the place given back is the waiter's
+    assert not await gate.take("a", 0)
+    gate.give_back()
+    assert await gate.take("a", 0)

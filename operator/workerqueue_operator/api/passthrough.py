@@ -35,7 +35,7 @@ from workerqueue_operator.api import callers, errors, lookups, metrics
 from workerqueue_operator.api.keymask import KeyMask
 from workerqueue_operator.core import queues, workers
 from workerqueue_operator.core.registry import Registry
-from workerqueue_operator.core.shares import Shares
+from workerqueue_operator.core.shares import FairGate, Shares
 from workerqueue_operator.core.store import Store
 from workerqueue_operator.k8s.client import ABORT_CLOSED_TLS
 from workerqueue_operator.models import settings as settings_
@@ -440,6 +440,11 @@ class Passthrough:
         # bodies, slow reads, or just many calls) left everyone else's calls waiting, then 504.
         self._shares = Shares(settings.upstream_max_connections_per_namespace)
         self._websocket_shares = Shares(settings.upstream_max_websockets_per_namespace)
+        # The pools' own places, let in namespace by namespace in turn once all are taken: the shares
+        # of two namespaces may add up to a pool, and a third's request then waited for aiohttp's pool
+        # until its 504, blamed on an upstream that was fine.
+        self._places = FairGate(settings.upstream_max_connections)
+        self._websocket_places = FairGate(settings.upstream_max_websockets)
         self._reporter = _Reporter()
         self._websockets: set[web.WebSocketResponse] = set()
 
@@ -536,10 +541,19 @@ class Passthrough:
             return errors.detail(503, f"Too many {what} of this namespace are open to the upstream control plane "
                                  f"({shares.share}), try again", headers={"Retry-After": "1"})
         try:
-            if websocket:
-                return await self._websocket(request, route)
+            places = self._websocket_places if websocket else self._places
             # The wait for its share and the pool's together within the connect timeout.
-            return await self._forward(request, route, waited=time.monotonic() - asked)
+            if not await places.take(share_key, max(wait - (time.monotonic() - asked), 0.0) if wait else 0.0):
+                self._metrics.upstream(route.upstream.origin).failed("busy", 503)
+                what = "websockets" if websocket else "connections"
+                return errors.detail(503, f"All {places.limit} {what} to upstream control planes are in use, "
+                                     "try again", headers={"Retry-After": "1"})
+            try:
+                if websocket:
+                    return await self._websocket(request, route)
+                return await self._forward(request, route, waited=time.monotonic() - asked)
+            finally:
+                places.give_back()
         finally:
             shares.give_back(share_key)
 

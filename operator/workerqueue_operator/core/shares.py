@@ -58,6 +58,7 @@ class FairGate:
     turn in as many as there are keys waiting, not every turn, yet takes every place nobody else wants."""
 
     def __init__(self, limit: int) -> None:
+        self.limit = limit
         self._free = limit
         self._lines: collections.OrderedDict[Hashable, collections.deque[asyncio.Future[None]]] = (
             collections.OrderedDict())
@@ -79,6 +80,43 @@ class FairGate:
             yield
         finally:
             self._pass_on()
+
+    async def take(self, key: Hashable, wait: float) -> bool:
+        """A place, as `turn` gives it, waiting up to `wait` seconds (0: only a free one); False if none
+        came. Each True is given back (give_back)."""
+        if self._free > 0 and not self._lines:
+            self._free -= 1
+            return True
+        if wait <= 0:
+            return False
+        admitted = asyncio.get_running_loop().create_future()
+        self._lines.setdefault(key, collections.deque()).append(admitted)
+        try:
+            await asyncio.wait({admitted}, timeout=wait)  # never cancels it: let in at the deadline, it is in
+        except BaseException:
+            if admitted.done():
+                self._pass_on()  # let in as it was cancelled: its place goes to the next
+            else:
+                self._leave(key, admitted)
+            raise
+        if admitted.done():
+            return True
+        self._leave(key, admitted)
+        return False
+
+    def _leave(self, key: Hashable, admitted: asyncio.Future[None]) -> None:
+        """A waiter that gave up leaves its line now: while every place stays taken, those timing out
+        would otherwise pile up until their turns came."""
+        admitted.cancel()
+        line = self._lines.get(key)
+        if line is not None:
+            with contextlib.suppress(ValueError):
+                line.remove(admitted)
+            if not line:
+                del self._lines[key]
+
+    def give_back(self) -> None:
+        self._pass_on()
 
     @property
     def waiting(self) -> int:
