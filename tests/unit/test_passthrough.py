@@ -560,6 +560,39 @@ async def test_a_worker_that_leaves_before_the_answer_frees_the_upstream_connect
         assert not UPSTREAM_FAILED.search(text)
 
 
+async def test_a_worker_that_leaves_during_the_websocket_handshake_frees_the_upstream_connection(
+        upstream: TestServer):
+    """The upstream slow to answer the handshake (up to the connect and idle timeouts, 65 s by default):
+    a worker gone meanwhile held an upstream connection and its namespace's websocket share all along,
+    and counted as the upstream's failure once that ran out."""
+    ended = asyncio.Event()
+
+    async def thinking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the handshake, never answered
+            await reader.read()  # until the operator lets go
+        ended.set()
+        writer.close()
+
+    server = await asyncio.start_server(thinking, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with serving(upstream, idle=30) as (store, client):
+        store.upsert_queue(queue("a", queueId="q-a", upstream={"url": f"http://127.0.0.1:{port}",
+                                                                "apiKeySecretRef": {"name": "org", "key": "k"}}))
+        _, worker = await asyncio.open_connection(client.host, client.port)
+        worker.write(f"GET {WS_A} HTTP/1.1\r\nHost: operator\r\nAuthorization: Bearer tok-a\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        await worker.drain()
+        await asyncio.sleep(0.5)  # the operator's handshake with the upstream is under way
+        worker.close()
+        await asyncio.wait_for(ended.wait(), 5)  # the operator looks every second; the handshake may take 31 s
+        text = await (await client.get("/metrics")).text()
+        assert 'workerqueue_http_problems_total{kind="client_disconnected"} 1' in text
+        assert not UPSTREAM_FAILED.search(text)
+    server.close()
+
+
 async def test_hanging_upstream_is_504(hub: tuple[Store, TestClient]):
     _, client = hub
     loop = asyncio.get_running_loop()

@@ -833,10 +833,11 @@ class Passthrough:
             # The handshake within the connect and idle timeouts in all, however slowly its answer trickles.
             async with asyncio.timeout(self._settings.upstream_connect_timeout_seconds
                                        + self._settings.upstream_idle_timeout_seconds):
-                theirs = await self._websocket_session.ws_connect(
+                # Given up once the worker has left: it held a connection and its namespace's share.
+                theirs = await _unless_gone(request, self._websocket_session.ws_connect(
                     target_url(upstream.url, request.raw_path), headers=headers,
                     protocols=[p for p in protocols if not p.startswith(_KUBERNETES_TOKEN_PROTOCOL)],
-                    autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds)
+                    autoping=True, heartbeat=self._settings.upstream_idle_timeout_seconds))
         except _Redirected as exc:
             # Never followed: the worker gets the operator's 502, counted and logged as such.
             return self._failed(stats, upstream, "bad_answer", exc, 502,
@@ -849,6 +850,8 @@ class Passthrough:
             stats.answered(exc.status, time.perf_counter() - started)
             return errors.detail(exc.status, f"The upstream control plane refused the websocket ({exc.status})")
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            if _worker_gone(request):
+                raise ConnectionResetError("the worker went away before the upstream's handshake") from exc
             return self._unanswered(stats, upstream, exc)
         stats.answered(101, time.perf_counter() - started)
         ours = web.WebSocketResponse(protocols=(theirs.protocol,) if theirs.protocol else (), autoping=True,
