@@ -16,7 +16,8 @@ sha256, the body read as it streams in, never held whole), except:
 - `.../stall?length=N`: answers headers (Content-Length: N, default 100) and 10 bytes, then nothing more;
 - `.../ws/workers/{worker_id}`: a websocket that first sends the headers it was opened with, then
   echoes every message back (text as text, binary as binary); `close` closes it with code 4000,
-  `flood` makes it send 64 KiB messages for as long as it is open.
+  `flood` makes it send 64 KiB messages for as long as it is open; with `X-Answer-Status`, the
+  handshake is refused with that status, `Retry-After: 7` and `WWW-Authenticate: Bearer`.
 
 The echoed headers are sealed (base64 of their JSON; read with `headers`, `header_values`): the
 pass-through gives a worker its own token wherever the organization's key shows in an answer, and
@@ -98,7 +99,10 @@ async def _events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _websocket(request: web.Request) -> web.WebSocketResponse:
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    if "X-Answer-Status" in request.headers:
+        return web.json_response({"detail": "refused"}, status=int(request.headers["X-Answer-Status"]),
+                                 headers={"Retry-After": "7", "WWW-Authenticate": "Bearer"})
     ws = web.WebSocketResponse(protocols=("agent.v1",))
     await ws.prepare(request)
     hello = {"path_qs": request.raw_path, "headers": _sealed(request)}

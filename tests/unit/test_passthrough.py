@@ -1043,6 +1043,18 @@ async def test_open_websockets_leave_requests_their_pool(upstream: TestServer):
         await echoed(r)
 
 
+@pytest.mark.parametrize("status", [503, 401])
+async def test_an_upstreams_refusal_of_a_websocket_keeps_when_to_try_again_and_how_to_authenticate(
+        hub: tuple[Store, TestClient], status: int):
+    """Its status was passed on, but not its Retry-After: reconnecting workers lost the upstream's back-off."""
+    _, client = hub
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(WS_A, headers={"Authorization": "Bearer tok-a", "X-Answer-Status": str(status)})
+    assert refused.value.status == status
+    assert refused.value.headers is not None
+    assert refused.value.headers.get("Retry-After") == "7" and refused.value.headers.get("WWW-Authenticate") == "Bearer"
+
+
 async def test_websocket_needs_a_queue_token(hub: tuple[Store, TestClient]):
     _, client = hub
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:

@@ -84,6 +84,8 @@ _WEBSOCKET_HANDSHAKE = frozenset(h.lower() for h in (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol",
     "Sec-WebSocket-Accept", "Content-Length",
 ))
+_REFUSAL_HEADERS = ("Retry-After", "WWW-Authenticate")
+"""What is kept of an upstream's refusal of a websocket handshake (its body is the operator's)."""
 _DECODABLE = frozenset(("gzip", "x-gzip", "deflate"))
 _DIGESTS = ("Content-MD5", "Digest", "Content-Digest", "Repr-Digest")
 """What says what the body's bytes are: no longer so where the worker's token took the key's place."""
@@ -846,9 +848,13 @@ class Passthrough:
             if not 400 <= exc.status < 600:  # a 200, say: no answer to a handshake
                 return self._failed(stats, upstream, "bad_answer", exc, 502,
                                     f"The upstream control plane refused the websocket ({exc.status})")
-            # The upstream answered, only not with an upgrade (e.g. 401, 404): its status passed on.
+            # The upstream answered, only not with an upgrade (e.g. 401, 404): its status passed on, with
+            # what tells the worker when to try again, or how to authenticate.
             stats.answered(exc.status, time.perf_counter() - started)
-            return errors.detail(exc.status, f"The upstream control plane refused the websocket ({exc.status})")
+            told = {name: value for name in _REFUSAL_HEADERS
+                    if exc.headers is not None and (value := exc.headers.get(name))}
+            return errors.detail(exc.status, f"The upstream control plane refused the websocket ({exc.status})",
+                                 headers=told)
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             if _worker_gone(request):
                 raise ConnectionResetError("the worker went away before the upstream's handshake") from exc
