@@ -471,6 +471,35 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
     assert seen.count("before") == 1  # not listed again
 
 
+async def test_what_was_deleted_while_the_watch_was_down_is_told_at_the_relist(
+    proxied_kubeconfig: tuple[Path, Proxy], kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch,
+):
+    """No watch event tells of a deletion made while the API server was out of reach: the relist must,
+    for what its first list brought and for what a watch brought since alike, or a deleted queue would
+    be served, a deleted (revoked) token keep opening, a deleted Lease keep its slot."""
+    monkeypatch.setattr(informer, "RESUME_SECONDS", 0.0)  # the outage outlasts resuming: a relist
+    config, proxy = proxied_kubeconfig
+    kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="listed")))
+    client = client_.KubeClient(client_.load_configuration(str(config)))
+    seen: set[str] = set()
+    deleted: dict[str, Any] = {}
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/configmaps", name="configmaps",
+                              on_upsert=lambda obj: seen.add(obj["metadata"]["name"]),
+                              on_delete=lambda key, body: deleted.update({key[1]: body}))
+    async with running(watch, client):
+        await until(lambda: "listed" in seen)
+        kube.core.create_namespaced_config_map(namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="watched")))
+        await until(lambda: "watched" in seen)
+        proxy.cut()  # and every connection refused until healed
+        await until(lambda: watch.failures >= 1)
+        for name in ("listed", "watched"):
+            kube.core.delete_namespaced_config_map(name, namespace)
+        proxy.heal()
+        await until(lambda: len(deleted) == 2)
+    assert deleted == {"listed": None, "watched": None}  # gone, its last state unknown
+    assert not watch.knows((namespace, "listed")) and not watch.knows((namespace, "watched"))
+
+
 async def test_the_api_servers_clock_is_read_against_this_one(operator: OperatorProcess, kubeconfig: Path):
     """Peering and the registry's Leases take the replicas' clocks to agree with each other: a replica
     compares its own with the API server's, and says so when they differ (here they are one clock)."""

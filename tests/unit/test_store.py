@@ -482,11 +482,16 @@ class _Reads:
 
 
 class _Told:
+    """What the worker supervisor is told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, object]] = []
+
     def queue_changed(self, queue: object) -> None:
-        pass
+        self.told.append(("changed", getattr(queue, "uid", None)))
 
     def queue_deleted(self, key: object) -> None:
-        pass
+        self.told.append(("deleted", key))
 
     synced = False
 
@@ -580,3 +585,48 @@ def test_queues_whose_temporal_is_unreachable_are_counted_apart_from_ready():
     unknown = {"conditions": [{"type": "TemporalReachable", "status": "Unknown", "reason": "TemporalNotResolved"}]}
     s.refresh_queue(dataclasses.replace(s.queue(("team-a", "q2")), status=unknown))
     assert s.temporal_unreachable_count == 1
+
+
+def test_the_supervisor_forgets_a_deleted_queue_also_when_its_deletion_was_unseen():
+    """It keeps a refused create's back-off, pod bookkeeping and Temporal readings per queue: kept
+    past the queue's deletion, a queue made again under the name inherited them, and the deleted one's
+    Temporal endpoint was probed for good."""
+    _, _, feed = _feed()
+    told = feed._supervisor
+    feed.queue_upserted(queue_body("a", uid="uid-a1", queueId="qa"))
+    feed.queue_deleted(("team-a", "a"), None)
+    feed.queue_upserted(queue_body("a", uid="uid-a2", queueId="qa"))
+    feed.queue_upserted(queue_body("a", uid="uid-a3", queueId="qa"))  # a relist: its deletion unseen
+    assert told.told == [("changed", "uid-a1"), ("deleted", ("team-a", "a")), ("changed", "uid-a2"),
+                         ("deleted", ("team-a", "a")), ("changed", "uid-a3")]
+
+
+def test_a_deleted_queues_token_secret_going_leaves_its_successors_token():
+    """A queue made again at once (`kubectl replace --force`) gets a new token Secret while the old one
+    waits for the garbage collector. The old one's deletion comes after the new token is known (from
+    the create's answer): taken for its successor's, its workers were turned away (401) and the queue
+    shown SecretNotFound until the new Secret's own event came."""
+    token = ("team-a", "a-worker-token")
+    store, _, feed = _feed()
+    feed.queue_upserted(queue_body("a", uid="uid-a1", queueId="qa"))
+    old = reconciler.token_secret_body(store.queue(("team-a", "a")), "T-old")  # owned by a (uid-a1)
+    feed.secret_upserted(old)
+    feed.queue_deleted(("team-a", "a"), None)
+    feed.queue_upserted(queue_body("a", uid="uid-a2", queueId="qa"))
+    store.creating_secret(token)
+    store.created_secret(token, {"token": "T-new"})
+    feed.secret_deleted(token, old)  # the garbage collector's
+    served = store.serving("qa")
+    assert served is not None and served.ready
+    assert store.opens(served, queues.digest("T-new")) and not store.opens(served, queues.digest("T-old"))
+
+
+def test_no_secret_is_read_before_the_secret_list_is_in():
+    """Listed before the Secrets, each queue's Secrets come with their list: a read each (10,000 queues
+    at start-up) would be thousands of GETs at once for nothing."""
+    _, reads, feed = _feed()
+    feed.secrets_listed = False
+    feed.queue_upserted(queue_body("a", uid="uid-a", queueId="qa", **OWN_TOKEN))
+    assert reads.asked == set()
+    feed.secrets_synced(lambda _: True)  # the list brought it, before its queue came
+    assert reads.asked == {("team-a", "a-own")}
