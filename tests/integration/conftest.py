@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "agentcontrol.dev_workerqueues.yaml"
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
+HOLD = "test.agentcontrol.dev/hold"
+"""A finalizer of the tests' own, keeping an object until they let it go."""
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -376,6 +378,17 @@ class Kube:
             self.core.delete_namespaced_secret("probe", namespace)
             return False
         wait_for(refused, what="the quota to be enforced")
+
+    @contextlib.contextmanager
+    def held(self, namespace: str, name: str) -> Iterator[None]:
+        """The queue held by a finalizer of someone else's while in the block (its deletion waits for it)."""
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                   {"metadata": {"finalizers": [HOLD]}})
+        try:
+            yield
+        finally:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                       {"metadata": {"finalizers": None}})
 
     @contextlib.contextmanager
     def unreachable_webhook(self, namespace: str, name: str, rule: k8s.V1RuleWithOperations) -> Iterator[None]:

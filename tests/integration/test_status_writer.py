@@ -28,7 +28,6 @@ from workerqueue_operator.k8s import resources
 
 PEERING = ("", "workerqueue-operator")
 """A ClusterKopfPeering, as the replica's Activity knows it."""
-HOLD = "test.agentcontrol.dev/hold"
 INVALID = "spec.replicas: Input should be a valid integer"
 
 
@@ -53,18 +52,6 @@ def listed_absent(here: InProcess, name: str) -> QueueObject:
     here.store.upsert_queue(queue)
     here.store.fill_secret((here.namespace, name), None)
     return queue
-
-
-@contextlib.contextmanager
-def held(kube: Kube, namespace: str, name: str) -> Iterator[None]:
-    """The queue kept by a finalizer of the test's until the block ends."""
-    kube.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                               {"metadata": {"finalizers": [HOLD]}})
-    try:
-        yield
-    finally:
-        kube.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                   {"metadata": {"finalizers": None}})
 
 
 @contextlib.contextmanager
@@ -279,7 +266,7 @@ async def test_in_a_namespace_being_deleted_a_token_secret_refused_is_no_news(
     token = without_own_token(here)
     listed_absent(here, token)
     # The namespace controller waits: the queue stays as it is, in a namespace that refuses new objects.
-    with held(kube, namespace, "doomed"), frozen(control_plane.pid("kube-controller-manager")):
+    with kube.held(namespace, "doomed"), frozen(control_plane.pid("kube-controller-manager")):
         here.watched()
         kube.core.delete_namespace(namespace)
 

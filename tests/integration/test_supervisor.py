@@ -5,9 +5,8 @@ these was found to have no test at any level by taking its guard out."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,7 +20,6 @@ from workerqueue_operator.k8s import client as client_
 from workerqueue_operator.k8s import resources
 
 GROUP, VERSION, PLURAL = "agentcontrol.dev", "v1alpha1", "workerqueues"
-HOLD = "test.agentcontrol.dev/hold"
 
 
 def queue_of(here: InProcess) -> QueueObject:
@@ -67,18 +65,6 @@ async def test_a_queue_gets_its_workers_as_soon_as_it_can_serve_not_at_its_next_
         await eventually(lambda: kube.pod_names(namespace, "able") == ["able-w0"], what="its first worker")
 
 
-@contextlib.contextmanager
-def held(kube: Kube, namespace: str, name: str) -> Iterator[None]:
-    """The queue held by a finalizer of someone else's while in the block (its deletion waits for it)."""
-    kube.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                               {"metadata": {"finalizers": [HOLD]}})
-    try:
-        yield
-    finally:
-        kube.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                   {"metadata": {"finalizers": None}})
-
-
 async def test_a_queue_being_deleted_gets_no_pass(in_process: Callable[[str], InProcess], kube: Kube,
                                                  namespace: str):
     """Deleted, and held by another's finalizer: its pods go with it (the garbage collector's work),
@@ -86,7 +72,7 @@ async def test_a_queue_being_deleted_gets_no_pass(in_process: Callable[[str], In
     here = in_process("going")
     here.spec.update(singleExecution=True)
     await here.create_ready()
-    with held(kube, namespace, "going"):
+    with kube.held(namespace, "going"):
         kube.delete_queue(namespace, "going")
         here.watched()
         assert queue_of(here).deleting
