@@ -279,6 +279,9 @@ def test_a_pod_gone_whose_name_another_owner_took_does_not_keep_its_token(
     """A pod released from its queue keeps its token while it is there, known by its owner, the queue:
     a pod of the same name made since by something else is not it, and does not keep that token."""
     running_worker(kube, namespace, "nm")
+    # Listed running first: a pod the supervisor never listed may still be coming, and its token is
+    # kept for ORPHAN_GRACE_SECONDS (a minute), longer than this test waits.
+    wait_for(lambda: kube.workers(namespace, "nm").get("running") == 1, what="nm-w0 counted running")
     kube.core.patch_namespaced_pod("nm-w0", namespace, {"metadata": {"labels": {"agentcontrol.dev/queue": None}}})
     wait_pods(kube, namespace, "nm", ["nm-w1"])
     kube.core.delete_namespaced_pod("nm-w0", namespace, grace_period_seconds=0)
