@@ -65,6 +65,7 @@ async def test_one_key_alone_takes_every_place_and_a_cancelled_waiter_loses_none
     await asyncio.sleep(0.01)
     cancelled.cancel()
     await asyncio.gather(cancelled, return_exceptions=True)
+    assert list(gate._lines) == ["team-b"]  # gone from its line at once, not when its turn comes
     release.set()
     await asyncio.gather(*holders, after)
     assert order == ["team-a"] * 3 + ["team-b"]

@@ -65,29 +65,20 @@ class FairGate:
 
     @contextlib.asynccontextmanager
     async def turn(self, key: Hashable) -> AsyncIterator[None]:
-        if self._free > 0 and not self._lines:
-            self._free -= 1
-        else:
-            admitted = asyncio.get_running_loop().create_future()
-            self._lines.setdefault(key, collections.deque()).append(admitted)
-            try:
-                await admitted
-            except BaseException:
-                if admitted.done() and not admitted.cancelled():
-                    self._pass_on()  # let in as it was cancelled: its place goes to the next
-                raise  # a cancelled one is skipped when its turn comes
+        """A place for the block's length, however long it takes to come."""
+        await self.take(key, None)
         try:
             yield
         finally:
             self._pass_on()
 
-    async def take(self, key: Hashable, wait: float) -> bool:
-        """A place, as `turn` gives it, waiting up to `wait` seconds (0: only a free one); False if none
-        came. Each True is given back (give_back)."""
+    async def take(self, key: Hashable, wait: float | None) -> bool:
+        """A place, waiting up to `wait` seconds (0: only a free one; None: as long as it takes); False
+        if none came. Each True is given back (give_back)."""
         if self._free > 0 and not self._lines:
             self._free -= 1
             return True
-        if wait <= 0:
+        if wait is not None and wait <= 0:
             return False
         admitted = asyncio.get_running_loop().create_future()
         self._lines.setdefault(key, collections.deque()).append(admitted)
