@@ -871,6 +871,12 @@ async def test_a_pods_worker_whose_queue_this_replica_has_not_seen_is_awaited_th
         store.upsert_queue(made)
         assert (await c.post(START.format("q-other"), headers=pod)).status == 404
         assert c.server.app[UNSEEN].waited == 2
+        # No place left to wait in: answered at once from what is known, refused as such, no 500.
+        store.remove_queue(key)
+        monkeypatch.setattr(c.server.app[UNSEEN], "_max_waiting", 0)
+        crowded = await c.post(START.format("q-1"), headers=pod)
+        assert crowded.status == 404 and await crowded.json() == {"detail": "Worker queue not found"}
+        assert c.server.app[UNSEEN].waited == 2
 
 
 async def test_a_pods_worker_whose_queue_was_made_again_is_awaited_while_this_replica_knows_the_old_one(
@@ -954,7 +960,11 @@ async def test_unseen_pod_tokens_wait_a_bounded_number_at_a_time(monkeypatch: py
     async with TestClient(TestServer(apps.make_app(store))) as c:
         forged = [c.post(START.format("q-1"), headers={"Authorization": f"Bearer wqw1_forged{i}"}) for i in range(5)]
         answers = await asyncio.gather(*forged)
-        assert [a.status for a in answers] == [401] * 5
+        # Two waited and were refused; three found no place to wait: not known to be wrong, a 503.
+        assert sorted(a.status for a in answers) == [401, 401, 503, 503, 503]
+        crowded = next(a for a in answers if a.status == 503)
+        assert crowded.headers["Retry-After"] == "1"
+        assert await crowded.json() == {"detail": "Too many worker credentials are awaited, try again"}
         assert c.server.app[UNSEEN].waited == 2
 
 
@@ -969,18 +979,24 @@ async def test_one_address_cannot_take_every_place_to_wait_for_an_unseen_token(m
     def nothing() -> None:  # never found
         return None
 
-    flood = [asyncio.create_task(tokens.until(nothing, peer="10.0.0.9")) for _ in range(5)]
+    async def waited(peer: str) -> str:
+        try:
+            return "waited" if await tokens.until(nothing, peer=peer) is None else "found"
+        except unseen.Crowded:
+            return "crowded"
+
+    flood = [asyncio.create_task(waited("10.0.0.9")) for _ in range(5)]
     await asyncio.sleep(0)
     assert tokens.waiting == 2  # half the places taken, by one address: the other three answered at once
-    pods = [asyncio.create_task(tokens.until(nothing, peer=f"10.0.0.{i}")) for i in range(3)]
+    pods = [asyncio.create_task(waited(f"10.0.0.{i}")) for i in range(3)]
     await asyncio.sleep(0)
     assert tokens.waiting == 4  # other addresses still wait, up to the bound on all
-    assert await asyncio.gather(*flood, *pods) == [None] * 8
+    assert await asyncio.gather(*flood, *pods) == ["waited"] * 2 + ["crowded"] * 3 + ["waited"] * 2 + ["crowded"]
     assert tokens.waiting == 0 and tokens._by_peer == {}
     # Behind a proxy every pod is one address: up to half the places, as many as come.
-    shared = [asyncio.create_task(tokens.until(nothing, peer="127.0.0.6")) for _ in range(3)]
+    shared = [asyncio.create_task(waited("127.0.0.6")) for _ in range(3)]
     await asyncio.sleep(0)
-    assert tokens.waiting == 2 and await asyncio.gather(*shared) == [None] * 3
+    assert tokens.waiting == 2 and await asyncio.gather(*shared) == ["waited"] * 2 + ["crowded"]
 
 
 async def test_a_registrations_hostname_is_bounded_in_memory_and_in_its_lease(client: TestClient):

@@ -194,7 +194,10 @@ async def _pods_queue(request: web.Request, credential: WorkerCredential, queue_
         found = store.serving(queue_id)
         return found if _pods_own(found, credential) else None
 
-    found = await request.app[UNSEEN].until(own, peer=request.remote or "", starting=True)
+    try:
+        found = await request.app[UNSEEN].until(own, peer=request.remote or "", starting=True)
+    except unseen.Crowded:  # no place to wait in: answered from what is known now, as after a wait
+        found = None
     return found if found is not None else store.serving(queue_id)
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from workerqueue_operator.api import errors
 from workerqueue_operator.api.keys import LOG, REVIEWER, STORE, UNSEEN
+from workerqueue_operator.api.unseen import Crowded
 from workerqueue_operator.core import queues, reviews, workers
 from workerqueue_operator.core.queues import Resolution
 from workerqueue_operator.core.store import WorkerCredential
@@ -103,11 +104,15 @@ async def unseen_worker(request: web.Request, token_digest: bytes, *, starting: 
                         ) -> WorkerCredential | web.Response:
     """A per-worker token (`workers.is_worker_token`) this replica does not know: its credential once
     its Secret comes (made by another replica a moment ago, say), else 503 while the Secret watch is
-    down, else 401. A worker exits on a 401: none must be told so for a Secret not seen yet."""
+    down (or too many such tokens are awaited to wait for one more), else 401. A worker exits on a
+    401: none must be told so for a Secret not seen yet."""
     store = request.app[STORE]
     unseen = request.app[UNSEEN]
-    credential = await unseen.until(lambda: store.worker_credential(token_digest),
-                                         peer=request.remote or "", starting=starting)
+    try:
+        credential = await unseen.until(lambda: store.worker_credential(token_digest),
+                                        peer=request.remote or "", starting=starting)
+    except Crowded:
+        return errors.detail(503, "Too many worker credentials are awaited, try again", headers={"Retry-After": "1"})
     if credential is not None:
         return credential
     if not unseen.current():

@@ -30,7 +30,8 @@ START_ERRORS: dict[int, tuple[str, str]] = {
     503: ("The queue is not Ready (the detail names the missing Secret or key), or the API server could not "
           "review a Kubernetes token in time (with Retry-After when every review slot was busy), or too many "
           "workers wait for their first heartbeat or are registered (registry_max_*, with Retry-After), or a "
-          "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded), "
+          "per-worker token is not known while the Secret watch is down (Worker credentials are being loaded) or "
+          "too many such tokens are awaited already (Too many worker credentials are awaited), "
           "or the operator has just started and its watches have not listed within 45 s (with Retry-After)",
           "Worker queue is not ready: secret llm not found in namespace team-a"),
 }

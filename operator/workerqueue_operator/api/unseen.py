@@ -8,10 +8,10 @@ operator's (workers.is_worker_token) is therefore held until the watch brings it
 watch is well and longer while it is down; still unknown then, it is refused (401) if the watch is
 well, or answered 503 if the watch is still down, since then it is this replica that does not know.
 Forged tokens with the mark cost a waiting request each, never an API call: at most MAX_WAITING
-wait at once, and the rest are answered at once. Once half the places are taken, an address that
-holds MAX_WAITING_PER_PEER of them gets no more: one client cannot take every place from the pods
-whose tokens are really on their way. (Not before: behind a service mesh's proxy, or an ingress,
-every pod may come from one address.)
+wait at once, and the rest are answered at once (503: whether they are wrong is not known yet).
+Once half the places are taken, an address that holds MAX_WAITING_PER_PEER of them gets no more:
+one client cannot take every place from the pods whose tokens are really on their way. (Not
+before: behind a service mesh's proxy, or an ingress, every pod may come from one address.)
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ MAX_WAITING_PER_PEER = 8
 POLL_SECONDS = 0.1
 
 
+class Crowded(Exception):
+    """Turned away without a wait: too many unseen tokens are awaited already."""
+
+
 class UnseenTokens:
     def __init__(self, current: Callable[[], bool]) -> None:
         self.current = current
@@ -52,11 +56,11 @@ class UnseenTokens:
 
     async def until(self, lookup: Callable[[], T | None], *, peer: str = "", starting: bool = False) -> T | None:
         """What `lookup` finds (a credential; a pod's queue) once it does; None when it still does not
-        after the wait (or when too many wait already, from everywhere or from `peer`). `starting`: for
-        a /start, which its worker waits longer for than its other calls."""
+        after the wait. Raises Crowded when too many wait already, from everywhere or from `peer`.
+        `starting`: for a /start, which its worker waits longer for than its other calls."""
         if self.waiting >= self._max_waiting or (
                 self.waiting >= self._max_waiting // 2 and self._by_peer.get(peer, 0) >= self._max_per_peer):
-            return None
+            raise Crowded
         self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         self.waiting += 1
         self.waited += 1
