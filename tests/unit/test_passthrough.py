@@ -863,6 +863,32 @@ async def test_namespaces_whose_shares_fill_the_pool_leave_another_a_busy_answer
         await asyncio.gather(*hanging, return_exceptions=True)
 
 
+@pytest.mark.parametrize(("full", "connections", "per_namespace", "holder"),
+                         [("pool", 1, 1, "tok-b"), ("share", 2, 1, "tok-a")])
+async def test_a_worker_that_leaves_while_it_waits_for_a_connection_leaves_its_line_and_is_never_sent_on(
+        upstream: TestServer, full: str, connections: int, per_namespace: int, holder: str):
+    """aiohttp's server does not cancel a handler whose client left: a request waiting for the pool
+    (or its namespace's share) stayed in line for the whole connect timeout, and once a place came it
+    was sent to the upstream (a PATCH, an event) for a worker no longer there, or counted `busy`."""
+    async with serving(upstream, idle=5, connections=connections, per_namespace=per_namespace,
+                       connect=6) as (_, client):
+        hanging = asyncio.create_task(client.get("/api/v1/hang", headers={"Authorization": f"Bearer {holder}"}))
+        await asyncio.sleep(0.3)  # the pool's one connection, or team-a's one share, is taken
+        _, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"PATCH /api/v1/executions/gone HTTP/1.1\r\nHost: operator\r\n"
+                     b"Authorization: Bearer tok-a\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()  # the worker gives up while it waits
+        await asyncio.sleep(2.0)  # noticed within GONE_CHECK_SECONDS
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
+        await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"}))
+        assert not [path for _, path, _ in upstream.app[standin.RECEIVED] if "gone" in path]
+        text = await (await client.get("/metrics")).text()
+        assert 'kind="busy"} 1' not in text
+
+
 async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connections(upstream: TestServer):
     # Every pooled connection to a host held by one team's hanging calls (slow bodies, slow reads, or
     # many calls) left every other team's calls to that host waiting, then 504.

@@ -536,7 +536,7 @@ class Passthrough:
         share_key = route.key[0]
         lookups.NAMESPACE.set(share_key)  # this request's task's own: its name lookups are counted so too
         asked = time.monotonic()
-        if not await shares.take(share_key, wait):
+        if not await _taken(request, shares.take, share_key, wait):
             stats = self._metrics.upstream(route.upstream.origin)
             stats.failed("busy", 503)
             what = "websockets" if websocket else "requests"
@@ -545,12 +545,15 @@ class Passthrough:
         try:
             places = self._websocket_places if websocket else self._places
             # The wait for its share and the pool's together within the connect timeout.
-            if not await places.take(share_key, max(wait - (time.monotonic() - asked), 0.0) if wait else 0.0):
+            if not await _taken(request, places.take, share_key,
+                                max(wait - (time.monotonic() - asked), 0.0) if wait else 0.0):
                 self._metrics.upstream(route.upstream.origin).failed("busy", 503)
                 what = "websockets" if websocket else "connections"
                 return errors.detail(503, f"All {places.limit} {what} to upstream control planes are in use, "
                                      "try again", headers={"Retry-After": "1"})
             try:
+                if _worker_gone(request):  # left as its turn came: nothing is sent on for it
+                    raise ConnectionResetError("the worker went away while it waited for a connection")
                 if websocket:
                     return await self._websocket(request, route)
                 return await self._forward(request, route, waited=time.monotonic() - asked)
@@ -892,6 +895,7 @@ class _Revoked(Exception):
 
 REVOCATION_CHECK_SECONDS = 1.0
 """How often an open websocket looks whether the token it was opened with still opens its queue."""
+
 GONE_CHECK_SECONDS = 1.0
 """How often a request waiting for the upstream's answer looks whether its worker is still there."""
 
@@ -917,6 +921,15 @@ async def _unless_gone(request: web.Request, call: Awaitable[T]) -> T:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
                 await task
+
+
+async def _taken(request: web.Request, take: Callable[[str, float], Awaitable[bool]], key: str, wait: float
+                 ) -> bool:
+    """`take(key, wait)`: a share or a pool's place. A free one is taken at once; a wait is given up
+    as soon as the worker leaves (ConnectionResetError: counted as its leaving, not as a busy upstream)."""
+    if await take(key, 0.0):
+        return True
+    return wait > 0 and await _unless_gone(request, take(key, wait))
 
 
 class _Redirected(aiohttp.ClientError):
