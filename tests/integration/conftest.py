@@ -302,6 +302,7 @@ class Kube:
         self.rbac = k8s.RbacAuthorizationV1Api(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
         self.admission = k8s.AdmissionregistrationV1Api(api_client)
+        self.authorization = k8s.AuthorizationV1Api(api_client)
 
     def create_queue(self, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkerQueue",
@@ -521,6 +522,15 @@ class Kube:
             metadata=k8s.V1ObjectMeta(name=role),
             role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role),
             subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=account, namespace=namespace)]))
+        # The API server's authorizer reads RBAC from its own watch: a review a moment later may
+        # still deny, and the operator caches answers. Granted once the authorizer says so.
+        plural, _, subresource = resource.partition("/")
+        review = k8s.V1SubjectAccessReview(spec=k8s.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{namespace}:{account}",
+            resource_attributes=k8s.V1ResourceAttributes(namespace=namespace, group=GROUP, resource=plural,
+                                                         subresource=subresource or None, verb=verb, name=queue)))
+        wait_for(lambda: self.authorization.create_subject_access_review(review).status.allowed,
+                 what=f"{account} allowed to {verb} {resource}")
 
     def events(self, namespace: str, name: str | None = None) -> list[k8s.CoreV1Event]:
         items = self.core.list_namespaced_event(namespace).items

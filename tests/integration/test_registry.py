@@ -1332,9 +1332,11 @@ def test_a_slot_lease_renewed_far_ahead_by_hand_holds_its_slot_no_longer_than_it
     first = operator.start_worker(queue_id, token).json()["worker_id"]
     assert heartbeat(operator, first, token) == 200
     time.sleep(10.5)
-    assert heartbeat(operator, first, token) == 200  # 10.5 s later: its lease is 28 s (2.5 x 11) from now on
+    # 10.5 s later: its lease is 28 s (2.5 x 11) from now on, 30 s (2.5 x 12) on a machine so busy
+    # that the heartbeats arrived more than 11 s apart.
+    assert heartbeat(operator, first, token) == 200
     lease = wait_for(lambda: (held := kube.registrations(namespace).get(first)) and held.spec.lease_duration_seconds
-                     == 28 and held, what="its Lease renewed at its pace")
+                     in (28, 30) and held, what="its Lease renewed at its pace")
     ahead = times.micro_rfc3339(time.time() + 86_400)
     kube.coordination.patch_namespaced_lease(lease.metadata.name, namespace, {"spec": {"renewTime": ahead}})
     # The worker sends nothing more (SIGTERM: no goodbye).

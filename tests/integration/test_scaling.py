@@ -78,8 +78,8 @@ async def test_backlog_scales_pods_up_to_max_turns_them_over_and_back_to_zero(
     if per_worker is not None:
         overrides["WORKFLOWS_PER_WORKER"] = str(per_worker)
     kubelet(namespaces=[namespace], overrides=overrides)
-    wait_for(lambda: kube.condition(namespace, "scale", "TemporalReachable"), timeout=30, what="TemporalReachable")
-    assert kube.condition(namespace, "scale", "TemporalReachable")["status"] == "True"
+    wait_for(lambda: (kube.condition(namespace, "scale", "TemporalReachable") or {}).get("status") == "True",
+             timeout=60, what="TemporalReachable")  # a first probe on a busy machine may time out (shown False)
     await asyncio.sleep(3)
     assert kube.pod_names(namespace, "scale", alive=False) == []  # idle, minIdle 0: no pod at all
 
