@@ -439,6 +439,52 @@ async def test_an_informer_holds_its_consumers_news_while_it_lists(kubeconfig: P
     assert seen == {"a": True, "b": True, "c": False}
 
 
+async def test_a_watch_takes_the_api_servers_bookmarks_as_news_of_its_version_only(
+    kubeconfig: Path, kube: Kube, namespace: str,
+):
+    """A BOOKMARK carries no object, only a resourceVersion (the API server sends one a minute, and one
+    2 s before a watch's timeoutSeconds, when newer than what the watch has seen): taken for an object,
+    it failed the watch and cost a relist."""
+    labelled = k8s.V1ObjectMeta(name="before", labels={"watched": "yes"})
+    kube.core.create_namespaced_secret(namespace, k8s.V1Secret(metadata=labelled, string_data={"token": "b"}))
+
+    kinds: list[str] = []
+
+    class Recording(client_.KubeClient):
+        """The real client, noting the kind of each event it reads."""
+
+        async def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+            async for event in super().watch(*args, **kwargs):
+                kinds.append(str(event.get("type")))
+                yield event
+
+    client = Recording(client_.load_configuration(str(kubeconfig)))
+    lists: list[int] = []
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:  # entered around each (re)list
+        lists.append(1)
+        yield
+
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", name="secrets", hold=counted,
+                              on_upsert=lambda body: seen.append(body["metadata"]["name"]),
+                              on_delete=lambda *_: None, watch_seconds=5, params={"labelSelector": "watched=yes"})
+    async with running(watch, client):
+        for tick in range(60):  # Secrets the watch does not select: versions move on, no event comes
+            kube.put_secret(namespace, "unwatched", tick=str(tick))
+            await asyncio.sleep(0.5)
+            if kinds.count("BOOKMARK") >= 2:  # two watches' worth
+                break
+        labelled.name = "after"
+        kube.core.create_namespaced_secret(namespace, k8s.V1Secret(metadata=labelled, string_data={"token": "a"}))
+        await until(lambda: "after" in seen)
+    assert kinds.count("BOOKMARK") >= 2
+    assert watch.failures == 0 and watch.callback_failures == 0
+    assert len(lists) == 1  # each watch went on from the version its bookmark told
+    assert seen == ["before", "after"]
+
+
 async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
     proxied_kubeconfig: tuple[Path, Proxy], kube: Kube, namespace: str,
 ):
