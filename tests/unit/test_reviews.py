@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 
 import pytest
 
@@ -136,3 +139,42 @@ async def test_a_lookup_whose_caller_is_cancelled_leaves_the_others_waiting_on_i
     assert await second == "identity" and len(loads) == 2
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+def jwt(claims: object) -> str:
+    def part(value: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+async def test_an_identity_is_not_cached_past_its_tokens_end():
+    """Cached for the cache's 10 s whatever the token said, a token that ran out a moment after its
+    review went on opening the queue for up to 10 s."""
+    from workerqueue_operator.core.reviews import Reviewer
+
+    class Vouching:
+        reviews = 0
+
+        async def request(self, *args: object, **kwargs: object) -> dict[str, object]:
+            self.reviews += 1
+            return {"status": {"authenticated": True, "user": {"username": "system:serviceaccount:a:b"}}}
+
+    client = Vouching()
+    reviewer = Reviewer(client, audiences=(), ttl=60.0)  # type: ignore[arg-type]
+    ending = jwt({"exp": time.time() + 0.3})
+    assert await reviewer.authenticate(ending, b"ending") is not None
+    assert await reviewer.authenticate(ending, b"ending") is not None and client.reviews == 1  # cached
+    await asyncio.sleep(0.4)
+    await reviewer.authenticate(ending, b"ending")
+    assert client.reviews == 2  # asked again once the token has ended, not 60 s after
+    lasting = jwt({"exp": time.time() + 3600})
+    for _ in range(2):
+        await reviewer.authenticate(lasting, b"lasting")
+    assert client.reviews == 3
+    # What a token says of its end is only read, never a reason to fail: none, or nonsense, is no limit.
+    for n, odd in enumerate((jwt({}), jwt({"exp": "soon"}), jwt({"exp": 10**400}), jwt([1]), "not.a-jwt!.x",
+                             "a." + "W" * 40 + ".b", jwt({"exp": True}))):
+        for _ in range(2):
+            await reviewer.authenticate(odd, f"odd-{n}".encode())
+    assert client.reviews == 3 + 7

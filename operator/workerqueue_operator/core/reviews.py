@@ -20,6 +20,9 @@ Queue tokens never come here: they are checked against watch-fed state first.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -88,7 +91,9 @@ class TTLCache(Generic[T]):
         self._items: OrderedDict[Any, tuple[float, T]] = OrderedDict()
         self._pending: dict[Any, asyncio.Future[T]] = {}
 
-    async def get(self, key: Any, load: Callable[[], Any]) -> T:
+    async def get(self, key: Any, load: Callable[[], Any], *, ttl: Callable[[], float | None] | None = None) -> T:
+        """The value cached for `key`, else `load()`'s; `ttl`, asked when it is cached, may shorten
+        its stay (seconds; None: the cache's own)."""
         hit = self._items.get(key)
         if hit is not None and hit[0] > self._clock():
             self._items.move_to_end(key)
@@ -118,12 +123,13 @@ class TTLCache(Generic[T]):
             self._pending.pop(key, None)
         future.set_result(value)
         if self._keep(value):
-            self.put(key, value)
+            self.put(key, value, ttl=ttl() if ttl is not None else None)
         return value
 
-    def put(self, key: Any, value: T) -> None:
-        if self._ttl > 0:
-            self._items[key] = (self._clock() + self._ttl, value)
+    def put(self, key: Any, value: T, *, ttl: float | None = None) -> None:
+        lifetime = self._ttl if ttl is None else min(self._ttl, ttl)
+        if lifetime > 0:
+            self._items[key] = (self._clock() + lifetime, value)
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
@@ -132,6 +138,23 @@ class TTLCache(Generic[T]):
         """The cached value, without loading; None when absent or expired."""
         hit = self._items.get(key)
         return hit[1] if hit is not None and hit[0] > self._clock() else None
+
+
+def seconds_left(token: str) -> float | None:
+    """Seconds until a JWT's `exp` (as the token says: the API server has checked it), None when it
+    has none: an identity is not cached past its token's end."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return None
+    try:
+        return float(exp) - time.time()
+    except OverflowError:  # an int too big for a float: as good as none
+        return None
 
 
 class Full(Exception):
@@ -240,7 +263,8 @@ class Reviewer:
             self.outcomes["rejected_cached"] += 1
             return None
         try:
-            identity = await self._identities.get(token_digest, lambda: self._token_review(token, peer))
+            identity = await self._identities.get(token_digest, lambda: self._token_review(token, peer),
+                                                  ttl=lambda: seconds_left(token))
         except Unavailable as exc:
             self.outcomes["busy" if exc.busy else "unavailable"] += 1
             raise
