@@ -439,6 +439,23 @@ async def test_an_informer_holds_its_consumers_news_while_it_lists(kubeconfig: P
     assert seen == {"a": True, "b": True, "c": False}
 
 
+def secrets_informer(client: client_.KubeClient, namespace: str, **options: Any
+                     ) -> tuple[informer.Informer, list[int], list[str]]:
+    """An informer of the namespace's Secrets: (it, a 1 for each (re)list, the names it was told of)."""
+    lists: list[int] = []
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:  # entered around each (re)list
+        lists.append(1)
+        yield
+
+    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", name="secrets", hold=counted,
+                              on_upsert=lambda body: seen.append(body["metadata"]["name"]),
+                              on_delete=lambda *_: None, **options)
+    return watch, lists, seen
+
+
 async def test_a_watch_takes_the_api_servers_bookmarks_as_news_of_its_version_only(
     kubeconfig: Path, kube: Kube, namespace: str,
 ):
@@ -459,17 +476,7 @@ async def test_a_watch_takes_the_api_servers_bookmarks_as_news_of_its_version_on
                 yield event
 
     client = Recording(client_.load_configuration(str(kubeconfig)))
-    lists: list[int] = []
-    seen: list[str] = []
-
-    @contextlib.contextmanager
-    def counted() -> Iterator[None]:  # entered around each (re)list
-        lists.append(1)
-        yield
-
-    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", name="secrets", hold=counted,
-                              on_upsert=lambda body: seen.append(body["metadata"]["name"]),
-                              on_delete=lambda *_: None, watch_seconds=5, params={"labelSelector": "watched=yes"})
+    watch, lists, seen = secrets_informer(client, namespace, watch_seconds=5, params={"labelSelector": "watched=yes"})
     async with running(watch, client):
         for tick in range(60):  # Secrets the watch does not select: versions move on, no event comes
             kube.put_secret(namespace, "unwatched", tick=str(tick))
@@ -493,17 +500,7 @@ async def test_a_watch_cut_mid_stream_goes_on_from_its_version_without_a_relist(
     config, proxy = proxied_kubeconfig
     kube.put_secret(namespace, "before", token="b")
     client = client_.KubeClient(client_.load_configuration(str(config)))
-    lists: list[int] = []
-    seen: list[str] = []
-
-    @contextlib.contextmanager
-    def counted() -> Iterator[None]:  # entered around each (re)list
-        lists.append(1)
-        yield
-
-    watch = informer.Informer(client, f"/api/v1/namespaces/{namespace}/secrets", name="secrets", hold=counted,
-                              on_upsert=lambda body: seen.append(body["metadata"]["name"]),
-                              on_delete=lambda *_: None)
+    watch, lists, seen = secrets_informer(client, namespace)
     async with running(watch, client):
         await asyncio.wait_for(watch.synced.wait(), 30)
         for i in range(2):
