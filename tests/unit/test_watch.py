@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -414,3 +415,52 @@ async def test_a_watch_that_worked_a_while_after_an_outage_fails_again_at_the_le
     lists, _, _ = await _against(outage_then_blip, 130)
     after = [t - start for t in lists if t - start >= 110]
     assert after and after[0] < 112  # at the least back-off, not 30 s on
+
+
+@pytest.mark.looptime
+async def test_a_resumed_watch_whose_version_is_gone_relists_at_once_without_a_failure():
+    """Resumed after a cut from a version the API server no longer has (410 at once): a relist is
+    what it needs, now; backed off and counted as a failure as a freshly listed version's 410 is, the
+    replica stayed behind for nothing and turned unready."""
+    from aiohttp import web
+
+    gone = _status(410, "Expired")
+
+    async def cut_then_gone(request: web.Request, number: int) -> web.StreamResponse:
+        if number == 2:
+            return web.json_response(gone, status=410)
+        if number > 2:  # after the relist: a quiet watch
+            await asyncio.sleep(3600)
+        return await _cut_once_then(request, number, web.json_response(gone, status=410))
+
+    made: list[Any] = []
+    lists, watched, _ = await _against(cut_then_gone, 10, made=made)
+    assert len(lists) == 2 and len(watched) == 3
+    assert lists[1] - watched[1] < 0.1  # relisted at once
+    assert made[0].failures == 0
+
+
+@pytest.mark.looptime
+async def test_a_watch_cut_at_once_after_a_cut_mid_stream_is_watched_again_from_its_version():
+    """An API server going away cuts the watches mid-stream, and while it restarts cuts the next ones
+    at once, before any event: each such watch is resumed from its version, backed off, not relisted
+    (every replica relisting everything at once as it comes back)."""
+    from aiohttp import web
+
+    async def cut_then_cut_at_once(request: web.Request, number: int) -> web.StreamResponse:
+        if number == 1:
+            return await _cut_once_then(request, number, None)
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        if number <= 4:  # restarting: answered, then cut before any event
+            request.transport.abort()
+        else:
+            await asyncio.sleep(3600)
+        return response
+
+    made: list[Any] = []
+    lists, watched, _ = await _against(cut_then_cut_at_once, 20, made=made)
+    assert len(lists) == 1 and len(watched) == 5  # every watch from its version: no relist
+    assert made[0].failures == 3 and made[0].cut_restarts == 1
+    assert watched[2] - watched[1] >= 0.5 and watched[3] - watched[2] >= 1.0  # backed off
