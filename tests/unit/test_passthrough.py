@@ -889,6 +889,25 @@ async def test_a_worker_that_leaves_while_it_waits_for_a_connection_leaves_its_l
         assert 'kind="busy"} 1' not in text
 
 
+async def test_a_worker_gone_as_its_turn_comes_is_not_sent_on(upstream: TestServer, monkeypatch: pytest.MonkeyPatch):
+    """Its place came before the wait noticed its leaving (looked for every GONE_CHECK_SECONDS): it is
+    looked at once more before anything is sent to the upstream."""
+    monkeypatch.setattr(passthrough, "GONE_CHECK_SECONDS", 30.0)  # the wait never notices in time
+    async with serving(upstream, idle=5, connections=1, connect=6) as (_, client):
+        holder = asyncio.create_task(client.get("/api/v1/stream?events=2&gap=1",
+                                                headers={"Authorization": "Bearer tok-b"}))
+        await asyncio.sleep(0.3)  # the pool's one connection is team-b's, for ~2 s
+        _, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"PATCH /api/v1/executions/gone HTTP/1.1\r\nHost: operator\r\n"
+                     b"Authorization: Bearer tok-a\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+        assert (await (await holder).read())  # its answer streamed whole: the place is given on
+        await echoed(await client.get("/api/v1/executions/e-1", headers={"Authorization": "Bearer tok-a"}))
+        assert not [path for _, path, _ in upstream.app[standin.RECEIVED] if "gone" in path]
+
+
 async def test_one_namespace_holds_at_most_its_share_of_an_upstream_hosts_connections(upstream: TestServer):
     # Every pooled connection to a host held by one team's hanging calls (slow bodies, slow reads, or
     # many calls) left every other team's calls to that host waiting, then 504.
