@@ -2333,3 +2333,246 @@ async def test_the_writer_keeps_a_bounded_number_of_writes_under_way_and_the_res
         await asyncio.gather(task, return_exceptions=True)
         await kube.close()
         await runner.cleanup()
+
+
+# --- Guards a mutation pass found untested ----------------------------------------------------------
+
+class LeaseAnswers:
+    """Answers Lease calls as the API server would for the few calls a registry makes: POST makes (409
+    if there), GET reads, PUT overwrites, PATCH adds annotations, DELETE takes away, each with a new
+    version. Only for the registry's own bookkeeping between calls; the API server's behaviour is tested
+    in tests/integration."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, dict[str, Any]] = {}
+        self.made: list[str] = []
+        self.version = 10
+        self.gate: asyncio.Event | None = None
+        """Set: POSTs wait for it (a create in flight)."""
+
+    async def request(self, method: str, path: str, *, body: dict[str, Any] | None = None, **_: Any) -> Any:
+        from workerqueue_operator.k8s import client as client_
+
+        self.made.append(method)
+        if method == "POST" and self.gate is not None:
+            await self.gate.wait()
+        name = body["metadata"]["name"] if method in ("POST", "PUT") and body is not None else path.rsplit("/", 1)[-1]
+        if method in ("POST", "PUT") and body is not None:
+            if method == "POST" and name in self.held:
+                raise client_.ApiError(409, "AlreadyExists", "exists")
+            self.version += 1
+            self.held[name] = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.version)}}
+            return self.held[name]
+        if method == "GET" and name in self.held:
+            return self.held[name]
+        if method == "PATCH" and name in self.held and body is not None:
+            meta = self.held[name]["metadata"]
+            meta["annotations"] = {**(meta.get("annotations") or {}), **body["metadata"].get("annotations", {})}
+            self.version += 1
+            meta["resourceVersion"] = str(self.version)
+            return self.held[name]
+        if method == "DELETE" and name in self.held:
+            return self.held.pop(name)
+        raise client_.ApiError(404, "NotFound", "not found")
+
+
+@contextlib.asynccontextmanager
+async def answered_registry(api: Any, q: Any, **options: Any) -> Any:
+    """A registry whose Lease calls `api` answers, serving the queue `q`."""
+    import kubernetes
+
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    kube = client_.KubeClient(kubernetes.client.Configuration())
+    try:
+        yield registry.Registry(client=api, events=EventPoster(kube), queue_of=lambda key: q, **options)
+    finally:
+        await kube.close()
+
+
+async def test_a_pods_claim_keeps_its_own_registration_and_ends_its_pods_earlier_one():
+    """A pod runs one worker: its second /start ends the first registration (one made before
+    maxWorkers was set, in no slot), never the one it has just made."""
+    capped = queue(maxWorkers=2, uid="uid-1")
+    async with answered_registry(LeaseAnswers(), capped) as reg:
+        reg.register(queue(uid="uid-1"), "old", pod="q1-w0")
+        new = await reg.claim(capped, "new", limit=2, pod="q1-w0")
+        assert new is not None and reg.get("new") is new
+        assert reg.get("old") is None and [w.worker_id for w in reg.live(capped.key)] == ["new"]
+
+
+async def test_a_full_slot_held_by_a_live_worker_of_no_pod_is_not_read_again():
+    """Only a pod's own earlier worker, or an expired one, may give its slot to a newcomer: a live
+    holder's Lease is not read at every /start of a partly full queue."""
+    q = queue(maxWorkers=2, uid="uid-1")
+    api = LeaseAnswers()
+    async with answered_registry(api, q) as reg:
+        first, second = await reg.claim(q, "a", limit=2), await reg.claim(q, "b", limit=2)
+        assert first is not None and second is not None and (first.slot, second.slot) == (0, 1)
+        assert api.made == ["POST", "POST"]
+
+
+async def test_a_slot_taken_from_an_expired_holder_lets_that_holder_go_here():
+    """On a standby (which leaves ending workers to the active replica), a holder whose slot went to a
+    newcomer stayed registered: its late heartbeat was answered 200, counted live over maxWorkers."""
+    now = [1000.0]
+    q = queue(maxWorkers=1, uid="uid-1", heartbeatIntervalSeconds=10)
+    async with answered_registry(LeaseAnswers(), q, clock=lambda: now[0], active=lambda: False) as reg:
+        old = await reg.claim(q, "old", limit=1)
+        assert old is not None
+        now[0] += old.duration + 1
+        reg._sweep(ending=False)
+        new = await reg.claim(q, "new", limit=1)
+        assert new is not None and new.slot == 0
+        assert reg.get("old", expired=True) is None and reg.may_rejoin(q, "old")
+        assert [w.worker_id for w in reg.live(q.key)] == ["new"]
+
+
+def _expired_here(reg: registry.Registry, q: Any, worker_id: str) -> None:
+    reg._remember(worker_id, registry._Ended(False, None, q.key))  # its next heartbeat may bring it back
+
+
+async def test_a_second_heartbeat_while_a_rejoin_claims_a_slot_claims_none():
+    """A heartbeat retried while the first one's rejoin claims a slot (claims may take seconds) took a
+    second slot, and the queue ran one short for the worker's life."""
+    api = LeaseAnswers()
+    api.gate = asyncio.Event()
+    q = queue(maxWorkers=2, uid="uid-1")
+    async with answered_registry(api, q) as reg:
+        _expired_here(reg, q, "w")
+        first = asyncio.create_task(reg.rejoin_slot(q, "w"))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(reg.rejoin_slot(q, "w"))
+        await asyncio.sleep(0.01)
+        api.gate.set()
+        assert await first is not None and await second is None
+        assert api.made.count("POST") == 1
+
+
+async def test_a_disconnect_while_a_rejoin_claims_its_slot_gives_the_slot_back():
+    """The worker left while its rejoin's create was in flight: it held the slot until it expired."""
+    api = LeaseAnswers()
+    api.gate = asyncio.Event()
+    q = queue(maxWorkers=1, uid="uid-1")
+    async with answered_registry(api, q) as reg:
+        _expired_here(reg, q, "w")
+        rejoining = asyncio.create_task(reg.rejoin_slot(q, "w"))
+        await asyncio.sleep(0.01)
+        reg._remember("w", registry._Ended(True, None, q.key))  # as its disconnect does meanwhile
+        api.gate.set()
+        assert await rejoining is None
+        await asyncio.gather(*reg._writes)
+        assert reg.get("w", expired=True) is None and api.held == {}
+
+
+def test_a_standby_leaves_expired_workers_to_the_active_replica():
+    """A standby ending expired workers doubled the deletions after an outage, and one whose watch lags
+    forgot workers alive through the active replica."""
+    now = [1000.0]
+    reg, _ = standby_holding(now, "w1")
+    ended: list[str] = []
+    reg._end = lambda worker, *_, **__: ended.append(worker.worker_id)  # type: ignore[method-assign]
+    now[0] += 30
+    reg._sweep(ending=False)
+    assert ended == [] and reg.get("w1", expired=True) is not None
+    now[0] += 2
+    reg._sweep(ending=True)
+    assert ended == ["w1"]
+
+
+async def test_a_deletion_failing_for_an_outage_is_retried_past_the_bound_on_refusals(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """Only a refusal is given up after DELETE_REFUSED_TRIES: an outage's 503s are tried until it
+    ends, or a departed worker's slot stays taken for its Lease's whole duration."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+    from workerqueue_operator.k8s import client as client_
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, tick=0.01)
+        worker = reg.register(q1, "w-1")
+        tried: list[str] = []
+
+        async def delete(gone: leases.Worker, **kwargs: object) -> bool:
+            tried.append(gone.worker_id)
+            if len(tried) <= registry.DELETE_REFUSED_TRIES:
+                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+            return True
+
+        monkeypatch.setattr(reg._calls, "delete", delete)
+        reg._forget(worker.worker_id)
+        await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.01)
+        for _ in range(100):
+            if len(tried) > registry.DELETE_REFUSED_TRIES:
+                break
+            await asyncio.sleep(0.02)
+        assert len(tried) == registry.DELETE_REFUSED_TRIES + 1 and not reg._retries
+        assert "given up" not in caplog.text
+        await kube.close()
+
+
+async def test_a_disconnect_of_an_unknown_worker_leaves_nothing_behind():
+    """Each disconnect of a worker id this replica does not know left an entry for good: made-up ids
+    grew memory without bound."""
+    from tests.unit.apps import unreachable
+    from workerqueue_operator.core.events import EventPoster
+
+    with unreachable() as kube:
+        q1 = queue("q1", uid="uid-1")
+        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1)
+        assert await reg.disconnect_unseen(q1, "w-unknown", reason="shutdown", exit_code=0)
+        assert reg._disconnecting == {} and not reg.may_rejoin(q1, "w-unknown")
+        await kube.close()
+
+
+def test_a_registration_never_written_expires_while_the_watch_is_down():
+    """The sweep forgives registrations their Lease's renewals it cannot see while the watch is down:
+    not one never written (a /start never followed by a heartbeat), which counted as pending 300 s more."""
+    now = [1000.0]
+    q = queue(heartbeatIntervalSeconds=10)
+    reg = registry.Registry(client=None, events=None, queue_of=lambda key: q,  # type: ignore[arg-type]
+                            clock=lambda: now[0], watching=lambda: False)
+    quiet = reg.register(q, "w-quiet", pod="q1-w1")
+    reg._sweep(ending=True)
+    now[0] += quiet.duration + 2
+    reg._sweep(ending=True)
+    assert reg.get("w-quiet", expired=True) is None and reg.pending == 0
+
+
+async def test_a_write_that_ends_after_its_worker_was_let_go_leaves_the_new_registration_queued():
+    """The old record's write ended after a new registration of the same id replaced it: marked again,
+    the old one took the new one's place in the write queue, whose Lease came a heartbeat late."""
+    q = queue(heartbeatIntervalSeconds=10)
+    reg = registry.Registry(client=None, events=None, queue_of=lambda key: q)  # type: ignore[arg-type]
+    old = reg.register(q, "w1")
+    reg.heartbeat(old, status="active", tasks_processed=0, current_task_id=None, system_info=None)
+    again: list[leases.Worker | None] = []
+
+    async def write_lease(worker: leases.Worker, queue_: Any) -> bool:
+        reg._forget(worker.worker_id)  # taken for expired meanwhile; its next heartbeat registers it again
+        again.append(reg.rejoin(q, worker.worker_id))
+        worker.dirty = True  # the old registration had news of its own
+        return False
+
+    reg._write_lease = write_lease  # type: ignore[method-assign]
+    await reg._write(old)
+    assert again[0] is not None and reg._creates.get("w1") is again[0] and "w1" not in reg._urgent
+
+
+def test_a_namesakes_lease_naming_a_registered_worker_changes_nothing_of_it():
+    """A Lease of a deleted queue of the same name (kubectl replace --force) naming a live worker
+    overwrote its renewal time, status and counts."""
+    now = [1000.0]
+    q, namesake = queue("q1", uid="uid-1", heartbeatIntervalSeconds=10), queue("q1", uid="uid-old")
+    reg = registry.Registry(client=None, events=None, queue_of=lambda key: q,  # type: ignore[arg-type]
+                            clock=lambda: now[0])
+    mine = reg.register(q, "w-1")
+    before = (mine.queue_uid, mine.status, mine.tasks_processed, mine.renewed_at)
+    now[0] += 1
+    other = dataclasses.replace(mine, queue_uid=namesake.uid, registered_at=mine.registered_at + 1,
+                                renewed_at=1010.0, status="busy", tasks_processed=999)
+    reg.lease_upserted(leases.lease_body(other, queue_name=namesake.name))
+    kept = reg.get("w-1")
+    assert kept is mine and (kept.queue_uid, kept.status, kept.tasks_processed, kept.renewed_at) == before
