@@ -199,10 +199,10 @@ def test_a_pod_whose_token_secret_was_deleted_before_it_started_is_replaced(kube
     assert kube.workers(namespace, "tk").get("failed", 0) == 0
 
 
-def running_worker(kube: Kube, namespace: str, name: str) -> tuple[str, str]:
-    """A single-execution queue whose one pod, `<name>-w0`, runs: (its queue id, the pod's token)."""
+def running_worker(kube: Kube, namespace: str, name: str, **spec: Any) -> tuple[str, str]:
+    """A single-execution queue (`spec` added) whose one pod, `<name>-w0`, runs: (its queue id, the pod's token)."""
     queue_id = f"{name}-{namespace}"
-    kube.create_queue(namespace, name, queueId=queue_id, singleExecution=True, temporal=TEMPORAL)
+    kube.create_queue(namespace, name, queueId=queue_id, singleExecution=True, temporal=TEMPORAL, **spec)
     wait_pods(kube, namespace, name, [f"{name}-w0"])
     kube.set_phase(namespace, f"{name}-w0", "Running")
     secret = f"{name}-w0-token"
@@ -212,6 +212,31 @@ def running_worker(kube: Kube, namespace: str, name: str) -> tuple[str, str]:
     # that has left its queue (unlabelled, say) is kept for ORPHAN_GRACE_SECONDS, longer than tests wait.
     wait_for(lambda: kube.workers(namespace, name).get("running") == 1, what=f"{name}-w0 counted running")
     return queue_id, token
+
+
+def test_a_pods_second_start_ends_its_first_registration_and_keeps_its_own(
+    operator: OperatorProcess, kube: Kube, namespace: str,
+):
+    """A pod runs one worker: the worker started again in it (its container restarted) replaces its
+    registration, slot and all, in a maxWorkers queue too; the new one lives on (its heartbeats 200)."""
+    queue_id, token = running_worker(kube, namespace, "again", maxWorkers=2)
+
+    def heartbeat(worker_id: str) -> int:
+        body = {"status": "active", "tasks_processed": 0, "current_task_id": None, "worker_metadata": {}}
+        return operator.call("POST", f"/api/v1/workers/{worker_id}/heartbeat", token, body).status
+
+    first = wait_for(lambda: (r := operator.start_worker(queue_id, token)).status == 200 and r.json()["worker_id"],
+                     what="the pod's first /start")
+    assert heartbeat(first) == 200
+    second = operator.start_worker(queue_id, token)
+    assert second.status == 200, second.body
+    again = second.json()["worker_id"]
+    assert heartbeat(again) == 200 and heartbeat(first) == 404
+    held = wait_for(lambda: (leases := kube.registrations(namespace)) and first not in leases and leases,
+                    what="the first registration's Lease gone")
+    assert list(held) == [again]
+    workers = operator.call("GET", f"/api/v1/worker-queues/{queue_id}/workers", token).json()
+    assert [w["id"] for w in workers] == [again]
 
 
 def test_a_running_worker_whose_token_secret_was_deleted_is_replaced(operator: OperatorProcess, kube: Kube,
