@@ -2576,3 +2576,23 @@ def test_a_namesakes_lease_naming_a_registered_worker_changes_nothing_of_it():
     reg.lease_upserted(leases.lease_body(other, queue_name=namesake.name))
     kept = reg.get("w-1")
     assert kept is mine and (kept.queue_uid, kept.status, kept.tasks_processed, kept.renewed_at) == before
+
+
+async def test_a_slot_lease_read_after_a_forward_step_of_the_clock_is_not_taken_for_expired():
+    """Another replica's renewal, read after this replica's clock stepped forward (a VM resumed, an NTP
+    step), looks older by the step: its live holder's slot was taken at the next /start."""
+    wall, mono = [100_000.0], [0.0]
+    q = queue(maxWorkers=1, uid="uid-1", heartbeatIntervalSeconds=10)
+    api = LeaseAnswers()
+    holder = make_worker(worker_id="other", pod=None, registered_at=wall[0] - 60, renewed_at=wall[0], duration=25.0)
+    body = leases.lease_body(holder, queue_name=q.name)
+    api.held["q1-slot-0"] = {**body, "metadata": {**body["metadata"], "resourceVersion": "5", "uid": "u-5"}}
+    async with answered_registry(api, q, clock=lambda: wall[0], monotonic=lambda: mono[0]) as reg:
+        _tick(reg, wall, mono, 1)
+        _tick(reg, wall, mono, 0, step=120)
+        assert await reg.claim(q, "new", limit=1) is None  # full: its holder renewed a moment ago
+        assert api.held["q1-slot-0"]["spec"]["holderIdentity"] == "other"
+        _tick(reg, wall, mono, 30)  # no renewal within its lease since: it is gone, as ever
+        await asyncio.gather(*reg._writes)
+        taken = await reg.claim(q, "new", limit=1)
+        assert taken is not None and api.held["q1-slot-0"]["spec"]["holderIdentity"] == "new"
