@@ -2596,3 +2596,35 @@ async def test_a_slot_lease_read_after_a_forward_step_of_the_clock_is_not_taken_
         await asyncio.gather(*reg._writes)
         taken = await reg.claim(q, "new", limit=1)
         assert taken is not None and api.held["q1-slot-0"]["spec"]["holderIdentity"] == "new"
+
+
+async def test_a_worker_that_disconnects_while_its_full_queue_is_listed_stays_ended_on_purpose():
+    """Its Lease watch down, a full queue's Leases are listed: a worker that disconnected meanwhile, its
+    Lease deleted by the time the listing answered, was taken for expired, and its late heartbeat
+    brought it back."""
+    q = queue(maxWorkers=1, uid="uid-1")
+    api = LeaseAnswers()
+    listing = asyncio.Event()
+    answer = asyncio.Event()
+    answered = api.request
+
+    async def request(method: str, path: str, **kwargs: Any) -> Any:
+        if method == "GET" and path.endswith("/leases"):
+            listing.set()
+            await answer.wait()
+            return {"items": []}  # its Lease deleted by its disconnect, meanwhile
+        return await answered(method, path, **kwargs)
+
+    api.request = request  # type: ignore[method-assign]
+    async with answered_registry(api, q, watching=lambda: False) as reg:
+        held = leases.lease_body(make_worker(worker_id="held", pod=None, renewed_at=time.time()), queue_name=q.name)
+        reg.lease_upserted({**held, "metadata": {**held["metadata"], "resourceVersion": "5", "uid": "u-5"}})
+        worker = reg.get("held")
+        assert worker is not None
+        claiming = asyncio.create_task(reg.claim(q, "new", limit=1))
+        await asyncio.wait_for(listing.wait(), 5)
+        reg._end(worker, "disconnected")  # on purpose
+        answer.set()
+        await claiming
+        await asyncio.gather(*reg._writes)
+        assert not reg.may_rejoin(q, "held")
