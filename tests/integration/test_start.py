@@ -1347,6 +1347,29 @@ async def test_a_replica_whose_queue_watch_is_behind_leaves_the_live_queues_toke
     assert kube.secret_value(namespace, "behind-worker-token", "token") == "live-token"
 
 
+async def test_a_namesakes_token_secret_whose_queue_the_api_server_still_has_is_waited_for(
+    in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
+):
+    """This replica knows a queue made again (`kubectl replace --force`) while the API server it asks
+    still answers the old one (a cache behind): the old queue's token Secret is no leftover to delete
+    yet, and the queue waits for the Secret watch to say it is gone, neither announced as missing its
+    Secret nor given the old queue's token."""
+    here = in_process("ahead")
+    here.spec.pop("auth")
+    old = queues.QueueObject.from_body(kube.create_queue(namespace, "ahead", **here.spec))
+    kube.core.create_namespaced_secret(namespace, token_secret_body(old, "old-token"))
+    again = kube.get_queue(namespace, "ahead")
+    again["metadata"]["uid"] = "uid-of-the-queue-made-again"
+    here.store.upsert_queue(queues.QueueObject.from_body(again))  # ahead of what the API server answers
+    here.store.fill_secret((namespace, "ahead-worker-token"), None)  # its watch: left out, as a namesake's
+    await here.writer.reconcile(here.key)
+    await asyncio.sleep(0.5)  # its Events, if any, posted
+    assert kube.secret_value(namespace, "ahead-worker-token", "token") == "old-token"  # not deleted, not served
+    assert not here.store.opens(here.store.serving(here.spec["queueId"]), queues.digest("old-token"))
+    assert kube.condition(namespace, "ahead") is None  # nothing written about a Secret said to be missing
+    assert [e.reason for e in kube.events(namespace, "ahead")] == []
+
+
 async def test_a_token_secret_the_watch_never_told_of_is_learnt_from_the_create_that_meets_it(
     in_process: Callable[[str], InProcess], kube: Kube, namespace: str,
 ):
