@@ -1260,3 +1260,67 @@ def test_a_worker_token_is_its_queues_only_by_the_queues_uid_not_its_name():
     assert workers.credential_of(body, old) and not workers.credential_of(body, new)
     assert workers.namesakes_credential(body, new) and not workers.namesakes_credential(body, old)
     assert not workers.credential_of({"metadata": {"name": "q1-w0-token", "labels": {}}}, old)  # a user's Secret
+
+
+# --- Guards a mutation pass found untested ----------------------------------------------------------
+
+def test_a_pool_short_of_a_worker_never_deletes_a_running_one_to_make_up_for_it():
+    """A pool of 3 that lost one worker (evicted)
+    sliced its staying pods with a negative bound, and deleted its newest healthy worker as "surplus"."""
+    spec = {"ephemeral": True, "replicas": 3}
+    p = plan([pod(0), pod(1), pod(2, "Failed", reason="Evicted")], WorkersStatus(next_index=3), **spec)
+    assert p.workers.desired == 3
+    assert p.delete == ("q1-w2",) and p.create == (3,)  # the evicted one goes and is replaced, nothing else
+    assert "ScalingDown" not in [e.reason for e in p.events]
+    # Nor while a failed worker's replacement waits out its back-off.
+    failed = plan([pod(0), pod(1), pod(2, "Failed", exit_code=1)], WorkersStatus(next_index=3), **spec)
+    assert failed.create == () and failed.kept == "q1-w2" and failed.delete == ()
+
+
+@pytest.mark.parametrize("spec", [{"ephemeral": True, "singleExecution": True},
+                                  {"singleExecution": True, "replicas": 2}], ids=["ephemeral", "pool"])
+def test_backoff_limit_0_starts_workers_and_crash_loops_on_the_first_failure(spec: dict[str, Any]):
+    """With backoffLimit 0 ("0 is as 1",
+    as a Job's users often write it) a queue was CrashLooping before any worker ran: an ephemeral queue
+    never started one, a pool only one."""
+    spec = {**spec, "worker": {"backoffLimit": 0}}
+    p = plan([], **spec)
+    assert p.create == tuple(range(p.workers.desired)) and p.create
+    assert p.workers.crash_loop_generation is None and "CrashLooping" not in [e.reason for e in p.events]
+    failed = plan([pod(0, "Failed", exit_code=1)], WorkersStatus(next_index=len(p.create)), **spec)
+    assert failed.workers.crash_loop_generation == 1 and "CrashLooping" in [e.reason for e in failed.events]
+
+
+def test_a_suspended_crash_looping_pool_makes_no_try():
+    """Within the hour after
+    its last failure, a suspended pool made a pod every 300 s, which /start turned away (and the
+    next pass deleted as not started)."""
+    spec = {"singleExecution": True, "replicas": 2, "worker": {"backoffLimit": 3}}
+    status = WorkersStatus(consecutive_failures=3, crash_loop_generation=1, observed_generation=1,
+                           failures_generation=1, last_failure_time=times.rfc3339(T0 - 1000), next_index=3)
+    assert plan([], status, now=T0, **spec).create == (3,)  # not suspended: the try is due
+    suspended = plan([], status, now=T0, suspend=True, **spec)
+    assert suspended.create == () and suspended.workers.next_index == 3
+
+
+def test_an_ephemeral_pool_lowered_below_its_successes_wants_zero_workers_not_fewer():
+    """Replicas lowered below the workers that
+    already succeeded wrote a negative status.workers.desired (`kubectl get -o wide`: Desired -1)."""
+    status = WorkersStatus(succeeded=3, next_index=3, observed_generation=1)
+    p = plan([], status, ephemeral=True, replicas=1, ttlSecondsAfterFinished=60)
+    assert p.workers.desired == 0 and p.create == ()
+
+
+def test_the_failed_pod_kept_for_its_logs_goes_in_the_pass_whose_worker_proves_the_fault_gone():
+    """A pool's
+    try that ran for the longest back-off ends the failures in a row; the failed pod kept for its logs
+    must go then, not linger until some later pass happens to come."""
+    spec = {"singleExecution": True, "replicas": 1}
+    status = WorkersStatus(consecutive_failures=1, failures_generation=1, observed_generation=1, failure_index=2,
+                           last_failure_time=times.rfc3339(T0 - 1000), next_index=3, failed=1, counted=["q1-w1"])
+    try_ = pod(2, running_since=T0 - SETTINGS.worker_backoff_max_seconds)
+    p = plan([pod(1, "Failed", exit_code=1), try_], status, **spec)
+    assert p.workers.consecutive_failures == 0 and "BackOffReset" in [e.reason for e in p.events]
+    assert p.kept is None and p.delete == ("q1-w1",)
+
+
