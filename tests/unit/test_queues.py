@@ -6,12 +6,14 @@ import re
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from tests.unit.factories import queue, queue_body, secret_body
+from tests.unit.factories import UID, queue, queue_body, secret_body
 from workerqueue_operator import cli
 from workerqueue_operator.core import queues, temporal
+from workerqueue_operator.core.store import Store
 from workerqueue_operator.models import spec as spec_
 from workerqueue_operator.models.settings import NamespacedSecretKeyRef, Settings
 
@@ -742,3 +744,183 @@ def test_a_certificate_that_does_not_load_stops_the_operator_with_one_line_namin
         assert "(WQ_TLS_CERT_FILE, WQ_TLS_KEY_FILE) cannot be loaded: " in message
         assert ("No such file or directory" in message) == missing, message
         assert "U1VQRVJTRUNSRVQ" not in done.stderr
+
+
+# --- Guards a mutation pass found untested ----------------------------------------------------------
+
+READY = {"type": "Ready", "status": "True", "reason": "Ready"}
+
+
+def store() -> Store:
+    return Store(settings=Settings())
+
+
+def _with_status(body: dict[str, Any], **status: Any) -> queues.QueueObject:
+    body["status"] = status
+    return queues.QueueObject.from_body(body)
+
+
+# --- which queue holds a queue id ------------------------------------------------------------------
+
+
+def test_a_queue_that_lost_the_id_takes_it_not_back_when_the_queues_are_read_again():
+    """An earlier queue that lost the id (it came
+    into view after the other took it, or its spec claimed the id later) says so in its status. When
+    the operator reads both again (a restart, a relist, another replica leading), the serving queue
+    keeps the id: taken by creation time, the serving queue's workers were refused, its pool drained."""
+    for loser_first in (True, False):
+        s = store()
+        serving = _with_status(queue_body("b", queueId="same", created="2026-02-01T00:00:00Z"),
+                               queueId="same", conditions=[READY])
+        lost = _with_status(queue_body("a", queueId="same", created="2026-01-01T00:00:00Z", uid="uid-a"),
+                            queueId="same", conditions=[{"type": "Ready", "status": "False",
+                                                         "reason": "QueueIdConflict"}])
+        for q in ((lost, serving) if loser_first else (serving, lost)):
+            s.upsert_queue(q)
+        assert s.serving("same").queue.name == "b"
+        assert s.resolution(("team-a", "a")).problem.reason == "QueueIdConflict"
+
+
+def test_an_earlier_queue_moved_onto_a_served_id_takes_it_not_from_the_queue_serving_it():
+    """An earlier queue, Ready on another id,
+    has its spec.queueId changed to an id a later queue serves: its status still speaks of its old
+    id, so it holds none of the new one. Else it won on creation time at once, cutting the serving
+    queue's workers off (401) and draining its pool."""
+    s = store()
+    serving = _with_status(queue_body("b", queueId="same", created="2026-02-01T00:00:00Z"),
+                           queueId="same", conditions=[READY])
+    s.upsert_queue(serving)
+    moved = _with_status(queue_body("a", queueId="same", created="2026-01-01T00:00:00Z", uid="uid-a"),
+                         queueId="its-old-id", conditions=[READY])
+    assert not moved.holds_queue_id and serving.holds_queue_id
+    s.upsert_queue(moved)
+    assert s.serving("same").queue.name == "b"
+    assert s.resolution(("team-a", "a")).problem.reason == "QueueIdConflict"
+
+
+def test_a_status_without_ready_holds_no_id():
+    """A status that names the id but no Ready
+    condition (not one the operator writes) claims nothing."""
+    assert not _with_status(queue_body(queueId="same"), queueId="same").holds_queue_id
+    assert not _with_status(queue_body(queueId="same"), queueId="same",
+                            conditions=[{"type": "SecretsResolved", "status": "True", "reason": "Resolved"}]
+                            ).holds_queue_id
+
+
+# --- Temporal TLS -----------------------------------------------------------------------------------
+
+
+def test_tls_turned_off_stays_off_with_the_queues_own_temporal_key():
+    """A queue on a plaintext Temporal that still takes an API key
+    (in-cluster, behind an auth proxy) says tls: false: its workers and the operator's probe must not
+    speak TLS to it, or no handshake ever succeeds and no execution is picked up."""
+    q = queue(temporal={"host": "temporal.internal:7233", "namespace": "agents", "tls": False,
+                        "apiKeySecretRef": {"name": "tk", "key": "k"}})
+    r = resolve(q, {("team-a", "tk"): {"k": "temporal-key"}})
+    assert r.ready
+    assert queues.temporal_tls(q, SETTINGS) is False
+    assert r.config.temporal_tls is False and r.config.fields["temporal_api_key"] == "temporal-key"
+    assert r.temporal.endpoint.tls is False and r.temporal.endpoint.api_key == "temporal-key"
+
+
+# --- ownership -----------------------------------------------------------------------------------
+
+
+def test_only_a_workerqueue_owner_makes_an_object_a_queues():
+    """An object owned by something else named like a queue
+    (a ReplicaSet, an ExternalSecret) is no queue's; one that also names the queue among its owners is
+    that queue's, whichever comes first."""
+    other = {"kind": "ExternalSecret", "name": "q1", "uid": "not-a-queue"}
+    mine = {"kind": "WorkerQueue", "name": "q1", "uid": UID}
+    assert queues.queue_owner({"metadata": {"namespace": "team-a", "ownerReferences": [other]}}) is None
+    both = {"metadata": {"namespace": "team-a", "ownerReferences": [other, mine],
+                         "labels": {"app.kubernetes.io/component": queues.TOKEN_COMPONENT}}}
+    assert queues.queue_owner(both) == (("team-a", "q1"), UID)
+    # ...so the queue's own generated token Secret with an extra owner is not taken for a namesake's.
+    assert not queues.namesakes_token(both, queue())
+
+
+# --- what /start answers -----------------------------------------------------------------------------
+
+
+def test_a_websocket_switched_off_stays_off_though_its_url_is_kept():
+    """`enabled: false` is the off switch for a configured
+    websocket URL (its server down, say): /start must answer websocket_enabled false and no URL, or
+    every worker keeps connecting to it."""
+    config = resolve(queue(websocket={"enabled": False, "url": "wss://ws.example/x"})).config
+    assert config.websocket_enabled is False
+    given = json.loads(config.response_body(worker_id="w1", control_plane_url="http://op:8080"))
+    assert (given["websocket_enabled"], given["websocket_url"]) == (False, None)
+
+
+def test_the_task_queue_is_the_queue_id_the_spec_names():
+    """With spec.queueId and no taskQueueName, workers
+    poll the task queue named by the queue id, which is where the control plane starts executions."""
+    r = resolve(queue(queueId="q-123"))
+    assert r.config.fields["task_queue_name"] == "q-123" == r.temporal.task_queue
+
+
+def test_temporal_needs_both_a_host_and_a_namespace():
+    """A host without a namespace (none in the spec, no operator default), or a
+    namespace without a host, is no Temporal: Ready says TemporalNotConfigured rather than workers
+    being handed an empty namespace (or host) that every poll fails on."""
+    for half in ({"host": "temporal.example:7233"}, {"namespace": "agents"}):
+        r = resolve(queue(temporal=half))
+        assert r.problem is not None and r.problem.reason == "TemporalNotConfigured", half
+        assert r.temporal is None and r.temporal_problem.reason == "TemporalNotConfigured"
+
+
+# --- a queue's tokens -----------------------------------------------------------------------------------
+
+
+def test_the_first_token_secret_that_fails_is_the_one_told():
+    """Of several token Secrets that fail, Ready and
+    SecretsResolved tell the first listed: a Secret not found (False), not a later one still being
+    read (Unknown), which would make the queue look as if it were about to be Ready."""
+    refs = [{"name": "gone", "key": "token"}, {"name": "later", "key": "token"}]
+    r = queues.resolve(queue(auth={"tokenSecretRefs": refs}), secrets={("team-a", "gone"): None},
+                       settings=SETTINGS)
+    assert r.problem.reason == "SecretNotFound" and "gone" in r.problem.message
+    assert r.secrets_problem.reason == "SecretNotFound"
+
+
+def test_ready_names_the_first_short_token_secret():
+    """Of two short tokens, the first listed is named."""
+    refs = [{"name": "first", "key": "token"}, {"name": "second", "key": "token"}]
+    r = queues.resolve(queue(auth={"tokenSecretRefs": refs}),
+                       secrets={("team-a", "first"): {"token": "short-1"}, ("team-a", "second"): {"token": "short-2"}},
+                       settings=SETTINGS)
+    assert r.ready and r.short_token == "first"
+
+
+# --- operator-wide defaults ---------------------------------------------------------------------
+
+
+def test_an_upstream_key_without_an_upstream_url_is_no_queues_dependency():
+    """The operator's upstream key set without its URL (the upstream switched
+    off) gives no queue an upstream, so no queue depends on that Secret: it is not read into memory
+    (the organization's key), nor does its rotation change every worker pod's secrets digest."""
+    settings = Settings(upstream_api_key_secret=NamespacedSecretKeyRef.parse("ops/org:key"))
+    assert queues.default_upstream_key("team-a", settings) is None
+    assert ("ops", "org") not in queue().secret_names(settings)
+    assert resolve(queue(), {("ops", "org"): {"key": "k"}}, settings=settings).upstream is None
+
+
+def test_an_earlier_queue_that_came_into_view_takes_no_id_once_its_lost_status_is_written():
+    """An earlier queue that
+    comes into view loses to the serving queue (test_store's test_an_earlier_queue_that_comes_into_view_...);
+    the echo of the status the operator then writes on it (QueueIdConflict, with its queueId) must not
+    hand it the id, or the protection lasts one status write and the serving queue's workers are cut off."""
+    s = store()
+    serving = _with_status(queue_body("b", "team-b", queueId="same", created="2026-02-01T00:00:00Z"),
+                           queueId="same", conditions=[READY])
+    s.upsert_queue(serving)
+    s.upsert_secret(("team-b", "b-worker-token"), {"token": "tb"})
+    earlier = queue_body("a", "team-a", queueId="same", created="2026-01-01T00:00:00Z", uid="uid-a")
+    s.upsert_queue(queues.QueueObject.from_body(earlier))
+    assert s.serving("same").queue.name == "b"
+    lost = _with_status(earlier, queueId="same", conditions=[{"type": "Ready", "status": "False",
+                                                              "reason": "QueueIdConflict"}])
+    s.refresh_queue(lost)
+    assert s.serving("same").queue.name == "b" and s.is_queue_token(queues.digest("tb"))
+    assert s.resolution(("team-a", "a")).problem.reason == "QueueIdConflict"
