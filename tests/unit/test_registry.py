@@ -2429,18 +2429,22 @@ async def test_a_slot_taken_from_an_expired_holder_lets_that_holder_go_here():
         assert [w.worker_id for w in reg.live(q.key)] == ["new"]
 
 
-def _expired_here(reg: registry.Registry, q: Any, worker_id: str) -> None:
-    reg._remember(worker_id, registry._Ended(False, None, q.key))  # its next heartbeat may bring it back
+@contextlib.asynccontextmanager
+async def rejoining(limit: int) -> Any:
+    """(registry, queue of `limit` slots, its LeaseAnswers with creates held): worker `w` expired here,
+    so that its next heartbeat may bring it back (rejoin_slot)."""
+    api = LeaseAnswers()
+    api.gate = asyncio.Event()
+    q = queue(maxWorkers=limit, uid="uid-1")
+    async with answered_registry(api, q) as reg:
+        reg._remember("w", registry._Ended(False, None, q.key))
+        yield reg, q, api
 
 
 async def test_a_second_heartbeat_while_a_rejoin_claims_a_slot_claims_none():
     """A heartbeat retried while the first one's rejoin claims a slot (claims may take seconds) took a
     second slot, and the queue ran one short for the worker's life."""
-    api = LeaseAnswers()
-    api.gate = asyncio.Event()
-    q = queue(maxWorkers=2, uid="uid-1")
-    async with answered_registry(api, q) as reg:
-        _expired_here(reg, q, "w")
+    async with rejoining(2) as (reg, q, api):
         first = asyncio.create_task(reg.rejoin_slot(q, "w"))
         await asyncio.sleep(0.01)
         second = asyncio.create_task(reg.rejoin_slot(q, "w"))
@@ -2452,16 +2456,12 @@ async def test_a_second_heartbeat_while_a_rejoin_claims_a_slot_claims_none():
 
 async def test_a_disconnect_while_a_rejoin_claims_its_slot_gives_the_slot_back():
     """The worker left while its rejoin's create was in flight: it held the slot until it expired."""
-    api = LeaseAnswers()
-    api.gate = asyncio.Event()
-    q = queue(maxWorkers=1, uid="uid-1")
-    async with answered_registry(api, q) as reg:
-        _expired_here(reg, q, "w")
-        rejoining = asyncio.create_task(reg.rejoin_slot(q, "w"))
+    async with rejoining(1) as (reg, q, api):
+        claiming = asyncio.create_task(reg.rejoin_slot(q, "w"))
         await asyncio.sleep(0.01)
         reg._remember("w", registry._Ended(True, None, q.key))  # as its disconnect does meanwhile
         api.gate.set()
-        assert await rejoining is None
+        assert await claiming is None
         await asyncio.gather(*reg._writes)
         assert reg.get("w", expired=True) is None and api.held == {}
 
@@ -2485,32 +2485,28 @@ async def test_a_deletion_failing_for_an_outage_is_retried_past_the_bound_on_ref
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """Only a refusal is given up after DELETE_REFUSED_TRIES: an outage's 503s are tried until it
     ends, or a departed worker's slot stays taken for its Lease's whole duration."""
-    from tests.unit.apps import unreachable
-    from workerqueue_operator.core.events import EventPoster
     from workerqueue_operator.k8s import client as client_
 
-    with unreachable() as kube:
-        q1 = queue("q1", uid="uid-1")
-        reg = registry.Registry(client=kube, events=EventPoster(kube), queue_of=lambda key: q1, tick=0.01)
-        worker = reg.register(q1, "w-1")
-        tried: list[str] = []
+    q = queue("q1", uid="uid-1")
+    tried: list[str] = []
 
-        async def delete(gone: leases.Worker, **kwargs: object) -> bool:
-            tried.append(gone.worker_id)
-            if len(tried) <= registry.DELETE_REFUSED_TRIES:
-                raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
-            return True
+    async def delete(gone: leases.Worker, **kwargs: object) -> bool:
+        tried.append(gone.worker_id)
+        if len(tried) <= registry.DELETE_REFUSED_TRIES:
+            raise client_.ApiError(503, "Service Unavailable", "the API server is failing")
+        return True
 
+    async with answered_registry(LeaseAnswers(), q, tick=0.01) as reg:
+        departed = reg.register(q, "w-1")
         monkeypatch.setattr(reg._calls, "delete", delete)
-        reg._forget(worker.worker_id)
-        await reg._delete_quietly(worker, "disconnected", on_purpose=True, wait=0.01)
+        reg._forget(departed.worker_id)
+        await reg._delete_quietly(departed, "disconnected", on_purpose=True, wait=0.01)
         for _ in range(100):
             if len(tried) > registry.DELETE_REFUSED_TRIES:
                 break
             await asyncio.sleep(0.02)
         assert len(tried) == registry.DELETE_REFUSED_TRIES + 1 and not reg._retries
         assert "given up" not in caplog.text
-        await kube.close()
 
 
 async def test_a_disconnect_of_an_unknown_worker_leaves_nothing_behind():
